@@ -1,0 +1,249 @@
+//! Request and response bodies of the gateway's HTTP API; the CLI prints the responses as-is
+//! with `--output json`, so field names here are the contract of DESIGN.md.
+
+use crate::{
+    resource::{EndpointType, ResourceDescriptor},
+    secret::Secret,
+};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Operator,
+    Approver,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Approver => "approver",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "operator" => Role::Operator,
+            "approver" => Role::Approver,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreateRequest {
+    pub role: Role,
+    pub name: String,
+    #[serde(default)]
+    pub customer: Option<String>,
+}
+
+/// `token create`: the clear token is shown only here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub id: String,
+    pub token: Secret,
+    pub role: Role,
+    pub name: String,
+    pub customer: Option<String>,
+}
+
+/// `GET /v1/whoami`: the identity a token stands for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: String,
+    pub role: Role,
+    pub name: String,
+    pub customer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplianceAddRequest {
+    pub app: String,
+    pub customer: String,
+    /// Lifetime of the enrollment token in seconds (default 1 h).
+    #[serde(default)]
+    pub token_ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplianceAdded {
+    pub appliance_id: String,
+    pub app: String,
+    pub customer: String,
+    pub token: Secret,
+    pub expires_at: Timestamp,
+    pub ca_fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplianceRecord {
+    pub appliance_id: String,
+    pub app: String,
+    pub customer: String,
+    pub online: bool,
+    pub last_seen: Option<Timestamp>,
+    pub agent_version: Option<String>,
+    pub enrolled: bool,
+    pub revoked: bool,
+    #[serde(default)]
+    pub resources: Vec<ResourceDescriptor>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplianceList {
+    pub appliances: Vec<ApplianceRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointCreateRequest {
+    #[serde(rename = "type")]
+    pub endpoint_type: EndpointType,
+    pub app: String,
+    pub customer: String,
+    pub origin_resource_id: String,
+    /// Seconds; default 1 h; 10 s – 7 d.
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndpointState {
+    PendingApproval,
+    Active,
+    Denied,
+    Retired,
+    Expired,
+}
+
+impl EndpointState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::PendingApproval => "pending-approval",
+            EndpointState::Active => "active",
+            EndpointState::Denied => "denied",
+            EndpointState::Retired => "retired",
+            EndpointState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EndpointState> {
+        Some(match s {
+            "pending-approval" => EndpointState::PendingApproval,
+            "active" => EndpointState::Active,
+            "denied" => EndpointState::Denied,
+            "retired" => EndpointState::Retired,
+            "expired" => EndpointState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub endpoint_type: EndpointType,
+    pub state: EndpointState,
+    pub appliance_id: String,
+    pub app: String,
+    pub customer: String,
+    pub origin_resource_id: String,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    /// Live sessions right now.
+    pub sessions: u64,
+    /// Sessions served since creation.
+    #[serde(default)]
+    pub sessions_total: u64,
+    /// `host:port` clients connect to (tcp endpoints), once active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Set by `retire`: how many live sessions it cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_cut: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointList {
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+/// Sent by `postern-agent enroll` over the relay's enrollment ALPN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The whole `pse1_…` token.
+    pub token: Secret,
+    /// PKCS#10 CSR (PEM) for a key generated in the appliance.
+    pub csr_pem: String,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub appliance_id: String,
+    pub app: String,
+    pub customer: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub time: Timestamp,
+    pub kind: String,
+    pub actor: String,
+    pub appliance_id: Option<String>,
+    pub endpoint_id: Option<String>,
+    pub session_id: Option<String>,
+    pub op_id: Option<String>,
+    pub detail: serde_json::Value,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditList {
+    pub records: Vec<AuditRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditVerified {
+    pub ok: bool,
+    pub records: u64,
+}
+
+impl AuditRecord {
+    /// The bytes a record's `hash` is taken over: everything but `hash` itself, in a fixed
+    /// order, as JSON. Both trails (gateway store and the appliance's JSON lines) chain with
+    /// `hash = sha256_hex(chain_input)`, where `prev_hash` is the previous record's `hash`
+    /// (64 zeros for the first).
+    pub fn chain_input(&self) -> Vec<u8> {
+        let v = serde_json::json!([
+            self.seq,
+            self.time.to_string(),
+            self.kind,
+            self.actor,
+            self.appliance_id,
+            self.endpoint_id,
+            self.session_id,
+            self.op_id,
+            self.detail,
+            self.prev_hash,
+        ]);
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+/// `prev_hash` of the first record of a trail.
+pub const AUDIT_GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -1,0 +1,21 @@
+//! The vocabulary shared by the gateway, the agent and the CLI.
+//!
+//! Everything here is plain data and pure functions: no sockets, no files, no clocks
+//! (callers pass `now`). The tunnel frame codec is a sans-IO state machine in [`frame`].
+
+pub mod api;
+pub mod duration;
+pub mod error;
+pub mod frame;
+pub mod resource;
+pub mod secret;
+pub mod token;
+
+pub use error::{ApiError, ErrorCode};
+
+/// ALPN of the agent ⇄ gateway tunnel.
+pub const ALPN_TUNNEL: &[u8] = b"postern/1";
+/// ALPN of one-shot enrollment over the relay port (no client certificate yet).
+pub const ALPN_ENROLL: &[u8] = b"postern-enroll/1";
+/// Version carried in the agent's hello; the gateway refuses versions it does not speak.
+pub const PROTOCOL_VERSION: u16 = 1;

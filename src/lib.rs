@@ -1,0 +1,1 @@
+//! Umbrella package: the harness the end-to-end tests and examples share.
