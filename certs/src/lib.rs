@@ -1,1 +1,41 @@
-//! placeholder
+//! Postern's CA and credential minting: the rcgen CA, server/agent/client certificates, CSR
+//! signing, rustls configurations (TLS 1.3, ring) and certificate fingerprints.
+
+mod ca;
+mod fingerprint;
+mod private_file;
+mod tls;
+
+use std::sync::Arc;
+
+pub use ca::{generate_key_and_csr, Ca, Issued};
+pub use endpoint_types::secret::Secret;
+pub use fingerprint::{fingerprint, fingerprint_pem};
+pub use private_file::write_private;
+pub use tls::{client_config, pinned_client_config, server_config, ClientAuth};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("pem: {0}")]
+    Pem(String),
+    #[error("invalid csr: {0}")]
+    InvalidCsr(String),
+    #[error("verifier: {0}")]
+    Verifier(String),
+    #[error("fingerprint: {0}")]
+    Fingerprint(String),
+    #[error("CA private key does not match the CA certificate")]
+    KeyMismatch,
+    #[error("validity: {0}")]
+    Validity(String),
+}
+
+/// The workspace's single crypto provider. Passed explicitly everywhere so that nothing
+/// depends on which provider some other crate may have installed as the process default.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}

@@ -11,7 +11,7 @@ pub mod resource;
 pub mod secret;
 pub mod token;
 
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorCode, ErrorEnvelope};
 
 /// ALPN of the agent ⇄ gateway tunnel.
 pub const ALPN_TUNNEL: &[u8] = b"postern/1";

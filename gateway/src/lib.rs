@@ -1,1 +1,13 @@
-//! placeholder
+//! The Postern gateway: control plane, QUIC relay, endpoint listeners and the `postern` CLI.
+
+pub mod agents;
+pub mod api;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod endpoints;
+pub mod framed;
+pub mod identity;
+pub mod relay;
+pub mod server;
+pub mod store;

@@ -1,0 +1,196 @@
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::fingerprint::{fingerprint, normalize};
+use crate::{provider, CertError, Secret};
+
+// QUIC requires TLS 1.3 and every Postern client speaks it, so older versions are never offered.
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// Whether a server asks for, and how it treats, client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    None,
+    Optional,
+    Required,
+}
+
+/// rustls server config (TLS 1.3, ring). `chain_pem` is the leaf followed by intermediates/CA.
+/// With `Optional`/`Required`, client certificates are verified against `client_ca_pem`.
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &Secret,
+    client_ca_pem: Option<&str>,
+    client_auth: ClientAuth,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ServerConfig, CertError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
+    let builder = match (client_auth, client_ca_pem) {
+        (ClientAuth::None, _) => builder.with_no_client_auth(),
+        (_, None) => {
+            return Err(CertError::Verifier(
+                "client authentication requested without a client CA".into(),
+            ))
+        }
+        (mode, Some(ca_pem)) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider());
+            let verifier = if mode == ClientAuth::Optional {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| CertError::Verifier(e.to_string()))?,
+            )
+        }
+    };
+    let mut config = builder.with_single_cert(certs(chain_pem)?, private_key(key_pem)?)?;
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// rustls client config trusting exactly `ca_pem` (TLS 1.3, ring), optionally presenting a
+/// client certificate `(chain_pem, key_pem)`.
+pub fn client_config(
+    ca_pem: &str,
+    client: Option<(&str, &Secret)>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, CertError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots(ca_pem)?);
+    let mut config = match client {
+        Some((cert_pem, key_pem)) => {
+            builder.with_client_auth_cert(certs(cert_pem)?, private_key(key_pem)?)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// Client config for enrollment, before the agent has the CA certificate: the server's chain
+/// must contain a certificate with fingerprint `ca_fingerprint` ("sha256:<hex>"), and the leaf
+/// must verify against that certificate as the only trust anchor.
+pub fn pinned_client_config(
+    ca_fingerprint: &str,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, CertError> {
+    let verifier = PinnedCaVerifier {
+        pin: normalize(ca_fingerprint)?,
+        provider: provider(),
+    };
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// Trusts whichever presented certificate matches the pin, then defers all real checking
+/// (signatures, validity, name, EKU) to webpki with that certificate as the sole root.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let chain = || std::iter::once(end_entity).chain(intermediates);
+        let Some(anchor) = chain().find(|c| fingerprint(c) == self.pin) else {
+            let presented: Vec<_> = chain().map(|c| fingerprint(c)).collect();
+            let err = CertError::Fingerprint(format!(
+                "server presented no certificate with the pinned CA fingerprint {}; presented: {}",
+                self.pin,
+                presented.join(", ")
+            ));
+            return Err(CertificateError::Other(OtherError(Arc::new(err))).into());
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(anchor.clone().into_owned())?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CertError::Pem("no certificate found".into()));
+    }
+    Ok(certs)
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, CertError> {
+    let mut roots = RootCertStore::empty();
+    for cert in certs(ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+fn private_key(key_pem: &Secret) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes())
+        .map_err(|e| CertError::Pem(format!("private key: {e}")))
+}

@@ -1,0 +1,340 @@
+//! The HTTPS API the CLI talks to. Every request is made as one identity (bearer token).
+
+use crate::{audit::Subject, endpoints, identity::{self, Caller}, server::Gateway, store::{ApplianceRow, EnrollmentRow}};
+use axum::{
+    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
+    http::{request::Parts, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use endpoint_types::{ErrorEnvelope,
+    api::*,
+    duration::{format_duration, TTL_MAX},
+    resource::{CloseReason, ResourceDescriptor},
+    token::EnrollmentToken,
+    ApiError, ErrorCode,
+};
+use hyper_util::rt::TokioIo;
+use jiff::Timestamp;
+use serde::Deserialize;
+use std::{sync::Arc, time::Duration};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+type Gw = Arc<Gateway>;
+
+/// An API error as an HTTP response: the status of its code and `{"error": {...}}`.
+pub struct Failure(pub ApiError);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorEnvelope { error: self.0 })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, Failure>;
+
+impl FromRequestParts<Gw> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, gw: &Gw) -> Result<Self, Self::Rejection> {
+        let bearer = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        Ok(identity::authenticate(&gw.store, bearer).await?)
+    }
+}
+
+/// A JSON body whose rejection is a structured `INVALID_REQUEST`.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = Failure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(e) => Err(Failure(ApiError::invalid(format!("bad request body: {}", e.body_text())))),
+        }
+    }
+}
+
+pub fn router(gw: Gw) -> Router {
+    Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tokens", post(token_create))
+        .route("/v1/appliances", post(appliance_add).get(appliance_list))
+        .route("/v1/appliances/{id}/revoke", post(appliance_revoke))
+        .route("/v1/endpoints", post(endpoint_create).get(endpoint_list))
+        .route("/v1/endpoints/{id}", get(endpoint_get))
+        .route("/v1/endpoints/{id}/retire", post(endpoint_retire))
+        .route("/v1/audit", get(audit_list))
+        .route("/v1/audit/verify", get(audit_verify))
+        .fallback(|| async {
+            Failure(ApiError::new(ErrorCode::NotFound, "no such API route").hint("the CLI and the gateway may be different versions"))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
+        .with_state(gw)
+}
+
+async fn whoami(caller: Caller) -> Json<Identity> {
+    Json(Identity { id: caller.token_id, role: caller.role, name: caller.name, customer: caller.customer })
+}
+
+fn internal(e: impl std::fmt::Display) -> Failure {
+    Failure(ApiError::internal(e.to_string()))
+}
+
+fn check_name(what: &str, v: &str) -> Result<(), ApiError> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@+:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("{what} {v:?} is not valid"))
+            .hint(format!("{what} must be 1–128 characters of letters, digits and - _ . @ + :")))
+    }
+}
+
+async fn token_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<TokenCreateRequest>) -> ApiResult<TokenCreated> {
+    caller.require(&[Role::Admin], "create tokens")?;
+    check_name("name", &req.name)?;
+    if let Some(c) = &req.customer {
+        check_name("customer", c)?;
+    }
+    if req.role == Role::Approver && req.customer.is_none() {
+        return Err(ApiError::invalid("an approver token needs a customer").hint("add --customer C").into());
+    }
+    let (row, token) =
+        identity::mint_token(&gw.store, req.role, &req.name, req.customer.as_deref(), &caller.actor(), Timestamp::now())
+            .await
+            .map_err(internal)?;
+    gw.audit
+        .record("token.created", &caller.actor(), Subject::default(), serde_json::json!({
+            "token_id": row.id, "role": req.role, "name": req.name, "customer": req.customer,
+        }))
+        .await;
+    Ok(Json(TokenCreated { id: row.id, token, role: req.role, name: req.name, customer: req.customer }))
+}
+
+async fn appliance_add(State(gw): State<Gw>, caller: Caller, Body(req): Body<ApplianceAddRequest>) -> ApiResult<ApplianceAdded> {
+    caller.require(&[Role::Admin], "register appliances")?;
+    check_name("app", &req.app)?;
+    check_name("customer", &req.customer)?;
+    let ttl = Duration::from_secs(req.token_ttl_s.unwrap_or(3600));
+    if ttl < Duration::from_secs(10) || ttl > TTL_MAX {
+        return Err(ApiError::invalid(format!("token TTL {} is outside 10s–7d", format_duration(ttl))).into());
+    }
+    if let Some(existing) = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)? {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("app {} for customer {} is already registered as {}", req.app, req.customer, existing.id),
+        )
+        .hint(format!("revoke it first (`postern appliance revoke {}`) to enroll a replacement", existing.id))
+        .details(serde_json::json!({"appliance_id": existing.id}))
+        .into());
+    }
+    let now = Timestamp::now();
+    let appliance_id = format!("ap_{}", identity::random_hex(8));
+    gw.store
+        .insert_appliance(&ApplianceRow {
+            id: appliance_id.clone(),
+            app: req.app.clone(),
+            customer: req.customer.clone(),
+            created_at: now,
+            created_by: caller.actor(),
+            cert_fingerprint: None,
+            enrolled_at: None,
+            revoked_at: None,
+            last_seen: None,
+            agent_version: None,
+            resources: "[]".into(),
+        })
+        .await
+        .map_err(internal)?;
+    let secret = identity::random_secret();
+    let token_id = identity::random_hex(8);
+    let expires_at = now + jiff::SignedDuration::from_secs(ttl.as_secs() as i64);
+    gw.store
+        .insert_enrollment_token(&EnrollmentRow {
+            id: token_id.clone(),
+            appliance_id: appliance_id.clone(),
+            secret_hash: identity::hash_secret(&secret),
+            expires_at,
+            used: false,
+        })
+        .await
+        .map_err(internal)?;
+    let token = EnrollmentToken { id: token_id, secret, ca: gw.ca.fingerprint() };
+    gw.audit
+        .record("appliance.added", &caller.actor(), Subject::appliance(&appliance_id), serde_json::json!({
+            "app": req.app, "customer": req.customer, "token_expires_at": expires_at,
+        }))
+        .await;
+    Ok(Json(ApplianceAdded {
+        appliance_id,
+        app: req.app,
+        customer: req.customer,
+        token: certs::Secret::new(token.encode()),
+        expires_at,
+        ca_fingerprint: gw.ca.fingerprint(),
+    }))
+}
+
+fn appliance_record(gw: &Gateway, a: ApplianceRow) -> ApplianceRecord {
+    let link = gw.agents.get(&a.id);
+    let resources = match &link {
+        Some(l) => l.resources.clone(),
+        None => serde_json::from_str::<Vec<ResourceDescriptor>>(&a.resources).unwrap_or_default(),
+    };
+    ApplianceRecord {
+        online: link.is_some(),
+        last_seen: a.last_seen,
+        agent_version: a.agent_version,
+        enrolled: a.enrolled_at.is_some(),
+        revoked: a.revoked_at.is_some(),
+        resources,
+        appliance_id: a.id,
+        app: a.app,
+        customer: a.customer,
+    }
+}
+
+async fn appliance_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<ApplianceList> {
+    let rows = gw.store.list_appliances().await.map_err(internal)?;
+    let appliances = rows
+        .into_iter()
+        .filter(|a| caller.sees_customer(&a.customer))
+        .map(|a| appliance_record(&gw, a))
+        .collect();
+    Ok(Json(ApplianceList { appliances }))
+}
+
+async fn appliance_revoke(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<ApplianceRecord> {
+    caller.require(&[Role::Admin, Role::Approver], "revoke appliances")?;
+    let not_found = || ApiError::new(ErrorCode::NotFound, format!("no appliance {id}")).hint("`postern appliance list` shows them");
+    let a = gw.store.get_appliance(&id).await.map_err(internal)?.ok_or_else(not_found)?;
+    if !caller.sees_customer(&a.customer) {
+        return Err(not_found().into());
+    }
+    if !gw.store.revoke_appliance(&id, Timestamp::now()).await.map_err(internal)? {
+        return Err(ApiError::new(ErrorCode::Conflict, format!("appliance {id} is already revoked")).into());
+    }
+    endpoints::end_all_of(&gw, &id, CloseReason::Revoked, &caller).await;
+    if let Some(link) = gw.agents.get(&id) {
+        link.connection.close(crate::relay::close::REVOKED.into(), b"APPLIANCE_REVOKED: the appliance was revoked");
+    }
+    gw.audit.record("appliance.revoked", &caller.actor(), Subject::appliance(&id), serde_json::json!({})).await;
+    let a = gw.store.get_appliance(&id).await.map_err(internal)?.ok_or_else(not_found)?;
+    let mut rec = appliance_record(&gw, a);
+    rec.online = false;
+    Ok(Json(rec))
+}
+
+async fn endpoint_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<EndpointCreateRequest>) -> ApiResult<EndpointRecord> {
+    Ok(Json(endpoints::create(&gw, &caller, req).await?))
+}
+
+async fn endpoint_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<EndpointList> {
+    Ok(Json(EndpointList { endpoints: endpoints::list(&gw, &caller).await? }))
+}
+
+async fn endpoint_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<EndpointRecord> {
+    Ok(Json(endpoints::get(&gw, &caller, &id).await?))
+}
+
+async fn endpoint_retire(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<EndpointRecord> {
+    Ok(Json(endpoints::retire(&gw, &caller, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    appliance: Option<String>,
+    since: Option<Timestamp>,
+}
+
+async fn audit_list(State(gw): State<Gw>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<AuditList> {
+    let mut records = gw.store.list_audit(0).await.map_err(internal)?;
+    if caller.role == Role::Approver {
+        // A customer sees the records about its own appliances.
+        let mine: std::collections::HashSet<String> = gw
+            .store
+            .list_appliances()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|a| caller.sees_customer(&a.customer))
+            .map(|a| a.id)
+            .collect();
+        records.retain(|r| r.appliance_id.as_ref().is_some_and(|a| mine.contains(a)));
+    }
+    if let Some(a) = &q.appliance {
+        records.retain(|r| r.appliance_id.as_deref() == Some(a.as_str()));
+    }
+    if let Some(since) = q.since {
+        records.retain(|r| r.time >= since);
+    }
+    Ok(Json(AuditList { records }))
+}
+
+async fn audit_verify(State(gw): State<Gw>, caller: Caller) -> ApiResult<AuditVerified> {
+    caller.require(&[Role::Admin], "verify the vendor audit trail")?;
+    match gw.audit.verify().await.map_err(internal)? {
+        Ok(n) => Ok(Json(AuditVerified { ok: true, records: n })),
+        Err(seq) => Err(ApiError::new(ErrorCode::AuditChainBroken, format!("the audit chain is broken at record {seq}"))
+            .hint("a record was edited, inserted or deleted; compare with an earlier `postern audit export`")
+            .details(serde_json::json!({"seq": seq}))
+            .into()),
+    }
+}
+
+/// Serves the API over TLS until shutdown; each connection drains gracefully.
+pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    let app = router(gw.clone());
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = gw.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app, gw2) = (acceptor.clone(), app.clone(), gw.clone());
+        gw.tasks.spawn(async move {
+            let tls = match tokio::time::timeout(gw2.limits.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "API TLS handshake failed"),
+                Err(_) => return tracing::debug!(%remote, "API TLS handshake timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tls), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%remote, error = %e, "API connection ended") },
+                _ = gw2.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(3), conn).await;
+                }
+            }
+        });
+    }
+}

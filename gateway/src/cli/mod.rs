@@ -1,0 +1,419 @@
+//! The `postern` command line: gateway server, dev mode, and the operator/customer commands.
+
+mod client;
+mod dev;
+
+use crate::{config, server};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use client::ApiClient;
+use endpoint_types::{api::*, duration::parse_duration, resource::EndpointType, ApiError, ErrorEnvelope};
+use std::{path::PathBuf, process::ExitCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "postern", version, about = "Postern: reach appliances in customers' clouds through an outbound tunnel, scoped, expiring and audited")]
+struct Cli {
+    /// `json` prints exactly one JSON document on stdout.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    output: OutputFormat,
+    /// Gateway API address (the `api` of `postern server`).
+    #[arg(long, global = true, env = "POSTERN_ADDR")]
+    addr: Option<String>,
+    /// API token.
+    #[arg(long, global = true, env = "POSTERN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate the gateway API is verified with.
+    #[arg(long, global = true, env = "POSTERN_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway: control plane, QUIC relay, endpoint listeners.
+    Server(ServerArgs),
+    /// Gateway + embedded store + a local agent and demo appliance, for trying Postern out.
+    Dev(DevArgs),
+    /// API tokens for people.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Appliances and their enrollment.
+    #[command(subcommand)]
+    Appliance(ApplianceCmd),
+    /// Operations on appliances.
+    #[command(subcommand)]
+    Ops(OpsCmd),
+    /// The vendor-side audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Show the identity of the current token.
+    Whoami,
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// Gateway config file (TOML).
+    #[arg(long, conflicts_with = "data_dir", required_unless_present = "data_dir")]
+    config: Option<PathBuf>,
+    /// Data dir: CA, store, admin token.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// API listen address (TCP).
+    #[arg(long)]
+    api: Option<std::net::SocketAddr>,
+    /// Relay listen address (UDP).
+    #[arg(long)]
+    relay: Option<std::net::SocketAddr>,
+    /// Store URL (`sqlite:PATH`); default: the embedded store in the data dir.
+    #[arg(long)]
+    store: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Where dev mode keeps its state (default: ~/.local/share/postern/dev).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Mint an API token (shown once).
+    Create {
+        #[arg(long, value_parser = ["admin", "operator", "approver"])]
+        role: String,
+        #[arg(long)]
+        name: String,
+        /// The customer an approver acts for.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApplianceCmd {
+    /// Register an appliance and print its one-time enrollment token.
+    Add {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        customer: String,
+        /// Lifetime of the enrollment token.
+        #[arg(long, default_value = "1h")]
+        token_ttl: String,
+    },
+    /// Appliances with presence.
+    List,
+    /// Cut the appliance's agent and refuse its certificate from now on.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum OpsCmd {
+    /// Short-lived ops endpoints.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointCmd {
+    /// Open an endpoint to one of an appliance's resources.
+    Create {
+        #[arg(long = "type", value_parser = ["kubectl", "postgres", "ssh", "tcp"])]
+        endpoint_type: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        origin_resource_id: String,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Wait until the endpoint is active (it is at once when no approval is needed).
+        #[arg(long)]
+        wait: bool,
+    },
+    Get { id: String },
+    List,
+    /// Tear an endpoint down: every live session is cut, the credentials stop working.
+    Retire { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Records, oldest first.
+    List {
+        #[arg(long)]
+        appliance: Option<String>,
+        /// An RFC 3339 time, or a duration meaning "that long ago" (`1h`).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// All records as JSON lines.
+    Export,
+    /// Check the hash chain.
+    Verify,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Server(_) | Command::Dev(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(cli.output, &ApiError::internal(format!("cannot start the async runtime: {e}"))),
+    };
+    let output = cli.output;
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(output, &e),
+    }
+}
+
+fn init_tracing(long_running: bool) {
+    let default = if long_running { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn fail(output: OutputFormat, e: &ApiError) -> ExitCode {
+    match output {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&ErrorEnvelope { error: e.clone() }).unwrap_or_default()),
+        OutputFormat::Text => {
+            eprintln!("error: {}", e.message);
+            if !e.hint.is_empty() {
+                eprintln!("hint: {}", e.hint);
+            }
+        }
+    }
+    ExitCode::FAILURE
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+fn duration_secs(flag: &str, s: &str) -> Result<u64, ApiError> {
+    parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| ApiError::invalid(format!("--{flag}: {e}")).hint("durations look like 90s, 30m, 2h or 1d"))
+}
+
+async fn run(cli: Cli) -> Result<(), ApiError> {
+    let out = cli.output;
+    let client = || ApiClient::new(cli.addr.clone(), cli.token.clone(), cli.ca_file.clone());
+    match cli.command {
+        Command::Server(args) => run_server(args, out).await,
+        Command::Dev(args) => dev::run(args.data_dir, out).await.map_err(|e| ApiError::internal(format!("{e:#}"))),
+        Command::Whoami => {
+            let me: Identity = client()?.get("/v1/whoami").await?;
+            match out {
+                OutputFormat::Json => print_json(&me),
+                OutputFormat::Text => println!("{} ({}{})", me.name, me.role.as_str(), me.customer.map(|c| format!(", customer {c}")).unwrap_or_default()),
+            }
+            Ok(())
+        }
+        Command::Token(TokenCmd::Create { role, name, customer }) => {
+            let body = serde_json::json!({"role": role, "name": name, "customer": customer});
+            let t: TokenCreated = client()?.post("/v1/tokens", body).await?;
+            match out {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "id": t.id, "token": t.token.expose(), "role": t.role, "name": t.name, "customer": t.customer,
+                })),
+                OutputFormat::Text => {
+                    eprintln!("token {} for {} ({}); it is shown only now:", t.id, t.name, t.role.as_str());
+                    println!("{}", t.token.expose());
+                }
+            }
+            Ok(())
+        }
+        Command::Appliance(cmd) => appliance(cmd, &client()?, out).await,
+        Command::Ops(OpsCmd::Endpoint(cmd)) => endpoint(cmd, &client()?, out).await,
+        Command::Audit(cmd) => audit(cmd, &client()?, out).await,
+    }
+}
+
+async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError> {
+    let mut cfg = match (&args.config, &args.data_dir) {
+        (Some(path), _) => config::load(path).map_err(|e| ApiError::invalid(e.to_string()))?,
+        (None, Some(dir)) => config::GatewayConfig::new(dir.clone()),
+        (None, None) => return Err(ApiError::invalid("give --config FILE or --data-dir DIR")),
+    };
+    if let Some(a) = args.api {
+        cfg.api = a;
+    }
+    if let Some(r) = args.relay {
+        cfg.relay = r;
+    }
+    if args.store.is_some() {
+        cfg.store = args.store;
+    }
+    let running = server::start(cfg).await.map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    match out {
+        OutputFormat::Json => print_json(&running.ready_json()),
+        OutputFormat::Text => {
+            println!("postern gateway is up");
+            println!("  api    https://{}", running.api);
+            println!("  relay  udp {}", running.relay);
+            println!("  CA     {} ({})", running.ca_fingerprint, running.ca_file.display());
+            println!("  admin token file {}", running.admin_token_file.display());
+        }
+    }
+    server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+    match cmd {
+        ApplianceCmd::Add { app, customer, token_ttl } => {
+            let ttl = duration_secs("token-ttl", &token_ttl)?;
+            let a: ApplianceAdded =
+                c.post("/v1/appliances", serde_json::json!({"app": app, "customer": customer, "token_ttl_s": ttl})).await?;
+            match out {
+                OutputFormat::Json => print_json(&serde_json::json!({
+                    "appliance_id": a.appliance_id, "token": a.token.expose(), "expires_at": a.expires_at,
+                    "ca_fingerprint": a.ca_fingerprint, "app": a.app, "customer": a.customer,
+                })),
+                OutputFormat::Text => {
+                    println!("appliance {} registered for {} / {}", a.appliance_id, a.app, a.customer);
+                    println!("gateway CA: {}", a.ca_fingerprint);
+                    println!("one-time enrollment token (expires {}):", a.expires_at);
+                    println!("  {}", a.token.expose());
+                    println!("in the appliance: postern-agent enroll --gateway RELAY_HOST:PORT --token <token> --config agent.toml");
+                }
+            }
+        }
+        ApplianceCmd::List => {
+            let l: ApplianceList = c.get("/v1/appliances").await?;
+            match out {
+                OutputFormat::Json => print_json(&l),
+                OutputFormat::Text => {
+                    println!("{:<20} {:<16} {:<16} {:<8} {:<10} LAST SEEN", "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION");
+                    for a in l.appliances {
+                        let state = if a.revoked { "revoked" } else if a.online { "yes" } else if a.enrolled { "no" } else { "pending" };
+                        println!(
+                            "{:<20} {:<16} {:<16} {:<8} {:<10} {}",
+                            a.appliance_id, a.app, a.customer, state,
+                            a.agent_version.unwrap_or_else(|| "-".into()),
+                            a.last_seen.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+                        );
+                    }
+                }
+            }
+        }
+        ApplianceCmd::Revoke { id } => {
+            let a: ApplianceRecord = c.post(&format!("/v1/appliances/{id}/revoke"), serde_json::json!({})).await?;
+            match out {
+                OutputFormat::Json => print_json(&a),
+                OutputFormat::Text => println!("appliance {} revoked: its agent is cut and its certificate refused", a.appliance_id),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_endpoint_text(e: &EndpointRecord) {
+    println!("endpoint {} ({}) {} — {} on {} ({}/{})", e.id, e.endpoint_type, e.state.as_str(), e.origin_resource_id, e.appliance_id, e.app, e.customer);
+    println!("  expires {}   live sessions {}   total {}", e.expires_at, e.sessions, e.sessions_total);
+    if let Some(a) = &e.address {
+        println!("  connect to {a}");
+    }
+    if let Some(n) = e.sessions_cut {
+        println!("  sessions cut: {n}");
+    }
+}
+
+async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+    let rec: EndpointRecord = match cmd {
+        EndpointCmd::Create { endpoint_type, app, customer, origin_resource_id, ttl, wait: _ } => {
+            let t = EndpointType::parse(&endpoint_type).ok_or_else(|| ApiError::invalid(format!("unknown endpoint type {endpoint_type}")))?;
+            let ttl_s = duration_secs("ttl", &ttl)?;
+            c.post("/v1/endpoints", serde_json::json!({
+                "type": t, "app": app, "customer": customer, "origin_resource_id": origin_resource_id, "ttl_s": ttl_s,
+            }))
+            .await?
+        }
+        EndpointCmd::Get { id } => c.get(&format!("/v1/endpoints/{id}")).await?,
+        EndpointCmd::Retire { id } => c.post(&format!("/v1/endpoints/{id}/retire"), serde_json::json!({})).await?,
+        EndpointCmd::List => {
+            let l: EndpointList = c.get("/v1/endpoints").await?;
+            match out {
+                OutputFormat::Json => print_json(&l),
+                OutputFormat::Text => {
+                    println!("{:<20} {:<8} {:<10} {:<28} {:<9} {:<21} ADDRESS", "ENDPOINT", "TYPE", "STATE", "RESOURCE", "SESSIONS", "EXPIRES");
+                    for e in l.endpoints {
+                        println!(
+                            "{:<20} {:<8} {:<10} {:<28} {:<9} {:<21} {}",
+                            e.id, e.endpoint_type.as_str(), e.state.as_str(), e.origin_resource_id, e.sessions,
+                            e.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(), e.address.unwrap_or_else(|| "-".into())
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
+    };
+    match out {
+        OutputFormat::Json => print_json(&rec),
+        OutputFormat::Text => print_endpoint_text(&rec),
+    }
+    Ok(())
+}
+
+async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+    match cmd {
+        AuditCmd::List { appliance, since } => {
+            let mut query = Vec::new();
+            if let Some(a) = appliance {
+                query.push(format!("appliance={a}"));
+            }
+            if let Some(s) = since {
+                let t = match s.parse::<jiff::Timestamp>() {
+                    Ok(t) => t,
+                    Err(_) => {
+                        let d = parse_duration(&s).map_err(|e| ApiError::invalid(format!("--since: {e}")).hint("give an RFC 3339 time or a duration like 1h"))?;
+                        jiff::Timestamp::now() - jiff::SignedDuration::from_secs(d.as_secs() as i64)
+                    }
+                };
+                query.push(format!("since={t}"));
+            }
+            let path = if query.is_empty() { "/v1/audit".to_string() } else { format!("/v1/audit?{}", query.join("&")) };
+            let l: AuditList = c.get(&path).await?;
+            match out {
+                OutputFormat::Json => print_json(&l),
+                OutputFormat::Text => {
+                    for r in l.records {
+                        println!(
+                            "{:>5} {} {:<18} {:<24} {} {}",
+                            r.seq, r.time.strftime("%Y-%m-%dT%H:%M:%SZ"), r.kind, r.actor,
+                            [r.appliance_id, r.endpoint_id, r.session_id].into_iter().flatten().collect::<Vec<_>>().join(" "),
+                            r.detail
+                        );
+                    }
+                }
+            }
+        }
+        AuditCmd::Export => {
+            let l: AuditList = c.get("/v1/audit").await?;
+            for r in l.records {
+                print_json(&r);
+            }
+        }
+        AuditCmd::Verify => {
+            let v: AuditVerified = c.get("/v1/audit/verify").await?;
+            match out {
+                OutputFormat::Json => print_json(&v),
+                OutputFormat::Text => println!("audit chain intact: {} records", v.records),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! `postern server --config FILE`: the gateway's own settings.
+
+use endpoint_types::duration::HumanDuration;
+use serde::Deserialize;
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub data_dir: PathBuf,
+    pub api: SocketAddr,
+    pub relay: SocketAddr,
+    /// `sqlite:PATH`; None = `postern.db` in the data dir.
+    pub store: Option<String>,
+    /// Extra DNS names / IPs for the server certificate.
+    pub server_names: Vec<String>,
+    pub endpoint_host: IpAddr,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub sessions_per_endpoint: u64,
+    pub handshake_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub agent_lost_after: Duration,
+    pub default_endpoint_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            sessions_per_endpoint: 64,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(5),
+            agent_lost_after: Duration::from_secs(15),
+            default_endpoint_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+impl GatewayConfig {
+    pub fn new(data_dir: PathBuf) -> GatewayConfig {
+        GatewayConfig {
+            data_dir,
+            api: SocketAddr::new(LOCALHOST, 0),
+            relay: SocketAddr::new(LOCALHOST, 0),
+            store: None,
+            server_names: Vec::new(),
+            endpoint_host: LOCALHOST,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The TOML file form.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: PathBuf,
+    api: Option<SocketAddr>,
+    relay: Option<SocketAddr>,
+    store: Option<String>,
+    #[serde(default)]
+    server_names: Vec<String>,
+    endpoint_host: Option<IpAddr>,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    sessions_per_endpoint: Option<u64>,
+    handshake_timeout: Option<HumanDuration>,
+    heartbeat_interval: Option<HumanDuration>,
+    agent_lost_after: Option<HumanDuration>,
+    default_endpoint_ttl: Option<HumanDuration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    parse(&text, path)
+}
+
+pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+    let f: FileConfig =
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut cfg = GatewayConfig::new(base.join(f.data_dir));
+    if let Some(a) = f.api {
+        cfg.api = a;
+    }
+    if let Some(r) = f.relay {
+        cfg.relay = r;
+    }
+    cfg.store = f.store;
+    cfg.server_names = f.server_names;
+    if let Some(h) = f.endpoint_host {
+        cfg.endpoint_host = h;
+    }
+    let l = &mut cfg.limits;
+    if let Some(n) = f.limits.sessions_per_endpoint {
+        l.sessions_per_endpoint = n;
+    }
+    for (src, dst) in [
+        (f.limits.handshake_timeout, &mut l.handshake_timeout),
+        (f.limits.heartbeat_interval, &mut l.heartbeat_interval),
+        (f.limits.agent_lost_after, &mut l.agent_lost_after),
+        (f.limits.default_endpoint_ttl, &mut l.default_endpoint_ttl),
+    ] {
+        if let Some(d) = src {
+            *dst = d.0;
+        }
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let cfg = parse(
+            "data_dir = \"d\"\napi = \"127.0.0.1:8443\"\n[limits]\nagent_lost_after = \"20s\"\n",
+            Path::new("/etc/postern/gateway.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from("/etc/postern/d"));
+        assert_eq!(cfg.api.port(), 8443);
+        assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
+
+        let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml")).unwrap_err().to_string();
+        assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    }
+}

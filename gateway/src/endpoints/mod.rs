@@ -1,0 +1,370 @@
+//! Endpoint lifecycle, shared by every endpoint type: create, serve, retire, expire, restore.
+//!
+//! One [`LiveEndpoint`] per active endpoint holds a cancellation token; every session of the
+//! endpoint selects on it, so retire, expiry and revocation cut all sessions at once.
+
+mod tcp;
+
+use crate::{
+    audit::Subject,
+    identity::Caller,
+    server::Gateway,
+    store::{EndpointRow, StoreError},
+};
+use endpoint_types::{
+    api::{EndpointCreateRequest, EndpointRecord, EndpointState, Role},
+    duration::{format_duration, TTL_MAX, TTL_MIN},
+    frame::{EndpointGrant, Frame},
+    resource::{CloseReason, EndpointType},
+    ApiError, ErrorCode,
+};
+use jiff::Timestamp;
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub struct LiveEndpoint {
+    pub id: String,
+    pub endpoint_type: EndpointType,
+    pub appliance_id: String,
+    pub resource_id: String,
+    pub operator: String,
+    pub expires_at: Timestamp,
+    pub cancel: CancellationToken,
+    pub live_sessions: AtomicU64,
+    end_reason: Mutex<Option<CloseReason>>,
+}
+
+impl LiveEndpoint {
+    pub fn end_reason(&self) -> CloseReason {
+        self.end_reason.lock().map(|r| r.unwrap_or(CloseReason::Interrupted)).unwrap_or(CloseReason::Interrupted)
+    }
+
+    fn end(&self, reason: CloseReason) {
+        if let Ok(mut r) = self.end_reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.cancel.cancel();
+    }
+
+    pub fn grant(&self) -> EndpointGrant {
+        EndpointGrant {
+            endpoint_id: self.id.clone(),
+            endpoint_type: self.endpoint_type,
+            resource_id: self.resource_id.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct EndpointRegistry {
+    live: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
+}
+
+impl EndpointRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveEndpoint>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<LiveEndpoint>> {
+        self.lock().get(id).cloned()
+    }
+
+    fn insert(&self, ep: Arc<LiveEndpoint>) {
+        self.lock().insert(ep.id.clone(), ep);
+    }
+
+    fn remove(&self, id: &str) -> Option<Arc<LiveEndpoint>> {
+        self.lock().remove(id)
+    }
+
+    pub fn live_sessions(&self, id: &str) -> u64 {
+        self.get(id).map(|e| e.live_sessions.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// Gateway shutdown: sessions end with reason `interrupted`; endpoints stay active in the
+    /// store and come back on the next start.
+    pub fn cut_all_for_shutdown(&self) {
+        for ep in self.lock().values() {
+            ep.end(CloseReason::Interrupted);
+        }
+    }
+}
+
+fn internal(e: StoreError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+pub async fn grants_for(gw: &Gateway, appliance_id: &str) -> Vec<EndpointGrant> {
+    match gw.store.active_endpoints_of(appliance_id).await {
+        Ok(rows) => rows
+            .into_iter()
+            .filter_map(|r| gw.endpoints.get(&r.id))
+            .map(|ep| ep.grant())
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not list endpoints for the agent");
+            Vec::new()
+        }
+    }
+}
+
+pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, ApiError> {
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::internal(format!("endpoint {} has no appliance", row.id)))?;
+    let active = row.state == EndpointState::Active;
+    Ok(EndpointRecord {
+        sessions: gw.endpoints.live_sessions(&row.id),
+        sessions_total: row.sessions_total,
+        address: if active { row.address } else { None },
+        id: row.id,
+        endpoint_type: row.endpoint_type,
+        state: row.state,
+        appliance_id: row.appliance_id,
+        app: appliance.app,
+        customer: appliance.customer,
+        origin_resource_id: row.resource_id,
+        created_by: row.created_by,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        ended_at: row.ended_at,
+        sessions_cut: None,
+    })
+}
+
+/// The endpoint, if the caller may see it.
+pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
+    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let rec = record(gw, row).await?;
+    if !caller.sees_customer(&rec.customer) {
+        return Err(not_found(id));
+    }
+    Ok(rec)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no endpoint {id}")).hint("`postern ops endpoint list` shows the endpoints you can see")
+}
+
+pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<EndpointRecord>, ApiError> {
+    let mut out = Vec::new();
+    for row in gw.store.list_endpoints().await.map_err(internal)? {
+        let rec = record(gw, row).await?;
+        if caller.sees_customer(&rec.customer) {
+            out.push(rec);
+        }
+    }
+    Ok(out)
+}
+
+pub fn validate_ttl(ttl: Duration) -> Result<(), ApiError> {
+    if ttl < TTL_MIN || ttl > TTL_MAX {
+        return Err(ApiError::invalid(format!("TTL {} is outside the allowed range", format_duration(ttl)))
+            .hint("use a TTL between 10s and 7d, e.g. --ttl 2h"));
+    }
+    Ok(())
+}
+
+pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateRequest) -> Result<EndpointRecord, ApiError> {
+    caller.require(&[Role::Admin, Role::Operator], "open ops endpoints")?;
+    let ttl = req.ttl_s.map(Duration::from_secs).unwrap_or(gw.limits.default_endpoint_ttl);
+    validate_ttl(ttl)?;
+    let appliance = gw
+        .store
+        .find_appliance(&req.app, &req.customer)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
+                .hint("`postern appliance list` shows the registered appliances")
+        })?;
+    caller.require_customer(&appliance.customer)?;
+    let link = gw.agents.get(&appliance.id).ok_or_else(|| {
+        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} ({}/{}) is offline", appliance.id, appliance.app, appliance.customer))
+            .hint("the agent in the appliance is not connected; check `postern appliance list` and the agent's log")
+            .details(serde_json::json!({"appliance_id": appliance.id, "last_seen": appliance.last_seen}))
+    })?;
+    let resource = link.resource(&req.origin_resource_id).ok_or_else(|| {
+        let known: Vec<&str> = link.resources.iter().map(|r| r.id.as_str()).collect();
+        ApiError::new(
+            ErrorCode::InvalidOriginResourceId,
+            format!("appliance {} has no resource {:?}", appliance.id, req.origin_resource_id),
+        )
+        .hint(format!("resources this appliance declares: {}", if known.is_empty() { "none".into() } else { known.join(", ") }))
+        .details(serde_json::json!({"origin_resource_id": req.origin_resource_id, "known": known}))
+    })?;
+    if resource.kind != req.endpoint_type.resource_kind() {
+        return Err(ApiError::invalid(format!(
+            "resource {} is of kind {}, which a {} endpoint cannot reach",
+            resource.id, resource.kind, req.endpoint_type
+        ))
+        .hint(format!("use --type {}", match resource.kind {
+            endpoint_types::resource::ResourceKind::Kubernetes => "kubectl",
+            endpoint_types::resource::ResourceKind::Postgres => "postgres",
+            endpoint_types::resource::ResourceKind::Ssh => "ssh",
+            endpoint_types::resource::ResourceKind::Tcp => "tcp",
+        })));
+    }
+    if req.endpoint_type != EndpointType::Tcp {
+        return Err(ApiError::invalid(format!("{} endpoints are not available on this gateway yet", req.endpoint_type))
+            .hint("tcp endpoints are available now"));
+    }
+
+    let now = Timestamp::now();
+    let expires_at = now
+        .checked_add(jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?)
+        .map_err(|_| ApiError::invalid("TTL too large"))?;
+    let id = format!("ep_{}", crate::identity::random_hex(8));
+    let listener = tcp::bind(gw.endpoint_host, None).await.map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    let row = EndpointRow {
+        id: id.clone(),
+        endpoint_type: req.endpoint_type,
+        appliance_id: appliance.id.clone(),
+        resource_id: resource.id.clone(),
+        state: EndpointState::Active,
+        created_by: caller.actor(),
+        created_at: now,
+        expires_at,
+        ended_at: None,
+        address: Some(address.clone()),
+        sessions_total: 0,
+    };
+    gw.store.insert_endpoint(&row).await.map_err(internal)?;
+    let ep = activate(gw, &row, listener);
+    gw.agents.send(&appliance.id, Frame::EndpointOpen(ep.grant()));
+    gw.audit
+        .record("endpoint.created", &caller.actor(), Subject::endpoint(&appliance.id, &id), serde_json::json!({
+            "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(),
+            "expires_at": expires_at, "address": address,
+        }))
+        .await;
+    record(gw, row).await
+}
+
+/// Registers a live endpoint, starts serving its listener and arms its expiry.
+fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: tokio::net::TcpListener) -> Arc<LiveEndpoint> {
+    let ep = Arc::new(LiveEndpoint {
+        id: row.id.clone(),
+        endpoint_type: row.endpoint_type,
+        appliance_id: row.appliance_id.clone(),
+        resource_id: row.resource_id.clone(),
+        operator: row.created_by.clone(),
+        expires_at: row.expires_at,
+        cancel: gw.shutdown.child_token(),
+        live_sessions: AtomicU64::new(0),
+        end_reason: Mutex::new(None),
+    });
+    gw.endpoints.insert(ep.clone());
+    gw.tasks.spawn(tcp::serve(gw.clone(), ep.clone(), listener));
+    let (gw2, ep2) = (gw.clone(), ep.clone());
+    gw.tasks.spawn(async move {
+        let wait = ep2.expires_at.duration_since(Timestamp::now()).unsigned_abs();
+        tokio::select! {
+            _ = ep2.cancel.cancelled() => {}
+            _ = tokio::time::sleep(wait) => {
+                end(&gw2, &ep2.id, CloseReason::Expired, &Caller::system()).await;
+            }
+        }
+    });
+    ep
+}
+
+/// Ends an active endpoint: store state, cut sessions, tell the agent, audit. Returns the
+/// number of sessions cut, or None if it was not active.
+pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -> Option<u64> {
+    let state = if reason == CloseReason::Expired { EndpointState::Expired } else { EndpointState::Retired };
+    match gw.store.end_endpoint(id, state, Timestamp::now()).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => {
+            tracing::error!(endpoint = %id, error = %e, "could not end endpoint in the store");
+            return None;
+        }
+    }
+    let ep = gw.endpoints.remove(id)?;
+    let cut = ep.live_sessions.load(Ordering::Relaxed);
+    ep.end(reason);
+    gw.agents.send(&ep.appliance_id, Frame::EndpointClose { endpoint_id: id.to_string(), reason });
+    let kind = if reason == CloseReason::Expired { "endpoint.expired" } else { "endpoint.retired" };
+    gw.audit
+        .record(kind, &caller.actor(), Subject::endpoint(&ep.appliance_id, id), serde_json::json!({
+            "reason": reason.as_str(), "sessions_cut": cut,
+        }))
+        .await;
+    tracing::info!(endpoint = %id, reason = reason.as_str(), sessions_cut = cut, "endpoint ended");
+    Some(cut)
+}
+
+pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
+    let before = get(gw, caller, id).await?;
+    // Customers may tear down any endpoint into their appliances; operators their own or any
+    // (the vendor decides who operates), admins all.
+    caller.require(&[Role::Admin, Role::Operator, Role::Approver], "retire endpoints")?;
+    let cut = match before.state {
+        EndpointState::Active => end(gw, id, CloseReason::Retired, caller).await,
+        _ => None,
+    };
+    let Some(cut) = cut else {
+        return Err(ApiError::new(
+            if before.state == EndpointState::Expired { ErrorCode::EndpointExpired } else { ErrorCode::EndpointRetired },
+            format!("endpoint {id} is already {}", before.state.as_str()),
+        ));
+    };
+    let mut rec = get(gw, caller, id).await?;
+    rec.sessions_cut = Some(cut);
+    Ok(rec)
+}
+
+/// Ends every active endpoint of an appliance (revocation).
+pub async fn end_all_of(gw: &Gateway, appliance_id: &str, reason: CloseReason, caller: &Caller) {
+    if let Ok(rows) = gw.store.active_endpoints_of(appliance_id).await {
+        for r in rows {
+            end(gw, &r.id, reason, caller).await;
+        }
+    }
+}
+
+/// At start-up: endpoints the store says are active come back on their old address when it is
+/// free (a new one otherwise); those that expired while the gateway was down are marked so.
+pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
+    let now = Timestamp::now();
+    for row in gw.store.active_endpoints().await? {
+        if row.expires_at <= now {
+            if gw.store.end_endpoint(&row.id, EndpointState::Expired, row.expires_at).await? {
+                gw.audit
+                    .record("endpoint.expired", "system:gateway", Subject::endpoint(&row.appliance_id, &row.id), serde_json::json!({
+                        "reason": "expired", "sessions_cut": 0, "while": "gateway down",
+                    }))
+                    .await;
+            }
+            continue;
+        }
+        let old = row.address.as_deref().and_then(|a| a.parse().ok());
+        match tcp::bind(gw.endpoint_host, old).await {
+            Ok(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    let addr = addr.to_string();
+                    if row.address.as_deref() != Some(addr.as_str()) {
+                        gw.store.set_endpoint_address(&row.id, &addr).await?;
+                    }
+                }
+                activate(gw, &row, listener);
+            }
+            Err(e) => tracing::error!(endpoint = %row.id, error = %e, "could not restore endpoint listener"),
+        }
+    }
+    Ok(())
+}

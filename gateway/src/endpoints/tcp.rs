@@ -1,0 +1,216 @@
+//! TCP endpoints: a listener per endpoint; every accepted connection becomes one QUIC data
+//! stream to the agent, which connects to the resource's configured target.
+
+use super::LiveEndpoint;
+use crate::{
+    audit::Subject,
+    framed::{write_frame, FramedError, FramedRecv},
+    identity::random_hex,
+    server::Gateway,
+};
+use bytes::{Bytes, BytesMut};
+use endpoint_types::{
+    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
+    resource::CloseReason,
+    ApiError, ErrorCode,
+};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+const PUMP_BUF: usize = 256 * 1024;
+
+/// Binds on `preferred` if given and free, else on an ephemeral port of `host`.
+pub async fn bind(host: IpAddr, preferred: Option<SocketAddr>) -> std::io::Result<TcpListener> {
+    if let Some(addr) = preferred {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return Ok(l);
+        }
+    }
+    TcpListener::bind(SocketAddr::new(host, 0)).await
+}
+
+pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: TcpListener) {
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = ep.cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.id, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        gw.tasks.spawn(session(gw.clone(), ep.clone(), tcp, client));
+    }
+}
+
+/// Decrements the live-session count however the session ends.
+struct SessionSlot(Arc<LiveEndpoint>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.live_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn deny(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, err: &ApiError) {
+    tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
+    gw.audit
+        .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
+            "action": "session", "client_addr": client.to_string(), "code": err.code, "reason": err.message,
+        }))
+        .await;
+}
+
+async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, client: SocketAddr) {
+    let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
+    let _slot = SessionSlot(ep.clone());
+    let session_id = format!("ses_{}", random_hex(8));
+    if n > gw.limits.sessions_per_endpoint {
+        let e = ApiError::new(ErrorCode::SessionLimit, format!("endpoint {} already has {} sessions", ep.id, n - 1));
+        return deny(&gw, &ep, &session_id, client, &e).await;
+    }
+    let opened = tokio::select! {
+        _ = ep.cancel.cancelled() => return,
+        r = open_stream(&gw, &ep, &session_id, client) => r,
+    };
+    let (send, recv, leftover, connection) = match opened {
+        Ok(parts) => parts,
+        Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
+    };
+    if let Err(e) = gw.store.count_session(&ep.id).await {
+        tracing::error!(error = %e, "could not count session");
+    }
+    let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
+    gw.audit
+        .record("session.opened", &ep.operator, subject.clone(), serde_json::json!({
+            "client_addr": client.to_string(), "origin_resource_id": ep.resource_id,
+        }))
+        .await;
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let mut send = send;
+    let mut recv = recv;
+    let outcome = tokio::select! {
+        r = pump(&mut tcp, &mut send, &mut recv, leftover, &up, &down) => Some(r),
+        _ = ep.cancel.cancelled() => None,
+    };
+    let reason = match &outcome {
+        Some(Ok(())) => CloseReason::Client,
+        Some(Err(_)) if connection.close_reason().is_some() => CloseReason::Interrupted,
+        Some(Err(_)) => CloseReason::Error,
+        None => ep.end_reason(),
+    };
+    if outcome.is_none() || matches!(outcome, Some(Err(_))) {
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        let _ = recv.stop(quinn::VarInt::from_u32(1));
+    }
+    drop(tcp);
+    let mut detail = serde_json::json!({
+        "reason": reason.as_str(),
+        "bytes_up": up.load(Ordering::Relaxed),
+        "bytes_down": down.load(Ordering::Relaxed),
+        "duration_ms": started.elapsed().as_millis() as u64,
+    });
+    if let Some(Err(e)) = &outcome {
+        detail["error"] = serde_json::Value::String(e.to_string());
+    }
+    gw.audit.record("session.closed", &ep.operator, subject, detail).await;
+}
+
+type OpenedStream = (quinn::SendStream, quinn::RecvStream, Bytes, quinn::Connection);
+
+async fn open_stream(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr) -> Result<OpenedStream, ApiError> {
+    let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
+        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline", ep.appliance_id))
+    })?;
+    let offline = |e: String| ApiError::new(ErrorCode::ApplianceOffline, format!("could not reach the agent: {e}"));
+    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
+        .await
+        .map_err(|_| offline("timed out opening a stream".into()))?
+        .map_err(|e| offline(e.to_string()))?;
+    let header = Frame::StreamOpen(StreamOpen {
+        endpoint_id: ep.id.clone(),
+        session_id: session_id.to_string(),
+        resource_id: ep.resource_id.clone(),
+        operator: ep.operator.clone(),
+        client_addr: client.to_string(),
+    });
+    write_frame(&mut send, &header).await.map_err(|e| offline(e.to_string()))?;
+    let mut framed = FramedRecv::new(recv, MAX_STREAM_HEADER_LEN);
+    match framed.next_within(STREAM_SETUP_TIMEOUT).await {
+        Ok(Some(Frame::StreamAccept)) => {
+            let (recv, leftover) = framed.into_parts();
+            Ok((send, recv, leftover, link.connection))
+        }
+        Ok(Some(Frame::StreamRefuse(e))) => Err(e),
+        Ok(Some(_)) => Err(ApiError::new(ErrorCode::MalformedFrame, "the agent answered a stream with an unexpected frame")),
+        Ok(None) => Err(offline("the agent closed the stream".into())),
+        Err(FramedError::Frame(e)) => Err(e.to_api_error()),
+        Err(e) => Err(offline(e.to_string())),
+    }
+}
+
+/// Moves bytes both ways until both directions are finished, keeping half-closes: a client
+/// EOF finishes the QUIC send side, a finished QUIC stream shuts down the TCP write side.
+async fn pump(
+    tcp: &mut TcpStream,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    leftover: Bytes,
+    up: &AtomicU64,
+    down: &AtomicU64,
+) -> Result<(), PumpError> {
+    let (mut tcp_r, mut tcp_w) = tcp.split();
+    let client_to_agent = async {
+        let mut buf = BytesMut::with_capacity(PUMP_BUF);
+        loop {
+            buf.reserve(PUMP_BUF);
+            let n = tcp_r.read_buf(&mut buf).await.map_err(PumpError::Tcp)?;
+            if n == 0 {
+                let _ = send.finish();
+                return Ok::<(), PumpError>(());
+            }
+            up.fetch_add(n as u64, Ordering::Relaxed);
+            send.write_chunk(buf.split().freeze()).await.map_err(PumpError::QuicWrite)?;
+        }
+    };
+    let agent_to_client = async {
+        if !leftover.is_empty() {
+            tcp_w.write_all(&leftover).await.map_err(PumpError::Tcp)?;
+            down.fetch_add(leftover.len() as u64, Ordering::Relaxed);
+        }
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(PumpError::QuicRead)? {
+            down.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+            tcp_w.write_all(&chunk.bytes).await.map_err(PumpError::Tcp)?;
+        }
+        tcp_w.shutdown().await.map_err(PumpError::Tcp)?;
+        Ok::<(), PumpError>(())
+    };
+    tokio::try_join!(client_to_agent, agent_to_client).map(|_| ())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PumpError {
+    #[error("client connection: {0}")]
+    Tcp(std::io::Error),
+    #[error("tunnel read: {0}")]
+    QuicRead(quinn::ReadError),
+    #[error("tunnel write: {0}")]
+    QuicWrite(quinn::WriteError),
+}

@@ -1,0 +1,434 @@
+//! The QUIC relay agents dial out to: enrollment (ALPN `postern-enroll/1`, no client
+//! certificate yet) and tunnels (ALPN `postern/1`, mutual TLS).
+
+use crate::{
+    agents::AgentLink,
+    audit::Subject,
+    endpoints,
+    framed::{write_frame, FramedError, FramedRecv},
+    identity,
+    server::Gateway,
+};
+use certs::Issued;
+use endpoint_types::{
+    api::EnrollResponse,
+    frame::{Frame, HelloAck, MAX_FRAME_LEN},
+    token::EnrollmentToken,
+    ApiError, ErrorCode, ALPN_ENROLL, ALPN_TUNNEL, PROTOCOL_VERSION,
+};
+use jiff::Timestamp;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+use tokio::sync::mpsc;
+
+/// QUIC application close codes the gateway uses.
+pub mod close {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL: u32 = 1;
+    pub const UNKNOWN_CERTIFICATE: u32 = 2;
+    pub const REVOKED: u32 = 3;
+    pub const DUPLICATE: u32 = 4;
+    pub const LOST: u32 = 5;
+}
+
+const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+const ENROLL_FRAME_MAX: usize = 64 * 1024;
+
+pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(lost_after).ok());
+    t.keep_alive_interval(Some(keep_alive));
+    // Bulk sessions need windows well above the bandwidth-delay product of a fast path.
+    t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
+    t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
+    t.send_window(64 * 1024 * 1024);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
+}
+
+pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let tls = certs::server_config(
+        &server.cert_pem,
+        &server.key_pem,
+        Some(gw.ca.cert_pem()),
+        certs::ClientAuth::Optional,
+        vec![ALPN_TUNNEL.to_vec(), ALPN_ENROLL.to_vec()],
+    )?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config(gw.limits.agent_lost_after, gw.limits.heartbeat_interval)));
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(cfg),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok(endpoint)
+}
+
+pub async fn serve(gw: Arc<Gateway>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            _ = gw.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let gw2 = gw.clone();
+        gw.tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            match tokio::time::timeout(gw2.limits.handshake_timeout, incoming).await {
+                Ok(Ok(conn)) => handle_connection(gw2, conn).await,
+                Ok(Err(e)) => tracing::info!(%remote, error = %e, "relay handshake failed"),
+                Err(_) => tracing::info!(%remote, "relay handshake timed out"),
+            }
+        });
+    }
+}
+
+fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| certs::fingerprint(c))
+}
+
+async fn handle_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
+    match alpn_of(&conn).as_deref() {
+        Some(p) if p == ALPN_ENROLL => handle_enroll(gw, conn).await,
+        Some(p) if p == ALPN_TUNNEL => handle_agent(gw, conn).await,
+        _ => conn.close(close::PROTOCOL.into(), b"unsupported ALPN"),
+    }
+}
+
+fn close_with(conn: &quinn::Connection, code: u32, err: &ApiError) {
+    let reason = format!("{}: {}", err.code, err.message);
+    conn.close(code.into(), reason.as_bytes());
+}
+
+async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Ok(Ok((mut send, recv))) = tokio::time::timeout(gw.limits.handshake_timeout, conn.accept_bi()).await else {
+        conn.close(close::PROTOCOL.into(), b"no enrollment request");
+        return;
+    };
+    let mut framed = FramedRecv::new(recv, ENROLL_FRAME_MAX);
+    let answer = match framed.next_within(gw.limits.handshake_timeout).await {
+        Ok(Some(Frame::EnrollRequest(req))) => match enroll(&gw, &req, remote).await {
+            Ok(resp) => Frame::EnrollResponse(resp),
+            Err(e) => {
+                gw.audit
+                    .record("denied", &format!("agent@{remote}"), Subject::default(), serde_json::json!({
+                        "action": "enroll", "code": e.code, "reason": e.message,
+                    }))
+                    .await;
+                Frame::Error(e)
+            }
+        },
+        Ok(Some(_)) => Frame::Error(ApiError::new(ErrorCode::MalformedFrame, "expected an enrollment request")),
+        Ok(None) => Frame::Error(ApiError::new(ErrorCode::MalformedFrame, "the stream ended before a request")),
+        Err(FramedError::Frame(e)) => {
+            tracing::info!(%remote, error = %e, "refused a malformed enrollment frame");
+            Frame::Error(e.to_api_error())
+        }
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "enrollment stream failed");
+            conn.close(close::PROTOCOL.into(), b"enrollment stream failed");
+            return;
+        }
+    };
+    if write_frame(&mut send, &answer).await.is_ok() {
+        let _ = send.finish();
+        // Let the answer arrive before the connection goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    }
+    conn.close(close::NORMAL.into(), b"enrollment done");
+}
+
+fn token_error(code: ErrorCode, message: &str) -> ApiError {
+    ApiError::new(code, message.to_string())
+        .hint("ask the vendor for a new token: `postern appliance add --app A --customer C` prints one (valid 1 h, single use)")
+}
+
+async fn enroll(
+    gw: &Gateway,
+    req: &endpoint_types::api::EnrollRequest,
+    remote: SocketAddr,
+) -> Result<EnrollResponse, ApiError> {
+    let internal = |e: crate::store::StoreError| ApiError::internal(e.to_string());
+    let token = EnrollmentToken::parse(req.token.expose())
+        .map_err(|e| token_error(ErrorCode::EnrollmentTokenInvalid, &e.to_string()))?;
+    if token.ca != gw.ca.fingerprint() {
+        return Err(token_error(ErrorCode::EnrollmentTokenInvalid, "this enrollment token was issued by a different gateway"));
+    }
+    let row = gw
+        .store
+        .get_enrollment_token(&token.id)
+        .await
+        .map_err(internal)?
+        .filter(|row| identity::secret_matches(&token.secret, &row.secret_hash))
+        .ok_or_else(|| token_error(ErrorCode::EnrollmentTokenInvalid, "this enrollment token is not known to the gateway"))?;
+    let now = Timestamp::now();
+    if row.used {
+        return Err(token_error(ErrorCode::EnrollmentTokenUsed, "this enrollment token has already been used"));
+    }
+    if row.expires_at <= now {
+        return Err(token_error(ErrorCode::EnrollmentTokenExpired, &format!("this enrollment token expired at {}", row.expires_at)));
+    }
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::internal("enrollment token without appliance"))?;
+    if appliance.revoked_at.is_some() {
+        return Err(ApiError::new(ErrorCode::ApplianceRevoked, format!("appliance {} has been revoked", appliance.id)));
+    }
+    // Sign before consuming, so a bad CSR does not burn the token.
+    let cert_pem = gw
+        .ca
+        .sign_agent_csr(&req.csr_pem, &appliance.id, now, AGENT_CERT_VALIDITY)
+        .map_err(|e| ApiError::invalid(format!("the certificate signing request was refused: {e}")))?;
+    if !gw.store.consume_enrollment_token(&row.id, now).await.map_err(internal)? {
+        return Err(token_error(ErrorCode::EnrollmentTokenUsed, "this enrollment token has already been used"));
+    }
+    let fp = certs::fingerprint_pem(&cert_pem).map_err(|e| ApiError::internal(e.to_string()))?;
+    gw.store.set_enrolled(&appliance.id, &fp, now).await.map_err(internal)?;
+    gw.audit
+        .record(
+            "appliance.enrolled",
+            &format!("agent:{}", appliance.id),
+            Subject::appliance(&appliance.id),
+            serde_json::json!({"remote": remote.to_string(), "agent_version": req.agent_version, "cert_fingerprint": fp}),
+        )
+        .await;
+    tracing::info!(appliance = %appliance.id, %remote, "appliance enrolled");
+    Ok(EnrollResponse {
+        appliance_id: appliance.id,
+        app: appliance.app,
+        customer: appliance.customer,
+        cert_pem,
+        ca_pem: gw.ca.cert_pem().to_string(),
+    })
+}
+
+async fn refuse_agent(gw: &Gateway, conn: &quinn::Connection, code: u32, err: ApiError, appliance_id: Option<&str>) {
+    tracing::info!(remote = %conn.remote_address(), code = %err.code, "refused agent connection: {}", err.message);
+    let subject = appliance_id.map(Subject::appliance).unwrap_or_default();
+    let kind = if err.code == ErrorCode::DuplicateConnection { "agent.duplicate" } else { "denied" };
+    gw.audit
+        .record(kind, &format!("agent@{}", conn.remote_address()), subject, serde_json::json!({
+            "action": "connect", "code": err.code, "reason": err.message,
+        }))
+        .await;
+    close_with(conn, code, &err);
+}
+
+async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
+    let Some(fp) = peer_leaf_fingerprint(&conn) else {
+        let e = ApiError::new(ErrorCode::Unauthenticated, "a client certificate is required on postern/1")
+            .hint("enroll the agent first: postern-agent enroll --gateway HOST:PORT --token T --config FILE");
+        return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
+    };
+    let appliance = match gw.store.appliance_by_fingerprint(&fp).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            let e = ApiError::new(ErrorCode::Unauthenticated, "this agent certificate is not enrolled with the gateway");
+            return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store lookup failed");
+            conn.close(close::PROTOCOL.into(), b"INTERNAL");
+            return;
+        }
+    };
+    if appliance.revoked_at.is_some() {
+        let e = ApiError::new(ErrorCode::ApplianceRevoked, format!("appliance {} has been revoked", appliance.id));
+        return refuse_agent(&gw, &conn, close::REVOKED, e, Some(&appliance.id)).await;
+    }
+
+    let limit = gw.limits.handshake_timeout;
+    let Ok(Ok((mut send, recv))) = tokio::time::timeout(limit, conn.accept_bi()).await else {
+        conn.close(close::PROTOCOL.into(), b"no control stream");
+        return;
+    };
+    let mut framed = FramedRecv::new(recv, MAX_FRAME_LEN);
+    let hello = match framed.next_within(limit).await {
+        Ok(Some(Frame::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => h,
+        Ok(Some(Frame::Hello(h))) => {
+            let e = ApiError::new(
+                ErrorCode::ProtocolVersion,
+                format!("agent speaks protocol {}, this gateway speaks {PROTOCOL_VERSION}", h.protocol_version),
+            )
+            .hint("upgrade the agent or the gateway so both speak the same version");
+            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
+        }
+        Ok(_) => {
+            let e = ApiError::new(ErrorCode::MalformedFrame, "the first frame on the control stream must be a hello");
+            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
+        }
+        Err(err) => {
+            let e = match &err {
+                FramedError::Frame(f) => f.to_api_error(),
+                other => ApiError::new(ErrorCode::MalformedFrame, other.to_string()),
+            };
+            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
+        }
+    };
+
+    let (tx, rx) = mpsc::channel(256);
+    let link = AgentLink {
+        appliance_id: appliance.id.clone(),
+        connection: conn.clone(),
+        control: tx,
+        agent_version: hello.agent_version.clone(),
+        resources: hello.resources.clone(),
+        policy: hello.policy.clone(),
+        connected_at: Timestamp::now(),
+    };
+    if gw.agents.try_register(link).is_err() {
+        let e = ApiError::new(
+            ErrorCode::DuplicateConnection,
+            format!("appliance {} is already connected; a second connection with its certificate is refused", appliance.id),
+        )
+        .hint("if the agent was restarted, the old connection is dropped within the heartbeat timeout; retry then");
+        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+        return refuse_agent(&gw, &conn, close::DUPLICATE, e, Some(&appliance.id)).await;
+    }
+
+    let resources_json = serde_json::to_string(&hello.resources).unwrap_or_else(|_| "[]".into());
+    let policy_json = serde_json::to_string(&hello.policy).ok();
+    if let Err(e) = gw
+        .store
+        .set_presence(&appliance.id, Timestamp::now(), Some(&hello.agent_version), Some(&resources_json), policy_json.as_deref())
+        .await
+    {
+        tracing::error!(error = %e, "could not record presence");
+    }
+    gw.audit
+        .record("agent.connected", &format!("agent:{}", appliance.id), Subject::appliance(&appliance.id), serde_json::json!({
+            "remote": conn.remote_address().to_string(),
+            "agent_version": hello.agent_version,
+            "resources": hello.resources,
+            "policy": hello.policy,
+        }))
+        .await;
+    tracing::info!(appliance = %appliance.id, remote = %conn.remote_address(), version = %hello.agent_version, "agent connected");
+
+    let ack = Frame::HelloAck(HelloAck {
+        appliance_id: appliance.id.clone(),
+        app: appliance.app.clone(),
+        customer: appliance.customer.clone(),
+        heartbeat_interval_ms: gw.limits.heartbeat_interval.as_millis() as u64,
+        lost_after_ms: gw.limits.agent_lost_after.as_millis() as u64,
+    });
+    let reason = match write_frame(&mut send, &ack).await {
+        Ok(()) => {
+            let grants = endpoints::grants_for(&gw, &appliance.id).await;
+            match write_frame(&mut send, &Frame::EndpointSync { endpoints: grants }).await {
+                Ok(()) => control_loop(&gw, &conn, &appliance.id, send, framed, rx).await,
+                Err(e) => format!("control stream failed: {e}"),
+            }
+        }
+        Err(e) => format!("control stream failed: {e}"),
+    };
+
+    gw.agents.unregister(&appliance.id, &conn);
+    let _ = gw.store.set_presence(&appliance.id, Timestamp::now(), None, None, None).await;
+    gw.audit
+        .record("agent.disconnected", &format!("agent:{}", appliance.id), Subject::appliance(&appliance.id), serde_json::json!({
+            "reason": reason,
+        }))
+        .await;
+    tracing::info!(appliance = %appliance.id, %reason, "agent disconnected");
+}
+
+async fn control_loop(
+    gw: &Gateway,
+    conn: &quinn::Connection,
+    appliance_id: &str,
+    mut send: quinn::SendStream,
+    mut framed: FramedRecv,
+    mut outgoing: mpsc::Receiver<Frame>,
+) -> String {
+    let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rx = tokio::time::Instant::now();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => {
+                conn.close(close::NORMAL.into(), b"gateway shutting down");
+                return "gateway shutting down".into();
+            }
+            err = conn.closed() => return format!("connection closed: {err}"),
+            frame = framed.next() => {
+                last_rx = tokio::time::Instant::now();
+                match frame {
+                    Ok(Some(Frame::Heartbeat { seq })) => {
+                        if let Err(e) = write_frame(&mut send, &Frame::HeartbeatAck { seq }).await {
+                            return format!("control stream failed: {e}");
+                        }
+                        let _ = gw.store.set_presence(appliance_id, Timestamp::now(), None, None, None).await;
+                    }
+                    Ok(Some(Frame::HeartbeatAck { .. })) => {}
+                    Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
+                    Ok(Some(other)) => {
+                        let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", frame_name(&other)));
+                        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+                        close_with(conn, close::PROTOCOL, &e);
+                        return e.message;
+                    }
+                    Ok(None) => {
+                        conn.close(close::NORMAL.into(), b"control stream ended");
+                        return "agent ended the control stream".into();
+                    }
+                    Err(FramedError::Frame(fe)) => {
+                        let e = fe.to_api_error();
+                        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+                        close_with(conn, close::PROTOCOL, &e);
+                        return e.message;
+                    }
+                    Err(e) => return format!("control stream failed: {e}"),
+                }
+            }
+            Some(frame) = outgoing.recv() => {
+                if let Err(e) = write_frame(&mut send, &frame).await {
+                    return format!("control stream failed: {e}");
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_rx.elapsed() > gw.limits.agent_lost_after {
+                    conn.close(close::LOST.into(), b"heartbeat lost");
+                    return "heartbeat lost".into();
+                }
+                seq += 1;
+                if let Err(e) = write_frame(&mut send, &Frame::Heartbeat { seq }).await {
+                    return format!("control stream failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello(_) => "hello",
+        Frame::HelloAck(_) => "hello_ack",
+        Frame::Heartbeat { .. } => "heartbeat",
+        Frame::HeartbeatAck { .. } => "heartbeat_ack",
+        Frame::EndpointSync { .. } => "endpoint_sync",
+        Frame::EndpointOpen(_) => "endpoint_open",
+        Frame::EndpointClose { .. } => "endpoint_close",
+        Frame::StreamOpen(_) => "stream_open",
+        Frame::StreamAccept => "stream_accept",
+        Frame::StreamRefuse(_) => "stream_refuse",
+        Frame::EnrollRequest(_) => "enroll_request",
+        Frame::EnrollResponse(_) => "enroll_response",
+        Frame::Error(_) => "error",
+    }
+}

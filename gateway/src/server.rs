@@ -1,0 +1,225 @@
+//! Gateway start-up and shutdown: data dir, CA, store, relay, API, restored endpoints.
+
+use crate::{
+    agents::AgentRegistry,
+    audit::AuditLog,
+    config::{GatewayConfig, Limits},
+    endpoints::EndpointRegistry,
+    identity,
+    store::Store,
+};
+use anyhow::{bail, Context, Result};
+use certs::{Ca, Secret};
+use endpoint_types::api::Role;
+use jiff::Timestamp;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// The shared state of one gateway process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub store: Store,
+    pub audit: AuditLog,
+    pub ca: Ca,
+    pub agents: AgentRegistry,
+    pub endpoints: EndpointRegistry,
+    pub limits: Limits,
+    /// Address endpoint listeners bind to.
+    pub endpoint_host: IpAddr,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Files in the data dir.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn ca_cert(&self) -> PathBuf {
+        self.0.join("ca.crt")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.0.join("ca.key")
+    }
+    pub fn admin_token(&self) -> PathBuf {
+        self.0.join("admin.token")
+    }
+    pub fn database(&self) -> PathBuf {
+        self.0.join("postern.db")
+    }
+}
+
+/// A started gateway: its addresses, and the handle that stops it.
+pub struct RunningGateway {
+    pub gateway: Arc<Gateway>,
+    pub api: SocketAddr,
+    pub relay: SocketAddr,
+    pub ca_fingerprint: String,
+    pub ca_file: PathBuf,
+    pub admin_token_file: PathBuf,
+    relay_endpoint: quinn::Endpoint,
+}
+
+impl RunningGateway {
+    /// The `--output json` line of `postern server` / `postern dev`.
+    pub fn ready_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "api": self.api.to_string(),
+            "relay": self.relay.to_string(),
+            "ca_fingerprint": self.ca_fingerprint,
+            "ca_file": self.ca_file,
+            "admin_token_file": self.admin_token_file,
+        })
+    }
+
+    /// Layered shutdown: stop accepting, cut sessions, tell agents, drain tasks with a grace
+    /// period, close the QUIC endpoint and wait for it to go idle.
+    pub async fn shutdown(self) {
+        let gw = &self.gateway;
+        gw.shutdown.cancel();
+        gw.endpoints.cut_all_for_shutdown();
+        self.relay_endpoint.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+        gw.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), gw.tasks.wait()).await.is_err() {
+            tracing::warn!("some tasks did not finish within the shutdown grace period");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.relay_endpoint.wait_idle()).await;
+        gw.store.close().await;
+    }
+}
+
+fn load_or_create_ca(dir: &DataDir) -> Result<Ca> {
+    let (cert, key) = (dir.ca_cert(), dir.ca_key());
+    match (cert.exists(), key.exists()) {
+        (true, true) => {
+            let cert_pem = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;
+            let key_pem = std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?;
+            Ok(Ca::from_pem(&cert_pem, &key_pem).context("loading the gateway CA")?)
+        }
+        (false, false) => {
+            let ca = Ca::generate("gateway", Timestamp::now()).context("creating the gateway CA")?;
+            certs::write_private(&key, ca.key_pem().expose().as_bytes())
+                .with_context(|| format!("writing {}", key.display()))?;
+            std::fs::write(&cert, ca.cert_pem()).with_context(|| format!("writing {}", cert.display()))?;
+            tracing::info!(fingerprint = %ca.fingerprint(), "created a new gateway CA");
+            Ok(ca)
+        }
+        _ => bail!(
+            "the data dir {} has only one of ca.crt and ca.key; restore the missing file or start with an empty data dir",
+            dir.0.display()
+        ),
+    }
+}
+
+/// Creates the bootstrap admin token on first start; it is written to the data dir only.
+async fn ensure_admin_token(store: &Store, dir: &DataDir) -> Result<()> {
+    let path = dir.admin_token();
+    if store.count_admin_tokens().await? > 0 && path.exists() {
+        return Ok(());
+    }
+    let (_, token): (_, Secret) =
+        identity::mint_token(store, Role::Admin, "bootstrap-admin", None, "system:gateway", Timestamp::now()).await?;
+    certs::write_private(&path, format!("{}\n", token.expose()).as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(file = %path.display(), "wrote the bootstrap admin token");
+    Ok(())
+}
+
+fn server_sans(cfg: &GatewayConfig) -> Vec<String> {
+    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "::1".into(), "localhost".into()];
+    for addr in [cfg.api, cfg.relay] {
+        if !addr.ip().is_unspecified() {
+            sans.push(addr.ip().to_string());
+        }
+    }
+    sans.extend(cfg.server_names.iter().cloned());
+    sans.sort();
+    sans.dedup();
+    sans
+}
+
+pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
+    if let Some(url) = &cfg.store {
+        if !url.starts_with("sqlite:") {
+            bail!("store URL {url:?} is not supported by this build: use sqlite:PATH or leave --store unset for the embedded store");
+        }
+    }
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let dir = DataDir(cfg.data_dir.clone());
+    let ca = load_or_create_ca(&dir)?;
+    let db_path = match &cfg.store {
+        Some(url) => PathBuf::from(url.trim_start_matches("sqlite:").trim_start_matches("//")),
+        None => dir.database(),
+    };
+    let store = Store::open_sqlite(&db_path).await.with_context(|| format!("opening store {}", db_path.display()))?;
+    ensure_admin_token(&store, &dir).await?;
+    let audit = AuditLog::open(store.clone()).await?;
+
+    let server_tls = ca
+        .issue_server(&server_sans(&cfg), Timestamp::now(), Duration::from_secs(365 * 86_400))
+        .context("issuing the gateway server certificate")?;
+
+    let gateway = Arc::new(Gateway {
+        store,
+        audit,
+        ca,
+        agents: AgentRegistry::default(),
+        endpoints: EndpointRegistry::default(),
+        limits: cfg.limits.clone(),
+        endpoint_host: cfg.endpoint_host,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+
+    let relay_endpoint = crate::relay::bind(&gateway, &server_tls, cfg.relay)
+        .with_context(|| format!("binding the relay on udp {}", cfg.relay))?;
+    let relay = relay_endpoint.local_addr()?;
+    gateway.tasks.spawn(crate::relay::serve(gateway.clone(), relay_endpoint.clone()));
+
+    let api_listener =
+        tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("binding the API on tcp {}", cfg.api))?;
+    let api = api_listener.local_addr()?;
+    let api_tls = certs::server_config(&server_tls.cert_pem, &server_tls.key_pem, None, certs::ClientAuth::None, vec![b"http/1.1".to_vec()])?;
+    gateway.tasks.spawn(crate::api::serve(gateway.clone(), api_listener, Arc::new(api_tls)));
+
+    crate::endpoints::restore(&gateway).await.context("restoring endpoints from the store")?;
+
+    Ok(RunningGateway {
+        ca_fingerprint: gateway.ca.fingerprint(),
+        gateway,
+        api,
+        relay,
+        ca_file: absolute(&dir.ca_cert()),
+        admin_token_file: absolute(&dir.admin_token()),
+        relay_endpoint,
+    })
+}
+
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
