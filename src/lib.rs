@@ -1,1 +1,4 @@
-//! Umbrella package: the harness the end-to-end tests and examples share.
+//! Umbrella package: the harness the end-to-end tests and examples share. It runs the real
+//! `postern` and `postern-agent` binaries as processes, the way an operator would.
+
+pub mod testbed;

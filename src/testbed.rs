@@ -1,0 +1,337 @@
+//! Start real gateway and agent processes, drive the CLI, and clean up by PID.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Where cargo put the binaries: `target/<profile>`, found from the running test or example
+/// (`target/<profile>/deps/…` or `target/<profile>/examples/…`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("POSTERN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!("{} not found; build the binaries first: cargo build --workspace --bins (for --release: cargo build --release --workspace --bins)", p.display());
+    }
+    Ok(p)
+}
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL. Only ever our own children.
+pub fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(s)) = child.try_wait() {
+        return Some(s);
+    }
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok();
+    None
+}
+
+/// Result of one CLI call with `--output json`.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub success: bool,
+    pub json: Value,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn ok(self) -> Result<Value> {
+        if self.success {
+            Ok(self.json)
+        } else {
+            Err(anyhow!("command failed: {} {}", self.json, self.stderr))
+        }
+    }
+
+    pub fn error_code(&self) -> Option<&str> {
+        self.json["error"]["code"].as_str()
+    }
+}
+
+fn run_json(mut cmd: Command) -> Result<CliOutput> {
+    let out = cmd.stdin(Stdio::null()).output().context("running the CLI")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("stdout is not one JSON document: {stdout:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(CliOutput { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+}
+
+/// A `postern server` process.
+pub struct Gateway {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub api: SocketAddr,
+    pub relay: SocketAddr,
+    pub ca_file: PathBuf,
+    pub ca_fingerprint: String,
+    pub admin_token: String,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(data_dir: &Path) -> Result<Gateway> {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Restarts on the same addresses (agents know the relay address from enrollment).
+    pub fn start_on(data_dir: &Path, api: SocketAddr, relay: SocketAddr) -> Result<Gateway> {
+        Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string()])
+    }
+
+    fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Gateway> {
+        std::fs::create_dir_all(data_dir)?;
+        let log = data_dir.join(format!("gateway-{}.log", std::process::id()));
+        let mut child = Command::new(bin("postern")?)
+            .args(["--output", "json", "server", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
+            .spawn()
+            .context("starting postern server")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) if !l.trim().is_empty() => l,
+            _ => {
+                terminate(&mut child, Duration::from_secs(2));
+                bail!("postern server did not report ready; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?;
+        let field = |k: &str| v[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("ready line lacks {k}: {v}"));
+        let admin_token_file = PathBuf::from(field("admin_token_file")?);
+        Ok(Gateway {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            api: field("api")?.parse()?,
+            relay: field("relay")?.parse()?,
+            ca_file: PathBuf::from(field("ca_file")?),
+            ca_fingerprint: field("ca_fingerprint")?,
+            admin_token: std::fs::read_to_string(&admin_token_file)?.trim().to_string(),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `postern --output json ARGS` as the admin.
+    pub fn cli(&self, args: &[&str]) -> Result<CliOutput> {
+        self.cli_as(&self.admin_token, args)
+    }
+
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Result<CliOutput> {
+        let mut cmd = Command::new(bin("postern")?);
+        cmd.args(["--output", "json"])
+            .args(args)
+            .env("POSTERN_ADDR", self.api.to_string())
+            .env("POSTERN_TOKEN", token)
+            .env("POSTERN_CA_FILE", &self.ca_file);
+        run_json(cmd)
+    }
+
+    /// Stops with SIGTERM; returns whether it exited by itself within the grace time.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(10))
+    }
+
+    pub fn appliance(&self, id: &str) -> Result<Value> {
+        let list = self.cli(&["appliance", "list"])?.ok()?;
+        list["appliances"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["appliance_id"] == id).cloned())
+            .ok_or_else(|| anyhow!("appliance {id} not listed"))
+    }
+
+    pub fn wait_online(&self, appliance_id: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.appliance(appliance_id).map(|a| a["online"] == true).unwrap_or(false))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+/// An enrolled `postern-agent` (not yet necessarily running).
+pub struct Agent {
+    pub config: PathBuf,
+    pub appliance_id: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Writes `agent.toml` (audit path + `body`), registers the appliance and enrolls it.
+    pub fn enroll(gw: &Gateway, dir: &Path, app: &str, customer: &str, body: &str) -> Result<Agent> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, format!("audit_path = \"{}\"\n\n{body}", dir.join("audit.jsonl").display()))?;
+        let added = gw.cli(&["appliance", "add", "--app", app, "--customer", customer])?.ok()?;
+        let token = added["token"].as_str().ok_or_else(|| anyhow!("no token in {added}"))?;
+        let out = Self::enroll_with(&gw.relay.to_string(), token, &config)?;
+        if !out.success {
+            bail!("enroll failed: {} {}", out.json, out.stderr);
+        }
+        Ok(Agent {
+            config,
+            appliance_id: added["appliance_id"].as_str().unwrap_or_default().to_string(),
+            child: None,
+            log: dir.join("agent.log"),
+        })
+    }
+
+    pub fn enroll_with(gateway: &str, token: &str, config: &Path) -> Result<CliOutput> {
+        let mut cmd = Command::new(bin("postern-agent")?);
+        cmd.args(["--output", "json", "enroll", "--gateway", gateway, "--token", token, "--config"]).arg(config);
+        run_json(cmd)
+    }
+
+    pub fn run(&mut self) -> Result<()> {
+        let child = Command::new(bin("postern-agent")?)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?)
+            .spawn()
+            .context("starting postern-agent run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| terminate(c, Duration::from_secs(10)))
+    }
+
+    pub fn verify_trail(&self) -> Result<CliOutput> {
+        let mut cmd = Command::new(bin("postern-agent")?);
+        cmd.args(["--output", "json", "audit", "verify", "--config"]).arg(&self.config);
+        run_json(cmd)
+    }
+
+    pub fn trail(&self) -> Result<Vec<Value>> {
+        let dir = self.config.parent().ok_or_else(|| anyhow!("config has no dir"))?;
+        let text = std::fs::read_to_string(dir.join("audit.jsonl"))?;
+        text.lines().map(|l| serde_json::from_str(l).map_err(Into::into)).collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            terminate(c, Duration::from_secs(5));
+        }
+    }
+}
+
+/// A TCP echo server on 127.0.0.1:0, served by a thread per connection.
+pub fn echo_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { break };
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a transfer can be checked byte for byte.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends `data` through `addr` and reads the echo back concurrently; returns what came back.
+pub fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = s.try_clone()?;
+    let payload = data.to_vec();
+    let writer = thread::spawn(move || -> std::io::Result<()> {
+        for chunk in payload.chunks(256 * 1024) {
+            w.write_all(chunk)?;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(data.len());
+    s.read_to_end(&mut back)?;
+    writer.join().map_err(|_| anyhow!("writer panicked"))??;
+    Ok(back)
+}
