@@ -145,7 +145,7 @@ async fn appliance_add(State(gw): State<Gw>, caller: Caller, Body(req): Body<App
         .details(serde_json::json!({"appliance_id": existing.id}))
         .into());
     }
-    let now = Timestamp::now();
+    let now = crate::store::now();
     let appliance_id = format!("ap_{}", identity::random_hex(8));
     gw.store
         .insert_appliance(&ApplianceRow {

@@ -107,6 +107,15 @@ fn close_with(conn: &quinn::Connection, code: u32, err: &ApiError) {
     conn.close(code.into(), reason.as_bytes());
 }
 
+/// Sends an `Error` frame and finishes the stream, giving the peer a moment to read it before
+/// the connection closes, so it can show the structured error rather than a bare close.
+async fn send_error(send: &mut quinn::SendStream, err: &ApiError) {
+    if write_frame(send, &Frame::Error(err.clone())).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+}
+
 async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
     let remote = conn.remote_address();
     let Ok(Ok((mut send, recv))) = tokio::time::timeout(gw.limits.handshake_timeout, conn.accept_bi()).await else {
@@ -262,12 +271,12 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                 format!("agent speaks protocol {}, this gateway speaks {PROTOCOL_VERSION}", h.protocol_version),
             )
             .hint("upgrade the agent or the gateway so both speak the same version");
-            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            send_error(&mut send, &e).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
         Ok(_) => {
             let e = ApiError::new(ErrorCode::MalformedFrame, "the first frame on the control stream must be a hello");
-            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            send_error(&mut send, &e).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
         Err(err) => {
@@ -275,7 +284,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                 FramedError::Frame(f) => f.to_api_error(),
                 other => ApiError::new(ErrorCode::MalformedFrame, other.to_string()),
             };
-            let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+            send_error(&mut send, &e).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
     };
@@ -296,7 +305,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             format!("appliance {} is already connected; a second connection with its certificate is refused", appliance.id),
         )
         .hint("if the agent was restarted, the old connection is dropped within the heartbeat timeout; retry then");
-        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+        send_error(&mut send, &e).await;
         return refuse_agent(&gw, &conn, close::DUPLICATE, e, Some(&appliance.id)).await;
     }
 
@@ -379,7 +388,7 @@ async fn control_loop(
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", frame_name(&other)));
-                        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+                        send_error(&mut send, &e).await;
                         close_with(conn, close::PROTOCOL, &e);
                         return e.message;
                     }
@@ -389,7 +398,7 @@ async fn control_loop(
                     }
                     Err(FramedError::Frame(fe)) => {
                         let e = fe.to_api_error();
-                        let _ = write_frame(&mut send, &Frame::Error(e.clone())).await;
+                        send_error(&mut send, &e).await;
                         close_with(conn, close::PROTOCOL, &e);
                         return e.message;
                     }

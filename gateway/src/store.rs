@@ -35,6 +35,12 @@ fn migrator() -> Migrator {
     )])
 }
 
+/// Now, at the store's precision (milliseconds), so a record reads back exactly as it was
+/// written and shown.
+pub fn now() -> Timestamp {
+    Timestamp::from_millisecond(Timestamp::now().as_millisecond()).unwrap_or_else(|_| Timestamp::now())
+}
+
 pub fn to_ms(t: Timestamp) -> i64 {
     t.as_millisecond()
 }

@@ -1,1 +1,17 @@
-//! placeholder
+//! `postern-agent`: the customer's side of the tunnel.
+//!
+//! The agent dials out to the gateway (it never listens), reports the resources declared in
+//! `agent.toml`, and serves data streams only for endpoints it holds a live grant for. Every
+//! decision lands in the customer's own hash-chained trail.
+
+pub mod audit;
+pub mod config;
+pub mod dial;
+pub mod enroll;
+pub mod grants;
+pub mod sessions;
+pub mod tunnel;
+pub mod wire;
+
+/// Reported in the hello and the enrollment request.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

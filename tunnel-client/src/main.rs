@@ -1,1 +1,231 @@
-fn main() {}
+//! `postern-agent`: the CLI shell. Every outcome is either one result document or one
+//! structured error (`--output json` puts exactly one JSON document on stdout).
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use endpoint_types::{api::AuditVerified, error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode};
+use serde_json::json;
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tunnel_client::{audit, config::AgentConfig, enroll, tunnel};
+
+#[derive(Parser)]
+#[command(name = "postern-agent", version, about = "Postern's tunnel client: runs inside the customer's appliance")]
+struct Cli {
+    /// Output format; `json` prints exactly one JSON document on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this appliance with a one-time token from `postern appliance add`.
+    Enroll {
+        /// The gateway's relay address, HOST:PORT.
+        #[arg(long)]
+        gateway: String,
+        /// The enrollment token (pse1_…).
+        #[arg(long, env = "POSTERN_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The agent's config file; created if it does not exist.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Keep the tunnel to the gateway up until SIGINT/SIGTERM.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The customer's own audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of the trail at `audit_path`.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// A successful command's result: the JSON document, and what text mode prints instead.
+struct Report {
+    json: Option<serde_json::Value>,
+    text: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    let output = cli.output;
+    let verbose = matches!(cli.command, Command::Run { .. });
+    init_tracing(if verbose { "info" } else { "warn" });
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(|e| ApiError::new(ErrorCode::Internal, format!("{e:#}")))
+        .and_then(|rt| rt.block_on(dispatch(cli.command, output)));
+    match result {
+        Ok(report) => {
+            match output {
+                Output::Json => {
+                    if let Some(doc) = report.json {
+                        println!("{doc}");
+                    }
+                }
+                Output::Text => {
+                    if let Some(text) = report.text {
+                        println!("{text}");
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            print_error(&e, output);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> {
+    match command {
+        Command::Enroll { gateway, token, config } => {
+            let done = enroll::enroll(&gateway, &token, &config).await.map_err(|e| e.to_api_error())?;
+            let text = format!(
+                "enrolled appliance {} ({}/{}); run: postern-agent run --config {}",
+                done.appliance_id,
+                done.app,
+                done.customer,
+                done.config.display()
+            );
+            Ok(Report { json: Some(json!(done)), text: Some(text) })
+        }
+        Command::Run { config } => run(config, output).await,
+        Command::Audit { command: AuditCommand::Verify { config } } => {
+            let config = AgentConfig::load(&config).map_err(|e| e.to_api_error())?;
+            let records = audit::verify_file(&config.audit_path).map_err(|e| e.to_api_error())?;
+            let text = format!("the audit trail {} is intact: {records} records", config.audit_path.display());
+            Ok(Report { json: Some(json!(AuditVerified { ok: true, records })), text: Some(text) })
+        }
+    }
+}
+
+async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
+    let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    let gateway = config.gateway.clone();
+    let appliance_id = config.appliance_id.clone();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let (ready_tx, ready_rx) = oneshot::channel::<HelloAck>();
+    // The JSON document goes out once the first hello is accepted, so a script can wait for it.
+    let announce = tokio::spawn({
+        let gateway = gateway.clone();
+        async move {
+            let Ok(ack) = ready_rx.await else { return false };
+            if output == Output::Json {
+                let doc = json!({
+                    "connected": true,
+                    "appliance_id": ack.appliance_id,
+                    "app": ack.app,
+                    "customer": ack.customer,
+                    "gateway": gateway,
+                });
+                println!("{doc}");
+            }
+            true
+        }
+    });
+    let result = tunnel::run(config, shutdown, Some(ready_tx)).await;
+    let announced = announce.await.unwrap_or(false);
+    result.map_err(|e| e.to_api_error())?;
+    let json = (!announced).then(|| json!({ "connected": false, "appliance_id": appliance_id, "gateway": gateway }));
+    Ok(Report { json, text: None })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the agent");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("stopping: cutting sessions and closing the tunnel");
+    shutdown.cancel();
+}
+
+fn init_tracing(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn print_error(e: &ApiError, output: Output) {
+    match output {
+        Output::Json => {
+            let doc = serde_json::to_string(&ErrorEnvelope { error: e.clone() })
+                .unwrap_or_else(|_| json!({ "error": { "code": "INTERNAL", "message": e.message } }).to_string());
+            println!("{doc}");
+        }
+        Output::Text => {
+            eprintln!("error: {}", e.message);
+            if !e.hint.is_empty() {
+                eprintln!("hint: {}", e.hint);
+            }
+        }
+    }
+}
+
+/// Clap's own errors, structured when the caller asked for JSON.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let wants_json =
+        args.iter().any(|a| a == "--output=json") || args.windows(2).any(|w| matches!(w, [flag, value] if flag == "--output" && value == "json"));
+    if !wants_json {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    print_error(
+        &ApiError::invalid(message).hint("run `postern-agent --help` for usage").details(json!({ "usage": rendered })),
+        Output::Json,
+    );
+    ExitCode::FAILURE
+}

@@ -222,7 +222,7 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
             .hint("tcp endpoints are available now"));
     }
 
-    let now = Timestamp::now();
+    let now = crate::store::now();
     let expires_at = now
         .checked_add(jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?)
         .map_err(|_| ApiError::invalid("TTL too large"))?;
@@ -271,7 +271,8 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: tokio::net::TcpListe
     gw.tasks.spawn(tcp::serve(gw.clone(), ep.clone(), listener));
     let (gw2, ep2) = (gw.clone(), ep.clone());
     gw.tasks.spawn(async move {
-        let wait = ep2.expires_at.duration_since(Timestamp::now()).unsigned_abs();
+        let left = ep2.expires_at.duration_since(Timestamp::now());
+        let wait = if left.is_negative() { Duration::ZERO } else { left.unsigned_abs() };
         tokio::select! {
             _ = ep2.cancel.cancelled() => {}
             _ = tokio::time::sleep(wait) => {

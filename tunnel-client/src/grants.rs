@@ -1,0 +1,306 @@
+//! The live-endpoint table: the agent's own record of which endpoints it may serve, and until
+//! when. The gateway proposes (open, sync, close); the agent decides by its own clock.
+//!
+//! Pure state, `now` passed in; the control loop drives it and owns the timers.
+
+use endpoint_types::{frame::EndpointGrant, resource::CloseReason};
+use jiff::Timestamp;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, OnceLock},
+};
+use tokio_util::sync::CancellationToken;
+
+/// How many ended endpoints are remembered, to tell "retired"/"expired" from "never heard of".
+const ENDED_MEMORY: usize = 4096;
+
+/// Cuts an endpoint's sessions, carrying why; the first reason given wins.
+#[derive(Debug, Clone, Default)]
+pub struct Cut {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CloseReason>>,
+}
+
+impl Cut {
+    pub fn cut(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// A handle for one session: cancelled with its endpoint, never cancels the endpoint.
+    pub fn child(&self) -> Cut {
+        Cut { token: self.token.child_token(), reason: self.reason.clone() }
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Why it was cut; a child cut on its own (never happens today) counts as interrupted.
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.token.is_cancelled().then(|| self.reason.get().copied().unwrap_or(CloseReason::Interrupted))
+    }
+
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+}
+
+#[derive(Debug)]
+struct Live {
+    grant: EndpointGrant,
+    cut: Cut,
+}
+
+/// What the table says about an endpoint id at a given time.
+#[derive(Debug)]
+pub enum Liveness<'a> {
+    Live { grant: &'a EndpointGrant, cut: &'a Cut },
+    Ended(CloseReason),
+    Unknown,
+}
+
+/// An endpoint that left the table, for the caller to audit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removed {
+    pub endpoint_id: String,
+    pub reason: CloseReason,
+}
+
+#[derive(Debug, Default)]
+pub struct LiveEndpoints {
+    live: HashMap<String, Live>,
+    ended: HashMap<String, CloseReason>,
+    ended_order: VecDeque<String>,
+}
+
+impl LiveEndpoints {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or refreshes a grant. Returns whether it is live: a grant already past its
+    /// expiry by our clock is recorded as expired, whatever the gateway thinks.
+    pub fn insert(&mut self, grant: EndpointGrant, now: Timestamp) -> bool {
+        if grant.expires_at <= now {
+            if let Some(old) = self.live.remove(&grant.endpoint_id) {
+                old.cut.cut(CloseReason::Expired);
+            }
+            self.remember_ended(grant.endpoint_id, CloseReason::Expired);
+            return false;
+        }
+        self.ended.remove(&grant.endpoint_id);
+        match self.live.get_mut(&grant.endpoint_id) {
+            // A refresh keeps the sessions: they were admitted under the same endpoint.
+            Some(existing) => existing.grant = grant,
+            None => {
+                self.live.insert(grant.endpoint_id.clone(), Live { grant, cut: Cut::default() });
+            }
+        }
+        true
+    }
+
+    /// Replaces the live set with `grants`. Returns the ids newly live and the ones removed
+    /// (their sessions already cut).
+    pub fn sync(&mut self, grants: Vec<EndpointGrant>, now: Timestamp) -> (Vec<String>, Vec<Removed>) {
+        let keep: std::collections::HashSet<&str> = grants.iter().map(|g| g.endpoint_id.as_str()).collect();
+        let gone: Vec<String> = self.live.keys().filter(|id| !keep.contains(id.as_str())).cloned().collect();
+        let mut removed = Vec::new();
+        for id in gone {
+            let expired = self.live.get(&id).is_some_and(|l| l.grant.expires_at <= now);
+            let reason = if expired { CloseReason::Expired } else { CloseReason::Retired };
+            if let Some(r) = self.close(&id, reason) {
+                removed.push(r);
+            }
+        }
+        let mut added = Vec::new();
+        for grant in grants {
+            let id = grant.endpoint_id.clone();
+            let was_live = self.live.contains_key(&id);
+            if self.insert(grant, now) && !was_live {
+                added.push(id);
+            }
+        }
+        (added, removed)
+    }
+
+    /// Ends an endpoint and cuts its sessions. `None` if it was not live.
+    pub fn close(&mut self, endpoint_id: &str, reason: CloseReason) -> Option<Removed> {
+        let live = self.live.remove(endpoint_id);
+        self.remember_ended(endpoint_id.to_string(), reason);
+        live.map(|l| {
+            l.cut.cut(reason);
+            Removed { endpoint_id: endpoint_id.to_string(), reason }
+        })
+    }
+
+    /// Ends every endpoint whose expiry has passed.
+    pub fn expire_due(&mut self, now: Timestamp) -> Vec<Removed> {
+        let due: Vec<String> =
+            self.live.iter().filter(|(_, l)| l.grant.expires_at <= now).map(|(id, _)| id.clone()).collect();
+        due.iter().filter_map(|id| self.close(id, CloseReason::Expired)).collect()
+    }
+
+    /// When the control loop must next call [`LiveEndpoints::expire_due`].
+    pub fn next_expiry(&self) -> Option<Timestamp> {
+        self.live.values().map(|l| l.grant.expires_at).min()
+    }
+
+    /// Forgets every endpoint, cutting all sessions: the connection is gone, and the gateway
+    /// resends the live set after the next hello.
+    pub fn clear(&mut self, reason: CloseReason) -> usize {
+        let n = self.live.len();
+        for (_, l) in self.live.drain() {
+            l.cut.cut(reason);
+        }
+        n
+    }
+
+    pub fn check(&self, endpoint_id: &str, now: Timestamp) -> Liveness<'_> {
+        match self.live.get(endpoint_id) {
+            Some(l) if l.grant.expires_at > now => Liveness::Live { grant: &l.grant, cut: &l.cut },
+            Some(_) => Liveness::Ended(CloseReason::Expired),
+            None => match self.ended.get(endpoint_id) {
+                Some(reason) => Liveness::Ended(*reason),
+                None => Liveness::Unknown,
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    fn remember_ended(&mut self, id: String, reason: CloseReason) {
+        if self.ended.insert(id.clone(), reason).is_none() {
+            self.ended_order.push_back(id);
+        }
+        while self.ended_order.len() > ENDED_MEMORY {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use endpoint_types::resource::EndpointType;
+    use jiff::SignedDuration;
+
+    fn t0() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        t0() + SignedDuration::from_secs(secs)
+    }
+
+    fn grant(id: &str, expires: i64) -> EndpointGrant {
+        EndpointGrant {
+            endpoint_id: id.into(),
+            endpoint_type: EndpointType::Tcp,
+            resource_id: "null_resource.echo".into(),
+            expires_at: at(expires),
+        }
+    }
+
+    fn session(t: &LiveEndpoints, id: &str, now: Timestamp) -> Cut {
+        match t.check(id, now) {
+            Liveness::Live { cut, .. } => cut.child(),
+            other => panic!("{id} not live: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn live_until_expiry_by_our_clock() {
+        let mut t = LiveEndpoints::new();
+        assert!(t.insert(grant("ep1", 60), at(0)));
+        assert!(matches!(t.check("ep1", at(59)), Liveness::Live { .. }));
+        // Even before the timer fires, an expired grant serves nothing.
+        assert!(matches!(t.check("ep1", at(60)), Liveness::Ended(CloseReason::Expired)));
+        assert!(matches!(t.check("nope", at(0)), Liveness::Unknown));
+    }
+
+    #[test]
+    fn already_expired_grant_is_not_inserted() {
+        let mut t = LiveEndpoints::new();
+        assert!(!t.insert(grant("ep1", 10), at(10)));
+        assert!(t.is_empty());
+        assert!(matches!(t.check("ep1", at(0)), Liveness::Ended(CloseReason::Expired)));
+    }
+
+    #[test]
+    fn close_cuts_sessions_with_the_reason() {
+        let mut t = LiveEndpoints::new();
+        t.insert(grant("ep1", 60), at(0));
+        let s = session(&t, "ep1", at(1));
+        assert_eq!(s.reason(), None);
+        assert_eq!(t.close("ep1", CloseReason::Retired), Some(Removed { endpoint_id: "ep1".into(), reason: CloseReason::Retired }));
+        assert_eq!(s.reason(), Some(CloseReason::Retired));
+        assert!(matches!(t.check("ep1", at(1)), Liveness::Ended(CloseReason::Retired)));
+        assert_eq!(t.close("ep1", CloseReason::Retired), None);
+    }
+
+    #[test]
+    fn expire_due_and_next_expiry() {
+        let mut t = LiveEndpoints::new();
+        t.insert(grant("a", 10), at(0));
+        t.insert(grant("b", 20), at(0));
+        assert_eq!(t.next_expiry(), Some(at(10)));
+        let s = session(&t, "a", at(1));
+        assert_eq!(t.expire_due(at(10)), vec![Removed { endpoint_id: "a".into(), reason: CloseReason::Expired }]);
+        assert_eq!(s.reason(), Some(CloseReason::Expired));
+        assert_eq!(t.next_expiry(), Some(at(20)));
+        assert!(t.expire_due(at(11)).is_empty());
+    }
+
+    #[test]
+    fn sync_replaces_the_set_and_keeps_surviving_sessions() {
+        let mut t = LiveEndpoints::new();
+        t.insert(grant("a", 60), at(0));
+        t.insert(grant("b", 60), at(0));
+        let sa = session(&t, "a", at(1));
+        let sb = session(&t, "b", at(1));
+        let (added, removed) = t.sync(vec![grant("a", 120), grant("c", 60)], at(2));
+        assert_eq!(added, vec!["c".to_string()]);
+        assert_eq!(removed, vec![Removed { endpoint_id: "b".into(), reason: CloseReason::Retired }]);
+        assert!(!sa.is_cut());
+        assert_eq!(sb.reason(), Some(CloseReason::Retired));
+        // The refresh extended a's expiry.
+        assert!(matches!(t.check("a", at(100)), Liveness::Live { .. }));
+    }
+
+    #[test]
+    fn clear_cuts_everything_as_interrupted() {
+        let mut t = LiveEndpoints::new();
+        t.insert(grant("a", 60), at(0));
+        let s = session(&t, "a", at(1));
+        assert_eq!(t.clear(CloseReason::Interrupted), 1);
+        assert_eq!(s.reason(), Some(CloseReason::Interrupted));
+        assert!(matches!(t.check("a", at(1)), Liveness::Unknown));
+    }
+
+    #[test]
+    fn first_reason_wins() {
+        let c = Cut::default();
+        let s = c.child();
+        c.cut(CloseReason::Revoked);
+        c.cut(CloseReason::Interrupted);
+        assert_eq!(s.reason(), Some(CloseReason::Revoked));
+    }
+
+    #[test]
+    fn reopen_after_close_is_live_again() {
+        let mut t = LiveEndpoints::new();
+        t.insert(grant("a", 60), at(0));
+        t.close("a", CloseReason::Retired);
+        assert!(t.insert(grant("a", 60), at(1)));
+        assert!(matches!(t.check("a", at(2)), Liveness::Live { .. }));
+    }
+}

@@ -1,0 +1,416 @@
+//! Data streams: one per proxied client connection. The gateway asks; the agent checks its own
+//! live-endpoint table and `agent.toml`, dials only the configured target, and pumps bytes.
+
+use crate::{
+    audit::{AuditLog, Entry},
+    config::AgentConfig,
+    grants::{Cut, LiveEndpoints, Liveness},
+    wire::{read_one_frame, write_frame, WireError},
+};
+use endpoint_types::{
+    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
+    resource::{CloseReason, ResourceKind},
+    ApiError, ErrorCode,
+};
+use jiff::Timestamp;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use serde_json::json;
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const PUMP_BUFFER: usize = 256 * 1024;
+/// Error code on a QUIC stream we abandon because its endpoint ended.
+const CUT_CODE: u32 = 1;
+
+/// What every session needs; shared by all streams of all connections.
+#[derive(Clone)]
+pub struct Sessions {
+    pub config: Arc<AgentConfig>,
+    pub live: Arc<Mutex<LiveEndpoints>>,
+    pub audit: AuditLog,
+}
+
+/// A session the agent agreed to serve.
+#[derive(Debug)]
+pub struct Admitted {
+    pub target: String,
+    pub cut: Cut,
+}
+
+/// The agent's decision for a `StreamOpen`, by its own table and config only.
+pub fn authorize(live: &LiveEndpoints, config: &AgentConfig, open: &StreamOpen, now: Timestamp) -> Result<Admitted, ApiError> {
+    let ep = &open.endpoint_id;
+    let (grant, cut) = match live.check(ep, now) {
+        Liveness::Live { grant, cut } => (grant, cut),
+        Liveness::Ended(CloseReason::Expired) => {
+            return Err(ApiError::new(ErrorCode::EndpointExpired, format!("endpoint {ep} has expired"))
+                .hint("create a new endpoint with `postern ops endpoint create`"))
+        }
+        Liveness::Ended(_) => {
+            return Err(ApiError::new(ErrorCode::EndpointRetired, format!("endpoint {ep} has been retired"))
+                .hint("create a new endpoint with `postern ops endpoint create`"))
+        }
+        Liveness::Unknown => {
+            return Err(ApiError::new(
+                ErrorCode::ForbiddenByScope,
+                format!("endpoint {ep} has no live grant at this appliance"),
+            )
+            .hint("the appliance serves only endpoints the gateway announced and that have not expired"))
+        }
+    };
+    if grant.resource_id != open.resource_id {
+        return Err(ApiError::new(
+            ErrorCode::InvalidOriginResourceId,
+            format!("endpoint {ep} grants {:?}, not {:?}", grant.resource_id, open.resource_id),
+        ));
+    }
+    let Some(resource) = config.resource(&open.resource_id) else {
+        return Err(ApiError::new(
+            ErrorCode::InvalidOriginResourceId,
+            format!("resource {:?} is not declared in this appliance's agent.toml", open.resource_id),
+        )
+        .hint("the customer declares resources as [[resource]] entries in agent.toml"));
+    };
+    if grant.endpoint_type.resource_kind() != resource.kind {
+        return Err(ApiError::new(
+            ErrorCode::ForbiddenByScope,
+            format!("a {} endpoint cannot reach {:?}, which is a {} resource", grant.endpoint_type, resource.id, resource.kind),
+        ));
+    }
+    if resource.kind != ResourceKind::Tcp {
+        return Err(ApiError::invalid(format!("{} endpoints are not served by this agent version", grant.endpoint_type))
+            .hint("upgrade postern-agent in the appliance"));
+    }
+    let Some(target) = resource.target.clone() else {
+        return Err(ApiError::invalid(format!("resource {:?} has no target in agent.toml", resource.id)));
+    };
+    Ok(Admitted { target, cut: cut.child() })
+}
+
+impl Sessions {
+    /// Serves one data stream the gateway opened, to its end.
+    pub async fn serve(&self, conn: Connection, mut send: SendStream, mut recv: RecvStream) {
+        let open = match tokio::time::timeout(HEADER_TIMEOUT, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN)).await {
+            Ok(Ok(Frame::StreamOpen(open))) => open,
+            Ok(Ok(other)) => {
+                let e = ApiError::invalid("a data stream must start with stream_open")
+                    .details(json!({ "received": frame_name(&other) }));
+                refuse(&mut send, e).await;
+                return;
+            }
+            Ok(Err(WireError::Frame(e))) => {
+                refuse(&mut send, e.to_api_error()).await;
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "data stream ended before its header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("data stream sent no header in time");
+                let _ = send.reset(VarInt::from_u32(CUT_CODE));
+                let _ = recv.stop(VarInt::from_u32(CUT_CODE));
+                return;
+            }
+        };
+        let decision = {
+            let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            authorize(&live, &self.config, &open, Timestamp::now())
+        };
+        let admitted = match decision {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::info!(endpoint = %open.endpoint_id, session = %open.session_id, code = %e.code, "refused a session: {}", e.message);
+                self.audit.record_or_log(
+                    entry("denied", &open, json!({ "reason": e.code.as_str(), "message": e.message, "resource_id": open.resource_id })),
+                );
+                refuse(&mut send, e).await;
+                return;
+            }
+        };
+        self.run_session(conn, send, recv, open, admitted).await;
+    }
+
+    async fn run_session(&self, conn: Connection, mut send: SendStream, mut recv: RecvStream, open: StreamOpen, admitted: Admitted) {
+        let started = Instant::now();
+        let opened = entry(
+            "session.opened",
+            &open,
+            json!({ "resource_id": open.resource_id, "client_addr": open.client_addr, "kind": "tcp" }),
+        );
+        if let Err(e) = self.audit.record(opened) {
+            // No trail, no session: the customer must be able to see everything that ran.
+            tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the session");
+            let e = ApiError::new(ErrorCode::Internal, "the appliance cannot write its audit trail")
+                .hint("the customer must fix audit_path in the appliance; sessions resume once it is writable");
+            refuse(&mut send, e).await;
+            return;
+        }
+        let closed = |reason: CloseReason, up: u64, down: u64| {
+            let detail = json!({
+                "reason": reason.as_str(),
+                "bytes_up": up,
+                "bytes_down": down,
+                "duration_ms": started.elapsed().as_millis() as u64,
+                "resource_id": open.resource_id,
+            });
+            self.audit.record_or_log(entry("session.closed", &open, detail));
+        };
+
+        let tcp = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&admitted.target)) => match r {
+                Ok(Ok(tcp)) => tcp,
+                failed => {
+                    let cause = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_string(),
+                    };
+                    // The cause stays in the appliance's log; the vendor learns only which resource.
+                    tracing::warn!(resource = %open.resource_id, error = %cause, "cannot connect to the resource's target");
+                    let e = ApiError::new(ErrorCode::Internal, format!("the appliance cannot connect to resource {:?}", open.resource_id))
+                        .hint("the service behind this resource may be down; the appliance's agent log has the cause");
+                    refuse(&mut send, e).await;
+                    closed(CloseReason::Error, 0, 0);
+                    return;
+                }
+            },
+            () = admitted.cut.cancelled() => {
+                cut_quic(&mut send, &mut recv);
+                closed(admitted.cut.reason().unwrap_or(CloseReason::Interrupted), 0, 0);
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        if let Err(e) = write_frame(&mut send, &Frame::StreamAccept).await {
+            tracing::debug!(error = %e, "gateway went away before the session started");
+            closed(CloseReason::Client, 0, 0);
+            return;
+        }
+
+        let mut tcp = Counted::new(tcp);
+        let mut quic = tokio::io::join(recv, send);
+        let reason = tokio::select! {
+            r = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, PUMP_BUFFER, PUMP_BUFFER) => match r {
+                Ok(_) => CloseReason::Client,
+                Err(e) => end_reason(&conn, &admitted.cut, &e),
+            },
+            () = admitted.cut.cancelled() => admitted.cut.reason().unwrap_or(CloseReason::Interrupted),
+        };
+        let (mut recv, mut send) = quic.into_inner();
+        if reason != CloseReason::Client {
+            cut_quic(&mut send, &mut recv);
+        }
+        // bytes_up: client → target (written to the target); bytes_down: target → client.
+        closed(reason, tcp.written, tcp.read);
+        tracing::debug!(session = %open.session_id, reason = reason.as_str(), "session ended");
+    }
+}
+
+/// Classifies how a pump ended in error. A lost connection or a cut endpoint wins over the
+/// I/O error it caused; resets are how clients usually hang up.
+fn end_reason(conn: &Connection, cut: &Cut, e: &std::io::Error) -> CloseReason {
+    if let Some(reason) = cut.reason() {
+        return reason;
+    }
+    if conn.close_reason().is_some() {
+        return CloseReason::Interrupted;
+    }
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof => {
+            CloseReason::Client
+        }
+        _ => CloseReason::Error,
+    }
+}
+
+fn cut_quic(send: &mut SendStream, recv: &mut RecvStream) {
+    // Either may already be closed; that is the state we want anyway.
+    let _ = send.reset(VarInt::from_u32(CUT_CODE));
+    let _ = recv.stop(VarInt::from_u32(CUT_CODE));
+}
+
+async fn refuse(send: &mut SendStream, error: ApiError) {
+    if write_frame(send, &Frame::StreamRefuse(error)).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {
+    Entry::new(kind, open.operator.clone(), detail).endpoint(open.endpoint_id.clone()).session(open.session_id.clone())
+}
+
+fn frame_name(frame: &Frame) -> String {
+    serde_json::to_value(frame)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Counts bytes through the target side, so a cut session still reports what it moved.
+struct Counted<T> {
+    inner: T,
+    read: u64,
+    written: u64,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Self {
+        Counted { inner, read: 0, written: 0 }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.read += (buf.filled().len().saturating_sub(before)) as u64;
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use endpoint_types::{frame::EndpointGrant, resource::EndpointType};
+    use std::path::Path;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn config() -> AgentConfig {
+        AgentConfig::parse(
+            "audit_path = \"a\"\n\
+             [[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:7000\"\n\
+             [[resource]]\nid = \"null_resource.other\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:7001\"\n\
+             [[resource]]\nid = \"aws_eks_cluster.main\"\nkind = \"kubernetes\"\n",
+            Path::new("/etc/postern/agent.toml"),
+        )
+        .unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    fn table(grants: &[(&str, EndpointType, &str)]) -> LiveEndpoints {
+        let mut t = LiveEndpoints::new();
+        for (id, ty, res) in grants {
+            t.insert(
+                EndpointGrant {
+                    endpoint_id: id.to_string(),
+                    endpoint_type: *ty,
+                    resource_id: res.to_string(),
+                    expires_at: now() + jiff::SignedDuration::from_secs(60),
+                },
+                now(),
+            );
+        }
+        t
+    }
+
+    fn open(ep: &str, res: &str) -> StreamOpen {
+        StreamOpen {
+            endpoint_id: ep.into(),
+            session_id: "ses_1".into(),
+            resource_id: res.into(),
+            operator: "alice".into(),
+            client_addr: "203.0.113.9:5555".into(),
+        }
+    }
+
+    fn code(r: Result<Admitted, ApiError>) -> ErrorCode {
+        r.unwrap_err().code
+    }
+
+    #[test]
+    fn live_tcp_grant_is_admitted_to_the_configured_target_only() {
+        let t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
+        let a = authorize(&t, &config(), &open("ep1", "null_resource.echo"), now()).unwrap();
+        assert_eq!(a.target, "127.0.0.1:7000");
+    }
+
+    #[test]
+    fn unknown_retired_and_expired_endpoints_are_refused() {
+        let mut t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
+        let c = config();
+        assert_eq!(code(authorize(&t, &c, &open("nope", "null_resource.echo"), now())), ErrorCode::ForbiddenByScope);
+        let late = now() + jiff::SignedDuration::from_secs(60);
+        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.echo"), late)), ErrorCode::EndpointExpired);
+        t.close("ep1", CloseReason::Retired);
+        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.echo"), now())), ErrorCode::EndpointRetired);
+    }
+
+    #[test]
+    fn resource_must_match_the_grant_and_the_config() {
+        let t = table(&[
+            ("ep1", EndpointType::Tcp, "null_resource.echo"),
+            ("ep2", EndpointType::Tcp, "null_resource.gone"),
+        ]);
+        let c = config();
+        // The gateway cannot redirect a grant to another resource, even a configured one.
+        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.other"), now())), ErrorCode::InvalidOriginResourceId);
+        assert_eq!(code(authorize(&t, &c, &open("ep2", "null_resource.gone"), now())), ErrorCode::InvalidOriginResourceId);
+    }
+
+    #[test]
+    fn kind_mismatch_and_unserved_kinds_are_refused() {
+        let t = table(&[
+            ("ep1", EndpointType::Tcp, "aws_eks_cluster.main"),
+            ("ep2", EndpointType::Kubectl, "aws_eks_cluster.main"),
+        ]);
+        let c = config();
+        assert_eq!(code(authorize(&t, &c, &open("ep1", "aws_eks_cluster.main"), now())), ErrorCode::ForbiddenByScope);
+        let e = authorize(&t, &c, &open("ep2", "aws_eks_cluster.main"), now()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("kubectl endpoints are not served"), "{}", e.message);
+    }
+
+    #[test]
+    fn admitted_session_is_cut_with_its_endpoint() {
+        let mut t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
+        let a = authorize(&t, &config(), &open("ep1", "null_resource.echo"), now()).unwrap();
+        t.close("ep1", CloseReason::Retired);
+        assert_eq!(a.cut.reason(), Some(CloseReason::Retired));
+    }
+
+    #[tokio::test]
+    async fn counted_counts_both_ways() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut c = Counted::new(a);
+        c.write_all(b"hello").await.unwrap();
+        b.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!((c.written, c.read), (5, 2));
+    }
+}

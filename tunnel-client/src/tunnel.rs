@@ -1,0 +1,440 @@
+//! `postern-agent run`: keep one tunnel to the gateway up, forever.
+//!
+//! Each connection: hello on the control stream, then heartbeats, endpoint announcements and
+//! data streams until it is lost; then every session is cut (`interrupted`), the live set is
+//! forgotten (the gateway resends it after the next hello) and the agent redials with jittered
+//! exponential backoff.
+
+use crate::{
+    audit::{AuditError, AuditLog, Entry},
+    config::{AgentConfig, ConfigError, Enrollment},
+    dial::{self, DialError},
+    grants::{LiveEndpoints, Removed},
+    sessions::Sessions,
+    wire::{read_one_frame, write_frame, FrameReader, WireError},
+    AGENT_VERSION,
+};
+use endpoint_types::{
+    frame::{EndpointGrant, Frame, Hello, HelloAck, MAX_FRAME_LEN},
+    resource::CloseReason,
+    secret::Secret,
+    ErrorCode, ALPN_TUNNEL, PROTOCOL_VERSION,
+};
+use jiff::Timestamp;
+use quinn::{Connection, RecvStream, SendStream};
+use serde_json::json;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::{sync::oneshot, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds one dial attempt, so a gateway that comes back is found by the next attempt rather
+/// than after the handshake's own 15 s idle timeout.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const SESSION_DRAIN: Duration = Duration::from_secs(2);
+const CLOSE_DRAIN: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read {}: {source}", path.display())]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    #[error("the agent's credentials are unusable: {0}")]
+    Credentials(String),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+impl TunnelError {
+    pub fn to_api_error(&self) -> endpoint_types::ApiError {
+        use endpoint_types::ApiError;
+        match self {
+            TunnelError::Config(e) => e.to_api_error(),
+            TunnelError::Audit(e) => e.to_api_error(),
+            TunnelError::ReadFile { .. } | TunnelError::Credentials(_) => ApiError::invalid(self.to_string())
+                .hint("key_file, cert_file and ca_file are written by `postern-agent enroll`; enroll again if they are lost"),
+            TunnelError::Dial(_) => ApiError::new(ErrorCode::Internal, self.to_string()),
+        }
+    }
+}
+
+/// How one connection ended.
+#[derive(Debug)]
+enum Ended {
+    Shutdown,
+    Lost { reason: String, revoked: bool },
+}
+
+impl Ended {
+    fn lost(reason: impl Into<String>) -> Ended {
+        Ended::Lost { reason: reason.into(), revoked: false }
+    }
+}
+
+/// Delay before reconnect attempt `attempt` (0-based): full jitter over an exponentially
+/// growing ceiling, so a fleet of agents does not redial a restarted gateway in lockstep.
+pub fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64))
+}
+
+struct Agent {
+    config: Arc<AgentConfig>,
+    enrollment: Enrollment,
+    quic: quinn::ClientConfig,
+    sessions: Sessions,
+    live: Arc<Mutex<LiveEndpoints>>,
+    audit: AuditLog,
+    tracker: TaskTracker,
+}
+
+/// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    mut ready: Option<oneshot::Sender<HelloAck>>,
+) -> Result<(), TunnelError> {
+    let enrollment = config.enrollment()?;
+    let quic = dial::quic_client_config(tls_config(&enrollment)?)?;
+    let audit = AuditLog::open(&config.audit_path, Some(enrollment.appliance_id.clone()))?;
+    let config = Arc::new(config);
+    let live = Arc::new(Mutex::new(LiveEndpoints::new()));
+    let sessions = Sessions { config: config.clone(), live: live.clone(), audit: audit.clone() };
+    let agent = Agent { config, enrollment, quic, sessions, live, audit, tracker: TaskTracker::new() };
+
+    let cap = agent.config.reconnect_max();
+    let mut attempt: u32 = 0;
+    let mut revoked = false;
+    loop {
+        let (ended, helloed) = agent.connection(&shutdown, &mut ready).await;
+        if helloed {
+            attempt = 0;
+            revoked = false;
+        }
+        let delay = match ended {
+            Ended::Shutdown => break,
+            Ended::Lost { reason, revoked: r } => {
+                revoked |= r;
+                let delay = if revoked { cap } else { backoff(attempt, cap) };
+                tracing::info!(gateway = %agent.enrollment.gateway, "disconnected: {reason}; reconnecting in {delay:?}");
+                delay
+            }
+        };
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    agent.tracker.close();
+    let _ = tokio::time::timeout(SESSION_DRAIN, agent.tracker.wait()).await;
+    Ok(())
+}
+
+fn tls_config(e: &Enrollment) -> Result<rustls::ClientConfig, TunnelError> {
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(|source| TunnelError::ReadFile { path: path.to_path_buf(), source });
+    let ca = read(&e.ca_file)?;
+    let cert = read(&e.cert_file)?;
+    let key = Secret::new(read(&e.key_file)?);
+    certs::client_config(&ca, Some((&cert, &key)), vec![ALPN_TUNNEL.to_vec()])
+        .map_err(|err| TunnelError::Credentials(err.to_string()))
+}
+
+impl Agent {
+    /// One connection, from dial to teardown. Returns how it ended and whether a hello was accepted.
+    async fn connection(&self, shutdown: &CancellationToken, ready: &mut Option<oneshot::Sender<HelloAck>>) -> (Ended, bool) {
+        let gateway = &self.enrollment.gateway;
+        let dialed = tokio::select! {
+            r = dial::connect(gateway, &self.quic, DIAL_TIMEOUT) => r,
+            () = shutdown.cancelled() => return (Ended::Shutdown, false),
+        };
+        let (endpoint, conn) = match dialed {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return (Ended::lost("could not connect"), false);
+            }
+        };
+        let mut hello: Option<HelloAck> = None;
+        let ended = tokio::select! {
+            ended = self.serve(&conn, &mut hello, ready) => ended,
+            () = shutdown.cancelled() => Ended::Shutdown,
+        };
+        let endpoints_cut = self.live.lock().unwrap_or_else(|p| p.into_inner()).clear(CloseReason::Interrupted);
+        if hello.is_some() {
+            let reason = match &ended {
+                Ended::Shutdown => "agent shutting down".to_string(),
+                Ended::Lost { reason, .. } => reason.clone(),
+            };
+            self.audit.record_or_log(Entry::new(
+                "agent.disconnected",
+                self.audit.agent_actor(),
+                json!({ "gateway": gateway, "reason": reason, "endpoints_cut": endpoints_cut }),
+            ));
+        }
+        match &ended {
+            Ended::Shutdown => {
+                // Let cut sessions reset their streams and write session.closed while the
+                // connection can still carry the resets.
+                self.tracker.close();
+                let _ = tokio::time::timeout(SESSION_DRAIN, self.tracker.wait()).await;
+                self.tracker.reopen();
+                conn.close(0u32.into(), b"agent shutting down");
+                let _ = tokio::time::timeout(CLOSE_DRAIN, endpoint.wait_idle()).await;
+                tracing::info!(%gateway, "disconnected: agent shutting down");
+            }
+            Ended::Lost { .. } => {
+                conn.close(0u32.into(), b"connection lost");
+            }
+        }
+        (ended, hello.is_some())
+    }
+
+    /// Hello, then the control loop. Sets `hello` once the gateway accepts us.
+    async fn serve(&self, conn: &Connection, hello: &mut Option<HelloAck>, ready: &mut Option<oneshot::Sender<HelloAck>>) -> Ended {
+        let gateway = &self.enrollment.gateway;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(pair) => pair,
+            Err(e) => return Ended::lost(format!("cannot open the control stream: {e}")),
+        };
+        let frame = Frame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: AGENT_VERSION.to_string(),
+            resources: self.config.descriptors(),
+            policy: self.config.policy_summary(),
+        });
+        if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
+            return Ended::lost(format!("cannot send the hello: {e}"));
+        }
+        // One frame exactly: nothing else may arrive before the answer to our hello.
+        let ack = match tokio::time::timeout(HELLO_TIMEOUT, read_one_frame(&mut recv, MAX_FRAME_LEN)).await {
+            Ok(Ok(Frame::HelloAck(ack))) => ack,
+            Ok(Ok(Frame::Error(e))) => {
+                let hint = if e.hint.is_empty() { String::new() } else { format!(" (hint: {})", e.hint) };
+                tracing::error!(%gateway, code = %e.code, "the gateway refused the agent: {}{hint}", e.message);
+                return Ended::Lost { reason: format!("refused: {}", e.code), revoked: e.code == ErrorCode::ApplianceRevoked };
+            }
+            Ok(Ok(_)) => return Ended::lost("the gateway answered the hello with an unexpected frame"),
+            Ok(Err(e)) => return Ended::lost(format!("no answer to the hello: {e}")),
+            Err(_) => return Ended::lost(format!("no answer to the hello within {HELLO_TIMEOUT:?}")),
+        };
+        if ack.appliance_id != self.enrollment.appliance_id {
+            tracing::warn!(configured = %self.enrollment.appliance_id, gateway_says = %ack.appliance_id, "the gateway knows this agent under another appliance id");
+        }
+        tracing::info!(%gateway, appliance = %ack.appliance_id, app = %ack.app, customer = %ack.customer, "connected");
+        self.audit.record_or_log(Entry::new(
+            "agent.connected",
+            self.audit.agent_actor(),
+            json!({ "gateway": gateway, "app": ack.app, "customer": ack.customer, "agent_version": AGENT_VERSION }),
+        ));
+        *hello = Some(ack.clone());
+        if let Some(tx) = ready.take() {
+            let _ = tx.send(ack.clone());
+        }
+        self.control_loop(conn, &ack, send, recv).await
+    }
+
+    async fn control_loop(&self, conn: &Connection, ack: &HelloAck, mut send: SendStream, recv: RecvStream) -> Ended {
+        let every = Duration::from_millis(ack.heartbeat_interval_ms.clamp(50, 3_600_000));
+        let lost_after = Duration::from_millis(ack.lost_after_ms).max(every);
+        let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
+        let mut seq: u64 = 0;
+        let mut last_rx = Instant::now();
+        loop {
+            let next_expiry = self.live.lock().unwrap_or_else(|p| p.into_inner()).next_expiry();
+            let expiry_at = next_expiry.map(instant_of);
+            tokio::select! {
+                _ = ticker.tick() => {
+                    seq += 1;
+                    if let Err(e) = send_frame(&mut send, &Frame::Heartbeat { seq }, lost_after).await {
+                        return Ended::lost(format!("cannot send a heartbeat: {e}"));
+                    }
+                }
+                frame = reader.next() => match frame {
+                    Ok(Some(frame)) => {
+                        last_rx = Instant::now();
+                        if let Some(ended) = self.on_frame(frame, &mut send, lost_after).await {
+                            return ended;
+                        }
+                    }
+                    Ok(None) => return Ended::lost("the gateway closed the control stream"),
+                    Err(WireError::Frame(e)) => {
+                        let _ = send_frame(&mut send, &Frame::Error(e.to_api_error()), lost_after).await;
+                        return Ended::lost(format!("bad frame from the gateway: {e}"));
+                    }
+                    Err(e) => return Ended::lost(format!("control stream: {e}")),
+                },
+                () = tokio::time::sleep_until(last_rx + lost_after) => {
+                    return Ended::lost(format!("no frame from the gateway for {lost_after:?}"));
+                }
+                () = sleep_until_opt(expiry_at) => {
+                    let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).expire_due(Timestamp::now());
+                    self.audit_removed(&removed);
+                }
+                stream = conn.accept_bi() => match stream {
+                    Ok((s, r)) => {
+                        let sessions = self.sessions.clone();
+                        let conn = conn.clone();
+                        self.tracker.spawn(async move { sessions.serve(conn, s, r).await });
+                    }
+                    Err(e) => return Ended::lost(e.to_string()),
+                },
+            }
+        }
+    }
+
+    /// Handles one control frame; `Some` ends the connection.
+    async fn on_frame(&self, frame: Frame, send: &mut SendStream, write_limit: Duration) -> Option<Ended> {
+        let now = Timestamp::now();
+        match frame {
+            Frame::Heartbeat { seq } => {
+                if let Err(e) = send_frame(send, &Frame::HeartbeatAck { seq }, write_limit).await {
+                    return Some(Ended::lost(format!("cannot answer a heartbeat: {e}")));
+                }
+            }
+            Frame::HeartbeatAck { .. } => {}
+            Frame::EndpointSync { endpoints } => {
+                let grants = endpoints.clone();
+                let (added, removed) = self.live.lock().unwrap_or_else(|p| p.into_inner()).sync(endpoints, now);
+                self.audit_removed(&removed);
+                for g in grants.iter().filter(|g| added.contains(&g.endpoint_id)) {
+                    self.audit_opened(g, "sync");
+                }
+                self.audit_stale(grants.iter().filter(|g| g.expires_at <= now));
+            }
+            Frame::EndpointOpen(grant) => {
+                let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+                let was_live = matches!(live.check(&grant.endpoint_id, now), crate::grants::Liveness::Live { .. });
+                let is_live = live.insert(grant.clone(), now);
+                drop(live);
+                if is_live && !was_live {
+                    self.audit_opened(&grant, "open");
+                } else if !is_live {
+                    self.audit_stale(std::iter::once(&grant));
+                }
+            }
+            Frame::EndpointClose { endpoint_id, reason } => {
+                let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).close(&endpoint_id, reason);
+                self.audit_removed(removed.as_slice());
+            }
+            Frame::Error(e) => {
+                let hint = if e.hint.is_empty() { String::new() } else { format!(" (hint: {})", e.hint) };
+                tracing::error!(code = %e.code, "the gateway reported an error: {}{hint}", e.message);
+                return Some(Ended::Lost {
+                    reason: format!("gateway error {}", e.code),
+                    revoked: e.code == ErrorCode::ApplianceRevoked,
+                });
+            }
+            other => {
+                tracing::warn!(frame = ?std::mem::discriminant(&other), "ignoring a frame that does not belong on the control stream");
+            }
+        }
+        None
+    }
+
+    fn audit_opened(&self, g: &EndpointGrant, via: &str) {
+        tracing::info!(endpoint = %g.endpoint_id, resource = %g.resource_id, expires_at = %g.expires_at, "endpoint live");
+        self.audit.record_or_log(
+            Entry::new(
+                "endpoint.opened",
+                self.audit.agent_actor(),
+                json!({
+                    "type": g.endpoint_type.as_str(),
+                    "resource_id": g.resource_id,
+                    "expires_at": g.expires_at.to_string(),
+                    "via": via,
+                }),
+            )
+            .endpoint(g.endpoint_id.clone()),
+        );
+    }
+
+    fn audit_removed(&self, removed: &[Removed]) {
+        for r in removed {
+            tracing::info!(endpoint = %r.endpoint_id, reason = r.reason.as_str(), "endpoint ended");
+            self.audit.record_or_log(
+                Entry::new("endpoint.closed", self.audit.agent_actor(), json!({ "reason": r.reason.as_str() }))
+                    .endpoint(r.endpoint_id.clone()),
+            );
+        }
+    }
+
+    /// A grant the gateway announced but that is already past its expiry by our clock.
+    fn audit_stale<'a>(&self, grants: impl Iterator<Item = &'a EndpointGrant>) {
+        for g in grants {
+            tracing::warn!(endpoint = %g.endpoint_id, expires_at = %g.expires_at, "ignoring an endpoint that has already expired by this appliance's clock");
+            self.audit.record_or_log(
+                Entry::new(
+                    "denied",
+                    self.audit.agent_actor(),
+                    json!({
+                        "reason": ErrorCode::EndpointExpired.as_str(),
+                        "message": "the gateway announced an endpoint that had already expired by the appliance's clock",
+                        "expires_at": g.expires_at.to_string(),
+                    }),
+                )
+                .endpoint(g.endpoint_id.clone()),
+            );
+        }
+    }
+}
+
+/// Writes a control frame, giving up after `limit`: a gateway that stops reading must not
+/// stall the loop that would notice it is gone.
+async fn send_frame(send: &mut SendStream, frame: &Frame, limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, write_frame(send, frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the gateway accepted nothing for {limit:?}")),
+    }
+}
+
+/// The monotonic instant at which wall-clock `at` arrives (now, if it has passed).
+fn instant_of(at: Timestamp) -> Instant {
+    let wait = Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
+    Instant::now() + wait
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_full_jitter() {
+        let cap = Duration::from_secs(5);
+        for attempt in 0..40 {
+            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20)).min(cap);
+            for _ in 0..50 {
+                assert!(backoff(attempt, cap) <= ceiling);
+            }
+        }
+        assert!(backoff(0, cap) <= BACKOFF_BASE);
+        // Full jitter: late attempts spread over the whole range, not bunched at the cap.
+        let late: Vec<Duration> = (0..200).map(|_| backoff(30, cap)).collect();
+        assert!(late.iter().any(|d| *d < cap / 2) && late.iter().any(|d| *d > cap / 2));
+    }
+
+    #[test]
+    fn instant_of_past_is_now() {
+        let before = Instant::now();
+        let i = instant_of("2000-01-01T00:00:00Z".parse().unwrap());
+        assert!(i >= before && i <= Instant::now());
+    }
+}
