@@ -228,3 +228,47 @@ fn unknown_resource_offline_appliance_and_bad_ttl_are_structured_errors() -> Res
     assert_eq!(offline.error_code(), Some("APPLIANCE_OFFLINE"));
     Ok(())
 }
+
+#[test]
+fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gw, agent) = setup(dir.path(), "expiry-app")?;
+    let ep = gw.cli(&[
+        "ops", "endpoint", "create", "--type", "tcp", "--app", "expiry-app", "--customer", "acme-corp",
+        "--origin-resource-id", "null_resource.echo", "--ttl", "10s",
+    ])?
+    .ok()?;
+    let id = ep["id"].as_str().unwrap().to_string();
+    let expires: jiff::Timestamp = ep["expires_at"].as_str().unwrap().parse()?;
+    let addr = address(&ep)?;
+    let mut live = TcpStream::connect(addr)?;
+    live.write_all(b"tick")?;
+    let mut buf = [0u8; 4];
+    live.set_read_timeout(Some(Duration::from_secs(15)))?;
+    live.read_exact(&mut buf)?;
+
+    // Block until the connection ends; it must end within 2 s after the expiry time.
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    let ended = jiff::Timestamp::now();
+    let late = ended.duration_since(expires);
+    assert!(late.as_secs_f64() > -0.5, "cut {late:?} before expiry");
+    assert!(late.as_secs_f64() < 2.0, "cut {late:?} after expiry");
+
+    let rec = gw.cli(&["ops", "endpoint", "get", &id])?.ok()?;
+    assert_eq!(rec["state"], "expired");
+    assert!(rec.get("address").is_none() || rec["address"].is_null());
+    // The gateway audits right after the cut; give it a moment.
+    let mut records = Vec::new();
+    let audited = wait_until(Duration::from_secs(5), || {
+        records = audit_kinds(&gw).unwrap_or_default();
+        records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
+    });
+    assert!(audited, "{records:?}");
+    assert!(records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "expired"), "{records:?}");
+    assert!(records.iter().any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str()));
+    // The customer's trail saw the cut from its side too.
+    assert!(wait_until(Duration::from_secs(5), || agent.trail().map(|t| t.iter().any(|r| r["kind"] == "session.closed"
+        && r["endpoint_id"] == id.as_str())).unwrap_or(false)));
+    Ok(())
+}

@@ -120,6 +120,31 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The QUIC stream reset / stop code that tells the other side why a data stream was cut,
+    /// so both trails record the same reason whichever side's clock fired first.
+    pub fn stream_code(self) -> u32 {
+        match self {
+            CloseReason::Error => 1,
+            CloseReason::Client => 2,
+            CloseReason::Retired => 3,
+            CloseReason::Expired => 4,
+            CloseReason::Revoked => 5,
+            CloseReason::Interrupted => 6,
+        }
+    }
+
+    pub fn from_stream_code(code: u64) -> Option<CloseReason> {
+        Some(match code {
+            1 => CloseReason::Error,
+            2 => CloseReason::Client,
+            3 => CloseReason::Retired,
+            4 => CloseReason::Expired,
+            5 => CloseReason::Revoked,
+            6 => CloseReason::Interrupted,
+            _ => return None,
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Client => "client",
@@ -129,5 +154,19 @@ impl CloseReason {
             CloseReason::Interrupted => "interrupted",
             CloseReason::Error => "error",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CloseReason::{self, *};
+
+    #[test]
+    fn stream_codes_round_trip() {
+        for r in [Error, Client, Retired, Expired, Revoked, Interrupted] {
+            assert_eq!(CloseReason::from_stream_code(r.stream_code() as u64), Some(r));
+        }
+        assert_eq!(CloseReason::from_stream_code(0), None);
+        assert_eq!(CloseReason::from_stream_code(99), None);
     }
 }

@@ -29,8 +29,6 @@ use tokio::{
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_BUFFER: usize = 256 * 1024;
-/// Error code on a QUIC stream we abandon because its endpoint ended.
-const CUT_CODE: u32 = 1;
 
 /// What every session needs; shared by all streams of all connections.
 #[derive(Clone)]
@@ -118,8 +116,7 @@ impl Sessions {
             }
             Err(_) => {
                 tracing::debug!("data stream sent no header in time");
-                let _ = send.reset(VarInt::from_u32(CUT_CODE));
-                let _ = recv.stop(VarInt::from_u32(CUT_CODE));
+                cut_quic(&mut send, &mut recv, CloseReason::Error);
                 return;
             }
         };
@@ -185,7 +182,7 @@ impl Sessions {
                 }
             },
             () = admitted.cut.cancelled() => {
-                cut_quic(&mut send, &mut recv);
+                cut_quic(&mut send, &mut recv, reason);
                 closed(admitted.cut.reason().unwrap_or(CloseReason::Interrupted), 0, 0);
                 return;
             }
@@ -208,7 +205,7 @@ impl Sessions {
         };
         let (mut recv, mut send) = quic.into_inner();
         if reason != CloseReason::Client {
-            cut_quic(&mut send, &mut recv);
+            cut_quic(&mut send, &mut recv, reason);
         }
         // bytes_up: client → target (written to the target); bytes_down: target → client.
         closed(reason, tcp.written, tcp.read);
@@ -233,10 +230,12 @@ fn end_reason(conn: &Connection, cut: &Cut, e: &std::io::Error) -> CloseReason {
     }
 }
 
-fn cut_quic(send: &mut SendStream, recv: &mut RecvStream) {
-    // Either may already be closed; that is the state we want anyway.
-    let _ = send.reset(VarInt::from_u32(CUT_CODE));
-    let _ = recv.stop(VarInt::from_u32(CUT_CODE));
+fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
+    // Either may already be closed; that is the state we want anyway. The code tells the
+    // gateway why.
+    let code = VarInt::from_u32(reason.stream_code());
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
 }
 
 async fn refuse(send: &mut SendStream, error: ApiError) {

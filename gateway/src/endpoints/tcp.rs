@@ -112,13 +112,20 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
     };
     let reason = match &outcome {
         Some(Ok(())) => CloseReason::Client,
-        Some(Err(_)) if connection.close_reason().is_some() => CloseReason::Interrupted,
-        Some(Err(_)) => CloseReason::Error,
+        Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
+        // The agent enforces expiry and retire on its own clock too and may cut first; its
+        // reset code says why.
+        Some(Err(e)) => e.agent_reason().unwrap_or(if connection.close_reason().is_some() {
+            CloseReason::Interrupted
+        } else {
+            CloseReason::Error
+        }),
         None => ep.end_reason(),
     };
     if outcome.is_none() || matches!(outcome, Some(Err(_))) {
-        let _ = send.reset(quinn::VarInt::from_u32(1));
-        let _ = recv.stop(quinn::VarInt::from_u32(1));
+        let code = quinn::VarInt::from_u32(reason.stream_code());
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
     }
     drop(tcp);
     let mut detail = serde_json::json!({
@@ -203,6 +210,18 @@ async fn pump(
         Ok::<(), PumpError>(())
     };
     tokio::try_join!(client_to_agent, agent_to_client).map(|_| ())
+}
+
+impl PumpError {
+    /// The reason the agent gave when it cut the stream.
+    fn agent_reason(&self) -> Option<CloseReason> {
+        let code = match self {
+            PumpError::QuicRead(quinn::ReadError::Reset(c)) => *c,
+            PumpError::QuicWrite(quinn::WriteError::Stopped(c)) => *c,
+            _ => return None,
+        };
+        CloseReason::from_stream_code(code.into_inner())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
