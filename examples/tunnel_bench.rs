@@ -15,6 +15,8 @@
 //! - `TUNNEL_BENCH_PERF=<dir>`: run `perf record -g` on the gateway and the agent during the
 //!   tunnel bulk transfer, writing `<dir>/gateway.perf.data` and `<dir>/agent.perf.data`.
 //!   The tunnel figures of such a run include the profiler's overhead.
+//!   `TUNNEL_BENCH_PERF_CALLGRAPH` picks perf's `--call-graph` mode (default `fp`; `dwarf`
+//!   gives usable stacks for binaries built without frame pointers).
 
 use anyhow::{anyhow, bail, Context, Result};
 use postern::testbed::{echo_server, pattern, Agent, Gateway};
@@ -265,11 +267,12 @@ struct Perf(Vec<Child>);
 impl Perf {
     fn start(dir: &Path, targets: &[(&str, u32)]) -> Result<Perf> {
         std::fs::create_dir_all(dir)?;
+        let call_graph = std::env::var("TUNNEL_BENCH_PERF_CALLGRAPH").unwrap_or_else(|_| "fp".into());
         let mut children = Vec::new();
         for (name, pid) in targets {
             let out = dir.join(format!("{name}.perf.data"));
             let child = Command::new("perf")
-                .args(["record", "-g", "-F", "999", "-o"])
+                .args(["record", "--call-graph", &call_graph, "-F", "999", "-o"])
                 .arg(&out)
                 .args(["-p", &pid.to_string()])
                 .stdin(Stdio::null())

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     InvalidOriginResourceId,
     ApplianceOffline,
     ApplianceRevoked,
+    TargetUnreachable,
     ForbiddenByScope,
     InvalidRequest,
     Unauthenticated,
@@ -50,6 +51,7 @@ impl ErrorCode {
             ErrorCode::InvalidOriginResourceId => "INVALID_ORIGIN_RESOURCE_ID",
             ErrorCode::ApplianceOffline => "APPLIANCE_OFFLINE",
             ErrorCode::ApplianceRevoked => "APPLIANCE_REVOKED",
+            ErrorCode::TargetUnreachable => "TARGET_UNREACHABLE",
             ErrorCode::ForbiddenByScope => "FORBIDDEN_BY_SCOPE",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
@@ -95,6 +97,7 @@ impl ErrorCode {
             ErrorCode::EndpointExpired | ErrorCode::EndpointRetired => 410,
             ErrorCode::SessionLimit => 429,
             ErrorCode::ApplianceOffline | ErrorCode::GatewayUnreachable => 503,
+            ErrorCode::TargetUnreachable => 502,
             ErrorCode::CommandTimeout => 504,
             ErrorCode::CommandFailed | ErrorCode::AuditChainBroken | ErrorCode::Internal => 500,
         }
@@ -180,7 +183,7 @@ mod tests {
         use ErrorCode::*;
         for c in [
             ApprovalDenied, OperateAccessExpired, OperateAccessRequired, CommandTimeout, CommandFailed,
-            EndpointExpired, EndpointRetired, InvalidOriginResourceId, ApplianceOffline, ApplianceRevoked,
+            EndpointExpired, EndpointRetired, InvalidOriginResourceId, ApplianceOffline, ApplianceRevoked, TargetUnreachable,
             ForbiddenByScope, InvalidRequest, Unauthenticated, Forbidden, NotFound, Conflict,
             EnrollmentTokenInvalid, EnrollmentTokenExpired, EnrollmentTokenUsed, CaMismatch,
             AuditChainBroken, FrameTooLarge, MalformedFrame, ProtocolVersion, SessionLimit,

@@ -174,7 +174,7 @@ impl Sessions {
                     };
                     // The cause stays in the appliance's log; the vendor learns only which resource.
                     tracing::warn!(resource = %open.resource_id, error = %cause, "cannot connect to the resource's target");
-                    let e = ApiError::new(ErrorCode::Internal, format!("the appliance cannot connect to resource {:?}", open.resource_id))
+                    let e = ApiError::new(ErrorCode::TargetUnreachable, format!("the appliance cannot connect to resource {:?}", open.resource_id))
                         .hint("the service behind this resource may be down; the appliance's agent log has the cause");
                     refuse(&mut send, e).await;
                     closed(CloseReason::Error, 0, 0);
@@ -182,8 +182,9 @@ impl Sessions {
                 }
             },
             () = admitted.cut.cancelled() => {
+                let reason = admitted.cut.reason().unwrap_or(CloseReason::Interrupted);
                 cut_quic(&mut send, &mut recv, reason);
-                closed(admitted.cut.reason().unwrap_or(CloseReason::Interrupted), 0, 0);
+                closed(reason, 0, 0);
                 return;
             }
         };

@@ -124,14 +124,20 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         .await
         .map_err(internal)?
         .ok_or_else(|| ApiError::internal(format!("endpoint {} has no appliance", row.id)))?;
-    let active = row.state == EndpointState::Active;
+    // Past its expiry an endpoint is expired, even in the instant before the timer has
+    // recorded it so.
+    let state = match row.state {
+        EndpointState::Active if row.expires_at <= Timestamp::now() => EndpointState::Expired,
+        s => s,
+    };
+    let active = state == EndpointState::Active;
     Ok(EndpointRecord {
         sessions: gw.endpoints.live_sessions(&row.id),
         sessions_total: row.sessions_total,
         address: if active { row.address } else { None },
         id: row.id,
         endpoint_type: row.endpoint_type,
-        state: row.state,
+        state,
         appliance_id: row.appliance_id,
         app: appliance.app,
         customer: appliance.customer,
