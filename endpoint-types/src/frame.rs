@@ -233,7 +233,7 @@ mod tests {
         let mut buf = BytesMut::new();
         for (i, b) in bytes.iter().enumerate() {
             assert_eq!(dec.decode(&mut buf).unwrap(), None);
-            assert_eq!(dec.bytes_needed(&buf).unwrap() > 0, true, "at {i}");
+            assert!(dec.bytes_needed(&buf).unwrap() > 0, "at {i}");
             buf.put_u8(*b);
         }
         assert_eq!(dec.bytes_needed(&buf).unwrap(), 0);
