@@ -259,6 +259,29 @@ async fn quic_ceiling_async(bytes: u64, payload: bytes::Bytes) -> Result<f64> {
     Ok(elapsed)
 }
 
+/// CPU seconds (user + system, all threads) this process has used so far.
+fn own_cpu_seconds() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds (user + system, all threads) a process has used so far and its minor page
+/// faults, from /proc.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let minflt: u64 = f.get(7)?.parse().ok()?;
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| (ticks / hz as f64, minflt))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Optional profiling of the gateway and agent during the tunnel bulk transfer.
 
@@ -391,9 +414,11 @@ fn main() -> Result<()> {
     eprintln!("tunnel_bench:   {direct:.1} MiB/s ({direct_s:.2} s)");
 
     eprintln!("tunnel_bench: quinn ceiling (in process)");
+    let cpu0 = own_cpu_seconds();
     let quic_s = quic_ceiling(bytes, &payload)?;
+    let quic_cpu = round(own_cpu_seconds() - cpu0, 2);
     let quic = mib_s(bytes, quic_s);
-    eprintln!("tunnel_bench:   {quic:.1} MiB/s ({quic_s:.2} s)");
+    eprintln!("tunnel_bench:   {quic:.1} MiB/s ({quic_s:.2} s); CPU s (client + server): {quic_cpu}");
 
     eprintln!("tunnel_bench: tunnel bulk via {sink_ep}");
     let perf = match &perf_dir {
@@ -404,10 +429,19 @@ fn main() -> Result<()> {
         }
         None => None,
     };
+    let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    let before = (proc_usage(gw.pid()), proc_usage(agent_pid));
     let tunnel_res = bulk_tcp(sink_ep, bytes, &payload);
+    let after = (proc_usage(gw.pid()), proc_usage(agent_pid));
     if let Some(p) = perf {
         p.stop();
     }
+    let delta = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| {
+        a.zip(b).map(|(a, b)| (round(b.0 - a.0, 2), b.1.saturating_sub(a.1)))
+    };
+    let (gw_use, agent_use) = (delta(before.0, after.0), delta(before.1, after.1));
+    let (gw_cpu, agent_cpu) = (gw_use.map(|u| u.0), agent_use.map(|u| u.0));
+    let (gw_faults, agent_faults) = (gw_use.map(|u| u.1), agent_use.map(|u| u.1));
     let tunnel_s = tunnel_res.with_context(|| {
         format!(
             "tunnel bulk; gateway log: {}; agent log: {}",
@@ -416,7 +450,10 @@ fn main() -> Result<()> {
         )
     })?;
     let tunnel = mib_s(bytes, tunnel_s);
-    eprintln!("tunnel_bench:   {tunnel:.1} MiB/s ({tunnel_s:.2} s)");
+    eprintln!(
+        "tunnel_bench:   {tunnel:.1} MiB/s ({tunnel_s:.2} s); CPU s: gateway {gw_cpu:?}, agent {agent_cpu:?}; \
+         minor page faults: gateway {gw_faults:?}, agent {agent_faults:?}"
+    );
 
     // Round trips.
     eprintln!("tunnel_bench: direct round trips to {echo}");
@@ -444,6 +481,9 @@ fn main() -> Result<()> {
         "tunnel_rtt_mean_us": round(t_rtt.mean, 1),
         "direct_rtt_max_us": round(d_rtt.max, 1),
         "tunnel_rtt_max_us": round(t_rtt.max, 1),
+        "quic_ceiling_cpu_s": quic_cpu,
+        "tunnel_gateway_cpu_s": gw_cpu,
+        "tunnel_agent_cpu_s": agent_cpu,
         "rtt_samples": measured,
         "bytes": bytes,
         "cores": cores,

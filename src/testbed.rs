@@ -183,6 +183,12 @@ impl Gateway {
         terminate(&mut self.child, Duration::from_secs(10))
     }
 
+    /// SIGKILL: no chance to say goodbye to agents or flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn appliance(&self, id: &str) -> Result<Value> {
         let list = self.cli(&["appliance", "list"])?.ok()?;
         list["appliances"]

@@ -168,16 +168,17 @@ fn gateway_restart_agent_reconnects_and_endpoint_state_survives() -> Result<()> 
     gw.cli(&["ops", "endpoint", "retire", &retired_id])?.ok()?;
 
     let (api, relay) = (gw.api, gw.relay);
-    let status = gw.stop();
-    assert!(status.is_some_and(|s| s.success()), "gateway did not shut down cleanly on SIGTERM: {status:?}");
+    gw.kill();
     drop(gw);
 
     let gw = Gateway::start_on(&dir.path().join("gw"), api, relay)?;
+    let restarted = Instant::now();
     assert!(
         gw.wait_online(&agent.appliance_id, Duration::from_secs(40)),
         "agent did not reconnect; log: {}",
         std::fs::read_to_string(&agent.log).unwrap_or_default()
     );
+    eprintln!("agent back online {:?} after the restart", restarted.elapsed());
     let old = gw.cli(&["ops", "endpoint", "get", &id])?.ok()?;
     assert_eq!(old["state"], "active");
     assert_eq!(old["expires_at"], ep["expires_at"]);
@@ -226,6 +227,10 @@ fn unknown_resource_offline_appliance_and_bad_ttl_are_structured_errors() -> Res
         "--origin-resource-id", "null_resource.echo",
     ])?;
     assert_eq!(offline.error_code(), Some("APPLIANCE_OFFLINE"));
+
+    let mut gw = gw;
+    let status = gw.stop();
+    assert!(status.is_some_and(|s| s.success()), "gateway did not shut down cleanly on SIGTERM: {status:?}");
     Ok(())
 }
 

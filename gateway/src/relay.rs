@@ -46,7 +46,10 @@ pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::Tr
     t
 }
 
-pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// `reset_key` must survive restarts: a restarted gateway then answers packets of connections
+/// it no longer knows with a stateless reset the agent recognises, and the agent reconnects at
+/// once instead of waiting out its idle timeout.
+pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr, reset_key: &[u8]) -> anyhow::Result<quinn::Endpoint> {
     let tls = certs::server_config(
         &server.cert_pem,
         &server.key_pem,
@@ -58,8 +61,15 @@ pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr) -> anyhow::Res
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config(gw.limits.agent_lost_after, gw.limits.heartbeat_interval)));
     let socket = std::net::UdpSocket::bind(addr)?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key)));
+    // Connection ids carry a keyed check that must also survive a restart, or the new process
+    // drops the old connection's packets as invalid instead of answering with a reset.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&ring::digest::digest(&ring::digest::SHA256, reset_key).as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(cfg),
         socket,
         Arc::new(quinn::TokioRuntime),

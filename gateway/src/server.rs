@@ -48,6 +48,9 @@ impl DataDir {
     pub fn admin_token(&self) -> PathBuf {
         self.0.join("admin.token")
     }
+    pub fn relay_reset_key(&self) -> PathBuf {
+        self.0.join("relay-reset.key")
+    }
     pub fn database(&self) -> PathBuf {
         self.0.join("postern.db")
     }
@@ -115,6 +118,20 @@ fn load_or_create_ca(dir: &DataDir) -> Result<Ca> {
     }
 }
 
+fn load_or_create_reset_key(dir: &DataDir) -> Result<Vec<u8>> {
+    let path = dir.relay_reset_key();
+    if let Ok(key) = std::fs::read(&path) {
+        if key.len() == 64 {
+            return Ok(key);
+        }
+        tracing::warn!(file = %path.display(), "relay reset key has the wrong size; making a new one");
+    }
+    let mut key = vec![0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+    certs::write_private(&path, &key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
 /// Creates the bootstrap admin token on first start; it is written to the data dir only.
 async fn ensure_admin_token(store: &Store, dir: &DataDir) -> Result<()> {
     let path = dir.admin_token();
@@ -175,7 +192,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         tasks: TaskTracker::new(),
     });
 
-    let relay_endpoint = crate::relay::bind(&gateway, &server_tls, cfg.relay)
+    let reset_key = load_or_create_reset_key(&dir)?;
+    let relay_endpoint = crate::relay::bind(&gateway, &server_tls, cfg.relay, &reset_key)
         .with_context(|| format!("binding the relay on udp {}", cfg.relay))?;
     let relay = relay_endpoint.local_addr()?;
     gateway.tasks.spawn(crate::relay::serve(gateway.clone(), relay_endpoint.clone()));
