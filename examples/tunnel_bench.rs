@@ -362,6 +362,16 @@ fn create_endpoint(gw: &Gateway, resource: &str) -> Result<SocketAddr> {
     addr.parse().with_context(|| format!("endpoint address {addr:?}"))
 }
 
+/// The last 4 KiB of a log file, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut start = text.len().saturating_sub(4096);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
 fn mib_s(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / MIB as f64 / secs
 }
@@ -401,11 +411,12 @@ fn main() -> Result<()> {
         Agent::enroll(&gw, &dir.path().join("agent"), "bench-app", "bench-customer", &resource_body(sink, echo))?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+        bail!("agent never came online; agent log (tail):\n{}", tail(&agent.log));
     }
     let sink_ep = create_endpoint(&gw, "null_resource.sink")?;
     let echo_ep = create_endpoint(&gw, "null_resource.echo")?;
-    eprintln!("tunnel_bench: gateway pid {}, agent pid {:?}; endpoints sink {sink_ep}, echo {echo_ep}", gw.pid(), agent.pid());
+    let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    eprintln!("tunnel_bench: gateway pid {}, agent pid {agent_pid}; endpoints sink {sink_ep}, echo {echo_ep}", gw.pid());
 
     // Bulk.
     eprintln!("tunnel_bench: direct bulk to {sink}");
@@ -423,36 +434,30 @@ fn main() -> Result<()> {
     eprintln!("tunnel_bench: tunnel bulk via {sink_ep}");
     let perf = match &perf_dir {
         Some(d) => {
-            let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
             eprintln!("tunnel_bench:   profiling into {}", d.display());
             Some(Perf::start(d, &[("gateway", gw.pid()), ("agent", agent_pid)])?)
         }
         None => None,
     };
-    let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
     let before = (proc_usage(gw.pid()), proc_usage(agent_pid));
     let tunnel_res = bulk_tcp(sink_ep, bytes, &payload);
     let after = (proc_usage(gw.pid()), proc_usage(agent_pid));
     if let Some(p) = perf {
         p.stop();
     }
-    let delta = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| {
-        a.zip(b).map(|(a, b)| (round(b.0 - a.0, 2), b.1.saturating_sub(a.1)))
-    };
-    let (gw_use, agent_use) = (delta(before.0, after.0), delta(before.1, after.1));
-    let (gw_cpu, agent_cpu) = (gw_use.map(|u| u.0), agent_use.map(|u| u.0));
-    let (gw_faults, agent_faults) = (gw_use.map(|u| u.1), agent_use.map(|u| u.1));
+    // The logs live in the temporary directory, which is gone once main returns.
     let tunnel_s = tunnel_res.with_context(|| {
-        format!(
-            "tunnel bulk; gateway log: {}; agent log: {}",
-            gw.log.display(),
-            agent.log.display()
-        )
+        format!("tunnel bulk\n--- gateway log (tail):\n{}\n--- agent log (tail):\n{}", tail(&gw.log), tail(&agent.log))
     })?;
     let tunnel = mib_s(bytes, tunnel_s);
+    // CPU seconds and minor page faults of each process during the transfer.
+    let usage = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| a.zip(b).map(|(a, b)| (round(b.0 - a.0, 2), b.1.saturating_sub(a.1)));
+    let (gw_use, agent_use) = (usage(before.0, after.0), usage(before.1, after.1));
+    let show = |u: Option<(f64, u64)>| u.map_or("n/a".to_string(), |(cpu, faults)| format!("{cpu} CPU s, {faults} minor faults"));
     eprintln!(
-        "tunnel_bench:   {tunnel:.1} MiB/s ({tunnel_s:.2} s); CPU s: gateway {gw_cpu:?}, agent {agent_cpu:?}; \
-         minor page faults: gateway {gw_faults:?}, agent {agent_faults:?}"
+        "tunnel_bench:   {tunnel:.1} MiB/s ({tunnel_s:.2} s); gateway {}; agent {}",
+        show(gw_use),
+        show(agent_use)
     );
 
     // Round trips.
@@ -482,8 +487,8 @@ fn main() -> Result<()> {
         "direct_rtt_max_us": round(d_rtt.max, 1),
         "tunnel_rtt_max_us": round(t_rtt.max, 1),
         "quic_ceiling_cpu_s": quic_cpu,
-        "tunnel_gateway_cpu_s": gw_cpu,
-        "tunnel_agent_cpu_s": agent_cpu,
+        "tunnel_gateway_cpu_s": gw_use.map(|u| u.0),
+        "tunnel_agent_cpu_s": agent_use.map(|u| u.0),
         "rtt_samples": measured,
         "bytes": bytes,
         "cores": cores,
