@@ -15,14 +15,16 @@ use endpoint_types::{
 use jiff::Timestamp;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde_json::json;
+use bytes::BytesMut;
 use std::{
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
@@ -195,40 +197,95 @@ impl Sessions {
             return;
         }
 
-        let mut tcp = Counted::new(tcp);
-        let mut quic = tokio::io::join(recv, send);
+        let mut tcp = tcp;
+        let (mut send, mut recv) = (send, recv);
+        let counters = Counters::default();
         let reason = tokio::select! {
-            r = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, PUMP_BUFFER, PUMP_BUFFER) => match r {
-                Ok(_) => CloseReason::Client,
+            r = pump(&mut tcp, &mut send, &mut recv, &counters) => match r {
+                Ok(()) => CloseReason::Client,
                 Err(e) => end_reason(&conn, &admitted.cut, &e),
             },
             () = admitted.cut.cancelled() => admitted.cut.reason().unwrap_or(CloseReason::Interrupted),
         };
-        let (mut recv, mut send) = quic.into_inner();
         if reason != CloseReason::Client {
             cut_quic(&mut send, &mut recv, reason);
         }
         // bytes_up: client → target (written to the target); bytes_down: target → client.
-        closed(reason, tcp.written, tcp.read);
+        closed(reason, counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
         tracing::debug!(session = %open.session_id, reason = reason.as_str(), "session ended");
     }
 }
 
 /// Classifies how a pump ended in error. A lost connection or a cut endpoint wins over the
-/// I/O error it caused; resets are how clients usually hang up.
-fn end_reason(conn: &Connection, cut: &Cut, e: &std::io::Error) -> CloseReason {
+/// I/O error it caused; the gateway's reset code says why it cut; resets on the target side
+/// are how services usually hang up.
+fn end_reason(conn: &Connection, cut: &Cut, e: &PumpError) -> CloseReason {
     if let Some(reason) = cut.reason() {
         return reason;
     }
     if conn.close_reason().is_some() {
         return CloseReason::Interrupted;
     }
-    match e.kind() {
-        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof => {
-            CloseReason::Client
+    match e {
+        PumpError::QuicRead(quinn::ReadError::Reset(code)) | PumpError::QuicWrite(quinn::WriteError::Stopped(code)) => {
+            CloseReason::from_stream_code(code.into_inner()).unwrap_or(CloseReason::Error)
         }
+        PumpError::Tcp(e) => match e.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof => {
+                CloseReason::Client
+            }
+            _ => CloseReason::Error,
+        },
         _ => CloseReason::Error,
     }
+}
+
+#[derive(Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PumpError {
+    #[error("target connection: {0}")]
+    Tcp(std::io::Error),
+    #[error("tunnel read: {0}")]
+    QuicRead(quinn::ReadError),
+    #[error("tunnel write: {0}")]
+    QuicWrite(quinn::WriteError),
+}
+
+/// Moves bytes both ways until both directions finish, keeping half-closes. QUIC chunks are
+/// written to the target as they arrive and target reads are handed to QUIC without a copy;
+/// a read buffer is replaced only when little of it is left, so pages are not faulted in anew
+/// for every read.
+async fn pump(tcp: &mut TcpStream, send: &mut SendStream, recv: &mut RecvStream, counters: &Counters) -> Result<(), PumpError> {
+    let (mut tcp_r, mut tcp_w) = tcp.split();
+    let target_to_gateway = async {
+        let mut buf = BytesMut::with_capacity(PUMP_BUFFER);
+        loop {
+            if buf.capacity() < PUMP_BUFFER / 8 {
+                buf.reserve(PUMP_BUFFER);
+            }
+            let n = tcp_r.read_buf(&mut buf).await.map_err(PumpError::Tcp)?;
+            if n == 0 {
+                let _ = send.finish();
+                return Ok::<(), PumpError>(());
+            }
+            counters.down.fetch_add(n as u64, Ordering::Relaxed);
+            send.write_chunk(buf.split().freeze()).await.map_err(PumpError::QuicWrite)?;
+        }
+    };
+    let gateway_to_target = async {
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(PumpError::QuicRead)? {
+            tcp_w.write_all(&chunk.bytes).await.map_err(PumpError::Tcp)?;
+            counters.up.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        }
+        tcp_w.shutdown().await.map_err(PumpError::Tcp)?;
+        Ok::<(), PumpError>(())
+    };
+    tokio::try_join!(target_to_gateway, gateway_to_target).map(|_| ())
 }
 
 fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
@@ -256,56 +313,11 @@ fn frame_name(frame: &Frame) -> String {
         .unwrap_or_default()
 }
 
-/// Counts bytes through the target side, so a cut session still reports what it moved.
-struct Counted<T> {
-    inner: T,
-    read: u64,
-    written: u64,
-}
-
-impl<T> Counted<T> {
-    fn new(inner: T) -> Self {
-        Counted { inner, read: 0, written: 0 }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            this.read += (buf.filled().len().saturating_sub(before)) as u64;
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written += n as u64;
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use endpoint_types::{frame::EndpointGrant, resource::EndpointType};
     use std::path::Path;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn config() -> AgentConfig {
         AgentConfig::parse(
@@ -401,16 +413,5 @@ mod tests {
         let a = authorize(&t, &config(), &open("ep1", "null_resource.echo"), now()).unwrap();
         t.close("ep1", CloseReason::Retired);
         assert_eq!(a.cut.reason(), Some(CloseReason::Retired));
-    }
-
-    #[tokio::test]
-    async fn counted_counts_both_ways() {
-        let (a, mut b) = tokio::io::duplex(1024);
-        let mut c = Counted::new(a);
-        c.write_all(b"hello").await.unwrap();
-        b.write_all(b"hi").await.unwrap();
-        let mut buf = [0u8; 2];
-        c.read_exact(&mut buf).await.unwrap();
-        assert_eq!((c.written, c.read), (5, 2));
     }
 }

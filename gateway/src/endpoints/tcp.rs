@@ -187,7 +187,11 @@ async fn pump(
     let client_to_agent = async {
         let mut buf = BytesMut::with_capacity(PUMP_BUF);
         loop {
-            buf.reserve(PUMP_BUF);
+            // Quinn holds each sent chunk until it is acknowledged; taking a fresh allocation
+            // only when little is left keeps reads from faulting in new pages every time.
+            if buf.capacity() < PUMP_BUF / 8 {
+                buf.reserve(PUMP_BUF);
+            }
             let n = tcp_r.read_buf(&mut buf).await.map_err(PumpError::Tcp)?;
             if n == 0 {
                 let _ = send.finish();
