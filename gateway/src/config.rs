@@ -28,6 +28,9 @@ pub struct Limits {
     pub heartbeat_interval: Duration,
     pub agent_lost_after: Duration,
     pub default_endpoint_ttl: Duration,
+    /// Threads of the data-plane runtime (relay and sessions); 1 = a current-thread runtime,
+    /// which measured fastest for one busy agent on a small machine.
+    pub data_plane_threads: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +41,7 @@ impl Default for Limits {
             heartbeat_interval: Duration::from_secs(5),
             agent_lost_after: Duration::from_secs(15),
             default_endpoint_ttl: Duration::from_secs(3600),
+            data_plane_threads: 1,
         }
     }
 }
@@ -81,6 +85,7 @@ struct FileLimits {
     heartbeat_interval: Option<HumanDuration>,
     agent_lost_after: Option<HumanDuration>,
     default_endpoint_ttl: Option<HumanDuration>,
+    data_plane_threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,9 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     let l = &mut cfg.limits;
     if let Some(n) = f.limits.sessions_per_endpoint {
         l.sessions_per_endpoint = n;
+    }
+    if let Some(n) = f.limits.data_plane_threads {
+        l.data_plane_threads = n.max(1);
     }
     for (src, dst) in [
         (f.limits.handshake_timeout, &mut l.handshake_timeout),

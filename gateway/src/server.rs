@@ -33,6 +33,9 @@ pub struct Gateway {
     pub endpoint_host: IpAddr,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
+    /// plane's: per-packet work stays on its own thread(s) without cross-thread wake-ups.
+    pub data_plane: tokio::runtime::Handle,
 }
 
 /// Files in the data dir.
@@ -65,6 +68,43 @@ pub struct RunningGateway {
     pub ca_file: PathBuf,
     pub admin_token_file: PathBuf,
     relay_endpoint: quinn::Endpoint,
+    data_plane: DataPlane,
+}
+
+/// The data-plane runtime on threads of its own; stopped last.
+struct DataPlane {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DataPlane {
+    fn start(threads: usize) -> Result<(DataPlane, tokio::runtime::Handle)> {
+        let runtime = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("postern-data").enable_all().build()?
+        };
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("postern-data".into())
+            .spawn(move || runtime.block_on(stopped.cancelled()))?;
+        Ok((DataPlane { stop, thread: Some(thread) }, handle))
+    }
+
+    fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl RunningGateway {
@@ -81,7 +121,7 @@ impl RunningGateway {
 
     /// Layered shutdown: stop accepting, cut sessions, tell agents, drain tasks with a grace
     /// period, close the QUIC endpoint and wait for it to go idle.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let gw = &self.gateway;
         gw.shutdown.cancel();
         gw.endpoints.cut_all_for_shutdown();
@@ -92,6 +132,9 @@ impl RunningGateway {
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.relay_endpoint.wait_idle()).await;
         gw.store.close().await;
+        // Joining blocks; the data plane has nothing left to do by now.
+        let mut data_plane = std::mem::replace(&mut self.data_plane, DataPlane { stop: CancellationToken::new(), thread: None });
+        let _ = tokio::task::spawn_blocking(move || data_plane.stop()).await;
     }
 }
 
@@ -180,6 +223,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .issue_server(&server_sans(&cfg), Timestamp::now(), Duration::from_secs(365 * 86_400))
         .context("issuing the gateway server certificate")?;
 
+    let (data_plane, data_handle) = DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
     let gateway = Arc::new(Gateway {
         store,
         audit,
@@ -190,13 +234,18 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         endpoint_host: cfg.endpoint_host,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        data_plane: data_handle,
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
-    let relay_endpoint = crate::relay::bind(&gateway, &server_tls, cfg.relay, &reset_key)
-        .with_context(|| format!("binding the relay on udp {}", cfg.relay))?;
+    let relay_endpoint = {
+        // quinn spawns its endpoint driver on the runtime current at creation.
+        let _in_data_plane = gateway.data_plane.enter();
+        crate::relay::bind(&gateway, &server_tls, cfg.relay, &reset_key)
+            .with_context(|| format!("binding the relay on udp {}", cfg.relay))?
+    };
     let relay = relay_endpoint.local_addr()?;
-    gateway.tasks.spawn(crate::relay::serve(gateway.clone(), relay_endpoint.clone()));
+    gateway.tasks.spawn_on(crate::relay::serve(gateway.clone(), relay_endpoint.clone()), &gateway.data_plane);
 
     let api_listener =
         tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("binding the API on tcp {}", cfg.api))?;
@@ -214,6 +263,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         ca_file: absolute(&dir.ca_cert()),
         admin_token_file: absolute(&dir.admin_token()),
         relay_endpoint,
+        data_plane,
     })
 }
 

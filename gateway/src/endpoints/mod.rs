@@ -233,7 +233,7 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
         .checked_add(jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?)
         .map_err(|_| ApiError::invalid("TTL too large"))?;
     let id = format!("ep_{}", crate::identity::random_hex(8));
-    let listener = tcp::bind(gw.endpoint_host, None).await.map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
     let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
     let row = EndpointRow {
         id: id.clone(),
@@ -261,7 +261,7 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
 }
 
 /// Registers a live endpoint, starts serving its listener and arms its expiry.
-fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: tokio::net::TcpListener) -> Arc<LiveEndpoint> {
+fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: std::net::TcpListener) -> Arc<LiveEndpoint> {
     let ep = Arc::new(LiveEndpoint {
         id: row.id.clone(),
         endpoint_type: row.endpoint_type,
@@ -274,9 +274,9 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: tokio::net::TcpListe
         end_reason: Mutex::new(None),
     });
     gw.endpoints.insert(ep.clone());
-    gw.tasks.spawn(tcp::serve(gw.clone(), ep.clone(), listener));
+    gw.tasks.spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
     let (gw2, ep2) = (gw.clone(), ep.clone());
-    gw.tasks.spawn(async move {
+    gw.tasks.spawn_on(async move {
         let left = ep2.expires_at.duration_since(Timestamp::now());
         let wait = if left.is_negative() { Duration::ZERO } else { left.unsigned_abs() };
         tokio::select! {
@@ -285,7 +285,7 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: tokio::net::TcpListe
                 end(&gw2, &ep2.id, CloseReason::Expired, &Caller::system()).await;
             }
         }
-    });
+    }, &gw.data_plane);
     ep
 }
 
@@ -360,7 +360,7 @@ pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
             continue;
         }
         let old = row.address.as_deref().and_then(|a| a.parse().ok());
-        match tcp::bind(gw.endpoint_host, old).await {
+        match tcp::bind(gw.endpoint_host, old) {
             Ok(listener) => {
                 if let Ok(addr) = listener.local_addr() {
                     let addr = addr.to_string();

@@ -30,17 +30,23 @@ use tokio::{
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_BUF: usize = 256 * 1024;
 
-/// Binds on `preferred` if given and free, else on an ephemeral port of `host`.
-pub async fn bind(host: IpAddr, preferred: Option<SocketAddr>) -> std::io::Result<TcpListener> {
-    if let Some(addr) = preferred {
-        if let Ok(l) = TcpListener::bind(addr).await {
-            return Ok(l);
-        }
-    }
-    TcpListener::bind(SocketAddr::new(host, 0)).await
+/// Binds on `preferred` if given and free, else on an ephemeral port of `host`. A std
+/// listener, so it can be bound anywhere and registered with the data plane's reactor by
+/// [`serve`].
+pub fn bind(host: IpAddr, preferred: Option<SocketAddr>) -> std::io::Result<std::net::TcpListener> {
+    let listener = match preferred.map(std::net::TcpListener::bind) {
+        Some(Ok(l)) => l,
+        _ => std::net::TcpListener::bind(SocketAddr::new(host, 0))?,
+    };
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
-pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: TcpListener) {
+pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::TcpListener) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(endpoint = %ep.id, error = %e, "cannot serve endpoint listener"),
+    };
     loop {
         let (tcp, client) = tokio::select! {
             _ = ep.cancel.cancelled() => break,
@@ -206,14 +212,39 @@ async fn pump(
             tcp_w.write_all(&leftover).await.map_err(PumpError::Tcp)?;
             down.fetch_add(leftover.len() as u64, Ordering::Relaxed);
         }
-        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(PumpError::QuicRead)? {
-            down.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-            tcp_w.write_all(&chunk.bytes).await.map_err(PumpError::Tcp)?;
+        let mut chunks: [Bytes; 32] = Default::default();
+        while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(PumpError::QuicRead)? {
+            let got = chunks.get_mut(..n).unwrap_or_default();
+            down.fetch_add(got.iter().map(|c| c.len() as u64).sum(), Ordering::Relaxed);
+            write_all_chunks(&mut tcp_w, got).await.map_err(PumpError::Tcp)?;
         }
         tcp_w.shutdown().await.map_err(PumpError::Tcp)?;
         Ok::<(), PumpError>(())
     };
     tokio::try_join!(client_to_agent, agent_to_client).map(|_| ())
+}
+
+/// Writes every chunk with as few syscalls as the socket allows: QUIC hands data over in
+/// packet-sized chunks, and one write per chunk would cost a syscall per ~1.2 KB.
+async fn write_all_chunks(w: &mut (impl tokio::io::AsyncWrite + Unpin), chunks: &mut [bytes::Bytes]) -> std::io::Result<()> {
+    use bytes::Buf;
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..].iter().map(|c| std::io::IoSlice::new(c)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && first < chunks.len() {
+            let take = n.min(chunks[first].len());
+            chunks[first].advance(take);
+            n -= take;
+            if chunks[first].is_empty() {
+                first += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl PumpError {
