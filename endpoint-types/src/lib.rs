@@ -4,9 +4,12 @@
 //! (callers pass `now`). The tunnel frame codec is a sans-IO state machine in [`frame`].
 
 pub mod api;
+pub mod control;
 pub mod duration;
 pub mod error;
 pub mod frame;
+pub mod lifecycle;
+pub mod policy;
 pub mod resource;
 pub mod secret;
 pub mod token;
