@@ -413,6 +413,7 @@ fn main() -> Result<()> {
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
         bail!("agent never came online; agent log (tail):\n{}", tail(&agent.log));
     }
+    gw.request_operate("bench-app", "bench-customer", "2h")?;
     let sink_ep = create_endpoint(&gw, "null_resource.sink")?;
     let echo_ep = create_endpoint(&gw, "null_resource.echo")?;
     let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;

@@ -183,6 +183,15 @@ impl Gateway {
         terminate(&mut self.child, Duration::from_secs(10))
     }
 
+    /// `postern access request --level operate` as the admin; returns the grant.
+    pub fn request_operate(&self, app: &str, customer: &str, duration: &str) -> Result<Value> {
+        self.cli(&[
+            "access", "request", "--app", app, "--customer", customer, "--level", "operate", "--duration", duration,
+            "--reason", "end-to-end test",
+        ])?
+        .ok()
+    }
+
     /// SIGKILL: no chance to say goodbye to agents or flush anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

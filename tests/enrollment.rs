@@ -190,6 +190,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     assert_eq!(e.code, endpoint_types::ErrorCode::ProtocolVersion);
 
     // The gateway kept serving the well-behaved agent throughout.
+    tokio::task::block_in_place(|| gw.request_operate("steady", "acme-corp", "1h"))?;
     let ep = tokio::task::block_in_place(|| gw.cli(&[
         "ops", "endpoint", "create", "--type", "tcp", "--app", "steady", "--customer", "acme-corp",
         "--origin-resource-id", "null_resource.echo",

@@ -40,6 +40,9 @@ pub enum Frame {
     EndpointOpen(EndpointGrant),
     /// Gateway → agent: an endpoint ended; the agent cuts its sessions and refuses new ones.
     EndpointClose { endpoint_id: String, reason: CloseReason },
+    /// Gateway → agent: the appliance's live grants (the full set, after every change). The agent
+    /// serves endpoint sessions and runs ops only under a live `operate` grant by its own clock.
+    GrantSync { grants: Vec<LiveGrant> },
     /// Gateway → agent, first frame of a data stream.
     StreamOpen(StreamOpen),
     /// Agent → gateway on a data stream: the target is connected; raw bytes follow.
@@ -77,6 +80,19 @@ pub struct EndpointGrant {
     pub endpoint_id: String,
     pub endpoint_type: EndpointType,
     pub resource_id: String,
+    pub expires_at: Timestamp,
+    /// The operate grant the endpoint was created under; it must be live for every session.
+    #[serde(default)]
+    pub grant_id: Option<String>,
+}
+
+/// A grant as the agent needs it to enforce: what, until when, approved by whom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveGrant {
+    pub grant_id: String,
+    pub level: crate::control::GrantLevel,
+    pub approved_by: String,
+    pub approved_at: Timestamp,
     pub expires_at: Timestamp,
 }
 

@@ -10,6 +10,7 @@ use axum::{
 };
 use endpoint_types::{ErrorEnvelope,
     api::*,
+    control::{Decision, GrantRecord, GrantRequest},
     duration::{format_duration, TTL_MAX},
     resource::{CloseReason, ResourceDescriptor},
     token::EnrollmentToken,
@@ -78,6 +79,14 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/endpoints", post(endpoint_create).get(endpoint_list))
         .route("/v1/endpoints/{id}", get(endpoint_get))
         .route("/v1/endpoints/{id}/retire", post(endpoint_retire))
+        .route("/v1/grants", post(grant_request).get(grant_list))
+        .route("/v1/grants/{id}", get(grant_get))
+        .route("/v1/grants/{id}/revoke", post(grant_revoke))
+        .route("/v1/steady-state", post(steady_state))
+        .route("/v1/approvals", get(approval_list))
+        .route("/v1/approvals/{id}", get(approval_show))
+        .route("/v1/approvals/{id}/approve", post(approval_approve))
+        .route("/v1/approvals/{id}/deny", post(approval_deny))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .fallback(|| async {
@@ -256,6 +265,58 @@ async fn endpoint_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<Strin
 
 async fn endpoint_retire(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<EndpointRecord> {
     Ok(Json(endpoints::retire(&gw, &caller, &id).await?))
+}
+
+async fn grant_request(State(gw): State<Gw>, caller: Caller, Body(req): Body<GrantRequest>) -> ApiResult<GrantRecord> {
+    Ok(Json(crate::grants::request(&gw, &caller, req).await?))
+}
+
+async fn grant_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
+    Ok(Json(serde_json::json!({ "grants": crate::grants::list(&gw, &caller).await? })))
+}
+
+async fn grant_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<GrantRecord> {
+    Ok(Json(crate::grants::get(&gw, &caller, &id).await?))
+}
+
+async fn grant_revoke(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<GrantRecord> {
+    Ok(Json(crate::grants::revoke(&gw, &caller, &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct SteadyState {
+    app: String,
+    customer: String,
+    enabled: bool,
+}
+
+/// Steady-state (read-only observability) is on by default; it is the customer's to turn off.
+async fn steady_state(State(gw): State<Gw>, caller: Caller, Body(req): Body<SteadyState>) -> ApiResult<serde_json::Value> {
+    caller.require(&[Role::Approver], "change steady-state access (a customer decision)")?;
+    caller.require_customer(&req.customer)?;
+    let a = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)?.ok_or_else(|| {
+        ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
+    })?;
+    gw.store.set_steady_state(&a.id, req.enabled).await.map_err(internal)?;
+    let kind = if req.enabled { "steady_state.enabled" } else { "steady_state.disabled" };
+    gw.audit.record(kind, &caller.actor(), Subject::appliance(&a.id), serde_json::json!({})).await;
+    Ok(Json(serde_json::json!({"appliance_id": a.id, "app": a.app, "customer": a.customer, "steady_state": req.enabled})))
+}
+
+async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
+    Ok(Json(serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? })))
+}
+
+async fn approval_show(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    Ok(Json(crate::approvals::show(&gw, &caller, &id).await?))
+}
+
+async fn approval_approve(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    Ok(Json(crate::approvals::decide(&gw, &caller, &id, true, None).await?))
+}
+
+async fn approval_deny(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>, Body(d): Body<Decision>) -> ApiResult<serde_json::Value> {
+    Ok(Json(crate::approvals::decide(&gw, &caller, &id, false, d.message).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -35,7 +35,8 @@ impl Subject {
 #[derive(Debug)]
 pub struct AuditLog {
     store: Store,
-    /// `(last seq, last hash)`; the lock keeps the chain linear.
+    /// `(last seq, last hash)` this process has seen: other replicas may have appended since.
+    /// The chain itself is kept linear by the store.
     head: Mutex<(i64, String)>,
 }
 
@@ -53,23 +54,32 @@ impl AuditLog {
         detail: serde_json::Value,
         now: Timestamp,
     ) -> Result<AuditRecord, StoreError> {
+        // The lock keeps this process's appends from queueing on the database's write lock;
+        // the store serialises appends across processes (replicas sharing PostgreSQL).
         let mut head = self.head.lock().await;
-        let mut r = AuditRecord {
-            seq: head.0 + 1,
-            time: now,
-            kind: kind.to_string(),
-            actor: actor.to_string(),
-            appliance_id: subject.appliance_id,
-            endpoint_id: subject.endpoint_id,
-            session_id: subject.session_id,
-            op_id: subject.op_id,
-            detail,
-            prev_hash: head.1.clone(),
-            hash: String::new(),
-        };
-        r.hash = sha256_hex(&r.chain_input());
-        self.store.append_audit(&r).await?;
-        *head = (r.seq, r.hash.clone());
+        let r = self
+            .store
+            .append_audit_with(|seq, prev_hash| {
+                let mut r = AuditRecord {
+                    seq,
+                    time: now,
+                    kind: kind.to_string(),
+                    actor: actor.to_string(),
+                    appliance_id: subject.appliance_id,
+                    endpoint_id: subject.endpoint_id,
+                    session_id: subject.session_id,
+                    op_id: subject.op_id,
+                    detail,
+                    prev_hash: prev_hash.to_string(),
+                    hash: String::new(),
+                };
+                r.hash = sha256_hex(&r.chain_input());
+                r
+            })
+            .await?;
+        if r.seq > head.0 {
+            *head = (r.seq, r.hash.clone());
+        }
         Ok(r)
     }
 
@@ -82,7 +92,7 @@ impl AuditLog {
     }
 
     /// Verifies the whole stored chain against the head this process holds, so a deleted
-    /// tail is caught too.
+    /// tail (up to the last record this process wrote or saw) is caught too.
     pub async fn verify(&self) -> Result<Result<u64, i64>, StoreError> {
         let records = self.store.list_audit(0).await?;
         let head = self.head.lock().await.0;

@@ -1,13 +1,17 @@
 //! The Postern gateway: control plane, QUIC relay, endpoint listeners and the `postern` CLI.
 
 pub mod agents;
+pub mod agents_sync;
 pub mod api;
+pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod endpoints;
 pub mod framed;
+pub mod grants;
 pub mod identity;
+pub mod notify;
 pub mod relay;
 pub mod server;
 pub mod store;

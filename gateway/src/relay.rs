@@ -347,9 +347,14 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     });
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {
-            let grants = endpoints::grants_for(&gw, &appliance.id).await;
-            match write_frame(&mut send, &Frame::EndpointSync { endpoints: grants }).await {
-                Ok(()) => control_loop(&gw, &conn, &appliance.id, send, framed, rx).await,
+            // Grants first: the agent checks every endpoint against them.
+            let live = crate::agents_sync::live_grants(&gw, &appliance.id).await;
+            let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
+            match write_frame(&mut send, &Frame::GrantSync { grants: live }).await {
+                Ok(()) => match write_frame(&mut send, &Frame::EndpointSync { endpoints }).await {
+                    Ok(()) => control_loop(&gw, &conn, &appliance.id, send, framed, rx).await,
+                    Err(e) => format!("control stream failed: {e}"),
+                },
                 Err(e) => format!("control stream failed: {e}"),
             }
         }
@@ -443,6 +448,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::EndpointSync { .. } => "endpoint_sync",
         Frame::EndpointOpen(_) => "endpoint_open",
         Frame::EndpointClose { .. } => "endpoint_close",
+        Frame::GrantSync { .. } => "grant_sync",
         Frame::StreamOpen(_) => "stream_open",
         Frame::StreamAccept => "stream_accept",
         Frame::StreamRefuse(_) => "stream_refuse",

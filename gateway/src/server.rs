@@ -203,19 +203,16 @@ fn server_sans(cfg: &GatewayConfig) -> Vec<String> {
 }
 
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
-    if let Some(url) = &cfg.store {
-        if !url.starts_with("sqlite:") {
-            bail!("store URL {url:?} is not supported by this build: use sqlite:PATH or leave --store unset for the embedded store");
-        }
-    }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let dir = DataDir(cfg.data_dir.clone());
     let ca = load_or_create_ca(&dir)?;
-    let db_path = match &cfg.store {
-        Some(url) => PathBuf::from(url.trim_start_matches("sqlite:").trim_start_matches("//")),
-        None => dir.database(),
+    let store = match &cfg.store {
+        Some(url) => Store::open(url).await.with_context(|| format!("opening store {}", crate::store::redact_url(url)))?,
+        None => {
+            let db_path = dir.database();
+            Store::open_sqlite(&db_path).await.with_context(|| format!("opening store {}", db_path.display()))?
+        }
     };
-    let store = Store::open_sqlite(&db_path).await.with_context(|| format!("opening store {}", db_path.display()))?;
     ensure_admin_token(&store, &dir).await?;
     let audit = AuditLog::open(store.clone()).await?;
 

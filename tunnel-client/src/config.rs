@@ -4,6 +4,7 @@
 use crate::dial::split_host_port;
 use endpoint_types::{
     duration::HumanDuration,
+    policy::Policy,
     resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind},
     secret::Secret,
 };
@@ -390,64 +391,18 @@ impl ResourceConfig {
     }
 }
 
+/// The agent and the gateway must read the policy alike, so the agent validates it with the
+/// same parser the gateway evaluates it with; its errors already name the key and the entry.
 fn validate_policy(p: &PolicyConfig) -> Result<(), String> {
-    if p.approval == ApprovalMode::Windows && p.windows.is_empty() && p.maintenance.is_empty() {
-        return Err("approval = \"windows\" needs at least one entry in `windows` or `maintenance`".into());
-    }
-    if let Some(tz) = &p.time_zone {
-        jiff::tz::TimeZone::get(tz).map_err(|e| format!("time_zone = {tz:?} is not a known time zone: {e}"))?;
-    }
-    for w in &p.windows {
-        check_window(w).map_err(|e| format!("windows: {w:?}: {e} (expected e.g. \"Mon-Fri 09:00-17:00\")"))?;
-    }
-    for m in &p.maintenance {
-        check_maintenance(m).map_err(|e| format!("maintenance: {m:?}: {e} (expected START/END in RFC 3339)"))?;
-    }
-    Ok(())
-}
-
-const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-
-/// `DAYS HH:MM-HH:MM`, DAYS being `Sat`, `Mon-Fri` or `Mon,Wed`.
-fn check_window(w: &str) -> Result<(), String> {
-    let (days, times) = w.trim().split_once(char::is_whitespace).ok_or("missing the time range")?;
-    for part in days.split(',') {
-        for day in part.split('-') {
-            if !DAYS.contains(&day.to_ascii_lowercase().as_str()) {
-                return Err(format!("{day:?} is not a day (Mon, Tue, … Sun)"));
-            }
-        }
-        if part.split('-').count() > 2 {
-            return Err(format!("{part:?} is not a day range"));
-        }
-    }
-    let (start, end) = times.trim().split_once('-').ok_or("the time range needs HH:MM-HH:MM")?;
-    let minutes = |t: &str| -> Result<u32, String> {
-        let bad = || format!("{t:?} is not HH:MM");
-        let (h, m) = t.split_once(':').ok_or_else(bad)?;
-        if h.len() != 2 || m.len() != 2 {
-            return Err(bad());
-        }
-        let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-        if h > 24 || m > 59 || (h == 24 && m != 0) {
-            return Err(bad());
-        }
-        Ok(h * 60 + m)
-    };
-    if minutes(start)? == minutes(end)? {
-        return Err("the window is empty (start equals end)".into());
-    }
-    Ok(())
-}
-
-fn check_maintenance(m: &str) -> Result<(), String> {
-    let (start, end) = m.split_once('/').ok_or("missing '/' between start and end")?;
-    let start: jiff::Timestamp = start.trim().parse().map_err(|e| format!("start: {e}"))?;
-    let end: jiff::Timestamp = end.trim().parse().map_err(|e| format!("end: {e}"))?;
-    if end <= start {
-        return Err("end is not after start".into());
-    }
-    Ok(())
+    Policy::parse(&PolicySummary {
+        approval: p.approval,
+        time_zone: p.time_zone.clone(),
+        windows: p.windows.clone(),
+        maintenance: p.maintenance.clone(),
+        steady_state: p.steady_state,
+    })
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -581,12 +536,16 @@ target = "127.0.0.1:7000"
 
     #[test]
     fn windows_syntax() {
+        let policy = |w: &str| format!("audit_path = \"a\"\n[policy]\napproval = \"windows\"\nwindows = [\"{w}\"]\n");
         for ok in ["Sat 10:00-12:00", "Mon-Fri 09:00-17:00", "Mon,Wed 22:00-02:00", "Mon-Sun 00:00-24:00"] {
-            check_window(ok).unwrap();
+            parse(&policy(ok)).unwrap();
         }
         for bad in ["Mon", "Mon-Fri 09:00", "Mon-Tue-Wed 09:00-10:00", "Mon 25:00-26:00", "Mon 10:00-10:00"] {
-            assert!(check_window(bad).is_err(), "{bad}");
+            let e = err(&policy(bad));
+            assert!(e.contains("[policy] windows") && e.contains(bad), "{e}");
         }
+        let e = err("audit_path = \"a\"\n[policy]\ntime_zone = \"Mars/Olympus\"\n");
+        assert!(e.contains("time_zone") && e.contains("Mars/Olympus"), "{e}");
     }
 
     #[test]

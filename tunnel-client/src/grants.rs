@@ -3,7 +3,11 @@
 //!
 //! Pure state, `now` passed in; the control loop drives it and owns the timers.
 
-use endpoint_types::{frame::EndpointGrant, resource::CloseReason};
+use endpoint_types::{
+    control::GrantLevel,
+    frame::{EndpointGrant, LiveGrant},
+    resource::CloseReason,
+};
 use jiff::Timestamp;
 use std::{
     collections::{HashMap, VecDeque},
@@ -56,6 +60,8 @@ struct Live {
 #[derive(Debug)]
 pub enum Liveness<'a> {
     Live { grant: &'a EndpointGrant, cut: &'a Cut },
+    /// The endpoint is live but the operate grant it was created under is not (by our clock).
+    NoGrant,
     Ended(CloseReason),
     Unknown,
 }
@@ -70,6 +76,8 @@ pub struct Removed {
 #[derive(Debug, Default)]
 pub struct LiveEndpoints {
     live: HashMap<String, Live>,
+    /// The appliance's grants as the gateway last synced them; checked against our clock.
+    grants: HashMap<String, LiveGrant>,
     ended: HashMap<String, CloseReason>,
     ended_order: VecDeque<String>,
 }
@@ -156,8 +164,43 @@ impl LiveEndpoints {
         n
     }
 
+    /// Replaces the grant set. Endpoints whose operate grant is no longer among the live
+    /// grants are ended with reason `revoked`, and their sessions cut.
+    pub fn sync_grants(&mut self, grants: Vec<LiveGrant>, now: Timestamp) -> Vec<Removed> {
+        self.grants = grants.into_iter().map(|g| (g.grant_id.clone(), g)).collect();
+        let orphaned: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| !self.operate_grant_live(l.grant.grant_id.as_deref(), now) && self.grant_known_gone(&l.grant))
+            .map(|(id, _)| id.clone())
+            .collect();
+        orphaned.iter().filter_map(|id| self.close(id, CloseReason::Revoked)).collect()
+    }
+
+    fn grant_known_gone(&self, ep: &EndpointGrant) -> bool {
+        ep.grant_id.as_ref().is_none_or(|g| !self.grants.contains_key(g))
+    }
+
+    /// Whether `grant_id` names a live operate grant by our clock.
+    pub fn operate_grant_live(&self, grant_id: Option<&str>, now: Timestamp) -> bool {
+        grant_id
+            .and_then(|g| self.grants.get(g))
+            .is_some_and(|g| g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at)
+    }
+
+    /// The live operate grant with the latest expiry, if any (ops run under it).
+    pub fn live_operate_grant(&self, now: Timestamp) -> Option<&LiveGrant> {
+        self.grants
+            .values()
+            .filter(|g| self.operate_grant_live(Some(&g.grant_id), now))
+            .max_by_key(|g| g.expires_at)
+    }
+
     pub fn check(&self, endpoint_id: &str, now: Timestamp) -> Liveness<'_> {
         match self.live.get(endpoint_id) {
+            Some(l) if l.grant.expires_at > now && !self.operate_grant_live(l.grant.grant_id.as_deref(), now) => {
+                Liveness::NoGrant
+            }
             Some(l) if l.grant.expires_at > now => Liveness::Live { grant: &l.grant, cut: &l.cut },
             Some(_) => Liveness::Ended(CloseReason::Expired),
             None => match self.ended.get(endpoint_id) {
@@ -207,7 +250,24 @@ mod tests {
             endpoint_type: EndpointType::Tcp,
             resource_id: "null_resource.echo".into(),
             expires_at: at(expires),
+            grant_id: Some("gr_1".into()),
         }
+    }
+
+    /// A table that already holds a day-long operate grant `gr_1`.
+    fn table() -> LiveEndpoints {
+        let mut t = LiveEndpoints::new();
+        t.sync_grants(
+            vec![LiveGrant {
+                grant_id: "gr_1".into(),
+                level: GrantLevel::Operate,
+                approved_by: "bob@acme".into(),
+                approved_at: at(0),
+                expires_at: at(86_400),
+            }],
+            at(0),
+        );
+        t
     }
 
     fn session(t: &LiveEndpoints, id: &str, now: Timestamp) -> Cut {
@@ -219,7 +279,7 @@ mod tests {
 
     #[test]
     fn live_until_expiry_by_our_clock() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         assert!(t.insert(grant("ep1", 60), at(0)));
         assert!(matches!(t.check("ep1", at(59)), Liveness::Live { .. }));
         // Even before the timer fires, an expired grant serves nothing.
@@ -229,7 +289,7 @@ mod tests {
 
     #[test]
     fn already_expired_grant_is_not_inserted() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         assert!(!t.insert(grant("ep1", 10), at(10)));
         assert!(t.is_empty());
         assert!(matches!(t.check("ep1", at(0)), Liveness::Ended(CloseReason::Expired)));
@@ -237,7 +297,7 @@ mod tests {
 
     #[test]
     fn close_cuts_sessions_with_the_reason() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         t.insert(grant("ep1", 60), at(0));
         let s = session(&t, "ep1", at(1));
         assert_eq!(s.reason(), None);
@@ -249,7 +309,7 @@ mod tests {
 
     #[test]
     fn expire_due_and_next_expiry() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         t.insert(grant("a", 10), at(0));
         t.insert(grant("b", 20), at(0));
         assert_eq!(t.next_expiry(), Some(at(10)));
@@ -262,7 +322,7 @@ mod tests {
 
     #[test]
     fn sync_replaces_the_set_and_keeps_surviving_sessions() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         t.insert(grant("a", 60), at(0));
         t.insert(grant("b", 60), at(0));
         let sa = session(&t, "a", at(1));
@@ -278,7 +338,7 @@ mod tests {
 
     #[test]
     fn clear_cuts_everything_as_interrupted() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         t.insert(grant("a", 60), at(0));
         let s = session(&t, "a", at(1));
         assert_eq!(t.clear(CloseReason::Interrupted), 1);
@@ -297,7 +357,7 @@ mod tests {
 
     #[test]
     fn reopen_after_close_is_live_again() {
-        let mut t = LiveEndpoints::new();
+        let mut t = table();
         t.insert(grant("a", 60), at(0));
         t.close("a", CloseReason::Retired);
         assert!(t.insert(grant("a", 60), at(1)));

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dial;
 pub mod enroll;
 pub mod grants;
+pub mod ops;
 pub mod sessions;
 pub mod tunnel;
 pub mod wire;

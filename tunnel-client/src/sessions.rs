@@ -60,6 +60,13 @@ pub fn authorize(live: &LiveEndpoints, config: &AgentConfig, open: &StreamOpen, 
             return Err(ApiError::new(ErrorCode::EndpointRetired, format!("endpoint {ep} has been retired"))
                 .hint("create a new endpoint with `postern ops endpoint create`"))
         }
+        Liveness::NoGrant => {
+            return Err(ApiError::new(
+                ErrorCode::OperateAccessExpired,
+                format!("endpoint {ep} has no live operate grant at this appliance"),
+            )
+            .hint("request operate access again: postern access request --level operate …"))
+        }
         Liveness::Unknown => {
             return Err(ApiError::new(
                 ErrorCode::ForbiddenByScope,
@@ -360,8 +367,36 @@ mod tests {
         "2026-01-01T00:00:00Z".parse().unwrap()
     }
 
+    fn operate_grant() -> endpoint_types::frame::LiveGrant {
+        endpoint_types::frame::LiveGrant {
+            grant_id: "gr_test".into(),
+            level: endpoint_types::control::GrantLevel::Operate,
+            approved_by: "bob@acme".into(),
+            approved_at: now(),
+            expires_at: now() + jiff::SignedDuration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn no_live_operate_grant_means_no_session() {
+        let mut t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
+        assert!(authorize(&t, &config(), &open("ep1", "null_resource.echo"), now()).is_ok());
+        // Past the grant's expiry by our clock, even though the endpoint itself is live.
+        let later = now() + jiff::SignedDuration::from_secs(3600);
+        let mut g = operate_grant();
+        g.expires_at = later + jiff::SignedDuration::from_secs(1);
+        t.sync_grants(vec![g], now());
+        let e = authorize(&t, &config(), &open("ep1", "null_resource.echo"), later + jiff::SignedDuration::from_secs(2));
+        assert!(e.is_err());
+        // The gateway withdrawing the grant ends the endpoint as revoked.
+        let removed = t.sync_grants(vec![], now());
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].reason, CloseReason::Revoked);
+    }
+
     fn table(grants: &[(&str, EndpointType, &str)]) -> LiveEndpoints {
         let mut t = LiveEndpoints::new();
+        t.sync_grants(vec![operate_grant()], now());
         for (id, ty, res) in grants {
             t.insert(
                 EndpointGrant {
@@ -369,6 +404,7 @@ mod tests {
                     endpoint_type: *ty,
                     resource_id: res.to_string(),
                     expires_at: now() + jiff::SignedDuration::from_secs(60),
+                    grant_id: Some("gr_test".into()),
                 },
                 now(),
             );

@@ -323,6 +323,17 @@ impl Agent {
                     self.audit_stale(std::iter::once(&grant));
                 }
             }
+            Frame::GrantSync { grants } => {
+                let summary: Vec<serde_json::Value> = grants
+                    .iter()
+                    .map(|g| serde_json::json!({
+                        "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
+                    }))
+                    .collect();
+                let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).sync_grants(grants, now);
+                self.audit_grants(summary);
+                self.audit_removed(&removed);
+            }
             Frame::EndpointClose { endpoint_id, reason } => {
                 let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).close(&endpoint_id, reason);
                 self.audit_removed(removed.as_slice());
@@ -357,6 +368,12 @@ impl Agent {
             )
             .endpoint(g.endpoint_id.clone()),
         );
+    }
+
+    /// The customer's trail records every grant set the gateway announced: what the agent
+    /// was told it may honour, and until when.
+    fn audit_grants(&self, grants: Vec<serde_json::Value>) {
+        self.audit.record_or_log(Entry::new("grant.sync", self.audit.agent_actor(), json!({ "grants": grants })));
     }
 
     fn audit_removed(&self, removed: &[Removed]) {

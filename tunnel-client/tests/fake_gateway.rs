@@ -147,6 +147,17 @@ fn grant(id: &str, secs: i64) -> EndpointGrant {
         endpoint_type: EndpointType::Tcp,
         resource_id: "null_resource.echo".into(),
         expires_at: Timestamp::now() + SignedDuration::from_secs(secs),
+        grant_id: Some("gr_1".into()),
+    }
+}
+
+fn operate_grant() -> endpoint_types::frame::LiveGrant {
+    endpoint_types::frame::LiveGrant {
+        grant_id: "gr_1".into(),
+        level: endpoint_types::control::GrantLevel::Operate,
+        approved_by: "bob@acme.example".into(),
+        approved_at: Timestamp::now() - SignedDuration::from_secs(1),
+        expires_at: Timestamp::now() + SignedDuration::from_secs(3600),
     }
 }
 
@@ -230,6 +241,7 @@ async fn enroll_run_serve_cut_and_reconnect() {
     let Frame::StreamRefuse(e) = answer else { panic!("expected a refusal, got {answer:?}") };
     assert_eq!(e.code, ErrorCode::ForbiddenByScope);
 
+    cmd_tx.send(Frame::GrantSync { grants: vec![operate_grant()] }).await.unwrap();
     cmd_tx.send(Frame::EndpointSync { endpoints: vec![grant("ep_1", 60)] }).await.unwrap();
     wait_for(&audit_path, |r| r.iter().any(|r| r.kind == "endpoint.opened")).await;
 

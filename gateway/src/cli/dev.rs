@@ -167,6 +167,7 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
          \nTry, in another shell:\n\
          \n  export POSTERN_ADDR={api} POSTERN_CA_FILE={ca} POSTERN_TOKEN=$(cat {tok})\
          \n  {me} appliance list\
+         \n  {me} access request --app {APP} --customer {CUSTOMER} --level operate --duration 1h --reason \"trying Postern\"\
          \n  {me} ops endpoint create --type tcp --app {APP} --customer {CUSTOMER} --origin-resource-id {ECHO_RESOURCE} --ttl 10m\
          \n  # the demo echo service answers through the tunnel at the printed address:\
          \n  echo hello | nc -q1 <address host> <address port>\

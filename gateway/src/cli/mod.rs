@@ -1,6 +1,7 @@
 //! The `postern` command line: gateway server, dev mode, and the operator/customer commands.
 
 mod client;
+mod control;
 mod dev;
 
 use crate::{config, server};
@@ -46,6 +47,12 @@ enum Command {
     /// Appliances and their enrollment.
     #[command(subcommand)]
     Appliance(ApplianceCmd),
+    /// Permission phases (grants) on appliances.
+    #[command(subcommand)]
+    Access(control::AccessCmd),
+    /// Customer decisions on grants, ops and endpoints.
+    #[command(subcommand)]
+    Approvals(control::ApprovalsCmd),
     /// Operations on appliances.
     #[command(subcommand)]
     Ops(OpsCmd),
@@ -234,6 +241,8 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
             Ok(())
         }
         Command::Appliance(cmd) => appliance(cmd, &client()?, out).await,
+        Command::Access(cmd) => control::access(cmd, &client()?, out).await,
+        Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await,
         Command::Ops(OpsCmd::Endpoint(cmd)) => endpoint(cmd, &client()?, out).await,
         Command::Audit(cmd) => audit(cmd, &client()?, out).await,
     }

@@ -37,6 +37,7 @@ pub struct LiveEndpoint {
     pub resource_id: String,
     pub operator: String,
     pub expires_at: Timestamp,
+    pub grant_id: Option<String>,
     pub cancel: CancellationToken,
     pub live_sessions: AtomicU64,
     end_reason: Mutex<Option<CloseReason>>,
@@ -60,6 +61,7 @@ impl LiveEndpoint {
             endpoint_type: self.endpoint_type,
             resource_id: self.resource_id.clone(),
             expires_at: self.expires_at,
+            grant_id: self.grant_id.clone(),
         }
     }
 }
@@ -229,35 +231,95 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
     }
 
     let now = crate::store::now();
-    let expires_at = now
-        .checked_add(jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?)
-        .map_err(|_| ApiError::invalid("TTL too large"))?;
+    let grant = crate::grants::require_operate(gw, &appliance, now).await?;
+    let ttl_signed = jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?;
+    let requested_until = now.checked_add(ttl_signed).map_err(|_| ApiError::invalid("TTL too large"))?;
     let id = format!("ep_{}", crate::identity::random_hex(8));
-    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
-    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
-    let row = EndpointRow {
+    let mut row = EndpointRow {
         id: id.clone(),
         endpoint_type: req.endpoint_type,
         appliance_id: appliance.id.clone(),
         resource_id: resource.id.clone(),
-        state: EndpointState::Active,
+        state: EndpointState::PendingApproval,
         created_by: caller.actor(),
         created_at: now,
-        expires_at,
+        expires_at: requested_until,
         ended_at: None,
-        address: Some(address.clone()),
+        address: None,
         sessions_total: 0,
+        grant_id: Some(grant.id.clone()),
     };
+    let subject = Subject::endpoint(&appliance.id, &id);
+    let requested = serde_json::json!({
+        "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(), "grant_id": grant.id,
+    });
+    let Some((by, window_end)) = crate::grants::automatic_decision(gw, &appliance.id, now).await else {
+        // A person decides; the listener opens on approval.
+        gw.store.insert_endpoint(&row).await.map_err(internal)?;
+        gw.audit.record("endpoint.requested", &caller.actor(), subject, requested).await;
+        crate::notify::waiting(gw, &appliance.customer, "endpoint", &id).await;
+        return record(gw, row).await;
+    };
+    // Never past the grant, nor past the window that approved it.
+    row.expires_at = [Some(requested_until), grant.expires_at, window_end].into_iter().flatten().min().unwrap_or(requested_until);
+    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    row.state = EndpointState::Active;
+    row.address = Some(address.clone());
     gw.store.insert_endpoint(&row).await.map_err(internal)?;
     let ep = activate(gw, &row, listener);
     gw.agents.send(&appliance.id, Frame::EndpointOpen(ep.grant()));
+    gw.audit.record("endpoint.requested", &caller.actor(), subject.clone(), requested).await;
     gw.audit
-        .record("endpoint.created", &caller.actor(), Subject::endpoint(&appliance.id, &id), serde_json::json!({
-            "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(),
-            "expires_at": expires_at, "address": address,
+        .record("endpoint.created", by, subject, serde_json::json!({
+            "type": req.endpoint_type, "origin_resource_id": resource.id, "expires_at": row.expires_at, "address": address,
+            "approved_by": by,
         }))
         .await;
     record(gw, row).await
+}
+
+/// A customer approver's decision on a pending endpoint. On approval the endpoint lives for
+/// its TTL from now, never past its operate grant.
+pub async fn decide(gw: &Arc<Gateway>, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<EndpointRecord, ApiError> {
+    let rec = get(gw, caller, id).await?;
+    caller.require_customer(&rec.customer)?;
+    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    if row.state != EndpointState::PendingApproval {
+        return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} is {}, not waiting for a decision", row.state.as_str())));
+    }
+    let now = crate::store::now();
+    let subject = Subject::endpoint(&row.appliance_id, id);
+    if !approve {
+        if !gw.store.deny_endpoint(id, now).await.map_err(internal)? {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} was decided by someone else just now")));
+        }
+        gw.audit.record("endpoint.denied", &caller.actor(), subject, serde_json::json!({"message": message})).await;
+        return get(gw, caller, id).await;
+    }
+    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let grant = crate::grants::require_operate(gw, &appliance, now).await?;
+    if row.grant_id.as_deref() != Some(grant.id.as_str()) {
+        return Err(ApiError::new(ErrorCode::OperateAccessExpired, format!("the operate grant endpoint {id} was requested under has ended"))
+            .hint(crate::grants::access_hint(&appliance.app, &appliance.customer)));
+    }
+    let ttl = row.expires_at.duration_since(row.created_at);
+    let expires_at = [now.checked_add(ttl).ok(), grant.expires_at].into_iter().flatten().min().unwrap_or(now);
+    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    if !gw.store.activate_endpoint(id, expires_at, &address).await.map_err(internal)? {
+        return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} was decided by someone else just now")));
+    }
+    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let ep = activate(gw, &row, listener);
+    gw.agents.send(&row.appliance_id, Frame::EndpointOpen(ep.grant()));
+    gw.audit
+        .record("endpoint.created", &caller.actor(), subject, serde_json::json!({
+            "type": row.endpoint_type, "origin_resource_id": row.resource_id, "expires_at": expires_at, "address": address,
+            "approved_by": caller.actor(),
+        }))
+        .await;
+    get(gw, caller, id).await
 }
 
 /// Registers a live endpoint, starts serving its listener and arms its expiry.
@@ -269,6 +331,7 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: std::net::TcpListene
         resource_id: row.resource_id.clone(),
         operator: row.created_by.clone(),
         expires_at: row.expires_at,
+        grant_id: row.grant_id.clone(),
         cancel: gw.shutdown.child_token(),
         live_sessions: AtomicU64::new(0),
         end_reason: Mutex::new(None),
@@ -333,6 +396,15 @@ pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointR
     let mut rec = get(gw, caller, id).await?;
     rec.sessions_cut = Some(cut);
     Ok(rec)
+}
+
+/// Ends every active endpoint created under a grant (grant revoked).
+pub async fn end_all_of_grant(gw: &Gateway, grant_id: &str, reason: CloseReason, caller: &Caller) {
+    if let Ok(rows) = gw.store.active_endpoints().await {
+        for r in rows.into_iter().filter(|r| r.grant_id.as_deref() == Some(grant_id)) {
+            end(gw, &r.id, reason, caller).await;
+        }
+    }
 }
 
 /// Ends every active endpoint of an appliance (revocation).

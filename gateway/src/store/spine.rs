@@ -1,57 +1,12 @@
-//! Control-plane state behind one interface. The spine ships the embedded SQLite backend; the
-//! schema and queries are kept portable so a PostgreSQL backend can share the migrations.
+//! The spine's tables: identities, appliances, enrollment, endpoints, audit.
 
+use super::{from_ms, opt_ts, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     api::{AuditRecord, EndpointState},
-    resource::EndpointType,
+    resource::{EndpointType, PolicySummary},
 };
 use jiff::Timestamp;
-use sqlx::{
-    migrate::{Migration, MigrationType, Migrator},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
-    Row, SqlSafeStr, SqlitePool,
-};
-use std::{path::Path, time::Duration};
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("stored row is corrupt: {0}")]
-    Corrupt(String),
-}
-
-pub type StoreResult<T> = Result<T, StoreError>;
-
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "spine".into(),
-        MigrationType::Simple,
-        include_str!("../migrations/0001_spine.sql").into_sql_str(),
-        false,
-    )])
-}
-
-/// Now, at the store's precision (milliseconds), so a record reads back exactly as it was
-/// written and shown.
-pub fn now() -> Timestamp {
-    Timestamp::from_millisecond(Timestamp::now().as_millisecond()).unwrap_or_else(|_| Timestamp::now())
-}
-
-pub fn to_ms(t: Timestamp) -> i64 {
-    t.as_millisecond()
-}
-
-pub fn from_ms(ms: i64) -> StoreResult<Timestamp> {
-    Timestamp::from_millisecond(ms).map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
-}
-
-fn opt_ts(ms: Option<i64>) -> StoreResult<Option<Timestamp>> {
-    ms.map(from_ms).transpose()
-}
+use sqlx::{any::AnyRow, Row};
 
 #[derive(Debug, Clone)]
 pub struct TokenRow {
@@ -103,40 +58,60 @@ pub struct EndpointRow {
     pub ended_at: Option<Timestamp>,
     pub address: Option<String>,
     pub sessions_total: u64,
+    /// The operate grant it was created under; it never outlives it.
+    pub grant_id: Option<String>,
 }
 
-#[derive(Clone, Debug)]
-pub struct Store {
-    pool: SqlitePool,
+const AUDIT_COLS: &str = "seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash";
+
+fn audit_from(r: AnyRow) -> StoreResult<AuditRecord> {
+    let time: String = r.try_get("time")?;
+    let detail: String = r.try_get("detail")?;
+    Ok(AuditRecord {
+        seq: r.try_get("seq")?,
+        time: time.parse().map_err(|e| StoreError::Corrupt(format!("audit time {time}: {e}")))?,
+        kind: r.try_get("kind")?,
+        actor: r.try_get("actor")?,
+        appliance_id: r.try_get("appliance_id")?,
+        endpoint_id: r.try_get("endpoint_id")?,
+        session_id: r.try_get("session_id")?,
+        op_id: r.try_get("op_id")?,
+        detail: serde_json::from_str(&detail).map_err(|e| StoreError::Corrupt(format!("audit detail: {e}")))?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
 }
+
+async fn insert_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>, r: &AuditRecord) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(r.seq)
+    .bind(r.time.to_string())
+    .bind(&r.kind)
+    .bind(&r.actor)
+    .bind(&r.appliance_id)
+    .bind(&r.endpoint_id)
+    .bind(&r.session_id)
+    .bind(&r.op_id)
+    .bind(r.detail.to_string())
+    .bind(&r.prev_hash)
+    .bind(&r.hash)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+async fn last_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>) -> StoreResult<Option<(i64, String)>> {
+    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(ex).await?;
+    row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?))).transpose()
+}
+
+const ENDPOINT_COLS: &str =
+    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id";
 
 impl Store {
-    /// Opens (creating if needed) the SQLite database file and applies migrations.
-    pub async fn open_sqlite(path: &Path) -> StoreResult<Store> {
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
-        migrator().run(&pool).await?;
-        Ok(Store { pool })
-    }
-
-    /// A private in-memory database (tests).
-    pub async fn open_memory() -> StoreResult<Store> {
-        let opts = SqliteConnectOptions::new().in_memory(true).foreign_keys(true);
-        // One connection: every in-memory connection would otherwise be its own database.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
-        migrator().run(&pool).await?;
-        Ok(Store { pool })
-    }
-
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
     // ---- identities ----
 
     pub async fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
@@ -200,7 +175,7 @@ impl Store {
 
     const APPLIANCE_COLS: &'static str = "id, app, customer, created_at, created_by, cert_fingerprint, enrolled_at, revoked_at, last_seen, agent_version, resources";
 
-    fn appliance_from(r: sqlx::sqlite::SqliteRow) -> StoreResult<ApplianceRow> {
+    fn appliance_from(r: AnyRow) -> StoreResult<ApplianceRow> {
         Ok(ApplianceRow {
             id: r.try_get("id")?,
             app: r.try_get("app")?,
@@ -278,6 +253,18 @@ impl Store {
         Ok(())
     }
 
+    /// The customer's approval policy as the appliance last reported it in a hello (stored by
+    /// [`Store::set_presence`] as JSON); None if it never reported one or the appliance does not
+    /// exist.
+    pub async fn appliance_policy(&self, id: &str) -> StoreResult<Option<PolicySummary>> {
+        let row = sqlx::query("SELECT policy FROM appliances WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        let Some(json) = row.map(|r| r.try_get::<Option<String>, _>("policy")).transpose()?.flatten() else {
+            return Ok(None);
+        };
+        serde_json::from_str::<Option<PolicySummary>>(&json)
+            .map_err(|e| StoreError::Corrupt(format!("policy of appliance {id}: {e}")))
+    }
+
     /// Marks an appliance revoked; false if it was already revoked or does not exist.
     pub async fn revoke_appliance(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
         let r = sqlx::query("UPDATE appliances SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
@@ -318,7 +305,8 @@ impl Store {
         .transpose()
     }
 
-    /// Consumes a token atomically: of any number of concurrent callers exactly one gets `true`.
+    /// Consumes a token atomically: of any number of concurrent callers (in any number of
+    /// processes) exactly one gets `true`.
     pub async fn consume_enrollment_token(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
         let r = sqlx::query("UPDATE enrollment_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND expires_at > $1")
             .bind(to_ms(now))
@@ -332,8 +320,8 @@ impl Store {
 
     pub async fn insert_endpoint(&self, e: &EndpointRow) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&e.id)
         .bind(e.endpoint_type.as_str())
@@ -344,12 +332,13 @@ impl Store {
         .bind(to_ms(e.created_at))
         .bind(to_ms(e.expires_at))
         .bind(&e.address)
+        .bind(&e.grant_id)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    fn endpoint_from(r: sqlx::sqlite::SqliteRow) -> StoreResult<EndpointRow> {
+    fn endpoint_from(r: AnyRow) -> StoreResult<EndpointRow> {
         let t: String = r.try_get("endpoint_type")?;
         let s: String = r.try_get("state")?;
         Ok(EndpointRow {
@@ -364,14 +353,12 @@ impl Store {
             ended_at: opt_ts(r.try_get("ended_at")?)?,
             address: r.try_get("address")?,
             sessions_total: r.try_get::<i64, _>("sessions_total")?.max(0) as u64,
+            grant_id: r.try_get("grant_id")?,
         })
     }
 
     async fn endpoints_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<EndpointRow>> {
-        let sql = format!(
-            "SELECT id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total \
-             FROM endpoints {clause} ORDER BY created_at, id"
-        );
+        let sql = format!("SELECT {ENDPOINT_COLS} FROM endpoints {clause} ORDER BY created_at, id");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for b in binds {
             q = q.bind(*b);
@@ -393,6 +380,35 @@ impl Store {
 
     pub async fn active_endpoints_of(&self, appliance_id: &str) -> StoreResult<Vec<EndpointRow>> {
         self.endpoints_where("WHERE state = 'active' AND appliance_id = $1", &[appliance_id]).await
+    }
+
+    /// Approves a pending endpoint: active until `expires_at`, listening on `address`. False if
+    /// it is no longer pending (decided by someone else) or does not exist.
+    pub async fn activate_endpoint(&self, id: &str, expires_at: Timestamp, address: &str) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE endpoints SET state = 'active', expires_at = $1, address = $2 WHERE id = $3 AND state = 'pending-approval'",
+        )
+        .bind(to_ms(expires_at))
+        .bind(address)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Denies a pending endpoint; false if it is no longer pending or does not exist.
+    pub async fn deny_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
+        let r = sqlx::query("UPDATE endpoints SET state = 'denied', ended_at = $1 WHERE id = $2 AND state = 'pending-approval'")
+            .bind(to_ms(now))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The active endpoints created under a grant (to end them when it is revoked or expires).
+    pub async fn active_endpoints_of_grant(&self, grant_id: &str) -> StoreResult<Vec<EndpointRow>> {
+        self.endpoints_where("WHERE state = 'active' AND grant_id = $1", &[grant_id]).await
     }
 
     /// Moves an active endpoint to a final state; false if it was not active (someone else ended it).
@@ -421,60 +437,45 @@ impl Store {
 
     // ---- audit ----
 
+    /// Inserts a record the caller chained itself. Only safe with one writer process; several
+    /// replicas must use [`Store::append_audit_with`].
     pub async fn append_audit(&self, r: &AuditRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(r.seq)
-        .bind(r.time.to_string())
-        .bind(&r.kind)
-        .bind(&r.actor)
-        .bind(&r.appliance_id)
-        .bind(&r.endpoint_id)
-        .bind(&r.session_id)
-        .bind(&r.op_id)
-        .bind(r.detail.to_string())
-        .bind(&r.prev_hash)
-        .bind(&r.hash)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_audit(&self.pool, r).await
+    }
+
+    /// Appends the next record of the chain, serialised in the database so that any number of
+    /// processes sharing it (gateway replicas on PostgreSQL) produce one linear chain: in one
+    /// transaction holding the audit write lock it reads the last `(seq, hash)` (`(0, genesis)`
+    /// when empty), asks `make(next_seq, prev_hash)` for the record (which must carry that seq
+    /// and prev_hash, and its hash), inserts it and commits.
+    pub async fn append_audit_with<F>(&self, make: F) -> StoreResult<AuditRecord>
+    where
+        F: FnOnce(i64, &str) -> AuditRecord + Send,
+    {
+        let mut tx = self.write_tx("audit_log").await?;
+        let (seq, prev) = last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
+        let r = make(seq + 1, &prev);
+        if r.seq != seq + 1 || r.prev_hash != prev {
+            return Err(StoreError::BrokenChain(format!(
+                "got seq {} after {prev}, expected seq {} after the head's hash",
+                r.seq,
+                seq + 1
+            )));
+        }
+        insert_audit(&mut *tx, &r).await?;
+        tx.commit().await?;
+        Ok(r)
     }
 
     /// Audit records in order, optionally only those after `after_seq`.
     pub async fn list_audit(&self, after_seq: i64) -> StoreResult<Vec<AuditRecord>> {
-        let rows = sqlx::query(
-            "SELECT seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash \
-             FROM audit_log WHERE seq > $1 ORDER BY seq",
-        )
-        .bind(after_seq)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                let time: String = r.try_get("time")?;
-                let detail: String = r.try_get("detail")?;
-                Ok(AuditRecord {
-                    seq: r.try_get("seq")?,
-                    time: time.parse().map_err(|e| StoreError::Corrupt(format!("audit time {time}: {e}")))?,
-                    kind: r.try_get("kind")?,
-                    actor: r.try_get("actor")?,
-                    appliance_id: r.try_get("appliance_id")?,
-                    endpoint_id: r.try_get("endpoint_id")?,
-                    session_id: r.try_get("session_id")?,
-                    op_id: r.try_get("op_id")?,
-                    detail: serde_json::from_str(&detail).map_err(|e| StoreError::Corrupt(format!("audit detail: {e}")))?,
-                    prev_hash: r.try_get("prev_hash")?,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .collect()
+        let sql = format!("SELECT {AUDIT_COLS} FROM audit_log WHERE seq > $1 ORDER BY seq");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after_seq).fetch_all(&self.pool).await?;
+        rows.into_iter().map(audit_from).collect()
     }
 
     pub async fn last_audit(&self) -> StoreResult<Option<(i64, String)>> {
-        let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(&self.pool).await?;
-        row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?))).transpose()
+        last_audit(&self.pool).await
     }
 
     /// Rewrites one record's detail in place, as an attacker with database access could.

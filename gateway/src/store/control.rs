@@ -1,0 +1,374 @@
+//! Control-plane tables: grants (permission phases), one-off ops, the per-appliance
+//! steady-state switch and per-customer settings.
+
+use super::{from_ms, opt_ts, parse_kw, to_ms, Store, StoreError, StoreResult};
+use endpoint_types::{
+    control::{GrantLevel, GrantState, OpState, OpTool},
+    ApiError,
+};
+use jiff::Timestamp;
+use sqlx::{any::AnyRow, Row};
+use std::time::Duration;
+
+/// A grant request and its decision. `state` is what was decided (pending-approval, active,
+/// denied, revoked); whether an active grant has expired is derived from `expires_at` and the
+/// clock, never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantRow {
+    pub id: String,
+    pub appliance_id: String,
+    pub level: GrantLevel,
+    pub state: GrantState,
+    pub requested_by: String,
+    pub reason: String,
+    /// Requested duration; counts from the approval.
+    pub duration_ms: i64,
+    pub requested_at: Timestamp,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<Timestamp>,
+    /// The customer's message with the decision.
+    pub message: Option<String>,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// One one-off op, everything the control plane keeps about it (including output held for
+/// approval).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRow {
+    pub id: String,
+    pub appliance_id: String,
+    pub tool: OpTool,
+    pub command: String,
+    pub origin_resource_id: String,
+    pub timeout: Duration,
+    pub state: OpState,
+    pub requested_by: String,
+    pub requested_at: Timestamp,
+    /// The operate grant it runs under.
+    pub grant_id: Option<String>,
+    pub command_approved_by: Option<String>,
+    pub command_approved_at: Option<Timestamp>,
+    pub output_approved_by: Option<String>,
+    pub output_approved_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub exit_code: Option<i64>,
+    pub stdout: Option<String>,
+    pub stderr: Option<String>,
+    pub truncated: bool,
+    pub error: Option<ApiError>,
+    /// The customer's message with a decision (e.g. a denial).
+    pub message: Option<String>,
+}
+
+const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
+
+const OP_COLS: &str =
+    "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
+     command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
+     stdout, stderr, truncated, error, message";
+
+fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
+    Ok(GrantRow {
+        id: r.try_get("id")?,
+        appliance_id: r.try_get("appliance_id")?,
+        level: parse_kw(&r.try_get::<String, _>("level")?, "grant level", GrantLevel::parse)?,
+        state: parse_kw(&r.try_get::<String, _>("state")?, "grant state", GrantState::parse)?,
+        requested_by: r.try_get("requested_by")?,
+        reason: r.try_get("reason")?,
+        duration_ms: r.try_get("duration_ms")?,
+        requested_at: from_ms(r.try_get("requested_at")?)?,
+        decided_by: r.try_get("decided_by")?,
+        decided_at: opt_ts(r.try_get("decided_at")?)?,
+        message: r.try_get("message")?,
+        expires_at: opt_ts(r.try_get("expires_at")?)?,
+    })
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn op_from(r: AnyRow) -> StoreResult<OpRow> {
+    let id: String = r.try_get("id")?;
+    let error = r
+        .try_get::<Option<String>, _>("error")?
+        .map(|e| serde_json::from_str::<ApiError>(&e).map_err(|e| StoreError::Corrupt(format!("error of op {id}: {e}"))))
+        .transpose()?;
+    Ok(OpRow {
+        appliance_id: r.try_get("appliance_id")?,
+        tool: parse_kw(&r.try_get::<String, _>("tool")?, "op tool", OpTool::parse)?,
+        command: r.try_get("command")?,
+        origin_resource_id: r.try_get("origin_resource_id")?,
+        timeout: Duration::from_millis(r.try_get::<i64, _>("timeout_ms")?.max(0) as u64),
+        state: parse_kw(&r.try_get::<String, _>("state")?, "op state", OpState::parse)?,
+        requested_by: r.try_get("requested_by")?,
+        requested_at: from_ms(r.try_get("requested_at")?)?,
+        grant_id: r.try_get("grant_id")?,
+        command_approved_by: r.try_get("command_approved_by")?,
+        command_approved_at: opt_ts(r.try_get("command_approved_at")?)?,
+        output_approved_by: r.try_get("output_approved_by")?,
+        output_approved_at: opt_ts(r.try_get("output_approved_at")?)?,
+        started_at: opt_ts(r.try_get("started_at")?)?,
+        finished_at: opt_ts(r.try_get("finished_at")?)?,
+        exit_code: r.try_get("exit_code")?,
+        stdout: r.try_get("stdout")?,
+        stderr: r.try_get("stderr")?,
+        truncated: r.try_get::<i64, _>("truncated")? != 0,
+        error,
+        message: r.try_get("message")?,
+        id,
+    })
+}
+
+fn error_json(e: &Option<ApiError>) -> StoreResult<Option<String>> {
+    e.as_ref()
+        .map(|e| serde_json::to_string(e).map_err(|e| StoreError::Corrupt(format!("op error does not serialise: {e}"))))
+        .transpose()
+}
+
+impl Store {
+    // ---- grants ----
+
+    pub async fn insert_grant(&self, g: &GrantRow) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO grants (id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&g.id)
+        .bind(&g.appliance_id)
+        .bind(g.level.as_str())
+        .bind(g.state.as_str())
+        .bind(&g.requested_by)
+        .bind(&g.reason)
+        .bind(g.duration_ms)
+        .bind(to_ms(g.requested_at))
+        .bind(&g.decided_by)
+        .bind(g.decided_at.map(to_ms))
+        .bind(&g.message)
+        .bind(g.expires_at.map(to_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn grants_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<GrantRow>> {
+        let sql = format!("SELECT {GRANT_COLS} FROM grants {clause} ORDER BY requested_at, id");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_all(&self.pool).await?.into_iter().map(grant_from).collect()
+    }
+
+    pub async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>> {
+        Ok(self.grants_where("WHERE id = $1", &[id]).await?.into_iter().next())
+    }
+
+    /// All grants, oldest request first.
+    pub async fn list_grants(&self) -> StoreResult<Vec<GrantRow>> {
+        self.grants_where("", &[]).await
+    }
+
+    /// The grants of one appliance, oldest request first.
+    pub async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>> {
+        self.grants_where("WHERE appliance_id = $1", &[appliance_id]).await
+    }
+
+    /// Records the decision on a grant that is still pending approval; false if it is not (it
+    /// was decided by someone else, or does not exist): of concurrent deciders exactly one wins.
+    pub async fn decide_grant(
+        &self,
+        id: &str,
+        state: GrantState,
+        decided_by: &str,
+        decided_at: Timestamp,
+        message: Option<&str>,
+        expires_at: Option<Timestamp>,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE grants SET state = $1, decided_by = $2, decided_at = $3, message = $4, expires_at = $5 \
+             WHERE id = $6 AND state = 'pending-approval'",
+        )
+        .bind(state.as_str())
+        .bind(decided_by)
+        .bind(to_ms(decided_at))
+        .bind(message)
+        .bind(expires_at.map(to_ms))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Revokes an active grant (state `active`; whether it already expired is the caller's
+    /// check); false if it is not active. Who revoked it and when are kept in `revoked_by` /
+    /// `revoked_at`; `decided_by` / `decided_at` keep the approval.
+    pub async fn revoke_grant(&self, id: &str, by: &str, at: Timestamp) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE grants SET state = 'revoked', revoked_by = $1, revoked_at = $2 WHERE id = $3 AND state = 'active'",
+        )
+        .bind(by)
+        .bind(to_ms(at))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- ops ----
+
+    pub async fn insert_op(&self, o: &OpRow) -> StoreResult<()> {
+        let sql = format!(
+            "INSERT INTO ops ({OP_COLS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&o.id)
+            .bind(&o.appliance_id)
+            .bind(o.tool.as_str())
+            .bind(&o.command)
+            .bind(&o.origin_resource_id)
+            .bind(duration_ms(o.timeout))
+            .bind(o.state.as_str())
+            .bind(&o.requested_by)
+            .bind(to_ms(o.requested_at))
+            .bind(&o.grant_id)
+            .bind(&o.command_approved_by)
+            .bind(o.command_approved_at.map(to_ms))
+            .bind(&o.output_approved_by)
+            .bind(o.output_approved_at.map(to_ms))
+            .bind(o.started_at.map(to_ms))
+            .bind(o.finished_at.map(to_ms))
+            .bind(o.exit_code)
+            .bind(&o.stdout)
+            .bind(&o.stderr)
+            .bind(i64::from(o.truncated))
+            .bind(error_json(&o.error)?)
+            .bind(&o.message)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ops_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<OpRow>> {
+        let sql = format!("SELECT {OP_COLS} FROM ops {clause} ORDER BY requested_at, id");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_all(&self.pool).await?.into_iter().map(op_from).collect()
+    }
+
+    pub async fn get_op(&self, id: &str) -> StoreResult<Option<OpRow>> {
+        Ok(self.ops_where("WHERE id = $1", &[id]).await?.into_iter().next())
+    }
+
+    /// All ops, oldest request first.
+    pub async fn list_ops(&self) -> StoreResult<Vec<OpRow>> {
+        self.ops_where("", &[]).await
+    }
+
+    /// The ops of one appliance, oldest request first.
+    pub async fn ops_of(&self, appliance_id: &str) -> StoreResult<Vec<OpRow>> {
+        self.ops_where("WHERE appliance_id = $1", &[appliance_id]).await
+    }
+
+    /// The ops in one state (e.g. everything `running` when the gateway restarts).
+    pub async fn ops_in_state(&self, state: OpState) -> StoreResult<Vec<OpRow>> {
+        self.ops_where("WHERE state = $1", &[state.as_str()]).await
+    }
+
+    /// Compare-and-set: writes every mutable column of `o` (state, grant, approvals, times,
+    /// exit code, stdout/stderr, truncated, error, message; not the request itself) only if
+    /// the stored state is still `expected`. False if it is not (another task or replica moved
+    /// the op on) or the op does not exist.
+    ///
+    /// stdout/stderr are written as given: a caller racing [`Store::append_op_output`] must
+    /// re-read the row, or leave output to `append_op_output`.
+    pub async fn update_op(&self, o: &OpRow, expected: OpState) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE ops SET state = $1, grant_id = $2, command_approved_by = $3, command_approved_at = $4, \
+             output_approved_by = $5, output_approved_at = $6, started_at = $7, finished_at = $8, exit_code = $9, \
+             stdout = $10, stderr = $11, truncated = $12, error = $13, message = $14 \
+             WHERE id = $15 AND state = $16",
+        )
+        .bind(o.state.as_str())
+        .bind(&o.grant_id)
+        .bind(&o.command_approved_by)
+        .bind(o.command_approved_at.map(to_ms))
+        .bind(&o.output_approved_by)
+        .bind(o.output_approved_at.map(to_ms))
+        .bind(o.started_at.map(to_ms))
+        .bind(o.finished_at.map(to_ms))
+        .bind(o.exit_code)
+        .bind(&o.stdout)
+        .bind(&o.stderr)
+        .bind(i64::from(o.truncated))
+        .bind(error_json(&o.error)?)
+        .bind(&o.message)
+        .bind(&o.id)
+        .bind(expected.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Appends streamed output to an op's stdout and stderr (NULL counts as empty) in one
+    /// statement; false if the op does not exist.
+    pub async fn append_op_output(&self, id: &str, stdout_add: &str, stderr_add: &str) -> StoreResult<bool> {
+        let r =
+            sqlx::query("UPDATE ops SET stdout = COALESCE(stdout, '') || $1, stderr = COALESCE(stderr, '') || $2 WHERE id = $3")
+                .bind(stdout_add)
+                .bind(stderr_add)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    // ---- appliances: steady state ----
+
+    /// Turns an appliance's steady-state access on or off (a customer approver's switch; on by
+    /// default). False if the appliance does not exist.
+    pub async fn set_steady_state(&self, appliance_id: &str, enabled: bool) -> StoreResult<bool> {
+        let r = sqlx::query("UPDATE appliances SET steady_state_disabled = $1 WHERE id = $2")
+            .bind(i64::from(!enabled))
+            .bind(appliance_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Whether steady-state access is on; None if the appliance does not exist.
+    pub async fn steady_state(&self, appliance_id: &str) -> StoreResult<Option<bool>> {
+        let row = sqlx::query("SELECT steady_state_disabled FROM appliances WHERE id = $1")
+            .bind(appliance_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<i64, _>("steady_state_disabled")).transpose()?.map(|d| d == 0))
+    }
+
+    // ---- customer settings ----
+
+    /// Sets (or clears, with None) the customer's approval-notification webhook.
+    pub async fn set_webhook(&self, customer: &str, url: Option<&str>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO customer_settings (customer, webhook_url) VALUES ($1, $2) \
+             ON CONFLICT (customer) DO UPDATE SET webhook_url = excluded.webhook_url",
+        )
+        .bind(customer)
+        .bind(url)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn webhook(&self, customer: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT webhook_url FROM customer_settings WHERE customer = $1")
+            .bind(customer)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get::<Option<String>, _>("webhook_url")).transpose()?.flatten())
+    }
+}

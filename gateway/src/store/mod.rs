@@ -1,0 +1,246 @@
+//! Control-plane state behind one interface with two backends: the embedded SQLite database
+//! (the default, a file in the data dir) and PostgreSQL (several gateway replicas sharing
+//! state). Both run through `sqlx::Any` with the same portable SQL (`$1` parameters, TEXT and
+//! BIGINT columns) and the same migrations; the few places where the backends differ (pool
+//! set-up, how a transaction takes the write lock) branch on [`Backend`].
+
+mod control;
+mod spine;
+
+pub use control::{GrantRow, OpRow};
+pub use spine::{ApplianceRow, EndpointRow, EnrollmentRow, TokenRow};
+
+use jiff::Timestamp;
+use sqlx::{
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::{Migration, MigrationType, Migrator},
+    AnyPool, Executor, SqlSafeStr,
+};
+use std::{path::Path, str::FromStr, time::Duration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported store URL {0:?}: use sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("audit record does not continue the chain: {0}")]
+    BrokenChain(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which database a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// The schema, the same files for both backends. Never edit an applied migration (its
+/// checksum is stored); add the next one.
+fn migrator() -> Migrator {
+    let m = |version: i64, name: &str, sql: &'static str| {
+        Migration::new(version, name.to_string().into(), MigrationType::Simple, sql.into_sql_str(), false)
+    };
+    Migrator::with_migrations(vec![
+        m(1, "spine", include_str!("../../migrations/0001_spine.sql")),
+        m(2, "control plane", include_str!("../../migrations/0002_control_plane.sql")),
+    ])
+}
+
+/// Now, at the store's precision (milliseconds), so a record reads back exactly as it was
+/// written and shown.
+pub fn now() -> Timestamp {
+    Timestamp::from_millisecond(Timestamp::now().as_millisecond()).unwrap_or_else(|_| Timestamp::now())
+}
+
+pub fn to_ms(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}
+
+pub fn from_ms(ms: i64) -> StoreResult<Timestamp> {
+    Timestamp::from_millisecond(ms).map_err(|e| StoreError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+fn opt_ts(ms: Option<i64>) -> StoreResult<Option<Timestamp>> {
+    ms.map(from_ms).transpose()
+}
+
+/// A stored keyword (state, level, tool…) back into its enum.
+fn parse_kw<T>(s: &str, what: &str, parse: impl FnOnce(&str) -> Option<T>) -> StoreResult<T> {
+    parse(s).ok_or_else(|| StoreError::Corrupt(format!("{what} {s:?}")))
+}
+
+/// A store URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `sqlite://` URL for a file path, percent-encoding everything but unreserved characters so
+/// that `?`, `#` and `%` in a path survive sqlx's URL parsing.
+fn sqlite_url(path: &Path) -> String {
+    let mut s = String::from("sqlite://");
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s.push_str("?mode=rwc");
+    s
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens the store a URL names and applies migrations: `sqlite:PATH` (also `sqlite://PATH`),
+    /// `sqlite::memory:`, or `postgres://…` / `postgresql://…` (libpq-style URL; `sslmode` etc.
+    /// as query parameters).
+    pub async fn open(url: &str) -> StoreResult<Store> {
+        if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+            Store::open_memory().await
+        } else if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.trim_start_matches("//");
+            if path.is_empty() {
+                return Err(StoreError::UnsupportedUrl(url.to_string()));
+            }
+            Store::open_sqlite(Path::new(path)).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Store::open_postgres(url).await
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
+    /// Opens (creating if needed) the SQLite database file and applies migrations.
+    pub async fn open_sqlite(path: &Path) -> StoreResult<Store> {
+        let path = std::path::absolute(path).map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        Store::connect(
+            Backend::Sqlite,
+            &sqlite_url(&path),
+            AnyPoolOptions::new().max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                        .await
+                        .map(|_| ())
+                })
+            }),
+        )
+        .await
+    }
+
+    /// A private in-memory SQLite database (tests).
+    pub async fn open_memory() -> StoreResult<Store> {
+        // One connection, never recycled: the database lives as long as its connection.
+        Store::connect(
+            Backend::Sqlite,
+            "sqlite::memory:",
+            AnyPoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA foreign_keys = ON;").await.map(|_| ()) })),
+        )
+        .await
+    }
+
+    /// Connects to PostgreSQL and applies migrations (the migrator takes an advisory lock, so
+    /// replicas starting together apply them once).
+    pub async fn open_postgres(url: &str) -> StoreResult<Store> {
+        Store::connect(Backend::Postgres, url, AnyPoolOptions::new().max_connections(10)).await
+    }
+
+    async fn connect(backend: Backend, url: &str, opts: AnyPoolOptions) -> StoreResult<Store> {
+        sqlx::any::install_default_drivers();
+        let conn = AnyConnectOptions::from_str(url)?;
+        let pool = opts.acquire_timeout(Duration::from_secs(30)).connect_with(conn).await?;
+        migrator().run(&pool).await?;
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A transaction that holds the database's write lock for the table it names from the
+    /// start, so read-then-write sequences in it are serial across processes. SQLite has one
+    /// writer (`BEGIN IMMEDIATE` takes it); PostgreSQL locks `table` against other writers.
+    async fn write_tx(&self, table: &'static str) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let lock = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
+                sqlx::query(sqlx::AssertSqlSafe(lock)).execute(&mut *tx).await?;
+                Ok(tx)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_encode_odd_paths() {
+        assert_eq!(sqlite_url(Path::new("/tmp/a b/p%q?.db")), "sqlite:///tmp/a%20b/p%25q%3F.db?mode=rwc");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[tokio::test]
+    async fn open_parses_urls() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("sqlite:{}", dir.path().join("x.db").display())).await.unwrap();
+        assert_eq!(s.backend(), Backend::Sqlite);
+        assert!(dir.path().join("x.db").exists());
+        for (pragma, want) in [("journal_mode", "wal"), ("foreign_keys", "1"), ("busy_timeout", "10000")] {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA {pragma}"))).fetch_one(&s.pool).await.unwrap();
+            let got = sqlx::Row::try_get::<String, _>(&row, 0).or_else(|_| sqlx::Row::try_get::<i64, _>(&row, 0).map(|n| n.to_string()));
+            assert_eq!(got.unwrap(), want, "{pragma}");
+        }
+        let s = Store::open(&format!("sqlite://{}", dir.path().join("y.db").display())).await.unwrap();
+        assert_eq!(s.count_admin_tokens().await.unwrap(), 0);
+        assert!(dir.path().join("y.db").exists());
+        Store::open("sqlite::memory:").await.unwrap();
+        assert!(matches!(Store::open("mysql://u:pw@h/db").await, Err(StoreError::UnsupportedUrl(u)) if !u.contains("pw")));
+    }
+}

@@ -1,0 +1,575 @@
+//! The store's contract, run against both backends: every test below exists as
+//! `sqlite::NAME` (a database file in a temp dir) and `postgres::NAME` (its own database in a
+//! throwaway PostgreSQL cluster the tests start; see `pg_cluster`).
+
+mod pg_cluster;
+
+use endpoint_types::{
+    api::{verify_chain, AuditRecord, EndpointState},
+    control::{GrantLevel, GrantState, OpState, OpTool},
+    resource::{EndpointType, PolicySummary},
+    ApiError, ErrorCode,
+};
+use gateway::{
+    audit::{sha256_hex, AuditLog, Subject},
+    store::{ApplianceRow, Backend, EndpointRow, EnrollmentRow, GrantRow, OpRow, Store, TokenRow},
+};
+use jiff::{SignedDuration, Timestamp};
+use std::{sync::Arc, time::Duration};
+
+/// One database, opened as many times as a test likes (each open is a new pool, as a
+/// restarted gateway or another replica would have).
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(#[allow(dead_code)] Arc<pg_cluster::PgCluster>, String),
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        Db::Sqlite(tempfile::tempdir().expect("tempdir"))
+    }
+
+    async fn postgres(test: &str) -> Db {
+        let cluster = pg_cluster::shared();
+        let url = cluster.create_database(test).await;
+        Db::Postgres(cluster, url)
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite(dir) => format!("sqlite:{}", dir.path().join("postern.db").display()),
+            Db::Postgres(_, url) => url.clone(),
+        }
+    }
+
+    async fn open(&self) -> Store {
+        let store = Store::open(&self.url()).await.unwrap_or_else(|e| panic!("opening {}: {e}", self.url()));
+        let expected = if matches!(self, Db::Sqlite(_)) { Backend::Sqlite } else { Backend::Postgres };
+        assert_eq!(store.backend(), expected);
+        store
+    }
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::sqlite().await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Db::postgres(stringify!($name)).await).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    identities_and_appliances,
+    enrollment_token_is_consumed_exactly_once,
+    endpoints,
+    grants_are_decided_once_and_revoked_once,
+    ops_compare_and_set_and_output,
+    steady_state_and_webhooks,
+    audit_appends_from_two_replicas_form_one_chain,
+    state_survives_reopen,
+);
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).expect("timestamp")
+}
+
+const T0: i64 = 1_750_000_000_000;
+
+fn appliance(id: &str, app: &str, customer: &str, at: i64) -> ApplianceRow {
+    ApplianceRow {
+        id: id.into(),
+        app: app.into(),
+        customer: customer.into(),
+        created_at: ts(at),
+        created_by: "alice".into(),
+        cert_fingerprint: None,
+        enrolled_at: None,
+        revoked_at: None,
+        last_seen: None,
+        agent_version: None,
+        resources: "[]".into(),
+    }
+}
+
+fn endpoint(id: &str, appliance_id: &str, state: EndpointState, grant: Option<&str>, at: i64) -> EndpointRow {
+    EndpointRow {
+        id: id.into(),
+        endpoint_type: EndpointType::Postgres,
+        appliance_id: appliance_id.into(),
+        resource_id: "db-main".into(),
+        state,
+        created_by: "bob".into(),
+        created_at: ts(at),
+        expires_at: ts(at + 3_600_000),
+        ended_at: None,
+        address: None,
+        sessions_total: 0,
+        grant_id: grant.map(Into::into),
+    }
+}
+
+fn grant(id: &str, appliance_id: &str, level: GrantLevel, at: i64) -> GrantRow {
+    GrantRow {
+        id: id.into(),
+        appliance_id: appliance_id.into(),
+        level,
+        state: GrantState::PendingApproval,
+        requested_by: "bob".into(),
+        reason: "INC-1: pods crash-looping".into(),
+        duration_ms: 1_800_000,
+        requested_at: ts(at),
+        decided_by: None,
+        decided_at: None,
+        message: None,
+        expires_at: None,
+    }
+}
+
+fn op(id: &str, appliance_id: &str, at: i64) -> OpRow {
+    OpRow {
+        id: id.into(),
+        appliance_id: appliance_id.into(),
+        tool: OpTool::Kubectl,
+        command: "kubectl get pods -n 'my ns'".into(),
+        origin_resource_id: "k8s-prod".into(),
+        timeout: Duration::from_secs(300),
+        state: OpState::PendingApproval,
+        requested_by: "bob".into(),
+        requested_at: ts(at),
+        grant_id: Some("gr_1".into()),
+        command_approved_by: None,
+        command_approved_at: None,
+        output_approved_by: None,
+        output_approved_at: None,
+        started_at: None,
+        finished_at: None,
+        exit_code: None,
+        stdout: None,
+        stderr: None,
+        truncated: false,
+        error: None,
+        message: None,
+    }
+}
+
+async fn identities_and_appliances(db: Db) {
+    let s = db.open().await;
+    assert_eq!(s.count_admin_tokens().await.unwrap(), 0);
+    let token = TokenRow {
+        id: "tk_1".into(),
+        name: "bootstrap".into(),
+        role: "admin".into(),
+        customer: None,
+        secret_hash: "h".into(),
+        created_at: ts(T0),
+        created_by: "system".into(),
+        revoked: false,
+    };
+    s.insert_token(&token).await.unwrap();
+    s.insert_token(&TokenRow { id: "tk_2".into(), role: "approver".into(), customer: Some("acme".into()), ..token.clone() })
+        .await
+        .unwrap();
+    assert!(s.insert_token(&token).await.is_err(), "duplicate id");
+    assert_eq!(s.count_admin_tokens().await.unwrap(), 1);
+    let t = s.get_token("tk_2").await.unwrap().unwrap();
+    assert_eq!((t.role.as_str(), t.customer.as_deref(), t.created_at, t.revoked), ("approver", Some("acme"), ts(T0), false));
+    assert!(s.get_token("nope").await.unwrap().is_none());
+
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0 + 1)).await.unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    let ids: Vec<String> = s.list_appliances().await.unwrap().into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, ["ap_1", "ap_2"], "ordered by creation");
+    assert_eq!(s.find_appliance("shop", "acme").await.unwrap().unwrap().id, "ap_1");
+    assert!(s.find_appliance("shop", "initech").await.unwrap().is_none());
+
+    s.set_enrolled("ap_1", "fp-1", ts(T0 + 10)).await.unwrap();
+    let a = s.appliance_by_fingerprint("fp-1").await.unwrap().unwrap();
+    assert_eq!((a.id.as_str(), a.enrolled_at), ("ap_1", Some(ts(T0 + 10))));
+
+    assert_eq!(s.appliance_policy("ap_1").await.unwrap(), None);
+    let policy = PolicySummary { steady_state: true, ..Default::default() };
+    let policy_json = serde_json::to_string(&policy).unwrap();
+    s.set_presence("ap_1", ts(T0 + 20), Some("1.2.3"), Some(r#"[{"id":"db"}]"#), Some(&policy_json)).await.unwrap();
+    s.set_presence("ap_1", ts(T0 + 30), None, None, None).await.unwrap();
+    let a = s.get_appliance("ap_1").await.unwrap().unwrap();
+    assert_eq!(a.last_seen, Some(ts(T0 + 30)));
+    assert_eq!(a.agent_version.as_deref(), Some("1.2.3"), "None keeps the last reported version");
+    assert_eq!(a.resources, r#"[{"id":"db"}]"#);
+    assert_eq!(s.appliance_policy("ap_1").await.unwrap(), Some(policy));
+
+    assert!(s.revoke_appliance("ap_1", ts(T0 + 40)).await.unwrap());
+    assert!(!s.revoke_appliance("ap_1", ts(T0 + 50)).await.unwrap());
+    assert!(!s.revoke_appliance("nope", ts(T0 + 50)).await.unwrap());
+    assert!(s.find_appliance("shop", "acme").await.unwrap().is_none(), "a revoked appliance is not found");
+    assert_eq!(s.get_appliance("ap_1").await.unwrap().unwrap().revoked_at, Some(ts(T0 + 40)));
+    s.close().await;
+}
+
+async fn enrollment_token_is_consumed_exactly_once(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    let now = gateway::store::now(); // the store keeps milliseconds
+    let e = EnrollmentRow {
+        id: "en_1".into(),
+        appliance_id: "ap_1".into(),
+        secret_hash: "h".into(),
+        expires_at: now + SignedDuration::from_secs(600),
+        used: false,
+    };
+    s.insert_enrollment_token(&e).await.unwrap();
+    s.insert_enrollment_token(&EnrollmentRow {
+        id: "en_old".into(),
+        expires_at: now - SignedDuration::from_secs(1),
+        ..e.clone()
+    })
+    .await
+    .unwrap();
+    assert!(
+        s.insert_enrollment_token(&EnrollmentRow { id: "en_x".into(), appliance_id: "nope".into(), ..e.clone() }).await.is_err(),
+        "foreign key to appliances"
+    );
+
+    // 8 callers at once, over two pools (two gateway processes): exactly one wins.
+    let other = db.open().await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 { s.clone() } else { other.clone() };
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.consume_enrollment_token("en_1", Timestamp::now()).await.unwrap()
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+    assert!(s.get_enrollment_token("en_1").await.unwrap().unwrap().used);
+    assert!(!s.consume_enrollment_token("en_old", now).await.unwrap(), "expired");
+    assert!(!s.get_enrollment_token("en_old").await.unwrap().unwrap().used);
+    assert!(!s.consume_enrollment_token("nope", now).await.unwrap());
+    assert_eq!(
+        s.get_enrollment_token("en_old").await.unwrap().unwrap().expires_at,
+        e.expires_at - SignedDuration::from_secs(601)
+    );
+    other.close().await;
+    s.close().await;
+}
+
+async fn endpoints(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0)).await.unwrap();
+    s.insert_endpoint(&endpoint("ep_a", "ap_1", EndpointState::Active, Some("gr_1"), T0)).await.unwrap();
+    s.insert_endpoint(&endpoint("ep_b", "ap_1", EndpointState::PendingApproval, Some("gr_1"), T0 + 1)).await.unwrap();
+    s.insert_endpoint(&endpoint("ep_c", "ap_2", EndpointState::PendingApproval, None, T0 + 2)).await.unwrap();
+    s.insert_endpoint(&endpoint("ep_d", "ap_2", EndpointState::Active, Some("gr_2"), T0 + 3)).await.unwrap();
+
+    let a = s.get_endpoint("ep_a").await.unwrap().unwrap();
+    assert_eq!(a.endpoint_type, EndpointType::Postgres);
+    assert_eq!((a.state, a.grant_id.as_deref(), a.expires_at), (EndpointState::Active, Some("gr_1"), ts(T0 + 3_600_000)));
+
+    // A pending endpoint is decided once.
+    assert!(s.activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5000").await.unwrap());
+    assert!(!s.activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5001").await.unwrap());
+    assert!(!s.deny_endpoint("ep_b", ts(T0)).await.unwrap());
+    let b = s.get_endpoint("ep_b").await.unwrap().unwrap();
+    assert_eq!((b.state, b.expires_at, b.address.as_deref()), (EndpointState::Active, ts(T0 + 60_000), Some("127.0.0.1:5000")));
+    assert!(s.deny_endpoint("ep_c", ts(T0 + 5)).await.unwrap());
+    let c = s.get_endpoint("ep_c").await.unwrap().unwrap();
+    assert_eq!((c.state, c.ended_at), (EndpointState::Denied, Some(ts(T0 + 5))));
+
+    let ids = |rows: Vec<EndpointRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_endpoints().await.unwrap()), ["ep_a", "ep_b", "ep_c", "ep_d"]);
+    assert_eq!(ids(s.active_endpoints().await.unwrap()), ["ep_a", "ep_b", "ep_d"]);
+    assert_eq!(ids(s.active_endpoints_of("ap_1").await.unwrap()), ["ep_a", "ep_b"]);
+    assert_eq!(ids(s.active_endpoints_of_grant("gr_1").await.unwrap()), ["ep_a", "ep_b"]);
+
+    s.set_endpoint_address("ep_a", "127.0.0.1:6000").await.unwrap();
+    s.count_session("ep_a").await.unwrap();
+    s.count_session("ep_a").await.unwrap();
+    assert!(s.end_endpoint("ep_a", EndpointState::Retired, ts(T0 + 7)).await.unwrap());
+    assert!(!s.end_endpoint("ep_a", EndpointState::Expired, ts(T0 + 8)).await.unwrap(), "ended once");
+    let a = s.get_endpoint("ep_a").await.unwrap().unwrap();
+    assert_eq!((a.state, a.ended_at, a.sessions_total), (EndpointState::Retired, Some(ts(T0 + 7)), 2));
+    assert_eq!(a.address.as_deref(), Some("127.0.0.1:6000"));
+    assert_eq!(ids(s.active_endpoints_of_grant("gr_1").await.unwrap()), ["ep_b"]);
+    s.close().await;
+}
+
+async fn grants_are_decided_once_and_revoked_once(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0)).await.unwrap();
+    s.insert_grant(&grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1)).await.unwrap();
+    s.insert_grant(&grant("gr_a", "ap_1", GrantLevel::Deploy, T0)).await.unwrap();
+    s.insert_grant(&grant("gr_c", "ap_2", GrantLevel::SteadyState, T0 + 2)).await.unwrap();
+    assert!(s.insert_grant(&grant("gr_x", "nope", GrantLevel::Operate, T0)).await.is_err(), "foreign key to appliances");
+    assert_eq!(s.get_grant("gr_b").await.unwrap().unwrap(), grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1), "round trip");
+    let ids = |rows: Vec<GrantRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_grants().await.unwrap()), ["gr_a", "gr_b", "gr_c"]);
+    assert_eq!(ids(s.grants_of("ap_1").await.unwrap()), ["gr_a", "gr_b"]);
+
+    // Concurrent approvers: one decision sticks.
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let (state, expires) =
+                    if i % 2 == 0 { (GrantState::Active, Some(ts(T0 + 1_800_100))) } else { (GrantState::Denied, None) };
+                let by = format!("approver-{i}");
+                s.decide_grant("gr_b", state, &by, ts(T0 + 100), Some("ok"), expires).await.unwrap().then_some(by)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        winners.extend(t.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let g = s.get_grant("gr_b").await.unwrap().unwrap();
+    assert_eq!(g.decided_by.as_deref(), Some(winners[0].as_str()));
+    assert_eq!((g.decided_at, g.message.as_deref()), (Some(ts(T0 + 100)), Some("ok")));
+    let approved = g.state == GrantState::Active;
+    assert_eq!(g.expires_at, approved.then(|| ts(T0 + 1_800_100)));
+    assert!(!s.decide_grant("gr_b", GrantState::Denied, "late", ts(T0 + 200), None, None).await.unwrap());
+    assert!(!s.decide_grant("nope", GrantState::Denied, "x", ts(T0), None, None).await.unwrap());
+
+    // Revoke only what is active, once; the approval stays recorded.
+    assert!(!s.revoke_grant("gr_a", "bob", ts(T0 + 300)).await.unwrap(), "pending is not revocable");
+    assert_eq!(s.revoke_grant("gr_b", "bob", ts(T0 + 300)).await.unwrap(), approved);
+    assert!(!s.revoke_grant("gr_b", "bob", ts(T0 + 400)).await.unwrap());
+    let g = s.get_grant("gr_b").await.unwrap().unwrap();
+    assert_eq!(g.state, if approved { GrantState::Revoked } else { GrantState::Denied });
+    assert_eq!((g.decided_by.as_deref(), g.decided_at), (Some(winners[0].as_str()), Some(ts(T0 + 100))));
+
+    assert!(s.decide_grant("gr_c", GrantState::Active, "policy:automatic", ts(T0 + 5), None, Some(ts(T0 + 10))).await.unwrap());
+    assert!(s.revoke_grant("gr_c", "carol", ts(T0 + 6)).await.unwrap());
+    assert_eq!(s.get_grant("gr_c").await.unwrap().unwrap().state, GrantState::Revoked);
+    s.close().await;
+}
+
+async fn ops_compare_and_set_and_output(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    let o = op("op_1", "ap_1", T0);
+    s.insert_op(&o).await.unwrap();
+    s.insert_op(&OpRow { id: "op_0".into(), tool: OpTool::Psql, requested_at: ts(T0 - 1), ..o.clone() }).await.unwrap();
+    assert!(s.insert_op(&op("op_x", "nope", T0)).await.is_err(), "foreign key to appliances");
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), o, "round trip");
+    assert!(s.get_op("nope").await.unwrap().is_none());
+
+    // pending-approval → approved
+    let approved = OpRow {
+        state: OpState::Approved,
+        command_approved_by: Some("carol".into()),
+        command_approved_at: Some(ts(T0 + 10)),
+        ..o.clone()
+    };
+    assert!(s.update_op(&approved, OpState::PendingApproval).await.unwrap());
+    // A second approver working from the same stale read loses.
+    let denied = OpRow { state: OpState::Denied, message: Some("not now".into()), ..o.clone() };
+    assert!(!s.update_op(&denied, OpState::PendingApproval).await.unwrap());
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), approved);
+
+    // approved → running, output streams in
+    let running = OpRow { state: OpState::Running, started_at: Some(ts(T0 + 20)), ..approved.clone() };
+    assert!(s.update_op(&running, OpState::Approved).await.unwrap());
+    assert!(s.append_op_output("op_1", "line 1\n", "").await.unwrap());
+    assert!(s.append_op_output("op_1", "line 2 ünïcode\n", "warn\n").await.unwrap());
+    assert!(s.append_op_output("op_1", "", "").await.unwrap());
+    assert!(!s.append_op_output("nope", "x", "y").await.unwrap());
+    let got = s.get_op("op_1").await.unwrap().unwrap();
+    assert_eq!(got.stdout.as_deref(), Some("line 1\nline 2 ünïcode\n"));
+    assert_eq!(got.stderr.as_deref(), Some("warn\n"));
+
+    // running → timed-out, with a structured error; CAS against the stale state fails after.
+    let error = ApiError::new(ErrorCode::CommandTimeout, "the command ran past 5m").hint("raise --timeout");
+    let timed_out = OpRow {
+        state: OpState::TimedOut,
+        finished_at: Some(ts(T0 + 300_020)),
+        exit_code: Some(-9),
+        truncated: true,
+        error: Some(error.clone()),
+        ..got.clone()
+    };
+    assert!(s.update_op(&timed_out, OpState::Running).await.unwrap());
+    assert!(!s.update_op(&OpRow { state: OpState::Completed, ..got }, OpState::Running).await.unwrap());
+    let got = s.get_op("op_1").await.unwrap().unwrap();
+    assert_eq!(got, timed_out);
+    assert_eq!(got.error, Some(error));
+
+    // The request itself is immutable through update_op.
+    let tampered = OpRow { command: "rm -rf /".into(), state: OpState::Completed, ..timed_out.clone() };
+    assert!(s.update_op(&tampered, OpState::TimedOut).await.unwrap());
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap().command, o.command);
+
+    let ids = |rows: Vec<OpRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(s.list_ops().await.unwrap()), ["op_0", "op_1"]);
+    assert_eq!(ids(s.ops_of("ap_1").await.unwrap()), ["op_0", "op_1"]);
+    assert_eq!(ids(s.ops_in_state(OpState::PendingApproval).await.unwrap()), ["op_0"]);
+    s.close().await;
+}
+
+async fn steady_state_and_webhooks(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(true), "on by default");
+    assert!(s.set_steady_state("ap_1", false).await.unwrap());
+    assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
+    assert!(s.set_steady_state("ap_1", true).await.unwrap());
+    assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(true));
+    assert!(!s.set_steady_state("nope", false).await.unwrap());
+    assert_eq!(s.steady_state("nope").await.unwrap(), None);
+
+    assert_eq!(s.webhook("acme").await.unwrap(), None);
+    s.set_webhook("acme", Some("https://hooks.acme.test/postern")).await.unwrap();
+    s.set_webhook("globex", Some("https://globex.test/h")).await.unwrap();
+    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://hooks.acme.test/postern"));
+    s.set_webhook("acme", Some("https://hooks.acme.test/v2")).await.unwrap();
+    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://hooks.acme.test/v2"));
+    s.set_webhook("acme", None).await.unwrap();
+    assert_eq!(s.webhook("acme").await.unwrap(), None);
+    assert_eq!(s.webhook("globex").await.unwrap().as_deref(), Some("https://globex.test/h"));
+    s.close().await;
+}
+
+async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
+    const PER_REPLICA: usize = 25;
+    let (s1, s2) = (db.open().await, db.open().await);
+    let (log1, log2) = (Arc::new(AuditLog::open(s1.clone()).await.unwrap()), Arc::new(AuditLog::open(s2.clone()).await.unwrap()));
+    let barrier = Arc::new(tokio::sync::Barrier::new(4));
+    let mut tasks = Vec::new();
+    for (i, log) in [log1.clone(), log2.clone(), log1.clone(), log2.clone()].into_iter().enumerate() {
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            for n in 0..PER_REPLICA / 2 + 1 {
+                log.append(
+                    "op.requested",
+                    &format!("writer-{i}"),
+                    Subject::appliance("ap_1"),
+                    serde_json::json!({"n": n}),
+                    Timestamp::now(),
+                )
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    // And the store's primitive directly, from both pools at once.
+    for (i, store) in [s1.clone(), s2.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            for n in 0..5 {
+                store
+                    .append_audit_with(|seq, prev| {
+                        let mut r = AuditRecord {
+                            seq,
+                            time: Timestamp::now(),
+                            kind: "raw".into(),
+                            actor: format!("store-{i}"),
+                            appliance_id: None,
+                            endpoint_id: None,
+                            session_id: None,
+                            op_id: Some(format!("op_{n}")),
+                            detail: serde_json::Value::Null,
+                            prev_hash: prev.to_string(),
+                            hash: String::new(),
+                        };
+                        r.hash = sha256_hex(&r.chain_input());
+                        r
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let total = 4 * (PER_REPLICA / 2 + 1) + 10;
+    let records = s1.list_audit(0).await.unwrap();
+    assert_eq!(records.len(), total);
+    assert_eq!(verify_chain(&records, sha256_hex), Ok(total as u64));
+    let writers: std::collections::HashSet<&str> = records.iter().map(|r| r.actor.as_str()).collect();
+    assert_eq!(writers.len(), 6, "every writer got in");
+    assert_eq!(log1.verify().await.unwrap(), Ok(total as u64));
+    assert_eq!(log2.verify().await.unwrap(), Ok(total as u64));
+    assert_eq!(s2.last_audit().await.unwrap(), Some((total as i64, records[total - 1].hash.clone())));
+
+    // A record that does not continue the chain is refused.
+    let bad = s1
+        .append_audit_with(|seq, _prev| AuditRecord {
+            seq,
+            time: Timestamp::now(),
+            kind: "bad".into(),
+            actor: "mallory".into(),
+            appliance_id: None,
+            endpoint_id: None,
+            session_id: None,
+            op_id: None,
+            detail: serde_json::Value::Null,
+            prev_hash: "0".repeat(64),
+            hash: String::new(),
+        })
+        .await;
+    assert!(bad.is_err());
+    assert_eq!(s1.list_audit(total as i64 - 1).await.unwrap().len(), 1, "nothing was written");
+    s1.close().await;
+    s2.close().await;
+}
+
+async fn state_survives_reopen(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    s.insert_grant(&grant("gr_1", "ap_1", GrantLevel::Operate, T0)).await.unwrap();
+    s.insert_op(&op("op_1", "ap_1", T0)).await.unwrap();
+    s.insert_endpoint(&endpoint("ep_1", "ap_1", EndpointState::Active, Some("gr_1"), T0)).await.unwrap();
+    s.set_webhook("acme", Some("https://h.test")).await.unwrap();
+    s.set_steady_state("ap_1", false).await.unwrap();
+    let log = AuditLog::open(s.clone()).await.unwrap();
+    for n in 0..3 {
+        log.append("k", "alice", Subject::default(), serde_json::json!({"n": n}), Timestamp::now()).await.unwrap();
+    }
+    s.close().await;
+
+    // Migrations run again on open and find nothing to do.
+    let s = db.open().await;
+    assert_eq!(s.get_appliance("ap_1").await.unwrap().unwrap().customer, "acme");
+    assert_eq!(s.get_grant("gr_1").await.unwrap().unwrap(), grant("gr_1", "ap_1", GrantLevel::Operate, T0));
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), op("op_1", "ap_1", T0));
+    assert_eq!(s.get_endpoint("ep_1").await.unwrap().unwrap().grant_id.as_deref(), Some("gr_1"));
+    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://h.test"));
+    assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
+    let log = AuditLog::open(s.clone()).await.unwrap();
+    let r = log.append("k", "alice", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+    assert_eq!(r.seq, 4, "the chain continues");
+    assert_eq!(log.verify().await.unwrap(), Ok(4));
+    s.close().await;
+}
+
+/// `Store::open` refuses what it cannot open, without echoing a password.
+#[tokio::test]
+async fn open_rejects_unknown_urls() {
+    let err = Store::open("mysql://root:hunter2@db/postern").await.unwrap_err().to_string();
+    assert!(err.contains("unsupported store URL") && !err.contains("hunter2"), "{err}");
+    assert!(Store::open("sqlite:").await.is_err());
+}
