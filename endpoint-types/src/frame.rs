@@ -43,6 +43,24 @@ pub enum Frame {
     /// Gateway → agent: the appliance's live grants (the full set, after every change). The agent
     /// serves endpoint sessions and runs ops only under a live `operate` grant by its own clock.
     GrantSync { grants: Vec<LiveGrant> },
+    /// Gateway → agent: run a one-off op. The agent checks its own policy and grants first.
+    OpDispatch(OpDispatch),
+    /// Agent → gateway: the op was refused in the appliance (policy, grant, tool, command).
+    OpRefused { op_id: String, error: ApiError },
+    /// Agent → gateway: the op's process started.
+    OpStarted { op_id: String },
+    /// Agent → gateway: output. `preview` output is for an approver's eyes only and must not be
+    /// stored or logged by the gateway.
+    OpOutput { op_id: String, stream: OutputStream, data: String, preview: bool },
+    /// Agent → gateway: the op ended. With `held`, output, exit code and error stay in the
+    /// appliance until released (then they follow as `OpOutput` + a final `OpFinished`).
+    OpFinished(OpFinished),
+    /// Gateway → agent: send the held output of an op as preview (an approver is looking).
+    OutputFetch { op_id: String },
+    /// Gateway → agent: the customer released the held output.
+    OutputRelease { op_id: String, approved_by: String },
+    /// Gateway → agent: the customer denied the held output; destroy it.
+    OutputDestroy { op_id: String, denied_by: String, message: Option<String> },
     /// Gateway → agent, first frame of a data stream.
     StreamOpen(StreamOpen),
     /// Agent → gateway on a data stream: the target is connected; raw bytes follow.
@@ -94,6 +112,52 @@ pub struct LiveGrant {
     pub approved_by: String,
     pub approved_at: Timestamp,
     pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// An op as dispatched to the agent, with the approvals it was given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpDispatch {
+    pub op_id: String,
+    pub tool: crate::control::OpTool,
+    /// The exact command the approver saw; the agent splits it itself.
+    pub command: String,
+    pub resource_id: String,
+    pub timeout_s: u64,
+    pub operator: String,
+    pub grant_id: String,
+    /// Who approved the command: a person, or `policy:automatic` / `policy:window`.
+    pub command_approved_by: String,
+    pub command_approved_at: Timestamp,
+    /// Whether output must be held for the customer's approval.
+    pub hold_output: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpFinished {
+    pub op_id: String,
+    pub held: bool,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default)]
+    pub timed_out: bool,
+    /// COMMAND_FAILED / COMMAND_TIMEOUT with details; absent while held.
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    /// For a preview (approver view) rather than the op's real end.
+    #[serde(default)]
+    pub preview: bool,
+    /// The held output was destroyed (denied).
+    #[serde(default)]
+    pub destroyed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
