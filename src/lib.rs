@@ -1,4 +1,5 @@
 //! Umbrella package: the harness the end-to-end tests and examples share. It runs the real
 //! `postern` and `postern-agent` binaries as processes, the way an operator would.
 
+pub mod pg_cluster;
 pub mod testbed;

@@ -118,6 +118,11 @@ impl Gateway {
         Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string()])
     }
 
+    /// With a store URL (`postgres://…`) instead of the embedded SQLite store.
+    pub fn start_with_store(data_dir: &Path, store: &str) -> Result<Gateway> {
+        Self::start_with(data_dir, &["--store", store])
+    }
+
     fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Gateway> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join(format!("gateway-{}.log", std::process::id()));

@@ -10,7 +10,7 @@ use axum::{
 };
 use endpoint_types::{ErrorEnvelope,
     api::*,
-    control::{Decision, GrantRecord, GrantRequest},
+    control::{Decision, GrantRecord, GrantRequest, OpRecord, OpRequest},
     duration::{format_duration, TTL_MAX},
     resource::{CloseReason, ResourceDescriptor},
     token::EnrollmentToken,
@@ -83,6 +83,8 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/grants/{id}", get(grant_get))
         .route("/v1/grants/{id}/revoke", post(grant_revoke))
         .route("/v1/steady-state", post(steady_state))
+        .route("/v1/ops", post(op_create).get(op_list))
+        .route("/v1/ops/{id}", get(op_get))
         .route("/v1/approvals", get(approval_list))
         .route("/v1/approvals/{id}", get(approval_show))
         .route("/v1/approvals/{id}/approve", post(approval_approve))
@@ -301,6 +303,19 @@ async fn steady_state(State(gw): State<Gw>, caller: Caller, Body(req): Body<Stea
     let kind = if req.enabled { "steady_state.enabled" } else { "steady_state.disabled" };
     gw.audit.record(kind, &caller.actor(), Subject::appliance(&a.id), serde_json::json!({})).await;
     Ok(Json(serde_json::json!({"appliance_id": a.id, "app": a.app, "customer": a.customer, "steady_state": req.enabled})))
+}
+
+async fn op_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<OpRequest>) -> ApiResult<OpRecord> {
+    Ok(Json(crate::ops::create(&gw, &caller, req).await?))
+}
+
+async fn op_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<OpRecord> {
+    Ok(Json(crate::ops::get(&gw, &caller, &id).await?))
+}
+
+async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
+    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller).await?.iter().map(|(r, a)| crate::ops::record(r, a)).collect();
+    Ok(Json(serde_json::json!({ "ops": ops })))
 }
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {

@@ -51,6 +51,11 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<ApprovalItem>, Ap
             });
         }
     }
+    for (row, appliance) in crate::ops::list_rows(gw, caller).await? {
+        if let Some(item) = crate::ops::approval_item(&row, &appliance) {
+            items.push(item);
+        }
+    }
     items.sort_by_key(|i| i.requested_at);
     Ok(items)
 }
@@ -58,6 +63,12 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<ApprovalItem>, Ap
 pub async fn show(gw: &Gateway, caller: &Caller, id: &str) -> Result<serde_json::Value, ApiError> {
     let item = list(gw, caller).await?.into_iter().find(|i| i.id == id);
     match item {
+        // At the output stage the approver sees the held output, fetched from the appliance.
+        Some(i) if i.kind == ApprovalKind::Op && i.stage == ApprovalStage::Output => {
+            let mut v = serde_json::to_value(&i).unwrap_or_default();
+            v["output"] = crate::ops::preview(gw, caller, id).await?;
+            Ok(v)
+        }
         Some(i) => Ok(serde_json::to_value(i).unwrap_or_default()),
         None => Err(ApiError::new(ErrorCode::NotFound, format!("{id} is not waiting for approval"))
             .hint("`postern approvals list` shows what waits for a decision")),
@@ -71,6 +82,9 @@ pub async fn decide(gw: &std::sync::Arc<Gateway>, caller: &Caller, id: &str, app
     }
     if id.starts_with("ep_") {
         return Ok(serde_json::to_value(endpoints::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
+    }
+    if id.starts_with("op_") {
+        return Ok(serde_json::to_value(crate::ops::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
     }
     let _ = internal;
     Err(ApiError::new(ErrorCode::NotFound, format!("{id} is not waiting for approval"))

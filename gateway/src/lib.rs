@@ -12,6 +12,7 @@ pub mod framed;
 pub mod grants;
 pub mod identity;
 pub mod notify;
+pub mod ops;
 pub mod relay;
 pub mod server;
 pub mod store;

@@ -352,7 +352,12 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
             match write_frame(&mut send, &Frame::GrantSync { grants: live }).await {
                 Ok(()) => match write_frame(&mut send, &Frame::EndpointSync { endpoints }).await {
-                    Ok(()) => control_loop(&gw, &conn, &appliance.id, send, framed, rx).await,
+                    Ok(()) => {
+                        // Approved ops that waited for the appliance go out after the hello.
+                        let (gw2, id) = (gw.clone(), appliance.id.clone());
+                        gw.tasks.spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
+                        control_loop(&gw, &conn, &appliance.id, send, framed, rx).await
+                    }
                     Err(e) => format!("control stream failed: {e}"),
                 },
                 Err(e) => format!("control stream failed: {e}"),
@@ -401,6 +406,9 @@ async fn control_loop(
                     }
                     Ok(Some(Frame::HeartbeatAck { .. })) => {}
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
+                    Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
+                        crate::ops::on_agent_frame(gw, appliance_id, f).await;
+                    }
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", frame_name(&other)));
                         send_error(&mut send, &e).await;

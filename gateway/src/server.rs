@@ -28,6 +28,8 @@ pub struct Gateway {
     pub ca: Ca,
     pub agents: AgentRegistry,
     pub endpoints: EndpointRegistry,
+    /// Held op output on its way to an approver's screen.
+    pub previews: crate::ops::Previews,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -227,6 +229,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         ca,
         agents: AgentRegistry::default(),
         endpoints: EndpointRegistry::default(),
+        previews: crate::ops::Previews::default(),
         limits: cfg.limits.clone(),
         endpoint_host: cfg.endpoint_host,
         shutdown: CancellationToken::new(),

@@ -2,7 +2,7 @@
 //! `sqlite::NAME` (a database file in a temp dir) and `postgres::NAME` (its own database in a
 //! throwaway PostgreSQL cluster the tests start; see `pg_cluster`).
 
-mod pg_cluster;
+use postern::pg_cluster;
 
 use endpoint_types::{
     api::{verify_chain, AuditRecord, EndpointState},
@@ -31,7 +31,7 @@ impl Db {
 
     async fn postgres(test: &str) -> Db {
         let cluster = pg_cluster::shared();
-        let url = cluster.create_database(test).await;
+        let url = cluster.create_database(test);
         Db::Postgres(cluster, url)
     }
 

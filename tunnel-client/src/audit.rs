@@ -38,12 +38,13 @@ pub struct Entry {
     pub actor: String,
     pub endpoint_id: Option<String>,
     pub session_id: Option<String>,
+    pub op_id: Option<String>,
     pub detail: serde_json::Value,
 }
 
 impl Entry {
     pub fn new(kind: &'static str, actor: impl Into<String>, detail: serde_json::Value) -> Self {
-        Entry { kind, actor: actor.into(), endpoint_id: None, session_id: None, detail }
+        Entry { kind, actor: actor.into(), endpoint_id: None, session_id: None, op_id: None, detail }
     }
 
     pub fn endpoint(mut self, id: impl Into<String>) -> Self {
@@ -53,6 +54,11 @@ impl Entry {
 
     pub fn session(mut self, id: impl Into<String>) -> Self {
         self.session_id = Some(id.into());
+        self
+    }
+
+    pub fn op(mut self, id: impl Into<String>) -> Self {
+        self.op_id = Some(id.into());
         self
     }
 }
@@ -133,7 +139,7 @@ impl AuditLog {
             appliance_id: self.appliance_id.clone(),
             endpoint_id: entry.endpoint_id,
             session_id: entry.session_id,
-            op_id: None,
+            op_id: entry.op_id,
             detail: entry.detail,
             prev_hash: chain.prev_hash.clone(),
             hash: String::new(),

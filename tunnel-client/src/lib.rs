@@ -1,14 +1,16 @@
 //! `postern-agent`: the customer's side of the tunnel.
 //!
 //! The agent dials out to the gateway (it never listens), reports the resources declared in
-//! `agent.toml`, and serves data streams only for endpoints it holds a live grant for. Every
-//! decision lands in the customer's own hash-chained trail.
+//! `agent.toml`, serves data streams only for endpoints it holds a live grant for, and runs
+//! one-off ops only under a live grant and its own policy. Every decision lands in the
+//! customer's own hash-chained trail.
 
 pub mod audit;
 pub mod config;
 pub mod dial;
 pub mod enroll;
 pub mod grants;
+pub mod op_runner;
 pub mod ops;
 pub mod sessions;
 pub mod tunnel;

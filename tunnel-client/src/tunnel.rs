@@ -1,15 +1,17 @@
 //! `postern-agent run`: keep one tunnel to the gateway up, forever.
 //!
-//! Each connection: hello on the control stream, then heartbeats, endpoint announcements and
-//! data streams until it is lost; then every session is cut (`interrupted`), the live set is
-//! forgotten (the gateway resends it after the next hello) and the agent redials with jittered
-//! exponential backoff.
+//! Each connection: hello on the control stream, then heartbeats, endpoint announcements,
+//! one-off ops (see [`crate::op_runner`]) and data streams until it is lost; then every
+//! session is cut (`interrupted`), the live set is forgotten (the gateway resends it after the
+//! next hello) and the agent redials with jittered exponential backoff. Running ops and held
+//! output outlive a connection; a running op's frames go only to the connection it came on.
 
 use crate::{
     audit::{AuditError, AuditLog, Entry},
     config::{AgentConfig, ConfigError, Enrollment},
     dial::{self, DialError},
     grants::{LiveEndpoints, Removed},
+    op_runner::{OpRunner, Outbox},
     sessions::Sessions,
     wire::{read_one_frame, write_frame, FrameReader, WireError},
     AGENT_VERSION,
@@ -28,7 +30,10 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use tokio::{sync::oneshot, time::Instant};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +43,8 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const SESSION_DRAIN: Duration = Duration::from_secs(2);
 const CLOSE_DRAIN: Duration = Duration::from_secs(3);
+/// Frames from running ops waiting for the control stream (each at most ~256 KiB of output).
+const OP_OUTBOX: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -93,6 +100,7 @@ struct Agent {
     sessions: Sessions,
     live: Arc<Mutex<LiveEndpoints>>,
     audit: AuditLog,
+    ops: OpRunner,
     tracker: TaskTracker,
 }
 
@@ -108,7 +116,11 @@ pub async fn run(
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
     let sessions = Sessions { config: config.clone(), live: live.clone(), audit: audit.clone() };
-    let agent = Agent { config, enrollment, quic, sessions, live, audit, tracker: TaskTracker::new() };
+    let tracker = TaskTracker::new();
+    // Config validation parsed the policy already; this cannot fail for a loaded config.
+    let ops = OpRunner::new(config.clone(), live.clone(), audit.clone(), shutdown.clone(), tracker.clone())
+        .map_err(|e| ConfigError::Invalid { path: config.path.clone(), problem: format!("[policy] {e}") })?;
+    let agent = Agent { config, enrollment, quic, sessions, live, audit, ops, tracker };
 
     let cap = agent.config.reconnect_max();
     let mut attempt: u32 = 0;
@@ -250,6 +262,9 @@ impl Agent {
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
         let mut seq: u64 = 0;
         let mut last_rx = Instant::now();
+        // Ops write through this; a connection's ops answer on that connection only.
+        let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
+        self.ops.connected(&ack.app, &ack.customer, &op_tx);
         loop {
             let next_expiry = self.live.lock().unwrap_or_else(|p| p.into_inner()).next_expiry();
             let expiry_at = next_expiry.map(instant_of);
@@ -263,7 +278,7 @@ impl Agent {
                 frame = reader.next() => match frame {
                     Ok(Some(frame)) => {
                         last_rx = Instant::now();
-                        if let Some(ended) = self.on_frame(frame, &mut send, lost_after).await {
+                        if let Some(ended) = self.on_frame(frame, &mut send, lost_after, &op_tx).await {
                             return ended;
                         }
                     }
@@ -274,6 +289,11 @@ impl Agent {
                     }
                     Err(e) => return Ended::lost(format!("control stream: {e}")),
                 },
+                Some(frame) = op_rx.recv() => {
+                    if let Err(e) = send_frame(&mut send, &frame, lost_after).await {
+                        return Ended::lost(format!("cannot send an op's frames: {e}"));
+                    }
+                }
                 () = tokio::time::sleep_until(last_rx + lost_after) => {
                     return Ended::lost(format!("no frame from the gateway for {lost_after:?}"));
                 }
@@ -294,7 +314,7 @@ impl Agent {
     }
 
     /// Handles one control frame; `Some` ends the connection.
-    async fn on_frame(&self, frame: Frame, send: &mut SendStream, write_limit: Duration) -> Option<Ended> {
+    async fn on_frame(&self, frame: Frame, send: &mut SendStream, write_limit: Duration, ops: &Outbox) -> Option<Ended> {
         let now = Timestamp::now();
         match frame {
             Frame::Heartbeat { seq } => {
@@ -330,6 +350,7 @@ impl Agent {
                         "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
                     }))
                     .collect();
+                self.ops.grants_synced(&grants, now);
                 let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).sync_grants(grants, now);
                 self.audit_grants(summary);
                 self.audit_removed(&removed);
@@ -338,6 +359,11 @@ impl Agent {
                 let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).close(&endpoint_id, reason);
                 self.audit_removed(removed.as_slice());
             }
+            // Ops never block the loop: each runs on its own task and answers through `ops`.
+            Frame::OpDispatch(d) => self.ops.dispatch(d, ops.clone()),
+            Frame::OutputFetch { op_id } => self.ops.fetch(&op_id, ops.clone()),
+            Frame::OutputRelease { op_id, approved_by } => self.ops.release(op_id, approved_by, ops.clone()),
+            Frame::OutputDestroy { op_id, denied_by, message } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
             Frame::Error(e) => {
                 let hint = if e.hint.is_empty() { String::new() } else { format!(" (hint: {})", e.hint) };
                 tracing::error!(code = %e.code, "the gateway reported an error: {}{hint}", e.message);

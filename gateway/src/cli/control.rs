@@ -139,3 +139,86 @@ pub async fn approvals(cmd: ApprovalsCmd, c: &ApiClient, out: OutputFormat) -> R
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct OpArgs {
+    #[arg(long)]
+    app: String,
+    #[arg(long)]
+    customer: String,
+    #[arg(long)]
+    origin_resource_id: String,
+    /// The exact command, starting with the tool's name; split in the appliance, never run by a shell.
+    #[arg(long)]
+    command: String,
+    #[arg(long, default_value = "5m")]
+    timeout: String,
+    /// Wait until the op has ended (approvals included) and exit non-zero if it ended badly.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// Set when an op ended badly: its record was printed, and the exit code must say so.
+pub static OP_ENDED_BADLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn print_op(op: &OpRecord, out: OutputFormat) {
+    match out {
+        OutputFormat::Json => print_json(op),
+        OutputFormat::Text => {
+            println!("op {} ({}) {} — `{}` on {} ({}/{})", op.id, op.tool.as_str(), op.state.as_str(), op.command, op.origin_resource_id, op.app, op.customer);
+            if let Some(code) = op.exit_code {
+                println!("  exit code {code}{}", if op.truncated { " (output truncated)" } else { "" });
+            }
+            if let Some(s) = &op.stdout {
+                print!("{s}");
+            }
+            if let Some(s) = &op.stderr {
+                eprint!("{s}");
+            }
+            if let Some(e) = &op.error {
+                eprintln!("error: {}", e.message);
+                if !e.hint.is_empty() {
+                    eprintln!("hint: {}", e.hint);
+                }
+            }
+            if op.state == OpState::PendingApproval {
+                println!("  waiting for the customer's approval of the command");
+            } else if op.state == OpState::OutputPendingApproval {
+                println!("  ran; its output is held in the appliance until the customer releases it");
+            }
+        }
+    }
+    if matches!(op.state, OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired) {
+        OP_ENDED_BADLY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn wait_for(c: &ApiClient, id: &str, limit: std::time::Duration) -> Result<OpRecord, ApiError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let op: OpRecord = c.get(&format!("/v1/ops/{id}")).await?;
+        if op.state.is_final() || tokio::time::Instant::now() >= deadline {
+            return Ok(op);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn run_op(tool: OpTool, args: OpArgs, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+    let timeout_s = duration_secs("timeout", &args.timeout)?;
+    let op: OpRecord = c
+        .post("/v1/ops", serde_json::json!({
+            "tool": tool, "app": args.app, "customer": args.customer, "origin_resource_id": args.origin_resource_id,
+            "command": args.command, "timeout_s": timeout_s,
+        }))
+        .await?;
+    let op = if args.wait { wait_for(c, &op.id, std::time::Duration::from_secs(86_400 * 2)).await? } else { op };
+    print_op(&op, out);
+    Ok(())
+}
+
+pub async fn get_op(id: &str, wait: bool, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+    let op = if wait { wait_for(c, id, std::time::Duration::from_secs(86_400 * 2)).await? } else { c.get(&format!("/v1/ops/{id}")).await? };
+    print_op(&op, out);
+    Ok(())
+}

@@ -126,6 +126,26 @@ enum OpsCmd {
     /// Short-lived ops endpoints.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Run a kubectl command in the appliance against the resource's cluster.
+    Kubectl(control::OpArgs),
+    /// Run psql in the appliance against the resource's database.
+    Psql(control::OpArgs),
+    /// Run ssh in the appliance.
+    Ssh(control::OpArgs),
+    /// Run docker in the appliance.
+    Docker(control::OpArgs),
+    /// Run the AWS CLI in the appliance.
+    Aws(control::OpArgs),
+    /// Run gcloud in the appliance.
+    Gcloud(control::OpArgs),
+    /// Run the Azure CLI in the appliance.
+    Az(control::OpArgs),
+    /// Run doctl in the appliance.
+    Doctl(control::OpArgs),
+    /// An op's record.
+    Get { id: String },
+    /// Wait until an op has ended; non-zero exit if it ended badly.
+    Wait { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +197,7 @@ pub fn main() -> ExitCode {
     };
     let output = cli.output;
     match runtime.block_on(run(cli)) {
+        Ok(()) if control::OP_ENDED_BADLY.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(output, &e),
     }
@@ -244,6 +265,23 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
         Command::Access(cmd) => control::access(cmd, &client()?, out).await,
         Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await,
         Command::Ops(OpsCmd::Endpoint(cmd)) => endpoint(cmd, &client()?, out).await,
+        Command::Ops(OpsCmd::Get { id }) => control::get_op(&id, false, &client()?, out).await,
+        Command::Ops(OpsCmd::Wait { id }) => control::get_op(&id, true, &client()?, out).await,
+        Command::Ops(op) => {
+            use endpoint_types::control::OpTool;
+            let (tool, args) = match op {
+                OpsCmd::Kubectl(a) => (OpTool::Kubectl, a),
+                OpsCmd::Psql(a) => (OpTool::Psql, a),
+                OpsCmd::Ssh(a) => (OpTool::Ssh, a),
+                OpsCmd::Docker(a) => (OpTool::Docker, a),
+                OpsCmd::Aws(a) => (OpTool::Aws, a),
+                OpsCmd::Gcloud(a) => (OpTool::Gcloud, a),
+                OpsCmd::Az(a) => (OpTool::Az, a),
+                OpsCmd::Doctl(a) => (OpTool::Doctl, a),
+                OpsCmd::Endpoint(_) | OpsCmd::Get { .. } | OpsCmd::Wait { .. } => return Err(ApiError::internal("unreachable ops command")),
+            };
+            control::run_op(tool, args, &client()?, out).await
+        }
         Command::Audit(cmd) => audit(cmd, &client()?, out).await,
     }
 }

@@ -9,8 +9,6 @@
 //! (Debian's `postgresql` package), else `initdb`/`postgres` on `PATH`. As root, `initdb` and
 //! `postgres` run as the `postgres` user (they refuse to run as root).
 
-#![allow(dead_code)]
-
 use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -205,18 +203,27 @@ impl PgCluster {
         format!("postgres://{USER}@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// Runs one SQL statement with `psql` against a database URL of this cluster (e.g. to
+    /// tamper with a record the way an attacker with database access could).
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(bin_dir().join("psql"))
+            .args([url, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .output()
+            .unwrap_or_else(|e| panic!("running psql: {e}"));
+        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A new empty database for one test; returns its URL.
-    pub async fn create_database(&self, hint: &str) -> String {
-        use sqlx::Connection;
+    pub fn create_database(&self, hint: &str) -> String {
         let clean: String =
             hint.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(40).collect();
         let name = format!("t{}_{clean}", DB_SEQ.fetch_add(1, Ordering::Relaxed));
-        let mut conn = sqlx::PgConnection::connect(&self.url("postgres")).await.expect("connecting to the throwaway cluster");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut conn)
-            .await
-            .expect("CREATE DATABASE");
-        conn.close().await.expect("closing the admin connection");
+        let out = Command::new(bin_dir().join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, &name])
+            .output()
+            .unwrap_or_else(|e| panic!("running createdb: {e}"));
+        assert!(out.status.success(), "createdb {name} failed: {}", String::from_utf8_lossy(&out.stderr));
         self.url(&name)
     }
 }

@@ -1,0 +1,534 @@
+//! One-off ops: request, customer approval of command and output, dispatch to the agent,
+//! results. The op's record survives restarts; held output never reaches the gateway's store
+//! or log (an approver's preview is fetched from the appliance and passed through).
+
+use crate::{
+    audit::Subject,
+    grants,
+    identity::{random_hex, Caller},
+    server::Gateway,
+    store::{ApplianceRow, OpRow, StoreError},
+};
+use endpoint_types::{
+    api::Role,
+    control::{OpRecord, OpRequest, OpState},
+    frame::{Frame, OpDispatch, OpFinished, OutputStream},
+    lifecycle::op_error,
+    policy::Policy,
+    ApiError, ErrorCode,
+};
+use jiff::Timestamp;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::oneshot;
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+const TIMEOUT_MIN: Duration = Duration::from_secs(1);
+const TIMEOUT_MAX: Duration = Duration::from_secs(86_400);
+const PREVIEW_WAIT: Duration = Duration::from_secs(30);
+/// Ops appear in approvals and records with at most this much of their command.
+const COMMAND_MAX: usize = 16 * 1024;
+
+fn internal(e: StoreError) -> ApiError {
+    ApiError::internal(e.to_string())
+}
+
+fn subject(row: &OpRow) -> Subject {
+    Subject { appliance_id: Some(row.appliance_id.clone()), op_id: Some(row.id.clone()), ..Default::default() }
+}
+
+/// Held output on its way from the appliance to one approver's screen; never stored.
+#[derive(Debug, Default)]
+pub struct Previews {
+    waiting: Mutex<HashMap<String, Preview>>,
+}
+
+#[derive(Debug)]
+struct Preview {
+    stdout: String,
+    stderr: String,
+    done: oneshot::Sender<Result<serde_json::Value, ApiError>>,
+}
+
+impl Previews {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Preview>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(&self, op_id: &str) -> oneshot::Receiver<Result<serde_json::Value, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(op_id.to_string(), Preview { stdout: String::new(), stderr: String::new(), done: tx });
+        rx
+    }
+
+    fn push(&self, op_id: &str, stream: OutputStream, data: &str) {
+        if let Some(p) = self.lock().get_mut(op_id) {
+            match stream {
+                OutputStream::Stdout => p.stdout.push_str(data),
+                OutputStream::Stderr => p.stderr.push_str(data),
+            }
+        }
+    }
+
+    fn finish(&self, op_id: &str, result: Result<&OpFinished, ApiError>) -> bool {
+        let Some(p) = self.lock().remove(op_id) else { return false };
+        let value = result.map(|f| {
+            serde_json::json!({
+                "stdout": p.stdout, "stderr": p.stderr, "exit_code": f.exit_code, "truncated": f.truncated,
+                "timed_out": f.timed_out, "error": f.error,
+            })
+        });
+        let _ = p.done.send(value);
+        true
+    }
+}
+
+pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
+    let error = row.error.clone().or_else(|| op_error(row.state, row.exit_code, row.stderr.as_deref(), row.message.as_deref()));
+    OpRecord {
+        id: row.id.clone(),
+        state: row.state,
+        tool: row.tool,
+        command: row.command.clone(),
+        timeout_s: row.timeout.as_secs(),
+        exit_code: row.exit_code,
+        stdout: row.stdout.clone(),
+        stderr: row.stderr.clone(),
+        truncated: row.truncated,
+        appliance_id: row.appliance_id.clone(),
+        app: appliance.app.clone(),
+        customer: appliance.customer.clone(),
+        origin_resource_id: row.origin_resource_id.clone(),
+        requested_by: row.requested_by.clone(),
+        requested_at: row.requested_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+        error: if row.state.is_final() { error } else { None },
+    }
+}
+
+async fn load(gw: &Gateway, caller: &Caller, id: &str) -> Result<(OpRow, ApplianceRow), ApiError> {
+    let nf = || ApiError::new(ErrorCode::NotFound, format!("no op {id}")).hint("ops are named op_…; `postern approvals list` shows waiting ones");
+    let row = gw.store.get_op(id).await.map_err(internal)?.ok_or_else(nf)?;
+    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?.ok_or_else(nf)?;
+    if !caller.sees_customer(&appliance.customer) {
+        return Err(nf());
+    }
+    Ok((row, appliance))
+}
+
+pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<OpRecord, ApiError> {
+    let (row, appliance) = load(gw, caller, id).await?;
+    Ok(record(&row, &appliance))
+}
+
+pub async fn list_rows(gw: &Gateway, caller: &Caller) -> Result<Vec<(OpRow, ApplianceRow)>, ApiError> {
+    let mut out = Vec::new();
+    for row in gw.store.list_ops().await.map_err(internal)? {
+        if let Some(a) = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)? {
+            if caller.sees_customer(&a.customer) {
+                out.push((row, a));
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: OpRequest) -> Result<OpRecord, ApiError> {
+    caller.require(&[Role::Admin, Role::Operator], "run ops")?;
+    let command = req.command.trim().to_string();
+    if command.is_empty() || command.len() > COMMAND_MAX {
+        return Err(ApiError::invalid("the command is empty or too long").hint(format!("e.g. --command \"{} …\"", req.tool.as_str())));
+    }
+    if command.split_whitespace().next() != Some(req.tool.as_str()) {
+        return Err(ApiError::invalid(format!("the command must start with `{}`", req.tool.as_str()))
+            .hint(format!("an `ops {}` command runs {} and nothing else, e.g. --command \"{} …\"", req.tool.as_str(), req.tool.as_str(), req.tool.as_str())));
+    }
+    let timeout = req.timeout_s.map(Duration::from_secs).unwrap_or(DEFAULT_TIMEOUT);
+    if timeout < TIMEOUT_MIN || timeout > TIMEOUT_MAX {
+        return Err(ApiError::invalid("the timeout is outside 1s–24h").hint("e.g. --timeout 5m"));
+    }
+    let appliance = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)?.ok_or_else(|| {
+        ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
+            .hint("`postern appliance list` shows the registered appliances")
+    })?;
+    caller.require_customer(&appliance.customer)?;
+    let now = crate::store::now();
+    let grant = grants::require_operate(gw, &appliance, now).await?;
+    let link = gw.agents.get(&appliance.id).ok_or_else(|| {
+        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} ({}/{}) is offline", appliance.id, appliance.app, appliance.customer))
+            .hint("the agent in the appliance is not connected; check `postern appliance list`")
+    })?;
+    if link.resource(&req.origin_resource_id).is_none() {
+        let known: Vec<&str> = link.resources.iter().map(|r| r.id.as_str()).collect();
+        return Err(ApiError::new(ErrorCode::InvalidOriginResourceId, format!("appliance {} has no resource {:?}", appliance.id, req.origin_resource_id))
+            .hint(format!("resources this appliance declares: {}", known.join(", "))));
+    }
+    let mut row = OpRow {
+        id: format!("op_{}", random_hex(8)),
+        appliance_id: appliance.id.clone(),
+        tool: req.tool,
+        command,
+        origin_resource_id: req.origin_resource_id.clone(),
+        timeout,
+        state: OpState::PendingApproval,
+        requested_by: caller.actor(),
+        requested_at: now,
+        grant_id: Some(grant.id.clone()),
+        command_approved_by: None,
+        command_approved_at: None,
+        output_approved_by: None,
+        output_approved_at: None,
+        started_at: None,
+        finished_at: None,
+        exit_code: None,
+        stdout: None,
+        stderr: None,
+        truncated: false,
+        error: None,
+        message: None,
+    };
+    let auto = grants::automatic_decision(gw, &appliance.id, now).await;
+    if let Some((by, _)) = auto {
+        row.state = OpState::Approved;
+        row.command_approved_by = Some(by.to_string());
+        row.command_approved_at = Some(now);
+    }
+    gw.store.insert_op(&row).await.map_err(internal)?;
+    gw.audit
+        .record("op.requested", &caller.actor(), subject(&row), serde_json::json!({
+            "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id,
+            "timeout_s": timeout.as_secs(), "grant_id": grant.id,
+        }))
+        .await;
+    match auto {
+        Some((by, _)) => {
+            gw.audit.record("op.approved", by, subject(&row), serde_json::json!({"stage": "command"})).await;
+            dispatch(gw, &row.id).await;
+        }
+        None => crate::notify::waiting(gw, &appliance.customer, "op", &row.id).await,
+    }
+    let row = gw.store.get_op(&row.id).await.map_err(internal)?.unwrap_or(row);
+    Ok(record(&row, &appliance))
+}
+
+/// Moves an op from `from` with `change`, re-reading it first so streamed output is kept.
+async fn transition(gw: &Gateway, id: &str, from: &[OpState], change: impl Fn(&mut OpRow)) -> Option<OpRow> {
+    for _ in 0..3 {
+        let row = gw.store.get_op(id).await.ok()??;
+        if !from.contains(&row.state) {
+            return None;
+        }
+        let expected = row.state;
+        let mut next = row.clone();
+        change(&mut next);
+        match gw.store.update_op(&next, expected).await {
+            Ok(true) => return Some(next),
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!(op = %id, error = %e, "cannot update op");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// Sends an approved op to its appliance, after checking at this moment that its grant is
+/// live and, for a window approval, that the window is still open.
+pub async fn dispatch(gw: &Gateway, id: &str) {
+    let Ok(Some(row)) = gw.store.get_op(id).await else { return };
+    if row.state != OpState::Approved {
+        return;
+    }
+    let Ok(Some(appliance)) = gw.store.get_appliance(&row.appliance_id).await else { return };
+    let now = crate::store::now();
+    let live = grants::require_operate(gw, &appliance, now).await;
+    if live.as_ref().map(|g| Some(&g.id) != row.grant_id.as_ref()).unwrap_or(true) {
+        let error = ApiError::new(ErrorCode::OperateAccessExpired, format!("the operate grant op {id} was approved under has ended"))
+            .hint(grants::access_hint(&appliance.app, &appliance.customer));
+        if transition(gw, id, &[OpState::Approved], |o| {
+            o.state = OpState::Expired;
+            o.finished_at = Some(now);
+            o.error = Some(error.clone());
+        })
+        .await
+        .is_some()
+        {
+            gw.audit.record("op.expired", "system:gateway", subject(&row), serde_json::json!({"reason": error.message})).await;
+        }
+        return;
+    }
+    let by_policy = row.command_approved_by.as_deref().is_some_and(|b| b.starts_with("policy:"));
+    if by_policy && grants::automatic_decision(gw, &appliance.id, now).await.is_none() {
+        // Approved inside a window that has closed since: back to a person.
+        if transition(gw, id, &[OpState::Approved], |o| {
+            o.state = OpState::PendingApproval;
+            o.command_approved_by = None;
+            o.command_approved_at = None;
+        })
+        .await
+        .is_some()
+        {
+            gw.audit.record("op.requeued", "system:gateway", subject(&row), serde_json::json!({"reason": "the approval window closed before dispatch"})).await;
+            crate::notify::waiting(gw, &appliance.customer, "op", id).await;
+        }
+        return;
+    }
+    let policy = grants::policy_of(gw, &appliance.id).await;
+    let hold_output = Policy::parse(&policy).map(|p| p.needs_output_approval(now)).unwrap_or(true);
+    let (Some(grant_id), Some(approved_by), Some(approved_at)) = (row.grant_id.clone(), row.command_approved_by.clone(), row.command_approved_at) else {
+        return;
+    };
+    let frame = Frame::OpDispatch(OpDispatch {
+        op_id: row.id.clone(),
+        tool: row.tool,
+        command: row.command.clone(),
+        resource_id: row.origin_resource_id.clone(),
+        timeout_s: row.timeout.as_secs(),
+        operator: row.requested_by.clone(),
+        grant_id,
+        command_approved_by: approved_by,
+        command_approved_at: approved_at,
+        hold_output,
+    });
+    // Offline now: it goes out when the agent reconnects.
+    if gw.agents.send(&appliance.id, frame) {
+        gw.audit.record("op.dispatched", "system:gateway", subject(&row), serde_json::json!({"hold_output": hold_output})).await;
+    }
+}
+
+/// Approved ops of an appliance that never reached it (it was offline): sent after its hello.
+pub async fn dispatch_pending(gw: &Gateway, appliance_id: &str) {
+    if let Ok(rows) = gw.store.ops_of(appliance_id).await {
+        for r in rows.into_iter().filter(|r| r.state == OpState::Approved) {
+            dispatch(gw, &r.id).await;
+        }
+    }
+}
+
+/// Frames about ops from an agent. An agent can only ever affect its own appliance's ops.
+pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
+    let op_id = match &frame {
+        Frame::OpStarted { op_id } | Frame::OpOutput { op_id, .. } | Frame::OpRefused { op_id, .. } => op_id.clone(),
+        Frame::OpFinished(f) => f.op_id.clone(),
+        _ => return,
+    };
+    let Ok(Some(row)) = gw.store.get_op(&op_id).await else {
+        return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent reported on an unknown op");
+    };
+    if row.appliance_id != appliance_id {
+        return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent reported on another appliance's op; ignored");
+    }
+    let actor = format!("agent:{appliance_id}");
+    let now = crate::store::now();
+    match frame {
+        Frame::OpStarted { .. } => {
+            if transition(gw, &op_id, &[OpState::Approved], |o| {
+                o.state = OpState::Running;
+                o.started_at = Some(now);
+            })
+            .await
+            .is_some()
+            {
+                gw.audit.record("op.started", &actor, subject(&row), serde_json::json!({})).await;
+            }
+        }
+        Frame::OpOutput { stream, data, preview: true, .. } => gw.previews.push(&op_id, stream, &data),
+        Frame::OpOutput { stream, data, preview: false, .. } => {
+            let (out, err) = match stream {
+                OutputStream::Stdout => (data.as_str(), ""),
+                OutputStream::Stderr => ("", data.as_str()),
+            };
+            if let Err(e) = gw.store.append_op_output(&op_id, out, err).await {
+                tracing::error!(op = %op_id, error = %e, "cannot store op output");
+            }
+        }
+        Frame::OpFinished(f) if f.preview => {
+            gw.previews.finish(&op_id, Ok(&f));
+        }
+        Frame::OpFinished(f) if f.destroyed => {
+            gw.audit.record("output.destroyed", &actor, subject(&row), serde_json::json!({})).await;
+        }
+        Frame::OpFinished(f) if f.held => {
+            if transition(gw, &op_id, &[OpState::Running, OpState::Approved], |o| {
+                o.state = OpState::OutputPendingApproval;
+                o.finished_at = Some(now);
+            })
+            .await
+            .is_some()
+            {
+                gw.audit.record("op.finished", &actor, subject(&row), serde_json::json!({"held": true})).await;
+                if let Ok(Some(a)) = gw.store.get_appliance(appliance_id).await {
+                    crate::notify::waiting(gw, &a.customer, "op", &op_id).await;
+                }
+            }
+        }
+        Frame::OpFinished(f) => {
+            let state = if f.timed_out {
+                OpState::TimedOut
+            } else if f.exit_code == Some(0) && f.error.is_none() {
+                OpState::Completed
+            } else {
+                OpState::Failed
+            };
+            let released = row.state == OpState::OutputPendingApproval;
+            if transition(gw, &op_id, &[OpState::Running, OpState::Approved, OpState::OutputPendingApproval], |o| {
+                o.state = state;
+                o.exit_code = f.exit_code;
+                o.truncated = f.truncated;
+                o.error = f.error.clone();
+                o.finished_at.get_or_insert(now);
+            })
+            .await
+            .is_some()
+            {
+                let kind = if released { "output.released" } else { "op.finished" };
+                gw.audit
+                    .record(kind, &actor, subject(&row), serde_json::json!({
+                        "state": state.as_str(), "exit_code": f.exit_code, "truncated": f.truncated, "timed_out": f.timed_out,
+                    }))
+                    .await;
+            }
+        }
+        Frame::OpRefused { error, .. } => {
+            if gw.previews.finish(&op_id, Err(error.clone())) {
+                return;
+            }
+            if transition(gw, &op_id, &[OpState::Approved, OpState::Running], |o| {
+                o.state = if error.code == ErrorCode::ApprovalDenied { OpState::Denied } else { OpState::Failed };
+                o.finished_at = Some(now);
+                o.error = Some(error.clone());
+            })
+            .await
+            .is_some()
+            {
+                gw.audit
+                    .record("denied", &actor, subject(&row), serde_json::json!({"action": "op", "code": error.code, "reason": error.message}))
+                    .await;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A customer approver's decision on the command or, once it ran, on its held output.
+pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<OpRecord, ApiError> {
+    let (row, appliance) = load(gw, caller, id).await?;
+    caller.require_customer(&appliance.customer)?;
+    let now = crate::store::now();
+    let who = caller.actor();
+    match (row.state, approve) {
+        (OpState::PendingApproval, true) => {
+            transition(gw, id, &[OpState::PendingApproval], |o| {
+                o.state = OpState::Approved;
+                o.command_approved_by = Some(who.clone());
+                o.command_approved_at = Some(now);
+            })
+            .await
+            .ok_or_else(|| conflict(id))?;
+            gw.audit.record("op.approved", &who, subject(&row), serde_json::json!({"stage": "command", "command": row.command})).await;
+            dispatch(gw, id).await;
+        }
+        (OpState::PendingApproval, false) => {
+            transition(gw, id, &[OpState::PendingApproval], |o| {
+                o.state = OpState::Denied;
+                o.message = message.clone();
+                o.finished_at = Some(now);
+            })
+            .await
+            .ok_or_else(|| conflict(id))?;
+            gw.audit.record("op.denied", &who, subject(&row), serde_json::json!({"stage": "command", "message": message})).await;
+        }
+        (OpState::OutputPendingApproval, true) => {
+            if !gw.agents.is_online(&row.appliance_id) {
+                return Err(ApiError::new(ErrorCode::ApplianceOffline, "the held output is in the appliance, which is offline")
+                    .hint("approve again once the appliance is online"));
+            }
+            transition(gw, id, &[OpState::OutputPendingApproval], |o| {
+                o.output_approved_by = Some(who.clone());
+                o.output_approved_at = Some(now);
+            })
+            .await
+            .ok_or_else(|| conflict(id))?;
+            gw.audit.record("output.approved", &who, subject(&row), serde_json::json!({})).await;
+            gw.agents.send(&row.appliance_id, Frame::OutputRelease { op_id: id.to_string(), approved_by: who.clone() });
+        }
+        (OpState::OutputPendingApproval, false) => {
+            transition(gw, id, &[OpState::OutputPendingApproval], |o| {
+                o.state = OpState::Denied;
+                o.message = message.clone();
+            })
+            .await
+            .ok_or_else(|| conflict(id))?;
+            gw.audit.record("output.denied", &who, subject(&row), serde_json::json!({"message": message})).await;
+            gw.agents.send(&row.appliance_id, Frame::OutputDestroy { op_id: id.to_string(), denied_by: who.clone(), message });
+        }
+        (state, _) => {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("op {id} is {}, not waiting for a decision", state.as_str())));
+        }
+    }
+    get(gw, caller, id).await
+}
+
+fn conflict(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::Conflict, format!("op {id} was decided by someone else just now"))
+}
+
+/// The held output, fetched from the appliance for an approver; passed through, not kept.
+pub async fn preview(gw: &Gateway, caller: &Caller, id: &str) -> Result<serde_json::Value, ApiError> {
+    caller.require(&[Role::Approver], "see held output (it is the customer's to release)")?;
+    let (row, appliance) = load(gw, caller, id).await?;
+    caller.require_customer(&appliance.customer)?;
+    if row.state != OpState::OutputPendingApproval {
+        return Err(ApiError::new(ErrorCode::Conflict, format!("op {id} holds no output")));
+    }
+    let rx = gw.previews.begin(id);
+    if !gw.agents.send(&row.appliance_id, Frame::OutputFetch { op_id: id.to_string() }) {
+        gw.previews.finish(id, Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")));
+        return Err(ApiError::new(ErrorCode::ApplianceOffline, "the held output is in the appliance, which is offline"));
+    }
+    match tokio::time::timeout(PREVIEW_WAIT, rx).await {
+        Ok(Ok(r)) => r,
+        _ => {
+            gw.previews.finish(id, Err(ApiError::internal("timed out")));
+            Err(ApiError::new(ErrorCode::ApplianceOffline, "the appliance did not send the held output in time"))
+        }
+    }
+}
+
+/// The approver's view of a waiting op.
+pub fn approval_item(row: &OpRow, appliance: &ApplianceRow) -> Option<endpoint_types::control::ApprovalItem> {
+    use endpoint_types::control::{ApprovalItem, ApprovalKind, ApprovalStage};
+    let stage = match row.state {
+        OpState::PendingApproval => ApprovalStage::Command,
+        OpState::OutputPendingApproval => ApprovalStage::Output,
+        _ => return None,
+    };
+    Some(ApprovalItem {
+        id: row.id.clone(),
+        kind: ApprovalKind::Op,
+        stage,
+        appliance_id: row.appliance_id.clone(),
+        app: appliance.app.clone(),
+        customer: appliance.customer.clone(),
+        requested_by: row.requested_by.clone(),
+        requested_at: row.requested_at,
+        summary: match stage {
+            ApprovalStage::Command => format!("run `{}` on {}", row.command, row.origin_resource_id),
+            ApprovalStage::Output => format!("release the output of `{}`", row.command),
+        },
+        request: serde_json::json!({
+            "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id,
+            "timeout_s": row.timeout.as_secs(), "appliance_id": row.appliance_id, "requested_by": row.requested_by,
+            "requested_at": row.requested_at, "grant_id": row.grant_id,
+        }),
+    })
+}
+
+pub fn now() -> Timestamp {
+    crate::store::now()
+}
