@@ -310,6 +310,26 @@ pub async fn dispatch_pending(gw: &Gateway, appliance_id: &str) {
     }
 }
 
+/// The agent went away while ops ran: their results cannot arrive any more (held output is
+/// kept in the appliance and announced again on reconnect; running ops are not).
+pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
+    let Ok(rows) = gw.store.ops_of(appliance_id).await else { return };
+    let now = crate::store::now();
+    for r in rows.into_iter().filter(|r| r.state == OpState::Running) {
+        let error = ApiError::new(ErrorCode::ApplianceOffline, "the appliance disconnected while the op ran; its result was lost")
+            .hint("check the appliance's own audit trail for the outcome, then run the op again if needed");
+        let moved = transition(gw, &r.id, &[OpState::Running], |o| {
+            o.state = OpState::Failed;
+            o.finished_at = Some(now);
+            o.error = Some(error.clone());
+        })
+        .await;
+        if moved.is_some() {
+            gw.audit.record("op.interrupted", "system:gateway", subject(&r), serde_json::json!({"reason": "agent disconnected"})).await;
+        }
+    }
+}
+
 /// Frames about ops from an agent. An agent can only ever affect its own appliance's ops.
 pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     let op_id = match &frame {
@@ -327,13 +347,12 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     let now = crate::store::now();
     match frame {
         Frame::OpStarted { .. } => {
-            if transition(gw, &op_id, &[OpState::Approved], |o| {
+            let moved = transition(gw, &op_id, &[OpState::Approved], |o| {
                 o.state = OpState::Running;
                 o.started_at = Some(now);
             })
-            .await
-            .is_some()
-            {
+            .await;
+            if moved.is_some() {
                 gw.audit.record("op.started", &actor, subject(&row), serde_json::json!({})).await;
             }
         }
@@ -354,13 +373,13 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             gw.audit.record("output.destroyed", &actor, subject(&row), serde_json::json!({})).await;
         }
         Frame::OpFinished(f) if f.held => {
-            if transition(gw, &op_id, &[OpState::Running, OpState::Approved], |o| {
+            // The agent announces held output again after every reconnect; a repeat is a no-op.
+            let moved = transition(gw, &op_id, &[OpState::Running, OpState::Approved], |o| {
                 o.state = OpState::OutputPendingApproval;
                 o.finished_at = Some(now);
             })
-            .await
-            .is_some()
-            {
+            .await;
+            if moved.is_some() {
                 gw.audit.record("op.finished", &actor, subject(&row), serde_json::json!({"held": true})).await;
                 if let Ok(Some(a)) = gw.store.get_appliance(appliance_id).await {
                     crate::notify::waiting(gw, &a.customer, "op", &op_id).await;

@@ -367,6 +367,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     };
 
     gw.agents.unregister(&appliance.id, &conn);
+    crate::ops::interrupted(&gw, &appliance.id).await;
     let _ = gw.store.set_presence(&appliance.id, Timestamp::now(), None, None, None).await;
     gw.audit
         .record("agent.disconnected", &format!("agent:{}", appliance.id), Subject::appliance(&appliance.id), serde_json::json!({

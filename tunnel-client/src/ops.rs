@@ -197,7 +197,7 @@ pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError
                             _ => cur.push('\\'),
                         },
                         Some('`') => return shell("`", i),
-                        Some('$') if dollar(i, true).is_some() => return shell(&dollar(i, true).unwrap(), i),
+                        Some('$') if let Some(what) = dollar(i, true) => return shell(&what, i),
                         Some(&c) => cur.push(c),
                     }
                     i += 1;
@@ -205,7 +205,7 @@ pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError
             }
             '\n' => return shell("a newline", i),
             c @ (';' | '|' | '&' | '>' | '<' | '(' | ')' | '`') => return shell(&c.to_string(), i),
-            '$' if dollar(i, false).is_some() => return shell(&dollar(i, false).unwrap(), i),
+            '$' if let Some(what) = dollar(i, false) => return shell(&what, i),
             '#' if !in_word => return shell("#", i),
             c => {
                 cur.push(c);
@@ -366,10 +366,15 @@ pub async fn run_streaming(
 
     let started_at = Timestamp::now();
     let mut child = cmd.spawn().map_err(|source| OpError::Spawn { exe: exe.to_path_buf(), source })?;
-    let pgid = child.id().expect("a child not yet waited for has a pid") as libc::pid_t;
+    let Some(pid) = child.id() else {
+        return Err(OpError::Io(io::Error::other("the tool exited before it could be supervised")));
+    };
+    let pgid = pid as libc::pid_t;
     let mut guard = GroupGuard(Some(pgid));
     tracing::debug!(op_id = %spec.op_id, pid = pgid, exe = %exe.display(), "op started");
-    let (stdout, stderr) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(OpError::Io(io::Error::other("the tool's output pipes were not set up")));
+    };
 
     let reaped = CancellationToken::new();
     let supervise = async {
