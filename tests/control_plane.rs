@@ -65,6 +65,38 @@ fn start_on(store: Option<&str>, dir: &Path, app: &str, approval: &str, extra_po
     Ok((gw, agent))
 }
 
+/// A one-shot-per-connection HTTP server that hands each request's text to the test.
+fn webhook_receiver() -> Result<(SocketAddr, std::sync::mpsc::Receiver<String>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            let Ok(mut s) = conn else { break };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut got = Vec::new();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
+            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+        }
+    });
+    Ok((addr, rx))
+}
+
 fn token(gw: &Gateway, role: &str, name: &str, customer: Option<&str>) -> Result<String> {
     let mut args = vec!["token", "create", "--role", role, "--name", name];
     if let Some(c) = customer {
@@ -119,6 +151,10 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
     let eve = token(&gw, "approver", "eve@globex.example", Some("globex"))?;
 
+    // The customer's approvers are told about waiting requests.
+    let hook = webhook_receiver()?;
+    gw.cli_as(&bob, &["approvals", "webhook", "--customer", "acme-corp", "--url", &format!("http://{}/postern", hook.0)])?.ok()?;
+
     // No grant: refused before anything reaches the appliance, with the command to fix it.
     let refused = op(&gw, &alice, "my-app", "kubectl get pods", &[])?;
     assert_eq!(refused.error_code(), Some("OPERATE_ACCESS_REQUIRED"), "{refused:?}");
@@ -129,6 +165,9 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
         "--duration", "30m", "--reason", "INC-42 pods crash-looping"])?.ok()?;
     assert_eq!(grant["state"], "pending-approval");
     let gid = id(&grant);
+    let posted = hook.1.recv_timeout(Duration::from_secs(10))?;
+    assert!(posted.starts_with("POST /postern"), "{posted}");
+    assert!(posted.contains("approval.waiting") && posted.contains(&gid), "{posted}");
     assert_eq!(gw.cli_as(&alice, &["approvals", "approve", &gid])?.error_code(), Some("FORBIDDEN"));
     assert_eq!(gw.cli_as(&eve, &["approvals", "list"])?.ok()?["approvals"].as_array().unwrap().len(), 0);
     assert!(!gw.cli_as(&eve, &["approvals", "approve", &gid])?.success);

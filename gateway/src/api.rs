@@ -85,6 +85,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/steady-state", post(steady_state))
         .route("/v1/ops", post(op_create).get(op_list))
         .route("/v1/ops/{id}", get(op_get))
+        .route("/v1/customers/{customer}/webhook", post(webhook_set))
         .route("/v1/approvals", get(approval_list))
         .route("/v1/approvals/{id}", get(approval_show))
         .route("/v1/approvals/{id}/approve", post(approval_approve))
@@ -316,6 +317,25 @@ async fn op_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) ->
 async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller).await?.iter().map(|(r, a)| crate::ops::record(r, a)).collect();
     Ok(Json(serde_json::json!({ "ops": ops })))
+}
+
+#[derive(Debug, Deserialize)]
+struct WebhookSet {
+    url: Option<String>,
+}
+
+/// Where the customer's approvers hear about requests waiting for them.
+async fn webhook_set(State(gw): State<Gw>, caller: Caller, Path(customer): Path<String>, Body(req): Body<WebhookSet>) -> ApiResult<serde_json::Value> {
+    caller.require(&[Role::Admin, Role::Approver], "set a customer's approval webhook")?;
+    caller.require_customer(&customer)?;
+    if let Some(url) = &req.url {
+        if !url.starts_with("http://") || url.len() > 2048 || url.parse::<hyper::Uri>().is_err() {
+            return Err(ApiError::invalid(format!("webhook URL {url:?} is not a valid http:// URL")).into());
+        }
+    }
+    gw.store.set_webhook(&customer, req.url.as_deref()).await.map_err(internal)?;
+    gw.audit.record("webhook.set", &caller.actor(), Subject::default(), serde_json::json!({"customer": customer, "url": req.url})).await;
+    Ok(Json(serde_json::json!({"customer": customer, "webhook_url": req.url})))
 }
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {

@@ -51,6 +51,15 @@ pub enum ApprovalsCmd {
         #[arg(long)]
         message: Option<String>,
     },
+    /// Set (or clear) the URL that gets a JSON POST for every request waiting for this customer.
+    Webhook {
+        #[arg(long)]
+        customer: String,
+        #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
+        url: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 fn print_grant(g: &GrantRecord) {
@@ -131,6 +140,9 @@ pub async fn approvals(cmd: ApprovalsCmd, c: &ApiClient, out: OutputFormat) -> R
         ApprovalsCmd::Approve { id } => c.post(&format!("/v1/approvals/{id}/approve"), serde_json::json!({})).await?,
         ApprovalsCmd::Deny { id, message } => {
             c.post(&format!("/v1/approvals/{id}/deny"), serde_json::json!({"message": message})).await?
+        }
+        ApprovalsCmd::Webhook { customer, url, clear: _ } => {
+            c.post(&format!("/v1/customers/{customer}/webhook"), serde_json::json!({"url": url})).await?
         }
     };
     match out {

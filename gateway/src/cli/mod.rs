@@ -380,13 +380,24 @@ fn print_endpoint_text(e: &EndpointRecord) {
 
 async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
     let rec: EndpointRecord = match cmd {
-        EndpointCmd::Create { endpoint_type, app, customer, origin_resource_id, ttl, wait: _ } => {
+        EndpointCmd::Create { endpoint_type, app, customer, origin_resource_id, ttl, wait } => {
             let t = EndpointType::parse(&endpoint_type).ok_or_else(|| ApiError::invalid(format!("unknown endpoint type {endpoint_type}")))?;
             let ttl_s = duration_secs("ttl", &ttl)?;
-            c.post("/v1/endpoints", serde_json::json!({
-                "type": t, "app": app, "customer": customer, "origin_resource_id": origin_resource_id, "ttl_s": ttl_s,
-            }))
-            .await?
+            let mut rec: EndpointRecord = c
+                .post("/v1/endpoints", serde_json::json!({
+                    "type": t, "app": app, "customer": customer, "origin_resource_id": origin_resource_id, "ttl_s": ttl_s,
+                }))
+                .await?;
+            // Under a policy that needs a person, wait (bounded) for the customer's decision.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2 * 86_400);
+            while wait && rec.state == EndpointState::PendingApproval && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                rec = c.get(&format!("/v1/endpoints/{}", rec.id)).await?;
+            }
+            if wait && rec.state == EndpointState::Denied {
+                control::OP_ENDED_BADLY.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            rec
         }
         EndpointCmd::Get { id } => c.get(&format!("/v1/endpoints/{id}")).await?,
         EndpointCmd::Retire { id } => c.post(&format!("/v1/endpoints/{id}/retire"), serde_json::json!({})).await?,
