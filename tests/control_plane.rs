@@ -295,6 +295,17 @@ fn automatic_policy_runs_at_once_and_timeout_kills_the_process_group() -> Result
 fn grant_expiry_refuses_ops_and_deploy_grants_never_authorise_them() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, _agent) = start(dir.path(), "expiry-app", "automatic", "")?;
+    // Steady-state is on by default, and the customer can turn it off.
+    let ss = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "steady-state",
+        "--duration", "1h", "--reason", "dashboards"])?.ok()?;
+    assert_eq!(ss["state"], "active");
+    let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
+    gw.cli_as(&bob, &["access", "steady-state", "--app", "expiry-app", "--customer", "acme-corp", "--disable"])?.ok()?;
+    let off = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "steady-state",
+        "--duration", "1h", "--reason", "dashboards"])?;
+    assert_eq!(off.error_code(), Some("FORBIDDEN"));
+    assert_eq!(op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?.error_code(), Some("OPERATE_ACCESS_REQUIRED"));
+
     let deploy = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "deploy",
         "--duration", "1h", "--reason", "release 2.3"])?.ok()?;
     assert_eq!(deploy["state"], "active");

@@ -26,6 +26,14 @@ fn internal(e: StoreError) -> ApiError {
 /// Who approved automatically, as recorded in `decided_by`.
 pub const BY_POLICY_AUTOMATIC: &str = "policy:automatic";
 pub const BY_POLICY_WINDOW: &str = "policy:window";
+pub const BY_STEADY_STATE_DEFAULT: &str = "policy:steady-state";
+
+/// Steady-state is on unless the customer turned it off, in its agent.toml or through an approver.
+pub async fn steady_state_enabled(gw: &Gateway, appliance_id: &str) -> bool {
+    let by_config = policy_of(gw, appliance_id).await.steady_state;
+    let by_approver = gw.store.steady_state(appliance_id).await.ok().flatten().unwrap_or(true);
+    by_config && by_approver
+}
 
 /// The customer's policy as the appliance last reported it. Unknown (never connected) is
 /// treated as `manual`: a person decides.
@@ -116,7 +124,16 @@ pub async fn request(gw: &Gateway, caller: &Caller, req: GrantRequest) -> Result
         message: None,
         expires_at: None,
     };
-    let auto = automatic_decision(gw, &appliance.id, now).await;
+    let auto = match req.level {
+        // Read-only observability is on by default: the customer's agent.toml and the customer
+        // approver (`access steady-state --disable`) can each turn it off.
+        GrantLevel::SteadyState if steady_state_enabled(gw, &appliance.id).await => Some((BY_STEADY_STATE_DEFAULT, None)),
+        GrantLevel::SteadyState => {
+            return Err(ApiError::new(ErrorCode::Forbidden, format!("the customer has disabled steady-state access to {}/{}", req.app, req.customer))
+                .hint("ask the customer to re-enable it: postern access steady-state --enable (customer approver)"));
+        }
+        _ => automatic_decision(gw, &appliance.id, now).await,
+    };
     if let Some((by, window_end)) = auto {
         row.state = GrantState::Active;
         row.decided_by = Some(by.to_string());
