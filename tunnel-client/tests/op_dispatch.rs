@@ -3,29 +3,25 @@
 //! release, destroy), and the customer's trail. The tool is a shell script registered under
 //! `[tools]` (a script may *be* the tool; the agent itself never runs a shell).
 
+mod support;
+
 use endpoint_types::{
-    api::{AuditRecord, EnrollResponse},
+    api::AuditRecord,
     control::{GrantLevel, OpTool},
-    frame::{Frame, HelloAck, LiveGrant, OpDispatch, OpFinished, OutputStream, MAX_FRAME_LEN},
-    secret::Secret,
-    token::EnrollmentToken,
-    ApiError, ErrorCode, ALPN_ENROLL, ALPN_TUNNEL,
+    frame::{Frame, Hello, OpDispatch, OpFinished, OutputStream},
+    ErrorCode,
 };
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, OnceLock},
+    sync::OnceLock,
     time::Duration,
 };
-use tokio::{sync::mpsc, time::Instant};
+use support::{edit_config, live_grant, trail_until, Control, Gateway};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnel_client::{
-    audit,
-    config::AgentConfig,
-    enroll, tunnel,
-    wire::{read_one_frame, write_frame, FrameReader},
-};
+use tunnel_client::{audit, config::AgentConfig, tunnel};
 
 /// Upper bound for anything a test awaits, so a bug fails the test instead of hanging it.
 const T: Duration = Duration::from_secs(20);
@@ -77,147 +73,11 @@ fn kube_script() -> &'static Path {
     })
 }
 
-struct Gateway {
-    endpoint: quinn::Endpoint,
-    ca: certs::Ca,
-}
+/// A gateway that expects the kubernetes resource in the hello and answers heartbeats.
+const CONTROL: Control = Control { check_hello, lost_after_ms: 2000, answer_heartbeats: true };
 
-impl Gateway {
-    fn start() -> Gateway {
-        let ca = certs::Ca::generate("test gateway CA", Timestamp::now()).unwrap();
-        let server = ca.issue_server(&["127.0.0.1".to_string()], Timestamp::now(), Duration::from_secs(3600)).unwrap();
-        let tls = certs::server_config(
-            &server.cert_pem,
-            &server.key_pem,
-            Some(ca.cert_pem()),
-            certs::ClientAuth::Optional,
-            vec![ALPN_TUNNEL.to_vec(), ALPN_ENROLL.to_vec()],
-        )
-        .unwrap();
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
-        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
-        Gateway { endpoint, ca }
-    }
-
-    async fn accept(&self) -> quinn::Connection {
-        let incoming = tokio::time::timeout(T, self.endpoint.accept()).await.unwrap().unwrap();
-        incoming.await.unwrap()
-    }
-
-    async fn serve_enrollment(&self) {
-        let conn = self.accept().await;
-        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let Frame::EnrollRequest(req) = read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap() else {
-            panic!("expected an enroll request");
-        };
-        let cert_pem = self.ca.sign_agent_csr(&req.csr_pem, "app_1", Timestamp::now(), Duration::from_secs(3600)).unwrap();
-        let resp = EnrollResponse {
-            appliance_id: "app_1".into(),
-            app: "shop".into(),
-            customer: "acme".into(),
-            cert_pem,
-            ca_pem: self.ca.cert_pem().to_string(),
-        };
-        write_frame(&mut send, &Frame::EnrollResponse(resp)).await.unwrap();
-        send.finish().unwrap();
-        let _ = tokio::time::timeout(T, conn.closed()).await;
-    }
-
-    /// The agent's next connection: the test sends frames with `to_agent` and sees every
-    /// frame but heartbeats, with its arrival time, on `from_agent`.
-    async fn link(&self) -> Link {
-        let conn = self.accept().await;
-        let (to_agent, mut cmds) = mpsc::channel::<Frame>(64);
-        let (out, from_agent) = mpsc::channel::<(Instant, Frame)>(4096);
-        let c = conn.clone();
-        tokio::spawn(async move {
-            let Ok((mut send, recv)) = c.accept_bi().await else { return };
-            let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
-            let Ok(Some(Frame::Hello(hello))) = reader.next().await else { panic!("expected a hello") };
-            assert!(hello.resources.iter().any(|r| r.id == KUBE));
-            let ack = HelloAck {
-                appliance_id: "app_1".into(),
-                app: "shop".into(),
-                customer: "acme".into(),
-                heartbeat_interval_ms: 100,
-                lost_after_ms: 2000,
-            };
-            write_frame(&mut send, &Frame::HelloAck(ack)).await.unwrap();
-            loop {
-                tokio::select! {
-                    f = reader.next() => match f {
-                        Ok(Some(Frame::Heartbeat { seq })) => {
-                            if write_frame(&mut send, &Frame::HeartbeatAck { seq }).await.is_err() { return; }
-                        }
-                        Ok(Some(Frame::HeartbeatAck { .. })) => {}
-                        Ok(Some(f)) => { let _ = out.send((Instant::now(), f)).await; }
-                        _ => return,
-                    },
-                    cmd = cmds.recv() => match cmd {
-                        Some(f) => { let _ = write_frame(&mut send, &f).await; }
-                        None => return,
-                    },
-                }
-            }
-        });
-        Link { conn, to_agent, from_agent }
-    }
-}
-
-struct Link {
-    conn: quinn::Connection,
-    to_agent: mpsc::Sender<Frame>,
-    from_agent: mpsc::Receiver<(Instant, Frame)>,
-}
-
-impl Link {
-    async fn send(&self, f: Frame) {
-        self.to_agent.send(f).await.unwrap();
-    }
-
-    async fn next(&mut self) -> (Instant, Frame) {
-        tokio::time::timeout(T, self.from_agent.recv()).await.expect("a frame in time").expect("the link is up")
-    }
-
-    /// Frames about `op_id` up to and including the first `OpFinished` or `OpRefused`.
-    async fn until_end(&mut self, op_id: &str) -> Vec<(Instant, Frame)> {
-        let mut got = Vec::new();
-        loop {
-            let (at, f) = self.next().await;
-            if frame_op(&f) != Some(op_id) {
-                panic!("unexpected frame while waiting for {op_id}: {f:?}");
-            }
-            let end = matches!(f, Frame::OpFinished(_) | Frame::OpRefused { .. });
-            got.push((at, f));
-            if end {
-                return got;
-            }
-        }
-    }
-
-    async fn refusal(&mut self, op_id: &str) -> ApiError {
-        let frames = self.until_end(op_id).await;
-        match &frames[..] {
-            [(_, Frame::OpRefused { error, .. })] => error.clone(),
-            other => panic!("expected only a refusal for {op_id}, got {other:?}"),
-        }
-    }
-
-    /// Nothing arrives for a while.
-    async fn quiet(&mut self) {
-        if let Ok(Some((_, f))) = tokio::time::timeout(Duration::from_millis(300), self.from_agent.recv()).await {
-            panic!("unexpected frame: {f:?}");
-        }
-    }
-}
-
-fn frame_op(f: &Frame) -> Option<&str> {
-    match f {
-        Frame::OpRefused { op_id, .. } | Frame::OpStarted { op_id } | Frame::OpOutput { op_id, .. } => Some(op_id),
-        Frame::OpFinished(f) => Some(&f.op_id),
-        _ => None,
-    }
+fn check_hello(hello: &Hello) {
+    assert!(hello.resources.iter().any(|r| r.id == KUBE));
 }
 
 /// stdout and stderr of output frames, checking each frame's `preview`.
@@ -239,16 +99,6 @@ fn finished(frames: &[(Instant, Frame)]) -> &OpFinished {
     match frames.last() {
         Some((_, Frame::OpFinished(f))) => f,
         other => panic!("expected the op's end, got {other:?}"),
-    }
-}
-
-fn live_grant(id: &str, level: GrantLevel, from_s: i64, to_s: i64) -> LiveGrant {
-    LiveGrant {
-        grant_id: id.into(),
-        level,
-        approved_by: "bob@acme.example".into(),
-        approved_at: Timestamp::now() + SignedDuration::from_secs(from_s),
-        expires_at: Timestamp::now() + SignedDuration::from_secs(to_s),
     }
 }
 
@@ -281,21 +131,19 @@ impl Agent {
         let script = kube_script();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("agent.toml");
-        let token = EnrollmentToken { id: "tok_1".into(), secret: Secret::new("s3cret"), ca: gw.ca.fingerprint() }.encode();
-        let addr = gw.endpoint.local_addr().unwrap().to_string();
-        let (done, ()) = tokio::join!(enroll::enroll(&addr, &token, &config_path), gw.serve_enrollment());
-        done.unwrap();
+        gw.enroll(&config_path).await.unwrap();
         let kubeconfig = dir.path().join("main.kubeconfig");
         std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
-        let text = std::fs::read_to_string(&config_path).unwrap();
-        assert!(text.contains("approval = \"manual\""), "{text}");
-        let mut text = text.replace("approval = \"manual\"", &format!("approval = \"{approval}\""));
-        text.push_str(&format!(
-            "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n",
-            script.display(),
-            kubeconfig.display()
-        ));
-        std::fs::write(&config_path, text).unwrap();
+        edit_config(&config_path, |text| {
+            assert!(text.contains("approval = \"manual\""), "{text}");
+            let mut text = text.replace("approval = \"manual\"", &format!("approval = \"{approval}\""));
+            text.push_str(&format!(
+                "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n",
+                script.display(),
+                kubeconfig.display()
+            ));
+            text
+        });
         let config = AgentConfig::load(&config_path).unwrap();
         let audit_path = config.audit_path.clone();
         let shutdown = CancellationToken::new();
@@ -312,18 +160,7 @@ impl Agent {
 
     /// The trail once `cond` holds (or the bound passes).
     async fn trail(&self, cond: impl Fn(&[AuditRecord]) -> bool) -> Vec<AuditRecord> {
-        let deadline = Instant::now() + T;
-        loop {
-            let records: Vec<AuditRecord> = std::fs::read_to_string(&self.audit_path)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            if cond(&records) || Instant::now() > deadline {
-                return records;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        trail_until(&self.audit_path, T, cond).await
     }
 }
 
@@ -341,9 +178,9 @@ fn record<'a>(records: &'a [AuditRecord], op_id: &str, kind: &str) -> &'a AuditR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not_allow() {
     kube_script();
-    let gw = Gateway::start();
+    let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "automatic").await;
-    let mut link = gw.link().await;
+    let mut link = gw.link(CONTROL).await;
     link.send(Frame::GrantSync {
         grants: vec![
             live_grant("gr_1", GrantLevel::Operate, -1, 3600),
@@ -489,9 +326,9 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed() {
     kube_script();
-    let gw = Gateway::start();
+    let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "manual").await;
-    let mut link = gw.link().await;
+    let mut link = gw.link(CONTROL).await;
     link.send(Frame::GrantSync { grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)] }).await;
 
     // The policy approved it, but the appliance's policy wants a person.
@@ -556,7 +393,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
 
     // Held output outlives the connection: after a reconnect the agent says again that it waits.
     link.conn.close(0u32.into(), b"gateway restarting");
-    let mut link = gw.link().await;
+    let mut link = gw.link(CONTROL).await;
     let frames = link.until_end("op_h2").await;
     let f = finished(&frames);
     assert!(f.held && !f.preview && f.exit_code.is_none() && f.error.is_none(), "{f:?}");

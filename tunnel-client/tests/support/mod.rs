@@ -1,0 +1,246 @@
+//! The minimal in-process gateway the agent's integration tests run against: a QUIC endpoint
+//! with its own CA that enrolls an agent, acknowledges its hello, answers heartbeats and passes
+//! frames both ways; plus the config edits and bounded waits on the agent's trail they share.
+
+// Each test binary compiles its own copy of this module and uses only part of it.
+#![allow(dead_code)]
+
+use endpoint_types::{
+    api::{AuditRecord, EnrollResponse},
+    control::GrantLevel,
+    frame::{Frame, Hello, HelloAck, LiveGrant, MAX_FRAME_LEN},
+    secret::Secret,
+    token::EnrollmentToken,
+    ApiError, ALPN_ENROLL, ALPN_TUNNEL,
+};
+use jiff::{SignedDuration, Timestamp};
+use std::{path::Path, sync::Arc, time::Duration};
+use tokio::{sync::mpsc, time::Instant};
+use tunnel_client::{
+    enroll,
+    wire::{read_one_frame, write_frame, FrameReader},
+};
+
+pub struct Gateway {
+    pub endpoint: quinn::Endpoint,
+    pub ca: certs::Ca,
+    /// Upper bound for anything the harness awaits, so a bug fails the test instead of hanging it.
+    bound: Duration,
+}
+
+/// How the gateway plays a tunnel connection.
+#[derive(Clone, Copy)]
+pub struct Control {
+    /// The test's checks on the agent's hello, before it is acknowledged.
+    pub check_hello: fn(&Hello),
+    /// The `lost_after_ms` the hello ack tells the agent.
+    pub lost_after_ms: u64,
+    /// `false` plays a gateway that has hung: it reads but never says anything again.
+    pub answer_heartbeats: bool,
+}
+
+impl Gateway {
+    /// A gateway on a free local port; `bound` limits each of its waits.
+    pub fn start(bound: Duration) -> Gateway {
+        let ca = certs::Ca::generate("test gateway CA", Timestamp::now()).unwrap();
+        let server = ca.issue_server(&["127.0.0.1".to_string()], Timestamp::now(), Duration::from_secs(3600)).unwrap();
+        let tls = certs::server_config(
+            &server.cert_pem,
+            &server.key_pem,
+            Some(ca.cert_pem()),
+            certs::ClientAuth::Optional,
+            vec![ALPN_TUNNEL.to_vec(), ALPN_ENROLL.to_vec()],
+        )
+        .unwrap();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        Gateway { endpoint, ca, bound }
+    }
+
+    pub fn addr(&self) -> String {
+        self.endpoint.local_addr().unwrap().to_string()
+    }
+
+    pub async fn accept(&self) -> quinn::Connection {
+        let incoming = tokio::time::timeout(self.bound, self.endpoint.accept()).await.unwrap().unwrap();
+        incoming.await.unwrap()
+    }
+
+    /// The enrollment token for this gateway's CA.
+    pub fn token(&self) -> String {
+        EnrollmentToken { id: "tok_1".into(), secret: Secret::new("s3cret"), ca: self.ca.fingerprint() }.encode()
+    }
+
+    /// Enrolls an agent at `config_path` with `token()` while serving its enrollment.
+    pub async fn enroll(&self, config_path: &Path) -> Result<enroll::Enrolled, enroll::EnrollError> {
+        let token = self.token();
+        let addr = self.addr();
+        let (done, ()) = tokio::join!(enroll::enroll(&addr, &token, config_path), self.serve_enrollment());
+        done
+    }
+
+    pub async fn serve_enrollment(&self) {
+        let conn = self.accept().await;
+        assert_eq!(alpn(&conn), ALPN_ENROLL);
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let Frame::EnrollRequest(req) = read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap() else {
+            panic!("expected an enroll request");
+        };
+        let token = EnrollmentToken::parse(req.token.expose()).unwrap();
+        assert_eq!(token.secret.expose(), "s3cret");
+        let cert_pem = self.ca.sign_agent_csr(&req.csr_pem, "app_1", Timestamp::now(), Duration::from_secs(3600)).unwrap();
+        let resp = EnrollResponse {
+            appliance_id: "app_1".into(),
+            app: "shop".into(),
+            customer: "acme".into(),
+            cert_pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+        };
+        write_frame(&mut send, &Frame::EnrollResponse(resp)).await.unwrap();
+        send.finish().unwrap();
+        let _ = tokio::time::timeout(self.bound, conn.closed()).await;
+    }
+
+    /// The agent's next connection, played as `control` says.
+    pub async fn link(&self, control: Control) -> Link {
+        let conn = self.accept().await;
+        self.serve_tunnel(conn, control)
+    }
+
+    /// Accepts the control stream of `conn`, checks the hello, and then answers heartbeats (if
+    /// `control` says so) and passes frames: the test sends with `to_agent` and sees every frame
+    /// but heartbeats, with its arrival time, on `from_agent`.
+    pub fn serve_tunnel(&self, conn: quinn::Connection, control: Control) -> Link {
+        let (to_agent, mut cmds) = mpsc::channel::<Frame>(64);
+        let (out, from_agent) = mpsc::channel::<(Instant, Frame)>(4096);
+        let c = conn.clone();
+        tokio::spawn(async move {
+            let Ok((mut send, recv)) = c.accept_bi().await else { return };
+            let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
+            let Ok(Some(Frame::Hello(hello))) = reader.next().await else { panic!("expected a hello") };
+            (control.check_hello)(&hello);
+            let ack = HelloAck {
+                appliance_id: "app_1".into(),
+                app: "shop".into(),
+                customer: "acme".into(),
+                heartbeat_interval_ms: 100,
+                lost_after_ms: control.lost_after_ms,
+            };
+            write_frame(&mut send, &Frame::HelloAck(ack)).await.unwrap();
+            loop {
+                tokio::select! {
+                    f = reader.next() => match f {
+                        Ok(Some(Frame::Heartbeat { seq })) => {
+                            if control.answer_heartbeats && write_frame(&mut send, &Frame::HeartbeatAck { seq }).await.is_err() { return; }
+                        }
+                        Ok(Some(Frame::HeartbeatAck { .. })) => {}
+                        Ok(Some(f)) => { let _ = out.send((Instant::now(), f)).await; }
+                        _ => return,
+                    },
+                    cmd = cmds.recv() => match cmd {
+                        Some(f) => { let _ = write_frame(&mut send, &f).await; }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Link { conn, to_agent, from_agent, bound: self.bound }
+    }
+}
+
+pub fn alpn(conn: &quinn::Connection) -> Vec<u8> {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .unwrap_or_default()
+}
+
+/// A tunnel connection the gateway plays; dropping it (or `to_agent`) ends the play.
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub to_agent: mpsc::Sender<Frame>,
+    pub from_agent: mpsc::Receiver<(Instant, Frame)>,
+    bound: Duration,
+}
+
+impl Link {
+    pub async fn send(&self, f: Frame) {
+        self.to_agent.send(f).await.unwrap();
+    }
+
+    pub async fn next(&mut self) -> (Instant, Frame) {
+        tokio::time::timeout(self.bound, self.from_agent.recv()).await.expect("a frame in time").expect("the link is up")
+    }
+
+    /// Frames about `op_id` up to and including the first `OpFinished` or `OpRefused`.
+    pub async fn until_end(&mut self, op_id: &str) -> Vec<(Instant, Frame)> {
+        let mut got = Vec::new();
+        loop {
+            let (at, f) = self.next().await;
+            if frame_op(&f) != Some(op_id) {
+                panic!("unexpected frame while waiting for {op_id}: {f:?}");
+            }
+            let end = matches!(f, Frame::OpFinished(_) | Frame::OpRefused { .. });
+            got.push((at, f));
+            if end {
+                return got;
+            }
+        }
+    }
+
+    pub async fn refusal(&mut self, op_id: &str) -> ApiError {
+        let frames = self.until_end(op_id).await;
+        match &frames[..] {
+            [(_, Frame::OpRefused { error, .. })] => error.clone(),
+            other => panic!("expected only a refusal for {op_id}, got {other:?}"),
+        }
+    }
+
+    /// Nothing arrives for a while.
+    pub async fn quiet(&mut self) {
+        if let Ok(Some((_, f))) = tokio::time::timeout(Duration::from_millis(300), self.from_agent.recv()).await {
+            panic!("unexpected frame: {f:?}");
+        }
+    }
+}
+
+pub fn frame_op(f: &Frame) -> Option<&str> {
+    match f {
+        Frame::OpRefused { op_id, .. } | Frame::OpStarted { op_id } | Frame::OpOutput { op_id, .. } => Some(op_id),
+        Frame::OpFinished(f) => Some(&f.op_id),
+        _ => None,
+    }
+}
+
+pub fn live_grant(id: &str, level: GrantLevel, from_s: i64, to_s: i64) -> LiveGrant {
+    LiveGrant {
+        grant_id: id.into(),
+        level,
+        approved_by: "bob@acme.example".into(),
+        approved_at: Timestamp::now() + SignedDuration::from_secs(from_s),
+        expires_at: Timestamp::now() + SignedDuration::from_secs(to_s),
+    }
+}
+
+/// Rewrites the agent's config file at `path` through `edit`.
+pub fn edit_config(path: &Path, edit: impl FnOnce(String) -> String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, edit(text)).unwrap();
+}
+
+/// The agent's trail at `path` once `cond` holds (or `bound` passes).
+pub async fn trail_until(path: &Path, bound: Duration, cond: impl Fn(&[AuditRecord]) -> bool) -> Vec<AuditRecord> {
+    let deadline = Instant::now() + bound;
+    loop {
+        let records: Vec<AuditRecord> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if cond(&records) || Instant::now() > deadline {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
