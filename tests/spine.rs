@@ -271,6 +271,7 @@ fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
     let audited = wait_until(Duration::from_secs(5), || {
         records = audit_kinds(&gw).unwrap_or_default();
         records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
+            && records.iter().any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str())
     });
     assert!(audited, "{records:?}");
     assert!(records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "expired"), "{records:?}");
