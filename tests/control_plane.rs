@@ -247,16 +247,22 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
 
     // Both trails: intact, and they tell the story.
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
-    let records = gw.cli(&["audit", "list", "--appliance", &agent.appliance_id])?.ok()?;
-    let kinds: Vec<&str> = records["records"].as_array().unwrap().iter().filter_map(|r| r["kind"].as_str()).collect();
-    for k in ["grant.requested", "grant.approved", "grant.revoked", "op.requested", "op.approved", "op.denied", "op.started",
-        "op.finished", "output.approved", "output.released", "output.denied", "endpoint.created"] {
-        assert!(kinds.contains(&k), "vendor trail lacks {k}: {kinds:?}");
+    let wanted = ["grant.requested", "grant.approved", "grant.revoked", "op.requested", "op.approved", "op.denied", "op.started",
+        "op.finished", "output.approved", "output.released", "output.denied", "endpoint.created"];
+    let mut kinds: Vec<String> = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        kinds = gw.cli(&["audit", "list", "--appliance", &agent.appliance_id]).ok().and_then(|o| o.ok().ok())
+            .and_then(|v| v["records"].as_array().map(|a| a.iter().filter_map(|r| r["kind"].as_str().map(str::to_string)).collect()))
+            .unwrap_or_default();
+        wanted.iter().all(|k| kinds.iter().any(|x| x == k))
+    });
+    for k in wanted {
+        assert!(kinds.iter().any(|x| x == k), "vendor trail lacks {k}: {kinds:?}");
     }
+    let customer_has = |kind: &str| agent.trail().map(|t| t.iter().any(|r| r["kind"] == kind)).unwrap_or(false);
+    assert!(wait_until(Duration::from_secs(5), || customer_has("op.finished") && customer_has("output.destroyed")),
+        "customer trail lacks op.finished or output.destroyed");
     assert_eq!(agent.verify_trail()?.ok()?["ok"], true);
-    let trail = agent.trail()?;
-    assert!(trail.iter().any(|r| r["kind"] == "op.finished"), "customer trail lacks op.finished");
-    assert!(trail.iter().any(|r| r["kind"] == "output.destroyed"), "customer trail lacks output.destroyed");
     Ok((gw, agent, dir))
 }
 
