@@ -18,16 +18,23 @@
 //!   connected idle agents (after a heartbeat interval of rest); `rss_per_agent_kib` the
 //!   difference over N. `rss_restart_<N>_kib` / `rss_per_agent_restart_kib`: the same for the
 //!   restarted gateway once every agent is back (no enrollment history in its heap).
+//!   `agent_side_rss_per_agent_kib` (first store only): this process's growth per agent, i.e.
+//!   what one agent's tunnel costs on the appliance side.
 //! - `reconnect_all_s`: SIGKILL the gateway, start it again on the same data dir and addresses,
 //!   and time until the appliance list (`GET /v1/appliances`, what `postern appliance list`
-//!   shows) has all N online; `gateway_ready_s` is the start-up part of it. `agents_exited`
-//!   counts agents that gave up (must be 0).
+//!   shows) has all N online; `gateway_ready_s` is the start-up part of it,
+//!   `reconnect_gateway_cpu_s` the restarted gateway's CPU time until then. `agents_exited`
+//!   counts agents that gave up (must be 0). `connect_all_s`: the same for the fleet's first
+//!   start, all N dialling at once.
 //! - Ops, with the automatic policy and `[tools] kubectl = "/bin/echo"`: `op_p50_ms` /
 //!   `op_p99_ms` from M sequential ops (`POST /v1/ops`, then `GET /v1/ops/ID` every
 //!   `op_poll_ms` until the op is final, over one kept-alive HTTPS connection: `op_client` =
 //!   "https"); `ops_per_s` with 8 such clients at once over 8 appliances (polling every
-//!   `ops_poll_ms`). `op_cli_p50_ms` is what an operator sees with `postern ops kubectl
-//!   --wait` (a process per op; the CLI polls every 250 ms).
+//!   `ops_poll_ms`; `ops_gateway_cpu_s` / `ops_bench_cpu_s`: CPU time of the gateway and of
+//!   this process over that run). `op_cli_p50_ms` is what an operator sees with `postern ops
+//!   kubectl --wait` (a process per op; the CLI polls every 250 ms).
+//!   The throwaway PostgreSQL cluster runs with `fsync=off` (see `src/pg_cluster.rs`), so the
+//!   `_postgres` op figures do not pay for durable commits; the SQLite ones do.
 //!
 //! Environment:
 //! - `SCALE_BENCH_AGENTS`: N (default 1000).
@@ -37,6 +44,8 @@
 //! - `SCALE_BENCH_POLL_MS`: poll interval of the latency run (default 2); the throughput run
 //!   polls every `SCALE_BENCH_TPUT_POLL_MS` (default 10) so polling does not crowd out the work.
 //! - `SCALE_BENCH_STORES`: `sqlite,postgres` (default) or either one.
+//! - `SCALE_BENCH_LOG`: a tracing filter (e.g. `tunnel_client=info`) for the in-process agents'
+//!   logs on stderr; off by default.
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -105,12 +114,23 @@ fn round(x: f64, digits: i32) -> f64 {
 
 /// VmRSS of a process, KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// CPU seconds (user + system, all threads) a process has used so far.
+fn cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let f: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
 }
 
 /// Median of three VmRSS readings a second apart.
@@ -359,15 +379,18 @@ impl Fleet {
     fn stop(self, rt: &Runtime) {
         self.shutdown.cancel();
         let handles = self.handles;
-        let done = rt.block_on(tokio::time::timeout(Duration::from_secs(30), async move {
-            let mut errors = 0;
-            for h in handles {
-                if !matches!(h.await, Ok(Ok(()))) {
-                    errors += 1;
+        let done = rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(30), async move {
+                let mut errors = 0;
+                for h in handles {
+                    if !matches!(h.await, Ok(Ok(()))) {
+                        errors += 1;
+                    }
                 }
-            }
-            errors
-        }));
+                errors
+            })
+            .await
+        });
         match done {
             Ok(0) => {}
             Ok(n) => eprintln!("scale_bench:   {n} agents ended with an error"),
@@ -380,7 +403,14 @@ impl Fleet {
 
 /// Registers `n` appliances and enrolls an agent for each (in-process, concurrently); returns
 /// the config paths.
-fn enroll_fleet(rt: &Runtime, client: &Runtime, gw: &Gateway, target: &ApiTarget, root: &Path, n: usize) -> Result<Vec<PathBuf>> {
+fn enroll_fleet(
+    rt: &Runtime,
+    client: &Runtime,
+    gw: &Gateway,
+    target: &ApiTarget,
+    root: &Path,
+    n: usize,
+) -> Result<Vec<PathBuf>> {
     // Registration: a few kept-alive API connections at once.
     let tokens: Vec<(usize, String)> = client.block_on(async {
         let next = Arc::new(AtomicUsize::new(0));
@@ -395,7 +425,8 @@ fn enroll_fleet(rt: &Runtime, client: &Runtime, gw: &Gateway, target: &ApiTarget
                     if i >= n {
                         return anyhow::Ok(out);
                     }
-                    let added = api.post("/v1/appliances", json!({ "app": format!("app-{i}"), "customer": CUSTOMER })).await?;
+                    let added =
+                        api.post("/v1/appliances", json!({ "app": format!("app-{i}"), "customer": CUSTOMER })).await?;
                     let token = added["token"].as_str().ok_or_else(|| anyhow!("no token in {added}"))?;
                     out.push((i, token.to_string()));
                 }
@@ -485,7 +516,14 @@ fn op_latencies(client: &Runtime, target: &ApiTarget, count: usize, poll: Durati
 
 /// `count` ops through `clients` concurrent clients, client w on appliance `app-{w mod apps}`;
 /// returns (ops/s, latencies in ms sorted).
-fn op_throughput(client: &Runtime, target: &ApiTarget, count: usize, clients: usize, apps: usize, poll: Duration) -> Result<(f64, Vec<f64>)> {
+fn op_throughput(
+    client: &Runtime,
+    target: &ApiTarget,
+    count: usize,
+    clients: usize,
+    apps: usize,
+    poll: Duration,
+) -> Result<(f64, Vec<f64>)> {
     client.block_on(async {
         let next = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
@@ -518,8 +556,19 @@ fn cli_latencies(gw: &Gateway, count: usize) -> Result<Vec<f64>> {
     for i in 0..count {
         let t0 = Instant::now();
         let out = gw.cli(&[
-            "ops", "kubectl", "--app", "app-0", "--customer", CUSTOMER, "--origin-resource-id", RESOURCE, "--command", OP_COMMAND,
-            "--timeout", "30s", "--wait",
+            "ops",
+            "kubectl",
+            "--app",
+            "app-0",
+            "--customer",
+            CUSTOMER,
+            "--origin-resource-id",
+            RESOURCE,
+            "--command",
+            OP_COMMAND,
+            "--timeout",
+            "30s",
+            "--wait",
         ])?;
         let dt = t0.elapsed();
         let v = out.ok().with_context(|| format!("CLI op {i}"))?;
@@ -532,7 +581,14 @@ fn cli_latencies(gw: &Gateway, count: usize) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
-fn bench_store(rt: &Runtime, client: &Runtime, label: &str, store: Option<&str>, cfg: &Cfg) -> Result<Map<String, Value>> {
+fn bench_store(
+    rt: &Runtime,
+    client: &Runtime,
+    label: &str,
+    store: Option<&str>,
+    cfg: &Cfg,
+    first: bool,
+) -> Result<Map<String, Value>> {
     let n = cfg.agents;
     let mut out = Map::new();
     let mut put = |k: &str, v: Value| {
@@ -588,6 +644,7 @@ fn bench_store(rt: &Runtime, client: &Runtime, label: &str, store: Option<&str>,
     let back = wait_all_online(client, &target, n, Duration::from_secs(120), &fleet)
         .with_context(|| format!("after the restart; gateway log (tail):\n{}", tail(&gw.log)))?;
     let reconnect_s = ready_s + back.as_secs_f64();
+    let reconnect_cpu = cpu_s(restarted.pid());
     let exited = fleet.exited();
     eprintln!("scale_bench: [{label}]   ready in {ready_s:.2} s, all {n} online {reconnect_s:.2} s after the kill; {exited} agents gave up");
     thread::sleep(SETTLE);
@@ -604,13 +661,23 @@ fn bench_store(rt: &Runtime, client: &Runtime, label: &str, store: Option<&str>,
         }
     }
     eprintln!("scale_bench: [{label}] {} sequential ops (poll {:?})", cfg.ops, cfg.poll);
-    let lat = op_latencies(client, &target, cfg.ops, cfg.poll).with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
+    let lat = op_latencies(client, &target, cfg.ops, cfg.poll)
+        .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
     let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
     eprintln!("scale_bench: [{label}]   p50 {p50:.1} ms, p99 {p99:.1} ms");
-    eprintln!("scale_bench: [{label}] {} ops by {} clients on {apps} appliances (poll {:?})", cfg.ops, cfg.concurrency, cfg.tput_poll);
+    eprintln!(
+        "scale_bench: [{label}] {} ops by {} clients on {apps} appliances (poll {:?})",
+        cfg.ops, cfg.concurrency, cfg.tput_poll
+    );
+    let (gw_cpu0, own_cpu0) = (cpu_s(restarted.pid()), cpu_s(std::process::id()));
     let (ops_s, tlat) = op_throughput(client, &target, cfg.ops, cfg.concurrency, apps, cfg.tput_poll)
         .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
-    eprintln!("scale_bench: [{label}]   {ops_s:.1} ops/s, p50 {:.1} ms", percentile(&tlat, 50.0));
+    let ops_gw_cpu = gw_cpu0.zip(cpu_s(restarted.pid())).map(|(a, b)| round(b - a, 2));
+    let ops_own_cpu = own_cpu0.zip(cpu_s(std::process::id())).map(|(a, b)| round(b - a, 2));
+    eprintln!(
+        "scale_bench: [{label}]   {ops_s:.1} ops/s, p50 {:.1} ms; CPU s: gateway {ops_gw_cpu:?}, agents + client {ops_own_cpu:?}",
+        percentile(&tlat, 50.0)
+    );
     let cli = if cfg.cli_ops > 0 {
         eprintln!("scale_bench: [{label}] {} CLI ops (--wait)", cfg.cli_ops);
         let c = cli_latencies(&gw, cfg.cli_ops)?;
@@ -632,11 +699,16 @@ fn bench_store(rt: &Runtime, client: &Runtime, label: &str, store: Option<&str>,
     put("rss_per_agent_kib", json!(round(per_agent, 1)));
     put(&format!("rss_restart_{n}_kib"), json!(rss_restart));
     put("rss_per_agent_restart_kib", json!(round(per_agent_restart, 1)));
-    put("agent_side_rss_per_agent_kib", json!(round((self_after as f64 - self_before as f64) / n as f64, 1)));
+    if first {
+        // This process's growth is only clean for the first fleet: later ones reuse what the
+        // allocator kept from the one before.
+        put("agent_side_rss_per_agent_kib", json!(round((self_after as f64 - self_before as f64) / n as f64, 1)));
+    }
     put("enroll_s", json!(round(enroll_s, 2)));
     put("connect_all_s", json!(round(connect_all.as_secs_f64(), 2)));
     put("gateway_ready_s", json!(round(ready_s, 2)));
     put("reconnect_all_s", json!(round(reconnect_s, 2)));
+    put("reconnect_gateway_cpu_s", json!(reconnect_cpu.map(|c| round(c, 2))));
     put("agents_exited", json!(exited.max(exited_end)));
     put("op_p50_ms", json!(round(p50, 1)));
     put("op_p99_ms", json!(round(p99, 1)));
@@ -644,6 +716,9 @@ fn bench_store(rt: &Runtime, client: &Runtime, label: &str, store: Option<&str>,
     put("ops_per_s", json!(round(ops_s, 1)));
     put("ops_concurrent_p50_ms", json!(round(percentile(&tlat, 50.0), 1)));
     put("ops_concurrent_p99_ms", json!(round(percentile(&tlat, 99.0), 1)));
+    // CPU seconds over the throughput run: the gateway's, and this process's (agents + client).
+    put("ops_gateway_cpu_s", json!(ops_gw_cpu));
+    put("ops_bench_cpu_s", json!(ops_own_cpu));
     if let Some(c) = cli {
         put("op_cli_p50_ms", json!(round(percentile(&c, 50.0), 1)));
         put("op_cli_p99_ms", json!(round(percentile(&c, 99.0), 1)));
@@ -678,6 +753,13 @@ fn main() -> Result<()> {
         eprintln!("scale_bench: warning: debug build; use --release for meaningful numbers");
     }
     raise_nofile();
+    if let Ok(filter) = std::env::var("SCALE_BENCH_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .try_init();
+    }
 
     // The agents' runtime (what `postern-agent` runs, shared by the whole fleet) and the
     // measuring client's, apart so the client never waits behind a thousand agents' tasks.
@@ -692,7 +774,7 @@ fn main() -> Result<()> {
     out.insert("ops_clients".into(), json!(cfg.concurrency));
     out.insert("ops_poll_ms".into(), json!(cfg.tput_poll.as_millis() as u64));
     let mut pg = None;
-    for store in &stores {
+    for (i, store) in stores.iter().enumerate() {
         let url = match *store {
             "postgres" => {
                 eprintln!("scale_bench: starting a throwaway PostgreSQL cluster");
@@ -703,7 +785,7 @@ fn main() -> Result<()> {
             }
             _ => None,
         };
-        out.extend(bench_store(&rt, &client, store, url.as_deref(), &cfg)?);
+        out.extend(bench_store(&rt, &client, store, url.as_deref(), &cfg, i == 0)?);
     }
     drop(pg);
     rt.shutdown_timeout(Duration::from_secs(5));

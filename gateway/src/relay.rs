@@ -41,7 +41,9 @@ pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::Tr
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
     t.send_window(64 * 1024 * 1024);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    // Agents open one stream (control or enrollment); the data streams are the gateway's. quinn
+    // reserves state per allowed stream, so a large limit here costs ~300 KiB per idle agent.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t
 }
@@ -68,6 +70,10 @@ pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr, reset_key: &[u
     cid_key.copy_from_slice(&ring::digest::digest(&ring::digest::SHA256, reset_key).as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
     endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // After a restart every agent needs its reset at once; quinn's default of one reset per
+    // 20 ms would bring 1000 agents back over 20 s. Resets are always smaller than the packet
+    // that triggers them, so this cannot amplify.
+    endpoint_config.min_reset_interval(Duration::ZERO);
     let endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(cfg),

@@ -207,12 +207,15 @@ fn print_op(op: &OpRecord, out: OutputFormat) {
 
 async fn wait_for(c: &ApiClient, id: &str, limit: std::time::Duration) -> Result<OpRecord, ApiError> {
     let deadline = tokio::time::Instant::now() + limit;
+    // Quick ops finish in milliseconds; long ones are polled more gently.
+    let mut pause = std::time::Duration::from_millis(10);
     loop {
         let op: OpRecord = c.get(&format!("/v1/ops/{id}")).await?;
         if op.state.is_final() || tokio::time::Instant::now() >= deadline {
             return Ok(op);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 3 / 2).min(std::time::Duration::from_millis(500));
     }
 }
 
