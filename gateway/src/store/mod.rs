@@ -146,9 +146,17 @@ impl Store {
         Store::connect(
             Backend::Sqlite,
             &sqlite_url(&path),
-            AnyPoolOptions::new().max_connections(4).after_connect(|conn, _| {
+            // One connection: SQLite has one writer anyway, and queueing in the pool is far cheaper
+            // than SQLite's sleep-and-retry busy handler when many agents write at once.
+            AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
                 Box::pin(async move {
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                    // WAL with synchronous=NORMAL: a crash of the gateway loses nothing; a power
+                    // loss can lose the last commits but never breaks the audit chain. FULL made
+                    // every presence and audit write an fsync, which serialised 1000 reconnecting
+                    // agents behind the disk.
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    )
                         .await
                         .map(|_| ())
                 })
