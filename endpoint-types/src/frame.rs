@@ -75,6 +75,36 @@ pub enum Frame {
     Error(ApiError),
 }
 
+impl Frame {
+    /// The frame's wire name (its `type`), for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello(_) => "hello",
+            Frame::HelloAck(_) => "hello_ack",
+            Frame::Heartbeat { .. } => "heartbeat",
+            Frame::HeartbeatAck { .. } => "heartbeat_ack",
+            Frame::EndpointSync { .. } => "endpoint_sync",
+            Frame::EndpointOpen(_) => "endpoint_open",
+            Frame::EndpointClose { .. } => "endpoint_close",
+            Frame::GrantSync { .. } => "grant_sync",
+            Frame::OpDispatch(_) => "op_dispatch",
+            Frame::OpRefused { .. } => "op_refused",
+            Frame::OpStarted { .. } => "op_started",
+            Frame::OpOutput { .. } => "op_output",
+            Frame::OpFinished(_) => "op_finished",
+            Frame::OutputFetch { .. } => "output_fetch",
+            Frame::OutputRelease { .. } => "output_release",
+            Frame::OutputDestroy { .. } => "output_destroy",
+            Frame::StreamOpen(_) => "stream_open",
+            Frame::StreamAccept => "stream_accept",
+            Frame::StreamRefuse(_) => "stream_refuse",
+            Frame::EnrollRequest(_) => "enroll_request",
+            Frame::EnrollResponse(_) => "enroll_response",
+            Frame::Error(_) => "error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u16,
@@ -340,6 +370,13 @@ mod tests {
         assert!(matches!(dec.decode(&mut b), Err(FrameError::Malformed(_))));
         let mut b = BytesMut::from(&[0u8, 0, 0, 1, 1][..]);
         assert!(matches!(dec.decode(&mut b), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn name_is_the_wire_type() {
+        for f in [hello(), Frame::Heartbeat { seq: 1 }, Frame::StreamAccept, Frame::OutputFetch { op_id: "op_1".into() }] {
+            assert_eq!(serde_json::to_value(&f).unwrap()["type"], f.name());
+        }
     }
 
     #[test]

@@ -1,16 +1,12 @@
 //! What waits for a customer approver, and the decisions. Approvals are addressed by the id
 //! of what they decide: a grant (`gr_…`), an op (`op_…`) or an endpoint (`ep_…`).
 
-use crate::{endpoints, grants, identity::Caller, server::Gateway, store::StoreError};
+use crate::{endpoints, grants, identity::Caller, server::Gateway};
 use endpoint_types::{
     api::{EndpointState, Role},
     control::{ApprovalItem, ApprovalKind, ApprovalStage, GrantState},
     ApiError, ErrorCode,
 };
-
-fn internal(e: StoreError) -> ApiError {
-    ApiError::internal(e.to_string())
-}
 
 /// Pending items the caller may see; approvers only their own customer's.
 pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<ApprovalItem>, ApiError> {
@@ -86,7 +82,6 @@ pub async fn decide(gw: &std::sync::Arc<Gateway>, caller: &Caller, id: &str, app
     if id.starts_with("op_") {
         return Ok(serde_json::to_value(crate::ops::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
     }
-    let _ = internal;
     Err(ApiError::new(ErrorCode::NotFound, format!("{id} is not waiting for approval"))
         .hint("`postern approvals list` shows what waits for a decision"))
 }

@@ -17,7 +17,6 @@ use endpoint_types::{
     policy::Policy,
     ApiError, ErrorCode,
 };
-use jiff::Timestamp;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -546,8 +545,4 @@ pub fn approval_item(row: &OpRow, appliance: &ApplianceRow) -> Option<endpoint_t
             "requested_at": row.requested_at, "grant_id": row.grant_id,
         }),
     })
-}
-
-pub fn now() -> Timestamp {
-    crate::store::now()
 }

@@ -417,7 +417,7 @@ async fn control_loop(
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
                     }
                     Ok(Some(other)) => {
-                        let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", frame_name(&other)));
+                        let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));
                         send_error(&mut send, &e).await;
                         close_with(conn, close::PROTOCOL, &e);
                         return e.message;
@@ -451,32 +451,5 @@ async fn control_loop(
                 }
             }
         }
-    }
-}
-
-fn frame_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Hello(_) => "hello",
-        Frame::HelloAck(_) => "hello_ack",
-        Frame::Heartbeat { .. } => "heartbeat",
-        Frame::HeartbeatAck { .. } => "heartbeat_ack",
-        Frame::EndpointSync { .. } => "endpoint_sync",
-        Frame::EndpointOpen(_) => "endpoint_open",
-        Frame::EndpointClose { .. } => "endpoint_close",
-        Frame::GrantSync { .. } => "grant_sync",
-        Frame::OpDispatch(_) => "op_dispatch",
-        Frame::OpRefused { .. } => "op_refused",
-        Frame::OpStarted { .. } => "op_started",
-        Frame::OpOutput { .. } => "op_output",
-        Frame::OpFinished(_) => "op_finished",
-        Frame::OutputFetch { .. } => "output_fetch",
-        Frame::OutputRelease { .. } => "output_release",
-        Frame::OutputDestroy { .. } => "output_destroy",
-        Frame::StreamOpen(_) => "stream_open",
-        Frame::StreamAccept => "stream_accept",
-        Frame::StreamRefuse(_) => "stream_refuse",
-        Frame::EnrollRequest(_) => "enroll_request",
-        Frame::EnrollResponse(_) => "enroll_response",
-        Frame::Error(_) => "error",
     }
 }

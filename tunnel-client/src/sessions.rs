@@ -111,7 +111,7 @@ impl Sessions {
             Ok(Ok(Frame::StreamOpen(open))) => open,
             Ok(Ok(other)) => {
                 let e = ApiError::invalid("a data stream must start with stream_open")
-                    .details(json!({ "received": frame_name(&other) }));
+                    .details(json!({ "received": other.name() }));
                 refuse(&mut send, e).await;
                 return;
             }
@@ -337,13 +337,6 @@ async fn refuse(send: &mut SendStream, error: ApiError) {
 
 fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {
     Entry::new(kind, open.operator.clone(), detail).endpoint(open.endpoint_id.clone()).session(open.session_id.clone())
-}
-
-fn frame_name(frame: &Frame) -> String {
-    serde_json::to_value(frame)
-        .ok()
-        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
