@@ -53,16 +53,14 @@ use endpoint_types::control::{OpRecord, OpState};
 use http_body_util::{BodyExt, Full};
 use hyper::{client::conn::http1::SendRequest, Method, Request};
 use hyper_util::rt::TokioIo;
-use postern::testbed::{bin, terminate, Gateway};
+use postern::testbed::Gateway;
 use serde_json::{json, Map, Value};
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     thread,
     time::{Duration, Instant},
@@ -282,64 +280,6 @@ impl Api {
             bail!("op {} ended {}: {}", rec.id, rec.state.as_str(), serde_json::to_string(&rec).unwrap_or_default());
         }
         Ok(dt)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The gateway process. The first one is the harness's; after the SIGKILL the SQLite gateway is
-// restarted with `Gateway::start_on`, the PostgreSQL one here, because the harness cannot yet
-// start on given addresses *and* a store URL. Either way the API address, CA and admin token
-// stay those of the first start, so the first `Gateway` keeps serving the CLI calls.
-
-struct OwnServer {
-    child: Child,
-}
-
-impl OwnServer {
-    fn start(data_dir: &Path, api: SocketAddr, relay: SocketAddr, store: &str, log: &Path) -> Result<OwnServer> {
-        let mut child = Command::new(bin("postern")?)
-            .args(["--output", "json", "server", "--data-dir"])
-            .arg(data_dir)
-            .args(["--api", &api.to_string(), "--relay", &relay.to_string(), "--store", store])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log)?)
-            .spawn()
-            .context("starting postern server")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if !l.trim().is_empty() => Ok(OwnServer { child }),
-            _ => {
-                terminate(&mut child, Duration::from_secs(2));
-                bail!("postern server did not report ready; log (tail):\n{}", tail(log))
-            }
-        }
-    }
-}
-
-impl Drop for OwnServer {
-    fn drop(&mut self) {
-        terminate(&mut self.child, Duration::from_secs(5));
-    }
-}
-
-enum Restarted {
-    Harness(Gateway),
-    Own(OwnServer),
-}
-
-impl Restarted {
-    fn pid(&self) -> u32 {
-        match self {
-            Restarted::Harness(g) => g.pid(),
-            Restarted::Own(s) => s.child.id(),
-        }
     }
 }
 
@@ -636,9 +576,11 @@ fn bench_store(
     let (api_addr, relay) = (gw.api, gw.relay);
     gw.kill();
     let t0 = Instant::now();
+    // The API address, CA and admin token stay those of the first start, so `gw` keeps
+    // serving the CLI calls.
     let restarted = match store {
-        None => Restarted::Harness(Gateway::start_on(&gw_dir, api_addr, relay)?),
-        Some(url) => Restarted::Own(OwnServer::start(&gw_dir, api_addr, relay, url, &gw.log)?),
+        None => Gateway::start_on(&gw_dir, api_addr, relay)?,
+        Some(url) => Gateway::start_on_with_store(&gw_dir, api_addr, relay, url)?,
     };
     let ready_s = t0.elapsed().as_secs_f64();
     let back = wait_all_online(client, &target, n, Duration::from_secs(120), &fleet)

@@ -118,6 +118,11 @@ impl Gateway {
         Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string()])
     }
 
+    /// Restarts on the same addresses with a store URL (`postgres://…`).
+    pub fn start_on_with_store(data_dir: &Path, api: SocketAddr, relay: SocketAddr, store: &str) -> Result<Gateway> {
+        Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string(), "--store", store])
+    }
+
     /// With a store URL (`postgres://…`) instead of the embedded SQLite store.
     pub fn start_with_store(data_dir: &Path, store: &str) -> Result<Gateway> {
         Self::start_with(data_dir, &["--store", store])

@@ -154,11 +154,7 @@ impl Store {
 
     async fn grants_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<GrantRow>> {
         let sql = format!("SELECT {GRANT_COLS} FROM grants {clause} ORDER BY requested_at, id");
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            q = q.bind(*b);
-        }
-        q.fetch_all(&self.pool).await?.into_iter().map(grant_from).collect()
+        self.select_rows(sql, binds, grant_from).await
     }
 
     pub async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>> {
@@ -253,11 +249,7 @@ impl Store {
 
     async fn ops_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<OpRow>> {
         let sql = format!("SELECT {OP_COLS} FROM ops {clause} ORDER BY requested_at, id");
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            q = q.bind(*b);
-        }
-        q.fetch_all(&self.pool).await?.into_iter().map(op_from).collect()
+        self.select_rows(sql, binds, op_from).await
     }
 
     pub async fn get_op(&self, id: &str) -> StoreResult<Option<OpRow>> {

@@ -206,6 +206,21 @@ impl Store {
     /// A transaction that holds the database's write lock for the table it names from the
     /// start, so read-then-write sequences in it are serial across processes. SQLite has one
     /// writer (`BEGIN IMMEDIATE` takes it); PostgreSQL locks `table` against other writers.
+    /// Runs a SELECT whose text was assembled from constants only, binding `binds` in order,
+    /// and maps every row.
+    async fn select_rows<T>(
+        &self,
+        sql: String,
+        binds: &[&str],
+        from: impl Fn(sqlx::any::AnyRow) -> StoreResult<T>,
+    ) -> StoreResult<Vec<T>> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(*b);
+        }
+        q.fetch_all(&self.pool).await?.into_iter().map(from).collect()
+    }
+
     async fn write_tx(&self, table: &'static str) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
         match self.backend {
             Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),

@@ -193,11 +193,7 @@ impl Store {
 
     async fn appliances_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<ApplianceRow>> {
         let sql = format!("SELECT {} FROM appliances {clause} ORDER BY created_at, id", Self::APPLIANCE_COLS);
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            q = q.bind(*b);
-        }
-        q.fetch_all(&self.pool).await?.into_iter().map(Self::appliance_from).collect()
+        self.select_rows(sql, binds, Self::appliance_from).await
     }
 
     pub async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>> {
@@ -359,11 +355,7 @@ impl Store {
 
     async fn endpoints_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<EndpointRow>> {
         let sql = format!("SELECT {ENDPOINT_COLS} FROM endpoints {clause} ORDER BY created_at, id");
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            q = q.bind(*b);
-        }
-        q.fetch_all(&self.pool).await?.into_iter().map(Self::endpoint_from).collect()
+        self.select_rows(sql, binds, Self::endpoint_from).await
     }
 
     pub async fn get_endpoint(&self, id: &str) -> StoreResult<Option<EndpointRow>> {
