@@ -8,6 +8,7 @@ pub mod control;
 pub mod duration;
 pub mod error;
 pub mod frame;
+pub mod kube_request;
 pub mod lifecycle;
 pub mod policy;
 pub mod resource;
