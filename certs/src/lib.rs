@@ -8,7 +8,7 @@ mod tls;
 
 use std::sync::Arc;
 
-pub use ca::{generate_key_and_csr, Ca, Issued};
+pub use ca::{cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, Issued};
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;
