@@ -1,0 +1,296 @@
+//! The cluster's real API server, reached with credentials the appliance holds: a kubeconfig
+//! (path in `agent.toml`) or, when none is named, the pod's in-cluster service account.
+//! Connections are HTTP/1.1 over TLS and pooled (kept alive between requests).
+//!
+//! The kubeconfig is read with serde_yaml rather than the `kube` crate: kube's client stack
+//! (tower, hyper-rustls, its own TLS feature matrix) costs far more build time than the few
+//! fields needed here, and the connection must be our own anyway to pass upgrades through.
+
+use bytes::Bytes;
+use endpoint_types::secret::Secret;
+use http_body_util::Full;
+use hyper::{body::Incoming, client::conn::http1::SendRequest, header::HeaderValue, Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde::Deserialize;
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const POOL_MAX: usize = 16;
+const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Projected service-account tokens rotate; re-read the file this often.
+const TOKEN_FILE_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("kubeconfig {}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error("in-cluster config: {0}")]
+    InCluster(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("cannot connect to the API server {addr}: {message}")]
+    Connect { addr: String, message: String },
+    #[error("the API server did not answer: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+#[derive(Deserialize)]
+struct KubeConfig {
+    #[serde(default)]
+    clusters: Vec<NamedCluster>,
+    #[serde(default)]
+    users: Vec<NamedUser>,
+    #[serde(default)]
+    contexts: Vec<NamedContext>,
+    #[serde(rename = "current-context")]
+    current_context: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NamedCluster {
+    name: String,
+    cluster: Cluster,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Cluster {
+    server: String,
+    certificate_authority: Option<PathBuf>,
+    certificate_authority_data: Option<String>,
+    tls_server_name: Option<String>,
+    #[serde(default)]
+    insecure_skip_tls_verify: bool,
+}
+
+#[derive(Deserialize)]
+struct NamedUser {
+    name: String,
+    #[serde(default)]
+    user: User,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+struct User {
+    token: Option<Secret>,
+    #[serde(rename = "tokenFile")]
+    token_file: Option<PathBuf>,
+    client_certificate: Option<PathBuf>,
+    client_certificate_data: Option<String>,
+    client_key: Option<PathBuf>,
+    client_key_data: Option<Secret>,
+    exec: Option<serde_yaml::Value>,
+    #[serde(rename = "auth-provider")]
+    auth_provider: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+struct NamedContext {
+    name: String,
+    context: Context,
+}
+
+#[derive(Deserialize)]
+struct Context {
+    cluster: String,
+    user: Option<String>,
+}
+
+enum Auth {
+    None,
+    Token(Secret),
+    TokenFile { path: PathBuf, cached: Mutex<Option<(Instant, Secret)>> },
+}
+
+/// One API server and a pool of kept-alive connections to it.
+pub struct Upstream {
+    /// `host:port` to dial.
+    addr: String,
+    /// `Host` header value.
+    authority: HeaderValue,
+    server_name: ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    auth: Auth,
+    pool: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+fn b64(s: &str) -> Option<String> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s.trim()).ok().and_then(|b| String::from_utf8(b).ok())
+}
+
+fn read(path: &Path) -> Result<String, UpstreamError> {
+    std::fs::read_to_string(path).map_err(|source| UpstreamError::Read { path: path.to_path_buf(), source })
+}
+
+impl Upstream {
+    /// From a kubeconfig file (its current context), or the in-cluster service account.
+    pub fn load(kubeconfig: Option<&Path>) -> Result<Upstream, UpstreamError> {
+        match kubeconfig {
+            Some(p) => Self::from_kubeconfig(p),
+            None => Self::in_cluster(),
+        }
+    }
+
+    fn from_kubeconfig(path: &Path) -> Result<Upstream, UpstreamError> {
+        let err = |message: String| UpstreamError::Config { path: path.to_path_buf(), message };
+        let cfg: KubeConfig = serde_yaml::from_str(&read(path)?).map_err(|e| err(e.to_string()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
+        let ctx_name = cfg.current_context.clone().or_else(|| cfg.contexts.first().map(|c| c.name.clone())).ok_or_else(|| err("no context".into()))?;
+        let ctx = cfg.contexts.iter().find(|c| c.name == ctx_name).ok_or_else(|| err(format!("no context {ctx_name:?}")))?;
+        let cluster = &cfg.clusters.iter().find(|c| c.name == ctx.context.cluster).ok_or_else(|| err(format!("no cluster {:?}", ctx.context.cluster)))?.cluster;
+        if cluster.insecure_skip_tls_verify {
+            return Err(err("insecure-skip-tls-verify is not accepted: name the cluster's CA".into()));
+        }
+        let user = ctx.context.user.as_ref().and_then(|u| cfg.users.iter().find(|x| &x.name == u)).map(|u| &u.user);
+        let ca_pem = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+            (Some(d), _) => b64(d).ok_or_else(|| err("certificate-authority-data is not base64 PEM".into()))?,
+            (None, Some(p)) => read(&rel(p))?,
+            (None, None) => return Err(err("the cluster names no certificate-authority".into())),
+        };
+        let mut auth = Auth::None;
+        let mut client = None;
+        if let Some(u) = user {
+            if u.exec.is_some() || u.auth_provider.is_some() {
+                return Err(err("exec and auth-provider users are not supported: use a token or a client certificate".into()));
+            }
+            auth = match (&u.token, &u.token_file) {
+                (Some(t), _) => Auth::Token(t.clone()),
+                (None, Some(f)) => Auth::TokenFile { path: rel(f), cached: Mutex::new(None) },
+                _ => Auth::None,
+            };
+            let cert = match (&u.client_certificate_data, &u.client_certificate) {
+                (Some(d), _) => Some(b64(d).ok_or_else(|| err("client-certificate-data is not base64 PEM".into()))?),
+                (None, Some(p)) => Some(read(&rel(p))?),
+                _ => None,
+            };
+            let key = match (&u.client_key_data, &u.client_key) {
+                (Some(d), _) => Some(Secret::new(b64(d.expose()).ok_or_else(|| err("client-key-data is not base64 PEM".into()))?)),
+                (None, Some(p)) => Some(Secret::new(read(&rel(p))?)),
+                _ => None,
+            };
+            if let (Some(c), Some(k)) = (cert, key) {
+                client = Some((c, k));
+            }
+        }
+        Self::build(&cluster.server, cluster.tls_server_name.as_deref(), &ca_pem, client, auth).map_err(|e| match e {
+            UpstreamError::Tls(m) => err(m),
+            e => e,
+        })
+    }
+
+    fn in_cluster() -> Result<Upstream, UpstreamError> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| UpstreamError::InCluster("KUBERNETES_SERVICE_HOST is not set (not in a pod?); set `kubeconfig` in agent.toml".into()))?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let dir = Path::new(IN_CLUSTER_DIR);
+        let ca = read(&dir.join("ca.crt"))?;
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        let auth = Auth::TokenFile { path: dir.join("token"), cached: Mutex::new(None) };
+        Self::build(&format!("https://{host}:{port}"), None, &ca, None, auth)
+    }
+
+    fn build(server: &str, tls_server_name: Option<&str>, ca_pem: &str, client: Option<(String, Secret)>, auth: Auth) -> Result<Upstream, UpstreamError> {
+        let rest = server.strip_prefix("https://").ok_or_else(|| UpstreamError::Tls(format!("server {server:?} is not https://")))?;
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let (host, has_port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => (h, true),
+            _ => (authority, false),
+        };
+        let addr = if has_port { authority.to_string() } else { format!("{authority}:443") };
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = tls_server_name.unwrap_or(bare_host);
+        let server_name = ServerName::try_from(name.to_string()).map_err(|e| UpstreamError::Tls(format!("server name {name:?}: {e}")))?;
+        let client_ref = client.as_ref().map(|(c, k)| (c.as_str(), k));
+        let config = certs::client_config(ca_pem, client_ref, vec![b"http/1.1".to_vec()]).map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        Ok(Upstream {
+            addr,
+            authority: HeaderValue::from_str(authority).map_err(|e| UpstreamError::Tls(e.to_string()))?,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            auth,
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn authority(&self) -> HeaderValue {
+        self.authority.clone()
+    }
+
+    /// `Authorization` for the API server, if the credential is a token.
+    pub fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
+        let token = match &self.auth {
+            Auth::None => return Ok(None),
+            Auth::Token(t) => t.clone(),
+            Auth::TokenFile { path, cached } => {
+                let mut c = cached.lock().unwrap_or_else(|p| p.into_inner());
+                match c.as_ref() {
+                    Some((at, t)) if at.elapsed() < TOKEN_FILE_TTL => t.clone(),
+                    _ => {
+                        let t = Secret::new(read(path)?.trim().to_string());
+                        *c = Some((Instant::now(), t.clone()));
+                        t
+                    }
+                }
+            }
+        };
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| UpstreamError::Tls("the token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        Ok(Some(v))
+    }
+
+    /// Sends on an idle pooled connection, or a new one. A connection whose request was an
+    /// upgrade is never pooled again (it carries the upgraded stream).
+    pub async fn send(&self, req: Request<Full<Bytes>>, upgrade: bool) -> Result<Response<Incoming>, UpstreamError> {
+        let idle = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.retain(|s| !s.is_closed());
+            pool.iter().position(|s| s.is_ready()).map(|i| pool.swap_remove(i))
+        };
+        let mut sender = match idle {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        if !upgrade {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(sender);
+            }
+        }
+        Ok(resp)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+        let fail = |message: String| UpstreamError::Connect { addr: self.addr.clone(), message };
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| fail("TLS handshake timed out".into()))?
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+}
