@@ -48,8 +48,306 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
     assert!(out.contains("deleted"), "{out}");
     assert!(!api.has_object("pods", "my-app-prod", "web-2"));
 
+    let mut watch = Streaming::start(&cfg, &["get", "pods", "-w"], false)?;
+    watch.expect("web-1")?;
+    api.add_pod("my-app-prod", "web-9");
+    watch.expect("web-9")?;
+
     let reqs = api.requests();
     assert!(reqs.iter().all(|r| r.header("authorization").is_some()));
     assert!(reqs.iter().any(|r| r.path() == "/api/v1/namespaces/my-app-prod/pods/web-1/exec"));
+    Ok(())
+}
+
+// ---- through Postern ----------------------------------------------------------------------
+
+use anyhow::{anyhow, bail, Context};
+use postern::testbed::{bin, wait_until, Agent, Gateway};
+use serde_json::Value;
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Instant,
+};
+
+const APP: &str = "my-app";
+const CLUSTER: &str = "aws_eks_cluster.main_cluster";
+const READONLY: &str = "aws_eks_cluster.readonly";
+
+struct Setup {
+    api: KubeApiServer,
+    gw: Gateway,
+    agent: Agent,
+    home: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn agent_toml(upstream: &Path) -> String {
+    let u = upstream.display();
+    format!(
+        "[policy]\napproval = \"automatic\"\n\n\
+         [[resource]]\nid = \"{CLUSTER}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n\
+         resources = [\"pods\", \"pods/log\", \"pods/exec\", \"deployments\", \"replicasets\", \"services\", \"configmaps\", \"events\"]\n\
+         verbs = [\"get\", \"list\", \"watch\", \"create\", \"delete\"]\n\
+         impersonate = {{ user = \"postern:my-app\", groups = [\"postern-ops\"] }}\n\n\
+         [[resource]]\nid = \"{READONLY}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n"
+    )
+}
+
+fn setup() -> Result<Setup> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start()?;
+    let upstream = dir.path().join("upstream.kubeconfig");
+    std::fs::write(&upstream, api.kubeconfig("default"))?;
+    let gw = Gateway::start(&dir.path().join("gw"))?;
+    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, "acme-corp", &agent_toml(&upstream))?;
+    agent.run()?;
+    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
+        bail!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+    }
+    let grant = gw.request_operate(APP, "acme-corp", "1h")?;
+    assert_eq!(grant["state"], "active", "{grant}");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    Ok(Setup { api, gw, agent, home, _dir: dir })
+}
+
+/// `postern --output json ARGS` as the admin, with the operator's HOME (where the CLI keeps
+/// the endpoint's key and writes the kubeconfig).
+fn cli(s: &Setup, args: &[&str]) -> Result<(bool, Value)> {
+    let out = Command::new(bin("postern")?)
+        .args(["--output", "json"])
+        .args(args)
+        .env("POSTERN_ADDR", s.gw.api.to_string())
+        .env("POSTERN_TOKEN", &s.gw.admin_token)
+        .env("POSTERN_CA_FILE", &s.gw.ca_file)
+        .env("HOME", &s.home)
+        .stdin(Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(text.trim()).with_context(|| format!("stdout {text:?}, stderr {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok((out.status.success(), v))
+}
+
+fn create_endpoint(s: &Setup, resource: &str) -> Result<(String, PathBuf)> {
+    let (ok, ep) = cli(s, &["ops", "endpoint", "create", "--type", "kubectl", "--app", APP, "--customer", "acme-corp", "--origin-resource-id", resource, "--ttl", "10m"])?;
+    assert!(ok, "{ep}");
+    assert_eq!(ep["state"], "active", "{ep}");
+    let id = ep["id"].as_str().ok_or_else(|| anyhow!("no id in {ep}"))?.to_string();
+    let path = PathBuf::from(ep["kubeconfig"].as_str().ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?);
+    Ok((id, path))
+}
+
+fn forbidden(cfg: &Path, args: &[&str], expect: &str) -> Result<()> {
+    let (ok, out, err) = kubectl(cfg, args, None, LIMIT)?;
+    assert!(!ok, "kubectl {args:?} should be refused; stdout {out}");
+    assert!(err.contains("Forbidden") && err.contains(expect), "kubectl {args:?}: {err}");
+    Ok(())
+}
+
+fn audit(s: &Setup) -> Result<Vec<Value>> {
+    let (ok, v) = cli(s, &["audit", "list"])?;
+    assert!(ok, "{v}");
+    Ok(v["records"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
+    let s = setup()?;
+    let (id, cfg) = create_endpoint(&s, CLUSTER)?;
+
+    // The kubeconfig: named for the resource and endpoint, private, self-contained.
+    let name = cfg.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    assert_eq!(name, format!("kubectl-ops-main-cluster-{id}.localhost.yaml"));
+    assert_eq!(cfg.parent(), Some(s.home.join(".kube").as_path()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&cfg)?.permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&cfg)?;
+    assert!(text.contains("client-certificate-data") && text.contains("client-key-data") && !text.contains("exec"), "{text}");
+    assert!(text.contains("namespace: \"my-app-prod\""), "{text}");
+    s.api.clear_requests();
+
+    let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(ok, "{err}");
+    assert!(out.contains("web-1") && out.contains("Running") && !out.contains("coredns"), "{out}");
+    let (ok, out, err) = kubectl(&cfg, &["get", "pods", "-n", "my-app-prod", "-o", "json"], None, LIMIT)?;
+    assert!(ok, "{err}");
+    assert!(out.contains("\"kind\": \"Pod\""), "{out}");
+    let (ok, out, err) = kubectl(&cfg, &["describe", "pod", "web-1"], None, LIMIT)?;
+    assert!(ok, "{err}");
+    assert!(out.contains("nginx:1.27"), "{out}");
+    let (ok, out, err) = kubectl(&cfg, &["logs", "web-1"], None, LIMIT)?;
+    assert!(ok, "{err}");
+    assert!(out.contains("log line 3 of web-1"), "{out}");
+    let (ok, out, err) = kubectl(&cfg, &["exec", "web-1", "--", "echo", "through", "postern"], None, LIMIT)?;
+    assert!(ok, "{err}");
+    assert_eq!(out, "through postern\n");
+    let (ok, out, err) = kubectl(&cfg, &["exec", "-i", "web-1", "--", "sh"], Some(b"echo one\necho two\nexit 0\n"), LIMIT)?;
+    assert!(ok, "{err}");
+    assert_eq!(out, "one\ntwo\n");
+    let (ok, _, err) = kubectl(&cfg, &["exec", "web-1", "--", "sh", "-c", "exit 3"], None, LIMIT)?;
+    assert!(!ok && err.contains("exit code 3"), "{err}");
+    let (ok, out, err) = kubectl(&cfg, &["get", "deployments"], None, LIMIT)?;
+    assert!(ok && out.contains("web"), "{out} {err}");
+    let (ok, out, err) = kubectl(&cfg, &["delete", "pod", "web-2"], None, LIMIT)?;
+    assert!(ok && out.contains("deleted"), "{out} {err}");
+    assert!(!s.api.has_object("pods", "my-app-prod", "web-2"));
+
+    // Client identity never crosses: the appliance authenticates with its own token and
+    // impersonates the configured user.
+    let (ok, out, err) = kubectl(&cfg, &["--as", "evil", "--as-group", "system:masters", "get", "pods"], None, LIMIT)?;
+    assert!(ok, "{out} {err}");
+    let reqs = s.api.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(r.header("authorization"), Some(format!("Bearer {}", s.api.token).as_str()), "{r:?}");
+        assert_eq!(r.header("impersonate-user"), Some("postern:my-app"), "{r:?}");
+        assert_eq!(r.header("impersonate-group"), Some("postern-ops"), "{r:?}");
+        assert!(!r.headers.iter().any(|(_, v)| v.contains("evil") || v.contains("system:masters")), "{r:?}");
+    }
+
+    // Out of scope: refused with a Status kubectl prints, and never reaching the cluster.
+    s.api.clear_requests();
+    forbidden(&cfg, &["get", "pods", "-n", "kube-system"], "namespace \"kube-system\" is outside")?;
+    forbidden(&cfg, &["get", "pods", "--all-namespaces"], "whole cluster")?;
+    forbidden(&cfg, &["get", "nodes"], "whole cluster")?;
+    forbidden(&cfg, &["get", "secrets"], "secrets is not among")?;
+    forbidden(&cfg, &["get", "namespaces"], "whole cluster")?;
+    forbidden(&cfg, &["scale", "deployment", "web", "--replicas", "5"], "deployments.apps/scale is not among")?;
+    for r in s.api.requests() {
+        let p = r.path();
+        assert!(
+            !(p.contains("kube-system") || p == "/api/v1/pods" || p.contains("nodes") || p.contains("secrets") || p == "/api/v1/namespaces")
+                && !p.ends_with("/scale"),
+            "out-of-scope request reached the cluster: {} {}",
+            r.method,
+            r.uri
+        );
+    }
+
+    // A read-only resource: exec and delete are refused before the cluster sees them.
+    let (ro_id, ro) = create_endpoint(&s, READONLY)?;
+    assert_ne!(ro_id, id);
+    let (ok, out, err) = kubectl(&ro, &["get", "pods"], None, LIMIT)?;
+    assert!(ok && out.contains("web-1"), "{err}");
+    s.api.clear_requests();
+    forbidden(&ro, &["exec", "web-1", "--", "echo", "no"], "pods/exec")?;
+    forbidden(&ro, &["delete", "pod", "web-1"], "\"delete\"")?;
+    assert!(s.api.requests().iter().all(|r| !r.path().ends_with("/exec") && r.method != "DELETE"), "{:?}", s.api.requests());
+    assert!(s.api.has_object("pods", "my-app-prod", "web-1"));
+
+    // Both trails hold each request: verb, resource, namespace, code, endpoint, session, operator.
+    let mut records = Vec::new();
+    assert!(wait_until(Duration::from_secs(10), || {
+        records = audit(&s).unwrap_or_default();
+        records.iter().any(|r| r["kind"] == "kube.request" && r["detail"]["code"] == 403 && r["detail"]["namespace"] == "kube-system")
+    }));
+    let ok_list = records
+        .iter()
+        .find(|r| r["kind"] == "kube.request" && r["detail"]["verb"] == "list" && r["detail"]["resource"] == "pods" && r["detail"]["code"] == 200)
+        .ok_or_else(|| anyhow!("no kube.request for list pods"))?;
+    assert_eq!(ok_list["detail"]["namespace"], "my-app-prod");
+    assert_eq!(ok_list["detail"]["endpoint"], id.as_str());
+    assert!(ok_list["detail"]["session"].as_str().is_some_and(|s| s.starts_with("ses_")));
+    assert!(ok_list["detail"]["operator"].as_str().is_some_and(|o| !o.is_empty()));
+    assert!(records.iter().any(|r| r["kind"] == "kube.request" && r["detail"]["subresource"] == "exec" && r["detail"]["code"] == 101));
+    assert!(records.iter().any(|r| r["kind"] == "denied" && r["detail"]["action"] == "kube.request"));
+    assert!(wait_until(Duration::from_secs(10), || s.agent.trail().is_ok_and(|t| t.iter().any(|r| r["kind"] == "kube.request"
+        && r["detail"]["verb"] == "delete" && r["detail"]["name"] == "web-2"))));
+    assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
+    assert_eq!(cli(&s, &["audit", "verify"])?.1["ok"], true);
+    Ok(())
+}
+
+/// A kubectl process whose stdout lines arrive on a channel.
+struct Streaming {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Streaming {
+    fn start(cfg: &Path, args: &[&str], stdin: bool) -> Result<Streaming> {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", cfg)
+            .env("HOME", cfg.parent().unwrap_or(Path::new("/tmp")))
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Streaming { child, lines, seen: Vec::new() })
+    }
+
+    /// Waits (bounded) for a line containing `needle`.
+    fn expect(&mut self, needle: &str) -> Result<()> {
+        let deadline = Instant::now() + LIMIT;
+        while Instant::now() < deadline {
+            if self.seen.iter().any(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(l);
+            }
+        }
+        bail!("no line with {needle:?}; saw {:?}", self.seen)
+    }
+
+    fn exited_within(&mut self, limit: Duration) -> bool {
+        wait_until(limit, || matches!(self.child.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn retire_cuts_live_streams_and_the_old_kubeconfig_is_refused() -> Result<()> {
+    let s = setup()?;
+    let (id, cfg) = create_endpoint(&s, CLUSTER)?;
+
+    let mut logs = Streaming::start(&cfg, &["logs", "-f", "web-1"], false)?;
+    logs.expect("log line 2 of web-1")?;
+    let mut watch = Streaming::start(&cfg, &["get", "pods", "-w"], false)?;
+    watch.expect("web-1")?;
+    s.api.add_pod("my-app-prod", "web-3");
+    watch.expect("web-3")?;
+    let mut shell = Streaming::start(&cfg, &["exec", "-i", "web-1", "--", "cat"], true)?;
+    if let Some(stdin) = shell.child.stdin.as_mut() {
+        stdin.write_all(b"ping\n")?;
+        stdin.flush()?;
+    }
+    shell.expect("ping")?;
+
+    let (ok, retired) = cli(&s, &["ops", "endpoint", "retire", &id])?;
+    let t0 = Instant::now();
+    assert!(ok, "{retired}");
+    assert_eq!(retired["state"], "retired");
+    for (what, p) in [("logs -f", &mut logs), ("get -w", &mut watch), ("exec", &mut shell)] {
+        assert!(p.exited_within(Duration::from_secs(2).saturating_sub(t0.elapsed())), "kubectl {what} still running {:?} after retire", t0.elapsed());
+    }
+    eprintln!("all three streams ended {:?} after retire", t0.elapsed());
+
+    // The same kubeconfig no longer authenticates, and nothing reaches the cluster.
+    s.api.clear_requests();
+    let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(!ok, "{out}");
+    assert!(err.contains("Unauthorized") || err.contains("logged in"), "{err}");
+    assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
     Ok(())
 }

@@ -84,6 +84,9 @@ struct Shared {
     log: Mutex<Vec<Recorded>>,
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
+    /// Recent events, so a watch from a resourceVersion sees what happened since (kubectl
+    /// lists, then watches from the list's version).
+    history: Mutex<Vec<Event>>,
 }
 
 impl Shared {
@@ -99,7 +102,7 @@ impl Shared {
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         st.objects.insert((group.into(), resource.into(), ns.into(), name.into()), obj.clone());
         drop(st);
-        let _ = self.events.send(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind, object: obj.clone(), rv });
+        self.publish(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind, object: obj.clone(), rv });
         obj
     }
 
@@ -109,8 +112,18 @@ impl Shared {
         st.rv += 1;
         let rv = st.rv;
         drop(st);
-        let _ = self.events.send(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind: "DELETED", object: obj.clone(), rv });
+        self.publish(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind: "DELETED", object: obj.clone(), rv });
         Some(obj)
+    }
+
+    fn publish(&self, ev: Event) {
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() >= 1000 {
+                h.remove(0);
+            }
+            h.push(ev.clone());
+        }
+        let _ = self.events.send(ev);
     }
 
     fn next_uid(&self) -> u64 {
@@ -149,6 +162,7 @@ impl KubeApiServer {
             log: Mutex::new(Vec::new()),
             store: Mutex::new(Store::default()),
             events,
+            history: Mutex::new(Vec::new()),
         });
         seed(&shared);
         let stop = CancellationToken::new();
@@ -436,7 +450,10 @@ async fn read_json(req: Request<Incoming>) -> Option<Value> {
 async fn collection(r: Ctx, req: Request<Incoming>, params: Params) -> Response<Body> {
     let name = params.name_selector();
     match *req.method() {
-        hyper::Method::GET if params.flag("watch") => watch(r, name),
+        hyper::Method::GET if params.flag("watch") => {
+            let since = params.get("resourceVersion").and_then(|v| v.parse().ok());
+            watch(r, name, since)
+        }
         hyper::Method::GET => {
             let (rv, items) = r.matching(name.as_deref());
             if r.table {
@@ -544,15 +561,21 @@ fn streaming(content_type: &str) -> (mpsc::Sender<Bytes>, Response<Body>) {
     (tx, r)
 }
 
-fn watch(r: Ctx, name: Option<String>) -> Response<Body> {
+fn watch(r: Ctx, name: Option<String>, since: Option<u64>) -> Response<Body> {
     let mut events = r.shared.events.subscribe();
+    // Subscribed first, then the replay: nothing falls between; duplicates are skipped by rv.
+    let mut replay: std::collections::VecDeque<Event> = match since {
+        Some(rv) => r.shared.history.lock().map(|h| h.iter().filter(|e| e.rv > rv).cloned().collect()).unwrap_or_default(),
+        None => Default::default(),
+    };
     let (tx, resp) = streaming("application/json");
     tokio::spawn(async move {
         let deadline = tokio::time::sleep(MAX_STREAM);
         tokio::pin!(deadline);
         let mut first = true;
+        let mut last_rv = since.unwrap_or(0);
         loop {
-            let ev = tokio::select! {
+            let ev = if let Some(ev) = replay.pop_front() { ev } else { tokio::select! {
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
                 ev = events.recv() => match ev {
@@ -560,7 +583,11 @@ fn watch(r: Ctx, name: Option<String>) -> Response<Body> {
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(_) => return,
                 },
-            };
+            } };
+            if ev.rv <= last_rv {
+                continue;
+            }
+            last_rv = ev.rv;
             let wanted = ev.group == r.group
                 && ev.resource == r.resource
                 && (r.ns.is_empty() || ev.ns == r.ns)
