@@ -191,6 +191,13 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     assert!(!ok && err.contains("exit code 3"), "{err}");
     let (ok, out, err) = kubectl(&cfg, &["get", "deployments"], None, LIMIT)?;
     assert!(ok && out.contains("web"), "{out} {err}");
+    let local = s.home.join("notes.txt");
+    std::fs::write(&local, "copied through postern\n")?;
+    let local_arg = local.display().to_string();
+    let (ok, out, err) = kubectl(&cfg, &["cp", &local_arg, "web-1:/tmp/notes.txt"], None, LIMIT)?;
+    assert!(ok, "{out} {err}");
+    let needle = b"copied through postern";
+    assert!(s.api.uploads().iter().any(|u| u.windows(needle.len()).any(|w| w == needle)), "kubectl cp did not carry the file");
     let (ok, out, err) = kubectl(&cfg, &["delete", "pod", "web-2"], None, LIMIT)?;
     assert!(ok && out.contains("deleted"), "{out} {err}");
     assert!(!s.api.has_object("pods", "my-app-prod", "web-2"));
@@ -349,5 +356,140 @@ fn retire_cuts_live_streams_and_the_old_kubeconfig_is_refused() -> Result<()> {
     assert!(!ok, "{out}");
     assert!(err.contains("Unauthorized") || err.contains("logged in"), "{err}");
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+    Ok(())
+}
+
+/// A raw HTTPS client holding the kubeconfig's certificate, for what kubectl will not send.
+struct Raw {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
+impl Raw {
+    fn connect(cfg: &Path) -> Result<Raw> {
+        let text = std::fs::read_to_string(cfg)?;
+        let field = |key: &str| -> Result<String> {
+            let v = text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+                .ok_or_else(|| anyhow!("kubeconfig has no {key}"))?;
+            Ok(v.trim().trim_matches('"').to_string())
+        };
+        use base64::Engine;
+        let b64 = |s: String| -> Result<String> { Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s)?)?) };
+        let key = certs::Secret::new(b64(field("client-key-data")?)?);
+        let cert = b64(field("client-certificate-data")?)?;
+        let config = certs::client_config(&b64(field("certificate-authority-data")?)?, Some((&cert, &key)), vec![b"http/1.1".to_vec()])?;
+        let addr = field("server")?.trim_start_matches("https://").to_string();
+        let tcp = std::net::TcpStream::connect(&addr)?;
+        tcp.set_read_timeout(Some(LIMIT))?;
+        let name = rustls_pki_types::ServerName::try_from(field("tls-server-name")?)?;
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+        let mut tcp = tcp;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)?;
+        }
+        Ok(Raw { tls: rustls::StreamOwned::new(conn, tcp) })
+    }
+
+    /// Sends `head` (request line and headers, without the blank line) and reads the
+    /// response head and a Content-Length body. Returns (status, head, body).
+    fn send(&mut self, head: &str) -> Result<(u16, String, String)> {
+        use std::io::Read;
+        self.tls.write_all(format!("{head}\r\n\r\n").as_bytes())?;
+        self.tls.flush()?;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            if self.tls.read(&mut byte)? == 0 {
+                bail!("connection closed before a response; got {:?}", String::from_utf8_lossy(&buf));
+            }
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_lowercase();
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0usize);
+        let mut body = vec![0u8; len];
+        self.tls.read_exact(&mut body)?;
+        Ok((code, head, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// Whether the server closed the connection (EOF or reset) within the read timeout.
+    fn closed(&mut self) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        !matches!(self.tls.read(&mut b), Ok(n) if n > 0)
+    }
+}
+
+#[test]
+fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
+    let s = setup()?;
+    let (_, cfg) = create_endpoint(&s, CLUSTER)?;
+    let host = "Host: localhost";
+    s.api.clear_requests();
+
+    // Paths the API server could read differently are refused before anything is forwarded.
+    for path in [
+        "/api/v1/namespaces/my-app-prod/pods/x%2F..%2F..%2Fkube-system",
+        "/api/v1/namespaces/my-app-prod/./pods",
+        "/api/v1/namespaces/my-app-prod/pods/%zz",
+        "/api//v1/namespaces/my-app-prod/pods",
+        "/api/v1/namespaces/my-app-prod/pods/",
+    ] {
+        let mut raw = Raw::connect(&cfg)?;
+        let (code, _, body) = raw.send(&format!("GET {path} HTTP/1.1\r\n{host}"))?;
+        assert!(code == 400, "{path}: {code} {body}");
+    }
+    assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+
+    // The client's Authorization and Impersonate-* never reach the cluster.
+    let mut raw = Raw::connect(&cfg)?;
+    let (code, _, body) = raw.send(&format!(
+        "GET /api/v1/namespaces/my-app-prod/pods/web-1 HTTP/1.1\r\n{host}\r\nAuthorization: Bearer stolen\r\nImpersonate-User: admin\r\nImpersonate-Extra-Scopes: all"
+    ))?;
+    assert_eq!(code, 200, "{body}");
+    let seen = s.api.requests();
+    let r = seen.last().ok_or_else(|| anyhow!("nothing reached the cluster"))?;
+    assert_eq!(r.header("authorization"), Some(format!("Bearer {}", s.api.token).as_str()));
+    assert_eq!(r.header("impersonate-user"), Some("postern:my-app"));
+    assert_eq!(r.header("impersonate-extra-scopes"), None);
+
+    // Bodies over 10 MiB: 413, without forwarding.
+    s.api.clear_requests();
+    let (code, _, body) = raw.send(&format!(
+        "POST /api/v1/namespaces/my-app-prod/configmaps HTTP/1.1\r\n{host}\r\nContent-Type: application/json\r\nContent-Length: {}",
+        11 * 1024 * 1024
+    ))?;
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("RequestEntityTooLarge"), "{body}");
+    assert!(s.api.requests().is_empty());
+
+    // An upgrade the cluster answers with something other than 101 ends the connection.
+    let mut raw = Raw::connect(&cfg)?;
+    let (code, head, _) = raw.send(&format!(
+        "POST /api/v1/namespaces/my-app-prod/pods/web-1/exec?command=echo&stdout=true HTTP/1.1\r\n{host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0"
+    ))?;
+    assert_eq!(code, 400);
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(raw.closed(), "the connection stayed open after a refused upgrade");
+
+    // 64 sessions per endpoint; the 65th connection is told 429 in a Status.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let mut r = Raw::connect(&cfg)?;
+        // An out-of-scope request is answered by the gateway itself: the slot is held.
+        let (code, _, _) = r.send(&format!("GET /api/v1/nodes HTTP/1.1\r\n{host}"))?;
+        assert_eq!(code, 403);
+        held.push(r);
+    }
+    let mut extra = Raw::connect(&cfg)?;
+    let (code, _, body) = extra.send(&format!("GET /api/v1/namespaces/my-app-prod/pods HTTP/1.1\r\n{host}"))?;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("TooManyRequests"), "{body}");
+    drop(held);
+    // Slots come back once clients leave.
+    assert!(wait_until(Duration::from_secs(10), || {
+        Raw::connect(&cfg).and_then(|mut r| r.send(&format!("GET /version HTTP/1.1\r\n{host}"))).is_ok_and(|(c, _, _)| c == 200)
+    }));
     Ok(())
 }

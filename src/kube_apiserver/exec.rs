@@ -71,11 +71,18 @@ impl Session {
     }
 }
 
+/// What `tar -x…` received on stdin (so tests can check `kubectl cp` carried the file).
+pub type Uploads = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
 /// Runs one exec session on an upgraded connection.
-pub async fn serve(upgraded: Upgraded, command: Vec<String>) {
+pub async fn serve(upgraded: Upgraded, command: Vec<String>, uploads: Uploads) {
     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
     let mut s = Session { ws };
-    let code = match tokio::time::timeout(MAX_SESSION, run(&mut s, &command)).await {
+    // kubectl registers its stream handlers just after the upgrade; output arriving in the
+    // same instant is discarded ("Unknown stream id"). A real container takes far longer than
+    // this to start a process.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let code = match tokio::time::timeout(MAX_SESSION, run(&mut s, &command, &uploads)).await {
         Ok(Some(code)) => code,
         _ => return,
     };
@@ -96,9 +103,21 @@ pub async fn serve(upgraded: Upgraded, command: Vec<String>) {
 }
 
 /// Runs the command; `None` when the client went away.
-async fn run(s: &mut Session, command: &[String]) -> Option<i32> {
+async fn run(s: &mut Session, command: &[String], uploads: &Uploads) -> Option<i32> {
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     match args.as_slice() {
+        // `kubectl cp` probes the destination first; "not a directory" is a fine answer.
+        ["test", ..] => Some(1),
+        ["tar", flags @ ..] if flags.iter().any(|f| f.starts_with('-') && f.contains('x')) => {
+            let mut data = Vec::new();
+            while let Some(chunk) = s.stdin().await {
+                data.extend_from_slice(&chunk);
+            }
+            if let Ok(mut u) = uploads.lock() {
+                u.push(data);
+            }
+            Some(0)
+        }
         ["echo", rest @ ..] => {
             let line = format!("{}\n", rest.join(" "));
             s.send(STDOUT, line.as_bytes()).await.then_some(0)

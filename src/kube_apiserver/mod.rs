@@ -87,6 +87,7 @@ struct Shared {
     /// Recent events, so a watch from a resourceVersion sees what happened since (kubectl
     /// lists, then watches from the list's version).
     history: Mutex<Vec<Event>>,
+    uploads: exec::Uploads,
 }
 
 impl Shared {
@@ -163,6 +164,7 @@ impl KubeApiServer {
             store: Mutex::new(Store::default()),
             events,
             history: Mutex::new(Vec::new()),
+            uploads: Default::default(),
         });
         seed(&shared);
         let stop = CancellationToken::new();
@@ -207,6 +209,11 @@ impl KubeApiServer {
     pub fn add_pod(&self, ns: &str, name: &str) {
         let uid = self.shared.next_uid();
         self.shared.put("", "pods", ns, name, objects::pod(ns, name, uid), "ADDED");
+    }
+
+    /// What `tar -x` in exec sessions received (one entry per session): `kubectl cp` uploads.
+    pub fn uploads(&self) -> Vec<Vec<u8>> {
+        self.shared.uploads.lock().map(|u| u.clone()).unwrap_or_default()
     }
 
     pub fn has_object(&self, resource: &str, ns: &str, name: &str) -> bool {
@@ -522,7 +529,7 @@ async fn subresource(r: Ctx, req: Request<Incoming>, params: Params, name: &str,
     let Some(obj) = r.shared.store().objects.get(&r.key(name)).cloned() else { return r.not_found(name) };
     match (r.resource.as_str(), sub) {
         ("pods", "log") => log(name, params.flag("follow")),
-        ("pods", "exec" | "attach") => upgrade_exec(req, params.all("command")),
+        ("pods", "exec" | "attach") => upgrade_exec(req, params.all("command"), r.shared.uploads.clone()),
         ("deployments", "scale") => {
             let mut obj = obj;
             if req.method() != hyper::Method::GET {
@@ -628,7 +635,7 @@ fn log(pod: &str, follow: bool) -> Response<Body> {
     resp
 }
 
-fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>) -> Response<Body> {
+fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>, uploads: exec::Uploads) -> Response<Body> {
     let h = req.headers();
     let is_ws = h.get(hyper::header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let protocol = h.get(hyper::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()).and_then(exec::choose_protocol);
@@ -639,7 +646,7 @@ fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>) -> Response<Bo
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            exec::serve(upgraded, command).await;
+            exec::serve(upgraded, command, uploads).await;
         }
     });
     let mut resp = Response::new(Full::new(Bytes::new()).boxed());
