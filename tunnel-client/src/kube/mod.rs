@@ -82,6 +82,8 @@ struct Stream {
     upstream: Arc<Upstream>,
     impersonate: Vec<(HeaderName, HeaderValue)>,
     cut: Cut,
+    /// The byte pipe of an upgraded request; the session lasts until it ends.
+    upgraded: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceConfig, cut: Cut, mut send: SendStream, recv: RecvStream) {
@@ -109,7 +111,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     }
     let started = Instant::now();
     ctx.audit.record_or_log(entry("session.opened", &open, serde_json::json!({"client_addr": open.client_addr, "origin_resource_id": open.resource_id, "type": "kubectl"})));
-    let stream = Arc::new(Stream { ctx: ctx.clone(), open: open.clone(), scope, upstream, impersonate, cut: cut.clone() });
+    let stream = Arc::new(Stream { ctx: ctx.clone(), open: open.clone(), scope, upstream, impersonate, cut: cut.clone(), upgraded: Mutex::new(None) });
     let s = stream.clone();
     let svc = hyper::service::service_fn(move |req| {
         let s = s.clone();
@@ -117,14 +119,20 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     });
     let io = tokio::io::join(recv, send);
     let http = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).with_upgrades();
-    tokio::pin!(http);
+    let serve = async {
+        let r = http.await;
+        let pipe = stream.upgraded.lock().ok().and_then(|mut u| u.take());
+        if let Some(pipe) = pipe {
+            let _ = pipe.await;
+        }
+        r
+    };
+    // On a cut the connection (which owns the stream halves) is dropped, ending the stream;
+    // the gateway records the reason from its own signal for the same endpoint.
     let reason = tokio::select! {
-        r = &mut http => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
+        r = serve => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
         () = cut.cancelled() => cut.reason().unwrap_or(CloseReason::Interrupted),
     };
-    // On a cut the connection (which owns the stream halves) is dropped here, ending the
-    // stream; the gateway records the reason from its own signal for the same endpoint.
-    drop(http);
     ctx.audit.record_or_log(entry("session.closed", &open, serde_json::json!({"reason": reason.as_str(), "duration_ms": started.elapsed().as_millis() as u64})));
 }
 
@@ -211,7 +219,7 @@ impl Stream {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let cut = self.cut.clone();
-                tokio::spawn(async move {
+                let pipe = tokio::spawn(async move {
                     let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     tokio::select! {
@@ -219,6 +227,9 @@ impl Stream {
                         () = cut.cancelled() => {}
                     }
                 });
+                if let Ok(mut u) = self.upgraded.lock() {
+                    *u = Some(pipe);
+                }
             } else {
                 resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
             }
@@ -247,5 +258,42 @@ impl Stream {
         });
         let e: Entry = entry("kube.request", &self.open, detail);
         self.ctx.audit.record_or_log(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentConfig;
+    use std::path::Path;
+
+    fn parse(extra: &str) -> Result<AgentConfig, String> {
+        let text = format!("audit_path = \"a\"\n[[resource]]\nid = \"k\"\nkind = \"kubernetes\"\nkubeconfig = \"/etc/kc\"\n{extra}");
+        AgentConfig::parse(&text, Path::new("/etc/postern/agent.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn validates_the_customer_scope() {
+        assert!(parse("namespaces = [\"my-app-prod\"]\n").is_ok());
+        assert!(parse("").is_ok(), "ops-only kubernetes resources need no namespaces");
+        assert!(parse("namespaces = []\n").unwrap_err().contains("namespaces"));
+        assert!(parse("namespaces = [\"a\"]\nresources = [\"nodes\"]\n").unwrap_err().contains("nodes"));
+        assert!(parse("namespaces = [\"a\"]\nverbs = [\"escalate\"]\n").unwrap_err().contains("escalate"));
+        assert!(parse("namespaces = [\"Bad_NS\"]\n").is_err());
+        assert!(parse("namespaces = [\"a\"]\nimpersonate = { groups = [\"g\"] }\n").unwrap_err().contains("user"));
+    }
+
+    #[test]
+    fn the_agent_decides_with_the_customer_defaults() {
+        let c = parse("namespaces = [\"my-app-prod\"]\n").unwrap();
+        let scope = scope_of(&c.resources[0]).unwrap();
+        let d = |m: &str, p: &str| decide(&classify(m, p, None).unwrap(), &scope);
+        assert_eq!(d("GET", "/api/v1/namespaces/my-app-prod/pods"), Decision::Allow);
+        assert_eq!(d("GET", "/api/v1/namespaces/my-app-prod/pods/p/log"), Decision::Allow);
+        // Defaults are read-only and grant neither exec nor secrets.
+        assert!(matches!(d("DELETE", "/api/v1/namespaces/my-app-prod/pods/p"), Decision::Deny { .. }));
+        assert!(matches!(d("POST", "/api/v1/namespaces/my-app-prod/pods/p/exec"), Decision::Deny { .. }));
+        assert!(matches!(d("GET", "/api/v1/namespaces/my-app-prod/secrets"), Decision::Deny { .. }));
+        assert!(matches!(d("GET", "/api/v1/namespaces/other/pods"), Decision::Deny { .. }));
     }
 }

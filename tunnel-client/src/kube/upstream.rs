@@ -294,3 +294,57 @@ impl Upstream {
         Ok(sender)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn ca_pem() -> String {
+        certs::Ca::generate("test", jiff::Timestamp::now()).unwrap().cert_pem().to_string()
+    }
+
+    fn write(dir: &Path, user: &str, cluster_extra: &str) -> PathBuf {
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem());
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority-data: {ca}\n{cluster_extra}users:\n- name: u\n  user:\n{user}contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
+        );
+        let p = dir.join("kubeconfig");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn token_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    token: abc\n", ""))).unwrap();
+        assert_eq!(up.addr, "127.0.0.1:6443");
+        assert_eq!(up.authority(), "127.0.0.1:6443");
+        assert_eq!(up.authorization().unwrap().unwrap(), "Bearer abc");
+
+        std::fs::write(dir.path().join("tok"), "from-file\n").unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", ""))).unwrap();
+        assert_eq!(up.authorization().unwrap().unwrap(), "Bearer from-file");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_honour() {
+        let dir = tempfile::tempdir().unwrap();
+        let exec = write(dir.path(), "    exec:\n      command: aws\n", "");
+        assert!(Upstream::load(Some(&exec)).unwrap_err().to_string().contains("exec"));
+        let insecure = write(dir.path(), "    token: a\n", "    insecure-skip-tls-verify: true\n");
+        assert!(Upstream::load(Some(&insecure)).unwrap_err().to_string().contains("insecure"));
+        std::fs::write(dir.path().join("bad"), "clusters: []\ncontexts: []\n").unwrap();
+        assert!(Upstream::load(Some(&dir.path().join("bad"))).is_err());
+        assert!(Upstream::load(Some(&dir.path().join("missing"))).is_err());
+    }
+
+    #[test]
+    fn server_without_port_is_443_and_tls_server_name_wins() {
+        let up = Upstream::build("https://kube.example", Some("api.internal"), &ca_pem(), None, Auth::None).unwrap();
+        assert_eq!(up.addr, "kube.example:443");
+        assert_eq!(up.server_name, ServerName::try_from("api.internal").unwrap());
+        assert!(up.authorization().unwrap().is_none());
+        assert!(Upstream::build("http://kube.example", None, &ca_pem(), None, Auth::None).is_err());
+    }
+}

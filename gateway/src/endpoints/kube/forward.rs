@@ -96,6 +96,9 @@ struct Conn {
     upstream: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     opened: AtomicBool,
     requests: AtomicU64,
+    /// The byte pipe of an upgraded request (exec, attach, port-forward): the session lasts
+    /// until it ends, though hyper considers the HTTP connection done at the upgrade.
+    upgraded: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 pub async fn serve_connection(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, scope: KubeScope, stream: TlsStream, client: SocketAddr, slot: SessionSlot) {
@@ -109,6 +112,7 @@ pub async fn serve_connection(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, scope: Ku
         upstream: tokio::sync::Mutex::new(None),
         opened: AtomicBool::new(false),
         requests: AtomicU64::new(0),
+        upgraded: std::sync::Mutex::new(None),
     });
     let c = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -116,8 +120,16 @@ pub async fn serve_connection(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, scope: Ku
         async move { Ok::<_, Infallible>(c.handle(req).await) }
     });
     let http = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    let serve = async {
+        let r = http.await;
+        let pipe = conn.upgraded.lock().ok().and_then(|mut u| u.take());
+        if let Some(pipe) = pipe {
+            let _ = pipe.await;
+        }
+        r
+    };
     let reason = tokio::select! {
-        r = http => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
+        r = serve => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
         _ = ep.cancel.cancelled() => ep.end_reason(),
     };
     if conn.opened.load(Ordering::Relaxed) {
@@ -211,7 +223,7 @@ impl Conn {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let cancel = self.ep.cancel.clone();
-                self.gw.tasks.spawn(async move {
+                let pipe = self.gw.tasks.spawn(async move {
                     let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     tokio::select! {
@@ -219,6 +231,9 @@ impl Conn {
                         _ = cancel.cancelled() => {}
                     }
                 });
+                if let Ok(mut u) = self.upgraded.lock() {
+                    *u = Some(pipe);
+                }
             } else {
                 // An upgrade the upstream refused ends the connection: no half-upgraded state.
                 resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
