@@ -226,8 +226,12 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     for r in s.api.requests() {
         let p = r.path();
         assert!(
-            !(p.contains("kube-system") || p == "/api/v1/pods" || p.contains("nodes") || p.contains("secrets") || p == "/api/v1/namespaces")
-                && !p.ends_with("/scale"),
+            !(p.contains("kube-system")
+                || p == "/api/v1/pods"
+                || p.contains("nodes")
+                || p.contains("secrets")
+                || p == "/api/v1/namespaces"
+                || p.ends_with("/scale")),
             "out-of-scope request reached the cluster: {} {}",
             r.method,
             r.uri

@@ -60,7 +60,7 @@ pub fn api_group(group: &str) -> Option<Value> {
 
 /// `APIResourceList` of a group version, subresources included, as `/api/v1` serves it.
 pub fn resource_list(group: &str) -> Option<Value> {
-    if group != "" && group != "apps" {
+    if !group.is_empty() && group != "apps" {
         return None;
     }
     let all = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
