@@ -497,3 +497,26 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
     }));
     Ok(())
 }
+
+#[test]
+fn expiry_cuts_a_live_stream_and_the_certificate_dies_with_the_endpoint() -> Result<()> {
+    let s = setup()?;
+    let (ok, ep) = cli(&s, &["ops", "endpoint", "create", "--type", "kubectl", "--app", APP, "--customer", "acme-corp", "--origin-resource-id", CLUSTER, "--ttl", "10s"])?;
+    assert!(ok && ep["state"] == "active", "{ep}");
+    let id = ep["id"].as_str().unwrap_or_default().to_string();
+    let cfg = PathBuf::from(ep["kubeconfig"].as_str().ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?);
+    let mut logs = Streaming::start(&cfg, &["logs", "-f", "web-1"], false)?;
+    logs.expect("log line 1 of web-1")?;
+    // Bounded: the endpoint lives 10 s.
+    assert!(logs.exited_within(Duration::from_secs(30)), "logs -f outlived the endpoint");
+    assert!(wait_until(Duration::from_secs(10), || audit(&s).is_ok_and(|r| r.iter().any(|x| x["kind"] == "endpoint.expired" && x["endpoint_id"] == id.as_str()))));
+
+    s.api.clear_requests();
+    let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(!ok, "{out}");
+    // Refused by the gateway either way: the certificate expired with the endpoint, or (within
+    // clock slack) it maps to no live endpoint.
+    assert!(err.contains("Unauthorized") || err.contains("logged in") || err.contains("expired") || err.contains("certificate"), "{err}");
+    assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+    Ok(())
+}
