@@ -47,6 +47,14 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
     assert!(ok, "{err}");
     assert!(out.contains("deleted"), "{out}");
     assert!(!api.has_object("pods", "my-app-prod", "web-2"));
+    // kubectl's typed create sends protobuf, which this server does not speak; a manifest
+    // goes as JSON.
+    let manifest = dir.path().join("cm.json");
+    std::fs::write(&manifest, r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#)?;
+    let manifest = manifest.display().to_string();
+    let (ok, out, err) = kubectl(&cfg, &["create", "--validate=false", "-f", &manifest], None, LIMIT)?;
+    assert!(ok, "{out} {err} {:?}", api.requests().last());
+    assert!(api.has_object("configmaps", "my-app-prod", "made-here"));
 
     let mut watch = Streaming::start(&cfg, &["get", "pods", "-w"], false)?;
     watch.expect("web-1")?;
@@ -191,6 +199,14 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     assert!(!ok && err.contains("exit code 3"), "{err}");
     let (ok, out, err) = kubectl(&cfg, &["get", "deployments"], None, LIMIT)?;
     assert!(ok && out.contains("web"), "{out} {err}");
+    let manifest = s.home.join("cm.json");
+    std::fs::write(&manifest, r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#)?;
+    let manifest = manifest.display().to_string();
+    let (ok, out, err) = kubectl(&cfg, &["create", "--validate=false", "-f", &manifest], None, LIMIT)?;
+    assert!(ok, "{out} {err}");
+    assert!(s.api.has_object("configmaps", "my-app-prod", "made-here"));
+    let (ok, out, err) = kubectl(&cfg, &["get", "configmap", "made-here", "-o", "jsonpath={.data.mode}"], None, LIMIT)?;
+    assert!(ok && out == "debug", "{out} {err}");
     let local = s.home.join("notes.txt");
     std::fs::write(&local, "copied through postern\n")?;
     let local_arg = local.display().to_string();

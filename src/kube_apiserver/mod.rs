@@ -449,9 +449,12 @@ impl Ctx {
     }
 }
 
+/// A JSON object body whose `metadata`, if present, is an object (so stamping fields into it
+/// cannot fail).
 async fn read_json(req: Request<Incoming>) -> Option<Value> {
     let body = Limited::new(req.into_body(), MAX_BODY).collect().await.ok()?.to_bytes();
-    serde_json::from_slice(&body).ok()
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    (v.is_object() && (v["metadata"].is_object() || v["metadata"].is_null())).then_some(v)
 }
 
 async fn collection(r: Ctx, req: Request<Incoming>, params: Params) -> Response<Body> {
@@ -517,6 +520,9 @@ async fn item(r: Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
                 obj = body;
             } else {
                 objects::merge_patch(&mut obj, &body);
+            }
+            if !(obj["metadata"].is_object() || obj["metadata"].is_null()) {
+                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata must be an object");
             }
             let obj = r.shared.put(&r.group, &r.resource, &r.ns, name, obj, "MODIFIED");
             json_response(StatusCode::OK, &obj)
