@@ -2,4 +2,5 @@
 //! `postern` and `postern-agent` binaries as processes, the way an operator would.
 
 pub mod pg_cluster;
+pub mod sshd;
 pub mod testbed;
