@@ -5,7 +5,7 @@ use crate::dial::split_host_port;
 use endpoint_types::{
     duration::HumanDuration,
     policy::Policy,
-    resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind},
+    resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind, ResourceScope},
     secret::Secret,
 };
 use serde::Deserialize;
@@ -128,6 +128,8 @@ pub struct ResourceConfig {
     pub key: Option<PathBuf>,
     pub host_key: Option<String>,
     pub sftp: Option<bool>,
+    /// Record what the engineer types too, not only what the terminal shows (default false).
+    pub record_input: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,7 +281,7 @@ impl AgentConfig {
 
     /// The inventory reported in the hello: ids and kinds only, never targets or credentials.
     pub fn descriptors(&self) -> Vec<ResourceDescriptor> {
-        self.resources.iter().map(|r| ResourceDescriptor { id: r.id.clone(), kind: r.kind }).collect()
+        self.resources.iter().map(|r| ResourceDescriptor { id: r.id.clone(), kind: r.kind, scope: r.scope() }).collect()
     }
 
     pub fn policy_summary(&self) -> PolicySummary {
@@ -326,6 +328,7 @@ impl ResourceConfig {
             ("key", Ssh, self.key.is_some()),
             ("host_key", Ssh, self.host_key.is_some()),
             ("sftp", Ssh, self.sftp.is_some()),
+            ("record_input", Ssh, self.record_input.is_some()),
         ];
         keys.into_iter().filter(|(_, _, set)| *set).map(|(k, kind, _)| (k, kind)).collect()
     }
@@ -375,7 +378,12 @@ impl ResourceConfig {
                 }
             }
         }
-        Ok(())
+        match self.kind {
+            ResourceKind::Tcp => Ok(()),
+            ResourceKind::Kubernetes => crate::kube::validate_config(self),
+            ResourceKind::Postgres => crate::postgres::validate_config(self),
+            ResourceKind::Ssh => crate::ssh::validate_config(self),
+        }
     }
 
     pub fn kube_resources(&self) -> Vec<String> {
@@ -388,6 +396,42 @@ impl ResourceConfig {
 
     pub fn pg_privileges(&self) -> Vec<String> {
         self.privileges.clone().unwrap_or_else(|| DEFAULT_PG_PRIVILEGES.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The database endpoints may use: `database`, else the one `admin_url` names, else `postgres`.
+    pub fn pg_database(&self) -> String {
+        if let Some(d) = &self.database {
+            return d.clone();
+        }
+        let url = self.admin_url.as_ref().map(|u| u.expose().to_string()).unwrap_or_default();
+        let rest = url.split_once("://").map(|(_, r)| r).unwrap_or("");
+        let path = rest.split(['?', '#']).next().unwrap_or("");
+        match path.split_once('/') {
+            Some((_, db)) if !db.is_empty() => db.to_string(),
+            _ => "postgres".to_string(),
+        }
+    }
+
+    /// The scope the gateway enforces before anything reaches the appliance (and the agent again).
+    pub fn scope(&self) -> Option<ResourceScope> {
+        match self.kind {
+            ResourceKind::Tcp => None,
+            ResourceKind::Kubernetes => Some(ResourceScope::Kubernetes {
+                namespaces: self.namespaces.clone().unwrap_or_default(),
+                resources: self.kube_resources(),
+                verbs: self.kube_verbs(),
+                impersonate: self.impersonate.is_some(),
+            }),
+            ResourceKind::Postgres => Some(ResourceScope::Postgres {
+                database: self.pg_database(),
+                schemas: self.schemas.clone().unwrap_or_default(),
+                privileges: self.pg_privileges(),
+            }),
+            ResourceKind::Ssh => Some(ResourceScope::Ssh {
+                user: self.user.clone().unwrap_or_default(),
+                sftp: self.sftp.unwrap_or(false),
+            }),
+        }
     }
 }
 
@@ -453,7 +497,7 @@ target = "127.0.0.1:7000"
         assert_eq!(p.time_zone.as_deref(), Some("Europe/Berlin"));
         assert!(p.steady_state);
         assert_eq!(c.reconnect_max(), DEFAULT_RECONNECT_MAX);
-        assert_eq!(c.descriptors()[1], ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp });
+        assert_eq!(c.descriptors()[1], ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp, scope: None });
         assert!(matches!(c.enrollment(), Err(ConfigError::NotEnrolled { missing: "gateway", .. })));
     }
 
@@ -475,7 +519,7 @@ target = "127.0.0.1:7000"
     fn relative_paths_resolve_against_the_config_dir() {
         let c = parse(
             "audit_path = \"audit.jsonl\"\nkey_file = \"agent.key\"\n[tools]\nkubectl = \"bin/kubectl\"\npsql = \"psql\"\n\
-             [[resource]]\nid = \"s\"\nkind = \"ssh\"\nhost = \"10.0.0.5:22\"\nuser = \"ops\"\nkey = \"keys/vm\"\nhost_key = \"ssh-ed25519 AAAA\"\n",
+             [[resource]]\nid = \"s\"\nkind = \"ssh\"\nhost = \"10.0.0.5:22\"\nuser = \"ops\"\nkey = \"keys/vm\"\nhost_key = \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHvNC2Rpugiiw1pOjJYmMBaGVsELXpfLPjkH7LZq6NMY\"\n",
         )
         .unwrap();
         assert_eq!(c.audit_path, PathBuf::from("/etc/postern/audit.jsonl"));

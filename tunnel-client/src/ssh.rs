@@ -10,7 +10,7 @@ use crate::{
     audit::Entry,
     config::ResourceConfig,
     grants::Cut,
-    sessions::{accept, refuse, Sessions},
+    sessions::{accept, cut_quic, entry as session_entry, refuse, Sessions},
 };
 use bytes::BytesMut;
 use endpoint_types::{
@@ -20,7 +20,7 @@ use endpoint_types::{
     ssh_stream::{self, ExitSignal, SshFrame, SshReady, SshStart},
     ApiError, ErrorCode,
 };
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream};
 use russh::{
     client,
     keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate},
@@ -139,8 +139,8 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
                         "presented": presented,
                         "expected": expected_fp,
                     }))
-                    .endpoint(&open.endpoint_id)
-                    .session(&open.session_id),
+                    .endpoint(open.endpoint_id.clone())
+                    .session(open.session_id.clone()),
                 );
                 return Err(ApiError::new(
                     ErrorCode::TargetUnreachable,
@@ -160,12 +160,6 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
             Err(unreachable(&r.id))
         }
     }
-}
-
-fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
-    let code = VarInt::from_u32(reason.stream_code());
-    let _ = send.reset(code);
-    let _ = recv.stop(code);
 }
 
 async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<SshFrame>, String> {
@@ -271,9 +265,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     }
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
-    let entry = |kind: &'static str, detail: serde_json::Value| {
-        Entry::new(kind, open.operator.clone(), detail).endpoint(&open.endpoint_id).session(&open.session_id)
-    };
+    let entry = |kind: &'static str, detail: serde_json::Value| session_entry(kind, &open, detail);
     ctx.audit.record_or_log(entry("session.opened", json!({
         "resource_id": resource.id, "client_addr": open.client_addr, "kind": "ssh", "user": user,
         "command": start.command, "subsystem": start.subsystem, "pty": start.pty.is_some(),

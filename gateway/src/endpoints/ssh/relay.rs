@@ -61,8 +61,8 @@ pub struct ChannelCtx {
 /// Tells the engineer why, on stderr, then ends the channel as sshd does for a failed start.
 async fn fail(writer: &ChannelWriteHalf<Msg>, e: &ApiError) {
     let mut msg = format!("postern: {}", e.message);
-    if let Some(h) = &e.hint {
-        msg.push_str(&format!(" ({h})"));
+    if !e.hint.is_empty() {
+        msg.push_str(&format!(" ({})", e.hint));
     }
     msg.push_str("\r\n");
     let _ = writer.extended_data_bytes(1, Bytes::from(msg)).await;
@@ -333,16 +333,11 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             "cast": recording.cast,
         }))
         .await;
-    session::closed(
-        &gw,
-        &ep,
-        &session_id,
-        reason,
-        up_bytes.load(Ordering::Relaxed),
-        down_bytes.load(Ordering::Relaxed),
-        started,
-    )
-    .await;
+    let extra = match &outcome {
+        Err(e) => serde_json::json!({ "error": e, "exit_status": exit }),
+        Ok(()) => serde_json::json!({ "exit_status": exit }),
+    };
+    session::closed(&gw, &ep, &session_id, reason, (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed)), started, extra).await;
     if let Err(e) = outcome {
         tracing::info!(endpoint = %ep.id, session = %session_id, reason = reason.as_str(), "ssh session ended: {e}");
     }

@@ -172,7 +172,7 @@ impl russh::server::Handler for Conn {
             }
         };
         reply.accept().await;
-        let sftp = matches!(&ep.scope, Some(endpoint_types::resource::ResourceScope::Ssh { sftp: true, .. }));
+        let sftp = matches!(ep.scope(&self.gw), Some(endpoint_types::resource::ResourceScope::Ssh { sftp: true, .. }));
         let (tx, rx) = mpsc::channel(64);
         let id = channel.id();
         self.channels.insert(id, ChannelCtl { policy: ChannelPolicy::new(sftp), tx });
