@@ -237,7 +237,6 @@ mod tests {
             SshFrame::Start(SshStart { pty: None, command: Some("tail -n 50 /var/log/x".into()), subsystem: None, env: vec![] }),
             SshFrame::Ready(SshReady { user: "deploy".into(), record_input: true }),
             SshFrame::Data(Bytes::from_static(b"\x1b[Hhello\r\n")),
-            SshFrame::Data(Bytes::new()),
             SshFrame::Stderr(Bytes::from_static(b"oops")),
             SshFrame::Eof,
             SshFrame::WindowChange { cols: 120, rows: 40, pix_width: 1, pix_height: 2 },

@@ -162,7 +162,35 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
     }
 }
 
-async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<SshFrame>, String> {
+/// Why the gateway cut the stream, when it said so with its reset code.
+fn reset_reason(e: &quinn::ReadError) -> Option<CloseReason> {
+    match e {
+        quinn::ReadError::Reset(c) => CloseReason::from_stream_code(c.into_inner()),
+        _ => None,
+    }
+}
+
+#[derive(Debug)]
+struct StreamError {
+    message: String,
+    reason: Option<CloseReason>,
+}
+
+impl From<String> for StreamError {
+    fn from(message: String) -> Self {
+        StreamError { message, reason: None }
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> StreamError {
+    let reason = match &e {
+        quinn::WriteError::Stopped(c) => CloseReason::from_stream_code(c.into_inner()),
+        _ => None,
+    };
+    StreamError { message: format!("tunnel write: {e}"), reason }
+}
+
+async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<SshFrame>, StreamError> {
     loop {
         if let Some(f) = ssh_stream::decode(buf).map_err(|e| e.to_string())? {
             return Ok(Some(f));
@@ -170,7 +198,7 @@ async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<
         match recv.read_chunk(256 * 1024, true).await {
             Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
             Ok(None) => return Ok(None),
-            Err(e) => return Err(format!("tunnel read: {e}")),
+            Err(e) => return Err(StreamError { message: format!("tunnel read: {e}"), reason: reset_reason(&e) }),
         }
     }
 }
@@ -286,7 +314,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
     let (mut reader, writer) = channel.split();
-    let outcome: Result<(), String> = {
+    let outcome: Result<(), StreamError> = {
         let record = |f: &dyn Fn(&mut Recorder, Duration)| {
             if let Ok(mut r) = rec.lock() {
                 f(&mut r, started.elapsed());
@@ -313,11 +341,11 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                     Some(SshFrame::Signal(s)) => {
                         let _ = writer.signal(sig(&s)).await;
                     }
-                    Some(other) => return Err(format!("unexpected {} from the gateway", other.name())),
+                    Some(other) => return Err(format!("unexpected {} from the gateway", other.name()).into()),
                     // The engineer closed the session.
                     None => {
                         let _ = writer.close().await;
-                        return Ok::<(), String>(());
+                        return Ok::<(), StreamError>(());
                     }
                 }
             }
@@ -329,8 +357,8 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                     ChannelMsg::Data { data } => {
                         record(&|r, at| r.output(at, &data));
                         down_bytes += data.len() as u64;
-                        send.write_all(&SshFrame::data_header(data.len(), false)).await.map_err(|e| e.to_string())?;
-                        send.write_chunk(data).await.map_err(|e| e.to_string())?;
+                        send.write_all(&SshFrame::data_header(data.len(), false)).await.map_err(write_err)?;
+                        send.write_chunk(data).await.map_err(write_err)?;
                         continue;
                     }
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
@@ -351,25 +379,25 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                     ChannelMsg::Close => break,
                     _ => continue,
                 };
-                send.write_all(&frame.to_bytes()).await.map_err(|e| e.to_string())?;
+                send.write_all(&frame.to_bytes()).await.map_err(write_err)?;
             }
             let _ = send.finish();
-            Ok::<(), String>(())
+            Ok::<(), StreamError>(())
         };
         tokio::pin!(up);
         tokio::pin!(down);
         tokio::select! {
             r = &mut down => r,
             r = &mut up => match r {
-                Ok(()) => tokio::time::timeout(Duration::from_secs(5), &mut down).await.unwrap_or_else(|_| Err("the VM did not end the session".into())),
+                Ok(()) => tokio::time::timeout(Duration::from_secs(5), &mut down).await.unwrap_or_else(|_| Err(String::from("the VM did not end the session").into())),
                 Err(e) => Err(e),
             },
-            () = cut.cancelled() => Err("cut".into()),
+            () = cut.cancelled() => Err(String::from("cut").into()),
         }
     };
     let reason = match &outcome {
         Ok(()) => CloseReason::Client,
-        Err(_) => cut.reason().unwrap_or(CloseReason::Error),
+        Err(e) => cut.reason().or(e.reason).unwrap_or(CloseReason::Error),
     };
     if outcome.is_err() {
         cut_quic(&mut send, &mut recv, reason);
@@ -396,7 +424,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         "duration_ms": started.elapsed().as_millis() as u64, "resource_id": resource.id,
     })));
     if let Err(e) = outcome {
-        tracing::debug!(session = %open.session_id, reason = reason.as_str(), "ssh session ended: {e}");
+        tracing::debug!(session = %open.session_id, reason = reason.as_str(), "ssh session ended: {}", e.message);
     }
 }
 
