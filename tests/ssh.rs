@@ -123,7 +123,7 @@ impl Endpoint {
     }
 }
 
-fn run(mut c: Command) -> Result<(Option<i32>, String, String)> {
+fn run(c: &mut Command) -> Result<(Option<i32>, String, String)> {
     let out = c.output()?;
     Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
 }
@@ -136,17 +136,17 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
 
     // Exec and exit codes; the login upstream is the configured user whatever was typed.
-    let (code, out, err) = run(ep.ssh(&[], Some("whoami; exit 3")))?;
+    let (code, out, err) = run(&mut ep.ssh(&[], Some("whoami; exit 3")))?;
     assert_eq!(code, Some(3), "stderr: {err}\n{}", w.log());
     assert_eq!(out.trim(), USER);
-    let (code, out, _) = run(ep.ssh(&["-l", "root"], Some("whoami")))?;
+    let (code, out, _) = run(&mut ep.ssh(&["-l", "root"], Some("whoami")))?;
     assert_eq!((code, out.trim()), (Some(0), USER));
-    let (code, _, err) = run(ep.ssh(&[], Some("echo to-stderr >&2; false")))?;
+    let (code, _, err) = run(&mut ep.ssh(&[], Some("echo to-stderr >&2; false")))?;
     assert_eq!(code, Some(1));
     assert!(err.contains("to-stderr"), "{err}");
 
     // Strict key exchange is negotiated (OpenSSH logs it at -vvv).
-    let (code, _, err) = run(ep.ssh(&["-vvv"], Some("true")))?;
+    let (code, _, err) = run(&mut ep.ssh(&["-vvv"], Some("true")))?;
     assert_eq!(code, Some(0));
     assert!(err.contains("strict KEX"), "no strict kex in the client's debug log");
 
@@ -170,17 +170,22 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Environment beyond TERM/LANG is refused (the private sshd would accept FOO and LANG).
-    let (_, out, _) = run(ep.ssh(&["-o", "SetEnv=FOO=bar LANG=C.UTF-8"], Some("echo ${FOO:-unset} ${LANG:-unset}")))?;
-    assert_eq!(out.trim(), "unset C.UTF-8");
+    let (code, out, err) = run(&mut ep.ssh(&["-o", "SetEnv=FOO=bar LANG=C.UTF-8"], Some("echo ${FOO:-unset} ${LANG:-unset}")))?;
+    assert_eq!(out.trim(), "unset C.UTF-8", "exit {code:?}, stderr {err}\n{}", w.log());
 
     // Forwarding of every kind is refused with OpenSSH's usual messages.
-    let (code, _, err) = run(ep.ssh(&["-W", "127.0.0.1:22"], None))?;
+    let (code, _, err) = run(&mut ep.ssh(&["-W", "127.0.0.1:22"], None))?;
     assert_eq!(code, Some(255));
     assert!(err.contains("administratively prohibited"), "-W: {err}");
-    let (code, _, err) = run(ep.ssh(&["-o", "ExitOnForwardFailure=yes", "-N", "-R", "127.0.0.1:0:127.0.0.1:22"], None))?;
+    let (code, _, err) = run(&mut ep.ssh(&["-o", "ExitOnForwardFailure=yes", "-N", "-R", "127.0.0.1:0:127.0.0.1:22"], None))?;
     assert_eq!(code, Some(255));
     assert!(err.contains("remote port forwarding failed"), "-R: {err}");
-    let (_, out, _) = run(ep.ssh(&["-A"], Some("echo ${SSH_AUTH_SOCK:-no-agent}")).env("SSH_AUTH_SOCK", w.dir.path().join("agent.sock")))?;
+    // -A asks only when there is a local agent to forward: run one for this test.
+    let sock = w.dir.path().join("agent.sock");
+    let mut ssh_agent = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "ssh-agent did not start");
+    let (_, out, _) = run(ep.ssh(&["-A"], Some("echo ${SSH_AUTH_SOCK:-no-agent}")).env("SSH_AUTH_SOCK", &sock))?;
+    terminate(&mut ssh_agent, Duration::from_secs(2));
     assert_eq!(out.trim(), "no-agent");
     let (_, out, err) = run(ep.ssh(&["-X", "-o", "ForwardX11Trusted=yes"], Some("echo ${DISPLAY:-no-display}")).env("DISPLAY", "127.0.0.1:7"))?;
     assert_eq!(out.trim(), "no-display");
@@ -347,7 +352,7 @@ fn retire_cuts_a_live_top_and_the_key_stops_working() -> Result<()> {
         "no session.closed(retired) in the customer trail"
     );
     // The old key no longer authenticates.
-    let (code, _, err) = run(ep.ssh(&[], Some("true")))?;
+    let (code, _, err) = run(&mut ep.ssh(&[], Some("true")))?;
     assert_eq!(code, Some(255));
     assert!(err.contains("Permission denied"), "{err}");
     Ok(())
@@ -359,7 +364,7 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     let wrong = keygen(&scratch.path().join("wrong"), "not-the-vm")?;
     let w = world(Some(wrong))?;
     let ep = w.create_endpoint()?;
-    let (code, out, err) = run(ep.ssh(&[], Some("echo reached")))?;
+    let (code, out, err) = run(&mut ep.ssh(&[], Some("echo reached")))?;
     assert_ne!(code, Some(0));
     assert!(!out.contains("reached"));
     assert!(err.contains("host key"), "{err}");

@@ -278,7 +278,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     };
     let user = resource.user.clone().unwrap_or_default();
     let record_input = resource.record_input.unwrap_or(false);
-    let channel = match start_upstream(&handle, &start).await {
+    let (channel, early) = match start_upstream(&handle, &start).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(resource = %resource.id, error = %e, "the VM's sshd would not start the session");
@@ -352,7 +352,15 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         };
         // VM → gateway: output, stderr, EOF, exit status.
         let down = async {
-            while let Some(msg) = reader.wait().await {
+            let mut early = early.into_iter();
+            loop {
+                let msg = match early.next() {
+                    Some(m) => m,
+                    None => match reader.wait().await {
+                        Some(m) => m,
+                        None => break,
+                    },
+                };
                 let frame = match msg {
                     ChannelMsg::Data { data } => {
                         record(&|r, at| r.output(at, &data));
@@ -429,7 +437,8 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
 }
 
 /// Opens the upstream channel and starts what the engineer asked for; waits for sshd's answer.
-async fn start_upstream(handle: &client::Handle<Pinned>, start: &SshStart) -> Result<russh::Channel<client::Msg>, String> {
+async fn start_upstream(handle: &client::Handle<Pinned>, start: &SshStart) -> Result<(russh::Channel<client::Msg>, Vec<ChannelMsg>), String> {
+    let mut early = Vec::new();
     let mut channel = handle.channel_open_session().await.map_err(|e| e.to_string())?;
     for (name, value) in &start.env {
         let _ = channel.set_env(false, name.as_str(), value.as_str()).await;
@@ -439,24 +448,27 @@ async fn start_upstream(handle: &client::Handle<Pinned>, start: &SshStart) -> Re
             .request_pty(true, &p.term, p.cols, p.rows, p.pix_width, p.pix_height, &pty_modes(&p.modes))
             .await
             .map_err(|e| e.to_string())?;
-        expect_success(&mut channel, "pty").await?;
+        expect_success(&mut channel, "pty", &mut early).await?;
     }
     match (&start.command, &start.subsystem) {
         (Some(cmd), _) => channel.exec(true, cmd.as_bytes()).await.map_err(|e| e.to_string())?,
         (None, Some(sub)) => channel.request_subsystem(true, sub.as_str()).await.map_err(|e| e.to_string())?,
         (None, None) => channel.request_shell(true).await.map_err(|e| e.to_string())?,
     }
-    expect_success(&mut channel, "program").await?;
-    Ok(channel)
+    expect_success(&mut channel, "program", &mut early).await?;
+    Ok((channel, early))
 }
 
-async fn expect_success(channel: &mut russh::Channel<client::Msg>, what: &str) -> Result<(), String> {
+/// Waits for sshd's reply to a request. What the channel carries meanwhile (a fast program's
+/// first output) is kept in `early` for the relay.
+async fn expect_success(channel: &mut russh::Channel<client::Msg>, what: &str, early: &mut Vec<ChannelMsg>) -> Result<(), String> {
     loop {
         match tokio::time::timeout(START_TIMEOUT, channel.wait()).await {
             Ok(Some(ChannelMsg::Success)) => return Ok(()),
             Ok(Some(ChannelMsg::Failure)) => return Err(format!("{what} request refused")),
             Ok(Some(ChannelMsg::WindowAdjusted { .. })) => continue,
-            Ok(Some(other)) => return Err(format!("unexpected {other:?} before the {what} reply")),
+            Ok(Some(other)) if early.len() < 1024 => early.push(other),
+            Ok(Some(_)) => return Err(format!("too much traffic before the {what} reply")),
             Ok(None) => return Err("the VM closed the channel".into()),
             Err(_) => return Err(format!("no answer to the {what} request")),
         }
