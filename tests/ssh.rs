@@ -103,6 +103,14 @@ impl World {
     }
 }
 
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.log());
+        }
+    }
+}
+
 struct Endpoint {
     id: String,
     config: PathBuf,
@@ -139,15 +147,15 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     let (code, out, err) = run(&mut ep.ssh(&[], Some("whoami; exit 3")))?;
     assert_eq!(code, Some(3), "stderr: {err}\n{}", w.log());
     assert_eq!(out.trim(), USER);
-    let (code, out, _) = run(&mut ep.ssh(&["-l", "root"], Some("whoami")))?;
-    assert_eq!((code, out.trim()), (Some(0), USER));
+    let (code, out, err) = run(&mut ep.ssh(&["-l", "root"], Some("whoami")))?;
+    assert_eq!((code, out.trim()), (Some(0), USER), "{err}");
     let (code, _, err) = run(&mut ep.ssh(&[], Some("echo to-stderr >&2; false")))?;
-    assert_eq!(code, Some(1));
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("to-stderr"), "{err}");
 
     // Strict key exchange is negotiated (OpenSSH logs it at -vvv).
     let (code, _, err) = run(&mut ep.ssh(&["-vvv"], Some("true")))?;
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("strict KEX"), "no strict kex in the client's debug log");
 
     // 64 MiB of output, byte for byte; and 8 MiB of input through stdin.

@@ -277,13 +277,15 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     tokio::select! {
         _ = ep.cancel.cancelled() => Err("cut".into()),
         r = &mut down => r.map_err(|e| e.to_string()),
-        r = &mut up => match r {
-            // The client closed its channel: the agent ends the program and the stream.
-            Ok(()) => match tokio::time::timeout(CLOSE_GRACE, &mut down).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err("the agent did not end the session after the client closed it".into()),
-            },
-            Err(e) => Err(format!("tunnel write: {e}")),
+        // The client closed its channel (the agent then ends the program and the stream), or
+        // the agent stopped reading because the program already ended: either way, what
+        // the program printed is still on its way down.
+        r = &mut up => match tokio::time::timeout(CLOSE_GRACE, &mut down).await {
+            Ok(d) => d.map_err(|e| e.to_string()),
+            Err(_) => Err(match r {
+                Ok(()) => "the agent did not end the session after the client closed it".to_string(),
+                Err(e) => format!("tunnel write: {e}"),
+            }),
         },
     }
     };
