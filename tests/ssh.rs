@@ -223,8 +223,18 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
         assert!(wait_until(Duration::from_secs(10), || stderr.lock().map(|s| s.contains("administratively prohibited")).unwrap_or(false)), "{flag}: {:?}", stderr.lock().map(|s| s.clone()));
         terminate(&mut child, Duration::from_secs(2));
     }
+    // File transfer is off unless the resource allows sftp: sftp-based and legacy scp fail.
+    for legacy in [false, true] {
+        let mut scp = Command::new("scp");
+        scp.arg("-F").arg(&ep.config).args(["-o", "BatchMode=yes"]);
+        if legacy {
+            scp.arg("-O");
+        }
+        let out = scp.arg(&file).arg(format!("{}:/tmp/postern-scp-{}", ep.alias, std::process::id())).stdin(Stdio::null()).output()?;
+        assert!(!out.status.success(), "scp (legacy: {legacy}) went through");
+    }
     let denied: Vec<Value> = w.audit()?.into_iter().filter(|r| r["kind"] == "denied").collect();
-    for action in ["port-forwarding", "remote-forwarding", "x11-forwarding", "agent-forwarding", "env"] {
+    for action in ["port-forwarding", "remote-forwarding", "x11-forwarding", "agent-forwarding", "env", "subsystem", "exec"] {
         assert!(denied.iter().any(|r| r["detail"]["action"] == action), "no denied {action} in {denied:?}");
     }
 
@@ -378,5 +388,17 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     assert!(err.contains("host key"), "{err}");
     let trail = w.agent.trail()?;
     assert!(trail.iter().any(|r| r["kind"] == "denied" && r["detail"]["reason"] == "host key mismatch"), "{trail:?}");
+
+    // A client that connects and never authenticates is dropped after the grace time (10 s).
+    let config = std::fs::read_to_string(&ep.config)?;
+    let port: u16 = config.lines().find_map(|l| l.trim().strip_prefix("Port ")).ok_or_else(|| anyhow!("no Port in {config}"))?.trim().parse()?;
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    idle.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut banner = [0u8; 8];
+    idle.read_exact(&mut banner)?;
+    assert_eq!(&banner, b"SSH-2.0-");
+    let mut rest = Vec::new();
+    let ended = idle.read_to_end(&mut rest);
+    assert!(ended.is_ok() || ended.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{ended:?}");
     Ok(())
 }

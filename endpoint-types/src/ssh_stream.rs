@@ -182,9 +182,8 @@ impl SshFrame {
 
 /// Takes one complete frame off the front of `buf`, if there is one.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<SshFrame>, SshFrameError> {
-    let Some(header) = buf.get(..HEADER_LEN) else { return Ok(None) };
-    let tag = header[0];
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let Some(&[tag, a, b, c, d]) = buf.get(..HEADER_LEN) else { return Ok(None) };
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
     if len > MAX_SSH_FRAME {
         return Err(SshFrameError::TooLarge { len, max: MAX_SSH_FRAME });
     }

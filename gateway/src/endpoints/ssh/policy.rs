@@ -94,6 +94,9 @@ impl ChannelPolicy {
                 }
                 // Command lines are text; invalid bytes could not be audited faithfully.
                 match String::from_utf8(cmd) {
+                    // Legacy scp runs `scp -t|-f` through exec: file transfer, allowed only
+                    // where sftp is.
+                    Ok(c) if is_scp(&c) && !self.sftp_allowed => Decision::Refuse("scp is not allowed on this resource"),
                     Ok(c) => self.start(Some(c), None),
                     Err(_) => Decision::Refuse("command line is not UTF-8"),
                 }
@@ -122,6 +125,11 @@ impl ChannelPolicy {
         self.started = true;
         Decision::Start(SshStart { pty: self.pty.clone(), command, subsystem, env: self.env.clone() })
     }
+}
+
+/// A command line that runs scp's remote end.
+fn is_scp(cmd: &str) -> bool {
+    cmd.split_whitespace().next().is_some_and(|w| w == "scp" || w.ends_with("/scp"))
 }
 
 #[cfg(test)]
@@ -154,6 +162,9 @@ mod tests {
             (false, vec![Request::Shell, env("LANG", "C")], Refuse("environment must be set before the program starts")),
             (false, vec![Request::Exec(vec![0xff])], Refuse("command line is not UTF-8")),
             (false, vec![Request::Subsystem("sftp".into())], Refuse("sftp is not allowed on this resource")),
+            (false, vec![Request::Exec(b"scp -t /tmp".to_vec())], Refuse("scp is not allowed on this resource")),
+            (false, vec![Request::Exec(b"/usr/bin/scp -f x".to_vec())], Refuse("scp is not allowed on this resource")),
+            (true, vec![Request::Exec(b"scp -t /tmp".to_vec())], Start(SshStart { pty: None, command: Some("scp -t /tmp".into()), subsystem: None, env: vec![] })),
             (true, vec![Request::Subsystem("sftp".into())], Start(SshStart { pty: None, command: None, subsystem: Some("sftp".into()), env: vec![] })),
             (true, vec![Request::Subsystem("netconf".into())], Refuse("unknown subsystem")),
             (false, vec![wc.clone()], Refuse("no pty")),
