@@ -13,8 +13,7 @@ use std::{io::Write, time::Duration};
 pub fn find(records: Vec<AuditRecord>, session: &str) -> Result<AuditRecord, ApiError> {
     records
         .into_iter()
-        .filter(|r| r.kind == "ssh.recording" && r.session_id.as_deref() == Some(session))
-        .last()
+        .rfind(|r| r.kind == "ssh.recording" && r.session_id.as_deref() == Some(session))
         .ok_or_else(|| {
             ApiError::new(ErrorCode::NotFound, format!("no recording of session {session}"))
                 .hint("recordings are written when an ssh session ends; `postern audit list` shows ssh.recording records and their session_id")
