@@ -53,3 +53,37 @@ pub async fn play(c: &ApiClient, session: &str, idle_limit: Duration, speed: f64
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: i64, kind: &str, session: Option<&str>) -> AuditRecord {
+        AuditRecord {
+            seq,
+            time: jiff::Timestamp::UNIX_EPOCH,
+            kind: kind.into(),
+            actor: "op".into(),
+            appliance_id: None,
+            endpoint_id: None,
+            session_id: session.map(String::from),
+            op_id: None,
+            detail: serde_json::json!({"seq": seq}),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn finds_the_sessions_recording_only() {
+        let records = vec![
+            record(1, "session.opened", Some("ses_a")),
+            record(2, "ssh.recording", Some("ses_b")),
+            record(3, "ssh.recording", Some("ses_a")),
+            record(4, "session.closed", Some("ses_a")),
+        ];
+        assert_eq!(find(records.clone(), "ses_a").unwrap().seq, 3);
+        assert_eq!(find(records.clone(), "ses_b").unwrap().seq, 2);
+        assert_eq!(find(records, "ses_c").unwrap_err().code, ErrorCode::NotFound);
+    }
+}
