@@ -402,3 +402,20 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     assert!(ended.is_ok() || ended.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{ended:?}");
     Ok(())
 }
+
+/// The gateway's host key and the endpoint survive a restart: the files the CLI wrote keep
+/// working with StrictHostKeyChecking=yes.
+#[test]
+fn gateway_restart_keeps_the_host_key_and_the_endpoint() -> Result<()> {
+    let mut w = world(None)?;
+    let ep = w.create_endpoint()?;
+    let (code, out, err) = run(&mut ep.ssh(&[], Some("echo before-restart")))?;
+    assert_eq!((code, out.trim()), (Some(0), "before-restart"), "{err}");
+    let (api, relay) = (w.gw.api, w.gw.relay);
+    w.gw.stop();
+    w.gw = Gateway::start_on(&w.dir.path().join("gw"), api, relay)?;
+    assert!(w.gw.wait_online(&w.agent.appliance_id, Duration::from_secs(40)), "agent did not reconnect\n{}", w.log());
+    let (code, out, err) = run(&mut ep.ssh(&[], Some("echo after-restart")))?;
+    assert_eq!((code, out.trim()), (Some(0), "after-restart"), "{err}\n{}", w.log());
+    Ok(())
+}
