@@ -27,10 +27,10 @@ struct World {
     home: PathBuf,
 }
 
-fn ssh_resource(sshd: &Sshd, host_key: &str) -> String {
+fn ssh_resource(sshd: &Sshd, host_key: &str, extra: &str) -> String {
     format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"ssh\"\nhost = \"{}\"\nuser = \"{}\"\n\
-         key = \"{}\"\nhost_key = \"{}\"\nrecord_input = true\n",
+         key = \"{}\"\nhost_key = \"{}\"\nrecord_input = true\n{extra}",
         sshd.addr,
         sshd.user,
         sshd.client_key.display(),
@@ -41,11 +41,15 @@ fn ssh_resource(sshd: &Sshd, host_key: &str) -> String {
 /// sshd + gateway + an online agent whose ssh resource pins `host_key` (the real one unless
 /// given), under a live operate grant.
 fn world(host_key: Option<String>) -> Result<World> {
+    world_with(host_key, "")
+}
+
+fn world_with(host_key: Option<String>, extra: &str) -> Result<World> {
     let dir = tempfile::tempdir()?;
     let sshd = Sshd::start()?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let host_key = host_key.unwrap_or_else(|| sshd.host_key.clone());
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, CUSTOMER, &ssh_resource(&sshd, &host_key))?;
+    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, CUSTOMER, &ssh_resource(&sshd, &host_key, extra))?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
         bail!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
@@ -417,5 +421,22 @@ fn gateway_restart_keeps_the_host_key_and_the_endpoint() -> Result<()> {
     assert!(w.gw.wait_online(&w.agent.appliance_id, Duration::from_secs(40)), "agent did not reconnect\n{}", w.log());
     let (code, out, err) = run(&mut ep.ssh(&[], Some("echo after-restart")))?;
     assert_eq!((code, out.trim()), (Some(0), "after-restart"), "{err}\n{}", w.log());
+    Ok(())
+}
+
+/// With `sftp = true` on the resource, file transfer works (scp over sftp), as the configured user.
+#[test]
+fn sftp_works_where_the_resource_allows_it() -> Result<()> {
+    let w = world_with(None, "sftp = true\n")?;
+    let ep = w.create_endpoint()?;
+    let data = pattern(1024 * 1024, 99);
+    let local = w.dir.path().join("up.bin");
+    std::fs::write(&local, &data)?;
+    let remote = format!("/tmp/postern-sftp-{}", std::process::id());
+    let out = Command::new("scp").arg("-F").arg(&ep.config).args(["-o", "BatchMode=yes"]).arg(&local).arg(format!("{}:{remote}", ep.alias)).stdin(Stdio::null()).output()?;
+    assert!(out.status.success(), "scp: {}\n{}", String::from_utf8_lossy(&out.stderr), w.log());
+    let back = ep.ssh(&[], Some(&format!("cat {remote}; stat -c %U {remote} >&2; rm -f {remote}"))).output()?;
+    assert!(back.stdout == data, "the uploaded file differs");
+    assert_eq!(String::from_utf8_lossy(&back.stderr).trim(), USER);
     Ok(())
 }
