@@ -440,3 +440,47 @@ fn sftp_works_where_the_resource_allows_it() -> Result<()> {
     assert_eq!(String::from_utf8_lossy(&back.stderr).trim(), USER);
     Ok(())
 }
+
+/// The pty's size reaches the VM, and so does a window change (ssh on a real pty, resized).
+#[test]
+fn pty_size_and_window_changes_reach_the_vm() -> Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let w = world(None)?;
+    let ep = w.create_endpoint()?;
+    let (mut master, mut slave) = (0, 0);
+    let mut size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two fds we then own; the pointers are valid for the call.
+    if unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) } != 0 {
+        bail!("openpty: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from openpty, owned here only.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let script = "stty size; i=0; while [ \"$(stty size)\" = '24 80' ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; stty size";
+    let mut child = ep
+        .ssh(&["-tt"], Some(script))
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave))
+        .spawn()?;
+    let out = drain(Some(std::fs::File::from(master.try_clone()?)));
+    assert!(wait_until(Duration::from_secs(20), || out.lock().map(|s| s.contains("24 80")).unwrap_or(false)), "{:?}\n{}", out.lock().map(|s| s.clone()), w.log());
+    size.ws_row = 40;
+    size.ws_col = 120;
+    // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
+    unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::TIOCSWINSZ, &size) };
+    // ssh has no controlling terminal here, so tell it the way the kernel would.
+    let changed = wait_until(Duration::from_secs(20), || {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGWINCH) };
+        out.lock().map(|s| s.contains("40 120")).unwrap_or(false)
+    });
+    let status = wait_exit(&mut child, Duration::from_secs(30))?;
+    assert!(changed, "the window change never reached the VM: {:?}", out.lock().map(|s| s.clone()));
+    assert_eq!(status, Some(0));
+    // The recording keeps the resize.
+    let resized = wait_until(Duration::from_secs(10), || {
+        w.audit().map(|rs| rs.iter().any(|r| r["kind"] == "ssh.recording" && r["detail"]["cast"].as_str().unwrap_or_default().contains("\"r\",\"120x40\""))).unwrap_or(false)
+    });
+    assert!(resized, "no resize event in the recording");
+    Ok(())
+}
