@@ -3,4 +3,5 @@
 
 pub mod kube_apiserver;
 pub mod pg_cluster;
+pub mod sshd;
 pub mod testbed;

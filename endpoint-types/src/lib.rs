@@ -4,6 +4,7 @@
 //! (callers pass `now`). The tunnel frame codec is a sans-IO state machine in [`frame`].
 
 pub mod api;
+pub mod asciicast;
 pub mod control;
 pub mod duration;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod lifecycle;
 pub mod policy;
 pub mod resource;
 pub mod secret;
+pub mod ssh_stream;
 pub mod token;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};

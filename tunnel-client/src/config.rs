@@ -128,6 +128,8 @@ pub struct ResourceConfig {
     pub key: Option<PathBuf>,
     pub host_key: Option<String>,
     pub sftp: Option<bool>,
+    /// Record what the engineer types too, not only what the terminal shows (default false).
+    pub record_input: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,6 +328,7 @@ impl ResourceConfig {
             ("key", Ssh, self.key.is_some()),
             ("host_key", Ssh, self.host_key.is_some()),
             ("sftp", Ssh, self.sftp.is_some()),
+            ("record_input", Ssh, self.record_input.is_some()),
         ];
         keys.into_iter().filter(|(_, _, set)| *set).map(|(k, kind, _)| (k, kind)).collect()
     }
@@ -516,7 +519,7 @@ target = "127.0.0.1:7000"
     fn relative_paths_resolve_against_the_config_dir() {
         let c = parse(
             "audit_path = \"audit.jsonl\"\nkey_file = \"agent.key\"\n[tools]\nkubectl = \"bin/kubectl\"\npsql = \"psql\"\n\
-             [[resource]]\nid = \"s\"\nkind = \"ssh\"\nhost = \"10.0.0.5:22\"\nuser = \"ops\"\nkey = \"keys/vm\"\nhost_key = \"ssh-ed25519 AAAA\"\n",
+             [[resource]]\nid = \"s\"\nkind = \"ssh\"\nhost = \"10.0.0.5:22\"\nuser = \"ops\"\nkey = \"keys/vm\"\nhost_key = \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHvNC2Rpugiiw1pOjJYmMBaGVsELXpfLPjkH7LZq6NMY\"\n",
         )
         .unwrap();
         assert_eq!(c.audit_path, PathBuf::from("/etc/postern/audit.jsonl"));

@@ -4,6 +4,7 @@ mod access;
 mod client;
 mod control;
 mod dev;
+mod play;
 
 use crate::{config, server};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -187,6 +188,17 @@ enum AuditCmd {
     Export,
     /// Check the hash chain.
     Verify,
+    /// Replay an SSH session's recording in this terminal.
+    Play {
+        /// The session id (`session_id` of its ssh.recording record).
+        session: String,
+        /// Pauses longer than this are shortened (`0s` plays without pauses).
+        #[arg(long, default_value = "2s")]
+        idle_limit: String,
+        /// Playback speed factor.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -483,6 +495,10 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
             for r in l.records {
                 print_json(&r);
             }
+        }
+        AuditCmd::Play { session, idle_limit, speed } => {
+            let idle = parse_duration(&idle_limit).map_err(|e| ApiError::invalid(format!("--idle-limit: {e}")))?;
+            play::play(c, &session, idle, speed, matches!(out, OutputFormat::Json)).await?;
         }
         AuditCmd::Verify => {
             let v: AuditVerified = c.get("/v1/audit/verify").await?;
