@@ -9,6 +9,7 @@ pub mod duration;
 pub mod error;
 pub mod frame;
 pub mod lifecycle;
+pub mod pgwire;
 pub mod policy;
 pub mod resource;
 pub mod secret;

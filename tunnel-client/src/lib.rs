@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod grants;
 pub mod op_runner;
 pub mod ops;
+pub mod postgres;
 pub mod sessions;
 pub mod tunnel;
 pub mod wire;

@@ -1,0 +1,138 @@
+//! Postgres resources at the appliance: an ephemeral role per endpoint (see [`role`]) and the
+//! sessions that log in as it.
+//!
+//! When an endpoint becomes live the agent creates its role with a random password that never
+//! leaves the appliance; every session of the endpoint is a new backend connection as that
+//! role; when the endpoint ends the agent terminates the role's backends and drops it.
+
+pub mod role;
+
+use crate::config::ResourceConfig;
+use endpoint_types::secret::Secret;
+use jiff::Timestamp;
+use role::{role_name, Admin, RoleError};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock, Mutex},
+    time::Duration,
+};
+use tokio::sync::watch;
+
+/// How long a session waits for its endpoint's role to be ready (it is made when the
+/// endpoint opens, which may be a moment before the first client arrives).
+const ROLE_READY_WAIT: Duration = Duration::from_secs(15);
+
+/// `agent.toml` checks for a postgres resource, beyond the keys being present.
+pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
+    let config = role::admin_config(resource).map_err(|e| e.to_string())?;
+    role::Scope::of(resource, &config).validate()
+}
+
+/// A role that exists in the database and the password to log in with.
+#[derive(Debug)]
+pub struct ReadyRole {
+    pub name: String,
+    pub password: Secret,
+    pub admin: Admin,
+}
+
+#[derive(Debug, Clone)]
+enum RoleState {
+    Preparing,
+    Ready(Arc<ReadyRole>),
+    Failed(String),
+}
+
+/// Roles of the endpoints live at this agent, by endpoint id.
+static ROLES: LazyLock<Mutex<HashMap<String, watch::Sender<RoleState>>>> = LazyLock::new(Default::default);
+
+fn roles() -> std::sync::MutexGuard<'static, HashMap<String, watch::Sender<RoleState>>> {
+    ROLES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_password() -> Result<Secret, RoleError> {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+    let mut b = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| RoleError::Config("no randomness for the role password".into()))?;
+    Ok(Secret::new(URL_SAFE_NO_PAD.encode(b)))
+}
+
+async fn create(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<ReadyRole, RoleError> {
+    let admin = Admin::new(resource)?;
+    let name = role_name(endpoint_id);
+    let password = random_password()?;
+    let verifier = certs::scram::Verifier::generate(password.expose())
+        .map_err(|e| RoleError::Config(e.to_string()))?
+        .to_string();
+    match admin.create_role(&name, expires_at, &verifier).await {
+        Ok(()) => {}
+        // Left over from before a restart of this agent (its password is lost with it):
+        // nothing can be using it that should, so it is replaced.
+        Err(RoleError::Sql { error, .. }) if error.contains("(42710)") => {
+            admin.drop_role(&name).await?;
+            admin.create_role(&name, expires_at, &verifier).await?;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(ReadyRole { name, password, admin })
+}
+
+/// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
+pub async fn prepare(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
+    let tx = {
+        let mut map = roles();
+        if map.contains_key(endpoint_id) {
+            return Ok(());
+        }
+        let (tx, _) = watch::channel(RoleState::Preparing);
+        map.insert(endpoint_id.to_string(), tx.clone());
+        tx
+    };
+    let result = create(resource, endpoint_id, expires_at).await;
+    let (state, out) = match result {
+        Ok(r) => {
+            tracing::info!(endpoint = %endpoint_id, role = %r.name, "postgres role created");
+            (RoleState::Ready(Arc::new(r)), Ok(()))
+        }
+        Err(e) => {
+            tracing::warn!(endpoint = %endpoint_id, error = %e, "could not create the endpoint's postgres role");
+            (RoleState::Failed(e.to_string()), Err(e))
+        }
+    };
+    tx.send_replace(state);
+    out
+}
+
+/// Drops the endpoint's role (terminating its backends); waits for a prepare under way.
+pub async fn teardown(endpoint_id: &str) -> Result<(), RoleError> {
+    let Some(tx) = roles().remove(endpoint_id) else { return Ok(()) };
+    let mut rx = tx.subscribe();
+    let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
+    let state = match settled {
+        Ok(Ok(s)) => s.clone(),
+        _ => return Ok(()),
+    };
+    if let RoleState::Ready(r) = state {
+        r.admin.drop_role(&r.name).await?;
+        tracing::info!(endpoint = %endpoint_id, role = %r.name, "postgres role dropped");
+    }
+    Ok(())
+}
+
+/// The endpoint's role once it is ready, for a session.
+pub async fn ready_role(endpoint_id: &str) -> Result<Arc<ReadyRole>, String> {
+    let Some(mut rx) = roles().get(endpoint_id).map(|tx| tx.subscribe()) else {
+        return Err("the endpoint has no database role at this appliance".into());
+    };
+    let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
+    match settled {
+        Ok(Ok(s)) => match &*s {
+            RoleState::Ready(r) => Ok(r.clone()),
+            RoleState::Failed(e) => Err(e.clone()),
+            RoleState::Preparing => Err("the database role is not ready".into()),
+        },
+        Ok(Err(_)) => Err("the endpoint ended".into()),
+        Err(_) => Err("the database role was not ready in time".into()),
+    }
+}
