@@ -110,6 +110,47 @@ pub struct EndpointCreateRequest {
     /// Seconds; default 1 h; 10 s – 7 d.
     #[serde(default)]
     pub ttl_s: Option<u64>,
+    /// The public half of the endpoint's client credential (kubectl, postgres, ssh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<ClientCredential>,
+}
+
+/// The public half of an endpoint's client credential. The CLI makes the key pair or password
+/// on the operator's machine, so the secret half never reaches the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientCredential {
+    /// A PKCS#10 CSR; the gateway signs it once the endpoint is active.
+    Kubectl { csr_pem: String },
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64), as PostgreSQL stores it.
+    Postgres { scram_verifier: String },
+    /// An OpenSSH one-line public key.
+    Ssh { public_key: String },
+}
+
+/// What the endpoint's creator needs to write their client's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EndpointAccess {
+    Kubectl {
+        /// `https://host:port`
+        server: String,
+        tls_server_name: String,
+        ca_pem: String,
+        cert_pem: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        cluster: String,
+    },
+    Postgres { host: String, port: u16, database: String, user: String, tls_server_name: String, ca_pem: String },
+    Ssh {
+        host: String,
+        port: u16,
+        user: String,
+        /// The gateway's public host key, OpenSSH format.
+        host_key: String,
+        alias: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +212,21 @@ pub struct EndpointRecord {
     /// Set by `retire`: how many live sessions it cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions_cut: Option<u64>,
+    /// For the endpoint's creator while it is active (kubectl, postgres, ssh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<EndpointAccess>,
+    /// Written by the CLI: path of the kubeconfig file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<String>,
+    /// Written by the CLI: the libpq connection string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_string: Option<String>,
+    /// Written by the CLI: `ssh -F <config> <alias>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_command: Option<String>,
+    /// Written by the CLI: path of the ssh config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_config: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -310,7 +310,7 @@ mod tests {
         Frame::Hello(Hello {
             protocol_version: 1,
             agent_version: "0.1.0".into(),
-            resources: vec![ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp }],
+            resources: vec![ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp, scope: None }],
             policy: PolicySummary { approval: ApprovalMode::Automatic, steady_state: true, ..Default::default() },
         })
     }

@@ -30,6 +30,35 @@ impl fmt::Display for ResourceKind {
 pub struct ResourceDescriptor {
     pub id: String,
     pub kind: ResourceKind,
+    /// The customer's scope for the resource, so the gateway can refuse what is out of scope
+    /// before it reaches the appliance. The agent enforces the same scope again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<ResourceScope>,
+}
+
+/// What a resource's endpoints may do, from `agent.toml` with DESIGN.md's defaults applied.
+/// Names only: no targets, addresses or credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ResourceScope {
+    Kubernetes {
+        namespaces: Vec<String>,
+        resources: Vec<String>,
+        verbs: Vec<String>,
+        /// The agent impersonates a per-app user upstream, so the cluster's RBAC applies too.
+        #[serde(default)]
+        impersonate: bool,
+    },
+    Postgres {
+        database: String,
+        schemas: Vec<String>,
+        privileges: Vec<String>,
+    },
+    Ssh {
+        user: String,
+        #[serde(default)]
+        sftp: bool,
+    },
 }
 
 /// The type of an ops endpoint (`--type`).

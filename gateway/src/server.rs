@@ -33,6 +33,12 @@ pub struct Gateway {
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
+    /// The shared listeners of the kubectl, postgres and ssh endpoint types.
+    pub front_ends: crate::endpoints::front_ends::FrontEnds,
+    /// The gateway's server certificate (chain = leaf + CA) and key, for the TLS front ends.
+    pub server_identity: certs::Issued,
+    /// Where persistent keys live (the SSH host key, …).
+    pub data_dir: PathBuf,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
@@ -222,6 +228,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .issue_server(&server_sans(&cfg), Timestamp::now(), Duration::from_secs(365 * 86_400))
         .context("issuing the gateway server certificate")?;
 
+    let front_ends = crate::endpoints::front_ends::bind(cfg.endpoint_host, &cfg.data_dir).context("binding the endpoint front ends")?;
     let (data_plane, data_handle) = DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
     let gateway = Arc::new(Gateway {
         store,
@@ -232,6 +239,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         previews: crate::ops::Previews::default(),
         limits: cfg.limits.clone(),
         endpoint_host: cfg.endpoint_host,
+        front_ends: front_ends.addrs,
+        server_identity: server_tls.clone(),
+        data_dir: absolute(&cfg.data_dir),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         data_plane: data_handle,
@@ -253,6 +263,15 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let api_tls = certs::server_config(&server_tls.cert_pem, &server_tls.key_pem, None, certs::ClientAuth::None, vec![b"http/1.1".to_vec()])?;
     gateway.tasks.spawn(crate::api::serve(gateway.clone(), api_listener, Arc::new(api_tls)));
 
+    {
+        use crate::endpoints::{kube, postgres, ssh};
+        let _in_data_plane = gateway.data_plane.enter();
+        let listen = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l).context("serving an endpoint front end");
+        let (k, p, s) = (listen(front_ends.kube)?, listen(front_ends.postgres)?, listen(front_ends.ssh)?);
+        gateway.tasks.spawn_on(kube::serve(gateway.clone(), k), &gateway.data_plane);
+        gateway.tasks.spawn_on(postgres::serve(gateway.clone(), p), &gateway.data_plane);
+        gateway.tasks.spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
+    }
     crate::endpoints::restore(&gateway).await.context("restoring endpoints from the store")?;
 
     Ok(RunningGateway {

@@ -5,7 +5,7 @@
 use postern::pg_cluster;
 
 use endpoint_types::{
-    api::{verify_chain, AuditRecord, EndpointState},
+    api::{verify_chain, AuditRecord, ClientCredential, EndpointState},
     control::{GrantLevel, GrantState, OpState, OpTool},
     resource::{EndpointType, PolicySummary},
     ApiError, ErrorCode,
@@ -118,6 +118,7 @@ fn endpoint(id: &str, appliance_id: &str, state: EndpointState, grant: Option<&s
         address: None,
         sessions_total: 0,
         grant_id: grant.map(Into::into),
+        credential: Some(ClientCredential::Postgres { scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5".into() }),
     }
 }
 
@@ -284,6 +285,8 @@ async fn endpoints(db: Db) {
     let a = s.get_endpoint("ep_a").await.unwrap().unwrap();
     assert_eq!(a.endpoint_type, EndpointType::Postgres);
     assert_eq!((a.state, a.grant_id.as_deref(), a.expires_at), (EndpointState::Active, Some("gr_1"), ts(T0 + 3_600_000)));
+    // The credential's public half round-trips through the store.
+    assert!(matches!(&a.credential, Some(ClientCredential::Postgres { scram_verifier }) if scram_verifier.starts_with("SCRAM-SHA-256$4096:")));
 
     // A pending endpoint is decided once.
     assert!(s.activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5000").await.unwrap());

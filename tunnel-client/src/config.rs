@@ -5,7 +5,7 @@ use crate::dial::split_host_port;
 use endpoint_types::{
     duration::HumanDuration,
     policy::Policy,
-    resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind},
+    resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind, ResourceScope},
     secret::Secret,
 };
 use serde::Deserialize;
@@ -279,7 +279,7 @@ impl AgentConfig {
 
     /// The inventory reported in the hello: ids and kinds only, never targets or credentials.
     pub fn descriptors(&self) -> Vec<ResourceDescriptor> {
-        self.resources.iter().map(|r| ResourceDescriptor { id: r.id.clone(), kind: r.kind }).collect()
+        self.resources.iter().map(|r| ResourceDescriptor { id: r.id.clone(), kind: r.kind, scope: r.scope() }).collect()
     }
 
     pub fn policy_summary(&self) -> PolicySummary {
@@ -375,7 +375,12 @@ impl ResourceConfig {
                 }
             }
         }
-        Ok(())
+        match self.kind {
+            ResourceKind::Tcp => Ok(()),
+            ResourceKind::Kubernetes => crate::kube::validate_config(self),
+            ResourceKind::Postgres => crate::postgres::validate_config(self),
+            ResourceKind::Ssh => crate::ssh::validate_config(self),
+        }
     }
 
     pub fn kube_resources(&self) -> Vec<String> {
@@ -388,6 +393,42 @@ impl ResourceConfig {
 
     pub fn pg_privileges(&self) -> Vec<String> {
         self.privileges.clone().unwrap_or_else(|| DEFAULT_PG_PRIVILEGES.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The database endpoints may use: `database`, else the one `admin_url` names, else `postgres`.
+    pub fn pg_database(&self) -> String {
+        if let Some(d) = &self.database {
+            return d.clone();
+        }
+        let url = self.admin_url.as_ref().map(|u| u.expose().to_string()).unwrap_or_default();
+        let rest = url.split_once("://").map(|(_, r)| r).unwrap_or("");
+        let path = rest.split(['?', '#']).next().unwrap_or("");
+        match path.split_once('/') {
+            Some((_, db)) if !db.is_empty() => db.to_string(),
+            _ => "postgres".to_string(),
+        }
+    }
+
+    /// The scope the gateway enforces before anything reaches the appliance (and the agent again).
+    pub fn scope(&self) -> Option<ResourceScope> {
+        match self.kind {
+            ResourceKind::Tcp => None,
+            ResourceKind::Kubernetes => Some(ResourceScope::Kubernetes {
+                namespaces: self.namespaces.clone().unwrap_or_default(),
+                resources: self.kube_resources(),
+                verbs: self.kube_verbs(),
+                impersonate: self.impersonate.is_some(),
+            }),
+            ResourceKind::Postgres => Some(ResourceScope::Postgres {
+                database: self.pg_database(),
+                schemas: self.schemas.clone().unwrap_or_default(),
+                privileges: self.pg_privileges(),
+            }),
+            ResourceKind::Ssh => Some(ResourceScope::Ssh {
+                user: self.user.clone().unwrap_or_default(),
+                sftp: self.sftp.unwrap_or(false),
+            }),
+        }
     }
 }
 
@@ -453,7 +494,7 @@ target = "127.0.0.1:7000"
         assert_eq!(p.time_zone.as_deref(), Some("Europe/Berlin"));
         assert!(p.steady_state);
         assert_eq!(c.reconnect_max(), DEFAULT_RECONNECT_MAX);
-        assert_eq!(c.descriptors()[1], ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp });
+        assert_eq!(c.descriptors()[1], ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp, scope: None });
         assert!(matches!(c.enrollment(), Err(ConfigError::NotEnrolled { missing: "gateway", .. })));
     }
 

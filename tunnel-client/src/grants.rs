@@ -71,6 +71,8 @@ pub enum Liveness<'a> {
 pub struct Removed {
     pub endpoint_id: String,
     pub reason: CloseReason,
+    /// What the endpoint was, so per-type teardown (a Postgres role) knows what to undo.
+    pub grant: EndpointGrant,
 }
 
 #[derive(Debug, Default)]
@@ -138,7 +140,7 @@ impl LiveEndpoints {
         self.remember_ended(endpoint_id.to_string(), reason);
         live.map(|l| {
             l.cut.cut(reason);
-            Removed { endpoint_id: endpoint_id.to_string(), reason }
+            Removed { endpoint_id: endpoint_id.to_string(), reason, grant: l.grant }
         })
     }
 
@@ -301,7 +303,7 @@ mod tests {
         t.insert(grant("ep1", 60), at(0));
         let s = session(&t, "ep1", at(1));
         assert_eq!(s.reason(), None);
-        assert_eq!(t.close("ep1", CloseReason::Retired), Some(Removed { endpoint_id: "ep1".into(), reason: CloseReason::Retired }));
+        assert_eq!(t.close("ep1", CloseReason::Retired).map(|r| (r.endpoint_id, r.reason)), Some(("ep1".into(), CloseReason::Retired)));
         assert_eq!(s.reason(), Some(CloseReason::Retired));
         assert!(matches!(t.check("ep1", at(1)), Liveness::Ended(CloseReason::Retired)));
         assert_eq!(t.close("ep1", CloseReason::Retired), None);
@@ -314,7 +316,8 @@ mod tests {
         t.insert(grant("b", 20), at(0));
         assert_eq!(t.next_expiry(), Some(at(10)));
         let s = session(&t, "a", at(1));
-        assert_eq!(t.expire_due(at(10)), vec![Removed { endpoint_id: "a".into(), reason: CloseReason::Expired }]);
+        let due: Vec<_> = t.expire_due(at(10)).into_iter().map(|r| (r.endpoint_id, r.reason)).collect();
+        assert_eq!(due, vec![("a".to_string(), CloseReason::Expired)]);
         assert_eq!(s.reason(), Some(CloseReason::Expired));
         assert_eq!(t.next_expiry(), Some(at(20)));
         assert!(t.expire_due(at(11)).is_empty());
@@ -329,7 +332,8 @@ mod tests {
         let sb = session(&t, "b", at(1));
         let (added, removed) = t.sync(vec![grant("a", 120), grant("c", 60)], at(2));
         assert_eq!(added, vec!["c".to_string()]);
-        assert_eq!(removed, vec![Removed { endpoint_id: "b".into(), reason: CloseReason::Retired }]);
+        let removed: Vec<_> = removed.into_iter().map(|r| (r.endpoint_id, r.reason)).collect();
+        assert_eq!(removed, vec![("b".to_string(), CloseReason::Retired)]);
         assert!(!sa.is_cut());
         assert_eq!(sb.reason(), Some(CloseReason::Retired));
         // The refresh extended a's expiry.

@@ -8,12 +8,15 @@
 pub mod audit;
 pub mod config;
 pub mod dial;
+pub mod endpoint_setup;
 pub mod enroll;
 pub mod grants;
+pub mod kube;
 pub mod op_runner;
 pub mod ops;
 pub mod postgres;
 pub mod sessions;
+pub mod ssh;
 pub mod tunnel;
 pub mod wire;
 

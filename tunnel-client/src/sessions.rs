@@ -3,7 +3,7 @@
 
 use crate::{
     audit::{AuditLog, Entry},
-    config::AgentConfig,
+    config::{AgentConfig, ResourceConfig},
     grants::{Cut, LiveEndpoints, Liveness},
     wire::{read_one_frame, write_frame, WireError},
 };
@@ -43,7 +43,7 @@ pub struct Sessions {
 /// A session the agent agreed to serve.
 #[derive(Debug)]
 pub struct Admitted {
-    pub target: String,
+    pub resource: ResourceConfig,
     pub cut: Cut,
 }
 
@@ -94,14 +94,10 @@ pub fn authorize(live: &LiveEndpoints, config: &AgentConfig, open: &StreamOpen, 
             format!("a {} endpoint cannot reach {:?}, which is a {} resource", grant.endpoint_type, resource.id, resource.kind),
         ));
     }
-    if resource.kind != ResourceKind::Tcp {
-        return Err(ApiError::invalid(format!("{} endpoints are not served by this agent version", grant.endpoint_type))
-            .hint("upgrade postern-agent in the appliance"));
-    }
-    let Some(target) = resource.target.clone() else {
+    if resource.kind == ResourceKind::Tcp && resource.target.is_none() {
         return Err(ApiError::invalid(format!("resource {:?} has no target in agent.toml", resource.id)));
-    };
-    Ok(Admitted { target, cut: cut.child() })
+    }
+    Ok(Admitted { resource: resource.clone(), cut: cut.child() })
 }
 
 impl Sessions {
@@ -144,10 +140,25 @@ impl Sessions {
                 return;
             }
         };
-        self.run_session(conn, send, recv, open, admitted).await;
+        let Admitted { resource, cut } = admitted;
+        match resource.kind {
+            ResourceKind::Tcp => self.run_session(conn, send, recv, open, resource, cut).await,
+            ResourceKind::Kubernetes => crate::kube::serve_stream(self, open, resource, cut, send, recv).await,
+            ResourceKind::Postgres => crate::postgres::serve_stream(self, open, resource, cut, send, recv).await,
+            ResourceKind::Ssh => crate::ssh::serve_stream(self, open, resource, cut, send, recv).await,
+        }
     }
 
-    async fn run_session(&self, conn: Connection, mut send: SendStream, mut recv: RecvStream, open: StreamOpen, admitted: Admitted) {
+    async fn run_session(
+        &self,
+        conn: Connection,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        open: StreamOpen,
+        resource: ResourceConfig,
+        cut: Cut,
+    ) {
+        let target = resource.target.clone().unwrap_or_default();
         let started = Instant::now();
         let opened = entry(
             "session.opened",
@@ -174,7 +185,7 @@ impl Sessions {
         };
 
         let tcp = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&admitted.target)) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)) => match r {
                 Ok(Ok(tcp)) => tcp,
                 failed => {
                     let cause = match failed {
@@ -190,15 +201,15 @@ impl Sessions {
                     return;
                 }
             },
-            () = admitted.cut.cancelled() => {
-                let reason = admitted.cut.reason().unwrap_or(CloseReason::Interrupted);
+            () = cut.cancelled() => {
+                let reason = cut.reason().unwrap_or(CloseReason::Interrupted);
                 cut_quic(&mut send, &mut recv, reason);
                 closed(reason, 0, 0);
                 return;
             }
         };
         let _ = tcp.set_nodelay(true);
-        if let Err(e) = write_frame(&mut send, &Frame::StreamAccept).await {
+        if let Err(e) = accept(&mut send).await {
             tracing::debug!(error = %e, "gateway went away before the session started");
             closed(CloseReason::Client, 0, 0);
             return;
@@ -210,9 +221,9 @@ impl Sessions {
         let reason = tokio::select! {
             r = pump(&mut tcp, &mut send, &mut recv, &counters) => match r {
                 Ok(()) => CloseReason::Client,
-                Err(e) => end_reason(&conn, &admitted.cut, &e),
+                Err(e) => end_reason(&conn, &cut, &e),
             },
-            () = admitted.cut.cancelled() => admitted.cut.reason().unwrap_or(CloseReason::Interrupted),
+            () = cut.cancelled() => cut.reason().unwrap_or(CloseReason::Interrupted),
         };
         if reason != CloseReason::Client {
             cut_quic(&mut send, &mut recv, reason);
@@ -321,7 +332,7 @@ async fn pump(tcp: &mut TcpStream, send: &mut SendStream, recv: &mut RecvStream,
     tokio::try_join!(target_to_gateway, gateway_to_target).map(|_| ())
 }
 
-fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
+pub(crate) fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
     // Either may already be closed; that is the state we want anyway. The code tells the
     // gateway why.
     let code = VarInt::from_u32(reason.stream_code());
@@ -329,13 +340,18 @@ fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: CloseReason) {
     let _ = recv.stop(code);
 }
 
-async fn refuse(send: &mut SendStream, error: ApiError) {
+/// Tells the gateway the target is connected; raw bytes (or the type's own framing) follow.
+pub(crate) async fn accept(send: &mut SendStream) -> Result<(), WireError> {
+    write_frame(send, &Frame::StreamAccept).await
+}
+
+pub(crate) async fn refuse(send: &mut SendStream, error: ApiError) {
     if write_frame(send, &Frame::StreamRefuse(error)).await.is_ok() {
         let _ = send.finish();
     }
 }
 
-fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {
+pub(crate) fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {
     Entry::new(kind, open.operator.clone(), detail).endpoint(open.endpoint_id.clone()).session(open.session_id.clone())
 }
 
@@ -423,7 +439,7 @@ mod tests {
     fn live_tcp_grant_is_admitted_to_the_configured_target_only() {
         let t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
         let a = authorize(&t, &config(), &open("ep1", "null_resource.echo"), now()).unwrap();
-        assert_eq!(a.target, "127.0.0.1:7000");
+        assert_eq!(a.resource.target.as_deref(), Some("127.0.0.1:7000"));
     }
 
     #[test]
@@ -450,16 +466,15 @@ mod tests {
     }
 
     #[test]
-    fn kind_mismatch_and_unserved_kinds_are_refused() {
+    fn kind_mismatch_is_refused() {
         let t = table(&[
             ("ep1", EndpointType::Tcp, "aws_eks_cluster.main"),
             ("ep2", EndpointType::Kubectl, "aws_eks_cluster.main"),
         ]);
         let c = config();
         assert_eq!(code(authorize(&t, &c, &open("ep1", "aws_eks_cluster.main"), now())), ErrorCode::ForbiddenByScope);
-        let e = authorize(&t, &c, &open("ep2", "aws_eks_cluster.main"), now()).unwrap_err();
-        assert_eq!(e.code, ErrorCode::InvalidRequest);
-        assert!(e.message.contains("kubectl endpoints are not served"), "{}", e.message);
+        let a = authorize(&t, &c, &open("ep2", "aws_eks_cluster.main"), now()).unwrap();
+        assert_eq!(a.resource.kind, ResourceKind::Kubernetes);
     }
 
     #[test]

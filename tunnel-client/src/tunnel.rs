@@ -329,6 +329,7 @@ impl Agent {
                 self.audit_removed(&removed);
                 for g in grants.iter().filter(|g| added.contains(&g.endpoint_id)) {
                     self.audit_opened(g, "sync");
+                    crate::endpoint_setup::opened(&self.sessions, g);
                 }
                 self.audit_stale(grants.iter().filter(|g| g.expires_at <= now));
             }
@@ -339,6 +340,7 @@ impl Agent {
                 drop(live);
                 if is_live && !was_live {
                     self.audit_opened(&grant, "open");
+                    crate::endpoint_setup::opened(&self.sessions, &grant);
                 } else if !is_live {
                     self.audit_stale(std::iter::once(&grant));
                 }
@@ -409,6 +411,7 @@ impl Agent {
                 Entry::new("endpoint.closed", self.audit.agent_actor(), json!({ "reason": r.reason.as_str() }))
                     .endpoint(r.endpoint_id.clone()),
             );
+            crate::endpoint_setup::closed(&self.sessions, r);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The `postern` command line: gateway server, dev mode, and the operator/customer commands.
 
+mod access;
 mod client;
 mod control;
 mod dev;
@@ -370,7 +371,16 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
 fn print_endpoint_text(e: &EndpointRecord) {
     println!("endpoint {} ({}) {} — {} on {} ({}/{})", e.id, e.endpoint_type, e.state.as_str(), e.origin_resource_id, e.appliance_id, e.app, e.customer);
     println!("  expires {}   live sessions {}   total {}", e.expires_at, e.sessions, e.sessions_total);
-    if let Some(a) = &e.address {
+    if let Some(path) = &e.kubeconfig {
+        println!("  kubeconfig written to {path}; try:");
+        println!("  KUBECONFIG={path} kubectl get pods");
+    } else if let Some(cs) = &e.connection_string {
+        println!("  connect with:");
+        println!("  psql \"{cs}\"");
+    } else if let Some(cmd) = &e.ssh_command {
+        println!("  connect with:");
+        println!("  {cmd}");
+    } else if let Some(a) = &e.address {
         println!("  connect to {a}");
     }
     if let Some(n) = e.sessions_cut {
@@ -383,11 +393,16 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
         EndpointCmd::Create { endpoint_type, app, customer, origin_resource_id, ttl, wait } => {
             let t = EndpointType::parse(&endpoint_type).ok_or_else(|| ApiError::invalid(format!("unknown endpoint type {endpoint_type}")))?;
             let ttl_s = duration_secs("ttl", &ttl)?;
+            let credential = access::prepare(t)?;
             let mut rec: EndpointRecord = c
                 .post("/v1/endpoints", serde_json::json!({
                     "type": t, "app": app, "customer": customer, "origin_resource_id": origin_resource_id, "ttl_s": ttl_s,
+                    "credential": credential.as_ref().map(|(public, _)| public),
                 }))
                 .await?;
+            if let Some((_, secret)) = &credential {
+                access::save_pending(&access::home()?, &rec.id, secret)?;
+            }
             // Under a policy that needs a person, wait (bounded) for the customer's decision.
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2 * 86_400);
             while wait && rec.state == EndpointState::PendingApproval && tokio::time::Instant::now() < deadline {
@@ -419,6 +434,10 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             return Ok(());
         }
     };
+    let mut rec = rec;
+    access::complete(&mut rec)?;
+    // The files hold everything needed to connect; the record printed need not repeat it.
+    rec.access = None;
     match out {
         OutputFormat::Json => print_json(&rec),
         OutputFormat::Text => print_endpoint_text(&rec),

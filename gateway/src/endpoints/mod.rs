@@ -3,6 +3,11 @@
 //! One [`LiveEndpoint`] per active endpoint holds a cancellation token; every session of the
 //! endpoint selects on it, so retire, expiry and revocation cut all sessions at once.
 
+pub mod front_ends;
+pub mod kube;
+pub mod postgres;
+pub mod session;
+pub mod ssh;
 mod tcp;
 
 use crate::{
@@ -12,10 +17,10 @@ use crate::{
     store::{EndpointRow, StoreError},
 };
 use endpoint_types::{
-    api::{EndpointCreateRequest, EndpointRecord, EndpointState, Role},
+    api::{ClientCredential, EndpointCreateRequest, EndpointRecord, EndpointState, Role},
     duration::{format_duration, TTL_MAX, TTL_MIN},
     frame::{EndpointGrant, Frame},
-    resource::{CloseReason, EndpointType},
+    resource::{CloseReason, EndpointType, ResourceScope},
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
@@ -38,6 +43,8 @@ pub struct LiveEndpoint {
     pub operator: String,
     pub expires_at: Timestamp,
     pub grant_id: Option<String>,
+    /// The public half of the client credential; the front ends match clients against it.
+    pub credential: Option<ClientCredential>,
     pub cancel: CancellationToken,
     pub live_sessions: AtomicU64,
     end_reason: Mutex<Option<CloseReason>>,
@@ -53,6 +60,12 @@ impl LiveEndpoint {
             r.get_or_insert(reason);
         }
         self.cancel.cancel();
+    }
+
+    /// The customer's scope for the resource as the connected agent last reported it (None
+    /// while the appliance is offline: then nothing can reach it anyway).
+    pub fn scope(&self, gw: &Gateway) -> Option<ResourceScope> {
+        gw.agents.get(&self.appliance_id).and_then(|link| link.resource(&self.resource_id).and_then(|r| r.scope.clone()))
     }
 
     pub fn grant(&self) -> EndpointGrant {
@@ -88,6 +101,11 @@ impl EndpointRegistry {
         self.lock().remove(id)
     }
 
+    /// The first active endpoint matching `pred` (front ends: the one a credential belongs to).
+    pub fn find(&self, pred: impl Fn(&LiveEndpoint) -> bool) -> Option<Arc<LiveEndpoint>> {
+        self.lock().values().find(|ep| pred(ep)).cloned()
+    }
+
     pub fn live_sessions(&self, id: &str) -> u64 {
         self.get(id).map(|e| e.live_sessions.load(Ordering::Relaxed)).unwrap_or(0)
     }
@@ -117,6 +135,24 @@ pub async fn grants_for(gw: &Gateway, appliance_id: &str) -> Vec<EndpointGrant> 
             Vec::new()
         }
     }
+}
+
+/// The record as `caller` may see it: the creator of an active endpoint also gets what their
+/// client needs to connect.
+pub async fn record_for(gw: &Gateway, caller: &Caller, row: EndpointRow) -> Result<EndpointRecord, ApiError> {
+    let creator = row.created_by == caller.actor();
+    let mut rec = record(gw, row).await?;
+    if creator && rec.state == EndpointState::Active {
+        if let Some(ep) = gw.endpoints.get(&rec.id) {
+            rec.access = match ep.endpoint_type {
+                EndpointType::Tcp => None,
+                EndpointType::Kubectl => Some(kube::access(gw, &ep)?),
+                EndpointType::Postgres => Some(postgres::access(gw, &ep)?),
+                EndpointType::Ssh => Some(ssh::access(gw, &ep)?),
+            };
+        }
+    }
+    Ok(rec)
 }
 
 pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, ApiError> {
@@ -149,17 +185,22 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         expires_at: row.expires_at,
         ended_at: row.ended_at,
         sessions_cut: None,
+        access: None,
+        kubeconfig: None,
+        connection_string: None,
+        ssh_command: None,
+        ssh_config: None,
     })
 }
 
 /// The endpoint, if the caller may see it.
 pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
     let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
-    let rec = record(gw, row).await?;
-    if !caller.sees_customer(&rec.customer) {
+    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?;
+    if !appliance.is_some_and(|a| caller.sees_customer(&a.customer)) {
         return Err(not_found(id));
     }
-    Ok(rec)
+    record_for(gw, caller, row).await
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -225,9 +266,11 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
             endpoint_types::resource::ResourceKind::Tcp => "tcp",
         })));
     }
-    if req.endpoint_type != EndpointType::Tcp {
-        return Err(ApiError::invalid(format!("{} endpoints are not available on this gateway yet", req.endpoint_type))
-            .hint("tcp endpoints are available now"));
+    match req.endpoint_type {
+        EndpointType::Tcp => {}
+        EndpointType::Kubectl => kube::validate(req.credential.as_ref())?,
+        EndpointType::Postgres => postgres::validate(req.credential.as_ref())?,
+        EndpointType::Ssh => ssh::validate(req.credential.as_ref())?,
     }
 
     let now = crate::store::now();
@@ -248,6 +291,7 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
         address: None,
         sessions_total: 0,
         grant_id: Some(grant.id.clone()),
+        credential: if req.endpoint_type == EndpointType::Tcp { None } else { req.credential.clone() },
     };
     let subject = Subject::endpoint(&appliance.id, &id);
     let requested = serde_json::json!({
@@ -262,8 +306,7 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
     };
     // Never past the grant, nor past the window that approved it.
     row.expires_at = [Some(requested_until), grant.expires_at, window_end].into_iter().flatten().min().unwrap_or(requested_until);
-    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
-    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    let (address, listener) = listen(gw, req.endpoint_type, None)?;
     row.state = EndpointState::Active;
     row.address = Some(address.clone());
     gw.store.insert_endpoint(&row).await.map_err(internal)?;
@@ -276,7 +319,17 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
             "approved_by": by,
         }))
         .await;
-    record(gw, row).await
+    record_for(gw, caller, row).await
+}
+
+/// Where an endpoint's clients connect: its own listener (tcp), or its type's shared front end.
+fn listen(gw: &Gateway, t: EndpointType, preferred: Option<std::net::SocketAddr>) -> Result<(String, Option<std::net::TcpListener>), ApiError> {
+    if let Some(addr) = gw.front_ends.of(t) {
+        return Ok((addr.to_string(), None));
+    }
+    let listener = tcp::bind(gw.endpoint_host, preferred).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    Ok((address, Some(listener)))
 }
 
 /// A customer approver's decision on a pending endpoint. On approval the endpoint lives for
@@ -305,8 +358,7 @@ pub async fn decide(gw: &Arc<Gateway>, caller: &Caller, id: &str, approve: bool,
     }
     let ttl = row.expires_at.duration_since(row.created_at);
     let expires_at = [now.checked_add(ttl).ok(), grant.expires_at].into_iter().flatten().min().unwrap_or(now);
-    let listener = tcp::bind(gw.endpoint_host, None).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
-    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    let (address, listener) = listen(gw, row.endpoint_type, None)?;
     if !gw.store.activate_endpoint(id, expires_at, &address).await.map_err(internal)? {
         return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} was decided by someone else just now")));
     }
@@ -323,7 +375,7 @@ pub async fn decide(gw: &Arc<Gateway>, caller: &Caller, id: &str, approve: bool,
 }
 
 /// Registers a live endpoint, starts serving its listener and arms its expiry.
-fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: std::net::TcpListener) -> Arc<LiveEndpoint> {
+fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: Option<std::net::TcpListener>) -> Arc<LiveEndpoint> {
     let ep = Arc::new(LiveEndpoint {
         id: row.id.clone(),
         endpoint_type: row.endpoint_type,
@@ -332,12 +384,15 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: std::net::TcpListene
         operator: row.created_by.clone(),
         expires_at: row.expires_at,
         grant_id: row.grant_id.clone(),
+        credential: row.credential.clone(),
         cancel: gw.shutdown.child_token(),
         live_sessions: AtomicU64::new(0),
         end_reason: Mutex::new(None),
     });
     gw.endpoints.insert(ep.clone());
-    gw.tasks.spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
+    if let Some(listener) = listener {
+        gw.tasks.spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
+    }
     let (gw2, ep2) = (gw.clone(), ep.clone());
     gw.tasks.spawn_on(async move {
         let left = ep2.expires_at.duration_since(Timestamp::now());
@@ -432,17 +487,14 @@ pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
             continue;
         }
         let old = row.address.as_deref().and_then(|a| a.parse().ok());
-        match tcp::bind(gw.endpoint_host, old) {
-            Ok(listener) => {
-                if let Ok(addr) = listener.local_addr() {
-                    let addr = addr.to_string();
-                    if row.address.as_deref() != Some(addr.as_str()) {
-                        gw.store.set_endpoint_address(&row.id, &addr).await?;
-                    }
+        match listen(gw, row.endpoint_type, old) {
+            Ok((addr, listener)) => {
+                if row.address.as_deref() != Some(addr.as_str()) {
+                    gw.store.set_endpoint_address(&row.id, &addr).await?;
                 }
                 activate(gw, &row, listener);
             }
-            Err(e) => tracing::error!(endpoint = %row.id, error = %e, "could not restore endpoint listener"),
+            Err(e) => tracing::error!(endpoint = %row.id, error = %e.message, "could not restore endpoint listener"),
         }
     }
     Ok(())

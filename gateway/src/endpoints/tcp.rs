@@ -1,19 +1,13 @@
 //! TCP endpoints: a listener per endpoint; every accepted connection becomes one QUIC data
 //! stream to the agent, which connects to the resource's configured target.
 
-use super::LiveEndpoint;
-use crate::{
-    audit::Subject,
-    framed::{write_frame, FramedError, FramedRecv},
-    identity::random_hex,
-    server::Gateway,
+use super::{
+    session::{agent_reason_read, agent_reason_write, closed, cut_stream, deny, new_session_id, open_stream, opened, DataStream, SessionSlot},
+    LiveEndpoint,
 };
+use crate::server::Gateway;
 use bytes::{Bytes, BytesMut};
-use endpoint_types::{
-    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
-    resource::CloseReason,
-    ApiError, ErrorCode,
-};
+use endpoint_types::resource::CloseReason;
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -27,7 +21,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const PUMP_BUF: usize = 256 * 1024;
 
 /// Binds on `preferred` if given and free, else on an ephemeral port of `host`. A std
@@ -63,55 +56,25 @@ pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::
     }
 }
 
-/// Decrements the live-session count however the session ends.
-struct SessionSlot(Arc<LiveEndpoint>);
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        self.0.live_sessions.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn deny(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, err: &ApiError) {
-    tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
-    gw.audit
-        .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
-            "action": "session", "client_addr": client.to_string(), "code": err.code, "reason": err.message,
-        }))
-        .await;
-}
-
 async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, client: SocketAddr) {
-    let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
-    let _slot = SessionSlot(ep.clone());
-    let session_id = format!("ses_{}", random_hex(8));
-    if n > gw.limits.sessions_per_endpoint {
-        let e = ApiError::new(ErrorCode::SessionLimit, format!("endpoint {} already has {} sessions", ep.id, n - 1));
-        return deny(&gw, &ep, &session_id, client, &e).await;
-    }
-    let opened = tokio::select! {
+    let session_id = new_session_id();
+    let _slot = match SessionSlot::claim(&gw, &ep) {
+        Ok(slot) => slot,
+        Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
+    };
+    let opened_stream = tokio::select! {
         _ = ep.cancel.cancelled() => return,
         r = open_stream(&gw, &ep, &session_id, client) => r,
     };
-    let (send, recv, leftover, connection) = match opened {
-        Ok(parts) => parts,
+    let DataStream { mut send, mut recv, leftover, connection } = match opened_stream {
+        Ok(stream) => stream,
         Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
     };
-    if let Err(e) = gw.store.count_session(&ep.id).await {
-        tracing::error!(error = %e, "could not count session");
-    }
-    let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
-    gw.audit
-        .record("session.opened", &ep.operator, subject.clone(), serde_json::json!({
-            "client_addr": client.to_string(), "origin_resource_id": ep.resource_id,
-        }))
-        .await;
+    opened(&gw, &ep, &session_id, client, serde_json::json!({})).await;
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let mut send = send;
-    let mut recv = recv;
     let outcome = tokio::select! {
         r = pump(&mut tcp, &mut send, &mut recv, leftover, &up, &down) => Some(r),
         _ = ep.cancel.cancelled() => None,
@@ -129,54 +92,14 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
         None => ep.end_reason(),
     };
     if outcome.is_none() || matches!(outcome, Some(Err(_))) {
-        let code = quinn::VarInt::from_u32(reason.stream_code());
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
+        cut_stream(&mut send, &mut recv, reason);
     }
     drop(tcp);
-    let mut detail = serde_json::json!({
-        "reason": reason.as_str(),
-        "bytes_up": up.load(Ordering::Relaxed),
-        "bytes_down": down.load(Ordering::Relaxed),
-        "duration_ms": started.elapsed().as_millis() as u64,
-    });
-    if let Some(Err(e)) = &outcome {
-        detail["error"] = serde_json::Value::String(e.to_string());
-    }
-    gw.audit.record("session.closed", &ep.operator, subject, detail).await;
-}
-
-type OpenedStream = (quinn::SendStream, quinn::RecvStream, Bytes, quinn::Connection);
-
-async fn open_stream(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr) -> Result<OpenedStream, ApiError> {
-    let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
-        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline", ep.appliance_id))
-    })?;
-    let offline = |e: String| ApiError::new(ErrorCode::ApplianceOffline, format!("could not reach the agent: {e}"));
-    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
-        .await
-        .map_err(|_| offline("timed out opening a stream".into()))?
-        .map_err(|e| offline(e.to_string()))?;
-    let header = Frame::StreamOpen(StreamOpen {
-        endpoint_id: ep.id.clone(),
-        session_id: session_id.to_string(),
-        resource_id: ep.resource_id.clone(),
-        operator: ep.operator.clone(),
-        client_addr: client.to_string(),
-    });
-    write_frame(&mut send, &header).await.map_err(|e| offline(e.to_string()))?;
-    let mut framed = FramedRecv::new(recv, MAX_STREAM_HEADER_LEN);
-    match framed.next_within(STREAM_SETUP_TIMEOUT).await {
-        Ok(Some(Frame::StreamAccept)) => {
-            let (recv, leftover) = framed.into_parts();
-            Ok((send, recv, leftover, link.connection))
-        }
-        Ok(Some(Frame::StreamRefuse(e))) => Err(e),
-        Ok(Some(_)) => Err(ApiError::new(ErrorCode::MalformedFrame, "the agent answered a stream with an unexpected frame")),
-        Ok(None) => Err(offline("the agent closed the stream".into())),
-        Err(FramedError::Frame(e)) => Err(e.to_api_error()),
-        Err(e) => Err(offline(e.to_string())),
-    }
+    let extra = match &outcome {
+        Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+        _ => serde_json::json!({}),
+    };
+    closed(&gw, &ep, &session_id, reason, (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)), started, extra).await;
 }
 
 /// Moves bytes both ways until both directions are finished, keeping half-closes: a client
@@ -250,12 +173,11 @@ async fn write_all_chunks(w: &mut (impl tokio::io::AsyncWrite + Unpin), chunks: 
 impl PumpError {
     /// The reason the agent gave when it cut the stream.
     fn agent_reason(&self) -> Option<CloseReason> {
-        let code = match self {
-            PumpError::QuicRead(quinn::ReadError::Reset(c)) => *c,
-            PumpError::QuicWrite(quinn::WriteError::Stopped(c)) => *c,
-            _ => return None,
-        };
-        CloseReason::from_stream_code(code.into_inner())
+        match self {
+            PumpError::QuicRead(e) => agent_reason_read(e),
+            PumpError::QuicWrite(e) => agent_reason_write(e),
+            PumpError::Tcp(_) => None,
+        }
     }
 }
 

@@ -59,6 +59,7 @@ fn migrator() -> Migrator {
     Migrator::with_migrations(vec![
         m(1, "spine", include_str!("../../migrations/0001_spine.sql")),
         m(2, "control plane", include_str!("../../migrations/0002_control_plane.sql")),
+        m(3, "endpoint credentials", include_str!("../../migrations/0003_endpoint_credentials.sql")),
     ])
 }
 

@@ -2,7 +2,7 @@
 
 use super::{from_ms, opt_ts, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
-    api::{AuditRecord, EndpointState},
+    api::{AuditRecord, ClientCredential, EndpointState},
     resource::{EndpointType, PolicySummary},
 };
 use jiff::Timestamp;
@@ -60,6 +60,8 @@ pub struct EndpointRow {
     pub sessions_total: u64,
     /// The operate grant it was created under; it never outlives it.
     pub grant_id: Option<String>,
+    /// The public half of the client credential (kubectl, postgres, ssh endpoints).
+    pub credential: Option<ClientCredential>,
 }
 
 const AUDIT_COLS: &str = "seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash";
@@ -109,7 +111,7 @@ async fn last_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>) -> St
 }
 
 const ENDPOINT_COLS: &str =
-    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id";
+    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential";
 
 impl Store {
     // ---- identities ----
@@ -315,9 +317,13 @@ impl Store {
     // ---- endpoints ----
 
     pub async fn insert_endpoint(&self, e: &EndpointRow) -> StoreResult<()> {
+        let credential = match &e.credential {
+            Some(c) => Some(serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+            None => None,
+        };
         sqlx::query(
-            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id, credential) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&e.id)
         .bind(e.endpoint_type.as_str())
@@ -329,6 +335,7 @@ impl Store {
         .bind(to_ms(e.expires_at))
         .bind(&e.address)
         .bind(&e.grant_id)
+        .bind(credential)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -350,6 +357,10 @@ impl Store {
             address: r.try_get("address")?,
             sessions_total: r.try_get::<i64, _>("sessions_total")?.max(0) as u64,
             grant_id: r.try_get("grant_id")?,
+            credential: match r.try_get::<Option<String>, _>("credential")? {
+                Some(json) => Some(serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("endpoint credential: {e}")))?),
+                None => None,
+            },
         })
     }
 

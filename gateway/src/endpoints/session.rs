@@ -1,0 +1,163 @@
+//! What every endpoint type does per client session: claim a slot under the endpoint's
+//! session limit, open the QUIC data stream to the agent, and audit open, close and refusal.
+
+use super::LiveEndpoint;
+use crate::{
+    audit::Subject,
+    framed::{write_frame, FramedError, FramedRecv},
+    identity::random_hex,
+    server::Gateway,
+};
+use bytes::Bytes;
+use endpoint_types::{
+    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
+    resource::CloseReason,
+    ApiError, ErrorCode,
+};
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn new_session_id() -> String {
+    format!("ses_{}", random_hex(8))
+}
+
+/// One live session of an endpoint; the count drops however the session ends.
+#[derive(Debug)]
+pub struct SessionSlot(Arc<LiveEndpoint>);
+
+impl SessionSlot {
+    /// Claims a slot, or refuses past the endpoint's session limit (each type shows the
+    /// refusal its clients understand: HTTP 429, SQLSTATE 53300, an SSH open failure).
+    pub fn claim(gw: &Gateway, ep: &Arc<LiveEndpoint>) -> Result<SessionSlot, ApiError> {
+        let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = SessionSlot(ep.clone());
+        if n > gw.limits.sessions_per_endpoint {
+            return Err(ApiError::new(ErrorCode::SessionLimit, format!("endpoint {} already has {} sessions", ep.id, n - 1))
+                .hint("close a session, or ask for a higher limit"));
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.live_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A data stream the agent accepted: its raw bytes (or the type's framing) follow.
+#[derive(Debug)]
+pub struct DataStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// Bytes the agent sent after its accept frame, already read.
+    pub leftover: Bytes,
+    pub connection: quinn::Connection,
+}
+
+/// Opens a data stream to the endpoint's agent and waits for its decision.
+pub async fn open_stream(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr) -> Result<DataStream, ApiError> {
+    let link = gw
+        .agents
+        .get(&ep.appliance_id)
+        .ok_or_else(|| ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline", ep.appliance_id)))?;
+    let offline = |e: String| ApiError::new(ErrorCode::ApplianceOffline, format!("could not reach the agent: {e}"));
+    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
+        .await
+        .map_err(|_| offline("timed out opening a stream".into()))?
+        .map_err(|e| offline(e.to_string()))?;
+    let header = Frame::StreamOpen(StreamOpen {
+        endpoint_id: ep.id.clone(),
+        session_id: session_id.to_string(),
+        resource_id: ep.resource_id.clone(),
+        operator: ep.operator.clone(),
+        client_addr: client.to_string(),
+    });
+    write_frame(&mut send, &header).await.map_err(|e| offline(e.to_string()))?;
+    let mut framed = FramedRecv::new(recv, MAX_STREAM_HEADER_LEN);
+    match framed.next_within(STREAM_SETUP_TIMEOUT).await {
+        Ok(Some(Frame::StreamAccept)) => {
+            let (recv, leftover) = framed.into_parts();
+            Ok(DataStream { send, recv, leftover, connection: link.connection })
+        }
+        Ok(Some(Frame::StreamRefuse(e))) => Err(e),
+        Ok(Some(_)) => Err(ApiError::new(ErrorCode::MalformedFrame, "the agent answered a stream with an unexpected frame")),
+        Ok(None) => Err(offline("the agent closed the stream".into())),
+        Err(FramedError::Frame(e)) => Err(e.to_api_error()),
+        Err(e) => Err(offline(e.to_string())),
+    }
+}
+
+/// Cuts both directions of a data stream, telling the agent why.
+pub fn cut_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, reason: CloseReason) {
+    let code = quinn::VarInt::from_u32(reason.stream_code());
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
+/// The reason the agent gave when it cut a stream, from its reset or stop code.
+pub fn agent_reason_read(e: &quinn::ReadError) -> Option<CloseReason> {
+    match e {
+        quinn::ReadError::Reset(c) => CloseReason::from_stream_code(c.into_inner()),
+        _ => None,
+    }
+}
+
+pub fn agent_reason_write(e: &quinn::WriteError) -> Option<CloseReason> {
+    match e {
+        quinn::WriteError::Stopped(c) => CloseReason::from_stream_code(c.into_inner()),
+        _ => None,
+    }
+}
+
+pub async fn deny(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, err: &ApiError) {
+    tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
+    gw.audit
+        .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
+            "action": "session", "client_addr": client.to_string(), "code": err.code, "reason": err.message,
+        }))
+        .await;
+}
+
+/// Counts and audits a session the agent accepted. `extra` adds type-specific fields.
+pub async fn opened(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, extra: serde_json::Value) {
+    if let Err(e) = gw.store.count_session(&ep.id).await {
+        tracing::error!(error = %e, "could not count session");
+    }
+    let mut detail = serde_json::json!({
+        "client_addr": client.to_string(), "origin_resource_id": ep.resource_id, "type": ep.endpoint_type.as_str(),
+    });
+    merge(&mut detail, extra);
+    gw.audit.record("session.opened", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), detail).await;
+}
+
+/// Audits a session's end. `extra` adds type-specific fields (an error, a recording id).
+pub async fn closed(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    session_id: &str,
+    reason: CloseReason,
+    (bytes_up, bytes_down): (u64, u64),
+    started: Instant,
+    extra: serde_json::Value,
+) {
+    let mut detail = serde_json::json!({
+        "reason": reason.as_str(),
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "duration_ms": started.elapsed().as_millis() as u64,
+    });
+    merge(&mut detail, extra);
+    gw.audit.record("session.closed", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), detail).await;
+}
+
+fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(into), serde_json::Value::Object(extra)) = (into.as_object_mut(), extra) {
+        into.extend(extra);
+    }
+}
