@@ -263,6 +263,46 @@ pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireE
     }))
 }
 
+/// Longest SQL text kept in one audit record; longer text is cut and marked `truncated`.
+pub const MAX_AUDITED_TEXT: usize = 64 * 1024;
+
+fn capped(text: &str) -> (&str, bool) {
+    if text.len() <= MAX_AUDITED_TEXT {
+        return (text, false);
+    }
+    let mut end = MAX_AUDITED_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text.get(..end).unwrap_or_default(), true)
+}
+
+impl Frontend<'_> {
+    /// The `detail` of its `sql.statement` record, the same in both trails. Text is carried as
+    /// a JSON string (escaped as data); parameter values are never recorded, only counted.
+    pub fn audit_detail(&self) -> Option<serde_json::Value> {
+        use serde_json::json;
+        Some(match self {
+            Frontend::Query { text } => {
+                let (t, truncated) = capped(text);
+                json!({ "protocol": "simple", "message": "query", "text": t, "truncated": truncated })
+            }
+            Frontend::Parse { statement, text, param_types } => {
+                let (t, truncated) = capped(text);
+                json!({ "protocol": "extended", "message": "parse", "statement": statement, "text": t,
+                        "param_types": param_types, "truncated": truncated })
+            }
+            Frontend::Bind { portal, statement, params } => {
+                json!({ "protocol": "extended", "message": "bind", "portal": portal, "statement": statement, "params": params })
+            }
+            Frontend::Execute { portal, max_rows } => {
+                json!({ "protocol": "extended", "message": "execute", "portal": portal, "max_rows": max_rows })
+            }
+            Frontend::Terminate => return None,
+        })
+    }
+}
+
 /// Does the audit need the whole message of this tag?
 fn audited(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X')

@@ -42,9 +42,9 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
     let res = resource(&url);
     postgres::validate_config(&res).unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    postgres::prepare(&res, "ep_roletest1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
     // Announced again (agent reconnect): nothing changes.
-    postgres::prepare(&res, "ep_roletest1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
     let role = postgres::ready_role("ep_roletest1").await.unwrap();
     assert_eq!(role.name, "postern_ep_roletest1");
 
@@ -92,7 +92,7 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    postgres::teardown("ep_roletest1").await.unwrap();
+    postgres::teardown_role("ep_roletest1").await.unwrap();
     let cut = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap();
     assert!(cut == "57P01" || cut.contains("closed"), "the sleeping query ended with {cut}");
     let left: i64 =
@@ -102,7 +102,7 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
     assert_eq!(exists, 0);
     assert!(postgres::ready_role("ep_roletest1").await.is_err());
     // Tearing down twice is harmless.
-    postgres::teardown("ep_roletest1").await.unwrap();
+    postgres::teardown_role("ep_roletest1").await.unwrap();
 }
 
 #[tokio::test]
@@ -112,12 +112,12 @@ async fn a_role_left_by_a_crashed_agent_is_replaced() {
     cluster.psql(&url, "CREATE SCHEMA app; CREATE ROLE postern_ep_leftover1 LOGIN PASSWORD 'old'");
     let res = resource(&url);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
-    postgres::prepare(&res, "ep_leftover1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_leftover1", expires).await.unwrap();
     let role = postgres::ready_role("ep_leftover1").await.unwrap();
     let valid = cluster.psql(&url, "SELECT rolvaliduntil IS NOT NULL FROM pg_roles WHERE rolname = 'postern_ep_leftover1'");
     assert_eq!(valid.trim(), "t");
     drop(role);
-    postgres::teardown("ep_leftover1").await.unwrap();
+    postgres::teardown_role("ep_leftover1").await.unwrap();
 }
 
 #[test]

@@ -6,9 +6,13 @@
 //! role; when the endpoint ends the agent terminates the role's backends and drops it.
 
 pub mod role;
+mod session;
 
-use crate::config::ResourceConfig;
-use endpoint_types::secret::Secret;
+pub use session::serve_stream;
+
+use crate::{config::ResourceConfig, grants::Removed, sessions::Sessions};
+use endpoint_types::{frame::EndpointGrant, secret::Secret};
+use serde_json::json;
 use jiff::Timestamp;
 use role::{role_name, Admin, RoleError};
 use std::{
@@ -78,17 +82,53 @@ async fn create(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timest
     Ok(ReadyRole { name, password, admin })
 }
 
-/// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
-pub async fn prepare(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
-    let tx = {
-        let mut map = roles();
-        if map.contains_key(endpoint_id) {
-            return Ok(());
+/// An endpoint became live: its role is made on a task of its own (the control loop goes on).
+pub fn prepare(ctx: &Sessions, grant: &EndpointGrant) {
+    let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else { return };
+    let Some(tx) = claim(&grant.endpoint_id) else { return };
+    let (audit, endpoint_id, expires_at) = (ctx.audit.clone(), grant.endpoint_id.clone(), grant.expires_at);
+    tokio::spawn(async move {
+        let r = create_into(tx, &resource, &endpoint_id, expires_at).await;
+        let detail = match &r {
+            Ok(()) => json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "valid_until": expires_at }),
+            Err(e) => json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "error": e.to_string() }),
+        };
+        let kind = if r.is_ok() { "pg.role_created" } else { "pg.role_failed" };
+        audit.record_or_log(crate::audit::Entry::new(kind, audit.agent_actor(), detail).endpoint(endpoint_id));
+    });
+}
+
+/// An endpoint ended: its backends are terminated and its role dropped, on a task of its own.
+pub fn teardown(ctx: &Sessions, removed: &Removed) {
+    let (audit, endpoint_id, reason) = (ctx.audit.clone(), removed.endpoint_id.clone(), removed.reason);
+    tokio::spawn(async move {
+        let r = teardown_role(&endpoint_id).await;
+        let mut detail = json!({ "role": role_name(&endpoint_id), "reason": reason.as_str() });
+        if let Err(e) = &r {
+            detail["error"] = json!(e.to_string());
         }
-        let (tx, _) = watch::channel(RoleState::Preparing);
-        map.insert(endpoint_id.to_string(), tx.clone());
-        tx
-    };
+        audit.record_or_log(crate::audit::Entry::new("pg.role_dropped", audit.agent_actor(), detail).endpoint(endpoint_id));
+    });
+}
+
+/// Registers the endpoint as preparing, unless it already is (announced again on reconnect).
+fn claim(endpoint_id: &str) -> Option<watch::Sender<RoleState>> {
+    let mut map = roles();
+    if map.contains_key(endpoint_id) {
+        return None;
+    }
+    let (tx, _) = watch::channel(RoleState::Preparing);
+    map.insert(endpoint_id.to_string(), tx.clone());
+    Some(tx)
+}
+
+/// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
+pub async fn prepare_role(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
+    let Some(tx) = claim(endpoint_id) else { return Ok(()) };
+    create_into(tx, resource, endpoint_id, expires_at).await
+}
+
+async fn create_into(tx: watch::Sender<RoleState>, resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
     let result = create(resource, endpoint_id, expires_at).await;
     let (state, out) = match result {
         Ok(r) => {
@@ -105,13 +145,15 @@ pub async fn prepare(resource: &ResourceConfig, endpoint_id: &str, expires_at: T
 }
 
 /// Drops the endpoint's role (terminating its backends); waits for a prepare under way.
-pub async fn teardown(endpoint_id: &str) -> Result<(), RoleError> {
+pub async fn teardown_role(endpoint_id: &str) -> Result<(), RoleError> {
     let Some(tx) = roles().remove(endpoint_id) else { return Ok(()) };
     let mut rx = tx.subscribe();
-    let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
-    let state = match settled {
-        Ok(Ok(s)) => s.clone(),
-        _ => return Ok(()),
+    let state = {
+        let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
+        match settled {
+            Ok(Ok(s)) => s.clone(),
+            _ => return Ok(()),
+        }
     };
     if let RoleState::Ready(r) = state {
         r.admin.drop_role(&r.name).await?;
