@@ -290,23 +290,3 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert!(wait_until(Duration::from_secs(15), || s.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role2}'")) == "0"));
     Ok(())
 }
-
-#[test]
-fn agent_refuses_what_the_gateway_should_have_stopped() -> Result<()> {
-    // The agent applies the startup policy again itself; here a direct check of the pure policy
-    // both sides share is enough, so this test only proves the agent's config validation is
-    // wired: a postgres resource with an unknown privilege is refused at enroll time.
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "audit_path = \"{}\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\nadmin_url = \"postgres://x@127.0.0.1/db\"\nprivileges = [\"ALL\"]\n",
-            dir.path().join("a.jsonl").display()
-        ),
-    )?;
-    let out = Agent::enroll_with("127.0.0.1:1", "bogus", &config)?;
-    assert!(!out.success);
-    assert!(out.json.to_string().contains("privileges"), "{}", out.json);
-    Ok(())
-}
