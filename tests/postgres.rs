@@ -226,6 +226,23 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
     assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "28P01"));
     assert_eq!(s.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
+
+    // The one-off `ops psql` path runs as a role of its own, scoped the same, dropped after.
+    let op = |sql: &str| {
+        s.gw.cli(&[
+            "ops", "psql", "--app", "pg-app", "--customer", "acme-corp", "--origin-resource-id", RESOURCE, "--wait",
+            "--command", &format!("psql -X -At -c \"{sql}\""),
+        ])
+    };
+    let done = op("SELECT current_user, count(*) FROM items")?;
+    assert!(done.success, "{}", done.json);
+    let stdout = done.json["stdout"].as_str().unwrap_or_default().trim().to_string();
+    let op_id = done.json["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(stdout, format!("postern_{op_id}|2"), "{}", done.json);
+    let refused = op("SELECT * FROM secret.keys")?;
+    assert!(!refused.success);
+    assert!(refused.json["stderr"].as_str().unwrap_or_default().contains("permission denied for schema secret"), "{}", refused.json);
+    assert_eq!(s.admin("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'postern\\_op\\_%'"), "0");
     Ok(())
 }
 

@@ -178,3 +178,57 @@ pub async fn ready_role(endpoint_id: &str) -> Result<Arc<ReadyRole>, String> {
         Err(_) => Err("the database role was not ready in time".into()),
     }
 }
+
+/// A role for one `postern ops psql` op, scoped like an endpoint's, living as long as the op.
+/// `env` points the op's `psql` at the resource's database as that role (a passfile in the
+/// op's private directory carries the password; it is never on a command line).
+pub struct OpRole {
+    admin: Admin,
+    name: String,
+    pub env: Vec<(&'static str, std::ffi::OsString)>,
+}
+
+impl std::fmt::Debug for OpRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpRole").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Creates the op's role and its client environment in `dir` (the op's 0700 working dir).
+pub async fn op_role(resource: &ResourceConfig, op_id: &str, valid_until: Timestamp, dir: &std::path::Path) -> Result<OpRole, RoleError> {
+    use tokio_postgres::config::Host;
+    let admin = Admin::new(resource)?;
+    let name = role_name(op_id);
+    let password = random_password()?;
+    let verifier = certs::scram::Verifier::generate(password.expose()).map_err(|e| RoleError::Config(e.to_string()))?.to_string();
+    admin.create_role(&name, valid_until, &verifier).await?;
+    let port = admin.server().get_ports().first().copied().unwrap_or(5432);
+    let host = match admin.server().get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "localhost".into(),
+    };
+    // libpq's passfile format escapes ':' and '\'.
+    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
+    let passfile = dir.join(".pgpass");
+    let line = format!("*:*:*:{}:{}\n", esc(&name), esc(password.expose()));
+    certs::write_private(&passfile, line.as_bytes()).map_err(|e| RoleError::Config(format!("cannot write the op's passfile: {e}")))?;
+    let env = vec![
+        ("PGHOST", host.into()),
+        ("PGPORT", port.to_string().into()),
+        ("PGDATABASE", admin.scope.database.clone().into()),
+        ("PGUSER", name.clone().into()),
+        ("PGPASSFILE", passfile.into_os_string()),
+        ("PGAPPNAME", format!("postern op {op_id}").into()),
+    ];
+    Ok(OpRole { admin, name, env })
+}
+
+impl OpRole {
+    /// Ends the op's role (its backends terminated, the role dropped).
+    pub async fn drop_role(self) {
+        if let Err(e) = self.admin.drop_role(&self.name).await {
+            tracing::warn!(role = %self.name, error = %e, "could not drop the op's postgres role");
+        }
+    }
+}

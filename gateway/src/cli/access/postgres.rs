@@ -74,7 +74,8 @@ mod tests {
         };
         let s = connection_string(&access, "pa-ss_w", Path::new("/home/a b/.postern/ca.crt")).unwrap();
         assert_eq!(s, "postgresql://ep_1:pa-ss_w@127.0.0.1:6432/app%20db?sslmode=verify-full&sslrootcert=/home/a%20b/.postern/ca.crt");
-        let v6 = EndpointAccess::Postgres { host: "::1".into(), ..access };
+        let EndpointAccess::Postgres { port, database, user, tls_server_name, ca_pem, .. } = access else { unreachable!() };
+        let v6 = EndpointAccess::Postgres { host: "::1".into(), port, database, user, tls_server_name, ca_pem };
         assert!(connection_string(&v6, "p", Path::new("/c")).unwrap().contains("@[::1]:6432/"));
     }
 

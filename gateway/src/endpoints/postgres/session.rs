@@ -35,6 +35,8 @@ const AGENT_LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_BUF: usize = 64 * 1024;
 /// Statements waiting for the vendor trail before the client is slowed down.
 const AUDIT_QUEUE: usize = 4096;
+/// Most statements written to the vendor trail in one store transaction.
+const AUDIT_BATCH: usize = 256;
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
@@ -364,8 +366,15 @@ async fn run(
     let writer = {
         let (gw, operator, subject) = (gw.clone(), ep.operator.clone(), subject.clone());
         tokio::spawn(async move {
-            while let Some(detail) = audit_rx.recv().await {
-                gw.audit.record("sql.statement", &operator, subject.clone(), detail).await;
+            while let Some(first) = audit_rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < AUDIT_BATCH {
+                    match audit_rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(_) => break,
+                    }
+                }
+                gw.audit.record_batch("sql.statement", &operator, &subject, batch).await;
             }
         })
     };
