@@ -144,8 +144,8 @@ fn bad_postgres_resources_are_config_errors() {
             "audit_path = \"a\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\n{}{extra}",
             if extra.starts_with("admin_url") { "" } else { "admin_url = \"postgres://x@127.0.0.1/db\"\n" }
         );
-        let c = AgentConfig::parse(&text, std::path::Path::new("/a.toml")).unwrap();
-        let e = postgres::validate_config(&c.resources[0]).unwrap_err();
-        assert!(e.contains(want), "{e}");
+        // agent.toml is refused as a whole, naming the resource and the key.
+        let e = AgentConfig::parse(&text, std::path::Path::new("/a.toml")).unwrap_err().to_string();
+        assert!(e.contains("resource \"db\"") && e.contains(want), "{e}");
     }
 }
