@@ -20,7 +20,8 @@ fn exchange(stored: &str, client_pw: &str, binding: ChannelBinding, mechanism: &
 #[test]
 fn exchanges_with_a_real_client() {
     let cert_hash = vec![7u8; 32];
-    let cases: Vec<(&str, &str, ChannelBinding, &str, Option<Vec<u8>>, Result<(), String>)> = vec![
+    type Case = (&'static str, &'static str, ChannelBinding, &'static str, Option<Vec<u8>>, Result<(), String>);
+    let cases: Vec<Case> = vec![
         ("right password, no binding", "pw", ChannelBinding::unsupported(), MECHANISM, None, Ok(())),
         ("right password, client could bind", "pw", ChannelBinding::unrequested(), MECHANISM, None, Ok(())),
         ("wrong password", "nope", ChannelBinding::unsupported(), MECHANISM, None, Err("password authentication failed".into())),

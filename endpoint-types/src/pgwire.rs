@@ -168,8 +168,11 @@ pub fn parse_startup(buf: &[u8]) -> Result<Option<(Startup, usize)>, WireError> 
     Ok(Some((startup, len)))
 }
 
-/// One typed message (1-byte tag, i32 length that counts itself): `(tag, body, consumed)`.
-pub fn parse_message(buf: &[u8], limit: usize) -> Result<Option<(u8, &[u8], usize)>, WireError> {
+/// A complete typed message in a buffer: `(tag, body, bytes consumed)`.
+pub type Message<'a> = (u8, &'a [u8], usize);
+
+/// One typed message (1-byte tag, i32 length that counts itself).
+pub fn parse_message(buf: &[u8], limit: usize) -> Result<Option<Message<'_>>, WireError> {
     let Some(&tag) = buf.first() else { return Ok(None) };
     let Some(raw) = be_i32(buf, 1) else { return Ok(None) };
     let len = checked_len(raw, 4, limit.saturating_add(4))?;
