@@ -26,6 +26,11 @@ struct Setup {
 }
 
 fn setup(app: &str) -> Result<Setup> {
+    setup_with(app, None)
+}
+
+/// `sessions_per_endpoint`: a gateway limit other than the default 64.
+fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
     let dir = tempfile::tempdir()?;
     let cluster = PgCluster::start_with(&Options { scram_for_others: true, tls: None });
     let db_url = cluster.create_database("pgep");
@@ -35,7 +40,14 @@ fn setup(app: &str) -> Result<Setup> {
          INSERT INTO app.items (name) VALUES ('first'); \
          CREATE SCHEMA secret; CREATE TABLE secret.keys (k text); INSERT INTO secret.keys VALUES ('hidden');",
     );
-    let gw = Gateway::start(&dir.path().join("gw"))?;
+    let gw = match sessions_per_endpoint {
+        None => Gateway::start(&dir.path().join("gw"))?,
+        Some(n) => {
+            let config = dir.path().join("gateway.toml");
+            std::fs::write(&config, format!("data_dir = \"gw\"\napi = \"127.0.0.1:0\"\nrelay = \"127.0.0.1:0\"\n\n[limits]\nsessions_per_endpoint = {n}\n"))?;
+            Gateway::start_with_config(&dir.path().join("gw"), &config)?
+        }
+    };
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"postgres\"\nadmin_url = \"{db_url}\"\n\
          schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\", \"UPDATE\", \"DELETE\"]\n"
@@ -295,6 +307,10 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
         .iter()
         .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired")));
     assert!(wait_until(Duration::from_secs(10), || s.customer_records("pg.role_dropped").iter().any(|r| r["endpoint_id"] == id.as_str())));
+    assert!(wait_until(Duration::from_secs(10), || s
+        .customer_records("session.closed")
+        .iter()
+        .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired")));
 
     // An endpoint that expires: its credential fails the same way and its role goes too.
     let (id2, cs2) = s.create("pg-life", "10s")?;
@@ -305,5 +321,22 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
         !r.ok && r.stderr.contains("expired")
     }));
     assert!(wait_until(Duration::from_secs(15), || s.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role2}'")) == "0"));
+    Ok(())
+}
+
+#[test]
+fn past_the_session_limit_psql_gets_53300() -> Result<()> {
+    let s = setup_with("pg-limit", Some(1))?;
+    let (_id, cs) = s.create("pg-limit", "10m")?;
+    let mut holder = psql_cmd(&cs, &["-c", "SELECT pg_sleep(30)"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    assert!(wait_until(Duration::from_secs(20), || s.admin(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'postern\\_ep\\_%' AND query LIKE '%pg_sleep%'"
+    ) == "1"));
+    let r = psql(&cs, "SELECT 1");
+    assert!(!r.ok);
+    assert!(r.stderr.contains("sorry, too many clients already"), "{}", r.stderr);
+    assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "53300"));
+    let _ = holder.kill();
+    let _ = holder.wait();
     Ok(())
 }

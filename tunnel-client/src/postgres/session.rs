@@ -371,13 +371,21 @@ impl Session<'_> {
     ) -> End {
         let (mut db_r, mut db_w) = tokio::io::split(db);
         let mut client_quit = false;
+        let mut gateway_reason: Option<CloseReason> = None;
+        let gateway_reason_ref = &mut gateway_reason;
         let to_db = async {
+            let gateway_reason = gateway_reason_ref;
             let mut scan = FrontendScan::new(pgwire::MAX_AUDITED_MESSAGE_LEN);
             let mut pending = BytesMut::new();
             loop {
                 let chunk = match recv.read_chunk(usize::MAX, true).await {
                     Ok(Some(c)) => c.bytes,
                     Ok(None) => return Ok::<(), String>(()),
+                    // The gateway's reset code says why it cut (it may learn of a retire first).
+                    Err(quinn::ReadError::Reset(code)) => {
+                        *gateway_reason = CloseReason::from_stream_code(code.into_inner());
+                        return Err(format!("the gateway cut the session ({code})"));
+                    }
                     Err(e) => return Err(e.to_string()),
                 };
                 *up += chunk.len() as u64;
@@ -417,7 +425,10 @@ impl Session<'_> {
         match r {
             Ok(_) => End::Client,
             Err(_) if client_quit => End::Client,
-            Err(e) => End::Error(e),
+            Err(e) => match gateway_reason {
+                Some(reason) if reason != CloseReason::Client => End::Cut(reason),
+                _ => End::Error(e),
+            },
         }
     }
 
