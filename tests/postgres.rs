@@ -197,6 +197,27 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
     let r = psql(&replace_password(&cs, "not-the-password"), "SELECT 1");
     assert!(!r.ok);
     assert!(r.stderr.contains(&format!("FATAL:  password authentication failed for user \"{id}\"")), "{}", r.stderr);
+    // At the socket: GSSENCRequest gets 'N', SSLRequest 'S', and plaintext sent right after
+    // SSLRequest (before the TLS handshake) ends the connection.
+    {
+        use std::io::{Read, Write};
+        let port: u16 = cs.split_once("@127.0.0.1:").and_then(|(_, r)| r.split_once('/')).and_then(|(p, _)| p.parse().ok()).unwrap();
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut one = [0u8; 1];
+        sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])?;
+        sock.read_exact(&mut one)?;
+        assert_eq!(&one, b"N");
+        sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])?;
+        sock.read_exact(&mut one)?;
+        assert_eq!(&one, b"S");
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, b'Q', 0, 0, 0, 5, 0])?;
+        let mut rest = Vec::new();
+        let closed = sock.read_to_end(&mut rest);
+        assert!(closed.is_ok() && rest.is_empty(), "answered {rest:?} ({closed:?}) to plaintext after SSLRequest");
+    }
     // Plaintext is refused.
     let r = psql(&cs.replace("sslmode=verify-full", "sslmode=disable"), "SELECT 1");
     assert!(!r.ok && r.stderr.contains("encrypted connections only"), "{}", r.stderr);
