@@ -254,6 +254,8 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
     assert!(wait_until(Duration::from_secs(10), || has_statement(&s.customer_records("sql.statement"))));
     assert!(!s.vendor_records("sql.cancel").is_empty());
     assert!(s.customer_records("sql.cancel").iter().any(|r| r["detail"]["matched"] == true));
+    // libpq binds SCRAM to the gateway's certificate (tls-server-end-point) when offered.
+    assert!(s.vendor_records("session.opened").iter().any(|r| r["detail"]["auth"] == "SCRAM-SHA-256-PLUS"));
     let closed = s.vendor_records("session.closed");
     assert!(closed.iter().any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "client"), "{closed:?}");
     assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "28P01"));

@@ -184,6 +184,8 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 struct Authenticated {
     sasl_final: BytesMut,
     slot: SessionSlot,
+    /// The SASL mechanism the client chose (`-PLUS`: bound to our TLS certificate).
+    mechanism: &'static str,
 }
 
 /// SCRAM against the endpoint's verifier, then the session limit and the startup policy.
@@ -218,6 +220,7 @@ async fn authenticate(
         }
         let (mechanism, data) = pgwire::parse_sasl_initial(&body).map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
         let first = scram.client_first(mechanism, data).map_err(|e| scram_error(e, &wrong))?;
+        let chosen = if mechanism == certs::scram::MECHANISM_PLUS { certs::scram::MECHANISM_PLUS } else { certs::scram::MECHANISM };
         out.clear();
         pgwire::auth_sasl_continue(&mut out, first.as_bytes());
         tls.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
@@ -228,14 +231,17 @@ async fn authenticate(
         let last = scram.client_final(&body).map_err(|e| scram_error(e, &wrong))?;
         out.clear();
         pgwire::auth_sasl_final(&mut out, last.as_bytes());
-        Ok(())
+        Ok(chosen)
     };
-    if let Err(e) = exchange.await {
-        tracing::info!(endpoint = %ep.id, "postgres authentication failed: {}", e.message);
-        deny(gw, ep, &e).await;
-        send_error(&mut tls, &e).await;
-        return None;
-    }
+    let mechanism = match exchange.await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::info!(endpoint = %ep.id, "postgres authentication failed: {}", e.message);
+            deny(gw, ep, &e).await;
+            send_error(&mut tls, &e).await;
+            return None;
+        }
+    };
     // Authenticated: from here on the client may learn about the endpoint's limits and scope.
     let slot = match SessionSlot::claim(gw, ep) {
         Ok(s) => s,
@@ -257,7 +263,7 @@ async fn authenticate(
                 // Nothing may follow the last SASL message before the server answers.
                 return None;
             }
-            Some((tls, Authenticated { sasl_final: out, slot }, s.forward))
+            Some((tls, Authenticated { sasl_final: out, slot, mechanism }, s.forward))
         }
         Err(e) => {
             deny(gw, ep, &e).await;
@@ -333,7 +339,7 @@ async fn run(
     let session_id = shared::new_session_id();
     let key = mint_key(&front, CancelTarget { endpoint: ep.clone(), session_id: session_id.clone() });
     let _key = KeyGuard(&front, key);
-    let Authenticated { mut sasl_final, slot: _slot } = auth;
+    let Authenticated { mut sasl_final, slot: _slot, mechanism } = auth;
     let opened = tokio::select! {
         _ = ep.cancel.cancelled() => return,
         r = tokio::time::timeout(AGENT_LOGIN_TIMEOUT, start_at_agent(&gw, &ep, &session_id, client, &forward, key)) => {
@@ -356,7 +362,7 @@ async fn run(
     pgwire::auth_ok(&mut greeting);
     pgwire::backend_key_data(&mut greeting, key);
     greeting.extend_from_slice(&rest);
-    shared::opened(&gw, &ep, &session_id, client, serde_json::json!({ "database": database_of(&gw, &ep) })).await;
+    shared::opened(&gw, &ep, &session_id, client, serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism })).await;
     let started = Instant::now();
     let DataStream { mut send, mut recv, connection, .. } = stream;
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
