@@ -60,14 +60,15 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// The same defaults the hello reports to the gateway ([`ResourceConfig::scope`]).
     pub fn of(resource: &ResourceConfig, admin: &Config) -> Scope {
         Scope {
             database: resource
                 .database
                 .clone()
                 .or_else(|| admin.get_dbname().map(str::to_string))
-                .unwrap_or_else(|| "postgres".into()),
-            schemas: resource.schemas.clone().unwrap_or_else(|| vec!["public".into()]),
+                .unwrap_or_else(|| resource.pg_database()),
+            schemas: resource.pg_schemas(),
             privileges: resource.pg_privileges().iter().map(|p| p.trim().to_ascii_uppercase()).collect(),
         }
     }
