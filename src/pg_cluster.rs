@@ -136,8 +136,23 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a free port").port()
 }
 
+/// How to set up a cluster of one's own ([`PgCluster::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Roles other than `postern` log in with SCRAM-SHA-256 over TCP (as a real server would
+    /// make an application role do); `postern` keeps trust.
+    pub scram_for_others: bool,
+    /// `ssl = on` with this server certificate chain and key (PEM).
+    pub tls: Option<(String, String)>,
+}
+
 impl PgCluster {
     fn start() -> PgCluster {
+        Self::start_with(&Options::default())
+    }
+
+    /// A cluster of its own (not shared), set up as `opts` says; stopped when dropped.
+    pub fn start_with(opts: &Options) -> PgCluster {
         let bin = bin_dir();
         let ids = run_as();
         sweep_stale();
@@ -166,10 +181,36 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr)
         );
 
+        let mut extra: Vec<String> = Vec::new();
+        let own = |path: &Path, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            if let Some((uid, gid)) = ids {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
+            }
+        };
+        if opts.scram_for_others {
+            let hba = data.join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                format!("local all all trust\nhost all {USER} 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"),
+            )
+            .expect("writing pg_hba.conf");
+            own(&hba, 0o600);
+        }
+        if let Some((cert, key)) = &opts.tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).expect("writing the server's TLS files");
+                own(&path, 0o600);
+            }
+            extra.extend(["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"].map(String::from));
+        }
+
         for _attempt in 0..5 {
             let port = free_port();
             let log = dir.join(format!("log-{port}"));
-            let (pid, exited) = spawn_server(&bin, ids, &dir, &data, port, &log);
+            let (pid, exited) = spawn_server(&bin, ids, &dir, &data, port, &log, &extra);
             let cluster = PgCluster { port, dir: dir.clone(), pid, exited: Mutex::new(exited) };
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -206,12 +247,28 @@ impl PgCluster {
     /// Runs one SQL statement with `psql` against a database URL of this cluster (e.g. to
     /// tamper with a record the way an attacker with database access could).
     pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = self.try_psql(url, sql);
+        match out {
+            Ok(s) => s,
+            Err(e) => panic!("psql failed: {e}"),
+        }
+    }
+
+    /// Like [`psql`](Self::psql), returning stderr as the error instead of panicking.
+    pub fn try_psql(&self, url: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(bin_dir().join("psql"))
             .args([url, "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
             .output()
             .unwrap_or_else(|e| panic!("running psql: {e}"));
-        assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The directory of the server binaries (psql, pgbench) this cluster runs.
+    pub fn bin_dir() -> PathBuf {
+        bin_dir()
     }
 
     /// A new empty database for one test; returns its URL.
@@ -238,6 +295,7 @@ fn spawn_server(
     data: &Path,
     port: u16,
     log: &Path,
+    extra: &[String],
 ) -> (i32, mpsc::Receiver<()>) {
     let log_file = std::fs::File::create(log).expect("creating the server log");
     if let Some((uid, gid)) = ids {
@@ -252,6 +310,7 @@ fn spawn_server(
         .arg(dir)
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
         .args(["-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("log handle"))
         .stderr(log_file);

@@ -128,13 +128,23 @@ impl Gateway {
         Self::start_with(data_dir, &["--store", store])
     }
 
+    /// From a config file (e.g. with `[limits]`) whose `data_dir` is `data_dir`.
+    pub fn start_with_config(data_dir: &Path, config: &Path) -> Result<Gateway> {
+        Self::launch(data_dir, &[std::ffi::OsStr::new("--config"), config.as_os_str()])
+    }
+
     fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Gateway> {
+        let mut args = vec![std::ffi::OsStr::new("--data-dir"), data_dir.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        Self::launch(data_dir, &args)
+    }
+
+    fn launch(data_dir: &Path, args: &[&std::ffi::OsStr]) -> Result<Gateway> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join(format!("gateway-{}.log", std::process::id()));
         let mut child = Command::new(bin("postern")?)
-            .args(["--output", "json", "server", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
+            .args(["--output", "json", "server"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)

@@ -4,6 +4,7 @@
 mod ca;
 mod fingerprint;
 mod private_file;
+pub mod scram;
 mod tls;
 
 use std::sync::Arc;

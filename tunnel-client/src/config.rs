@@ -398,6 +398,11 @@ impl ResourceConfig {
         self.privileges.clone().unwrap_or_else(|| DEFAULT_PG_PRIVILEGES.iter().map(|s| s.to_string()).collect())
     }
 
+    /// The schemas endpoints may use: `schemas`, else `public`.
+    pub fn pg_schemas(&self) -> Vec<String> {
+        self.schemas.clone().unwrap_or_else(|| vec!["public".to_string()])
+    }
+
     /// The database endpoints may use: `database`, else the one `admin_url` names, else `postgres`.
     pub fn pg_database(&self) -> String {
         if let Some(d) = &self.database {
@@ -424,7 +429,7 @@ impl ResourceConfig {
             }),
             ResourceKind::Postgres => Some(ResourceScope::Postgres {
                 database: self.pg_database(),
-                schemas: self.schemas.clone().unwrap_or_default(),
+                schemas: self.pg_schemas(),
                 privileges: self.pg_privileges(),
             }),
             ResourceKind::Ssh => Some(ResourceScope::Ssh {

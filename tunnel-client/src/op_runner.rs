@@ -25,7 +25,7 @@ use crate::{
 };
 use bytes::Bytes;
 use endpoint_types::{
-    control::GrantLevel,
+    control::{GrantLevel, OpTool},
     frame::{Frame, LiveGrant, OpDispatch, OpFinished, OutputStream},
     policy::{Decision, Policy, PolicyError},
     resource::{ApprovalMode, ResourceKind},
@@ -645,6 +645,26 @@ impl OpRunner {
             }
         };
 
+        // `psql` against a postgres resource runs as a role made for this op alone, scoped
+        // like an endpoint's role and dropped when the op ends.
+        let resource = self.inner.config.resource(&d.resource_id).cloned();
+        let op_role = match resource.filter(|r| d.tool == OpTool::Psql && r.kind == ResourceKind::Postgres) {
+            None => None,
+            Some(r) => {
+                let until = now + jiff::SignedDuration::from_secs(d.timeout_s.saturating_add(60).min(i64::MAX as u64) as i64);
+                match crate::postgres::op_role(&r, &d.op_id, until, dir.path()).await {
+                    Ok(role) => Some(role),
+                    Err(e) => {
+                        tracing::warn!(op = %d.op_id, error = %e, "cannot create the op's postgres role");
+                        let e = ApiError::new(ErrorCode::TargetUnreachable, "the appliance cannot prepare a database role for the op")
+                            .hint("the database may be down; the appliance's agent log has the cause");
+                        self.refuse(&d, Refusal::invalid(e), &out).await;
+                        return;
+                    }
+                }
+            }
+        };
+
         let cancel = self.inner.shutdown.child_token();
         self.state().running.insert(d.op_id.clone(), Running { grant_id: d.grant_id.clone(), cancel: cancel.clone() });
         // Stop the op when its grant expires by our clock (revocation arrives as a grant sync).
@@ -672,6 +692,9 @@ impl OpRunner {
             vec![("POSTERN_OP_ID", OsStr::new(&d.op_id)), ("POSTERN_RESOURCE_ID", OsStr::new(&d.resource_id))];
         if let Some(kc) = &auth.kubeconfig {
             env.push(("KUBECONFIG", kc.as_os_str()));
+        }
+        if let Some(role) = &op_role {
+            env.extend(role.env.iter().map(|(k, v)| (*k, v.as_os_str())));
         }
         self.record(
             Entry::new(
@@ -707,6 +730,9 @@ impl OpRunner {
         watch_done.cancel();
         self.state().running.remove(&d.op_id);
         drop(dir);
+        if let Some(role) = op_role {
+            role.drop_role().await;
+        }
 
         let outcome = match result {
             Ok(outcome) => outcome,

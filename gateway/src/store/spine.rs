@@ -470,6 +470,29 @@ impl Store {
         Ok(r)
     }
 
+    /// Like [`Store::append_audit_with`] for `n` records in one transaction (a busy session's
+    /// statements): `make(i, seq, prev_hash)` makes the i-th, chained onto the one before.
+    pub async fn append_audit_batch_with<F>(&self, n: usize, mut make: F) -> StoreResult<Vec<AuditRecord>>
+    where
+        F: FnMut(usize, i64, &str) -> AuditRecord + Send,
+    {
+        let mut tx = self.write_tx("audit_log").await?;
+        let (mut seq, mut prev) =
+            last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let r = make(i, seq + 1, &prev);
+            if r.seq != seq + 1 || r.prev_hash != prev {
+                return Err(StoreError::BrokenChain(format!("batch record {i} does not continue the chain at seq {}", seq + 1)));
+            }
+            insert_audit(&mut *tx, &r).await?;
+            (seq, prev) = (r.seq, r.hash.clone());
+            out.push(r);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     /// Audit records in order, optionally only those after `after_seq`.
     pub async fn list_audit(&self, after_seq: i64) -> StoreResult<Vec<AuditRecord>> {
         let sql = format!("SELECT {AUDIT_COLS} FROM audit_log WHERE seq > $1 ORDER BY seq");

@@ -1,0 +1,115 @@
+//! postgres endpoints: one Postgres wire-protocol front end for all of them (TLS with the
+//! gateway certificate, SCRAM-SHA-256 against the endpoint's verifier, the user name being the
+//! endpoint id), one QUIC data stream per session to the agent, which logs in to the real
+//! database as the endpoint's ephemeral role. Every statement is audited on the way through.
+
+mod session;
+
+use super::LiveEndpoint;
+use crate::server::Gateway;
+use endpoint_types::{
+    api::{ClientCredential, EndpointAccess},
+    pgwire::CancelKey,
+    resource::ResourceScope,
+    ApiError, ErrorCode,
+};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+/// Checks the credential sent with `create`: a well-formed SCRAM-SHA-256 verifier.
+pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
+    match cred {
+        Some(ClientCredential::Postgres { scram_verifier }) => certs::scram::Verifier::parse(scram_verifier)
+            .map(|_| ())
+            .map_err(|e| ApiError::invalid(format!("the postgres credential is not usable: {e}")).hint("create the endpoint with the postern CLI, which makes one")),
+        _ => Err(ApiError::invalid("this endpoint type needs a postgres credential").hint("create it with the postern CLI, which makes one")),
+    }
+}
+
+/// The database the endpoint serves, from the scope the agent reported.
+pub fn database_of(gw: &Gateway, ep: &LiveEndpoint) -> Option<String> {
+    match ep.scope(gw) {
+        Some(ResourceScope::Postgres { database, .. }) => Some(database),
+        _ => None,
+    }
+}
+
+/// What the endpoint's creator needs to write the connection string.
+pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
+    let database = database_of(gw, ep).ok_or_else(|| {
+        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline, so endpoint {} has no database yet", ep.appliance_id, ep.id))
+            .hint("run `postern ops endpoint get` again once the appliance is back")
+    })?;
+    let addr = gw.front_ends.postgres;
+    let host = if addr.ip().is_unspecified() { "localhost".to_string() } else { addr.ip().to_string() };
+    Ok(EndpointAccess::Postgres {
+        tls_server_name: host.clone(),
+        host,
+        port: addr.port(),
+        database,
+        user: ep.id.clone(),
+        ca_pem: gw.ca.cert_pem().to_string(),
+    })
+}
+
+/// Where a client's cancel key leads: the session it was handed to.
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    endpoint: Arc<LiveEndpoint>,
+    session_id: String,
+}
+
+/// State shared by all connections of the front end.
+struct Front {
+    tls: tokio_rustls::TlsAcceptor,
+    /// `tls-server-end-point` of our certificate, for SCRAM-SHA-256-PLUS.
+    end_point: Option<Vec<u8>>,
+    cancels: Mutex<HashMap<CancelKey, CancelTarget>>,
+}
+
+impl Front {
+    fn new(gw: &Gateway) -> Result<Front, String> {
+        let id = &gw.server_identity;
+        let config = certs::server_config(&id.cert_pem, &id.key_pem, None, certs::ClientAuth::None, vec![b"postgresql".to_vec()])
+            .map_err(|e| e.to_string())?;
+        use rustls_pki_types::pem::PemObject;
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes()).next().and_then(Result::ok);
+        Ok(Front {
+            tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            end_point: leaf.and_then(|der| certs::scram::tls_server_end_point(&der)),
+            cancels: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn cancels(&self) -> std::sync::MutexGuard<'_, HashMap<CancelKey, CancelTarget>> {
+        self.cancels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serves the shared front end until shutdown.
+pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
+    let front = match Front::new(&gw) {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the postgres front end");
+            return gw.shutdown.cancelled().await;
+        }
+    };
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = gw.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres front end: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        gw.tasks.spawn(session::connection(gw.clone(), front.clone(), tcp, client));
+    }
+}

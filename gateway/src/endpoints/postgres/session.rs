@@ -1,0 +1,606 @@
+//! One client connection of the Postgres front end: startup (TLS required), SCRAM against the
+//! endpoint's verifier, the startup policy, then the session relayed over a QUIC data stream,
+//! or a cancel request routed to the session it names.
+
+use super::{database_of, CancelTarget, Front};
+use crate::{
+    audit::Subject,
+    endpoints::{
+        session::{self as shared, DataStream, SessionSlot},
+        LiveEndpoint,
+    },
+    server::Gateway,
+};
+use bytes::{Bytes, BytesMut};
+use endpoint_types::{
+    api::{ClientCredential, EndpointState},
+    pgwire::{self, sqlstate, CancelKey, FrontendScan, PgError, Startup},
+    resource::{CloseReason, EndpointType},
+    ApiError, ErrorCode,
+};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// DESIGN: an unauthenticated client has 10 s to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent logs in to the database while the client waits.
+const AGENT_LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_BUF: usize = 64 * 1024;
+/// Statements waiting for the vendor trail before the client is slowed down.
+const AUDIT_QUEUE: usize = 4096;
+/// Most statements written to the vendor trail in one store transaction.
+const AUDIT_BATCH: usize = 256;
+
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+pub(super) async fn connection(gw: Arc<Gateway>, front: Arc<Front>, tcp: TcpStream, client: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&gw, &front, tcp, client)) => r,
+        _ = gw.shutdown.cancelled() => return,
+    };
+    match handshake {
+        Ok(Some(Hello::Session(tls, ep, params, buf))) => {
+            let ready = tokio::select! {
+                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&gw, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
+                _ = ep.cancel.cancelled() => None,
+            };
+            if let Some((tls, auth, forward)) = ready {
+                run(gw, front, tls, ep, auth, forward, client).await;
+            }
+        }
+        Ok(Some(Hello::Cancel(key))) => cancel(&gw, &front, key, client).await,
+        Ok(None) => {}
+        Err(_) => tracing::debug!(%client, "postgres client did not finish its handshake in time"),
+    }
+}
+
+enum Hello {
+    Session(Box<Tls>, Arc<LiveEndpoint>, Vec<(String, String)>, BytesMut),
+    Cancel(CancelKey),
+}
+
+async fn read_startup<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut) -> Option<Startup> {
+    loop {
+        match pgwire::parse_startup(buf) {
+            Ok(Some((p, n))) => {
+                let _ = buf.split_to(n);
+                return Some(p);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "bad postgres startup packet");
+                return None;
+            }
+        }
+        if s.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, e: &PgError) {
+    let mut b = BytesMut::new();
+    e.write(&mut b);
+    let _ = s.write_all(&b).await;
+    let _ = s.flush().await;
+    let _ = s.shutdown().await;
+}
+
+/// Up to a TLS session with a StartupMessage, or a cancel request.
+async fn handshake(gw: &Gateway, front: &Front, mut tcp: TcpStream, client: SocketAddr) -> Option<Hello> {
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match read_startup(&mut tcp, &mut buf).await? {
+            Startup::GssEnc => tcp.write_all(b"N").await.ok()?,
+            Startup::Cancel(key) => return Some(Hello::Cancel(key)),
+            Startup::Params { .. } => {
+                let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "this endpoint accepts encrypted connections only")
+                    .hint("connect with sslmode=verify-full, as the connection string postern printed does");
+                send_error(&mut tcp, &e).await;
+                return None;
+            }
+            Startup::Ssl => {
+                // Bytes sent after SSLRequest but before the handshake would be read as if
+                // they had come through TLS (CVE-2021-23214): refuse them.
+                if !buf.is_empty() {
+                    tracing::info!(%client, "postgres client sent plaintext after SSLRequest");
+                    return None;
+                }
+                tcp.write_all(b"S").await.ok()?;
+                break;
+            }
+        }
+    }
+    let mut tls = front.tls.accept(tcp).await.ok()?;
+    let (params, minor) = match read_startup(&mut tls, &mut buf).await? {
+        Startup::Params { params, minor } => (params, minor),
+        Startup::Cancel(key) => return Some(Hello::Cancel(key)),
+        _ => return None,
+    };
+    let protocol_options: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+    let mut out = BytesMut::new();
+    if minor > 0 || !protocol_options.is_empty() {
+        pgwire::negotiate_protocol_version(&mut out, &protocol_options);
+    }
+    if !out.is_empty() {
+        tls.write_all(&out).await.ok()?;
+    }
+    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
+    match gw.endpoints.get(&user).filter(|ep| ep.endpoint_type == EndpointType::Postgres) {
+        Some(ep) => Some(Hello::Session(Box::new(tls), ep, params, buf)),
+        None => {
+            let e = no_endpoint(gw, &user).await;
+            tracing::info!(%client, user = %user, "postgres login refused: {}", e.message);
+            send_error(&mut tls, &e).await;
+            None
+        }
+    }
+}
+
+/// The error for a user that is no live postgres endpoint: why, when we know.
+async fn no_endpoint(gw: &Gateway, user: &str) -> PgError {
+    let hint = "create a new endpoint with `postern ops endpoint create --type postgres`";
+    let state = gw.store.get_endpoint(user).await.ok().flatten().map(|r| (r.state, r.endpoint_type));
+    let message = match state {
+        Some((EndpointState::Retired, EndpointType::Postgres)) => format!("endpoint \"{user}\" has been retired"),
+        Some((EndpointState::Expired, EndpointType::Postgres)) | Some((EndpointState::Active, EndpointType::Postgres)) => {
+            format!("endpoint \"{user}\" has expired")
+        }
+        _ => format!("no active postgres endpoint \"{user}\""),
+    };
+    PgError::fatal(sqlstate::INVALID_AUTHORIZATION, message).hint(hint)
+}
+
+/// Reads one typed message of at most `limit` bytes.
+async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut, limit: usize) -> Result<(u8, Bytes), PgError> {
+    let violation = |m: String| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, m);
+    loop {
+        if let Some((tag, _, n)) = pgwire::parse_message(buf, limit).map_err(|e| violation(e.to_string()))? {
+            let msg = buf.split_to(n).freeze();
+            return Ok((tag, msg.slice(5..)));
+        }
+        match s.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(violation("the connection closed during authentication".into())),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b
+}
+
+/// What a successful SCRAM exchange leaves to send: SASLFinal (held until the agent is in).
+struct Authenticated {
+    sasl_final: BytesMut,
+    slot: SessionSlot,
+    /// The SASL mechanism the client chose (`-PLUS`: bound to our TLS certificate).
+    mechanism: &'static str,
+}
+
+/// SCRAM against the endpoint's verifier, then the session limit and the startup policy.
+async fn authenticate(
+    gw: &Gateway,
+    end_point: Option<Vec<u8>>,
+    mut tls: Box<Tls>,
+    ep: &Arc<LiveEndpoint>,
+    params: Vec<(String, String)>,
+    mut buf: BytesMut,
+) -> Option<(Box<Tls>, Authenticated, Vec<(String, String)>)> {
+    let Some(ClientCredential::Postgres { scram_verifier }) = &ep.credential else {
+        send_error(&mut tls, &PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "the endpoint has no credential")).await;
+        return None;
+    };
+    let Ok(verifier) = certs::scram::Verifier::parse(scram_verifier) else {
+        send_error(&mut tls, &PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "the endpoint's credential is unusable")).await;
+        return None;
+    };
+    let mut scram = certs::scram::ScramServer::new(verifier, &random_bytes::<18>(), end_point);
+    let wrong = || {
+        PgError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{}\"", ep.id))
+            .hint("use the connection string postern printed for this endpoint")
+    };
+    let mut out = BytesMut::new();
+    pgwire::auth_sasl(&mut out, scram.mechanisms());
+    let exchange = async {
+        tls.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
+        let (tag, body) = read_message(&mut tls, &mut buf, pgwire::MAX_AUTH_MESSAGE_LEN).await?;
+        if tag != b'p' {
+            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a SASL response"));
+        }
+        let (mechanism, data) = pgwire::parse_sasl_initial(&body).map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        let first = scram.client_first(mechanism, data).map_err(|e| scram_error(e, &wrong))?;
+        let chosen = if mechanism == certs::scram::MECHANISM_PLUS { certs::scram::MECHANISM_PLUS } else { certs::scram::MECHANISM };
+        out.clear();
+        pgwire::auth_sasl_continue(&mut out, first.as_bytes());
+        tls.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
+        let (tag, body) = read_message(&mut tls, &mut buf, pgwire::MAX_AUTH_MESSAGE_LEN).await?;
+        if tag != b'p' {
+            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a SASL response"));
+        }
+        let last = scram.client_final(&body).map_err(|e| scram_error(e, &wrong))?;
+        out.clear();
+        pgwire::auth_sasl_final(&mut out, last.as_bytes());
+        Ok(chosen)
+    };
+    let mechanism = match exchange.await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::info!(endpoint = %ep.id, "postgres authentication failed: {}", e.message);
+            deny(gw, ep, &e).await;
+            send_error(&mut tls, &e).await;
+            return None;
+        }
+    };
+    // Authenticated: from here on the client may learn about the endpoint's limits and scope.
+    let slot = match SessionSlot::claim(gw, ep) {
+        Ok(s) => s,
+        Err(e) => {
+            let pe = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already").hint(e.message.clone());
+            deny(gw, ep, &pe).await;
+            send_error(&mut tls, &pe).await;
+            return None;
+        }
+    };
+    let Some(database) = database_of(gw, ep) else {
+        let e = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("appliance {} is offline", ep.appliance_id));
+        send_error(&mut tls, &e).await;
+        return None;
+    };
+    match pgwire::sanitize(&params, &database) {
+        Ok(s) => {
+            if !buf.is_empty() {
+                // Nothing may follow the last SASL message before the server answers.
+                return None;
+            }
+            Some((tls, Authenticated { sasl_final: out, slot, mechanism }, s.forward))
+        }
+        Err(e) => {
+            deny(gw, ep, &e).await;
+            send_error(&mut tls, &e).await;
+            None
+        }
+    }
+}
+
+fn scram_error(e: certs::scram::ScramError, wrong: &dyn Fn() -> PgError) -> PgError {
+    match e {
+        certs::scram::ScramError::WrongPassword => wrong(),
+        other => PgError::fatal(sqlstate::INVALID_AUTHORIZATION, other.to_string()),
+    }
+}
+
+async fn deny(gw: &Gateway, ep: &LiveEndpoint, e: &PgError) {
+    gw.audit
+        .record("denied", &ep.operator, Subject::endpoint(&ep.appliance_id, &ep.id), serde_json::json!({
+            "action": "session", "sqlstate": e.sqlstate, "reason": e.message,
+        }))
+        .await;
+}
+
+fn pg_error_of(e: &ApiError) -> PgError {
+    let code = match e.code {
+        ErrorCode::SessionLimit => sqlstate::TOO_MANY_CONNECTIONS,
+        ErrorCode::EndpointExpired | ErrorCode::EndpointRetired | ErrorCode::OperateAccessExpired | ErrorCode::ForbiddenByScope => {
+            sqlstate::INVALID_AUTHORIZATION
+        }
+        _ => sqlstate::CONNECTION_FAILURE,
+    };
+    let mut pe = PgError::fatal(code, e.message.clone());
+    pe.hint = (!e.hint.is_empty()).then(|| e.hint.clone());
+    pe
+}
+
+/// A mint of cancel keys no other live session holds.
+fn mint_key(front: &Front, target: CancelTarget) -> CancelKey {
+    let mut cancels = front.cancels();
+    loop {
+        let [a, b, c, d, e, f, g, h] = random_bytes::<8>();
+        let key = CancelKey {
+            process_id: i32::from_be_bytes([a & 0x7f, b, c, d]).max(1),
+            secret: i32::from_be_bytes([e, f, g, h]),
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = cancels.entry(key) {
+            v.insert(target);
+            return key;
+        }
+    }
+}
+
+/// Frees the session's cancel key however the session ends.
+struct KeyGuard<'a>(&'a Front, CancelKey);
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.cancels().remove(&self.1);
+    }
+}
+
+/// The session proper: the agent logs in, then messages are relayed and audited.
+async fn run(
+    gw: Arc<Gateway>,
+    front: Arc<Front>,
+    mut tls: Box<Tls>,
+    ep: Arc<LiveEndpoint>,
+    auth: Authenticated,
+    forward: Vec<(String, String)>,
+    client: SocketAddr,
+) {
+    let session_id = shared::new_session_id();
+    let key = mint_key(&front, CancelTarget { endpoint: ep.clone(), session_id: session_id.clone() });
+    let _key = KeyGuard(&front, key);
+    let Authenticated { mut sasl_final, slot: _slot, mechanism } = auth;
+    let opened = tokio::select! {
+        _ = ep.cancel.cancelled() => return,
+        r = tokio::time::timeout(AGENT_LOGIN_TIMEOUT, start_at_agent(&gw, &ep, &session_id, client, &forward, key)) => {
+            r.unwrap_or_else(|_| Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "the appliance did not answer in time")))
+        }
+    };
+    let (stream, rest) = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            shared::deny(&gw, &ep, &session_id, client, &ApiError::new(ErrorCode::TargetUnreachable, e.message.clone())).await;
+            e.write(&mut sasl_final);
+            let _ = tls.write_all(&sasl_final).await;
+            let _ = tls.shutdown().await;
+            return;
+        }
+    };
+    // The client's greeting: our SASLFinal, the agent's AuthenticationOk, our cancel key, then
+    // the server's parameters and ReadyForQuery as the agent relayed them.
+    let mut greeting = sasl_final;
+    pgwire::auth_ok(&mut greeting);
+    pgwire::backend_key_data(&mut greeting, key);
+    greeting.extend_from_slice(&rest);
+    shared::opened(&gw, &ep, &session_id, client, serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism })).await;
+    let started = Instant::now();
+    let DataStream { mut send, mut recv, connection, .. } = stream;
+    let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
+    let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel::<serde_json::Value>(AUDIT_QUEUE);
+    // Statements reach the trail in order on their own task, so the message path does not
+    // wait for each store write; a full queue does slow the client down (nothing is dropped).
+    let writer = {
+        let (gw, operator, subject) = (gw.clone(), ep.operator.clone(), subject.clone());
+        tokio::spawn(async move {
+            while let Some(first) = audit_rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < AUDIT_BATCH {
+                    match audit_rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(_) => break,
+                    }
+                }
+                gw.audit.record_batch("sql.statement", &operator, &subject, batch).await;
+            }
+        })
+    };
+    let mut counts = Counts::default();
+    let outcome = match tls.write_all(&greeting).await {
+        Err(e) => Some(Err(PumpError::Client(e))),
+        Ok(()) => {
+            counts.down = greeting.len() as u64;
+            tokio::select! {
+                r = pump(&mut tls, &mut send, &mut recv, &audit_tx, &mut counts) => Some(r),
+                _ = ep.cancel.cancelled() => None,
+            }
+        }
+    };
+    let reason = match &outcome {
+        Some(Ok(())) => CloseReason::Client,
+        Some(Err(_)) if counts.client_quit => CloseReason::Client,
+        Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
+        Some(Err(PumpError::QuicRead(e))) => shared::agent_reason_read(e).unwrap_or(if connection.close_reason().is_some() { CloseReason::Interrupted } else { CloseReason::Error }),
+        Some(Err(PumpError::QuicWrite(e))) => shared::agent_reason_write(e).unwrap_or(if connection.close_reason().is_some() { CloseReason::Interrupted } else { CloseReason::Error }),
+        Some(Err(PumpError::Client(_))) => CloseReason::Client,
+        Some(Err(PumpError::Protocol(_))) => CloseReason::Error,
+        None => ep.end_reason(),
+    };
+    if !matches!(outcome, Some(Ok(()))) {
+        shared::cut_stream(&mut send, &mut recv, reason);
+    }
+    if let Some(Err(PumpError::Protocol(e))) = &outcome {
+        let pe = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.clone());
+        send_error(&mut tls, &pe).await;
+    }
+    let _ = tls.shutdown().await;
+    drop(tls);
+    drop(audit_tx);
+    let _ = writer.await;
+    let mut extra = serde_json::json!({ "statements": counts.statements });
+    if let Some(Err(e)) = &outcome {
+        extra["error"] = serde_json::Value::String(e.to_string());
+    }
+    shared::closed(&gw, &ep, &session_id, reason, (counts.up, counts.down), started, extra).await;
+}
+
+/// Opens the data stream, hands the agent the sanitised startup parameters and our cancel
+/// key, and waits for its AuthenticationOk. Returns the stream and what followed it.
+async fn start_at_agent(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    session_id: &str,
+    client: SocketAddr,
+    forward: &[(String, String)],
+    key: CancelKey,
+) -> Result<(DataStream, Bytes), PgError> {
+    let mut stream = shared::open_stream(gw, ep, session_id, client).await.map_err(|e| pg_error_of(&e))?;
+    let mut params = forward.to_vec();
+    params.push((pgwire::CANCEL_KEY_PARAM.to_string(), key.to_param()));
+    let mut out = BytesMut::new();
+    pgwire::startup_message(&mut out, &params);
+    let lost = |e: &dyn std::fmt::Display| PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("the appliance connection failed: {e}"));
+    stream.send.write_all(&out).await.map_err(|e| lost(&e))?;
+    let mut buf = BytesMut::from(&stream.leftover[..]);
+    loop {
+        match pgwire::parse_message(&buf, pgwire::MAX_AUTH_MESSAGE_LEN).map_err(|e| lost(&e))? {
+            Some((b'R', body, n)) if body == [0, 0, 0, 0] => {
+                let _ = buf.split_to(n);
+                return Ok((stream, buf.freeze()));
+            }
+            // The database's own refusal, as it wrote it.
+            Some((b'E', body, _)) => {
+                let (code, message) = pgwire::error_fields(body);
+                let mut e = PgError::fatal(sqlstate::CONNECTION_FAILURE, message);
+                e.sqlstate = known_sqlstate(&code);
+                return Err(e);
+            }
+            Some(_) => return Err(lost(&"unexpected message from the appliance")),
+            None => {}
+        }
+        match stream.recv.read_chunk(READ_BUF, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(None) => return Err(lost(&"the appliance closed the session")),
+            Err(e) => return Err(lost(&e)),
+        }
+    }
+}
+
+/// `PgError` holds a static SQLSTATE; the ones a server refuses a login with map to ours.
+fn known_sqlstate(code: &str) -> &'static str {
+    [
+        sqlstate::TOO_MANY_CONNECTIONS,
+        sqlstate::INVALID_PASSWORD,
+        sqlstate::INVALID_AUTHORIZATION,
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        sqlstate::ADMIN_SHUTDOWN,
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        sqlstate::PROTOCOL_VIOLATION,
+        "3D000",
+        "57P03",
+    ]
+    .into_iter()
+    .find(|c| *c == code)
+    .unwrap_or(sqlstate::CONNECTION_FAILURE)
+}
+
+#[derive(Default)]
+struct Counts {
+    up: u64,
+    down: u64,
+    statements: u64,
+    client_quit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PumpError {
+    #[error("client connection: {0}")]
+    Client(std::io::Error),
+    #[error("tunnel read: {0}")]
+    QuicRead(quinn::ReadError),
+    #[error("tunnel write: {0}")]
+    QuicWrite(quinn::WriteError),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// Relays both ways until both directions are done. Client bytes are forwarded as soon as
+/// they are whole messages for the audit (or any bytes of other messages), without copies;
+/// the agent's chunks are gathered into one TLS write.
+async fn pump(
+    tls: &mut Tls,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    audit: &tokio::sync::mpsc::Sender<serde_json::Value>,
+    counts: &mut Counts,
+) -> Result<(), PumpError> {
+    let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+    let (mut up, mut statements, mut client_quit) = (0u64, 0u64, false);
+    let mut down = 0u64;
+    let client_to_agent = async {
+        let mut scan = FrontendScan::new(pgwire::MAX_AUDITED_MESSAGE_LEN);
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        loop {
+            if buf.capacity() - buf.len() < READ_BUF / 8 {
+                buf.reserve(READ_BUF);
+            }
+            let n = tls_r.read_buf(&mut buf).await.map_err(PumpError::Client)?;
+            if n == 0 {
+                let _ = send.finish();
+                return Ok::<(), PumpError>(());
+            }
+            up += n as u64;
+            let mut seen = Vec::new();
+            let ready = scan.scan(&buf, &mut seen).map_err(|e| PumpError::Protocol(e.to_string()))?;
+            for f in seen {
+                match f.audit_detail() {
+                    Some(detail) => {
+                        statements += 1;
+                        // Closed only if the writer is gone, i.e. the session is ending.
+                        let _ = audit.send(detail).await;
+                    }
+                    None => client_quit = true,
+                }
+            }
+            if ready > 0 {
+                send.write_chunk(buf.split_to(ready).freeze()).await.map_err(PumpError::QuicWrite)?;
+            }
+        }
+    };
+    let agent_to_client = async {
+        let mut chunks: [Bytes; 32] = Default::default();
+        let mut gather = Vec::with_capacity(READ_BUF);
+        while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(PumpError::QuicRead)? {
+            let got = chunks.get(..n).unwrap_or_default();
+            if let [one] = got {
+                tls_w.write_all(one).await.map_err(PumpError::Client)?;
+                down += one.len() as u64;
+            } else {
+                gather.clear();
+                for c in got {
+                    gather.extend_from_slice(c);
+                }
+                tls_w.write_all(&gather).await.map_err(PumpError::Client)?;
+                down += gather.len() as u64;
+            }
+            tls_w.flush().await.map_err(PumpError::Client)?;
+        }
+        tls_w.shutdown().await.map_err(PumpError::Client)?;
+        Ok::<(), PumpError>(())
+    };
+    let r = tokio::try_join!(client_to_agent, agent_to_client).map(|_| ());
+    counts.up += up;
+    counts.down += down;
+    counts.statements += statements;
+    counts.client_quit = client_quit;
+    r
+}
+
+/// A client's CancelRequest: routed to the session its key was minted for; the agent sends
+/// the real key to the database. As PostgreSQL does, the client gets no answer either way.
+async fn cancel(gw: &Arc<Gateway>, front: &Front, key: CancelKey, client: SocketAddr) {
+    let target = front.cancels().get(&key).cloned();
+    let Some(CancelTarget { endpoint: ep, session_id }) = target else {
+        tracing::info!(%client, "cancel request with an unknown key");
+        return;
+    };
+    gw.audit
+        .record("sql.cancel", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, &session_id), serde_json::json!({
+            "client_addr": client.to_string(),
+        }))
+        .await;
+    let sent = async {
+        let mut stream = shared::open_stream(gw, &ep, &session_id, client).await.map_err(|e| e.message)?;
+        let mut out = BytesMut::new();
+        pgwire::cancel_request(&mut out, key);
+        stream.send.write_all(&out).await.map_err(|e| e.to_string())?;
+        let _ = stream.send.finish();
+        // Wait for the agent to finish, so the cancel has been sent when we close.
+        let _ = stream.recv.read_to_end(64).await;
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(endpoint = %ep.id, error = %e, "could not pass a cancel request to the agent"),
+        Err(_) => tracing::warn!(endpoint = %ep.id, "cancel request timed out"),
+    }
+}

@@ -1,0 +1,151 @@
+//! The ephemeral role against a real throwaway PostgreSQL: it reads and writes its granted
+//! schema, and the server itself refuses everything else; teardown leaves nothing behind.
+
+use postern::pg_cluster;
+use std::time::Duration;
+use tunnel_client::{config::AgentConfig, postgres};
+
+fn resource(url: &str) -> tunnel_client::config::ResourceConfig {
+    let text = format!(
+        "audit_path = \"a\"\n[[resource]]\nid = \"aws_db_instance.main\"\nkind = \"postgres\"\nadmin_url = \"{url}\"\n\
+         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\"]\n"
+    );
+    let c = AgentConfig::parse(&text, std::path::Path::new("/etc/postern/agent.toml")).unwrap();
+    c.resources[0].clone()
+}
+
+async fn connect(url: &str, user: &str, password: &str) -> tokio_postgres::Client {
+    let mut c: tokio_postgres::Config = url.parse().unwrap();
+    c.user(user).password(password);
+    let (client, conn) = c.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+fn sqlstate(r: Result<impl Sized, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.code().map(|c| c.code().to_string()).unwrap_or_else(|| e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("role");
+    cluster.psql(
+        &url,
+        "CREATE SCHEMA app; CREATE TABLE app.items (id serial primary key, name text); \
+         INSERT INTO app.items (name) VALUES ('a'); CREATE SCHEMA secret; CREATE TABLE secret.keys (k text); \
+         INSERT INTO secret.keys VALUES ('s');",
+    );
+    let res = resource(&url);
+    postgres::validate_config(&res).unwrap();
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
+    // Announced again (agent reconnect): nothing changes.
+    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
+    let role = postgres::ready_role("ep_roletest1").await.unwrap();
+    assert_eq!(role.name, "postern_ep_roletest1");
+
+    let attrs = cluster.psql(
+        &url,
+        "SELECT rolsuper, rolcreatedb, rolcreaterole, rolinherit, rolreplication, rolbypassrls, rolconnlimit, \
+         rolvaliduntil IS NOT NULL, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'postern_ep_roletest1'",
+    );
+    assert_eq!(attrs.trim(), "f|f|f|f|f|f|64|t|t");
+
+    let c = connect(&url, &role.name, role.password.expose()).await;
+    // search_path is the granted schema.
+    let n: i64 = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    c.batch_execute("INSERT INTO items (name) VALUES ('b')").await.unwrap();
+    let refusals = [
+        ("other schema", "SELECT * FROM secret.keys"),
+        ("update not granted", "UPDATE app.items SET name = 'x'"),
+        ("pg_authid", "SELECT * FROM pg_authid"),
+        ("pg_read_file", "SELECT pg_read_file('postgresql.conf')"),
+        ("copy to program", "COPY (SELECT 1) TO PROGRAM 'true'"),
+        ("set role", "SET ROLE postern"),
+        ("set session authorization", "SET SESSION AUTHORIZATION postern"),
+        ("create extension", "CREATE EXTENSION pgcrypto"),
+        ("alter system", "ALTER SYSTEM SET work_mem = '1MB'"),
+        ("create table in public", "CREATE TABLE public.t (x int)"),
+        ("create schema", "CREATE SCHEMA mine"),
+    ];
+    for (name, sql) in refusals {
+        assert_eq!(sqlstate(c.batch_execute(sql).await), "42501", "{name}: {sql}");
+    }
+
+    // A long query is cut by teardown; the role and its backends are gone.
+    let sleeper = connect(&url, &role.name, role.password.expose()).await;
+    let sleeping = tokio::spawn(async move { sqlstate(sleeper.batch_execute("SELECT pg_sleep(3600)").await) });
+    let gate = connect(&url, "postern", "").await;
+    for _ in 0..200 {
+        let active: i64 = gate
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query LIKE '%pg_sleep%'", &[&role.name])
+            .await
+            .unwrap()
+            .get(0);
+        if active > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    postgres::teardown_role("ep_roletest1").await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap();
+    assert!(cut == "57P01" || cut.contains("closed"), "the sleeping query ended with {cut}");
+    let left: i64 =
+        gate.query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&role.name]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let exists: i64 = gate.query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role.name]).await.unwrap().get(0);
+    assert_eq!(exists, 0);
+    assert!(postgres::ready_role("ep_roletest1").await.is_err());
+    // Tearing down twice is harmless.
+    postgres::teardown_role("ep_roletest1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_role_left_by_a_crashed_agent_is_replaced() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("leftover");
+    cluster.psql(&url, "CREATE SCHEMA app; CREATE ROLE postern_ep_leftover1 LOGIN PASSWORD 'old'");
+    let res = resource(&url);
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
+    postgres::prepare_role(&res, "ep_leftover1", expires).await.unwrap();
+    let role = postgres::ready_role("ep_leftover1").await.unwrap();
+    let valid = cluster.psql(&url, "SELECT rolvaliduntil IS NOT NULL FROM pg_roles WHERE rolname = 'postern_ep_leftover1'");
+    assert_eq!(valid.trim(), "t");
+    drop(role);
+    postgres::teardown_role("ep_leftover1").await.unwrap();
+}
+
+#[test]
+fn our_verifiers_match_the_ones_postgres_makes() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("verifier");
+    cluster.psql(&url, "SET password_encryption = 'scram-sha-256'; CREATE ROLE verifier_check PASSWORD 'correct horse'");
+    let stored = cluster.psql(&url, "SELECT rolpassword FROM pg_authid WHERE rolname = 'verifier_check'");
+    let v = certs::scram::Verifier::parse(stored.trim()).unwrap();
+    assert_eq!(v.to_string(), stored.trim());
+    assert!(v.matches("correct horse"));
+    assert!(!v.matches("correct horse "));
+    cluster.psql(&url, "DROP ROLE verifier_check");
+}
+
+#[test]
+fn bad_postgres_resources_are_config_errors() {
+    for (extra, want) in [
+        ("privileges = [\"ALL\"]\n", "privileges"),
+        ("schemas = []\n", "schemas"),
+        ("admin_url = \"postgres://x@h/db?sslmode=require\"\n", "sslmode"),
+    ] {
+        let text = format!(
+            "audit_path = \"a\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\n{}{extra}",
+            if extra.starts_with("admin_url") { "" } else { "admin_url = \"postgres://x@127.0.0.1/db\"\n" }
+        );
+        // agent.toml is refused as a whole, naming the resource and the key.
+        let e = AgentConfig::parse(&text, std::path::Path::new("/a.toml")).unwrap_err().to_string();
+        assert!(e.contains("resource \"db\"") && e.contains(want), "{e}");
+    }
+}
