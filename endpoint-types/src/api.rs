@@ -117,7 +117,7 @@ pub struct EndpointCreateRequest {
 
 /// The public half of an endpoint's client credential. The CLI makes the key pair or password
 /// on the operator's machine, so the secret half never reaches the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientCredential {
     /// A PKCS#10 CSR; the gateway signs it once the endpoint is active.
@@ -126,6 +126,18 @@ pub enum ClientCredential {
     Postgres { scram_verifier: String },
     /// An OpenSSH one-line public key.
     Ssh { public_key: String },
+}
+
+/// A SCRAM verifier is a password hash: like any secret-derived value it stays out of logs.
+impl std::fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            ClientCredential::Kubectl { .. } => "Kubectl",
+            ClientCredential::Postgres { .. } => "Postgres",
+            ClientCredential::Ssh { .. } => "Ssh",
+        };
+        write!(f, "ClientCredential::{kind}(<redacted>)")
+    }
 }
 
 /// What the endpoint's creator needs to write their client's files.
@@ -387,5 +399,18 @@ mod chain_tests {
         c[1].actor = "mallory".into();
         c[1].hash = fake_hash(&c[1].chain_input());
         assert_eq!(verify_chain(&c, fake_hash), Err(3));
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::ClientCredential;
+
+    #[test]
+    fn credentials_are_redacted_in_debug() {
+        let c = ClientCredential::Postgres { scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:c2VydmVy".into() };
+        let shown = format!("{c:?}");
+        assert_eq!(shown, "ClientCredential::Postgres(<redacted>)");
+        assert!(!shown.contains("SCRAM"));
     }
 }
