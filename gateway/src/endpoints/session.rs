@@ -161,3 +161,21 @@ fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
         into.extend(extra);
     }
 }
+
+/// The next client of a listener, or None once the gateway shuts down. Accept errors (out of
+/// file descriptors, mostly) are logged and retried after a short pause rather than ending
+/// the listener.
+pub async fn accept_next(gw: &Gateway, listener: &tokio::net::TcpListener, what: &str) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = gw.shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

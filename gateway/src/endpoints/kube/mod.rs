@@ -18,7 +18,7 @@ use endpoint_types::{
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Checks the credential sent with `create`: a CSR whose signature verifies.
@@ -66,18 +66,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
             return gw.shutdown.cancelled().await;
         }
     };
-    loop {
-        let (tcp, client) = tokio::select! {
-            _ = gw.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kube front end: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "kube front end").await {
         gw.tasks.spawn(connection(gw.clone(), tls.clone(), tcp, client));
     }
 }

@@ -16,7 +16,6 @@ use endpoint_types::{
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 /// Checks the credential sent with `create`: a well-formed SCRAM-SHA-256 verifier.
@@ -98,18 +97,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
             return gw.shutdown.cancelled().await;
         }
     };
-    loop {
-        let (tcp, client) = tokio::select! {
-            _ = gw.shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "postgres front end: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "postgres front end").await {
         gw.tasks.spawn(session::connection(gw.clone(), front.clone(), tcp, client));
     }
 }

@@ -93,18 +93,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
         Err(e) => return tracing::error!("ssh front end disabled: {}", e.message),
     };
     let config = Arc::new(config(key));
-    loop {
-        let (tcp, client) = tokio::select! {
-            _ = gw.shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ssh accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "ssh front end").await {
         gw.tasks.spawn(connection(gw.clone(), config.clone(), tcp, client));
     }
 }
