@@ -1,6 +1,9 @@
 //! The cluster's real API server, reached with credentials the appliance holds: a kubeconfig
 //! (path in `agent.toml`) or, when none is named, the pod's in-cluster service account.
-//! Connections are HTTP/1.1 over TLS and pooled (kept alive between requests).
+//! Connections are TLS and kept alive. Ordinary requests use HTTP/2 when the API server offers
+//! it by ALPN (real ones do), multiplexed over one connection; upgrades (exec, attach,
+//! port-forward) always go over a separate HTTP/1.1 connection, as kubectl's own do, since
+//! neither WebSocket nor SPDY upgrades exist in HTTP/2.
 //!
 //! Both are loaded with the `kube` crate's config module (`Kubeconfig::read_from`,
 //! `Config::from_custom_kubeconfig`, `Config::incluster`), so contexts, merged documents,
@@ -11,8 +14,13 @@
 use bytes::Bytes;
 use endpoint_types::secret::Secret;
 use http_body_util::Full;
-use hyper::{body::Incoming, client::conn::http1::SendRequest, header::HeaderValue, Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    header::{HeaderValue, HOST},
+    Request, Response, Uri,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use secrecy::ExposeSecret;
@@ -56,9 +64,28 @@ pub struct Upstream {
     /// `Host` header value.
     authority: HeaderValue,
     server_name: ServerName<'static>,
+    /// ALPN `h2`, `http/1.1`: for ordinary requests.
     tls: tokio_rustls::TlsConnector,
+    /// ALPN `http/1.1` only: for upgrades.
+    tls_h1: tokio_rustls::TlsConnector,
     auth: Auth,
-    pool: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    pool: Mutex<Pool>,
+    /// Held while dialling for an ordinary request, so a burst of them (kubectl's parallel
+    /// discovery) shares one new HTTP/2 connection instead of each opening its own.
+    dialling: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// The shared HTTP/2 connection, when the server chose h2.
+    h2: Option<http2::SendRequest<Full<Bytes>>>,
+    /// Idle HTTP/1.1 connections.
+    h1: Vec<http1::SendRequest<Full<Bytes>>>,
+}
+
+enum Conn {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl std::fmt::Debug for Upstream {
@@ -170,14 +197,18 @@ impl Upstream {
         let name = tls_server_name.unwrap_or(bare_host);
         let server_name = ServerName::try_from(name.to_string()).map_err(|e| UpstreamError::Tls(format!("server name {name:?}: {e}")))?;
         let client_ref = client.as_ref().map(|(c, k)| (c.as_str(), k));
-        let config = certs::client_config(ca_pem, client_ref, vec![b"http/1.1".to_vec()]).map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        let tls = |alpn: Vec<Vec<u8>>| {
+            certs::client_config(ca_pem, client_ref, alpn).map(|c| tokio_rustls::TlsConnector::from(Arc::new(c))).map_err(|e| UpstreamError::Tls(e.to_string()))
+        };
         Ok(Upstream {
             addr,
             authority: HeaderValue::from_str(authority).map_err(|e| UpstreamError::Tls(e.to_string()))?,
             server_name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            tls: tls(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+            tls_h1: tls(vec![b"http/1.1".to_vec()])?,
             auth,
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            dialling: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -207,45 +238,94 @@ impl Upstream {
         Ok(Some(v))
     }
 
-    /// Sends on an idle pooled connection, or a new one. A connection whose request was an
-    /// upgrade is never pooled again (it carries the upgraded stream).
+    /// Sends an ordinary request on the shared HTTP/2 connection or an idle HTTP/1.1 one (a
+    /// new connection if there is neither); an upgrade on an idle HTTP/1.1 connection or a new
+    /// one that offers only `http/1.1`. A connection that carried an upgrade is never pooled
+    /// again (it carries the upgraded stream).
     pub async fn send(&self, req: Request<Full<Bytes>>, upgrade: bool) -> Result<Response<Incoming>, UpstreamError> {
-        let idle = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.retain(|s| !s.is_closed());
-            pool.iter().position(|s| s.is_ready()).map(|i| pool.swap_remove(i))
+        let conn = match self.idle(upgrade) {
+            Some(c) => c,
+            None if upgrade => self.connect(true).await?,
+            None => {
+                let _dialling = self.dialling.lock().await;
+                match self.idle(false) {
+                    Some(c) => c,
+                    None => self.connect(false).await?,
+                }
+            }
         };
-        let mut sender = match idle {
-            Some(s) => s,
-            None => self.connect().await?,
-        };
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        if !upgrade {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL_MAX {
-                pool.push(sender);
+        match conn {
+            Conn::H2(mut sender) => {
+                sender.ready().await?;
+                Ok(sender.send_request(self.for_h2(req)?).await?)
+            }
+            Conn::H1(mut sender) => {
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                if !upgrade {
+                    let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool.h1.len() < POOL_MAX {
+                        pool.h1.push(sender);
+                    }
+                }
+                Ok(resp)
             }
         }
-        Ok(resp)
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    fn idle(&self, upgrade: bool) -> Option<Conn> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.h2.as_ref().is_some_and(|s| s.is_closed()) {
+            pool.h2 = None;
+        }
+        pool.h1.retain(|s| !s.is_closed());
+        match &pool.h2 {
+            Some(s) if !upgrade => Some(Conn::H2(s.clone())),
+            _ => pool.h1.iter().position(|s| s.is_ready()).map(|i| Conn::H1(pool.h1.swap_remove(i))),
+        }
+    }
+
+    /// HTTP/2 carries the target as `:scheme`/`:authority`/`:path`: an absolute URI, no `Host`.
+    fn for_h2(&self, req: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let (mut parts, body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let authority = self.authority.to_str().map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        parts.uri = Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| UpstreamError::Tls(format!("request target: {e}")))?;
+        parts.headers.remove(HOST);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    async fn connect(&self, upgrade: bool) -> Result<Conn, UpstreamError> {
         let fail = |message: String| UpstreamError::Connect { addr: self.addr.clone(), message };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
             .await
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(self.server_name.clone(), tcp))
+        let connector = if upgrade { &self.tls_h1 } else { &self.tls };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| fail("TLS handshake timed out".into()))?
             .map_err(|e| fail(format!("TLS: {e}")))?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new()).handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            // Shared at once, before the dialling lock is released, so waiters reuse it.
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).h2 = Some(sender.clone());
+            return Ok(Conn::H2(sender));
+        }
+        let (sender, conn) = http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(sender)
+        Ok(Conn::H1(sender))
     }
 }
 
