@@ -64,6 +64,9 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
     let reqs = api.requests();
     assert!(reqs.iter().all(|r| r.header("authorization").is_some()));
     assert!(reqs.iter().any(|r| r.path() == "/api/v1/namespaces/my-app-prod/pods/web-1/exec"));
+    // Stock kubectl takes the h2 the server offers, and HTTP/1.1 for its exec upgrades.
+    assert!(reqs.iter().filter(|r| !r.path().ends_with("/exec")).all(|r| r.version == "HTTP/2.0"), "{reqs:?}");
+    assert!(reqs.iter().filter(|r| r.path().ends_with("/exec")).all(|r| r.version == "HTTP/1.1"), "{reqs:?}");
     Ok(())
 }
 
@@ -230,6 +233,17 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
         assert_eq!(r.header("impersonate-group"), Some("postern-ops"), "{r:?}");
         assert!(!r.headers.iter().any(|(_, v)| v.contains("evil") || v.contains("system:masters")), "{r:?}");
     }
+
+    // The agent multiplexes ordinary requests over one HTTP/2 connection (the server offers
+    // h2 by ALPN) and takes each upgrade (exec, cp) over its own HTTP/1.1 connection.
+    let (upgrades, plain): (Vec<_>, Vec<_>) = reqs.iter().partition(|r| r.path().ends_with("/exec"));
+    assert!(upgrades.len() >= 4 && plain.len() >= 10, "{reqs:?}");
+    assert!(plain.iter().all(|r| r.version == "HTTP/2.0"), "{plain:?}");
+    let h2_conns: std::collections::BTreeSet<u64> = plain.iter().map(|r| r.conn).collect();
+    assert_eq!(h2_conns.len(), 1, "{plain:?}");
+    assert!(upgrades.iter().all(|r| r.version == "HTTP/1.1" && !h2_conns.contains(&r.conn)), "{upgrades:?}");
+    let up_conns: std::collections::BTreeSet<u64> = upgrades.iter().map(|r| r.conn).collect();
+    assert_eq!(up_conns.len(), upgrades.len(), "{upgrades:?}");
 
     // Out of scope: refused with a Status kubectl prints, and never reaching the cluster.
     s.api.clear_requests();

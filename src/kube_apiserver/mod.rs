@@ -4,8 +4,10 @@
 //! responses, watch streams, `pods/log` with follow, and `pods/exec` over WebSocket. It
 //! records every request it receives so tests can assert what reached it (and what did not).
 //!
-//! It speaks HTTP/1.1 only (ALPN `http/1.1`): kubectl then stays on HTTP/1.1, which is also
-//! what its WebSocket exec needs.
+//! Like a real API server it offers `h2` and `http/1.1` by ALPN: clients multiplex ordinary
+//! requests over HTTP/2 and open a separate HTTP/1.1 connection for upgrades (exec, attach,
+//! port-forward), as kubectl does. Each recorded request carries its HTTP version and the
+//! number of the connection it came on, so tests can check both.
 
 mod exec;
 pub mod objects;
@@ -46,6 +48,10 @@ pub struct Recorded {
     /// Path and query, exactly as received.
     pub uri: String,
     pub headers: Vec<(String, String)>,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// Which TLS connection (numbered from 0 in accept order) carried the request.
+    pub conn: u64,
 }
 
 impl Recorded {
@@ -151,7 +157,7 @@ impl KubeApiServer {
         let now = jiff::Timestamp::now();
         let ca = certs::Ca::generate("test kube-apiserver", now)?;
         let issued = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], now, Duration::from_secs(7 * 86400))?;
-        let tls = certs::server_config(&issued.cert_pem, &issued.key_pem, None, certs::ClientAuth::None, vec![b"http/1.1".to_vec()])?;
+        let tls = certs::server_config(&issued.cert_pem, &issued.key_pem, None, certs::ClientAuth::None, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -255,17 +261,22 @@ async fn accept_loop(listener: std::net::TcpListener, acceptor: tokio_rustls::Tl
         Ok(l) => l,
         Err(e) => return eprintln!("test kube-apiserver: {e}"),
     };
+    let mut next_conn = 0u64;
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
         };
         let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
+        let conn_no = next_conn;
+        next_conn += 1;
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
+            let service = hyper::service::service_fn(move |req| handle(shared.clone(), conn_no, req));
+            // The auto builder picks HTTP/2 from the client preface, HTTP/1.1 otherwise.
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = conn => {}
@@ -345,11 +356,11 @@ impl Params {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let uri = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
     if let Ok(mut l) = shared.log.lock() {
-        l.push(Recorded { method: req.method().to_string(), uri, headers });
+        l.push(Recorded { method: req.method().to_string(), uri, headers, version: format!("{:?}", req.version()), conn });
     }
     let authorized = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {}", shared.token));
     if !authorized {

@@ -64,13 +64,13 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
 
 /// One upstream (and its connection pool) per resource, for the agent's lifetime: the config
 /// does not change while the agent runs.
-fn upstream_for(resource: &ResourceConfig) -> Result<Arc<Upstream>, upstream::UpstreamError> {
+async fn upstream_for(resource: &ResourceConfig) -> Result<Arc<Upstream>, upstream::UpstreamError> {
     static UPSTREAMS: OnceLock<Mutex<HashMap<String, Arc<Upstream>>>> = OnceLock::new();
     let map = UPSTREAMS.get_or_init(Default::default);
     if let Some(u) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&resource.id) {
         return Ok(u.clone());
     }
-    let u = Arc::new(Upstream::load(resource.kubeconfig.as_deref())?);
+    let u = Arc::new(Upstream::load(resource.kubeconfig.as_deref()).await?);
     map.lock().unwrap_or_else(|p| p.into_inner()).insert(resource.id.clone(), u.clone());
     Ok(u)
 }
@@ -91,7 +91,7 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         Ok(s) => s,
         Err(e) => return refuse(&mut send, ApiError::invalid(format!("resource {:?}: {e}", resource.id))).await,
     };
-    let upstream = match upstream_for(&resource) {
+    let upstream = match upstream_for(&resource).await {
         Ok(u) => u,
         Err(e) => {
             let e = ApiError::new(ErrorCode::TargetUnreachable, format!("resource {:?}: {e}", resource.id)).hint("fix the resource's kubeconfig in agent.toml");

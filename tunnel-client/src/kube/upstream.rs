@@ -1,18 +1,29 @@
 //! The cluster's real API server, reached with credentials the appliance holds: a kubeconfig
 //! (path in `agent.toml`) or, when none is named, the pod's in-cluster service account.
-//! Connections are HTTP/1.1 over TLS and pooled (kept alive between requests).
+//! Connections are TLS and kept alive. Ordinary requests use HTTP/2 when the API server offers
+//! it by ALPN (real ones do), multiplexed over one connection; upgrades (exec, attach,
+//! port-forward) always go over a separate HTTP/1.1 connection, as kubectl's own do, since
+//! neither WebSocket nor SPDY upgrades exist in HTTP/2.
 //!
-//! The kubeconfig is read with serde_yaml rather than the `kube` crate: kube's client stack
-//! (tower, hyper-rustls, its own TLS feature matrix) costs far more build time than the few
-//! fields needed here, and the connection must be our own anyway to pass upgrades through.
+//! Both are loaded with the `kube` crate's config module (`Kubeconfig::read_from`,
+//! `Config::from_custom_kubeconfig`, `Config::incluster`), so contexts, merged documents,
+//! relative paths and `*-data` fields behave as in every other Kubernetes client. Only its
+//! `config` feature is used: the connection must be our own to pass upgrades through, and the
+//! TLS config is built by `certs` so the workspace keeps a single rustls provider (ring).
 
 use bytes::Bytes;
 use endpoint_types::secret::Secret;
 use http_body_util::Full;
-use hyper::{body::Incoming, client::conn::http1::SendRequest, header::HeaderValue, Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    header::{HeaderValue, HOST},
+    Request, Response, Uri,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
-use serde::Deserialize;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+use secrecy::ExposeSecret;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -21,7 +32,6 @@ use std::{
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_MAX: usize = 16;
-const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Projected service-account tokens rotate; re-read the file this often.
 const TOKEN_FILE_TTL: Duration = Duration::from_secs(60);
 
@@ -41,69 +51,6 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
-#[derive(Deserialize)]
-struct KubeConfig {
-    #[serde(default)]
-    clusters: Vec<NamedCluster>,
-    #[serde(default)]
-    users: Vec<NamedUser>,
-    #[serde(default)]
-    contexts: Vec<NamedContext>,
-    #[serde(rename = "current-context")]
-    current_context: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct NamedCluster {
-    name: String,
-    cluster: Cluster,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
-struct Cluster {
-    server: String,
-    certificate_authority: Option<PathBuf>,
-    certificate_authority_data: Option<String>,
-    tls_server_name: Option<String>,
-    #[serde(default)]
-    insecure_skip_tls_verify: bool,
-}
-
-#[derive(Deserialize)]
-struct NamedUser {
-    name: String,
-    #[serde(default)]
-    user: User,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-struct User {
-    token: Option<Secret>,
-    #[serde(rename = "tokenFile")]
-    token_file: Option<PathBuf>,
-    client_certificate: Option<PathBuf>,
-    client_certificate_data: Option<String>,
-    client_key: Option<PathBuf>,
-    client_key_data: Option<Secret>,
-    exec: Option<serde_yaml::Value>,
-    #[serde(rename = "auth-provider")]
-    auth_provider: Option<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
-struct NamedContext {
-    name: String,
-    context: Context,
-}
-
-#[derive(Deserialize)]
-struct Context {
-    cluster: String,
-    user: Option<String>,
-}
-
 enum Auth {
     None,
     Token(Secret),
@@ -117,9 +64,28 @@ pub struct Upstream {
     /// `Host` header value.
     authority: HeaderValue,
     server_name: ServerName<'static>,
+    /// ALPN `h2`, `http/1.1`: for ordinary requests.
     tls: tokio_rustls::TlsConnector,
+    /// ALPN `http/1.1` only: for upgrades.
+    tls_h1: tokio_rustls::TlsConnector,
     auth: Auth,
-    pool: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    pool: Mutex<Pool>,
+    /// Held while dialling for an ordinary request, so a burst of them (kubectl's parallel
+    /// discovery) shares one new HTTP/2 connection instead of each opening its own.
+    dialling: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// The shared HTTP/2 connection, when the server chose h2.
+    h2: Option<http2::SendRequest<Full<Bytes>>>,
+    /// Idle HTTP/1.1 connections.
+    h1: Vec<http1::SendRequest<Full<Bytes>>>,
+}
+
+enum Conn {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
 impl std::fmt::Debug for Upstream {
@@ -137,71 +103,86 @@ fn read(path: &Path) -> Result<String, UpstreamError> {
     std::fs::read_to_string(path).map_err(|source| UpstreamError::Read { path: path.to_path_buf(), source })
 }
 
+/// PEM for the DER certificates kube hands back, the form `certs::client_config` takes.
+fn pem_certs(ders: &[Vec<u8>]) -> String {
+    use base64::Engine;
+    let mut out = String::new();
+    for der in ders {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b = base64::engine::general_purpose::STANDARD.encode(der);
+        for line in b.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
 impl Upstream {
     /// From a kubeconfig file (its current context), or the in-cluster service account.
-    pub fn load(kubeconfig: Option<&Path>) -> Result<Upstream, UpstreamError> {
+    pub async fn load(kubeconfig: Option<&Path>) -> Result<Upstream, UpstreamError> {
         match kubeconfig {
-            Some(p) => Self::from_kubeconfig(p),
+            Some(p) => Self::from_kubeconfig(p).await,
             None => Self::in_cluster(),
         }
     }
 
-    fn from_kubeconfig(path: &Path) -> Result<Upstream, UpstreamError> {
+    async fn from_kubeconfig(path: &Path) -> Result<Upstream, UpstreamError> {
         let err = |message: String| UpstreamError::Config { path: path.to_path_buf(), message };
-        let cfg: KubeConfig = serde_yaml::from_str(&read(path)?).map_err(|e| err(e.to_string()))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
-        let ctx_name = cfg.current_context.clone().or_else(|| cfg.contexts.first().map(|c| c.name.clone())).ok_or_else(|| err("no context".into()))?;
-        let ctx = cfg.contexts.iter().find(|c| c.name == ctx_name).ok_or_else(|| err(format!("no context {ctx_name:?}")))?;
-        let cluster = &cfg.clusters.iter().find(|c| c.name == ctx.context.cluster).ok_or_else(|| err(format!("no cluster {:?}", ctx.context.cluster)))?.cluster;
-        if cluster.insecure_skip_tls_verify {
+        if !path.exists() {
+            return Err(UpstreamError::Read { path: path.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
+        }
+        let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))?;
+        if cfg.accept_invalid_certs {
             return Err(err("insecure-skip-tls-verify is not accepted: name the cluster's CA".into()));
         }
-        let user = ctx.context.user.as_ref().and_then(|u| cfg.users.iter().find(|x| &x.name == u)).map(|u| &u.user);
-        let ca_pem = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
-            (Some(d), _) => b64(d).ok_or_else(|| err("certificate-authority-data is not base64 PEM".into()))?,
-            (None, Some(p)) => read(&rel(p))?,
-            (None, None) => return Err(err("the cluster names no certificate-authority".into())),
-        };
-        let mut auth = Auth::None;
-        let mut client = None;
-        if let Some(u) = user {
-            if u.exec.is_some() || u.auth_provider.is_some() {
-                return Err(err("exec and auth-provider users are not supported: use a token or a client certificate".into()));
-            }
-            auth = match (&u.token, &u.token_file) {
-                (Some(t), _) => Auth::Token(t.clone()),
-                (None, Some(f)) => Auth::TokenFile { path: rel(f), cached: Mutex::new(None) },
-                _ => Auth::None,
-            };
-            let cert = match (&u.client_certificate_data, &u.client_certificate) {
-                (Some(d), _) => Some(b64(d).ok_or_else(|| err("client-certificate-data is not base64 PEM".into()))?),
-                (None, Some(p)) => Some(read(&rel(p))?),
-                _ => None,
-            };
-            let key = match (&u.client_key_data, &u.client_key) {
-                (Some(d), _) => Some(Secret::new(b64(d.expose()).ok_or_else(|| err("client-key-data is not base64 PEM".into()))?)),
-                (None, Some(p)) => Some(Secret::new(read(&rel(p))?)),
-                _ => None,
-            };
-            if let (Some(c), Some(k)) = (cert, key) {
-                client = Some((c, k));
-            }
+        let u = &cfg.auth_info;
+        // kube would run these at request time; the agent refuses them up front so a vendor
+        // session can never make the appliance execute a helper binary.
+        if u.exec.is_some() || u.auth_provider.is_some() {
+            return Err(err("exec and auth-provider users are not supported: use a token or a client certificate".into()));
         }
-        Self::build(&cluster.server, cluster.tls_server_name.as_deref(), &ca_pem, client, auth).map_err(|e| match e {
+        let ca_pem = match &cfg.root_cert {
+            Some(ders) if !ders.is_empty() => pem_certs(ders),
+            _ => return Err(err("the cluster names no certificate-authority".into())),
+        };
+        let auth = match (&u.token, &u.token_file) {
+            (Some(t), _) => Auth::Token(Secret::new(t.expose_secret().to_string())),
+            (None, Some(f)) => Auth::TokenFile { path: PathBuf::from(f), cached: Mutex::new(None) },
+            _ => Auth::None,
+        };
+        // kube keeps the client identity crate-private; read it from the same fields.
+        let cert = match (&u.client_certificate_data, &u.client_certificate) {
+            (Some(d), _) => Some(b64(d).ok_or_else(|| err("client-certificate-data is not base64 PEM".into()))?),
+            (None, Some(p)) => Some(read(Path::new(p))?),
+            _ => None,
+        };
+        let key = match (&u.client_key_data, &u.client_key) {
+            (Some(d), _) => Some(Secret::new(b64(d.expose_secret()).ok_or_else(|| err("client-key-data is not base64 PEM".into()))?)),
+            (None, Some(p)) => Some(Secret::new(read(Path::new(p))?)),
+            _ => None,
+        };
+        let client = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(err("a client certificate needs both certificate and key".into())),
+        };
+        Self::build(&cfg.cluster_url.to_string(), cfg.tls_server_name.as_deref(), &ca_pem, client, auth).map_err(|e| match e {
             UpstreamError::Tls(m) => err(m),
             e => e,
         })
     }
 
     fn in_cluster() -> Result<Upstream, UpstreamError> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| UpstreamError::InCluster("KUBERNETES_SERVICE_HOST is not set (not in a pod?); set `kubeconfig` in agent.toml".into()))?;
-        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let dir = Path::new(IN_CLUSTER_DIR);
-        let ca = read(&dir.join("ca.crt"))?;
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let auth = Auth::TokenFile { path: dir.join("token"), cached: Mutex::new(None) };
-        Self::build(&format!("https://{host}:{port}"), None, &ca, None, auth)
+        let cfg = Config::incluster().map_err(|e| UpstreamError::InCluster(format!("{e} (not in a pod?); set `kubeconfig` in agent.toml")))?;
+        let ca = pem_certs(cfg.root_cert.as_deref().unwrap_or_default());
+        let auth = match cfg.auth_info.token_file {
+            Some(f) => Auth::TokenFile { path: PathBuf::from(f), cached: Mutex::new(None) },
+            None => return Err(UpstreamError::InCluster("no service-account token file".into())),
+        };
+        Self::build(&cfg.cluster_url.to_string(), cfg.tls_server_name.as_deref(), &ca, None, auth)
     }
 
     fn build(server: &str, tls_server_name: Option<&str>, ca_pem: &str, client: Option<(String, Secret)>, auth: Auth) -> Result<Upstream, UpstreamError> {
@@ -216,14 +197,18 @@ impl Upstream {
         let name = tls_server_name.unwrap_or(bare_host);
         let server_name = ServerName::try_from(name.to_string()).map_err(|e| UpstreamError::Tls(format!("server name {name:?}: {e}")))?;
         let client_ref = client.as_ref().map(|(c, k)| (c.as_str(), k));
-        let config = certs::client_config(ca_pem, client_ref, vec![b"http/1.1".to_vec()]).map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        let tls = |alpn: Vec<Vec<u8>>| {
+            certs::client_config(ca_pem, client_ref, alpn).map(|c| tokio_rustls::TlsConnector::from(Arc::new(c))).map_err(|e| UpstreamError::Tls(e.to_string()))
+        };
         Ok(Upstream {
             addr,
             authority: HeaderValue::from_str(authority).map_err(|e| UpstreamError::Tls(e.to_string()))?,
             server_name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            tls: tls(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+            tls_h1: tls(vec![b"http/1.1".to_vec()])?,
             auth,
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            dialling: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -253,45 +238,94 @@ impl Upstream {
         Ok(Some(v))
     }
 
-    /// Sends on an idle pooled connection, or a new one. A connection whose request was an
-    /// upgrade is never pooled again (it carries the upgraded stream).
+    /// Sends an ordinary request on the shared HTTP/2 connection or an idle HTTP/1.1 one (a
+    /// new connection if there is neither); an upgrade on an idle HTTP/1.1 connection or a new
+    /// one that offers only `http/1.1`. A connection that carried an upgrade is never pooled
+    /// again (it carries the upgraded stream).
     pub async fn send(&self, req: Request<Full<Bytes>>, upgrade: bool) -> Result<Response<Incoming>, UpstreamError> {
-        let idle = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.retain(|s| !s.is_closed());
-            pool.iter().position(|s| s.is_ready()).map(|i| pool.swap_remove(i))
+        let conn = match self.idle(upgrade) {
+            Some(c) => c,
+            None if upgrade => self.connect(true).await?,
+            None => {
+                let _dialling = self.dialling.lock().await;
+                match self.idle(false) {
+                    Some(c) => c,
+                    None => self.connect(false).await?,
+                }
+            }
         };
-        let mut sender = match idle {
-            Some(s) => s,
-            None => self.connect().await?,
-        };
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        if !upgrade {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL_MAX {
-                pool.push(sender);
+        match conn {
+            Conn::H2(mut sender) => {
+                sender.ready().await?;
+                Ok(sender.send_request(self.for_h2(req)?).await?)
+            }
+            Conn::H1(mut sender) => {
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                if !upgrade {
+                    let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    if pool.h1.len() < POOL_MAX {
+                        pool.h1.push(sender);
+                    }
+                }
+                Ok(resp)
             }
         }
-        Ok(resp)
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    fn idle(&self, upgrade: bool) -> Option<Conn> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.h2.as_ref().is_some_and(|s| s.is_closed()) {
+            pool.h2 = None;
+        }
+        pool.h1.retain(|s| !s.is_closed());
+        match &pool.h2 {
+            Some(s) if !upgrade => Some(Conn::H2(s.clone())),
+            _ => pool.h1.iter().position(|s| s.is_ready()).map(|i| Conn::H1(pool.h1.swap_remove(i))),
+        }
+    }
+
+    /// HTTP/2 carries the target as `:scheme`/`:authority`/`:path`: an absolute URI, no `Host`.
+    fn for_h2(&self, req: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, UpstreamError> {
+        let (mut parts, body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let authority = self.authority.to_str().map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        parts.uri = Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| UpstreamError::Tls(format!("request target: {e}")))?;
+        parts.headers.remove(HOST);
+        Ok(Request::from_parts(parts, body))
+    }
+
+    async fn connect(&self, upgrade: bool) -> Result<Conn, UpstreamError> {
         let fail = |message: String| UpstreamError::Connect { addr: self.addr.clone(), message };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
             .await
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(self.server_name.clone(), tcp))
+        let connector = if upgrade { &self.tls_h1 } else { &self.tls };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| fail("TLS handshake timed out".into()))?
             .map_err(|e| fail(format!("TLS: {e}")))?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new()).handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            // Shared at once, before the dialling lock is released, so waiters reuse it.
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).h2 = Some(sender.clone());
+            return Ok(Conn::H2(sender));
+        }
+        let (sender, conn) = http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(sender)
+        Ok(Conn::H1(sender))
     }
 }
 
@@ -314,29 +348,45 @@ mod tests {
         p
     }
 
-    #[test]
-    fn token_users() {
+    #[tokio::test]
+    async fn token_users() {
         let dir = tempfile::tempdir().unwrap();
-        let up = Upstream::load(Some(&write(dir.path(), "    token: abc\n", ""))).unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    token: abc\n", ""))).await.unwrap();
         assert_eq!(up.addr, "127.0.0.1:6443");
         assert_eq!(up.authority(), "127.0.0.1:6443");
         assert_eq!(up.authorization().unwrap().unwrap(), "Bearer abc");
 
         std::fs::write(dir.path().join("tok"), "from-file\n").unwrap();
-        let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", ""))).unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", ""))).await.unwrap();
         assert_eq!(up.authorization().unwrap().unwrap(), "Bearer from-file");
     }
 
-    #[test]
-    fn refuses_what_it_cannot_honour() {
+    #[tokio::test]
+    async fn refuses_what_it_cannot_honour() {
         let dir = tempfile::tempdir().unwrap();
         let exec = write(dir.path(), "    exec:\n      command: aws\n", "");
-        assert!(Upstream::load(Some(&exec)).unwrap_err().to_string().contains("exec"));
+        assert!(Upstream::load(Some(&exec)).await.unwrap_err().to_string().contains("exec"));
         let insecure = write(dir.path(), "    token: a\n", "    insecure-skip-tls-verify: true\n");
-        assert!(Upstream::load(Some(&insecure)).unwrap_err().to_string().contains("insecure"));
+        assert!(Upstream::load(Some(&insecure)).await.unwrap_err().to_string().contains("insecure"));
         std::fs::write(dir.path().join("bad"), "clusters: []\ncontexts: []\n").unwrap();
-        assert!(Upstream::load(Some(&dir.path().join("bad"))).is_err());
-        assert!(Upstream::load(Some(&dir.path().join("missing"))).is_err());
+        assert!(Upstream::load(Some(&dir.path().join("bad"))).await.is_err());
+        assert!(Upstream::load(Some(&dir.path().join("missing"))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn client_certificate_files_are_relative_to_the_kubeconfig() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = certs::Ca::generate("client", jiff::Timestamp::now()).unwrap();
+        std::fs::write(dir.path().join("c.crt"), id.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("c.key"), id.key_pem().expose()).unwrap();
+        let both = write(dir.path(), "    client-certificate: c.crt\n    client-key: c.key\n", "    tls-server-name: api.internal\n");
+        let up = Upstream::load(Some(&both)).await.unwrap();
+        assert_eq!(up.server_name, ServerName::try_from("api.internal").unwrap());
+        assert!(up.authorization().unwrap().is_none());
+        let half = write(dir.path(), "    client-certificate: c.crt\n", "");
+        assert!(Upstream::load(Some(&half)).await.unwrap_err().to_string().contains("both"));
+        let missing = write(dir.path(), "    client-certificate: nope.crt\n    client-key: c.key\n", "");
+        assert!(Upstream::load(Some(&missing)).await.is_err());
     }
 
     #[test]
