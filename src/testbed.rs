@@ -189,13 +189,25 @@ impl Gateway {
     }
 
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Result<CliOutput> {
+        run_json(self.cli_command(token, args)?)
+    }
+
+    /// `postern --output json ARGS` as the admin on an operator's machine whose home is
+    /// `home`: where the CLI keeps an endpoint's secret half and writes the client's files.
+    pub fn cli_home(&self, home: &Path, args: &[&str]) -> Result<CliOutput> {
+        let mut cmd = self.cli_command(&self.admin_token, args)?;
+        cmd.env("HOME", home);
+        run_json(cmd)
+    }
+
+    fn cli_command(&self, token: &str, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(bin("postern")?);
         cmd.args(["--output", "json"])
             .args(args)
             .env("POSTERN_ADDR", self.api.to_string())
             .env("POSTERN_TOKEN", token)
             .env("POSTERN_CA_FILE", &self.ca_file);
-        run_json(cmd)
+        Ok(cmd)
     }
 
     /// Stops with SIGTERM; returns whether it exited by itself within the grace time.

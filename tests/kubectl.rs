@@ -72,8 +72,8 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
 
 // ---- through Postern ----------------------------------------------------------------------
 
-use anyhow::{anyhow, bail, Context};
-use postern::testbed::{bin, wait_until, Agent, Gateway};
+use anyhow::{anyhow, bail};
+use postern::testbed::{wait_until, Agent, Gateway};
 use serde_json::Value;
 use std::{
     io::{BufRead, BufReader, Write},
@@ -128,18 +128,8 @@ fn setup() -> Result<Setup> {
 /// `postern --output json ARGS` as the admin, with the operator's HOME (where the CLI keeps
 /// the endpoint's key and writes the kubeconfig).
 fn cli(s: &Setup, args: &[&str]) -> Result<(bool, Value)> {
-    let out = Command::new(bin("postern")?)
-        .args(["--output", "json"])
-        .args(args)
-        .env("POSTERN_ADDR", s.gw.api.to_string())
-        .env("POSTERN_TOKEN", &s.gw.admin_token)
-        .env("POSTERN_CA_FILE", &s.gw.ca_file)
-        .env("HOME", &s.home)
-        .stdin(Stdio::null())
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v = serde_json::from_str(text.trim()).with_context(|| format!("stdout {text:?}, stderr {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok((out.status.success(), v))
+    let out = s.gw.cli_home(&s.home, args)?;
+    Ok((out.success, out.json))
 }
 
 fn create_endpoint(s: &Setup, resource: &str) -> Result<(String, PathBuf)> {

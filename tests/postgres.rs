@@ -2,10 +2,10 @@
 //! real `postern server` and `postern-agent` processes, and stock `psql` with
 //! `sslmode=verify-full` through the connection string the CLI prints.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use postern::{
     pg_cluster::{Options, PgCluster},
-    testbed::{bin, wait_until, Agent, Gateway},
+    testbed::{wait_until, Agent, Gateway},
 };
 use serde_json::Value;
 use std::{
@@ -67,21 +67,11 @@ fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
 impl Setup {
     /// The CLI as the admin, with its own HOME (where it writes the CA file).
     fn cli(&self, args: &[&str]) -> Result<Value> {
-        let out = Command::new(bin("postern")?)
-            .args(["--output", "json"])
-            .args(args)
-            .env("POSTERN_ADDR", self.gw.api.to_string())
-            .env("POSTERN_TOKEN", &self.gw.admin_token)
-            .env("POSTERN_CA_FILE", &self.gw.ca_file)
-            .env("HOME", &self.home)
-            .stdin(Stdio::null())
-            .output()?;
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("stdout {:?} stderr {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))?;
-        if !out.status.success() {
-            return Err(anyhow!("postern {args:?} failed: {v}"));
+        let out = self.gw.cli_home(&self.home, args)?;
+        if !out.success {
+            return Err(anyhow!("postern {args:?} failed: {}", out.json));
         }
-        Ok(v)
+        Ok(out.json)
     }
 
     fn create(&self, app: &str, ttl: &str) -> Result<(String, String)> {

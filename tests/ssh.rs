@@ -1,7 +1,7 @@
 //! End to end: a private OpenSSH sshd as the appliance's VM, real `postern server` and
 //! `postern-agent` processes, and stock OpenSSH `ssh` through the config the CLI writes.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use postern::{
     sshd::{keygen, Sshd, USER},
     testbed::{bin, pattern, terminate, wait_until, Agent, CliOutput, Gateway},
@@ -64,18 +64,7 @@ fn world_with(host_key: Option<String>, extra: &str) -> Result<World> {
 impl World {
     /// The CLI as the engineer, with HOME pointing at the test's home dir.
     fn cli(&self, args: &[&str]) -> Result<CliOutput> {
-        let out = Command::new(bin("postern")?)
-            .args(["--output", "json"])
-            .args(args)
-            .env("POSTERN_ADDR", self.gw.api.to_string())
-            .env("POSTERN_TOKEN", &self.gw.admin_token)
-            .env("POSTERN_CA_FILE", &self.gw.ca_file)
-            .env("HOME", &self.home)
-            .stdin(Stdio::null())
-            .output()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = serde_json::from_str(stdout.trim()).with_context(|| format!("stdout {stdout:?} stderr {}", String::from_utf8_lossy(&out.stderr)))?;
-        Ok(CliOutput { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+        self.gw.cli_home(&self.home, args)
     }
 
     fn create_endpoint(&self) -> Result<Endpoint> {
