@@ -3,7 +3,8 @@
 use crate::store::{Store, StoreError};
 use endpoint_types::api::{verify_chain, AuditRecord, AUDIT_GENESIS_HASH};
 use jiff::Timestamp;
-use tokio::sync::Mutex;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
@@ -32,18 +33,51 @@ impl Subject {
     }
 }
 
+/// Records the writer task takes at once: one store transaction each.
+const QUEUE_BATCH: usize = 256;
+/// How long the writer gathers queued records before a commit (unless a flush is waiting).
+const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+/// Queued records before callers of [`AuditLog::enqueue`] wait (nothing is dropped).
+const QUEUE_DEPTH: usize = 16 * 1024;
+
+/// The chain head this process knows, with the store that holds the chain.
 #[derive(Debug)]
-pub struct AuditLog {
+struct Chain {
     store: Store,
     /// `(last seq, last hash)` this process has seen: other replicas may have appended since.
     /// The chain itself is kept linear by the store.
     head: Mutex<(i64, String)>,
 }
 
+/// A record waiting in the queue, stamped when it was queued.
+struct Pending {
+    kind: &'static str,
+    actor: Arc<str>,
+    subject: Arc<Subject>,
+    detail: serde_json::Value,
+    time: Timestamp,
+}
+
+enum Queued {
+    Record(Pending),
+    /// Answered once everything queued before it is in the store.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub struct AuditLog {
+    chain: Arc<Chain>,
+    queue: mpsc::Sender<Queued>,
+}
+
 impl AuditLog {
     pub async fn open(store: Store) -> Result<AuditLog, StoreError> {
         let head = store.last_audit().await?.unwrap_or((0, AUDIT_GENESIS_HASH.to_string()));
-        Ok(AuditLog { store, head: Mutex::new(head) })
+        let chain = Arc::new(Chain { store, head: Mutex::new(head) });
+        let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
+        // Ends when the log (the last sender) is dropped, after writing what was queued.
+        tokio::spawn(write_queued(chain.clone(), rx));
+        Ok(AuditLog { chain, queue })
     }
 
     pub async fn append(
@@ -56,8 +90,9 @@ impl AuditLog {
     ) -> Result<AuditRecord, StoreError> {
         // The lock keeps this process's appends from queueing on the database's write lock;
         // the store serialises appends across processes (replicas sharing PostgreSQL).
-        let mut head = self.head.lock().await;
+        let mut head = self.chain.head.lock().await;
         let r = self
+            .chain
             .store
             .append_audit_with(|seq, prev_hash| {
                 let mut r = AuditRecord {
@@ -91,29 +126,93 @@ impl AuditLog {
         }
     }
 
-    /// Records several details of one kind, actor and subject in one store transaction, in
-    /// order: a busy session's statements cost one commit per batch, not one each.
-    pub async fn record_batch(&self, kind: &str, actor: &str, subject: &Subject, details: Vec<serde_json::Value>) {
-        let n = details.len();
-        if n == 0 {
-            return;
+    /// Queues a record for the writer task, which writes whatever is queued, from every
+    /// caller, in one store transaction: busy sessions' statements cost one commit per round
+    /// between them, not one each. Records from one caller keep their order; waits only when
+    /// the queue is full. Call [`AuditLog::flush`] before a record that must come after these.
+    pub async fn enqueue(&self, kind: &'static str, actor: Arc<str>, subject: Arc<Subject>, detail: serde_json::Value) {
+        let pending = Pending { kind, actor, subject, detail, time: Timestamp::now() };
+        if let Err(mpsc::error::SendError(Queued::Record(p))) = self.queue.send(Queued::Record(pending)).await {
+            // Only if the writer task is gone: write it here rather than lose it.
+            self.record(p.kind, &p.actor, (*p.subject).clone(), p.detail).await;
         }
-        let now = Timestamp::now();
-        let mut details = details.into_iter();
+    }
+
+    /// Waits until everything queued before this call is in the store.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.queue.send(Queued::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Verifies the whole stored chain against the head this process holds, so a deleted
+    /// tail (up to the last record this process wrote or saw) is caught too.
+    pub async fn verify(&self) -> Result<Result<u64, i64>, StoreError> {
+        let records = self.chain.store.list_audit(0).await?;
+        let head = self.chain.head.lock().await.0;
+        Ok(match verify_chain(&records, sha256_hex) {
+            Ok(n) if (n as i64) < head => Err(n as i64 + 1),
+            other => other,
+        })
+    }
+}
+
+async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
+    let mut items = Vec::with_capacity(QUEUE_BATCH);
+    while rx.recv_many(&mut items, QUEUE_BATCH).await > 0 {
+        // Group commit: a moment's wait gathers what busy sessions queue meanwhile into the
+        // same transaction, so the store's worker wakes once per batch rather than per
+        // statement. Nobody waits on this except a flush, which is never held back.
+        let flushing = |items: &[Queued]| items.iter().any(|i| matches!(i, Queued::Flush(_)));
+        if items.len() < QUEUE_BATCH && !flushing(&items) {
+            let gather = async {
+                while items.len() < QUEUE_BATCH && !flushing(&items) {
+                    let room = QUEUE_BATCH - items.len();
+                    if rx.recv_many(&mut items, room).await == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(GROUP_COMMIT_WAIT, gather).await;
+        }
+        let mut records = Vec::with_capacity(items.len());
+        let mut flushes = Vec::new();
+        for item in items.drain(..) {
+            match item {
+                Queued::Record(p) => records.push(p),
+                Queued::Flush(done) => flushes.push(done),
+            }
+        }
+        if !records.is_empty() {
+            chain.append_batch(records).await;
+        }
+        // A flush is answered after the records received with it, which include everything
+        // its sender queued before it.
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl Chain {
+    /// Appends the records in one store transaction, in order; a failure is logged loudly.
+    async fn append_batch(&self, records: Vec<Pending>) {
+        let n = records.len();
         let mut head = self.head.lock().await;
         let made = self
             .store
-            .append_audit_batch_with(n, |_, seq, prev_hash| {
+            .append_audit_batch_with(records, |p, seq, prev_hash| {
                 let mut r = AuditRecord {
                     seq,
-                    time: now,
-                    kind: kind.to_string(),
-                    actor: actor.to_string(),
-                    appliance_id: subject.appliance_id.clone(),
-                    endpoint_id: subject.endpoint_id.clone(),
-                    session_id: subject.session_id.clone(),
-                    op_id: subject.op_id.clone(),
-                    detail: details.next().unwrap_or_default(),
+                    time: p.time,
+                    kind: p.kind.to_string(),
+                    actor: p.actor.to_string(),
+                    appliance_id: p.subject.appliance_id.clone(),
+                    endpoint_id: p.subject.endpoint_id.clone(),
+                    session_id: p.subject.session_id.clone(),
+                    op_id: p.subject.op_id.clone(),
+                    detail: p.detail,
                     prev_hash: prev_hash.to_string(),
                     hash: String::new(),
                 };
@@ -122,24 +221,13 @@ impl AuditLog {
             })
             .await;
         match made {
-            Ok(records) => {
-                if let Some(last) = records.last().filter(|r| r.seq > head.0) {
+            Ok(written) => {
+                if let Some(last) = written.last().filter(|r| r.seq > head.0) {
                     *head = (last.seq, last.hash.clone());
                 }
             }
-            Err(e) => tracing::error!(kind, records = n, error = %e, "could not write audit records"),
+            Err(e) => tracing::error!(records = n, error = %e, "could not write queued audit records"),
         }
-    }
-
-    /// Verifies the whole stored chain against the head this process holds, so a deleted
-    /// tail (up to the last record this process wrote or saw) is caught too.
-    pub async fn verify(&self) -> Result<Result<u64, i64>, StoreError> {
-        let records = self.store.list_audit(0).await?;
-        let head = self.head.lock().await.0;
-        Ok(match verify_chain(&records, sha256_hex) {
-            Ok(n) if (n as i64) < head => Err(n as i64 + 1),
-            other => other,
-        })
     }
 }
 
@@ -162,17 +250,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn batches_continue_the_chain() {
+    async fn queued_records_continue_the_chain_in_each_callers_order() {
+        let store = Store::open_memory().await.unwrap();
+        let log = Arc::new(AuditLog::open(store.clone()).await.unwrap());
+        log.append("a", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+        let session = |id: &str| Arc::new(Subject::session("ap_1", "ep_1", id));
+        let callers = ["s1", "s2", "s3"].map(|id| {
+            let (log, subject) = (log.clone(), session(id));
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::json!({ "i": i })).await;
+                    if i % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                log.flush().await;
+                // Written after this caller's statements, as `session.closed` is.
+                log.append("session.closed", "op", (*subject).clone(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+            })
+        });
+        for c in callers {
+            c.await.unwrap();
+        }
+        let records = store.list_audit(0).await.unwrap();
+        assert_eq!(records.len(), 1 + 3 * 301);
+        for id in ["s1", "s2", "s3"] {
+            let mine: Vec<_> = records.iter().filter(|r| r.session_id.as_deref() == Some(id)).collect();
+            let order: Vec<_> = mine.iter().filter_map(|r| r.detail.get("i").and_then(|v| v.as_i64())).collect();
+            assert_eq!(order, (0..300).collect::<Vec<_>>(), "{id}'s statements in order");
+            assert_eq!(mine.last().map(|r| r.kind.as_str()), Some("session.closed"), "{id} closes last");
+        }
+        assert_eq!(log.verify().await.unwrap(), Ok(records.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn flush_waits_for_the_store() {
         let store = Store::open_memory().await.unwrap();
         let log = AuditLog::open(store.clone()).await.unwrap();
-        log.append("a", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
-        let details = (0..5).map(|i| serde_json::json!({ "i": i })).collect();
-        log.record_batch("sql.statement", "x", &Subject::appliance("ap_1"), details).await;
-        log.append("b", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+        let subject = Arc::new(Subject::appliance("ap_1"));
+        for i in 0..5 {
+            log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::json!({ "i": i })).await;
+        }
+        log.flush().await;
         let records = store.list_audit(0).await.unwrap();
-        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
-        assert_eq!(records[3].detail, serde_json::json!({ "i": 2 }));
-        assert_eq!(log.verify().await.unwrap(), Ok(7));
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(records[2].detail, serde_json::json!({ "i": 2 }));
     }
 
     #[tokio::test]

@@ -505,15 +505,30 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
             }
         }));
     }
+    // And queued statements, written in multi-row batches by each log's writer.
+    const QUEUED: usize = 150;
+    for (i, log) in [log1.clone(), log2.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let subject = Arc::new(Subject::session("ap_1", "ep_1", &format!("ses_{i}")));
+            for n in 0..QUEUED {
+                log.enqueue("sql.statement", Arc::from(format!("queue-{i}")), subject.clone(), serde_json::json!({ "n": n })).await;
+            }
+            log.flush().await;
+        }));
+    }
     for t in tasks {
         t.await.unwrap();
     }
-    let total = 4 * (PER_REPLICA / 2 + 1) + 10;
+    let total = 4 * (PER_REPLICA / 2 + 1) + 10 + 2 * QUEUED;
     let records = s1.list_audit(0).await.unwrap();
     assert_eq!(records.len(), total);
     assert_eq!(verify_chain(&records, sha256_hex), Ok(total as u64));
     let writers: std::collections::HashSet<&str> = records.iter().map(|r| r.actor.as_str()).collect();
-    assert_eq!(writers.len(), 6, "every writer got in");
+    assert_eq!(writers.len(), 8, "every writer got in");
+    for i in 0..2 {
+        let queued: Vec<_> = records.iter().filter(|r| r.actor == format!("queue-{i}")).filter_map(|r| r.detail["n"].as_u64()).collect();
+        assert_eq!(queued, (0..QUEUED as u64).collect::<Vec<_>>(), "queue-{i} in order");
+    }
     assert_eq!(log1.verify().await.unwrap(), Ok(total as u64));
     assert_eq!(log2.verify().await.unwrap(), Ok(total as u64));
     assert_eq!(s2.last_audit().await.unwrap(), Some((total as i64, records[total - 1].hash.clone())));

@@ -105,6 +105,51 @@ async fn insert_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>, r: 
     Ok(())
 }
 
+/// Rows per multi-row INSERT: 11 parameters each stays far below SQLite's and PostgreSQL's
+/// limits on bound parameters.
+const ROWS_PER_INSERT: usize = 64;
+
+async fn insert_audit_rows<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    backend: super::Backend,
+    rows: &[AuditRecord],
+) -> StoreResult<()> {
+    use std::fmt::Write;
+    let mut sql = String::from(
+        "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) VALUES ",
+    );
+    for i in 0..rows.len() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for c in 0..11 {
+            let sep = if c == 0 { "" } else { ", " };
+            // SQLite resolves each `$N` by a scan of the statement's names (quadratic in a
+            // long VALUES list); anonymous `?` are positional.
+            let _ = match backend {
+                super::Backend::Sqlite => write!(sql, "{sep}?"),
+                super::Backend::Postgres => write!(sql, "{sep}${}", i * 11 + c + 1),
+            };
+        }
+        sql.push(')');
+    }
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for r in rows {
+        q = q
+            .bind(r.seq)
+            .bind(r.time.to_string())
+            .bind(&r.kind)
+            .bind(&r.actor)
+            .bind(&r.appliance_id)
+            .bind(&r.endpoint_id)
+            .bind(&r.session_id)
+            .bind(&r.op_id)
+            .bind(r.detail.to_string())
+            .bind(&r.prev_hash)
+            .bind(r.hash.clone());
+    }
+    q.execute(ex).await?;
+    Ok(())
+}
+
 async fn last_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>) -> StoreResult<Option<(i64, String)>> {
     let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(ex).await?;
     row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?))).transpose()
@@ -470,24 +515,29 @@ impl Store {
         Ok(r)
     }
 
-    /// Like [`Store::append_audit_with`] for `n` records in one transaction (a busy session's
-    /// statements): `make(i, seq, prev_hash)` makes the i-th, chained onto the one before.
-    pub async fn append_audit_batch_with<F>(&self, n: usize, mut make: F) -> StoreResult<Vec<AuditRecord>>
+    /// Like [`Store::append_audit_with`] for several records in one transaction (busy
+    /// sessions' statements): `make(item, seq, prev_hash)` makes each, chained onto the one
+    /// before, in order.
+    pub async fn append_audit_batch_with<T, F>(&self, items: Vec<T>, mut make: F) -> StoreResult<Vec<AuditRecord>>
     where
-        F: FnMut(usize, i64, &str) -> AuditRecord + Send,
+        T: Send,
+        F: FnMut(T, i64, &str) -> AuditRecord + Send,
     {
         let mut tx = self.write_tx("audit_log").await?;
         let (mut seq, mut prev) =
             last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let r = make(i, seq + 1, &prev);
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let r = make(item, seq + 1, &prev);
             if r.seq != seq + 1 || r.prev_hash != prev {
                 return Err(StoreError::BrokenChain(format!("batch record {i} does not continue the chain at seq {}", seq + 1)));
             }
-            insert_audit(&mut *tx, &r).await?;
             (seq, prev) = (r.seq, r.hash.clone());
             out.push(r);
+        }
+        // Many rows per statement: each statement is a round trip to the store's worker.
+        for rows in out.chunks(ROWS_PER_INSERT) {
+            insert_audit_rows(&mut *tx, self.backend, rows).await?;
         }
         tx.commit().await?;
         Ok(out)

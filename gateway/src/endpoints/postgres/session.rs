@@ -33,10 +33,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent logs in to the database while the client waits.
 const AGENT_LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 const READ_BUF: usize = 64 * 1024;
-/// Statements waiting for the vendor trail before the client is slowed down.
-const AUDIT_QUEUE: usize = 4096;
-/// Most statements written to the vendor trail in one store transaction.
-const AUDIT_BATCH: usize = 256;
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
@@ -366,31 +362,14 @@ async fn run(
     let started = Instant::now();
     let DataStream { mut send, mut recv, connection, .. } = stream;
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
-    let (audit_tx, mut audit_rx) = tokio::sync::mpsc::channel::<serde_json::Value>(AUDIT_QUEUE);
-    // Statements reach the trail in order on their own task, so the message path does not
-    // wait for each store write; a full queue does slow the client down (nothing is dropped).
-    let writer = {
-        let (gw, operator, subject) = (gw.clone(), ep.operator.clone(), subject.clone());
-        tokio::spawn(async move {
-            while let Some(first) = audit_rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < AUDIT_BATCH {
-                    match audit_rx.try_recv() {
-                        Ok(d) => batch.push(d),
-                        Err(_) => break,
-                    }
-                }
-                gw.audit.record_batch("sql.statement", &operator, &subject, batch).await;
-            }
-        })
-    };
+    let trail = Trail { gw: &gw, actor: Arc::from(ep.operator.as_str()), subject: Arc::new(subject) };
     let mut counts = Counts::default();
     let outcome = match tls.write_all(&greeting).await {
         Err(e) => Some(Err(PumpError::Client(e))),
         Ok(()) => {
             counts.down = greeting.len() as u64;
             tokio::select! {
-                r = pump(&mut tls, &mut send, &mut recv, &audit_tx, &mut counts) => Some(r),
+                r = pump(&mut tls, &mut send, &mut recv, &trail, &mut counts) => Some(r),
                 _ = ep.cancel.cancelled() => None,
             }
         }
@@ -414,8 +393,8 @@ async fn run(
     }
     let _ = tls.shutdown().await;
     drop(tls);
-    drop(audit_tx);
-    let _ = writer.await;
+    // The session's statements are in the vendor trail before its end is.
+    gw.audit.flush().await;
     let mut extra = serde_json::json!({ "statements": counts.statements });
     if let Some(Err(e)) = &outcome {
         extra["error"] = serde_json::Value::String(e.to_string());
@@ -483,6 +462,20 @@ fn known_sqlstate(code: &str) -> &'static str {
     .unwrap_or(sqlstate::CONNECTION_FAILURE)
 }
 
+/// Where a session's statements go: the vendor trail's queue, written in batches with other
+/// sessions' statements, so the message path never waits for a store commit.
+struct Trail<'a> {
+    gw: &'a Gateway,
+    actor: Arc<str>,
+    subject: Arc<Subject>,
+}
+
+impl Trail<'_> {
+    async fn statement(&self, detail: serde_json::Value) {
+        self.gw.audit.enqueue("sql.statement", self.actor.clone(), self.subject.clone(), detail).await;
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     up: u64,
@@ -510,7 +503,7 @@ async fn pump(
     tls: &mut Tls,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-    audit: &tokio::sync::mpsc::Sender<serde_json::Value>,
+    trail: &Trail<'_>,
     counts: &mut Counts,
 ) -> Result<(), PumpError> {
     let (mut tls_r, mut tls_w) = tokio::io::split(tls);
@@ -535,8 +528,7 @@ async fn pump(
                 match f.audit_detail() {
                     Some(detail) => {
                         statements += 1;
-                        // Closed only if the writer is gone, i.e. the session is ending.
-                        let _ = audit.send(detail).await;
+                        trail.statement(detail).await;
                     }
                     None => client_quit = true,
                 }
