@@ -297,9 +297,45 @@ impl AuditRecord {
     /// `hash = sha256_hex(chain_input)`, where `prev_hash` is the previous record's `hash`
     /// (64 zeros for the first).
     pub fn chain_input(&self) -> Vec<u8> {
-        let v = serde_json::json!([
+        ChainFields {
+            seq: self.seq,
+            time: &self.time.to_string(),
+            kind: &self.kind,
+            actor: &self.actor,
+            appliance_id: self.appliance_id.as_deref(),
+            endpoint_id: self.endpoint_id.as_deref(),
+            session_id: self.session_id.as_deref(),
+            op_id: self.op_id.as_deref(),
+            detail: &self.detail,
+            prev_hash: &self.prev_hash,
+        }
+        .chain_input()
+    }
+}
+
+/// A record's fields, borrowed, for writers that hold them apart (the detail already as JSON
+/// text, say): [`ChainFields::chain_input`] gives the same bytes as
+/// [`AuditRecord::chain_input`] of the same record.
+pub struct ChainFields<'a, D: Serialize + ?Sized> {
+    pub seq: i64,
+    /// RFC 3339, as `Timestamp` displays.
+    pub time: &'a str,
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub appliance_id: Option<&'a str>,
+    pub endpoint_id: Option<&'a str>,
+    pub session_id: Option<&'a str>,
+    pub op_id: Option<&'a str>,
+    pub detail: &'a D,
+    pub prev_hash: &'a str,
+}
+
+impl<D: Serialize + ?Sized> ChainFields<'_, D> {
+    pub fn chain_input(&self) -> Vec<u8> {
+        // A tuple is a JSON array: no copy of the detail is made to hash it.
+        let fields = (
             self.seq,
-            self.time.to_string(),
+            self.time,
             self.kind,
             self.actor,
             self.appliance_id,
@@ -308,8 +344,8 @@ impl AuditRecord {
             self.op_id,
             self.detail,
             self.prev_hash,
-        ]);
-        serde_json::to_vec(&v).unwrap_or_default()
+        );
+        serde_json::to_vec(&fields).unwrap_or_default()
     }
 }
 
@@ -371,6 +407,33 @@ mod chain_tests {
                 r
             })
             .collect()
+    }
+
+    /// The hashed bytes are the trails' format on disk: they must not drift.
+    #[test]
+    fn chain_input_is_the_json_array_of_the_fields() {
+        let mut r = chain(1).remove(0);
+        r.session_id = Some("ses_\"1\"".into());
+        r.detail = serde_json::json!({ "text": "select '\u{1b}[2J'\n", "b": [1, null], "a": true });
+        let expected = serde_json::json!([
+            r.seq, r.time.to_string(), r.kind, r.actor, r.appliance_id, r.endpoint_id, r.session_id, r.op_id, r.detail, r.prev_hash,
+        ]);
+        assert_eq!(r.chain_input(), serde_json::to_vec(&expected).unwrap());
+        let raw = serde_json::value::RawValue::from_string(r.detail.to_string()).unwrap();
+        let time = r.time.to_string();
+        let borrowed = ChainFields {
+            seq: r.seq,
+            time: &time,
+            kind: &r.kind,
+            actor: &r.actor,
+            appliance_id: r.appliance_id.as_deref(),
+            endpoint_id: None,
+            session_id: r.session_id.as_deref(),
+            op_id: None,
+            detail: &*raw,
+            prev_hash: &r.prev_hash,
+        };
+        assert_eq!(borrowed.chain_input(), r.chain_input());
     }
 
     #[test]

@@ -306,6 +306,73 @@ impl Frontend<'_> {
     }
 }
 
+/// [`Frontend::audit_detail`] written straight to JSON text, with no `Value` tree on the
+/// message path. Fields are in the order a `Value` map serialises them (sorted), so the text
+/// is what the trails store and re-read: its chain hash verifies either way.
+mod detail_json {
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    pub(super) struct Query<'a> {
+        pub message: &'static str,
+        pub protocol: &'static str,
+        pub text: &'a str,
+        pub truncated: bool,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Parse<'a> {
+        pub message: &'static str,
+        pub param_types: usize,
+        pub protocol: &'static str,
+        pub statement: &'a str,
+        pub text: &'a str,
+        pub truncated: bool,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Bind<'a> {
+        pub message: &'static str,
+        pub params: usize,
+        pub portal: &'a str,
+        pub protocol: &'static str,
+        pub statement: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct Execute<'a> {
+        pub max_rows: i32,
+        pub message: &'static str,
+        pub portal: &'a str,
+        pub protocol: &'static str,
+    }
+}
+
+impl Frontend<'_> {
+    /// [`Frontend::audit_detail`] as JSON text, made without building a `Value`.
+    pub fn audit_detail_json(&self) -> Option<Box<serde_json::value::RawValue>> {
+        use detail_json::*;
+        let text = match self {
+            Frontend::Query { text } => {
+                let (text, truncated) = capped(text);
+                serde_json::to_string(&Query { message: "query", protocol: "simple", text, truncated })
+            }
+            Frontend::Parse { statement, text, param_types } => {
+                let (text, truncated) = capped(text);
+                serde_json::to_string(&Parse { message: "parse", param_types: *param_types, protocol: "extended", statement, text, truncated })
+            }
+            Frontend::Bind { portal, statement, params } => {
+                serde_json::to_string(&Bind { message: "bind", params: *params, portal, protocol: "extended", statement })
+            }
+            Frontend::Execute { portal, max_rows } => {
+                serde_json::to_string(&Execute { max_rows: *max_rows, message: "execute", portal, protocol: "extended" })
+            }
+            Frontend::Terminate => return None,
+        };
+        text.ok().and_then(|t| serde_json::value::RawValue::from_string(t).ok())
+    }
+}
+
 /// Does the audit need the whole message of this tag?
 fn audited(tag: u8) -> bool {
     matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X')

@@ -308,3 +308,43 @@ proptest! {
         }
     }
 }
+
+/// The JSON text written on the message path is exactly the `Value` form's serialisation, so
+/// a trail re-read from storage hashes to the same chain.
+fn assert_same_detail(f: &Frontend<'_>) {
+    let raw = f.audit_detail_json().map(|r| r.get().to_string());
+    let value = f.audit_detail().map(|v| v.to_string());
+    assert_eq!(raw, value, "{f:?}");
+    if let Some(text) = raw {
+        let reparsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(reparsed.to_string(), text, "canonical after a round trip");
+    }
+}
+
+#[test]
+fn statement_detail_json_matches_the_value_form() {
+    let long = "x".repeat(MAX_AUDITED_TEXT + 10);
+    for f in [
+        Frontend::Query { text: "select 1".into() },
+        Frontend::Query { text: "select '\u{1b}[2J\"\\'\n\t\u{0}'".into() },
+        Frontend::Query { text: long.as_str().into() },
+        Frontend::Parse { statement: "s1".into(), text: "select $1::int".into(), param_types: 1 },
+        Frontend::Parse { statement: "".into(), text: long.as_str().into(), param_types: 0 },
+        Frontend::Bind { portal: "".into(), statement: "s1".into(), params: 3 },
+        Frontend::Execute { portal: "p\"1".into(), max_rows: -1 },
+        Frontend::Execute { portal: "".into(), max_rows: i32::MAX },
+        Frontend::Terminate,
+    ] {
+        assert_same_detail(&f);
+    }
+}
+
+proptest! {
+    #[test]
+    fn statement_detail_json_matches_for_any_text(text in ".*", name in ".{0,8}", n in any::<u16>(), rows in any::<i32>()) {
+        assert_same_detail(&Frontend::Query { text: text.as_str().into() });
+        assert_same_detail(&Frontend::Parse { statement: name.as_str().into(), text: text.as_str().into(), param_types: n.into() });
+        assert_same_detail(&Frontend::Bind { portal: name.as_str().into(), statement: text.as_str().into(), params: n.into() });
+        assert_same_detail(&Frontend::Execute { portal: text.as_str().into(), max_rows: rows });
+    }
+}

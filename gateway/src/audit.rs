@@ -1,7 +1,9 @@
 //! The vendor's audit trail: append-only, hash-chained records in the store.
 
 use crate::store::{Store, StoreError};
-use endpoint_types::api::{verify_chain, AuditRecord, AUDIT_GENESIS_HASH};
+use crate::store::AuditRow;
+use endpoint_types::api::{verify_chain, AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
+use serde_json::value::RawValue;
 use jiff::Timestamp;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -36,7 +38,7 @@ impl Subject {
 /// Records the writer task takes at once: one store transaction each.
 const QUEUE_BATCH: usize = 256;
 /// How long the writer gathers queued records before a commit (unless a flush is waiting).
-const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
 /// Queued records before callers of [`AuditLog::enqueue`] wait (nothing is dropped).
 const QUEUE_DEPTH: usize = 16 * 1024;
 
@@ -54,7 +56,8 @@ struct Pending {
     kind: &'static str,
     actor: Arc<str>,
     subject: Arc<Subject>,
-    detail: serde_json::Value,
+    /// JSON text, made on the caller's side so the writer only copies it.
+    detail: Box<RawValue>,
     time: Timestamp,
 }
 
@@ -130,11 +133,12 @@ impl AuditLog {
     /// caller, in one store transaction: busy sessions' statements cost one commit per round
     /// between them, not one each. Records from one caller keep their order; waits only when
     /// the queue is full. Call [`AuditLog::flush`] before a record that must come after these.
-    pub async fn enqueue(&self, kind: &'static str, actor: Arc<str>, subject: Arc<Subject>, detail: serde_json::Value) {
+    pub async fn enqueue(&self, kind: &'static str, actor: Arc<str>, subject: Arc<Subject>, detail: Box<RawValue>) {
         let pending = Pending { kind, actor, subject, detail, time: Timestamp::now() };
         if let Err(mpsc::error::SendError(Queued::Record(p))) = self.queue.send(Queued::Record(pending)).await {
             // Only if the writer task is gone: write it here rather than lose it.
-            self.record(p.kind, &p.actor, (*p.subject).clone(), p.detail).await;
+            let detail = serde_json::from_str(p.detail.get()).unwrap_or_default();
+            self.record(p.kind, &p.actor, (*p.subject).clone(), detail).await;
         }
     }
 
@@ -162,19 +166,17 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
     let mut items = Vec::with_capacity(QUEUE_BATCH);
     while rx.recv_many(&mut items, QUEUE_BATCH).await > 0 {
         // Group commit: a moment's wait gathers what busy sessions queue meanwhile into the
-        // same transaction, so the store's worker wakes once per batch rather than per
-        // statement. Nobody waits on this except a flush, which is never held back.
-        let flushing = |items: &[Queued]| items.iter().any(|i| matches!(i, Queued::Flush(_)));
-        if items.len() < QUEUE_BATCH && !flushing(&items) {
-            let gather = async {
-                while items.len() < QUEUE_BATCH && !flushing(&items) {
-                    let room = QUEUE_BATCH - items.len();
-                    if rx.recv_many(&mut items, room).await == 0 {
-                        break;
-                    }
+        // same transaction. The channel is not polled while waiting, so those sends wake
+        // nobody: the writer (and the store's worker) wake once per batch, not per statement.
+        // A flush (a session ending) waits at most this long more.
+        if items.len() < QUEUE_BATCH && !items.iter().any(|i| matches!(i, Queued::Flush(_))) {
+            tokio::time::sleep(GROUP_COMMIT_WAIT).await;
+            while items.len() < QUEUE_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => items.push(item),
+                    Err(_) => break,
                 }
-            };
-            let _ = tokio::time::timeout(GROUP_COMMIT_WAIT, gather).await;
+            }
         }
         let mut records = Vec::with_capacity(items.len());
         let mut flushes = Vec::new();
@@ -202,30 +204,45 @@ impl Chain {
         let mut head = self.head.lock().await;
         let made = self
             .store
-            .append_audit_batch_with(records, |p, seq, prev_hash| {
-                let mut r = AuditRecord {
+            .append_audit_rows_with(&records, |p, seq, prev_hash| {
+                let time = p.time.to_string();
+                let hash = sha256_hex(
+                    &ChainFields {
+                        seq,
+                        time: &time,
+                        kind: p.kind,
+                        actor: &p.actor,
+                        appliance_id: p.subject.appliance_id.as_deref(),
+                        endpoint_id: p.subject.endpoint_id.as_deref(),
+                        session_id: p.subject.session_id.as_deref(),
+                        op_id: p.subject.op_id.as_deref(),
+                        detail: &*p.detail,
+                        prev_hash,
+                    }
+                    .chain_input(),
+                );
+                AuditRow {
                     seq,
-                    time: p.time,
-                    kind: p.kind.to_string(),
-                    actor: p.actor.to_string(),
-                    appliance_id: p.subject.appliance_id.clone(),
-                    endpoint_id: p.subject.endpoint_id.clone(),
-                    session_id: p.subject.session_id.clone(),
-                    op_id: p.subject.op_id.clone(),
-                    detail: p.detail,
+                    time,
+                    kind: p.kind,
+                    actor: &p.actor,
+                    appliance_id: p.subject.appliance_id.as_deref(),
+                    endpoint_id: p.subject.endpoint_id.as_deref(),
+                    session_id: p.subject.session_id.as_deref(),
+                    op_id: p.subject.op_id.as_deref(),
+                    detail: p.detail.get(),
                     prev_hash: prev_hash.to_string(),
-                    hash: String::new(),
-                };
-                r.hash = sha256_hex(&r.chain_input());
-                r
+                    hash,
+                }
             })
             .await;
         match made {
-            Ok(written) => {
-                if let Some(last) = written.last().filter(|r| r.seq > head.0) {
-                    *head = (last.seq, last.hash.clone());
+            Ok(Some(last)) => {
+                if last.0 > head.0 {
+                    *head = last;
                 }
             }
+            Ok(None) => {}
             Err(e) => tracing::error!(records = n, error = %e, "could not write queued audit records"),
         }
     }
@@ -259,7 +276,7 @@ mod tests {
             let (log, subject) = (log.clone(), session(id));
             tokio::spawn(async move {
                 for i in 0..300 {
-                    log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::json!({ "i": i })).await;
+                    log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap()).await;
                     if i % 7 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -289,7 +306,7 @@ mod tests {
         let log = AuditLog::open(store.clone()).await.unwrap();
         let subject = Arc::new(Subject::appliance("ap_1"));
         for i in 0..5 {
-            log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::json!({ "i": i })).await;
+            log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap()).await;
         }
         log.flush().await;
         let records = store.list_audit(0).await.unwrap();

@@ -511,7 +511,7 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
         tasks.push(tokio::spawn(async move {
             let subject = Arc::new(Subject::session("ap_1", "ep_1", &format!("ses_{i}")));
             for n in 0..QUEUED {
-                log.enqueue("sql.statement", Arc::from(format!("queue-{i}")), subject.clone(), serde_json::json!({ "n": n })).await;
+                log.enqueue("sql.statement", Arc::from(format!("queue-{i}")), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "n": n, "text": "select '\u{1b}'" })).unwrap()).await;
             }
             log.flush().await;
         }));

@@ -8,7 +8,7 @@ mod control;
 mod spine;
 
 pub use control::{GrantRow, OpRow};
-pub use spine::{ApplianceRow, EndpointRow, EnrollmentRow, TokenRow};
+pub use spine::{ApplianceRow, AuditRow, EndpointRow, EnrollmentRow, TokenRow};
 
 use jiff::Timestamp;
 use sqlx::{

@@ -105,6 +105,23 @@ async fn insert_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>, r: 
     Ok(())
 }
 
+/// One audit record as written: borrowed text, the detail already JSON.
+#[derive(Debug)]
+pub struct AuditRow<'a> {
+    pub seq: i64,
+    /// RFC 3339, as `Timestamp` displays.
+    pub time: String,
+    pub kind: &'a str,
+    pub actor: &'a str,
+    pub appliance_id: Option<&'a str>,
+    pub endpoint_id: Option<&'a str>,
+    pub session_id: Option<&'a str>,
+    pub op_id: Option<&'a str>,
+    pub detail: &'a str,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
 /// Rows per multi-row INSERT: 11 parameters each stays far below SQLite's and PostgreSQL's
 /// limits on bound parameters.
 const ROWS_PER_INSERT: usize = 64;
@@ -112,7 +129,7 @@ const ROWS_PER_INSERT: usize = 64;
 async fn insert_audit_rows<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     backend: super::Backend,
-    rows: &[AuditRecord],
+    rows: &[AuditRow<'_>],
 ) -> StoreResult<()> {
     use std::fmt::Write;
     let mut sql = String::from(
@@ -135,16 +152,16 @@ async fn insert_audit_rows<'e>(
     for r in rows {
         q = q
             .bind(r.seq)
-            .bind(r.time.to_string())
-            .bind(&r.kind)
-            .bind(&r.actor)
-            .bind(&r.appliance_id)
-            .bind(&r.endpoint_id)
-            .bind(&r.session_id)
-            .bind(&r.op_id)
-            .bind(r.detail.to_string())
-            .bind(&r.prev_hash)
-            .bind(r.hash.clone());
+            .bind(r.time.as_str())
+            .bind(r.kind)
+            .bind(r.actor)
+            .bind(r.appliance_id)
+            .bind(r.endpoint_id)
+            .bind(r.session_id)
+            .bind(r.op_id)
+            .bind(r.detail)
+            .bind(r.prev_hash.as_str())
+            .bind(r.hash.as_str());
     }
     q.execute(ex).await?;
     Ok(())
@@ -516,31 +533,31 @@ impl Store {
     }
 
     /// Like [`Store::append_audit_with`] for several records in one transaction (busy
-    /// sessions' statements): `make(item, seq, prev_hash)` makes each, chained onto the one
-    /// before, in order.
-    pub async fn append_audit_batch_with<T, F>(&self, items: Vec<T>, mut make: F) -> StoreResult<Vec<AuditRecord>>
+    /// sessions' statements): `make(item, seq, prev_hash)` makes each row, chained onto the one
+    /// before, in order. Returns the new head `(seq, hash)`.
+    pub async fn append_audit_rows_with<'a, T, F>(&self, items: &'a [T], mut make: F) -> StoreResult<Option<(i64, String)>>
     where
-        T: Send,
-        F: FnMut(T, i64, &str) -> AuditRecord + Send,
+        T: Sync,
+        F: FnMut(&'a T, i64, &str) -> AuditRow<'a> + Send,
     {
         let mut tx = self.write_tx("audit_log").await?;
         let (mut seq, mut prev) =
             last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
+        let mut rows = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
             let r = make(item, seq + 1, &prev);
             if r.seq != seq + 1 || r.prev_hash != prev {
                 return Err(StoreError::BrokenChain(format!("batch record {i} does not continue the chain at seq {}", seq + 1)));
             }
             (seq, prev) = (r.seq, r.hash.clone());
-            out.push(r);
+            rows.push(r);
         }
         // Many rows per statement: each statement is a round trip to the store's worker.
-        for rows in out.chunks(ROWS_PER_INSERT) {
-            insert_audit_rows(&mut *tx, self.backend, rows).await?;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            insert_audit_rows(&mut *tx, self.backend, chunk).await?;
         }
         tx.commit().await?;
-        Ok(out)
+        Ok(rows.last().map(|r| (r.seq, r.hash.clone())))
     }
 
     /// Audit records in order, optionally only those after `after_seq`.

@@ -471,7 +471,7 @@ struct Trail<'a> {
 }
 
 impl Trail<'_> {
-    async fn statement(&self, detail: serde_json::Value) {
+    async fn statement(&self, detail: Box<serde_json::value::RawValue>) {
         self.gw.audit.enqueue("sql.statement", self.actor.clone(), self.subject.clone(), detail).await;
     }
 }
@@ -525,7 +525,7 @@ async fn pump(
             let mut seen = Vec::new();
             let ready = scan.scan(&buf, &mut seen).map_err(|e| PumpError::Protocol(e.to_string()))?;
             for f in seen {
-                match f.audit_detail() {
+                match f.audit_detail_json() {
                     Some(detail) => {
                         statements += 1;
                         trail.statement(detail).await;
