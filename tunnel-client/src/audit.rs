@@ -1,7 +1,9 @@
 //! The customer's trail: append-only JSON lines, hash-chained so an edited, deleted or
 //! reordered record is detected by `postern-agent audit verify`.
 
-use endpoint_types::api::{AuditRecord, AUDIT_GENESIS_HASH};
+use endpoint_types::api::{AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use jiff::Timestamp;
 use std::{
     fs::{File, OpenOptions},
@@ -61,6 +63,31 @@ impl Entry {
         self.op_id = Some(id.into());
         self
     }
+}
+
+/// What a record is about, borrowed.
+struct Fields<'a> {
+    kind: &'static str,
+    actor: &'a str,
+    endpoint_id: Option<&'a str>,
+    session_id: Option<&'a str>,
+    op_id: Option<&'a str>,
+}
+
+/// One line of the trail: the fields of [`AuditRecord`], in its order, borrowed.
+#[derive(Serialize)]
+struct Line<'a, D: Serialize + ?Sized> {
+    seq: i64,
+    time: &'a Timestamp,
+    kind: &'a str,
+    actor: &'a str,
+    appliance_id: Option<&'a str>,
+    endpoint_id: Option<&'a str>,
+    session_id: Option<&'a str>,
+    op_id: Option<&'a str>,
+    detail: &'a D,
+    prev_hash: &'a str,
+    hash: &'a str,
 }
 
 /// Cheap to clone; every clone appends to the same chain under one lock, so the chain stays
@@ -128,12 +155,17 @@ impl AuditLog {
     }
 
     pub fn record(&self, entry: Entry) -> Result<AuditRecord, AuditError> {
-        // A poisoned lock only means another writer panicked mid-call; the chain state is
-        // updated after the write succeeds, so it is still consistent.
-        let mut chain = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut record = AuditRecord {
-            seq: chain.next_seq,
-            time: Timestamp::now(),
+        let fields = Fields {
+            kind: entry.kind,
+            actor: &entry.actor,
+            endpoint_id: entry.endpoint_id.as_deref(),
+            session_id: entry.session_id.as_deref(),
+            op_id: entry.op_id.as_deref(),
+        };
+        let (seq, time, prev_hash, hash) = self.append(&fields, &entry.detail)?;
+        Ok(AuditRecord {
+            seq,
+            time,
             kind: entry.kind.to_string(),
             actor: entry.actor,
             appliance_id: self.appliance_id.clone(),
@@ -141,20 +173,62 @@ impl AuditLog {
             session_id: entry.session_id,
             op_id: entry.op_id,
             detail: entry.detail,
-            prev_hash: chain.prev_hash.clone(),
-            hash: String::new(),
+            prev_hash,
+            hash,
+        })
+    }
+
+    /// A session's record whose detail is already JSON text (a statement, made on the message
+    /// path without a `Value`): the same line [`AuditLog::record`] writes for that detail.
+    pub fn record_json(&self, kind: &'static str, actor: &str, endpoint_id: &str, session_id: &str, detail: &RawValue) -> Result<(), AuditError> {
+        let fields = Fields { kind, actor, endpoint_id: Some(endpoint_id), session_id: Some(session_id), op_id: None };
+        self.append(&fields, detail).map(|_| ())
+    }
+
+    /// Chains and writes one line; returns `(seq, time, prev_hash, hash)`.
+    fn append<D: Serialize + ?Sized>(&self, f: &Fields<'_>, detail: &D) -> Result<(i64, Timestamp, String, String), AuditError> {
+        // A poisoned lock only means another writer panicked mid-call; the chain state is
+        // updated after the write succeeds, so it is still consistent.
+        let mut chain = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let time = Timestamp::now();
+        let time_text = time.to_string();
+        let seq = chain.next_seq;
+        let hash = sha256_hex(
+            &ChainFields {
+                seq,
+                time: &time_text,
+                kind: f.kind,
+                actor: f.actor,
+                appliance_id: self.appliance_id.as_deref(),
+                endpoint_id: f.endpoint_id,
+                session_id: f.session_id,
+                op_id: f.op_id,
+                detail,
+                prev_hash: &chain.prev_hash,
+            }
+            .chain_input(),
+        );
+        // Field for field what serialising an `AuditRecord` gives, without building one.
+        let line = Line {
+            seq,
+            time: &time,
+            kind: f.kind,
+            actor: f.actor,
+            appliance_id: self.appliance_id.as_deref(),
+            endpoint_id: f.endpoint_id,
+            session_id: f.session_id,
+            op_id: f.op_id,
+            detail,
+            prev_hash: &chain.prev_hash,
+            hash: &hash,
         };
-        record.hash = sha256_hex(&record.chain_input());
-        let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::Io {
-            path: chain.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        line.push(b'\n');
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io { path: chain.path.clone(), source: std::io::Error::other(e) })?;
+        bytes.push(b'\n');
         let Chain { path, file, .. } = &mut *chain;
-        file.write_all(&line).and_then(|()| file.flush()).map_err(|source| AuditError::Io { path: path.clone(), source })?;
+        file.write_all(&bytes).and_then(|()| file.flush()).map_err(|source| AuditError::Io { path: path.clone(), source })?;
+        let prev_hash = std::mem::replace(&mut chain.prev_hash, hash.clone());
         chain.next_seq += 1;
-        chain.prev_hash = record.hash.clone();
-        Ok(record)
+        Ok((seq, time, prev_hash, hash))
     }
 
     /// Records, logging instead of failing: for events where the action has already happened
@@ -227,6 +301,26 @@ mod tests {
             Err(AuditError::Broken { seq, .. }) => seq,
             other => panic!("expected a broken chain, got {other:?}"),
         }
+    }
+
+    /// A line is the serialised `AuditRecord`, whichever way it was written, and a detail
+    /// given as JSON text chains exactly as the same `Value` would.
+    #[test]
+    fn lines_are_records_and_json_details_chain_like_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
+        let detail = json!({ "protocol": "simple", "text": "select '\u{1b}[2J\"\n'", "truncated": false });
+        let r = log.record(Entry::new("sql.statement", "op", detail.clone()).endpoint("ep_1").session("ses_1")).unwrap();
+        let raw = serde_json::value::to_raw_value(&detail).unwrap();
+        log.record_json("sql.statement", "op", "ep_1", "ses_1", &raw).unwrap();
+        let lines = lines(&path);
+        assert_eq!(lines[0], serde_json::to_string(&r).unwrap());
+        let second: AuditRecord = serde_json::from_str(&lines[1]).unwrap();
+        assert_eq!((second.seq, &second.detail, &second.prev_hash), (2, &detail, &r.hash));
+        assert_eq!(second.appliance_id.as_deref(), Some("app_1"));
+        assert_eq!(second.hash, sha256_hex(&second.chain_input()));
+        assert_eq!(verify_file(&path).unwrap(), 2);
     }
 
     #[test]

@@ -434,10 +434,13 @@ impl Session<'_> {
 
     fn audit(&self, seen: &mut Vec<pgwire::Frontend<'_>>, statements: &mut u64, client_quit: &mut bool) {
         for f in seen.drain(..) {
-            match f.audit_detail() {
+            match f.audit_detail_json() {
                 Some(detail) => {
                     *statements += 1;
-                    self.ctx.audit.record_or_log(entry("sql.statement", self.open, detail));
+                    let o = self.open;
+                    if let Err(e) = self.ctx.audit.record_json("sql.statement", &o.operator, &o.endpoint_id, &o.session_id, &detail) {
+                        tracing::error!(error = %e, "cannot write the customer's audit trail");
+                    }
                 }
                 None => *client_quit = true,
             }
