@@ -10,7 +10,8 @@
 //! Prints exactly one JSON line on stdout; progress goes to stderr.
 //! Measured on the 2-core dev machine (release): direct ≈ 12 650 tps, endpoint ≈ 5 900 tps,
 //! ratio 0.46–0.48 (every statement audited in both trails).
-//! Environment: `PG_BENCH_SECONDS` (default 15), `PG_BENCH_SCALE` (default 10).
+//! Environment: `PG_BENCH_SECONDS` (default 15), `PG_BENCH_SCALE` (default 10),
+//! `PG_BENCH_AGENT_TLS=1` (TLS on the agent's hop to the database too).
 
 use anyhow::{anyhow, Context, Result};
 use postern::{
@@ -63,6 +64,7 @@ fn main() -> Result<()> {
     let cluster = PgCluster::start_with(&Options {
         scram_for_others: true,
         tls: Some((server.cert_pem.clone(), server.key_pem.expose().to_string())),
+        tls_only: false,
     });
     let url = cluster.create_database("bench");
     eprintln!("pgbench -i -s {scale} …");
@@ -75,9 +77,13 @@ fn main() -> Result<()> {
     }
 
     let gw = Gateway::start(&dir.path().join("gw"))?;
+    // The agent runs beside the database, so its hop is plaintext unless PG_BENCH_AGENT_TLS=1
+    // (then `sslmode=require`, as a managed database forcing TLS would need).
+    let agent_tls = std::env::var("PG_BENCH_AGENT_TLS").is_ok_and(|v| v == "1");
+    let agent_sslmode = if agent_tls { "require" } else { "disable" };
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"aws_db_instance.main\"\nkind = \"postgres\"\n\
-         admin_url = \"{url}\"\nschemas = [\"public\"]\nprivileges = [\"SELECT\"]\n"
+         admin_url = \"{url}?sslmode={agent_sslmode}\"\nschemas = [\"public\"]\nprivileges = [\"SELECT\"]\n"
     );
     let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), "bench", "acme-corp", &body)?;
     agent.run()?;
@@ -115,6 +121,7 @@ fn main() -> Result<()> {
             "seconds": seconds,
             "scale": scale,
             "tls": "both paths (sslmode=require)",
+            "agent_to_db": if agent_tls { "tls (sslmode=require)" } else { "plain (sslmode=disable)" },
             "direct_tps": direct_tps.round(),
             "endpoint_tps": endpoint_tps.round(),
             "ratio": (endpoint_tps / direct_tps * 1000.0).round() / 1000.0,

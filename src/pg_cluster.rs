@@ -144,6 +144,9 @@ pub struct Options {
     pub scram_for_others: bool,
     /// `ssl = on` with this server certificate chain and key (PEM).
     pub tls: Option<(String, String)>,
+    /// With `tls`: every TCP login must be encrypted (`hostssl` only), as on a managed
+    /// database that forces TLS.
+    pub tls_only: bool,
 }
 
 impl PgCluster {
@@ -189,11 +192,13 @@ impl PgCluster {
                 std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
             }
         };
-        if opts.scram_for_others {
+        if opts.scram_for_others || opts.tls_only {
             let hba = data.join("pg_hba.conf");
+            let host = if opts.tls_only { "hostssl" } else { "host" };
+            let others = if opts.scram_for_others { "scram-sha-256" } else { "trust" };
             std::fs::write(
                 &hba,
-                format!("local all all trust\nhost all {USER} 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n"),
+                format!("local all all trust\n{host} all {USER} 127.0.0.1/32 trust\n{host} all all 127.0.0.1/32 {others}\n"),
             )
             .expect("writing pg_hba.conf");
             own(&hba, 0o600);

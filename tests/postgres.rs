@@ -31,8 +31,18 @@ fn setup(app: &str) -> Result<Setup> {
 
 /// `sessions_per_endpoint`: a gateway limit other than the default 64.
 fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
-    let dir = tempfile::tempdir()?;
-    let cluster = PgCluster::start_with(&Options { scram_for_others: true, tls: None });
+    let cluster = PgCluster::start_with(&Options { scram_for_others: true, ..Options::default() });
+    setup_on(app, sessions_per_endpoint, cluster, tempfile::tempdir()?, |url| url.to_string())
+}
+
+/// `admin_url`: what the agent is given for the database's URL.
+fn setup_on(
+    app: &str,
+    sessions_per_endpoint: Option<u64>,
+    cluster: PgCluster,
+    dir: tempfile::TempDir,
+    admin_url: impl Fn(&str) -> String,
+) -> Result<Setup> {
     let db_url = cluster.create_database("pgep");
     cluster.psql(
         &db_url,
@@ -49,8 +59,9 @@ fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
         }
     };
     let body = format!(
-        "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"postgres\"\nadmin_url = \"{db_url}\"\n\
-         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\", \"UPDATE\", \"DELETE\"]\n"
+        "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"postgres\"\nadmin_url = \"{}\"\n\
+         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\", \"UPDATE\", \"DELETE\"]\n",
+        admin_url(&db_url)
     );
     let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), app, "acme-corp", &body)?;
     agent.run()?;
@@ -351,5 +362,38 @@ fn past_the_session_limit_psql_gets_53300() -> Result<()> {
     assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "53300"));
     let _ = holder.kill();
     let _ = holder.wait();
+    Ok(())
+}
+
+/// A database that takes encrypted logins only, as managed ones do (RDS with rds.force_ssl):
+/// the agent reaches it with `sslmode=verify-full` and the CA file from `admin_url`, for the
+/// role and for every session, and psql through the endpoint works as usual.
+#[test]
+fn sessions_reach_a_tls_only_database_with_verify_full() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let now = jiff::Timestamp::now();
+    let ca = certs::Ca::generate("appliance db CA", now)?;
+    let server = ca.issue_server(&["localhost".to_string()], now, Duration::from_secs(3600))?;
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem())?;
+    let cluster = PgCluster::start_with(&Options {
+        scram_for_others: true,
+        tls: Some((server.cert_pem.clone(), server.key_pem.expose().to_string())),
+        tls_only: true,
+    });
+    let ca_path = ca_file.display().to_string();
+    let s = setup_on("pg-tls", None, cluster, dir, |url| {
+        format!("{}?sslmode=verify-full&sslrootcert={ca_path}", url.replace("127.0.0.1", "localhost"))
+    })?;
+    let (_id, cs) = s.create("pg-tls", "1h")?;
+    let r = psql(&cs, "SELECT name FROM items; SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid();");
+    assert!(r.ok, "{}", r.stderr);
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("first"));
+    let ssl = lines.next().unwrap_or_default();
+    assert!(ssl.starts_with("t|TLSv1."), "the session's backend connection is encrypted: {ssl}");
+    // Plaintext is refused by this server, so nothing above went around TLS.
+    let plain = s.cluster.try_psql(&format!("{}?sslmode=disable", s.db_url), "SELECT 1");
+    assert!(plain.is_err_and(|e| e.contains("no encryption")), "the server forces TLS");
     Ok(())
 }

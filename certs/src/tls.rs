@@ -172,6 +172,124 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
+/// How a client checks a server outside Postern (an appliance's database), in libpq's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerCheck<'a> {
+    /// `sslmode=require` without a CA: encrypted, the server unauthenticated (its handshake
+    /// signature is still checked against the certificate it presents).
+    EncryptOnly,
+    /// `verify-ca`: the chain must lead to `ca_pem`; any name.
+    Chain { ca_pem: &'a str },
+    /// `verify-full`: the chain must lead to `ca_pem` and name the host dialled.
+    ChainAndName { ca_pem: &'a str },
+}
+
+/// rustls client config for a server that is not Postern's (TLS 1.2 or 1.3, ring): databases
+/// still commonly stop at 1.2.
+pub fn upstream_client_config(check: ServerCheck<'_>) -> Result<ClientConfig, CertError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let config = match check {
+        ServerCheck::ChainAndName { ca_pem } => builder.with_root_certificates(roots(ca_pem)?),
+        ServerCheck::Chain { ca_pem } => {
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider)
+                .build()
+                .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName { inner }))
+        }
+        ServerCheck::EncryptOnly => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+    };
+    Ok(config.with_no_client_auth())
+}
+
+/// `verify-ca`: webpki's checks, except that the certificate need not name the host.
+#[derive(Debug)]
+struct AnyName {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // webpki checks the name last, after the chain, validity and usage have passed.
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// `require` without a CA: any certificate, but the handshake must be signed by its key.
+#[derive(Debug)]
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()

@@ -138,7 +138,9 @@ fn bad_postgres_resources_are_config_errors() {
     for (extra, want) in [
         ("privileges = [\"ALL\"]\n", "privileges"),
         ("schemas = []\n", "schemas"),
-        ("admin_url = \"postgres://x@h/db?sslmode=require\"\n", "sslmode"),
+        ("admin_url = \"postgres://x@h/db?sslmode=verify-full\"\n", "sslrootcert"),
+        ("admin_url = \"postgres://x@h/db?sslmode=allow\"\n", "sslmode"),
+        ("admin_url = \"postgres://x@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem\"\n", "sslrootcert"),
     ] {
         let text = format!(
             "audit_path = \"a\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\n{}{extra}",
@@ -147,5 +149,62 @@ fn bad_postgres_resources_are_config_errors() {
         // agent.toml is refused as a whole, naming the resource and the key.
         let e = AgentConfig::parse(&text, std::path::Path::new("/a.toml")).unwrap_err().to_string();
         assert!(e.contains("resource \"db\"") && e.contains(want), "{e}");
+    }
+}
+
+/// A database that forces TLS, as managed ones do: the admin connection and the role's
+/// sessions go over TLS as `admin_url`'s sslmode/sslrootcert say, and a certificate that does
+/// not check out is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_as_admin_url_asks_against_a_tls_only_database() {
+    let now = jiff::Timestamp::now();
+    let ca = certs::Ca::generate("appliance db CA", now).unwrap();
+    let other_ca = certs::Ca::generate("someone else's CA", now).unwrap();
+    // Named for localhost only: 127.0.0.1 passes verify-ca but not verify-full.
+    let server = ca.issue_server(&["localhost".to_string()], now, Duration::from_secs(3600)).unwrap();
+    let cluster = pg_cluster::PgCluster::start_with(&pg_cluster::Options {
+        scram_for_others: true,
+        tls: Some((server.cert_pem.clone(), server.key_pem.expose().to_string())),
+        tls_only: true,
+    });
+    let url = cluster.create_database("tls");
+    cluster.psql(&url, "CREATE SCHEMA app; CREATE TABLE app.items (name text); INSERT INTO app.items VALUES ('a');");
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&good, ca.cert_pem()).unwrap();
+    std::fs::write(&bad, other_ca.cert_pem()).unwrap();
+    let by_name = url.replace("127.0.0.1", "localhost");
+    let expires = now + jiff::SignedDuration::from_secs(3600);
+    let attempt = |n: usize, url: String| {
+        let res = resource(&url);
+        async move {
+            postgres::validate_config(&res).map_err(|e| format!("config: {e}"))?;
+            postgres::prepare_role(&res, &format!("ep_tls{n}"), expires).await.map_err(|e| e.to_string())
+        }
+    };
+    let cases = [
+        (format!("{by_name}?sslmode=verify-full&sslrootcert={}", good.display()), None),
+        (format!("{url}?sslmode=verify-ca&sslrootcert={}", good.display()), None),
+        (format!("{url}?sslmode=require"), None),
+        (format!("{url}?sslmode=verify-full&sslrootcert={}", good.display()), Some("not valid for name")),
+        (format!("{by_name}?sslmode=verify-full&sslrootcert={}", bad.display()), Some("UnknownIssuer")),
+        (format!("{url}?sslmode=disable"), Some("no encryption")),
+    ];
+    for (n, (url, refused)) in cases.into_iter().enumerate() {
+        let got = attempt(n, url.clone()).await;
+        match refused {
+            None => assert_eq!(got, Ok(()), "{url}"),
+            Some(why) => {
+                let e = got.expect_err(&url);
+                assert!(e.contains(why), "{url}: {e}");
+            }
+        }
+    }
+    // The server takes encrypted logins only (sslmode=disable was refused), so the roles
+    // made above were made over TLS.
+    let role = postgres::ready_role("ep_tls0").await.unwrap();
+    assert_eq!(role.admin.tls.mode, postgres::tls::SslMode::VerifyFull);
+    for n in 0..3 {
+        postgres::teardown_role(&format!("ep_tls{n}")).await.unwrap();
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod role;
 mod session;
+pub mod tls;
 
 pub use session::serve_stream;
 
@@ -28,7 +29,10 @@ const ROLE_READY_WAIT: Duration = Duration::from_secs(15);
 
 /// `agent.toml` checks for a postgres resource, beyond the keys being present.
 pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
-    let config = role::admin_config(resource).map_err(|e| e.to_string())?;
+    let (config, tls) = role::admin_config(resource).map_err(|e| e.to_string())?;
+    if tls.mode == tls::SslMode::Require && config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_))) {
+        tracing::warn!(resource = %resource.id, "admin_url: the database's certificate is not checked (sslmode={:?}); set sslmode=verify-full and sslrootcert", tls.mode);
+    }
     role::Scope::of(resource, &config).validate()
 }
 

@@ -7,7 +7,8 @@
 use crate::config::ResourceConfig;
 use jiff::Timestamp;
 use std::time::Duration;
-use tokio_postgres::{Client, Config, NoTls};
+use super::tls::{split_tls_options, DbTls};
+use tokio_postgres::{Client, Config};
 
 /// Most sessions an endpoint can hold at once at the database (the gateway's own limit is
 /// the same; this one holds even if the gateway were wrong).
@@ -119,6 +120,7 @@ pub fn create_statements(role: &str, scope: &Scope, valid_until: Timestamp, veri
 /// The admin connection of one resource.
 pub struct Admin {
     config: Config,
+    pub tls: DbTls,
     pub scope: Scope,
 }
 
@@ -129,10 +131,13 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// Parses `admin_url` (and reads `admin_password_file`) into a connection config.
-pub fn admin_config(resource: &ResourceConfig) -> Result<Config, RoleError> {
+/// Parses `admin_url` (and reads `admin_password_file`) into a connection config and the
+/// TLS it asks for.
+pub fn admin_config(resource: &ResourceConfig) -> Result<(Config, DbTls), RoleError> {
     let url = resource.admin_url.as_ref().ok_or_else(|| RoleError::Config("missing".into()))?;
-    let mut config: Config = url.expose().parse().map_err(|e: tokio_postgres::Error| RoleError::Config(e.to_string()))?;
+    let options = split_tls_options(url.expose());
+    let tls = DbTls::new(options.sslmode.as_deref(), options.sslrootcert.as_deref()).map_err(RoleError::Config)?;
+    let mut config: Config = options.rest.parse().map_err(|e: tokio_postgres::Error| RoleError::Config(e.to_string()))?;
     if let Some(f) = &resource.admin_password_file {
         let pw = std::fs::read_to_string(f).map_err(RoleError::PasswordFile)?;
         config.password(pw.trim_end_matches(['\r', '\n']));
@@ -140,14 +145,23 @@ pub fn admin_config(resource: &ResourceConfig) -> Result<Config, RoleError> {
     if config.get_hosts().is_empty() {
         return Err(RoleError::Config("names no host".into()));
     }
-    if matches!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-        return Err(RoleError::Config(
-            "sslmode=require is not supported yet: reach the database on a local or private address (sslmode=disable or prefer)".into(),
-        ));
-    }
+    config.ssl_mode(tls.mode.for_tokio_postgres());
     config.connect_timeout(ADMIN_CONNECT_TIMEOUT);
     config.application_name("postern-agent");
-    Ok(config)
+    Ok((config, tls))
+}
+
+/// tokio-postgres says "error performing TLS handshake"; the why (a certificate's name or
+/// issuer) is in its sources.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    for _ in 0..8 {
+        let Some(s) = source else { break };
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
 }
 
 fn sql_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> RoleError {
@@ -164,10 +178,10 @@ fn is_undefined_role(e: &tokio_postgres::Error) -> bool {
 
 impl Admin {
     pub fn new(resource: &ResourceConfig) -> Result<Admin, RoleError> {
-        let config = admin_config(resource)?;
+        let (config, tls) = admin_config(resource)?;
         let scope = Scope::of(resource, &config);
         scope.validate().map_err(RoleError::Config)?;
-        Ok(Admin { config, scope })
+        Ok(Admin { config, tls, scope })
     }
 
     /// Where sessions connect: the admin URL's server, the scope's database.
@@ -178,7 +192,7 @@ impl Admin {
     async fn connect(&self) -> Result<Client, RoleError> {
         let mut c = self.config.clone();
         c.dbname(&self.scope.database);
-        let (client, conn) = c.connect(NoTls).await.map_err(|e| RoleError::Connect(e.to_string()))?;
+        let (client, conn) = c.connect(self.tls.make_connect()).await.map_err(|e| RoleError::Connect(with_causes(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended");

@@ -5,7 +5,11 @@
 //! the customer's trail. A stream that starts with a `CancelRequest` carries the gateway's
 //! key of a session here; the agent sends the real key to the server.
 
-use super::{ready_role, ReadyRole};
+use super::{
+    ready_role,
+    tls::{Db, DbTls},
+    ReadyRole,
+};
 use crate::{
     config::ResourceConfig,
     grants::Cut,
@@ -172,14 +176,12 @@ impl Session<'_> {
         };
         let server = self.server.clone();
         let connected = tokio::select! {
-            r = tokio::time::timeout(SETUP_TIMEOUT, connect(&server)) => r.map_err(|_| std::io::ErrorKind::TimedOut.into()).and_then(|r| r),
+            r = tokio::time::timeout(SETUP_TIMEOUT, connect(&server, &self.role.admin.tls)) => r.map_err(|_| std::io::ErrorKind::TimedOut.into()).and_then(|r| r),
             () = self.cut.cancelled() => return cut_quic(&mut send, &mut recv, self.cut.reason().unwrap_or(CloseReason::Interrupted)),
         };
         match connected {
-            Ok(Db::Tcp(s)) => {
-                let _ = s.set_nodelay(true);
-                self.relay(s, forward, gw_key, send, recv, started).await
-            }
+            Ok(Db::Tcp(s)) => self.relay(s, forward, gw_key, send, recv, started).await,
+            Ok(Db::Tls(s)) => self.relay(s, forward, gw_key, send, recv, started).await,
             Ok(Db::Unix(s)) => self.relay(s, forward, gw_key, send, recv, started).await,
             Err(e) => {
                 tracing::warn!(resource = %self.open.resource_id, error = %e, "cannot connect to the database");
@@ -454,14 +456,14 @@ enum Login {
     Failed(String),
 }
 
-enum Db {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
-
-async fn connect(server: &Server) -> std::io::Result<Db> {
+/// A session's connection, over TLS as `admin_url` asks (never over a Unix socket, as libpq).
+async fn connect(server: &Server, tls: &DbTls) -> std::io::Result<Db> {
     Ok(match server {
-        Server::Tcp(h, p) => Db::Tcp(tokio::net::TcpStream::connect((h.as_str(), *p)).await?),
+        Server::Tcp(h, p) => {
+            let tcp = tokio::net::TcpStream::connect((h.as_str(), *p)).await?;
+            let _ = tcp.set_nodelay(true);
+            tls.negotiate(tcp, h).await?
+        }
         Server::Unix(path) => Db::Unix(tokio::net::UnixStream::connect(path).await?),
     })
 }
