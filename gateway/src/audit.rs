@@ -38,7 +38,7 @@ impl Subject {
 /// Records the writer task takes at once: one store transaction each.
 const QUEUE_BATCH: usize = 256;
 /// How long the writer gathers queued records before a commit (unless a flush is waiting).
-const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// Queued records before callers of [`AuditLog::enqueue`] wait (nothing is dropped).
 const QUEUE_DEPTH: usize = 16 * 1024;
 
