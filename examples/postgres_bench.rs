@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Prints exactly one JSON line on stdout; progress goes to stderr.
-//! Measured on the 2-core dev machine (release): direct ≈ 12 650 tps, endpoint ≈ 5 900 tps,
-//! ratio 0.46–0.48 (every statement audited in both trails).
+//! Measured on the 2-core dev machine (release): direct ≈ 16 700–17 000 tps, endpoint ≈ 8 700–9 000
+//! tps, ratio 0.52–0.53 (every statement audited in both trails); 0.475 with PG_BENCH_AGENT_TLS=1.
 //! Environment: `PG_BENCH_SECONDS` (default 15), `PG_BENCH_SCALE` (default 10),
 //! `PG_BENCH_AGENT_TLS=1` (TLS on the agent's hop to the database too).
 
