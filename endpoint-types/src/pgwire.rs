@@ -280,35 +280,10 @@ fn capped(text: &str) -> (&str, bool) {
     (text.get(..end).unwrap_or_default(), true)
 }
 
-impl Frontend<'_> {
-    /// The `detail` of its `sql.statement` record, the same in both trails. Text is carried as
-    /// a JSON string (escaped as data); parameter values are never recorded, only counted.
-    pub fn audit_detail(&self) -> Option<serde_json::Value> {
-        use serde_json::json;
-        Some(match self {
-            Frontend::Query { text } => {
-                let (t, truncated) = capped(text);
-                json!({ "protocol": "simple", "message": "query", "text": t, "truncated": truncated })
-            }
-            Frontend::Parse { statement, text, param_types } => {
-                let (t, truncated) = capped(text);
-                json!({ "protocol": "extended", "message": "parse", "statement": statement, "text": t,
-                        "param_types": param_types, "truncated": truncated })
-            }
-            Frontend::Bind { portal, statement, params } => {
-                json!({ "protocol": "extended", "message": "bind", "portal": portal, "statement": statement, "params": params })
-            }
-            Frontend::Execute { portal, max_rows } => {
-                json!({ "protocol": "extended", "message": "execute", "portal": portal, "max_rows": max_rows })
-            }
-            Frontend::Terminate => return None,
-        })
-    }
-}
-
-/// [`Frontend::audit_detail`] written straight to JSON text, with no `Value` tree on the
-/// message path. Fields are in the order a `Value` map serialises them (sorted), so the text
-/// is what the trails store and re-read: its chain hash verifies either way.
+/// The `detail` of a `sql.statement` record, the same in both trails, written straight to JSON
+/// text with no `Value` tree on the message path. Fields are in the order a `Value` map
+/// serialises them (sorted), so the text is what the trails store and re-read: its chain hash
+/// verifies either way.
 mod detail_json {
     use serde::Serialize;
 
@@ -349,7 +324,8 @@ mod detail_json {
 }
 
 impl Frontend<'_> {
-    /// [`Frontend::audit_detail`] as JSON text, made without building a `Value`.
+    /// The statement's audit detail as JSON text. Text is carried as a JSON string (escaped as
+    /// data); parameter values are never recorded, only counted. `None` for `Terminate`.
     pub fn audit_detail_json(&self) -> Option<Box<serde_json::value::RawValue>> {
         use detail_json::*;
         let text = match self {

@@ -2,7 +2,7 @@
 
 use crate::store::{Store, StoreError};
 use crate::store::AuditRow;
-use endpoint_types::api::{verify_chain, AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
+use endpoint_types::api::{verify_chain, AuditRecord, AUDIT_GENESIS_HASH};
 use serde_json::value::RawValue;
 use jiff::Timestamp;
 use std::sync::Arc;
@@ -205,35 +205,21 @@ impl Chain {
         let made = self
             .store
             .append_audit_rows_with(&records, |p, seq, prev_hash| {
-                let time = p.time.to_string();
-                let hash = sha256_hex(
-                    &ChainFields {
-                        seq,
-                        time: &time,
-                        kind: p.kind,
-                        actor: &p.actor,
-                        appliance_id: p.subject.appliance_id.as_deref(),
-                        endpoint_id: p.subject.endpoint_id.as_deref(),
-                        session_id: p.subject.session_id.as_deref(),
-                        op_id: p.subject.op_id.as_deref(),
-                        detail: &*p.detail,
-                        prev_hash,
-                    }
-                    .chain_input(),
-                );
-                AuditRow {
+                let mut row = AuditRow {
                     seq,
-                    time,
+                    time: p.time.to_string(),
                     kind: p.kind,
                     actor: &p.actor,
                     appliance_id: p.subject.appliance_id.as_deref(),
                     endpoint_id: p.subject.endpoint_id.as_deref(),
                     session_id: p.subject.session_id.as_deref(),
                     op_id: p.subject.op_id.as_deref(),
-                    detail: p.detail.get(),
+                    detail: &p.detail,
                     prev_hash: prev_hash.to_string(),
-                    hash,
-                }
+                    hash: String::new(),
+                };
+                row.hash = sha256_hex(&row.chain_input());
+                row
             })
             .await;
         match made {

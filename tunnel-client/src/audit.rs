@@ -90,6 +90,25 @@ struct Line<'a, D: Serialize + ?Sized> {
     hash: &'a str,
 }
 
+impl<D: Serialize + ?Sized> Line<'_, D> {
+    /// What `hash` is taken over: the same bytes as [`AuditRecord::chain_input`] of the record.
+    fn chain_input(&self) -> Vec<u8> {
+        ChainFields {
+            seq: self.seq,
+            time: &self.time.to_string(),
+            kind: self.kind,
+            actor: self.actor,
+            appliance_id: self.appliance_id,
+            endpoint_id: self.endpoint_id,
+            session_id: self.session_id,
+            op_id: self.op_id,
+            detail: self.detail,
+            prev_hash: self.prev_hash,
+        }
+        .chain_input()
+    }
+}
+
 /// Cheap to clone; every clone appends to the same chain under one lock, so the chain stays
 /// linear however many sessions write at once.
 #[derive(Clone)]
@@ -191,25 +210,9 @@ impl AuditLog {
         // updated after the write succeeds, so it is still consistent.
         let mut chain = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let time = Timestamp::now();
-        let time_text = time.to_string();
         let seq = chain.next_seq;
-        let hash = sha256_hex(
-            &ChainFields {
-                seq,
-                time: &time_text,
-                kind: f.kind,
-                actor: f.actor,
-                appliance_id: self.appliance_id.as_deref(),
-                endpoint_id: f.endpoint_id,
-                session_id: f.session_id,
-                op_id: f.op_id,
-                detail,
-                prev_hash: &chain.prev_hash,
-            }
-            .chain_input(),
-        );
         // Field for field what serialising an `AuditRecord` gives, without building one.
-        let line = Line {
+        let mut line = Line {
             seq,
             time: &time,
             kind: f.kind,
@@ -220,8 +223,10 @@ impl AuditLog {
             op_id: f.op_id,
             detail,
             prev_hash: &chain.prev_hash,
-            hash: &hash,
+            hash: "",
         };
+        let hash = sha256_hex(&line.chain_input());
+        line.hash = &hash;
         let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io { path: chain.path.clone(), source: std::io::Error::other(e) })?;
         bytes.push(b'\n');
         let Chain { path, file, .. } = &mut *chain;

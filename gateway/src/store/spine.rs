@@ -117,9 +117,28 @@ pub struct AuditRow<'a> {
     pub endpoint_id: Option<&'a str>,
     pub session_id: Option<&'a str>,
     pub op_id: Option<&'a str>,
-    pub detail: &'a str,
+    pub detail: &'a serde_json::value::RawValue,
     pub prev_hash: String,
     pub hash: String,
+}
+
+impl AuditRow<'_> {
+    /// What `hash` is taken over: the same bytes as [`AuditRecord::chain_input`] of the record.
+    pub fn chain_input(&self) -> Vec<u8> {
+        endpoint_types::api::ChainFields {
+            seq: self.seq,
+            time: &self.time,
+            kind: self.kind,
+            actor: self.actor,
+            appliance_id: self.appliance_id,
+            endpoint_id: self.endpoint_id,
+            session_id: self.session_id,
+            op_id: self.op_id,
+            detail: self.detail,
+            prev_hash: &self.prev_hash,
+        }
+        .chain_input()
+    }
 }
 
 /// Rows per multi-row INSERT: 11 parameters each stays far below SQLite's and PostgreSQL's
@@ -159,7 +178,7 @@ async fn insert_audit_rows<'e>(
             .bind(r.endpoint_id)
             .bind(r.session_id)
             .bind(r.op_id)
-            .bind(r.detail)
+            .bind(r.detail.get())
             .bind(r.prev_hash.as_str())
             .bind(r.hash.as_str());
     }
