@@ -51,12 +51,17 @@ async fn latencies(t: &Target, path: &str, n: usize) -> Result<Vec<u64>> {
     let tcp = tokio::net::TcpStream::connect(t.addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from(t.server_name.clone())?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let mut out = Vec::with_capacity(n);
     for i in 0..n + WARMUP {
-        let mut req = hyper::Request::get(path).header("host", t.server_name.as_str()).header("accept", "application/json");
+        let mut req = hyper::Request::get(path)
+            .header("host", t.server_name.as_str())
+            .header("accept", "application/json");
         if let Some(b) = &t.bearer {
             req = req.header("authorization", format!("Bearer {b}"));
         }
@@ -107,12 +112,19 @@ fn field(text: &str, key: &str) -> Result<String> {
 }
 
 fn b64(s: &str) -> Result<String> {
-    Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s)?)?)
+    Ok(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(s)?,
+    )?)
 }
 
 fn main() -> Result<()> {
-    let n: usize = std::env::var("KUBECTL_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1);
+    let n: usize = std::env::var("KUBECTL_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
     if cfg!(debug_assertions) {
         eprintln!("kubectl_bench: warning: debug build; use --release for meaningful numbers");
     }
@@ -120,13 +132,22 @@ fn main() -> Result<()> {
     let api = KubeApiServer::start()?;
     let upstream = dir.path().join("upstream.kubeconfig");
     std::fs::write(&upstream, api.kubeconfig(NS))?;
-    eprintln!("kubectl_bench: test API server on {}; starting gateway and agent", api.addr);
+    eprintln!(
+        "kubectl_bench: test API server on {}; starting gateway and agent",
+        api.addr
+    );
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"aws_eks_cluster.main_cluster\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"{NS}\"]\n",
         upstream.display()
     );
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), "bench-app", "acme-corp", &body)?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        "bench-app",
+        "acme-corp",
+        &body,
+    )?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
         bail!("agent never came online");
@@ -135,29 +156,61 @@ fn main() -> Result<()> {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
     let out = Command::new(bin("postern")?)
-        .args(["--output", "json", "ops", "endpoint", "create", "--type", "kubectl", "--app", "bench-app", "--customer", "acme-corp"])
-        .args(["--origin-resource-id", "aws_eks_cluster.main_cluster", "--ttl", "1h"])
+        .args([
+            "--output",
+            "json",
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "kubectl",
+            "--app",
+            "bench-app",
+            "--customer",
+            "acme-corp",
+        ])
+        .args([
+            "--origin-resource-id",
+            "aws_eks_cluster.main_cluster",
+            "--ttl",
+            "1h",
+        ])
         .env("POSTERN_ADDR", gw.api.to_string())
         .env("POSTERN_TOKEN", &gw.admin_token)
         .env("POSTERN_CA_FILE", &gw.ca_file)
         .env("HOME", &home)
         .stdin(Stdio::null())
         .output()?;
-    let ep: Value = serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
-    let cfg_path = ep["kubeconfig"].as_str().ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?.to_string();
+    let ep: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+    let cfg_path = ep["kubeconfig"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?
+        .to_string();
     let text = std::fs::read_to_string(&cfg_path)?;
     let server = field(&text, "server")?;
     let through = Target {
         addr: server.trim_start_matches("https://").parse()?,
         server_name: field(&text, "tls-server-name")?,
         ca_pem: b64(&field(&text, "certificate-authority-data")?)?,
-        client: Some((b64(&field(&text, "client-certificate-data")?)?, certs::Secret::new(b64(&field(&text, "client-key-data")?)?))),
+        client: Some((
+            b64(&field(&text, "client-certificate-data")?)?,
+            certs::Secret::new(b64(&field(&text, "client-key-data")?)?),
+        )),
         bearer: None,
     };
-    let direct = Target { addr: api.addr, server_name: "localhost".into(), ca_pem: api.ca_pem.clone(), client: None, bearer: Some(api.token.clone()) };
+    let direct = Target {
+        addr: api.addr,
+        server_name: "localhost".into(),
+        ca_pem: api.ca_pem.clone(),
+        client: None,
+        bearer: Some(api.token.clone()),
+    };
     let path = format!("/api/v1/namespaces/{NS}/pods");
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     eprintln!("kubectl_bench: {n} sequential GET {path}, direct");
     let d = rt.block_on(latencies(&direct, &path, n))?;
     eprintln!("kubectl_bench: {n} sequential GET {path}, through the endpoint");
@@ -170,7 +223,11 @@ fn main() -> Result<()> {
     let direct_kubectl_ms = kubectl_ms(&direct_cfg)?;
     let endpoint_kubectl_ms = kubectl_ms(Path::new(&cfg_path))?;
 
-    let (dp50, ep50, ep99) = (percentile(&d, 0.5), percentile(&e, 0.5), percentile(&e, 0.99));
+    let (dp50, ep50, ep99) = (
+        percentile(&d, 0.5),
+        percentile(&e, 0.5),
+        percentile(&e, 0.99),
+    );
     let line = json!({
         "bench": "kubectl",
         "requests": n,

@@ -26,7 +26,10 @@ use std::{
 
 fn env_u64(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v:?} is not a whole number")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
         Err(_) => Ok(default),
     }
 }
@@ -34,13 +37,26 @@ fn env_u64(name: &str, default: u64) -> Result<u64> {
 /// `(tps, average latency in ms)` from one pgbench run.
 fn pgbench(url: &str, seconds: u64) -> Result<(f64, f64)> {
     let out = Command::new(PgCluster::bin_dir().join("pgbench"))
-        .args(["-n", "-S", "-c", "8", "-j", "2", "-T", &seconds.to_string(), url])
+        .args([
+            "-n",
+            "-S",
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            url,
+        ])
         .stdin(Stdio::null())
         .output()
         .context("running pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        return Err(anyhow!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        return Err(anyhow!(
+            "pgbench failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let field = |prefix: &str| -> Result<f64> {
         text.lines()
@@ -60,7 +76,11 @@ fn main() -> Result<()> {
     // A throwaway CA for the server's TLS.
     let now = jiff::Timestamp::now();
     let ca = certs::Ca::generate("postgres_bench CA", now)?;
-    let server = ca.issue_server(&["127.0.0.1".to_string(), "localhost".to_string()], now, Duration::from_secs(86_400))?;
+    let server = ca.issue_server(
+        &["127.0.0.1".to_string(), "localhost".to_string()],
+        now,
+        Duration::from_secs(86_400),
+    )?;
     let cluster = PgCluster::start_with(&Options {
         scram_for_others: true,
         tls: Some((server.cert_pem.clone(), server.key_pem.expose().to_string())),
@@ -73,7 +93,10 @@ fn main() -> Result<()> {
         .output()
         .context("pgbench -i")?;
     if !init.status.success() {
-        return Err(anyhow!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr)));
+        return Err(anyhow!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        ));
     }
 
     let gw = Gateway::start(&dir.path().join("gw"))?;
@@ -94,15 +117,35 @@ fn main() -> Result<()> {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
     let out = Command::new(bin("postern")?)
-        .args(["--output", "json", "ops", "endpoint", "create", "--type", "postgres", "--app", "bench", "--customer", "acme-corp"])
-        .args(["--origin-resource-id", "aws_db_instance.main", "--ttl", "1h"])
+        .args([
+            "--output",
+            "json",
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "postgres",
+            "--app",
+            "bench",
+            "--customer",
+            "acme-corp",
+        ])
+        .args([
+            "--origin-resource-id",
+            "aws_db_instance.main",
+            "--ttl",
+            "1h",
+        ])
         .env("POSTERN_ADDR", gw.api.to_string())
         .env("POSTERN_TOKEN", &gw.admin_token)
         .env("POSTERN_CA_FILE", &gw.ca_file)
         .env("HOME", &home)
         .output()?;
-    let ep: serde_json::Value = serde_json::from_slice(&out.stdout).context("endpoint create output")?;
-    let cs = ep["connection_string"].as_str().ok_or_else(|| anyhow!("no connection string: {ep}"))?;
+    let ep: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("endpoint create output")?;
+    let cs = ep["connection_string"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no connection string: {ep}"))?;
     let through = cs.replace("sslmode=verify-full", "sslmode=require");
 
     let direct_url = format!("{url}?sslmode=require");

@@ -85,7 +85,10 @@ const LATENCY_WARMUP: usize = 5;
 
 fn env_u64(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v:?} is not a whole number")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
         Err(_) => Ok(default),
     }
 }
@@ -179,9 +182,14 @@ struct ApiTarget {
 
 impl ApiTarget {
     fn of(gw: &Gateway) -> Result<ApiTarget> {
-        let ca = std::fs::read_to_string(&gw.ca_file).with_context(|| format!("reading {}", gw.ca_file.display()))?;
+        let ca = std::fs::read_to_string(&gw.ca_file)
+            .with_context(|| format!("reading {}", gw.ca_file.display()))?;
         let tls = certs::client_config(&ca, None, vec![b"http/1.1".to_vec()])?;
-        Ok(ApiTarget { addr: gw.api, token: gw.admin_token.clone(), tls: TlsConnector::from(Arc::new(tls)) })
+        Ok(ApiTarget {
+            addr: gw.api,
+            token: gw.admin_token.clone(),
+            tls: TlsConnector::from(Arc::new(tls)),
+        })
     }
 }
 
@@ -192,7 +200,10 @@ struct Api {
 
 impl Api {
     fn new(t: &ApiTarget) -> Api {
-        Api { t: t.clone(), conn: None }
+        Api {
+            t: t.clone(),
+            conn: None,
+        }
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
@@ -206,7 +217,9 @@ impl Api {
     }
 
     async fn call(&mut self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.call_inner(method.clone(), path, body)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.call_inner(method.clone(), path, body))
+            .await
+        {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.conn = None;
@@ -219,7 +232,12 @@ impl Api {
         }
     }
 
-    async fn call_inner(&mut self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+    async fn call_inner(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
             self.conn = Some(self.connect().await?);
         }
@@ -230,15 +248,22 @@ impl Api {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, self.t.addr.to_string())
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.t.token));
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.t.token),
+            );
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let resp = sender.send_request(req.body(Full::new(payload))?).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        let v: Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("HTTP {status}: not JSON: {:?}", String::from_utf8_lossy(&bytes)))?;
+        let v: Value = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "HTTP {status}: not JSON: {:?}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
         if !status.is_success() {
             bail!("HTTP {status}: {v}");
         }
@@ -255,7 +280,9 @@ impl Api {
 
     async fn online(&mut self) -> Result<usize> {
         let list = self.get("/v1/appliances").await?;
-        let all = list["appliances"].as_array().ok_or_else(|| anyhow!("no appliances in {list}"))?;
+        let all = list["appliances"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no appliances in {list}"))?;
         Ok(all.iter().filter(|a| a["online"] == true).count())
     }
 
@@ -270,14 +297,29 @@ impl Api {
         let path = format!("/v1/ops/{}", rec.id);
         while !rec.state.is_final() {
             if t0.elapsed() > OP_LIMIT {
-                bail!("op {} still {} after {OP_LIMIT:?}", rec.id, rec.state.as_str());
+                bail!(
+                    "op {} still {} after {OP_LIMIT:?}",
+                    rec.id,
+                    rec.state.as_str()
+                );
             }
             tokio::time::sleep(poll).await;
             rec = serde_json::from_value(self.get(&path).await?)?;
         }
         let dt = t0.elapsed();
-        if rec.state != OpState::Completed || !rec.stdout.as_deref().unwrap_or_default().contains("get pods") {
-            bail!("op {} ended {}: {}", rec.id, rec.state.as_str(), serde_json::to_string(&rec).unwrap_or_default());
+        if rec.state != OpState::Completed
+            || !rec
+                .stdout
+                .as_deref()
+                .unwrap_or_default()
+                .contains("get pods")
+        {
+            bail!(
+                "op {} ended {}: {}",
+                rec.id,
+                rec.state.as_str(),
+                serde_json::to_string(&rec).unwrap_or_default()
+            );
         }
         Ok(dt)
     }
@@ -308,7 +350,11 @@ impl Fleet {
                 }
             });
         }
-        Ok(Fleet { shutdown, handles, ready })
+        Ok(Fleet {
+            shutdown,
+            handles,
+            ready,
+        })
     }
 
     /// Agents whose `run` returned on its own: they gave up.
@@ -365,9 +411,15 @@ fn enroll_fleet(
                     if i >= n {
                         return anyhow::Ok(out);
                     }
-                    let added =
-                        api.post("/v1/appliances", json!({ "app": format!("app-{i}"), "customer": CUSTOMER })).await?;
-                    let token = added["token"].as_str().ok_or_else(|| anyhow!("no token in {added}"))?;
+                    let added = api
+                        .post(
+                            "/v1/appliances",
+                            json!({ "app": format!("app-{i}"), "customer": CUSTOMER }),
+                        )
+                        .await?;
+                    let token = added["token"]
+                        .as_str()
+                        .ok_or_else(|| anyhow!("no token in {added}"))?;
                     out.push((i, token.to_string()));
                 }
             }));
@@ -380,7 +432,9 @@ fn enroll_fleet(
     })?;
 
     let relay = gw.relay.to_string();
-    let configs: Vec<PathBuf> = (0..n).map(|i| root.join(format!("agent-{i}")).join("agent.toml")).collect();
+    let configs: Vec<PathBuf> = (0..n)
+        .map(|i| root.join(format!("agent-{i}")).join("agent.toml"))
+        .collect();
     for (i, path) in configs.iter().enumerate() {
         let dir = path.parent().ok_or_else(|| anyhow!("no parent"))?;
         std::fs::create_dir_all(dir)?;
@@ -401,7 +455,9 @@ fn enroll_fleet(
             let (sem, relay, path) = (sem.clone(), relay.clone(), configs[i].clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await?;
-                tunnel_client::enroll::enroll(&relay, &token, &path).await.map_err(|e| anyhow!("agent {i}: {e}"))?;
+                tunnel_client::enroll::enroll(&relay, &token, &path)
+                    .await
+                    .map_err(|e| anyhow!("agent {i}: {e}"))?;
                 anyhow::Ok(())
             }));
         }
@@ -414,7 +470,13 @@ fn enroll_fleet(
 }
 
 /// Polls the appliance list until `n` are online; returns how long it took.
-fn wait_all_online(client: &Runtime, target: &ApiTarget, n: usize, limit: Duration, fleet: &Fleet) -> Result<Duration> {
+fn wait_all_online(
+    client: &Runtime,
+    target: &ApiTarget,
+    n: usize,
+    limit: Duration,
+    fleet: &Fleet,
+) -> Result<Duration> {
     let t0 = Instant::now();
     client.block_on(async {
         let mut api = Api::new(target);
@@ -427,10 +489,16 @@ fn wait_all_online(client: &Runtime, target: &ApiTarget, n: usize, limit: Durati
                 Err(_) => {} // the gateway may still be starting
             }
             if t0.elapsed() > limit {
-                bail!("only {last} of {n} agents online after {limit:?} ({} agents exited)", fleet.exited());
+                bail!(
+                    "only {last} of {n} agents online after {limit:?} ({} agents exited)",
+                    fleet.exited()
+                );
             }
             if last_report.elapsed() > Duration::from_secs(5) {
-                eprintln!("scale_bench:   {last}/{n} online after {:.1} s", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "scale_bench:   {last}/{n} online after {:.1} s",
+                    t0.elapsed().as_secs_f64()
+                );
                 last_report = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -439,12 +507,20 @@ fn wait_all_online(client: &Runtime, target: &ApiTarget, n: usize, limit: Durati
 }
 
 /// Sequential ops on one appliance; latencies in ms, sorted.
-fn op_latencies(client: &Runtime, target: &ApiTarget, count: usize, poll: Duration) -> Result<Vec<f64>> {
+fn op_latencies(
+    client: &Runtime,
+    target: &ApiTarget,
+    count: usize,
+    poll: Duration,
+) -> Result<Vec<f64>> {
     client.block_on(async {
         let mut api = Api::new(target);
         let mut samples = Vec::with_capacity(count);
         for i in 0..LATENCY_WARMUP + count {
-            let dt = api.op("app-0", poll).await.with_context(|| format!("op {i}"))?;
+            let dt = api
+                .op("app-0", poll)
+                .await
+                .with_context(|| format!("op {i}"))?;
             if i >= LATENCY_WARMUP {
                 samples.push(dt.as_secs_f64() * 1000.0);
             }
@@ -544,7 +620,10 @@ fn bench_store(
     let target = ApiTarget::of(&gw)?;
     thread::sleep(Duration::from_secs(1));
     let rss_idle = rss_settled(gw.pid())?;
-    eprintln!("scale_bench: [{label}] gateway pid {}, idle RSS {rss_idle} KiB", gw.pid());
+    eprintln!(
+        "scale_bench: [{label}] gateway pid {}, idle RSS {rss_idle} KiB",
+        gw.pid()
+    );
 
     eprintln!("scale_bench: [{label}] registering and enrolling {n} agents");
     let t0 = Instant::now();
@@ -602,7 +681,10 @@ fn bench_store(
             bail!("the operate grant for app-{i} is not active under the automatic policy: {g}");
         }
     }
-    eprintln!("scale_bench: [{label}] {} sequential ops (poll {:?})", cfg.ops, cfg.poll);
+    eprintln!(
+        "scale_bench: [{label}] {} sequential ops (poll {:?})",
+        cfg.ops, cfg.poll
+    );
     let lat = op_latencies(client, &target, cfg.ops, cfg.poll)
         .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
     let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
@@ -612,10 +694,21 @@ fn bench_store(
         cfg.ops, cfg.concurrency, cfg.tput_poll
     );
     let (gw_cpu0, own_cpu0) = (cpu_s(restarted.pid()), cpu_s(std::process::id()));
-    let (ops_s, tlat) = op_throughput(client, &target, cfg.ops, cfg.concurrency, apps, cfg.tput_poll)
-        .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
-    let ops_gw_cpu = gw_cpu0.zip(cpu_s(restarted.pid())).map(|(a, b)| round(b - a, 2));
-    let ops_own_cpu = own_cpu0.zip(cpu_s(std::process::id())).map(|(a, b)| round(b - a, 2));
+    let (ops_s, tlat) = op_throughput(
+        client,
+        &target,
+        cfg.ops,
+        cfg.concurrency,
+        apps,
+        cfg.tput_poll,
+    )
+    .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
+    let ops_gw_cpu = gw_cpu0
+        .zip(cpu_s(restarted.pid()))
+        .map(|(a, b)| round(b - a, 2));
+    let ops_own_cpu = own_cpu0
+        .zip(cpu_s(std::process::id()))
+        .map(|(a, b)| round(b - a, 2));
     eprintln!(
         "scale_bench: [{label}]   {ops_s:.1} ops/s, p50 {:.1} ms; CPU s: gateway {ops_gw_cpu:?}, agents + client {ops_own_cpu:?}",
         percentile(&tlat, 50.0)
@@ -623,7 +716,10 @@ fn bench_store(
     let cli = if cfg.cli_ops > 0 {
         eprintln!("scale_bench: [{label}] {} CLI ops (--wait)", cfg.cli_ops);
         let c = cli_latencies(&gw, cfg.cli_ops)?;
-        eprintln!("scale_bench: [{label}]   p50 {:.1} ms", percentile(&c, 50.0));
+        eprintln!(
+            "scale_bench: [{label}]   p50 {:.1} ms",
+            percentile(&c, 50.0)
+        );
         Some(c)
     } else {
         None
@@ -640,24 +736,42 @@ fn bench_store(
     put(&format!("rss_{n}_kib"), json!(rss_n));
     put("rss_per_agent_kib", json!(round(per_agent, 1)));
     put(&format!("rss_restart_{n}_kib"), json!(rss_restart));
-    put("rss_per_agent_restart_kib", json!(round(per_agent_restart, 1)));
+    put(
+        "rss_per_agent_restart_kib",
+        json!(round(per_agent_restart, 1)),
+    );
     if first {
         // This process's growth is only clean for the first fleet: later ones reuse what the
         // allocator kept from the one before.
-        put("agent_side_rss_per_agent_kib", json!(round((self_after as f64 - self_before as f64) / n as f64, 1)));
+        put(
+            "agent_side_rss_per_agent_kib",
+            json!(round(
+                (self_after as f64 - self_before as f64) / n as f64,
+                1
+            )),
+        );
     }
     put("enroll_s", json!(round(enroll_s, 2)));
     put("connect_all_s", json!(round(connect_all.as_secs_f64(), 2)));
     put("gateway_ready_s", json!(round(ready_s, 2)));
     put("reconnect_all_s", json!(round(reconnect_s, 2)));
-    put("reconnect_gateway_cpu_s", json!(reconnect_cpu.map(|c| round(c, 2))));
+    put(
+        "reconnect_gateway_cpu_s",
+        json!(reconnect_cpu.map(|c| round(c, 2))),
+    );
     put("agents_exited", json!(exited.max(exited_end)));
     put("op_p50_ms", json!(round(p50, 1)));
     put("op_p99_ms", json!(round(p99, 1)));
     put("op_max_ms", json!(round(*lat.last().unwrap_or(&0.0), 1)));
     put("ops_per_s", json!(round(ops_s, 1)));
-    put("ops_concurrent_p50_ms", json!(round(percentile(&tlat, 50.0), 1)));
-    put("ops_concurrent_p99_ms", json!(round(percentile(&tlat, 99.0), 1)));
+    put(
+        "ops_concurrent_p50_ms",
+        json!(round(percentile(&tlat, 50.0), 1)),
+    );
+    put(
+        "ops_concurrent_p99_ms",
+        json!(round(percentile(&tlat, 99.0), 1)),
+    );
     // CPU seconds over the throughput run: the gateway's, and this process's (agents + client).
     put("ops_gateway_cpu_s", json!(ops_gw_cpu));
     put("ops_bench_cpu_s", json!(ops_own_cpu));
@@ -681,12 +795,25 @@ fn main() -> Result<()> {
         bail!("SCALE_BENCH_AGENTS, SCALE_BENCH_OPS and SCALE_BENCH_CONCURRENCY must be at least 1");
     }
     let stores = std::env::var("SCALE_BENCH_STORES").unwrap_or_else(|_| "sqlite,postgres".into());
-    let stores: Vec<&str> = stores.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    if let Some(bad) = stores.iter().find(|s| !matches!(**s, "sqlite" | "postgres")) {
+    let stores: Vec<&str> = stores
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(bad) = stores
+        .iter()
+        .find(|s| !matches!(**s, "sqlite" | "postgres"))
+    {
         bail!("SCALE_BENCH_STORES: unknown store {bad:?} (sqlite, postgres)");
     }
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     eprintln!(
         "scale_bench: {} agents, {} ops, {} clients, stores {stores:?}, {cores} cores, {profile} build",
         cfg.agents, cfg.ops, cfg.concurrency
@@ -705,8 +832,13 @@ fn main() -> Result<()> {
 
     // The agents' runtime (what `postern-agent` runs, shared by the whole fleet) and the
     // measuring client's, apart so the client never waits behind a thousand agents' tasks.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
 
     let mut out = Map::new();
     out.insert("agents".into(), json!(cfg.agents));
@@ -714,7 +846,10 @@ fn main() -> Result<()> {
     out.insert("op_client".into(), json!("https"));
     out.insert("op_poll_ms".into(), json!(cfg.poll.as_millis() as u64));
     out.insert("ops_clients".into(), json!(cfg.concurrency));
-    out.insert("ops_poll_ms".into(), json!(cfg.tput_poll.as_millis() as u64));
+    out.insert(
+        "ops_poll_ms".into(),
+        json!(cfg.tput_poll.as_millis() as u64),
+    );
     let mut pg = None;
     for (i, store) in stores.iter().enumerate() {
         let url = match *store {
@@ -727,7 +862,14 @@ fn main() -> Result<()> {
             }
             _ => None,
         };
-        out.extend(bench_store(&rt, &client, store, url.as_deref(), &cfg, i == 0)?);
+        out.extend(bench_store(
+            &rt,
+            &client,
+            store,
+            url.as_deref(),
+            &cfg,
+            i == 0,
+        )?);
     }
     drop(pg);
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -736,12 +878,20 @@ fn main() -> Result<()> {
     let mut goals = Map::new();
     for store in &stores {
         let f = |k: &str| out.get(&format!("{k}_{store}")).and_then(Value::as_f64);
-        goals.insert(format!("rss_per_agent_{store}"), json!(f("rss_per_agent_kib").is_some_and(|v| v <= 128.0)));
+        goals.insert(
+            format!("rss_per_agent_{store}"),
+            json!(f("rss_per_agent_kib").is_some_and(|v| v <= 128.0)),
+        );
         goals.insert(
             format!("reconnect_{store}"),
-            json!(f("reconnect_all_s").is_some_and(|v| v <= 15.0) && f("agents_exited") == Some(0.0)),
+            json!(
+                f("reconnect_all_s").is_some_and(|v| v <= 15.0) && f("agents_exited") == Some(0.0)
+            ),
         );
-        goals.insert(format!("op_p50_{store}"), json!(f("op_p50_ms").is_some_and(|v| v <= 50.0)));
+        goals.insert(
+            format!("op_p50_{store}"),
+            json!(f("op_p50_ms").is_some_and(|v| v <= 50.0)),
+        );
     }
     out.insert("goals_met".into(), Value::Object(goals));
     out.insert("cores".into(), json!(cores));

@@ -34,7 +34,10 @@ fn setup_ms(mut make: impl FnMut() -> Result<Command>) -> Result<f64> {
     let mut times = Vec::with_capacity(SETUPS);
     for _ in 0..SETUPS {
         let mut c = make()?;
-        c.arg("true").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.arg("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let t = Instant::now();
         let out = c.output()?;
         if !out.status.success() {
@@ -46,7 +49,10 @@ fn setup_ms(mut make: impl FnMut() -> Result<Command>) -> Result<f64> {
 }
 
 fn throughput(mut c: Command) -> Result<f64> {
-    c.arg(format!("head -c {BULK_MIB}M /dev/zero")).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    c.arg(format!("head -c {BULK_MIB}M /dev/zero"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let t = Instant::now();
     let mut child = c.spawn()?;
     let mut out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -87,16 +93,43 @@ fn main() -> Result<()> {
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
     let out = Command::new(bin("postern")?)
-        .args(["--output", "json", "ops", "endpoint", "create", "--type", "ssh", "--app", "bench", "--customer", "acme-corp"])
-        .args(["--origin-resource-id", "aws_instance.worker", "--ttl", "2h", "--wait"])
+        .args([
+            "--output",
+            "json",
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "ssh",
+            "--app",
+            "bench",
+            "--customer",
+            "acme-corp",
+        ])
+        .args([
+            "--origin-resource-id",
+            "aws_instance.worker",
+            "--ttl",
+            "2h",
+            "--wait",
+        ])
         .env("POSTERN_ADDR", gw.api.to_string())
         .env("POSTERN_TOKEN", &gw.admin_token)
         .env("POSTERN_CA_FILE", &gw.ca_file)
         .env("HOME", &home)
         .output()?;
-    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).context("endpoint create output")?;
-    let config = PathBuf::from(rec["ssh_config"].as_str().ok_or_else(|| anyhow!("no ssh_config: {rec}"))?);
-    let alias = rec["ssh_command"].as_str().and_then(|c| c.rsplit(' ').next()).ok_or_else(|| anyhow!("no ssh_command"))?.to_string();
+    let rec: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("endpoint create output")?;
+    let config = PathBuf::from(
+        rec["ssh_config"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no ssh_config: {rec}"))?,
+    );
+    let alias = rec["ssh_command"]
+        .as_str()
+        .and_then(|c| c.rsplit(' ').next())
+        .ok_or_else(|| anyhow!("no ssh_command"))?
+        .to_string();
 
     let direct = || -> Result<Command> {
         let mut c = sshd.ssh_direct()?;
@@ -110,7 +143,15 @@ fn main() -> Result<()> {
     };
     let endpoint = || -> Result<Command> {
         let mut c = Command::new("ssh");
-        c.arg("-F").arg(&config).args(["-o", "BatchMode=yes", "-c", CIPHER, "-o", &format!("KexAlgorithms={KEX}"), &alias]);
+        c.arg("-F").arg(&config).args([
+            "-o",
+            "BatchMode=yes",
+            "-c",
+            CIPHER,
+            "-o",
+            &format!("KexAlgorithms={KEX}"),
+            &alias,
+        ]);
         Ok(c)
     };
     // Warm both paths once (first connection pays for caches and the agent's key load).
@@ -120,7 +161,9 @@ fn main() -> Result<()> {
     let direct_default_kex_setup_ms = setup_ms(direct_default_kex)?;
     let direct_mib_s = throughput(direct()?)?;
     let endpoint_mib_s = throughput(endpoint()?)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     println!(
         "{}",
         serde_json::json!({

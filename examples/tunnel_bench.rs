@@ -42,7 +42,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn env_u64(name: &str, default: u64) -> Result<u64> {
     match std::env::var(name) {
-        Ok(v) => v.trim().parse().with_context(|| format!("{name}={v:?} is not a whole number")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
         Err(_) => Ok(default),
     }
 }
@@ -70,7 +73,8 @@ fn sink_server() -> Result<SocketAddr> {
 fn sink_one(mut s: TcpStream) -> Result<()> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     let mut header = [0u8; 8];
-    s.read_exact(&mut header).context("reading the size header")?;
+    s.read_exact(&mut header)
+        .context("reading the size header")?;
     let expected = u64::from_le_bytes(header);
     let mut buf = vec![0u8; SINK_BUF];
     let mut got = 0u64;
@@ -91,7 +95,8 @@ fn sink_one(mut s: TcpStream) -> Result<()> {
 /// Sends `bytes` (after the size header) from a writer thread and stops the clock when the ack
 /// arrives. The clock starts once the TCP connection is up. Returns seconds.
 fn bulk_tcp(addr: SocketAddr, bytes: u64, payload: &Arc<Vec<u8>>) -> Result<f64> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(BULK_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut w = s.try_clone()?;
@@ -111,7 +116,10 @@ fn bulk_tcp(addr: SocketAddr, bytes: u64, payload: &Arc<Vec<u8>>) -> Result<f64>
     let mut ack = [0u8; 1];
     let read = r.read_exact(&mut ack);
     let elapsed = t0.elapsed().as_secs_f64();
-    writer.join().map_err(|_| anyhow!("bulk writer panicked"))?.context("bulk writer")?;
+    writer
+        .join()
+        .map_err(|_| anyhow!("bulk writer panicked"))?
+        .context("bulk writer")?;
     read.context("waiting for the sink's ack")?;
     if ack[0] != 0xAC {
         bail!("unexpected ack byte {:#x}", ack[0]);
@@ -136,7 +144,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn rtts(addr: SocketAddr, measured: usize) -> Result<Rtt> {
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -146,7 +155,8 @@ fn rtts(addr: SocketAddr, measured: usize) -> Result<Rtt> {
     for i in 0..RTT_WARMUP + measured {
         let t0 = Instant::now();
         s.write_all(&msg)?;
-        s.read_exact(&mut back).with_context(|| format!("round trip {i}"))?;
+        s.read_exact(&mut back)
+            .with_context(|| format!("round trip {i}"))?;
         let dt = t0.elapsed();
         if back[..] != msg[..] {
             bail!("round trip {i}: echo came back altered");
@@ -181,7 +191,9 @@ fn quic_transport() -> quinn::TransportConfig {
 }
 
 fn quic_ceiling(bytes: u64, payload: &Arc<Vec<u8>>) -> Result<f64> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let payload = bytes::Bytes::from(payload.as_ref().clone());
     rt.block_on(async move {
         tokio::time::timeout(BULK_TIMEOUT, quic_ceiling_async(bytes, payload))
@@ -195,16 +207,23 @@ async fn quic_ceiling_async(bytes: u64, payload: bytes::Bytes) -> Result<f64> {
     let now = jiff::Timestamp::now();
     let ca = certs::Ca::generate("bench", now)?;
     let issued = ca.issue_server(&["127.0.0.1".into()], now, Duration::from_secs(86_400))?;
-    let server_tls =
-        certs::server_config(&issued.cert_pem, &issued.key_pem, None, certs::ClientAuth::None, alpn.clone())?;
+    let server_tls = certs::server_config(
+        &issued.cert_pem,
+        &issued.key_pem,
+        None,
+        certs::ClientAuth::None,
+        alpn.clone(),
+    )?;
     let client_tls = certs::client_config(ca.cert_pem(), None, alpn)?;
 
     let transport = Arc::new(quic_transport());
-    let mut server_cfg =
-        quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(server_tls))?));
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(server_tls))?,
+    ));
     server_cfg.transport_config(transport.clone());
-    let mut client_cfg =
-        quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(client_tls))?));
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(client_tls))?,
+    ));
     client_cfg.transport_config(transport);
 
     let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
@@ -215,7 +234,10 @@ async fn quic_ceiling_async(bytes: u64, payload: bytes::Bytes) -> Result<f64> {
     // Server: accept one connection and one stream; read the header and that many bytes; ack.
     let srv = server.clone();
     let server_task = tokio::spawn(async move {
-        let incoming = srv.accept().await.ok_or_else(|| anyhow!("server endpoint closed"))?;
+        let incoming = srv
+            .accept()
+            .await
+            .ok_or_else(|| anyhow!("server endpoint closed"))?;
         let conn = incoming.await?;
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut header = [0u8; 8];
@@ -253,7 +275,9 @@ async fn quic_ceiling_async(bytes: u64, payload: bytes::Bytes) -> Result<f64> {
     }
     let _ = send.finish();
     conn.close(0u32.into(), b"done");
-    server_task.await.map_err(|e| anyhow!("quic server task: {e}"))??;
+    server_task
+        .await
+        .map_err(|e| anyhow!("quic server task: {e}"))??;
     client.wait_idle().await;
     server.close(0u32.into(), b"done");
     Ok(elapsed)
@@ -290,7 +314,8 @@ struct Perf(Vec<Child>);
 impl Perf {
     fn start(dir: &Path, targets: &[(&str, u32)]) -> Result<Perf> {
         std::fs::create_dir_all(dir)?;
-        let call_graph = std::env::var("TUNNEL_BENCH_PERF_CALLGRAPH").unwrap_or_else(|_| "fp".into());
+        let call_graph =
+            std::env::var("TUNNEL_BENCH_PERF_CALLGRAPH").unwrap_or_else(|_| "fp".into());
         let mut children = Vec::new();
         for (name, pid) in targets {
             let out = dir.join(format!("{name}.perf.data"));
@@ -354,12 +379,26 @@ fn resource_body(sink: SocketAddr, echo: SocketAddr) -> String {
 fn create_endpoint(gw: &Gateway, resource: &str) -> Result<SocketAddr> {
     let ep = gw
         .cli(&[
-            "ops", "endpoint", "create", "--type", "tcp", "--app", "bench-app", "--customer", "bench-customer",
-            "--origin-resource-id", resource, "--ttl", "1h",
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            "bench-app",
+            "--customer",
+            "bench-customer",
+            "--origin-resource-id",
+            resource,
+            "--ttl",
+            "1h",
         ])?
         .ok()?;
-    let addr = ep["address"].as_str().ok_or_else(|| anyhow!("no address in {ep}"))?;
-    addr.parse().with_context(|| format!("endpoint address {addr:?}"))
+    let addr = ep["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no address in {ep}"))?;
+    addr.parse()
+        .with_context(|| format!("endpoint address {addr:?}"))
 }
 
 /// The last 4 KiB of a log file, for error messages.
@@ -392,9 +431,17 @@ fn main() -> Result<()> {
     }
     let perf_dir = std::env::var_os("TUNNEL_BENCH_PERF").map(PathBuf::from);
     let bytes = mib * MIB;
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
-    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    eprintln!("tunnel_bench: {mib} MiB bulk, {measured} round trips, {cores} cores, {profile} build");
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    eprintln!(
+        "tunnel_bench: {mib} MiB bulk, {measured} round trips, {cores} cores, {profile} build"
+    );
     if cfg!(debug_assertions) {
         eprintln!("tunnel_bench: warning: debug build; use --release for meaningful numbers");
     }
@@ -407,11 +454,19 @@ fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     eprintln!("tunnel_bench: starting gateway and agent");
     let mut gw = Gateway::start(&dir.path().join("gw"))?;
-    let mut agent =
-        Agent::enroll(&gw, &dir.path().join("agent"), "bench-app", "bench-customer", &resource_body(sink, echo))?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        "bench-app",
+        "bench-customer",
+        &resource_body(sink, echo),
+    )?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!("agent never came online; agent log (tail):\n{}", tail(&agent.log));
+        bail!(
+            "agent never came online; agent log (tail):\n{}",
+            tail(&agent.log)
+        );
     }
     gw.request_operate("bench-app", "bench-customer", "2h")?;
     let sink_ep = create_endpoint(&gw, "null_resource.sink")?;
@@ -430,13 +485,18 @@ fn main() -> Result<()> {
     let quic_s = quic_ceiling(bytes, &payload)?;
     let quic_cpu = round(own_cpu_seconds() - cpu0, 2);
     let quic = mib_s(bytes, quic_s);
-    eprintln!("tunnel_bench:   {quic:.1} MiB/s ({quic_s:.2} s); CPU s (client + server): {quic_cpu}");
+    eprintln!(
+        "tunnel_bench:   {quic:.1} MiB/s ({quic_s:.2} s); CPU s (client + server): {quic_cpu}"
+    );
 
     eprintln!("tunnel_bench: tunnel bulk via {sink_ep}");
     let perf = match &perf_dir {
         Some(d) => {
             eprintln!("tunnel_bench:   profiling into {}", d.display());
-            Some(Perf::start(d, &[("gateway", gw.pid()), ("agent", agent_pid)])?)
+            Some(Perf::start(
+                d,
+                &[("gateway", gw.pid()), ("agent", agent_pid)],
+            )?)
         }
         None => None,
     };
@@ -448,13 +508,24 @@ fn main() -> Result<()> {
     }
     // The logs live in the temporary directory, which is gone once main returns.
     let tunnel_s = tunnel_res.with_context(|| {
-        format!("tunnel bulk\n--- gateway log (tail):\n{}\n--- agent log (tail):\n{}", tail(&gw.log), tail(&agent.log))
+        format!(
+            "tunnel bulk\n--- gateway log (tail):\n{}\n--- agent log (tail):\n{}",
+            tail(&gw.log),
+            tail(&agent.log)
+        )
     })?;
     let tunnel = mib_s(bytes, tunnel_s);
     // CPU seconds and minor page faults of each process during the transfer.
-    let usage = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| a.zip(b).map(|(a, b)| (round(b.0 - a.0, 2), b.1.saturating_sub(a.1)));
+    let usage = |a: Option<(f64, u64)>, b: Option<(f64, u64)>| {
+        a.zip(b)
+            .map(|(a, b)| (round(b.0 - a.0, 2), b.1.saturating_sub(a.1)))
+    };
     let (gw_use, agent_use) = (usage(before.0, after.0), usage(before.1, after.1));
-    let show = |u: Option<(f64, u64)>| u.map_or("n/a".to_string(), |(cpu, faults)| format!("{cpu} CPU s, {faults} minor faults"));
+    let show = |u: Option<(f64, u64)>| {
+        u.map_or("n/a".to_string(), |(cpu, faults)| {
+            format!("{cpu} CPU s, {faults} minor faults")
+        })
+    };
     eprintln!(
         "tunnel_bench:   {tunnel:.1} MiB/s ({tunnel_s:.2} s); gateway {}; agent {}",
         show(gw_use),
@@ -464,10 +535,16 @@ fn main() -> Result<()> {
     // Round trips.
     eprintln!("tunnel_bench: direct round trips to {echo}");
     let d_rtt = rtts(echo, measured)?;
-    eprintln!("tunnel_bench:   p50 {:.1} us, p99 {:.1} us", d_rtt.p50, d_rtt.p99);
+    eprintln!(
+        "tunnel_bench:   p50 {:.1} us, p99 {:.1} us",
+        d_rtt.p50, d_rtt.p99
+    );
     eprintln!("tunnel_bench: tunnel round trips via {echo_ep}");
     let t_rtt = rtts(echo_ep, measured)?;
-    eprintln!("tunnel_bench:   p50 {:.1} us, p99 {:.1} us", t_rtt.p50, t_rtt.p99);
+    eprintln!(
+        "tunnel_bench:   p50 {:.1} us, p99 {:.1} us",
+        t_rtt.p50, t_rtt.p99
+    );
 
     agent.stop();
     gw.stop();

@@ -47,7 +47,11 @@ pub fn shared() -> Arc<PgCluster> {
 fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("POSTERN_PG_BIN") {
         let d = PathBuf::from(d);
-        assert!(d.join("initdb").exists(), "POSTERN_PG_BIN={} has no initdb", d.display());
+        assert!(
+            d.join("initdb").exists(),
+            "POSTERN_PG_BIN={} has no initdb",
+            d.display()
+        );
         return d;
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -64,7 +68,9 @@ fn bin_dir() -> PathBuf {
     if let Some((_, bin)) = versions.pop() {
         return bin;
     }
-    if let Some(dir) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).find(|d| d.join("initdb").exists()) {
+    if let Some(dir) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .find(|d| d.join("initdb").exists())
+    {
         return dir;
     }
     panic!(
@@ -103,10 +109,16 @@ fn as_user(cmd: &mut Command, ids: Option<(u32, u32)>) -> &mut Command {
 
 /// Removes data dirs of test processes that no longer exist (killed runs).
 fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)).and_then(|r| r.split('-').next()) else {
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|r| r.split('-').next())
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
@@ -133,7 +145,10 @@ fn die_with_parent(cmd: &mut Command, signal: libc::c_int) -> &mut Command {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("binding a free port").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
 }
 
 /// How to set up a cluster of one's own ([`PgCluster::start_with`]).
@@ -164,19 +179,35 @@ impl PgCluster {
             "{DIR_PREFIX}{}-{}-{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
         ));
         std::fs::create_dir(&dir).expect("creating the cluster dir");
         if let Some((uid, gid)) = ids {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown of the cluster dir to postgres");
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .expect("chown of the cluster dir to postgres");
         }
         let data = dir.join("data");
-        let out = die_with_parent(as_user(&mut Command::new(bin.join("initdb")), ids), libc::SIGKILL)
-            .current_dir(&dir)
-            .args(["--auth=trust", "-U", USER, "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
-            .arg(&data)
-            .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", bin.join("initdb").display()));
+        let out = die_with_parent(
+            as_user(&mut Command::new(bin.join("initdb")), ids),
+            libc::SIGKILL,
+        )
+        .current_dir(&dir)
+        .args([
+            "--auth=trust",
+            "-U",
+            USER,
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-D",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.join("initdb").display()));
         assert!(
             out.status.success(),
             "initdb failed: {}{}",
@@ -195,7 +226,11 @@ impl PgCluster {
         if opts.scram_for_others || opts.tls_only {
             let hba = data.join("pg_hba.conf");
             let host = if opts.tls_only { "hostssl" } else { "host" };
-            let others = if opts.scram_for_others { "scram-sha-256" } else { "trust" };
+            let others = if opts.scram_for_others {
+                "scram-sha-256"
+            } else {
+                "trust"
+            };
             std::fs::write(
                 &hba,
                 format!("local all all trust\n{host} all {USER} 127.0.0.1/32 trust\n{host} all all 127.0.0.1/32 {others}\n"),
@@ -209,14 +244,29 @@ impl PgCluster {
                 std::fs::write(&path, pem).expect("writing the server's TLS files");
                 own(&path, 0o600);
             }
-            extra.extend(["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"].map(String::from));
+            extra.extend(
+                [
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                ]
+                .map(String::from),
+            );
         }
 
         for _attempt in 0..5 {
             let port = free_port();
             let log = dir.join(format!("log-{port}"));
             let (pid, exited) = spawn_server(&bin, ids, &dir, &data, port, &log, &extra);
-            let cluster = PgCluster { port, dir: dir.clone(), pid, exited: Mutex::new(exited) };
+            let cluster = PgCluster {
+                port,
+                dir: dir.clone(),
+                pid,
+                exited: Mutex::new(exited),
+            };
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let ready = std::fs::read_to_string(data.join("postmaster.pid"))
@@ -225,20 +275,32 @@ impl PgCluster {
                 if ready {
                     return cluster;
                 }
-                let gone = cluster.exited.lock().unwrap_or_else(|e| e.into_inner()).try_recv().is_ok();
+                let gone = cluster
+                    .exited
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .try_recv()
+                    .is_ok();
                 let log_text = std::fs::read_to_string(&log).unwrap_or_default();
                 if gone {
-                    if log_text.contains("could not bind") || log_text.contains("could not create") {
+                    if log_text.contains("could not bind") || log_text.contains("could not create")
+                    {
                         std::mem::forget(cluster); // already stopped; keep the dir for the retry
                         break; // port taken meanwhile: try another
                     }
                     panic!("postgres exited while starting:\n{log_text}");
                 }
-                assert!(Instant::now() < deadline, "postgres did not become ready in 60 s:\n{log_text}");
+                assert!(
+                    Instant::now() < deadline,
+                    "postgres did not become ready in 60 s:\n{log_text}"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        panic!("postgres could not bind a free port in 5 attempts (see {})", dir.display());
+        panic!(
+            "postgres could not bind a free port in 5 attempts (see {})",
+            dir.display()
+        );
     }
 
     pub fn port(&self) -> u16 {
@@ -278,14 +340,35 @@ impl PgCluster {
 
     /// A new empty database for one test; returns its URL.
     pub fn create_database(&self, hint: &str) -> String {
-        let clean: String =
-            hint.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(40).collect();
+        let clean: String = hint
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
         let name = format!("t{}_{clean}", DB_SEQ.fetch_add(1, Ordering::Relaxed));
         let out = Command::new(bin_dir().join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, &name])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                USER,
+                &name,
+            ])
             .output()
             .unwrap_or_else(|e| panic!("running createdb: {e}"));
-        assert!(out.status.success(), "createdb {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "createdb {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.url(&name)
     }
 }
@@ -313,8 +396,22 @@ fn spawn_server(
         .arg(data)
         .args(["-p", &port.to_string(), "-k"])
         .arg(dir)
-        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"])
-        .args(["-c", "full_page_writes=off", "-c", "max_connections=300", "-c", "shared_buffers=32MB"])
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+        ])
+        .args([
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=32MB",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("log handle"))
@@ -335,8 +432,10 @@ fn spawn_server(
             }
         })
         .expect("spawning the server thread");
-    let pid =
-        pid_rx.recv().expect("server thread").unwrap_or_else(|e| panic!("starting {}: {e}", bin.join("postgres").display()));
+    let pid = pid_rx
+        .recv()
+        .expect("server thread")
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.join("postgres").display()));
     (pid, exit_rx)
 }
 

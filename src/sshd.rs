@@ -33,7 +33,10 @@ pub struct Sshd {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -42,19 +45,35 @@ fn run(cmd: &mut Command) -> Result<String> {
 
 /// An ed25519 key pair at `path` / `path.pub`; returns the public line.
 pub fn keygen(path: &Path, comment: &str) -> Result<String> {
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"]).arg(path))?;
-    Ok(std::fs::read_to_string(path.with_extension("pub"))?.trim().to_string())
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path))?;
+    Ok(std::fs::read_to_string(path.with_extension("pub"))?
+        .trim()
+        .to_string())
 }
 
 /// Creates the login user once per machine. Tests run in parallel processes, so creation is
 /// serialised with an exclusive lock on a file.
 fn ensure_user() -> Result<()> {
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open("/tmp/postern-sshd-user.lock")?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/postern-sshd-user.lock")?;
     // SAFETY: flock on a file descriptor we own; released when `lock` closes.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!("cannot lock /tmp/postern-sshd-user.lock: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot lock /tmp/postern-sshd-user.lock: {}",
+            std::io::Error::last_os_error()
+        );
     }
-    let exists = Command::new("id").arg(USER).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success();
+    let exists = Command::new("id")
+        .arg(USER)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
     if !exists {
         run(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", USER]))?;
     }
@@ -69,7 +88,9 @@ fn free_port() -> Result<u16> {
 
 /// True once something on `addr` speaks SSH.
 fn banner_ready(addr: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
     let mut buf = [0u8; 8];
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-2.0-"
@@ -108,7 +129,12 @@ impl Sshd {
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?);
+                .stderr(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)?,
+                );
             // SAFETY: prctl in the child before exec; async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| {
@@ -121,11 +147,22 @@ impl Sshd {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
-                    last_err = format!("sshd exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                    last_err = format!(
+                        "sshd exited with {status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
                     break;
                 }
                 if banner_ready(addr) {
-                    return Ok(Sshd { addr, host_key, client_key, user: USER.to_string(), log, dir, child });
+                    return Ok(Sshd {
+                        addr,
+                        host_key,
+                        client_key,
+                        user: USER.to_string(),
+                        log,
+                        dir,
+                        child,
+                    });
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -150,7 +187,10 @@ impl Sshd {
     /// A `known_hosts` file that trusts this server's host key, for direct `ssh` logins.
     pub fn known_hosts(&self) -> Result<PathBuf> {
         let p = self.dir.path().join("known_hosts");
-        std::fs::write(&p, format!("[127.0.0.1]:{} {}\n", self.port(), self.host_key))?;
+        std::fs::write(
+            &p,
+            format!("[127.0.0.1]:{} {}\n", self.port(), self.host_key),
+        )?;
         Ok(p)
     }
 
@@ -158,11 +198,30 @@ impl Sshd {
     /// pinned, no config file, no agent, no prompts. Append options and the command.
     pub fn ssh_direct(&self) -> Result<Command> {
         let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o"])
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts()?.display()))
-            .arg("-i")
-            .arg(&self.client_key)
-            .args(["-p", &self.port().to_string(), "-l", &self.user, "127.0.0.1"]);
+        cmd.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+        ])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            self.known_hosts()?.display()
+        ))
+        .arg("-i")
+        .arg(&self.client_key)
+        .args([
+            "-p",
+            &self.port().to_string(),
+            "-l",
+            &self.user,
+            "127.0.0.1",
+        ]);
         Ok(cmd)
     }
 
@@ -212,21 +271,56 @@ mod tests {
     #[test]
     fn stock_ssh_logs_in_with_the_key_as_the_test_user() {
         let sshd = Sshd::start().unwrap();
-        let out = sshd.ssh_direct().unwrap().args(["--", "id -un; echo $HOME; exit 7"]).output().unwrap();
+        let out = sshd
+            .ssh_direct()
+            .unwrap()
+            .args(["--", "id -un; echo $HOME; exit 7"])
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(7), "stderr: {} log: {}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(&sshd.log).unwrap_or_default());
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "stderr: {} log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&sshd.log).unwrap_or_default()
+        );
         assert_eq!(stdout.lines().next(), Some(USER));
         // A key that is not authorized is refused.
         let other = sshd.dir().join("other_ed25519");
         keygen(&other, "stranger").unwrap();
         let mut cmd = Command::new("ssh");
-        cmd.args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o"])
-            .arg(format!("UserKnownHostsFile={}", sshd.known_hosts().unwrap().display()))
-            .arg("-i")
-            .arg(&other)
-            .args(["-p", &sshd.port().to_string(), "-l", USER, "127.0.0.1", "true"]);
+        cmd.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+        ])
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            sshd.known_hosts().unwrap().display()
+        ))
+        .arg("-i")
+        .arg(&other)
+        .args([
+            "-p",
+            &sshd.port().to_string(),
+            "-l",
+            USER,
+            "127.0.0.1",
+            "true",
+        ]);
         let out = cmd.output().unwrap();
         assert_eq!(out.status.code(), Some(255));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

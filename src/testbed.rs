@@ -89,11 +89,22 @@ impl CliOutput {
 }
 
 fn run_json(mut cmd: Command) -> Result<CliOutput> {
-    let out = cmd.stdin(Stdio::null()).output().context("running the CLI")?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("running the CLI")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let json: Value = serde_json::from_str(stdout.trim())
-        .with_context(|| format!("stdout is not one JSON document: {stdout:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)))?;
-    Ok(CliOutput { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+    let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "stdout is not one JSON document: {stdout:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(CliOutput {
+        success: out.status.success(),
+        json,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 /// A `postern server` process.
@@ -115,12 +126,30 @@ impl Gateway {
 
     /// Restarts on the same addresses (agents know the relay address from enrollment).
     pub fn start_on(data_dir: &Path, api: SocketAddr, relay: SocketAddr) -> Result<Gateway> {
-        Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string()])
+        Self::start_with(
+            data_dir,
+            &["--api", &api.to_string(), "--relay", &relay.to_string()],
+        )
     }
 
     /// Restarts on the same addresses with a store URL (`postgres://…`).
-    pub fn start_on_with_store(data_dir: &Path, api: SocketAddr, relay: SocketAddr, store: &str) -> Result<Gateway> {
-        Self::start_with(data_dir, &["--api", &api.to_string(), "--relay", &relay.to_string(), "--store", store])
+    pub fn start_on_with_store(
+        data_dir: &Path,
+        api: SocketAddr,
+        relay: SocketAddr,
+        store: &str,
+    ) -> Result<Gateway> {
+        Self::start_with(
+            data_dir,
+            &[
+                "--api",
+                &api.to_string(),
+                "--relay",
+                &relay.to_string(),
+                "--store",
+                store,
+            ],
+        )
     }
 
     /// With a store URL (`postgres://…`) instead of the embedded SQLite store.
@@ -130,7 +159,10 @@ impl Gateway {
 
     /// From a config file (e.g. with `[limits]`) whose `data_dir` is `data_dir`.
     pub fn start_with_config(data_dir: &Path, config: &Path) -> Result<Gateway> {
-        Self::launch(data_dir, &[std::ffi::OsStr::new("--config"), config.as_os_str()])
+        Self::launch(
+            data_dir,
+            &[std::ffi::OsStr::new("--config"), config.as_os_str()],
+        )
     }
 
     fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Gateway> {
@@ -147,7 +179,12 @@ impl Gateway {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
             .spawn()
             .context("starting postern server")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
@@ -161,11 +198,19 @@ impl Gateway {
             Ok(l) if !l.trim().is_empty() => l,
             _ => {
                 terminate(&mut child, Duration::from_secs(2));
-                bail!("postern server did not report ready; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                bail!(
+                    "postern server did not report ready; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         };
-        let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?;
-        let field = |k: &str| v[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("ready line lacks {k}: {v}"));
+        let v: Value =
+            serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?;
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("ready line lacks {k}: {v}"))
+        };
         let admin_token_file = PathBuf::from(field("admin_token_file")?);
         Ok(Gateway {
             child,
@@ -174,7 +219,9 @@ impl Gateway {
             relay: field("relay")?.parse()?,
             ca_file: PathBuf::from(field("ca_file")?),
             ca_fingerprint: field("ca_fingerprint")?,
-            admin_token: std::fs::read_to_string(&admin_token_file)?.trim().to_string(),
+            admin_token: std::fs::read_to_string(&admin_token_file)?
+                .trim()
+                .to_string(),
             log,
         })
     }
@@ -218,8 +265,18 @@ impl Gateway {
     /// `postern access request --level operate` as the admin; returns the grant.
     pub fn request_operate(&self, app: &str, customer: &str, duration: &str) -> Result<Value> {
         self.cli(&[
-            "access", "request", "--app", app, "--customer", customer, "--level", "operate", "--duration", duration,
-            "--reason", "end-to-end test",
+            "access",
+            "request",
+            "--app",
+            app,
+            "--customer",
+            customer,
+            "--level",
+            "operate",
+            "--duration",
+            duration,
+            "--reason",
+            "end-to-end test",
         ])?
         .ok()
     }
@@ -239,7 +296,11 @@ impl Gateway {
     }
 
     pub fn wait_online(&self, appliance_id: &str, limit: Duration) -> bool {
-        wait_until(limit, || self.appliance(appliance_id).map(|a| a["online"] == true).unwrap_or(false))
+        wait_until(limit, || {
+            self.appliance(appliance_id)
+                .map(|a| a["online"] == true)
+                .unwrap_or(false)
+        })
     }
 }
 
@@ -259,19 +320,38 @@ pub struct Agent {
 
 impl Agent {
     /// Writes `agent.toml` (audit path + `body`), registers the appliance and enrolls it.
-    pub fn enroll(gw: &Gateway, dir: &Path, app: &str, customer: &str, body: &str) -> Result<Agent> {
+    pub fn enroll(
+        gw: &Gateway,
+        dir: &Path,
+        app: &str,
+        customer: &str,
+        body: &str,
+    ) -> Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("agent.toml");
-        std::fs::write(&config, format!("audit_path = \"{}\"\n\n{body}", dir.join("audit.jsonl").display()))?;
-        let added = gw.cli(&["appliance", "add", "--app", app, "--customer", customer])?.ok()?;
-        let token = added["token"].as_str().ok_or_else(|| anyhow!("no token in {added}"))?;
+        std::fs::write(
+            &config,
+            format!(
+                "audit_path = \"{}\"\n\n{body}",
+                dir.join("audit.jsonl").display()
+            ),
+        )?;
+        let added = gw
+            .cli(&["appliance", "add", "--app", app, "--customer", customer])?
+            .ok()?;
+        let token = added["token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no token in {added}"))?;
         let out = Self::enroll_with(&gw.relay.to_string(), token, &config)?;
         if !out.success {
             bail!("enroll failed: {} {}", out.json, out.stderr);
         }
         Ok(Agent {
             config,
-            appliance_id: added["appliance_id"].as_str().unwrap_or_default().to_string(),
+            appliance_id: added["appliance_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             child: None,
             log: dir.join("agent.log"),
         })
@@ -279,7 +359,17 @@ impl Agent {
 
     pub fn enroll_with(gateway: &str, token: &str, config: &Path) -> Result<CliOutput> {
         let mut cmd = Command::new(bin("postern-agent")?);
-        cmd.args(["--output", "json", "enroll", "--gateway", gateway, "--token", token, "--config"]).arg(config);
+        cmd.args([
+            "--output",
+            "json",
+            "enroll",
+            "--gateway",
+            gateway,
+            "--token",
+            token,
+            "--config",
+        ])
+        .arg(config);
         run_json(cmd)
     }
 
@@ -289,7 +379,12 @@ impl Agent {
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)?,
+            )
             .spawn()
             .context("starting postern-agent run")?;
         self.child = Some(child);
@@ -301,19 +396,27 @@ impl Agent {
     }
 
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| terminate(c, Duration::from_secs(10)))
+        self.child
+            .as_mut()
+            .and_then(|c| terminate(c, Duration::from_secs(10)))
     }
 
     pub fn verify_trail(&self) -> Result<CliOutput> {
         let mut cmd = Command::new(bin("postern-agent")?);
-        cmd.args(["--output", "json", "audit", "verify", "--config"]).arg(&self.config);
+        cmd.args(["--output", "json", "audit", "verify", "--config"])
+            .arg(&self.config);
         run_json(cmd)
     }
 
     pub fn trail(&self) -> Result<Vec<Value>> {
-        let dir = self.config.parent().ok_or_else(|| anyhow!("config has no dir"))?;
+        let dir = self
+            .config
+            .parent()
+            .ok_or_else(|| anyhow!("config has no dir"))?;
         let text = std::fs::read_to_string(dir.join("audit.jsonl"))?;
-        text.lines().map(|l| serde_json::from_str(l).map_err(Into::into)).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).map_err(Into::into))
+            .collect()
     }
 }
 

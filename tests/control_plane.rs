@@ -4,12 +4,7 @@
 use anyhow::{anyhow, Result};
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
 use serde_json::Value;
-use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 const CLUSTER: &str = "aws_eks_cluster.main_cluster";
 
@@ -48,7 +43,13 @@ fn start(dir: &Path, app: &str, approval: &str, extra_policy: &str) -> Result<(G
     start_on(None, dir, app, approval, extra_policy)
 }
 
-fn start_on(store: Option<&str>, dir: &Path, app: &str, approval: &str, extra_policy: &str) -> Result<(Gateway, Agent)> {
+fn start_on(
+    store: Option<&str>,
+    dir: &Path,
+    app: &str,
+    approval: &str,
+    extra_policy: &str,
+) -> Result<(Gateway, Agent)> {
     let gw = match store {
         Some(url) => Gateway::start_with_store(&dir.join("gw"), url)?,
         None => Gateway::start(&dir.join("gw"))?,
@@ -60,7 +61,10 @@ fn start_on(store: Option<&str>, dir: &Path, app: &str, approval: &str, extra_po
     let mut agent = Agent::enroll(&gw, &agent_dir, app, "acme-corp", &body)?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!("agent never came online: {}", std::fs::read_to_string(&agent.log).unwrap_or_default()));
+        return Err(anyhow!(
+            "agent never came online: {}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        ));
     }
     Ok((gw, agent))
 }
@@ -84,7 +88,14 @@ fn webhook_receiver() -> Result<(SocketAddr, std::sync::mpsc::Receiver<String>)>
                 got.extend_from_slice(&buf[..n]);
                 let text = String::from_utf8_lossy(&got);
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))).unwrap_or(0);
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
                     if body.len() >= len {
                         break;
                     }
@@ -102,11 +113,25 @@ fn token(gw: &Gateway, role: &str, name: &str, customer: Option<&str>) -> Result
     if let Some(c) = customer {
         args.extend(["--customer", c]);
     }
-    Ok(gw.cli(&args)?.ok()?["token"].as_str().ok_or_else(|| anyhow!("no token"))?.to_string())
+    Ok(gw.cli(&args)?.ok()?["token"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no token"))?
+        .to_string())
 }
 
 fn op(gw: &Gateway, who: &str, app: &str, command: &str, extra: &[&str]) -> Result<CliOutput> {
-    let mut args = vec!["ops", "kubectl", "--app", app, "--customer", "acme-corp", "--origin-resource-id", CLUSTER, "--command", command];
+    let mut args = vec![
+        "ops",
+        "kubectl",
+        "--app",
+        app,
+        "--customer",
+        "acme-corp",
+        "--origin-resource-id",
+        CLUSTER,
+        "--command",
+        command,
+    ];
     args.extend_from_slice(extra);
     gw.cli_as(who, &args)
 }
@@ -118,14 +143,23 @@ fn id(v: &Value) -> String {
 fn wait_state(gw: &Gateway, who: &str, op_id: &str, state: &str) -> Result<Value> {
     let mut last = Value::Null;
     let ok = wait_until(Duration::from_secs(30), || {
-        last = gw.cli_as(who, &["ops", "get", op_id]).ok().map(|o| o.json).unwrap_or(Value::Null);
+        last = gw
+            .cli_as(who, &["ops", "get", op_id])
+            .ok()
+            .map(|o| o.json)
+            .unwrap_or(Value::Null);
         last["state"] == state
     });
-    if ok { Ok(last) } else { Err(anyhow!("op {op_id} never reached {state}: {last}")) }
+    if ok {
+        Ok(last)
+    } else {
+        Err(anyhow!("op {op_id} never reached {state}: {last}"))
+    }
 }
 
 #[test]
-fn manual_policy_puts_the_customer_in_charge_of_grants_endpoints_commands_and_output() -> Result<()> {
+fn manual_policy_puts_the_customer_in_charge_of_grants_endpoints_commands_and_output() -> Result<()>
+{
     manual_flow(None).map(|_| ())
 }
 
@@ -136,7 +170,10 @@ fn the_same_flow_on_the_postgresql_store() -> Result<()> {
     let (gw, _agent, _dir) = manual_flow(Some(&url))?;
     // Tampering with a stored record (as someone with database access could) is found, and
     // the first bad record is named.
-    cluster.psql(&url, "UPDATE audit_log SET detail = '{\"forged\": true}' WHERE seq = 3");
+    cluster.psql(
+        &url,
+        "UPDATE audit_log SET detail = '{\"forged\": true}' WHERE seq = 3",
+    );
     let v = gw.cli(&["audit", "verify"])?;
     assert!(!v.success);
     assert_eq!(v.error_code(), Some("AUDIT_CHAIN_BROKEN"));
@@ -153,37 +190,113 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
 
     // The customer's approvers are told about waiting requests.
     let hook = webhook_receiver()?;
-    gw.cli_as(&bob, &["approvals", "webhook", "--customer", "acme-corp", "--url", &format!("http://{}/postern", hook.0)])?.ok()?;
+    gw.cli_as(
+        &bob,
+        &[
+            "approvals",
+            "webhook",
+            "--customer",
+            "acme-corp",
+            "--url",
+            &format!("http://{}/postern", hook.0),
+        ],
+    )?
+    .ok()?;
 
     // No grant: refused before anything reaches the appliance, with the command to fix it.
     let refused = op(&gw, &alice, "my-app", "kubectl get pods", &[])?;
-    assert_eq!(refused.error_code(), Some("OPERATE_ACCESS_REQUIRED"), "{refused:?}");
-    assert!(refused.json["error"]["hint"].as_str().unwrap().contains("access request"));
+    assert_eq!(
+        refused.error_code(),
+        Some("OPERATE_ACCESS_REQUIRED"),
+        "{refused:?}"
+    );
+    assert!(refused.json["error"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("access request"));
 
     // The grant waits for the customer.
-    let grant = gw.cli_as(&alice, &["access", "request", "--app", "my-app", "--customer", "acme-corp", "--level", "operate",
-        "--duration", "30m", "--reason", "INC-42 pods crash-looping"])?.ok()?;
+    let grant = gw
+        .cli_as(
+            &alice,
+            &[
+                "access",
+                "request",
+                "--app",
+                "my-app",
+                "--customer",
+                "acme-corp",
+                "--level",
+                "operate",
+                "--duration",
+                "30m",
+                "--reason",
+                "INC-42 pods crash-looping",
+            ],
+        )?
+        .ok()?;
     assert_eq!(grant["state"], "pending-approval");
     let gid = id(&grant);
     let posted = hook.1.recv_timeout(Duration::from_secs(10))?;
     assert!(posted.starts_with("POST /postern"), "{posted}");
-    assert!(posted.contains("approval.waiting") && posted.contains(&gid), "{posted}");
-    assert_eq!(gw.cli_as(&alice, &["approvals", "approve", &gid])?.error_code(), Some("FORBIDDEN"));
-    assert_eq!(gw.cli_as(&eve, &["approvals", "list"])?.ok()?["approvals"].as_array().unwrap().len(), 0);
+    assert!(
+        posted.contains("approval.waiting") && posted.contains(&gid),
+        "{posted}"
+    );
+    assert_eq!(
+        gw.cli_as(&alice, &["approvals", "approve", &gid])?
+            .error_code(),
+        Some("FORBIDDEN")
+    );
+    assert_eq!(
+        gw.cli_as(&eve, &["approvals", "list"])?.ok()?["approvals"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     assert!(!gw.cli_as(&eve, &["approvals", "approve", &gid])?.success);
     let waiting = gw.cli_as(&bob, &["approvals", "list"])?.ok()?;
-    let item = waiting["approvals"].as_array().unwrap().iter().find(|a| a["id"] == gid.as_str()).cloned().unwrap();
+    let item = waiting["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == gid.as_str())
+        .cloned()
+        .unwrap();
     assert_eq!(item["kind"], "grant");
     assert_eq!(item["stage"], "command");
     let approved = gw.cli_as(&bob, &["approvals", "approve", &gid])?.ok()?;
     assert_eq!(approved["state"], "active");
     let from: jiff::Timestamp = approved["approved_at"].as_str().unwrap().parse()?;
     let until: jiff::Timestamp = approved["expires_at"].as_str().unwrap().parse()?;
-    assert_eq!(until.duration_since(from).as_secs(), 1800, "duration counts from approval");
+    assert_eq!(
+        until.duration_since(from).as_secs(),
+        1800,
+        "duration counts from approval"
+    );
 
     // An endpoint is an approval request too; approved, it works.
-    let ep = gw.cli_as(&alice, &["ops", "endpoint", "create", "--type", "tcp", "--app", "my-app", "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo", "--ttl", "10m"])?.ok()?;
+    let ep = gw
+        .cli_as(
+            &alice,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "my-app",
+                "--customer",
+                "acme-corp",
+                "--origin-resource-id",
+                "null_resource.echo",
+                "--ttl",
+                "10m",
+            ],
+        )?
+        .ok()?;
     assert_eq!(ep["state"], "pending-approval");
     assert!(ep.get("address").is_none() || ep["address"].is_null());
     let ep = gw.cli_as(&bob, &["approvals", "approve", &id(&ep)])?.ok()?;
@@ -192,41 +305,90 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     assert_eq!(echo_round_trip(addr, b"approved")?, b"approved");
 
     // A command: approved by the customer, run in the appliance, output held until released.
-    let o = op(&gw, &alice, "my-app", "kubectl get pods -n my-app-prod", &[])?.ok()?;
+    let o = op(
+        &gw,
+        &alice,
+        "my-app",
+        "kubectl get pods -n my-app-prod",
+        &[],
+    )?
+    .ok()?;
     assert_eq!(o["state"], "pending-approval");
     let oid = id(&o);
     let shown = gw.cli_as(&bob, &["approvals", "show", &oid])?.ok()?;
-    assert_eq!(shown["request"]["command"], "kubectl get pods -n my-app-prod");
+    assert_eq!(
+        shown["request"]["command"],
+        "kubectl get pods -n my-app-prod"
+    );
     assert_eq!(shown["requested_by"], "alice@vendor.example");
     gw.cli_as(&bob, &["approvals", "approve", &oid])?.ok()?;
     let held = wait_state(&gw, &alice, &oid, "output-pending-approval")?;
-    assert!(held["stdout"].is_null() || held["stdout"] == "", "held output leaked: {held}");
+    assert!(
+        held["stdout"].is_null() || held["stdout"] == "",
+        "held output leaked: {held}"
+    );
     let preview = gw.cli_as(&bob, &["approvals", "show", &oid])?.ok()?;
     assert_eq!(preview["stage"], "output");
     let out = preview["output"]["stdout"].as_str().unwrap();
     assert!(out.contains("args: get pods -n my-app-prod"), "{preview}");
-    assert!(out.contains("cluster.kubeconfig"), "the tool ran with the resource's kubeconfig: {out}");
+    assert!(
+        out.contains("cluster.kubeconfig"),
+        "the tool ran with the resource's kubeconfig: {out}"
+    );
     // Still held after the preview.
-    assert!(gw.cli_as(&alice, &["ops", "get", &oid])?.ok()?["stdout"].as_str().unwrap_or("").is_empty());
+    assert!(gw.cli_as(&alice, &["ops", "get", &oid])?.ok()?["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .is_empty());
     gw.cli_as(&bob, &["approvals", "approve", &oid])?.ok()?;
     let done = wait_state(&gw, &alice, &oid, "completed")?;
     assert_eq!(done["exit_code"], 0);
-    assert!(done["stdout"].as_str().unwrap().contains("NAME READY STATUS"));
+    assert!(done["stdout"]
+        .as_str()
+        .unwrap()
+        .contains("NAME READY STATUS"));
 
     // Denied command: the operator gets the customer's message, wait exits non-zero.
     let o = op(&gw, &alice, "my-app", "kubectl delete pod web-1", &[])?.ok()?;
-    gw.cli_as(&bob, &["approvals", "deny", &id(&o), "--message", "not during the sale"])?.ok()?;
+    gw.cli_as(
+        &bob,
+        &[
+            "approvals",
+            "deny",
+            &id(&o),
+            "--message",
+            "not during the sale",
+        ],
+    )?
+    .ok()?;
     let w = gw.cli_as(&alice, &["ops", "wait", &id(&o)])?;
     assert!(!w.success);
     assert_eq!(w.json["state"], "denied");
     assert_eq!(w.json["error"]["code"], "APPROVAL_DENIED");
-    assert!(w.json["error"]["message"].as_str().unwrap().contains("not during the sale"), "{}", w.json);
+    assert!(
+        w.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not during the sale"),
+        "{}",
+        w.json
+    );
 
     // Denied output is destroyed in the appliance and never shown.
     let o = op(&gw, &alice, "my-app", "kubectl get secrets", &[])?.ok()?;
     gw.cli_as(&bob, &["approvals", "approve", &id(&o)])?.ok()?;
     wait_state(&gw, &alice, &id(&o), "output-pending-approval")?;
-    gw.cli_as(&bob, &["approvals", "deny", &id(&o), "--message", "contains secrets"])?.ok()?;
+    gw.cli_as(
+        &bob,
+        &[
+            "approvals",
+            "deny",
+            &id(&o),
+            "--message",
+            "contains secrets",
+        ],
+    )?
+    .ok()?;
     let d = wait_state(&gw, &alice, &id(&o), "denied")?;
     assert!(d["stdout"].is_null() || d["stdout"] == "");
 
@@ -242,26 +404,65 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
 
     // Revoking the grant cuts the endpoint and refuses further ops.
     gw.cli_as(&bob, &["access", "revoke", &gid])?.ok()?;
-    assert_eq!(gw.cli_as(&alice, &["ops", "endpoint", "get", &id(&ep)])?.ok()?["state"], "retired");
-    assert_eq!(op(&gw, &alice, "my-app", "kubectl get pods", &[])?.error_code(), Some("OPERATE_ACCESS_EXPIRED"));
+    assert_eq!(
+        gw.cli_as(&alice, &["ops", "endpoint", "get", &id(&ep)])?
+            .ok()?["state"],
+        "retired"
+    );
+    assert_eq!(
+        op(&gw, &alice, "my-app", "kubectl get pods", &[])?.error_code(),
+        Some("OPERATE_ACCESS_EXPIRED")
+    );
 
     // Both trails: intact, and they tell the story.
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
-    let wanted = ["grant.requested", "grant.approved", "grant.revoked", "op.requested", "op.approved", "op.denied", "op.started",
-        "op.finished", "output.approved", "output.released", "output.denied", "endpoint.created"];
+    let wanted = [
+        "grant.requested",
+        "grant.approved",
+        "grant.revoked",
+        "op.requested",
+        "op.approved",
+        "op.denied",
+        "op.started",
+        "op.finished",
+        "output.approved",
+        "output.released",
+        "output.denied",
+        "endpoint.created",
+    ];
     let mut kinds: Vec<String> = Vec::new();
     wait_until(Duration::from_secs(5), || {
-        kinds = gw.cli(&["audit", "list", "--appliance", &agent.appliance_id]).ok().and_then(|o| o.ok().ok())
-            .and_then(|v| v["records"].as_array().map(|a| a.iter().filter_map(|r| r["kind"].as_str().map(str::to_string)).collect()))
+        kinds = gw
+            .cli(&["audit", "list", "--appliance", &agent.appliance_id])
+            .ok()
+            .and_then(|o| o.ok().ok())
+            .and_then(|v| {
+                v["records"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|r| r["kind"].as_str().map(str::to_string))
+                        .collect()
+                })
+            })
             .unwrap_or_default();
         wanted.iter().all(|k| kinds.iter().any(|x| x == k))
     });
     for k in wanted {
-        assert!(kinds.iter().any(|x| x == k), "vendor trail lacks {k}: {kinds:?}");
+        assert!(
+            kinds.iter().any(|x| x == k),
+            "vendor trail lacks {k}: {kinds:?}"
+        );
     }
-    let customer_has = |kind: &str| agent.trail().map(|t| t.iter().any(|r| r["kind"] == kind)).unwrap_or(false);
-    assert!(wait_until(Duration::from_secs(5), || customer_has("op.finished") && customer_has("output.destroyed")),
-        "customer trail lacks op.finished or output.destroyed");
+    let customer_has = |kind: &str| {
+        agent
+            .trail()
+            .map(|t| t.iter().any(|r| r["kind"] == kind))
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || customer_has("op.finished")
+            && customer_has("output.destroyed")),
+        "customer trail lacks op.finished or output.destroyed"
+    );
     assert_eq!(agent.verify_trail()?.ok()?["ok"], true);
     Ok((gw, agent, dir))
 }
@@ -274,25 +475,56 @@ fn automatic_policy_runs_at_once_and_timeout_kills_the_process_group() -> Result
     assert_eq!(grant["state"], "active");
     assert_eq!(grant["decided_by"], "policy:automatic");
 
-    let done = op(&gw, &gw.admin_token, "auto-app", "kubectl get pods", &["--wait"])?.ok()?;
+    let done = op(
+        &gw,
+        &gw.admin_token,
+        "auto-app",
+        "kubectl get pods",
+        &["--wait"],
+    )?
+    .ok()?;
     assert_eq!(done["state"], "completed", "{done}");
     assert!(done["stdout"].as_str().unwrap().contains("args: get pods"));
 
     let pidfile = dir.path().join("hang.pid");
-    let t = op(&gw, &gw.admin_token, "auto-app", &format!("kubectl hang {}", pidfile.display()), &["--timeout", "2s", "--wait"])?;
+    let t = op(
+        &gw,
+        &gw.admin_token,
+        "auto-app",
+        &format!("kubectl hang {}", pidfile.display()),
+        &["--timeout", "2s", "--wait"],
+    )?;
     assert!(!t.success);
     assert_eq!(t.json["state"], "timed-out", "{}", t.json);
     assert_eq!(t.json["error"]["code"], "COMMAND_TIMEOUT");
     let child: i32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
-    assert!(wait_until(Duration::from_secs(5), || !Path::new(&format!("/proc/{child}")).exists()), "child {child} survived the timeout");
+    assert!(
+        wait_until(Duration::from_secs(5), || !Path::new(&format!(
+            "/proc/{child}"
+        ))
+        .exists()),
+        "child {child} survived the timeout"
+    );
 
     // Bad commands are refused with a clear error, never run through a shell.
-    let bad = op(&gw, &gw.admin_token, "auto-app", "kubectl get pods; rm -rf /", &["--wait"])?;
+    let bad = op(
+        &gw,
+        &gw.admin_token,
+        "auto-app",
+        "kubectl get pods; rm -rf /",
+        &["--wait"],
+    )?;
     assert!(!bad.success);
     assert_eq!(bad.json["state"], "failed", "{}", bad.json);
     let wrong = op(&gw, &gw.admin_token, "auto-app", "psql -c 'select 1'", &[])?;
     assert_eq!(wrong.error_code(), Some("INVALID_REQUEST"));
-    let t = op(&gw, &gw.admin_token, "auto-app", "kubectl get pods", &["--timeout", "25h"])?;
+    let t = op(
+        &gw,
+        &gw.admin_token,
+        "auto-app",
+        "kubectl get pods",
+        &["--timeout", "25h"],
+    )?;
     assert_eq!(t.error_code(), Some("INVALID_REQUEST"));
     Ok(())
 }
@@ -302,30 +534,109 @@ fn grant_expiry_refuses_ops_and_deploy_grants_never_authorise_them() -> Result<(
     let dir = tempfile::tempdir()?;
     let (gw, _agent) = start(dir.path(), "expiry-app", "automatic", "")?;
     // Steady-state is on by default, and the customer can turn it off.
-    let ss = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "steady-state",
-        "--duration", "1h", "--reason", "dashboards"])?.ok()?;
+    let ss = gw
+        .cli(&[
+            "access",
+            "request",
+            "--app",
+            "expiry-app",
+            "--customer",
+            "acme-corp",
+            "--level",
+            "steady-state",
+            "--duration",
+            "1h",
+            "--reason",
+            "dashboards",
+        ])?
+        .ok()?;
     assert_eq!(ss["state"], "active");
     let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
-    gw.cli_as(&bob, &["access", "steady-state", "--app", "expiry-app", "--customer", "acme-corp", "--disable"])?.ok()?;
-    let off = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "steady-state",
-        "--duration", "1h", "--reason", "dashboards"])?;
+    gw.cli_as(
+        &bob,
+        &[
+            "access",
+            "steady-state",
+            "--app",
+            "expiry-app",
+            "--customer",
+            "acme-corp",
+            "--disable",
+        ],
+    )?
+    .ok()?;
+    let off = gw.cli(&[
+        "access",
+        "request",
+        "--app",
+        "expiry-app",
+        "--customer",
+        "acme-corp",
+        "--level",
+        "steady-state",
+        "--duration",
+        "1h",
+        "--reason",
+        "dashboards",
+    ])?;
     assert_eq!(off.error_code(), Some("FORBIDDEN"));
-    assert_eq!(op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?.error_code(), Some("OPERATE_ACCESS_REQUIRED"));
+    assert_eq!(
+        op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?.error_code(),
+        Some("OPERATE_ACCESS_REQUIRED")
+    );
 
-    let deploy = gw.cli(&["access", "request", "--app", "expiry-app", "--customer", "acme-corp", "--level", "deploy",
-        "--duration", "1h", "--reason", "release 2.3"])?.ok()?;
+    let deploy = gw
+        .cli(&[
+            "access",
+            "request",
+            "--app",
+            "expiry-app",
+            "--customer",
+            "acme-corp",
+            "--level",
+            "deploy",
+            "--duration",
+            "1h",
+            "--reason",
+            "release 2.3",
+        ])?
+        .ok()?;
     assert_eq!(deploy["state"], "active");
-    assert_eq!(op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?.error_code(), Some("OPERATE_ACCESS_REQUIRED"));
+    assert_eq!(
+        op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?.error_code(),
+        Some("OPERATE_ACCESS_REQUIRED")
+    );
 
     let short = gw.request_operate("expiry-app", "acme-corp", "10s")?;
     let until: jiff::Timestamp = short["expires_at"].as_str().unwrap().parse()?;
-    assert_eq!(op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &["--wait"])?.json["state"], "completed");
-    let left = until.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0);
+    assert_eq!(
+        op(
+            &gw,
+            &gw.admin_token,
+            "expiry-app",
+            "kubectl get pods",
+            &["--wait"]
+        )?
+        .json["state"],
+        "completed"
+    );
+    let left = until
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64()
+        .max(0.0);
     std::thread::sleep(Duration::from_secs_f64(left.min(11.0) + 0.2));
     let late = op(&gw, &gw.admin_token, "expiry-app", "kubectl get pods", &[])?;
-    assert_eq!(late.error_code(), Some("OPERATE_ACCESS_EXPIRED"), "{late:?}");
+    assert_eq!(
+        late.error_code(),
+        Some("OPERATE_ACCESS_EXPIRED"),
+        "{late:?}"
+    );
     let grants = gw.cli(&["access", "list"])?.ok()?;
-    assert!(grants["grants"].as_array().unwrap().iter().any(|g| g["id"] == short["id"] && g["state"] == "expired"));
+    assert!(grants["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["id"] == short["id"] && g["state"] == "expired"));
     Ok(())
 }
 
@@ -333,17 +644,37 @@ fn grant_expiry_refuses_ops_and_deploy_grants_never_authorise_them() -> Result<(
 fn window_policy_approves_inside_the_window_and_asks_a_person_outside() -> Result<()> {
     // Inside: a window covering every minute of the week.
     let dir = tempfile::tempdir()?;
-    let (gw, _a) = start(dir.path(), "win-app", "windows", "time_zone = \"Europe/Berlin\"\nwindows = [\"Mon-Sun 00:00-24:00\"]\n")?;
+    let (gw, _a) = start(
+        dir.path(),
+        "win-app",
+        "windows",
+        "time_zone = \"Europe/Berlin\"\nwindows = [\"Mon-Sun 00:00-24:00\"]\n",
+    )?;
     let g = gw.request_operate("win-app", "acme-corp", "1h")?;
     assert_eq!(g["state"], "active");
     assert_eq!(g["decided_by"], "policy:window");
-    let done = op(&gw, &gw.admin_token, "win-app", "kubectl get pods", &["--wait"])?.ok()?;
-    assert_eq!(done["state"], "completed", "inside a window output is released at once: {done}");
+    let done = op(
+        &gw,
+        &gw.admin_token,
+        "win-app",
+        "kubectl get pods",
+        &["--wait"],
+    )?
+    .ok()?;
+    assert_eq!(
+        done["state"], "completed",
+        "inside a window output is released at once: {done}"
+    );
     drop(gw);
 
     // Outside: only a maintenance window long past.
     let dir = tempfile::tempdir()?;
-    let (gw, _a) = start(dir.path(), "win-app", "windows", "maintenance = [\"2020-01-01T00:00:00Z/2020-01-01T01:00:00Z\"]\n")?;
+    let (gw, _a) = start(
+        dir.path(),
+        "win-app",
+        "windows",
+        "maintenance = [\"2020-01-01T00:00:00Z/2020-01-01T01:00:00Z\"]\n",
+    )?;
     let g = gw.request_operate("win-app", "acme-corp", "1h")?;
     assert_eq!(g["state"], "pending-approval", "{g}");
     Ok(())

@@ -21,7 +21,14 @@ fn fresh_config(dir: &std::path::Path, name: &str, echo: SocketAddr) -> Result<s
     let d = dir.join(name);
     std::fs::create_dir_all(&d)?;
     let p = d.join("agent.toml");
-    std::fs::write(&p, format!("audit_path = \"{}\"\n{}", d.join("audit.jsonl").display(), body(echo)))?;
+    std::fs::write(
+        &p,
+        format!(
+            "audit_path = \"{}\"\n{}",
+            d.join("audit.jsonl").display(),
+            body(echo)
+        ),
+    )?;
     Ok(p)
 }
 
@@ -33,11 +40,31 @@ fn enrollment_tokens_are_single_use_expire_and_belong_to_one_gateway() -> Result
     let relay = gw.relay.to_string();
 
     // A short-lived token, left to expire while the rest runs.
-    let short = gw.cli(&["appliance", "add", "--app", "short", "--customer", "acme-corp", "--token-ttl", "10s"])?.ok()?;
+    let short = gw
+        .cli(&[
+            "appliance",
+            "add",
+            "--app",
+            "short",
+            "--customer",
+            "acme-corp",
+            "--token-ttl",
+            "10s",
+        ])?
+        .ok()?;
     let short_expires: jiff::Timestamp = short["expires_at"].as_str().unwrap().parse()?;
 
     // Concurrent reuse: four agents race with one token; exactly one wins.
-    let added = gw.cli(&["appliance", "add", "--app", "race", "--customer", "acme-corp"])?.ok()?;
+    let added = gw
+        .cli(&[
+            "appliance",
+            "add",
+            "--app",
+            "race",
+            "--customer",
+            "acme-corp",
+        ])?
+        .ok()?;
     assert!(added["token"].as_str().unwrap().starts_with("pse1_"));
     let token = added["token"].as_str().unwrap().to_string();
     let handles: Vec<_> = (0..4)
@@ -47,7 +74,10 @@ fn enrollment_tokens_are_single_use_expire_and_belong_to_one_gateway() -> Result
             std::thread::spawn(move || Agent::enroll_with(&relay, &token, &cfg))
         })
         .collect();
-    let outcomes: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect::<Result<_>>()?;
+    let outcomes: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect::<Result<_>>()?;
     let winners = outcomes.iter().filter(|o| o.success).count();
     assert_eq!(winners, 1, "{outcomes:?}");
     for o in outcomes.iter().filter(|o| !o.success) {
@@ -60,30 +90,63 @@ fn enrollment_tokens_are_single_use_expire_and_belong_to_one_gateway() -> Result
     assert_eq!(again.error_code(), Some("ENROLLMENT_TOKEN_USED"));
 
     // A well-formed token the gateway never issued (right CA, unknown id).
-    let forged = EnrollmentToken { id: "00ff00ff".into(), secret: Secret::new("x".repeat(43)), ca: gw.ca_fingerprint.clone() };
-    let f = Agent::enroll_with(&relay, &forged.encode(), &fresh_config(dir.path(), "forged", echo)?)?;
+    let forged = EnrollmentToken {
+        id: "00ff00ff".into(),
+        secret: Secret::new("x".repeat(43)),
+        ca: gw.ca_fingerprint.clone(),
+    };
+    let f = Agent::enroll_with(
+        &relay,
+        &forged.encode(),
+        &fresh_config(dir.path(), "forged", echo)?,
+    )?;
     assert_eq!(f.error_code(), Some("ENROLLMENT_TOKEN_INVALID"));
 
     // A token pinning another CA: the agent refuses the gateway before sending anything.
-    let foreign = EnrollmentToken { id: "1".into(), secret: Secret::new("y".repeat(43)), ca: format!("sha256:{}", "ab".repeat(32)) };
-    let f = Agent::enroll_with(&relay, &foreign.encode(), &fresh_config(dir.path(), "foreign", echo)?)?;
+    let foreign = EnrollmentToken {
+        id: "1".into(),
+        secret: Secret::new("y".repeat(43)),
+        ca: format!("sha256:{}", "ab".repeat(32)),
+    };
+    let f = Agent::enroll_with(
+        &relay,
+        &foreign.encode(),
+        &fresh_config(dir.path(), "foreign", echo)?,
+    )?;
     assert!(!f.success, "{f:?}");
     assert!(f.json["error"]["message"].as_str().is_some());
 
     // Garbage instead of a token.
-    let g = Agent::enroll_with(&relay, "not-a-token", &fresh_config(dir.path(), "garbage", echo)?)?;
+    let g = Agent::enroll_with(
+        &relay,
+        "not-a-token",
+        &fresh_config(dir.path(), "garbage", echo)?,
+    )?;
     assert!(!g.success);
     assert!(g.json["error"]["code"].as_str().is_some());
 
     // Expiry: wait (bounded) until the short token's expiry has passed, then try it.
-    let wait = short_expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 0.5;
+    let wait = short_expires
+        .duration_since(jiff::Timestamp::now())
+        .as_secs_f64()
+        .max(0.0)
+        + 0.5;
     std::thread::sleep(Duration::from_secs_f64(wait.min(11.0)));
-    let e = Agent::enroll_with(&relay, short["token"].as_str().unwrap(), &fresh_config(dir.path(), "late", echo)?)?;
+    let e = Agent::enroll_with(
+        &relay,
+        short["token"].as_str().unwrap(),
+        &fresh_config(dir.path(), "late", echo)?,
+    )?;
     assert_eq!(e.error_code(), Some("ENROLLMENT_TOKEN_EXPIRED"), "{e:?}");
 
     // Refusals are audited on the vendor side.
     let records = gw.cli(&["audit", "list"])?.ok()?;
-    let denied = records["records"].as_array().unwrap().iter().filter(|r| r["kind"] == "denied").count();
+    let denied = records["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "denied")
+        .count();
     assert!(denied >= 4, "{records}");
     Ok(())
 }
@@ -109,15 +172,30 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     let dir = tempfile::tempdir()?;
     let gw = tokio::task::block_in_place(|| Gateway::start(&dir.path().join("gw")))?;
     let echo = echo_server()?;
-    let mut agent = tokio::task::block_in_place(|| Agent::enroll(&gw, &dir.path().join("agent"), "steady", "acme-corp", &body(echo)))?;
+    let mut agent = tokio::task::block_in_place(|| {
+        Agent::enroll(
+            &gw,
+            &dir.path().join("agent"),
+            "steady",
+            "acme-corp",
+            &body(echo),
+        )
+    })?;
     agent.run()?;
-    assert!(tokio::task::block_in_place(|| gw.wait_online(&agent.appliance_id, Duration::from_secs(30))));
+    assert!(tokio::task::block_in_place(
+        || gw.wait_online(&agent.appliance_id, Duration::from_secs(30))
+    ));
     let ca_pem = std::fs::read_to_string(&gw.ca_file)?;
 
     // 1. A client certificate from another CA on the tunnel ALPN: the handshake fails.
     let other_ca = certs::Ca::generate("intruder", jiff::Timestamp::now())?;
     let (key, csr) = certs::generate_key_and_csr("postern-agent")?;
-    let cert = other_ca.sign_agent_csr(&csr, &agent.appliance_id, jiff::Timestamp::now(), Duration::from_secs(3600))?;
+    let cert = other_ca.sign_agent_csr(
+        &csr,
+        &agent.appliance_id,
+        jiff::Timestamp::now(),
+        Duration::from_secs(3600),
+    )?;
     let tls = certs::client_config(&ca_pem, Some((&cert, &key)), vec![ALPN_TUNNEL.to_vec()])?;
     let client = quic_client(tls)?;
     let attempt = async {
@@ -128,7 +206,10 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
         anyhow::Ok(())
     };
     let r = tokio::time::timeout(Duration::from_secs(10), attempt).await;
-    assert!(matches!(r, Ok(Err(_))), "a foreign certificate got through: {r:?}");
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "a foreign certificate got through: {r:?}"
+    );
 
     // 2. Enrollment ALPN, oversized length prefix: FRAME_TOO_LARGE, nothing buffered.
     let pinned = certs::pinned_client_config(&gw.ca_fingerprint, vec![ALPN_ENROLL.to_vec()])?;
@@ -146,13 +227,24 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     // 3. Garbage that is not a frame at all.
     let conn = client.connect(gw.relay, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&[0, 0, 0, 9, 1, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3]).await?;
+    send.write_all(&[0, 0, 0, 9, 1, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3])
+        .await?;
     let _ = send.finish();
     let e = read_error_frame(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::MalformedFrame, "{e:?}");
 
     // 4. A genuinely enrolled certificate that speaks garbage on the control stream.
-    let added = tokio::task::block_in_place(|| gw.cli(&["appliance", "add", "--app", "rogue", "--customer", "acme-corp"]))?.ok()?;
+    let added = tokio::task::block_in_place(|| {
+        gw.cli(&[
+            "appliance",
+            "add",
+            "--app",
+            "rogue",
+            "--customer",
+            "acme-corp",
+        ])
+    })?
+    .ok()?;
     let (key, csr) = certs::generate_key_and_csr("postern-agent")?;
     let conn = client.connect(gw.relay, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -168,10 +260,16 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     send.write_all(&b).await?;
     let _ = send.finish();
     let bytes = recv.read_to_end(1 << 20).await?;
-    let Some(Frame::EnrollResponse(resp)) = FrameDecoder::default().decode(&mut BytesMut::from(&bytes[..]))? else {
+    let Some(Frame::EnrollResponse(resp)) =
+        FrameDecoder::default().decode(&mut BytesMut::from(&bytes[..]))?
+    else {
         return Err(anyhow!("enrollment failed"));
     };
-    let tls = certs::client_config(&ca_pem, Some((&resp.cert_pem, &key)), vec![ALPN_TUNNEL.to_vec()])?;
+    let tls = certs::client_config(
+        &ca_pem,
+        Some((&resp.cert_pem, &key)),
+        vec![ALPN_TUNNEL.to_vec()],
+    )?;
     let rogue = quic_client(tls)?;
     let conn = rogue.connect(gw.relay, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -184,31 +282,63 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     let conn = rogue.connect(gw.relay, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut b = BytesMut::new();
-    encode(&Frame::Hello(Hello { protocol_version: 99, agent_version: "x".into(), resources: vec![], policy: PolicySummary::default() }), &mut b);
+    encode(
+        &Frame::Hello(Hello {
+            protocol_version: 99,
+            agent_version: "x".into(),
+            resources: vec![],
+            policy: PolicySummary::default(),
+        }),
+        &mut b,
+    );
     send.write_all(&b).await?;
     let e = read_error_frame(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::ProtocolVersion);
 
     // The gateway kept serving the well-behaved agent throughout.
     tokio::task::block_in_place(|| gw.request_operate("steady", "acme-corp", "1h"))?;
-    let ep = tokio::task::block_in_place(|| gw.cli(&[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", "steady", "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo",
-    ]))?
+    let ep = tokio::task::block_in_place(|| {
+        gw.cli(&[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            "steady",
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            "null_resource.echo",
+        ])
+    })?
     .ok()?;
     let addr: SocketAddr = ep["address"].as_str().unwrap().parse()?;
     let back = tokio::task::block_in_place(|| echo_round_trip(addr, b"still here"))?;
     assert_eq!(back, b"still here");
 
     // Revocation: the agent is cut and its certificate refused from then on.
-    let revoked = tokio::task::block_in_place(|| gw.cli(&["appliance", "revoke", &agent.appliance_id]))?.ok()?;
+    let revoked =
+        tokio::task::block_in_place(|| gw.cli(&["appliance", "revoke", &agent.appliance_id]))?
+            .ok()?;
     assert_eq!(revoked["revoked"], true);
-    assert!(tokio::task::block_in_place(|| postern::testbed::wait_until(Duration::from_secs(10), || {
-        gw.appliance(&agent.appliance_id).map(|a| a["online"] == false).unwrap_or(false)
-    })));
-    let gone = tokio::task::block_in_place(|| gw.cli(&["ops", "endpoint", "get", ep["id"].as_str().unwrap()]))?.ok()?;
+    assert!(tokio::task::block_in_place(
+        || postern::testbed::wait_until(Duration::from_secs(10), || {
+            gw.appliance(&agent.appliance_id)
+                .map(|a| a["online"] == false)
+                .unwrap_or(false)
+        })
+    ));
+    let gone = tokio::task::block_in_place(|| {
+        gw.cli(&["ops", "endpoint", "get", ep["id"].as_str().unwrap()])
+    })?
+    .ok()?;
     assert_eq!(gone["state"], "retired");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!tokio::task::block_in_place(|| gw.appliance(&agent.appliance_id))?["online"].as_bool().unwrap_or(true));
+    assert!(
+        !tokio::task::block_in_place(|| gw.appliance(&agent.appliance_id))?["online"]
+            .as_bool()
+            .unwrap_or(true)
+    );
     Ok(())
 }

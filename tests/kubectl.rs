@@ -16,7 +16,10 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
 
     let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
     assert!(ok, "{err}");
-    assert!(out.contains("NAME") && out.contains("web-1") && out.contains("Running"), "{out}");
+    assert!(
+        out.contains("NAME") && out.contains("web-1") && out.contains("Running"),
+        "{out}"
+    );
     assert!(!out.contains("coredns"), "{out}");
 
     let (ok, out, err) = kubectl(&cfg, &["describe", "pod", "web-1"], None, LIMIT)?;
@@ -27,15 +30,30 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
     assert!(ok, "{err}");
     assert!(out.contains("log line 1 of web-1"), "{out}");
 
-    let (ok, out, err) = kubectl(&cfg, &["exec", "web-1", "--", "echo", "hello", "there"], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["exec", "web-1", "--", "echo", "hello", "there"],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{err}");
     assert_eq!(out, "hello there\n");
 
-    let (ok, out, err) = kubectl(&cfg, &["exec", "-i", "web-1", "--", "cat"], Some(b"from stdin\n"), LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["exec", "-i", "web-1", "--", "cat"],
+        Some(b"from stdin\n"),
+        LIMIT,
+    )?;
     assert!(ok, "{err}");
     assert_eq!(out, "from stdin\n");
 
-    let (ok, _, err) = kubectl(&cfg, &["exec", "web-1", "--", "sh", "-c", "exit 3"], None, LIMIT)?;
+    let (ok, _, err) = kubectl(
+        &cfg,
+        &["exec", "web-1", "--", "sh", "-c", "exit 3"],
+        None,
+        LIMIT,
+    )?;
     assert!(!ok);
     assert!(err.contains("exit code 3"), "{err}");
 
@@ -50,9 +68,17 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
     // kubectl's typed create sends protobuf, which this server does not speak; a manifest
     // goes as JSON.
     let manifest = dir.path().join("cm.json");
-    std::fs::write(&manifest, r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#)?;
+    std::fs::write(
+        &manifest,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#,
+    )?;
     let manifest = manifest.display().to_string();
-    let (ok, out, err) = kubectl(&cfg, &["create", "--validate=false", "-f", &manifest], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["create", "--validate=false", "-f", &manifest],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{out} {err} {:?}", api.requests().last());
     assert!(api.has_object("configmaps", "my-app-prod", "made-here"));
 
@@ -63,10 +89,22 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
 
     let reqs = api.requests();
     assert!(reqs.iter().all(|r| r.header("authorization").is_some()));
-    assert!(reqs.iter().any(|r| r.path() == "/api/v1/namespaces/my-app-prod/pods/web-1/exec"));
+    assert!(reqs
+        .iter()
+        .any(|r| r.path() == "/api/v1/namespaces/my-app-prod/pods/web-1/exec"));
     // Stock kubectl takes the h2 the server offers, and HTTP/1.1 for its exec upgrades.
-    assert!(reqs.iter().filter(|r| !r.path().ends_with("/exec")).all(|r| r.version == "HTTP/2.0"), "{reqs:?}");
-    assert!(reqs.iter().filter(|r| r.path().ends_with("/exec")).all(|r| r.version == "HTTP/1.1"), "{reqs:?}");
+    assert!(
+        reqs.iter()
+            .filter(|r| !r.path().ends_with("/exec"))
+            .all(|r| r.version == "HTTP/2.0"),
+        "{reqs:?}"
+    );
+    assert!(
+        reqs.iter()
+            .filter(|r| r.path().ends_with("/exec"))
+            .all(|r| r.version == "HTTP/1.1"),
+        "{reqs:?}"
+    );
     Ok(())
 }
 
@@ -113,16 +151,31 @@ fn setup() -> Result<Setup> {
     let upstream = dir.path().join("upstream.kubeconfig");
     std::fs::write(&upstream, api.kubeconfig("default"))?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, "acme-corp", &agent_toml(&upstream))?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        APP,
+        "acme-corp",
+        &agent_toml(&upstream),
+    )?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+        bail!(
+            "agent never came online; log: {}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
     }
     let grant = gw.request_operate(APP, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
-    Ok(Setup { api, gw, agent, home, _dir: dir })
+    Ok(Setup {
+        api,
+        gw,
+        agent,
+        home,
+        _dir: dir,
+    })
 }
 
 /// `postern --output json ARGS` as the admin, with the operator's HOME (where the CLI keeps
@@ -133,18 +186,45 @@ fn cli(s: &Setup, args: &[&str]) -> Result<(bool, Value)> {
 }
 
 fn create_endpoint(s: &Setup, resource: &str) -> Result<(String, PathBuf)> {
-    let (ok, ep) = cli(s, &["ops", "endpoint", "create", "--type", "kubectl", "--app", APP, "--customer", "acme-corp", "--origin-resource-id", resource, "--ttl", "10m"])?;
+    let (ok, ep) = cli(
+        s,
+        &[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "kubectl",
+            "--app",
+            APP,
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            resource,
+            "--ttl",
+            "10m",
+        ],
+    )?;
     assert!(ok, "{ep}");
     assert_eq!(ep["state"], "active", "{ep}");
-    let id = ep["id"].as_str().ok_or_else(|| anyhow!("no id in {ep}"))?.to_string();
-    let path = PathBuf::from(ep["kubeconfig"].as_str().ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?);
+    let id = ep["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no id in {ep}"))?
+        .to_string();
+    let path = PathBuf::from(
+        ep["kubeconfig"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?,
+    );
     Ok((id, path))
 }
 
 fn forbidden(cfg: &Path, args: &[&str], expect: &str) -> Result<()> {
     let (ok, out, err) = kubectl(cfg, args, None, LIMIT)?;
     assert!(!ok, "kubectl {args:?} should be refused; stdout {out}");
-    assert!(err.contains("Forbidden") && err.contains(expect), "kubectl {args:?}: {err}");
+    assert!(
+        err.contains("Forbidden") && err.contains(expect),
+        "kubectl {args:?}: {err}"
+    );
     Ok(())
 }
 
@@ -160,20 +240,40 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     let (id, cfg) = create_endpoint(&s, CLUSTER)?;
 
     // The kubeconfig: named for the resource and endpoint, private, self-contained.
-    let name = cfg.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-    assert_eq!(name, format!("kubectl-ops-main-cluster-{id}.localhost.yaml"));
+    let name = cfg
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        name,
+        format!("kubectl-ops-main-cluster-{id}.localhost.yaml")
+    );
     assert_eq!(cfg.parent(), Some(s.home.join(".kube").as_path()));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&cfg)?.permissions().mode() & 0o777, 0o600);
     let text = std::fs::read_to_string(&cfg)?;
-    assert!(text.contains("client-certificate-data") && text.contains("client-key-data") && !text.contains("exec"), "{text}");
+    assert!(
+        text.contains("client-certificate-data")
+            && text.contains("client-key-data")
+            && !text.contains("exec"),
+        "{text}"
+    );
     assert!(text.contains("namespace: \"my-app-prod\""), "{text}");
     s.api.clear_requests();
 
     let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
     assert!(ok, "{err}");
-    assert!(out.contains("web-1") && out.contains("Running") && !out.contains("coredns"), "{out}");
-    let (ok, out, err) = kubectl(&cfg, &["get", "pods", "-n", "my-app-prod", "-o", "json"], None, LIMIT)?;
+    assert!(
+        out.contains("web-1") && out.contains("Running") && !out.contains("coredns"),
+        "{out}"
+    );
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["get", "pods", "-n", "my-app-prod", "-o", "json"],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{err}");
     assert!(out.contains("\"kind\": \"Pod\""), "{out}");
     let (ok, out, err) = kubectl(&cfg, &["describe", "pod", "web-1"], None, LIMIT)?;
@@ -182,67 +282,151 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     let (ok, out, err) = kubectl(&cfg, &["logs", "web-1"], None, LIMIT)?;
     assert!(ok, "{err}");
     assert!(out.contains("log line 3 of web-1"), "{out}");
-    let (ok, out, err) = kubectl(&cfg, &["exec", "web-1", "--", "echo", "through", "postern"], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["exec", "web-1", "--", "echo", "through", "postern"],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{err}");
     assert_eq!(out, "through postern\n");
-    let (ok, out, err) = kubectl(&cfg, &["exec", "-i", "web-1", "--", "sh"], Some(b"echo one\necho two\nexit 0\n"), LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["exec", "-i", "web-1", "--", "sh"],
+        Some(b"echo one\necho two\nexit 0\n"),
+        LIMIT,
+    )?;
     assert!(ok, "{err}");
     assert_eq!(out, "one\ntwo\n");
-    let (ok, _, err) = kubectl(&cfg, &["exec", "web-1", "--", "sh", "-c", "exit 3"], None, LIMIT)?;
+    let (ok, _, err) = kubectl(
+        &cfg,
+        &["exec", "web-1", "--", "sh", "-c", "exit 3"],
+        None,
+        LIMIT,
+    )?;
     assert!(!ok && err.contains("exit code 3"), "{err}");
     let (ok, out, err) = kubectl(&cfg, &["get", "deployments"], None, LIMIT)?;
     assert!(ok && out.contains("web"), "{out} {err}");
     let manifest = s.home.join("cm.json");
-    std::fs::write(&manifest, r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#)?;
+    std::fs::write(
+        &manifest,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"made-here"},"data":{"mode":"debug"}}"#,
+    )?;
     let manifest = manifest.display().to_string();
-    let (ok, out, err) = kubectl(&cfg, &["create", "--validate=false", "-f", &manifest], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["create", "--validate=false", "-f", &manifest],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{out} {err}");
     assert!(s.api.has_object("configmaps", "my-app-prod", "made-here"));
-    let (ok, out, err) = kubectl(&cfg, &["get", "configmap", "made-here", "-o", "jsonpath={.data.mode}"], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &[
+            "get",
+            "configmap",
+            "made-here",
+            "-o",
+            "jsonpath={.data.mode}",
+        ],
+        None,
+        LIMIT,
+    )?;
     assert!(ok && out == "debug", "{out} {err}");
     let local = s.home.join("notes.txt");
     std::fs::write(&local, "copied through postern\n")?;
     let local_arg = local.display().to_string();
-    let (ok, out, err) = kubectl(&cfg, &["cp", &local_arg, "web-1:/tmp/notes.txt"], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["cp", &local_arg, "web-1:/tmp/notes.txt"],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{out} {err}");
     let needle = b"copied through postern";
-    assert!(s.api.uploads().iter().any(|u| u.windows(needle.len()).any(|w| w == needle)), "kubectl cp did not carry the file");
+    assert!(
+        s.api
+            .uploads()
+            .iter()
+            .any(|u| u.windows(needle.len()).any(|w| w == needle)),
+        "kubectl cp did not carry the file"
+    );
     let (ok, out, err) = kubectl(&cfg, &["delete", "pod", "web-2"], None, LIMIT)?;
     assert!(ok && out.contains("deleted"), "{out} {err}");
     assert!(!s.api.has_object("pods", "my-app-prod", "web-2"));
 
     // Client identity never crosses: the appliance authenticates with its own token and
     // impersonates the configured user.
-    let (ok, out, err) = kubectl(&cfg, &["--as", "evil", "--as-group", "system:masters", "get", "pods"], None, LIMIT)?;
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &[
+            "--as",
+            "evil",
+            "--as-group",
+            "system:masters",
+            "get",
+            "pods",
+        ],
+        None,
+        LIMIT,
+    )?;
     assert!(ok, "{out} {err}");
     let reqs = s.api.requests();
     assert!(!reqs.is_empty());
     for r in &reqs {
-        assert_eq!(r.header("authorization"), Some(format!("Bearer {}", s.api.token).as_str()), "{r:?}");
-        assert_eq!(r.header("impersonate-user"), Some("postern:my-app"), "{r:?}");
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {}", s.api.token).as_str()),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.header("impersonate-user"),
+            Some("postern:my-app"),
+            "{r:?}"
+        );
         assert_eq!(r.header("impersonate-group"), Some("postern-ops"), "{r:?}");
-        assert!(!r.headers.iter().any(|(_, v)| v.contains("evil") || v.contains("system:masters")), "{r:?}");
+        assert!(
+            !r.headers
+                .iter()
+                .any(|(_, v)| v.contains("evil") || v.contains("system:masters")),
+            "{r:?}"
+        );
     }
 
     // The agent multiplexes ordinary requests over one HTTP/2 connection (the server offers
     // h2 by ALPN) and takes each upgrade (exec, cp) over its own HTTP/1.1 connection.
-    let (upgrades, plain): (Vec<_>, Vec<_>) = reqs.iter().partition(|r| r.path().ends_with("/exec"));
+    let (upgrades, plain): (Vec<_>, Vec<_>) =
+        reqs.iter().partition(|r| r.path().ends_with("/exec"));
     assert!(upgrades.len() >= 4 && plain.len() >= 10, "{reqs:?}");
     assert!(plain.iter().all(|r| r.version == "HTTP/2.0"), "{plain:?}");
     let h2_conns: std::collections::BTreeSet<u64> = plain.iter().map(|r| r.conn).collect();
     assert_eq!(h2_conns.len(), 1, "{plain:?}");
-    assert!(upgrades.iter().all(|r| r.version == "HTTP/1.1" && !h2_conns.contains(&r.conn)), "{upgrades:?}");
+    assert!(
+        upgrades
+            .iter()
+            .all(|r| r.version == "HTTP/1.1" && !h2_conns.contains(&r.conn)),
+        "{upgrades:?}"
+    );
     let up_conns: std::collections::BTreeSet<u64> = upgrades.iter().map(|r| r.conn).collect();
     assert_eq!(up_conns.len(), upgrades.len(), "{upgrades:?}");
 
     // Out of scope: refused with a Status kubectl prints, and never reaching the cluster.
     s.api.clear_requests();
-    forbidden(&cfg, &["get", "pods", "-n", "kube-system"], "namespace \"kube-system\" is outside")?;
+    forbidden(
+        &cfg,
+        &["get", "pods", "-n", "kube-system"],
+        "namespace \"kube-system\" is outside",
+    )?;
     forbidden(&cfg, &["get", "pods", "--all-namespaces"], "whole cluster")?;
     forbidden(&cfg, &["get", "nodes"], "whole cluster")?;
     forbidden(&cfg, &["get", "secrets"], "secrets is not among")?;
     forbidden(&cfg, &["get", "namespaces"], "whole cluster")?;
-    forbidden(&cfg, &["scale", "deployment", "web", "--replicas", "5"], "deployments.apps/scale is not among")?;
+    forbidden(
+        &cfg,
+        &["scale", "deployment", "web", "--replicas", "5"],
+        "deployments.apps/scale is not among",
+    )?;
     for r in s.api.requests() {
         let p = r.path();
         assert!(
@@ -266,27 +450,55 @@ fn kubectl_through_an_endpoint_within_its_scope_only() -> Result<()> {
     s.api.clear_requests();
     forbidden(&ro, &["exec", "web-1", "--", "echo", "no"], "pods/exec")?;
     forbidden(&ro, &["delete", "pod", "web-1"], "\"delete\"")?;
-    assert!(s.api.requests().iter().all(|r| !r.path().ends_with("/exec") && r.method != "DELETE"), "{:?}", s.api.requests());
+    assert!(
+        s.api
+            .requests()
+            .iter()
+            .all(|r| !r.path().ends_with("/exec") && r.method != "DELETE"),
+        "{:?}",
+        s.api.requests()
+    );
     assert!(s.api.has_object("pods", "my-app-prod", "web-1"));
 
     // Both trails hold each request: verb, resource, namespace, code, endpoint, session, operator.
     let mut records = Vec::new();
     assert!(wait_until(Duration::from_secs(10), || {
         records = audit(&s).unwrap_or_default();
-        records.iter().any(|r| r["kind"] == "kube.request" && r["detail"]["code"] == 403 && r["detail"]["namespace"] == "kube-system")
+        records.iter().any(|r| {
+            r["kind"] == "kube.request"
+                && r["detail"]["code"] == 403
+                && r["detail"]["namespace"] == "kube-system"
+        })
     }));
     let ok_list = records
         .iter()
-        .find(|r| r["kind"] == "kube.request" && r["detail"]["verb"] == "list" && r["detail"]["resource"] == "pods" && r["detail"]["code"] == 200)
+        .find(|r| {
+            r["kind"] == "kube.request"
+                && r["detail"]["verb"] == "list"
+                && r["detail"]["resource"] == "pods"
+                && r["detail"]["code"] == 200
+        })
         .ok_or_else(|| anyhow!("no kube.request for list pods"))?;
     assert_eq!(ok_list["detail"]["namespace"], "my-app-prod");
     assert_eq!(ok_list["detail"]["endpoint"], id.as_str());
-    assert!(ok_list["detail"]["session"].as_str().is_some_and(|s| s.starts_with("ses_")));
-    assert!(ok_list["detail"]["operator"].as_str().is_some_and(|o| !o.is_empty()));
-    assert!(records.iter().any(|r| r["kind"] == "kube.request" && r["detail"]["subresource"] == "exec" && r["detail"]["code"] == 101));
-    assert!(records.iter().any(|r| r["kind"] == "denied" && r["detail"]["action"] == "kube.request"));
-    assert!(wait_until(Duration::from_secs(10), || s.agent.trail().is_ok_and(|t| t.iter().any(|r| r["kind"] == "kube.request"
-        && r["detail"]["verb"] == "delete" && r["detail"]["name"] == "web-2"))));
+    assert!(ok_list["detail"]["session"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("ses_")));
+    assert!(ok_list["detail"]["operator"]
+        .as_str()
+        .is_some_and(|o| !o.is_empty()));
+    assert!(records.iter().any(|r| r["kind"] == "kube.request"
+        && r["detail"]["subresource"] == "exec"
+        && r["detail"]["code"] == 101));
+    assert!(records
+        .iter()
+        .any(|r| r["kind"] == "denied" && r["detail"]["action"] == "kube.request"));
+    assert!(wait_until(Duration::from_secs(10), || s
+        .agent
+        .trail()
+        .is_ok_and(|t| t.iter().any(|r| r["kind"] == "kube.request"
+            && r["detail"]["verb"] == "delete"
+            && r["detail"]["name"] == "web-2"))));
     assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
     assert_eq!(cli(&s, &["audit", "verify"])?.1["ok"], true);
     Ok(())
@@ -318,7 +530,11 @@ impl Streaming {
                 }
             }
         });
-        Ok(Streaming { child, lines, seen: Vec::new() })
+        Ok(Streaming {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
     }
 
     /// Waits (bounded) for a line containing `needle`.
@@ -369,8 +585,16 @@ fn retire_cuts_live_streams_and_the_old_kubeconfig_is_refused() -> Result<()> {
     let t0 = Instant::now();
     assert!(ok, "{retired}");
     assert_eq!(retired["state"], "retired");
-    for (what, p) in [("logs -f", &mut logs), ("get -w", &mut watch), ("exec", &mut shell)] {
-        assert!(p.exited_within(Duration::from_secs(2).saturating_sub(t0.elapsed())), "kubectl {what} still running {:?} after retire", t0.elapsed());
+    for (what, p) in [
+        ("logs -f", &mut logs),
+        ("get -w", &mut watch),
+        ("exec", &mut shell),
+    ] {
+        assert!(
+            p.exited_within(Duration::from_secs(2).saturating_sub(t0.elapsed())),
+            "kubectl {what} still running {:?} after retire",
+            t0.elapsed()
+        );
     }
     eprintln!("all three streams ended {:?} after retire", t0.elapsed());
 
@@ -378,7 +602,10 @@ fn retire_cuts_live_streams_and_the_old_kubeconfig_is_refused() -> Result<()> {
     s.api.clear_requests();
     let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
     assert!(!ok, "{out}");
-    assert!(err.contains("Unauthorized") || err.contains("logged in"), "{err}");
+    assert!(
+        err.contains("Unauthorized") || err.contains("logged in"),
+        "{err}"
+    );
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
     Ok(())
 }
@@ -399,10 +626,18 @@ impl Raw {
             Ok(v.trim().trim_matches('"').to_string())
         };
         use base64::Engine;
-        let b64 = |s: String| -> Result<String> { Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s)?)?) };
+        let b64 = |s: String| -> Result<String> {
+            Ok(String::from_utf8(
+                base64::engine::general_purpose::STANDARD.decode(s)?,
+            )?)
+        };
         let key = certs::Secret::new(b64(field("client-key-data")?)?);
         let cert = b64(field("client-certificate-data")?)?;
-        let config = certs::client_config(&b64(field("certificate-authority-data")?)?, Some((&cert, &key)), vec![b"http/1.1".to_vec()])?;
+        let config = certs::client_config(
+            &b64(field("certificate-authority-data")?)?,
+            Some((&cert, &key)),
+            vec![b"http/1.1".to_vec()],
+        )?;
         let addr = field("server")?.trim_start_matches("https://").to_string();
         let tcp = std::net::TcpStream::connect(&addr)?;
         tcp.set_read_timeout(Some(LIMIT))?;
@@ -412,7 +647,9 @@ impl Raw {
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)?;
         }
-        Ok(Raw { tls: rustls::StreamOwned::new(conn, tcp) })
+        Ok(Raw {
+            tls: rustls::StreamOwned::new(conn, tcp),
+        })
     }
 
     /// Sends `head` (request line and headers, without the blank line) and reads the
@@ -425,13 +662,24 @@ impl Raw {
         let mut byte = [0u8; 1];
         while !buf.ends_with(b"\r\n\r\n") {
             if self.tls.read(&mut byte)? == 0 {
-                bail!("connection closed before a response; got {:?}", String::from_utf8_lossy(&buf));
+                bail!(
+                    "connection closed before a response; got {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
             }
             buf.push(byte[0]);
         }
         let head = String::from_utf8_lossy(&buf).to_lowercase();
-        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0usize);
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0usize);
         let mut body = vec![0u8; len];
         self.tls.read_exact(&mut body)?;
         Ok((code, head, String::from_utf8_lossy(&body).into_owned()))
@@ -473,8 +721,13 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
     ))?;
     assert_eq!(code, 200, "{body}");
     let seen = s.api.requests();
-    let r = seen.last().ok_or_else(|| anyhow!("nothing reached the cluster"))?;
-    assert_eq!(r.header("authorization"), Some(format!("Bearer {}", s.api.token).as_str()));
+    let r = seen
+        .last()
+        .ok_or_else(|| anyhow!("nothing reached the cluster"))?;
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {}", s.api.token).as_str())
+    );
     assert_eq!(r.header("impersonate-user"), Some("postern:my-app"));
     assert_eq!(r.header("impersonate-extra-scopes"), None);
 
@@ -495,7 +748,10 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
     ))?;
     assert_eq!(code, 400);
     assert!(head.contains("connection: close"), "{head}");
-    assert!(raw.closed(), "the connection stayed open after a refused upgrade");
+    assert!(
+        raw.closed(),
+        "the connection stayed open after a refused upgrade"
+    );
 
     // 64 sessions per endpoint; the 65th connection is told 429 in a Status.
     let mut held = Vec::new();
@@ -507,13 +763,17 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
         held.push(r);
     }
     let mut extra = Raw::connect(&cfg)?;
-    let (code, _, body) = extra.send(&format!("GET /api/v1/namespaces/my-app-prod/pods HTTP/1.1\r\n{host}"))?;
+    let (code, _, body) = extra.send(&format!(
+        "GET /api/v1/namespaces/my-app-prod/pods HTTP/1.1\r\n{host}"
+    ))?;
     assert_eq!(code, 429, "{body}");
     assert!(body.contains("TooManyRequests"), "{body}");
     drop(held);
     // Slots come back once clients leave.
     assert!(wait_until(Duration::from_secs(10), || {
-        Raw::connect(&cfg).and_then(|mut r| r.send(&format!("GET /version HTTP/1.1\r\n{host}"))).is_ok_and(|(c, _, _)| c == 200)
+        Raw::connect(&cfg)
+            .and_then(|mut r| r.send(&format!("GET /version HTTP/1.1\r\n{host}")))
+            .is_ok_and(|(c, _, _)| c == 200)
     }));
     Ok(())
 }
@@ -521,22 +781,56 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
 #[test]
 fn expiry_cuts_a_live_stream_and_the_certificate_dies_with_the_endpoint() -> Result<()> {
     let s = setup()?;
-    let (ok, ep) = cli(&s, &["ops", "endpoint", "create", "--type", "kubectl", "--app", APP, "--customer", "acme-corp", "--origin-resource-id", CLUSTER, "--ttl", "10s"])?;
+    let (ok, ep) = cli(
+        &s,
+        &[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "kubectl",
+            "--app",
+            APP,
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            CLUSTER,
+            "--ttl",
+            "10s",
+        ],
+    )?;
     assert!(ok && ep["state"] == "active", "{ep}");
     let id = ep["id"].as_str().unwrap_or_default().to_string();
-    let cfg = PathBuf::from(ep["kubeconfig"].as_str().ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?);
+    let cfg = PathBuf::from(
+        ep["kubeconfig"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no kubeconfig in {ep}"))?,
+    );
     let mut logs = Streaming::start(&cfg, &["logs", "-f", "web-1"], false)?;
     logs.expect("log line 1 of web-1")?;
     // Bounded: the endpoint lives 10 s.
-    assert!(logs.exited_within(Duration::from_secs(30)), "logs -f outlived the endpoint");
-    assert!(wait_until(Duration::from_secs(10), || audit(&s).is_ok_and(|r| r.iter().any(|x| x["kind"] == "endpoint.expired" && x["endpoint_id"] == id.as_str()))));
+    assert!(
+        logs.exited_within(Duration::from_secs(30)),
+        "logs -f outlived the endpoint"
+    );
+    assert!(wait_until(Duration::from_secs(10), || audit(&s).is_ok_and(
+        |r| r
+            .iter()
+            .any(|x| x["kind"] == "endpoint.expired" && x["endpoint_id"] == id.as_str())
+    )));
 
     s.api.clear_requests();
     let (ok, out, err) = kubectl(&cfg, &["get", "pods"], None, LIMIT)?;
     assert!(!ok, "{out}");
     // Refused by the gateway either way: the certificate expired with the endpoint, or (within
     // clock slack) it maps to no live endpoint.
-    assert!(err.contains("Unauthorized") || err.contains("logged in") || err.contains("expired") || err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("Unauthorized")
+            || err.contains("logged in")
+            || err.contains("expired")
+            || err.contains("certificate"),
+        "{err}"
+    );
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
     Ok(())
 }

@@ -31,8 +31,17 @@ fn setup(app: &str) -> Result<Setup> {
 
 /// `sessions_per_endpoint`: a gateway limit other than the default 64.
 fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
-    let cluster = PgCluster::start_with(&Options { scram_for_others: true, ..Options::default() });
-    setup_on(app, sessions_per_endpoint, cluster, tempfile::tempdir()?, |url| url.to_string())
+    let cluster = PgCluster::start_with(&Options {
+        scram_for_others: true,
+        ..Options::default()
+    });
+    setup_on(
+        app,
+        sessions_per_endpoint,
+        cluster,
+        tempfile::tempdir()?,
+        |url| url.to_string(),
+    )
 }
 
 /// `admin_url`: what the agent is given for the database's URL.
@@ -66,13 +75,23 @@ fn setup_on(
     let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), app, "acme-corp", &body)?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default()));
+        return Err(anyhow!(
+            "agent never came online; log: {}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        ));
     }
     let grant = gw.request_operate(app, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
-    Ok(Setup { cluster, db_url, gw, agent, home, _dir: dir })
+    Ok(Setup {
+        cluster,
+        db_url,
+        gw,
+        agent,
+        home,
+        _dir: dir,
+    })
 }
 
 impl Setup {
@@ -87,11 +106,25 @@ impl Setup {
 
     fn create(&self, app: &str, ttl: &str) -> Result<(String, String)> {
         let ep = self.cli(&[
-            "ops", "endpoint", "create", "--type", "postgres", "--app", app, "--customer", "acme-corp",
-            "--origin-resource-id", RESOURCE, "--ttl", ttl,
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "postgres",
+            "--app",
+            app,
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            RESOURCE,
+            "--ttl",
+            ttl,
         ])?;
         assert_eq!(ep["state"], "active", "{ep}");
-        let cs = ep["connection_string"].as_str().ok_or_else(|| anyhow!("no connection_string in {ep}"))?.to_string();
+        let cs = ep["connection_string"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no connection_string in {ep}"))?
+            .to_string();
         Ok((ep["id"].as_str().unwrap_or_default().to_string(), cs))
     }
 
@@ -101,12 +134,27 @@ impl Setup {
     }
 
     fn vendor_records(&self, kind: &str) -> Vec<Value> {
-        let list = self.gw.cli(&["audit", "list"]).and_then(|o| o.ok()).unwrap_or_default();
-        list["records"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["kind"] == kind).collect()
+        let list = self
+            .gw
+            .cli(&["audit", "list"])
+            .and_then(|o| o.ok())
+            .unwrap_or_default();
+        list["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["kind"] == kind)
+            .collect()
     }
 
     fn customer_records(&self, kind: &str) -> Vec<Value> {
-        self.agent.trail().unwrap_or_default().into_iter().filter(|r| r["kind"] == kind).collect()
+        self.agent
+            .trail()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["kind"] == kind)
+            .collect()
     }
 }
 
@@ -119,7 +167,14 @@ struct Psql {
 fn psql_cmd(cs: &str, args: &[&str]) -> Command {
     let mut c = Command::new(PgCluster::bin_dir().join("psql"));
     c.arg(cs)
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-At"])
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "VERBOSITY=verbose",
+            "-At",
+        ])
         .args(args)
         .env_remove("PGOPTIONS")
         .env_remove("PGPASSWORD")
@@ -138,13 +193,20 @@ fn psql_with(mut c: Command) -> Psql {
             stdout: String::from_utf8_lossy(&o.stdout).trim().to_string(),
             stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         },
-        Err(e) => Psql { ok: false, stdout: String::new(), stderr: format!("cannot run psql: {e}") },
+        Err(e) => Psql {
+            ok: false,
+            stdout: String::new(),
+            stderr: format!("cannot run psql: {e}"),
+        },
     }
 }
 
 fn replace_password(cs: &str, new: &str) -> String {
     // postgresql://user:password@host…
-    let (scheme_user, rest) = cs.split_once(':').and_then(|(s, r)| r.split_once(':').map(|(u, r)| (format!("{s}:{u}"), r))).unwrap();
+    let (scheme_user, rest) = cs
+        .split_once(':')
+        .and_then(|(s, r)| r.split_once(':').map(|(u, r)| (format!("{s}:{u}"), r)))
+        .unwrap();
     let after = rest.split_once('@').map(|(_, a)| a).unwrap();
     format!("{scheme_user}:{new}@{after}")
 }
@@ -153,14 +215,20 @@ fn replace_password(cs: &str, new: &str) -> String {
 fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()> {
     let s = setup("pg-app")?;
     let (id, cs) = s.create("pg-app", "10m")?;
-    assert!(cs.contains("sslmode=verify-full") && cs.contains("sslrootcert="), "{cs}");
+    assert!(
+        cs.contains("sslmode=verify-full") && cs.contains("sslrootcert="),
+        "{cs}"
+    );
     let role = format!("postern_{id}");
 
     // Read and write in the granted schema, as the endpoint's role, over TLS.
     let r = psql(&cs, "SELECT name FROM items ORDER BY id");
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.stdout, "first");
-    let r = psql(&cs, "INSERT INTO items (name) VALUES ('it''s \"quoted\"; DROP TABLE x; --') RETURNING id");
+    let r = psql(
+        &cs,
+        "INSERT INTO items (name) VALUES ('it''s \"quoted\"; DROP TABLE x; --') RETURNING id",
+    );
     assert!(r.ok, "{}", r.stderr);
     let r = psql(&cs, "SELECT current_user, ssl FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE pid = pg_backend_pid()");
     assert!(r.ok, "{}", r.stderr);
@@ -173,36 +241,78 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
 
     // Each refusal comes from the server's own privileges.
     for (name, sql, expect) in [
-        ("other schema", "SELECT * FROM secret.keys", "permission denied for schema secret"),
-        ("pg_authid", "SELECT * FROM pg_authid", "permission denied for table pg_authid"),
-        ("pg_read_file", "SELECT pg_read_file('postgresql.conf')", "permission denied for function pg_read_file"),
-        ("copy to program", "COPY (SELECT 1) TO PROGRAM 'true'", "42501"),
-        ("set role", "SET ROLE postern", "permission denied to set role"),
+        (
+            "other schema",
+            "SELECT * FROM secret.keys",
+            "permission denied for schema secret",
+        ),
+        (
+            "pg_authid",
+            "SELECT * FROM pg_authid",
+            "permission denied for table pg_authid",
+        ),
+        (
+            "pg_read_file",
+            "SELECT pg_read_file('postgresql.conf')",
+            "permission denied for function pg_read_file",
+        ),
+        (
+            "copy to program",
+            "COPY (SELECT 1) TO PROGRAM 'true'",
+            "42501",
+        ),
+        (
+            "set role",
+            "SET ROLE postern",
+            "permission denied to set role",
+        ),
         ("create extension", "CREATE EXTENSION pgcrypto", "42501"),
         ("alter system", "ALTER SYSTEM SET work_mem = '1MB'", "42501"),
     ] {
         let r = psql(&cs, sql);
         assert!(!r.ok, "{name}: {sql} succeeded: {}", r.stdout);
-        assert!(r.stderr.contains("ERROR:  42501") && r.stderr.contains(expect), "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("ERROR:  42501") && r.stderr.contains(expect),
+            "{name}: {}",
+            r.stderr
+        );
     }
 
     // Identity and scope cannot be changed at connect time.
     let r = psql(&cs, "\\c postgres");
-    assert!(!r.ok && r.stderr.contains("serves database"), "\\c postgres: {}", r.stderr);
+    assert!(
+        !r.ok && r.stderr.contains("serves database"),
+        "\\c postgres: {}",
+        r.stderr
+    );
     let mut c = psql_cmd(&cs, &["-c", "SELECT 1"]);
     c.env("PGOPTIONS", "-c role=postern");
     let r = psql_with(c);
-    assert!(!r.ok && r.stderr.contains("not allowed"), "PGOPTIONS role: {}", r.stderr);
+    assert!(
+        !r.ok && r.stderr.contains("not allowed"),
+        "PGOPTIONS role: {}",
+        r.stderr
+    );
 
     // A wrong password is a clean FATAL 28P01.
     let r = psql(&replace_password(&cs, "not-the-password"), "SELECT 1");
     assert!(!r.ok);
-    assert!(r.stderr.contains(&format!("FATAL:  password authentication failed for user \"{id}\"")), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "FATAL:  password authentication failed for user \"{id}\""
+        )),
+        "{}",
+        r.stderr
+    );
     // At the socket: GSSENCRequest gets 'N', SSLRequest 'S', and plaintext sent right after
     // SSLRequest (before the TLS handshake) ends the connection.
     {
         use std::io::{Read, Write};
-        let port: u16 = cs.split_once("@127.0.0.1:").and_then(|(_, r)| r.split_once('/')).and_then(|(p, _)| p.parse().ok()).unwrap();
+        let port: u16 = cs
+            .split_once("@127.0.0.1:")
+            .and_then(|(_, r)| r.split_once('/'))
+            .and_then(|(p, _)| p.parse().ok())
+            .unwrap();
         let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut one = [0u8; 1];
@@ -217,68 +327,153 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
         sock.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f, b'Q', 0, 0, 0, 5, 0])?;
         let mut rest = Vec::new();
         let closed = sock.read_to_end(&mut rest);
-        assert!(closed.is_ok() && rest.is_empty(), "answered {rest:?} ({closed:?}) to plaintext after SSLRequest");
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "answered {rest:?} ({closed:?}) to plaintext after SSLRequest"
+        );
     }
     // Plaintext is refused.
-    let r = psql(&cs.replace("sslmode=verify-full", "sslmode=disable"), "SELECT 1");
-    assert!(!r.ok && r.stderr.contains("encrypted connections only"), "{}", r.stderr);
+    let r = psql(
+        &cs.replace("sslmode=verify-full", "sslmode=disable"),
+        "SELECT 1",
+    );
+    assert!(
+        !r.ok && r.stderr.contains("encrypted connections only"),
+        "{}",
+        r.stderr
+    );
 
     // Ctrl-C in psql cancels that session's query only.
-    let mut sleeper = psql_cmd(&cs, &["-c", "SELECT pg_sleep(60)"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let mut bystander = psql_cmd(&cs, &["-c", "SELECT pg_sleep(4)", "-c", "SELECT 'survived'"]).stdout(Stdio::piped()).spawn()?;
-    assert!(wait_until(Duration::from_secs(20), || s.admin(&format!(
+    let mut sleeper = psql_cmd(&cs, &["-c", "SELECT pg_sleep(60)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut bystander = psql_cmd(
+        &cs,
+        &["-c", "SELECT pg_sleep(4)", "-c", "SELECT 'survived'"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()?;
+    assert!(wait_until(Duration::from_secs(20), || {
+        s.admin(&format!(
         "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND query LIKE '%pg_sleep%' AND state = 'active'"
-    )) == "2"));
+    )) == "2"
+    }));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(sleeper.id() as libc::pid_t, libc::SIGINT) };
     let out = wait_output(&mut sleeper, Duration::from_secs(20))?;
-    assert!(out.1.contains("canceling statement due to user request"), "{}", out.1);
+    assert!(
+        out.1.contains("canceling statement due to user request"),
+        "{}",
+        out.1
+    );
     let out = wait_output(&mut bystander, Duration::from_secs(20))?;
-    assert!(out.0.contains("survived"), "the other session's query was cut too: {out:?}");
+    assert!(
+        out.0.contains("survived"),
+        "the other session's query was cut too: {out:?}"
+    );
 
     // 50 clients at once on one endpoint.
     let clients: Vec<_> = (0..50)
-        .map(|i| psql_cmd(&cs, &["-c", &format!("SELECT count(*) + {i} FROM items")]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn())
+        .map(|i| {
+            psql_cmd(&cs, &["-c", &format!("SELECT count(*) + {i} FROM items")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        })
         .collect::<Result<_, _>>()?;
     for (i, c) in clients.into_iter().enumerate() {
         let o = c.wait_with_output()?;
-        assert!(o.status.success(), "client {i}: {}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), (2 + i).to_string());
+        assert!(
+            o.status.success(),
+            "client {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            (2 + i).to_string()
+        );
     }
 
     // Both trails hold every statement as data, the cancel, and the sessions with reasons.
     let quoted = "it''s \"quoted\"; DROP TABLE x; --";
     let has_statement = |records: &[Value]| {
-        records.iter().any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["text"].as_str().is_some_and(|t| t.contains(quoted)))
+        records.iter().any(|r| {
+            r["endpoint_id"] == id.as_str()
+                && r["detail"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(quoted))
+        })
     };
-    assert!(wait_until(Duration::from_secs(10), || has_statement(&s.vendor_records("sql.statement"))));
-    assert!(wait_until(Duration::from_secs(10), || has_statement(&s.customer_records("sql.statement"))));
+    assert!(wait_until(Duration::from_secs(10), || has_statement(
+        &s.vendor_records("sql.statement")
+    )));
+    assert!(wait_until(Duration::from_secs(10), || has_statement(
+        &s.customer_records("sql.statement")
+    )));
     assert!(!s.vendor_records("sql.cancel").is_empty());
-    assert!(s.customer_records("sql.cancel").iter().any(|r| r["detail"]["matched"] == true));
+    assert!(s
+        .customer_records("sql.cancel")
+        .iter()
+        .any(|r| r["detail"]["matched"] == true));
     // libpq binds SCRAM to the gateway's certificate (tls-server-end-point) when offered.
-    assert!(s.vendor_records("session.opened").iter().any(|r| r["detail"]["auth"] == "SCRAM-SHA-256-PLUS"));
+    assert!(s
+        .vendor_records("session.opened")
+        .iter()
+        .any(|r| r["detail"]["auth"] == "SCRAM-SHA-256-PLUS"));
     let closed = s.vendor_records("session.closed");
-    assert!(closed.iter().any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "client"), "{closed:?}");
-    assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "28P01"));
+    assert!(
+        closed
+            .iter()
+            .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "client"),
+        "{closed:?}"
+    );
+    assert!(s
+        .vendor_records("denied")
+        .iter()
+        .any(|r| r["detail"]["sqlstate"] == "28P01"));
     assert_eq!(s.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
 
     // The one-off `ops psql` path runs as a role of its own, scoped the same, dropped after.
     let op = |sql: &str| {
         s.gw.cli(&[
-            "ops", "psql", "--app", "pg-app", "--customer", "acme-corp", "--origin-resource-id", RESOURCE, "--wait",
-            "--command", &format!("psql -X -At -c \"{sql}\""),
+            "ops",
+            "psql",
+            "--app",
+            "pg-app",
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            RESOURCE,
+            "--wait",
+            "--command",
+            &format!("psql -X -At -c \"{sql}\""),
         ])
     };
     let done = op("SELECT current_user, count(*) FROM items")?;
     assert!(done.success, "{}", done.json);
-    let stdout = done.json["stdout"].as_str().unwrap_or_default().trim().to_string();
+    let stdout = done.json["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let op_id = done.json["id"].as_str().unwrap_or_default().to_string();
     assert_eq!(stdout, format!("postern_{op_id}|2"), "{}", done.json);
     let refused = op("SELECT * FROM secret.keys")?;
     assert!(!refused.success);
-    assert!(refused.json["stderr"].as_str().unwrap_or_default().contains("permission denied for schema secret"), "{}", refused.json);
-    assert_eq!(s.admin("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'postern\\_op\\_%'"), "0");
+    assert!(
+        refused.json["stderr"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("permission denied for schema secret"),
+        "{}",
+        refused.json
+    );
+    assert_eq!(
+        s.admin("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'postern\\_op\\_%'"),
+        "0"
+    );
     Ok(())
 }
 
@@ -308,7 +503,10 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     let s = setup("pg-life")?;
     let (id, cs) = s.create("pg-life", "10m")?;
     let role = format!("postern_{id}");
-    let mut sleeper = psql_cmd(&cs, &["-c", "SELECT pg_sleep(3600)"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut sleeper = psql_cmd(&cs, &["-c", "SELECT pg_sleep(3600)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     assert!(wait_until(Duration::from_secs(20), || s.admin(&format!(
         "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND query LIKE '%pg_sleep%'"
     )) == "1"));
@@ -318,23 +516,45 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert_eq!(retired["sessions_cut"], 1, "{retired}");
     let (_, err) = wait_output(&mut sleeper, Duration::from_secs(30))?;
     eprintln!("psql ended {:?} after retire", t0.elapsed());
-    assert!(err.contains("closed") || err.contains("terminat"), "psql said: {err}");
-    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'")) == "0"));
-    assert_eq!(s.admin(&format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'")), "0");
+    assert!(
+        err.contains("closed") || err.contains("terminat"),
+        "psql said: {err}"
+    );
+    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!(
+        "SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"
+    )) == "0"));
+    assert_eq!(
+        s.admin(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"
+        )),
+        "0"
+    );
 
     // The retired credential fails cleanly.
     let r = psql(&cs, "SELECT 1");
     assert!(!r.ok);
-    assert!(r.stderr.contains(&format!("FATAL:  endpoint \"{id}\" has been retired")), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("FATAL:  endpoint \"{id}\" has been retired")),
+        "{}",
+        r.stderr
+    );
     assert!(wait_until(Duration::from_secs(10), || s
         .vendor_records("session.closed")
         .iter()
-        .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired")));
-    assert!(wait_until(Duration::from_secs(10), || s.customer_records("pg.role_dropped").iter().any(|r| r["endpoint_id"] == id.as_str())));
+        .any(
+            |r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired"
+        )));
+    assert!(wait_until(Duration::from_secs(10), || s
+        .customer_records("pg.role_dropped")
+        .iter()
+        .any(|r| r["endpoint_id"] == id.as_str())));
     assert!(wait_until(Duration::from_secs(10), || s
         .customer_records("session.closed")
         .iter()
-        .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired")));
+        .any(
+            |r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "retired"
+        )));
 
     // An endpoint that expires: its credential fails the same way and its role goes too.
     let (id2, cs2) = s.create("pg-life", "10s")?;
@@ -344,7 +564,9 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
         let r = psql(&cs2, "SELECT 1");
         !r.ok && r.stderr.contains("expired")
     }));
-    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role2}'")) == "0"));
+    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!(
+        "SELECT count(*) FROM pg_roles WHERE rolname = '{role2}'"
+    )) == "0"));
     Ok(())
 }
 
@@ -352,14 +574,26 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
 fn past_the_session_limit_psql_gets_53300() -> Result<()> {
     let s = setup_with("pg-limit", Some(1))?;
     let (_id, cs) = s.create("pg-limit", "10m")?;
-    let mut holder = psql_cmd(&cs, &["-c", "SELECT pg_sleep(30)"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    assert!(wait_until(Duration::from_secs(20), || s.admin(
+    let mut holder = psql_cmd(&cs, &["-c", "SELECT pg_sleep(30)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    assert!(wait_until(Duration::from_secs(20), || {
+        s.admin(
         "SELECT count(*) FROM pg_stat_activity WHERE usename LIKE 'postern\\_ep\\_%' AND query LIKE '%pg_sleep%'"
-    ) == "1"));
+    ) == "1"
+    }));
     let r = psql(&cs, "SELECT 1");
     assert!(!r.ok);
-    assert!(r.stderr.contains("sorry, too many clients already"), "{}", r.stderr);
-    assert!(s.vendor_records("denied").iter().any(|r| r["detail"]["sqlstate"] == "53300"));
+    assert!(
+        r.stderr.contains("sorry, too many clients already"),
+        "{}",
+        r.stderr
+    );
+    assert!(s
+        .vendor_records("denied")
+        .iter()
+        .any(|r| r["detail"]["sqlstate"] == "53300"));
     let _ = holder.kill();
     let _ = holder.wait();
     Ok(())
@@ -383,7 +617,10 @@ fn sessions_reach_a_tls_only_database_with_verify_full() -> Result<()> {
     });
     let ca_path = ca_file.display().to_string();
     let s = setup_on("pg-tls", None, cluster, dir, |url| {
-        format!("{}?sslmode=verify-full&sslrootcert={ca_path}", url.replace("127.0.0.1", "localhost"))
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={ca_path}",
+            url.replace("127.0.0.1", "localhost")
+        )
     })?;
     let (_id, cs) = s.create("pg-tls", "1h")?;
     let r = psql(&cs, "SELECT name FROM items; SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid();");
@@ -391,9 +628,17 @@ fn sessions_reach_a_tls_only_database_with_verify_full() -> Result<()> {
     let mut lines = r.stdout.lines();
     assert_eq!(lines.next(), Some("first"));
     let ssl = lines.next().unwrap_or_default();
-    assert!(ssl.starts_with("t|TLSv1."), "the session's backend connection is encrypted: {ssl}");
+    assert!(
+        ssl.starts_with("t|TLSv1."),
+        "the session's backend connection is encrypted: {ssl}"
+    );
     // Plaintext is refused by this server, so nothing above went around TLS.
-    let plain = s.cluster.try_psql(&format!("{}?sslmode=disable", s.db_url), "SELECT 1");
-    assert!(plain.is_err_and(|e| e.contains("no encryption")), "the server forces TLS");
+    let plain = s
+        .cluster
+        .try_psql(&format!("{}?sslmode=disable", s.db_url), "SELECT 1");
+    assert!(
+        plain.is_err_and(|e| e.contains("no encryption")),
+        "the server forces TLS"
+    );
     Ok(())
 }

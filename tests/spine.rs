@@ -17,10 +17,19 @@ fn tcp_resource(target: SocketAddr) -> String {
 fn setup(dir: &std::path::Path, app: &str) -> Result<(Gateway, Agent)> {
     let gw = Gateway::start(&dir.join("gw"))?;
     let echo = echo_server()?;
-    let mut agent = Agent::enroll(&gw, &dir.join("agent"), app, "acme-corp", &tcp_resource(echo))?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.join("agent"),
+        app,
+        "acme-corp",
+        &tcp_resource(echo),
+    )?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default()));
+        return Err(anyhow!(
+            "agent never came online; log: {}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        ));
     }
     // The appliance's policy is automatic: the operate grant is live at once.
     let grant = gw.request_operate(app, "acme-corp", "1h")?;
@@ -30,18 +39,35 @@ fn setup(dir: &std::path::Path, app: &str) -> Result<(Gateway, Agent)> {
 
 fn create_tcp_endpoint(gw: &Gateway, app: &str) -> Result<Value> {
     gw.cli(&[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", app, "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo", "--ttl", "10m",
+        "ops",
+        "endpoint",
+        "create",
+        "--type",
+        "tcp",
+        "--app",
+        app,
+        "--customer",
+        "acme-corp",
+        "--origin-resource-id",
+        "null_resource.echo",
+        "--ttl",
+        "10m",
     ])?
     .ok()
 }
 
 fn address(ep: &Value) -> Result<SocketAddr> {
-    Ok(ep["address"].as_str().ok_or_else(|| anyhow!("no address in {ep}"))?.parse()?)
+    Ok(ep["address"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no address in {ep}"))?
+        .parse()?)
 }
 
 fn audit_kinds(gw: &Gateway) -> Result<Vec<Value>> {
-    Ok(gw.cli(&["audit", "list"])?.ok()?["records"].as_array().cloned().unwrap_or_default())
+    Ok(gw.cli(&["audit", "list"])?.ok()?["records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
 }
 
 #[test]
@@ -67,8 +93,11 @@ fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
     live.set_read_timeout(Some(Duration::from_secs(10)))?;
     live.read_exact(&mut buf)?;
     assert_eq!(&buf, b"ping");
-    assert!(wait_until(Duration::from_secs(5), || gw.cli(&["ops", "endpoint", "get", &id]).ok()
-        .and_then(|o| o.ok().ok()).is_some_and(|e| e["sessions"] == 1)));
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .cli(&["ops", "endpoint", "get", &id])
+        .ok()
+        .and_then(|o| o.ok().ok())
+        .is_some_and(|e| e["sessions"] == 1)));
 
     let retired = gw.cli(&["ops", "endpoint", "retire", &id])?.ok()?;
     let t0 = Instant::now();
@@ -76,43 +105,66 @@ fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
     assert_eq!(retired["sessions_cut"], 1);
     let mut rest = Vec::new();
     let r = live.read_to_end(&mut rest);
-    assert!(t0.elapsed() < Duration::from_secs(2), "the connection stayed open {:?} after retire", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the connection stayed open {:?} after retire",
+        t0.elapsed()
+    );
     assert!(r.is_ok() || r.is_err(), "read ended");
     assert!(rest.is_empty());
 
     // New connections are refused: the listener is gone.
-    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-        let _ = s.write_all(b"x");
-        let mut b = [0u8; 1];
-        matches!(s.read(&mut b), Ok(0) | Err(_))
-    }).unwrap_or(true));
+    assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            let _ = s.write_all(b"x");
+            let mut b = [0u8; 1];
+            matches!(s.read(&mut b), Ok(0) | Err(_))
+        })
+        .unwrap_or(true));
 
     // Retiring again is a clear error; the list shows the final state.
     let again = gw.cli(&["ops", "endpoint", "retire", &id])?;
     assert!(!again.success);
     assert_eq!(again.error_code(), Some("ENDPOINT_RETIRED"));
     let list = gw.cli(&["ops", "endpoint", "list"])?.ok()?;
-    assert!(list["endpoints"].as_array().unwrap().iter().any(|e| e["id"] == id.as_str() && e["state"] == "retired"));
+    assert!(list["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["id"] == id.as_str() && e["state"] == "retired"));
 
     // Both trails: the vendor's records the sessions with reasons; the customer's verifies.
     // Session records are written as each session winds down, just after its client saw the close.
     let mut records = Vec::new();
     wait_until(Duration::from_secs(5), || {
         records = audit_kinds(&gw).unwrap_or_default();
-        records.iter().filter(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str()).count() >= 2
+        records
+            .iter()
+            .filter(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
+            .count()
+            >= 2
     });
-    let closed: Vec<&Value> = records.iter().filter(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str()).collect();
+    let closed: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
+        .collect();
     assert_eq!(closed.len(), 2, "{closed:?}");
-    assert!(closed.iter().any(|r| r["detail"]["reason"] == "client" && r["detail"]["bytes_up"] == 64 * 1024 * 1024));
+    assert!(closed
+        .iter()
+        .any(|r| r["detail"]["reason"] == "client" && r["detail"]["bytes_up"] == 64 * 1024 * 1024));
     assert!(closed.iter().any(|r| r["detail"]["reason"] == "retired"));
     assert!(records.iter().any(|r| r["kind"] == "endpoint.retired"));
     let verified = gw.cli(&["audit", "verify"])?.ok()?;
     assert_eq!(verified["ok"], true);
     assert!(verified["records"].as_u64().unwrap() >= records.len() as u64);
 
-    assert!(wait_until(Duration::from_secs(5), || agent.trail().map(|t| t.iter().any(|r| r["kind"] == "session.closed"
-        && r["endpoint_id"] == id.as_str())).unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(5), || agent
+        .trail()
+        .map(|t| t
+            .iter()
+            .any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str()))
+        .unwrap_or(false)));
     assert_eq!(agent.verify_trail()?.ok()?["ok"], true);
     Ok(())
 }
@@ -156,7 +208,10 @@ fn agent_has_no_listening_socket() -> Result<()> {
     assert_eq!(back, b"hello");
     let pid = agent.pid().unwrap();
     let inodes = socket_inodes(pid)?;
-    assert!(!inodes.is_empty(), "the agent should hold its tunnel socket");
+    assert!(
+        !inodes.is_empty(),
+        "the agent should hold its tunnel socket"
+    );
     let l = listening(pid, &inodes)?;
     assert!(l.is_empty(), "agent has listening sockets: {l:?}");
     // The check itself can see a listener: the gateway has several.
@@ -186,15 +241,27 @@ fn gateway_restart_agent_reconnects_and_endpoint_state_survives() -> Result<()> 
         "agent did not reconnect; log: {}",
         std::fs::read_to_string(&agent.log).unwrap_or_default()
     );
-    eprintln!("agent back online {:?} after the restart", restarted.elapsed());
+    eprintln!(
+        "agent back online {:?} after the restart",
+        restarted.elapsed()
+    );
     let old = gw.cli(&["ops", "endpoint", "get", &id])?.ok()?;
     assert_eq!(old["state"], "active");
     assert_eq!(old["expires_at"], ep["expires_at"]);
-    assert_eq!(gw.cli(&["ops", "endpoint", "get", &retired_id])?.ok()?["state"], "retired");
+    assert_eq!(
+        gw.cli(&["ops", "endpoint", "get", &retired_id])?.ok()?["state"],
+        "retired"
+    );
     // The surviving endpoint serves again, and a new one works.
-    assert_eq!(echo_round_trip(address(&old)?, b"after restart")?, b"after restart");
+    assert_eq!(
+        echo_round_trip(address(&old)?, b"after restart")?,
+        b"after restart"
+    );
     let fresh = create_tcp_endpoint(&gw, "restart-app")?;
-    assert_eq!(echo_round_trip(address(&fresh)?, b"new endpoint")?, b"new endpoint");
+    assert_eq!(
+        echo_round_trip(address(&fresh)?, b"new endpoint")?,
+        b"new endpoint"
+    );
     Ok(())
 }
 
@@ -203,42 +270,111 @@ fn unknown_resource_offline_appliance_and_bad_ttl_are_structured_errors() -> Res
     let dir = tempfile::tempdir()?;
     let (gw, mut agent) = setup(dir.path(), "errs-app")?;
     let bad = gw.cli(&[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", "errs-app", "--customer", "acme-corp",
-        "--origin-resource-id", "aws_instance.nope",
+        "ops",
+        "endpoint",
+        "create",
+        "--type",
+        "tcp",
+        "--app",
+        "errs-app",
+        "--customer",
+        "acme-corp",
+        "--origin-resource-id",
+        "aws_instance.nope",
     ])?;
     assert!(!bad.success);
     assert_eq!(bad.error_code(), Some("INVALID_ORIGIN_RESOURCE_ID"));
-    assert!(bad.json["error"]["hint"].as_str().unwrap().contains("null_resource.echo"));
+    assert!(bad.json["error"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("null_resource.echo"));
 
     let ttl = gw.cli(&[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", "errs-app", "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo", "--ttl", "8d",
+        "ops",
+        "endpoint",
+        "create",
+        "--type",
+        "tcp",
+        "--app",
+        "errs-app",
+        "--customer",
+        "acme-corp",
+        "--origin-resource-id",
+        "null_resource.echo",
+        "--ttl",
+        "8d",
     ])?;
     assert_eq!(ttl.error_code(), Some("INVALID_REQUEST"));
 
     // An operator token works; an approver of another customer sees nothing of this one.
-    let op = gw.cli(&["token", "create", "--role", "operator", "--name", "alice@vendor.example"])?.ok()?;
+    let op = gw
+        .cli(&[
+            "token",
+            "create",
+            "--role",
+            "operator",
+            "--name",
+            "alice@vendor.example",
+        ])?
+        .ok()?;
     let op_token = op["token"].as_str().unwrap();
-    assert_eq!(gw.cli_as(op_token, &["whoami"])?.ok()?["name"], "alice@vendor.example");
-    let denied = gw.cli_as(op_token, &["token", "create", "--role", "admin", "--name", "x"])?;
+    assert_eq!(
+        gw.cli_as(op_token, &["whoami"])?.ok()?["name"],
+        "alice@vendor.example"
+    );
+    let denied = gw.cli_as(
+        op_token,
+        &["token", "create", "--role", "admin", "--name", "x"],
+    )?;
     assert_eq!(denied.error_code(), Some("FORBIDDEN"));
-    let other = gw.cli(&["token", "create", "--role", "approver", "--name", "eve@globex", "--customer", "globex"])?.ok()?;
-    let seen = gw.cli_as(other["token"].as_str().unwrap(), &["appliance", "list"])?.ok()?;
+    let other = gw
+        .cli(&[
+            "token",
+            "create",
+            "--role",
+            "approver",
+            "--name",
+            "eve@globex",
+            "--customer",
+            "globex",
+        ])?
+        .ok()?;
+    let seen = gw
+        .cli_as(other["token"].as_str().unwrap(), &["appliance", "list"])?
+        .ok()?;
     assert_eq!(seen["appliances"].as_array().unwrap().len(), 0);
     let garbage = gw.cli_as("pst_0000_notatokenatallreally", &["appliance", "list"])?;
     assert_eq!(garbage.error_code(), Some("UNAUTHENTICATED"));
 
     agent.stop();
-    assert!(wait_until(Duration::from_secs(20), || gw.appliance(&agent.appliance_id).map(|a| a["online"] == false).unwrap_or(false)));
-    let offline = gw.cli_as(op_token, &[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", "errs-app", "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo",
-    ])?;
+    assert!(wait_until(Duration::from_secs(20), || gw
+        .appliance(&agent.appliance_id)
+        .map(|a| a["online"] == false)
+        .unwrap_or(false)));
+    let offline = gw.cli_as(
+        op_token,
+        &[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            "errs-app",
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            "null_resource.echo",
+        ],
+    )?;
     assert_eq!(offline.error_code(), Some("APPLIANCE_OFFLINE"));
 
     let mut gw = gw;
     let status = gw.stop();
-    assert!(status.is_some_and(|s| s.success()), "gateway did not shut down cleanly on SIGTERM: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "gateway did not shut down cleanly on SIGTERM: {status:?}"
+    );
     Ok(())
 }
 
@@ -246,11 +382,23 @@ fn unknown_resource_offline_appliance_and_bad_ttl_are_structured_errors() -> Res
 fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = setup(dir.path(), "expiry-app")?;
-    let ep = gw.cli(&[
-        "ops", "endpoint", "create", "--type", "tcp", "--app", "expiry-app", "--customer", "acme-corp",
-        "--origin-resource-id", "null_resource.echo", "--ttl", "10s",
-    ])?
-    .ok()?;
+    let ep = gw
+        .cli(&[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            "expiry-app",
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            "null_resource.echo",
+            "--ttl",
+            "10s",
+        ])?
+        .ok()?;
     let id = ep["id"].as_str().unwrap().to_string();
     let expires: jiff::Timestamp = ep["expires_at"].as_str().unwrap().parse()?;
     let addr = address(&ep)?;
@@ -275,14 +423,29 @@ fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
     let mut records = Vec::new();
     let audited = wait_until(Duration::from_secs(5), || {
         records = audit_kinds(&gw).unwrap_or_default();
-        records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
-            && records.iter().any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str())
+        records
+            .iter()
+            .any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str())
+            && records
+                .iter()
+                .any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str())
     });
     assert!(audited, "{records:?}");
-    assert!(records.iter().any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "expired"), "{records:?}");
-    assert!(records.iter().any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str()));
+    assert!(
+        records.iter().any(|r| r["kind"] == "session.closed"
+            && r["endpoint_id"] == id.as_str()
+            && r["detail"]["reason"] == "expired"),
+        "{records:?}"
+    );
+    assert!(records
+        .iter()
+        .any(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == id.as_str()));
     // The customer's trail saw the cut from its side too.
-    assert!(wait_until(Duration::from_secs(5), || agent.trail().map(|t| t.iter().any(|r| r["kind"] == "session.closed"
-        && r["endpoint_id"] == id.as_str())).unwrap_or(false)));
+    assert!(wait_until(Duration::from_secs(5), || agent
+        .trail()
+        .map(|t| t
+            .iter()
+            .any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str()))
+        .unwrap_or(false)));
     Ok(())
 }

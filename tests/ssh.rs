@@ -49,16 +49,31 @@ fn world_with(host_key: Option<String>, extra: &str) -> Result<World> {
     let sshd = Sshd::start()?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let host_key = host_key.unwrap_or_else(|| sshd.host_key.clone());
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, CUSTOMER, &ssh_resource(&sshd, &host_key, extra))?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        APP,
+        CUSTOMER,
+        &ssh_resource(&sshd, &host_key, extra),
+    )?;
     agent.run()?;
     if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!("agent never came online; log: {}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+        bail!(
+            "agent never came online; log: {}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
     }
     let grant = gw.request_operate(APP, CUSTOMER, "2h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home)?;
-    Ok(World { dir, sshd, gw, agent, home })
+    Ok(World {
+        dir,
+        sshd,
+        gw,
+        agent,
+        home,
+    })
 }
 
 impl World {
@@ -70,20 +85,45 @@ impl World {
     fn create_endpoint(&self) -> Result<Endpoint> {
         let rec = self
             .cli(&[
-                "ops", "endpoint", "create", "--type", "ssh", "--app", APP, "--customer", CUSTOMER, "--origin-resource-id", RESOURCE,
-                "--ttl", "2h", "--wait",
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "ssh",
+                "--app",
+                APP,
+                "--customer",
+                CUSTOMER,
+                "--origin-resource-id",
+                RESOURCE,
+                "--ttl",
+                "2h",
+                "--wait",
             ])?
             .ok()?;
         assert_eq!(rec["state"], "active", "{rec}");
-        let command = rec["ssh_command"].as_str().ok_or_else(|| anyhow!("no ssh_command in {rec}"))?;
-        let config = PathBuf::from(rec["ssh_config"].as_str().ok_or_else(|| anyhow!("no ssh_config in {rec}"))?);
+        let command = rec["ssh_command"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no ssh_command in {rec}"))?;
+        let config = PathBuf::from(
+            rec["ssh_config"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no ssh_config in {rec}"))?,
+        );
         let alias = command.rsplit(' ').next().unwrap_or_default().to_string();
         assert_eq!(command, format!("ssh -F {} {alias}", config.display()));
-        Ok(Endpoint { id: rec["id"].as_str().unwrap_or_default().to_string(), config, alias })
+        Ok(Endpoint {
+            id: rec["id"].as_str().unwrap_or_default().to_string(),
+            config,
+            alias,
+        })
     }
 
     fn audit(&self) -> Result<Vec<Value>> {
-        Ok(self.gw.cli(&["audit", "list"])?.ok()?["records"].as_array().cloned().unwrap_or_default())
+        Ok(self.gw.cli(&["audit", "list"])?.ok()?["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     fn log(&self) -> String {
@@ -114,7 +154,11 @@ impl Endpoint {
     /// Stock ssh with the written config: `ssh -F config [opts] alias [command]`.
     fn ssh(&self, opts: &[&str], command: Option<&str>) -> Command {
         let mut c = Command::new("ssh");
-        c.arg("-F").arg(&self.config).args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]).args(opts).arg(&self.alias);
+        c.arg("-F")
+            .arg(&self.config)
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
+            .args(opts)
+            .arg(&self.alias);
         if let Some(cmd) = command {
             c.arg("--").arg(cmd);
         }
@@ -126,7 +170,11 @@ impl Endpoint {
 
 fn run(c: &mut Command) -> Result<(Option<i32>, String, String)> {
     let out = c.output()?;
-    Ok((out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 #[test]
@@ -134,7 +182,10 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     let w = world(None)?;
     let ep = w.create_endpoint()?;
     let key = std::fs::metadata(w.home.join(".ssh/postern").join(format!("{}.key", ep.id)))?;
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
 
     // Exec and exit codes; the login upstream is the configured user whatever was typed.
     let (code, out, err) = run(&mut ep.ssh(&[], Some("whoami; exit 3")))?;
@@ -149,55 +200,118 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     // Strict key exchange is negotiated (OpenSSH logs it at -vvv).
     let (code, _, err) = run(&mut ep.ssh(&["-vvv"], Some("true")))?;
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("strict KEX"), "no strict kex in the client's debug log");
+    assert!(
+        err.contains("strict KEX"),
+        "no strict kex in the client's debug log"
+    );
 
     // 64 MiB of output, byte for byte; and 8 MiB of input through stdin.
     let data = pattern(64 * 1024 * 1024, 0x55aa);
     let file = w.dir.path().join("big.bin");
     std::fs::write(&file, &data)?;
-    std::fs::set_permissions(w.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(
+        w.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    let out = ep.ssh(&[], Some(&format!("cat {}", file.display()))).output()?;
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ep
+        .ssh(&[], Some(&format!("cat {}", file.display())))
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout.len(), data.len());
     assert!(out.stdout == data, "64 MiB came back altered");
     let input = pattern(8 * 1024 * 1024, 7);
-    let mut child = ep.ssh(&[], Some("sha256sum")).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+    let mut child = ep
+        .ssh(&[], Some("sha256sum"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
     let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
     let feeder = std::thread::spawn(move || stdin.write_all(&input));
     let out = child.wait_with_output()?;
     feeder.join().map_err(|_| anyhow!("feeder panicked"))??;
     let want = hex(ring_sha256(&pattern(8 * 1024 * 1024, 7)));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&want),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // Environment beyond TERM/LANG is refused (the private sshd would accept FOO and LANG).
-    let (code, out, err) = run(&mut ep.ssh(&["-o", "SetEnv=FOO=bar LANG=C.UTF-8"], Some("echo ${FOO:-unset} ${LANG:-unset}")))?;
-    assert_eq!(out.trim(), "unset C.UTF-8", "exit {code:?}, stderr {err}\n{}", w.log());
+    let (code, out, err) = run(&mut ep.ssh(
+        &["-o", "SetEnv=FOO=bar LANG=C.UTF-8"],
+        Some("echo ${FOO:-unset} ${LANG:-unset}"),
+    ))?;
+    assert_eq!(
+        out.trim(),
+        "unset C.UTF-8",
+        "exit {code:?}, stderr {err}\n{}",
+        w.log()
+    );
 
     // Forwarding of every kind is refused with OpenSSH's usual messages.
     let (code, _, err) = run(&mut ep.ssh(&["-W", "127.0.0.1:22"], None))?;
     assert_eq!(code, Some(255));
     assert!(err.contains("administratively prohibited"), "-W: {err}");
-    let (code, _, err) = run(&mut ep.ssh(&["-o", "ExitOnForwardFailure=yes", "-N", "-R", "127.0.0.1:0:127.0.0.1:22"], None))?;
+    let (code, _, err) = run(&mut ep.ssh(
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+            "-R",
+            "127.0.0.1:0:127.0.0.1:22",
+        ],
+        None,
+    ))?;
     assert_eq!(code, Some(255));
     assert!(err.contains("remote port forwarding failed"), "-R: {err}");
     // -A asks only when there is a local agent to forward: run one for this test.
     let sock = w.dir.path().join("agent.sock");
-    let mut ssh_agent = Command::new("ssh-agent").arg("-D").arg("-a").arg(&sock).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-    assert!(wait_until(Duration::from_secs(10), || sock.exists()), "ssh-agent did not start");
-    let (_, out, _) = run(ep.ssh(&["-A"], Some("echo ${SSH_AUTH_SOCK:-no-agent}")).env("SSH_AUTH_SOCK", &sock))?;
+    let mut ssh_agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    assert!(
+        wait_until(Duration::from_secs(10), || sock.exists()),
+        "ssh-agent did not start"
+    );
+    let (_, out, _) = run(ep
+        .ssh(&["-A"], Some("echo ${SSH_AUTH_SOCK:-no-agent}"))
+        .env("SSH_AUTH_SOCK", &sock))?;
     terminate(&mut ssh_agent, Duration::from_secs(2));
     assert_eq!(out.trim(), "no-agent");
-    let (_, out, err) = run(ep.ssh(&["-X", "-o", "ForwardX11Trusted=yes"], Some("echo ${DISPLAY:-no-display}")).env("DISPLAY", "127.0.0.1:7"))?;
+    let (_, out, err) = run(ep
+        .ssh(
+            &["-X", "-o", "ForwardX11Trusted=yes"],
+            Some("echo ${DISPLAY:-no-display}"),
+        )
+        .env("DISPLAY", "127.0.0.1:7"))?;
     assert_eq!(out.trim(), "no-display");
     assert!(err.contains("X11 forwarding request failed"), "-X: {err}");
     // -L and -D open their listener locally; a connection through it is refused by the gateway.
     for flag in ["-L", "-D"] {
         let port = free_port()?;
-        let spec = if flag == "-L" { format!("127.0.0.1:{port}:{}", w.sshd.addr) } else { format!("127.0.0.1:{port}") };
-        let mut child = ep.ssh(&["-N", flag, &spec], None).stderr(Stdio::piped()).spawn()?;
+        let spec = if flag == "-L" {
+            format!("127.0.0.1:{port}:{}", w.sshd.addr)
+        } else {
+            format!("127.0.0.1:{port}")
+        };
+        let mut child = ep
+            .ssh(&["-N", flag, &spec], None)
+            .stderr(Stdio::piped())
+            .spawn()?;
         let stderr = drain(child.stderr.take());
-        let listening = wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let listening = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         if listening {
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -211,9 +325,19 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
             }
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
-            assert!(!buf.starts_with(b"SSH-2.0-"), "{flag}: the forwarded connection reached sshd");
+            assert!(
+                !buf.starts_with(b"SSH-2.0-"),
+                "{flag}: the forwarded connection reached sshd"
+            );
         }
-        assert!(wait_until(Duration::from_secs(10), || stderr.lock().map(|s| s.contains("administratively prohibited")).unwrap_or(false)), "{flag}: {:?}", stderr.lock().map(|s| s.clone()));
+        assert!(
+            wait_until(Duration::from_secs(10), || stderr
+                .lock()
+                .map(|s| s.contains("administratively prohibited"))
+                .unwrap_or(false)),
+            "{flag}: {:?}",
+            stderr.lock().map(|s| s.clone())
+        );
         terminate(&mut child, Duration::from_secs(2));
     }
     // File transfer is off unless the resource allows sftp: sftp-based and legacy scp fail.
@@ -223,26 +347,55 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
         if legacy {
             scp.arg("-O");
         }
-        let out = scp.arg(&file).arg(format!("{}:/tmp/postern-scp-{}", ep.alias, std::process::id())).stdin(Stdio::null()).output()?;
+        let out = scp
+            .arg(&file)
+            .arg(format!(
+                "{}:/tmp/postern-scp-{}",
+                ep.alias,
+                std::process::id()
+            ))
+            .stdin(Stdio::null())
+            .output()?;
         assert!(!out.status.success(), "scp (legacy: {legacy}) went through");
     }
-    let denied: Vec<Value> = w.audit()?.into_iter().filter(|r| r["kind"] == "denied").collect();
-    for action in ["port-forwarding", "remote-forwarding", "x11-forwarding", "agent-forwarding", "env", "subsystem", "exec"] {
-        assert!(denied.iter().any(|r| r["detail"]["action"] == action), "no denied {action} in {denied:?}");
+    let denied: Vec<Value> = w
+        .audit()?
+        .into_iter()
+        .filter(|r| r["kind"] == "denied")
+        .collect();
+    for action in [
+        "port-forwarding",
+        "remote-forwarding",
+        "x11-forwarding",
+        "agent-forwarding",
+        "env",
+        "subsystem",
+        "exec",
+    ] {
+        assert!(
+            denied.iter().any(|r| r["detail"]["action"] == action),
+            "no denied {action} in {denied:?}"
+        );
     }
 
     // Exec audited with its command line and exit status, in both trails.
     let records = w.audit()?;
-    assert!(records.iter().any(|r| r["kind"] == "ssh.exec" && r["detail"]["command"] == "whoami; exit 3" && r["detail"]["exit_status"] == 3));
+    assert!(records.iter().any(|r| r["kind"] == "ssh.exec"
+        && r["detail"]["command"] == "whoami; exit 3"
+        && r["detail"]["exit_status"] == 3));
     let trail = w.agent.trail()?;
-    assert!(trail.iter().any(|r| r["kind"] == "ssh.exec" && r["detail"]["command"] == "whoami; exit 3" && r["detail"]["exit_status"] == 3));
+    assert!(trail.iter().any(|r| r["kind"] == "ssh.exec"
+        && r["detail"]["command"] == "whoami; exit 3"
+        && r["detail"]["exit_status"] == 3));
     assert_eq!(w.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     assert_eq!(w.agent.verify_trail()?.ok()?["ok"], true);
     Ok(())
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn drain(r: Option<impl Read + Send + 'static>) -> Arc<Mutex<String>> {
@@ -265,17 +418,25 @@ fn drain(r: Option<impl Read + Send + 'static>) -> Arc<Mutex<String>> {
 }
 
 fn ring_sha256(b: &[u8]) -> Vec<u8> {
-    let out = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
-        if let Some(mut i) = c.stdin.take() {
-            i.write_all(b)?;
-        }
-        c.wait_with_output()
-    });
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            if let Some(mut i) = c.stdin.take() {
+                i.write_all(b)?;
+            }
+            c.wait_with_output()
+        });
     out.map(|o| o.stdout).unwrap_or_default()
 }
 
 fn hex(sha256sum_output: Vec<u8>) -> String {
-    String::from_utf8_lossy(&sha256sum_output).split_whitespace().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&sha256sum_output)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// An interactive session under a pty, fed from stdin; then the recording replays it.
@@ -283,13 +444,32 @@ fn hex(sha256sum_output: Vec<u8>) -> String {
 fn interactive_session_is_recorded_and_plays_back() -> Result<()> {
     let w = world(None)?;
     let ep = w.create_endpoint()?;
-    let mut child = ep.ssh(&["-tt"], None).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = ep
+        .ssh(&["-tt"], None)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let out = drain(child.stdout.take());
     let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
     // Wait for a prompt-ish first output, then type.
-    assert!(wait_until(Duration::from_secs(20), || out.lock().map(|s| !s.is_empty()).unwrap_or(false)), "no shell output\n{}", w.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || out
+            .lock()
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)),
+        "no shell output\n{}",
+        w.log()
+    );
     stdin.write_all(b"echo marker-$((6*7)); whoami; stty size\n")?;
-    assert!(wait_until(Duration::from_secs(20), || out.lock().map(|s| s.contains("marker-42")).unwrap_or(false)), "{:?}", out.lock().map(|s| s.clone()));
+    assert!(
+        wait_until(Duration::from_secs(20), || out
+            .lock()
+            .map(|s| s.contains("marker-42"))
+            .unwrap_or(false)),
+        "{:?}",
+        out.lock().map(|s| s.clone())
+    );
     stdin.write_all(b"exit\n")?;
     let status = wait_exit(&mut child, Duration::from_secs(20))?;
     assert_eq!(status, Some(0));
@@ -300,7 +480,11 @@ fn interactive_session_is_recorded_and_plays_back() -> Result<()> {
     let session = {
         let mut sid = None;
         wait_until(Duration::from_secs(10), || {
-            sid = w.audit().ok().and_then(|rs| rs.into_iter().find(|r| r["kind"] == "ssh.recording").and_then(|r| r["session_id"].as_str().map(String::from)));
+            sid = w.audit().ok().and_then(|rs| {
+                rs.into_iter()
+                    .find(|r| r["kind"] == "ssh.recording")
+                    .and_then(|r| r["session_id"].as_str().map(String::from))
+            });
             sid.is_some()
         });
         sid.ok_or_else(|| anyhow!("no ssh.recording in the vendor trail"))?
@@ -308,9 +492,16 @@ fn interactive_session_is_recorded_and_plays_back() -> Result<()> {
     let played = w.gw.cli(&["audit", "play", &session])?.ok()?;
     let output = played["output"].as_str().unwrap_or_default();
     let input = played["input"].as_str().unwrap_or_default();
-    assert!(output.contains("marker-42") && output.contains(USER), "{output}");
+    assert!(
+        output.contains("marker-42") && output.contains(USER),
+        "{output}"
+    );
     assert!(input.contains("echo marker-$((6*7))"), "{input}");
-    assert_eq!(played["operator"].as_str().map(|s| !s.is_empty()), Some(true), "{played}");
+    assert_eq!(
+        played["operator"].as_str().map(|s| !s.is_empty()),
+        Some(true),
+        "{played}"
+    );
     // Replayed in a terminal (text mode): the same bytes reach stdout.
     let replay = Command::new(bin("postern")?)
         .args(["audit", "play", &session, "--idle-limit", "0s"])
@@ -318,11 +509,21 @@ fn interactive_session_is_recorded_and_plays_back() -> Result<()> {
         .env("POSTERN_TOKEN", &w.gw.admin_token)
         .env("POSTERN_CA_FILE", &w.gw.ca_file)
         .output()?;
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&replay.stdout), output);
     let trail = w.agent.trail()?;
-    let rec = trail.iter().find(|r| r["kind"] == "ssh.recording").ok_or_else(|| anyhow!("no ssh.recording in the customer trail"))?;
-    assert!(rec["detail"]["cast"].as_str().unwrap_or_default().contains("marker-42"));
+    let rec = trail
+        .iter()
+        .find(|r| r["kind"] == "ssh.recording")
+        .ok_or_else(|| anyhow!("no ssh.recording in the customer trail"))?;
+    assert!(rec["detail"]["cast"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("marker-42"));
     assert_eq!(rec["session_id"].as_str(), Some(session.as_str()));
     Ok(())
 }
@@ -345,21 +546,42 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Result<Option<i32>> {
 fn retire_cuts_a_live_top_and_the_key_stops_working() -> Result<()> {
     let w = world(None)?;
     let ep = w.create_endpoint()?;
-    let mut child = ep.ssh(&["-tt"], Some("top")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = ep
+        .ssh(&["-tt"], Some("top"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let _stdin = child.stdin.take();
     let out = drain(child.stdout.take());
     let err = drain(child.stderr.take());
-    assert!(wait_until(Duration::from_secs(20), || out.lock().map(|s| s.contains("load average")).unwrap_or(false)), "top never drew\n{}", w.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || out
+            .lock()
+            .map(|s| s.contains("load average"))
+            .unwrap_or(false)),
+        "top never drew\n{}",
+        w.log()
+    );
     let retired = w.gw.cli(&["ops", "endpoint", "retire", &ep.id])?.ok()?;
     let t0 = Instant::now();
     assert_eq!(retired["state"], "retired");
     let status = wait_exit(&mut child, Duration::from_secs(10))?;
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(2), "the session stayed up {took:?} after retire");
+    assert!(
+        took < Duration::from_secs(2),
+        "the session stayed up {took:?} after retire"
+    );
     assert_eq!(status, Some(255), "{:?}", err.lock().map(|s| s.clone()));
     // The agent ended the upstream session too.
     assert!(
-        wait_until(Duration::from_secs(10), || w.agent.trail().map(|t| t.iter().any(|r| r["kind"] == "session.closed" && r["detail"]["reason"] == "retired")).unwrap_or(false)),
+        wait_until(Duration::from_secs(10), || w
+            .agent
+            .trail()
+            .map(|t| t
+                .iter()
+                .any(|r| r["kind"] == "session.closed" && r["detail"]["reason"] == "retired"))
+            .unwrap_or(false)),
         "no session.closed(retired) in the customer trail"
     );
     // The old key no longer authenticates.
@@ -380,11 +602,21 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     assert!(!out.contains("reached"));
     assert!(err.contains("host key"), "{err}");
     let trail = w.agent.trail()?;
-    assert!(trail.iter().any(|r| r["kind"] == "denied" && r["detail"]["reason"] == "host key mismatch"), "{trail:?}");
+    assert!(
+        trail
+            .iter()
+            .any(|r| r["kind"] == "denied" && r["detail"]["reason"] == "host key mismatch"),
+        "{trail:?}"
+    );
 
     // A client that connects and never authenticates is dropped after the grace time (10 s).
     let config = std::fs::read_to_string(&ep.config)?;
-    let port: u16 = config.lines().find_map(|l| l.trim().strip_prefix("Port ")).ok_or_else(|| anyhow!("no Port in {config}"))?.trim().parse()?;
+    let port: u16 = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Port "))
+        .ok_or_else(|| anyhow!("no Port in {config}"))?
+        .trim()
+        .parse()?;
     let mut idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
     idle.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut banner = [0u8; 8];
@@ -392,7 +624,13 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     assert_eq!(&banner, b"SSH-2.0-");
     let mut rest = Vec::new();
     let ended = idle.read_to_end(&mut rest);
-    assert!(ended.is_ok() || ended.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset), "{ended:?}");
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?}"
+    );
     Ok(())
 }
 
@@ -407,9 +645,18 @@ fn gateway_restart_keeps_the_host_key_and_the_endpoint() -> Result<()> {
     let (api, relay) = (w.gw.api, w.gw.relay);
     w.gw.stop();
     w.gw = Gateway::start_on(&w.dir.path().join("gw"), api, relay)?;
-    assert!(w.gw.wait_online(&w.agent.appliance_id, Duration::from_secs(40)), "agent did not reconnect\n{}", w.log());
+    assert!(
+        w.gw.wait_online(&w.agent.appliance_id, Duration::from_secs(40)),
+        "agent did not reconnect\n{}",
+        w.log()
+    );
     let (code, out, err) = run(&mut ep.ssh(&[], Some("echo after-restart")))?;
-    assert_eq!((code, out.trim()), (Some(0), "after-restart"), "{err}\n{}", w.log());
+    assert_eq!(
+        (code, out.trim()),
+        (Some(0), "after-restart"),
+        "{err}\n{}",
+        w.log()
+    );
     Ok(())
 }
 
@@ -422,9 +669,28 @@ fn sftp_works_where_the_resource_allows_it() -> Result<()> {
     let local = w.dir.path().join("up.bin");
     std::fs::write(&local, &data)?;
     let remote = format!("/tmp/postern-sftp-{}", std::process::id());
-    let out = Command::new("scp").arg("-F").arg(&ep.config).args(["-o", "BatchMode=yes"]).arg(&local).arg(format!("{}:{remote}", ep.alias)).stdin(Stdio::null()).output()?;
-    assert!(out.status.success(), "scp: {}\n{}", String::from_utf8_lossy(&out.stderr), w.log());
-    let back = ep.ssh(&[], Some(&format!("cat {remote}; stat -c %U {remote} >&2; rm -f {remote}"))).output()?;
+    let out = Command::new("scp")
+        .arg("-F")
+        .arg(&ep.config)
+        .args(["-o", "BatchMode=yes"])
+        .arg(&local)
+        .arg(format!("{}:{remote}", ep.alias))
+        .stdin(Stdio::null())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "scp: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.log()
+    );
+    let back = ep
+        .ssh(
+            &[],
+            Some(&format!(
+                "cat {remote}; stat -c %U {remote} >&2; rm -f {remote}"
+            )),
+        )
+        .output()?;
     assert!(back.stdout == data, "the uploaded file differs");
     assert_eq!(String::from_utf8_lossy(&back.stderr).trim(), USER);
     Ok(())
@@ -437,9 +703,23 @@ fn pty_size_and_window_changes_reach_the_vm() -> Result<()> {
     let w = world(None)?;
     let ep = w.create_endpoint()?;
     let (mut master, mut slave) = (0, 0);
-    let mut size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: openpty writes two fds we then own; the pointers are valid for the call.
-    if unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) } != 0 {
+    if unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    } != 0
+    {
         bail!("openpty: {}", std::io::Error::last_os_error());
     }
     // SAFETY: fresh fds from openpty, owned here only.
@@ -452,11 +732,25 @@ fn pty_size_and_window_changes_reach_the_vm() -> Result<()> {
         .stderr(Stdio::from(slave))
         .spawn()?;
     let out = drain(Some(std::fs::File::from(master.try_clone()?)));
-    assert!(wait_until(Duration::from_secs(20), || out.lock().map(|s| s.contains("24 80")).unwrap_or(false)), "{:?}\n{}", out.lock().map(|s| s.clone()), w.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || out
+            .lock()
+            .map(|s| s.contains("24 80"))
+            .unwrap_or(false)),
+        "{:?}\n{}",
+        out.lock().map(|s| s.clone()),
+        w.log()
+    );
     size.ws_row = 40;
     size.ws_col = 120;
     // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
-    unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&master), libc::TIOCSWINSZ, &size) };
+    unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&master),
+            libc::TIOCSWINSZ,
+            &size,
+        )
+    };
     // ssh has no controlling terminal here, so tell it the way the kernel would.
     let changed = wait_until(Duration::from_secs(20), || {
         // SAFETY: signalling our own child by PID.
@@ -464,11 +758,25 @@ fn pty_size_and_window_changes_reach_the_vm() -> Result<()> {
         out.lock().map(|s| s.contains("40 120")).unwrap_or(false)
     });
     let status = wait_exit(&mut child, Duration::from_secs(30))?;
-    assert!(changed, "the window change never reached the VM: {:?}", out.lock().map(|s| s.clone()));
+    assert!(
+        changed,
+        "the window change never reached the VM: {:?}",
+        out.lock().map(|s| s.clone())
+    );
     assert_eq!(status, Some(0));
     // The recording keeps the resize.
     let resized = wait_until(Duration::from_secs(10), || {
-        w.audit().map(|rs| rs.iter().any(|r| r["kind"] == "ssh.recording" && r["detail"]["cast"].as_str().unwrap_or_default().contains("\"r\",\"120x40\""))).unwrap_or(false)
+        w.audit()
+            .map(|rs| {
+                rs.iter().any(|r| {
+                    r["kind"] == "ssh.recording"
+                        && r["detail"]["cast"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .contains("\"r\",\"120x40\"")
+                })
+            })
+            .unwrap_or(false)
     });
     assert!(resized, "no resize event in the recording");
     Ok(())

@@ -179,12 +179,20 @@ impl Ca {
     /// Signs an endpoint client's CSR (kubectl): only its public key is taken, after proof of
     /// possession. CN = `common_name`, EKU clientAuth, valid now-1min .. `not_after` (the
     /// endpoint's expiry), so the certificate dies with the endpoint.
-    pub fn sign_client_csr(&self, csr_pem: &str, common_name: &str, now: Timestamp, not_after: Timestamp) -> Result<String, CertError> {
+    pub fn sign_client_csr(
+        &self,
+        csr_pem: &str,
+        common_name: &str,
+        now: Timestamp,
+        not_after: Timestamp,
+    ) -> Result<String, CertError> {
         let public_key = SubjectPublicKeyInfo::from_der(&verified_csr_spki(csr_pem)?)?;
         let mut params = leaf_params(common_name, now, time::Duration::minutes(1), Duration::ZERO)?;
         params.not_after = to_time(not_after)?;
         if params.not_after <= params.not_before {
-            return Err(CertError::Validity(format!("not_after {not_after} is not after not_before")));
+            return Err(CertError::Validity(format!(
+                "not_after {not_after} is not after not_before"
+            )));
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         Ok(params.signed_by(&public_key, &self.issuer)?.pem())
@@ -193,23 +201,29 @@ impl Ca {
 
 /// The DER SubjectPublicKeyInfo of a CSR whose signature verifies.
 pub fn verified_csr_spki(csr_pem: &str) -> Result<Vec<u8>, CertError> {
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| CertError::InvalidCsr(e.to_string()))?;
-    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| CertError::InvalidCsr(e.to_string()))?;
-    csr.verify_signature().map_err(|e| CertError::InvalidCsr(format!("signature does not verify: {e}")))?;
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
+    let (_, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
+    csr.verify_signature()
+        .map_err(|e| CertError::InvalidCsr(format!("signature does not verify: {e}")))?;
     Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
 /// The DER SubjectPublicKeyInfo of a CSR, unverified (matching a presented certificate
 /// against CSRs that were verified when they were accepted).
 pub fn csr_spki(csr_pem: &str) -> Result<Vec<u8>, CertError> {
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| CertError::InvalidCsr(e.to_string()))?;
-    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| CertError::InvalidCsr(e.to_string()))?;
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
+    let (_, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
     Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
 /// The DER SubjectPublicKeyInfo of a DER certificate.
 pub fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, CertError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| CertError::Pem(format!("certificate: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::Pem(format!("certificate: {e}")))?;
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 

@@ -13,7 +13,10 @@ pub use ca::{cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, I
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;
-pub use tls::{client_config, pinned_client_config, server_config, upstream_client_config, ClientAuth, ServerCheck};
+pub use tls::{
+    client_config, pinned_client_config, server_config, upstream_client_config, ClientAuth,
+    ServerCheck,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {

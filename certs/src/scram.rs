@@ -75,7 +75,10 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 fn key32(s: &str) -> Result<[u8; 32], ScramError> {
-    B64.decode(s).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).ok_or(ScramError::BadVerifier)
+    B64.decode(s)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or(ScramError::BadVerifier)
 }
 
 impl Verifier {
@@ -85,7 +88,13 @@ impl Verifier {
         let iterations = iterations.clamp(1, MAX_ITERATIONS);
         let mut salted = [0u8; 32];
         let n = NonZeroU32::new(iterations).unwrap_or(NonZeroU32::MIN);
-        pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, n, salt, password.as_bytes(), &mut salted);
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            n,
+            salt,
+            password.as_bytes(),
+            &mut salted,
+        );
         let client_key = hmac256(&salted, &[b"Client Key"]);
         Verifier {
             iterations,
@@ -98,12 +107,16 @@ impl Verifier {
     /// A verifier with a fresh random 16-byte salt.
     pub fn generate(password: &str) -> Result<Verifier, ScramError> {
         let mut salt = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt).map_err(|_| ScramError::BadVerifier)?;
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+            .map_err(|_| ScramError::BadVerifier)?;
         Ok(Verifier::from_password(password, &salt, DEFAULT_ITERATIONS))
     }
 
     pub fn parse(s: &str) -> Result<Verifier, ScramError> {
-        let rest = s.strip_prefix(MECHANISM).and_then(|r| r.strip_prefix('$')).ok_or(ScramError::BadVerifier)?;
+        let rest = s
+            .strip_prefix(MECHANISM)
+            .and_then(|r| r.strip_prefix('$'))
+            .ok_or(ScramError::BadVerifier)?;
         let (params, keys) = rest.split_once('$').ok_or(ScramError::BadVerifier)?;
         let (iter, salt) = params.split_once(':').ok_or(ScramError::BadVerifier)?;
         let (stored, server) = keys.split_once(':').ok_or(ScramError::BadVerifier)?;
@@ -115,20 +128,33 @@ impl Verifier {
         if salt.is_empty() {
             return Err(ScramError::BadVerifier);
         }
-        Ok(Verifier { iterations, salt, stored_key: key32(stored)?, server_key: key32(server)? })
+        Ok(Verifier {
+            iterations,
+            salt,
+            stored_key: key32(stored)?,
+            server_key: key32(server)?,
+        })
     }
 
     /// Does `password` match? Constant time in the comparison.
     pub fn matches(&self, password: &str) -> bool {
         let other = Verifier::from_password(password, &self.salt, self.iterations);
-        bool::from(other.stored_key.ct_eq(&self.stored_key) & other.server_key.ct_eq(&self.server_key))
+        bool::from(
+            other.stored_key.ct_eq(&self.stored_key) & other.server_key.ct_eq(&self.server_key),
+        )
     }
 }
 
 #[derive(Debug)]
 enum State {
     Initial,
-    SentFirst { client_first_bare: String, gs2_header: String, nonce: String, server_first: String, plus: bool },
+    SentFirst {
+        client_first_bare: String,
+        gs2_header: String,
+        nonce: String,
+        server_first: String,
+        plus: bool,
+    },
     Done,
 }
 
@@ -143,7 +169,9 @@ pub struct ScramServer {
 
 impl fmt::Debug for ScramServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScramServer").field("state", &self.state).finish_non_exhaustive()
+        f.debug_struct("ScramServer")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
     }
 }
 
@@ -152,8 +180,17 @@ fn printable(s: &str) -> bool {
 }
 
 impl ScramServer {
-    pub fn new(verifier: Verifier, nonce_bytes: &[u8], tls_server_end_point: Option<Vec<u8>>) -> ScramServer {
-        ScramServer { verifier, server_nonce: B64.encode(nonce_bytes), end_point: tls_server_end_point, state: State::Initial }
+    pub fn new(
+        verifier: Verifier,
+        nonce_bytes: &[u8],
+        tls_server_end_point: Option<Vec<u8>>,
+    ) -> ScramServer {
+        ScramServer {
+            verifier,
+            server_nonce: B64.encode(nonce_bytes),
+            end_point: tls_server_end_point,
+            state: State::Initial,
+        }
     }
 
     /// What to offer in AuthenticationSASL, preferred first.
@@ -177,35 +214,57 @@ impl ScramServer {
             _ => return Err(ScramError::Protocol("unsupported SASL mechanism")),
         };
         let msg = std::str::from_utf8(data).map_err(|_| ScramError::Protocol("not UTF-8"))?;
-        let (cbind, rest) = msg.split_once(',').ok_or(ScramError::Protocol("no GS2 header"))?;
+        let (cbind, rest) = msg
+            .split_once(',')
+            .ok_or(ScramError::Protocol("no GS2 header"))?;
         match (cbind, plus) {
             ("n", false) => {}
             // The client could bind but believes we cannot: true unless we offered -PLUS,
             // in which case someone in between stripped it (PostgreSQL refuses likewise).
             ("y", false) if self.end_point.is_none() => {}
-            ("y", false) => return Err(ScramError::ChannelBinding("the client was told the server cannot bind")),
+            ("y", false) => {
+                return Err(ScramError::ChannelBinding(
+                    "the client was told the server cannot bind",
+                ))
+            }
             ("p=tls-server-end-point", true) => {}
-            (c, _) if c.starts_with("p=") => return Err(ScramError::ChannelBinding("unsupported or unoffered binding type")),
+            (c, _) if c.starts_with("p=") => {
+                return Err(ScramError::ChannelBinding(
+                    "unsupported or unoffered binding type",
+                ))
+            }
             _ => return Err(ScramError::Protocol("bad GS2 channel binding flag")),
         }
-        let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Protocol("no GS2 header"))?;
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Protocol("no GS2 header"))?;
         if !authzid.is_empty() {
-            return Err(ScramError::Protocol("authorization identities are not supported"));
+            return Err(ScramError::Protocol(
+                "authorization identities are not supported",
+            ));
         }
         let gs2_header = format!("{cbind},,");
         let mut fields = bare.split(',');
         // The user name is ignored, as PostgreSQL does: the startup packet's user counts.
         let user = fields.next().unwrap_or_default();
         if !user.starts_with("n=") {
-            return Err(ScramError::Protocol("expected n= (extensions are not supported)"));
+            return Err(ScramError::Protocol(
+                "expected n= (extensions are not supported)",
+            ));
         }
-        let client_nonce = fields.next().and_then(|f| f.strip_prefix("r=")).ok_or(ScramError::Protocol("no client nonce"))?;
+        let client_nonce = fields
+            .next()
+            .and_then(|f| f.strip_prefix("r="))
+            .ok_or(ScramError::Protocol("no client nonce"))?;
         if !printable(client_nonce) {
             return Err(ScramError::Protocol("bad client nonce"));
         }
         let nonce = format!("{client_nonce}{}", self.server_nonce);
-        let server_first =
-            format!("r={nonce},s={},i={}", B64.encode(&self.verifier.salt), self.verifier.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&self.verifier.salt),
+            self.verifier.iterations
+        );
         self.state = State::SentFirst {
             client_first_bare: bare.to_string(),
             gs2_header,
@@ -218,23 +277,40 @@ impl ScramServer {
 
     /// Handles SASLResponse; returns server-final-message once the proof checks.
     pub fn client_final(&mut self, data: &[u8]) -> Result<String, ScramError> {
-        let State::SentFirst { client_first_bare, gs2_header, nonce, server_first, plus } =
-            std::mem::replace(&mut self.state, State::Done)
+        let State::SentFirst {
+            client_first_bare,
+            gs2_header,
+            nonce,
+            server_first,
+            plus,
+        } = std::mem::replace(&mut self.state, State::Done)
         else {
             return Err(ScramError::Protocol("unexpected client-final-message"));
         };
         let msg = std::str::from_utf8(data).map_err(|_| ScramError::Protocol("not UTF-8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Protocol("no proof"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Protocol("no proof"))?;
         let mut fields = without_proof.split(',');
-        let cb = fields.next().and_then(|f| f.strip_prefix("c=")).ok_or(ScramError::Protocol("no channel binding"))?;
-        let r = fields.next().and_then(|f| f.strip_prefix("r=")).ok_or(ScramError::Protocol("no nonce"))?;
+        let cb = fields
+            .next()
+            .and_then(|f| f.strip_prefix("c="))
+            .ok_or(ScramError::Protocol("no channel binding"))?;
+        let r = fields
+            .next()
+            .and_then(|f| f.strip_prefix("r="))
+            .ok_or(ScramError::Protocol("no nonce"))?;
         let mut expected_cb = gs2_header.into_bytes();
         if plus {
             expected_cb.extend_from_slice(self.end_point.as_deref().unwrap_or_default());
         }
-        let cb = B64.decode(cb).map_err(|_| ScramError::Protocol("bad channel binding encoding"))?;
+        let cb = B64
+            .decode(cb)
+            .map_err(|_| ScramError::Protocol("bad channel binding encoding"))?;
         if !bool::from(cb.ct_eq(&expected_cb)) {
-            return Err(ScramError::ChannelBinding("channel binding data does not match"));
+            return Err(ScramError::ChannelBinding(
+                "channel binding data does not match",
+            ));
         }
         if r != nonce {
             return Err(ScramError::Protocol("nonce mismatch"));
@@ -244,10 +320,19 @@ impl ScramServer {
             .ok()
             .and_then(|p| p.try_into().ok())
             .ok_or(ScramError::Protocol("bad proof"))?;
-        let auth_message = [client_first_bare.as_bytes(), b",", server_first.as_bytes(), b",", without_proof.as_bytes()];
+        let auth_message = [
+            client_first_bare.as_bytes(),
+            b",",
+            server_first.as_bytes(),
+            b",",
+            without_proof.as_bytes(),
+        ];
         let client_signature = hmac256(&self.verifier.stored_key, &auth_message);
         let mut client_key = [0u8; 32];
-        for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(client_signature.iter())) {
+        for (k, (p, s)) in client_key
+            .iter_mut()
+            .zip(proof.iter().zip(client_signature.iter()))
+        {
             *k = p ^ s;
         }
         if !bool::from(sha256(&client_key).ct_eq(&self.verifier.stored_key)) {

@@ -8,23 +8,65 @@ fn verifier(pw: &str) -> Verifier {
 }
 
 /// Runs a real client (postgres-protocol's, as tokio-postgres uses) against our server.
-fn exchange(stored: &str, client_pw: &str, binding: ChannelBinding, mechanism: &str, end_point: Option<Vec<u8>>) -> Result<(), String> {
+fn exchange(
+    stored: &str,
+    client_pw: &str,
+    binding: ChannelBinding,
+    mechanism: &str,
+    end_point: Option<Vec<u8>>,
+) -> Result<(), String> {
     let mut server = ScramServer::new(verifier(stored), NONCE, end_point);
     let mut client = ScramSha256::new(client_pw.as_bytes(), binding);
-    let first = server.client_first(mechanism, client.message()).map_err(|e| e.to_string())?;
-    client.update(first.as_bytes()).map_err(|e| format!("client update: {e}"))?;
-    let last = server.client_final(client.message()).map_err(|e| e.to_string())?;
-    client.finish(last.as_bytes()).map_err(|e| format!("client finish: {e}"))
+    let first = server
+        .client_first(mechanism, client.message())
+        .map_err(|e| e.to_string())?;
+    client
+        .update(first.as_bytes())
+        .map_err(|e| format!("client update: {e}"))?;
+    let last = server
+        .client_final(client.message())
+        .map_err(|e| e.to_string())?;
+    client
+        .finish(last.as_bytes())
+        .map_err(|e| format!("client finish: {e}"))
 }
 
 #[test]
 fn exchanges_with_a_real_client() {
     let cert_hash = vec![7u8; 32];
-    type Case = (&'static str, &'static str, ChannelBinding, &'static str, Option<Vec<u8>>, Result<(), String>);
+    type Case = (
+        &'static str,
+        &'static str,
+        ChannelBinding,
+        &'static str,
+        Option<Vec<u8>>,
+        Result<(), String>,
+    );
     let cases: Vec<Case> = vec![
-        ("right password, no binding", "pw", ChannelBinding::unsupported(), MECHANISM, None, Ok(())),
-        ("right password, client could bind", "pw", ChannelBinding::unrequested(), MECHANISM, None, Ok(())),
-        ("wrong password", "nope", ChannelBinding::unsupported(), MECHANISM, None, Err("password authentication failed".into())),
+        (
+            "right password, no binding",
+            "pw",
+            ChannelBinding::unsupported(),
+            MECHANISM,
+            None,
+            Ok(()),
+        ),
+        (
+            "right password, client could bind",
+            "pw",
+            ChannelBinding::unrequested(),
+            MECHANISM,
+            None,
+            Ok(()),
+        ),
+        (
+            "wrong password",
+            "nope",
+            ChannelBinding::unsupported(),
+            MECHANISM,
+            None,
+            Err("password authentication failed".into()),
+        ),
         (
             "tls-server-end-point binding",
             "pw",
@@ -108,14 +150,29 @@ fn protocol_violations_are_errors_not_panics() {
     for (name, msg) in first_cases {
         let mut s = ScramServer::new(verifier("pw"), NONCE, None);
         assert!(s.client_first(MECHANISM, msg).is_err(), "{name}");
-        assert!(s.client_final(b"c=biws,r=x,p=AAAA").is_err(), "{name}: no second chance");
+        assert!(
+            s.client_final(b"c=biws,r=x,p=AAAA").is_err(),
+            "{name}: no second chance"
+        );
     }
     let final_cases: Vec<(&str, String)> = vec![
         ("no proof", "c=biws,r=abc0123".into()),
         ("wrong binding", "c=eSws,r=abcMDEy,p=AAAA".into()),
-        ("wrong nonce", "c=biws,r=other,p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()),
-        ("short proof", format!("c=biws,r=abc{},p=AAAA", B64.encode(NONCE))),
-        ("bad proof", format!("c=biws,r=abc{},p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", B64.encode(NONCE))),
+        (
+            "wrong nonce",
+            "c=biws,r=other,p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
+        ),
+        (
+            "short proof",
+            format!("c=biws,r=abc{},p=AAAA", B64.encode(NONCE)),
+        ),
+        (
+            "bad proof",
+            format!(
+                "c=biws,r=abc{},p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                B64.encode(NONCE)
+            ),
+        ),
     ];
     for (name, msg) in final_cases {
         let mut s = ScramServer::new(verifier("pw"), NONCE, None);
@@ -130,7 +187,10 @@ fn protocol_violations_are_errors_not_panics() {
 fn end_point_hash_of_an_ecdsa_certificate() {
     let ca = crate::Ca::generate("test", jiff::Timestamp::now()).unwrap();
     let der = ca.cert_der();
-    assert_eq!(tls_server_end_point(&der).unwrap(), digest::digest(&digest::SHA256, &der).as_ref());
+    assert_eq!(
+        tls_server_end_point(&der).unwrap(),
+        digest::digest(&digest::SHA256, &der).as_ref()
+    );
     assert_eq!(tls_server_end_point(b"junk"), None);
 }
 

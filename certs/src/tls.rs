@@ -188,16 +188,22 @@ pub enum ServerCheck<'a> {
 /// still commonly stop at 1.2.
 pub fn upstream_client_config(check: ServerCheck<'_>) -> Result<ClientConfig, CertError> {
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let config = match check {
         ServerCheck::ChainAndName { ca_pem } => builder.with_root_certificates(roots(ca_pem)?),
         ServerCheck::Chain { ca_pem } => {
-            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider)
-                .build()
-                .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName { inner }))
+            let inner =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider)
+                    .build()
+                    .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyName { inner }))
         }
-        ServerCheck::EncryptOnly => builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+        ServerCheck::EncryptOnly => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
     };
     Ok(config.with_no_client_auth())
 }
@@ -218,7 +224,13 @@ impl ServerCertVerifier for AnyName {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // webpki checks the name last, after the chain, validity and usage have passed.
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -273,7 +285,12 @@ impl ServerCertVerifier for AnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -282,11 +299,18 @@ impl ServerCertVerifier for AnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

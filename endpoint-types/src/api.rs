@@ -154,7 +154,14 @@ pub enum EndpointAccess {
         namespace: Option<String>,
         cluster: String,
     },
-    Postgres { host: String, port: u16, database: String, user: String, tls_server_name: String, ca_pem: String },
+    Postgres {
+        host: String,
+        port: u16,
+        database: String,
+        user: String,
+        tls_server_name: String,
+        ca_pem: String,
+    },
     Ssh {
         host: String,
         port: u16,
@@ -350,7 +357,8 @@ impl<D: Serialize + ?Sized> ChainFields<'_, D> {
 }
 
 /// `prev_hash` of the first record of a trail.
-pub const AUDIT_GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub const AUDIT_GENESIS_HASH: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Checks a trail's hash chain: consecutive `seq` from 1, each `prev_hash` equal to the previous
 /// record's `hash`, each `hash` equal to `sha256_hex(chain_input)`. Returns the number of records,
@@ -416,7 +424,16 @@ mod chain_tests {
         r.session_id = Some("ses_\"1\"".into());
         r.detail = serde_json::json!({ "text": "select '\u{1b}[2J'\n", "b": [1, null], "a": true });
         let expected = serde_json::json!([
-            r.seq, r.time.to_string(), r.kind, r.actor, r.appliance_id, r.endpoint_id, r.session_id, r.op_id, r.detail, r.prev_hash,
+            r.seq,
+            r.time.to_string(),
+            r.kind,
+            r.actor,
+            r.appliance_id,
+            r.endpoint_id,
+            r.session_id,
+            r.op_id,
+            r.detail,
+            r.prev_hash,
         ]);
         assert_eq!(r.chain_input(), serde_json::to_vec(&expected).unwrap());
         let raw = serde_json::value::RawValue::from_string(r.detail.to_string()).unwrap();
@@ -471,7 +488,9 @@ mod credential_tests {
 
     #[test]
     fn credentials_are_redacted_in_debug() {
-        let c = ClientCredential::Postgres { scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:c2VydmVy".into() };
+        let c = ClientCredential::Postgres {
+            scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:c2VydmVy".into(),
+        };
         let shown = format!("{c:?}");
         assert_eq!(shown, "ClientCredential::Postgres(<redacted>)");
         assert!(!shown.contains("SCRAM"));

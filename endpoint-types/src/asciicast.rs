@@ -196,7 +196,11 @@ impl Recorder {
         let line = event_line(at, kind, data);
         if self.text.len() + line.len() + MARKER_ROOM > self.cap && kind != EventKind::Marker {
             self.truncated = true;
-            let marker = event_line(at, EventKind::Marker, &format!("truncated: recording cap of {} bytes reached", self.cap));
+            let marker = event_line(
+                at,
+                EventKind::Marker,
+                &format!("truncated: recording cap of {} bytes reached", self.cap),
+            );
             self.text.push_str(&marker);
             return;
         }
@@ -208,7 +212,12 @@ impl Recorder {
         self.event(at, EventKind::Output, &o);
         let i = self.inp.flush();
         self.event(at, EventKind::Input, &i);
-        Recording { cast: self.text, truncated: self.truncated, output_bytes: self.output_bytes, input_bytes: self.input_bytes }
+        Recording {
+            cast: self.text,
+            truncated: self.truncated,
+            output_bytes: self.output_bytes,
+            input_bytes: self.input_bytes,
+        }
     }
 }
 
@@ -242,21 +251,35 @@ pub enum CastError {
 
 /// Parses an asciicast v2 file. Unknown event kinds are skipped, as players do.
 pub fn parse(cast: &str) -> Result<(Header, Vec<Event>), CastError> {
-    let mut lines = cast.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = cast
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
     let (_, first) = lines.next().ok_or(CastError::NoHeader)?;
-    let header: Header = serde_json::from_str(first).map_err(|e| CastError::Header(e.to_string()))?;
+    let header: Header =
+        serde_json::from_str(first).map_err(|e| CastError::Header(e.to_string()))?;
     if header.version != 2 {
         return Err(CastError::Version(header.version));
     }
     let mut events = Vec::new();
     for (i, line) in lines {
-        let bad = |reason: &str| CastError::Event { line: i + 1, reason: reason.to_string() };
-        let (t, code, data): (f64, String, String) = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let bad = |reason: &str| CastError::Event {
+            line: i + 1,
+            reason: reason.to_string(),
+        };
+        let (t, code, data): (f64, String, String) =
+            serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
         if !t.is_finite() || t < 0.0 {
             return Err(bad("time is not a non-negative number"));
         }
-        let Some(kind) = EventKind::from_code(&code) else { continue };
-        events.push(Event { at: Duration::from_secs_f64(t.min(1e9)), kind, data });
+        let Some(kind) = EventKind::from_code(&code) else {
+            continue;
+        };
+        events.push(Event {
+            at: Duration::from_secs_f64(t.min(1e9)),
+            kind,
+            data,
+        });
     }
     Ok((header, events))
 }
@@ -271,7 +294,11 @@ pub struct Step {
 /// The replay schedule of the output events, with every pause shortened to `idle_limit`
 /// (as `asciinema play -i`) and the whole divided by `speed`.
 pub fn schedule(events: &[Event], idle_limit: Option<Duration>, speed: f64) -> Vec<Step> {
-    let speed = if speed.is_finite() && speed > 0.0 { speed } else { 1.0 };
+    let speed = if speed.is_finite() && speed > 0.0 {
+        speed
+    } else {
+        1.0
+    };
     let mut last = Duration::ZERO;
     let mut steps = Vec::new();
     for e in events.iter().filter(|e| e.kind == EventKind::Output) {
@@ -280,14 +307,21 @@ pub fn schedule(events: &[Event], idle_limit: Option<Duration>, speed: f64) -> V
         if let Some(limit) = idle_limit {
             gap = gap.min(limit);
         }
-        steps.push(Step { delay: gap.div_f64(speed), data: e.data.clone() });
+        steps.push(Step {
+            delay: gap.div_f64(speed),
+            data: e.data.clone(),
+        });
     }
     steps
 }
 
 /// All the data of one kind, concatenated (what was shown, or what was typed).
 pub fn transcript(events: &[Event], kind: EventKind) -> String {
-    events.iter().filter(|e| e.kind == kind).map(|e| e.data.as_str()).collect()
+    events
+        .iter()
+        .filter(|e| e.kind == kind)
+        .map(|e| e.data.as_str())
+        .collect()
 }
 
 #[cfg(test)]
@@ -323,12 +357,15 @@ mod tests {
         let (h, ev) = parse(&rec.cast).unwrap();
         assert_eq!(h, header());
         let kinds: Vec<_> = ev.iter().map(|e| (e.at, e.kind, e.data.as_str())).collect();
-        assert_eq!(kinds, vec![
-            (ms(0), EventKind::Output, "$ "),
-            (ms(500), EventKind::Input, "ls\r"),
-            (ms(510), EventKind::Output, "a  b\r\n"),
-            (ms(900), EventKind::Resize, "100x30"),
-        ]);
+        assert_eq!(
+            kinds,
+            vec![
+                (ms(0), EventKind::Output, "$ "),
+                (ms(500), EventKind::Input, "ls\r"),
+                (ms(510), EventKind::Output, "a  b\r\n"),
+                (ms(900), EventKind::Resize, "100x30"),
+            ]
+        );
         assert_eq!(transcript(&ev, EventKind::Output), "$ a  b\r\n");
     }
 
@@ -389,32 +426,71 @@ mod tests {
     #[test]
     fn schedule_keeps_gaps_limits_idle_and_scales() {
         let ev = vec![
-            Event { at: ms(0), kind: EventKind::Output, data: "a".into() },
-            Event { at: ms(300), kind: EventKind::Input, data: "x".into() },
-            Event { at: ms(500), kind: EventKind::Output, data: "b".into() },
-            Event { at: ms(10_500), kind: EventKind::Output, data: "c".into() },
+            Event {
+                at: ms(0),
+                kind: EventKind::Output,
+                data: "a".into(),
+            },
+            Event {
+                at: ms(300),
+                kind: EventKind::Input,
+                data: "x".into(),
+            },
+            Event {
+                at: ms(500),
+                kind: EventKind::Output,
+                data: "b".into(),
+            },
+            Event {
+                at: ms(10_500),
+                kind: EventKind::Output,
+                data: "c".into(),
+            },
         ];
         let steps = schedule(&ev, None, 1.0);
-        assert_eq!(steps.iter().map(|s| s.delay).collect::<Vec<_>>(), vec![ms(0), ms(500), ms(10_000)]);
+        assert_eq!(
+            steps.iter().map(|s| s.delay).collect::<Vec<_>>(),
+            vec![ms(0), ms(500), ms(10_000)]
+        );
         let steps = schedule(&ev, Some(ms(2000)), 2.0);
-        assert_eq!(steps.iter().map(|s| s.delay).collect::<Vec<_>>(), vec![ms(0), ms(250), ms(1000)]);
-        assert_eq!(steps.iter().map(|s| s.data.as_str()).collect::<String>(), "abc");
+        assert_eq!(
+            steps.iter().map(|s| s.delay).collect::<Vec<_>>(),
+            vec![ms(0), ms(250), ms(1000)]
+        );
+        assert_eq!(
+            steps.iter().map(|s| s.data.as_str()).collect::<String>(),
+            "abc"
+        );
     }
 
     #[test]
     fn parse_errors() {
         let table: &[(&str, CastError)] = &[
             ("", CastError::NoHeader),
-            ("{\"version\":1,\"width\":1,\"height\":1,\"timestamp\":0}", CastError::Version(1)),
-            ("{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[-1,\"o\",\"x\"]", CastError::Event { line: 2, reason: "time is not a non-negative number".into() }),
+            (
+                "{\"version\":1,\"width\":1,\"height\":1,\"timestamp\":0}",
+                CastError::Version(1),
+            ),
+            (
+                "{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[-1,\"o\",\"x\"]",
+                CastError::Event {
+                    line: 2,
+                    reason: "time is not a non-negative number".into(),
+                },
+            ),
         ];
         for (input, want) in table {
             assert_eq!(&parse(input).unwrap_err(), want, "{input:?}");
         }
         assert!(matches!(parse("nope"), Err(CastError::Header(_))));
-        assert!(matches!(parse("{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[1,2]"), Err(CastError::Event { line: 2, .. })));
+        assert!(matches!(
+            parse("{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[1,2]"),
+            Err(CastError::Event { line: 2, .. })
+        ));
         // Unknown kinds are skipped.
-        let (_, ev) = parse("{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[1,\"x\",\"y\"]").unwrap();
+        let (_, ev) =
+            parse("{\"version\":2,\"width\":1,\"height\":1,\"timestamp\":0}\n[1,\"x\",\"y\"]")
+                .unwrap();
         assert!(ev.is_empty());
     }
 

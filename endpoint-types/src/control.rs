@@ -108,8 +108,16 @@ pub enum OpTool {
 }
 
 impl OpTool {
-    pub const ALL: [OpTool; 8] =
-        [OpTool::Kubectl, OpTool::Psql, OpTool::Ssh, OpTool::Docker, OpTool::Aws, OpTool::Gcloud, OpTool::Az, OpTool::Doctl];
+    pub const ALL: [OpTool; 8] = [
+        OpTool::Kubectl,
+        OpTool::Psql,
+        OpTool::Ssh,
+        OpTool::Docker,
+        OpTool::Aws,
+        OpTool::Gcloud,
+        OpTool::Az,
+        OpTool::Doctl,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -175,7 +183,14 @@ impl OpState {
     }
 
     pub fn is_final(self) -> bool {
-        matches!(self, OpState::Completed | OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired)
+        matches!(
+            self,
+            OpState::Completed
+                | OpState::Failed
+                | OpState::Denied
+                | OpState::TimedOut
+                | OpState::Expired
+        )
     }
 }
 
@@ -264,5 +279,8 @@ pub struct Decision {
 
 /// What an approval needs to be bound to: used once, for exactly this.
 pub fn endpoint_summary(t: EndpointType, resource: &str, ttl_s: u64) -> String {
-    format!("{t} endpoint to {resource} for {}", crate::duration::format_duration(std::time::Duration::from_secs(ttl_s)))
+    format!(
+        "{t} endpoint to {resource} for {}",
+        crate::duration::format_duration(std::time::Duration::from_secs(ttl_s))
+    )
 }

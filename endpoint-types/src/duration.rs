@@ -12,7 +12,10 @@ pub struct DurationError {
 
 /// Parses `90s`, `30m`, `2h`, `1d`, `500ms` and concatenations like `1h30m`.
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
-    let err = |reason| DurationError { input: input.to_string(), reason };
+    let err = |reason| DurationError {
+        input: input.to_string(),
+        reason,
+    };
     let s = input.trim();
     if s.is_empty() {
         return Err(err("empty"));
@@ -58,7 +61,13 @@ pub fn format_duration(d: Duration) -> String {
         return "0s".into();
     }
     let mut out = String::new();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ] {
         if ms >= size {
             out.push_str(&format!("{}{}", ms / size, unit));
             ms %= size;
@@ -93,7 +102,9 @@ impl Serialize for HumanDuration {
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -117,7 +128,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "10", "m", "5x", "1.5h", "-1s", "99999999999999999999999d", "h5"] {
+        for bad in [
+            "",
+            "10",
+            "m",
+            "5x",
+            "1.5h",
+            "-1s",
+            "99999999999999999999999d",
+            "h5",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
     }

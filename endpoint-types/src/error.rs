@@ -123,7 +123,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), hint: String::new(), details: serde_json::Value::Null }
+        ApiError {
+            code,
+            message: message.into(),
+            hint: String::new(),
+            details: serde_json::Value::Null,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -173,7 +178,10 @@ mod tests {
         let e = ApiError::new(ErrorCode::InvalidOriginResourceId, "no such resource");
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["code"], "INVALID_ORIGIN_RESOURCE_ID");
-        assert_eq!(ErrorCode::InvalidOriginResourceId.as_str(), "INVALID_ORIGIN_RESOURCE_ID");
+        assert_eq!(
+            ErrorCode::InvalidOriginResourceId.as_str(),
+            "INVALID_ORIGIN_RESOURCE_ID"
+        );
         let back: ApiError = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
     }
@@ -182,12 +190,35 @@ mod tests {
     fn as_str_agrees_with_serde_for_every_code() {
         use ErrorCode::*;
         for c in [
-            ApprovalDenied, OperateAccessExpired, OperateAccessRequired, CommandTimeout, CommandFailed,
-            EndpointExpired, EndpointRetired, InvalidOriginResourceId, ApplianceOffline, ApplianceRevoked, TargetUnreachable,
-            ForbiddenByScope, InvalidRequest, Unauthenticated, Forbidden, NotFound, Conflict,
-            EnrollmentTokenInvalid, EnrollmentTokenExpired, EnrollmentTokenUsed, CaMismatch,
-            AuditChainBroken, FrameTooLarge, MalformedFrame, ProtocolVersion, SessionLimit,
-            GatewayUnreachable, DuplicateConnection, Internal,
+            ApprovalDenied,
+            OperateAccessExpired,
+            OperateAccessRequired,
+            CommandTimeout,
+            CommandFailed,
+            EndpointExpired,
+            EndpointRetired,
+            InvalidOriginResourceId,
+            ApplianceOffline,
+            ApplianceRevoked,
+            TargetUnreachable,
+            ForbiddenByScope,
+            InvalidRequest,
+            Unauthenticated,
+            Forbidden,
+            NotFound,
+            Conflict,
+            EnrollmentTokenInvalid,
+            EnrollmentTokenExpired,
+            EnrollmentTokenUsed,
+            CaMismatch,
+            AuditChainBroken,
+            FrameTooLarge,
+            MalformedFrame,
+            ProtocolVersion,
+            SessionLimit,
+            GatewayUnreachable,
+            DuplicateConnection,
+            Internal,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }

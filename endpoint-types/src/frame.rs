@@ -32,35 +32,65 @@ pub enum Frame {
     /// Gateway → agent, the answer to a hello the gateway accepts.
     HelloAck(HelloAck),
     /// Either way; the peer answers with `HeartbeatAck` carrying the same `seq`.
-    Heartbeat { seq: u64 },
-    HeartbeatAck { seq: u64 },
+    Heartbeat {
+        seq: u64,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
     /// Gateway → agent: the full set of live endpoints of this appliance (sent after the hello).
-    EndpointSync { endpoints: Vec<EndpointGrant> },
+    EndpointSync {
+        endpoints: Vec<EndpointGrant>,
+    },
     /// Gateway → agent: an endpoint became live.
     EndpointOpen(EndpointGrant),
     /// Gateway → agent: an endpoint ended; the agent cuts its sessions and refuses new ones.
-    EndpointClose { endpoint_id: String, reason: CloseReason },
+    EndpointClose {
+        endpoint_id: String,
+        reason: CloseReason,
+    },
     /// Gateway → agent: the appliance's live grants (the full set, after every change). The agent
     /// serves endpoint sessions and runs ops only under a live `operate` grant by its own clock.
-    GrantSync { grants: Vec<LiveGrant> },
+    GrantSync {
+        grants: Vec<LiveGrant>,
+    },
     /// Gateway → agent: run a one-off op. The agent checks its own policy and grants first.
     OpDispatch(OpDispatch),
     /// Agent → gateway: the op was refused in the appliance (policy, grant, tool, command).
-    OpRefused { op_id: String, error: ApiError },
+    OpRefused {
+        op_id: String,
+        error: ApiError,
+    },
     /// Agent → gateway: the op's process started.
-    OpStarted { op_id: String },
+    OpStarted {
+        op_id: String,
+    },
     /// Agent → gateway: output. `preview` output is for an approver's eyes only and must not be
     /// stored or logged by the gateway.
-    OpOutput { op_id: String, stream: OutputStream, data: String, preview: bool },
+    OpOutput {
+        op_id: String,
+        stream: OutputStream,
+        data: String,
+        preview: bool,
+    },
     /// Agent → gateway: the op ended. With `held`, output, exit code and error stay in the
     /// appliance until released (then they follow as `OpOutput` + a final `OpFinished`).
     OpFinished(OpFinished),
     /// Gateway → agent: send the held output of an op as preview (an approver is looking).
-    OutputFetch { op_id: String },
+    OutputFetch {
+        op_id: String,
+    },
     /// Gateway → agent: the customer released the held output.
-    OutputRelease { op_id: String, approved_by: String },
+    OutputRelease {
+        op_id: String,
+        approved_by: String,
+    },
     /// Gateway → agent: the customer denied the held output; destroy it.
-    OutputDestroy { op_id: String, denied_by: String, message: Option<String> },
+    OutputDestroy {
+        op_id: String,
+        denied_by: String,
+        message: Option<String>,
+    },
     /// Gateway → agent, first frame of a data stream.
     StreamOpen(StreamOpen),
     /// Agent → gateway on a data stream: the target is connected; raw bytes follow.
@@ -221,7 +251,8 @@ impl FrameError {
             FrameError::Version(_) => ErrorCode::ProtocolVersion,
             FrameError::Empty | FrameError::Malformed(_) => ErrorCode::MalformedFrame,
         };
-        ApiError::new(code, self.to_string()).hint("the peer does not speak postern/1 correctly; check both versions")
+        ApiError::new(code, self.to_string())
+            .hint("the peer does not speak postern/1 correctly; check both versions")
     }
 }
 
@@ -271,7 +302,10 @@ impl FrameDecoder {
             return Err(FrameError::Empty);
         }
         if len > self.max_len {
-            return Err(FrameError::TooLarge { len, max: self.max_len });
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_len,
+            });
         }
         Ok(len)
     }
@@ -290,7 +324,9 @@ impl FrameDecoder {
         if *version != FRAME_VERSION {
             return Err(FrameError::Version(*version));
         }
-        serde_json::from_slice(json).map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
+        serde_json::from_slice(json)
+            .map(Some)
+            .map_err(|e| FrameError::Malformed(e.to_string()))
     }
 }
 
@@ -310,8 +346,16 @@ mod tests {
         Frame::Hello(Hello {
             protocol_version: 1,
             agent_version: "0.1.0".into(),
-            resources: vec![ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp, scope: None }],
-            policy: PolicySummary { approval: ApprovalMode::Automatic, steady_state: true, ..Default::default() },
+            resources: vec![ResourceDescriptor {
+                id: "null_resource.echo".into(),
+                kind: ResourceKind::Tcp,
+                scope: None,
+            }],
+            policy: PolicySummary {
+                approval: ApprovalMode::Automatic,
+                steady_state: true,
+                ..Default::default()
+            },
         })
     }
 
@@ -320,7 +364,10 @@ mod tests {
         let frames = vec![
             hello(),
             Frame::Heartbeat { seq: 7 },
-            Frame::EndpointClose { endpoint_id: "ep_1".into(), reason: CloseReason::Retired },
+            Frame::EndpointClose {
+                endpoint_id: "ep_1".into(),
+                reason: CloseReason::Retired,
+            },
             Frame::StreamAccept,
         ];
         let mut buf = BytesMut::new();
@@ -355,7 +402,13 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(u32::MAX);
         let dec = FrameDecoder::new(1024);
-        assert_eq!(dec.decode(&mut buf), Err(FrameError::TooLarge { len: u32::MAX as usize, max: 1024 }));
+        assert_eq!(
+            dec.decode(&mut buf),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 1024
+            })
+        );
         assert!(dec.bytes_needed(&buf).is_err());
     }
 
@@ -374,7 +427,14 @@ mod tests {
 
     #[test]
     fn name_is_the_wire_type() {
-        for f in [hello(), Frame::Heartbeat { seq: 1 }, Frame::StreamAccept, Frame::OutputFetch { op_id: "op_1".into() }] {
+        for f in [
+            hello(),
+            Frame::Heartbeat { seq: 1 },
+            Frame::StreamAccept,
+            Frame::OutputFetch {
+                op_id: "op_1".into(),
+            },
+        ] {
             assert_eq!(serde_json::to_value(&f).unwrap()["type"], f.name());
         }
     }
@@ -382,8 +442,14 @@ mod tests {
     #[test]
     fn errors_map_to_codes() {
         use crate::error::ErrorCode;
-        assert_eq!(FrameError::TooLarge { len: 2, max: 1 }.to_api_error().code, ErrorCode::FrameTooLarge);
-        assert_eq!(FrameError::Malformed("x".into()).to_api_error().code, ErrorCode::MalformedFrame);
+        assert_eq!(
+            FrameError::TooLarge { len: 2, max: 1 }.to_api_error().code,
+            ErrorCode::FrameTooLarge
+        );
+        assert_eq!(
+            FrameError::Malformed("x".into()).to_api_error().code,
+            ErrorCode::MalformedFrame
+        );
     }
 
     proptest! {

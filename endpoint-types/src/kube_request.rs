@@ -117,8 +117,16 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Result<Cow<'_, str>, PathErro
     while let Some(&b) = bytes.get(i) {
         match b {
             b'%' => {
-                let hi = bytes.get(i + 1).copied().and_then(hex).ok_or(PathError::MalformedEscape)?;
-                let lo = bytes.get(i + 2).copied().and_then(hex).ok_or(PathError::MalformedEscape)?;
+                let hi = bytes
+                    .get(i + 1)
+                    .copied()
+                    .and_then(hex)
+                    .ok_or(PathError::MalformedEscape)?;
+                let lo = bytes
+                    .get(i + 2)
+                    .copied()
+                    .and_then(hex)
+                    .ok_or(PathError::MalformedEscape)?;
                 out.push(hi << 4 | lo);
                 i += 3;
             }
@@ -132,13 +140,18 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Result<Cow<'_, str>, PathErro
             }
         }
     }
-    String::from_utf8(out).map(Cow::Owned).map_err(|_| PathError::NotUtf8)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| PathError::NotUtf8)
 }
 
 /// The first value of `key` in a query string, decoded as Go's `url.ParseQuery` would.
 /// Malformed escapes and ';' separators are errors (Go would silently drop such pairs, which
 /// would make us and the API server read different queries).
-pub fn query_value<'q>(query: Option<&'q str>, key: &str) -> Result<Option<Cow<'q, str>>, PathError> {
+pub fn query_value<'q>(
+    query: Option<&'q str>,
+    key: &str,
+) -> Result<Option<Cow<'q, str>>, PathError> {
     let Some(query) = query else { return Ok(None) };
     let mut found = None;
     for pair in query.split('&') {
@@ -169,7 +182,11 @@ fn query_bool(v: Option<&str>) -> bool {
 /// Classifies a request the way the API server's `RequestInfoFactory.NewRequestInfo` does.
 /// `query` is the raw query string without '?'. Every query pair is validated, so a request
 /// accepted here is read the same way upstream.
-pub fn classify<'a>(method: &str, path: &'a str, query: Option<&'a str>) -> Result<RequestInfo<'a>, PathError> {
+pub fn classify<'a>(
+    method: &str,
+    path: &'a str,
+    query: Option<&'a str>,
+) -> Result<RequestInfo<'a>, PathError> {
     let segments = split_path(path)?;
     let watch_param = query_value(query, "watch")?;
     let mut info = RequestInfo {
@@ -186,19 +203,27 @@ pub fn classify<'a>(method: &str, path: &'a str, query: Option<&'a str>) -> Resu
     };
     let mut parts: &[Segment<'a>] = &segments;
     // At least /api/v1/<resource> or /apis/<group>/<version>/<resource>.
-    let Some((prefix, rest)) = parts.split_first().filter(|_| parts.len() >= 3) else { return Ok(info) };
-    let Some(api_prefix) = API_PREFIXES.iter().find(|p| **p == prefix.text) else { return Ok(info) };
+    let Some((prefix, rest)) = parts.split_first().filter(|_| parts.len() >= 3) else {
+        return Ok(info);
+    };
+    let Some(api_prefix) = API_PREFIXES.iter().find(|p| **p == prefix.text) else {
+        return Ok(info);
+    };
     parts = rest;
     let mut group = Cow::Borrowed("");
     if *api_prefix == "apis" {
         if parts.len() < 3 {
             return Ok(info);
         }
-        let Some((g, rest)) = parts.split_first() else { return Ok(info) };
+        let Some((g, rest)) = parts.split_first() else {
+            return Ok(info);
+        };
         group = g.text.clone();
         parts = rest;
     }
-    let Some((version, rest)) = parts.split_first() else { return Ok(info) };
+    let Some((version, rest)) = parts.split_first() else {
+        return Ok(info);
+    };
     parts = rest;
     info.is_resource_request = true;
     info.api_prefix = api_prefix;
@@ -250,7 +275,11 @@ pub fn classify<'a>(method: &str, path: &'a str, query: Option<&'a str>) -> Resu
     }
 
     if info.name.is_empty() && info.verb == "get" {
-        info.verb = Cow::Borrowed(if query_bool(watch_param.as_deref()) { "watch" } else { "list" });
+        info.verb = Cow::Borrowed(if query_bool(watch_param.as_deref()) {
+            "watch"
+        } else {
+            "list"
+        });
     }
     if info.name.is_empty() && info.verb == "delete" {
         info.verb = Cow::Borrowed("deletecollection");
@@ -259,7 +288,16 @@ pub fn classify<'a>(method: &str, path: &'a str, query: Option<&'a str>) -> Resu
 }
 
 /// The verbs a scope may grant.
-pub const VERBS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"];
+pub const VERBS: [&str; 8] = [
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+];
 
 /// A resource a scope may grant: API group, plural, and the subresources that exist for it.
 struct Known {
@@ -273,16 +311,56 @@ struct Known {
 /// Namespaced resources an endpoint can reach. Everything else (nodes, namespaces, RBAC,
 /// CRDs, status subresources, …) is out of reach whatever the customer writes.
 const KNOWN: &[Known] = &[
-    Known { group: "", resource: "pods", subresources: &["log", "exec", "attach", "portforward"], bare: true },
-    Known { group: "apps", resource: "deployments", subresources: &["scale"], bare: true },
-    Known { group: "apps", resource: "replicasets", subresources: &[], bare: true },
-    Known { group: "", resource: "services", subresources: &[], bare: true },
-    Known { group: "", resource: "configmaps", subresources: &[], bare: true },
-    Known { group: "", resource: "secrets", subresources: &[], bare: true },
+    Known {
+        group: "",
+        resource: "pods",
+        subresources: &["log", "exec", "attach", "portforward"],
+        bare: true,
+    },
+    Known {
+        group: "apps",
+        resource: "deployments",
+        subresources: &["scale"],
+        bare: true,
+    },
+    Known {
+        group: "apps",
+        resource: "replicasets",
+        subresources: &[],
+        bare: true,
+    },
+    Known {
+        group: "",
+        resource: "services",
+        subresources: &[],
+        bare: true,
+    },
+    Known {
+        group: "",
+        resource: "configmaps",
+        subresources: &[],
+        bare: true,
+    },
+    Known {
+        group: "",
+        resource: "secrets",
+        subresources: &[],
+        bare: true,
+    },
     // Core events are what `kubectl get events` and `describe` read; the events.k8s.io copy
     // must be named with its group.
-    Known { group: "", resource: "events", subresources: &[], bare: true },
-    Known { group: "events.k8s.io", resource: "events", subresources: &[], bare: false },
+    Known {
+        group: "",
+        resource: "events",
+        subresources: &[],
+        bare: true,
+    },
+    Known {
+        group: "events.k8s.io",
+        resource: "events",
+        subresources: &[],
+        bare: false,
+    },
 ];
 
 /// Subresources that open a stream into a container: RBAC authorises them as `create`
@@ -319,11 +397,19 @@ pub struct KubeScope {
 }
 
 impl KubeScope {
-    pub fn compile<S: AsRef<str>>(namespaces: &[S], resources: &[S], verbs: &[S]) -> Result<KubeScope, ScopeError> {
+    pub fn compile<S: AsRef<str>>(
+        namespaces: &[S],
+        resources: &[S],
+        verbs: &[S],
+    ) -> Result<KubeScope, ScopeError> {
         if namespaces.is_empty() {
             return Err(ScopeError::NoNamespaces);
         }
-        let mut scope = KubeScope { namespaces: Vec::new(), grants: Vec::new(), verbs: 0 };
+        let mut scope = KubeScope {
+            namespaces: Vec::new(),
+            grants: Vec::new(),
+            verbs: 0,
+        };
         for ns in namespaces {
             let ns = ns.as_ref();
             if !is_dns_label(ns) {
@@ -332,13 +418,15 @@ impl KubeScope {
             scope.namespaces.push(ns.to_string());
         }
         for r in resources {
-            let g = parse_grant(r.as_ref()).ok_or_else(|| ScopeError::UnknownResource(r.as_ref().to_string()))?;
+            let g = parse_grant(r.as_ref())
+                .ok_or_else(|| ScopeError::UnknownResource(r.as_ref().to_string()))?;
             if !scope.grants.contains(&g) {
                 scope.grants.push(g);
             }
         }
         for v in verbs {
-            let bit = verb_bit(v.as_ref()).ok_or_else(|| ScopeError::UnknownVerb(v.as_ref().to_string()))?;
+            let bit = verb_bit(v.as_ref())
+                .ok_or_else(|| ScopeError::UnknownVerb(v.as_ref().to_string()))?;
             scope.verbs |= bit;
         }
         Ok(scope)
@@ -349,7 +437,9 @@ impl KubeScope {
     }
 
     fn granted(&self, group: &str, resource: &str, subresource: &str) -> bool {
-        self.grants.iter().any(|g| g.group == group && g.resource == resource && g.subresource == subresource)
+        self.grants
+            .iter()
+            .any(|g| g.group == group && g.resource == resource && g.subresource == subresource)
     }
 }
 
@@ -361,7 +451,8 @@ fn verb_bit(v: &str) -> Option<u16> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -375,13 +466,21 @@ fn parse_grant(s: &str) -> Option<Grant> {
     };
     let known = KNOWN.iter().find(|k| {
         (k.bare && k.resource == name)
-            || (name.strip_prefix(k.resource).and_then(|r| r.strip_prefix('.')) == Some(k.group) && !k.group.is_empty())
+            || (name
+                .strip_prefix(k.resource)
+                .and_then(|r| r.strip_prefix('.'))
+                == Some(k.group)
+                && !k.group.is_empty())
     })?;
     let subresource = match sub {
         None => "",
         Some(sub) => known.subresources.iter().find(|k| **k == sub)?,
     };
-    Some(Grant { group: known.group, resource: known.resource, subresource })
+    Some(Grant {
+        group: known.group,
+        resource: known.resource,
+        subresource,
+    })
 }
 
 /// What the front end does with a request.
@@ -398,11 +497,20 @@ pub enum Decision {
 /// Whether a non-resource path is discovery: `/api`, `/api/<v>`, `/apis`, `/apis/<g>`,
 /// `/apis/<g>/<v>`, `/version`, `/openapi/v2`, `/openapi/v3` and below.
 fn is_discovery(path: &str) -> bool {
-    let Ok(segs) = split_path(path) else { return false };
+    let Ok(segs) = split_path(path) else {
+        return false;
+    };
     let t: Vec<&str> = segs.iter().map(|s| s.raw).collect();
     matches!(
         t.as_slice(),
-        ["api"] | ["api", _] | ["apis"] | ["apis", _] | ["apis", _, _] | ["version"] | ["openapi", "v2"] | ["openapi", "v3", ..]
+        ["api"]
+            | ["api", _]
+            | ["apis"]
+            | ["apis", _]
+            | ["apis", _, _]
+            | ["version"]
+            | ["openapi", "v2"]
+            | ["openapi", "v3", ..]
     )
 }
 
@@ -424,21 +532,38 @@ pub fn decide(info: &RequestInfo<'_>, scope: &KubeScope) -> Decision {
         ));
     };
     if !scope.namespaces.iter().any(|n| n == ns) {
-        return deny(format!("namespace {ns:?} is outside this endpoint's scope (allowed: {})", scope.namespaces.join(", ")));
+        return deny(format!(
+            "namespace {ns:?} is outside this endpoint's scope (allowed: {})",
+            scope.namespaces.join(", ")
+        ));
     }
     if info.resource == "namespaces" || info.resource.is_empty() {
-        return deny(format!("{} on namespace {ns:?} itself is outside this endpoint's scope", info.verb));
+        return deny(format!(
+            "{} on namespace {ns:?} itself is outside this endpoint's scope",
+            info.verb
+        ));
     }
     let connect = CONNECT_SUBRESOURCES.contains(&info.subresource.as_ref());
-    let verb: &str = if connect && (info.verb == "get" || info.verb == "create") { "create" } else { &info.verb };
+    let verb: &str = if connect && (info.verb == "get" || info.verb == "create") {
+        "create"
+    } else {
+        &info.verb
+    };
     if !scope.granted(&info.api_group, &info.resource, &info.subresource) {
-        return deny(format!("{what} is not among the resources this endpoint grants in namespace {ns:?}"));
+        return deny(format!(
+            "{what} is not among the resources this endpoint grants in namespace {ns:?}"
+        ));
     }
     let Some(bit) = verb_bit(verb) else {
-        return deny(format!("the verb {:?} on {what} is not available through this endpoint", info.verb));
+        return deny(format!(
+            "the verb {:?} on {what} is not available through this endpoint",
+            info.verb
+        ));
     };
     if scope.verbs & bit == 0 {
-        return deny(format!("the verb {verb:?} on {what} is not granted by this endpoint"));
+        return deny(format!(
+            "the verb {verb:?} on {what} is not granted by this endpoint"
+        ));
     }
     Decision::Allow
 }
@@ -478,7 +603,11 @@ pub fn status_json(code: u16, reason: &str, message: &str) -> String {
 
 /// `403 Forbidden` with the scope's reason, prefixed so the user sees who refused.
 pub fn forbidden_status(reason: &str) -> String {
-    status_json(403, "Forbidden", &format!("postern endpoint scope: {reason}"))
+    status_json(
+        403,
+        "Forbidden",
+        &format!("postern endpoint scope: {reason}"),
+    )
 }
 
 impl fmt::Display for RequestInfo<'_> {

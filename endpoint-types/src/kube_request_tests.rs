@@ -4,7 +4,17 @@ use proptest::prelude::*;
 fn scope() -> KubeScope {
     KubeScope::compile(
         &["my-app-prod", "my-app-jobs"],
-        &["pods", "pods/log", "pods/exec", "deployments", "deployments/scale", "replicasets", "services", "configmaps", "events"],
+        &[
+            "pods",
+            "pods/log",
+            "pods/exec",
+            "deployments",
+            "deployments/scale",
+            "replicasets",
+            "services",
+            "configmaps",
+            "events",
+        ],
         &["get", "list", "watch", "create", "delete", "patch"],
     )
     .unwrap()
@@ -30,44 +40,333 @@ fn split(uri: &str) -> (&str, Option<&str>) {
 
 #[test]
 fn classifies_like_the_api_server() {
-    let c = |method, uri, verb, group, ns, resource, sub, name| Case { method, uri, verb, group, ns, resource, sub, name };
+    let c = |method, uri, verb, group, ns, resource, sub, name| Case {
+        method,
+        uri,
+        verb,
+        group,
+        ns,
+        resource,
+        sub,
+        name,
+    };
     let cases = [
-        c("GET", "/api/v1/namespaces/a/pods", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?limit=500", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=true&resourceVersion=1", "watch", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=1", "watch", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=yes", "watch", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=false", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=FALSE", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=0", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?w%61tch=t", "watch", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods?watch=0&watch=1", "list", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods/p", "get", "", Some("a"), "pods", "", "p"),
-        c("HEAD", "/api/v1/namespaces/a/pods/p", "get", "", Some("a"), "pods", "", "p"),
-        c("GET", "/api/v1/namespaces/a/pods/p/log?follow=true", "get", "", Some("a"), "pods", "log", "p"),
-        c("POST", "/api/v1/namespaces/a/pods/p/exec?command=sh", "create", "", Some("a"), "pods", "exec", "p"),
-        c("GET", "/api/v1/namespaces/a/pods/p/exec?command=sh", "get", "", Some("a"), "pods", "exec", "p"),
-        c("POST", "/api/v1/namespaces/a/pods", "create", "", Some("a"), "pods", "", ""),
-        c("PUT", "/api/v1/namespaces/a/pods/p", "update", "", Some("a"), "pods", "", "p"),
-        c("PATCH", "/apis/apps/v1/namespaces/a/deployments/d/scale", "patch", "apps", Some("a"), "deployments", "scale", "d"),
-        c("DELETE", "/api/v1/namespaces/a/pods/p", "delete", "", Some("a"), "pods", "", "p"),
-        c("DELETE", "/api/v1/namespaces/a/pods", "deletecollection", "", Some("a"), "pods", "", ""),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?limit=500",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=true&resourceVersion=1",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=1",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=yes",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=false",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=FALSE",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=0",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?w%61tch=t",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods?watch=0&watch=1",
+            "list",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods/p",
+            "get",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "HEAD",
+            "/api/v1/namespaces/a/pods/p",
+            "get",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods/p/log?follow=true",
+            "get",
+            "",
+            Some("a"),
+            "pods",
+            "log",
+            "p",
+        ),
+        c(
+            "POST",
+            "/api/v1/namespaces/a/pods/p/exec?command=sh",
+            "create",
+            "",
+            Some("a"),
+            "pods",
+            "exec",
+            "p",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods/p/exec?command=sh",
+            "get",
+            "",
+            Some("a"),
+            "pods",
+            "exec",
+            "p",
+        ),
+        c(
+            "POST",
+            "/api/v1/namespaces/a/pods",
+            "create",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "PUT",
+            "/api/v1/namespaces/a/pods/p",
+            "update",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "PATCH",
+            "/apis/apps/v1/namespaces/a/deployments/d/scale",
+            "patch",
+            "apps",
+            Some("a"),
+            "deployments",
+            "scale",
+            "d",
+        ),
+        c(
+            "DELETE",
+            "/api/v1/namespaces/a/pods/p",
+            "delete",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "DELETE",
+            "/api/v1/namespaces/a/pods",
+            "deletecollection",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
         c("GET", "/api/v1/pods", "list", "", None, "pods", "", ""),
-        c("GET", "/api/v1/nodes/n1", "get", "", None, "nodes", "", "n1"),
-        c("GET", "/api/v1/namespaces", "list", "", None, "namespaces", "", ""),
-        c("GET", "/api/v1/namespaces/a", "get", "", Some("a"), "namespaces", "", "a"),
-        c("PUT", "/api/v1/namespaces/a/finalize", "update", "", Some("a"), "namespaces", "finalize", "a"),
-        c("GET", "/api/v1/watch/namespaces/a/pods", "watch", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/watch/namespaces/a/pods/p", "watch", "", Some("a"), "pods", "", "p"),
-        c("GET", "/api/v1/proxy/namespaces/a/pods/p/x/y", "proxy", "", Some("a"), "pods", "", "p"),
-        c("GET", "/apis/apps/v1/namespaces/a/deployments", "list", "apps", Some("a"), "deployments", "", ""),
-        c("OPTIONS", "/api/v1/namespaces/a/pods", "", "", Some("a"), "pods", "", ""),
-        c("GET", "/api/v1/namespaces/a/pods/p%2Dx", "get", "", Some("a"), "pods", "", "p-x"),
+        c(
+            "GET",
+            "/api/v1/nodes/n1",
+            "get",
+            "",
+            None,
+            "nodes",
+            "",
+            "n1",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces",
+            "list",
+            "",
+            None,
+            "namespaces",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a",
+            "get",
+            "",
+            Some("a"),
+            "namespaces",
+            "",
+            "a",
+        ),
+        c(
+            "PUT",
+            "/api/v1/namespaces/a/finalize",
+            "update",
+            "",
+            Some("a"),
+            "namespaces",
+            "finalize",
+            "a",
+        ),
+        c(
+            "GET",
+            "/api/v1/watch/namespaces/a/pods",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/watch/namespaces/a/pods/p",
+            "watch",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "GET",
+            "/api/v1/proxy/namespaces/a/pods/p/x/y",
+            "proxy",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p",
+        ),
+        c(
+            "GET",
+            "/apis/apps/v1/namespaces/a/deployments",
+            "list",
+            "apps",
+            Some("a"),
+            "deployments",
+            "",
+            "",
+        ),
+        c(
+            "OPTIONS",
+            "/api/v1/namespaces/a/pods",
+            "",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "",
+        ),
+        c(
+            "GET",
+            "/api/v1/namespaces/a/pods/p%2Dx",
+            "get",
+            "",
+            Some("a"),
+            "pods",
+            "",
+            "p-x",
+        ),
     ];
     for case in cases {
         let (path, query) = split(case.uri);
-        let info = classify(case.method, path, query).unwrap_or_else(|e| panic!("{}: {e}", case.uri));
+        let info =
+            classify(case.method, path, query).unwrap_or_else(|e| panic!("{}: {e}", case.uri));
         assert!(info.is_resource_request, "{}", case.uri);
         assert_eq!(info.path, path);
         assert_eq!(info.verb, case.verb, "{} {}", case.method, case.uri);
@@ -81,7 +380,18 @@ fn classifies_like_the_api_server() {
 
 #[test]
 fn non_resource_paths() {
-    for p in ["/", "/api", "/api/v1", "/apis", "/apis/apps", "/apis/apps/v1", "/version", "/openapi/v2", "/healthz", "/foo/bar/baz/qux"] {
+    for p in [
+        "/",
+        "/api",
+        "/api/v1",
+        "/apis",
+        "/apis/apps",
+        "/apis/apps/v1",
+        "/version",
+        "/openapi/v2",
+        "/healthz",
+        "/foo/bar/baz/qux",
+    ] {
         let info = classify("GET", p, None).unwrap();
         assert!(!info.is_resource_request, "{p}");
         assert_eq!(info.verb, "get");
@@ -113,8 +423,14 @@ fn strict_paths() {
     for (p, want) in bad {
         assert_eq!(classify("GET", p, None).unwrap_err(), want, "{p:?}");
     }
-    assert_eq!(classify("GET", "/api/v1/namespaces/a/pods", Some("a=1;watch=1")).unwrap_err(), PathError::Semicolon);
-    assert_eq!(classify("GET", "/api/v1/namespaces/a/pods", Some("watch=%zz")).unwrap_err(), PathError::MalformedEscape);
+    assert_eq!(
+        classify("GET", "/api/v1/namespaces/a/pods", Some("a=1;watch=1")).unwrap_err(),
+        PathError::Semicolon
+    );
+    assert_eq!(
+        classify("GET", "/api/v1/namespaces/a/pods", Some("watch=%zz")).unwrap_err(),
+        PathError::MalformedEscape
+    );
 }
 
 #[test]
@@ -124,43 +440,123 @@ fn decisions() {
         ("GET", "/api/v1/namespaces/my-app-prod/pods"),
         ("GET", "/api/v1/namespaces/my-app-jobs/pods?watch=true"),
         ("GET", "/api/v1/namespaces/my-app-prod/pods/p"),
-        ("GET", "/api/v1/namespaces/my-app-prod/pods/p/log?follow=true"),
-        ("GET", "/api/v1/namespaces/my-app-prod/pods/p/exec?command=ls"),
-        ("POST", "/api/v1/namespaces/my-app-prod/pods/p/exec?command=ls"),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/pods/p/log?follow=true",
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/pods/p/exec?command=ls",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/my-app-prod/pods/p/exec?command=ls",
+        ),
         ("DELETE", "/api/v1/namespaces/my-app-prod/pods/p"),
         ("GET", "/apis/apps/v1/namespaces/my-app-prod/deployments"),
-        ("PATCH", "/apis/apps/v1/namespaces/my-app-prod/deployments/d/scale"),
-        ("GET", "/api/v1/namespaces/my-app-prod/events?fieldSelector=involvedObject.name%3Dp"),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/my-app-prod/deployments/d/scale",
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/events?fieldSelector=involvedObject.name%3Dp",
+        ),
         ("GET", "/api/v1/watch/namespaces/my-app-prod/pods"),
     ];
     for (m, uri) in allow {
         let (p, q) = split(uri);
-        assert_eq!(decide(&classify(m, p, q).unwrap(), &s), Decision::Allow, "{m} {uri}");
+        assert_eq!(
+            decide(&classify(m, p, q).unwrap(), &s),
+            Decision::Allow,
+            "{m} {uri}"
+        );
     }
-    for uri in ["/api", "/api/v1", "/apis", "/apis/apps/v1", "/version", "/openapi/v2", "/openapi/v3", "/openapi/v3/api/v1"] {
-        assert_eq!(decide(&classify("GET", uri, None).unwrap(), &s), Decision::Discovery, "{uri}");
+    for uri in [
+        "/api",
+        "/api/v1",
+        "/apis",
+        "/apis/apps/v1",
+        "/version",
+        "/openapi/v2",
+        "/openapi/v3",
+        "/openapi/v3/api/v1",
+    ] {
+        assert_eq!(
+            decide(&classify("GET", uri, None).unwrap(), &s),
+            Decision::Discovery,
+            "{uri}"
+        );
     }
     let denied = [
-        ("GET", "/api/v1/namespaces/kube-system/pods", "namespace \"kube-system\""),
+        (
+            "GET",
+            "/api/v1/namespaces/kube-system/pods",
+            "namespace \"kube-system\"",
+        ),
         ("GET", "/api/v1/pods", "whole cluster"),
         ("GET", "/api/v1/watch/pods", "whole cluster"),
         ("GET", "/api/v1/nodes", "whole cluster"),
         ("GET", "/api/v1/nodes/n1", "whole cluster"),
         ("GET", "/api/v1/namespaces", "whole cluster"),
-        ("GET", "/api/v1/namespaces/my-app-prod", "namespace \"my-app-prod\" itself"),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod",
+            "namespace \"my-app-prod\" itself",
+        ),
         ("DELETE", "/api/v1/namespaces/my-app-prod", "itself"),
-        ("GET", "/api/v1/namespaces/my-app-prod/secrets", "secrets is not among"),
-        ("GET", "/api/v1/namespaces/my-app-prod/pods/p/attach", "pods/attach is not among"),
-        ("POST", "/api/v1/namespaces/my-app-prod/pods/p/portforward", "pods/portforward"),
-        ("GET", "/api/v1/namespaces/my-app-prod/pods/p/status", "pods/status"),
-        ("GET", "/api/v1/namespaces/my-app-prod/pods/p/proxy", "pods/proxy"),
-        ("GET", "/api/v1/proxy/namespaces/my-app-prod/pods/p", "\"proxy\""),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/secrets",
+            "secrets is not among",
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/pods/p/attach",
+            "pods/attach is not among",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/my-app-prod/pods/p/portforward",
+            "pods/portforward",
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/pods/p/status",
+            "pods/status",
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/my-app-prod/pods/p/proxy",
+            "pods/proxy",
+        ),
+        (
+            "GET",
+            "/api/v1/proxy/namespaces/my-app-prod/pods/p",
+            "\"proxy\"",
+        ),
         ("PUT", "/api/v1/namespaces/my-app-prod/pods/p", "\"update\""),
-        ("DELETE", "/api/v1/namespaces/my-app-prod/pods", "\"deletecollection\""),
+        (
+            "DELETE",
+            "/api/v1/namespaces/my-app-prod/pods",
+            "\"deletecollection\"",
+        ),
         ("OPTIONS", "/api/v1/namespaces/my-app-prod/pods", "verb"),
-        ("GET", "/apis/extensions/v1beta1/namespaces/my-app-prod/deployments", "deployments.extensions"),
-        ("GET", "/apis/events.k8s.io/v1/namespaces/my-app-prod/events", "events.events.k8s.io"),
-        ("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles", "whole cluster"),
+        (
+            "GET",
+            "/apis/extensions/v1beta1/namespaces/my-app-prod/deployments",
+            "deployments.extensions",
+        ),
+        (
+            "GET",
+            "/apis/events.k8s.io/v1/namespaces/my-app-prod/events",
+            "events.events.k8s.io",
+        ),
+        (
+            "GET",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            "whole cluster",
+        ),
         ("GET", "/healthz", "not a resource"),
         ("GET", "/logs/", "not a resource"),
         ("POST", "/api", "not a resource"),
@@ -179,24 +575,58 @@ fn decisions() {
 #[test]
 fn exec_needs_create_and_its_subresource() {
     let read_only = KubeScope::compile(&["ns"], &["pods", "pods/exec"], &["get", "list"]).unwrap();
-    let info = classify("GET", "/api/v1/namespaces/ns/pods/p/exec", Some("command=sh")).unwrap();
-    assert!(matches!(decide(&info, &read_only), Decision::Deny { reason } if reason.contains("\"create\"")));
+    let info = classify(
+        "GET",
+        "/api/v1/namespaces/ns/pods/p/exec",
+        Some("command=sh"),
+    )
+    .unwrap();
+    assert!(
+        matches!(decide(&info, &read_only), Decision::Deny { reason } if reason.contains("\"create\""))
+    );
     let no_sub = KubeScope::compile(&["ns"], &["pods"], &["get", "create"]).unwrap();
     assert!(matches!(decide(&info, &no_sub), Decision::Deny { .. }));
 }
 
 #[test]
 fn compiles_rbac_names() {
-    assert!(KubeScope::compile(&["a"], &["deployments.apps", "deployments.apps/scale", "events.events.k8s.io"], &["get"]).is_ok());
+    assert!(KubeScope::compile(
+        &["a"],
+        &[
+            "deployments.apps",
+            "deployments.apps/scale",
+            "events.events.k8s.io"
+        ],
+        &["get"]
+    )
+    .is_ok());
     let bad = |r: &str| KubeScope::compile(&["a"], &[r], &["get"]).unwrap_err();
     assert_eq!(bad("nodes"), ScopeError::UnknownResource("nodes".into()));
-    assert_eq!(bad("pods/status"), ScopeError::UnknownResource("pods/status".into()));
-    assert_eq!(bad("deployments.extensions"), ScopeError::UnknownResource("deployments.extensions".into()));
+    assert_eq!(
+        bad("pods/status"),
+        ScopeError::UnknownResource("pods/status".into())
+    );
+    assert_eq!(
+        bad("deployments.extensions"),
+        ScopeError::UnknownResource("deployments.extensions".into())
+    );
     assert_eq!(bad("pods."), ScopeError::UnknownResource("pods.".into()));
-    assert_eq!(KubeScope::compile(&["a"], &["pods"], &["escalate"]).unwrap_err(), ScopeError::UnknownVerb("escalate".into()));
-    assert_eq!(KubeScope::compile::<&str>(&[], &["pods"], &["get"]).unwrap_err(), ScopeError::NoNamespaces);
-    assert!(matches!(KubeScope::compile(&["A"], &["pods"], &["get"]), Err(ScopeError::BadNamespace(_))));
-    assert!(matches!(KubeScope::compile(&["*"], &["pods"], &["get"]), Err(ScopeError::BadNamespace(_))));
+    assert_eq!(
+        KubeScope::compile(&["a"], &["pods"], &["escalate"]).unwrap_err(),
+        ScopeError::UnknownVerb("escalate".into())
+    );
+    assert_eq!(
+        KubeScope::compile::<&str>(&[], &["pods"], &["get"]).unwrap_err(),
+        ScopeError::NoNamespaces
+    );
+    assert!(matches!(
+        KubeScope::compile(&["A"], &["pods"], &["get"]),
+        Err(ScopeError::BadNamespace(_))
+    ));
+    assert!(matches!(
+        KubeScope::compile(&["*"], &["pods"], &["get"]),
+        Err(ScopeError::BadNamespace(_))
+    ));
     // The two events are distinct grants.
     let core_only = KubeScope::compile(&["a"], &["events"], &["list"]).unwrap();
     let info = classify("GET", "/apis/events.k8s.io/v1/namespaces/a/events", None).unwrap();
@@ -205,13 +635,17 @@ fn compiles_rbac_names() {
 
 #[test]
 fn status_is_a_kubernetes_status() {
-    let v: serde_json::Value = serde_json::from_str(&forbidden_status("namespace \"x\" is outside")).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&forbidden_status("namespace \"x\" is outside")).unwrap();
     assert_eq!(v["kind"], "Status");
     assert_eq!(v["apiVersion"], "v1");
     assert_eq!(v["status"], "Failure");
     assert_eq!(v["reason"], "Forbidden");
     assert_eq!(v["code"], 403);
-    assert!(v["message"].as_str().unwrap().contains("namespace \"x\" is outside"));
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("namespace \"x\" is outside"));
 }
 
 proptest! {

@@ -20,7 +20,11 @@ pub fn access_request_hint(app: &str, customer: &str) -> String {
 /// A grant's state at `now`. Expiry is derived, never stored as a decision: an active grant
 /// whose `expires_at` is at or before `now` is expired (a 30 m grant approved at 10:00:00 is
 /// live at 10:29:59.999 and gone at 10:30:00).
-pub fn grant_state(stored: GrantState, expires_at: Option<Timestamp>, now: Timestamp) -> GrantState {
+pub fn grant_state(
+    stored: GrantState,
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+) -> GrantState {
     match (stored, expires_at) {
         (GrantState::Active, Some(at)) if at <= now => GrantState::Expired,
         _ => stored,
@@ -46,7 +50,10 @@ pub fn live_operate_grant<'a>(
 ) -> Result<&'a GrantRecord, ApiError> {
     let mut live: Option<&GrantRecord> = None;
     let mut expired: Option<&GrantRecord> = None;
-    for g in grants.into_iter().filter(|g| g.level == GrantLevel::Operate) {
+    for g in grants
+        .into_iter()
+        .filter(|g| g.level == GrantLevel::Operate)
+    {
         match grant_state(g.state, g.expires_at, now) {
             GrantState::Active => {
                 // No expiry sorts last: it outlives any dated grant.
@@ -92,8 +99,13 @@ pub fn live_operate_grant<'a>(
 /// What happens to an op. `by` is the deciding principal (a person, or `policy:…`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpEvent {
-    CommandApproved { by: String },
-    CommandDenied { by: String, message: Option<String> },
+    CommandApproved {
+        by: String,
+    },
+    CommandDenied {
+        by: String,
+        message: Option<String>,
+    },
     /// The dispatch-time policy check failed (the window that approved it has closed): the op
     /// goes back to approval rather than running on a stale decision.
     PolicyRecheckFailed,
@@ -102,12 +114,21 @@ pub enum OpEvent {
     Started,
     /// The command exited; `output_held` when the policy keeps its output in the appliance
     /// until a person releases it.
-    Finished { exit_code: i64, output_held: bool },
+    Finished {
+        exit_code: i64,
+        output_held: bool,
+    },
     TimedOut,
     /// Held output released; the exit code is the one held with it, which decides between
     /// completed and failed.
-    OutputReleased { by: String, exit_code: i64 },
-    OutputDenied { by: String, message: Option<String> },
+    OutputReleased {
+        by: String,
+        exit_code: i64,
+    },
+    OutputDenied {
+        by: String,
+        message: Option<String>,
+    },
     /// The agent refused to run it (its own policy or grants do not allow it).
     AgentRefused,
     /// The op's operate access or its approval ran out before it finished.
@@ -169,9 +190,25 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::Approved, E::AgentRefused) => S::Failed,
         (S::Approved, E::Expired) => S::Expired,
 
-        (S::Running, E::Finished { output_held: true, .. }) => S::OutputPendingApproval,
-        (S::Running, E::Finished { exit_code: 0, output_held: false }) => S::Completed,
-        (S::Running, E::Finished { output_held: false, .. }) => S::Failed,
+        (
+            S::Running,
+            E::Finished {
+                output_held: true, ..
+            },
+        ) => S::OutputPendingApproval,
+        (
+            S::Running,
+            E::Finished {
+                exit_code: 0,
+                output_held: false,
+            },
+        ) => S::Completed,
+        (
+            S::Running,
+            E::Finished {
+                output_held: false, ..
+            },
+        ) => S::Failed,
         (S::Running, E::TimedOut) => S::TimedOut,
 
         (S::OutputPendingApproval, E::OutputReleased { exit_code: 0, .. }) => S::Completed,
@@ -179,7 +216,12 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::OutputPendingApproval, E::OutputDenied { .. }) => S::Denied,
         (S::OutputPendingApproval, E::Expired) => S::Expired,
 
-        _ => return Err(TransitionError { state, event: event.name() }),
+        _ => {
+            return Err(TransitionError {
+                state,
+                event: event.name(),
+            })
+        }
     };
     Ok(to)
 }
@@ -267,19 +309,46 @@ mod tests {
         let by = || "ana@customer".to_string();
         vec![
             OpEvent::CommandApproved { by: by() },
-            OpEvent::CommandDenied { by: by(), message: Some("not during the freeze".into()) },
+            OpEvent::CommandDenied {
+                by: by(),
+                message: Some("not during the freeze".into()),
+            },
             OpEvent::PolicyRecheckFailed,
             OpEvent::Dispatched,
             OpEvent::Started,
-            OpEvent::Finished { exit_code: 0, output_held: false },
-            OpEvent::Finished { exit_code: 2, output_held: false },
-            OpEvent::Finished { exit_code: -9, output_held: false },
-            OpEvent::Finished { exit_code: 0, output_held: true },
-            OpEvent::Finished { exit_code: 2, output_held: true },
+            OpEvent::Finished {
+                exit_code: 0,
+                output_held: false,
+            },
+            OpEvent::Finished {
+                exit_code: 2,
+                output_held: false,
+            },
+            OpEvent::Finished {
+                exit_code: -9,
+                output_held: false,
+            },
+            OpEvent::Finished {
+                exit_code: 0,
+                output_held: true,
+            },
+            OpEvent::Finished {
+                exit_code: 2,
+                output_held: true,
+            },
             OpEvent::TimedOut,
-            OpEvent::OutputReleased { by: by(), exit_code: 0 },
-            OpEvent::OutputReleased { by: by(), exit_code: 3 },
-            OpEvent::OutputDenied { by: by(), message: None },
+            OpEvent::OutputReleased {
+                by: by(),
+                exit_code: 0,
+            },
+            OpEvent::OutputReleased {
+                by: by(),
+                exit_code: 3,
+            },
+            OpEvent::OutputDenied {
+                by: by(),
+                message: None,
+            },
             OpEvent::AgentRefused,
             OpEvent::Expired,
         ]
@@ -306,26 +375,102 @@ mod tests {
     /// The legal transitions, written out: (state, event, new state). Everything else is an error.
     fn legal(state: OpState, e: &OpEvent) -> Option<OpState> {
         let table: &[(OpState, OpEvent, OpState)] = &[
-            (S::PendingApproval, OpEvent::CommandApproved { by: "ana@customer".into() }, S::Approved),
-            (S::PendingApproval, OpEvent::CommandDenied { by: "ana@customer".into(), message: Some("not during the freeze".into()) }, S::Denied),
+            (
+                S::PendingApproval,
+                OpEvent::CommandApproved {
+                    by: "ana@customer".into(),
+                },
+                S::Approved,
+            ),
+            (
+                S::PendingApproval,
+                OpEvent::CommandDenied {
+                    by: "ana@customer".into(),
+                    message: Some("not during the freeze".into()),
+                },
+                S::Denied,
+            ),
             (S::PendingApproval, OpEvent::Expired, S::Expired),
             (S::Approved, OpEvent::Dispatched, S::Approved),
             (S::Approved, OpEvent::Started, S::Running),
-            (S::Approved, OpEvent::PolicyRecheckFailed, S::PendingApproval),
+            (
+                S::Approved,
+                OpEvent::PolicyRecheckFailed,
+                S::PendingApproval,
+            ),
             (S::Approved, OpEvent::AgentRefused, S::Failed),
             (S::Approved, OpEvent::Expired, S::Expired),
-            (S::Running, OpEvent::Finished { exit_code: 0, output_held: false }, S::Completed),
-            (S::Running, OpEvent::Finished { exit_code: 2, output_held: false }, S::Failed),
-            (S::Running, OpEvent::Finished { exit_code: -9, output_held: false }, S::Failed),
-            (S::Running, OpEvent::Finished { exit_code: 0, output_held: true }, S::OutputPendingApproval),
-            (S::Running, OpEvent::Finished { exit_code: 2, output_held: true }, S::OutputPendingApproval),
+            (
+                S::Running,
+                OpEvent::Finished {
+                    exit_code: 0,
+                    output_held: false,
+                },
+                S::Completed,
+            ),
+            (
+                S::Running,
+                OpEvent::Finished {
+                    exit_code: 2,
+                    output_held: false,
+                },
+                S::Failed,
+            ),
+            (
+                S::Running,
+                OpEvent::Finished {
+                    exit_code: -9,
+                    output_held: false,
+                },
+                S::Failed,
+            ),
+            (
+                S::Running,
+                OpEvent::Finished {
+                    exit_code: 0,
+                    output_held: true,
+                },
+                S::OutputPendingApproval,
+            ),
+            (
+                S::Running,
+                OpEvent::Finished {
+                    exit_code: 2,
+                    output_held: true,
+                },
+                S::OutputPendingApproval,
+            ),
             (S::Running, OpEvent::TimedOut, S::TimedOut),
-            (S::OutputPendingApproval, OpEvent::OutputReleased { by: "ana@customer".into(), exit_code: 0 }, S::Completed),
-            (S::OutputPendingApproval, OpEvent::OutputReleased { by: "ana@customer".into(), exit_code: 3 }, S::Failed),
-            (S::OutputPendingApproval, OpEvent::OutputDenied { by: "ana@customer".into(), message: None }, S::Denied),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputReleased {
+                    by: "ana@customer".into(),
+                    exit_code: 0,
+                },
+                S::Completed,
+            ),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputReleased {
+                    by: "ana@customer".into(),
+                    exit_code: 3,
+                },
+                S::Failed,
+            ),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputDenied {
+                    by: "ana@customer".into(),
+                    message: None,
+                },
+                S::Denied,
+            ),
             (S::OutputPendingApproval, OpEvent::Expired, S::Expired),
         ];
-        table.iter().find(|(s, ev, _)| *s == state && ev == e).map(|(_, _, to)| *to)
+        table
+            .iter()
+            .find(|(s, ev, _)| *s == state && ev == e)
+            .map(|(_, _, to)| *to)
     }
 
     #[test]
@@ -341,7 +486,16 @@ mod tests {
                         assert_eq!(got, Ok(to), "{} + {}", state.as_str(), e.name());
                     }
                     None => {
-                        assert_eq!(got, Err(TransitionError { state, event: e.name() }), "{} + {}", state.as_str(), e.name());
+                        assert_eq!(
+                            got,
+                            Err(TransitionError {
+                                state,
+                                event: e.name()
+                            }),
+                            "{} + {}",
+                            state.as_str(),
+                            e.name()
+                        );
                     }
                 }
             }
@@ -355,11 +509,19 @@ mod tests {
             for e in all_events() {
                 let err = next(state, &e).unwrap_err();
                 let text = err.to_string();
-                assert!(text.contains(state.as_str()) && text.contains(e.name()) && text.contains("finished"), "{text}");
+                assert!(
+                    text.contains(state.as_str())
+                        && text.contains(e.name())
+                        && text.contains("finished"),
+                    "{text}"
+                );
             }
         }
         let err = next(S::Running, &OpEvent::CommandApproved { by: "x".into() }).unwrap_err();
-        assert_eq!(err.to_string(), "an op in state running cannot take the event command-approved");
+        assert_eq!(
+            err.to_string(),
+            "an op in state running cannot take the event command-approved"
+        );
     }
 
     #[test]
@@ -369,10 +531,15 @@ mod tests {
         // Automatic policy: approve, dispatch, run, finish, output streamed.
         assert_eq!(
             run(&[
-                OpEvent::CommandApproved { by: "policy:automatic".into() },
+                OpEvent::CommandApproved {
+                    by: "policy:automatic".into()
+                },
                 OpEvent::Dispatched,
                 OpEvent::Started,
-                OpEvent::Finished { exit_code: 0, output_held: false }
+                OpEvent::Finished {
+                    exit_code: 0,
+                    output_held: false
+                }
             ]),
             Ok(S::Completed)
         );
@@ -382,15 +549,23 @@ mod tests {
                 OpEvent::CommandApproved { by: by() },
                 OpEvent::Dispatched,
                 OpEvent::Started,
-                OpEvent::Finished { exit_code: 1, output_held: true },
-                OpEvent::OutputReleased { by: by(), exit_code: 1 },
+                OpEvent::Finished {
+                    exit_code: 1,
+                    output_held: true
+                },
+                OpEvent::OutputReleased {
+                    by: by(),
+                    exit_code: 1
+                },
             ]),
             Ok(S::Failed)
         );
         // Approved in a window, dispatched after it closed: back to approval, then a person.
         assert_eq!(
             run(&[
-                OpEvent::CommandApproved { by: "policy:window".into() },
+                OpEvent::CommandApproved {
+                    by: "policy:window".into()
+                },
                 OpEvent::PolicyRecheckFailed,
                 OpEvent::CommandApproved { by: by() },
                 OpEvent::Started,
@@ -414,12 +589,29 @@ mod tests {
     fn grant_expires_at_the_exact_second() {
         let at = ts("2026-03-02T10:30:00Z");
         let before = ts("2026-03-02T10:29:59.999999999Z");
-        assert_eq!(grant_state(GrantState::Active, Some(at), before), GrantState::Active);
-        assert_eq!(grant_state(GrantState::Active, Some(at), at), GrantState::Expired);
-        assert_eq!(grant_state(GrantState::Active, Some(at), ts("2026-03-03T00:00:00Z")), GrantState::Expired);
-        assert_eq!(grant_state(GrantState::Active, None, ts("2099-01-01T00:00:00Z")), GrantState::Active);
+        assert_eq!(
+            grant_state(GrantState::Active, Some(at), before),
+            GrantState::Active
+        );
+        assert_eq!(
+            grant_state(GrantState::Active, Some(at), at),
+            GrantState::Expired
+        );
+        assert_eq!(
+            grant_state(GrantState::Active, Some(at), ts("2026-03-03T00:00:00Z")),
+            GrantState::Expired
+        );
+        assert_eq!(
+            grant_state(GrantState::Active, None, ts("2099-01-01T00:00:00Z")),
+            GrantState::Active
+        );
         // Only active grants expire: the others keep their decision.
-        for s in [GrantState::PendingApproval, GrantState::Denied, GrantState::Revoked, GrantState::Expired] {
+        for s in [
+            GrantState::PendingApproval,
+            GrantState::Denied,
+            GrantState::Revoked,
+            GrantState::Expired,
+        ] {
             assert_eq!(grant_state(s, Some(at), ts("2026-03-03T00:00:00Z")), s);
             assert_eq!(grant_state(s, None, before), s);
         }
@@ -447,7 +639,12 @@ mod tests {
         }
     }
 
-    fn grant(id: &str, level: GrantLevel, state: GrantState, expires_at: Option<&str>) -> GrantRecord {
+    fn grant(
+        id: &str,
+        level: GrantLevel,
+        state: GrantState,
+        expires_at: Option<&str>,
+    ) -> GrantRecord {
         GrantRecord {
             id: id.into(),
             level,
@@ -469,30 +666,80 @@ mod tests {
     #[test]
     fn live_operate_grant_or_the_right_refusal() {
         let now = ts("2026-03-02T10:30:00Z");
-        let deploy = grant("g_deploy", GrantLevel::Deploy, GrantState::Active, Some("2026-03-02T12:00:00Z"));
-        let pending = grant("g_pending", GrantLevel::Operate, GrantState::PendingApproval, None);
+        let deploy = grant(
+            "g_deploy",
+            GrantLevel::Deploy,
+            GrantState::Active,
+            Some("2026-03-02T12:00:00Z"),
+        );
+        let pending = grant(
+            "g_pending",
+            GrantLevel::Operate,
+            GrantState::PendingApproval,
+            None,
+        );
 
         let e = live_operate_grant("shop", "acme", [&deploy, &pending], now).unwrap_err();
         assert_eq!(e.code, ErrorCode::OperateAccessRequired);
-        assert!(e.hint.contains("postern access request --app shop --customer acme --level operate"), "{}", e.hint);
+        assert!(
+            e.hint
+                .contains("postern access request --app shop --customer acme --level operate"),
+            "{}",
+            e.hint
+        );
 
         // Expiring at exactly `now` is expired, and says so.
-        let ran_out = grant("g_old", GrantLevel::Operate, GrantState::Active, Some("2026-03-02T10:30:00Z"));
+        let ran_out = grant(
+            "g_old",
+            GrantLevel::Operate,
+            GrantState::Active,
+            Some("2026-03-02T10:30:00Z"),
+        );
         let e = live_operate_grant("shop", "acme", [&deploy, &ran_out, &pending], now).unwrap_err();
         assert_eq!(e.code, ErrorCode::OperateAccessExpired);
         assert!(e.message.contains("2026-03-02T10:30:00Z"), "{}", e.message);
         assert_eq!(e.details["grant_id"], "g_old");
         assert!(e.hint.contains("postern access request"), "{}", e.hint);
-        assert_eq!(live_operate_grant("shop", "acme", [&ran_out], ts("2026-03-02T10:29:59Z")).unwrap().id, "g_old");
+        assert_eq!(
+            live_operate_grant("shop", "acme", [&ran_out], ts("2026-03-02T10:29:59Z"))
+                .unwrap()
+                .id,
+            "g_old"
+        );
 
         // With several live grants, the longest lasting one.
-        let short = grant("g_short", GrantLevel::Operate, GrantState::Active, Some("2026-03-02T10:45:00Z"));
-        let long = grant("g_long", GrantLevel::Operate, GrantState::Active, Some("2026-03-02T11:45:00Z"));
-        assert_eq!(live_operate_grant("shop", "acme", [&short, &ran_out, &long], now).unwrap().id, "g_long");
-        assert_eq!(live_operate_grant("shop", "acme", [&long, &short], now).unwrap().id, "g_long");
+        let short = grant(
+            "g_short",
+            GrantLevel::Operate,
+            GrantState::Active,
+            Some("2026-03-02T10:45:00Z"),
+        );
+        let long = grant(
+            "g_long",
+            GrantLevel::Operate,
+            GrantState::Active,
+            Some("2026-03-02T11:45:00Z"),
+        );
+        assert_eq!(
+            live_operate_grant("shop", "acme", [&short, &ran_out, &long], now)
+                .unwrap()
+                .id,
+            "g_long"
+        );
+        assert_eq!(
+            live_operate_grant("shop", "acme", [&long, &short], now)
+                .unwrap()
+                .id,
+            "g_long"
+        );
 
         // Denied and revoked grants are not "expired": there is simply no access.
-        let revoked = grant("g_rev", GrantLevel::Operate, GrantState::Revoked, Some("2026-03-02T11:00:00Z"));
+        let revoked = grant(
+            "g_rev",
+            GrantLevel::Operate,
+            GrantState::Revoked,
+            Some("2026-03-02T11:00:00Z"),
+        );
         let denied = grant("g_den", GrantLevel::Operate, GrantState::Denied, None);
         let e = live_operate_grant("shop", "acme", [&revoked, &denied], now).unwrap_err();
         assert_eq!(e.code, ErrorCode::OperateAccessRequired);
@@ -502,20 +749,42 @@ mod tests {
 
     #[test]
     fn op_errors() {
-        for s in [S::PendingApproval, S::Approved, S::Running, S::OutputPendingApproval, S::Completed] {
+        for s in [
+            S::PendingApproval,
+            S::Approved,
+            S::Running,
+            S::OutputPendingApproval,
+            S::Completed,
+        ] {
             assert_eq!(op_error(s, Some(0), None, None), None, "{}", s.as_str());
         }
 
-        let e = op_error(S::Failed, Some(2), Some("error: pods \"x\" not found\n"), None).unwrap();
+        let e = op_error(
+            S::Failed,
+            Some(2),
+            Some("error: pods \"x\" not found\n"),
+            None,
+        )
+        .unwrap();
         assert_eq!(e.code, ErrorCode::CommandFailed);
         assert!(e.message.contains("code 2"), "{}", e.message);
         assert_eq!(e.details["exit_code"], 2);
         assert_eq!(e.details["stderr"], "error: pods \"x\" not found\n");
         assert!(!e.hint.is_empty());
 
-        let e = op_error(S::Failed, None, None, Some("no live operate grant at the agent")).unwrap();
+        let e = op_error(
+            S::Failed,
+            None,
+            None,
+            Some("no live operate grant at the agent"),
+        )
+        .unwrap();
         assert_eq!(e.code, ErrorCode::CommandFailed);
-        assert!(e.message.contains("refused") && e.message.contains("no live operate grant"), "{}", e.message);
+        assert!(
+            e.message.contains("refused") && e.message.contains("no live operate grant"),
+            "{}",
+            e.message
+        );
 
         let e = op_error(S::Denied, None, None, Some("not during the freeze")).unwrap();
         assert_eq!(e.code, ErrorCode::ApprovalDenied);

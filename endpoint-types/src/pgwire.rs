@@ -48,7 +48,11 @@ pub struct CancelKey {
 
 impl fmt::Debug for CancelKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CancelKey {{ process_id: {}, secret: <redacted> }}", self.process_id)
+        write!(
+            f,
+            "CancelKey {{ process_id: {}, secret: <redacted> }}",
+            self.process_id
+        )
     }
 }
 
@@ -60,7 +64,10 @@ impl CancelKey {
 
     pub fn from_param(s: &str) -> Option<CancelKey> {
         let (p, k) = s.split_once('.')?;
-        Some(CancelKey { process_id: p.parse().ok()?, secret: k.parse().ok()? })
+        Some(CancelKey {
+            process_id: p.parse().ok()?,
+            secret: k.parse().ok()?,
+        })
     }
 }
 
@@ -72,13 +79,19 @@ pub enum Startup {
     Cancel(CancelKey),
     /// `StartupMessage`: the requested minor version (answered with NegotiateProtocolVersion
     /// when above 0) and the parameters in the order sent.
-    Params { minor: u16, params: Vec<(String, String)> },
+    Params {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            Startup::Params { params, .. } => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+            Startup::Params { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -103,7 +116,10 @@ fn checked_len(raw: i32, min: usize, limit: usize) -> Result<usize, WireError> {
 
 /// Splits a NUL-terminated string off the front of `b`.
 fn cstr<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a str, WireError> {
-    let end = b.iter().position(|&c| c == 0).ok_or(WireError::Malformed(what))?;
+    let end = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or(WireError::Malformed(what))?;
     let (s, rest) = b.split_at(end);
     *b = rest.get(1..).unwrap_or_default();
     std::str::from_utf8(s).map_err(|_| WireError::Malformed(what))
@@ -124,11 +140,21 @@ fn take_i32(b: &mut &[u8], what: &'static str) -> Result<i32, WireError> {
 
 /// Parses the first packet of a connection. `Ok(Some((packet, consumed)))` once complete.
 pub fn parse_startup(buf: &[u8]) -> Result<Option<(Startup, usize)>, WireError> {
-    let Some(raw) = be_i32(buf, 0) else { return Ok(None) };
+    let Some(raw) = be_i32(buf, 0) else {
+        return Ok(None);
+    };
     let len = checked_len(raw, 8, MAX_STARTUP_LEN)?;
-    let Some(packet) = buf.get(..len) else { return Ok(None) };
+    let Some(packet) = buf.get(..len) else {
+        return Ok(None);
+    };
     let code = be_i32(packet, 4).ok_or(WireError::BadLength(raw))?;
-    let fixed = |want: usize, what| if len == want { Ok(()) } else { Err(WireError::Malformed(what)) };
+    let fixed = |want: usize, what| {
+        if len == want {
+            Ok(())
+        } else {
+            Err(WireError::Malformed(what))
+        }
+    };
     let startup = match code {
         SSL_REQUEST_CODE => {
             fixed(8, "SSLRequest")?;
@@ -173,8 +199,12 @@ pub type Message<'a> = (u8, &'a [u8], usize);
 
 /// One typed message (1-byte tag, i32 length that counts itself).
 pub fn parse_message(buf: &[u8], limit: usize) -> Result<Option<Message<'_>>, WireError> {
-    let Some(&tag) = buf.first() else { return Ok(None) };
-    let Some(raw) = be_i32(buf, 1) else { return Ok(None) };
+    let Some(&tag) = buf.first() else {
+        return Ok(None);
+    };
+    let Some(raw) = be_i32(buf, 1) else {
+        return Ok(None);
+    };
     let len = checked_len(raw, 4, limit.saturating_add(4))?;
     let total = len + 1;
     match buf.get(5..total) {
@@ -188,7 +218,12 @@ pub fn parse_sasl_initial(body: &[u8]) -> Result<(&str, &[u8]), WireError> {
     let mut b = body;
     let mechanism = cstr(&mut b, "SASLInitialResponse")?;
     let n = take_i32(&mut b, "SASLInitialResponse")?;
-    let data = if n < 0 { &[][..] } else { b.get(..n as usize).ok_or(WireError::Malformed("SASLInitialResponse"))? };
+    let data = if n < 0 {
+        &[][..]
+    } else {
+        b.get(..n as usize)
+            .ok_or(WireError::Malformed("SASLInitialResponse"))?
+    };
     if n >= 0 && b.len() != n as usize {
         return Err(WireError::Malformed("SASLInitialResponse"));
     }
@@ -202,9 +237,17 @@ pub enum Frontend<'a> {
     /// Simple protocol `Q`.
     Query { text: Cow<'a, str> },
     /// Extended protocol `P`: statement name (empty = unnamed), SQL text, declared parameter types.
-    Parse { statement: Cow<'a, str>, text: Cow<'a, str>, param_types: usize },
+    Parse {
+        statement: Cow<'a, str>,
+        text: Cow<'a, str>,
+        param_types: usize,
+    },
     /// `B`: values are not recorded, only how many.
-    Bind { portal: Cow<'a, str>, statement: Cow<'a, str>, params: usize },
+    Bind {
+        portal: Cow<'a, str>,
+        statement: Cow<'a, str>,
+        params: usize,
+    },
     /// `E`.
     Execute { portal: Cow<'a, str>, max_rows: i32 },
     /// `X`: the client says goodbye.
@@ -213,7 +256,10 @@ pub enum Frontend<'a> {
 
 /// Text in the client's encoding, which need not be UTF-8: recorded lossily rather than refused.
 fn text<'a>(b: &mut &'a [u8], what: &'static str) -> Result<Cow<'a, str>, WireError> {
-    let end = b.iter().position(|&c| c == 0).ok_or(WireError::Malformed(what))?;
+    let end = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or(WireError::Malformed(what))?;
     let (s, rest) = b.split_at(end);
     *b = rest.get(1..).unwrap_or_default();
     Ok(String::from_utf8_lossy(s))
@@ -223,7 +269,9 @@ fn text<'a>(b: &mut &'a [u8], what: &'static str) -> Result<Cow<'a, str>, WireEr
 pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireError> {
     let mut b = body;
     Ok(Some(match tag {
-        b'Q' => Frontend::Query { text: text(&mut b, "Query")? },
+        b'Q' => Frontend::Query {
+            text: text(&mut b, "Query")?,
+        },
         b'P' => {
             let statement = text(&mut b, "Parse")?;
             let text = text(&mut b, "Parse")?;
@@ -231,7 +279,11 @@ pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireE
             if n < 0 || b.len() != n as usize * 4 {
                 return Err(WireError::Malformed("Parse"));
             }
-            Frontend::Parse { statement, text, param_types: n as usize }
+            Frontend::Parse {
+                statement,
+                text,
+                param_types: n as usize,
+            }
         }
         b'B' => {
             let portal = text(&mut b, "Bind")?;
@@ -240,7 +292,9 @@ pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireE
             if formats < 0 {
                 return Err(WireError::Malformed("Bind"));
             }
-            b = b.get(formats as usize * 2..).ok_or(WireError::Malformed("Bind"))?;
+            b = b
+                .get(formats as usize * 2..)
+                .ok_or(WireError::Malformed("Bind"))?;
             let n = take_i16(&mut b, "Bind")?;
             if n < 0 {
                 return Err(WireError::Malformed("Bind"));
@@ -254,7 +308,11 @@ pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireE
                     return Err(WireError::Malformed("Bind"));
                 }
             }
-            Frontend::Bind { portal, statement, params: n as usize }
+            Frontend::Bind {
+                portal,
+                statement,
+                params: n as usize,
+            }
         }
         b'E' => {
             let portal = text(&mut b, "Execute")?;
@@ -331,21 +389,49 @@ impl Frontend<'_> {
         let text = match self {
             Frontend::Query { text } => {
                 let (text, truncated) = capped(text);
-                serde_json::to_string(&Query { message: "query", protocol: "simple", text, truncated })
+                serde_json::to_string(&Query {
+                    message: "query",
+                    protocol: "simple",
+                    text,
+                    truncated,
+                })
             }
-            Frontend::Parse { statement, text, param_types } => {
+            Frontend::Parse {
+                statement,
+                text,
+                param_types,
+            } => {
                 let (text, truncated) = capped(text);
-                serde_json::to_string(&Parse { message: "parse", param_types: *param_types, protocol: "extended", statement, text, truncated })
+                serde_json::to_string(&Parse {
+                    message: "parse",
+                    param_types: *param_types,
+                    protocol: "extended",
+                    statement,
+                    text,
+                    truncated,
+                })
             }
-            Frontend::Bind { portal, statement, params } => {
-                serde_json::to_string(&Bind { message: "bind", params: *params, portal, protocol: "extended", statement })
-            }
-            Frontend::Execute { portal, max_rows } => {
-                serde_json::to_string(&Execute { max_rows: *max_rows, message: "execute", portal, protocol: "extended" })
-            }
+            Frontend::Bind {
+                portal,
+                statement,
+                params,
+            } => serde_json::to_string(&Bind {
+                message: "bind",
+                params: *params,
+                portal,
+                protocol: "extended",
+                statement,
+            }),
+            Frontend::Execute { portal, max_rows } => serde_json::to_string(&Execute {
+                max_rows: *max_rows,
+                message: "execute",
+                portal,
+                protocol: "extended",
+            }),
             Frontend::Terminate => return None,
         };
-        text.ok().and_then(|t| serde_json::value::RawValue::from_string(t).ok())
+        text.ok()
+            .and_then(|t| serde_json::value::RawValue::from_string(t).ok())
     }
 }
 
@@ -372,7 +458,11 @@ impl FrontendScan {
     /// Scans `buf` (the bytes received and not yet forwarded) and returns how many leading
     /// bytes may be forwarded now; audited messages wholly inside them are pushed to `out`.
     /// The rest of `buf` is an incomplete message: keep it and append the next read.
-    pub fn scan<'a>(&mut self, buf: &'a [u8], out: &mut Vec<Frontend<'a>>) -> Result<usize, WireError> {
+    pub fn scan<'a>(
+        &mut self,
+        buf: &'a [u8],
+        out: &mut Vec<Frontend<'a>>,
+    ) -> Result<usize, WireError> {
         let mut at = 0;
         loop {
             if self.skip > 0 {
@@ -384,9 +474,13 @@ impl FrontendScan {
                 }
             }
             let rest = buf.get(at..).unwrap_or_default();
-            let Some(&tag) = rest.first() else { return Ok(at) };
+            let Some(&tag) = rest.first() else {
+                return Ok(at);
+            };
             if !audited(tag) {
-                let Some(raw) = be_i32(rest, 1) else { return Ok(at) };
+                let Some(raw) = be_i32(rest, 1) else {
+                    return Ok(at);
+                };
                 // Pass-through messages are bounded by the protocol's own 1 GB cap only;
                 // they are never held, so the audit limit does not apply.
                 let len = checked_len(raw, 4, i32::MAX as usize)?;
@@ -482,7 +576,12 @@ pub struct PgError {
 
 impl PgError {
     pub fn fatal(sqlstate: &'static str, message: impl Into<String>) -> PgError {
-        PgError { severity: "FATAL", sqlstate, message: message.into(), hint: None }
+        PgError {
+            severity: "FATAL",
+            sqlstate,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> PgError {
@@ -492,7 +591,11 @@ impl PgError {
 
     pub fn write(&self, out: &mut BytesMut) {
         message(out, b'E', |b| {
-            for (field, value) in [(b'S', self.severity), (b'V', self.severity), (b'C', self.sqlstate)] {
+            for (field, value) in [
+                (b'S', self.severity),
+                (b'V', self.severity),
+                (b'C', self.sqlstate),
+            ] {
                 b.put_u8(field);
                 put_cstr(b, value);
             }
@@ -529,7 +632,9 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
             break;
         }
         b = rest;
-        let Ok(v) = cstr(&mut b, "ErrorResponse") else { break };
+        let Ok(v) = cstr(&mut b, "ErrorResponse") else {
+            break;
+        };
         match field {
             b'C' => code = v.to_string(),
             b'M' => msg = v.to_string(),
@@ -563,7 +668,10 @@ fn identity_setting(name: &str) -> bool {
 }
 
 fn truthy(v: &str) -> bool {
-    !matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0" | "f" | "n")
+    !matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "false" | "off" | "no" | "0" | "f" | "n"
+    )
 }
 
 /// Splits `options` like the server does (`pg_split_opts`): whitespace separates, a
@@ -614,12 +722,19 @@ fn option_settings(options: &str) -> Vec<String> {
 /// Applies the endpoint's startup policy: identity and scope cannot be changed by a client.
 /// `database` absent means the endpoint's own; any other is refused, as are `replication`
 /// and any way of setting `role` or `session_authorization`.
-pub fn sanitize(params: &[(String, String)], endpoint_database: &str) -> Result<Sanitized, PgError> {
+pub fn sanitize(
+    params: &[(String, String)],
+    endpoint_database: &str,
+) -> Result<Sanitized, PgError> {
     let refuse = |what: String| {
         PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, what)
             .hint("an ops endpoint's identity and scope are fixed by the appliance; connect with the generated connection string")
     };
-    let mut s = Sanitized { forward: Vec::new(), stripped: Vec::new(), protocol_options: Vec::new() };
+    let mut s = Sanitized {
+        forward: Vec::new(),
+        stripped: Vec::new(),
+        protocol_options: Vec::new(),
+    };
     for (name, value) in params {
         match name.as_str() {
             "user" => {}
@@ -632,20 +747,29 @@ pub fn sanitize(params: &[(String, String)], endpoint_database: &str) -> Result<
             }
             "replication" => {
                 if truthy(value) {
-                    return Err(refuse("replication connections are not allowed through an ops endpoint".into()));
+                    return Err(refuse(
+                        "replication connections are not allowed through an ops endpoint".into(),
+                    ));
                 }
                 s.stripped.push(name.clone());
             }
             "options" => {
-                if let Some(bad) = option_settings(value).into_iter().find(|n| identity_setting(n)) {
-                    return Err(refuse(format!("setting \"{bad}\" in options is not allowed through an ops endpoint")));
+                if let Some(bad) = option_settings(value)
+                    .into_iter()
+                    .find(|n| identity_setting(n))
+                {
+                    return Err(refuse(format!(
+                        "setting \"{bad}\" in options is not allowed through an ops endpoint"
+                    )));
                 }
                 s.forward.push((name.clone(), value.clone()));
             }
             n if n.starts_with("_pq_.") => s.protocol_options.push(name.clone()),
             n if guc_name(n).starts_with("postern.") => s.stripped.push(name.clone()),
             n if identity_setting(n) => {
-                return Err(refuse(format!("startup parameter \"{n}\" is not allowed through an ops endpoint")));
+                return Err(refuse(format!(
+                    "startup parameter \"{n}\" is not allowed through an ops endpoint"
+                )));
             }
             _ => s.forward.push((name.clone(), value.clone())),
         }

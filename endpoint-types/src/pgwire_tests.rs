@@ -10,42 +10,109 @@ fn built(f: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
 }
 
 fn params(p: &[(&str, &str)]) -> Vec<(String, String)> {
-    p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
 fn startup_packets_from_a_real_client_library() {
-    let startup = built(|b| frontend::startup_message([("user", "ep_1"), ("database", "appdb")], b).unwrap());
+    let startup =
+        built(|b| frontend::startup_message([("user", "ep_1"), ("database", "appdb")], b).unwrap());
     let ssl = built(frontend::ssl_request);
     let cancel = built(|b| frontend::cancel_request(42, -7, b));
     let cases: Vec<(&str, Vec<u8>, Startup)> = vec![
-        ("startup", startup, Startup::Params { minor: 0, params: params(&[("user", "ep_1"), ("database", "appdb")]) }),
+        (
+            "startup",
+            startup,
+            Startup::Params {
+                minor: 0,
+                params: params(&[("user", "ep_1"), ("database", "appdb")]),
+            },
+        ),
         ("ssl", ssl, Startup::Ssl),
-        ("cancel", cancel, Startup::Cancel(CancelKey { process_id: 42, secret: -7 })),
-        ("gssenc", vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30], Startup::GssEnc),
-        ("minor 2", vec![0, 0, 0, 9, 0, 3, 0, 2, 0], Startup::Params { minor: 2, params: vec![] }),
+        (
+            "cancel",
+            cancel,
+            Startup::Cancel(CancelKey {
+                process_id: 42,
+                secret: -7,
+            }),
+        ),
+        (
+            "gssenc",
+            vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30],
+            Startup::GssEnc,
+        ),
+        (
+            "minor 2",
+            vec![0, 0, 0, 9, 0, 3, 0, 2, 0],
+            Startup::Params {
+                minor: 2,
+                params: vec![],
+            },
+        ),
     ];
     for (name, bytes, want) in cases {
         // Every prefix is incomplete, the whole is the packet, and what follows is left alone.
         for cut in 0..bytes.len() {
-            assert_eq!(parse_startup(&bytes[..cut]), Ok(None), "{name} cut at {cut}");
+            assert_eq!(
+                parse_startup(&bytes[..cut]),
+                Ok(None),
+                "{name} cut at {cut}"
+            );
         }
         let mut more = bytes.clone();
         more.extend_from_slice(b"next");
-        assert_eq!(parse_startup(&more), Ok(Some((want, bytes.len()))), "{name}");
+        assert_eq!(
+            parse_startup(&more),
+            Ok(Some((want, bytes.len()))),
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn bad_startup_packets_are_errors_before_buffering() {
     let cases: Vec<(&str, Vec<u8>, WireError)> = vec![
-        ("huge", vec![0x7f, 0, 0, 0], WireError::TooLarge { len: 0x7f00_0000, limit: MAX_STARTUP_LEN }),
-        ("negative", vec![0xff, 0xff, 0xff, 0xff], WireError::BadLength(-1)),
-        ("too short", vec![0, 0, 0, 4, 0, 0, 0, 0], WireError::BadLength(4)),
-        ("protocol 2", vec![0, 0, 0, 8, 0, 2, 0, 0], WireError::Version { major: 2, minor: 0 }),
-        ("ssl with body", vec![0, 0, 0, 9, 0x04, 0xd2, 0x16, 0x2f, 0], WireError::Malformed("SSLRequest")),
-        ("unterminated", vec![0, 0, 0, 10, 0, 3, 0, 0, b'u', b'x'], WireError::Malformed("StartupMessage")),
-        ("trailing", vec![0, 0, 0, 11, 0, 3, 0, 0, 0, b'x', 0], WireError::Malformed("StartupMessage")),
+        (
+            "huge",
+            vec![0x7f, 0, 0, 0],
+            WireError::TooLarge {
+                len: 0x7f00_0000,
+                limit: MAX_STARTUP_LEN,
+            },
+        ),
+        (
+            "negative",
+            vec![0xff, 0xff, 0xff, 0xff],
+            WireError::BadLength(-1),
+        ),
+        (
+            "too short",
+            vec![0, 0, 0, 4, 0, 0, 0, 0],
+            WireError::BadLength(4),
+        ),
+        (
+            "protocol 2",
+            vec![0, 0, 0, 8, 0, 2, 0, 0],
+            WireError::Version { major: 2, minor: 0 },
+        ),
+        (
+            "ssl with body",
+            vec![0, 0, 0, 9, 0x04, 0xd2, 0x16, 0x2f, 0],
+            WireError::Malformed("SSLRequest"),
+        ),
+        (
+            "unterminated",
+            vec![0, 0, 0, 10, 0, 3, 0, 0, b'u', b'x'],
+            WireError::Malformed("StartupMessage"),
+        ),
+        (
+            "trailing",
+            vec![0, 0, 0, 11, 0, 3, 0, 0, 0, b'x', 0],
+            WireError::Malformed("StartupMessage"),
+        ),
     ];
     for (name, bytes, want) in cases {
         assert_eq!(parse_startup(&bytes), Err(want), "{name}");
@@ -74,13 +141,28 @@ fn frontend_messages_from_a_real_client_library_are_seen_by_the_audit() {
     frontend::describe(b'P', "p1", &mut wire).unwrap();
     frontend::execute("p1", 0, &mut wire).unwrap();
     frontend::sync(&mut wire);
-    frontend::CopyData::new(&b"1\t2\n"[..]).unwrap().write(&mut wire);
+    frontend::CopyData::new(&b"1\t2\n"[..])
+        .unwrap()
+        .write(&mut wire);
     frontend::terminate(&mut wire);
     let want = vec![
-        Frontend::Query { text: "select 'it''s'; -- \u{1F600}".into() },
-        Frontend::Parse { statement: "s1".into(), text: "select $1::int + $2".into(), param_types: 2 },
-        Frontend::Bind { portal: "p1".into(), statement: "s1".into(), params: 2 },
-        Frontend::Execute { portal: "p1".into(), max_rows: 0 },
+        Frontend::Query {
+            text: "select 'it''s'; -- \u{1F600}".into(),
+        },
+        Frontend::Parse {
+            statement: "s1".into(),
+            text: "select $1::int + $2".into(),
+            param_types: 2,
+        },
+        Frontend::Bind {
+            portal: "p1".into(),
+            statement: "s1".into(),
+            params: 2,
+        },
+        Frontend::Execute {
+            portal: "p1".into(),
+            max_rows: 0,
+        },
         Frontend::Terminate,
     ];
     // Whole, and in every two-piece split: the same messages, and everything forwarded.
@@ -106,9 +188,28 @@ fn owned(f: Frontend<'_>) -> Frontend<'static> {
     let o = |c: std::borrow::Cow<'_, str>| std::borrow::Cow::Owned(c.into_owned());
     match f {
         Frontend::Query { text } => Frontend::Query { text: o(text) },
-        Frontend::Parse { statement, text, param_types } => Frontend::Parse { statement: o(statement), text: o(text), param_types },
-        Frontend::Bind { portal, statement, params } => Frontend::Bind { portal: o(portal), statement: o(statement), params },
-        Frontend::Execute { portal, max_rows } => Frontend::Execute { portal: o(portal), max_rows },
+        Frontend::Parse {
+            statement,
+            text,
+            param_types,
+        } => Frontend::Parse {
+            statement: o(statement),
+            text: o(text),
+            param_types,
+        },
+        Frontend::Bind {
+            portal,
+            statement,
+            params,
+        } => Frontend::Bind {
+            portal: o(portal),
+            statement: o(statement),
+            params,
+        },
+        Frontend::Execute { portal, max_rows } => Frontend::Execute {
+            portal: o(portal),
+            max_rows,
+        },
         Frontend::Terminate => Frontend::Terminate,
     }
 }
@@ -117,7 +218,9 @@ fn owned(f: Frontend<'_>) -> Frontend<'static> {
 fn copy_data_streams_through_without_being_held() {
     // A 1 MiB CopyData message with a 1 KiB audit limit: forwarded piece by piece.
     let mut wire = BytesMut::new();
-    frontend::CopyData::new(&vec![b'x'; 1 << 20][..]).unwrap().write(&mut wire);
+    frontend::CopyData::new(&vec![b'x'; 1 << 20][..])
+        .unwrap()
+        .write(&mut wire);
     frontend::copy_done(&mut wire);
     let mut scan = FrontendScan::new(1024);
     let mut out = Vec::new();
@@ -132,16 +235,30 @@ fn audited_message_over_the_limit_is_refused_before_it_is_buffered() {
     let mut wire = BytesMut::new();
     frontend::query(&"x".repeat(2000), &mut wire).unwrap();
     let mut out = Vec::new();
-    assert_eq!(FrontendScan::new(1024).scan(&wire[..5], &mut out), Err(WireError::TooLarge { len: 2005, limit: 1028 }));
+    assert_eq!(
+        FrontendScan::new(1024).scan(&wire[..5], &mut out),
+        Err(WireError::TooLarge {
+            len: 2005,
+            limit: 1028
+        })
+    );
 }
 
 #[test]
 fn malformed_audited_messages_are_errors() {
     let cases: Vec<(&str, u8, Vec<u8>)> = vec![
         ("query without nul", b'Q', b"select".to_vec()),
-        ("parse short types", b'P', b"\0select 1\0\0\x02\0\0\0\x17".to_vec()),
+        (
+            "parse short types",
+            b'P',
+            b"\0select 1\0\0\x02\0\0\0\x17".to_vec(),
+        ),
         ("bind negative count", b'B', b"\0\0\0\0\xff\xff".to_vec()),
-        ("bind value past end", b'B', b"\0\0\0\0\0\x01\0\0\0\x09ab".to_vec()),
+        (
+            "bind value past end",
+            b'B',
+            b"\0\0\0\0\0\x01\0\0\0\x09ab".to_vec(),
+        ),
         ("execute short", b'E', b"\0\0\0".to_vec()),
     ];
     for (name, tag, body) in cases {
@@ -152,10 +269,14 @@ fn malformed_audited_messages_are_errors() {
 
 #[test]
 fn sasl_initial_response_from_a_real_client_library() {
-    let wire = built(|b| frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc", b).unwrap());
+    let wire =
+        built(|b| frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc", b).unwrap());
     let (tag, body, n) = parse_message(&wire, MAX_AUTH_MESSAGE_LEN).unwrap().unwrap();
     assert_eq!((tag, n), (b'p', wire.len()));
-    assert_eq!(parse_sasl_initial(body).unwrap(), ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..]));
+    assert_eq!(
+        parse_sasl_initial(body).unwrap(),
+        ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..])
+    );
     assert!(parse_sasl_initial(b"SCRAM-SHA-256\0\0\0\0\x09abc").is_err());
 }
 
@@ -167,8 +288,19 @@ fn backend_messages_parse_with_a_real_client_library() {
     auth_sasl_continue(&mut b, b"r=x,s=y,i=4096");
     auth_sasl_final(&mut b, b"v=abc");
     auth_ok(&mut b);
-    backend_key_data(&mut b, CancelKey { process_id: 7, secret: 9 });
-    PgError::fatal(sqlstate::INVALID_PASSWORD, "password authentication failed for user \"ep_1\"").hint("h").write(&mut b);
+    backend_key_data(
+        &mut b,
+        CancelKey {
+            process_id: 7,
+            secret: 9,
+        },
+    );
+    PgError::fatal(
+        sqlstate::INVALID_PASSWORD,
+        "password authentication failed for user \"ep_1\"",
+    )
+    .hint("h")
+    .write(&mut b);
     let mut kinds = Vec::new();
     while let Some(m) = Message::parse(&mut b).unwrap() {
         kinds.push(match m {
@@ -193,7 +325,10 @@ fn backend_messages_parse_with_a_real_client_library() {
     assert_eq!(kinds, ["sasl", "continue", "final", "ok", "key", "error"]);
     let mut e = BytesMut::new();
     PgError::fatal("28P01", "nope").write(&mut e);
-    assert_eq!(error_fields(&e[5..]), ("28P01".to_string(), "nope".to_string()));
+    assert_eq!(
+        error_fields(&e[5..]),
+        ("28P01".to_string(), "nope".to_string())
+    );
 }
 
 #[test]
@@ -221,7 +356,10 @@ fn startup_policy() {
     );
     assert_eq!(s.stripped, ["replication", "postern.cancel_key"]);
     assert_eq!(s.protocol_options, ["_pq_.compression"]);
-    assert!(ok(&[("user", "ep_1")]).is_ok(), "no database means the endpoint's");
+    assert!(
+        ok(&[("user", "ep_1")]).is_ok(),
+        "no database means the endpoint's"
+    );
     for bad in [
         &[("database", "postgres")][..],
         &[("replication", "database")],
@@ -232,7 +370,10 @@ fn startup_policy() {
         &[("options", "-c role=postgres")],
         &[("options", "-crole=postgres")],
         &[("options", "--role=postgres")],
-        &[("options", "-c search_path=x -c Session-Authorization=postgres")],
+        &[(
+            "options",
+            "-c search_path=x -c Session-Authorization=postgres",
+        )],
         &[("options", "-c\\ role=postgres")],
     ] {
         assert_eq!(refused(bad), sqlstate::INSUFFICIENT_PRIVILEGE, "{bad:?}");
@@ -241,13 +382,22 @@ fn startup_policy() {
 
 #[test]
 fn options_split_like_the_server() {
-    assert_eq!(split_options("  -c a=b\\ c   --x=y "), ["-c", "a=b c", "--x=y"]);
-    assert_eq!(option_settings("-c a=1 -cb=2 --c-d=3 -c"), ["a", "b", "c-d"]);
+    assert_eq!(
+        split_options("  -c a=b\\ c   --x=y "),
+        ["-c", "a=b c", "--x=y"]
+    );
+    assert_eq!(
+        option_settings("-c a=1 -cb=2 --c-d=3 -c"),
+        ["a", "b", "c-d"]
+    );
 }
 
 #[test]
 fn cancel_key_param_round_trips_and_hides_the_secret() {
-    let k = CancelKey { process_id: -5, secret: 123456 };
+    let k = CancelKey {
+        process_id: -5,
+        secret: 123456,
+    };
     assert_eq!(CancelKey::from_param(&k.to_param()), Some(k));
     assert_eq!(CancelKey::from_param("1"), None);
     assert!(!format!("{k:?}").contains("123456"));
@@ -255,11 +405,41 @@ fn cancel_key_param_round_trips_and_hides_the_secret() {
 
 #[test]
 fn startup_message_round_trips() {
-    let p = params(&[("user", "r"), ("database", "d"), ("application_name", "psql")]);
+    let p = params(&[
+        ("user", "r"),
+        ("database", "d"),
+        ("application_name", "psql"),
+    ]);
     let b = built(|b| startup_message(b, &p));
-    assert_eq!(parse_startup(&b), Ok(Some((Startup::Params { minor: 0, params: p }, b.len()))));
-    let c = built(|b| cancel_request(b, CancelKey { process_id: 1, secret: 2 }));
-    assert_eq!(parse_startup(&c), Ok(Some((Startup::Cancel(CancelKey { process_id: 1, secret: 2 }), 16))));
+    assert_eq!(
+        parse_startup(&b),
+        Ok(Some((
+            Startup::Params {
+                minor: 0,
+                params: p
+            },
+            b.len()
+        )))
+    );
+    let c = built(|b| {
+        cancel_request(
+            b,
+            CancelKey {
+                process_id: 1,
+                secret: 2,
+            },
+        )
+    });
+    assert_eq!(
+        parse_startup(&c),
+        Ok(Some((
+            Startup::Cancel(CancelKey {
+                process_id: 1,
+                secret: 2
+            }),
+            16
+        )))
+    );
 }
 
 proptest! {
@@ -317,12 +497,20 @@ fn value_form(f: &Frontend<'_>) -> Option<serde_json::Value> {
             let (t, truncated) = capped(text);
             json!({ "protocol": "simple", "message": "query", "text": t, "truncated": truncated })
         }
-        Frontend::Parse { statement, text, param_types } => {
+        Frontend::Parse {
+            statement,
+            text,
+            param_types,
+        } => {
             let (t, truncated) = capped(text);
             json!({ "protocol": "extended", "message": "parse", "statement": statement, "text": t,
                     "param_types": param_types, "truncated": truncated })
         }
-        Frontend::Bind { portal, statement, params } => {
+        Frontend::Bind {
+            portal,
+            statement,
+            params,
+        } => {
             json!({ "protocol": "extended", "message": "bind", "portal": portal, "statement": statement, "params": params })
         }
         Frontend::Execute { portal, max_rows } => {
@@ -348,14 +536,38 @@ fn assert_same_detail(f: &Frontend<'_>) {
 fn statement_detail_json_matches_the_value_form() {
     let long = "x".repeat(MAX_AUDITED_TEXT + 10);
     for f in [
-        Frontend::Query { text: "select 1".into() },
-        Frontend::Query { text: "select '\u{1b}[2J\"\\'\n\t\u{0}'".into() },
-        Frontend::Query { text: long.as_str().into() },
-        Frontend::Parse { statement: "s1".into(), text: "select $1::int".into(), param_types: 1 },
-        Frontend::Parse { statement: "".into(), text: long.as_str().into(), param_types: 0 },
-        Frontend::Bind { portal: "".into(), statement: "s1".into(), params: 3 },
-        Frontend::Execute { portal: "p\"1".into(), max_rows: -1 },
-        Frontend::Execute { portal: "".into(), max_rows: i32::MAX },
+        Frontend::Query {
+            text: "select 1".into(),
+        },
+        Frontend::Query {
+            text: "select '\u{1b}[2J\"\\'\n\t\u{0}'".into(),
+        },
+        Frontend::Query {
+            text: long.as_str().into(),
+        },
+        Frontend::Parse {
+            statement: "s1".into(),
+            text: "select $1::int".into(),
+            param_types: 1,
+        },
+        Frontend::Parse {
+            statement: "".into(),
+            text: long.as_str().into(),
+            param_types: 0,
+        },
+        Frontend::Bind {
+            portal: "".into(),
+            statement: "s1".into(),
+            params: 3,
+        },
+        Frontend::Execute {
+            portal: "p\"1".into(),
+            max_rows: -1,
+        },
+        Frontend::Execute {
+            portal: "".into(),
+            max_rows: i32::MAX,
+        },
         Frontend::Terminate,
     ] {
         assert_same_detail(&f);

@@ -79,7 +79,10 @@ pub enum PolicyError {
     #[error("windows: {input:?}: {error} (expected e.g. \"Mon-Fri 09:00-17:00\")")]
     Window { input: String, error: WindowError },
     #[error("maintenance: {input:?}: {error} (expected START/END in RFC 3339, e.g. \"2026-12-01T02:00:00Z/2026-12-01T04:00:00Z\")")]
-    Maintenance { input: String, error: MaintenanceError },
+    Maintenance {
+        input: String,
+        error: MaintenanceError,
+    },
 }
 
 /// A half-open span of real time `[start, end)`.
@@ -134,7 +137,11 @@ impl Window {
             return None;
         }
         let start = resolve(date, self.start, tz)?;
-        let end_date = if self.end <= self.start { date.tomorrow().ok()? } else { date };
+        let end_date = if self.end <= self.start {
+            date.tomorrow().ok()?
+        } else {
+            date
+        };
         let end = resolve(end_date, self.end, tz)?;
         (end > start).then_some(Interval { start, end })
     }
@@ -143,12 +150,17 @@ impl Window {
 /// The instant of wall-clock `minute` (may be 1440, the next midnight) on `date` in `tz`.
 /// `None` only at the edges of jiff's supported range, where no window can matter.
 fn resolve(date: Date, minute: u16, tz: &TimeZone) -> Option<Timestamp> {
-    let (date, minute) =
-        if minute >= MINUTES_PER_DAY { (date.tomorrow().ok()?, minute - MINUTES_PER_DAY) } else { (date, minute) };
+    let (date, minute) = if minute >= MINUTES_PER_DAY {
+        (date.tomorrow().ok()?, minute - MINUTES_PER_DAY)
+    } else {
+        (date, minute)
+    };
     let hour = i8::try_from(minute / 60).ok()?;
     let min = i8::try_from(minute % 60).ok()?;
     let time = Time::new(hour, min, 0, 0).ok()?;
-    tz.to_ambiguous_timestamp(date.to_datetime(time)).compatible().ok()
+    tz.to_ambiguous_timestamp(date.to_datetime(time))
+        .compatible()
+        .ok()
 }
 
 fn parse_day(s: &str) -> Result<u8, WindowError> {
@@ -215,7 +227,10 @@ impl FromStr for Window {
     type Err = WindowError;
 
     fn from_str(w: &str) -> Result<Window, WindowError> {
-        let (days, times) = w.trim().split_once(char::is_whitespace).ok_or(WindowError::MissingTimes)?;
+        let (days, times) = w
+            .trim()
+            .split_once(char::is_whitespace)
+            .ok_or(WindowError::MissingTimes)?;
         let days = parse_days(days)?;
         let times = times.trim();
         if times.is_empty() {
@@ -252,7 +267,14 @@ impl fmt::Display for Window {
                 first = false;
             }
         }
-        write!(f, " {:02}:{:02}-{:02}:{:02}", self.start / 60, self.start % 60, self.end / 60, self.end % 60)
+        write!(
+            f,
+            " {:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
     }
 }
 
@@ -282,8 +304,14 @@ impl FromStr for Maintenance {
 
     fn from_str(m: &str) -> Result<Maintenance, MaintenanceError> {
         let (start, end) = m.split_once('/').ok_or(MaintenanceError::MissingSlash)?;
-        let start: Timestamp = start.trim().parse().map_err(|e: jiff::Error| MaintenanceError::BadStart(e.to_string()))?;
-        let end: Timestamp = end.trim().parse().map_err(|e: jiff::Error| MaintenanceError::BadEnd(e.to_string()))?;
+        let start: Timestamp = start
+            .trim()
+            .parse()
+            .map_err(|e: jiff::Error| MaintenanceError::BadStart(e.to_string()))?;
+        let end: Timestamp = end
+            .trim()
+            .parse()
+            .map_err(|e: jiff::Error| MaintenanceError::BadEnd(e.to_string()))?;
         if end <= start {
             return Err(MaintenanceError::EndNotAfterStart);
         }
@@ -345,25 +373,46 @@ impl Policy {
     /// Validates every entry, whatever the mode: a customer who writes windows under
     /// `approval = "manual"` is told about a typo now, not when they switch to `windows`.
     pub fn parse(summary: &PolicySummary) -> Result<Policy, PolicyError> {
-        if summary.approval == ApprovalMode::Windows && summary.windows.is_empty() && summary.maintenance.is_empty() {
+        if summary.approval == ApprovalMode::Windows
+            && summary.windows.is_empty()
+            && summary.maintenance.is_empty()
+        {
             return Err(PolicyError::NoWindows);
         }
         let time_zone = match &summary.time_zone {
             None => TimeZone::UTC,
-            Some(name) => TimeZone::get(name)
-                .map_err(|e| PolicyError::UnknownTimeZone { name: name.clone(), reason: e.to_string() })?,
+            Some(name) => TimeZone::get(name).map_err(|e| PolicyError::UnknownTimeZone {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?,
         };
         let windows = summary
             .windows
             .iter()
-            .map(|w| w.parse().map_err(|error| PolicyError::Window { input: w.clone(), error }))
+            .map(|w| {
+                w.parse().map_err(|error| PolicyError::Window {
+                    input: w.clone(),
+                    error,
+                })
+            })
             .collect::<Result<Vec<Window>, _>>()?;
         let maintenance = summary
             .maintenance
             .iter()
-            .map(|m| m.parse().map_err(|error| PolicyError::Maintenance { input: m.clone(), error }))
+            .map(|m| {
+                m.parse().map_err(|error| PolicyError::Maintenance {
+                    input: m.clone(),
+                    error,
+                })
+            })
             .collect::<Result<Vec<Maintenance>, _>>()?;
-        Ok(Policy { approval: summary.approval, time_zone, windows, maintenance, steady_state: summary.steady_state })
+        Ok(Policy {
+            approval: summary.approval,
+            time_zone,
+            windows,
+            maintenance,
+            steady_state: summary.steady_state,
+        })
     }
 
     pub fn approval(&self) -> ApprovalMode {
@@ -420,8 +469,19 @@ impl Policy {
             ApprovalMode::Windows => {
                 let horizon = now.checked_add(NEXT_OPEN_HORIZON).unwrap_or(Timestamp::MAX);
                 let weekly = self.weekly_intervals(now, horizon);
-                let dated = self.maintenance.iter().filter(|m| m.end > now).map(|m| Interval { start: m.start, end: m.end });
-                weekly.into_iter().chain(dated).map(|i| i.start.max(now)).min()
+                let dated = self
+                    .maintenance
+                    .iter()
+                    .filter(|m| m.end > now)
+                    .map(|m| Interval {
+                        start: m.start,
+                        end: m.end,
+                    });
+                weekly
+                    .into_iter()
+                    .chain(dated)
+                    .map(|i| i.start.max(now))
+                    .min()
             }
         }
     }
@@ -431,7 +491,13 @@ impl Policy {
         let horizon = now.checked_add(CLOSES_AT_HORIZON).unwrap_or(Timestamp::MAX);
         let mut intervals = self.weekly_intervals(now, horizon);
         intervals.extend(
-            self.maintenance.iter().filter(|m| m.end > now && m.start < horizon).map(|m| Interval { start: m.start, end: m.end }),
+            self.maintenance
+                .iter()
+                .filter(|m| m.end > now && m.start < horizon)
+                .map(|m| Interval {
+                    start: m.start,
+                    end: m.end,
+                }),
         );
         intervals.sort_by_key(|i| i.start);
         // Every interval here ends after `now`; in start order, the first one starting after
@@ -492,7 +558,12 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn policy(approval: ApprovalMode, tz: Option<&str>, windows: &[&str], maintenance: &[&str]) -> Policy {
+    fn policy(
+        approval: ApprovalMode,
+        tz: Option<&str>,
+        windows: &[&str],
+        maintenance: &[&str],
+    ) -> Policy {
         Policy::parse(&PolicySummary {
             approval,
             time_zone: tz.map(str::to_string),
@@ -508,7 +579,9 @@ mod tests {
     }
 
     fn in_window(closes_at: &str) -> Decision {
-        Decision::InWindow { closes_at: ts(closes_at) }
+        Decision::InWindow {
+            closes_at: ts(closes_at),
+        }
     }
 
     fn w(s: &str) -> Window {
@@ -521,13 +594,32 @@ mod tests {
     fn assert_open_exactly(p: &Policy, open: &str, close: &str) {
         let (open, close) = (ts(open), ts(close));
         let expect = Decision::InWindow { closes_at: close };
-        assert_eq!(p.evaluate(open - SignedDuration::from_secs(1)), Decision::NeedsPerson, "a second before {open}");
-        assert_eq!(p.evaluate(open - SignedDuration::from_nanos(1)), Decision::NeedsPerson, "just before {open}");
+        assert_eq!(
+            p.evaluate(open - SignedDuration::from_secs(1)),
+            Decision::NeedsPerson,
+            "a second before {open}"
+        );
+        assert_eq!(
+            p.evaluate(open - SignedDuration::from_nanos(1)),
+            Decision::NeedsPerson,
+            "just before {open}"
+        );
         assert_eq!(p.evaluate(open), expect, "at {open}");
-        assert_eq!(p.evaluate(close - SignedDuration::from_secs(1)), expect, "a second before {close}");
-        assert_eq!(p.evaluate(close - SignedDuration::from_nanos(1)), expect, "just before {close}");
+        assert_eq!(
+            p.evaluate(close - SignedDuration::from_secs(1)),
+            expect,
+            "a second before {close}"
+        );
+        assert_eq!(
+            p.evaluate(close - SignedDuration::from_nanos(1)),
+            expect,
+            "just before {close}"
+        );
         assert_eq!(p.evaluate(close), Decision::NeedsPerson, "at {close}");
-        assert_eq!(p.next_open(open - SignedDuration::from_secs(60)), Some(open));
+        assert_eq!(
+            p.next_open(open - SignedDuration::from_secs(60)),
+            Some(open)
+        );
     }
 
     // ---- syntax ----
@@ -535,12 +627,24 @@ mod tests {
     #[test]
     fn window_day_forms() {
         assert_eq!(w("Sat 10:00-12:00").to_string(), "Sat 10:00-12:00");
-        assert_eq!(w("Mon-Fri 09:00-17:00").to_string(), "Mon,Tue,Wed,Thu,Fri 09:00-17:00");
-        assert_eq!(w("Fri-Mon 09:00-17:00").to_string(), "Mon,Fri,Sat,Sun 09:00-17:00");
+        assert_eq!(
+            w("Mon-Fri 09:00-17:00").to_string(),
+            "Mon,Tue,Wed,Thu,Fri 09:00-17:00"
+        );
+        assert_eq!(
+            w("Fri-Mon 09:00-17:00").to_string(),
+            "Mon,Fri,Sat,Sun 09:00-17:00"
+        );
         assert_eq!(w("Mon,Wed 22:00-02:00").to_string(), "Mon,Wed 22:00-02:00");
         assert_eq!(w("Sat 18:00-00:00").to_string(), "Sat 18:00-24:00");
-        assert_eq!(w("Mon,Wed-Fri 08:00-09:00").to_string(), "Mon,Wed,Thu,Fri 08:00-09:00");
-        assert_eq!(w("Mon-Sun 00:00-24:00").to_string(), "Mon,Tue,Wed,Thu,Fri,Sat,Sun 00:00-24:00");
+        assert_eq!(
+            w("Mon,Wed-Fri 08:00-09:00").to_string(),
+            "Mon,Wed,Thu,Fri 08:00-09:00"
+        );
+        assert_eq!(
+            w("Mon-Sun 00:00-24:00").to_string(),
+            "Mon,Tue,Wed,Thu,Fri,Sat,Sun 00:00-24:00"
+        );
         assert_eq!(w("Sun-Mon 00:00-24:00").to_string(), "Mon,Sun 00:00-24:00");
         assert_eq!(w("mon-FRI 09:00-17:00"), w("Mon-Fri 09:00-17:00"));
         assert_eq!(w("  Sat   10:00 - 12:00 "), w("Sat 10:00-12:00"));
@@ -550,13 +654,25 @@ mod tests {
     #[test]
     fn window_times() {
         let x = w("Mon 09:30-17:45");
-        assert_eq!((x.start_minute(), x.end_minute(), x.ends_next_day()), (570, 1065, false));
+        assert_eq!(
+            (x.start_minute(), x.end_minute(), x.ends_next_day()),
+            (570, 1065, false)
+        );
         let x = w("Mon 22:00-02:00");
-        assert_eq!((x.start_minute(), x.end_minute(), x.ends_next_day()), (1320, 120, true));
+        assert_eq!(
+            (x.start_minute(), x.end_minute(), x.ends_next_day()),
+            (1320, 120, true)
+        );
         let x = w("Mon 00:00-24:00");
-        assert_eq!((x.start_minute(), x.end_minute(), x.ends_next_day()), (0, 1440, true));
+        assert_eq!(
+            (x.start_minute(), x.end_minute(), x.ends_next_day()),
+            (0, 1440, true)
+        );
         let x = w("Mon 23:59-00:00");
-        assert_eq!((x.start_minute(), x.end_minute(), x.ends_next_day()), (1439, 1440, true));
+        assert_eq!(
+            (x.start_minute(), x.end_minute(), x.ends_next_day()),
+            (1439, 1440, true)
+        );
         assert_eq!(x, w("Mon 23:59-24:00"));
         assert!(!w("Mon 09:00-17:00").ends_next_day());
         assert!(x.starts_on(Weekday::Monday) && !x.starts_on(Weekday::Tuesday));
@@ -598,10 +714,18 @@ mod tests {
     #[test]
     fn maintenance_syntax() {
         let m: Maintenance = "2026-12-01T02:00:00Z/2026-12-01T04:00:00Z".parse().unwrap();
-        assert_eq!((m.start(), m.end()), (ts("2026-12-01T02:00:00Z"), ts("2026-12-01T04:00:00Z")));
+        assert_eq!(
+            (m.start(), m.end()),
+            (ts("2026-12-01T02:00:00Z"), ts("2026-12-01T04:00:00Z"))
+        );
         assert_eq!(m.to_string(), "2026-12-01T02:00:00Z/2026-12-01T04:00:00Z");
-        let m: Maintenance = "2026-12-01T03:00:00+01:00 / 2026-12-01T05:00:00+01:00".parse().unwrap();
-        assert_eq!((m.start(), m.end()), (ts("2026-12-01T02:00:00Z"), ts("2026-12-01T04:00:00Z")));
+        let m: Maintenance = "2026-12-01T03:00:00+01:00 / 2026-12-01T05:00:00+01:00"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (m.start(), m.end()),
+            (ts("2026-12-01T02:00:00Z"), ts("2026-12-01T04:00:00Z"))
+        );
         assert!(m.contains(ts("2026-12-01T02:00:00Z")) && !m.contains(ts("2026-12-01T04:00:00Z")));
 
         use MaintenanceError::*;
@@ -610,9 +734,18 @@ mod tests {
         assert!(matches!(err("yesterday/2026-12-01T04:00:00Z"), BadStart(_)));
         assert!(matches!(err("2026-12-01T02:00:00Z/later"), BadEnd(_)));
         // A civil time without offset is not an instant: refuse rather than assume a zone.
-        assert!(matches!(err("2026-12-01T02:00:00/2026-12-01T04:00:00Z"), BadStart(_)));
-        assert_eq!(err("2026-12-01T04:00:00Z/2026-12-01T02:00:00Z"), EndNotAfterStart);
-        assert_eq!(err("2026-12-01T04:00:00Z/2026-12-01T04:00:00Z"), EndNotAfterStart);
+        assert!(matches!(
+            err("2026-12-01T02:00:00/2026-12-01T04:00:00Z"),
+            BadStart(_)
+        ));
+        assert_eq!(
+            err("2026-12-01T04:00:00Z/2026-12-01T02:00:00Z"),
+            EndNotAfterStart
+        );
+        assert_eq!(
+            err("2026-12-01T04:00:00Z/2026-12-01T04:00:00Z"),
+            EndNotAfterStart
+        );
     }
 
     #[test]
@@ -626,26 +759,52 @@ mod tests {
                 steady_state: true,
             })
         };
-        assert_eq!(parse(ApprovalMode::Windows, None, &[], &[]).unwrap_err(), PolicyError::NoWindows);
+        assert_eq!(
+            parse(ApprovalMode::Windows, None, &[], &[]).unwrap_err(),
+            PolicyError::NoWindows
+        );
         let e = parse(ApprovalMode::Manual, Some("Europe/Berlinn"), &[], &[]).unwrap_err();
-        assert!(matches!(&e, PolicyError::UnknownTimeZone { name, .. } if name == "Europe/Berlinn"), "{e}");
-        assert!(e.to_string().starts_with("time_zone = \"Europe/Berlinn\" is not a known time zone"), "{e}");
+        assert!(
+            matches!(&e, PolicyError::UnknownTimeZone { name, .. } if name == "Europe/Berlinn"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("time_zone = \"Europe/Berlinn\" is not a known time zone"),
+            "{e}"
+        );
         // Entries are checked whatever the mode.
         let e = parse(ApprovalMode::Manual, None, &["Mon-Fry 09:00-17:00"], &[]).unwrap_err();
         assert_eq!(e.to_string(), "windows: \"Mon-Fry 09:00-17:00\": \"Fry\" is not a day (Mon, Tue, … Sun) (expected e.g. \"Mon-Fri 09:00-17:00\")");
-        let e = parse(ApprovalMode::Windows, None, &[], &["2026-12-01T04:00:00Z/2026-12-01T02:00:00Z"]).unwrap_err();
+        let e = parse(
+            ApprovalMode::Windows,
+            None,
+            &[],
+            &["2026-12-01T04:00:00Z/2026-12-01T02:00:00Z"],
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("maintenance: \"2026-12-01T04:00:00Z/2026-12-01T02:00:00Z\": end is not after start"), "{e}");
     }
 
     #[test]
     fn policy_parse_defaults_to_utc_and_keeps_fields() {
-        let p = policy(ApprovalMode::Windows, None, &["Mon-Fri 09:00-17:00"], &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z"]);
+        let p = policy(
+            ApprovalMode::Windows,
+            None,
+            &["Mon-Fri 09:00-17:00"],
+            &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z"],
+        );
         assert_eq!(p.time_zone(), &TimeZone::UTC);
         assert_eq!(p.windows(), &[w("Mon-Fri 09:00-17:00")]);
         assert_eq!(p.maintenance().len(), 1);
         assert_eq!(p.approval(), ApprovalMode::Windows);
         assert!(p.steady_state());
-        let p = policy(ApprovalMode::Windows, Some("Europe/Berlin"), &["Sat 10:00-12:00"], &[]);
+        let p = policy(
+            ApprovalMode::Windows,
+            Some("Europe/Berlin"),
+            &["Sat 10:00-12:00"],
+            &[],
+        );
         assert_eq!(p.time_zone().iana_name(), Some("Europe/Berlin"));
     }
 
@@ -655,9 +814,19 @@ mod tests {
     fn fixed_modes_ignore_the_clock_and_any_windows() {
         let inside = ts("2026-03-02T10:00:00Z"); // a Monday
         for (mode, decision, output, next) in [
-            (ApprovalMode::Automatic, Decision::Automatic, false, Some(inside)),
+            (
+                ApprovalMode::Automatic,
+                Decision::Automatic,
+                false,
+                Some(inside),
+            ),
             (ApprovalMode::Manual, Decision::NeedsPerson, true, None),
-            (ApprovalMode::AlwaysRequire, Decision::NeedsPerson, true, None),
+            (
+                ApprovalMode::AlwaysRequire,
+                Decision::NeedsPerson,
+                true,
+                None,
+            ),
         ] {
             let p = policy(mode, None, &["Mon-Sun 00:00-24:00"], &[]);
             assert_eq!(p.evaluate(inside), decision, "{mode:?}");
@@ -665,7 +834,10 @@ mod tests {
             assert_eq!(p.next_open(inside), next, "{mode:?}");
         }
         let d = Decision::Automatic;
-        assert_eq!((d.is_auto(), d.decided_by()), (true, Some("policy:automatic")));
+        assert_eq!(
+            (d.is_auto(), d.decided_by()),
+            (true, Some("policy:automatic"))
+        );
         let d = in_window("2026-03-02T17:00:00Z");
         assert_eq!((d.is_auto(), d.decided_by()), (true, Some("policy:window")));
         let d = Decision::NeedsPerson;
@@ -678,14 +850,28 @@ mod tests {
         // 2026-03-02 is a Monday, 2026-03-06 a Friday.
         assert_open_exactly(&p, "2026-03-02T09:00:00Z", "2026-03-02T17:00:00Z");
         assert_open_exactly(&p, "2026-03-06T09:00:00Z", "2026-03-06T17:00:00Z");
-        assert_eq!(p.evaluate(ts("2026-03-07T12:00:00Z")), Decision::NeedsPerson, "Saturday");
-        assert_eq!(p.evaluate(ts("2026-03-08T12:00:00Z")), Decision::NeedsPerson, "Sunday");
+        assert_eq!(
+            p.evaluate(ts("2026-03-07T12:00:00Z")),
+            Decision::NeedsPerson,
+            "Saturday"
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-08T12:00:00Z")),
+            Decision::NeedsPerson,
+            "Sunday"
+        );
         assert!(p.needs_output_approval(ts("2026-03-02T08:59:59Z")));
         assert!(!p.needs_output_approval(ts("2026-03-02T09:00:00Z")));
         assert!(p.needs_output_approval(ts("2026-03-02T17:00:00Z")));
         // From Friday evening the next window is Monday morning; inside one it is now.
-        assert_eq!(p.next_open(ts("2026-03-06T17:00:00Z")), Some(ts("2026-03-09T09:00:00Z")));
-        assert_eq!(p.next_open(ts("2026-03-02T12:34:56Z")), Some(ts("2026-03-02T12:34:56Z")));
+        assert_eq!(
+            p.next_open(ts("2026-03-06T17:00:00Z")),
+            Some(ts("2026-03-09T09:00:00Z"))
+        );
+        assert_eq!(
+            p.next_open(ts("2026-03-02T12:34:56Z")),
+            Some(ts("2026-03-02T12:34:56Z"))
+        );
     }
 
     #[test]
@@ -694,8 +880,14 @@ mod tests {
         // Friday 2026-03-06 22:00 to Saturday 02:00.
         assert_open_exactly(&p, "2026-03-06T22:00:00Z", "2026-03-07T02:00:00Z");
         // Friday 01:00 is the tail of a Thursday window, which there is none of.
-        assert_eq!(p.evaluate(ts("2026-03-06T01:00:00Z")), Decision::NeedsPerson);
-        assert_eq!(p.evaluate(ts("2026-03-07T23:00:00Z")), Decision::NeedsPerson);
+        assert_eq!(
+            p.evaluate(ts("2026-03-06T01:00:00Z")),
+            Decision::NeedsPerson
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-07T23:00:00Z")),
+            Decision::NeedsPerson
+        );
 
         // Sunday night runs into Monday, across the week's edge.
         let p = windows(None, &["Sun 23:00-01:30"]);
@@ -703,10 +895,26 @@ mod tests {
 
         // A range that wraps over the weekend.
         let p = windows(None, &["Fri-Mon 20:00-08:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-07T12:00:00Z")), Decision::NeedsPerson, "Saturday noon");
-        assert_eq!(p.evaluate(ts("2026-03-10T07:00:00Z")), in_window("2026-03-10T08:00:00Z"), "Tuesday morning: Monday's window");
-        assert_eq!(p.evaluate(ts("2026-03-10T21:00:00Z")), Decision::NeedsPerson, "Tuesday evening");
-        assert_eq!(p.evaluate(ts("2026-03-11T07:00:00Z")), Decision::NeedsPerson, "Wednesday morning");
+        assert_eq!(
+            p.evaluate(ts("2026-03-07T12:00:00Z")),
+            Decision::NeedsPerson,
+            "Saturday noon"
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-10T07:00:00Z")),
+            in_window("2026-03-10T08:00:00Z"),
+            "Tuesday morning: Monday's window"
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-10T21:00:00Z")),
+            Decision::NeedsPerson,
+            "Tuesday evening"
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-11T07:00:00Z")),
+            Decision::NeedsPerson,
+            "Wednesday morning"
+        );
 
         // 24:00 ends at the next midnight; 00:00 as an end means the same.
         for text in ["Sat 18:00-24:00", "Sat 18:00-00:00"] {
@@ -718,35 +926,73 @@ mod tests {
     #[test]
     fn overlapping_and_touching_windows_close_at_the_end_of_their_union() {
         let p = windows(None, &["Mon 09:00-12:00", "Mon 11:00-17:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-02T09:30:00Z")), in_window("2026-03-02T17:00:00Z"));
-        let p = windows(None, &["Mon 09:00-12:00", "Mon 12:00-13:00", "Mon 13:30-14:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-02T09:30:00Z")), in_window("2026-03-02T13:00:00Z"));
-        assert_eq!(p.evaluate(ts("2026-03-02T13:15:00Z")), Decision::NeedsPerson);
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T09:30:00Z")),
+            in_window("2026-03-02T17:00:00Z")
+        );
+        let p = windows(
+            None,
+            &["Mon 09:00-12:00", "Mon 12:00-13:00", "Mon 13:30-14:00"],
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T09:30:00Z")),
+            in_window("2026-03-02T13:00:00Z")
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T13:15:00Z")),
+            Decision::NeedsPerson
+        );
         // A long window containing a short one.
         let p = windows(None, &["Mon 08:00-18:00", "Mon 09:00-10:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-02T09:30:00Z")), in_window("2026-03-02T18:00:00Z"));
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T09:30:00Z")),
+            in_window("2026-03-02T18:00:00Z")
+        );
         // Whole days chained over midnight.
         let p = windows(None, &["Mon-Tue 00:00-24:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-02T09:30:00Z")), in_window("2026-03-04T00:00:00Z"));
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T09:30:00Z")),
+            in_window("2026-03-04T00:00:00Z")
+        );
         let p = windows(None, &["Mon 18:00-02:00", "Tue 01:00-09:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-02T20:00:00Z")), in_window("2026-03-03T09:00:00Z"));
+        assert_eq!(
+            p.evaluate(ts("2026-03-02T20:00:00Z")),
+            in_window("2026-03-03T09:00:00Z")
+        );
     }
 
     #[test]
     fn a_window_that_never_closes_is_capped_at_the_horizon() {
         let p = windows(Some("Europe/Berlin"), &["Mon-Sun 00:00-24:00"]);
         let now = ts("2026-03-28T12:00:00Z");
-        assert_eq!(p.evaluate(now), Decision::InWindow { closes_at: now + CLOSES_AT_HORIZON });
+        assert_eq!(
+            p.evaluate(now),
+            Decision::InWindow {
+                closes_at: now + CLOSES_AT_HORIZON
+            }
+        );
         assert_eq!(p.next_open(now), Some(now));
         assert!(!p.needs_output_approval(now));
     }
 
     #[test]
     fn maintenance_windows() {
-        let p = policy(ApprovalMode::Windows, None, &[], &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z"]);
+        let p = policy(
+            ApprovalMode::Windows,
+            None,
+            &[],
+            &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z"],
+        );
         assert_open_exactly(&p, "2026-12-01T02:00:00Z", "2026-12-01T04:00:00Z");
-        assert_eq!(p.next_open(ts("2026-11-01T00:00:00Z")), Some(ts("2026-12-01T02:00:00Z")));
-        assert_eq!(p.next_open(ts("2026-12-01T04:00:00Z")), None, "only a past maintenance window: never again");
+        assert_eq!(
+            p.next_open(ts("2026-11-01T00:00:00Z")),
+            Some(ts("2026-12-01T02:00:00Z"))
+        );
+        assert_eq!(
+            p.next_open(ts("2026-12-01T04:00:00Z")),
+            None,
+            "only a past maintenance window: never again"
+        );
 
         // A maintenance window extends a weekly one it overlaps (2026-12-01 is a Tuesday),
         // and a weekly one extends a maintenance window it touches.
@@ -756,20 +1002,42 @@ mod tests {
             &["Tue 00:00-03:00", "Tue 04:00-05:00"],
             &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z"],
         );
-        assert_eq!(p.evaluate(ts("2026-12-01T00:30:00Z")), in_window("2026-12-01T05:00:00Z"));
-        assert_eq!(p.evaluate(ts("2026-12-01T03:30:00Z")), in_window("2026-12-01T05:00:00Z"));
+        assert_eq!(
+            p.evaluate(ts("2026-12-01T00:30:00Z")),
+            in_window("2026-12-01T05:00:00Z")
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-12-01T03:30:00Z")),
+            in_window("2026-12-01T05:00:00Z")
+        );
         // Overlapping maintenance windows.
         let p = policy(
             ApprovalMode::Windows,
             None,
             &[],
-            &["2026-12-01T02:00:00Z/2026-12-01T04:00:00Z", "2026-12-01T03:00:00Z/2026-12-02T00:00:00Z"],
+            &[
+                "2026-12-01T02:00:00Z/2026-12-01T04:00:00Z",
+                "2026-12-01T03:00:00Z/2026-12-02T00:00:00Z",
+            ],
         );
-        assert_eq!(p.evaluate(ts("2026-12-01T02:00:00Z")), in_window("2026-12-02T00:00:00Z"));
+        assert_eq!(
+            p.evaluate(ts("2026-12-01T02:00:00Z")),
+            in_window("2026-12-02T00:00:00Z")
+        );
         // A long maintenance window is capped like a window that never closes.
-        let p = policy(ApprovalMode::Windows, None, &[], &["2026-01-01T00:00:00Z/2027-01-01T00:00:00Z"]);
+        let p = policy(
+            ApprovalMode::Windows,
+            None,
+            &[],
+            &["2026-01-01T00:00:00Z/2027-01-01T00:00:00Z"],
+        );
         let now = ts("2026-06-01T00:00:00Z");
-        assert_eq!(p.evaluate(now), Decision::InWindow { closes_at: now + CLOSES_AT_HORIZON });
+        assert_eq!(
+            p.evaluate(now),
+            Decision::InWindow {
+                closes_at: now + CLOSES_AT_HORIZON
+            }
+        );
     }
 
     #[test]
@@ -802,8 +1070,14 @@ mod tests {
 
         // A window wholly inside the skipped hour does not happen that day.
         let p = windows(Some("Europe/Berlin"), &["Sun 02:00-03:00"]);
-        assert_eq!(p.evaluate(ts("2026-03-29T01:00:00Z")), Decision::NeedsPerson);
-        assert_eq!(p.next_open(ts("2026-03-28T12:00:00Z")), Some(ts("2026-04-05T00:00:00Z")));
+        assert_eq!(
+            p.evaluate(ts("2026-03-29T01:00:00Z")),
+            Decision::NeedsPerson
+        );
+        assert_eq!(
+            p.next_open(ts("2026-03-28T12:00:00Z")),
+            Some(ts("2026-04-05T00:00:00Z"))
+        );
 
         // Overnight across the change: Sat 22:00 CET to Sun 06:00 CEST, seven real hours.
         let p = windows(Some("Europe/Berlin"), &["Sat 22:00-06:00"]);
@@ -813,7 +1087,10 @@ mod tests {
         let p = windows(Some("Europe/Berlin"), &["Mon-Fri 09:00-17:00"]);
         assert_open_exactly(&p, "2026-03-27T08:00:00Z", "2026-03-27T16:00:00Z");
         assert_open_exactly(&p, "2026-03-30T07:00:00Z", "2026-03-30T15:00:00Z");
-        assert_eq!(p.next_open(ts("2026-03-27T16:00:00Z")), Some(ts("2026-03-30T07:00:00Z")));
+        assert_eq!(
+            p.next_open(ts("2026-03-27T16:00:00Z")),
+            Some(ts("2026-03-30T07:00:00Z"))
+        );
     }
 
     #[test]
@@ -821,8 +1098,16 @@ mod tests {
         let p = windows(Some("Europe/Berlin"), &["Sun 01:00-03:00"]);
         // 01:00 CEST (Sat 23:00Z) to 03:00 CET (02:00Z): three real hours, 02:xx twice.
         assert_open_exactly(&p, "2026-10-24T23:00:00Z", "2026-10-25T02:00:00Z");
-        assert_eq!(p.evaluate(ts("2026-10-25T00:30:00Z")), in_window("2026-10-25T02:00:00Z"), "first 02:30");
-        assert_eq!(p.evaluate(ts("2026-10-25T01:30:00Z")), in_window("2026-10-25T02:00:00Z"), "second 02:30");
+        assert_eq!(
+            p.evaluate(ts("2026-10-25T00:30:00Z")),
+            in_window("2026-10-25T02:00:00Z"),
+            "first 02:30"
+        );
+        assert_eq!(
+            p.evaluate(ts("2026-10-25T01:30:00Z")),
+            in_window("2026-10-25T02:00:00Z"),
+            "second 02:30"
+        );
         // The week after: 01:00-03:00 CET.
         assert_open_exactly(&p, "2026-11-01T00:00:00Z", "2026-11-01T02:00:00Z");
 
@@ -854,13 +1139,21 @@ mod tests {
         // Sat 23:00 EDT to Sun 04:00 EST: six real hours.
         assert_open_exactly(&p, "2026-11-01T03:00:00Z", "2026-11-01T09:00:00Z");
         // Friday evening in New York is Saturday in UTC: closed.
-        assert_eq!(p.evaluate(ts("2026-03-07T04:30:00Z")), Decision::NeedsPerson);
+        assert_eq!(
+            p.evaluate(ts("2026-03-07T04:30:00Z")),
+            Decision::NeedsPerson
+        );
     }
 
     // ---- properties ----
 
     fn zone() -> impl Strategy<Value = &'static str> {
-        prop_oneof![Just("UTC"), Just("Europe/Berlin"), Just("America/New_York"), Just("Australia/Lord_Howe")]
+        prop_oneof![
+            Just("UTC"),
+            Just("Europe/Berlin"),
+            Just("America/New_York"),
+            Just("Australia/Lord_Howe")
+        ]
     }
 
     fn window_text() -> impl Strategy<Value = String> {
@@ -873,7 +1166,13 @@ mod tests {
                 (Some(x), Some(y)) => format!("{x}-{y}"),
                 _ => return None,
             };
-            Some(format!("{days} {:02}:{:02}-{:02}:{:02}", s / 60, s % 60, e / 60, e % 60))
+            Some(format!(
+                "{days} {:02}:{:02}-{:02}:{:02}",
+                s / 60,
+                s % 60,
+                e / 60,
+                e % 60
+            ))
         })
     }
 

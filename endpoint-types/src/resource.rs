@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn stream_codes_round_trip() {
         for r in [Error, Client, Retired, Expired, Revoked, Interrupted] {
-            assert_eq!(CloseReason::from_stream_code(r.stream_code() as u64), Some(r));
+            assert_eq!(
+                CloseReason::from_stream_code(r.stream_code() as u64),
+                Some(r)
+            );
         }
         assert_eq!(CloseReason::from_stream_code(0), None);
         assert_eq!(CloseReason::from_stream_code(99), None);

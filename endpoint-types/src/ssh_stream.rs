@@ -87,7 +87,12 @@ pub enum SshFrame {
     /// Stderr, agent → gateway.
     Stderr(Bytes),
     Eof,
-    WindowChange { cols: u32, rows: u32, pix_width: u32, pix_height: u32 },
+    WindowChange {
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+    },
     /// A signal name without the `SIG` prefix (`INT`, `TERM`).
     Signal(String),
     ExitStatus(u32),
@@ -144,7 +149,11 @@ impl SshFrame {
         }
         match self {
             SshFrame::Data(b) | SshFrame::Stderr(b) => {
-                let tag = if matches!(self, SshFrame::Data(_)) { TAG_DATA } else { TAG_STDERR };
+                let tag = if matches!(self, SshFrame::Data(_)) {
+                    TAG_DATA
+                } else {
+                    TAG_STDERR
+                };
                 for chunk in b.chunks(MAX_SSH_FRAME) {
                     put(dst, tag, chunk);
                 }
@@ -152,10 +161,20 @@ impl SshFrame {
             SshFrame::Start(s) => put(dst, TAG_START, &json(s)),
             SshFrame::Ready(r) => put(dst, TAG_READY, &json(r)),
             SshFrame::Eof => put(dst, TAG_EOF, &[]),
-            SshFrame::WindowChange { cols, rows, pix_width, pix_height } => put(
+            SshFrame::WindowChange {
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+            } => put(
                 dst,
                 TAG_WINDOW,
-                &json(&Window { cols: *cols, rows: *rows, pix_width: *pix_width, pix_height: *pix_height }),
+                &json(&Window {
+                    cols: *cols,
+                    rows: *rows,
+                    pix_width: *pix_width,
+                    pix_height: *pix_height,
+                }),
             ),
             SshFrame::Signal(s) => put(dst, TAG_SIGNAL, s.as_bytes()),
             SshFrame::ExitStatus(c) => put(dst, TAG_EXIT_STATUS, &c.to_be_bytes()),
@@ -182,10 +201,15 @@ impl SshFrame {
 
 /// Takes one complete frame off the front of `buf`, if there is one.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<SshFrame>, SshFrameError> {
-    let Some(&[tag, a, b, c, d]) = buf.get(..HEADER_LEN) else { return Ok(None) };
+    let Some(&[tag, a, b, c, d]) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
     let len = u32::from_be_bytes([a, b, c, d]) as usize;
     if len > MAX_SSH_FRAME {
-        return Err(SshFrameError::TooLarge { len, max: MAX_SSH_FRAME });
+        return Err(SshFrameError::TooLarge {
+            len,
+            max: MAX_SSH_FRAME,
+        });
     }
     if !(TAG_START..=TAG_ERROR).contains(&tag) {
         return Err(SshFrameError::UnknownTag(tag));
@@ -205,13 +229,22 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<SshFrame>, SshFrameError> {
         TAG_EOF => SshFrame::Eof,
         TAG_WINDOW => {
             let w: Window = serde_json::from_slice(&payload).map_err(bad)?;
-            SshFrame::WindowChange { cols: w.cols, rows: w.rows, pix_width: w.pix_width, pix_height: w.pix_height }
+            SshFrame::WindowChange {
+                cols: w.cols,
+                rows: w.rows,
+                pix_width: w.pix_width,
+                pix_height: w.pix_height,
+            }
         }
         TAG_SIGNAL => SshFrame::Signal(
-            String::from_utf8(payload.to_vec()).map_err(|_| SshFrameError::Malformed("signal name is not UTF-8".into()))?,
+            String::from_utf8(payload.to_vec())
+                .map_err(|_| SshFrameError::Malformed("signal name is not UTF-8".into()))?,
         ),
         TAG_EXIT_STATUS => {
-            let b: [u8; 4] = payload.as_ref().try_into().map_err(|_| SshFrameError::Malformed("exit status is not 4 bytes".into()))?;
+            let b: [u8; 4] = payload
+                .as_ref()
+                .try_into()
+                .map_err(|_| SshFrameError::Malformed("exit status is not 4 bytes".into()))?;
             SshFrame::ExitStatus(u32::from_be_bytes(b))
         }
         TAG_EXIT_SIGNAL => SshFrame::ExitSignal(serde_json::from_slice(&payload).map_err(bad)?),
@@ -228,20 +261,44 @@ mod tests {
     fn all() -> Vec<SshFrame> {
         vec![
             SshFrame::Start(SshStart {
-                pty: Some(PtyRequest { term: "xterm".into(), cols: 80, rows: 24, pix_width: 0, pix_height: 0, modes: vec![(53, 1)] }),
+                pty: Some(PtyRequest {
+                    term: "xterm".into(),
+                    cols: 80,
+                    rows: 24,
+                    pix_width: 0,
+                    pix_height: 0,
+                    modes: vec![(53, 1)],
+                }),
                 command: None,
                 subsystem: None,
                 env: vec![("LANG".into(), "C.UTF-8".into())],
             }),
-            SshFrame::Start(SshStart { pty: None, command: Some("tail -n 50 /var/log/x".into()), subsystem: None, env: vec![] }),
-            SshFrame::Ready(SshReady { user: "deploy".into(), record_input: true }),
+            SshFrame::Start(SshStart {
+                pty: None,
+                command: Some("tail -n 50 /var/log/x".into()),
+                subsystem: None,
+                env: vec![],
+            }),
+            SshFrame::Ready(SshReady {
+                user: "deploy".into(),
+                record_input: true,
+            }),
             SshFrame::Data(Bytes::from_static(b"\x1b[Hhello\r\n")),
             SshFrame::Stderr(Bytes::from_static(b"oops")),
             SshFrame::Eof,
-            SshFrame::WindowChange { cols: 120, rows: 40, pix_width: 1, pix_height: 2 },
+            SshFrame::WindowChange {
+                cols: 120,
+                rows: 40,
+                pix_width: 1,
+                pix_height: 2,
+            },
             SshFrame::Signal("INT".into()),
             SshFrame::ExitStatus(255),
-            SshFrame::ExitSignal(ExitSignal { signal: "KILL".into(), core_dumped: false, message: "".into() }),
+            SshFrame::ExitSignal(ExitSignal {
+                signal: "KILL".into(),
+                core_dumped: false,
+                message: "".into(),
+            }),
             SshFrame::Error(ApiError::new(ErrorCode::TargetUnreachable, "no")),
         ]
     }
@@ -280,19 +337,41 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
         let table: Vec<(Vec<u8>, SshFrameError)> = vec![
-            (vec![TAG_DATA, 0xff, 0xff, 0xff, 0xff], SshFrameError::TooLarge { len: u32::MAX as usize, max: MAX_SSH_FRAME }),
+            (
+                vec![TAG_DATA, 0xff, 0xff, 0xff, 0xff],
+                SshFrameError::TooLarge {
+                    len: u32::MAX as usize,
+                    max: MAX_SSH_FRAME,
+                },
+            ),
             (vec![0, 0, 0, 0, 0], SshFrameError::UnknownTag(0)),
             (vec![99, 0, 0, 0, 0], SshFrameError::UnknownTag(99)),
-            (vec![TAG_EXIT_STATUS, 0, 0, 0, 1, 7], SshFrameError::Malformed("exit status is not 4 bytes".into())),
-            (vec![TAG_SIGNAL, 0, 0, 0, 1, 0xff], SshFrameError::Malformed("signal name is not UTF-8".into())),
+            (
+                vec![TAG_EXIT_STATUS, 0, 0, 0, 1, 7],
+                SshFrameError::Malformed("exit status is not 4 bytes".into()),
+            ),
+            (
+                vec![TAG_SIGNAL, 0, 0, 0, 1, 0xff],
+                SshFrameError::Malformed("signal name is not UTF-8".into()),
+            ),
         ];
         for (bytes, want) in table {
-            assert_eq!(decode(&mut BytesMut::from(&bytes[..])), Err(want), "{bytes:?}");
+            assert_eq!(
+                decode(&mut BytesMut::from(&bytes[..])),
+                Err(want),
+                "{bytes:?}"
+            );
         }
-        assert!(matches!(decode(&mut BytesMut::from(&[TAG_START, 0, 0, 0, 1, b'{'][..])), Err(SshFrameError::Malformed(_))));
+        assert!(matches!(
+            decode(&mut BytesMut::from(&[TAG_START, 0, 0, 0, 1, b'{'][..])),
+            Err(SshFrameError::Malformed(_))
+        ));
         // Incomplete: waits.
         assert_eq!(decode(&mut BytesMut::from(&[TAG_DATA, 0, 0][..])), Ok(None));
-        assert_eq!(decode(&mut BytesMut::from(&[TAG_DATA, 0, 0, 0, 2, 1][..])), Ok(None));
+        assert_eq!(
+            decode(&mut BytesMut::from(&[TAG_DATA, 0, 0, 0, 2, 1][..])),
+            Ok(None)
+        );
     }
 
     proptest! {

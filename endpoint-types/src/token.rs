@@ -16,7 +16,9 @@ pub const ENROLLMENT_TOKEN_PREFIX: &str = "pse1_";
 pub enum TokenFormatError {
     #[error("not a Postern API token (expected pst_<id>_<secret>)")]
     NotApiToken,
-    #[error("not a Postern enrollment token (expected pse1_…, as printed by `postern appliance add`)")]
+    #[error(
+        "not a Postern enrollment token (expected pse1_…, as printed by `postern appliance add`)"
+    )]
     NotEnrollmentToken,
     #[error("enrollment token is damaged: {0}")]
     Damaged(&'static str),
@@ -35,12 +37,22 @@ impl ApiToken {
     }
 
     pub fn parse(s: &str) -> Result<ApiToken, TokenFormatError> {
-        let rest = s.trim().strip_prefix(API_TOKEN_PREFIX).ok_or(TokenFormatError::NotApiToken)?;
+        let rest = s
+            .trim()
+            .strip_prefix(API_TOKEN_PREFIX)
+            .ok_or(TokenFormatError::NotApiToken)?;
         let (id, secret) = rest.split_once('_').ok_or(TokenFormatError::NotApiToken)?;
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.len() < 16 || secret.len() > 128 {
+        if id.is_empty()
+            || !id.bytes().all(|b| b.is_ascii_hexdigit())
+            || secret.len() < 16
+            || secret.len() > 128
+        {
             return Err(TokenFormatError::NotApiToken);
         }
-        Ok(ApiToken { id: id.to_string(), secret: Secret::new(secret) })
+        Ok(ApiToken {
+            id: id.to_string(),
+            secret: Secret::new(secret),
+        })
     }
 }
 
@@ -56,7 +68,10 @@ pub struct EnrollmentToken {
 
 impl std::fmt::Debug for EnrollmentToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EnrollmentToken").field("id", &self.id).field("ca", &self.ca).finish_non_exhaustive()
+        f.debug_struct("EnrollmentToken")
+            .field("id", &self.id)
+            .field("ca", &self.ca)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,15 +83,22 @@ impl EnrollmentToken {
     }
 
     pub fn parse(s: &str) -> Result<EnrollmentToken, TokenFormatError> {
-        let body = s.trim().strip_prefix(ENROLLMENT_TOKEN_PREFIX).ok_or(TokenFormatError::NotEnrollmentToken)?;
+        let body = s
+            .trim()
+            .strip_prefix(ENROLLMENT_TOKEN_PREFIX)
+            .ok_or(TokenFormatError::NotEnrollmentToken)?;
         if body.len() > 4096 {
             return Err(TokenFormatError::Damaged("too long"));
         }
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenFormatError::Damaged("not base64url"))?;
-        let t: EnrollmentToken =
-            serde_json::from_slice(&json).map_err(|_| TokenFormatError::Damaged("unexpected contents"))?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenFormatError::Damaged("not base64url"))?;
+        let t: EnrollmentToken = serde_json::from_slice(&json)
+            .map_err(|_| TokenFormatError::Damaged("unexpected contents"))?;
         if !t.ca.starts_with("sha256:") || t.ca.len() != 7 + 64 {
-            return Err(TokenFormatError::Damaged("CA fingerprint is not sha256:<64 hex>"));
+            return Err(TokenFormatError::Damaged(
+                "CA fingerprint is not sha256:<64 hex>",
+            ));
         }
         Ok(t)
     }
@@ -97,14 +119,24 @@ mod tests {
 
     #[test]
     fn api_token_rejects_garbage() {
-        for bad in ["", "pst_", "pst_zz_0123456789abcdefg", "abc_def", "pst_abcd_short"] {
+        for bad in [
+            "",
+            "pst_",
+            "pst_zz_0123456789abcdefg",
+            "abc_def",
+            "pst_abcd_short",
+        ] {
             assert!(ApiToken::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn enrollment_token_round_trip_and_redaction() {
-        let t = EnrollmentToken { id: "e1".into(), secret: Secret::new("topsecret"), ca: format!("sha256:{}", "a".repeat(64)) };
+        let t = EnrollmentToken {
+            id: "e1".into(),
+            secret: Secret::new("topsecret"),
+            ca: format!("sha256:{}", "a".repeat(64)),
+        };
         let s = t.encode();
         assert!(s.starts_with("pse1_"));
         assert_eq!(EnrollmentToken::parse(&s).unwrap(), t);
@@ -113,8 +145,14 @@ mod tests {
 
     #[test]
     fn enrollment_token_rejects_garbage() {
-        assert_eq!(EnrollmentToken::parse("pst_abc").unwrap_err(), TokenFormatError::NotEnrollmentToken);
+        assert_eq!(
+            EnrollmentToken::parse("pst_abc").unwrap_err(),
+            TokenFormatError::NotEnrollmentToken
+        );
         assert!(EnrollmentToken::parse("pse1_!!!").is_err());
-        assert!(EnrollmentToken::parse(&format!("pse1_{}", URL_SAFE_NO_PAD.encode(b"{\"id\":1}"))).is_err());
+        assert!(
+            EnrollmentToken::parse(&format!("pse1_{}", URL_SAFE_NO_PAD.encode(b"{\"id\":1}")))
+                .is_err()
+        );
     }
 }

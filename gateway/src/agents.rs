@@ -63,7 +63,10 @@ impl AgentRegistry {
     /// Removes the entry only if it is still this connection.
     pub fn unregister(&self, appliance_id: &str, connection: &quinn::Connection) {
         let mut links = self.lock();
-        if links.get(appliance_id).is_some_and(|l| l.connection.stable_id() == connection.stable_id()) {
+        if links
+            .get(appliance_id)
+            .is_some_and(|l| l.connection.stable_id() == connection.stable_id())
+        {
             links.remove(appliance_id);
         }
     }

@@ -1,6 +1,12 @@
 //! The HTTPS API the CLI talks to. Every request is made as one identity (bearer token).
 
-use crate::{audit::Subject, endpoints, identity::{self, Caller}, server::Gateway, store::{ApplianceRow, EnrollmentRow}};
+use crate::{
+    audit::Subject,
+    endpoints,
+    identity::{self, Caller},
+    server::Gateway,
+    store::{ApplianceRow, EnrollmentRow},
+};
 use axum::{
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
     http::{request::Parts, StatusCode},
@@ -8,13 +14,13 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use endpoint_types::{ErrorEnvelope,
+use endpoint_types::{
     api::*,
     control::{Decision, GrantRecord, GrantRequest, OpRecord, OpRequest},
     duration::{format_duration, TTL_MAX},
     resource::{CloseReason, ResourceDescriptor},
     token::EnrollmentToken,
-    ApiError, ErrorCode,
+    ApiError, ErrorCode, ErrorEnvelope,
 };
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
@@ -36,7 +42,8 @@ impl From<ApiError> for Failure {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(ErrorEnvelope { error: self.0 })).into_response()
     }
 }
@@ -65,7 +72,10 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(Failure(ApiError::invalid(format!("bad request body: {}", e.body_text())))),
+            Err(e) => Err(Failure(ApiError::invalid(format!(
+                "bad request body: {}",
+                e.body_text()
+            )))),
         }
     }
 }
@@ -93,14 +103,22 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .fallback(|| async {
-            Failure(ApiError::new(ErrorCode::NotFound, "no such API route").hint("the CLI and the gateway may be different versions"))
+            Failure(
+                ApiError::new(ErrorCode::NotFound, "no such API route")
+                    .hint("the CLI and the gateway may be different versions"),
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(1024 * 1024))
         .with_state(gw)
 }
 
 async fn whoami(caller: Caller) -> Json<Identity> {
-    Json(Identity { id: caller.token_id, role: caller.role, name: caller.name, customer: caller.customer })
+    Json(Identity {
+        id: caller.token_id,
+        role: caller.role,
+        name: caller.name,
+        customer: caller.customer,
+    })
 }
 
 fn internal(e: impl std::fmt::Display) -> Failure {
@@ -110,50 +128,96 @@ fn internal(e: impl std::fmt::Display) -> Failure {
 fn check_name(what: &str, v: &str) -> Result<(), ApiError> {
     let ok = !v.is_empty()
         && v.len() <= 128
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@+:".contains(c));
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@+:".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(ApiError::invalid(format!("{what} {v:?} is not valid"))
-            .hint(format!("{what} must be 1–128 characters of letters, digits and - _ . @ + :")))
+        Err(
+            ApiError::invalid(format!("{what} {v:?} is not valid")).hint(format!(
+                "{what} must be 1–128 characters of letters, digits and - _ . @ + :"
+            )),
+        )
     }
 }
 
-async fn token_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<TokenCreateRequest>) -> ApiResult<TokenCreated> {
+async fn token_create(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<TokenCreateRequest>,
+) -> ApiResult<TokenCreated> {
     caller.require(&[Role::Admin], "create tokens")?;
     check_name("name", &req.name)?;
     if let Some(c) = &req.customer {
         check_name("customer", c)?;
     }
     if req.role == Role::Approver && req.customer.is_none() {
-        return Err(ApiError::invalid("an approver token needs a customer").hint("add --customer C").into());
+        return Err(ApiError::invalid("an approver token needs a customer")
+            .hint("add --customer C")
+            .into());
     }
-    let (row, token) =
-        identity::mint_token(&gw.store, req.role, &req.name, req.customer.as_deref(), &caller.actor(), Timestamp::now())
-            .await
-            .map_err(internal)?;
+    let (row, token) = identity::mint_token(
+        &gw.store,
+        req.role,
+        &req.name,
+        req.customer.as_deref(),
+        &caller.actor(),
+        Timestamp::now(),
+    )
+    .await
+    .map_err(internal)?;
     gw.audit
-        .record("token.created", &caller.actor(), Subject::default(), serde_json::json!({
-            "token_id": row.id, "role": req.role, "name": req.name, "customer": req.customer,
-        }))
+        .record(
+            "token.created",
+            &caller.actor(),
+            Subject::default(),
+            serde_json::json!({
+                "token_id": row.id, "role": req.role, "name": req.name, "customer": req.customer,
+            }),
+        )
         .await;
-    Ok(Json(TokenCreated { id: row.id, token, role: req.role, name: req.name, customer: req.customer }))
+    Ok(Json(TokenCreated {
+        id: row.id,
+        token,
+        role: req.role,
+        name: req.name,
+        customer: req.customer,
+    }))
 }
 
-async fn appliance_add(State(gw): State<Gw>, caller: Caller, Body(req): Body<ApplianceAddRequest>) -> ApiResult<ApplianceAdded> {
+async fn appliance_add(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<ApplianceAddRequest>,
+) -> ApiResult<ApplianceAdded> {
     caller.require(&[Role::Admin], "register appliances")?;
     check_name("app", &req.app)?;
     check_name("customer", &req.customer)?;
     let ttl = Duration::from_secs(req.token_ttl_s.unwrap_or(3600));
     if ttl < Duration::from_secs(10) || ttl > TTL_MAX {
-        return Err(ApiError::invalid(format!("token TTL {} is outside 10s–7d", format_duration(ttl))).into());
+        return Err(ApiError::invalid(format!(
+            "token TTL {} is outside 10s–7d",
+            format_duration(ttl)
+        ))
+        .into());
     }
-    if let Some(existing) = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)? {
+    if let Some(existing) = gw
+        .store
+        .find_appliance(&req.app, &req.customer)
+        .await
+        .map_err(internal)?
+    {
         return Err(ApiError::new(
             ErrorCode::Conflict,
-            format!("app {} for customer {} is already registered as {}", req.app, req.customer, existing.id),
+            format!(
+                "app {} for customer {} is already registered as {}",
+                req.app, req.customer, existing.id
+            ),
         )
-        .hint(format!("revoke it first (`postern appliance revoke {}`) to enroll a replacement", existing.id))
+        .hint(format!(
+            "revoke it first (`postern appliance revoke {}`) to enroll a replacement",
+            existing.id
+        ))
         .details(serde_json::json!({"appliance_id": existing.id}))
         .into());
     }
@@ -188,11 +252,20 @@ async fn appliance_add(State(gw): State<Gw>, caller: Caller, Body(req): Body<App
         })
         .await
         .map_err(internal)?;
-    let token = EnrollmentToken { id: token_id, secret, ca: gw.ca.fingerprint() };
+    let token = EnrollmentToken {
+        id: token_id,
+        secret,
+        ca: gw.ca.fingerprint(),
+    };
     gw.audit
-        .record("appliance.added", &caller.actor(), Subject::appliance(&appliance_id), serde_json::json!({
-            "app": req.app, "customer": req.customer, "token_expires_at": expires_at,
-        }))
+        .record(
+            "appliance.added",
+            &caller.actor(),
+            Subject::appliance(&appliance_id),
+            serde_json::json!({
+                "app": req.app, "customer": req.customer, "token_expires_at": expires_at,
+            }),
+        )
         .await;
     Ok(Json(ApplianceAdded {
         appliance_id,
@@ -233,56 +306,120 @@ async fn appliance_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<Appli
     Ok(Json(ApplianceList { appliances }))
 }
 
-async fn appliance_revoke(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<ApplianceRecord> {
+async fn appliance_revoke(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<ApplianceRecord> {
     caller.require(&[Role::Admin, Role::Approver], "revoke appliances")?;
-    let not_found = || ApiError::new(ErrorCode::NotFound, format!("no appliance {id}")).hint("`postern appliance list` shows them");
-    let a = gw.store.get_appliance(&id).await.map_err(internal)?.ok_or_else(not_found)?;
+    let not_found = || {
+        ApiError::new(ErrorCode::NotFound, format!("no appliance {id}"))
+            .hint("`postern appliance list` shows them")
+    };
+    let a = gw
+        .store
+        .get_appliance(&id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(not_found)?;
     if !caller.sees_customer(&a.customer) {
         return Err(not_found().into());
     }
-    if !gw.store.revoke_appliance(&id, Timestamp::now()).await.map_err(internal)? {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("appliance {id} is already revoked")).into());
+    if !gw
+        .store
+        .revoke_appliance(&id, Timestamp::now())
+        .await
+        .map_err(internal)?
+    {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("appliance {id} is already revoked"),
+        )
+        .into());
     }
     endpoints::end_all_of(&gw, &id, CloseReason::Revoked, &caller).await;
     if let Some(link) = gw.agents.get(&id) {
-        link.connection.close(crate::relay::close::REVOKED.into(), b"APPLIANCE_REVOKED: the appliance was revoked");
+        link.connection.close(
+            crate::relay::close::REVOKED.into(),
+            b"APPLIANCE_REVOKED: the appliance was revoked",
+        );
     }
-    gw.audit.record("appliance.revoked", &caller.actor(), Subject::appliance(&id), serde_json::json!({})).await;
-    let a = gw.store.get_appliance(&id).await.map_err(internal)?.ok_or_else(not_found)?;
+    gw.audit
+        .record(
+            "appliance.revoked",
+            &caller.actor(),
+            Subject::appliance(&id),
+            serde_json::json!({}),
+        )
+        .await;
+    let a = gw
+        .store
+        .get_appliance(&id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(not_found)?;
     let mut rec = appliance_record(&gw, a);
     rec.online = false;
     Ok(Json(rec))
 }
 
-async fn endpoint_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<EndpointCreateRequest>) -> ApiResult<EndpointRecord> {
+async fn endpoint_create(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<EndpointCreateRequest>,
+) -> ApiResult<EndpointRecord> {
     Ok(Json(endpoints::create(&gw, &caller, req).await?))
 }
 
 async fn endpoint_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<EndpointList> {
-    Ok(Json(EndpointList { endpoints: endpoints::list(&gw, &caller).await? }))
+    Ok(Json(EndpointList {
+        endpoints: endpoints::list(&gw, &caller).await?,
+    }))
 }
 
-async fn endpoint_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<EndpointRecord> {
+async fn endpoint_get(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<EndpointRecord> {
     Ok(Json(endpoints::get(&gw, &caller, &id).await?))
 }
 
-async fn endpoint_retire(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<EndpointRecord> {
+async fn endpoint_retire(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<EndpointRecord> {
     Ok(Json(endpoints::retire(&gw, &caller, &id).await?))
 }
 
-async fn grant_request(State(gw): State<Gw>, caller: Caller, Body(req): Body<GrantRequest>) -> ApiResult<GrantRecord> {
+async fn grant_request(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<GrantRequest>,
+) -> ApiResult<GrantRecord> {
     Ok(Json(crate::grants::request(&gw, &caller, req).await?))
 }
 
 async fn grant_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    Ok(Json(serde_json::json!({ "grants": crate::grants::list(&gw, &caller).await? })))
+    Ok(Json(
+        serde_json::json!({ "grants": crate::grants::list(&gw, &caller).await? }),
+    ))
 }
 
-async fn grant_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<GrantRecord> {
+async fn grant_get(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<GrantRecord> {
     Ok(Json(crate::grants::get(&gw, &caller, &id).await?))
 }
 
-async fn grant_revoke(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<GrantRecord> {
+async fn grant_revoke(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<GrantRecord> {
     Ok(Json(crate::grants::revoke(&gw, &caller, &id).await?))
 }
 
@@ -294,28 +431,74 @@ struct SteadyState {
 }
 
 /// Steady-state (read-only observability) is on by default; it is the customer's to turn off.
-async fn steady_state(State(gw): State<Gw>, caller: Caller, Body(req): Body<SteadyState>) -> ApiResult<serde_json::Value> {
-    caller.require(&[Role::Approver], "change steady-state access (a customer decision)")?;
+async fn steady_state(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<SteadyState>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(
+        &[Role::Approver],
+        "change steady-state access (a customer decision)",
+    )?;
     caller.require_customer(&req.customer)?;
-    let a = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)?.ok_or_else(|| {
-        ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
-    })?;
-    gw.store.set_steady_state(&a.id, req.enabled).await.map_err(internal)?;
-    let kind = if req.enabled { "steady_state.enabled" } else { "steady_state.disabled" };
-    gw.audit.record(kind, &caller.actor(), Subject::appliance(&a.id), serde_json::json!({})).await;
-    Ok(Json(serde_json::json!({"appliance_id": a.id, "app": a.app, "customer": a.customer, "steady_state": req.enabled})))
+    let a = gw
+        .store
+        .find_appliance(&req.app, &req.customer)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no appliance for app {} and customer {}",
+                    req.app, req.customer
+                ),
+            )
+        })?;
+    gw.store
+        .set_steady_state(&a.id, req.enabled)
+        .await
+        .map_err(internal)?;
+    let kind = if req.enabled {
+        "steady_state.enabled"
+    } else {
+        "steady_state.disabled"
+    };
+    gw.audit
+        .record(
+            kind,
+            &caller.actor(),
+            Subject::appliance(&a.id),
+            serde_json::json!({}),
+        )
+        .await;
+    Ok(Json(
+        serde_json::json!({"appliance_id": a.id, "app": a.app, "customer": a.customer, "steady_state": req.enabled}),
+    ))
 }
 
-async fn op_create(State(gw): State<Gw>, caller: Caller, Body(req): Body<OpRequest>) -> ApiResult<OpRecord> {
+async fn op_create(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<OpRequest>,
+) -> ApiResult<OpRecord> {
     Ok(Json(crate::ops::create(&gw, &caller, req).await?))
 }
 
-async fn op_get(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<OpRecord> {
+async fn op_get(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<OpRecord> {
     Ok(Json(crate::ops::get(&gw, &caller, &id).await?))
 }
 
 async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller).await?.iter().map(|(r, a)| crate::ops::record(r, a)).collect();
+    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller)
+        .await?
+        .iter()
+        .map(|(r, a)| crate::ops::record(r, a))
+        .collect();
     Ok(Json(serde_json::json!({ "ops": ops })))
 }
 
@@ -325,33 +508,75 @@ struct WebhookSet {
 }
 
 /// Where the customer's approvers hear about requests waiting for them.
-async fn webhook_set(State(gw): State<Gw>, caller: Caller, Path(customer): Path<String>, Body(req): Body<WebhookSet>) -> ApiResult<serde_json::Value> {
-    caller.require(&[Role::Admin, Role::Approver], "set a customer's approval webhook")?;
+async fn webhook_set(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(customer): Path<String>,
+    Body(req): Body<WebhookSet>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(
+        &[Role::Admin, Role::Approver],
+        "set a customer's approval webhook",
+    )?;
     caller.require_customer(&customer)?;
     if let Some(url) = &req.url {
         if !url.starts_with("http://") || url.len() > 2048 || url.parse::<hyper::Uri>().is_err() {
-            return Err(ApiError::invalid(format!("webhook URL {url:?} is not a valid http:// URL")).into());
+            return Err(ApiError::invalid(format!(
+                "webhook URL {url:?} is not a valid http:// URL"
+            ))
+            .into());
         }
     }
-    gw.store.set_webhook(&customer, req.url.as_deref()).await.map_err(internal)?;
-    gw.audit.record("webhook.set", &caller.actor(), Subject::default(), serde_json::json!({"customer": customer, "url": req.url})).await;
-    Ok(Json(serde_json::json!({"customer": customer, "webhook_url": req.url})))
+    gw.store
+        .set_webhook(&customer, req.url.as_deref())
+        .await
+        .map_err(internal)?;
+    gw.audit
+        .record(
+            "webhook.set",
+            &caller.actor(),
+            Subject::default(),
+            serde_json::json!({"customer": customer, "url": req.url}),
+        )
+        .await;
+    Ok(Json(
+        serde_json::json!({"customer": customer, "webhook_url": req.url}),
+    ))
 }
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    Ok(Json(serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? })))
+    Ok(Json(
+        serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? }),
+    ))
 }
 
-async fn approval_show(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+async fn approval_show(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
     Ok(Json(crate::approvals::show(&gw, &caller, &id).await?))
 }
 
-async fn approval_approve(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
-    Ok(Json(crate::approvals::decide(&gw, &caller, &id, true, None).await?))
+async fn approval_approve(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    Ok(Json(
+        crate::approvals::decide(&gw, &caller, &id, true, None).await?,
+    ))
 }
 
-async fn approval_deny(State(gw): State<Gw>, caller: Caller, Path(id): Path<String>, Body(d): Body<Decision>) -> ApiResult<serde_json::Value> {
-    Ok(Json(crate::approvals::decide(&gw, &caller, &id, false, d.message).await?))
+async fn approval_deny(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Body(d): Body<Decision>,
+) -> ApiResult<serde_json::Value> {
+    Ok(Json(
+        crate::approvals::decide(&gw, &caller, &id, false, d.message).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,7 +585,11 @@ struct AuditQuery {
     since: Option<Timestamp>,
 }
 
-async fn audit_list(State(gw): State<Gw>, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<AuditList> {
+async fn audit_list(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<AuditList> {
     let mut records = gw.store.list_audit(0).await.map_err(internal)?;
     if caller.role == Role::Approver {
         // A customer sees the records about its own appliances.

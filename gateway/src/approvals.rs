@@ -14,7 +14,14 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<ApprovalItem>, Ap
     for g in grants::list(gw, caller).await? {
         if g.state == GrantState::PendingApproval {
             items.push(ApprovalItem {
-                summary: format!("{} access for {} — {}", g.level.as_str(), endpoint_types::duration::format_duration(std::time::Duration::from_secs(g.duration_s)), g.reason),
+                summary: format!(
+                    "{} access for {} — {}",
+                    g.level.as_str(),
+                    endpoint_types::duration::format_duration(std::time::Duration::from_secs(
+                        g.duration_s
+                    )),
+                    g.reason
+                ),
                 request: serde_json::to_value(&g).unwrap_or_default(),
                 id: g.id,
                 kind: ApprovalKind::Grant,
@@ -66,22 +73,46 @@ pub async fn show(gw: &Gateway, caller: &Caller, id: &str) -> Result<serde_json:
             Ok(v)
         }
         Some(i) => Ok(serde_json::to_value(i).unwrap_or_default()),
-        None => Err(ApiError::new(ErrorCode::NotFound, format!("{id} is not waiting for approval"))
-            .hint("`postern approvals list` shows what waits for a decision")),
+        None => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("{id} is not waiting for approval"),
+        )
+        .hint("`postern approvals list` shows what waits for a decision")),
     }
 }
 
-pub async fn decide(gw: &std::sync::Arc<Gateway>, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<serde_json::Value, ApiError> {
-    caller.require(&[Role::Approver], "approve or deny requests (approvals belong to the customer)")?;
+pub async fn decide(
+    gw: &std::sync::Arc<Gateway>,
+    caller: &Caller,
+    id: &str,
+    approve: bool,
+    message: Option<String>,
+) -> Result<serde_json::Value, ApiError> {
+    caller.require(
+        &[Role::Approver],
+        "approve or deny requests (approvals belong to the customer)",
+    )?;
     if id.starts_with("gr_") {
-        return Ok(serde_json::to_value(grants::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
+        return Ok(
+            serde_json::to_value(grants::decide(gw, caller, id, approve, message).await?)
+                .unwrap_or_default(),
+        );
     }
     if id.starts_with("ep_") {
-        return Ok(serde_json::to_value(endpoints::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
+        return Ok(serde_json::to_value(
+            endpoints::decide(gw, caller, id, approve, message).await?,
+        )
+        .unwrap_or_default());
     }
     if id.starts_with("op_") {
-        return Ok(serde_json::to_value(crate::ops::decide(gw, caller, id, approve, message).await?).unwrap_or_default());
+        return Ok(serde_json::to_value(
+            crate::ops::decide(gw, caller, id, approve, message).await?,
+        )
+        .unwrap_or_default());
     }
-    Err(ApiError::new(ErrorCode::NotFound, format!("{id} is not waiting for approval"))
-        .hint("`postern approvals list` shows what waits for a decision"))
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        format!("{id} is not waiting for approval"),
+    )
+    .hint("`postern approvals list` shows what waits for a decision"))
 }

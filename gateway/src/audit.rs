@@ -1,10 +1,10 @@
 //! The vendor's audit trail: append-only, hash-chained records in the store.
 
-use crate::store::{Store, StoreError};
 use crate::store::AuditRow;
+use crate::store::{Store, StoreError};
 use endpoint_types::api::{verify_chain, AuditRecord, AUDIT_GENESIS_HASH};
-use serde_json::value::RawValue;
 use jiff::Timestamp;
+use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -23,15 +23,25 @@ pub struct Subject {
 
 impl Subject {
     pub fn appliance(id: &str) -> Subject {
-        Subject { appliance_id: Some(id.to_string()), ..Default::default() }
+        Subject {
+            appliance_id: Some(id.to_string()),
+            ..Default::default()
+        }
     }
 
     pub fn endpoint(appliance_id: &str, endpoint_id: &str) -> Subject {
-        Subject { appliance_id: Some(appliance_id.to_string()), endpoint_id: Some(endpoint_id.to_string()), ..Default::default() }
+        Subject {
+            appliance_id: Some(appliance_id.to_string()),
+            endpoint_id: Some(endpoint_id.to_string()),
+            ..Default::default()
+        }
     }
 
     pub fn session(appliance_id: &str, endpoint_id: &str, session_id: &str) -> Subject {
-        Subject { session_id: Some(session_id.to_string()), ..Subject::endpoint(appliance_id, endpoint_id) }
+        Subject {
+            session_id: Some(session_id.to_string()),
+            ..Subject::endpoint(appliance_id, endpoint_id)
+        }
     }
 }
 
@@ -75,8 +85,14 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub async fn open(store: Store) -> Result<AuditLog, StoreError> {
-        let head = store.last_audit().await?.unwrap_or((0, AUDIT_GENESIS_HASH.to_string()));
-        let chain = Arc::new(Chain { store, head: Mutex::new(head) });
+        let head = store
+            .last_audit()
+            .await?
+            .unwrap_or((0, AUDIT_GENESIS_HASH.to_string()));
+        let chain = Arc::new(Chain {
+            store,
+            head: Mutex::new(head),
+        });
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         // Ends when the log (the last sender) is dropped, after writing what was queued.
         tokio::spawn(write_queued(chain.clone(), rx));
@@ -123,8 +139,17 @@ impl AuditLog {
 
     /// Records and logs; an audit write that fails is logged loudly rather than failing the
     /// caller's already-completed action.
-    pub async fn record(&self, kind: &str, actor: &str, subject: Subject, detail: serde_json::Value) {
-        if let Err(e) = self.append(kind, actor, subject, detail, Timestamp::now()).await {
+    pub async fn record(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+    ) {
+        if let Err(e) = self
+            .append(kind, actor, subject, detail, Timestamp::now())
+            .await
+        {
             tracing::error!(kind, error = %e, "could not write audit record");
         }
     }
@@ -133,12 +158,27 @@ impl AuditLog {
     /// caller, in one store transaction: busy sessions' statements cost one commit per round
     /// between them, not one each. Records from one caller keep their order; waits only when
     /// the queue is full. Call [`AuditLog::flush`] before a record that must come after these.
-    pub async fn enqueue(&self, kind: &'static str, actor: Arc<str>, subject: Arc<Subject>, detail: Box<RawValue>) {
-        let pending = Pending { kind, actor, subject, detail, time: Timestamp::now() };
-        if let Err(mpsc::error::SendError(Queued::Record(p))) = self.queue.send(Queued::Record(pending)).await {
+    pub async fn enqueue(
+        &self,
+        kind: &'static str,
+        actor: Arc<str>,
+        subject: Arc<Subject>,
+        detail: Box<RawValue>,
+    ) {
+        let pending = Pending {
+            kind,
+            actor,
+            subject,
+            detail,
+            time: Timestamp::now(),
+        };
+        if let Err(mpsc::error::SendError(Queued::Record(p))) =
+            self.queue.send(Queued::Record(pending)).await
+        {
             // Only if the writer task is gone: write it here rather than lose it.
             let detail = serde_json::from_str(p.detail.get()).unwrap_or_default();
-            self.record(p.kind, &p.actor, (*p.subject).clone(), detail).await;
+            self.record(p.kind, &p.actor, (*p.subject).clone(), detail)
+                .await;
         }
     }
 
@@ -229,7 +269,9 @@ impl Chain {
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(records = n, error = %e, "could not write queued audit records"),
+            Err(e) => {
+                tracing::error!(records = n, error = %e, "could not write queued audit records")
+            }
         }
     }
 }
@@ -243,9 +285,15 @@ mod tests {
         let store = Store::open_memory().await.unwrap();
         let log = AuditLog::open(store.clone()).await.unwrap();
         for i in 0..4 {
-            log.append("endpoint.created", "alice", Subject::appliance("ap_1"), serde_json::json!({"i": i}), Timestamp::now())
-                .await
-                .unwrap();
+            log.append(
+                "endpoint.created",
+                "alice",
+                Subject::appliance("ap_1"),
+                serde_json::json!({"i": i}),
+                Timestamp::now(),
+            )
+            .await
+            .unwrap();
         }
         assert_eq!(log.verify().await.unwrap(), Ok(4));
         store.tamper_audit_detail(2, r#"{"i":42}"#).await.unwrap();
@@ -256,20 +304,42 @@ mod tests {
     async fn queued_records_continue_the_chain_in_each_callers_order() {
         let store = Store::open_memory().await.unwrap();
         let log = Arc::new(AuditLog::open(store.clone()).await.unwrap());
-        log.append("a", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+        log.append(
+            "a",
+            "x",
+            Subject::default(),
+            serde_json::Value::Null,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
         let session = |id: &str| Arc::new(Subject::session("ap_1", "ep_1", id));
         let callers = ["s1", "s2", "s3"].map(|id| {
             let (log, subject) = (log.clone(), session(id));
             tokio::spawn(async move {
                 for i in 0..300 {
-                    log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap()).await;
+                    log.enqueue(
+                        "sql.statement",
+                        Arc::from("op"),
+                        subject.clone(),
+                        serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
+                    )
+                    .await;
                     if i % 7 == 0 {
                         tokio::task::yield_now().await;
                     }
                 }
                 log.flush().await;
                 // Written after this caller's statements, as `session.closed` is.
-                log.append("session.closed", "op", (*subject).clone(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+                log.append(
+                    "session.closed",
+                    "op",
+                    (*subject).clone(),
+                    serde_json::Value::Null,
+                    Timestamp::now(),
+                )
+                .await
+                .unwrap();
             })
         });
         for c in callers {
@@ -278,10 +348,24 @@ mod tests {
         let records = store.list_audit(0).await.unwrap();
         assert_eq!(records.len(), 1 + 3 * 301);
         for id in ["s1", "s2", "s3"] {
-            let mine: Vec<_> = records.iter().filter(|r| r.session_id.as_deref() == Some(id)).collect();
-            let order: Vec<_> = mine.iter().filter_map(|r| r.detail.get("i").and_then(|v| v.as_i64())).collect();
-            assert_eq!(order, (0..300).collect::<Vec<_>>(), "{id}'s statements in order");
-            assert_eq!(mine.last().map(|r| r.kind.as_str()), Some("session.closed"), "{id} closes last");
+            let mine: Vec<_> = records
+                .iter()
+                .filter(|r| r.session_id.as_deref() == Some(id))
+                .collect();
+            let order: Vec<_> = mine
+                .iter()
+                .filter_map(|r| r.detail.get("i").and_then(|v| v.as_i64()))
+                .collect();
+            assert_eq!(
+                order,
+                (0..300).collect::<Vec<_>>(),
+                "{id}'s statements in order"
+            );
+            assert_eq!(
+                mine.last().map(|r| r.kind.as_str()),
+                Some("session.closed"),
+                "{id} closes last"
+            );
         }
         assert_eq!(log.verify().await.unwrap(), Ok(records.len() as u64));
     }
@@ -292,11 +376,20 @@ mod tests {
         let log = AuditLog::open(store.clone()).await.unwrap();
         let subject = Arc::new(Subject::appliance("ap_1"));
         for i in 0..5 {
-            log.enqueue("sql.statement", Arc::from("op"), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap()).await;
+            log.enqueue(
+                "sql.statement",
+                Arc::from("op"),
+                subject.clone(),
+                serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
+            )
+            .await;
         }
         log.flush().await;
         let records = store.list_audit(0).await.unwrap();
-        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
         assert_eq!(records[2].detail, serde_json::json!({ "i": 2 }));
     }
 
@@ -304,9 +397,26 @@ mod tests {
     async fn chain_continues_across_reopen() {
         let store = Store::open_memory().await.unwrap();
         let log = AuditLog::open(store.clone()).await.unwrap();
-        log.append("a", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+        log.append(
+            "a",
+            "x",
+            Subject::default(),
+            serde_json::Value::Null,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
         let log2 = AuditLog::open(store).await.unwrap();
-        let r = log2.append("b", "x", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+        let r = log2
+            .append(
+                "b",
+                "x",
+                Subject::default(),
+                serde_json::Value::Null,
+                Timestamp::now(),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.seq, 2);
         assert_eq!(log2.verify().await.unwrap(), Ok(2));
     }

@@ -91,19 +91,27 @@ struct FileLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
 }
 
 pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse(&text, path)
 }
 
 pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
-    let f: FileConfig =
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+    let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut cfg = GatewayConfig::new(base.join(f.data_dir));
     if let Some(a) = f.api {
@@ -152,7 +160,9 @@ mod tests {
         assert_eq!(cfg.api.port(), 8443);
         assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
 
-        let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml")).unwrap_err().to_string();
+        let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
     }
 }

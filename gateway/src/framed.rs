@@ -28,7 +28,11 @@ pub struct FramedRecv {
 
 impl FramedRecv {
     pub fn new(recv: quinn::RecvStream, max_len: usize) -> Self {
-        FramedRecv { recv, decoder: FrameDecoder::new(max_len), buf: BytesMut::new() }
+        FramedRecv {
+            recv,
+            decoder: FrameDecoder::new(max_len),
+            buf: BytesMut::new(),
+        }
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
@@ -49,7 +53,9 @@ impl FramedRecv {
     }
 
     pub async fn next_within(&mut self, limit: Duration) -> Result<Option<Frame>, FramedError> {
-        tokio::time::timeout(limit, self.next()).await.map_err(|_| FramedError::Timeout)?
+        tokio::time::timeout(limit, self.next())
+            .await
+            .map_err(|_| FramedError::Timeout)?
     }
 
     /// Gives back the stream and any bytes already read past the last frame.

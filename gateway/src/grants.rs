@@ -31,7 +31,13 @@ pub const BY_STEADY_STATE_DEFAULT: &str = "policy:steady-state";
 /// Steady-state is on unless the customer turned it off, in its agent.toml or through an approver.
 pub async fn steady_state_enabled(gw: &Gateway, appliance_id: &str) -> bool {
     let by_config = policy_of(gw, appliance_id).await.steady_state;
-    let by_approver = gw.store.steady_state(appliance_id).await.ok().flatten().unwrap_or(true);
+    let by_approver = gw
+        .store
+        .steady_state(appliance_id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(true);
     by_config && by_approver
 }
 
@@ -41,11 +47,20 @@ pub async fn policy_of(gw: &Gateway, appliance_id: &str) -> PolicySummary {
     if let Some(link) = gw.agents.get(appliance_id) {
         return link.policy;
     }
-    gw.store.appliance_policy(appliance_id).await.ok().flatten().unwrap_or_default()
+    gw.store
+        .appliance_policy(appliance_id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// What the policy says right now, as (decided_by, latest expiry) when it approves by itself.
-pub async fn automatic_decision(gw: &Gateway, appliance_id: &str, now: Timestamp) -> Option<(&'static str, Option<Timestamp>)> {
+pub async fn automatic_decision(
+    gw: &Gateway,
+    appliance_id: &str,
+    now: Timestamp,
+) -> Option<(&'static str, Option<Timestamp>)> {
     let summary = policy_of(gw, appliance_id).await;
     let policy = match Policy::parse(&summary) {
         Ok(p) => p,
@@ -84,7 +99,11 @@ pub fn record(row: &GrantRow, appliance: &ApplianceRow, now: Timestamp) -> Grant
         reason: row.reason.clone(),
         duration_s: row.duration_ms.max(0) as u64 / 1000,
         requested_at: row.requested_at,
-        approved_at: if row.state == GrantState::Active || row.state == GrantState::Revoked { row.decided_at } else { None },
+        approved_at: if row.state == GrantState::Active || row.state == GrantState::Revoked {
+            row.decided_at
+        } else {
+            None
+        },
         expires_at: row.expires_at,
         decided_by: row.decided_by.clone(),
         message: row.message.clone(),
@@ -92,21 +111,36 @@ pub fn record(row: &GrantRow, appliance: &ApplianceRow, now: Timestamp) -> Grant
 }
 
 async fn appliance_of(gw: &Gateway, app: &str, customer: &str) -> Result<ApplianceRow, ApiError> {
-    gw.store.find_appliance(app, customer).await.map_err(internal)?.ok_or_else(|| {
-        ApiError::new(ErrorCode::NotFound, format!("no appliance for app {app} and customer {customer}"))
+    gw.store
+        .find_appliance(app, customer)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no appliance for app {app} and customer {customer}"),
+            )
             .hint("`postern appliance list` shows the registered appliances")
-    })
+        })
 }
 
-pub async fn request(gw: &Gateway, caller: &Caller, req: GrantRequest) -> Result<GrantRecord, ApiError> {
+pub async fn request(
+    gw: &Gateway,
+    caller: &Caller,
+    req: GrantRequest,
+) -> Result<GrantRecord, ApiError> {
     caller.require(&[Role::Admin, Role::Operator], "request access")?;
     let duration = Duration::from_secs(req.duration_s);
     if duration < TTL_MIN || duration > TTL_MAX {
-        return Err(ApiError::invalid(format!("duration {} is outside the allowed range", format_duration(duration)))
-            .hint("use a duration between 10s and 7d, e.g. --duration 30m"));
+        return Err(ApiError::invalid(format!(
+            "duration {} is outside the allowed range",
+            format_duration(duration)
+        ))
+        .hint("use a duration between 10s and 7d, e.g. --duration 30m"));
     }
     if req.reason.trim().is_empty() {
-        return Err(ApiError::invalid("a grant needs a reason").hint("say why, e.g. --reason \"INC-1234: pods crash-looping\""));
+        return Err(ApiError::invalid("a grant needs a reason")
+            .hint("say why, e.g. --reason \"INC-1234: pods crash-looping\""));
     }
     let appliance = appliance_of(gw, &req.app, &req.customer).await?;
     let now = crate::store::now();
@@ -127,7 +161,9 @@ pub async fn request(gw: &Gateway, caller: &Caller, req: GrantRequest) -> Result
     let auto = match req.level {
         // Read-only observability is on by default: the customer's agent.toml and the customer
         // approver (`access steady-state --disable`) can each turn it off.
-        GrantLevel::SteadyState if steady_state_enabled(gw, &appliance.id).await => Some((BY_STEADY_STATE_DEFAULT, None)),
+        GrantLevel::SteadyState if steady_state_enabled(gw, &appliance.id).await => {
+            Some((BY_STEADY_STATE_DEFAULT, None))
+        }
         GrantLevel::SteadyState => {
             return Err(ApiError::new(ErrorCode::Forbidden, format!("the customer has disabled steady-state access to {}/{}", req.app, req.customer))
                 .hint("ask the customer to re-enable it: postern access steady-state --enable (customer approver)"));
@@ -139,14 +175,19 @@ pub async fn request(gw: &Gateway, caller: &Caller, req: GrantRequest) -> Result
         row.decided_by = Some(by.to_string());
         row.decided_at = Some(now);
         // A grant the policy approved inside a window ends with the window.
-        row.expires_at = Some(earliest(now + SignedDuration::from_millis(row.duration_ms), window_end));
+        row.expires_at = Some(earliest(
+            now + SignedDuration::from_millis(row.duration_ms),
+            window_end,
+        ));
     }
     gw.store.insert_grant(&row).await.map_err(internal)?;
     let subject = Subject::appliance(&appliance.id);
     let detail = serde_json::json!({
         "grant_id": row.id, "level": req.level.as_str(), "duration_s": req.duration_s, "reason": req.reason,
     });
-    gw.audit.record("grant.requested", &caller.actor(), subject.clone(), detail).await;
+    gw.audit
+        .record("grant.requested", &caller.actor(), subject.clone(), detail)
+        .await;
     match auto {
         Some((by, _)) => {
             gw.audit
@@ -161,10 +202,27 @@ pub async fn request(gw: &Gateway, caller: &Caller, req: GrantRequest) -> Result
     Ok(record(&row, &appliance, now))
 }
 
-async fn load(gw: &Gateway, caller: &Caller, id: &str) -> Result<(GrantRow, ApplianceRow), ApiError> {
-    let nf = || ApiError::new(ErrorCode::NotFound, format!("no grant {id}")).hint("`postern access list` shows your grants");
-    let row = gw.store.get_grant(id).await.map_err(internal)?.ok_or_else(nf)?;
-    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?.ok_or_else(nf)?;
+async fn load(
+    gw: &Gateway,
+    caller: &Caller,
+    id: &str,
+) -> Result<(GrantRow, ApplianceRow), ApiError> {
+    let nf = || {
+        ApiError::new(ErrorCode::NotFound, format!("no grant {id}"))
+            .hint("`postern access list` shows your grants")
+    };
+    let row = gw
+        .store
+        .get_grant(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(nf)?;
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(nf)?;
     if !caller.sees_customer(&appliance.customer) {
         return Err(nf());
     }
@@ -180,7 +238,12 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<GrantRecord>, Api
     let now = Timestamp::now();
     let mut out = Vec::new();
     for row in gw.store.list_grants().await.map_err(internal)? {
-        if let Some(a) = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)? {
+        if let Some(a) = gw
+            .store
+            .get_appliance(&row.appliance_id)
+            .await
+            .map_err(internal)?
+        {
             if caller.sees_customer(&a.customer) {
                 out.push(record(&row, &a, now));
             }
@@ -190,23 +253,57 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<GrantRecord>, Api
 }
 
 /// A customer approver's decision on a pending grant. Duration counts from the approval.
-pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<GrantRecord, ApiError> {
+pub async fn decide(
+    gw: &Gateway,
+    caller: &Caller,
+    id: &str,
+    approve: bool,
+    message: Option<String>,
+) -> Result<GrantRecord, ApiError> {
     caller.require(&[Role::Approver], "decide on grants")?;
     let (row, appliance) = load(gw, caller, id).await?;
     caller.require_customer(&appliance.customer)?;
     let now = crate::store::now();
     if row.state != GrantState::PendingApproval {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("grant {id} is {}, not waiting for a decision", row.state.as_str())));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "grant {id} is {}, not waiting for a decision",
+                row.state.as_str()
+            ),
+        ));
     }
     let (state, expires_at) = if approve {
-        (GrantState::Active, Some(now + SignedDuration::from_millis(row.duration_ms)))
+        (
+            GrantState::Active,
+            Some(now + SignedDuration::from_millis(row.duration_ms)),
+        )
     } else {
         (GrantState::Denied, None)
     };
-    if !gw.store.decide_grant(id, state, &caller.actor(), now, message.as_deref(), expires_at).await.map_err(internal)? {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("grant {id} was decided by someone else just now")));
+    if !gw
+        .store
+        .decide_grant(
+            id,
+            state,
+            &caller.actor(),
+            now,
+            message.as_deref(),
+            expires_at,
+        )
+        .await
+        .map_err(internal)?
+    {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("grant {id} was decided by someone else just now"),
+        ));
     }
-    let kind = if approve { "grant.approved" } else { "grant.denied" };
+    let kind = if approve {
+        "grant.approved"
+    } else {
+        "grant.denied"
+    };
     gw.audit
         .record(kind, &caller.actor(), Subject::appliance(&appliance.id), serde_json::json!({
             "grant_id": id, "level": row.level.as_str(), "expires_at": expires_at, "message": message,
@@ -215,7 +312,12 @@ pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, mess
     if approve {
         crate::agents_sync::push_grants(gw, &appliance.id).await;
     }
-    let row = gw.store.get_grant(id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("grant vanished"))?;
+    let row = gw
+        .store
+        .get_grant(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::internal("grant vanished"))?;
     Ok(record(&row, &appliance, now))
 }
 
@@ -223,27 +325,60 @@ pub async fn revoke(gw: &Gateway, caller: &Caller, id: &str) -> Result<GrantReco
     let (row, appliance) = load(gw, caller, id).await?;
     let own = row.requested_by == caller.actor();
     if !own {
-        caller.require(&[Role::Admin, Role::Approver], "revoke other people's grants")?;
+        caller.require(
+            &[Role::Admin, Role::Approver],
+            "revoke other people's grants",
+        )?;
     }
     let now = crate::store::now();
     if grant_state(row.state, row.expires_at, now) != GrantState::Active
-        || !gw.store.revoke_grant(id, &caller.actor(), now).await.map_err(internal)?
+        || !gw
+            .store
+            .revoke_grant(id, &caller.actor(), now)
+            .await
+            .map_err(internal)?
     {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("grant {id} is not active")));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("grant {id} is not active"),
+        ));
     }
     gw.audit
-        .record("grant.revoked", &caller.actor(), Subject::appliance(&appliance.id), serde_json::json!({"grant_id": id}))
+        .record(
+            "grant.revoked",
+            &caller.actor(),
+            Subject::appliance(&appliance.id),
+            serde_json::json!({"grant_id": id}),
+        )
         .await;
-    crate::endpoints::end_all_of_grant(gw, id, endpoint_types::resource::CloseReason::Revoked, caller).await;
+    crate::endpoints::end_all_of_grant(
+        gw,
+        id,
+        endpoint_types::resource::CloseReason::Revoked,
+        caller,
+    )
+    .await;
     crate::agents_sync::push_grants(gw, &appliance.id).await;
-    let row = gw.store.get_grant(id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("grant vanished"))?;
+    let row = gw
+        .store
+        .get_grant(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| ApiError::internal("grant vanished"))?;
     Ok(record(&row, &appliance, now))
 }
 
 /// The live operate grant that authorises an op or endpoint now, or the structured refusal.
-pub async fn require_operate(gw: &Gateway, appliance: &ApplianceRow, now: Timestamp) -> Result<GrantRow, ApiError> {
+pub async fn require_operate(
+    gw: &Gateway,
+    appliance: &ApplianceRow,
+    now: Timestamp,
+) -> Result<GrantRow, ApiError> {
     let grants = gw.store.grants_of(&appliance.id).await.map_err(internal)?;
-    let operate: Vec<&GrantRow> = grants.iter().filter(|g| g.level == GrantLevel::Operate).collect();
+    let operate: Vec<&GrantRow> = grants
+        .iter()
+        .filter(|g| g.level == GrantLevel::Operate)
+        .collect();
     if let Some(live) = operate
         .iter()
         .filter(|g| grant_state(g.state, g.expires_at, now) == GrantState::Active)
@@ -252,14 +387,27 @@ pub async fn require_operate(gw: &Gateway, appliance: &ApplianceRow, now: Timest
         return Ok((*live).clone());
     }
     let hint = access_hint(&appliance.app, &appliance.customer);
-    if let Some(last) = operate.iter().filter(|g| g.decided_at.is_some() && g.state != GrantState::Denied).max_by_key(|g| g.expires_at) {
+    if let Some(last) = operate
+        .iter()
+        .filter(|g| g.decided_at.is_some() && g.state != GrantState::Denied)
+        .max_by_key(|g| g.expires_at)
+    {
         return Err(ApiError::new(
             ErrorCode::OperateAccessExpired,
-            format!("the operate grant {} on {}/{} has ended", last.id, appliance.app, appliance.customer),
+            format!(
+                "the operate grant {} on {}/{} has ended",
+                last.id, appliance.app, appliance.customer
+            ),
         )
         .hint(hint)
         .details(serde_json::json!({"grant_id": last.id, "expired_at": last.expires_at})));
     }
-    Err(ApiError::new(ErrorCode::OperateAccessRequired, format!("no live operate grant on {}/{}", appliance.app, appliance.customer))
-        .hint(hint))
+    Err(ApiError::new(
+        ErrorCode::OperateAccessRequired,
+        format!(
+            "no live operate grant on {}/{}",
+            appliance.app, appliance.customer
+        ),
+    )
+    .hint(hint))
 }

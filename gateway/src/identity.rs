@@ -3,12 +3,7 @@
 
 use crate::store::{Store, StoreError, TokenRow};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
-use endpoint_types::{
-    api::Role,
-    secret::Secret,
-    token::ApiToken,
-    ApiError, ErrorCode,
-};
+use endpoint_types::{api::Role, secret::Secret, token::ApiToken, ApiError, ErrorCode};
 use jiff::Timestamp;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
@@ -26,7 +21,12 @@ pub struct Caller {
 impl Caller {
     /// The gateway itself (expiry timers, relay events).
     pub fn system() -> Caller {
-        Caller { token_id: String::new(), name: "system:gateway".into(), role: Role::Admin, customer: None }
+        Caller {
+            token_id: String::new(),
+            name: "system:gateway".into(),
+            role: Role::Admin,
+            customer: None,
+        }
     }
 
     pub fn actor(&self) -> String {
@@ -38,8 +38,14 @@ impl Caller {
             return Ok(());
         }
         let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-        Err(ApiError::new(ErrorCode::Forbidden, format!("{} ({}) may not {action}", self.name, self.role.as_str()))
-            .hint(format!("this needs a token with role {}", names.join(" or "))))
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("{} ({}) may not {action}", self.name, self.role.as_str()),
+        )
+        .hint(format!(
+            "this needs a token with role {}",
+            names.join(" or ")
+        )))
     }
 
     /// Approvers act only within their own customer.
@@ -47,7 +53,10 @@ impl Caller {
         match (&self.role, &self.customer) {
             (Role::Approver, Some(c)) if c != customer => Err(ApiError::new(
                 ErrorCode::Forbidden,
-                format!("{} is an approver for customer {c}, not {customer}", self.name),
+                format!(
+                    "{} is an approver for customer {c}, not {customer}",
+                    self.name
+                ),
             )),
             _ => Ok(()),
         }
@@ -73,11 +82,17 @@ pub fn random_secret() -> Secret {
 /// Tokens carry 256 random bits, so one SHA-256 is enough to make the stored form useless to a
 /// thief; a slow password hash would buy nothing here.
 pub fn hash_secret(secret: &Secret) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, secret.expose().as_bytes()))
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        secret.expose().as_bytes(),
+    ))
 }
 
 pub fn secret_matches(secret: &Secret, stored_hash: &str) -> bool {
-    hash_secret(secret).as_bytes().ct_eq(stored_hash.as_bytes()).into()
+    hash_secret(secret)
+        .as_bytes()
+        .ct_eq(stored_hash.as_bytes())
+        .into()
 }
 
 /// Mints a token, stores its hash and returns the clear form (shown once).
@@ -120,13 +135,21 @@ pub async fn authenticate(store: &Store, bearer: Option<&str>) -> Result<Caller,
         .map_err(|e| ApiError::internal(e.to_string()))?
         .ok_or_else(|| unauthenticated("the API token is not known to this gateway"))?;
     if !secret_matches(&token.secret, &row.secret_hash) {
-        return Err(unauthenticated("the API token is not known to this gateway"));
+        return Err(unauthenticated(
+            "the API token is not known to this gateway",
+        ));
     }
     if row.revoked {
         return Err(unauthenticated("the API token has been revoked"));
     }
-    let role = Role::parse(&row.role).ok_or_else(|| ApiError::internal(format!("token {} has unknown role", row.id)))?;
-    Ok(Caller { token_id: row.id, name: row.name, role, customer: row.customer })
+    let role = Role::parse(&row.role)
+        .ok_or_else(|| ApiError::internal(format!("token {} has unknown role", row.id)))?;
+    Ok(Caller {
+        token_id: row.id,
+        name: row.name,
+        role,
+        customer: row.customer,
+    })
 }
 
 #[cfg(test)]
@@ -136,8 +159,21 @@ mod tests {
     #[tokio::test]
     async fn minted_token_authenticates_and_others_do_not() {
         let store = Store::open_memory().await.unwrap();
-        let (row, token) = mint_token(&store, Role::Operator, "alice@vendor.example", None, "admin", Timestamp::now()).await.unwrap();
-        assert_ne!(row.secret_hash, token.expose(), "stored form must not be the token");
+        let (row, token) = mint_token(
+            &store,
+            Role::Operator,
+            "alice@vendor.example",
+            None,
+            "admin",
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
+        assert_ne!(
+            row.secret_hash,
+            token.expose(),
+            "stored form must not be the token"
+        );
         assert!(!row.secret_hash.contains(&token.expose()[20..]));
         let c = authenticate(&store, Some(token.expose())).await.unwrap();
         assert_eq!(c.name, "alice@vendor.example");
@@ -147,15 +183,29 @@ mod tests {
         let last = forged.pop().unwrap();
         forged.push(if last == 'A' { 'B' } else { 'A' });
         for bad in [None, Some("garbage"), Some(forged.as_str())] {
-            assert_eq!(authenticate(&store, bad).await.unwrap_err().code, ErrorCode::Unauthenticated);
+            assert_eq!(
+                authenticate(&store, bad).await.unwrap_err().code,
+                ErrorCode::Unauthenticated
+            );
         }
     }
 
     #[test]
     fn approvers_are_bound_to_their_customer() {
-        let c = Caller { token_id: "x".into(), name: "bob".into(), role: Role::Approver, customer: Some("acme".into()) };
+        let c = Caller {
+            token_id: "x".into(),
+            name: "bob".into(),
+            role: Role::Approver,
+            customer: Some("acme".into()),
+        };
         assert!(c.require_customer("acme").is_ok());
-        assert_eq!(c.require_customer("globex").unwrap_err().code, ErrorCode::Forbidden);
-        assert_eq!(c.require(&[Role::Admin], "mint tokens").unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(
+            c.require_customer("globex").unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(
+            c.require(&[Role::Admin], "mint tokens").unwrap_err().code,
+            ErrorCode::Forbidden
+        );
     }
 }

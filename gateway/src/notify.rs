@@ -32,14 +32,20 @@ pub async fn waiting(gw: &Gateway, customer: &str, kind: &str, id: &str) {
 /// Plain-HTTP POST (webhooks into the customer's network usually terminate at an internal
 /// relay); `https://` is refused with a clear error until a root store is configured.
 async fn post(url: &str, body: serde_json::Value) -> Result<u16, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("bad webhook URL {url:?}: {e}"))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("bad webhook URL {url:?}: {e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err(format!("webhook URL {url:?}: only http:// is supported"));
     }
     let host = uri.host().ok_or("webhook URL has no host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = hyper::Request::post(path)

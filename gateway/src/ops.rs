@@ -36,7 +36,11 @@ fn internal(e: StoreError) -> ApiError {
 }
 
 fn subject(row: &OpRow) -> Subject {
-    Subject { appliance_id: Some(row.appliance_id.clone()), op_id: Some(row.id.clone()), ..Default::default() }
+    Subject {
+        appliance_id: Some(row.appliance_id.clone()),
+        op_id: Some(row.id.clone()),
+        ..Default::default()
+    }
 }
 
 /// Held output on its way from the appliance to one approver's screen; never stored.
@@ -59,7 +63,14 @@ impl Previews {
 
     fn begin(&self, op_id: &str) -> oneshot::Receiver<Result<serde_json::Value, ApiError>> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(op_id.to_string(), Preview { stdout: String::new(), stderr: String::new(), done: tx });
+        self.lock().insert(
+            op_id.to_string(),
+            Preview {
+                stdout: String::new(),
+                stderr: String::new(),
+                done: tx,
+            },
+        );
         rx
     }
 
@@ -73,7 +84,9 @@ impl Previews {
     }
 
     fn finish(&self, op_id: &str, result: Result<&OpFinished, ApiError>) -> bool {
-        let Some(p) = self.lock().remove(op_id) else { return false };
+        let Some(p) = self.lock().remove(op_id) else {
+            return false;
+        };
         let value = result.map(|f| {
             serde_json::json!({
                 "stdout": p.stdout, "stderr": p.stderr, "exit_code": f.exit_code, "truncated": f.truncated,
@@ -86,7 +99,14 @@ impl Previews {
 }
 
 pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
-    let error = row.error.clone().or_else(|| op_error(row.state, row.exit_code, row.stderr.as_deref(), row.message.as_deref()));
+    let error = row.error.clone().or_else(|| {
+        op_error(
+            row.state,
+            row.exit_code,
+            row.stderr.as_deref(),
+            row.message.as_deref(),
+        )
+    });
     OpRecord {
         id: row.id.clone(),
         state: row.state,
@@ -110,9 +130,22 @@ pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
 }
 
 async fn load(gw: &Gateway, caller: &Caller, id: &str) -> Result<(OpRow, ApplianceRow), ApiError> {
-    let nf = || ApiError::new(ErrorCode::NotFound, format!("no op {id}")).hint("ops are named op_…; `postern approvals list` shows waiting ones");
-    let row = gw.store.get_op(id).await.map_err(internal)?.ok_or_else(nf)?;
-    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?.ok_or_else(nf)?;
+    let nf = || {
+        ApiError::new(ErrorCode::NotFound, format!("no op {id}"))
+            .hint("ops are named op_…; `postern approvals list` shows waiting ones")
+    };
+    let row = gw
+        .store
+        .get_op(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(nf)?;
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(nf)?;
     if !caller.sees_customer(&appliance.customer) {
         return Err(nf());
     }
@@ -124,10 +157,18 @@ pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<OpRecord, Ap
     Ok(record(&row, &appliance))
 }
 
-pub async fn list_rows(gw: &Gateway, caller: &Caller) -> Result<Vec<(OpRow, ApplianceRow)>, ApiError> {
+pub async fn list_rows(
+    gw: &Gateway,
+    caller: &Caller,
+) -> Result<Vec<(OpRow, ApplianceRow)>, ApiError> {
     let mut out = Vec::new();
     for row in gw.store.list_ops().await.map_err(internal)? {
-        if let Some(a) = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)? {
+        if let Some(a) = gw
+            .store
+            .get_appliance(&row.appliance_id)
+            .await
+            .map_err(internal)?
+        {
             if caller.sees_customer(&a.customer) {
                 out.push((row, a));
             }
@@ -136,35 +177,77 @@ pub async fn list_rows(gw: &Gateway, caller: &Caller) -> Result<Vec<(OpRow, Appl
     Ok(out)
 }
 
-pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: OpRequest) -> Result<OpRecord, ApiError> {
+pub async fn create(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    req: OpRequest,
+) -> Result<OpRecord, ApiError> {
     caller.require(&[Role::Admin, Role::Operator], "run ops")?;
     let command = req.command.trim().to_string();
     if command.is_empty() || command.len() > COMMAND_MAX {
-        return Err(ApiError::invalid("the command is empty or too long").hint(format!("e.g. --command \"{} …\"", req.tool.as_str())));
+        return Err(ApiError::invalid("the command is empty or too long")
+            .hint(format!("e.g. --command \"{} …\"", req.tool.as_str())));
     }
     if command.split_whitespace().next() != Some(req.tool.as_str()) {
-        return Err(ApiError::invalid(format!("the command must start with `{}`", req.tool.as_str()))
-            .hint(format!("an `ops {}` command runs {} and nothing else, e.g. --command \"{} …\"", req.tool.as_str(), req.tool.as_str(), req.tool.as_str())));
+        return Err(ApiError::invalid(format!(
+            "the command must start with `{}`",
+            req.tool.as_str()
+        ))
+        .hint(format!(
+            "an `ops {}` command runs {} and nothing else, e.g. --command \"{} …\"",
+            req.tool.as_str(),
+            req.tool.as_str(),
+            req.tool.as_str()
+        )));
     }
-    let timeout = req.timeout_s.map(Duration::from_secs).unwrap_or(DEFAULT_TIMEOUT);
+    let timeout = req
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TIMEOUT);
     if timeout < TIMEOUT_MIN || timeout > TIMEOUT_MAX {
         return Err(ApiError::invalid("the timeout is outside 1s–24h").hint("e.g. --timeout 5m"));
     }
-    let appliance = gw.store.find_appliance(&req.app, &req.customer).await.map_err(internal)?.ok_or_else(|| {
-        ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
+    let appliance = gw
+        .store
+        .find_appliance(&req.app, &req.customer)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no appliance for app {} and customer {}",
+                    req.app, req.customer
+                ),
+            )
             .hint("`postern appliance list` shows the registered appliances")
-    })?;
+        })?;
     caller.require_customer(&appliance.customer)?;
     let now = crate::store::now();
     let grant = grants::require_operate(gw, &appliance, now).await?;
     let link = gw.agents.get(&appliance.id).ok_or_else(|| {
-        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} ({}/{}) is offline", appliance.id, appliance.app, appliance.customer))
-            .hint("the agent in the appliance is not connected; check `postern appliance list`")
+        ApiError::new(
+            ErrorCode::ApplianceOffline,
+            format!(
+                "appliance {} ({}/{}) is offline",
+                appliance.id, appliance.app, appliance.customer
+            ),
+        )
+        .hint("the agent in the appliance is not connected; check `postern appliance list`")
     })?;
     if link.resource(&req.origin_resource_id).is_none() {
         let known: Vec<&str> = link.resources.iter().map(|r| r.id.as_str()).collect();
-        return Err(ApiError::new(ErrorCode::InvalidOriginResourceId, format!("appliance {} has no resource {:?}", appliance.id, req.origin_resource_id))
-            .hint(format!("resources this appliance declares: {}", known.join(", "))));
+        return Err(ApiError::new(
+            ErrorCode::InvalidOriginResourceId,
+            format!(
+                "appliance {} has no resource {:?}",
+                appliance.id, req.origin_resource_id
+            ),
+        )
+        .hint(format!(
+            "resources this appliance declares: {}",
+            known.join(", ")
+        )));
     }
     let mut row = OpRow {
         id: format!("op_{}", random_hex(8)),
@@ -205,17 +288,34 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: OpRequest) -> Resul
         .await;
     match auto {
         Some((by, _)) => {
-            gw.audit.record("op.approved", by, subject(&row), serde_json::json!({"stage": "command"})).await;
+            gw.audit
+                .record(
+                    "op.approved",
+                    by,
+                    subject(&row),
+                    serde_json::json!({"stage": "command"}),
+                )
+                .await;
             dispatch(gw, &row.id).await;
         }
         None => crate::notify::waiting(gw, &appliance.customer, "op", &row.id).await,
     }
-    let row = gw.store.get_op(&row.id).await.map_err(internal)?.unwrap_or(row);
+    let row = gw
+        .store
+        .get_op(&row.id)
+        .await
+        .map_err(internal)?
+        .unwrap_or(row);
     Ok(record(&row, &appliance))
 }
 
 /// Moves an op from `from` with `change`, re-reading it first so streamed output is kept.
-async fn transition(gw: &Gateway, id: &str, from: &[OpState], change: impl Fn(&mut OpRow)) -> Option<OpRow> {
+async fn transition(
+    gw: &Gateway,
+    id: &str,
+    from: &[OpState],
+    change: impl Fn(&mut OpRow),
+) -> Option<OpRow> {
     for _ in 0..3 {
         let row = gw.store.get_op(id).await.ok()??;
         if !from.contains(&row.state) {
@@ -239,16 +339,27 @@ async fn transition(gw: &Gateway, id: &str, from: &[OpState], change: impl Fn(&m
 /// Sends an approved op to its appliance, after checking at this moment that its grant is
 /// live and, for a window approval, that the window is still open.
 pub async fn dispatch(gw: &Gateway, id: &str) {
-    let Ok(Some(row)) = gw.store.get_op(id).await else { return };
+    let Ok(Some(row)) = gw.store.get_op(id).await else {
+        return;
+    };
     if row.state != OpState::Approved {
         return;
     }
-    let Ok(Some(appliance)) = gw.store.get_appliance(&row.appliance_id).await else { return };
+    let Ok(Some(appliance)) = gw.store.get_appliance(&row.appliance_id).await else {
+        return;
+    };
     let now = crate::store::now();
     let live = grants::require_operate(gw, &appliance, now).await;
-    if live.as_ref().map(|g| Some(&g.id) != row.grant_id.as_ref()).unwrap_or(true) {
-        let error = ApiError::new(ErrorCode::OperateAccessExpired, format!("the operate grant op {id} was approved under has ended"))
-            .hint(grants::access_hint(&appliance.app, &appliance.customer));
+    if live
+        .as_ref()
+        .map(|g| Some(&g.id) != row.grant_id.as_ref())
+        .unwrap_or(true)
+    {
+        let error = ApiError::new(
+            ErrorCode::OperateAccessExpired,
+            format!("the operate grant op {id} was approved under has ended"),
+        )
+        .hint(grants::access_hint(&appliance.app, &appliance.customer));
         if transition(gw, id, &[OpState::Approved], |o| {
             o.state = OpState::Expired;
             o.finished_at = Some(now);
@@ -257,12 +368,26 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
         .await
         .is_some()
         {
-            gw.audit.record("op.expired", "system:gateway", subject(&row), serde_json::json!({"reason": error.message})).await;
+            gw.audit
+                .record(
+                    "op.expired",
+                    "system:gateway",
+                    subject(&row),
+                    serde_json::json!({"reason": error.message}),
+                )
+                .await;
         }
         return;
     }
-    let by_policy = row.command_approved_by.as_deref().is_some_and(|b| b.starts_with("policy:"));
-    if by_policy && grants::automatic_decision(gw, &appliance.id, now).await.is_none() {
+    let by_policy = row
+        .command_approved_by
+        .as_deref()
+        .is_some_and(|b| b.starts_with("policy:"));
+    if by_policy
+        && grants::automatic_decision(gw, &appliance.id, now)
+            .await
+            .is_none()
+    {
         // Approved inside a window that has closed since: back to a person.
         if transition(gw, id, &[OpState::Approved], |o| {
             o.state = OpState::PendingApproval;
@@ -272,14 +397,27 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
         .await
         .is_some()
         {
-            gw.audit.record("op.requeued", "system:gateway", subject(&row), serde_json::json!({"reason": "the approval window closed before dispatch"})).await;
+            gw.audit
+                .record(
+                    "op.requeued",
+                    "system:gateway",
+                    subject(&row),
+                    serde_json::json!({"reason": "the approval window closed before dispatch"}),
+                )
+                .await;
             crate::notify::waiting(gw, &appliance.customer, "op", id).await;
         }
         return;
     }
     let policy = grants::policy_of(gw, &appliance.id).await;
-    let hold_output = Policy::parse(&policy).map(|p| p.needs_output_approval(now)).unwrap_or(true);
-    let (Some(grant_id), Some(approved_by), Some(approved_at)) = (row.grant_id.clone(), row.command_approved_by.clone(), row.command_approved_at) else {
+    let hold_output = Policy::parse(&policy)
+        .map(|p| p.needs_output_approval(now))
+        .unwrap_or(true);
+    let (Some(grant_id), Some(approved_by), Some(approved_at)) = (
+        row.grant_id.clone(),
+        row.command_approved_by.clone(),
+        row.command_approved_at,
+    ) else {
         return;
     };
     let frame = Frame::OpDispatch(OpDispatch {
@@ -296,7 +434,14 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
     });
     // Offline now: it goes out when the agent reconnects.
     if gw.agents.send(&appliance.id, frame) {
-        gw.audit.record("op.dispatched", "system:gateway", subject(&row), serde_json::json!({"hold_output": hold_output})).await;
+        gw.audit
+            .record(
+                "op.dispatched",
+                "system:gateway",
+                subject(&row),
+                serde_json::json!({"hold_output": hold_output}),
+            )
+            .await;
     }
 }
 
@@ -312,7 +457,9 @@ pub async fn dispatch_pending(gw: &Gateway, appliance_id: &str) {
 /// The agent went away while ops ran: their results cannot arrive any more (held output is
 /// kept in the appliance and announced again on reconnect; running ops are not).
 pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
-    let Ok(rows) = gw.store.ops_of(appliance_id).await else { return };
+    let Ok(rows) = gw.store.ops_of(appliance_id).await else {
+        return;
+    };
     let now = crate::store::now();
     for r in rows.into_iter().filter(|r| r.state == OpState::Running) {
         let error = ApiError::new(ErrorCode::ApplianceOffline, "the appliance disconnected while the op ran; its result was lost")
@@ -324,7 +471,14 @@ pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
         })
         .await;
         if moved.is_some() {
-            gw.audit.record("op.interrupted", "system:gateway", subject(&r), serde_json::json!({"reason": "agent disconnected"})).await;
+            gw.audit
+                .record(
+                    "op.interrupted",
+                    "system:gateway",
+                    subject(&r),
+                    serde_json::json!({"reason": "agent disconnected"}),
+                )
+                .await;
         }
     }
 }
@@ -332,7 +486,9 @@ pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
 /// Frames about ops from an agent. An agent can only ever affect its own appliance's ops.
 pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     let op_id = match &frame {
-        Frame::OpStarted { op_id } | Frame::OpOutput { op_id, .. } | Frame::OpRefused { op_id, .. } => op_id.clone(),
+        Frame::OpStarted { op_id }
+        | Frame::OpOutput { op_id, .. }
+        | Frame::OpRefused { op_id, .. } => op_id.clone(),
         Frame::OpFinished(f) => f.op_id.clone(),
         _ => return,
     };
@@ -352,11 +508,23 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             })
             .await;
             if moved.is_some() {
-                gw.audit.record("op.started", &actor, subject(&row), serde_json::json!({})).await;
+                gw.audit
+                    .record("op.started", &actor, subject(&row), serde_json::json!({}))
+                    .await;
             }
         }
-        Frame::OpOutput { stream, data, preview: true, .. } => gw.previews.push(&op_id, stream, &data),
-        Frame::OpOutput { stream, data, preview: false, .. } => {
+        Frame::OpOutput {
+            stream,
+            data,
+            preview: true,
+            ..
+        } => gw.previews.push(&op_id, stream, &data),
+        Frame::OpOutput {
+            stream,
+            data,
+            preview: false,
+            ..
+        } => {
             let (out, err) = match stream {
                 OutputStream::Stdout => (data.as_str(), ""),
                 OutputStream::Stderr => ("", data.as_str()),
@@ -369,7 +537,14 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             gw.previews.finish(&op_id, Ok(&f));
         }
         Frame::OpFinished(f) if f.destroyed => {
-            gw.audit.record("output.destroyed", &actor, subject(&row), serde_json::json!({})).await;
+            gw.audit
+                .record(
+                    "output.destroyed",
+                    &actor,
+                    subject(&row),
+                    serde_json::json!({}),
+                )
+                .await;
         }
         Frame::OpFinished(f) if f.held => {
             // The agent announces held output again after every reconnect; a repeat is a no-op.
@@ -379,7 +554,14 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             })
             .await;
             if moved.is_some() {
-                gw.audit.record("op.finished", &actor, subject(&row), serde_json::json!({"held": true})).await;
+                gw.audit
+                    .record(
+                        "op.finished",
+                        &actor,
+                        subject(&row),
+                        serde_json::json!({"held": true}),
+                    )
+                    .await;
                 if let Ok(Some(a)) = gw.store.get_appliance(appliance_id).await {
                     crate::notify::waiting(gw, &a.customer, "op", &op_id).await;
                 }
@@ -394,17 +576,30 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 OpState::Failed
             };
             let released = row.state == OpState::OutputPendingApproval;
-            if transition(gw, &op_id, &[OpState::Running, OpState::Approved, OpState::OutputPendingApproval], |o| {
-                o.state = state;
-                o.exit_code = f.exit_code;
-                o.truncated = f.truncated;
-                o.error = f.error.clone();
-                o.finished_at.get_or_insert(now);
-            })
+            if transition(
+                gw,
+                &op_id,
+                &[
+                    OpState::Running,
+                    OpState::Approved,
+                    OpState::OutputPendingApproval,
+                ],
+                |o| {
+                    o.state = state;
+                    o.exit_code = f.exit_code;
+                    o.truncated = f.truncated;
+                    o.error = f.error.clone();
+                    o.finished_at.get_or_insert(now);
+                },
+            )
             .await
             .is_some()
             {
-                let kind = if released { "output.released" } else { "op.finished" };
+                let kind = if released {
+                    "output.released"
+                } else {
+                    "op.finished"
+                };
                 gw.audit
                     .record(kind, &actor, subject(&row), serde_json::json!({
                         "state": state.as_str(), "exit_code": f.exit_code, "truncated": f.truncated, "timed_out": f.timed_out,
@@ -417,7 +612,11 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 return;
             }
             if transition(gw, &op_id, &[OpState::Approved, OpState::Running], |o| {
-                o.state = if error.code == ErrorCode::ApprovalDenied { OpState::Denied } else { OpState::Failed };
+                o.state = if error.code == ErrorCode::ApprovalDenied {
+                    OpState::Denied
+                } else {
+                    OpState::Failed
+                };
                 o.finished_at = Some(now);
                 o.error = Some(error.clone());
             })
@@ -434,7 +633,13 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
 }
 
 /// A customer approver's decision on the command or, once it ran, on its held output.
-pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<OpRecord, ApiError> {
+pub async fn decide(
+    gw: &Gateway,
+    caller: &Caller,
+    id: &str,
+    approve: bool,
+    message: Option<String>,
+) -> Result<OpRecord, ApiError> {
     let (row, appliance) = load(gw, caller, id).await?;
     caller.require_customer(&appliance.customer)?;
     let now = crate::store::now();
@@ -448,7 +653,14 @@ pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, mess
             })
             .await
             .ok_or_else(|| conflict(id))?;
-            gw.audit.record("op.approved", &who, subject(&row), serde_json::json!({"stage": "command", "command": row.command})).await;
+            gw.audit
+                .record(
+                    "op.approved",
+                    &who,
+                    subject(&row),
+                    serde_json::json!({"stage": "command", "command": row.command}),
+                )
+                .await;
             dispatch(gw, id).await;
         }
         (OpState::PendingApproval, false) => {
@@ -459,12 +671,22 @@ pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, mess
             })
             .await
             .ok_or_else(|| conflict(id))?;
-            gw.audit.record("op.denied", &who, subject(&row), serde_json::json!({"stage": "command", "message": message})).await;
+            gw.audit
+                .record(
+                    "op.denied",
+                    &who,
+                    subject(&row),
+                    serde_json::json!({"stage": "command", "message": message}),
+                )
+                .await;
         }
         (OpState::OutputPendingApproval, true) => {
             if !gw.agents.is_online(&row.appliance_id) {
-                return Err(ApiError::new(ErrorCode::ApplianceOffline, "the held output is in the appliance, which is offline")
-                    .hint("approve again once the appliance is online"));
+                return Err(ApiError::new(
+                    ErrorCode::ApplianceOffline,
+                    "the held output is in the appliance, which is offline",
+                )
+                .hint("approve again once the appliance is online"));
             }
             transition(gw, id, &[OpState::OutputPendingApproval], |o| {
                 o.output_approved_by = Some(who.clone());
@@ -472,8 +694,21 @@ pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, mess
             })
             .await
             .ok_or_else(|| conflict(id))?;
-            gw.audit.record("output.approved", &who, subject(&row), serde_json::json!({})).await;
-            gw.agents.send(&row.appliance_id, Frame::OutputRelease { op_id: id.to_string(), approved_by: who.clone() });
+            gw.audit
+                .record(
+                    "output.approved",
+                    &who,
+                    subject(&row),
+                    serde_json::json!({}),
+                )
+                .await;
+            gw.agents.send(
+                &row.appliance_id,
+                Frame::OutputRelease {
+                    op_id: id.to_string(),
+                    approved_by: who.clone(),
+                },
+            );
         }
         (OpState::OutputPendingApproval, false) => {
             transition(gw, id, &[OpState::OutputPendingApproval], |o| {
@@ -482,44 +717,91 @@ pub async fn decide(gw: &Gateway, caller: &Caller, id: &str, approve: bool, mess
             })
             .await
             .ok_or_else(|| conflict(id))?;
-            gw.audit.record("output.denied", &who, subject(&row), serde_json::json!({"message": message})).await;
-            gw.agents.send(&row.appliance_id, Frame::OutputDestroy { op_id: id.to_string(), denied_by: who.clone(), message });
+            gw.audit
+                .record(
+                    "output.denied",
+                    &who,
+                    subject(&row),
+                    serde_json::json!({"message": message}),
+                )
+                .await;
+            gw.agents.send(
+                &row.appliance_id,
+                Frame::OutputDestroy {
+                    op_id: id.to_string(),
+                    denied_by: who.clone(),
+                    message,
+                },
+            );
         }
         (state, _) => {
-            return Err(ApiError::new(ErrorCode::Conflict, format!("op {id} is {}, not waiting for a decision", state.as_str())));
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("op {id} is {}, not waiting for a decision", state.as_str()),
+            ));
         }
     }
     get(gw, caller, id).await
 }
 
 fn conflict(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::Conflict, format!("op {id} was decided by someone else just now"))
+    ApiError::new(
+        ErrorCode::Conflict,
+        format!("op {id} was decided by someone else just now"),
+    )
 }
 
 /// The held output, fetched from the appliance for an approver; passed through, not kept.
-pub async fn preview(gw: &Gateway, caller: &Caller, id: &str) -> Result<serde_json::Value, ApiError> {
-    caller.require(&[Role::Approver], "see held output (it is the customer's to release)")?;
+pub async fn preview(
+    gw: &Gateway,
+    caller: &Caller,
+    id: &str,
+) -> Result<serde_json::Value, ApiError> {
+    caller.require(
+        &[Role::Approver],
+        "see held output (it is the customer's to release)",
+    )?;
     let (row, appliance) = load(gw, caller, id).await?;
     caller.require_customer(&appliance.customer)?;
     if row.state != OpState::OutputPendingApproval {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("op {id} holds no output")));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("op {id} holds no output"),
+        ));
     }
     let rx = gw.previews.begin(id);
-    if !gw.agents.send(&row.appliance_id, Frame::OutputFetch { op_id: id.to_string() }) {
-        gw.previews.finish(id, Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")));
-        return Err(ApiError::new(ErrorCode::ApplianceOffline, "the held output is in the appliance, which is offline"));
+    if !gw.agents.send(
+        &row.appliance_id,
+        Frame::OutputFetch {
+            op_id: id.to_string(),
+        },
+    ) {
+        gw.previews.finish(
+            id,
+            Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")),
+        );
+        return Err(ApiError::new(
+            ErrorCode::ApplianceOffline,
+            "the held output is in the appliance, which is offline",
+        ));
     }
     match tokio::time::timeout(PREVIEW_WAIT, rx).await {
         Ok(Ok(r)) => r,
         _ => {
             gw.previews.finish(id, Err(ApiError::internal("timed out")));
-            Err(ApiError::new(ErrorCode::ApplianceOffline, "the appliance did not send the held output in time"))
+            Err(ApiError::new(
+                ErrorCode::ApplianceOffline,
+                "the appliance did not send the held output in time",
+            ))
         }
     }
 }
 
 /// The approver's view of a waiting op.
-pub fn approval_item(row: &OpRow, appliance: &ApplianceRow) -> Option<endpoint_types::control::ApprovalItem> {
+pub fn approval_item(
+    row: &OpRow,
+    appliance: &ApplianceRow,
+) -> Option<endpoint_types::control::ApprovalItem> {
     use endpoint_types::control::{ApprovalItem, ApprovalKind, ApprovalStage};
     let stage = match row.state {
         OpState::PendingApproval => ApprovalStage::Command,
@@ -536,7 +818,9 @@ pub fn approval_item(row: &OpRow, appliance: &ApplianceRow) -> Option<endpoint_t
         requested_by: row.requested_by.clone(),
         requested_at: row.requested_at,
         summary: match stage {
-            ApprovalStage::Command => format!("run `{}` on {}", row.command, row.origin_resource_id),
+            ApprovalStage::Command => {
+                format!("run `{}` on {}", row.command, row.origin_resource_id)
+            }
             ApprovalStage::Output => format!("release the output of `{}`", row.command),
         },
         request: serde_json::json!({

@@ -51,7 +51,12 @@ pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::Tr
 /// `reset_key` must survive restarts: a restarted gateway then answers packets of connections
 /// it no longer knows with a stateless reset the agent recognises, and the agent reconnects at
 /// once instead of waiting out its idle timeout.
-pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr, reset_key: &[u8]) -> anyhow::Result<quinn::Endpoint> {
+pub fn bind(
+    gw: &Arc<Gateway>,
+    server: &Issued,
+    addr: SocketAddr,
+    reset_key: &[u8],
+) -> anyhow::Result<quinn::Endpoint> {
     let tls = certs::server_config(
         &server.cert_pem,
         &server.key_pem,
@@ -61,15 +66,23 @@ pub fn bind(gw: &Arc<Gateway>, server: &Issued, addr: SocketAddr, reset_key: &[u
     )?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(gw.limits.agent_lost_after, gw.limits.heartbeat_interval)));
+    cfg.transport_config(Arc::new(transport_config(
+        gw.limits.agent_lost_after,
+        gw.limits.heartbeat_interval,
+    )));
     let socket = std::net::UdpSocket::bind(addr)?;
-    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key)));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_key,
+    )));
     // Connection ids carry a keyed check that must also survive a restart, or the new process
     // drops the old connection's packets as invalid instead of answering with a reset.
     let mut cid_key = [0u8; 8];
     cid_key.copy_from_slice(&ring::digest::digest(&ring::digest::SHA256, reset_key).as_ref()[..8]);
     let cid_key = u64::from_le_bytes(cid_key);
-    endpoint_config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     // After a restart every agent needs its reset at once; quinn's default of one reset per
     // 20 ms would bring 1000 agents back over 20 s. Resets are always smaller than the packet
     // that triggers them, so this cannot amplify.
@@ -102,11 +115,17 @@ pub async fn serve(gw: Arc<Gateway>, endpoint: quinn::Endpoint) {
 }
 
 fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
     certs.first().map(|c| certs::fingerprint(c))
 }
 
@@ -134,7 +153,9 @@ async fn send_error(send: &mut quinn::SendStream, err: &ApiError) {
 
 async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
     let remote = conn.remote_address();
-    let Ok(Ok((mut send, recv))) = tokio::time::timeout(gw.limits.handshake_timeout, conn.accept_bi()).await else {
+    let Ok(Ok((mut send, recv))) =
+        tokio::time::timeout(gw.limits.handshake_timeout, conn.accept_bi()).await
+    else {
         conn.close(close::PROTOCOL.into(), b"no enrollment request");
         return;
     };
@@ -144,15 +165,26 @@ async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
             Ok(resp) => Frame::EnrollResponse(resp),
             Err(e) => {
                 gw.audit
-                    .record("denied", &format!("agent@{remote}"), Subject::default(), serde_json::json!({
-                        "action": "enroll", "code": e.code, "reason": e.message,
-                    }))
+                    .record(
+                        "denied",
+                        &format!("agent@{remote}"),
+                        Subject::default(),
+                        serde_json::json!({
+                            "action": "enroll", "code": e.code, "reason": e.message,
+                        }),
+                    )
                     .await;
                 Frame::Error(e)
             }
         },
-        Ok(Some(_)) => Frame::Error(ApiError::new(ErrorCode::MalformedFrame, "expected an enrollment request")),
-        Ok(None) => Frame::Error(ApiError::new(ErrorCode::MalformedFrame, "the stream ended before a request")),
+        Ok(Some(_)) => Frame::Error(ApiError::new(
+            ErrorCode::MalformedFrame,
+            "expected an enrollment request",
+        )),
+        Ok(None) => Frame::Error(ApiError::new(
+            ErrorCode::MalformedFrame,
+            "the stream ended before a request",
+        )),
         Err(FramedError::Frame(e)) => {
             tracing::info!(%remote, error = %e, "refused a malformed enrollment frame");
             Frame::Error(e.to_api_error())
@@ -185,7 +217,10 @@ async fn enroll(
     let token = EnrollmentToken::parse(req.token.expose())
         .map_err(|e| token_error(ErrorCode::EnrollmentTokenInvalid, &e.to_string()))?;
     if token.ca != gw.ca.fingerprint() {
-        return Err(token_error(ErrorCode::EnrollmentTokenInvalid, "this enrollment token was issued by a different gateway"));
+        return Err(token_error(
+            ErrorCode::EnrollmentTokenInvalid,
+            "this enrollment token was issued by a different gateway",
+        ));
     }
     let row = gw
         .store
@@ -193,13 +228,24 @@ async fn enroll(
         .await
         .map_err(internal)?
         .filter(|row| identity::secret_matches(&token.secret, &row.secret_hash))
-        .ok_or_else(|| token_error(ErrorCode::EnrollmentTokenInvalid, "this enrollment token is not known to the gateway"))?;
+        .ok_or_else(|| {
+            token_error(
+                ErrorCode::EnrollmentTokenInvalid,
+                "this enrollment token is not known to the gateway",
+            )
+        })?;
     let now = Timestamp::now();
     if row.used {
-        return Err(token_error(ErrorCode::EnrollmentTokenUsed, "this enrollment token has already been used"));
+        return Err(token_error(
+            ErrorCode::EnrollmentTokenUsed,
+            "this enrollment token has already been used",
+        ));
     }
     if row.expires_at <= now {
-        return Err(token_error(ErrorCode::EnrollmentTokenExpired, &format!("this enrollment token expired at {}", row.expires_at)));
+        return Err(token_error(
+            ErrorCode::EnrollmentTokenExpired,
+            &format!("this enrollment token expired at {}", row.expires_at),
+        ));
     }
     let appliance = gw
         .store
@@ -208,18 +254,34 @@ async fn enroll(
         .map_err(internal)?
         .ok_or_else(|| ApiError::internal("enrollment token without appliance"))?;
     if appliance.revoked_at.is_some() {
-        return Err(ApiError::new(ErrorCode::ApplianceRevoked, format!("appliance {} has been revoked", appliance.id)));
+        return Err(ApiError::new(
+            ErrorCode::ApplianceRevoked,
+            format!("appliance {} has been revoked", appliance.id),
+        ));
     }
     // Sign before consuming, so a bad CSR does not burn the token.
     let cert_pem = gw
         .ca
         .sign_agent_csr(&req.csr_pem, &appliance.id, now, AGENT_CERT_VALIDITY)
-        .map_err(|e| ApiError::invalid(format!("the certificate signing request was refused: {e}")))?;
-    if !gw.store.consume_enrollment_token(&row.id, now).await.map_err(internal)? {
-        return Err(token_error(ErrorCode::EnrollmentTokenUsed, "this enrollment token has already been used"));
+        .map_err(|e| {
+            ApiError::invalid(format!("the certificate signing request was refused: {e}"))
+        })?;
+    if !gw
+        .store
+        .consume_enrollment_token(&row.id, now)
+        .await
+        .map_err(internal)?
+    {
+        return Err(token_error(
+            ErrorCode::EnrollmentTokenUsed,
+            "this enrollment token has already been used",
+        ));
     }
     let fp = certs::fingerprint_pem(&cert_pem).map_err(|e| ApiError::internal(e.to_string()))?;
-    gw.store.set_enrolled(&appliance.id, &fp, now).await.map_err(internal)?;
+    gw.store
+        .set_enrolled(&appliance.id, &fp, now)
+        .await
+        .map_err(internal)?;
     gw.audit
         .record(
             "appliance.enrolled",
@@ -238,14 +300,29 @@ async fn enroll(
     })
 }
 
-async fn refuse_agent(gw: &Gateway, conn: &quinn::Connection, code: u32, err: ApiError, appliance_id: Option<&str>) {
+async fn refuse_agent(
+    gw: &Gateway,
+    conn: &quinn::Connection,
+    code: u32,
+    err: ApiError,
+    appliance_id: Option<&str>,
+) {
     tracing::info!(remote = %conn.remote_address(), code = %err.code, "refused agent connection: {}", err.message);
     let subject = appliance_id.map(Subject::appliance).unwrap_or_default();
-    let kind = if err.code == ErrorCode::DuplicateConnection { "agent.duplicate" } else { "denied" };
+    let kind = if err.code == ErrorCode::DuplicateConnection {
+        "agent.duplicate"
+    } else {
+        "denied"
+    };
     gw.audit
-        .record(kind, &format!("agent@{}", conn.remote_address()), subject, serde_json::json!({
-            "action": "connect", "code": err.code, "reason": err.message,
-        }))
+        .record(
+            kind,
+            &format!("agent@{}", conn.remote_address()),
+            subject,
+            serde_json::json!({
+                "action": "connect", "code": err.code, "reason": err.message,
+            }),
+        )
         .await;
     close_with(conn, code, &err);
 }
@@ -259,7 +336,10 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     let appliance = match gw.store.appliance_by_fingerprint(&fp).await {
         Ok(Some(a)) => a,
         Ok(None) => {
-            let e = ApiError::new(ErrorCode::Unauthenticated, "this agent certificate is not enrolled with the gateway");
+            let e = ApiError::new(
+                ErrorCode::Unauthenticated,
+                "this agent certificate is not enrolled with the gateway",
+            );
             return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
         }
         Err(e) => {
@@ -269,7 +349,10 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         }
     };
     if appliance.revoked_at.is_some() {
-        let e = ApiError::new(ErrorCode::ApplianceRevoked, format!("appliance {} has been revoked", appliance.id));
+        let e = ApiError::new(
+            ErrorCode::ApplianceRevoked,
+            format!("appliance {} has been revoked", appliance.id),
+        );
         return refuse_agent(&gw, &conn, close::REVOKED, e, Some(&appliance.id)).await;
     }
 
@@ -284,14 +367,20 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         Ok(Some(Frame::Hello(h))) => {
             let e = ApiError::new(
                 ErrorCode::ProtocolVersion,
-                format!("agent speaks protocol {}, this gateway speaks {PROTOCOL_VERSION}", h.protocol_version),
+                format!(
+                    "agent speaks protocol {}, this gateway speaks {PROTOCOL_VERSION}",
+                    h.protocol_version
+                ),
             )
             .hint("upgrade the agent or the gateway so both speak the same version");
             send_error(&mut send, &e).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
         Ok(_) => {
-            let e = ApiError::new(ErrorCode::MalformedFrame, "the first frame on the control stream must be a hello");
+            let e = ApiError::new(
+                ErrorCode::MalformedFrame,
+                "the first frame on the control stream must be a hello",
+            );
             send_error(&mut send, &e).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
@@ -329,18 +418,29 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     let policy_json = serde_json::to_string(&hello.policy).ok();
     if let Err(e) = gw
         .store
-        .set_presence(&appliance.id, Timestamp::now(), Some(&hello.agent_version), Some(&resources_json), policy_json.as_deref())
+        .set_presence(
+            &appliance.id,
+            Timestamp::now(),
+            Some(&hello.agent_version),
+            Some(&resources_json),
+            policy_json.as_deref(),
+        )
         .await
     {
         tracing::error!(error = %e, "could not record presence");
     }
     gw.audit
-        .record("agent.connected", &format!("agent:{}", appliance.id), Subject::appliance(&appliance.id), serde_json::json!({
-            "remote": conn.remote_address().to_string(),
-            "agent_version": hello.agent_version,
-            "resources": hello.resources,
-            "policy": hello.policy,
-        }))
+        .record(
+            "agent.connected",
+            &format!("agent:{}", appliance.id),
+            Subject::appliance(&appliance.id),
+            serde_json::json!({
+                "remote": conn.remote_address().to_string(),
+                "agent_version": hello.agent_version,
+                "resources": hello.resources,
+                "policy": hello.policy,
+            }),
+        )
         .await;
     tracing::info!(appliance = %appliance.id, remote = %conn.remote_address(), version = %hello.agent_version, "agent connected");
 
@@ -361,7 +461,8 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                     Ok(()) => {
                         // Approved ops that waited for the appliance go out after the hello.
                         let (gw2, id) = (gw.clone(), appliance.id.clone());
-                        gw.tasks.spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
+                        gw.tasks
+                            .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
                         control_loop(&gw, &conn, &appliance.id, send, framed, rx).await
                     }
                     Err(e) => format!("control stream failed: {e}"),
@@ -374,11 +475,19 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
 
     gw.agents.unregister(&appliance.id, &conn);
     crate::ops::interrupted(&gw, &appliance.id).await;
-    let _ = gw.store.set_presence(&appliance.id, Timestamp::now(), None, None, None).await;
+    let _ = gw
+        .store
+        .set_presence(&appliance.id, Timestamp::now(), None, None, None)
+        .await;
     gw.audit
-        .record("agent.disconnected", &format!("agent:{}", appliance.id), Subject::appliance(&appliance.id), serde_json::json!({
-            "reason": reason,
-        }))
+        .record(
+            "agent.disconnected",
+            &format!("agent:{}", appliance.id),
+            Subject::appliance(&appliance.id),
+            serde_json::json!({
+                "reason": reason,
+            }),
+        )
         .await;
     tracing::info!(appliance = %appliance.id, %reason, "agent disconnected");
 }

@@ -88,9 +88,15 @@ struct DataPlane {
 impl DataPlane {
     fn start(threads: usize) -> Result<(DataPlane, tokio::runtime::Handle)> {
         let runtime = if threads <= 1 {
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
         } else {
-            tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("postern-data").enable_all().build()?
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("postern-data")
+                .enable_all()
+                .build()?
         };
         let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
@@ -98,7 +104,13 @@ impl DataPlane {
         let thread = std::thread::Builder::new()
             .name("postern-data".into())
             .spawn(move || runtime.block_on(stopped.cancelled()))?;
-        Ok((DataPlane { stop, thread: Some(thread) }, handle))
+        Ok((
+            DataPlane {
+                stop,
+                thread: Some(thread),
+            },
+            handle,
+        ))
     }
 
     fn stop(&mut self) {
@@ -133,15 +145,25 @@ impl RunningGateway {
         let gw = &self.gateway;
         gw.shutdown.cancel();
         gw.endpoints.cut_all_for_shutdown();
-        self.relay_endpoint.close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+        self.relay_endpoint
+            .close(quinn::VarInt::from_u32(0), b"gateway shutting down");
         gw.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), gw.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), gw.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not finish within the shutdown grace period");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.relay_endpoint.wait_idle()).await;
         gw.store.close().await;
         // Joining blocks; the data plane has nothing left to do by now.
-        let mut data_plane = std::mem::replace(&mut self.data_plane, DataPlane { stop: CancellationToken::new(), thread: None });
+        let mut data_plane = std::mem::replace(
+            &mut self.data_plane,
+            DataPlane {
+                stop: CancellationToken::new(),
+                thread: None,
+            },
+        );
         let _ = tokio::task::spawn_blocking(move || data_plane.stop()).await;
     }
 }
@@ -189,8 +211,15 @@ async fn ensure_admin_token(store: &Store, dir: &DataDir) -> Result<()> {
     if store.count_admin_tokens().await? > 0 && path.exists() {
         return Ok(());
     }
-    let (_, token): (_, Secret) =
-        identity::mint_token(store, Role::Admin, "bootstrap-admin", None, "system:gateway", Timestamp::now()).await?;
+    let (_, token): (_, Secret) = identity::mint_token(
+        store,
+        Role::Admin,
+        "bootstrap-admin",
+        None,
+        "system:gateway",
+        Timestamp::now(),
+    )
+    .await?;
     certs::write_private(&path, format!("{}\n", token.expose()).as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(file = %path.display(), "wrote the bootstrap admin token");
@@ -211,25 +240,36 @@ fn server_sans(cfg: &GatewayConfig) -> Vec<String> {
 }
 
 pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let dir = DataDir(cfg.data_dir.clone());
     let ca = load_or_create_ca(&dir)?;
     let store = match &cfg.store {
-        Some(url) => Store::open(url).await.with_context(|| format!("opening store {}", crate::store::redact_url(url)))?,
+        Some(url) => Store::open(url)
+            .await
+            .with_context(|| format!("opening store {}", crate::store::redact_url(url)))?,
         None => {
             let db_path = dir.database();
-            Store::open_sqlite(&db_path).await.with_context(|| format!("opening store {}", db_path.display()))?
+            Store::open_sqlite(&db_path)
+                .await
+                .with_context(|| format!("opening store {}", db_path.display()))?
         }
     };
     ensure_admin_token(&store, &dir).await?;
     let audit = AuditLog::open(store.clone()).await?;
 
     let server_tls = ca
-        .issue_server(&server_sans(&cfg), Timestamp::now(), Duration::from_secs(365 * 86_400))
+        .issue_server(
+            &server_sans(&cfg),
+            Timestamp::now(),
+            Duration::from_secs(365 * 86_400),
+        )
         .context("issuing the gateway server certificate")?;
 
-    let front_ends = crate::endpoints::front_ends::bind(cfg.endpoint_host, &cfg.data_dir).context("binding the endpoint front ends")?;
-    let (data_plane, data_handle) = DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
+    let front_ends = crate::endpoints::front_ends::bind(cfg.endpoint_host, &cfg.data_dir)
+        .context("binding the endpoint front ends")?;
+    let (data_plane, data_handle) =
+        DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
     let gateway = Arc::new(Gateway {
         store,
         audit,
@@ -255,24 +295,52 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             .with_context(|| format!("binding the relay on udp {}", cfg.relay))?
     };
     let relay = relay_endpoint.local_addr()?;
-    gateway.tasks.spawn_on(crate::relay::serve(gateway.clone(), relay_endpoint.clone()), &gateway.data_plane);
+    gateway.tasks.spawn_on(
+        crate::relay::serve(gateway.clone(), relay_endpoint.clone()),
+        &gateway.data_plane,
+    );
 
-    let api_listener =
-        tokio::net::TcpListener::bind(cfg.api).await.with_context(|| format!("binding the API on tcp {}", cfg.api))?;
+    let api_listener = tokio::net::TcpListener::bind(cfg.api)
+        .await
+        .with_context(|| format!("binding the API on tcp {}", cfg.api))?;
     let api = api_listener.local_addr()?;
-    let api_tls = certs::server_config(&server_tls.cert_pem, &server_tls.key_pem, None, certs::ClientAuth::None, vec![b"http/1.1".to_vec()])?;
-    gateway.tasks.spawn(crate::api::serve(gateway.clone(), api_listener, Arc::new(api_tls)));
+    let api_tls = certs::server_config(
+        &server_tls.cert_pem,
+        &server_tls.key_pem,
+        None,
+        certs::ClientAuth::None,
+        vec![b"http/1.1".to_vec()],
+    )?;
+    gateway.tasks.spawn(crate::api::serve(
+        gateway.clone(),
+        api_listener,
+        Arc::new(api_tls),
+    ));
 
     {
         use crate::endpoints::{kube, postgres, ssh};
         let _in_data_plane = gateway.data_plane.enter();
-        let listen = |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l).context("serving an endpoint front end");
-        let (k, p, s) = (listen(front_ends.kube)?, listen(front_ends.postgres)?, listen(front_ends.ssh)?);
-        gateway.tasks.spawn_on(kube::serve(gateway.clone(), k), &gateway.data_plane);
-        gateway.tasks.spawn_on(postgres::serve(gateway.clone(), p), &gateway.data_plane);
-        gateway.tasks.spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
+        let listen = |l: std::net::TcpListener| {
+            tokio::net::TcpListener::from_std(l).context("serving an endpoint front end")
+        };
+        let (k, p, s) = (
+            listen(front_ends.kube)?,
+            listen(front_ends.postgres)?,
+            listen(front_ends.ssh)?,
+        );
+        gateway
+            .tasks
+            .spawn_on(kube::serve(gateway.clone(), k), &gateway.data_plane);
+        gateway
+            .tasks
+            .spawn_on(postgres::serve(gateway.clone(), p), &gateway.data_plane);
+        gateway
+            .tasks
+            .spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
     }
-    crate::endpoints::restore(&gateway).await.context("restoring endpoints from the store")?;
+    crate::endpoints::restore(&gateway)
+        .await
+        .context("restoring endpoints from the store")?;
 
     Ok(RunningGateway {
         ca_fingerprint: gateway.ca.fingerprint(),

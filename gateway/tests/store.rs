@@ -43,8 +43,14 @@ impl Db {
     }
 
     async fn open(&self) -> Store {
-        let store = Store::open(&self.url()).await.unwrap_or_else(|e| panic!("opening {}: {e}", self.url()));
-        let expected = if matches!(self, Db::Sqlite(_)) { Backend::Sqlite } else { Backend::Postgres };
+        let store = Store::open(&self.url())
+            .await
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.url()));
+        let expected = if matches!(self, Db::Sqlite(_)) {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
         assert_eq!(store.backend(), expected);
         store
     }
@@ -104,7 +110,13 @@ fn appliance(id: &str, app: &str, customer: &str, at: i64) -> ApplianceRow {
     }
 }
 
-fn endpoint(id: &str, appliance_id: &str, state: EndpointState, grant: Option<&str>, at: i64) -> EndpointRow {
+fn endpoint(
+    id: &str,
+    appliance_id: &str,
+    state: EndpointState,
+    grant: Option<&str>,
+    at: i64,
+) -> EndpointRow {
     EndpointRow {
         id: id.into(),
         endpoint_type: EndpointType::Postgres,
@@ -118,7 +130,9 @@ fn endpoint(id: &str, appliance_id: &str, state: EndpointState, grant: Option<&s
         address: None,
         sessions_total: 0,
         grant_id: grant.map(Into::into),
-        credential: Some(ClientCredential::Postgres { scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5".into() }),
+        credential: Some(ClientCredential::Postgres {
+            scram_verifier: "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5".into(),
+        }),
     }
 }
 
@@ -180,20 +194,46 @@ async fn identities_and_appliances(db: Db) {
         revoked: false,
     };
     s.insert_token(&token).await.unwrap();
-    s.insert_token(&TokenRow { id: "tk_2".into(), role: "approver".into(), customer: Some("acme".into()), ..token.clone() })
-        .await
-        .unwrap();
+    s.insert_token(&TokenRow {
+        id: "tk_2".into(),
+        role: "approver".into(),
+        customer: Some("acme".into()),
+        ..token.clone()
+    })
+    .await
+    .unwrap();
     assert!(s.insert_token(&token).await.is_err(), "duplicate id");
     assert_eq!(s.count_admin_tokens().await.unwrap(), 1);
     let t = s.get_token("tk_2").await.unwrap().unwrap();
-    assert_eq!((t.role.as_str(), t.customer.as_deref(), t.created_at, t.revoked), ("approver", Some("acme"), ts(T0), false));
+    assert_eq!(
+        (
+            t.role.as_str(),
+            t.customer.as_deref(),
+            t.created_at,
+            t.revoked
+        ),
+        ("approver", Some("acme"), ts(T0), false)
+    );
     assert!(s.get_token("nope").await.unwrap().is_none());
 
-    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0 + 1)).await.unwrap();
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
-    let ids: Vec<String> = s.list_appliances().await.unwrap().into_iter().map(|a| a.id).collect();
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0 + 1))
+        .await
+        .unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    let ids: Vec<String> = s
+        .list_appliances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
     assert_eq!(ids, ["ap_1", "ap_2"], "ordered by creation");
-    assert_eq!(s.find_appliance("shop", "acme").await.unwrap().unwrap().id, "ap_1");
+    assert_eq!(
+        s.find_appliance("shop", "acme").await.unwrap().unwrap().id,
+        "ap_1"
+    );
     assert!(s.find_appliance("shop", "initech").await.unwrap().is_none());
 
     s.set_enrolled("ap_1", "fp-1", ts(T0 + 10)).await.unwrap();
@@ -201,27 +241,52 @@ async fn identities_and_appliances(db: Db) {
     assert_eq!((a.id.as_str(), a.enrolled_at), ("ap_1", Some(ts(T0 + 10))));
 
     assert_eq!(s.appliance_policy("ap_1").await.unwrap(), None);
-    let policy = PolicySummary { steady_state: true, ..Default::default() };
+    let policy = PolicySummary {
+        steady_state: true,
+        ..Default::default()
+    };
     let policy_json = serde_json::to_string(&policy).unwrap();
-    s.set_presence("ap_1", ts(T0 + 20), Some("1.2.3"), Some(r#"[{"id":"db"}]"#), Some(&policy_json)).await.unwrap();
-    s.set_presence("ap_1", ts(T0 + 30), None, None, None).await.unwrap();
+    s.set_presence(
+        "ap_1",
+        ts(T0 + 20),
+        Some("1.2.3"),
+        Some(r#"[{"id":"db"}]"#),
+        Some(&policy_json),
+    )
+    .await
+    .unwrap();
+    s.set_presence("ap_1", ts(T0 + 30), None, None, None)
+        .await
+        .unwrap();
     let a = s.get_appliance("ap_1").await.unwrap().unwrap();
     assert_eq!(a.last_seen, Some(ts(T0 + 30)));
-    assert_eq!(a.agent_version.as_deref(), Some("1.2.3"), "None keeps the last reported version");
+    assert_eq!(
+        a.agent_version.as_deref(),
+        Some("1.2.3"),
+        "None keeps the last reported version"
+    );
     assert_eq!(a.resources, r#"[{"id":"db"}]"#);
     assert_eq!(s.appliance_policy("ap_1").await.unwrap(), Some(policy));
 
     assert!(s.revoke_appliance("ap_1", ts(T0 + 40)).await.unwrap());
     assert!(!s.revoke_appliance("ap_1", ts(T0 + 50)).await.unwrap());
     assert!(!s.revoke_appliance("nope", ts(T0 + 50)).await.unwrap());
-    assert!(s.find_appliance("shop", "acme").await.unwrap().is_none(), "a revoked appliance is not found");
-    assert_eq!(s.get_appliance("ap_1").await.unwrap().unwrap().revoked_at, Some(ts(T0 + 40)));
+    assert!(
+        s.find_appliance("shop", "acme").await.unwrap().is_none(),
+        "a revoked appliance is not found"
+    );
+    assert_eq!(
+        s.get_appliance("ap_1").await.unwrap().unwrap().revoked_at,
+        Some(ts(T0 + 40))
+    );
     s.close().await;
 }
 
 async fn enrollment_token_is_consumed_exactly_once(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
     let now = gateway::store::now(); // the store keeps milliseconds
     let e = EnrollmentRow {
         id: "en_1".into(),
@@ -239,7 +304,13 @@ async fn enrollment_token_is_consumed_exactly_once(db: Db) {
     .await
     .unwrap();
     assert!(
-        s.insert_enrollment_token(&EnrollmentRow { id: "en_x".into(), appliance_id: "nope".into(), ..e.clone() }).await.is_err(),
+        s.insert_enrollment_token(&EnrollmentRow {
+            id: "en_x".into(),
+            appliance_id: "nope".into(),
+            ..e.clone()
+        })
+        .await
+        .is_err(),
         "foreign key to appliances"
     );
 
@@ -252,7 +323,10 @@ async fn enrollment_token_is_consumed_exactly_once(db: Db) {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.consume_enrollment_token("en_1", Timestamp::now()).await.unwrap()
+                store
+                    .consume_enrollment_token("en_1", Timestamp::now())
+                    .await
+                    .unwrap()
             })
         })
         .collect();
@@ -262,11 +336,24 @@ async fn enrollment_token_is_consumed_exactly_once(db: Db) {
     }
     assert_eq!(wins, 1);
     assert!(s.get_enrollment_token("en_1").await.unwrap().unwrap().used);
-    assert!(!s.consume_enrollment_token("en_old", now).await.unwrap(), "expired");
-    assert!(!s.get_enrollment_token("en_old").await.unwrap().unwrap().used);
+    assert!(
+        !s.consume_enrollment_token("en_old", now).await.unwrap(),
+        "expired"
+    );
+    assert!(
+        !s.get_enrollment_token("en_old")
+            .await
+            .unwrap()
+            .unwrap()
+            .used
+    );
     assert!(!s.consume_enrollment_token("nope", now).await.unwrap());
     assert_eq!(
-        s.get_enrollment_token("en_old").await.unwrap().unwrap().expires_at,
+        s.get_enrollment_token("en_old")
+            .await
+            .unwrap()
+            .unwrap()
+            .expires_at,
         e.expires_at - SignedDuration::from_secs(601)
     );
     other.close().await;
@@ -275,58 +362,165 @@ async fn enrollment_token_is_consumed_exactly_once(db: Db) {
 
 async fn endpoints(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
-    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0)).await.unwrap();
-    s.insert_endpoint(&endpoint("ep_a", "ap_1", EndpointState::Active, Some("gr_1"), T0)).await.unwrap();
-    s.insert_endpoint(&endpoint("ep_b", "ap_1", EndpointState::PendingApproval, Some("gr_1"), T0 + 1)).await.unwrap();
-    s.insert_endpoint(&endpoint("ep_c", "ap_2", EndpointState::PendingApproval, None, T0 + 2)).await.unwrap();
-    s.insert_endpoint(&endpoint("ep_d", "ap_2", EndpointState::Active, Some("gr_2"), T0 + 3)).await.unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0))
+        .await
+        .unwrap();
+    s.insert_endpoint(&endpoint(
+        "ep_a",
+        "ap_1",
+        EndpointState::Active,
+        Some("gr_1"),
+        T0,
+    ))
+    .await
+    .unwrap();
+    s.insert_endpoint(&endpoint(
+        "ep_b",
+        "ap_1",
+        EndpointState::PendingApproval,
+        Some("gr_1"),
+        T0 + 1,
+    ))
+    .await
+    .unwrap();
+    s.insert_endpoint(&endpoint(
+        "ep_c",
+        "ap_2",
+        EndpointState::PendingApproval,
+        None,
+        T0 + 2,
+    ))
+    .await
+    .unwrap();
+    s.insert_endpoint(&endpoint(
+        "ep_d",
+        "ap_2",
+        EndpointState::Active,
+        Some("gr_2"),
+        T0 + 3,
+    ))
+    .await
+    .unwrap();
 
     let a = s.get_endpoint("ep_a").await.unwrap().unwrap();
     assert_eq!(a.endpoint_type, EndpointType::Postgres);
-    assert_eq!((a.state, a.grant_id.as_deref(), a.expires_at), (EndpointState::Active, Some("gr_1"), ts(T0 + 3_600_000)));
+    assert_eq!(
+        (a.state, a.grant_id.as_deref(), a.expires_at),
+        (EndpointState::Active, Some("gr_1"), ts(T0 + 3_600_000))
+    );
     // The credential's public half round-trips through the store.
-    assert!(matches!(&a.credential, Some(ClientCredential::Postgres { scram_verifier }) if scram_verifier.starts_with("SCRAM-SHA-256$4096:")));
+    assert!(
+        matches!(&a.credential, Some(ClientCredential::Postgres { scram_verifier }) if scram_verifier.starts_with("SCRAM-SHA-256$4096:"))
+    );
 
     // A pending endpoint is decided once.
-    assert!(s.activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5000").await.unwrap());
-    assert!(!s.activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5001").await.unwrap());
+    assert!(s
+        .activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5000")
+        .await
+        .unwrap());
+    assert!(!s
+        .activate_endpoint("ep_b", ts(T0 + 60_000), "127.0.0.1:5001")
+        .await
+        .unwrap());
     assert!(!s.deny_endpoint("ep_b", ts(T0)).await.unwrap());
     let b = s.get_endpoint("ep_b").await.unwrap().unwrap();
-    assert_eq!((b.state, b.expires_at, b.address.as_deref()), (EndpointState::Active, ts(T0 + 60_000), Some("127.0.0.1:5000")));
+    assert_eq!(
+        (b.state, b.expires_at, b.address.as_deref()),
+        (
+            EndpointState::Active,
+            ts(T0 + 60_000),
+            Some("127.0.0.1:5000")
+        )
+    );
     assert!(s.deny_endpoint("ep_c", ts(T0 + 5)).await.unwrap());
     let c = s.get_endpoint("ep_c").await.unwrap().unwrap();
-    assert_eq!((c.state, c.ended_at), (EndpointState::Denied, Some(ts(T0 + 5))));
+    assert_eq!(
+        (c.state, c.ended_at),
+        (EndpointState::Denied, Some(ts(T0 + 5)))
+    );
 
     let ids = |rows: Vec<EndpointRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
-    assert_eq!(ids(s.list_endpoints().await.unwrap()), ["ep_a", "ep_b", "ep_c", "ep_d"]);
-    assert_eq!(ids(s.active_endpoints().await.unwrap()), ["ep_a", "ep_b", "ep_d"]);
-    assert_eq!(ids(s.active_endpoints_of("ap_1").await.unwrap()), ["ep_a", "ep_b"]);
-    assert_eq!(ids(s.active_endpoints_of_grant("gr_1").await.unwrap()), ["ep_a", "ep_b"]);
+    assert_eq!(
+        ids(s.list_endpoints().await.unwrap()),
+        ["ep_a", "ep_b", "ep_c", "ep_d"]
+    );
+    assert_eq!(
+        ids(s.active_endpoints().await.unwrap()),
+        ["ep_a", "ep_b", "ep_d"]
+    );
+    assert_eq!(
+        ids(s.active_endpoints_of("ap_1").await.unwrap()),
+        ["ep_a", "ep_b"]
+    );
+    assert_eq!(
+        ids(s.active_endpoints_of_grant("gr_1").await.unwrap()),
+        ["ep_a", "ep_b"]
+    );
 
-    s.set_endpoint_address("ep_a", "127.0.0.1:6000").await.unwrap();
+    s.set_endpoint_address("ep_a", "127.0.0.1:6000")
+        .await
+        .unwrap();
     s.count_session("ep_a").await.unwrap();
     s.count_session("ep_a").await.unwrap();
-    assert!(s.end_endpoint("ep_a", EndpointState::Retired, ts(T0 + 7)).await.unwrap());
-    assert!(!s.end_endpoint("ep_a", EndpointState::Expired, ts(T0 + 8)).await.unwrap(), "ended once");
+    assert!(s
+        .end_endpoint("ep_a", EndpointState::Retired, ts(T0 + 7))
+        .await
+        .unwrap());
+    assert!(
+        !s.end_endpoint("ep_a", EndpointState::Expired, ts(T0 + 8))
+            .await
+            .unwrap(),
+        "ended once"
+    );
     let a = s.get_endpoint("ep_a").await.unwrap().unwrap();
-    assert_eq!((a.state, a.ended_at, a.sessions_total), (EndpointState::Retired, Some(ts(T0 + 7)), 2));
+    assert_eq!(
+        (a.state, a.ended_at, a.sessions_total),
+        (EndpointState::Retired, Some(ts(T0 + 7)), 2)
+    );
     assert_eq!(a.address.as_deref(), Some("127.0.0.1:6000"));
-    assert_eq!(ids(s.active_endpoints_of_grant("gr_1").await.unwrap()), ["ep_b"]);
+    assert_eq!(
+        ids(s.active_endpoints_of_grant("gr_1").await.unwrap()),
+        ["ep_b"]
+    );
     s.close().await;
 }
 
 async fn grants_are_decided_once_and_revoked_once(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
-    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0)).await.unwrap();
-    s.insert_grant(&grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1)).await.unwrap();
-    s.insert_grant(&grant("gr_a", "ap_1", GrantLevel::Deploy, T0)).await.unwrap();
-    s.insert_grant(&grant("gr_c", "ap_2", GrantLevel::SteadyState, T0 + 2)).await.unwrap();
-    assert!(s.insert_grant(&grant("gr_x", "nope", GrantLevel::Operate, T0)).await.is_err(), "foreign key to appliances");
-    assert_eq!(s.get_grant("gr_b").await.unwrap().unwrap(), grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1), "round trip");
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    s.insert_appliance(&appliance("ap_2", "shop", "globex", T0))
+        .await
+        .unwrap();
+    s.insert_grant(&grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1))
+        .await
+        .unwrap();
+    s.insert_grant(&grant("gr_a", "ap_1", GrantLevel::Deploy, T0))
+        .await
+        .unwrap();
+    s.insert_grant(&grant("gr_c", "ap_2", GrantLevel::SteadyState, T0 + 2))
+        .await
+        .unwrap();
+    assert!(
+        s.insert_grant(&grant("gr_x", "nope", GrantLevel::Operate, T0))
+            .await
+            .is_err(),
+        "foreign key to appliances"
+    );
+    assert_eq!(
+        s.get_grant("gr_b").await.unwrap().unwrap(),
+        grant("gr_b", "ap_1", GrantLevel::Operate, T0 + 1),
+        "round trip"
+    );
     let ids = |rows: Vec<GrantRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
-    assert_eq!(ids(s.list_grants().await.unwrap()), ["gr_a", "gr_b", "gr_c"]);
+    assert_eq!(
+        ids(s.list_grants().await.unwrap()),
+        ["gr_a", "gr_b", "gr_c"]
+    );
     assert_eq!(ids(s.grants_of("ap_1").await.unwrap()), ["gr_a", "gr_b"]);
 
     // Concurrent approvers: one decision sticks.
@@ -336,10 +530,16 @@ async fn grants_are_decided_once_and_revoked_once(db: Db) {
             let (s, barrier) = (s.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                let (state, expires) =
-                    if i % 2 == 0 { (GrantState::Active, Some(ts(T0 + 1_800_100))) } else { (GrantState::Denied, None) };
+                let (state, expires) = if i % 2 == 0 {
+                    (GrantState::Active, Some(ts(T0 + 1_800_100)))
+                } else {
+                    (GrantState::Denied, None)
+                };
                 let by = format!("approver-{i}");
-                s.decide_grant("gr_b", state, &by, ts(T0 + 100), Some("ok"), expires).await.unwrap().then_some(by)
+                s.decide_grant("gr_b", state, &by, ts(T0 + 100), Some("ok"), expires)
+                    .await
+                    .unwrap()
+                    .then_some(by)
             })
         })
         .collect();
@@ -350,33 +550,83 @@ async fn grants_are_decided_once_and_revoked_once(db: Db) {
     assert_eq!(winners.len(), 1, "{winners:?}");
     let g = s.get_grant("gr_b").await.unwrap().unwrap();
     assert_eq!(g.decided_by.as_deref(), Some(winners[0].as_str()));
-    assert_eq!((g.decided_at, g.message.as_deref()), (Some(ts(T0 + 100)), Some("ok")));
+    assert_eq!(
+        (g.decided_at, g.message.as_deref()),
+        (Some(ts(T0 + 100)), Some("ok"))
+    );
     let approved = g.state == GrantState::Active;
     assert_eq!(g.expires_at, approved.then(|| ts(T0 + 1_800_100)));
-    assert!(!s.decide_grant("gr_b", GrantState::Denied, "late", ts(T0 + 200), None, None).await.unwrap());
-    assert!(!s.decide_grant("nope", GrantState::Denied, "x", ts(T0), None, None).await.unwrap());
+    assert!(!s
+        .decide_grant("gr_b", GrantState::Denied, "late", ts(T0 + 200), None, None)
+        .await
+        .unwrap());
+    assert!(!s
+        .decide_grant("nope", GrantState::Denied, "x", ts(T0), None, None)
+        .await
+        .unwrap());
 
     // Revoke only what is active, once; the approval stays recorded.
-    assert!(!s.revoke_grant("gr_a", "bob", ts(T0 + 300)).await.unwrap(), "pending is not revocable");
-    assert_eq!(s.revoke_grant("gr_b", "bob", ts(T0 + 300)).await.unwrap(), approved);
+    assert!(
+        !s.revoke_grant("gr_a", "bob", ts(T0 + 300)).await.unwrap(),
+        "pending is not revocable"
+    );
+    assert_eq!(
+        s.revoke_grant("gr_b", "bob", ts(T0 + 300)).await.unwrap(),
+        approved
+    );
     assert!(!s.revoke_grant("gr_b", "bob", ts(T0 + 400)).await.unwrap());
     let g = s.get_grant("gr_b").await.unwrap().unwrap();
-    assert_eq!(g.state, if approved { GrantState::Revoked } else { GrantState::Denied });
-    assert_eq!((g.decided_by.as_deref(), g.decided_at), (Some(winners[0].as_str()), Some(ts(T0 + 100))));
+    assert_eq!(
+        g.state,
+        if approved {
+            GrantState::Revoked
+        } else {
+            GrantState::Denied
+        }
+    );
+    assert_eq!(
+        (g.decided_by.as_deref(), g.decided_at),
+        (Some(winners[0].as_str()), Some(ts(T0 + 100)))
+    );
 
-    assert!(s.decide_grant("gr_c", GrantState::Active, "policy:automatic", ts(T0 + 5), None, Some(ts(T0 + 10))).await.unwrap());
+    assert!(s
+        .decide_grant(
+            "gr_c",
+            GrantState::Active,
+            "policy:automatic",
+            ts(T0 + 5),
+            None,
+            Some(ts(T0 + 10))
+        )
+        .await
+        .unwrap());
     assert!(s.revoke_grant("gr_c", "carol", ts(T0 + 6)).await.unwrap());
-    assert_eq!(s.get_grant("gr_c").await.unwrap().unwrap().state, GrantState::Revoked);
+    assert_eq!(
+        s.get_grant("gr_c").await.unwrap().unwrap().state,
+        GrantState::Revoked
+    );
     s.close().await;
 }
 
 async fn ops_compare_and_set_and_output(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
     let o = op("op_1", "ap_1", T0);
     s.insert_op(&o).await.unwrap();
-    s.insert_op(&OpRow { id: "op_0".into(), tool: OpTool::Psql, requested_at: ts(T0 - 1), ..o.clone() }).await.unwrap();
-    assert!(s.insert_op(&op("op_x", "nope", T0)).await.is_err(), "foreign key to appliances");
+    s.insert_op(&OpRow {
+        id: "op_0".into(),
+        tool: OpTool::Psql,
+        requested_at: ts(T0 - 1),
+        ..o.clone()
+    })
+    .await
+    .unwrap();
+    assert!(
+        s.insert_op(&op("op_x", "nope", T0)).await.is_err(),
+        "foreign key to appliances"
+    );
     assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), o, "round trip");
     assert!(s.get_op("nope").await.unwrap().is_none());
 
@@ -387,17 +637,34 @@ async fn ops_compare_and_set_and_output(db: Db) {
         command_approved_at: Some(ts(T0 + 10)),
         ..o.clone()
     };
-    assert!(s.update_op(&approved, OpState::PendingApproval).await.unwrap());
+    assert!(s
+        .update_op(&approved, OpState::PendingApproval)
+        .await
+        .unwrap());
     // A second approver working from the same stale read loses.
-    let denied = OpRow { state: OpState::Denied, message: Some("not now".into()), ..o.clone() };
-    assert!(!s.update_op(&denied, OpState::PendingApproval).await.unwrap());
+    let denied = OpRow {
+        state: OpState::Denied,
+        message: Some("not now".into()),
+        ..o.clone()
+    };
+    assert!(!s
+        .update_op(&denied, OpState::PendingApproval)
+        .await
+        .unwrap());
     assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), approved);
 
     // approved → running, output streams in
-    let running = OpRow { state: OpState::Running, started_at: Some(ts(T0 + 20)), ..approved.clone() };
+    let running = OpRow {
+        state: OpState::Running,
+        started_at: Some(ts(T0 + 20)),
+        ..approved.clone()
+    };
     assert!(s.update_op(&running, OpState::Approved).await.unwrap());
     assert!(s.append_op_output("op_1", "line 1\n", "").await.unwrap());
-    assert!(s.append_op_output("op_1", "line 2 ünïcode\n", "warn\n").await.unwrap());
+    assert!(s
+        .append_op_output("op_1", "line 2 ünïcode\n", "warn\n")
+        .await
+        .unwrap());
     assert!(s.append_op_output("op_1", "", "").await.unwrap());
     assert!(!s.append_op_output("nope", "x", "y").await.unwrap());
     let got = s.get_op("op_1").await.unwrap().unwrap();
@@ -405,7 +672,8 @@ async fn ops_compare_and_set_and_output(db: Db) {
     assert_eq!(got.stderr.as_deref(), Some("warn\n"));
 
     // running → timed-out, with a structured error; CAS against the stale state fails after.
-    let error = ApiError::new(ErrorCode::CommandTimeout, "the command ran past 5m").hint("raise --timeout");
+    let error =
+        ApiError::new(ErrorCode::CommandTimeout, "the command ran past 5m").hint("raise --timeout");
     let timed_out = OpRow {
         state: OpState::TimedOut,
         finished_at: Some(ts(T0 + 300_020)),
@@ -415,27 +683,49 @@ async fn ops_compare_and_set_and_output(db: Db) {
         ..got.clone()
     };
     assert!(s.update_op(&timed_out, OpState::Running).await.unwrap());
-    assert!(!s.update_op(&OpRow { state: OpState::Completed, ..got }, OpState::Running).await.unwrap());
+    assert!(!s
+        .update_op(
+            &OpRow {
+                state: OpState::Completed,
+                ..got
+            },
+            OpState::Running
+        )
+        .await
+        .unwrap());
     let got = s.get_op("op_1").await.unwrap().unwrap();
     assert_eq!(got, timed_out);
     assert_eq!(got.error, Some(error));
 
     // The request itself is immutable through update_op.
-    let tampered = OpRow { command: "rm -rf /".into(), state: OpState::Completed, ..timed_out.clone() };
+    let tampered = OpRow {
+        command: "rm -rf /".into(),
+        state: OpState::Completed,
+        ..timed_out.clone()
+    };
     assert!(s.update_op(&tampered, OpState::TimedOut).await.unwrap());
     assert_eq!(s.get_op("op_1").await.unwrap().unwrap().command, o.command);
 
     let ids = |rows: Vec<OpRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(s.list_ops().await.unwrap()), ["op_0", "op_1"]);
     assert_eq!(ids(s.ops_of("ap_1").await.unwrap()), ["op_0", "op_1"]);
-    assert_eq!(ids(s.ops_in_state(OpState::PendingApproval).await.unwrap()), ["op_0"]);
+    assert_eq!(
+        ids(s.ops_in_state(OpState::PendingApproval).await.unwrap()),
+        ["op_0"]
+    );
     s.close().await;
 }
 
 async fn steady_state_and_webhooks(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
-    assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(true), "on by default");
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.steady_state("ap_1").await.unwrap(),
+        Some(true),
+        "on by default"
+    );
     assert!(s.set_steady_state("ap_1", false).await.unwrap());
     assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
     assert!(s.set_steady_state("ap_1", true).await.unwrap());
@@ -444,24 +734,45 @@ async fn steady_state_and_webhooks(db: Db) {
     assert_eq!(s.steady_state("nope").await.unwrap(), None);
 
     assert_eq!(s.webhook("acme").await.unwrap(), None);
-    s.set_webhook("acme", Some("https://hooks.acme.test/postern")).await.unwrap();
-    s.set_webhook("globex", Some("https://globex.test/h")).await.unwrap();
-    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://hooks.acme.test/postern"));
-    s.set_webhook("acme", Some("https://hooks.acme.test/v2")).await.unwrap();
-    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://hooks.acme.test/v2"));
+    s.set_webhook("acme", Some("https://hooks.acme.test/postern"))
+        .await
+        .unwrap();
+    s.set_webhook("globex", Some("https://globex.test/h"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.webhook("acme").await.unwrap().as_deref(),
+        Some("https://hooks.acme.test/postern")
+    );
+    s.set_webhook("acme", Some("https://hooks.acme.test/v2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.webhook("acme").await.unwrap().as_deref(),
+        Some("https://hooks.acme.test/v2")
+    );
     s.set_webhook("acme", None).await.unwrap();
     assert_eq!(s.webhook("acme").await.unwrap(), None);
-    assert_eq!(s.webhook("globex").await.unwrap().as_deref(), Some("https://globex.test/h"));
+    assert_eq!(
+        s.webhook("globex").await.unwrap().as_deref(),
+        Some("https://globex.test/h")
+    );
     s.close().await;
 }
 
 async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
     const PER_REPLICA: usize = 25;
     let (s1, s2) = (db.open().await, db.open().await);
-    let (log1, log2) = (Arc::new(AuditLog::open(s1.clone()).await.unwrap()), Arc::new(AuditLog::open(s2.clone()).await.unwrap()));
+    let (log1, log2) = (
+        Arc::new(AuditLog::open(s1.clone()).await.unwrap()),
+        Arc::new(AuditLog::open(s2.clone()).await.unwrap()),
+    );
     let barrier = Arc::new(tokio::sync::Barrier::new(4));
     let mut tasks = Vec::new();
-    for (i, log) in [log1.clone(), log2.clone(), log1.clone(), log2.clone()].into_iter().enumerate() {
+    for (i, log) in [log1.clone(), log2.clone(), log1.clone(), log2.clone()]
+        .into_iter()
+        .enumerate()
+    {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
@@ -511,7 +822,16 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
         tasks.push(tokio::spawn(async move {
             let subject = Arc::new(Subject::session("ap_1", "ep_1", &format!("ses_{i}")));
             for n in 0..QUEUED {
-                log.enqueue("sql.statement", Arc::from(format!("queue-{i}")), subject.clone(), serde_json::value::to_raw_value(&serde_json::json!({ "n": n, "text": "select '\u{1b}'" })).unwrap()).await;
+                log.enqueue(
+                    "sql.statement",
+                    Arc::from(format!("queue-{i}")),
+                    subject.clone(),
+                    serde_json::value::to_raw_value(
+                        &serde_json::json!({ "n": n, "text": "select '\u{1b}'" }),
+                    )
+                    .unwrap(),
+                )
+                .await;
             }
             log.flush().await;
         }));
@@ -523,15 +843,27 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
     let records = s1.list_audit(0).await.unwrap();
     assert_eq!(records.len(), total);
     assert_eq!(verify_chain(&records, sha256_hex), Ok(total as u64));
-    let writers: std::collections::HashSet<&str> = records.iter().map(|r| r.actor.as_str()).collect();
+    let writers: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.actor.as_str()).collect();
     assert_eq!(writers.len(), 8, "every writer got in");
     for i in 0..2 {
-        let queued: Vec<_> = records.iter().filter(|r| r.actor == format!("queue-{i}")).filter_map(|r| r.detail["n"].as_u64()).collect();
-        assert_eq!(queued, (0..QUEUED as u64).collect::<Vec<_>>(), "queue-{i} in order");
+        let queued: Vec<_> = records
+            .iter()
+            .filter(|r| r.actor == format!("queue-{i}"))
+            .filter_map(|r| r.detail["n"].as_u64())
+            .collect();
+        assert_eq!(
+            queued,
+            (0..QUEUED as u64).collect::<Vec<_>>(),
+            "queue-{i} in order"
+        );
     }
     assert_eq!(log1.verify().await.unwrap(), Ok(total as u64));
     assert_eq!(log2.verify().await.unwrap(), Ok(total as u64));
-    assert_eq!(s2.last_audit().await.unwrap(), Some((total as i64, records[total - 1].hash.clone())));
+    assert_eq!(
+        s2.last_audit().await.unwrap(),
+        Some((total as i64, records[total - 1].hash.clone()))
+    );
 
     // A record that does not continue the chain is refused.
     let bad = s1
@@ -550,35 +882,88 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
         })
         .await;
     assert!(bad.is_err());
-    assert_eq!(s1.list_audit(total as i64 - 1).await.unwrap().len(), 1, "nothing was written");
+    assert_eq!(
+        s1.list_audit(total as i64 - 1).await.unwrap().len(),
+        1,
+        "nothing was written"
+    );
     s1.close().await;
     s2.close().await;
 }
 
 async fn state_survives_reopen(db: Db) {
     let s = db.open().await;
-    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0)).await.unwrap();
-    s.insert_grant(&grant("gr_1", "ap_1", GrantLevel::Operate, T0)).await.unwrap();
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    s.insert_grant(&grant("gr_1", "ap_1", GrantLevel::Operate, T0))
+        .await
+        .unwrap();
     s.insert_op(&op("op_1", "ap_1", T0)).await.unwrap();
-    s.insert_endpoint(&endpoint("ep_1", "ap_1", EndpointState::Active, Some("gr_1"), T0)).await.unwrap();
+    s.insert_endpoint(&endpoint(
+        "ep_1",
+        "ap_1",
+        EndpointState::Active,
+        Some("gr_1"),
+        T0,
+    ))
+    .await
+    .unwrap();
     s.set_webhook("acme", Some("https://h.test")).await.unwrap();
     s.set_steady_state("ap_1", false).await.unwrap();
     let log = AuditLog::open(s.clone()).await.unwrap();
     for n in 0..3 {
-        log.append("k", "alice", Subject::default(), serde_json::json!({"n": n}), Timestamp::now()).await.unwrap();
+        log.append(
+            "k",
+            "alice",
+            Subject::default(),
+            serde_json::json!({"n": n}),
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
     }
     s.close().await;
 
     // Migrations run again on open and find nothing to do.
     let s = db.open().await;
-    assert_eq!(s.get_appliance("ap_1").await.unwrap().unwrap().customer, "acme");
-    assert_eq!(s.get_grant("gr_1").await.unwrap().unwrap(), grant("gr_1", "ap_1", GrantLevel::Operate, T0));
-    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), op("op_1", "ap_1", T0));
-    assert_eq!(s.get_endpoint("ep_1").await.unwrap().unwrap().grant_id.as_deref(), Some("gr_1"));
-    assert_eq!(s.webhook("acme").await.unwrap().as_deref(), Some("https://h.test"));
+    assert_eq!(
+        s.get_appliance("ap_1").await.unwrap().unwrap().customer,
+        "acme"
+    );
+    assert_eq!(
+        s.get_grant("gr_1").await.unwrap().unwrap(),
+        grant("gr_1", "ap_1", GrantLevel::Operate, T0)
+    );
+    assert_eq!(
+        s.get_op("op_1").await.unwrap().unwrap(),
+        op("op_1", "ap_1", T0)
+    );
+    assert_eq!(
+        s.get_endpoint("ep_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .grant_id
+            .as_deref(),
+        Some("gr_1")
+    );
+    assert_eq!(
+        s.webhook("acme").await.unwrap().as_deref(),
+        Some("https://h.test")
+    );
     assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
     let log = AuditLog::open(s.clone()).await.unwrap();
-    let r = log.append("k", "alice", Subject::default(), serde_json::Value::Null, Timestamp::now()).await.unwrap();
+    let r = log
+        .append(
+            "k",
+            "alice",
+            Subject::default(),
+            serde_json::Value::Null,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.seq, 4, "the chain continues");
     assert_eq!(log.verify().await.unwrap(), Ok(4));
     s.close().await;
@@ -587,7 +972,13 @@ async fn state_survives_reopen(db: Db) {
 /// `Store::open` refuses what it cannot open, without echoing a password.
 #[tokio::test]
 async fn open_rejects_unknown_urls() {
-    let err = Store::open("mysql://root:hunter2@db/postern").await.unwrap_err().to_string();
-    assert!(err.contains("unsupported store URL") && !err.contains("hunter2"), "{err}");
+    let err = Store::open("mysql://root:hunter2@db/postern")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unsupported store URL") && !err.contains("hunter2"),
+        "{err}"
+    );
     assert!(Store::open("sqlite:").await.is_err());
 }

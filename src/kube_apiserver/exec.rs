@@ -38,7 +38,10 @@ pub fn accept_key(key: &str) -> String {
 
 /// The first protocol the client offers that we speak.
 pub fn choose_protocol(offered: &str) -> Option<&'static str> {
-    offered.split(',').map(str::trim).find_map(|p| PROTOCOLS.iter().copied().find(|k| *k == p))
+    offered
+        .split(',')
+        .map(str::trim)
+        .find_map(|p| PROTOCOLS.iter().copied().find(|k| *k == p))
 }
 
 type Ws = WebSocketStream<TokioIo<Upgraded>>;
@@ -52,7 +55,10 @@ impl Session {
         let mut msg = Vec::with_capacity(data.len() + 1);
         msg.push(channel);
         msg.extend_from_slice(data);
-        self.ws.send(Message::Binary(Bytes::from(msg))).await.is_ok()
+        self.ws
+            .send(Message::Binary(Bytes::from(msg)))
+            .await
+            .is_ok()
     }
 
     /// Next stdin chunk; `None` once stdin is closed (v5 close signal) or the socket ends.
@@ -98,7 +104,12 @@ pub async fn serve(upgraded: Upgraded, command: Vec<String>, uploads: Uploads) {
     };
     if s.send(ERROR, status.to_string().as_bytes()).await {
         // Gorilla (kubectl) reads a close without a status code as an error, not as EOF.
-        let _ = s.ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })).await;
+        let _ =
+            s.ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
     }
 }
 
@@ -155,7 +166,10 @@ async fn run(s: &mut Session, command: &[String], uploads: &Uploads) -> Option<i
             Some(0)
         }
         _ => {
-            let msg = format!("exec: {:?}: executable file not found in $PATH\n", command.first().map(String::as_str).unwrap_or(""));
+            let msg = format!(
+                "exec: {:?}: executable file not found in $PATH\n",
+                command.first().map(String::as_str).unwrap_or("")
+            );
             s.send(STDERR, msg.as_bytes()).await.then_some(127)
         }
     }
@@ -170,11 +184,18 @@ async fn interpret(s: &mut Session, line: &str) -> Option<Step> {
     let mut words = line.split_whitespace();
     match words.next() {
         None => Some(Step::Continue(0)),
-        Some("exit") => Some(Step::Exit(words.next().and_then(|c| c.parse().ok()).unwrap_or(0))),
+        Some("exit") => Some(Step::Exit(
+            words.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+        )),
         Some("echo") => {
             let out = format!("{}\n", words.collect::<Vec<_>>().join(" "));
-            s.send(STDOUT, out.as_bytes()).await.then_some(Step::Continue(0))
+            s.send(STDOUT, out.as_bytes())
+                .await
+                .then_some(Step::Continue(0))
         }
-        Some(cmd) => s.send(STDERR, format!("sh: {cmd}: not found\n").as_bytes()).await.then_some(Step::Continue(127)),
+        Some(cmd) => s
+            .send(STDERR, format!("sh: {cmd}: not found\n").as_bytes())
+            .await
+            .then_some(Step::Continue(127)),
     }
 }

@@ -56,7 +56,10 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn path(&self) -> &str {
@@ -102,24 +105,51 @@ impl Shared {
     }
 
     /// Inserts or replaces an object, stamping resourceVersion, and tells watchers.
-    fn put(&self, group: &str, resource: &str, ns: &str, name: &str, mut obj: Value, kind: &'static str) -> Value {
+    fn put(
+        &self,
+        group: &str,
+        resource: &str,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+        kind: &'static str,
+    ) -> Value {
         let mut st = self.store();
         st.rv += 1;
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        st.objects.insert((group.into(), resource.into(), ns.into(), name.into()), obj.clone());
+        st.objects.insert(
+            (group.into(), resource.into(), ns.into(), name.into()),
+            obj.clone(),
+        );
         drop(st);
-        self.publish(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind, object: obj.clone(), rv });
+        self.publish(Event {
+            group: group.into(),
+            resource: resource.into(),
+            ns: ns.into(),
+            kind,
+            object: obj.clone(),
+            rv,
+        });
         obj
     }
 
     fn remove(&self, group: &str, resource: &str, ns: &str, name: &str) -> Option<Value> {
         let mut st = self.store();
-        let obj = st.objects.remove(&(group.into(), resource.into(), ns.into(), name.into()))?;
+        let obj = st
+            .objects
+            .remove(&(group.into(), resource.into(), ns.into(), name.into()))?;
         st.rv += 1;
         let rv = st.rv;
         drop(st);
-        self.publish(Event { group: group.into(), resource: resource.into(), ns: ns.into(), kind: "DELETED", object: obj.clone(), rv });
+        self.publish(Event {
+            group: group.into(),
+            resource: resource.into(),
+            ns: ns.into(),
+            kind: "DELETED",
+            object: obj.clone(),
+            rv,
+        });
         Some(obj)
     }
 
@@ -156,8 +186,18 @@ impl KubeApiServer {
     pub fn start() -> Result<KubeApiServer> {
         let now = jiff::Timestamp::now();
         let ca = certs::Ca::generate("test kube-apiserver", now)?;
-        let issued = ca.issue_server(&["localhost".into(), "127.0.0.1".into()], now, Duration::from_secs(7 * 86400))?;
-        let tls = certs::server_config(&issued.cert_pem, &issued.key_pem, None, certs::ClientAuth::None, vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
+        let issued = ca.issue_server(
+            &["localhost".into(), "127.0.0.1".into()],
+            now,
+            Duration::from_secs(7 * 86400),
+        )?;
+        let tls = certs::server_config(
+            &issued.cert_pem,
+            &issued.key_pem,
+            None,
+            certs::ClientAuth::None,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -176,14 +216,27 @@ impl KubeApiServer {
         let stop = CancellationToken::new();
         let (s2, stop2) = (shared.clone(), stop.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let thread = std::thread::Builder::new().name("kube-apiserver".into()).spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return eprintln!("test kube-apiserver: no runtime: {e}"),
-            };
-            rt.block_on(accept_loop(listener, acceptor, s2, stop2));
-        })?;
-        Ok(KubeApiServer { addr, ca_pem: ca.cert_pem().to_string(), token, shared, stop, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("kube-apiserver".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return eprintln!("test kube-apiserver: no runtime: {e}"),
+                };
+                rt.block_on(accept_loop(listener, acceptor, s2, stop2));
+            })?;
+        Ok(KubeApiServer {
+            addr,
+            ca_pem: ca.cert_pem().to_string(),
+            token,
+            shared,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn url(&self) -> String {
@@ -202,7 +255,11 @@ impl KubeApiServer {
 
     /// Every request received so far.
     pub fn requests(&self) -> Vec<Recorded> {
-        self.shared.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.shared
+            .log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     pub fn clear_requests(&self) {
@@ -214,16 +271,25 @@ impl KubeApiServer {
     /// Adds (or replaces) a running pod, as if the cluster had started it.
     pub fn add_pod(&self, ns: &str, name: &str) {
         let uid = self.shared.next_uid();
-        self.shared.put("", "pods", ns, name, objects::pod(ns, name, uid), "ADDED");
+        self.shared
+            .put("", "pods", ns, name, objects::pod(ns, name, uid), "ADDED");
     }
 
     /// What `tar -x` in exec sessions received (one entry per session): `kubectl cp` uploads.
     pub fn uploads(&self) -> Vec<Vec<u8>> {
-        self.shared.uploads.lock().map(|u| u.clone()).unwrap_or_default()
+        self.shared
+            .uploads
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default()
     }
 
     pub fn has_object(&self, resource: &str, ns: &str, name: &str) -> bool {
-        self.shared.store().objects.keys().any(|(_, r, n, m)| r == resource && n == ns && m == name)
+        self.shared
+            .store()
+            .objects
+            .keys()
+            .any(|(_, r, n, m)| r == resource && n == ns && m == name)
     }
 }
 
@@ -237,26 +303,78 @@ impl Drop for KubeApiServer {
 }
 
 fn seed(s: &Shared) {
-    for (ns, name) in [("my-app-prod", "web-1"), ("my-app-prod", "web-2"), ("kube-system", "coredns-1")] {
+    for (ns, name) in [
+        ("my-app-prod", "web-1"),
+        ("my-app-prod", "web-2"),
+        ("kube-system", "coredns-1"),
+    ] {
         let uid = s.next_uid();
         s.put("", "pods", ns, name, objects::pod(ns, name, uid), "ADDED");
     }
-    let add = |group: &str, resource: &str, kind: &str, ns: Option<&str>, name: &str, extra: Value| {
-        let uid = s.next_uid();
-        let obj = objects::object(group, kind, ns, name, uid, extra);
-        s.put(group, resource, ns.unwrap_or(""), name, obj, "ADDED");
-    };
-    add("apps", "deployments", "Deployment", Some("my-app-prod"), "web", json!({"spec": {"replicas": 2}, "status": {"replicas": 2, "readyReplicas": 2}}));
-    add("", "services", "Service", Some("my-app-prod"), "web", json!({"spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10"}}));
-    add("", "configmaps", "ConfigMap", Some("my-app-prod"), "web-config", json!({"data": {"mode": "prod"}}));
-    add("", "secrets", "Secret", Some("my-app-prod"), "web-secret", json!({"type": "Opaque", "data": {"password": "aHVudGVyMg=="}}));
-    add("", "nodes", "Node", None, "node-1", json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
+    let add =
+        |group: &str, resource: &str, kind: &str, ns: Option<&str>, name: &str, extra: Value| {
+            let uid = s.next_uid();
+            let obj = objects::object(group, kind, ns, name, uid, extra);
+            s.put(group, resource, ns.unwrap_or(""), name, obj, "ADDED");
+        };
+    add(
+        "apps",
+        "deployments",
+        "Deployment",
+        Some("my-app-prod"),
+        "web",
+        json!({"spec": {"replicas": 2}, "status": {"replicas": 2, "readyReplicas": 2}}),
+    );
+    add(
+        "",
+        "services",
+        "Service",
+        Some("my-app-prod"),
+        "web",
+        json!({"spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10"}}),
+    );
+    add(
+        "",
+        "configmaps",
+        "ConfigMap",
+        Some("my-app-prod"),
+        "web-config",
+        json!({"data": {"mode": "prod"}}),
+    );
+    add(
+        "",
+        "secrets",
+        "Secret",
+        Some("my-app-prod"),
+        "web-secret",
+        json!({"type": "Opaque", "data": {"password": "aHVudGVyMg=="}}),
+    );
+    add(
+        "",
+        "nodes",
+        "Node",
+        None,
+        "node-1",
+        json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
     for ns in ["my-app-prod", "kube-system", "default"] {
-        add("", "namespaces", "Namespace", None, ns, json!({"status": {"phase": "Active"}}));
+        add(
+            "",
+            "namespaces",
+            "Namespace",
+            None,
+            ns,
+            json!({"status": {"phase": "Active"}}),
+        );
     }
 }
 
-async fn accept_loop(listener: std::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor, shared: Arc<Shared>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return eprintln!("test kube-apiserver: {e}"),
@@ -272,10 +390,16 @@ async fn accept_loop(listener: std::net::TcpListener, acceptor: tokio_rustls::Tl
         next_conn += 1;
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), conn_no, req));
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let service =
+                hyper::service::service_fn(move |req| handle(shared.clone(), conn_no, req));
             // The auto builder picks HTTP/2 from the client preface, HTTP/1.1 otherwise.
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -299,8 +423,11 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    json_response(code, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason, "code": code.as_u16()}))
+    json_response(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16()}),
+    )
 }
 
 /// Decoded query pairs (Go's `ParseQuery` rules, lenient).
@@ -345,26 +472,64 @@ impl Params {
         self.0.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
     }
     fn all(&self, k: &str) -> Vec<String> {
-        self.0.iter().filter(|(a, _)| a == k).map(|(_, v)| v.clone()).collect()
+        self.0
+            .iter()
+            .filter(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
     fn flag(&self, k: &str) -> bool {
-        self.get(k).is_some_and(|v| !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")))
+        self.get(k)
+            .is_some_and(|v| !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")))
     }
     /// `metadata.name=X` from a field selector.
     fn name_selector(&self) -> Option<String> {
-        self.get("fieldSelector")?.split(',').find_map(|t| t.strip_prefix("metadata.name=").map(str::to_string))
+        self.get("fieldSelector")?
+            .split(',')
+            .find_map(|t| t.strip_prefix("metadata.name=").map(str::to_string))
     }
 }
 
-async fn handle(shared: Arc<Shared>, conn: u64, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let uri = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
-    let headers = req.headers().iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+async fn handle(
+    shared: Arc<Shared>,
+    conn: u64,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
     if let Ok(mut l) = shared.log.lock() {
-        l.push(Recorded { method: req.method().to_string(), uri, headers, version: format!("{:?}", req.version()), conn });
+        l.push(Recorded {
+            method: req.method().to_string(),
+            uri,
+            headers,
+            version: format!("{:?}", req.version()),
+            conn,
+        });
     }
-    let authorized = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {}", shared.token));
+    let authorized = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {}", shared.token));
     if !authorized {
-        return Ok(status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized"));
+        return Ok(status(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        ));
     }
     Ok(route(shared, req).await)
 }
@@ -375,35 +540,74 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let get = req.method() == hyper::Method::GET;
     match (segs.as_slice(), get) {
         (["version"], true) => return json_response(StatusCode::OK, &objects::version()),
-        (["api"], true) => return json_response(StatusCode::OK, &objects::api_versions(&shared.server)),
+        (["api"], true) => {
+            return json_response(StatusCode::OK, &objects::api_versions(&shared.server))
+        }
         (["apis"], true) => return json_response(StatusCode::OK, &objects::api_group_list()),
-        (["api", "v1"], true) => return json_response(StatusCode::OK, &objects::resource_list("").unwrap_or_default()),
+        (["api", "v1"], true) => {
+            return json_response(
+                StatusCode::OK,
+                &objects::resource_list("").unwrap_or_default(),
+            )
+        }
         (["apis", g], true) => {
-            return objects::api_group(g).map_or_else(|| status(StatusCode::NOT_FOUND, "NotFound", "no such group"), |v| json_response(StatusCode::OK, &v))
+            return objects::api_group(g).map_or_else(
+                || status(StatusCode::NOT_FOUND, "NotFound", "no such group"),
+                |v| json_response(StatusCode::OK, &v),
+            )
         }
         (["apis", g, "v1"], true) => {
-            return objects::resource_list(g).map_or_else(|| status(StatusCode::NOT_FOUND, "NotFound", "no such group"), |v| json_response(StatusCode::OK, &v))
+            return objects::resource_list(g).map_or_else(
+                || status(StatusCode::NOT_FOUND, "NotFound", "no such group"),
+                |v| json_response(StatusCode::OK, &v),
+            )
         }
         _ => {}
     }
     let (group, rest): (&str, &[&str]) = match segs.as_slice() {
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", g, "v1", rest @ ..] => (g, rest),
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource ({path})")),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("the server could not find the requested resource ({path})"),
+            )
+        }
     };
     // namespaces/<ns>/<resource>/... or <resource>/... (cluster-wide).
     let (ns, resource, tail): (&str, &str, &[&str]) = match rest {
-        ["namespaces", ns, resource, tail @ ..] if *resource != "status" && *resource != "finalize" => (ns, resource, tail),
+        ["namespaces", ns, resource, tail @ ..]
+            if *resource != "status" && *resource != "finalize" =>
+        {
+            (ns, resource, tail)
+        }
         [resource, tail @ ..] => ("", resource, tail),
         [] => return status(StatusCode::NOT_FOUND, "NotFound", "no resource"),
     };
     let Some(kind) = objects::kind_of(group, resource) else {
-        return status(StatusCode::NOT_FOUND, "NotFound", &format!("the server could not find the requested resource ({path})"));
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("the server could not find the requested resource ({path})"),
+        );
     };
     let params = Params(query_pairs(req.uri().query()));
-    let accept = req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let table = objects::wants_table(&accept);
-    let r = Ctx { shared, group: group.to_string(), resource: resource.to_string(), ns: ns.to_string(), kind, table };
+    let r = Ctx {
+        shared,
+        group: group.to_string(),
+        resource: resource.to_string(),
+        ns: ns.to_string(),
+        kind,
+        table,
+    };
     match tail {
         [] => collection(r, req, params).await,
         [name] => item(r, req, name).await,
@@ -423,7 +627,11 @@ struct Ctx {
 
 impl Ctx {
     fn not_found(&self, name: &str) -> Response<Body> {
-        let mut r = status(StatusCode::NOT_FOUND, "NotFound", &format!("{} {name:?} not found", self.resource));
+        let mut r = status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{} {name:?} not found", self.resource),
+        );
         *r.body_mut() = Full::new(Bytes::from(
             json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "NotFound", "code": 404,
                    "message": format!("{} \"{name}\" not found", self.resource),
@@ -435,7 +643,12 @@ impl Ctx {
     }
 
     fn key(&self, name: &str) -> Key {
-        (self.group.clone(), self.resource.clone(), self.ns.clone(), name.to_string())
+        (
+            self.group.clone(),
+            self.resource.clone(),
+            self.ns.clone(),
+            name.to_string(),
+        )
     }
 
     fn matching(&self, name: Option<&str>) -> (u64, Vec<Value>) {
@@ -444,7 +657,10 @@ impl Ctx {
             .objects
             .iter()
             .filter(|((g, r, n, m), _)| {
-                *g == self.group && *r == self.resource && (self.ns.is_empty() || *n == self.ns) && name.is_none_or(|x| x == m)
+                *g == self.group
+                    && *r == self.resource
+                    && (self.ns.is_empty() || *n == self.ns)
+                    && name.is_none_or(|x| x == m)
             })
             .map(|(_, v)| v.clone())
             .collect();
@@ -453,8 +669,14 @@ impl Ctx {
 
     fn render_one(&self, obj: &Value) -> Response<Body> {
         if self.table {
-            let rv = obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
-            return json_response(StatusCode::OK, &objects::table(&self.resource, rv, std::slice::from_ref(obj), true));
+            let rv = obj["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return json_response(
+                StatusCode::OK,
+                &objects::table(&self.resource, rv, std::slice::from_ref(obj), true),
+            );
         }
         json_response(StatusCode::OK, obj)
     }
@@ -463,7 +685,11 @@ impl Ctx {
 /// A JSON object body whose `metadata`, if present, is an object (so stamping fields into it
 /// cannot fail).
 async fn read_json(req: Request<Incoming>) -> Option<Value> {
-    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.ok()?.to_bytes();
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
     let v: Value = serde_json::from_slice(&body).ok()?;
     (v.is_object() && (v["metadata"].is_object() || v["metadata"].is_null())).then_some(v)
 }
@@ -478,19 +704,37 @@ async fn collection(r: Ctx, req: Request<Incoming>, params: Params) -> Response<
         hyper::Method::GET => {
             let (rv, items) = r.matching(name.as_deref());
             if r.table {
-                return json_response(StatusCode::OK, &objects::table(&r.resource, rv, &items, true));
+                return json_response(
+                    StatusCode::OK,
+                    &objects::table(&r.resource, rv, &items, true),
+                );
             }
-            json_response(StatusCode::OK, &objects::list(&r.group, r.kind.kind, rv, items))
+            json_response(
+                StatusCode::OK,
+                &objects::list(&r.group, r.kind.kind, rv, items),
+            )
         }
         hyper::Method::POST if !r.ns.is_empty() || !r.kind.namespaced => {
             let Some(mut obj) = read_json(req).await else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a JSON object");
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the body is not a JSON object",
+                );
             };
             let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
-                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name is required");
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.name is required",
+                );
             };
             if r.shared.store().objects.contains_key(&r.key(&name)) {
-                return status(StatusCode::CONFLICT, "AlreadyExists", &format!("{} \"{name}\" already exists", r.resource));
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{} \"{name}\" already exists", r.resource),
+                );
             }
             let uid = r.shared.next_uid();
             obj["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{uid:012}"));
@@ -498,7 +742,9 @@ async fn collection(r: Ctx, req: Request<Incoming>, params: Params) -> Response<
             if r.kind.namespaced {
                 obj["metadata"]["namespace"] = json!(r.ns);
             }
-            let obj = r.shared.put(&r.group, &r.resource, &r.ns, &name, obj, "ADDED");
+            let obj = r
+                .shared
+                .put(&r.group, &r.resource, &r.ns, &name, obj, "ADDED");
             json_response(StatusCode::CREATED, &obj)
         }
         hyper::Method::DELETE => {
@@ -508,9 +754,16 @@ async fn collection(r: Ctx, req: Request<Incoming>, params: Params) -> Response<
                     r.shared.remove(&r.group, &r.resource, &r.ns, n);
                 }
             }
-            json_response(StatusCode::OK, &objects::list(&r.group, r.kind.kind, rv, items))
+            json_response(
+                StatusCode::OK,
+                &objects::list(&r.group, r.kind.kind, rv, items),
+            )
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method not allowed",
+        ),
     }
 }
 
@@ -519,13 +772,19 @@ async fn item(r: Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
     match (req.method().clone(), current) {
         (_, None) => r.not_found(name),
         (hyper::Method::GET, Some(obj)) => r.render_one(&obj),
-        (hyper::Method::DELETE, Some(_)) => match r.shared.remove(&r.group, &r.resource, &r.ns, name) {
-            Some(obj) => json_response(StatusCode::OK, &obj),
-            None => r.not_found(name),
-        },
+        (hyper::Method::DELETE, Some(_)) => {
+            match r.shared.remove(&r.group, &r.resource, &r.ns, name) {
+                Some(obj) => json_response(StatusCode::OK, &obj),
+                None => r.not_found(name),
+            }
+        }
         (m @ (hyper::Method::PUT | hyper::Method::PATCH), Some(mut obj)) => {
             let Some(body) = read_json(req).await else {
-                return status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a JSON object");
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the body is not a JSON object",
+                );
             };
             if m == hyper::Method::PUT {
                 obj = body;
@@ -533,34 +792,67 @@ async fn item(r: Ctx, req: Request<Incoming>, name: &str) -> Response<Body> {
                 objects::merge_patch(&mut obj, &body);
             }
             if !(obj["metadata"].is_object() || obj["metadata"].is_null()) {
-                return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata must be an object");
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata must be an object",
+                );
             }
-            let obj = r.shared.put(&r.group, &r.resource, &r.ns, name, obj, "MODIFIED");
+            let obj = r
+                .shared
+                .put(&r.group, &r.resource, &r.ns, name, obj, "MODIFIED");
             json_response(StatusCode::OK, &obj)
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method not allowed",
+        ),
     }
 }
 
-async fn subresource(r: Ctx, req: Request<Incoming>, params: Params, name: &str, sub: &str) -> Response<Body> {
-    let Some(obj) = r.shared.store().objects.get(&r.key(name)).cloned() else { return r.not_found(name) };
+async fn subresource(
+    r: Ctx,
+    req: Request<Incoming>,
+    params: Params,
+    name: &str,
+    sub: &str,
+) -> Response<Body> {
+    let Some(obj) = r.shared.store().objects.get(&r.key(name)).cloned() else {
+        return r.not_found(name);
+    };
     match (r.resource.as_str(), sub) {
         ("pods", "log") => log(name, params.flag("follow")),
-        ("pods", "exec" | "attach") => upgrade_exec(req, params.all("command"), r.shared.uploads.clone()),
+        ("pods", "exec" | "attach") => {
+            upgrade_exec(req, params.all("command"), r.shared.uploads.clone())
+        }
         ("deployments", "scale") => {
             let mut obj = obj;
             if req.method() != hyper::Method::GET {
                 let Some(body) = read_json(req).await else {
-                    return status(StatusCode::BAD_REQUEST, "BadRequest", "the body is not a JSON object");
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "the body is not a JSON object",
+                    );
                 };
                 obj["spec"]["replicas"] = body["spec"]["replicas"].clone();
-                obj = r.shared.put(&r.group, &r.resource, &r.ns, name, obj, "MODIFIED");
+                obj = r
+                    .shared
+                    .put(&r.group, &r.resource, &r.ns, name, obj, "MODIFIED");
             }
-            json_response(StatusCode::OK, &json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+            json_response(
+                StatusCode::OK,
+                &json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
                 "metadata": {"name": name, "namespace": r.ns, "resourceVersion": obj["metadata"]["resourceVersion"]},
-                "spec": {"replicas": obj["spec"]["replicas"]}, "status": {"replicas": obj["spec"]["replicas"]}}))
+                "spec": {"replicas": obj["spec"]["replicas"]}, "status": {"replicas": obj["spec"]["replicas"]}}),
+            )
         }
-        _ => status(StatusCode::NOT_FOUND, "NotFound", &format!("{}/{sub} is not served by the test server", r.resource)),
+        _ => status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{}/{sub} is not served by the test server", r.resource),
+        ),
     }
 }
 
@@ -571,7 +863,10 @@ struct ChannelBody(mpsc::Receiver<Bytes>);
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -589,7 +884,12 @@ fn watch(r: Ctx, name: Option<String>, since: Option<u64>) -> Response<Body> {
     let mut events = r.shared.events.subscribe();
     // Subscribed first, then the replay: nothing falls between; duplicates are skipped by rv.
     let mut replay: std::collections::VecDeque<Event> = match since {
-        Some(rv) => r.shared.history.lock().map(|h| h.iter().filter(|e| e.rv > rv).cloned().collect()).unwrap_or_default(),
+        Some(rv) => r
+            .shared
+            .history
+            .lock()
+            .map(|h| h.iter().filter(|e| e.rv > rv).cloned().collect())
+            .unwrap_or_default(),
         None => Default::default(),
     };
     let (tx, resp) = streaming("application/json");
@@ -599,15 +899,19 @@ fn watch(r: Ctx, name: Option<String>, since: Option<u64>) -> Response<Body> {
         let mut first = true;
         let mut last_rv = since.unwrap_or(0);
         loop {
-            let ev = if let Some(ev) = replay.pop_front() { ev } else { tokio::select! {
-                _ = &mut deadline => return,
-                _ = tx.closed() => return,
-                ev = events.recv() => match ev {
-                    Ok(ev) => ev,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                },
-            } };
+            let ev = if let Some(ev) = replay.pop_front() {
+                ev
+            } else {
+                tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = tx.closed() => return,
+                    ev = events.recv() => match ev {
+                        Ok(ev) => ev,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    },
+                }
+            };
             if ev.rv <= last_rv {
                 continue;
             }
@@ -615,11 +919,17 @@ fn watch(r: Ctx, name: Option<String>, since: Option<u64>) -> Response<Body> {
             let wanted = ev.group == r.group
                 && ev.resource == r.resource
                 && (r.ns.is_empty() || ev.ns == r.ns)
-                && name.as_deref().is_none_or(|n| ev.object["metadata"]["name"] == n);
+                && name
+                    .as_deref()
+                    .is_none_or(|n| ev.object["metadata"]["name"] == n);
             if !wanted {
                 continue;
             }
-            let object = if r.table { objects::table(&r.resource, ev.rv, std::slice::from_ref(&ev.object), first) } else { ev.object };
+            let object = if r.table {
+                objects::table(&r.resource, ev.rv, std::slice::from_ref(&ev.object), first)
+            } else {
+                ev.object
+            };
             first = false;
             let line = format!("{}\n", json!({"type": ev.kind, "object": object}));
             if tx.send(Bytes::from(line)).await.is_err() {
@@ -632,7 +942,9 @@ fn watch(r: Ctx, name: Option<String>, since: Option<u64>) -> Response<Body> {
 
 fn log(pod: &str, follow: bool) -> Response<Body> {
     if !follow {
-        let text: String = (1..=3).map(|i| format!("log line {i} of {pod}\n")).collect();
+        let text: String = (1..=3)
+            .map(|i| format!("log line {i} of {pod}\n"))
+            .collect();
         return full(StatusCode::OK, "text/plain", text);
     }
     let (tx, resp) = streaming("text/plain");
@@ -640,7 +952,11 @@ fn log(pod: &str, follow: bool) -> Response<Body> {
     tokio::spawn(async move {
         // One line every 100 ms for at most MAX_STREAM.
         for i in 1..=(MAX_STREAM.as_millis() / 100) {
-            if tx.send(Bytes::from(format!("log line {i} of {pod}\n"))).await.is_err() {
+            if tx
+                .send(Bytes::from(format!("log line {i} of {pod}\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::select! {
@@ -652,11 +968,24 @@ fn log(pod: &str, follow: bool) -> Response<Body> {
     resp
 }
 
-fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>, uploads: exec::Uploads) -> Response<Body> {
+fn upgrade_exec(
+    mut req: Request<Incoming>,
+    command: Vec<String>,
+    uploads: exec::Uploads,
+) -> Response<Body> {
     let h = req.headers();
-    let is_ws = h.get(hyper::header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let protocol = h.get(hyper::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()).and_then(exec::choose_protocol);
-    let key = h.get(hyper::header::SEC_WEBSOCKET_KEY).and_then(|v| v.to_str().ok()).map(exec::accept_key);
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let protocol = h
+        .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(exec::choose_protocol);
+    let key = h
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(exec::accept_key);
     let (true, Some(protocol), Some(accept)) = (is_ws, protocol, key) else {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks exec over WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) only");
     };
@@ -669,9 +998,18 @@ fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>, uploads: exec:
     let mut resp = Response::new(Full::new(Bytes::new()).boxed());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hs = resp.headers_mut();
-    hs.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
-    hs.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    hs.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+    hs.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    hs.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    hs.insert(
+        hyper::header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(protocol),
+    );
     if let Ok(v) = HeaderValue::from_str(&accept) {
         hs.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
     }
@@ -679,14 +1017,26 @@ fn upgrade_exec(mut req: Request<Incoming>, command: Vec<String>, uploads: exec:
 }
 
 /// Runs `kubectl` with `kubeconfig` and returns (success, stdout, stderr); bounded by `limit`.
-pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Result<(bool, String, String)> {
+pub fn kubectl(
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<(bool, String, String)> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new("kubectl")
         .args(args)
         .env("KUBECONFIG", kubeconfig)
-        .env("HOME", kubeconfig.parent().unwrap_or(std::path::Path::new("/tmp")))
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .env(
+            "HOME",
+            kubeconfig.parent().unwrap_or(std::path::Path::new("/tmp")),
+        )
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -702,10 +1052,17 @@ pub fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&[u8]>
         if std::time::Instant::now() >= deadline {
             let _ = child.kill();
             let out = child.wait_with_output()?;
-            return Err(anyhow!("kubectl {args:?} ran past {limit:?}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(anyhow!(
+                "kubectl {args:?} ran past {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output()?;
-    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }

@@ -12,23 +12,83 @@ pub struct Kind {
 }
 
 pub const KINDS: &[Kind] = &[
-    Kind { group: "", resource: "pods", kind: "Pod", namespaced: true, short: &["po"] },
-    Kind { group: "", resource: "services", kind: "Service", namespaced: true, short: &["svc"] },
-    Kind { group: "", resource: "configmaps", kind: "ConfigMap", namespaced: true, short: &["cm"] },
-    Kind { group: "", resource: "secrets", kind: "Secret", namespaced: true, short: &[] },
-    Kind { group: "", resource: "events", kind: "Event", namespaced: true, short: &["ev"] },
-    Kind { group: "", resource: "nodes", kind: "Node", namespaced: false, short: &["no"] },
-    Kind { group: "", resource: "namespaces", kind: "Namespace", namespaced: false, short: &["ns"] },
-    Kind { group: "apps", resource: "deployments", kind: "Deployment", namespaced: true, short: &["deploy"] },
-    Kind { group: "apps", resource: "replicasets", kind: "ReplicaSet", namespaced: true, short: &["rs"] },
+    Kind {
+        group: "",
+        resource: "pods",
+        kind: "Pod",
+        namespaced: true,
+        short: &["po"],
+    },
+    Kind {
+        group: "",
+        resource: "services",
+        kind: "Service",
+        namespaced: true,
+        short: &["svc"],
+    },
+    Kind {
+        group: "",
+        resource: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+        short: &["cm"],
+    },
+    Kind {
+        group: "",
+        resource: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        short: &[],
+    },
+    Kind {
+        group: "",
+        resource: "events",
+        kind: "Event",
+        namespaced: true,
+        short: &["ev"],
+    },
+    Kind {
+        group: "",
+        resource: "nodes",
+        kind: "Node",
+        namespaced: false,
+        short: &["no"],
+    },
+    Kind {
+        group: "",
+        resource: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        short: &["ns"],
+    },
+    Kind {
+        group: "apps",
+        resource: "deployments",
+        kind: "Deployment",
+        namespaced: true,
+        short: &["deploy"],
+    },
+    Kind {
+        group: "apps",
+        resource: "replicasets",
+        kind: "ReplicaSet",
+        namespaced: true,
+        short: &["rs"],
+    },
 ];
 
 pub fn kind_of(group: &str, resource: &str) -> Option<&'static Kind> {
-    KINDS.iter().find(|k| k.group == group && k.resource == resource)
+    KINDS
+        .iter()
+        .find(|k| k.group == group && k.resource == resource)
 }
 
 pub fn api_version(group: &str) -> String {
-    if group.is_empty() { "v1".into() } else { format!("{group}/v1") }
+    if group.is_empty() {
+        "v1".into()
+    } else {
+        format!("{group}/v1")
+    }
 }
 
 pub fn version() -> Value {
@@ -63,7 +123,16 @@ pub fn resource_list(group: &str) -> Option<Value> {
     if !group.is_empty() && group != "apps" {
         return None;
     }
-    let all = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+    let all = [
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch",
+    ];
     let mut resources = Vec::new();
     for k in KINDS.iter().filter(|k| k.group == group) {
         resources.push(json!({
@@ -72,16 +141,26 @@ pub fn resource_list(group: &str) -> Option<Value> {
         }));
     }
     let subs: &[(&str, &str, &[&str])] = if group.is_empty() {
-        &[("pods/log", "Pod", &["get"]), ("pods/exec", "PodExecOptions", &["create", "get"]),
-          ("pods/attach", "PodAttachOptions", &["create", "get"]), ("pods/portforward", "PodPortForwardOptions", &["create", "get"]),
-          ("pods/status", "Pod", &["get", "patch", "update"])]
+        &[
+            ("pods/log", "Pod", &["get"]),
+            ("pods/exec", "PodExecOptions", &["create", "get"]),
+            ("pods/attach", "PodAttachOptions", &["create", "get"]),
+            (
+                "pods/portforward",
+                "PodPortForwardOptions",
+                &["create", "get"],
+            ),
+            ("pods/status", "Pod", &["get", "patch", "update"]),
+        ]
     } else {
         &[("deployments/scale", "Scale", &["get", "patch", "update"])]
     };
     for (name, kind, verbs) in subs {
         resources.push(json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
     }
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version(group), "resources": resources}))
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version(group), "resources": resources}),
+    )
 }
 
 pub const CREATED: &str = "2026-01-01T00:00:00Z";
@@ -99,7 +178,14 @@ pub fn pod(ns: &str, name: &str, uid: u64) -> Value {
     })
 }
 
-pub fn object(group: &str, kind: &str, ns: Option<&str>, name: &str, uid: u64, extra: Value) -> Value {
+pub fn object(
+    group: &str,
+    kind: &str,
+    ns: Option<&str>,
+    name: &str,
+    uid: u64,
+    extra: Value,
+) -> Value {
     let mut v = json!({
         "apiVersion": api_version(group), "kind": kind,
         "metadata": {"name": name, "uid": format!("00000000-0000-0000-0000-{uid:012}"), "creationTimestamp": CREATED},
@@ -121,13 +207,22 @@ pub fn list(group: &str, kind: &str, rv: u64, items: Vec<Value>) -> Value {
 
 /// Whether the client asked for the server-side `Table` rendering kubectl uses for `get`.
 pub fn wants_table(accept: &str) -> bool {
-    accept.split(',').next().is_some_and(|first| first.contains("as=Table") && first.contains("g=meta.k8s.io"))
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table") && first.contains("g=meta.k8s.io"))
 }
 
 fn columns(resource: &str) -> Value {
     let col = |name: &str, ty: &str| json!({"name": name, "type": ty, "format": if name == "Name" { "name" } else { "" }, "description": "", "priority": 0});
     match resource {
-        "pods" => json!([col("Name", "string"), col("Ready", "string"), col("Status", "string"), col("Restarts", "integer"), col("Age", "string")]),
+        "pods" => json!([
+            col("Name", "string"),
+            col("Ready", "string"),
+            col("Status", "string"),
+            col("Restarts", "integer"),
+            col("Age", "string")
+        ]),
         _ => json!([col("Name", "string"), col("Age", "string")]),
     }
 }
@@ -135,7 +230,13 @@ fn columns(resource: &str) -> Value {
 fn row(resource: &str, obj: &Value) -> Value {
     let name = obj["metadata"]["name"].clone();
     let cells = match resource {
-        "pods" => json!([name, "1/1", obj["status"]["phase"].as_str().unwrap_or("Unknown"), 0, "5m"]),
+        "pods" => json!([
+            name,
+            "1/1",
+            obj["status"]["phase"].as_str().unwrap_or("Unknown"),
+            0,
+            "5m"
+        ]),
         _ => json!([name, "5m"]),
     };
     json!({"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}})

@@ -2,9 +2,9 @@
 //! reordered record is detected by `postern-agent audit verify`.
 
 use endpoint_types::api::{AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
+use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use jiff::Timestamp;
 use std::{
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Read, Write},
@@ -15,9 +15,16 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("cannot use the audit trail {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the audit trail {} is broken at seq {seq}: {reason}", path.display())]
-    Broken { path: PathBuf, seq: i64, reason: String },
+    Broken {
+        path: PathBuf,
+        seq: i64,
+        reason: String,
+    },
 }
 
 impl AuditError {
@@ -46,7 +53,14 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(kind: &'static str, actor: impl Into<String>, detail: serde_json::Value) -> Self {
-        Entry { kind, actor: actor.into(), endpoint_id: None, session_id: None, op_id: None, detail }
+        Entry {
+            kind,
+            actor: actor.into(),
+            endpoint_id: None,
+            session_id: None,
+            op_id: None,
+            detail,
+        }
     }
 
     pub fn endpoint(mut self, id: impl Into<String>) -> Self {
@@ -131,7 +145,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 impl AuditLog {
     /// Opens (creating if needed) the trail and continues the chain from its last record.
     pub fn open(path: &Path, appliance_id: Option<String>) -> Result<AuditLog, AuditError> {
-        let io = |source| AuditError::Io { path: path.to_path_buf(), source };
+        let io = |source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -147,11 +164,14 @@ impl AuditLog {
             Some(last) => {
                 // Appending after a damaged last line would bury the damage under valid-looking
                 // records; refuse instead and let the customer look.
-                let r: AuditRecord = serde_json::from_str(last).map_err(|e| AuditError::Broken {
-                    path: path.to_path_buf(),
-                    seq: 0,
-                    reason: format!("its last line is not a record ({e}); run `postern-agent audit verify`"),
-                })?;
+                let r: AuditRecord =
+                    serde_json::from_str(last).map_err(|e| AuditError::Broken {
+                        path: path.to_path_buf(),
+                        seq: 0,
+                        reason: format!(
+                            "its last line is not a record ({e}); run `postern-agent audit verify`"
+                        ),
+                    })?;
                 (r.seq + 1, r.hash)
             }
         };
@@ -159,7 +179,12 @@ impl AuditLog {
             file.write_all(b"\n").map_err(io)?;
         }
         Ok(AuditLog {
-            inner: Arc::new(Mutex::new(Chain { path: path.to_path_buf(), file, next_seq, prev_hash })),
+            inner: Arc::new(Mutex::new(Chain {
+                path: path.to_path_buf(),
+                file,
+                next_seq,
+                prev_hash,
+            })),
             appliance_id,
         })
     }
@@ -170,7 +195,10 @@ impl AuditLog {
 
     /// The actor of records the agent makes on its own behalf.
     pub fn agent_actor(&self) -> String {
-        format!("agent:{}", self.appliance_id.as_deref().unwrap_or("unenrolled"))
+        format!(
+            "agent:{}",
+            self.appliance_id.as_deref().unwrap_or("unenrolled")
+        )
     }
 
     pub fn record(&self, entry: Entry) -> Result<AuditRecord, AuditError> {
@@ -199,13 +227,30 @@ impl AuditLog {
 
     /// A session's record whose detail is already JSON text (a statement, made on the message
     /// path without a `Value`): the same line [`AuditLog::record`] writes for that detail.
-    pub fn record_json(&self, kind: &'static str, actor: &str, endpoint_id: &str, session_id: &str, detail: &RawValue) -> Result<(), AuditError> {
-        let fields = Fields { kind, actor, endpoint_id: Some(endpoint_id), session_id: Some(session_id), op_id: None };
+    pub fn record_json(
+        &self,
+        kind: &'static str,
+        actor: &str,
+        endpoint_id: &str,
+        session_id: &str,
+        detail: &RawValue,
+    ) -> Result<(), AuditError> {
+        let fields = Fields {
+            kind,
+            actor,
+            endpoint_id: Some(endpoint_id),
+            session_id: Some(session_id),
+            op_id: None,
+        };
         self.append(&fields, detail).map(|_| ())
     }
 
     /// Chains and writes one line; returns `(seq, time, prev_hash, hash)`.
-    fn append<D: Serialize + ?Sized>(&self, f: &Fields<'_>, detail: &D) -> Result<(i64, Timestamp, String, String), AuditError> {
+    fn append<D: Serialize + ?Sized>(
+        &self,
+        f: &Fields<'_>,
+        detail: &D,
+    ) -> Result<(i64, Timestamp, String, String), AuditError> {
         // A poisoned lock only means another writer panicked mid-call; the chain state is
         // updated after the write succeeds, so it is still consistent.
         let mut chain = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -227,10 +272,18 @@ impl AuditLog {
         };
         let hash = sha256_hex(&line.chain_input());
         line.hash = &hash;
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io { path: chain.path.clone(), source: std::io::Error::other(e) })?;
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io {
+            path: chain.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
         bytes.push(b'\n');
         let Chain { path, file, .. } = &mut *chain;
-        file.write_all(&bytes).and_then(|()| file.flush()).map_err(|source| AuditError::Io { path: path.clone(), source })?;
+        file.write_all(&bytes)
+            .and_then(|()| file.flush())
+            .map_err(|source| AuditError::Io {
+                path: path.clone(),
+                source,
+            })?;
         let prev_hash = std::mem::replace(&mut chain.prev_hash, hash.clone());
         chain.next_seq += 1;
         Ok((seq, time, prev_hash, hash))
@@ -250,7 +303,10 @@ pub fn verify_file(path: &Path) -> Result<u64, AuditError> {
     match File::open(path) {
         Ok(f) => verify(BufReader::new(f), path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(source) => Err(AuditError::Io { path: path.to_path_buf(), source }),
+        Err(source) => Err(AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -258,18 +314,32 @@ pub fn verify<R: BufRead>(reader: R, path: &Path) -> Result<u64, AuditError> {
     let mut expected_seq: i64 = 1;
     let mut prev_hash = AUDIT_GENESIS_HASH.to_string();
     for line in reader.lines() {
-        let line = line.map_err(|source| AuditError::Io { path: path.to_path_buf(), source })?;
-        let broken = |reason: String| AuditError::Broken { path: path.to_path_buf(), seq: expected_seq, reason };
-        let record: AuditRecord =
-            serde_json::from_str(&line).map_err(|e| broken(format!("line {expected_seq} is not a record: {e}")))?;
+        let line = line.map_err(|source| AuditError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let broken = |reason: String| AuditError::Broken {
+            path: path.to_path_buf(),
+            seq: expected_seq,
+            reason,
+        };
+        let record: AuditRecord = serde_json::from_str(&line)
+            .map_err(|e| broken(format!("line {expected_seq} is not a record: {e}")))?;
         if record.seq != expected_seq {
-            return Err(broken(format!("expected seq {expected_seq}, found seq {} (a record was deleted or moved)", record.seq)));
+            return Err(broken(format!(
+                "expected seq {expected_seq}, found seq {} (a record was deleted or moved)",
+                record.seq
+            )));
         }
         if record.prev_hash != prev_hash {
-            return Err(broken("prev_hash does not match the previous record's hash".into()));
+            return Err(broken(
+                "prev_hash does not match the previous record's hash".into(),
+            ));
         }
         if sha256_hex(&record.chain_input()) != record.hash {
-            return Err(broken("the record was altered (its hash does not match its contents)".into()));
+            return Err(broken(
+                "the record was altered (its hash does not match its contents)".into(),
+            ));
         }
         prev_hash = record.hash;
         expected_seq += 1;
@@ -287,18 +357,30 @@ mod tests {
         let path = dir.path().join("nested/audit.jsonl");
         let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
         for i in 0..n {
-            log.record(Entry::new("session.opened", "alice", json!({ "i": i })).endpoint("ep_1").session(format!("s{i}")))
-                .unwrap();
+            log.record(
+                Entry::new("session.opened", "alice", json!({ "i": i }))
+                    .endpoint("ep_1")
+                    .session(format!("s{i}")),
+            )
+            .unwrap();
         }
         (dir, path)
     }
 
     fn lines(path: &Path) -> Vec<String> {
-        std::fs::read_to_string(path).unwrap().lines().map(str::to_string).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     fn write_lines(path: &Path, lines: &[String]) {
-        std::fs::write(path, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     fn broken_at(path: &Path) -> i64 {
@@ -315,14 +397,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
-        let detail = json!({ "protocol": "simple", "text": "select '\u{1b}[2J\"\n'", "truncated": false });
-        let r = log.record(Entry::new("sql.statement", "op", detail.clone()).endpoint("ep_1").session("ses_1")).unwrap();
+        let detail =
+            json!({ "protocol": "simple", "text": "select '\u{1b}[2J\"\n'", "truncated": false });
+        let r = log
+            .record(
+                Entry::new("sql.statement", "op", detail.clone())
+                    .endpoint("ep_1")
+                    .session("ses_1"),
+            )
+            .unwrap();
         let raw = serde_json::value::to_raw_value(&detail).unwrap();
-        log.record_json("sql.statement", "op", "ep_1", "ses_1", &raw).unwrap();
+        log.record_json("sql.statement", "op", "ep_1", "ses_1", &raw)
+            .unwrap();
         let lines = lines(&path);
         assert_eq!(lines[0], serde_json::to_string(&r).unwrap());
         let second: AuditRecord = serde_json::from_str(&lines[1]).unwrap();
-        assert_eq!((second.seq, &second.detail, &second.prev_hash), (2, &detail, &r.hash));
+        assert_eq!(
+            (second.seq, &second.detail, &second.prev_hash),
+            (2, &detail, &r.hash)
+        );
         assert_eq!(second.appliance_id.as_deref(), Some("app_1"));
         assert_eq!(second.hash, sha256_hex(&second.chain_input()));
         assert_eq!(verify_file(&path).unwrap(), 2);
@@ -333,7 +426,9 @@ mod tests {
         let (_d, path) = trail(3);
         assert_eq!(verify_file(&path).unwrap(), 3);
         let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
-        let r = log.record(Entry::new("agent.connected", log.agent_actor(), json!({}))).unwrap();
+        let r = log
+            .record(Entry::new("agent.connected", log.agent_actor(), json!({})))
+            .unwrap();
         assert_eq!(r.seq, 4);
         assert_eq!(r.actor, "agent:app_1");
         assert_eq!(r.appliance_id.as_deref(), Some("app_1"));
@@ -344,7 +439,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
@@ -400,6 +498,9 @@ mod tests {
         l.push("not json".into());
         write_lines(&path, &l);
         assert_eq!(broken_at(&path), 3);
-        assert!(matches!(AuditLog::open(&path, None), Err(AuditError::Broken { .. })));
+        assert!(matches!(
+            AuditLog::open(&path, None),
+            Err(AuditError::Broken { .. })
+        ));
     }
 }

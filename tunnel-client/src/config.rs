@@ -16,23 +16,40 @@ use std::{
 };
 
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
-pub const DEFAULT_KUBE_RESOURCES: &[&str] =
-    &["pods", "pods/log", "deployments", "replicasets", "services", "configmaps", "events"];
+pub const DEFAULT_KUBE_RESOURCES: &[&str] = &[
+    "pods",
+    "pods/log",
+    "deployments",
+    "replicasets",
+    "services",
+    "configmaps",
+    "events",
+];
 pub const DEFAULT_KUBE_VERBS: &[&str] = &["get", "list", "watch"];
 pub const DEFAULT_PG_PRIVILEGES: &[&str] = &["SELECT"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
     #[error("{}: resource {id:?}: {problem}", path.display())]
-    Resource { path: PathBuf, id: String, problem: String },
+    Resource {
+        path: PathBuf,
+        id: String,
+        problem: String,
+    },
     #[error("{}: {problem}", path.display())]
     Invalid { path: PathBuf, problem: String },
     #[error("{} is not enrolled: it has no `{missing}` (run `postern-agent enroll` first)", path.display())]
-    NotEnrolled { path: PathBuf, missing: &'static str },
+    NotEnrolled {
+        path: PathBuf,
+        missing: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -157,9 +174,10 @@ pub struct ToolsConfig {
 impl ToolsConfig {
     /// The executable for an op tool: the configured path, or the bare name for a `PATH` lookup.
     pub fn executable(&self, tool: &str) -> Option<PathBuf> {
-        self.entries().into_iter().find(|(name, _)| *name == tool).map(|(name, p)| {
-            p.cloned().unwrap_or_else(|| PathBuf::from(name))
-        })
+        self.entries()
+            .into_iter()
+            .find(|(name, _)| *name == tool)
+            .map(|(name, p)| p.cloned().unwrap_or_else(|| PathBuf::from(name)))
     }
 
     fn entries(&self) -> [(&'static str, Option<&PathBuf>); 8] {
@@ -201,15 +219,19 @@ pub struct Enrollment {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         AgentConfig::parse(&text, path)
     }
 
     /// Parses and validates `text` as if read from `path` (which anchors relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
-        let mut config: AgentConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
         config.path = path.to_path_buf();
         config.resolve_paths();
         config.validate()?;
@@ -217,8 +239,16 @@ impl AgentConfig {
     }
 
     fn base_dir(&self) -> PathBuf {
-        let dir = self.path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = self
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         std::path::absolute(&dir).unwrap_or(dir)
     }
 
@@ -230,11 +260,17 @@ impl AgentConfig {
             }
         };
         resolve(&mut self.audit_path);
-        for p in [&mut self.key_file, &mut self.cert_file, &mut self.ca_file].into_iter().flatten() {
+        for p in [&mut self.key_file, &mut self.cert_file, &mut self.ca_file]
+            .into_iter()
+            .flatten()
+        {
             resolve(p);
         }
         for r in &mut self.resources {
-            for p in [&mut r.kubeconfig, &mut r.admin_password_file, &mut r.key].into_iter().flatten() {
+            for p in [&mut r.kubeconfig, &mut r.admin_password_file, &mut r.key]
+                .into_iter()
+                .flatten()
+            {
                 resolve(p);
             }
         }
@@ -247,19 +283,28 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |problem: String| ConfigError::Invalid { path: self.path.clone(), problem };
+        let invalid = |problem: String| ConfigError::Invalid {
+            path: self.path.clone(),
+            problem,
+        };
         if let Some(g) = &self.gateway {
             split_host_port(g).map_err(|e| invalid(format!("gateway: {e}")))?;
         }
         if let Some(d) = self.reconnect_max {
             if d.0 < Duration::from_millis(200) {
-                return Err(invalid(format!("reconnect_max = {d:?} is below the 200ms base backoff")));
+                return Err(invalid(format!(
+                    "reconnect_max = {d:?} is below the 200ms base backoff"
+                )));
             }
         }
         validate_policy(&self.policy).map_err(|p| invalid(format!("[policy] {p}")))?;
         let mut seen = HashSet::new();
         for r in &self.resources {
-            let problem = |problem: String| ConfigError::Resource { path: self.path.clone(), id: r.id.clone(), problem };
+            let problem = |problem: String| ConfigError::Resource {
+                path: self.path.clone(),
+                id: r.id.clone(),
+                problem,
+            };
             if r.id.trim().is_empty() {
                 return Err(invalid("a [[resource]] has an empty id".into()));
             }
@@ -272,7 +317,9 @@ impl AgentConfig {
     }
 
     pub fn reconnect_max(&self) -> Duration {
-        self.reconnect_max.map(|d| d.0).unwrap_or(DEFAULT_RECONNECT_MAX)
+        self.reconnect_max
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_RECONNECT_MAX)
     }
 
     pub fn resource(&self, id: &str) -> Option<&ResourceConfig> {
@@ -281,7 +328,14 @@ impl AgentConfig {
 
     /// The inventory reported in the hello: ids and kinds only, never targets or credentials.
     pub fn descriptors(&self) -> Vec<ResourceDescriptor> {
-        self.resources.iter().map(|r| ResourceDescriptor { id: r.id.clone(), kind: r.kind, scope: r.scope() }).collect()
+        self.resources
+            .iter()
+            .map(|r| ResourceDescriptor {
+                id: r.id.clone(),
+                kind: r.kind,
+                scope: r.scope(),
+            })
+            .collect()
     }
 
     pub fn policy_summary(&self) -> PolicySummary {
@@ -296,10 +350,16 @@ impl AgentConfig {
     }
 
     pub fn enrollment(&self) -> Result<Enrollment, ConfigError> {
-        let missing = |missing| ConfigError::NotEnrolled { path: self.path.clone(), missing };
+        let missing = |missing| ConfigError::NotEnrolled {
+            path: self.path.clone(),
+            missing,
+        };
         Ok(Enrollment {
             gateway: self.gateway.clone().ok_or_else(|| missing("gateway"))?,
-            appliance_id: self.appliance_id.clone().ok_or_else(|| missing("appliance_id"))?,
+            appliance_id: self
+                .appliance_id
+                .clone()
+                .ok_or_else(|| missing("appliance_id"))?,
             key_file: self.key_file.clone().ok_or_else(|| missing("key_file"))?,
             cert_file: self.cert_file.clone().ok_or_else(|| missing("cert_file"))?,
             ca_file: self.ca_file.clone().ok_or_else(|| missing("ca_file"))?,
@@ -319,7 +379,11 @@ impl ResourceConfig {
             ("verbs", Kubernetes, self.verbs.is_some()),
             ("impersonate", Kubernetes, self.impersonate.is_some()),
             ("admin_url", Postgres, self.admin_url.is_some()),
-            ("admin_password_file", Postgres, self.admin_password_file.is_some()),
+            (
+                "admin_password_file",
+                Postgres,
+                self.admin_password_file.is_some(),
+            ),
             ("database", Postgres, self.database.is_some()),
             ("schemas", Postgres, self.schemas.is_some()),
             ("privileges", Postgres, self.privileges.is_some()),
@@ -330,13 +394,19 @@ impl ResourceConfig {
             ("sftp", Ssh, self.sftp.is_some()),
             ("record_input", Ssh, self.record_input.is_some()),
         ];
-        keys.into_iter().filter(|(_, _, set)| *set).map(|(k, kind, _)| (k, kind)).collect()
+        keys.into_iter()
+            .filter(|(_, _, set)| *set)
+            .map(|(k, kind, _)| (k, kind))
+            .collect()
     }
 
     fn validate(&self) -> Result<(), String> {
         for (key, kind) in self.set_keys() {
             if kind != self.kind {
-                return Err(format!("`{key}` is a {kind} key but this resource is kind = \"{}\"", self.kind));
+                return Err(format!(
+                    "`{key}` is a {kind} key but this resource is kind = \"{}\"",
+                    self.kind
+                ));
             }
         }
         let require = |key: &str, set: bool| {
@@ -353,9 +423,15 @@ impl ResourceConfig {
                 split_host_port(target).map_err(|e| format!("target: {e}"))?;
             }
             ResourceKind::Kubernetes => {
-                for (key, list) in [("namespaces", &self.namespaces), ("resources", &self.resources), ("verbs", &self.verbs)]
-                {
-                    if list.as_ref().is_some_and(|l| l.iter().any(|s| s.trim().is_empty())) {
+                for (key, list) in [
+                    ("namespaces", &self.namespaces),
+                    ("resources", &self.resources),
+                    ("verbs", &self.verbs),
+                ] {
+                    if list
+                        .as_ref()
+                        .is_some_and(|l| l.iter().any(|s| s.trim().is_empty()))
+                    {
                         return Err(format!("`{key}` has an empty entry"));
                     }
                 }
@@ -368,13 +444,17 @@ impl ResourceConfig {
                 require("user", self.user.is_some())?;
                 require("key", self.key.is_some())?;
                 require("host_key", self.host_key.is_some())?;
-                split_host_port(self.host.as_deref().unwrap_or_default()).map_err(|e| format!("host: {e}"))?;
+                split_host_port(self.host.as_deref().unwrap_or_default())
+                    .map_err(|e| format!("host: {e}"))?;
                 let user = self.user.as_deref().unwrap_or_default();
                 if user.trim().is_empty() {
                     return Err("`user` is empty".into());
                 }
                 if user == "root" {
-                    return Err("`user` may not be root: give the vendor a dedicated, unprivileged login".into());
+                    return Err(
+                        "`user` may not be root: give the vendor a dedicated, unprivileged login"
+                            .into(),
+                    );
                 }
             }
         }
@@ -387,20 +467,34 @@ impl ResourceConfig {
     }
 
     pub fn kube_resources(&self) -> Vec<String> {
-        self.resources.clone().unwrap_or_else(|| DEFAULT_KUBE_RESOURCES.iter().map(|s| s.to_string()).collect())
+        self.resources.clone().unwrap_or_else(|| {
+            DEFAULT_KUBE_RESOURCES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
     }
 
     pub fn kube_verbs(&self) -> Vec<String> {
-        self.verbs.clone().unwrap_or_else(|| DEFAULT_KUBE_VERBS.iter().map(|s| s.to_string()).collect())
+        self.verbs
+            .clone()
+            .unwrap_or_else(|| DEFAULT_KUBE_VERBS.iter().map(|s| s.to_string()).collect())
     }
 
     pub fn pg_privileges(&self) -> Vec<String> {
-        self.privileges.clone().unwrap_or_else(|| DEFAULT_PG_PRIVILEGES.iter().map(|s| s.to_string()).collect())
+        self.privileges.clone().unwrap_or_else(|| {
+            DEFAULT_PG_PRIVILEGES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
     }
 
     /// The schemas endpoints may use: `schemas`, else `public`.
     pub fn pg_schemas(&self) -> Vec<String> {
-        self.schemas.clone().unwrap_or_else(|| vec!["public".to_string()])
+        self.schemas
+            .clone()
+            .unwrap_or_else(|| vec!["public".to_string()])
     }
 
     /// The database endpoints may use: `database`, else the one `admin_url` names, else `postgres`.
@@ -408,7 +502,11 @@ impl ResourceConfig {
         if let Some(d) = &self.database {
             return d.clone();
         }
-        let url = self.admin_url.as_ref().map(|u| u.expose().to_string()).unwrap_or_default();
+        let url = self
+            .admin_url
+            .as_ref()
+            .map(|u| u.expose().to_string())
+            .unwrap_or_default();
         let rest = url.split_once("://").map(|(_, r)| r).unwrap_or("");
         let path = rest.split(['?', '#']).next().unwrap_or("");
         match path.split_once('/') {
@@ -496,14 +594,30 @@ target = "127.0.0.1:7000"
         assert_eq!(c.resources.len(), 2);
         assert_eq!(c.resources[0].kind, ResourceKind::Kubernetes);
         assert_eq!(c.resources[0].kube_verbs(), vec!["get", "list", "watch"]);
-        assert_eq!(c.resource("null_resource.echo").unwrap().target.as_deref(), Some("127.0.0.1:7000"));
+        assert_eq!(
+            c.resource("null_resource.echo").unwrap().target.as_deref(),
+            Some("127.0.0.1:7000")
+        );
         let p = c.policy_summary();
         assert_eq!(p.approval, ApprovalMode::Windows);
         assert_eq!(p.time_zone.as_deref(), Some("Europe/Berlin"));
         assert!(p.steady_state);
         assert_eq!(c.reconnect_max(), DEFAULT_RECONNECT_MAX);
-        assert_eq!(c.descriptors()[1], ResourceDescriptor { id: "null_resource.echo".into(), kind: ResourceKind::Tcp, scope: None });
-        assert!(matches!(c.enrollment(), Err(ConfigError::NotEnrolled { missing: "gateway", .. })));
+        assert_eq!(
+            c.descriptors()[1],
+            ResourceDescriptor {
+                id: "null_resource.echo".into(),
+                kind: ResourceKind::Tcp,
+                scope: None
+            }
+        );
+        assert!(matches!(
+            c.enrollment(),
+            Err(ConfigError::NotEnrolled {
+                missing: "gateway",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -516,7 +630,9 @@ target = "127.0.0.1:7000"
         assert!(e.contains("heartbeat") && e.contains("line 2"), "{e}");
         let e = err("audit_path = \"a\"\n[[resource]]\nid = \"x\"\nkind = \"tcp\"\ntarget = \"h:1\"\ntargte = \"h:2\"\n");
         assert!(e.contains("targte") && e.contains("line 6"), "{e}");
-        let e = err("audit_path = \"a\"\n[tools]\nkubectl = \"/usr/bin/kubectl\"\nvim = \"/usr/bin/vim\"\n");
+        let e = err(
+            "audit_path = \"a\"\n[tools]\nkubectl = \"/usr/bin/kubectl\"\nvim = \"/usr/bin/vim\"\n",
+        );
         assert!(e.contains("vim") && e.contains("line 4"), "{e}");
     }
 
@@ -529,16 +645,27 @@ target = "127.0.0.1:7000"
         .unwrap();
         assert_eq!(c.audit_path, PathBuf::from("/etc/postern/audit.jsonl"));
         assert_eq!(c.key_file, Some(PathBuf::from("/etc/postern/agent.key")));
-        assert_eq!(c.tools.executable("kubectl"), Some(PathBuf::from("/etc/postern/bin/kubectl")));
+        assert_eq!(
+            c.tools.executable("kubectl"),
+            Some(PathBuf::from("/etc/postern/bin/kubectl"))
+        );
         assert_eq!(c.tools.executable("psql"), Some(PathBuf::from("psql")));
         assert_eq!(c.tools.executable("docker"), Some(PathBuf::from("docker")));
-        assert_eq!(c.resources[0].key, Some(PathBuf::from("/etc/postern/keys/vm")));
+        assert_eq!(
+            c.resources[0].key,
+            Some(PathBuf::from("/etc/postern/keys/vm"))
+        );
     }
 
     #[test]
     fn key_of_another_kind_is_refused_naming_the_resource() {
         let e = err("audit_path = \"a\"\n[[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"h:1\"\nnamespaces = [\"x\"]\n");
-        assert!(e.contains("null_resource.echo") && e.contains("namespaces") && e.contains("kubernetes"), "{e}");
+        assert!(
+            e.contains("null_resource.echo")
+                && e.contains("namespaces")
+                && e.contains("kubernetes"),
+            "{e}"
+        );
         let e = err("audit_path = \"a\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\nadmin_url = \"postgres://x\"\nuser = \"x\"\n");
         assert!(e.contains("\"db\"") && e.contains("`user`"), "{e}");
     }
@@ -560,24 +687,37 @@ target = "127.0.0.1:7000"
     #[test]
     fn ssh_root_is_refused() {
         let e = err("audit_path = \"a\"\n[[resource]]\nid = \"aws_instance.worker\"\nkind = \"ssh\"\nhost = \"10.0.0.5:22\"\nuser = \"root\"\nkey = \"/k\"\nhost_key = \"ssh-ed25519 AAAA\"\n");
-        assert!(e.contains("aws_instance.worker") && e.contains("root"), "{e}");
+        assert!(
+            e.contains("aws_instance.worker") && e.contains("root"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_ids_are_refused() {
         let r = "[[resource]]\nid = \"echo\"\nkind = \"tcp\"\ntarget = \"h:1\"\n";
         let e = err(&format!("audit_path = \"a\"\n{r}{r}"));
-        assert!(e.contains("\"echo\"") && e.contains("more than once"), "{e}");
+        assert!(
+            e.contains("\"echo\"") && e.contains("more than once"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_kind_and_bad_policy_are_refused() {
         let e = err("audit_path = \"a\"\n[[resource]]\nid = \"x\"\nkind = \"redis\"\n");
         assert!(e.contains("redis") && e.contains("line 4"), "{e}");
-        assert!(err("audit_path = \"a\"\n[policy]\napproval = \"sometimes\"\n").contains("sometimes"));
+        assert!(
+            err("audit_path = \"a\"\n[policy]\napproval = \"sometimes\"\n").contains("sometimes")
+        );
         assert!(err("audit_path = \"a\"\n[policy]\napproval = \"windows\"\n").contains("windows"));
-        assert!(err("audit_path = \"a\"\n[policy]\nwindows = [\"Mon-Fry 09:00-17:00\"]\n").contains("Fry"));
-        assert!(err("audit_path = \"a\"\n[policy]\nwindows = [\"Mon 9:00-17:00\"]\n").contains("HH:MM"));
+        assert!(
+            err("audit_path = \"a\"\n[policy]\nwindows = [\"Mon-Fry 09:00-17:00\"]\n")
+                .contains("Fry")
+        );
+        assert!(
+            err("audit_path = \"a\"\n[policy]\nwindows = [\"Mon 9:00-17:00\"]\n").contains("HH:MM")
+        );
         assert!(err("audit_path = \"a\"\n[policy]\nmaintenance = [\"2026-12-01T04:00:00Z/2026-12-01T02:00:00Z\"]\n")
             .contains("not after"));
         assert!(err("audit_path = \"a\"\nreconnect_max = \"fast\"\n").contains("fast"));
@@ -585,11 +725,24 @@ target = "127.0.0.1:7000"
 
     #[test]
     fn windows_syntax() {
-        let policy = |w: &str| format!("audit_path = \"a\"\n[policy]\napproval = \"windows\"\nwindows = [\"{w}\"]\n");
-        for ok in ["Sat 10:00-12:00", "Mon-Fri 09:00-17:00", "Mon,Wed 22:00-02:00", "Mon-Sun 00:00-24:00"] {
+        let policy = |w: &str| {
+            format!("audit_path = \"a\"\n[policy]\napproval = \"windows\"\nwindows = [\"{w}\"]\n")
+        };
+        for ok in [
+            "Sat 10:00-12:00",
+            "Mon-Fri 09:00-17:00",
+            "Mon,Wed 22:00-02:00",
+            "Mon-Sun 00:00-24:00",
+        ] {
             parse(&policy(ok)).unwrap();
         }
-        for bad in ["Mon", "Mon-Fri 09:00", "Mon-Tue-Wed 09:00-10:00", "Mon 25:00-26:00", "Mon 10:00-10:00"] {
+        for bad in [
+            "Mon",
+            "Mon-Fri 09:00",
+            "Mon-Tue-Wed 09:00-10:00",
+            "Mon 25:00-26:00",
+            "Mon 10:00-10:00",
+        ] {
             let e = err(&policy(bad));
             assert!(e.contains("[policy] windows") && e.contains(bad), "{e}");
         }

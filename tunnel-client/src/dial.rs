@@ -18,7 +18,10 @@ pub enum DialError {
     #[error("cannot resolve {addr}: {reason}")]
     Resolve { addr: String, reason: String },
     #[error("cannot open a UDP socket toward {addr}: {source}")]
-    Socket { addr: SocketAddr, source: std::io::Error },
+    Socket {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS configuration for QUIC is unusable: {0}")]
     Tls(String),
     #[error("cannot connect to the gateway at {addr}: {reason}")]
@@ -36,7 +39,9 @@ impl DialError {
 
 /// Splits `host:port` (`[v6]:port` for IPv6 literals); the host is what TLS verifies.
 pub fn split_host_port(addr: &str) -> Result<(&str, u16), DialError> {
-    let bad = || DialError::NotHostPort { addr: addr.to_string() };
+    let bad = || DialError::NotHostPort {
+        addr: addr.to_string(),
+    };
     let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
     let host = match host.strip_prefix('[') {
         Some(h) => h.strip_suffix(']').ok_or_else(bad)?,
@@ -79,19 +84,35 @@ pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<ClientConfig, Dia
 ///
 /// ICMP errors never reach quinn (it drops socket errors on receive), so a gateway that is
 /// down looks like one that is slow; the timeout is what bounds an attempt.
-pub async fn connect(gateway: &str, config: &ClientConfig, timeout: Duration) -> Result<(Endpoint, Connection), DialError> {
+pub async fn connect(
+    gateway: &str,
+    config: &ClientConfig,
+    timeout: Duration,
+) -> Result<(Endpoint, Connection), DialError> {
     tokio::time::timeout(timeout, connect_any(gateway, config))
         .await
-        .map_err(|_| DialError::Timeout { addr: gateway.to_string(), after: timeout })?
+        .map_err(|_| DialError::Timeout {
+            addr: gateway.to_string(),
+            after: timeout,
+        })?
 }
 
-async fn connect_any(gateway: &str, config: &ClientConfig) -> Result<(Endpoint, Connection), DialError> {
+async fn connect_any(
+    gateway: &str,
+    config: &ClientConfig,
+) -> Result<(Endpoint, Connection), DialError> {
     let (host, port) = split_host_port(gateway)?;
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|e| DialError::Resolve { addr: gateway.to_string(), reason: e.to_string() })?
+        .map_err(|e| DialError::Resolve {
+            addr: gateway.to_string(),
+            reason: e.to_string(),
+        })?
         .collect();
-    let mut last = DialError::Resolve { addr: gateway.to_string(), reason: "no addresses".into() };
+    let mut last = DialError::Resolve {
+        addr: gateway.to_string(),
+        reason: "no addresses".into(),
+    };
     for addr in addrs {
         match connect_addr(addr, host, config).await {
             Ok(pair) => return Ok(pair),
@@ -104,10 +125,19 @@ async fn connect_any(gateway: &str, config: &ClientConfig) -> Result<(Endpoint, 
     Err(last)
 }
 
-async fn connect_addr(addr: SocketAddr, server_name: &str, config: &ClientConfig) -> Result<(Endpoint, Connection), DialError> {
+async fn connect_addr(
+    addr: SocketAddr,
+    server_name: &str,
+    config: &ClientConfig,
+) -> Result<(Endpoint, Connection), DialError> {
     let endpoint = connected_endpoint(addr, config.clone())?;
-    let failed = |reason: String| DialError::Connect { addr: addr.to_string(), reason };
-    let connecting = endpoint.connect(addr, server_name).map_err(|e| failed(e.to_string()))?;
+    let failed = |reason: String| DialError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let connecting = endpoint
+        .connect(addr, server_name)
+        .map_err(|e| failed(e.to_string()))?;
     let conn = connecting.await.map_err(|e| failed(e.to_string()))?;
     Ok((endpoint, conn))
 }
@@ -115,8 +145,13 @@ async fn connect_addr(addr: SocketAddr, server_name: &str, config: &ClientConfig
 fn connected_endpoint(addr: SocketAddr, config: ClientConfig) -> Result<Endpoint, DialError> {
     let sock_err = |source| DialError::Socket { addr, source };
     let socket = connected_socket(addr).map_err(sock_err)?;
-    let mut endpoint =
-        Endpoint::new(EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime)).map_err(sock_err)?;
+    let mut endpoint = Endpoint::new(
+        EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(sock_err)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
@@ -139,10 +174,22 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("relay.example.com:4433").unwrap(), ("relay.example.com", 4433));
+        assert_eq!(
+            split_host_port("relay.example.com:4433").unwrap(),
+            ("relay.example.com", 4433)
+        );
         assert_eq!(split_host_port("127.0.0.1:1").unwrap(), ("127.0.0.1", 1));
         assert_eq!(split_host_port("[::1]:4433").unwrap(), ("::1", 4433));
-        for bad in ["", "host", ":4433", "host:", "host:0", "host:99999", "::1:4433", "[::1:4433"] {
+        for bad in [
+            "",
+            "host",
+            ":4433",
+            "host:",
+            "host:0",
+            "host:99999",
+            "::1:4433",
+            "[::1:4433",
+        ] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
     }
@@ -150,10 +197,14 @@ mod tests {
     #[tokio::test]
     async fn silence_is_a_timeout() {
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tls = certs::pinned_client_config(&format!("sha256:{}", "a".repeat(64)), vec![b"x".to_vec()]).unwrap();
+        let tls =
+            certs::pinned_client_config(&format!("sha256:{}", "a".repeat(64)), vec![b"x".to_vec()])
+                .unwrap();
         let config = quic_client_config(tls).unwrap();
         let addr = peer.local_addr().unwrap().to_string();
-        let e = connect(&addr, &config, Duration::from_millis(300)).await.unwrap_err();
+        let e = connect(&addr, &config, Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(matches!(e, DialError::Timeout { .. }), "{e}");
     }
 

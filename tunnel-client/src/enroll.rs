@@ -39,7 +39,10 @@ pub enum EnrollError {
     #[error("{}: {message}", path.display())]
     ConfigToml { path: PathBuf, message: String },
     #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot prepare the agent's key or TLS settings: {0}")]
     Crypto(String),
     #[error(transparent)]
@@ -52,7 +55,9 @@ pub enum EnrollError {
     Unexpected,
     #[error("the gateway refused the enrollment: {0}")]
     Refused(ApiError),
-    #[error("the gateway sent a CA certificate ({got}) other than the one the token pins ({want})")]
+    #[error(
+        "the gateway sent a CA certificate ({got}) other than the one the token pins ({want})"
+    )]
     CaMismatch { want: String, got: String },
 }
 
@@ -93,28 +98,48 @@ pub struct Enrolled {
     pub config: PathBuf,
 }
 
-pub async fn enroll(gateway: &str, token: &str, config_path: &Path) -> Result<Enrolled, EnrollError> {
+pub async fn enroll(
+    gateway: &str,
+    token: &str,
+    config_path: &Path,
+) -> Result<Enrolled, EnrollError> {
     let parsed = EnrollmentToken::parse(token)?;
     split_host_port(gateway).map_err(EnrollError::Gateway)?;
-    let config_path = std::path::absolute(config_path).map_err(|source| EnrollError::Write { path: config_path.to_path_buf(), source })?;
-    let dir = config_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let config_path = std::path::absolute(config_path).map_err(|source| EnrollError::Write {
+        path: config_path.to_path_buf(),
+        source,
+    })?;
+    let dir = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     // Read and check the customer's file before spending the one-time token on it.
     let mut doc = load_or_new(&config_path, &dir)?;
 
-    let (key, csr_pem) = certs::generate_key_and_csr(AGENT_COMMON_NAME).map_err(|e| EnrollError::Crypto(e.to_string()))?;
-    let tls = certs::pinned_client_config(&parsed.ca, vec![ALPN_ENROLL.to_vec()]).map_err(|e| EnrollError::Crypto(e.to_string()))?;
+    let (key, csr_pem) = certs::generate_key_and_csr(AGENT_COMMON_NAME)
+        .map_err(|e| EnrollError::Crypto(e.to_string()))?;
+    let tls = certs::pinned_client_config(&parsed.ca, vec![ALPN_ENROLL.to_vec()])
+        .map_err(|e| EnrollError::Crypto(e.to_string()))?;
     let quic = dial::quic_client_config(tls)?;
     tracing::debug!(%gateway, "connecting for enrollment");
     let (endpoint, conn) = dial::connect(gateway, &quic, EXCHANGE_TIMEOUT).await?;
-    let request = EnrollRequest { token: Secret::new(token.trim()), csr_pem, agent_version: AGENT_VERSION.to_string() };
+    let request = EnrollRequest {
+        token: Secret::new(token.trim()),
+        csr_pem,
+        agent_version: AGENT_VERSION.to_string(),
+    };
     let exchanged = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(&conn, request)).await;
     conn.close(0u32.into(), b"enrollment done");
     let _ = tokio::time::timeout(CLOSE_DRAIN, endpoint.wait_idle()).await;
     let response = exchanged.map_err(|_| EnrollError::Timeout(EXCHANGE_TIMEOUT))??;
 
-    let got = certs::fingerprint_pem(&response.ca_pem).map_err(|e| EnrollError::Crypto(e.to_string()))?;
+    let got =
+        certs::fingerprint_pem(&response.ca_pem).map_err(|e| EnrollError::Crypto(e.to_string()))?;
     if got != parsed.ca {
-        return Err(EnrollError::CaMismatch { want: parsed.ca, got });
+        return Err(EnrollError::CaMismatch {
+            want: parsed.ca,
+            got,
+        });
     }
     let key_file = dir.join("agent.key");
     let cert_file = dir.join("agent.crt");
@@ -140,10 +165,18 @@ pub async fn enroll(gateway: &str, token: &str, config_path: &Path) -> Result<En
     // Never leave behind a config that `run` would refuse.
     AgentConfig::parse(&text, &config_path)?;
     std::fs::write(&config_path, text).map_err(write_err(&config_path))?;
-    Ok(Enrolled { appliance_id: response.appliance_id, app: response.app, customer: response.customer, config: config_path })
+    Ok(Enrolled {
+        appliance_id: response.appliance_id,
+        app: response.app,
+        customer: response.customer,
+        config: config_path,
+    })
 }
 
-async fn exchange(conn: &quinn::Connection, request: EnrollRequest) -> Result<EnrollResponse, EnrollError> {
+async fn exchange(
+    conn: &quinn::Connection,
+    request: EnrollRequest,
+) -> Result<EnrollResponse, EnrollError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| WireError::Io(e.into()))?;
     write_frame(&mut send, &Frame::EnrollRequest(request)).await?;
     // The gateway may already have stopped reading; what matters is its answer.
@@ -160,13 +193,23 @@ fn load_or_new(path: &Path, dir: &Path) -> Result<DocumentMut, EnrollError> {
         Ok(text) => {
             AgentConfig::parse(&text, path)?;
             text.parse::<DocumentMut>()
-                .map_err(|e| EnrollError::ConfigToml { path: path.to_path_buf(), message: e.to_string() })
+                .map_err(|e| EnrollError::ConfigToml {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(|source| EnrollError::Write { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| EnrollError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
             Ok(new_config(dir))
         }
-        Err(source) => Err(ConfigError::Read { path: path.to_path_buf(), source }.into()),
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()),
     }
 }
 
@@ -201,7 +244,10 @@ mod tests {
         let doc = new_config(dir);
         let c = AgentConfig::parse(&doc.to_string(), &dir.join("agent.toml")).unwrap();
         assert_eq!(c.audit_path, dir.join("audit.jsonl"));
-        assert_eq!(c.policy.approval, endpoint_types::resource::ApprovalMode::Manual);
+        assert_eq!(
+            c.policy.approval,
+            endpoint_types::resource::ApprovalMode::Manual
+        );
     }
 
     #[test]
@@ -216,11 +262,17 @@ mod tests {
         set_root_key(&mut doc, "ca_file", "/etc/postern/ca.crt");
         let out = doc.to_string();
         assert!(out.contains("# the customer's header comment"), "{out}");
-        assert!(out.contains("gateway = \"relay:4433\" # where we dial"), "{out}");
+        assert!(
+            out.contains("gateway = \"relay:4433\" # where we dial"),
+            "{out}"
+        );
         assert!(out.contains("[policy]  # policy comment"), "{out}");
         assert!(out.contains("# `enroll` adds: gateway address"), "{out}");
         let first_table = out.find("[policy]").unwrap();
-        assert!(out.find("appliance_id = \"app_1\"").unwrap() < first_table, "{out}");
+        assert!(
+            out.find("appliance_id = \"app_1\"").unwrap() < first_table,
+            "{out}"
+        );
         assert!(out.find("ca_file").unwrap() < first_table, "{out}");
         let c = AgentConfig::parse(&out, Path::new("/etc/postern/agent.toml")).unwrap();
         assert_eq!(c.gateway.as_deref(), Some("relay:4433"));
@@ -230,9 +282,18 @@ mod tests {
 
     #[test]
     fn bad_token_is_enrollment_token_invalid() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let e = rt.block_on(enroll("127.0.0.1:1", "pse1_garbage", &dir.path().join("agent.toml"))).unwrap_err();
+        let e = rt
+            .block_on(enroll(
+                "127.0.0.1:1",
+                "pse1_garbage",
+                &dir.path().join("agent.toml"),
+            ))
+            .unwrap_err();
         assert_eq!(e.to_api_error().code, ErrorCode::EnrollmentTokenInvalid);
         // Nothing was written for a token that could not even be parsed.
         assert!(!dir.path().join("agent.toml").exists());
@@ -240,9 +301,15 @@ mod tests {
 
     #[test]
     fn unreachable_gateway_maps_to_gateway_unreachable() {
-        let e = EnrollError::Dial(DialError::Timeout { addr: "h:1".into(), after: EXCHANGE_TIMEOUT });
+        let e = EnrollError::Dial(DialError::Timeout {
+            addr: "h:1".into(),
+            after: EXCHANGE_TIMEOUT,
+        });
         assert_eq!(e.to_api_error().code, ErrorCode::GatewayUnreachable);
-        let e = EnrollError::Dial(DialError::Connect { addr: "h:1".into(), reason: "invalid peer certificate: UnknownIssuer".into() });
+        let e = EnrollError::Dial(DialError::Connect {
+            addr: "h:1".into(),
+            reason: "invalid peer certificate: UnknownIssuer".into(),
+        });
         assert_eq!(e.to_api_error().code, ErrorCode::CaMismatch);
     }
 

@@ -33,7 +33,10 @@ impl Cut {
 
     /// A handle for one session: cancelled with its endpoint, never cancels the endpoint.
     pub fn child(&self) -> Cut {
-        Cut { token: self.token.child_token(), reason: self.reason.clone() }
+        Cut {
+            token: self.token.child_token(),
+            reason: self.reason.clone(),
+        }
     }
 
     pub fn is_cut(&self) -> bool {
@@ -42,7 +45,12 @@ impl Cut {
 
     /// Why it was cut; a child cut on its own (never happens today) counts as interrupted.
     pub fn reason(&self) -> Option<CloseReason> {
-        self.token.is_cancelled().then(|| self.reason.get().copied().unwrap_or(CloseReason::Interrupted))
+        self.token.is_cancelled().then(|| {
+            self.reason
+                .get()
+                .copied()
+                .unwrap_or(CloseReason::Interrupted)
+        })
     }
 
     pub async fn cancelled(&self) {
@@ -59,7 +67,10 @@ struct Live {
 /// What the table says about an endpoint id at a given time.
 #[derive(Debug)]
 pub enum Liveness<'a> {
-    Live { grant: &'a EndpointGrant, cut: &'a Cut },
+    Live {
+        grant: &'a EndpointGrant,
+        cut: &'a Cut,
+    },
     /// The endpoint is live but the operate grant it was created under is not (by our clock).
     NoGrant,
     Ended(CloseReason),
@@ -104,7 +115,13 @@ impl LiveEndpoints {
             // A refresh keeps the sessions: they were admitted under the same endpoint.
             Some(existing) => existing.grant = grant,
             None => {
-                self.live.insert(grant.endpoint_id.clone(), Live { grant, cut: Cut::default() });
+                self.live.insert(
+                    grant.endpoint_id.clone(),
+                    Live {
+                        grant,
+                        cut: Cut::default(),
+                    },
+                );
             }
         }
         true
@@ -112,13 +129,30 @@ impl LiveEndpoints {
 
     /// Replaces the live set with `grants`. Returns the ids newly live and the ones removed
     /// (their sessions already cut).
-    pub fn sync(&mut self, grants: Vec<EndpointGrant>, now: Timestamp) -> (Vec<String>, Vec<Removed>) {
-        let keep: std::collections::HashSet<&str> = grants.iter().map(|g| g.endpoint_id.as_str()).collect();
-        let gone: Vec<String> = self.live.keys().filter(|id| !keep.contains(id.as_str())).cloned().collect();
+    pub fn sync(
+        &mut self,
+        grants: Vec<EndpointGrant>,
+        now: Timestamp,
+    ) -> (Vec<String>, Vec<Removed>) {
+        let keep: std::collections::HashSet<&str> =
+            grants.iter().map(|g| g.endpoint_id.as_str()).collect();
+        let gone: Vec<String> = self
+            .live
+            .keys()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
         let mut removed = Vec::new();
         for id in gone {
-            let expired = self.live.get(&id).is_some_and(|l| l.grant.expires_at <= now);
-            let reason = if expired { CloseReason::Expired } else { CloseReason::Retired };
+            let expired = self
+                .live
+                .get(&id)
+                .is_some_and(|l| l.grant.expires_at <= now);
+            let reason = if expired {
+                CloseReason::Expired
+            } else {
+                CloseReason::Retired
+            };
             if let Some(r) = self.close(&id, reason) {
                 removed.push(r);
             }
@@ -140,15 +174,25 @@ impl LiveEndpoints {
         self.remember_ended(endpoint_id.to_string(), reason);
         live.map(|l| {
             l.cut.cut(reason);
-            Removed { endpoint_id: endpoint_id.to_string(), reason, grant: l.grant }
+            Removed {
+                endpoint_id: endpoint_id.to_string(),
+                reason,
+                grant: l.grant,
+            }
         })
     }
 
     /// Ends every endpoint whose expiry has passed.
     pub fn expire_due(&mut self, now: Timestamp) -> Vec<Removed> {
-        let due: Vec<String> =
-            self.live.iter().filter(|(_, l)| l.grant.expires_at <= now).map(|(id, _)| id.clone()).collect();
-        due.iter().filter_map(|id| self.close(id, CloseReason::Expired)).collect()
+        let due: Vec<String> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.grant.expires_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.iter()
+            .filter_map(|id| self.close(id, CloseReason::Expired))
+            .collect()
     }
 
     /// When the control loop must next call [`LiveEndpoints::expire_due`].
@@ -169,25 +213,36 @@ impl LiveEndpoints {
     /// Replaces the grant set. Endpoints whose operate grant is no longer among the live
     /// grants are ended with reason `revoked`, and their sessions cut.
     pub fn sync_grants(&mut self, grants: Vec<LiveGrant>, now: Timestamp) -> Vec<Removed> {
-        self.grants = grants.into_iter().map(|g| (g.grant_id.clone(), g)).collect();
+        self.grants = grants
+            .into_iter()
+            .map(|g| (g.grant_id.clone(), g))
+            .collect();
         let orphaned: Vec<String> = self
             .live
             .iter()
-            .filter(|(_, l)| !self.operate_grant_live(l.grant.grant_id.as_deref(), now) && self.grant_known_gone(&l.grant))
+            .filter(|(_, l)| {
+                !self.operate_grant_live(l.grant.grant_id.as_deref(), now)
+                    && self.grant_known_gone(&l.grant)
+            })
             .map(|(id, _)| id.clone())
             .collect();
-        orphaned.iter().filter_map(|id| self.close(id, CloseReason::Revoked)).collect()
+        orphaned
+            .iter()
+            .filter_map(|id| self.close(id, CloseReason::Revoked))
+            .collect()
     }
 
     fn grant_known_gone(&self, ep: &EndpointGrant) -> bool {
-        ep.grant_id.as_ref().is_none_or(|g| !self.grants.contains_key(g))
+        ep.grant_id
+            .as_ref()
+            .is_none_or(|g| !self.grants.contains_key(g))
     }
 
     /// Whether `grant_id` names a live operate grant by our clock.
     pub fn operate_grant_live(&self, grant_id: Option<&str>, now: Timestamp) -> bool {
-        grant_id
-            .and_then(|g| self.grants.get(g))
-            .is_some_and(|g| g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at)
+        grant_id.and_then(|g| self.grants.get(g)).is_some_and(|g| {
+            g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at
+        })
     }
 
     /// The live operate grant with the latest expiry, if any (ops run under it).
@@ -200,10 +255,16 @@ impl LiveEndpoints {
 
     pub fn check(&self, endpoint_id: &str, now: Timestamp) -> Liveness<'_> {
         match self.live.get(endpoint_id) {
-            Some(l) if l.grant.expires_at > now && !self.operate_grant_live(l.grant.grant_id.as_deref(), now) => {
+            Some(l)
+                if l.grant.expires_at > now
+                    && !self.operate_grant_live(l.grant.grant_id.as_deref(), now) =>
+            {
                 Liveness::NoGrant
             }
-            Some(l) if l.grant.expires_at > now => Liveness::Live { grant: &l.grant, cut: &l.cut },
+            Some(l) if l.grant.expires_at > now => Liveness::Live {
+                grant: &l.grant,
+                cut: &l.cut,
+            },
             Some(_) => Liveness::Ended(CloseReason::Expired),
             None => match self.ended.get(endpoint_id) {
                 Some(reason) => Liveness::Ended(*reason),
@@ -285,7 +346,10 @@ mod tests {
         assert!(t.insert(grant("ep1", 60), at(0)));
         assert!(matches!(t.check("ep1", at(59)), Liveness::Live { .. }));
         // Even before the timer fires, an expired grant serves nothing.
-        assert!(matches!(t.check("ep1", at(60)), Liveness::Ended(CloseReason::Expired)));
+        assert!(matches!(
+            t.check("ep1", at(60)),
+            Liveness::Ended(CloseReason::Expired)
+        ));
         assert!(matches!(t.check("nope", at(0)), Liveness::Unknown));
     }
 
@@ -294,7 +358,10 @@ mod tests {
         let mut t = table();
         assert!(!t.insert(grant("ep1", 10), at(10)));
         assert!(t.is_empty());
-        assert!(matches!(t.check("ep1", at(0)), Liveness::Ended(CloseReason::Expired)));
+        assert!(matches!(
+            t.check("ep1", at(0)),
+            Liveness::Ended(CloseReason::Expired)
+        ));
     }
 
     #[test]
@@ -303,9 +370,16 @@ mod tests {
         t.insert(grant("ep1", 60), at(0));
         let s = session(&t, "ep1", at(1));
         assert_eq!(s.reason(), None);
-        assert_eq!(t.close("ep1", CloseReason::Retired).map(|r| (r.endpoint_id, r.reason)), Some(("ep1".into(), CloseReason::Retired)));
+        assert_eq!(
+            t.close("ep1", CloseReason::Retired)
+                .map(|r| (r.endpoint_id, r.reason)),
+            Some(("ep1".into(), CloseReason::Retired))
+        );
         assert_eq!(s.reason(), Some(CloseReason::Retired));
-        assert!(matches!(t.check("ep1", at(1)), Liveness::Ended(CloseReason::Retired)));
+        assert!(matches!(
+            t.check("ep1", at(1)),
+            Liveness::Ended(CloseReason::Retired)
+        ));
         assert_eq!(t.close("ep1", CloseReason::Retired), None);
     }
 
@@ -316,7 +390,11 @@ mod tests {
         t.insert(grant("b", 20), at(0));
         assert_eq!(t.next_expiry(), Some(at(10)));
         let s = session(&t, "a", at(1));
-        let due: Vec<_> = t.expire_due(at(10)).into_iter().map(|r| (r.endpoint_id, r.reason)).collect();
+        let due: Vec<_> = t
+            .expire_due(at(10))
+            .into_iter()
+            .map(|r| (r.endpoint_id, r.reason))
+            .collect();
         assert_eq!(due, vec![("a".to_string(), CloseReason::Expired)]);
         assert_eq!(s.reason(), Some(CloseReason::Expired));
         assert_eq!(t.next_expiry(), Some(at(20)));
@@ -332,7 +410,10 @@ mod tests {
         let sb = session(&t, "b", at(1));
         let (added, removed) = t.sync(vec![grant("a", 120), grant("c", 60)], at(2));
         assert_eq!(added, vec!["c".to_string()]);
-        let removed: Vec<_> = removed.into_iter().map(|r| (r.endpoint_id, r.reason)).collect();
+        let removed: Vec<_> = removed
+            .into_iter()
+            .map(|r| (r.endpoint_id, r.reason))
+            .collect();
         assert_eq!(removed, vec![("b".to_string(), CloseReason::Retired)]);
         assert!(!sa.is_cut());
         assert_eq!(sb.reason(), Some(CloseReason::Retired));

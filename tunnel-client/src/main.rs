@@ -3,7 +3,9 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use endpoint_types::{api::AuditVerified, error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode};
+use endpoint_types::{
+    api::AuditVerified, error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode,
+};
 use serde_json::json;
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 use tokio::sync::oneshot;
@@ -11,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tunnel_client::{audit, config::AgentConfig, enroll, tunnel};
 
 #[derive(Parser)]
-#[command(name = "postern-agent", version, about = "Postern's tunnel client: runs inside the customer's appliance")]
+#[command(
+    name = "postern-agent",
+    version,
+    about = "Postern's tunnel client: runs inside the customer's appliance"
+)]
 struct Cli {
     /// Output format; `json` prints exactly one JSON document on stdout.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
@@ -109,8 +115,14 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> {
     match command {
-        Command::Enroll { gateway, token, config } => {
-            let done = enroll::enroll(&gateway, &token, &config).await.map_err(|e| e.to_api_error())?;
+        Command::Enroll {
+            gateway,
+            token,
+            config,
+        } => {
+            let done = enroll::enroll(&gateway, &token, &config)
+                .await
+                .map_err(|e| e.to_api_error())?;
             let text = format!(
                 "enrolled appliance {} ({}/{}); run: postern-agent run --config {}",
                 done.appliance_id,
@@ -118,14 +130,25 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
                 done.customer,
                 done.config.display()
             );
-            Ok(Report { json: Some(json!(done)), text: Some(text) })
+            Ok(Report {
+                json: Some(json!(done)),
+                text: Some(text),
+            })
         }
         Command::Run { config } => run(config, output).await,
-        Command::Audit { command: AuditCommand::Verify { config } } => {
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => {
             let config = AgentConfig::load(&config).map_err(|e| e.to_api_error())?;
             let records = audit::verify_file(&config.audit_path).map_err(|e| e.to_api_error())?;
-            let text = format!("the audit trail {} is intact: {records} records", config.audit_path.display());
-            Ok(Report { json: Some(json!(AuditVerified { ok: true, records })), text: Some(text) })
+            let text = format!(
+                "the audit trail {} is intact: {records} records",
+                config.audit_path.display()
+            );
+            Ok(Report {
+                json: Some(json!(AuditVerified { ok: true, records })),
+                text: Some(text),
+            })
         }
     }
 }
@@ -141,7 +164,9 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let announce = tokio::spawn({
         let gateway = gateway.clone();
         async move {
-            let Ok(ack) = ready_rx.await else { return false };
+            let Ok(ack) = ready_rx.await else {
+                return false;
+            };
             if output == Output::Json {
                 let doc = json!({
                     "connected": true,
@@ -158,7 +183,8 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let result = tunnel::run(config, shutdown, Some(ready_tx)).await;
     let announced = announce.await.unwrap_or(false);
     result.map_err(|e| e.to_api_error())?;
-    let json = (!announced).then(|| json!({ "connected": false, "appliance_id": appliance_id, "gateway": gateway }));
+    let json = (!announced)
+        .then(|| json!({ "connected": false, "appliance_id": appliance_id, "gateway": gateway }));
     Ok(Report { json, text: None })
 }
 
@@ -198,8 +224,10 @@ fn init_tracing(default: &str) {
 fn print_error(e: &ApiError, output: Output) {
     match output {
         Output::Json => {
-            let doc = serde_json::to_string(&ErrorEnvelope { error: e.clone() })
-                .unwrap_or_else(|_| json!({ "error": { "code": "INTERNAL", "message": e.message } }).to_string());
+            let doc =
+                serde_json::to_string(&ErrorEnvelope { error: e.clone() }).unwrap_or_else(|_| {
+                    json!({ "error": { "code": "INTERNAL", "message": e.message } }).to_string()
+                });
             println!("{doc}");
         }
         Output::Text => {
@@ -219,15 +247,24 @@ fn usage_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let args: Vec<String> = std::env::args().collect();
-    let wants_json =
-        args.iter().any(|a| a == "--output=json") || args.windows(2).any(|w| matches!(w, [flag, value] if flag == "--output" && value == "json"));
+    let wants_json = args.iter().any(|a| a == "--output=json")
+        || args
+            .windows(2)
+            .any(|w| matches!(w, [flag, value] if flag == "--output" && value == "json"));
     if !wants_json {
         e.exit();
     }
     let rendered = e.render().to_string();
-    let message = rendered.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+    let message = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
     print_error(
-        &ApiError::invalid(message).hint("run `postern-agent --help` for usage").details(json!({ "usage": rendered })),
+        &ApiError::invalid(message)
+            .hint("run `postern-agent --help` for usage")
+            .details(json!({ "usage": rendered })),
         Output::Json,
     );
     ExitCode::FAILURE

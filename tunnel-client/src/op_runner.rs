@@ -81,11 +81,17 @@ pub struct Refusal {
 
 impl Refusal {
     fn denied(error: ApiError) -> Refusal {
-        Refusal { error, denial: true }
+        Refusal {
+            error,
+            denial: true,
+        }
     }
 
     fn invalid(error: ApiError) -> Refusal {
-        Refusal { error, denial: false }
+        Refusal {
+            error,
+            denial: false,
+        }
     }
 }
 
@@ -121,7 +127,8 @@ fn mode_name(mode: ApprovalMode) -> &'static str {
 /// The agent's decision on a dispatch, in order: op id, grant, resource, policy, timeout,
 /// command, tool. The first failing check is the refusal.
 pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Authorized, Refusal> {
-    if d.op_id.is_empty() || d.op_id.len() > MAX_OP_ID_LEN || d.op_id.chars().any(char::is_control) {
+    if d.op_id.is_empty() || d.op_id.len() > MAX_OP_ID_LEN || d.op_id.chars().any(char::is_control)
+    {
         return Err(Refusal::invalid(ApiError::invalid(format!(
             "the op id must be 1 to {MAX_OP_ID_LEN} printable characters"
         ))));
@@ -148,7 +155,9 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
             None => (ErrorCode::OperateAccessRequired, format!("this appliance holds no operate grant {id}")),
         };
         return Err(Refusal::denied(
-            ApiError::new(code, message).hint(c.access_hint.to_string()).details(json!({ "grant_id": id })),
+            ApiError::new(code, message)
+                .hint(c.access_hint.to_string())
+                .details(json!({ "grant_id": id })),
         ));
     }
     let Some(resource) = c.config.resource(&d.resource_id) else {
@@ -194,14 +203,24 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
     }
     let argv = ops::parse_command(d.tool, &d.command).map_err(|e| {
         let denial = matches!(e, ops::OpError::WrongTool { .. });
-        Refusal { error: e.to_api_error(), denial }
+        Refusal {
+            error: e.to_api_error(),
+            denial,
+        }
     })?;
-    let exe = ops::resolve_tool(d.tool, &c.config.tools, c.path_env).map_err(|e| Refusal::invalid(e.to_api_error()))?;
+    let exe = ops::resolve_tool(d.tool, &c.config.tools, c.path_env)
+        .map_err(|e| Refusal::invalid(e.to_api_error()))?;
     let kubeconfig = match resource.kind {
         ResourceKind::Kubernetes => resource.kubeconfig.clone(),
         _ => None,
     };
-    Ok(Authorized { argv, exe, hold: d.hold_output || c.policy.needs_output_approval(now), decision, kubeconfig })
+    Ok(Authorized {
+        argv,
+        exe,
+        hold: d.hold_output || c.policy.needs_output_approval(now),
+        decision,
+        kubeconfig,
+    })
 }
 
 /// Lossy UTF-8 decoding of a byte stream that arrives in pieces: a character split between
@@ -287,14 +306,21 @@ fn output_stream(s: Stream) -> OutputStream {
     }
 }
 
-fn output_frames<'a>(op_id: &str, stream: Stream, text: &'a str, preview: bool) -> impl Iterator<Item = Frame> + 'a {
+fn output_frames<'a>(
+    op_id: &str,
+    stream: Stream,
+    text: &'a str,
+    preview: bool,
+) -> impl Iterator<Item = Frame> + 'a {
     let op_id = op_id.to_string();
-    split_for_frames(text, MAX_OUTPUT_FRAME_DATA).into_iter().map(move |data| Frame::OpOutput {
-        op_id: op_id.clone(),
-        stream: output_stream(stream),
-        data: data.to_string(),
-        preview,
-    })
+    split_for_frames(text, MAX_OUTPUT_FRAME_DATA)
+        .into_iter()
+        .map(move |data| Frame::OpOutput {
+            op_id: op_id.clone(),
+            stream: output_stream(stream),
+            data: data.to_string(),
+            preview,
+        })
 }
 
 fn not_found(op_id: &str) -> Frame {
@@ -316,7 +342,10 @@ struct Held {
 
 impl Held {
     fn finished(&self, held: bool, preview: bool) -> Frame {
-        debug_assert!(!held || preview, "a held op's end says nothing outside a preview; see held_notice");
+        debug_assert!(
+            !held || preview,
+            "a held op's end says nothing outside a preview; see held_notice"
+        );
         Frame::OpFinished(OpFinished {
             op_id: self.spec.op_id.clone(),
             held,
@@ -357,7 +386,10 @@ struct Remembered<V> {
 
 impl<V> Default for Remembered<V> {
     fn default() -> Self {
-        Remembered { map: HashMap::new(), order: VecDeque::new() }
+        Remembered {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 }
 
@@ -432,7 +464,9 @@ impl OpRunner {
             tracker,
             state: Mutex::new(State::default()),
         };
-        Ok(OpRunner { inner: Arc::new(inner) })
+        Ok(OpRunner {
+            inner: Arc::new(inner),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -462,7 +496,9 @@ impl OpRunner {
         }
         let live: HashSet<&str> = grants
             .iter()
-            .filter(|g| g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at)
+            .filter(|g| {
+                g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at
+            })
             .map(|g| g.grant_id.as_str())
             .collect();
         for (op_id, r) in &state.running {
@@ -481,7 +517,9 @@ impl OpRunner {
     /// Checks and runs one dispatched op on its own task.
     pub fn dispatch(&self, d: OpDispatch, out: Outbox) {
         let this = self.clone();
-        self.inner.tracker.spawn(async move { this.run_op(d, out).await });
+        self.inner
+            .tracker
+            .spawn(async move { this.run_op(d, out).await });
     }
 
     /// `OutputFetch`: the held output as a preview for an approver; it stays held.
@@ -491,7 +529,14 @@ impl OpRunner {
             self.send_all(vec![not_found(op_id)], out);
             return;
         };
-        self.record(Entry::new("output.previewed", self.inner.audit.agent_actor(), json!({})).op(op_id));
+        self.record(
+            Entry::new(
+                "output.previewed",
+                self.inner.audit.agent_actor(),
+                json!({}),
+            )
+            .op(op_id),
+        );
         self.send_all(frames, out);
     }
 
@@ -563,7 +608,11 @@ impl OpRunner {
     }
 
     fn access_hint(&self) -> String {
-        let (app, customer) = self.state().gateway.clone().unwrap_or_else(|| ("A".into(), "C".into()));
+        let (app, customer) = self
+            .state()
+            .gateway
+            .clone()
+            .unwrap_or_else(|| ("A".into(), "C".into()));
         format!("request operate access: postern access request --app {app} --customer {customer} --level operate --duration 30m --reason \"…\"")
     }
 
@@ -572,16 +621,29 @@ impl OpRunner {
         tracing::info!(op = %d.op_id, code = %e.code, "refused an op: {}", e.message);
         if r.denial {
             self.record(
-                Entry::new("denied", d.operator.clone(), json!({ "reason": e.code.as_str(), "message": e.message }))
-                    .op(d.op_id.clone()),
+                Entry::new(
+                    "denied",
+                    d.operator.clone(),
+                    json!({ "reason": e.code.as_str(), "message": e.message }),
+                )
+                .op(d.op_id.clone()),
             );
         }
         self.record(
-            Entry::new("op.refused", d.operator.clone(), json!({ "code": e.code.as_str(), "reason": e.message }))
-                .op(d.op_id.clone()),
+            Entry::new(
+                "op.refused",
+                d.operator.clone(),
+                json!({ "code": e.code.as_str(), "reason": e.message }),
+            )
+            .op(d.op_id.clone()),
         );
         let op_id: String = d.op_id.chars().take(MAX_OP_ID_LEN).collect();
-        let _ = out.send(Frame::OpRefused { op_id, error: r.error }).await;
+        let _ = out
+            .send(Frame::OpRefused {
+                op_id,
+                error: r.error,
+            })
+            .await;
     }
 
     async fn run_op(self, d: OpDispatch, out: Outbox) {
@@ -606,12 +668,22 @@ impl OpRunner {
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the op");
             let error = ApiError::new(ErrorCode::Internal, "the appliance cannot write its audit trail")
                 .hint("the customer must fix audit_path in the appliance; ops run again once it is writable");
-            let _ = out.send(Frame::OpRefused { op_id: d.op_id.clone(), error }).await;
+            let _ = out
+                .send(Frame::OpRefused {
+                    op_id: d.op_id.clone(),
+                    error,
+                })
+                .await;
             return;
         }
         let access_hint = self.access_hint();
         let grant_seen = self.state().grants.map.get(&d.grant_id).cloned();
-        let grant_live = self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).operate_grant_live(Some(&d.grant_id), now);
+        let grant_live = self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .operate_grant_live(Some(&d.grant_id), now);
         let checks = Checks {
             config: &self.inner.config,
             policy: &self.inner.policy,
@@ -629,8 +701,11 @@ impl OpRunner {
         };
         // A refused dispatch may come again (say, once a person approved it); one that ran may not.
         if !self.state().dispatched.insert(d.op_id.clone(), ()) {
-            let e = ApiError::new(ErrorCode::Conflict, format!("op {} already ran in this appliance", d.op_id))
-                .hint("each approval is used once; request the op again to run it again");
+            let e = ApiError::new(
+                ErrorCode::Conflict,
+                format!("op {} already ran in this appliance", d.op_id),
+            )
+            .hint("each approval is used once; request the op again to run it again");
             self.refuse(&d, Refusal::denied(e), &out).await;
             return;
         }
@@ -638,8 +713,13 @@ impl OpRunner {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::error!(op = %d.op_id, error = %e, "cannot create the op's working directory");
-                let e = ApiError::new(ErrorCode::Internal, "the appliance cannot create a working directory for the op")
-                    .hint("check the agent's temporary directory (TMPDIR); the agent's log has the cause");
+                let e = ApiError::new(
+                    ErrorCode::Internal,
+                    "the appliance cannot create a working directory for the op",
+                )
+                .hint(
+                    "check the agent's temporary directory (TMPDIR); the agent's log has the cause",
+                );
                 self.refuse(&d, Refusal::invalid(e), &out).await;
                 return;
             }
@@ -648,16 +728,24 @@ impl OpRunner {
         // `psql` against a postgres resource runs as a role made for this op alone, scoped
         // like an endpoint's role and dropped when the op ends.
         let resource = self.inner.config.resource(&d.resource_id).cloned();
-        let op_role = match resource.filter(|r| d.tool == OpTool::Psql && r.kind == ResourceKind::Postgres) {
+        let op_role = match resource
+            .filter(|r| d.tool == OpTool::Psql && r.kind == ResourceKind::Postgres)
+        {
             None => None,
             Some(r) => {
-                let until = now + jiff::SignedDuration::from_secs(d.timeout_s.saturating_add(60).min(i64::MAX as u64) as i64);
+                let until = now
+                    + jiff::SignedDuration::from_secs(
+                        d.timeout_s.saturating_add(60).min(i64::MAX as u64) as i64,
+                    );
                 match crate::postgres::op_role(&r, &d.op_id, until, dir.path()).await {
                     Ok(role) => Some(role),
                     Err(e) => {
                         tracing::warn!(op = %d.op_id, error = %e, "cannot create the op's postgres role");
-                        let e = ApiError::new(ErrorCode::TargetUnreachable, "the appliance cannot prepare a database role for the op")
-                            .hint("the database may be down; the appliance's agent log has the cause");
+                        let e = ApiError::new(
+                            ErrorCode::TargetUnreachable,
+                            "the appliance cannot prepare a database role for the op",
+                        )
+                        .hint("the database may be down; the appliance's agent log has the cause");
                         self.refuse(&d, Refusal::invalid(e), &out).await;
                         return;
                     }
@@ -666,14 +754,21 @@ impl OpRunner {
         };
 
         let cancel = self.inner.shutdown.child_token();
-        self.state().running.insert(d.op_id.clone(), Running { grant_id: d.grant_id.clone(), cancel: cancel.clone() });
+        self.state().running.insert(
+            d.op_id.clone(),
+            Running {
+                grant_id: d.grant_id.clone(),
+                cancel: cancel.clone(),
+            },
+        );
         // Stop the op when its grant expires by our clock (revocation arrives as a grant sync).
         let grant_end = grant_seen.as_ref().map(|g| g.expires_at);
         let watch_done = CancellationToken::new();
         if let Some(end) = grant_end {
             let (cancel, done) = (cancel.clone(), watch_done.clone());
             self.inner.tracker.spawn(async move {
-                let wait = Duration::try_from(end.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
+                let wait = Duration::try_from(end.duration_since(Timestamp::now()))
+                    .unwrap_or(Duration::ZERO);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => cancel.cancel(),
                     () = done.cancelled() => {}
@@ -688,8 +783,10 @@ impl OpRunner {
             timeout: Duration::from_secs(d.timeout_s),
             output_cap: ops::DEFAULT_OUTPUT_CAP,
         };
-        let mut env: Vec<(&str, &OsStr)> =
-            vec![("POSTERN_OP_ID", OsStr::new(&d.op_id)), ("POSTERN_RESOURCE_ID", OsStr::new(&d.resource_id))];
+        let mut env: Vec<(&str, &OsStr)> = vec![
+            ("POSTERN_OP_ID", OsStr::new(&d.op_id)),
+            ("POSTERN_RESOURCE_ID", OsStr::new(&d.resource_id)),
+        ];
         if let Some(kc) = &auth.kubeconfig {
             env.push(("KUBECONFIG", kc.as_os_str()));
         }
@@ -711,15 +808,36 @@ impl OpRunner {
             )
             .op(d.op_id.clone()),
         );
-        let _ = out.send(Frame::OpStarted { op_id: d.op_id.clone() }).await;
+        let _ = out
+            .send(Frame::OpStarted {
+                op_id: d.op_id.clone(),
+            })
+            .await;
         tracing::info!(op = %d.op_id, tool = d.tool.as_str(), resource = %d.resource_id, held = auth.hold, "op started");
 
         let mut fwd = Forwarder::new(&d.op_id, out.clone());
         let result = if auth.hold {
-            ops::run_streaming(&spec, &auth.exe, &auth.argv, &env, dir.path(), &cancel, None).await
+            ops::run_streaming(
+                &spec,
+                &auth.exe,
+                &auth.argv,
+                &env,
+                dir.path(),
+                &cancel,
+                None,
+            )
+            .await
         } else {
             let (tx, mut rx) = mpsc::channel::<(Stream, Bytes)>(CHUNK_QUEUE);
-            let run = ops::run_streaming(&spec, &auth.exe, &auth.argv, &env, dir.path(), &cancel, Some(tx));
+            let run = ops::run_streaming(
+                &spec,
+                &auth.exe,
+                &auth.argv,
+                &env,
+                dir.path(),
+                &cancel,
+                Some(tx),
+            );
             let forward = async {
                 while let Some((stream, bytes)) = rx.recv().await {
                     fwd.push(stream, &bytes).await;
@@ -761,7 +879,11 @@ impl OpRunner {
             fwd.finish(&outcome).await;
             fwd.delivered
         };
-        let duration_ms = outcome.finished_at.duration_since(outcome.started_at).as_millis().max(0);
+        let duration_ms = outcome
+            .finished_at
+            .duration_since(outcome.started_at)
+            .as_millis()
+            .max(0);
         self.record(
             Entry::new(
                 "op.finished",
@@ -848,7 +970,13 @@ struct Forwarder {
 
 impl Forwarder {
     fn new(op_id: &str, out: Outbox) -> Forwarder {
-        Forwarder { op_id: op_id.to_string(), out, decoders: Default::default(), taken: [0, 0], delivered: true }
+        Forwarder {
+            op_id: op_id.to_string(),
+            out,
+            decoders: Default::default(),
+            taken: [0, 0],
+            delivered: true,
+        }
     }
 
     fn index(stream: Stream) -> usize {
@@ -868,7 +996,10 @@ impl Forwarder {
     /// After the run: what the executor kept but did not stream (it stops streaming to a
     /// stalled reader once the process is gone), then each decoder's tail.
     async fn finish(&mut self, outcome: &OpOutcome) {
-        for (stream, kept) in [(Stream::Stdout, &outcome.stdout), (Stream::Stderr, &outcome.stderr)] {
+        for (stream, kept) in [
+            (Stream::Stdout, &outcome.stdout),
+            (Stream::Stderr, &outcome.stderr),
+        ] {
             let i = Self::index(stream);
             if let Some(rest) = kept.get(self.taken[i]..).filter(|r| !r.is_empty()) {
                 self.push(stream, rest).await;
@@ -897,7 +1028,11 @@ struct OpDir(PathBuf);
 impl OpDir {
     fn create(op_id: &str) -> std::io::Result<OpDir> {
         use std::os::unix::fs::DirBuilderExt;
-        let safe: String = op_id.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')).take(64).collect();
+        let safe: String = op_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+            .take(64)
+            .collect();
         let base = std::env::temp_dir();
         let mut last = None;
         for _ in 0..8 {
@@ -962,10 +1097,22 @@ mod tests {
     }
 
     fn grant(level: GrantLevel, from: &str, to: &str) -> LiveGrant {
-        LiveGrant { grant_id: "gr_1".into(), level, approved_by: "bob".into(), approved_at: at(from), expires_at: at(to) }
+        LiveGrant {
+            grant_id: "gr_1".into(),
+            level,
+            approved_by: "bob".into(),
+            approved_at: at(from),
+            expires_at: at(to),
+        }
     }
 
-    fn check(config: &AgentConfig, d: &OpDispatch, grant_live: bool, seen: Option<&LiveGrant>, now: &str) -> Result<Authorized, Refusal> {
+    fn check(
+        config: &AgentConfig,
+        d: &OpDispatch,
+        grant_live: bool,
+        seen: Option<&LiveGrant>,
+        now: &str,
+    ) -> Result<Authorized, Refusal> {
         let policy = Policy::parse(&config.policy_summary()).unwrap();
         let c = Checks {
             config,
@@ -986,18 +1133,40 @@ mod tests {
     #[test]
     fn automatic_runs_and_streams() {
         let c = config("approval = \"automatic\"");
-        let a = check(&c, &dispatch("policy:automatic"), true, None, "2026-01-05T12:00:00Z").unwrap();
+        let a = check(
+            &c,
+            &dispatch("policy:automatic"),
+            true,
+            None,
+            "2026-01-05T12:00:00Z",
+        )
+        .unwrap();
         assert_eq!(a.argv, ["kubectl", "get", "pods"]);
         assert_eq!(a.exe, Path::new("/bin/sh"));
         assert!(!a.hold);
         assert_eq!(a.decision, Decision::Automatic);
         assert_eq!(a.kubeconfig.as_deref(), Some(Path::new("/etc/kc")));
         // The gateway may still ask to hold.
-        let d = OpDispatch { hold_output: true, ..dispatch("policy:automatic") };
-        assert!(check(&c, &d, true, None, "2026-01-05T12:00:00Z").unwrap().hold);
+        let d = OpDispatch {
+            hold_output: true,
+            ..dispatch("policy:automatic")
+        };
+        assert!(
+            check(&c, &d, true, None, "2026-01-05T12:00:00Z")
+                .unwrap()
+                .hold
+        );
         // A tcp resource gets no KUBECONFIG.
-        let d = OpDispatch { resource_id: "null_resource.echo".into(), ..dispatch("policy:automatic") };
-        assert_eq!(check(&c, &d, true, None, "2026-01-05T12:00:00Z").unwrap().kubeconfig, None);
+        let d = OpDispatch {
+            resource_id: "null_resource.echo".into(),
+            ..dispatch("policy:automatic")
+        };
+        assert_eq!(
+            check(&c, &d, true, None, "2026-01-05T12:00:00Z")
+                .unwrap()
+                .kubeconfig,
+            None
+        );
     }
 
     #[test]
@@ -1008,10 +1177,25 @@ mod tests {
                 let r = check(&c, &dispatch(by), true, None, "2026-01-05T12:00:00Z").expect_err(by);
                 assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
                 assert!(r.denial);
-                assert!(r.error.message.contains("requires a person's approval") && r.error.message.contains(mode), "{}", r.error);
-                assert_eq!(r.error.hint, "an approver runs `postern approvals approve op_1`");
+                assert!(
+                    r.error.message.contains("requires a person's approval")
+                        && r.error.message.contains(mode),
+                    "{}",
+                    r.error
+                );
+                assert_eq!(
+                    r.error.hint,
+                    "an approver runs `postern approvals approve op_1`"
+                );
             }
-            let a = check(&c, &dispatch("carol@acme"), true, None, "2026-01-05T12:00:00Z").unwrap();
+            let a = check(
+                &c,
+                &dispatch("carol@acme"),
+                true,
+                None,
+                "2026-01-05T12:00:00Z",
+            )
+            .unwrap();
             assert!(a.hold, "{mode}: output needs approval");
         }
     }
@@ -1020,15 +1204,40 @@ mod tests {
     fn windows_by_the_agents_clock() {
         let c = config("approval = \"windows\"\ntime_zone = \"Europe/Berlin\"\nwindows = [\"Mon-Fri 09:00-17:00\"]");
         // Inside (12:00 Berlin): approved by the window, output not held.
-        let a = check(&c, &dispatch("policy:window"), true, None, "2026-01-05T11:00:00Z").unwrap();
+        let a = check(
+            &c,
+            &dispatch("policy:window"),
+            true,
+            None,
+            "2026-01-05T11:00:00Z",
+        )
+        .unwrap();
         assert!(matches!(a.decision, Decision::InWindow { .. }) && !a.hold);
         // The window closed before dispatch: the window's approval no longer counts.
-        let r = check(&c, &dispatch("policy:window"), true, None, "2026-01-05T16:00:00Z").expect_err("outside");
+        let r = check(
+            &c,
+            &dispatch("policy:window"),
+            true,
+            None,
+            "2026-01-05T16:00:00Z",
+        )
+        .expect_err("outside");
         assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
-        assert!(r.error.message.contains("outside its approval windows"), "{}", r.error);
+        assert!(
+            r.error.message.contains("outside its approval windows"),
+            "{}",
+            r.error
+        );
         assert_eq!(r.error.details["next_window"], "2026-01-06T08:00:00Z");
         // A person's approval runs it, and its output is held outside the window.
-        let a = check(&c, &dispatch("carol@acme"), true, None, "2026-01-05T16:00:00Z").unwrap();
+        let a = check(
+            &c,
+            &dispatch("carol@acme"),
+            true,
+            None,
+            "2026-01-05T16:00:00Z",
+        )
+        .unwrap();
         assert!(a.hold);
     }
 
@@ -1037,18 +1246,46 @@ mod tests {
         let c = config("approval = \"automatic\"");
         let d = dispatch("policy:automatic");
         let now = "2026-01-05T12:00:00Z";
-        assert_eq!(code(check(&c, &d, false, None, now)), (ErrorCode::OperateAccessRequired, true));
-        let old = grant(GrantLevel::Operate, "2026-01-05T10:00:00Z", "2026-01-05T11:00:00Z");
+        assert_eq!(
+            code(check(&c, &d, false, None, now)),
+            (ErrorCode::OperateAccessRequired, true)
+        );
+        let old = grant(
+            GrantLevel::Operate,
+            "2026-01-05T10:00:00Z",
+            "2026-01-05T11:00:00Z",
+        );
         let r = check(&c, &d, false, Some(&old), now).expect_err("expired");
         assert_eq!(r.error.code, ErrorCode::OperateAccessExpired);
         assert!(r.error.hint.contains("--level operate"), "{}", r.error);
-        let deploy = grant(GrantLevel::Deploy, "2026-01-05T10:00:00Z", "2026-01-05T14:00:00Z");
-        assert_eq!(code(check(&c, &d, false, Some(&deploy), now)), (ErrorCode::OperateAccessRequired, true));
-        let revoked = grant(GrantLevel::Operate, "2026-01-05T10:00:00Z", "2026-01-05T14:00:00Z");
-        assert_eq!(code(check(&c, &d, false, Some(&revoked), now)), (ErrorCode::OperateAccessExpired, true));
+        let deploy = grant(
+            GrantLevel::Deploy,
+            "2026-01-05T10:00:00Z",
+            "2026-01-05T14:00:00Z",
+        );
+        assert_eq!(
+            code(check(&c, &d, false, Some(&deploy), now)),
+            (ErrorCode::OperateAccessRequired, true)
+        );
+        let revoked = grant(
+            GrantLevel::Operate,
+            "2026-01-05T10:00:00Z",
+            "2026-01-05T14:00:00Z",
+        );
+        assert_eq!(
+            code(check(&c, &d, false, Some(&revoked), now)),
+            (ErrorCode::OperateAccessExpired, true)
+        );
         // The grant is checked before anything else.
-        let bad = OpDispatch { resource_id: "nope".into(), command: "rm -rf /".into(), ..d.clone() };
-        assert_eq!(code(check(&c, &bad, false, None, now)).0, ErrorCode::OperateAccessRequired);
+        let bad = OpDispatch {
+            resource_id: "nope".into(),
+            command: "rm -rf /".into(),
+            ..d.clone()
+        };
+        assert_eq!(
+            code(check(&c, &bad, false, None, now)).0,
+            ErrorCode::OperateAccessRequired
+        );
     }
 
     #[test]
@@ -1061,19 +1298,46 @@ mod tests {
             f(&mut d);
             code(check(&c, &d, true, None, now))
         };
-        assert_eq!(with(&|d| d.resource_id = "aws_db_instance.other".into()), (ErrorCode::InvalidOriginResourceId, true));
-        assert_eq!(with(&|d| d.command = "rm -rf /".into()), (ErrorCode::ForbiddenByScope, true));
-        assert_eq!(with(&|d| d.command = "/usr/bin/kubectl get pods".into()), (ErrorCode::ForbiddenByScope, true));
-        assert_eq!(with(&|d| d.command = "kubectl get pods; rm -rf /".into()), (ErrorCode::InvalidRequest, false));
-        assert_eq!(with(&|d| d.timeout_s = 0), (ErrorCode::InvalidRequest, false));
-        assert_eq!(with(&|d| d.timeout_s = 86_401), (ErrorCode::InvalidRequest, false));
-        assert_eq!(with(&|d| d.op_id = String::new()), (ErrorCode::InvalidRequest, false));
-        assert_eq!(with(&|d| d.op_id = "x".repeat(MAX_OP_ID_LEN + 1)), (ErrorCode::InvalidRequest, false));
+        assert_eq!(
+            with(&|d| d.resource_id = "aws_db_instance.other".into()),
+            (ErrorCode::InvalidOriginResourceId, true)
+        );
+        assert_eq!(
+            with(&|d| d.command = "rm -rf /".into()),
+            (ErrorCode::ForbiddenByScope, true)
+        );
+        assert_eq!(
+            with(&|d| d.command = "/usr/bin/kubectl get pods".into()),
+            (ErrorCode::ForbiddenByScope, true)
+        );
+        assert_eq!(
+            with(&|d| d.command = "kubectl get pods; rm -rf /".into()),
+            (ErrorCode::InvalidRequest, false)
+        );
+        assert_eq!(
+            with(&|d| d.timeout_s = 0),
+            (ErrorCode::InvalidRequest, false)
+        );
+        assert_eq!(
+            with(&|d| d.timeout_s = 86_401),
+            (ErrorCode::InvalidRequest, false)
+        );
+        assert_eq!(
+            with(&|d| d.op_id = String::new()),
+            (ErrorCode::InvalidRequest, false)
+        );
+        assert_eq!(
+            with(&|d| d.op_id = "x".repeat(MAX_OP_ID_LEN + 1)),
+            (ErrorCode::InvalidRequest, false)
+        );
         // A tool with no [tools] entry and nothing on PATH.
-        assert_eq!(with(&|d| {
-            d.tool = OpTool::Psql;
-            d.command = "psql -c 'select 1'".into();
-        }), (ErrorCode::Internal, false));
+        assert_eq!(
+            with(&|d| {
+                d.tool = OpTool::Psql;
+                d.command = "psql -c 'select 1'".into();
+            }),
+            (ErrorCode::Internal, false)
+        );
     }
 
     #[test]
@@ -1111,14 +1375,29 @@ mod tests {
 
     #[test]
     fn frames_stay_under_the_limit_whatever_the_bytes() {
-        for text in ["x".repeat(600_000), "\u{1}".repeat(300_000), "€".repeat(200_000), "\"".repeat(300_000), String::new()] {
+        for text in [
+            "x".repeat(600_000),
+            "\u{1}".repeat(300_000),
+            "€".repeat(200_000),
+            "\"".repeat(300_000),
+            String::new(),
+        ] {
             let pieces = split_for_frames(&text, MAX_OUTPUT_FRAME_DATA);
             assert_eq!(pieces.concat(), text);
             for p in &pieces {
                 assert!(!p.is_empty());
-                let frame = Frame::OpOutput { op_id: "op_1".repeat(32), stream: OutputStream::Stdout, data: p.to_string(), preview: false };
+                let frame = Frame::OpOutput {
+                    op_id: "op_1".repeat(32),
+                    stream: OutputStream::Stdout,
+                    data: p.to_string(),
+                    preview: false,
+                };
                 let encoded = endpoint_types::frame::encode_to_vec(&frame);
-                assert!(encoded.len() <= MAX_OUTPUT_FRAME_DATA + 1024, "{}", encoded.len());
+                assert!(
+                    encoded.len() <= MAX_OUTPUT_FRAME_DATA + 1024,
+                    "{}",
+                    encoded.len()
+                );
             }
         }
     }
@@ -1140,13 +1419,26 @@ mod tests {
             finished_at: now + SignedDuration::from_secs(1),
         };
         let held = Held { spec, outcome };
-        let Frame::OpFinished(f) = held_notice("op_1") else { panic!() };
-        assert_eq!((f.held, f.exit_code, f.truncated, f.error.is_none()), (true, None, false, true));
+        let Frame::OpFinished(f) = held_notice("op_1") else {
+            panic!()
+        };
+        assert_eq!(
+            (f.held, f.exit_code, f.truncated, f.error.is_none()),
+            (true, None, false, true)
+        );
         let frames = held.frames(true, true);
         assert_eq!(frames.len(), 3);
-        let Some(Frame::OpFinished(f)) = frames.last() else { panic!() };
-        assert_eq!((f.preview, f.held, f.exit_code, f.truncated), (true, true, Some(3), true));
-        assert_eq!(f.error.as_ref().map(|e| e.code), Some(ErrorCode::CommandFailed));
+        let Some(Frame::OpFinished(f)) = frames.last() else {
+            panic!()
+        };
+        assert_eq!(
+            (f.preview, f.held, f.exit_code, f.truncated),
+            (true, true, Some(3), true)
+        );
+        assert_eq!(
+            f.error.as_ref().map(|e| e.code),
+            Some(ErrorCode::CommandFailed)
+        );
         assert_eq!(f.error.as_ref().unwrap().details["stderr"], "boom");
     }
 }

@@ -76,7 +76,11 @@ pub enum OpError {
     WrongTool { expected: OpTool, got: String },
     /// `searched`: the configured file, or the PATH directories looked in.
     #[error("{}", not_found_message(*tool, configured.as_deref(), searched))]
-    ToolNotFound { tool: OpTool, configured: Option<PathBuf>, searched: Vec<PathBuf> },
+    ToolNotFound {
+        tool: OpTool,
+        configured: Option<PathBuf>,
+        searched: Vec<PathBuf>,
+    },
     #[error("cannot start {}: {source}", exe.display())]
     Spawn { exe: PathBuf, source: io::Error },
     #[error("lost track of the op's process: {0}")]
@@ -86,7 +90,11 @@ pub enum OpError {
 fn not_found_message(tool: OpTool, configured: Option<&Path>, searched: &[PathBuf]) -> String {
     match configured {
         Some(p) if searched.len() == 1 && searched[0] == p => {
-            format!("the [tools] entry for `{}` ({}) is not an executable file", tool.as_str(), p.display())
+            format!(
+                "the [tools] entry for `{}` ({}) is not an executable file",
+                tool.as_str(),
+                p.display()
+            )
         }
         _ => format!(
             "no `{}` executable on the agent's PATH (searched {} director{})",
@@ -139,17 +147,28 @@ impl OpError {
 /// followed by anything outside single quotes (`$(…)`, `${…}`, `$VAR`, `$1`), and `#` starting
 /// a word. Passed on literally, because a shell usually would too: `* ? [ ] { } ~ = !`.
 pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError> {
-    let chars: Vec<char> = command.trim_end_matches([' ', '\t', '\n', '\r']).chars().collect();
-    let shell = |what: &str, at: usize| Err(OpError::ShellSyntax { what: what.to_string(), at: at + 1 });
+    let chars: Vec<char> = command
+        .trim_end_matches([' ', '\t', '\n', '\r'])
+        .chars()
+        .collect();
+    let shell = |what: &str, at: usize| {
+        Err(OpError::ShellSyntax {
+            what: what.to_string(),
+            at: at + 1,
+        })
+    };
     let quoting = |what: &'static str, at: usize| Err(OpError::BadQuoting { what, at: at + 1 });
     let dollar = |i: usize, in_dq: bool| -> Option<String> {
         match chars.get(i + 1) {
             None | Some(' ' | '\t' | '\n') => None,
             Some('"') if in_dq => None,
             Some(&c @ ('(' | '{')) => Some(format!("${c}")),
-            Some(&c) if c.is_ascii_alphanumeric() || c == '_' => {
-                Some(chars[i..].iter().take_while(|c| **c == '$' || c.is_ascii_alphanumeric() || **c == '_').collect())
-            }
+            Some(&c) if c.is_ascii_alphanumeric() || c == '_' => Some(
+                chars[i..]
+                    .iter()
+                    .take_while(|c| **c == '$' || c.is_ascii_alphanumeric() || **c == '_')
+                    .collect(),
+            ),
             Some(&c) => Some(format!("${c}")),
         }
     };
@@ -219,7 +238,10 @@ pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError
     }
     match words.first() {
         None => Err(OpError::EmptyCommand),
-        Some(first) if first != tool.as_str() => Err(OpError::WrongTool { expected: tool, got: first.clone() }),
+        Some(first) if first != tool.as_str() => Err(OpError::WrongTool {
+            expected: tool,
+            got: first.clone(),
+        }),
         Some(_) => Ok(words),
     }
 }
@@ -227,7 +249,11 @@ pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError
 /// The executable for a tool: the `[tools]` entry when there is one (a bare name there means
 /// "this name, from PATH"), else the tool's name looked up on `path_env`. Empty and relative
 /// PATH entries are skipped: the agent's working directory is never searched.
-pub fn resolve_tool(tool: OpTool, tools: &ToolsConfig, path_env: Option<&OsStr>) -> Result<PathBuf, OpError> {
+pub fn resolve_tool(
+    tool: OpTool,
+    tools: &ToolsConfig,
+    path_env: Option<&OsStr>,
+) -> Result<PathBuf, OpError> {
     let configured = match tool {
         OpTool::Kubectl => &tools.kubectl,
         OpTool::Psql => &tools.psql,
@@ -238,16 +264,29 @@ pub fn resolve_tool(tool: OpTool, tools: &ToolsConfig, path_env: Option<&OsStr>)
         OpTool::Az => &tools.az,
         OpTool::Doctl => &tools.doctl,
     };
-    let not_found = |searched| OpError::ToolNotFound { tool, configured: configured.clone(), searched };
+    let not_found = |searched| OpError::ToolNotFound {
+        tool,
+        configured: configured.clone(),
+        searched,
+    };
     let name = match configured {
         Some(p) if p.components().count() > 1 => {
-            return if is_executable(p) { Ok(p.clone()) } else { Err(not_found(vec![p.clone()])) };
+            return if is_executable(p) {
+                Ok(p.clone())
+            } else {
+                Err(not_found(vec![p.clone()]))
+            };
         }
         Some(p) => p.as_path(),
         None => Path::new(tool.as_str()),
     };
     let mut searched = Vec::new();
-    for dir in path_env.map(std::env::split_paths).into_iter().flatten().filter(|d| d.is_absolute()) {
+    for dir in path_env
+        .map(std::env::split_paths)
+        .into_iter()
+        .flatten()
+        .filter(|d| d.is_absolute())
+    {
         let candidate = dir.join(name);
         if is_executable(&candidate) {
             return Ok(candidate);
@@ -308,11 +347,17 @@ impl OpOutcome {
             ApiError::new(ErrorCode::CommandFailed, format!("`{tool}` was stopped in the appliance before it finished"))
                 .hint("the op was cancelled (its grant ended, or the agent is shutting down); request it again")
         } else if let Some(code) = self.exit_code.filter(|c| *c != 0) {
-            ApiError::new(ErrorCode::CommandFailed, format!("`{tool}` exited with code {code}"))
-                .hint("the command's stderr says why")
+            ApiError::new(
+                ErrorCode::CommandFailed,
+                format!("`{tool}` exited with code {code}"),
+            )
+            .hint("the command's stderr says why")
         } else if let Some(sig) = self.signal {
-            ApiError::new(ErrorCode::CommandFailed, format!("`{tool}` was killed by signal {sig}"))
-                .hint("the command's stderr may say why")
+            ApiError::new(
+                ErrorCode::CommandFailed,
+                format!("`{tool}` was killed by signal {sig}"),
+            )
+            .hint("the command's stderr may say why")
         } else {
             return None;
         };
@@ -365,15 +410,22 @@ pub async fn run_streaming(
         .kill_on_drop(true);
 
     let started_at = Timestamp::now();
-    let mut child = cmd.spawn().map_err(|source| OpError::Spawn { exe: exe.to_path_buf(), source })?;
+    let mut child = cmd.spawn().map_err(|source| OpError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    })?;
     let Some(pid) = child.id() else {
-        return Err(OpError::Io(io::Error::other("the tool exited before it could be supervised")));
+        return Err(OpError::Io(io::Error::other(
+            "the tool exited before it could be supervised",
+        )));
     };
     let pgid = pid as libc::pid_t;
     let mut guard = GroupGuard(Some(pgid));
     tracing::debug!(op_id = %spec.op_id, pid = pgid, exe = %exe.display(), "op started");
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(OpError::Io(io::Error::other("the tool's output pipes were not set up")));
+        return Err(OpError::Io(io::Error::other(
+            "the tool's output pipes were not set up",
+        )));
     };
 
     let reaped = CancellationToken::new();
@@ -395,7 +447,11 @@ pub async fn run_streaming(
         (timed_out, cancelled, status, finished_at)
     };
     let cap = spec.output_cap;
-    let ((stdout, stdout_truncated), (stderr, stderr_truncated), (timed_out, cancelled, status, finished_at)) = tokio::join!(
+    let (
+        (stdout, stdout_truncated),
+        (stderr, stderr_truncated),
+        (timed_out, cancelled, status, finished_at),
+    ) = tokio::join!(
         pump(stdout, Stream::Stdout, cap, tx.as_ref(), &reaped),
         pump(stderr, Stream::Stderr, cap, tx.as_ref(), &reaped),
         supervise,
@@ -500,15 +556,58 @@ mod tests {
         let table: &[(&str, &[&str])] = &[
             ("kubectl get pods", &["kubectl", "get", "pods"]),
             ("  kubectl\tget   pods  \n", &["kubectl", "get", "pods"]),
-            ("kubectl get pods -l 'app=my app'", &["kubectl", "get", "pods", "-l", "app=my app"]),
-            (r#"kubectl logs "my pod" -c "a\"b\\c\$d\x""#, &["kubectl", "logs", "my pod", "-c", r#"a"b\c$d\x"#]),
-            (r"kubectl get my\ pod a\;b \'x", &["kubectl", "get", "my pod", "a;b", "'x"]),
+            (
+                "kubectl get pods -l 'app=my app'",
+                &["kubectl", "get", "pods", "-l", "app=my app"],
+            ),
+            (
+                r#"kubectl logs "my pod" -c "a\"b\\c\$d\x""#,
+                &["kubectl", "logs", "my pod", "-c", r#"a"b\c$d\x"#],
+            ),
+            (
+                r"kubectl get my\ pod a\;b \'x",
+                &["kubectl", "get", "my pod", "a;b", "'x"],
+            ),
             ("kubectl get ''", &["kubectl", "get", ""]),
             ("kubectl 'a'\"b\"c", &["kubectl", "abc"]),
             ("kubectl get \\\n pods", &["kubectl", "get", "pods"]),
-            ("kubectl exec p -- sh -c 'ls | wc -l; echo $HOME > /x'", &["kubectl", "exec", "p", "--", "sh", "-c", "ls | wc -l; echo $HOME > /x"]),
-            ("kubectl get pods -o jsonpath={.items[*].metadata.name}", &["kubectl", "get", "pods", "-o", "jsonpath={.items[*].metadata.name}"]),
-            ("kubectl get pods --selector=a!=b *.yaml ~ a#b $ \"$\" \"a$\"", &["kubectl", "get", "pods", "--selector=a!=b", "*.yaml", "~", "a#b", "$", "$", "a$"]),
+            (
+                "kubectl exec p -- sh -c 'ls | wc -l; echo $HOME > /x'",
+                &[
+                    "kubectl",
+                    "exec",
+                    "p",
+                    "--",
+                    "sh",
+                    "-c",
+                    "ls | wc -l; echo $HOME > /x",
+                ],
+            ),
+            (
+                "kubectl get pods -o jsonpath={.items[*].metadata.name}",
+                &[
+                    "kubectl",
+                    "get",
+                    "pods",
+                    "-o",
+                    "jsonpath={.items[*].metadata.name}",
+                ],
+            ),
+            (
+                "kubectl get pods --selector=a!=b *.yaml ~ a#b $ \"$\" \"a$\"",
+                &[
+                    "kubectl",
+                    "get",
+                    "pods",
+                    "--selector=a!=b",
+                    "*.yaml",
+                    "~",
+                    "a#b",
+                    "$",
+                    "$",
+                    "a$",
+                ],
+            ),
             ("kubectl 'it''s'", &["kubectl", "its"]),
             ("kubectl \"multi\nline\"", &["kubectl", "multi\nline"]),
         ];
@@ -547,23 +646,42 @@ mod tests {
         assert!(matches!(e, OpError::ShellSyntax { at: 17, .. }), "{e:?}");
         let api = e.to_api_error();
         assert_eq!(api.code, ErrorCode::InvalidRequest);
-        assert!(api.message.contains("never through a shell") && api.hint.contains("quote"), "{api}");
+        assert!(
+            api.message.contains("never through a shell") && api.hint.contains("quote"),
+            "{api}"
+        );
     }
 
     #[test]
     fn refuses_bad_quoting_empty_commands_and_other_tools() {
-        for cmd in ["kubectl get 'pods", "kubectl get \"pods", "kubectl get pods\\", "kubectl \0"] {
+        for cmd in [
+            "kubectl get 'pods",
+            "kubectl get \"pods",
+            "kubectl get pods\\",
+            "kubectl \0",
+        ] {
             let e = err(cmd);
             assert!(matches!(e, OpError::BadQuoting { .. }), "{cmd:?}: {e:?}");
             assert_eq!(e.to_api_error().code, ErrorCode::InvalidRequest);
         }
-        assert!(matches!(err("kubectl get 'pods"), OpError::BadQuoting { at: 13, .. }));
+        assert!(matches!(
+            err("kubectl get 'pods"),
+            OpError::BadQuoting { at: 13, .. }
+        ));
         for cmd in ["", "   ", "\n"] {
             assert!(matches!(err(cmd), OpError::EmptyCommand), "{cmd:?}");
         }
-        for (cmd, got) in [("rm -rf /", "rm"), ("/usr/bin/kubectl get pods", "/usr/bin/kubectl"), ("psql -c 'select 1'", "psql"), ("'' get", "")] {
+        for (cmd, got) in [
+            ("rm -rf /", "rm"),
+            ("/usr/bin/kubectl get pods", "/usr/bin/kubectl"),
+            ("psql -c 'select 1'", "psql"),
+            ("'' get", ""),
+        ] {
             match err(cmd) {
-                OpError::WrongTool { expected: OpTool::Kubectl, got: g } => assert_eq!(g, got),
+                OpError::WrongTool {
+                    expected: OpTool::Kubectl,
+                    got: g,
+                } => assert_eq!(g, got),
                 e => panic!("{cmd:?}: {e:?}"),
             }
         }
@@ -571,6 +689,9 @@ mod tests {
         assert_eq!(api.code, ErrorCode::ForbiddenByScope);
         assert!(api.hint.contains("first word must be `kubectl`"), "{api}");
         assert_eq!(api.details["got"], "rm");
-        assert_eq!(parse_command(OpTool::Psql, "psql -c 'select 1'").unwrap(), ["psql", "-c", "select 1"]);
+        assert_eq!(
+            parse_command(OpTool::Psql, "psql -c 'select 1'").unwrap(),
+            ["psql", "-c", "select 1"]
+        );
     }
 }

@@ -7,6 +7,7 @@ use crate::{
     grants::{Cut, LiveEndpoints, Liveness},
     wire::{read_one_frame, write_frame, WireError},
 };
+use bytes::BytesMut;
 use endpoint_types::{
     frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
     resource::{CloseReason, ResourceKind},
@@ -15,7 +16,6 @@ use endpoint_types::{
 use jiff::Timestamp;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde_json::json;
-use bytes::BytesMut;
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -48,17 +48,28 @@ pub struct Admitted {
 }
 
 /// The agent's decision for a `StreamOpen`, by its own table and config only.
-pub fn authorize(live: &LiveEndpoints, config: &AgentConfig, open: &StreamOpen, now: Timestamp) -> Result<Admitted, ApiError> {
+pub fn authorize(
+    live: &LiveEndpoints,
+    config: &AgentConfig,
+    open: &StreamOpen,
+    now: Timestamp,
+) -> Result<Admitted, ApiError> {
     let ep = &open.endpoint_id;
     let (grant, cut) = match live.check(ep, now) {
         Liveness::Live { grant, cut } => (grant, cut),
         Liveness::Ended(CloseReason::Expired) => {
-            return Err(ApiError::new(ErrorCode::EndpointExpired, format!("endpoint {ep} has expired"))
-                .hint("create a new endpoint with `postern ops endpoint create`"))
+            return Err(ApiError::new(
+                ErrorCode::EndpointExpired,
+                format!("endpoint {ep} has expired"),
+            )
+            .hint("create a new endpoint with `postern ops endpoint create`"))
         }
         Liveness::Ended(_) => {
-            return Err(ApiError::new(ErrorCode::EndpointRetired, format!("endpoint {ep} has been retired"))
-                .hint("create a new endpoint with `postern ops endpoint create`"))
+            return Err(ApiError::new(
+                ErrorCode::EndpointRetired,
+                format!("endpoint {ep} has been retired"),
+            )
+            .hint("create a new endpoint with `postern ops endpoint create`"))
         }
         Liveness::NoGrant => {
             return Err(ApiError::new(
@@ -67,43 +78,63 @@ pub fn authorize(live: &LiveEndpoints, config: &AgentConfig, open: &StreamOpen, 
             )
             .hint("request operate access again: postern access request --level operate …"))
         }
-        Liveness::Unknown => {
-            return Err(ApiError::new(
-                ErrorCode::ForbiddenByScope,
-                format!("endpoint {ep} has no live grant at this appliance"),
-            )
-            .hint("the appliance serves only endpoints the gateway announced and that have not expired"))
-        }
+        Liveness::Unknown => return Err(ApiError::new(
+            ErrorCode::ForbiddenByScope,
+            format!("endpoint {ep} has no live grant at this appliance"),
+        )
+        .hint(
+            "the appliance serves only endpoints the gateway announced and that have not expired",
+        )),
     };
     if grant.resource_id != open.resource_id {
         return Err(ApiError::new(
             ErrorCode::InvalidOriginResourceId,
-            format!("endpoint {ep} grants {:?}, not {:?}", grant.resource_id, open.resource_id),
+            format!(
+                "endpoint {ep} grants {:?}, not {:?}",
+                grant.resource_id, open.resource_id
+            ),
         ));
     }
     let Some(resource) = config.resource(&open.resource_id) else {
         return Err(ApiError::new(
             ErrorCode::InvalidOriginResourceId,
-            format!("resource {:?} is not declared in this appliance's agent.toml", open.resource_id),
+            format!(
+                "resource {:?} is not declared in this appliance's agent.toml",
+                open.resource_id
+            ),
         )
         .hint("the customer declares resources as [[resource]] entries in agent.toml"));
     };
     if grant.endpoint_type.resource_kind() != resource.kind {
         return Err(ApiError::new(
             ErrorCode::ForbiddenByScope,
-            format!("a {} endpoint cannot reach {:?}, which is a {} resource", grant.endpoint_type, resource.id, resource.kind),
+            format!(
+                "a {} endpoint cannot reach {:?}, which is a {} resource",
+                grant.endpoint_type, resource.id, resource.kind
+            ),
         ));
     }
     if resource.kind == ResourceKind::Tcp && resource.target.is_none() {
-        return Err(ApiError::invalid(format!("resource {:?} has no target in agent.toml", resource.id)));
+        return Err(ApiError::invalid(format!(
+            "resource {:?} has no target in agent.toml",
+            resource.id
+        )));
     }
-    Ok(Admitted { resource: resource.clone(), cut: cut.child() })
+    Ok(Admitted {
+        resource: resource.clone(),
+        cut: cut.child(),
+    })
 }
 
 impl Sessions {
     /// Serves one data stream the gateway opened, to its end.
     pub async fn serve(&self, conn: Connection, mut send: SendStream, mut recv: RecvStream) {
-        let open = match tokio::time::timeout(HEADER_TIMEOUT, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN)).await {
+        let open = match tokio::time::timeout(
+            HEADER_TIMEOUT,
+            read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN),
+        )
+        .await
+        {
             Ok(Ok(Frame::StreamOpen(open))) => open,
             Ok(Ok(other)) => {
                 let e = ApiError::invalid("a data stream must start with stream_open")
@@ -142,10 +173,19 @@ impl Sessions {
         };
         let Admitted { resource, cut } = admitted;
         match resource.kind {
-            ResourceKind::Tcp => self.run_session(conn, send, recv, open, resource, cut).await,
-            ResourceKind::Kubernetes => crate::kube::serve_stream(self, open, resource, cut, send, recv).await,
-            ResourceKind::Postgres => crate::postgres::serve_stream(self, open, resource, cut, send, recv).await,
-            ResourceKind::Ssh => crate::ssh::serve_stream(self, open, resource, cut, send, recv).await,
+            ResourceKind::Tcp => {
+                self.run_session(conn, send, recv, open, resource, cut)
+                    .await
+            }
+            ResourceKind::Kubernetes => {
+                crate::kube::serve_stream(self, open, resource, cut, send, recv).await
+            }
+            ResourceKind::Postgres => {
+                crate::postgres::serve_stream(self, open, resource, cut, send, recv).await
+            }
+            ResourceKind::Ssh => {
+                crate::ssh::serve_stream(self, open, resource, cut, send, recv).await
+            }
         }
     }
 
@@ -181,7 +221,8 @@ impl Sessions {
                 "duration_ms": started.elapsed().as_millis() as u64,
                 "resource_id": open.resource_id,
             });
-            self.audit.record_or_log(entry("session.closed", &open, detail));
+            self.audit
+                .record_or_log(entry("session.closed", &open, detail));
         };
 
         let tcp = tokio::select! {
@@ -229,7 +270,11 @@ impl Sessions {
             cut_quic(&mut send, &mut recv, reason);
         }
         // bytes_up: client → target (written to the target); bytes_down: target → client.
-        closed(reason, counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
+        closed(
+            reason,
+            counters.up.load(Ordering::Relaxed),
+            counters.down.load(Ordering::Relaxed),
+        );
         tracing::debug!(session = %open.session_id, reason = reason.as_str(), "session ended");
     }
 }
@@ -245,13 +290,14 @@ fn end_reason(conn: &Connection, cut: &Cut, e: &PumpError) -> CloseReason {
         return CloseReason::Interrupted;
     }
     match e {
-        PumpError::QuicRead(quinn::ReadError::Reset(code)) | PumpError::QuicWrite(quinn::WriteError::Stopped(code)) => {
+        PumpError::QuicRead(quinn::ReadError::Reset(code))
+        | PumpError::QuicWrite(quinn::WriteError::Stopped(code)) => {
             CloseReason::from_stream_code(code.into_inner()).unwrap_or(CloseReason::Error)
         }
         PumpError::Tcp(e) => match e.kind() {
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof => {
-                CloseReason::Client
-            }
+            std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof => CloseReason::Client,
             _ => CloseReason::Error,
         },
         _ => CloseReason::Error,
@@ -260,11 +306,17 @@ fn end_reason(conn: &Connection, cut: &Cut, e: &PumpError) -> CloseReason {
 
 /// Writes every chunk with as few syscalls as the socket allows: QUIC hands data over in
 /// packet-sized chunks, and one write per chunk would cost a syscall per ~1.2 KB.
-async fn write_all_chunks(w: &mut (impl tokio::io::AsyncWrite + Unpin), chunks: &mut [bytes::Bytes]) -> std::io::Result<()> {
+async fn write_all_chunks(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    chunks: &mut [bytes::Bytes],
+) -> std::io::Result<()> {
     use bytes::Buf;
     let mut first = 0;
     while first < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..].iter().map(|c| std::io::IoSlice::new(c)).collect();
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
         let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -301,7 +353,12 @@ enum PumpError {
 /// written to the target as they arrive and target reads are handed to QUIC without a copy;
 /// a read buffer is replaced only when little of it is left, so pages are not faulted in anew
 /// for every read.
-async fn pump(tcp: &mut TcpStream, send: &mut SendStream, recv: &mut RecvStream, counters: &Counters) -> Result<(), PumpError> {
+async fn pump(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    counters: &Counters,
+) -> Result<(), PumpError> {
     let (mut tcp_r, mut tcp_w) = tcp.split();
     let target_to_gateway = async {
         let mut buf = BytesMut::with_capacity(PUMP_BUFFER);
@@ -315,15 +372,23 @@ async fn pump(tcp: &mut TcpStream, send: &mut SendStream, recv: &mut RecvStream,
                 return Ok::<(), PumpError>(());
             }
             counters.down.fetch_add(n as u64, Ordering::Relaxed);
-            send.write_chunk(buf.split().freeze()).await.map_err(PumpError::QuicWrite)?;
+            send.write_chunk(buf.split().freeze())
+                .await
+                .map_err(PumpError::QuicWrite)?;
         }
     };
     let gateway_to_target = async {
         let mut chunks: [bytes::Bytes; 32] = Default::default();
-        while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(PumpError::QuicRead)? {
+        while let Some(n) = recv
+            .read_chunks(&mut chunks)
+            .await
+            .map_err(PumpError::QuicRead)?
+        {
             let got = chunks.get_mut(..n).unwrap_or_default();
             let len: u64 = got.iter().map(|c| c.len() as u64).sum();
-            write_all_chunks(&mut tcp_w, got).await.map_err(PumpError::Tcp)?;
+            write_all_chunks(&mut tcp_w, got)
+                .await
+                .map_err(PumpError::Tcp)?;
             counters.up.fetch_add(len, Ordering::Relaxed);
         }
         tcp_w.shutdown().await.map_err(PumpError::Tcp)?;
@@ -352,7 +417,9 @@ pub(crate) async fn refuse(send: &mut SendStream, error: ApiError) {
 }
 
 pub(crate) fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {
-    Entry::new(kind, open.operator.clone(), detail).endpoint(open.endpoint_id.clone()).session(open.session_id.clone())
+    Entry::new(kind, open.operator.clone(), detail)
+        .endpoint(open.endpoint_id.clone())
+        .session(open.session_id.clone())
 }
 
 #[cfg(test)]
@@ -395,7 +462,12 @@ mod tests {
         let mut g = operate_grant();
         g.expires_at = later + jiff::SignedDuration::from_secs(1);
         t.sync_grants(vec![g], now());
-        let e = authorize(&t, &config(), &open("ep1", "null_resource.echo"), later + jiff::SignedDuration::from_secs(2));
+        let e = authorize(
+            &t,
+            &config(),
+            &open("ep1", "null_resource.echo"),
+            later + jiff::SignedDuration::from_secs(2),
+        );
         assert!(e.is_err());
         // The gateway withdrawing the grant ends the endpoint as revoked.
         let removed = t.sync_grants(vec![], now());
@@ -446,11 +518,25 @@ mod tests {
     fn unknown_retired_and_expired_endpoints_are_refused() {
         let mut t = table(&[("ep1", EndpointType::Tcp, "null_resource.echo")]);
         let c = config();
-        assert_eq!(code(authorize(&t, &c, &open("nope", "null_resource.echo"), now())), ErrorCode::ForbiddenByScope);
+        assert_eq!(
+            code(authorize(
+                &t,
+                &c,
+                &open("nope", "null_resource.echo"),
+                now()
+            )),
+            ErrorCode::ForbiddenByScope
+        );
         let late = now() + jiff::SignedDuration::from_secs(60);
-        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.echo"), late)), ErrorCode::EndpointExpired);
+        assert_eq!(
+            code(authorize(&t, &c, &open("ep1", "null_resource.echo"), late)),
+            ErrorCode::EndpointExpired
+        );
         t.close("ep1", CloseReason::Retired);
-        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.echo"), now())), ErrorCode::EndpointRetired);
+        assert_eq!(
+            code(authorize(&t, &c, &open("ep1", "null_resource.echo"), now())),
+            ErrorCode::EndpointRetired
+        );
     }
 
     #[test]
@@ -461,8 +547,19 @@ mod tests {
         ]);
         let c = config();
         // The gateway cannot redirect a grant to another resource, even a configured one.
-        assert_eq!(code(authorize(&t, &c, &open("ep1", "null_resource.other"), now())), ErrorCode::InvalidOriginResourceId);
-        assert_eq!(code(authorize(&t, &c, &open("ep2", "null_resource.gone"), now())), ErrorCode::InvalidOriginResourceId);
+        assert_eq!(
+            code(authorize(
+                &t,
+                &c,
+                &open("ep1", "null_resource.other"),
+                now()
+            )),
+            ErrorCode::InvalidOriginResourceId
+        );
+        assert_eq!(
+            code(authorize(&t, &c, &open("ep2", "null_resource.gone"), now())),
+            ErrorCode::InvalidOriginResourceId
+        );
     }
 
     #[test]
@@ -472,7 +569,15 @@ mod tests {
             ("ep2", EndpointType::Kubectl, "aws_eks_cluster.main"),
         ]);
         let c = config();
-        assert_eq!(code(authorize(&t, &c, &open("ep1", "aws_eks_cluster.main"), now())), ErrorCode::ForbiddenByScope);
+        assert_eq!(
+            code(authorize(
+                &t,
+                &c,
+                &open("ep1", "aws_eks_cluster.main"),
+                now()
+            )),
+            ErrorCode::ForbiddenByScope
+        );
         let a = authorize(&t, &c, &open("ep2", "aws_eks_cluster.main"), now()).unwrap();
         assert_eq!(a.resource.kind, ResourceKind::Kubernetes);
     }

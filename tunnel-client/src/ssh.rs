@@ -42,19 +42,39 @@ const RECORDING_CAP: usize = 1024 * 1024;
 /// key and the pinned host key.
 pub fn validate_config(r: &ResourceConfig) -> Result<(), String> {
     let id = &r.id;
-    let host = r.host.as_deref().ok_or_else(|| format!("resource {id:?}: ssh needs `host` (host:port)"))?;
-    if host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-        return Err(format!("resource {id:?}: `host` must be host:port, not {host:?}"));
+    let host = r
+        .host
+        .as_deref()
+        .ok_or_else(|| format!("resource {id:?}: ssh needs `host` (host:port)"))?;
+    if host
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err(format!(
+            "resource {id:?}: `host` must be host:port, not {host:?}"
+        ));
     }
-    let user = r.user.as_deref().ok_or_else(|| format!("resource {id:?}: ssh needs `user` (a standard, non-root user)"))?;
-    if user.is_empty() || user == "root" || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("resource {id:?}: `user` must be a standard user, never root (got {user:?})"));
+    let user = r
+        .user
+        .as_deref()
+        .ok_or_else(|| format!("resource {id:?}: ssh needs `user` (a standard, non-root user)"))?;
+    if user.is_empty()
+        || user == "root"
+        || user.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "resource {id:?}: `user` must be a standard user, never root (got {user:?})"
+        ));
     }
     if r.key.is_none() {
         return Err(format!("resource {id:?}: ssh needs `key`, the path of the private key the appliance logs in with"));
     }
-    let host_key = r.host_key.as_deref().ok_or_else(|| format!("resource {id:?}: ssh needs `host_key`, the VM's public host key (OpenSSH format)"))?;
-    parse_host_key(host_key).map_err(|e| format!("resource {id:?}: `host_key` is not an OpenSSH public key: {e}"))?;
+    let host_key = r.host_key.as_deref().ok_or_else(|| {
+        format!("resource {id:?}: ssh needs `host_key`, the VM's public host key (OpenSSH format)")
+    })?;
+    parse_host_key(host_key)
+        .map_err(|e| format!("resource {id:?}: `host_key` is not an OpenSSH public key: {e}"))?;
     Ok(())
 }
 
@@ -62,7 +82,11 @@ pub fn validate_config(r: &ResourceConfig) -> Result<(), String> {
 fn parse_host_key(s: &str) -> Result<PublicKey, String> {
     let s = s.trim();
     PublicKey::from_openssh(s)
-        .or_else(|e| s.split_once(' ').map(|(_, rest)| PublicKey::from_openssh(rest.trim())).unwrap_or(Err(e)))
+        .or_else(|e| {
+            s.split_once(' ')
+                .map(|(_, rest)| PublicKey::from_openssh(rest.trim()))
+                .unwrap_or(Err(e))
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -75,18 +99,23 @@ struct Pinned {
 impl client::Handler for Pinned {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let presented = match key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
             PublicKeyOrCertificate::Certificate(_) => {
-                *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some("a host certificate".into());
+                *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some("a host certificate".into());
                 return Ok(false);
             }
         };
         if presented.key_data() == self.expected.key_data() {
             return Ok(true);
         }
-        *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) = Some(presented.fingerprint(Default::default()).to_string());
+        *self.mismatch.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(presented.fingerprint(Default::default()).to_string());
         Ok(false)
     }
 }
@@ -108,9 +137,18 @@ fn unreachable(resource: &str) -> ApiError {
 
 /// Connects and logs in upstream. Errors are for the engineer (no appliance internals) and the
 /// cause for the appliance's log.
-async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<client::Handle<Pinned>, ApiError> {
-    let (Some(host), Some(user), Some(key_path), Some(host_key)) = (&r.host, &r.user, &r.key, &r.host_key) else {
-        return Err(ApiError::invalid(format!("resource {:?} is not a complete ssh resource in agent.toml", r.id)));
+async fn login(
+    ctx: &Sessions,
+    open: &StreamOpen,
+    r: &ResourceConfig,
+) -> Result<client::Handle<Pinned>, ApiError> {
+    let (Some(host), Some(user), Some(key_path), Some(host_key)) =
+        (&r.host, &r.user, &r.key, &r.host_key)
+    else {
+        return Err(ApiError::invalid(format!(
+            "resource {:?} is not a complete ssh resource in agent.toml",
+            r.id
+        )));
     };
     let expected = parse_host_key(host_key).map_err(|_| unreachable(&r.id))?;
     let key: PrivateKey = russh::keys::load_secret_key(key_path, None).map_err(|e| {
@@ -118,11 +156,16 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
         unreachable(&r.id)
     })?;
     let mismatch = Arc::new(Mutex::new(None));
-    let handler = Pinned { expected: expected.clone(), mismatch: mismatch.clone() };
-    let tcp = tokio::net::TcpStream::connect(host.as_str()).await.map_err(|e| {
-        tracing::warn!(resource = %r.id, error = %e, "cannot connect to the VM's sshd");
-        unreachable(&r.id)
-    })?;
+    let handler = Pinned {
+        expected: expected.clone(),
+        mismatch: mismatch.clone(),
+    };
+    let tcp = tokio::net::TcpStream::connect(host.as_str())
+        .await
+        .map_err(|e| {
+            tracing::warn!(resource = %r.id, error = %e, "cannot connect to the VM's sshd");
+            unreachable(&r.id)
+        })?;
     let _ = tcp.set_nodelay(true);
     let mut handle = match client::connect_stream(Arc::new(client_config()), tcp, handler).await {
         Ok(h) => h,
@@ -132,13 +175,17 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
                 let expected_fp = expected.fingerprint(Default::default()).to_string();
                 tracing::error!(resource = %r.id, %presented, expected = %expected_fp, "the VM's host key does not match agent.toml");
                 ctx.audit.record_or_log(
-                    Entry::new("denied", ctx.audit.agent_actor(), json!({
-                        "action": "ssh-login",
-                        "reason": "host key mismatch",
-                        "resource_id": r.id,
-                        "presented": presented,
-                        "expected": expected_fp,
-                    }))
+                    Entry::new(
+                        "denied",
+                        ctx.audit.agent_actor(),
+                        json!({
+                            "action": "ssh-login",
+                            "reason": "host key mismatch",
+                            "resource_id": r.id,
+                            "presented": presented,
+                            "expected": expected_fp,
+                        }),
+                    )
                     .endpoint(open.endpoint_id.clone())
                     .session(open.session_id.clone()),
                 );
@@ -152,7 +199,12 @@ async fn login(ctx: &Sessions, open: &StreamOpen, r: &ResourceConfig) -> Result<
             return Err(unreachable(&r.id));
         }
     };
-    let auth = handle.authenticate_publickey(user.clone(), PrivateKeyWithHashAlg::new(Arc::new(key), None)).await;
+    let auth = handle
+        .authenticate_publickey(
+            user.clone(),
+            PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await;
     match auth {
         Ok(a) if a.success() => Ok(handle),
         other => {
@@ -178,7 +230,10 @@ struct StreamError {
 
 impl From<String> for StreamError {
     fn from(message: String) -> Self {
-        StreamError { message, reason: None }
+        StreamError {
+            message,
+            reason: None,
+        }
     }
 }
 
@@ -187,10 +242,16 @@ fn write_err(e: quinn::WriteError) -> StreamError {
         quinn::WriteError::Stopped(c) => CloseReason::from_stream_code(c.into_inner()),
         _ => None,
     };
-    StreamError { message: format!("tunnel write: {e}"), reason }
+    StreamError {
+        message: format!("tunnel write: {e}"),
+        reason,
+    }
 }
 
-async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<SshFrame>, StreamError> {
+async fn read_frame(
+    recv: &mut RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Option<SshFrame>, StreamError> {
     loop {
         if let Some(f) = ssh_stream::decode(buf).map_err(|e| e.to_string())? {
             return Ok(Some(f));
@@ -198,13 +259,22 @@ async fn read_frame(recv: &mut RecvStream, buf: &mut BytesMut) -> Result<Option<
         match recv.read_chunk(256 * 1024, true).await {
             Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
             Ok(None) => return Ok(None),
-            Err(e) => return Err(StreamError { message: format!("tunnel read: {e}"), reason: reset_reason(&e) }),
+            Err(e) => {
+                return Err(StreamError {
+                    message: format!("tunnel read: {e}"),
+                    reason: reset_reason(&e),
+                })
+            }
         }
     }
 }
 
 fn pty_modes(modes: &[(u8, u32)]) -> Vec<(Pty, u32)> {
-    modes.iter().filter_map(|(c, v)| Pty::from_u8(*c).map(|p| (p, *v))).filter(|(p, _)| *p != Pty::TTY_OP_END).collect()
+    modes
+        .iter()
+        .filter_map(|(c, v)| Pty::from_u8(*c).map(|p| (p, *v)))
+        .filter(|(p, _)| *p != Pty::TTY_OP_END)
+        .collect()
 }
 
 fn sig(name: &str) -> Sig {
@@ -244,7 +314,14 @@ fn sig_name(s: &Sig) -> String {
 }
 
 /// Serves one SSH data stream the agent admitted, to its end.
-pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceConfig, cut: Cut, mut send: SendStream, mut recv: RecvStream) {
+pub async fn serve_stream(
+    ctx: &Sessions,
+    open: StreamOpen,
+    resource: ResourceConfig,
+    cut: Cut,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let handle = tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, login(ctx, &open, &resource)) => match r {
             Ok(Ok(h)) => h,
@@ -282,13 +359,26 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(resource = %resource.id, error = %e, "the VM's sshd would not start the session");
-            let err = ApiError::new(ErrorCode::TargetUnreachable, format!("the VM refused to start the session: {e}"));
+            let err = ApiError::new(
+                ErrorCode::TargetUnreachable,
+                format!("the VM refused to start the session: {e}"),
+            );
             let _ = send.write_all(&SshFrame::Error(err).to_bytes()).await;
             let _ = send.finish();
             return disconnect("session refused").await;
         }
     };
-    if send.write_all(&SshFrame::Ready(SshReady { user: user.clone(), record_input }).to_bytes()).await.is_err() {
+    if send
+        .write_all(
+            &SshFrame::Ready(SshReady {
+                user: user.clone(),
+                record_input,
+            })
+            .to_bytes(),
+        )
+        .await
+        .is_err()
+    {
         return disconnect("gateway gone").await;
     }
     let started = Instant::now();
@@ -299,13 +389,20 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         "command": start.command, "subsystem": start.subsystem, "pty": start.pty.is_some(),
     })));
 
-    let (width, height, term) = start.pty.as_ref().map(|p| (p.cols, p.rows, Some(p.term.clone()))).unwrap_or((80, 24, None));
+    let (width, height, term) = start
+        .pty
+        .as_ref()
+        .map(|p| (p.cols, p.rows, Some(p.term.clone())))
+        .unwrap_or((80, 24, None));
     let header = Header {
         version: 2,
         width,
         height,
         timestamp: started_at.as_second(),
-        env: term.into_iter().map(|t| ("TERM".to_string(), t)).collect::<BTreeMap<_, _>>(),
+        env: term
+            .into_iter()
+            .map(|t| ("TERM".to_string(), t))
+            .collect::<BTreeMap<_, _>>(),
         title: Some(format!("{} {}", open.endpoint_id, open.session_id)),
     };
     let rec = Mutex::new(Recorder::new(&header, RECORDING_CAP));
@@ -329,19 +426,31 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                             record(&|r, at| r.input(at, &d));
                         }
                         up_bytes += d.len() as u64;
-                        writer.data_bytes(d).await.map_err(|e| format!("upstream write: {e}"))?;
+                        writer
+                            .data_bytes(d)
+                            .await
+                            .map_err(|e| format!("upstream write: {e}"))?;
                     }
                     Some(SshFrame::Eof) => {
                         let _ = writer.eof().await;
                     }
-                    Some(SshFrame::WindowChange { cols, rows, pix_width, pix_height }) => {
+                    Some(SshFrame::WindowChange {
+                        cols,
+                        rows,
+                        pix_width,
+                        pix_height,
+                    }) => {
                         record(&|r, at| r.resize(at, cols, rows));
-                        let _ = writer.window_change(cols, rows, pix_width, pix_height).await;
+                        let _ = writer
+                            .window_change(cols, rows, pix_width, pix_height)
+                            .await;
                     }
                     Some(SshFrame::Signal(s)) => {
                         let _ = writer.signal(sig(&s)).await;
                     }
-                    Some(other) => return Err(format!("unexpected {} from the gateway", other.name()).into()),
+                    Some(other) => {
+                        return Err(format!("unexpected {} from the gateway", other.name()).into())
+                    }
                     // The engineer closed the session.
                     None => {
                         let _ = writer.close().await;
@@ -365,7 +474,9 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                     ChannelMsg::Data { data } => {
                         record(&|r, at| r.output(at, &data));
                         down_bytes += data.len() as u64;
-                        send.write_all(&SshFrame::data_header(data.len(), false)).await.map_err(write_err)?;
+                        send.write_all(&SshFrame::data_header(data.len(), false))
+                            .await
+                            .map_err(write_err)?;
                         send.write_chunk(data).await.map_err(write_err)?;
                         continue;
                     }
@@ -379,8 +490,17 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
                         exit = Some(exit_status);
                         SshFrame::ExitStatus(exit_status)
                     }
-                    ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, .. } => {
-                        let s = ExitSignal { signal: sig_name(&signal_name), core_dumped, message: error_message };
+                    ChannelMsg::ExitSignal {
+                        signal_name,
+                        core_dumped,
+                        error_message,
+                        ..
+                    } => {
+                        let s = ExitSignal {
+                            signal: sig_name(&signal_name),
+                            core_dumped,
+                            message: error_message,
+                        };
                         exit_signal = Some(s.clone());
                         SshFrame::ExitSignal(s)
                     }
@@ -427,33 +547,59 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
         "user": user, "command": start.command, "input_recorded": record_input, "truncated": recording.truncated,
         "output_bytes": recording.output_bytes, "input_bytes": recording.input_bytes, "cast": recording.cast,
     })));
-    ctx.audit.record_or_log(entry("session.closed", json!({
-        "reason": reason.as_str(), "bytes_up": up_bytes, "bytes_down": down_bytes,
-        "duration_ms": started.elapsed().as_millis() as u64, "resource_id": resource.id,
-    })));
+    ctx.audit.record_or_log(entry(
+        "session.closed",
+        json!({
+            "reason": reason.as_str(), "bytes_up": up_bytes, "bytes_down": down_bytes,
+            "duration_ms": started.elapsed().as_millis() as u64, "resource_id": resource.id,
+        }),
+    ));
     if let Err(e) = outcome {
         tracing::debug!(session = %open.session_id, reason = reason.as_str(), "ssh session ended: {}", e.message);
     }
 }
 
 /// Opens the upstream channel and starts what the engineer asked for; waits for sshd's answer.
-async fn start_upstream(handle: &client::Handle<Pinned>, start: &SshStart) -> Result<(russh::Channel<client::Msg>, Vec<ChannelMsg>), String> {
+async fn start_upstream(
+    handle: &client::Handle<Pinned>,
+    start: &SshStart,
+) -> Result<(russh::Channel<client::Msg>, Vec<ChannelMsg>), String> {
     let mut early = Vec::new();
-    let mut channel = handle.channel_open_session().await.map_err(|e| e.to_string())?;
+    let mut channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| e.to_string())?;
     for (name, value) in &start.env {
         let _ = channel.set_env(false, name.as_str(), value.as_str()).await;
     }
     if let Some(p) = &start.pty {
         channel
-            .request_pty(true, &p.term, p.cols, p.rows, p.pix_width, p.pix_height, &pty_modes(&p.modes))
+            .request_pty(
+                true,
+                &p.term,
+                p.cols,
+                p.rows,
+                p.pix_width,
+                p.pix_height,
+                &pty_modes(&p.modes),
+            )
             .await
             .map_err(|e| e.to_string())?;
         expect_success(&mut channel, "pty", &mut early).await?;
     }
     match (&start.command, &start.subsystem) {
-        (Some(cmd), _) => channel.exec(true, cmd.as_bytes()).await.map_err(|e| e.to_string())?,
-        (None, Some(sub)) => channel.request_subsystem(true, sub.as_str()).await.map_err(|e| e.to_string())?,
-        (None, None) => channel.request_shell(true).await.map_err(|e| e.to_string())?,
+        (Some(cmd), _) => channel
+            .exec(true, cmd.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?,
+        (None, Some(sub)) => channel
+            .request_subsystem(true, sub.as_str())
+            .await
+            .map_err(|e| e.to_string())?,
+        (None, None) => channel
+            .request_shell(true)
+            .await
+            .map_err(|e| e.to_string())?,
     }
     expect_success(&mut channel, "program", &mut early).await?;
     Ok((channel, early))
@@ -461,7 +607,11 @@ async fn start_upstream(handle: &client::Handle<Pinned>, start: &SshStart) -> Re
 
 /// Waits for sshd's reply to a request. What the channel carries meanwhile (a fast program's
 /// first output) is kept in `early` for the relay.
-async fn expect_success(channel: &mut russh::Channel<client::Msg>, what: &str, early: &mut Vec<ChannelMsg>) -> Result<(), String> {
+async fn expect_success(
+    channel: &mut russh::Channel<client::Msg>,
+    what: &str,
+    early: &mut Vec<ChannelMsg>,
+) -> Result<(), String> {
     loop {
         match tokio::time::timeout(START_TIMEOUT, channel.wait()).await {
             Ok(Some(ChannelMsg::Success)) => return Ok(()),
@@ -480,7 +630,8 @@ mod tests {
     use super::*;
 
     fn resource(user: Option<&str>, host_key: Option<&str>) -> ResourceConfig {
-        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHvNC2Rpugiiw1pOjJYmMBaGVsELXpfLPjkH7LZq6NMY test";
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHvNC2Rpugiiw1pOjJYmMBaGVsELXpfLPjkH7LZq6NMY test";
         let toml = format!(
             "id = \"aws_instance.worker\"\nkind = \"ssh\"\nhost = \"127.0.0.1:22\"\n{}key = \"/etc/postern/vm.key\"\n{}",
             user.map(|u| format!("user = \"{u}\"\n")).unwrap_or_default(),
@@ -491,13 +642,20 @@ mod tests {
 
     #[test]
     fn config_rules() {
-        assert_eq!(validate_config(&resource(Some("deploy"), Some("good"))), Ok(()));
+        assert_eq!(
+            validate_config(&resource(Some("deploy"), Some("good"))),
+            Ok(())
+        );
         let table: &[(Option<&str>, Option<&str>, &str)] = &[
             (Some("root"), Some("good"), "never root"),
             (None, Some("good"), "needs `user`"),
             (Some("de ploy"), Some("good"), "never root"),
             (Some("deploy"), None, "needs `host_key`"),
-            (Some("deploy"), Some("ssh-ed25519 AAAA"), "not an OpenSSH public key"),
+            (
+                Some("deploy"),
+                Some("ssh-ed25519 AAAA"),
+                "not an OpenSSH public key",
+            ),
         ];
         for (user, hk, want) in table {
             let err = validate_config(&resource(*user, *hk)).unwrap_err();

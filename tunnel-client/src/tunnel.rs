@@ -51,7 +51,10 @@ pub enum TunnelError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot read {}: {source}", path.display())]
-    ReadFile { path: PathBuf, source: std::io::Error },
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the agent's credentials are unusable: {0}")]
     Credentials(String),
     #[error(transparent)]
@@ -82,14 +85,19 @@ enum Ended {
 
 impl Ended {
     fn lost(reason: impl Into<String>) -> Ended {
-        Ended::Lost { reason: reason.into(), revoked: false }
+        Ended::Lost {
+            reason: reason.into(),
+            revoked: false,
+        }
     }
 }
 
 /// Delay before reconnect attempt `attempt` (0-based): full jitter over an exponentially
 /// growing ceiling, so a fleet of agents does not redial a restarted gateway in lockstep.
 pub fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(cap);
     Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64))
 }
 
@@ -115,12 +123,34 @@ pub async fn run(
     let audit = AuditLog::open(&config.audit_path, Some(enrollment.appliance_id.clone()))?;
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
-    let sessions = Sessions { config: config.clone(), live: live.clone(), audit: audit.clone() };
+    let sessions = Sessions {
+        config: config.clone(),
+        live: live.clone(),
+        audit: audit.clone(),
+    };
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
-    let ops = OpRunner::new(config.clone(), live.clone(), audit.clone(), shutdown.clone(), tracker.clone())
-        .map_err(|e| ConfigError::Invalid { path: config.path.clone(), problem: format!("[policy] {e}") })?;
-    let agent = Agent { config, enrollment, quic, sessions, live, audit, ops, tracker };
+    let ops = OpRunner::new(
+        config.clone(),
+        live.clone(),
+        audit.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .map_err(|e| ConfigError::Invalid {
+        path: config.path.clone(),
+        problem: format!("[policy] {e}"),
+    })?;
+    let agent = Agent {
+        config,
+        enrollment,
+        quic,
+        sessions,
+        live,
+        audit,
+        ops,
+        tracker,
+    };
 
     let cap = agent.config.reconnect_max();
     let mut attempt: u32 = 0;
@@ -152,7 +182,12 @@ pub async fn run(
 }
 
 fn tls_config(e: &Enrollment) -> Result<rustls::ClientConfig, TunnelError> {
-    let read = |path: &Path| std::fs::read_to_string(path).map_err(|source| TunnelError::ReadFile { path: path.to_path_buf(), source });
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| TunnelError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
     let ca = read(&e.ca_file)?;
     let cert = read(&e.cert_file)?;
     let key = Secret::new(read(&e.key_file)?);
@@ -162,7 +197,11 @@ fn tls_config(e: &Enrollment) -> Result<rustls::ClientConfig, TunnelError> {
 
 impl Agent {
     /// One connection, from dial to teardown. Returns how it ended and whether a hello was accepted.
-    async fn connection(&self, shutdown: &CancellationToken, ready: &mut Option<oneshot::Sender<HelloAck>>) -> (Ended, bool) {
+    async fn connection(
+        &self,
+        shutdown: &CancellationToken,
+        ready: &mut Option<oneshot::Sender<HelloAck>>,
+    ) -> (Ended, bool) {
         let gateway = &self.enrollment.gateway;
         let dialed = tokio::select! {
             r = dial::connect(gateway, &self.quic, DIAL_TIMEOUT) => r,
@@ -180,7 +219,11 @@ impl Agent {
             ended = self.serve(&conn, &mut hello, ready) => ended,
             () = shutdown.cancelled() => Ended::Shutdown,
         };
-        let endpoints_cut = self.live.lock().unwrap_or_else(|p| p.into_inner()).clear(CloseReason::Interrupted);
+        let endpoints_cut = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear(CloseReason::Interrupted);
         if hello.is_some() {
             let reason = match &ended {
                 Ended::Shutdown => "agent shutting down".to_string(),
@@ -211,7 +254,12 @@ impl Agent {
     }
 
     /// Hello, then the control loop. Sets `hello` once the gateway accepts us.
-    async fn serve(&self, conn: &Connection, hello: &mut Option<HelloAck>, ready: &mut Option<oneshot::Sender<HelloAck>>) -> Ended {
+    async fn serve(
+        &self,
+        conn: &Connection,
+        hello: &mut Option<HelloAck>,
+        ready: &mut Option<oneshot::Sender<HelloAck>>,
+    ) -> Ended {
         let gateway = &self.enrollment.gateway;
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(pair) => pair,
@@ -227,16 +275,32 @@ impl Agent {
             return Ended::lost(format!("cannot send the hello: {e}"));
         }
         // One frame exactly: nothing else may arrive before the answer to our hello.
-        let ack = match tokio::time::timeout(HELLO_TIMEOUT, read_one_frame(&mut recv, MAX_FRAME_LEN)).await {
+        let ack = match tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_one_frame(&mut recv, MAX_FRAME_LEN),
+        )
+        .await
+        {
             Ok(Ok(Frame::HelloAck(ack))) => ack,
             Ok(Ok(Frame::Error(e))) => {
-                let hint = if e.hint.is_empty() { String::new() } else { format!(" (hint: {})", e.hint) };
+                let hint = if e.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (hint: {})", e.hint)
+                };
                 tracing::error!(%gateway, code = %e.code, "the gateway refused the agent: {}{hint}", e.message);
-                return Ended::Lost { reason: format!("refused: {}", e.code), revoked: e.code == ErrorCode::ApplianceRevoked };
+                return Ended::Lost {
+                    reason: format!("refused: {}", e.code),
+                    revoked: e.code == ErrorCode::ApplianceRevoked,
+                };
             }
-            Ok(Ok(_)) => return Ended::lost("the gateway answered the hello with an unexpected frame"),
+            Ok(Ok(_)) => {
+                return Ended::lost("the gateway answered the hello with an unexpected frame")
+            }
             Ok(Err(e)) => return Ended::lost(format!("no answer to the hello: {e}")),
-            Err(_) => return Ended::lost(format!("no answer to the hello within {HELLO_TIMEOUT:?}")),
+            Err(_) => {
+                return Ended::lost(format!("no answer to the hello within {HELLO_TIMEOUT:?}"))
+            }
         };
         if ack.appliance_id != self.enrollment.appliance_id {
             tracing::warn!(configured = %self.enrollment.appliance_id, gateway_says = %ack.appliance_id, "the gateway knows this agent under another appliance id");
@@ -254,7 +318,13 @@ impl Agent {
         self.control_loop(conn, &ack, send, recv).await
     }
 
-    async fn control_loop(&self, conn: &Connection, ack: &HelloAck, mut send: SendStream, recv: RecvStream) -> Ended {
+    async fn control_loop(
+        &self,
+        conn: &Connection,
+        ack: &HelloAck,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Ended {
         let every = Duration::from_millis(ack.heartbeat_interval_ms.clamp(50, 3_600_000));
         let lost_after = Duration::from_millis(ack.lost_after_ms).max(every);
         let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
@@ -266,7 +336,11 @@ impl Agent {
         let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         loop {
-            let next_expiry = self.live.lock().unwrap_or_else(|p| p.into_inner()).next_expiry();
+            let next_expiry = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_expiry();
             let expiry_at = next_expiry.map(instant_of);
             tokio::select! {
                 _ = ticker.tick() => {
@@ -314,7 +388,13 @@ impl Agent {
     }
 
     /// Handles one control frame; `Some` ends the connection.
-    async fn on_frame(&self, frame: Frame, send: &mut SendStream, write_limit: Duration, ops: &Outbox) -> Option<Ended> {
+    async fn on_frame(
+        &self,
+        frame: Frame,
+        send: &mut SendStream,
+        write_limit: Duration,
+        ops: &Outbox,
+    ) -> Option<Ended> {
         let now = Timestamp::now();
         match frame {
             Frame::Heartbeat { seq } => {
@@ -325,7 +405,11 @@ impl Agent {
             Frame::HeartbeatAck { .. } => {}
             Frame::EndpointSync { endpoints } => {
                 let grants = endpoints.clone();
-                let (added, removed) = self.live.lock().unwrap_or_else(|p| p.into_inner()).sync(endpoints, now);
+                let (added, removed) = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sync(endpoints, now);
                 self.audit_removed(&removed);
                 for g in grants.iter().filter(|g| added.contains(&g.endpoint_id)) {
                     self.audit_opened(g, "sync");
@@ -335,7 +419,10 @@ impl Agent {
             }
             Frame::EndpointOpen(grant) => {
                 let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-                let was_live = matches!(live.check(&grant.endpoint_id, now), crate::grants::Liveness::Live { .. });
+                let was_live = matches!(
+                    live.check(&grant.endpoint_id, now),
+                    crate::grants::Liveness::Live { .. }
+                );
                 let is_live = live.insert(grant.clone(), now);
                 drop(live);
                 if is_live && !was_live {
@@ -353,21 +440,42 @@ impl Agent {
                     }))
                     .collect();
                 self.ops.grants_synced(&grants, now);
-                let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).sync_grants(grants, now);
+                let removed = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .sync_grants(grants, now);
                 self.audit_grants(summary);
                 self.audit_removed(&removed);
             }
-            Frame::EndpointClose { endpoint_id, reason } => {
-                let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).close(&endpoint_id, reason);
+            Frame::EndpointClose {
+                endpoint_id,
+                reason,
+            } => {
+                let removed = self
+                    .live
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .close(&endpoint_id, reason);
                 self.audit_removed(removed.as_slice());
             }
             // Ops never block the loop: each runs on its own task and answers through `ops`.
             Frame::OpDispatch(d) => self.ops.dispatch(d, ops.clone()),
             Frame::OutputFetch { op_id } => self.ops.fetch(&op_id, ops.clone()),
-            Frame::OutputRelease { op_id, approved_by } => self.ops.release(op_id, approved_by, ops.clone()),
-            Frame::OutputDestroy { op_id, denied_by, message } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
+            Frame::OutputRelease { op_id, approved_by } => {
+                self.ops.release(op_id, approved_by, ops.clone())
+            }
+            Frame::OutputDestroy {
+                op_id,
+                denied_by,
+                message,
+            } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
             Frame::Error(e) => {
-                let hint = if e.hint.is_empty() { String::new() } else { format!(" (hint: {})", e.hint) };
+                let hint = if e.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (hint: {})", e.hint)
+                };
                 tracing::error!(code = %e.code, "the gateway reported an error: {}{hint}", e.message);
                 return Some(Ended::Lost {
                     reason: format!("gateway error {}", e.code),
@@ -401,15 +509,23 @@ impl Agent {
     /// The customer's trail records every grant set the gateway announced: what the agent
     /// was told it may honour, and until when.
     fn audit_grants(&self, grants: Vec<serde_json::Value>) {
-        self.audit.record_or_log(Entry::new("grant.sync", self.audit.agent_actor(), json!({ "grants": grants })));
+        self.audit.record_or_log(Entry::new(
+            "grant.sync",
+            self.audit.agent_actor(),
+            json!({ "grants": grants }),
+        ));
     }
 
     fn audit_removed(&self, removed: &[Removed]) {
         for r in removed {
             tracing::info!(endpoint = %r.endpoint_id, reason = r.reason.as_str(), "endpoint ended");
             self.audit.record_or_log(
-                Entry::new("endpoint.closed", self.audit.agent_actor(), json!({ "reason": r.reason.as_str() }))
-                    .endpoint(r.endpoint_id.clone()),
+                Entry::new(
+                    "endpoint.closed",
+                    self.audit.agent_actor(),
+                    json!({ "reason": r.reason.as_str() }),
+                )
+                .endpoint(r.endpoint_id.clone()),
             );
             crate::endpoint_setup::closed(&self.sessions, r);
         }
@@ -466,7 +582,9 @@ mod tests {
     fn backoff_grows_to_the_cap_with_full_jitter() {
         let cap = Duration::from_secs(5);
         for attempt in 0..40 {
-            let ceiling = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(20)).min(cap);
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(20))
+                .min(cap);
             for _ in 0..50 {
                 assert!(backoff(attempt, cap) <= ceiling);
             }

@@ -22,7 +22,10 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> Res
 
 /// Reads exactly one frame and not a byte more: on a data stream the proxied bytes follow the
 /// header immediately, and they belong to the target, not to us.
-pub async fn read_one_frame<R: AsyncRead + Unpin>(r: &mut R, max_len: usize) -> Result<Frame, WireError> {
+pub async fn read_one_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_len: usize,
+) -> Result<Frame, WireError> {
     let dec = FrameDecoder::new(max_len);
     let mut buf = BytesMut::new();
     loop {
@@ -37,7 +40,9 @@ pub async fn read_one_frame<R: AsyncRead + Unpin>(r: &mut R, max_len: usize) -> 
         };
         match r.read_exact(dst).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(WireError::Closed)
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -53,7 +58,11 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_len: usize) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(8 * 1024), dec: FrameDecoder::new(max_len) }
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(8 * 1024),
+            dec: FrameDecoder::new(max_len),
+        }
     }
 
     /// The next frame, or `Ok(None)` at a clean end of stream.
@@ -64,7 +73,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             // read_buf either moves bytes into our buffer or nothing at all if cancelled.
             if self.inner.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(WireError::Closed) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(WireError::Closed)
+                };
             }
         }
     }
@@ -81,7 +94,10 @@ mod tests {
         write_frame(&mut a, &Frame::StreamAccept).await.unwrap();
         a.write_all(b"raw bytes").await.unwrap();
         drop(a);
-        assert_eq!(read_one_frame(&mut b, MAX_STREAM_HEADER_LEN).await.unwrap(), Frame::StreamAccept);
+        assert_eq!(
+            read_one_frame(&mut b, MAX_STREAM_HEADER_LEN).await.unwrap(),
+            Frame::StreamAccept
+        );
         let mut rest = Vec::new();
         b.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"raw bytes");
@@ -91,18 +107,26 @@ mod tests {
     async fn oversized_header_and_early_eof_are_errors() {
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         a.write_all(&[0, 1, 0, 0]).await.unwrap();
-        assert!(matches!(read_one_frame(&mut b, 1024).await, Err(WireError::Frame(FrameError::TooLarge { .. }))));
+        assert!(matches!(
+            read_one_frame(&mut b, 1024).await,
+            Err(WireError::Frame(FrameError::TooLarge { .. }))
+        ));
         let (mut a, mut b) = tokio::io::duplex(64 * 1024);
         a.write_all(&[0, 0, 0, 9, 1]).await.unwrap();
         drop(a);
-        assert!(matches!(read_one_frame(&mut b, 1024).await, Err(WireError::Closed)));
+        assert!(matches!(
+            read_one_frame(&mut b, 1024).await,
+            Err(WireError::Closed)
+        ));
     }
 
     #[tokio::test]
     async fn reader_yields_frames_then_clean_end() {
         let (mut a, b) = tokio::io::duplex(64 * 1024);
         for seq in 0..3 {
-            write_frame(&mut a, &Frame::Heartbeat { seq }).await.unwrap();
+            write_frame(&mut a, &Frame::Heartbeat { seq })
+                .await
+                .unwrap();
         }
         drop(a);
         let mut r = FrameReader::new(b, MAX_FRAME_LEN);

@@ -60,7 +60,10 @@ fn kube_script() -> &'static Path {
         let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
         for old in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
             let name = old.file_name().to_string_lossy().into_owned();
-            if name.strip_prefix("op_dispatch-").is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            if name
+                .strip_prefix("op_dispatch-")
+                .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+            {
                 let _ = std::fs::remove_dir_all(old.path());
             }
         }
@@ -74,7 +77,11 @@ fn kube_script() -> &'static Path {
 }
 
 /// A gateway that expects the kubernetes resource in the hello and answers heartbeats.
-const CONTROL: Control = Control { check_hello, lost_after_ms: 2000, answer_heartbeats: true };
+const CONTROL: Control = Control {
+    check_hello,
+    lost_after_ms: 2000,
+    answer_heartbeats: true,
+};
 
 fn check_hello(hello: &Hello) {
     assert!(hello.resources.iter().any(|r| r.id == KUBE));
@@ -84,7 +91,13 @@ fn check_hello(hello: &Hello) {
 fn output(frames: &[(Instant, Frame)], preview: bool) -> (String, String) {
     let (mut out, mut err) = (String::new(), String::new());
     for (_, f) in frames {
-        if let Frame::OpOutput { stream, data, preview: p, .. } = f {
+        if let Frame::OpOutput {
+            stream,
+            data,
+            preview: p,
+            ..
+        } = f
+        {
             assert_eq!(*p, preview, "{f:?}");
             match stream {
                 OutputStream::Stdout => out.push_str(data),
@@ -136,7 +149,10 @@ impl Agent {
         std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n").unwrap();
         edit_config(&config_path, |text| {
             assert!(text.contains("approval = \"manual\""), "{text}");
-            let mut text = text.replace("approval = \"manual\"", &format!("approval = \"{approval}\""));
+            let mut text = text.replace(
+                "approval = \"manual\"",
+                &format!("approval = \"{approval}\""),
+            );
             text.push_str(&format!(
                 "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n",
                 script.display(),
@@ -148,13 +164,23 @@ impl Agent {
         let audit_path = config.audit_path.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tunnel::run(config, shutdown.clone(), None));
-        Agent { dir, kubeconfig, audit_path, shutdown, task }
+        Agent {
+            dir,
+            kubeconfig,
+            audit_path,
+            shutdown,
+            task,
+        }
     }
 
     /// Stops the agent; the returned directory holds its files until dropped.
     async fn stop(self) -> tempfile::TempDir {
         self.shutdown.cancel();
-        tokio::time::timeout(T, self.task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(T, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         self.dir
     }
 
@@ -165,7 +191,11 @@ impl Agent {
 }
 
 fn kinds_of<'a>(records: &'a [AuditRecord], op_id: &str) -> Vec<&'a str> {
-    records.iter().filter(|r| r.op_id.as_deref() == Some(op_id)).map(|r| r.kind.as_str()).collect()
+    records
+        .iter()
+        .filter(|r| r.op_id.as_deref() == Some(op_id))
+        .map(|r| r.kind.as_str())
+        .collect()
 }
 
 fn record<'a>(records: &'a [AuditRecord], op_id: &str, kind: &str) -> &'a AuditRecord {
@@ -191,44 +221,101 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     .await;
 
     // Streamed as it arrives, with the resource's kubeconfig, in a private working directory.
-    link.send(Frame::OpDispatch(dispatch("op_ok", "kubectl get pods -n 'my app'", "policy:automatic"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_ok",
+        "kubectl get pods -n 'my app'",
+        "policy:automatic",
+    )))
+    .await;
     let frames = link.until_end("op_ok").await;
-    assert!(matches!(frames[0].1, Frame::OpStarted { .. }), "{:?}", frames[0]);
+    assert!(
+        matches!(frames[0].1, Frame::OpStarted { .. }),
+        "{:?}",
+        frames[0]
+    );
     let (out, err) = output(&frames, false);
     assert!(out.contains("args: get pods -n my app\n"), "{out}");
     let env_line = format!("op=op_ok res={KUBE} kc={}\n", agent.kubeconfig.display());
     assert!(out.contains(&env_line), "{out}");
     // The euro sign was split across two reads 300 ms apart and still arrives whole.
-    assert!(out.contains("euro: € done\n") && !out.contains('\u{FFFD}'), "{out:?}");
+    assert!(
+        out.contains("euro: € done\n") && !out.contains('\u{FFFD}'),
+        "{out:?}"
+    );
     assert_eq!(err, "a warning\n");
     let cwd = out.lines().find_map(|l| l.strip_prefix("cwd=")).unwrap();
     assert!(Path::new(cwd).starts_with(std::env::temp_dir()), "{cwd}");
-    assert!(!Path::new(cwd).exists(), "the op's working directory is removed afterwards");
+    assert!(
+        !Path::new(cwd).exists(),
+        "the op's working directory is removed afterwards"
+    );
     let f = finished(&frames);
-    assert_eq!((f.held, f.exit_code, f.truncated, f.timed_out, f.preview, f.destroyed), (false, Some(0), false, false, false, false));
+    assert_eq!(
+        (
+            f.held,
+            f.exit_code,
+            f.truncated,
+            f.timed_out,
+            f.preview,
+            f.destroyed
+        ),
+        (false, Some(0), false, false, false, false)
+    );
     assert!(f.error.is_none(), "{:?}", f.error);
-    let first_output = frames.iter().find(|(_, f)| matches!(f, Frame::OpOutput { .. })).unwrap().0;
-    assert!(frames.last().unwrap().0 - first_output >= Duration::from_millis(150), "output is streamed, not sent at the end");
+    let first_output = frames
+        .iter()
+        .find(|(_, f)| matches!(f, Frame::OpOutput { .. }))
+        .unwrap()
+        .0;
+    assert!(
+        frames.last().unwrap().0 - first_output >= Duration::from_millis(150),
+        "output is streamed, not sent at the end"
+    );
 
     // A non-zero exit: COMMAND_FAILED with the exit code and stderr.
-    link.send(Frame::OpDispatch(dispatch("op_fail", "kubectl fail", "policy:automatic"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_fail",
+        "kubectl fail",
+        "policy:automatic",
+    )))
+    .await;
     let frames = link.until_end("op_fail").await;
-    assert_eq!(output(&frames, false), ("partial\n".to_string(), "boom\n".to_string()));
+    assert_eq!(
+        output(&frames, false),
+        ("partial\n".to_string(), "boom\n".to_string())
+    );
     let f = finished(&frames);
     assert_eq!((f.held, f.exit_code, f.timed_out), (false, Some(3), false));
     let e = f.error.as_ref().unwrap();
     assert_eq!(e.code, ErrorCode::CommandFailed);
-    assert_eq!((e.details["exit_code"].as_i64(), e.details["stderr"].as_str()), (Some(3), Some("boom\n")));
+    assert_eq!(
+        (
+            e.details["exit_code"].as_i64(),
+            e.details["stderr"].as_str()
+        ),
+        (Some(3), Some("boom\n"))
+    );
 
     // Past its timeout the op is killed: timed_out, COMMAND_TIMEOUT.
     let started = Instant::now();
-    link.send(Frame::OpDispatch(OpDispatch { timeout_s: 1, ..dispatch("op_slow", "kubectl sleep", "policy:automatic") })).await;
+    link.send(Frame::OpDispatch(OpDispatch {
+        timeout_s: 1,
+        ..dispatch("op_slow", "kubectl sleep", "policy:automatic")
+    }))
+    .await;
     let frames = link.until_end("op_slow").await;
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(output(&frames, false).0, "sleeping\n");
     let f = finished(&frames);
     assert!(f.timed_out && f.exit_code.is_none(), "{f:?}");
-    assert_eq!(f.error.as_ref().map(|e| e.code), Some(ErrorCode::CommandTimeout));
+    assert_eq!(
+        f.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::CommandTimeout)
+    );
 
     // An op does not outlive its operate grant: stopped when the grant expires by the agent's
     // clock, and when the gateway's grant set no longer has it (revoked).
@@ -239,13 +326,20 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
         live_grant("gr_short", GrantLevel::Operate, -1, 2),
         live_grant("gr_revoked", GrantLevel::Operate, -1, 3600),
     ];
-    link.send(Frame::GrantSync { grants: grants.clone() }).await;
+    link.send(Frame::GrantSync {
+        grants: grants.clone(),
+    })
+    .await;
     let mut short = dispatch("op_short", "kubectl sleep", "policy:automatic");
     short.grant_id = "gr_short".into();
     let started = Instant::now();
     link.send(Frame::OpDispatch(short)).await;
     let frames = link.until_end("op_short").await;
-    assert!(started.elapsed() < Duration::from_secs(10), "stopped at the grant's end: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped at the grant's end: {:?}",
+        started.elapsed()
+    );
     let f = finished(&frames);
     assert!(!f.timed_out && f.exit_code.is_none(), "{f:?}");
     let e = f.error.as_ref().unwrap();
@@ -258,7 +352,10 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     grants.pop();
     link.send(Frame::GrantSync { grants }).await;
     let frames = link.until_end("op_revoked").await;
-    assert_eq!(finished(&frames).error.as_ref().map(|e| e.code), Some(ErrorCode::CommandFailed));
+    assert_eq!(
+        finished(&frames).error.as_ref().map(|e| e.code),
+        Some(ErrorCode::CommandFailed)
+    );
 
     // Refused in the appliance, whatever the gateway says: nothing starts.
     let mut unknown = dispatch("op_nogrant", "kubectl get pods", "policy:automatic");
@@ -266,56 +363,152 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     link.send(Frame::OpDispatch(unknown)).await;
     let e = link.refusal("op_nogrant").await;
     assert_eq!(e.code, ErrorCode::OperateAccessRequired);
-    assert!(e.hint.contains("postern access request --app shop --customer acme --level operate"), "{}", e.hint);
+    assert!(
+        e.hint
+            .contains("postern access request --app shop --customer acme --level operate"),
+        "{}",
+        e.hint
+    );
     // A refused op may be dispatched again (here under a live grant), and then it runs.
-    link.send(Frame::OpDispatch(dispatch("op_nogrant", "kubectl fail", "policy:automatic"))).await;
-    assert_eq!(finished(&link.until_end("op_nogrant").await).exit_code, Some(3));
+    link.send(Frame::OpDispatch(dispatch(
+        "op_nogrant",
+        "kubectl fail",
+        "policy:automatic",
+    )))
+    .await;
+    assert_eq!(
+        finished(&link.until_end("op_nogrant").await).exit_code,
+        Some(3)
+    );
     let mut expired = dispatch("op_expired", "kubectl get pods", "policy:automatic");
     expired.grant_id = "gr_old".into();
     link.send(Frame::OpDispatch(expired)).await;
-    assert_eq!(link.refusal("op_expired").await.code, ErrorCode::OperateAccessExpired);
+    assert_eq!(
+        link.refusal("op_expired").await.code,
+        ErrorCode::OperateAccessExpired
+    );
     let mut deploy = dispatch("op_deploy", "kubectl get pods", "policy:automatic");
     deploy.grant_id = "gr_deploy".into();
     link.send(Frame::OpDispatch(deploy)).await;
-    assert_eq!(link.refusal("op_deploy").await.code, ErrorCode::OperateAccessRequired);
-    link.send(Frame::OpDispatch(dispatch("op_tool", "rm -rf /", "policy:automatic"))).await;
+    assert_eq!(
+        link.refusal("op_deploy").await.code,
+        ErrorCode::OperateAccessRequired
+    );
+    link.send(Frame::OpDispatch(dispatch(
+        "op_tool",
+        "rm -rf /",
+        "policy:automatic",
+    )))
+    .await;
     let e = link.refusal("op_tool").await;
     assert_eq!(e.code, ErrorCode::ForbiddenByScope);
     assert!(e.message.contains("starts with `rm`"), "{e}");
-    link.send(Frame::OpDispatch(dispatch("op_shell", "kubectl get pods | sh", "policy:automatic"))).await;
-    assert_eq!(link.refusal("op_shell").await.code, ErrorCode::InvalidRequest);
+    link.send(Frame::OpDispatch(dispatch(
+        "op_shell",
+        "kubectl get pods | sh",
+        "policy:automatic",
+    )))
+    .await;
+    assert_eq!(
+        link.refusal("op_shell").await.code,
+        ErrorCode::InvalidRequest
+    );
     let mut other = dispatch("op_res", "kubectl get pods", "policy:automatic");
     other.resource_id = "aws_db_instance.nope".into();
     link.send(Frame::OpDispatch(other)).await;
-    assert_eq!(link.refusal("op_res").await.code, ErrorCode::InvalidOriginResourceId);
+    assert_eq!(
+        link.refusal("op_res").await.code,
+        ErrorCode::InvalidOriginResourceId
+    );
     // An approval is used once: the same op id does not run twice.
-    link.send(Frame::OpDispatch(dispatch("op_ok", "kubectl get pods", "policy:automatic"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_ok",
+        "kubectl get pods",
+        "policy:automatic",
+    )))
+    .await;
     assert_eq!(link.refusal("op_ok").await.code, ErrorCode::Conflict);
     link.quiet().await;
 
-    let records = agent.trail(|r| r.iter().any(|r| r.op_id.as_deref() == Some("op_ok") && r.kind == "op.refused")).await;
-    assert_eq!(kinds_of(&records, "op_ok"), ["op.dispatched", "op.started", "op.finished", "op.dispatched", "denied", "op.refused"]);
+    let records = agent
+        .trail(|r| {
+            r.iter()
+                .any(|r| r.op_id.as_deref() == Some("op_ok") && r.kind == "op.refused")
+        })
+        .await;
+    assert_eq!(
+        kinds_of(&records, "op_ok"),
+        [
+            "op.dispatched",
+            "op.started",
+            "op.finished",
+            "op.dispatched",
+            "denied",
+            "op.refused"
+        ]
+    );
     let d = record(&records, "op_ok", "op.dispatched");
     assert_eq!(d.actor, "alice@vendor.example");
     assert_eq!(d.detail["command"], "kubectl get pods -n 'my app'");
-    assert_eq!((d.detail["tool"].as_str(), d.detail["resource_id"].as_str()), (Some("kubectl"), Some(KUBE)));
-    assert_eq!((d.detail["grant_id"].as_str(), d.detail["command_approved_by"].as_str()), (Some("gr_1"), Some("policy:automatic")));
+    assert_eq!(
+        (d.detail["tool"].as_str(), d.detail["resource_id"].as_str()),
+        (Some("kubectl"), Some(KUBE))
+    );
+    assert_eq!(
+        (
+            d.detail["grant_id"].as_str(),
+            d.detail["command_approved_by"].as_str()
+        ),
+        (Some("gr_1"), Some("policy:automatic"))
+    );
     let fin = record(&records, "op_ok", "op.finished");
-    assert_eq!((fin.detail["exit_code"].as_i64(), fin.detail["held"].as_bool()), (Some(0), Some(false)));
-    assert!(fin.detail["duration_ms"].as_u64().unwrap() >= 300, "{}", fin.detail);
+    assert_eq!(
+        (
+            fin.detail["exit_code"].as_i64(),
+            fin.detail["held"].as_bool()
+        ),
+        (Some(0), Some(false))
+    );
+    assert!(
+        fin.detail["duration_ms"].as_u64().unwrap() >= 300,
+        "{}",
+        fin.detail
+    );
     let fin = record(&records, "op_slow", "op.finished");
     assert_eq!(fin.detail["timed_out"], true);
     for op in ["op_short", "op_revoked"] {
         let fin = record(&records, op, "op.finished");
-        assert_eq!((fin.detail["cancelled"].as_bool(), fin.detail["cancel_reason"].as_str()), (Some(true), Some("operate grant ended")));
+        assert_eq!(
+            (
+                fin.detail["cancelled"].as_bool(),
+                fin.detail["cancel_reason"].as_str()
+            ),
+            (Some(true), Some("operate grant ended"))
+        );
     }
     assert_eq!(
         kinds_of(&records, "op_nogrant"),
-        ["op.dispatched", "denied", "op.refused", "op.dispatched", "op.started", "op.finished"]
+        [
+            "op.dispatched",
+            "denied",
+            "op.refused",
+            "op.dispatched",
+            "op.started",
+            "op.finished"
+        ]
     );
-    assert_eq!(record(&records, "op_nogrant", "denied").detail["reason"], "OPERATE_ACCESS_REQUIRED");
-    assert_eq!(record(&records, "op_tool", "op.refused").detail["code"], "FORBIDDEN_BY_SCOPE");
-    assert_eq!(kinds_of(&records, "op_shell"), ["op.dispatched", "op.refused"]);
+    assert_eq!(
+        record(&records, "op_nogrant", "denied").detail["reason"],
+        "OPERATE_ACCESS_REQUIRED"
+    );
+    assert_eq!(
+        record(&records, "op_tool", "op.refused").detail["code"],
+        "FORBIDDEN_BY_SCOPE"
+    );
+    assert_eq!(
+        kinds_of(&records, "op_shell"),
+        ["op.dispatched", "op.refused"]
+    );
 
     drop(link);
     let path = agent.audit_path.clone();
@@ -329,18 +522,34 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "manual").await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync { grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)] }).await;
+    link.send(Frame::GrantSync {
+        grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+    })
+    .await;
 
     // The policy approved it, but the appliance's policy wants a person.
-    link.send(Frame::OpDispatch(dispatch("op_auto", "kubectl get pods", "policy:automatic"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_auto",
+        "kubectl get pods",
+        "policy:automatic",
+    )))
+    .await;
     let e = link.refusal("op_auto").await;
     assert_eq!(e.code, ErrorCode::ApprovalDenied);
     assert!(e.message.contains("requires a person's approval"), "{e}");
-    assert_eq!(e.hint, "an approver runs `postern approvals approve op_auto`");
+    assert_eq!(
+        e.hint,
+        "an approver runs `postern approvals approve op_auto`"
+    );
 
     // A person approved it: it runs, and its output stays in the appliance even though the
     // gateway did not ask to hold it. Only "started" and "finished, held" leave.
-    link.send(Frame::OpDispatch(dispatch("op_h1", "kubectl get pods", "carol@acme.example"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_h1",
+        "kubectl get pods",
+        "carol@acme.example",
+    )))
+    .await;
     let frames = link.until_end("op_h1").await;
     assert_eq!(frames.len(), 2, "{frames:?}");
     assert!(matches!(frames[0].1, Frame::OpStarted { .. }));
@@ -362,75 +571,166 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
 
     // An approver looks: the preview, and it stays held.
     for _ in 0..2 {
-        link.send(Frame::OutputFetch { op_id: "op_h1".into() }).await;
+        link.send(Frame::OutputFetch {
+            op_id: "op_h1".into(),
+        })
+        .await;
         let frames = link.until_end("op_h1").await;
         let (out, err) = output(&frames, true);
-        assert!(out.contains("euro: € done\n") && out.contains("args: get pods"), "{out}");
+        assert!(
+            out.contains("euro: € done\n") && out.contains("args: get pods"),
+            "{out}"
+        );
         assert_eq!(err, "a warning\n");
         let f = finished(&frames);
-        assert_eq!((f.preview, f.held, f.exit_code, f.destroyed), (true, true, Some(0), false));
+        assert_eq!(
+            (f.preview, f.held, f.exit_code, f.destroyed),
+            (true, true, Some(0), false)
+        );
     }
 
     // Released: the output leaves, then the op's real end; then it is gone.
-    link.send(Frame::OutputRelease { op_id: "op_h1".into(), approved_by: "carol@acme.example".into() }).await;
+    link.send(Frame::OutputRelease {
+        op_id: "op_h1".into(),
+        approved_by: "carol@acme.example".into(),
+    })
+    .await;
     let frames = link.until_end("op_h1").await;
     let (out, err) = output(&frames, false);
     assert!(out.contains("euro: € done\n"), "{out}");
     assert_eq!(err, "a warning\n");
     let f = finished(&frames);
-    assert_eq!((f.preview, f.held, f.exit_code, f.error.is_none()), (false, false, Some(0), true));
-    link.send(Frame::OutputFetch { op_id: "op_h1".into() }).await;
+    assert_eq!(
+        (f.preview, f.held, f.exit_code, f.error.is_none()),
+        (false, false, Some(0), true)
+    );
+    link.send(Frame::OutputFetch {
+        op_id: "op_h1".into(),
+    })
+    .await;
     let e = link.refusal("op_h1").await;
     assert_eq!(e.code, ErrorCode::NotFound);
-    assert!(e.message.contains("released, destroyed, or the agent restarted"), "{e}");
+    assert!(
+        e.message
+            .contains("released, destroyed, or the agent restarted"),
+        "{e}"
+    );
 
     // A failing op is held too: not even its exit code leaves.
-    link.send(Frame::OpDispatch(dispatch("op_h2", "kubectl fail", "carol@acme.example"))).await;
+    link.send(Frame::OpDispatch(dispatch(
+        "op_h2",
+        "kubectl fail",
+        "carol@acme.example",
+    )))
+    .await;
     let frames = link.until_end("op_h2").await;
     assert_eq!(frames.len(), 2, "{frames:?}");
     let f = finished(&frames);
-    assert!(f.held && f.exit_code.is_none() && f.error.is_none(), "{f:?}");
+    assert!(
+        f.held && f.exit_code.is_none() && f.error.is_none(),
+        "{f:?}"
+    );
 
     // Held output outlives the connection: after a reconnect the agent says again that it waits.
     link.conn.close(0u32.into(), b"gateway restarting");
     let mut link = gw.link(CONTROL).await;
     let frames = link.until_end("op_h2").await;
     let f = finished(&frames);
-    assert!(f.held && !f.preview && f.exit_code.is_none() && f.error.is_none(), "{f:?}");
-    link.send(Frame::OutputFetch { op_id: "op_h2".into() }).await;
+    assert!(
+        f.held && !f.preview && f.exit_code.is_none() && f.error.is_none(),
+        "{f:?}"
+    );
+    link.send(Frame::OutputFetch {
+        op_id: "op_h2".into(),
+    })
+    .await;
     let frames = link.until_end("op_h2").await;
-    assert_eq!(output(&frames, true), ("partial\n".to_string(), "boom\n".to_string()));
+    assert_eq!(
+        output(&frames, true),
+        ("partial\n".to_string(), "boom\n".to_string())
+    );
     let f = finished(&frames);
-    assert_eq!((f.exit_code, f.error.as_ref().map(|e| e.code)), (Some(3), Some(ErrorCode::CommandFailed)));
+    assert_eq!(
+        (f.exit_code, f.error.as_ref().map(|e| e.code)),
+        (Some(3), Some(ErrorCode::CommandFailed))
+    );
 
     // Denied: destroyed in the appliance; nothing can fetch or release it afterwards.
-    link.send(Frame::OutputDestroy { op_id: "op_h2".into(), denied_by: "dave@acme.example".into(), message: Some("not today".into()) }).await;
+    link.send(Frame::OutputDestroy {
+        op_id: "op_h2".into(),
+        denied_by: "dave@acme.example".into(),
+        message: Some("not today".into()),
+    })
+    .await;
     let frames = link.until_end("op_h2").await;
     assert_eq!(frames.len(), 1, "{frames:?}");
     let f = finished(&frames);
-    assert!(f.destroyed && !f.held && f.exit_code.is_none() && f.error.is_none(), "{f:?}");
-    link.send(Frame::OutputFetch { op_id: "op_h2".into() }).await;
+    assert!(
+        f.destroyed && !f.held && f.exit_code.is_none() && f.error.is_none(),
+        "{f:?}"
+    );
+    link.send(Frame::OutputFetch {
+        op_id: "op_h2".into(),
+    })
+    .await;
     assert_eq!(link.refusal("op_h2").await.code, ErrorCode::NotFound);
-    link.send(Frame::OutputRelease { op_id: "op_h2".into(), approved_by: "carol@acme.example".into() }).await;
+    link.send(Frame::OutputRelease {
+        op_id: "op_h2".into(),
+        approved_by: "carol@acme.example".into(),
+    })
+    .await;
     assert_eq!(link.refusal("op_h2").await.code, ErrorCode::NotFound);
     link.quiet().await;
 
-    let records = agent.trail(|r| r.iter().any(|r| r.kind == "output.destroyed")).await;
-    assert_eq!(kinds_of(&records, "op_auto"), ["op.dispatched", "denied", "op.refused"]);
-    assert_eq!(record(&records, "op_auto", "denied").detail["reason"], "APPROVAL_DENIED");
+    let records = agent
+        .trail(|r| r.iter().any(|r| r.kind == "output.destroyed"))
+        .await;
+    assert_eq!(
+        kinds_of(&records, "op_auto"),
+        ["op.dispatched", "denied", "op.refused"]
+    );
+    assert_eq!(
+        record(&records, "op_auto", "denied").detail["reason"],
+        "APPROVAL_DENIED"
+    );
     assert_eq!(
         kinds_of(&records, "op_h1"),
-        ["op.dispatched", "op.started", "op.finished", "output.previewed", "output.previewed", "output.released"]
+        [
+            "op.dispatched",
+            "op.started",
+            "op.finished",
+            "output.previewed",
+            "output.previewed",
+            "output.released"
+        ]
     );
-    assert_eq!(record(&records, "op_h1", "op.finished").detail["held"], true);
+    assert_eq!(
+        record(&records, "op_h1", "op.finished").detail["held"],
+        true
+    );
     let released = record(&records, "op_h1", "output.released");
-    assert_eq!((released.actor.as_str(), released.detail["approved_by"].as_str()), ("carol@acme.example", Some("carol@acme.example")));
+    assert_eq!(
+        (
+            released.actor.as_str(),
+            released.detail["approved_by"].as_str()
+        ),
+        ("carol@acme.example", Some("carol@acme.example"))
+    );
     let destroyed = record(&records, "op_h2", "output.destroyed");
     assert_eq!(destroyed.actor, "dave@acme.example");
-    assert_eq!((destroyed.detail["denied_by"].as_str(), destroyed.detail["message"].as_str()), (Some("dave@acme.example"), Some("not today")));
+    assert_eq!(
+        (
+            destroyed.detail["denied_by"].as_str(),
+            destroyed.detail["message"].as_str()
+        ),
+        (Some("dave@acme.example"), Some("not today"))
+    );
     // The customer's trail records what ran, not the output itself.
     let text = std::fs::read_to_string(&agent.audit_path).unwrap();
-    assert!(!text.contains("euro") && !text.contains("boom"), "output must not be in the trail");
+    assert!(
+        !text.contains("euro") && !text.contains("boom"),
+        "output must not be in the trail"
+    );
 
     drop(link);
     let path = agent.audit_path.clone();

@@ -24,9 +24,15 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("out_err", "echo out\necho err >&2\nexit 3\n"),
     ("args", "printf '%s\\n' \"$@\"\n"),
     ("big", "head -c 3145728 /dev/zero\necho \"done $?\" >&2\n"),
-    ("tree", "sleep 300 &\necho $! > \"$1\"\necho started\nsleep 300\n"),
+    (
+        "tree",
+        "sleep 300 &\necho $! > \"$1\"\necho started\nsleep 300\n",
+    ),
     ("env", "pwd\nenv\n"),
-    ("stream", "echo first\nwhile [ ! -e \"$1\" ]; do sleep 0.05; done\necho second >&2\necho third\n"),
+    (
+        "stream",
+        "echo first\nwhile [ ! -e \"$1\" ]; do sleep 0.05; done\necho second >&2\necho third\n",
+    ),
 ];
 
 /// Every script, written once before any test spawns a process: writing an executable while
@@ -38,7 +44,10 @@ fn scripts() -> &'static Path {
         // Per process (a concurrent run must not rewrite scripts we exec); earlier runs' go.
         for old in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
             let name = old.file_name().to_string_lossy().into_owned();
-            if name.strip_prefix("ops_exec-").is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            if name
+                .strip_prefix("ops_exec-")
+                .is_some_and(|pid| !Path::new("/proc").join(pid).exists())
+            {
                 let _ = std::fs::remove_dir_all(old.path());
             }
         }
@@ -57,7 +66,10 @@ fn write_executable(path: &Path, body: &str) {
 }
 
 fn spec(timeout: Duration) -> OpSpec {
-    OpSpec { timeout, ..OpSpec::new("op_test", OpTool::Kubectl, "") }
+    OpSpec {
+        timeout,
+        ..OpSpec::new("op_test", OpTool::Kubectl, "")
+    }
 }
 
 fn argv(command: &str) -> Vec<String> {
@@ -69,7 +81,10 @@ async fn run(script: &str, command: &str, spec: &OpSpec) -> ops::OpOutcome {
     let argv = argv(command);
     let (exe, cancel) = (scripts().join(script), CancellationToken::new());
     let fut = ops::run(spec, &exe, &argv, &[], cwd.path(), &cancel);
-    tokio::time::timeout(BOUND, fut).await.expect("op bounded").expect("op runs")
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .expect("op bounded")
+        .expect("op runs")
 }
 
 /// Dead means gone or a zombie waiting for init to reap it; SIGKILL lands asynchronously, so
@@ -79,7 +94,10 @@ async fn wait_dead(pid: i32) -> bool {
     while Instant::now() < deadline {
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()));
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            });
         if matches!(state, None | Some('Z' | 'X')) {
             return true;
         }
@@ -89,14 +107,21 @@ async fn wait_dead(pid: i32) -> bool {
 }
 
 fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn recv_until(rx: &mut mpsc::Receiver<(Stream, Bytes)>, want: &str) -> Vec<(Stream, Bytes)> {
     let mut got = Vec::new();
     let mut text = String::new();
     while !text.contains(want) {
-        let chunk = tokio::time::timeout(BOUND, rx.recv()).await.expect("chunk bounded").expect("chunk before the end");
+        let chunk = tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .expect("chunk bounded")
+            .expect("chunk before the end");
         text.push_str(&String::from_utf8_lossy(&chunk.1));
         got.push(chunk);
     }
@@ -107,19 +132,37 @@ async fn recv_until(rx: &mut mpsc::Receiver<(Stream, Bytes)>, want: &str) -> Vec
 async fn exit_codes_and_stderr_are_captured() {
     let s = spec(Duration::from_secs(30));
     let o = run("out_err", "kubectl get pods", &s).await;
-    assert_eq!((o.exit_code, o.signal, o.timed_out, o.cancelled), (Some(3), None, false, false));
-    assert_eq!((o.stdout.as_slice(), o.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
+    assert_eq!(
+        (o.exit_code, o.signal, o.timed_out, o.cancelled),
+        (Some(3), None, false, false)
+    );
+    assert_eq!(
+        (o.stdout.as_slice(), o.stderr.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
     assert!(!o.truncated() && o.started_at <= o.finished_at);
     let e = o.error(&s, true).unwrap();
     assert_eq!(e.code, ErrorCode::CommandFailed);
-    assert_eq!((e.details["exit_code"].as_i64(), e.details["stderr"].as_str()), (Some(3), Some("err\n")));
-    assert!(o.error(&s, false).unwrap().details.get("stderr").is_none(), "held stderr stays out");
+    assert_eq!(
+        (
+            e.details["exit_code"].as_i64(),
+            e.details["stderr"].as_str()
+        ),
+        (Some(3), Some("err\n"))
+    );
+    assert!(
+        o.error(&s, false).unwrap().details.get("stderr").is_none(),
+        "held stderr stays out"
+    );
 
     // Exit 0, and argv reaches the tool verbatim: one argument per word, quotes removed,
     // quoted shell characters passed literally.
     let o = run("args", r#"kubectl get 'a b' "c;d" e\|f '$(x)' '' *"#, &s).await;
     assert_eq!(o.exit_code, Some(0));
-    assert_eq!(String::from_utf8(o.stdout.clone()).unwrap(), "get\na b\nc;d\ne|f\n$(x)\n\n*\n");
+    assert_eq!(
+        String::from_utf8(o.stdout.clone()).unwrap(),
+        "get\na b\nc;d\ne|f\n$(x)\n\n*\n"
+    );
     assert!(o.error(&s, true).is_none());
 }
 
@@ -131,7 +174,15 @@ async fn output_past_the_cap_is_dropped_and_marked_without_blocking_the_child() 
     let (tx, mut rx) = mpsc::channel(1024);
     let o = tokio::time::timeout(
         BOUND,
-        ops::run_streaming(&s, &scripts().join("big"), &argv("kubectl"), &[], cwd.path(), &CancellationToken::new(), Some(tx)),
+        ops::run_streaming(
+            &s,
+            &scripts().join("big"),
+            &argv("kubectl"),
+            &[],
+            cwd.path(),
+            &CancellationToken::new(),
+            Some(tx),
+        ),
     )
     .await
     .unwrap()
@@ -157,12 +208,19 @@ async fn timeout_kills_the_whole_process_group() {
     let pid_file = dir.path().join("grandchild.pid");
     let began = Instant::now();
     let o = run("tree", &format!("kubectl '{}'", pid_file.display()), &s).await;
-    assert!(began.elapsed() < Duration::from_secs(20), "took {:?}", began.elapsed());
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        began.elapsed()
+    );
     assert!(o.timed_out && !o.cancelled);
     assert_eq!((o.exit_code, o.signal), (None, Some(libc::SIGKILL)));
     assert_eq!(o.stdout, b"started\n");
     let grandchild = read_pid(&pid_file);
-    assert!(wait_dead(grandchild).await, "the background `sleep 300` ({grandchild}) survived the timeout");
+    assert!(
+        wait_dead(grandchild).await,
+        "the background `sleep 300` ({grandchild}) survived the timeout"
+    );
     let e = o.error(&s, false).unwrap();
     assert_eq!(e.code, ErrorCode::CommandTimeout);
     assert!(e.message.contains("3s timeout"), "{e}");
@@ -175,23 +233,50 @@ async fn cancellation_kills_the_group_and_streaming_shows_output_before_the_end(
     let pid_file = dir.path().join("grandchild.pid");
     let cancel = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel(16);
-    let (exe, argv, cwd, c) =
-        (scripts().join("tree"), argv(&format!("kubectl '{}'", pid_file.display())), dir.path().to_path_buf(), cancel.clone());
+    let (exe, argv, cwd, c) = (
+        scripts().join("tree"),
+        argv(&format!("kubectl '{}'", pid_file.display())),
+        dir.path().to_path_buf(),
+        cancel.clone(),
+    );
     let task = tokio::spawn(async move {
-        ops::run_streaming(&spec(Duration::from_secs(300)), &exe, &argv, &[], &cwd, &c, Some(tx)).await
+        ops::run_streaming(
+            &spec(Duration::from_secs(300)),
+            &exe,
+            &argv,
+            &[],
+            &cwd,
+            &c,
+            Some(tx),
+        )
+        .await
     });
     recv_until(&mut rx, "started\n").await;
     assert!(!task.is_finished());
     let grandchild = read_pid(&pid_file);
-    assert!(std::fs::metadata(format!("/proc/{grandchild}")).is_ok(), "grandchild running before the cancel");
+    assert!(
+        std::fs::metadata(format!("/proc/{grandchild}")).is_ok(),
+        "grandchild running before the cancel"
+    );
 
     let began = Instant::now();
     cancel.cancel();
-    let o = tokio::time::timeout(BOUND, task).await.unwrap().unwrap().unwrap();
-    assert!(began.elapsed() < Duration::from_secs(10), "took {:?}", began.elapsed());
+    let o = tokio::time::timeout(BOUND, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        began.elapsed()
+    );
     assert!(o.cancelled && !o.timed_out);
     assert_eq!((o.exit_code, o.signal), (None, Some(libc::SIGKILL)));
-    assert!(wait_dead(grandchild).await, "the background `sleep 300` ({grandchild}) survived the cancel");
+    assert!(
+        wait_dead(grandchild).await,
+        "the background `sleep 300` ({grandchild}) survived the cancel"
+    );
 }
 
 #[tokio::test]
@@ -200,21 +285,48 @@ async fn chunks_stream_while_the_tool_still_runs() {
     let dir = tempfile::tempdir().unwrap();
     let flag = dir.path().join("go");
     let (tx, mut rx) = mpsc::channel(16);
-    let (exe, argv, cwd) = (scripts().join("stream"), argv(&format!("kubectl '{}'", flag.display())), dir.path().to_path_buf());
+    let (exe, argv, cwd) = (
+        scripts().join("stream"),
+        argv(&format!("kubectl '{}'", flag.display())),
+        dir.path().to_path_buf(),
+    );
     let task = tokio::spawn(async move {
-        ops::run_streaming(&spec(Duration::from_secs(60)), &exe, &argv, &[], &cwd, &CancellationToken::new(), Some(tx)).await
+        ops::run_streaming(
+            &spec(Duration::from_secs(60)),
+            &exe,
+            &argv,
+            &[],
+            &cwd,
+            &CancellationToken::new(),
+            Some(tx),
+        )
+        .await
     });
     let first = recv_until(&mut rx, "first\n").await;
     assert!(first.iter().all(|(w, _)| *w == Stream::Stdout));
-    assert!(!task.is_finished(), "the tool waits for the flag, so this chunk came before its exit");
+    assert!(
+        !task.is_finished(),
+        "the tool waits for the flag, so this chunk came before its exit"
+    );
     std::fs::write(&flag, b"").unwrap();
-    let o = tokio::time::timeout(BOUND, task).await.unwrap().unwrap().unwrap();
+    let o = tokio::time::timeout(BOUND, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(o.exit_code, Some(0));
     let mut rest = Vec::new();
     while let Some(c) = rx.recv().await {
         rest.push(c);
     }
-    let joined = |w: Stream| -> Vec<u8> { first.iter().chain(&rest).filter(|(s, _)| *s == w).flat_map(|(_, b)| b.to_vec()).collect() };
+    let joined = |w: Stream| -> Vec<u8> {
+        first
+            .iter()
+            .chain(&rest)
+            .filter(|(s, _)| *s == w)
+            .flat_map(|(_, b)| b.to_vec())
+            .collect()
+    };
     assert_eq!(joined(Stream::Stdout), o.stdout);
     assert_eq!(o.stdout, b"first\nthird\n");
     assert_eq!(joined(Stream::Stderr), b"second\n");
@@ -227,22 +339,43 @@ async fn the_environment_is_cleared_and_the_cwd_is_the_callers() {
     let cwd = tempfile::tempdir().unwrap();
     let kubeconfig = OsStr::new("/etc/postern/main.kubeconfig");
     let env = [("KUBECONFIG", kubeconfig)];
-    let (s, exe, argv, cancel) = (spec(Duration::from_secs(30)), scripts().join("env"), argv("kubectl"), CancellationToken::new());
-    let o = tokio::time::timeout(BOUND, ops::run(&s, &exe, &argv, &env, cwd.path(), &cancel)).await.unwrap().unwrap();
+    let (s, exe, argv, cancel) = (
+        spec(Duration::from_secs(30)),
+        scripts().join("env"),
+        argv("kubectl"),
+        CancellationToken::new(),
+    );
+    let o = tokio::time::timeout(BOUND, ops::run(&s, &exe, &argv, &env, cwd.path(), &cancel))
+        .await
+        .unwrap()
+        .unwrap();
     let out = String::from_utf8(o.stdout).unwrap();
     let mut lines = out.lines();
-    assert_eq!(Path::new(lines.next().unwrap()).canonicalize().unwrap(), cwd.path().canonicalize().unwrap());
+    assert_eq!(
+        Path::new(lines.next().unwrap()).canonicalize().unwrap(),
+        cwd.path().canonicalize().unwrap()
+    );
     let vars: Vec<&str> = lines.collect();
-    assert!(!out.contains("hunter2") && !out.contains("POSTERN_OPS_TEST_SECRET"), "{out}");
-    assert!(vars.contains(&"KUBECONFIG=/etc/postern/main.kubeconfig"), "{out}");
+    assert!(
+        !out.contains("hunter2") && !out.contains("POSTERN_OPS_TEST_SECRET"),
+        "{out}"
+    );
+    assert!(
+        vars.contains(&"KUBECONFIG=/etc/postern/main.kubeconfig"),
+        "{out}"
+    );
     if let Some(path) = std::env::var_os("PATH") {
-        assert!(vars.contains(&format!("PATH={}", path.to_string_lossy()).as_str()), "{out}");
+        assert!(
+            vars.contains(&format!("PATH={}", path.to_string_lossy()).as_str()),
+            "{out}"
+        );
     }
     for v in vars {
         let name = v.split('=').next().unwrap();
         // The rest are what /bin/sh itself sets.
         assert!(
-            ops::ENV_ALLOW_LIST.contains(&name) || ["KUBECONFIG", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
+            ops::ENV_ALLOW_LIST.contains(&name)
+                || ["KUBECONFIG", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
             "unexpected variable {v}"
         );
     }
@@ -254,20 +387,37 @@ async fn spawn_failures_are_clear() {
     let plain = dir.path().join("kubectl");
     std::fs::write(&plain, "not executable").unwrap();
     for exe in [dir.path().join("missing"), plain] {
-        let e = ops::run(&spec(Duration::from_secs(5)), &exe, &argv("kubectl"), &[], dir.path(), &CancellationToken::new())
-            .await
-            .expect_err("cannot spawn");
-        assert!(matches!(&e, OpError::Spawn { exe: x, .. } if *x == exe), "{e:?}");
+        let e = ops::run(
+            &spec(Duration::from_secs(5)),
+            &exe,
+            &argv("kubectl"),
+            &[],
+            dir.path(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("cannot spawn");
+        assert!(
+            matches!(&e, OpError::Spawn { exe: x, .. } if *x == exe),
+            "{e:?}"
+        );
         let api = e.to_api_error();
         assert_eq!(api.code, ErrorCode::Internal);
-        assert!(api.message.contains(&*exe.to_string_lossy()) && api.hint.contains("[tools]"), "{api}");
+        assert!(
+            api.message.contains(&*exe.to_string_lossy()) && api.hint.contains("[tools]"),
+            "{api}"
+        );
     }
 }
 
 #[test]
 fn resolve_tool_prefers_the_tools_entry_then_path() {
     let root = tempfile::tempdir().unwrap();
-    let (a, b, c) = (root.path().join("a"), root.path().join("b"), root.path().join("c"));
+    let (a, b, c) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("c"),
+    );
     for d in [&a, &b, &c] {
         std::fs::create_dir(d).unwrap();
     }
@@ -279,30 +429,62 @@ fn resolve_tool_prefers_the_tools_entry_then_path() {
     let none = ToolsConfig::default();
 
     // The configured path wins over PATH.
-    let tools = ToolsConfig { kubectl: Some(a.join("kubectl")), ..Default::default() };
-    assert_eq!(ops::resolve_tool(OpTool::Kubectl, &tools, Some(&path)).unwrap(), a.join("kubectl"));
+    let tools = ToolsConfig {
+        kubectl: Some(a.join("kubectl")),
+        ..Default::default()
+    };
+    assert_eq!(
+        ops::resolve_tool(OpTool::Kubectl, &tools, Some(&path)).unwrap(),
+        a.join("kubectl")
+    );
     // No entry: PATH, skipping relative entries and non-executable files.
-    assert_eq!(ops::resolve_tool(OpTool::Kubectl, &none, Some(&path)).unwrap(), b.join("kubectl"));
+    assert_eq!(
+        ops::resolve_tool(OpTool::Kubectl, &none, Some(&path)).unwrap(),
+        b.join("kubectl")
+    );
     // A bare name in [tools] is looked up on PATH.
-    let bare = ToolsConfig { kubectl: Some("kubectl-1.29".into()), ..Default::default() };
-    assert_eq!(ops::resolve_tool(OpTool::Kubectl, &bare, Some(&path)).unwrap(), b.join("kubectl-1.29"));
+    let bare = ToolsConfig {
+        kubectl: Some("kubectl-1.29".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        ops::resolve_tool(OpTool::Kubectl, &bare, Some(&path)).unwrap(),
+        b.join("kubectl-1.29")
+    );
 
     // Not on PATH: the error says where it looked and how to fix it.
     let e = ops::resolve_tool(OpTool::Psql, &none, Some(&path)).unwrap_err();
     match &e {
-        OpError::ToolNotFound { tool: OpTool::Psql, searched, .. } => assert_eq!(searched, &[c.clone(), b.clone()]),
+        OpError::ToolNotFound {
+            tool: OpTool::Psql,
+            searched,
+            ..
+        } => assert_eq!(searched, &[c.clone(), b.clone()]),
         e => panic!("{e:?}"),
     }
     let api = e.to_api_error();
-    assert!(api.message.contains("no `psql` executable on the agent's PATH (searched 2 directories)"), "{api}");
+    assert!(
+        api.message
+            .contains("no `psql` executable on the agent's PATH (searched 2 directories)"),
+        "{api}"
+    );
     assert!(api.hint.contains("[tools]"), "{api}");
-    assert!(matches!(ops::resolve_tool(OpTool::Psql, &none, None), Err(OpError::ToolNotFound { .. })));
+    assert!(matches!(
+        ops::resolve_tool(OpTool::Psql, &none, None),
+        Err(OpError::ToolNotFound { .. })
+    ));
 
     // A configured path that is missing or not executable is an error, not a PATH fallback.
     for p in [a.join("nope"), c.join("kubectl")] {
-        let tools = ToolsConfig { kubectl: Some(p.clone()), ..Default::default() };
+        let tools = ToolsConfig {
+            kubectl: Some(p.clone()),
+            ..Default::default()
+        };
         let e = ops::resolve_tool(OpTool::Kubectl, &tools, Some(&path)).unwrap_err();
-        assert!(e.to_string().contains("the [tools] entry for `kubectl`"), "{e}");
+        assert!(
+            e.to_string().contains("the [tools] entry for `kubectl`"),
+            "{e}"
+        );
         assert!(e.to_string().contains(&*p.to_string_lossy()), "{e}");
     }
 }

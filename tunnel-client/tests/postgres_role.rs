@@ -25,7 +25,10 @@ async fn connect(url: &str, user: &str, password: &str) -> tokio_postgres::Clien
 fn sqlstate(r: Result<impl Sized, tokio_postgres::Error>) -> String {
     match r {
         Ok(_) => "ok".into(),
-        Err(e) => e.code().map(|c| c.code().to_string()).unwrap_or_else(|| e.to_string()),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 
@@ -42,9 +45,13 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
     let res = resource(&url);
     postgres::validate_config(&res).unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_roletest1", expires)
+        .await
+        .unwrap();
     // Announced again (agent reconnect): nothing changes.
-    postgres::prepare_role(&res, "ep_roletest1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_roletest1", expires)
+        .await
+        .unwrap();
     let role = postgres::ready_role("ep_roletest1").await.unwrap();
     assert_eq!(role.name, "postern_ep_roletest1");
 
@@ -57,9 +64,15 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
 
     let c = connect(&url, &role.name, role.password.expose()).await;
     // search_path is the granted schema.
-    let n: i64 = c.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    c.batch_execute("INSERT INTO items (name) VALUES ('b')").await.unwrap();
+    c.batch_execute("INSERT INTO items (name) VALUES ('b')")
+        .await
+        .unwrap();
     let refusals = [
         ("other schema", "SELECT * FROM secret.keys"),
         ("update not granted", "UPDATE app.items SET name = 'x'"),
@@ -67,19 +80,27 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
         ("pg_read_file", "SELECT pg_read_file('postgresql.conf')"),
         ("copy to program", "COPY (SELECT 1) TO PROGRAM 'true'"),
         ("set role", "SET ROLE postern"),
-        ("set session authorization", "SET SESSION AUTHORIZATION postern"),
+        (
+            "set session authorization",
+            "SET SESSION AUTHORIZATION postern",
+        ),
         ("create extension", "CREATE EXTENSION pgcrypto"),
         ("alter system", "ALTER SYSTEM SET work_mem = '1MB'"),
         ("create table in public", "CREATE TABLE public.t (x int)"),
         ("create schema", "CREATE SCHEMA mine"),
     ];
     for (name, sql) in refusals {
-        assert_eq!(sqlstate(c.batch_execute(sql).await), "42501", "{name}: {sql}");
+        assert_eq!(
+            sqlstate(c.batch_execute(sql).await),
+            "42501",
+            "{name}: {sql}"
+        );
     }
 
     // A long query is cut by teardown; the role and its backends are gone.
     let sleeper = connect(&url, &role.name, role.password.expose()).await;
-    let sleeping = tokio::spawn(async move { sqlstate(sleeper.batch_execute("SELECT pg_sleep(3600)").await) });
+    let sleeping =
+        tokio::spawn(async move { sqlstate(sleeper.batch_execute("SELECT pg_sleep(3600)").await) });
     let gate = connect(&url, "postern", "").await;
     for _ in 0..200 {
         let active: i64 = gate
@@ -93,12 +114,31 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     postgres::teardown_role("ep_roletest1").await.unwrap();
-    let cut = tokio::time::timeout(Duration::from_secs(10), sleeping).await.unwrap().unwrap();
-    assert!(cut == "57P01" || cut.contains("closed"), "the sleeping query ended with {cut}");
-    let left: i64 =
-        gate.query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&role.name]).await.unwrap().get(0);
+    let cut = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cut == "57P01" || cut.contains("closed"),
+        "the sleeping query ended with {cut}"
+    );
+    let left: i64 = gate
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+            &[&role.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(left, 0);
-    let exists: i64 = gate.query_one("SELECT count(*) FROM pg_roles WHERE rolname = $1", &[&role.name]).await.unwrap().get(0);
+    let exists: i64 = gate
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = $1",
+            &[&role.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(exists, 0);
     assert!(postgres::ready_role("ep_roletest1").await.is_err());
     // Tearing down twice is harmless.
@@ -109,12 +149,20 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
 async fn a_role_left_by_a_crashed_agent_is_replaced() {
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("leftover");
-    cluster.psql(&url, "CREATE SCHEMA app; CREATE ROLE postern_ep_leftover1 LOGIN PASSWORD 'old'");
+    cluster.psql(
+        &url,
+        "CREATE SCHEMA app; CREATE ROLE postern_ep_leftover1 LOGIN PASSWORD 'old'",
+    );
     let res = resource(&url);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
-    postgres::prepare_role(&res, "ep_leftover1", expires).await.unwrap();
+    postgres::prepare_role(&res, "ep_leftover1", expires)
+        .await
+        .unwrap();
     let role = postgres::ready_role("ep_leftover1").await.unwrap();
-    let valid = cluster.psql(&url, "SELECT rolvaliduntil IS NOT NULL FROM pg_roles WHERE rolname = 'postern_ep_leftover1'");
+    let valid = cluster.psql(
+        &url,
+        "SELECT rolvaliduntil IS NOT NULL FROM pg_roles WHERE rolname = 'postern_ep_leftover1'",
+    );
     assert_eq!(valid.trim(), "t");
     drop(role);
     postgres::teardown_role("ep_leftover1").await.unwrap();
@@ -125,7 +173,10 @@ fn our_verifiers_match_the_ones_postgres_makes() {
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("verifier");
     cluster.psql(&url, "SET password_encryption = 'scram-sha-256'; CREATE ROLE verifier_check PASSWORD 'correct horse'");
-    let stored = cluster.psql(&url, "SELECT rolpassword FROM pg_authid WHERE rolname = 'verifier_check'");
+    let stored = cluster.psql(
+        &url,
+        "SELECT rolpassword FROM pg_authid WHERE rolname = 'verifier_check'",
+    );
     let v = certs::scram::Verifier::parse(stored.trim()).unwrap();
     assert_eq!(v.to_string(), stored.trim());
     assert!(v.matches("correct horse"));
@@ -138,16 +189,31 @@ fn bad_postgres_resources_are_config_errors() {
     for (extra, want) in [
         ("privileges = [\"ALL\"]\n", "privileges"),
         ("schemas = []\n", "schemas"),
-        ("admin_url = \"postgres://x@h/db?sslmode=verify-full\"\n", "sslrootcert"),
-        ("admin_url = \"postgres://x@h/db?sslmode=allow\"\n", "sslmode"),
-        ("admin_url = \"postgres://x@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem\"\n", "sslrootcert"),
+        (
+            "admin_url = \"postgres://x@h/db?sslmode=verify-full\"\n",
+            "sslrootcert",
+        ),
+        (
+            "admin_url = \"postgres://x@h/db?sslmode=allow\"\n",
+            "sslmode",
+        ),
+        (
+            "admin_url = \"postgres://x@h/db?sslmode=verify-full&sslrootcert=/nonexistent.pem\"\n",
+            "sslrootcert",
+        ),
     ] {
         let text = format!(
             "audit_path = \"a\"\n[[resource]]\nid = \"db\"\nkind = \"postgres\"\n{}{extra}",
-            if extra.starts_with("admin_url") { "" } else { "admin_url = \"postgres://x@127.0.0.1/db\"\n" }
+            if extra.starts_with("admin_url") {
+                ""
+            } else {
+                "admin_url = \"postgres://x@127.0.0.1/db\"\n"
+            }
         );
         // agent.toml is refused as a whole, naming the resource and the key.
-        let e = AgentConfig::parse(&text, std::path::Path::new("/a.toml")).unwrap_err().to_string();
+        let e = AgentConfig::parse(&text, std::path::Path::new("/a.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("resource \"db\"") && e.contains(want), "{e}");
     }
 }
@@ -161,7 +227,9 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
     let ca = certs::Ca::generate("appliance db CA", now).unwrap();
     let other_ca = certs::Ca::generate("someone else's CA", now).unwrap();
     // Named for localhost only: 127.0.0.1 passes verify-ca but not verify-full.
-    let server = ca.issue_server(&["localhost".to_string()], now, Duration::from_secs(3600)).unwrap();
+    let server = ca
+        .issue_server(&["localhost".to_string()], now, Duration::from_secs(3600))
+        .unwrap();
     let cluster = pg_cluster::PgCluster::start_with(&pg_cluster::Options {
         scram_for_others: true,
         tls: Some((server.cert_pem.clone(), server.key_pem.expose().to_string())),
@@ -179,15 +247,35 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
         let res = resource(&url);
         async move {
             postgres::validate_config(&res).map_err(|e| format!("config: {e}"))?;
-            postgres::prepare_role(&res, &format!("ep_tls{n}"), expires).await.map_err(|e| e.to_string())
+            postgres::prepare_role(&res, &format!("ep_tls{n}"), expires)
+                .await
+                .map_err(|e| e.to_string())
         }
     };
     let cases = [
-        (format!("{by_name}?sslmode=verify-full&sslrootcert={}", good.display()), None),
-        (format!("{url}?sslmode=verify-ca&sslrootcert={}", good.display()), None),
+        (
+            format!(
+                "{by_name}?sslmode=verify-full&sslrootcert={}",
+                good.display()
+            ),
+            None,
+        ),
+        (
+            format!("{url}?sslmode=verify-ca&sslrootcert={}", good.display()),
+            None,
+        ),
         (format!("{url}?sslmode=require"), None),
-        (format!("{url}?sslmode=verify-full&sslrootcert={}", good.display()), Some("not valid for name")),
-        (format!("{by_name}?sslmode=verify-full&sslrootcert={}", bad.display()), Some("UnknownIssuer")),
+        (
+            format!("{url}?sslmode=verify-full&sslrootcert={}", good.display()),
+            Some("not valid for name"),
+        ),
+        (
+            format!(
+                "{by_name}?sslmode=verify-full&sslrootcert={}",
+                bad.display()
+            ),
+            Some("UnknownIssuer"),
+        ),
         (format!("{url}?sslmode=disable"), Some("no encryption")),
     ];
     for (n, (url, refused)) in cases.into_iter().enumerate() {
@@ -205,6 +293,8 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
     let role = postgres::ready_role("ep_tls0").await.unwrap();
     assert_eq!(role.admin.tls.mode, postgres::tls::SslMode::VerifyFull);
     for n in 0..3 {
-        postgres::teardown_role(&format!("ep_tls{n}")).await.unwrap();
+        postgres::teardown_role(&format!("ep_tls{n}"))
+            .await
+            .unwrap();
     }
 }

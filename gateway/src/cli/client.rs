@@ -20,7 +20,9 @@ pub struct ApiClient {
 
 impl std::fmt::Debug for ApiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiClient").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("ApiClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -29,7 +31,11 @@ fn setup_error(message: String, hint: &str) -> ApiError {
 }
 
 impl ApiClient {
-    pub fn new(addr: Option<String>, token: Option<String>, ca_file: Option<PathBuf>) -> Result<ApiClient, ApiError> {
+    pub fn new(
+        addr: Option<String>,
+        token: Option<String>,
+        ca_file: Option<PathBuf>,
+    ) -> Result<ApiClient, ApiError> {
         let addr = addr.ok_or_else(|| {
             setup_error(
                 "no gateway address".into(),
@@ -42,58 +48,113 @@ impl ApiClient {
                 "set POSTERN_CA_FILE (or --ca-file) to the `ca_file` printed by `postern server` or `postern dev`",
             )
         })?;
-        let ca_pem = std::fs::read_to_string(&ca_file)
-            .map_err(|e| setup_error(format!("cannot read CA file {}: {e}", ca_file.display()), "check POSTERN_CA_FILE"))?;
-        let tls = certs::client_config(&ca_pem, None, vec![b"http/1.1".to_vec()])
-            .map_err(|e| setup_error(format!("CA file {} is not usable: {e}", ca_file.display()), "check POSTERN_CA_FILE"))?;
-        Ok(ApiClient { addr, token: token.map(|t| t.trim().to_string()), tls: Arc::new(tls) })
+        let ca_pem = std::fs::read_to_string(&ca_file).map_err(|e| {
+            setup_error(
+                format!("cannot read CA file {}: {e}", ca_file.display()),
+                "check POSTERN_CA_FILE",
+            )
+        })?;
+        let tls = certs::client_config(&ca_pem, None, vec![b"http/1.1".to_vec()]).map_err(|e| {
+            setup_error(
+                format!("CA file {} is not usable: {e}", ca_file.display()),
+                "check POSTERN_CA_FILE",
+            )
+        })?;
+        Ok(ApiClient {
+            addr,
+            token: token.map(|t| t.trim().to_string()),
+            tls: Arc::new(tls),
+        })
     }
 
     fn unreachable(&self, why: impl std::fmt::Display) -> ApiError {
-        ApiError::new(ErrorCode::GatewayUnreachable, format!("cannot reach the gateway at {}: {why}", self.addr))
-            .hint("is `postern server` running, and is POSTERN_ADDR its `api` address?")
+        ApiError::new(
+            ErrorCode::GatewayUnreachable,
+            format!("cannot reach the gateway at {}: {why}", self.addr),
+        )
+        .hint("is `postern server` running, and is POSTERN_ADDR its `api` address?")
     }
 
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T, ApiError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ApiError> {
         tokio::time::timeout(REQUEST_TIMEOUT, self.call_inner(method, path, body))
             .await
             .map_err(|_| self.unreachable("the request timed out"))?
     }
 
-    async fn call_inner<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<T, ApiError> {
-        let host = self.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.addr);
+    async fn call_inner<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, ApiError> {
+        let host = self
+            .addr
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&self.addr);
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let server_name = ServerName::try_from(host.to_string())
-            .map_err(|_| setup_error(format!("{host:?} is not a valid host name"), "check POSTERN_ADDR"))?;
-        let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| self.unreachable(e))?;
+        let server_name = ServerName::try_from(host.to_string()).map_err(|_| {
+            setup_error(
+                format!("{host:?} is not a valid host name"),
+                "check POSTERN_ADDR",
+            )
+        })?;
+        let tcp = tokio::net::TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(e))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(server_name, tcp)
             .await
             .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| self.unreachable(e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| self.unreachable(e))?;
         tokio::spawn(conn);
         let payload = match &body {
             Some(v) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
             None => Bytes::new(),
         };
-        let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, &self.addr);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.addr);
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(payload)).map_err(|e| ApiError::internal(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| self.unreachable(e))?;
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| self.unreachable(e))?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(e))?
+            .to_bytes();
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ApiError::internal(format!("the gateway sent an answer this CLI does not understand: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::internal(format!(
+                    "the gateway sent an answer this CLI does not understand: {e}"
+                ))
+            });
         }
         match serde_json::from_slice::<ErrorEnvelope>(&bytes) {
             Ok(env) => Err(env.error),
-            Err(_) => Err(ApiError::internal(format!("the gateway answered HTTP {status}"))),
+            Err(_) => Err(ApiError::internal(format!(
+                "the gateway answered HTTP {status}"
+            ))),
         }
     }
 
@@ -101,7 +162,11 @@ impl ApiClient {
         self.call(Method::GET, path, None).await
     }
 
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: serde_json::Value) -> Result<T, ApiError> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, ApiError> {
         self.call(Method::POST, path, Some(body)).await
     }
 }

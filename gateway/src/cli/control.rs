@@ -1,7 +1,7 @@
 //! `postern access …` and `postern approvals …`: permission phases and customer decisions.
 
-use super::{duration_secs, print_json, OutputFormat};
 use super::client::ApiClient;
+use super::{duration_secs, print_json, OutputFormat};
 use clap::Subcommand;
 use endpoint_types::{control::*, ApiError};
 
@@ -63,10 +63,24 @@ pub enum ApprovalsCmd {
 }
 
 fn print_grant(g: &GrantRecord) {
-    println!("grant {} ({}) {} for {}/{} — {}", g.id, g.level.as_str(), g.state.as_str(), g.app, g.customer, g.reason);
+    println!(
+        "grant {} ({}) {} for {}/{} — {}",
+        g.id,
+        g.level.as_str(),
+        g.state.as_str(),
+        g.app,
+        g.customer,
+        g.reason
+    );
     match (g.approved_at, g.expires_at) {
-        (Some(a), Some(e)) => println!("  approved {a} by {}, expires {e}", g.decided_by.as_deref().unwrap_or("?")),
-        _ if g.state == GrantState::PendingApproval => println!("  waiting for the customer's approval: postern approvals approve {}", g.id),
+        (Some(a), Some(e)) => println!(
+            "  approved {a} by {}, expires {e}",
+            g.decided_by.as_deref().unwrap_or("?")
+        ),
+        _ if g.state == GrantState::PendingApproval => println!(
+            "  waiting for the customer's approval: postern approvals approve {}",
+            g.id
+        ),
         _ => {}
     }
     if let Some(m) = &g.message {
@@ -76,21 +90,32 @@ fn print_grant(g: &GrantRecord) {
 
 pub async fn access(cmd: AccessCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
     let grant: GrantRecord = match cmd {
-        AccessCmd::Request { app, customer, level, duration, reason } => {
-            let level = GrantLevel::parse(&level).ok_or_else(|| ApiError::invalid(format!("unknown level {level}")))?;
+        AccessCmd::Request {
+            app,
+            customer,
+            level,
+            duration,
+            reason,
+        } => {
+            let level = GrantLevel::parse(&level)
+                .ok_or_else(|| ApiError::invalid(format!("unknown level {level}")))?;
             let duration_s = duration_secs("duration", &duration)?;
             c.post("/v1/grants", serde_json::json!({
                 "app": app, "customer": customer, "level": level, "duration_s": duration_s, "reason": reason,
             }))
             .await?
         }
-        AccessCmd::Revoke { id } => c.post(&format!("/v1/grants/{id}/revoke"), serde_json::json!({})).await?,
+        AccessCmd::Revoke { id } => {
+            c.post(&format!("/v1/grants/{id}/revoke"), serde_json::json!({}))
+                .await?
+        }
         AccessCmd::List => {
             let v: serde_json::Value = c.get("/v1/grants").await?;
             match out {
                 OutputFormat::Json => print_json(&v),
                 OutputFormat::Text => {
-                    let grants: Vec<GrantRecord> = serde_json::from_value(v["grants"].clone()).unwrap_or_default();
+                    let grants: Vec<GrantRecord> =
+                        serde_json::from_value(v["grants"].clone()).unwrap_or_default();
                     for g in &grants {
                         print_grant(g);
                     }
@@ -98,9 +123,18 @@ pub async fn access(cmd: AccessCmd, c: &ApiClient, out: OutputFormat) -> Result<
             }
             return Ok(());
         }
-        AccessCmd::SteadyState { app, customer, enable, disable: _ } => {
-            let v: serde_json::Value =
-                c.post("/v1/steady-state", serde_json::json!({"app": app, "customer": customer, "enabled": enable})).await?;
+        AccessCmd::SteadyState {
+            app,
+            customer,
+            enable,
+            disable: _,
+        } => {
+            let v: serde_json::Value = c
+                .post(
+                    "/v1/steady-state",
+                    serde_json::json!({"app": app, "customer": customer, "enabled": enable}),
+                )
+                .await?;
             match out {
                 OutputFormat::Json => print_json(&v),
                 OutputFormat::Text => println!(
@@ -118,31 +152,64 @@ pub async fn access(cmd: AccessCmd, c: &ApiClient, out: OutputFormat) -> Result<
     Ok(())
 }
 
-pub async fn approvals(cmd: ApprovalsCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+pub async fn approvals(
+    cmd: ApprovalsCmd,
+    c: &ApiClient,
+    out: OutputFormat,
+) -> Result<(), ApiError> {
     let v: serde_json::Value = match cmd {
         ApprovalsCmd::List => {
             let v: serde_json::Value = c.get("/v1/approvals").await?;
             if out == OutputFormat::Text {
-                let items: Vec<ApprovalItem> = serde_json::from_value(v["approvals"].clone()).unwrap_or_default();
+                let items: Vec<ApprovalItem> =
+                    serde_json::from_value(v["approvals"].clone()).unwrap_or_default();
                 if items.is_empty() {
                     println!("nothing is waiting for approval");
                 }
                 for a in items {
-                    let stage = match a.stage { ApprovalStage::Command => "command", ApprovalStage::Output => "output" };
-                    let kind = match a.kind { ApprovalKind::Grant => "grant", ApprovalKind::Op => "op", ApprovalKind::Endpoint => "endpoint" };
-                    println!("{:<22} {:<8} {:<7} {}/{}  by {}  {}", a.id, kind, stage, a.app, a.customer, a.requested_by, a.summary);
+                    let stage = match a.stage {
+                        ApprovalStage::Command => "command",
+                        ApprovalStage::Output => "output",
+                    };
+                    let kind = match a.kind {
+                        ApprovalKind::Grant => "grant",
+                        ApprovalKind::Op => "op",
+                        ApprovalKind::Endpoint => "endpoint",
+                    };
+                    println!(
+                        "{:<22} {:<8} {:<7} {}/{}  by {}  {}",
+                        a.id, kind, stage, a.app, a.customer, a.requested_by, a.summary
+                    );
                 }
                 return Ok(());
             }
             v
         }
         ApprovalsCmd::Show { id } => c.get(&format!("/v1/approvals/{id}")).await?,
-        ApprovalsCmd::Approve { id } => c.post(&format!("/v1/approvals/{id}/approve"), serde_json::json!({})).await?,
-        ApprovalsCmd::Deny { id, message } => {
-            c.post(&format!("/v1/approvals/{id}/deny"), serde_json::json!({"message": message})).await?
+        ApprovalsCmd::Approve { id } => {
+            c.post(
+                &format!("/v1/approvals/{id}/approve"),
+                serde_json::json!({}),
+            )
+            .await?
         }
-        ApprovalsCmd::Webhook { customer, url, clear: _ } => {
-            c.post(&format!("/v1/customers/{customer}/webhook"), serde_json::json!({"url": url})).await?
+        ApprovalsCmd::Deny { id, message } => {
+            c.post(
+                &format!("/v1/approvals/{id}/deny"),
+                serde_json::json!({"message": message}),
+            )
+            .await?
+        }
+        ApprovalsCmd::Webhook {
+            customer,
+            url,
+            clear: _,
+        } => {
+            c.post(
+                &format!("/v1/customers/{customer}/webhook"),
+                serde_json::json!({"url": url}),
+            )
+            .await?
         }
     };
     match out {
@@ -171,15 +238,32 @@ pub struct OpArgs {
 }
 
 /// Set when an op ended badly: its record was printed, and the exit code must say so.
-pub static OP_ENDED_BADLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub static OP_ENDED_BADLY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 fn print_op(op: &OpRecord, out: OutputFormat) {
     match out {
         OutputFormat::Json => print_json(op),
         OutputFormat::Text => {
-            println!("op {} ({}) {} — `{}` on {} ({}/{})", op.id, op.tool.as_str(), op.state.as_str(), op.command, op.origin_resource_id, op.app, op.customer);
+            println!(
+                "op {} ({}) {} — `{}` on {} ({}/{})",
+                op.id,
+                op.tool.as_str(),
+                op.state.as_str(),
+                op.command,
+                op.origin_resource_id,
+                op.app,
+                op.customer
+            );
             if let Some(code) = op.exit_code {
-                println!("  exit code {code}{}", if op.truncated { " (output truncated)" } else { "" });
+                println!(
+                    "  exit code {code}{}",
+                    if op.truncated {
+                        " (output truncated)"
+                    } else {
+                        ""
+                    }
+                );
             }
             if let Some(s) = &op.stdout {
                 print!("{s}");
@@ -196,16 +280,25 @@ fn print_op(op: &OpRecord, out: OutputFormat) {
             if op.state == OpState::PendingApproval {
                 println!("  waiting for the customer's approval of the command");
             } else if op.state == OpState::OutputPendingApproval {
-                println!("  ran; its output is held in the appliance until the customer releases it");
+                println!(
+                    "  ran; its output is held in the appliance until the customer releases it"
+                );
             }
         }
     }
-    if matches!(op.state, OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired) {
+    if matches!(
+        op.state,
+        OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired
+    ) {
         OP_ENDED_BADLY.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-async fn wait_for(c: &ApiClient, id: &str, limit: std::time::Duration) -> Result<OpRecord, ApiError> {
+async fn wait_for(
+    c: &ApiClient,
+    id: &str,
+    limit: std::time::Duration,
+) -> Result<OpRecord, ApiError> {
     let deadline = tokio::time::Instant::now() + limit;
     // Quick ops finish in milliseconds; long ones are polled more gently.
     let mut pause = std::time::Duration::from_millis(10);
@@ -219,7 +312,12 @@ async fn wait_for(c: &ApiClient, id: &str, limit: std::time::Duration) -> Result
     }
 }
 
-pub async fn run_op(tool: OpTool, args: OpArgs, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+pub async fn run_op(
+    tool: OpTool,
+    args: OpArgs,
+    c: &ApiClient,
+    out: OutputFormat,
+) -> Result<(), ApiError> {
     let timeout_s = duration_secs("timeout", &args.timeout)?;
     let op: OpRecord = c
         .post("/v1/ops", serde_json::json!({
@@ -227,13 +325,26 @@ pub async fn run_op(tool: OpTool, args: OpArgs, c: &ApiClient, out: OutputFormat
             "command": args.command, "timeout_s": timeout_s,
         }))
         .await?;
-    let op = if args.wait { wait_for(c, &op.id, std::time::Duration::from_secs(86_400 * 2)).await? } else { op };
+    let op = if args.wait {
+        wait_for(c, &op.id, std::time::Duration::from_secs(86_400 * 2)).await?
+    } else {
+        op
+    };
     print_op(&op, out);
     Ok(())
 }
 
-pub async fn get_op(id: &str, wait: bool, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
-    let op = if wait { wait_for(c, id, std::time::Duration::from_secs(86_400 * 2)).await? } else { c.get(&format!("/v1/ops/{id}")).await? };
+pub async fn get_op(
+    id: &str,
+    wait: bool,
+    c: &ApiClient,
+    out: OutputFormat,
+) -> Result<(), ApiError> {
+    let op = if wait {
+        wait_for(c, id, std::time::Duration::from_secs(86_400 * 2)).await?
+    } else {
+        c.get(&format!("/v1/ops/{id}")).await?
+    };
     print_op(&op, out);
     Ok(())
 }

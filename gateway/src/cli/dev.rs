@@ -83,9 +83,18 @@ fn enrollment_keys(relay: SocketAddr, appliance_id: &str, dir: &Path) -> String 
 
 async fn run_agent_cmd(bin: &Path, args: &[&str], log: &Path) -> Result<()> {
     let logf = std::fs::File::create(log)?;
-    let status = Command::new(bin).args(args).stdout(Stdio::null()).stderr(logf).status().await?;
+    let status = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .status()
+        .await?;
     if !status.success() {
-        bail!("`postern-agent {}` failed; see {}", args.first().unwrap_or(&""), log.display());
+        bail!(
+            "`postern-agent {}` failed; see {}",
+            args.first().unwrap_or(&""),
+            log.display()
+        );
     }
     Ok(())
 }
@@ -93,30 +102,49 @@ async fn run_agent_cmd(bin: &Path, args: &[&str], log: &Path) -> Result<()> {
 pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
     let data_dir = server::absolute(&data_dir.unwrap_or_else(default_data_dir));
     let agent_dir = data_dir.join("agent");
-    std::fs::create_dir_all(&agent_dir).with_context(|| format!("creating {}", agent_dir.display()))?;
+    std::fs::create_dir_all(&agent_dir)
+        .with_context(|| format!("creating {}", agent_dir.display()))?;
     let agent_bin = agent_binary()?;
     let echo = start_echo().await?;
 
     let running = server::start(GatewayConfig::new(data_dir.join("gateway"))).await?;
     let token = std::fs::read_to_string(&running.admin_token_file)?;
-    let api = ApiClient::new(Some(running.api.to_string()), Some(token), Some(running.ca_file.clone()))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let api = ApiClient::new(
+        Some(running.api.to_string()),
+        Some(token),
+        Some(running.ca_file.clone()),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let config = agent_dir.join("agent.toml");
     let store = &running.gateway.store;
     let existing = store.find_appliance(APP, CUSTOMER).await?;
-    let reusable = existing.as_ref().filter(|a| a.enrolled_at.is_some() && agent_dir.join("agent.crt").exists());
+    let reusable = existing
+        .as_ref()
+        .filter(|a| a.enrolled_at.is_some() && agent_dir.join("agent.crt").exists());
     let appliance_id = match reusable {
         Some(a) => {
-            std::fs::write(&config, format!("{}{}", enrollment_keys(running.relay, &a.id, &agent_dir), agent_toml(&agent_dir, echo)))?;
+            std::fs::write(
+                &config,
+                format!(
+                    "{}{}",
+                    enrollment_keys(running.relay, &a.id, &agent_dir),
+                    agent_toml(&agent_dir, echo)
+                ),
+            )?;
             a.id.clone()
         }
         None => {
             if let Some(stale) = existing {
-                store.revoke_appliance(&stale.id, jiff::Timestamp::now()).await?;
+                store
+                    .revoke_appliance(&stale.id, jiff::Timestamp::now())
+                    .await?;
             }
             let added: ApplianceAdded = api
-                .post("/v1/appliances", serde_json::json!({"app": APP, "customer": CUSTOMER}))
+                .post(
+                    "/v1/appliances",
+                    serde_json::json!({"app": APP, "customer": CUSTOMER}),
+                )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             std::fs::write(&config, agent_toml(&agent_dir, echo))?;
@@ -124,7 +152,15 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
             let cfg = config.to_string_lossy().to_string();
             run_agent_cmd(
                 &agent_bin,
-                &["enroll", "--gateway", &relay, "--token", added.token.expose(), "--config", &cfg],
+                &[
+                    "enroll",
+                    "--gateway",
+                    &relay,
+                    "--token",
+                    added.token.expose(),
+                    "--config",
+                    &cfg,
+                ],
                 &agent_dir.join("enroll.log"),
             )
             .await?;
@@ -148,19 +184,27 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
             break;
         }
         if let Ok(Some(status)) = agent.try_wait() {
-            bail!("the demo agent exited ({status}); see {}", agent_log.display());
+            bail!(
+                "the demo agent exited ({status}); see {}",
+                agent_log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if !online {
-        bail!("the demo agent did not connect within 30 s; see {}", agent_log.display());
+        bail!(
+            "the demo agent did not connect within 30 s; see {}",
+            agent_log.display()
+        );
     }
 
     let mut ready = running.ready_json();
     ready["appliance_id"] = appliance_id.clone().into();
     ready["agent_config"] = config.display().to_string().into();
     ready["agent_log"] = agent_log.display().to_string().into();
-    let me = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "postern".into());
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "postern".into());
     let guide = format!(
         "\nPostern dev is up: gateway, embedded store, and the demo appliance {APP} / {CUSTOMER} ({appliance_id}) online.\n\
          \n  API    https://{api}\n  relay  udp {relay}\n  CA     {fp}\n  agent  {config} (log: {log})\n\
@@ -202,7 +246,10 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
     if let Some(pid) = agent.id() {
         // SIGTERM lets the agent close its tunnel and audit trail cleanly.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(5), agent.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), agent.wait())
+            .await
+            .is_err()
+        {
             let _ = agent.kill().await;
         }
     }

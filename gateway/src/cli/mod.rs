@@ -9,7 +9,9 @@ mod play;
 use crate::{config, server};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::ApiClient;
-use endpoint_types::{api::*, duration::parse_duration, resource::EndpointType, ApiError, ErrorEnvelope};
+use endpoint_types::{
+    api::*, duration::parse_duration, resource::EndpointType, ApiError, ErrorEnvelope,
+};
 use std::{path::PathBuf, process::ExitCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -19,7 +21,11 @@ pub enum OutputFormat {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "postern", version, about = "Postern: reach appliances in customers' clouds through an outbound tunnel, scoped, expiring and audited")]
+#[command(
+    name = "postern",
+    version,
+    about = "Postern: reach appliances in customers' clouds through an outbound tunnel, scoped, expiring and audited"
+)]
 struct Cli {
     /// `json` prints exactly one JSON document on stdout.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -68,7 +74,11 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServerArgs {
     /// Gateway config file (TOML).
-    #[arg(long, conflicts_with = "data_dir", required_unless_present = "data_dir")]
+    #[arg(
+        long,
+        conflicts_with = "data_dir",
+        required_unless_present = "data_dir"
+    )]
     config: Option<PathBuf>,
     /// Data dir: CA, store, admin token.
     #[arg(long)]
@@ -168,10 +178,14 @@ enum EndpointCmd {
         #[arg(long)]
         wait: bool,
     },
-    Get { id: String },
+    Get {
+        id: String,
+    },
     List,
     /// Tear an endpoint down: every live session is cut, the credentials stop working.
-    Retire { id: String },
+    Retire {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,13 +218,23 @@ enum AuditCmd {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(matches!(cli.command, Command::Server(_) | Command::Dev(_)));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(e) => return fail(cli.output, &ApiError::internal(format!("cannot start the async runtime: {e}"))),
+        Err(e) => {
+            return fail(
+                cli.output,
+                &ApiError::internal(format!("cannot start the async runtime: {e}")),
+            )
+        }
     };
     let output = cli.output;
     match runtime.block_on(run(cli)) {
-        Ok(()) if control::OP_ENDED_BADLY.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
+        Ok(()) if control::OP_ENDED_BADLY.load(std::sync::atomic::Ordering::Relaxed) => {
+            ExitCode::FAILURE
+        }
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(output, &e),
     }
@@ -220,12 +244,18 @@ fn init_tracing(long_running: bool) {
     let default = if long_running { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn fail(output: OutputFormat, e: &ApiError) -> ExitCode {
     match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string(&ErrorEnvelope { error: e.clone() }).unwrap_or_default()),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string(&ErrorEnvelope { error: e.clone() }).unwrap_or_default()
+        ),
         OutputFormat::Text => {
             eprintln!("error: {}", e.message);
             if !e.hint.is_empty() {
@@ -241,9 +271,9 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn duration_secs(flag: &str, s: &str) -> Result<u64, ApiError> {
-    parse_duration(s)
-        .map(|d| d.as_secs())
-        .map_err(|e| ApiError::invalid(format!("--{flag}: {e}")).hint("durations look like 90s, 30m, 2h or 1d"))
+    parse_duration(s).map(|d| d.as_secs()).map_err(|e| {
+        ApiError::invalid(format!("--{flag}: {e}")).hint("durations look like 90s, 30m, 2h or 1d")
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), ApiError> {
@@ -251,16 +281,29 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
     let client = || ApiClient::new(cli.addr.clone(), cli.token.clone(), cli.ca_file.clone());
     match cli.command {
         Command::Server(args) => run_server(args, out).await,
-        Command::Dev(args) => dev::run(args.data_dir, out).await.map_err(|e| ApiError::internal(format!("{e:#}"))),
+        Command::Dev(args) => dev::run(args.data_dir, out)
+            .await
+            .map_err(|e| ApiError::internal(format!("{e:#}"))),
         Command::Whoami => {
             let me: Identity = client()?.get("/v1/whoami").await?;
             match out {
                 OutputFormat::Json => print_json(&me),
-                OutputFormat::Text => println!("{} ({}{})", me.name, me.role.as_str(), me.customer.map(|c| format!(", customer {c}")).unwrap_or_default()),
+                OutputFormat::Text => println!(
+                    "{} ({}{})",
+                    me.name,
+                    me.role.as_str(),
+                    me.customer
+                        .map(|c| format!(", customer {c}"))
+                        .unwrap_or_default()
+                ),
             }
             Ok(())
         }
-        Command::Token(TokenCmd::Create { role, name, customer }) => {
+        Command::Token(TokenCmd::Create {
+            role,
+            name,
+            customer,
+        }) => {
             let body = serde_json::json!({"role": role, "name": name, "customer": customer});
             let t: TokenCreated = client()?.post("/v1/tokens", body).await?;
             match out {
@@ -268,7 +311,12 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
                     "id": t.id, "token": t.token.expose(), "role": t.role, "name": t.name, "customer": t.customer,
                 })),
                 OutputFormat::Text => {
-                    eprintln!("token {} for {} ({}); it is shown only now:", t.id, t.name, t.role.as_str());
+                    eprintln!(
+                        "token {} for {} ({}); it is shown only now:",
+                        t.id,
+                        t.name,
+                        t.role.as_str()
+                    );
                     println!("{}", t.token.expose());
                 }
             }
@@ -291,7 +339,9 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
                 OpsCmd::Gcloud(a) => (OpTool::Gcloud, a),
                 OpsCmd::Az(a) => (OpTool::Az, a),
                 OpsCmd::Doctl(a) => (OpTool::Doctl, a),
-                OpsCmd::Endpoint(_) | OpsCmd::Get { .. } | OpsCmd::Wait { .. } => return Err(ApiError::internal("unreachable ops command")),
+                OpsCmd::Endpoint(_) | OpsCmd::Get { .. } | OpsCmd::Wait { .. } => {
+                    return Err(ApiError::internal("unreachable ops command"))
+                }
             };
             control::run_op(tool, args, &client()?, out).await
         }
@@ -314,14 +364,20 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     if args.store.is_some() {
         cfg.store = args.store;
     }
-    let running = server::start(cfg).await.map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let running = server::start(cfg)
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     match out {
         OutputFormat::Json => print_json(&running.ready_json()),
         OutputFormat::Text => {
             println!("postern gateway is up");
             println!("  api    https://{}", running.api);
             println!("  relay  udp {}", running.relay);
-            println!("  CA     {} ({})", running.ca_fingerprint, running.ca_file.display());
+            println!(
+                "  CA     {} ({})",
+                running.ca_fingerprint,
+                running.ca_file.display()
+            );
             println!("  admin token file {}", running.admin_token_file.display());
         }
     }
@@ -333,17 +389,28 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
 
 async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
     match cmd {
-        ApplianceCmd::Add { app, customer, token_ttl } => {
+        ApplianceCmd::Add {
+            app,
+            customer,
+            token_ttl,
+        } => {
             let ttl = duration_secs("token-ttl", &token_ttl)?;
-            let a: ApplianceAdded =
-                c.post("/v1/appliances", serde_json::json!({"app": app, "customer": customer, "token_ttl_s": ttl})).await?;
+            let a: ApplianceAdded = c
+                .post(
+                    "/v1/appliances",
+                    serde_json::json!({"app": app, "customer": customer, "token_ttl_s": ttl}),
+                )
+                .await?;
             match out {
                 OutputFormat::Json => print_json(&serde_json::json!({
                     "appliance_id": a.appliance_id, "token": a.token.expose(), "expires_at": a.expires_at,
                     "ca_fingerprint": a.ca_fingerprint, "app": a.app, "customer": a.customer,
                 })),
                 OutputFormat::Text => {
-                    println!("appliance {} registered for {} / {}", a.appliance_id, a.app, a.customer);
+                    println!(
+                        "appliance {} registered for {} / {}",
+                        a.appliance_id, a.app, a.customer
+                    );
                     println!("gateway CA: {}", a.ca_fingerprint);
                     println!("one-time enrollment token (expires {}):", a.expires_at);
                     println!("  {}", a.token.expose());
@@ -356,24 +423,48 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
             match out {
                 OutputFormat::Json => print_json(&l),
                 OutputFormat::Text => {
-                    println!("{:<20} {:<16} {:<16} {:<8} {:<10} LAST SEEN", "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION");
+                    println!(
+                        "{:<20} {:<16} {:<16} {:<8} {:<10} LAST SEEN",
+                        "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION"
+                    );
                     for a in l.appliances {
-                        let state = if a.revoked { "revoked" } else if a.online { "yes" } else if a.enrolled { "no" } else { "pending" };
+                        let state = if a.revoked {
+                            "revoked"
+                        } else if a.online {
+                            "yes"
+                        } else if a.enrolled {
+                            "no"
+                        } else {
+                            "pending"
+                        };
                         println!(
                             "{:<20} {:<16} {:<16} {:<8} {:<10} {}",
-                            a.appliance_id, a.app, a.customer, state,
+                            a.appliance_id,
+                            a.app,
+                            a.customer,
+                            state,
                             a.agent_version.unwrap_or_else(|| "-".into()),
-                            a.last_seen.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+                            a.last_seen
+                                .map(|t| t.to_string())
+                                .unwrap_or_else(|| "-".into())
                         );
                     }
                 }
             }
         }
         ApplianceCmd::Revoke { id } => {
-            let a: ApplianceRecord = c.post(&format!("/v1/appliances/{id}/revoke"), serde_json::json!({})).await?;
+            let a: ApplianceRecord = c
+                .post(
+                    &format!("/v1/appliances/{id}/revoke"),
+                    serde_json::json!({}),
+                )
+                .await?;
             match out {
                 OutputFormat::Json => print_json(&a),
-                OutputFormat::Text => println!("appliance {} revoked: its agent is cut and its certificate refused", a.appliance_id),
+                OutputFormat::Text => println!(
+                    "appliance {} revoked: its agent is cut and its certificate refused",
+                    a.appliance_id
+                ),
             }
         }
     }
@@ -381,8 +472,20 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
 }
 
 fn print_endpoint_text(e: &EndpointRecord) {
-    println!("endpoint {} ({}) {} — {} on {} ({}/{})", e.id, e.endpoint_type, e.state.as_str(), e.origin_resource_id, e.appliance_id, e.app, e.customer);
-    println!("  expires {}   live sessions {}   total {}", e.expires_at, e.sessions, e.sessions_total);
+    println!(
+        "endpoint {} ({}) {} — {} on {} ({}/{})",
+        e.id,
+        e.endpoint_type,
+        e.state.as_str(),
+        e.origin_resource_id,
+        e.appliance_id,
+        e.app,
+        e.customer
+    );
+    println!(
+        "  expires {}   live sessions {}   total {}",
+        e.expires_at, e.sessions, e.sessions_total
+    );
     if let Some(path) = &e.kubeconfig {
         println!("  kubeconfig written to {path}; try:");
         println!("  KUBECONFIG={path} kubectl get pods");
@@ -402,8 +505,17 @@ fn print_endpoint_text(e: &EndpointRecord) {
 
 async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
     let rec: EndpointRecord = match cmd {
-        EndpointCmd::Create { endpoint_type, app, customer, origin_resource_id, ttl, wait } => {
-            let t = EndpointType::parse(&endpoint_type).ok_or_else(|| ApiError::invalid(format!("unknown endpoint type {endpoint_type}")))?;
+        EndpointCmd::Create {
+            endpoint_type,
+            app,
+            customer,
+            origin_resource_id,
+            ttl,
+            wait,
+        } => {
+            let t = EndpointType::parse(&endpoint_type).ok_or_else(|| {
+                ApiError::invalid(format!("unknown endpoint type {endpoint_type}"))
+            })?;
             let ttl_s = duration_secs("ttl", &ttl)?;
             let credential = access::prepare(t)?;
             let mut rec: EndpointRecord = c
@@ -417,7 +529,10 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             }
             // Under a policy that needs a person, wait (bounded) for the customer's decision.
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2 * 86_400);
-            while wait && rec.state == EndpointState::PendingApproval && tokio::time::Instant::now() < deadline {
+            while wait
+                && rec.state == EndpointState::PendingApproval
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 rec = c.get(&format!("/v1/endpoints/{}", rec.id)).await?;
             }
@@ -427,18 +542,29 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             rec
         }
         EndpointCmd::Get { id } => c.get(&format!("/v1/endpoints/{id}")).await?,
-        EndpointCmd::Retire { id } => c.post(&format!("/v1/endpoints/{id}/retire"), serde_json::json!({})).await?,
+        EndpointCmd::Retire { id } => {
+            c.post(&format!("/v1/endpoints/{id}/retire"), serde_json::json!({}))
+                .await?
+        }
         EndpointCmd::List => {
             let l: EndpointList = c.get("/v1/endpoints").await?;
             match out {
                 OutputFormat::Json => print_json(&l),
                 OutputFormat::Text => {
-                    println!("{:<20} {:<8} {:<10} {:<28} {:<9} {:<21} ADDRESS", "ENDPOINT", "TYPE", "STATE", "RESOURCE", "SESSIONS", "EXPIRES");
+                    println!(
+                        "{:<20} {:<8} {:<10} {:<28} {:<9} {:<21} ADDRESS",
+                        "ENDPOINT", "TYPE", "STATE", "RESOURCE", "SESSIONS", "EXPIRES"
+                    );
                     for e in l.endpoints {
                         println!(
                             "{:<20} {:<8} {:<10} {:<28} {:<9} {:<21} {}",
-                            e.id, e.endpoint_type.as_str(), e.state.as_str(), e.origin_resource_id, e.sessions,
-                            e.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(), e.address.unwrap_or_else(|| "-".into())
+                            e.id,
+                            e.endpoint_type.as_str(),
+                            e.state.as_str(),
+                            e.origin_resource_id,
+                            e.sessions,
+                            e.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                            e.address.unwrap_or_else(|| "-".into())
                         );
                     }
                 }
@@ -468,13 +594,20 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                 let t = match s.parse::<jiff::Timestamp>() {
                     Ok(t) => t,
                     Err(_) => {
-                        let d = parse_duration(&s).map_err(|e| ApiError::invalid(format!("--since: {e}")).hint("give an RFC 3339 time or a duration like 1h"))?;
+                        let d = parse_duration(&s).map_err(|e| {
+                            ApiError::invalid(format!("--since: {e}"))
+                                .hint("give an RFC 3339 time or a duration like 1h")
+                        })?;
                         jiff::Timestamp::now() - jiff::SignedDuration::from_secs(d.as_secs() as i64)
                     }
                 };
                 query.push(format!("since={t}"));
             }
-            let path = if query.is_empty() { "/v1/audit".to_string() } else { format!("/v1/audit?{}", query.join("&")) };
+            let path = if query.is_empty() {
+                "/v1/audit".to_string()
+            } else {
+                format!("/v1/audit?{}", query.join("&"))
+            };
             let l: AuditList = c.get(&path).await?;
             match out {
                 OutputFormat::Json => print_json(&l),
@@ -482,8 +615,15 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                     for r in l.records {
                         println!(
                             "{:>5} {} {:<18} {:<24} {} {}",
-                            r.seq, r.time.strftime("%Y-%m-%dT%H:%M:%SZ"), r.kind, r.actor,
-                            [r.appliance_id, r.endpoint_id, r.session_id].into_iter().flatten().collect::<Vec<_>>().join(" "),
+                            r.seq,
+                            r.time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            r.kind,
+                            r.actor,
+                            [r.appliance_id, r.endpoint_id, r.session_id]
+                                .into_iter()
+                                .flatten()
+                                .collect::<Vec<_>>()
+                                .join(" "),
                             r.detail
                         );
                     }
@@ -496,8 +636,13 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                 print_json(&r);
             }
         }
-        AuditCmd::Play { session, idle_limit, speed } => {
-            let idle = parse_duration(&idle_limit).map_err(|e| ApiError::invalid(format!("--idle-limit: {e}")))?;
+        AuditCmd::Play {
+            session,
+            idle_limit,
+            speed,
+        } => {
+            let idle = parse_duration(&idle_limit)
+                .map_err(|e| ApiError::invalid(format!("--idle-limit: {e}")))?;
             play::play(c, &session, idle, speed, matches!(out, OutputFormat::Json)).await?;
         }
         AuditCmd::Verify => {

@@ -20,11 +20,18 @@ pub fn find(records: Vec<AuditRecord>, session: &str) -> Result<AuditRecord, Api
         })
 }
 
-pub async fn play(c: &ApiClient, session: &str, idle_limit: Duration, speed: f64, json: bool) -> Result<(), ApiError> {
+pub async fn play(
+    c: &ApiClient,
+    session: &str,
+    idle_limit: Duration,
+    speed: f64,
+    json: bool,
+) -> Result<(), ApiError> {
     let l: AuditList = c.get("/v1/audit").await?;
     let rec = find(l.records, session)?;
     let cast = rec.detail["cast"].as_str().unwrap_or_default();
-    let (header, events) = asciicast::parse(cast).map_err(|e| ApiError::internal(format!("the recording of {session} is damaged: {e}")))?;
+    let (header, events) = asciicast::parse(cast)
+        .map_err(|e| ApiError::internal(format!("the recording of {session} is damaged: {e}")))?;
     if json {
         let v = serde_json::json!({
             "session_id": session,
@@ -47,7 +54,11 @@ pub async fn play(c: &ApiClient, session: &str, idle_limit: Duration, speed: f64
             tokio::time::sleep(step.delay).await;
         }
         let mut out = std::io::stdout().lock();
-        if out.write_all(step.data.as_bytes()).and_then(|_| out.flush()).is_err() {
+        if out
+            .write_all(step.data.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             break;
         }
     }
@@ -84,6 +95,9 @@ mod tests {
         ];
         assert_eq!(find(records.clone(), "ses_a").unwrap().seq, 3);
         assert_eq!(find(records.clone(), "ses_b").unwrap().seq, 2);
-        assert_eq!(find(records, "ses_c").unwrap_err().code, ErrorCode::NotFound);
+        assert_eq!(
+            find(records, "ses_c").unwrap_err().code,
+            ErrorCode::NotFound
+        );
     }
 }

@@ -28,17 +28,28 @@ pub struct Bound {
 /// Binds the three front ends on `host`, on the ports of the last run when they are free.
 pub fn bind(host: IpAddr, data_dir: &Path) -> std::io::Result<Bound> {
     let path = data_dir.join(FILE);
-    let previous: Option<FrontEnds> =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).filter(|p: &FrontEnds| p.kube.ip() == host);
+    let previous: Option<FrontEnds> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|p: &FrontEnds| p.kube.ip() == host);
     let kube = super::tcp::bind(host, previous.map(|p| p.kube))?;
     let postgres = super::tcp::bind(host, previous.map(|p| p.postgres))?;
     let ssh = super::tcp::bind(host, previous.map(|p| p.ssh))?;
-    let addrs = FrontEnds { kube: kube.local_addr()?, postgres: postgres.local_addr()?, ssh: ssh.local_addr()? };
+    let addrs = FrontEnds {
+        kube: kube.local_addr()?,
+        postgres: postgres.local_addr()?,
+        ssh: ssh.local_addr()?,
+    };
     if previous != Some(addrs) {
         let json = serde_json::to_vec_pretty(&addrs).map_err(std::io::Error::other)?;
         std::fs::write(&path, json)?;
     }
-    Ok(Bound { addrs, kube, postgres, ssh })
+    Ok(Bound {
+        addrs,
+        kube,
+        postgres,
+        ssh,
+    })
 }
 
 impl FrontEnds {

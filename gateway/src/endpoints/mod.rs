@@ -52,7 +52,10 @@ pub struct LiveEndpoint {
 
 impl LiveEndpoint {
     pub fn end_reason(&self) -> CloseReason {
-        self.end_reason.lock().map(|r| r.unwrap_or(CloseReason::Interrupted)).unwrap_or(CloseReason::Interrupted)
+        self.end_reason
+            .lock()
+            .map(|r| r.unwrap_or(CloseReason::Interrupted))
+            .unwrap_or(CloseReason::Interrupted)
     }
 
     fn end(&self, reason: CloseReason) {
@@ -65,7 +68,10 @@ impl LiveEndpoint {
     /// The customer's scope for the resource as the connected agent last reported it (None
     /// while the appliance is offline: then nothing can reach it anyway).
     pub fn scope(&self, gw: &Gateway) -> Option<ResourceScope> {
-        gw.agents.get(&self.appliance_id).and_then(|link| link.resource(&self.resource_id).and_then(|r| r.scope.clone()))
+        gw.agents.get(&self.appliance_id).and_then(|link| {
+            link.resource(&self.resource_id)
+                .and_then(|r| r.scope.clone())
+        })
     }
 
     pub fn grant(&self) -> EndpointGrant {
@@ -107,7 +113,9 @@ impl EndpointRegistry {
     }
 
     pub fn live_sessions(&self, id: &str) -> u64 {
-        self.get(id).map(|e| e.live_sessions.load(Ordering::Relaxed)).unwrap_or(0)
+        self.get(id)
+            .map(|e| e.live_sessions.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// Gateway shutdown: sessions end with reason `interrupted`; endpoints stay active in the
@@ -139,7 +147,11 @@ pub async fn grants_for(gw: &Gateway, appliance_id: &str) -> Vec<EndpointGrant> 
 
 /// The record as `caller` may see it: the creator of an active endpoint also gets what their
 /// client needs to connect.
-pub async fn record_for(gw: &Gateway, caller: &Caller, row: EndpointRow) -> Result<EndpointRecord, ApiError> {
+pub async fn record_for(
+    gw: &Gateway,
+    caller: &Caller,
+    row: EndpointRow,
+) -> Result<EndpointRecord, ApiError> {
     let creator = row.created_by == caller.actor();
     let mut rec = record(gw, row).await?;
     if creator && rec.state == EndpointState::Active {
@@ -195,8 +207,17 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
 
 /// The endpoint, if the caller may see it.
 pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
-    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
-    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?;
+    let row = gw
+        .store
+        .get_endpoint(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(id))?;
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?;
     if !appliance.is_some_and(|a| caller.sees_customer(&a.customer)) {
         return Err(not_found(id));
     }
@@ -204,7 +225,8 @@ pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointReco
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no endpoint {id}")).hint("`postern ops endpoint list` shows the endpoints you can see")
+    ApiError::new(ErrorCode::NotFound, format!("no endpoint {id}"))
+        .hint("`postern ops endpoint list` shows the endpoints you can see")
 }
 
 pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<EndpointRecord>, ApiError> {
@@ -220,15 +242,25 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<EndpointRecord>, 
 
 pub fn validate_ttl(ttl: Duration) -> Result<(), ApiError> {
     if ttl < TTL_MIN || ttl > TTL_MAX {
-        return Err(ApiError::invalid(format!("TTL {} is outside the allowed range", format_duration(ttl)))
-            .hint("use a TTL between 10s and 7d, e.g. --ttl 2h"));
+        return Err(ApiError::invalid(format!(
+            "TTL {} is outside the allowed range",
+            format_duration(ttl)
+        ))
+        .hint("use a TTL between 10s and 7d, e.g. --ttl 2h"));
     }
     Ok(())
 }
 
-pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateRequest) -> Result<EndpointRecord, ApiError> {
+pub async fn create(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    req: EndpointCreateRequest,
+) -> Result<EndpointRecord, ApiError> {
     caller.require(&[Role::Admin, Role::Operator], "open ops endpoints")?;
-    let ttl = req.ttl_s.map(Duration::from_secs).unwrap_or(gw.limits.default_endpoint_ttl);
+    let ttl = req
+        .ttl_s
+        .map(Duration::from_secs)
+        .unwrap_or(gw.limits.default_endpoint_ttl);
     validate_ttl(ttl)?;
     let appliance = gw
         .store
@@ -236,8 +268,14 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
         .await
         .map_err(internal)?
         .ok_or_else(|| {
-            ApiError::new(ErrorCode::NotFound, format!("no appliance for app {} and customer {}", req.app, req.customer))
-                .hint("`postern appliance list` shows the registered appliances")
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no appliance for app {} and customer {}",
+                    req.app, req.customer
+                ),
+            )
+            .hint("`postern appliance list` shows the registered appliances")
         })?;
     caller.require_customer(&appliance.customer)?;
     let link = gw.agents.get(&appliance.id).ok_or_else(|| {
@@ -249,9 +287,19 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
         let known: Vec<&str> = link.resources.iter().map(|r| r.id.as_str()).collect();
         ApiError::new(
             ErrorCode::InvalidOriginResourceId,
-            format!("appliance {} has no resource {:?}", appliance.id, req.origin_resource_id),
+            format!(
+                "appliance {} has no resource {:?}",
+                appliance.id, req.origin_resource_id
+            ),
         )
-        .hint(format!("resources this appliance declares: {}", if known.is_empty() { "none".into() } else { known.join(", ") }))
+        .hint(format!(
+            "resources this appliance declares: {}",
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        ))
         .details(serde_json::json!({"origin_resource_id": req.origin_resource_id, "known": known}))
     })?;
     if resource.kind != req.endpoint_type.resource_kind() {
@@ -259,12 +307,15 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
             "resource {} is of kind {}, which a {} endpoint cannot reach",
             resource.id, resource.kind, req.endpoint_type
         ))
-        .hint(format!("use --type {}", match resource.kind {
-            endpoint_types::resource::ResourceKind::Kubernetes => "kubectl",
-            endpoint_types::resource::ResourceKind::Postgres => "postgres",
-            endpoint_types::resource::ResourceKind::Ssh => "ssh",
-            endpoint_types::resource::ResourceKind::Tcp => "tcp",
-        })));
+        .hint(format!(
+            "use --type {}",
+            match resource.kind {
+                endpoint_types::resource::ResourceKind::Kubernetes => "kubectl",
+                endpoint_types::resource::ResourceKind::Postgres => "postgres",
+                endpoint_types::resource::ResourceKind::Ssh => "ssh",
+                endpoint_types::resource::ResourceKind::Tcp => "tcp",
+            }
+        )));
     }
     match req.endpoint_type {
         EndpointType::Tcp => {}
@@ -275,8 +326,11 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
 
     let now = crate::store::now();
     let grant = crate::grants::require_operate(gw, &appliance, now).await?;
-    let ttl_signed = jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?;
-    let requested_until = now.checked_add(ttl_signed).map_err(|_| ApiError::invalid("TTL too large"))?;
+    let ttl_signed =
+        jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?;
+    let requested_until = now
+        .checked_add(ttl_signed)
+        .map_err(|_| ApiError::invalid("TTL too large"))?;
     let id = format!("ep_{}", crate::identity::random_hex(8));
     let mut row = EndpointRow {
         id: id.clone(),
@@ -291,28 +345,47 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
         address: None,
         sessions_total: 0,
         grant_id: Some(grant.id.clone()),
-        credential: if req.endpoint_type == EndpointType::Tcp { None } else { req.credential.clone() },
+        credential: if req.endpoint_type == EndpointType::Tcp {
+            None
+        } else {
+            req.credential.clone()
+        },
     };
     let subject = Subject::endpoint(&appliance.id, &id);
     let requested = serde_json::json!({
         "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(), "grant_id": grant.id,
     });
-    let Some((by, window_end)) = crate::grants::automatic_decision(gw, &appliance.id, now).await else {
+    let Some((by, window_end)) = crate::grants::automatic_decision(gw, &appliance.id, now).await
+    else {
         // A person decides; the listener opens on approval.
         gw.store.insert_endpoint(&row).await.map_err(internal)?;
-        gw.audit.record("endpoint.requested", &caller.actor(), subject, requested).await;
+        gw.audit
+            .record("endpoint.requested", &caller.actor(), subject, requested)
+            .await;
         crate::notify::waiting(gw, &appliance.customer, "endpoint", &id).await;
         return record(gw, row).await;
     };
     // Never past the grant, nor past the window that approved it.
-    row.expires_at = [Some(requested_until), grant.expires_at, window_end].into_iter().flatten().min().unwrap_or(requested_until);
+    row.expires_at = [Some(requested_until), grant.expires_at, window_end]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(requested_until);
     let (address, listener) = listen(gw, req.endpoint_type, None)?;
     row.state = EndpointState::Active;
     row.address = Some(address.clone());
     gw.store.insert_endpoint(&row).await.map_err(internal)?;
     let ep = activate(gw, &row, listener);
-    gw.agents.send(&appliance.id, Frame::EndpointOpen(ep.grant()));
-    gw.audit.record("endpoint.requested", &caller.actor(), subject.clone(), requested).await;
+    gw.agents
+        .send(&appliance.id, Frame::EndpointOpen(ep.grant()));
+    gw.audit
+        .record(
+            "endpoint.requested",
+            &caller.actor(),
+            subject.clone(),
+            requested,
+        )
+        .await;
     gw.audit
         .record("endpoint.created", by, subject, serde_json::json!({
             "type": req.endpoint_type, "origin_resource_id": resource.id, "expires_at": row.expires_at, "address": address,
@@ -323,48 +396,112 @@ pub async fn create(gw: &Arc<Gateway>, caller: &Caller, req: EndpointCreateReque
 }
 
 /// Where an endpoint's clients connect: its own listener (tcp), or its type's shared front end.
-fn listen(gw: &Gateway, t: EndpointType, preferred: Option<std::net::SocketAddr>) -> Result<(String, Option<std::net::TcpListener>), ApiError> {
+fn listen(
+    gw: &Gateway,
+    t: EndpointType,
+    preferred: Option<std::net::SocketAddr>,
+) -> Result<(String, Option<std::net::TcpListener>), ApiError> {
     if let Some(addr) = gw.front_ends.of(t) {
         return Ok((addr.to_string(), None));
     }
-    let listener = tcp::bind(gw.endpoint_host, preferred).map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
-    let address = listener.local_addr().map_err(|e| ApiError::internal(e.to_string()))?.to_string();
+    let listener = tcp::bind(gw.endpoint_host, preferred)
+        .map_err(|e| ApiError::internal(format!("cannot open a listener: {e}")))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .to_string();
     Ok((address, Some(listener)))
 }
 
 /// A customer approver's decision on a pending endpoint. On approval the endpoint lives for
 /// its TTL from now, never past its operate grant.
-pub async fn decide(gw: &Arc<Gateway>, caller: &Caller, id: &str, approve: bool, message: Option<String>) -> Result<EndpointRecord, ApiError> {
+pub async fn decide(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    id: &str,
+    approve: bool,
+    message: Option<String>,
+) -> Result<EndpointRecord, ApiError> {
     let rec = get(gw, caller, id).await?;
     caller.require_customer(&rec.customer)?;
-    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let row = gw
+        .store
+        .get_endpoint(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(id))?;
     if row.state != EndpointState::PendingApproval {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} is {}, not waiting for a decision", row.state.as_str())));
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "endpoint {id} is {}, not waiting for a decision",
+                row.state.as_str()
+            ),
+        ));
     }
     let now = crate::store::now();
     let subject = Subject::endpoint(&row.appliance_id, id);
     if !approve {
         if !gw.store.deny_endpoint(id, now).await.map_err(internal)? {
-            return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} was decided by someone else just now")));
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("endpoint {id} was decided by someone else just now"),
+            ));
         }
-        gw.audit.record("endpoint.denied", &caller.actor(), subject, serde_json::json!({"message": message})).await;
+        gw.audit
+            .record(
+                "endpoint.denied",
+                &caller.actor(),
+                subject,
+                serde_json::json!({"message": message}),
+            )
+            .await;
         return get(gw, caller, id).await;
     }
-    let appliance = gw.store.get_appliance(&row.appliance_id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let appliance = gw
+        .store
+        .get_appliance(&row.appliance_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(id))?;
     let grant = crate::grants::require_operate(gw, &appliance, now).await?;
     if row.grant_id.as_deref() != Some(grant.id.as_str()) {
-        return Err(ApiError::new(ErrorCode::OperateAccessExpired, format!("the operate grant endpoint {id} was requested under has ended"))
-            .hint(crate::grants::access_hint(&appliance.app, &appliance.customer)));
+        return Err(ApiError::new(
+            ErrorCode::OperateAccessExpired,
+            format!("the operate grant endpoint {id} was requested under has ended"),
+        )
+        .hint(crate::grants::access_hint(
+            &appliance.app,
+            &appliance.customer,
+        )));
     }
     let ttl = row.expires_at.duration_since(row.created_at);
-    let expires_at = [now.checked_add(ttl).ok(), grant.expires_at].into_iter().flatten().min().unwrap_or(now);
+    let expires_at = [now.checked_add(ttl).ok(), grant.expires_at]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now);
     let (address, listener) = listen(gw, row.endpoint_type, None)?;
-    if !gw.store.activate_endpoint(id, expires_at, &address).await.map_err(internal)? {
-        return Err(ApiError::new(ErrorCode::Conflict, format!("endpoint {id} was decided by someone else just now")));
+    if !gw
+        .store
+        .activate_endpoint(id, expires_at, &address)
+        .await
+        .map_err(internal)?
+    {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("endpoint {id} was decided by someone else just now"),
+        ));
     }
-    let row = gw.store.get_endpoint(id).await.map_err(internal)?.ok_or_else(|| not_found(id))?;
+    let row = gw
+        .store
+        .get_endpoint(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(id))?;
     let ep = activate(gw, &row, listener);
-    gw.agents.send(&row.appliance_id, Frame::EndpointOpen(ep.grant()));
+    gw.agents
+        .send(&row.appliance_id, Frame::EndpointOpen(ep.grant()));
     gw.audit
         .record("endpoint.created", &caller.actor(), subject, serde_json::json!({
             "type": row.endpoint_type, "origin_resource_id": row.resource_id, "expires_at": expires_at, "address": address,
@@ -375,7 +512,11 @@ pub async fn decide(gw: &Arc<Gateway>, caller: &Caller, id: &str, approve: bool,
 }
 
 /// Registers a live endpoint, starts serving its listener and arms its expiry.
-fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: Option<std::net::TcpListener>) -> Arc<LiveEndpoint> {
+fn activate(
+    gw: &Arc<Gateway>,
+    row: &EndpointRow,
+    listener: Option<std::net::TcpListener>,
+) -> Arc<LiveEndpoint> {
     let ep = Arc::new(LiveEndpoint {
         id: row.id.clone(),
         endpoint_type: row.endpoint_type,
@@ -391,26 +532,38 @@ fn activate(gw: &Arc<Gateway>, row: &EndpointRow, listener: Option<std::net::Tcp
     });
     gw.endpoints.insert(ep.clone());
     if let Some(listener) = listener {
-        gw.tasks.spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
+        gw.tasks
+            .spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
     }
     let (gw2, ep2) = (gw.clone(), ep.clone());
-    gw.tasks.spawn_on(async move {
-        let left = ep2.expires_at.duration_since(Timestamp::now());
-        let wait = if left.is_negative() { Duration::ZERO } else { left.unsigned_abs() };
-        tokio::select! {
-            _ = ep2.cancel.cancelled() => {}
-            _ = tokio::time::sleep(wait) => {
-                end(&gw2, &ep2.id, CloseReason::Expired, &Caller::system()).await;
+    gw.tasks.spawn_on(
+        async move {
+            let left = ep2.expires_at.duration_since(Timestamp::now());
+            let wait = if left.is_negative() {
+                Duration::ZERO
+            } else {
+                left.unsigned_abs()
+            };
+            tokio::select! {
+                _ = ep2.cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {
+                    end(&gw2, &ep2.id, CloseReason::Expired, &Caller::system()).await;
+                }
             }
-        }
-    }, &gw.data_plane);
+        },
+        &gw.data_plane,
+    );
     ep
 }
 
 /// Ends an active endpoint: store state, cut sessions, tell the agent, audit. Returns the
 /// number of sessions cut, or None if it was not active.
 pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -> Option<u64> {
-    let state = if reason == CloseReason::Expired { EndpointState::Expired } else { EndpointState::Retired };
+    let state = if reason == CloseReason::Expired {
+        EndpointState::Expired
+    } else {
+        EndpointState::Retired
+    };
     match gw.store.end_endpoint(id, state, Timestamp::now()).await {
         Ok(true) => {}
         Ok(false) => return None,
@@ -422,12 +575,27 @@ pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -
     let ep = gw.endpoints.remove(id)?;
     let cut = ep.live_sessions.load(Ordering::Relaxed);
     ep.end(reason);
-    gw.agents.send(&ep.appliance_id, Frame::EndpointClose { endpoint_id: id.to_string(), reason });
-    let kind = if reason == CloseReason::Expired { "endpoint.expired" } else { "endpoint.retired" };
+    gw.agents.send(
+        &ep.appliance_id,
+        Frame::EndpointClose {
+            endpoint_id: id.to_string(),
+            reason,
+        },
+    );
+    let kind = if reason == CloseReason::Expired {
+        "endpoint.expired"
+    } else {
+        "endpoint.retired"
+    };
     gw.audit
-        .record(kind, &caller.actor(), Subject::endpoint(&ep.appliance_id, id), serde_json::json!({
-            "reason": reason.as_str(), "sessions_cut": cut,
-        }))
+        .record(
+            kind,
+            &caller.actor(),
+            Subject::endpoint(&ep.appliance_id, id),
+            serde_json::json!({
+                "reason": reason.as_str(), "sessions_cut": cut,
+            }),
+        )
         .await;
     tracing::info!(endpoint = %id, reason = reason.as_str(), sessions_cut = cut, "endpoint ended");
     Some(cut)
@@ -437,14 +605,21 @@ pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointR
     let before = get(gw, caller, id).await?;
     // Customers may tear down any endpoint into their appliances; operators their own or any
     // (the vendor decides who operates), admins all.
-    caller.require(&[Role::Admin, Role::Operator, Role::Approver], "retire endpoints")?;
+    caller.require(
+        &[Role::Admin, Role::Operator, Role::Approver],
+        "retire endpoints",
+    )?;
     let cut = match before.state {
         EndpointState::Active => end(gw, id, CloseReason::Retired, caller).await,
         _ => None,
     };
     let Some(cut) = cut else {
         return Err(ApiError::new(
-            if before.state == EndpointState::Expired { ErrorCode::EndpointExpired } else { ErrorCode::EndpointRetired },
+            if before.state == EndpointState::Expired {
+                ErrorCode::EndpointExpired
+            } else {
+                ErrorCode::EndpointRetired
+            },
             format!("endpoint {id} is already {}", before.state.as_str()),
         ));
     };
@@ -456,7 +631,10 @@ pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointR
 /// Ends every active endpoint created under a grant (grant revoked).
 pub async fn end_all_of_grant(gw: &Gateway, grant_id: &str, reason: CloseReason, caller: &Caller) {
     if let Ok(rows) = gw.store.active_endpoints().await {
-        for r in rows.into_iter().filter(|r| r.grant_id.as_deref() == Some(grant_id)) {
+        for r in rows
+            .into_iter()
+            .filter(|r| r.grant_id.as_deref() == Some(grant_id))
+        {
             end(gw, &r.id, reason, caller).await;
         }
     }
@@ -477,11 +655,20 @@ pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
     let now = Timestamp::now();
     for row in gw.store.active_endpoints().await? {
         if row.expires_at <= now {
-            if gw.store.end_endpoint(&row.id, EndpointState::Expired, row.expires_at).await? {
+            if gw
+                .store
+                .end_endpoint(&row.id, EndpointState::Expired, row.expires_at)
+                .await?
+            {
                 gw.audit
-                    .record("endpoint.expired", "system:gateway", Subject::endpoint(&row.appliance_id, &row.id), serde_json::json!({
-                        "reason": "expired", "sessions_cut": 0, "while": "gateway down",
-                    }))
+                    .record(
+                        "endpoint.expired",
+                        "system:gateway",
+                        Subject::endpoint(&row.appliance_id, &row.id),
+                        serde_json::json!({
+                            "reason": "expired", "sessions_cut": 0, "while": "gateway down",
+                        }),
+                    )
                     .await;
             }
             continue;
@@ -494,7 +681,9 @@ pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
                 }
                 activate(gw, &row, listener);
             }
-            Err(e) => tracing::error!(endpoint = %row.id, error = %e.message, "could not restore endpoint listener"),
+            Err(e) => {
+                tracing::error!(endpoint = %row.id, error = %e.message, "could not restore endpoint listener")
+            }
         }
     }
     Ok(())

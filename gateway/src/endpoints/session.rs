@@ -37,8 +37,11 @@ impl SessionSlot {
         let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(ep.clone());
         if n > gw.limits.sessions_per_endpoint {
-            return Err(ApiError::new(ErrorCode::SessionLimit, format!("endpoint {} already has {} sessions", ep.id, n - 1))
-                .hint("close a session, or ask for a higher limit"));
+            return Err(ApiError::new(
+                ErrorCode::SessionLimit,
+                format!("endpoint {} already has {} sessions", ep.id, n - 1),
+            )
+            .hint("close a session, or ask for a higher limit"));
         }
         Ok(slot)
     }
@@ -61,12 +64,24 @@ pub struct DataStream {
 }
 
 /// Opens a data stream to the endpoint's agent and waits for its decision.
-pub async fn open_stream(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr) -> Result<DataStream, ApiError> {
-    let link = gw
-        .agents
-        .get(&ep.appliance_id)
-        .ok_or_else(|| ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline", ep.appliance_id)))?;
-    let offline = |e: String| ApiError::new(ErrorCode::ApplianceOffline, format!("could not reach the agent: {e}"));
+pub async fn open_stream(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    session_id: &str,
+    client: SocketAddr,
+) -> Result<DataStream, ApiError> {
+    let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::ApplianceOffline,
+            format!("appliance {} is offline", ep.appliance_id),
+        )
+    })?;
+    let offline = |e: String| {
+        ApiError::new(
+            ErrorCode::ApplianceOffline,
+            format!("could not reach the agent: {e}"),
+        )
+    };
     let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
         .await
         .map_err(|_| offline("timed out opening a stream".into()))?
@@ -78,15 +93,25 @@ pub async fn open_stream(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, clie
         operator: ep.operator.clone(),
         client_addr: client.to_string(),
     });
-    write_frame(&mut send, &header).await.map_err(|e| offline(e.to_string()))?;
+    write_frame(&mut send, &header)
+        .await
+        .map_err(|e| offline(e.to_string()))?;
     let mut framed = FramedRecv::new(recv, MAX_STREAM_HEADER_LEN);
     match framed.next_within(STREAM_SETUP_TIMEOUT).await {
         Ok(Some(Frame::StreamAccept)) => {
             let (recv, leftover) = framed.into_parts();
-            Ok(DataStream { send, recv, leftover, connection: link.connection })
+            Ok(DataStream {
+                send,
+                recv,
+                leftover,
+                connection: link.connection,
+            })
         }
         Ok(Some(Frame::StreamRefuse(e))) => Err(e),
-        Ok(Some(_)) => Err(ApiError::new(ErrorCode::MalformedFrame, "the agent answered a stream with an unexpected frame")),
+        Ok(Some(_)) => Err(ApiError::new(
+            ErrorCode::MalformedFrame,
+            "the agent answered a stream with an unexpected frame",
+        )),
         Ok(None) => Err(offline("the agent closed the stream".into())),
         Err(FramedError::Frame(e)) => Err(e.to_api_error()),
         Err(e) => Err(offline(e.to_string())),
@@ -115,7 +140,13 @@ pub fn agent_reason_write(e: &quinn::WriteError) -> Option<CloseReason> {
     }
 }
 
-pub async fn deny(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, err: &ApiError) {
+pub async fn deny(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    session_id: &str,
+    client: SocketAddr,
+    err: &ApiError,
+) {
     tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
     gw.audit
         .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
@@ -125,7 +156,13 @@ pub async fn deny(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: Soc
 }
 
 /// Counts and audits a session the agent accepted. `extra` adds type-specific fields.
-pub async fn opened(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: SocketAddr, extra: serde_json::Value) {
+pub async fn opened(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    session_id: &str,
+    client: SocketAddr,
+    extra: serde_json::Value,
+) {
     if let Err(e) = gw.store.count_session(&ep.id).await {
         tracing::error!(error = %e, "could not count session");
     }
@@ -133,7 +170,14 @@ pub async fn opened(gw: &Gateway, ep: &LiveEndpoint, session_id: &str, client: S
         "client_addr": client.to_string(), "origin_resource_id": ep.resource_id, "type": ep.endpoint_type.as_str(),
     });
     merge(&mut detail, extra);
-    gw.audit.record("session.opened", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), detail).await;
+    gw.audit
+        .record(
+            "session.opened",
+            &ep.operator,
+            Subject::session(&ep.appliance_id, &ep.id, session_id),
+            detail,
+        )
+        .await;
 }
 
 /// Audits a session's end. `extra` adds type-specific fields (an error, a recording id).
@@ -153,7 +197,14 @@ pub async fn closed(
         "duration_ms": started.elapsed().as_millis() as u64,
     });
     merge(&mut detail, extra);
-    gw.audit.record("session.closed", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), detail).await;
+    gw.audit
+        .record(
+            "session.closed",
+            &ep.operator,
+            Subject::session(&ep.appliance_id, &ep.id, session_id),
+            detail,
+        )
+        .await;
 }
 
 fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
@@ -165,7 +216,11 @@ fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
 /// The next client of a listener, or None once the gateway shuts down. Accept errors (out of
 /// file descriptors, mostly) are logged and retried after a short pause rather than ending
 /// the listener.
-pub async fn accept_next(gw: &Gateway, listener: &tokio::net::TcpListener, what: &str) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+pub async fn accept_next(
+    gw: &Gateway,
+    listener: &tokio::net::TcpListener,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
             _ = gw.shutdown.cancelled() => return None,

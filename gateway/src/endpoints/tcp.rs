@@ -2,7 +2,10 @@
 //! stream to the agent, which connects to the resource's configured target.
 
 use super::{
-    session::{agent_reason_read, agent_reason_write, closed, cut_stream, deny, new_session_id, open_stream, opened, DataStream, SessionSlot},
+    session::{
+        agent_reason_read, agent_reason_write, closed, cut_stream, deny, new_session_id,
+        open_stream, opened, DataStream, SessionSlot,
+    },
     LiveEndpoint,
 };
 use crate::server::Gateway;
@@ -38,7 +41,9 @@ pub fn bind(host: IpAddr, preferred: Option<SocketAddr>) -> std::io::Result<std:
 pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::TcpListener) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
-        Err(e) => return tracing::error!(endpoint = %ep.id, error = %e, "cannot serve endpoint listener"),
+        Err(e) => {
+            return tracing::error!(endpoint = %ep.id, error = %e, "cannot serve endpoint listener")
+        }
     };
     loop {
         let (tcp, client) = tokio::select! {
@@ -66,7 +71,12 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
         _ = ep.cancel.cancelled() => return,
         r = open_stream(&gw, &ep, &session_id, client) => r,
     };
-    let DataStream { mut send, mut recv, leftover, connection } = match opened_stream {
+    let DataStream {
+        mut send,
+        mut recv,
+        leftover,
+        connection,
+    } = match opened_stream {
         Ok(stream) => stream,
         Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
     };
@@ -84,11 +94,13 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
         Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
         // The agent enforces expiry and retire on its own clock too and may cut first; its
         // reset code says why.
-        Some(Err(e)) => e.agent_reason().unwrap_or(if connection.close_reason().is_some() {
-            CloseReason::Interrupted
-        } else {
-            CloseReason::Error
-        }),
+        Some(Err(e)) => e
+            .agent_reason()
+            .unwrap_or(if connection.close_reason().is_some() {
+                CloseReason::Interrupted
+            } else {
+                CloseReason::Error
+            }),
         None => ep.end_reason(),
     };
     if outcome.is_none() || matches!(outcome, Some(Err(_))) {
@@ -99,7 +111,16 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
         Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
         _ => serde_json::json!({}),
     };
-    closed(&gw, &ep, &session_id, reason, (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)), started, extra).await;
+    closed(
+        &gw,
+        &ep,
+        &session_id,
+        reason,
+        (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)),
+        started,
+        extra,
+    )
+    .await;
 }
 
 /// Moves bytes both ways until both directions are finished, keeping half-closes: a client
@@ -127,7 +148,9 @@ async fn pump(
                 return Ok::<(), PumpError>(());
             }
             up.fetch_add(n as u64, Ordering::Relaxed);
-            send.write_chunk(buf.split().freeze()).await.map_err(PumpError::QuicWrite)?;
+            send.write_chunk(buf.split().freeze())
+                .await
+                .map_err(PumpError::QuicWrite)?;
         }
     };
     let agent_to_client = async {
@@ -136,10 +159,16 @@ async fn pump(
             down.fetch_add(leftover.len() as u64, Ordering::Relaxed);
         }
         let mut chunks: [Bytes; 32] = Default::default();
-        while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(PumpError::QuicRead)? {
+        while let Some(n) = recv
+            .read_chunks(&mut chunks)
+            .await
+            .map_err(PumpError::QuicRead)?
+        {
             let got = chunks.get_mut(..n).unwrap_or_default();
             down.fetch_add(got.iter().map(|c| c.len() as u64).sum(), Ordering::Relaxed);
-            write_all_chunks(&mut tcp_w, got).await.map_err(PumpError::Tcp)?;
+            write_all_chunks(&mut tcp_w, got)
+                .await
+                .map_err(PumpError::Tcp)?;
         }
         tcp_w.shutdown().await.map_err(PumpError::Tcp)?;
         Ok::<(), PumpError>(())
@@ -149,11 +178,17 @@ async fn pump(
 
 /// Writes every chunk with as few syscalls as the socket allows: QUIC hands data over in
 /// packet-sized chunks, and one write per chunk would cost a syscall per ~1.2 KB.
-async fn write_all_chunks(w: &mut (impl tokio::io::AsyncWrite + Unpin), chunks: &mut [bytes::Bytes]) -> std::io::Result<()> {
+async fn write_all_chunks(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    chunks: &mut [bytes::Bytes],
+) -> std::io::Result<()> {
     use bytes::Buf;
     let mut first = 0;
     while first < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..].iter().map(|c| std::io::IoSlice::new(c)).collect();
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| std::io::IoSlice::new(c))
+            .collect();
         let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

@@ -72,8 +72,16 @@ fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
     Ok(GrantRow {
         id: r.try_get("id")?,
         appliance_id: r.try_get("appliance_id")?,
-        level: parse_kw(&r.try_get::<String, _>("level")?, "grant level", GrantLevel::parse)?,
-        state: parse_kw(&r.try_get::<String, _>("state")?, "grant state", GrantState::parse)?,
+        level: parse_kw(
+            &r.try_get::<String, _>("level")?,
+            "grant level",
+            GrantLevel::parse,
+        )?,
+        state: parse_kw(
+            &r.try_get::<String, _>("state")?,
+            "grant state",
+            GrantState::parse,
+        )?,
         requested_by: r.try_get("requested_by")?,
         reason: r.try_get("reason")?,
         duration_ms: r.try_get("duration_ms")?,
@@ -93,7 +101,10 @@ fn op_from(r: AnyRow) -> StoreResult<OpRow> {
     let id: String = r.try_get("id")?;
     let error = r
         .try_get::<Option<String>, _>("error")?
-        .map(|e| serde_json::from_str::<ApiError>(&e).map_err(|e| StoreError::Corrupt(format!("error of op {id}: {e}"))))
+        .map(|e| {
+            serde_json::from_str::<ApiError>(&e)
+                .map_err(|e| StoreError::Corrupt(format!("error of op {id}: {e}")))
+        })
         .transpose()?;
     Ok(OpRow {
         appliance_id: r.try_get("appliance_id")?,
@@ -101,7 +112,11 @@ fn op_from(r: AnyRow) -> StoreResult<OpRow> {
         command: r.try_get("command")?,
         origin_resource_id: r.try_get("origin_resource_id")?,
         timeout: Duration::from_millis(r.try_get::<i64, _>("timeout_ms")?.max(0) as u64),
-        state: parse_kw(&r.try_get::<String, _>("state")?, "op state", OpState::parse)?,
+        state: parse_kw(
+            &r.try_get::<String, _>("state")?,
+            "op state",
+            OpState::parse,
+        )?,
         requested_by: r.try_get("requested_by")?,
         requested_at: from_ms(r.try_get("requested_at")?)?,
         grant_id: r.try_get("grant_id")?,
@@ -123,7 +138,10 @@ fn op_from(r: AnyRow) -> StoreResult<OpRow> {
 
 fn error_json(e: &Option<ApiError>) -> StoreResult<Option<String>> {
     e.as_ref()
-        .map(|e| serde_json::to_string(e).map_err(|e| StoreError::Corrupt(format!("op error does not serialise: {e}"))))
+        .map(|e| {
+            serde_json::to_string(e)
+                .map_err(|e| StoreError::Corrupt(format!("op error does not serialise: {e}")))
+        })
         .transpose()
 }
 
@@ -152,13 +170,21 @@ impl Store {
         Ok(())
     }
 
-    async fn grants_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<GrantRow>> {
+    async fn grants_where(
+        &self,
+        clause: &'static str,
+        binds: &[&str],
+    ) -> StoreResult<Vec<GrantRow>> {
         let sql = format!("SELECT {GRANT_COLS} FROM grants {clause} ORDER BY requested_at, id");
         self.select_rows(sql, binds, grant_from).await
     }
 
     pub async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>> {
-        Ok(self.grants_where("WHERE id = $1", &[id]).await?.into_iter().next())
+        Ok(self
+            .grants_where("WHERE id = $1", &[id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// All grants, oldest request first.
@@ -168,7 +194,8 @@ impl Store {
 
     /// The grants of one appliance, oldest request first.
     pub async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>> {
-        self.grants_where("WHERE appliance_id = $1", &[appliance_id]).await
+        self.grants_where("WHERE appliance_id = $1", &[appliance_id])
+            .await
     }
 
     /// Records the decision on a grant that is still pending approval; false if it is not (it
@@ -253,7 +280,11 @@ impl Store {
     }
 
     pub async fn get_op(&self, id: &str) -> StoreResult<Option<OpRow>> {
-        Ok(self.ops_where("WHERE id = $1", &[id]).await?.into_iter().next())
+        Ok(self
+            .ops_where("WHERE id = $1", &[id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// All ops, oldest request first.
@@ -263,7 +294,8 @@ impl Store {
 
     /// The ops of one appliance, oldest request first.
     pub async fn ops_of(&self, appliance_id: &str) -> StoreResult<Vec<OpRow>> {
-        self.ops_where("WHERE appliance_id = $1", &[appliance_id]).await
+        self.ops_where("WHERE appliance_id = $1", &[appliance_id])
+            .await
     }
 
     /// The ops in one state (e.g. everything `running` when the gateway restarts).
@@ -308,7 +340,12 @@ impl Store {
 
     /// Appends streamed output to an op's stdout and stderr (NULL counts as empty) in one
     /// statement; false if the op does not exist.
-    pub async fn append_op_output(&self, id: &str, stdout_add: &str, stderr_add: &str) -> StoreResult<bool> {
+    pub async fn append_op_output(
+        &self,
+        id: &str,
+        stdout_add: &str,
+        stderr_add: &str,
+    ) -> StoreResult<bool> {
         let r =
             sqlx::query("UPDATE ops SET stdout = COALESCE(stdout, '') || $1, stderr = COALESCE(stderr, '') || $2 WHERE id = $3")
                 .bind(stdout_add)
@@ -338,7 +375,10 @@ impl Store {
             .bind(appliance_id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get::<i64, _>("steady_state_disabled")).transpose()?.map(|d| d == 0))
+        Ok(row
+            .map(|r| r.try_get::<i64, _>("steady_state_disabled"))
+            .transpose()?
+            .map(|d| d == 0))
     }
 
     // ---- customer settings ----
@@ -361,6 +401,9 @@ impl Store {
             .bind(customer)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.map(|r| r.try_get::<Option<String>, _>("webhook_url")).transpose()?.flatten())
+        Ok(row
+            .map(|r| r.try_get::<Option<String>, _>("webhook_url"))
+            .transpose()?
+            .flatten())
     }
 }

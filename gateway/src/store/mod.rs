@@ -26,7 +26,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
-    #[error("unsupported store URL {0:?}: use sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB")]
+    #[error(
+        "unsupported store URL {0:?}: use sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB"
+    )]
     UnsupportedUrl(String),
     #[error("audit record does not continue the chain: {0}")]
     BrokenChain(String),
@@ -54,19 +56,34 @@ impl Backend {
 /// checksum is stored); add the next one.
 fn migrator() -> Migrator {
     let m = |version: i64, name: &str, sql: &'static str| {
-        Migration::new(version, name.to_string().into(), MigrationType::Simple, sql.into_sql_str(), false)
+        Migration::new(
+            version,
+            name.to_string().into(),
+            MigrationType::Simple,
+            sql.into_sql_str(),
+            false,
+        )
     };
     Migrator::with_migrations(vec![
         m(1, "spine", include_str!("../../migrations/0001_spine.sql")),
-        m(2, "control plane", include_str!("../../migrations/0002_control_plane.sql")),
-        m(3, "endpoint credentials", include_str!("../../migrations/0003_endpoint_credentials.sql")),
+        m(
+            2,
+            "control plane",
+            include_str!("../../migrations/0002_control_plane.sql"),
+        ),
+        m(
+            3,
+            "endpoint credentials",
+            include_str!("../../migrations/0003_endpoint_credentials.sql"),
+        ),
     ])
 }
 
 /// Now, at the store's precision (milliseconds), so a record reads back exactly as it was
 /// written and shown.
 pub fn now() -> Timestamp {
-    Timestamp::from_millisecond(Timestamp::now().as_millisecond()).unwrap_or_else(|_| Timestamp::now())
+    Timestamp::from_millisecond(Timestamp::now().as_millisecond())
+        .unwrap_or_else(|_| Timestamp::now())
 }
 
 pub fn to_ms(t: Timestamp) -> i64 {
@@ -88,7 +105,9 @@ fn parse_kw<T>(s: &str, what: &str, parse: impl FnOnce(&str) -> Option<T>) -> St
 
 /// A store URL with any password replaced, for messages and logs.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
@@ -177,7 +196,11 @@ impl Store {
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
-                .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA foreign_keys = ON;").await.map(|_| ()) })),
+                .after_connect(|conn, _| {
+                    Box::pin(
+                        async move { conn.execute("PRAGMA foreign_keys = ON;").await.map(|_| ()) },
+                    )
+                }),
         )
         .await
     }
@@ -185,13 +208,21 @@ impl Store {
     /// Connects to PostgreSQL and applies migrations (the migrator takes an advisory lock, so
     /// replicas starting together apply them once).
     pub async fn open_postgres(url: &str) -> StoreResult<Store> {
-        Store::connect(Backend::Postgres, url, AnyPoolOptions::new().max_connections(10)).await
+        Store::connect(
+            Backend::Postgres,
+            url,
+            AnyPoolOptions::new().max_connections(10),
+        )
+        .await
     }
 
     async fn connect(backend: Backend, url: &str, opts: AnyPoolOptions) -> StoreResult<Store> {
         sqlx::any::install_default_drivers();
         let conn = AnyConnectOptions::from_str(url)?;
-        let pool = opts.acquire_timeout(Duration::from_secs(30)).connect_with(conn).await?;
+        let pool = opts
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(conn)
+            .await?;
         migrator().run(&pool).await?;
         Ok(Store { pool, backend })
     }
@@ -219,16 +250,25 @@ impl Store {
         for b in binds {
             q = q.bind(*b);
         }
-        q.fetch_all(&self.pool).await?.into_iter().map(from).collect()
+        q.fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(from)
+            .collect()
     }
 
-    async fn write_tx(&self, table: &'static str) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    async fn write_tx(
+        &self,
+        table: &'static str,
+    ) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
         match self.backend {
             Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
             Backend::Postgres => {
                 let mut tx = self.pool.begin().await?;
                 let lock = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
-                sqlx::query(sqlx::AssertSqlSafe(lock)).execute(&mut *tx).await?;
+                sqlx::query(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut *tx)
+                    .await?;
                 Ok(tx)
             }
         }
@@ -241,30 +281,50 @@ mod tests {
 
     #[test]
     fn sqlite_urls_encode_odd_paths() {
-        assert_eq!(sqlite_url(Path::new("/tmp/a b/p%q?.db")), "sqlite:///tmp/a%20b/p%25q%3F.db?mode=rwc");
+        assert_eq!(
+            sqlite_url(Path::new("/tmp/a b/p%q?.db")),
+            "sqlite:///tmp/a%20b/p%25q%3F.db?mode=rwc"
+        );
     }
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[tokio::test]
     async fn open_parses_urls() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&format!("sqlite:{}", dir.path().join("x.db").display())).await.unwrap();
+        let s = Store::open(&format!("sqlite:{}", dir.path().join("x.db").display()))
+            .await
+            .unwrap();
         assert_eq!(s.backend(), Backend::Sqlite);
         assert!(dir.path().join("x.db").exists());
-        for (pragma, want) in [("journal_mode", "wal"), ("foreign_keys", "1"), ("busy_timeout", "10000")] {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA {pragma}"))).fetch_one(&s.pool).await.unwrap();
-            let got = sqlx::Row::try_get::<String, _>(&row, 0).or_else(|_| sqlx::Row::try_get::<i64, _>(&row, 0).map(|n| n.to_string()));
+        for (pragma, want) in [
+            ("journal_mode", "wal"),
+            ("foreign_keys", "1"),
+            ("busy_timeout", "10000"),
+        ] {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA {pragma}")))
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+            let got = sqlx::Row::try_get::<String, _>(&row, 0)
+                .or_else(|_| sqlx::Row::try_get::<i64, _>(&row, 0).map(|n| n.to_string()));
             assert_eq!(got.unwrap(), want, "{pragma}");
         }
-        let s = Store::open(&format!("sqlite://{}", dir.path().join("y.db").display())).await.unwrap();
+        let s = Store::open(&format!("sqlite://{}", dir.path().join("y.db").display()))
+            .await
+            .unwrap();
         assert_eq!(s.count_admin_tokens().await.unwrap(), 0);
         assert!(dir.path().join("y.db").exists());
         Store::open("sqlite::memory:").await.unwrap();
-        assert!(matches!(Store::open("mysql://u:pw@h/db").await, Err(StoreError::UnsupportedUrl(u)) if !u.contains("pw")));
+        assert!(
+            matches!(Store::open("mysql://u:pw@h/db").await, Err(StoreError::UnsupportedUrl(u)) if !u.contains("pw"))
+        );
     }
 }

@@ -64,27 +64,34 @@ pub struct EndpointRow {
     pub credential: Option<ClientCredential>,
 }
 
-const AUDIT_COLS: &str = "seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash";
+const AUDIT_COLS: &str =
+    "seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash";
 
 fn audit_from(r: AnyRow) -> StoreResult<AuditRecord> {
     let time: String = r.try_get("time")?;
     let detail: String = r.try_get("detail")?;
     Ok(AuditRecord {
         seq: r.try_get("seq")?,
-        time: time.parse().map_err(|e| StoreError::Corrupt(format!("audit time {time}: {e}")))?,
+        time: time
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("audit time {time}: {e}")))?,
         kind: r.try_get("kind")?,
         actor: r.try_get("actor")?,
         appliance_id: r.try_get("appliance_id")?,
         endpoint_id: r.try_get("endpoint_id")?,
         session_id: r.try_get("session_id")?,
         op_id: r.try_get("op_id")?,
-        detail: serde_json::from_str(&detail).map_err(|e| StoreError::Corrupt(format!("audit detail: {e}")))?,
+        detail: serde_json::from_str(&detail)
+            .map_err(|e| StoreError::Corrupt(format!("audit detail: {e}")))?,
         prev_hash: r.try_get("prev_hash")?,
         hash: r.try_get("hash")?,
     })
 }
 
-async fn insert_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>, r: &AuditRecord) -> StoreResult<()> {
+async fn insert_audit<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    r: &AuditRecord,
+) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -186,9 +193,14 @@ async fn insert_audit_rows<'e>(
     Ok(())
 }
 
-async fn last_audit<'e>(ex: impl sqlx::Executor<'e, Database = sqlx::Any>) -> StoreResult<Option<(i64, String)>> {
-    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetch_optional(ex).await?;
-    row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?))).transpose()
+async fn last_audit<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+) -> StoreResult<Option<(i64, String)>> {
+    let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(ex)
+        .await?;
+    row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?)))
+        .transpose()
 }
 
 const ENDPOINT_COLS: &str =
@@ -236,10 +248,12 @@ impl Store {
     }
 
     pub async fn count_admin_tokens(&self) -> StoreResult<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL")
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?)
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
     }
 
     // ---- appliances ----
@@ -274,33 +288,60 @@ impl Store {
         })
     }
 
-    async fn appliances_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<ApplianceRow>> {
-        let sql = format!("SELECT {} FROM appliances {clause} ORDER BY created_at, id", Self::APPLIANCE_COLS);
+    async fn appliances_where(
+        &self,
+        clause: &'static str,
+        binds: &[&str],
+    ) -> StoreResult<Vec<ApplianceRow>> {
+        let sql = format!(
+            "SELECT {} FROM appliances {clause} ORDER BY created_at, id",
+            Self::APPLIANCE_COLS
+        );
         self.select_rows(sql, binds, Self::appliance_from).await
     }
 
     pub async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>> {
-        Ok(self.appliances_where("WHERE id = $1", &[id]).await?.into_iter().next())
+        Ok(self
+            .appliances_where("WHERE id = $1", &[id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     /// The live (not revoked) appliance for an app and customer.
-    pub async fn find_appliance(&self, app: &str, customer: &str) -> StoreResult<Option<ApplianceRow>> {
+    pub async fn find_appliance(
+        &self,
+        app: &str,
+        customer: &str,
+    ) -> StoreResult<Option<ApplianceRow>> {
         Ok(self
-            .appliances_where("WHERE app = $1 AND customer = $2 AND revoked_at IS NULL", &[app, customer])
+            .appliances_where(
+                "WHERE app = $1 AND customer = $2 AND revoked_at IS NULL",
+                &[app, customer],
+            )
             .await?
             .into_iter()
             .next())
     }
 
     pub async fn appliance_by_fingerprint(&self, fp: &str) -> StoreResult<Option<ApplianceRow>> {
-        Ok(self.appliances_where("WHERE cert_fingerprint = $1", &[fp]).await?.into_iter().next())
+        Ok(self
+            .appliances_where("WHERE cert_fingerprint = $1", &[fp])
+            .await?
+            .into_iter()
+            .next())
     }
 
     pub async fn list_appliances(&self) -> StoreResult<Vec<ApplianceRow>> {
         self.appliances_where("", &[]).await
     }
 
-    pub async fn set_enrolled(&self, id: &str, fingerprint: &str, now: Timestamp) -> StoreResult<()> {
+    pub async fn set_enrolled(
+        &self,
+        id: &str,
+        fingerprint: &str,
+        now: Timestamp,
+    ) -> StoreResult<()> {
         sqlx::query("UPDATE appliances SET cert_fingerprint = $1, enrolled_at = $2 WHERE id = $3")
             .bind(fingerprint)
             .bind(to_ms(now))
@@ -336,8 +377,15 @@ impl Store {
     /// [`Store::set_presence`] as JSON); None if it never reported one or the appliance does not
     /// exist.
     pub async fn appliance_policy(&self, id: &str) -> StoreResult<Option<PolicySummary>> {
-        let row = sqlx::query("SELECT policy FROM appliances WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
-        let Some(json) = row.map(|r| r.try_get::<Option<String>, _>("policy")).transpose()?.flatten() else {
+        let row = sqlx::query("SELECT policy FROM appliances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(json) = row
+            .map(|r| r.try_get::<Option<String>, _>("policy"))
+            .transpose()?
+            .flatten()
+        else {
             return Ok(None);
         };
         serde_json::from_str::<Option<PolicySummary>>(&json)
@@ -346,11 +394,13 @@ impl Store {
 
     /// Marks an appliance revoked; false if it was already revoked or does not exist.
     pub async fn revoke_appliance(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
-        let r = sqlx::query("UPDATE appliances SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(to_ms(now))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE appliances SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(to_ms(now))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -399,7 +449,9 @@ impl Store {
 
     pub async fn insert_endpoint(&self, e: &EndpointRow) -> StoreResult<()> {
         let credential = match &e.credential {
-            Some(c) => Some(serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+            Some(c) => {
+                Some(serde_json::to_string(c).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            }
             None => None,
         };
         sqlx::query(
@@ -427,10 +479,12 @@ impl Store {
         let s: String = r.try_get("state")?;
         Ok(EndpointRow {
             id: r.try_get("id")?,
-            endpoint_type: EndpointType::parse(&t).ok_or_else(|| StoreError::Corrupt(format!("endpoint type {t}")))?,
+            endpoint_type: EndpointType::parse(&t)
+                .ok_or_else(|| StoreError::Corrupt(format!("endpoint type {t}")))?,
             appliance_id: r.try_get("appliance_id")?,
             resource_id: r.try_get("resource_id")?,
-            state: EndpointState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("endpoint state {s}")))?,
+            state: EndpointState::parse(&s)
+                .ok_or_else(|| StoreError::Corrupt(format!("endpoint state {s}")))?,
             created_by: r.try_get("created_by")?,
             created_at: from_ms(r.try_get("created_at")?)?,
             expires_at: from_ms(r.try_get("expires_at")?)?,
@@ -439,19 +493,30 @@ impl Store {
             sessions_total: r.try_get::<i64, _>("sessions_total")?.max(0) as u64,
             grant_id: r.try_get("grant_id")?,
             credential: match r.try_get::<Option<String>, _>("credential")? {
-                Some(json) => Some(serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("endpoint credential: {e}")))?),
+                Some(json) => Some(
+                    serde_json::from_str(&json)
+                        .map_err(|e| StoreError::Corrupt(format!("endpoint credential: {e}")))?,
+                ),
                 None => None,
             },
         })
     }
 
-    async fn endpoints_where(&self, clause: &'static str, binds: &[&str]) -> StoreResult<Vec<EndpointRow>> {
+    async fn endpoints_where(
+        &self,
+        clause: &'static str,
+        binds: &[&str],
+    ) -> StoreResult<Vec<EndpointRow>> {
         let sql = format!("SELECT {ENDPOINT_COLS} FROM endpoints {clause} ORDER BY created_at, id");
         self.select_rows(sql, binds, Self::endpoint_from).await
     }
 
     pub async fn get_endpoint(&self, id: &str) -> StoreResult<Option<EndpointRow>> {
-        Ok(self.endpoints_where("WHERE id = $1", &[id]).await?.into_iter().next())
+        Ok(self
+            .endpoints_where("WHERE id = $1", &[id])
+            .await?
+            .into_iter()
+            .next())
     }
 
     pub async fn list_endpoints(&self) -> StoreResult<Vec<EndpointRow>> {
@@ -463,12 +528,21 @@ impl Store {
     }
 
     pub async fn active_endpoints_of(&self, appliance_id: &str) -> StoreResult<Vec<EndpointRow>> {
-        self.endpoints_where("WHERE state = 'active' AND appliance_id = $1", &[appliance_id]).await
+        self.endpoints_where(
+            "WHERE state = 'active' AND appliance_id = $1",
+            &[appliance_id],
+        )
+        .await
     }
 
     /// Approves a pending endpoint: active until `expires_at`, listening on `address`. False if
     /// it is no longer pending (decided by someone else) or does not exist.
-    pub async fn activate_endpoint(&self, id: &str, expires_at: Timestamp, address: &str) -> StoreResult<bool> {
+    pub async fn activate_endpoint(
+        &self,
+        id: &str,
+        expires_at: Timestamp,
+        address: &str,
+    ) -> StoreResult<bool> {
         let r = sqlx::query(
             "UPDATE endpoints SET state = 'active', expires_at = $1, address = $2 WHERE id = $3 AND state = 'pending-approval'",
         )
@@ -492,22 +566,34 @@ impl Store {
 
     /// The active endpoints created under a grant (to end them when it is revoked or expires).
     pub async fn active_endpoints_of_grant(&self, grant_id: &str) -> StoreResult<Vec<EndpointRow>> {
-        self.endpoints_where("WHERE state = 'active' AND grant_id = $1", &[grant_id]).await
+        self.endpoints_where("WHERE state = 'active' AND grant_id = $1", &[grant_id])
+            .await
     }
 
     /// Moves an active endpoint to a final state; false if it was not active (someone else ended it).
-    pub async fn end_endpoint(&self, id: &str, state: EndpointState, now: Timestamp) -> StoreResult<bool> {
-        let r = sqlx::query("UPDATE endpoints SET state = $1, ended_at = $2 WHERE id = $3 AND state = 'active'")
-            .bind(state.as_str())
-            .bind(to_ms(now))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    pub async fn end_endpoint(
+        &self,
+        id: &str,
+        state: EndpointState,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let r = sqlx::query(
+            "UPDATE endpoints SET state = $1, ended_at = $2 WHERE id = $3 AND state = 'active'",
+        )
+        .bind(state.as_str())
+        .bind(to_ms(now))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
     pub async fn set_endpoint_address(&self, id: &str, address: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE endpoints SET address = $1 WHERE id = $2").bind(address).bind(id).execute(&self.pool).await?;
+        sqlx::query("UPDATE endpoints SET address = $1 WHERE id = $2")
+            .bind(address)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -537,7 +623,9 @@ impl Store {
         F: FnOnce(i64, &str) -> AuditRecord + Send,
     {
         let mut tx = self.write_tx("audit_log").await?;
-        let (seq, prev) = last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
+        let (seq, prev) = last_audit(&mut *tx)
+            .await?
+            .unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
         let r = make(seq + 1, &prev);
         if r.seq != seq + 1 || r.prev_hash != prev {
             return Err(StoreError::BrokenChain(format!(
@@ -554,19 +642,27 @@ impl Store {
     /// Like [`Store::append_audit_with`] for several records in one transaction (busy
     /// sessions' statements): `make(item, seq, prev_hash)` makes each row, chained onto the one
     /// before, in order. Returns the new head `(seq, hash)`.
-    pub async fn append_audit_rows_with<'a, T, F>(&self, items: &'a [T], mut make: F) -> StoreResult<Option<(i64, String)>>
+    pub async fn append_audit_rows_with<'a, T, F>(
+        &self,
+        items: &'a [T],
+        mut make: F,
+    ) -> StoreResult<Option<(i64, String)>>
     where
         T: Sync,
         F: FnMut(&'a T, i64, &str) -> AuditRow<'a> + Send,
     {
         let mut tx = self.write_tx("audit_log").await?;
-        let (mut seq, mut prev) =
-            last_audit(&mut *tx).await?.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
+        let (mut seq, mut prev) = last_audit(&mut *tx)
+            .await?
+            .unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
         let mut rows = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let r = make(item, seq + 1, &prev);
             if r.seq != seq + 1 || r.prev_hash != prev {
-                return Err(StoreError::BrokenChain(format!("batch record {i} does not continue the chain at seq {}", seq + 1)));
+                return Err(StoreError::BrokenChain(format!(
+                    "batch record {i} does not continue the chain at seq {}",
+                    seq + 1
+                )));
             }
             (seq, prev) = (r.seq, r.hash.clone());
             rows.push(r);
@@ -582,7 +678,10 @@ impl Store {
     /// Audit records in order, optionally only those after `after_seq`.
     pub async fn list_audit(&self, after_seq: i64) -> StoreResult<Vec<AuditRecord>> {
         let sql = format!("SELECT {AUDIT_COLS} FROM audit_log WHERE seq > $1 ORDER BY seq");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(after_seq).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after_seq)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(audit_from).collect()
     }
 
@@ -593,7 +692,11 @@ impl Store {
     /// Rewrites one record's detail in place, as an attacker with database access could.
     #[cfg(test)]
     pub async fn tamper_audit_detail(&self, seq: i64, detail: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE audit_log SET detail = $1 WHERE seq = $2").bind(detail).bind(seq).execute(&self.pool).await?;
+        sqlx::query("UPDATE audit_log SET detail = $1 WHERE seq = $2")
+            .bind(detail)
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

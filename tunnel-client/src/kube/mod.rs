@@ -16,7 +16,9 @@ use crate::{
 use bytes::Bytes;
 use endpoint_types::{
     frame::StreamOpen,
-    kube_request::{classify, decide, forbidden_status, status_json, Decision, KubeScope, RequestInfo},
+    kube_request::{
+        classify, decide, forbidden_status, status_json, Decision, KubeScope, RequestInfo,
+    },
     resource::CloseReason,
     ApiError, ErrorCode,
 };
@@ -41,7 +43,12 @@ const MAX_BODY: usize = 10 * 1024 * 1024;
 
 fn scope_of(resource: &ResourceConfig) -> Result<KubeScope, String> {
     let namespaces = resource.namespaces.clone().unwrap_or_default();
-    KubeScope::compile(&namespaces, &resource.kube_resources(), &resource.kube_verbs()).map_err(|e| e.to_string())
+    KubeScope::compile(
+        &namespaces,
+        &resource.kube_resources(),
+        &resource.kube_verbs(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// `agent.toml` checks for a kubernetes resource: namespaces valid, resources and verbs known.
@@ -52,7 +59,9 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
         return Err("`namespaces` is empty: list the namespaces endpoints may reach".into());
     }
     let mut probe = resource.clone();
-    probe.namespaces.get_or_insert_with(|| vec!["default".into()]);
+    probe
+        .namespaces
+        .get_or_insert_with(|| vec!["default".into()]);
     scope_of(&probe)?;
     if let Some(i) = &resource.impersonate {
         if i.user.as_deref().is_none_or(str::is_empty) {
@@ -67,11 +76,17 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
 async fn upstream_for(resource: &ResourceConfig) -> Result<Arc<Upstream>, upstream::UpstreamError> {
     static UPSTREAMS: OnceLock<Mutex<HashMap<String, Arc<Upstream>>>> = OnceLock::new();
     let map = UPSTREAMS.get_or_init(Default::default);
-    if let Some(u) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&resource.id) {
+    if let Some(u) = map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&resource.id)
+    {
         return Ok(u.clone());
     }
     let u = Arc::new(Upstream::load(resource.kubeconfig.as_deref()).await?);
-    map.lock().unwrap_or_else(|p| p.into_inner()).insert(resource.id.clone(), u.clone());
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(resource.id.clone(), u.clone());
     Ok(u)
 }
 
@@ -86,21 +101,43 @@ struct Stream {
     upgraded: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceConfig, cut: Cut, mut send: SendStream, recv: RecvStream) {
+pub async fn serve_stream(
+    ctx: &Sessions,
+    open: StreamOpen,
+    resource: ResourceConfig,
+    cut: Cut,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
     let scope = match scope_of(&resource) {
         Ok(s) => s,
-        Err(e) => return refuse(&mut send, ApiError::invalid(format!("resource {:?}: {e}", resource.id))).await,
+        Err(e) => {
+            return refuse(
+                &mut send,
+                ApiError::invalid(format!("resource {:?}: {e}", resource.id)),
+            )
+            .await
+        }
     };
     let upstream = match upstream_for(&resource).await {
         Ok(u) => u,
         Err(e) => {
-            let e = ApiError::new(ErrorCode::TargetUnreachable, format!("resource {:?}: {e}", resource.id)).hint("fix the resource's kubeconfig in agent.toml");
+            let e = ApiError::new(
+                ErrorCode::TargetUnreachable,
+                format!("resource {:?}: {e}", resource.id),
+            )
+            .hint("fix the resource's kubeconfig in agent.toml");
             return refuse(&mut send, e).await;
         }
     };
     let mut impersonate = Vec::new();
     if let Some(i) = &resource.impersonate {
-        for (name, v) in i.user.iter().map(|u| ("impersonate-user", u)).chain(i.groups.iter().map(|g| ("impersonate-group", g))) {
+        for (name, v) in i
+            .user
+            .iter()
+            .map(|u| ("impersonate-user", u))
+            .chain(i.groups.iter().map(|g| ("impersonate-group", g)))
+        {
             if let Ok(v) = HeaderValue::from_str(v) {
                 impersonate.push((HeaderName::from_static(name), v));
             }
@@ -111,14 +148,24 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
     }
     let started = Instant::now();
     ctx.audit.record_or_log(entry("session.opened", &open, serde_json::json!({"client_addr": open.client_addr, "origin_resource_id": open.resource_id, "type": "kubectl"})));
-    let stream = Arc::new(Stream { ctx: ctx.clone(), open: open.clone(), scope, upstream, impersonate, cut: cut.clone(), upgraded: Mutex::new(None) });
+    let stream = Arc::new(Stream {
+        ctx: ctx.clone(),
+        open: open.clone(),
+        scope,
+        upstream,
+        impersonate,
+        cut: cut.clone(),
+        upgraded: Mutex::new(None),
+    });
     let s = stream.clone();
     let svc = hyper::service::service_fn(move |req| {
         let s = s.clone();
         async move { Ok::<_, Infallible>(s.handle(req).await) }
     });
     let io = tokio::io::join(recv, send);
-    let http = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).with_upgrades();
+    let http = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     let serve = async {
         let r = http.await;
         let pipe = stream.upgraded.lock().ok().and_then(|mut u| u.take());
@@ -137,9 +184,14 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, resource: ResourceCo
 }
 
 fn local(code: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n: Infallible| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
     *r.status_mut() = code;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -149,7 +201,8 @@ fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
         return false;
     }
     match n {
-        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection" | "content-length" | "host" => false,
+        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
+        | "content-length" | "host" => false,
         "connection" | "upgrade" => upgrade,
         _ => true,
     }
@@ -157,13 +210,21 @@ fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.headers().contains_key(hyper::header::UPGRADE)
-        && req.headers().get_all(CONNECTION).iter().any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
 }
 
 impl Stream {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         if self.cut.is_cut() {
-            return local(StatusCode::UNAUTHORIZED, status_json(401, "Unauthorized", "postern: this endpoint has ended"));
+            return local(
+                StatusCode::UNAUTHORIZED,
+                status_json(401, "Unauthorized", "postern: this endpoint has ended"),
+            );
         }
         let method = req.method().as_str().to_string();
         let path = req.uri().path().to_string();
@@ -172,16 +233,35 @@ impl Stream {
             Ok(i) => i,
             Err(e) => {
                 self.audit(None, &method, &path, 400, Some(&e.to_string()));
-                return local(StatusCode::BAD_REQUEST, status_json(400, "BadRequest", &format!("postern agent: {e}")));
+                return local(
+                    StatusCode::BAD_REQUEST,
+                    status_json(400, "BadRequest", &format!("postern agent: {e}")),
+                );
             }
         };
         if let Decision::Deny { reason } = decide(&info, &self.scope) {
             self.audit(Some(&info), &method, &path, 403, Some(&reason));
-            return local(StatusCode::FORBIDDEN, forbidden_status(&format!("(appliance) {reason}")));
+            return local(
+                StatusCode::FORBIDDEN,
+                forbidden_status(&format!("(appliance) {reason}")),
+            );
         }
-        if req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > MAX_BODY as u64) {
+        if req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > MAX_BODY as u64)
+        {
             self.audit(Some(&info), &method, &path, 413, None);
-            return local(StatusCode::PAYLOAD_TOO_LARGE, status_json(413, "RequestEntityTooLarge", "postern agent: request body too large"));
+            return local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                status_json(
+                    413,
+                    "RequestEntityTooLarge",
+                    "postern agent: request body too large",
+                ),
+            );
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -191,12 +271,32 @@ impl Stream {
         } else {
             match Limited::new(body, MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
-                Err(_) => return local(StatusCode::PAYLOAD_TOO_LARGE, status_json(413, "RequestEntityTooLarge", "postern agent: request body too large")),
+                Err(_) => {
+                    return local(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        status_json(
+                            413,
+                            "RequestEntityTooLarge",
+                            "postern agent: request body too large",
+                        ),
+                    )
+                }
             }
         };
-        let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let mut out = Request::builder().method(parts.method.clone()).uri(target).header(HOST, self.upstream.authority());
-        for (k, v) in parts.headers.iter().filter(|(k, _)| forwardable(k, upgrade)) {
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let mut out = Request::builder()
+            .method(parts.method.clone())
+            .uri(target)
+            .header(HOST, self.upstream.authority());
+        for (k, v) in parts
+            .headers
+            .iter()
+            .filter(|(k, _)| forwardable(k, upgrade))
+        {
             out = out.header(k, v);
         }
         match self.upstream.authorization() {
@@ -208,7 +308,14 @@ impl Stream {
             out = out.header(k, v);
         }
         let Ok(out) = out.body(Full::new(body)) else {
-            return local(StatusCode::BAD_REQUEST, status_json(400, "BadRequest", "postern agent: the request could not be rebuilt"));
+            return local(
+                StatusCode::BAD_REQUEST,
+                status_json(
+                    400,
+                    "BadRequest",
+                    "postern agent: the request could not be rebuilt",
+                ),
+            );
         };
         let mut resp = match self.upstream.send(out, upgrade).await {
             Ok(r) => r,
@@ -220,7 +327,9 @@ impl Stream {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let cut = self.cut.clone();
                 let pipe = tokio::spawn(async move {
-                    let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
+                    let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+                        return;
+                    };
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
@@ -231,20 +340,37 @@ impl Stream {
                     *u = Some(pipe);
                 }
             } else {
-                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
         }
         resp.map(|b| b.boxed())
     }
 
-    fn unavailable(&self, info: &RequestInfo<'_>, method: &str, path: &str, msg: &str) -> Response<Body> {
+    fn unavailable(
+        &self,
+        info: &RequestInfo<'_>,
+        method: &str,
+        path: &str,
+        msg: &str,
+    ) -> Response<Body> {
         tracing::warn!(endpoint = %self.open.endpoint_id, error = %msg, "kube upstream failed");
         self.audit(Some(info), method, path, 503, Some(msg));
-        local(StatusCode::SERVICE_UNAVAILABLE, status_json(503, "ServiceUnavailable", &format!("postern agent: {msg}")))
+        local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            status_json(503, "ServiceUnavailable", &format!("postern agent: {msg}")),
+        )
     }
 
     /// `kube.request` in the customer's trail.
-    fn audit(&self, info: Option<&RequestInfo<'_>>, method: &str, path: &str, code: u16, error: Option<&str>) {
+    fn audit(
+        &self,
+        info: Option<&RequestInfo<'_>>,
+        method: &str,
+        path: &str,
+        code: u16,
+        error: Option<&str>,
+    ) {
         let detail = serde_json::json!({
             "verb": info.map(|i| i.verb.to_string()).unwrap_or_else(|| method.to_lowercase()),
             "resource": info.map(|i| i.resource.to_string()).unwrap_or_default(),
@@ -275,12 +401,25 @@ mod tests {
     #[test]
     fn validates_the_customer_scope() {
         assert!(parse("namespaces = [\"my-app-prod\"]\n").is_ok());
-        assert!(parse("").is_ok(), "ops-only kubernetes resources need no namespaces");
-        assert!(parse("namespaces = []\n").unwrap_err().contains("namespaces"));
-        assert!(parse("namespaces = [\"a\"]\nresources = [\"nodes\"]\n").unwrap_err().contains("nodes"));
-        assert!(parse("namespaces = [\"a\"]\nverbs = [\"escalate\"]\n").unwrap_err().contains("escalate"));
+        assert!(
+            parse("").is_ok(),
+            "ops-only kubernetes resources need no namespaces"
+        );
+        assert!(parse("namespaces = []\n")
+            .unwrap_err()
+            .contains("namespaces"));
+        assert!(parse("namespaces = [\"a\"]\nresources = [\"nodes\"]\n")
+            .unwrap_err()
+            .contains("nodes"));
+        assert!(parse("namespaces = [\"a\"]\nverbs = [\"escalate\"]\n")
+            .unwrap_err()
+            .contains("escalate"));
         assert!(parse("namespaces = [\"Bad_NS\"]\n").is_err());
-        assert!(parse("namespaces = [\"a\"]\nimpersonate = { groups = [\"g\"] }\n").unwrap_err().contains("user"));
+        assert!(
+            parse("namespaces = [\"a\"]\nimpersonate = { groups = [\"g\"] }\n")
+                .unwrap_err()
+                .contains("user")
+        );
     }
 
     #[test]
@@ -288,12 +427,30 @@ mod tests {
         let c = parse("namespaces = [\"my-app-prod\"]\n").unwrap();
         let scope = scope_of(&c.resources[0]).unwrap();
         let d = |m: &str, p: &str| decide(&classify(m, p, None).unwrap(), &scope);
-        assert_eq!(d("GET", "/api/v1/namespaces/my-app-prod/pods"), Decision::Allow);
-        assert_eq!(d("GET", "/api/v1/namespaces/my-app-prod/pods/p/log"), Decision::Allow);
+        assert_eq!(
+            d("GET", "/api/v1/namespaces/my-app-prod/pods"),
+            Decision::Allow
+        );
+        assert_eq!(
+            d("GET", "/api/v1/namespaces/my-app-prod/pods/p/log"),
+            Decision::Allow
+        );
         // Defaults are read-only and grant neither exec nor secrets.
-        assert!(matches!(d("DELETE", "/api/v1/namespaces/my-app-prod/pods/p"), Decision::Deny { .. }));
-        assert!(matches!(d("POST", "/api/v1/namespaces/my-app-prod/pods/p/exec"), Decision::Deny { .. }));
-        assert!(matches!(d("GET", "/api/v1/namespaces/my-app-prod/secrets"), Decision::Deny { .. }));
-        assert!(matches!(d("GET", "/api/v1/namespaces/other/pods"), Decision::Deny { .. }));
+        assert!(matches!(
+            d("DELETE", "/api/v1/namespaces/my-app-prod/pods/p"),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            d("POST", "/api/v1/namespaces/my-app-prod/pods/p/exec"),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            d("GET", "/api/v1/namespaces/my-app-prod/secrets"),
+            Decision::Deny { .. }
+        ));
+        assert!(matches!(
+            d("GET", "/api/v1/namespaces/other/pods"),
+            Decision::Deny { .. }
+        ));
     }
 }

@@ -21,8 +21,8 @@ use hyper::{
     Request, Response, Uri,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::ServerName;
 use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+use rustls_pki_types::ServerName;
 use secrecy::ExposeSecret;
 use std::{
     path::{Path, PathBuf},
@@ -38,7 +38,10 @@ const TOKEN_FILE_TTL: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot read {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kubeconfig {}: {message}", path.display())]
     Config { path: PathBuf, message: String },
     #[error("in-cluster config: {0}")]
@@ -54,7 +57,10 @@ pub enum UpstreamError {
 enum Auth {
     None,
     Token(Secret),
-    TokenFile { path: PathBuf, cached: Mutex<Option<(Instant, Secret)>> },
+    TokenFile {
+        path: PathBuf,
+        cached: Mutex<Option<(Instant, Secret)>>,
+    },
 }
 
 /// One API server and a pool of kept-alive connections to it.
@@ -90,17 +96,25 @@ enum Conn {
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
 fn b64(s: &str) -> Option<String> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(s.trim()).ok().and_then(|b| String::from_utf8(b).ok())
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
 }
 
 fn read(path: &Path) -> Result<String, UpstreamError> {
-    std::fs::read_to_string(path).map_err(|source| UpstreamError::Read { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| UpstreamError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// PEM for the DER certificates kube hands back, the form `certs::client_config` takes.
@@ -129,14 +143,24 @@ impl Upstream {
     }
 
     async fn from_kubeconfig(path: &Path) -> Result<Upstream, UpstreamError> {
-        let err = |message: String| UpstreamError::Config { path: path.to_path_buf(), message };
+        let err = |message: String| UpstreamError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
         if !path.exists() {
-            return Err(UpstreamError::Read { path: path.to_path_buf(), source: std::io::ErrorKind::NotFound.into() });
+            return Err(UpstreamError::Read {
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
         }
         let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))?;
+        let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| err(e.to_string()))?;
         if cfg.accept_invalid_certs {
-            return Err(err("insecure-skip-tls-verify is not accepted: name the cluster's CA".into()));
+            return Err(err(
+                "insecure-skip-tls-verify is not accepted: name the cluster's CA".into(),
+            ));
         }
         let u = &cfg.auth_info;
         // kube would run these at request time; the agent refuses them up front so a vendor
@@ -150,59 +174,118 @@ impl Upstream {
         };
         let auth = match (&u.token, &u.token_file) {
             (Some(t), _) => Auth::Token(Secret::new(t.expose_secret().to_string())),
-            (None, Some(f)) => Auth::TokenFile { path: PathBuf::from(f), cached: Mutex::new(None) },
+            (None, Some(f)) => Auth::TokenFile {
+                path: PathBuf::from(f),
+                cached: Mutex::new(None),
+            },
             _ => Auth::None,
         };
         // kube keeps the client identity crate-private; read it from the same fields.
         let cert = match (&u.client_certificate_data, &u.client_certificate) {
-            (Some(d), _) => Some(b64(d).ok_or_else(|| err("client-certificate-data is not base64 PEM".into()))?),
+            (Some(d), _) => Some(
+                b64(d).ok_or_else(|| err("client-certificate-data is not base64 PEM".into()))?,
+            ),
             (None, Some(p)) => Some(read(Path::new(p))?),
             _ => None,
         };
         let key = match (&u.client_key_data, &u.client_key) {
-            (Some(d), _) => Some(Secret::new(b64(d.expose_secret()).ok_or_else(|| err("client-key-data is not base64 PEM".into()))?)),
+            (Some(d), _) => {
+                Some(Secret::new(b64(d.expose_secret()).ok_or_else(|| {
+                    err("client-key-data is not base64 PEM".into())
+                })?))
+            }
             (None, Some(p)) => Some(Secret::new(read(Path::new(p))?)),
             _ => None,
         };
         let client = match (cert, key) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
-            _ => return Err(err("a client certificate needs both certificate and key".into())),
+            _ => {
+                return Err(err(
+                    "a client certificate needs both certificate and key".into()
+                ))
+            }
         };
-        Self::build(&cfg.cluster_url.to_string(), cfg.tls_server_name.as_deref(), &ca_pem, client, auth).map_err(|e| match e {
+        Self::build(
+            &cfg.cluster_url.to_string(),
+            cfg.tls_server_name.as_deref(),
+            &ca_pem,
+            client,
+            auth,
+        )
+        .map_err(|e| match e {
             UpstreamError::Tls(m) => err(m),
             e => e,
         })
     }
 
     fn in_cluster() -> Result<Upstream, UpstreamError> {
-        let cfg = Config::incluster().map_err(|e| UpstreamError::InCluster(format!("{e} (not in a pod?); set `kubeconfig` in agent.toml")))?;
+        let cfg = Config::incluster().map_err(|e| {
+            UpstreamError::InCluster(format!(
+                "{e} (not in a pod?); set `kubeconfig` in agent.toml"
+            ))
+        })?;
         let ca = pem_certs(cfg.root_cert.as_deref().unwrap_or_default());
         let auth = match cfg.auth_info.token_file {
-            Some(f) => Auth::TokenFile { path: PathBuf::from(f), cached: Mutex::new(None) },
-            None => return Err(UpstreamError::InCluster("no service-account token file".into())),
+            Some(f) => Auth::TokenFile {
+                path: PathBuf::from(f),
+                cached: Mutex::new(None),
+            },
+            None => {
+                return Err(UpstreamError::InCluster(
+                    "no service-account token file".into(),
+                ))
+            }
         };
-        Self::build(&cfg.cluster_url.to_string(), cfg.tls_server_name.as_deref(), &ca, None, auth)
+        Self::build(
+            &cfg.cluster_url.to_string(),
+            cfg.tls_server_name.as_deref(),
+            &ca,
+            None,
+            auth,
+        )
     }
 
-    fn build(server: &str, tls_server_name: Option<&str>, ca_pem: &str, client: Option<(String, Secret)>, auth: Auth) -> Result<Upstream, UpstreamError> {
-        let rest = server.strip_prefix("https://").ok_or_else(|| UpstreamError::Tls(format!("server {server:?} is not https://")))?;
+    fn build(
+        server: &str,
+        tls_server_name: Option<&str>,
+        ca_pem: &str,
+        client: Option<(String, Secret)>,
+        auth: Auth,
+    ) -> Result<Upstream, UpstreamError> {
+        let rest = server
+            .strip_prefix("https://")
+            .ok_or_else(|| UpstreamError::Tls(format!("server {server:?} is not https://")))?;
         let authority = rest.split('/').next().unwrap_or(rest);
         let (host, has_port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => (h, true),
+            Some((h, p))
+                if !h.is_empty()
+                    && p.parse::<u16>().is_ok()
+                    && (!h.contains(':') || h.ends_with(']')) =>
+            {
+                (h, true)
+            }
             _ => (authority, false),
         };
-        let addr = if has_port { authority.to_string() } else { format!("{authority}:443") };
+        let addr = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:443")
+        };
         let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let name = tls_server_name.unwrap_or(bare_host);
-        let server_name = ServerName::try_from(name.to_string()).map_err(|e| UpstreamError::Tls(format!("server name {name:?}: {e}")))?;
+        let server_name = ServerName::try_from(name.to_string())
+            .map_err(|e| UpstreamError::Tls(format!("server name {name:?}: {e}")))?;
         let client_ref = client.as_ref().map(|(c, k)| (c.as_str(), k));
         let tls = |alpn: Vec<Vec<u8>>| {
-            certs::client_config(ca_pem, client_ref, alpn).map(|c| tokio_rustls::TlsConnector::from(Arc::new(c))).map_err(|e| UpstreamError::Tls(e.to_string()))
+            certs::client_config(ca_pem, client_ref, alpn)
+                .map(|c| tokio_rustls::TlsConnector::from(Arc::new(c)))
+                .map_err(|e| UpstreamError::Tls(e.to_string()))
         };
         Ok(Upstream {
             addr,
-            authority: HeaderValue::from_str(authority).map_err(|e| UpstreamError::Tls(e.to_string()))?,
+            authority: HeaderValue::from_str(authority)
+                .map_err(|e| UpstreamError::Tls(e.to_string()))?,
             server_name,
             tls: tls(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
             tls_h1: tls(vec![b"http/1.1".to_vec()])?,
@@ -233,7 +316,8 @@ impl Upstream {
                 }
             }
         };
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| UpstreamError::Tls("the token is not a valid header value".into()))?;
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| UpstreamError::Tls("the token is not a valid header value".into()))?;
         v.set_sensitive(true);
         Ok(Some(v))
     }
@@ -242,7 +326,11 @@ impl Upstream {
     /// new connection if there is neither); an upgrade on an idle HTTP/1.1 connection or a new
     /// one that offers only `http/1.1`. A connection that carried an upgrade is never pooled
     /// again (it carries the upgraded stream).
-    pub async fn send(&self, req: Request<Full<Bytes>>, upgrade: bool) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let conn = match self.idle(upgrade) {
             Some(c) => c,
             None if upgrade => self.connect(true).await?,
@@ -281,15 +369,26 @@ impl Upstream {
         pool.h1.retain(|s| !s.is_closed());
         match &pool.h2 {
             Some(s) if !upgrade => Some(Conn::H2(s.clone())),
-            _ => pool.h1.iter().position(|s| s.is_ready()).map(|i| Conn::H1(pool.h1.swap_remove(i))),
+            _ => pool
+                .h1
+                .iter()
+                .position(|s| s.is_ready())
+                .map(|i| Conn::H1(pool.h1.swap_remove(i))),
         }
     }
 
     /// HTTP/2 carries the target as `:scheme`/`:authority`/`:path`: an absolute URI, no `Host`.
     fn for_h2(&self, req: Request<Full<Bytes>>) -> Result<Request<Full<Bytes>>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let authority = self.authority.to_str().map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let authority = self
+            .authority
+            .to_str()
+            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
         parts.uri = Uri::builder()
             .scheme("https")
             .authority(authority)
@@ -301,19 +400,27 @@ impl Upstream {
     }
 
     async fn connect(&self, upgrade: bool) -> Result<Conn, UpstreamError> {
-        let fail = |message: String| UpstreamError::Connect { addr: self.addr.clone(), message };
+        let fail = |message: String| UpstreamError::Connect {
+            addr: self.addr.clone(),
+            message,
+        };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.addr))
             .await
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let connector = if upgrade { &self.tls_h1 } else { &self.tls };
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(self.server_name.clone(), tcp))
-            .await
-            .map_err(|_| fail("TLS handshake timed out".into()))?
-            .map_err(|e| fail(format!("TLS: {e}")))?;
+        let tls = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| fail("TLS handshake timed out".into()))?
+        .map_err(|e| fail(format!("TLS: {e}")))?;
         if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new()).handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+                .await?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -321,7 +428,9 @@ impl Upstream {
             self.pool.lock().unwrap_or_else(|p| p.into_inner()).h2 = Some(sender.clone());
             return Ok(Conn::H2(sender));
         }
-        let (sender, conn) = http1::Builder::new().handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+            .await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
@@ -335,7 +444,10 @@ mod tests {
     use base64::Engine;
 
     fn ca_pem() -> String {
-        certs::Ca::generate("test", jiff::Timestamp::now()).unwrap().cert_pem().to_string()
+        certs::Ca::generate("test", jiff::Timestamp::now())
+            .unwrap()
+            .cert_pem()
+            .to_string()
     }
 
     fn write(dir: &Path, user: &str, cluster_extra: &str) -> PathBuf {
@@ -351,13 +463,17 @@ mod tests {
     #[tokio::test]
     async fn token_users() {
         let dir = tempfile::tempdir().unwrap();
-        let up = Upstream::load(Some(&write(dir.path(), "    token: abc\n", ""))).await.unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    token: abc\n", "")))
+            .await
+            .unwrap();
         assert_eq!(up.addr, "127.0.0.1:6443");
         assert_eq!(up.authority(), "127.0.0.1:6443");
         assert_eq!(up.authorization().unwrap().unwrap(), "Bearer abc");
 
         std::fs::write(dir.path().join("tok"), "from-file\n").unwrap();
-        let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", ""))).await.unwrap();
+        let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", "")))
+            .await
+            .unwrap();
         assert_eq!(up.authorization().unwrap().unwrap(), "Bearer from-file");
     }
 
@@ -365,12 +481,26 @@ mod tests {
     async fn refuses_what_it_cannot_honour() {
         let dir = tempfile::tempdir().unwrap();
         let exec = write(dir.path(), "    exec:\n      command: aws\n", "");
-        assert!(Upstream::load(Some(&exec)).await.unwrap_err().to_string().contains("exec"));
-        let insecure = write(dir.path(), "    token: a\n", "    insecure-skip-tls-verify: true\n");
-        assert!(Upstream::load(Some(&insecure)).await.unwrap_err().to_string().contains("insecure"));
+        assert!(Upstream::load(Some(&exec))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("exec"));
+        let insecure = write(
+            dir.path(),
+            "    token: a\n",
+            "    insecure-skip-tls-verify: true\n",
+        );
+        assert!(Upstream::load(Some(&insecure))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("insecure"));
         std::fs::write(dir.path().join("bad"), "clusters: []\ncontexts: []\n").unwrap();
         assert!(Upstream::load(Some(&dir.path().join("bad"))).await.is_err());
-        assert!(Upstream::load(Some(&dir.path().join("missing"))).await.is_err());
+        assert!(Upstream::load(Some(&dir.path().join("missing")))
+            .await
+            .is_err());
     }
 
     #[tokio::test]
@@ -379,21 +509,46 @@ mod tests {
         let id = certs::Ca::generate("client", jiff::Timestamp::now()).unwrap();
         std::fs::write(dir.path().join("c.crt"), id.cert_pem()).unwrap();
         std::fs::write(dir.path().join("c.key"), id.key_pem().expose()).unwrap();
-        let both = write(dir.path(), "    client-certificate: c.crt\n    client-key: c.key\n", "    tls-server-name: api.internal\n");
+        let both = write(
+            dir.path(),
+            "    client-certificate: c.crt\n    client-key: c.key\n",
+            "    tls-server-name: api.internal\n",
+        );
         let up = Upstream::load(Some(&both)).await.unwrap();
-        assert_eq!(up.server_name, ServerName::try_from("api.internal").unwrap());
+        assert_eq!(
+            up.server_name,
+            ServerName::try_from("api.internal").unwrap()
+        );
         assert!(up.authorization().unwrap().is_none());
         let half = write(dir.path(), "    client-certificate: c.crt\n", "");
-        assert!(Upstream::load(Some(&half)).await.unwrap_err().to_string().contains("both"));
-        let missing = write(dir.path(), "    client-certificate: nope.crt\n    client-key: c.key\n", "");
+        assert!(Upstream::load(Some(&half))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("both"));
+        let missing = write(
+            dir.path(),
+            "    client-certificate: nope.crt\n    client-key: c.key\n",
+            "",
+        );
         assert!(Upstream::load(Some(&missing)).await.is_err());
     }
 
     #[test]
     fn server_without_port_is_443_and_tls_server_name_wins() {
-        let up = Upstream::build("https://kube.example", Some("api.internal"), &ca_pem(), None, Auth::None).unwrap();
+        let up = Upstream::build(
+            "https://kube.example",
+            Some("api.internal"),
+            &ca_pem(),
+            None,
+            Auth::None,
+        )
+        .unwrap();
         assert_eq!(up.addr, "kube.example:443");
-        assert_eq!(up.server_name, ServerName::try_from("api.internal").unwrap());
+        assert_eq!(
+            up.server_name,
+            ServerName::try_from("api.internal").unwrap()
+        );
         assert!(up.authorization().unwrap().is_none());
         assert!(Upstream::build("http://kube.example", None, &ca_pem(), None, Auth::None).is_err());
     }

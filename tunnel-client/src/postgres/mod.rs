@@ -13,9 +13,9 @@ pub use session::serve_stream;
 
 use crate::{config::ResourceConfig, grants::Removed, sessions::Sessions};
 use endpoint_types::{frame::EndpointGrant, secret::Secret};
-use serde_json::json;
 use jiff::Timestamp;
 use role::{role_name, Admin, RoleError};
+use serde_json::json;
 use std::{
     collections::HashMap,
     sync::{Arc, LazyLock, Mutex},
@@ -30,7 +30,12 @@ const ROLE_READY_WAIT: Duration = Duration::from_secs(15);
 /// `agent.toml` checks for a postgres resource, beyond the keys being present.
 pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
     let (config, tls) = role::admin_config(resource).map_err(|e| e.to_string())?;
-    if tls.mode == tls::SslMode::Require && config.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_))) {
+    if tls.mode == tls::SslMode::Require
+        && config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
+    {
         tracing::warn!(resource = %resource.id, "admin_url: the database's certificate is not checked (sslmode={:?}); set sslmode=verify-full and sslrootcert", tls.mode);
     }
     role::Scope::of(resource, &config).validate()
@@ -52,7 +57,8 @@ enum RoleState {
 }
 
 /// Roles of the endpoints live at this agent, by endpoint id.
-static ROLES: LazyLock<Mutex<HashMap<String, watch::Sender<RoleState>>>> = LazyLock::new(Default::default);
+static ROLES: LazyLock<Mutex<HashMap<String, watch::Sender<RoleState>>>> =
+    LazyLock::new(Default::default);
 
 fn roles() -> std::sync::MutexGuard<'static, HashMap<String, watch::Sender<RoleState>>> {
     ROLES.lock().unwrap_or_else(|p| p.into_inner())
@@ -66,7 +72,11 @@ fn random_password() -> Result<Secret, RoleError> {
     Ok(Secret::new(URL_SAFE_NO_PAD.encode(b)))
 }
 
-async fn create(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<ReadyRole, RoleError> {
+async fn create(
+    resource: &ResourceConfig,
+    endpoint_id: &str,
+    expires_at: Timestamp,
+) -> Result<ReadyRole, RoleError> {
     let admin = Admin::new(resource)?;
     let name = role_name(endpoint_id);
     let password = random_password()?;
@@ -83,35 +93,64 @@ async fn create(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timest
         }
         Err(e) => return Err(e),
     }
-    Ok(ReadyRole { name, password, admin })
+    Ok(ReadyRole {
+        name,
+        password,
+        admin,
+    })
 }
 
 /// An endpoint became live: its role is made on a task of its own (the control loop goes on).
 pub fn prepare(ctx: &Sessions, grant: &EndpointGrant) {
-    let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else { return };
-    let Some(tx) = claim(&grant.endpoint_id) else { return };
-    let (audit, endpoint_id, expires_at) = (ctx.audit.clone(), grant.endpoint_id.clone(), grant.expires_at);
+    let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else {
+        return;
+    };
+    let Some(tx) = claim(&grant.endpoint_id) else {
+        return;
+    };
+    let (audit, endpoint_id, expires_at) = (
+        ctx.audit.clone(),
+        grant.endpoint_id.clone(),
+        grant.expires_at,
+    );
     tokio::spawn(async move {
         let r = create_into(tx, &resource, &endpoint_id, expires_at).await;
         let detail = match &r {
-            Ok(()) => json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "valid_until": expires_at }),
-            Err(e) => json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "error": e.to_string() }),
+            Ok(()) => {
+                json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "valid_until": expires_at })
+            }
+            Err(e) => {
+                json!({ "role": role_name(&endpoint_id), "resource_id": resource.id, "error": e.to_string() })
+            }
         };
-        let kind = if r.is_ok() { "pg.role_created" } else { "pg.role_failed" };
-        audit.record_or_log(crate::audit::Entry::new(kind, audit.agent_actor(), detail).endpoint(endpoint_id));
+        let kind = if r.is_ok() {
+            "pg.role_created"
+        } else {
+            "pg.role_failed"
+        };
+        audit.record_or_log(
+            crate::audit::Entry::new(kind, audit.agent_actor(), detail).endpoint(endpoint_id),
+        );
     });
 }
 
 /// An endpoint ended: its backends are terminated and its role dropped, on a task of its own.
 pub fn teardown(ctx: &Sessions, removed: &Removed) {
-    let (audit, endpoint_id, reason) = (ctx.audit.clone(), removed.endpoint_id.clone(), removed.reason);
+    let (audit, endpoint_id, reason) = (
+        ctx.audit.clone(),
+        removed.endpoint_id.clone(),
+        removed.reason,
+    );
     tokio::spawn(async move {
         let r = teardown_role(&endpoint_id).await;
         let mut detail = json!({ "role": role_name(&endpoint_id), "reason": reason.as_str() });
         if let Err(e) = &r {
             detail["error"] = json!(e.to_string());
         }
-        audit.record_or_log(crate::audit::Entry::new("pg.role_dropped", audit.agent_actor(), detail).endpoint(endpoint_id));
+        audit.record_or_log(
+            crate::audit::Entry::new("pg.role_dropped", audit.agent_actor(), detail)
+                .endpoint(endpoint_id),
+        );
     });
 }
 
@@ -127,12 +166,23 @@ fn claim(endpoint_id: &str) -> Option<watch::Sender<RoleState>> {
 }
 
 /// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
-pub async fn prepare_role(resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
-    let Some(tx) = claim(endpoint_id) else { return Ok(()) };
+pub async fn prepare_role(
+    resource: &ResourceConfig,
+    endpoint_id: &str,
+    expires_at: Timestamp,
+) -> Result<(), RoleError> {
+    let Some(tx) = claim(endpoint_id) else {
+        return Ok(());
+    };
     create_into(tx, resource, endpoint_id, expires_at).await
 }
 
-async fn create_into(tx: watch::Sender<RoleState>, resource: &ResourceConfig, endpoint_id: &str, expires_at: Timestamp) -> Result<(), RoleError> {
+async fn create_into(
+    tx: watch::Sender<RoleState>,
+    resource: &ResourceConfig,
+    endpoint_id: &str,
+    expires_at: Timestamp,
+) -> Result<(), RoleError> {
     let result = create(resource, endpoint_id, expires_at).await;
     let (state, out) = match result {
         Ok(r) => {
@@ -150,10 +200,16 @@ async fn create_into(tx: watch::Sender<RoleState>, resource: &ResourceConfig, en
 
 /// Drops the endpoint's role (terminating its backends); waits for a prepare under way.
 pub async fn teardown_role(endpoint_id: &str) -> Result<(), RoleError> {
-    let Some(tx) = roles().remove(endpoint_id) else { return Ok(()) };
+    let Some(tx) = roles().remove(endpoint_id) else {
+        return Ok(());
+    };
     let mut rx = tx.subscribe();
     let state = {
-        let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
+        let settled = tokio::time::timeout(
+            ROLE_READY_WAIT,
+            rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
+        )
+        .await;
         match settled {
             Ok(Ok(s)) => s.clone(),
             _ => return Ok(()),
@@ -171,7 +227,11 @@ pub async fn ready_role(endpoint_id: &str) -> Result<Arc<ReadyRole>, String> {
     let Some(mut rx) = roles().get(endpoint_id).map(|tx| tx.subscribe()) else {
         return Err("the endpoint has no database role at this appliance".into());
     };
-    let settled = tokio::time::timeout(ROLE_READY_WAIT, rx.wait_for(|s| !matches!(s, RoleState::Preparing))).await;
+    let settled = tokio::time::timeout(
+        ROLE_READY_WAIT,
+        rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
+    )
+    .await;
     match settled {
         Ok(Ok(s)) => match &*s {
             RoleState::Ready(r) => Ok(r.clone()),
@@ -194,17 +254,26 @@ pub struct OpRole {
 
 impl std::fmt::Debug for OpRole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpRole").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("OpRole")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 /// Creates the op's role and its client environment in `dir` (the op's 0700 working dir).
-pub async fn op_role(resource: &ResourceConfig, op_id: &str, valid_until: Timestamp, dir: &std::path::Path) -> Result<OpRole, RoleError> {
+pub async fn op_role(
+    resource: &ResourceConfig,
+    op_id: &str,
+    valid_until: Timestamp,
+    dir: &std::path::Path,
+) -> Result<OpRole, RoleError> {
     use tokio_postgres::config::Host;
     let admin = Admin::new(resource)?;
     let name = role_name(op_id);
     let password = random_password()?;
-    let verifier = certs::scram::Verifier::generate(password.expose()).map_err(|e| RoleError::Config(e.to_string()))?.to_string();
+    let verifier = certs::scram::Verifier::generate(password.expose())
+        .map_err(|e| RoleError::Config(e.to_string()))?
+        .to_string();
     admin.create_role(&name, valid_until, &verifier).await?;
     let port = admin.server().get_ports().first().copied().unwrap_or(5432);
     let host = match admin.server().get_hosts().first() {
@@ -216,7 +285,8 @@ pub async fn op_role(resource: &ResourceConfig, op_id: &str, valid_until: Timest
     let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
     let passfile = dir.join(".pgpass");
     let line = format!("*:*:*:{}:{}\n", esc(&name), esc(password.expose()));
-    certs::write_private(&passfile, line.as_bytes()).map_err(|e| RoleError::Config(format!("cannot write the op's passfile: {e}")))?;
+    certs::write_private(&passfile, line.as_bytes())
+        .map_err(|e| RoleError::Config(format!("cannot write the op's passfile: {e}")))?;
     let env = vec![
         ("PGHOST", host.into()),
         ("PGPORT", port.to_string().into()),

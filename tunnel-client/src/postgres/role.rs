@@ -4,10 +4,10 @@
 //! login with exactly the configured grants, so whatever SQL comes through, the server decides.
 //! The statements are built by pure functions (unit-tested); [`Admin`] runs them.
 
+use super::tls::{split_tls_options, DbTls};
 use crate::config::ResourceConfig;
 use jiff::Timestamp;
 use std::time::Duration;
-use super::tls::{split_tls_options, DbTls};
 use tokio_postgres::{Client, Config};
 
 /// Most sessions an endpoint can hold at once at the database (the gateway's own limit is
@@ -18,7 +18,15 @@ const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKENDS_GONE_WAIT: Duration = Duration::from_secs(5);
 
 /// Table privileges a resource may grant (`privileges` in agent.toml).
-pub const PRIVILEGES: &[&str] = &["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"];
+pub const PRIVILEGES: &[&str] = &[
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "TRUNCATE",
+    "REFERENCES",
+    "TRIGGER",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -46,7 +54,16 @@ pub fn quote_literal(s: &str) -> Option<String> {
 
 /// The role name for an endpoint: `postern_<endpoint id>`, letters, digits and `_` only.
 pub fn role_name(endpoint_id: &str) -> String {
-    let clean: String = endpoint_id.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    let clean: String = endpoint_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let mut name = format!("postern_{clean}");
     name.truncate(63);
     name
@@ -70,7 +87,11 @@ impl Scope {
                 .or_else(|| admin.get_dbname().map(str::to_string))
                 .unwrap_or_else(|| resource.pg_database()),
             schemas: resource.pg_schemas(),
-            privileges: resource.pg_privileges().iter().map(|p| p.trim().to_ascii_uppercase()).collect(),
+            privileges: resource
+                .pg_privileges()
+                .iter()
+                .map(|p| p.trim().to_ascii_uppercase())
+                .collect(),
         }
     }
 
@@ -81,8 +102,15 @@ impl Scope {
         if self.schemas.is_empty() || self.schemas.iter().any(|s| s.trim().is_empty()) {
             return Err("`schemas` must name at least one schema, none empty".into());
         }
-        if let Some(p) = self.privileges.iter().find(|p| !PRIVILEGES.contains(&p.as_str())) {
-            return Err(format!("`privileges`: {p:?} is not a table privilege (use {})", PRIVILEGES.join(", ")));
+        if let Some(p) = self
+            .privileges
+            .iter()
+            .find(|p| !PRIVILEGES.contains(&p.as_str()))
+        {
+            return Err(format!(
+                "`privileges`: {p:?} is not a table privilege (use {})",
+                PRIVILEGES.join(", ")
+            ));
         }
         if self.privileges.is_empty() {
             return Err("`privileges` is empty".into());
@@ -93,7 +121,12 @@ impl Scope {
 
 /// The statements that create the role, run in one transaction in the scope's database.
 /// `verifier` is the SCRAM verifier of the role's password (the clear password is never sent).
-pub fn create_statements(role: &str, scope: &Scope, valid_until: Timestamp, verifier: &str) -> Option<Vec<String>> {
+pub fn create_statements(
+    role: &str,
+    scope: &Scope,
+    valid_until: Timestamp,
+    verifier: &str,
+) -> Option<Vec<String>> {
     let r = quote_ident(role);
     let privs = scope.privileges.join(", ");
     let mut out = vec![format!(
@@ -102,7 +135,10 @@ pub fn create_statements(role: &str, scope: &Scope, valid_until: Timestamp, veri
         quote_literal(&valid_until.to_string())?,
         quote_literal(verifier)?
     )];
-    out.push(format!("GRANT CONNECT ON DATABASE {} TO {r}", quote_ident(&scope.database)));
+    out.push(format!(
+        "GRANT CONNECT ON DATABASE {} TO {r}",
+        quote_ident(&scope.database)
+    ));
     for s in &scope.schemas {
         let s = quote_ident(s);
         out.push(format!("GRANT USAGE ON SCHEMA {s} TO {r}"));
@@ -113,7 +149,10 @@ pub fn create_statements(role: &str, scope: &Scope, valid_until: Timestamp, veri
         }
     }
     let path: Vec<String> = scope.schemas.iter().map(|s| quote_ident(s)).collect();
-    out.push(format!("ALTER ROLE {r} SET search_path = {}", path.join(", ")));
+    out.push(format!(
+        "ALTER ROLE {r} SET search_path = {}",
+        path.join(", ")
+    ));
     Some(out)
 }
 
@@ -127,17 +166,26 @@ pub struct Admin {
 impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The config may hold the admin password.
-        f.debug_struct("Admin").field("scope", &self.scope).finish_non_exhaustive()
+        f.debug_struct("Admin")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
 }
 
 /// Parses `admin_url` (and reads `admin_password_file`) into a connection config and the
 /// TLS it asks for.
 pub fn admin_config(resource: &ResourceConfig) -> Result<(Config, DbTls), RoleError> {
-    let url = resource.admin_url.as_ref().ok_or_else(|| RoleError::Config("missing".into()))?;
+    let url = resource
+        .admin_url
+        .as_ref()
+        .ok_or_else(|| RoleError::Config("missing".into()))?;
     let options = split_tls_options(url.expose());
-    let tls = DbTls::new(options.sslmode.as_deref(), options.sslrootcert.as_deref()).map_err(RoleError::Config)?;
-    let mut config: Config = options.rest.parse().map_err(|e: tokio_postgres::Error| RoleError::Config(e.to_string()))?;
+    let tls = DbTls::new(options.sslmode.as_deref(), options.sslrootcert.as_deref())
+        .map_err(RoleError::Config)?;
+    let mut config: Config = options
+        .rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| RoleError::Config(e.to_string()))?;
     if let Some(f) = &resource.admin_password_file {
         let pw = std::fs::read_to_string(f).map_err(RoleError::PasswordFile)?;
         config.password(pw.trim_end_matches(['\r', '\n']));
@@ -168,7 +216,10 @@ fn sql_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Rol
     let what = what.into();
     move |e| RoleError::Sql {
         what,
-        error: e.as_db_error().map(|d| format!("{} ({})", d.message(), d.code().code())).unwrap_or_else(|| e.to_string()),
+        error: e
+            .as_db_error()
+            .map(|d| format!("{} ({})", d.message(), d.code().code()))
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 
@@ -192,7 +243,10 @@ impl Admin {
     async fn connect(&self) -> Result<Client, RoleError> {
         let mut c = self.config.clone();
         c.dbname(&self.scope.database);
-        let (client, conn) = c.connect(self.tls.make_connect()).await.map_err(|e| RoleError::Connect(with_causes(&e)))?;
+        let (client, conn) = c
+            .connect(self.tls.make_connect())
+            .await
+            .map_err(|e| RoleError::Connect(with_causes(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "admin connection ended");
@@ -202,7 +256,12 @@ impl Admin {
     }
 
     /// Creates the role (all or nothing).
-    pub async fn create_role(&self, role: &str, valid_until: Timestamp, verifier: &str) -> Result<(), RoleError> {
+    pub async fn create_role(
+        &self,
+        role: &str,
+        valid_until: Timestamp,
+        verifier: &str,
+    ) -> Result<(), RoleError> {
         let statements = create_statements(role, &self.scope, valid_until, verifier)
             .ok_or_else(|| RoleError::Config("unquotable role attributes".into()))?;
         let mut client = self.connect().await?;
@@ -220,16 +279,26 @@ impl Admin {
     pub async fn drop_role(&self, role: &str) -> Result<(), RoleError> {
         let client = self.connect().await?;
         let r = quote_ident(role);
-        match client.batch_execute(&format!("ALTER ROLE {r} NOLOGIN")).await {
+        match client
+            .batch_execute(&format!("ALTER ROLE {r} NOLOGIN"))
+            .await
+        {
             Err(e) if is_undefined_role(&e) => return Ok(()),
             other => other.map_err(sql_err("ALTER ROLE … NOLOGIN"))?,
         }
-        let terminate = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1";
-        client.query_one(terminate, &[&role]).await.map_err(sql_err("pg_terminate_backend"))?;
+        let terminate =
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1";
+        client
+            .query_one(terminate, &[&role])
+            .await
+            .map_err(sql_err("pg_terminate_backend"))?;
         let started = std::time::Instant::now();
         loop {
             let left: i64 = client
-                .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", &[&role])
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                    &[&role],
+                )
                 .await
                 .map_err(sql_err("pg_stat_activity"))?
                 .get(0);
@@ -239,7 +308,9 @@ impl Admin {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         client
-            .batch_execute(&format!("REASSIGN OWNED BY {r} TO CURRENT_USER; DROP OWNED BY {r}; DROP ROLE {r}"))
+            .batch_execute(&format!(
+                "REASSIGN OWNED BY {r} TO CURRENT_USER; DROP OWNED BY {r}; DROP ROLE {r}"
+            ))
             .await
             .map_err(sql_err("DROP ROLE"))
     }
@@ -248,7 +319,10 @@ impl Admin {
     pub async fn leftover_roles(&self) -> Result<Vec<String>, RoleError> {
         let client = self.connect().await?;
         let rows = client
-            .query("SELECT rolname FROM pg_roles WHERE rolname LIKE 'postern\\_ep\\_%'", &[])
+            .query(
+                "SELECT rolname FROM pg_roles WHERE rolname LIKE 'postern\\_ep\\_%'",
+                &[],
+            )
             .await
             .map_err(sql_err("listing roles"))?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -260,7 +334,11 @@ mod tests {
     use super::*;
 
     fn scope(privs: &[&str]) -> Scope {
-        Scope { database: "app db".into(), schemas: vec!["app".into(), "we\"ird".into()], privileges: privs.iter().map(|s| s.to_string()).collect() }
+        Scope {
+            database: "app db".into(),
+            schemas: vec!["app".into(), "we\"ird".into()],
+            privileges: privs.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
@@ -275,7 +353,13 @@ mod tests {
     #[test]
     fn statements_grant_exactly_the_scope() {
         let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let s = create_statements("postern_ep_1", &scope(&["SELECT", "INSERT"]), at, "SCRAM-SHA-256$4096:x$y:z").unwrap();
+        let s = create_statements(
+            "postern_ep_1",
+            &scope(&["SELECT", "INSERT"]),
+            at,
+            "SCRAM-SHA-256$4096:x$y:z",
+        )
+        .unwrap();
         assert_eq!(
             s,
             [
@@ -303,8 +387,20 @@ mod tests {
             (scope(&["ALL"]), false),
             (scope(&["SELECT; DROP TABLE x"]), false),
             (scope(&[]), false),
-            (Scope { schemas: vec![], ..scope(&["SELECT"]) }, false),
-            (Scope { database: " ".into(), ..scope(&["SELECT"]) }, false),
+            (
+                Scope {
+                    schemas: vec![],
+                    ..scope(&["SELECT"])
+                },
+                false,
+            ),
+            (
+                Scope {
+                    database: " ".into(),
+                    ..scope(&["SELECT"])
+                },
+                false,
+            ),
         ];
         for (s, ok) in cases {
             assert_eq!(s.validate().is_ok(), ok, "{s:?}");

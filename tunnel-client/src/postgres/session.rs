@@ -62,7 +62,8 @@ struct RealCancel {
     key: CancelKey,
 }
 
-static CANCELS: LazyLock<Mutex<HashMap<(String, CancelKey), RealCancel>>> = LazyLock::new(Default::default);
+static CANCELS: LazyLock<Mutex<HashMap<(String, CancelKey), RealCancel>>> =
+    LazyLock::new(Default::default);
 
 fn cancels() -> std::sync::MutexGuard<'static, HashMap<(String, CancelKey), RealCancel>> {
     CANCELS.lock().unwrap_or_else(|p| p.into_inner())
@@ -79,7 +80,14 @@ impl Drop for CancelEntry {
     }
 }
 
-pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, _resource: ResourceConfig, cut: Cut, mut send: SendStream, mut recv: RecvStream) {
+pub async fn serve_stream(
+    ctx: &Sessions,
+    open: StreamOpen,
+    _resource: ResourceConfig,
+    cut: Cut,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let role = match ready_role(&open.endpoint_id).await {
         Ok(r) => r,
         Err(e) => {
@@ -103,8 +111,16 @@ pub async fn serve_stream(ctx: &Sessions, open: StreamOpen, _resource: ResourceC
             let _ = send.finish();
         }
         Some(Startup::Params { params, .. }) => {
-            let Some(server) = server_of(role.admin.server()) else { return cut_quic(&mut send, &mut recv, CloseReason::Error) };
-            let session = Session { ctx, open: &open, role: &role, cut: &cut, server };
+            let Some(server) = server_of(role.admin.server()) else {
+                return cut_quic(&mut send, &mut recv, CloseReason::Error);
+            };
+            let session = Session {
+                ctx,
+                open: &open,
+                role: &role,
+                cut: &cut,
+                server,
+            };
             session.run(params, send, recv).await;
         }
         _ => cut_quic(&mut send, &mut recv, CloseReason::Error),
@@ -121,14 +137,23 @@ async fn read_startup(recv: &mut RecvStream, buf: &mut BytesMut) -> Option<Start
             Ok(None) => {}
             Err(_) => return None,
         }
-        let chunk = recv.read_chunk(pgwire::MAX_STARTUP_LEN, true).await.ok()??;
+        let chunk = recv
+            .read_chunk(pgwire::MAX_STARTUP_LEN, true)
+            .await
+            .ok()??;
         buf.extend_from_slice(&chunk.bytes);
     }
 }
 
 async fn cancel(ctx: &Sessions, open: &StreamOpen, gw_key: CancelKey) {
-    let target = cancels().get(&(open.endpoint_id.clone(), gw_key)).map(|c| (c.server.clone(), c.key));
-    ctx.audit.record_or_log(entry("sql.cancel", open, json!({ "matched": target.is_some() })));
+    let target = cancels()
+        .get(&(open.endpoint_id.clone(), gw_key))
+        .map(|c| (c.server.clone(), c.key));
+    ctx.audit.record_or_log(entry(
+        "sql.cancel",
+        open,
+        json!({ "matched": target.is_some() }),
+    ));
     let Some((server, key)) = target else { return };
     let mut packet = BytesMut::with_capacity(16);
     frontend::cancel_request(key.process_id, key.secret, &mut packet);
@@ -165,12 +190,19 @@ enum End {
 impl Session<'_> {
     async fn run(&self, params: Vec<(String, String)>, mut send: SendStream, mut recv: RecvStream) {
         let started = Instant::now();
-        let gw_key = params.iter().find(|(k, _)| k == CANCEL_KEY_PARAM).and_then(|(_, v)| CancelKey::from_param(v));
+        let gw_key = params
+            .iter()
+            .find(|(k, _)| k == CANCEL_KEY_PARAM)
+            .and_then(|(_, v)| CancelKey::from_param(v));
         // The agent is the customer's enforcement point: the policy is applied again here.
         let forward = match pgwire::sanitize(&params, &self.role.admin.scope.database) {
             Ok(s) => s.forward,
             Err(e) => {
-                self.ctx.audit.record_or_log(entry("denied", self.open, json!({ "action": "session", "reason": e.message })));
+                self.ctx.audit.record_or_log(entry(
+                    "denied",
+                    self.open,
+                    json!({ "action": "session", "reason": e.message }),
+                ));
                 return self.fail(&mut send, e).await;
             }
         };
@@ -218,31 +250,51 @@ impl Session<'_> {
             Err(Login::Refused(raw)) => {
                 // The server's own error (e.g. too many connections) goes to the client as is.
                 let (code, message) = pgwire::error_fields(raw.get(5..).unwrap_or_default());
-                self.ctx.audit.record_or_log(entry("denied", self.open, json!({ "action": "session", "sqlstate": code, "reason": message })));
+                self.ctx.audit.record_or_log(entry(
+                    "denied",
+                    self.open,
+                    json!({ "action": "session", "sqlstate": code, "reason": message }),
+                ));
                 let _ = send.write_all(&raw).await;
                 let _ = send.finish();
                 return;
             }
             Err(Login::Failed(why)) => {
                 tracing::warn!(endpoint = %self.open.endpoint_id, error = %why, "login to the database as the endpoint's role failed");
-                let e = PgError::fatal(pgwire::sqlstate::CONNECTION_FAILURE, "the appliance could not log in to the database")
-                    .hint("the appliance's agent log has the cause");
+                let e = PgError::fatal(
+                    pgwire::sqlstate::CONNECTION_FAILURE,
+                    "the appliance could not log in to the database",
+                )
+                .hint("the appliance's agent log has the cause");
                 return self.fail(&mut send, e).await;
             }
         };
-        let opened = entry("session.opened", self.open, json!({
-            "resource_id": self.open.resource_id, "client_addr": self.open.client_addr, "kind": "postgres",
-            "role": self.role.name, "database": self.role.admin.scope.database,
-        }));
+        let opened = entry(
+            "session.opened",
+            self.open,
+            json!({
+                "resource_id": self.open.resource_id, "client_addr": self.open.client_addr, "kind": "postgres",
+                "role": self.role.name, "database": self.role.admin.scope.database,
+            }),
+        );
         if let Err(e) = self.ctx.audit.record(opened) {
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the session");
-            let e = PgError::fatal(pgwire::sqlstate::CONNECTION_FAILURE, "the appliance cannot write its audit trail");
+            let e = PgError::fatal(
+                pgwire::sqlstate::CONNECTION_FAILURE,
+                "the appliance cannot write its audit trail",
+            );
             return self.fail(&mut send, e).await;
         }
         let _entry = CancelEntry(match (gw_key, real_key) {
             (Some(gk), Some(rk)) => {
                 let k = (self.open.endpoint_id.clone(), gk);
-                cancels().insert(k.clone(), RealCancel { server: self.server.clone(), key: rk });
+                cancels().insert(
+                    k.clone(),
+                    RealCancel {
+                        server: self.server.clone(),
+                        key: rk,
+                    },
+                );
                 Some(k)
             }
             _ => None,
@@ -273,7 +325,9 @@ impl Session<'_> {
         if let Some(e) = error {
             detail["error"] = json!(e);
         }
-        self.ctx.audit.record_or_log(entry("session.closed", self.open, detail));
+        self.ctx
+            .audit
+            .record_or_log(entry("session.closed", self.open, detail));
     }
 
     /// Startup and authentication as the endpoint's role. On success `greeting` holds what
@@ -299,14 +353,20 @@ impl Session<'_> {
         let mut authenticated = false;
         let mut buf = BytesMut::with_capacity(4096);
         loop {
-            let Some((tag, body, n)) = pgwire::parse_message(&buf, MAX_SERVER_SETUP_MESSAGE).map_err(|e| failed(&e))? else {
+            let Some((tag, body, n)) =
+                pgwire::parse_message(&buf, MAX_SERVER_SETUP_MESSAGE).map_err(|e| failed(&e))?
+            else {
                 if db.read_buf(&mut buf).await.map_err(|e| failed(&e))? == 0 {
-                    return Err(Login::Failed("the database closed the connection during login".into()));
+                    return Err(Login::Failed(
+                        "the database closed the connection during login".into(),
+                    ));
                 }
                 continue;
             };
             out.clear();
-            let code = body.get(..4).map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+            let code = body
+                .get(..4)
+                .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]));
             let data = body.get(4..).unwrap_or_default();
             match (tag, code) {
                 (b'E', _) => return Err(Login::Refused(buf.split_to(n).freeze())),
@@ -314,31 +374,53 @@ impl Session<'_> {
                     authenticated = true;
                     greeting.extend_from_slice(buf.get(..n).unwrap_or_default());
                 }
-                (b'R', Some(3)) => frontend::password_message(password, &mut out).map_err(|e| failed(&e))?,
+                (b'R', Some(3)) => {
+                    frontend::password_message(password, &mut out).map_err(|e| failed(&e))?
+                }
                 (b'R', Some(5)) => {
-                    let salt: [u8; 4] = data.try_into().map_err(|_| Login::Failed("bad MD5 salt".into()))?;
-                    let hash = postgres_protocol::authentication::md5_hash(self.role.name.as_bytes(), password, salt);
-                    frontend::password_message(hash.as_bytes(), &mut out).map_err(|e| failed(&e))?;
+                    let salt: [u8; 4] = data
+                        .try_into()
+                        .map_err(|_| Login::Failed("bad MD5 salt".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        self.role.name.as_bytes(),
+                        password,
+                        salt,
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(|e| failed(&e))?;
                 }
                 (b'R', Some(10)) => {
-                    let offered = data.split(|&b| b == 0).any(|m| m == certs::scram::MECHANISM.as_bytes());
+                    let offered = data
+                        .split(|&b| b == 0)
+                        .any(|m| m == certs::scram::MECHANISM.as_bytes());
                     if !offered {
-                        return Err(Login::Failed("the database offers no SASL mechanism we speak".into()));
+                        return Err(Login::Failed(
+                            "the database offers no SASL mechanism we speak".into(),
+                        ));
                     }
                     let s = ScramSha256::new(password, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(certs::scram::MECHANISM, s.message(), &mut out).map_err(|e| failed(&e))?;
+                    frontend::sasl_initial_response(certs::scram::MECHANISM, s.message(), &mut out)
+                        .map_err(|e| failed(&e))?;
                     scram = Some(s);
                 }
                 (b'R', Some(11)) => {
-                    let s = scram.as_mut().ok_or_else(|| Login::Failed("SASL continue out of order".into()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| Login::Failed("SASL continue out of order".into()))?;
                     s.update(data).map_err(|e| failed(&e))?;
                     frontend::sasl_response(s.message(), &mut out).map_err(|e| failed(&e))?;
                 }
                 (b'R', Some(12)) => {
-                    let s = scram.as_mut().ok_or_else(|| Login::Failed("SASL final out of order".into()))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| Login::Failed("SASL final out of order".into()))?;
                     s.finish(data).map_err(|e| failed(&e))?;
                 }
-                (b'R', _) => return Err(Login::Failed("the database asks for an authentication method we do not speak".into())),
+                (b'R', _) => {
+                    return Err(Login::Failed(
+                        "the database asks for an authentication method we do not speak".into(),
+                    ))
+                }
                 (b'K', _) if authenticated => {
                     key = body.get(..8).map(|k| CancelKey {
                         process_id: i32::from_be_bytes([k[0], k[1], k[2], k[3]]),
@@ -353,7 +435,9 @@ impl Session<'_> {
                     greeting.extend_from_slice(&buf);
                     return Ok(key);
                 }
-                (_, _) if authenticated => greeting.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                (_, _) if authenticated => {
+                    greeting.extend_from_slice(buf.get(..n).unwrap_or_default())
+                }
                 _ => {}
             }
             let _ = buf.split_to(n);
@@ -420,7 +504,9 @@ impl Session<'_> {
                     return Ok::<(), String>(());
                 }
                 *down += n as u64;
-                send.write_chunk(buf.split().freeze()).await.map_err(|e| e.to_string())?;
+                send.write_chunk(buf.split().freeze())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         };
         let r = tokio::try_join!(to_db, to_client);
@@ -434,13 +520,24 @@ impl Session<'_> {
         }
     }
 
-    fn audit(&self, seen: &mut Vec<pgwire::Frontend<'_>>, statements: &mut u64, client_quit: &mut bool) {
+    fn audit(
+        &self,
+        seen: &mut Vec<pgwire::Frontend<'_>>,
+        statements: &mut u64,
+        client_quit: &mut bool,
+    ) {
         for f in seen.drain(..) {
             match f.audit_detail_json() {
                 Some(detail) => {
                     *statements += 1;
                     let o = self.open;
-                    if let Err(e) = self.ctx.audit.record_json("sql.statement", &o.operator, &o.endpoint_id, &o.session_id, &detail) {
+                    if let Err(e) = self.ctx.audit.record_json(
+                        "sql.statement",
+                        &o.operator,
+                        &o.endpoint_id,
+                        &o.session_id,
+                        &detail,
+                    ) {
                         tracing::error!(error = %e, "cannot write the customer's audit trail");
                     }
                 }

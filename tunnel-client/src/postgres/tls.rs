@@ -46,8 +46,16 @@ impl SslMode {
             "require" => SslMode::Require,
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
-            "allow" => return Err("sslmode=allow is not supported: use prefer, require or verify-full".into()),
-            other => return Err(format!("unknown sslmode {other:?} (disable, prefer, require, verify-ca, verify-full)")),
+            "allow" => {
+                return Err(
+                    "sslmode=allow is not supported: use prefer, require or verify-full".into(),
+                )
+            }
+            other => {
+                return Err(format!(
+                    "unknown sslmode {other:?} (disable, prefer, require, verify-ca, verify-full)"
+                ))
+            }
         })
     }
 
@@ -56,7 +64,9 @@ impl SslMode {
         match self {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
         }
     }
 }
@@ -113,7 +123,11 @@ pub fn split_tls_options(conn: &str) -> TlsOptions {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    TlsOptions { rest, sslmode, sslrootcert }
+    TlsOptions {
+        rest,
+        sslmode,
+        sslrootcert,
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -121,7 +135,10 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while let Some(&c) = b.get(i) {
-        let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (c, hex) {
             (b'%', Some(v)) => {
                 out.push(v);
@@ -146,7 +163,9 @@ pub struct DbTls {
 
 impl std::fmt::Debug for DbTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DbTls").field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("DbTls")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -157,29 +176,47 @@ impl DbTls {
         let mut mode = SslMode::parse(sslmode.unwrap_or("prefer"))?;
         let ca_pem = match sslrootcert {
             None | Some("") => None,
-            Some("system") => return Err("sslrootcert=system is not supported: name the CA file".into()),
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| format!("cannot read sslrootcert {path}: {e}"))?),
+            Some("system") => {
+                return Err("sslrootcert=system is not supported: name the CA file".into())
+            }
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read sslrootcert {path}: {e}"))?,
+            ),
         };
         if mode == SslMode::Require && ca_pem.is_some() {
             mode = SslMode::VerifyCa;
         }
-        let check = match (mode, ca_pem.as_deref()) {
-            (SslMode::Disable, _) => return Ok(DbTls { mode, connector: None }),
-            (SslMode::Prefer | SslMode::Require, _) => certs::ServerCheck::EncryptOnly,
-            (SslMode::VerifyCa, Some(ca_pem)) => certs::ServerCheck::Chain { ca_pem },
-            (SslMode::VerifyFull, Some(ca_pem)) => certs::ServerCheck::ChainAndName { ca_pem },
-            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
-                return Err("sslmode=verify-ca and verify-full need sslrootcert=<the database's CA file>".into())
-            }
-        };
-        let config = certs::upstream_client_config(check).map_err(|e| format!("sslrootcert: {e}"))?;
-        Ok(DbTls { mode, connector: Some(TlsConnector::from(Arc::new(config))) })
+        let check =
+            match (mode, ca_pem.as_deref()) {
+                (SslMode::Disable, _) => {
+                    return Ok(DbTls {
+                        mode,
+                        connector: None,
+                    })
+                }
+                (SslMode::Prefer | SslMode::Require, _) => certs::ServerCheck::EncryptOnly,
+                (SslMode::VerifyCa, Some(ca_pem)) => certs::ServerCheck::Chain { ca_pem },
+                (SslMode::VerifyFull, Some(ca_pem)) => certs::ServerCheck::ChainAndName { ca_pem },
+                (SslMode::VerifyCa | SslMode::VerifyFull, None) => return Err(
+                    "sslmode=verify-ca and verify-full need sslrootcert=<the database's CA file>"
+                        .into(),
+                ),
+            };
+        let config =
+            certs::upstream_client_config(check).map_err(|e| format!("sslrootcert: {e}"))?;
+        Ok(DbTls {
+            mode,
+            connector: Some(TlsConnector::from(Arc::new(config))),
+        })
     }
 
     /// Asks a fresh connection for TLS (SSLRequest) and makes the handshake when the server
     /// agrees; `prefer` goes on in plaintext when it does not.
     pub async fn negotiate(&self, mut tcp: TcpStream, host: &str) -> io::Result<Db> {
-        let Some(connector) = &self.connector else { return Ok(Db::Tcp(tcp)) };
+        let Some(connector) = &self.connector else {
+            return Ok(Db::Tcp(tcp));
+        };
         let mut request = BytesMut::with_capacity(8);
         frontend::ssl_request(&mut request);
         tcp.write_all(&request).await?;
@@ -191,19 +228,27 @@ impl DbTls {
                 Ok(Db::Tls(Box::new(connector.connect(name, tcp).await?)))
             }
             [b'N'] if self.mode == SslMode::Prefer => Ok(Db::Tcp(tcp)),
-            [b'N'] => Err(io::Error::other(format!("the database does not offer TLS, and admin_url asks for sslmode={:?}", self.mode))),
-            _ => Err(io::Error::other("the database answered SSLRequest with neither S nor N")),
+            [b'N'] => Err(io::Error::other(format!(
+                "the database does not offer TLS, and admin_url asks for sslmode={:?}",
+                self.mode
+            ))),
+            _ => Err(io::Error::other(
+                "the database answered SSLRequest with neither S nor N",
+            )),
         }
     }
 
     /// For tokio-postgres (the admin connection).
     pub fn make_connect(&self) -> MakeRustls {
-        MakeRustls { connector: self.connector.clone() }
+        MakeRustls {
+            connector: self.connector.clone(),
+        }
     }
 }
 
 fn server_name(host: &str) -> io::Result<ServerName<'static>> {
-    ServerName::try_from(host.to_string()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("host {host:?}: {e}")))
+    ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("host {host:?}: {e}")))
 }
 
 /// A session's connection to the database.
@@ -223,7 +268,10 @@ impl MakeTlsConnect<tokio_postgres::Socket> for MakeRustls {
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
-        Ok(RustlsConnect { connector: self.connector.clone(), name: server_name(domain)? })
+        Ok(RustlsConnect {
+            connector: self.connector.clone(),
+            name: server_name(domain)?,
+        })
     }
 }
 
@@ -240,8 +288,12 @@ impl TlsConnect<tokio_postgres::Socket> for RustlsConnect {
     fn connect(self, stream: tokio_postgres::Socket) -> Self::Future {
         Box::pin(async move {
             // Only reached when sslmode is not `disable` (tokio-postgres is told the same).
-            let connector = self.connector.ok_or_else(|| io::Error::other("TLS is disabled for this database"))?;
-            Ok(RustlsStream(Box::new(connector.connect(self.name, stream).await?)))
+            let connector = self
+                .connector
+                .ok_or_else(|| io::Error::other("TLS is disabled for this database"))?;
+            Ok(RustlsStream(Box::new(
+                connector.connect(self.name, stream).await?,
+            )))
         })
     }
 }
@@ -257,13 +309,21 @@ impl tokio_postgres::tls::TlsStream for RustlsStream {
 }
 
 impl AsyncRead for RustlsStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for RustlsStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -281,38 +341,78 @@ mod tests {
     #[test]
     fn tls_options_come_out_of_urls_and_key_value_strings() {
         let o = split_tls_options("postgres://admin:pw@db.internal:5432/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x");
-        assert_eq!(o.rest, "postgres://admin:pw@db.internal:5432/app?application_name=x");
-        assert_eq!((o.sslmode.as_deref(), o.sslrootcert.as_deref()), (Some("verify-full"), Some("/etc/ca.pem")));
+        assert_eq!(
+            o.rest,
+            "postgres://admin:pw@db.internal:5432/app?application_name=x"
+        );
+        assert_eq!(
+            (o.sslmode.as_deref(), o.sslrootcert.as_deref()),
+            (Some("verify-full"), Some("/etc/ca.pem"))
+        );
         let o = split_tls_options("postgresql://db/app?sslmode=require");
-        assert_eq!((o.rest.as_str(), o.sslmode.as_deref(), o.sslrootcert), ("postgresql://db/app", Some("require"), None));
+        assert_eq!(
+            (o.rest.as_str(), o.sslmode.as_deref(), o.sslrootcert),
+            ("postgresql://db/app", Some("require"), None)
+        );
         let o = split_tls_options("postgres://db/app");
         assert_eq!((o.rest.as_str(), o.sslmode), ("postgres://db/app", None));
-        let o = split_tls_options("host=db port=5432 sslmode=verify-ca sslrootcert=/ca.pem user=admin");
+        let o =
+            split_tls_options("host=db port=5432 sslmode=verify-ca sslrootcert=/ca.pem user=admin");
         assert_eq!(o.rest, "host=db port=5432 user=admin");
-        assert_eq!((o.sslmode.as_deref(), o.sslrootcert.as_deref()), (Some("verify-ca"), Some("/ca.pem")));
+        assert_eq!(
+            (o.sslmode.as_deref(), o.sslrootcert.as_deref()),
+            (Some("verify-ca"), Some("/ca.pem"))
+        );
     }
 
     #[test]
     fn modes_and_their_requirements() {
-        assert_eq!(DbTls::new(None, None).unwrap().mode, SslMode::Prefer, "libpq's default");
-        assert!(DbTls::new(Some("disable"), None).unwrap().connector.is_none());
-        assert_eq!(DbTls::new(Some("require"), None).unwrap().mode, SslMode::Require);
+        assert_eq!(
+            DbTls::new(None, None).unwrap().mode,
+            SslMode::Prefer,
+            "libpq's default"
+        );
+        assert!(DbTls::new(Some("disable"), None)
+            .unwrap()
+            .connector
+            .is_none());
+        assert_eq!(
+            DbTls::new(Some("require"), None).unwrap().mode,
+            SslMode::Require
+        );
         for m in ["verify-ca", "verify-full"] {
             let e = DbTls::new(Some(m), None).unwrap_err();
             assert!(e.contains("sslrootcert"), "{e}");
         }
-        assert!(DbTls::new(Some("allow"), None).unwrap_err().contains("not supported"));
-        assert!(DbTls::new(Some("bogus"), None).unwrap_err().contains("unknown sslmode"));
-        assert!(DbTls::new(Some("verify-full"), Some("/nonexistent/ca.pem")).unwrap_err().contains("cannot read sslrootcert"));
+        assert!(DbTls::new(Some("allow"), None)
+            .unwrap_err()
+            .contains("not supported"));
+        assert!(DbTls::new(Some("bogus"), None)
+            .unwrap_err()
+            .contains("unknown sslmode"));
+        assert!(DbTls::new(Some("verify-full"), Some("/nonexistent/ca.pem"))
+            .unwrap_err()
+            .contains("cannot read sslrootcert"));
 
         let dir = tempfile::tempdir().unwrap();
         let ca = certs::Ca::generate("db CA", jiff::Timestamp::now()).unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, ca.cert_pem()).unwrap();
         let path = path.to_str().unwrap();
-        assert_eq!(DbTls::new(Some("require"), Some(path)).unwrap().mode, SslMode::VerifyCa, "as libpq does");
-        assert_eq!(DbTls::new(Some("verify-full"), Some(path)).unwrap().mode, SslMode::VerifyFull);
+        assert_eq!(
+            DbTls::new(Some("require"), Some(path)).unwrap().mode,
+            SslMode::VerifyCa,
+            "as libpq does"
+        );
+        assert_eq!(
+            DbTls::new(Some("verify-full"), Some(path)).unwrap().mode,
+            SslMode::VerifyFull
+        );
         std::fs::write(dir.path().join("bad.pem"), "not a certificate").unwrap();
-        assert!(DbTls::new(Some("verify-full"), Some(dir.path().join("bad.pem").to_str().unwrap())).is_err());
+        assert!(DbTls::new(
+            Some("verify-full"),
+            Some(dir.path().join("bad.pem").to_str().unwrap())
+        )
+        .is_err());
     }
 }

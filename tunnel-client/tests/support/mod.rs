@@ -43,7 +43,13 @@ impl Gateway {
     /// A gateway on a free local port; `bound` limits each of its waits.
     pub fn start(bound: Duration) -> Gateway {
         let ca = certs::Ca::generate("test gateway CA", Timestamp::now()).unwrap();
-        let server = ca.issue_server(&["127.0.0.1".to_string()], Timestamp::now(), Duration::from_secs(3600)).unwrap();
+        let server = ca
+            .issue_server(
+                &["127.0.0.1".to_string()],
+                Timestamp::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let tls = certs::server_config(
             &server.cert_pem,
             &server.key_pem,
@@ -55,7 +61,11 @@ impl Gateway {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
         let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
-        Gateway { endpoint, ca, bound }
+        Gateway {
+            endpoint,
+            ca,
+            bound,
+        }
     }
 
     pub fn addr(&self) -> String {
@@ -63,20 +73,34 @@ impl Gateway {
     }
 
     pub async fn accept(&self) -> quinn::Connection {
-        let incoming = tokio::time::timeout(self.bound, self.endpoint.accept()).await.unwrap().unwrap();
+        let incoming = tokio::time::timeout(self.bound, self.endpoint.accept())
+            .await
+            .unwrap()
+            .unwrap();
         incoming.await.unwrap()
     }
 
     /// The enrollment token for this gateway's CA.
     pub fn token(&self) -> String {
-        EnrollmentToken { id: "tok_1".into(), secret: Secret::new("s3cret"), ca: self.ca.fingerprint() }.encode()
+        EnrollmentToken {
+            id: "tok_1".into(),
+            secret: Secret::new("s3cret"),
+            ca: self.ca.fingerprint(),
+        }
+        .encode()
     }
 
     /// Enrolls an agent at `config_path` with `token()` while serving its enrollment.
-    pub async fn enroll(&self, config_path: &Path) -> Result<enroll::Enrolled, enroll::EnrollError> {
+    pub async fn enroll(
+        &self,
+        config_path: &Path,
+    ) -> Result<enroll::Enrolled, enroll::EnrollError> {
         let token = self.token();
         let addr = self.addr();
-        let (done, ()) = tokio::join!(enroll::enroll(&addr, &token, config_path), self.serve_enrollment());
+        let (done, ()) = tokio::join!(
+            enroll::enroll(&addr, &token, config_path),
+            self.serve_enrollment()
+        );
         done
     }
 
@@ -84,12 +108,21 @@ impl Gateway {
         let conn = self.accept().await;
         assert_eq!(alpn(&conn), ALPN_ENROLL);
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let Frame::EnrollRequest(req) = read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap() else {
+        let Frame::EnrollRequest(req) = read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap()
+        else {
             panic!("expected an enroll request");
         };
         let token = EnrollmentToken::parse(req.token.expose()).unwrap();
         assert_eq!(token.secret.expose(), "s3cret");
-        let cert_pem = self.ca.sign_agent_csr(&req.csr_pem, "app_1", Timestamp::now(), Duration::from_secs(3600)).unwrap();
+        let cert_pem = self
+            .ca
+            .sign_agent_csr(
+                &req.csr_pem,
+                "app_1",
+                Timestamp::now(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
         let resp = EnrollResponse {
             appliance_id: "app_1".into(),
             app: "shop".into(),
@@ -97,7 +130,9 @@ impl Gateway {
             cert_pem,
             ca_pem: self.ca.cert_pem().to_string(),
         };
-        write_frame(&mut send, &Frame::EnrollResponse(resp)).await.unwrap();
+        write_frame(&mut send, &Frame::EnrollResponse(resp))
+            .await
+            .unwrap();
         send.finish().unwrap();
         let _ = tokio::time::timeout(self.bound, conn.closed()).await;
     }
@@ -116,9 +151,13 @@ impl Gateway {
         let (out, from_agent) = mpsc::channel::<(Instant, Frame)>(4096);
         let c = conn.clone();
         tokio::spawn(async move {
-            let Ok((mut send, recv)) = c.accept_bi().await else { return };
+            let Ok((mut send, recv)) = c.accept_bi().await else {
+                return;
+            };
             let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
-            let Ok(Some(Frame::Hello(hello))) = reader.next().await else { panic!("expected a hello") };
+            let Ok(Some(Frame::Hello(hello))) = reader.next().await else {
+                panic!("expected a hello")
+            };
             (control.check_hello)(&hello);
             let ack = HelloAck {
                 appliance_id: "app_1".into(),
@@ -145,7 +184,12 @@ impl Gateway {
                 }
             }
         });
-        Link { conn, to_agent, from_agent, bound: self.bound }
+        Link {
+            conn,
+            to_agent,
+            from_agent,
+            bound: self.bound,
+        }
     }
 }
 
@@ -170,7 +214,10 @@ impl Link {
     }
 
     pub async fn next(&mut self) -> (Instant, Frame) {
-        tokio::time::timeout(self.bound, self.from_agent.recv()).await.expect("a frame in time").expect("the link is up")
+        tokio::time::timeout(self.bound, self.from_agent.recv())
+            .await
+            .expect("a frame in time")
+            .expect("the link is up")
     }
 
     /// Frames about `op_id` up to and including the first `OpFinished` or `OpRefused`.
@@ -199,7 +246,9 @@ impl Link {
 
     /// Nothing arrives for a while.
     pub async fn quiet(&mut self) {
-        if let Ok(Some((_, f))) = tokio::time::timeout(Duration::from_millis(300), self.from_agent.recv()).await {
+        if let Ok(Some((_, f))) =
+            tokio::time::timeout(Duration::from_millis(300), self.from_agent.recv()).await
+        {
             panic!("unexpected frame: {f:?}");
         }
     }
@@ -207,7 +256,9 @@ impl Link {
 
 pub fn frame_op(f: &Frame) -> Option<&str> {
     match f {
-        Frame::OpRefused { op_id, .. } | Frame::OpStarted { op_id } | Frame::OpOutput { op_id, .. } => Some(op_id),
+        Frame::OpRefused { op_id, .. }
+        | Frame::OpStarted { op_id }
+        | Frame::OpOutput { op_id, .. } => Some(op_id),
         Frame::OpFinished(f) => Some(&f.op_id),
         _ => None,
     }
@@ -230,7 +281,11 @@ pub fn edit_config(path: &Path, edit: impl FnOnce(String) -> String) {
 }
 
 /// The agent's trail at `path` once `cond` holds (or `bound` passes).
-pub async fn trail_until(path: &Path, bound: Duration, cond: impl Fn(&[AuditRecord]) -> bool) -> Vec<AuditRecord> {
+pub async fn trail_until(
+    path: &Path,
+    bound: Duration,
+    cond: impl Fn(&[AuditRecord]) -> bool,
+) -> Vec<AuditRecord> {
     let deadline = Instant::now() + bound;
     loop {
         let records: Vec<AuditRecord> = std::fs::read_to_string(path)

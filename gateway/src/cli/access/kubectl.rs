@@ -12,26 +12,53 @@ use endpoint_types::{
 use std::path::{Path, PathBuf};
 
 pub fn prepare() -> Result<(ClientCredential, Secret), ApiError> {
-    let (key, csr_pem) = certs::generate_key_and_csr("postern kubectl endpoint").map_err(|e| ApiError::internal(format!("cannot make a key: {e}")))?;
+    let (key, csr_pem) = certs::generate_key_and_csr("postern kubectl endpoint")
+        .map_err(|e| ApiError::internal(format!("cannot make a key: {e}")))?;
     Ok((ClientCredential::Kubectl { csr_pem }, key))
 }
 
 /// `aws_eks_cluster.main_cluster` → `main-cluster`: the resource's own name, file-name safe.
 pub fn short_name(resource_id: &str) -> String {
     let name = resource_id.rsplit('.').next().unwrap_or(resource_id);
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let s = s.trim_matches('-').to_string();
-    if s.is_empty() { "cluster".into() } else { s }
+    if s.is_empty() {
+        "cluster".into()
+    } else {
+        s
+    }
 }
 
 fn safe(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) && !s.starts_with('.')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.starts_with('.')
 }
 
-pub fn kubeconfig_path(home: &Path, rec: &EndpointRecord, domain: &str) -> Result<PathBuf, ApiError> {
-    let file = format!("kubectl-ops-{}-{}.{domain}.yaml", short_name(&rec.origin_resource_id), rec.id);
+pub fn kubeconfig_path(
+    home: &Path,
+    rec: &EndpointRecord,
+    domain: &str,
+) -> Result<PathBuf, ApiError> {
+    let file = format!(
+        "kubectl-ops-{}-{}.{domain}.yaml",
+        short_name(&rec.origin_resource_id),
+        rec.id
+    );
     if !safe(&file) {
-        return Err(ApiError::internal(format!("unexpected kubeconfig name {file:?}")));
+        return Err(ApiError::internal(format!(
+            "unexpected kubeconfig name {file:?}"
+        )));
     }
     Ok(home.join(".kube").join(file))
 }
@@ -39,7 +66,15 @@ pub fn kubeconfig_path(home: &Path, rec: &EndpointRecord, domain: &str) -> Resul
 /// The kubeconfig text. YAML strings are JSON-quoted (JSON is a subset of YAML), so no value
 /// can break the document's structure.
 pub fn render(access: &EndpointAccess, key: &Secret) -> Result<String, ApiError> {
-    let EndpointAccess::Kubectl { server, tls_server_name, ca_pem, cert_pem, namespace, cluster } = access else {
+    let EndpointAccess::Kubectl {
+        server,
+        tls_server_name,
+        ca_pem,
+        cert_pem,
+        namespace,
+        cluster,
+    } = access
+    else {
         return Err(ApiError::internal("not kubectl access details"));
     };
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
@@ -60,14 +95,30 @@ pub fn render(access: &EndpointAccess, key: &Secret) -> Result<String, ApiError>
     Ok(out)
 }
 
-pub fn write(rec: &mut EndpointRecord, access: &EndpointAccess, secret: &Secret, home: &Path) -> Result<(), ApiError> {
-    let EndpointAccess::Kubectl { tls_server_name, namespace, .. } = access else {
+pub fn write(
+    rec: &mut EndpointRecord,
+    access: &EndpointAccess,
+    secret: &Secret,
+    home: &Path,
+) -> Result<(), ApiError> {
+    let EndpointAccess::Kubectl {
+        tls_server_name,
+        namespace,
+        ..
+    } = access
+    else {
         return Err(ApiError::internal("not kubectl access details"));
     };
     let path = kubeconfig_path(home, rec, tls_server_name)?;
     super::write_private(&path, render(access, secret)?.as_bytes())?;
     let shown = path.display().to_string();
-    eprintln!("KUBECONFIG={shown} kubectl get pods{}", namespace.as_deref().map(|n| format!(" -n {n}")).unwrap_or_default());
+    eprintln!(
+        "KUBECONFIG={shown} kubectl get pods{}",
+        namespace
+            .as_deref()
+            .map(|n| format!(" -n {n}"))
+            .unwrap_or_default()
+    );
     rec.kubeconfig = Some(shown);
     Ok(())
 }

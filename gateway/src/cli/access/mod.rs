@@ -20,7 +20,10 @@ pub fn home() -> Result<PathBuf, ApiError> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-        .ok_or_else(|| ApiError::invalid("HOME is not set").hint("the CLI writes the endpoint's client files under $HOME"))
+        .ok_or_else(|| {
+            ApiError::invalid("HOME is not set")
+                .hint("the CLI writes the endpoint's client files under $HOME")
+        })
 }
 
 /// A fresh credential for an endpoint of type `t`; None for types that need none (tcp).
@@ -35,8 +38,14 @@ pub fn prepare(t: EndpointType) -> Result<Option<(ClientCredential, Secret)>, Ap
 
 fn pending_path(home: &Path, endpoint_id: &str) -> Result<PathBuf, ApiError> {
     // Ids come from the gateway; refuse anything that could name another path.
-    if endpoint_id.is_empty() || !endpoint_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(ApiError::invalid(format!("unexpected endpoint id {endpoint_id:?}")));
+    if endpoint_id.is_empty()
+        || !endpoint_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(ApiError::invalid(format!(
+            "unexpected endpoint id {endpoint_id:?}"
+        )));
     }
     Ok(home.join(".postern").join("pending").join(endpoint_id))
 }
@@ -51,7 +60,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
     if let Some(dir) = path.parent() {
         create_private_dir(dir)?;
     }
-    certs::write_private(path, data).map_err(|e| ApiError::internal(format!("cannot write {}: {e}", path.display())))
+    certs::write_private(path, data)
+        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", path.display())))
 }
 
 pub fn create_private_dir(dir: &Path) -> Result<(), ApiError> {
@@ -80,7 +90,9 @@ pub fn complete(rec: &mut EndpointRecord) -> Result<(), ApiError> {
             return Ok(());
         }
     }
-    let Some(access) = rec.access.clone() else { return Ok(()) };
+    let Some(access) = rec.access.clone() else {
+        return Ok(());
+    };
     let secret = match std::fs::read_to_string(&path) {
         Ok(s) => Secret::new(s),
         Err(_) => {
@@ -89,9 +101,15 @@ pub fn complete(rec: &mut EndpointRecord) -> Result<(), ApiError> {
         }
     };
     match (&access, rec.endpoint_type) {
-        (EndpointAccess::Kubectl { .. }, EndpointType::Kubectl) => kubectl::write(rec, &access, &secret, &home),
-        (EndpointAccess::Postgres { .. }, EndpointType::Postgres) => postgres::write(rec, &access, &secret, &home),
+        (EndpointAccess::Kubectl { .. }, EndpointType::Kubectl) => {
+            kubectl::write(rec, &access, &secret, &home)
+        }
+        (EndpointAccess::Postgres { .. }, EndpointType::Postgres) => {
+            postgres::write(rec, &access, &secret, &home)
+        }
         (EndpointAccess::Ssh { .. }, EndpointType::Ssh) => ssh::write(rec, &access, &secret, &home),
-        _ => Err(ApiError::internal("the gateway sent access details of another endpoint type")),
+        _ => Err(ApiError::internal(
+            "the gateway sent access details of another endpoint type",
+        )),
     }
 }

@@ -15,7 +15,10 @@ use crate::{
 };
 use bytes::Bytes;
 use endpoint_types::{
-    kube_request::{classify, decide, display_resource, forbidden_status, status_json, Decision, KubeScope, RequestInfo},
+    kube_request::{
+        classify, decide, display_resource, forbidden_status, status_json, Decision, KubeScope,
+        RequestInfo,
+    },
     resource::CloseReason,
     ErrorCode,
 };
@@ -52,9 +55,14 @@ pub enum Refusal {
 }
 
 fn local(code: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n: Infallible| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|n: Infallible| match n {})
+            .boxed(),
+    );
     *r.status_mut() = code;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -78,12 +86,22 @@ pub async fn refuse_all(stream: TlsStream, why: Refusal) {
         async move {
             Ok::<_, Infallible>(match why.as_ref() {
                 Refusal::Unauthenticated => unauthenticated(),
-                Refusal::TooMany(m) => status(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", &format!("postern: {m}")),
-                Refusal::Unavailable(m) => status(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", &format!("postern: {m}")),
+                Refusal::TooMany(m) => status(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyRequests",
+                    &format!("postern: {m}"),
+                ),
+                Refusal::Unavailable(m) => status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &format!("postern: {m}"),
+                ),
             })
         }
     });
-    let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).serve_connection(TokioIo::new(stream), svc);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
     let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
 }
 
@@ -101,7 +119,14 @@ struct Conn {
     upgraded: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-pub async fn serve_connection(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, scope: KubeScope, stream: TlsStream, client: SocketAddr, slot: SessionSlot) {
+pub async fn serve_connection(
+    gw: Arc<Gateway>,
+    ep: Arc<LiveEndpoint>,
+    scope: KubeScope,
+    stream: TlsStream,
+    client: SocketAddr,
+    slot: SessionSlot,
+) {
     let started = Instant::now();
     let conn = Arc::new(Conn {
         gw: gw.clone(),
@@ -119,7 +144,9 @@ pub async fn serve_connection(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, scope: Ku
         let c = c.clone();
         async move { Ok::<_, Infallible>(c.handle(req).await) }
     });
-    let http = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
+    let http = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     let serve = async {
         let r = http.await;
         let pipe = conn.upgraded.lock().ok().and_then(|mut u| u.take());
@@ -147,7 +174,8 @@ fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
         return false;
     }
     match n {
-        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection" | "content-length" => false,
+        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
+        | "content-length" => false,
         "connection" | "upgrade" => upgrade,
         _ => true,
     }
@@ -155,11 +183,12 @@ fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.headers().contains_key(hyper::header::UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
 }
 
 impl Conn {
@@ -175,15 +204,29 @@ impl Conn {
             Ok(i) => i,
             Err(e) => {
                 self.audit(None, &method, &path, 400, Some(&e.to_string()));
-                return status(StatusCode::BAD_REQUEST, "BadRequest", &format!("postern: {e}"));
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("postern: {e}"),
+                );
             }
         };
         if let Decision::Deny { reason } = decide(&info, &self.scope) {
             self.audit(Some(&info), &method, &path, 403, Some(&reason));
             return local(StatusCode::FORBIDDEN, forbidden_status(&reason));
         }
-        let too_large = || status(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", &format!("postern: request bodies are limited to {MAX_BODY} bytes"));
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let too_large = || {
+            status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                &format!("postern: request bodies are limited to {MAX_BODY} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > MAX_BODY as u64) {
             self.audit(Some(&info), &method, &path, 413, None);
             return too_large();
@@ -202,20 +245,40 @@ impl Conn {
                 }
             }
         };
-        let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let mut out = Request::builder().method(parts.method.clone()).uri(target);
-        for (k, v) in parts.headers.iter().filter(|(k, _)| forwardable(k, upgrade)) {
+        for (k, v) in parts
+            .headers
+            .iter()
+            .filter(|(k, _)| forwardable(k, upgrade))
+        {
             out = out.header(k, v);
         }
         let Ok(out) = out.body(Full::new(body)) else {
-            return status(StatusCode::BAD_REQUEST, "BadRequest", "postern: the request could not be rebuilt");
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "postern: the request could not be rebuilt",
+            );
         };
 
         let mut resp = match self.send(out, upgrade).await {
             Ok(r) => r,
             Err((code, msg)) => {
                 self.audit(Some(&info), &method, &path, code.as_u16(), Some(&msg));
-                return status(code, if code == StatusCode::FORBIDDEN { "Forbidden" } else { "ServiceUnavailable" }, &format!("postern: {msg}"));
+                return status(
+                    code,
+                    if code == StatusCode::FORBIDDEN {
+                        "Forbidden"
+                    } else {
+                        "ServiceUnavailable"
+                    },
+                    &format!("postern: {msg}"),
+                );
             }
         };
         self.audit(Some(&info), &method, &path, resp.status().as_u16(), None);
@@ -224,7 +287,9 @@ impl Conn {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let cancel = self.ep.cancel.clone();
                 let pipe = self.gw.tasks.spawn(async move {
-                    let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
+                    let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+                        return;
+                    };
                     let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
@@ -236,24 +301,39 @@ impl Conn {
                 }
             } else {
                 // An upgrade the upstream refused ends the connection: no half-upgraded state.
-                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
         }
         resp.map(|b| b.boxed())
     }
 
     /// Sends on the connection's data stream, opening it first if needed.
-    async fn send(&self, req: Request<Full<Bytes>>, upgrade: bool) -> Result<Response<Incoming>, (StatusCode, String)> {
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, (StatusCode, String)> {
         let mut guard = self.upstream.lock().await;
         if guard.as_ref().is_none_or(|s| s.is_closed()) {
             *guard = Some(self.open().await?);
         }
-        let Some(sender) = guard.as_mut() else { return Err((StatusCode::SERVICE_UNAVAILABLE, "no stream to the appliance".into())) };
+        let Some(sender) = guard.as_mut() else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no stream to the appliance".into(),
+            ));
+        };
         let sent = async {
             sender.ready().await?;
             sender.send_request(req).await
         };
-        let r = sent.await.map_err(|e| (StatusCode::BAD_GATEWAY, format!("the appliance did not answer: {e}")));
+        let r = sent.await.map_err(|e| {
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("the appliance did not answer: {e}"),
+            )
+        });
         if upgrade || r.is_err() {
             // The stream now carries the upgraded bytes (or is broken): never reuse it.
             *guard = None;
@@ -262,16 +342,27 @@ impl Conn {
     }
 
     async fn open(&self) -> Result<SendRequest<Full<Bytes>>, (StatusCode, String)> {
-        let ds = session::open_stream(&self.gw, &self.ep, &self.session_id, self.client).await.map_err(|e| {
-            let code = if e.code == ErrorCode::ForbiddenByScope { StatusCode::FORBIDDEN } else { StatusCode::SERVICE_UNAVAILABLE };
-            (code, e.message)
-        })?;
+        let ds = session::open_stream(&self.gw, &self.ep, &self.session_id, self.client)
+            .await
+            .map_err(|e| {
+                let code = if e.code == ErrorCode::ForbiddenByScope {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (code, e.message)
+            })?;
         let reader = std::io::Cursor::new(ds.leftover).chain(ds.recv);
         let io = tokio::io::join(reader, ds.send);
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Full<Bytes>>(TokioIo::new(io))
             .await
-            .map_err(|e| (StatusCode::BAD_GATEWAY, format!("could not start HTTP to the appliance: {e}")))?;
+            .map_err(|e| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!("could not start HTTP to the appliance: {e}"),
+                )
+            })?;
         let cancel = self.ep.cancel.clone();
         self.gw.tasks.spawn(async move {
             tokio::select! {
@@ -280,14 +371,28 @@ impl Conn {
             }
         });
         if !self.opened.swap(true, Ordering::Relaxed) {
-            session::opened(&self.gw, &self.ep, &self.session_id, self.client, serde_json::json!({})).await;
+            session::opened(
+                &self.gw,
+                &self.ep,
+                &self.session_id,
+                self.client,
+                serde_json::json!({}),
+            )
+            .await;
         }
         Ok(sender)
     }
 
     /// `kube.request` in the vendor trail (and `denied` for refusals), written off the
     /// request path so the audit store does not add to every request's latency.
-    fn audit(&self, info: Option<&RequestInfo<'_>>, method: &str, path: &str, code: u16, denied: Option<&str>) {
+    fn audit(
+        &self,
+        info: Option<&RequestInfo<'_>>,
+        method: &str,
+        path: &str,
+        code: u16,
+        denied: Option<&str>,
+    ) {
         let detail = serde_json::json!({
             "verb": info.map(|i| i.verb.to_string()).unwrap_or_else(|| method.to_lowercase()),
             "resource": info.map(|i| i.resource.to_string()).unwrap_or_default(),
@@ -311,7 +416,9 @@ impl Conn {
         let (gw, ep, session_id) = (self.gw.clone(), self.ep.clone(), self.session_id.clone());
         self.gw.tasks.spawn(async move {
             let subject = || Subject::session(&ep.appliance_id, &ep.id, &session_id);
-            gw.audit.record("kube.request", &ep.operator, subject(), detail).await;
+            gw.audit
+                .record("kube.request", &ep.operator, subject(), detail)
+                .await;
             if let Some(d) = denial {
                 gw.audit.record("denied", &ep.operator, subject(), d).await;
             }

@@ -24,10 +24,16 @@ use tokio::net::{TcpListener, TcpStream};
 /// Checks the credential sent with `create`: a CSR whose signature verifies.
 pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     match cred {
-        Some(ClientCredential::Kubectl { csr_pem }) => certs::verified_csr_spki(csr_pem).map(|_| ()).map_err(|e| {
-            ApiError::invalid(format!("the kubectl credential is not a usable CSR: {e}")).hint("create the endpoint with the postern CLI, which makes one")
-        }),
-        _ => Err(ApiError::invalid("a kubectl endpoint needs a kube credential (a CSR)").hint("create it with the postern CLI, which makes one")),
+        Some(ClientCredential::Kubectl { csr_pem }) => {
+            certs::verified_csr_spki(csr_pem).map(|_| ()).map_err(|e| {
+                ApiError::invalid(format!("the kubectl credential is not a usable CSR: {e}"))
+                    .hint("create the endpoint with the postern CLI, which makes one")
+            })
+        }
+        _ => Err(
+            ApiError::invalid("a kubectl endpoint needs a kube credential (a CSR)")
+                .hint("create it with the postern CLI, which makes one"),
+        ),
     }
 }
 
@@ -35,14 +41,26 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
 /// operator's CSR signed for exactly the endpoint's lifetime.
 pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
     let Some(ClientCredential::Kubectl { csr_pem }) = &ep.credential else {
-        return Err(ApiError::internal(format!("endpoint {} has no kube credential", ep.id)));
+        return Err(ApiError::internal(format!(
+            "endpoint {} has no kube credential",
+            ep.id
+        )));
     };
     let cert_pem = gw
         .ca
-        .sign_client_csr(csr_pem, &format!("postern:endpoint:{}", ep.id), Timestamp::now(), ep.expires_at)
+        .sign_client_csr(
+            csr_pem,
+            &format!("postern:endpoint:{}", ep.id),
+            Timestamp::now(),
+            ep.expires_at,
+        )
         .map_err(|e| ApiError::internal(format!("cannot sign the kubectl credential: {e}")))?;
     let addr = gw.front_ends.kube;
-    let tls_server_name = if addr.ip().is_loopback() || addr.ip().is_unspecified() { "localhost".to_string() } else { addr.ip().to_string() };
+    let tls_server_name = if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        addr.ip().to_string()
+    };
     let namespace = match ep.scope(gw) {
         Some(ResourceScope::Kubernetes { namespaces, .. }) => namespaces.first().cloned(),
         _ => None,
@@ -66,14 +84,23 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
             return gw.shutdown.cancelled().await;
         }
     };
-    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "kube front end").await {
-        gw.tasks.spawn(connection(gw.clone(), tls.clone(), tcp, client));
+    while let Some((tcp, client)) =
+        super::session::accept_next(&gw, &listener, "kube front end").await
+    {
+        gw.tasks
+            .spawn(connection(gw.clone(), tls.clone(), tcp, client));
     }
 }
 
 fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
     let id = &gw.server_identity;
-    let mut c = certs::server_config(&id.cert_pem, &id.key_pem, Some(gw.ca.cert_pem()), certs::ClientAuth::Required, vec![b"http/1.1".to_vec()])?;
+    let mut c = certs::server_config(
+        &id.cert_pem,
+        &id.key_pem,
+        Some(gw.ca.cert_pem()),
+        certs::ClientAuth::Required,
+        vec![b"http/1.1".to_vec()],
+    )?;
     // No resumption: every connection presents its certificate, which is then mapped to a live
     // endpoint. (Requests are re-checked anyway; this keeps the mapping simple.)
     c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -81,14 +108,26 @@ fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
     Ok(c)
 }
 
-async fn connection(gw: Arc<Gateway>, tls: tokio_rustls::TlsAcceptor, tcp: TcpStream, client: SocketAddr) {
+async fn connection(
+    gw: Arc<Gateway>,
+    tls: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    client: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(gw.limits.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return tracing::debug!(%client, error = %e, "kube front end: TLS handshake failed"),
+        Ok(Err(e)) => {
+            return tracing::debug!(%client, error = %e, "kube front end: TLS handshake failed")
+        }
         Err(_) => return tracing::debug!(%client, "kube front end: TLS handshake timed out"),
     };
-    let spki = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| certs::cert_spki(c).ok());
+    let spki = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| certs::cert_spki(c).ok());
     let ep = spki.as_deref().and_then(|k| endpoint_of(&gw, k));
     let Some(ep) = ep else {
         tracing::info!(%client, "kube front end: certificate of no live endpoint");
@@ -103,11 +142,22 @@ async fn connection(gw: Arc<Gateway>, tls: tokio_rustls::TlsAcceptor, tcp: TcpSt
         }
     };
     let scope = match ep.scope(&gw) {
-        Some(ResourceScope::Kubernetes { namespaces, resources, verbs, .. }) => KubeScope::compile(&namespaces, &resources, &verbs).ok(),
+        Some(ResourceScope::Kubernetes {
+            namespaces,
+            resources,
+            verbs,
+            ..
+        }) => KubeScope::compile(&namespaces, &resources, &verbs).ok(),
         _ => None,
     };
     let Some(scope) = scope else {
-        let e = ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline or reports no kubernetes scope for {}", ep.appliance_id, ep.resource_id));
+        let e = ApiError::new(
+            ErrorCode::ApplianceOffline,
+            format!(
+                "appliance {} is offline or reports no kubernetes scope for {}",
+                ep.appliance_id, ep.resource_id
+            ),
+        );
         return forward::refuse_all(stream, forward::Refusal::Unavailable(e.message)).await;
     };
     forward::serve_connection(gw, ep, scope, stream, client, slot).await;
@@ -116,12 +166,16 @@ async fn connection(gw: Arc<Gateway>, tls: tokio_rustls::TlsAcceptor, tcp: TcpSt
 /// The live kubectl endpoint whose CSR carried this public key.
 fn endpoint_of(gw: &Gateway, spki: &[u8]) -> Option<Arc<LiveEndpoint>> {
     gw.endpoints.find(|ep| match &ep.credential {
-        Some(ClientCredential::Kubectl { csr_pem }) => certs::csr_spki(csr_pem).is_ok_and(|k| k == spki),
+        Some(ClientCredential::Kubectl { csr_pem }) => {
+            certs::csr_spki(csr_pem).is_ok_and(|k| k == spki)
+        }
         _ => false,
     })
 }
 
 /// Whether the endpoint still admits requests (looked up on every request).
 fn still_live(gw: &Gateway, ep: &LiveEndpoint) -> bool {
-    !ep.cancel.is_cancelled() && Timestamp::now() < ep.expires_at && gw.endpoints.get(&ep.id).is_some()
+    !ep.cancel.is_cancelled()
+        && Timestamp::now() < ep.expires_at
+        && gw.endpoints.get(&ep.id).is_some()
 }

@@ -21,10 +21,18 @@ use std::{
 /// Checks the credential sent with `create`: a well-formed SCRAM-SHA-256 verifier.
 pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     match cred {
-        Some(ClientCredential::Postgres { scram_verifier }) => certs::scram::Verifier::parse(scram_verifier)
-            .map(|_| ())
-            .map_err(|e| ApiError::invalid(format!("the postgres credential is not usable: {e}")).hint("create the endpoint with the postern CLI, which makes one")),
-        _ => Err(ApiError::invalid("this endpoint type needs a postgres credential").hint("create it with the postern CLI, which makes one")),
+        Some(ClientCredential::Postgres { scram_verifier }) => {
+            certs::scram::Verifier::parse(scram_verifier)
+                .map(|_| ())
+                .map_err(|e| {
+                    ApiError::invalid(format!("the postgres credential is not usable: {e}"))
+                        .hint("create the endpoint with the postern CLI, which makes one")
+                })
+        }
+        _ => Err(
+            ApiError::invalid("this endpoint type needs a postgres credential")
+                .hint("create it with the postern CLI, which makes one"),
+        ),
     }
 }
 
@@ -39,11 +47,21 @@ pub fn database_of(gw: &Gateway, ep: &LiveEndpoint) -> Option<String> {
 /// What the endpoint's creator needs to write the connection string.
 pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
     let database = database_of(gw, ep).ok_or_else(|| {
-        ApiError::new(ErrorCode::ApplianceOffline, format!("appliance {} is offline, so endpoint {} has no database yet", ep.appliance_id, ep.id))
-            .hint("run `postern ops endpoint get` again once the appliance is back")
+        ApiError::new(
+            ErrorCode::ApplianceOffline,
+            format!(
+                "appliance {} is offline, so endpoint {} has no database yet",
+                ep.appliance_id, ep.id
+            ),
+        )
+        .hint("run `postern ops endpoint get` again once the appliance is back")
     })?;
     let addr = gw.front_ends.postgres;
-    let host = if addr.ip().is_unspecified() { "localhost".to_string() } else { addr.ip().to_string() };
+    let host = if addr.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        addr.ip().to_string()
+    };
     Ok(EndpointAccess::Postgres {
         tls_server_name: host.clone(),
         host,
@@ -72,10 +90,18 @@ struct Front {
 impl Front {
     fn new(gw: &Gateway) -> Result<Front, String> {
         let id = &gw.server_identity;
-        let config = certs::server_config(&id.cert_pem, &id.key_pem, None, certs::ClientAuth::None, vec![b"postgresql".to_vec()])
-            .map_err(|e| e.to_string())?;
+        let config = certs::server_config(
+            &id.cert_pem,
+            &id.key_pem,
+            None,
+            certs::ClientAuth::None,
+            vec![b"postgresql".to_vec()],
+        )
+        .map_err(|e| e.to_string())?;
         use rustls_pki_types::pem::PemObject;
-        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes()).next().and_then(Result::ok);
+        let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+            .next()
+            .and_then(Result::ok);
         Ok(Front {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             end_point: leaf.and_then(|der| certs::scram::tls_server_end_point(&der)),
@@ -97,7 +123,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
             return gw.shutdown.cancelled().await;
         }
     };
-    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "postgres front end").await {
-        gw.tasks.spawn(session::connection(gw.clone(), front.clone(), tcp, client));
+    while let Some((tcp, client)) =
+        super::session::accept_next(&gw, &listener, "postgres front end").await
+    {
+        gw.tasks
+            .spawn(session::connection(gw.clone(), front.clone(), tcp, client));
     }
 }

@@ -36,7 +36,12 @@ const READ_BUF: usize = 64 * 1024;
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
-pub(super) async fn connection(gw: Arc<Gateway>, front: Arc<Front>, tcp: TcpStream, client: SocketAddr) {
+pub(super) async fn connection(
+    gw: Arc<Gateway>,
+    front: Arc<Front>,
+    tcp: TcpStream,
+    client: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&gw, &front, tcp, client)) => r,
@@ -91,7 +96,12 @@ async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, e: &PgError) {
 }
 
 /// Up to a TLS session with a StartupMessage, or a cancel request.
-async fn handshake(gw: &Gateway, front: &Front, mut tcp: TcpStream, client: SocketAddr) -> Option<Hello> {
+async fn handshake(
+    gw: &Gateway,
+    front: &Front,
+    mut tcp: TcpStream,
+    client: SocketAddr,
+) -> Option<Hello> {
     let mut buf = BytesMut::with_capacity(512);
     loop {
         match read_startup(&mut tcp, &mut buf).await? {
@@ -121,7 +131,11 @@ async fn handshake(gw: &Gateway, front: &Front, mut tcp: TcpStream, client: Sock
         Startup::Cancel(key) => return Some(Hello::Cancel(key)),
         _ => return None,
     };
-    let protocol_options: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+    let protocol_options: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
     let mut out = BytesMut::new();
     if minor > 0 || !protocol_options.is_empty() {
         pgwire::negotiate_protocol_version(&mut out, &protocol_options);
@@ -129,8 +143,16 @@ async fn handshake(gw: &Gateway, front: &Front, mut tcp: TcpStream, client: Sock
     if !out.is_empty() {
         tls.write_all(&out).await.ok()?;
     }
-    let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).unwrap_or_default();
-    match gw.endpoints.get(&user).filter(|ep| ep.endpoint_type == EndpointType::Postgres) {
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    match gw
+        .endpoints
+        .get(&user)
+        .filter(|ep| ep.endpoint_type == EndpointType::Postgres)
+    {
         Some(ep) => Some(Hello::Session(Box::new(tls), ep, params, buf)),
         None => {
             let e = no_endpoint(gw, &user).await;
@@ -144,10 +166,19 @@ async fn handshake(gw: &Gateway, front: &Front, mut tcp: TcpStream, client: Sock
 /// The error for a user that is no live postgres endpoint: why, when we know.
 async fn no_endpoint(gw: &Gateway, user: &str) -> PgError {
     let hint = "create a new endpoint with `postern ops endpoint create --type postgres`";
-    let state = gw.store.get_endpoint(user).await.ok().flatten().map(|r| (r.state, r.endpoint_type));
+    let state = gw
+        .store
+        .get_endpoint(user)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| (r.state, r.endpoint_type));
     let message = match state {
-        Some((EndpointState::Retired, EndpointType::Postgres)) => format!("endpoint \"{user}\" has been retired"),
-        Some((EndpointState::Expired, EndpointType::Postgres)) | Some((EndpointState::Active, EndpointType::Postgres)) => {
+        Some((EndpointState::Retired, EndpointType::Postgres)) => {
+            format!("endpoint \"{user}\" has been retired")
+        }
+        Some((EndpointState::Expired, EndpointType::Postgres))
+        | Some((EndpointState::Active, EndpointType::Postgres)) => {
             format!("endpoint \"{user}\" has expired")
         }
         _ => format!("no active postgres endpoint \"{user}\""),
@@ -156,15 +187,25 @@ async fn no_endpoint(gw: &Gateway, user: &str) -> PgError {
 }
 
 /// Reads one typed message of at most `limit` bytes.
-async fn read_message<S: AsyncRead + Unpin>(s: &mut S, buf: &mut BytesMut, limit: usize) -> Result<(u8, Bytes), PgError> {
+async fn read_message<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<(u8, Bytes), PgError> {
     let violation = |m: String| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, m);
     loop {
-        if let Some((tag, _, n)) = pgwire::parse_message(buf, limit).map_err(|e| violation(e.to_string()))? {
+        if let Some((tag, _, n)) =
+            pgwire::parse_message(buf, limit).map_err(|e| violation(e.to_string()))?
+        {
             let msg = buf.split_to(n).freeze();
             return Ok((tag, msg.slice(5..)));
         }
         match s.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(violation("the connection closed during authentication".into())),
+            Ok(0) | Err(_) => {
+                return Err(violation(
+                    "the connection closed during authentication".into(),
+                ))
+            }
             Ok(_) => {}
         }
     }
@@ -194,37 +235,73 @@ async fn authenticate(
     mut buf: BytesMut,
 ) -> Option<(Box<Tls>, Authenticated, Vec<(String, String)>)> {
     let Some(ClientCredential::Postgres { scram_verifier }) = &ep.credential else {
-        send_error(&mut tls, &PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "the endpoint has no credential")).await;
+        send_error(
+            &mut tls,
+            &PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "the endpoint has no credential",
+            ),
+        )
+        .await;
         return None;
     };
     let Ok(verifier) = certs::scram::Verifier::parse(scram_verifier) else {
-        send_error(&mut tls, &PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "the endpoint's credential is unusable")).await;
+        send_error(
+            &mut tls,
+            &PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "the endpoint's credential is unusable",
+            ),
+        )
+        .await;
         return None;
     };
     let mut scram = certs::scram::ScramServer::new(verifier, &random_bytes::<18>(), end_point);
     let wrong = || {
-        PgError::fatal(sqlstate::INVALID_PASSWORD, format!("password authentication failed for user \"{}\"", ep.id))
-            .hint("use the connection string postern printed for this endpoint")
+        PgError::fatal(
+            sqlstate::INVALID_PASSWORD,
+            format!("password authentication failed for user \"{}\"", ep.id),
+        )
+        .hint("use the connection string postern printed for this endpoint")
     };
     let mut out = BytesMut::new();
     pgwire::auth_sasl(&mut out, scram.mechanisms());
     let exchange = async {
-        tls.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
+        tls.write_all(&out)
+            .await
+            .map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
         let (tag, body) = read_message(&mut tls, &mut buf, pgwire::MAX_AUTH_MESSAGE_LEN).await?;
         if tag != b'p' {
-            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a SASL response"));
+            return Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "expected a SASL response",
+            ));
         }
-        let (mechanism, data) = pgwire::parse_sasl_initial(&body).map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
-        let first = scram.client_first(mechanism, data).map_err(|e| scram_error(e, &wrong))?;
-        let chosen = if mechanism == certs::scram::MECHANISM_PLUS { certs::scram::MECHANISM_PLUS } else { certs::scram::MECHANISM };
+        let (mechanism, data) = pgwire::parse_sasl_initial(&body)
+            .map_err(|e| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        let first = scram
+            .client_first(mechanism, data)
+            .map_err(|e| scram_error(e, &wrong))?;
+        let chosen = if mechanism == certs::scram::MECHANISM_PLUS {
+            certs::scram::MECHANISM_PLUS
+        } else {
+            certs::scram::MECHANISM
+        };
         out.clear();
         pgwire::auth_sasl_continue(&mut out, first.as_bytes());
-        tls.write_all(&out).await.map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
+        tls.write_all(&out)
+            .await
+            .map_err(|e| PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()))?;
         let (tag, body) = read_message(&mut tls, &mut buf, pgwire::MAX_AUTH_MESSAGE_LEN).await?;
         if tag != b'p' {
-            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a SASL response"));
+            return Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "expected a SASL response",
+            ));
         }
-        let last = scram.client_final(&body).map_err(|e| scram_error(e, &wrong))?;
+        let last = scram
+            .client_final(&body)
+            .map_err(|e| scram_error(e, &wrong))?;
         out.clear();
         pgwire::auth_sasl_final(&mut out, last.as_bytes());
         Ok(chosen)
@@ -242,14 +319,21 @@ async fn authenticate(
     let slot = match SessionSlot::claim(gw, ep) {
         Ok(s) => s,
         Err(e) => {
-            let pe = PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already").hint(e.message.clone());
+            let pe = PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                "sorry, too many clients already",
+            )
+            .hint(e.message.clone());
             deny(gw, ep, &pe).await;
             send_error(&mut tls, &pe).await;
             return None;
         }
     };
     let Some(database) = database_of(gw, ep) else {
-        let e = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("appliance {} is offline", ep.appliance_id));
+        let e = PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("appliance {} is offline", ep.appliance_id),
+        );
         send_error(&mut tls, &e).await;
         return None;
     };
@@ -259,7 +343,15 @@ async fn authenticate(
                 // Nothing may follow the last SASL message before the server answers.
                 return None;
             }
-            Some((tls, Authenticated { sasl_final: out, slot, mechanism }, s.forward))
+            Some((
+                tls,
+                Authenticated {
+                    sasl_final: out,
+                    slot,
+                    mechanism,
+                },
+                s.forward,
+            ))
         }
         Err(e) => {
             deny(gw, ep, &e).await;
@@ -278,18 +370,24 @@ fn scram_error(e: certs::scram::ScramError, wrong: &dyn Fn() -> PgError) -> PgEr
 
 async fn deny(gw: &Gateway, ep: &LiveEndpoint, e: &PgError) {
     gw.audit
-        .record("denied", &ep.operator, Subject::endpoint(&ep.appliance_id, &ep.id), serde_json::json!({
-            "action": "session", "sqlstate": e.sqlstate, "reason": e.message,
-        }))
+        .record(
+            "denied",
+            &ep.operator,
+            Subject::endpoint(&ep.appliance_id, &ep.id),
+            serde_json::json!({
+                "action": "session", "sqlstate": e.sqlstate, "reason": e.message,
+            }),
+        )
         .await;
 }
 
 fn pg_error_of(e: &ApiError) -> PgError {
     let code = match e.code {
         ErrorCode::SessionLimit => sqlstate::TOO_MANY_CONNECTIONS,
-        ErrorCode::EndpointExpired | ErrorCode::EndpointRetired | ErrorCode::OperateAccessExpired | ErrorCode::ForbiddenByScope => {
-            sqlstate::INVALID_AUTHORIZATION
-        }
+        ErrorCode::EndpointExpired
+        | ErrorCode::EndpointRetired
+        | ErrorCode::OperateAccessExpired
+        | ErrorCode::ForbiddenByScope => sqlstate::INVALID_AUTHORIZATION,
         _ => sqlstate::CONNECTION_FAILURE,
     };
     let mut pe = PgError::fatal(code, e.message.clone());
@@ -333,9 +431,19 @@ async fn run(
     client: SocketAddr,
 ) {
     let session_id = shared::new_session_id();
-    let key = mint_key(&front, CancelTarget { endpoint: ep.clone(), session_id: session_id.clone() });
+    let key = mint_key(
+        &front,
+        CancelTarget {
+            endpoint: ep.clone(),
+            session_id: session_id.clone(),
+        },
+    );
     let _key = KeyGuard(&front, key);
-    let Authenticated { mut sasl_final, slot: _slot, mechanism } = auth;
+    let Authenticated {
+        mut sasl_final,
+        slot: _slot,
+        mechanism,
+    } = auth;
     let opened = tokio::select! {
         _ = ep.cancel.cancelled() => return,
         r = tokio::time::timeout(AGENT_LOGIN_TIMEOUT, start_at_agent(&gw, &ep, &session_id, client, &forward, key)) => {
@@ -345,7 +453,14 @@ async fn run(
     let (stream, rest) = match opened {
         Ok(s) => s,
         Err(e) => {
-            shared::deny(&gw, &ep, &session_id, client, &ApiError::new(ErrorCode::TargetUnreachable, e.message.clone())).await;
+            shared::deny(
+                &gw,
+                &ep,
+                &session_id,
+                client,
+                &ApiError::new(ErrorCode::TargetUnreachable, e.message.clone()),
+            )
+            .await;
             e.write(&mut sasl_final);
             let _ = tls.write_all(&sasl_final).await;
             let _ = tls.shutdown().await;
@@ -358,11 +473,27 @@ async fn run(
     pgwire::auth_ok(&mut greeting);
     pgwire::backend_key_data(&mut greeting, key);
     greeting.extend_from_slice(&rest);
-    shared::opened(&gw, &ep, &session_id, client, serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism })).await;
+    shared::opened(
+        &gw,
+        &ep,
+        &session_id,
+        client,
+        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
+    )
+    .await;
     let started = Instant::now();
-    let DataStream { mut send, mut recv, connection, .. } = stream;
+    let DataStream {
+        mut send,
+        mut recv,
+        connection,
+        ..
+    } = stream;
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
-    let trail = Trail { gw: &gw, actor: Arc::from(ep.operator.as_str()), subject: Arc::new(subject) };
+    let trail = Trail {
+        gw: &gw,
+        actor: Arc::from(ep.operator.as_str()),
+        subject: Arc::new(subject),
+    };
     let mut counts = Counts::default();
     let outcome = match tls.write_all(&greeting).await {
         Err(e) => Some(Err(PumpError::Client(e))),
@@ -378,8 +509,20 @@ async fn run(
         Some(Ok(())) => CloseReason::Client,
         Some(Err(_)) if counts.client_quit => CloseReason::Client,
         Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
-        Some(Err(PumpError::QuicRead(e))) => shared::agent_reason_read(e).unwrap_or(if connection.close_reason().is_some() { CloseReason::Interrupted } else { CloseReason::Error }),
-        Some(Err(PumpError::QuicWrite(e))) => shared::agent_reason_write(e).unwrap_or(if connection.close_reason().is_some() { CloseReason::Interrupted } else { CloseReason::Error }),
+        Some(Err(PumpError::QuicRead(e))) => {
+            shared::agent_reason_read(e).unwrap_or(if connection.close_reason().is_some() {
+                CloseReason::Interrupted
+            } else {
+                CloseReason::Error
+            })
+        }
+        Some(Err(PumpError::QuicWrite(e))) => {
+            shared::agent_reason_write(e).unwrap_or(if connection.close_reason().is_some() {
+                CloseReason::Interrupted
+            } else {
+                CloseReason::Error
+            })
+        }
         Some(Err(PumpError::Client(_))) => CloseReason::Client,
         Some(Err(PumpError::Protocol(_))) => CloseReason::Error,
         None => ep.end_reason(),
@@ -399,7 +542,16 @@ async fn run(
     if let Some(Err(e)) = &outcome {
         extra["error"] = serde_json::Value::String(e.to_string());
     }
-    shared::closed(&gw, &ep, &session_id, reason, (counts.up, counts.down), started, extra).await;
+    shared::closed(
+        &gw,
+        &ep,
+        &session_id,
+        reason,
+        (counts.up, counts.down),
+        started,
+        extra,
+    )
+    .await;
 }
 
 /// Opens the data stream, hands the agent the sanitised startup parameters and our cancel
@@ -412,12 +564,19 @@ async fn start_at_agent(
     forward: &[(String, String)],
     key: CancelKey,
 ) -> Result<(DataStream, Bytes), PgError> {
-    let mut stream = shared::open_stream(gw, ep, session_id, client).await.map_err(|e| pg_error_of(&e))?;
+    let mut stream = shared::open_stream(gw, ep, session_id, client)
+        .await
+        .map_err(|e| pg_error_of(&e))?;
     let mut params = forward.to_vec();
     params.push((pgwire::CANCEL_KEY_PARAM.to_string(), key.to_param()));
     let mut out = BytesMut::new();
     pgwire::startup_message(&mut out, &params);
-    let lost = |e: &dyn std::fmt::Display| PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("the appliance connection failed: {e}"));
+    let lost = |e: &dyn std::fmt::Display| {
+        PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("the appliance connection failed: {e}"),
+        )
+    };
     stream.send.write_all(&out).await.map_err(|e| lost(&e))?;
     let mut buf = BytesMut::from(&stream.leftover[..]);
     loop {
@@ -472,7 +631,15 @@ struct Trail<'a> {
 
 impl Trail<'_> {
     async fn statement(&self, detail: Box<serde_json::value::RawValue>) {
-        self.gw.audit.enqueue("sql.statement", self.actor.clone(), self.subject.clone(), detail).await;
+        self.gw
+            .audit
+            .enqueue(
+                "sql.statement",
+                self.actor.clone(),
+                self.subject.clone(),
+                detail,
+            )
+            .await;
     }
 }
 
@@ -523,7 +690,9 @@ async fn pump(
             }
             up += n as u64;
             let mut seen = Vec::new();
-            let ready = scan.scan(&buf, &mut seen).map_err(|e| PumpError::Protocol(e.to_string()))?;
+            let ready = scan
+                .scan(&buf, &mut seen)
+                .map_err(|e| PumpError::Protocol(e.to_string()))?;
             for f in seen {
                 match f.audit_detail_json() {
                     Some(detail) => {
@@ -534,14 +703,20 @@ async fn pump(
                 }
             }
             if ready > 0 {
-                send.write_chunk(buf.split_to(ready).freeze()).await.map_err(PumpError::QuicWrite)?;
+                send.write_chunk(buf.split_to(ready).freeze())
+                    .await
+                    .map_err(PumpError::QuicWrite)?;
             }
         }
     };
     let agent_to_client = async {
         let mut chunks: [Bytes; 32] = Default::default();
         let mut gather = Vec::with_capacity(READ_BUF);
-        while let Some(n) = recv.read_chunks(&mut chunks).await.map_err(PumpError::QuicRead)? {
+        while let Some(n) = recv
+            .read_chunks(&mut chunks)
+            .await
+            .map_err(PumpError::QuicRead)?
+        {
             let got = chunks.get(..n).unwrap_or_default();
             if let [one] = got {
                 tls_w.write_all(one).await.map_err(PumpError::Client)?;
@@ -571,20 +746,35 @@ async fn pump(
 /// the real key to the database. As PostgreSQL does, the client gets no answer either way.
 async fn cancel(gw: &Arc<Gateway>, front: &Front, key: CancelKey, client: SocketAddr) {
     let target = front.cancels().get(&key).cloned();
-    let Some(CancelTarget { endpoint: ep, session_id }) = target else {
+    let Some(CancelTarget {
+        endpoint: ep,
+        session_id,
+    }) = target
+    else {
         tracing::info!(%client, "cancel request with an unknown key");
         return;
     };
     gw.audit
-        .record("sql.cancel", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, &session_id), serde_json::json!({
-            "client_addr": client.to_string(),
-        }))
+        .record(
+            "sql.cancel",
+            &ep.operator,
+            Subject::session(&ep.appliance_id, &ep.id, &session_id),
+            serde_json::json!({
+                "client_addr": client.to_string(),
+            }),
+        )
         .await;
     let sent = async {
-        let mut stream = shared::open_stream(gw, &ep, &session_id, client).await.map_err(|e| e.message)?;
+        let mut stream = shared::open_stream(gw, &ep, &session_id, client)
+            .await
+            .map_err(|e| e.message)?;
         let mut out = BytesMut::new();
         pgwire::cancel_request(&mut out, key);
-        stream.send.write_all(&out).await.map_err(|e| e.to_string())?;
+        stream
+            .send
+            .write_all(&out)
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = stream.send.finish();
         // Wait for the agent to finish, so the cancel has been sent when we close.
         let _ = stream.recv.read_to_end(64).await;
@@ -592,7 +782,9 @@ async fn cancel(gw: &Arc<Gateway>, front: &Front, key: CancelKey, client: Socket
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(endpoint = %ep.id, error = %e, "could not pass a cancel request to the agent"),
+        Ok(Err(e)) => {
+            tracing::warn!(endpoint = %ep.id, error = %e, "could not pass a cancel request to the agent")
+        }
         Err(_) => tracing::warn!(endpoint = %ep.id, "cancel request timed out"),
     }
 }

@@ -28,13 +28,23 @@ pub const AUTH_GRACE: Duration = Duration::from_secs(10);
 /// At create: the credential must be one OpenSSH public key line.
 pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     let Some(ClientCredential::Ssh { public_key }) = cred else {
-        return Err(ApiError::invalid("an ssh endpoint needs the public half of the engineer's key")
-            .hint("create ssh endpoints with the postern CLI, which makes the key pair on your machine"));
+        return Err(ApiError::invalid(
+            "an ssh endpoint needs the public half of the engineer's key",
+        )
+        .hint(
+            "create ssh endpoints with the postern CLI, which makes the key pair on your machine",
+        ));
     };
-    let key = PublicKey::from_openssh(public_key.trim())
-        .map_err(|e| ApiError::invalid(format!("the ssh public key is not a valid OpenSSH public key: {e}")))?;
+    let key = PublicKey::from_openssh(public_key.trim()).map_err(|e| {
+        ApiError::invalid(format!(
+            "the ssh public key is not a valid OpenSSH public key: {e}"
+        ))
+    })?;
     if key.algorithm() != russh::keys::Algorithm::Ed25519 {
-        return Err(ApiError::invalid(format!("ssh endpoint keys must be ed25519, not {}", key.algorithm())));
+        return Err(ApiError::invalid(format!(
+            "ssh endpoint keys must be ed25519, not {}",
+            key.algorithm()
+        )));
     }
     Ok(())
 }
@@ -64,7 +74,10 @@ pub fn preferred() -> Preferred {
     if !kex.contains(&russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER) {
         kex.push(russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER);
     }
-    Preferred { kex: Cow::Owned(kex), ..Preferred::DEFAULT }
+    Preferred {
+        kex: Cow::Owned(kex),
+        ..Preferred::DEFAULT
+    }
 }
 
 pub fn config(key: PrivateKey) -> Config {
@@ -93,8 +106,11 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
         Err(e) => return tracing::error!("ssh front end disabled: {}", e.message),
     };
     let config = Arc::new(config(key));
-    while let Some((tcp, client)) = super::session::accept_next(&gw, &listener, "ssh front end").await {
-        gw.tasks.spawn(connection(gw.clone(), config.clone(), tcp, client));
+    while let Some((tcp, client)) =
+        super::session::accept_next(&gw, &listener, "ssh front end").await
+    {
+        gw.tasks
+            .spawn(connection(gw.clone(), config.clone(), tcp, client));
     }
 }
 
@@ -119,7 +135,9 @@ async fn connection(gw: Arc<Gateway>, config: Arc<Config>, tcp: TcpStream, clien
     let disconnect = |why: String| {
         let handle = handle.clone();
         async move {
-            let _ = handle.disconnect(russh::Disconnect::ByApplication, why, "en".into()).await;
+            let _ = handle
+                .disconnect(russh::Disconnect::ByApplication, why, "en".into())
+                .await;
         }
     };
     let ep = tokio::select! {
@@ -157,19 +175,35 @@ mod tests {
 
     #[test]
     fn strict_kex_is_offered() {
-        assert!(preferred().kex.contains(&russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER));
-        assert!(preferred().cipher.contains(&russh::cipher::CHACHA20_POLY1305));
+        assert!(preferred()
+            .kex
+            .contains(&russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER));
+        assert!(preferred()
+            .cipher
+            .contains(&russh::cipher::CHACHA20_POLY1305));
     }
 
     #[test]
     fn validate_wants_one_ed25519_public_key() {
         let key = host_key::generate("x").unwrap();
         let line = host_key::public_line(&key);
-        assert!(validate(Some(&ClientCredential::Ssh { public_key: line.clone() })).is_ok());
+        assert!(validate(Some(&ClientCredential::Ssh {
+            public_key: line.clone()
+        }))
+        .is_ok());
         assert!(validate(None).is_err());
-        assert!(validate(Some(&ClientCredential::Ssh { public_key: "ssh-ed25519 AAAA".into() })).is_err());
-        assert!(validate(Some(&ClientCredential::Postgres { scram_verifier: "x".into() })).is_err());
+        assert!(validate(Some(&ClientCredential::Ssh {
+            public_key: "ssh-ed25519 AAAA".into()
+        }))
+        .is_err());
+        assert!(validate(Some(&ClientCredential::Postgres {
+            scram_verifier: "x".into()
+        }))
+        .is_err());
         assert!(server::same_key(&line, key.public_key()));
-        assert!(!server::same_key(&line, host_key::generate("y").unwrap().public_key()));
+        assert!(!server::same_key(
+            &line,
+            host_key::generate("y").unwrap().public_key()
+        ));
     }
 }

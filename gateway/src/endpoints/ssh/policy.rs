@@ -17,13 +17,21 @@ const MAX_COMMAND: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Pty(PtyRequest),
-    Env { name: String, value: String },
+    Env {
+        name: String,
+        value: String,
+    },
     Shell,
     Exec(Vec<u8>),
     Subsystem(String),
     X11,
     AgentForwarding,
-    WindowChange { cols: u32, rows: u32, pix_width: u32, pix_height: u32 },
+    WindowChange {
+        cols: u32,
+        rows: u32,
+        pix_width: u32,
+        pix_height: u32,
+    },
     Signal(String),
 }
 
@@ -50,7 +58,10 @@ pub struct ChannelPolicy {
 
 impl ChannelPolicy {
     pub fn new(sftp_allowed: bool) -> ChannelPolicy {
-        ChannelPolicy { sftp_allowed, ..Default::default() }
+        ChannelPolicy {
+            sftp_allowed,
+            ..Default::default()
+        }
     }
 
     pub fn has_pty(&self) -> bool {
@@ -60,9 +71,15 @@ impl ChannelPolicy {
     pub fn decide(&mut self, req: Request) -> Decision {
         match req {
             Request::X11 => Decision::Refuse("X11 forwarding is not available through Postern"),
-            Request::AgentForwarding => Decision::Refuse("agent forwarding is not available through Postern"),
-            Request::Pty(_) if self.started => Decision::Refuse("a pty must be requested before the program starts"),
-            Request::Pty(_) if self.pty.is_some() => Decision::Refuse("this channel already has a pty"),
+            Request::AgentForwarding => {
+                Decision::Refuse("agent forwarding is not available through Postern")
+            }
+            Request::Pty(_) if self.started => {
+                Decision::Refuse("a pty must be requested before the program starts")
+            }
+            Request::Pty(_) if self.pty.is_some() => {
+                Decision::Refuse("this channel already has a pty")
+            }
             Request::Pty(p) => {
                 if p.term.len() > MAX_ENV_VALUE || p.cols > 10_000 || p.rows > 10_000 {
                     return Decision::Refuse("unreasonable pty request");
@@ -96,13 +113,19 @@ impl ChannelPolicy {
                 match String::from_utf8(cmd) {
                     // Legacy scp runs `scp -t|-f` through exec: file transfer, allowed only
                     // where sftp is.
-                    Ok(c) if is_scp(&c) && !self.sftp_allowed => Decision::Refuse("scp is not allowed on this resource"),
+                    Ok(c) if is_scp(&c) && !self.sftp_allowed => {
+                        Decision::Refuse("scp is not allowed on this resource")
+                    }
                     Ok(c) => self.start(Some(c), None),
                     Err(_) => Decision::Refuse("command line is not UTF-8"),
                 }
             }
-            Request::Subsystem(name) if name == "sftp" && self.sftp_allowed => self.start(None, Some(name)),
-            Request::Subsystem(name) if name == "sftp" => Decision::Refuse("sftp is not allowed on this resource"),
+            Request::Subsystem(name) if name == "sftp" && self.sftp_allowed => {
+                self.start(None, Some(name))
+            }
+            Request::Subsystem(name) if name == "sftp" => {
+                Decision::Refuse("sftp is not allowed on this resource")
+            }
             Request::Subsystem(_) => Decision::Refuse("unknown subsystem"),
             Request::WindowChange { .. } if self.pty.is_none() => Decision::Refuse("no pty"),
             r @ (Request::WindowChange { .. } | Request::Signal(_)) => {
@@ -123,13 +146,20 @@ impl ChannelPolicy {
 
     fn start(&mut self, command: Option<String>, subsystem: Option<String>) -> Decision {
         self.started = true;
-        Decision::Start(SshStart { pty: self.pty.clone(), command, subsystem, env: self.env.clone() })
+        Decision::Start(SshStart {
+            pty: self.pty.clone(),
+            command,
+            subsystem,
+            env: self.env.clone(),
+        })
     }
 }
 
 /// A command line that runs scp's remote end.
 fn is_scp(cmd: &str) -> bool {
-    cmd.split_whitespace().next().is_some_and(|w| w == "scp" || w.ends_with("/scp"))
+    cmd.split_whitespace()
+        .next()
+        .is_some_and(|w| w == "scp" || w.ends_with("/scp"))
 }
 
 #[cfg(test)]
@@ -137,47 +167,158 @@ mod tests {
     use super::*;
 
     fn pty() -> PtyRequest {
-        PtyRequest { term: "xterm".into(), cols: 80, rows: 24, pix_width: 0, pix_height: 0, modes: vec![] }
+        PtyRequest {
+            term: "xterm".into(),
+            cols: 80,
+            rows: 24,
+            pix_width: 0,
+            pix_height: 0,
+            modes: vec![],
+        }
     }
 
     fn env(n: &str, v: &str) -> Request {
-        Request::Env { name: n.into(), value: v.into() }
+        Request::Env {
+            name: n.into(),
+            value: v.into(),
+        }
     }
 
     #[test]
     fn table() {
         use Decision::*;
-        let wc = Request::WindowChange { cols: 100, rows: 30, pix_width: 0, pix_height: 0 };
+        let wc = Request::WindowChange {
+            cols: 100,
+            rows: 30,
+            pix_width: 0,
+            pix_height: 0,
+        };
         // (sftp allowed, requests in order, expected decision of the last one)
         let cases: Vec<(bool, Vec<Request>, Decision)> = vec![
-            (false, vec![Request::X11], Refuse("X11 forwarding is not available through Postern")),
-            (false, vec![Request::AgentForwarding], Refuse("agent forwarding is not available through Postern")),
-            (false, vec![env("LD_PRELOAD", "/x.so")], Refuse("only TERM and LANG may be set")),
-            (false, vec![env("PATH", "/tmp")], Refuse("only TERM and LANG may be set")),
-            (false, vec![env("LANG", "C.UTF-8")], Accept),
-            (false, vec![env("LANG", "a\nb")], Refuse("unreasonable environment value")),
-            (false, vec![Request::Pty(pty()), Request::Pty(pty())], Refuse("this channel already has a pty")),
-            (false, vec![Request::Shell, Request::Pty(pty())], Refuse("a pty must be requested before the program starts")),
-            (false, vec![Request::Shell, Request::Exec(b"id".to_vec())], Refuse("this channel already runs a program")),
-            (false, vec![Request::Shell, env("LANG", "C")], Refuse("environment must be set before the program starts")),
-            (false, vec![Request::Exec(vec![0xff])], Refuse("command line is not UTF-8")),
-            (false, vec![Request::Subsystem("sftp".into())], Refuse("sftp is not allowed on this resource")),
-            (false, vec![Request::Exec(b"scp -t /tmp".to_vec())], Refuse("scp is not allowed on this resource")),
-            (false, vec![Request::Exec(b"/usr/bin/scp -f x".to_vec())], Refuse("scp is not allowed on this resource")),
-            (true, vec![Request::Exec(b"scp -t /tmp".to_vec())], Start(SshStart { pty: None, command: Some("scp -t /tmp".into()), subsystem: None, env: vec![] })),
-            (true, vec![Request::Subsystem("sftp".into())], Start(SshStart { pty: None, command: None, subsystem: Some("sftp".into()), env: vec![] })),
-            (true, vec![Request::Subsystem("netconf".into())], Refuse("unknown subsystem")),
-            (false, vec![wc.clone()], Refuse("no pty")),
-            (false, vec![Request::Pty(pty()), Request::Shell, wc.clone()], Forward(wc.clone())),
-            (false, vec![Request::Exec(b"id".to_vec()), Request::Signal("INT".into())], Forward(Request::Signal("INT".into()))),
             (
                 false,
-                vec![env("TERM", "vt100"), env("LANG", "C"), env("LANG", "C.UTF-8"), Request::Pty(pty()), wc, Request::Exec(b"top".to_vec())],
+                vec![Request::X11],
+                Refuse("X11 forwarding is not available through Postern"),
+            ),
+            (
+                false,
+                vec![Request::AgentForwarding],
+                Refuse("agent forwarding is not available through Postern"),
+            ),
+            (
+                false,
+                vec![env("LD_PRELOAD", "/x.so")],
+                Refuse("only TERM and LANG may be set"),
+            ),
+            (
+                false,
+                vec![env("PATH", "/tmp")],
+                Refuse("only TERM and LANG may be set"),
+            ),
+            (false, vec![env("LANG", "C.UTF-8")], Accept),
+            (
+                false,
+                vec![env("LANG", "a\nb")],
+                Refuse("unreasonable environment value"),
+            ),
+            (
+                false,
+                vec![Request::Pty(pty()), Request::Pty(pty())],
+                Refuse("this channel already has a pty"),
+            ),
+            (
+                false,
+                vec![Request::Shell, Request::Pty(pty())],
+                Refuse("a pty must be requested before the program starts"),
+            ),
+            (
+                false,
+                vec![Request::Shell, Request::Exec(b"id".to_vec())],
+                Refuse("this channel already runs a program"),
+            ),
+            (
+                false,
+                vec![Request::Shell, env("LANG", "C")],
+                Refuse("environment must be set before the program starts"),
+            ),
+            (
+                false,
+                vec![Request::Exec(vec![0xff])],
+                Refuse("command line is not UTF-8"),
+            ),
+            (
+                false,
+                vec![Request::Subsystem("sftp".into())],
+                Refuse("sftp is not allowed on this resource"),
+            ),
+            (
+                false,
+                vec![Request::Exec(b"scp -t /tmp".to_vec())],
+                Refuse("scp is not allowed on this resource"),
+            ),
+            (
+                false,
+                vec![Request::Exec(b"/usr/bin/scp -f x".to_vec())],
+                Refuse("scp is not allowed on this resource"),
+            ),
+            (
+                true,
+                vec![Request::Exec(b"scp -t /tmp".to_vec())],
                 Start(SshStart {
-                    pty: Some(PtyRequest { cols: 100, rows: 30, ..pty() }),
+                    pty: None,
+                    command: Some("scp -t /tmp".into()),
+                    subsystem: None,
+                    env: vec![],
+                }),
+            ),
+            (
+                true,
+                vec![Request::Subsystem("sftp".into())],
+                Start(SshStart {
+                    pty: None,
+                    command: None,
+                    subsystem: Some("sftp".into()),
+                    env: vec![],
+                }),
+            ),
+            (
+                true,
+                vec![Request::Subsystem("netconf".into())],
+                Refuse("unknown subsystem"),
+            ),
+            (false, vec![wc.clone()], Refuse("no pty")),
+            (
+                false,
+                vec![Request::Pty(pty()), Request::Shell, wc.clone()],
+                Forward(wc.clone()),
+            ),
+            (
+                false,
+                vec![Request::Exec(b"id".to_vec()), Request::Signal("INT".into())],
+                Forward(Request::Signal("INT".into())),
+            ),
+            (
+                false,
+                vec![
+                    env("TERM", "vt100"),
+                    env("LANG", "C"),
+                    env("LANG", "C.UTF-8"),
+                    Request::Pty(pty()),
+                    wc,
+                    Request::Exec(b"top".to_vec()),
+                ],
+                Start(SshStart {
+                    pty: Some(PtyRequest {
+                        cols: 100,
+                        rows: 30,
+                        ..pty()
+                    }),
                     command: Some("top".into()),
                     subsystem: None,
-                    env: vec![("TERM".into(), "vt100".into()), ("LANG".into(), "C.UTF-8".into())],
+                    env: vec![
+                        ("TERM".into(), "vt100".into()),
+                        ("LANG".into(), "C.UTF-8".into()),
+                    ],
                 }),
             ),
         ];

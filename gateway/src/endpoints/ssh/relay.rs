@@ -72,7 +72,14 @@ async fn fail(writer: &ChannelWriteHalf<Msg>, e: &ApiError) {
 }
 
 pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver<Control>) {
-    let ChannelCtx { gw, ep, client, login, slot, handle } = ctx;
+    let ChannelCtx {
+        gw,
+        ep,
+        client,
+        login,
+        slot,
+        handle,
+    } = ctx;
     let _slot = slot;
     let (mut reader, writer) = channel.split();
 
@@ -115,23 +122,39 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             return fail(&writer, &e).await;
         }
     };
-    let session::DataStream { mut send, recv, leftover, connection } = stream;
+    let session::DataStream {
+        mut send,
+        recv,
+        leftover,
+        connection,
+    } = stream;
     let mut recv = recv;
     let mut buf = BytesMut::from(&leftover[..]);
     let start_frame = SshFrame::Start(start.clone()).to_bytes();
     let ready = async {
-        send.write_all(&start_frame).await.map_err(|e| ApiError::internal(format!("tunnel write: {e}")))?;
+        send.write_all(&start_frame)
+            .await
+            .map_err(|e| ApiError::internal(format!("tunnel write: {e}")))?;
         loop {
             match ssh_stream::decode(&mut buf) {
                 Ok(Some(SshFrame::Ready(r))) => return Ok(r),
                 Ok(Some(SshFrame::Error(e))) => return Err(e),
-                Ok(Some(other)) => return Err(ApiError::internal(format!("the agent sent {} before ready", other.name()))),
+                Ok(Some(other)) => {
+                    return Err(ApiError::internal(format!(
+                        "the agent sent {} before ready",
+                        other.name()
+                    )))
+                }
                 Ok(None) => {}
                 Err(e) => return Err(ApiError::internal(e.to_string())),
             }
             match recv.read_chunk(64 * 1024, true).await {
                 Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-                Ok(None) => return Err(ApiError::internal("the agent ended the stream before the session started")),
+                Ok(None) => {
+                    return Err(ApiError::internal(
+                        "the agent ended the stream before the session started",
+                    ))
+                }
                 Err(e) => return Err(ApiError::internal(format!("tunnel read: {e}"))),
             }
         }
@@ -152,24 +175,37 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     };
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
-    session::opened(&gw, &ep, &session_id, client, serde_json::json!({
-        "kind": "ssh",
-        "login": login,
-        "upstream_user": ready.user,
-        "command": start.command,
-        "subsystem": start.subsystem,
-        "pty": start.pty.is_some(),
-    }))
+    session::opened(
+        &gw,
+        &ep,
+        &session_id,
+        client,
+        serde_json::json!({
+            "kind": "ssh",
+            "login": login,
+            "upstream_user": ready.user,
+            "command": start.command,
+            "subsystem": start.subsystem,
+            "pty": start.pty.is_some(),
+        }),
+    )
     .await;
 
     // 3. Relay.
-    let (width, height, term) = start.pty.as_ref().map(|p| (p.cols, p.rows, Some(p.term.clone()))).unwrap_or((80, 24, None));
+    let (width, height, term) = start
+        .pty
+        .as_ref()
+        .map(|p| (p.cols, p.rows, Some(p.term.clone())))
+        .unwrap_or((80, 24, None));
     let header = Header {
         version: 2,
         width,
         height,
         timestamp: started_at.as_second(),
-        env: term.into_iter().map(|t| ("TERM".to_string(), t)).collect::<BTreeMap<_, _>>(),
+        env: term
+            .into_iter()
+            .map(|t| ("TERM".to_string(), t))
+            .collect::<BTreeMap<_, _>>(),
         title: Some(format!("{} {}", ep.id, session_id)),
     };
     let rec = Mutex::new(Recorder::new(&header, RECORDING_CAP));
@@ -178,116 +214,133 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     let mut exit: Option<u32> = None;
     let mut exit_signal: Option<ExitSignal> = None;
     let outcome: Result<(), String> = {
-    let record = |f: &dyn Fn(&mut Recorder, Duration)| {
-        if let Ok(mut r) = rec.lock() {
-            f(&mut r, started.elapsed());
-        }
-    };
-    let up = async {
-        if !early.is_empty() {
-            let data = early.split().freeze();
-            if ready.record_input {
-                record(&|r, at| r.input(at, &data));
+        let record = |f: &dyn Fn(&mut Recorder, Duration)| {
+            if let Ok(mut r) = rec.lock() {
+                f(&mut r, started.elapsed());
             }
-            up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            send.write_all(&SshFrame::Data(data).to_bytes()).await?;
-        }
-        if early_eof {
-            send.write_all(&SshFrame::Eof.to_bytes()).await?;
-        }
-        loop {
-            tokio::select! {
-                m = reader.wait() => match m {
-                    Some(ChannelMsg::Data { data }) => {
-                        if ready.record_input {
-                            record(&|r, at| r.input(at, &data));
-                        }
-                        up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        send.write_all(&SshFrame::data_header(data.len(), false)).await?;
-                        send.write_chunk(data).await?;
-                    }
-                    Some(ChannelMsg::Eof) => send.write_all(&SshFrame::Eof.to_bytes()).await?,
-                    Some(ChannelMsg::Close) | None => {
-                        let _ = send.finish();
-                        return Ok::<(), quinn::WriteError>(());
-                    }
-                    Some(_) => {}
-                },
-                c = ctl.recv() => match c {
-                    Some(Control::Forward(Request::WindowChange { cols, rows, pix_width, pix_height })) => {
-                        record(&|r, at| r.resize(at, cols, rows));
-                        send.write_all(&SshFrame::WindowChange { cols, rows, pix_width, pix_height }.to_bytes()).await?;
-                    }
-                    Some(Control::Forward(Request::Signal(s))) => send.write_all(&SshFrame::Signal(s).to_bytes()).await?,
-                    Some(_) => {}
-                    // The connection is gone; the channel's Close follows on the reader.
-                    None => std::future::pending::<()>().await,
-                },
+        };
+        let up = async {
+            if !early.is_empty() {
+                let data = early.split().freeze();
+                if ready.record_input {
+                    record(&|r, at| r.input(at, &data));
+                }
+                up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                send.write_all(&SshFrame::Data(data).to_bytes()).await?;
             }
-        }
-    };
-    let down = async {
-        loop {
+            if early_eof {
+                send.write_all(&SshFrame::Eof.to_bytes()).await?;
+            }
             loop {
-                match ssh_stream::decode(&mut buf) {
-                    Ok(Some(SshFrame::Data(d))) => {
-                        record(&|r, at| r.output(at, &d));
-                        down_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-                        writer.data_bytes(d).await.map_err(|e| DownError::Client(e.to_string()))?;
-                    }
-                    Ok(Some(SshFrame::Stderr(d))) => {
-                        record(&|r, at| r.output(at, &d));
-                        down_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-                        writer.extended_data_bytes(1, d).await.map_err(|e| DownError::Client(e.to_string()))?;
-                    }
-                    Ok(Some(SshFrame::Eof)) => {
-                        let _ = writer.eof().await;
-                    }
-                    Ok(Some(SshFrame::ExitStatus(c))) => {
-                        exit = Some(c);
-                        let _ = writer.exit_status(c).await;
-                    }
-                    Ok(Some(SshFrame::ExitSignal(s))) => {
-                        let _ = handle
-                            .exit_signal_request(writer.id(), sig_from_name(&s.signal), s.core_dumped, s.message.clone(), String::new())
-                            .await;
-                        exit_signal = Some(s);
-                    }
-                    Ok(Some(SshFrame::Error(e))) => {
-                        let msg = format!("postern: {}\r\n", e.message);
-                        let _ = writer.extended_data_bytes(1, Bytes::from(msg)).await;
-                    }
-                    Ok(Some(other)) => return Err(DownError::Protocol(format!("unexpected {} from the agent", other.name()))),
-                    Ok(None) => break,
-                    Err(e) => return Err(DownError::Protocol(e.to_string())),
+                tokio::select! {
+                    m = reader.wait() => match m {
+                        Some(ChannelMsg::Data { data }) => {
+                            if ready.record_input {
+                                record(&|r, at| r.input(at, &data));
+                            }
+                            up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                            send.write_all(&SshFrame::data_header(data.len(), false)).await?;
+                            send.write_chunk(data).await?;
+                        }
+                        Some(ChannelMsg::Eof) => send.write_all(&SshFrame::Eof.to_bytes()).await?,
+                        Some(ChannelMsg::Close) | None => {
+                            let _ = send.finish();
+                            return Ok::<(), quinn::WriteError>(());
+                        }
+                        Some(_) => {}
+                    },
+                    c = ctl.recv() => match c {
+                        Some(Control::Forward(Request::WindowChange { cols, rows, pix_width, pix_height })) => {
+                            record(&|r, at| r.resize(at, cols, rows));
+                            send.write_all(&SshFrame::WindowChange { cols, rows, pix_width, pix_height }.to_bytes()).await?;
+                        }
+                        Some(Control::Forward(Request::Signal(s))) => send.write_all(&SshFrame::Signal(s).to_bytes()).await?,
+                        Some(_) => {}
+                        // The connection is gone; the channel's Close follows on the reader.
+                        None => std::future::pending::<()>().await,
+                    },
                 }
             }
-            match recv.read_chunk(256 * 1024, true).await {
-                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-                Ok(None) => {
-                    let _ = writer.close().await;
-                    return Ok(());
+        };
+        let down = async {
+            loop {
+                loop {
+                    match ssh_stream::decode(&mut buf) {
+                        Ok(Some(SshFrame::Data(d))) => {
+                            record(&|r, at| r.output(at, &d));
+                            down_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                            writer
+                                .data_bytes(d)
+                                .await
+                                .map_err(|e| DownError::Client(e.to_string()))?;
+                        }
+                        Ok(Some(SshFrame::Stderr(d))) => {
+                            record(&|r, at| r.output(at, &d));
+                            down_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                            writer
+                                .extended_data_bytes(1, d)
+                                .await
+                                .map_err(|e| DownError::Client(e.to_string()))?;
+                        }
+                        Ok(Some(SshFrame::Eof)) => {
+                            let _ = writer.eof().await;
+                        }
+                        Ok(Some(SshFrame::ExitStatus(c))) => {
+                            exit = Some(c);
+                            let _ = writer.exit_status(c).await;
+                        }
+                        Ok(Some(SshFrame::ExitSignal(s))) => {
+                            let _ = handle
+                                .exit_signal_request(
+                                    writer.id(),
+                                    sig_from_name(&s.signal),
+                                    s.core_dumped,
+                                    s.message.clone(),
+                                    String::new(),
+                                )
+                                .await;
+                            exit_signal = Some(s);
+                        }
+                        Ok(Some(SshFrame::Error(e))) => {
+                            let msg = format!("postern: {}\r\n", e.message);
+                            let _ = writer.extended_data_bytes(1, Bytes::from(msg)).await;
+                        }
+                        Ok(Some(other)) => {
+                            return Err(DownError::Protocol(format!(
+                                "unexpected {} from the agent",
+                                other.name()
+                            )))
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(DownError::Protocol(e.to_string())),
+                    }
                 }
-                Err(e) => return Err(DownError::Tunnel(e)),
+                match recv.read_chunk(256 * 1024, true).await {
+                    Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                    Ok(None) => {
+                        let _ = writer.close().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(DownError::Tunnel(e)),
+                }
             }
+        };
+        tokio::pin!(up);
+        tokio::pin!(down);
+        tokio::select! {
+            _ = ep.cancel.cancelled() => Err("cut".into()),
+            r = &mut down => r.map_err(|e| e.to_string()),
+            // The client closed its channel (the agent then ends the program and the stream), or
+            // the agent stopped reading because the program already ended: either way, what
+            // the program printed is still on its way down.
+            r = &mut up => match tokio::time::timeout(CLOSE_GRACE, &mut down).await {
+                Ok(d) => d.map_err(|e| e.to_string()),
+                Err(_) => Err(match r {
+                    Ok(()) => "the agent did not end the session after the client closed it".to_string(),
+                    Err(e) => format!("tunnel write: {e}"),
+                }),
+            },
         }
-    };
-    tokio::pin!(up);
-    tokio::pin!(down);
-    tokio::select! {
-        _ = ep.cancel.cancelled() => Err("cut".into()),
-        r = &mut down => r.map_err(|e| e.to_string()),
-        // The client closed its channel (the agent then ends the program and the stream), or
-        // the agent stopped reading because the program already ended: either way, what
-        // the program printed is still on its way down.
-        r = &mut up => match tokio::time::timeout(CLOSE_GRACE, &mut down).await {
-            Ok(d) => d.map_err(|e| e.to_string()),
-            Err(_) => Err(match r {
-                Ok(()) => "the agent did not end the session after the client closed it".to_string(),
-                Err(e) => format!("tunnel write: {e}"),
-            }),
-        },
-    }
     };
     let reason = match &outcome {
         Ok(()) => CloseReason::Client,
@@ -306,13 +359,18 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
     if let Some(cmd) = &start.command {
         gw.audit
-            .record("ssh.exec", &ep.operator, subject.clone(), serde_json::json!({
-                "command": cmd,
-                "exit_status": exit,
-                "exit_signal": exit_signal.as_ref().map(|s| s.signal.clone()),
-                "upstream_user": ready.user,
-                "reason": reason.as_str(),
-            }))
+            .record(
+                "ssh.exec",
+                &ep.operator,
+                subject.clone(),
+                serde_json::json!({
+                    "command": cmd,
+                    "exit_status": exit,
+                    "exit_signal": exit_signal.as_ref().map(|s| s.signal.clone()),
+                    "upstream_user": ready.user,
+                    "reason": reason.as_str(),
+                }),
+            )
             .await;
     }
     let recording = match rec.into_inner() {
@@ -320,26 +378,43 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
         Err(p) => p.into_inner().finish(started.elapsed()),
     };
     gw.audit
-        .record("ssh.recording", &ep.operator, subject, serde_json::json!({
-            "format": "asciicast-v2",
-            "endpoint_id": ep.id,
-            "session_id": session_id,
-            "operator": ep.operator,
-            "login": login,
-            "upstream_user": ready.user,
-            "command": start.command,
-            "input_recorded": ready.record_input,
-            "truncated": recording.truncated,
-            "output_bytes": recording.output_bytes,
-            "input_bytes": recording.input_bytes,
-            "cast": recording.cast,
-        }))
+        .record(
+            "ssh.recording",
+            &ep.operator,
+            subject,
+            serde_json::json!({
+                "format": "asciicast-v2",
+                "endpoint_id": ep.id,
+                "session_id": session_id,
+                "operator": ep.operator,
+                "login": login,
+                "upstream_user": ready.user,
+                "command": start.command,
+                "input_recorded": ready.record_input,
+                "truncated": recording.truncated,
+                "output_bytes": recording.output_bytes,
+                "input_bytes": recording.input_bytes,
+                "cast": recording.cast,
+            }),
+        )
         .await;
     let extra = match &outcome {
         Err(e) => serde_json::json!({ "error": e, "exit_status": exit }),
         Ok(()) => serde_json::json!({ "exit_status": exit }),
     };
-    session::closed(&gw, &ep, &session_id, reason, (up_bytes.load(Ordering::Relaxed), down_bytes.load(Ordering::Relaxed)), started, extra).await;
+    session::closed(
+        &gw,
+        &ep,
+        &session_id,
+        reason,
+        (
+            up_bytes.load(Ordering::Relaxed),
+            down_bytes.load(Ordering::Relaxed),
+        ),
+        started,
+        extra,
+    )
+    .await;
     if let Err(e) = outcome {
         tracing::info!(endpoint = %ep.id, session = %session_id, reason = reason.as_str(), "ssh session ended: {e}");
     }

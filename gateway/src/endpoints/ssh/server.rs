@@ -37,8 +37,19 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(gw: Arc<Gateway>, client: SocketAddr, authenticated: oneshot::Sender<Arc<LiveEndpoint>>) -> Conn {
-        Conn { gw, client, endpoint: None, login: String::new(), channels: HashMap::new(), authenticated: Some(authenticated) }
+    pub fn new(
+        gw: Arc<Gateway>,
+        client: SocketAddr,
+        authenticated: oneshot::Sender<Arc<LiveEndpoint>>,
+    ) -> Conn {
+        Conn {
+            gw,
+            client,
+            endpoint: None,
+            login: String::new(),
+            channels: HashMap::new(),
+            authenticated: Some(authenticated),
+        }
     }
 
     async fn refused(&self, action: &str, reason: &str, extra: serde_json::Value) {
@@ -50,10 +61,23 @@ impl Conn {
         if let (Some(d), serde_json::Value::Object(m)) = (detail.as_object_mut(), extra) {
             d.extend(m);
         }
-        self.gw.audit.record("denied", &ep.operator, Subject::endpoint(&ep.appliance_id, &ep.id), detail).await;
+        self.gw
+            .audit
+            .record(
+                "denied",
+                &ep.operator,
+                Subject::endpoint(&ep.appliance_id, &ep.id),
+                detail,
+            )
+            .await;
     }
 
-    async fn decide(&mut self, channel: ChannelId, req: Request, session: &mut Session) -> Result<(), russh::Error> {
+    async fn decide(
+        &mut self,
+        channel: ChannelId,
+        req: Request,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
         let Some(ctl) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
@@ -109,7 +133,9 @@ pub fn endpoint_for_key(gw: &Gateway, key: &PublicKey) -> Option<Arc<LiveEndpoin
 
 /// Same key material (the comment does not count).
 pub fn same_key(line: &str, key: &PublicKey) -> bool {
-    PublicKey::from_openssh(line.trim()).map(|k| k.key_data() == key.key_data()).unwrap_or(false)
+    PublicKey::from_openssh(line.trim())
+        .map(|k| k.key_data() == key.key_data())
+        .unwrap_or(false)
 }
 
 pub fn sig_name(s: &Sig) -> String {
@@ -134,12 +160,24 @@ pub fn sig_name(s: &Sig) -> String {
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
-    async fn auth_publickey_offered(&mut self, _user: &str, offer: PublicKeyOffer<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
         // Only keys of live endpoints are worth a signature check.
-        Ok(if endpoint_for_key(&self.gw, offer.public_key).is_some() { Auth::Accept } else { Auth::reject() })
+        Ok(if endpoint_for_key(&self.gw, offer.public_key).is_some() {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
     }
 
-    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
         let Some(ep) = endpoint_for_key(&self.gw, key.public_key) else {
             return Ok(Auth::reject());
         };
@@ -152,14 +190,26 @@ impl russh::server::Handler for Conn {
         Ok(Auth::Accept)
     }
 
-    async fn channel_open_session(&mut self, channel: Channel<Msg>, reply: ChannelOpenHandle, session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let Some(ep) = self.endpoint.clone() else {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
         if self.channels.len() >= MAX_CHANNELS_PER_CONNECTION {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            self.refused("session", "too many channels on one connection", serde_json::json!({"limit": MAX_CHANNELS_PER_CONNECTION})).await;
+            self.refused(
+                "session",
+                "too many channels on one connection",
+                serde_json::json!({"limit": MAX_CHANNELS_PER_CONNECTION}),
+            )
+            .await;
             return Ok(());
         }
         let slot = match crate::endpoints::session::SessionSlot::claim(&self.gw, &ep) {
@@ -172,23 +222,57 @@ impl russh::server::Handler for Conn {
             }
         };
         reply.accept().await;
-        let sftp = matches!(ep.scope(&self.gw), Some(endpoint_types::resource::ResourceScope::Ssh { sftp: true, .. }));
+        let sftp = matches!(
+            ep.scope(&self.gw),
+            Some(endpoint_types::resource::ResourceScope::Ssh { sftp: true, .. })
+        );
         let (tx, rx) = mpsc::channel(64);
         let id = channel.id();
-        self.channels.insert(id, ChannelCtl { policy: ChannelPolicy::new(sftp), tx });
-        let ctx = relay::ChannelCtx { gw: self.gw.clone(), ep, client: self.client, login: self.login.clone(), slot, handle: session.handle() };
+        self.channels.insert(
+            id,
+            ChannelCtl {
+                policy: ChannelPolicy::new(sftp),
+                tx,
+            },
+        );
+        let ctx = relay::ChannelCtx {
+            gw: self.gw.clone(),
+            ep,
+            client: self.client,
+            login: self.login.clone(),
+            slot,
+            handle: session.handle(),
+        };
         self.gw.tasks.spawn(relay::run(ctx, channel, rx));
         Ok(())
     }
 
-    async fn channel_close(&mut self, channel: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.channels.remove(&channel);
         Ok(())
     }
 
-    async fn channel_open_x11(&mut self, _c: Channel<Msg>, _a: &str, _p: u32, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
-        self.refused("x11-forwarding", "X11 forwarding is not available through Postern", serde_json::json!({})).await;
+    async fn channel_open_x11(
+        &mut self,
+        _c: Channel<Msg>,
+        _a: &str,
+        _p: u32,
+        reply: ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
+        self.refused(
+            "x11-forwarding",
+            "X11 forwarding is not available through Postern",
+            serde_json::json!({}),
+        )
+        .await;
         Ok(())
     }
 
@@ -202,9 +286,16 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         let target = format!("{}:{port}", host.chars().take(255).collect::<String>());
-        self.refused("port-forwarding", "port forwarding is not available through Postern", serde_json::json!({"target": target})).await;
+        self.refused(
+            "port-forwarding",
+            "port forwarding is not available through Postern",
+            serde_json::json!({"target": target}),
+        )
+        .await;
         Ok(())
     }
 
@@ -218,45 +309,101 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 
-    async fn channel_open_direct_streamlocal(&mut self, _c: Channel<Msg>, path: &str, reply: ChannelOpenHandle, _s: &mut Session) -> Result<(), Self::Error> {
-        reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _c: Channel<Msg>,
+        path: &str,
+        reply: ChannelOpenHandle,
+        _s: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         let path: String = path.chars().take(255).collect();
-        self.refused("port-forwarding", "socket forwarding is not available through Postern", serde_json::json!({"target": path})).await;
+        self.refused(
+            "port-forwarding",
+            "socket forwarding is not available through Postern",
+            serde_json::json!({"target": path}),
+        )
+        .await;
         Ok(())
     }
 
-    async fn tcpip_forward(&mut self, address: &str, port: &mut u32, _s: &mut Session) -> Result<bool, Self::Error> {
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _s: &mut Session,
+    ) -> Result<bool, Self::Error> {
         let target = format!("{}:{port}", address.chars().take(255).collect::<String>());
-        self.refused("remote-forwarding", "remote port forwarding is not available through Postern", serde_json::json!({"target": target})).await;
+        self.refused(
+            "remote-forwarding",
+            "remote port forwarding is not available through Postern",
+            serde_json::json!({"target": target}),
+        )
+        .await;
         Ok(false)
     }
 
-    async fn streamlocal_forward(&mut self, path: &str, _s: &mut Session) -> Result<bool, Self::Error> {
+    async fn streamlocal_forward(
+        &mut self,
+        path: &str,
+        _s: &mut Session,
+    ) -> Result<bool, Self::Error> {
         let path: String = path.chars().take(255).collect();
-        self.refused("remote-forwarding", "remote socket forwarding is not available through Postern", serde_json::json!({"target": path})).await;
+        self.refused(
+            "remote-forwarding",
+            "remote socket forwarding is not available through Postern",
+            serde_json::json!({"target": path}),
+        )
+        .await;
         Ok(false)
     }
 
-    async fn agent_request(&mut self, channel: ChannelId, _s: &mut Session) -> Result<bool, Self::Error> {
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _s: &mut Session,
+    ) -> Result<bool, Self::Error> {
         // russh sends the failure reply for a `false`.
         if let Some(ctl) = self.channels.get_mut(&channel) {
             if let Decision::Refuse(why) = ctl.policy.decide(Request::AgentForwarding) {
-                self.refused("agent-forwarding", why, serde_json::json!({})).await;
+                self.refused("agent-forwarding", why, serde_json::json!({}))
+                    .await;
             }
         }
         Ok(false)
     }
 
-    async fn x11_request(&mut self, channel: ChannelId, _single: bool, _proto: &str, _cookie: &str, _screen: u32, session: &mut Session) -> Result<(), Self::Error> {
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _proto: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.decide(channel, Request::X11, session).await
     }
 
-    async fn env_request(&mut self, channel: ChannelId, name: &str, value: &str, session: &mut Session) -> Result<(), Self::Error> {
-        let req = Request::Env { name: name.chars().take(256).collect(), value: value.chars().take(1024).collect() };
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let req = Request::Env {
+            name: name.chars().take(256).collect(),
+            value: value.chars().take(1024).collect(),
+        };
         self.decide(channel, req, session).await
     }
 
@@ -283,16 +430,36 @@ impl russh::server::Handler for Conn {
         self.decide(channel, Request::Pty(pty), session).await
     }
 
-    async fn shell_request(&mut self, channel: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.decide(channel, Request::Shell, session).await
     }
 
-    async fn exec_request(&mut self, channel: ChannelId, data: &[u8], session: &mut Session) -> Result<(), Self::Error> {
-        self.decide(channel, Request::Exec(data.to_vec()), session).await
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.decide(channel, Request::Exec(data.to_vec()), session)
+            .await
     }
 
-    async fn subsystem_request(&mut self, channel: ChannelId, name: &str, session: &mut Session) -> Result<(), Self::Error> {
-        self.decide(channel, Request::Subsystem(name.chars().take(64).collect()), session).await
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.decide(
+            channel,
+            Request::Subsystem(name.chars().take(64).collect()),
+            session,
+        )
+        .await
     }
 
     async fn window_change_request(
@@ -304,10 +471,26 @@ impl russh::server::Handler for Conn {
         pix_height: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.decide(channel, Request::WindowChange { cols, rows, pix_width, pix_height }, session).await
+        self.decide(
+            channel,
+            Request::WindowChange {
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+            },
+            session,
+        )
+        .await
     }
 
-    async fn signal(&mut self, channel: ChannelId, signal: Sig, session: &mut Session) -> Result<(), Self::Error> {
-        self.decide(channel, Request::Signal(sig_name(&signal)), session).await
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.decide(channel, Request::Signal(sig_name(&signal)), session)
+            .await
     }
 }
