@@ -8,6 +8,10 @@ use jiff::Timestamp;
 use std::{collections::HashMap, sync::Mutex};
 use tokio::sync::mpsc;
 
+/// QUIC close code for a connection dropped because a frame the agent must receive could not
+/// be queued; the agent reconnects and is resynchronised from the store.
+pub const RESYNC_CLOSE: u32 = 6;
+
 /// A connected agent.
 #[derive(Debug, Clone)]
 pub struct AgentLink {
@@ -71,11 +75,32 @@ impl AgentRegistry {
         }
     }
 
-    /// Queues a control frame; false if the agent is not connected or its queue is full.
+    /// Queues a control frame; false if the agent is not connected.
+    ///
+    /// A frame that cannot be queued (the agent stopped reading and its queue is full) is never
+    /// silently dropped: the connection is closed instead, so the agent reconnects and is sent
+    /// its full state (grants, endpoints) again before anything else. Callers that get `false`
+    /// keep their record in the store, which is what the resync reads.
     pub fn send(&self, appliance_id: &str, frame: Frame) -> bool {
-        match self.get(appliance_id) {
-            Some(link) => link.control.try_send(frame).is_ok(),
-            None => false,
+        let Some(link) = self.get(appliance_id) else {
+            return false;
+        };
+        match link.control.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                tracing::warn!(
+                    appliance = %appliance_id,
+                    frame = frame.name(),
+                    "control queue full; dropping the connection so the agent resynchronises"
+                );
+                link.connection.close(
+                    RESYNC_CLOSE.into(),
+                    b"control queue full; reconnect to resync",
+                );
+                self.unregister(appliance_id, &link.connection);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 

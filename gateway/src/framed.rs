@@ -64,6 +64,18 @@ impl FramedRecv {
     }
 }
 
+/// Writes a frame, giving up after `limit`: a peer that stops reading (its flow-control window
+/// stays shut) must not hold the writer past the point where it counts as lost.
+pub async fn write_frame_within(
+    send: &mut quinn::SendStream,
+    frame: &Frame,
+    limit: std::time::Duration,
+) -> Result<(), FramedError> {
+    tokio::time::timeout(limit, write_frame(send, frame))
+        .await
+        .map_err(|_| FramedError::Timeout)?
+}
+
 pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), FramedError> {
     let mut b = BytesMut::new();
     encode(frame, &mut b);

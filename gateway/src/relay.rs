@@ -5,7 +5,7 @@ use crate::{
     agents::AgentLink,
     audit::Subject,
     endpoints,
-    framed::{write_frame, FramedError, FramedRecv},
+    framed::{write_frame, write_frame_within, FramedError, FramedRecv},
     identity,
     server::Gateway,
 };
@@ -28,6 +28,7 @@ pub mod close {
     pub const REVOKED: u32 = 3;
     pub const DUPLICATE: u32 = 4;
     pub const LOST: u32 = 5;
+    pub const RESYNC: u32 = crate::agents::RESYNC_CLOSE;
 }
 
 const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
@@ -473,6 +474,11 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         Err(e) => format!("control stream failed: {e}"),
     };
 
+    // Whatever ended the control loop (a write that timed out included), the connection goes
+    // with it: the agent reconnects and is resynchronised rather than half-connected.
+    if conn.close_reason().is_none() {
+        conn.close(close::LOST.into(), reason.as_bytes());
+    }
     gw.agents.unregister(&appliance.id, &conn);
     crate::ops::interrupted(&gw, &appliance.id).await;
     let _ = gw
@@ -515,10 +521,16 @@ async fn control_loop(
                 last_rx = tokio::time::Instant::now();
                 match frame {
                     Ok(Some(Frame::Heartbeat { seq })) => {
-                        if let Err(e) = write_frame(&mut send, &Frame::HeartbeatAck { seq }).await {
+                        if let Err(e) = write_frame_within(&mut send, &Frame::HeartbeatAck { seq }, gw.limits.agent_lost_after).await {
                             return format!("control stream failed: {e}");
                         }
-                        let _ = gw.store.set_presence(appliance_id, Timestamp::now(), None, None, None).await;
+                        // Off the frame path: a slow store must not delay the lost-heartbeat check.
+                        let (store, id) = (gw.store.clone(), appliance_id.to_string());
+                        gw.tasks.spawn(async move {
+                            if let Err(e) = store.set_presence(&id, Timestamp::now(), None, None, None).await {
+                                tracing::warn!(appliance = %id, error = %e, "could not record presence");
+                            }
+                        });
                     }
                     Ok(Some(Frame::HeartbeatAck { .. })) => {}
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
@@ -545,7 +557,7 @@ async fn control_loop(
                 }
             }
             Some(frame) = outgoing.recv() => {
-                if let Err(e) = write_frame(&mut send, &frame).await {
+                if let Err(e) = write_frame_within(&mut send, &frame, gw.limits.agent_lost_after).await {
                     return format!("control stream failed: {e}");
                 }
             }
@@ -555,7 +567,7 @@ async fn control_loop(
                     return "heartbeat lost".into();
                 }
                 seq += 1;
-                if let Err(e) = write_frame(&mut send, &Frame::Heartbeat { seq }).await {
+                if let Err(e) = write_frame_within(&mut send, &Frame::Heartbeat { seq }, gw.limits.agent_lost_after).await {
                     return format!("control stream failed: {e}");
                 }
             }
