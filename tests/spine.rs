@@ -159,6 +159,38 @@ fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
     assert_eq!(verified["ok"], true);
     assert!(verified["records"].as_u64().unwrap() >= records.len() as u64);
 
+    // The trail pages: following next_after_seq with --limit 3 walks the same records, in order.
+    let mut paged: Vec<i64> = Vec::new();
+    let mut after = 0;
+    for _ in 0..records.len() {
+        let page = gw
+            .cli(&[
+                "audit",
+                "list",
+                "--limit",
+                "3",
+                "--after-seq",
+                &after.to_string(),
+            ])?
+            .ok()?;
+        let seqs: Vec<i64> = page["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_i64().unwrap())
+            .collect();
+        assert!(seqs.len() <= 3, "{page}");
+        paged.extend(seqs);
+        match page["next_after_seq"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    let all: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(paged[..all.len()], all[..]);
+    let e = gw.cli(&["audit", "list", "--limit", "0"])?;
+    assert_eq!(e.error_code(), Some("INVALID_REQUEST"));
+
     assert!(wait_until(Duration::from_secs(5), || agent
         .trail()
         .map(|t| t

@@ -290,7 +290,14 @@ pub struct AuditRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditList {
     pub records: Vec<AuditRecord>,
+    /// Set when the page is full: pass it as `after_seq` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after_seq: Option<i64>,
 }
+
+/// The page size of `GET /v1/audit` when the caller names none, and the largest it may ask.
+pub const AUDIT_PAGE_DEFAULT: u32 = 1000;
+pub const AUDIT_PAGE_MAX: u32 = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditVerified {
@@ -368,16 +375,61 @@ pub fn verify_chain<'a>(
     records: impl IntoIterator<Item = &'a AuditRecord>,
     sha256_hex: impl Fn(&[u8]) -> String,
 ) -> Result<u64, i64> {
-    let mut prev = AUDIT_GENESIS_HASH.to_string();
-    let mut expected_seq = 1i64;
+    let mut chain = ChainVerifier::new();
     for r in records {
-        if r.seq != expected_seq || r.prev_hash != prev || sha256_hex(&r.chain_input()) != r.hash {
-            return Err(expected_seq);
-        }
-        prev = r.hash.clone();
-        expected_seq += 1;
+        chain.push(r, &sha256_hex)?;
     }
-    Ok((expected_seq - 1) as u64)
+    Ok(chain.records())
+}
+
+/// [`verify_chain`] a record at a time, so a trail can be checked page by page without
+/// holding it in memory.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    prev: String,
+    expected_seq: i64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChainVerifier {
+    pub fn new() -> ChainVerifier {
+        ChainVerifier {
+            prev: AUDIT_GENESIS_HASH.to_string(),
+            expected_seq: 1,
+        }
+    }
+
+    /// Checks the next record; the error is the seq of the first record that does not fit.
+    pub fn push(
+        &mut self,
+        r: &AuditRecord,
+        sha256_hex: impl Fn(&[u8]) -> String,
+    ) -> Result<(), i64> {
+        if r.seq != self.expected_seq
+            || r.prev_hash != self.prev
+            || sha256_hex(&r.chain_input()) != r.hash
+        {
+            return Err(self.expected_seq);
+        }
+        self.prev.clone_from(&r.hash);
+        self.expected_seq += 1;
+        Ok(())
+    }
+
+    /// How many records verified so far.
+    pub fn records(&self) -> u64 {
+        (self.expected_seq - 1) as u64
+    }
+
+    /// The seq the next record must have.
+    pub fn next_seq(&self) -> i64 {
+        self.expected_seq
+    }
 }
 
 #[cfg(test)]

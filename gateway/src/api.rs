@@ -5,7 +5,7 @@ use crate::{
     endpoints,
     identity::{self, Caller},
     server::Gateway,
-    store::{ApplianceRow, EnrollmentRow},
+    store::{ApplianceRow, AuditPageQuery, EnrollmentRow},
 };
 use axum::{
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
@@ -583,6 +583,8 @@ async fn approval_deny(
 struct AuditQuery {
     appliance: Option<String>,
     since: Option<Timestamp>,
+    after_seq: Option<i64>,
+    limit: Option<u32>,
 }
 
 async fn audit_list(
@@ -590,27 +592,46 @@ async fn audit_list(
     caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<AuditList> {
-    let mut records = gw.store.list_audit(0).await.map_err(internal)?;
-    if caller.role == Role::Approver {
+    let limit = q.limit.unwrap_or(AUDIT_PAGE_DEFAULT);
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
+        return Err(
+            ApiError::invalid(format!("limit {limit} is outside 1–{AUDIT_PAGE_MAX}"))
+                .hint(format!(
+                    "ask for at most {AUDIT_PAGE_MAX} records a page and follow next_after_seq"
+                ))
+                .into(),
+        );
+    }
+    let appliances_in = if caller.role == Role::Approver {
         // A customer sees the records about its own appliances.
-        let mine: std::collections::HashSet<String> = gw
-            .store
-            .list_appliances()
-            .await
-            .map_err(internal)?
-            .into_iter()
-            .filter(|a| caller.sees_customer(&a.customer))
-            .map(|a| a.id)
-            .collect();
-        records.retain(|r| r.appliance_id.as_ref().is_some_and(|a| mine.contains(a)));
-    }
-    if let Some(a) = &q.appliance {
-        records.retain(|r| r.appliance_id.as_deref() == Some(a.as_str()));
-    }
-    if let Some(since) = q.since {
-        records.retain(|r| r.time >= since);
-    }
-    Ok(Json(AuditList { records }))
+        Some(
+            gw.store
+                .list_appliances()
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .filter(|a| caller.sees_customer(&a.customer))
+                .map(|a| a.id)
+                .collect(),
+        )
+    } else {
+        None
+    };
+    let page = gw
+        .store
+        .audit_page(&AuditPageQuery {
+            after_seq: q.after_seq.unwrap_or(0).max(0),
+            limit,
+            since: q.since,
+            appliance: q.appliance,
+            appliances_in,
+        })
+        .await
+        .map_err(internal)?;
+    Ok(Json(AuditList {
+        records: page.records,
+        next_after_seq: page.next_after_seq,
+    }))
 }
 
 async fn audit_verify(State(gw): State<Gw>, caller: Caller) -> ApiResult<AuditVerified> {

@@ -1,8 +1,8 @@
 //! The vendor's audit trail: append-only, hash-chained records in the store.
 
 use crate::store::AuditRow;
-use crate::store::{Store, StoreError};
-use endpoint_types::api::{verify_chain, AuditRecord, AUDIT_GENESIS_HASH};
+use crate::store::{AuditPageQuery, Store, StoreError};
+use endpoint_types::api::{AuditRecord, ChainVerifier, AUDIT_GENESIS_HASH};
 use jiff::Timestamp;
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -47,6 +47,8 @@ impl Subject {
 
 /// Records the writer task takes at once: one store transaction each.
 const QUEUE_BATCH: usize = 256;
+/// Records per store read while verifying.
+const VERIFY_PAGE: u32 = 10_000;
 /// How long the writer gathers queued records before a commit (unless a flush is waiting).
 const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// Queued records before callers of [`AuditLog::enqueue`] wait (nothing is dropped).
@@ -192,12 +194,32 @@ impl AuditLog {
 
     /// Verifies the whole stored chain against the head this process holds, so a deleted
     /// tail (up to the last record this process wrote or saw) is caught too.
+    ///
+    /// The trail is read a page at a time: memory stays flat however long it is.
     pub async fn verify(&self) -> Result<Result<u64, i64>, StoreError> {
-        let records = self.chain.store.list_audit(0).await?;
         let head = self.chain.head.lock().await.0;
-        Ok(match verify_chain(&records, sha256_hex) {
-            Ok(n) if (n as i64) < head => Err(n as i64 + 1),
-            other => other,
+        let mut chain = ChainVerifier::new();
+        let mut query = AuditPageQuery {
+            limit: VERIFY_PAGE,
+            ..AuditPageQuery::default()
+        };
+        loop {
+            let page = self.chain.store.audit_page(&query).await?;
+            for r in &page.records {
+                if let Err(seq) = chain.push(r, sha256_hex) {
+                    return Ok(Err(seq));
+                }
+            }
+            match page.next_after_seq {
+                Some(seq) => query.after_seq = seq,
+                None => break,
+            }
+        }
+        let n = chain.records();
+        Ok(if (n as i64) < head {
+            Err(n as i64 + 1)
+        } else {
+            Ok(n)
         })
     }
 }

@@ -197,8 +197,15 @@ enum AuditCmd {
         /// An RFC 3339 time, or a duration meaning "that long ago" (`1h`).
         #[arg(long)]
         since: Option<String>,
+        /// One page of at most N records (1–10000); `next_after_seq` in the output names the
+        /// next page. Without --limit or --after-seq, every page is fetched.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Only records after this sequence number (a page's `next_after_seq`).
+        #[arg(long)]
+        after_seq: Option<i64>,
     },
-    /// All records as JSON lines.
+    /// All records as JSON lines, fetched a page at a time.
     Export,
     /// Check the hash chain.
     Verify,
@@ -583,9 +590,43 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
     Ok(())
 }
 
+/// One page of `GET /v1/audit` after `after_seq`, with the other query terms.
+async fn audit_page(
+    c: &ApiClient,
+    query: &[String],
+    after_seq: i64,
+) -> Result<AuditList, ApiError> {
+    let mut terms = query.to_vec();
+    terms.push(format!("after_seq={after_seq}"));
+    c.get(&format!("/v1/audit?{}", terms.join("&"))).await
+}
+
+/// Every page in order, each handed to `each` as it arrives (bounded by the trail's length:
+/// every page moves `after_seq` forward or ends the walk).
+async fn audit_pages(
+    c: &ApiClient,
+    query: &[String],
+    mut each: impl FnMut(Vec<AuditRecord>),
+) -> Result<(), ApiError> {
+    let mut after = 0;
+    loop {
+        let page = audit_page(c, query, after).await?;
+        each(page.records);
+        match page.next_after_seq {
+            Some(seq) if seq > after => after = seq,
+            _ => return Ok(()),
+        }
+    }
+}
+
 async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
     match cmd {
-        AuditCmd::List { appliance, since } => {
+        AuditCmd::List {
+            appliance,
+            since,
+            limit,
+            after_seq,
+        } => {
             let mut query = Vec::new();
             if let Some(a) = appliance {
                 query.push(format!("appliance={a}"));
@@ -603,12 +644,20 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                 };
                 query.push(format!("since={t}"));
             }
-            let path = if query.is_empty() {
-                "/v1/audit".to_string()
+            let one_page = limit.is_some() || after_seq.is_some();
+            if let Some(n) = limit {
+                query.push(format!("limit={n}"));
+            }
+            let l = if one_page {
+                audit_page(c, &query, after_seq.unwrap_or(0)).await?
             } else {
-                format!("/v1/audit?{}", query.join("&"))
+                let mut all = Vec::new();
+                audit_pages(c, &query, |page| all.extend(page)).await?;
+                AuditList {
+                    records: all,
+                    next_after_seq: None,
+                }
             };
-            let l: AuditList = c.get(&path).await?;
             match out {
                 OutputFormat::Json => print_json(&l),
                 OutputFormat::Text => {
@@ -627,14 +676,19 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                             r.detail
                         );
                     }
+                    if let Some(seq) = l.next_after_seq {
+                        eprintln!("more records follow: --after-seq {seq}");
+                    }
                 }
             }
         }
         AuditCmd::Export => {
-            let l: AuditList = c.get("/v1/audit").await?;
-            for r in l.records {
-                print_json(&r);
-            }
+            audit_pages(c, &[], |page| {
+                for r in page {
+                    print_json(&r);
+                }
+            })
+            .await?;
         }
         AuditCmd::Play {
             session,

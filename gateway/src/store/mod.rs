@@ -8,7 +8,9 @@ mod control;
 mod spine;
 
 pub use control::{GrantRow, OpRow};
-pub use spine::{ApplianceRow, AuditRow, EndpointRow, EnrollmentRow, TokenRow};
+pub use spine::{
+    ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
+};
 
 use jiff::Timestamp;
 use sqlx::{
@@ -75,6 +77,11 @@ fn migrator() -> Migrator {
             3,
             "endpoint credentials",
             include_str!("../../migrations/0003_endpoint_credentials.sql"),
+        ),
+        m(
+            4,
+            "audit paging",
+            include_str!("../../migrations/0004_audit_paging.sql"),
         ),
     ])
 }
