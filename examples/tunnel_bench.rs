@@ -1,6 +1,8 @@
 //! Tunnel benchmark on loopback: bulk throughput and small-message round trips, straight to a
 //! local server, through a Postern tcp endpoint (real `postern server` + `postern-agent`
-//! processes), and, as a ceiling, quinn alone in this process with the same TLS suite and
+//! processes, reached the way an operator reaches it: plain TCP to the real `postern ops
+//! endpoint connect` forwarder, which speaks TLS with the endpoint's client certificate to the
+//! gateway, so the figures include that hop), and, as a ceiling, quinn alone in this process with the same TLS suite and
 //! windows as the gateway's relay.
 //!
 //! ```sh
@@ -19,6 +21,7 @@
 //!   gives usable stacks for binaries built without frame pointers).
 
 use anyhow::{anyhow, bail, Context, Result};
+use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{echo_server, pattern, Agent, Gateway};
 use serde_json::json;
 use std::{
@@ -376,29 +379,31 @@ fn resource_body(sink: SocketAddr, echo: SocketAddr) -> String {
     )
 }
 
-fn create_endpoint(gw: &Gateway, resource: &str) -> Result<SocketAddr> {
+/// Creates a tcp endpoint on the operator's machine whose home is `home` and starts its
+/// forwarder; clients connect to the forwarder's `listen` address.
+fn create_endpoint(gw: &Gateway, home: &Path, resource: &str) -> Result<Forwarder> {
     let ep = gw
-        .cli(&[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            "bench-app",
-            "--customer",
-            "bench-customer",
-            "--origin-resource-id",
-            resource,
-            "--ttl",
-            "1h",
-        ])?
+        .cli_home(
+            home,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "bench-app",
+                "--customer",
+                "bench-customer",
+                "--origin-resource-id",
+                resource,
+                "--ttl",
+                "1h",
+            ],
+        )?
         .ok()?;
-    let addr = ep["address"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no address in {ep}"))?;
-    addr.parse()
-        .with_context(|| format!("endpoint address {addr:?}"))
+    let id = ep["id"].as_str().ok_or_else(|| anyhow!("no id in {ep}"))?;
+    Forwarder::start(gw, &gw.admin_token, home, id)
 }
 
 /// The last 4 KiB of a log file, for error messages.
@@ -469,8 +474,10 @@ fn main() -> Result<()> {
         );
     }
     gw.request_operate("bench-app", "bench-customer", "2h")?;
-    let sink_ep = create_endpoint(&gw, "null_resource.sink")?;
-    let echo_ep = create_endpoint(&gw, "null_resource.echo")?;
+    let home = dir.path().join("operator-home");
+    let sink_fwd = create_endpoint(&gw, &home, "null_resource.sink")?;
+    let echo_fwd = create_endpoint(&gw, &home, "null_resource.echo")?;
+    let (sink_ep, echo_ep) = (sink_fwd.listen, echo_fwd.listen);
     let agent_pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
     eprintln!("tunnel_bench: gateway pid {}, agent pid {agent_pid}; endpoints sink {sink_ep}, echo {echo_ep}", gw.pid());
 
@@ -550,6 +557,7 @@ fn main() -> Result<()> {
     gw.stop();
 
     let out = json!({
+        "tunnel_path": "client -> postern ops endpoint connect (TLS, client certificate) -> gateway -> QUIC -> agent -> server",
         "direct_mib_s": round(direct, 1),
         "tunnel_mib_s": round(tunnel, 1),
         "quic_ceiling_mib_s": round(quic, 1),

@@ -4,4 +4,5 @@
 pub mod kube_apiserver;
 pub mod pg_cluster;
 pub mod sshd;
+pub mod tcp_endpoint;
 pub mod testbed;

@@ -247,6 +247,13 @@ impl Gateway {
         run_json(cmd)
     }
 
+    /// `cli_home` with another principal's token.
+    pub fn cli_home_as(&self, token: &str, home: &Path, args: &[&str]) -> Result<CliOutput> {
+        let mut cmd = self.cli_command(token, args)?;
+        cmd.env("HOME", home);
+        run_json(cmd)
+    }
+
     fn cli_command(&self, token: &str, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(bin("postern")?);
         cmd.args(["--output", "json"])

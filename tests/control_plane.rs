@@ -2,6 +2,7 @@
 //! ops with real processes in the appliance, and both audit trails.
 
 use anyhow::{anyhow, Result};
+use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
 use serde_json::Value;
 use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, time::Duration};
@@ -277,9 +278,12 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     );
 
     // An endpoint is an approval request too; approved, it works.
+    // Alice's key stays on her machine until the endpoint is approved; her forwarder presents it.
+    let alice_home = dir.path().join("alice-home");
     let ep = gw
-        .cli_as(
+        .cli_home_as(
             &alice,
+            &alice_home,
             &[
                 "ops",
                 "endpoint",
@@ -301,8 +305,9 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     assert!(ep.get("address").is_none() || ep["address"].is_null());
     let ep = gw.cli_as(&bob, &["approvals", "approve", &id(&ep)])?.ok()?;
     assert_eq!(ep["state"], "active");
-    let addr: SocketAddr = ep["address"].as_str().unwrap().parse()?;
-    assert_eq!(echo_round_trip(addr, b"approved")?, b"approved");
+    let forwarder = Forwarder::start(&gw, &alice, &alice_home, &id(&ep))?;
+    assert_eq!(echo_round_trip(forwarder.listen, b"approved")?, b"approved");
+    drop(forwarder);
 
     // A command: approved by the customer, run in the appliance, output held until released.
     let o = op(

@@ -10,6 +10,7 @@ use endpoint_types::{
     token::EnrollmentToken,
     ALPN_ENROLL, ALPN_TUNNEL,
 };
+use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{echo_round_trip, echo_server, Agent, Gateway};
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -297,24 +298,31 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
 
     // The gateway kept serving the well-behaved agent throughout.
     tokio::task::block_in_place(|| gw.request_operate("steady", "acme-corp", "1h"))?;
+    let home = dir.path().join("operator-home");
     let ep = tokio::task::block_in_place(|| {
-        gw.cli(&[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            "steady",
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            "null_resource.echo",
-        ])
+        gw.cli_home(
+            &home,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "steady",
+                "--customer",
+                "acme-corp",
+                "--origin-resource-id",
+                "null_resource.echo",
+            ],
+        )
     })?
     .ok()?;
-    let addr: SocketAddr = ep["address"].as_str().unwrap().parse()?;
-    let back = tokio::task::block_in_place(|| echo_round_trip(addr, b"still here"))?;
+    let ep_id = ep["id"].as_str().unwrap_or_default().to_string();
+    let back = tokio::task::block_in_place(|| -> Result<Vec<u8>> {
+        let forwarder = Forwarder::start(&gw, &gw.admin_token, &home, &ep_id)?;
+        echo_round_trip(forwarder.listen, b"still here")
+    })?;
     assert_eq!(back, b"still here");
 
     // Revocation: the agent is cut and its certificate refused from then on.

@@ -1,6 +1,7 @@
 //! End to end: real `postern server` and `postern-agent` processes, real TCP clients.
 
 use anyhow::{anyhow, Result};
+use postern::tcp_endpoint::{Forwarder, TcpCredential};
 use postern::testbed::{echo_round_trip, echo_server, pattern, wait_until, Agent, Gateway};
 use serde_json::Value;
 use std::{
@@ -37,23 +38,36 @@ fn setup(dir: &std::path::Path, app: &str) -> Result<(Gateway, Agent)> {
     Ok((gw, agent))
 }
 
-fn create_tcp_endpoint(gw: &Gateway, app: &str) -> Result<Value> {
-    gw.cli(&[
-        "ops",
-        "endpoint",
-        "create",
-        "--type",
-        "tcp",
-        "--app",
-        app,
-        "--customer",
-        "acme-corp",
-        "--origin-resource-id",
-        "null_resource.echo",
-        "--ttl",
-        "10m",
-    ])?
+/// `create` on the operator's machine whose home is `home` (the key stays there).
+fn create_tcp_endpoint(gw: &Gateway, home: &std::path::Path, app: &str) -> Result<Value> {
+    gw.cli_home(
+        home,
+        &[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            app,
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            "null_resource.echo",
+            "--ttl",
+            "10m",
+        ],
+    )?
     .ok()
+}
+
+fn id_of(ep: &Value) -> String {
+    ep["id"].as_str().unwrap_or_default().to_string()
+}
+
+/// `postern ops endpoint connect` for the endpoint, as the admin who created it.
+fn forwarder(gw: &Gateway, home: &std::path::Path, ep: &Value) -> Result<Forwarder> {
+    Forwarder::start(gw, &gw.admin_token, home, &id_of(ep))
 }
 
 fn address(ep: &Value) -> Result<SocketAddr> {
@@ -74,27 +88,45 @@ fn audit_kinds(gw: &Gateway) -> Result<Vec<Value>> {
 fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = setup(dir.path(), "my-app")?;
+    let home = dir.path().join("home");
 
-    let ep = create_tcp_endpoint(&gw, "my-app")?;
+    let ep = create_tcp_endpoint(&gw, &home, "my-app")?;
     assert_eq!(ep["state"], "active");
     assert_eq!(ep["type"], "tcp");
     let id = ep["id"].as_str().unwrap().to_string();
     let addr = address(&ep)?;
+    assert_eq!(
+        ep["connect_command"],
+        format!("postern ops endpoint connect {id}"),
+        "{ep}"
+    );
+    let cred_file = std::path::PathBuf::from(ep["tcp_credential"].as_str().unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cred_file)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        ep.get("access").is_none(),
+        "the key and certificate stay in the file: {ep}"
+    );
+    let fwd = forwarder(&gw, &home, &ep)?;
+    assert!(fwd.listen.ip().is_loopback());
 
     let data = pattern(64 * 1024 * 1024, 0x5eed);
-    let back = echo_round_trip(addr, &data)?;
+    let back = echo_round_trip(fwd.listen, &data)?;
     assert_eq!(back.len(), data.len(), "echoed length");
     assert!(back == data, "64 MiB came back altered");
 
     // A live connection, then retire: the client must see it closed promptly.
-    let mut live = TcpStream::connect(addr)?;
+    let mut live = TcpStream::connect(fwd.listen)?;
     live.write_all(b"ping")?;
     let mut buf = [0u8; 4];
     live.set_read_timeout(Some(Duration::from_secs(10)))?;
     live.read_exact(&mut buf)?;
     assert_eq!(&buf, b"ping");
     assert!(wait_until(Duration::from_secs(5), || gw
-        .cli(&["ops", "endpoint", "get", &id])
+        .cli_home(&home, &["ops", "endpoint", "get", &id])
         .ok()
         .and_then(|o| o.ok().ok())
         .is_some_and(|e| e["sessions"] == 1)));
@@ -113,7 +145,7 @@ fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
     assert!(r.is_ok() || r.is_err(), "read ended");
     assert!(rest.is_empty());
 
-    // New connections are refused: the listener is gone.
+    // New connections are refused: the listener is gone, and the forwarder's connections fail.
     assert!(TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map(|mut s| {
             s.set_read_timeout(Some(Duration::from_secs(2))).ok();
@@ -122,6 +154,18 @@ fn tcp_endpoint_carries_64_mib_and_retire_cuts_live_connection() -> Result<()> {
             matches!(s.read(&mut b), Ok(0) | Err(_))
         })
         .unwrap_or(true));
+    let after = echo_round_trip(fwd.listen, b"after retire");
+    assert!(
+        after.as_ref().map(|b| b.is_empty()).unwrap_or(true),
+        "{after:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || fwd
+            .log_text()
+            .contains("cannot reach the endpoint")),
+        "{}",
+        fwd.log_text()
+    );
 
     // Retiring again is a clear error; the list shows the final state.
     let again = gw.cli(&["ops", "endpoint", "retire", &id])?;
@@ -235,8 +279,10 @@ fn agent_has_no_listening_socket() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = setup(dir.path(), "listen-check")?;
     // A session in flight too, so data-path sockets are included.
-    let ep = create_tcp_endpoint(&gw, "listen-check")?;
-    let back = echo_round_trip(address(&ep)?, b"hello")?;
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, "listen-check")?;
+    let fwd = forwarder(&gw, &home, &ep)?;
+    let back = echo_round_trip(fwd.listen, b"hello")?;
     assert_eq!(back, b"hello");
     let pid = agent.pid().unwrap();
     let inodes = socket_inodes(pid)?;
@@ -256,9 +302,10 @@ fn agent_has_no_listening_socket() -> Result<()> {
 fn gateway_restart_agent_reconnects_and_endpoint_state_survives() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (mut gw, agent) = setup(dir.path(), "restart-app")?;
-    let ep = create_tcp_endpoint(&gw, "restart-app")?;
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, "restart-app")?;
     let id = ep["id"].as_str().unwrap().to_string();
-    let retired = create_tcp_endpoint(&gw, "restart-app")?;
+    let retired = create_tcp_endpoint(&gw, &home, "restart-app")?;
     let retired_id = retired["id"].as_str().unwrap().to_string();
     gw.cli(&["ops", "endpoint", "retire", &retired_id])?.ok()?;
 
@@ -277,7 +324,7 @@ fn gateway_restart_agent_reconnects_and_endpoint_state_survives() -> Result<()> 
         "agent back online {:?} after the restart",
         restarted.elapsed()
     );
-    let old = gw.cli(&["ops", "endpoint", "get", &id])?.ok()?;
+    let old = gw.cli_home(&home, &["ops", "endpoint", "get", &id])?.ok()?;
     assert_eq!(old["state"], "active");
     assert_eq!(old["expires_at"], ep["expires_at"]);
     assert_eq!(
@@ -285,13 +332,17 @@ fn gateway_restart_agent_reconnects_and_endpoint_state_survives() -> Result<()> 
         "retired"
     );
     // The surviving endpoint serves again, and a new one works.
+    // The surviving endpoint's key on the operator's machine still opens it.
+    assert_eq!(address(&old)?, address(&ep)?);
+    let fwd = forwarder(&gw, &home, &old)?;
     assert_eq!(
-        echo_round_trip(address(&old)?, b"after restart")?,
+        echo_round_trip(fwd.listen, b"after restart")?,
         b"after restart"
     );
-    let fresh = create_tcp_endpoint(&gw, "restart-app")?;
+    let fresh = create_tcp_endpoint(&gw, &home, "restart-app")?;
+    let fwd = forwarder(&gw, &home, &fresh)?;
     assert_eq!(
-        echo_round_trip(address(&fresh)?, b"new endpoint")?,
+        echo_round_trip(fwd.listen, b"new endpoint")?,
         b"new endpoint"
     );
     Ok(())
@@ -414,27 +465,33 @@ fn unknown_resource_offline_appliance_and_bad_ttl_are_structured_errors() -> Res
 fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = setup(dir.path(), "expiry-app")?;
+    let home = dir.path().join("home");
     let ep = gw
-        .cli(&[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            "expiry-app",
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            "null_resource.echo",
-            "--ttl",
-            "10s",
-        ])?
+        .cli_home(
+            &home,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "expiry-app",
+                "--customer",
+                "acme-corp",
+                "--origin-resource-id",
+                "null_resource.echo",
+                "--ttl",
+                "10s",
+            ],
+        )?
         .ok()?;
     let id = ep["id"].as_str().unwrap().to_string();
     let expires: jiff::Timestamp = ep["expires_at"].as_str().unwrap().parse()?;
-    let addr = address(&ep)?;
-    let mut live = TcpStream::connect(addr)?;
+    let mut fwd = forwarder(&gw, &home, &ep)?;
+    let expiring_cred = TcpCredential::of_record(&ep)?;
+    let other = create_tcp_endpoint(&gw, &home, "expiry-app")?;
+    let mut live = TcpStream::connect(fwd.listen)?;
     live.write_all(b"tick")?;
     let mut buf = [0u8; 4];
     live.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -479,5 +536,165 @@ fn expiry_cuts_live_connection_and_refuses_new_ones() -> Result<()> {
             .iter()
             .any(|r| r["kind"] == "session.closed" && r["endpoint_id"] == id.as_str()))
         .unwrap_or(false)));
+
+    // The expired certificate opens nothing anywhere: at another live endpoint it is refused
+    // in the handshake, as expired; and the forwarder has stopped by itself.
+    let refused = expiring_cred.round_trip(address(&other)?, b"expired certificate");
+    assert!(
+        refused.as_ref().map(|back| back.is_empty()).unwrap_or(true),
+        "{refused:?}"
+    );
+    wait_denial(&gw, &id_of(&other), "ENDPOINT_EXPIRED", "expired")?;
+    assert!(
+        wait_until(Duration::from_secs(5), || fwd.exited()),
+        "the forwarder kept running past expiry"
+    );
+    Ok(())
+}
+
+/// The gateway's `denied` records for an endpoint.
+fn denials(gw: &Gateway, endpoint_id: &str) -> Vec<Value> {
+    audit_kinds(gw)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["kind"] == "denied" && r["endpoint_id"] == endpoint_id)
+        .collect()
+}
+
+fn wait_denial(gw: &Gateway, endpoint_id: &str, code: &str, reason_part: &str) -> Result<Value> {
+    let mut found = None;
+    wait_until(Duration::from_secs(5), || {
+        found = denials(gw, endpoint_id).into_iter().find(|r| {
+            r["detail"]["code"] == code
+                && r["detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(reason_part))
+        });
+        found.is_some()
+    });
+    found.ok_or_else(|| {
+        anyhow!(
+            "no denial {code} {reason_part:?} for {endpoint_id}: {:?}",
+            denials(gw, endpoint_id)
+        )
+    })
+}
+
+/// Plain TCP, sent to `addr`, gets no echo: the connection ends with nothing of it back.
+fn plain_tcp_gets_nothing(addr: SocketAddr, payload: &[u8]) -> Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.write_all(payload)?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    assert!(
+        !back.windows(payload.len()).any(|w| w == payload),
+        "plain TCP got its bytes echoed: {back:?}"
+    );
+    assert!(back.len() < 64, "plain TCP got {} bytes back", back.len());
+    Ok(())
+}
+
+#[test]
+fn tcp_endpoint_admits_only_its_own_certificate() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gw, agent) = setup(dir.path(), "cred-app")?;
+    let home = dir.path().join("home");
+    let a = create_tcp_endpoint(&gw, &home, "cred-app")?;
+    let b = create_tcp_endpoint(&gw, &home, "cred-app")?;
+    let (a_id, b_id) = (id_of(&a), id_of(&b));
+    let a_addr = address(&a)?;
+
+    // A client that connects and never speaks TLS is cut after the 10 s handshake grace.
+    let mut silent = TcpStream::connect(a_addr)?;
+    let silent_since = Instant::now();
+
+    // The real forwarder, the way an operator connects: the echo round trip works.
+    let fwd_a = forwarder(&gw, &home, &a)?;
+    assert_eq!(
+        echo_round_trip(fwd_a.listen, b"through the forwarder")?,
+        b"through the forwarder"
+    );
+    let fwd_b = forwarder(&gw, &home, &b)?;
+    assert_eq!(
+        echo_round_trip(fwd_b.listen, b"b works too")?,
+        b"b works too"
+    );
+
+    // Plain TCP to the endpoint's listener: nothing comes back, the agent never hears of it.
+    plain_tcp_gets_nothing(a_addr, b"GET / HTTP/1.0\r\n\r\nplain bytes to the echo")?;
+    wait_denial(&gw, &a_id, "UNAUTHENTICATED", "TLS")?;
+
+    // Endpoint B's certificate (valid, same CA) against endpoint A: refused.
+    let b_cred = TcpCredential::of_record(&b)?;
+    assert_eq!(b_cred.endpoint_id, b_id);
+    let crossed = b_cred.round_trip(a_addr, b"b's certificate at a");
+    assert!(
+        crossed.as_ref().map(|back| back.is_empty()).unwrap_or(true),
+        "{crossed:?}"
+    );
+    wait_denial(
+        &gw,
+        &a_id,
+        "UNAUTHENTICATED",
+        &format!("certificate of endpoint {b_id}, not of endpoint {a_id}"),
+    )?;
+    // While B's own listener takes it.
+    assert_eq!(b_cred.round_trip(address(&b)?, b"at home")?, b"at home");
+
+    // Retired: B's forwarder gets nothing through, and B's certificate is refused at A as retired.
+    gw.cli(&["ops", "endpoint", "retire", &b_id])?.ok()?;
+    let after = echo_round_trip(fwd_b.listen, b"after retire");
+    assert!(
+        after.as_ref().map(|back| back.is_empty()).unwrap_or(true),
+        "{after:?}"
+    );
+    let retired = b_cred.round_trip(a_addr, b"retired certificate");
+    assert!(
+        retired.as_ref().map(|back| back.is_empty()).unwrap_or(true),
+        "{retired:?}"
+    );
+    wait_denial(
+        &gw,
+        &a_id,
+        "ENDPOINT_RETIRED",
+        &format!("certificate of endpoint {b_id}, which is retired"),
+    )?;
+    // A is untouched by all of it.
+    assert_eq!(
+        echo_round_trip(fwd_a.listen, b"a still works")?,
+        b"a still works"
+    );
+
+    // The silent client: cut once the grace time is over, not before, and audited.
+    silent.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut sink = Vec::new();
+    let _ = silent.read_to_end(&mut sink);
+    let waited = silent_since.elapsed();
+    assert!(sink.is_empty(), "{sink:?}");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(16),
+        "cut after {waited:?}"
+    );
+    wait_denial(&gw, &a_id, "UNAUTHENTICATED", "no TLS handshake within 10s")?;
+
+    // None of the refused sessions reached the agent: its trail knows only the admitted ones.
+    let refused: Vec<String> = denials(&gw, &a_id)
+        .iter()
+        .filter_map(|r| r["session_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(refused.len() >= 4, "{refused:?}");
+    let trail = agent.trail()?;
+    assert!(trail
+        .iter()
+        .any(|r| r["endpoint_id"] == a_id.as_str() && r["kind"] == "session.opened"));
+    for s in &refused {
+        assert!(
+            !trail.iter().any(|r| r["session_id"] == s.as_str()),
+            "the agent saw refused session {s}"
+        );
+    }
+    assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     Ok(())
 }

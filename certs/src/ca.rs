@@ -227,6 +227,20 @@ pub fn cert_spki(cert_der: &[u8]) -> Result<Vec<u8>, CertError> {
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// The subject common name of a DER certificate (only meaningful once its chain verified).
+pub fn cert_common_name(cert_der: &[u8]) -> Result<String, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::Pem(format!("certificate: {e}")))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or_else(|| CertError::Pem("certificate has no common name".into()))?;
+    cn.as_str()
+        .map(str::to_string)
+        .map_err(|e| CertError::Pem(format!("common name: {e}")))
+}
+
 /// Generates the agent's key in the appliance and a CSR for it (CN = `common_name`).
 /// Returns (key_pem, csr_pem).
 pub fn generate_key_and_csr(common_name: &str) -> Result<(Secret, String), CertError> {

@@ -9,7 +9,9 @@ mod tls;
 
 use std::sync::Arc;
 
-pub use ca::{cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, Issued};
+pub use ca::{
+    cert_common_name, cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, Issued,
+};
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;

@@ -23,6 +23,12 @@ fn signed_client_csr_keeps_the_operators_key_and_dies_with_the_endpoint() {
     );
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     assert_eq!(cert.validity().not_after.timestamp(), until.as_second());
+    // The tcp front end names the endpoint a foreign certificate was made for.
+    assert_eq!(
+        certs::cert_common_name(&der).unwrap(),
+        "postern:endpoint:ep_1"
+    );
+    assert!(certs::cert_common_name(b"garbage").is_err());
 
     // An endpoint that already ended gets no certificate; garbage is no CSR.
     assert!(ca

@@ -126,6 +126,9 @@ pub enum ClientCredential {
     Postgres { scram_verifier: String },
     /// An OpenSSH one-line public key.
     Ssh { public_key: String },
+    /// A PKCS#10 CSR; the gateway signs it once the endpoint is active, and the tcp listener
+    /// admits only TLS clients presenting that certificate.
+    Tcp { csr_pem: String },
 }
 
 /// A SCRAM verifier is a password hash: like any secret-derived value it stays out of logs.
@@ -135,6 +138,7 @@ impl std::fmt::Debug for ClientCredential {
             ClientCredential::Kubectl { .. } => "Kubectl",
             ClientCredential::Postgres { .. } => "Postgres",
             ClientCredential::Ssh { .. } => "Ssh",
+            ClientCredential::Tcp { .. } => "Tcp",
         };
         write!(f, "ClientCredential::{kind}(<redacted>)")
     }
@@ -169,6 +173,14 @@ pub enum EndpointAccess {
         /// The gateway's public host key, OpenSSH format.
         host_key: String,
         alias: String,
+    },
+    Tcp {
+        /// `host:port` of the endpoint's TLS listener.
+        address: String,
+        tls_server_name: String,
+        ca_pem: String,
+        /// The operator's CSR, signed for exactly the endpoint's lifetime.
+        cert_pem: String,
     },
 }
 
@@ -246,6 +258,12 @@ pub struct EndpointRecord {
     /// Written by the CLI: path of the ssh config file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_config: Option<String>,
+    /// Written by the CLI (tcp): `postern ops endpoint connect <id>`, the local forwarder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_command: Option<String>,
+    /// Written by the CLI (tcp): path of the client-certificate file the forwarder presents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_credential: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -213,8 +213,10 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
          \n  {me} appliance list\
          \n  {me} access request --app {APP} --customer {CUSTOMER} --level operate --duration 1h --reason \"trying Postern\"\
          \n  {me} ops endpoint create --type tcp --app {APP} --customer {CUSTOMER} --origin-resource-id {ECHO_RESOURCE} --ttl 10m\
-         \n  # the demo echo service answers through the tunnel at the printed address:\
-         \n  echo hello | nc -q1 <address host> <address port>\
+         \n  # the endpoint admits only TLS with its client certificate; forward a local port to it:\
+         \n  {me} ops endpoint connect <endpoint id> --listen 127.0.0.1:7001 &\
+         \n  # the demo echo service answers through the tunnel on that port:\
+         \n  echo hello | nc -q1 127.0.0.1 7001\
          \n  {me} ops endpoint list\
          \n  {me} ops endpoint retire <endpoint id>\
          \n  {me} audit list\

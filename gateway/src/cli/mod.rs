@@ -186,6 +186,14 @@ enum EndpointCmd {
     Retire {
         id: String,
     },
+    /// Local forwarder for a tcp endpoint: plain TCP on the listen address, TLS with the
+    /// endpoint's client certificate to the gateway. Runs until SIGINT/SIGTERM.
+    Connect {
+        id: String,
+        /// Where local clients connect (port 0: any free port, printed once bound).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -502,8 +510,11 @@ fn print_endpoint_text(e: &EndpointRecord) {
     } else if let Some(cmd) = &e.ssh_command {
         println!("  connect with:");
         println!("  {cmd}");
+    } else if let Some(cmd) = &e.connect_command {
+        println!("  forward a local port to it (TLS with the endpoint's client certificate) with:");
+        println!("  {cmd}");
     } else if let Some(a) = &e.address {
-        println!("  connect to {a}");
+        println!("  listening at {a} (TLS with the endpoint's client certificate)");
     }
     if let Some(n) = e.sessions_cut {
         println!("  sessions cut: {n}");
@@ -552,6 +563,9 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
         EndpointCmd::Retire { id } => {
             c.post(&format!("/v1/endpoints/{id}/retire"), serde_json::json!({}))
                 .await?
+        }
+        EndpointCmd::Connect { id, listen } => {
+            return access::tcp::connect(c, &id, listen, out).await
         }
         EndpointCmd::List => {
             let l: EndpointList = c.get("/v1/endpoints").await?;

@@ -157,7 +157,7 @@ pub async fn record_for(
     if creator && rec.state == EndpointState::Active {
         if let Some(ep) = gw.endpoints.get(&rec.id) {
             rec.access = match ep.endpoint_type {
-                EndpointType::Tcp => None,
+                EndpointType::Tcp => Some(tcp::access(gw, &ep, rec.address.as_deref())?),
                 EndpointType::Kubectl => Some(kube::access(gw, &ep)?),
                 EndpointType::Postgres => Some(postgres::access(gw, &ep)?),
                 EndpointType::Ssh => Some(ssh::access(gw, &ep)?),
@@ -202,6 +202,8 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         connection_string: None,
         ssh_command: None,
         ssh_config: None,
+        connect_command: None,
+        tcp_credential: None,
     })
 }
 
@@ -318,7 +320,7 @@ pub async fn create(
         )));
     }
     match req.endpoint_type {
-        EndpointType::Tcp => {}
+        EndpointType::Tcp => tcp::validate(req.credential.as_ref())?,
         EndpointType::Kubectl => kube::validate(req.credential.as_ref())?,
         EndpointType::Postgres => postgres::validate(req.credential.as_ref())?,
         EndpointType::Ssh => ssh::validate(req.credential.as_ref())?,
@@ -345,11 +347,7 @@ pub async fn create(
         address: None,
         sessions_total: 0,
         grant_id: Some(grant.id.clone()),
-        credential: if req.endpoint_type == EndpointType::Tcp {
-            None
-        } else {
-            req.credential.clone()
-        },
+        credential: req.credential.clone(),
     };
     let subject = Subject::endpoint(&appliance.id, &id);
     let requested = serde_json::json!({

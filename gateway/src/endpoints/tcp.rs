@@ -1,5 +1,9 @@
-//! TCP endpoints: a listener per endpoint; every accepted connection becomes one QUIC data
-//! stream to the agent, which connects to the resource's configured target.
+//! TCP endpoints: a listener per endpoint; every accepted connection must finish a TLS
+//! handshake presenting the client certificate made for this endpoint (the operator's CSR,
+//! signed by the gateway CA for the endpoint's lifetime) before it becomes one QUIC data
+//! stream to the agent, which connects to the resource's configured target. A plain TCP
+//! connection, another endpoint's certificate or an ended one is refused here and audited as
+//! `denied`; the agent never hears of it.
 
 use super::{
     session::{
@@ -10,7 +14,12 @@ use super::{
 };
 use crate::server::Gateway;
 use bytes::{Bytes, BytesMut};
-use endpoint_types::resource::CloseReason;
+use endpoint_types::{
+    api::{ClientCredential, EndpointAccess, EndpointState},
+    resource::CloseReason,
+    ApiError, ErrorCode,
+};
+use jiff::Timestamp;
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
@@ -20,11 +29,77 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
 const PUMP_BUF: usize = 256 * 1024;
+/// The common name the gateway gives every endpoint client certificate it signs.
+const CN_PREFIX: &str = "postern:endpoint:";
+
+/// Checks the credential sent with `create`: a CSR whose signature verifies.
+pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
+    match cred {
+        Some(ClientCredential::Tcp { csr_pem }) => certs::verified_csr_spki(csr_pem).map(|_| ()).map_err(|e| {
+            ApiError::invalid(format!("the tcp credential is not a usable CSR: {e}")).hint("create the endpoint with the postern CLI, which makes one")
+        }),
+        _ => Err(ApiError::invalid("a tcp endpoint needs a client credential (a CSR)")
+            .hint("create it with the postern CLI (or upgrade it): it makes a key and sends only its CSR")),
+    }
+}
+
+/// What the endpoint's creator needs for `postern ops endpoint connect`: the listener, the CA
+/// and the operator's CSR signed for exactly the endpoint's lifetime.
+pub fn access(
+    gw: &Gateway,
+    ep: &LiveEndpoint,
+    address: Option<&str>,
+) -> Result<EndpointAccess, ApiError> {
+    let Some(ClientCredential::Tcp { csr_pem }) = &ep.credential else {
+        return Err(ApiError::internal(format!(
+            "endpoint {} has no tcp credential",
+            ep.id
+        )));
+    };
+    let address =
+        address.ok_or_else(|| ApiError::internal(format!("endpoint {} has no address", ep.id)))?;
+    let cert_pem = gw
+        .ca
+        .sign_client_csr(
+            csr_pem,
+            &format!("{CN_PREFIX}{}", ep.id),
+            Timestamp::now(),
+            ep.expires_at,
+        )
+        .map_err(|e| ApiError::internal(format!("cannot sign the tcp credential: {e}")))?;
+    let ip = gw.endpoint_host;
+    let tls_server_name = if ip.is_loopback() || ip.is_unspecified() {
+        "localhost".to_string()
+    } else {
+        ip.to_string()
+    };
+    Ok(EndpointAccess::Tcp {
+        address: address.to_string(),
+        tls_server_name,
+        ca_pem: gw.ca.cert_pem().to_string(),
+        cert_pem,
+    })
+}
+
+fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
+    let id = &gw.server_identity;
+    let mut c = certs::server_config(
+        &id.cert_pem,
+        &id.key_pem,
+        Some(gw.ca.cert_pem()),
+        certs::ClientAuth::Required,
+        Vec::new(),
+    )?;
+    // No resumption: every connection presents its certificate and is matched to the endpoint.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
+    Ok(c)
+}
 
 /// Binds on `preferred` if given and free, else on an ephemeral port of `host`. A std
 /// listener, so it can be bound anywhere and registered with the data plane's reactor by
@@ -45,6 +120,13 @@ pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::
             return tracing::error!(endpoint = %ep.id, error = %e, "cannot serve endpoint listener")
         }
     };
+    let tls = match tls_config(&gw) {
+        Ok(c) => tokio_rustls::TlsAcceptor::from(Arc::new(c)),
+        // Without TLS nobody could be authenticated: accept no one rather than everyone.
+        Err(e) => {
+            return tracing::error!(endpoint = %ep.id, error = %e, "tcp endpoint disabled: no TLS configuration")
+        }
+    };
     loop {
         let (tcp, client) = tokio::select! {
             _ = ep.cancel.cancelled() => break,
@@ -57,12 +139,139 @@ pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::
                 }
             },
         };
-        gw.tasks.spawn(session(gw.clone(), ep.clone(), tcp, client));
+        gw.tasks
+            .spawn(session(gw.clone(), ep.clone(), tls.clone(), tcp, client));
     }
 }
 
-async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, client: SocketAddr) {
+/// Why a client that reached the listener is not this endpoint's: the refusal that is audited.
+fn refused(code: ErrorCode, message: String) -> ApiError {
+    ApiError::new(code, message).hint("connect with `postern ops endpoint connect <id>`, which presents the endpoint's client certificate")
+}
+
+/// The TLS handshake failed: say what it was (no TLS at all, an expired or unknown certificate).
+fn handshake_refusal(e: &std::io::Error) -> ApiError {
+    use rustls::{CertificateError, Error};
+    let tls = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>());
+    match tls {
+        Some(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) => refused(
+            ErrorCode::EndpointExpired,
+            format!("client certificate expired: {e}"),
+        ),
+        Some(Error::NoCertificatesPresented) => refused(
+            ErrorCode::Unauthenticated,
+            "TLS client presented no certificate".into(),
+        ),
+        Some(_) => refused(
+            ErrorCode::Unauthenticated,
+            format!("TLS handshake failed: {e}"),
+        ),
+        None => refused(
+            ErrorCode::Unauthenticated,
+            format!("not a TLS client with the endpoint's certificate: {e}"),
+        ),
+    }
+}
+
+/// Admits only the certificate made for this endpoint while it is live. The chain was verified
+/// against the gateway CA during the handshake, so the common name names the endpoint the
+/// certificate was made for, which says why a foreign one is refused.
+async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(), ApiError> {
+    let Some(cert) = peer else {
+        return Err(refused(
+            ErrorCode::Unauthenticated,
+            "TLS client presented no certificate".into(),
+        ));
+    };
+    let own = match &ep.credential {
+        Some(ClientCredential::Tcp { csr_pem }) => certs::csr_spki(csr_pem).ok(),
+        _ => None,
+    };
+    let presented = certs::cert_spki(cert).ok();
+    if own.is_some() && own == presented {
+        if ep.cancel.is_cancelled()
+            || Timestamp::now() >= ep.expires_at
+            || gw.endpoints.get(&ep.id).is_none()
+        {
+            let code =
+                if ep.end_reason() == CloseReason::Expired || Timestamp::now() >= ep.expires_at {
+                    ErrorCode::EndpointExpired
+                } else {
+                    ErrorCode::EndpointRetired
+                };
+            return Err(refused(code, format!("endpoint {} has ended", ep.id)));
+        }
+        return Ok(());
+    }
+    let named = certs::cert_common_name(cert)
+        .ok()
+        .and_then(|cn| cn.strip_prefix(CN_PREFIX).map(str::to_string));
+    let Some(other) = named else {
+        return Err(refused(
+            ErrorCode::Unauthenticated,
+            "certificate of no postern endpoint".into(),
+        ));
+    };
+    let state = gw
+        .store
+        .get_endpoint(&other)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.state);
+    Err(match state {
+        Some(EndpointState::Retired) => refused(
+            ErrorCode::EndpointRetired,
+            format!("certificate of endpoint {other}, which is retired"),
+        ),
+        Some(EndpointState::Expired) => refused(
+            ErrorCode::EndpointExpired,
+            format!("certificate of endpoint {other}, which has expired"),
+        ),
+        _ => refused(
+            ErrorCode::Unauthenticated,
+            format!("certificate of endpoint {other}, not of endpoint {}", ep.id),
+        ),
+    })
+}
+
+async fn session(
+    gw: Arc<Gateway>,
+    ep: Arc<LiveEndpoint>,
+    tls: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    client: SocketAddr,
+) {
     let session_id = new_session_id();
+    // Unauthenticated clients get the handshake grace time and not a moment more.
+    let handshake = tokio::select! {
+        _ = ep.cancel.cancelled() => return,
+        r = tokio::time::timeout(gw.limits.handshake_timeout, tls.accept(tcp)) => r,
+    };
+    let mut stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return deny(&gw, &ep, &session_id, client, &handshake_refusal(&e)).await,
+        Err(_) => {
+            let e = refused(
+                ErrorCode::Unauthenticated,
+                format!("no TLS handshake within {:?}", gw.limits.handshake_timeout),
+            );
+            return deny(&gw, &ep, &session_id, client, &e).await;
+        }
+    };
+    let peer = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    if let Err(e) = admit(&gw, &ep, peer.as_deref()).await {
+        deny(&gw, &ep, &session_id, client, &e).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
     let _slot = match SessionSlot::claim(&gw, &ep) {
         Ok(slot) => slot,
         Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
@@ -81,12 +290,12 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
         Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
     };
     opened(&gw, &ep, &session_id, client, serde_json::json!({})).await;
-    let _ = tcp.set_nodelay(true);
+    let _ = stream.get_ref().0.set_nodelay(true);
     let started = Instant::now();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let outcome = tokio::select! {
-        r = pump(&mut tcp, &mut send, &mut recv, leftover, &up, &down) => Some(r),
+        r = pump(&mut stream, &mut send, &mut recv, leftover, &up, &down) => Some(r),
         _ = ep.cancel.cancelled() => None,
     };
     let reason = match &outcome {
@@ -106,7 +315,7 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
     if outcome.is_none() || matches!(outcome, Some(Err(_))) {
         cut_stream(&mut send, &mut recv, reason);
     }
-    drop(tcp);
+    drop(stream);
     let extra = match &outcome {
         Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
         _ => serde_json::json!({}),
@@ -126,14 +335,14 @@ async fn session(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, mut tcp: TcpStream, cl
 /// Moves bytes both ways until both directions are finished, keeping half-closes: a client
 /// EOF finishes the QUIC send side, a finished QUIC stream shuts down the TCP write side.
 async fn pump(
-    tcp: &mut TcpStream,
+    tcp: &mut (impl AsyncRead + AsyncWrite + Unpin),
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     leftover: Bytes,
     up: &AtomicU64,
     down: &AtomicU64,
 ) -> Result<(), PumpError> {
-    let (mut tcp_r, mut tcp_w) = tcp.split();
+    let (mut tcp_r, mut tcp_w) = tokio::io::split(tcp);
     let client_to_agent = async {
         let mut buf = BytesMut::with_capacity(PUMP_BUF);
         loop {

@@ -6,6 +6,7 @@
 pub mod kubectl;
 pub mod postgres;
 pub mod ssh;
+pub mod tcp;
 
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess, EndpointRecord, EndpointState},
@@ -26,10 +27,10 @@ pub fn home() -> Result<PathBuf, ApiError> {
         })
 }
 
-/// A fresh credential for an endpoint of type `t`; None for types that need none (tcp).
+/// A fresh credential for an endpoint of type `t`.
 pub fn prepare(t: EndpointType) -> Result<Option<(ClientCredential, Secret)>, ApiError> {
     Ok(Some(match t {
-        EndpointType::Tcp => return Ok(None),
+        EndpointType::Tcp => tcp::prepare()?,
         EndpointType::Kubectl => kubectl::prepare()?,
         EndpointType::Postgres => postgres::prepare()?,
         EndpointType::Ssh => ssh::prepare()?,
@@ -74,12 +75,9 @@ pub fn create_private_dir(dir: &Path) -> Result<(), ApiError> {
 }
 
 /// Once the endpoint is active, writes its client files from the kept secret and fills in
-/// the record's `kubeconfig` / `connection_string` / `ssh_command` + `ssh_config`. Once it has
-/// ended, forgets the secret.
+/// the record's `kubeconfig` / `connection_string` / `ssh_command` + `ssh_config` /
+/// `connect_command` + `tcp_credential`. Once it has ended, forgets the secret.
 pub fn complete(rec: &mut EndpointRecord) -> Result<(), ApiError> {
-    if rec.endpoint_type == EndpointType::Tcp {
-        return Ok(());
-    }
     let home = home()?;
     let path = pending_path(&home, &rec.id)?;
     match rec.state {
@@ -87,6 +85,9 @@ pub fn complete(rec: &mut EndpointRecord) -> Result<(), ApiError> {
         EndpointState::PendingApproval => return Ok(()),
         _ => {
             let _ = std::fs::remove_file(&path);
+            if rec.endpoint_type == EndpointType::Tcp {
+                let _ = tcp::credential_path(&home, &rec.id).map(std::fs::remove_file);
+            }
             return Ok(());
         }
     }
@@ -108,6 +109,7 @@ pub fn complete(rec: &mut EndpointRecord) -> Result<(), ApiError> {
             postgres::write(rec, &access, &secret, &home)
         }
         (EndpointAccess::Ssh { .. }, EndpointType::Ssh) => ssh::write(rec, &access, &secret, &home),
+        (EndpointAccess::Tcp { .. }, EndpointType::Tcp) => tcp::write(rec, &access, &secret, &home),
         _ => Err(ApiError::internal(
             "the gateway sent access details of another endpoint type",
         )),
