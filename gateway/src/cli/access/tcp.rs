@@ -256,6 +256,9 @@ pub async fn connect(
     serve(listener, dialer, rec.expires_at).await
 }
 
+/// How long live connections may outlast expiry before the forwarder exits anyway.
+const EXPIRY_GRACE: Duration = Duration::from_secs(5);
+
 async fn serve(
     listener: TcpListener,
     dialer: Arc<Dialer>,
@@ -274,18 +277,24 @@ async fn serve(
     };
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
+    let forwards = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             _ = int.recv() => break,
             _ = term.recv() => break,
             _ = &mut expiry => {
                 eprintln!("the endpoint has expired; its certificate no longer opens anything");
+                // The gateway cuts live sessions at expiry (with reason `expired` in the trail);
+                // leave that to it rather than racing it by closing them here first.
+                drop(listener);
+                forwards.close();
+                let _ = tokio::time::timeout(EXPIRY_GRACE, forwards.wait()).await;
                 break;
             }
             r = listener.accept() => match r {
                 Ok((local, peer)) => {
                     let dialer = dialer.clone();
-                    tokio::spawn(async move {
+                    forwards.spawn(async move {
                         match dialer.forward(local).await {
                             Ok((up, down)) => eprintln!("{peer}: closed ({up} bytes up, {down} down)"),
                             Err(e) => eprintln!("{peer}: {e}"),
