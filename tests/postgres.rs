@@ -15,6 +15,8 @@ use std::{
 };
 
 const RESOURCE: &str = "aws_db_instance.main";
+/// The same database with CREATE in scope: what endpoints make goes to `app_owner` at teardown.
+const OWNED: &str = "aws_db_instance.owned";
 
 struct Setup {
     cluster: PgCluster,
@@ -57,7 +59,8 @@ fn setup_on(
         &db_url,
         "CREATE SCHEMA app; CREATE TABLE app.items (id serial PRIMARY KEY, name text); \
          INSERT INTO app.items (name) VALUES ('first'); \
-         CREATE SCHEMA secret; CREATE TABLE secret.keys (k text); INSERT INTO secret.keys VALUES ('hidden');",
+         CREATE SCHEMA secret; CREATE TABLE secret.keys (k text); INSERT INTO secret.keys VALUES ('hidden'); \
+         CREATE ROLE app_owner NOLOGIN; CREATE ROLE creator NOLOGIN CREATEROLE;",
     );
     let gw = match sessions_per_endpoint {
         None => Gateway::start(&dir.path().join("gw"))?,
@@ -69,7 +72,10 @@ fn setup_on(
     };
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"postgres\"\nadmin_url = \"{}\"\n\
-         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\", \"UPDATE\", \"DELETE\"]\n",
+         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\", \"UPDATE\", \"DELETE\"]\n\n\
+         [[resource]]\nid = \"{OWNED}\"\nkind = \"postgres\"\nadmin_url = \"{}\"\n\
+         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"app_owner\"\n",
+        admin_url(&db_url),
         admin_url(&db_url)
     );
     let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), app, "acme-corp", &body)?;
@@ -105,6 +111,10 @@ impl Setup {
     }
 
     fn create(&self, app: &str, ttl: &str) -> Result<(String, String)> {
+        self.create_on(app, RESOURCE, ttl)
+    }
+
+    fn create_on(&self, app: &str, resource: &str, ttl: &str) -> Result<(String, String)> {
         let ep = self.cli(&[
             "ops",
             "endpoint",
@@ -116,7 +126,7 @@ impl Setup {
             "--customer",
             "acme-corp",
             "--origin-resource-id",
-            RESOURCE,
+            resource,
             "--ttl",
             ttl,
         ])?;
@@ -639,6 +649,299 @@ fn sessions_reach_a_tls_only_database_with_verify_full() -> Result<()> {
     assert!(
         plain.is_err_and(|e| e.contains("no encryption")),
         "the server forces TLS"
+    );
+    Ok(())
+}
+
+/// Records of one endpoint in a trail.
+fn of<'a>(records: &'a [Value], endpoint: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    records.iter().filter(move |r| r["endpoint_id"] == endpoint)
+}
+
+/// Startup parameters and `options` outside the allow-list are refused with a FATAL that psql
+/// prints, and the refusal is in both trails; allowed settings pass. Fastpath calls (psql's
+/// `\lo_import` uses them through libpq) are audited in both trails like statements.
+#[test]
+fn startup_settings_are_allow_listed_and_fastpath_calls_are_audited() -> Result<()> {
+    let s = setup("pg-guard")?;
+    let (id, cs) = s.create("pg-guard", "10m")?;
+
+    let mut refused_attempts = 0;
+    for (how, pgoptions, url_options, expect) in [
+        (
+            "PGOPTIONS -c role",
+            Some("-c role=postgres"),
+            None,
+            "setting \"role\" in options is not allowed",
+        ),
+        (
+            "options=-crole",
+            None,
+            Some("-crole%3Dpostgres"),
+            "setting \"role\" in options is not allowed",
+        ),
+        (
+            "options=-ecrole",
+            None,
+            Some("-ecrole%3Dpostgres"),
+            "\"-ecrole=postgres\" is not allowed",
+        ),
+        (
+            "options=--role",
+            None,
+            Some("--role%3Dpostgres"),
+            "setting \"role\" in options is not allowed",
+        ),
+        (
+            "PGOPTIONS search_path",
+            Some("-c search_path=secret"),
+            None,
+            "setting \"search_path\" in options is not allowed",
+        ),
+        (
+            "PGOPTIONS session_authorization",
+            Some("--session-authorization=postern"),
+            None,
+            "not allowed",
+        ),
+    ] {
+        let target = match url_options {
+            Some(o) => format!("{cs}&options={o}"),
+            None => cs.clone(),
+        };
+        let mut c = psql_cmd(&target, &["-c", "SELECT current_user"]);
+        if let Some(o) = pgoptions {
+            c.env("PGOPTIONS", o);
+        }
+        let r = psql_with(c);
+        assert!(!r.ok, "{how}: connected as {}", r.stdout);
+        assert!(
+            r.stderr.contains("FATAL:  ") && r.stderr.contains(expect),
+            "{how}: {}",
+            r.stderr
+        );
+        refused_attempts += 1;
+    }
+    // A harmless setting passes, as a parameter and in options.
+    let mut c = psql_cmd(
+        &cs,
+        &[
+            "-c",
+            "SELECT current_setting('application_name'), current_setting('statement_timeout')",
+        ],
+    );
+    c.env("PGOPTIONS", "-c statement_timeout=7s")
+        .env("PGAPPNAME", "harmless-app");
+    let r = psql_with(c);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout, "harmless-app|7s");
+
+    // Both trails hold every refusal with its reason.
+    let denied_with = |records: Vec<Value>| {
+        of(&records, &id)
+            .filter(|r| r["detail"]["action"] == "session")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(wait_until(Duration::from_secs(10), || denied_with(
+        s.customer_records("denied")
+    )
+    .len()
+        >= refused_attempts));
+    for (trail, records) in [
+        ("vendor", denied_with(s.vendor_records("denied"))),
+        ("customer", denied_with(s.customer_records("denied"))),
+    ] {
+        assert_eq!(records.len(), refused_attempts, "{trail}: {records:?}");
+        let reasons: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["detail"]["reason"].as_str())
+            .collect();
+        for want in [
+            "\"role\"",
+            "\"-ecrole=postgres\"",
+            "\"search_path\"",
+            "\"session-authorization\"",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.contains(want)),
+                "{trail} trail lacks {want}: {reasons:?}"
+            );
+        }
+        assert!(
+            records.iter().all(|r| r["detail"]["sqlstate"] == "42501"),
+            "{trail}: {records:?}"
+        );
+    }
+    // None of them reached the database.
+    assert_eq!(
+        of(&s.customer_records("session.opened"), &id).count(),
+        1,
+        "only the allowed session opened"
+    );
+
+    // Fastpath: \lo_import sends FunctionCall messages (lo_creat, lo_open, lowrite, lo_close).
+    let file = s.home.join("upload.bin");
+    std::fs::write(&file, b"large object payload, never in the audit")?;
+    let r = psql(&cs, &format!("\\lo_import '{}'", file.display()));
+    assert!(
+        r.ok && r.stdout.starts_with("lo_import "),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+    let lowrite: u64 = s.admin("SELECT 'lowrite'::regproc::oid").parse()?;
+    let has_lowrite = |records: Vec<Value>| {
+        of(&records, &id).any(|r| {
+            r["detail"]["message"] == "function_call"
+                && r["detail"]["protocol"] == "fastpath"
+                && r["detail"]["function_oid"] == lowrite
+                && r["detail"]["args"] == 2
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || has_lowrite(
+        s.vendor_records("sql.statement")
+    )));
+    assert!(wait_until(Duration::from_secs(10), || has_lowrite(
+        s.customer_records("sql.statement")
+    )));
+    let trail_text = std::fs::read_to_string(s.agent.config.with_file_name("audit.jsonl"))?;
+    assert!(
+        !trail_text.contains("large object payload"),
+        "argument values are never recorded"
+    );
+    // The large object is the endpoint's role's; without owner_role it goes with the role, never to the admin.
+    s.cli(&["ops", "endpoint", "retire", &id])?;
+    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!(
+        "SELECT count(*) FROM pg_roles WHERE rolname = 'postern_{id}'"
+    )) == "0"));
+    assert_eq!(s.admin("SELECT count(*) FROM pg_largeobject_metadata"), "0");
+    assert_eq!(s.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
+    assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
+    Ok(())
+}
+
+/// The escalation: a SECURITY DEFINER function made through one endpoint must never run as
+/// the admin once the endpoint is gone. Without `owner_role` nothing can be created (in scope
+/// or in `public`, even when PUBLIC has CREATE on it as on clusters upgraded from 14 or older:
+/// then the endpoint is refused); with it, what was made belongs to `owner_role`. An
+/// `owner_role` with powers stops the agent at start-up.
+#[test]
+fn objects_made_through_an_endpoint_never_become_the_admins() -> Result<()> {
+    let s = setup("pg-own")?;
+    let definer = |schema: &str| {
+        format!("CREATE FUNCTION {schema}.esc() RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT current_user::text'")
+    };
+
+    // No owner_role: no CREATE anywhere.
+    let (plain, cs) = s.create("pg-own", "10m")?;
+    for (sql, expect) in [
+        (definer("public"), "permission denied for schema public"),
+        (definer("app"), "permission denied for schema app"),
+        (
+            "CREATE VIEW app.peek AS SELECT name FROM app.items".to_string(),
+            "permission denied for schema app",
+        ),
+        (
+            "CREATE SCHEMA mine".to_string(),
+            "permission denied for database",
+        ),
+    ] {
+        let r = psql(&cs, &sql);
+        assert!(
+            !r.ok && r.stderr.contains("42501") && r.stderr.contains(expect),
+            "{sql}: {}",
+            r.stderr
+        );
+    }
+    s.cli(&["ops", "endpoint", "retire", &plain])?;
+
+    // A cluster where PUBLIC may create in public: the endpoint's role is refused, not made.
+    s.admin("GRANT CREATE ON SCHEMA public TO PUBLIC");
+    let (upgraded, cs) = s.create("pg-own", "10m")?;
+    assert!(wait_until(Duration::from_secs(15), || of(
+        &s.customer_records("pg.role_failed"),
+        &upgraded
+    )
+    .any(|r| r["detail"]["error"].as_str().is_some_and(
+        |e| e.contains("REVOKE CREATE ON SCHEMA \"public\" FROM PUBLIC")
+    ))));
+    let r = psql(&cs, &definer("public"));
+    assert!(
+        !r.ok && r.stderr.contains("FATAL") && r.stderr.contains("no database role"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        s.admin("SELECT count(*) FROM pg_proc WHERE proname = 'esc'"),
+        "0"
+    );
+    s.admin("REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    s.cli(&["ops", "endpoint", "retire", &upgraded])?;
+
+    // CREATE in scope with owner_role: endpoint 1 makes a SECURITY DEFINER function and a view.
+    let (first, cs) = s.create_on("pg-own", OWNED, "10m")?;
+    let r = psql(
+        &cs,
+        &format!(
+            "{}; CREATE VIEW app.peek AS SELECT name FROM app.items",
+            definer("app")
+        ),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let r = psql(&cs, &definer("public"));
+    assert!(
+        !r.ok && r.stderr.contains("permission denied for schema public"),
+        "{}",
+        r.stderr
+    );
+    s.cli(&["ops", "endpoint", "retire", &first])?;
+    assert!(wait_until(Duration::from_secs(15), || s.admin(&format!(
+        "SELECT count(*) FROM pg_roles WHERE rolname = 'postern_{first}'"
+    )) == "0"));
+    // What it made belongs to owner_role: the admin calling it runs as app_owner, not as itself.
+    assert_eq!(
+        s.admin("SELECT proowner::regrole::text FROM pg_proc WHERE proname = 'esc' UNION ALL SELECT relowner::regrole::text FROM pg_class WHERE relname = 'peek'"),
+        "app_owner\napp_owner"
+    );
+    assert_eq!(s.admin("SELECT app.esc()"), "app_owner");
+    // Endpoint 2 calling it runs as app_owner too; the view reads with app_owner's privileges
+    // (none on app.items), not the admin's.
+    let (_second, cs) = s.create("pg-own", "10m")?;
+    let r = psql(&cs, "SELECT app.esc()");
+    assert!(r.ok && r.stdout == "app_owner", "{} {}", r.stdout, r.stderr);
+    let r = psql(&cs, "SELECT * FROM app.peek");
+    assert!(
+        !r.ok && r.stderr.contains("permission denied for table items"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+
+    // An owner_role with powers stops an agent at start-up, with the reason.
+    let dir = s.home.join("bad-agent");
+    let (url, _) = s.db_url.split_once('?').unwrap_or((&s.db_url, ""));
+    let body = format!(
+        "[[resource]]\nid = \"{OWNED}\"\nkind = \"postgres\"\nadmin_url = \"{url}\"\nschemas = [\"app\"]\n\
+         privileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"creator\"\n"
+    );
+    let bad = Agent::enroll(&s.gw, &dir, "pg-own-bad", "acme-corp", &body)?;
+    let mut run = Command::new(postern::testbed::bin("postern-agent")?)
+        .args(["run", "--config"])
+        .arg(&bad.config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (out, err) = wait_output(&mut run, Duration::from_secs(30))?;
+    let status = run.wait()?;
+    assert!(
+        !status.success(),
+        "the agent ran with a CREATEROLE owner_role: {out}"
+    );
+    assert!(
+        err.contains("\"creator\" has CREATEROLE") && err.contains(OWNED),
+        "{err}"
     );
     Ok(())
 }

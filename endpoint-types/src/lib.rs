@@ -11,6 +11,7 @@ pub mod error;
 pub mod frame;
 pub mod kube_request;
 pub mod lifecycle;
+pub mod pg_startup;
 pub mod pgwire;
 pub mod policy;
 pub mod resource;

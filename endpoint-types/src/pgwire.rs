@@ -26,6 +26,10 @@ pub const MAX_AUDITED_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 /// Startup parameter the gateway adds for the agent (never accepted from a client): the
 /// cancel key the gateway minted for the session, `<process id>.<secret>`.
 pub const CANCEL_KEY_PARAM: &str = "postern.cancel_key";
+/// Startup parameter the gateway adds when its startup policy refused the client: the reason.
+/// The agent then records the refusal in the customer's trail (applying its own policy to the
+/// client's parameters, which come with it) and answers with a FATAL, never reaching the database.
+pub const REFUSED_PARAM: &str = "postern.refused";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -250,6 +254,10 @@ pub enum Frontend<'a> {
     },
     /// `E`.
     Execute { portal: Cow<'a, str>, max_rows: i32 },
+    /// `F`: a fastpath function call (libpq's `PQfn`, which its large-object functions use,
+    /// and so psql's `\lo_import`/`\lo_export`). Audited like a statement: which function (by
+    /// OID: `SELECT <oid>::regprocedure` names it) and how many arguments, never their values.
+    FunctionCall { function_oid: u32, args: usize },
     /// `X`: the client says goodbye.
     Terminate,
 }
@@ -319,6 +327,38 @@ pub fn frontend_view(tag: u8, body: &[u8]) -> Result<Option<Frontend<'_>>, WireE
             let max_rows = take_i32(&mut b, "Execute")?;
             Frontend::Execute { portal, max_rows }
         }
+        b'F' => {
+            let function_oid = take_i32(&mut b, "FunctionCall")? as u32;
+            let formats = take_i16(&mut b, "FunctionCall")?;
+            if formats < 0 {
+                return Err(WireError::Malformed("FunctionCall"));
+            }
+            b = b
+                .get(formats as usize * 2..)
+                .ok_or(WireError::Malformed("FunctionCall"))?;
+            let n = take_i16(&mut b, "FunctionCall")?;
+            if n < 0 {
+                return Err(WireError::Malformed("FunctionCall"));
+            }
+            for _ in 0..n {
+                let len = take_i32(&mut b, "FunctionCall")?;
+                if len > 0 {
+                    b = b
+                        .get(len as usize..)
+                        .ok_or(WireError::Malformed("FunctionCall"))?;
+                } else if len < -1 {
+                    return Err(WireError::Malformed("FunctionCall"));
+                }
+            }
+            take_i16(&mut b, "FunctionCall")?;
+            if !b.is_empty() {
+                return Err(WireError::Malformed("FunctionCall"));
+            }
+            Frontend::FunctionCall {
+                function_oid,
+                args: n as usize,
+            }
+        }
         b'X' => Frontend::Terminate,
         _ => return Ok(None),
     }))
@@ -370,6 +410,14 @@ mod detail_json {
         pub portal: &'a str,
         pub protocol: &'static str,
         pub statement: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct FunctionCall {
+        pub args: usize,
+        pub function_oid: u32,
+        pub message: &'static str,
+        pub protocol: &'static str,
     }
 
     #[derive(Serialize)]
@@ -428,6 +476,12 @@ impl Frontend<'_> {
                 portal,
                 protocol: "extended",
             }),
+            Frontend::FunctionCall { function_oid, args } => serde_json::to_string(&FunctionCall {
+                args: *args,
+                function_oid: *function_oid,
+                message: "function_call",
+                protocol: "fastpath",
+            }),
             Frontend::Terminate => return None,
         };
         text.ok()
@@ -437,7 +491,7 @@ impl Frontend<'_> {
 
 /// Does the audit need the whole message of this tag?
 fn audited(tag: u8) -> bool {
-    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X')
+    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'F' | b'X')
 }
 
 /// Walks the client's byte stream after startup, message by message, across reads.
@@ -644,138 +698,9 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
-// ---- startup parameter policy ----
+// ---- startup parameter policy: in its own module, re-exported for the callers ----
 
-/// What the front end does with a client's startup parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sanitized {
-    /// Parameters to pass on to the real server (never `user`, `database`, `replication`).
-    pub forward: Vec<(String, String)>,
-    /// Names dropped silently (protocol options and our own internal names).
-    pub stripped: Vec<String>,
-    /// `_pq_.` options to list in NegotiateProtocolVersion.
-    pub protocol_options: Vec<String>,
-}
-
-/// GUC names compare case-insensitively, and `-` stands for `_` in `--name=value`.
-fn guc_name(s: &str) -> String {
-    s.trim().to_ascii_lowercase().replace('-', "_")
-}
-
-/// Settings that would change who the session is: refused wherever they appear.
-fn identity_setting(name: &str) -> bool {
-    matches!(guc_name(name).as_str(), "role" | "session_authorization")
-}
-
-fn truthy(v: &str) -> bool {
-    !matches!(
-        v.trim().to_ascii_lowercase().as_str(),
-        "false" | "off" | "no" | "0" | "f" | "n"
-    )
-}
-
-/// Splits `options` like the server does (`pg_split_opts`): whitespace separates, a
-/// backslash takes the next character literally.
-pub fn split_options(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => cur.extend(chars.next()),
-            c if c.is_ascii_whitespace() => {
-                if !cur.is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-            }
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-/// The GUC names an `options` value sets (`-c name=value`, `-cname=value`, `--name=value`).
-fn option_settings(options: &str) -> Vec<String> {
-    let words = split_options(options);
-    let mut names = Vec::new();
-    let mut i = 0;
-    while let Some(w) = words.get(i) {
-        let setting = if w == "-c" {
-            i += 1;
-            words.get(i).map(String::as_str)
-        } else if let Some(s) = w.strip_prefix("--") {
-            Some(s)
-        } else {
-            w.strip_prefix("-c")
-        };
-        if let Some(s) = setting {
-            names.push(s.split_once('=').map(|(n, _)| n).unwrap_or(s).to_string());
-        }
-        i += 1;
-    }
-    names
-}
-
-/// Applies the endpoint's startup policy: identity and scope cannot be changed by a client.
-/// `database` absent means the endpoint's own; any other is refused, as are `replication`
-/// and any way of setting `role` or `session_authorization`.
-pub fn sanitize(
-    params: &[(String, String)],
-    endpoint_database: &str,
-) -> Result<Sanitized, PgError> {
-    let refuse = |what: String| {
-        PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, what)
-            .hint("an ops endpoint's identity and scope are fixed by the appliance; connect with the generated connection string")
-    };
-    let mut s = Sanitized {
-        forward: Vec::new(),
-        stripped: Vec::new(),
-        protocol_options: Vec::new(),
-    };
-    for (name, value) in params {
-        match name.as_str() {
-            "user" => {}
-            "database" => {
-                if !value.is_empty() && value != endpoint_database {
-                    return Err(refuse(format!(
-                        "this endpoint serves database \"{endpoint_database}\" only, not \"{value}\""
-                    )));
-                }
-            }
-            "replication" => {
-                if truthy(value) {
-                    return Err(refuse(
-                        "replication connections are not allowed through an ops endpoint".into(),
-                    ));
-                }
-                s.stripped.push(name.clone());
-            }
-            "options" => {
-                if let Some(bad) = option_settings(value)
-                    .into_iter()
-                    .find(|n| identity_setting(n))
-                {
-                    return Err(refuse(format!(
-                        "setting \"{bad}\" in options is not allowed through an ops endpoint"
-                    )));
-                }
-                s.forward.push((name.clone(), value.clone()));
-            }
-            n if n.starts_with("_pq_.") => s.protocol_options.push(name.clone()),
-            n if guc_name(n).starts_with("postern.") => s.stripped.push(name.clone()),
-            n if identity_setting(n) => {
-                return Err(refuse(format!(
-                    "startup parameter \"{n}\" is not allowed through an ops endpoint"
-                )));
-            }
-            _ => s.forward.push((name.clone(), value.clone())),
-        }
-    }
-    Ok(s)
-}
+pub use crate::pg_startup::{sanitize, split_options, Sanitized};
 
 /// A `StartupMessage` (3.0) with `params`, as the agent receives it from the gateway.
 pub fn startup_message(out: &mut BytesMut, params: &[(String, String)]) {

@@ -210,8 +210,57 @@ fn owned(f: Frontend<'_>) -> Frontend<'static> {
             portal: o(portal),
             max_rows,
         },
+        Frontend::FunctionCall { function_oid, args } => {
+            Frontend::FunctionCall { function_oid, args }
+        }
         Frontend::Terminate => Frontend::Terminate,
     }
+}
+
+/// libpq's `PQfn` as `lo_write` sends it: `lowrite(fd int4, data bytea)`, binary arguments.
+fn function_call_lowrite(fd: i32, data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&955u32.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&2i16.to_be_bytes());
+    body.extend_from_slice(&4i32.to_be_bytes());
+    body.extend_from_slice(&fd.to_be_bytes());
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    body.extend_from_slice(&1i16.to_be_bytes());
+    let mut wire = vec![b'F'];
+    wire.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    wire.extend_from_slice(&body);
+    wire
+}
+
+#[test]
+fn fastpath_function_calls_are_audited_without_their_arguments() {
+    let mut wire = function_call_lowrite(0, b"secret bytes");
+    wire.extend_from_slice(&built(frontend::sync));
+    let mut scan = FrontendScan::new(1024);
+    let mut seen = Vec::new();
+    assert_eq!(scan.scan(&wire, &mut seen), Ok(wire.len()));
+    assert_eq!(
+        seen,
+        [Frontend::FunctionCall {
+            function_oid: 955,
+            args: 2
+        }]
+    );
+    let detail = seen[0].audit_detail_json().unwrap().get().to_string();
+    assert_eq!(
+        detail,
+        r#"{"args":2,"function_oid":955,"message":"function_call","protocol":"fastpath"}"#
+    );
+    assert!(!detail.contains("secret"));
+    // Held whole for the audit, so bounded by the audit limit like a Query.
+    let big = function_call_lowrite(0, &[0u8; 2048]);
+    assert!(matches!(
+        FrontendScan::new(1024).scan(&big, &mut Vec::new()),
+        Err(WireError::TooLarge { .. })
+    ));
 }
 
 #[test]
@@ -260,6 +309,22 @@ fn malformed_audited_messages_are_errors() {
             b"\0\0\0\0\0\x01\0\0\0\x09ab".to_vec(),
         ),
         ("execute short", b'E', b"\0\0\0".to_vec()),
+        ("function call short", b'F', b"\0\0\x03".to_vec()),
+        (
+            "function call arg past end",
+            b'F',
+            b"\0\0\x03\xbb\0\0\0\x01\0\0\0\x09ab\0\x01".to_vec(),
+        ),
+        (
+            "function call no result format",
+            b'F',
+            b"\0\0\x03\xbb\0\0\0\0".to_vec(),
+        ),
+        (
+            "function call trailing bytes",
+            b'F',
+            b"\0\0\x03\xbb\0\0\0\0\0\x01!".to_vec(),
+        ),
     ];
     for (name, tag, body) in cases {
         assert!(frontend_view(tag, &body).is_err(), "{name}");
@@ -328,67 +393,6 @@ fn backend_messages_parse_with_a_real_client_library() {
     assert_eq!(
         error_fields(&e[5..]),
         ("28P01".to_string(), "nope".to_string())
-    );
-}
-
-#[test]
-fn startup_policy() {
-    let ok = |p: &[(&str, &str)]| sanitize(&params(p), "appdb");
-    let refused = |p: &[(&str, &str)]| ok(p).map(|_| ()).unwrap_err().sqlstate;
-    let s = ok(&[
-        ("user", "ep_1"),
-        ("database", "appdb"),
-        ("application_name", "psql"),
-        ("client_encoding", "UTF8"),
-        ("options", "-c search_path=app -c statement_timeout=5s"),
-        ("replication", "false"),
-        ("postern.cancel_key", "1.2"),
-        ("_pq_.compression", "on"),
-    ])
-    .unwrap();
-    assert_eq!(
-        s.forward,
-        params(&[
-            ("application_name", "psql"),
-            ("client_encoding", "UTF8"),
-            ("options", "-c search_path=app -c statement_timeout=5s")
-        ])
-    );
-    assert_eq!(s.stripped, ["replication", "postern.cancel_key"]);
-    assert_eq!(s.protocol_options, ["_pq_.compression"]);
-    assert!(
-        ok(&[("user", "ep_1")]).is_ok(),
-        "no database means the endpoint's"
-    );
-    for bad in [
-        &[("database", "postgres")][..],
-        &[("replication", "database")],
-        &[("replication", "true")],
-        &[("role", "postgres")],
-        &[("ROLE", "postgres")],
-        &[("session_authorization", "postgres")],
-        &[("options", "-c role=postgres")],
-        &[("options", "-crole=postgres")],
-        &[("options", "--role=postgres")],
-        &[(
-            "options",
-            "-c search_path=x -c Session-Authorization=postgres",
-        )],
-        &[("options", "-c\\ role=postgres")],
-    ] {
-        assert_eq!(refused(bad), sqlstate::INSUFFICIENT_PRIVILEGE, "{bad:?}");
-    }
-}
-
-#[test]
-fn options_split_like_the_server() {
-    assert_eq!(
-        split_options("  -c a=b\\ c   --x=y "),
-        ["-c", "a=b c", "--x=y"]
-    );
-    assert_eq!(
-        option_settings("-c a=1 -cb=2 --c-d=3 -c"),
-        ["a", "b", "c-d"]
     );
 }
 
@@ -516,6 +520,9 @@ fn value_form(f: &Frontend<'_>) -> Option<serde_json::Value> {
         Frontend::Execute { portal, max_rows } => {
             json!({ "protocol": "extended", "message": "execute", "portal": portal, "max_rows": max_rows })
         }
+        Frontend::FunctionCall { function_oid, args } => {
+            json!({ "protocol": "fastpath", "message": "function_call", "function_oid": function_oid, "args": args })
+        }
         Frontend::Terminate => return None,
     })
 }
@@ -567,6 +574,14 @@ fn statement_detail_json_matches_the_value_form() {
         Frontend::Execute {
             portal: "".into(),
             max_rows: i32::MAX,
+        },
+        Frontend::FunctionCall {
+            function_oid: 955,
+            args: 2,
+        },
+        Frontend::FunctionCall {
+            function_oid: u32::MAX,
+            args: 0,
         },
         Frontend::Terminate,
     ] {

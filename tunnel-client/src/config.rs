@@ -139,6 +139,9 @@ pub struct ResourceConfig {
     pub database: Option<String>,
     pub schemas: Option<Vec<String>>,
     pub privileges: Option<Vec<String>>,
+    /// The role that objects an endpoint's role created are reassigned to at teardown; needed
+    /// for `CREATE` in `privileges`. Never superuser, createrole, createdb or bypassrls.
+    pub owner_role: Option<String>,
     // ssh
     pub host: Option<String>,
     pub user: Option<String>,
@@ -387,6 +390,7 @@ impl ResourceConfig {
             ("database", Postgres, self.database.is_some()),
             ("schemas", Postgres, self.schemas.is_some()),
             ("privileges", Postgres, self.privileges.is_some()),
+            ("owner_role", Postgres, self.owner_role.is_some()),
             ("host", Ssh, self.host.is_some()),
             ("user", Ssh, self.user.is_some()),
             ("key", Ssh, self.key.is_some()),

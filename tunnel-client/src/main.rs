@@ -155,6 +155,7 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
 
 async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    tunnel_client::postgres::check_owner_roles(&config).await?;
     let gateway = config.gateway.clone();
     let appliance_id = config.appliance_id.clone();
     let shutdown = CancellationToken::new();

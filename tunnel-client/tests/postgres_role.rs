@@ -6,12 +6,20 @@ use std::time::Duration;
 use tunnel_client::{config::AgentConfig, postgres};
 
 fn resource(url: &str) -> tunnel_client::config::ResourceConfig {
+    resource_with(url, "privileges = [\"SELECT\", \"INSERT\"]\n")
+}
+
+/// A resource on `url`'s database, schema `app`, with `extra` keys (privileges, owner_role).
+fn resource_with(url: &str, extra: &str) -> tunnel_client::config::ResourceConfig {
+    config_with(url, extra).resources[0].clone()
+}
+
+fn config_with(url: &str, extra: &str) -> AgentConfig {
     let text = format!(
         "audit_path = \"a\"\n[[resource]]\nid = \"aws_db_instance.main\"\nkind = \"postgres\"\nadmin_url = \"{url}\"\n\
-         schemas = [\"app\"]\nprivileges = [\"SELECT\", \"INSERT\"]\n"
+         schemas = [\"app\"]\n{extra}"
     );
-    let c = AgentConfig::parse(&text, std::path::Path::new("/etc/postern/agent.toml")).unwrap();
-    c.resources[0].clone()
+    AgentConfig::parse(&text, std::path::Path::new("/etc/postern/agent.toml")).unwrap()
 }
 
 async fn connect(url: &str, user: &str, password: &str) -> tokio_postgres::Client {
@@ -190,6 +198,14 @@ fn bad_postgres_resources_are_config_errors() {
         ("privileges = [\"ALL\"]\n", "privileges"),
         ("schemas = []\n", "schemas"),
         (
+            "privileges = [\"SELECT\", \"CREATE\"]\n",
+            "needs `owner_role`",
+        ),
+        (
+            "privileges = [\"SELECT\"]\nowner_role = \"pg_write_server_files\"\n",
+            "owner_role",
+        ),
+        (
             "admin_url = \"postgres://x@h/db?sslmode=verify-full\"\n",
             "sslrootcert",
         ),
@@ -297,4 +313,105 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
             .await
             .unwrap();
     }
+}
+
+/// What an endpoint's role creates goes to `owner_role` at teardown, never to the admin: a
+/// `SECURITY DEFINER` function made through endpoint 1 runs as `owner_role` afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("owner");
+    cluster.psql(
+        &url,
+        "CREATE SCHEMA app; CREATE TABLE app.items (name text); CREATE ROLE app_owner_t NOLOGIN;",
+    );
+    let res = resource_with(
+        &url,
+        "privileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"app_owner_t\"\n",
+    );
+    postgres::validate_config(&res).unwrap();
+    postgres::check_owner_roles(&config_with(
+        &url,
+        "privileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"app_owner_t\"\n",
+    ))
+    .await
+    .unwrap();
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+    postgres::prepare_role(&res, "ep_owner1", expires)
+        .await
+        .unwrap();
+    let role = postgres::ready_role("ep_owner1").await.unwrap();
+    let c = connect(&url, &role.name, role.password.expose()).await;
+    c.batch_execute(
+        "CREATE FUNCTION app.whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT current_user::text'; \
+         CREATE VIEW app.peek AS SELECT current_user::text AS who",
+    )
+    .await
+    .unwrap();
+    // Only in scope: not in public, no schema of its own.
+    assert_eq!(
+        sqlstate(c.batch_execute("CREATE TABLE public.t (x int)").await),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(c.batch_execute("CREATE SCHEMA mine").await),
+        "42501"
+    );
+    drop(c);
+    postgres::teardown_role("ep_owner1").await.unwrap();
+    let owners = cluster.psql(
+        &url,
+        "SELECT (SELECT proowner::regrole::text FROM pg_proc WHERE proname = 'whoami'), \
+         (SELECT relowner::regrole::text FROM pg_class WHERE relname = 'peek'), app.whoami()",
+    );
+    assert_eq!(
+        owners.trim(),
+        "app_owner_t|app_owner_t|app_owner_t",
+        "the admin runs it as owner_role, not as itself"
+    );
+}
+
+/// Without `owner_role` the role can create nothing: PUBLIC's CREATE on `public` (clusters
+/// made by PostgreSQL 14 or older) refuses the endpoint rather than let it; an owner_role
+/// with powers is refused at start-up and when a role is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_outside_scope_and_powerful_owners_are_refused() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("pubcreate");
+    cluster.psql(&url, "CREATE SCHEMA app; GRANT CREATE ON SCHEMA public TO PUBLIC; CREATE ROLE creator_t NOLOGIN CREATEROLE;");
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
+    let e = postgres::prepare_role(&resource(&url), "ep_pub1", expires)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"public\"") && e.contains("REVOKE CREATE ON SCHEMA \"public\" FROM PUBLIC"),
+        "{e}"
+    );
+    let none = cluster.psql(
+        &url,
+        "SELECT count(*) FROM pg_roles WHERE rolname = 'postern_ep_pub1'",
+    );
+    assert_eq!(none.trim(), "0", "the refused role is not left behind");
+    cluster.psql(&url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    postgres::prepare_role(&resource(&url), "ep_pub2", expires)
+        .await
+        .unwrap();
+    postgres::teardown_role("ep_pub2").await.unwrap();
+
+    let bad = "privileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"creator_t\"\n";
+    let e = postgres::check_owner_roles(&config_with(&url, bad))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("\"creator_t\" has CREATEROLE"), "{e:?}");
+    let e = postgres::prepare_role(&resource_with(&url, bad), "ep_pub3", expires)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CREATEROLE"), "{e}");
+    let missing = "privileges = [\"SELECT\"]\nowner_role = \"nobody_t\"\n";
+    let e = postgres::check_owner_roles(&config_with(&url, missing))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("does not exist"), "{e:?}");
 }

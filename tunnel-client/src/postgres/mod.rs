@@ -41,6 +41,30 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
     role::Scope::of(resource, &config).validate()
 }
 
+/// At start-up: every postgres resource's `owner_role` is a role objects may safely go to.
+/// A bad one stops the agent with the reason; a database that cannot be reached now only
+/// warns (the check runs again whenever an endpoint's role is made).
+pub async fn check_owner_roles(
+    config: &crate::config::AgentConfig,
+) -> Result<(), endpoint_types::ApiError> {
+    for resource in config.resources.iter().filter(|r| r.owner_role.is_some()) {
+        let admin = Admin::new(resource).map_err(|e| {
+            endpoint_types::ApiError::invalid(format!("resource {}: {e}", resource.id))
+        })?;
+        match admin.check_owner_now().await {
+            Ok(()) => {}
+            Err(RoleError::Unsafe(why)) => {
+                return Err(endpoint_types::ApiError::invalid(format!("resource {}: {why}", resource.id))
+                    .hint("fix owner_role in agent.toml (or the role's attributes in the database) and start the agent again"));
+            }
+            Err(e) => {
+                tracing::warn!(resource = %resource.id, error = %e, "could not check owner_role now; it is checked again when an endpoint's role is made")
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A role that exists in the database and the password to log in with.
 #[derive(Debug)]
 pub struct ReadyRole {

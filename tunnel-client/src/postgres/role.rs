@@ -3,6 +3,12 @@
 //! Scope is enforced by PostgreSQL's own privileges: the role is an ordinary unprivileged
 //! login with exactly the configured grants, so whatever SQL comes through, the server decides.
 //! The statements are built by pure functions (unit-tested); [`Admin`] runs them.
+//!
+//! Objects the role creates never become the admin's: at teardown they are reassigned to the
+//! resource's `owner_role` (an ordinary role the customer names and the agent checks), and
+//! without one the role may create nothing at all: it gets no `CREATE`, and an endpoint whose
+//! role could still create somewhere (PUBLIC's `CREATE` on `public`, as clusters made by
+//! PostgreSQL 14 and older have) is refused rather than the customer's grants changed.
 
 use super::tls::{split_tls_options, DbTls};
 use crate::config::ResourceConfig;
@@ -27,6 +33,15 @@ pub const PRIVILEGES: &[&str] = &[
     "REFERENCES",
     "TRIGGER",
 ];
+/// The schema privilege `privileges` may add: `CREATE` on the schemas in scope.
+pub const CREATE: &str = "CREATE";
+/// Predefined roles whose privileges reach the server's files or programs: code an endpoint
+/// left behind must not run with them, so an `owner_role` may not have them.
+const SERVER_ACCESS_ROLES: &[&str] = &[
+    "pg_execute_server_program",
+    "pg_read_server_files",
+    "pg_write_server_files",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -38,6 +53,9 @@ pub enum RoleError {
     Connect(String),
     #[error("database refused {what}: {error}")]
     Sql { what: String, error: String },
+    /// The role would reach beyond its scope; it is not made (or not handed out).
+    #[error("{0}")]
+    Unsafe(String),
 }
 
 /// `"ident"` with embedded quotes doubled.
@@ -75,6 +93,8 @@ pub struct Scope {
     pub database: String,
     pub schemas: Vec<String>,
     pub privileges: Vec<String>,
+    /// Where the role's objects go at teardown (`owner_role`); `None`: it may own nothing.
+    pub owner_role: Option<String>,
 }
 
 impl Scope {
@@ -92,6 +112,30 @@ impl Scope {
                 .iter()
                 .map(|p| p.trim().to_ascii_uppercase())
                 .collect(),
+            owner_role: resource.owner_role.clone(),
+        }
+    }
+
+    /// `CREATE` on the schemas in scope is granted.
+    pub fn creates(&self) -> bool {
+        self.privileges.iter().any(|p| p == CREATE)
+    }
+
+    /// The table privileges granted (everything but `CREATE`).
+    pub fn table_privileges(&self) -> Vec<&str> {
+        self.privileges
+            .iter()
+            .map(String::as_str)
+            .filter(|p| *p != CREATE)
+            .collect()
+    }
+
+    /// Schemas the role may create objects in: the scope's with `CREATE`, else none.
+    pub fn create_schemas(&self) -> Vec<String> {
+        if self.creates() {
+            self.schemas.clone()
+        } else {
+            Vec::new()
         }
     }
 
@@ -105,15 +149,31 @@ impl Scope {
         if let Some(p) = self
             .privileges
             .iter()
-            .find(|p| !PRIVILEGES.contains(&p.as_str()))
+            .find(|p| !PRIVILEGES.contains(&p.as_str()) && p.as_str() != CREATE)
         {
             return Err(format!(
-                "`privileges`: {p:?} is not a table privilege (use {})",
+                "`privileges`: {p:?} is not a table privilege (use {}) or CREATE",
                 PRIVILEGES.join(", ")
             ));
         }
         if self.privileges.is_empty() {
             return Err("`privileges` is empty".into());
+        }
+        if let Some(owner) = &self.owner_role {
+            let lower = owner.to_ascii_lowercase();
+            if owner.trim().is_empty()
+                || lower.starts_with("pg_")
+                || lower.starts_with("postern_")
+                || lower == "public"
+            {
+                return Err(format!(
+                    "`owner_role` {owner:?} cannot be used: name an ordinary role of yours (not empty, not PUBLIC, not pg_… or postern_…)"
+                ));
+            }
+        } else if self.creates() {
+            return Err("`privileges` has CREATE, which needs `owner_role`: the role that objects made through an endpoint \
+                        are reassigned to when it ends (never the admin)"
+                .into());
         }
         Ok(())
     }
@@ -128,7 +188,7 @@ pub fn create_statements(
     verifier: &str,
 ) -> Option<Vec<String>> {
     let r = quote_ident(role);
-    let privs = scope.privileges.join(", ");
+    let privs = scope.table_privileges().join(", ");
     let mut out = vec![format!(
         "CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS \
          CONNECTION LIMIT {CONNECTION_LIMIT} VALID UNTIL {} PASSWORD {}",
@@ -142,7 +202,12 @@ pub fn create_statements(
     for s in &scope.schemas {
         let s = quote_ident(s);
         out.push(format!("GRANT USAGE ON SCHEMA {s} TO {r}"));
-        out.push(format!("GRANT {privs} ON ALL TABLES IN SCHEMA {s} TO {r}"));
+        if scope.creates() {
+            out.push(format!("GRANT CREATE ON SCHEMA {s} TO {r}"));
+        }
+        if !privs.is_empty() {
+            out.push(format!("GRANT {privs} ON ALL TABLES IN SCHEMA {s} TO {r}"));
+        }
         // Inserting into a serial column needs its sequence.
         if scope.privileges.iter().any(|p| p == "INSERT") {
             out.push(format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {s} TO {r}"));
@@ -154,6 +219,72 @@ pub fn create_statements(
         path.join(", ")
     ));
     Some(out)
+}
+
+/// What the database says of an `owner_role`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerAttributes {
+    pub superuser: bool,
+    pub createrole: bool,
+    pub createdb: bool,
+    pub bypassrls: bool,
+    pub replication: bool,
+    /// Of [`SERVER_ACCESS_ROLES`], those whose privileges it has.
+    pub server_access: Vec<String>,
+}
+
+/// Why `owner` may not receive an endpoint's objects, if it may not: code an operator left
+/// behind (a `SECURITY DEFINER` function, a view) runs with its owner's powers.
+pub fn owner_refusal(owner: &str, attributes: Option<&OwnerAttributes>) -> Option<String> {
+    let Some(a) = attributes else {
+        return Some(format!("`owner_role` \"{owner}\" does not exist in the database; create it (NOLOGIN is enough) or fix the name"));
+    };
+    let mut powers: Vec<&str> = [
+        (a.superuser, "SUPERUSER"),
+        (a.createrole, "CREATEROLE"),
+        (a.createdb, "CREATEDB"),
+        (a.bypassrls, "BYPASSRLS"),
+        (a.replication, "REPLICATION"),
+    ]
+    .into_iter()
+    .filter_map(|(has, name)| has.then_some(name))
+    .collect();
+    powers.extend(a.server_access.iter().map(String::as_str));
+    (!powers.is_empty()).then(|| {
+        format!(
+            "`owner_role` \"{owner}\" has {}: objects made through an endpoint are reassigned to it and would run with \
+             that power; name an ordinary role without SUPERUSER, CREATEROLE, CREATEDB, BYPASSRLS, REPLICATION or {}",
+            powers.join(", "),
+            SERVER_ACCESS_ROLES.join("/")
+        )
+    })
+}
+
+/// Why a freshly made role may not be handed out, if it may not: it could create objects
+/// outside `allowed` (schemas), or schemas of its own (`database_create`).
+pub fn outside_scope_refusal(
+    role: &str,
+    creatable: &[String],
+    allowed: &[String],
+    database_create: bool,
+) -> Option<String> {
+    let outside: Vec<&String> = creatable.iter().filter(|s| !allowed.contains(s)).collect();
+    if let Some(first) = outside.first() {
+        let list: Vec<String> = outside.iter().map(|s| format!("\"{s}\"")).collect();
+        return Some(format!(
+            "the endpoint's role {role} could create objects in schema {} outside its scope (a CREATE granted to PUBLIC, \
+             as `public` has on clusters made by PostgreSQL 14 or older); run `REVOKE CREATE ON SCHEMA {} FROM PUBLIC` \
+             as the admin, or put the schema in `schemas` with CREATE in `privileges` and an `owner_role`",
+            list.join(", "),
+            quote_ident(first)
+        ));
+    }
+    database_create.then(|| {
+        format!(
+            "the endpoint's role {role} could create schemas in the database (CREATE on it is granted to PUBLIC); \
+             run `REVOKE CREATE ON DATABASE … FROM PUBLIC` as the admin"
+        )
+    })
 }
 
 /// The admin connection of one resource.
@@ -255,7 +386,8 @@ impl Admin {
         Ok(client)
     }
 
-    /// Creates the role (all or nothing).
+    /// Creates the role (all or nothing): refused if the `owner_role` is not a safe owner, or
+    /// if the role could create objects anywhere its scope does not say.
     pub async fn create_role(
         &self,
         role: &str,
@@ -266,16 +398,87 @@ impl Admin {
             .ok_or_else(|| RoleError::Config("unquotable role attributes".into()))?;
         let mut client = self.connect().await?;
         let tx = client.transaction().await.map_err(sql_err("BEGIN"))?;
+        self.check_owner(&tx).await?;
         for s in &statements {
             // Logged without the PASSWORD clause.
             let what = s.split(" PASSWORD ").next().unwrap_or_default().to_string();
             tx.batch_execute(s).await.map_err(sql_err(what))?;
         }
+        // PUBLIC's grants apply to every role, this one included; they are checked, not
+        // changed (the customer's other roles may rely on them).
+        let creatable: Vec<String> = tx
+            .query(
+                "SELECT nspname::text FROM pg_namespace WHERE has_schema_privilege($1::name, oid, 'CREATE') ORDER BY 1",
+                &[&role],
+            )
+            .await
+            .map_err(sql_err("has_schema_privilege"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let database_create: bool = tx
+            .query_one(
+                "SELECT has_database_privilege($1::name, current_database(), 'CREATE')",
+                &[&role],
+            )
+            .await
+            .map_err(sql_err("has_database_privilege"))?
+            .get(0);
+        if let Some(why) = outside_scope_refusal(
+            role,
+            &creatable,
+            &self.scope.create_schemas(),
+            database_create,
+        ) {
+            return Err(RoleError::Unsafe(why));
+        }
         tx.commit().await.map_err(sql_err("COMMIT"))
     }
 
+    /// Checks the resource's `owner_role` (if any) is a role objects may safely go to.
+    pub async fn check_owner(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+    ) -> Result<(), RoleError> {
+        let Some(owner) = &self.scope.owner_role else {
+            return Ok(());
+        };
+        let server_access: Vec<String> =
+            SERVER_ACCESS_ROLES.iter().map(|s| s.to_string()).collect();
+        let row = client
+            .query_opt(
+                "SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication, \
+                 ARRAY(SELECT s FROM unnest($2::text[]) s WHERE pg_has_role(r.oid, s::name, 'USAGE'))::text[] \
+                 FROM pg_roles r WHERE rolname = $1::name",
+                &[owner, &server_access],
+            )
+            .await
+            .map_err(sql_err("checking owner_role"))?;
+        let attributes = row.map(|r| OwnerAttributes {
+            superuser: r.get(0),
+            createrole: r.get(1),
+            createdb: r.get(2),
+            bypassrls: r.get(3),
+            replication: r.get(4),
+            server_access: r.get(5),
+        });
+        match owner_refusal(owner, attributes.as_ref()) {
+            Some(why) => Err(RoleError::Unsafe(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// The start-up check of `owner_role`: a bad one is an error; a database that cannot be
+    /// reached now is not (it is checked again whenever a role is made).
+    pub async fn check_owner_now(&self) -> Result<(), RoleError> {
+        let client = self.connect().await?;
+        self.check_owner(&client).await
+    }
+
     /// Ends the role: no new logins, its backends terminated, what it owns reassigned to the
-    /// admin and its privileges revoked, then the role dropped. A role already gone is fine.
+    /// `owner_role` (checked again: it may have changed since) or, without one, dropped with
+    /// its privileges, then the role dropped. Never reassigned to the admin. A role already
+    /// gone is fine.
     pub async fn drop_role(&self, role: &str) -> Result<(), RoleError> {
         let client = self.connect().await?;
         let r = quote_ident(role);
@@ -307,10 +510,19 @@ impl Admin {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let reassign = match &self.scope.owner_role {
+            Some(owner) => {
+                if let Err(RoleError::Unsafe(why)) = self.check_owner(&client).await {
+                    return Err(RoleError::Unsafe(format!(
+                        "{why}; the role {role} is left NOLOGIN with what it owns, to be reassigned or dropped by hand"
+                    )));
+                }
+                format!("REASSIGN OWNED BY {r} TO {}; ", quote_ident(owner))
+            }
+            None => String::new(),
+        };
         client
-            .batch_execute(&format!(
-                "REASSIGN OWNED BY {r} TO CURRENT_USER; DROP OWNED BY {r}; DROP ROLE {r}"
-            ))
+            .batch_execute(&format!("{reassign}DROP OWNED BY {r}; DROP ROLE {r}"))
             .await
             .map_err(sql_err("DROP ROLE"))
     }
@@ -330,80 +542,5 @@ impl Admin {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scope(privs: &[&str]) -> Scope {
-        Scope {
-            database: "app db".into(),
-            schemas: vec!["app".into(), "we\"ird".into()],
-            privileges: privs.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's").as_deref(), Some("'it''s'"));
-        assert_eq!(quote_literal("a\\b"), None);
-        assert_eq!(role_name("ep_7F3A-x"), "postern_ep_7f3a_x");
-        assert_eq!(role_name(&"x".repeat(100)).len(), 63);
-    }
-
-    #[test]
-    fn statements_grant_exactly_the_scope() {
-        let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let s = create_statements(
-            "postern_ep_1",
-            &scope(&["SELECT", "INSERT"]),
-            at,
-            "SCRAM-SHA-256$4096:x$y:z",
-        )
-        .unwrap();
-        assert_eq!(
-            s,
-            [
-                "CREATE ROLE \"postern_ep_1\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS \
-                 CONNECTION LIMIT 64 VALID UNTIL '2026-01-01T00:00:00Z' PASSWORD 'SCRAM-SHA-256$4096:x$y:z'",
-                "GRANT CONNECT ON DATABASE \"app db\" TO \"postern_ep_1\"",
-                "GRANT USAGE ON SCHEMA \"app\" TO \"postern_ep_1\"",
-                "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA \"app\" TO \"postern_ep_1\"",
-                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA \"app\" TO \"postern_ep_1\"",
-                "GRANT USAGE ON SCHEMA \"we\"\"ird\" TO \"postern_ep_1\"",
-                "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA \"we\"\"ird\" TO \"postern_ep_1\"",
-                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA \"we\"\"ird\" TO \"postern_ep_1\"",
-                "ALTER ROLE \"postern_ep_1\" SET search_path = \"app\", \"we\"\"ird\"",
-            ]
-        );
-        let read_only = create_statements("r", &scope(&["SELECT"]), at, "v").unwrap();
-        assert!(!read_only.iter().any(|s| s.contains("SEQUENCES")));
-    }
-
-    #[test]
-    fn scope_validation() {
-        let cases: Vec<(Scope, bool)> = vec![
-            (scope(&["SELECT"]), true),
-            (scope(&["SELECT", "DELETE"]), true),
-            (scope(&["ALL"]), false),
-            (scope(&["SELECT; DROP TABLE x"]), false),
-            (scope(&[]), false),
-            (
-                Scope {
-                    schemas: vec![],
-                    ..scope(&["SELECT"])
-                },
-                false,
-            ),
-            (
-                Scope {
-                    database: " ".into(),
-                    ..scope(&["SELECT"])
-                },
-                false,
-            ),
-        ];
-        for (s, ok) in cases {
-            assert_eq!(s.validate().is_ok(), ok, "{s:?}");
-        }
-    }
-}
+#[path = "role_tests.rs"]
+mod tests;

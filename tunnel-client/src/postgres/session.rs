@@ -194,15 +194,28 @@ impl Session<'_> {
             .iter()
             .find(|(k, _)| k == CANCEL_KEY_PARAM)
             .and_then(|(_, v)| CancelKey::from_param(v));
-        // The agent is the customer's enforcement point: the policy is applied again here.
-        let forward = match pgwire::sanitize(&params, &self.role.admin.scope.database) {
-            Ok(s) => s.forward,
-            Err(e) => {
-                self.ctx.audit.record_or_log(entry(
-                    "denied",
-                    self.open,
-                    json!({ "action": "session", "reason": e.message }),
-                ));
+        // The agent is the customer's enforcement point: the policy is applied again here,
+        // and a startup the gateway refused never reaches the database either.
+        let refused_by_gateway = params
+            .iter()
+            .find(|(k, _)| k == pgwire::REFUSED_PARAM)
+            .map(|(_, v)| v.clone());
+        let checked = pgwire::sanitize(&params, &self.role.admin.scope.database);
+        let refusal = match (checked, refused_by_gateway) {
+            (Ok(s), None) => Ok(s.forward),
+            (Err(e), _) => Err((e, "agent")),
+            (Ok(_), Some(why)) => Err((
+                PgError::fatal(pgwire::sqlstate::INSUFFICIENT_PRIVILEGE, why),
+                "gateway",
+            )),
+        };
+        let forward = match refusal {
+            Ok(f) => f,
+            Err((e, by)) => {
+                let detail = json!({ "action": "session", "sqlstate": e.sqlstate, "reason": e.message, "refused_by": by });
+                self.ctx
+                    .audit
+                    .record_or_log(entry("denied", self.open, detail));
                 return self.fail(&mut send, e).await;
             }
         };

@@ -36,6 +36,10 @@ const READ_BUF: usize = 64 * 1024;
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
+#[path = "startup_refusal.rs"]
+mod startup_refusal;
+use startup_refusal::refuse_startup;
+
 pub(super) async fn connection(
     gw: Arc<Gateway>,
     front: Arc<Front>,
@@ -53,8 +57,14 @@ pub(super) async fn connection(
                 r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&gw, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
                 _ = ep.cancel.cancelled() => None,
             };
-            if let Some((tls, auth, forward)) = ready {
-                run(gw, front, tls, ep, auth, forward, client).await;
+            match ready {
+                Some((tls, auth, Policy::Forward(forward))) => {
+                    run(gw, front, tls, ep, auth, forward, client).await
+                }
+                Some((tls, _auth, Policy::Refused(params, e))) => {
+                    refuse_startup(&gw, tls, &ep, params, e, client).await
+                }
+                None => {}
             }
         }
         Ok(Some(Hello::Cancel(key))) => cancel(&gw, &front, key, client).await,
@@ -225,6 +235,14 @@ struct Authenticated {
     mechanism: &'static str,
 }
 
+/// What the startup policy made of an authenticated client's parameters.
+enum Policy {
+    /// What to pass on to the agent.
+    Forward(Vec<(String, String)>),
+    /// Refused: the client's parameters and why.
+    Refused(Vec<(String, String)>, PgError),
+}
+
 /// SCRAM against the endpoint's verifier, then the session limit and the startup policy.
 async fn authenticate(
     gw: &Gateway,
@@ -233,7 +251,7 @@ async fn authenticate(
     ep: &Arc<LiveEndpoint>,
     params: Vec<(String, String)>,
     mut buf: BytesMut,
-) -> Option<(Box<Tls>, Authenticated, Vec<(String, String)>)> {
+) -> Option<(Box<Tls>, Authenticated, Policy)> {
     let Some(ClientCredential::Postgres { scram_verifier }) = &ep.credential else {
         send_error(
             &mut tls,
@@ -337,28 +355,23 @@ async fn authenticate(
         send_error(&mut tls, &e).await;
         return None;
     };
-    match pgwire::sanitize(&params, &database) {
-        Ok(s) => {
-            if !buf.is_empty() {
-                // Nothing may follow the last SASL message before the server answers.
-                return None;
-            }
-            Some((
-                tls,
-                Authenticated {
-                    sasl_final: out,
-                    slot,
-                    mechanism,
-                },
-                s.forward,
-            ))
-        }
-        Err(e) => {
-            deny(gw, ep, &e).await;
-            send_error(&mut tls, &e).await;
-            None
-        }
+    if !buf.is_empty() {
+        // Nothing may follow the last SASL message before the server answers.
+        return None;
     }
+    let policy = match pgwire::sanitize(&params, &database) {
+        Ok(s) => Policy::Forward(s.forward),
+        Err(e) => Policy::Refused(params, e),
+    };
+    Some((
+        tls,
+        Authenticated {
+            sasl_final: out,
+            slot,
+            mechanism,
+        },
+        policy,
+    ))
 }
 
 fn scram_error(e: certs::scram::ScramError, wrong: &dyn Fn() -> PgError) -> PgError {
