@@ -442,7 +442,7 @@ fn enroll_fleet(
             path,
             format!(
                 "audit_path = \"{}\"\n\n[policy]\napproval = \"automatic\"\n\n[tools]\nkubectl = \"/bin/echo\"\n\n\
-                 [[resource]]\nid = \"{RESOURCE}\"\nkind = \"kubernetes\"\n",
+                 [[resource]]\nid = \"{RESOURCE}\"\nkind = \"kubernetes\"\nnamespaces = [\"default\"]\n",
                 dir.join("audit.jsonl").display()
             ),
         )

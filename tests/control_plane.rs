@@ -336,9 +336,10 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     assert_eq!(preview["stage"], "output");
     let out = preview["output"]["stdout"].as_str().unwrap();
     assert!(out.contains("args: get pods -n my-app-prod"), "{preview}");
+    // The tool got a kubeconfig made for the op (the agent's scoped proxy), never the appliance's.
     assert!(
-        out.contains("cluster.kubeconfig"),
-        "the tool ran with the resource's kubeconfig: {out}"
+        out.contains("kubeconfig: /") && !out.contains("cluster.kubeconfig"),
+        "the tool ran with the appliance's kubeconfig: {out}"
     );
     // Still held after the preview.
     assert!(gw.cli_as(&alice, &["ops", "get", &oid])?.ok()?["stdout"]

@@ -124,6 +124,8 @@ use std::{
 const APP: &str = "my-app";
 const CLUSTER: &str = "aws_eks_cluster.main_cluster";
 const READONLY: &str = "aws_eks_cluster.readonly";
+/// Grants writes and exec in `verbs` but names no identity to impersonate.
+const NO_IDENTITY: &str = "aws_eks_cluster.no_identity";
 
 struct Setup {
     api: KubeApiServer,
@@ -138,10 +140,13 @@ fn agent_toml(upstream: &Path) -> String {
     format!(
         "[policy]\napproval = \"automatic\"\n\n\
          [[resource]]\nid = \"{CLUSTER}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n\
-         resources = [\"pods\", \"pods/log\", \"pods/exec\", \"deployments\", \"replicasets\", \"services\", \"configmaps\", \"events\"]\n\
+         resources = [\"pods\", \"pods/log\", \"pods/exec\", \"deployments\", \"replicasets\", \"services\", \"configmaps\", \"events\", \
+         \"statefulsets\", \"jobs.batch\", \"certificates.cert-manager.io\", \"issuers\", \"rolebindings.rbac.authorization.k8s.io\"]\n\
          verbs = [\"get\", \"list\", \"watch\", \"create\", \"delete\"]\n\
          impersonate = {{ user = \"postern:my-app\", groups = [\"postern-ops\"] }}\n\n\
-         [[resource]]\nid = \"{READONLY}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n"
+         [[resource]]\nid = \"{READONLY}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n\n\
+         [[resource]]\nid = \"{NO_IDENTITY}\"\nkind = \"kubernetes\"\nkubeconfig = \"{u}\"\nnamespaces = [\"my-app-prod\"]\n\
+         resources = [\"pods\", \"pods/exec\", \"pods/log\", \"configmaps\"]\nverbs = [\"get\", \"list\", \"watch\", \"create\", \"delete\"]\n"
     )
 }
 
@@ -831,6 +836,341 @@ fn expiry_cuts_a_live_stream_and_the_certificate_dies_with_the_endpoint() -> Res
             || err.contains("certificate"),
         "{err}"
     );
+    assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+    Ok(())
+}
+
+/// Waits (bounded) for a record of each trail matching `pred`; returns (gateway's, agent's).
+fn in_both_trails(s: &Setup, what: &str, pred: impl Fn(&Value) -> bool) -> Result<(Value, Value)> {
+    let (mut gw, mut agent) = (None, None);
+    wait_until(Duration::from_secs(15), || {
+        gw = gw
+            .take()
+            .or_else(|| audit(s).ok().and_then(|r| r.into_iter().find(&pred)));
+        agent = agent
+            .take()
+            .or_else(|| s.agent.trail().ok().and_then(|r| r.into_iter().find(&pred)));
+        gw.is_some() && agent.is_some()
+    });
+    match (gw, agent) {
+        (Some(g), Some(a)) => Ok((g, a)),
+        (g, a) => bail!("{what}: gateway trail {g:?}, agent trail {a:?}"),
+    }
+}
+
+#[test]
+fn scope_names_any_rbac_resource_and_writes_need_impersonation() -> Result<()> {
+    let s = setup()?;
+    let (_, cfg) = create_endpoint(&s, CLUSTER)?;
+
+    // Group-qualified names, a bare built-in (`statefulsets`) and a bare custom resource
+    // (`issuers`, which only the cluster's discovery can place in cert-manager.io).
+    for (args, want) in [
+        (&["get", "statefulsets"][..], "db"),
+        (
+            &["get", "statefulsets.apps", "db", "-o", "json"][..],
+            "\"kind\": \"StatefulSet\"",
+        ),
+        (&["get", "jobs"][..], "migrate"),
+        (&["get", "certificates.cert-manager.io"][..], "web-tls"),
+        (&["get", "issuers"][..], "letsencrypt"),
+        (&["get", "rolebindings"][..], "web-readers"),
+    ] {
+        let (ok, out, err) = kubectl(&cfg, args, None, LIMIT)?;
+        assert!(ok && out.contains(want), "kubectl {args:?}: {out} {err}");
+    }
+    // Same plural, another group: not granted.
+    s.api.clear_requests();
+    forbidden(
+        &cfg,
+        &["get", "certificates.acme.example.com"],
+        "certificates.acme.example.com is not among",
+    )?;
+    forbidden(
+        &cfg,
+        &["scale", "statefulset", "db", "--replicas", "3"],
+        "statefulsets.apps/scale is not among",
+    )?;
+    assert!(
+        s.api
+            .requests()
+            .iter()
+            .all(|r| !r.path().contains("acme.example.com/v1/namespaces")
+                && !r.path().ends_with("/scale")),
+        "{:?}",
+        s.api.requests()
+    );
+
+    // An exec's command and container are in both trails.
+    let (ok, out, err) = kubectl(
+        &cfg,
+        &["exec", "web-1", "--", "sh", "-c", "echo hi"],
+        None,
+        LIMIT,
+    )?;
+    assert!(ok && out == "hi\n", "{out} {err}");
+    let is_exec = |r: &Value| {
+        r["kind"] == "kube.request"
+            && r["detail"]["subresource"] == "exec"
+            && r["detail"]["command"] == serde_json::json!(["sh", "-c", "echo hi"])
+    };
+    let (g, a) = in_both_trails(&s, "exec with its command", is_exec)?;
+    for r in [&g, &a] {
+        assert_eq!(r["detail"]["container"], "app", "{r}");
+        assert_eq!(r["detail"]["code"], 101, "{r}");
+    }
+    let (g, _) = in_both_trails(&s, "statefulsets list", |r| {
+        r["kind"] == "kube.request" && r["detail"]["resource"] == "statefulsets"
+    })?;
+    assert_eq!(g["detail"]["api_group"], "apps", "{g}");
+
+    // With an identity, writes go upstream as it.
+    s.api.clear_requests();
+    let (ok, out, err) = kubectl(&cfg, &["delete", "job", "migrate"], None, LIMIT)?;
+    assert!(ok && out.contains("deleted"), "{out} {err}");
+    let del = s
+        .api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .ok_or_else(|| anyhow!("the delete never reached the cluster"))?;
+    assert_eq!(
+        del.header("impersonate-user"),
+        Some("postern:my-app"),
+        "{del:?}"
+    );
+    assert_eq!(
+        del.header("impersonate-group"),
+        Some("postern-ops"),
+        "{del:?}"
+    );
+
+    // Authenticating-proxy headers never reach the cluster.
+    let mut raw = Raw::connect(&cfg)?;
+    s.api.clear_requests();
+    let (code, _, body) = raw.send(
+        "GET /api/v1/namespaces/my-app-prod/pods/web-1 HTTP/1.1\r\nHost: localhost\r\nX-Remote-User: admin\r\nX-Remote-Group: system:masters\r\nX-Remote-Extra-Scopes: all",
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let seen = s.api.requests();
+    assert!(!seen.is_empty());
+    for r in &seen {
+        assert!(
+            !r.headers.iter().any(|(k, _)| k.starts_with("x-remote-")),
+            "{r:?}"
+        );
+        assert!(
+            !r.headers.iter().any(|(_, v)| v.contains("system:masters")),
+            "{r:?}"
+        );
+    }
+
+    // Without an identity to impersonate, only reads pass, whatever `verbs` says; the agent
+    // said so at start-up and refuses writes with its reason, in both trails.
+    let log = std::fs::read_to_string(&s.agent.log)?;
+    assert!(
+        log.contains(NO_IDENTITY) && log.contains("read verbs only"),
+        "{log}"
+    );
+    let (_, plain) = create_endpoint(&s, NO_IDENTITY)?;
+    let (ok, out, err) = kubectl(&plain, &["get", "pods"], None, LIMIT)?;
+    assert!(ok && out.contains("web-1"), "{err}");
+    let (ok, out, err) = kubectl(&plain, &["logs", "web-1"], None, LIMIT)?;
+    assert!(ok && out.contains("log line 1 of web-1"), "{err}");
+    s.api.clear_requests();
+    forbidden(&plain, &["delete", "pod", "web-1"], "needs impersonation")?;
+    forbidden(
+        &plain,
+        &["exec", "web-1", "--", "echo", "no"],
+        "needs impersonation",
+    )?;
+    assert!(
+        s.api
+            .requests()
+            .iter()
+            .all(|r| r.method != "DELETE" && !r.path().ends_with("/exec")),
+        "{:?}",
+        s.api.requests()
+    );
+    assert!(s.api.has_object("pods", "my-app-prod", "web-1"));
+    for verb in ["delete", "create"] {
+        let (g, a) = in_both_trails(&s, verb, |r| {
+            r["kind"] == "denied"
+                && r["detail"]["action"] == "kube.request"
+                && r["detail"]["reason"].as_str().is_some_and(|x| {
+                    x.contains("needs impersonation") && x.contains(&format!("\"{verb}\""))
+                })
+        })?;
+        assert!(
+            g["detail"]["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("(appliance)")),
+            "{g}"
+        );
+        assert_eq!(a["detail"]["code"], 403, "{a}");
+    }
+
+    // A bare name the cluster serves in two groups is a config error at start-up.
+    let dir = tempfile::tempdir()?;
+    let upstream = dir.path().join("upstream.kubeconfig");
+    std::fs::write(&upstream, s.api.kubeconfig("default"))?;
+    let body = format!(
+        "[[resource]]\nid = \"k\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"my-app-prod\"]\nresources = [\"pods\", \"certificates\"]\n",
+        upstream.display()
+    );
+    let mut ambiguous = Agent::enroll(
+        &s.gw,
+        &dir.path().join("agent"),
+        "other-app",
+        "acme-corp",
+        &body,
+    )?;
+    ambiguous.run()?;
+    assert!(
+        wait_until(LIMIT, || std::fs::read_to_string(&ambiguous.log)
+            .is_ok_and(|l| l.contains("ambiguous"))),
+        "{}",
+        std::fs::read_to_string(&ambiguous.log).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(&ambiguous.log)?;
+    assert!(
+        log.contains("certificates")
+            && log.contains("cert-manager.io")
+            && log.contains("acme.example.com"),
+        "{log}"
+    );
+    assert!(
+        ambiguous.stop().is_some_and(|st| !st.success()),
+        "the agent ran with an ambiguous name"
+    );
+    Ok(())
+}
+
+/// `postern ops kubectl … --wait` as the admin; (success, op record).
+fn kubectl_op(s: &Setup, resource: &str, command: &str) -> Result<(bool, Value)> {
+    cli(
+        s,
+        &[
+            "ops",
+            "kubectl",
+            "--app",
+            APP,
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            resource,
+            "--command",
+            command,
+            "--wait",
+        ],
+    )
+}
+
+#[test]
+fn kubectl_ops_go_through_a_per_op_scoped_proxy() -> Result<()> {
+    let s = setup()?;
+    s.api.clear_requests();
+    let (ok, op) = kubectl_op(&s, CLUSTER, "kubectl get pods -n my-app-prod")?;
+    assert!(ok && op["state"] == "completed", "{op}");
+    assert!(
+        op["stdout"]
+            .as_str()
+            .is_some_and(|o| o.contains("web-1") && !o.contains("coredns")),
+        "{op}"
+    );
+    let op_id = op["id"].as_str().unwrap_or_default().to_string();
+    // Upstream: the appliance's token, as the resource's impersonated identity.
+    let reqs = s.api.requests();
+    let list = reqs
+        .iter()
+        .find(|r| r.path() == "/api/v1/namespaces/my-app-prod/pods")
+        .ok_or_else(|| anyhow!("{reqs:?}"))?;
+    assert_eq!(
+        list.header("impersonate-user"),
+        Some("postern:my-app"),
+        "{list:?}"
+    );
+    let (g, a) = in_both_trails(&s, "the op's list", |r| {
+        r["kind"] == "kube.request"
+            && r["op_id"] == op_id.as_str()
+            && r["detail"]["resource"] == "pods"
+            && r["detail"]["verb"] == "list"
+    })?;
+    assert_eq!(g["detail"]["code"], 200, "{g}");
+    assert_eq!(a["detail"]["namespace"], "my-app-prod", "{a}");
+
+    // Out of the resource's scope: refused by the op's proxy, in both trails.
+    s.api.clear_requests();
+    let (ok, op) = kubectl_op(&s, CLUSTER, "kubectl get secrets -n my-app-prod")?;
+    assert!(!ok && op["state"] == "failed", "{op}");
+    assert!(
+        op["stderr"]
+            .as_str()
+            .is_some_and(|e| e.contains("Forbidden") && e.contains("secrets is not among")),
+        "{op}"
+    );
+    let denied_op = op["id"].as_str().unwrap_or_default().to_string();
+    in_both_trails(&s, "the op's refused request", |r| {
+        r["kind"] == "denied"
+            && r["op_id"] == denied_op.as_str()
+            && r["detail"]["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("secrets"))
+    })?;
+    let (ok, op) = kubectl_op(&s, CLUSTER, "kubectl get pods -n kube-system")?;
+    assert!(
+        !ok && op["stderr"]
+            .as_str()
+            .is_some_and(|e| e.contains("kube-system")),
+        "{op}"
+    );
+    assert!(
+        s.api
+            .requests()
+            .iter()
+            .all(|r| !r.path().contains("secrets") && !r.path().contains("kube-system")),
+        "{:?}",
+        s.api.requests()
+    );
+
+    // Another kubeconfig or server cannot be named.
+    let upstream = s
+        ._dir
+        .path()
+        .join("upstream.kubeconfig")
+        .display()
+        .to_string();
+    let (ok, op) = kubectl_op(
+        &s,
+        CLUSTER,
+        &format!("kubectl --kubeconfig {upstream} get pods"),
+    )?;
+    assert!(!ok && op["error"]["code"] == "FORBIDDEN_BY_SCOPE", "{op}");
+
+    // The op sees only its own credential, and that dies with the op.
+    let (ok, op) = kubectl_op(&s, CLUSTER, "kubectl config view --raw")?;
+    assert!(ok, "{op}");
+    let raw = op["stdout"].as_str().unwrap_or_default().to_string();
+    assert!(
+        raw.contains("server: https://127.0.0.1:") && raw.contains("token: "),
+        "{raw}"
+    );
+    assert!(
+        !raw.contains(&s.api.token) && !raw.contains(&s.api.addr.to_string()),
+        "the appliance's credential leaked: {raw}"
+    );
+    assert_eq!(raw.matches("server:").count(), 1, "{raw}");
+    let after = s.home.join("op.kubeconfig");
+    std::fs::write(&after, &raw)?;
+    s.api.clear_requests();
+    let (ok, out, err) = kubectl(
+        &after,
+        &["get", "pods", "--request-timeout", "5s"],
+        None,
+        LIMIT,
+    )?;
+    assert!(!ok, "the op's credential still works after the op: {out}");
+    assert!(!err.is_empty());
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
     Ok(())
 }

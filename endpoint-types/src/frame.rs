@@ -76,6 +76,14 @@ pub enum Frame {
     /// Agent → gateway: the op ended. With `held`, output, exit code and error stay in the
     /// appliance until released (then they follow as `OpOutput` + a final `OpFinished`).
     OpFinished(OpFinished),
+    /// Agent → gateway: a record about a running op for the vendor trail too: what a
+    /// `kubectl` op's per-op proxy forwarded or refused (`kind` is `kube.request` or `denied`;
+    /// the gateway records no other kind from it).
+    OpRecord {
+        op_id: String,
+        kind: String,
+        detail: serde_json::Value,
+    },
     /// Gateway → agent: send the held output of an op as preview (an approver is looking).
     OutputFetch {
         op_id: String,
@@ -122,6 +130,7 @@ impl Frame {
             Frame::OpStarted { .. } => "op_started",
             Frame::OpOutput { .. } => "op_output",
             Frame::OpFinished(_) => "op_finished",
+            Frame::OpRecord { .. } => "op_record",
             Frame::OutputFetch { .. } => "output_fetch",
             Frame::OutputRelease { .. } => "output_release",
             Frame::OutputDestroy { .. } => "output_destroy",

@@ -299,80 +299,20 @@ pub const VERBS: [&str; 8] = [
     "deletecollection",
 ];
 
-/// A resource a scope may grant: API group, plural, and the subresources that exist for it.
-struct Known {
-    group: &'static str,
-    resource: &'static str,
-    subresources: &'static [&'static str],
-    /// Whether the bare plural names this entry (false when another group has the same plural).
-    bare: bool,
-}
-
-/// Namespaced resources an endpoint can reach. Everything else (nodes, namespaces, RBAC,
-/// CRDs, status subresources, …) is out of reach whatever the customer writes.
-const KNOWN: &[Known] = &[
-    Known {
-        group: "",
-        resource: "pods",
-        subresources: &["log", "exec", "attach", "portforward"],
-        bare: true,
-    },
-    Known {
-        group: "apps",
-        resource: "deployments",
-        subresources: &["scale"],
-        bare: true,
-    },
-    Known {
-        group: "apps",
-        resource: "replicasets",
-        subresources: &[],
-        bare: true,
-    },
-    Known {
-        group: "",
-        resource: "services",
-        subresources: &[],
-        bare: true,
-    },
-    Known {
-        group: "",
-        resource: "configmaps",
-        subresources: &[],
-        bare: true,
-    },
-    Known {
-        group: "",
-        resource: "secrets",
-        subresources: &[],
-        bare: true,
-    },
-    // Core events are what `kubectl get events` and `describe` read; the events.k8s.io copy
-    // must be named with its group.
-    Known {
-        group: "",
-        resource: "events",
-        subresources: &[],
-        bare: true,
-    },
-    Known {
-        group: "events.k8s.io",
-        resource: "events",
-        subresources: &[],
-        bare: false,
-    },
-];
-
 /// Subresources that open a stream into a container: RBAC authorises them as `create`
 /// whichever method (POST for SPDY, GET for WebSocket) carries them.
 const CONNECT_SUBRESOURCES: [&str; 3] = ["exec", "attach", "portforward"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Grant {
-    group: &'static str,
-    resource: &'static str,
-    subresource: &'static str,
+    group: String,
+    resource: String,
+    subresource: String,
 }
+
+/// Verbs that only read: what passes when the appliance has no identity to impersonate
+/// (`pods/log` is a `get`).
+pub const READ_VERBS: [&str; 3] = ["get", "list", "watch"];
 
 /// Why a scope cannot be compiled (the customer's config is wrong).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -381,8 +321,8 @@ pub enum ScopeError {
     NoNamespaces,
     #[error("namespace {0:?} is not a valid namespace name")]
     BadNamespace(String),
-    #[error("unknown resource {0:?}; known: pods, pods/log, pods/exec, pods/attach, pods/portforward, deployments, deployments/scale, replicasets, services, configmaps, secrets, events")]
-    UnknownResource(String),
+    #[error(transparent)]
+    Resource(#[from] crate::kube_names::NameError),
     #[error("unknown verb {0:?}; known: get, list, watch, create, update, patch, delete, deletecollection")]
     UnknownVerb(String),
 }
@@ -394,6 +334,8 @@ pub struct KubeScope {
     namespaces: Vec<String>,
     grants: Vec<Grant>,
     verbs: u16,
+    /// Set by [`KubeScope::reads_only`]: writes are refused whatever `verbs` grants.
+    reads_only: bool,
 }
 
 impl KubeScope {
@@ -409,6 +351,7 @@ impl KubeScope {
             namespaces: Vec::new(),
             grants: Vec::new(),
             verbs: 0,
+            reads_only: false,
         };
         for ns in namespaces {
             let ns = ns.as_ref();
@@ -418,8 +361,15 @@ impl KubeScope {
             scope.namespaces.push(ns.to_string());
         }
         for r in resources {
-            let g = parse_grant(r.as_ref())
-                .ok_or_else(|| ScopeError::UnknownResource(r.as_ref().to_string()))?;
+            let name = crate::kube_names::ResourceName::parse(r.as_ref())?;
+            name.check_not_cluster_scoped()?;
+            // A bare name is a built-in's group or core here: the agent resolves bare names
+            // through discovery into group-qualified ones before it compiles or reports them.
+            let g = Grant {
+                group: name.group_or_builtin().to_string(),
+                resource: name.resource,
+                subresource: name.subresource,
+            };
             if !scope.grants.contains(&g) {
                 scope.grants.push(g);
             }
@@ -434,6 +384,18 @@ impl KubeScope {
 
     pub fn namespaces(&self) -> &[String] {
         &self.namespaces
+    }
+
+    /// Only reads pass (get, list, watch; `pods/log` is a get): for a resource the appliance
+    /// reaches with no identity to impersonate, so that no write is ever made with the
+    /// appliance's own credential.
+    pub fn reads_only(mut self) -> KubeScope {
+        self.reads_only = true;
+        self
+    }
+
+    pub fn is_reads_only(&self) -> bool {
+        self.reads_only
     }
 
     fn granted(&self, group: &str, resource: &str, subresource: &str) -> bool {
@@ -455,32 +417,6 @@ fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
-}
-
-/// `pods`, `pods/log`, `deployments.apps`, `deployments/scale`, `deployments.apps/scale`,
-/// `events.events.k8s.io`.
-fn parse_grant(s: &str) -> Option<Grant> {
-    let (name, sub) = match s.split_once('/') {
-        Some((n, sub)) => (n, Some(sub)),
-        None => (s, None),
-    };
-    let known = KNOWN.iter().find(|k| {
-        (k.bare && k.resource == name)
-            || (name
-                .strip_prefix(k.resource)
-                .and_then(|r| r.strip_prefix('.'))
-                == Some(k.group)
-                && !k.group.is_empty())
-    })?;
-    let subresource = match sub {
-        None => "",
-        Some(sub) => known.subresources.iter().find(|k| **k == sub)?,
-    };
-    Some(Grant {
-        group: known.group,
-        resource: known.resource,
-        subresource,
-    })
 }
 
 /// What the front end does with a request.
@@ -565,6 +501,11 @@ pub fn decide(info: &RequestInfo<'_>, scope: &KubeScope) -> Decision {
             "the verb {verb:?} on {what} is not granted by this endpoint"
         ));
     }
+    if scope.reads_only && !READ_VERBS.contains(&verb) {
+        return deny(format!(
+            "the verb {verb:?} on {what} needs impersonation: this resource names no `impersonate` identity in agent.toml, so the appliance forwards reads only (get, list, watch, logs)"
+        ));
+    }
     Decision::Allow
 }
 
@@ -584,6 +525,50 @@ pub fn display_resource(info: &RequestInfo<'_>) -> String {
         s.push_str(&info.subresource);
     }
     s
+}
+
+/// Request headers that claim an identity and never cross a Postern proxy: the client's own
+/// credentials, impersonation (`Impersonate-*`), and the authenticating-proxy headers an API
+/// server's request-header authenticator trusts (`X-Remote-User`, `X-Remote-Group`,
+/// `X-Remote-Extra-*`). Names as hyper gives them (lower case).
+pub fn is_identity_header(name: &str) -> bool {
+    name == "authorization"
+        || name == "proxy-authorization"
+        || name.starts_with("impersonate-")
+        || name.starts_with("x-remote-")
+}
+
+/// What an exec or attach runs, for the audit records: the `command=` arguments in order
+/// and the `container=` named (None when the request names none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamTarget {
+    pub command: Vec<String>,
+    pub container: Option<String>,
+}
+
+/// The [`StreamTarget`] of an exec or attach request (`None` for any other request). The
+/// query was validated by [`classify`]; pairs that fail to decode are skipped.
+pub fn stream_target(info: &RequestInfo<'_>, query: Option<&str>) -> Option<StreamTarget> {
+    if !matches!(info.subresource.as_ref(), "exec" | "attach") || !info.is_resource_request {
+        return None;
+    }
+    let mut t = StreamTarget::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Ok(k), Ok(v)) = (percent_decode(k, true), percent_decode(v, true)) else {
+            continue;
+        };
+        match k.as_ref() {
+            "command" => t.command.push(v.into_owned()),
+            "container" if t.container.is_none() => t.container = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    Some(t)
 }
 
 /// A Kubernetes `Status` object, as the API server sends with errors; kubectl prints

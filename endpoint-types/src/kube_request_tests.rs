@@ -590,27 +590,74 @@ fn exec_needs_create_and_its_subresource() {
 
 #[test]
 fn compiles_rbac_names() {
-    assert!(KubeScope::compile(
+    let any = KubeScope::compile(
         &["a"],
         &[
             "deployments.apps",
             "deployments.apps/scale",
-            "events.events.k8s.io"
+            "events.events.k8s.io",
+            "statefulsets.apps",
+            "jobs.batch",
+            "cronjobs.batch",
+            "ingresses.networking.k8s.io",
+            "persistentvolumeclaims",
+            "rolebindings.rbac.authorization.k8s.io",
+            "certificates.cert-manager.io",
+            "certificates.cert-manager.io/status",
         ],
-        &["get"]
+        &["get", "list", "patch"],
     )
-    .is_ok());
+    .unwrap();
+    let d = |m: &str, p: &str| decide(&classify(m, p, None).unwrap(), &any);
+    for p in [
+        "/apis/apps/v1/namespaces/a/statefulsets/db",
+        "/apis/batch/v1/namespaces/a/jobs",
+        "/apis/batch/v1/namespaces/a/cronjobs/nightly",
+        "/apis/networking.k8s.io/v1/namespaces/a/ingresses",
+        "/api/v1/namespaces/a/persistentvolumeclaims/data",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/a/rolebindings",
+        "/apis/cert-manager.io/v1/namespaces/a/certificates/web-tls",
+        "/apis/cert-manager.io/v1/namespaces/a/certificates/web-tls/status",
+        "/apis/events.k8s.io/v1/namespaces/a/events",
+    ] {
+        assert_eq!(d("GET", p), Decision::Allow, "{p}");
+    }
+    // The group is part of the grant, and a subresource is its own grant.
+    assert!(
+        matches!(d("GET", "/apis/example.com/v1/namespaces/a/certificates"), Decision::Deny { reason } if reason.contains("certificates.example.com"))
+    );
+    assert!(
+        matches!(d("GET", "/apis/apps/v1/namespaces/a/statefulsets/db/scale"), Decision::Deny { reason } if reason.contains("statefulsets.apps/scale"))
+    );
+    assert!(matches!(
+        d("GET", "/api/v1/namespaces/a/statefulsets"),
+        Decision::Deny { .. }
+    ));
+    assert!(
+        matches!(d("GET", "/apis/apps/v1/statefulsets"), Decision::Deny { reason } if reason.contains("whole cluster"))
+    );
+
     let bad = |r: &str| KubeScope::compile(&["a"], &[r], &["get"]).unwrap_err();
-    assert_eq!(bad("nodes"), ScopeError::UnknownResource("nodes".into()));
+    use crate::kube_names::NameError;
     assert_eq!(
-        bad("pods/status"),
-        ScopeError::UnknownResource("pods/status".into())
+        bad("nodes"),
+        ScopeError::Resource(NameError::ClusterScoped("nodes".into()))
     );
     assert_eq!(
-        bad("deployments.extensions"),
-        ScopeError::UnknownResource("deployments.extensions".into())
+        bad("clusterroles.rbac.authorization.k8s.io"),
+        ScopeError::Resource(NameError::ClusterScoped(
+            "clusterroles.rbac.authorization.k8s.io".into()
+        ))
     );
-    assert_eq!(bad("pods."), ScopeError::UnknownResource("pods.".into()));
+    assert_eq!(
+        bad("pods."),
+        ScopeError::Resource(NameError::Malformed("pods.".into()))
+    );
+    assert_eq!(
+        bad("*"),
+        ScopeError::Resource(NameError::Malformed("*".into()))
+    );
+    assert!(bad("nodes").to_string().contains("nodes"));
     assert_eq!(
         KubeScope::compile(&["a"], &["pods"], &["escalate"]).unwrap_err(),
         ScopeError::UnknownVerb("escalate".into())
@@ -631,6 +678,101 @@ fn compiles_rbac_names() {
     let core_only = KubeScope::compile(&["a"], &["events"], &["list"]).unwrap();
     let info = classify("GET", "/apis/events.k8s.io/v1/namespaces/a/events", None).unwrap();
     assert!(matches!(decide(&info, &core_only), Decision::Deny { .. }));
+}
+
+#[test]
+fn without_impersonation_only_reads_pass() {
+    let s = KubeScope::compile(
+        &["a"],
+        &["pods", "pods/log", "pods/exec", "pods/attach", "configmaps"],
+        &[
+            "get",
+            "list",
+            "watch",
+            "create",
+            "delete",
+            "patch",
+            "update",
+            "deletecollection",
+        ],
+    )
+    .unwrap()
+    .reads_only();
+    assert!(s.is_reads_only());
+    let d = |m: &str, p: &str, q: Option<&str>| decide(&classify(m, p, q).unwrap(), &s);
+    for (m, p, q) in [
+        ("GET", "/api/v1/namespaces/a/pods", None),
+        ("GET", "/api/v1/namespaces/a/pods", Some("watch=true")),
+        ("GET", "/api/v1/namespaces/a/pods/p", None),
+        (
+            "GET",
+            "/api/v1/namespaces/a/pods/p/log",
+            Some("follow=true"),
+        ),
+    ] {
+        assert_eq!(d(m, p, q), Decision::Allow, "{m} {p}");
+    }
+    for (m, p) in [
+        ("DELETE", "/api/v1/namespaces/a/pods/p"),
+        ("DELETE", "/api/v1/namespaces/a/pods"),
+        ("POST", "/api/v1/namespaces/a/configmaps"),
+        ("PUT", "/api/v1/namespaces/a/configmaps/c"),
+        ("PATCH", "/api/v1/namespaces/a/configmaps/c"),
+        ("GET", "/api/v1/namespaces/a/pods/p/exec"),
+        ("POST", "/api/v1/namespaces/a/pods/p/exec"),
+        ("GET", "/api/v1/namespaces/a/pods/p/attach"),
+    ] {
+        assert!(
+            matches!(d(m, p, Some("command=sh")), Decision::Deny { reason } if reason.contains("needs impersonation")),
+            "{m} {p}"
+        );
+    }
+}
+
+#[test]
+fn identity_headers_and_stream_targets() {
+    for h in [
+        "authorization",
+        "proxy-authorization",
+        "impersonate-user",
+        "impersonate-extra-scopes",
+        "x-remote-user",
+        "x-remote-group",
+        "x-remote-extra-scopes",
+    ] {
+        assert!(is_identity_header(h), "{h}");
+    }
+    for h in [
+        "accept",
+        "content-type",
+        "x-stream-protocol-version",
+        "user-agent",
+        "x-remote",
+    ] {
+        assert!(!is_identity_header(h), "{h}");
+    }
+    let q = "command=sh&command=-c&command=echo+hi%3B+id&container=app&stdout=true&container=other";
+    let info = classify("GET", "/api/v1/namespaces/a/pods/p/exec", Some(q)).unwrap();
+    let t = stream_target(&info, Some(q)).unwrap();
+    assert_eq!(t.command, ["sh", "-c", "echo hi; id"]);
+    assert_eq!(t.container.as_deref(), Some("app"));
+    let info = classify(
+        "POST",
+        "/api/v1/namespaces/a/pods/p/attach",
+        Some("stdin=true"),
+    )
+    .unwrap();
+    assert_eq!(
+        stream_target(&info, Some("stdin=true")),
+        Some(StreamTarget::default())
+    );
+    let info = classify(
+        "GET",
+        "/api/v1/namespaces/a/pods/p/log",
+        Some("container=app"),
+    )
+    .unwrap();
+    assert_eq!(stream_target(&info, Some("container=app")), None);
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod control;
 pub mod duration;
 pub mod error;
 pub mod frame;
+pub mod kube_names;
 pub mod kube_request;
 pub mod lifecycle;
 pub mod pg_startup;

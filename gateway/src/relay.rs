@@ -537,6 +537,9 @@ async fn control_loop(
                     Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
                     }
+                    Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
+                        crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;
+                    }
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));
                         send_error(&mut send, &e).await;

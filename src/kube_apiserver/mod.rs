@@ -182,7 +182,8 @@ pub struct KubeApiServer {
 
 impl KubeApiServer {
     /// Starts on 127.0.0.1:0, seeded with pods `web-1` and `web-2`, a deployment `web`, a
-    /// service, a config map and a secret in `my-app-prod`, a pod in `kube-system` and a node.
+    /// service, a config map, a secret, a StatefulSet `db`, a Job `migrate`, a RoleBinding and a
+    /// cert-manager Certificate `web-tls` in `my-app-prod`, a pod in `kube-system` and a node.
     pub fn start() -> Result<KubeApiServer> {
         let now = jiff::Timestamp::now();
         let ca = certs::Ca::generate("test kube-apiserver", now)?;
@@ -348,6 +349,46 @@ fn seed(s: &Shared) {
         Some("my-app-prod"),
         "web-secret",
         json!({"type": "Opaque", "data": {"password": "aHVudGVyMg=="}}),
+    );
+    add(
+        "apps",
+        "statefulsets",
+        "StatefulSet",
+        Some("my-app-prod"),
+        "db",
+        json!({"spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}}),
+    );
+    add(
+        "batch",
+        "jobs",
+        "Job",
+        Some("my-app-prod"),
+        "migrate",
+        json!({"spec": {"completions": 1}, "status": {"succeeded": 1}}),
+    );
+    add(
+        "cert-manager.io",
+        "certificates",
+        "Certificate",
+        Some("my-app-prod"),
+        "web-tls",
+        json!({"spec": {"secretName": "web-tls", "dnsNames": ["web.example.com"]}}),
+    );
+    add(
+        "cert-manager.io",
+        "issuers",
+        "Issuer",
+        Some("my-app-prod"),
+        "letsencrypt",
+        json!({"spec": {"acme": {"server": "https://acme.example"}}}),
+    );
+    add(
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "RoleBinding",
+        Some("my-app-prod"),
+        "web-readers",
+        json!({"roleRef": {"kind": "Role", "name": "reader"}}),
     );
     add(
         "",

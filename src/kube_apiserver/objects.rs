@@ -75,7 +75,62 @@ pub const KINDS: &[Kind] = &[
         namespaced: true,
         short: &["rs"],
     },
+    Kind {
+        group: "apps",
+        resource: "statefulsets",
+        kind: "StatefulSet",
+        namespaced: true,
+        short: &["sts"],
+    },
+    Kind {
+        group: "batch",
+        resource: "jobs",
+        kind: "Job",
+        namespaced: true,
+        short: &[],
+    },
+    Kind {
+        group: "rbac.authorization.k8s.io",
+        resource: "rolebindings",
+        kind: "RoleBinding",
+        namespaced: true,
+        short: &[],
+    },
+    // A custom resource, and a second group serving the same plural (so the bare name
+    // `certificates` is ambiguous in this cluster, as it can be in a real one).
+    Kind {
+        group: "cert-manager.io",
+        resource: "certificates",
+        kind: "Certificate",
+        namespaced: true,
+        short: &["cert"],
+    },
+    Kind {
+        group: "acme.example.com",
+        resource: "certificates",
+        kind: "Certificate",
+        namespaced: true,
+        short: &[],
+    },
+    Kind {
+        group: "cert-manager.io",
+        resource: "issuers",
+        kind: "Issuer",
+        namespaced: true,
+        short: &[],
+    },
 ];
+
+/// The API groups the server serves (besides core), in discovery order.
+fn groups() -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for k in KINDS.iter().filter(|k| !k.group.is_empty()) {
+        if !out.contains(&k.group) {
+            out.push(k.group);
+        }
+    }
+    out
+}
 
 pub fn kind_of(group: &str, resource: &str) -> Option<&'static Kind> {
     KINDS
@@ -107,20 +162,21 @@ pub fn api_versions(server: &str) -> Value {
 }
 
 pub fn api_group_list() -> Value {
-    let gv = json!({"groupVersion": "apps/v1", "version": "v1"});
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{"name": "apps", "versions": [gv.clone()], "preferredVersion": gv}]})
+    let groups: Vec<Value> = groups().into_iter().filter_map(api_group).collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 pub fn api_group(group: &str) -> Option<Value> {
-    (group == "apps").then(|| {
-        let gv = json!({"groupVersion": "apps/v1", "version": "v1"});
-        json!({"kind": "APIGroup", "apiVersion": "v1", "name": "apps", "versions": [gv.clone()], "preferredVersion": gv})
-    })
+    let name = groups().into_iter().find(|g| *g == group)?;
+    let gv = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+    Some(
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": name, "versions": [gv.clone()], "preferredVersion": gv}),
+    )
 }
 
 /// `APIResourceList` of a group version, subresources included, as `/api/v1` serves it.
 pub fn resource_list(group: &str) -> Option<Value> {
-    if !group.is_empty() && group != "apps" {
+    if !group.is_empty() && !groups().contains(&group) {
         return None;
     }
     let all = [
@@ -152,8 +208,19 @@ pub fn resource_list(group: &str) -> Option<Value> {
             ),
             ("pods/status", "Pod", &["get", "patch", "update"]),
         ]
+    } else if group == "apps" {
+        &[
+            ("deployments/scale", "Scale", &["get", "patch", "update"]),
+            ("statefulsets/scale", "Scale", &["get", "patch", "update"]),
+        ]
+    } else if group == "cert-manager.io" {
+        &[(
+            "certificates/status",
+            "Certificate",
+            &["get", "patch", "update"],
+        )]
     } else {
-        &[("deployments/scale", "Scale", &["get", "patch", "update"])]
+        &[]
     };
     for (name, kind, verbs) in subs {
         resources.push(json!({"name": name, "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));

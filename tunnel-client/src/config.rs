@@ -525,7 +525,8 @@ impl ResourceConfig {
             ResourceKind::Tcp => None,
             ResourceKind::Kubernetes => Some(ResourceScope::Kubernetes {
                 namespaces: self.namespaces.clone().unwrap_or_default(),
-                resources: self.kube_resources(),
+                // Resolved through discovery (group-qualified) once the agent has read it.
+                resources: crate::kube::scope_resources(self),
                 verbs: self.kube_verbs(),
                 impersonate: self.impersonate.is_some(),
             }),

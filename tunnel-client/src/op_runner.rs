@@ -67,8 +67,6 @@ pub struct Authorized {
     pub hold: bool,
     /// The policy's verdict at dispatch (a person's approval was needed when `NeedsPerson`).
     pub decision: Decision,
-    /// `KUBECONFIG` for a kubernetes resource with a `kubeconfig`.
-    pub kubeconfig: Option<PathBuf>,
 }
 
 /// A refused dispatch. `denial`: a permission refusal (grant, resource, policy, scope),
@@ -160,7 +158,7 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
                 .details(json!({ "grant_id": id })),
         ));
     }
-    let Some(resource) = c.config.resource(&d.resource_id) else {
+    let Some(_resource) = c.config.resource(&d.resource_id) else {
         return Err(Refusal::denied(
             ApiError::new(
                 ErrorCode::InvalidOriginResourceId,
@@ -210,16 +208,11 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
     })?;
     let exe = ops::resolve_tool(d.tool, &c.config.tools, c.path_env)
         .map_err(|e| Refusal::invalid(e.to_api_error()))?;
-    let kubeconfig = match resource.kind {
-        ResourceKind::Kubernetes => resource.kubeconfig.clone(),
-        _ => None,
-    };
     Ok(Authorized {
         argv,
         exe,
         hold: d.hold_output || c.policy.needs_output_approval(now),
         decision,
-        kubeconfig,
     })
 }
 
@@ -753,6 +746,40 @@ impl OpRunner {
             }
         };
 
+        // `kubectl` against a kubernetes resource reaches the cluster only through a proxy made
+        // for this op (the resource's scope and impersonation; a credential that dies with it).
+        let kube = self
+            .inner
+            .config
+            .resource(&d.resource_id)
+            .filter(|r| d.tool == OpTool::Kubectl && r.kind == ResourceKind::Kubernetes);
+        let op_kube = match kube {
+            None => None,
+            Some(r) => {
+                let sink = crate::kube::op_proxy::records(
+                    self.inner.audit.clone(),
+                    out.clone(),
+                    &d.op_id,
+                    &d.operator,
+                );
+                match crate::kube::op_proxy::start(r, &auth.argv, dir.path(), sink).await {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        self.refuse(
+                            &d,
+                            Refusal {
+                                error: e.to_api_error(),
+                                denial: e.is_denial(),
+                            },
+                            &out,
+                        )
+                        .await;
+                        return;
+                    }
+                }
+            }
+        };
+
         let cancel = self.inner.shutdown.child_token();
         self.state().running.insert(
             d.op_id.clone(),
@@ -787,8 +814,8 @@ impl OpRunner {
             ("POSTERN_OP_ID", OsStr::new(&d.op_id)),
             ("POSTERN_RESOURCE_ID", OsStr::new(&d.resource_id)),
         ];
-        if let Some(kc) = &auth.kubeconfig {
-            env.push(("KUBECONFIG", kc.as_os_str()));
+        if let Some(k) = &op_kube {
+            env.push(("KUBECONFIG", k.kubeconfig.as_os_str()));
         }
         if let Some(role) = &op_role {
             env.extend(role.env.iter().map(|(k, v)| (*k, v.as_os_str())));
@@ -847,6 +874,7 @@ impl OpRunner {
         };
         watch_done.cancel();
         self.state().running.remove(&d.op_id);
+        drop(op_kube);
         drop(dir);
         if let Some(role) = op_role {
             role.drop_role().await;
@@ -1145,7 +1173,6 @@ mod tests {
         assert_eq!(a.exe, Path::new("/bin/sh"));
         assert!(!a.hold);
         assert_eq!(a.decision, Decision::Automatic);
-        assert_eq!(a.kubeconfig.as_deref(), Some(Path::new("/etc/kc")));
         // The gateway may still ask to hold.
         let d = OpDispatch {
             hold_output: true,
@@ -1155,17 +1182,6 @@ mod tests {
             check(&c, &d, true, None, "2026-01-05T12:00:00Z")
                 .unwrap()
                 .hold
-        );
-        // A tcp resource gets no KUBECONFIG.
-        let d = OpDispatch {
-            resource_id: "null_resource.echo".into(),
-            ..dispatch("policy:automatic")
-        };
-        assert_eq!(
-            check(&c, &d, true, None, "2026-01-05T12:00:00Z")
-                .unwrap()
-                .kubeconfig,
-            None
         );
     }
 

@@ -141,6 +141,15 @@ pub async fn run(
         path: config.path.clone(),
         problem: format!("[policy] {e}"),
     })?;
+    // Bare kubernetes resource names resolve through the cluster's discovery; one that is
+    // ambiguous (or unserved, or cluster-scoped) is a config error now.
+    crate::kube::prepare(&config)
+        .await
+        .map_err(|(id, problem)| ConfigError::Resource {
+            path: config.path.clone(),
+            id,
+            problem,
+        })?;
     let agent = Agent {
         config,
         enrollment,
@@ -156,6 +165,7 @@ pub async fn run(
     let mut attempt: u32 = 0;
     let mut revoked = false;
     loop {
+        crate::kube::resolve_pending(&agent.config).await;
         let (ended, helloed) = agent.connection(&shutdown, &mut ready).await;
         if helloed {
             attempt = 0;

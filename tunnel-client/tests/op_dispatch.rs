@@ -154,7 +154,7 @@ impl Agent {
                 &format!("approval = \"{approval}\""),
             );
             text.push_str(&format!(
-                "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n",
+                "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"my-app-prod\"]\n",
                 script.display(),
                 kubeconfig.display()
             ));
@@ -235,8 +235,17 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     );
     let (out, err) = output(&frames, false);
     assert!(out.contains("args: get pods -n my app\n"), "{out}");
-    let env_line = format!("op=op_ok res={KUBE} kc={}\n", agent.kubeconfig.display());
-    assert!(out.contains(&env_line), "{out}");
+    // KUBECONFIG is the op's own (its scoped proxy, in its working directory), never the appliance's.
+    let kc = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("op=op_ok res={KUBE} kc=")))
+        .unwrap_or_else(|| panic!("{out}"));
+    let op_cwd = out
+        .lines()
+        .find_map(|l| l.strip_prefix("cwd="))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(Path::new(kc), Path::new(op_cwd).join("kubeconfig"), "{out}");
+    assert_ne!(Path::new(kc), agent.kubeconfig.as_path());
     // The euro sign was split across two reads 300 ms apart and still arrives whole.
     assert!(
         out.contains("euro: € done\n") && !out.contains('\u{FFFD}'),

@@ -5,7 +5,12 @@
 //! appliance's credentials, optionally impersonating the configured user and groups so the
 //! cluster's RBAC applies as well.
 
+mod discovery;
+pub mod op_proxy;
+mod proxy;
 mod upstream;
+
+pub use discovery::{prepare, resolve_pending};
 
 use crate::{
     audit::Entry,
@@ -13,22 +18,11 @@ use crate::{
     grants::Cut,
     sessions::{accept, entry, refuse, Sessions},
 };
-use bytes::Bytes;
 use endpoint_types::{
-    frame::StreamOpen,
-    kube_request::{
-        classify, decide, forbidden_status, status_json, Decision, KubeScope, RequestInfo,
-    },
-    resource::CloseReason,
-    ApiError, ErrorCode,
-};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
-use hyper::{
-    body::Incoming,
-    header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST},
-    Request, Response, StatusCode,
+    frame::StreamOpen, kube_request::KubeScope, resource::CloseReason, ApiError, ErrorCode,
 };
 use hyper_util::rt::TokioIo;
+use proxy::Proxy;
 use quinn::{RecvStream, SendStream};
 use std::{
     collections::HashMap,
@@ -36,22 +30,34 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 use upstream::Upstream;
 
-type Body = BoxBody<Bytes, hyper::Error>;
-const MAX_BODY: usize = 10 * 1024 * 1024;
-
-fn scope_of(resource: &ResourceConfig) -> Result<KubeScope, String> {
+/// The scope the agent enforces: the resource names resolved through discovery, and reads
+/// only when the resource names no identity to impersonate (writes never go upstream with
+/// the appliance's own credential).
+pub(crate) fn scope_of(resource: &ResourceConfig) -> Result<KubeScope, String> {
     let namespaces = resource.namespaces.clone().unwrap_or_default();
-    KubeScope::compile(
+    let scope = KubeScope::compile(
         &namespaces,
-        &resource.kube_resources(),
+        &discovery::scope_resources(resource),
         &resource.kube_verbs(),
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok(if resource.impersonate.is_some() {
+        scope
+    } else {
+        scope.reads_only()
+    })
 }
 
-/// `agent.toml` checks for a kubernetes resource: namespaces valid, resources and verbs known.
+/// The resource names reported to the gateway in the hello: canonical once discovery ran.
+pub fn scope_resources(resource: &ResourceConfig) -> Vec<String> {
+    discovery::scope_resources(resource)
+}
+
+/// `agent.toml` checks for a kubernetes resource: namespaces valid, resource names RBAC-like
+/// (bare ones are resolved through discovery at start-up), verbs known.
 /// A resource without `namespaces` still serves one-off `kubectl` ops (which run under the
 /// appliance's own policy), but endpoints to it are refused until namespaces are listed.
 pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
@@ -62,7 +68,12 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
     probe
         .namespaces
         .get_or_insert_with(|| vec!["default".into()]);
-    scope_of(&probe)?;
+    KubeScope::compile(
+        &probe.namespaces.clone().unwrap_or_default(),
+        &probe.kube_resources(),
+        &probe.kube_verbs(),
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(i) = &resource.impersonate {
         if i.user.as_deref().is_none_or(str::is_empty) {
             return Err("impersonate needs a `user`".into());
@@ -90,17 +101,6 @@ async fn upstream_for(resource: &ResourceConfig) -> Result<Arc<Upstream>, upstre
     Ok(u)
 }
 
-struct Stream {
-    ctx: Sessions,
-    open: StreamOpen,
-    scope: KubeScope,
-    upstream: Arc<Upstream>,
-    impersonate: Vec<(HeaderName, HeaderValue)>,
-    cut: Cut,
-    /// The byte pipe of an upgraded request; the session lasts until it ends.
-    upgraded: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
 pub async fn serve_stream(
     ctx: &Sessions,
     open: StreamOpen,
@@ -109,6 +109,7 @@ pub async fn serve_stream(
     mut send: SendStream,
     recv: RecvStream,
 ) {
+    discovery::retry(&resource).await;
     let scope = match scope_of(&resource) {
         Ok(s) => s,
         Err(e) => {
@@ -130,37 +131,31 @@ pub async fn serve_stream(
             return refuse(&mut send, e).await;
         }
     };
-    let mut impersonate = Vec::new();
-    if let Some(i) = &resource.impersonate {
-        for (name, v) in i
-            .user
-            .iter()
-            .map(|u| ("impersonate-user", u))
-            .chain(i.groups.iter().map(|g| ("impersonate-group", g)))
-        {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                impersonate.push((HeaderName::from_static(name), v));
-            }
-        }
-    }
     if accept(&mut send).await.is_err() {
         return;
     }
     let started = Instant::now();
     ctx.audit.record_or_log(entry("session.opened", &open, serde_json::json!({"client_addr": open.client_addr, "origin_resource_id": open.resource_id, "type": "kubectl"})));
-    let stream = Arc::new(Stream {
-        ctx: ctx.clone(),
-        open: open.clone(),
+    let stop = CancellationToken::new();
+    let sink = {
+        let (audit, open) = (ctx.audit.clone(), open.clone());
+        Box::new(move |kind: &'static str, mut detail: serde_json::Value| {
+            detail["operator"] = serde_json::json!(open.operator);
+            let e: Entry = entry(kind, &open, detail);
+            audit.record_or_log(e);
+        })
+    };
+    let proxy = Arc::new(Proxy::new(
         scope,
         upstream,
-        impersonate,
-        cut: cut.clone(),
-        upgraded: Mutex::new(None),
-    });
-    let s = stream.clone();
+        proxy::impersonation_headers(&resource),
+        stop.clone(),
+        sink,
+    ));
+    let p = proxy.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let s = s.clone();
-        async move { Ok::<_, Infallible>(s.handle(req).await) }
+        let p = p.clone();
+        async move { Ok::<_, Infallible>(p.handle(req).await) }
     });
     let io = tokio::io::join(recv, send);
     let http = hyper::server::conn::http1::Builder::new()
@@ -168,8 +163,7 @@ pub async fn serve_stream(
         .with_upgrades();
     let serve = async {
         let r = http.await;
-        let pipe = stream.upgraded.lock().ok().and_then(|mut u| u.take());
-        if let Some(pipe) = pipe {
+        if let Some(pipe) = proxy.take_upgraded() {
             let _ = pipe.await;
         }
         r
@@ -180,217 +174,15 @@ pub async fn serve_stream(
         r = serve => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
         () = cut.cancelled() => cut.reason().unwrap_or(CloseReason::Interrupted),
     };
+    stop.cancel();
     ctx.audit.record_or_log(entry("session.closed", &open, serde_json::json!({"reason": reason.as_str(), "duration_ms": started.elapsed().as_millis() as u64})));
-}
-
-fn local(code: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|n: Infallible| match n {})
-            .boxed(),
-    );
-    *r.status_mut() = code;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
-    let n = name.as_str();
-    if n == "authorization" || n == "proxy-authorization" || n.starts_with("impersonate-") {
-        return false;
-    }
-    match n {
-        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
-        | "content-length" | "host" => false,
-        "connection" | "upgrade" => upgrade,
-        _ => true,
-    }
-}
-
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(hyper::header::UPGRADE)
-        && req.headers().get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
-}
-
-impl Stream {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        if self.cut.is_cut() {
-            return local(
-                StatusCode::UNAUTHORIZED,
-                status_json(401, "Unauthorized", "postern: this endpoint has ended"),
-            );
-        }
-        let method = req.method().as_str().to_string();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().map(str::to_string);
-        let info = match classify(&method, &path, query.as_deref()) {
-            Ok(i) => i,
-            Err(e) => {
-                self.audit(None, &method, &path, 400, Some(&e.to_string()));
-                return local(
-                    StatusCode::BAD_REQUEST,
-                    status_json(400, "BadRequest", &format!("postern agent: {e}")),
-                );
-            }
-        };
-        if let Decision::Deny { reason } = decide(&info, &self.scope) {
-            self.audit(Some(&info), &method, &path, 403, Some(&reason));
-            return local(
-                StatusCode::FORBIDDEN,
-                forbidden_status(&format!("(appliance) {reason}")),
-            );
-        }
-        if req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > MAX_BODY as u64)
-        {
-            self.audit(Some(&info), &method, &path, 413, None);
-            return local(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                status_json(
-                    413,
-                    "RequestEntityTooLarge",
-                    "postern agent: request body too large",
-                ),
-            );
-        }
-        let upgrade = is_upgrade(&req);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
-        let body = if upgrade {
-            Bytes::new()
-        } else {
-            match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return local(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        status_json(
-                            413,
-                            "RequestEntityTooLarge",
-                            "postern agent: request body too large",
-                        ),
-                    )
-                }
-            }
-        };
-        let target = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let mut out = Request::builder()
-            .method(parts.method.clone())
-            .uri(target)
-            .header(HOST, self.upstream.authority());
-        for (k, v) in parts
-            .headers
-            .iter()
-            .filter(|(k, _)| forwardable(k, upgrade))
-        {
-            out = out.header(k, v);
-        }
-        match self.upstream.authorization() {
-            Ok(Some(auth)) => out = out.header(hyper::header::AUTHORIZATION, auth),
-            Ok(None) => {}
-            Err(e) => return self.unavailable(&info, &method, &path, &e.to_string()),
-        }
-        for (k, v) in &self.impersonate {
-            out = out.header(k, v);
-        }
-        let Ok(out) = out.body(Full::new(body)) else {
-            return local(
-                StatusCode::BAD_REQUEST,
-                status_json(
-                    400,
-                    "BadRequest",
-                    "postern agent: the request could not be rebuilt",
-                ),
-            );
-        };
-        let mut resp = match self.upstream.send(out, upgrade).await {
-            Ok(r) => r,
-            Err(e) => return self.unavailable(&info, &method, &path, &e.to_string()),
-        };
-        self.audit(Some(&info), &method, &path, resp.status().as_u16(), None);
-        if let Some(client_upgrade) = client_upgrade {
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let cut = self.cut.clone();
-                let pipe = tokio::spawn(async move {
-                    let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
-                        return;
-                    };
-                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut c, &mut u) => {}
-                        () = cut.cancelled() => {}
-                    }
-                });
-                if let Ok(mut u) = self.upgraded.lock() {
-                    *u = Some(pipe);
-                }
-            } else {
-                resp.headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-        }
-        resp.map(|b| b.boxed())
-    }
-
-    fn unavailable(
-        &self,
-        info: &RequestInfo<'_>,
-        method: &str,
-        path: &str,
-        msg: &str,
-    ) -> Response<Body> {
-        tracing::warn!(endpoint = %self.open.endpoint_id, error = %msg, "kube upstream failed");
-        self.audit(Some(info), method, path, 503, Some(msg));
-        local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            status_json(503, "ServiceUnavailable", &format!("postern agent: {msg}")),
-        )
-    }
-
-    /// `kube.request` in the customer's trail.
-    fn audit(
-        &self,
-        info: Option<&RequestInfo<'_>>,
-        method: &str,
-        path: &str,
-        code: u16,
-        error: Option<&str>,
-    ) {
-        let detail = serde_json::json!({
-            "verb": info.map(|i| i.verb.to_string()).unwrap_or_else(|| method.to_lowercase()),
-            "resource": info.map(|i| i.resource.to_string()).unwrap_or_default(),
-            "subresource": info.map(|i| i.subresource.to_string()).unwrap_or_default(),
-            "namespace": info.and_then(|i| i.namespace.as_deref().map(str::to_string)),
-            "name": info.map(|i| i.name.to_string()).unwrap_or_default(),
-            "path": path,
-            "code": code,
-            "operator": self.open.operator,
-            "reason": error,
-        });
-        let e: Entry = entry("kube.request", &self.open, detail);
-        self.ctx.audit.record_or_log(e);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::AgentConfig;
+    use endpoint_types::kube_request::{classify, decide, Decision};
     use std::path::Path;
 
     fn parse(extra: &str) -> Result<AgentConfig, String> {
@@ -451,6 +243,54 @@ mod tests {
         assert!(matches!(
             d("GET", "/api/v1/namespaces/other/pods"),
             Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn writes_need_an_identity_to_impersonate() {
+        let verbs = "namespaces = [\"a\"]\nresources = [\"pods\", \"pods/exec\", \"statefulsets.apps\"]\nverbs = [\"get\", \"list\", \"create\", \"delete\"]\n";
+        let plain = parse(verbs).unwrap();
+        let scope = scope_of(&plain.resources[0]).unwrap();
+        assert!(scope.is_reads_only());
+        let d = |s: &KubeScope, m: &str, p: &str| decide(&classify(m, p, None).unwrap(), s);
+        assert_eq!(
+            d(&scope, "GET", "/apis/apps/v1/namespaces/a/statefulsets"),
+            Decision::Allow
+        );
+        assert!(
+            matches!(d(&scope, "DELETE", "/api/v1/namespaces/a/pods/p"), Decision::Deny { reason } if reason.contains("impersonat"))
+        );
+        assert!(matches!(
+            d(&scope, "POST", "/api/v1/namespaces/a/pods/p/exec"),
+            Decision::Deny { .. }
+        ));
+        let with = parse(&format!("{verbs}impersonate = {{ user = \"vendor\" }}\n")).unwrap();
+        let scope = scope_of(&with.resources[0]).unwrap();
+        assert_eq!(
+            d(&scope, "DELETE", "/api/v1/namespaces/a/pods/p"),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn identity_headers_never_go_upstream() {
+        use hyper::header::HeaderName;
+        for h in [
+            "authorization",
+            "impersonate-user",
+            "impersonate-group",
+            "x-remote-user",
+            "x-remote-group",
+            "x-remote-extra-scopes",
+        ] {
+            assert!(
+                !proxy::forwardable(&HeaderName::from_static(h), false),
+                "{h}"
+            );
+        }
+        assert!(proxy::forwardable(
+            &HeaderName::from_static("accept"),
+            false
         ));
     }
 }

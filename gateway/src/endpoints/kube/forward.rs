@@ -16,8 +16,8 @@ use crate::{
 use bytes::Bytes;
 use endpoint_types::{
     kube_request::{
-        classify, decide, display_resource, forbidden_status, status_json, Decision, KubeScope,
-        RequestInfo,
+        classify, decide, display_resource, forbidden_status, is_identity_header, status_json,
+        stream_target, Decision, KubeScope, RequestInfo,
     },
     resource::CloseReason,
     ErrorCode,
@@ -166,11 +166,24 @@ pub async fn serve_connection(
     drop(slot);
 }
 
-/// Headers that never cross: the client's identity claims (the appliance authenticates
-/// upstream with its own credentials) and hop-by-hop headers.
+/// The reason of the appliance's own scope refusal: the message of a `403` Status the agent
+/// made (it prefixes it); `None` for any other 403 (the cluster's RBAC).
+fn appliance_refusal(body: &[u8]) -> Option<String> {
+    const PREFIX: &str = "postern endpoint scope: ";
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let message = v.get("message")?.as_str()?;
+    message
+        .strip_prefix(PREFIX)
+        .filter(|m| m.starts_with("(appliance) "))
+        .map(str::to_string)
+}
+
+/// Headers that never cross: the client's identity claims (credentials, `Impersonate-*`,
+/// the authenticating-proxy `X-Remote-*`; the appliance authenticates upstream with its own
+/// credentials) and hop-by-hop headers.
 fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
     let n = name.as_str();
-    if n == "authorization" || n == "proxy-authorization" || n.starts_with("impersonate-") {
+    if is_identity_header(n) {
         return false;
     }
     match n {
@@ -203,7 +216,7 @@ impl Conn {
         let info = match classify(&method, &path, query.as_deref()) {
             Ok(i) => i,
             Err(e) => {
-                self.audit(None, &method, &path, 400, Some(&e.to_string()));
+                self.audit(None, &method, &path, None, 400, Some(&e.to_string()));
                 return status(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
@@ -212,7 +225,14 @@ impl Conn {
             }
         };
         if let Decision::Deny { reason } = decide(&info, &self.scope) {
-            self.audit(Some(&info), &method, &path, 403, Some(&reason));
+            self.audit(
+                Some(&info),
+                &method,
+                &path,
+                query.as_deref(),
+                403,
+                Some(&reason),
+            );
             return local(StatusCode::FORBIDDEN, forbidden_status(&reason));
         }
         let too_large = || {
@@ -228,7 +248,7 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > MAX_BODY as u64) {
-            self.audit(Some(&info), &method, &path, 413, None);
+            self.audit(Some(&info), &method, &path, query.as_deref(), 413, None);
             return too_large();
         }
         let upgrade = is_upgrade(&req);
@@ -240,7 +260,7 @@ impl Conn {
             match Limited::new(body, MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => {
-                    self.audit(Some(&info), &method, &path, 413, None);
+                    self.audit(Some(&info), &method, &path, query.as_deref(), 413, None);
                     return too_large();
                 }
             }
@@ -269,7 +289,14 @@ impl Conn {
         let mut resp = match self.send(out, upgrade).await {
             Ok(r) => r,
             Err((code, msg)) => {
-                self.audit(Some(&info), &method, &path, code.as_u16(), Some(&msg));
+                self.audit(
+                    Some(&info),
+                    &method,
+                    &path,
+                    query.as_deref(),
+                    code.as_u16(),
+                    Some(&msg),
+                );
                 return status(
                     code,
                     if code == StatusCode::FORBIDDEN {
@@ -281,7 +308,42 @@ impl Conn {
                 );
             }
         };
-        self.audit(Some(&info), &method, &path, resp.status().as_u16(), None);
+        // The appliance refused it (its own scope decision, e.g. a write without an identity
+        // to impersonate): its reason goes into this trail too, as a denial.
+        if resp.status() == StatusCode::FORBIDDEN {
+            let (mut parts, body) = resp.into_parts();
+            let bytes = Limited::new(body, 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let reason = appliance_refusal(&bytes);
+            self.audit(
+                Some(&info),
+                &method,
+                &path,
+                query.as_deref(),
+                403,
+                reason.as_deref(),
+            );
+            if upgrade {
+                parts
+                    .headers
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            return Response::from_parts(
+                parts,
+                Full::new(bytes).map_err(|n: Infallible| match n {}).boxed(),
+            );
+        }
+        self.audit(
+            Some(&info),
+            &method,
+            &path,
+            query.as_deref(),
+            resp.status().as_u16(),
+            None,
+        );
         if let Some(client_upgrade) = client_upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -390,10 +452,14 @@ impl Conn {
         info: Option<&RequestInfo<'_>>,
         method: &str,
         path: &str,
+        query: Option<&str>,
         code: u16,
         denied: Option<&str>,
     ) {
+        let target = info.and_then(|i| stream_target(i, query));
         let detail = serde_json::json!({
+            "command": target.as_ref().map(|t| t.command.clone()),
+            "container": target.and_then(|t| t.container),
             "verb": info.map(|i| i.verb.to_string()).unwrap_or_else(|| method.to_lowercase()),
             "resource": info.map(|i| i.resource.to_string()).unwrap_or_default(),
             "subresource": info.map(|i| i.subresource.to_string()).unwrap_or_default(),

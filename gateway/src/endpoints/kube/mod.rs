@@ -8,6 +8,9 @@
 //! connection of an endpoint is dropped the moment its cancellation token fires.
 
 mod forward;
+mod op_records;
+
+pub use op_records::on_op_record;
 
 use super::{session::SessionSlot, LiveEndpoint};
 use crate::server::Gateway;
@@ -141,6 +144,9 @@ async fn connection(
             return forward::refuse_all(stream, forward::Refusal::TooMany(e.message)).await;
         }
     };
+    // Names arrive canonical (the agent resolved them through discovery). Reads-only for a
+    // resource without `impersonate` is left to the agent, which holds the credential: it
+    // refuses such writes and the forwarder records its reason here as a denial too.
     let scope = match ep.scope(&gw) {
         Some(ResourceScope::Kubernetes {
             namespaces,

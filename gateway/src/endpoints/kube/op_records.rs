@@ -1,0 +1,41 @@
+//! What a `kubectl` op's per-op proxy in the appliance forwarded or refused, reported by the
+//! agent so the vendor trail holds every request of the op as the customer's trail does.
+
+use crate::{audit::Subject, server::Gateway};
+
+/// Records an agent's `OpRecord` frame: only `kube.request` and `denied`, only for an op of
+/// the reporting appliance that is still running.
+pub async fn on_op_record(
+    gw: &Gateway,
+    appliance_id: &str,
+    op_id: &str,
+    kind: &str,
+    mut detail: serde_json::Value,
+) {
+    let kind: &'static str = match kind {
+        "kube.request" => "kube.request",
+        "denied" => "denied",
+        other => {
+            return tracing::warn!(appliance = %appliance_id, op = %op_id, kind = %other, "agent sent an op record of an unknown kind; ignored")
+        }
+    };
+    let Ok(Some(row)) = gw.store.get_op(op_id).await else {
+        return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent reported on an unknown op");
+    };
+    if row.appliance_id != appliance_id {
+        return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent reported on another appliance's op; ignored");
+    }
+    if !detail.is_object() {
+        return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent sent an op record without a detail object; ignored");
+    }
+    detail["operator"] = serde_json::json!(row.requested_by);
+    detail["reported_by"] = serde_json::json!(format!("agent:{appliance_id}"));
+    let subject = Subject {
+        appliance_id: Some(row.appliance_id.clone()),
+        op_id: Some(row.id.clone()),
+        ..Default::default()
+    };
+    gw.audit
+        .record(kind, &row.requested_by, subject, detail)
+        .await;
+}
