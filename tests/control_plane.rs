@@ -685,3 +685,337 @@ fn window_policy_approves_inside_the_window_and_asks_a_person_outside() -> Resul
     assert_eq!(g["state"], "pending-approval", "{g}");
     Ok(())
 }
+
+/// Nothing that ended comes back: deciding a grant, op or endpoint that is no longer pending,
+/// retiring or revoking what already ended, is refused with `CONFLICT` (or the endpoint's own
+/// `ENDPOINT_RETIRED`), changes nothing, and is in the gateway's trail as `denied` with the reason.
+#[test]
+fn nothing_that_ended_comes_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gw, agent) = start(dir.path(), "ended-app", "manual", "")?;
+    let alice = token(&gw, "operator", "alice@vendor.example", None)?;
+    let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
+    let request = |duration: &str| -> Result<Value> {
+        gw.cli_as(
+            &alice,
+            &[
+                "access",
+                "request",
+                "--app",
+                "ended-app",
+                "--customer",
+                "acme-corp",
+                "--level",
+                "operate",
+                "--duration",
+                duration,
+                "--reason",
+                "INC-7",
+            ],
+        )?
+        .ok()
+    };
+    // A refusal: CONFLICT (unless `code` says otherwise) naming the record and its state, with a hint.
+    let refused = |out: CliOutput, code: &str, id: &str, state: &str| -> Result<()> {
+        assert!(!out.success, "{id} was moved: {}", out.json);
+        assert_eq!(out.error_code(), Some(code), "{}", out.json);
+        let e = &out.json["error"];
+        assert!(e["message"].as_str().unwrap_or("").contains(id), "{e}");
+        assert!(e["message"].as_str().unwrap_or("").contains(state), "{e}");
+        assert!(!e["hint"].as_str().unwrap_or("").is_empty(), "{e}");
+        assert_eq!(e["details"]["state"], state, "{e}");
+        Ok(())
+    };
+
+    // A short grant that will have expired by the end, and the one the rest runs under.
+    let short = id(&request("10s")?);
+    gw.cli_as(&bob, &["approvals", "approve", &short])?.ok()?;
+    let gid = id(&request("30m")?);
+    gw.cli_as(&bob, &["approvals", "approve", &gid])?.ok()?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &gid])?,
+        "CONFLICT",
+        &gid,
+        "active",
+    )?;
+
+    // A denied grant stays denied; a withdrawn request cannot be approved.
+    let denied = id(&request("30m")?);
+    gw.cli_as(&bob, &["approvals", "deny", &denied, "--message", "no"])?
+        .ok()?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &denied])?,
+        "CONFLICT",
+        &denied,
+        "denied",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "deny", &denied])?,
+        "CONFLICT",
+        &denied,
+        "denied",
+    )?;
+    let withdrawn = id(&request("30m")?);
+    assert_eq!(
+        gw.cli_as(&alice, &["access", "revoke", &withdrawn])?.ok()?["state"],
+        "revoked"
+    );
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &withdrawn])?,
+        "CONFLICT",
+        &withdrawn,
+        "revoked",
+    )?;
+
+    // The endpoint of the issue: retired while pending, then approved. It stays retired, and
+    // no credential or address ever appears.
+    let create = || -> Result<Value> {
+        gw.cli_as(
+            &alice,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "ended-app",
+                "--customer",
+                "acme-corp",
+                "--origin-resource-id",
+                "null_resource.echo",
+                "--ttl",
+                "10m",
+            ],
+        )?
+        .ok()
+    };
+    let ep = id(&create()?);
+    let retired = gw
+        .cli_as(&alice, &["ops", "endpoint", "retire", &ep])?
+        .ok()?;
+    assert_eq!(
+        (retired["state"].as_str(), retired["sessions_cut"].as_u64()),
+        (Some("retired"), Some(0))
+    );
+    assert!(!gw.cli_as(&bob, &["approvals", "list"])?.ok()?["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["id"] == ep.as_str()));
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &ep])?,
+        "CONFLICT",
+        &ep,
+        "retired",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "deny", &ep])?,
+        "CONFLICT",
+        &ep,
+        "retired",
+    )?;
+    refused(
+        gw.cli_as(&alice, &["ops", "endpoint", "retire", &ep])?,
+        "ENDPOINT_RETIRED",
+        &ep,
+        "retired",
+    )?;
+    let got = gw.cli_as(&alice, &["ops", "endpoint", "get", &ep])?.ok()?;
+    assert_eq!(got["state"], "retired");
+    for key in [
+        "address",
+        "kubeconfig",
+        "connection_string",
+        "ssh_command",
+        "ssh_config",
+        "access",
+    ] {
+        assert!(
+            got.get(key).is_none_or(Value::is_null),
+            "{key} appeared on a retired endpoint: {got}"
+        );
+    }
+    // A denied endpoint stays denied; an active one is not approved twice.
+    let ep_denied = id(&create()?);
+    gw.cli_as(&bob, &["approvals", "deny", &ep_denied])?.ok()?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &ep_denied])?,
+        "CONFLICT",
+        &ep_denied,
+        "denied",
+    )?;
+    let ep_live = id(&create()?);
+    assert_eq!(
+        gw.cli_as(&bob, &["approvals", "approve", &ep_live])?.ok()?["state"],
+        "active"
+    );
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &ep_live])?,
+        "CONFLICT",
+        &ep_live,
+        "active",
+    )?;
+    // A retire racing an approval: whichever wins, a retired endpoint never ends up active.
+    for _ in 0..4 {
+        let racing = id(&create()?);
+        let (retire, approve) = std::thread::scope(|sc| {
+            let r = sc.spawn(|| gw.cli_as(&alice, &["ops", "endpoint", "retire", &racing]));
+            let a = sc.spawn(|| gw.cli_as(&bob, &["approvals", "approve", &racing]));
+            (
+                r.join().map_err(|_| anyhow!("retire thread")),
+                a.join().map_err(|_| anyhow!("approve thread")),
+            )
+        });
+        let (retire, approve) = (retire??, approve??);
+        assert!(
+            retire.success,
+            "retire of a pending or active endpoint succeeds: {}",
+            retire.json
+        );
+        assert!(
+            approve.success || approve.error_code() == Some("CONFLICT"),
+            "{}",
+            approve.json
+        );
+        let got = gw
+            .cli_as(&alice, &["ops", "endpoint", "get", &racing])?
+            .ok()?;
+        assert_eq!(got["state"], "retired", "{got}");
+        assert!(got.get("address").is_none_or(Value::is_null), "{got}");
+    }
+
+    // Ops: a denied one stays denied.
+    let op_denied = id(&op(&gw, &alice, "ended-app", "kubectl get pods", &[])?.ok()?);
+    gw.cli_as(
+        &bob,
+        &["approvals", "deny", &op_denied, "--message", "not now"],
+    )?
+    .ok()?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &op_denied])?,
+        "CONFLICT",
+        &op_denied,
+        "denied",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "deny", &op_denied])?,
+        "CONFLICT",
+        &op_denied,
+        "denied",
+    )?;
+    // (`ops get` of an op that ended badly exits non-zero by design; the record is still printed.)
+    assert_eq!(
+        gw.cli_as(&alice, &["ops", "get", &op_denied])?.json["state"],
+        "denied"
+    );
+
+    // An op whose grant ended before it was approved expires at dispatch, and stays expired.
+    let op_late = id(&op(&gw, &alice, "ended-app", "kubectl get pods", &[])?.ok()?);
+    gw.cli_as(&bob, &["access", "revoke", &gid])?.ok()?;
+    gw.cli_as(&bob, &["approvals", "approve", &op_late])?.ok()?;
+    wait_state(&gw, &alice, &op_late, "expired")?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &op_late])?,
+        "CONFLICT",
+        &op_late,
+        "expired",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "deny", &op_late])?,
+        "CONFLICT",
+        &op_late,
+        "expired",
+    )?;
+    // Revoking a revoked grant is an error too (not a silent success): it was over already.
+    refused(
+        gw.cli_as(&bob, &["access", "revoke", &gid])?,
+        "CONFLICT",
+        &gid,
+        "revoked",
+    )?;
+    assert_eq!(
+        gw.cli_as(&alice, &["ops", "endpoint", "get", &ep_live])?
+            .ok()?["state"],
+        "retired",
+        "the revoke cut it"
+    );
+
+    // The short grant has run out by now (or does shortly): approving, denying or revoking it changes nothing.
+    let expired = wait_until(Duration::from_secs(15), || {
+        gw.cli_as(&alice, &["access", "list"])
+            .ok()
+            .and_then(|o| o.ok().ok())
+            .is_some_and(|v| {
+                v["grants"].as_array().is_some_and(|g| {
+                    g.iter()
+                        .any(|g| g["id"] == short.as_str() && g["state"] == "expired")
+                })
+            })
+    });
+    assert!(expired, "grant {short} never expired");
+    refused(
+        gw.cli_as(&bob, &["approvals", "approve", &short])?,
+        "CONFLICT",
+        &short,
+        "expired",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["approvals", "deny", &short])?,
+        "CONFLICT",
+        &short,
+        "expired",
+    )?;
+    refused(
+        gw.cli_as(&bob, &["access", "revoke", &short])?,
+        "CONFLICT",
+        &short,
+        "expired",
+    )?;
+
+    // Every refusal is in the gateway's trail as `denied`, with the action and the reason.
+    let records = gw
+        .cli(&["audit", "list", "--appliance", &agent.appliance_id])?
+        .ok()?;
+    let denials: Vec<&Value> = records["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "denied")
+        .collect();
+    let denied_for = |id: &str, action: &str| {
+        denials.iter().any(|r| {
+            r["detail"]["id"] == id
+                && r["detail"]["action"] == action
+                && r["detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(id))
+        })
+    };
+    for (rid, action) in [
+        (&gid, "approve"),
+        (&denied, "approve"),
+        (&denied, "deny"),
+        (&withdrawn, "approve"),
+        (&ep, "approve"),
+        (&ep, "deny"),
+        (&ep, "retire"),
+        (&ep_denied, "approve"),
+        (&ep_live, "approve"),
+        (&op_denied, "approve"),
+        (&op_denied, "deny"),
+        (&op_late, "approve"),
+        (&op_late, "deny"),
+        (&gid, "revoke"),
+        (&short, "approve"),
+        (&short, "deny"),
+        (&short, "revoke"),
+    ] {
+        assert!(
+            denied_for(rid, action),
+            "no `denied` record for {action} {rid}: {denials:?}"
+        );
+    }
+    assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
+    Ok(())
+}

@@ -11,6 +11,9 @@ use crate::{
 use jiff::Timestamp;
 use serde_json::json;
 
+pub mod endpoint;
+pub mod grant;
+
 /// The command that gets operate access back, for hints. The reason is left for the operator
 /// to write: a hint must not invent one.
 pub fn access_request_hint(app: &str, customer: &str) -> String {
@@ -133,6 +136,16 @@ pub enum OpEvent {
     AgentRefused,
     /// The op's operate access or its approval ran out before it finished.
     Expired,
+    /// The agent refused it because the customer's policy there wants a person's approval the
+    /// op does not carry: a denial, not a failure.
+    AgentDenied,
+    /// The agent went away while the op ran: its result can no longer arrive.
+    AgentLost,
+    /// A person released held output; the op stays `output-pending-approval` until the agent
+    /// sends the released result ([`OpEvent::OutputReleased`]).
+    OutputApproved {
+        by: String,
+    },
 }
 
 impl OpEvent {
@@ -150,6 +163,9 @@ impl OpEvent {
             OpEvent::OutputDenied { .. } => "output-denied",
             OpEvent::AgentRefused => "agent-refused",
             OpEvent::Expired => "expired",
+            OpEvent::AgentDenied => "agent-denied",
+            OpEvent::AgentLost => "agent-lost",
+            OpEvent::OutputApproved { .. } => "output-approved",
         }
     }
 }
@@ -162,20 +178,67 @@ pub struct TransitionError {
     pub event: &'static str,
 }
 
+impl TransitionError {
+    /// The refusal an operator or approver sees for this event on op `id`.
+    pub fn to_api_error(&self, id: &str) -> ApiError {
+        refusal(
+            "op",
+            id,
+            self.state.as_str(),
+            self.state.is_final(),
+            self.event,
+            "to run the command again, request a new op (`postern ops TOOL … --command …`)",
+            format!("`postern ops get {id}` shows the op; `postern approvals list` shows what waits for a decision"),
+        )
+    }
+}
+
+/// `CONFLICT` (HTTP 409) for an event a record's state does not take: an ended record never
+/// changes again, and a live one only takes the events its state allows. It names the record,
+/// its state and the event; the hint says what to do instead.
+pub fn refusal(
+    record: &str,
+    id: &str,
+    state: &str,
+    is_final: bool,
+    event: &str,
+    after_end: &str,
+    otherwise: String,
+) -> ApiError {
+    let (message, hint) = if is_final {
+        (format!("{record} {id} has ended as {state}; nothing changes it any more (refused: {event})"), after_end.to_string())
+    } else {
+        (
+            format!("{record} {id} is {state}, which does not take {event}"),
+            otherwise,
+        )
+    };
+    ApiError::new(ErrorCode::Conflict, message)
+        .hint(hint)
+        .details(json!({ "id": id, "record": record, "state": state, "event": event, "ended": is_final }))
+}
+
 /// The op state machine:
 ///
 /// ```text
 /// pending-approval --command-approved--> approved --started--> running
 ///        |  \--command-denied--> denied      |  \--policy-recheck-failed--> pending-approval
 ///        \--expired--> expired               |--agent-refused--> failed
+///                                            |--agent-denied--> denied
+///                                            |--finished / timed-out: as from running
 ///                                            \--expired--> expired
 /// running --finished(0, not held)--> completed      output-pending-approval
-///         --finished(≠0, not held)--> failed           --output-released(0)--> completed
-///         --finished(held)--> output-pending-approval  --output-released(≠0)--> failed
-///         --timed-out--> timed-out                     --output-denied--> denied
+///         --finished(≠0, not held)--> failed           --output-approved--> (itself)
+///         --finished(held)--> output-pending-approval  --output-released(0)--> completed
+///         --timed-out--> timed-out                     --output-released(≠0)--> failed
+///         --agent-refused / agent-lost--> failed       --timed-out--> timed-out (released
+///         --agent-denied--> denied                        output of a command that ran out of time)
+///                                                      --output-denied--> denied
 ///                                                      --expired--> expired
 /// ```
-/// `dispatched` keeps an approved op approved. Final states accept nothing.
+/// `dispatched` keeps an approved op approved. An approved op may report its end without a
+/// start: the agent's `started` can be lost with a connection, its result (or held output,
+/// announced again on reconnect) is not. Final states accept nothing.
 pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError> {
     use OpEvent as E;
     use OpState as S;
@@ -187,32 +250,36 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::Approved, E::Dispatched) => S::Approved,
         (S::Approved, E::Started) => S::Running,
         (S::Approved, E::PolicyRecheckFailed) => S::PendingApproval,
-        (S::Approved, E::AgentRefused) => S::Failed,
         (S::Approved, E::Expired) => S::Expired,
 
         (
-            S::Running,
+            S::Approved | S::Running,
             E::Finished {
                 output_held: true, ..
             },
         ) => S::OutputPendingApproval,
         (
-            S::Running,
+            S::Approved | S::Running,
             E::Finished {
                 exit_code: 0,
                 output_held: false,
             },
         ) => S::Completed,
         (
-            S::Running,
+            S::Approved | S::Running,
             E::Finished {
                 output_held: false, ..
             },
         ) => S::Failed,
-        (S::Running, E::TimedOut) => S::TimedOut,
+        (S::Approved | S::Running, E::TimedOut) => S::TimedOut,
+        (S::Approved | S::Running, E::AgentRefused) => S::Failed,
+        (S::Approved | S::Running, E::AgentDenied) => S::Denied,
+        (S::Running, E::AgentLost) => S::Failed,
 
+        (S::OutputPendingApproval, E::OutputApproved { .. }) => S::OutputPendingApproval,
         (S::OutputPendingApproval, E::OutputReleased { exit_code: 0, .. }) => S::Completed,
         (S::OutputPendingApproval, E::OutputReleased { .. }) => S::Failed,
+        (S::OutputPendingApproval, E::TimedOut) => S::TimedOut,
         (S::OutputPendingApproval, E::OutputDenied { .. }) => S::Denied,
         (S::OutputPendingApproval, E::Expired) => S::Expired,
 
@@ -351,6 +418,9 @@ mod tests {
             },
             OpEvent::AgentRefused,
             OpEvent::Expired,
+            OpEvent::AgentDenied,
+            OpEvent::AgentLost,
+            OpEvent::OutputApproved { by: by() },
         ]
     }
 
@@ -368,7 +438,10 @@ mod tests {
             | OpEvent::OutputReleased { .. }
             | OpEvent::OutputDenied { .. }
             | OpEvent::AgentRefused
-            | OpEvent::Expired => {}
+            | OpEvent::Expired
+            | OpEvent::AgentDenied
+            | OpEvent::AgentLost
+            | OpEvent::OutputApproved { .. } => {}
         }
     }
 
@@ -399,7 +472,61 @@ mod tests {
                 S::PendingApproval,
             ),
             (S::Approved, OpEvent::AgentRefused, S::Failed),
+            (S::Approved, OpEvent::AgentDenied, S::Denied),
             (S::Approved, OpEvent::Expired, S::Expired),
+            // A lost `started`: the end still counts.
+            (
+                S::Approved,
+                OpEvent::Finished {
+                    exit_code: 0,
+                    output_held: false,
+                },
+                S::Completed,
+            ),
+            (
+                S::Approved,
+                OpEvent::Finished {
+                    exit_code: 2,
+                    output_held: false,
+                },
+                S::Failed,
+            ),
+            (
+                S::Approved,
+                OpEvent::Finished {
+                    exit_code: -9,
+                    output_held: false,
+                },
+                S::Failed,
+            ),
+            (
+                S::Approved,
+                OpEvent::Finished {
+                    exit_code: 0,
+                    output_held: true,
+                },
+                S::OutputPendingApproval,
+            ),
+            (
+                S::Approved,
+                OpEvent::Finished {
+                    exit_code: 2,
+                    output_held: true,
+                },
+                S::OutputPendingApproval,
+            ),
+            (S::Approved, OpEvent::TimedOut, S::TimedOut),
+            (S::Running, OpEvent::AgentRefused, S::Failed),
+            (S::Running, OpEvent::AgentDenied, S::Denied),
+            (S::Running, OpEvent::AgentLost, S::Failed),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputApproved {
+                    by: "ana@customer".into(),
+                },
+                S::OutputPendingApproval,
+            ),
+            (S::OutputPendingApproval, OpEvent::TimedOut, S::TimedOut),
             (
                 S::Running,
                 OpEvent::Finished {
@@ -500,7 +627,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(legal_count, 18, "every row of the table was reached");
+        assert_eq!(legal_count, 30, "every row of the table was reached");
     }
 
     #[test]
@@ -522,6 +649,35 @@ mod tests {
             err.to_string(),
             "an op in state running cannot take the event command-approved"
         );
+    }
+
+    #[test]
+    fn refusals_are_conflicts_that_name_the_op_its_state_and_what_to_do() {
+        let e = next(S::Denied, &OpEvent::CommandApproved { by: "bob".into() })
+            .unwrap_err()
+            .to_api_error("op_1");
+        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(
+            e.message,
+            "op op_1 has ended as denied; nothing changes it any more (refused: command-approved)"
+        );
+        assert!(e.hint.contains("new op"), "{}", e.hint);
+        assert_eq!(e.details["state"], "denied");
+        assert_eq!(e.details["ended"], true);
+        let e = next(
+            S::Running,
+            &OpEvent::CommandDenied {
+                by: "bob".into(),
+                message: None,
+            },
+        )
+        .unwrap_err()
+        .to_api_error("op_2");
+        assert_eq!(
+            e.message,
+            "op op_2 is running, which does not take command-denied"
+        );
+        assert!(e.hint.contains("postern ops get op_2"), "{}", e.hint);
     }
 
     #[test]
@@ -580,7 +736,7 @@ mod tests {
         let mut names: Vec<&str> = all_events().iter().map(OpEvent::name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 11);
+        assert_eq!(names.len(), 14);
     }
 
     // ---- grants ----

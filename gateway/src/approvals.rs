@@ -116,3 +116,23 @@ pub async fn decide(
     )
     .hint("`postern approvals list` shows what waits for a decision"))
 }
+
+/// A refused move of a grant, op or endpoint (deciding something no longer pending, retiring
+/// or revoking what already ended, losing a race to another request or replica): recorded in
+/// the gateway's trail as `denied` with its reason, then handed back to the caller unchanged.
+pub async fn refused(
+    gw: &Gateway,
+    caller: &Caller,
+    subject: crate::audit::Subject,
+    action: &str,
+    err: ApiError,
+) -> ApiError {
+    let detail = serde_json::json!({
+        "action": action, "code": err.code, "reason": err.message,
+        "id": err.details.get("id"), "state": err.details.get("state"), "event": err.details.get("event"),
+    });
+    gw.audit
+        .record("denied", &caller.actor(), subject, detail)
+        .await;
+    err
+}

@@ -5,13 +5,16 @@ use crate::{
     audit::Subject,
     identity::{random_hex, Caller},
     server::Gateway,
-    store::{ApplianceRow, GrantRow, StoreError},
+    store::{ApplianceRow, GrantChange, GrantRow, StoreError},
 };
 use endpoint_types::{
     api::Role,
     control::{GrantLevel, GrantRecord, GrantRequest, GrantState},
     duration::{format_duration, TTL_MAX, TTL_MIN},
-    lifecycle::grant_state,
+    lifecycle::{
+        grant::{self as grant_lifecycle, GrantEvent},
+        grant_state,
+    },
     policy::{Decision, Policy},
     resource::PolicySummary,
     ApiError, ErrorCode,
@@ -171,7 +174,8 @@ pub async fn request(
         _ => automatic_decision(gw, &appliance.id, now).await,
     };
     if let Some((by, window_end)) = auto {
-        row.state = GrantState::Active;
+        row.state = grant_lifecycle::next(row.state, GrantEvent::Approve)
+            .map_err(|e| e.to_api_error(&row.id))?;
         row.decided_by = Some(by.to_string());
         row.decided_at = Some(now);
         // A grant the policy approved inside a window ends with the window.
@@ -252,7 +256,49 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<GrantRecord>, Api
     Ok(out)
 }
 
-/// A customer approver's decision on a pending grant. Duration counts from the approval.
+/// The refusal for `event` on grant `id` after a compare-and-set found it moved by another
+/// request or replica: the same structured error as for any other state that does not take it,
+/// from the state it is in now.
+async fn lost_race(gw: &Gateway, id: &str, event: GrantEvent, now: Timestamp) -> ApiError {
+    let state = match gw.store.get_grant(id).await {
+        Ok(Some(row)) => grant_state(row.state, row.expires_at, now),
+        Ok(None) => return ApiError::new(ErrorCode::NotFound, format!("no grant {id}")),
+        Err(e) => return internal(e),
+    };
+    match grant_lifecycle::next(state, event) {
+        Err(e) => e.to_api_error(id),
+        // It moved and came back to a state that takes the event: report the race itself.
+        Ok(_) => ApiError::new(ErrorCode::Conflict, format!("grant {id} changed while this request was deciding it"))
+            .hint("look at it again (`postern access list`) and repeat if it still applies")
+            .details(serde_json::json!({"id": id, "record": "grant", "state": state.as_str(), "event": event.name(), "ended": false})),
+    }
+}
+
+/// Moves grant `row` by `event` through the grant state machine and a compare-and-set in the
+/// store; a refusal (the machine's, or a lost race) is audited as `denied` and returned.
+async fn move_grant(
+    gw: &Gateway,
+    caller: &Caller,
+    row: &GrantRow,
+    event: GrantEvent,
+    action: &str,
+    change: GrantChange<'_>,
+) -> Result<GrantState, ApiError> {
+    let subject = Subject::appliance(&row.appliance_id);
+    let refusal =
+        match grant_lifecycle::next(grant_state(row.state, row.expires_at, change.at), event) {
+            Err(e) => e.to_api_error(&row.id),
+            Ok(to) => match gw.store.move_grant(&row.id, row.state, event, change).await {
+                Ok(true) => return Ok(to),
+                Ok(false) => lost_race(gw, &row.id, event, change.at).await,
+                Err(e) => return Err(internal(e)),
+            },
+        };
+    Err(crate::approvals::refused(gw, caller, subject, action, refusal).await)
+}
+
+/// A customer approver's decision on a pending grant. Duration counts from the approval. A
+/// grant that is no longer pending (decided, withdrawn, ended) is not changed: CONFLICT.
 pub async fn decide(
     gw: &Gateway,
     caller: &Caller,
@@ -264,41 +310,20 @@ pub async fn decide(
     let (row, appliance) = load(gw, caller, id).await?;
     caller.require_customer(&appliance.customer)?;
     let now = crate::store::now();
-    if row.state != GrantState::PendingApproval {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "grant {id} is {}, not waiting for a decision",
-                row.state.as_str()
-            ),
-        ));
-    }
-    let (state, expires_at) = if approve {
-        (
-            GrantState::Active,
-            Some(now + SignedDuration::from_millis(row.duration_ms)),
-        )
+    let (event, action) = if approve {
+        (GrantEvent::Approve, "approve")
     } else {
-        (GrantState::Denied, None)
+        (GrantEvent::Deny, "deny")
     };
-    if !gw
-        .store
-        .decide_grant(
-            id,
-            state,
-            &caller.actor(),
-            now,
-            message.as_deref(),
-            expires_at,
-        )
-        .await
-        .map_err(internal)?
-    {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("grant {id} was decided by someone else just now"),
-        ));
-    }
+    let expires_at = approve.then(|| now + SignedDuration::from_millis(row.duration_ms));
+    let who = caller.actor();
+    let change = GrantChange {
+        by: &who,
+        at: now,
+        message: message.as_deref(),
+        expires_at,
+    };
+    move_grant(gw, caller, &row, event, action, change).await?;
     let kind = if approve {
         "grant.approved"
     } else {
@@ -321,6 +346,9 @@ pub async fn decide(
     Ok(record(&row, &appliance, now))
 }
 
+/// Ends a grant: an active one (its endpoints are cut, the agent told), or a pending request
+/// its requester withdraws. Revoking a grant that already ended (denied, expired, revoked) is
+/// an error (CONFLICT), not a silent success: the caller learns it was over already.
 pub async fn revoke(gw: &Gateway, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {
     let (row, appliance) = load(gw, caller, id).await?;
     let own = row.requested_by == caller.actor();
@@ -331,24 +359,22 @@ pub async fn revoke(gw: &Gateway, caller: &Caller, id: &str) -> Result<GrantReco
         )?;
     }
     let now = crate::store::now();
-    if grant_state(row.state, row.expires_at, now) != GrantState::Active
-        || !gw
-            .store
-            .revoke_grant(id, &caller.actor(), now)
-            .await
-            .map_err(internal)?
-    {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("grant {id} is not active"),
-        ));
-    }
+    let who = caller.actor();
+    let change = GrantChange {
+        by: &who,
+        at: now,
+        message: None,
+        expires_at: None,
+    };
+    move_grant(gw, caller, &row, GrantEvent::Revoke, "revoke", change).await?;
     gw.audit
         .record(
             "grant.revoked",
             &caller.actor(),
             Subject::appliance(&appliance.id),
-            serde_json::json!({"grant_id": id}),
+            serde_json::json!({
+                "grant_id": id, "was": row.state.as_str(),
+            }),
         )
         .await;
     crate::endpoints::end_all_of_grant(

@@ -13,7 +13,7 @@ use endpoint_types::{
     api::Role,
     control::{OpRecord, OpRequest, OpState},
     frame::{Frame, OpDispatch, OpFinished, OutputStream},
-    lifecycle::op_error,
+    lifecycle::{self, op_error, OpEvent, TransitionError},
     policy::Policy,
     ApiError, ErrorCode,
 };
@@ -275,7 +275,8 @@ pub async fn create(
     };
     let auto = grants::automatic_decision(gw, &appliance.id, now).await;
     if let Some((by, _)) = auto {
-        row.state = OpState::Approved;
+        row.state = lifecycle::next(row.state, &OpEvent::CommandApproved { by: by.to_string() })
+            .map_err(|e| e.to_api_error(&row.id))?;
         row.command_approved_by = Some(by.to_string());
         row.command_approved_at = Some(now);
     }
@@ -309,31 +310,49 @@ pub async fn create(
     Ok(record(&row, &appliance))
 }
 
-/// Moves an op from `from` with `change`, re-reading it first so streamed output is kept.
+/// Why an op did not move.
+#[derive(Debug)]
+enum NotMoved {
+    /// The op state machine does not take the event in the op's state (as read just now).
+    Refused(TransitionError),
+    /// The op is gone, the store failed, or other writers kept winning the compare-and-set.
+    Unavailable,
+}
+
+/// Moves op `id` by the event `event_for` picks for its current state, through the op state
+/// machine, and writes it with a compare-and-set on the state it read (re-reading first so
+/// streamed output is kept). `change` sets the fields that go with the move; the new state is
+/// the machine's. A lost race re-reads and asks the machine again.
 async fn transition(
     gw: &Gateway,
     id: &str,
-    from: &[OpState],
+    event_for: impl Fn(&OpRow) -> OpEvent,
     change: impl Fn(&mut OpRow),
-) -> Option<OpRow> {
+) -> Result<OpRow, NotMoved> {
     for _ in 0..3 {
-        let row = gw.store.get_op(id).await.ok()??;
-        if !from.contains(&row.state) {
-            return None;
-        }
+        let row = match gw.store.get_op(id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return Err(NotMoved::Unavailable),
+            Err(e) => {
+                tracing::error!(op = %id, error = %e, "cannot read op");
+                return Err(NotMoved::Unavailable);
+            }
+        };
+        let to = lifecycle::next(row.state, &event_for(&row)).map_err(NotMoved::Refused)?;
         let expected = row.state;
         let mut next = row.clone();
         change(&mut next);
+        next.state = to;
         match gw.store.update_op(&next, expected).await {
-            Ok(true) => return Some(next),
+            Ok(true) => return Ok(next),
             Ok(false) => continue,
             Err(e) => {
                 tracing::error!(op = %id, error = %e, "cannot update op");
-                return None;
+                return Err(NotMoved::Unavailable);
             }
         }
     }
-    None
+    Err(NotMoved::Unavailable)
 }
 
 /// Sends an approved op to its appliance, after checking at this moment that its grant is
@@ -360,13 +379,17 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
             format!("the operate grant op {id} was approved under has ended"),
         )
         .hint(grants::access_hint(&appliance.app, &appliance.customer));
-        if transition(gw, id, &[OpState::Approved], |o| {
-            o.state = OpState::Expired;
-            o.finished_at = Some(now);
-            o.error = Some(error.clone());
-        })
+        if transition(
+            gw,
+            id,
+            |_| OpEvent::Expired,
+            |o| {
+                o.finished_at = Some(now);
+                o.error = Some(error.clone());
+            },
+        )
         .await
-        .is_some()
+        .is_ok()
         {
             gw.audit
                 .record(
@@ -389,13 +412,17 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
             .is_none()
     {
         // Approved inside a window that has closed since: back to a person.
-        if transition(gw, id, &[OpState::Approved], |o| {
-            o.state = OpState::PendingApproval;
-            o.command_approved_by = None;
-            o.command_approved_at = None;
-        })
+        if transition(
+            gw,
+            id,
+            |_| OpEvent::PolicyRecheckFailed,
+            |o| {
+                o.command_approved_by = None;
+                o.command_approved_at = None;
+            },
+        )
         .await
-        .is_some()
+        .is_ok()
         {
             gw.audit
                 .record(
@@ -464,13 +491,17 @@ pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
     for r in rows.into_iter().filter(|r| r.state == OpState::Running) {
         let error = ApiError::new(ErrorCode::ApplianceOffline, "the appliance disconnected while the op ran; its result was lost")
             .hint("check the appliance's own audit trail for the outcome, then run the op again if needed");
-        let moved = transition(gw, &r.id, &[OpState::Running], |o| {
-            o.state = OpState::Failed;
-            o.finished_at = Some(now);
-            o.error = Some(error.clone());
-        })
+        let moved = transition(
+            gw,
+            &r.id,
+            |_| OpEvent::AgentLost,
+            |o| {
+                o.finished_at = Some(now);
+                o.error = Some(error.clone());
+            },
+        )
         .await;
-        if moved.is_some() {
+        if moved.is_ok() {
             gw.audit
                 .record(
                     "op.interrupted",
@@ -502,12 +533,14 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     let now = crate::store::now();
     match frame {
         Frame::OpStarted { .. } => {
-            let moved = transition(gw, &op_id, &[OpState::Approved], |o| {
-                o.state = OpState::Running;
-                o.started_at = Some(now);
-            })
+            let moved = transition(
+                gw,
+                &op_id,
+                |_| OpEvent::Started,
+                |o| o.started_at = Some(now),
+            )
             .await;
-            if moved.is_some() {
+            if moved.is_ok() {
                 gw.audit
                     .record("op.started", &actor, subject(&row), serde_json::json!({}))
                     .await;
@@ -547,13 +580,15 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 .await;
         }
         Frame::OpFinished(f) if f.held => {
-            // The agent announces held output again after every reconnect; a repeat is a no-op.
-            let moved = transition(gw, &op_id, &[OpState::Running, OpState::Approved], |o| {
-                o.state = OpState::OutputPendingApproval;
-                o.finished_at = Some(now);
-            })
-            .await;
-            if moved.is_some() {
+            // The agent announces held output again after every reconnect; the machine refuses
+            // a repeat (the op already holds output), so it is a no-op.
+            let held = OpEvent::Finished {
+                exit_code: finished_exit_code(&f),
+                output_held: true,
+            };
+            let moved =
+                transition(gw, &op_id, |_| held.clone(), |o| o.finished_at = Some(now)).await;
+            if moved.is_ok() {
                 gw.audit
                     .record(
                         "op.finished",
@@ -568,33 +603,32 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             }
         }
         Frame::OpFinished(f) => {
-            let state = if f.timed_out {
-                OpState::TimedOut
-            } else if f.exit_code == Some(0) && f.error.is_none() {
-                OpState::Completed
-            } else {
-                OpState::Failed
-            };
-            let released = row.state == OpState::OutputPendingApproval;
-            if transition(
-                gw,
-                &op_id,
-                &[
-                    OpState::Running,
-                    OpState::Approved,
-                    OpState::OutputPendingApproval,
-                ],
-                |o| {
-                    o.state = state;
-                    o.exit_code = f.exit_code;
-                    o.truncated = f.truncated;
-                    o.error = f.error.clone();
-                    o.finished_at.get_or_insert(now);
+            let exit_code = finished_exit_code(&f);
+            // The end of a run, or (for an op holding output) the released result.
+            let event = |o: &OpRow| match (o.state, f.timed_out) {
+                (_, true) => OpEvent::TimedOut,
+                (OpState::OutputPendingApproval, false) => OpEvent::OutputReleased {
+                    by: o
+                        .output_approved_by
+                        .clone()
+                        .unwrap_or_else(|| actor.clone()),
+                    exit_code,
                 },
-            )
-            .await
-            .is_some()
-            {
+                _ => OpEvent::Finished {
+                    exit_code,
+                    output_held: false,
+                },
+            };
+            let moved = transition(gw, &op_id, event, |o| {
+                o.exit_code = f.exit_code;
+                o.truncated = f.truncated;
+                o.error = f.error.clone();
+                o.finished_at.get_or_insert(now);
+            })
+            .await;
+            if let Ok(moved) = moved {
+                let state = moved.state;
+                let released = moved.output_approved_at.is_some();
                 let kind = if released {
                     "output.released"
                 } else {
@@ -611,17 +645,22 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             if gw.previews.finish(&op_id, Err(error.clone())) {
                 return;
             }
-            if transition(gw, &op_id, &[OpState::Approved, OpState::Running], |o| {
-                o.state = if error.code == ErrorCode::ApprovalDenied {
-                    OpState::Denied
-                } else {
-                    OpState::Failed
-                };
-                o.finished_at = Some(now);
-                o.error = Some(error.clone());
-            })
+            let event = if error.code == ErrorCode::ApprovalDenied {
+                OpEvent::AgentDenied
+            } else {
+                OpEvent::AgentRefused
+            };
+            if transition(
+                gw,
+                &op_id,
+                |_| event.clone(),
+                |o| {
+                    o.finished_at = Some(now);
+                    o.error = Some(error.clone());
+                },
+            )
             .await
-            .is_some()
+            .is_ok()
             {
                 gw.audit
                     .record("denied", &actor, subject(&row), serde_json::json!({"action": "op", "code": error.code, "reason": error.message}))
@@ -632,7 +671,17 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     }
 }
 
-/// A customer approver's decision on the command or, once it ran, on its held output.
+/// The exit code an agent's end report stands for in the op machine: the command's own, or
+/// non-zero when it reported an error or no code (then it did not succeed).
+fn finished_exit_code(f: &OpFinished) -> i64 {
+    match (f.exit_code, &f.error) {
+        (Some(0), Some(_)) | (None, _) => -1,
+        (Some(code), _) => code,
+    }
+}
+
+/// A customer approver's decision on the command or, once it ran, on its held output. An op
+/// that waits for neither (running, ended) is not changed: CONFLICT, audited as `denied`.
 pub async fn decide(
     gw: &Gateway,
     caller: &Caller,
@@ -644,15 +693,79 @@ pub async fn decide(
     caller.require_customer(&appliance.customer)?;
     let now = crate::store::now();
     let who = caller.actor();
-    match (row.state, approve) {
-        (OpState::PendingApproval, true) => {
-            transition(gw, id, &[OpState::PendingApproval], |o| {
-                o.state = OpState::Approved;
-                o.command_approved_by = Some(who.clone());
-                o.command_approved_at = Some(now);
-            })
-            .await
-            .ok_or_else(|| conflict(id))?;
+    let action = if approve { "approve" } else { "deny" };
+    // Which decision this is depends on the op's stage, read again on every attempt.
+    let event = |o: &OpRow| match (o.state, approve) {
+        (OpState::OutputPendingApproval, true) => OpEvent::OutputApproved { by: who.clone() },
+        (OpState::OutputPendingApproval, false) => OpEvent::OutputDenied {
+            by: who.clone(),
+            message: message.clone(),
+        },
+        (_, true) => OpEvent::CommandApproved { by: who.clone() },
+        (_, false) => OpEvent::CommandDenied {
+            by: who.clone(),
+            message: message.clone(),
+        },
+    };
+    if row.state == OpState::OutputPendingApproval && approve {
+        if let Some(by) = &row.output_approved_by {
+            let err = ApiError::new(ErrorCode::Conflict, format!("the output of op {id} was already released by {by}"))
+                .hint(format!("the appliance sends it; `postern ops wait {id}` shows it once there"))
+                .details(serde_json::json!({"id": id, "record": "op", "state": row.state.as_str(), "event": "output-approved", "ended": false}));
+            return Err(crate::approvals::refused(gw, caller, subject(&row), action, err).await);
+        }
+        if !gw.agents.is_online(&row.appliance_id) {
+            return Err(ApiError::new(
+                ErrorCode::ApplianceOffline,
+                "the held output is in the appliance, which is offline",
+            )
+            .hint("approve again once the appliance is online"));
+        }
+    }
+    let moved = transition(gw, id, &event, |o| match event(o) {
+        OpEvent::CommandApproved { .. } => {
+            o.command_approved_by = Some(who.clone());
+            o.command_approved_at = Some(now);
+        }
+        OpEvent::OutputApproved { .. } => {
+            o.output_approved_by = Some(who.clone());
+            o.output_approved_at = Some(now);
+        }
+        OpEvent::CommandDenied { .. } => {
+            o.message = message.clone();
+            o.finished_at = Some(now);
+        }
+        _ => o.message = message.clone(),
+    })
+    .await;
+    let moved = match moved {
+        Ok(moved) => moved,
+        Err(NotMoved::Refused(e)) => {
+            return Err(crate::approvals::refused(
+                gw,
+                caller,
+                subject(&row),
+                action,
+                e.to_api_error(id),
+            )
+            .await)
+        }
+        Err(NotMoved::Unavailable) => {
+            let err = ApiError::new(
+                ErrorCode::Conflict,
+                format!("op {id} kept changing while this request was deciding it"),
+            )
+            .hint(format!(
+                "look at it again (`postern ops get {id}`) and repeat if it still applies"
+            ))
+            .details(
+                serde_json::json!({"id": id, "record": "op", "event": action, "ended": false}),
+            );
+            return Err(crate::approvals::refused(gw, caller, subject(&row), action, err).await);
+        }
+    };
+    match moved.state {
+        OpState::Approved => {
             gw.audit
                 .record(
                     "op.approved",
@@ -663,37 +776,7 @@ pub async fn decide(
                 .await;
             dispatch(gw, id).await;
         }
-        (OpState::PendingApproval, false) => {
-            transition(gw, id, &[OpState::PendingApproval], |o| {
-                o.state = OpState::Denied;
-                o.message = message.clone();
-                o.finished_at = Some(now);
-            })
-            .await
-            .ok_or_else(|| conflict(id))?;
-            gw.audit
-                .record(
-                    "op.denied",
-                    &who,
-                    subject(&row),
-                    serde_json::json!({"stage": "command", "message": message}),
-                )
-                .await;
-        }
-        (OpState::OutputPendingApproval, true) => {
-            if !gw.agents.is_online(&row.appliance_id) {
-                return Err(ApiError::new(
-                    ErrorCode::ApplianceOffline,
-                    "the held output is in the appliance, which is offline",
-                )
-                .hint("approve again once the appliance is online"));
-            }
-            transition(gw, id, &[OpState::OutputPendingApproval], |o| {
-                o.output_approved_by = Some(who.clone());
-                o.output_approved_at = Some(now);
-            })
-            .await
-            .ok_or_else(|| conflict(id))?;
+        OpState::OutputPendingApproval => {
             gw.audit
                 .record(
                     "output.approved",
@@ -710,13 +793,8 @@ pub async fn decide(
                 },
             );
         }
-        (OpState::OutputPendingApproval, false) => {
-            transition(gw, id, &[OpState::OutputPendingApproval], |o| {
-                o.state = OpState::Denied;
-                o.message = message.clone();
-            })
-            .await
-            .ok_or_else(|| conflict(id))?;
+        // Denied at the output stage: the held output is destroyed in the appliance.
+        OpState::Denied if moved.command_approved_at.is_some() => {
             gw.audit
                 .record(
                     "output.denied",
@@ -734,21 +812,18 @@ pub async fn decide(
                 },
             );
         }
-        (state, _) => {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("op {id} is {}, not waiting for a decision", state.as_str()),
-            ));
+        _ => {
+            gw.audit
+                .record(
+                    "op.denied",
+                    &who,
+                    subject(&row),
+                    serde_json::json!({"stage": "command", "message": message}),
+                )
+                .await;
         }
     }
     get(gw, caller, id).await
-}
-
-fn conflict(id: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::Conflict,
-        format!("op {id} was decided by someone else just now"),
-    )
 }
 
 /// The held output, fetched from the appliance for an approver; passed through, not kept.

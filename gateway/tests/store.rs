@@ -701,14 +701,27 @@ async fn ops_compare_and_set_and_output(db: Db) {
     assert_eq!(got, timed_out);
     assert_eq!(got.error, Some(error));
 
-    // The request itself is immutable through update_op.
-    let tampered = OpRow {
-        command: "rm -rf /".into(),
+    // An ended op never changes, whatever it is asked to become.
+    let revived = OpRow {
         state: OpState::Completed,
         ..timed_out.clone()
     };
-    assert!(s.update_op(&tampered, OpState::TimedOut).await.unwrap());
-    assert_eq!(s.get_op("op_1").await.unwrap().unwrap().command, o.command);
+    assert!(matches!(
+        s.update_op(&revived, OpState::TimedOut).await,
+        Err(gateway::store::StoreError::IllegalTransition(_))
+    ));
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), timed_out);
+
+    // The request itself is immutable through update_op.
+    let tampered = OpRow {
+        command: "rm -rf /".into(),
+        ..s.get_op("op_0").await.unwrap().unwrap()
+    };
+    assert!(s
+        .update_op(&tampered, OpState::PendingApproval)
+        .await
+        .unwrap());
+    assert_eq!(s.get_op("op_0").await.unwrap().unwrap().command, o.command);
 
     let ids = |rows: Vec<OpRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(s.list_ops().await.unwrap()), ["op_0", "op_1"]);

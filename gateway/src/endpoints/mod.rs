@@ -20,6 +20,7 @@ use endpoint_types::{
     api::{ClientCredential, EndpointCreateRequest, EndpointRecord, EndpointState, Role},
     duration::{format_duration, TTL_MAX, TTL_MIN},
     frame::{EndpointGrant, Frame},
+    lifecycle::endpoint::{self as endpoint_lifecycle, EndpointEvent},
     resource::{CloseReason, EndpointType, ResourceScope},
     ApiError, ErrorCode,
 };
@@ -167,6 +168,15 @@ pub async fn record_for(
     Ok(rec)
 }
 
+/// The endpoint's state at `now`: past its expiry an active endpoint is expired, even in the
+/// instant before the timer has recorded it so.
+fn state_at(row: &EndpointRow, now: Timestamp) -> EndpointState {
+    match row.state {
+        EndpointState::Active if row.expires_at <= now => EndpointState::Expired,
+        s => s,
+    }
+}
+
 pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, ApiError> {
     let appliance = gw
         .store
@@ -174,12 +184,7 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         .await
         .map_err(internal)?
         .ok_or_else(|| ApiError::internal(format!("endpoint {} has no appliance", row.id)))?;
-    // Past its expiry an endpoint is expired, even in the instant before the timer has
-    // recorded it so.
-    let state = match row.state {
-        EndpointState::Active if row.expires_at <= Timestamp::now() => EndpointState::Expired,
-        s => s,
-    };
+    let state = state_at(&row, Timestamp::now());
     let active = state == EndpointState::Active;
     Ok(EndpointRecord {
         sessions: gw.endpoints.live_sessions(&row.id),
@@ -355,6 +360,7 @@ pub async fn create(
     });
     let Some((by, window_end)) = crate::grants::automatic_decision(gw, &appliance.id, now).await
     else {
+        // Created waiting: the policy wants a person.
         // A person decides; the listener opens on approval.
         gw.store.insert_endpoint(&row).await.map_err(internal)?;
         gw.audit
@@ -370,7 +376,8 @@ pub async fn create(
         .min()
         .unwrap_or(requested_until);
     let (address, listener) = listen(gw, req.endpoint_type, None)?;
-    row.state = EndpointState::Active;
+    row.state = endpoint_lifecycle::next(row.state, EndpointEvent::Approve)
+        .map_err(|e| e.to_api_error(&id))?;
     row.address = Some(address.clone());
     gw.store.insert_endpoint(&row).await.map_err(internal)?;
     let ep = activate(gw, &row, listener);
@@ -411,8 +418,45 @@ fn listen(
     Ok((address, Some(listener)))
 }
 
+/// The refusal for `event` on endpoint `id` after a compare-and-set found it moved by another
+/// request or replica: the same structured error as for any state that does not take it, from
+/// the state it is in now.
+async fn lost_race(gw: &Gateway, id: &str, event: EndpointEvent) -> ApiError {
+    let state = match gw.store.get_endpoint(id).await {
+        Ok(Some(row)) => state_at(&row, Timestamp::now()),
+        Ok(None) => return not_found(id),
+        Err(e) => return internal(e),
+    };
+    match endpoint_lifecycle::next(state, event) {
+        Err(e) => e.to_api_error(id),
+        Ok(_) => ApiError::new(ErrorCode::Conflict, format!("endpoint {id} changed while this request was deciding it"))
+            .hint(format!("look at it again (`postern ops endpoint get {id}`) and repeat if it still applies"))
+            .details(serde_json::json!({"id": id, "record": "endpoint", "state": state.as_str(), "event": event.name(), "ended": false})),
+    }
+}
+
+/// Ends a pending endpoint by `event` (deny, retire, or expire when its grant ended before the
+/// decision) with a compare-and-set; the lost race as a refusal.
+async fn end_pending(
+    gw: &Gateway,
+    id: &str,
+    event: EndpointEvent,
+    now: Timestamp,
+) -> Result<(), ApiError> {
+    match gw
+        .store
+        .move_endpoint(id, EndpointState::PendingApproval, event, now)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(lost_race(gw, id, event).await),
+        Err(e) => Err(internal(e)),
+    }
+}
+
 /// A customer approver's decision on a pending endpoint. On approval the endpoint lives for
-/// its TTL from now, never past its operate grant.
+/// its TTL from now, never past its operate grant. An endpoint that is no longer pending
+/// (denied, retired, expired, or already active) is not changed: CONFLICT, audited as `denied`.
 pub async fn decide(
     gw: &Arc<Gateway>,
     caller: &Caller,
@@ -428,23 +472,21 @@ pub async fn decide(
         .await
         .map_err(internal)?
         .ok_or_else(|| not_found(id))?;
-    if row.state != EndpointState::PendingApproval {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "endpoint {id} is {}, not waiting for a decision",
-                row.state.as_str()
-            ),
-        ));
-    }
     let now = crate::store::now();
     let subject = Subject::endpoint(&row.appliance_id, id);
+    let (event, action) = if approve {
+        (EndpointEvent::Approve, "approve")
+    } else {
+        (EndpointEvent::Deny, "deny")
+    };
+    let refused =
+        |err: ApiError| crate::approvals::refused(gw, caller, subject.clone(), action, err);
+    if let Err(e) = endpoint_lifecycle::next(state_at(&row, now), event) {
+        return Err(refused(e.to_api_error(id)).await);
+    }
     if !approve {
-        if !gw.store.deny_endpoint(id, now).await.map_err(internal)? {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("endpoint {id} was decided by someone else just now"),
-            ));
+        if let Err(e) = end_pending(gw, id, EndpointEvent::Deny, now).await {
+            return Err(refused(e).await);
         }
         gw.audit
             .record(
@@ -462,17 +504,32 @@ pub async fn decide(
         .await
         .map_err(internal)?
         .ok_or_else(|| not_found(id))?;
-    let grant = crate::grants::require_operate(gw, &appliance, now).await?;
-    if row.grant_id.as_deref() != Some(grant.id.as_str()) {
-        return Err(ApiError::new(
+    let live_grant = crate::grants::require_operate(gw, &appliance, now)
+        .await
+        .ok()
+        .filter(|g| row.grant_id.as_deref() == Some(g.id.as_str()));
+    let Some(grant) = live_grant else {
+        // The grant it was requested under ended before anyone decided: it can never become
+        // active, so it expires now rather than waiting forever.
+        let err = ApiError::new(
             ErrorCode::OperateAccessExpired,
             format!("the operate grant endpoint {id} was requested under has ended"),
         )
         .hint(crate::grants::access_hint(
             &appliance.app,
             &appliance.customer,
-        )));
-    }
+        ))
+        .details(serde_json::json!({"id": id, "grant_id": row.grant_id}));
+        if let Err(e) = end_pending(gw, id, EndpointEvent::Expire, now).await {
+            return Err(refused(e).await);
+        }
+        gw.audit
+            .record("endpoint.expired", "system:gateway", subject.clone(), serde_json::json!({
+                "reason": "expired", "sessions_cut": 0, "while": "pending approval", "grant_id": row.grant_id,
+            }))
+            .await;
+        return Err(refused(err).await);
+    };
     let ttl = row.expires_at.duration_since(row.created_at);
     let expires_at = [now.checked_add(ttl).ok(), grant.expires_at]
         .into_iter()
@@ -480,16 +537,16 @@ pub async fn decide(
         .min()
         .unwrap_or(now);
     let (address, listener) = listen(gw, row.endpoint_type, None)?;
+    // Compare-and-set on pending-approval: a retire or another decision that got there first
+    // wins, and the listener just made is dropped unused.
     if !gw
         .store
         .activate_endpoint(id, expires_at, &address)
         .await
         .map_err(internal)?
     {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("endpoint {id} was decided by someone else just now"),
-        ));
+        let err = lost_race(gw, id, EndpointEvent::Approve).await;
+        return Err(refused(err).await);
     }
     let row = gw
         .store
@@ -557,12 +614,16 @@ fn activate(
 /// Ends an active endpoint: store state, cut sessions, tell the agent, audit. Returns the
 /// number of sessions cut, or None if it was not active.
 pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -> Option<u64> {
-    let state = if reason == CloseReason::Expired {
-        EndpointState::Expired
+    let event = if reason == CloseReason::Expired {
+        EndpointEvent::Expire
     } else {
-        EndpointState::Retired
+        EndpointEvent::Retire
     };
-    match gw.store.end_endpoint(id, state, Timestamp::now()).await {
+    match gw
+        .store
+        .move_endpoint(id, EndpointState::Active, event, Timestamp::now())
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return None,
         Err(e) => {
@@ -599,28 +660,82 @@ pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -
     Some(cut)
 }
 
+/// Retires an endpoint: an active one is ended with its sessions cut; a pending request is
+/// withdrawn (and can then never be approved). One that already ended is an error with its
+/// own code (`ENDPOINT_RETIRED`, `ENDPOINT_EXPIRED`; `CONFLICT` for a denied one), audited.
 pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
-    let before = get(gw, caller, id).await?;
+    get(gw, caller, id).await?;
     // Customers may tear down any endpoint into their appliances; operators their own or any
     // (the vendor decides who operates), admins all.
     caller.require(
         &[Role::Admin, Role::Operator, Role::Approver],
         "retire endpoints",
     )?;
-    let cut = match before.state {
-        EndpointState::Active => end(gw, id, CloseReason::Retired, caller).await,
-        _ => None,
-    };
-    let Some(cut) = cut else {
-        return Err(ApiError::new(
-            if before.state == EndpointState::Expired {
-                ErrorCode::EndpointExpired
-            } else {
-                ErrorCode::EndpointRetired
+    // A lost race (an approval or expiry got there first) is retried from the state it left:
+    // an endpoint approved meanwhile is still retired, one that ended is refused.
+    let mut attempts = 0;
+    let (row, moved) = loop {
+        attempts += 1;
+        let row = gw
+            .store
+            .get_endpoint(id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| not_found(id))?;
+        let now = crate::store::now();
+        let moved = match endpoint_lifecycle::next(state_at(&row, now), EndpointEvent::Retire) {
+            Err(e) => Err(e.to_api_error(id)),
+            Ok(_) if row.state == EndpointState::PendingApproval => {
+                match gw
+                    .store
+                    .move_endpoint(
+                        id,
+                        EndpointState::PendingApproval,
+                        EndpointEvent::Retire,
+                        now,
+                    )
+                    .await
+                {
+                    // Nothing listened yet: there is nothing to cut or to tell the agent.
+                    Ok(true) => Ok(0),
+                    Ok(false) if attempts < 3 => continue,
+                    Ok(false) => Err(lost_race(gw, id, EndpointEvent::Retire).await),
+                    Err(e) => Err(internal(e)),
+                }
+            }
+            Ok(_) => match end(gw, id, CloseReason::Retired, caller).await {
+                Some(cut) => Ok(cut),
+                None if attempts < 3 => continue,
+                None => Err(lost_race(gw, id, EndpointEvent::Retire).await),
             },
-            format!("endpoint {id} is already {}", before.state.as_str()),
-        ));
+        };
+        break (row, moved);
     };
+    let cut = match moved {
+        Ok(cut) => cut,
+        Err(mut err) => {
+            // An endpoint that already ended keeps its own codes for this.
+            err.code = match err.details.get("state").and_then(|s| s.as_str()) {
+                Some("retired") => ErrorCode::EndpointRetired,
+                Some("expired") => ErrorCode::EndpointExpired,
+                _ => err.code,
+            };
+            let subject = Subject::endpoint(&row.appliance_id, id);
+            return Err(crate::approvals::refused(gw, caller, subject, "retire", err).await);
+        }
+    };
+    if row.state == EndpointState::PendingApproval {
+        gw.audit
+            .record(
+                "endpoint.retired",
+                &caller.actor(),
+                Subject::endpoint(&row.appliance_id, id),
+                serde_json::json!({
+                    "reason": "retired", "sessions_cut": 0, "while": "pending approval",
+                }),
+            )
+            .await;
+    }
     let mut rec = get(gw, caller, id).await?;
     rec.sessions_cut = Some(cut);
     Ok(rec)

@@ -4,6 +4,7 @@
 use super::{from_ms, opt_ts, parse_kw, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     control::{GrantLevel, GrantState, OpState, OpTool},
+    lifecycle::grant::{self, GrantEvent},
     ApiError,
 };
 use jiff::Timestamp;
@@ -59,6 +60,17 @@ pub struct OpRow {
     pub error: Option<ApiError>,
     /// The customer's message with a decision (e.g. a denial).
     pub message: Option<String>,
+}
+
+/// The who, when and what of a grant's move (see [`Store::move_grant`]): `by`/`at` are the
+/// decider and time of an approval or denial (`decided_*`), or of a revocation (`revoked_*`);
+/// `message` and `expires_at` go with a decision.
+#[derive(Debug, Clone, Copy)]
+pub struct GrantChange<'a> {
+    pub by: &'a str,
+    pub at: Timestamp,
+    pub message: Option<&'a str>,
+    pub expires_at: Option<Timestamp>,
 }
 
 const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
@@ -200,6 +212,7 @@ impl Store {
 
     /// Records the decision on a grant that is still pending approval; false if it is not (it
     /// was decided by someone else, or does not exist): of concurrent deciders exactly one wins.
+    /// `state` is `active` (approve) or `denied` (deny).
     pub async fn decide_grant(
         &self,
         id: &str,
@@ -209,33 +222,91 @@ impl Store {
         message: Option<&str>,
         expires_at: Option<Timestamp>,
     ) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE grants SET state = $1, decided_by = $2, decided_at = $3, message = $4, expires_at = $5 \
-             WHERE id = $6 AND state = 'pending-approval'",
-        )
-        .bind(state.as_str())
-        .bind(decided_by)
-        .bind(to_ms(decided_at))
-        .bind(message)
-        .bind(expires_at.map(to_ms))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let event = match state {
+            GrantState::Active => GrantEvent::Approve,
+            GrantState::Denied => GrantEvent::Deny,
+            other => {
+                return Err(StoreError::IllegalTransition(format!(
+                    "a decision cannot make a grant {}",
+                    other.as_str()
+                )))
+            }
+        };
+        let change = GrantChange {
+            by: decided_by,
+            at: decided_at,
+            message,
+            expires_at,
+        };
+        self.move_grant(id, GrantState::PendingApproval, event, change)
+            .await
     }
 
-    /// Revokes an active grant (state `active`; whether it already expired is the caller's
-    /// check); false if it is not active. Who revoked it and when are kept in `revoked_by` /
+    /// Revokes an active grant that has not expired at `at`; false if it is not active (or
+    /// expired, or does not exist). Who revoked it and when are kept in `revoked_by` /
     /// `revoked_at`; `decided_by` / `decided_at` keep the approval.
     pub async fn revoke_grant(&self, id: &str, by: &str, at: Timestamp) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE grants SET state = 'revoked', revoked_by = $1, revoked_at = $2 WHERE id = $3 AND state = 'active'",
-        )
-        .bind(by)
-        .bind(to_ms(at))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
+        let change = GrantChange {
+            by,
+            at,
+            message: None,
+            expires_at: None,
+        };
+        self.move_grant(id, GrantState::Active, GrantEvent::Revoke, change)
+            .await
+    }
+
+    /// Moves grant `id` by `event` from the state `from` the caller read, as the grant state
+    /// machine says, with a compare-and-set in SQL: false (nothing written) when the stored
+    /// state is no longer `from` (another request or replica moved it first) or, for `from =
+    /// active`, when the grant has expired by `change.at`. A move the machine refuses is
+    /// [`StoreError::IllegalTransition`]. Expiry is derived from `expires_at` and never stored,
+    /// so `expire` is refused here too.
+    pub async fn move_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        event: GrantEvent,
+        change: GrantChange<'_>,
+    ) -> StoreResult<bool> {
+        let to = grant::next(from, event)
+            .map_err(|e| StoreError::IllegalTransition(format!("grant {id}: {e}")))?;
+        // An active grant is only live before its expiry: it moves only while `expires_at` is in
+        // the future at `at` (a grant without expiry is always live).
+        let r = match event {
+            GrantEvent::Approve | GrantEvent::Deny => {
+                sqlx::query(
+                    "UPDATE grants SET state = $1, decided_by = $2, decided_at = $3, message = $4, expires_at = $5 \
+                     WHERE id = $6 AND state = $7",
+                )
+                .bind(to.as_str())
+                .bind(change.by)
+                .bind(to_ms(change.at))
+                .bind(change.message)
+                .bind(change.expires_at.map(to_ms))
+                .bind(id)
+                .bind(from.as_str())
+                .execute(&self.pool)
+                .await?
+            }
+            GrantEvent::Revoke => {
+                sqlx::query(
+                    "UPDATE grants SET state = $1, revoked_by = $2, revoked_at = $3 \
+                     WHERE id = $4 AND state = $5 AND (state <> 'active' OR expires_at IS NULL OR expires_at > $6)",
+                )
+                .bind(to.as_str())
+                .bind(change.by)
+                .bind(to_ms(change.at))
+                .bind(id)
+                .bind(from.as_str())
+                .bind(to_ms(change.at))
+                .execute(&self.pool)
+                .await?
+            }
+            GrantEvent::Expire => {
+                return Err(StoreError::IllegalTransition(format!("grant {id}: expiry is derived from expires_at, never stored")))
+            }
+        };
         Ok(r.rows_affected() == 1)
     }
 
@@ -310,7 +381,18 @@ impl Store {
     ///
     /// stdout/stderr are written as given: a caller racing [`Store::append_op_output`] must
     /// re-read the row, or leave output to `append_op_output`.
+    ///
+    /// An ended op never changes: `expected` in a final state is
+    /// [`StoreError::IllegalTransition`] (callers move ops by [`endpoint_types::lifecycle::next`],
+    /// which takes no event in a final state).
     pub async fn update_op(&self, o: &OpRow, expected: OpState) -> StoreResult<bool> {
+        if expected.is_final() {
+            return Err(StoreError::IllegalTransition(format!(
+                "op {} has ended as {}",
+                o.id,
+                expected.as_str()
+            )));
+        }
         let r = sqlx::query(
             "UPDATE ops SET state = $1, grant_id = $2, command_approved_by = $3, command_approved_at = $4, \
              output_approved_by = $5, output_approved_at = $6, started_at = $7, finished_at = $8, exit_code = $9, \

@@ -7,7 +7,7 @@
 mod control;
 mod spine;
 
-pub use control::{GrantRow, OpRow};
+pub use control::{GrantChange, GrantRow, OpRow};
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };
@@ -34,6 +34,10 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("audit record does not continue the chain: {0}")]
     BrokenChain(String),
+    /// A caller asked the store for a move the record's state machine does not allow; nothing
+    /// was written. The callers check with the machine first, so this is a bug in the caller.
+    #[error("illegal state change refused by the store: {0}")]
+    IllegalTransition(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

@@ -3,6 +3,7 @@
 use super::{from_ms, opt_ts, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     api::{AuditRecord, ClientCredential, EndpointState},
+    lifecycle::endpoint::{self as endpoint_lifecycle, EndpointEvent},
     resource::{EndpointType, PolicySummary},
 };
 use jiff::Timestamp;
@@ -554,13 +555,18 @@ impl Store {
     }
 
     /// Approves a pending endpoint: active until `expires_at`, listening on `address`. False if
-    /// it is no longer pending (decided by someone else) or does not exist.
+    /// it is no longer pending (decided, withdrawn or expired meanwhile) or does not exist: the
+    /// compare-and-set on `pending-approval`, the one state the endpoint machine approves from.
     pub async fn activate_endpoint(
         &self,
         id: &str,
         expires_at: Timestamp,
         address: &str,
     ) -> StoreResult<bool> {
+        debug_assert_eq!(
+            endpoint_lifecycle::next(EndpointState::PendingApproval, EndpointEvent::Approve),
+            Ok(EndpointState::Active)
+        );
         let r = sqlx::query(
             "UPDATE endpoints SET state = 'active', expires_at = $1, address = $2 WHERE id = $3 AND state = 'pending-approval'",
         )
@@ -574,11 +580,39 @@ impl Store {
 
     /// Denies a pending endpoint; false if it is no longer pending or does not exist.
     pub async fn deny_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
-        let r = sqlx::query("UPDATE endpoints SET state = 'denied', ended_at = $1 WHERE id = $2 AND state = 'pending-approval'")
-            .bind(to_ms(now))
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        self.move_endpoint(id, EndpointState::PendingApproval, EndpointEvent::Deny, now)
+            .await
+    }
+
+    /// Ends endpoint `id` by `event` (deny, retire, expire) from the state `from` the caller
+    /// read, as the endpoint state machine says, with a compare-and-set in SQL: false (nothing
+    /// written) when the stored state is no longer `from` (another request or replica moved it
+    /// first). A move the machine refuses, or an approval (that is [`Store::activate_endpoint`],
+    /// which also sets the address), is [`StoreError::IllegalTransition`].
+    pub async fn move_endpoint(
+        &self,
+        id: &str,
+        from: EndpointState,
+        event: EndpointEvent,
+        at: Timestamp,
+    ) -> StoreResult<bool> {
+        let to = endpoint_lifecycle::next(from, event)
+            .map_err(|e| StoreError::IllegalTransition(format!("endpoint {id}: {e}")))?;
+        if !endpoint_lifecycle::is_final(to) {
+            return Err(StoreError::IllegalTransition(format!(
+                "endpoint {id}: {} is activate_endpoint's",
+                event.name()
+            )));
+        }
+        let r = sqlx::query(
+            "UPDATE endpoints SET state = $1, ended_at = $2 WHERE id = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(to_ms(at))
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
@@ -588,22 +622,26 @@ impl Store {
             .await
     }
 
-    /// Moves an active endpoint to a final state; false if it was not active (someone else ended it).
+    /// Moves an active endpoint to `retired` or `expired`; false if it was not active (someone
+    /// else ended it).
     pub async fn end_endpoint(
         &self,
         id: &str,
         state: EndpointState,
         now: Timestamp,
     ) -> StoreResult<bool> {
-        let r = sqlx::query(
-            "UPDATE endpoints SET state = $1, ended_at = $2 WHERE id = $3 AND state = 'active'",
-        )
-        .bind(state.as_str())
-        .bind(to_ms(now))
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() == 1)
+        let event = match state {
+            EndpointState::Retired => EndpointEvent::Retire,
+            EndpointState::Expired => EndpointEvent::Expire,
+            other => {
+                return Err(StoreError::IllegalTransition(format!(
+                    "ending cannot make endpoint {id} {}",
+                    other.as_str()
+                )))
+            }
+        };
+        self.move_endpoint(id, EndpointState::Active, event, now)
+            .await
     }
 
     pub async fn set_endpoint_address(&self, id: &str, address: &str) -> StoreResult<()> {

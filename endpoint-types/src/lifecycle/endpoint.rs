@@ -1,0 +1,162 @@
+//! The endpoint state machine. Every change of an endpoint's state goes through [`next`]; the
+//! gateway writes the result with a compare-and-set on the state it read, so a retire racing
+//! an approval (or two gateway replicas) cannot both move it.
+//!
+//! ```text
+//! pending-approval --approve--> active --retire--> retired   (also: grant revoked, appliance revoked)
+//!        |  \--deny--> denied          \--expire--> expired
+//!        |--retire--> retired   (withdrawn before anyone decided)
+//!        \--expire--> expired   (its operate grant ended before anyone decided)
+//! ```
+//! `denied`, `retired` and `expired` are end states: they take no event, so a retired request
+//! can never be approved into an active endpoint.
+
+use super::refusal;
+use crate::{api::EndpointState, error::ApiError};
+
+/// What happens to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndpointEvent {
+    /// A customer approver (or the customer's policy) approves it: it starts listening.
+    Approve,
+    /// A customer approver denies it.
+    Deny,
+    /// Retired by a person, or ended because its grant or appliance was revoked.
+    Retire,
+    /// Its TTL, its grant or the window that approved it ran out.
+    Expire,
+}
+
+impl EndpointEvent {
+    pub const ALL: [EndpointEvent; 4] = [
+        EndpointEvent::Approve,
+        EndpointEvent::Deny,
+        EndpointEvent::Retire,
+        EndpointEvent::Expire,
+    ];
+
+    /// A stable name for errors, logs and audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            EndpointEvent::Approve => "approve",
+            EndpointEvent::Deny => "deny",
+            EndpointEvent::Retire => "retire",
+            EndpointEvent::Expire => "expire",
+        }
+    }
+}
+
+pub const ALL_STATES: [EndpointState; 5] = [
+    EndpointState::PendingApproval,
+    EndpointState::Active,
+    EndpointState::Denied,
+    EndpointState::Retired,
+    EndpointState::Expired,
+];
+
+/// Whether an endpoint in `state` has ended for good.
+pub fn is_final(state: EndpointState) -> bool {
+    matches!(
+        state,
+        EndpointState::Denied | EndpointState::Retired | EndpointState::Expired
+    )
+}
+
+/// An event the endpoint's state does not accept (an end state accepts none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an endpoint in state {} cannot take the event {}{}", .state.as_str(), .event.name(), if is_final(*.state) { " (the endpoint has ended)" } else { "" })]
+pub struct TransitionError {
+    pub state: EndpointState,
+    pub event: EndpointEvent,
+}
+
+impl TransitionError {
+    /// The refusal the caller sees for this event on endpoint `id`.
+    pub fn to_api_error(&self, id: &str) -> ApiError {
+        refusal(
+            "endpoint",
+            id,
+            self.state.as_str(),
+            is_final(self.state),
+            self.event.name(),
+            "its credentials are dead for good; for access again, the operator creates a new endpoint: postern ops endpoint create …",
+            format!("`postern ops endpoint get {id}` shows the endpoint; `postern approvals list` shows what waits for a decision"),
+        )
+    }
+}
+
+/// The endpoint state machine (see the module docs).
+pub fn next(state: EndpointState, event: EndpointEvent) -> Result<EndpointState, TransitionError> {
+    use EndpointEvent as E;
+    use EndpointState as S;
+    Ok(match (state, event) {
+        (S::PendingApproval, E::Approve) => S::Active,
+        (S::PendingApproval, E::Deny) => S::Denied,
+        (S::PendingApproval | S::Active, E::Retire) => S::Retired,
+        (S::PendingApproval | S::Active, E::Expire) => S::Expired,
+        _ => return Err(TransitionError { state, event }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use EndpointEvent as E;
+    use EndpointState as S;
+
+    #[test]
+    fn every_state_and_event() {
+        let legal = [
+            (S::PendingApproval, E::Approve, S::Active),
+            (S::PendingApproval, E::Deny, S::Denied),
+            (S::PendingApproval, E::Retire, S::Retired),
+            (S::PendingApproval, E::Expire, S::Expired),
+            (S::Active, E::Retire, S::Retired),
+            (S::Active, E::Expire, S::Expired),
+        ];
+        for state in ALL_STATES {
+            for event in EndpointEvent::ALL {
+                let want = legal
+                    .iter()
+                    .find(|(s, e, _)| *s == state && *e == event)
+                    .map(|(_, _, to)| *to);
+                match want {
+                    Some(to) => assert_eq!(
+                        next(state, event),
+                        Ok(to),
+                        "{} + {}",
+                        state.as_str(),
+                        event.name()
+                    ),
+                    None => assert_eq!(next(state, event), Err(TransitionError { state, event })),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_retired_request_is_never_approved() {
+        let retired = next(S::PendingApproval, E::Retire).unwrap();
+        let api = next(retired, E::Approve).unwrap_err().to_api_error("ep_1");
+        assert_eq!(api.code, ErrorCode::Conflict);
+        assert_eq!(
+            api.message,
+            "endpoint ep_1 has ended as retired; nothing changes it any more (refused: approve)"
+        );
+        assert!(
+            api.hint.contains("postern ops endpoint create"),
+            "{}",
+            api.hint
+        );
+        assert_eq!(api.details["ended"], true);
+        for state in ALL_STATES.into_iter().filter(|s| is_final(*s)) {
+            for event in EndpointEvent::ALL {
+                assert!(next(state, event)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("has ended"));
+            }
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The grant state machine. Every change of a grant's state (a person's decision, a revocation,
+//! the clock running out) goes through [`next`]; the gateway writes the result with a
+//! compare-and-set on the state it read, so of two racing deciders exactly one moves it.
+//!
+//! ```text
+//! pending-approval --approve--> active --revoke--> revoked
+//!        |  \--deny--> denied          \--expire--> expired
+//!        \--revoke--> revoked   (the requester withdraws it before anyone decided)
+//! ```
+//! `denied`, `expired` and `revoked` are end states: they take no event. Expiry is derived from
+//! `expires_at` and the clock ([`super::grant_state`]), so callers pass the state *at now*.
+
+use super::refusal;
+use crate::{control::GrantState, error::ApiError};
+
+/// What happens to a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantEvent {
+    /// A customer approver (or the customer's policy) approves the request.
+    Approve,
+    /// A customer approver denies it.
+    Deny,
+    /// Its requester, an admin or an approver ends it (before or after the decision).
+    Revoke,
+    /// Its duration (or the window that approved it) ran out.
+    Expire,
+}
+
+impl GrantEvent {
+    pub const ALL: [GrantEvent; 4] = [
+        GrantEvent::Approve,
+        GrantEvent::Deny,
+        GrantEvent::Revoke,
+        GrantEvent::Expire,
+    ];
+
+    /// A stable name for errors, logs and audit records.
+    pub fn name(self) -> &'static str {
+        match self {
+            GrantEvent::Approve => "approve",
+            GrantEvent::Deny => "deny",
+            GrantEvent::Revoke => "revoke",
+            GrantEvent::Expire => "expire",
+        }
+    }
+}
+
+pub const ALL_STATES: [GrantState; 5] = [
+    GrantState::PendingApproval,
+    GrantState::Active,
+    GrantState::Denied,
+    GrantState::Expired,
+    GrantState::Revoked,
+];
+
+/// Whether a grant in `state` has ended for good.
+pub fn is_final(state: GrantState) -> bool {
+    matches!(
+        state,
+        GrantState::Denied | GrantState::Expired | GrantState::Revoked
+    )
+}
+
+/// An event the grant's state does not accept (an end state accepts none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a grant in state {} cannot take the event {}{}", .state.as_str(), .event.name(), if is_final(*.state) { " (the grant has ended)" } else { "" })]
+pub struct TransitionError {
+    pub state: GrantState,
+    pub event: GrantEvent,
+}
+
+impl TransitionError {
+    /// The refusal the caller sees for this event on grant `id`.
+    pub fn to_api_error(&self, id: &str) -> ApiError {
+        refusal(
+            "grant",
+            id,
+            self.state.as_str(),
+            is_final(self.state),
+            self.event.name(),
+            "nothing to do for this grant; for access again, request a new one: postern access request --app APP --customer CUSTOMER --level operate --duration 30m --reason \"…\"",
+            format!("`postern access list` shows grant {id}; `postern approvals list` shows what waits for a decision"),
+        )
+    }
+}
+
+/// The grant state machine (see the module docs).
+pub fn next(state: GrantState, event: GrantEvent) -> Result<GrantState, TransitionError> {
+    use GrantEvent as E;
+    use GrantState as S;
+    Ok(match (state, event) {
+        (S::PendingApproval, E::Approve) => S::Active,
+        (S::PendingApproval, E::Deny) => S::Denied,
+        (S::PendingApproval, E::Revoke) => S::Revoked,
+        (S::Active, E::Revoke) => S::Revoked,
+        (S::Active, E::Expire) => S::Expired,
+        _ => return Err(TransitionError { state, event }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use GrantEvent as E;
+    use GrantState as S;
+
+    #[test]
+    fn every_state_and_event() {
+        let legal = [
+            (S::PendingApproval, E::Approve, S::Active),
+            (S::PendingApproval, E::Deny, S::Denied),
+            (S::PendingApproval, E::Revoke, S::Revoked),
+            (S::Active, E::Revoke, S::Revoked),
+            (S::Active, E::Expire, S::Expired),
+        ];
+        for state in ALL_STATES {
+            for event in GrantEvent::ALL {
+                let want = legal
+                    .iter()
+                    .find(|(s, e, _)| *s == state && *e == event)
+                    .map(|(_, _, to)| *to);
+                match want {
+                    Some(to) => assert_eq!(
+                        next(state, event),
+                        Ok(to),
+                        "{} + {}",
+                        state.as_str(),
+                        event.name()
+                    ),
+                    None => assert_eq!(next(state, event), Err(TransitionError { state, event })),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ended_grants_take_nothing_and_say_so() {
+        for state in ALL_STATES.into_iter().filter(|s| is_final(*s)) {
+            for event in GrantEvent::ALL {
+                let err = next(state, event).unwrap_err();
+                assert!(err.to_string().contains("has ended"), "{err}");
+                let api = err.to_api_error("gr_1");
+                assert_eq!(api.code, ErrorCode::Conflict);
+                assert_eq!(api.code.http_status(), 409);
+                assert!(
+                    api.message.contains("gr_1") && api.message.contains(state.as_str()),
+                    "{}",
+                    api.message
+                );
+                assert!(api.hint.contains("postern access request"), "{}", api.hint);
+                assert_eq!(api.details["state"], state.as_str());
+                assert_eq!(api.details["event"], event.name());
+                assert_eq!(api.details["ended"], true);
+            }
+        }
+        let api = next(S::Active, E::Approve)
+            .unwrap_err()
+            .to_api_error("gr_2");
+        assert_eq!(
+            api.message,
+            "grant gr_2 is active, which does not take approve"
+        );
+        assert_eq!(api.details["ended"], false);
+    }
+}
