@@ -19,6 +19,11 @@ fn fake_kubectl(dir: &Path) -> Result<std::path::PathBuf> {
          case \"$1\" in\n\
            fail) echo \"about to fail\"; echo \"boom: $2\" >&2; exit 3 ;;\n\
            hang) sleep 300 & echo $! > \"$2\"; wait ;;\n\
+           escape) setsid sleep 300 & echo $! > \"$2.setsid\"; \
+             setsid sh -c 'sleep 300 & echo $! > \"$1.double\"' sh \"$2\" & \
+             nohup sleep 300 > /dev/null 2>&1 & echo $! > \"$2.nohup\"; \
+             sh -c 'trap \"\" TERM HUP INT; echo $$ > \"$1.trap\"; while :; do sleep 1; done' sh \"$2\" & \
+             sleep 300 ;;\n\
            *) echo \"NAME READY STATUS\"; echo \"args: $*\"; echo \"kubeconfig: $KUBECONFIG\" ;;\n\
          esac\n",
     )?;
@@ -524,6 +529,86 @@ fn automatic_policy_runs_at_once_and_timeout_kills_the_process_group() -> Result
     assert_eq!(bad.json["state"], "failed", "{}", bad.json);
     let wrong = op(&gw, &gw.admin_token, "auto-app", "psql -c 'select 1'", &[])?;
     assert_eq!(wrong.error_code(), Some("INVALID_REQUEST"));
+
+    // Whatever an op starts ends with it: a setsid child, a double fork, a nohup'ed child and a
+    // shell that ignores SIGTERM all die on the timeout (checked by PID).
+    let escape = dir.path().join("escape");
+    let t = op(
+        &gw,
+        &gw.admin_token,
+        "auto-app",
+        &format!("kubectl escape {}", escape.display()),
+        &["--timeout", "3s", "--wait"],
+    )?;
+    assert_eq!(t.json["state"], "timed-out", "{}", t.json);
+    for how in ["setsid", "double", "nohup", "trap"] {
+        let file = escape.with_extension(how);
+        let pid: i32 = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow!("{}: {e}", file.display()))?
+            .trim()
+            .parse()?;
+        let dead = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+                })
+                .unwrap_or(true)
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), dead),
+            "the {how} process {pid} survived the op's timeout"
+        );
+    }
+
+    // A tool runs only against a resource of its kind: kubectl on the tcp resource is refused
+    // by the gateway, naming the resource's kind and the tools it takes, and recorded as denied.
+    let mismatch = gw.cli(&[
+        "ops",
+        "kubectl",
+        "--app",
+        "auto-app",
+        "--customer",
+        "acme-corp",
+        "--origin-resource-id",
+        "null_resource.echo",
+        "--command",
+        "kubectl get pods",
+    ])?;
+    assert_eq!(
+        mismatch.error_code(),
+        Some("INVALID_ORIGIN_RESOURCE_ID"),
+        "{}",
+        mismatch.json
+    );
+    let e = &mismatch.json["error"];
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is a tcp resource"),
+        "{e}"
+    );
+    assert!(
+        e["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("takes no one-off ops"),
+        "{e}"
+    );
+    assert_eq!(e["details"]["kind"], "tcp");
+    let records = gw.cli(&["audit", "list"])?.ok()?;
+    assert!(
+        records["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["kind"] == "denied"
+                && r["detail"]["code"] == "INVALID_ORIGIN_RESOURCE_ID"
+                && r["detail"]["origin_resource_id"] == "null_resource.echo"
+                && r["detail"]["reason"] == e["message"]),
+        "{records}"
+    );
     let t = op(
         &gw,
         &gw.admin_token,

@@ -484,6 +484,84 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
         s.admin("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'postern\\_op\\_%'"),
         "0"
     );
+
+    // A psql op cannot leave its database: a meta-command that runs a program or touches the
+    // appliance's files, an option that picks another server or file, and COPY … PROGRAM are
+    // refused by the agent before psql starts, and recorded as denied in both trails.
+    let psql_op = |command: &str| {
+        s.gw.cli(&[
+            "ops",
+            "psql",
+            "--app",
+            "pg-app",
+            "--customer",
+            "acme-corp",
+            "--origin-resource-id",
+            RESOURCE,
+            "--wait",
+            "--command",
+            command,
+        ])
+    };
+    for (command, refused) in [
+        (r"psql -c '\! id'", r"\!"),
+        (r#"psql -c "\copy app.items to program 'id'""#, r"\copy"),
+        (r"psql -c '\o |id'", r"\o"),
+        (r"psql -At -c '\i /etc/passwd'", r"\i"),
+        ("psql -h 127.0.0.1 -U postgres -c 'SELECT 1'", "-h"),
+        ("psql -f /etc/passwd", "-f"),
+        (
+            "psql -c \"COPY (SELECT 1) TO PROGRAM 'id'\"",
+            "COPY … PROGRAM",
+        ),
+    ] {
+        let out = psql_op(command)?;
+        assert!(!out.success, "{command}: {}", out.json);
+        let error = &out.json["error"];
+        assert_eq!(
+            error["code"], "FORBIDDEN_BY_SCOPE",
+            "{command}: {}",
+            out.json
+        );
+        assert_eq!(
+            error["details"]["refused"], refused,
+            "{command}: {}",
+            out.json
+        );
+        assert!(
+            out.json["stdout"].as_str().unwrap_or_default().is_empty(),
+            "{}",
+            out.json
+        );
+        let op_id = out.json["id"].as_str().unwrap_or_default().to_string();
+        let message = error["message"].as_str().unwrap_or_default().to_string();
+        let denied_here = |records: Vec<Value>| {
+            records.iter().any(|r| {
+                r["op_id"] == op_id.as_str()
+                    && [&r["detail"]["reason"], &r["detail"]["message"]]
+                        .iter()
+                        .any(|v| v.as_str() == Some(message.as_str()))
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || denied_here(
+                s.vendor_records("denied")
+            )),
+            "{command}: no denied in the gateway's trail"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || denied_here(
+                s.customer_records("denied")
+            )),
+            "{command}: no denied in the agent's trail"
+        );
+        assert!(
+            !s.customer_records("op.started")
+                .iter()
+                .any(|r| r["op_id"] == op_id.as_str()),
+            "{command} started"
+        );
+    }
     Ok(())
 }
 

@@ -389,6 +389,97 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
         && r["detail"]["exit_status"] == 3));
     assert_eq!(w.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     assert_eq!(w.agent.verify_trail()?.ok()?["ok"], true);
+    ssh_ops_go_through_the_agents_client_and_take_no_openssh_options(&w)?;
+    Ok(())
+}
+
+/// `postern ops ssh`: the agent's own SSH client runs the remote command on the VM as the
+/// resource's user (no local `ssh` runs: the agent has no [tools] ssh and needs none); an
+/// OpenSSH option in the command is refused and recorded as denied in both trails.
+fn ssh_ops_go_through_the_agents_client_and_take_no_openssh_options(w: &World) -> Result<()> {
+    let op = |command: &str| {
+        w.cli(&[
+            "ops",
+            "ssh",
+            "--app",
+            APP,
+            "--customer",
+            CUSTOMER,
+            "--origin-resource-id",
+            RESOURCE,
+            "--wait",
+            "--timeout",
+            "30s",
+            "--command",
+            command,
+        ])
+    };
+    let done = op("ssh sh -c 'whoami; echo \"$1\"' sh 'two words'")?;
+    assert!(done.success, "{}\n{}", done.json, w.log());
+    assert_eq!(
+        done.json["stdout"].as_str().unwrap_or_default(),
+        format!("{USER}\ntwo words\n"),
+        "{}",
+        done.json
+    );
+    let failed = op("ssh sh -c 'echo oops >&2; exit 4'")?;
+    assert!(!failed.success);
+    assert_eq!(
+        (
+            failed.json["exit_code"].as_i64(),
+            failed.json["stderr"].as_str()
+        ),
+        (Some(4), Some("oops\n")),
+        "{}",
+        failed.json
+    );
+
+    for (command, refused) in [
+        ("ssh -oProxyCommand='sh -c id' x", "-oProxyCommand=sh -c id"),
+        ("ssh -o ProxyCommand=id x", "-o"),
+        ("ssh -J jump x uptime", "-J"),
+        ("ssh -L 9999:127.0.0.1:22 x", "-L"),
+        ("ssh -D 1080 x", "-D"),
+    ] {
+        let out = op(command)?;
+        assert!(!out.success, "{command}: {}", out.json);
+        assert_eq!(
+            out.json["error"]["code"], "FORBIDDEN_BY_SCOPE",
+            "{command}: {}",
+            out.json
+        );
+        assert_eq!(
+            out.json["error"]["details"]["refused"], refused,
+            "{command}: {}",
+            out.json
+        );
+        let op_id = out.json["id"].as_str().unwrap_or_default().to_string();
+        let message = out.json["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let denied = |records: Vec<Value>| {
+            records.iter().any(|r| {
+                r["kind"] == "denied"
+                    && r["op_id"] == op_id.as_str()
+                    && [&r["detail"]["reason"], &r["detail"]["message"]]
+                        .iter()
+                        .any(|v| v.as_str() == Some(message.as_str()))
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || denied(
+                w.audit().unwrap_or_default()
+            )),
+            "{command}: not denied in the gateway's trail"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || denied(
+                w.agent.trail().unwrap_or_default()
+            )),
+            "{command}: not denied in the agent's trail"
+        );
+    }
     Ok(())
 }
 

@@ -11,6 +11,58 @@ pub enum ResourceKind {
     Postgres,
     Ssh,
     Tcp,
+    /// A Docker daemon the `docker` op tool reaches (`docker_host`).
+    Docker,
+    /// A cloud account the `aws`, `gcloud`, `az` and `doctl` op tools reach.
+    Cloud,
+}
+
+impl ResourceKind {
+    /// The one-off op tools that run against a resource of this kind (none for tcp).
+    pub fn op_tools(self) -> &'static [&'static str] {
+        match self {
+            ResourceKind::Kubernetes => &["kubectl"],
+            ResourceKind::Postgres => &["psql"],
+            ResourceKind::Ssh => &["ssh"],
+            ResourceKind::Tcp => &[],
+            ResourceKind::Docker => &["docker"],
+            ResourceKind::Cloud => &["aws", "gcloud", "az", "doctl"],
+        }
+    }
+
+    /// The resource kind an op tool runs against (`kubectl` → kubernetes, `aws` → cloud, …).
+    pub fn of_op_tool(tool: &str) -> Option<ResourceKind> {
+        [
+            ResourceKind::Kubernetes,
+            ResourceKind::Postgres,
+            ResourceKind::Ssh,
+            ResourceKind::Tcp,
+            ResourceKind::Docker,
+            ResourceKind::Cloud,
+        ]
+        .into_iter()
+        .find(|k| k.op_tools().contains(&tool))
+    }
+
+    /// Why `tool` may not run against `resource_id` (of this kind), or `None` when it may:
+    /// (message, hint) for an `INVALID_ORIGIN_RESOURCE_ID`. The gateway and the agent both ask.
+    pub fn op_tool_mismatch(self, tool: &str, resource_id: &str) -> Option<(String, String)> {
+        if self.op_tools().contains(&tool) {
+            return None;
+        }
+        let wanted =
+            ResourceKind::of_op_tool(tool).map_or_else(|| "no".to_string(), |k| format!("a {k}"));
+        let message = format!("resource {resource_id:?} is a {self} resource; a `{tool}` op runs only against {wanted} resource");
+        let hint = match self.op_tools() {
+            [] => format!("a {self} resource takes no one-off ops; use an endpoint (`postern ops endpoint create --type {self}`)"),
+            tools => format!(
+                "a {self} resource takes {}; name a resource of kind {} for `{tool}`",
+                tools.iter().map(|t| format!("`postern ops {t}`")).collect::<Vec<_>>().join(", "),
+                ResourceKind::of_op_tool(tool).map_or_else(|| "?".to_string(), |k| k.to_string())
+            ),
+        };
+        Some((message, hint))
+    }
 }
 
 impl fmt::Display for ResourceKind {
@@ -20,6 +72,8 @@ impl fmt::Display for ResourceKind {
             ResourceKind::Postgres => "postgres",
             ResourceKind::Ssh => "ssh",
             ResourceKind::Tcp => "tcp",
+            ResourceKind::Docker => "docker",
+            ResourceKind::Cloud => "cloud",
         })
     }
 }
@@ -183,6 +237,51 @@ impl CloseReason {
             CloseReason::Interrupted => "interrupted",
             CloseReason::Error => "error",
         }
+    }
+}
+
+#[cfg(test)]
+mod op_tool_tests {
+    use super::ResourceKind;
+
+    #[test]
+    fn each_tool_has_one_kind_and_mismatches_name_both() {
+        for (tool, kind) in [
+            ("kubectl", ResourceKind::Kubernetes),
+            ("psql", ResourceKind::Postgres),
+            ("ssh", ResourceKind::Ssh),
+            ("docker", ResourceKind::Docker),
+            ("aws", ResourceKind::Cloud),
+            ("gcloud", ResourceKind::Cloud),
+            ("az", ResourceKind::Cloud),
+            ("doctl", ResourceKind::Cloud),
+        ] {
+            assert_eq!(ResourceKind::of_op_tool(tool), Some(kind));
+            assert_eq!(kind.op_tool_mismatch(tool, "r"), None);
+        }
+        let (message, hint) = ResourceKind::Tcp
+            .op_tool_mismatch("kubectl", "null_resource.echo")
+            .unwrap();
+        assert!(
+            message.contains("null_resource.echo")
+                && message.contains("tcp")
+                && message.contains("kubernetes"),
+            "{message}"
+        );
+        assert!(hint.contains("takes no one-off ops"), "{hint}");
+        let (message, hint) = ResourceKind::Cloud
+            .op_tool_mismatch("psql", "aws_account.main")
+            .unwrap();
+        assert!(
+            message.contains("cloud resource") && message.contains("postgres"),
+            "{message}"
+        );
+        assert!(
+            hint.contains("`postern ops aws`")
+                && hint.contains("`postern ops doctl`")
+                && hint.contains("kind postgres"),
+            "{hint}"
+        );
     }
 }
 

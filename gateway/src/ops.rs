@@ -17,17 +17,15 @@ use endpoint_types::{
     policy::Policy,
     ApiError, ErrorCode,
 };
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
-use tokio::sync::oneshot;
+use std::{sync::Arc, time::Duration};
+
+#[path = "ops_previews.rs"]
+mod previews;
+pub use previews::{preview, Previews};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const TIMEOUT_MAX: Duration = Duration::from_secs(86_400);
-const PREVIEW_WAIT: Duration = Duration::from_secs(30);
 /// Ops appear in approvals and records with at most this much of their command.
 const COMMAND_MAX: usize = 16 * 1024;
 
@@ -40,61 +38,6 @@ fn subject(row: &OpRow) -> Subject {
         appliance_id: Some(row.appliance_id.clone()),
         op_id: Some(row.id.clone()),
         ..Default::default()
-    }
-}
-
-/// Held output on its way from the appliance to one approver's screen; never stored.
-#[derive(Debug, Default)]
-pub struct Previews {
-    waiting: Mutex<HashMap<String, Preview>>,
-}
-
-#[derive(Debug)]
-struct Preview {
-    stdout: String,
-    stderr: String,
-    done: oneshot::Sender<Result<serde_json::Value, ApiError>>,
-}
-
-impl Previews {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Preview>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn begin(&self, op_id: &str) -> oneshot::Receiver<Result<serde_json::Value, ApiError>> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().insert(
-            op_id.to_string(),
-            Preview {
-                stdout: String::new(),
-                stderr: String::new(),
-                done: tx,
-            },
-        );
-        rx
-    }
-
-    fn push(&self, op_id: &str, stream: OutputStream, data: &str) {
-        if let Some(p) = self.lock().get_mut(op_id) {
-            match stream {
-                OutputStream::Stdout => p.stdout.push_str(data),
-                OutputStream::Stderr => p.stderr.push_str(data),
-            }
-        }
-    }
-
-    fn finish(&self, op_id: &str, result: Result<&OpFinished, ApiError>) -> bool {
-        let Some(p) = self.lock().remove(op_id) else {
-            return false;
-        };
-        let value = result.map(|f| {
-            serde_json::json!({
-                "stdout": p.stdout, "stderr": p.stderr, "exit_code": f.exit_code, "truncated": f.truncated,
-                "timed_out": f.timed_out, "error": f.error,
-            })
-        });
-        let _ = p.done.send(value);
-        true
     }
 }
 
@@ -235,7 +178,7 @@ pub async fn create(
         )
         .hint("the agent in the appliance is not connected; check `postern appliance list`")
     })?;
-    if link.resource(&req.origin_resource_id).is_none() {
+    let Some(resource) = link.resource(&req.origin_resource_id) else {
         let known: Vec<&str> = link.resources.iter().map(|r| r.id.as_str()).collect();
         return Err(ApiError::new(
             ErrorCode::InvalidOriginResourceId,
@@ -248,6 +191,31 @@ pub async fn create(
             "resources this appliance declares: {}",
             known.join(", ")
         )));
+    };
+    // A tool runs only against a resource of its kind (the agent checks again).
+    if let Some((message, hint)) = resource
+        .kind
+        .op_tool_mismatch(req.tool.as_str(), &resource.id)
+    {
+        let error = ApiError::new(ErrorCode::InvalidOriginResourceId, message)
+            .hint(hint)
+            .details(serde_json::json!({"origin_resource_id": resource.id, "kind": resource.kind, "tool": req.tool, "tools": resource.kind.op_tools()}));
+        let subject = Subject {
+            appliance_id: Some(appliance.id.clone()),
+            ..Default::default()
+        };
+        gw.audit
+            .record(
+                "denied",
+                &caller.actor(),
+                subject,
+                serde_json::json!({
+                    "action": "op", "code": error.code, "reason": error.message, "tool": req.tool,
+                    "origin_resource_id": resource.id, "command": command,
+                }),
+            )
+            .await;
+        return Err(error);
     }
     let mut row = OpRow {
         id: format!("op_{}", random_hex(8)),
@@ -824,52 +792,6 @@ pub async fn decide(
         }
     }
     get(gw, caller, id).await
-}
-
-/// The held output, fetched from the appliance for an approver; passed through, not kept.
-pub async fn preview(
-    gw: &Gateway,
-    caller: &Caller,
-    id: &str,
-) -> Result<serde_json::Value, ApiError> {
-    caller.require(
-        &[Role::Approver],
-        "see held output (it is the customer's to release)",
-    )?;
-    let (row, appliance) = load(gw, caller, id).await?;
-    caller.require_customer(&appliance.customer)?;
-    if row.state != OpState::OutputPendingApproval {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("op {id} holds no output"),
-        ));
-    }
-    let rx = gw.previews.begin(id);
-    if !gw.agents.send(
-        &row.appliance_id,
-        Frame::OutputFetch {
-            op_id: id.to_string(),
-        },
-    ) {
-        gw.previews.finish(
-            id,
-            Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")),
-        );
-        return Err(ApiError::new(
-            ErrorCode::ApplianceOffline,
-            "the held output is in the appliance, which is offline",
-        ));
-    }
-    match tokio::time::timeout(PREVIEW_WAIT, rx).await {
-        Ok(Ok(r)) => r,
-        _ => {
-            gw.previews.finish(id, Err(ApiError::internal("timed out")));
-            Err(ApiError::new(
-                ErrorCode::ApplianceOffline,
-                "the appliance did not send the held output in time",
-            ))
-        }
-    }
 }
 
 /// The approver's view of a waiting op.

@@ -85,6 +85,16 @@ pub struct AgentConfig {
     pub resources: Vec<ResourceConfig>,
     #[serde(default)]
     pub tools: ToolsConfig,
+    #[serde(default)]
+    pub ops: OpsConfig,
+}
+
+/// `[ops]`: how one-off op tools run in the appliance (see `op_sandbox`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// The unprivileged user op tools run as; absent: the agent's own user.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +160,20 @@ pub struct ResourceConfig {
     pub sftp: Option<bool>,
     /// Record what the engineer types too, not only what the terminal shows (default false).
     pub record_input: Option<bool>,
+    // docker (the `docker` op tool): the daemon, and its TLS client files (ca/cert/key.pem)
+    pub docker_host: Option<String>,
+    pub docker_cert_path: Option<PathBuf>,
+    // cloud (the `aws`, `gcloud`, `az`, `doctl` op tools): credentials the agent hands the tool
+    pub aws_profile: Option<String>,
+    pub aws_region: Option<String>,
+    pub aws_role_arn: Option<String>,
+    pub aws_config_file: Option<PathBuf>,
+    pub aws_credentials_file: Option<PathBuf>,
+    pub gcloud_config: Option<PathBuf>,
+    pub gcp_service_account: Option<String>,
+    pub gcp_project: Option<String>,
+    pub azure_config_dir: Option<PathBuf>,
+    pub digitalocean_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +300,19 @@ impl AgentConfig {
             {
                 resolve(p);
             }
+            for p in [
+                &mut r.docker_cert_path,
+                &mut r.aws_config_file,
+                &mut r.aws_credentials_file,
+                &mut r.gcloud_config,
+                &mut r.azure_config_dir,
+                &mut r.digitalocean_token_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(p);
+            }
         }
         for p in self.tools.paths_mut().into_iter().flatten() {
             // A bare name (`kubectl = "kubectl"`) means "from PATH", not "next to agent.toml".
@@ -292,6 +329,16 @@ impl AgentConfig {
         };
         if let Some(g) = &self.gateway {
             split_host_port(g).map_err(|e| invalid(format!("gateway: {e}")))?;
+        }
+        if let Some(user) = &self.ops.user {
+            if user.trim().is_empty()
+                || user == "root"
+                || user.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(format!(
+                    "[ops] user = {user:?} must name an unprivileged user, never root"
+                )));
+            }
         }
         if let Some(d) = self.reconnect_max {
             if d.0 < Duration::from_millis(200) {
@@ -397,6 +444,30 @@ impl ResourceConfig {
             ("host_key", Ssh, self.host_key.is_some()),
             ("sftp", Ssh, self.sftp.is_some()),
             ("record_input", Ssh, self.record_input.is_some()),
+            ("docker_host", Docker, self.docker_host.is_some()),
+            ("docker_cert_path", Docker, self.docker_cert_path.is_some()),
+            ("aws_profile", Cloud, self.aws_profile.is_some()),
+            ("aws_region", Cloud, self.aws_region.is_some()),
+            ("aws_role_arn", Cloud, self.aws_role_arn.is_some()),
+            ("aws_config_file", Cloud, self.aws_config_file.is_some()),
+            (
+                "aws_credentials_file",
+                Cloud,
+                self.aws_credentials_file.is_some(),
+            ),
+            ("gcloud_config", Cloud, self.gcloud_config.is_some()),
+            (
+                "gcp_service_account",
+                Cloud,
+                self.gcp_service_account.is_some(),
+            ),
+            ("gcp_project", Cloud, self.gcp_project.is_some()),
+            ("azure_config_dir", Cloud, self.azure_config_dir.is_some()),
+            (
+                "digitalocean_token_file",
+                Cloud,
+                self.digitalocean_token_file.is_some(),
+            ),
         ];
         keys.into_iter()
             .filter(|(_, _, set)| *set)
@@ -461,12 +532,16 @@ impl ResourceConfig {
                     );
                 }
             }
+            ResourceKind::Docker | ResourceKind::Cloud => {
+                crate::op_credentials::validate_config(self)?
+            }
         }
         match self.kind {
             ResourceKind::Tcp => Ok(()),
             ResourceKind::Kubernetes => crate::kube::validate_config(self),
             ResourceKind::Postgres => crate::postgres::validate_config(self),
             ResourceKind::Ssh => crate::ssh::validate_config(self),
+            ResourceKind::Docker | ResourceKind::Cloud => Ok(()),
         }
     }
 
@@ -522,7 +597,7 @@ impl ResourceConfig {
     /// The scope the gateway enforces before anything reaches the appliance (and the agent again).
     pub fn scope(&self) -> Option<ResourceScope> {
         match self.kind {
-            ResourceKind::Tcp => None,
+            ResourceKind::Tcp | ResourceKind::Docker | ResourceKind::Cloud => None,
             ResourceKind::Kubernetes => Some(ResourceScope::Kubernetes {
                 namespaces: self.namespaces.clone().unwrap_or_default(),
                 // Resolved through discovery (group-qualified) once the agent has read it.

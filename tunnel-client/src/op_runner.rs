@@ -17,16 +17,19 @@
 //! any frame stays far below the 1 MiB frame limit whatever the bytes are. Output is sent as
 //! lossy UTF-8; a multi-byte character split across two reads is kept whole.
 
+pub use crate::op_output::{split_for_frames, Utf8Stream};
 use crate::{
     audit::{AuditLog, Entry},
     config::AgentConfig,
     grants::LiveEndpoints,
+    op_output::Forwarder,
+    op_sandbox::{Confinement, OpDir},
     ops::{self, OpOutcome, OpSpec, Stream},
 };
 use bytes::Bytes;
 use endpoint_types::{
     control::{GrantLevel, OpTool},
-    frame::{Frame, LiveGrant, OpDispatch, OpFinished, OutputStream},
+    frame::{Frame, LiveGrant, OpDispatch, OpFinished},
     policy::{Decision, Policy, PolicyError},
     resource::{ApprovalMode, ResourceKind},
     ApiError, ErrorCode,
@@ -67,6 +70,9 @@ pub struct Authorized {
     pub hold: bool,
     /// The policy's verdict at dispatch (a person's approval was needed when `NeedsPerson`).
     pub decision: Decision,
+    /// An ssh op: the remote command the agent's own SSH client runs (`exe` is then empty:
+    /// no local program runs).
+    pub remote_command: Option<String>,
 }
 
 /// A refused dispatch. `denial`: a permission refusal (grant, resource, policy, scope),
@@ -158,7 +164,7 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
                 .details(json!({ "grant_id": id })),
         ));
     }
-    let Some(_resource) = c.config.resource(&d.resource_id) else {
+    let Some(resource) = c.config.resource(&d.resource_id) else {
         return Err(Refusal::denied(
             ApiError::new(
                 ErrorCode::InvalidOriginResourceId,
@@ -167,6 +173,21 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
             .hint("the customer declares resources as [[resource]] entries in agent.toml; `postern appliance list` shows the appliance"),
         ));
     };
+    if let Some((message, hint)) = resource
+        .kind
+        .op_tool_mismatch(d.tool.as_str(), &resource.id)
+    {
+        return Err(Refusal::denied(
+            ApiError::new(ErrorCode::InvalidOriginResourceId, message)
+                .hint(hint)
+                .details(json!({
+                    "origin_resource_id": resource.id,
+                    "kind": resource.kind,
+                    "tool": d.tool.as_str(),
+                    "tools": resource.kind.op_tools(),
+                })),
+        ));
+    }
     let decision = c.policy.evaluate(now);
     if !decision.is_auto() && !approved_by_person(&d.command_approved_by) {
         let mode = c.policy.approval();
@@ -206,169 +227,32 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
             denial,
         }
     })?;
-    let exe = ops::resolve_tool(d.tool, &c.config.tools, c.path_env)
-        .map_err(|e| Refusal::invalid(e.to_api_error()))?;
+    // What each tool may say beyond "no shell": psql only SQL against the agent's connection,
+    // ssh only a remote command through the agent's own client.
+    let (argv, remote_command) = match d.tool {
+        OpTool::Psql => (
+            crate::op_psql::check(&argv).map_err(|e| Refusal::denied(e.to_api_error()))?,
+            None,
+        ),
+        OpTool::Ssh => {
+            let remote = crate::op_ssh::remote_command(&argv)
+                .map_err(|e| Refusal::denied(e.to_api_error()))?;
+            (argv, Some(remote))
+        }
+        _ => (argv, None),
+    };
+    let exe = match d.tool {
+        OpTool::Ssh => PathBuf::new(),
+        tool => ops::resolve_tool(tool, &c.config.tools, c.path_env)
+            .map_err(|e| Refusal::invalid(e.to_api_error()))?,
+    };
     Ok(Authorized {
         argv,
         exe,
         hold: d.hold_output || c.policy.needs_output_approval(now),
         decision,
+        remote_command,
     })
-}
-
-/// Lossy UTF-8 decoding of a byte stream that arrives in pieces: a character split between
-/// two pieces is decoded whole; invalid bytes become U+FFFD as in `String::from_utf8_lossy`.
-#[derive(Debug, Default)]
-pub struct Utf8Stream {
-    pending: Vec<u8>,
-}
-
-impl Utf8Stream {
-    /// Decodes what can be decoded; keeps an incomplete trailing sequence for the next call.
-    pub fn push(&mut self, input: &[u8]) -> String {
-        self.pending.extend_from_slice(input);
-        let mut out = String::with_capacity(self.pending.len());
-        let mut at = 0;
-        while at < self.pending.len() {
-            match std::str::from_utf8(&self.pending[at..]) {
-                Ok(s) => {
-                    out.push_str(s);
-                    at = self.pending.len();
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    out.push_str(&String::from_utf8_lossy(&self.pending[at..at + valid]));
-                    match e.error_len() {
-                        Some(bad) => {
-                            out.push(char::REPLACEMENT_CHARACTER);
-                            at += valid + bad;
-                        }
-                        None => {
-                            at += valid;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.pending.drain(..at);
-        out
-    }
-
-    /// The end of the stream: whatever is left, lossily.
-    pub fn finish(&mut self) -> String {
-        let rest = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        rest
-    }
-}
-
-/// How many bytes `c` takes in a JSON string (serde_json's escaping).
-fn json_len(c: char) -> usize {
-    match c {
-        '"' | '\\' | '\n' | '\r' | '\t' | '\u{08}' | '\u{0c}' => 2,
-        c if (c as u32) < 0x20 => 6,
-        c => c.len_utf8(),
-    }
-}
-
-/// Splits `text` at character boundaries into pieces of at most `budget` JSON-escaped bytes.
-pub fn split_for_frames(text: &str, budget: usize) -> Vec<&str> {
-    let budget = budget.max(6);
-    let mut pieces = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, c) in text.char_indices() {
-        let n = json_len(c);
-        if size + n > budget {
-            pieces.push(&text[start..i]);
-            start = i;
-            size = 0;
-        }
-        size += n;
-    }
-    if start < text.len() {
-        pieces.push(&text[start..]);
-    }
-    pieces
-}
-
-fn output_stream(s: Stream) -> OutputStream {
-    match s {
-        Stream::Stdout => OutputStream::Stdout,
-        Stream::Stderr => OutputStream::Stderr,
-    }
-}
-
-fn output_frames<'a>(
-    op_id: &str,
-    stream: Stream,
-    text: &'a str,
-    preview: bool,
-) -> impl Iterator<Item = Frame> + 'a {
-    let op_id = op_id.to_string();
-    split_for_frames(text, MAX_OUTPUT_FRAME_DATA)
-        .into_iter()
-        .map(move |data| Frame::OpOutput {
-            op_id: op_id.clone(),
-            stream: output_stream(stream),
-            data: data.to_string(),
-            preview,
-        })
-}
-
-fn not_found(op_id: &str) -> Frame {
-    Frame::OpRefused {
-        op_id: op_id.to_string(),
-        error: ApiError::new(
-            ErrorCode::NotFound,
-            format!("no held output for op {op_id} in this appliance (released, destroyed, or the agent restarted)"),
-        )
-        .hint("`postern ops get ID` shows the op's state"),
-    }
-}
-
-/// A finished op's output kept in the appliance until the customer decides.
-struct Held {
-    spec: OpSpec,
-    outcome: OpOutcome,
-}
-
-impl Held {
-    fn finished(&self, held: bool, preview: bool) -> Frame {
-        debug_assert!(
-            !held || preview,
-            "a held op's end says nothing outside a preview; see held_notice"
-        );
-        Frame::OpFinished(OpFinished {
-            op_id: self.spec.op_id.clone(),
-            held,
-            exit_code: self.outcome.exit_code,
-            truncated: self.outcome.truncated(),
-            timed_out: self.outcome.timed_out,
-            error: self.outcome.error(&self.spec, true),
-            preview,
-            destroyed: false,
-        })
-    }
-
-    /// The whole output (stdout, then stderr) and the op's end, as frames.
-    fn frames(&self, preview: bool, held_after: bool) -> Vec<Frame> {
-        let id = &self.spec.op_id;
-        let out = String::from_utf8_lossy(&self.outcome.stdout);
-        let err = String::from_utf8_lossy(&self.outcome.stderr);
-        let mut frames: Vec<Frame> = output_frames(id, Stream::Stdout, &out, preview).collect();
-        frames.extend(output_frames(id, Stream::Stderr, &err, preview));
-        frames.push(self.finished(held_after, preview));
-        frames
-    }
-
-    /// Overwrites the output before the memory is freed.
-    fn wipe(mut self) {
-        for buf in [&mut self.outcome.stdout, &mut self.outcome.stderr] {
-            buf.fill(0);
-            std::hint::black_box(&buf);
-        }
-    }
 }
 
 /// A bounded map that forgets its oldest entries.
@@ -428,6 +312,8 @@ struct Inner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     state: Mutex<State>,
+    /// Who op tools run as and how their processes are ended.
+    confinement: Confinement,
 }
 
 /// Runs dispatched ops and keeps held output; cheap to clone, shared by all connections.
@@ -446,8 +332,28 @@ impl OpRunner {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<OpRunner, PolicyError> {
+        OpRunner::new_confined(
+            config,
+            live,
+            audit,
+            shutdown,
+            tracker,
+            Confinement::default(),
+        )
+    }
+
+    /// [`OpRunner::new`] with op tools confined as `confinement` says (`Confinement::detect`).
+    pub fn new_confined(
+        config: Arc<AgentConfig>,
+        live: Arc<Mutex<LiveEndpoints>>,
+        audit: AuditLog,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+        confinement: Confinement,
+    ) -> Result<OpRunner, PolicyError> {
         let policy = Policy::parse(&config.policy_summary())?;
         let inner = Inner {
+            confinement,
             config,
             policy,
             live,
@@ -609,6 +515,43 @@ impl OpRunner {
         format!("request operate access: postern access request --app {app} --customer {customer} --level operate --duration 30m --reason \"…\"")
     }
 
+    /// Runs the authorized op: an ssh op through the agent's own SSH client, any other tool as
+    /// a confined local process.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        d: &OpDispatch,
+        auth: &Authorized,
+        spec: &OpSpec,
+        env: &[(&str, &OsStr)],
+        cwd: &Path,
+        cancel: &CancellationToken,
+        tx: Option<mpsc::Sender<(Stream, Bytes)>>,
+    ) -> Result<OpOutcome, ApiError> {
+        if let Some(remote) = &auth.remote_command {
+            let Some(resource) = self.inner.config.resource(&d.resource_id) else {
+                return Err(ApiError::internal(
+                    "the op's resource vanished from the agent's config",
+                ));
+            };
+            return crate::op_ssh::run(spec, resource, remote, cancel, tx)
+                .await
+                .map_err(|e| e.to_api_error());
+        }
+        ops::run_confined(
+            spec,
+            &auth.exe,
+            &auth.argv,
+            env,
+            cwd,
+            &self.inner.confinement,
+            cancel,
+            tx,
+        )
+        .await
+        .map_err(|e| e.to_api_error())
+    }
+
     async fn refuse(&self, d: &OpDispatch, r: Refusal, out: &Outbox) {
         let e = &r.error;
         tracing::info!(op = %d.op_id, code = %e.code, "refused an op: {}", e.message);
@@ -702,7 +645,7 @@ impl OpRunner {
             self.refuse(&d, Refusal::denied(e), &out).await;
             return;
         }
-        let dir = match OpDir::create(&d.op_id) {
+        let dir = match OpDir::create(&d.op_id, self.inner.confinement.user.as_ref()) {
             Ok(dir) => dir,
             Err(e) => {
                 tracing::error!(op = %d.op_id, error = %e, "cannot create the op's working directory");
@@ -820,12 +763,27 @@ impl OpRunner {
         if let Some(role) = &op_role {
             env.extend(role.env.iter().map(|(k, v)| (*k, v.as_os_str())));
         }
+        let credentials = match self.credentials(&d, &dir) {
+            Ok(c) => c,
+            Err(e) => {
+                self.state().running.remove(&d.op_id);
+                watch_done.cancel();
+                if let Some(role) = op_role {
+                    role.drop_role().await;
+                }
+                self.refuse(&d, Refusal::invalid(e), &out).await;
+                return;
+            }
+        };
+        env.extend(credentials.iter().map(|(k, v)| (*k, v.as_os_str())));
         self.record(
             Entry::new(
                 "op.started",
                 d.operator.clone(),
                 json!({
-                    "executable": auth.exe,
+                    "executable": if auth.remote_command.is_some() { json!("the agent's ssh client") } else { json!(auth.exe) },
+                    "remote_command": auth.remote_command,
+                    "run_as": self.inner.confinement.user.as_ref().map(|u| u.name.as_str()),
                     "cwd": dir.path(),
                     "hold_output": auth.hold,
                     "command_approved_by": d.command_approved_by,
@@ -844,27 +802,11 @@ impl OpRunner {
 
         let mut fwd = Forwarder::new(&d.op_id, out.clone());
         let result = if auth.hold {
-            ops::run_streaming(
-                &spec,
-                &auth.exe,
-                &auth.argv,
-                &env,
-                dir.path(),
-                &cancel,
-                None,
-            )
-            .await
+            self.execute(&d, &auth, &spec, &env, dir.path(), &cancel, None)
+                .await
         } else {
             let (tx, mut rx) = mpsc::channel::<(Stream, Bytes)>(CHUNK_QUEUE);
-            let run = ops::run_streaming(
-                &spec,
-                &auth.exe,
-                &auth.argv,
-                &env,
-                dir.path(),
-                &cancel,
-                Some(tx),
-            );
+            let run = self.execute(&d, &auth, &spec, &env, dir.path(), &cancel, Some(tx));
             let forward = async {
                 while let Some((stream, bytes)) = rx.recv().await {
                     fwd.push(stream, &bytes).await;
@@ -880,581 +822,14 @@ impl OpRunner {
             role.drop_role().await;
         }
 
-        let outcome = match result {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::warn!(op = %d.op_id, error = %e, "op did not run");
-                let error = e.to_api_error();
-                self.record(
-                    Entry::new("op.finished", d.operator.clone(), json!({ "held": false, "error": error.code.as_str(), "reason": error.message }))
-                        .op(d.op_id.clone()),
-                );
-                let _ = out.send(finished_frame(&d.op_id, None, Some(error))).await;
-                return;
-            }
-        };
-        let cancel_reason = outcome.cancelled.then(|| {
-            if self.inner.shutdown.is_cancelled() {
-                "agent shutting down"
-            } else {
-                "operate grant ended"
-            }
-        });
-        let error = outcome.error(&spec, !auth.hold);
-        let delivered = if auth.hold {
-            true
-        } else {
-            fwd.finish(&outcome).await;
-            fwd.delivered
-        };
-        let duration_ms = outcome
-            .finished_at
-            .duration_since(outcome.started_at)
-            .as_millis()
-            .max(0);
-        self.record(
-            Entry::new(
-                "op.finished",
-                d.operator.clone(),
-                json!({
-                    "exit_code": outcome.exit_code,
-                    "signal": outcome.signal,
-                    "timed_out": outcome.timed_out,
-                    "cancelled": outcome.cancelled,
-                    "cancel_reason": cancel_reason,
-                    "truncated": outcome.truncated(),
-                    "duration_ms": duration_ms as u64,
-                    "held": auth.hold,
-                    "delivered": delivered,
-                    "error": error.as_ref().map(|e| e.code.as_str()),
-                    "stdout_bytes": outcome.stdout.len(),
-                    "stderr_bytes": outcome.stderr.len(),
-                    "stdout_sha256": crate::audit::sha256_hex(&outcome.stdout),
-                    "stderr_sha256": crate::audit::sha256_hex(&outcome.stderr),
-                }),
-            )
-            .op(d.op_id.clone()),
-        );
-        tracing::info!(op = %d.op_id, exit_code = ?outcome.exit_code, timed_out = outcome.timed_out, held = auth.hold, "op finished");
-        if auth.hold {
-            let held = Held { spec, outcome };
-            self.state().held.insert(d.op_id.clone(), held);
-            let _ = out.send(held_notice(&d.op_id)).await;
-        } else {
-            let frame = Frame::OpFinished(OpFinished {
-                op_id: d.op_id.clone(),
-                held: false,
-                exit_code: outcome.exit_code,
-                truncated: outcome.truncated(),
-                timed_out: outcome.timed_out,
-                error,
-                preview: false,
-                destroyed: false,
-            });
-            if out.send(frame).await.is_err() {
-                tracing::warn!(op = %d.op_id, "the connection the op came on is gone; its result was not delivered (the customer's trail has it)");
-            }
-        }
+        self.report(&d, &auth, spec, result, fwd, &out).await;
     }
 }
 
-/// `OpFinished { held: true }`: says nothing about the output, not even the exit code.
-fn held_notice(op_id: &str) -> Frame {
-    Frame::OpFinished(OpFinished {
-        op_id: op_id.to_string(),
-        held: true,
-        exit_code: None,
-        truncated: false,
-        timed_out: false,
-        error: None,
-        preview: false,
-        destroyed: false,
-    })
-}
-
-fn finished_frame(op_id: &str, exit_code: Option<i64>, error: Option<ApiError>) -> Frame {
-    Frame::OpFinished(OpFinished {
-        op_id: op_id.to_string(),
-        held: false,
-        exit_code,
-        truncated: false,
-        timed_out: false,
-        error,
-        preview: false,
-        destroyed: false,
-    })
-}
-
-/// Streams one op's output as `OpOutput` frames while it runs.
-struct Forwarder {
-    op_id: String,
-    out: Outbox,
-    /// Per stream (stdout, stderr): decoder and bytes taken from the executor.
-    decoders: [Utf8Stream; 2],
-    taken: [usize; 2],
-    /// False once a frame could not be queued (the connection is gone).
-    delivered: bool,
-}
-
-impl Forwarder {
-    fn new(op_id: &str, out: Outbox) -> Forwarder {
-        Forwarder {
-            op_id: op_id.to_string(),
-            out,
-            decoders: Default::default(),
-            taken: [0, 0],
-            delivered: true,
-        }
-    }
-
-    fn index(stream: Stream) -> usize {
-        match stream {
-            Stream::Stdout => 0,
-            Stream::Stderr => 1,
-        }
-    }
-
-    async fn push(&mut self, stream: Stream, bytes: &[u8]) {
-        let i = Self::index(stream);
-        self.taken[i] += bytes.len();
-        let text = self.decoders[i].push(bytes);
-        self.emit(stream, &text).await;
-    }
-
-    /// After the run: what the executor kept but did not stream (it stops streaming to a
-    /// stalled reader once the process is gone), then each decoder's tail.
-    async fn finish(&mut self, outcome: &OpOutcome) {
-        for (stream, kept) in [
-            (Stream::Stdout, &outcome.stdout),
-            (Stream::Stderr, &outcome.stderr),
-        ] {
-            let i = Self::index(stream);
-            if let Some(rest) = kept.get(self.taken[i]..).filter(|r| !r.is_empty()) {
-                self.push(stream, rest).await;
-            }
-            let tail = self.decoders[i].finish();
-            self.emit(stream, &tail).await;
-        }
-    }
-
-    async fn emit(&mut self, stream: Stream, text: &str) {
-        if !self.delivered || text.is_empty() {
-            return;
-        }
-        for frame in output_frames(&self.op_id, stream, text, false) {
-            if self.out.send(frame).await.is_err() {
-                self.delivered = false;
-                return;
-            }
-        }
-    }
-}
-
-/// The op's working directory: private, fresh, under the system temp dir, removed after.
-struct OpDir(PathBuf);
-
-impl OpDir {
-    fn create(op_id: &str) -> std::io::Result<OpDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        let safe: String = op_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-            .take(64)
-            .collect();
-        let base = std::env::temp_dir();
-        let mut last = None;
-        for _ in 0..8 {
-            let path = base.join(format!("postern-op-{safe}-{:016x}", rand::random::<u64>()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(OpDir(path)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for OpDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove the op's working directory");
-            }
-        }
-    }
-}
+#[path = "op_report.rs"]
+mod report;
+use report::{held_notice, not_found, Held};
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use endpoint_types::control::OpTool;
-    use jiff::SignedDuration;
-
-    // 2026-01-05 is a Monday.
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
-
-    fn config(policy: &str) -> AgentConfig {
-        let text = format!(
-            "audit_path = \"a\"\n[policy]\n{policy}\n[tools]\nkubectl = \"/bin/sh\"\n\
-             [[resource]]\nid = \"aws_eks_cluster.main\"\nkind = \"kubernetes\"\nkubeconfig = \"/etc/kc\"\n\
-             [[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:7\"\n"
-        );
-        AgentConfig::parse(&text, Path::new("/etc/postern/agent.toml")).unwrap()
-    }
-
-    fn dispatch(approved_by: &str) -> OpDispatch {
-        OpDispatch {
-            op_id: "op_1".into(),
-            tool: OpTool::Kubectl,
-            command: "kubectl get pods".into(),
-            resource_id: "aws_eks_cluster.main".into(),
-            timeout_s: 300,
-            operator: "alice@vendor".into(),
-            grant_id: "gr_1".into(),
-            command_approved_by: approved_by.into(),
-            command_approved_at: at("2026-01-05T08:00:00Z"),
-            hold_output: false,
-        }
-    }
-
-    fn grant(level: GrantLevel, from: &str, to: &str) -> LiveGrant {
-        LiveGrant {
-            grant_id: "gr_1".into(),
-            level,
-            approved_by: "bob".into(),
-            approved_at: at(from),
-            expires_at: at(to),
-        }
-    }
-
-    fn check(
-        config: &AgentConfig,
-        d: &OpDispatch,
-        grant_live: bool,
-        seen: Option<&LiveGrant>,
-        now: &str,
-    ) -> Result<Authorized, Refusal> {
-        let policy = Policy::parse(&config.policy_summary()).unwrap();
-        let c = Checks {
-            config,
-            policy: &policy,
-            grant_live,
-            grant_seen: seen,
-            path_env: None,
-            access_hint: "postern access request --level operate",
-        };
-        authorize(d, &c, at(now))
-    }
-
-    fn code(r: Result<Authorized, Refusal>) -> (ErrorCode, bool) {
-        let r = r.expect_err("refused");
-        (r.error.code, r.denial)
-    }
-
-    #[test]
-    fn automatic_runs_and_streams() {
-        let c = config("approval = \"automatic\"");
-        let a = check(
-            &c,
-            &dispatch("policy:automatic"),
-            true,
-            None,
-            "2026-01-05T12:00:00Z",
-        )
-        .unwrap();
-        assert_eq!(a.argv, ["kubectl", "get", "pods"]);
-        assert_eq!(a.exe, Path::new("/bin/sh"));
-        assert!(!a.hold);
-        assert_eq!(a.decision, Decision::Automatic);
-        // The gateway may still ask to hold.
-        let d = OpDispatch {
-            hold_output: true,
-            ..dispatch("policy:automatic")
-        };
-        assert!(
-            check(&c, &d, true, None, "2026-01-05T12:00:00Z")
-                .unwrap()
-                .hold
-        );
-    }
-
-    #[test]
-    fn manual_and_always_require_need_a_person_and_hold_output() {
-        for mode in ["manual", "always-require"] {
-            let c = config(&format!("approval = \"{mode}\""));
-            for by in ["policy:automatic", "policy:window", "", "  "] {
-                let r = check(&c, &dispatch(by), true, None, "2026-01-05T12:00:00Z").expect_err(by);
-                assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
-                assert!(r.denial);
-                assert!(
-                    r.error.message.contains("requires a person's approval")
-                        && r.error.message.contains(mode),
-                    "{}",
-                    r.error
-                );
-                assert_eq!(
-                    r.error.hint,
-                    "an approver runs `postern approvals approve op_1`"
-                );
-            }
-            let a = check(
-                &c,
-                &dispatch("carol@acme"),
-                true,
-                None,
-                "2026-01-05T12:00:00Z",
-            )
-            .unwrap();
-            assert!(a.hold, "{mode}: output needs approval");
-        }
-    }
-
-    #[test]
-    fn windows_by_the_agents_clock() {
-        let c = config("approval = \"windows\"\ntime_zone = \"Europe/Berlin\"\nwindows = [\"Mon-Fri 09:00-17:00\"]");
-        // Inside (12:00 Berlin): approved by the window, output not held.
-        let a = check(
-            &c,
-            &dispatch("policy:window"),
-            true,
-            None,
-            "2026-01-05T11:00:00Z",
-        )
-        .unwrap();
-        assert!(matches!(a.decision, Decision::InWindow { .. }) && !a.hold);
-        // The window closed before dispatch: the window's approval no longer counts.
-        let r = check(
-            &c,
-            &dispatch("policy:window"),
-            true,
-            None,
-            "2026-01-05T16:00:00Z",
-        )
-        .expect_err("outside");
-        assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
-        assert!(
-            r.error.message.contains("outside its approval windows"),
-            "{}",
-            r.error
-        );
-        assert_eq!(r.error.details["next_window"], "2026-01-06T08:00:00Z");
-        // A person's approval runs it, and its output is held outside the window.
-        let a = check(
-            &c,
-            &dispatch("carol@acme"),
-            true,
-            None,
-            "2026-01-05T16:00:00Z",
-        )
-        .unwrap();
-        assert!(a.hold);
-    }
-
-    #[test]
-    fn grants_by_the_agents_clock() {
-        let c = config("approval = \"automatic\"");
-        let d = dispatch("policy:automatic");
-        let now = "2026-01-05T12:00:00Z";
-        assert_eq!(
-            code(check(&c, &d, false, None, now)),
-            (ErrorCode::OperateAccessRequired, true)
-        );
-        let old = grant(
-            GrantLevel::Operate,
-            "2026-01-05T10:00:00Z",
-            "2026-01-05T11:00:00Z",
-        );
-        let r = check(&c, &d, false, Some(&old), now).expect_err("expired");
-        assert_eq!(r.error.code, ErrorCode::OperateAccessExpired);
-        assert!(r.error.hint.contains("--level operate"), "{}", r.error);
-        let deploy = grant(
-            GrantLevel::Deploy,
-            "2026-01-05T10:00:00Z",
-            "2026-01-05T14:00:00Z",
-        );
-        assert_eq!(
-            code(check(&c, &d, false, Some(&deploy), now)),
-            (ErrorCode::OperateAccessRequired, true)
-        );
-        let revoked = grant(
-            GrantLevel::Operate,
-            "2026-01-05T10:00:00Z",
-            "2026-01-05T14:00:00Z",
-        );
-        assert_eq!(
-            code(check(&c, &d, false, Some(&revoked), now)),
-            (ErrorCode::OperateAccessExpired, true)
-        );
-        // The grant is checked before anything else.
-        let bad = OpDispatch {
-            resource_id: "nope".into(),
-            command: "rm -rf /".into(),
-            ..d.clone()
-        };
-        assert_eq!(
-            code(check(&c, &bad, false, None, now)).0,
-            ErrorCode::OperateAccessRequired
-        );
-    }
-
-    #[test]
-    fn resource_command_tool_and_timeout() {
-        let c = config("approval = \"automatic\"");
-        let now = "2026-01-05T12:00:00Z";
-        let d = dispatch("policy:automatic");
-        let with = |f: &dyn Fn(&mut OpDispatch)| {
-            let mut d = d.clone();
-            f(&mut d);
-            code(check(&c, &d, true, None, now))
-        };
-        assert_eq!(
-            with(&|d| d.resource_id = "aws_db_instance.other".into()),
-            (ErrorCode::InvalidOriginResourceId, true)
-        );
-        assert_eq!(
-            with(&|d| d.command = "rm -rf /".into()),
-            (ErrorCode::ForbiddenByScope, true)
-        );
-        assert_eq!(
-            with(&|d| d.command = "/usr/bin/kubectl get pods".into()),
-            (ErrorCode::ForbiddenByScope, true)
-        );
-        assert_eq!(
-            with(&|d| d.command = "kubectl get pods; rm -rf /".into()),
-            (ErrorCode::InvalidRequest, false)
-        );
-        assert_eq!(
-            with(&|d| d.timeout_s = 0),
-            (ErrorCode::InvalidRequest, false)
-        );
-        assert_eq!(
-            with(&|d| d.timeout_s = 86_401),
-            (ErrorCode::InvalidRequest, false)
-        );
-        assert_eq!(
-            with(&|d| d.op_id = String::new()),
-            (ErrorCode::InvalidRequest, false)
-        );
-        assert_eq!(
-            with(&|d| d.op_id = "x".repeat(MAX_OP_ID_LEN + 1)),
-            (ErrorCode::InvalidRequest, false)
-        );
-        // A tool with no [tools] entry and nothing on PATH.
-        assert_eq!(
-            with(&|d| {
-                d.tool = OpTool::Psql;
-                d.command = "psql -c 'select 1'".into();
-            }),
-            (ErrorCode::Internal, false)
-        );
-    }
-
-    #[test]
-    fn approved_by_person_is_anyone_but_the_policy() {
-        assert!(approved_by_person("carol@acme"));
-        assert!(!approved_by_person("policy:automatic"));
-        assert!(!approved_by_person("policy:window"));
-        assert!(!approved_by_person(""));
-    }
-
-    #[test]
-    fn utf8_stream_keeps_split_characters_whole() {
-        let text = "a€b😀c";
-        let bytes = text.as_bytes();
-        // Every split point, including inside both multi-byte characters.
-        for cut in 0..=bytes.len() {
-            let mut s = Utf8Stream::default();
-            let mut got = s.push(&bytes[..cut]);
-            got.push_str(&s.push(&bytes[cut..]));
-            got.push_str(&s.finish());
-            assert_eq!(got, text, "cut at {cut}");
-        }
-        // Byte by byte.
-        let mut s = Utf8Stream::default();
-        let got: String = bytes.iter().map(|b| s.push(&[*b])).collect();
-        assert_eq!(got + &s.finish(), text);
-        // Invalid bytes are replaced as from_utf8_lossy does; a truncated tail at the end too.
-        let bad = b"x\xffy\xe2\x82";
-        let mut s = Utf8Stream::default();
-        let got = s.push(bad) + &s.finish();
-        assert_eq!(got, String::from_utf8_lossy(bad));
-        let mut s = Utf8Stream::default();
-        assert_eq!(s.push(b"\xe2\x82z"), "\u{FFFD}z");
-    }
-
-    #[test]
-    fn frames_stay_under_the_limit_whatever_the_bytes() {
-        for text in [
-            "x".repeat(600_000),
-            "\u{1}".repeat(300_000),
-            "€".repeat(200_000),
-            "\"".repeat(300_000),
-            String::new(),
-        ] {
-            let pieces = split_for_frames(&text, MAX_OUTPUT_FRAME_DATA);
-            assert_eq!(pieces.concat(), text);
-            for p in &pieces {
-                assert!(!p.is_empty());
-                let frame = Frame::OpOutput {
-                    op_id: "op_1".repeat(32),
-                    stream: OutputStream::Stdout,
-                    data: p.to_string(),
-                    preview: false,
-                };
-                let encoded = endpoint_types::frame::encode_to_vec(&frame);
-                assert!(
-                    encoded.len() <= MAX_OUTPUT_FRAME_DATA + 1024,
-                    "{}",
-                    encoded.len()
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn held_finished_frame_says_nothing_about_the_output() {
-        let spec = OpSpec::new("op_1", OpTool::Kubectl, "kubectl get pods");
-        let now = at("2026-01-05T12:00:00Z");
-        let outcome = OpOutcome {
-            exit_code: Some(3),
-            signal: None,
-            stdout: b"secret".to_vec(),
-            stderr: b"boom".to_vec(),
-            stdout_truncated: true,
-            stderr_truncated: false,
-            timed_out: false,
-            cancelled: false,
-            started_at: now,
-            finished_at: now + SignedDuration::from_secs(1),
-        };
-        let held = Held { spec, outcome };
-        let Frame::OpFinished(f) = held_notice("op_1") else {
-            panic!()
-        };
-        assert_eq!(
-            (f.held, f.exit_code, f.truncated, f.error.is_none()),
-            (true, None, false, true)
-        );
-        let frames = held.frames(true, true);
-        assert_eq!(frames.len(), 3);
-        let Some(Frame::OpFinished(f)) = frames.last() else {
-            panic!()
-        };
-        assert_eq!(
-            (f.preview, f.held, f.exit_code, f.truncated),
-            (true, true, Some(3), true)
-        );
-        assert_eq!(
-            f.error.as_ref().map(|e| e.code),
-            Some(ErrorCode::CommandFailed)
-        );
-        assert_eq!(f.error.as_ref().unwrap().details["stderr"], "boom");
-    }
-}
+#[path = "op_runner_tests.rs"]
+mod tests;

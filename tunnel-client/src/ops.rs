@@ -6,12 +6,16 @@
 //! a literal argument. The first word must be the op's tool, and the executable is the one the
 //! customer's `[tools]` names (or the agent's `PATH` finds), never a path the gateway sent.
 //!
-//! The child runs in its own process group with a cleared environment and no stdin; stdout and
-//! stderr are captured up to a cap each (the rest is read and dropped, so the child never
-//! blocks on a full pipe). On timeout or cancellation the whole group is SIGKILLed; when the
-//! tool exits, anything it left running in its group is killed too: an op leaves nothing behind.
+//! The child runs in its own process group (and cgroup, as the op user: [`crate::op_sandbox`])
+//! with a cleared environment and no stdin; stdout and stderr are captured up to a cap each
+//! (the rest is read and dropped, so the child never blocks on a full pipe). On timeout or
+//! cancellation everything the op started is SIGKILLed; when the tool exits, anything it left
+//! running is killed too: an op leaves nothing behind.
 
-use crate::config::ToolsConfig;
+use crate::{
+    config::ToolsConfig,
+    op_sandbox::{self, Confinement, OpCgroup},
+};
 use bytes::Bytes;
 use endpoint_types::{control::OpTool, ApiError, ErrorCode};
 use jiff::Timestamp;
@@ -35,7 +39,8 @@ pub const DEFAULT_OUTPUT_CAP: usize = 1 << 20;
 /// The op timeout when the request names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// The only variables of the agent's own environment a tool sees (plus what the caller adds).
-pub const ENV_ALLOW_LIST: &[&str] = &["PATH", "HOME", "LANG", "TERM"];
+/// `HOME` and `TMPDIR` are the op's own directory, never the agent's.
+pub const ENV_ALLOW_LIST: &[&str] = &["PATH", "LANG", "TERM"];
 /// How long, once the group is dead and reaped, the pipes may stay open (held by a process that
 /// left the group, or by a stalled stream consumer) before capture stops.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -377,17 +382,45 @@ pub async fn run(
     run_streaming(spec, exe, argv, env, cwd, cancel, None).await
 }
 
-/// Runs `exe` with `argv[1..]` (argv as [`parse_command`] made it) in `cwd`, with stdin null,
-/// in its own process group, with an environment of [`ENV_ALLOW_LIST`] (from the agent's own)
-/// plus `env`. Kept output (at most `spec.output_cap` bytes per stream) is also sent to `tx`
-/// as it arrives; a slow receiver slows the reading, a dropped one is ignored. On timeout or
-/// `cancel` the process group is SIGKILLed and reaped; so it is if this future is dropped.
+/// [`run_confined`] with no op user and no cgroup (ends the process group and what descends
+/// from the tool).
 pub async fn run_streaming(
     spec: &OpSpec,
     exe: &Path,
     argv: &[String],
     env: &[(&str, &OsStr)],
     cwd: &Path,
+    cancel: &CancellationToken,
+    tx: Option<mpsc::Sender<(Stream, Bytes)>>,
+) -> Result<OpOutcome, OpError> {
+    run_confined(
+        spec,
+        exe,
+        argv,
+        env,
+        cwd,
+        &Confinement::default(),
+        cancel,
+        tx,
+    )
+    .await
+}
+
+/// Runs `exe` with `argv[1..]` (argv as [`parse_command`] made it) in `cwd`, with stdin null,
+/// in its own process group, as `confine`'s user and in a cgroup of its own when `confine` has
+/// them, with an environment of [`ENV_ALLOW_LIST`] (from the agent's own), `HOME` and `TMPDIR`
+/// set to `cwd`, plus `env`. Kept output (at most `spec.output_cap` bytes per stream) is also
+/// sent to `tx` as it arrives; a slow receiver slows the reading, a dropped one is ignored.
+/// When the tool exits, on timeout or `cancel`, everything the op started is SIGKILLed (see
+/// [`crate::op_sandbox`]); so it is if this future is dropped.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_confined(
+    spec: &OpSpec,
+    exe: &Path,
+    argv: &[String],
+    env: &[(&str, &OsStr)],
+    cwd: &Path,
+    confine: &Confinement,
     cancel: &CancellationToken,
     tx: Option<mpsc::Sender<(Stream, Bytes)>>,
 ) -> Result<OpOutcome, OpError> {
@@ -401,26 +434,49 @@ pub async fn run_streaming(
             cmd.env(key, v);
         }
     }
-    cmd.envs(env.iter().copied())
+    cmd.env("HOME", cwd)
+        .env("TMPDIR", cwd)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    let cgroup = match &confine.cgroup_parent {
+        Some(parent) => Some(OpCgroup::create(parent, &spec.op_id).map_err(OpError::Io)?),
+        None => None,
+    };
+    let (cgroup_fd, user) = (
+        cgroup.as_ref().map(OpCgroup::procs_fd),
+        confine.user.as_ref().map(|u| (u.uid, u.gid)),
+    );
+    // SAFETY: child_setup makes only async-signal-safe syscalls (write, setgroups, setgid,
+    // setuid, prctl) and touches no memory the parent shares.
+    unsafe {
+        cmd.pre_exec(move || op_sandbox::child_setup(cgroup_fd, user));
+    }
 
     let started_at = Timestamp::now();
-    let mut child = cmd.spawn().map_err(|source| OpError::Spawn {
+    let spawned = op_sandbox::spawn_root(|| {
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        Ok((child, pid))
+    });
+    let (mut child, pid) = spawned.map_err(|source| OpError::Spawn {
         exe: exe.to_path_buf(),
         source,
     })?;
-    let Some(pid) = child.id() else {
+    let Some(pid) = pid else {
         return Err(OpError::Io(io::Error::other(
             "the tool exited before it could be supervised",
         )));
     };
     let pgid = pid as libc::pid_t;
-    let mut guard = GroupGuard(Some(pgid));
+    let mut guard = TreeGuard {
+        pgid: Some(pgid),
+        cgroup,
+    };
     tracing::debug!(op_id = %spec.op_id, pid = pgid, exe = %exe.display(), "op started");
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(OpError::Io(io::Error::other(
@@ -436,12 +492,13 @@ pub async fn run_streaming(
             _ = tokio::time::sleep(spec.timeout) => End::TimedOut,
             _ = cancel.cancelled() => End::Cancelled,
         };
-        kill_group(pgid);
+        guard.kill().await;
         let (timed_out, cancelled) = (matches!(end, End::TimedOut), matches!(end, End::Cancelled));
         let status = match end {
             End::Exited(status) => status,
             _ => child.wait().await,
         };
+        op_sandbox::forget_root(pgid);
         let finished_at = Timestamp::now();
         reaped.cancel();
         (timed_out, cancelled, status, finished_at)
@@ -456,7 +513,7 @@ pub async fn run_streaming(
         pump(stderr, Stream::Stderr, cap, tx.as_ref(), &reaped),
         supervise,
     );
-    guard.0 = None;
+    guard.pgid = None;
     let status: ExitStatus = status.map_err(OpError::Io)?;
     tracing::debug!(op_id = %spec.op_id, ?status, timed_out, cancelled, "op finished");
     Ok(OpOutcome {
@@ -479,13 +536,37 @@ enum End {
     Cancelled,
 }
 
-/// Kills the group if the run is abandoned half-way (its future dropped).
-struct GroupGuard(Option<libc::pid_t>);
+/// Everything the op started: its process group, its cgroup (or, without one, every process
+/// descended from it and every orphan re-parented to the agent). Killed at the op's end and if
+/// the run is abandoned half-way (its future dropped).
+struct TreeGuard {
+    pgid: Option<libc::pid_t>,
+    cgroup: Option<OpCgroup>,
+}
 
-impl Drop for GroupGuard {
+impl TreeGuard {
+    async fn kill(&mut self) {
+        let Some(pgid) = self.pgid else { return };
+        kill_group(pgid);
+        // The sweeps wait for the kernel (bounded); off the async workers.
+        let cgroup = self.cgroup.take();
+        let _ = tokio::task::spawn_blocking(move || match cgroup {
+            Some(c) => drop(c),
+            None => op_sandbox::kill_tree(pgid),
+        })
+        .await;
+    }
+}
+
+impl Drop for TreeGuard {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.pgid {
             kill_group(pgid);
+            match self.cgroup.take() {
+                Some(c) => drop(c),
+                None => op_sandbox::kill_tree(pgid),
+            }
+            op_sandbox::forget_root(pgid);
         }
     }
 }

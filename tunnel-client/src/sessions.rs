@@ -186,6 +186,17 @@ impl Sessions {
             ResourceKind::Ssh => {
                 crate::ssh::serve_stream(self, open, resource, cut, send, recv).await
             }
+            // No endpoint type reaches these kinds (they take one-off ops only); `authorize` refused it.
+            ResourceKind::Docker | ResourceKind::Cloud => {
+                refuse(
+                    &mut send,
+                    ApiError::new(
+                        ErrorCode::ForbiddenByScope,
+                        "this resource takes one-off ops only",
+                    ),
+                )
+                .await
+            }
         }
     }
 

@@ -79,7 +79,7 @@ pub fn validate_config(r: &ResourceConfig) -> Result<(), String> {
 }
 
 /// Accepts a bare key line or a known_hosts style line with a host in front.
-fn parse_host_key(s: &str) -> Result<PublicKey, String> {
+pub(crate) fn parse_host_key(s: &str) -> Result<PublicKey, String> {
     let s = s.trim();
     PublicKey::from_openssh(s)
         .or_else(|e| {
@@ -91,9 +91,9 @@ fn parse_host_key(s: &str) -> Result<PublicKey, String> {
 }
 
 /// Pins the VM's host key; remembers what was presented when it does not match.
-struct Pinned {
-    expected: PublicKey,
-    mismatch: Arc<Mutex<Option<String>>>,
+pub(crate) struct Pinned {
+    pub(crate) expected: PublicKey,
+    pub(crate) mismatch: Arc<Mutex<Option<String>>>,
 }
 
 impl client::Handler for Pinned {
@@ -120,7 +120,7 @@ impl client::Handler for Pinned {
     }
 }
 
-fn client_config() -> client::Config {
+pub(crate) fn client_config() -> client::Config {
     client::Config {
         // The session lives as long as the engineer's; the gateway watches the engineer.
         inactivity_timeout: None,

@@ -130,12 +130,21 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
-    let ops = OpRunner::new(
+    let confinement =
+        crate::op_sandbox::Confinement::detect(config.ops.user.as_deref()).map_err(|e| {
+            ConfigError::Invalid {
+                path: config.path.clone(),
+                problem: e.to_string(),
+            }
+        })?;
+    crate::op_sandbox::announce(&confinement);
+    let ops = OpRunner::new_confined(
         config.clone(),
         live.clone(),
         audit.clone(),
         shutdown.clone(),
         tracker.clone(),
+        confinement,
     )
     .map_err(|e| ConfigError::Invalid {
         path: config.path.clone(),

@@ -49,6 +49,32 @@ sleep)
   sleep 30
   echo "never"
   ;;
+configure)
+  echo "profile=$AWS_PROFILE region=$AWS_REGION config=$AWS_CONFIG_FILE"
+  cat "$AWS_CONFIG_FILE" "$AWS_SHARED_CREDENTIALS_FILE"
+  if cat "$3" > /dev/null 2>&1; then echo "read the original"; fi
+  ;;
+probe)
+  shift
+  echo "uid=$(id -u) home=$HOME"
+  for f in "$@"; do
+    if cat "$f" > /dev/null 2>&1; then echo "read $f"; else echo "denied $f"; fi
+  done
+  if echo forged >> "$1" 2>/dev/null; then echo "wrote the trail"; else echo "denied writing the trail"; fi
+  ;;
+escape)
+  setsid sleep 300 &
+  echo $! > "$2/setsid"
+  setsid sh -c 'sleep 300 & echo $! > "$1/double"' sh "$2" &
+  nohup sleep 300 > /dev/null 2>&1 &
+  echo $! > "$2/nohup"
+  sh -c 'trap "" TERM HUP INT; echo $$ > "$1/trap"; while :; do sleep 1; done' sh "$2" &
+  for f in setsid double nohup trap; do
+    while [ ! -s "$2/$f" ]; do sleep 0.02; done
+  done
+  echo started
+  sleep 300
+  ;;
 esac
 "#;
 
@@ -141,6 +167,11 @@ struct Agent {
 impl Agent {
     /// Enrolls an agent with `approval` as its policy and runs it against `gw`.
     async fn start(gw: &Gateway, approval: &str) -> Agent {
+        Agent::start_with(gw, approval, "").await
+    }
+
+    /// [`Agent::start`] with `extra` appended to agent.toml.
+    async fn start_with(gw: &Gateway, approval: &str, extra: &str) -> Agent {
         let script = kube_script();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("agent.toml");
@@ -154,10 +185,11 @@ impl Agent {
                 &format!("approval = \"{approval}\""),
             );
             text.push_str(&format!(
-                "\n[tools]\nkubectl = \"{}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"my-app-prod\"]\n",
+                "\n[tools]\nkubectl = \"{0}\"\naws = \"{0}\"\n\n[[resource]]\nid = \"{KUBE}\"\nkind = \"kubernetes\"\nkubeconfig = \"{1}\"\nnamespaces = [\"my-app-prod\"]\n\n[[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:7\"\n",
                 script.display(),
                 kubeconfig.display()
             ));
+            text.push_str(extra);
             text
         });
         let config = AgentConfig::load(&config_path).unwrap();
@@ -339,7 +371,12 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
         grants: grants.clone(),
     })
     .await;
-    let mut short = dispatch("op_short", "kubectl sleep", "policy:automatic");
+    let short_dir = tempfile::tempdir().unwrap();
+    let mut short = dispatch(
+        "op_short",
+        &format!("kubectl escape {}", short_dir.path().display()),
+        "policy:automatic",
+    );
     short.grant_id = "gr_short".into();
     let started = Instant::now();
     link.send(Frame::OpDispatch(short)).await;
@@ -354,16 +391,44 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     let e = f.error.as_ref().unwrap();
     assert_eq!(e.code, ErrorCode::CommandFailed);
     assert!(e.message.contains("stopped in the appliance"), "{e}");
-    let mut revoked = dispatch("op_revoked", "kubectl sleep", "policy:automatic");
+    // Everything the op started died with it at the grant's end: setsid, double-forked,
+    // nohup'ed and SIGTERM-ignoring processes alike.
+    escapes_are_dead(short_dir.path()).await;
+    let revoked_dir = tempfile::tempdir().unwrap();
+    let mut revoked = dispatch(
+        "op_revoked",
+        &format!("kubectl escape {}", revoked_dir.path().display()),
+        "policy:automatic",
+    );
     revoked.grant_id = "gr_revoked".into();
     link.send(Frame::OpDispatch(revoked)).await;
     assert!(matches!(link.next().await.1, Frame::OpStarted { .. }));
+    // Revoked once every escape runs (the tool says "started" then).
+    loop {
+        match link.next().await.1 {
+            Frame::OpOutput { data, .. } if data.contains("started") => break,
+            Frame::OpOutput { .. } => {}
+            other => panic!("expected the op's output, got {other:?}"),
+        }
+    }
     grants.pop();
     link.send(Frame::GrantSync { grants }).await;
     let frames = link.until_end("op_revoked").await;
     assert_eq!(
         finished(&frames).error.as_ref().map(|e| e.code),
         Some(ErrorCode::CommandFailed)
+    );
+    escapes_are_dead(revoked_dir.path()).await;
+
+    // A tool runs only against a resource of its kind, whatever the gateway sent.
+    let mut kind = dispatch("op_kind", "kubectl get pods", "policy:automatic");
+    kind.resource_id = "null_resource.echo".into();
+    link.send(Frame::OpDispatch(kind)).await;
+    let e = link.refusal("op_kind").await;
+    assert_eq!(e.code, ErrorCode::InvalidOriginResourceId);
+    assert!(
+        e.message.contains("is a tcp resource") && e.hint.contains("takes no one-off ops"),
+        "{e}"
     );
 
     // Refused in the appliance, whatever the gateway says: nothing starts.
@@ -517,6 +582,20 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     assert_eq!(
         kinds_of(&records, "op_shell"),
         ["op.dispatched", "op.refused"]
+    );
+    assert_eq!(
+        kinds_of(&records, "op_kind"),
+        ["op.dispatched", "denied", "op.refused"]
+    );
+    let denied = record(&records, "op_kind", "denied");
+    assert_eq!(denied.detail["reason"], "INVALID_ORIGIN_RESOURCE_ID");
+    assert!(
+        denied.detail["message"]
+            .as_str()
+            .unwrap()
+            .contains("is a tcp resource"),
+        "{}",
+        denied.detail
     );
 
     drop(link);
@@ -745,4 +824,221 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     let path = agent.audit_path.clone();
     let _dir = agent.stop().await;
     assert!(audit::verify_file(&path).unwrap() as usize >= records.len());
+}
+
+/// Each escaped process of the `escape` tool (its PID in `dir`) is gone, or a zombie, within
+/// a bounded wait.
+async fn escapes_are_dead(dir: &Path) {
+    for name in ["setsid", "double", "nohup", "trap"] {
+        let pid: i32 = std::fs::read_to_string(dir.join(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.trim_start().chars().next())
+                });
+            if matches!(state, None | Some('Z' | 'X')) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the {name} process ({pid}) outlived its op"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The unprivileged user ops run as in these tests, created once per machine (serialised
+/// across test processes with a lock file, as the harness does for its sshd user).
+fn ensure_ops_user() -> tunnel_client::op_sandbox::OpsUser {
+    use tunnel_client::op_sandbox::OpsUser;
+    const NAME: &str = "postern-ops-test";
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/postern-ops-test-user.lock")
+        .unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    if OpsUser::lookup(NAME).is_err() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {NAME}");
+    }
+    OpsUser::lookup(NAME).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_ops_user_an_op_reads_none_of_the_agents_secrets_nor_writes_its_trail() {
+    let user = ensure_ops_user();
+    let gw = Gateway::start(T);
+    let agent = Agent::start_with(
+        &gw,
+        "automatic",
+        &format!("\n[ops]\nuser = \"{}\"\n", user.name),
+    )
+    .await;
+    let mut link = gw.link(CONTROL).await;
+    link.send(Frame::GrantSync {
+        grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+    })
+    .await;
+    // Only the files' own modes protect them: the directory is open to everyone.
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = AgentConfig::load(&agent.dir.path().join("agent.toml")).unwrap();
+    let key = config.key_file.clone().unwrap();
+    let secrets = [
+        agent.audit_path.clone(),
+        agent.dir.path().join("agent.toml"),
+        key,
+        agent.kubeconfig.clone(),
+    ];
+    // As the README asks of the customer: secrets root-owned 0600 (the agent writes its key and trail so).
+    for f in &secrets[1..] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&secrets[0]).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the trail"
+    );
+    let args: Vec<String> = secrets
+        .iter()
+        .map(|p| format!("'{}'", p.display()))
+        .collect();
+    link.send(Frame::OpDispatch(dispatch(
+        "op_probe",
+        &format!("kubectl probe {}", args.join(" ")),
+        "policy:automatic",
+    )))
+    .await;
+    let frames = link.until_end("op_probe").await;
+    let (out, err) = output(&frames, false);
+    assert!(
+        out.starts_with(&format!("uid={} home=/", user.uid)),
+        "{out}{err}"
+    );
+    for f in &secrets {
+        assert!(
+            out.contains(&format!("denied {}", f.display())),
+            "{}: {out}",
+            f.display()
+        );
+    }
+    assert!(
+        out.contains("denied writing the trail")
+            && !out.contains("read ")
+            && !out.contains("wrote"),
+        "{out}"
+    );
+    assert_eq!(finished(&frames).exit_code, Some(0));
+    let records = agent
+        .trail(|r| {
+            r.iter()
+                .any(|r| r.op_id.as_deref() == Some("op_probe") && r.kind == "op.finished")
+        })
+        .await;
+    assert_eq!(
+        record(&records, "op_probe", "op.started").detail["run_as"],
+        user.name.as_str()
+    );
+    drop(link);
+    let path = agent.audit_path.clone();
+    let _dir = agent.stop().await;
+    // Nothing was forged into the trail: its chain still verifies, record for record.
+    assert!(audit::verify_file(&path).unwrap() as usize >= records.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_op_gets_copies_of_its_resources_credentials_only() {
+    let user = ensure_ops_user();
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(creds.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (config, credentials) = (
+        creds.path().join("config"),
+        creds.path().join("credentials"),
+    );
+    std::fs::write(&config, "[profile vendor]\nregion = eu-west-1\n").unwrap();
+    std::fs::write(&credentials, "[vendor]\naws_access_key_id = AKIAEXAMPLE\n").unwrap();
+    for f in [&config, &credentials] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let extra = format!(
+        "\n[[resource]]\nid = \"aws_account.main\"\nkind = \"cloud\"\naws_profile = \"vendor\"\naws_region = \"eu-west-1\"\n\
+         aws_role_arn = \"arn:aws:iam::123456789012:role/vendor-ops\"\naws_config_file = \"{}\"\naws_credentials_file = \"{}\"\n\
+         \n[ops]\nuser = \"{}\"\n",
+        config.display(),
+        credentials.display(),
+        user.name
+    );
+    let gw = Gateway::start(T);
+    let agent = Agent::start_with(&gw, "automatic", &extra).await;
+    let mut link = gw.link(CONTROL).await;
+    link.send(Frame::GrantSync {
+        grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+    })
+    .await;
+    let aws = |op_id: &str, resource: &str| OpDispatch {
+        tool: OpTool::Aws,
+        resource_id: resource.into(),
+        ..dispatch(
+            op_id,
+            &format!("aws configure list '{}'", credentials.display()),
+            "policy:automatic",
+        )
+    };
+    link.send(Frame::OpDispatch(aws("op_aws", "aws_account.main")))
+        .await;
+    let frames = link.until_end("op_aws").await;
+    let (out, err) = output(&frames, false);
+    assert_eq!(finished(&frames).exit_code, Some(0), "{out}{err}");
+    assert!(
+        out.starts_with("profile=postern-op region=eu-west-1 config=/"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "role_arn = arn:aws:iam::123456789012:role/vendor-ops\nsource_profile = vendor"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("aws_access_key_id = AKIAEXAMPLE") && !out.contains("read the original"),
+        "{out}"
+    );
+    // The copies lived in the op's directory, which is gone with the op.
+    let copy = out
+        .lines()
+        .next()
+        .and_then(|l| l.split("config=").nth(1))
+        .unwrap()
+        .to_string();
+    assert!(!Path::new(&copy).exists(), "{copy} outlived the op");
+    // The same tool against a resource of another kind is refused in the appliance.
+    link.send(Frame::OpDispatch(aws("op_aws_kube", KUBE))).await;
+    assert_eq!(
+        link.refusal("op_aws_kube").await.code,
+        ErrorCode::InvalidOriginResourceId
+    );
+    drop(link);
+    let _dir = agent.stop().await;
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::{
     config::ToolsConfig,
+    op_sandbox::{Confinement, OpsUser},
     ops::{self, OpError, OpSpec, Stream},
 };
 
@@ -364,6 +365,15 @@ async fn the_environment_is_cleared_and_the_cwd_is_the_callers() {
         vars.contains(&"KUBECONFIG=/etc/postern/main.kubeconfig"),
         "{out}"
     );
+    // HOME and TMPDIR are the op's own directory, never the agent's.
+    assert!(
+        vars.contains(&format!("HOME={}", cwd.path().display()).as_str()),
+        "{out}"
+    );
+    assert!(
+        vars.contains(&format!("TMPDIR={}", cwd.path().display()).as_str()),
+        "{out}"
+    );
     if let Some(path) = std::env::var_os("PATH") {
         assert!(
             vars.contains(&format!("PATH={}", path.to_string_lossy()).as_str()),
@@ -375,7 +385,16 @@ async fn the_environment_is_cleared_and_the_cwd_is_the_callers() {
         // The rest are what /bin/sh itself sets.
         assert!(
             ops::ENV_ALLOW_LIST.contains(&name)
-                || ["KUBECONFIG", "PWD", "OLDPWD", "SHLVL", "_"].contains(&name),
+                || [
+                    "KUBECONFIG",
+                    "HOME",
+                    "TMPDIR",
+                    "PWD",
+                    "OLDPWD",
+                    "SHLVL",
+                    "_"
+                ]
+                .contains(&name),
             "unexpected variable {v}"
         );
     }
@@ -487,4 +506,222 @@ fn resolve_tool_prefers_the_tools_entry_then_path() {
         );
         assert!(e.to_string().contains(&*p.to_string_lossy()), "{e}");
     }
+}
+
+/// An op that escapes every way a process can: a `setsid` child, a double fork into a new
+/// session, a `nohup`ed child, and a shell that ignores SIGTERM and SIGHUP. Each writes its
+/// PID to a file in `$1`, then the tool says "started" and waits.
+const ESCAPES: &str = r#"
+setsid sleep 300 &
+echo $! > "$1/setsid"
+setsid sh -c 'sleep 300 & echo $! > "$1/double"' sh "$1" &
+nohup sleep 300 > /dev/null 2>&1 &
+echo $! > "$1/nohup"
+sh -c 'trap "" TERM HUP INT; echo $$ > "$1/trap"; while :; do sleep 1; done' sh "$1" &
+for f in setsid double nohup trap; do
+  while [ ! -s "$1/$f" ]; do sleep 0.02; done
+done
+echo started
+sleep 300
+"#;
+
+const ESCAPE_NAMES: [&str; 4] = ["setsid", "double", "nohup", "trap"];
+
+fn escapes_script() -> PathBuf {
+    let path = scripts().join("escapes");
+    // Written once per process (see `scripts`); later callers find it.
+    static WRITTEN: OnceLock<()> = OnceLock::new();
+    WRITTEN.get_or_init(|| write_executable(&path, &format!("#!/bin/sh\n{ESCAPES}")));
+    path
+}
+
+/// Runs the escapes op under `confine`, ends it by timeout (`cancel_after: None`) or by
+/// cancellation, and checks by PID that none of the escaped processes survived.
+async fn escapes_end_with_the_op(confine: Confinement, cancel_after_start: bool) {
+    let exe = escapes_script();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    if let Some(u) = &confine.user {
+        std::os::unix::fs::chown(cwd.path(), Some(u.uid), Some(u.gid)).unwrap();
+    }
+    let timeout = if cancel_after_start {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(4)
+    };
+    let s = spec(timeout);
+    let argv = argv(&format!("kubectl '{}'", dir.path().display()));
+    let cancel = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel(16);
+    let (c, cwd_path) = (cancel.clone(), cwd.path().to_path_buf());
+    let task = tokio::spawn(async move {
+        ops::run_confined(&s, &exe, &argv, &[], &cwd_path, &confine, &c, Some(tx)).await
+    });
+    recv_until(&mut rx, "started\n").await;
+    let pids: Vec<(&str, i32)> = ESCAPE_NAMES
+        .iter()
+        .map(|n| (*n, read_pid(&dir.path().join(n))))
+        .collect();
+    for (name, pid) in &pids {
+        assert!(
+            !wait_dead_within(*pid, Duration::from_millis(50)).await,
+            "{name} ({pid}) should run before the op ends"
+        );
+    }
+    if cancel_after_start {
+        cancel.cancel();
+    }
+    let o = tokio::time::timeout(BOUND, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (o.timed_out, o.cancelled),
+        (!cancel_after_start, cancel_after_start)
+    );
+    for (name, pid) in pids {
+        assert!(
+            wait_dead(pid).await,
+            "the {name} process ({pid}) survived the op's end"
+        );
+    }
+}
+
+async fn wait_dead_within(pid: i32, limit: Duration) -> bool {
+    tokio::time::timeout(limit, wait_dead(pid))
+        .await
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn escaped_processes_die_on_timeout_in_the_ops_cgroup() {
+    let c = Confinement::detect(None).unwrap();
+    eprintln!("{}", c.describe());
+    escapes_end_with_the_op(c, false).await;
+}
+
+#[tokio::test]
+async fn escaped_processes_die_on_cancel_in_the_ops_cgroup() {
+    escapes_end_with_the_op(Confinement::detect(None).unwrap(), true).await;
+}
+
+#[tokio::test]
+async fn escaped_processes_die_on_timeout_without_cgroups() {
+    escapes_end_with_the_op(Confinement::without_cgroups(None), false).await;
+}
+
+#[tokio::test]
+async fn escaped_processes_die_on_cancel_without_cgroups() {
+    escapes_end_with_the_op(Confinement::without_cgroups(None), true).await;
+}
+
+#[tokio::test]
+async fn escaped_processes_of_the_ops_user_die_too() {
+    let user = ensure_ops_user();
+    escapes_end_with_the_op(
+        Confinement {
+            user: Some(user.clone()),
+            ..Confinement::detect(None).unwrap()
+        },
+        true,
+    )
+    .await;
+    escapes_end_with_the_op(Confinement::without_cgroups(Some(user)), false).await;
+}
+
+/// The unprivileged user ops run as in these tests, created once per machine (serialised
+/// across test processes with a lock file, as the harness does for its sshd user).
+fn ensure_ops_user() -> OpsUser {
+    const NAME: &str = "postern-ops-test";
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/postern-ops-test-user.lock")
+        .unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    if OpsUser::lookup(NAME).is_err() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {NAME}");
+    }
+    OpsUser::lookup(NAME).unwrap()
+}
+
+#[tokio::test]
+async fn an_op_run_as_the_ops_user_cannot_read_secrets_or_write_the_trail() {
+    let user = ensure_ops_user();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // What an appliance holds, each root-owned 0600 as the README asks (the agent's key and the
+    // trail are written so by the agent itself).
+    let files = [
+        "agent.key",
+        "agent.toml",
+        "admin_password",
+        "vm_key",
+        "audit.jsonl",
+    ];
+    for f in files {
+        let p = secrets.path().join(f);
+        std::fs::write(&p, format!("secret {f}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let probe = scripts().join("probe");
+    static WRITTEN: OnceLock<()> = OnceLock::new();
+    WRITTEN.get_or_init(|| {
+        write_executable(
+            &probe,
+            "#!/bin/sh\nid -u\nfor f in agent.key agent.toml admin_password vm_key audit.jsonl; do\n\
+             if cat \"$1/$f\" 2>/dev/null; then echo \"read $f\"; else echo \"denied read $f\"; fi\ndone\n\
+             if echo forged >> \"$1/audit.jsonl\" 2>/dev/null; then echo 'wrote trail'; else echo 'denied write trail'; fi\n\
+             if sudo -n true 2>/dev/null || su -c true root </dev/null 2>/dev/null; then echo 'became root'; fi\n\
+             echo \"home=$HOME\"\ntouch \"$HOME/mine\" && echo 'home writable'\n",
+        )
+    });
+    let cwd = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(cwd.path(), Some(user.uid), Some(user.gid)).unwrap();
+    let confine = Confinement {
+        user: Some(user.clone()),
+        ..Confinement::detect(None).unwrap()
+    };
+    let argv = argv(&format!("kubectl '{}'", secrets.path().display()));
+    let (s, cancel) = (spec(Duration::from_secs(30)), CancellationToken::new());
+    let fut = ops::run_confined(&s, &probe, &argv, &[], cwd.path(), &confine, &cancel, None);
+    let o = tokio::time::timeout(BOUND, fut).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some(user.uid.to_string().as_str()), "{out}");
+    for f in files {
+        assert!(
+            out.contains(&format!("denied read {f}")) && !out.contains("secret "),
+            "{f}: {out}"
+        );
+    }
+    assert!(
+        out.contains("denied write trail") && !out.contains("became root"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("home={}", cwd.path().display())) && out.contains("home writable"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(secrets.path().join("audit.jsonl")).unwrap(),
+        "secret audit.jsonl\n"
+    );
 }

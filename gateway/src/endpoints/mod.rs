@@ -321,6 +321,10 @@ pub async fn create(
                 endpoint_types::resource::ResourceKind::Postgres => "postgres",
                 endpoint_types::resource::ResourceKind::Ssh => "ssh",
                 endpoint_types::resource::ResourceKind::Tcp => "tcp",
+                // These kinds take one-off ops only (`postern ops docker|aws|gcloud|az|doctl`).
+                endpoint_types::resource::ResourceKind::Docker
+                | endpoint_types::resource::ResourceKind::Cloud =>
+                    "tcp, kubectl, postgres or ssh with another resource",
             }
         )));
     }
