@@ -525,6 +525,9 @@ async fn control_loop(
                     Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
                     }
+                    Ok(Some(Frame::SshTeardown(report))) => {
+                        crate::endpoints::ssh::teardown::on_report(gw, appliance_id, report).await;
+                    }
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));
                         send_error(&mut send, &e).await;

@@ -147,6 +147,10 @@ pub struct ResourceConfig {
     pub sftp: Option<bool>,
     /// Record what the engineer types too, not only what the terminal shows (default false).
     pub record_input: Option<bool>,
+    /// What the agent runs on the VM, as `user`, when an endpoint ends (default: the script in
+    /// `crate::ssh_teardown`, which ends every process of the user and removes its crontab,
+    /// `at` jobs and running user units).
+    pub teardown_command: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -393,6 +397,7 @@ impl ResourceConfig {
             ("host_key", Ssh, self.host_key.is_some()),
             ("sftp", Ssh, self.sftp.is_some()),
             ("record_input", Ssh, self.record_input.is_some()),
+            ("teardown_command", Ssh, self.teardown_command.is_some()),
         ];
         keys.into_iter()
             .filter(|(_, _, set)| *set)
