@@ -1,9 +1,12 @@
 //! A private OpenSSH `sshd` for tests: its own config, host key and authorized_keys in a temp
 //! dir, a free loopback port, and a non-root login user. It stands in for the appliance's VM.
 //!
-//! sshd runs as root (the tests do) because only root can switch to the login user. The user
-//! (`postern-ssh`) is created on first use; its password field is set to `*` (no password, but
-//! not locked: sshd refuses locked accounts even for key logins). `StrictModes no` lets the
+//! sshd runs as root (the tests do) because only root can switch to the login user. Each
+//! server has a login user of its own (`postern-ssh0`, `postern-ssh1`, …), held under an
+//! exclusive lock for the server's life: an SSH endpoint's teardown ends every process of its
+//! user, and tests run in parallel processes, so no two live servers may share one. The users
+//! are created on first use; the password field is set to `*` (no password, but not locked:
+//! sshd refuses locked accounts even for key logins). `StrictModes no` lets the
 //! authorized_keys file live in the temp dir, which the user can read but does not own.
 //! The server is killed by PID when the handle drops, and dies with the test process.
 
@@ -17,19 +20,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The login user on the private sshd. Never root.
+/// The prefix of the private sshds' login users ([`Sshd::user`] is the one of a server). Never root.
 pub const USER: &str = "postern-ssh";
+/// How many login users a machine may have: the most servers alive at once.
+const USER_POOL: usize = 64;
 
 pub struct Sshd {
     pub addr: SocketAddr,
     /// The server's public host key line (`ssh-ed25519 AAAA… comment`).
     pub host_key: String,
-    /// A private key authorized for [`USER`] (what the appliance holds).
+    /// A private key authorized for `user` (what the appliance holds).
     pub client_key: PathBuf,
     pub user: String,
     pub log: PathBuf,
     dir: tempfile::TempDir,
     child: Child,
+    /// The lock that makes `user` this server's alone; released when the server drops.
+    _user_lock: std::fs::File,
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -53,33 +60,49 @@ pub fn keygen(path: &Path, comment: &str) -> Result<String> {
         .to_string())
 }
 
-/// Creates the login user once per machine. Tests run in parallel processes, so creation is
-/// serialised with an exclusive lock on a file.
-fn ensure_user() -> Result<()> {
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/postern-sshd-user.lock")?;
-    // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        bail!(
-            "cannot lock /tmp/postern-sshd-user.lock: {}",
-            std::io::Error::last_os_error()
-        );
+fn flock(file: &std::fs::File, how: libc::c_int) -> bool {
+    // SAFETY: flock on a file descriptor we own; released when `file` closes.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), how) == 0 }
+}
+
+/// Claims a login user no other live server has (an exclusive lock per user name, held by the
+/// returned file) and creates it if needed. Tests run in parallel processes, so creation is
+/// serialised with an exclusive lock on one more file.
+fn claim_user() -> Result<(String, std::fs::File)> {
+    let open = |path: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+    };
+    for n in 0..USER_POOL {
+        let held = open(&format!("/tmp/postern-sshd-user-{n}.lock"))?;
+        if !flock(&held, libc::LOCK_EX | libc::LOCK_NB) {
+            continue;
+        }
+        let user = format!("{USER}{n}");
+        let create = open("/tmp/postern-sshd-user.lock")?;
+        if !flock(&create, libc::LOCK_EX) {
+            bail!(
+                "cannot lock /tmp/postern-sshd-user.lock: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let exists = Command::new("id")
+            .arg(&user)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?
+            .success();
+        if !exists {
+            run(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", &user]))?;
+        }
+        // Unlocked without a usable password: key logins only.
+        run(Command::new("usermod").args(["-p", "*", &user]))?;
+        return Ok((user, held));
     }
-    let exists = Command::new("id")
-        .arg(USER)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()?
-        .success();
-    if !exists {
-        run(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", USER]))?;
-    }
-    // Unlocked without a usable password: key logins only.
-    run(Command::new("usermod").args(["-p", "*", USER]))?;
-    Ok(())
+    bail!("all {USER_POOL} private sshd login users are in use")
 }
 
 fn free_port() -> Result<u16> {
@@ -99,12 +122,14 @@ fn banner_ready(addr: SocketAddr) -> bool {
 impl Sshd {
     pub fn start() -> Result<Sshd> {
         if unsafe { libc::geteuid() } != 0 {
-            bail!("the private sshd needs root (to switch to user {USER}); the tests run as root");
+            bail!(
+                "the private sshd needs root (to switch to its login user); the tests run as root"
+            );
         }
         let sshd = ["/usr/sbin/sshd", "/usr/local/sbin/sshd"].into_iter().map(PathBuf::from).find(|p| p.exists()).ok_or_else(|| {
             anyhow!("sshd not found; install OpenSSH's server (Debian: apt-get install openssh-server; scripts/test does this)")
         })?;
-        ensure_user()?;
+        let (user, user_lock) = claim_user()?;
         // Privilege separation directory Debian's sshd insists on.
         std::fs::create_dir_all("/run/sshd")?;
         let dir = tempfile::Builder::new().prefix("postern-sshd-").tempdir()?;
@@ -123,7 +148,10 @@ impl Sshd {
         for _ in 0..5 {
             let port = free_port()?;
             let config = dir.path().join("sshd_config");
-            std::fs::write(&config, sshd_config(port, &host_key_path, &authorized))?;
+            std::fs::write(
+                &config,
+                sshd_config(port, &host_key_path, &authorized, &user),
+            )?;
             let mut cmd = Command::new(&sshd);
             cmd.args(["-D", "-e", "-f"])
                 .arg(&config)
@@ -158,10 +186,11 @@ impl Sshd {
                         addr,
                         host_key,
                         client_key,
-                        user: USER.to_string(),
+                        user,
                         log,
                         dir,
                         child,
+                        _user_lock: user_lock,
                     });
                 }
                 if Instant::now() > deadline {
@@ -194,7 +223,7 @@ impl Sshd {
         Ok(p)
     }
 
-    /// Stock `ssh` straight to this server as [`USER`] with the appliance's key, host key
+    /// Stock `ssh` straight to this server as its user with the appliance's key, host key
     /// pinned, no config file, no agent, no prompts. Append options and the command.
     pub fn ssh_direct(&self) -> Result<Command> {
         let mut cmd = Command::new("ssh");
@@ -230,7 +259,7 @@ impl Sshd {
     }
 }
 
-fn sshd_config(port: u16, host_key: &Path, authorized: &Path) -> String {
+fn sshd_config(port: u16, host_key: &Path, authorized: &Path, user: &str) -> String {
     format!(
         "Port {port}
 ListenAddress 127.0.0.1
@@ -243,7 +272,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin no
-AllowUsers {USER}
+AllowUsers {user}
 PrintMotd no
 PrintLastLog no
 MaxStartups 200:30:400
@@ -285,7 +314,10 @@ mod tests {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&sshd.log).unwrap_or_default()
         );
-        assert_eq!(stdout.lines().next(), Some(USER));
+        assert_eq!(stdout.lines().next(), Some(sshd.user.as_str()));
+        // Two live servers never share a login user.
+        let other_server = Sshd::start().unwrap();
+        assert_ne!(other_server.user, sshd.user);
         // A key that is not authorized is refused.
         let other = sshd.dir().join("other_ed25519");
         keygen(&other, "stranger").unwrap();
@@ -311,7 +343,7 @@ mod tests {
             "-p",
             &sshd.port().to_string(),
             "-l",
-            USER,
+            &sshd.user,
             "127.0.0.1",
             "true",
         ]);

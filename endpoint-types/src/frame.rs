@@ -111,6 +111,8 @@ pub enum Frame {
     EnrollResponse(EnrollResponse),
     /// Either way: a protocol error, sent before the sender closes.
     Error(ApiError),
+    /// Agent → gateway: what an ended SSH endpoint's teardown did on the VM.
+    SshTeardown(crate::ssh_scope::SshTeardown),
 }
 
 impl Frame {
@@ -140,6 +142,7 @@ impl Frame {
             Frame::EnrollRequest(_) => "enroll_request",
             Frame::EnrollResponse(_) => "enroll_response",
             Frame::Error(_) => "error",
+            Frame::SshTeardown(_) => "ssh_teardown",
         }
     }
 }

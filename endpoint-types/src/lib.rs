@@ -17,6 +17,7 @@ pub mod pgwire;
 pub mod policy;
 pub mod resource;
 pub mod secret;
+pub mod ssh_scope;
 pub mod ssh_stream;
 pub mod token;
 

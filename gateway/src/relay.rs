@@ -540,6 +540,9 @@ async fn control_loop(
                     Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
                         crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;
                     }
+                    Ok(Some(Frame::SshTeardown(report))) => {
+                        crate::endpoints::ssh::teardown::on_report(gw, appliance_id, report).await;
+                    }
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));
                         send_error(&mut send, &e).await;

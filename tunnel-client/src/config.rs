@@ -174,6 +174,10 @@ pub struct ResourceConfig {
     pub gcp_project: Option<String>,
     pub azure_config_dir: Option<PathBuf>,
     pub digitalocean_token_file: Option<PathBuf>,
+    /// What the agent runs on the VM, as `user`, when an endpoint ends (default: the script in
+    /// `crate::ssh_teardown`, which ends every process of the user and removes its crontab,
+    /// `at` jobs and running user units).
+    pub teardown_command: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -468,6 +472,7 @@ impl ResourceConfig {
                 Cloud,
                 self.digitalocean_token_file.is_some(),
             ),
+            ("teardown_command", Ssh, self.teardown_command.is_some()),
         ];
         keys.into_iter()
             .filter(|(_, _, set)| *set)

@@ -22,6 +22,7 @@ pub mod ops;
 pub mod postgres;
 pub mod sessions;
 pub mod ssh;
+pub mod ssh_teardown;
 pub mod tunnel;
 pub mod wire;
 

@@ -38,6 +38,8 @@ pub struct Sessions {
     pub config: Arc<AgentConfig>,
     pub live: Arc<Mutex<LiveEndpoints>>,
     pub audit: AuditLog,
+    /// SSH endpoints owed a teardown on the VM when they end.
+    pub teardowns: Arc<crate::ssh_teardown::Teardowns>,
 }
 
 /// A session the agent agreed to serve.

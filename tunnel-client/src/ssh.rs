@@ -4,7 +4,8 @@
 //! user. One data stream = one upstream SSH session with one channel.
 //!
 //! Stream protocol: [`endpoint_types::ssh_stream`]. The customer's trail gets the recording
-//! (`ssh.recording`), each exec (`ssh.exec`) and a refused host key (`denied`).
+//! (`ssh.recording`, with an exec's input), each exec (`ssh.exec`), a refused host key and a
+//! refused file transfer (`denied`). The endpoint's end is undone by [`crate::ssh_teardown`].
 
 use crate::{
     audit::Entry,
@@ -17,6 +18,7 @@ use endpoint_types::{
     asciicast::{Header, Recorder},
     frame::StreamOpen,
     resource::CloseReason,
+    ssh_scope,
     ssh_stream::{self, ExitSignal, SshFrame, SshReady, SshStart},
     ApiError, ErrorCode,
 };
@@ -142,6 +144,16 @@ async fn login(
     open: &StreamOpen,
     r: &ResourceConfig,
 ) -> Result<client::Handle<Pinned>, ApiError> {
+    login_for(ctx, &open.endpoint_id, Some(&open.session_id), r).await
+}
+
+/// [`login`] for work of the endpoint rather than one of its sessions (its teardown).
+pub(crate) async fn login_for(
+    ctx: &Sessions,
+    endpoint_id: &str,
+    session_id: Option<&str>,
+    r: &ResourceConfig,
+) -> Result<client::Handle<Pinned>, ApiError> {
     let (Some(host), Some(user), Some(key_path), Some(host_key)) =
         (&r.host, &r.user, &r.key, &r.host_key)
     else {
@@ -174,21 +186,22 @@ async fn login(
             if let Some(presented) = presented {
                 let expected_fp = expected.fingerprint(Default::default()).to_string();
                 tracing::error!(resource = %r.id, %presented, expected = %expected_fp, "the VM's host key does not match agent.toml");
-                ctx.audit.record_or_log(
-                    Entry::new(
-                        "denied",
-                        ctx.audit.agent_actor(),
-                        json!({
-                            "action": "ssh-login",
-                            "reason": "host key mismatch",
-                            "resource_id": r.id,
-                            "presented": presented,
-                            "expected": expected_fp,
-                        }),
-                    )
-                    .endpoint(open.endpoint_id.clone())
-                    .session(open.session_id.clone()),
-                );
+                let denied = Entry::new(
+                    "denied",
+                    ctx.audit.agent_actor(),
+                    json!({
+                        "action": "ssh-login",
+                        "reason": "host key mismatch",
+                        "resource_id": r.id,
+                        "presented": presented,
+                        "expected": expected_fp,
+                    }),
+                )
+                .endpoint(endpoint_id.to_string());
+                ctx.audit.record_or_log(match session_id {
+                    Some(s) => denied.session(s.to_string()),
+                    None => denied,
+                });
                 return Err(ApiError::new(
                     ErrorCode::TargetUnreachable,
                     format!("the host key of resource {:?} does not match the one pinned in the appliance; refusing to log in", r.id),
@@ -355,6 +368,11 @@ pub async fn serve_stream(
     };
     let user = resource.user.clone().unwrap_or_default();
     let record_input = resource.record_input.unwrap_or(false);
+    if !within_scope(ctx, &open, &resource, &start, &mut send).await {
+        return disconnect("session refused").await;
+    }
+    // An exec's input is what the program runs on (`bash -s < script.sh`): always recorded.
+    let record_stdin = ssh_scope::records_input(start.pty.is_some(), record_input);
     let (channel, early) = match start_upstream(&handle, &start).await {
         Ok(c) => c,
         Err(e) => {
@@ -422,7 +440,7 @@ pub async fn serve_stream(
             loop {
                 match read_frame(&mut recv, &mut buf).await? {
                     Some(SshFrame::Data(d)) => {
-                        if record_input {
+                        if record_stdin {
                             record(&|r, at| r.input(at, &d));
                         }
                         up_bytes += d.len() as u64;
@@ -544,7 +562,7 @@ pub async fn serve_stream(
     };
     ctx.audit.record_or_log(entry("ssh.recording", json!({
         "format": "asciicast-v2", "endpoint_id": open.endpoint_id, "session_id": open.session_id, "operator": open.operator,
-        "user": user, "command": start.command, "input_recorded": record_input, "truncated": recording.truncated,
+        "user": user, "command": start.command, "input_recorded": record_stdin, "truncated": recording.truncated,
         "output_bytes": recording.output_bytes, "input_bytes": recording.input_bytes, "cast": recording.cast,
     })));
     ctx.audit.record_or_log(entry(
@@ -557,6 +575,35 @@ pub async fn serve_stream(
     if let Err(e) = outcome {
         tracing::debug!(session = %open.session_id, reason = reason.as_str(), "ssh session ended: {}", e.message);
     }
+}
+
+/// The agent's own check of what the session runs: the gateway applies the same one, but the
+/// customer's scope must hold even if the gateway does not. A refusal is audited and told.
+async fn within_scope(
+    ctx: &Sessions,
+    open: &StreamOpen,
+    resource: &ResourceConfig,
+    start: &SshStart,
+    send: &mut SendStream,
+) -> bool {
+    let Err(why) = ssh_scope::check_start(
+        start.command.as_deref(),
+        start.subsystem.as_deref(),
+        resource.sftp.unwrap_or(false),
+    ) else {
+        return true;
+    };
+    tracing::info!(resource = %resource.id, session = %open.session_id, "refused an ssh session: {why}");
+    ctx.audit.record_or_log(session_entry("denied", open, json!({
+        "action": if start.command.is_some() { "exec" } else { "subsystem" },
+        "reason": why, "code": ErrorCode::ForbiddenByScope.as_str(), "command": start.command, "subsystem": start.subsystem,
+        "resource_id": resource.id, "user": resource.user,
+    })));
+    let err = ApiError::new(ErrorCode::ForbiddenByScope, why)
+        .hint("file transfer (sftp, scp, rsync) is allowed only where the customer sets sftp = true on the resource");
+    let _ = send.write_all(&SshFrame::Error(err).to_bytes()).await;
+    let _ = send.finish();
+    false
 }
 
 /// Opens the upstream channel and starts what the engineer asked for; waits for sshd's answer.

@@ -127,6 +127,7 @@ pub async fn run(
         config: config.clone(),
         live: live.clone(),
         audit: audit.clone(),
+        teardowns: Default::default(),
     };
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
@@ -354,6 +355,7 @@ impl Agent {
         // Ops write through this; a connection's ops answer on that connection only.
         let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
+        self.sessions.teardowns.connected(&op_tx);
         loop {
             let next_expiry = self
                 .live
@@ -435,6 +437,7 @@ impl Agent {
                     crate::endpoint_setup::opened(&self.sessions, g);
                 }
                 self.audit_stale(grants.iter().filter(|g| g.expires_at <= now));
+                crate::endpoint_setup::synced(&self.sessions, &grants);
             }
             Frame::EndpointOpen(grant) => {
                 let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());

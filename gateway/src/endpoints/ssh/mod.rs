@@ -7,6 +7,7 @@ pub mod host_key;
 pub mod policy;
 pub mod relay;
 pub mod server;
+pub mod teardown;
 
 use super::LiveEndpoint;
 use crate::server::Gateway;

@@ -2,11 +2,15 @@
 //!
 //! The russh handler feeds every channel request here and sends the reply it gets back; what
 //! is accepted goes on to the agent. Refused: X11 and agent forwarding, environment beyond
-//! `TERM`/`LANG`, a second pty or program, subsystems other than sftp (and sftp unless the
-//! customer's scope allows it). Port forwarding is refused at the connection level (those are
+//! `TERM`/`LANG`, a second pty or program, subsystems other than sftp, and file transfer
+//! (the sftp subsystem, the scp/rsync/sftp-server execs of [`ssh_scope::check_start`])
+//! unless the customer's scope allows sftp. Port forwarding is refused at the connection level (those are
 //! global requests and channel types, not channel requests).
 
-use endpoint_types::ssh_stream::{PtyRequest, SshStart};
+use endpoint_types::{
+    ssh_scope,
+    ssh_stream::{PtyRequest, SshStart},
+};
 
 /// Environment variables a client may set; anything else could change how the upstream
 /// shell or its programs behave (`LD_PRELOAD`, `PATH`, `BASH_ENV`).
@@ -111,22 +115,21 @@ impl ChannelPolicy {
                 }
                 // Command lines are text; invalid bytes could not be audited faithfully.
                 match String::from_utf8(cmd) {
-                    // Legacy scp runs `scp -t|-f` through exec: file transfer, allowed only
-                    // where sftp is.
-                    Ok(c) if is_scp(&c) && !self.sftp_allowed => {
-                        Decision::Refuse("scp is not allowed on this resource")
-                    }
-                    Ok(c) => self.start(Some(c), None),
+                    // The servers of scp, rsync and sftp run through exec: file transfer,
+                    // allowed only where sftp is (the agent applies the same check).
+                    Ok(c) => match ssh_scope::check_start(Some(&c), None, self.sftp_allowed) {
+                        Ok(()) => self.start(Some(c), None),
+                        Err(why) => Decision::Refuse(why),
+                    },
                     Err(_) => Decision::Refuse("command line is not UTF-8"),
                 }
             }
-            Request::Subsystem(name) if name == "sftp" && self.sftp_allowed => {
-                self.start(None, Some(name))
+            Request::Subsystem(name) => {
+                match ssh_scope::check_start(None, Some(&name), self.sftp_allowed) {
+                    Ok(()) => self.start(None, Some(name)),
+                    Err(why) => Decision::Refuse(why),
+                }
             }
-            Request::Subsystem(name) if name == "sftp" => {
-                Decision::Refuse("sftp is not allowed on this resource")
-            }
-            Request::Subsystem(_) => Decision::Refuse("unknown subsystem"),
             Request::WindowChange { .. } if self.pty.is_none() => Decision::Refuse("no pty"),
             r @ (Request::WindowChange { .. } | Request::Signal(_)) => {
                 if let Request::WindowChange { cols, rows, .. } = &r {
@@ -153,13 +156,6 @@ impl ChannelPolicy {
             env: self.env.clone(),
         })
     }
-}
-
-/// A command line that runs scp's remote end.
-fn is_scp(cmd: &str) -> bool {
-    cmd.split_whitespace()
-        .next()
-        .is_some_and(|w| w == "scp" || w.ends_with("/scp"))
 }
 
 #[cfg(test)]
@@ -260,6 +256,18 @@ mod tests {
                 false,
                 vec![Request::Exec(b"/usr/bin/scp -f x".to_vec())],
                 Refuse("scp is not allowed on this resource"),
+            ),
+            (
+                false,
+                vec![Request::Exec(
+                    b"rsync --server -logDtpre.iLsfxCIvu . /tmp".to_vec(),
+                )],
+                Refuse("rsync is not allowed on this resource"),
+            ),
+            (
+                false,
+                vec![Request::Exec(b"/usr/lib/openssh/sftp-server".to_vec())],
+                Refuse("running an sftp server is not allowed on this resource"),
             ),
             (
                 true,

@@ -4,7 +4,7 @@
 //! opens the data stream, sends [`SshFrame::Start`], waits for the agent's
 //! [`SshFrame::Ready`], then relays both ways: client input, window changes, signals and EOF
 //! up; output, stderr, EOF and exit status down. What the terminal shows (and what is typed,
-//! if the customer asks for it) goes into an asciicast recording stored in the vendor trail
+//! if the customer asks for it; an exec's input always) goes into an asciicast recording stored in the vendor trail
 //! as `ssh.recording`; an exec's command line and exit status go in as `ssh.exec`.
 
 use super::policy::Request;
@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use endpoint_types::{
     asciicast::{Header, Recorder},
     resource::CloseReason,
+    ssh_scope,
     ssh_stream::{self, ExitSignal, SshFrame, SshReady, SshStart},
     ApiError,
 };
@@ -219,10 +220,13 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
                 f(&mut r, started.elapsed());
             }
         };
+        // An exec's stdin is recorded whatever `record_input` says; keystrokes under a pty only
+        // where the customer asks.
+        let record_input = ssh_scope::records_input(start.pty.is_some(), ready.record_input);
         let up = async {
             if !early.is_empty() {
                 let data = early.split().freeze();
-                if ready.record_input {
+                if record_input {
                     record(&|r, at| r.input(at, &data));
                 }
                 up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -235,7 +239,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
                 tokio::select! {
                     m = reader.wait() => match m {
                         Some(ChannelMsg::Data { data }) => {
-                            if ready.record_input {
+                            if record_input {
                                 record(&|r, at| r.input(at, &data));
                             }
                             up_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -390,7 +394,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
                 "login": login,
                 "upstream_user": ready.user,
                 "command": start.command,
-                "input_recorded": ready.record_input,
+                "input_recorded": ssh_scope::records_input(start.pty.is_some(), ready.record_input),
                 "truncated": recording.truncated,
                 "output_bytes": recording.output_bytes,
                 "input_bytes": recording.input_bytes,
