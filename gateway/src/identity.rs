@@ -65,6 +65,14 @@ impl Caller {
     pub fn sees_customer(&self, customer: &str) -> bool {
         self.require_customer(customer).is_ok()
     }
+
+    /// The one customer this caller sees, if bound to one (so lists can filter in the store).
+    pub fn customer_scope(&self) -> Option<&str> {
+        match (&self.role, &self.customer) {
+            (Role::Approver, Some(c)) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -155,6 +163,27 @@ pub async fn authenticate(store: &Store, bearer: Option<&str>) -> Result<Caller,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_bound_approver_has_a_customer_scope_and_it_agrees_with_sees_customer() {
+        let caller = |role, customer: Option<&str>| Caller {
+            token_id: "tok".into(),
+            name: "x".into(),
+            role,
+            customer: customer.map(Into::into),
+        };
+        let bound = caller(Role::Approver, Some("acme"));
+        assert_eq!(bound.customer_scope(), Some("acme"));
+        assert!(bound.sees_customer("acme") && !bound.sees_customer("globex"));
+        for unbound in [
+            caller(Role::Admin, None),
+            caller(Role::Operator, None),
+            caller(Role::Approver, None),
+        ] {
+            assert_eq!(unbound.customer_scope(), None);
+            assert!(unbound.sees_customer("acme") && unbound.sees_customer("globex"));
+        }
+    }
 
     #[tokio::test]
     async fn minted_token_authenticates_and_others_do_not() {

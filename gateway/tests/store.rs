@@ -90,6 +90,7 @@ on_both_backends!(
     audit_appends_from_two_replicas_form_one_chain,
     state_survives_reopen,
     audit_pages_filter_in_the_store,
+    endpoints_are_listed_with_their_owner_in_one_query,
 );
 
 fn ts(ms: i64) -> Timestamp {
@@ -1091,5 +1092,96 @@ async fn audit_pages_filter_in_the_store(db: Db) {
             n + 1
         );
     }
+    s.close().await;
+}
+
+/// `endpoints::list` reads endpoints with their appliance's app and customer in one join
+/// (it made one appliance query per endpoint before); an approver's list filters in SQL.
+async fn endpoints_are_listed_with_their_owner_in_one_query(db: Db) {
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    s.insert_appliance(&appliance("ap_2", "crm", "globex", T0 + 1))
+        .await
+        .unwrap();
+    s.insert_appliance(&appliance("ap_3", "shop", "initech", T0 + 2))
+        .await
+        .unwrap();
+    assert!(s.list_endpoints_with_owner(None).await.unwrap().is_empty());
+    // Inserted out of creation order: the list is oldest first whatever the insert order.
+    for (id, ap, state, at) in [
+        ("ep_c", "ap_1", EndpointState::Active, T0 + 30),
+        ("ep_a", "ap_2", EndpointState::PendingApproval, T0 + 10),
+        ("ep_b", "ap_1", EndpointState::Active, T0 + 20),
+        ("ep_d", "ap_2", EndpointState::Active, T0 + 40),
+    ] {
+        s.insert_endpoint(&endpoint(id, ap, state, Some("gr_1"), at))
+            .await
+            .unwrap();
+    }
+    assert!(s
+        .end_endpoint("ep_d", EndpointState::Retired, ts(T0 + 50))
+        .await
+        .unwrap());
+    s.count_session("ep_b").await.unwrap();
+
+    let all = s.list_endpoints_with_owner(None).await.unwrap();
+    let seen: Vec<(&str, &str, &str, &str)> = all
+        .iter()
+        .map(|r| {
+            (
+                r.endpoint.id.as_str(),
+                r.endpoint.appliance_id.as_str(),
+                r.app.as_str(),
+                r.customer.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("ep_a", "ap_2", "crm", "globex"),
+            ("ep_b", "ap_1", "shop", "acme"),
+            ("ep_c", "ap_1", "shop", "acme"),
+            ("ep_d", "ap_2", "crm", "globex"),
+        ]
+    );
+    // Every endpoint column reads back as `get_endpoint` reads it.
+    for r in &all {
+        let one = s.get_endpoint(&r.endpoint.id).await.unwrap().unwrap();
+        assert_eq!(format!("{:?}", r.endpoint), format!("{one:?}"));
+    }
+    let d = &all[3].endpoint;
+    assert_eq!(
+        (d.state, d.ended_at, d.created_at),
+        (EndpointState::Retired, Some(ts(T0 + 50)), ts(T0 + 40))
+    );
+    assert_eq!(all[1].endpoint.sessions_total, 1);
+    assert!(
+        matches!(&all[0].endpoint.credential, Some(ClientCredential::Postgres { scram_verifier }) if scram_verifier.starts_with("SCRAM-SHA-256$"))
+    );
+
+    let ids = |rows: Vec<gateway::store::EndpointWithOwner>| {
+        rows.into_iter().map(|r| r.endpoint.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(s.list_endpoints_with_owner(Some("acme")).await.unwrap()),
+        ["ep_b", "ep_c"]
+    );
+    assert_eq!(
+        ids(s.list_endpoints_with_owner(Some("globex")).await.unwrap()),
+        ["ep_a", "ep_d"]
+    );
+    assert!(s
+        .list_endpoints_with_owner(Some("initech"))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .list_endpoints_with_owner(Some("nobody"))
+        .await
+        .unwrap()
+        .is_empty());
     s.close().await;
 }

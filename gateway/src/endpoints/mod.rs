@@ -3,12 +3,16 @@
 //! One [`LiveEndpoint`] per active endpoint holds a cancellation token; every session of the
 //! endpoint selects on it, so retire, expiry and revocation cut all sessions at once.
 
+pub mod credential;
 pub mod front_ends;
 pub mod kube;
 pub mod postgres;
+mod registry;
 pub mod session;
 pub mod ssh;
 mod tcp;
+
+pub use registry::{CredentialTaken, EndpointRegistry, LiveEndpoint};
 
 use crate::{
     audit::Subject,
@@ -25,47 +29,9 @@ use endpoint_types::{
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::Duration,
-};
-use tokio_util::sync::CancellationToken;
-
-#[derive(Debug)]
-pub struct LiveEndpoint {
-    pub id: String,
-    pub endpoint_type: EndpointType,
-    pub appliance_id: String,
-    pub resource_id: String,
-    pub operator: String,
-    pub expires_at: Timestamp,
-    pub grant_id: Option<String>,
-    /// The public half of the client credential; the front ends match clients against it.
-    pub credential: Option<ClientCredential>,
-    pub cancel: CancellationToken,
-    pub live_sessions: AtomicU64,
-    end_reason: Mutex<Option<CloseReason>>,
-}
+use std::{sync::Arc, time::Duration};
 
 impl LiveEndpoint {
-    pub fn end_reason(&self) -> CloseReason {
-        self.end_reason
-            .lock()
-            .map(|r| r.unwrap_or(CloseReason::Interrupted))
-            .unwrap_or(CloseReason::Interrupted)
-    }
-
-    fn end(&self, reason: CloseReason) {
-        if let Ok(mut r) = self.end_reason.lock() {
-            r.get_or_insert(reason);
-        }
-        self.cancel.cancel();
-    }
-
     /// The customer's scope for the resource as the connected agent last reported it (None
     /// while the appliance is offline: then nothing can reach it anyway).
     pub fn scope(&self, gw: &Gateway) -> Option<ResourceScope> {
@@ -82,48 +48,6 @@ impl LiveEndpoint {
             resource_id: self.resource_id.clone(),
             expires_at: self.expires_at,
             grant_id: self.grant_id.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct EndpointRegistry {
-    live: Mutex<HashMap<String, Arc<LiveEndpoint>>>,
-}
-
-impl EndpointRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<LiveEndpoint>>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<LiveEndpoint>> {
-        self.lock().get(id).cloned()
-    }
-
-    fn insert(&self, ep: Arc<LiveEndpoint>) {
-        self.lock().insert(ep.id.clone(), ep);
-    }
-
-    fn remove(&self, id: &str) -> Option<Arc<LiveEndpoint>> {
-        self.lock().remove(id)
-    }
-
-    /// The first active endpoint matching `pred` (front ends: the one a credential belongs to).
-    pub fn find(&self, pred: impl Fn(&LiveEndpoint) -> bool) -> Option<Arc<LiveEndpoint>> {
-        self.lock().values().find(|ep| pred(ep)).cloned()
-    }
-
-    pub fn live_sessions(&self, id: &str) -> u64 {
-        self.get(id)
-            .map(|e| e.live_sessions.load(Ordering::Relaxed))
-            .unwrap_or(0)
-    }
-
-    /// Gateway shutdown: sessions end with reason `interrupted`; endpoints stay active in the
-    /// store and come back on the next start.
-    pub fn cut_all_for_shutdown(&self) {
-        for ep in self.lock().values() {
-            ep.end(CloseReason::Interrupted);
         }
     }
 }
@@ -153,9 +77,17 @@ pub async fn record_for(
     caller: &Caller,
     row: EndpointRow,
 ) -> Result<EndpointRecord, ApiError> {
-    let creator = row.created_by == caller.actor();
-    let mut rec = record(gw, row).await?;
-    if creator && rec.state == EndpointState::Active {
+    let rec = record(gw, row).await?;
+    with_access(gw, caller, rec)
+}
+
+/// Adds what the creator of an active endpoint needs to connect.
+fn with_access(
+    gw: &Gateway,
+    caller: &Caller,
+    mut rec: EndpointRecord,
+) -> Result<EndpointRecord, ApiError> {
+    if rec.created_by == caller.actor() && rec.state == EndpointState::Active {
         if let Some(ep) = gw.endpoints.get(&rec.id) {
             rec.access = match ep.endpoint_type {
                 EndpointType::Tcp => Some(tcp::access(gw, &ep, rec.address.as_deref())?),
@@ -184,18 +116,36 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         .await
         .map_err(internal)?
         .ok_or_else(|| ApiError::internal(format!("endpoint {} has no appliance", row.id)))?;
-    let state = state_at(&row, Timestamp::now());
+    let sessions = gw.endpoints.live_sessions(&row.id);
+    Ok(record_of(
+        row,
+        appliance.app,
+        appliance.customer,
+        sessions,
+        Timestamp::now(),
+    ))
+}
+
+/// The record of a stored endpoint of `app` for `customer` with `sessions` live at `now`.
+fn record_of(
+    row: EndpointRow,
+    app: String,
+    customer: String,
+    sessions: u64,
+    now: Timestamp,
+) -> EndpointRecord {
+    let state = state_at(&row, now);
     let active = state == EndpointState::Active;
-    Ok(EndpointRecord {
-        sessions: gw.endpoints.live_sessions(&row.id),
+    EndpointRecord {
+        sessions,
         sessions_total: row.sessions_total,
         address: if active { row.address } else { None },
         id: row.id,
         endpoint_type: row.endpoint_type,
         state,
         appliance_id: row.appliance_id,
-        app: appliance.app,
-        customer: appliance.customer,
+        app,
+        customer,
         origin_resource_id: row.resource_id,
         created_by: row.created_by,
         created_at: row.created_at,
@@ -209,7 +159,7 @@ pub async fn record(gw: &Gateway, row: EndpointRow) -> Result<EndpointRecord, Ap
         ssh_config: None,
         connect_command: None,
         tcp_credential: None,
-    })
+    }
 }
 
 /// The endpoint, if the caller may see it.
@@ -224,11 +174,18 @@ pub async fn get(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointReco
         .store
         .get_appliance(&row.appliance_id)
         .await
-        .map_err(internal)?;
-    if !appliance.is_some_and(|a| caller.sees_customer(&a.customer)) {
-        return Err(not_found(id));
-    }
-    record_for(gw, caller, row).await
+        .map_err(internal)?
+        .filter(|a| caller.sees_customer(&a.customer))
+        .ok_or_else(|| not_found(id))?;
+    let sessions = gw.endpoints.live_sessions(&row.id);
+    let rec = record_of(
+        row,
+        appliance.app,
+        appliance.customer,
+        sessions,
+        Timestamp::now(),
+    );
+    with_access(gw, caller, rec)
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -236,15 +193,22 @@ fn not_found(id: &str) -> ApiError {
         .hint("`postern ops endpoint list` shows the endpoints you can see")
 }
 
+/// Every endpoint the caller may see, oldest first: one query, however many there are.
 pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<EndpointRecord>, ApiError> {
-    let mut out = Vec::new();
-    for row in gw.store.list_endpoints().await.map_err(internal)? {
-        let rec = record(gw, row).await?;
-        if caller.sees_customer(&rec.customer) {
-            out.push(rec);
-        }
-    }
-    Ok(out)
+    let now = Timestamp::now();
+    let rows = gw
+        .store
+        .list_endpoints_with_owner(caller.customer_scope())
+        .await
+        .map_err(internal)?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| caller.sees_customer(&r.customer))
+        .map(|r| {
+            let sessions = gw.endpoints.live_sessions(&r.endpoint.id);
+            record_of(r.endpoint, r.app, r.customer, sessions, now)
+        })
+        .collect())
 }
 
 pub fn validate_ttl(ttl: Duration) -> Result<(), ApiError> {
@@ -334,6 +298,7 @@ pub async fn create(
         EndpointType::Postgres => postgres::validate(req.credential.as_ref())?,
         EndpointType::Ssh => ssh::validate(req.credential.as_ref())?,
     }
+    credential_is_free(gw, req.endpoint_type, req.credential.as_ref())?;
 
     let now = crate::store::now();
     let grant = crate::grants::require_operate(gw, &appliance, now).await?;
@@ -402,6 +367,25 @@ pub async fn create(
         }))
         .await;
     record_for(gw, caller, row).await
+}
+
+/// Every endpoint has its own client credential: one that already opens a live endpoint would
+/// make the front ends choose between two. (A postgres endpoint is found by its new id, which
+/// is always free.)
+fn credential_is_free(
+    gw: &Gateway,
+    t: EndpointType,
+    cred: Option<&ClientCredential>,
+) -> Result<(), ApiError> {
+    let key = cred.and_then(|c| credential::ParsedCredential::parse("", t, c).ok());
+    if key.is_some_and(|p| gw.endpoints.by_credential(&p.key).is_some()) {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "this client credential already belongs to a live endpoint",
+        )
+        .hint("every endpoint needs its own key: create it with the postern CLI, which makes a new one each time"));
+    }
+    Ok(())
 }
 
 /// Where an endpoint's clients connect: its own listener (tcp), or its type's shared front end.
@@ -576,20 +560,12 @@ fn activate(
     row: &EndpointRow,
     listener: Option<std::net::TcpListener>,
 ) -> Arc<LiveEndpoint> {
-    let ep = Arc::new(LiveEndpoint {
-        id: row.id.clone(),
-        endpoint_type: row.endpoint_type,
-        appliance_id: row.appliance_id.clone(),
-        resource_id: row.resource_id.clone(),
-        operator: row.created_by.clone(),
-        expires_at: row.expires_at,
-        grant_id: row.grant_id.clone(),
-        credential: row.credential.clone(),
-        cancel: gw.shutdown.child_token(),
-        live_sessions: AtomicU64::new(0),
-        end_reason: Mutex::new(None),
-    });
-    gw.endpoints.insert(ep.clone());
+    let ep = Arc::new(LiveEndpoint::new(row, gw.shutdown.child_token()));
+    if let Err(e) = gw.endpoints.insert(ep.clone()) {
+        // Only reachable by a race of two creates with one key, or rows stored before keys
+        // were checked: the newcomer stays unreachable rather than shared.
+        tracing::error!(endpoint = %row.id, error = %e, "endpoint has no client credential of its own: no client can connect");
+    }
     if let Some(listener) = listener {
         gw.tasks
             .spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
@@ -636,7 +612,7 @@ pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -
         }
     }
     let ep = gw.endpoints.remove(id)?;
-    let cut = ep.live_sessions.load(Ordering::Relaxed);
+    let cut = ep.live_sessions.load(std::sync::atomic::Ordering::Relaxed);
     ep.end(reason);
     gw.agents.send(
         &ep.appliance_id,
@@ -804,4 +780,66 @@ pub async fn restore(gw: &Arc<Gateway>) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: EndpointState, expires_at: Timestamp) -> EndpointRow {
+        EndpointRow {
+            id: "ep_1".into(),
+            endpoint_type: EndpointType::Postgres,
+            appliance_id: "ap_1".into(),
+            resource_id: "db-main".into(),
+            state,
+            created_by: "bob".into(),
+            created_at: Timestamp::UNIX_EPOCH,
+            expires_at,
+            ended_at: None,
+            address: Some("127.0.0.1:5432".into()),
+            sessions_total: 7,
+            grant_id: Some("gr_1".into()),
+            credential: None,
+        }
+    }
+
+    #[test]
+    fn a_record_carries_its_owner_and_shows_the_address_only_while_active() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        let later = Timestamp::from_second(2_000).unwrap();
+        let rec = record_of(
+            row(EndpointState::Active, later),
+            "shop".into(),
+            "acme".into(),
+            2,
+            now,
+        );
+        assert_eq!(
+            (rec.app.as_str(), rec.customer.as_str(), rec.state),
+            ("shop", "acme", EndpointState::Active)
+        );
+        assert_eq!((rec.sessions, rec.sessions_total), (2, 7));
+        assert_eq!(rec.origin_resource_id, "db-main");
+        assert_eq!(rec.address.as_deref(), Some("127.0.0.1:5432"));
+        assert!(rec.access.is_none(), "access is the creator's, added apart");
+
+        // Past its expiry it is expired, even before the timer has recorded it so.
+        let rec = record_of(
+            row(EndpointState::Active, now),
+            "shop".into(),
+            "acme".into(),
+            0,
+            now,
+        );
+        assert_eq!((rec.state, rec.address), (EndpointState::Expired, None));
+        let rec = record_of(
+            row(EndpointState::Retired, later),
+            "shop".into(),
+            "acme".into(),
+            0,
+            now,
+        );
+        assert_eq!((rec.state, rec.address), (EndpointState::Retired, None));
+    }
 }

@@ -6,6 +6,7 @@
 //! `denied`; the agent never hears of it.
 
 use super::{
+    credential::CredentialKey,
     session::{
         agent_reason_read, agent_reason_write, closed, cut_stream, deny, new_session_id,
         open_stream, opened, DataStream, SessionSlot,
@@ -16,7 +17,7 @@ use crate::server::Gateway;
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess, EndpointState},
-    resource::CloseReason,
+    resource::{CloseReason, EndpointType},
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
@@ -185,16 +186,14 @@ async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(
             "TLS client presented no certificate".into(),
         ));
     };
-    let own = match &ep.credential {
-        Some(ClientCredential::Tcp { csr_pem }) => certs::csr_spki(csr_pem).ok(),
-        _ => None,
-    };
-    let presented = certs::cert_spki(cert).ok();
-    if own.is_some() && own == presented {
-        if ep.cancel.is_cancelled()
-            || Timestamp::now() >= ep.expires_at
-            || gw.endpoints.get(&ep.id).is_none()
-        {
+    let presented = CredentialKey::of_certificate(EndpointType::Tcp, cert);
+    let holder = presented
+        .as_ref()
+        .and_then(|k| gw.endpoints.by_credential(k));
+    if presented.is_some() && presented.as_ref() == ep.credential_key() {
+        // Out of the index once it ended (or never in it, if another endpoint held the key).
+        let indexed = holder.is_some_and(|h| std::ptr::eq(Arc::as_ptr(&h), ep));
+        if ep.cancel.is_cancelled() || Timestamp::now() >= ep.expires_at || !indexed {
             let code =
                 if ep.end_reason() == CloseReason::Expired || Timestamp::now() >= ep.expires_at {
                     ErrorCode::EndpointExpired
@@ -204,6 +203,15 @@ async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(
             return Err(refused(code, format!("endpoint {} has ended", ep.id)));
         }
         return Ok(());
+    }
+    if let Some(other) = holder {
+        return Err(refused(
+            ErrorCode::Unauthenticated,
+            format!(
+                "certificate of endpoint {}, not of endpoint {}",
+                other.id, ep.id
+            ),
+        ));
     }
     let named = certs::cert_common_name(cert)
         .ok()

@@ -5,9 +5,11 @@
 //! set-up, how a transaction takes the write lock) branch on [`Backend`].
 
 mod control;
+mod endpoint_list;
 mod spine;
 
 pub use control::{GrantChange, GrantRow, OpRow};
+pub use endpoint_list::EndpointWithOwner;
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };

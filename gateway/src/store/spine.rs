@@ -222,7 +222,7 @@ async fn last_audit<'e>(
         .transpose()
 }
 
-const ENDPOINT_COLS: &str =
+pub(super) const ENDPOINT_COLS: &str =
     "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential";
 
 impl Store {
@@ -493,7 +493,7 @@ impl Store {
         Ok(())
     }
 
-    fn endpoint_from(r: AnyRow) -> StoreResult<EndpointRow> {
+    pub(super) fn endpoint_from(r: AnyRow) -> StoreResult<EndpointRow> {
         let t: String = r.try_get("endpoint_type")?;
         let s: String = r.try_get("state")?;
         Ok(EndpointRow {

@@ -12,12 +12,12 @@ mod op_records;
 
 pub use op_records::on_op_record;
 
-use super::{session::SessionSlot, LiveEndpoint};
+use super::{credential::CredentialKey, session::SessionSlot, LiveEndpoint};
 use crate::server::Gateway;
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess},
     kube_request::KubeScope,
-    resource::ResourceScope,
+    resource::{EndpointType, ResourceScope},
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
@@ -125,13 +125,12 @@ async fn connection(
         }
         Err(_) => return tracing::debug!(%client, "kube front end: TLS handshake timed out"),
     };
-    let spki = stream
+    let ep = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| certs::cert_spki(c).ok());
-    let ep = spki.as_deref().and_then(|k| endpoint_of(&gw, k));
+        .and_then(|c| endpoint_of(&gw, c));
     let Some(ep) = ep else {
         tracing::info!(%client, "kube front end: certificate of no live endpoint");
         return forward::refuse_all(stream, forward::Refusal::Unauthenticated).await;
@@ -169,14 +168,10 @@ async fn connection(
     forward::serve_connection(gw, ep, scope, stream, client, slot).await;
 }
 
-/// The live kubectl endpoint whose CSR carried this public key.
-fn endpoint_of(gw: &Gateway, spki: &[u8]) -> Option<Arc<LiveEndpoint>> {
-    gw.endpoints.find(|ep| match &ep.credential {
-        Some(ClientCredential::Kubectl { csr_pem }) => {
-            certs::csr_spki(csr_pem).is_ok_and(|k| k == spki)
-        }
-        _ => false,
-    })
+/// The live kubectl endpoint whose CSR carried the public key of this (verified) certificate.
+fn endpoint_of(gw: &Gateway, cert_der: &[u8]) -> Option<Arc<LiveEndpoint>> {
+    let key = CredentialKey::of_certificate(EndpointType::Kubectl, cert_der)?;
+    gw.endpoints.by_credential(&key)
 }
 
 /// Whether the endpoint still admits requests (looked up on every request).

@@ -6,6 +6,7 @@ use super::{database_of, CancelTarget, Front};
 use crate::{
     audit::Subject,
     endpoints::{
+        credential::CredentialKey,
         session::{self as shared, DataStream, SessionSlot},
         LiveEndpoint,
     },
@@ -13,7 +14,7 @@ use crate::{
 };
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
-    api::{ClientCredential, EndpointState},
+    api::EndpointState,
     pgwire::{self, sqlstate, CancelKey, FrontendScan, PgError, Startup},
     resource::{CloseReason, EndpointType},
     ApiError, ErrorCode,
@@ -160,8 +161,7 @@ async fn handshake(
         .unwrap_or_default();
     match gw
         .endpoints
-        .get(&user)
-        .filter(|ep| ep.endpoint_type == EndpointType::Postgres)
+        .by_credential(&CredentialKey::of_postgres_user(&user))
     {
         Some(ep) => Some(Hello::Session(Box::new(tls), ep, params, buf)),
         None => {
@@ -252,23 +252,14 @@ async fn authenticate(
     params: Vec<(String, String)>,
     mut buf: BytesMut,
 ) -> Option<(Box<Tls>, Authenticated, Policy)> {
-    let Some(ClientCredential::Postgres { scram_verifier }) = &ep.credential else {
+    // Parsed when the endpoint went live; an endpoint without a usable verifier is not
+    // found by its user name at all, so this is only a guard.
+    let Some(verifier) = ep.scram_verifier().cloned() else {
         send_error(
             &mut tls,
             &PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION,
-                "the endpoint has no credential",
-            ),
-        )
-        .await;
-        return None;
-    };
-    let Ok(verifier) = certs::scram::Verifier::parse(scram_verifier) else {
-        send_error(
-            &mut tls,
-            &PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                "the endpoint's credential is unusable",
+                "the endpoint has no usable credential",
             ),
         )
         .await;

@@ -201,10 +201,21 @@ mod tests {
             scram_verifier: "x".into()
         }))
         .is_err());
-        assert!(server::same_key(&line, key.public_key()));
-        assert!(!server::same_key(
-            &line,
-            host_key::generate("y").unwrap().public_key()
-        ));
+        // The key an engineer offers finds the endpoint whose line it is, and no other's.
+        use crate::endpoints::credential::{CredentialKey, ParsedCredential};
+        let parsed = ParsedCredential::parse(
+            "ep_x",
+            endpoint_types::resource::EndpointType::Ssh,
+            &ClientCredential::Ssh { public_key: line },
+        )
+        .unwrap();
+        assert_eq!(
+            CredentialKey::of_ssh_key(key.public_key()),
+            Some(parsed.key.clone())
+        );
+        assert_ne!(
+            CredentialKey::of_ssh_key(host_key::generate("y").unwrap().public_key()),
+            Some(parsed.key)
+        );
     }
 }

@@ -8,8 +8,12 @@ use super::{
     policy::{ChannelPolicy, Decision, Request},
     relay::{self, Control},
 };
-use crate::{audit::Subject, endpoints::LiveEndpoint, server::Gateway};
-use endpoint_types::{api::ClientCredential, resource::EndpointType, ssh_stream::PtyRequest};
+use crate::{
+    audit::Subject,
+    endpoints::{credential::CredentialKey, LiveEndpoint},
+    server::Gateway,
+};
+use endpoint_types::ssh_stream::PtyRequest;
 use russh::{
     keys::PublicKey,
     server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey},
@@ -119,23 +123,14 @@ fn request_name(r: &Request) -> &'static str {
     }
 }
 
-/// The live SSH endpoint whose client key this is, if any. Checked again on every use: a
-/// retired or expired endpoint is out of the registry (and cancelled) at once.
+/// The live SSH endpoint whose client key this is, if any (by its fingerprint: the comment
+/// does not count). Checked again on every use: a retired or expired endpoint is out of the
+/// registry (and cancelled) at once.
 pub fn endpoint_for_key(gw: &Gateway, key: &PublicKey) -> Option<Arc<LiveEndpoint>> {
     let now = jiff::Timestamp::now();
-    gw.endpoints.find(|ep: &LiveEndpoint| {
-        ep.endpoint_type == EndpointType::Ssh
-            && !ep.cancel.is_cancelled()
-            && ep.expires_at > now
-            && matches!(&ep.credential, Some(ClientCredential::Ssh { public_key }) if same_key(public_key, key))
-    })
-}
-
-/// Same key material (the comment does not count).
-pub fn same_key(line: &str, key: &PublicKey) -> bool {
-    PublicKey::from_openssh(line.trim())
-        .map(|k| k.key_data() == key.key_data())
-        .unwrap_or(false)
+    gw.endpoints
+        .by_credential(&CredentialKey::of_ssh_key(key)?)
+        .filter(|ep| !ep.cancel.is_cancelled() && ep.expires_at > now)
 }
 
 pub fn sig_name(s: &Sig) -> String {
