@@ -298,7 +298,7 @@ pub async fn create(
         EndpointType::Postgres => postgres::validate(req.credential.as_ref())?,
         EndpointType::Ssh => ssh::validate(req.credential.as_ref())?,
     }
-    credential_is_free(gw, req.endpoint_type, req.credential.as_ref())?;
+    credential_is_free(&gw.endpoints, req.endpoint_type, req.credential.as_ref())?;
 
     let now = crate::store::now();
     let grant = crate::grants::require_operate(gw, &appliance, now).await?;
@@ -373,12 +373,12 @@ pub async fn create(
 /// make the front ends choose between two. (A postgres endpoint is found by its new id, which
 /// is always free.)
 fn credential_is_free(
-    gw: &Gateway,
+    live: &EndpointRegistry,
     t: EndpointType,
     cred: Option<&ClientCredential>,
 ) -> Result<(), ApiError> {
     let key = cred.and_then(|c| credential::ParsedCredential::parse("", t, c).ok());
-    if key.is_some_and(|p| gw.endpoints.by_credential(&p.key).is_some()) {
+    if key.is_some_and(|p| live.by_credential(&p.key).is_some()) {
         return Err(ApiError::new(
             ErrorCode::Conflict,
             "this client credential already belongs to a live endpoint",
@@ -841,5 +841,50 @@ mod tests {
             now,
         );
         assert_eq!((rec.state, rec.address), (EndpointState::Retired, None));
+    }
+
+    #[test]
+    fn a_credential_that_opens_a_live_endpoint_is_refused_for_another() {
+        use credential::test_credentials;
+        let live = EndpointRegistry::default();
+        let (kube, _) = test_credentials::csr(EndpointType::Kubectl);
+        let (ssh, _) = test_credentials::ssh();
+        let pg = test_credentials::postgres();
+        for (t, cred) in [
+            (EndpointType::Kubectl, &kube),
+            (EndpointType::Ssh, &ssh),
+            (EndpointType::Postgres, &pg),
+        ] {
+            assert!(credential_is_free(&live, t, Some(cred)).is_ok());
+            let mut r = row(EndpointState::Active, Timestamp::MAX);
+            r.id = format!("ep_{t}");
+            r.endpoint_type = t;
+            r.credential = Some(cred.clone());
+            let ep = Arc::new(LiveEndpoint::new(
+                &r,
+                tokio_util::sync::CancellationToken::new(),
+            ));
+            live.insert(ep).unwrap();
+        }
+        for (t, cred) in [(EndpointType::Kubectl, &kube), (EndpointType::Ssh, &ssh)] {
+            let err = credential_is_free(&live, t, Some(cred)).unwrap_err();
+            assert_eq!(err.code, ErrorCode::Conflict, "{t}");
+            assert!(err.hint.contains("own key"), "{}", err.hint);
+        }
+        // A postgres endpoint is found by its own new id: its verifier may repeat.
+        assert!(credential_is_free(&live, EndpointType::Postgres, Some(&pg)).is_ok());
+        // The same key for another type is another credential.
+        let ClientCredential::Kubectl { csr_pem } = &kube else {
+            panic!("a kubectl credential")
+        };
+        let as_tcp = ClientCredential::Tcp {
+            csr_pem: csr_pem.clone(),
+        };
+        assert!(credential_is_free(&live, EndpointType::Tcp, Some(&as_tcp)).is_ok());
+        // Once it ended, the key is free again.
+        live.remove("ep_kubectl");
+        assert!(credential_is_free(&live, EndpointType::Kubectl, Some(&kube)).is_ok());
+        // Nothing to check without a credential (create refused that already).
+        assert!(credential_is_free(&live, EndpointType::Tcp, None).is_ok());
     }
 }
