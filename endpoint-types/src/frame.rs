@@ -113,6 +113,17 @@ pub enum Frame {
     Error(ApiError),
     /// Agent → gateway: what an ended SSH endpoint's teardown did on the VM.
     SshTeardown(crate::ssh_scope::SshTeardown),
+    /// Gateway → agent: a command the agent must not miss (grant sync, endpoint sync/open/close,
+    /// op dispatch, output release/destroy), numbered per connection from 1. The agent applies
+    /// `command` and then answers `CommandAck` with the same `seq`.
+    Command {
+        seq: u64,
+        command: Box<Frame>,
+    },
+    /// Agent → gateway: every command up to and including `seq` has been applied.
+    CommandAck {
+        seq: u64,
+    },
 }
 
 impl Frame {
@@ -143,6 +154,8 @@ impl Frame {
             Frame::EnrollResponse(_) => "enroll_response",
             Frame::Error(_) => "error",
             Frame::SshTeardown(_) => "ssh_teardown",
+            Frame::Command { .. } => "command",
+            Frame::CommandAck { .. } => "command_ack",
         }
     }
 }

@@ -5,7 +5,10 @@ use endpoint_types::{
     resource::{PolicySummary, ResourceDescriptor},
 };
 use jiff::Timestamp;
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 use tokio::sync::mpsc;
 
 /// QUIC close code for a connection dropped because a frame the agent must receive could not
@@ -23,6 +26,9 @@ pub struct AgentLink {
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
     pub connected_at: Timestamp,
+    /// Held while a grant set is read from the store and queued, so grant syncs reach the agent
+    /// in the order they were read and a stale set never overtakes a newer one.
+    pub grant_sync: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AgentLink {

@@ -352,6 +352,7 @@ impl Agent {
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
         let mut seq: u64 = 0;
         let mut last_rx = Instant::now();
+        let mut synced = false;
         // Ops write through this; a connection's ops answer on that connection only.
         let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
@@ -373,8 +374,20 @@ impl Agent {
                 frame = reader.next() => match frame {
                     Ok(Some(frame)) => {
                         last_rx = Instant::now();
+                        // A command is applied first and acknowledged after, so the gateway
+                        // knows it took effect (gateway/src/delivery.rs).
+                        let (seq, frame) = match frame {
+                            Frame::Command { seq, command } => (Some(seq), *command),
+                            other => (None, other),
+                        };
+                        synced |= matches!(frame, Frame::EndpointSync { .. });
                         if let Some(ended) = self.on_frame(frame, &mut send, lost_after, &op_tx).await {
                             return ended;
+                        }
+                        if let Some(seq) = seq {
+                            if let Err(e) = send_frame(&mut send, &Frame::CommandAck { seq }, lost_after).await {
+                                return Ended::lost(format!("cannot acknowledge a command: {e}"));
+                            }
                         }
                     }
                     Ok(None) => return Ended::lost("the gateway closed the control stream"),
@@ -396,7 +409,10 @@ impl Agent {
                     let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).expire_due(Timestamp::now());
                     self.audit_removed(&removed);
                 }
-                stream = conn.accept_bi() => match stream {
+                // No session is served on a connection before its full state (grants, then
+                // endpoints) has been applied: a revocation made while the agent was away or
+                // stopped takes effect before any stream the gateway opens.
+                stream = conn.accept_bi(), if synced => match stream {
                     Ok((s, r)) => {
                         let sessions = self.sessions.clone();
                         let conn = conn.clone();
