@@ -409,6 +409,31 @@ mod tests {
     }
 
     #[test]
+    fn a_command_carries_its_sequence_number_and_the_frame_it_wraps() {
+        let close = Frame::EndpointClose {
+            endpoint_id: "ep_1".into(),
+            reason: CloseReason::Revoked,
+        };
+        let cmd = Frame::Command {
+            seq: 3,
+            command: Box::new(close),
+        };
+        let v = serde_json::to_value(&cmd).unwrap();
+        assert_eq!(v["type"], "command");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["command"]["type"], "endpoint_close");
+        let mut buf = BytesMut::new();
+        encode(&cmd, &mut buf);
+        encode(&Frame::CommandAck { seq: 3 }, &mut buf);
+        let dec = FrameDecoder::default();
+        assert_eq!(dec.decode(&mut buf).unwrap(), Some(cmd));
+        assert_eq!(
+            dec.decode(&mut buf).unwrap(),
+            Some(Frame::CommandAck { seq: 3 })
+        );
+    }
+
+    #[test]
     fn incomplete_is_none_and_byte_at_a_time_works() {
         let bytes = encode_to_vec(&hello());
         let dec = FrameDecoder::default();
