@@ -455,6 +455,11 @@ fn a_burst_of_500_endpoint_changes_is_applied_at_the_agent_every_one_in_order() 
             );
         }
     }
+    eprintln!(
+        "{changes} changes; agent trail: {} opened, {} closed",
+        count_kind(&trail, "endpoint.opened"),
+        count_kind(&trail, "endpoint.closed")
+    );
     // All of it on the one connection: nothing was dropped and resent by a resync.
     assert_eq!(count_kind(&trail, "agent.connected"), connects_before);
     let verified = agent.verify_trail()?;

@@ -86,7 +86,8 @@ impl AgentRegistry {
     /// A frame that cannot be queued (the agent stopped reading and its queue is full) is never
     /// silently dropped: the connection is closed instead, so the agent reconnects and is sent
     /// its full state (grants, endpoints) again before anything else. Callers that get `false`
-    /// keep their record in the store, which is what the resync reads.
+    /// keep their record in the store, which is what the resync reads. Queued commands are
+    /// numbered and must be acknowledged in time (`crate::delivery`).
     pub fn send(&self, appliance_id: &str, frame: Frame) -> bool {
         let Some(link) = self.get(appliance_id) else {
             return false;
