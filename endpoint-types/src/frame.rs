@@ -113,6 +113,17 @@ pub enum Frame {
     Error(ApiError),
     /// Agent → gateway: what an ended SSH endpoint's teardown did on the VM.
     SshTeardown(crate::ssh_scope::SshTeardown),
+    /// Gateway → agent: a command the agent must not miss (grant sync, endpoint sync/open/close,
+    /// op dispatch, output release/destroy), numbered per connection from 1. The agent applies
+    /// `command` and then answers `CommandAck` with the same `seq`.
+    Command {
+        seq: u64,
+        command: Box<Frame>,
+    },
+    /// Agent → gateway: every command up to and including `seq` has been applied.
+    CommandAck {
+        seq: u64,
+    },
 }
 
 impl Frame {
@@ -143,6 +154,8 @@ impl Frame {
             Frame::EnrollResponse(_) => "enroll_response",
             Frame::Error(_) => "error",
             Frame::SshTeardown(_) => "ssh_teardown",
+            Frame::Command { .. } => "command",
+            Frame::CommandAck { .. } => "command_ack",
         }
     }
 }
@@ -393,6 +406,31 @@ mod tests {
         }
         // Raw bytes after the frames are left for the caller.
         assert_eq!(&buf[..], b"raw tail");
+    }
+
+    #[test]
+    fn a_command_carries_its_sequence_number_and_the_frame_it_wraps() {
+        let close = Frame::EndpointClose {
+            endpoint_id: "ep_1".into(),
+            reason: CloseReason::Revoked,
+        };
+        let cmd = Frame::Command {
+            seq: 3,
+            command: Box::new(close),
+        };
+        let v = serde_json::to_value(&cmd).unwrap();
+        assert_eq!(v["type"], "command");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["command"]["type"], "endpoint_close");
+        let mut buf = BytesMut::new();
+        encode(&cmd, &mut buf);
+        encode(&Frame::CommandAck { seq: 3 }, &mut buf);
+        let dec = FrameDecoder::default();
+        assert_eq!(dec.decode(&mut buf).unwrap(), Some(cmd));
+        assert_eq!(
+            dec.decode(&mut buf).unwrap(),
+            Some(Frame::CommandAck { seq: 3 })
+        );
     }
 
     #[test]

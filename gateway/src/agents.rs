@@ -5,7 +5,10 @@ use endpoint_types::{
     resource::{PolicySummary, ResourceDescriptor},
 };
 use jiff::Timestamp;
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 use tokio::sync::mpsc;
 
 /// QUIC close code for a connection dropped because a frame the agent must receive could not
@@ -23,6 +26,9 @@ pub struct AgentLink {
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
     pub connected_at: Timestamp,
+    /// Held while a grant set is read from the store and queued, so grant syncs reach the agent
+    /// in the order they were read and a stale set never overtakes a newer one.
+    pub grant_sync: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AgentLink {
@@ -80,7 +86,8 @@ impl AgentRegistry {
     /// A frame that cannot be queued (the agent stopped reading and its queue is full) is never
     /// silently dropped: the connection is closed instead, so the agent reconnects and is sent
     /// its full state (grants, endpoints) again before anything else. Callers that get `false`
-    /// keep their record in the store, which is what the resync reads.
+    /// keep their record in the store, which is what the resync reads. Queued commands are
+    /// numbered and must be acknowledged in time (`crate::delivery`).
     pub fn send(&self, appliance_id: &str, frame: Frame) -> bool {
         let Some(link) = self.get(appliance_id) else {
             return false;

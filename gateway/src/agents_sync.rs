@@ -34,7 +34,9 @@ pub async fn live_grants(gw: &Gateway, appliance_id: &str) -> Vec<LiveGrant> {
 
 /// Sends the full live grant set to the appliance's agent, if it is connected.
 pub async fn push_grants(gw: &Gateway, appliance_id: &str) {
-    if gw.agents.is_online(appliance_id) {
+    if let Some(link) = gw.agents.get(appliance_id) {
+        // Two changes in a row push two sets; the lock keeps the newer read queued last.
+        let _order = link.grant_sync.lock().await;
         let grants = live_grants(gw, appliance_id).await;
         gw.agents.send(appliance_id, Frame::GrantSync { grants });
     }

@@ -7,6 +7,7 @@ pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod endpoints;
 pub mod framed;
 pub mod grants;

@@ -4,6 +4,7 @@
 use crate::{
     agents::AgentLink,
     audit::Subject,
+    delivery::{Delivery, DeliveryError},
     endpoints,
     framed::{write_frame, write_frame_within, FramedError, FramedRecv},
     identity,
@@ -404,6 +405,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         resources: hello.resources.clone(),
         policy: hello.policy.clone(),
         connected_at: Timestamp::now(),
+        grant_sync: Default::default(),
     };
     if gw.agents.try_register(link).is_err() {
         let e = ApiError::new(
@@ -455,16 +457,28 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {
             // Grants first: the agent checks every endpoint against them.
+            // Full state first, as commands 1 and 2 (crate::delivery); deltas queued meanwhile
+            // follow it.
+            let mut delivery = Delivery::default();
+            let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
             let live = crate::agents_sync::live_grants(&gw, &appliance.id).await;
             let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
-            match write_frame(&mut send, &Frame::GrantSync { grants: live }).await {
-                Ok(()) => match write_frame(&mut send, &Frame::EndpointSync { endpoints }).await {
+            let grant_sync = delivery.outgoing(Frame::GrantSync { grants: live }, deadline);
+            let endpoint_sync = delivery.outgoing(Frame::EndpointSync { endpoints }, deadline);
+            match write_frame(&mut send, &grant_sync).await {
+                Ok(()) => match write_frame(&mut send, &endpoint_sync).await {
                     Ok(()) => {
                         // Approved ops that waited for the appliance go out after the hello.
                         let (gw2, id) = (gw.clone(), appliance.id.clone());
                         gw.tasks
                             .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
-                        control_loop(&gw, &conn, &appliance.id, send, framed, rx).await
+                        let control = Control {
+                            send,
+                            framed,
+                            outgoing: rx,
+                            delivery,
+                        };
+                        control_loop(&gw, &conn, &appliance.id, control).await
                     }
                     Err(e) => format!("control stream failed: {e}"),
                 },
@@ -498,14 +512,27 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
     tracing::info!(appliance = %appliance.id, %reason, "agent disconnected");
 }
 
+/// One connection's control stream: both directions, the queue of frames to send, and the
+/// delivery state of the commands among them.
+struct Control {
+    send: quinn::SendStream,
+    framed: FramedRecv,
+    outgoing: mpsc::Receiver<Frame>,
+    delivery: Delivery<tokio::time::Instant>,
+}
+
 async fn control_loop(
     gw: &Gateway,
     conn: &quinn::Connection,
     appliance_id: &str,
-    mut send: quinn::SendStream,
-    mut framed: FramedRecv,
-    mut outgoing: mpsc::Receiver<Frame>,
+    control: Control,
 ) -> String {
+    let Control {
+        mut send,
+        mut framed,
+        mut outgoing,
+        mut delivery,
+    } = control;
     let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = tokio::time::Instant::now();
@@ -533,6 +560,11 @@ async fn control_loop(
                         });
                     }
                     Ok(Some(Frame::HeartbeatAck { .. })) => {}
+                    Ok(Some(Frame::CommandAck { seq })) => {
+                        if let Err(e) = delivery.acked(seq) {
+                            return resync(conn, &e);
+                        }
+                    }
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
                     Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
@@ -563,11 +595,16 @@ async fn control_loop(
                 }
             }
             Some(frame) = outgoing.recv() => {
+                let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
+                let frame = delivery.outgoing(frame, deadline);
                 if let Err(e) = write_frame_within(&mut send, &frame, gw.limits.agent_lost_after).await {
                     return format!("control stream failed: {e}");
                 }
             }
             _ = heartbeat.tick() => {
+                if let Err(e) = delivery.check(tokio::time::Instant::now()) {
+                    return resync(conn, &e);
+                }
                 if last_rx.elapsed() > gw.limits.agent_lost_after {
                     conn.close(close::LOST.into(), b"heartbeat lost");
                     return "heartbeat lost".into();
@@ -579,4 +616,13 @@ async fn control_loop(
             }
         }
     }
+}
+
+/// Drops a connection whose command delivery failed; the agent reconnects and is sent its full
+/// state again.
+fn resync(conn: &quinn::Connection, e: &DeliveryError) -> String {
+    let reason = e.to_string();
+    tracing::warn!(remote = %conn.remote_address(), %reason, "dropping the agent connection so it resynchronises");
+    conn.close(close::RESYNC.into(), reason.as_bytes());
+    reason
 }

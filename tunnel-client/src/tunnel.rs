@@ -352,6 +352,7 @@ impl Agent {
         let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
         let mut seq: u64 = 0;
         let mut last_rx = Instant::now();
+        let mut synced = false;
         // Ops write through this; a connection's ops answer on that connection only.
         let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
@@ -373,8 +374,17 @@ impl Agent {
                 frame = reader.next() => match frame {
                     Ok(Some(frame)) => {
                         last_rx = Instant::now();
+                        // A command is applied first and acknowledged after, so the gateway
+                        // knows it took effect (gateway/src/delivery.rs).
+                        let (seq, frame) = split_command(frame);
+                        synced |= matches!(frame, Frame::EndpointSync { .. });
                         if let Some(ended) = self.on_frame(frame, &mut send, lost_after, &op_tx).await {
                             return ended;
+                        }
+                        if let Some(seq) = seq {
+                            if let Err(e) = send_frame(&mut send, &Frame::CommandAck { seq }, lost_after).await {
+                                return Ended::lost(format!("cannot acknowledge a command: {e}"));
+                            }
                         }
                     }
                     Ok(None) => return Ended::lost("the gateway closed the control stream"),
@@ -396,7 +406,10 @@ impl Agent {
                     let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).expire_due(Timestamp::now());
                     self.audit_removed(&removed);
                 }
-                stream = conn.accept_bi() => match stream {
+                // No session is served on a connection before its full state (grants, then
+                // endpoints) has been applied: a revocation made while the agent was away or
+                // stopped takes effect before any stream the gateway opens.
+                stream = conn.accept_bi(), if synced => match stream {
                     Ok((s, r)) => {
                         let sessions = self.sessions.clone();
                         let conn = conn.clone();
@@ -583,6 +596,15 @@ async fn send_frame(send: &mut SendStream, frame: &Frame, limit: Duration) -> Re
     }
 }
 
+/// A numbered command's sequence number and the frame it carries; any other frame as is.
+/// Only one level is unwrapped: a command inside a command is not a command.
+fn split_command(frame: Frame) -> (Option<u64>, Frame) {
+    match frame {
+        Frame::Command { seq, command } => (Some(seq), *command),
+        other => (None, other),
+    }
+}
+
 /// The monotonic instant at which wall-clock `at` arrives (now, if it has passed).
 fn instant_of(at: Timestamp) -> Instant {
     let wait = Duration::try_from(at.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO);
@@ -615,6 +637,25 @@ mod tests {
         // Full jitter: late attempts spread over the whole range, not bunched at the cap.
         let late: Vec<Duration> = (0..200).map(|_| backoff(30, cap)).collect();
         assert!(late.iter().any(|d| *d < cap / 2) && late.iter().any(|d| *d > cap / 2));
+    }
+
+    #[test]
+    fn a_command_is_unwrapped_once_with_its_sequence_number() {
+        let sync = Frame::GrantSync { grants: vec![] };
+        let cmd = Frame::Command {
+            seq: 9,
+            command: Box::new(sync.clone()),
+        };
+        assert_eq!(split_command(cmd.clone()), (Some(9), sync));
+        assert_eq!(
+            split_command(Frame::Heartbeat { seq: 1 }),
+            (None, Frame::Heartbeat { seq: 1 })
+        );
+        let nested = Frame::Command {
+            seq: 10,
+            command: Box::new(cmd.clone()),
+        };
+        assert_eq!(split_command(nested), (Some(10), cmd));
     }
 
     #[test]
