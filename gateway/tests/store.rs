@@ -850,7 +850,7 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
                 )
                 .await;
             }
-            log.flush().await;
+            log.flush().await.unwrap();
         }));
     }
     for t in tasks {

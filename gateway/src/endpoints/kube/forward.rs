@@ -440,7 +440,8 @@ impl Conn {
                 self.client,
                 serde_json::json!({}),
             )
-            .await;
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.message))?;
         }
         Ok(sender)
     }

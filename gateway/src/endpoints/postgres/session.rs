@@ -486,21 +486,30 @@ async fn run(
     pgwire::auth_ok(&mut greeting);
     pgwire::backend_key_data(&mut greeting, key);
     greeting.extend_from_slice(&rest);
-    shared::opened(
-        &gw,
-        &ep,
-        &session_id,
-        client,
-        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
-    )
-    .await;
-    let started = Instant::now();
     let DataStream {
         mut send,
         mut recv,
         connection,
         ..
     } = stream;
+    let trail_watch = match shared::opened(
+        &gw,
+        &ep,
+        &session_id,
+        client,
+        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
+    )
+    .await
+    {
+        Ok(watch) => watch,
+        Err(e) => {
+            shared::cut_stream(&mut send, &mut recv, CloseReason::Error);
+            shared::deny(&gw, &ep, &session_id, client, &e).await;
+            send_error(&mut tls, &pg_error_of(&e)).await;
+            return;
+        }
+    };
+    let started = Instant::now();
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
     let trail = Trail {
         gw: &gw,
@@ -515,10 +524,14 @@ async fn run(
             tokio::select! {
                 r = pump(&mut tls, &mut send, &mut recv, &trail, &mut counts) => Some(r),
                 _ = ep.cancel.cancelled() => None,
+                // Statements are pipelined: the batch holding them failed, so the session
+                // ends here, before anything more reaches the agent unrecorded.
+                _ = trail_watch.cancelled() => Some(Err(PumpError::TrailDown)),
             }
         }
     };
     let reason = match &outcome {
+        Some(Err(PumpError::TrailDown)) => CloseReason::Error,
         Some(Ok(())) => CloseReason::Client,
         Some(Err(_)) if counts.client_quit => CloseReason::Client,
         Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
@@ -547,10 +560,15 @@ async fn run(
         let pe = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.clone());
         send_error(&mut tls, &pe).await;
     }
+    if let Some(Err(e @ PumpError::TrailDown)) = &outcome {
+        let pe = PgError::fatal(sqlstate::ADMIN_SHUTDOWN, e.to_string());
+        send_error(&mut tls, &pe).await;
+    }
     let _ = tls.shutdown().await;
     drop(tls);
     // The session's statements are in the vendor trail before its end is.
-    gw.audit.flush().await;
+    // If the trail is down they are held by its writer, and this record queues behind them.
+    let _ = gw.audit.flush().await;
     let mut extra = serde_json::json!({ "statements": counts.statements });
     if let Some(Err(e)) = &outcome {
         extra["error"] = serde_json::Value::String(e.to_string());
@@ -674,6 +692,8 @@ enum PumpError {
     QuicWrite(quinn::WriteError),
     #[error("{0}")]
     Protocol(String),
+    #[error("the vendor audit trail cannot be written")]
+    TrailDown,
 }
 
 /// Relays both ways until both directions are done. Client bytes are forwarded as soon as

@@ -176,7 +176,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     };
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
-    session::opened(
+    if let Err(e) = session::opened(
         &gw,
         &ep,
         &session_id,
@@ -190,7 +190,14 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             "pty": start.pty.is_some(),
         }),
     )
-    .await;
+    .await
+    {
+        let code = quinn::VarInt::from_u32(CloseReason::Error.stream_code());
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+        session::deny(&gw, &ep, &session_id, client, &e).await;
+        return fail(&writer, &e).await;
+    }
 
     // 3. Relay.
     let (width, height, term) = start
