@@ -58,6 +58,12 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 /// First and longest pause between the writer's attempts at a batch the store refused.
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
 const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often an idle writer checks that the store still answers: a store that went away
+/// cuts live sessions even when none of them is writing records (a tcp session's end could
+/// not be recorded), and a trail that is down comes back without waiting for a record.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A store that does not answer a probe in this long counts as down.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The chain head this process knows, with the store that holds the chain.
 #[derive(Debug)]
@@ -339,7 +345,18 @@ impl AuditLog {
 
 async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
     let mut items = Vec::with_capacity(QUEUE_BATCH);
-    while rx.recv_many(&mut items, QUEUE_BATCH).await > 0 {
+    loop {
+        // `recv_many` is cancel safe: a probe in between loses nothing.
+        let got = tokio::select! {
+            n = rx.recv_many(&mut items, QUEUE_BATCH) => n,
+            _ = tokio::time::sleep(PROBE_EVERY) => {
+                chain.probe().await;
+                continue;
+            }
+        };
+        if got == 0 {
+            break;
+        }
         // Group commit: a moment's wait gathers what busy sessions queue meanwhile into the
         // same transaction. The channel is not polled while waiting, so those sends wake
         // nobody: the writer (and the store's worker) wake once per batch, not per statement.
@@ -398,8 +415,26 @@ impl Chain {
         }
     }
 
+    /// Reads the chain head: a store that cannot answer marks the trail down; one that
+    /// answers again brings it back (when no held record is waiting: those bring it back
+    /// themselves, once written).
+    async fn probe(&self) {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.store.last_audit()).await {
+            Ok(Ok(_)) => {
+                if let Some(was) = self.mark_up() {
+                    self.note_recovered(Timestamp::now(), was, 0).await;
+                }
+            }
+            Ok(Err(e)) => self.mark_down(&e),
+            Err(_) => self.mark_down(&format!(
+                "the store did not answer in {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
     /// The store refused a record: cut every live session, refuse new ones.
-    fn mark_down(&self, e: &StoreError) {
+    fn mark_down(&self, e: &dyn std::fmt::Display) {
         if let Ok(mut health) = self.health.lock() {
             if health.down.is_none() {
                 tracing::error!(error = %e, "vendor audit trail down: cutting live sessions, refusing new ones");
@@ -446,23 +481,25 @@ impl Chain {
         }
         if let Some(was) = self.mark_up() {
             let (since, error) = failed_since.unwrap_or_else(|| (Timestamp::now(), was));
-            tracing::warn!(
-                held = records.len(),
-                "vendor audit trail back: held records written"
-            );
-            let note = Pending {
-                kind: "audit.store_recovered",
-                actor: Arc::from("gateway"),
-                subject: Arc::new(Subject::default()),
-                detail: serde_json::value::to_raw_value(&serde_json::json!({
-                    "down_since": since.to_string(), "error": error, "held_records": records.len(),
-                }))
-                .unwrap_or_else(|_| RawValue::NULL.to_owned()),
-                time: Timestamp::now(),
-            };
-            if let Err(e) = self.try_append_batch(std::slice::from_ref(&note)).await {
-                self.mark_down(&e);
-            }
+            self.note_recovered(since, error, records.len()).await;
+        }
+    }
+
+    /// Records the outage itself, so the trail shows it.
+    async fn note_recovered(&self, since: Timestamp, error: String, held: usize) {
+        tracing::warn!(held, "vendor audit trail back: held records written");
+        let note = Pending {
+            kind: "audit.store_recovered",
+            actor: Arc::from("gateway"),
+            subject: Arc::new(Subject::default()),
+            detail: serde_json::value::to_raw_value(&serde_json::json!({
+                "down_since": since.to_string(), "error": error, "held_records": held,
+            }))
+            .unwrap_or_else(|_| RawValue::NULL.to_owned()),
+            time: Timestamp::now(),
+        };
+        if let Err(e) = self.try_append_batch(std::slice::from_ref(&note)).await {
+            self.mark_down(&e);
         }
     }
 
@@ -754,6 +791,18 @@ mod tests {
         let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
         assert_eq!(kinds, ["grant.revoked", "audit.store_recovered"]);
         assert_eq!(log.verify().await.unwrap(), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_stops_answering_cuts_sessions_that_write_nothing() {
+        let store = Store::open_memory().await.unwrap();
+        let log = AuditLog::open(store.clone()).await.unwrap();
+        let live = log.session_watch().unwrap();
+        store.close().await;
+        tokio::time::timeout(PROBE_EVERY * 5, live.cancelled())
+            .await
+            .expect("the writer's probe found the store gone");
+        assert!(log.session_watch().is_err());
     }
 
     #[tokio::test]

@@ -515,6 +515,7 @@ async fn run(
         gw: &gw,
         actor: Arc::from(ep.operator.as_str()),
         subject: Arc::new(subject),
+        watch: trail_watch.clone(),
     };
     let mut counts = Counts::default();
     let outcome = match tls.write_all(&greeting).await {
@@ -658,10 +659,17 @@ struct Trail<'a> {
     gw: &'a Gateway,
     actor: Arc<str>,
     subject: Arc<Subject>,
+    /// Cancelled when a batch of the vendor trail fails.
+    watch: tokio_util::sync::CancellationToken,
 }
 
 impl Trail<'_> {
-    async fn statement(&self, detail: Box<serde_json::value::RawValue>) {
+    /// Queues the statement's record; refuses (and the session is cut) once the trail is
+    /// down, so nothing more is forwarded after a failed batch.
+    async fn statement(&self, detail: Box<serde_json::value::RawValue>) -> Result<(), PumpError> {
+        if self.watch.is_cancelled() {
+            return Err(PumpError::TrailDown);
+        }
         self.gw
             .audit
             .enqueue(
@@ -671,6 +679,7 @@ impl Trail<'_> {
                 detail,
             )
             .await;
+        Ok(())
     }
 }
 
@@ -730,7 +739,7 @@ async fn pump(
                 match f.audit_detail_json() {
                     Some(detail) => {
                         statements += 1;
-                        trail.statement(detail).await;
+                        trail.statement(detail).await?;
                     }
                     None => client_quit = true,
                 }
