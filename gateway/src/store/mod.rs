@@ -7,7 +7,7 @@
 mod control;
 mod spine;
 
-pub use control::{GrantChange, GrantRow, OpRow};
+pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };
