@@ -465,7 +465,25 @@ impl Chain {
         let mut pause = RETRY_FIRST;
         let mut failed_since: Option<(Timestamp, String)> = None;
         loop {
-            match self.try_append_batch(&records).await {
+            let attempt = self.try_append_batch(&records);
+            tokio::pin!(attempt);
+            let result = tokio::select! {
+                r = &mut attempt => r,
+                // A store that hangs (a PostgreSQL server gone: the pool keeps trying to
+                // connect) is down as much as one that errs. The write is not abandoned, so a
+                // commit that lands late is not written twice.
+                _ = tokio::time::sleep(PROBE_TIMEOUT) => {
+                    let e = format!("the store did not take a batch in {} s", PROBE_TIMEOUT.as_secs());
+                    self.mark_down(&e);
+                    let down = TrailDown(e.clone());
+                    for done in flushes.drain(..) {
+                        let _ = done.send(Err(down.clone()));
+                    }
+                    failed_since.get_or_insert_with(|| (Timestamp::now(), e));
+                    attempt.await
+                }
+            };
+            match result {
                 Ok(()) => break,
                 Err(e) => {
                     self.mark_down(&e);
