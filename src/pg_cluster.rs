@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicI32, AtomicU32, Ordering},
         mpsc, Arc, Mutex, Weak,
     },
     time::{Duration, Instant},
@@ -26,8 +26,11 @@ const DIR_PREFIX: &str = "postern-pg-";
 pub struct PgCluster {
     port: u16,
     dir: PathBuf,
-    pid: i32,
+    /// The postmaster's pid; 0 while [`PgCluster::stop`] has it stopped.
+    pid: AtomicI32,
     exited: Mutex<mpsc::Receiver<()>>,
+    /// The server's extra settings, for [`PgCluster::restart`].
+    extra: Vec<String>,
 }
 
 static CURRENT: Mutex<Weak<PgCluster>> = Mutex::new(Weak::new());
@@ -264,8 +267,9 @@ impl PgCluster {
             let cluster = PgCluster {
                 port,
                 dir: dir.clone(),
-                pid,
+                pid: AtomicI32::new(pid),
                 exited: Mutex::new(exited),
+                extra: extra.clone(),
             };
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -439,15 +443,65 @@ fn spawn_server(
     (pid, exit_rx)
 }
 
-impl Drop for PgCluster {
-    fn drop(&mut self) {
+impl PgCluster {
+    /// Stops the server as an outage would (fast shutdown: its sessions end, new connections
+    /// are refused) and keeps its data; [`PgCluster::restart`] brings it back on the same
+    /// port. For a cluster of one's own ([`PgCluster::start_with`]), not the shared one.
+    pub fn stop(&self) {
         let exited = self.exited.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid, libc::SIGINT) };
+        let pid = self.pid.swap(0, Ordering::SeqCst);
+        if pid <= 0 {
+            return;
+        }
+        // SAFETY: signalling our own child, which has not been waited for yet.
+        unsafe { libc::kill(pid, libc::SIGINT) };
         if exited.recv_timeout(Duration::from_secs(20)).is_err() {
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = exited.recv_timeout(Duration::from_secs(10));
         }
+    }
+
+    /// Starts a stopped server again on its port and data, and waits until it is ready.
+    pub fn restart(&self) {
+        assert_eq!(
+            self.pid.load(Ordering::SeqCst),
+            0,
+            "restart of a running cluster"
+        );
+        let data = self.dir.join("data");
+        let log = self.dir.join(format!("log-{}-restarted", self.port));
+        let (pid, exited) = spawn_server(
+            &bin_dir(),
+            run_as(),
+            &self.dir,
+            &data,
+            self.port,
+            &log,
+            &self.extra,
+        );
+        self.pid.store(pid, Ordering::SeqCst);
+        *self.exited.lock().unwrap_or_else(|e| e.into_inner()) = exited;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = std::fs::read_to_string(data.join("postmaster.pid"))
+                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .unwrap_or(false);
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not come back in 60 s:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -43,6 +43,7 @@ fn setup_with(app: &str, sessions_per_endpoint: Option<u64>) -> Result<Setup> {
         cluster,
         tempfile::tempdir()?,
         |url| url.to_string(),
+        None,
     )
 }
 
@@ -53,6 +54,7 @@ fn setup_on(
     cluster: PgCluster,
     dir: tempfile::TempDir,
     admin_url: impl Fn(&str) -> String,
+    store: Option<&str>,
 ) -> Result<Setup> {
     let db_url = cluster.create_database("pgep");
     cluster.psql(
@@ -63,6 +65,9 @@ fn setup_on(
          CREATE ROLE app_owner NOLOGIN; CREATE ROLE creator NOLOGIN CREATEROLE;",
     );
     let gw = match sessions_per_endpoint {
+        None if store.is_some() => {
+            Gateway::start_with_store(&dir.path().join("gw"), store.unwrap_or_default())?
+        }
         None => Gateway::start(&dir.path().join("gw"))?,
         Some(n) => {
             let config = dir.path().join("gateway.toml");
@@ -704,12 +709,19 @@ fn sessions_reach_a_tls_only_database_with_verify_full() -> Result<()> {
         tls_only: true,
     });
     let ca_path = ca_file.display().to_string();
-    let s = setup_on("pg-tls", None, cluster, dir, |url| {
-        format!(
-            "{}?sslmode=verify-full&sslrootcert={ca_path}",
-            url.replace("127.0.0.1", "localhost")
-        )
-    })?;
+    let s = setup_on(
+        "pg-tls",
+        None,
+        cluster,
+        dir,
+        |url| {
+            format!(
+                "{}?sslmode=verify-full&sslrootcert={ca_path}",
+                url.replace("127.0.0.1", "localhost")
+            )
+        },
+        None,
+    )?;
     let (_id, cs) = s.create("pg-tls", "1h")?;
     let r = psql(&cs, "SELECT name FROM items; SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid();");
     assert!(r.ok, "{}", r.stderr);
@@ -1020,6 +1032,96 @@ fn objects_made_through_an_endpoint_never_become_the_admins() -> Result<()> {
     assert!(
         err.contains("\"creator\" has CREATEROLE") && err.contains(OWNED),
         "{err}"
+    );
+    Ok(())
+}
+
+/// The gateway's store (its own PostgreSQL cluster) stops while psql runs a stream of
+/// INSERTs: statements are pipelined (their records written by group commit), so the session
+/// is cut the moment the trail cannot be written, psql is told why, and every row that reached
+/// the database has its `sql.statement` record once the store is back. New sessions are
+/// refused meanwhile and work again after the restart.
+#[test]
+fn a_store_outage_cuts_psql_and_no_statement_runs_unrecorded() -> Result<()> {
+    let store = PgCluster::start_with(&Options::default());
+    let store_url = store.create_database("pg_outage_store");
+    let target = PgCluster::start_with(&Options {
+        scram_for_others: true,
+        ..Options::default()
+    });
+    let s = setup_on(
+        "pg-outage",
+        None,
+        target,
+        tempfile::tempdir()?,
+        |url| url.to_string(),
+        Some(&store_url),
+    )?;
+    let (id, cs) = s.create("pg-outage", "10m")?;
+    let script = s.home.join("inserts.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO app.items (name) SELECT 'outage' FROM pg_sleep(0.01);\n".repeat(3000),
+    )?;
+    let mut inserts = psql_cmd(&cs, &["-f", &script.display().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let count = || s.admin("SELECT count(*) FROM app.items WHERE name = 'outage'");
+    assert!(wait_until(Duration::from_secs(20), || count()
+        .parse::<u32>()
+        .is_ok_and(|n| n >= 20)));
+
+    store.stop();
+    let stopped = Instant::now();
+    let (_, err) = wait_output(&mut inserts, Duration::from_secs(20))?;
+    eprintln!("psql cut {:?} after the store stopped", stopped.elapsed());
+    assert!(
+        err.contains("vendor audit trail cannot be written"),
+        "psql said: {err}"
+    );
+    let ran: usize = count().parse()?;
+    assert!(ran < 3000, "the session ran to its end");
+    // New sessions are refused with the reason.
+    let refused = psql(&cs, "SELECT 1");
+    assert!(!refused.ok);
+    assert!(
+        refused
+            .stderr
+            .contains("vendor audit trail cannot be written"),
+        "{}",
+        refused.stderr
+    );
+
+    store.restart();
+    assert!(
+        wait_until(Duration::from_secs(30), || psql(&cs, "SELECT 1").ok),
+        "sessions did not work again"
+    );
+    // Every statement that reached the database is in the vendor trail (held through the
+    // outage, written on recovery), and the session's end says `error`.
+    let mut recorded = 0;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            recorded = s
+                .vendor_records("sql.statement")
+                .iter()
+                .filter(|r| {
+                    r["endpoint_id"] == id.as_str() && r["detail"].to_string().contains("'outage'")
+                })
+                .count();
+            recorded >= ran
+        }),
+        "{ran} rows inserted, {recorded} statements recorded"
+    );
+    assert!(s
+        .vendor_records("session.closed")
+        .iter()
+        .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["reason"] == "error"));
+    assert!(!s.vendor_records("audit.store_recovered").is_empty());
+    assert!(
+        s.gw.cli(&["audit", "verify"])?.success,
+        "the chain verifies"
     );
     Ok(())
 }

@@ -698,3 +698,102 @@ fn tcp_endpoint_admits_only_its_own_certificate() -> Result<()> {
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     Ok(())
 }
+
+/// The vendor trail's store (PostgreSQL) stops while a tcp session is live: the session is
+/// cut with reason `error`, new sessions are refused with the trail's error, the agent stays
+/// connected, and once the cluster is back new sessions work and the trail holds everything
+/// (the cut and the refusal were held and written on recovery, with the outage itself).
+#[test]
+fn store_outage_cuts_live_sessions_refuses_new_ones_and_recovers() -> Result<()> {
+    let cluster = postern::pg_cluster::PgCluster::start_with(&Default::default());
+    let url = cluster.create_database("vendor_trail_outage");
+    let dir = tempfile::tempdir()?;
+    let gw = Gateway::start_with_store(&dir.path().join("gw"), &url)?;
+    let echo = echo_server()?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        "outage-app",
+        "acme-corp",
+        &tcp_resource(echo),
+    )?;
+    agent.run()?;
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
+    let grant = gw.request_operate("outage-app", "acme-corp", "1h")?;
+    assert_eq!(grant["state"], "active", "{grant}");
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, "outage-app")?;
+    let id = id_of(&ep);
+    let fwd = forwarder(&gw, &home, &ep)?;
+    let mut live = TcpStream::connect(fwd.listen)?;
+    live.set_read_timeout(Some(Duration::from_secs(20)))?;
+    live.write_all(b"tick")?;
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"tick");
+
+    // The store goes away: the live session, writing nothing, is cut all the same.
+    cluster.stop();
+    let stopped = Instant::now();
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the live session outlived the store by {:?}",
+        stopped.elapsed()
+    );
+    // New sessions are refused, not relayed unrecorded.
+    let refused = echo_round_trip(fwd.listen, b"while down").unwrap_or_default();
+    assert!(refused.is_empty(), "a session went ahead: {refused:?}");
+    // The agent stays up through the outage.
+    assert!(agent
+        .pid()
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()));
+
+    eprintln!("outage: cut and refused after {:?}", stopped.elapsed());
+    cluster.restart();
+    let restarted = Instant::now();
+    let mut back = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            back = echo_round_trip(fwd.listen, b"after").unwrap_or_default();
+            back == b"after"
+        }),
+        "new sessions did not work again: {back:?}; forwarder: {}",
+        fwd.log_text()
+    );
+    eprintln!(
+        "outage: sessions again {:?} after the restart",
+        restarted.elapsed()
+    );
+    let mut records = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            records = audit_kinds(&gw).unwrap_or_default();
+            records.iter().any(|r| r["kind"] == "audit.store_recovered")
+        }),
+        "{records:?}"
+    );
+    let mine = |kind: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind && r["endpoint_id"] == id.as_str())
+            .collect()
+    };
+    let closed = mine("session.closed");
+    assert!(
+        closed.iter().any(|r| r["detail"]["reason"] == "error"),
+        "the cut session's end, held through the outage: {records:?}"
+    );
+    assert!(
+        mine("denied")
+            .iter()
+            .any(|r| r["detail"]["code"] == "INTERNAL"
+                && r["detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("vendor audit trail cannot be written"))),
+        "the refusal, with its reason: {records:?}"
+    );
+    assert!(gw.cli(&["audit", "verify"])?.success, "the chain verifies");
+    Ok(())
+}

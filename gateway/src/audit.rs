@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
 
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
@@ -54,6 +55,16 @@ const GROUP_COMMIT_WAIT: std::time::Duration = std::time::Duration::from_millis(
 /// Queued records before callers of [`AuditLog::enqueue`] wait (nothing is dropped).
 const QUEUE_DEPTH: usize = 16 * 1024;
 
+/// First and longest pause between the writer's attempts at a batch the store refused.
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often an idle writer checks that the store still answers: a store that went away
+/// cuts live sessions even when none of them is writing records (a tcp session's end could
+/// not be recorded), and a trail that is down comes back without waiting for a record.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A store that does not answer a probe in this long counts as down.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The chain head this process knows, with the store that holds the chain.
 #[derive(Debug)]
 struct Chain {
@@ -61,6 +72,30 @@ struct Chain {
     /// `(last seq, last hash)` this process has seen: other replicas may have appended since.
     /// The chain itself is kept linear by the store.
     head: Mutex<(i64, String)>,
+    health: std::sync::Mutex<Health>,
+}
+
+/// Whether the trail can be written. Sessions hold a clone of `live`: it is cancelled the
+/// moment a write fails, which cuts them all; a fresh one is made once the store takes
+/// records again.
+#[derive(Debug)]
+struct Health {
+    live: CancellationToken,
+    /// The store's error, while the trail cannot be written.
+    down: Option<String>,
+}
+
+/// The vendor trail cannot be written: what it records must not go ahead.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the vendor audit trail cannot be written: {0}")]
+pub struct TrailDown(pub String);
+
+impl TrailDown {
+    pub fn to_api_error(&self) -> endpoint_types::ApiError {
+        endpoint_types::ApiError::new(endpoint_types::ErrorCode::Internal, self.to_string()).hint(
+            "the gateway's store is failing; sessions are refused until it takes records again",
+        )
+    }
 }
 
 /// A record waiting in the queue, stamped when it was queued.
@@ -75,8 +110,9 @@ struct Pending {
 
 enum Queued {
     Record(Pending),
-    /// Answered once everything queued before it is in the store.
-    Flush(oneshot::Sender<()>),
+    /// Answered once everything queued before it is in the store, or at once with the
+    /// store's error if the batch holding them failed.
+    Flush(oneshot::Sender<Result<(), TrailDown>>),
 }
 
 #[derive(Debug)]
@@ -94,6 +130,10 @@ impl AuditLog {
         let chain = Arc::new(Chain {
             store,
             head: Mutex::new(head),
+            health: std::sync::Mutex::new(Health {
+                live: CancellationToken::new(),
+                down: None,
+            }),
         });
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         // Ends when the log (the last sender) is dropped, after writing what was queued.
@@ -132,15 +172,78 @@ impl AuditLog {
                 r.hash = sha256_hex(&r.chain_input());
                 r
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.chain.mark_down(e))?;
         if r.seq > head.0 {
             *head = (r.seq, r.hash.clone());
         }
         Ok(r)
     }
 
-    /// Records and logs; an audit write that fails is logged loudly rather than failing the
-    /// caller's already-completed action.
+    /// A token cancelled the moment the trail cannot be written, for a session to be cut
+    /// on; or the refusal, while it cannot.
+    pub fn session_watch(&self) -> Result<CancellationToken, TrailDown> {
+        self.chain.watch()
+    }
+
+    /// Records a session's or action's start: unlike [`AuditLog::record`] the caller learns
+    /// that the record could not be stored, and must not go ahead.
+    pub async fn record_before(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+    ) -> Result<(), TrailDown> {
+        self.chain.watch()?;
+        match self
+            .append(kind, actor, subject.clone(), detail, Timestamp::now())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // The action does not go ahead, so its record is not held; that it was
+                // refused is, and holding it sets the writer retrying until the store is back.
+                let note = serde_json::json!({ "kind": kind, "error": e.to_string() });
+                self.hold("audit.write_failed", actor, subject, note, Timestamp::now());
+                Err(TrailDown(e.to_string()))
+            }
+        }
+    }
+
+    /// Queues a record behind those the writer holds, without waiting.
+    fn hold(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+        time: Timestamp,
+    ) {
+        let Ok(raw) = serde_json::value::to_raw_value(&detail) else {
+            return;
+        };
+        let pending = Pending {
+            kind: intern_kind(kind),
+            actor: Arc::from(actor),
+            subject: Arc::new(subject),
+            detail: raw,
+            time,
+        };
+        if self.queue.try_send(Queued::Record(pending)).is_err() {
+            tracing::error!(
+                kind,
+                actor,
+                ?detail,
+                "audit record lost: the writer's queue is full or gone"
+            );
+        }
+    }
+
+    /// Records an action that already happened. A record the store refuses marks the trail
+    /// down (live sessions are cut, new ones refused) and is held in the writer's queue, to
+    /// be written after the records held before it once the store takes records again; only
+    /// if that queue is full is it lost, and then it is logged whole.
     pub async fn record(
         &self,
         kind: &str,
@@ -148,12 +251,20 @@ impl AuditLog {
         subject: Subject,
         detail: serde_json::Value,
     ) {
-        if let Err(e) = self
-            .append(kind, actor, subject, detail, Timestamp::now())
-            .await
-        {
-            tracing::error!(kind, error = %e, "could not write audit record");
+        let now = Timestamp::now();
+        // While the trail is down the writer holds earlier records: queue behind them.
+        if self.chain.watch().is_ok() {
+            match self
+                .append(kind, actor, subject.clone(), detail.clone(), now)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::error!(kind, error = %e, "could not write audit record; holding it")
+                }
+            }
         }
+        self.hold(kind, actor, subject, detail, now);
     }
 
     /// Queues a record for the writer task, which writes whatever is queued, from every
@@ -179,17 +290,25 @@ impl AuditLog {
         {
             // Only if the writer task is gone: write it here rather than lose it.
             let detail = serde_json::from_str(p.detail.get()).unwrap_or_default();
-            self.record(p.kind, &p.actor, (*p.subject).clone(), detail)
-                .await;
+            if let Err(e) = self
+                .append(p.kind, &p.actor, (*p.subject).clone(), detail, p.time)
+                .await
+            {
+                tracing::error!(kind = p.kind, error = %e, "audit record lost: no writer and the store refused it");
+            }
         }
     }
 
-    /// Waits until everything queued before this call is in the store.
-    pub async fn flush(&self) {
+    /// Waits until everything queued before this call is in the store; fails at once while
+    /// the trail is down (the writer holds the records and writes them once it is back).
+    pub async fn flush(&self) -> Result<(), TrailDown> {
+        self.chain.watch()?;
         let (tx, rx) = oneshot::channel();
-        if self.queue.send(Queued::Flush(tx)).await.is_ok() {
-            let _ = rx.await;
+        if self.queue.send(Queued::Flush(tx)).await.is_err() {
+            return Err(TrailDown("the audit writer has stopped".into()));
         }
+        rx.await
+            .unwrap_or_else(|_| Err(TrailDown("the audit writer has stopped".into())))
     }
 
     /// Verifies the whole stored chain against the head this process holds, so a deleted
@@ -226,7 +345,18 @@ impl AuditLog {
 
 async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
     let mut items = Vec::with_capacity(QUEUE_BATCH);
-    while rx.recv_many(&mut items, QUEUE_BATCH).await > 0 {
+    loop {
+        // `recv_many` is cancel safe: a probe in between loses nothing.
+        let got = tokio::select! {
+            n = rx.recv_many(&mut items, QUEUE_BATCH) => n,
+            _ = tokio::time::sleep(PROBE_EVERY) => {
+                chain.probe().await;
+                continue;
+            }
+        };
+        if got == 0 {
+            break;
+        }
         // Group commit: a moment's wait gathers what busy sessions queue meanwhile into the
         // same transaction. The channel is not polled while waiting, so those sends wake
         // nobody: the writer (and the store's worker) wake once per batch, not per statement.
@@ -249,24 +379,153 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
             }
         }
         if !records.is_empty() {
-            chain.append_batch(records).await;
+            chain.append_batch(records, &mut flushes).await;
         }
         // A flush is answered after the records received with it, which include everything
         // its sender queued before it.
         for done in flushes {
-            let _ = done.send(());
+            let _ = done.send(Ok(()));
         }
     }
 }
 
+/// Record kinds are static strings in the queue; the few made at run time are leaked once each.
+fn intern_kind(kind: &str) -> &'static str {
+    static KINDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut kinds) = KINDS.lock() else {
+        return "audit.record";
+    };
+    if let Some(k) = kinds.iter().find(|k| **k == kind) {
+        return k;
+    }
+    let k: &'static str = Box::leak(kind.to_string().into_boxed_str());
+    kinds.push(k);
+    k
+}
+
 impl Chain {
-    /// Appends the records in one store transaction, in order; a failure is logged loudly.
-    async fn append_batch(&self, records: Vec<Pending>) {
-        let n = records.len();
+    fn watch(&self) -> Result<CancellationToken, TrailDown> {
+        let health = self
+            .health
+            .lock()
+            .map_err(|_| TrailDown("audit state poisoned".into()))?;
+        match &health.down {
+            Some(e) => Err(TrailDown(e.clone())),
+            None => Ok(health.live.clone()),
+        }
+    }
+
+    /// Reads the chain head: a store that cannot answer marks the trail down; one that
+    /// answers again brings it back (when no held record is waiting: those bring it back
+    /// themselves, once written).
+    async fn probe(&self) {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.store.last_audit()).await {
+            Ok(Ok(_)) => {
+                if let Some(was) = self.mark_up() {
+                    self.note_recovered(Timestamp::now(), was, 0).await;
+                }
+            }
+            Ok(Err(e)) => self.mark_down(&e),
+            Err(_) => self.mark_down(&format!(
+                "the store did not answer in {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// The store refused a record: cut every live session, refuse new ones.
+    fn mark_down(&self, e: &dyn std::fmt::Display) {
+        if let Ok(mut health) = self.health.lock() {
+            if health.down.is_none() {
+                tracing::error!(error = %e, "vendor audit trail down: cutting live sessions, refusing new ones");
+            }
+            health.down = Some(e.to_string());
+            health.live.cancel();
+        }
+    }
+
+    /// The store took records again; returns the error it was down with, if it was.
+    fn mark_up(&self) -> Option<String> {
+        let mut health = self.health.lock().ok()?;
+        let was = health.down.take()?;
+        health.live = CancellationToken::new();
+        Some(was)
+    }
+
+    /// Appends the records in one store transaction, in order. A failure marks the trail
+    /// down, answers the waiting flushes with it, and retries the same batch until the store
+    /// takes it: the records are held, not dropped, and their seqs are given only when they
+    /// are written, so the chain stays gapless and `audit verify` holds. Then the outage is
+    /// itself recorded (`audit.store_recovered`) so the trail shows it.
+    async fn append_batch(
+        &self,
+        records: Vec<Pending>,
+        flushes: &mut Vec<oneshot::Sender<Result<(), TrailDown>>>,
+    ) {
+        let mut pause = RETRY_FIRST;
+        let mut failed_since: Option<(Timestamp, String)> = None;
+        loop {
+            let attempt = self.try_append_batch(&records);
+            tokio::pin!(attempt);
+            let result = tokio::select! {
+                r = &mut attempt => r,
+                // A store that hangs (a PostgreSQL server gone: the pool keeps trying to
+                // connect) is down as much as one that errs. The write is not abandoned, so a
+                // commit that lands late is not written twice.
+                _ = tokio::time::sleep(PROBE_TIMEOUT) => {
+                    let e = format!("the store did not take a batch in {} s", PROBE_TIMEOUT.as_secs());
+                    self.mark_down(&e);
+                    let down = TrailDown(e.clone());
+                    for done in flushes.drain(..) {
+                        let _ = done.send(Err(down.clone()));
+                    }
+                    failed_since.get_or_insert_with(|| (Timestamp::now(), e));
+                    attempt.await
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    self.mark_down(&e);
+                    let down = TrailDown(e.to_string());
+                    for done in flushes.drain(..) {
+                        let _ = done.send(Err(down.clone()));
+                    }
+                    failed_since.get_or_insert_with(|| (Timestamp::now(), e.to_string()));
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        if let Some(was) = self.mark_up() {
+            let (since, error) = failed_since.unwrap_or_else(|| (Timestamp::now(), was));
+            self.note_recovered(since, error, records.len()).await;
+        }
+    }
+
+    /// Records the outage itself, so the trail shows it.
+    async fn note_recovered(&self, since: Timestamp, error: String, held: usize) {
+        tracing::warn!(held, "vendor audit trail back: held records written");
+        let note = Pending {
+            kind: "audit.store_recovered",
+            actor: Arc::from("gateway"),
+            subject: Arc::new(Subject::default()),
+            detail: serde_json::value::to_raw_value(&serde_json::json!({
+                "down_since": since.to_string(), "error": error, "held_records": held,
+            }))
+            .unwrap_or_else(|_| RawValue::NULL.to_owned()),
+            time: Timestamp::now(),
+        };
+        if let Err(e) = self.try_append_batch(std::slice::from_ref(&note)).await {
+            self.mark_down(&e);
+        }
+    }
+
+    async fn try_append_batch(&self, records: &[Pending]) -> Result<(), StoreError> {
         let mut head = self.head.lock().await;
         let made = self
             .store
-            .append_audit_rows_with(&records, |p, seq, prev_hash| {
+            .append_audit_rows_with(records, |p, seq, prev_hash| {
                 let mut row = AuditRow {
                     seq,
                     time: p.time.to_string(),
@@ -283,18 +542,13 @@ impl Chain {
                 row.hash = sha256_hex(&row.chain_input());
                 row
             })
-            .await;
-        match made {
-            Ok(Some(last)) => {
-                if last.0 > head.0 {
-                    *head = last;
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(records = n, error = %e, "could not write queued audit records")
+            .await?;
+        if let Some(last) = made {
+            if last.0 > head.0 {
+                *head = last;
             }
         }
+        Ok(())
     }
 }
 
@@ -351,7 +605,7 @@ mod tests {
                         tokio::task::yield_now().await;
                     }
                 }
-                log.flush().await;
+                log.flush().await.unwrap();
                 // Written after this caller's statements, as `session.closed` is.
                 log.append(
                     "session.closed",
@@ -406,13 +660,167 @@ mod tests {
             )
             .await;
         }
-        log.flush().await;
+        log.flush().await.unwrap();
         let records = store.list_audit(0).await.unwrap();
         assert_eq!(
             records.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [1, 2, 3, 4, 5]
         );
         assert_eq!(records[2].detail, serde_json::json!({ "i": 2 }));
+    }
+
+    /// Waits (bounded) until the writer has found the store back.
+    async fn until_up(log: &AuditLog) -> CancellationToken {
+        for _ in 0..100 {
+            if let Ok(t) = log.session_watch() {
+                return t;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the trail did not come back");
+    }
+
+    fn raw(v: serde_json::Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&v).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_cuts_sessions_refuses_new_ones_and_is_written_when_the_store_returns() {
+        let store = Store::open_memory().await.unwrap();
+        let log = AuditLog::open(store.clone()).await.unwrap();
+        let subject = Arc::new(Subject::session("ap_1", "ep_1", "ses_1"));
+        log.record_before(
+            "session.opened",
+            "op",
+            (*subject).clone(),
+            serde_json::Value::Null,
+        )
+        .await
+        .unwrap();
+        let live = log.session_watch().unwrap();
+
+        store.refuse_audit_writes(true).await.unwrap();
+        for i in 0..3 {
+            log.enqueue(
+                "sql.statement",
+                Arc::from("op"),
+                subject.clone(),
+                raw(serde_json::json!({ "i": i })),
+            )
+            .await;
+        }
+        // The failure reaches the waiting caller, and every live session's token.
+        let err = log.flush().await.unwrap_err();
+        assert!(err.0.contains("disk is full"), "{err}");
+        assert!(live.is_cancelled(), "live sessions are cut");
+        assert!(log.session_watch().is_err(), "new sessions are refused");
+        assert!(log
+            .record_before(
+                "session.opened",
+                "op",
+                Subject::session("ap_1", "ep_1", "ses_2"),
+                serde_json::Value::Null
+            )
+            .await
+            .is_err());
+        // The cut session's end is held behind its statements.
+        log.record(
+            "session.closed",
+            "op",
+            (*subject).clone(),
+            serde_json::json!({ "reason": "error" }),
+        )
+        .await;
+        assert_eq!(
+            store.list_audit(0).await.unwrap().len(),
+            1,
+            "nothing written while down"
+        );
+
+        store.refuse_audit_writes(false).await.unwrap();
+        let again = until_up(&log).await;
+        assert!(!again.is_cancelled(), "a fresh token for new sessions");
+        log.flush().await.unwrap();
+        let records = store.list_audit(0).await.unwrap();
+        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "session.opened",
+                "sql.statement",
+                "sql.statement",
+                "sql.statement",
+                "audit.store_recovered",
+                "session.closed"
+            ]
+        );
+        assert_eq!(records[4].detail["held_records"], 3);
+        assert_eq!(records[5].detail["reason"], "error");
+        // Seqs given at write time: gapless, and the chain verifies.
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=6).collect::<Vec<_>>()
+        );
+        assert_eq!(log.verify().await.unwrap(), Ok(6));
+    }
+
+    #[tokio::test]
+    async fn a_start_the_store_refuses_does_not_go_ahead_and_the_refusal_is_recorded() {
+        let store = Store::open_memory().await.unwrap();
+        let log = AuditLog::open(store.clone()).await.unwrap();
+        store.refuse_audit_writes(true).await.unwrap();
+        let subject = Subject::session("ap_1", "ep_1", "ses_1");
+        let err = log
+            .record_before("session.opened", "op", subject, serde_json::Value::Null)
+            .await
+            .unwrap_err();
+        assert!(err.to_api_error().message.contains("vendor audit trail"));
+        assert!(log.session_watch().is_err());
+        store.refuse_audit_writes(false).await.unwrap();
+        until_up(&log).await;
+        log.flush().await.unwrap();
+        let records = store.list_audit(0).await.unwrap();
+        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["audit.write_failed", "audit.store_recovered"]);
+        assert_eq!(records[0].detail["kind"], "session.opened");
+        assert_eq!(records[0].session_id.as_deref(), Some("ses_1"));
+        assert_eq!(log.verify().await.unwrap(), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn a_direct_record_the_store_refuses_is_held_and_written_later() {
+        let store = Store::open_memory().await.unwrap();
+        let log = AuditLog::open(store.clone()).await.unwrap();
+        let live = log.session_watch().unwrap();
+        store.refuse_audit_writes(true).await.unwrap();
+        log.record(
+            "grant.revoked",
+            "alice",
+            Subject::appliance("ap_1"),
+            serde_json::json!({ "n": 1 }),
+        )
+        .await;
+        assert!(live.is_cancelled());
+        assert!(log.flush().await.is_err());
+        store.refuse_audit_writes(false).await.unwrap();
+        until_up(&log).await;
+        log.flush().await.unwrap();
+        let records = store.list_audit(0).await.unwrap();
+        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(kinds, ["grant.revoked", "audit.store_recovered"]);
+        assert_eq!(log.verify().await.unwrap(), Ok(2));
+    }
+
+    #[tokio::test]
+    async fn a_store_that_stops_answering_cuts_sessions_that_write_nothing() {
+        let store = Store::open_memory().await.unwrap();
+        let log = AuditLog::open(store.clone()).await.unwrap();
+        let live = log.session_watch().unwrap();
+        store.close().await;
+        tokio::time::timeout(PROBE_EVERY * 5, live.cancelled())
+            .await
+            .expect("the writer's probe found the store gone");
+        assert!(log.session_watch().is_err());
     }
 
     #[tokio::test]

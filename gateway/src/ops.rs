@@ -530,8 +530,12 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 OutputStream::Stdout => (data.as_str(), ""),
                 OutputStream::Stderr => ("", data.as_str()),
             };
-            if let Err(e) = gw.store.append_op_output(&op_id, out, err).await {
-                tracing::error!(op = %op_id, error = %e, "cannot store op output");
+            match gw.store.append_op_output(&op_id, out, err).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(op = %op_id, "output for an op that is not producing output: dropped")
+                }
+                Err(e) => tracing::error!(op = %op_id, error = %e, "cannot store op output"),
             }
         }
         Frame::OpFinished(f) if f.preview => {
@@ -589,7 +593,8 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
             };
             let moved = transition(gw, &op_id, event, |o| {
                 o.exit_code = f.exit_code;
-                o.truncated = f.truncated;
+                // The store may have cut the output at its cap already.
+                o.truncated = o.truncated || f.truncated;
                 o.error = f.error.clone();
                 o.finished_at.get_or_insert(now);
             })

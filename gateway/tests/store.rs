@@ -91,7 +91,50 @@ on_both_backends!(
     state_survives_reopen,
     audit_pages_filter_in_the_store,
     endpoints_are_listed_with_their_owner_in_one_query,
+    op_output_is_capped_per_stream,
 );
+
+/// Each stream stops at 1 MiB (at a character boundary) and the op is marked truncated;
+/// the other stream keeps its own room.
+async fn op_output_is_capped_per_stream(db: Db) {
+    use gateway::store::OP_OUTPUT_CAP;
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    let running = OpRow {
+        state: OpState::Running,
+        ..op("op_big", "ap_1", T0)
+    };
+    s.insert_op(&running).await.unwrap();
+    let chunk = "x".repeat(300 * 1024);
+    for _ in 0..3 {
+        assert!(s.append_op_output("op_big", &chunk, "e").await.unwrap());
+    }
+    assert!(!s.get_op("op_big").await.unwrap().unwrap().truncated);
+    // 900 KiB in; the next 300 KiB (ending in two-byte characters) overflows.
+    let tail = format!(
+        "{}{}",
+        "y".repeat(OP_OUTPUT_CAP - 3 * chunk.len() - 1),
+        "ü".repeat(1000)
+    );
+    assert!(s.append_op_output("op_big", &tail, "").await.unwrap());
+    let got = s.get_op("op_big").await.unwrap().unwrap();
+    let out = got.stdout.unwrap_or_default();
+    assert_eq!(out.len(), OP_OUTPUT_CAP - 1, "cut before a split character");
+    assert!(out.ends_with('y'));
+    assert!(got.truncated);
+    // The last byte of room takes one more byte; then nothing fits.
+    assert!(s.append_op_output("op_big", "more", "").await.unwrap());
+    assert!(s.append_op_output("op_big", "again", "").await.unwrap());
+    let got = s.get_op("op_big").await.unwrap().unwrap();
+    let out = got.stdout.unwrap_or_default();
+    assert_eq!(out.len(), OP_OUTPUT_CAP);
+    assert!(out.ends_with("ym"), "{}", &out[out.len() - 4..]);
+    assert_eq!(got.stderr.as_deref(), Some("eee"));
+    assert!(got.truncated);
+    s.close().await;
+}
 
 fn ts(ms: i64) -> Timestamp {
     Timestamp::from_millisecond(ms).expect("timestamp")
@@ -675,6 +718,13 @@ async fn ops_compare_and_set_and_output(db: Db) {
     let got = s.get_op("op_1").await.unwrap().unwrap();
     assert_eq!(got.stdout.as_deref(), Some("line 1\nline 2 ünïcode\n"));
     assert_eq!(got.stderr.as_deref(), Some("warn\n"));
+    assert!(!got.truncated);
+    // Only a running op (or one releasing held output) takes output.
+    assert!(
+        !s.append_op_output("op_0", "early", "").await.unwrap(),
+        "pending-approval"
+    );
+    assert_eq!(s.get_op("op_0").await.unwrap().unwrap().stdout, None);
 
     // running → timed-out, with a structured error; CAS against the stale state fails after.
     let error =
@@ -711,6 +761,11 @@ async fn ops_compare_and_set_and_output(db: Db) {
         s.update_op(&revived, OpState::TimedOut).await,
         Err(gateway::store::StoreError::IllegalTransition(_))
     ));
+    assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), timed_out);
+    assert!(
+        !s.append_op_output("op_1", "late", "late").await.unwrap(),
+        "an ended op takes no more output"
+    );
     assert_eq!(s.get_op("op_1").await.unwrap().unwrap(), timed_out);
 
     // The request itself is immutable through update_op.
@@ -851,7 +906,7 @@ async fn audit_appends_from_two_replicas_form_one_chain(db: Db) {
                 )
                 .await;
             }
-            log.flush().await;
+            log.flush().await.unwrap();
         }));
     }
     for t in tasks {

@@ -70,6 +70,8 @@ pub async fn open_stream(
     session_id: &str,
     client: SocketAddr,
 ) -> Result<DataStream, ApiError> {
+    // Nothing starts that the vendor trail could not record.
+    gw.audit.session_watch().map_err(|e| e.to_api_error())?;
     let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ApplianceOffline,
@@ -156,13 +158,16 @@ pub async fn deny(
 }
 
 /// Counts and audits a session the agent accepted. `extra` adds type-specific fields.
+/// Returns the token that is cancelled when the vendor trail can no longer be written (the
+/// session must then be cut with reason `error`), or the refusal if `session.opened` itself
+/// could not be stored: then the session must not go ahead.
 pub async fn opened(
     gw: &Gateway,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     extra: serde_json::Value,
-) {
+) -> Result<tokio_util::sync::CancellationToken, ApiError> {
     if let Err(e) = gw.store.count_session(&ep.id).await {
         tracing::error!(error = %e, "could not count session");
     }
@@ -170,14 +175,17 @@ pub async fn opened(
         "client_addr": client.to_string(), "origin_resource_id": ep.resource_id, "type": ep.endpoint_type.as_str(),
     });
     merge(&mut detail, extra);
+    let watch = gw.audit.session_watch().map_err(|e| e.to_api_error())?;
     gw.audit
-        .record(
+        .record_before(
             "session.opened",
             &ep.operator,
             Subject::session(&ep.appliance_id, &ep.id, session_id),
             detail,
         )
-        .await;
+        .await
+        .map_err(|e| e.to_api_error())?;
+    Ok(watch)
 }
 
 /// Audits a session's end. `extra` adds type-specific fields (an error, a recording id).

@@ -297,16 +297,27 @@ async fn session(
         Ok(stream) => stream,
         Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
     };
-    opened(&gw, &ep, &session_id, client, serde_json::json!({})).await;
+    let trail = match opened(&gw, &ep, &session_id, client, serde_json::json!({})).await {
+        Ok(watch) => watch,
+        Err(e) => {
+            cut_stream(&mut send, &mut recv, CloseReason::Error);
+            let _ = stream.shutdown().await;
+            return deny(&gw, &ep, &session_id, client, &e).await;
+        }
+    };
     let _ = stream.get_ref().0.set_nodelay(true);
     let started = Instant::now();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    let mut trail_down = false;
     let outcome = tokio::select! {
         r = pump(&mut stream, &mut send, &mut recv, leftover, &up, &down) => Some(r),
         _ = ep.cancel.cancelled() => None,
+        // The vendor trail cannot be written: nothing more may pass unrecorded.
+        _ = trail.cancelled() => { trail_down = true; None }
     };
     let reason = match &outcome {
+        None if trail_down => CloseReason::Error,
         Some(Ok(())) => CloseReason::Client,
         Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
         // The agent enforces expiry and retire on its own clock too and may cut first; its
@@ -326,6 +337,9 @@ async fn session(
     drop(stream);
     let extra = match &outcome {
         Some(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+        None if trail_down => {
+            serde_json::json!({ "error": "the vendor audit trail cannot be written" })
+        }
         _ => serde_json::json!({}),
     };
     closed(

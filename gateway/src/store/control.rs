@@ -11,6 +11,23 @@ use jiff::Timestamp;
 use sqlx::{any::AnyRow, Row};
 use std::time::Duration;
 
+/// Stored output per stream of one op (DESIGN: 1 MiB per stream, then `truncated: true`).
+pub const OP_OUTPUT_CAP: usize = 1 << 20;
+
+/// The part of `add` that fits after `have` bytes under [`OP_OUTPUT_CAP`], cut at a character
+/// boundary, and whether anything was cut.
+pub fn within_cap(have: usize, add: &str) -> (&str, bool) {
+    let room = OP_OUTPUT_CAP.saturating_sub(have);
+    if add.len() <= room {
+        return (add, false);
+    }
+    let mut end = room;
+    while !add.is_char_boundary(end) {
+        end -= 1;
+    }
+    (add.get(..end).unwrap_or_default(), true)
+}
+
 /// A grant request and its decision. `state` is what was decided (pending-approval, active,
 /// denied, revoked); whether an active grant has expired is derived from `expires_at` and the
 /// clock, never stored.
@@ -420,22 +437,60 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Appends streamed output to an op's stdout and stderr (NULL counts as empty) in one
-    /// statement; false if the op does not exist.
+    /// Appends streamed output to an op's stdout and stderr (NULL counts as empty), each
+    /// stream capped at [`OP_OUTPUT_CAP`] bytes: what does not fit is dropped (at a character
+    /// boundary) and the op is marked `truncated`. Only an op that is producing output (running,
+    /// or releasing output held for approval) takes any; false if the op does not exist or is
+    /// in another state (a late or forged frame changes nothing).
     pub async fn append_op_output(
         &self,
         id: &str,
         stdout_add: &str,
         stderr_add: &str,
     ) -> StoreResult<bool> {
-        let r =
-            sqlx::query("UPDATE ops SET stdout = COALESCE(stdout, '') || $1, stderr = COALESCE(stderr, '') || $2 WHERE id = $3")
-                .bind(stdout_add)
-                .bind(stderr_add)
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        Ok(r.rows_affected() == 1)
+        let lengths = match self.backend {
+            super::Backend::Sqlite => {
+                "SELECT state, LENGTH(CAST(COALESCE(stdout, '') AS BLOB)) AS out_len, \
+                 LENGTH(CAST(COALESCE(stderr, '') AS BLOB)) AS err_len FROM ops WHERE id = $1"
+            }
+            super::Backend::Postgres => {
+                "SELECT state, CAST(OCTET_LENGTH(COALESCE(stdout, '')) AS BIGINT) AS out_len, \
+                 CAST(OCTET_LENGTH(COALESCE(stderr, '')) AS BIGINT) AS err_len FROM ops WHERE id = $1"
+            }
+        };
+        // The write lock from the start: two appends cannot both fit into the same room.
+        let mut tx = self.write_tx("ops").await?;
+        let Some(row) = sqlx::query(lengths)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let state: String = row.try_get("state")?;
+        if ![OpState::Running, OpState::OutputPendingApproval]
+            .iter()
+            .any(|s| s.as_str() == state)
+        {
+            return Ok(false);
+        }
+        let have = |col: &str| -> StoreResult<usize> {
+            Ok(usize::try_from(row.try_get::<i64, _>(col)?).unwrap_or(0))
+        };
+        let (out, out_cut) = within_cap(have("out_len")?, stdout_add);
+        let (err, err_cut) = within_cap(have("err_len")?, stderr_add);
+        sqlx::query(
+            "UPDATE ops SET stdout = COALESCE(stdout, '') || $1, stderr = COALESCE(stderr, '') || $2, \
+             truncated = CASE WHEN $3 <> 0 THEN 1 ELSE truncated END WHERE id = $4",
+        )
+        .bind(out)
+        .bind(err)
+        .bind(i64::from(out_cut || err_cut))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     // ---- appliances: steady state ----
@@ -487,5 +542,23 @@ impl Store {
             .map(|r| r.try_get::<Option<String>, _>("webhook_url"))
             .transpose()?
             .flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_fits_under_the_cap_and_is_cut_at_a_character_boundary() {
+        assert_eq!(within_cap(0, "abc"), ("abc", false));
+        assert_eq!(within_cap(OP_OUTPUT_CAP - 3, "abc"), ("abc", false));
+        assert_eq!(within_cap(OP_OUTPUT_CAP - 2, "abc"), ("ab", true));
+        assert_eq!(within_cap(OP_OUTPUT_CAP, "abc"), ("", true));
+        assert_eq!(within_cap(OP_OUTPUT_CAP + 5, "abc"), ("", true));
+        assert_eq!(within_cap(OP_OUTPUT_CAP, ""), ("", false));
+        // "ü" is two bytes: one byte of room takes none of it.
+        assert_eq!(within_cap(OP_OUTPUT_CAP - 2, "aü"), ("a", true));
+        assert_eq!(within_cap(OP_OUTPUT_CAP - 3, "aü"), ("aü", false));
     }
 }

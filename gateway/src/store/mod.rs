@@ -8,7 +8,7 @@ mod control;
 mod endpoint_list;
 mod spine;
 
-pub use control::{GrantChange, GrantRow, OpRow};
+pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use endpoint_list::EndpointWithOwner;
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,

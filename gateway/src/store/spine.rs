@@ -812,4 +812,18 @@ impl Store {
             .await?;
         Ok(())
     }
+
+    /// Makes the database refuse (or take again) vendor-trail inserts, as a full or
+    /// read-only disk would: the writes fail inside the store, not in a stand-in.
+    #[cfg(test)]
+    pub async fn refuse_audit_writes(&self, refuse: bool) -> StoreResult<()> {
+        let sql = if refuse {
+            "CREATE TRIGGER IF NOT EXISTS refuse_audit BEFORE INSERT ON audit_log \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        } else {
+            "DROP TRIGGER IF EXISTS refuse_audit"
+        };
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
 }

@@ -155,9 +155,13 @@ pub async fn serve_connection(
         }
         r
     };
+    // While the trail is down, requests get the refusal from `open` (a 503 saying why); once
+    // this connection's session is open, the trail going down cuts it.
+    let trail = gw.audit.session_watch().unwrap_or_default();
     let reason = tokio::select! {
         r = serve => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
         _ = ep.cancel.cancelled() => ep.end_reason(),
+        _ = trail.cancelled() => CloseReason::Error,
     };
     if conn.opened.load(Ordering::Relaxed) {
         let extra = serde_json::json!({"requests": conn.requests.load(Ordering::Relaxed)});
@@ -440,7 +444,8 @@ impl Conn {
                 self.client,
                 serde_json::json!({}),
             )
-            .await;
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.message))?;
         }
         Ok(sender)
     }

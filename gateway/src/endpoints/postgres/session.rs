@@ -477,26 +477,36 @@ async fn run(
     pgwire::auth_ok(&mut greeting);
     pgwire::backend_key_data(&mut greeting, key);
     greeting.extend_from_slice(&rest);
-    shared::opened(
-        &gw,
-        &ep,
-        &session_id,
-        client,
-        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
-    )
-    .await;
-    let started = Instant::now();
     let DataStream {
         mut send,
         mut recv,
         connection,
         ..
     } = stream;
+    let trail_watch = match shared::opened(
+        &gw,
+        &ep,
+        &session_id,
+        client,
+        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
+    )
+    .await
+    {
+        Ok(watch) => watch,
+        Err(e) => {
+            shared::cut_stream(&mut send, &mut recv, CloseReason::Error);
+            shared::deny(&gw, &ep, &session_id, client, &e).await;
+            send_error(&mut tls, &pg_error_of(&e)).await;
+            return;
+        }
+    };
+    let started = Instant::now();
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
     let trail = Trail {
         gw: &gw,
         actor: Arc::from(ep.operator.as_str()),
         subject: Arc::new(subject),
+        watch: trail_watch.clone(),
     };
     let mut counts = Counts::default();
     let outcome = match tls.write_all(&greeting).await {
@@ -506,10 +516,14 @@ async fn run(
             tokio::select! {
                 r = pump(&mut tls, &mut send, &mut recv, &trail, &mut counts) => Some(r),
                 _ = ep.cancel.cancelled() => None,
+                // Statements are pipelined: the batch holding them failed, so the session
+                // ends here, before anything more reaches the agent unrecorded.
+                _ = trail_watch.cancelled() => Some(Err(PumpError::TrailDown)),
             }
         }
     };
     let reason = match &outcome {
+        Some(Err(PumpError::TrailDown)) => CloseReason::Error,
         Some(Ok(())) => CloseReason::Client,
         Some(Err(_)) if counts.client_quit => CloseReason::Client,
         Some(Err(_)) if ep.cancel.is_cancelled() => ep.end_reason(),
@@ -538,10 +552,15 @@ async fn run(
         let pe = PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.clone());
         send_error(&mut tls, &pe).await;
     }
+    if let Some(Err(e @ PumpError::TrailDown)) = &outcome {
+        let pe = PgError::fatal(sqlstate::ADMIN_SHUTDOWN, e.to_string());
+        send_error(&mut tls, &pe).await;
+    }
     let _ = tls.shutdown().await;
     drop(tls);
     // The session's statements are in the vendor trail before its end is.
-    gw.audit.flush().await;
+    // If the trail is down they are held by its writer, and this record queues behind them.
+    let _ = gw.audit.flush().await;
     let mut extra = serde_json::json!({ "statements": counts.statements });
     if let Some(Err(e)) = &outcome {
         extra["error"] = serde_json::Value::String(e.to_string());
@@ -631,10 +650,17 @@ struct Trail<'a> {
     gw: &'a Gateway,
     actor: Arc<str>,
     subject: Arc<Subject>,
+    /// Cancelled when a batch of the vendor trail fails.
+    watch: tokio_util::sync::CancellationToken,
 }
 
 impl Trail<'_> {
-    async fn statement(&self, detail: Box<serde_json::value::RawValue>) {
+    /// Queues the statement's record; refuses (and the session is cut) once the trail is
+    /// down, so nothing more is forwarded after a failed batch.
+    async fn statement(&self, detail: Box<serde_json::value::RawValue>) -> Result<(), PumpError> {
+        if self.watch.is_cancelled() {
+            return Err(PumpError::TrailDown);
+        }
         self.gw
             .audit
             .enqueue(
@@ -644,6 +670,7 @@ impl Trail<'_> {
                 detail,
             )
             .await;
+        Ok(())
     }
 }
 
@@ -665,6 +692,8 @@ enum PumpError {
     QuicWrite(quinn::WriteError),
     #[error("{0}")]
     Protocol(String),
+    #[error("the vendor audit trail cannot be written")]
+    TrailDown,
 }
 
 /// Relays both ways until both directions are done. Client bytes are forwarded as soon as
@@ -701,7 +730,7 @@ async fn pump(
                 match f.audit_detail_json() {
                     Some(detail) => {
                         statements += 1;
-                        trail.statement(detail).await;
+                        trail.statement(detail).await?;
                     }
                     None => client_quit = true,
                 }

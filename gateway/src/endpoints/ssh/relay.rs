@@ -176,7 +176,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     };
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
-    session::opened(
+    let trail = match session::opened(
         &gw,
         &ep,
         &session_id,
@@ -190,7 +190,17 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             "pty": start.pty.is_some(),
         }),
     )
-    .await;
+    .await
+    {
+        Ok(watch) => watch,
+        Err(e) => {
+            let code = quinn::VarInt::from_u32(CloseReason::Error.stream_code());
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+            session::deny(&gw, &ep, &session_id, client, &e).await;
+            return fail(&writer, &e).await;
+        }
+    };
 
     // 3. Relay.
     let (width, height, term) = start
@@ -333,6 +343,8 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
         tokio::pin!(down);
         tokio::select! {
             _ = ep.cancel.cancelled() => Err("cut".into()),
+            // Nothing more runs unrecorded: the session ends with reason `error`.
+            _ = trail.cancelled() => Err("the vendor audit trail cannot be written".into()),
             r = &mut down => r.map_err(|e| e.to_string()),
             // The client closed its channel (the agent then ends the program and the stream), or
             // the agent stopped reading because the program already ended: either way, what
