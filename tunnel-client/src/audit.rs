@@ -593,6 +593,10 @@ mod tests {
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
         }
+        // The detached record goes first, so both have failed once the write returns.
+        let detached = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
+        log.queue_statement("sql.statement", "op", "ep", "ses", &detached)
+            .unwrap();
         let refused = log
             .write(Entry::new(
                 "t",
@@ -600,9 +604,6 @@ mod tests {
                 json!({ "i": 2, "pad": "x".repeat(100) }),
             ))
             .await;
-        let detached = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
-        log.queue_statement("sql.statement", "op", "ep", "ses", &detached)
-            .unwrap();
         let changed =
             tokio::time::timeout(std::time::Duration::from_secs(5), failures.changed()).await;
         // SAFETY: as above.
