@@ -698,3 +698,144 @@ fn tcp_endpoint_admits_only_its_own_certificate() -> Result<()> {
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     Ok(())
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily, in case something still holds it) on drop.
+struct TinyDisk(std::path::PathBuf);
+
+impl TinyDisk {
+    /// `None` when this machine does not let us mount (not root, no CAP_SYS_ADMIN).
+    fn mount(at: &std::path::Path, size: &str) -> Result<Option<TinyDisk>> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()?;
+        Ok(out.status.success().then(|| TinyDisk(at.to_path_buf())))
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) -> Result<std::path::PathBuf> {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let block = vec![0u8; 4096];
+        for _ in 0..100_000 {
+            if f.write_all(&block).is_err() {
+                return Ok(path);
+            }
+        }
+        Err(anyhow!("the tmpfs never filled up"))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// One echo over a fresh forwarded connection: `Some(bytes)` back, or `None` if it was refused.
+fn one_echo(listen: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(listen).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(payload).ok()?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).ok().map(|()| back)
+}
+
+/// The customer's trail on a full disk: a live session is cut, a new one is refused with
+/// `AUDIT_UNAVAILABLE`, the agent keeps running and says why; with space again, sessions work
+/// and the trail verifies (nothing half-written was left in it).
+#[test]
+fn full_trail_disk_cuts_and_refuses_sessions_and_the_agent_recovers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gw = Gateway::start(&dir.path().join("gw"))?;
+    let echo = echo_server()?;
+    let app = "full-disk-app";
+    let agent_dir = dir.path().join("agent");
+    let mut agent = Agent::enroll(&gw, &agent_dir, app, "acme-corp", &tcp_resource(echo))?;
+    let Some(disk) = TinyDisk::mount(&agent_dir.join("trail"), "256k")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return Ok(());
+    };
+    // The trail lives on the tiny disk; `agent.trail()` and `audit verify` follow the link.
+    let trail = agent_dir.join("audit.jsonl");
+    let on_disk = disk.0.join("audit.jsonl");
+    if trail.exists() {
+        std::fs::copy(&trail, &on_disk)?;
+        std::fs::remove_file(&trail)?;
+    }
+    std::os::unix::fs::symlink(&on_disk, &trail)?;
+    agent.run()?;
+    assert!(
+        gw.wait_online(&agent.appliance_id, Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    let grant = gw.request_operate(app, "acme-corp", "1h")?;
+    assert_eq!(grant["state"], "active", "{grant}");
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, app)?;
+    let fwd = forwarder(&gw, &home, &ep)?;
+    assert_eq!(
+        one_echo(fwd.listen, b"before").as_deref(),
+        Some(&b"before"[..])
+    );
+    let mut live = TcpStream::connect(fwd.listen)?;
+    live.set_read_timeout(Some(Duration::from_secs(15)))?;
+    live.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf)?;
+
+    let filler = disk.fill()?;
+    // The trail's last page may still hold a few records; once it is full, a new session's
+    // opening record cannot be written: refused, and the live one is cut.
+    let refused = (0..40).find(|_| one_echo(fwd.listen, b"while full").is_none());
+    assert!(
+        refused.is_some(),
+        "sessions kept being served with the disk full"
+    );
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the live session went on: {rest:?}");
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent exited"
+    );
+    let log = std::fs::read_to_string(&agent.log)?;
+    assert!(
+        log.contains("cannot write the customer's audit trail"),
+        "the agent did not say why: {log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || denials(&gw, &id_of(&ep))
+            .iter()
+            .any(|r| r.to_string().contains("AUDIT_UNAVAILABLE"))),
+        "the vendor trail does not show the refusal: {:?}",
+        denials(&gw, &id_of(&ep))
+    );
+
+    std::fs::remove_file(&filler)?;
+    assert!(
+        wait_until(Duration::from_secs(10), || one_echo(fwd.listen, b"after")
+            .is_some_and(|b| b == b"after")),
+        "sessions did not work again once the disk had space"
+    );
+    let verified = agent.verify_trail()?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(agent.trail()?.iter().any(|r| r["kind"] == "session.opened"));
+    drop(agent);
+    drop(disk);
+    Ok(())
+}
