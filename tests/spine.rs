@@ -2,7 +2,9 @@
 
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::{Forwarder, TcpCredential};
-use postern::testbed::{echo_round_trip, echo_server, pattern, wait_until, Agent, Gateway};
+use postern::testbed::{
+    echo_round_trip, echo_server, pattern, wait_until, Agent, Gateway, TinyDisk,
+};
 use serde_json::Value;
 use std::{
     io::{Read, Write},
@@ -699,49 +701,6 @@ fn tcp_endpoint_admits_only_its_own_certificate() -> Result<()> {
     Ok(())
 }
 
-/// A tmpfs mounted for one test, unmounted (lazily, in case something still holds it) on drop.
-struct TinyDisk(std::path::PathBuf);
-
-impl TinyDisk {
-    /// `None` when this machine does not let us mount (not root, no CAP_SYS_ADMIN).
-    fn mount(at: &std::path::Path, size: &str) -> Result<Option<TinyDisk>> {
-        std::fs::create_dir_all(at)?;
-        let out = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .output()?;
-        Ok(out.status.success().then(|| TinyDisk(at.to_path_buf())))
-    }
-
-    /// Writes a filler file until the disk is full.
-    fn fill(&self) -> Result<std::path::PathBuf> {
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path)?;
-        let block = vec![0u8; 4096];
-        for _ in 0..100_000 {
-            if f.write_all(&block).is_err() {
-                return Ok(path);
-            }
-        }
-        Err(anyhow!("the tmpfs never filled up"))
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// One echo over a fresh forwarded connection: `Some(bytes)` back, or `None` if it was refused.
 fn one_echo(listen: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
     let mut s = TcpStream::connect(listen).ok()?;
@@ -768,14 +727,7 @@ fn full_trail_disk_cuts_and_refuses_sessions_and_the_agent_recovers() -> Result<
         );
         return Ok(());
     };
-    // The trail lives on the tiny disk; `agent.trail()` and `audit verify` follow the link.
-    let trail = agent_dir.join("audit.jsonl");
-    let on_disk = disk.0.join("audit.jsonl");
-    if trail.exists() {
-        std::fs::copy(&trail, &on_disk)?;
-        std::fs::remove_file(&trail)?;
-    }
-    std::os::unix::fs::symlink(&on_disk, &trail)?;
+    disk.hold_trail(&agent)?;
     agent.run()?;
     assert!(
         gw.wait_online(&agent.appliance_id, Duration::from_secs(30)),
