@@ -217,26 +217,27 @@ struct ServerBoundary {
 }
 
 impl ServerBoundary {
-    fn advance(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() {
+    fn advance(&mut self, chunk: &[u8]) {
+        let mut bytes = chunk.iter();
+        loop {
             if self.remaining > 0 {
-                let n = (self.remaining.min(chunk.len() as u64)) as usize;
-                self.remaining -= n as u64;
-                chunk = chunk.get(n..).unwrap_or_default();
+                // Skips the rest of the body (or as much of it as this chunk holds).
+                let n = self.remaining.min(bytes.len() as u64);
+                if n == 0 {
+                    return;
+                }
+                self.remaining -= n;
+                bytes.nth(n as usize - 1);
                 continue;
             }
-            let take = (5 - self.have).min(chunk.len());
-            self.header[self.have..self.have + take].copy_from_slice(&chunk[..take]);
-            self.have += take;
-            chunk = &chunk[take..];
-            if self.have == 5 {
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.remaining = u64::from(len).saturating_sub(4);
+            let Some(&b) = bytes.next() else { return };
+            if let Some(slot) = self.header.get_mut(self.have) {
+                *slot = b;
+            }
+            self.have += 1;
+            if self.have == self.header.len() {
+                let [_, a, b, c, d] = self.header;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d])).saturating_sub(4);
                 self.have = 0;
             }
         }
@@ -659,4 +660,47 @@ async fn connect(server: &Server, tls: &DbTls) -> std::io::Result<Db> {
         }
         Server::Unix(path) => Db::Unix(tokio::net::UnixStream::connect(path).await?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// The relay may add its FATAL only between two whole server messages, however the
+    /// server's bytes were split into chunks.
+    #[test]
+    fn boundary_is_known_across_any_chunking() {
+        let mut stream = message(b'T', b"row description");
+        stream.extend(message(b'D', &[7u8; 300]));
+        stream.extend(message(b'Z', b"I"));
+        let ends = [
+            message(b'T', b"row description").len(),
+            stream.len() - message(b'Z', b"I").len(),
+            stream.len(),
+        ];
+        for split in 1..stream.len() {
+            let mut b = ServerBoundary::default();
+            let (head, tail) = stream.split_at(split);
+            b.advance(head);
+            assert_eq!(b.at_boundary(), ends.contains(&split), "split at {split}");
+            b.advance(tail);
+            assert!(b.at_boundary(), "split at {split}");
+        }
+        // Byte by byte: only ends of messages are boundaries.
+        let mut b = ServerBoundary::default();
+        for (i, byte) in stream.iter().enumerate() {
+            b.advance(std::slice::from_ref(byte));
+            assert_eq!(b.at_boundary(), ends.contains(&(i + 1)), "after byte {i}");
+        }
+        // A chunk still on its way to the tunnel is never a boundary.
+        b.in_flight = true;
+        assert!(!b.at_boundary());
+    }
 }
