@@ -1,7 +1,7 @@
 //! The customer's trail: append-only JSON lines, hash-chained so an edited, deleted or
 //! reordered record is detected by `postern-agent audit verify`.
 
-use crate::trail_writer::{Ack, Chain, Queued};
+use crate::trail_writer::{Ack, Chain, Item, Queued};
 use endpoint_types::api::{AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
 use jiff::Timestamp;
 use serde::Serialize;
@@ -163,7 +163,7 @@ pub struct AuditLog {
 
 struct Shared {
     path: PathBuf,
-    queue: std::sync::mpsc::Sender<Queued>,
+    queue: std::sync::mpsc::Sender<Item>,
     failures: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -294,7 +294,7 @@ impl AuditLog {
     ) -> Result<(), AuditError> {
         self.inner
             .queue
-            .send(Queued {
+            .send(Item::Record(Queued {
                 kind,
                 actor,
                 endpoint_id,
@@ -302,7 +302,7 @@ impl AuditLog {
                 op_id,
                 detail,
                 ack,
-            })
+            }))
             .map_err(|_| self.failed("the trail's writer has stopped".into()))
     }
 
@@ -310,6 +310,15 @@ impl AuditLog {
         AuditError::Unwritable {
             path: self.inner.path.clone(),
             reason,
+        }
+    }
+
+    /// Waits until every record queued before this call was written (or refused): the agent
+    /// calls it before it exits, so records queued without waiting are not lost.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.queue.send(Item::Flush(tx)).is_ok() {
+            let _ = rx.await;
         }
     }
 
@@ -627,6 +636,19 @@ mod tests {
             .unwrap();
         assert_eq!(r.seq, 2);
         assert_eq!(verify_file(&path).unwrap(), 2);
+    }
+
+    /// A flush returns once every record queued before it, waited for or not, is on disk.
+    #[tokio::test]
+    async fn flush_waits_for_detached_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None).unwrap();
+        for i in 0..200 {
+            log.record_or_log(Entry::new("t", "a", json!({ "i": i })));
+        }
+        log.flush().await;
+        assert_eq!(verify_file(&path).unwrap(), 200);
     }
 
     /// Start-up reads the trail line by line and continues after a final line without its newline.

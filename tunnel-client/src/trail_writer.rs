@@ -38,6 +38,12 @@ pub enum Ack {
     Detached,
 }
 
+/// What writers queue: a record, or a flush answered once everything queued before it is durable.
+pub enum Item {
+    Record(Queued),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// One record to chain; `seq`, `time` and the hashes are the writer's.
 pub struct Queued {
     pub kind: &'static str,
@@ -61,19 +67,26 @@ pub struct Chain {
 }
 
 /// The writer thread: runs until every sender is dropped, then returns after the last batch.
-pub fn run(
-    mut chain: Chain,
-    rx: mpsc::Receiver<Queued>,
-    failures: tokio::sync::watch::Sender<u64>,
-) {
+pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::watch::Sender<u64>) {
     let mut buf = Vec::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Item::Record(q) => batch.push(q),
+                Item::Flush(tx) => flushes.push(tx),
             }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            for tx in flushes {
+                let _ = tx.send(());
+            }
+            continue;
         }
         let started = Instant::now();
         let outcome = write_batch(&mut chain, &batch, &mut buf);
@@ -96,6 +109,9 @@ pub fn run(
                     acknowledge(q.ack, Err(failure.clone()));
                 }
             }
+        }
+        for tx in flushes {
+            let _ = tx.send(());
         }
     }
 }
