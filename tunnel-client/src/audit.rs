@@ -578,6 +578,12 @@ mod tests {
     /// record once the disk takes writes again.
     #[tokio::test]
     async fn failed_batch_is_refused_counted_and_rolled_back() {
+        // The file size limit is per process: only a runner that gives each test its own process
+        // (nextest, as scripts/test uses) keeps it away from other tests.
+        if std::env::var_os("NEXTEST").is_none() {
+            eprintln!("SKIPPED: needs its own process (run it with cargo nextest)");
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, None).unwrap();

@@ -191,3 +191,57 @@ fn restore_end(chain: &mut Chain) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(i: i64, ack: Ack) -> Item {
+        Item::Record(Queued {
+            kind: "t",
+            actor: "a".into(),
+            endpoint_id: None,
+            session_id: Some("ses_1".into()),
+            op_id: None,
+            detail: serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
+            ack,
+        })
+    }
+
+    /// On a device that takes no writes every writer of the batch hears why, the failure is
+    /// counted for the sessions watching, and a flush behind it still returns.
+    #[test]
+    fn a_batch_that_cannot_be_written_is_refused_to_every_writer() {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .unwrap();
+        let chain = Chain {
+            path: "/dev/full".into(),
+            file,
+            durable_len: 0,
+            next_seq: 1,
+            prev_hash: endpoint_types::api::AUDIT_GENESIS_HASH.into(),
+            appliance_id: None,
+        };
+        let (tx, rx) = mpsc::channel();
+        let (failures, watched) = tokio::sync::watch::channel(0u64);
+        let mut acks = Vec::new();
+        for i in 0..3 {
+            let (a, b) = mpsc::sync_channel(1);
+            tx.send(queued(i, Ack::Blocking(a))).unwrap();
+            acks.push(b);
+        }
+        tx.send(queued(9, Ack::Detached)).unwrap();
+        let (flush_tx, mut flush_rx) = tokio::sync::oneshot::channel();
+        tx.send(Item::Flush(flush_tx)).unwrap();
+        drop(tx);
+        run(chain, rx, failures);
+        for ack in acks {
+            let failure = ack.recv().unwrap().unwrap_err();
+            assert!(failure.0.contains("space"), "{failure:?}");
+        }
+        assert!(*watched.borrow() >= 1);
+        assert_eq!(flush_rx.try_recv(), Ok(()));
+    }
+}
