@@ -492,3 +492,63 @@ pub fn echo_round_trip(addr: SocketAddr, data: &[u8]) -> Result<Vec<u8>> {
     writer.join().map_err(|_| anyhow!("writer panicked"))??;
     Ok(back)
 }
+
+/// A tmpfs mounted for one test, unmounted (lazily, in case something still holds it) on drop.
+pub struct TinyDisk(pub PathBuf);
+
+impl TinyDisk {
+    /// `None` when this machine does not let us mount (not root, no CAP_SYS_ADMIN).
+    pub fn mount(at: &Path, size: &str) -> Result<Option<TinyDisk>> {
+        std::fs::create_dir_all(at)?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()?;
+        Ok(out.status.success().then(|| TinyDisk(at.to_path_buf())))
+    }
+
+    /// Moves the agent's trail (`audit.jsonl` next to its config) onto this disk and links it
+    /// back, so `Agent::trail` and `audit verify` read it; the agent must not be running.
+    pub fn hold_trail(&self, agent: &Agent) -> Result<()> {
+        let dir = agent
+            .config
+            .parent()
+            .ok_or_else(|| anyhow!("config has no dir"))?;
+        let trail = dir.join("audit.jsonl");
+        let on_disk = self.0.join("audit.jsonl");
+        if trail.exists() {
+            std::fs::copy(&trail, &on_disk)?;
+            std::fs::remove_file(&trail)?;
+        }
+        std::os::unix::fs::symlink(&on_disk, &trail)?;
+        Ok(())
+    }
+
+    /// Writes a filler file until the disk is full.
+    pub fn fill(&self) -> Result<PathBuf> {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let block = vec![0u8; 4096];
+        for _ in 0..100_000 {
+            if std::io::Write::write_all(&mut f, &block).is_err() {
+                return Ok(path);
+            }
+        }
+        Err(anyhow!("the tmpfs never filled up"))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

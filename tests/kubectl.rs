@@ -1174,3 +1174,66 @@ fn kubectl_ops_go_through_a_per_op_scoped_proxy() -> Result<()> {
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
     Ok(())
 }
+
+/// The customer's trail on a full disk: kubectl gets a 503 Status saying the appliance cannot
+/// write its audit trail, the agent keeps running and says why; with space again kubectl works
+/// and the trail verifies.
+#[test]
+fn full_trail_disk_gives_kubectl_a_503_and_the_agent_recovers() -> Result<()> {
+    let mut s = setup()?;
+    let (_id, cfg) = create_endpoint(&s, CLUSTER)?;
+    let agent_dir = s._dir.path().join("agent");
+    let Some(disk) = postern::testbed::TinyDisk::mount(&agent_dir.join("trail"), "256k")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return Ok(());
+    };
+    s.agent.stop();
+    disk.hold_trail(&s.agent)?;
+    s.agent.run()?;
+    assert!(s
+        .gw
+        .wait_online(&s.agent.appliance_id, Duration::from_secs(30)));
+    let works = || {
+        kubectl(&cfg, &["get", "pods", "-n", "my-app-prod"], None, LIMIT)
+            .is_ok_and(|(ok, out, _)| ok && out.contains("web-1"))
+    };
+    assert!(wait_until(Duration::from_secs(20), works));
+
+    let filler = disk.fill()?;
+    // The trail's last page may still take a few records; then a session is refused.
+    let mut refusal = None;
+    for _ in 0..40 {
+        let (ok, _, err) = kubectl(&cfg, &["get", "pods", "-n", "my-app-prod"], None, LIMIT)?;
+        if !ok {
+            refusal = Some(err);
+            break;
+        }
+    }
+    let refusal = refusal.ok_or_else(|| anyhow!("kubectl kept working with the disk full"))?;
+    assert!(
+        refusal.contains("ServiceUnavailable") && refusal.contains("cannot write its audit trail"),
+        "kubectl said: {refusal}"
+    );
+    let pid = s.agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent exited"
+    );
+    let log = std::fs::read_to_string(&s.agent.log)?;
+    assert!(
+        log.contains("cannot write the customer's audit trail"),
+        "the agent did not say why: {log}"
+    );
+
+    std::fs::remove_file(&filler)?;
+    assert!(
+        wait_until(Duration::from_secs(10), works),
+        "kubectl did not work again once the disk had space"
+    );
+    assert_eq!(s.agent.verify_trail()?.ok()?["ok"], true);
+    s.agent.stop();
+    drop(disk);
+    Ok(())
+}

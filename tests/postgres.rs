@@ -5,11 +5,11 @@
 use anyhow::{anyhow, Result};
 use postern::{
     pg_cluster::{Options, PgCluster},
-    testbed::{wait_until, Agent, Gateway},
+    testbed::{wait_until, Agent, Gateway, TinyDisk},
 };
 use serde_json::Value;
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -1123,5 +1123,94 @@ fn a_store_outage_cuts_psql_and_no_statement_runs_unrecorded() -> Result<()> {
         s.gw.cli(&["audit", "verify"])?.success,
         "the chain verifies"
     );
+    Ok(())
+}
+
+/// The customer's trail on a full disk: a live psql session is cut with a FATAL naming
+/// `AUDIT_UNAVAILABLE`, new sessions are refused the same way before reaching the database,
+/// the agent keeps running and says why; with space again psql works and the trail verifies.
+#[test]
+fn full_trail_disk_gives_psql_a_fatal_and_the_agent_recovers() -> Result<()> {
+    let mut s = setup("pg-trail")?;
+    let (id, cs) = s.create("pg-trail", "10m")?;
+    let agent_dir = s._dir.path().join("agent");
+    let Some(disk) = TinyDisk::mount(&agent_dir.join("trail"), "256k")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return Ok(());
+    };
+    s.agent.stop();
+    disk.hold_trail(&s.agent)?;
+    s.agent.run()?;
+    assert!(s
+        .gw
+        .wait_online(&s.agent.appliance_id, Duration::from_secs(30)));
+    assert!(wait_until(Duration::from_secs(20), || psql(
+        &cs, "SELECT 1"
+    )
+    .ok));
+    let role = format!("postern_{id}");
+    let mut sleeper = psql_cmd(&cs, &["-c", "SELECT pg_sleep(3600)"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    assert!(wait_until(Duration::from_secs(20), || s.admin(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}' AND query LIKE '%pg_sleep%'"
+    )) == "1"));
+
+    let filler = disk.fill()?;
+    // The trail's last page may still take a few records; then a session is refused.
+    let mut refusal = None;
+    for i in 0..40 {
+        let r = psql(
+            &cs,
+            &format!("INSERT INTO app.items (name) VALUES ('full-{i}')"),
+        );
+        if !r.ok {
+            refusal = Some(r.stderr);
+            break;
+        }
+    }
+    let refusal = refusal.ok_or_else(|| anyhow!("psql kept working with the disk full"))?;
+    assert!(
+        refusal.contains("FATAL") && refusal.contains("AUDIT_UNAVAILABLE"),
+        "psql said: {refusal}"
+    );
+    let (_, err) = wait_output(&mut sleeper, Duration::from_secs(30))?;
+    assert!(
+        err.contains("FATAL") && err.contains("AUDIT_UNAVAILABLE") && err.contains("audit_path"),
+        "the live session was not told why: {err}"
+    );
+    let pid = s.agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent exited"
+    );
+    let log = std::fs::read_to_string(&s.agent.log)?;
+    assert!(
+        log.contains("cannot write the customer's audit trail"),
+        "the agent did not say why: {log}"
+    );
+
+    std::fs::remove_file(&filler)?;
+    assert!(
+        wait_until(Duration::from_secs(10), || psql(
+            &cs,
+            "INSERT INTO app.items (name) VALUES ('after')"
+        )
+        .ok),
+        "psql did not work again once the disk had space"
+    );
+    let verified = s.agent.verify_trail()?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(s
+        .customer_records("sql.statement")
+        .iter()
+        .any(|r| r["detail"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("'after'"))));
+    s.agent.stop();
+    drop(disk);
     Ok(())
 }

@@ -2,7 +2,9 @@
 
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::{Forwarder, TcpCredential};
-use postern::testbed::{echo_round_trip, echo_server, pattern, wait_until, Agent, Gateway};
+use postern::testbed::{
+    echo_round_trip, echo_server, pattern, wait_until, Agent, Gateway, TinyDisk,
+};
 use serde_json::Value;
 use std::{
     io::{Read, Write},
@@ -795,5 +797,96 @@ fn store_outage_cuts_live_sessions_refuses_new_ones_and_recovers() -> Result<()>
         "the refusal, with its reason: {records:?}"
     );
     assert!(gw.cli(&["audit", "verify"])?.success, "the chain verifies");
+    Ok(())
+}
+
+/// One echo over a fresh forwarded connection: `Some(bytes)` back, or `None` if it was refused.
+fn one_echo(listen: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(listen).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(payload).ok()?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).ok().map(|()| back)
+}
+
+/// The customer's trail on a full disk: a live session is cut, a new one is refused with
+/// `AUDIT_UNAVAILABLE`, the agent keeps running and says why; with space again, sessions work
+/// and the trail verifies (nothing half-written was left in it).
+#[test]
+fn full_trail_disk_cuts_and_refuses_sessions_and_the_agent_recovers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gw = Gateway::start(&dir.path().join("gw"))?;
+    let echo = echo_server()?;
+    let app = "full-disk-app";
+    let agent_dir = dir.path().join("agent");
+    let mut agent = Agent::enroll(&gw, &agent_dir, app, "acme-corp", &tcp_resource(echo))?;
+    let Some(disk) = TinyDisk::mount(&agent_dir.join("trail"), "256k")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return Ok(());
+    };
+    disk.hold_trail(&agent)?;
+    agent.run()?;
+    assert!(
+        gw.wait_online(&agent.appliance_id, Duration::from_secs(30)),
+        "{}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    let grant = gw.request_operate(app, "acme-corp", "1h")?;
+    assert_eq!(grant["state"], "active", "{grant}");
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, app)?;
+    let fwd = forwarder(&gw, &home, &ep)?;
+    assert_eq!(
+        one_echo(fwd.listen, b"before").as_deref(),
+        Some(&b"before"[..])
+    );
+    let mut live = TcpStream::connect(fwd.listen)?;
+    live.set_read_timeout(Some(Duration::from_secs(15)))?;
+    live.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf)?;
+
+    let filler = disk.fill()?;
+    // The trail's last page may still hold a few records; once it is full, a new session's
+    // opening record cannot be written: refused, and the live one is cut.
+    let refused = (0..40).find(|_| one_echo(fwd.listen, b"while full").is_none());
+    assert!(
+        refused.is_some(),
+        "sessions kept being served with the disk full"
+    );
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the live session went on: {rest:?}");
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent exited"
+    );
+    let log = std::fs::read_to_string(&agent.log)?;
+    assert!(
+        log.contains("cannot write the customer's audit trail"),
+        "the agent did not say why: {log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || denials(&gw, &id_of(&ep))
+            .iter()
+            .any(|r| r.to_string().contains("AUDIT_UNAVAILABLE"))),
+        "the vendor trail does not show the refusal: {:?}",
+        denials(&gw, &id_of(&ep))
+    );
+
+    std::fs::remove_file(&filler)?;
+    assert!(
+        wait_until(Duration::from_secs(10), || one_echo(fwd.listen, b"after")
+            .is_some_and(|b| b == b"after")),
+        "sessions did not work again once the disk had space"
+    );
+    let verified = agent.verify_trail()?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert!(agent.trail()?.iter().any(|r| r["kind"] == "session.opened"));
+    drop(agent);
+    drop(disk);
     Ok(())
 }

@@ -1229,3 +1229,77 @@ fn the_endpoints_end_tears_down_what_its_user_left_on_the_vm() -> Result<()> {
     assert_eq!(w.agent.verify_trail()?.ok()?["ok"], true);
     Ok(())
 }
+
+/// The customer's trail on a full disk: an ssh session is refused before anything runs on
+/// the VM, with the reason; a live interactive session is cut; the agent keeps running and says
+/// why; with space again ssh works and the trail verifies.
+#[test]
+fn full_trail_disk_refuses_ssh_and_the_agent_recovers() -> Result<()> {
+    let mut w = world(None)?;
+    let ep = w.create_endpoint()?;
+    let agent_dir = w.dir.path().join("agent");
+    let Some(disk) = postern::testbed::TinyDisk::mount(&agent_dir.join("trail"), "256k")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk test did not run"
+        );
+        return Ok(());
+    };
+    w.agent.stop();
+    disk.hold_trail(&w.agent)?;
+    w.agent.run()?;
+    assert!(w
+        .gw
+        .wait_online(&w.agent.appliance_id, Duration::from_secs(30)));
+    let works = || {
+        run(&mut ep.ssh(&[], Some("echo reached")))
+            .is_ok_and(|(code, out, _)| code == Some(0) && out.contains("reached"))
+    };
+    assert!(wait_until(Duration::from_secs(20), works));
+    let mut live = ep
+        .ssh(&[], Some("sleep 600"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    assert!(wait_until(Duration::from_secs(20), || w
+        .agent
+        .trail()
+        .is_ok_and(|t| t.iter().any(
+            |r| r["kind"] == "session.opened" && r["detail"]["command"] == "sleep 600"
+        ))));
+    // Where the VM's user leaves a mark for each command that ran.
+    let marks = tempfile::tempdir()?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(marks.path(), std::fs::Permissions::from_mode(0o777))?;
+    let filler = disk.fill()?;
+    let mut refusal = None;
+    for i in 0..40 {
+        let marker = marks.path().join(format!("ran-{i}"));
+        let (code, _, err) = run(&mut ep.ssh(&[], Some(&format!("touch {}", marker.display()))))?;
+        if code != Some(0) {
+            assert!(!marker.exists(), "the refused command ran on the VM");
+            refusal = Some(err);
+            break;
+        }
+    }
+    let refusal = refusal.ok_or_else(|| anyhow!("ssh kept working with the disk full"))?;
+    assert!(refusal.contains("audit trail"), "ssh said: {refusal}");
+    // Bails if the live session was not cut.
+    wait_exit(&mut live, Duration::from_secs(20))?;
+    let pid = w.agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    assert!(alive(pid), "the agent exited");
+    let log = std::fs::read_to_string(&w.agent.log)?;
+    assert!(
+        log.contains("cannot write the customer's audit trail"),
+        "the agent did not say why: {log}"
+    );
+
+    std::fs::remove_file(&filler)?;
+    assert!(
+        wait_until(Duration::from_secs(10), works),
+        "ssh did not work again once the disk had space"
+    );
+    assert_eq!(w.agent.verify_trail()?.ok()?["ok"], true);
+    w.agent.stop();
+    drop(disk);
+    Ok(())
+}

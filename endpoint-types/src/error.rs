@@ -36,6 +36,8 @@ pub enum ErrorCode {
     GatewayUnreachable,
     DuplicateConnection,
     Internal,
+    /// The appliance cannot write its customer trail (full or failing disk).
+    AuditUnavailable,
 }
 
 impl ErrorCode {
@@ -70,6 +72,7 @@ impl ErrorCode {
             ErrorCode::GatewayUnreachable => "GATEWAY_UNREACHABLE",
             ErrorCode::DuplicateConnection => "DUPLICATE_CONNECTION",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::AuditUnavailable => "AUDIT_UNAVAILABLE",
         }
     }
 
@@ -97,6 +100,7 @@ impl ErrorCode {
             ErrorCode::EndpointExpired | ErrorCode::EndpointRetired => 410,
             ErrorCode::SessionLimit => 429,
             ErrorCode::ApplianceOffline | ErrorCode::GatewayUnreachable => 503,
+            ErrorCode::AuditUnavailable => 503,
             ErrorCode::TargetUnreachable => 502,
             ErrorCode::CommandTimeout => 504,
             ErrorCode::CommandFailed | ErrorCode::AuditChainBroken | ErrorCode::Internal => 500,
@@ -219,6 +223,7 @@ mod tests {
             GatewayUnreachable,
             DuplicateConnection,
             Internal,
+            AuditUnavailable,
         ] {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }

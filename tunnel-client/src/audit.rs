@@ -1,15 +1,16 @@
 //! The customer's trail: append-only JSON lines, hash-chained so an edited, deleted or
 //! reordered record is detected by `postern-agent audit verify`.
 
+use crate::trail_writer::{Ack, Chain, Item, Queued};
 use endpoint_types::api::{AuditRecord, ChainFields, AUDIT_GENESIS_HASH};
 use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum AuditError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write the audit trail {}: {reason}", path.display())]
+    Unwritable { path: PathBuf, reason: String },
     #[error("the audit trail {} is broken at seq {seq}: {reason}", path.display())]
     Broken {
         path: PathBuf,
@@ -33,6 +36,8 @@ impl AuditError {
         match self {
             AuditError::Io { .. } => ApiError::new(ErrorCode::Internal, self.to_string())
                 .hint("check audit_path in agent.toml and the agent's permissions on it"),
+            AuditError::Unwritable { .. } => ApiError::new(ErrorCode::AuditUnavailable, self.to_string())
+                .hint("the customer must free space on (or repair) the disk holding audit_path; the appliance accepts work again once its trail is writable"),
             AuditError::Broken { seq, .. } => ApiError::new(ErrorCode::AuditChainBroken, self.to_string())
                 .hint("a record was edited, deleted or reordered at or just before this seq; keep a copy of the file for investigation")
                 .details(serde_json::json!({ "seq": seq })),
@@ -79,15 +84,6 @@ impl Entry {
     }
 }
 
-/// What a record is about, borrowed.
-struct Fields<'a> {
-    kind: &'static str,
-    actor: &'a str,
-    endpoint_id: Option<&'a str>,
-    session_id: Option<&'a str>,
-    op_id: Option<&'a str>,
-}
-
 /// One line of the trail: the fields of [`AuditRecord`], in its order, borrowed.
 #[derive(Serialize)]
 struct Line<'a, D: Serialize + ?Sized> {
@@ -123,27 +119,82 @@ impl<D: Serialize + ?Sized> Line<'_, D> {
     }
 }
 
-/// Cheap to clone; every clone appends to the same chain under one lock, so the chain stays
-/// linear however many sessions write at once.
+/// Appends the chained line of `q` to `out`, field for field what serialising an
+/// [`AuditRecord`] gives, and returns its hash.
+pub(crate) fn chain_line(
+    seq: i64,
+    time: &Timestamp,
+    q: &Queued,
+    appliance_id: Option<&str>,
+    prev_hash: &str,
+    out: &mut Vec<u8>,
+) -> Result<String, serde_json::Error> {
+    let mut line = Line {
+        seq,
+        time,
+        kind: q.kind,
+        actor: &q.actor,
+        appliance_id,
+        endpoint_id: q.endpoint_id.as_deref(),
+        session_id: q.session_id.as_deref(),
+        op_id: q.op_id.as_deref(),
+        detail: &*q.detail,
+        prev_hash,
+        hash: "",
+    };
+    let hash = sha256_hex(&line.chain_input());
+    line.hash = &hash;
+    let mark = out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, &line) {
+        out.truncate(mark);
+        return Err(e);
+    }
+    out.push(b'\n');
+    Ok(hash)
+}
+
+/// Cheap to clone; every clone queues to the one writer thread, which keeps the chain linear
+/// however many sessions write at once (see [`crate::trail_writer`]).
 #[derive(Clone)]
 pub struct AuditLog {
-    inner: Arc<Mutex<Chain>>,
+    inner: Arc<Shared>,
     appliance_id: Option<String>,
 }
 
-struct Chain {
+struct Shared {
     path: PathBuf,
-    file: File,
-    next_seq: i64,
-    prev_hash: String,
+    queue: std::sync::mpsc::Sender<Item>,
+    failures: tokio::sync::watch::Receiver<u64>,
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
 }
 
+/// The last non-empty line of the trail, read line by line (never the whole file at once),
+/// and the file's length. Whether the file ends with a newline is the third value.
+fn last_line(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, u64, bool)> {
+    let mut reader = BufReader::new(&mut *file);
+    let (mut line, mut last) = (Vec::new(), None::<Vec<u8>>);
+    let (mut len, mut ends_with_newline) = (0u64, true);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        ends_with_newline = line.last() == Some(&b'\n');
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            last = Some(std::mem::take(&mut line));
+        }
+    }
+    Ok((last, len, ends_with_newline))
+}
+
 impl AuditLog {
-    /// Opens (creating if needed) the trail and continues the chain from its last record.
+    /// Opens (creating if needed) the trail append-only, continues the chain from its last
+    /// record and starts the writer thread.
     pub fn open(path: &Path, appliance_id: Option<String>) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
@@ -157,15 +208,14 @@ impl AuditLog {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(io)?;
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(io)?;
-        let (next_seq, prev_hash) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        let (last, mut len, ends_with_newline) = last_line(&mut file).map_err(io)?;
+        let (next_seq, prev_hash) = match last {
             None => (1, AUDIT_GENESIS_HASH.to_string()),
             Some(last) => {
                 // Appending after a damaged last line would bury the damage under valid-looking
                 // records; refuse instead and let the customer look.
                 let r: AuditRecord =
-                    serde_json::from_str(last).map_err(|e| AuditError::Broken {
+                    serde_json::from_slice(&last).map_err(|e| AuditError::Broken {
                         path: path.to_path_buf(),
                         seq: 0,
                         reason: format!(
@@ -175,16 +225,30 @@ impl AuditLog {
                 (r.seq + 1, r.hash)
             }
         };
-        if !text.is_empty() && !text.ends_with('\n') {
+        if !ends_with_newline {
             file.write_all(b"\n").map_err(io)?;
+            len += 1;
         }
+        let chain = Chain {
+            path: path.to_path_buf(),
+            file,
+            durable_len: len,
+            next_seq,
+            prev_hash,
+            appliance_id: appliance_id.clone(),
+        };
+        let (queue, rx) = std::sync::mpsc::channel();
+        let (failures_tx, failures) = tokio::sync::watch::channel(0u64);
+        std::thread::Builder::new()
+            .name("audit-trail".into())
+            .spawn(move || crate::trail_writer::run(chain, rx, failures_tx))
+            .map_err(io)?;
         Ok(AuditLog {
-            inner: Arc::new(Mutex::new(Chain {
+            inner: Arc::new(Shared {
                 path: path.to_path_buf(),
-                file,
-                next_seq,
-                prev_hash,
-            })),
+                queue,
+                failures,
+            }),
             appliance_id,
         })
     }
@@ -201,33 +265,87 @@ impl AuditLog {
         )
     }
 
-    pub fn record(&self, entry: Entry) -> Result<AuditRecord, AuditError> {
-        let fields = Fields {
-            kind: entry.kind,
-            actor: &entry.actor,
-            endpoint_id: entry.endpoint_id.as_deref(),
-            session_id: entry.session_id.as_deref(),
-            op_id: entry.op_id.as_deref(),
-        };
-        let (seq, time, prev_hash, hash) = self.append(&fields, &entry.detail)?;
-        Ok(AuditRecord {
-            seq,
-            time,
-            kind: entry.kind.to_string(),
-            actor: entry.actor,
-            appliance_id: self.appliance_id.clone(),
-            endpoint_id: entry.endpoint_id,
-            session_id: entry.session_id,
-            op_id: entry.op_id,
-            detail: entry.detail,
-            prev_hash,
-            hash,
-        })
+    /// Counts failed batches; a session watches it and is cut when it changes, since records
+    /// it wrote (or will write) may not be kept.
+    pub fn failures(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.failures.clone()
     }
 
-    /// A session's record whose detail is already JSON text (a statement, made on the message
-    /// path without a `Value`): the same line [`AuditLog::record`] writes for that detail.
-    pub fn record_json(
+    fn queue(&self, entry: Entry, ack: Ack) -> Result<(), AuditError> {
+        let detail = serde_json::value::to_raw_value(&entry.detail)
+            .map_err(|e| self.failed(e.to_string()))?;
+        self.queue_raw(
+            entry.kind,
+            entry.actor,
+            (entry.endpoint_id, entry.session_id, entry.op_id),
+            detail,
+            ack,
+        )
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn queue_raw(
+        &self,
+        kind: &'static str,
+        actor: String,
+        (endpoint_id, session_id, op_id): (Option<String>, Option<String>, Option<String>),
+        detail: Box<RawValue>,
+        ack: Ack,
+    ) -> Result<(), AuditError> {
+        self.inner
+            .queue
+            .send(Item::Record(Queued {
+                kind,
+                actor,
+                endpoint_id,
+                session_id,
+                op_id,
+                detail,
+                ack,
+            }))
+            .map_err(|_| self.failed("the trail's writer has stopped".into()))
+    }
+
+    fn failed(&self, reason: String) -> AuditError {
+        AuditError::Unwritable {
+            path: self.inner.path.clone(),
+            reason,
+        }
+    }
+
+    /// Waits until every record queued before this call was written (or refused): the agent
+    /// calls it before it exits, so records queued without waiting are not lost.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.queue.send(Item::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Writes a record and waits until it is durable (written and synced by group commit).
+    pub async fn write(&self, entry: Entry) -> Result<AuditRecord, AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(entry, Ack::Async(tx))?;
+        match rx.await {
+            Ok(r) => r.map_err(|f| self.failed(f.0)),
+            Err(_) => Err(self.failed("the trail's writer has stopped".into())),
+        }
+    }
+
+    /// [`AuditLog::write`] for code that is not on an async task: blocks until durable.
+    pub fn record(&self, entry: Entry) -> Result<AuditRecord, AuditError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.queue(entry, Ack::Blocking(tx))?;
+        match rx.recv() {
+            Ok(r) => r.map_err(|f| self.failed(f.0)),
+            Err(_) => Err(self.failed("the trail's writer has stopped".into())),
+        }
+    }
+
+    /// A session's statement whose detail is already JSON text, made on the message path:
+    /// queued in order without waiting (the session watches [`AuditLog::failures`] and is cut
+    /// when a batch fails). Fails only when the writer is gone.
+    pub fn queue_statement(
         &self,
         kind: &'static str,
         actor: &str,
@@ -235,64 +353,24 @@ impl AuditLog {
         session_id: &str,
         detail: &RawValue,
     ) -> Result<(), AuditError> {
-        let fields = Fields {
+        self.queue_raw(
             kind,
-            actor,
-            endpoint_id: Some(endpoint_id),
-            session_id: Some(session_id),
-            op_id: None,
-        };
-        self.append(&fields, detail).map(|_| ())
+            actor.to_string(),
+            (
+                Some(endpoint_id.to_string()),
+                Some(session_id.to_string()),
+                None,
+            ),
+            detail.to_owned(),
+            Ack::Detached,
+        )
     }
 
-    /// Chains and writes one line; returns `(seq, time, prev_hash, hash)`.
-    fn append<D: Serialize + ?Sized>(
-        &self,
-        f: &Fields<'_>,
-        detail: &D,
-    ) -> Result<(i64, Timestamp, String, String), AuditError> {
-        // A poisoned lock only means another writer panicked mid-call; the chain state is
-        // updated after the write succeeds, so it is still consistent.
-        let mut chain = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let time = Timestamp::now();
-        let seq = chain.next_seq;
-        // Field for field what serialising an `AuditRecord` gives, without building one.
-        let mut line = Line {
-            seq,
-            time: &time,
-            kind: f.kind,
-            actor: f.actor,
-            appliance_id: self.appliance_id.as_deref(),
-            endpoint_id: f.endpoint_id,
-            session_id: f.session_id,
-            op_id: f.op_id,
-            detail,
-            prev_hash: &chain.prev_hash,
-            hash: "",
-        };
-        let hash = sha256_hex(&line.chain_input());
-        line.hash = &hash;
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io {
-            path: chain.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        bytes.push(b'\n');
-        let Chain { path, file, .. } = &mut *chain;
-        file.write_all(&bytes)
-            .and_then(|()| file.flush())
-            .map_err(|source| AuditError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let prev_hash = std::mem::replace(&mut chain.prev_hash, hash.clone());
-        chain.next_seq += 1;
-        Ok((seq, time, prev_hash, hash))
-    }
-
-    /// Records, logging instead of failing: for events where the action has already happened
-    /// and refusing it afterwards would help no one.
+    /// Records without waiting, for events where the action has already happened and refusing
+    /// it afterwards would help no one; a failed batch is logged by the writer and cuts the
+    /// sessions watching [`AuditLog::failures`].
     pub fn record_or_log(&self, entry: Entry) {
-        if let Err(e) = self.record(entry) {
+        if let Err(e) = self.queue(entry, Ack::Detached) {
             tracing::error!(error = %e, "cannot write the customer's audit trail");
         }
     }
@@ -407,8 +485,9 @@ mod tests {
             )
             .unwrap();
         let raw = serde_json::value::to_raw_value(&detail).unwrap();
-        log.record_json("sql.statement", "op", "ep_1", "ses_1", &raw)
+        log.queue_statement("sql.statement", "op", "ep_1", "ses_1", &raw)
             .unwrap();
+        log.record(Entry::new("flush", "op", json!({}))).unwrap();
         let lines = lines(&path);
         assert_eq!(lines[0], serde_json::to_string(&r).unwrap());
         let second: AuditRecord = serde_json::from_str(&lines[1]).unwrap();
@@ -418,7 +497,7 @@ mod tests {
         );
         assert_eq!(second.appliance_id.as_deref(), Some("app_1"));
         assert_eq!(second.hash, sha256_hex(&second.chain_input()));
-        assert_eq!(verify_file(&path).unwrap(), 2);
+        assert_eq!(verify_file(&path).unwrap(), 3);
     }
 
     #[test]
@@ -444,6 +523,149 @@ mod tests {
                 0o600
             );
         }
+    }
+
+    /// Many writers at once: every record is acknowledged with its own seq, each writer's
+    /// records keep their order, and the file holds exactly the acknowledged chain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn group_commit_orders_and_acknowledges_every_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..50 {
+                    let r = log
+                        .write(Entry::new("t", format!("w{w}"), json!({ "i": i })))
+                        .await
+                        .unwrap();
+                    seqs.push(r.seq);
+                }
+                seqs
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            let seqs = t.await.unwrap();
+            assert!(seqs.windows(2).all(|p| p[0] < p[1]), "{seqs:?}");
+            all.extend(seqs);
+        }
+        all.sort();
+        assert_eq!(all, (1..=400).collect::<Vec<i64>>());
+        assert_eq!(verify_file(&path).unwrap(), 400);
+        // Detached records of one writer land in the order they were queued.
+        for i in 0..100 {
+            let raw = serde_json::value::to_raw_value(&json!({ "n": i })).unwrap();
+            log.queue_statement("sql.statement", "op", "ep", "ses", &raw)
+                .unwrap();
+        }
+        let last = log.write(Entry::new("t", "x", json!({}))).await.unwrap();
+        assert_eq!(last.seq, 501);
+        let ns: Vec<i64> = lines(&path)
+            .iter()
+            .filter_map(|l| serde_json::from_str::<AuditRecord>(l).ok())
+            .filter(|r| r.kind == "sql.statement")
+            .map(|r| r.detail["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, (0..100).collect::<Vec<i64>>());
+    }
+
+    /// A batch that cannot be written is refused to every writer in it, counted for the
+    /// sessions watching, and leaves nothing behind: the chain goes on from the last durable
+    /// record once the disk takes writes again.
+    #[tokio::test]
+    async fn failed_batch_is_refused_counted_and_rolled_back() {
+        // The file size limit is per process: only a runner that gives each test its own process
+        // (nextest, as scripts/test uses) keeps it away from other tests.
+        if std::env::var_os("NEXTEST").is_none() {
+            eprintln!("SKIPPED: needs its own process (run it with cargo nextest)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None).unwrap();
+        log.write(Entry::new("t", "a", json!({ "i": 1 })))
+            .await
+            .unwrap();
+        let good_len = std::fs::metadata(&path).unwrap().len();
+        let mut failures = log.failures();
+        failures.borrow_and_update();
+        // Writes fail with EFBIG past the file size limit: a disk that is full for us only.
+        let limit = libc::rlimit {
+            rlim_cur: good_len + 10,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on valid structs; SIGXFSZ is ignored so the write fails instead.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_FSIZE, &mut old);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+        }
+        // The detached record goes first, so both have failed once the write returns.
+        let detached = serde_json::value::to_raw_value(&json!({ "n": 1 })).unwrap();
+        log.queue_statement("sql.statement", "op", "ep", "ses", &detached)
+            .unwrap();
+        let refused = log
+            .write(Entry::new(
+                "t",
+                "a",
+                json!({ "i": 2, "pad": "x".repeat(100) }),
+            ))
+            .await;
+        let changed =
+            tokio::time::timeout(std::time::Duration::from_secs(5), failures.changed()).await;
+        // SAFETY: as above.
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_FSIZE, &old);
+        }
+        match refused {
+            Err(e @ AuditError::Unwritable { .. }) => {
+                assert_eq!(
+                    e.to_api_error().code,
+                    endpoint_types::ErrorCode::AuditUnavailable
+                )
+            }
+            other => panic!("expected the write to be refused, got {other:?}"),
+        }
+        assert!(matches!(changed, Ok(Ok(()))));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+        let r = log
+            .write(Entry::new("t", "a", json!({ "i": 3 })))
+            .await
+            .unwrap();
+        assert_eq!(r.seq, 2);
+        assert_eq!(verify_file(&path).unwrap(), 2);
+    }
+
+    /// A flush returns once every record queued before it, waited for or not, is on disk.
+    #[tokio::test]
+    async fn flush_waits_for_detached_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, None).unwrap();
+        for i in 0..200 {
+            log.record_or_log(Entry::new("t", "a", json!({ "i": i })));
+        }
+        log.flush().await;
+        assert_eq!(verify_file(&path).unwrap(), 200);
+    }
+
+    /// Start-up reads the trail line by line and continues after a final line without its newline.
+    #[test]
+    fn reopen_continues_after_an_unterminated_last_line() {
+        let (_d, path) = trail(2);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.trim_end_matches('\n')).unwrap();
+        let log = AuditLog::open(&path, Some("app_1".into())).unwrap();
+        assert_eq!(log.record(Entry::new("t", "a", json!({}))).unwrap().seq, 3);
+        assert_eq!(verify_file(&path).unwrap(), 3);
     }
 
     #[test]

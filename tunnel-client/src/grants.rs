@@ -23,6 +23,8 @@ const ENDED_MEMORY: usize = 4096;
 pub struct Cut {
     token: CancellationToken,
     reason: Arc<OnceLock<CloseReason>>,
+    /// A session's endpoint's reason: a session cut on its own says why itself.
+    parent: Option<Arc<OnceLock<CloseReason>>>,
 }
 
 impl Cut {
@@ -35,7 +37,8 @@ impl Cut {
     pub fn child(&self) -> Cut {
         Cut {
             token: self.token.child_token(),
-            reason: self.reason.clone(),
+            reason: Arc::default(),
+            parent: Some(self.reason.clone()),
         }
     }
 
@@ -43,11 +46,12 @@ impl Cut {
         self.token.is_cancelled()
     }
 
-    /// Why it was cut; a child cut on its own (never happens today) counts as interrupted.
+    /// Why it was cut: its own reason, else its endpoint's.
     pub fn reason(&self) -> Option<CloseReason> {
         self.token.is_cancelled().then(|| {
             self.reason
                 .get()
+                .or_else(|| self.parent.as_ref().and_then(|p| p.get()))
                 .copied()
                 .unwrap_or(CloseReason::Interrupted)
         })

@@ -599,11 +599,10 @@ impl OpRunner {
             }),
         )
         .op(d.op_id.clone());
-        if let Err(e) = self.inner.audit.record(dispatched) {
+        if let Err(e) = self.inner.audit.write(dispatched).await {
             // No trail, no op: the customer must be able to see everything that ran.
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the op");
-            let error = ApiError::new(ErrorCode::Internal, "the appliance cannot write its audit trail")
-                .hint("the customer must fix audit_path in the appliance; ops run again once it is writable");
+            let error = crate::sessions::trail_refusal();
             let _ = out
                 .send(Frame::OpRefused {
                     op_id: d.op_id.clone(),

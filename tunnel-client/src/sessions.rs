@@ -174,6 +174,32 @@ impl Sessions {
             }
         };
         let Admitted { resource, cut } = admitted;
+        // A batch of the trail failing while the session is live cuts it (reason `error`): its
+        // records (statements, recording, its end) could not all be kept.
+        let mut failures = self.audit.failures();
+        failures.borrow_and_update();
+        let trail_cut = cut.clone();
+        let session = self.serve_admitted(conn, send, recv, open, resource, cut);
+        tokio::pin!(session);
+        tokio::select! {
+            () = &mut session => {}
+            _ = failures.changed() => {
+                tracing::error!("cutting a session: the customer's audit trail cannot be written");
+                trail_cut.cut(CloseReason::Error);
+                session.await;
+            }
+        }
+    }
+
+    async fn serve_admitted(
+        &self,
+        conn: Connection,
+        mut send: SendStream,
+        recv: RecvStream,
+        open: StreamOpen,
+        resource: ResourceConfig,
+        cut: Cut,
+    ) {
         match resource.kind {
             ResourceKind::Tcp => {
                 self.run_session(conn, send, recv, open, resource, cut)
@@ -218,12 +244,10 @@ impl Sessions {
             &open,
             json!({ "resource_id": open.resource_id, "client_addr": open.client_addr, "kind": "tcp" }),
         );
-        if let Err(e) = self.audit.record(opened) {
+        if let Err(e) = self.audit.write(opened).await {
             // No trail, no session: the customer must be able to see everything that ran.
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the session");
-            let e = ApiError::new(ErrorCode::Internal, "the appliance cannot write its audit trail")
-                .hint("the customer must fix audit_path in the appliance; sessions resume once it is writable");
-            refuse(&mut send, e).await;
+            refuse(&mut send, trail_refusal()).await;
             return;
         }
         let closed = |reason: CloseReason, up: u64, down: u64| {
@@ -427,6 +451,16 @@ pub(crate) async fn refuse(send: &mut SendStream, error: ApiError) {
     if write_frame(send, &Frame::StreamRefuse(error)).await.is_ok() {
         let _ = send.finish();
     }
+}
+
+/// What the engineer is told when the appliance refuses work it cannot record; the cause
+/// (path, I/O error) stays in the appliance's log.
+pub(crate) fn trail_refusal() -> ApiError {
+    ApiError::new(
+        ErrorCode::AuditUnavailable,
+        "the appliance cannot write its audit trail, so it refuses work it could not record",
+    )
+    .hint("the customer must free space on (or repair) the disk holding audit_path; the appliance accepts work again once its trail is writable")
 }
 
 pub(crate) fn entry(kind: &'static str, open: &StreamOpen, detail: serde_json::Value) -> Entry {

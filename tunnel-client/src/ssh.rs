@@ -11,7 +11,7 @@ use crate::{
     audit::Entry,
     config::ResourceConfig,
     grants::Cut,
-    sessions::{accept, cut_quic, entry as session_entry, refuse, Sessions},
+    sessions::{accept, cut_quic, entry as session_entry, refuse, trail_refusal, Sessions},
 };
 use bytes::BytesMut;
 use endpoint_types::{
@@ -373,6 +373,20 @@ pub async fn serve_stream(
     }
     // An exec's input is what the program runs on (`bash -s < script.sh`): always recorded.
     let record_stdin = ssh_scope::records_input(start.pty.is_some(), record_input);
+    let entry = |kind: &'static str, detail: serde_json::Value| session_entry(kind, &open, detail);
+    // Durable before anything runs on the VM: no trail, no session.
+    let opened = ctx.audit.write(entry("session.opened", json!({
+        "resource_id": resource.id, "client_addr": open.client_addr, "kind": "ssh", "user": user,
+        "command": start.command, "subsystem": start.subsystem, "pty": start.pty.is_some(),
+    }))).await;
+    if let Err(e) = opened {
+        tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the ssh session");
+        let _ = send
+            .write_all(&SshFrame::Error(trail_refusal()).to_bytes())
+            .await;
+        let _ = send.finish();
+        return disconnect("session refused").await;
+    }
     let (channel, early) = match start_upstream(&handle, &start).await {
         Ok(c) => c,
         Err(e) => {
@@ -401,11 +415,6 @@ pub async fn serve_stream(
     }
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
-    let entry = |kind: &'static str, detail: serde_json::Value| session_entry(kind, &open, detail);
-    ctx.audit.record_or_log(entry("session.opened", json!({
-        "resource_id": resource.id, "client_addr": open.client_addr, "kind": "ssh", "user": user,
-        "command": start.command, "subsystem": start.subsystem, "pty": start.pty.is_some(),
-    })));
 
     let (width, height, term) = start
         .pty

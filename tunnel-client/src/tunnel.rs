@@ -198,6 +198,8 @@ pub async fn run(
     }
     agent.tracker.close();
     let _ = tokio::time::timeout(SESSION_DRAIN, agent.tracker.wait()).await;
+    // Records queued without waiting (the sessions' ends, agent.disconnected) reach the disk.
+    let _ = tokio::time::timeout(SESSION_DRAIN, agent.audit.flush()).await;
     Ok(())
 }
 

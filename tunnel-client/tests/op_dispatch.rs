@@ -1042,3 +1042,70 @@ async fn a_cloud_op_gets_copies_of_its_resources_credentials_only() {
     drop(link);
     let _dir = agent.stop().await;
 }
+
+/// Sets the process's file size limit (writes past it fail with EFBIG instead of SIGXFSZ):
+/// a disk that is full for the trail only. Each nextest test is its own process.
+fn limit_file_size(bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscalls with a valid struct.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+}
+
+/// An op whose `op.dispatched` cannot be made durable does not run: the gateway gets
+/// `AUDIT_UNAVAILABLE` with its hint, the agent keeps serving, and the next op runs once the
+/// trail takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_is_refused_when_the_trail_cannot_be_written() {
+    // The file size limit is per process: only a runner that gives each test its own process
+    // (nextest, as scripts/test uses) keeps it away from other tests.
+    if std::env::var_os("NEXTEST").is_none() {
+        eprintln!("SKIPPED: needs its own process (run it with cargo nextest)");
+        return;
+    }
+    kube_script();
+    let gw = Gateway::start(T);
+    let agent = Agent::start(&gw, "automatic").await;
+    let mut link = gw.link(CONTROL).await;
+    link.send(Frame::GrantSync {
+        grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+    })
+    .await;
+    agent
+        .trail(|r| r.iter().any(|r| r.kind == "grant.sync"))
+        .await;
+    let len = std::fs::metadata(&agent.audit_path).unwrap().len();
+    limit_file_size(Some(len + 16));
+    link.send(Frame::OpDispatch(dispatch(
+        "op_full",
+        "kubectl get pods -n my-app-prod",
+        "policy:automatic",
+    )))
+    .await;
+    let refused = link.refusal("op_full").await;
+    limit_file_size(None);
+    assert_eq!(refused.code, ErrorCode::AuditUnavailable, "{refused:?}");
+    assert!(refused.hint.contains("audit_path"), "{refused:?}");
+    assert_eq!(std::fs::metadata(&agent.audit_path).unwrap().len(), len);
+
+    link.send(Frame::OpDispatch(dispatch(
+        "op_after",
+        "kubectl get pods -n my-app-prod",
+        "policy:automatic",
+    )))
+    .await;
+    let frames = link.until_end("op_after").await;
+    assert!(finished(&frames).error.is_none());
+    let records = agent
+        .trail(|r| r.iter().any(|r| r.kind == "op.finished"))
+        .await;
+    assert!(kinds_of(&records, "op_full").is_empty());
+    let path = agent.audit_path.clone();
+    let _dir = agent.stop().await;
+    assert!(audit::verify_file(&path).unwrap() as usize >= records.len());
+}

@@ -131,11 +131,20 @@ pub async fn serve_stream(
             return refuse(&mut send, e).await;
         }
     };
+    // Durable before any request is served: no trail, no session.
+    let opened = entry(
+        "session.opened",
+        &open,
+        serde_json::json!({"client_addr": open.client_addr, "origin_resource_id": open.resource_id, "type": "kubectl"}),
+    );
+    if let Err(e) = ctx.audit.write(opened).await {
+        tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the kubectl session");
+        return refuse(&mut send, crate::sessions::trail_refusal()).await;
+    }
     if accept(&mut send).await.is_err() {
         return;
     }
     let started = Instant::now();
-    ctx.audit.record_or_log(entry("session.opened", &open, serde_json::json!({"client_addr": open.client_addr, "origin_resource_id": open.resource_id, "type": "kubectl"})));
     let stop = CancellationToken::new();
     let sink = {
         let (audit, open) = (ctx.audit.clone(), open.clone());

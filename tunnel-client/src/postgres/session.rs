@@ -185,6 +185,67 @@ enum End {
     Client,
     Cut(CloseReason),
     Error(String),
+    /// A batch of the customer's trail failed while the session was live.
+    Trail,
+}
+
+const TRAIL_CUT: &str = "the customer's audit trail cannot be written";
+
+fn end_is_trail(error: &Option<String>) -> bool {
+    error.as_deref() == Some(TRAIL_CUT)
+}
+
+/// What the client gets when the appliance cannot record its statements: PostgreSQL's own
+/// `io_error` class, the reason and what the customer must do.
+fn trail_fatal() -> PgError {
+    PgError::fatal(
+        "58030",
+        "AUDIT_UNAVAILABLE: the appliance cannot write its audit trail; the session is refused so that no statement runs unrecorded",
+    )
+    .hint("the customer must free space on (or repair) the disk holding audit_path; sessions are accepted again once it is writable")
+}
+
+/// Where the relayed server stream stands in its message framing (tag, 4-byte length,
+/// body), so the agent can add its own FATAL only between two server messages.
+#[derive(Default)]
+struct ServerBoundary {
+    header: [u8; 5],
+    have: usize,
+    remaining: u64,
+    /// A chunk was being handed to the tunnel when the relay stopped: where it got to is unknown.
+    in_flight: bool,
+}
+
+impl ServerBoundary {
+    fn advance(&mut self, chunk: &[u8]) {
+        let mut bytes = chunk.iter();
+        loop {
+            if self.remaining > 0 {
+                // Skips the rest of the body (or as much of it as this chunk holds).
+                let n = self.remaining.min(bytes.len() as u64);
+                if n == 0 {
+                    return;
+                }
+                self.remaining -= n;
+                bytes.nth(n as usize - 1);
+                continue;
+            }
+            let Some(&b) = bytes.next() else { return };
+            if let Some(slot) = self.header.get_mut(self.have) {
+                *slot = b;
+            }
+            self.have += 1;
+            if self.have == self.header.len() {
+                let [_, a, b, c, d] = self.header;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d])).saturating_sub(4);
+                self.have = 0;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        !self.in_flight && self.have == 0 && self.remaining == 0
+    }
 }
 
 impl Session<'_> {
@@ -290,13 +351,12 @@ impl Session<'_> {
                 "role": self.role.name, "database": self.role.admin.scope.database,
             }),
         );
-        if let Err(e) = self.ctx.audit.record(opened) {
+        // Watched from before the opening record: a batch failing from here on cuts the session.
+        let mut failures = self.ctx.audit.failures();
+        failures.borrow_and_update();
+        if let Err(e) = self.ctx.audit.write(opened).await {
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the session");
-            let e = PgError::fatal(
-                pgwire::sqlstate::CONNECTION_FAILURE,
-                "the appliance cannot write its audit trail",
-            );
-            return self.fail(&mut send, e).await;
+            return self.fail(&mut send, trail_fatal()).await;
         }
         let _entry = CancelEntry(match (gw_key, real_key) {
             (Some(gk), Some(rk)) => {
@@ -313,10 +373,14 @@ impl Session<'_> {
             _ => None,
         });
         let (mut up, mut down, mut statements) = (0u64, greeting.len() as u64, 0u64);
+        let mut boundary = ServerBoundary::default();
         let end = match send.write_chunk(greeting.freeze()).await {
             Err(e) => End::Error(e.to_string()),
             Ok(()) => tokio::select! {
-                r = self.pump(&mut db, &mut send, &mut recv, (&mut up, &mut down, &mut statements)) => r,
+                // Checked first: once a batch failed, nothing more is forwarded.
+                biased;
+                _ = failures.changed() => End::Trail,
+                r = self.pump(&mut db, &mut send, &mut recv, (&mut up, &mut down, &mut statements), &mut boundary) => r,
                 () = self.cut.cancelled() => End::Cut(self.cut.reason().unwrap_or(CloseReason::Interrupted)),
             },
         };
@@ -324,8 +388,19 @@ impl Session<'_> {
             End::Client => (CloseReason::Client, None),
             End::Cut(r) => (r, None),
             End::Error(e) => (self.cut.reason().unwrap_or(CloseReason::Error), Some(e)),
+            End::Trail => {
+                tracing::error!(session = %self.open.session_id, "cutting a postgres session: the customer's audit trail cannot be written");
+                (CloseReason::Error, Some(TRAIL_CUT.to_string()))
+            }
         };
-        if reason != CloseReason::Client {
+        if end_is_trail(&error) && boundary.at_boundary() {
+            // Between server messages the client can be told why, as PostgreSQL would.
+            let mut b = BytesMut::new();
+            trail_fatal().write(&mut b);
+            let _ = send.write_all(&b).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        } else if reason != CloseReason::Client {
             cut_quic(&mut send, &mut recv, reason);
         } else {
             let _ = send.finish();
@@ -467,6 +542,7 @@ impl Session<'_> {
         send: &mut SendStream,
         recv: &mut RecvStream,
         (up, down, statements): (&mut u64, &mut u64, &mut u64),
+        boundary: &mut ServerBoundary,
     ) -> End {
         let (mut db_r, mut db_w) = tokio::io::split(db);
         let mut client_quit = false;
@@ -491,13 +567,13 @@ impl Session<'_> {
                 let mut seen = Vec::new();
                 let forward: Bytes = if pending.is_empty() {
                     let n = scan.scan(&chunk, &mut seen).map_err(|e| e.to_string())?;
-                    self.audit(&mut seen, statements, &mut client_quit);
+                    self.audit(&mut seen, statements, &mut client_quit)?;
                     pending.extend_from_slice(chunk.get(n..).unwrap_or_default());
                     chunk.slice(..n)
                 } else {
                     pending.extend_from_slice(&chunk);
                     let n = scan.scan(&pending, &mut seen).map_err(|e| e.to_string())?;
-                    self.audit(&mut seen, statements, &mut client_quit);
+                    self.audit(&mut seen, statements, &mut client_quit)?;
                     pending.split_to(n).freeze()
                 };
                 if !forward.is_empty() {
@@ -517,9 +593,13 @@ impl Session<'_> {
                     return Ok::<(), String>(());
                 }
                 *down += n as u64;
-                send.write_chunk(buf.split().freeze())
+                let chunk = buf.split().freeze();
+                boundary.in_flight = true;
+                send.write_chunk(chunk.clone())
                     .await
                     .map_err(|e| e.to_string())?;
+                boundary.advance(&chunk);
+                boundary.in_flight = false;
             }
         };
         let r = tokio::try_join!(to_db, to_client);
@@ -538,25 +618,29 @@ impl Session<'_> {
         seen: &mut Vec<pgwire::Frontend<'_>>,
         statements: &mut u64,
         client_quit: &mut bool,
-    ) {
+    ) -> Result<(), String> {
         for f in seen.drain(..) {
             match f.audit_detail_json() {
                 Some(detail) => {
                     *statements += 1;
                     let o = self.open;
-                    if let Err(e) = self.ctx.audit.record_json(
-                        "sql.statement",
-                        &o.operator,
-                        &o.endpoint_id,
-                        &o.session_id,
-                        &detail,
-                    ) {
-                        tracing::error!(error = %e, "cannot write the customer's audit trail");
-                    }
+                    // Queued in order before the statement is forwarded; the session is
+                    // cut the moment a batch fails (see `End::Trail`).
+                    self.ctx
+                        .audit
+                        .queue_statement(
+                            "sql.statement",
+                            &o.operator,
+                            &o.endpoint_id,
+                            &o.session_id,
+                            &detail,
+                        )
+                        .map_err(|e| e.to_string())?;
                 }
                 None => *client_quit = true,
             }
         }
+        Ok(())
     }
 }
 
@@ -576,4 +660,47 @@ async fn connect(server: &Server, tls: &DbTls) -> std::io::Result<Db> {
         }
         Server::Unix(path) => Db::Unix(tokio::net::UnixStream::connect(path).await?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// The relay may add its FATAL only between two whole server messages, however the
+    /// server's bytes were split into chunks.
+    #[test]
+    fn boundary_is_known_across_any_chunking() {
+        let mut stream = message(b'T', b"row description");
+        stream.extend(message(b'D', &[7u8; 300]));
+        stream.extend(message(b'Z', b"I"));
+        let ends = [
+            message(b'T', b"row description").len(),
+            stream.len() - message(b'Z', b"I").len(),
+            stream.len(),
+        ];
+        for split in 1..stream.len() {
+            let mut b = ServerBoundary::default();
+            let (head, tail) = stream.split_at(split);
+            b.advance(head);
+            assert_eq!(b.at_boundary(), ends.contains(&split), "split at {split}");
+            b.advance(tail);
+            assert!(b.at_boundary(), "split at {split}");
+        }
+        // Byte by byte: only ends of messages are boundaries.
+        let mut b = ServerBoundary::default();
+        for (i, byte) in stream.iter().enumerate() {
+            b.advance(std::slice::from_ref(byte));
+            assert_eq!(b.at_boundary(), ends.contains(&(i + 1)), "after byte {i}");
+        }
+        // A chunk still on its way to the tunnel is never a boundary.
+        b.in_flight = true;
+        assert!(!b.at_boundary());
+    }
 }
