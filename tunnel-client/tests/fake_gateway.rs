@@ -149,13 +149,6 @@ async fn enroll_run_serve_cut_and_reconnect() {
     let ack = tokio::time::timeout(T, ready_rx).await.unwrap().unwrap();
     assert_eq!(ack.appliance_id, "app_1");
 
-    // Unknown endpoint: refused, nothing dialled.
-    let (_s, _r, answer) = open_session(&conn, "ep_unknown", "ses_0").await;
-    let Frame::StreamRefuse(e) = answer else {
-        panic!("expected a refusal, got {answer:?}")
-    };
-    assert_eq!(e.code, ErrorCode::ForbiddenByScope);
-
     link.send(Frame::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
@@ -168,6 +161,14 @@ async fn enroll_run_serve_cut_and_reconnect() {
         r.iter().any(|r| r.kind == "endpoint.opened")
     })
     .await;
+
+    // The agent serves data streams only once it holds the full state (as the real gateway
+    // sends it first). Unknown endpoint: refused, nothing dialled.
+    let (_s, _r, answer) = open_session(&conn, "ep_unknown", "ses_0").await;
+    let Frame::StreamRefuse(e) = answer else {
+        panic!("expected a refusal, got {answer:?}")
+    };
+    assert_eq!(e.code, ErrorCode::ForbiddenByScope);
 
     // A live endpoint: bytes flow both ways and half-close is preserved.
     let (mut send, mut recv, answer) = open_session(&conn, "ep_1", "ses_1").await;
@@ -251,7 +252,14 @@ async fn enroll_run_serve_cut_and_reconnect() {
         "{:?}",
         closed_reasons(&records)
     );
-    // The live set was forgotten with the old connection.
+    // The live set was forgotten with the old connection: after the new connection's full
+    // state (which no longer names ep_3), ep_3 is refused.
+    link2
+        .send(Frame::GrantSync {
+            grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+        })
+        .await;
+    link2.send(Frame::EndpointSync { endpoints: vec![] }).await;
     let (_s, _r, answer) = open_session(&conn2, "ep_3", "ses_6").await;
     assert!(matches!(answer, Frame::StreamRefuse(_)), "{answer:?}");
     drop(link2);
