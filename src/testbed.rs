@@ -415,6 +415,21 @@ impl Agent {
         run_json(cmd)
     }
 
+    /// The customer trail once `ready` holds for it (polled for up to 10 s; the trail is
+    /// written by group commit, so a record lands a few milliseconds after what it records).
+    /// Returns the last read either way: the caller asserts.
+    pub fn trail_when(&self, ready: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
+        let mut trail = self.trail()?;
+        for _ in 0..200 {
+            if ready(&trail) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            trail = self.trail()?;
+        }
+        Ok(trail)
+    }
+
     pub fn trail(&self) -> Result<Vec<Value>> {
         let dir = self
             .config

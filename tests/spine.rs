@@ -687,7 +687,10 @@ fn tcp_endpoint_admits_only_its_own_certificate() -> Result<()> {
         .filter_map(|r| r["session_id"].as_str().map(str::to_string))
         .collect();
     assert!(refused.len() >= 4, "{refused:?}");
-    let trail = agent.trail()?;
+    let trail = agent.trail_when(|t| {
+        t.iter()
+            .any(|r| r["endpoint_id"] == a_id.as_str() && r["kind"] == "session.opened")
+    })?;
     assert!(trail
         .iter()
         .any(|r| r["endpoint_id"] == a_id.as_str() && r["kind"] == "session.opened"));

@@ -403,7 +403,10 @@ fn exec_exit_codes_large_output_user_and_refusals() -> Result<()> {
     assert!(records.iter().any(|r| r["kind"] == "ssh.exec"
         && r["detail"]["command"] == "whoami; exit 3"
         && r["detail"]["exit_status"] == 3));
-    let trail = w.agent.trail()?;
+    let trail = w.agent.trail_when(|t| {
+        t.iter()
+            .any(|r| r["kind"] == "ssh.exec" && r["detail"]["command"] == "whoami; exit 3")
+    })?;
     assert!(trail.iter().any(|r| r["kind"] == "ssh.exec"
         && r["detail"]["command"] == "whoami; exit 3"
         && r["detail"]["exit_status"] == 3));
@@ -626,7 +629,9 @@ fn interactive_session_is_recorded_and_plays_back() -> Result<()> {
         String::from_utf8_lossy(&replay.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&replay.stdout), output);
-    let trail = w.agent.trail()?;
+    let trail = w
+        .agent
+        .trail_when(|t| t.iter().any(|r| r["kind"] == "ssh.recording"))?;
     let rec = trail
         .iter()
         .find(|r| r["kind"] == "ssh.recording")
@@ -712,7 +717,10 @@ fn a_changed_vm_host_key_is_refused_and_audited() -> Result<()> {
     assert_ne!(code, Some(0));
     assert!(!out.contains("reached"));
     assert!(err.contains("host key"), "{err}");
-    let trail = w.agent.trail()?;
+    let trail = w.agent.trail_when(|t| {
+        t.iter()
+            .any(|r| r["kind"] == "denied" && r["detail"]["reason"] == "host key mismatch")
+    })?;
     assert!(
         trail
             .iter()
@@ -955,7 +963,10 @@ fn an_execs_stdin_is_recorded_and_keystrokes_only_where_asked() -> Result<()> {
         .find(|r| r["kind"] == "ssh.recording" && r["session_id"] == session.as_str())
         .ok_or_else(|| anyhow!("no recording"))?;
     assert_eq!(rec["detail"]["input_recorded"], true);
-    let trail = w.agent.trail()?;
+    let trail = w.agent.trail_when(|t| {
+        t.iter()
+            .any(|r| r["kind"] == "ssh.recording" && r["session_id"] == session.as_str())
+    })?;
     let rec = trail
         .iter()
         .find(|r| r["kind"] == "ssh.recording" && r["session_id"] == session.as_str())
@@ -1001,7 +1012,10 @@ fn an_execs_stdin_is_recorded_and_keystrokes_only_where_asked() -> Result<()> {
             .contains("typed-6"),
         "{played}"
     );
-    let trail = w.agent.trail()?;
+    let trail = w.agent.trail_when(|t| {
+        t.iter()
+            .any(|r| r["kind"] == "ssh.recording" && r["session_id"] == session.as_str())
+    })?;
     let rec = trail
         .iter()
         .find(|r| r["kind"] == "ssh.recording" && r["session_id"] == session.as_str())
