@@ -427,10 +427,10 @@ fn psql_reads_and_writes_in_scope_and_the_server_refuses_the_rest() -> Result<()
         &s.customer_records("sql.statement")
     )));
     assert!(!s.vendor_records("sql.cancel").is_empty());
-    assert!(s
+    assert!(wait_until(Duration::from_secs(10), || s
         .customer_records("sql.cancel")
         .iter()
-        .any(|r| r["detail"]["matched"] == true));
+        .any(|r| r["detail"]["matched"] == true)));
     // libpq binds SCRAM to the gateway's certificate (tls-server-end-point) when offered.
     assert!(s
         .vendor_records("session.opened")
@@ -1202,14 +1202,16 @@ fn full_trail_disk_gives_psql_a_fatal_and_the_agent_recovers() -> Result<()> {
         .ok),
         "psql did not work again once the disk had space"
     );
+    let after = |r: &Value| {
+        r["kind"] == "sql.statement"
+            && r["detail"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("'after'"))
+    };
+    let trail = s.agent.trail_when(|t| t.iter().any(after))?;
+    assert!(trail.iter().any(after), "no 'after' statement in {trail:?}");
     let verified = s.agent.verify_trail()?.ok()?;
     assert_eq!(verified["ok"], true, "{verified}");
-    assert!(s
-        .customer_records("sql.statement")
-        .iter()
-        .any(|r| r["detail"]["text"]
-            .as_str()
-            .is_some_and(|t| t.contains("'after'"))));
     s.agent.stop();
     drop(disk);
     Ok(())
