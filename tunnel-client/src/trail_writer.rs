@@ -2,9 +2,8 @@
 //! batch (everything queued while the previous batch was being synced), appends it with one
 //! `write` to the `O_APPEND` file, `fdatasync`s, and only then acknowledges each writer.
 //!
-//! The writer waits to gather a batch only when nobody waits on it (pipelined records), and
-//! then for [`GATHER`]; so a record is durable within that plus at most two batches' write
-//! and sync; a batch slower than [`SLOW_BATCH`] is logged, so the
+//! The writer never waits to gather a batch, so a record is durable within the time of at
+//! most two batches' write and sync; a batch slower than [`SLOW_BATCH`] is logged, so the
 //! customer learns when the disk breaks the bound. A batch that cannot be written or synced is
 //! cut off the file again (the file ends at the last durable record), every record in it is
 //! refused, and the chain continues from the last durable record: the file always verifies.
@@ -22,8 +21,6 @@ use std::{
 
 /// The bound the README states: a healthy disk syncs a batch well within it.
 pub const SLOW_BATCH: Duration = Duration::from_millis(10);
-/// How long a batch that nobody waits on gathers more records before its sync.
-const GATHER: Duration = Duration::from_millis(2);
 /// Caps one batch, so one write and sync stay short even under a burst.
 const MAX_BATCH: usize = 4096;
 
@@ -83,22 +80,6 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
             }
             if batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
-            }
-        }
-        // Nobody waits on a batch of pipelined records (statements forwarded without waiting
-        // for their sync): gather a moment longer, so a busy session costs one sync per
-        // GATHER rather than one per statement, well inside the bound.
-        if flushes.is_empty()
-            && !batch.is_empty()
-            && batch.iter().all(|q| matches!(q.ack, Ack::Detached))
-        {
-            std::thread::sleep(GATHER);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Item::Record(q)) => batch.push(q),
-                    Ok(Item::Flush(tx)) => flushes.push(tx),
-                    Err(_) => break,
-                }
             }
         }
         if batch.is_empty() {
