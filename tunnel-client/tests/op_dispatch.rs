@@ -18,7 +18,7 @@ use std::{
     sync::OnceLock,
     time::Duration,
 };
-use support::{edit_config, live_grant, trail_until, Control, Gateway};
+use support::{edit_config, ensure_ops_user, live_grant, trail_until, Control, Gateway};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::{audit, config::AgentConfig, tunnel};
@@ -853,38 +853,6 @@ async fn escapes_are_dead(dir: &Path) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-/// The unprivileged user ops run as in these tests, created once per machine (serialised
-/// across test processes with a lock file, as the harness does for its sshd user).
-fn ensure_ops_user() -> tunnel_client::op_sandbox::OpsUser {
-    use tunnel_client::op_sandbox::OpsUser;
-    const NAME: &str = "postern-ops-test";
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/postern-ops-test-user.lock")
-        .unwrap();
-    // SAFETY: flock on a descriptor we own; released when `lock` closes.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
-        0
-    );
-    if OpsUser::lookup(NAME).is_err() {
-        let status = std::process::Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                NAME,
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "useradd {NAME}");
-    }
-    OpsUser::lookup(NAME).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! One-off ops against real processes: small shell scripts registered as the tool's
 //! executable. (A script may *be* the tool; the agent itself never runs a shell.)
 
+mod support;
+
 use bytes::Bytes;
 use endpoint_types::{control::OpTool, ErrorCode};
 use std::{
@@ -10,11 +12,12 @@ use std::{
     sync::OnceLock,
     time::{Duration, Instant},
 };
+use support::ensure_ops_user;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::{
     config::ToolsConfig,
-    op_sandbox::{Confinement, OpsUser},
+    op_sandbox::Confinement,
     ops::{self, OpError, OpSpec, Stream},
 };
 
@@ -629,37 +632,6 @@ async fn escaped_processes_of_the_ops_user_die_too() {
     )
     .await;
     escapes_end_with_the_op(Confinement::without_cgroups(Some(user)), false).await;
-}
-
-/// The unprivileged user ops run as in these tests, created once per machine (serialised
-/// across test processes with a lock file, as the harness does for its sshd user).
-fn ensure_ops_user() -> OpsUser {
-    const NAME: &str = "postern-ops-test";
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open("/tmp/postern-ops-test-user.lock")
-        .unwrap();
-    // SAFETY: flock on a descriptor we own; released when `lock` closes.
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
-        0
-    );
-    if OpsUser::lookup(NAME).is_err() {
-        let status = std::process::Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                NAME,
-            ])
-            .status()
-            .unwrap();
-        assert!(status.success(), "useradd {NAME}");
-    }
-    OpsUser::lookup(NAME).unwrap()
 }
 
 #[tokio::test]

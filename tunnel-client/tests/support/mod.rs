@@ -299,3 +299,35 @@ pub async fn trail_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The unprivileged user ops run as in these tests, created once per machine (serialised
+/// across test processes with a lock file, as the harness does for its sshd user).
+pub fn ensure_ops_user() -> tunnel_client::op_sandbox::OpsUser {
+    use tunnel_client::op_sandbox::OpsUser;
+    const NAME: &str = "postern-ops-test";
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/postern-ops-test-user.lock")
+        .unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    if OpsUser::lookup(NAME).is_err() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {NAME}");
+    }
+    OpsUser::lookup(NAME).unwrap()
+}
