@@ -14,6 +14,7 @@ pub mod grants;
 pub mod identity;
 pub mod notify;
 pub mod ops;
+pub mod ports;
 pub mod relay;
 pub mod server;
 pub mod store;
