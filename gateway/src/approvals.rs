@@ -121,7 +121,7 @@ pub async fn decide(
 /// or revoking what already ended, losing a race to another request or replica): recorded in
 /// the gateway's trail as `denied` with its reason, then handed back to the caller unchanged.
 pub async fn refused(
-    gw: &Gateway,
+    audit: &dyn crate::ports::AuditSink,
     caller: &Caller,
     subject: crate::audit::Subject,
     action: &str,
@@ -131,7 +131,7 @@ pub async fn refused(
         "action": action, "code": err.code, "reason": err.message,
         "id": err.details.get("id"), "state": err.details.get("state"), "event": err.details.get("event"),
     });
-    gw.audit
+    audit
         .record("denied", &caller.actor(), subject, detail)
         .await;
     err

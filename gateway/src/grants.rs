@@ -294,7 +294,7 @@ async fn move_grant(
                 Err(e) => return Err(internal(e)),
             },
         };
-    Err(crate::approvals::refused(gw, caller, subject, action, refusal).await)
+    Err(crate::approvals::refused(&gw.audit, caller, subject, action, refusal).await)
 }
 
 /// A customer approver's decision on a pending grant. Duration counts from the approval. A
@@ -436,4 +436,30 @@ pub async fn require_operate(
         ),
     )
     .hint(hint))
+}
+
+/// The grants service as [`crate::ports::GrantGate`], until it stands on its own ports.
+pub struct GatewayGrants(pub std::sync::Arc<Gateway>);
+
+#[async_trait::async_trait]
+impl crate::ports::GrantGate for GatewayGrants {
+    async fn require_operate(
+        &self,
+        appliance: &ApplianceRow,
+        now: Timestamp,
+    ) -> Result<GrantRow, ApiError> {
+        require_operate(&self.0, appliance, now).await
+    }
+
+    async fn automatic_decision(
+        &self,
+        appliance_id: &str,
+        now: Timestamp,
+    ) -> Option<(&'static str, Option<Timestamp>)> {
+        automatic_decision(&self.0, appliance_id, now).await
+    }
+
+    async fn policy_of(&self, appliance_id: &str) -> PolicySummary {
+        policy_of(&self.0, appliance_id).await
+    }
 }

@@ -1,32 +1,53 @@
 //! The approval webhook: a JSON POST to the customer's configured URL for each request that
 //! waits for a person. Best effort, bounded in time, never blocks the request itself.
 
-use crate::server::Gateway;
+use crate::{ports::Notifier, store::Store};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn waiting(gw: &Gateway, customer: &str, kind: &str, id: &str) {
-    let url = match gw.store.webhook(customer).await {
-        Ok(Some(url)) => url,
-        Ok(None) => return,
-        Err(e) => return tracing::warn!(error = %e, "cannot read the customer's webhook"),
-    };
-    let body = serde_json::json!({
-        "event": "approval.waiting", "customer": customer, "kind": kind, "id": id,
-        "hint": format!("postern approvals show {id}"),
-    });
-    let customer = customer.to_string();
-    gw.tasks.spawn(async move {
-        match tokio::time::timeout(WEBHOOK_TIMEOUT, post(&url, body)).await {
-            Ok(Ok(status)) => tracing::info!(%customer, status, "approval webhook delivered"),
-            Ok(Err(e)) => tracing::warn!(%customer, error = %e, "approval webhook failed"),
-            Err(_) => tracing::warn!(%customer, "approval webhook timed out"),
-        }
-    });
+/// The real [`Notifier`]: posts to the webhook the customer configured, off the caller's path.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub store: Store,
+    pub tasks: TaskTracker,
+}
+
+#[async_trait::async_trait]
+impl Notifier for Webhook {
+    async fn waiting(&self, customer: &str, kind: &str, id: &str) {
+        let url = match self.store.webhook(customer).await {
+            Ok(Some(url)) => url,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!(error = %e, "cannot read the customer's webhook"),
+        };
+        let body = serde_json::json!({
+            "event": "approval.waiting", "customer": customer, "kind": kind, "id": id,
+            "hint": format!("postern approvals show {id}"),
+        });
+        let customer = customer.to_string();
+        self.tasks.spawn(async move {
+            match tokio::time::timeout(WEBHOOK_TIMEOUT, post(&url, body)).await {
+                Ok(Ok(status)) => tracing::info!(%customer, status, "approval webhook delivered"),
+                Ok(Err(e)) => tracing::warn!(%customer, error = %e, "approval webhook failed"),
+                Err(_) => tracing::warn!(%customer, "approval webhook timed out"),
+            }
+        });
+    }
+}
+
+/// Until every caller holds a [`Notifier`] of its own.
+pub async fn waiting(gw: &crate::server::Gateway, customer: &str, kind: &str, id: &str) {
+    Webhook {
+        store: gw.store.clone(),
+        tasks: gw.tasks.clone(),
+    }
+    .waiting(customer, kind, id)
+    .await
 }
 
 /// Plain-HTTP POST (webhooks into the customer's network usually terminate at an internal

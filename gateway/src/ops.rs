@@ -685,7 +685,9 @@ pub async fn decide(
             let err = ApiError::new(ErrorCode::Conflict, format!("the output of op {id} was already released by {by}"))
                 .hint(format!("the appliance sends it; `postern ops wait {id}` shows it once there"))
                 .details(serde_json::json!({"id": id, "record": "op", "state": row.state.as_str(), "event": "output-approved", "ended": false}));
-            return Err(crate::approvals::refused(gw, caller, subject(&row), action, err).await);
+            return Err(
+                crate::approvals::refused(&gw.audit, caller, subject(&row), action, err).await,
+            );
         }
         if !gw.agents.is_online(&row.appliance_id) {
             return Err(ApiError::new(
@@ -715,7 +717,7 @@ pub async fn decide(
         Ok(moved) => moved,
         Err(NotMoved::Refused(e)) => {
             return Err(crate::approvals::refused(
-                gw,
+                &gw.audit,
                 caller,
                 subject(&row),
                 action,
@@ -734,7 +736,9 @@ pub async fn decide(
             .details(
                 serde_json::json!({"id": id, "record": "op", "event": action, "ended": false}),
             );
-            return Err(crate::approvals::refused(gw, caller, subject(&row), action, err).await);
+            return Err(
+                crate::approvals::refused(&gw.audit, caller, subject(&row), action, err).await,
+            );
         }
     };
     match moved.state {

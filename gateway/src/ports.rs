@@ -9,11 +9,13 @@
 use crate::{
     agents::AgentRegistry,
     audit::{AuditLog, Subject, TrailDown},
+    store::{ApplianceRow, GrantRow},
 };
 use async_trait::async_trait;
 use endpoint_types::{
     frame::Frame,
     resource::{PolicySummary, ResourceDescriptor},
+    ApiError,
 };
 use jiff::Timestamp;
 use std::sync::Arc;
@@ -111,6 +113,26 @@ impl AgentPort for AgentRegistry {
     fn grant_sync_lock(&self, appliance_id: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
         self.get(appliance_id).map(|l| l.grant_sync)
     }
+}
+
+/// What ops and endpoints ask of the grants service: is operate live, would the policy approve
+/// by itself right now, what the customer's policy is.
+#[async_trait]
+pub trait GrantGate: Send + Sync {
+    /// The live operate grant that authorises an op or endpoint now, or the structured refusal.
+    async fn require_operate(
+        &self,
+        appliance: &ApplianceRow,
+        now: Timestamp,
+    ) -> Result<GrantRow, ApiError>;
+    /// (decided_by, latest expiry) when the policy approves by itself at `now`.
+    async fn automatic_decision(
+        &self,
+        appliance_id: &str,
+        now: Timestamp,
+    ) -> Option<(&'static str, Option<Timestamp>)>;
+    /// The customer's policy as the appliance last reported it (unknown: manual).
+    async fn policy_of(&self, appliance_id: &str) -> PolicySummary;
 }
 
 /// Tells the customer's people that something waits for them (the approval webhook).

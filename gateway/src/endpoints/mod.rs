@@ -468,7 +468,7 @@ pub async fn decide(
         (EndpointEvent::Deny, "deny")
     };
     let refused =
-        |err: ApiError| crate::approvals::refused(gw, caller, subject.clone(), action, err);
+        |err: ApiError| crate::approvals::refused(&gw.audit, caller, subject.clone(), action, err);
     if let Err(e) = endpoint_lifecycle::next(state_at(&row, now), event) {
         return Err(refused(e.to_api_error(id)).await);
     }
@@ -701,7 +701,7 @@ pub async fn retire(gw: &Gateway, caller: &Caller, id: &str) -> Result<EndpointR
                 _ => err.code,
             };
             let subject = Subject::endpoint(&row.appliance_id, id);
-            return Err(crate::approvals::refused(gw, caller, subject, "retire", err).await);
+            return Err(crate::approvals::refused(&gw.audit, caller, subject, "retire", err).await);
         }
     };
     if row.state == EndpointState::PendingApproval {
