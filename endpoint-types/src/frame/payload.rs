@@ -1,0 +1,104 @@
+//! The payloads the frames carry.
+
+use crate::{
+    error::ApiError,
+    resource::{EndpointType, PolicySummary, ResourceDescriptor},
+};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub agent_version: String,
+    pub resources: Vec<ResourceDescriptor>,
+    pub policy: PolicySummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub appliance_id: String,
+    pub app: String,
+    pub customer: String,
+    pub heartbeat_interval_ms: u64,
+    pub lost_after_ms: u64,
+}
+
+/// An endpoint the agent may serve sessions for, until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointGrant {
+    pub endpoint_id: String,
+    pub endpoint_type: EndpointType,
+    pub resource_id: String,
+    pub expires_at: Timestamp,
+    /// The operate grant the endpoint was created under; it must be live for every session.
+    #[serde(default)]
+    pub grant_id: Option<String>,
+}
+
+/// A grant as the agent needs it to enforce: what, until when, approved by whom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveGrant {
+    pub grant_id: String,
+    pub level: crate::control::GrantLevel,
+    pub approved_by: String,
+    pub approved_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// An op as dispatched to the agent, with the approvals it was given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpDispatch {
+    pub op_id: String,
+    pub tool: crate::control::OpTool,
+    /// The exact command the approver saw; the agent splits it itself.
+    pub command: String,
+    pub resource_id: String,
+    pub timeout_s: u64,
+    pub operator: String,
+    pub grant_id: String,
+    /// Who approved the command: a person, or `policy:automatic` / `policy:window`.
+    pub command_approved_by: String,
+    pub command_approved_at: Timestamp,
+    /// Whether output must be held for the customer's approval.
+    pub hold_output: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpFinished {
+    pub op_id: String,
+    pub held: bool,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default)]
+    pub timed_out: bool,
+    /// COMMAND_FAILED / COMMAND_TIMEOUT with details; absent while held.
+    #[serde(default)]
+    pub error: Option<ApiError>,
+    /// For a preview (approver view) rather than the op's real end.
+    #[serde(default)]
+    pub preview: bool,
+    /// The held output was destroyed (denied).
+    #[serde(default)]
+    pub destroyed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    pub endpoint_id: String,
+    pub session_id: String,
+    pub resource_id: String,
+    /// Who is on the other end (the endpoint's operator), for the customer's trail.
+    pub operator: String,
+    /// The client's address as the gateway saw it.
+    pub client_addr: String,
+}
