@@ -4,7 +4,10 @@
 use anyhow::{anyhow, Result};
 use bytes::{BufMut, BytesMut};
 use endpoint_types::{
-    frame::{encode, Frame, FrameDecoder, Hello},
+    frame::{
+        encode, Enrollment, EnrollmentAnswer, FrameDecoder, Handshake, HandshakeAnswer, Hello,
+        WireFrame,
+    },
     resource::PolicySummary,
     secret::Secret,
     token::EnrollmentToken,
@@ -159,11 +162,23 @@ fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::Endpoint> {
     Ok(ep)
 }
 
-async fn read_error_frame(recv: &mut quinn::RecvStream) -> Result<endpoint_types::ApiError> {
+/// The one frame the gateway answered with, as the stream's answer type `F`.
+async fn read_answer<F: WireFrame>(recv: &mut quinn::RecvStream) -> Result<Option<F>> {
     let bytes = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await??;
     let mut buf = BytesMut::from(&bytes[..]);
-    match FrameDecoder::default().decode(&mut buf)? {
-        Some(Frame::Error(e)) => Ok(e),
+    Ok(FrameDecoder::default().decode(&mut buf)?)
+}
+
+async fn read_enrollment_error(recv: &mut quinn::RecvStream) -> Result<endpoint_types::ApiError> {
+    match read_answer(recv).await? {
+        Some(EnrollmentAnswer::Error(e)) => Ok(e),
+        other => Err(anyhow!("expected an error frame, got {other:?}")),
+    }
+}
+
+async fn read_hello_error(recv: &mut quinn::RecvStream) -> Result<endpoint_types::ApiError> {
+    match read_answer(recv).await? {
+        Some(HandshakeAnswer::Error(e)) => Ok(e),
         other => Err(anyhow!("expected an error frame, got {other:?}")),
     }
 }
@@ -222,7 +237,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     b.put_slice(&[1, b'{']);
     send.write_all(&b).await?;
     let _ = send.finish();
-    let e = read_error_frame(&mut recv).await?;
+    let e = read_enrollment_error(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::FrameTooLarge, "{e:?}");
 
     // 3. Garbage that is not a frame at all.
@@ -231,7 +246,26 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     send.write_all(&[0, 0, 0, 9, 1, 0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3])
         .await?;
     let _ = send.finish();
-    let e = read_error_frame(&mut recv).await?;
+    let e = read_enrollment_error(&mut recv).await?;
+    assert_eq!(e.code, endpoint_types::ErrorCode::MalformedFrame, "{e:?}");
+
+    // 3b. A well-formed frame of another stream (a control stream's hello) instead of an
+    // enrollment request: refused as malformed, not mistaken for anything.
+    let conn = client.connect(gw.relay, "127.0.0.1")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut b = BytesMut::new();
+    encode(
+        &Handshake::Hello(Hello {
+            protocol_version: endpoint_types::PROTOCOL_VERSION,
+            agent_version: "x".into(),
+            resources: vec![],
+            policy: PolicySummary::default(),
+        }),
+        &mut b,
+    );
+    send.write_all(&b).await?;
+    let _ = send.finish();
+    let e = read_enrollment_error(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::MalformedFrame, "{e:?}");
 
     // 4. A genuinely enrolled certificate that speaks garbage on the control stream.
@@ -251,7 +285,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut b = BytesMut::new();
     encode(
-        &Frame::EnrollRequest(endpoint_types::api::EnrollRequest {
+        &Enrollment::EnrollRequest(endpoint_types::api::EnrollRequest {
             token: Secret::new(added["token"].as_str().unwrap()),
             csr_pem: csr,
             agent_version: "test".into(),
@@ -261,7 +295,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     send.write_all(&b).await?;
     let _ = send.finish();
     let bytes = recv.read_to_end(1 << 20).await?;
-    let Some(Frame::EnrollResponse(resp)) =
+    let Some(EnrollmentAnswer::EnrollResponse(resp)) =
         FrameDecoder::default().decode(&mut BytesMut::from(&bytes[..]))?
     else {
         return Err(anyhow!("enrollment failed"));
@@ -277,14 +311,14 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
     let mut b = BytesMut::new();
     b.put_u32(64 * 1024 * 1024);
     send.write_all(&b).await?;
-    let e = read_error_frame(&mut recv).await?;
+    let e = read_hello_error(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::FrameTooLarge);
     // A wrong protocol version in an otherwise good hello.
     let conn = rogue.connect(gw.relay, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut b = BytesMut::new();
     encode(
-        &Frame::Hello(Hello {
+        &Handshake::Hello(Hello {
             protocol_version: 99,
             agent_version: "x".into(),
             resources: vec![],
@@ -293,7 +327,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
         &mut b,
     );
     send.write_all(&b).await?;
-    let e = read_error_frame(&mut recv).await?;
+    let e = read_hello_error(&mut recv).await?;
     assert_eq!(e.code, endpoint_types::ErrorCode::ProtocolVersion);
 
     // The gateway kept serving the well-behaved agent throughout.

@@ -1,7 +1,7 @@
 //! Which appliances are connected right now, and the handles to reach them.
 
 use endpoint_types::{
-    frame::Frame,
+    frame::ToAgent,
     resource::{PolicySummary, ResourceDescriptor},
 };
 use jiff::Timestamp;
@@ -21,7 +21,7 @@ pub struct AgentLink {
     pub appliance_id: String,
     pub connection: quinn::Connection,
     /// Frames to send on the control stream.
-    pub control: mpsc::Sender<Frame>,
+    pub control: mpsc::Sender<ToAgent>,
     pub agent_version: String,
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
@@ -88,7 +88,7 @@ impl AgentRegistry {
     /// its full state (grants, endpoints) again before anything else. Callers that get `false`
     /// keep their record in the store, which is what the resync reads. Queued commands are
     /// numbered and must be acknowledged in time (`crate::delivery`).
-    pub fn send(&self, appliance_id: &str, frame: Frame) -> bool {
+    pub fn send(&self, appliance_id: &str, frame: ToAgent) -> bool {
         let Some(link) = self.get(appliance_id) else {
             return false;
         };

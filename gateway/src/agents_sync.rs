@@ -3,7 +3,7 @@
 use crate::server::Gateway;
 use endpoint_types::{
     control::GrantState,
-    frame::{Frame, LiveGrant},
+    frame::{LiveGrant, ToAgent},
     lifecycle::grant_state,
 };
 use jiff::Timestamp;
@@ -38,6 +38,6 @@ pub async fn push_grants(gw: &Gateway, appliance_id: &str) {
         // Two changes in a row push two sets; the lock keeps the newer read queued last.
         let _order = link.grant_sync.lock().await;
         let grants = live_grants(gw, appliance_id).await;
-        gw.agents.send(appliance_id, Frame::GrantSync { grants });
+        gw.agents.send(appliance_id, ToAgent::GrantSync { grants });
     }
 }

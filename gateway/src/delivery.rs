@@ -5,7 +5,7 @@
 //! those frames would leave the agent honouring a revoked grant or a retired endpoint, so they
 //! are delivered like this:
 //!
-//! - Each such frame (see [`is_command`]) is wrapped in `Frame::Command { seq, .. }` when the
+//! - Each such frame (see [`ToAgent::is_command`]) is wrapped in `ToAgent::Command { seq, .. }` when the
 //!   connection's control loop writes it. `seq` counts from 1 per connection; the control stream
 //!   is ordered, so the agent applies commands in `seq` order and answers `CommandAck { seq }`
 //!   after applying each one. An ack covers every command up to its `seq`.
@@ -22,23 +22,8 @@
 //!
 //! The window is sans-IO: it takes the time as an argument and is unit-tested below.
 
-use endpoint_types::frame::Frame;
+use endpoint_types::frame::{AgentCommand, ToAgent};
 use std::collections::VecDeque;
-
-/// Whether a gateway → agent control frame changes what the agent allows, and so must be
-/// sequenced and acknowledged. Heartbeats, previews and errors are not.
-pub fn is_command(frame: &Frame) -> bool {
-    matches!(
-        frame,
-        Frame::GrantSync { .. }
-            | Frame::EndpointSync { .. }
-            | Frame::EndpointOpen(_)
-            | Frame::EndpointClose { .. }
-            | Frame::OpDispatch(_)
-            | Frame::OutputRelease { .. }
-            | Frame::OutputDestroy { .. }
-    )
-}
 
 /// Why a connection's delivery failed; each one drops the connection so the agent resyncs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,16 +111,14 @@ impl<I: Ord + Copy> Default for Delivery<I> {
 impl<I: Ord + Copy> Delivery<I> {
     /// The frame as it goes on the wire: a command is numbered and must be acknowledged by
     /// `deadline`; anything else passes unchanged.
-    pub fn outgoing(&mut self, frame: Frame, deadline: I) -> Frame {
-        if !is_command(&frame) {
-            return frame;
-        }
+    pub fn outgoing(&mut self, frame: ToAgent, deadline: I) -> ToAgent {
+        let command = match AgentCommand::try_from(frame) {
+            Ok(command) => command,
+            Err(other) => return other,
+        };
         let seq = self.window.last_sent() + 1;
         self.window.push(seq, deadline);
-        Frame::Command {
-            seq,
-            command: Box::new(frame),
-        }
+        ToAgent::Command { seq, command }
     }
 
     pub fn acked(&mut self, seq: u64) -> Result<(), DeliveryError> {
@@ -160,8 +143,8 @@ mod tests {
     use super::*;
     use endpoint_types::resource::CloseReason;
 
-    fn close(id: &str) -> Frame {
-        Frame::EndpointClose {
+    fn close(id: &str) -> ToAgent {
+        ToAgent::EndpointClose {
             endpoint_id: id.into(),
             reason: CloseReason::Retired,
         }
@@ -210,24 +193,27 @@ mod tests {
     #[test]
     fn commands_are_numbered_in_order_and_other_frames_pass() {
         let mut d = Delivery::<u64>::default();
-        let hb = d.outgoing(Frame::Heartbeat { seq: 7 }, 10);
-        assert_eq!(hb, Frame::Heartbeat { seq: 7 });
-        let fetch = Frame::OutputFetch { op_id: "o".into() };
+        let hb = d.outgoing(ToAgent::Heartbeat { seq: 7 }, 10);
+        assert_eq!(hb, ToAgent::Heartbeat { seq: 7 });
+        let fetch = ToAgent::OutputFetch { op_id: "o".into() };
         assert_eq!(d.outgoing(fetch.clone(), 10), fetch);
         assert_eq!(d.outstanding(), 0);
-        let sync = Frame::GrantSync { grants: vec![] };
+        let sync = ToAgent::GrantSync { grants: vec![] };
         assert_eq!(
             d.outgoing(sync.clone(), 10),
-            Frame::Command {
+            ToAgent::Command {
                 seq: 1,
-                command: Box::new(sync)
+                command: AgentCommand::GrantSync { grants: vec![] }
             }
         );
         assert_eq!(
             d.outgoing(close("e1"), 20),
-            Frame::Command {
+            ToAgent::Command {
                 seq: 2,
-                command: Box::new(close("e1"))
+                command: AgentCommand::EndpointClose {
+                    endpoint_id: "e1".into(),
+                    reason: CloseReason::Retired,
+                }
             }
         );
         assert_eq!(d.check(10), Err(DeliveryError::Overdue { seq: 1 }));
@@ -241,27 +227,36 @@ mod tests {
     #[test]
     fn every_command_that_changes_what_the_agent_allows_is_sequenced() {
         for f in [
-            Frame::GrantSync { grants: vec![] },
-            Frame::EndpointSync { endpoints: vec![] },
+            ToAgent::GrantSync { grants: vec![] },
+            ToAgent::EndpointSync { endpoints: vec![] },
             close("e"),
-            Frame::OutputRelease {
+            ToAgent::OutputRelease {
                 op_id: "o".into(),
                 approved_by: "a".into(),
             },
-            Frame::OutputDestroy {
+            ToAgent::OutputDestroy {
                 op_id: "o".into(),
                 denied_by: "a".into(),
                 message: None,
             },
         ] {
-            assert!(is_command(&f), "{}", f.name());
+            let name = f.name();
+            assert!(f.is_command(), "{name}");
+            let mut d = Delivery::<u64>::default();
+            assert!(
+                matches!(d.outgoing(f, 0), ToAgent::Command { seq: 1, command } if command.name() == name),
+                "{name}"
+            );
         }
         for f in [
-            Frame::Heartbeat { seq: 1 },
-            Frame::HeartbeatAck { seq: 1 },
-            Frame::OutputFetch { op_id: "o".into() },
+            ToAgent::Heartbeat { seq: 1 },
+            ToAgent::HeartbeatAck { seq: 1 },
+            ToAgent::OutputFetch { op_id: "o".into() },
         ] {
-            assert!(!is_command(&f), "{}", f.name());
+            assert!(!f.is_command(), "{}", f.name());
+            let mut d = Delivery::<u64>::default();
+            assert_eq!(d.outgoing(f.clone(), 0), f);
+            assert_eq!(d.outstanding(), 0);
         }
     }
 }

@@ -1,8 +1,12 @@
 //! Frame I/O over QUIC streams: the thin shell around the sans-IO codec in `endpoint-types`.
+//!
+//! Typed by direction: the gateway reads only frames the agent sends ([`SentByAgent`]) and
+//! writes only frames the agent reads ([`SentByGateway`]), so a frame sent the wrong way does
+//! not compile.
 
 use bytes::{Bytes, BytesMut};
-use endpoint_types::frame::{encode, Frame, FrameDecoder, FrameError};
-use std::time::Duration;
+use endpoint_types::frame::{encode, FrameDecoder, FrameError, SentByAgent, SentByGateway};
+use std::{marker::PhantomData, time::Duration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FramedError {
@@ -18,25 +22,39 @@ pub enum FramedError {
     Timeout,
 }
 
-/// Reads frames from a QUIC receive stream; bytes after the last frame are kept for the caller.
+/// Reads frames of type `F` from a QUIC receive stream; bytes after the last frame are kept for
+/// the caller. A frame of another type is [`FrameError::Malformed`].
 #[derive(Debug)]
-pub struct FramedRecv {
+pub struct FramedRecv<F> {
     pub recv: quinn::RecvStream,
     decoder: FrameDecoder,
     buf: BytesMut,
+    frames: PhantomData<fn() -> F>,
 }
 
-impl FramedRecv {
+impl<F: SentByAgent> FramedRecv<F> {
     pub fn new(recv: quinn::RecvStream, max_len: usize) -> Self {
         FramedRecv {
             recv,
             decoder: FrameDecoder::new(max_len),
             buf: BytesMut::new(),
+            frames: PhantomData,
+        }
+    }
+
+    /// The same stream, from here on read as frames of type `G` (the control stream after the
+    /// hello); bytes already buffered are kept.
+    pub fn then<G: SentByAgent>(self) -> FramedRecv<G> {
+        FramedRecv {
+            recv: self.recv,
+            decoder: self.decoder,
+            buf: self.buf,
+            frames: PhantomData,
         }
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly between frames.
-    pub async fn next(&mut self) -> Result<Option<Frame>, FramedError> {
+    pub async fn next(&mut self) -> Result<Option<F>, FramedError> {
         loop {
             if let Some(f) = self.decoder.decode(&mut self.buf)? {
                 return Ok(Some(f));
@@ -52,7 +70,7 @@ impl FramedRecv {
         }
     }
 
-    pub async fn next_within(&mut self, limit: Duration) -> Result<Option<Frame>, FramedError> {
+    pub async fn next_within(&mut self, limit: Duration) -> Result<Option<F>, FramedError> {
         tokio::time::timeout(limit, self.next())
             .await
             .map_err(|_| FramedError::Timeout)?
@@ -66,9 +84,9 @@ impl FramedRecv {
 
 /// Writes a frame, giving up after `limit`: a peer that stops reading (its flow-control window
 /// stays shut) must not hold the writer past the point where it counts as lost.
-pub async fn write_frame_within(
+pub async fn write_frame_within<F: SentByGateway>(
     send: &mut quinn::SendStream,
-    frame: &Frame,
+    frame: &F,
     limit: std::time::Duration,
 ) -> Result<(), FramedError> {
     tokio::time::timeout(limit, write_frame(send, frame))
@@ -76,7 +94,10 @@ pub async fn write_frame_within(
         .map_err(|_| FramedError::Timeout)?
 }
 
-pub async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), FramedError> {
+pub async fn write_frame<F: SentByGateway>(
+    send: &mut quinn::SendStream,
+    frame: &F,
+) -> Result<(), FramedError> {
     let mut b = BytesMut::new();
     encode(frame, &mut b);
     send.write_all(&b).await.map_err(FramedError::Write)

@@ -12,7 +12,7 @@ use crate::{
 use endpoint_types::{
     api::Role,
     control::{OpRecord, OpRequest, OpState},
-    frame::{Frame, OpDispatch, OpFinished, OutputStream},
+    frame::{OpDispatch, OpFinished, OutputStream, ToAgent, ToGateway},
     lifecycle::{self, op_error, OpEvent, TransitionError},
     policy::Policy,
     ApiError, ErrorCode,
@@ -415,7 +415,7 @@ pub async fn dispatch(gw: &Gateway, id: &str) {
     ) else {
         return;
     };
-    let frame = Frame::OpDispatch(OpDispatch {
+    let frame = ToAgent::OpDispatch(OpDispatch {
         op_id: row.id.clone(),
         tool: row.tool,
         command: row.command.clone(),
@@ -483,12 +483,12 @@ pub async fn interrupted(gw: &Gateway, appliance_id: &str) {
 }
 
 /// Frames about ops from an agent. An agent can only ever affect its own appliance's ops.
-pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
+pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: ToGateway) {
     let op_id = match &frame {
-        Frame::OpStarted { op_id }
-        | Frame::OpOutput { op_id, .. }
-        | Frame::OpRefused { op_id, .. } => op_id.clone(),
-        Frame::OpFinished(f) => f.op_id.clone(),
+        ToGateway::OpStarted { op_id }
+        | ToGateway::OpOutput { op_id, .. }
+        | ToGateway::OpRefused { op_id, .. } => op_id.clone(),
+        ToGateway::OpFinished(f) => f.op_id.clone(),
         _ => return,
     };
     let Ok(Some(row)) = gw.store.get_op(&op_id).await else {
@@ -500,7 +500,7 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
     let actor = format!("agent:{appliance_id}");
     let now = crate::store::now();
     match frame {
-        Frame::OpStarted { .. } => {
+        ToGateway::OpStarted { .. } => {
             let moved = transition(
                 gw,
                 &op_id,
@@ -514,13 +514,13 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                     .await;
             }
         }
-        Frame::OpOutput {
+        ToGateway::OpOutput {
             stream,
             data,
             preview: true,
             ..
         } => gw.previews.push(&op_id, stream, &data),
-        Frame::OpOutput {
+        ToGateway::OpOutput {
             stream,
             data,
             preview: false,
@@ -538,10 +538,10 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 Err(e) => tracing::error!(op = %op_id, error = %e, "cannot store op output"),
             }
         }
-        Frame::OpFinished(f) if f.preview => {
+        ToGateway::OpFinished(f) if f.preview => {
             gw.previews.finish(&op_id, Ok(&f));
         }
-        Frame::OpFinished(f) if f.destroyed => {
+        ToGateway::OpFinished(f) if f.destroyed => {
             gw.audit
                 .record(
                     "output.destroyed",
@@ -551,7 +551,7 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 )
                 .await;
         }
-        Frame::OpFinished(f) if f.held => {
+        ToGateway::OpFinished(f) if f.held => {
             // The agent announces held output again after every reconnect; the machine refuses
             // a repeat (the op already holds output), so it is a no-op.
             let held = OpEvent::Finished {
@@ -574,7 +574,7 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                 }
             }
         }
-        Frame::OpFinished(f) => {
+        ToGateway::OpFinished(f) => {
             let exit_code = finished_exit_code(&f);
             // The end of a run, or (for an op holding output) the released result.
             let event = |o: &OpRow| match (o.state, f.timed_out) {
@@ -614,7 +614,7 @@ pub async fn on_agent_frame(gw: &Gateway, appliance_id: &str, frame: Frame) {
                     .await;
             }
         }
-        Frame::OpRefused { error, .. } => {
+        ToGateway::OpRefused { error, .. } => {
             if gw.previews.finish(&op_id, Err(error.clone())) {
                 return;
             }
@@ -764,7 +764,7 @@ pub async fn decide(
                 .await;
             gw.agents.send(
                 &row.appliance_id,
-                Frame::OutputRelease {
+                ToAgent::OutputRelease {
                     op_id: id.to_string(),
                     approved_by: who.clone(),
                 },
@@ -782,7 +782,7 @@ pub async fn decide(
                 .await;
             gw.agents.send(
                 &row.appliance_id,
-                Frame::OutputDestroy {
+                ToAgent::OutputDestroy {
                     op_id: id.to_string(),
                     denied_by: who.clone(),
                     message,

@@ -6,7 +6,7 @@ use crate::{identity::Caller, server::Gateway};
 use endpoint_types::{
     api::Role,
     control::OpState,
-    frame::{Frame, OpFinished, OutputStream},
+    frame::{OpFinished, OutputStream, ToAgent},
     ApiError, ErrorCode,
 };
 use std::{collections::HashMap, sync::Mutex, time::Duration};
@@ -93,7 +93,7 @@ pub async fn preview(
     let rx = gw.previews.begin(id);
     if !gw.agents.send(
         &row.appliance_id,
-        Frame::OutputFetch {
+        ToAgent::OutputFetch {
             op_id: id.to_string(),
         },
     ) {

@@ -13,7 +13,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use endpoint_types::{
-    frame::Frame,
+    frame::ToAgent,
     resource::{PolicySummary, ResourceDescriptor},
     ApiError,
 };
@@ -89,7 +89,7 @@ pub trait AgentPort: Send + Sync {
     /// Queues a frame for the agent; false if it is not connected. A command that cannot be
     /// queued drops the connection (the agent resynchronises from the store on reconnect), so
     /// `false` never means "lost": the store holds the state the resync sends.
-    fn send(&self, appliance_id: &str, frame: Frame) -> bool;
+    fn send(&self, appliance_id: &str, frame: ToAgent) -> bool;
     /// Held while a full grant set is read and queued, so a stale set never overtakes a newer one.
     fn grant_sync_lock(&self, appliance_id: &str) -> Option<Arc<tokio::sync::Mutex<()>>>;
 }
@@ -106,7 +106,7 @@ impl AgentPort for AgentRegistry {
         AgentRegistry::is_online(self, appliance_id)
     }
 
-    fn send(&self, appliance_id: &str, frame: Frame) -> bool {
+    fn send(&self, appliance_id: &str, frame: ToAgent) -> bool {
         AgentRegistry::send(self, appliance_id, frame)
     }
 
@@ -161,7 +161,7 @@ pub mod fakes {
         }
         pub fn advance(&self, by: std::time::Duration) {
             let mut t = lock(&self.0);
-            *t = *t + jiff::SignedDuration::try_from(by).unwrap_or_default();
+            *t += jiff::SignedDuration::try_from(by).unwrap_or_default();
         }
     }
 
@@ -236,7 +236,7 @@ pub mod fakes {
     #[derive(Debug, Default)]
     pub struct RecordingAgents {
         pub online: Mutex<std::collections::HashMap<String, AgentView>>,
-        pub sent: Mutex<Vec<(String, Frame)>>,
+        pub sent: Mutex<Vec<(String, ToAgent)>>,
         locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     }
 
@@ -247,7 +247,7 @@ pub mod fakes {
         pub fn disconnect(&self, appliance_id: &str) {
             lock(&self.online).remove(appliance_id);
         }
-        pub fn sent_to(&self, appliance_id: &str) -> Vec<Frame> {
+        pub fn sent_to(&self, appliance_id: &str) -> Vec<ToAgent> {
             lock(&self.sent)
                 .iter()
                 .filter(|(a, _)| a == appliance_id)
@@ -261,7 +261,7 @@ pub mod fakes {
             lock(&self.online).get(appliance_id).cloned()
         }
 
-        fn send(&self, appliance_id: &str, frame: Frame) -> bool {
+        fn send(&self, appliance_id: &str, frame: ToAgent) -> bool {
             if !lock(&self.online).contains_key(appliance_id) {
                 return false;
             }

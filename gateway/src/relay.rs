@@ -13,7 +13,10 @@ use crate::{
 use certs::Issued;
 use endpoint_types::{
     api::EnrollResponse,
-    frame::{Frame, HelloAck, MAX_FRAME_LEN},
+    frame::{
+        Enrollment, EnrollmentAnswer, Handshake, HandshakeAnswer, HelloAck, SentByGateway, ToAgent,
+        ToGateway, MAX_FRAME_LEN,
+    },
     token::EnrollmentToken,
     ApiError, ErrorCode, ALPN_ENROLL, ALPN_TUNNEL, PROTOCOL_VERSION,
 };
@@ -144,10 +147,11 @@ fn close_with(conn: &quinn::Connection, code: u32, err: &ApiError) {
     conn.close(code.into(), reason.as_bytes());
 }
 
-/// Sends an `Error` frame and finishes the stream, giving the peer a moment to read it before
-/// the connection closes, so it can show the structured error rather than a bare close.
-async fn send_error(send: &mut quinn::SendStream, err: &ApiError) {
-    if write_frame(send, &Frame::Error(err.clone())).await.is_ok() {
+/// Sends an `Error` frame (of the type the stream is at) and finishes the stream, giving the
+/// peer a moment to read it before the connection closes, so it can show the structured error
+/// rather than a bare close.
+async fn send_error<F: SentByGateway>(send: &mut quinn::SendStream, error: &F) {
+    if write_frame(send, error).await.is_ok() {
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
@@ -161,10 +165,10 @@ async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
         conn.close(close::PROTOCOL.into(), b"no enrollment request");
         return;
     };
-    let mut framed = FramedRecv::new(recv, ENROLL_FRAME_MAX);
+    let mut framed = FramedRecv::<Enrollment>::new(recv, ENROLL_FRAME_MAX);
     let answer = match framed.next_within(gw.limits.handshake_timeout).await {
-        Ok(Some(Frame::EnrollRequest(req))) => match enroll(&gw, &req, remote).await {
-            Ok(resp) => Frame::EnrollResponse(resp),
+        Ok(Some(Enrollment::EnrollRequest(req))) => match enroll(&gw, &req, remote).await {
+            Ok(resp) => EnrollmentAnswer::EnrollResponse(resp),
             Err(e) => {
                 gw.audit
                     .record(
@@ -176,20 +180,16 @@ async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
                         }),
                     )
                     .await;
-                Frame::Error(e)
+                EnrollmentAnswer::Error(e)
             }
         },
-        Ok(Some(_)) => Frame::Error(ApiError::new(
-            ErrorCode::MalformedFrame,
-            "expected an enrollment request",
-        )),
-        Ok(None) => Frame::Error(ApiError::new(
+        Ok(None) => EnrollmentAnswer::Error(ApiError::new(
             ErrorCode::MalformedFrame,
             "the stream ended before a request",
         )),
         Err(FramedError::Frame(e)) => {
             tracing::info!(%remote, error = %e, "refused a malformed enrollment frame");
-            Frame::Error(e.to_api_error())
+            EnrollmentAnswer::Error(e.to_api_error())
         }
         Err(e) => {
             tracing::info!(%remote, error = %e, "enrollment stream failed");
@@ -363,10 +363,10 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         conn.close(close::PROTOCOL.into(), b"no control stream");
         return;
     };
-    let mut framed = FramedRecv::new(recv, MAX_FRAME_LEN);
+    let mut framed = FramedRecv::<Handshake>::new(recv, MAX_FRAME_LEN);
     let hello = match framed.next_within(limit).await {
-        Ok(Some(Frame::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => h,
-        Ok(Some(Frame::Hello(h))) => {
+        Ok(Some(Handshake::Hello(h))) if h.protocol_version == PROTOCOL_VERSION => h,
+        Ok(Some(Handshake::Hello(h))) => {
             let e = ApiError::new(
                 ErrorCode::ProtocolVersion,
                 format!(
@@ -375,15 +375,15 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                 ),
             )
             .hint("upgrade the agent or the gateway so both speak the same version");
-            send_error(&mut send, &e).await;
+            send_error(&mut send, &HandshakeAnswer::Error(e.clone())).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
-        Ok(_) => {
+        Ok(None) => {
             let e = ApiError::new(
                 ErrorCode::MalformedFrame,
                 "the first frame on the control stream must be a hello",
             );
-            send_error(&mut send, &e).await;
+            send_error(&mut send, &HandshakeAnswer::Error(e.clone())).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
         Err(err) => {
@@ -391,7 +391,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                 FramedError::Frame(f) => f.to_api_error(),
                 other => ApiError::new(ErrorCode::MalformedFrame, other.to_string()),
             };
-            send_error(&mut send, &e).await;
+            send_error(&mut send, &HandshakeAnswer::Error(e.clone())).await;
             return refuse_agent(&gw, &conn, close::PROTOCOL, e, Some(&appliance.id)).await;
         }
     };
@@ -413,7 +413,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             format!("appliance {} is already connected; a second connection with its certificate is refused", appliance.id),
         )
         .hint("if the agent was restarted, the old connection is dropped within the heartbeat timeout; retry then");
-        send_error(&mut send, &e).await;
+        send_error(&mut send, &HandshakeAnswer::Error(e.clone())).await;
         return refuse_agent(&gw, &conn, close::DUPLICATE, e, Some(&appliance.id)).await;
     }
 
@@ -447,7 +447,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         .await;
     tracing::info!(appliance = %appliance.id, remote = %conn.remote_address(), version = %hello.agent_version, "agent connected");
 
-    let ack = Frame::HelloAck(HelloAck {
+    let ack = HandshakeAnswer::HelloAck(HelloAck {
         appliance_id: appliance.id.clone(),
         app: appliance.app.clone(),
         customer: appliance.customer.clone(),
@@ -463,8 +463,8 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
             let live = crate::agents_sync::live_grants(&gw, &appliance.id).await;
             let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
-            let grant_sync = delivery.outgoing(Frame::GrantSync { grants: live }, deadline);
-            let endpoint_sync = delivery.outgoing(Frame::EndpointSync { endpoints }, deadline);
+            let grant_sync = delivery.outgoing(ToAgent::GrantSync { grants: live }, deadline);
+            let endpoint_sync = delivery.outgoing(ToAgent::EndpointSync { endpoints }, deadline);
             match write_frame(&mut send, &grant_sync).await {
                 Ok(()) => match write_frame(&mut send, &endpoint_sync).await {
                     Ok(()) => {
@@ -474,7 +474,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                             .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
                         let control = Control {
                             send,
-                            framed,
+                            framed: framed.then(),
                             outgoing: rx,
                             delivery,
                         };
@@ -516,8 +516,8 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
 /// delivery state of the commands among them.
 struct Control {
     send: quinn::SendStream,
-    framed: FramedRecv,
-    outgoing: mpsc::Receiver<Frame>,
+    framed: FramedRecv<ToGateway>,
+    outgoing: mpsc::Receiver<ToAgent>,
     delivery: Delivery<tokio::time::Instant>,
 }
 
@@ -547,8 +547,8 @@ async fn control_loop(
             frame = framed.next() => {
                 last_rx = tokio::time::Instant::now();
                 match frame {
-                    Ok(Some(Frame::Heartbeat { seq })) => {
-                        if let Err(e) = write_frame_within(&mut send, &Frame::HeartbeatAck { seq }, gw.limits.agent_lost_after).await {
+                    Ok(Some(ToGateway::Heartbeat { seq })) => {
+                        if let Err(e) = write_frame_within(&mut send, &ToAgent::HeartbeatAck { seq }, gw.limits.agent_lost_after).await {
                             return format!("control stream failed: {e}");
                         }
                         // Off the frame path: a slow store must not delay the lost-heartbeat check.
@@ -559,27 +559,21 @@ async fn control_loop(
                             }
                         });
                     }
-                    Ok(Some(Frame::HeartbeatAck { .. })) => {}
-                    Ok(Some(Frame::CommandAck { seq })) => {
+                    Ok(Some(ToGateway::HeartbeatAck { .. })) => {}
+                    Ok(Some(ToGateway::CommandAck { seq })) => {
                         if let Err(e) = delivery.acked(seq) {
                             return resync(conn, &e);
                         }
                     }
-                    Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
-                    Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
+                    Ok(Some(ToGateway::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
+                    Ok(Some(f @ (ToGateway::OpStarted { .. } | ToGateway::OpOutput { .. } | ToGateway::OpFinished(_) | ToGateway::OpRefused { .. }))) => {
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
                     }
-                    Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
+                    Ok(Some(ToGateway::OpRecord { op_id, kind, detail })) => {
                         crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;
                     }
-                    Ok(Some(Frame::SshTeardown(report))) => {
+                    Ok(Some(ToGateway::SshTeardown(report))) => {
                         crate::endpoints::ssh::teardown::on_report(gw, appliance_id, report).await;
-                    }
-                    Ok(Some(other)) => {
-                        let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));
-                        send_error(&mut send, &e).await;
-                        close_with(conn, close::PROTOCOL, &e);
-                        return e.message;
                     }
                     Ok(None) => {
                         conn.close(close::NORMAL.into(), b"control stream ended");
@@ -587,7 +581,7 @@ async fn control_loop(
                     }
                     Err(FramedError::Frame(fe)) => {
                         let e = fe.to_api_error();
-                        send_error(&mut send, &e).await;
+                        send_error(&mut send, &ToAgent::Error(e.clone())).await;
                         close_with(conn, close::PROTOCOL, &e);
                         return e.message;
                     }
@@ -610,7 +604,7 @@ async fn control_loop(
                     return "heartbeat lost".into();
                 }
                 seq += 1;
-                if let Err(e) = write_frame_within(&mut send, &Frame::Heartbeat { seq }, gw.limits.agent_lost_after).await {
+                if let Err(e) = write_frame_within(&mut send, &ToAgent::Heartbeat { seq }, gw.limits.agent_lost_after).await {
                     return format!("control stream failed: {e}");
                 }
             }

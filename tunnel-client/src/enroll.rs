@@ -13,7 +13,7 @@ use crate::{
 };
 use endpoint_types::{
     api::{EnrollRequest, EnrollResponse},
-    frame::{Frame, MAX_FRAME_LEN},
+    frame::{Enrollment, EnrollmentAnswer, MAX_FRAME_LEN},
     secret::Secret,
     token::{EnrollmentToken, TokenFormatError},
     ApiError, ErrorCode, ALPN_ENROLL,
@@ -51,8 +51,6 @@ pub enum EnrollError {
     Timeout(Duration),
     #[error("enrollment exchange failed: {0}")]
     Wire(#[from] WireError),
-    #[error("the gateway answered the enrollment with an unexpected frame")]
-    Unexpected,
     #[error("the gateway refused the enrollment: {0}")]
     Refused(ApiError),
     #[error(
@@ -79,8 +77,6 @@ impl EnrollError {
             EnrollError::Wire(WireError::Frame(e)) => e.to_api_error(),
             EnrollError::Wire(_) => ApiError::new(ErrorCode::GatewayUnreachable, msg)
                 .hint("the gateway closed the enrollment early; its log has the cause"),
-            EnrollError::Unexpected => ApiError::new(ErrorCode::MalformedFrame, msg)
-                .hint("the gateway does not speak this agent's enrollment protocol; check both versions"),
             EnrollError::Refused(e) => e.clone(),
             EnrollError::CaMismatch { want, got } => ApiError::new(ErrorCode::CaMismatch, msg)
                 .hint("do not enroll against this gateway; ask the vendor for a new token")
@@ -178,13 +174,12 @@ async fn exchange(
     request: EnrollRequest,
 ) -> Result<EnrollResponse, EnrollError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| WireError::Io(e.into()))?;
-    write_frame(&mut send, &Frame::EnrollRequest(request)).await?;
+    write_frame(&mut send, &Enrollment::EnrollRequest(request)).await?;
     // The gateway may already have stopped reading; what matters is its answer.
     let _ = send.finish();
     match read_one_frame(&mut recv, MAX_FRAME_LEN).await? {
-        Frame::EnrollResponse(r) => Ok(r),
-        Frame::Error(e) => Err(EnrollError::Refused(e)),
-        _ => Err(EnrollError::Unexpected),
+        EnrollmentAnswer::EnrollResponse(r) => Ok(r),
+        EnrollmentAnswer::Error(e) => Err(EnrollError::Refused(e)),
     }
 }
 

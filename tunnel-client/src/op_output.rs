@@ -5,7 +5,7 @@ use crate::{
     op_runner::{Outbox, MAX_OUTPUT_FRAME_DATA},
     ops::{OpOutcome, Stream},
 };
-use endpoint_types::frame::{Frame, OutputStream};
+use endpoint_types::frame::{OutputStream, ToGateway};
 
 /// Lossy UTF-8 decoding of a byte stream that arrives in pieces: a character split between
 /// two pieces is decoded whole; invalid bytes become U+FFFD as in `String::from_utf8_lossy`.
@@ -95,11 +95,11 @@ pub(crate) fn output_frames<'a>(
     stream: Stream,
     text: &'a str,
     preview: bool,
-) -> impl Iterator<Item = Frame> + 'a {
+) -> impl Iterator<Item = ToGateway> + 'a {
     let op_id = op_id.to_string();
     split_for_frames(text, MAX_OUTPUT_FRAME_DATA)
         .into_iter()
-        .map(move |data| Frame::OpOutput {
+        .map(move |data| ToGateway::OpOutput {
             op_id: op_id.clone(),
             stream: output_stream(stream),
             data: data.to_string(),
@@ -214,7 +214,7 @@ mod tests {
             assert_eq!(pieces.concat(), text);
             for p in &pieces {
                 assert!(!p.is_empty());
-                let frame = Frame::OpOutput {
+                let frame = ToGateway::OpOutput {
                     op_id: "op_1".repeat(32),
                     stream: OutputStream::Stdout,
                     data: p.to_string(),

@@ -11,7 +11,7 @@ use crate::{
     ops::{OpOutcome, OpSpec, Stream},
 };
 use endpoint_types::{
-    frame::{Frame, OpDispatch, OpFinished},
+    frame::{OpDispatch, OpFinished, ToGateway},
     ApiError, ErrorCode,
 };
 use serde_json::json;
@@ -107,7 +107,7 @@ impl OpRunner {
             self.state().held.insert(d.op_id.clone(), held);
             let _ = out.send(held_notice(&d.op_id)).await;
         } else {
-            let frame = Frame::OpFinished(OpFinished {
+            let frame = ToGateway::OpFinished(OpFinished {
                 op_id: d.op_id.clone(),
                 held: false,
                 exit_code: outcome.exit_code,
@@ -124,8 +124,8 @@ impl OpRunner {
     }
 }
 
-pub(super) fn not_found(op_id: &str) -> Frame {
-    Frame::OpRefused {
+pub(super) fn not_found(op_id: &str) -> ToGateway {
+    ToGateway::OpRefused {
         op_id: op_id.to_string(),
         error: ApiError::new(
             ErrorCode::NotFound,
@@ -142,12 +142,12 @@ pub(super) struct Held {
 }
 
 impl Held {
-    pub(super) fn finished(&self, held: bool, preview: bool) -> Frame {
+    pub(super) fn finished(&self, held: bool, preview: bool) -> ToGateway {
         debug_assert!(
             !held || preview,
             "a held op's end says nothing outside a preview; see held_notice"
         );
-        Frame::OpFinished(OpFinished {
+        ToGateway::OpFinished(OpFinished {
             op_id: self.spec.op_id.clone(),
             held,
             exit_code: self.outcome.exit_code,
@@ -160,11 +160,11 @@ impl Held {
     }
 
     /// The whole output (stdout, then stderr) and the op's end, as frames.
-    pub(super) fn frames(&self, preview: bool, held_after: bool) -> Vec<Frame> {
+    pub(super) fn frames(&self, preview: bool, held_after: bool) -> Vec<ToGateway> {
         let id = &self.spec.op_id;
         let out = String::from_utf8_lossy(&self.outcome.stdout);
         let err = String::from_utf8_lossy(&self.outcome.stderr);
-        let mut frames: Vec<Frame> = output_frames(id, Stream::Stdout, &out, preview).collect();
+        let mut frames: Vec<ToGateway> = output_frames(id, Stream::Stdout, &out, preview).collect();
         frames.extend(output_frames(id, Stream::Stderr, &err, preview));
         frames.push(self.finished(held_after, preview));
         frames
@@ -180,8 +180,8 @@ impl Held {
 }
 
 /// `OpFinished { held: true }`: says nothing about the output, not even the exit code.
-pub(super) fn held_notice(op_id: &str) -> Frame {
-    Frame::OpFinished(OpFinished {
+pub(super) fn held_notice(op_id: &str) -> ToGateway {
+    ToGateway::OpFinished(OpFinished {
         op_id: op_id.to_string(),
         held: true,
         exit_code: None,
@@ -197,8 +197,8 @@ pub(super) fn finished_frame(
     op_id: &str,
     exit_code: Option<i64>,
     error: Option<ApiError>,
-) -> Frame {
-    Frame::OpFinished(OpFinished {
+) -> ToGateway {
+    ToGateway::OpFinished(OpFinished {
         op_id: op_id.to_string(),
         held: false,
         exit_code,

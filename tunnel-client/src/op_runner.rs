@@ -29,7 +29,7 @@ use crate::{
 use bytes::Bytes;
 use endpoint_types::{
     control::{GrantLevel, OpTool},
-    frame::{Frame, LiveGrant, OpDispatch, OpFinished},
+    frame::{LiveGrant, OpDispatch, OpFinished, ToGateway},
     policy::{Decision, Policy, PolicyError},
     resource::{ApprovalMode, ResourceKind},
     ApiError, ErrorCode,
@@ -59,7 +59,7 @@ const REMEMBERED: usize = 4096;
 const CHUNK_QUEUE: usize = 16;
 
 /// Frames from ops to the connection's control stream.
-pub type Outbox = mpsc::Sender<Frame>;
+pub type Outbox = mpsc::Sender<ToGateway>;
 
 /// What the agent's own checks concluded for a dispatch.
 #[derive(Debug, Clone)]
@@ -376,7 +376,7 @@ impl OpRunner {
     /// told again which ops have output waiting (an `OpFinished { held: true }` each): one
     /// that finished while no connection was up is not left waiting for ever.
     pub fn connected(&self, app: &str, customer: &str, out: &Outbox) {
-        let waiting: Vec<Frame> = {
+        let waiting: Vec<ToGateway> = {
             let mut state = self.state();
             state.gateway = Some((app.to_string(), customer.to_string()));
             state.held.keys().map(|id| held_notice(id)).collect()
@@ -479,7 +479,7 @@ impl OpRunner {
         });
         held.wipe();
         self.record(Entry::new("output.destroyed", denied_by, detail).op(op_id.clone()));
-        let done = Frame::OpFinished(OpFinished {
+        let done = ToGateway::OpFinished(OpFinished {
             op_id,
             held: false,
             exit_code: None,
@@ -492,7 +492,7 @@ impl OpRunner {
         self.send_all(vec![done], out);
     }
 
-    fn send_all(&self, frames: Vec<Frame>, out: Outbox) {
+    fn send_all(&self, frames: Vec<ToGateway>, out: Outbox) {
         self.inner.tracker.spawn(async move {
             for frame in frames {
                 if out.send(frame).await.is_err() {
@@ -575,7 +575,7 @@ impl OpRunner {
         );
         let op_id: String = d.op_id.chars().take(MAX_OP_ID_LEN).collect();
         let _ = out
-            .send(Frame::OpRefused {
+            .send(ToGateway::OpRefused {
                 op_id,
                 error: r.error,
             })
@@ -604,7 +604,7 @@ impl OpRunner {
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the op");
             let error = crate::sessions::trail_refusal();
             let _ = out
-                .send(Frame::OpRefused {
+                .send(ToGateway::OpRefused {
                     op_id: d.op_id.clone(),
                     error,
                 })
@@ -793,7 +793,7 @@ impl OpRunner {
             .op(d.op_id.clone()),
         );
         let _ = out
-            .send(Frame::OpStarted {
+            .send(ToGateway::OpStarted {
                 op_id: d.op_id.clone(),
             })
             .await;

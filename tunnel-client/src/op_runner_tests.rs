@@ -295,7 +295,7 @@ fn held_finished_frame_says_nothing_about_the_output() {
         finished_at: now + SignedDuration::from_secs(1),
     };
     let held = Held { spec, outcome };
-    let Frame::OpFinished(f) = held_notice("op_1") else {
+    let ToGateway::OpFinished(f) = held_notice("op_1") else {
         panic!()
     };
     assert_eq!(
@@ -304,7 +304,7 @@ fn held_finished_frame_says_nothing_about_the_output() {
     );
     let frames = held.frames(true, true);
     assert_eq!(frames.len(), 3);
-    let Some(Frame::OpFinished(f)) = frames.last() else {
+    let Some(ToGateway::OpFinished(f)) = frames.last() else {
         panic!()
     };
     assert_eq!(

@@ -9,7 +9,7 @@ use crate::{
 };
 use bytes::BytesMut;
 use endpoint_types::{
-    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
+    frame::{StreamAnswer, StreamHeader, StreamOpen, MAX_STREAM_HEADER_LEN},
     resource::{CloseReason, ResourceKind},
     ApiError, ErrorCode,
 };
@@ -137,13 +137,7 @@ impl Sessions {
         )
         .await
         {
-            Ok(Ok(Frame::StreamOpen(open))) => open,
-            Ok(Ok(other)) => {
-                let e = ApiError::invalid("a data stream must start with stream_open")
-                    .details(json!({ "received": other.name() }));
-                refuse(&mut send, e).await;
-                return;
-            }
+            Ok(Ok(StreamHeader::StreamOpen(open))) => open,
             Ok(Err(WireError::Frame(e))) => {
                 refuse(&mut send, e.to_api_error()).await;
                 return;
@@ -444,11 +438,14 @@ pub(crate) fn cut_quic(send: &mut SendStream, recv: &mut RecvStream, reason: Clo
 
 /// Tells the gateway the target is connected; raw bytes (or the type's own framing) follow.
 pub(crate) async fn accept(send: &mut SendStream) -> Result<(), WireError> {
-    write_frame(send, &Frame::StreamAccept).await
+    write_frame(send, &StreamAnswer::StreamAccept).await
 }
 
 pub(crate) async fn refuse(send: &mut SendStream, error: ApiError) {
-    if write_frame(send, &Frame::StreamRefuse(error)).await.is_ok() {
+    if write_frame(send, &StreamAnswer::StreamRefuse(error))
+        .await
+        .is_ok()
+    {
         let _ = send.finish();
     }
 }

@@ -3,7 +3,7 @@
 //! (default: [`DEFAULT_SCRIPT`], which ends every process of the user but its own session,
 //! removes the user's crontab and `at` jobs and stops its running `systemctl --user` units).
 //! What it ended is recorded as `ssh.teardown` in the customer's trail and sent to the gateway
-//! for the vendor's ([`Frame::SshTeardown`]).
+//! for the vendor's ([`ToGateway::SshTeardown`]).
 //!
 //! Endpoints of one resource share its login user, so the teardown waits for the last of them:
 //! while another SSH endpoint on the resource is live, the report says `skipped` and that
@@ -12,7 +12,7 @@
 
 use crate::{audit::Entry, config::ResourceConfig, grants::Liveness, sessions::Sessions};
 use endpoint_types::{
-    frame::{EndpointGrant, Frame},
+    frame::{EndpointGrant, ToGateway},
     resource::{CloseReason, EndpointType},
     ssh_scope::{KilledProcess, SshTeardown},
 };
@@ -130,8 +130,8 @@ pub struct Teardowns {
 #[derive(Debug, Default)]
 struct State {
     owed: HashMap<String, EndpointGrant>,
-    outbox: Option<mpsc::Sender<Frame>>,
-    pending: VecDeque<Frame>,
+    outbox: Option<mpsc::Sender<ToGateway>>,
+    pending: VecDeque<ToGateway>,
 }
 
 impl State {
@@ -162,13 +162,13 @@ impl Teardowns {
     }
 
     /// A new connection to the gateway: reports go out through `outbox`, the waiting ones first.
-    pub fn connected(&self, outbox: &mpsc::Sender<Frame>) {
+    pub fn connected(&self, outbox: &mpsc::Sender<ToGateway>) {
         let mut st = self.state();
         st.outbox = Some(outbox.clone());
         st.flush();
     }
 
-    fn report(&self, frame: Frame) {
+    fn report(&self, frame: ToGateway) {
         let mut st = self.state();
         if st.pending.len() >= PENDING_REPORTS {
             st.pending.pop_front();
@@ -253,7 +253,7 @@ pub fn start(ctx: &Sessions, grant: &EndpointGrant, reason: CloseReason) {
             Entry::new("ssh.teardown", ctx.audit.agent_actor(), detail)
                 .endpoint(grant.endpoint_id.clone()),
         );
-        teardowns.report(Frame::SshTeardown(report));
+        teardowns.report(ToGateway::SshTeardown(report));
     });
 }
 
@@ -532,7 +532,7 @@ mod tests {
             let mut r =
                 Outcome::default().into_report(&grant(), &resource(None), CloseReason::Retired);
             r.endpoint_id = id.into();
-            Frame::SshTeardown(r)
+            ToGateway::SshTeardown(r)
         };
         t.report(frame("a"));
         t.report(frame("b"));
@@ -541,7 +541,7 @@ mod tests {
         t.report(frame("c"));
         for want in ["a", "b", "c"] {
             match rx.recv().await {
-                Some(Frame::SshTeardown(r)) => assert_eq!(r.endpoint_id, want),
+                Some(ToGateway::SshTeardown(r)) => assert_eq!(r.endpoint_id, want),
                 other => panic!("{other:?}"),
             }
         }

@@ -17,7 +17,10 @@ use crate::{
     AGENT_VERSION,
 };
 use endpoint_types::{
-    frame::{EndpointGrant, Frame, Hello, HelloAck, MAX_FRAME_LEN},
+    frame::{
+        AgentCommand, EndpointGrant, Handshake, HandshakeAnswer, Hello, HelloAck, SentByAgent,
+        ToAgent, ToGateway, MAX_FRAME_LEN,
+    },
     resource::CloseReason,
     secret::Secret,
     ErrorCode, ALPN_TUNNEL, PROTOCOL_VERSION,
@@ -287,7 +290,7 @@ impl Agent {
             Ok(pair) => pair,
             Err(e) => return Ended::lost(format!("cannot open the control stream: {e}")),
         };
-        let frame = Frame::Hello(Hello {
+        let frame = Handshake::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: AGENT_VERSION.to_string(),
             resources: self.config.descriptors(),
@@ -303,8 +306,8 @@ impl Agent {
         )
         .await
         {
-            Ok(Ok(Frame::HelloAck(ack))) => ack,
-            Ok(Ok(Frame::Error(e))) => {
+            Ok(Ok(HandshakeAnswer::HelloAck(ack))) => ack,
+            Ok(Ok(HandshakeAnswer::Error(e))) => {
                 let hint = if e.hint.is_empty() {
                     String::new()
                 } else {
@@ -315,9 +318,6 @@ impl Agent {
                     reason: format!("refused: {}", e.code),
                     revoked: e.code == ErrorCode::ApplianceRevoked,
                 };
-            }
-            Ok(Ok(_)) => {
-                return Ended::lost("the gateway answered the hello with an unexpected frame")
             }
             Ok(Err(e)) => return Ended::lost(format!("no answer to the hello: {e}")),
             Err(_) => {
@@ -351,12 +351,12 @@ impl Agent {
         let lost_after = Duration::from_millis(ack.lost_after_ms).max(every);
         let mut ticker = tokio::time::interval_at(Instant::now() + every, every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
+        let mut reader = FrameReader::<_, ToAgent>::new(recv, MAX_FRAME_LEN);
         let mut seq: u64 = 0;
         let mut last_rx = Instant::now();
         let mut synced = false;
         // Ops write through this; a connection's ops answer on that connection only.
-        let (op_tx, mut op_rx) = mpsc::channel::<Frame>(OP_OUTBOX);
+        let (op_tx, mut op_rx) = mpsc::channel::<ToGateway>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         self.sessions.teardowns.connected(&op_tx);
         loop {
@@ -369,29 +369,21 @@ impl Agent {
             tokio::select! {
                 _ = ticker.tick() => {
                     seq += 1;
-                    if let Err(e) = send_frame(&mut send, &Frame::Heartbeat { seq }, lost_after).await {
+                    if let Err(e) = send_frame(&mut send, &ToGateway::Heartbeat { seq }, lost_after).await {
                         return Ended::lost(format!("cannot send a heartbeat: {e}"));
                     }
                 }
                 frame = reader.next() => match frame {
                     Ok(Some(frame)) => {
                         last_rx = Instant::now();
-                        // A command is applied first and acknowledged after, so the gateway
-                        // knows it took effect (gateway/src/delivery.rs).
-                        let (seq, frame) = split_command(frame);
-                        synced |= matches!(frame, Frame::EndpointSync { .. });
+                        synced |= is_endpoint_sync(&frame);
                         if let Some(ended) = self.on_frame(frame, &mut send, lost_after, &op_tx).await {
                             return ended;
-                        }
-                        if let Some(seq) = seq {
-                            if let Err(e) = send_frame(&mut send, &Frame::CommandAck { seq }, lost_after).await {
-                                return Ended::lost(format!("cannot acknowledge a command: {e}"));
-                            }
                         }
                     }
                     Ok(None) => return Ended::lost("the gateway closed the control stream"),
                     Err(WireError::Frame(e)) => {
-                        let _ = send_frame(&mut send, &Frame::Error(e.to_api_error()), lost_after).await;
+                        let _ = send_frame(&mut send, &ToGateway::Error(e.to_api_error()), lost_after).await;
                         return Ended::lost(format!("bad frame from the gateway: {e}"));
                     }
                     Err(e) => return Ended::lost(format!("control stream: {e}")),
@@ -426,20 +418,22 @@ impl Agent {
     /// Handles one control frame; `Some` ends the connection.
     async fn on_frame(
         &self,
-        frame: Frame,
+        frame: ToAgent,
         send: &mut SendStream,
         write_limit: Duration,
         ops: &Outbox,
     ) -> Option<Ended> {
         let now = Timestamp::now();
         match frame {
-            Frame::Heartbeat { seq } => {
-                if let Err(e) = send_frame(send, &Frame::HeartbeatAck { seq }, write_limit).await {
+            ToAgent::Heartbeat { seq } => {
+                if let Err(e) =
+                    send_frame(send, &ToGateway::HeartbeatAck { seq }, write_limit).await
+                {
                     return Some(Ended::lost(format!("cannot answer a heartbeat: {e}")));
                 }
             }
-            Frame::HeartbeatAck { .. } => {}
-            Frame::EndpointSync { endpoints } => {
+            ToAgent::HeartbeatAck { .. } => {}
+            ToAgent::EndpointSync { endpoints } => {
                 let grants = endpoints.clone();
                 let (added, removed) = self
                     .live
@@ -454,7 +448,7 @@ impl Agent {
                 self.audit_stale(grants.iter().filter(|g| g.expires_at <= now));
                 crate::endpoint_setup::synced(&self.sessions, &grants);
             }
-            Frame::EndpointOpen(grant) => {
+            ToAgent::EndpointOpen(grant) => {
                 let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
                 let was_live = matches!(
                     live.check(&grant.endpoint_id, now),
@@ -469,7 +463,7 @@ impl Agent {
                     self.audit_stale(std::iter::once(&grant));
                 }
             }
-            Frame::GrantSync { grants } => {
+            ToAgent::GrantSync { grants } => {
                 let summary: Vec<serde_json::Value> = grants
                     .iter()
                     .map(|g| serde_json::json!({
@@ -485,7 +479,7 @@ impl Agent {
                 self.audit_grants(summary);
                 self.audit_removed(&removed);
             }
-            Frame::EndpointClose {
+            ToAgent::EndpointClose {
                 endpoint_id,
                 reason,
             } => {
@@ -497,17 +491,17 @@ impl Agent {
                 self.audit_removed(removed.as_slice());
             }
             // Ops never block the loop: each runs on its own task and answers through `ops`.
-            Frame::OpDispatch(d) => self.ops.dispatch(d, ops.clone()),
-            Frame::OutputFetch { op_id } => self.ops.fetch(&op_id, ops.clone()),
-            Frame::OutputRelease { op_id, approved_by } => {
+            ToAgent::OpDispatch(d) => self.ops.dispatch(d, ops.clone()),
+            ToAgent::OutputFetch { op_id } => self.ops.fetch(&op_id, ops.clone()),
+            ToAgent::OutputRelease { op_id, approved_by } => {
                 self.ops.release(op_id, approved_by, ops.clone())
             }
-            Frame::OutputDestroy {
+            ToAgent::OutputDestroy {
                 op_id,
                 denied_by,
                 message,
             } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
-            Frame::Error(e) => {
+            ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()
                 } else {
@@ -519,8 +513,18 @@ impl Agent {
                     revoked: e.code == ErrorCode::ApplianceRevoked,
                 });
             }
-            other => {
-                tracing::warn!(frame = ?std::mem::discriminant(&other), "ignoring a frame that does not belong on the control stream");
+            // A command is applied first and acknowledged after, so the gateway knows it took
+            // effect (gateway/src/delivery.rs). It holds no command itself, so this recurses
+            // once.
+            ToAgent::Command { seq, command } => {
+                let applied = Box::pin(self.on_frame(command.into(), send, write_limit, ops));
+                if let Some(ended) = applied.await {
+                    return Some(ended);
+                }
+                if let Err(e) = send_frame(send, &ToGateway::CommandAck { seq }, write_limit).await
+                {
+                    return Some(Ended::lost(format!("cannot acknowledge a command: {e}")));
+                }
             }
         }
         None
@@ -590,7 +594,11 @@ impl Agent {
 
 /// Writes a control frame, giving up after `limit`: a gateway that stops reading must not
 /// stall the loop that would notice it is gone.
-async fn send_frame(send: &mut SendStream, frame: &Frame, limit: Duration) -> Result<(), String> {
+async fn send_frame<F: SentByAgent>(
+    send: &mut SendStream,
+    frame: &F,
+    limit: Duration,
+) -> Result<(), String> {
     match tokio::time::timeout(limit, write_frame(send, frame)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -598,13 +606,16 @@ async fn send_frame(send: &mut SendStream, frame: &Frame, limit: Duration) -> Re
     }
 }
 
-/// A numbered command's sequence number and the frame it carries; any other frame as is.
-/// Only one level is unwrapped: a command inside a command is not a command.
-fn split_command(frame: Frame) -> (Option<u64>, Frame) {
-    match frame {
-        Frame::Command { seq, command } => (Some(seq), *command),
-        other => (None, other),
-    }
+/// Whether `frame` carries the appliance's full set of endpoints, bare or as a command.
+fn is_endpoint_sync(frame: &ToAgent) -> bool {
+    matches!(
+        frame,
+        ToAgent::EndpointSync { .. }
+            | ToAgent::Command {
+                command: AgentCommand::EndpointSync { .. },
+                ..
+            }
+    )
 }
 
 /// The monotonic instant at which wall-clock `at` arrives (now, if it has passed).
@@ -642,22 +653,19 @@ mod tests {
     }
 
     #[test]
-    fn a_command_is_unwrapped_once_with_its_sequence_number() {
-        let sync = Frame::GrantSync { grants: vec![] };
-        let cmd = Frame::Command {
-            seq: 9,
-            command: Box::new(sync.clone()),
-        };
-        assert_eq!(split_command(cmd.clone()), (Some(9), sync));
-        assert_eq!(
-            split_command(Frame::Heartbeat { seq: 1 }),
-            (None, Frame::Heartbeat { seq: 1 })
-        );
-        let nested = Frame::Command {
-            seq: 10,
-            command: Box::new(cmd.clone()),
-        };
-        assert_eq!(split_command(nested), (Some(10), cmd));
+    fn an_endpoint_sync_is_seen_bare_or_as_a_command() {
+        assert!(is_endpoint_sync(&ToAgent::EndpointSync {
+            endpoints: vec![]
+        }));
+        assert!(is_endpoint_sync(&ToAgent::Command {
+            seq: 2,
+            command: AgentCommand::EndpointSync { endpoints: vec![] },
+        }));
+        assert!(!is_endpoint_sync(&ToAgent::Command {
+            seq: 1,
+            command: AgentCommand::GrantSync { grants: vec![] },
+        }));
+        assert!(!is_endpoint_sync(&ToAgent::Heartbeat { seq: 1 }));
     }
 
     #[test]

@@ -6,7 +6,10 @@ mod support;
 use endpoint_types::{
     api::AuditRecord,
     control::GrantLevel,
-    frame::{EndpointGrant, Frame, Hello, StreamOpen, MAX_STREAM_HEADER_LEN},
+    frame::{
+        AgentCommand, EndpointGrant, Hello, StreamAnswer, StreamHeader, StreamOpen, ToAgent,
+        ToGateway, MAX_STREAM_HEADER_LEN,
+    },
     resource::{CloseReason, EndpointType, ResourceKind},
     secret::Secret,
     token::EnrollmentToken,
@@ -14,15 +17,12 @@ use endpoint_types::{
 };
 use jiff::{SignedDuration, Timestamp};
 use std::time::Duration;
-use support::{alpn, edit_config, live_grant, trail_until, Control, Gateway};
+use support::{
+    alpn, edit_config, live_grant, read_one_frame, trail_until, write_frame, Control, Gateway,
+};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
-use tunnel_client::{
-    audit,
-    config::AgentConfig,
-    enroll, tunnel,
-    wire::{read_one_frame, write_frame},
-};
+use tunnel_client::{audit, config::AgentConfig, enroll, tunnel};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -73,7 +73,7 @@ async fn open_session(
     conn: &quinn::Connection,
     endpoint_id: &str,
     session: &str,
-) -> (quinn::SendStream, quinn::RecvStream, Frame) {
+) -> (quinn::SendStream, quinn::RecvStream, StreamAnswer) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let open = StreamOpen {
         endpoint_id: endpoint_id.into(),
@@ -82,13 +82,14 @@ async fn open_session(
         operator: "alice@vendor".into(),
         client_addr: "127.0.0.1:5000".into(),
     };
-    write_frame(&mut send, &Frame::StreamOpen(open))
+    write_frame(&mut send, &StreamHeader::StreamOpen(open))
         .await
         .unwrap();
-    let answer = tokio::time::timeout(T, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN))
-        .await
-        .unwrap()
-        .unwrap();
+    let answer: StreamAnswer =
+        tokio::time::timeout(T, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN))
+            .await
+            .unwrap()
+            .unwrap();
     (send, recv, answer)
 }
 
@@ -145,18 +146,28 @@ async fn enroll_run_serve_cut_and_reconnect() {
 
     let conn = gw.accept().await;
     assert_eq!(alpn(&conn), ALPN_TUNNEL);
-    let link = gw.serve_tunnel(conn.clone(), CONTROL);
+    let mut link = gw.serve_tunnel(conn.clone(), CONTROL);
     let ack = tokio::time::timeout(T, ready_rx).await.unwrap().unwrap();
     assert_eq!(ack.appliance_id, "app_1");
 
-    link.send(Frame::GrantSync {
-        grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+    // The full state as the real gateway sends it: numbered commands, each acknowledged once
+    // applied.
+    link.send(ToAgent::Command {
+        seq: 1,
+        command: AgentCommand::GrantSync {
+            grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
+        },
     })
     .await;
-    link.send(Frame::EndpointSync {
-        endpoints: vec![grant("ep_1", 60)],
+    link.send(ToAgent::Command {
+        seq: 2,
+        command: AgentCommand::EndpointSync {
+            endpoints: vec![grant("ep_1", 60)],
+        },
     })
     .await;
+    assert_eq!(link.next().await.1, ToGateway::CommandAck { seq: 1 });
+    assert_eq!(link.next().await.1, ToGateway::CommandAck { seq: 2 });
     wait_for(&audit_path, |r| {
         r.iter().any(|r| r.kind == "endpoint.opened")
     })
@@ -165,14 +176,14 @@ async fn enroll_run_serve_cut_and_reconnect() {
     // The agent serves data streams only once it holds the full state (as the real gateway
     // sends it first). Unknown endpoint: refused, nothing dialled.
     let (_s, _r, answer) = open_session(&conn, "ep_unknown", "ses_0").await;
-    let Frame::StreamRefuse(e) = answer else {
+    let StreamAnswer::StreamRefuse(e) = answer else {
         panic!("expected a refusal, got {answer:?}")
     };
     assert_eq!(e.code, ErrorCode::ForbiddenByScope);
 
     // A live endpoint: bytes flow both ways and half-close is preserved.
     let (mut send, mut recv, answer) = open_session(&conn, "ep_1", "ses_1").await;
-    assert_eq!(answer, Frame::StreamAccept);
+    assert_eq!(answer, StreamAnswer::StreamAccept);
     send.write_all(b"ping through postern").await.unwrap();
     send.finish().unwrap();
     let back = tokio::time::timeout(T, recv.read_to_end(1024))
@@ -189,11 +200,11 @@ async fn enroll_run_serve_cut_and_reconnect() {
 
     // Retiring the endpoint cuts a live session and refuses new ones.
     let (mut send, mut recv, answer) = open_session(&conn, "ep_1", "ses_2").await;
-    assert_eq!(answer, Frame::StreamAccept);
+    assert_eq!(answer, StreamAnswer::StreamAccept);
     send.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     recv.read_exact(&mut one).await.unwrap();
-    link.send(Frame::EndpointClose {
+    link.send(ToAgent::EndpointClose {
         endpoint_id: "ep_1".into(),
         reason: CloseReason::Retired,
     })
@@ -206,7 +217,7 @@ async fn enroll_run_serve_cut_and_reconnect() {
         "the stream must be reset"
     );
     let (_s, _r, answer) = open_session(&conn, "ep_1", "ses_3").await;
-    let Frame::StreamRefuse(e) = answer else {
+    let StreamAnswer::StreamRefuse(e) = answer else {
         panic!("expected a refusal, got {answer:?}")
     };
     assert_eq!(e.code, ErrorCode::EndpointRetired);
@@ -214,13 +225,13 @@ async fn enroll_run_serve_cut_and_reconnect() {
     assert_eq!(closed_reasons(&records), vec!["client", "retired"]);
 
     // An endpoint that expires by the agent's clock is cut as expired.
-    link.send(Frame::EndpointOpen(grant("ep_2", 2))).await;
+    link.send(ToAgent::EndpointOpen(grant("ep_2", 2))).await;
     wait_for(&audit_path, |r| {
         r.iter().filter(|r| r.kind == "endpoint.opened").count() == 2
     })
     .await;
     let (_s2, mut recv2, answer) = open_session(&conn, "ep_2", "ses_4").await;
-    assert_eq!(answer, Frame::StreamAccept);
+    assert_eq!(answer, StreamAnswer::StreamAccept);
     assert!(tokio::time::timeout(T, recv2.read_to_end(1024))
         .await
         .unwrap()
@@ -232,13 +243,13 @@ async fn enroll_run_serve_cut_and_reconnect() {
     );
 
     // Losing the connection interrupts sessions; the agent redials and says hello again.
-    link.send(Frame::EndpointOpen(grant("ep_3", 60))).await;
+    link.send(ToAgent::EndpointOpen(grant("ep_3", 60))).await;
     wait_for(&audit_path, |r| {
         r.iter().filter(|r| r.kind == "endpoint.opened").count() == 3
     })
     .await;
     let (_s3, _r3, answer) = open_session(&conn, "ep_3", "ses_5").await;
-    assert_eq!(answer, Frame::StreamAccept);
+    assert_eq!(answer, StreamAnswer::StreamAccept);
     conn.close(0u32.into(), b"gateway restarting");
     drop(link);
     let conn2 = gw.accept().await;
@@ -255,13 +266,18 @@ async fn enroll_run_serve_cut_and_reconnect() {
     // The live set was forgotten with the old connection: after the new connection's full
     // state (which no longer names ep_3), ep_3 is refused.
     link2
-        .send(Frame::GrantSync {
+        .send(ToAgent::GrantSync {
             grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
         })
         .await;
-    link2.send(Frame::EndpointSync { endpoints: vec![] }).await;
+    link2
+        .send(ToAgent::EndpointSync { endpoints: vec![] })
+        .await;
     let (_s, _r, answer) = open_session(&conn2, "ep_3", "ses_6").await;
-    assert!(matches!(answer, Frame::StreamRefuse(_)), "{answer:?}");
+    assert!(
+        matches!(answer, StreamAnswer::StreamRefuse(_)),
+        "{answer:?}"
+    );
     drop(link2);
 
     shutdown.cancel();

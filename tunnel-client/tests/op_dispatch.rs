@@ -8,7 +8,7 @@ mod support;
 use endpoint_types::{
     api::AuditRecord,
     control::{GrantLevel, OpTool},
-    frame::{Frame, Hello, OpDispatch, OpFinished, OutputStream},
+    frame::{Hello, OpDispatch, OpFinished, OutputStream, ToAgent, ToGateway},
     ErrorCode,
 };
 use jiff::Timestamp;
@@ -114,10 +114,10 @@ fn check_hello(hello: &Hello) {
 }
 
 /// stdout and stderr of output frames, checking each frame's `preview`.
-fn output(frames: &[(Instant, Frame)], preview: bool) -> (String, String) {
+fn output(frames: &[(Instant, ToGateway)], preview: bool) -> (String, String) {
     let (mut out, mut err) = (String::new(), String::new());
     for (_, f) in frames {
-        if let Frame::OpOutput {
+        if let ToGateway::OpOutput {
             stream,
             data,
             preview: p,
@@ -134,9 +134,9 @@ fn output(frames: &[(Instant, Frame)], preview: bool) -> (String, String) {
     (out, err)
 }
 
-fn finished(frames: &[(Instant, Frame)]) -> &OpFinished {
+fn finished(frames: &[(Instant, ToGateway)]) -> &OpFinished {
     match frames.last() {
-        Some((_, Frame::OpFinished(f))) => f,
+        Some((_, ToGateway::OpFinished(f))) => f,
         other => panic!("expected the op's end, got {other:?}"),
     }
 }
@@ -243,7 +243,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "automatic").await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![
             live_grant("gr_1", GrantLevel::Operate, -1, 3600),
             live_grant("gr_old", GrantLevel::Operate, -7200, -3600),
@@ -253,7 +253,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     .await;
 
     // Streamed as it arrives, with the resource's kubeconfig, in a private working directory.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_ok",
         "kubectl get pods -n 'my app'",
         "policy:automatic",
@@ -261,7 +261,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     .await;
     let frames = link.until_end("op_ok").await;
     assert!(
-        matches!(frames[0].1, Frame::OpStarted { .. }),
+        matches!(frames[0].1, ToGateway::OpStarted { .. }),
         "{:?}",
         frames[0]
     );
@@ -305,7 +305,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     assert!(f.error.is_none(), "{:?}", f.error);
     let first_output = frames
         .iter()
-        .find(|(_, f)| matches!(f, Frame::OpOutput { .. }))
+        .find(|(_, f)| matches!(f, ToGateway::OpOutput { .. }))
         .unwrap()
         .0;
     assert!(
@@ -314,7 +314,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     );
 
     // A non-zero exit: COMMAND_FAILED with the exit code and stderr.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_fail",
         "kubectl fail",
         "policy:automatic",
@@ -339,7 +339,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
 
     // Past its timeout the op is killed: timed_out, COMMAND_TIMEOUT.
     let started = Instant::now();
-    link.send(Frame::OpDispatch(OpDispatch {
+    link.send(ToAgent::OpDispatch(OpDispatch {
         timeout_s: 1,
         ..dispatch("op_slow", "kubectl sleep", "policy:automatic")
     }))
@@ -367,7 +367,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
         live_grant("gr_short", GrantLevel::Operate, -1, 2),
         live_grant("gr_revoked", GrantLevel::Operate, -1, 3600),
     ];
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: grants.clone(),
     })
     .await;
@@ -379,7 +379,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     );
     short.grant_id = "gr_short".into();
     let started = Instant::now();
-    link.send(Frame::OpDispatch(short)).await;
+    link.send(ToAgent::OpDispatch(short)).await;
     let frames = link.until_end("op_short").await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -401,18 +401,18 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
         "policy:automatic",
     );
     revoked.grant_id = "gr_revoked".into();
-    link.send(Frame::OpDispatch(revoked)).await;
-    assert!(matches!(link.next().await.1, Frame::OpStarted { .. }));
+    link.send(ToAgent::OpDispatch(revoked)).await;
+    assert!(matches!(link.next().await.1, ToGateway::OpStarted { .. }));
     // Revoked once every escape runs (the tool says "started" then).
     loop {
         match link.next().await.1 {
-            Frame::OpOutput { data, .. } if data.contains("started") => break,
-            Frame::OpOutput { .. } => {}
+            ToGateway::OpOutput { data, .. } if data.contains("started") => break,
+            ToGateway::OpOutput { .. } => {}
             other => panic!("expected the op's output, got {other:?}"),
         }
     }
     grants.pop();
-    link.send(Frame::GrantSync { grants }).await;
+    link.send(ToAgent::GrantSync { grants }).await;
     let frames = link.until_end("op_revoked").await;
     assert_eq!(
         finished(&frames).error.as_ref().map(|e| e.code),
@@ -423,7 +423,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     // A tool runs only against a resource of its kind, whatever the gateway sent.
     let mut kind = dispatch("op_kind", "kubectl get pods", "policy:automatic");
     kind.resource_id = "null_resource.echo".into();
-    link.send(Frame::OpDispatch(kind)).await;
+    link.send(ToAgent::OpDispatch(kind)).await;
     let e = link.refusal("op_kind").await;
     assert_eq!(e.code, ErrorCode::InvalidOriginResourceId);
     assert!(
@@ -434,7 +434,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     // Refused in the appliance, whatever the gateway says: nothing starts.
     let mut unknown = dispatch("op_nogrant", "kubectl get pods", "policy:automatic");
     unknown.grant_id = "gr_unknown".into();
-    link.send(Frame::OpDispatch(unknown)).await;
+    link.send(ToAgent::OpDispatch(unknown)).await;
     let e = link.refusal("op_nogrant").await;
     assert_eq!(e.code, ErrorCode::OperateAccessRequired);
     assert!(
@@ -444,7 +444,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
         e.hint
     );
     // A refused op may be dispatched again (here under a live grant), and then it runs.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_nogrant",
         "kubectl fail",
         "policy:automatic",
@@ -456,19 +456,19 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     );
     let mut expired = dispatch("op_expired", "kubectl get pods", "policy:automatic");
     expired.grant_id = "gr_old".into();
-    link.send(Frame::OpDispatch(expired)).await;
+    link.send(ToAgent::OpDispatch(expired)).await;
     assert_eq!(
         link.refusal("op_expired").await.code,
         ErrorCode::OperateAccessExpired
     );
     let mut deploy = dispatch("op_deploy", "kubectl get pods", "policy:automatic");
     deploy.grant_id = "gr_deploy".into();
-    link.send(Frame::OpDispatch(deploy)).await;
+    link.send(ToAgent::OpDispatch(deploy)).await;
     assert_eq!(
         link.refusal("op_deploy").await.code,
         ErrorCode::OperateAccessRequired
     );
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_tool",
         "rm -rf /",
         "policy:automatic",
@@ -477,7 +477,7 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     let e = link.refusal("op_tool").await;
     assert_eq!(e.code, ErrorCode::ForbiddenByScope);
     assert!(e.message.contains("starts with `rm`"), "{e}");
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_shell",
         "kubectl get pods | sh",
         "policy:automatic",
@@ -489,13 +489,13 @@ async fn automatic_policy_streams_output_and_refuses_what_the_appliance_does_not
     );
     let mut other = dispatch("op_res", "kubectl get pods", "policy:automatic");
     other.resource_id = "aws_db_instance.nope".into();
-    link.send(Frame::OpDispatch(other)).await;
+    link.send(ToAgent::OpDispatch(other)).await;
     assert_eq!(
         link.refusal("op_res").await.code,
         ErrorCode::InvalidOriginResourceId
     );
     // An approval is used once: the same op id does not run twice.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_ok",
         "kubectl get pods",
         "policy:automatic",
@@ -610,13 +610,13 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "manual").await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
     .await;
 
     // The policy approved it, but the appliance's policy wants a person.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_auto",
         "kubectl get pods",
         "policy:automatic",
@@ -632,7 +632,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
 
     // A person approved it: it runs, and its output stays in the appliance even though the
     // gateway did not ask to hold it. Only "started" and "finished, held" leave.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_h1",
         "kubectl get pods",
         "carol@acme.example",
@@ -640,7 +640,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     .await;
     let frames = link.until_end("op_h1").await;
     assert_eq!(frames.len(), 2, "{frames:?}");
-    assert!(matches!(frames[0].1, Frame::OpStarted { .. }));
+    assert!(matches!(frames[0].1, ToGateway::OpStarted { .. }));
     let f = finished(&frames);
     assert_eq!(
         f,
@@ -659,7 +659,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
 
     // An approver looks: the preview, and it stays held.
     for _ in 0..2 {
-        link.send(Frame::OutputFetch {
+        link.send(ToAgent::OutputFetch {
             op_id: "op_h1".into(),
         })
         .await;
@@ -678,7 +678,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     }
 
     // Released: the output leaves, then the op's real end; then it is gone.
-    link.send(Frame::OutputRelease {
+    link.send(ToAgent::OutputRelease {
         op_id: "op_h1".into(),
         approved_by: "carol@acme.example".into(),
     })
@@ -692,7 +692,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
         (f.preview, f.held, f.exit_code, f.error.is_none()),
         (false, false, Some(0), true)
     );
-    link.send(Frame::OutputFetch {
+    link.send(ToAgent::OutputFetch {
         op_id: "op_h1".into(),
     })
     .await;
@@ -705,7 +705,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     );
 
     // A failing op is held too: not even its exit code leaves.
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_h2",
         "kubectl fail",
         "carol@acme.example",
@@ -728,7 +728,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
         f.held && !f.preview && f.exit_code.is_none() && f.error.is_none(),
         "{f:?}"
     );
-    link.send(Frame::OutputFetch {
+    link.send(ToAgent::OutputFetch {
         op_id: "op_h2".into(),
     })
     .await;
@@ -744,7 +744,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     );
 
     // Denied: destroyed in the appliance; nothing can fetch or release it afterwards.
-    link.send(Frame::OutputDestroy {
+    link.send(ToAgent::OutputDestroy {
         op_id: "op_h2".into(),
         denied_by: "dave@acme.example".into(),
         message: Some("not today".into()),
@@ -757,12 +757,12 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
         f.destroyed && !f.held && f.exit_code.is_none() && f.error.is_none(),
         "{f:?}"
     );
-    link.send(Frame::OutputFetch {
+    link.send(ToAgent::OutputFetch {
         op_id: "op_h2".into(),
     })
     .await;
     assert_eq!(link.refusal("op_h2").await.code, ErrorCode::NotFound);
-    link.send(Frame::OutputRelease {
+    link.send(ToAgent::OutputRelease {
         op_id: "op_h2".into(),
         approved_by: "carol@acme.example".into(),
     })
@@ -866,7 +866,7 @@ async fn with_an_ops_user_an_op_reads_none_of_the_agents_secrets_nor_writes_its_
     )
     .await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
     .await;
@@ -893,7 +893,7 @@ async fn with_an_ops_user_an_op_reads_none_of_the_agents_secrets_nor_writes_its_
         .iter()
         .map(|p| format!("'{}'", p.display()))
         .collect();
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_probe",
         &format!("kubectl probe {}", args.join(" ")),
         "policy:automatic",
@@ -961,7 +961,7 @@ async fn a_cloud_op_gets_copies_of_its_resources_credentials_only() {
     let gw = Gateway::start(T);
     let agent = Agent::start_with(&gw, "automatic", &extra).await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
     .await;
@@ -974,7 +974,7 @@ async fn a_cloud_op_gets_copies_of_its_resources_credentials_only() {
             "policy:automatic",
         )
     };
-    link.send(Frame::OpDispatch(aws("op_aws", "aws_account.main")))
+    link.send(ToAgent::OpDispatch(aws("op_aws", "aws_account.main")))
         .await;
     let frames = link.until_end("op_aws").await;
     let (out, err) = output(&frames, false);
@@ -1002,7 +1002,8 @@ async fn a_cloud_op_gets_copies_of_its_resources_credentials_only() {
         .to_string();
     assert!(!Path::new(&copy).exists(), "{copy} outlived the op");
     // The same tool against a resource of another kind is refused in the appliance.
-    link.send(Frame::OpDispatch(aws("op_aws_kube", KUBE))).await;
+    link.send(ToAgent::OpDispatch(aws("op_aws_kube", KUBE)))
+        .await;
     assert_eq!(
         link.refusal("op_aws_kube").await.code,
         ErrorCode::InvalidOriginResourceId
@@ -1040,7 +1041,7 @@ async fn an_op_is_refused_when_the_trail_cannot_be_written() {
     let gw = Gateway::start(T);
     let agent = Agent::start(&gw, "automatic").await;
     let mut link = gw.link(CONTROL).await;
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
     .await;
@@ -1049,7 +1050,7 @@ async fn an_op_is_refused_when_the_trail_cannot_be_written() {
         .await;
     let len = std::fs::metadata(&agent.audit_path).unwrap().len();
     limit_file_size(Some(len + 16));
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_full",
         "kubectl get pods -n my-app-prod",
         "policy:automatic",
@@ -1061,7 +1062,7 @@ async fn an_op_is_refused_when_the_trail_cannot_be_written() {
     assert!(refused.hint.contains("audit_path"), "{refused:?}");
     assert_eq!(std::fs::metadata(&agent.audit_path).unwrap().len(), len);
 
-    link.send(Frame::OpDispatch(dispatch(
+    link.send(ToAgent::OpDispatch(dispatch(
         "op_after",
         "kubectl get pods -n my-app-prod",
         "policy:automatic",

@@ -9,7 +9,10 @@ use bytes::BytesMut;
 use endpoint_types::{
     api::AuditRecord,
     control::GrantLevel,
-    frame::{EndpointGrant, Frame, Hello, StreamOpen, MAX_STREAM_HEADER_LEN},
+    frame::{
+        EndpointGrant, Hello, StreamAnswer, StreamHeader, StreamOpen, ToAgent, ToGateway,
+        MAX_STREAM_HEADER_LEN,
+    },
     resource::{CloseReason, EndpointType},
     ssh_scope,
     ssh_stream::{self, SshFrame, SshStart},
@@ -18,13 +21,11 @@ use endpoint_types::{
 use jiff::{SignedDuration, Timestamp};
 use postern::sshd::Sshd;
 use std::time::Duration;
-use support::{edit_config, live_grant, trail_until, Control, Gateway};
-use tokio_util::sync::CancellationToken;
-use tunnel_client::{
-    config::AgentConfig,
-    tunnel,
-    wire::{read_one_frame, write_frame},
+use support::{
+    edit_config, live_grant, read_one_frame, trail_until, write_frame, Control, Gateway,
 };
+use tokio_util::sync::CancellationToken;
+use tunnel_client::{config::AgentConfig, tunnel};
 
 const T: Duration = Duration::from_secs(20);
 const RESOURCE: &str = "aws_instance.worker";
@@ -62,14 +63,15 @@ async fn session(
         operator: "mallory@vendor".into(),
         client_addr: "127.0.0.1:5000".into(),
     };
-    write_frame(&mut send, &Frame::StreamOpen(open))
+    write_frame(&mut send, &StreamHeader::StreamOpen(open))
         .await
         .unwrap();
-    let answer = tokio::time::timeout(T, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(answer, Frame::StreamAccept);
+    let answer: StreamAnswer =
+        tokio::time::timeout(T, read_one_frame(&mut recv, MAX_STREAM_HEADER_LEN))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(answer, StreamAnswer::StreamAccept);
     send.write_all(&SshFrame::Start(start).to_bytes())
         .await
         .unwrap();
@@ -145,11 +147,11 @@ async fn the_agent_refuses_file_transfer_itself_and_tears_down_an_ended_endpoint
     let agent = tokio::spawn(tunnel::run(config, shutdown.clone(), None));
     let conn = gw.accept().await;
     let mut link = gw.serve_tunnel(conn.clone(), CONTROL);
-    link.send(Frame::GrantSync {
+    link.send(ToAgent::GrantSync {
         grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
     })
     .await;
-    link.send(Frame::EndpointSync {
+    link.send(ToAgent::EndpointSync {
         endpoints: vec![ssh_grant("ep_ssh1")],
     })
     .await;
@@ -235,13 +237,13 @@ async fn the_agent_refuses_file_transfer_itself_and_tears_down_an_ended_endpoint
         .parse()
         .unwrap_or_else(|_| panic!("{frames:?}"));
     assert!(alive(pid));
-    link.send(Frame::EndpointClose {
+    link.send(ToAgent::EndpointClose {
         endpoint_id: "ep_ssh1".into(),
         reason: CloseReason::Retired,
     })
     .await;
     let report = match link.next().await {
-        (_, Frame::SshTeardown(r)) => r,
+        (_, ToGateway::SshTeardown(r)) => r,
         (_, other) => panic!("unexpected frame {other:?}"),
     };
     assert_eq!(
@@ -281,7 +283,7 @@ async fn the_agent_refuses_file_transfer_itself_and_tears_down_an_ended_endpoint
     );
 
     // An endpoint that ends while the agent is away is torn down after the next sync.
-    link.send(Frame::EndpointOpen(ssh_grant("ep_ssh2"))).await;
+    link.send(ToAgent::EndpointOpen(ssh_grant("ep_ssh2"))).await;
     trail_until(&audit_path, T, |r| {
         r.iter().filter(|r| r.kind == "endpoint.opened").count() == 2
     })
@@ -302,7 +304,7 @@ async fn the_agent_refuses_file_transfer_itself_and_tears_down_an_ended_endpoint
     let conn2 = gw.accept().await;
     let mut link2 = gw.serve_tunnel(conn2, CONTROL);
     link2
-        .send(Frame::GrantSync {
+        .send(ToAgent::GrantSync {
             grants: vec![live_grant("gr_1", GrantLevel::Operate, -1, 3600)],
         })
         .await;
@@ -310,9 +312,11 @@ async fn the_agent_refuses_file_transfer_itself_and_tears_down_an_ended_endpoint
         alive(pid),
         "the disconnect alone must not tear down a live endpoint"
     );
-    link2.send(Frame::EndpointSync { endpoints: vec![] }).await;
+    link2
+        .send(ToAgent::EndpointSync { endpoints: vec![] })
+        .await;
     let report = match link2.next().await {
-        (_, Frame::SshTeardown(r)) => r,
+        (_, ToGateway::SshTeardown(r)) => r,
         (_, other) => panic!("unexpected frame {other:?}"),
     };
     assert_eq!(report.endpoint_id, "ep_ssh2");

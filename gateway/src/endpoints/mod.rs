@@ -23,7 +23,7 @@ use crate::{
 use endpoint_types::{
     api::{ClientCredential, EndpointCreateRequest, EndpointRecord, EndpointState, Role},
     duration::{format_duration, TTL_MAX, TTL_MIN},
-    frame::{EndpointGrant, Frame},
+    frame::{EndpointGrant, ToAgent},
     lifecycle::endpoint::{self as endpoint_lifecycle, EndpointEvent},
     resource::{CloseReason, EndpointType, ResourceScope},
     ApiError, ErrorCode,
@@ -351,7 +351,7 @@ pub async fn create(
     gw.store.insert_endpoint(&row).await.map_err(internal)?;
     let ep = activate(gw, &row, listener);
     gw.agents
-        .send(&appliance.id, Frame::EndpointOpen(ep.grant()));
+        .send(&appliance.id, ToAgent::EndpointOpen(ep.grant()));
     gw.audit
         .record(
             "endpoint.requested",
@@ -544,7 +544,7 @@ pub async fn decide(
         .ok_or_else(|| not_found(id))?;
     let ep = activate(gw, &row, listener);
     gw.agents
-        .send(&row.appliance_id, Frame::EndpointOpen(ep.grant()));
+        .send(&row.appliance_id, ToAgent::EndpointOpen(ep.grant()));
     gw.audit
         .record("endpoint.created", &caller.actor(), subject, serde_json::json!({
             "type": row.endpoint_type, "origin_resource_id": row.resource_id, "expires_at": expires_at, "address": address,
@@ -616,7 +616,7 @@ pub async fn end(gw: &Gateway, id: &str, reason: CloseReason, caller: &Caller) -
     ep.end(reason);
     gw.agents.send(
         &ep.appliance_id,
-        Frame::EndpointClose {
+        ToAgent::EndpointClose {
             endpoint_id: id.to_string(),
             reason,
         },

@@ -10,7 +10,7 @@ use crate::{
 };
 use bytes::Bytes;
 use endpoint_types::{
-    frame::{Frame, StreamOpen, MAX_STREAM_HEADER_LEN},
+    frame::{StreamAnswer, StreamHeader, StreamOpen, MAX_STREAM_HEADER_LEN},
     resource::CloseReason,
     ApiError, ErrorCode,
 };
@@ -88,7 +88,7 @@ pub async fn open_stream(
         .await
         .map_err(|_| offline("timed out opening a stream".into()))?
         .map_err(|e| offline(e.to_string()))?;
-    let header = Frame::StreamOpen(StreamOpen {
+    let header = StreamHeader::StreamOpen(StreamOpen {
         endpoint_id: ep.id.clone(),
         session_id: session_id.to_string(),
         resource_id: ep.resource_id.clone(),
@@ -98,9 +98,9 @@ pub async fn open_stream(
     write_frame(&mut send, &header)
         .await
         .map_err(|e| offline(e.to_string()))?;
-    let mut framed = FramedRecv::new(recv, MAX_STREAM_HEADER_LEN);
+    let mut framed = FramedRecv::<StreamAnswer>::new(recv, MAX_STREAM_HEADER_LEN);
     match framed.next_within(STREAM_SETUP_TIMEOUT).await {
-        Ok(Some(Frame::StreamAccept)) => {
+        Ok(Some(StreamAnswer::StreamAccept)) => {
             let (recv, leftover) = framed.into_parts();
             Ok(DataStream {
                 send,
@@ -109,11 +109,7 @@ pub async fn open_stream(
                 connection: link.connection,
             })
         }
-        Ok(Some(Frame::StreamRefuse(e))) => Err(e),
-        Ok(Some(_)) => Err(ApiError::new(
-            ErrorCode::MalformedFrame,
-            "the agent answered a stream with an unexpected frame",
-        )),
+        Ok(Some(StreamAnswer::StreamRefuse(e))) => Err(e),
         Ok(None) => Err(offline("the agent closed the stream".into())),
         Err(FramedError::Frame(e)) => Err(e.to_api_error()),
         Err(e) => Err(offline(e.to_string())),

@@ -10,7 +10,7 @@ use super::proxy::{self, AuditSink, Proxy};
 use crate::{audit::AuditLog, audit::Entry, config::ResourceConfig};
 use base64::Engine;
 use endpoint_types::{
-    frame::Frame,
+    frame::ToGateway,
     kube_request::{status_json, KubeScope},
     ApiError, ErrorCode,
 };
@@ -102,7 +102,7 @@ pub fn check_args(argv: &[String]) -> Result<(), OpProxyError> {
 /// `OpRecord` frame on the control stream).
 pub fn records(
     audit: AuditLog,
-    outbox: mpsc::Sender<Frame>,
+    outbox: mpsc::Sender<ToGateway>,
     op_id: &str,
     operator: &str,
 ) -> Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync> {
@@ -110,7 +110,7 @@ pub fn records(
     Arc::new(move |kind, mut detail| {
         detail["operator"] = serde_json::json!(operator);
         audit.record_or_log(Entry::new(kind, operator.clone(), detail.clone()).op(op_id.clone()));
-        let frame = Frame::OpRecord {
+        let frame = ToGateway::OpRecord {
             op_id: op_id.clone(),
             kind: kind.to_string(),
             detail,

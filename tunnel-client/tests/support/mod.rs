@@ -5,21 +5,91 @@
 // Each test binary compiles its own copy of this module and uses only part of it.
 #![allow(dead_code)]
 
+use bytes::BytesMut;
 use endpoint_types::{
     api::{AuditRecord, EnrollResponse},
     control::GrantLevel,
-    frame::{Frame, Hello, HelloAck, LiveGrant, MAX_FRAME_LEN},
+    frame::{
+        encode_to_vec, Enrollment, EnrollmentAnswer, FrameDecoder, Handshake, HandshakeAnswer,
+        Hello, HelloAck, LiveGrant, SentByAgent, SentByGateway, ToAgent, ToGateway, MAX_FRAME_LEN,
+    },
     secret::Secret,
     token::EnrollmentToken,
     ApiError, ALPN_ENROLL, ALPN_TUNNEL,
 };
 use jiff::{SignedDuration, Timestamp};
 use std::{path::Path, sync::Arc, time::Duration};
-use tokio::{sync::mpsc, time::Instant};
-use tunnel_client::{
-    enroll,
-    wire::{read_one_frame, write_frame, FrameReader},
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::mpsc,
+    time::Instant,
 };
+use tunnel_client::enroll;
+
+/// The gateway's side of the frame I/O: writes what the gateway sends. (The agent's side,
+/// `tunnel_client::wire`, is typed the other way round.)
+pub async fn write_frame<W: AsyncWrite + Unpin, F: SentByGateway>(
+    w: &mut W,
+    frame: &F,
+) -> std::io::Result<()> {
+    w.write_all(&encode_to_vec(frame)).await
+}
+
+/// Reads exactly one frame the agent sent and not a byte more (raw bytes follow a data
+/// stream's answer).
+pub async fn read_one_frame<R: AsyncRead + Unpin, F: SentByAgent>(
+    r: &mut R,
+    max_len: usize,
+) -> Result<F, String> {
+    let dec = FrameDecoder::new(max_len);
+    let mut buf = BytesMut::new();
+    loop {
+        let need = dec.bytes_needed(&buf).map_err(|e| e.to_string())?;
+        if need == 0 {
+            return dec
+                .decode(&mut buf)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "no frame".to_string());
+        }
+        let start = buf.len();
+        buf.resize(start + need, 0);
+        r.read_exact(&mut buf[start..])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Reads the frames the agent sends on its control stream: the hello, then the rest.
+pub struct AgentFrames<R> {
+    inner: R,
+    buf: BytesMut,
+    dec: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> AgentFrames<R> {
+    pub fn new(inner: R) -> Self {
+        AgentFrames {
+            inner,
+            buf: BytesMut::new(),
+            dec: FrameDecoder::new(MAX_FRAME_LEN),
+        }
+    }
+
+    /// The next frame, `Ok(None)` at a clean end of stream.
+    pub async fn next<F: SentByAgent>(&mut self) -> Result<Option<F>, String> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).map_err(|e| e.to_string())? {
+                return Ok(Some(f));
+            }
+            match self.inner.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err("the agent closed the stream in a frame".into()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
 
 pub struct Gateway {
     pub endpoint: quinn::Endpoint,
@@ -108,10 +178,8 @@ impl Gateway {
         let conn = self.accept().await;
         assert_eq!(alpn(&conn), ALPN_ENROLL);
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-        let Frame::EnrollRequest(req) = read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap()
-        else {
-            panic!("expected an enroll request");
-        };
+        let Enrollment::EnrollRequest(req) =
+            read_one_frame(&mut recv, MAX_FRAME_LEN).await.unwrap();
         let token = EnrollmentToken::parse(req.token.expose()).unwrap();
         assert_eq!(token.secret.expose(), "s3cret");
         let cert_pem = self
@@ -130,7 +198,7 @@ impl Gateway {
             cert_pem,
             ca_pem: self.ca.cert_pem().to_string(),
         };
-        write_frame(&mut send, &Frame::EnrollResponse(resp))
+        write_frame(&mut send, &EnrollmentAnswer::EnrollResponse(resp))
             .await
             .unwrap();
         send.finish().unwrap();
@@ -145,17 +213,18 @@ impl Gateway {
 
     /// Accepts the control stream of `conn`, checks the hello, and then answers heartbeats (if
     /// `control` says so) and passes frames: the test sends with `to_agent` and sees every frame
-    /// but heartbeats, with its arrival time, on `from_agent`.
+    /// but heartbeats, with its arrival time, on `from_agent`. Frames go out as the test wrote
+    /// them: commands bare (applied, not acknowledged) unless the test numbers them.
     pub fn serve_tunnel(&self, conn: quinn::Connection, control: Control) -> Link {
-        let (to_agent, mut cmds) = mpsc::channel::<Frame>(64);
-        let (out, from_agent) = mpsc::channel::<(Instant, Frame)>(4096);
+        let (to_agent, mut cmds) = mpsc::channel::<ToAgent>(64);
+        let (out, from_agent) = mpsc::channel::<(Instant, ToGateway)>(4096);
         let c = conn.clone();
         tokio::spawn(async move {
             let Ok((mut send, recv)) = c.accept_bi().await else {
                 return;
             };
-            let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
-            let Ok(Some(Frame::Hello(hello))) = reader.next().await else {
+            let mut reader = AgentFrames::new(recv);
+            let Ok(Some(Handshake::Hello(hello))) = reader.next().await else {
                 panic!("expected a hello")
             };
             (control.check_hello)(&hello);
@@ -166,14 +235,16 @@ impl Gateway {
                 heartbeat_interval_ms: 100,
                 lost_after_ms: control.lost_after_ms,
             };
-            write_frame(&mut send, &Frame::HelloAck(ack)).await.unwrap();
+            write_frame(&mut send, &HandshakeAnswer::HelloAck(ack))
+                .await
+                .unwrap();
             loop {
                 tokio::select! {
-                    f = reader.next() => match f {
-                        Ok(Some(Frame::Heartbeat { seq })) => {
-                            if control.answer_heartbeats && write_frame(&mut send, &Frame::HeartbeatAck { seq }).await.is_err() { return; }
+                    f = reader.next::<ToGateway>() => match f {
+                        Ok(Some(ToGateway::Heartbeat { seq })) => {
+                            if control.answer_heartbeats && write_frame(&mut send, &ToAgent::HeartbeatAck { seq }).await.is_err() { return; }
                         }
-                        Ok(Some(Frame::HeartbeatAck { .. })) => {}
+                        Ok(Some(ToGateway::HeartbeatAck { .. })) => {}
                         Ok(Some(f)) => { let _ = out.send((Instant::now(), f)).await; }
                         _ => return,
                     },
@@ -203,17 +274,17 @@ pub fn alpn(conn: &quinn::Connection) -> Vec<u8> {
 /// A tunnel connection the gateway plays; dropping it (or `to_agent`) ends the play.
 pub struct Link {
     pub conn: quinn::Connection,
-    pub to_agent: mpsc::Sender<Frame>,
-    pub from_agent: mpsc::Receiver<(Instant, Frame)>,
+    pub to_agent: mpsc::Sender<ToAgent>,
+    pub from_agent: mpsc::Receiver<(Instant, ToGateway)>,
     bound: Duration,
 }
 
 impl Link {
-    pub async fn send(&self, f: Frame) {
+    pub async fn send(&self, f: ToAgent) {
         self.to_agent.send(f).await.unwrap();
     }
 
-    pub async fn next(&mut self) -> (Instant, Frame) {
+    pub async fn next(&mut self) -> (Instant, ToGateway) {
         tokio::time::timeout(self.bound, self.from_agent.recv())
             .await
             .expect("a frame in time")
@@ -221,14 +292,14 @@ impl Link {
     }
 
     /// Frames about `op_id` up to and including the first `OpFinished` or `OpRefused`.
-    pub async fn until_end(&mut self, op_id: &str) -> Vec<(Instant, Frame)> {
+    pub async fn until_end(&mut self, op_id: &str) -> Vec<(Instant, ToGateway)> {
         let mut got = Vec::new();
         loop {
             let (at, f) = self.next().await;
             if frame_op(&f) != Some(op_id) {
                 panic!("unexpected frame while waiting for {op_id}: {f:?}");
             }
-            let end = matches!(f, Frame::OpFinished(_) | Frame::OpRefused { .. });
+            let end = matches!(f, ToGateway::OpFinished(_) | ToGateway::OpRefused { .. });
             got.push((at, f));
             if end {
                 return got;
@@ -239,7 +310,7 @@ impl Link {
     pub async fn refusal(&mut self, op_id: &str) -> ApiError {
         let frames = self.until_end(op_id).await;
         match &frames[..] {
-            [(_, Frame::OpRefused { error, .. })] => error.clone(),
+            [(_, ToGateway::OpRefused { error, .. })] => error.clone(),
             other => panic!("expected only a refusal for {op_id}, got {other:?}"),
         }
     }
@@ -254,12 +325,12 @@ impl Link {
     }
 }
 
-pub fn frame_op(f: &Frame) -> Option<&str> {
+pub fn frame_op(f: &ToGateway) -> Option<&str> {
     match f {
-        Frame::OpRefused { op_id, .. }
-        | Frame::OpStarted { op_id }
-        | Frame::OpOutput { op_id, .. } => Some(op_id),
-        Frame::OpFinished(f) => Some(&f.op_id),
+        ToGateway::OpRefused { op_id, .. }
+        | ToGateway::OpStarted { op_id }
+        | ToGateway::OpOutput { op_id, .. } => Some(op_id),
+        ToGateway::OpFinished(f) => Some(&f.op_id),
         _ => None,
     }
 }
