@@ -44,7 +44,7 @@ impl<F: SentByAgent> FramedRecv<F> {
 
     /// The same stream, from here on read as frames of type `G` (the control stream after the
     /// hello); bytes already buffered are kept.
-    pub fn then<G: SentByAgent>(self) -> FramedRecv<G> {
+    pub fn switch_to<G: SentByAgent>(self) -> FramedRecv<G> {
         FramedRecv {
             recv: self.recv,
             decoder: self.decoder,

@@ -474,7 +474,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                             .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
                         let control = Control {
                             send,
-                            framed: framed.then(),
+                            framed: framed.switch_to(),
                             outgoing: rx,
                             delivery,
                         };
