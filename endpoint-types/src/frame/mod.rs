@@ -53,10 +53,44 @@ pub trait WireFrame:
 
 /// A frame the agent sends and the gateway reads. The agent's writers and the gateway's readers
 /// take only these.
+///
+/// ```
+/// use endpoint_types::frame::{SentByAgent, StreamAnswer};
+/// fn agent_writes<F: SentByAgent>(_: &F) {}
+/// agent_writes(&StreamAnswer::StreamAccept);
+/// ```
+///
+/// A frame of the other direction does not compile:
+///
+/// ```compile_fail
+/// use endpoint_types::frame::{SentByAgent, StreamHeader, StreamOpen};
+/// fn agent_writes<F: SentByAgent>(_: &F) {}
+/// agent_writes(&StreamHeader::StreamOpen(StreamOpen {
+///     endpoint_id: "ep_1".into(),
+///     session_id: "ses_1".into(),
+///     resource_id: "null_resource.echo".into(),
+///     operator: "bob@vendor".into(),
+///     client_addr: "192.0.2.7:50000".into(),
+/// }));
+/// ```
 pub trait SentByAgent: WireFrame {}
 
 /// A frame the gateway sends and the agent reads. The gateway's writers and the agent's readers
 /// take only these.
+///
+/// ```
+/// use endpoint_types::frame::{SentByGateway, ToAgent};
+/// fn gateway_writes<F: SentByGateway>(_: &F) {}
+/// gateway_writes(&ToAgent::Heartbeat { seq: 1 });
+/// ```
+///
+/// A frame of the other direction does not compile:
+///
+/// ```compile_fail
+/// use endpoint_types::frame::{SentByGateway, ToGateway};
+/// fn gateway_writes<F: SentByGateway>(_: &F) {}
+/// gateway_writes(&ToGateway::Heartbeat { seq: 1 });
+/// ```
 pub trait SentByGateway: WireFrame {}
 
 macro_rules! wire_frame {
