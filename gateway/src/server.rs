@@ -6,8 +6,7 @@ use crate::{
     config::{GatewayConfig, Limits},
     endpoints::EndpointRegistry,
     grants::{EndpointsOfGrant, Grants},
-    identity,
-    identity::Caller,
+    identity::{self, Caller},
     ports::SystemClock,
     store::Store,
 };
