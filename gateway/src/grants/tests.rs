@@ -694,6 +694,8 @@ async fn a_grant_set_is_read_under_the_lock_so_the_newest_is_sent_last() {
         tokio::task::yield_now().await;
     }
     assert_eq!(grant_syncs(&f, "ap_acme").len(), 1, "waits for the lock");
+    // Requested later, so listed after the first (same-instant requests order by random id).
+    f.clock.advance(Duration::from_secs(1));
     let second = pending(&f).await;
     f.store
         .move_grant(
