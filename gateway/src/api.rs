@@ -398,12 +398,12 @@ async fn grant_request(
     caller: Caller,
     Body(req): Body<GrantRequest>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::request(&gw, &caller, req).await?))
+    Ok(Json(gw.grants.request(&caller, req).await?))
 }
 
 async fn grant_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        serde_json::json!({ "grants": crate::grants::list(&gw, &caller).await? }),
+        serde_json::json!({ "grants": gw.grants.list(&caller).await? }),
     ))
 }
 
@@ -412,7 +412,7 @@ async fn grant_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.grants.get(&caller, &id).await?))
 }
 
 async fn grant_revoke(
@@ -420,7 +420,7 @@ async fn grant_revoke(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::revoke(&gw, &caller, &id).await?))
+    Ok(Json(gw.grants.revoke(&caller, &id).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,9 @@ use crate::{
     audit::AuditLog,
     config::{GatewayConfig, Limits},
     endpoints::EndpointRegistry,
-    identity,
+    grants::{EndpointsOfGrant, Grants},
+    identity::{self, Caller},
+    ports::SystemClock,
     store::Store,
 };
 use anyhow::{bail, Context, Result};
@@ -15,7 +17,7 @@ use jiff::Timestamp;
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::Duration,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,9 +26,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 #[derive(Debug)]
 pub struct Gateway {
     pub store: Store,
-    pub audit: AuditLog,
+    /// Shared with the services that record through it.
+    pub audit: Arc<AuditLog>,
     pub ca: Ca,
-    pub agents: AgentRegistry,
+    /// Shared with the services that reach agents through it.
+    pub agents: Arc<AgentRegistry>,
+    pub grants: Arc<Grants>,
     pub endpoints: EndpointRegistry,
     /// Held op output on its way to an approver's screen.
     pub previews: crate::ops::Previews,
@@ -44,6 +49,24 @@ pub struct Gateway {
     /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
     /// plane's: per-packet work stays on its own thread(s) without cross-thread wake-ups.
     pub data_plane: tokio::runtime::Handle,
+}
+
+/// What was opened under a grant, ended through the endpoints module.
+struct GatewayEndpoints(Weak<Gateway>);
+
+#[async_trait::async_trait]
+impl EndpointsOfGrant for GatewayEndpoints {
+    async fn end_all_of_grant(
+        &self,
+        grant_id: &str,
+        reason: endpoint_types::resource::CloseReason,
+        caller: &Caller,
+    ) {
+        // Gone only while the gateway itself is being dropped: nothing is left to end.
+        if let Some(gw) = self.0.upgrade() {
+            crate::endpoints::end_all_of_grant(&gw, grant_id, reason, caller).await;
+        }
+    }
 }
 
 /// Files in the data dir.
@@ -256,7 +279,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         }
     };
     ensure_admin_token(&store, &dir).await?;
-    let audit = AuditLog::open(store.clone()).await?;
+    let audit = Arc::new(AuditLog::open(store.clone()).await?);
 
     let server_tls = ca
         .issue_server(
@@ -270,11 +293,24 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .context("binding the endpoint front ends")?;
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
-    let gateway = Arc::new(Gateway {
+    let agents = Arc::new(AgentRegistry::default());
+    let tasks = TaskTracker::new();
+    let gateway = Arc::new_cyclic(|gateway: &Weak<Gateway>| Gateway {
+        grants: Arc::new(Grants::new(
+            Arc::new(store.clone()),
+            audit.clone(),
+            Arc::new(SystemClock),
+            agents.clone(),
+            Arc::new(crate::notify::Webhook {
+                store: store.clone(),
+                tasks: tasks.clone(),
+            }),
+            Arc::new(GatewayEndpoints(gateway.clone())),
+        )),
         store,
         audit,
         ca,
-        agents: AgentRegistry::default(),
+        agents,
         endpoints: EndpointRegistry::default(),
         previews: crate::ops::Previews::default(),
         limits: cfg.limits.clone(),
@@ -283,7 +319,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         server_identity: server_tls.clone(),
         data_dir: absolute(&cfg.data_dir),
         shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        tasks,
         data_plane: data_handle,
     });
 
