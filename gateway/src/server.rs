@@ -26,8 +26,10 @@ pub struct Gateway {
     pub store: Store,
     pub audit: AuditLog,
     pub ca: Ca,
-    pub agents: AgentRegistry,
-    pub endpoints: EndpointRegistry,
+    pub agents: Arc<AgentRegistry>,
+    pub endpoints: Arc<EndpointRegistry>,
+    /// The endpoint lifecycle: create, decide, retire, expire, restore.
+    pub endpoint_service: Arc<crate::endpoints::Endpoints>,
     /// Held op output on its way to an approver's screen.
     pub previews: crate::ops::Previews,
     pub limits: Limits,
@@ -270,21 +272,50 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .context("binding the endpoint front ends")?;
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
-    let gateway = Arc::new(Gateway {
-        store,
-        audit,
-        ca,
-        agents: AgentRegistry::default(),
-        endpoints: EndpointRegistry::default(),
-        previews: crate::ops::Previews::default(),
-        limits: cfg.limits.clone(),
-        endpoint_host: cfg.endpoint_host,
-        front_ends: front_ends.addrs,
-        server_identity: server_tls.clone(),
-        data_dir: absolute(&cfg.data_dir),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        data_plane: data_handle,
+    let agents = Arc::new(AgentRegistry::default());
+    let live_endpoints = Arc::new(EndpointRegistry::default());
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    // Cyclic: the endpoint service reaches what is not a service yet through the gateway.
+    let gateway = Arc::new_cyclic(|me: &std::sync::Weak<Gateway>| {
+        use crate::endpoints::gateway_ports::{GatewayAudit, GatewayFrontEnds, GatewayGrantGate};
+        let endpoint_service = crate::endpoints::Endpoints::new(crate::endpoints::EndpointDeps {
+            store: Arc::new(store.clone()),
+            audit: Arc::new(GatewayAudit(me.clone())),
+            clock: Arc::new(crate::ports::SystemClock),
+            agents: agents.clone(),
+            notifier: Arc::new(crate::notify::Webhook {
+                store: store.clone(),
+                tasks: tasks.clone(),
+            }),
+            grants: Arc::new(GatewayGrantGate(me.clone())),
+            front_ends: Arc::new(GatewayFrontEnds {
+                gateway: me.clone(),
+                shared: front_ends.addrs,
+                host: cfg.endpoint_host,
+            }),
+            live: live_endpoints.clone(),
+            default_ttl: cfg.limits.default_endpoint_ttl,
+            tasks: tasks.clone(),
+            runtime: data_handle.clone(),
+            shutdown: shutdown.clone(),
+        });
+        Gateway {
+            store,
+            audit,
+            ca,
+            agents,
+            endpoints: live_endpoints,
+            endpoint_service: Arc::new(endpoint_service),
+            previews: crate::ops::Previews::default(),
+            limits: cfg.limits.clone(),
+            endpoint_host: cfg.endpoint_host,
+            front_ends: front_ends.addrs,
+            server_identity: server_tls.clone(),
+            data_dir: absolute(&cfg.data_dir),
+            shutdown,
+            tasks,
+            data_plane: data_handle,
+        }
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
@@ -338,7 +369,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             .tasks
             .spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
     }
-    crate::endpoints::restore(&gateway)
+    gateway
+        .endpoint_service
+        .restore()
         .await
         .context("restoring endpoints from the store")?;
 
