@@ -336,7 +336,7 @@ async fn a_tcp_endpoint_gets_a_listener_of_its_own_served_by_the_front_ends() {
     };
     let rec = h.service.create(&bob(), req).await.unwrap();
     assert_ne!(rec.address.as_deref(), Some(KUBE_FRONT_END));
-    assert_eq!(*h.front_ends.served.lock().unwrap(), [rec.id.clone()]);
+    assert_eq!(*h.front_ends.served.lock().unwrap(), [rec.id.as_str()]);
 }
 
 #[tokio::test]
@@ -451,7 +451,7 @@ async fn approval_activates_a_pending_endpoint_for_its_ttl_from_then_and_tells_t
     assert_eq!(rec.expires_at, t0() + SignedDuration::from_secs(700));
     assert_eq!(rec.address.as_deref(), Some(KUBE_FRONT_END));
     assert!(rec.access.is_none(), "the approver is not the creator");
-    assert_eq!(opened(&h.agents.sent_to("ap_1")), [id.clone()]);
+    assert_eq!(opened(&h.agents.sent_to("ap_1")), [id.as_str()]);
     let created = &h.audit.of_kind("endpoint.created")[0];
     assert_eq!(
         (created.actor.as_str(), &created.detail["approved_by"]),
@@ -762,7 +762,7 @@ async fn list_shows_each_caller_the_customers_they_may_see() {
     // An approver sees their own customer's only.
     assert_eq!(
         ids(h.service.list(&acme_approver()).await.unwrap()),
-        [ours.id.clone()]
+        [ours.id.as_str()]
     );
     // Lists never carry credentials; the creator's `get` does, another operator's does not.
     assert!(h
