@@ -267,11 +267,6 @@ impl Endpoints {
         Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
     }
 
-    /// The live endpoints this gateway serves.
-    pub fn live(&self) -> &Arc<EndpointRegistry> {
-        &self.live
-    }
-
     /// What an agent that (re)connects is told to open: its appliance's live endpoints.
     pub async fn grants_for(&self, appliance_id: &str) -> Vec<EndpointGrant> {
         match self.store.active_endpoints_of(appliance_id).await {
