@@ -32,7 +32,9 @@ pub struct Gateway {
     /// Shared with the services that reach agents through it.
     pub agents: Arc<AgentRegistry>,
     pub grants: Arc<Grants>,
-    pub endpoints: EndpointRegistry,
+    pub endpoints: Arc<EndpointRegistry>,
+    /// The endpoint lifecycle: create, decide, retire, expire, restore.
+    pub endpoint_service: Arc<crate::endpoints::Endpoints>,
     /// Held op output on its way to an approver's screen.
     pub previews: crate::ops::Previews,
     pub limits: Limits,
@@ -294,33 +296,59 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
     let agents = Arc::new(AgentRegistry::default());
-    let tasks = TaskTracker::new();
-    let gateway = Arc::new_cyclic(|gateway: &Weak<Gateway>| Gateway {
-        grants: Arc::new(Grants::new(
+    let live_endpoints = Arc::new(EndpointRegistry::default());
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let notifier = Arc::new(crate::notify::Webhook {
+        store: store.clone(),
+        tasks: tasks.clone(),
+    });
+    // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
+    let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
+        use crate::endpoints::gateway_ports::GatewayFrontEnds;
+        let grants = Arc::new(Grants::new(
             Arc::new(store.clone()),
             audit.clone(),
             Arc::new(SystemClock),
             agents.clone(),
-            Arc::new(crate::notify::Webhook {
-                store: store.clone(),
-                tasks: tasks.clone(),
+            notifier.clone(),
+            Arc::new(GatewayEndpoints(me.clone())),
+        ));
+        let endpoint_service = crate::endpoints::Endpoints::new(crate::endpoints::EndpointDeps {
+            store: Arc::new(store.clone()),
+            audit: audit.clone(),
+            clock: Arc::new(SystemClock),
+            agents: agents.clone(),
+            notifier,
+            grants: grants.clone(),
+            front_ends: Arc::new(GatewayFrontEnds {
+                gateway: me.clone(),
+                shared: front_ends.addrs,
+                host: cfg.endpoint_host,
             }),
-            Arc::new(GatewayEndpoints(gateway.clone())),
-        )),
-        store,
-        audit,
-        ca,
-        agents,
-        endpoints: EndpointRegistry::default(),
-        previews: crate::ops::Previews::default(),
-        limits: cfg.limits.clone(),
-        endpoint_host: cfg.endpoint_host,
-        front_ends: front_ends.addrs,
-        server_identity: server_tls.clone(),
-        data_dir: absolute(&cfg.data_dir),
-        shutdown: CancellationToken::new(),
-        tasks,
-        data_plane: data_handle,
+            live: live_endpoints.clone(),
+            default_ttl: cfg.limits.default_endpoint_ttl,
+            tasks: tasks.clone(),
+            runtime: data_handle.clone(),
+            shutdown: shutdown.clone(),
+        });
+        Gateway {
+            grants,
+            store,
+            audit,
+            ca,
+            agents,
+            endpoints: live_endpoints,
+            endpoint_service: Arc::new(endpoint_service),
+            previews: crate::ops::Previews::default(),
+            limits: cfg.limits.clone(),
+            endpoint_host: cfg.endpoint_host,
+            front_ends: front_ends.addrs,
+            server_identity: server_tls.clone(),
+            data_dir: absolute(&cfg.data_dir),
+            shutdown,
+            tasks,
+            data_plane: data_handle,
+        }
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
@@ -374,7 +402,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             .tasks
             .spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
     }
-    crate::endpoints::restore(&gateway)
+    gateway
+        .endpoint_service
+        .restore()
         .await
         .context("restoring endpoints from the store")?;
 
