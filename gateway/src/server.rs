@@ -5,17 +5,20 @@ use crate::{
     audit::AuditLog,
     config::{GatewayConfig, Limits},
     endpoints::EndpointRegistry,
+    grants::GatewayGrants,
     identity,
-    store::Store,
+    ops::Ops,
+    ports::{GrantGate, SystemClock},
+    store::{ApplianceRow, GrantRow, Store},
 };
 use anyhow::{bail, Context, Result};
 use certs::{Ca, Secret};
-use endpoint_types::api::Role;
+use endpoint_types::{api::Role, resource::PolicySummary, ApiError};
 use jiff::Timestamp;
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::Duration,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,10 +29,9 @@ pub struct Gateway {
     pub store: Store,
     pub audit: AuditLog,
     pub ca: Ca,
-    pub agents: AgentRegistry,
+    pub agents: Arc<AgentRegistry>,
     pub endpoints: EndpointRegistry,
-    /// Held op output on its way to an approver's screen.
-    pub previews: crate::ops::Previews,
+    pub ops: Arc<Ops>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -270,21 +272,36 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .context("binding the endpoint front ends")?;
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
-    let gateway = Arc::new(Gateway {
-        store,
-        audit,
-        ca,
-        agents: AgentRegistry::default(),
-        endpoints: EndpointRegistry::default(),
-        previews: crate::ops::Previews::default(),
-        limits: cfg.limits.clone(),
-        endpoint_host: cfg.endpoint_host,
-        front_ends: front_ends.addrs,
-        server_identity: server_tls.clone(),
-        data_dir: absolute(&cfg.data_dir),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        data_plane: data_handle,
+    let agents = Arc::new(AgentRegistry::default());
+    let tasks = TaskTracker::new();
+    let gateway = Arc::new_cyclic(|gateway: &Weak<Gateway>| {
+        let ops = Ops::new(
+            Arc::new(store.clone()),
+            Arc::new(audit.clone()),
+            Arc::new(SystemClock),
+            agents.clone(),
+            Arc::new(crate::notify::Webhook {
+                store: store.clone(),
+                tasks: tasks.clone(),
+            }),
+            Arc::new(LateGrants(gateway.clone())),
+        );
+        Gateway {
+            store,
+            audit,
+            ca,
+            agents,
+            endpoints: EndpointRegistry::default(),
+            ops: Arc::new(ops),
+            limits: cfg.limits.clone(),
+            endpoint_host: cfg.endpoint_host,
+            front_ends: front_ends.addrs,
+            server_identity: server_tls.clone(),
+            data_dir: absolute(&cfg.data_dir),
+            shutdown: CancellationToken::new(),
+            tasks,
+            data_plane: data_handle,
+        }
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
@@ -352,6 +369,45 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         relay_endpoint,
         data_plane,
     })
+}
+
+/// [`GatewayGrants`] for the services the gateway holds, through a weak reference so the
+/// gateway does not keep itself alive.
+struct LateGrants(Weak<Gateway>);
+
+impl LateGrants {
+    fn gateway(&self) -> Option<GatewayGrants> {
+        self.0.upgrade().map(GatewayGrants)
+    }
+}
+
+#[async_trait::async_trait]
+impl GrantGate for LateGrants {
+    async fn require_operate(
+        &self,
+        appliance: &ApplianceRow,
+        now: Timestamp,
+    ) -> Result<GrantRow, ApiError> {
+        match self.gateway() {
+            Some(g) => g.require_operate(appliance, now).await,
+            None => Err(ApiError::internal("the gateway is shutting down")),
+        }
+    }
+
+    async fn automatic_decision(
+        &self,
+        appliance_id: &str,
+        now: Timestamp,
+    ) -> Option<(&'static str, Option<Timestamp>)> {
+        self.gateway()?.automatic_decision(appliance_id, now).await
+    }
+
+    async fn policy_of(&self, appliance_id: &str) -> PolicySummary {
+        match self.gateway() {
+            Some(g) => g.policy_of(appliance_id).await,
+            None => PolicySummary::default(),
+        }
+    }
 }
 
 pub fn absolute(p: &Path) -> PathBuf {

@@ -92,7 +92,7 @@ pub struct GrantChange<'a> {
 
 const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
 
-const OP_COLS: &str =
+pub(super) const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
      command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
      stdout, stderr, truncated, error, message";
@@ -126,7 +126,7 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn op_from(r: AnyRow) -> StoreResult<OpRow> {
+pub(super) fn op_from(r: AnyRow) -> StoreResult<OpRow> {
     let id: String = r.try_get("id")?;
     let error = r
         .try_get::<Option<String>, _>("error")?
