@@ -10,13 +10,6 @@ use endpoint_types::{
     ApiError, ErrorCode,
 };
 
-/// Whether an op in `state` takes streamed output: while it runs, or while it releases
-/// output held for approval. A late or forged frame for any other op changes nothing (the
-/// store checks again, atomically with the append).
-fn takes_output(state: OpState) -> bool {
-    matches!(state, OpState::Running | OpState::OutputPendingApproval)
-}
-
 /// The exit code an agent's end report stands for in the op machine: the command's own, or
 /// non-zero when it reported an error or no code (then it did not succeed).
 fn finished_exit_code(f: &OpFinished) -> i64 {
@@ -89,10 +82,9 @@ impl Ops {
         }
     }
 
+    /// Streamed output, stored up to the cap; the store takes it only while the op produces
+    /// output ([`endpoint_types::lifecycle::op_takes_output`]), checked with the append.
     async fn output(&self, row: &OpRow, stream: OutputStream, data: &str) {
-        if !takes_output(row.state) {
-            return tracing::warn!(op = %row.id, state = row.state.as_str(), "output for an op that is not producing output: dropped");
-        }
         let (out, err) = match stream {
             OutputStream::Stdout => (data, ""),
             OutputStream::Stderr => ("", data),
@@ -233,22 +225,5 @@ mod tests {
             -1
         );
         assert_eq!(finished_exit_code(&finished(Some(2), Some(error))), 2);
-    }
-
-    #[test]
-    fn only_running_or_releasing_ops_take_output() {
-        for state in [
-            OpState::PendingApproval,
-            OpState::Approved,
-            OpState::Completed,
-            OpState::Failed,
-            OpState::Denied,
-            OpState::TimedOut,
-            OpState::Expired,
-        ] {
-            assert!(!takes_output(state), "{}", state.as_str());
-        }
-        assert!(takes_output(OpState::Running));
-        assert!(takes_output(OpState::OutputPendingApproval));
     }
 }

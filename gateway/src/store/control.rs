@@ -4,7 +4,10 @@
 use super::{from_ms, opt_ts, parse_kw, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     control::{GrantLevel, GrantState, OpState, OpTool},
-    lifecycle::grant::{self, GrantEvent},
+    lifecycle::{
+        self,
+        grant::{self, GrantEvent},
+    },
     ApiError,
 };
 use jiff::Timestamp;
@@ -468,10 +471,7 @@ impl Store {
             return Ok(false);
         };
         let state: String = row.try_get("state")?;
-        if ![OpState::Running, OpState::OutputPendingApproval]
-            .iter()
-            .any(|s| s.as_str() == state)
-        {
+        if !OpState::parse(&state).is_some_and(lifecycle::op_takes_output) {
             return Ok(false);
         }
         let have = |col: &str| -> StoreResult<usize> {
