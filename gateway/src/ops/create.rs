@@ -71,7 +71,7 @@ impl Ops {
         let grant = self.grants.require_operate(&appliance, now).await?;
         self.check_resource(caller, &appliance, &req, &command)
             .await?;
-        let mut row = OpRow {
+        let row = OpRow {
             id: format!("op_{}", random_hex(8)),
             appliance_id: appliance.id.clone(),
             tool: req.tool,
@@ -81,7 +81,7 @@ impl Ops {
             state: OpState::PendingApproval,
             requested_by: caller.actor(),
             requested_at: now,
-            grant_id: Some(grant.id.clone()),
+            grant_id: Some(grant.id),
             command_approved_by: None,
             command_approved_at: None,
             output_approved_by: None,
@@ -95,6 +95,18 @@ impl Ops {
             error: None,
             message: None,
         };
+        self.submit(caller, row, &appliance).await
+    }
+
+    /// Stores a new op, approved at once if the policy approves by itself (then dispatched),
+    /// otherwise waiting for a person (who is notified).
+    async fn submit(
+        &self,
+        caller: &Caller,
+        mut row: OpRow,
+        appliance: &ApplianceRow,
+    ) -> Result<OpRecord, ApiError> {
+        let now = row.requested_at;
         let auto = self.grants.automatic_decision(&appliance.id, now).await;
         if let Some((by, _)) = auto {
             row.state =
@@ -107,7 +119,7 @@ impl Ops {
         self.audit
             .record("op.requested", &caller.actor(), subject(&row), serde_json::json!({
                 "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id,
-                "timeout_s": timeout.as_secs(), "grant_id": grant.id,
+                "timeout_s": row.timeout.as_secs(), "grant_id": row.grant_id,
             }))
             .await;
         match auto {
@@ -134,7 +146,7 @@ impl Ops {
             .await
             .map_err(internal)?
             .unwrap_or(row);
-        Ok(record(&row, &appliance))
+        Ok(record(&row, appliance))
     }
 
     /// The appliance is connected, declares the op's resource, and the resource is of the
