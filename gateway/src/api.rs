@@ -483,7 +483,7 @@ async fn op_create(
     caller: Caller,
     Body(req): Body<OpRequest>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::create(&gw, &caller, req).await?))
+    Ok(Json(gw.ops.create(&caller, req).await?))
 }
 
 async fn op_get(
@@ -491,15 +491,11 @@ async fn op_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.ops.get(&caller, &id).await?))
 }
 
 async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller)
-        .await?
-        .iter()
-        .map(|(r, a)| crate::ops::record(r, a))
-        .collect();
+    let ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
     Ok(Json(serde_json::json!({ "ops": ops })))
 }
 

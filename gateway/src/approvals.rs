@@ -54,7 +54,7 @@ pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<ApprovalItem>, Ap
             });
         }
     }
-    for (row, appliance) in crate::ops::list_rows(gw, caller).await? {
+    for (row, appliance) in gw.ops.list_rows(caller).await? {
         if let Some(item) = crate::ops::approval_item(&row, &appliance) {
             items.push(item);
         }
@@ -69,7 +69,7 @@ pub async fn show(gw: &Gateway, caller: &Caller, id: &str) -> Result<serde_json:
         // At the output stage the approver sees the held output, fetched from the appliance.
         Some(i) if i.kind == ApprovalKind::Op && i.stage == ApprovalStage::Output => {
             let mut v = serde_json::to_value(&i).unwrap_or_default();
-            v["output"] = crate::ops::preview(gw, caller, id).await?;
+            v["output"] = gw.ops.preview(caller, id).await?;
             Ok(v)
         }
         Some(i) => Ok(serde_json::to_value(i).unwrap_or_default()),
@@ -105,10 +105,10 @@ pub async fn decide(
         .unwrap_or_default());
     }
     if id.starts_with("op_") {
-        return Ok(serde_json::to_value(
-            crate::ops::decide(gw, caller, id, approve, message).await?,
-        )
-        .unwrap_or_default());
+        return Ok(
+            serde_json::to_value(gw.ops.decide(caller, id, approve, message).await?)
+                .unwrap_or_default(),
+        );
     }
     Err(ApiError::new(
         ErrorCode::NotFound,

@@ -471,7 +471,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                         // Approved ops that waited for the appliance go out after the hello.
                         let (gw2, id) = (gw.clone(), appliance.id.clone());
                         gw.tasks
-                            .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
+                            .spawn(async move { gw2.ops.dispatch_pending(&id).await });
                         let control = Control {
                             send,
                             framed,
@@ -494,7 +494,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         conn.close(close::LOST.into(), reason.as_bytes());
     }
     gw.agents.unregister(&appliance.id, &conn);
-    crate::ops::interrupted(&gw, &appliance.id).await;
+    gw.ops.interrupted(&appliance.id).await;
     let _ = gw
         .store
         .set_presence(&appliance.id, Timestamp::now(), None, None, None)
@@ -567,7 +567,7 @@ async fn control_loop(
                     }
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
                     Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
-                        crate::ops::on_agent_frame(gw, appliance_id, f).await;
+                        gw.ops.on_agent_frame(appliance_id, f).await;
                     }
                     Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
                         crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;

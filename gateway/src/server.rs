@@ -7,6 +7,7 @@ use crate::{
     endpoints::EndpointRegistry,
     grants::{EndpointsOfGrant, Grants},
     identity::{self, Caller},
+    ops::Ops,
     ports::SystemClock,
     store::Store,
 };
@@ -35,8 +36,7 @@ pub struct Gateway {
     pub endpoints: Arc<EndpointRegistry>,
     /// The endpoint lifecycle: create, decide, retire, expire, restore.
     pub endpoint_service: Arc<crate::endpoints::Endpoints>,
-    /// Held op output on its way to an approver's screen.
-    pub previews: crate::ops::Previews,
+    pub ops: Arc<Ops>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -318,7 +318,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             audit: audit.clone(),
             clock: Arc::new(SystemClock),
             agents: agents.clone(),
-            notifier,
+            notifier: notifier.clone(),
             grants: grants.clone(),
             front_ends: Arc::new(GatewayFrontEnds {
                 gateway: me.clone(),
@@ -331,15 +331,23 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             runtime: data_handle.clone(),
             shutdown: shutdown.clone(),
         });
+        let ops = Ops::new(
+            Arc::new(store.clone()),
+            audit.clone(),
+            Arc::new(SystemClock),
+            agents.clone(),
+            notifier.clone(),
+            grants.clone(),
+        );
         Gateway {
             grants,
+            ops: Arc::new(ops),
             store,
             audit,
             ca,
             agents,
             endpoints: live_endpoints,
             endpoint_service: Arc::new(endpoint_service),
-            previews: crate::ops::Previews::default(),
             limits: cfg.limits.clone(),
             endpoint_host: cfg.endpoint_host,
             front_ends: front_ends.addrs,
