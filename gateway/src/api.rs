@@ -543,7 +543,7 @@ async fn webhook_set(
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? }),
+        serde_json::json!({ "approvals": gw.approvals.list(&caller).await? }),
     ))
 }
 
@@ -552,7 +552,7 @@ async fn approval_show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(crate::approvals::show(&gw, &caller, &id).await?))
+    Ok(Json(gw.approvals.show(&caller, &id).await?))
 }
 
 async fn approval_approve(
@@ -560,9 +560,7 @@ async fn approval_approve(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, true, None).await?,
-    ))
+    Ok(Json(gw.approvals.decide(&caller, &id, true, None).await?))
 }
 
 async fn approval_deny(
@@ -572,7 +570,7 @@ async fn approval_deny(
     Body(d): Body<Decision>,
 ) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, false, d.message).await?,
+        gw.approvals.decide(&caller, &id, false, d.message).await?,
     ))
 }
 

@@ -5,7 +5,6 @@ use crate::{
     agents::AgentLink,
     audit::Subject,
     delivery::{Delivery, DeliveryError},
-    endpoints,
     framed::{write_frame, write_frame_within, FramedError, FramedRecv},
     identity,
     server::Gateway,
@@ -462,7 +461,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             let mut delivery = Delivery::default();
             let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
             let live = gw.grants.live_grants(&appliance.id).await;
-            let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
+            let endpoints = gw.endpoint_service.grants_for(&appliance.id).await;
             let grant_sync = delivery.outgoing(Frame::GrantSync { grants: live }, deadline);
             let endpoint_sync = delivery.outgoing(Frame::EndpointSync { endpoints }, deadline);
             match write_frame(&mut send, &grant_sync).await {

@@ -37,6 +37,8 @@ pub struct Gateway {
     /// The endpoint lifecycle: create, decide, retire, expire, restore.
     pub endpoint_service: Arc<crate::endpoints::Endpoints>,
     pub ops: Arc<Ops>,
+    /// What waits for a customer approver, across grants, ops and endpoints.
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -66,7 +68,9 @@ impl EndpointsOfGrant for GatewayEndpoints {
     ) {
         // Gone only while the gateway itself is being dropped: nothing is left to end.
         if let Some(gw) = self.0.upgrade() {
-            crate::endpoints::end_all_of_grant(&gw, grant_id, reason, caller).await;
+            gw.endpoint_service
+                .end_all_of_grant(grant_id, reason, caller)
+                .await;
         }
     }
 }
@@ -339,15 +343,23 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             notifier.clone(),
             grants.clone(),
         );
+        let ops = Arc::new(ops);
+        let endpoint_service = Arc::new(endpoint_service);
+        let approvals = Arc::new(crate::approvals::Approvals::new(vec![
+            grants.clone(),
+            ops.clone(),
+            Arc::new(crate::approvals::EndpointQueue(endpoint_service.clone())),
+        ]));
         Gateway {
             grants,
-            ops: Arc::new(ops),
+            ops,
+            approvals,
             store,
             audit,
             ca,
             agents,
             endpoints: live_endpoints,
-            endpoint_service: Arc::new(endpoint_service),
+            endpoint_service,
             limits: cfg.limits.clone(),
             endpoint_host: cfg.endpoint_host,
             front_ends: front_ends.addrs,
