@@ -1,10 +1,14 @@
 //! The HTTPS API the CLI talks to. Every request is made as one identity (bearer token).
 
 use crate::{
-    audit::Subject,
+    agents::AgentRegistry,
+    approvals::Approvals,
+    audit::{AuditLog, Subject},
+    endpoints::Endpoints,
+    grants::Grants,
     identity::{self, Caller},
-    server::Gateway,
-    store::{ApplianceRow, AuditPageQuery, EnrollmentRow},
+    ops::Ops,
+    store::{ApplianceRow, AuditPageQuery, EnrollmentRow, Store},
 };
 use axum::{
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
@@ -28,7 +32,25 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-type Gw = Arc<Gateway>;
+/// What the API's handlers reach: the services, and the few gateway parts the appliance and
+/// audit routes read directly. Built by `server.rs`.
+#[derive(Debug)]
+pub struct ApiState {
+    pub store: Store,
+    pub audit: Arc<AuditLog>,
+    /// Pinned by agents at enrollment; shown with enrollment tokens.
+    pub ca_fingerprint: String,
+    pub agents: Arc<AgentRegistry>,
+    pub grants: Arc<Grants>,
+    pub endpoint_service: Arc<Endpoints>,
+    pub ops: Arc<Ops>,
+    pub approvals: Arc<Approvals>,
+    pub handshake_timeout: Duration,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+type Gw = Arc<ApiState>;
 
 /// An API error as an HTTP response: the status of its code and `{"error": {...}}`.
 pub struct Failure(pub ApiError);
@@ -254,7 +276,7 @@ async fn appliance_add(
     let token = EnrollmentToken {
         id: token_id,
         secret,
-        ca: gw.ca.fingerprint(),
+        ca: gw.ca_fingerprint.clone(),
     };
     gw.audit
         .record(
@@ -272,11 +294,11 @@ async fn appliance_add(
         customer: req.customer,
         token: certs::Secret::new(token.encode()),
         expires_at,
-        ca_fingerprint: gw.ca.fingerprint(),
+        ca_fingerprint: gw.ca_fingerprint.clone(),
     }))
 }
 
-fn appliance_record(gw: &Gateway, a: ApplianceRow) -> ApplianceRecord {
+fn appliance_record(gw: &ApiState, a: ApplianceRow) -> ApplianceRecord {
     let link = gw.agents.get(&a.id);
     let resources = match &link {
         Some(l) => l.resources.clone(),
@@ -483,7 +505,7 @@ async fn op_create(
     caller: Caller,
     Body(req): Body<OpRequest>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::create(&gw, &caller, req).await?))
+    Ok(Json(gw.ops.create(&caller, req).await?))
 }
 
 async fn op_get(
@@ -491,15 +513,11 @@ async fn op_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.ops.get(&caller, &id).await?))
 }
 
 async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller)
-        .await?
-        .iter()
-        .map(|(r, a)| crate::ops::record(r, a))
-        .collect();
+    let ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
     Ok(Json(serde_json::json!({ "ops": ops })))
 }
 
@@ -547,7 +565,7 @@ async fn webhook_set(
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? }),
+        serde_json::json!({ "approvals": gw.approvals.list(&caller).await? }),
     ))
 }
 
@@ -556,7 +574,7 @@ async fn approval_show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(crate::approvals::show(&gw, &caller, &id).await?))
+    Ok(Json(gw.approvals.show(&caller, &id).await?))
 }
 
 async fn approval_approve(
@@ -564,9 +582,7 @@ async fn approval_approve(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, true, None).await?,
-    ))
+    Ok(Json(gw.approvals.decide(&caller, &id, true, None).await?))
 }
 
 async fn approval_deny(
@@ -576,7 +592,7 @@ async fn approval_deny(
     Body(d): Body<Decision>,
 ) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, false, d.message).await?,
+        gw.approvals.decide(&caller, &id, false, d.message).await?,
     ))
 }
 
@@ -664,7 +680,7 @@ pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>
         };
         let (acceptor, app, gw2) = (acceptor.clone(), app.clone(), gw.clone());
         gw.tasks.spawn(async move {
-            let tls = match tokio::time::timeout(gw2.limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(gw2.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "API TLS handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "API TLS handshake timed out"),

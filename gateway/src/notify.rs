@@ -40,16 +40,6 @@ impl Notifier for Webhook {
     }
 }
 
-/// Until every caller holds a [`Notifier`] of its own.
-pub async fn waiting(gw: &crate::server::Gateway, customer: &str, kind: &str, id: &str) {
-    Webhook {
-        store: gw.store.clone(),
-        tasks: gw.tasks.clone(),
-    }
-    .waiting(customer, kind, id)
-    .await
-}
-
 /// Plain-HTTP POST (webhooks into the customer's network usually terminate at an internal
 /// relay); `https://` is refused with a clear error until a root store is configured.
 async fn post(url: &str, body: serde_json::Value) -> Result<u16, String> {

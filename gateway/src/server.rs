@@ -7,6 +7,7 @@ use crate::{
     endpoints::EndpointRegistry,
     grants::{EndpointsOfGrant, Grants},
     identity::{self, Caller},
+    ops::Ops,
     ports::SystemClock,
     store::Store,
 };
@@ -35,8 +36,9 @@ pub struct Gateway {
     pub endpoints: Arc<EndpointRegistry>,
     /// The endpoint lifecycle: create, decide, retire, expire, restore.
     pub endpoint_service: Arc<crate::endpoints::Endpoints>,
-    /// Held op output on its way to an approver's screen.
-    pub previews: crate::ops::Previews,
+    pub ops: Arc<Ops>,
+    /// What waits for a customer approver, across grants, ops and endpoints.
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -66,7 +68,9 @@ impl EndpointsOfGrant for GatewayEndpoints {
     ) {
         // Gone only while the gateway itself is being dropped: nothing is left to end.
         if let Some(gw) = self.0.upgrade() {
-            crate::endpoints::end_all_of_grant(&gw, grant_id, reason, caller).await;
+            gw.endpoint_service
+                .end_all_of_grant(grant_id, reason, caller)
+                .await;
         }
     }
 }
@@ -318,7 +322,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             audit: audit.clone(),
             clock: Arc::new(SystemClock),
             agents: agents.clone(),
-            notifier,
+            notifier: notifier.clone(),
             grants: grants.clone(),
             front_ends: Arc::new(GatewayFrontEnds {
                 gateway: me.clone(),
@@ -331,15 +335,31 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             runtime: data_handle.clone(),
             shutdown: shutdown.clone(),
         });
+        let ops = Ops::new(
+            Arc::new(store.clone()),
+            audit.clone(),
+            Arc::new(SystemClock),
+            agents.clone(),
+            notifier.clone(),
+            grants.clone(),
+        );
+        let ops = Arc::new(ops);
+        let endpoint_service = Arc::new(endpoint_service);
+        let approvals = Arc::new(crate::approvals::Approvals::new(vec![
+            grants.clone(),
+            ops.clone(),
+            Arc::new(crate::approvals::EndpointQueue(endpoint_service.clone())),
+        ]));
         Gateway {
             grants,
+            ops,
+            approvals,
             store,
             audit,
             ca,
             agents,
             endpoints: live_endpoints,
-            endpoint_service: Arc::new(endpoint_service),
-            previews: crate::ops::Previews::default(),
+            endpoint_service,
             limits: cfg.limits.clone(),
             endpoint_host: cfg.endpoint_host,
             front_ends: front_ends.addrs,
@@ -375,8 +395,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         certs::ClientAuth::None,
         vec![b"http/1.1".to_vec()],
     )?;
+    let api_state = Arc::new(crate::api::ApiState {
+        store: gateway.store.clone(),
+        audit: gateway.audit.clone(),
+        ca_fingerprint: gateway.ca.fingerprint(),
+        agents: gateway.agents.clone(),
+        grants: gateway.grants.clone(),
+        endpoint_service: gateway.endpoint_service.clone(),
+        ops: gateway.ops.clone(),
+        approvals: gateway.approvals.clone(),
+        handshake_timeout: gateway.limits.handshake_timeout,
+        shutdown: gateway.shutdown.clone(),
+        tasks: gateway.tasks.clone(),
+    });
     gateway.tasks.spawn(crate::api::serve(
-        gateway.clone(),
+        api_state,
         api_listener,
         Arc::new(api_tls),
     ));
