@@ -115,7 +115,8 @@ enum Queued {
     Flush(oneshot::Sender<Result<(), TrailDown>>),
 }
 
-#[derive(Debug)]
+/// A handle: clones share the chain and the writer queue.
+#[derive(Debug, Clone)]
 pub struct AuditLog {
     chain: Arc<Chain>,
     queue: mpsc::Sender<Queued>,

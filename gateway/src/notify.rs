@@ -40,14 +40,21 @@ impl Notifier for Webhook {
     }
 }
 
-/// Until every caller holds a [`Notifier`] of its own.
-pub async fn waiting(gw: &crate::server::Gateway, customer: &str, kind: &str, id: &str) {
-    Webhook {
-        store: gw.store.clone(),
-        tasks: gw.tasks.clone(),
+/// Whatever can make the real [`Webhook`] (the gateway, wired in `server.rs`): what the
+/// temporary [`waiting`] takes, so this module does not name the gateway.
+pub trait WebhookSource: Send + Sync {
+    fn webhook(&self) -> Webhook;
+}
+
+impl<T: WebhookSource + ?Sized> WebhookSource for std::sync::Arc<T> {
+    fn webhook(&self) -> Webhook {
+        (**self).webhook()
     }
-    .waiting(customer, kind, id)
-    .await
+}
+
+/// Until every caller holds a [`Notifier`] of its own.
+pub async fn waiting(source: &dyn WebhookSource, customer: &str, kind: &str, id: &str) {
+    source.webhook().waiting(customer, kind, id).await
 }
 
 /// Plain-HTTP POST (webhooks into the customer's network usually terminate at an internal

@@ -570,10 +570,10 @@ async fn control_loop(
                         crate::ops::on_agent_frame(gw, appliance_id, f).await;
                     }
                     Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
-                        crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;
+                        crate::endpoints::kube::on_op_record(&gw.front, appliance_id, &op_id, &kind, detail).await;
                     }
                     Ok(Some(Frame::SshTeardown(report))) => {
-                        crate::endpoints::ssh::teardown::on_report(gw, appliance_id, report).await;
+                        crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;
                     }
                     Ok(Some(other)) => {
                         let e = ApiError::new(ErrorCode::MalformedFrame, format!("unexpected frame on the control stream: {}", other.name()));

@@ -4,7 +4,7 @@ use crate::{
     agents::AgentRegistry,
     audit::AuditLog,
     config::{GatewayConfig, Limits},
-    endpoints::EndpointRegistry,
+    endpoints::{front_ends::FrontEndContext, EndpointRegistry},
     identity,
     store::Store,
 };
@@ -25,9 +25,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 pub struct Gateway {
     pub store: Store,
     pub audit: AuditLog,
-    pub ca: Ca,
-    pub agents: AgentRegistry,
-    pub endpoints: EndpointRegistry,
+    pub ca: Arc<Ca>,
+    pub agents: Arc<AgentRegistry>,
+    pub endpoints: Arc<EndpointRegistry>,
     /// Held op output on its way to an approver's screen.
     pub previews: crate::ops::Previews,
     pub limits: Limits,
@@ -35,6 +35,8 @@ pub struct Gateway {
     pub endpoint_host: IpAddr,
     /// The shared listeners of the kubectl, postgres and ssh endpoint types.
     pub front_ends: crate::endpoints::front_ends::FrontEnds,
+    /// What the endpoint front ends (and their sessions) use of the gateway.
+    pub front: Arc<FrontEndContext>,
     /// The gateway's server certificate (chain = leaf + CA) and key, for the TLS front ends.
     pub server_identity: certs::Issued,
     /// Where persistent keys live (the SSH host key, …).
@@ -44,6 +46,15 @@ pub struct Gateway {
     /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
     /// plane's: per-packet work stays on its own thread(s) without cross-thread wake-ups.
     pub data_plane: tokio::runtime::Handle,
+}
+
+impl crate::notify::WebhookSource for Gateway {
+    fn webhook(&self) -> crate::notify::Webhook {
+        crate::notify::Webhook {
+            store: self.store.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
 }
 
 /// Files in the data dir.
@@ -270,20 +281,41 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .context("binding the endpoint front ends")?;
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
+    let ca = Arc::new(ca);
+    let agents = Arc::new(AgentRegistry::default());
+    let endpoints = Arc::new(EndpointRegistry::default());
+    let data_dir = absolute(&cfg.data_dir);
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let front = Arc::new(FrontEndContext {
+        endpoints: endpoints.clone(),
+        agents: agents.clone(),
+        audit: Arc::new(audit.clone()),
+        store: Arc::new(store.clone()),
+        limits: cfg.limits.clone(),
+        ca: ca.clone(),
+        server_identity: server_tls.clone(),
+        addrs: front_ends.addrs,
+        endpoint_host: cfg.endpoint_host,
+        data_dir: data_dir.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
     let gateway = Arc::new(Gateway {
         store,
         audit,
         ca,
-        agents: AgentRegistry::default(),
-        endpoints: EndpointRegistry::default(),
+        agents,
+        endpoints,
         previews: crate::ops::Previews::default(),
         limits: cfg.limits.clone(),
         endpoint_host: cfg.endpoint_host,
         front_ends: front_ends.addrs,
+        front,
         server_identity: server_tls.clone(),
-        data_dir: absolute(&cfg.data_dir),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        data_dir,
+        shutdown,
+        tasks,
         data_plane: data_handle,
     });
 
@@ -330,13 +362,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         );
         gateway
             .tasks
-            .spawn_on(kube::serve(gateway.clone(), k), &gateway.data_plane);
+            .spawn_on(kube::serve(gateway.front.clone(), k), &gateway.data_plane);
+        gateway.tasks.spawn_on(
+            postgres::serve(gateway.front.clone(), p),
+            &gateway.data_plane,
+        );
         gateway
             .tasks
-            .spawn_on(postgres::serve(gateway.clone(), p), &gateway.data_plane);
-        gateway
-            .tasks
-            .spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
+            .spawn_on(ssh::serve(gateway.front.clone(), s), &gateway.data_plane);
     }
     crate::endpoints::restore(&gateway)
         .await

@@ -2,6 +2,10 @@
 //! among endpoints by the client's credential. Their ports are kept in the data dir, so
 //! kubeconfigs, connection strings and ssh configs handed out before a restart keep working.
 
+mod context;
+
+pub use context::{AgentReach, FrontEndContext, FrontEndStore, SessionAudit};
+
 use serde::{Deserialize, Serialize};
 use std::{
     net::{IpAddr, SocketAddr},

@@ -90,10 +90,10 @@ fn with_access(
     if rec.created_by == caller.actor() && rec.state == EndpointState::Active {
         if let Some(ep) = gw.endpoints.get(&rec.id) {
             rec.access = match ep.endpoint_type {
-                EndpointType::Tcp => Some(tcp::access(gw, &ep, rec.address.as_deref())?),
-                EndpointType::Kubectl => Some(kube::access(gw, &ep)?),
-                EndpointType::Postgres => Some(postgres::access(gw, &ep)?),
-                EndpointType::Ssh => Some(ssh::access(gw, &ep)?),
+                EndpointType::Tcp => Some(tcp::access(&gw.front, &ep, rec.address.as_deref())?),
+                EndpointType::Kubectl => Some(kube::access(&gw.front, &ep)?),
+                EndpointType::Postgres => Some(postgres::access(&gw.front, &ep)?),
+                EndpointType::Ssh => Some(ssh::access(&gw.front, &ep)?),
             };
         }
     }
@@ -567,8 +567,10 @@ fn activate(
         tracing::error!(endpoint = %row.id, error = %e, "endpoint has no client credential of its own: no client can connect");
     }
     if let Some(listener) = listener {
-        gw.tasks
-            .spawn_on(tcp::serve(gw.clone(), ep.clone(), listener), &gw.data_plane);
+        gw.tasks.spawn_on(
+            tcp::serve(gw.front.clone(), ep.clone(), listener),
+            &gw.data_plane,
+        );
     }
     let (gw2, ep2) = (gw.clone(), ep.clone());
     gw.tasks.spawn_on(

@@ -1,12 +1,12 @@
 //! What every endpoint type does per client session: claim a slot under the endpoint's
 //! session limit, open the QUIC data stream to the agent, and audit open, close and refusal.
 
-use super::LiveEndpoint;
+use super::{front_ends::FrontEndContext, LiveEndpoint};
 use crate::{
     audit::Subject,
     framed::{write_frame, FramedError, FramedRecv},
     identity::random_hex,
-    server::Gateway,
+    ports::AuditSink,
 };
 use bytes::Bytes;
 use endpoint_types::{
@@ -19,6 +19,7 @@ use std::{
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
+use tokio_util::sync::CancellationToken;
 
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,10 +34,10 @@ pub struct SessionSlot(Arc<LiveEndpoint>);
 impl SessionSlot {
     /// Claims a slot, or refuses past the endpoint's session limit (each type shows the
     /// refusal its clients understand: HTTP 429, SQLSTATE 53300, an SSH open failure).
-    pub fn claim(gw: &Gateway, ep: &Arc<LiveEndpoint>) -> Result<SessionSlot, ApiError> {
+    pub fn claim(ep: &Arc<LiveEndpoint>, limit: u64) -> Result<SessionSlot, ApiError> {
         let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(ep.clone());
-        if n > gw.limits.sessions_per_endpoint {
+        if n > limit {
             return Err(ApiError::new(
                 ErrorCode::SessionLimit,
                 format!("endpoint {} already has {} sessions", ep.id, n - 1),
@@ -65,14 +66,14 @@ pub struct DataStream {
 
 /// Opens a data stream to the endpoint's agent and waits for its decision.
 pub async fn open_stream(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
 ) -> Result<DataStream, ApiError> {
     // Nothing starts that the vendor trail could not record.
-    gw.audit.session_watch().map_err(|e| e.to_api_error())?;
-    let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
+    ctx.audit.session_watch().map_err(|e| e.to_api_error())?;
+    let connection = ctx.agents.connection(&ep.appliance_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ApplianceOffline,
             format!("appliance {} is offline", ep.appliance_id),
@@ -84,7 +85,7 @@ pub async fn open_stream(
             format!("could not reach the agent: {e}"),
         )
     };
-    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
+    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, connection.open_bi())
         .await
         .map_err(|_| offline("timed out opening a stream".into()))?
         .map_err(|e| offline(e.to_string()))?;
@@ -106,7 +107,7 @@ pub async fn open_stream(
                 send,
                 recv,
                 leftover,
-                connection: link.connection,
+                connection,
             })
         }
         Ok(Some(Frame::StreamRefuse(e))) => Err(e),
@@ -143,14 +144,14 @@ pub fn agent_reason_write(e: &quinn::WriteError) -> Option<CloseReason> {
 }
 
 pub async fn deny(
-    gw: &Gateway,
+    audit: &dyn AuditSink,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     err: &ApiError,
 ) {
     tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
-    gw.audit
+    audit
         .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
             "action": "session", "client_addr": client.to_string(), "code": err.code, "reason": err.message,
         }))
@@ -162,21 +163,21 @@ pub async fn deny(
 /// session must then be cut with reason `error`), or the refusal if `session.opened` itself
 /// could not be stored: then the session must not go ahead.
 pub async fn opened(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     extra: serde_json::Value,
 ) -> Result<tokio_util::sync::CancellationToken, ApiError> {
-    if let Err(e) = gw.store.count_session(&ep.id).await {
+    if let Err(e) = ctx.store.count_session(&ep.id).await {
         tracing::error!(error = %e, "could not count session");
     }
     let mut detail = serde_json::json!({
         "client_addr": client.to_string(), "origin_resource_id": ep.resource_id, "type": ep.endpoint_type.as_str(),
     });
     merge(&mut detail, extra);
-    let watch = gw.audit.session_watch().map_err(|e| e.to_api_error())?;
-    gw.audit
+    let watch = ctx.audit.session_watch().map_err(|e| e.to_api_error())?;
+    ctx.audit
         .record_before(
             "session.opened",
             &ep.operator,
@@ -190,7 +191,7 @@ pub async fn opened(
 
 /// Audits a session's end. `extra` adds type-specific fields (an error, a recording id).
 pub async fn closed(
-    gw: &Gateway,
+    audit: &dyn AuditSink,
     ep: &LiveEndpoint,
     session_id: &str,
     reason: CloseReason,
@@ -205,7 +206,7 @@ pub async fn closed(
         "duration_ms": started.elapsed().as_millis() as u64,
     });
     merge(&mut detail, extra);
-    gw.audit
+    audit
         .record(
             "session.closed",
             &ep.operator,
@@ -225,13 +226,13 @@ fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
 /// file descriptors, mostly) are logged and retried after a short pause rather than ending
 /// the listener.
 pub async fn accept_next(
-    gw: &Gateway,
+    shutdown: &CancellationToken,
     listener: &tokio::net::TcpListener,
     what: &str,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
-            _ = gw.shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return None,
             r = listener.accept() => match r {
                 Ok(c) => return Some(c),
                 Err(e) => {

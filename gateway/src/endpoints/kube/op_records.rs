@@ -1,12 +1,12 @@
 //! What a `kubectl` op's per-op proxy in the appliance forwarded or refused, reported by the
 //! agent so the vendor trail holds every request of the op as the customer's trail does.
 
-use crate::{audit::Subject, server::Gateway};
+use crate::{audit::Subject, endpoints::front_ends::FrontEndContext};
 
 /// Records an agent's `OpRecord` frame: only `kube.request` and `denied`, only for an op of
 /// the reporting appliance that is still running.
 pub async fn on_op_record(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     appliance_id: &str,
     op_id: &str,
     kind: &str,
@@ -19,7 +19,7 @@ pub async fn on_op_record(
             return tracing::warn!(appliance = %appliance_id, op = %op_id, kind = %other, "agent sent an op record of an unknown kind; ignored")
         }
     };
-    let Ok(Some(row)) = gw.store.get_op(op_id).await else {
+    let Ok(Some(row)) = ctx.store.get_op(op_id).await else {
         return tracing::warn!(appliance = %appliance_id, op = %op_id, "agent reported on an unknown op");
     };
     if row.appliance_id != appliance_id {
@@ -35,7 +35,7 @@ pub async fn on_op_record(
         op_id: Some(row.id.clone()),
         ..Default::default()
     };
-    gw.audit
+    ctx.audit
         .record(kind, &row.requested_by, subject, detail)
         .await;
 }

@@ -2,12 +2,12 @@
 //! VM as the endpoint's login user), recorded as `ssh.teardown` in the vendor trail. The
 //! report is believed only for an ended SSH endpoint of the reporting appliance.
 
-use crate::{audit::Subject, server::Gateway};
+use crate::{audit::Subject, endpoints::front_ends::FrontEndContext};
 use endpoint_types::{api::EndpointState, resource::EndpointType, ssh_scope::SshTeardown};
 
-pub async fn on_report(gw: &Gateway, appliance_id: &str, report: SshTeardown) {
+pub async fn on_report(ctx: &FrontEndContext, appliance_id: &str, report: SshTeardown) {
     let report = report.capped();
-    let row = match gw.store.get_endpoint(&report.endpoint_id).await {
+    let row = match ctx.store.get_endpoint(&report.endpoint_id).await {
         Ok(Some(row)) => row,
         Ok(None) => {
             return tracing::warn!(appliance = %appliance_id, endpoint = %report.endpoint_id, "teardown report for an unknown endpoint")
@@ -30,7 +30,7 @@ pub async fn on_report(gw: &Gateway, appliance_id: &str, report: SshTeardown) {
         Err(e) => return tracing::error!(error = %e, "could not serialise a teardown report"),
     };
     tracing::info!(endpoint = %report.endpoint_id, killed = report.killed.len(), "ssh teardown reported");
-    gw.audit
+    ctx.audit
         .record(
             "ssh.teardown",
             &format!("agent:{appliance_id}"),
