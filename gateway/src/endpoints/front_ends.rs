@@ -3,6 +3,8 @@
 //! kubeconfigs, connection strings and ssh configs handed out before a restart keep working.
 
 mod context;
+#[cfg(test)]
+pub mod fakes;
 
 pub use context::{AgentReach, FrontEndContext, FrontEndStore, SessionAudit};
 

@@ -243,3 +243,138 @@ pub async fn accept_next(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::front_ends::fakes::{endpoint_row, Parts};
+    use endpoint_types::{api::EndpointState, resource::EndpointType};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    fn client() -> SocketAddr {
+        "127.0.0.1:40000".parse().unwrap()
+    }
+
+    fn live(parts: &Parts) -> Arc<LiveEndpoint> {
+        parts.go_live(&endpoint_row(
+            "ep_1",
+            EndpointType::Postgres,
+            EndpointState::Active,
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_session_past_the_endpoint_limit_is_refused_and_a_slot_frees_when_dropped() {
+        let ep = live(&Parts::new());
+        let first = SessionSlot::claim(&ep, 2).unwrap();
+        let _second = SessionSlot::claim(&ep, 2).unwrap();
+        let e = SessionSlot::claim(&ep, 2).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SessionLimit);
+        assert_eq!(
+            ep.live_sessions.load(Ordering::Relaxed),
+            2,
+            "the refused claim holds nothing"
+        );
+        drop(first);
+        assert!(SessionSlot::claim(&ep, 2).is_ok());
+    }
+
+    #[tokio::test]
+    async fn no_stream_is_asked_of_an_offline_agent_nor_while_the_trail_is_down() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let ep = live(&parts);
+        let e = open_stream(&ctx, &ep, "ses_1", client()).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::ApplianceOffline);
+        assert!(e.message.contains("ap_1"), "{}", e.message);
+
+        parts.audit.fail_before.store(true, SeqCst);
+        let e = open_stream(&ctx, &ep, "ses_1", client()).await.unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::Internal,
+            "the trail refuses before any agent is asked"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_opened_session_is_counted_and_recorded_before_it_goes_ahead() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let ep = live(&parts);
+        opened(
+            &ctx,
+            &ep,
+            "ses_1",
+            client(),
+            serde_json::json!({"database": "app"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *parts.store.counted.lock().unwrap(),
+            vec!["ep_1".to_string()]
+        );
+        let rec = parts.audit.of_kind("session.opened");
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].actor, "bob");
+        assert_eq!(rec[0].subject.session_id.as_deref(), Some("ses_1"));
+        assert_eq!(rec[0].detail["type"], "postgres");
+        assert_eq!(rec[0].detail["database"], "app");
+        assert_eq!(rec[0].detail["origin_resource_id"], "res_1");
+        assert_eq!(rec[0].detail["client_addr"], "127.0.0.1:40000");
+
+        // A trail that cannot take the record stops the session.
+        parts.audit.fail_before.store(true, SeqCst);
+        let e = opened(&ctx, &ep, "ses_2", client(), serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert_eq!(parts.audit.of_kind("session.opened").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_ends_are_recorded_with_their_reason() {
+        let parts = Parts::new();
+        let ep = live(&parts);
+        let refusal = ApiError::new(
+            ErrorCode::SessionLimit,
+            "endpoint ep_1 already has 2 sessions",
+        );
+        deny(&*parts.audit, &ep, "ses_2", client(), &refusal).await;
+        closed(
+            &*parts.audit,
+            &ep,
+            "ses_1",
+            CloseReason::Retired,
+            (3, 5),
+            Instant::now(),
+            serde_json::json!({"requests": 2}),
+        )
+        .await;
+        assert_eq!(parts.audit.kinds(), ["denied", "session.closed"]);
+        let denied = &parts.audit.of_kind("denied")[0];
+        assert_eq!(denied.detail["code"], "SESSION_LIMIT");
+        assert_eq!(denied.detail["action"], "session");
+        assert_eq!(denied.detail["reason"], refusal.message);
+        let closed = &parts.audit.of_kind("session.closed")[0];
+        assert_eq!(closed.detail["reason"], "retired");
+        assert_eq!(
+            (
+                closed.detail["bytes_up"].as_u64(),
+                closed.detail["bytes_down"].as_u64()
+            ),
+            (Some(3), Some(5))
+        );
+        assert_eq!(closed.detail["requests"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_listener_stops_accepting_at_shutdown() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        assert!(accept_next(&shutdown, &listener, "test").await.is_none());
+    }
+}

@@ -473,3 +473,79 @@ enum PumpError {
     #[error("tunnel write: {0}")]
     QuicWrite(quinn::WriteError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{
+        credential::test_credentials::csr,
+        front_ends::fakes::{endpoint_row, Parts},
+    };
+
+    fn tcp_endpoint(parts: &Parts, id: &str) -> (Arc<LiveEndpoint>, Vec<u8>) {
+        let (cred, csr_pem) = csr(EndpointType::Tcp);
+        let row = endpoint_row(id, EndpointType::Tcp, EndpointState::Active, Some(cred));
+        parts.store.put_endpoint(row.clone());
+        (parts.go_live(&row), parts.sign(&csr_pem, id))
+    }
+
+    #[tokio::test]
+    async fn only_the_certificate_made_for_this_live_endpoint_is_admitted() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, cert) = tcp_endpoint(&parts, "ep_a");
+        let (_other, other_cert) = tcp_endpoint(&parts, "ep_b");
+
+        admit(&ctx, &ep, Some(&cert)).await.unwrap();
+        let e = admit(&ctx, &ep, None).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthenticated);
+        let e = admit(&ctx, &ep, Some(&other_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthenticated);
+        assert!(e.message.contains("ep_b"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_of_an_ended_endpoint_is_refused_with_why() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, _) = tcp_endpoint(&parts, "ep_a");
+        let (_old, old_cert) = tcp_endpoint(&parts, "ep_old");
+        parts.retire("ep_old");
+        let mut row = endpoint_row("ep_old", EndpointType::Tcp, EndpointState::Retired, None);
+        row.ended_at = Some(Timestamp::now());
+        parts.store.put_endpoint(row);
+        // Presented to another endpoint: the store says which it was and that it is retired.
+        let e = admit(&ctx, &ep, Some(&old_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::EndpointRetired);
+        assert!(e.message.contains("ep_old"), "{}", e.message);
+
+        // Presented to its own endpoint after it ended.
+        let (own, own_cert) = tcp_endpoint(&parts, "ep_c");
+        parts.retire("ep_c");
+        let e = admit(&ctx, &own, Some(&own_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::EndpointRetired);
+    }
+
+    #[test]
+    fn access_signs_the_operators_csr_for_the_endpoints_listener() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, _) = tcp_endpoint(&parts, "ep_a");
+        let EndpointAccess::Tcp {
+            address,
+            tls_server_name,
+            ca_pem,
+            cert_pem,
+        } = access(&ctx, &ep, Some("127.0.0.1:7000")).unwrap()
+        else {
+            panic!("not a tcp access");
+        };
+        assert_eq!(
+            (address.as_str(), tls_server_name.as_str()),
+            ("127.0.0.1:7000", "localhost")
+        );
+        assert_eq!(ca_pem, parts.ca.cert_pem());
+        assert!(cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(access(&ctx, &ep, None).is_err(), "no address, no access");
+    }
+}

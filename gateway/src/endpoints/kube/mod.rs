@@ -180,3 +180,94 @@ fn endpoint_of(live: &EndpointRegistry, cert_der: &[u8]) -> Option<Arc<LiveEndpo
 fn still_live(live: &EndpointRegistry, ep: &LiveEndpoint) -> bool {
     !ep.cancel.is_cancelled() && Timestamp::now() < ep.expires_at && live.get(&ep.id).is_some()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{
+        credential::test_credentials::csr,
+        front_ends::fakes::{endpoint_row, Parts},
+    };
+    use endpoint_types::api::EndpointState;
+
+    #[test]
+    fn a_certificate_finds_its_live_endpoint_until_it_ends() {
+        let parts = Parts::new();
+        let (cred, csr_pem) = csr(EndpointType::Kubectl);
+        let row = endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        );
+        let ep = parts.go_live(&row);
+        let cert = parts.sign(&csr_pem, "ep_k");
+        let found = endpoint_of(&parts.endpoints, &cert).expect("the endpoint of the certificate");
+        assert!(Arc::ptr_eq(&found, &ep));
+        assert!(still_live(&parts.endpoints, &ep));
+
+        // Another key signed by the same CA opens nothing.
+        let (_, other_csr) = csr(EndpointType::Kubectl);
+        assert!(endpoint_of(&parts.endpoints, &parts.sign(&other_csr, "ep_k")).is_none());
+
+        // Retired: out of the registry and cancelled, so neither lookup admits it.
+        parts.retire("ep_k");
+        assert!(endpoint_of(&parts.endpoints, &cert).is_none());
+        assert!(!still_live(&parts.endpoints, &ep));
+    }
+
+    #[test]
+    fn an_endpoint_past_its_expiry_admits_no_request_even_before_its_timer_fires() {
+        let parts = Parts::new();
+        let (cred, _) = csr(EndpointType::Kubectl);
+        let mut row = endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        );
+        row.expires_at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+        let ep = parts.go_live(&row);
+        assert!(!still_live(&parts.endpoints, &ep));
+    }
+
+    #[test]
+    fn access_names_the_front_end_the_ca_and_the_reported_namespace() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (cred, _) = csr(EndpointType::Kubectl);
+        let ep = parts.go_live(&endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        ));
+        parts.agents.report(
+            "ap_1",
+            "res_1",
+            ResourceScope::Kubernetes {
+                namespaces: vec!["shop".into(), "jobs".into()],
+                resources: vec!["pods".into()],
+                verbs: vec!["get".into()],
+                impersonate: false,
+            },
+        );
+        let EndpointAccess::Kubectl {
+            server,
+            tls_server_name,
+            ca_pem,
+            cert_pem,
+            namespace,
+            cluster,
+        } = access(&ctx, &ep).unwrap()
+        else {
+            panic!("not a kubectl access");
+        };
+        assert_eq!(server, "https://127.0.0.1:6443");
+        assert_eq!(tls_server_name, "localhost");
+        assert_eq!(ca_pem, parts.ca.cert_pem());
+        assert!(cert_pem.contains("BEGIN CERTIFICATE"));
+        assert_eq!(namespace.as_deref(), Some("shop"));
+        assert_eq!(cluster, "postern-ep_k");
+    }
+}

@@ -129,3 +129,6 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: tokio::net::TcpListener)
             .spawn(session::connection(ctx.clone(), front.clone(), tcp, client));
     }
 }
+
+#[cfg(test)]
+mod tests;

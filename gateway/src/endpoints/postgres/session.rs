@@ -175,7 +175,7 @@ async fn handshake(
 }
 
 /// The error for a user that is no live postgres endpoint: why, when we know.
-async fn no_endpoint(store: &dyn FrontEndStore, user: &str) -> PgError {
+pub(super) async fn no_endpoint(store: &dyn FrontEndStore, user: &str) -> PgError {
     let hint = "create a new endpoint with `postern ops endpoint create --type postgres`";
     let state = store
         .get_endpoint(user)

@@ -222,4 +222,40 @@ mod tests {
             Some(parsed.key)
         );
     }
+
+    #[test]
+    fn a_key_finds_its_endpoint_only_while_it_is_live() {
+        use crate::endpoints::{
+            credential::test_credentials::ssh,
+            front_ends::fakes::{endpoint_row, Parts},
+        };
+        use endpoint_types::{api::EndpointState, resource::EndpointType};
+        let parts = Parts::new();
+        let (cred, key) = ssh();
+        let ep = parts.go_live(&endpoint_row(
+            "ep_s",
+            EndpointType::Ssh,
+            EndpointState::Active,
+            Some(cred),
+        ));
+        let found = server::endpoint_for_key(&parts.endpoints, key.public_key()).unwrap();
+        assert!(Arc::ptr_eq(&found, &ep));
+        let stranger = host_key::generate("z").unwrap();
+        assert!(server::endpoint_for_key(&parts.endpoints, stranger.public_key()).is_none());
+
+        // Past its expiry it opens nothing, even before its timer has taken it out.
+        let (cred, late_key) = ssh();
+        let mut row = endpoint_row(
+            "ep_late",
+            EndpointType::Ssh,
+            EndpointState::Active,
+            Some(cred),
+        );
+        row.expires_at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+        parts.go_live(&row);
+        assert!(server::endpoint_for_key(&parts.endpoints, late_key.public_key()).is_none());
+
+        parts.retire("ep_s");
+        assert!(server::endpoint_for_key(&parts.endpoints, key.public_key()).is_none());
+    }
 }
