@@ -161,7 +161,7 @@ pub mod fakes {
         }
         pub fn advance(&self, by: std::time::Duration) {
             let mut t = lock(&self.0);
-            *t = *t + jiff::SignedDuration::try_from(by).unwrap_or_default();
+            *t += jiff::SignedDuration::try_from(by).unwrap_or_default();
         }
     }
 

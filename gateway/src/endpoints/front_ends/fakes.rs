@@ -120,8 +120,8 @@ pub struct Parts {
     pub ca: Arc<certs::Ca>,
 }
 
-impl Parts {
-    pub fn new() -> Parts {
+impl Default for Parts {
+    fn default() -> Parts {
         Parts {
             audit: Arc::default(),
             store: Arc::default(),
@@ -129,6 +129,12 @@ impl Parts {
             endpoints: Arc::default(),
             ca: Arc::new(certs::Ca::generate("test gateway", Timestamp::now()).unwrap()),
         }
+    }
+}
+
+impl Parts {
+    pub fn new() -> Parts {
+        Parts::default()
     }
 
     /// A context over these parts with `sessions_per_endpoint` sessions allowed per endpoint.

@@ -66,7 +66,7 @@ pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess
     } else {
         addr.ip().to_string()
     };
-    let namespace = match ctx.scope_of(&ep) {
+    let namespace = match ctx.scope_of(ep) {
         Some(ResourceScope::Kubernetes { namespaces, .. }) => namespaces.first().cloned(),
         _ => None,
     };

@@ -37,7 +37,7 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
 
 /// The database the endpoint serves, from the scope the agent reported.
 pub fn database_of(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Option<String> {
-    match ctx.scope_of(&ep) {
+    match ctx.scope_of(ep) {
         Some(ResourceScope::Postgres { database, .. }) => Some(database),
         _ => None,
     }
