@@ -375,6 +375,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let shutdown = CancellationToken::new();
         shutdown.cancel();
-        assert!(accept_next(&shutdown, &listener, "test").await.is_none());
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            accept_next(&shutdown, &listener, "test"),
+        )
+        .await
+        .expect("accept_next returns at shutdown without a client");
+        assert!(next.is_none());
     }
 }
