@@ -1180,7 +1180,9 @@ fn full_trail_disk_gives_psql_a_fatal_and_the_agent_recovers() -> Result<()> {
     let (_, err) = wait_output(&mut sleeper, Duration::from_secs(30))?;
     assert!(
         err.contains("FATAL") && err.contains("AUDIT_UNAVAILABLE") && err.contains("audit_path"),
-        "the live session was not told why: {err}"
+        "the live session was not told why: {err}\nagent log:\n{}\ngateway log:\n{}",
+        std::fs::read_to_string(&s.agent.log).unwrap_or_default(),
+        std::fs::read_to_string(&s.gw.log).unwrap_or_default()
     );
     let pid = s.agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
     assert!(

@@ -1,6 +1,7 @@
 //! Postern's CA and credential minting: the rcgen CA, server/agent/client certificates, CSR
 //! signing, rustls configurations (TLS 1.3, ring) and certificate fingerprints.
 
+pub mod approver;
 mod ca;
 mod fingerprint;
 mod private_file;

@@ -38,6 +38,8 @@ pub enum ErrorCode {
     Internal,
     /// The appliance cannot write its customer trail (full or failing disk).
     AuditUnavailable,
+    /// The appliance could not verify an approver's signed decision.
+    ApprovalInvalid,
 }
 
 impl ErrorCode {
@@ -73,6 +75,7 @@ impl ErrorCode {
             ErrorCode::DuplicateConnection => "DUPLICATE_CONNECTION",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::AuditUnavailable => "AUDIT_UNAVAILABLE",
+            ErrorCode::ApprovalInvalid => "APPROVAL_INVALID",
         }
     }
 
@@ -92,6 +95,7 @@ impl ErrorCode {
             ErrorCode::Forbidden
             | ErrorCode::ForbiddenByScope
             | ErrorCode::ApprovalDenied
+            | ErrorCode::ApprovalInvalid
             | ErrorCode::OperateAccessExpired
             | ErrorCode::OperateAccessRequired
             | ErrorCode::ApplianceRevoked => 403,

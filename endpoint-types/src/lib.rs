@@ -4,6 +4,7 @@
 //! (callers pass `now`). The tunnel frame codec is a sans-IO state machine in [`frame`].
 
 pub mod api;
+pub mod approval;
 pub mod asciicast;
 pub mod control;
 pub mod duration;

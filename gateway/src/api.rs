@@ -2,7 +2,6 @@
 
 use crate::{
     audit::Subject,
-    endpoints,
     identity::{self, Caller},
     server::Gateway,
     store::{ApplianceRow, AuditPageQuery, EnrollmentRow},
@@ -337,7 +336,9 @@ async fn appliance_revoke(
         )
         .into());
     }
-    endpoints::end_all_of(&gw, &id, CloseReason::Revoked, &caller).await;
+    gw.endpoint_service
+        .end_all_of(&id, CloseReason::Revoked, &caller)
+        .await;
     if let Some(link) = gw.agents.get(&id) {
         link.connection.close(
             crate::relay::close::REVOKED.into(),
@@ -368,12 +369,12 @@ async fn endpoint_create(
     caller: Caller,
     Body(req): Body<EndpointCreateRequest>,
 ) -> ApiResult<EndpointRecord> {
-    Ok(Json(endpoints::create(&gw, &caller, req).await?))
+    Ok(Json(gw.endpoint_service.create(&caller, req).await?))
 }
 
 async fn endpoint_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<EndpointList> {
     Ok(Json(EndpointList {
-        endpoints: endpoints::list(&gw, &caller).await?,
+        endpoints: gw.endpoint_service.list(&caller).await?,
     }))
 }
 
@@ -382,7 +383,7 @@ async fn endpoint_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<EndpointRecord> {
-    Ok(Json(endpoints::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.endpoint_service.get(&caller, &id).await?))
 }
 
 async fn endpoint_retire(
@@ -390,7 +391,7 @@ async fn endpoint_retire(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<EndpointRecord> {
-    Ok(Json(endpoints::retire(&gw, &caller, &id).await?))
+    Ok(Json(gw.endpoint_service.retire(&caller, &id).await?))
 }
 
 async fn grant_request(
@@ -398,12 +399,12 @@ async fn grant_request(
     caller: Caller,
     Body(req): Body<GrantRequest>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::request(&gw, &caller, req).await?))
+    Ok(Json(gw.grants.request(&caller, req).await?))
 }
 
 async fn grant_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        serde_json::json!({ "grants": crate::grants::list(&gw, &caller).await? }),
+        serde_json::json!({ "grants": gw.grants.list(&caller).await? }),
     ))
 }
 
@@ -412,7 +413,7 @@ async fn grant_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.grants.get(&caller, &id).await?))
 }
 
 async fn grant_revoke(
@@ -420,7 +421,7 @@ async fn grant_revoke(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<GrantRecord> {
-    Ok(Json(crate::grants::revoke(&gw, &caller, &id).await?))
+    Ok(Json(gw.grants.revoke(&caller, &id).await?))
 }
 
 #[derive(Debug, Deserialize)]

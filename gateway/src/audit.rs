@@ -115,8 +115,7 @@ enum Queued {
     Flush(oneshot::Sender<Result<(), TrailDown>>),
 }
 
-/// A handle: clones share the chain and the writer queue.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AuditLog {
     chain: Arc<Chain>,
     queue: mpsc::Sender<Queued>,

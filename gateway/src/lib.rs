@@ -1,7 +1,6 @@
 //! The Postern gateway: control plane, QUIC relay, endpoint listeners and the `postern` CLI.
 
 pub mod agents;
-pub mod agents_sync;
 pub mod api;
 pub mod approvals;
 pub mod audit;

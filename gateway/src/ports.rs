@@ -66,6 +66,25 @@ impl AuditSink for AuditLog {
     }
 }
 
+/// A shared sink records as the one it shares (the gateway keeps its audit log in an `Arc`, so
+/// `&gw.audit` still serves where a `&dyn AuditSink` is asked for).
+#[async_trait]
+impl<T: AuditSink + ?Sized> AuditSink for Arc<T> {
+    async fn record(&self, kind: &str, actor: &str, subject: Subject, detail: serde_json::Value) {
+        T::record(self, kind, actor, subject, detail).await
+    }
+
+    async fn record_before(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+    ) -> Result<(), TrailDown> {
+        T::record_before(self, kind, actor, subject, detail).await
+    }
+}
+
 /// What a connected agent reported about its appliance.
 #[derive(Debug, Clone, Default)]
 pub struct AgentView {

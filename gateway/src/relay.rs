@@ -461,7 +461,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             // follow it.
             let mut delivery = Delivery::default();
             let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
-            let live = crate::agents_sync::live_grants(&gw, &appliance.id).await;
+            let live = gw.grants.live_grants(&appliance.id).await;
             let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
             let grant_sync = delivery.outgoing(Frame::GrantSync { grants: live }, deadline);
             let endpoint_sync = delivery.outgoing(Frame::EndpointSync { endpoints }, deadline);

@@ -5,7 +5,9 @@ use crate::{
     audit::AuditLog,
     config::{GatewayConfig, Limits},
     endpoints::{front_ends::FrontEndContext, EndpointRegistry},
-    identity,
+    grants::{EndpointsOfGrant, Grants},
+    identity::{self, Caller},
+    ports::SystemClock,
     store::Store,
 };
 use anyhow::{bail, Context, Result};
@@ -15,7 +17,7 @@ use jiff::Timestamp;
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::Duration,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,10 +26,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 #[derive(Debug)]
 pub struct Gateway {
     pub store: Store,
-    pub audit: AuditLog,
+    /// Shared with the services that record through it.
+    pub audit: Arc<AuditLog>,
     pub ca: Arc<Ca>,
+    /// Shared with the services that reach agents through it.
     pub agents: Arc<AgentRegistry>,
+    pub grants: Arc<Grants>,
     pub endpoints: Arc<EndpointRegistry>,
+    /// The endpoint lifecycle: create, decide, retire, expire, restore.
+    pub endpoint_service: Arc<crate::endpoints::Endpoints>,
     /// Held op output on its way to an approver's screen.
     pub previews: crate::ops::Previews,
     pub limits: Limits,
@@ -46,6 +53,24 @@ pub struct Gateway {
     /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
     /// plane's: per-packet work stays on its own thread(s) without cross-thread wake-ups.
     pub data_plane: tokio::runtime::Handle,
+}
+
+/// What was opened under a grant, ended through the endpoints module.
+struct GatewayEndpoints(Weak<Gateway>);
+
+#[async_trait::async_trait]
+impl EndpointsOfGrant for GatewayEndpoints {
+    async fn end_all_of_grant(
+        &self,
+        grant_id: &str,
+        reason: endpoint_types::resource::CloseReason,
+        caller: &Caller,
+    ) {
+        // Gone only while the gateway itself is being dropped: nothing is left to end.
+        if let Some(gw) = self.0.upgrade() {
+            crate::endpoints::end_all_of_grant(&gw, grant_id, reason, caller).await;
+        }
+    }
 }
 
 impl crate::notify::WebhookSource for Gateway {
@@ -267,7 +292,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         }
     };
     ensure_admin_token(&store, &dir).await?;
-    let audit = AuditLog::open(store.clone()).await?;
+    let audit = Arc::new(AuditLog::open(store.clone()).await?);
 
     let server_tls = ca
         .issue_server(
@@ -283,14 +308,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
     let ca = Arc::new(ca);
     let agents = Arc::new(AgentRegistry::default());
-    let endpoints = Arc::new(EndpointRegistry::default());
+    let live_endpoints = Arc::new(EndpointRegistry::default());
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     let data_dir = absolute(&cfg.data_dir);
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     let front = Arc::new(FrontEndContext {
-        endpoints: endpoints.clone(),
+        endpoints: live_endpoints.clone(),
         agents: agents.clone(),
-        audit: Arc::new(audit.clone()),
+        audit: audit.clone(),
         store: Arc::new(store.clone()),
         limits: cfg.limits.clone(),
         ca: ca.clone(),
@@ -301,22 +325,56 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
-    let gateway = Arc::new(Gateway {
-        store,
-        audit,
-        ca,
-        agents,
-        endpoints,
-        previews: crate::ops::Previews::default(),
-        limits: cfg.limits.clone(),
-        endpoint_host: cfg.endpoint_host,
-        front_ends: front_ends.addrs,
-        front,
-        server_identity: server_tls.clone(),
-        data_dir,
-        shutdown,
-        tasks,
-        data_plane: data_handle,
+    let notifier = Arc::new(crate::notify::Webhook {
+        store: store.clone(),
+        tasks: tasks.clone(),
+    });
+    // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
+    let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
+        let grants = Arc::new(Grants::new(
+            Arc::new(store.clone()),
+            audit.clone(),
+            Arc::new(SystemClock),
+            agents.clone(),
+            notifier.clone(),
+            Arc::new(GatewayEndpoints(me.clone())),
+        ));
+        let endpoint_service = crate::endpoints::Endpoints::new(crate::endpoints::EndpointDeps {
+            store: Arc::new(store.clone()),
+            audit: audit.clone(),
+            clock: Arc::new(SystemClock),
+            agents: agents.clone(),
+            notifier,
+            grants: grants.clone(),
+            front_ends: Arc::new(crate::endpoints::front_ends::FrontEndListeners {
+                context: front.clone(),
+                runtime: data_handle.clone(),
+            }),
+            live: live_endpoints.clone(),
+            default_ttl: cfg.limits.default_endpoint_ttl,
+            tasks: tasks.clone(),
+            runtime: data_handle.clone(),
+            shutdown: shutdown.clone(),
+        });
+        Gateway {
+            grants,
+            store,
+            audit,
+            ca,
+            agents,
+            endpoints: live_endpoints,
+            endpoint_service: Arc::new(endpoint_service),
+            previews: crate::ops::Previews::default(),
+            limits: cfg.limits.clone(),
+            endpoint_host: cfg.endpoint_host,
+            front_ends: front_ends.addrs,
+            front,
+            server_identity: server_tls.clone(),
+            data_dir,
+            shutdown,
+            tasks,
+            data_plane: data_handle,
+        }
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
@@ -371,7 +429,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             .tasks
             .spawn_on(ssh::serve(gateway.front.clone(), s), &gateway.data_plane);
     }
-    crate::endpoints::restore(&gateway)
+    gateway
+        .endpoint_service
+        .restore()
         .await
         .context("restoring endpoints from the store")?;
 

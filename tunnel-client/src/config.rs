@@ -87,6 +87,19 @@ pub struct AgentConfig {
     pub tools: ToolsConfig,
     #[serde(default)]
     pub ops: OpsConfig,
+    /// `[[approver]]`: the only keys that can approve, for this appliance, what the policy
+    /// reserves for a person. None listed: the gateway's word is taken (the old behaviour).
+    #[serde(default, rename = "approver")]
+    pub approvers: Vec<ApproverConfig>,
+}
+
+/// One `[[approver]]` of `agent.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    pub name: String,
+    /// `ssh-ed25519 AAAA…` (what `postern approvals key create` prints) or `webauthn-es256 …`.
+    pub public_key: String,
 }
 
 /// `[ops]`: how one-off op tools run in the appliance (see `op_sandbox`).
@@ -326,6 +339,36 @@ impl AgentConfig {
         }
     }
 
+    /// The `[[approver]]` keys, parsed; names and keys must be unique.
+    pub fn approvers(&self) -> Result<Vec<certs::approver::Approver>, String> {
+        let mut names = HashSet::new();
+        let mut ids = HashSet::new();
+        self.approvers
+            .iter()
+            .map(|a| {
+                if a.name.trim().is_empty() {
+                    return Err("[[approver]] needs a name".to_string());
+                }
+                let key = certs::approver::ApproverPublicKey::parse(&a.public_key)
+                    .map_err(|e| format!("[[approver]] {:?}: {e}", a.name))?;
+                if !names.insert(a.name.clone()) {
+                    return Err(format!("[[approver]] {:?} is listed twice", a.name));
+                }
+                if !ids.insert(key.key_id()) {
+                    return Err(format!(
+                        "[[approver]] {:?}: key {} is listed twice",
+                        a.name,
+                        key.key_id()
+                    ));
+                }
+                Ok(certs::approver::Approver {
+                    name: a.name.clone(),
+                    key,
+                })
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |problem: String| ConfigError::Invalid {
             path: self.path.clone(),
@@ -352,6 +395,7 @@ impl AgentConfig {
             }
         }
         validate_policy(&self.policy).map_err(|p| invalid(format!("[policy] {p}")))?;
+        self.approvers().map_err(invalid)?;
         let mut seen = HashSet::new();
         for r in &self.resources {
             let problem = |problem: String| ConfigError::Resource {
@@ -670,6 +714,37 @@ target = "127.0.0.1:7000"
 
     fn err(text: &str) -> String {
         parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn approvers_are_parsed_and_bad_ones_are_config_errors() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHPakkw44GnrnYvhqjlyT91AXrZzqGYHLSxyKs4mEnq4";
+        let c = parse(&format!(
+            "audit_path = \"a\"\n[[approver]]\nname = \"bob@customer.example\"\npublic_key = \"{key} bob\"\n"
+        ))
+        .unwrap();
+        let approvers = c.approvers().unwrap();
+        assert_eq!(approvers.len(), 1);
+        assert_eq!(
+            approvers[0].key.key_id(),
+            "SHA256:amQXdR5gSZt9jtPhDCOPcDoKEvGzO4cyK3mHNQAV7pk"
+        );
+        assert!(parse("audit_path = \"a\"\n")
+            .unwrap()
+            .approvers()
+            .unwrap()
+            .is_empty());
+        let e = err(
+            "audit_path = \"a\"\n[[approver]]\nname = \"bob\"\npublic_key = \"ssh-rsa AAAA\"\n",
+        );
+        assert!(e.contains("[[approver]] \"bob\""), "{e}");
+        let twice = format!(
+            "audit_path = \"a\"\n[[approver]]\nname = \"bob\"\npublic_key = \"{key}\"\n[[approver]]\nname = \"eve\"\npublic_key = \"{key}\"\n"
+        );
+        assert!(err(&twice).contains("listed twice"));
+        let e = err("audit_path = \"a\"\n[[approver]]\nname = \"bob\"\npublic_key = \"x\"\nrole = \"admin\"\n");
+        assert!(e.contains("role"), "{e}");
     }
 
     #[test]

@@ -156,6 +156,12 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
 async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
     tunnel_client::postgres::check_owner_roles(&config).await?;
+    if config.approvers.is_empty() {
+        tracing::warn!(
+            config = %config_path.display(),
+            "no [[approver]] keys in the config: a decision the policy reserves for a person is taken on the gateway's word, so a compromised vendor gateway could approve on its own; list your approvers' public keys (postern approvals key create prints one) to make your own keys the root of trust"
+        );
+    }
     let gateway = config.gateway.clone();
     let appliance_id = config.appliance_id.clone();
     let shutdown = CancellationToken::new();

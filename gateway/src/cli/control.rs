@@ -51,6 +51,9 @@ pub enum ApprovalsCmd {
         #[arg(long)]
         message: Option<String>,
     },
+    /// The approver's own signing key.
+    #[command(subcommand)]
+    Key(super::approver_key::KeyCmd),
     /// Set (or clear) the URL that gets a JSON POST for every request waiting for this customer.
     Webhook {
         #[arg(long)]
@@ -200,6 +203,7 @@ pub async fn approvals(
             )
             .await?
         }
+        ApprovalsCmd::Key(cmd) => return super::approver_key::run(cmd, out),
         ApprovalsCmd::Webhook {
             customer,
             url,

@@ -1,6 +1,7 @@
 //! The `postern` command line: gateway server, dev mode, and the operator/customer commands.
 
 mod access;
+mod approver_key;
 mod client;
 mod control;
 mod dev;
@@ -339,6 +340,7 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
         }
         Command::Appliance(cmd) => appliance(cmd, &client()?, out).await,
         Command::Access(cmd) => control::access(cmd, &client()?, out).await,
+        Command::Approvals(control::ApprovalsCmd::Key(cmd)) => approver_key::run(cmd, out),
         Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await,
         Command::Ops(OpsCmd::Endpoint(cmd)) => endpoint(cmd, &client()?, out).await,
         Command::Ops(OpsCmd::Get { id }) => control::get_op(&id, false, &client()?, out).await,

@@ -5,8 +5,10 @@
 mod context;
 #[cfg(test)]
 pub mod fakes;
+mod port;
 
 pub use context::{AgentReach, FrontEndContext, FrontEndStore, SessionAudit};
+pub use port::FrontEndListeners;
 
 use serde::{Deserialize, Serialize};
 use std::{

@@ -90,14 +90,14 @@ pub struct GrantChange<'a> {
     pub expires_at: Option<Timestamp>,
 }
 
-const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
+pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
 
 const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
      command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
      stdout, stderr, truncated, error, message";
 
-fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
+pub(super) fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
     Ok(GrantRow {
         id: r.try_get("id")?,
         appliance_id: r.try_get("appliance_id")?,

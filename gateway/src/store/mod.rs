@@ -6,10 +6,12 @@
 
 mod control;
 mod endpoint_list;
+mod grant_list;
 mod spine;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use endpoint_list::EndpointWithOwner;
+pub use grant_list::GrantWithOwner;
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };

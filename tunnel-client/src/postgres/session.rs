@@ -181,6 +181,7 @@ struct Session<'a> {
 }
 
 /// How the relay ended.
+#[derive(Debug)]
 enum End {
     Client,
     Cut(CloseReason),
@@ -384,6 +385,15 @@ impl Session<'_> {
                 () = self.cut.cancelled() => End::Cut(self.cut.reason().unwrap_or(CloseReason::Interrupted)),
             },
         };
+        // A cut or an error that raced a failed batch still ends the session for the trail's
+        // sake: the client is told why whenever the stream allows it.
+        let end = match end {
+            End::Cut(_) | End::Error(_) if failures.has_changed().unwrap_or(false) => End::Trail,
+            other => other,
+        };
+        if !matches!(end, End::Client) {
+            tracing::info!(session = %self.open.session_id, end = ?end, at_boundary = boundary.at_boundary(), "postgres session cut");
+        }
         let (reason, error) = match end {
             End::Client => (CloseReason::Client, None),
             End::Cut(r) => (r, None),

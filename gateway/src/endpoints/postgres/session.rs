@@ -524,6 +524,11 @@ async fn run(
         None => ep.end_reason(),
     };
     if !matches!(outcome, Some(Ok(()))) {
+        let why = match &outcome {
+            Some(Err(e)) => e.to_string(),
+            _ => "the endpoint ended".to_string(),
+        };
+        tracing::info!(session = %session_id, reason = reason.as_str(), %why, "postgres session cut");
         shared::cut_stream(&mut send, &mut recv, reason);
     }
     if let Some(Err(PumpError::Protocol(e))) = &outcome {

@@ -1,0 +1,84 @@
+//! The part of the store the grants service uses, as a trait: the SQL [`Store`] in the
+//! gateway, an in-memory one in the unit tests.
+
+use crate::store::{ApplianceRow, GrantChange, GrantRow, GrantWithOwner, Store, StoreResult};
+use async_trait::async_trait;
+use endpoint_types::{control::GrantState, lifecycle::grant::GrantEvent, resource::PolicySummary};
+
+#[async_trait]
+pub trait GrantStore: Send + Sync {
+    /// The live (not revoked) appliance for an app and customer.
+    async fn find_appliance(&self, app: &str, customer: &str) -> StoreResult<Option<ApplianceRow>>;
+    async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>>;
+    /// The policy the appliance last reported; None if it never reported one.
+    async fn appliance_policy(&self, appliance_id: &str) -> StoreResult<Option<PolicySummary>>;
+    /// The customer approver's steady-state switch; None if the appliance does not exist.
+    async fn steady_state(&self, appliance_id: &str) -> StoreResult<Option<bool>>;
+    async fn insert_grant(&self, grant: &GrantRow) -> StoreResult<()>;
+    async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>>;
+    /// The grants of one appliance, oldest request first.
+    async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>>;
+    /// Every grant with its appliance's app and customer, oldest request first; only
+    /// `customer`'s when one is given.
+    async fn list_grants_with_owner(
+        &self,
+        customer: Option<&str>,
+    ) -> StoreResult<Vec<GrantWithOwner>>;
+    /// Compare-and-set move of grant `id` from `from` by `event` (see [`Store::move_grant`]):
+    /// false when it is no longer in `from`, or (from active) has expired by `change.at`.
+    async fn move_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        event: GrantEvent,
+        change: GrantChange<'_>,
+    ) -> StoreResult<bool>;
+}
+
+#[async_trait]
+impl GrantStore for Store {
+    async fn find_appliance(&self, app: &str, customer: &str) -> StoreResult<Option<ApplianceRow>> {
+        Store::find_appliance(self, app, customer).await
+    }
+
+    async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>> {
+        Store::get_appliance(self, id).await
+    }
+
+    async fn appliance_policy(&self, appliance_id: &str) -> StoreResult<Option<PolicySummary>> {
+        Store::appliance_policy(self, appliance_id).await
+    }
+
+    async fn steady_state(&self, appliance_id: &str) -> StoreResult<Option<bool>> {
+        Store::steady_state(self, appliance_id).await
+    }
+
+    async fn insert_grant(&self, grant: &GrantRow) -> StoreResult<()> {
+        Store::insert_grant(self, grant).await
+    }
+
+    async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>> {
+        Store::get_grant(self, id).await
+    }
+
+    async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>> {
+        Store::grants_of(self, appliance_id).await
+    }
+
+    async fn list_grants_with_owner(
+        &self,
+        customer: Option<&str>,
+    ) -> StoreResult<Vec<GrantWithOwner>> {
+        Store::list_grants_with_owner(self, customer).await
+    }
+
+    async fn move_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        event: GrantEvent,
+        change: GrantChange<'_>,
+    ) -> StoreResult<bool> {
+        Store::move_grant(self, id, from, event, change).await
+    }
+}

@@ -1,0 +1,46 @@
+//! Keeps each connected agent's view of its grants current: the agent enforces with it.
+
+use super::Grants;
+use endpoint_types::{
+    control::GrantState,
+    frame::{Frame, LiveGrant},
+    lifecycle::grant_state,
+};
+
+impl Grants {
+    /// The appliance's live grants, as the agent is told them.
+    pub async fn live_grants(&self, appliance_id: &str) -> Vec<LiveGrant> {
+        let now = self.clock.now();
+        match self.store.grants_of(appliance_id).await {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|g| grant_state(g.state, g.expires_at, now) == GrantState::Active)
+                .filter_map(|g| {
+                    Some(LiveGrant {
+                        approved_by: g.decided_by.clone()?,
+                        approved_at: g.decided_at?,
+                        expires_at: g.expires_at?,
+                        level: g.level,
+                        grant_id: g.id,
+                    })
+                })
+                .collect(),
+            Err(e) => {
+                tracing::error!(appliance = %appliance_id, error = %e, "cannot list grants for the agent");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sends the full live grant set to the appliance's agent, if it is connected.
+    pub async fn push_grants(&self, appliance_id: &str) {
+        if let Some(order) = self.agents.grant_sync_lock(appliance_id) {
+            // Two changes in a row push two sets; the lock keeps the newer read queued last.
+            let _order = order.lock().await;
+            let grants = self.live_grants(appliance_id).await;
+            // Not queued means not connected (or dropped for a full queue): the agent gets the
+            // store's set when it reconnects.
+            self.agents.send(appliance_id, Frame::GrantSync { grants });
+        }
+    }
+}
