@@ -293,6 +293,13 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
     Ok(to)
 }
 
+/// Whether an op in `state` takes streamed output: while it runs, and while the output it
+/// held is released. Output for an op in any other state (not started, ended) is a late or
+/// forged frame and is dropped.
+pub fn op_takes_output(state: OpState) -> bool {
+    matches!(state, OpState::Running | OpState::OutputPendingApproval)
+}
+
 /// The structured error an op in `state` reports, `None` for states that are not failures.
 ///
 /// `exit_code` and `stderr_tail` come from the command when it ran; `message` is the
@@ -649,6 +656,18 @@ mod tests {
             err.to_string(),
             "an op in state running cannot take the event command-approved"
         );
+    }
+
+    #[test]
+    fn only_running_or_releasing_ops_take_output() {
+        for state in ALL_STATES {
+            assert_eq!(
+                op_takes_output(state),
+                state == S::Running || state == S::OutputPendingApproval,
+                "{}",
+                state.as_str()
+            );
+        }
     }
 
     #[test]

@@ -483,7 +483,7 @@ async fn op_create(
     caller: Caller,
     Body(req): Body<OpRequest>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::create(&gw, &caller, req).await?))
+    Ok(Json(gw.ops.create(&caller, req).await?))
 }
 
 async fn op_get(
@@ -491,15 +491,11 @@ async fn op_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<OpRecord> {
-    Ok(Json(crate::ops::get(&gw, &caller, &id).await?))
+    Ok(Json(gw.ops.get(&caller, &id).await?))
 }
 
 async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    let ops: Vec<OpRecord> = crate::ops::list_rows(&gw, &caller)
-        .await?
-        .iter()
-        .map(|(r, a)| crate::ops::record(r, a))
-        .collect();
+    let ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
     Ok(Json(serde_json::json!({ "ops": ops })))
 }
 
@@ -547,7 +543,7 @@ async fn webhook_set(
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        serde_json::json!({ "approvals": crate::approvals::list(&gw, &caller).await? }),
+        serde_json::json!({ "approvals": gw.approvals.list(&caller).await? }),
     ))
 }
 
@@ -556,7 +552,7 @@ async fn approval_show(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(crate::approvals::show(&gw, &caller, &id).await?))
+    Ok(Json(gw.approvals.show(&caller, &id).await?))
 }
 
 async fn approval_approve(
@@ -564,9 +560,7 @@ async fn approval_approve(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, true, None).await?,
-    ))
+    Ok(Json(gw.approvals.decide(&caller, &id, true, None).await?))
 }
 
 async fn approval_deny(
@@ -576,7 +570,7 @@ async fn approval_deny(
     Body(d): Body<Decision>,
 ) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        crate::approvals::decide(&gw, &caller, &id, false, d.message).await?,
+        gw.approvals.decide(&caller, &id, false, d.message).await?,
     ))
 }
 

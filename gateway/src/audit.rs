@@ -115,7 +115,8 @@ enum Queued {
     Flush(oneshot::Sender<Result<(), TrailDown>>),
 }
 
-#[derive(Debug)]
+/// Clones share the one chain and writer queue.
+#[derive(Debug, Clone)]
 pub struct AuditLog {
     chain: Arc<Chain>,
     queue: mpsc::Sender<Queued>,

@@ -5,7 +5,6 @@ use crate::{
     agents::AgentLink,
     audit::Subject,
     delivery::{Delivery, DeliveryError},
-    endpoints,
     framed::{write_frame, write_frame_within, FramedError, FramedRecv},
     identity,
     server::Gateway,
@@ -462,7 +461,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
             let mut delivery = Delivery::default();
             let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
             let live = gw.grants.live_grants(&appliance.id).await;
-            let endpoints = endpoints::grants_for(&gw, &appliance.id).await;
+            let endpoints = gw.endpoint_service.grants_for(&appliance.id).await;
             let grant_sync = delivery.outgoing(Frame::GrantSync { grants: live }, deadline);
             let endpoint_sync = delivery.outgoing(Frame::EndpointSync { endpoints }, deadline);
             match write_frame(&mut send, &grant_sync).await {
@@ -471,7 +470,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
                         // Approved ops that waited for the appliance go out after the hello.
                         let (gw2, id) = (gw.clone(), appliance.id.clone());
                         gw.tasks
-                            .spawn(async move { crate::ops::dispatch_pending(&gw2, &id).await });
+                            .spawn(async move { gw2.ops.dispatch_pending(&id).await });
                         let control = Control {
                             send,
                             framed,
@@ -494,7 +493,7 @@ async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
         conn.close(close::LOST.into(), reason.as_bytes());
     }
     gw.agents.unregister(&appliance.id, &conn);
-    crate::ops::interrupted(&gw, &appliance.id).await;
+    gw.ops.interrupted(&appliance.id).await;
     let _ = gw
         .store
         .set_presence(&appliance.id, Timestamp::now(), None, None, None)
@@ -567,7 +566,7 @@ async fn control_loop(
                     }
                     Ok(Some(Frame::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
                     Ok(Some(f @ (Frame::OpStarted { .. } | Frame::OpOutput { .. } | Frame::OpFinished(_) | Frame::OpRefused { .. }))) => {
-                        crate::ops::on_agent_frame(gw, appliance_id, f).await;
+                        gw.ops.on_agent_frame(appliance_id, f).await;
                     }
                     Ok(Some(Frame::OpRecord { op_id, kind, detail })) => {
                         crate::endpoints::kube::on_op_record(&gw.front, appliance_id, &op_id, &kind, detail).await;

@@ -7,6 +7,7 @@ use crate::{
     endpoints::{front_ends::FrontEndContext, EndpointRegistry},
     grants::{EndpointsOfGrant, Grants},
     identity::{self, Caller},
+    ops::Ops,
     ports::SystemClock,
     store::Store,
 };
@@ -35,8 +36,9 @@ pub struct Gateway {
     pub endpoints: Arc<EndpointRegistry>,
     /// The endpoint lifecycle: create, decide, retire, expire, restore.
     pub endpoint_service: Arc<crate::endpoints::Endpoints>,
-    /// Held op output on its way to an approver's screen.
-    pub previews: crate::ops::Previews,
+    pub ops: Arc<Ops>,
+    /// What waits for a customer approver, across grants, ops and endpoints.
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -68,7 +70,9 @@ impl EndpointsOfGrant for GatewayEndpoints {
     ) {
         // Gone only while the gateway itself is being dropped: nothing is left to end.
         if let Some(gw) = self.0.upgrade() {
-            crate::endpoints::end_all_of_grant(&gw, grant_id, reason, caller).await;
+            gw.endpoint_service
+                .end_all_of_grant(grant_id, reason, caller)
+                .await;
         }
     }
 }
@@ -344,7 +348,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             audit: audit.clone(),
             clock: Arc::new(SystemClock),
             agents: agents.clone(),
-            notifier,
+            notifier: notifier.clone(),
             grants: grants.clone(),
             front_ends: Arc::new(crate::endpoints::front_ends::FrontEndListeners {
                 context: front.clone(),
@@ -356,15 +360,31 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             runtime: data_handle.clone(),
             shutdown: shutdown.clone(),
         });
+        let ops = Ops::new(
+            Arc::new(store.clone()),
+            audit.clone(),
+            Arc::new(SystemClock),
+            agents.clone(),
+            notifier.clone(),
+            grants.clone(),
+        );
+        let ops = Arc::new(ops);
+        let endpoint_service = Arc::new(endpoint_service);
+        let approvals = Arc::new(crate::approvals::Approvals::new(vec![
+            grants.clone(),
+            ops.clone(),
+            Arc::new(crate::approvals::EndpointQueue(endpoint_service.clone())),
+        ]));
         Gateway {
             grants,
+            ops,
+            approvals,
             store,
             audit,
             ca,
             agents,
             endpoints: live_endpoints,
-            endpoint_service: Arc::new(endpoint_service),
-            previews: crate::ops::Previews::default(),
+            endpoint_service,
             limits: cfg.limits.clone(),
             endpoint_host: cfg.endpoint_host,
             front_ends: front_ends.addrs,

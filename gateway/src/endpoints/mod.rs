@@ -19,12 +19,11 @@ mod tcp;
 pub use registry::{CredentialTaken, EndpointRegistry, LiveEndpoint};
 pub use service::{EndpointDeps, Endpoints, FrontEndPort, Listening};
 
-use crate::{identity::Caller, server::Gateway};
+use crate::server::Gateway;
 use endpoint_types::{
-    api::EndpointRecord,
     duration::{format_duration, TTL_MAX, TTL_MIN},
     frame::EndpointGrant,
-    resource::{CloseReason, ResourceScope},
+    resource::ResourceScope,
     ApiError,
 };
 use std::time::Duration;
@@ -59,40 +58,6 @@ pub fn validate_ttl(ttl: Duration) -> Result<(), ApiError> {
         .hint("use a TTL between 10s and 7d, e.g. --ttl 2h"));
     }
     Ok(())
-}
-
-/// What an agent that (re)connects is told to open.
-// Until callers hold the Endpoints service
-pub async fn grants_for(gw: &Gateway, appliance_id: &str) -> Vec<EndpointGrant> {
-    gw.endpoint_service.grants_for(appliance_id).await
-}
-
-/// Every endpoint the caller may see.
-// Until callers hold the Endpoints service
-pub async fn list(gw: &Gateway, caller: &Caller) -> Result<Vec<EndpointRecord>, ApiError> {
-    gw.endpoint_service.list(caller).await
-}
-
-/// A customer approver's decision on a pending endpoint.
-// Until callers hold the Endpoints service
-pub async fn decide(
-    gw: &Gateway,
-    caller: &Caller,
-    id: &str,
-    approve: bool,
-    message: Option<String>,
-) -> Result<EndpointRecord, ApiError> {
-    gw.endpoint_service
-        .decide(caller, id, approve, message)
-        .await
-}
-
-/// Ends every active endpoint created under a grant (grant revoked).
-// Until callers hold the Endpoints service
-pub async fn end_all_of_grant(gw: &Gateway, grant_id: &str, reason: CloseReason, caller: &Caller) {
-    gw.endpoint_service
-        .end_all_of_grant(grant_id, reason, caller)
-        .await
 }
 
 #[cfg(test)]

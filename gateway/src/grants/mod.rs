@@ -6,7 +6,6 @@
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
 mod gate;
-mod gateway;
 mod store;
 mod sync;
 
@@ -16,10 +15,6 @@ mod memory;
 mod tests;
 
 pub use gate::access_hint;
-pub use gateway::{
-    automatic_decision, decide, list, policy_of, require_operate, steady_state_enabled,
-    GatewayGrants,
-};
 pub use store::GrantStore;
 
 use crate::{

@@ -4,7 +4,10 @@
 use super::{from_ms, opt_ts, parse_kw, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     control::{GrantLevel, GrantState, OpState, OpTool},
-    lifecycle::grant::{self, GrantEvent},
+    lifecycle::{
+        self,
+        grant::{self, GrantEvent},
+    },
     ApiError,
 };
 use jiff::Timestamp;
@@ -92,7 +95,7 @@ pub struct GrantChange<'a> {
 
 pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
 
-const OP_COLS: &str =
+pub(super) const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
      command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
      stdout, stderr, truncated, error, message";
@@ -126,7 +129,7 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn op_from(r: AnyRow) -> StoreResult<OpRow> {
+pub(super) fn op_from(r: AnyRow) -> StoreResult<OpRow> {
     let id: String = r.try_get("id")?;
     let error = r
         .try_get::<Option<String>, _>("error")?
@@ -468,10 +471,7 @@ impl Store {
             return Ok(false);
         };
         let state: String = row.try_get("state")?;
-        if ![OpState::Running, OpState::OutputPendingApproval]
-            .iter()
-            .any(|s| s.as_str() == state)
-        {
+        if !OpState::parse(&state).is_some_and(lifecycle::op_takes_output) {
             return Ok(false);
         }
         let have = |col: &str| -> StoreResult<usize> {

@@ -7,6 +7,7 @@
 mod control;
 mod endpoint_list;
 mod grant_list;
+mod op_list;
 mod spine;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};

@@ -289,7 +289,7 @@ impl Store {
         Ok(())
     }
 
-    const APPLIANCE_COLS: &'static str = "id, app, customer, created_at, created_by, cert_fingerprint, enrolled_at, revoked_at, last_seen, agent_version, resources";
+    pub(super) const APPLIANCE_COLS: &'static str = "id, app, customer, created_at, created_by, cert_fingerprint, enrolled_at, revoked_at, last_seen, agent_version, resources";
 
     fn appliance_from(r: AnyRow) -> StoreResult<ApplianceRow> {
         Ok(ApplianceRow {

@@ -1,18 +1,16 @@
 //! Held output on its way from the appliance to one approver's screen: fetched on demand,
-//! passed through, never stored or logged. (A child of `ops`.)
+//! passed through, never stored or logged.
 
-use super::load;
-use crate::{identity::Caller, server::Gateway};
+use super::Ops;
+use crate::identity::Caller;
 use endpoint_types::{
     api::Role,
     control::OpState,
     frame::{Frame, OpFinished, OutputStream},
     ApiError, ErrorCode,
 };
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{collections::HashMap, sync::Mutex};
 use tokio::sync::oneshot;
-
-const PREVIEW_WAIT: Duration = Duration::from_secs(30);
 
 /// Held output on its way from the appliance to one approver's screen; never stored.
 #[derive(Debug, Default)]
@@ -72,48 +70,47 @@ impl Previews {
     }
 }
 
-/// The held output, fetched from the appliance for an approver; passed through, not kept.
-pub async fn preview(
-    gw: &Gateway,
-    caller: &Caller,
-    id: &str,
-) -> Result<serde_json::Value, ApiError> {
-    caller.require(
-        &[Role::Approver],
-        "see held output (it is the customer's to release)",
-    )?;
-    let (row, appliance) = load(gw, caller, id).await?;
-    caller.require_customer(&appliance.customer)?;
-    if row.state != OpState::OutputPendingApproval {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!("op {id} holds no output"),
-        ));
-    }
-    let rx = gw.previews.begin(id);
-    if !gw.agents.send(
-        &row.appliance_id,
-        Frame::OutputFetch {
-            op_id: id.to_string(),
-        },
-    ) {
-        gw.previews.finish(
-            id,
-            Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")),
-        );
-        return Err(ApiError::new(
-            ErrorCode::ApplianceOffline,
-            "the held output is in the appliance, which is offline",
-        ));
-    }
-    match tokio::time::timeout(PREVIEW_WAIT, rx).await {
-        Ok(Ok(r)) => r,
-        _ => {
-            gw.previews.finish(id, Err(ApiError::internal("timed out")));
-            Err(ApiError::new(
+impl Ops {
+    /// The held output, fetched from the appliance for an approver; passed through, not kept.
+    pub async fn preview(&self, caller: &Caller, id: &str) -> Result<serde_json::Value, ApiError> {
+        caller.require(
+            &[Role::Approver],
+            "see held output (it is the customer's to release)",
+        )?;
+        let (row, appliance) = self.load(caller, id).await?;
+        caller.require_customer(&appliance.customer)?;
+        if row.state != OpState::OutputPendingApproval {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("op {id} holds no output"),
+            ));
+        }
+        let rx = self.previews.begin(id);
+        if !self.agents.send(
+            &row.appliance_id,
+            Frame::OutputFetch {
+                op_id: id.to_string(),
+            },
+        ) {
+            self.previews.finish(
+                id,
+                Err(ApiError::new(ErrorCode::ApplianceOffline, "offline")),
+            );
+            return Err(ApiError::new(
                 ErrorCode::ApplianceOffline,
-                "the appliance did not send the held output in time",
-            ))
+                "the held output is in the appliance, which is offline",
+            ));
+        }
+        match tokio::time::timeout(self.preview_wait, rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.previews
+                    .finish(id, Err(ApiError::internal("timed out")));
+                Err(ApiError::new(
+                    ErrorCode::ApplianceOffline,
+                    "the appliance did not send the held output in time",
+                ))
+            }
         }
     }
 }

@@ -1,0 +1,153 @@
+//! The grants, endpoints and ops services as approval [`Queue`]s.
+
+use super::Queue;
+use crate::{endpoints::Endpoints, grants::Grants, identity::Caller, ops::Ops};
+use async_trait::async_trait;
+use endpoint_types::{
+    api::EndpointState,
+    control::{ApprovalItem, ApprovalKind, ApprovalStage, GrantState},
+    duration::format_duration,
+    ApiError,
+};
+use std::{sync::Arc, time::Duration};
+
+fn to_value<T: serde::Serialize>(v: T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+#[async_trait]
+impl Queue for Grants {
+    fn owns(&self, id: &str) -> bool {
+        id.starts_with("gr_")
+    }
+
+    async fn waiting(&self, caller: &Caller) -> Result<Vec<ApprovalItem>, ApiError> {
+        Ok(self
+            .list(caller)
+            .await?
+            .into_iter()
+            .filter(|g| g.state == GrantState::PendingApproval)
+            .map(|g| ApprovalItem {
+                summary: format!(
+                    "{} access for {} — {}",
+                    g.level.as_str(),
+                    format_duration(Duration::from_secs(g.duration_s)),
+                    g.reason
+                ),
+                request: to_value(&g),
+                id: g.id,
+                kind: ApprovalKind::Grant,
+                stage: ApprovalStage::Command,
+                appliance_id: g.appliance_id,
+                app: g.app,
+                customer: g.customer,
+                requested_by: g.requested_by,
+                requested_at: g.requested_at,
+            })
+            .collect())
+    }
+
+    async fn decide(
+        &self,
+        caller: &Caller,
+        id: &str,
+        approve: bool,
+        message: Option<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        Ok(to_value(
+            Grants::decide(self, caller, id, approve, message).await?,
+        ))
+    }
+}
+
+/// The endpoints service as a queue (its decisions start timers that hold the service).
+pub struct EndpointQueue(pub Arc<Endpoints>);
+
+#[async_trait]
+impl Queue for EndpointQueue {
+    fn owns(&self, id: &str) -> bool {
+        id.starts_with("ep_")
+    }
+
+    async fn waiting(&self, caller: &Caller) -> Result<Vec<ApprovalItem>, ApiError> {
+        Ok(self
+            .0
+            .list(caller)
+            .await?
+            .into_iter()
+            .filter(|e| e.state == EndpointState::PendingApproval)
+            .map(|e| {
+                let ttl_s = e.expires_at.duration_since(e.created_at).as_secs().max(0) as u64;
+                ApprovalItem {
+                    summary: endpoint_types::control::endpoint_summary(
+                        e.endpoint_type,
+                        &e.origin_resource_id,
+                        ttl_s,
+                    ),
+                    request: serde_json::json!({
+                        "type": e.endpoint_type, "origin_resource_id": e.origin_resource_id, "ttl_s": ttl_s,
+                        "appliance_id": e.appliance_id, "requested_by": e.created_by,
+                    }),
+                    id: e.id,
+                    kind: ApprovalKind::Endpoint,
+                    stage: ApprovalStage::Command,
+                    appliance_id: e.appliance_id,
+                    app: e.app,
+                    customer: e.customer,
+                    requested_by: e.created_by,
+                    requested_at: e.created_at,
+                }
+            })
+            .collect())
+    }
+
+    async fn decide(
+        &self,
+        caller: &Caller,
+        id: &str,
+        approve: bool,
+        message: Option<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        Ok(to_value(self.0.decide(caller, id, approve, message).await?))
+    }
+}
+
+#[async_trait]
+impl Queue for Ops {
+    fn owns(&self, id: &str) -> bool {
+        id.starts_with("op_")
+    }
+
+    async fn waiting(&self, caller: &Caller) -> Result<Vec<ApprovalItem>, ApiError> {
+        Ok(self
+            .list_rows(caller)
+            .await?
+            .iter()
+            .filter_map(|(row, appliance)| crate::ops::approval_item(row, appliance))
+            .collect())
+    }
+
+    /// At the output stage the approver sees the held output, fetched from the appliance.
+    async fn detail(
+        &self,
+        caller: &Caller,
+        item: &ApprovalItem,
+    ) -> Result<Option<(&'static str, serde_json::Value)>, ApiError> {
+        if item.stage != ApprovalStage::Output {
+            return Ok(None);
+        }
+        Ok(Some(("output", self.preview(caller, &item.id).await?)))
+    }
+
+    async fn decide(
+        &self,
+        caller: &Caller,
+        id: &str,
+        approve: bool,
+        message: Option<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        Ok(to_value(
+            Ops::decide(self, caller, id, approve, message).await?,
+        ))
+    }
+}
