@@ -40,23 +40,6 @@ impl Notifier for Webhook {
     }
 }
 
-/// Whatever can make the real [`Webhook`] (the gateway, wired in `server.rs`): what the
-/// temporary [`waiting`] takes, so this module does not name the gateway.
-pub trait WebhookSource: Send + Sync {
-    fn webhook(&self) -> Webhook;
-}
-
-impl<T: WebhookSource + ?Sized> WebhookSource for std::sync::Arc<T> {
-    fn webhook(&self) -> Webhook {
-        (**self).webhook()
-    }
-}
-
-/// Until every caller holds a [`Notifier`] of its own.
-pub async fn waiting(source: &dyn WebhookSource, customer: &str, kind: &str, id: &str) {
-    source.webhook().waiting(customer, kind, id).await
-}
-
 /// Plain-HTTP POST (webhooks into the customer's network usually terminate at an internal
 /// relay); `https://` is refused with a clear error until a root store is configured.
 async fn post(url: &str, body: serde_json::Value) -> Result<u16, String> {

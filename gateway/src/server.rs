@@ -77,15 +77,6 @@ impl EndpointsOfGrant for GatewayEndpoints {
     }
 }
 
-impl crate::notify::WebhookSource for Gateway {
-    fn webhook(&self) -> crate::notify::Webhook {
-        crate::notify::Webhook {
-            store: self.store.clone(),
-            tasks: self.tasks.clone(),
-        }
-    }
-}
-
 /// Files in the data dir.
 pub struct DataDir(pub PathBuf);
 
