@@ -1,10 +1,14 @@
 //! The HTTPS API the CLI talks to. Every request is made as one identity (bearer token).
 
 use crate::{
-    audit::Subject,
+    agents::AgentRegistry,
+    approvals::Approvals,
+    audit::{AuditLog, Subject},
+    endpoints::Endpoints,
+    grants::Grants,
     identity::{self, Caller},
-    server::Gateway,
-    store::{ApplianceRow, AuditPageQuery, EnrollmentRow},
+    ops::Ops,
+    store::{ApplianceRow, AuditPageQuery, EnrollmentRow, Store},
 };
 use axum::{
     extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
@@ -28,7 +32,25 @@ use std::{sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-type Gw = Arc<Gateway>;
+/// What the API's handlers reach: the services, and the few gateway parts the appliance and
+/// audit routes read directly. Built by `server.rs`.
+#[derive(Debug)]
+pub struct ApiState {
+    pub store: Store,
+    pub audit: Arc<AuditLog>,
+    /// Pinned by agents at enrollment; shown with enrollment tokens.
+    pub ca_fingerprint: String,
+    pub agents: Arc<AgentRegistry>,
+    pub grants: Arc<Grants>,
+    pub endpoint_service: Arc<Endpoints>,
+    pub ops: Arc<Ops>,
+    pub approvals: Arc<Approvals>,
+    pub handshake_timeout: Duration,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+type Gw = Arc<ApiState>;
 
 /// An API error as an HTTP response: the status of its code and `{"error": {...}}`.
 pub struct Failure(pub ApiError);
@@ -254,7 +276,7 @@ async fn appliance_add(
     let token = EnrollmentToken {
         id: token_id,
         secret,
-        ca: gw.ca.fingerprint(),
+        ca: gw.ca_fingerprint.clone(),
     };
     gw.audit
         .record(
@@ -272,11 +294,11 @@ async fn appliance_add(
         customer: req.customer,
         token: certs::Secret::new(token.encode()),
         expires_at,
-        ca_fingerprint: gw.ca.fingerprint(),
+        ca_fingerprint: gw.ca_fingerprint.clone(),
     }))
 }
 
-fn appliance_record(gw: &Gateway, a: ApplianceRow) -> ApplianceRecord {
+fn appliance_record(gw: &ApiState, a: ApplianceRow) -> ApplianceRecord {
     let link = gw.agents.get(&a.id);
     let resources = match &link {
         Some(l) => l.resources.clone(),
@@ -658,7 +680,7 @@ pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>
         };
         let (acceptor, app, gw2) = (acceptor.clone(), app.clone(), gw.clone());
         gw.tasks.spawn(async move {
-            let tls = match tokio::time::timeout(gw2.limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(gw2.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "API TLS handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "API TLS handshake timed out"),

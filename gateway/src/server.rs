@@ -412,8 +412,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         certs::ClientAuth::None,
         vec![b"http/1.1".to_vec()],
     )?;
+    let api_state = Arc::new(crate::api::ApiState {
+        store: gateway.store.clone(),
+        audit: gateway.audit.clone(),
+        ca_fingerprint: gateway.ca.fingerprint(),
+        agents: gateway.agents.clone(),
+        grants: gateway.grants.clone(),
+        endpoint_service: gateway.endpoint_service.clone(),
+        ops: gateway.ops.clone(),
+        approvals: gateway.approvals.clone(),
+        handshake_timeout: gateway.limits.handshake_timeout,
+        shutdown: gateway.shutdown.clone(),
+        tasks: gateway.tasks.clone(),
+    });
     gateway.tasks.spawn(crate::api::serve(
-        gateway.clone(),
+        api_state,
         api_listener,
         Arc::new(api_tls),
     ));
