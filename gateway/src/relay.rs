@@ -569,10 +569,10 @@ async fn control_loop(
                         gw.ops.on_agent_frame(appliance_id, f).await;
                     }
                     Ok(Some(ToGateway::OpRecord { op_id, kind, detail })) => {
-                        crate::endpoints::kube::on_op_record(gw, appliance_id, &op_id, &kind, detail).await;
+                        crate::endpoints::kube::on_op_record(&gw.front, appliance_id, &op_id, &kind, detail).await;
                     }
                     Ok(Some(ToGateway::SshTeardown(report))) => {
-                        crate::endpoints::ssh::teardown::on_report(gw, appliance_id, report).await;
+                        crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;
                     }
                     Ok(None) => {
                         conn.close(close::NORMAL.into(), b"control stream ended");

@@ -4,7 +4,7 @@ use crate::{
     agents::AgentRegistry,
     audit::AuditLog,
     config::{GatewayConfig, Limits},
-    endpoints::EndpointRegistry,
+    endpoints::{front_ends::FrontEndContext, EndpointRegistry},
     grants::{EndpointsOfGrant, Grants},
     identity::{self, Caller},
     ops::Ops,
@@ -29,7 +29,7 @@ pub struct Gateway {
     pub store: Store,
     /// Shared with the services that record through it.
     pub audit: Arc<AuditLog>,
-    pub ca: Ca,
+    pub ca: Arc<Ca>,
     /// Shared with the services that reach agents through it.
     pub agents: Arc<AgentRegistry>,
     pub grants: Arc<Grants>,
@@ -44,6 +44,8 @@ pub struct Gateway {
     pub endpoint_host: IpAddr,
     /// The shared listeners of the kubectl, postgres and ssh endpoint types.
     pub front_ends: crate::endpoints::front_ends::FrontEnds,
+    /// What the endpoint front ends (and their sessions) use of the gateway.
+    pub front: Arc<FrontEndContext>,
     /// The gateway's server certificate (chain = leaf + CA) and key, for the TLS front ends.
     pub server_identity: certs::Issued,
     /// Where persistent keys live (the SSH host key, …).
@@ -299,16 +301,31 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .context("binding the endpoint front ends")?;
     let (data_plane, data_handle) =
         DataPlane::start(cfg.limits.data_plane_threads).context("starting the data plane")?;
+    let ca = Arc::new(ca);
     let agents = Arc::new(AgentRegistry::default());
     let live_endpoints = Arc::new(EndpointRegistry::default());
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let data_dir = absolute(&cfg.data_dir);
+    let front = Arc::new(FrontEndContext {
+        endpoints: live_endpoints.clone(),
+        agents: agents.clone(),
+        audit: audit.clone(),
+        store: Arc::new(store.clone()),
+        limits: cfg.limits.clone(),
+        ca: ca.clone(),
+        server_identity: server_tls.clone(),
+        addrs: front_ends.addrs,
+        endpoint_host: cfg.endpoint_host,
+        data_dir: data_dir.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
     let notifier = Arc::new(crate::notify::Webhook {
         store: store.clone(),
         tasks: tasks.clone(),
     });
     // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
     let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
-        use crate::endpoints::gateway_ports::GatewayFrontEnds;
         let grants = Arc::new(Grants::new(
             Arc::new(store.clone()),
             audit.clone(),
@@ -324,10 +341,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             agents: agents.clone(),
             notifier: notifier.clone(),
             grants: grants.clone(),
-            front_ends: Arc::new(GatewayFrontEnds {
-                gateway: me.clone(),
-                shared: front_ends.addrs,
-                host: cfg.endpoint_host,
+            front_ends: Arc::new(crate::endpoints::front_ends::FrontEndListeners {
+                context: front.clone(),
+                runtime: data_handle.clone(),
             }),
             live: live_endpoints.clone(),
             default_ttl: cfg.limits.default_endpoint_ttl,
@@ -363,8 +379,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             limits: cfg.limits.clone(),
             endpoint_host: cfg.endpoint_host,
             front_ends: front_ends.addrs,
+            front,
             server_identity: server_tls.clone(),
-            data_dir: absolute(&cfg.data_dir),
+            data_dir,
             shutdown,
             tasks,
             data_plane: data_handle,
@@ -427,13 +444,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         );
         gateway
             .tasks
-            .spawn_on(kube::serve(gateway.clone(), k), &gateway.data_plane);
+            .spawn_on(kube::serve(gateway.front.clone(), k), &gateway.data_plane);
+        gateway.tasks.spawn_on(
+            postgres::serve(gateway.front.clone(), p),
+            &gateway.data_plane,
+        );
         gateway
             .tasks
-            .spawn_on(postgres::serve(gateway.clone(), p), &gateway.data_plane);
-        gateway
-            .tasks
-            .spawn_on(ssh::serve(gateway.clone(), s), &gateway.data_plane);
+            .spawn_on(ssh::serve(gateway.front.clone(), s), &gateway.data_plane);
     }
     gateway
         .endpoint_service

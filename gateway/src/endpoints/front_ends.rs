@@ -2,6 +2,14 @@
 //! among endpoints by the client's credential. Their ports are kept in the data dir, so
 //! kubeconfigs, connection strings and ssh configs handed out before a restart keep working.
 
+mod context;
+#[cfg(test)]
+pub mod fakes;
+mod port;
+
+pub use context::{AgentReach, FrontEndContext, FrontEndStore, SessionAudit};
+pub use port::FrontEndListeners;
+
 use serde::{Deserialize, Serialize};
 use std::{
     net::{IpAddr, SocketAddr},

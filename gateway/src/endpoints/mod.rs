@@ -6,7 +6,6 @@
 
 pub mod credential;
 pub mod front_ends;
-pub mod gateway_ports;
 pub mod kube;
 pub mod postgres;
 mod registry;
@@ -20,25 +19,14 @@ mod tcp;
 pub use registry::{CredentialTaken, EndpointRegistry, LiveEndpoint};
 pub use service::{EndpointDeps, Endpoints, FrontEndPort, Listening};
 
-use crate::server::Gateway;
 use endpoint_types::{
     duration::{format_duration, TTL_MAX, TTL_MIN},
     frame::EndpointGrant,
-    resource::ResourceScope,
     ApiError,
 };
 use std::time::Duration;
 
 impl LiveEndpoint {
-    /// The customer's scope for the resource as the connected agent last reported it (None
-    /// while the appliance is offline: then nothing can reach it anyway).
-    pub fn scope(&self, gw: &Gateway) -> Option<ResourceScope> {
-        gw.agents.get(&self.appliance_id).and_then(|link| {
-            link.resource(&self.resource_id)
-                .and_then(|r| r.scope.clone())
-        })
-    }
-
     pub fn grant(&self) -> EndpointGrant {
         EndpointGrant {
             endpoint_id: self.id.clone(),

@@ -1,12 +1,12 @@
 //! What every endpoint type does per client session: claim a slot under the endpoint's
 //! session limit, open the QUIC data stream to the agent, and audit open, close and refusal.
 
-use super::LiveEndpoint;
+use super::{front_ends::FrontEndContext, LiveEndpoint};
 use crate::{
     audit::Subject,
     framed::{write_frame, FramedError, FramedRecv},
     identity::random_hex,
-    server::Gateway,
+    ports::AuditSink,
 };
 use bytes::Bytes;
 use endpoint_types::{
@@ -19,6 +19,7 @@ use std::{
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
+use tokio_util::sync::CancellationToken;
 
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,10 +34,10 @@ pub struct SessionSlot(Arc<LiveEndpoint>);
 impl SessionSlot {
     /// Claims a slot, or refuses past the endpoint's session limit (each type shows the
     /// refusal its clients understand: HTTP 429, SQLSTATE 53300, an SSH open failure).
-    pub fn claim(gw: &Gateway, ep: &Arc<LiveEndpoint>) -> Result<SessionSlot, ApiError> {
+    pub fn claim(ep: &Arc<LiveEndpoint>, limit: u64) -> Result<SessionSlot, ApiError> {
         let n = ep.live_sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let slot = SessionSlot(ep.clone());
-        if n > gw.limits.sessions_per_endpoint {
+        if n > limit {
             return Err(ApiError::new(
                 ErrorCode::SessionLimit,
                 format!("endpoint {} already has {} sessions", ep.id, n - 1),
@@ -65,14 +66,14 @@ pub struct DataStream {
 
 /// Opens a data stream to the endpoint's agent and waits for its decision.
 pub async fn open_stream(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
 ) -> Result<DataStream, ApiError> {
     // Nothing starts that the vendor trail could not record.
-    gw.audit.session_watch().map_err(|e| e.to_api_error())?;
-    let link = gw.agents.get(&ep.appliance_id).ok_or_else(|| {
+    ctx.audit.session_watch().map_err(|e| e.to_api_error())?;
+    let connection = ctx.agents.connection(&ep.appliance_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ApplianceOffline,
             format!("appliance {} is offline", ep.appliance_id),
@@ -84,7 +85,7 @@ pub async fn open_stream(
             format!("could not reach the agent: {e}"),
         )
     };
-    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, link.connection.open_bi())
+    let (mut send, recv) = tokio::time::timeout(STREAM_SETUP_TIMEOUT, connection.open_bi())
         .await
         .map_err(|_| offline("timed out opening a stream".into()))?
         .map_err(|e| offline(e.to_string()))?;
@@ -106,7 +107,7 @@ pub async fn open_stream(
                 send,
                 recv,
                 leftover,
-                connection: link.connection,
+                connection,
             })
         }
         Ok(Some(StreamAnswer::StreamRefuse(e))) => Err(e),
@@ -139,14 +140,14 @@ pub fn agent_reason_write(e: &quinn::WriteError) -> Option<CloseReason> {
 }
 
 pub async fn deny(
-    gw: &Gateway,
+    audit: &dyn AuditSink,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     err: &ApiError,
 ) {
     tracing::info!(endpoint = %ep.id, %client, code = %err.code, "session refused: {}", err.message);
-    gw.audit
+    audit
         .record("denied", &ep.operator, Subject::session(&ep.appliance_id, &ep.id, session_id), serde_json::json!({
             "action": "session", "client_addr": client.to_string(), "code": err.code, "reason": err.message,
         }))
@@ -158,21 +159,21 @@ pub async fn deny(
 /// session must then be cut with reason `error`), or the refusal if `session.opened` itself
 /// could not be stored: then the session must not go ahead.
 pub async fn opened(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     extra: serde_json::Value,
 ) -> Result<tokio_util::sync::CancellationToken, ApiError> {
-    if let Err(e) = gw.store.count_session(&ep.id).await {
+    if let Err(e) = ctx.store.count_session(&ep.id).await {
         tracing::error!(error = %e, "could not count session");
     }
     let mut detail = serde_json::json!({
         "client_addr": client.to_string(), "origin_resource_id": ep.resource_id, "type": ep.endpoint_type.as_str(),
     });
     merge(&mut detail, extra);
-    let watch = gw.audit.session_watch().map_err(|e| e.to_api_error())?;
-    gw.audit
+    let watch = ctx.audit.session_watch().map_err(|e| e.to_api_error())?;
+    ctx.audit
         .record_before(
             "session.opened",
             &ep.operator,
@@ -186,7 +187,7 @@ pub async fn opened(
 
 /// Audits a session's end. `extra` adds type-specific fields (an error, a recording id).
 pub async fn closed(
-    gw: &Gateway,
+    audit: &dyn AuditSink,
     ep: &LiveEndpoint,
     session_id: &str,
     reason: CloseReason,
@@ -201,7 +202,7 @@ pub async fn closed(
         "duration_ms": started.elapsed().as_millis() as u64,
     });
     merge(&mut detail, extra);
-    gw.audit
+    audit
         .record(
             "session.closed",
             &ep.operator,
@@ -221,13 +222,13 @@ fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
 /// file descriptors, mostly) are logged and retried after a short pause rather than ending
 /// the listener.
 pub async fn accept_next(
-    gw: &Gateway,
+    shutdown: &CancellationToken,
     listener: &tokio::net::TcpListener,
     what: &str,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
-            _ = gw.shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return None,
             r = listener.accept() => match r {
                 Ok(c) => return Some(c),
                 Err(e) => {
@@ -236,5 +237,146 @@ pub async fn accept_next(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::front_ends::fakes::{endpoint_row, Parts};
+    use endpoint_types::{api::EndpointState, resource::EndpointType};
+    use std::sync::atomic::Ordering::SeqCst;
+
+    fn client() -> SocketAddr {
+        "127.0.0.1:40000".parse().unwrap()
+    }
+
+    fn live(parts: &Parts) -> Arc<LiveEndpoint> {
+        parts.go_live(&endpoint_row(
+            "ep_1",
+            EndpointType::Postgres,
+            EndpointState::Active,
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_session_past_the_endpoint_limit_is_refused_and_a_slot_frees_when_dropped() {
+        let ep = live(&Parts::new());
+        let first = SessionSlot::claim(&ep, 2).unwrap();
+        let _second = SessionSlot::claim(&ep, 2).unwrap();
+        let e = SessionSlot::claim(&ep, 2).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SessionLimit);
+        assert_eq!(
+            ep.live_sessions.load(Ordering::Relaxed),
+            2,
+            "the refused claim holds nothing"
+        );
+        drop(first);
+        assert!(SessionSlot::claim(&ep, 2).is_ok());
+    }
+
+    #[tokio::test]
+    async fn no_stream_is_asked_of_an_offline_agent_nor_while_the_trail_is_down() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let ep = live(&parts);
+        let e = open_stream(&ctx, &ep, "ses_1", client()).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::ApplianceOffline);
+        assert!(e.message.contains("ap_1"), "{}", e.message);
+
+        parts.audit.fail_before.store(true, SeqCst);
+        let e = open_stream(&ctx, &ep, "ses_1", client()).await.unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::Internal,
+            "the trail refuses before any agent is asked"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_opened_session_is_counted_and_recorded_before_it_goes_ahead() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let ep = live(&parts);
+        opened(
+            &ctx,
+            &ep,
+            "ses_1",
+            client(),
+            serde_json::json!({"database": "app"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *parts.store.counted.lock().unwrap(),
+            vec!["ep_1".to_string()]
+        );
+        let rec = parts.audit.of_kind("session.opened");
+        assert_eq!(rec.len(), 1);
+        assert_eq!(rec[0].actor, "bob");
+        assert_eq!(rec[0].subject.session_id.as_deref(), Some("ses_1"));
+        assert_eq!(rec[0].detail["type"], "postgres");
+        assert_eq!(rec[0].detail["database"], "app");
+        assert_eq!(rec[0].detail["origin_resource_id"], "res_1");
+        assert_eq!(rec[0].detail["client_addr"], "127.0.0.1:40000");
+
+        // A trail that cannot take the record stops the session.
+        parts.audit.fail_before.store(true, SeqCst);
+        let e = opened(&ctx, &ep, "ses_2", client(), serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::Internal);
+        assert_eq!(parts.audit.of_kind("session.opened").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_ends_are_recorded_with_their_reason() {
+        let parts = Parts::new();
+        let ep = live(&parts);
+        let refusal = ApiError::new(
+            ErrorCode::SessionLimit,
+            "endpoint ep_1 already has 2 sessions",
+        );
+        deny(&*parts.audit, &ep, "ses_2", client(), &refusal).await;
+        closed(
+            &*parts.audit,
+            &ep,
+            "ses_1",
+            CloseReason::Retired,
+            (3, 5),
+            Instant::now(),
+            serde_json::json!({"requests": 2}),
+        )
+        .await;
+        assert_eq!(parts.audit.kinds(), ["denied", "session.closed"]);
+        let denied = &parts.audit.of_kind("denied")[0];
+        assert_eq!(denied.detail["code"], "SESSION_LIMIT");
+        assert_eq!(denied.detail["action"], "session");
+        assert_eq!(denied.detail["reason"], refusal.message);
+        let closed = &parts.audit.of_kind("session.closed")[0];
+        assert_eq!(closed.detail["reason"], "retired");
+        assert_eq!(
+            (
+                closed.detail["bytes_up"].as_u64(),
+                closed.detail["bytes_down"].as_u64()
+            ),
+            (Some(3), Some(5))
+        );
+        assert_eq!(closed.detail["requests"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_listener_stops_accepting_at_shutdown() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            accept_next(&shutdown, &listener, "test"),
+        )
+        .await
+        .expect("accept_next returns at shutdown without a client");
+        assert!(next.is_none());
     }
 }

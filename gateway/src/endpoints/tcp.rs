@@ -7,13 +7,13 @@
 
 use super::{
     credential::CredentialKey,
+    front_ends::FrontEndContext,
     session::{
         agent_reason_read, agent_reason_write, closed, cut_stream, deny, new_session_id,
         open_stream, opened, DataStream, SessionSlot,
     },
     LiveEndpoint,
 };
-use crate::server::Gateway;
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess, EndpointState},
@@ -52,7 +52,7 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
 /// What the endpoint's creator needs for `postern ops endpoint connect`: the listener, the CA
 /// and the operator's CSR signed for exactly the endpoint's lifetime.
 pub fn access(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     address: Option<&str>,
 ) -> Result<EndpointAccess, ApiError> {
@@ -64,7 +64,7 @@ pub fn access(
     };
     let address =
         address.ok_or_else(|| ApiError::internal(format!("endpoint {} has no address", ep.id)))?;
-    let cert_pem = gw
+    let cert_pem = ctx
         .ca
         .sign_client_csr(
             csr_pem,
@@ -73,7 +73,7 @@ pub fn access(
             ep.expires_at,
         )
         .map_err(|e| ApiError::internal(format!("cannot sign the tcp credential: {e}")))?;
-    let ip = gw.endpoint_host;
+    let ip = ctx.endpoint_host;
     let tls_server_name = if ip.is_loopback() || ip.is_unspecified() {
         "localhost".to_string()
     } else {
@@ -82,17 +82,17 @@ pub fn access(
     Ok(EndpointAccess::Tcp {
         address: address.to_string(),
         tls_server_name,
-        ca_pem: gw.ca.cert_pem().to_string(),
+        ca_pem: ctx.ca.cert_pem().to_string(),
         cert_pem,
     })
 }
 
-fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
-    let id = &gw.server_identity;
+fn tls_config(ctx: &FrontEndContext) -> Result<rustls::ServerConfig, certs::CertError> {
+    let id = &ctx.server_identity;
     let mut c = certs::server_config(
         &id.cert_pem,
         &id.key_pem,
-        Some(gw.ca.cert_pem()),
+        Some(ctx.ca.cert_pem()),
         certs::ClientAuth::Required,
         Vec::new(),
     )?;
@@ -114,14 +114,18 @@ pub fn bind(host: IpAddr, preferred: Option<SocketAddr>) -> std::io::Result<std:
     Ok(listener)
 }
 
-pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::TcpListener) {
+pub async fn serve(
+    ctx: Arc<FrontEndContext>,
+    ep: Arc<LiveEndpoint>,
+    listener: std::net::TcpListener,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
             return tracing::error!(endpoint = %ep.id, error = %e, "cannot serve endpoint listener")
         }
     };
-    let tls = match tls_config(&gw) {
+    let tls = match tls_config(&ctx) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(Arc::new(c)),
         // Without TLS nobody could be authenticated: accept no one rather than everyone.
         Err(e) => {
@@ -140,8 +144,8 @@ pub async fn serve(gw: Arc<Gateway>, ep: Arc<LiveEndpoint>, listener: std::net::
                 }
             },
         };
-        gw.tasks
-            .spawn(session(gw.clone(), ep.clone(), tls.clone(), tcp, client));
+        ctx.tasks
+            .spawn(session(ctx.clone(), ep.clone(), tls.clone(), tcp, client));
     }
 }
 
@@ -179,7 +183,11 @@ fn handshake_refusal(e: &std::io::Error) -> ApiError {
 /// Admits only the certificate made for this endpoint while it is live. The chain was verified
 /// against the gateway CA during the handshake, so the common name names the endpoint the
 /// certificate was made for, which says why a foreign one is refused.
-async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(), ApiError> {
+async fn admit(
+    ctx: &FrontEndContext,
+    ep: &LiveEndpoint,
+    peer: Option<&[u8]>,
+) -> Result<(), ApiError> {
     let Some(cert) = peer else {
         return Err(refused(
             ErrorCode::Unauthenticated,
@@ -189,7 +197,7 @@ async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(
     let presented = CredentialKey::of_certificate(EndpointType::Tcp, cert);
     let holder = presented
         .as_ref()
-        .and_then(|k| gw.endpoints.by_credential(k));
+        .and_then(|k| ctx.endpoints.by_credential(k));
     if presented.is_some() && presented.as_ref() == ep.credential_key() {
         // Out of the index once it ended (or never in it, if another endpoint held the key).
         let indexed = holder.is_some_and(|h| std::ptr::eq(Arc::as_ptr(&h), ep));
@@ -222,7 +230,7 @@ async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(
             "certificate of no postern endpoint".into(),
         ));
     };
-    let state = gw
+    let state = ctx
         .store
         .get_endpoint(&other)
         .await
@@ -246,7 +254,7 @@ async fn admit(gw: &Gateway, ep: &LiveEndpoint, peer: Option<&[u8]>) -> Result<(
 }
 
 async fn session(
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     ep: Arc<LiveEndpoint>,
     tls: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
@@ -256,17 +264,26 @@ async fn session(
     // Unauthenticated clients get the handshake grace time and not a moment more.
     let handshake = tokio::select! {
         _ = ep.cancel.cancelled() => return,
-        r = tokio::time::timeout(gw.limits.handshake_timeout, tls.accept(tcp)) => r,
+        r = tokio::time::timeout(ctx.limits.handshake_timeout, tls.accept(tcp)) => r,
     };
     let mut stream = match handshake {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return deny(&gw, &ep, &session_id, client, &handshake_refusal(&e)).await,
+        Ok(Err(e)) => {
+            return deny(
+                &*ctx.audit,
+                &ep,
+                &session_id,
+                client,
+                &handshake_refusal(&e),
+            )
+            .await
+        }
         Err(_) => {
             let e = refused(
                 ErrorCode::Unauthenticated,
-                format!("no TLS handshake within {:?}", gw.limits.handshake_timeout),
+                format!("no TLS handshake within {:?}", ctx.limits.handshake_timeout),
             );
-            return deny(&gw, &ep, &session_id, client, &e).await;
+            return deny(&*ctx.audit, &ep, &session_id, client, &e).await;
         }
     };
     let peer = stream
@@ -275,18 +292,18 @@ async fn session(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
-    if let Err(e) = admit(&gw, &ep, peer.as_deref()).await {
-        deny(&gw, &ep, &session_id, client, &e).await;
+    if let Err(e) = admit(&ctx, &ep, peer.as_deref()).await {
+        deny(&*ctx.audit, &ep, &session_id, client, &e).await;
         let _ = stream.shutdown().await;
         return;
     }
-    let _slot = match SessionSlot::claim(&gw, &ep) {
+    let _slot = match SessionSlot::claim(&ep, ctx.limits.sessions_per_endpoint) {
         Ok(slot) => slot,
-        Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
+        Err(e) => return deny(&*ctx.audit, &ep, &session_id, client, &e).await,
     };
     let opened_stream = tokio::select! {
         _ = ep.cancel.cancelled() => return,
-        r = open_stream(&gw, &ep, &session_id, client) => r,
+        r = open_stream(&ctx, &ep, &session_id, client) => r,
     };
     let DataStream {
         mut send,
@@ -295,14 +312,14 @@ async fn session(
         connection,
     } = match opened_stream {
         Ok(stream) => stream,
-        Err(e) => return deny(&gw, &ep, &session_id, client, &e).await,
+        Err(e) => return deny(&*ctx.audit, &ep, &session_id, client, &e).await,
     };
-    let trail = match opened(&gw, &ep, &session_id, client, serde_json::json!({})).await {
+    let trail = match opened(&ctx, &ep, &session_id, client, serde_json::json!({})).await {
         Ok(watch) => watch,
         Err(e) => {
             cut_stream(&mut send, &mut recv, CloseReason::Error);
             let _ = stream.shutdown().await;
-            return deny(&gw, &ep, &session_id, client, &e).await;
+            return deny(&*ctx.audit, &ep, &session_id, client, &e).await;
         }
     };
     let _ = stream.get_ref().0.set_nodelay(true);
@@ -343,7 +360,7 @@ async fn session(
         _ => serde_json::json!({}),
     };
     closed(
-        &gw,
+        &*ctx.audit,
         &ep,
         &session_id,
         reason,
@@ -455,4 +472,80 @@ enum PumpError {
     QuicRead(quinn::ReadError),
     #[error("tunnel write: {0}")]
     QuicWrite(quinn::WriteError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{
+        credential::test_credentials::csr,
+        front_ends::fakes::{endpoint_row, Parts},
+    };
+
+    fn tcp_endpoint(parts: &Parts, id: &str) -> (Arc<LiveEndpoint>, Vec<u8>) {
+        let (cred, csr_pem) = csr(EndpointType::Tcp);
+        let row = endpoint_row(id, EndpointType::Tcp, EndpointState::Active, Some(cred));
+        parts.store.put_endpoint(row.clone());
+        (parts.go_live(&row), parts.sign(&csr_pem, id))
+    }
+
+    #[tokio::test]
+    async fn only_the_certificate_made_for_this_live_endpoint_is_admitted() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, cert) = tcp_endpoint(&parts, "ep_a");
+        let (_other, other_cert) = tcp_endpoint(&parts, "ep_b");
+
+        admit(&ctx, &ep, Some(&cert)).await.unwrap();
+        let e = admit(&ctx, &ep, None).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthenticated);
+        let e = admit(&ctx, &ep, Some(&other_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthenticated);
+        assert!(e.message.contains("ep_b"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_of_an_ended_endpoint_is_refused_with_why() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, _) = tcp_endpoint(&parts, "ep_a");
+        let (_old, old_cert) = tcp_endpoint(&parts, "ep_old");
+        parts.retire("ep_old");
+        let mut row = endpoint_row("ep_old", EndpointType::Tcp, EndpointState::Retired, None);
+        row.ended_at = Some(Timestamp::now());
+        parts.store.put_endpoint(row);
+        // Presented to another endpoint: the store says which it was and that it is retired.
+        let e = admit(&ctx, &ep, Some(&old_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::EndpointRetired);
+        assert!(e.message.contains("ep_old"), "{}", e.message);
+
+        // Presented to its own endpoint after it ended.
+        let (own, own_cert) = tcp_endpoint(&parts, "ep_c");
+        parts.retire("ep_c");
+        let e = admit(&ctx, &own, Some(&own_cert)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::EndpointRetired);
+    }
+
+    #[test]
+    fn access_signs_the_operators_csr_for_the_endpoints_listener() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (ep, _) = tcp_endpoint(&parts, "ep_a");
+        let EndpointAccess::Tcp {
+            address,
+            tls_server_name,
+            ca_pem,
+            cert_pem,
+        } = access(&ctx, &ep, Some("127.0.0.1:7000")).unwrap()
+        else {
+            panic!("not a tcp access");
+        };
+        assert_eq!(
+            (address.as_str(), tls_server_name.as_str()),
+            ("127.0.0.1:7000", "localhost")
+        );
+        assert_eq!(ca_pem, parts.ca.cert_pem());
+        assert!(cert_pem.contains("BEGIN CERTIFICATE"));
+        assert!(access(&ctx, &ep, None).is_err(), "no address, no access");
+    }
 }

@@ -8,10 +8,10 @@ use super::still_live;
 use crate::{
     audit::Subject,
     endpoints::{
+        front_ends::FrontEndContext,
         session::{self, SessionSlot},
         LiveEndpoint,
     },
-    server::Gateway,
 };
 use bytes::Bytes;
 use endpoint_types::{
@@ -106,7 +106,7 @@ pub async fn refuse_all(stream: TlsStream, why: Refusal) {
 }
 
 struct Conn {
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     ep: Arc<LiveEndpoint>,
     scope: KubeScope,
     client: SocketAddr,
@@ -120,7 +120,7 @@ struct Conn {
 }
 
 pub async fn serve_connection(
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     ep: Arc<LiveEndpoint>,
     scope: KubeScope,
     stream: TlsStream,
@@ -129,7 +129,7 @@ pub async fn serve_connection(
 ) {
     let started = Instant::now();
     let conn = Arc::new(Conn {
-        gw: gw.clone(),
+        ctx: ctx.clone(),
         ep: ep.clone(),
         scope,
         client,
@@ -157,7 +157,7 @@ pub async fn serve_connection(
     };
     // While the trail is down, requests get the refusal from `open` (a 503 saying why); once
     // this connection's session is open, the trail going down cuts it.
-    let trail = gw.audit.session_watch().unwrap_or_default();
+    let trail = ctx.audit.session_watch().unwrap_or_default();
     let reason = tokio::select! {
         r = serve => if r.is_ok() { CloseReason::Client } else { CloseReason::Error },
         _ = ep.cancel.cancelled() => ep.end_reason(),
@@ -165,7 +165,16 @@ pub async fn serve_connection(
     };
     if conn.opened.load(Ordering::Relaxed) {
         let extra = serde_json::json!({"requests": conn.requests.load(Ordering::Relaxed)});
-        session::closed(&gw, &ep, &conn.session_id, reason, (0, 0), started, extra).await;
+        session::closed(
+            &*ctx.audit,
+            &ep,
+            &conn.session_id,
+            reason,
+            (0, 0),
+            started,
+            extra,
+        )
+        .await;
     }
     drop(slot);
 }
@@ -211,7 +220,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 impl Conn {
     async fn handle(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        if !still_live(&self.gw, &self.ep) {
+        if !still_live(&self.ctx.endpoints, &self.ep) {
             return unauthenticated();
         }
         let method = req.method().as_str().to_string();
@@ -352,7 +361,7 @@ impl Conn {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let cancel = self.ep.cancel.clone();
-                let pipe = self.gw.tasks.spawn(async move {
+                let pipe = self.ctx.tasks.spawn(async move {
                     let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
                         return;
                     };
@@ -408,7 +417,7 @@ impl Conn {
     }
 
     async fn open(&self) -> Result<SendRequest<Full<Bytes>>, (StatusCode, String)> {
-        let ds = session::open_stream(&self.gw, &self.ep, &self.session_id, self.client)
+        let ds = session::open_stream(&self.ctx, &self.ep, &self.session_id, self.client)
             .await
             .map_err(|e| {
                 let code = if e.code == ErrorCode::ForbiddenByScope {
@@ -430,7 +439,7 @@ impl Conn {
                 )
             })?;
         let cancel = self.ep.cancel.clone();
-        self.gw.tasks.spawn(async move {
+        self.ctx.tasks.spawn(async move {
             tokio::select! {
                 _ = conn.with_upgrades() => {}
                 _ = cancel.cancelled() => {}
@@ -438,7 +447,7 @@ impl Conn {
         });
         if !self.opened.swap(true, Ordering::Relaxed) {
             session::opened(
-                &self.gw,
+                &self.ctx,
                 &self.ep,
                 &self.session_id,
                 self.client,
@@ -484,14 +493,14 @@ impl Conn {
                 "resource": info.map(display_resource), "client_addr": self.client.to_string(),
             })
         });
-        let (gw, ep, session_id) = (self.gw.clone(), self.ep.clone(), self.session_id.clone());
-        self.gw.tasks.spawn(async move {
+        let (ctx, ep, session_id) = (self.ctx.clone(), self.ep.clone(), self.session_id.clone());
+        self.ctx.tasks.spawn(async move {
             let subject = || Subject::session(&ep.appliance_id, &ep.id, &session_id);
-            gw.audit
+            ctx.audit
                 .record("kube.request", &ep.operator, subject(), detail)
                 .await;
             if let Some(d) = denial {
-                gw.audit.record("denied", &ep.operator, subject(), d).await;
+                ctx.audit.record("denied", &ep.operator, subject(), d).await;
             }
         });
     }

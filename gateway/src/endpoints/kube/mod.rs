@@ -12,8 +12,10 @@ mod op_records;
 
 pub use op_records::on_op_record;
 
-use super::{credential::CredentialKey, session::SessionSlot, LiveEndpoint};
-use crate::server::Gateway;
+use super::{
+    credential::CredentialKey, front_ends::FrontEndContext, session::SessionSlot, EndpointRegistry,
+    LiveEndpoint,
+};
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess},
     kube_request::KubeScope,
@@ -42,14 +44,14 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
 
 /// What the endpoint's creator needs for a kubeconfig: the front end, the CA, and the
 /// operator's CSR signed for exactly the endpoint's lifetime.
-pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
+pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
     let Some(ClientCredential::Kubectl { csr_pem }) = &ep.credential else {
         return Err(ApiError::internal(format!(
             "endpoint {} has no kube credential",
             ep.id
         )));
     };
-    let cert_pem = gw
+    let cert_pem = ctx
         .ca
         .sign_client_csr(
             csr_pem,
@@ -58,20 +60,20 @@ pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiErro
             ep.expires_at,
         )
         .map_err(|e| ApiError::internal(format!("cannot sign the kubectl credential: {e}")))?;
-    let addr = gw.front_ends.kube;
+    let addr = ctx.addrs.kube;
     let tls_server_name = if addr.ip().is_loopback() || addr.ip().is_unspecified() {
         "localhost".to_string()
     } else {
         addr.ip().to_string()
     };
-    let namespace = match ep.scope(gw) {
+    let namespace = match ctx.scope_of(ep) {
         Some(ResourceScope::Kubernetes { namespaces, .. }) => namespaces.first().cloned(),
         _ => None,
     };
     Ok(EndpointAccess::Kubectl {
         server: format!("https://{addr}"),
         tls_server_name,
-        ca_pem: gw.ca.cert_pem().to_string(),
+        ca_pem: ctx.ca.cert_pem().to_string(),
         cert_pem,
         namespace,
         cluster: format!("postern-{}", ep.id),
@@ -79,28 +81,28 @@ pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiErro
 }
 
 /// Serves the shared front end until shutdown.
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    let tls = match tls_config(&gw) {
+pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
+    let tls = match tls_config(&ctx) {
         Ok(c) => tokio_rustls::TlsAcceptor::from(Arc::new(c)),
         Err(e) => {
             tracing::error!(error = %e, "kube front end disabled: no TLS configuration");
-            return gw.shutdown.cancelled().await;
+            return ctx.shutdown.cancelled().await;
         }
     };
     while let Some((tcp, client)) =
-        super::session::accept_next(&gw, &listener, "kube front end").await
+        super::session::accept_next(&ctx.shutdown, &listener, "kube front end").await
     {
-        gw.tasks
-            .spawn(connection(gw.clone(), tls.clone(), tcp, client));
+        ctx.tasks
+            .spawn(connection(ctx.clone(), tls.clone(), tcp, client));
     }
 }
 
-fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
-    let id = &gw.server_identity;
+fn tls_config(ctx: &FrontEndContext) -> Result<rustls::ServerConfig, certs::CertError> {
+    let id = &ctx.server_identity;
     let mut c = certs::server_config(
         &id.cert_pem,
         &id.key_pem,
-        Some(gw.ca.cert_pem()),
+        Some(ctx.ca.cert_pem()),
         certs::ClientAuth::Required,
         vec![b"http/1.1".to_vec()],
     )?;
@@ -112,13 +114,13 @@ fn tls_config(gw: &Gateway) -> Result<rustls::ServerConfig, certs::CertError> {
 }
 
 async fn connection(
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     tls: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     client: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(gw.limits.handshake_timeout, tls.accept(tcp)).await {
+    let stream = match tokio::time::timeout(ctx.limits.handshake_timeout, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             return tracing::debug!(%client, error = %e, "kube front end: TLS handshake failed")
@@ -130,23 +132,23 @@ async fn connection(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| endpoint_of(&gw, c));
+        .and_then(|c| endpoint_of(&ctx.endpoints, c));
     let Some(ep) = ep else {
         tracing::info!(%client, "kube front end: certificate of no live endpoint");
         return forward::refuse_all(stream, forward::Refusal::Unauthenticated).await;
     };
-    let slot = match SessionSlot::claim(&gw, &ep) {
+    let slot = match SessionSlot::claim(&ep, ctx.limits.sessions_per_endpoint) {
         Ok(s) => s,
         Err(e) => {
             let session_id = super::session::new_session_id();
-            super::session::deny(&gw, &ep, &session_id, client, &e).await;
+            super::session::deny(&*ctx.audit, &ep, &session_id, client, &e).await;
             return forward::refuse_all(stream, forward::Refusal::TooMany(e.message)).await;
         }
     };
     // Names arrive canonical (the agent resolved them through discovery). Reads-only for a
     // resource without `impersonate` is left to the agent, which holds the credential: it
     // refuses such writes and the forwarder records its reason here as a denial too.
-    let scope = match ep.scope(&gw) {
+    let scope = match ctx.scope_of(&ep) {
         Some(ResourceScope::Kubernetes {
             namespaces,
             resources,
@@ -165,18 +167,107 @@ async fn connection(
         );
         return forward::refuse_all(stream, forward::Refusal::Unavailable(e.message)).await;
     };
-    forward::serve_connection(gw, ep, scope, stream, client, slot).await;
+    forward::serve_connection(ctx, ep, scope, stream, client, slot).await;
 }
 
 /// The live kubectl endpoint whose CSR carried the public key of this (verified) certificate.
-fn endpoint_of(gw: &Gateway, cert_der: &[u8]) -> Option<Arc<LiveEndpoint>> {
+fn endpoint_of(live: &EndpointRegistry, cert_der: &[u8]) -> Option<Arc<LiveEndpoint>> {
     let key = CredentialKey::of_certificate(EndpointType::Kubectl, cert_der)?;
-    gw.endpoints.by_credential(&key)
+    live.by_credential(&key)
 }
 
 /// Whether the endpoint still admits requests (looked up on every request).
-fn still_live(gw: &Gateway, ep: &LiveEndpoint) -> bool {
-    !ep.cancel.is_cancelled()
-        && Timestamp::now() < ep.expires_at
-        && gw.endpoints.get(&ep.id).is_some()
+fn still_live(live: &EndpointRegistry, ep: &LiveEndpoint) -> bool {
+    !ep.cancel.is_cancelled() && Timestamp::now() < ep.expires_at && live.get(&ep.id).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{
+        credential::test_credentials::csr,
+        front_ends::fakes::{endpoint_row, Parts},
+    };
+    use endpoint_types::api::EndpointState;
+
+    #[test]
+    fn a_certificate_finds_its_live_endpoint_until_it_ends() {
+        let parts = Parts::new();
+        let (cred, csr_pem) = csr(EndpointType::Kubectl);
+        let row = endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        );
+        let ep = parts.go_live(&row);
+        let cert = parts.sign(&csr_pem, "ep_k");
+        let found = endpoint_of(&parts.endpoints, &cert).expect("the endpoint of the certificate");
+        assert!(Arc::ptr_eq(&found, &ep));
+        assert!(still_live(&parts.endpoints, &ep));
+
+        // Another key signed by the same CA opens nothing.
+        let (_, other_csr) = csr(EndpointType::Kubectl);
+        assert!(endpoint_of(&parts.endpoints, &parts.sign(&other_csr, "ep_k")).is_none());
+
+        // Retired: out of the registry and cancelled, so neither lookup admits it.
+        parts.retire("ep_k");
+        assert!(endpoint_of(&parts.endpoints, &cert).is_none());
+        assert!(!still_live(&parts.endpoints, &ep));
+    }
+
+    #[test]
+    fn an_endpoint_past_its_expiry_admits_no_request_even_before_its_timer_fires() {
+        let parts = Parts::new();
+        let (cred, _) = csr(EndpointType::Kubectl);
+        let mut row = endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        );
+        row.expires_at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+        let ep = parts.go_live(&row);
+        assert!(!still_live(&parts.endpoints, &ep));
+    }
+
+    #[test]
+    fn access_names_the_front_end_the_ca_and_the_reported_namespace() {
+        let parts = Parts::new();
+        let ctx = parts.context(4);
+        let (cred, _) = csr(EndpointType::Kubectl);
+        let ep = parts.go_live(&endpoint_row(
+            "ep_k",
+            EndpointType::Kubectl,
+            EndpointState::Active,
+            Some(cred),
+        ));
+        parts.agents.report(
+            "ap_1",
+            "res_1",
+            ResourceScope::Kubernetes {
+                namespaces: vec!["shop".into(), "jobs".into()],
+                resources: vec!["pods".into()],
+                verbs: vec!["get".into()],
+                impersonate: false,
+            },
+        );
+        let EndpointAccess::Kubectl {
+            server,
+            tls_server_name,
+            ca_pem,
+            cert_pem,
+            namespace,
+            cluster,
+        } = access(&ctx, &ep).unwrap()
+        else {
+            panic!("not a kubectl access");
+        };
+        assert_eq!(server, "https://127.0.0.1:6443");
+        assert_eq!(tls_server_name, "localhost");
+        assert_eq!(ca_pem, parts.ca.cert_pem());
+        assert!(cert_pem.contains("BEGIN CERTIFICATE"));
+        assert_eq!(namespace.as_deref(), Some("shop"));
+        assert_eq!(cluster, "postern-ep_k");
+    }
 }

@@ -5,8 +5,7 @@
 
 mod session;
 
-use super::LiveEndpoint;
-use crate::server::Gateway;
+use super::{front_ends::FrontEndContext, LiveEndpoint};
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess},
     pgwire::CancelKey,
@@ -37,16 +36,16 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
 }
 
 /// The database the endpoint serves, from the scope the agent reported.
-pub fn database_of(gw: &Gateway, ep: &LiveEndpoint) -> Option<String> {
-    match ep.scope(gw) {
+pub fn database_of(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Option<String> {
+    match ctx.scope_of(ep) {
         Some(ResourceScope::Postgres { database, .. }) => Some(database),
         _ => None,
     }
 }
 
 /// What the endpoint's creator needs to write the connection string.
-pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
-    let database = database_of(gw, ep).ok_or_else(|| {
+pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
+    let database = database_of(ctx, ep).ok_or_else(|| {
         ApiError::new(
             ErrorCode::ApplianceOffline,
             format!(
@@ -56,7 +55,7 @@ pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiErro
         )
         .hint("run `postern ops endpoint get` again once the appliance is back")
     })?;
-    let addr = gw.front_ends.postgres;
+    let addr = ctx.addrs.postgres;
     let host = if addr.ip().is_unspecified() {
         "localhost".to_string()
     } else {
@@ -68,7 +67,7 @@ pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiErro
         port: addr.port(),
         database,
         user: ep.id.clone(),
-        ca_pem: gw.ca.cert_pem().to_string(),
+        ca_pem: ctx.ca.cert_pem().to_string(),
     })
 }
 
@@ -88,8 +87,8 @@ struct Front {
 }
 
 impl Front {
-    fn new(gw: &Gateway) -> Result<Front, String> {
-        let id = &gw.server_identity;
+    fn new(ctx: &FrontEndContext) -> Result<Front, String> {
+        let id = &ctx.server_identity;
         let config = certs::server_config(
             &id.cert_pem,
             &id.key_pem,
@@ -115,18 +114,21 @@ impl Front {
 }
 
 /// Serves the shared front end until shutdown.
-pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) {
-    let front = match Front::new(&gw) {
+pub async fn serve(ctx: Arc<FrontEndContext>, listener: tokio::net::TcpListener) {
+    let front = match Front::new(&ctx) {
         Ok(f) => Arc::new(f),
         Err(e) => {
             tracing::error!(error = %e, "cannot serve the postgres front end");
-            return gw.shutdown.cancelled().await;
+            return ctx.shutdown.cancelled().await;
         }
     };
     while let Some((tcp, client)) =
-        super::session::accept_next(&gw, &listener, "postgres front end").await
+        super::session::accept_next(&ctx.shutdown, &listener, "postgres front end").await
     {
-        gw.tasks
-            .spawn(session::connection(gw.clone(), front.clone(), tcp, client));
+        ctx.tasks
+            .spawn(session::connection(ctx.clone(), front.clone(), tcp, client));
     }
 }
+
+#[cfg(test)]
+mod tests;

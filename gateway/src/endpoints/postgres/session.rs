@@ -7,10 +7,11 @@ use crate::{
     audit::Subject,
     endpoints::{
         credential::CredentialKey,
+        front_ends::{FrontEndContext, FrontEndStore, SessionAudit},
         session::{self as shared, DataStream, SessionSlot},
         LiveEndpoint,
     },
-    server::Gateway,
+    ports::AuditSink,
 };
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
@@ -37,38 +38,41 @@ const READ_BUF: usize = 64 * 1024;
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 
+#[path = "cancel_keys.rs"]
+mod cancel_keys;
 #[path = "startup_refusal.rs"]
 mod startup_refusal;
+use cancel_keys::{cancel, mint_key, KeyGuard};
 use startup_refusal::refuse_startup;
 
 pub(super) async fn connection(
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     front: Arc<Front>,
     tcp: TcpStream,
     client: SocketAddr,
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&gw, &front, tcp, client)) => r,
-        _ = gw.shutdown.cancelled() => return,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, &front, tcp, client)) => r,
+        _ = ctx.shutdown.cancelled() => return,
     };
     match handshake {
         Ok(Some(Hello::Session(tls, ep, params, buf))) => {
             let ready = tokio::select! {
-                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&gw, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
+                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&ctx, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
                 _ = ep.cancel.cancelled() => None,
             };
             match ready {
                 Some((tls, auth, Policy::Forward(forward))) => {
-                    run(gw, front, tls, ep, auth, forward, client).await
+                    run(ctx, front, tls, ep, auth, forward, client).await
                 }
                 Some((tls, _auth, Policy::Refused(params, e))) => {
-                    refuse_startup(&gw, tls, &ep, params, e, client).await
+                    refuse_startup(&ctx, tls, &ep, params, e, client).await
                 }
                 None => {}
             }
         }
-        Ok(Some(Hello::Cancel(key))) => cancel(&gw, &front, key, client).await,
+        Ok(Some(Hello::Cancel(key))) => cancel(&ctx, &front, key, client).await,
         Ok(None) => {}
         Err(_) => tracing::debug!(%client, "postgres client did not finish its handshake in time"),
     }
@@ -108,7 +112,7 @@ async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, e: &PgError) {
 
 /// Up to a TLS session with a StartupMessage, or a cancel request.
 async fn handshake(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     front: &Front,
     mut tcp: TcpStream,
     client: SocketAddr,
@@ -159,13 +163,13 @@ async fn handshake(
         .find(|(k, _)| k == "user")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    match gw
+    match ctx
         .endpoints
         .by_credential(&CredentialKey::of_postgres_user(&user))
     {
         Some(ep) => Some(Hello::Session(Box::new(tls), ep, params, buf)),
         None => {
-            let e = no_endpoint(gw, &user).await;
+            let e = no_endpoint(&*ctx.store, &user).await;
             tracing::info!(%client, user = %user, "postgres login refused: {}", e.message);
             send_error(&mut tls, &e).await;
             None
@@ -174,10 +178,9 @@ async fn handshake(
 }
 
 /// The error for a user that is no live postgres endpoint: why, when we know.
-async fn no_endpoint(gw: &Gateway, user: &str) -> PgError {
+pub(super) async fn no_endpoint(store: &dyn FrontEndStore, user: &str) -> PgError {
     let hint = "create a new endpoint with `postern ops endpoint create --type postgres`";
-    let state = gw
-        .store
+    let state = store
         .get_endpoint(user)
         .await
         .ok()
@@ -245,7 +248,7 @@ enum Policy {
 
 /// SCRAM against the endpoint's verifier, then the session limit and the startup policy.
 async fn authenticate(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     end_point: Option<Vec<u8>>,
     mut tls: Box<Tls>,
     ep: &Arc<LiveEndpoint>,
@@ -319,13 +322,13 @@ async fn authenticate(
         Ok(m) => m,
         Err(e) => {
             tracing::info!(endpoint = %ep.id, "postgres authentication failed: {}", e.message);
-            deny(gw, ep, &e).await;
+            deny(&*ctx.audit, ep, &e).await;
             send_error(&mut tls, &e).await;
             return None;
         }
     };
     // Authenticated: from here on the client may learn about the endpoint's limits and scope.
-    let slot = match SessionSlot::claim(gw, ep) {
+    let slot = match SessionSlot::claim(ep, ctx.limits.sessions_per_endpoint) {
         Ok(s) => s,
         Err(e) => {
             let pe = PgError::fatal(
@@ -333,12 +336,12 @@ async fn authenticate(
                 "sorry, too many clients already",
             )
             .hint(e.message.clone());
-            deny(gw, ep, &pe).await;
+            deny(&*ctx.audit, ep, &pe).await;
             send_error(&mut tls, &pe).await;
             return None;
         }
     };
-    let Some(database) = database_of(gw, ep) else {
+    let Some(database) = database_of(ctx, ep) else {
         let e = PgError::fatal(
             sqlstate::CONNECTION_FAILURE,
             format!("appliance {} is offline", ep.appliance_id),
@@ -372,8 +375,8 @@ fn scram_error(e: certs::scram::ScramError, wrong: &dyn Fn() -> PgError) -> PgEr
     }
 }
 
-async fn deny(gw: &Gateway, ep: &LiveEndpoint, e: &PgError) {
-    gw.audit
+async fn deny(audit: &dyn AuditSink, ep: &LiveEndpoint, e: &PgError) {
+    audit
         .record(
             "denied",
             &ep.operator,
@@ -399,34 +402,9 @@ fn pg_error_of(e: &ApiError) -> PgError {
     pe
 }
 
-/// A mint of cancel keys no other live session holds.
-fn mint_key(front: &Front, target: CancelTarget) -> CancelKey {
-    let mut cancels = front.cancels();
-    loop {
-        let [a, b, c, d, e, f, g, h] = random_bytes::<8>();
-        let key = CancelKey {
-            process_id: i32::from_be_bytes([a & 0x7f, b, c, d]).max(1),
-            secret: i32::from_be_bytes([e, f, g, h]),
-        };
-        if let std::collections::hash_map::Entry::Vacant(v) = cancels.entry(key) {
-            v.insert(target);
-            return key;
-        }
-    }
-}
-
-/// Frees the session's cancel key however the session ends.
-struct KeyGuard<'a>(&'a Front, CancelKey);
-
-impl Drop for KeyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.cancels().remove(&self.1);
-    }
-}
-
 /// The session proper: the agent logs in, then messages are relayed and audited.
 async fn run(
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     front: Arc<Front>,
     mut tls: Box<Tls>,
     ep: Arc<LiveEndpoint>,
@@ -450,7 +428,7 @@ async fn run(
     } = auth;
     let opened = tokio::select! {
         _ = ep.cancel.cancelled() => return,
-        r = tokio::time::timeout(AGENT_LOGIN_TIMEOUT, start_at_agent(&gw, &ep, &session_id, client, &forward, key)) => {
+        r = tokio::time::timeout(AGENT_LOGIN_TIMEOUT, start_at_agent(&ctx, &ep, &session_id, client, &forward, key)) => {
             r.unwrap_or_else(|_| Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "the appliance did not answer in time")))
         }
     };
@@ -458,7 +436,7 @@ async fn run(
         Ok(s) => s,
         Err(e) => {
             shared::deny(
-                &gw,
+                &*ctx.audit,
                 &ep,
                 &session_id,
                 client,
@@ -484,18 +462,18 @@ async fn run(
         ..
     } = stream;
     let trail_watch = match shared::opened(
-        &gw,
+        &ctx,
         &ep,
         &session_id,
         client,
-        serde_json::json!({ "database": database_of(&gw, &ep), "auth": mechanism }),
+        serde_json::json!({ "database": database_of(&ctx, &ep), "auth": mechanism }),
     )
     .await
     {
         Ok(watch) => watch,
         Err(e) => {
             shared::cut_stream(&mut send, &mut recv, CloseReason::Error);
-            shared::deny(&gw, &ep, &session_id, client, &e).await;
+            shared::deny(&*ctx.audit, &ep, &session_id, client, &e).await;
             send_error(&mut tls, &pg_error_of(&e)).await;
             return;
         }
@@ -503,7 +481,7 @@ async fn run(
     let started = Instant::now();
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
     let trail = Trail {
-        gw: &gw,
+        audit: &*ctx.audit,
         actor: Arc::from(ep.operator.as_str()),
         subject: Arc::new(subject),
         watch: trail_watch.clone(),
@@ -565,13 +543,13 @@ async fn run(
     drop(tls);
     // The session's statements are in the vendor trail before its end is.
     // If the trail is down they are held by its writer, and this record queues behind them.
-    let _ = gw.audit.flush().await;
+    let _ = ctx.audit.flush().await;
     let mut extra = serde_json::json!({ "statements": counts.statements });
     if let Some(Err(e)) = &outcome {
         extra["error"] = serde_json::Value::String(e.to_string());
     }
     shared::closed(
-        &gw,
+        &*ctx.audit,
         &ep,
         &session_id,
         reason,
@@ -585,14 +563,14 @@ async fn run(
 /// Opens the data stream, hands the agent the sanitised startup parameters and our cancel
 /// key, and waits for its AuthenticationOk. Returns the stream and what followed it.
 async fn start_at_agent(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     ep: &LiveEndpoint,
     session_id: &str,
     client: SocketAddr,
     forward: &[(String, String)],
     key: CancelKey,
 ) -> Result<(DataStream, Bytes), PgError> {
-    let mut stream = shared::open_stream(gw, ep, session_id, client)
+    let mut stream = shared::open_stream(ctx, ep, session_id, client)
         .await
         .map_err(|e| pg_error_of(&e))?;
     let mut params = forward.to_vec();
@@ -652,7 +630,7 @@ fn known_sqlstate(code: &str) -> &'static str {
 /// Where a session's statements go: the vendor trail's queue, written in batches with other
 /// sessions' statements, so the message path never waits for a store commit.
 struct Trail<'a> {
-    gw: &'a Gateway,
+    audit: &'a dyn SessionAudit,
     actor: Arc<str>,
     subject: Arc<Subject>,
     /// Cancelled when a batch of the vendor trail fails.
@@ -666,8 +644,7 @@ impl Trail<'_> {
         if self.watch.is_cancelled() {
             return Err(PumpError::TrailDown);
         }
-        self.gw
-            .audit
+        self.audit
             .enqueue(
                 "sql.statement",
                 self.actor.clone(),
@@ -778,51 +755,4 @@ async fn pump(
     counts.statements += statements;
     counts.client_quit = client_quit;
     r
-}
-
-/// A client's CancelRequest: routed to the session its key was minted for; the agent sends
-/// the real key to the database. As PostgreSQL does, the client gets no answer either way.
-async fn cancel(gw: &Arc<Gateway>, front: &Front, key: CancelKey, client: SocketAddr) {
-    let target = front.cancels().get(&key).cloned();
-    let Some(CancelTarget {
-        endpoint: ep,
-        session_id,
-    }) = target
-    else {
-        tracing::info!(%client, "cancel request with an unknown key");
-        return;
-    };
-    gw.audit
-        .record(
-            "sql.cancel",
-            &ep.operator,
-            Subject::session(&ep.appliance_id, &ep.id, &session_id),
-            serde_json::json!({
-                "client_addr": client.to_string(),
-            }),
-        )
-        .await;
-    let sent = async {
-        let mut stream = shared::open_stream(gw, &ep, &session_id, client)
-            .await
-            .map_err(|e| e.message)?;
-        let mut out = BytesMut::new();
-        pgwire::cancel_request(&mut out, key);
-        stream
-            .send
-            .write_all(&out)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = stream.send.finish();
-        // Wait for the agent to finish, so the cancel has been sent when we close.
-        let _ = stream.recv.read_to_end(64).await;
-        Ok::<(), String>(())
-    };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, sent).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(endpoint = %ep.id, error = %e, "could not pass a cancel request to the agent")
-        }
-        Err(_) => tracing::warn!(endpoint = %ep.id, "cancel request timed out"),
-    }
 }

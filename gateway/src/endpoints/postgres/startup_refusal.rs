@@ -2,7 +2,7 @@
 //! agent (for the customer's trail) all hear of it; nothing reaches the database.
 
 use super::{deny, send_error, shared, Tls, HANDSHAKE_TIMEOUT};
-use crate::{endpoints::LiveEndpoint, server::Gateway};
+use crate::endpoints::{front_ends::FrontEndContext, LiveEndpoint};
 use bytes::BytesMut;
 use endpoint_types::pgwire::{self, PgError};
 use std::{net::SocketAddr, sync::Arc};
@@ -13,7 +13,7 @@ use std::{net::SocketAddr, sync::Arc};
 /// to them, records the refusal and answers without reaching the database; whatever it
 /// answers, nothing more of this client goes anywhere.
 pub(super) async fn refuse_startup(
-    gw: &Gateway,
+    ctx: &FrontEndContext,
     mut tls: Box<Tls>,
     ep: &Arc<LiveEndpoint>,
     params: Vec<(String, String)>,
@@ -21,12 +21,12 @@ pub(super) async fn refuse_startup(
     client: SocketAddr,
 ) {
     tracing::info!(endpoint = %ep.id, %client, "postgres startup refused: {}", e.message);
-    deny(gw, ep, &e).await;
+    deny(&*ctx.audit, ep, &e).await;
     send_error(&mut tls, &e).await;
     drop(tls);
     let session_id = shared::new_session_id();
     let tell = async {
-        let mut stream = shared::open_stream(gw, ep, &session_id, client)
+        let mut stream = shared::open_stream(ctx, ep, &session_id, client)
             .await
             .map_err(|e| e.message)?;
         let mut marked: Vec<(String, String)> = params

@@ -9,8 +9,7 @@ pub mod relay;
 pub mod server;
 pub mod teardown;
 
-use super::LiveEndpoint;
-use crate::server::Gateway;
+use super::{front_ends::FrontEndContext, LiveEndpoint};
 use endpoint_types::{
     api::{ClientCredential, EndpointAccess},
     ApiError,
@@ -50,15 +49,15 @@ pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn host_key(gw: &Gateway) -> Result<PrivateKey, ApiError> {
-    host_key::load_or_create(&gw.data_dir).map_err(|e| ApiError::internal(e.to_string()))
+fn host_key(data_dir: &std::path::Path) -> Result<PrivateKey, ApiError> {
+    host_key::load_or_create(data_dir).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// What the CLI needs to write the engineer's ssh config: where, as whom, and the host key to
 /// pin. The user name is the endpoint id (any name works: the key decides).
-pub fn access(gw: &Gateway, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
-    let key = host_key(gw)?;
-    let addr = gw.front_ends.ssh;
+pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess, ApiError> {
+    let key = host_key(&ctx.data_dir)?;
+    let addr = ctx.addrs.ssh;
     Ok(EndpointAccess::Ssh {
         host: addr.ip().to_string(),
         port: addr.port(),
@@ -101,32 +100,37 @@ pub fn config(key: PrivateKey) -> Config {
     }
 }
 
-pub async fn serve(gw: Arc<Gateway>, listener: TcpListener) {
-    let key = match host_key(&gw) {
+pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
+    let key = match host_key(&ctx.data_dir) {
         Ok(k) => k,
         Err(e) => return tracing::error!("ssh front end disabled: {}", e.message),
     };
     let config = Arc::new(config(key));
     while let Some((tcp, client)) =
-        super::session::accept_next(&gw, &listener, "ssh front end").await
+        super::session::accept_next(&ctx.shutdown, &listener, "ssh front end").await
     {
-        gw.tasks
-            .spawn(connection(gw.clone(), config.clone(), tcp, client));
+        ctx.tasks
+            .spawn(connection(ctx.clone(), config.clone(), tcp, client));
     }
 }
 
 /// One client connection: authentication within [`AUTH_GRACE`], then until the client leaves
 /// or the endpoint ends (retire, expiry, revocation), which disconnects it at once.
-async fn connection(gw: Arc<Gateway>, config: Arc<Config>, tcp: TcpStream, client: SocketAddr) {
+async fn connection(
+    ctx: Arc<FrontEndContext>,
+    config: Arc<Config>,
+    tcp: TcpStream,
+    client: SocketAddr,
+) {
     let _ = tcp.set_nodelay(true);
     let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
-    let handler = server::Conn::new(gw.clone(), client, auth_tx);
+    let handler = server::Conn::new(ctx.clone(), client, auth_tx);
     let grace = tokio::time::sleep(AUTH_GRACE);
     tokio::pin!(grace);
     let running = tokio::select! {
         r = russh::server::run_stream(config, tcp, handler) => r,
         _ = &mut grace => return tracing::debug!(%client, "ssh client sent no banner in time"),
-        _ = gw.shutdown.cancelled() => return,
+        _ = ctx.shutdown.cancelled() => return,
     };
     let mut running = match running {
         Ok(r) => r,
@@ -156,7 +160,7 @@ async fn connection(gw: Arc<Gateway>, config: Arc<Config>, tcp: TcpStream, clien
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut running).await;
             return;
         }
-        _ = gw.shutdown.cancelled() => {
+        _ = ctx.shutdown.cancelled() => {
             disconnect("gateway shutting down".into()).await;
             return;
         }
@@ -217,5 +221,41 @@ mod tests {
             CredentialKey::of_ssh_key(host_key::generate("y").unwrap().public_key()),
             Some(parsed.key)
         );
+    }
+
+    #[test]
+    fn a_key_finds_its_endpoint_only_while_it_is_live() {
+        use crate::endpoints::{
+            credential::test_credentials::ssh,
+            front_ends::fakes::{endpoint_row, Parts},
+        };
+        use endpoint_types::{api::EndpointState, resource::EndpointType};
+        let parts = Parts::new();
+        let (cred, key) = ssh();
+        let ep = parts.go_live(&endpoint_row(
+            "ep_s",
+            EndpointType::Ssh,
+            EndpointState::Active,
+            Some(cred),
+        ));
+        let found = server::endpoint_for_key(&parts.endpoints, key.public_key()).unwrap();
+        assert!(Arc::ptr_eq(&found, &ep));
+        let stranger = host_key::generate("z").unwrap();
+        assert!(server::endpoint_for_key(&parts.endpoints, stranger.public_key()).is_none());
+
+        // Past its expiry it opens nothing, even before its timer has taken it out.
+        let (cred, late_key) = ssh();
+        let mut row = endpoint_row(
+            "ep_late",
+            EndpointType::Ssh,
+            EndpointState::Active,
+            Some(cred),
+        );
+        row.expires_at = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(1);
+        parts.go_live(&row);
+        assert!(server::endpoint_for_key(&parts.endpoints, late_key.public_key()).is_none());
+
+        parts.retire("ep_s");
+        assert!(server::endpoint_for_key(&parts.endpoints, key.public_key()).is_none());
     }
 }

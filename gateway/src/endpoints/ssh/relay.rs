@@ -10,8 +10,7 @@
 use super::policy::Request;
 use crate::{
     audit::Subject,
-    endpoints::{session, LiveEndpoint},
-    server::Gateway,
+    endpoints::{front_ends::FrontEndContext, session, LiveEndpoint},
 };
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
@@ -51,7 +50,7 @@ pub enum Control {
 }
 
 pub struct ChannelCtx {
-    pub gw: Arc<Gateway>,
+    pub ctx: Arc<FrontEndContext>,
     pub ep: Arc<LiveEndpoint>,
     pub client: SocketAddr,
     pub login: String,
@@ -72,15 +71,15 @@ async fn fail(writer: &ChannelWriteHalf<Msg>, e: &ApiError) {
     let _ = writer.close().await;
 }
 
-pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver<Control>) {
+pub async fn run(channel_ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver<Control>) {
     let ChannelCtx {
-        gw,
+        ctx,
         ep,
         client,
         login,
         slot,
         handle,
-    } = ctx;
+    } = channel_ctx;
     let _slot = slot;
     let (mut reader, writer) = channel.split();
 
@@ -114,12 +113,12 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     let session_id = session::new_session_id();
     let opened = tokio::select! {
         _ = ep.cancel.cancelled() => return,
-        r = session::open_stream(&gw, &ep, &session_id, client) => r,
+        r = session::open_stream(&ctx, &ep, &session_id, client) => r,
     };
     let stream = match opened {
         Ok(s) => s,
         Err(e) => {
-            session::deny(&gw, &ep, &session_id, client, &e).await;
+            session::deny(&*ctx.audit, &ep, &session_id, client, &e).await;
             return fail(&writer, &e).await;
         }
     };
@@ -170,14 +169,14 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             let code = quinn::VarInt::from_u32(CloseReason::Error.stream_code());
             let _ = send.reset(code);
             let _ = recv.stop(code);
-            session::deny(&gw, &ep, &session_id, client, &e).await;
+            session::deny(&*ctx.audit, &ep, &session_id, client, &e).await;
             return fail(&writer, &e).await;
         }
     };
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
     let trail = match session::opened(
-        &gw,
+        &ctx,
         &ep,
         &session_id,
         client,
@@ -197,7 +196,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
             let code = quinn::VarInt::from_u32(CloseReason::Error.stream_code());
             let _ = send.reset(code);
             let _ = recv.stop(code);
-            session::deny(&gw, &ep, &session_id, client, &e).await;
+            session::deny(&*ctx.audit, &ep, &session_id, client, &e).await;
             return fail(&writer, &e).await;
         }
     };
@@ -374,7 +373,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
     // 4. Audit: exec, recording, close.
     let subject = Subject::session(&ep.appliance_id, &ep.id, &session_id);
     if let Some(cmd) = &start.command {
-        gw.audit
+        ctx.audit
             .record(
                 "ssh.exec",
                 &ep.operator,
@@ -393,7 +392,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
         Ok(r) => r.finish(started.elapsed()),
         Err(p) => p.into_inner().finish(started.elapsed()),
     };
-    gw.audit
+    ctx.audit
         .record(
             "ssh.recording",
             &ep.operator,
@@ -419,7 +418,7 @@ pub async fn run(ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::Receiver
         Ok(()) => serde_json::json!({ "exit_status": exit }),
     };
     session::closed(
-        &gw,
+        &*ctx.audit,
         &ep,
         &session_id,
         reason,

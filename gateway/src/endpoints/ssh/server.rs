@@ -10,8 +10,9 @@ use super::{
 };
 use crate::{
     audit::Subject,
-    endpoints::{credential::CredentialKey, LiveEndpoint},
-    server::Gateway,
+    endpoints::{
+        credential::CredentialKey, front_ends::FrontEndContext, EndpointRegistry, LiveEndpoint,
+    },
 };
 use endpoint_types::ssh_stream::PtyRequest;
 use russh::{
@@ -31,7 +32,7 @@ struct ChannelCtl {
 }
 
 pub struct Conn {
-    gw: Arc<Gateway>,
+    ctx: Arc<FrontEndContext>,
     client: SocketAddr,
     endpoint: Option<Arc<LiveEndpoint>>,
     /// The user name the engineer typed; recorded, never used upstream.
@@ -42,12 +43,12 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(
-        gw: Arc<Gateway>,
+        ctx: Arc<FrontEndContext>,
         client: SocketAddr,
         authenticated: oneshot::Sender<Arc<LiveEndpoint>>,
     ) -> Conn {
         Conn {
-            gw,
+            ctx,
             client,
             endpoint: None,
             login: String::new(),
@@ -65,7 +66,7 @@ impl Conn {
         if let (Some(d), serde_json::Value::Object(m)) = (detail.as_object_mut(), extra) {
             d.extend(m);
         }
-        self.gw
+        self.ctx
             .audit
             .record(
                 "denied",
@@ -126,10 +127,9 @@ fn request_name(r: &Request) -> &'static str {
 /// The live SSH endpoint whose client key this is, if any (by its fingerprint: the comment
 /// does not count). Checked again on every use: a retired or expired endpoint is out of the
 /// registry (and cancelled) at once.
-pub fn endpoint_for_key(gw: &Gateway, key: &PublicKey) -> Option<Arc<LiveEndpoint>> {
+pub fn endpoint_for_key(live: &EndpointRegistry, key: &PublicKey) -> Option<Arc<LiveEndpoint>> {
     let now = jiff::Timestamp::now();
-    gw.endpoints
-        .by_credential(&CredentialKey::of_ssh_key(key)?)
+    live.by_credential(&CredentialKey::of_ssh_key(key)?)
         .filter(|ep| !ep.cancel.is_cancelled() && ep.expires_at > now)
 }
 
@@ -161,11 +161,13 @@ impl russh::server::Handler for Conn {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Only keys of live endpoints are worth a signature check.
-        Ok(if endpoint_for_key(&self.gw, offer.public_key).is_some() {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        Ok(
+            if endpoint_for_key(&self.ctx.endpoints, offer.public_key).is_some() {
+                Auth::Accept
+            } else {
+                Auth::reject()
+            },
+        )
     }
 
     async fn auth_publickey(
@@ -173,7 +175,7 @@ impl russh::server::Handler for Conn {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let Some(ep) = endpoint_for_key(&self.gw, key.public_key) else {
+        let Some(ep) = endpoint_for_key(&self.ctx.endpoints, key.public_key) else {
             return Ok(Auth::reject());
         };
         self.login = user.chars().take(64).collect();
@@ -207,18 +209,21 @@ impl russh::server::Handler for Conn {
             .await;
             return Ok(());
         }
-        let slot = match crate::endpoints::session::SessionSlot::claim(&self.gw, &ep) {
+        let slot = match crate::endpoints::session::SessionSlot::claim(
+            &ep,
+            self.ctx.limits.sessions_per_endpoint,
+        ) {
             Ok(s) => s,
             Err(e) => {
                 reply.reject(ChannelOpenFailure::ResourceShortage).await;
                 let sid = crate::endpoints::session::new_session_id();
-                crate::endpoints::session::deny(&self.gw, &ep, &sid, self.client, &e).await;
+                crate::endpoints::session::deny(&*self.ctx.audit, &ep, &sid, self.client, &e).await;
                 return Ok(());
             }
         };
         reply.accept().await;
         let sftp = matches!(
-            ep.scope(&self.gw),
+            self.ctx.scope_of(&ep),
             Some(endpoint_types::resource::ResourceScope::Ssh { sftp: true, .. })
         );
         let (tx, rx) = mpsc::channel(64);
@@ -230,15 +235,15 @@ impl russh::server::Handler for Conn {
                 tx,
             },
         );
-        let ctx = relay::ChannelCtx {
-            gw: self.gw.clone(),
+        let channel_ctx = relay::ChannelCtx {
+            ctx: self.ctx.clone(),
             ep,
             client: self.client,
             login: self.login.clone(),
             slot,
             handle: session.handle(),
         };
-        self.gw.tasks.spawn(relay::run(ctx, channel, rx));
+        self.ctx.tasks.spawn(relay::run(channel_ctx, channel, rx));
         Ok(())
     }
 
