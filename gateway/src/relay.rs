@@ -2,14 +2,18 @@
 //! certificate yet) and tunnels (ALPN `postern/1`, mutual TLS).
 
 use crate::{
-    agents::AgentLink,
-    audit::Subject,
+    agents::{AgentLink, AgentRegistry},
+    audit::{AuditLog, Subject},
+    config::Limits,
     delivery::{Delivery, DeliveryError},
+    endpoints::{front_ends::FrontEndContext, Endpoints},
     framed::{write_frame, write_frame_within, FramedError, FramedRecv},
+    grants::Grants,
     identity,
-    server::Gateway,
+    ops::Ops,
+    store::Store,
 };
-use certs::Issued;
+use certs::{Ca, Issued};
 use endpoint_types::{
     api::EnrollResponse,
     frame::{
@@ -22,6 +26,7 @@ use endpoint_types::{
 use jiff::Timestamp;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// QUIC application close codes the gateway uses.
 pub mod close {
@@ -36,6 +41,23 @@ pub mod close {
 
 const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 const ENROLL_FRAME_MAX: usize = 64 * 1024;
+
+/// What the relay reaches: the services agents report to, the store for identities and
+/// presence, the CA, and the front ends (for reports about their sessions). Built by `server.rs`.
+#[derive(Debug)]
+pub struct Relay {
+    pub store: Store,
+    pub audit: Arc<AuditLog>,
+    pub ca: Arc<Ca>,
+    pub agents: Arc<AgentRegistry>,
+    pub grants: Arc<Grants>,
+    pub endpoint_service: Arc<Endpoints>,
+    pub ops: Arc<Ops>,
+    pub front: Arc<FrontEndContext>,
+    pub limits: Limits,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -56,7 +78,7 @@ pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::Tr
 /// it no longer knows with a stateless reset the agent recognises, and the agent reconnects at
 /// once instead of waiting out its idle timeout.
 pub fn bind(
-    gw: &Arc<Gateway>,
+    gw: &Arc<Relay>,
     server: &Issued,
     addr: SocketAddr,
     reset_key: &[u8],
@@ -100,7 +122,7 @@ pub fn bind(
     Ok(endpoint)
 }
 
-pub async fn serve(gw: Arc<Gateway>, endpoint: quinn::Endpoint) {
+pub async fn serve(gw: Arc<Relay>, endpoint: quinn::Endpoint) {
     loop {
         let incoming = tokio::select! {
             _ = gw.shutdown.cancelled() => break,
@@ -133,7 +155,7 @@ fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
     certs.first().map(|c| certs::fingerprint(c))
 }
 
-async fn handle_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
+async fn handle_connection(gw: Arc<Relay>, conn: quinn::Connection) {
     match alpn_of(&conn).as_deref() {
         Some(p) if p == ALPN_ENROLL => handle_enroll(gw, conn).await,
         Some(p) if p == ALPN_TUNNEL => handle_agent(gw, conn).await,
@@ -156,7 +178,7 @@ async fn send_error<F: SentByGateway>(send: &mut quinn::SendStream, error: &F) {
     }
 }
 
-async fn handle_enroll(gw: Arc<Gateway>, conn: quinn::Connection) {
+async fn handle_enroll(gw: Arc<Relay>, conn: quinn::Connection) {
     let remote = conn.remote_address();
     let Ok(Ok((mut send, recv))) =
         tokio::time::timeout(gw.limits.handshake_timeout, conn.accept_bi()).await
@@ -210,7 +232,7 @@ fn token_error(code: ErrorCode, message: &str) -> ApiError {
 }
 
 async fn enroll(
-    gw: &Gateway,
+    gw: &Relay,
     req: &endpoint_types::api::EnrollRequest,
     remote: SocketAddr,
 ) -> Result<EnrollResponse, ApiError> {
@@ -302,7 +324,7 @@ async fn enroll(
 }
 
 async fn refuse_agent(
-    gw: &Gateway,
+    gw: &Relay,
     conn: &quinn::Connection,
     code: u32,
     err: ApiError,
@@ -328,7 +350,7 @@ async fn refuse_agent(
     close_with(conn, code, &err);
 }
 
-async fn handle_agent(gw: Arc<Gateway>, conn: quinn::Connection) {
+async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
     let Some(fp) = peer_leaf_fingerprint(&conn) else {
         let e = ApiError::new(ErrorCode::Unauthenticated, "a client certificate is required on postern/1")
             .hint("enroll the agent first: postern-agent enroll --gateway HOST:PORT --token T --config FILE");
@@ -521,7 +543,7 @@ struct Control {
 }
 
 async fn control_loop(
-    gw: &Gateway,
+    gw: &Relay,
     conn: &quinn::Connection,
     appliance_id: &str,
     control: Control,

@@ -389,15 +389,28 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
+    let relay_state = Arc::new(crate::relay::Relay {
+        store: gateway.store.clone(),
+        audit: gateway.audit.clone(),
+        ca: gateway.ca.clone(),
+        agents: gateway.agents.clone(),
+        grants: gateway.grants.clone(),
+        endpoint_service: gateway.endpoint_service.clone(),
+        ops: gateway.ops.clone(),
+        front: gateway.front.clone(),
+        limits: gateway.limits.clone(),
+        shutdown: gateway.shutdown.clone(),
+        tasks: gateway.tasks.clone(),
+    });
     let relay_endpoint = {
         // quinn spawns its endpoint driver on the runtime current at creation.
         let _in_data_plane = gateway.data_plane.enter();
-        crate::relay::bind(&gateway, &server_tls, cfg.relay, &reset_key)
+        crate::relay::bind(&relay_state, &server_tls, cfg.relay, &reset_key)
             .with_context(|| format!("binding the relay on udp {}", cfg.relay))?
     };
     let relay = relay_endpoint.local_addr()?;
     gateway.tasks.spawn_on(
-        crate::relay::serve(gateway.clone(), relay_endpoint.clone()),
+        crate::relay::serve(relay_state, relay_endpoint.clone()),
         &gateway.data_plane,
     );
 
