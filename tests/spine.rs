@@ -1026,8 +1026,9 @@ fn full_sqlite_store_cuts_live_sessions_keeps_serving_and_recovers() -> Result<(
             back = echo_round_trip(fwd.listen, b"after").unwrap_or_default();
             back == b"after"
         }),
-        "new sessions did not work again: {back:?}; forwarder: {}",
-        fwd.log_text()
+        "new sessions did not work again: {back:?}; forwarder: {}\ngateway log: {}",
+        fwd.log_text(),
+        std::fs::read_to_string(&gw.log).unwrap_or_default()
     );
     eprintln!(
         "full store: sessions again {:?} after space came back",
