@@ -26,8 +26,9 @@ use tokio::runtime::Runtime;
 
 /// Bound on every agent applying what it was told (the grants, then their revocation).
 const APPLY_LIMIT: Duration = Duration::from_secs(120);
-/// Pause of the watcher when no trail had anything new.
-const WATCH_IDLE: Duration = Duration::from_millis(1);
+/// Pause of the watcher between passes over the trails: the resolution of the figures, and what
+/// keeps the watcher from taking a core from the gateway and the agents it measures.
+const WATCH_PAUSE: Duration = Duration::from_millis(2);
 
 pub struct Fanout {
     /// From the first revoke call to the last agent applying its revocation.
@@ -264,11 +265,9 @@ impl TrailWatch {
         let mut pending: Vec<usize> = (0..n).collect();
         let t0 = Instant::now();
         while !pending.is_empty() && t0.elapsed() < limit {
-            let mut progressed = false;
             let mut still = Vec::with_capacity(pending.len());
             for i in pending {
                 let lines = self.new_lines(i)?;
-                progressed |= !lines.is_empty();
                 let hit = lines
                     .iter()
                     .any(|e| e["kind"] == "grant.sync" && done(i, e));
@@ -279,9 +278,7 @@ impl TrailWatch {
                 }
             }
             pending = still;
-            if !progressed {
-                thread::sleep(WATCH_IDLE);
-            }
+            thread::sleep(WATCH_PAUSE);
         }
         Ok(at)
     }
