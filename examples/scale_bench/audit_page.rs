@@ -36,6 +36,20 @@ pub struct AuditFigures {
 }
 
 impl AuditFigures {
+    /// One line for the progress log, so the figures survive a later failure of the run.
+    pub fn summary(&self) -> String {
+        format!(
+            "first page {:.1} ms (again: {:.1} ms), last page {:.1} ms, one appliance {:.1} ms, CLI {:.1} ms; gateway RSS {} -> {} KiB",
+            self.first_page_ms,
+            self.first_page_p50_ms,
+            self.last_page_ms,
+            self.appliance_page_ms,
+            self.cli_ms,
+            self.rss_before_kib,
+            self.rss_after_kib
+        )
+    }
+
     pub fn put(&self, put: &mut impl FnMut(&str, Value)) {
         put("audit_records", json!(self.records));
         put("audit_seed_s", json!(round(self.seed_s, 1)));

@@ -777,6 +777,7 @@ fn bench_store(
             cfg.audit_records
         );
         let a = audit_page::measure(client, dir.path(), audit_store, cfg.audit_records)?;
+        eprintln!("scale_bench: [{label}]   {}", a.summary());
         Some(a)
     } else {
         None
