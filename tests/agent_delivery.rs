@@ -26,10 +26,15 @@ const RESOURCE: &str = "null_resource.echo";
 /// Gateway with short liveness limits (a stopped agent is dropped within seconds) and one
 /// enrolled, running, online agent with a tcp echo resource and an active operate grant.
 fn setup(dir: &Path) -> Result<(Gateway, Agent, String)> {
+    setup_with(dir, "3s")
+}
+
+/// [`setup`] with the agent counted as lost (and a command as overdue) after `lost_after`.
+fn setup_with(dir: &Path, lost_after: &str) -> Result<(Gateway, Agent, String)> {
     let config = dir.join("gateway.toml");
     std::fs::write(
         &config,
-        "data_dir = \"gw\"\napi = \"127.0.0.1:0\"\nrelay = \"127.0.0.1:0\"\n\n[limits]\nheartbeat_interval = \"1s\"\nagent_lost_after = \"3s\"\n",
+        format!("data_dir = \"gw\"\napi = \"127.0.0.1:0\"\nrelay = \"127.0.0.1:0\"\n\n[limits]\nheartbeat_interval = \"1s\"\nagent_lost_after = \"{lost_after}\"\n"),
     )?;
     let gw = Gateway::start_with_config(&dir.join("gw"), &config)?;
     let echo = echo_server()?;
@@ -462,6 +467,211 @@ fn a_burst_of_500_endpoint_changes_is_applied_at_the_agent_every_one_in_order() 
     );
     // All of it on the one connection: nothing was dropped and resent by a resync.
     assert_eq!(count_kind(&trail, "agent.connected"), connects_before);
+    let verified = agent.verify_trail()?;
+    assert!(verified.success, "{} {}", verified.json, verified.stderr);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control queue full: `AgentRegistry::send` cannot queue a command for a stopped agent and
+// drops its connection (RESYNC_CLOSE) instead of losing the command.
+
+const QUEUE_FULL_LOG: &str = "control queue full; dropping the connection";
+/// Grants the appliance holds before the agent is stopped. Every grant change sends the agent
+/// the whole set (about 170 bytes a grant), so with this many each revocation writes ~250 KiB
+/// and a few dozen use up the agent's 16 MiB stream window; the writer then waits and further
+/// commands queue. A stopped agent's QUIC connection idles out after 15 s, so the queue must fill
+/// well within that.
+const HELD_GRANTS: usize = 1500;
+/// Endpoints under the first grant: revoking it retires them all at once, one `EndpointClose`
+/// each, more than the 256 the queue holds.
+const ENDPOINTS: usize = 300;
+/// Bound on the revocations made to use up the stream window.
+const MAX_REVOKES: usize = 400;
+
+async fn request_grant(api: &Api, conn: &mut SendRequest<Full<Bytes>>) -> Result<String> {
+    let body = json!({
+        "app": APP, "customer": CUSTOMER, "level": "operate", "duration_s": 3600,
+        "reason": "queue-full test",
+    });
+    let g = api.post(conn, "/v1/grants", body).await?;
+    anyhow::ensure!(g["state"] == "active", "{g}");
+    id_of(&g)
+}
+
+async fn revoke_grant(api: &Api, conn: &mut SendRequest<Full<Bytes>>, id: &str) -> Result<()> {
+    let out = api
+        .post(conn, &format!("/v1/grants/{id}/revoke"), json!({}))
+        .await?;
+    anyhow::ensure!(out["state"] == "revoked", "{out}");
+    Ok(())
+}
+
+async fn create_endpoint(api: &Api, conn: &mut SendRequest<Full<Bytes>>) -> Result<String> {
+    let (_key, csr_pem) = certs::generate_key_and_csr("queue-full")?;
+    let ep = api
+        .post(
+            conn,
+            "/v1/endpoints",
+            json!({
+                "type": "tcp", "app": APP, "customer": CUSTOMER,
+                "origin_resource_id": RESOURCE, "ttl_s": 600,
+                "credential": {"type": "tcp", "csr_pem": csr_pem},
+            }),
+        )
+        .await?;
+    anyhow::ensure!(ep["state"] == "active", "{ep}");
+    id_of(&ep)
+}
+
+#[test]
+fn a_full_control_queue_drops_the_stopped_agent_which_resyncs_every_revocation_first() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    // A long ack deadline: the connection is dropped by the full queue, not by an overdue ack.
+    let (gw, mut agent, first_grant) = setup_with(dir.path(), "120s")?;
+    let api = Api::of(&gw)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut conn = rt.block_on(api.connect())?;
+    // Endpoints under the first grant, opened at the agent.
+    let mut endpoints = Vec::with_capacity(ENDPOINTS);
+    for _ in 0..ENDPOINTS {
+        endpoints.push(rt.block_on(create_endpoint(&api, &mut conn))?);
+    }
+    // Many grants, made while the agent is away so it gets them as one set when it is back.
+    agent.stop();
+    let mut live = Vec::with_capacity(HELD_GRANTS);
+    for _ in 0..HELD_GRANTS {
+        live.push(rt.block_on(request_grant(&api, &mut conn))?);
+    }
+    agent.run()?;
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
+    // The agent applied its full state (the grants, then the endpoints again) and is idle.
+    let mut before = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let was = before.len();
+            before = agent.trail().unwrap_or_default();
+            let Some(at) = before.iter().rposition(|e| e["kind"] == "agent.connected") else {
+                return false;
+            };
+            let now = &before[at..];
+            was == before.len()
+                && now
+                    .iter()
+                    .any(|e| e["kind"] == "grant.sync" && grant_ids(e).len() == HELD_GRANTS + 1)
+                && count_kind(now, "endpoint.opened") >= ENDPOINTS
+        }),
+        "the agent never applied the {HELD_GRANTS} grants and {ENDPOINTS} endpoints"
+    );
+    let connects_before = count_kind(&before, "agent.connected");
+
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    signal(pid, libc::SIGSTOP)?;
+    let stopped = Instant::now();
+    let resume = Resume(pid);
+    // Revocations, each one the whole remaining set, until the agent's stream window is used
+    // up and the gateway's writer waits; then the first grant, whose 300 endpoints are retired
+    // with it: more commands than the queue holds.
+    let gateway_log = || std::fs::read_to_string(&gw.log).unwrap_or_default();
+    let mut revoked = Vec::new();
+    while !gateway_log().contains(QUEUE_FULL_LOG) {
+        anyhow::ensure!(
+            revoked.len() < MAX_REVOKES && stopped.elapsed() < Duration::from_secs(12),
+            "{} revocations in {:?} and the queue never filled; gateway log:\n{}",
+            revoked.len(),
+            stopped.elapsed(),
+            gateway_log()
+        );
+        if revoked.len() == 80 {
+            rt.block_on(revoke_grant(&api, &mut conn, &first_grant))?;
+            revoked.push(first_grant.clone());
+        }
+        for _ in 0..10 {
+            let id = live.pop().ok_or_else(|| anyhow!("no grant left"))?;
+            rt.block_on(revoke_grant(&api, &mut conn, &id))?;
+            revoked.push(id);
+        }
+    }
+    eprintln!(
+        "queue full {:?} after the stop, {} revocations",
+        stopped.elapsed(),
+        revoked.len()
+    );
+    anyhow::ensure!(
+        revoked.contains(&first_grant),
+        "the queue filled before the endpoints were retired"
+    );
+    // Dropped at once: the registry forgot the connection.
+    let appliance = gw.appliance(&agent.appliance_id)?;
+    assert_eq!(appliance["online"], false, "{appliance}");
+    // Changes made after the drop reach only the store, which the resync reads.
+    for _ in 0..5 {
+        let id = live.pop().ok_or_else(|| anyhow!("no grant left"))?;
+        rt.block_on(revoke_grant(&api, &mut conn, &id))?;
+        revoked.push(id);
+    }
+    live.push(rt.block_on(request_grant(&api, &mut conn))?);
+    // Nothing the stopped agent could have written.
+    assert_eq!(agent.trail()?.len(), before.len());
+
+    drop(resume);
+    let mut trail = Vec::new();
+    let resynced = |trail: &[Value]| {
+        trail
+            .iter()
+            .rposition(|e| e["kind"] == "agent.connected")
+            .is_some_and(|at| {
+                at >= before.len() && trail[at..].iter().any(|e| e["kind"] == "grant.sync")
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            trail = agent.trail().unwrap_or_default();
+            count_kind(&trail, "agent.connected") > connects_before && resynced(&trail)
+        }),
+        "the agent never reconnected and resynchronised\nlog: {}",
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+    let after = &trail[before.len()..];
+    // On the new connection the first thing applied is the full state: every revocation,
+    // those made while the connection was being dropped and after it included, and every
+    // live grant: none lost with the queue.
+    let reconnect = after
+        .iter()
+        .rposition(|e| e["kind"] == "agent.connected")
+        .ok_or_else(|| anyhow!("no reconnect after the resume"))?;
+    let first = after
+        .get(reconnect + 1)
+        .ok_or_else(|| anyhow!("nothing applied after the reconnect"))?;
+    assert_eq!(first["kind"], "grant.sync", "{}", first["kind"]);
+    let mut held = grant_ids(first);
+    held.sort();
+    let stale = held.iter().filter(|g| revoked.contains(g)).count();
+    assert_eq!(stale, 0, "revoked grants still held after the resync");
+    let mut want = live.clone();
+    want.sort();
+    assert!(held == want, "the resynced grant set is not the live set");
+    // The retired endpoints stay closed: none is opened again on the new connection.
+    let reopened: Vec<&Value> = after[reconnect..]
+        .iter()
+        .filter(|e| {
+            e["kind"] == "endpoint.opened"
+                && e["endpoint_id"]
+                    .as_str()
+                    .is_some_and(|id| endpoints.iter().any(|x| x == id))
+        })
+        .collect();
+    assert!(reopened.is_empty(), "{reopened:#?}");
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(15)));
+    let recs = records(&gw)?;
+    assert!(
+        recs.iter().any(|r| r["kind"] == "agent.disconnected"
+            && r["appliance_id"] == agent.appliance_id.as_str()),
+        "the drop is not in the vendor trail"
+    );
     let verified = agent.verify_trail()?;
     assert!(verified.success, "{} {}", verified.json, verified.stderr);
     Ok(())

@@ -893,3 +893,199 @@ fn full_trail_disk_cuts_and_refuses_sessions_and_the_agent_recovers() -> Result<
     drop(disk);
     Ok(())
 }
+
+/// The vendor trail's store is the gateway's SQLite file, on a disk that fills up while a tcp
+/// session is live: the next record that cannot be written stops what it records (the new
+/// session is refused, not relayed) and takes the trail down, which cuts the live session; the
+/// gateway keeps answering what only reads the store and refuses what must write with a
+/// structured error; the agent stays connected. With space again the held records are written
+/// (the cut with reason `error`, the refusals, `audit.store_recovered`), sessions work and the
+/// chain verifies.
+#[test]
+fn full_sqlite_store_cuts_live_sessions_keeps_serving_and_recovers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("gw");
+    // Room for the database and its WAL; the filler takes the rest.
+    let Some(disk) = TinyDisk::mount(&data, "32m")? else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-store test did not run"
+        );
+        return Ok(());
+    };
+    let gw = Gateway::start(&data)?;
+    let echo = echo_server()?;
+    let app = "full-store-app";
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        app,
+        "acme-corp",
+        &tcp_resource(echo),
+    )?;
+    agent.run()?;
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
+    let grant = gw.request_operate(app, "acme-corp", "1h")?;
+    assert_eq!(grant["state"], "active", "{grant}");
+    let home = dir.path().join("home");
+    let ep = create_tcp_endpoint(&gw, &home, app)?;
+    let id = id_of(&ep);
+    let fwd = forwarder(&gw, &home, &ep)?;
+    let mut live = TcpStream::connect(fwd.listen)?;
+    live.set_read_timeout(Some(Duration::from_secs(20)))?;
+    live.write_all(b"tick")?;
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"tick");
+
+    let filler = disk.fill()?;
+    // A session's start is recorded before it is relayed: with the disk full that record
+    // fails and the session is refused. (A write that fits in space SQLite already holds, the
+    // WAL's tail, may still go through first: the loop is bounded by the WAL's size.)
+    let mut relayed_while_full = 0;
+    let mut refused = false;
+    for _ in 0..200 {
+        match one_echo(fwd.listen, b"while full") {
+            Some(back) => {
+                assert_eq!(back, b"while full");
+                relayed_while_full += 1;
+            }
+            None => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        refused,
+        "{relayed_while_full} sessions went ahead on a full disk and none was refused"
+    );
+    let down = Instant::now();
+    // The trail is down: the live session, writing nothing itself, is cut all the same.
+    let mut rest = Vec::new();
+    let _ = live.read_to_end(&mut rest);
+    assert!(
+        down.elapsed() < Duration::from_secs(10),
+        "the live session outlived the trail by {:?}",
+        down.elapsed()
+    );
+    // Still refused while the disk is full: nothing is relayed unrecorded.
+    assert_eq!(
+        one_echo(fwd.listen, b"still full"),
+        None,
+        "a session went ahead with the trail down"
+    );
+    // What only reads the store is still served; what must write is refused, structured.
+    let listed = gw.cli(&["appliance", "list"])?.ok()?;
+    assert!(
+        listed["appliances"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x["appliance_id"] == agent.appliance_id.as_str() && x["online"] == true)),
+        "{listed}"
+    );
+    let write = gw.cli(&[
+        "access",
+        "request",
+        "--app",
+        app,
+        "--customer",
+        "acme-corp",
+        "--level",
+        "operate",
+        "--duration",
+        "1h",
+        "--reason",
+        "while full",
+    ])?;
+    assert!(
+        !write.success,
+        "a grant was stored on a full disk: {}",
+        write.json
+    );
+    assert!(
+        write.error_code().is_some(),
+        "not a structured error: {} {}",
+        write.json,
+        write.stderr
+    );
+    assert!(
+        agent
+            .pid()
+            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()),
+        "the agent exited"
+    );
+    eprintln!(
+        "full store: {relayed_while_full} sessions fit before the refusal; cut after {:?}",
+        down.elapsed()
+    );
+
+    std::fs::remove_file(&filler)?;
+    let freed = Instant::now();
+    let mut back = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            back = echo_round_trip(fwd.listen, b"after").unwrap_or_default();
+            back == b"after"
+        }),
+        "new sessions did not work again: {back:?}; forwarder: {}\ngateway log: {}",
+        fwd.log_text(),
+        std::fs::read_to_string(&gw.log).unwrap_or_default()
+    );
+    eprintln!(
+        "full store: sessions again {:?} after space came back",
+        freed.elapsed()
+    );
+    let mut records = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            records = audit_kinds(&gw).unwrap_or_default();
+            records.iter().any(|r| r["kind"] == "audit.store_recovered")
+        }),
+        "{records:#?}"
+    );
+    let mine = |kind: &str| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["kind"] == kind && r["endpoint_id"] == id.as_str())
+            .collect()
+    };
+    assert!(
+        mine("session.closed")
+            .iter()
+            .any(|r| r["detail"]["reason"] == "error"),
+        "the cut session's end, held through the outage: {records:#?}"
+    );
+    assert!(
+        mine("denied").iter().any(|r| r["detail"]["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("vendor audit trail cannot be written"))),
+        "the refusal, with its reason: {records:#?}"
+    );
+    // Every session that was relayed is recorded as opened and as closed: nothing unrecorded.
+    let opened: Vec<&str> = mine("session.opened")
+        .iter()
+        .filter_map(|r| r["session_id"].as_str())
+        .collect();
+    let closed: Vec<&str> = mine("session.closed")
+        .iter()
+        .filter_map(|r| r["session_id"].as_str())
+        .collect();
+    assert!(
+        opened.len() >= relayed_while_full + 2,
+        "{} sessions opened in the trail",
+        opened.len()
+    );
+    for s in &opened {
+        assert!(
+            wait_until(Duration::from_secs(10), || closed.contains(s) || {
+                audit_kinds(&gw)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|r| r["kind"] == "session.closed" && r["session_id"] == *s)
+            }),
+            "session {s} has no end in the trail"
+        );
+    }
+    let verified = gw.cli(&["audit", "verify"])?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    Ok(())
+}

@@ -35,6 +35,21 @@
 //!   kubectl --wait` (a process per op; the CLI polls every 250 ms).
 //!   The throwaway PostgreSQL cluster runs with `fsync=off` (see `src/pg_cluster.rs`), so the
 //!   `_postgres` op figures do not pay for durable commits; the SQLite ones do.
+//! - Revocation fan-out (`revocation.rs`), on the restarted gateway with all N agents: each
+//!   appliance gets an operate grant, then the N grants are revoked in a burst (`POST
+//!   /v1/grants/ID/revoke`, what `postern access revoke` calls, from `SCALE_BENCH_REVOKE_CLIENTS`
+//!   kept-alive clients). `revocation_fanout_ms`: from the first revoke call until every agent
+//!   has applied its revocation, observed at the agents (the `grant.sync` each one records in its
+//!   customer trail once the new grant set took effect); `revocation_api_ms`: until the last
+//!   call answered; `revocation_p50_ms` / `revocation_p99_ms`: per grant, from its call to its
+//!   agent applying it.
+//! - The first page of a long vendor trail (`audit_page.rs`), on a gateway of its own whose
+//!   store is seeded with `SCALE_BENCH_AUDIT_RECORDS` records by one bulk insert:
+//!   `audit_first_page_ms` (the first `GET /v1/audit` after the restart, a page of 1000, what
+//!   `postern audit list --limit 1000` asks), `audit_first_page_p50_ms` (the same call again),
+//!   `audit_last_page_ms` (the page at the far end, by `after_seq`), `audit_appliance_page_ms`
+//!   (one appliance's first page), `audit_first_page_cli_ms` (the CLI process, start to exit),
+//!   and the gateway's RSS before and after (`audit_rss_before_kib`, `audit_rss_after_kib`).
 //!
 //! Environment:
 //! - `SCALE_BENCH_AGENTS`: N (default 1000).
@@ -43,9 +58,14 @@
 //! - `SCALE_BENCH_CONCURRENCY`: clients in the throughput run (default 8).
 //! - `SCALE_BENCH_POLL_MS`: poll interval of the latency run (default 2); the throughput run
 //!   polls every `SCALE_BENCH_TPUT_POLL_MS` (default 10) so polling does not crowd out the work.
+//! - `SCALE_BENCH_REVOKE_CLIENTS`: concurrent revoking clients (default 8).
+//! - `SCALE_BENCH_AUDIT_RECORDS`: records in the long trail (default 1000000; 0 skips).
 //! - `SCALE_BENCH_STORES`: `sqlite,postgres` (default) or either one.
 //! - `SCALE_BENCH_LOG`: a tracing filter (e.g. `tunnel_client=info`) for the in-process agents'
 //!   logs on stderr; off by default.
+
+mod audit_page;
+mod revocation;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -100,6 +120,8 @@ struct Cfg {
     concurrency: usize,
     poll: Duration,
     tput_poll: Duration,
+    revoke_clients: usize,
+    audit_records: u64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -602,6 +624,7 @@ fn bench_store(
     client: &Runtime,
     label: &str,
     store: Option<&str>,
+    audit_store: Option<&str>,
     cfg: &Cfg,
     first: bool,
 ) -> Result<Map<String, Value>> {
@@ -724,12 +747,41 @@ fn bench_store(
     } else {
         None
     };
+    eprintln!(
+        "scale_bench: [{label}] revocation fan-out: {n} grants revoked by {} clients",
+        cfg.revoke_clients
+    );
+    let trails: Vec<PathBuf> = configs
+        .iter()
+        .map(|c| c.with_file_name("audit.jsonl"))
+        .collect();
+    let fanout = revocation::measure(client, &target, &trails, cfg.revoke_clients)
+        .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
+    eprintln!(
+        "scale_bench: [{label}]   all {n} applied {:.1} ms after the first call (calls answered in {:.1} ms; per grant p50 {:.1} ms, p99 {:.1} ms)",
+        fanout.total_ms,
+        fanout.api_ms,
+        percentile(&fanout.per_grant_ms, 50.0),
+        percentile(&fanout.per_grant_ms, 99.0)
+    );
     let exited_end = fleet.exited();
 
     eprintln!("scale_bench: [{label}] stopping");
     fleet.stop(rt);
     drop(restarted);
     drop(gw);
+
+    let audit = if cfg.audit_records > 0 {
+        eprintln!(
+            "scale_bench: [{label}] first audit page over {} records",
+            cfg.audit_records
+        );
+        let a = audit_page::measure(client, dir.path(), audit_store, cfg.audit_records)?;
+        eprintln!("scale_bench: [{label}]   {}", a.summary());
+        Some(a)
+    } else {
+        None
+    };
 
     put("rss_idle_kib", json!(rss_idle));
     put("rss_enrolled_kib", json!(rss_enrolled));
@@ -779,6 +831,10 @@ fn bench_store(
         put("op_cli_p50_ms", json!(round(percentile(&c, 50.0), 1)));
         put("op_cli_p99_ms", json!(round(percentile(&c, 99.0), 1)));
     }
+    fanout.put(&mut put);
+    if let Some(a) = audit {
+        a.put(&mut put);
+    }
     Ok(out)
 }
 
@@ -790,6 +846,8 @@ fn main() -> Result<()> {
         concurrency: env_u64("SCALE_BENCH_CONCURRENCY", 8)? as usize,
         poll: Duration::from_millis(env_u64("SCALE_BENCH_POLL_MS", 2)?),
         tput_poll: Duration::from_millis(env_u64("SCALE_BENCH_TPUT_POLL_MS", 10)?),
+        revoke_clients: env_u64("SCALE_BENCH_REVOKE_CLIENTS", 8)? as usize,
+        audit_records: env_u64("SCALE_BENCH_AUDIT_RECORDS", 1_000_000)?,
     };
     if cfg.agents == 0 || cfg.ops == 0 || cfg.concurrency == 0 {
         bail!("SCALE_BENCH_AGENTS, SCALE_BENCH_OPS and SCALE_BENCH_CONCURRENCY must be at least 1");
@@ -846,27 +904,30 @@ fn main() -> Result<()> {
     out.insert("op_client".into(), json!("https"));
     out.insert("op_poll_ms".into(), json!(cfg.poll.as_millis() as u64));
     out.insert("ops_clients".into(), json!(cfg.concurrency));
+    out.insert("revoke_clients".into(), json!(cfg.revoke_clients));
     out.insert(
         "ops_poll_ms".into(),
         json!(cfg.tput_poll.as_millis() as u64),
     );
     let mut pg = None;
     for (i, store) in stores.iter().enumerate() {
-        let url = match *store {
+        let (url, audit_url) = match *store {
             "postgres" => {
                 eprintln!("scale_bench: starting a throwaway PostgreSQL cluster");
                 let cluster = postern::pg_cluster::shared();
                 let url = cluster.create_database("scale_bench");
+                let audit_url = cluster.create_database("scale_bench_audit");
                 pg = Some(cluster);
-                Some(url)
+                (Some(url), Some(audit_url))
             }
-            _ => None,
+            _ => (None, None),
         };
         out.extend(bench_store(
             &rt,
             &client,
             store,
             url.as_deref(),
+            audit_url.as_deref(),
             &cfg,
             i == 0,
         )?);
@@ -892,6 +953,25 @@ fn main() -> Result<()> {
             format!("op_p50_{store}"),
             json!(f("op_p50_ms").is_some_and(|v| v <= 50.0)),
         );
+        // Issue 15: every agent has applied a revocation within 1 s; the first page of a
+        // 1,000,000-record trail within 50 ms, memory flat.
+        goals.insert(
+            format!("revocation_fanout_{store}"),
+            json!(f("revocation_fanout_ms").is_some_and(|v| v <= 1000.0)),
+        );
+        if cfg.audit_records > 0 {
+            goals.insert(
+                format!("audit_first_page_{store}"),
+                json!(f("audit_first_page_ms").is_some_and(|v| v <= 50.0)),
+            );
+            // Flat: serving pages grew the gateway by less than 8 MiB.
+            goals.insert(
+                format!("audit_memory_flat_{store}"),
+                json!(f("audit_rss_after_kib")
+                    .zip(f("audit_rss_before_kib"))
+                    .is_some_and(|(after, before)| after - before <= 8192.0)),
+            );
+        }
     }
     out.insert("goals_met".into(), Value::Object(goals));
     out.insert("cores".into(), json!(cores));

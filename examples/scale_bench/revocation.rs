@@ -1,0 +1,285 @@
+//! Revocation fan-out: every appliance of the fleet holds an operate grant; the grants are
+//! revoked in a burst (`POST /v1/grants/ID/revoke`, what `postern access revoke` calls, from a
+//! few kept-alive connections at once) and the clock stops when every agent has applied its
+//! revocation.
+//!
+//! "Applied" is observed at the agents, not assumed from the API's answer: an agent records each
+//! grant set it applies in its customer trail (`grant.sync`, written after the set took effect
+//! and before the command is acknowledged), and a watcher thread tails every agent's trail for
+//! the first set without its grant.
+
+use super::{percentile, round, Api, ApiTarget, ADD_CONCURRENCY, CUSTOMER};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::{
+    fs::File,
+    io::Read,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+use tokio::runtime::Runtime;
+
+/// Bound on every agent applying what it was told (the grants, then their revocation).
+const APPLY_LIMIT: Duration = Duration::from_secs(120);
+/// Pause of the watcher between passes over the trails: the resolution of the figures, and what
+/// keeps the watcher from taking a core from the gateway and the agents it measures.
+const WATCH_PAUSE: Duration = Duration::from_millis(2);
+
+pub struct Fanout {
+    /// From the first revoke call to the last agent applying its revocation.
+    pub total_ms: f64,
+    /// From the first revoke call to the last one answered.
+    pub api_ms: f64,
+    /// Per grant, from its revoke call to its agent applying it; sorted.
+    pub per_grant_ms: Vec<f64>,
+}
+
+impl Fanout {
+    pub fn put(&self, put: &mut impl FnMut(&str, Value)) {
+        put("revocation_fanout_ms", json!(round(self.total_ms, 1)));
+        put("revocation_api_ms", json!(round(self.api_ms, 1)));
+        put(
+            "revocation_p50_ms",
+            json!(round(percentile(&self.per_grant_ms, 50.0), 1)),
+        );
+        put(
+            "revocation_p99_ms",
+            json!(round(percentile(&self.per_grant_ms, 99.0), 1)),
+        );
+    }
+}
+
+/// Grants `app-{i}` an operate grant for each agent trail `trails[i]`, waits until every agent
+/// holds it, then revokes them all from `concurrency` clients and times the fan-out.
+pub fn measure(
+    client: &Runtime,
+    target: &ApiTarget,
+    trails: &[PathBuf],
+    concurrency: usize,
+) -> Result<Fanout> {
+    let n = trails.len();
+    let grants = request_grants(client, target, n)?;
+    let mut watch = TrailWatch::open(trails)?;
+    let held = watch.until(APPLY_LIMIT, |i, sync| {
+        grant_ids(sync).contains(&grants[i].as_str())
+    })?;
+    if held.iter().any(Option::is_none) {
+        bail!(
+            "{} of {n} agents never applied their grant within {APPLY_LIMIT:?}",
+            held.iter().filter(|h| h.is_none()).count()
+        );
+    }
+
+    let grants = Arc::new(grants);
+    let watcher = {
+        let grants = grants.clone();
+        thread::spawn(move || {
+            watch.until(APPLY_LIMIT, |i, sync| {
+                !grant_ids(sync).contains(&grants[i].as_str())
+            })
+        })
+    };
+    let t0 = Instant::now();
+    let calls = revoke_all(client, target, &grants, concurrency)?;
+    let api_ms = calls
+        .iter()
+        .map(|(_, _, end)| end.duration_since(t0))
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64()
+        * 1000.0;
+    let applied = watcher
+        .join()
+        .map_err(|_| anyhow!("the trail watcher panicked"))??;
+    let missing = applied.iter().filter(|a| a.is_none()).count();
+    if missing > 0 {
+        bail!("{missing} of {n} agents never applied their revocation within {APPLY_LIMIT:?}");
+    }
+    let last = applied.iter().flatten().max().copied().unwrap_or(t0);
+    let mut per_grant_ms: Vec<f64> = calls
+        .iter()
+        .filter_map(|(i, start, _)| {
+            applied
+                .get(*i)
+                .copied()
+                .flatten()
+                .map(|at| at.saturating_duration_since(*start).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    per_grant_ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(Fanout {
+        total_ms: last.duration_since(t0).as_secs_f64() * 1000.0,
+        api_ms,
+        per_grant_ms,
+    })
+}
+
+/// One operate grant per appliance (active at once under the agents' automatic policy).
+fn request_grants(client: &Runtime, target: &ApiTarget, n: usize) -> Result<Vec<String>> {
+    let ids: Vec<(usize, String)> = client.block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..ADD_CONCURRENCY.min(n.max(1)) {
+            let (next, target) = (next.clone(), target.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut api = Api::new(&target);
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return anyhow::Ok(out);
+                    }
+                    let g = api
+                        .post(
+                            "/v1/grants",
+                            json!({
+                                "app": format!("app-{i}"), "customer": CUSTOMER, "level": "operate",
+                                "duration_s": 7200, "reason": "scale bench: revocation fan-out",
+                            }),
+                        )
+                        .await?;
+                    if g["state"] != "active" {
+                        bail!("the grant for app-{i} is not active: {g}");
+                    }
+                    let id = g["id"].as_str().ok_or_else(|| anyhow!("no id in {g}"))?;
+                    out.push((i, id.to_string()));
+                }
+            }));
+        }
+        let mut all = Vec::with_capacity(n);
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        anyhow::Ok(all)
+    })?;
+    let mut grants = vec![String::new(); n];
+    for (i, id) in ids {
+        grants[i] = id;
+    }
+    Ok(grants)
+}
+
+/// Revokes every grant from `concurrency` kept-alive clients; returns (agent index, call
+/// start, call end) per grant.
+fn revoke_all(
+    client: &Runtime,
+    target: &ApiTarget,
+    grants: &Arc<Vec<String>>,
+    concurrency: usize,
+) -> Result<Vec<(usize, Instant, Instant)>> {
+    client.block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency.clamp(1, grants.len().max(1)) {
+            let (next, target, grants) = (next.clone(), target.clone(), grants.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut api = Api::new(&target);
+                // Connected before the clock starts, as an operator's session would be.
+                api.get("/v1/whoami").await?;
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(id) = grants.get(i) else {
+                        return anyhow::Ok(out);
+                    };
+                    let start = Instant::now();
+                    let r = api
+                        .post(&format!("/v1/grants/{id}/revoke"), json!({}))
+                        .await
+                        .with_context(|| format!("revoking the grant of app-{i}"))?;
+                    if r["state"] != "revoked" {
+                        bail!("revoking {id}: {r}");
+                    }
+                    out.push((i, start, Instant::now()));
+                }
+            }));
+        }
+        let mut all = Vec::with_capacity(grants.len());
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        anyhow::Ok(all)
+    })
+}
+
+fn grant_ids(sync: &Value) -> Vec<&str> {
+    sync["detail"]["grants"]
+        .as_array()
+        .map(|g| g.iter().filter_map(|x| x["grant_id"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+/// Tails every agent's customer trail (JSON lines, appended by the agent) from where it was
+/// last read.
+struct TrailWatch {
+    files: Vec<(File, Vec<u8>)>,
+}
+
+impl TrailWatch {
+    fn open(trails: &[PathBuf]) -> Result<TrailWatch> {
+        let files = trails
+            .iter()
+            .map(|p| {
+                File::open(p)
+                    .with_context(|| format!("opening {}", p.display()))
+                    .map(|f| (f, Vec::new()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(TrailWatch { files })
+    }
+
+    /// The complete lines appended to trail `i` since the last call.
+    fn new_lines(&mut self, i: usize) -> Result<Vec<Value>> {
+        let (file, partial) = &mut self.files[i];
+        let had = partial.len();
+        file.read_to_end(partial)?;
+        if partial.len() == had {
+            return Ok(Vec::new());
+        }
+        let Some(end) = partial.iter().rposition(|b| *b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let complete: Vec<u8> = partial.drain(..=end).collect();
+        Ok(complete
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect())
+    }
+
+    /// When each agent first recorded a grant set (`grant.sync`) for which `done(i, entry)`
+    /// holds, reading only what was appended from now on; `None` for those that did not
+    /// within `limit`.
+    fn until(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(usize, &Value) -> bool,
+    ) -> Result<Vec<Option<Instant>>> {
+        let n = self.files.len();
+        let mut at = vec![None; n];
+        let mut pending: Vec<usize> = (0..n).collect();
+        let t0 = Instant::now();
+        while !pending.is_empty() && t0.elapsed() < limit {
+            let mut still = Vec::with_capacity(pending.len());
+            for i in pending {
+                let lines = self.new_lines(i)?;
+                let hit = lines
+                    .iter()
+                    .any(|e| e["kind"] == "grant.sync" && done(i, e));
+                if hit {
+                    at[i] = Some(Instant::now());
+                } else {
+                    still.push(i);
+                }
+            }
+            pending = still;
+            thread::sleep(WATCH_PAUSE);
+        }
+        Ok(at)
+    }
+}
