@@ -184,7 +184,16 @@ impl Store {
             &sqlite_url(&path),
             // One connection: SQLite has one writer anyway, and queueing in the pool is far cheaper
             // than SQLite's sleep-and-retry busy handler when many agents write at once.
-            AnyPoolOptions::new().max_connections(1).after_connect(|conn, _| {
+            AnyPoolOptions::new()
+                .max_connections(1)
+                // A COMMIT that fails on a full or read-only disk may be rolled back by SQLite
+                // itself; sqlx's ROLLBACK then fails and the connection keeps counting a
+                // transaction that no longer exists, refusing every later BEGIN. Such a
+                // connection is replaced, so the store recovers once the disk does.
+                .before_acquire(|conn, _| {
+                    Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
+                })
+                .after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL with synchronous=NORMAL: a crash of the gateway loses nothing; a power
                     // loss can lose the last commits but never breaks the audit chain. FULL made
