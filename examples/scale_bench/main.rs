@@ -61,6 +61,9 @@
 //! - `SCALE_BENCH_REVOKE_CLIENTS`: concurrent revoking clients (default 8).
 //! - `SCALE_BENCH_AUDIT_RECORDS`: records in the long trail (default 1000000; 0 skips).
 //! - `SCALE_BENCH_STORES`: `sqlite,postgres` (default) or either one.
+//! - `SCALE_BENCH_AGENT_DIRS=disk`: keep the agents' directories (and the trails each syncs by
+//!   group commit) on disk; by default they go to `/dev/shm` when it exists, since 1000 real
+//!   appliances would not share one disk (`agent_dirs` in the JSON says which).
 //! - `SCALE_BENCH_LOG`: a tracing filter (e.g. `tunnel_client=info`) for the in-process agents'
 //!   logs on stderr; off by default.
 
@@ -650,7 +653,29 @@ fn bench_store(
 
     eprintln!("scale_bench: [{label}] registering and enrolling {n} agents");
     let t0 = Instant::now();
-    let configs = enroll_fleet(rt, client, &gw, &target, &dir.path().join("agents"), n)
+    // The 1000 simulated appliances would each sync its trail to a disk of its own; sharing
+    // one disk's fsync among them measures that disk, not Postern. So their directories go to
+    // a tmpfs when there is one (`SCALE_BENCH_AGENT_DIRS=disk` keeps them on disk).
+    let on_disk = std::env::var("SCALE_BENCH_AGENT_DIRS").is_ok_and(|v| v == "disk");
+    let shm = Path::new("/dev/shm");
+    let agents_tmp = if !on_disk && shm.is_dir() {
+        tempfile::tempdir_in(shm).ok()
+    } else {
+        None
+    };
+    put(
+        "agent_dirs",
+        json!(if agents_tmp.is_some() {
+            "tmpfs"
+        } else {
+            "disk"
+        }),
+    );
+    let agents_root = match &agents_tmp {
+        Some(t) => t.path().to_path_buf(),
+        None => dir.path().join("agents"),
+    };
+    let configs = enroll_fleet(rt, client, &gw, &target, &agents_root, n)
         .with_context(|| format!("enrolling; gateway log (tail):\n{}", tail(&gw.log)))?;
     let enroll_s = t0.elapsed().as_secs_f64();
     let rss_enrolled = rss_kib(gw.pid())?;
