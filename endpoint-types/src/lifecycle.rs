@@ -13,6 +13,9 @@ use serde_json::json;
 
 pub mod endpoint;
 pub mod grant;
+pub mod transition;
+
+pub use transition::Machine;
 
 /// The command that gets operate access back, for hints. The reason is left for the operator
 /// to write: a hint must not invent one.
@@ -170,28 +173,36 @@ impl OpEvent {
     }
 }
 
-/// An event the op's state does not accept (a final state accepts none).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("an op in state {} cannot take the event {event}{}", .state.as_str(), if .state.is_final() { " (the op is finished)" } else { "" })]
-pub struct TransitionError {
-    pub state: OpState,
-    pub event: &'static str,
-}
+/// The op machine, as its refusals describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpMachine;
 
-impl TransitionError {
-    /// The refusal an operator or approver sees for this event on op `id`.
-    pub fn to_api_error(&self, id: &str) -> ApiError {
-        refusal(
-            "op",
-            id,
-            self.state.as_str(),
-            self.state.is_final(),
-            self.event,
-            "to run the command again, request a new op (`postern ops TOOL … --command …`)",
-            format!("`postern ops get {id}` shows the op; `postern approvals list` shows what waits for a decision"),
-        )
+impl Machine for OpMachine {
+    type State = OpState;
+    type Event = &'static str;
+    const RECORD: &'static str = "op";
+    const ARTICLE: &'static str = "an";
+    const ENDED_NOTE: &'static str = " (the op is finished)";
+    const AFTER_END: &'static str =
+        "to run the command again, request a new op (`postern ops TOOL … --command …`)";
+
+    fn state_name(state: OpState) -> &'static str {
+        state.as_str()
+    }
+    fn event_name(event: &'static str) -> &'static str {
+        event
+    }
+    fn is_final(state: OpState) -> bool {
+        state.is_final()
+    }
+    fn otherwise_hint(id: &str) -> String {
+        format!("`postern ops get {id}` shows the op; `postern approvals list` shows what waits for a decision")
     }
 }
+
+/// An event the op's state does not accept (a final state accepts none); `event` is the
+/// event's [`OpEvent::name`].
+pub type TransitionError = transition::TransitionError<OpMachine>;
 
 /// `CONFLICT` (HTTP 409) for an event a record's state does not take: an ended record never
 /// changes again, and a live one only takes the events its state allows. It names the record,
