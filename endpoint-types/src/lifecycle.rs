@@ -149,6 +149,9 @@ pub enum OpEvent {
     OutputApproved {
         by: String,
     },
+    /// An approver looked at held output (the agent sends a preview); it stays held. Only the
+    /// agent moves ops by it: the gateway's previews do not change the op.
+    OutputPreviewed,
 }
 
 impl OpEvent {
@@ -169,6 +172,7 @@ impl OpEvent {
             OpEvent::AgentDenied => "agent-denied",
             OpEvent::AgentLost => "agent-lost",
             OpEvent::OutputApproved { .. } => "output-approved",
+            OpEvent::OutputPreviewed => "output-previewed",
         }
     }
 }
@@ -247,7 +251,7 @@ pub fn refusal(
 ///                                                      --output-denied--> denied
 ///                                                      --expired--> expired
 /// ```
-/// `dispatched` keeps an approved op approved. An approved op may report its end without a
+/// `dispatched` keeps an approved op approved, `output-previewed` (the agent's) a held one held. An approved op may report its end without a
 /// start: the agent's `started` can be lost with a connection, its result (or held output,
 /// announced again on reconnect) is not. Final states accept nothing.
 pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError> {
@@ -288,6 +292,7 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::Running, E::AgentLost) => S::Failed,
 
         (S::OutputPendingApproval, E::OutputApproved { .. }) => S::OutputPendingApproval,
+        (S::OutputPendingApproval, E::OutputPreviewed) => S::OutputPendingApproval,
         (S::OutputPendingApproval, E::OutputReleased { exit_code: 0, .. }) => S::Completed,
         (S::OutputPendingApproval, E::OutputReleased { .. }) => S::Failed,
         (S::OutputPendingApproval, E::TimedOut) => S::TimedOut,
@@ -439,6 +444,7 @@ mod tests {
             OpEvent::AgentDenied,
             OpEvent::AgentLost,
             OpEvent::OutputApproved { by: by() },
+            OpEvent::OutputPreviewed,
         ]
     }
 
@@ -459,7 +465,8 @@ mod tests {
             | OpEvent::Expired
             | OpEvent::AgentDenied
             | OpEvent::AgentLost
-            | OpEvent::OutputApproved { .. } => {}
+            | OpEvent::OutputApproved { .. }
+            | OpEvent::OutputPreviewed => {}
         }
     }
 
@@ -545,6 +552,11 @@ mod tests {
                 S::OutputPendingApproval,
             ),
             (S::OutputPendingApproval, OpEvent::TimedOut, S::TimedOut),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputPreviewed,
+                S::OutputPendingApproval,
+            ),
             (
                 S::Running,
                 OpEvent::Finished {
@@ -645,7 +657,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(legal_count, 30, "every row of the table was reached");
+        assert_eq!(legal_count, 31, "every row of the table was reached");
     }
 
     #[test]
@@ -766,7 +778,7 @@ mod tests {
         let mut names: Vec<&str> = all_events().iter().map(OpEvent::name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 14);
+        assert_eq!(names.len(), 15);
     }
 
     // ---- grants ----

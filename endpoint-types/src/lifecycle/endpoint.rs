@@ -12,7 +12,7 @@
 //! can never be approved into an active endpoint.
 
 use super::Machine;
-use crate::{api::EndpointState};
+use crate::api::EndpointState;
 
 /// What happens to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

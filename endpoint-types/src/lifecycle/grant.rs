@@ -11,7 +11,7 @@
 //! `expires_at` and the clock ([`super::grant_state`]), so callers pass the state *at now*.
 
 use super::Machine;
-use crate::{control::GrantState};
+use crate::control::GrantState;
 
 /// What happens to a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

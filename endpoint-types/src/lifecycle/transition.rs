@@ -118,9 +118,21 @@ mod tests {
             "an endpoint in state retired cannot take the event approve (the endpoint has ended)"
         );
         for (api, record, state, event, ended) in [
-            (op.to_api_error("op_1"), "op", "completed", "output-released", true),
+            (
+                op.to_api_error("op_1"),
+                "op",
+                "completed",
+                "output-released",
+                true,
+            ),
             (gr.to_api_error("gr_1"), "grant", "active", "approve", false),
-            (ep.to_api_error("ep_1"), "endpoint", "retired", "approve", true),
+            (
+                ep.to_api_error("ep_1"),
+                "endpoint",
+                "retired",
+                "approve",
+                true,
+            ),
         ] {
             assert_eq!(api.code, ErrorCode::Conflict);
             let id = api.details["id"].as_str().unwrap().to_string();
