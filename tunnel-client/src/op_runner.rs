@@ -379,9 +379,7 @@ impl OpRunner {
         }
         let live: HashSet<&str> = grants
             .iter()
-            .filter(|g| {
-                g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at
-            })
+            .filter(|g| crate::grants::operate_grant_in_force(g, now))
             .map(|g| g.grant_id.as_str())
             .collect();
         for (op_id, r) in &state.running {
