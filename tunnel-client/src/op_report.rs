@@ -137,9 +137,7 @@ impl OpRunner {
             }
         }
     }
-}
 
-impl OpRunner {
     /// Moves a run's end through the op machine; false (and logged) when the machine refuses
     /// it: the op has already ended, and its end is not reported twice.
     fn end(&self, op_id: &str, event: &OpEvent) -> bool {
