@@ -3,7 +3,10 @@
 //! take is refused by the machine. (A child of `op_runner`: it shares the runner's private
 //! state.)
 
-use super::{report::not_found, OpRunner, Outbox};
+use super::{
+    report::{no_held_output, not_found},
+    OpRunner, Outbox,
+};
 use crate::{audit::Entry, op_ledger::NotMoved};
 use endpoint_types::{
     frame::{OpFinished, ToGateway},
@@ -132,18 +135,20 @@ impl OpRunner {
         self.send_all(vec![done], out);
     }
 
-    /// A fetch, release or destroy the op's state does not take: the customer's trail records
-    /// the denial (an op this process does not know is simply not found), and the gateway gets
-    /// the structured error.
+    /// A fetch, release or destroy the op's state does not take. The gateway gets the error it
+    /// always got (no held output: `NOT_FOUND`), with the machine's refusal (`id`, `record`,
+    /// `state`, `event`, `ended`) as its details; the customer's trail records the denial. An
+    /// op this process does not know is simply not found.
     fn refuse_output(&self, op_id: &str, actor: &str, action: &str, why: NotMoved, out: Outbox) {
-        let error = match why {
+        let refusal = match why {
             NotMoved::Unknown => {
                 self.send_all(vec![not_found(op_id)], out);
                 return;
             }
             NotMoved::Refused(e) => e.to_api_error(op_id),
         };
-        tracing::info!(op = %op_id, action, "refused: {}", error.message);
+        tracing::info!(op = %op_id, action, "refused: {}", refusal.message);
+        let error = no_held_output(op_id).details(refusal.details.clone());
         self.record(
             Entry::new(
                 "denied",
@@ -151,9 +156,9 @@ impl OpRunner {
                 json!({
                     "action": action,
                     "reason": error.code.as_str(),
-                    "message": error.message,
-                    "state": error.details["state"],
-                    "event": error.details["event"],
+                    "message": refusal.message,
+                    "state": refusal.details["state"],
+                    "event": refusal.details["event"],
                 }),
             )
             .op(op_id),

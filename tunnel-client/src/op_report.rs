@@ -154,12 +154,17 @@ impl OpRunner {
 pub(super) fn not_found(op_id: &str) -> ToGateway {
     ToGateway::OpRefused {
         op_id: op_id.to_string(),
-        error: ApiError::new(
-            ErrorCode::NotFound,
-            format!("no held output for op {op_id} in this appliance (released, destroyed, or the agent restarted)"),
-        )
-        .hint("`postern ops get ID` shows the op's state"),
+        error: no_held_output(op_id),
     }
+}
+
+/// The error for a preview, release or destroy of output this appliance does not hold.
+pub(super) fn no_held_output(op_id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no held output for op {op_id} in this appliance (released, destroyed, or the agent restarted)"),
+    )
+    .hint("`postern ops get ID` shows the op's state")
 }
 
 /// A finished op's output kept in the appliance until the customer decides.

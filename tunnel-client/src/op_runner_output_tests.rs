@@ -1,6 +1,7 @@
 //! Unit tests of `op_runner`'s held output against the op state machine: a preview, release
 //! or destroy of an op that is not holding output is refused by the machine, recorded in the
-//! customer's trail as `denied` and answered with a structured error.
+//! customer's trail as `denied` and answered with the structured error the gateway always got
+//! (`NOT_FOUND`), the machine's refusal in its details.
 use super::*;
 use endpoint_types::{api::AuditRecord, control::OpState};
 
@@ -151,18 +152,26 @@ async fn a_second_release_is_refused_by_the_machine_and_denied_in_the_trail() {
     let frames = until_end(&mut rx).await;
     assert_eq!(frames.len(), 1, "nothing is sent again: {frames:?}");
     let e = refusal(&frames);
-    assert_eq!(e.code, ErrorCode::Conflict);
-    assert_eq!(
-        e.message,
-        "op op_1 has ended as completed; nothing changes it any more (refused: output-approved)"
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(
+        e.message
+            .contains("released, destroyed, or the agent restarted"),
+        "{e}"
     );
-    assert_eq!(e.details["state"], "completed");
+    assert_eq!(
+        e.details,
+        json!({ "id": "op_1", "record": "op", "state": "completed", "event": "output-approved", "ended": true })
+    );
     let denied = rig.records("denied").await;
     assert_eq!(denied.len(), 1, "{denied:?}");
     assert_eq!(denied[0].op_id.as_deref(), Some("op_1"));
     assert_eq!(denied[0].actor, "ana@customer");
     assert_eq!(denied[0].detail["action"], "output.release");
-    assert_eq!(denied[0].detail["reason"], "CONFLICT");
+    assert_eq!(denied[0].detail["reason"], "NOT_FOUND");
+    assert_eq!(
+        denied[0].detail["message"],
+        "op op_1 has ended as completed; nothing changes it any more (refused: output-approved)"
+    );
     assert_eq!(denied[0].detail["state"], "completed");
     assert_eq!(rig.records("output.released").await.len(), 1);
 }
@@ -185,7 +194,8 @@ async fn destroying_after_release_or_destroy_is_refused() {
         tx.clone(),
     );
     let e = refusal(&until_end(&mut rx).await).clone();
-    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(e.details["state"], "completed");
     assert_eq!(e.details["event"], "output-denied");
     assert_eq!(rig.op_state("op_released"), Some(OpState::Completed));
 
@@ -211,8 +221,9 @@ async fn destroying_after_release_or_destroy_is_refused() {
             rig.runner.fetch("op_destroyed", tx.clone());
         }
         let e = refusal(&until_end(&mut rx).await).clone();
-        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(e.code, ErrorCode::NotFound);
         assert_eq!(e.details["state"], "denied");
+        assert_eq!(e.details["ended"], true);
     }
     let denied = rig.records("denied").await;
     let actions: Vec<&str> = denied
@@ -238,20 +249,33 @@ async fn output_of_an_op_that_is_not_holding_any_is_refused() {
         .destroy("op_run".into(), "ana@customer".into(), None, tx.clone());
     for event in ["output-previewed", "output-approved", "output-denied"] {
         let e = refusal(&until_end(&mut rx).await).clone();
-        assert_eq!(e.code, ErrorCode::Conflict);
+        assert_eq!(e.code, ErrorCode::NotFound);
         assert_eq!(
-            e.message,
-            format!("op op_run is running, which does not take {event}")
+            (e.details["state"].as_str(), e.details["event"].as_str()),
+            (Some("running"), Some(event))
         );
     }
     assert_eq!(rig.op_state("op_run"), Some(OpState::Running));
-    assert_eq!(rig.records("denied").await.len(), 3);
+    let denied = rig.records("denied").await;
+    let messages: Vec<&str> = denied
+        .iter()
+        .map(|r| r.detail["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "op op_run is running, which does not take output-previewed",
+            "op op_run is running, which does not take output-approved",
+            "op op_run is running, which does not take output-denied",
+        ]
+    );
 
     // An op this process never ran is not found, as before; no denial is recorded for it.
     rig.runner
         .release("op_unknown".into(), "ana@customer".into(), tx);
     let e = refusal(&until_end(&mut rx).await).clone();
     assert_eq!(e.code, ErrorCode::NotFound);
+    assert!(e.details.is_null(), "{e:?}");
     assert_eq!(rig.records("denied").await.len(), 3);
 }
 
