@@ -19,14 +19,13 @@ impl OpRunner {
     pub fn fetch(&self, op_id: &str, out: Outbox) {
         let frames = {
             let mut state = self.state();
-            match state.ops.apply(op_id, &OpEvent::OutputPreviewed) {
-                Ok(_) => state
-                    .held
-                    .get(op_id)
-                    .map(|h| h.frames(true, true))
-                    .ok_or(NotMoved::Unknown),
-                Err(e) => Err(e),
-            }
+            state
+                .ops
+                .apply(op_id, &OpEvent::OutputPreviewed)
+                .and_then(|_| {
+                    let held = state.held.get(op_id).ok_or(NotMoved::Unknown)?;
+                    Ok(held.frames(true, true))
+                })
         };
         let frames = match frames {
             Ok(frames) => frames,
@@ -56,10 +55,10 @@ impl OpRunner {
         };
         let held = {
             let mut state = self.state();
-            match state.ops.apply(&op_id, &approved) {
-                Ok(_) => state.held.remove(&op_id).ok_or(NotMoved::Unknown),
-                Err(e) => Err(e),
-            }
+            state
+                .ops
+                .apply(&op_id, &approved)
+                .and_then(|_| state.held.remove(&op_id).ok_or(NotMoved::Unknown))
         };
         let held = match held {
             Ok(held) => held,
