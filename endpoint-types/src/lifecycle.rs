@@ -13,6 +13,9 @@ use serde_json::json;
 
 pub mod endpoint;
 pub mod grant;
+pub mod transition;
+
+pub use transition::Machine;
 
 /// The command that gets operate access back, for hints. The reason is left for the operator
 /// to write: a hint must not invent one.
@@ -146,6 +149,9 @@ pub enum OpEvent {
     OutputApproved {
         by: String,
     },
+    /// An approver looked at held output (the agent sends a preview); it stays held. Only the
+    /// agent moves ops by it: the gateway's previews do not change the op.
+    OutputPreviewed,
 }
 
 impl OpEvent {
@@ -166,32 +172,41 @@ impl OpEvent {
             OpEvent::AgentDenied => "agent-denied",
             OpEvent::AgentLost => "agent-lost",
             OpEvent::OutputApproved { .. } => "output-approved",
+            OpEvent::OutputPreviewed => "output-previewed",
         }
     }
 }
 
-/// An event the op's state does not accept (a final state accepts none).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("an op in state {} cannot take the event {event}{}", .state.as_str(), if .state.is_final() { " (the op is finished)" } else { "" })]
-pub struct TransitionError {
-    pub state: OpState,
-    pub event: &'static str,
-}
+/// The op machine, as its refusals describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpMachine;
 
-impl TransitionError {
-    /// The refusal an operator or approver sees for this event on op `id`.
-    pub fn to_api_error(&self, id: &str) -> ApiError {
-        refusal(
-            "op",
-            id,
-            self.state.as_str(),
-            self.state.is_final(),
-            self.event,
-            "to run the command again, request a new op (`postern ops TOOL … --command …`)",
-            format!("`postern ops get {id}` shows the op; `postern approvals list` shows what waits for a decision"),
-        )
+impl Machine for OpMachine {
+    type State = OpState;
+    type Event = &'static str;
+    const RECORD: &'static str = "op";
+    const ARTICLE: &'static str = "an";
+    const ENDED_NOTE: &'static str = " (the op is finished)";
+    const AFTER_END: &'static str =
+        "to run the command again, request a new op (`postern ops TOOL … --command …`)";
+
+    fn state_name(state: OpState) -> &'static str {
+        state.as_str()
+    }
+    fn event_name(event: &'static str) -> &'static str {
+        event
+    }
+    fn is_final(state: OpState) -> bool {
+        state.is_final()
+    }
+    fn otherwise_hint(id: &str) -> String {
+        format!("`postern ops get {id}` shows the op; `postern approvals list` shows what waits for a decision")
     }
 }
+
+/// An event the op's state does not accept (a final state accepts none); `event` is the
+/// event's [`OpEvent::name`].
+pub type TransitionError = transition::TransitionError<OpMachine>;
 
 /// `CONFLICT` (HTTP 409) for an event a record's state does not take: an ended record never
 /// changes again, and a live one only takes the events its state allows. It names the record,
@@ -236,7 +251,7 @@ pub fn refusal(
 ///                                                      --output-denied--> denied
 ///                                                      --expired--> expired
 /// ```
-/// `dispatched` keeps an approved op approved. An approved op may report its end without a
+/// `dispatched` keeps an approved op approved, `output-previewed` (the agent's) a held one held. An approved op may report its end without a
 /// start: the agent's `started` can be lost with a connection, its result (or held output,
 /// announced again on reconnect) is not. Final states accept nothing.
 pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError> {
@@ -277,6 +292,7 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::Running, E::AgentLost) => S::Failed,
 
         (S::OutputPendingApproval, E::OutputApproved { .. }) => S::OutputPendingApproval,
+        (S::OutputPendingApproval, E::OutputPreviewed) => S::OutputPendingApproval,
         (S::OutputPendingApproval, E::OutputReleased { exit_code: 0, .. }) => S::Completed,
         (S::OutputPendingApproval, E::OutputReleased { .. }) => S::Failed,
         (S::OutputPendingApproval, E::TimedOut) => S::TimedOut,
@@ -428,6 +444,7 @@ mod tests {
             OpEvent::AgentDenied,
             OpEvent::AgentLost,
             OpEvent::OutputApproved { by: by() },
+            OpEvent::OutputPreviewed,
         ]
     }
 
@@ -448,7 +465,8 @@ mod tests {
             | OpEvent::Expired
             | OpEvent::AgentDenied
             | OpEvent::AgentLost
-            | OpEvent::OutputApproved { .. } => {}
+            | OpEvent::OutputApproved { .. }
+            | OpEvent::OutputPreviewed => {}
         }
     }
 
@@ -534,6 +552,11 @@ mod tests {
                 S::OutputPendingApproval,
             ),
             (S::OutputPendingApproval, OpEvent::TimedOut, S::TimedOut),
+            (
+                S::OutputPendingApproval,
+                OpEvent::OutputPreviewed,
+                S::OutputPendingApproval,
+            ),
             (
                 S::Running,
                 OpEvent::Finished {
@@ -634,7 +657,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(legal_count, 30, "every row of the table was reached");
+        assert_eq!(legal_count, 31, "every row of the table was reached");
     }
 
     #[test]
@@ -755,7 +778,7 @@ mod tests {
         let mut names: Vec<&str> = all_events().iter().map(OpEvent::name).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 14);
+        assert_eq!(names.len(), 15);
     }
 
     // ---- grants ----

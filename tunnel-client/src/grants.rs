@@ -2,10 +2,21 @@
 //! when. The gateway proposes (open, sync, close); the agent decides by its own clock.
 //!
 //! Pure state, `now` passed in; the control loop drives it and owns the timers.
+//!
+//! A live endpoint is `active` in the endpoint state machine shared with the gateway
+//! ([`endpoint_lifecycle::next`]); the agent ends it (closed by the gateway, its grant gone,
+//! its expiry passed) only by a move that machine allows, so an endpoint that has ended is not
+//! ended again under another reason. A grant is live by the same rule the gateway applies
+//! ([`grant_state`]: expired at `expires_at`), read with this appliance's clock.
 
 use endpoint_types::{
-    control::GrantLevel,
+    api::EndpointState,
+    control::GrantState,
     frame::{EndpointGrant, LiveGrant},
+    lifecycle::{
+        endpoint::{self as endpoint_lifecycle, EndpointEvent},
+        grant_authorises_ops, grant_state,
+    },
     resource::CloseReason,
 };
 use jiff::Timestamp;
@@ -17,6 +28,37 @@ use tokio_util::sync::CancellationToken;
 
 /// How many ended endpoints are remembered, to tell "retired"/"expired" from "never heard of".
 const ENDED_MEMORY: usize = 4096;
+
+/// The endpoint machine's event for ending an endpoint with `reason`: expiry, or retirement
+/// for every other end (retired by a person, its grant revoked, the connection gone).
+fn end_event(reason: CloseReason) -> EndpointEvent {
+    match reason {
+        CloseReason::Expired => EndpointEvent::Expire,
+        CloseReason::Retired
+        | CloseReason::Revoked
+        | CloseReason::Client
+        | CloseReason::Interrupted
+        | CloseReason::Error => EndpointEvent::Retire,
+    }
+}
+
+/// The state an endpoint that ended with `reason` is in.
+fn ended_state(reason: CloseReason) -> EndpointState {
+    match reason {
+        CloseReason::Expired => EndpointState::Expired,
+        _ => EndpointState::Retired,
+    }
+}
+
+/// Whether `g` is a live operate grant at `now` by this appliance's clock: in force since its
+/// approval, and not expired by the rule the gateway applies.
+pub fn operate_grant_in_force(g: &LiveGrant, now: Timestamp) -> bool {
+    g.approved_at <= now
+        && grant_authorises_ops(
+            g.level,
+            grant_state(GrantState::Active, Some(g.expires_at), now),
+        )
+}
 
 /// Cuts an endpoint's sessions, carrying why; the first reason given wins.
 #[derive(Debug, Clone, Default)]
@@ -108,10 +150,8 @@ impl LiveEndpoints {
     /// expiry by our clock is recorded as expired, whatever the gateway thinks.
     pub fn insert(&mut self, grant: EndpointGrant, now: Timestamp) -> bool {
         if grant.expires_at <= now {
-            if let Some(old) = self.live.remove(&grant.endpoint_id) {
-                old.cut.cut(CloseReason::Expired);
-            }
-            self.remember_ended(grant.endpoint_id, CloseReason::Expired);
+            // A live one ends as expired (its sessions cut); one never heard of is remembered so.
+            let _ = self.close(&grant.endpoint_id, CloseReason::Expired);
             return false;
         }
         self.ended.remove(&grant.endpoint_id);
@@ -172,17 +212,34 @@ impl LiveEndpoints {
         (added, removed)
     }
 
-    /// Ends an endpoint and cuts its sessions. `None` if it was not live.
+    /// The endpoint's state in this table: `active` while live, its end once ended, `None`
+    /// when the table never held it (or has forgotten it).
+    pub fn state_of(&self, endpoint_id: &str) -> Option<EndpointState> {
+        if self.live.contains_key(endpoint_id) {
+            return Some(EndpointState::Active);
+        }
+        self.ended.get(endpoint_id).copied().map(ended_state)
+    }
+
+    /// Ends a live endpoint and cuts its sessions, by the endpoint machine's move for
+    /// `reason`. `None` if it was not live: one that has ended keeps its end (the machine
+    /// refuses a second), one never heard of is remembered as ended with `reason`.
     pub fn close(&mut self, endpoint_id: &str, reason: CloseReason) -> Option<Removed> {
-        let live = self.live.remove(endpoint_id);
+        let Some(from) = self.state_of(endpoint_id) else {
+            self.remember_ended(endpoint_id.to_string(), reason);
+            return None;
+        };
+        if let Err(e) = endpoint_lifecycle::next(from, end_event(reason)) {
+            tracing::debug!(endpoint = %endpoint_id, reason = reason.as_str(), "not ending an endpoint again: {e}");
+            return None;
+        }
+        let live = self.live.remove(endpoint_id)?;
         self.remember_ended(endpoint_id.to_string(), reason);
-        live.map(|l| {
-            l.cut.cut(reason);
-            Removed {
-                endpoint_id: endpoint_id.to_string(),
-                reason,
-                grant: l.grant,
-            }
+        live.cut.cut(reason);
+        Some(Removed {
+            endpoint_id: endpoint_id.to_string(),
+            reason,
+            grant: live.grant,
         })
     }
 
@@ -244,9 +301,9 @@ impl LiveEndpoints {
 
     /// Whether `grant_id` names a live operate grant by our clock.
     pub fn operate_grant_live(&self, grant_id: Option<&str>, now: Timestamp) -> bool {
-        grant_id.and_then(|g| self.grants.get(g)).is_some_and(|g| {
-            g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at
-        })
+        grant_id
+            .and_then(|g| self.grants.get(g))
+            .is_some_and(|g| operate_grant_in_force(g, now))
     }
 
     /// The live operate grant with the latest expiry, if any (ops run under it).
@@ -300,7 +357,7 @@ impl LiveEndpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use endpoint_types::resource::EndpointType;
+    use endpoint_types::{control::GrantLevel, resource::EndpointType};
     use jiff::SignedDuration;
 
     fn t0() -> Timestamp {
@@ -442,6 +499,74 @@ mod tests {
         c.cut(CloseReason::Revoked);
         c.cut(CloseReason::Interrupted);
         assert_eq!(s.reason(), Some(CloseReason::Revoked));
+    }
+
+    #[test]
+    fn an_ended_endpoint_is_not_ended_again() {
+        let mut t = table();
+        t.insert(grant("a", 60), at(0));
+        assert_eq!(t.state_of("a"), Some(EndpointState::Active));
+        let due = t.expire_due(at(60));
+        assert_eq!(due.len(), 1);
+        assert_eq!(t.state_of("a"), Some(EndpointState::Expired));
+        // The gateway's close arrives after the agent's clock ended it: the machine refuses a
+        // second end, so nothing is cut or audited again and the first reason stays.
+        for reason in [
+            CloseReason::Retired,
+            CloseReason::Revoked,
+            CloseReason::Expired,
+        ] {
+            assert_eq!(t.close("a", reason), None);
+            assert!(matches!(
+                t.check("a", at(61)),
+                Liveness::Ended(CloseReason::Expired)
+            ));
+        }
+        // A grant announced expired for an endpoint that already ended keeps its end too.
+        t.insert(grant("b", 60), at(0));
+        assert_eq!(
+            t.close("b", CloseReason::Revoked).map(|r| r.reason),
+            Some(CloseReason::Revoked)
+        );
+        assert!(!t.insert(grant("b", 10), at(10)));
+        assert!(matches!(
+            t.check("b", at(10)),
+            Liveness::Ended(CloseReason::Revoked)
+        ));
+        assert_eq!(t.state_of("b"), Some(EndpointState::Retired));
+        // A close for an endpoint never held is remembered as the gateway said.
+        assert_eq!(t.close("c", CloseReason::Retired), None);
+        assert!(matches!(
+            t.check("c", at(0)),
+            Liveness::Ended(CloseReason::Retired)
+        ));
+        assert_eq!(t.state_of("never"), None);
+    }
+
+    #[test]
+    fn grants_are_live_by_the_gateways_expiry_rule_and_this_clock() {
+        let g = LiveGrant {
+            grant_id: "gr_1".into(),
+            level: GrantLevel::Operate,
+            approved_by: "bob@acme".into(),
+            approved_at: at(10),
+            expires_at: at(70),
+        };
+        assert!(
+            !operate_grant_in_force(&g, at(9)),
+            "not in force before its approval"
+        );
+        assert!(operate_grant_in_force(&g, at(10)));
+        assert!(operate_grant_in_force(&g, at(69)));
+        assert!(
+            !operate_grant_in_force(&g, at(70)),
+            "expired at expires_at exactly"
+        );
+        let deploy = LiveGrant {
+            level: GrantLevel::Deploy,
+            ..g
+        };
+        assert!(!operate_grant_in_force(&deploy, at(20)));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod enroll;
 pub mod grants;
 pub mod kube;
 pub mod op_credentials;
+pub mod op_ledger;
 pub mod op_output;
 pub mod op_psql;
 pub mod op_runner;

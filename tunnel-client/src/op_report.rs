@@ -5,6 +5,7 @@
 use super::{Authorized, OpRunner};
 use crate::{
     audit::Entry,
+    op_ledger::counted_exit_code,
     op_output::{output_frames, Forwarder},
     op_runner::Outbox,
     op_sandbox::OpDir,
@@ -12,6 +13,7 @@ use crate::{
 };
 use endpoint_types::{
     frame::{OpDispatch, OpFinished, ToGateway},
+    lifecycle::OpEvent,
     ApiError, ErrorCode,
 };
 use serde_json::json;
@@ -51,6 +53,9 @@ impl OpRunner {
             Ok(outcome) => outcome,
             Err(error) => {
                 tracing::warn!(op = %d.op_id, error = %error, "op did not run");
+                if !self.end(&d.op_id, &OpEvent::AgentRefused) {
+                    return;
+                }
                 self.record(
                     Entry::new("op.finished", d.operator.clone(), json!({ "held": false, "error": error.code.as_str(), "reason": error.message }))
                         .op(d.op_id.clone()),
@@ -67,6 +72,16 @@ impl OpRunner {
             }
         });
         let error = outcome.error(&spec, !auth.hold);
+        let ended = match (auth.hold, outcome.timed_out) {
+            (false, true) => OpEvent::TimedOut,
+            (output_held, _) => OpEvent::Finished {
+                exit_code: counted_exit_code(outcome.exit_code, error.is_some()),
+                output_held,
+            },
+        };
+        if !self.end(&d.op_id, &ended) {
+            return;
+        }
         let delivered = if auth.hold {
             true
         } else {
@@ -122,17 +137,34 @@ impl OpRunner {
             }
         }
     }
+
+    /// Moves a run's end through the op machine; false (and logged) when the machine refuses
+    /// it: the op has already ended, and its end is not reported twice.
+    fn end(&self, op_id: &str, event: &OpEvent) -> bool {
+        match self.state().ops.apply(op_id, event) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(op = %op_id, event = event.name(), error = ?e, "not reporting an end the op state machine refuses");
+                false
+            }
+        }
+    }
 }
 
 pub(super) fn not_found(op_id: &str) -> ToGateway {
     ToGateway::OpRefused {
         op_id: op_id.to_string(),
-        error: ApiError::new(
-            ErrorCode::NotFound,
-            format!("no held output for op {op_id} in this appliance (released, destroyed, or the agent restarted)"),
-        )
-        .hint("`postern ops get ID` shows the op's state"),
+        error: no_held_output(op_id),
     }
+}
+
+/// The error for a preview, release or destroy of output this appliance does not hold.
+pub(super) fn no_held_output(op_id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no held output for op {op_id} in this appliance (released, destroyed, or the agent restarted)"),
+    )
+    .hint("`postern ops get ID` shows the op's state")
 }
 
 /// A finished op's output kept in the appliance until the customer decides.
@@ -168,6 +200,20 @@ impl Held {
         frames.extend(output_frames(id, Stream::Stderr, &err, preview));
         frames.push(self.finished(held_after, preview));
         frames
+    }
+
+    /// The event that ends the op once its released output is all sent: as the gateway
+    /// counts it, timed out when the command ran out of time, otherwise released with its
+    /// exit code.
+    pub(super) fn released(&self, by: String) -> OpEvent {
+        if self.outcome.timed_out {
+            return OpEvent::TimedOut;
+        }
+        let failed = self.outcome.error(&self.spec, false).is_some();
+        OpEvent::OutputReleased {
+            by,
+            exit_code: counted_exit_code(self.outcome.exit_code, failed),
+        }
     }
 
     /// Overwrites the output before the memory is freed.

@@ -22,6 +22,7 @@ use crate::{
     audit::{AuditLog, Entry},
     config::AgentConfig,
     grants::LiveEndpoints,
+    op_ledger::{OpLedger, Remembered},
     op_output::Forwarder,
     op_sandbox::{Confinement, OpDir},
     ops::{self, OpOutcome, OpSpec, Stream},
@@ -29,7 +30,8 @@ use crate::{
 use bytes::Bytes;
 use endpoint_types::{
     control::{GrantLevel, OpTool},
-    frame::{LiveGrant, OpDispatch, OpFinished, ToGateway},
+    frame::{LiveGrant, OpDispatch, ToGateway},
+    lifecycle::OpEvent,
     policy::{Decision, Policy, PolicyError},
     resource::{ApprovalMode, ResourceKind},
     ApiError, ErrorCode,
@@ -37,7 +39,7 @@ use endpoint_types::{
 use jiff::Timestamp;
 use serde_json::json;
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     ffi::{OsStr, OsString},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
@@ -255,52 +257,34 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
     })
 }
 
-/// A bounded map that forgets its oldest entries.
-struct Remembered<V> {
-    map: HashMap<String, V>,
-    order: VecDeque<String>,
-}
-
-impl<V> Default for Remembered<V> {
-    fn default() -> Self {
-        Remembered {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-        }
-    }
-}
-
-impl<V> Remembered<V> {
-    fn insert(&mut self, key: String, value: V) -> bool {
-        let new = self.map.insert(key.clone(), value).is_none();
-        if new {
-            self.order.push_back(key);
-        }
-        while self.order.len() > REMEMBERED {
-            if let Some(old) = self.order.pop_front() {
-                self.map.remove(&old);
-            }
-        }
-        new
-    }
-}
-
 /// A running op, for cancelling it when its grant ends.
 struct Running {
     grant_id: String,
     cancel: CancellationToken,
 }
 
-#[derive(Default)]
 struct State {
     held: HashMap<String, Held>,
     running: HashMap<String, Running>,
-    /// Every op id this process started: a replay is refused.
-    dispatched: Remembered<()>,
+    /// Every op this process admitted, in its state: a replay is refused, and every move of
+    /// an op goes through the op state machine.
+    ops: OpLedger,
     /// Every grant announced, to name why an op's grant is not live.
     grants: Remembered<LiveGrant>,
     /// (app, customer) from the last hello, for hints.
     gateway: Option<(String, String)>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            held: HashMap::new(),
+            running: HashMap::new(),
+            ops: OpLedger::new(REMEMBERED),
+            grants: Remembered::new(REMEMBERED),
+            gateway: None,
+        }
+    }
 }
 
 struct Inner {
@@ -395,9 +379,7 @@ impl OpRunner {
         }
         let live: HashSet<&str> = grants
             .iter()
-            .filter(|g| {
-                g.level == GrantLevel::Operate && g.approved_at <= now && now < g.expires_at
-            })
+            .filter(|g| crate::grants::operate_grant_in_force(g, now))
             .map(|g| g.grant_id.as_str())
             .collect();
         for (op_id, r) in &state.running {
@@ -421,75 +403,17 @@ impl OpRunner {
             .spawn(async move { this.run_op(d, out).await });
     }
 
-    /// `OutputFetch`: the held output as a preview for an approver; it stays held.
-    pub fn fetch(&self, op_id: &str, out: Outbox) {
-        let frames = self.state().held.get(op_id).map(|h| h.frames(true, true));
-        let Some(frames) = frames else {
-            self.send_all(vec![not_found(op_id)], out);
-            return;
+    /// An admitted op that ends before it runs (its directory, role, proxy or credentials
+    /// could not be made): failed, or denied when the refusal is a permission one.
+    fn abandon(&self, op_id: &str, denial: bool) {
+        let event = if denial {
+            OpEvent::AgentDenied
+        } else {
+            OpEvent::AgentRefused
         };
-        self.record(
-            Entry::new(
-                "output.previewed",
-                self.inner.audit.agent_actor(),
-                json!({}),
-            )
-            .op(op_id),
-        );
-        self.send_all(frames, out);
-    }
-
-    /// `OutputRelease`: the customer let the output leave. Sent, then forgotten; kept if the
-    /// connection is lost before it is all queued, so a later release can send it again.
-    pub fn release(&self, op_id: String, approved_by: String, out: Outbox) {
-        let Some(held) = self.state().held.remove(&op_id) else {
-            self.send_all(vec![not_found(&op_id)], out);
-            return;
-        };
-        let detail = json!({
-            "approved_by": approved_by,
-            "stdout_bytes": held.outcome.stdout.len(),
-            "stderr_bytes": held.outcome.stderr.len(),
-        });
-        self.record(Entry::new("output.released", approved_by, detail).op(op_id.clone()));
-        let this = self.clone();
-        self.inner.tracker.spawn(async move {
-            for frame in held.frames(false, false) {
-                if out.send(frame).await.is_err() {
-                    tracing::warn!(op = %op_id, "connection lost while releasing held output; it stays held");
-                    this.state().held.entry(op_id).or_insert(held);
-                    return;
-                }
-            }
-            held.wipe();
-        });
-    }
-
-    /// `OutputDestroy`: the customer denied the output; it is overwritten and dropped.
-    pub fn destroy(&self, op_id: String, denied_by: String, message: Option<String>, out: Outbox) {
-        let Some(held) = self.state().held.remove(&op_id) else {
-            self.send_all(vec![not_found(&op_id)], out);
-            return;
-        };
-        let detail = json!({
-            "denied_by": denied_by,
-            "message": message,
-            "stdout_bytes": held.outcome.stdout.len(),
-            "stderr_bytes": held.outcome.stderr.len(),
-        });
-        held.wipe();
-        self.record(Entry::new("output.destroyed", denied_by, detail).op(op_id.clone()));
-        let done = ToGateway::OpFinished(OpFinished {
-            op_id,
-            held: false,
-            exit_code: None,
-            truncated: false,
-            timed_out: false,
-            error: None,
-            preview: false,
-            destroyed: true,
-        });
-        self.send_all(vec![done], out);
+        if let Err(e) = self.state().ops.apply(op_id, &event) {
+            tracing::error!(op = %op_id, error = ?e, "an op the state machine does not let end before it ran");
+        }
     }
 
     fn send_all(&self, frames: Vec<ToGateway>, out: Outbox) {
@@ -635,7 +559,7 @@ impl OpRunner {
             }
         };
         // A refused dispatch may come again (say, once a person approved it); one that ran may not.
-        if !self.state().dispatched.insert(d.op_id.clone(), ()) {
+        if !self.state().ops.admit(&d.op_id) {
             let e = ApiError::new(
                 ErrorCode::Conflict,
                 format!("op {} already ran in this appliance", d.op_id),
@@ -655,6 +579,7 @@ impl OpRunner {
                 .hint(
                     "check the agent's temporary directory (TMPDIR); the agent's log has the cause",
                 );
+                self.abandon(&d.op_id, false);
                 self.refuse(&d, Refusal::invalid(e), &out).await;
                 return;
             }
@@ -681,6 +606,7 @@ impl OpRunner {
                             "the appliance cannot prepare a database role for the op",
                         )
                         .hint("the database may be down; the appliance's agent log has the cause");
+                        self.abandon(&d.op_id, false);
                         self.refuse(&d, Refusal::invalid(e), &out).await;
                         return;
                     }
@@ -707,6 +633,7 @@ impl OpRunner {
                 match crate::kube::op_proxy::start(r, &auth.argv, dir.path(), sink).await {
                     Ok(k) => Some(k),
                     Err(e) => {
+                        self.abandon(&d.op_id, e.is_denial());
                         self.refuse(
                             &d,
                             Refusal {
@@ -770,6 +697,7 @@ impl OpRunner {
                 if let Some(role) = op_role {
                     role.drop_role().await;
                 }
+                self.abandon(&d.op_id, false);
                 self.refuse(&d, Refusal::invalid(e), &out).await;
                 return;
             }
@@ -792,6 +720,9 @@ impl OpRunner {
             )
             .op(d.op_id.clone()),
         );
+        if let Err(e) = self.state().ops.apply(&d.op_id, &OpEvent::Started) {
+            tracing::error!(op = %d.op_id, error = ?e, "an op the state machine does not let start");
+        }
         let _ = out
             .send(ToGateway::OpStarted {
                 op_id: d.op_id.clone(),
@@ -827,8 +758,14 @@ impl OpRunner {
 
 #[path = "op_report.rs"]
 mod report;
-use report::{held_notice, not_found, Held};
+use report::{held_notice, Held};
+#[path = "op_held.rs"]
+mod held;
 
 #[cfg(test)]
 #[path = "op_runner_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "op_runner_output_tests.rs"]
+mod output_tests;

@@ -789,8 +789,23 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
             "op.finished",
             "output.previewed",
             "output.previewed",
-            "output.released"
+            "output.released",
+            // The preview after the release: refused by the op state machine, and said so.
+            "denied"
         ]
+    );
+    let late = record(&records, "op_h1", "denied");
+    assert_eq!(
+        (
+            late.detail["action"].as_str(),
+            late.detail["state"].as_str(),
+            late.detail["event"].as_str()
+        ),
+        (
+            Some("output.preview"),
+            Some("completed"),
+            Some("output-previewed")
+        )
     );
     assert_eq!(
         record(&records, "op_h1", "op.finished").detail["held"],

@@ -11,8 +11,8 @@
 //! `denied`, `retired` and `expired` are end states: they take no event, so a retired request
 //! can never be approved into an active endpoint.
 
-use super::refusal;
-use crate::{api::EndpointState, error::ApiError};
+use super::Machine;
+use crate::api::EndpointState;
 
 /// What happens to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,28 +62,34 @@ pub fn is_final(state: EndpointState) -> bool {
     )
 }
 
-/// An event the endpoint's state does not accept (an end state accepts none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("an endpoint in state {} cannot take the event {}{}", .state.as_str(), .event.name(), if is_final(*.state) { " (the endpoint has ended)" } else { "" })]
-pub struct TransitionError {
-    pub state: EndpointState,
-    pub event: EndpointEvent,
-}
+/// The endpoint machine, as its refusals describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointMachine;
 
-impl TransitionError {
-    /// The refusal the caller sees for this event on endpoint `id`.
-    pub fn to_api_error(&self, id: &str) -> ApiError {
-        refusal(
-            "endpoint",
-            id,
-            self.state.as_str(),
-            is_final(self.state),
-            self.event.name(),
-            "its credentials are dead for good; for access again, the operator creates a new endpoint: postern ops endpoint create …",
-            format!("`postern ops endpoint get {id}` shows the endpoint; `postern approvals list` shows what waits for a decision"),
-        )
+impl Machine for EndpointMachine {
+    type State = EndpointState;
+    type Event = EndpointEvent;
+    const RECORD: &'static str = "endpoint";
+    const ARTICLE: &'static str = "an";
+    const ENDED_NOTE: &'static str = " (the endpoint has ended)";
+    const AFTER_END: &'static str = "its credentials are dead for good; for access again, the operator creates a new endpoint: postern ops endpoint create …";
+
+    fn state_name(state: EndpointState) -> &'static str {
+        state.as_str()
+    }
+    fn event_name(event: EndpointEvent) -> &'static str {
+        event.name()
+    }
+    fn is_final(state: EndpointState) -> bool {
+        is_final(state)
+    }
+    fn otherwise_hint(id: &str) -> String {
+        format!("`postern ops endpoint get {id}` shows the endpoint; `postern approvals list` shows what waits for a decision")
     }
 }
+
+/// An event the endpoint's state does not accept (an end state accepts none).
+pub type TransitionError = super::transition::TransitionError<EndpointMachine>;
 
 /// The endpoint state machine (see the module docs).
 pub fn next(state: EndpointState, event: EndpointEvent) -> Result<EndpointState, TransitionError> {

@@ -10,8 +10,8 @@
 //! `denied`, `expired` and `revoked` are end states: they take no event. Expiry is derived from
 //! `expires_at` and the clock ([`super::grant_state`]), so callers pass the state *at now*.
 
-use super::refusal;
-use crate::{control::GrantState, error::ApiError};
+use super::Machine;
+use crate::control::GrantState;
 
 /// What happens to a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,28 +61,34 @@ pub fn is_final(state: GrantState) -> bool {
     )
 }
 
-/// An event the grant's state does not accept (an end state accepts none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a grant in state {} cannot take the event {}{}", .state.as_str(), .event.name(), if is_final(*.state) { " (the grant has ended)" } else { "" })]
-pub struct TransitionError {
-    pub state: GrantState,
-    pub event: GrantEvent,
-}
+/// The grant machine, as its refusals describe it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantMachine;
 
-impl TransitionError {
-    /// The refusal the caller sees for this event on grant `id`.
-    pub fn to_api_error(&self, id: &str) -> ApiError {
-        refusal(
-            "grant",
-            id,
-            self.state.as_str(),
-            is_final(self.state),
-            self.event.name(),
-            "nothing to do for this grant; for access again, request a new one: postern access request --app APP --customer CUSTOMER --level operate --duration 30m --reason \"…\"",
-            format!("`postern access list` shows grant {id}; `postern approvals list` shows what waits for a decision"),
-        )
+impl Machine for GrantMachine {
+    type State = GrantState;
+    type Event = GrantEvent;
+    const RECORD: &'static str = "grant";
+    const ARTICLE: &'static str = "a";
+    const ENDED_NOTE: &'static str = " (the grant has ended)";
+    const AFTER_END: &'static str = "nothing to do for this grant; for access again, request a new one: postern access request --app APP --customer CUSTOMER --level operate --duration 30m --reason \"…\"";
+
+    fn state_name(state: GrantState) -> &'static str {
+        state.as_str()
+    }
+    fn event_name(event: GrantEvent) -> &'static str {
+        event.name()
+    }
+    fn is_final(state: GrantState) -> bool {
+        is_final(state)
+    }
+    fn otherwise_hint(id: &str) -> String {
+        format!("`postern access list` shows grant {id}; `postern approvals list` shows what waits for a decision")
     }
 }
+
+/// An event the grant's state does not accept (an end state accepts none).
+pub type TransitionError = super::transition::TransitionError<GrantMachine>;
 
 /// The grant state machine (see the module docs).
 pub fn next(state: GrantState, event: GrantEvent) -> Result<GrantState, TransitionError> {
