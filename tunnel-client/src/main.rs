@@ -156,7 +156,13 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
 async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
     tunnel_client::postgres::check_owner_roles(&config).await?;
-    if config.approvers.is_empty() {
+    if !config.approvers.is_empty() {
+        // Said plainly so that a customer does not believe their keys protect them yet.
+        tracing::warn!(
+            approvers = config.approvers.len(),
+            "[[approver]] keys are read and checked, but this version does not yet require signed decisions: a decision the policy reserves for a person is still taken on the gateway's word"
+        );
+    } else {
         tracing::warn!(
             config = %config_path.display(),
             "no [[approver]] keys in the config: a decision the policy reserves for a person is taken on the gateway's word, so a compromised vendor gateway could approve on its own; list your approvers' public keys (postern approvals key create prints one) to make your own keys the root of trust"
