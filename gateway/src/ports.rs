@@ -23,6 +23,13 @@ use std::sync::Arc;
 /// The time a service decides by; tests move it by hand.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Timestamp;
+
+    /// Now at the store's precision (milliseconds), so a record reads back exactly as it was
+    /// written and what is compared in memory agrees with what is kept.
+    fn stored_now(&self) -> Timestamp {
+        let now = self.now();
+        Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]

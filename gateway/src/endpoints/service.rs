@@ -260,11 +260,9 @@ impl Endpoints {
         }
     }
 
-    /// The clock's time at the store's precision (milliseconds), so what is kept and what is
-    /// compared in memory agree.
+    /// The clock's time at the store's precision (see [`Clock::stored_now`]).
     pub(super) fn now(&self) -> Timestamp {
-        let now = self.clock.now();
-        Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
+        self.clock.stored_now()
     }
 
     /// What an agent that (re)connects is told to open: its appliance's live endpoints.

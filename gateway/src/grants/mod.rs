@@ -119,11 +119,9 @@ impl Grants {
         }
     }
 
-    /// Now, at the store's precision (milliseconds), so a record reads back exactly as it was
-    /// written and shown.
+    /// Now, at the store's precision (see [`Clock::stored_now`]).
     fn stored_now(&self) -> Timestamp {
-        let now = self.clock.now();
-        Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
+        self.clock.stored_now()
     }
 
     async fn appliance_of(&self, app: &str, customer: &str) -> Result<ApplianceRow, ApiError> {

@@ -89,10 +89,9 @@ impl Ops {
         self
     }
 
-    /// Now, at the store's precision (milliseconds), so a record reads back as it was written.
+    /// Now, at the store's precision (see [`Clock::stored_now`]).
     fn now(&self) -> Timestamp {
-        let now = self.clock.now();
-        Timestamp::from_millisecond(now.as_millisecond()).unwrap_or(now)
+        self.clock.stored_now()
     }
 
     /// The op and its appliance, if the caller may see them; NOT_FOUND otherwise (an op of a
