@@ -332,6 +332,61 @@ impl Endpoints {
         }
     }
 
+    /// Ends what a revoked API token made that could still be used: its active endpoints end
+    /// with reason `revoked` (sessions cut, the credential refused by the front ends from now
+    /// on), and its pending ones expire (an approval would otherwise open a listener for a
+    /// credential its holder keeps). Returns how many endpoints were ended.
+    pub async fn end_all_created_by(&self, token_id: &str, caller: &Caller) -> usize {
+        let rows = match self.store.list_endpoints_with_owner(None).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(token = %token_id, error = %e, "could not list the token's endpoints to end them");
+                return 0;
+            }
+        };
+        let mut ended = 0;
+        let now = self.now();
+        for r in rows
+            .into_iter()
+            .map(|o| o.endpoint)
+            .filter(|e| e.created_by_id.as_deref() == Some(token_id))
+        {
+            match r.state {
+                EndpointState::Active => {
+                    if self
+                        .end(&r.id, CloseReason::Revoked, caller)
+                        .await
+                        .is_some()
+                    {
+                        ended += 1;
+                    }
+                }
+                EndpointState::PendingApproval => {
+                    if self
+                        .end_pending(&r.id, EndpointEvent::Expire, now)
+                        .await
+                        .is_ok()
+                    {
+                        ended += 1;
+                        self.audit
+                            .record(
+                                "endpoint.expired",
+                                &caller.actor(),
+                                Subject::endpoint(&r.appliance_id, &r.id),
+                                serde_json::json!({
+                                    "reason": "revoked", "sessions_cut": 0, "while": "pending approval",
+                                    "token_id": token_id,
+                                }),
+                            )
+                            .await;
+                    }
+                }
+                _ => {}
+            }
+        }
+        ended
+    }
+
     /// At start-up: endpoints the store says are active come back on their old address when it
     /// is free (a new one otherwise); those that expired while the gateway was down are marked
     /// so.

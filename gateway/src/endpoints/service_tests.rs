@@ -197,6 +197,7 @@ fn grant(id: &str, appliance_id: &str, expires_at: Option<Timestamp>) -> GrantRo
         level: GrantLevel::Operate,
         state: GrantState::Active,
         requested_by: "bob".into(),
+        requested_by_id: None,
         reason: "incident".into(),
         duration_ms: 3_600_000,
         requested_at: t0(),

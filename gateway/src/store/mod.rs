@@ -9,13 +9,13 @@ mod endpoint_list;
 mod grant_list;
 mod op_list;
 mod spine;
+mod tokens;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
-pub use spine::{
-    ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
-};
+pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
+pub use tokens::{TokenRevocation, TokenRow};
 
 use jiff::Timestamp;
 use sqlx::{
@@ -91,6 +91,11 @@ fn migrator() -> Migrator {
             4,
             "audit paging",
             include_str!("../../migrations/0004_audit_paging.sql"),
+        ),
+        m(
+            9,
+            "token lifetimes",
+            include_str!("../../migrations/0009_token_lifetimes.sql"),
         ),
     ])
 }
