@@ -15,15 +15,23 @@ use std::{
 };
 
 /// The start-up error when the store holds an admin but the data dir has no admin token file.
-pub fn missing_admin_token_message(path: &Path, data_dir: &Path) -> String {
-    format!(
-        "the store already holds an admin token but {} is missing; the gateway will not mint a new admin on its own. \
-         hint: mint one from an existing admin (`postern token create --role admin --name NAME`) and keep it safe, \
-         or on this host run `postern admin recover --data-dir {}` (add the same --store URL as the server if it uses one), \
-         which writes a new admin token to that file and records it in the audit trail",
-        path.display(),
-        data_dir.display()
-    )
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the store already holds an admin token but {} is missing; the gateway does not mint a new admin on its own", path.display())]
+pub struct MissingAdminToken {
+    pub path: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl MissingAdminToken {
+    pub fn hint(&self) -> String {
+        format!(
+            "mint one from an existing admin (`postern token create --role admin --name NAME`) and keep it safe, \
+             or on this host run `postern admin recover --data-dir {}` (with the server's --store URL if it uses one): \
+             it writes a new admin token to {} and records it in the audit trail",
+            self.data_dir.display(),
+            self.path.display()
+        )
+    }
 }
 
 /// Mints an admin token and writes it (0600) to `path`.

@@ -113,7 +113,7 @@ pub fn secret_matches(secret: &Secret, stored_hash: &str) -> bool {
 
 fn unauthenticated(message: &str) -> ApiError {
     ApiError::new(ErrorCode::Unauthenticated, message.to_string())
-        .hint("set POSTERN_TOKEN (or --token) to a token from `postern token create`, or the admin token file of `postern server`")
+        .hint("set POSTERN_TOKEN (or --token, or pick a --profile) to a token from `postern token create`, or the admin token file of `postern server`")
 }
 
 /// Resolves a bearer token to its caller.

@@ -246,9 +246,11 @@ async fn ensure_admin_token(store: &Store, dir: &DataDir) -> Result<()> {
         if path.exists() {
             return Ok(());
         }
-        bail!(crate::admin_recovery::missing_admin_token_message(
-            &path, &dir.0
-        ));
+        return Err(crate::admin_recovery::MissingAdminToken {
+            path: absolute(&path),
+            data_dir: absolute(&dir.0),
+        }
+        .into());
     }
     crate::admin_recovery::mint_admin_file(store, &path, "bootstrap-admin", None, "system:gateway")
         .await?;

@@ -365,9 +365,12 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     if args.store.is_some() {
         cfg.store = args.store;
     }
-    let running = server::start(cfg)
-        .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let running = server::start(cfg).await.map_err(|e| {
+        match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
+            Some(missing) => ApiError::invalid(missing.to_string()).hint(missing.hint()),
+            None => ApiError::internal(format!("{e:#}")),
+        }
+    })?;
     match out {
         OutputFormat::Json => print_json(&running.ready_json()),
         OutputFormat::Text => {
