@@ -71,20 +71,20 @@ fn tcp_endpoint_args(customer: &str) -> Vec<&str> {
 }
 
 fn token_in_list<'a>(list: &'a Value, id: &str) -> Option<&'a Value> {
-    list["tokens"]
-        .as_array()?
-        .iter()
-        .find(|t| t["id"] == id)
+    list["tokens"].as_array()?.iter().find(|t| t["id"] == id)
 }
 
 #[test]
-fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_customer() -> Result<()>
-{
+fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_customer() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, _agent) = setup(dir.path())?;
 
     // Names: unique among live tokens, never a system actor's.
-    let alice = create(&gw, &["--role", "operator", "--name", "alice@vendor.example"])?.ok()?;
+    let alice = create(
+        &gw,
+        &["--role", "operator", "--name", "alice@vendor.example"],
+    )?
+    .ok()?;
     let expires: jiff::Timestamp = alice["expires_at"]
         .as_str()
         .ok_or_else(|| anyhow!("no expiry: {alice}"))?
@@ -94,18 +94,48 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
         (in_90d - expires).abs() < jiff::SignedDuration::from_mins(10),
         "default lifetime is 90 days: {alice}"
     );
-    let dup = create(&gw, &["--role", "approver", "--name", "alice@vendor.example", "--customer", CUSTOMER])?;
+    let dup = create(
+        &gw,
+        &[
+            "--role",
+            "approver",
+            "--name",
+            "alice@vendor.example",
+            "--customer",
+            CUSTOMER,
+        ],
+    )?;
     assert_eq!(dup.error_code(), Some("CONFLICT"), "{:?}", dup.json);
     assert!(!dup.json["error"]["hint"].as_str().unwrap_or("").is_empty());
     for name in ["policy:x", "system:gateway", "agent:ap_1"] {
         let refused = create(&gw, &["--role", "operator", "--name", name])?;
-        assert_eq!(refused.error_code(), Some("INVALID_REQUEST"), "{name}: {:?}", refused.json);
+        assert_eq!(
+            refused.error_code(),
+            Some("INVALID_REQUEST"),
+            "{name}: {:?}",
+            refused.json
+        );
     }
-    let forever = create(&gw, &["--role", "operator", "--name", "ci-bot", "--ttl", "never"])?.ok()?;
+    let forever = create(
+        &gw,
+        &["--role", "operator", "--name", "ci-bot", "--ttl", "never"],
+    )?
+    .ok()?;
     assert_eq!(forever["expires_at"], Value::Null, "{forever}");
 
     // Expiry: a 2-second token is UNAUTHENTICATED, with a hint, once its time is up.
-    let short = create(&gw, &["--role", "operator", "--name", "short@vendor.example", "--ttl", "2s"])?.ok()?;
+    let short = create(
+        &gw,
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "short@vendor.example",
+            "--ttl",
+            "2s",
+        ],
+    )?
+    .ok()?;
     let short_token = secret(&short)?;
     let short_id = short["id"].as_str().unwrap_or_default().to_string();
     let mut last = None;
@@ -117,7 +147,10 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
     });
     assert!(expired, "the 2s token kept working: {last:?}");
     let err = &last.unwrap_or_default()["error"];
-    assert!(err["message"].as_str().unwrap_or("").contains("expired"), "{err}");
+    assert!(
+        err["message"].as_str().unwrap_or("").contains("expired"),
+        "{err}"
+    );
     assert!(
         err["hint"]
             .as_str()
@@ -125,16 +158,27 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
             .contains(&format!("postern token revoke {short_id}")),
         "{err}"
     );
-    for args in [&["appliance", "list"][..], &["audit", "list", "--limit", "1"]] {
-        assert_eq!(gw.cli_as(&short_token, args)?.error_code(), Some("UNAUTHENTICATED"));
+    for args in [
+        &["appliance", "list"][..],
+        &["audit", "list", "--limit", "1"],
+    ] {
+        assert_eq!(
+            gw.cli_as(&short_token, args)?.error_code(),
+            Some("UNAUTHENTICATED")
+        );
     }
 
     // Revocation: bob's endpoint works, then bob's token is revoked — every API route refuses
     // it at once, its credentials cannot be fetched, and the endpoint it made is cut.
     let bob = create(&gw, &["--role", "operator", "--name", "bob@vendor.example"])?.ok()?;
-    let (bob_token, bob_id) = (secret(&bob)?, bob["id"].as_str().unwrap_or_default().to_string());
+    let (bob_token, bob_id) = (
+        secret(&bob)?,
+        bob["id"].as_str().unwrap_or_default().to_string(),
+    );
     let home = dir.path().join("bob-home");
-    let ep = gw.cli_home_as(&bob_token, &home, &tcp_endpoint_args(CUSTOMER))?.ok()?;
+    let ep = gw
+        .cli_home_as(&bob_token, &home, &tcp_endpoint_args(CUSTOMER))?
+        .ok()?;
     let ep_id = ep["id"].as_str().unwrap_or_default().to_string();
     assert_eq!(ep["state"], "active", "{ep}");
     let fwd = Forwarder::start(&gw, &bob_token, &home, &ep_id)?;
@@ -150,7 +194,8 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
         token_in_list(&listed, &bob_id).is_some_and(|t| !t["last_used_at"].is_null()),
         "bob's last use is shown: {listed}"
     );
-    assert!(token_in_list(&listed, &bob_id).is_some_and(|t| t.get("token").is_none() && t.get("secret_hash").is_none()));
+    assert!(token_in_list(&listed, &bob_id)
+        .is_some_and(|t| t.get("token").is_none() && t.get("secret_hash").is_none()));
 
     let revoked = gw.cli(&["token", "revoke", &bob_id])?.ok()?;
     assert!(!revoked["revoked_at"].is_null(), "{revoked}");
@@ -163,9 +208,17 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
         &["token", "list"],
     ] {
         let out = gw.cli_home_as(&bob_token, &home, args)?;
-        assert_eq!(out.error_code(), Some("UNAUTHENTICATED"), "{args:?}: {:?}", out.json);
+        assert_eq!(
+            out.error_code(),
+            Some("UNAUTHENTICATED"),
+            "{args:?}: {:?}",
+            out.json
+        );
         assert!(
-            out.json["error"]["message"].as_str().unwrap_or("").contains("revoked")
+            out.json["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("revoked")
                 && !out.json["error"]["hint"].as_str().unwrap_or("").is_empty(),
             "{:?}",
             out.json
@@ -175,7 +228,10 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
     let mut rest = Vec::new();
     if let Err(e) = live.read_to_end(&mut rest) {
         assert!(
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "the live session outlived the revocation: {e}"
         );
     }
@@ -192,21 +248,76 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
     assert_ne!(bob2["id"], bob_id.as_str());
 
     // A customer-bound operator acts on its customer's appliances only.
-    let globex = create(&gw, &["--role", "operator", "--name", "gus@globex-ops", "--customer", "globex"])?.ok()?;
+    let globex = create(
+        &gw,
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "gus@globex-ops",
+            "--customer",
+            "globex",
+        ],
+    )?
+    .ok()?;
     let globex_token = secret(&globex)?;
     let gh = dir.path().join("gus-home");
     let refused = gw.cli_home_as(&globex_token, &gh, &tcp_endpoint_args(CUSTOMER))?;
-    assert_eq!(refused.error_code(), Some("FORBIDDEN"), "{:?}", refused.json);
+    assert_eq!(
+        refused.error_code(),
+        Some("FORBIDDEN"),
+        "{:?}",
+        refused.json
+    );
     let refused = gw.cli_as(
         &globex_token,
-        &["access", "request", "--app", APP, "--customer", CUSTOMER, "--level", "operate", "--duration", "10m", "--reason", "x"],
+        &[
+            "access",
+            "request",
+            "--app",
+            APP,
+            "--customer",
+            CUSTOMER,
+            "--level",
+            "operate",
+            "--duration",
+            "10m",
+            "--reason",
+            "x",
+        ],
     )?;
-    assert_eq!(refused.error_code(), Some("FORBIDDEN"), "{:?}", refused.json);
+    assert_eq!(
+        refused.error_code(),
+        Some("FORBIDDEN"),
+        "{:?}",
+        refused.json
+    );
     let seen = gw.cli_as(&globex_token, &["appliance", "list"])?.ok()?;
-    assert_eq!(seen["appliances"].as_array().map(Vec::len), Some(0), "{seen}");
-    let acme = create(&gw, &["--role", "operator", "--name", "ann@acme-ops", "--customer", CUSTOMER])?.ok()?;
+    assert_eq!(
+        seen["appliances"].as_array().map(Vec::len),
+        Some(0),
+        "{seen}"
+    );
+    let acme = create(
+        &gw,
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "ann@acme-ops",
+            "--customer",
+            CUSTOMER,
+        ],
+    )?
+    .ok()?;
     let acme_token = secret(&acme)?;
-    let ok = gw.cli_home_as(&acme_token, &dir.path().join("ann-home"), &tcp_endpoint_args(CUSTOMER))?.ok()?;
+    let ok = gw
+        .cli_home_as(
+            &acme_token,
+            &dir.path().join("ann-home"),
+            &tcp_endpoint_args(CUSTOMER),
+        )?
+        .ok()?;
     assert_eq!(ok["state"], "active", "{ok}");
     // Non-admins see only their own token.
     let own = gw.cli_as(&acme_token, &["token", "list"])?.ok()?;
@@ -237,12 +348,20 @@ fn server_refuses(data_dir: &Path) -> Result<Value> {
     if let Some(mut s) = child.stdout.take() {
         s.read_to_string(&mut out)?;
     }
-    assert!(status.is_some_and(|s| !s.success()), "the server started: {out}");
-    Ok(serde_json::from_str(out.trim().lines().next().unwrap_or(""))?)
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the server started: {out}"
+    );
+    Ok(serde_json::from_str(
+        out.trim().lines().next().unwrap_or(""),
+    )?)
 }
 
 /// Waits (bounded) for the child to exit by itself; SIGTERMs it past the limit.
-fn terminate_after(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+fn terminate_after(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Ok(Some(s)) = child.try_wait() {
@@ -266,9 +385,18 @@ fn a_missing_admin_token_stops_start_up_and_admin_recover_mints_a_new_one() -> R
 
     let refused = server_refuses(&data)?;
     let hint = refused["error"]["hint"].as_str().unwrap_or("");
-    assert!(hint.contains("postern token create --role admin"), "{refused}");
-    assert!(hint.contains("postern admin recover --data-dir"), "{refused}");
-    assert!(!file.exists(), "no admin was minted behind the operator's back");
+    assert!(
+        hint.contains("postern token create --role admin"),
+        "{refused}"
+    );
+    assert!(
+        hint.contains("postern admin recover --data-dir"),
+        "{refused}"
+    );
+    assert!(
+        !file.exists(),
+        "no admin was minted behind the operator's back"
+    );
 
     let run = |args: &[&str]| -> Result<CliOutput> {
         let out = Command::new(bin("postern")?)
@@ -300,7 +428,8 @@ fn a_missing_admin_token_stops_start_up_and_admin_recover_mints_a_new_one() -> R
             .as_array()
             .into_iter()
             .flatten()
-            .any(|r| r["kind"] == "token.recovered" && r["detail"]["token_id"] == recovered["token_id"]),
+            .any(|r| r["kind"] == "token.recovered"
+                && r["detail"]["token_id"] == recovered["token_id"]),
         "{records}"
     );
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
@@ -310,8 +439,15 @@ fn a_missing_admin_token_stops_start_up_and_admin_recover_mints_a_new_one() -> R
 /// `postern --output json ARGS` with only the environment given (no POSTERN_* inherited).
 fn cli_env(env: &[(&str, &str)], args: &[&str]) -> Result<CliOutput> {
     let mut cmd = Command::new(bin("postern")?);
-    cmd.args(["--output", "json"]).args(args).stdin(Stdio::null());
-    for k in ["POSTERN_ADDR", "POSTERN_TOKEN", "POSTERN_CA_FILE", "POSTERN_PROFILE"] {
+    cmd.args(["--output", "json"])
+        .args(args)
+        .stdin(Stdio::null());
+    for k in [
+        "POSTERN_ADDR",
+        "POSTERN_TOKEN",
+        "POSTERN_CA_FILE",
+        "POSTERN_PROFILE",
+    ] {
         cmd.env_remove(k);
     }
     for (k, v) in env {
@@ -342,41 +478,135 @@ fn profiles_name_a_gateway_and_environment_variables_win() -> Result<()> {
         gw.ca_file.to_string_lossy().to_string(),
         token_file.to_string_lossy().to_string(),
     );
-    let add = ["profile", "add", "prod", "--addr", &api, "--ca-file", &ca, "--token-file", &tf];
+    let add = [
+        "profile",
+        "add",
+        "prod",
+        "--addr",
+        &api,
+        "--ca-file",
+        &ca,
+        "--token-file",
+        &tf,
+    ];
 
     // A token file others can read is refused.
     let loose = cli_env(&env, &add)?;
-    assert_eq!(loose.error_code(), Some("INVALID_REQUEST"), "{:?}", loose.json);
-    assert!(loose.json["error"]["hint"].as_str().unwrap_or("").contains("chmod 600"));
+    assert_eq!(
+        loose.error_code(),
+        Some("INVALID_REQUEST"),
+        "{:?}",
+        loose.json
+    );
+    assert!(loose.json["error"]["hint"]
+        .as_str()
+        .unwrap_or("")
+        .contains("chmod 600"));
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
     let added = cli_env(&env, &add)?.ok()?;
     let config = xdg.join("postern/config.toml");
     assert_eq!(added["config"], config.to_string_lossy().as_ref());
     let text = std::fs::read_to_string(&config)?;
-    assert!(text.contains("[profiles.prod]") && !text.contains(&gw.admin_token), "{text}");
+    assert!(
+        text.contains("[profiles.prod]") && !text.contains(&gw.admin_token),
+        "{text}"
+    );
 
     // Without a profile or variables there is nothing to reach.
-    assert_eq!(cli_env(&env, &["whoami"])?.error_code(), Some("INVALID_REQUEST"));
+    assert_eq!(
+        cli_env(&env, &["whoami"])?.error_code(),
+        Some("INVALID_REQUEST")
+    );
     let by_flag = cli_env(&env, &["--profile", "prod", "whoami"])?.ok()?;
     assert_eq!(by_flag["role"], "admin");
     let by_env = cli_env(&[env[0], ("POSTERN_PROFILE", "prod")], &["whoami"])?.ok()?;
     assert_eq!(by_env["id"], by_flag["id"]);
 
     // The environment wins over the profile, setting by setting.
-    let op = gw.cli(&["token", "create", "--role", "operator", "--name", "olga@vendor.example"])?.ok()?;
+    let op = gw
+        .cli(&[
+            "token",
+            "create",
+            "--role",
+            "operator",
+            "--name",
+            "olga@vendor.example",
+        ])?
+        .ok()?;
     let op_token = secret(&op)?;
-    let as_op = cli_env(&[env[0], ("POSTERN_PROFILE", "prod"), ("POSTERN_TOKEN", &op_token)], &["whoami"])?.ok()?;
+    let as_op = cli_env(
+        &[
+            env[0],
+            ("POSTERN_PROFILE", "prod"),
+            ("POSTERN_TOKEN", &op_token),
+        ],
+        &["whoami"],
+    )?
+    .ok()?;
     assert_eq!(as_op["name"], "olga@vendor.example");
-    let elsewhere = cli_env(&[env[0], ("POSTERN_PROFILE", "prod"), ("POSTERN_ADDR", "127.0.0.1:1")], &["whoami"])?;
-    assert_eq!(elsewhere.error_code(), Some("GATEWAY_UNREACHABLE"), "{:?}", elsewhere.json);
+    let elsewhere = cli_env(
+        &[
+            env[0],
+            ("POSTERN_PROFILE", "prod"),
+            ("POSTERN_ADDR", "127.0.0.1:1"),
+        ],
+        &["whoami"],
+    )?;
+    assert_eq!(
+        elsewhere.error_code(),
+        Some("GATEWAY_UNREACHABLE"),
+        "{:?}",
+        elsewhere.json
+    );
 
     let unknown = cli_env(&env, &["--profile", "nope", "whoami"])?;
     assert_eq!(unknown.error_code(), Some("INVALID_REQUEST"));
-    assert!(unknown.json["error"]["hint"].as_str().unwrap_or("").contains("prod"));
+    assert!(unknown.json["error"]["hint"]
+        .as_str()
+        .unwrap_or("")
+        .contains("prod"));
     // A config with a key it does not know is an error naming it, not silently ignored.
     std::fs::write(&config, format!("{text}\ncolour = \"blue\"\n"))?;
     let typo = cli_env(&env, &["--profile", "prod", "whoami"])?;
     assert_eq!(typo.error_code(), Some("INVALID_REQUEST"));
-    assert!(typo.json["error"]["message"].as_str().unwrap_or("").contains("colour"), "{:?}", typo.json);
+    assert!(
+        typo.json["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("colour"),
+        "{:?}",
+        typo.json
+    );
+    Ok(())
+}
+
+/// The same rules on the PostgreSQL store (the migration's partial unique index, the
+/// revocation's table lock).
+#[test]
+fn token_rules_hold_on_the_postgresql_store() -> Result<()> {
+    let cluster = postern::pg_cluster::shared();
+    let url = cluster.create_database("tokens_rules");
+    let dir = tempfile::tempdir()?;
+    let gw = Gateway::start_with_store(&dir.path().join("gw"), &url)?;
+    let a = create(&gw, &["--role", "operator", "--name", "pat@vendor.example"])?.ok()?;
+    let dup = create(&gw, &["--role", "operator", "--name", "pat@vendor.example"])?;
+    assert_eq!(dup.error_code(), Some("CONFLICT"), "{:?}", dup.json);
+    let id = a["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        gw.cli_as(&secret(&a)?, &["whoami"])?.ok()?["id"],
+        id.as_str()
+    );
+    gw.cli(&["token", "revoke", &id])?.ok()?;
+    assert_eq!(
+        gw.cli_as(&secret(&a)?, &["whoami"])?.error_code(),
+        Some("UNAUTHENTICATED")
+    );
+    create(&gw, &["--role", "operator", "--name", "pat@vendor.example"])?.ok()?;
+    // The bootstrap admin is the only usable admin: it cannot revoke itself.
+    let me = gw.cli(&["whoami"])?.ok()?;
+    let last = gw.cli(&["token", "revoke", me["id"].as_str().unwrap_or_default()])?;
+    assert_eq!(last.error_code(), Some("CONFLICT"), "{:?}", last.json);
+    let list = gw.cli(&["token", "list"])?.ok()?;
+    assert_eq!(list["tokens"].as_array().map(Vec::len), Some(3), "{list}");
     Ok(())
 }
