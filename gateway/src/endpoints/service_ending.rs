@@ -351,40 +351,52 @@ impl Endpoints {
             .map(|o| o.endpoint)
             .filter(|e| e.created_by_id.as_deref() == Some(token_id))
         {
-            match r.state {
-                EndpointState::Active => {
-                    if self
-                        .end(&r.id, CloseReason::Revoked, caller)
-                        .await
-                        .is_some()
-                    {
-                        ended += 1;
-                    }
-                }
+            let done = match r.state {
+                EndpointState::Active => self
+                    .end(&r.id, CloseReason::Revoked, caller)
+                    .await
+                    .is_some(),
                 EndpointState::PendingApproval => {
-                    if self
-                        .end_pending(&r.id, EndpointEvent::Expire, now)
+                    self.expire_pending_of_revoked(&r, token_id, caller, now)
                         .await
-                        .is_ok()
-                    {
-                        ended += 1;
-                        self.audit
-                            .record(
-                                "endpoint.expired",
-                                &caller.actor(),
-                                Subject::endpoint(&r.appliance_id, &r.id),
-                                serde_json::json!({
-                                    "reason": "revoked", "sessions_cut": 0, "while": "pending approval",
-                                    "token_id": token_id,
-                                }),
-                            )
-                            .await;
-                    }
                 }
-                _ => {}
+                _ => false,
+            };
+            if done {
+                ended += 1;
             }
         }
         ended
+    }
+
+    /// A pending endpoint of a revoked token expires (recorded); false if it was no longer
+    /// pending.
+    async fn expire_pending_of_revoked(
+        &self,
+        r: &crate::store::EndpointRow,
+        token_id: &str,
+        caller: &Caller,
+        now: Timestamp,
+    ) -> bool {
+        if self
+            .end_pending(&r.id, EndpointEvent::Expire, now)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.audit
+            .record(
+                "endpoint.expired",
+                &caller.actor(),
+                Subject::endpoint(&r.appliance_id, &r.id),
+                serde_json::json!({
+                    "reason": "revoked", "sessions_cut": 0, "while": "pending approval",
+                    "token_id": token_id,
+                }),
+            )
+            .await;
+        true
     }
 
     /// At start-up: endpoints the store says are active come back on their old address when it

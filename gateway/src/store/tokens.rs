@@ -70,7 +70,8 @@ fn token_from(r: AnyRow) -> StoreResult<TokenRow> {
 }
 
 impl Store {
-    /// Stores a new token; false (nothing written) when a live token already has its name.
+    /// Stores a new token; false (nothing written) when a live token already has its name
+    /// (or, with odds of 2^-64, its random id: a unique key either way).
     pub async fn insert_token(&self, t: &TokenRow) -> StoreResult<bool> {
         let r = sqlx::query(
             "INSERT INTO api_tokens (id, name, role, customer, secret_hash, created_at, created_by, created_by_id, expires_at) \
