@@ -26,7 +26,7 @@ impl MissingAdminToken {
     pub fn hint(&self) -> String {
         format!(
             "mint one from an existing admin (`postern token create --role admin --name NAME`) and keep it safe, \
-             or on this host run `postern admin recover --data-dir {}` (with the server's --store URL if it uses one): \
+             or on this host run `postern admin recover --data-dir {}` (or `--config FILE` of the server; add its --store URL if it uses one): \
              it writes a new admin token to {} and records it in the audit trail",
             self.data_dir.display(),
             self.path.display()
