@@ -307,6 +307,8 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
             "ann@acme-ops",
             "--customer",
             CUSTOMER,
+            "--ttl",
+            "5m",
         ],
     )?
     .ok()?;
@@ -319,6 +321,14 @@ fn tokens_expire_are_revoked_at_once_have_unique_names_and_stay_in_their_custome
         )?
         .ok()?;
     assert_eq!(ok["state"], "active", "{ok}");
+    // An endpoint never outlives the token that made it (10m asked, the token has 5m).
+    let ts = |v: &Value| -> Result<jiff::Timestamp> {
+        Ok(v["expires_at"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no expires_at in {v}"))?
+            .parse()?)
+    };
+    assert!(ts(&ok)? <= ts(&acme)?, "{ok} outlives {acme}");
     // Non-admins see only their own token.
     let own = gw.cli_as(&acme_token, &["token", "list"])?.ok()?;
     assert_eq!(own["tokens"].as_array().map(Vec::len), Some(1), "{own}");

@@ -407,6 +407,16 @@ impl Endpoints {
         let requested_until = now
             .checked_add(ttl_signed)
             .map_err(|_| ApiError::invalid("TTL too large"))?;
+        // Never past the creator's token: it could not fetch the credentials after that.
+        let requested_until = match self
+            .store
+            .token_expiry(&caller.token_id)
+            .await
+            .map_err(internal)?
+        {
+            Some(token_end) => requested_until.min(token_end),
+            None => requested_until,
+        };
         let id = format!("ep_{}", crate::identity::random_hex(8));
         let mut row = EndpointRow {
             id: id.clone(),

@@ -132,11 +132,19 @@ impl Endpoints {
             return Err(refused(err).await);
         };
         let ttl = row.expires_at.duration_since(row.created_at);
-        let expires_at = [now.checked_add(ttl).ok(), grant.expires_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(now);
+        let creator_token_end = match row.created_by_id.as_deref() {
+            Some(token_id) => self.store.token_expiry(token_id).await.map_err(internal)?,
+            None => None,
+        };
+        let expires_at = [
+            now.checked_add(ttl).ok(),
+            grant.expires_at,
+            creator_token_end,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now);
         let Listening { address, listener } = self.front_ends.listen(row.endpoint_type, None)?;
         // Compare-and-set on pending-approval: a retire or another decision that got there
         // first wins, and the listener just made is dropped unused.
