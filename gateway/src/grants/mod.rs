@@ -157,6 +157,7 @@ impl Grants {
                 .hint("say why, e.g. --reason \"INC-1234: pods crash-looping\""));
         }
         let appliance = self.appliance_of(&req.app, &req.customer).await?;
+        self.audit.room_for_request(&appliance.id).await?;
         let now = self.stored_now();
         let mut row = GrantRow {
             id: format!("gr_{}", random_hex(8)),
