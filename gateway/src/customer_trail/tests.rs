@@ -2,6 +2,7 @@ use super::*;
 use crate::{
     audit::{AuditLog, Subject},
     ports::{fakes::RecordingAgents, AgentView},
+    store::OutboxState,
 };
 use endpoint_types::customer_trail::GatewayEvent;
 use serde_json::json;
