@@ -71,8 +71,18 @@ fn request_grant(gw: &Gateway, who: &str) -> Result<String> {
         .cli_as(
             who,
             &[
-                "access", "request", "--app", APP, "--customer", CUSTOMER, "--level", "operate",
-                "--duration", "30m", "--reason", "INC-7",
+                "access",
+                "request",
+                "--app",
+                APP,
+                "--customer",
+                CUSTOMER,
+                "--level",
+                "operate",
+                "--duration",
+                "30m",
+                "--reason",
+                "INC-7",
             ],
         )?
         .ok()?;
@@ -207,8 +217,11 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
     let grant = request_grant(&gw, &alice)?;
     gw.cli_as(&bob, &["approvals", "approve", &grant])?.ok()?;
     let denied = request_op(&gw, &alice)?;
-    gw.cli_as(&bob, &["approvals", "deny", &denied, "--message", "not now"])?
-        .ok()?;
+    gw.cli_as(
+        &bob,
+        &["approvals", "deny", &denied, "--message", "not now"],
+    )?
+    .ok()?;
     let late = request_op(&gw, &alice)?;
     gw.cli_as(&bob, &["access", "revoke", &grant])?.ok()?;
     gw.cli_as(&bob, &["approvals", "approve", &late])?.ok()?;
@@ -241,19 +254,30 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
     }));
     gw.cli_as(
         &bob,
-        &["approvals", "deny", &denied_offline, "--message", "while you were away"],
+        &[
+            "approvals",
+            "deny",
+            &denied_offline,
+            "--message",
+            "while you were away",
+        ],
     )?
     .ok()?;
     gw.cli_as(&bob, &["access", "revoke", &grant2])?.ok()?;
-    gw.cli_as(&bob, &["approvals", "approve", &late_offline])?.ok()?;
+    gw.cli_as(&bob, &["approvals", "approve", &late_offline])?
+        .ok()?;
     assert!(wait_until(Duration::from_secs(30), || {
         op_state(&gw, &alice, &late_offline).is_ok_and(|s| s == "expired")
     }));
     let denied_grant = request_grant(&gw, &alice)?;
-    gw.cli_as(&bob, &["approvals", "deny", &denied_grant])?.ok()?;
+    gw.cli_as(&bob, &["approvals", "deny", &denied_grant])?
+        .ok()?;
     let waiting_grant = request_grant(&gw, &alice)?;
     let while_down = vendor_events(&gw, &agent.appliance_id)?.len() - before_stop;
-    assert!(while_down >= 6, "{while_down} records made while the agent was down");
+    assert!(
+        while_down >= 6,
+        "{while_down} records made while the agent was down"
+    );
 
     // Started again: everything arrives, in order, without a gap or a repeat.
     agent.run()?;
@@ -271,7 +295,8 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
     agent.stop();
     agent.run()?;
     assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
-    gw.cli_as(&bob, &["approvals", "deny", &waiting_grant])?.ok()?;
+    gw.cli_as(&bob, &["approvals", "deny", &waiting_grant])?
+        .ok()?;
     assert_complete(&gw, &agent)?;
 
     // What the customer reads: typed kinds, the numbers complete; the chain still verifies.
@@ -284,7 +309,10 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
         .as_array()
         .map(|a| a.iter().filter_map(|r| r["kind"].as_str()).collect())
         .unwrap_or_default();
-    assert!(kinds.contains(&"op.denied") && kinds.contains(&"op.expired"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"op.denied") && kinds.contains(&"op.expired"),
+        "{kinds:?}"
+    );
     let verified = agent.verify_trail()?.ok()?;
     assert_eq!(verified["ok"], true, "{verified}");
     Ok(())

@@ -115,7 +115,9 @@ fn fit_batch(mut records: Vec<GatewayRecord>) -> Vec<GatewayRecord> {
     let mut bytes = 0;
     let mut keep = 0;
     for r in &records {
-        bytes += serde_json::to_vec(r).map(|v| v.len()).unwrap_or(BATCH_BYTES);
+        bytes += serde_json::to_vec(r)
+            .map(|v| v.len())
+            .unwrap_or(BATCH_BYTES);
         if keep > 0 && bytes > BATCH_BYTES {
             break;
         }

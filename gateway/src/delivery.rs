@@ -239,6 +239,7 @@ mod tests {
                 denied_by: "a".into(),
                 message: None,
             },
+            ToAgent::TrailRecords { records: vec![] },
         ] {
             let name = f.name();
             assert!(f.is_command(), "{name}");

@@ -337,7 +337,11 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let audit = AuditLog::open(&path, Some("app_1".into())).unwrap();
         audit
-            .write(Entry::new("agent.connected", "agent:app_1", serde_json::json!({})))
+            .write(Entry::new(
+                "agent.connected",
+                "agent:app_1",
+                serde_json::json!({}),
+            ))
             .await
             .unwrap();
         // A line that mentions the key in a string is not a gateway record.

@@ -166,18 +166,31 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
                 .records
                 .iter()
                 .map(|r| {
-                    let about = r.op_id.as_deref().or(r.endpoint_id.as_deref()).unwrap_or("");
+                    let about = r
+                        .op_id
+                        .as_deref()
+                        .or(r.endpoint_id.as_deref())
+                        .unwrap_or("");
                     format!(
                         "#{:<5} {}  {:<18} {:<28} {about}  (trail seq {})",
                         r.number, r.time, r.kind, r.actor, r.seq
                     )
                 })
                 .collect();
-            text.push(if listing.missing.is_empty() && listing.repeated.is_empty() {
-                format!("{} gateway records, numbered 1 to {} without a gap", listing.records.len(), listing.last_number)
-            } else {
-                format!("gateway records missing: {:?}; repeated: {:?}", listing.missing, listing.repeated)
-            });
+            text.push(
+                if listing.missing.is_empty() && listing.repeated.is_empty() {
+                    format!(
+                        "{} gateway records, numbered 1 to {} without a gap",
+                        listing.records.len(),
+                        listing.last_number
+                    )
+                } else {
+                    format!(
+                        "gateway records missing: {:?}; repeated: {:?}",
+                        listing.missing, listing.repeated
+                    )
+                },
+            );
             Ok(Report {
                 json: Some(json!(listing)),
                 text: Some(text.join("\n")),

@@ -527,7 +527,9 @@ impl Agent {
                 if let Err(e) =
                     send_frame(send, &ToGateway::TrailRecorded { number }, write_limit).await
                 {
-                    return Some(Ended::lost(format!("cannot report the customer trail: {e}")));
+                    return Some(Ended::lost(format!(
+                        "cannot report the customer trail: {e}"
+                    )));
                 }
             }
             ToAgent::Error(e) => {

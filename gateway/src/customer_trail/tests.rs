@@ -30,19 +30,39 @@ fn numbers(records: &[GatewayRecord]) -> Vec<u64> {
 #[tokio::test]
 async fn records_about_an_appliance_are_numbered_per_appliance() {
     let (store, log) = log().await;
-    log.record("op.requested", "alice@vendor", op("ap_1", "op_1"), json!({"command": "get pods"}))
-        .await;
-    log.record("grant.requested", "alice@vendor", Subject::appliance("ap_2"), json!({}))
-        .await;
+    log.record(
+        "op.requested",
+        "alice@vendor",
+        op("ap_1", "op_1"),
+        json!({"command": "get pods"}),
+    )
+    .await;
+    log.record(
+        "grant.requested",
+        "alice@vendor",
+        Subject::appliance("ap_2"),
+        json!({}),
+    )
+    .await;
     // Not events of the customer trail: a statement, a refusal, a record about no appliance.
-    log.record("sql.statement", "alice@vendor", Subject::session("ap_1", "ep_1", "s"), json!({}))
-        .await;
+    log.record(
+        "sql.statement",
+        "alice@vendor",
+        Subject::session("ap_1", "ep_1", "s"),
+        json!({}),
+    )
+    .await;
     log.record("denied", "mallory", Subject::appliance("ap_1"), json!({}))
         .await;
     log.record("op.denied", "bob@customer", Subject::default(), json!({}))
         .await;
-    log.record("op.denied", "bob@customer", op("ap_1", "op_1"), json!({"message": "no"}))
-        .await;
+    log.record(
+        "op.denied",
+        "bob@customer",
+        op("ap_1", "op_1"),
+        json!({"message": "no"}),
+    )
+    .await;
     // The batched path (held records, busy sessions) numbers the same way.
     log.enqueue(
         "op.expired",
@@ -58,7 +78,11 @@ async fn records_about_an_appliance_are_numbered_per_appliance() {
     let events: Vec<_> = one.iter().map(|r| r.event).collect();
     assert_eq!(
         events,
-        vec![GatewayEvent::OpRequested, GatewayEvent::OpDenied, GatewayEvent::OpExpired]
+        vec![
+            GatewayEvent::OpRequested,
+            GatewayEvent::OpDenied,
+            GatewayEvent::OpExpired
+        ]
     );
     assert_eq!(one[1].actor, "bob@customer");
     assert_eq!(one[1].detail["message"], "no");
@@ -66,13 +90,19 @@ async fn records_about_an_appliance_are_numbered_per_appliance() {
     let vendor = store.list_audit(0).await.unwrap();
     for r in &one {
         let v = vendor.iter().find(|v| v.seq == r.gateway_seq).unwrap();
-        assert_eq!((v.kind.as_str(), &v.hash), (r.event.as_str(), &r.gateway_hash));
+        assert_eq!(
+            (v.kind.as_str(), &v.hash),
+            (r.event.as_str(), &r.gateway_hash)
+        );
     }
     let two = store.outbox_after("ap_2", 0, 100).await.unwrap();
     assert_eq!(numbers(&two), vec![1]);
     assert_eq!(
         store.outbox_state("ap_1").await.unwrap(),
-        OutboxState { last_number: 3, recorded_number: 0 }
+        OutboxState {
+            last_number: 3,
+            recorded_number: 0
+        }
     );
 }
 
@@ -82,20 +112,41 @@ async fn records_about_an_appliance_are_numbered_per_appliance() {
 async fn records_after_a_number_are_sent_again_and_reported_ones_pruned() {
     let (store, log) = log().await;
     for i in 0..5 {
-        log.record("op.requested", "a", op("ap_1", &format!("op_{i}")), json!({}))
-            .await;
+        log.record(
+            "op.requested",
+            "a",
+            op("ap_1", &format!("op_{i}")),
+            json!({}),
+        )
+        .await;
     }
-    assert_eq!(numbers(&store.outbox_after("ap_1", 2, 100).await.unwrap()), vec![3, 4, 5]);
-    assert_eq!(numbers(&store.outbox_after("ap_1", 0, 2).await.unwrap()), vec![1, 2]);
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 2, 100).await.unwrap()),
+        vec![3, 4, 5]
+    );
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 0, 2).await.unwrap()),
+        vec![1, 2]
+    );
     store.outbox_recorded("ap_1", 3).await.unwrap();
-    assert_eq!(numbers(&store.outbox_after("ap_1", 0, 100).await.unwrap()), vec![4, 5]);
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 0, 100).await.unwrap()),
+        vec![4, 5]
+    );
     assert_eq!(store.outbox_state("ap_1").await.unwrap().undelivered(), 2);
     store.outbox_recorded("ap_1", 1).await.unwrap();
     assert_eq!(store.outbox_state("ap_1").await.unwrap().undelivered(), 4);
-    assert_eq!(numbers(&store.outbox_after("ap_1", 1, 100).await.unwrap()), vec![4, 5]);
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 1, 100).await.unwrap()),
+        vec![4, 5]
+    );
     // Numbering goes on after pruning.
-    log.record("op.denied", "b", op("ap_1", "op_9"), json!({})).await;
-    assert_eq!(numbers(&store.outbox_after("ap_1", 4, 100).await.unwrap()), vec![5, 6]);
+    log.record("op.denied", "b", op("ap_1", "op_9"), json!({}))
+        .await;
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 4, 100).await.unwrap()),
+        vec![5, 6]
+    );
 }
 
 /// At the bound new requests are refused with a structured error; once the agent has
@@ -104,8 +155,13 @@ async fn records_after_a_number_are_sent_again_and_reported_ones_pruned() {
 async fn a_full_outbox_refuses_new_requests_with_a_clear_error() {
     let (store, log) = log().await;
     for i in 0..3 {
-        log.record("grant.requested", "a", Subject::appliance("ap_1"), json!({"i": i}))
-            .await;
+        log.record(
+            "grant.requested",
+            "a",
+            Subject::appliance("ap_1"),
+            json!({"i": i}),
+        )
+        .await;
         assert!(room(&store, "ap_1", 3).await.is_ok() == (i < 2), "{i}");
     }
     let e = room(&store, "ap_1", 3).await.unwrap_err();
@@ -115,7 +171,8 @@ async fn a_full_outbox_refuses_new_requests_with_a_clear_error() {
     assert!(!e.hint.is_empty());
     // Other appliances are not affected; a decision on a request already made still goes in.
     assert!(room(&store, "ap_2", 3).await.is_ok());
-    log.record("grant.denied", "b", Subject::appliance("ap_1"), json!({})).await;
+    log.record("grant.denied", "b", Subject::appliance("ap_1"), json!({}))
+        .await;
     assert_eq!(store.outbox_state("ap_1").await.unwrap().last_number, 4);
     store.outbox_recorded("ap_1", 2).await.unwrap();
     assert!(room(&store, "ap_1", 3).await.is_ok());
@@ -189,8 +246,13 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 async fn the_sender_resumes_after_the_agents_number_and_waits_for_each_report() {
     let (store, log) = log().await;
     for i in 0..3 {
-        log.record("op.requested", "a", op("ap_1", &format!("op_{i}")), json!({}))
-            .await;
+        log.record(
+            "op.requested",
+            "a",
+            op("ap_1", &format!("op_{i}")),
+            json!({}),
+        )
+        .await;
     }
     let agents = Arc::new(RecordingAgents::default());
     agents.connect("ap_1", AgentView::default());
@@ -203,11 +265,18 @@ async fn the_sender_resumes_after_the_agents_number_and_waits_for_each_report() 
         watched,
         stop.clone(),
     ));
-    until("the first batch", || sent_numbers(&agents) == vec![vec![2, 3]]).await;
+    until("the first batch", || {
+        sent_numbers(&agents) == vec![vec![2, 3]]
+    })
+    .await;
     // The hello's number was taken as recorded: 1 is pruned.
-    assert_eq!(numbers(&store.outbox_after("ap_1", 0, 9).await.unwrap()), vec![2, 3]);
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 0, 9).await.unwrap()),
+        vec![2, 3]
+    );
     // A new record while a batch is in flight waits for the report.
-    log.record("op.denied", "b", op("ap_1", "op_1"), json!({})).await;
+    log.record("op.denied", "b", op("ap_1", "op_1"), json!({}))
+        .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(sent_numbers(&agents).len(), 1);
     // The agent found a gap after 2: 3 and 4 come again.
@@ -225,7 +294,8 @@ async fn the_sender_resumes_after_the_agents_number_and_waits_for_each_report() 
     }
     assert!(pruned, "the reported records are pruned");
     // Rung by a new record: sent without waiting for the timer.
-    log.record("op.approved", "b", op("ap_1", "op_2"), json!({})).await;
+    log.record("op.approved", "b", op("ap_1", "op_2"), json!({}))
+        .await;
     until("the rung batch", || sent_numbers(&agents).len() == 3).await;
     assert_eq!(sent_numbers(&agents)[2], vec![5]);
     stop.cancel();

@@ -29,7 +29,10 @@ impl TrailBells {
     }
 
     fn bell(&self, appliance_id: &str) -> Arc<Notify> {
-        self.map().entry(appliance_id.to_string()).or_default().clone()
+        self.map()
+            .entry(appliance_id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn ring(&self, appliance_id: &str) {
@@ -117,11 +120,12 @@ pub(super) async fn append_in_tx(
     entries: &[OutboxEntry<'_>],
 ) -> StoreResult<()> {
     for e in entries {
-        let last: Option<i64> =
-            sqlx::query_scalar("SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1")
-                .bind(e.appliance_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1",
+        )
+        .bind(e.appliance_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         let number = last.unwrap_or(0) + 1;
         if last.is_some() {
             sqlx::query("UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2")
@@ -226,9 +230,9 @@ impl Store {
                         number: from_db(number)?,
                         event: GatewayEvent::parse(&kind)
                             .ok_or_else(|| StoreError::Corrupt(format!("trail kind {kind:?}")))?,
-                        time: time
-                            .parse()
-                            .map_err(|e| StoreError::Corrupt(format!("trail time {time:?}: {e}")))?,
+                        time: time.parse().map_err(|e| {
+                            StoreError::Corrupt(format!("trail time {time:?}: {e}"))
+                        })?,
                         actor,
                         endpoint_id,
                         op_id,
@@ -248,13 +252,11 @@ impl Store {
     pub async fn outbox_recorded(&self, appliance_id: &str, number: u64) -> StoreResult<()> {
         let number = to_db(number)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
-        )
-        .bind(number)
-        .bind(appliance_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2")
+            .bind(number)
+            .bind(appliance_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
             .bind(appliance_id)
             .bind(number)

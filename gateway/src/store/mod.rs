@@ -11,8 +11,8 @@ mod grant_list;
 mod op_list;
 mod spine;
 
-pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
+pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
 pub use spine::{
