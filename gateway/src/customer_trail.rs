@@ -127,6 +127,23 @@ fn fit_batch(mut records: Vec<GatewayRecord>) -> Vec<GatewayRecord> {
     records
 }
 
+/// What to send after `after`: the next records, and the number up to which records after
+/// `after` are gone (pruned once reported, so the agent's trail lost them since); `None` when
+/// there is nothing.
+async fn next_batch(
+    store: &Store,
+    appliance_id: &str,
+    after: u64,
+) -> Result<Option<(Vec<GatewayRecord>, Option<u64>)>, crate::store::StoreError> {
+    let records = fit_batch(store.outbox_after(appliance_id, after, BATCH).await?);
+    let gone_to = match records.first() {
+        Some(first) => first.number.saturating_sub(1),
+        None => store.outbox_state(appliance_id).await?.last_number,
+    };
+    let lost_through = (gone_to > after).then_some(gone_to);
+    Ok((!records.is_empty() || lost_through.is_some()).then_some((records, lost_through)))
+}
+
 /// One connection's sender: runs until `stop` is cancelled or the connection cannot take a
 /// command. `reports` carries the agent's `TrailRecorded` numbers, starting with its hello's.
 pub async fn deliver(
@@ -153,17 +170,24 @@ pub async fn deliver(
     };
     loop {
         if let Some(after) = cursor.next_after() {
-            match store.outbox_after(&appliance_id, after, BATCH).await {
-                Ok(records) if !records.is_empty() => {
-                    let records = fit_batch(records);
-                    let last = records.last().map_or(after, |r| r.number);
-                    if !agents.send(&appliance_id, ToAgent::TrailRecords { records }) {
+            match next_batch(&store, &appliance_id, after).await {
+                Ok(Some((records, lost_through))) => {
+                    let last = records
+                        .last()
+                        .map(|r| r.number)
+                        .or(lost_through)
+                        .unwrap_or(after);
+                    let frame = ToAgent::TrailRecords {
+                        records,
+                        lost_through,
+                    };
+                    if !agents.send(&appliance_id, frame) {
                         break;
                     }
                     cursor.sent(last);
                     continue;
                 }
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(appliance = %appliance_id, error = %e, "cannot read the customer trail's outbox");
                     if !pause(RETRY).await {

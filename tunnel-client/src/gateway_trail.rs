@@ -54,11 +54,15 @@ impl TrailCursor {
     }
 
     pub fn check(&self, number: u64) -> Verdict {
+        // A trail edited to hold the largest number takes nothing more (and does not overflow).
+        let Some(next) = self.last.checked_add(1) else {
+            return Verdict::Duplicate;
+        };
         match number {
-            n if n <= self.last => Verdict::Duplicate,
-            n if n == self.last + 1 => Verdict::Record,
+            n if n < next => Verdict::Duplicate,
+            n if n == next => Verdict::Record,
             n => Verdict::Gap {
-                from: self.last + 1,
+                from: next,
                 to: n - 1,
             },
         }
@@ -110,6 +114,25 @@ pub fn entry_of(r: &GatewayRecord) -> Entry {
     entry
 }
 
+/// The kind of the record that says which numbers the gateway could not send any more.
+pub const LOST_KIND: &str = "gateway_records.lost";
+
+/// The record of numbers `from..=to` lost: the trail held them once (the gateway was told so
+/// and pruned them), but holds them no more. It carries `to` as its number, so a restart goes
+/// on after it.
+fn lost_entry(from: u64, to: u64) -> Entry {
+    Entry::new(
+        LOST_KIND,
+        "system:gateway",
+        serde_json::json!({
+            NUMBER_KEY: to,
+            "from": from,
+            "to": to,
+            "reason": "the gateway no longer holds these records: this trail reported them recorded before, and has since lost them (replaced by an older copy?)",
+        }),
+    )
+}
+
 /// The gateway number a trail line holds, if it is one of the gateway's records.
 pub fn number_in(line: &[u8]) -> Option<u64> {
     let needle = format!("\"{NUMBER_KEY}\":");
@@ -123,7 +146,9 @@ pub fn number_in(line: &[u8]) -> Option<u64> {
 
 /// The gateway number of a trail record, if it is one of the gateway's records.
 pub fn number_of(record: &AuditRecord) -> Option<u64> {
-    GatewayEvent::parse(&record.kind)?;
+    if GatewayEvent::parse(&record.kind).is_none() && record.kind != LOST_KIND {
+        return None;
+    }
     record.detail.get(NUMBER_KEY)?.as_u64()
 }
 
@@ -239,9 +264,27 @@ impl GatewayTrail {
     }
 
     /// Records what is new in `records` and returns the number to report: the highest the
-    /// trail now holds. The caller handles one batch at a time (the control loop).
-    pub async fn take(&self, records: Vec<GatewayRecord>) -> Result<u64, AuditError> {
-        let sorted = self.cursor().sort(records);
+    /// trail now holds. `lost_through`: the gateway no longer holds the numbers up to it, so
+    /// their loss is recorded instead (once), and numbering goes on after it. The caller
+    /// handles one batch at a time (the control loop).
+    pub async fn take(
+        &self,
+        records: Vec<GatewayRecord>,
+        lost_through: Option<u64>,
+    ) -> Result<u64, AuditError> {
+        let held = self.last();
+        let mut entries = Vec::new();
+        let mut from = TrailCursor::new(held);
+        if let Some(lost) = lost_through.filter(|l| *l > held) {
+            tracing::warn!(
+                from = held + 1,
+                to = lost,
+                "the gateway no longer holds records this trail once held; recording their loss"
+            );
+            entries.push(lost_entry(held + 1, lost));
+            from = TrailCursor::new(lost);
+        }
+        let sorted = from.sort(records);
         if let Some((from, to)) = sorted.gap {
             tracing::warn!(
                 from,
@@ -255,12 +298,12 @@ impl GatewayTrail {
                 "skipped gateway records the trail already holds"
             );
         }
-        let Some(last) = sorted.record.last().map(|r| r.number) else {
-            return Ok(self.last());
-        };
-        self.audit
-            .write_group(sorted.record.iter().map(entry_of).collect())
-            .await?;
+        let last = sorted.record.last().map_or(from.last(), |r| r.number);
+        entries.extend(sorted.record.iter().map(entry_of));
+        if entries.is_empty() {
+            return Ok(held);
+        }
+        self.audit.write_group(entries).await?;
         let mut cursor = self.cursor();
         cursor.recorded(last);
         Ok(cursor.last())
@@ -300,6 +343,10 @@ mod tests {
         assert_eq!(
             TrailCursor::new(0).check(2),
             Verdict::Gap { from: 1, to: 1 }
+        );
+        assert_eq!(
+            TrailCursor::new(u64::MAX).check(u64::MAX),
+            Verdict::Duplicate
         );
     }
 
@@ -354,8 +401,14 @@ mod tests {
             .await
             .unwrap();
         let trail = GatewayTrail::new(audit.clone(), 0);
-        assert_eq!(trail.take([1, 2, 4].map(rec).to_vec()).await.unwrap(), 2);
-        assert_eq!(trail.take([2, 3, 4].map(rec).to_vec()).await.unwrap(), 4);
+        assert_eq!(
+            trail.take([1, 2, 4].map(rec).to_vec(), None).await.unwrap(),
+            2
+        );
+        assert_eq!(
+            trail.take([2, 3, 4].map(rec).to_vec(), None).await.unwrap(),
+            4
+        );
         audit.flush().await;
         drop((trail, audit));
 
@@ -366,7 +419,10 @@ mod tests {
         .unwrap();
         assert_eq!(found, vec![1, 2, 3, 4], "each number once, in order");
         let trail = GatewayTrail::new(reopened.clone(), 4);
-        assert_eq!(trail.take([3, 4, 5].map(rec).to_vec()).await.unwrap(), 5);
+        assert_eq!(
+            trail.take([3, 4, 5].map(rec).to_vec(), None).await.unwrap(),
+            5
+        );
         reopened.flush().await;
         let text = std::fs::read_to_string(&path).unwrap();
         let records: Vec<AuditRecord> = text
@@ -386,5 +442,42 @@ mod tests {
         assert_eq!(five.detail["detail"]["message"], "no");
         assert_eq!(five.detail["gateway_seq"], 105);
         assert_eq!(crate::audit::verify_file(&path).unwrap(), 7);
+    }
+
+    /// Numbers the gateway pruned (this trail reported them once, then lost them) are recorded
+    /// as lost, once; numbering goes on after them, also across a reopen.
+    #[tokio::test]
+    async fn numbers_the_gateway_no_longer_holds_are_recorded_as_lost_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = AuditLog::open(&path, Some("app_1".into())).unwrap();
+        let trail = GatewayTrail::new(audit.clone(), 2);
+        assert_eq!(trail.take(vec![], Some(6)).await.unwrap(), 6);
+        assert_eq!(
+            trail.take([7, 8].map(rec).to_vec(), Some(6)).await.unwrap(),
+            8
+        );
+        audit.flush().await;
+        drop((trail, audit));
+        let mut found = Vec::new();
+        AuditLog::open_scanning(&path, None, &mut |l| found.extend(number_in(l))).unwrap();
+        assert_eq!(found, vec![6, 7, 8]);
+        let listing = list_file(&path).unwrap();
+        assert_eq!(listing.last_number, 8);
+        assert_eq!(listing.missing, (1..=6).collect::<Vec<u64>>());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lost: Vec<AuditRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap())
+            .filter(|r| r.kind == LOST_KIND)
+            .collect();
+        assert_eq!(lost.len(), 1);
+        assert_eq!(
+            (
+                lost[0].detail["from"].as_u64(),
+                lost[0].detail["to"].as_u64()
+            ),
+            (Some(3), Some(6))
+        );
     }
 }

@@ -515,9 +515,12 @@ impl Agent {
                 denied_by,
                 message,
             } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
-            ToAgent::TrailRecords { records } => {
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => {
                 // Durable first, then reported: the gateway sends what follows the number.
-                let number = match self.gateway_trail.take(records).await {
+                let number = match self.gateway_trail.take(records, lost_through).await {
                     Ok(number) => number,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot record the gateway's records in the customer trail; they are asked for again");

@@ -79,6 +79,10 @@ pub enum ToAgent {
     /// [`crate::customer_trail`]). The agent answers `TrailRecorded` once they are durable.
     TrailRecords {
         records: Vec<GatewayRecord>,
+        /// Numbers up to this one the gateway no longer holds: the agent reported them recorded
+        /// before (its trail was since replaced by an older copy). The agent records the loss.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
     },
 }
 
@@ -111,6 +115,8 @@ pub enum AgentCommand {
     },
     TrailRecords {
         records: Vec<GatewayRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
     },
 }
 
@@ -265,7 +271,13 @@ impl From<AgentCommand> for ToAgent {
                 denied_by,
                 message,
             },
-            AgentCommand::TrailRecords { records } => ToAgent::TrailRecords { records },
+            AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            } => ToAgent::TrailRecords {
+                records,
+                lost_through,
+            },
         }
     }
 }
@@ -300,7 +312,13 @@ impl TryFrom<ToAgent> for AgentCommand {
                 denied_by,
                 message,
             }),
-            ToAgent::TrailRecords { records } => Ok(AgentCommand::TrailRecords { records }),
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => Ok(AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            }),
             other @ (ToAgent::Heartbeat { .. }
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }

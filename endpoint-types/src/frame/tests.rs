@@ -101,6 +101,7 @@ fn commands() -> Vec<AgentCommand> {
         },
         AgentCommand::TrailRecords {
             records: vec![trail_record()],
+            lost_through: Some(6),
         },
     ]
 }

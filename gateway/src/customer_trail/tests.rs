@@ -147,6 +147,27 @@ async fn records_after_a_number_are_sent_again_and_reported_ones_pruned() {
         numbers(&store.outbox_after("ap_1", 4, 100).await.unwrap()),
         vec![5, 6]
     );
+    // An agent ahead of the store (the store restored from an older copy): numbering goes on
+    // after the agent's number, so nothing new is skipped as a duplicate.
+    store.outbox_recorded("ap_1", 10).await.unwrap();
+    log.record("op.denied", "b", op("ap_1", "op_10"), json!({}))
+        .await;
+    assert_eq!(
+        numbers(&store.outbox_after("ap_1", 10, 100).await.unwrap()),
+        vec![11]
+    );
+    store.outbox_recorded("ap_3", 4).await.unwrap();
+    log.record(
+        "grant.requested",
+        "a",
+        Subject::appliance("ap_3"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        numbers(&store.outbox_after("ap_3", 0, 100).await.unwrap()),
+        vec![5]
+    );
 }
 
 /// At the bound new requests are refused with a structured error; once the agent has
@@ -224,7 +245,7 @@ fn sent_numbers(agents: &RecordingAgents) -> Vec<Vec<u64>> {
         .sent_to("ap_1")
         .into_iter()
         .filter_map(|f| match f {
-            ToAgent::TrailRecords { records } => Some(numbers(&records)),
+            ToAgent::TrailRecords { records, .. } => Some(numbers(&records)),
             _ => None,
         })
         .collect()
@@ -300,4 +321,29 @@ async fn the_sender_resumes_after_the_agents_number_and_waits_for_each_report() 
     assert_eq!(sent_numbers(&agents)[2], vec![5]);
     stop.cancel();
     task.await.unwrap();
+}
+
+/// An agent whose trail went back (an older copy) asks for numbers already pruned: it is told
+/// they are gone, with what is still held, instead of being asked to wait for them forever.
+#[tokio::test]
+async fn numbers_already_pruned_are_sent_as_lost() {
+    let (store, log) = log().await;
+    for i in 0..5 {
+        log.record(
+            "op.requested",
+            "a",
+            op("ap_1", &format!("op_{i}")),
+            json!({}),
+        )
+        .await;
+    }
+    store.outbox_recorded("ap_1", 3).await.unwrap();
+    let (records, lost) = next_batch(&store, "ap_1", 1).await.unwrap().unwrap();
+    assert_eq!((numbers(&records), lost), (vec![4, 5], Some(3)));
+    let (records, lost) = next_batch(&store, "ap_1", 3).await.unwrap().unwrap();
+    assert_eq!((numbers(&records), lost), (vec![4, 5], None));
+    store.outbox_recorded("ap_1", 5).await.unwrap();
+    assert_eq!(next_batch(&store, "ap_1", 5).await.unwrap(), None);
+    let (records, lost) = next_batch(&store, "ap_1", 0).await.unwrap().unwrap();
+    assert_eq!((records.len(), lost), (0, Some(5)));
 }

@@ -120,28 +120,30 @@ pub(super) async fn append_in_tx(
     entries: &[OutboxEntry<'_>],
 ) -> StoreResult<()> {
     for e in entries {
-        let last: Option<i64> = sqlx::query_scalar(
-            "SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1",
+        // An increment in place, not read-then-write: it holds the row against a concurrent
+        // move of the head (an agent whose trail is ahead, `outbox_recorded`).
+        let bumped = sqlx::query(
+            "UPDATE customer_trail_heads SET last_number = last_number + 1 WHERE appliance_id = $1",
         )
         .bind(e.appliance_id)
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await?;
-        let number = last.unwrap_or(0) + 1;
-        if last.is_some() {
-            sqlx::query("UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2")
-                .bind(number)
-                .bind(e.appliance_id)
-                .execute(&mut *tx)
-                .await?;
-        } else {
+        let number: i64 = if bumped.rows_affected() == 0 {
             sqlx::query(
-                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, 0)",
+                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, 1, 0)",
             )
             .bind(e.appliance_id)
-            .bind(number)
             .execute(&mut *tx)
             .await?;
-        }
+            1
+        } else {
+            sqlx::query_scalar(
+                "SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1",
+            )
+            .bind(e.appliance_id)
+            .fetch_one(&mut *tx)
+            .await?
+        };
         sqlx::query(
             "INSERT INTO customer_trail_outbox \
              (appliance_id, number, kind, time, actor, endpoint_id, op_id, detail, gateway_seq, gateway_hash) \
@@ -248,15 +250,38 @@ impl Store {
 
     /// The agent's trail holds every record up to `number`: those rows are no longer needed.
     /// A number lower than before (a trail restored from an older copy) is taken as it is, so
-    /// what is still kept is sent again.
+    /// what is still kept is sent again. A number past the last one given (this store restored
+    /// from an older copy) moves the numbering past it: the agent would skip the numbers it
+    /// already holds as duplicates.
     pub async fn outbox_recorded(&self, appliance_id: &str, number: u64) -> StoreResult<()> {
         let number = to_db(number)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2")
-            .bind(number)
+        let updated = sqlx::query(
+            "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
+        )
+        .bind(number)
+        .bind(appliance_id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 && number > 0 {
+            sqlx::query(
+                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, $2)",
+            )
             .bind(appliance_id)
+            .bind(number)
             .execute(&mut *tx)
             .await?;
+        }
+        let ahead = sqlx::query(
+            "UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2 AND last_number < $1",
+        )
+        .bind(number)
+        .bind(appliance_id)
+        .execute(&mut *tx)
+        .await?;
+        if ahead.rows_affected() > 0 {
+            tracing::warn!(appliance = %appliance_id, number, "the appliance's customer trail is ahead of this store's numbering (the store was restored?); numbering goes on after it");
+        }
         sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
             .bind(appliance_id)
             .bind(number)
