@@ -8,6 +8,7 @@ pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod customer_trail;
 pub mod delivery;
 pub mod endpoints;
 pub mod framed;

@@ -392,6 +392,7 @@ impl Endpoints {
                 .hint("`postern appliance list` shows the registered appliances")
             })?;
         caller.require_customer(&appliance.customer)?;
+        self.audit.room_for_request(&appliance.id).await?;
         let link = self
             .agents
             .view(&appliance.id)

@@ -158,6 +158,7 @@ impl Grants {
         }
         let appliance = self.appliance_of(&req.app, &req.customer).await?;
         caller.require_customer(&appliance.customer)?;
+        self.audit.room_for_request(&appliance.id).await?;
         let now = self.stored_now();
         let mut row = GrantRow {
             id: format!("gr_{}", random_hex(8)),

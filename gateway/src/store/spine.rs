@@ -635,7 +635,21 @@ impl Store {
             )));
         }
         insert_audit(&mut *tx, &r).await?;
+        let outbox: Vec<_> = super::customer_trail::entry_of(
+            &r.kind,
+            r.appliance_id.as_deref(),
+            r.time.to_string(),
+            &r.actor,
+            (r.endpoint_id.as_deref(), r.op_id.as_deref()),
+            || r.detail.to_string(),
+            r.seq,
+            &r.hash,
+        )
+        .into_iter()
+        .collect();
+        super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
         tx.commit().await?;
+        self.ring_trail_bells(&outbox);
         Ok(r)
     }
 
@@ -671,7 +685,24 @@ impl Store {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             insert_audit_rows(&mut *tx, self.backend, chunk).await?;
         }
+        let outbox: Vec<_> = rows
+            .iter()
+            .filter_map(|r| {
+                super::customer_trail::entry_of(
+                    r.kind,
+                    r.appliance_id,
+                    r.time.clone(),
+                    r.actor,
+                    (r.endpoint_id, r.op_id),
+                    || r.detail.get().to_string(),
+                    r.seq,
+                    &r.hash,
+                )
+            })
+            .collect();
+        super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
         tx.commit().await?;
+        self.ring_trail_bells(&outbox);
         Ok(rows.last().map(|r| (r.seq, r.hash.clone())))
     }
 
