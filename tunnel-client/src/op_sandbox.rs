@@ -11,7 +11,8 @@
 //!
 //! **How it ends.** Every op gets a cgroup v2 of its own when the agent can make one (a
 //! writable cgroup2 hierarchy, as for root on a systemd or container host): the child joins it
-//! between fork and exec, so nothing it starts can leave it, whatever it does (`setsid`, double
+//! before it execs the tool (in the agent's launcher, [`crate::op_launcher`], or between fork and
+//! exec without one), so nothing it starts can leave it, whatever it does (`setsid`, double
 //! fork, `nohup`, ignoring SIGTERM). Ending the op writes `cgroup.kill` (SIGKILL to every
 //! member; on kernels before 5.14 the cgroup is frozen and each member killed) and waits
 //! until the cgroup is empty. Without cgroup v2 the agent is a child subreaper
