@@ -80,6 +80,9 @@ struct Report {
 }
 
 fn main() -> ExitCode {
+    // Started by the agent to become an op's tool: never returns then.
+    tunnel_client::op_launcher::run_if_invoked();
+    tunnel_client::malloc_policy::fix_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -200,7 +203,10 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
 }
 
 async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
-    let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    let mut config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    // Ops start through this very executable (see op_launcher); /proc/self/exe stays this
+    // binary even if a package upgrade replaces the file.
+    config.ops.launcher = Some(PathBuf::from("/proc/self/exe")).filter(|p| p.exists());
     tunnel_client::postgres::check_owner_roles(&config).await?;
     if !config.approvers.is_empty() {
         // Said plainly so that a customer does not believe their keys protect them yet.

@@ -146,13 +146,12 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
-    let confinement =
-        crate::op_sandbox::Confinement::detect(config.ops.user.as_deref()).map_err(|e| {
-            ConfigError::Invalid {
-                path: config.path.clone(),
-                problem: e.to_string(),
-            }
-        })?;
+    let confinement = crate::op_sandbox::Confinement::detect(config.ops.user.as_deref())
+        .map_err(|e| ConfigError::Invalid {
+            path: config.path.clone(),
+            problem: e.to_string(),
+        })?
+        .with_launcher(config.ops.launcher.clone());
     crate::op_sandbox::announce(&confinement);
     let ops = OpRunner::new_confined(
         config.clone(),
