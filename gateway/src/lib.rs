@@ -17,3 +17,4 @@ pub mod ports;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod teardown_proofs;

@@ -75,6 +75,14 @@ pub enum ToAgent {
         seq: u64,
         command: AgentCommand,
     },
+    /// The gateway stored the agent's teardown proof for `endpoint_id` (or, with `refused`,
+    /// will never store it: it names no ended endpoint of this appliance, or does not verify).
+    /// Until this arrives the agent keeps the proof and sends it again.
+    TeardownAck {
+        endpoint_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<ApiError>,
+    },
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -153,6 +161,9 @@ pub enum ToGateway {
     SshTeardown(crate::ssh_scope::SshTeardown),
     /// A protocol error, sent before the agent closes.
     Error(ApiError),
+    /// The signed proof that an ended endpoint is gone at the appliance; answered with
+    /// [`ToAgent::TeardownAck`].
+    TeardownProof(crate::teardown::SignedTeardown),
 }
 
 impl Handshake {
@@ -188,6 +199,7 @@ impl ToAgent {
             ToAgent::OutputDestroy { .. } => "output_destroy",
             ToAgent::Error(_) => "error",
             ToAgent::Command { .. } => "command",
+            ToAgent::TeardownAck { .. } => "teardown_ack",
         }
     }
 
@@ -286,7 +298,8 @@ impl TryFrom<ToAgent> for AgentCommand {
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
             | ToAgent::Error(_)
-            | ToAgent::Command { .. }) => Err(other),
+            | ToAgent::Command { .. }
+            | ToAgent::TeardownAck { .. }) => Err(other),
         }
     }
 }
@@ -305,6 +318,7 @@ impl ToGateway {
             ToGateway::OpRecord { .. } => "op_record",
             ToGateway::SshTeardown(_) => "ssh_teardown",
             ToGateway::Error(_) => "error",
+            ToGateway::TeardownProof(_) => "teardown_proof",
         }
     }
 }

@@ -9,10 +9,12 @@ mod endpoint_list;
 mod grant_list;
 mod op_list;
 mod spine;
+mod teardown;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
+pub use teardown::TeardownProofRow;
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };
@@ -91,6 +93,11 @@ fn migrator() -> Migrator {
             4,
             "audit paging",
             include_str!("../../migrations/0004_audit_paging.sql"),
+        ),
+        m(
+            7,
+            "teardown proofs",
+            include_str!("../../migrations/0007_teardown_proofs.sql"),
         ),
     ])
 }
