@@ -15,8 +15,6 @@ use endpoint_types::{
     teardown::{SignedTeardown, TeardownRecord, TEARDOWN_KIND},
     ApiError, ErrorCode,
 };
-use jiff::Timestamp;
-
 /// What proofs need from the store.
 #[async_trait]
 pub trait TeardownStore: Send + Sync {
@@ -204,6 +202,7 @@ mod tests {
     use super::*;
     use crate::ports::fakes::MemoryAudit;
     use certs::{record_signature::RecordSigner, teardown_proof::sign_teardown, Ca};
+    use jiff::Timestamp;
     use endpoint_types::{
         resource::{CloseReason, EndpointType},
         teardown::TeardownProof,

@@ -4,7 +4,10 @@
 //! ([`crate::teardown_proof`]).
 
 use crate::{grants::Removed, sessions::Sessions, teardown_proof};
-use endpoint_types::{frame::EndpointGrant, resource::EndpointType};
+use endpoint_types::{
+    frame::EndpointGrant,
+    resource::{CloseReason, EndpointType},
+};
 use jiff::Timestamp;
 
 /// Called once when an endpoint becomes live in this appliance. Must not block the control
@@ -38,6 +41,19 @@ fn ended(ctx: &Sessions, removed: &Removed, offline: bool) {
 pub fn synced(ctx: &Sessions, endpoints: &[EndpointGrant]) {
     for removed in ctx.proofs.ended_meanwhile(endpoints, Timestamp::now()) {
         tracing::info!(endpoint = %removed.endpoint_id, "endpoint ended while the agent was away; tearing it down now");
+        ended(ctx, &removed, true);
+    }
+}
+
+/// The gateway refused this appliance as revoked: every endpoint it held has ended with it.
+/// They are torn down and proved now (the proofs reach the customer's trail; the gateway
+/// takes them only if the appliance is let in again).
+pub fn appliance_revoked(ctx: &Sessions) {
+    for mut removed in ctx.proofs.ended_meanwhile(&[], Timestamp::now()) {
+        if removed.reason == CloseReason::Retired {
+            removed.reason = CloseReason::Revoked;
+        }
+        tracing::info!(endpoint = %removed.endpoint_id, "the appliance was revoked; tearing its endpoint down");
         ended(ctx, &removed, true);
     }
 }

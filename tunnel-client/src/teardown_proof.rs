@@ -435,7 +435,7 @@ async fn postgres_gone(
         )),
     };
     let took_ms = elapsed_ms(started);
-    let check = |name: &str, passed: bool, detail: String| TeardownCheck {
+    let made = |name: &str, passed: bool, detail: String| TeardownCheck {
         name: name.into(),
         passed,
         took_ms,
@@ -443,7 +443,7 @@ async fn postgres_gone(
     };
     match presence {
         Ok((exists, backends)) => vec![
-            check(
+            made(
                 check::PG_ROLE_GONE,
                 !exists,
                 format!(
@@ -451,15 +451,15 @@ async fn postgres_gone(
                     if exists { 1 } else { 0 }
                 ),
             ),
-            check(
+            made(
                 check::PG_BACKENDS_GONE,
                 backends == 0,
                 format!("role {role}: {backends} backend(s) in pg_stat_activity"),
             ),
         ],
         Err(e) => vec![
-            check(check::PG_ROLE_GONE, false, format!("cannot ask the database: {e}")),
-            check(check::PG_BACKENDS_GONE, false, format!("cannot ask the database: {e}")),
+            made(check::PG_ROLE_GONE, false, format!("cannot ask the database: {e}")),
+            made(check::PG_BACKENDS_GONE, false, format!("cannot ask the database: {e}")),
         ],
     }
 }
@@ -503,7 +503,6 @@ async fn ssh_cleaned(teardown: Option<JoinHandle<SshTeardown>>) -> TeardownCheck
 #[cfg(test)]
 mod tests {
     use super::*;
-    use endpoint_types::resource::EndpointType;
 
     fn key() -> String {
         let (_, pem) = RecordSigner::generate().unwrap();

@@ -209,6 +209,9 @@ pub async fn run(
         let delay = match ended {
             Ended::Shutdown => break,
             Ended::Lost { reason, revoked: r } => {
+                if r {
+                    crate::endpoint_setup::appliance_revoked(&agent.sessions);
+                }
                 revoked |= r;
                 let delay = if revoked { cap } else { backoff(attempt, cap) };
                 tracing::info!(gateway = %agent.enrollment.gateway, "disconnected: {reason}; reconnecting in {delay:?}");

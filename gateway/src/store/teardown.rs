@@ -72,7 +72,7 @@ impl Store {
         .bind(endpoint_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
+        row.map(|r| -> StoreResult<TeardownProofRow> {
             Ok(TeardownProofRow {
                 endpoint_id: r.try_get("endpoint_id")?,
                 appliance_id: r.try_get("appliance_id")?,
