@@ -202,15 +202,21 @@ impl Proofs {
                     .iter()
                     .any(|e| e.endpoint_id == g.endpoint_id && e.expires_at > now)
             })
-            .map(|g| Removed {
-                endpoint_id: g.endpoint_id.clone(),
-                reason: if g.expires_at <= now {
-                    CloseReason::Expired
-                } else {
-                    CloseReason::Retired
-                },
-                grant: g.clone(),
-                sessions: LiveSessions::default(),
+            .map(|g| {
+                let expired = g.expires_at <= now
+                    || listed
+                        .iter()
+                        .any(|e| e.endpoint_id == g.endpoint_id && e.expires_at <= now);
+                Removed {
+                    endpoint_id: g.endpoint_id.clone(),
+                    reason: if expired {
+                        CloseReason::Expired
+                    } else {
+                        CloseReason::Retired
+                    },
+                    grant: g.clone(),
+                    sessions: LiveSessions::default(),
+                }
             })
             .collect()
     }
