@@ -671,7 +671,7 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert_eq!(v["proof"]["appliance_id"], s.agent.appliance_id.as_str());
     let cut = &v["proof"]["checks"][0];
     assert!(
-        cut["name"] == "sessions_cut" && cut["detail"].as_str().is_some_and(|d| d.starts_with("1 session")),
+        cut["name"] == "sessions_cut" && cut["detail"].as_str().is_some_and(|d| d.starts_with("1 session(s) served")),
         "{v}"
     );
     let v2 = teardown_check::verified(&s.gw, &id2, PG_CHECKS, Duration::from_secs(30))?;

@@ -64,21 +64,33 @@ pub fn operate_grant_in_force(g: &LiveGrant, now: Timestamp) -> bool {
 /// (and its clones) holds a mark, so a session counts until its last handle is gone. What a
 /// teardown proof checks after the cut ([`crate::teardown_proof`]).
 #[derive(Debug, Clone, Default)]
-pub struct LiveSessions(Arc<std::sync::Mutex<Vec<std::sync::Weak<()>>>>);
+pub struct LiveSessions(Arc<std::sync::Mutex<SessionMarks>>);
+
+#[derive(Debug, Default)]
+struct SessionMarks {
+    live: Vec<std::sync::Weak<()>>,
+    admitted: usize,
+}
 
 impl LiveSessions {
     fn admit(&self) -> Arc<()> {
         let mark = Arc::new(());
         let mut marks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        marks.retain(|m| m.strong_count() > 0);
-        marks.push(Arc::downgrade(&mark));
+        marks.live.retain(|m| m.strong_count() > 0);
+        marks.live.push(Arc::downgrade(&mark));
+        marks.admitted += 1;
         mark
     }
 
     /// Sessions admitted and not yet ended.
     pub fn count(&self) -> usize {
         let marks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        marks.iter().filter(|m| m.strong_count() > 0).count()
+        marks.live.iter().filter(|m| m.strong_count() > 0).count()
+    }
+
+    /// Sessions admitted over the endpoint's life (in this agent process).
+    pub fn admitted(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).admitted
     }
 }
 
@@ -543,6 +555,7 @@ mod tests {
         let s2 = session(&t, "a", at(1));
         let removed = t.close("a", CloseReason::Retired).unwrap();
         assert_eq!(removed.sessions.count(), 2);
+        assert_eq!(removed.sessions.admitted(), 2);
         drop(s2);
         assert_eq!(removed.sessions.count(), 1);
         drop(s1);

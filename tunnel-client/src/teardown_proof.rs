@@ -369,7 +369,9 @@ async fn run_checks(ctx: &Sessions, removed: &Removed, undoing: Undoing) -> Vec<
     checks
 }
 
-/// Every session cut has ended (its task and every handle it held are gone).
+/// Every session cut has ended (its task and every handle it held are gone). The gateway
+/// may have cut a session's stream before its close reached the agent, so the detail also
+/// says how many the endpoint served.
 async fn sessions_cut(sessions: &LiveSessions) -> TeardownCheck {
     let started = Instant::now();
     let at_end = sessions.count();
@@ -382,7 +384,10 @@ async fn sessions_cut(sessions: &LiveSessions) -> TeardownCheck {
         name: check::SESSIONS_CUT.into(),
         passed: left == 0,
         took_ms: elapsed_ms(started),
-        detail: format!("{at_end} session(s) running at the end were cut; {left} left"),
+        detail: format!(
+            "{} session(s) served; {at_end} still running at the end were cut; {left} left",
+            sessions.admitted()
+        ),
     }
 }
 
