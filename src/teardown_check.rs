@@ -20,7 +20,11 @@ pub fn verified(gw: &Gateway, endpoint: &str, checks: &[&str], limit: Duration) 
         std::thread::sleep(Duration::from_millis(100));
     };
     if !out.success {
-        bail!("no verified teardown record for {endpoint}: {} {}", out.json, out.stderr);
+        bail!(
+            "no verified teardown record for {endpoint}: {} {}",
+            out.json,
+            out.stderr
+        );
     }
     let v = out.json;
     if v["verified"] != true || v["proof"]["endpoint_id"] != endpoint {
@@ -87,7 +91,10 @@ pub fn assert_edit_refused(out: &CliOutput, endpoint: &str) -> Result<()> {
         || out.json["error"]["details"]["endpoint_id"] != endpoint
         || out.json["error"]["hint"].as_str().is_none_or(str::is_empty)
     {
-        bail!("an edited teardown record was not refused as it should be: {}", out.json);
+        bail!(
+            "an edited teardown record was not refused as it should be: {}",
+            out.json
+        );
     }
     Ok(())
 }

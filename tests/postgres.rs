@@ -671,7 +671,10 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert_eq!(v["proof"]["appliance_id"], s.agent.appliance_id.as_str());
     let cut = &v["proof"]["checks"][0];
     assert!(
-        cut["name"] == "sessions_cut" && cut["detail"].as_str().is_some_and(|d| d.starts_with("1 session(s) served")),
+        cut["name"] == "sessions_cut"
+            && cut["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("1 session(s) served")),
         "{v}"
     );
     let v2 = teardown_check::verified(&s.gw, &id2, PG_CHECKS, Duration::from_secs(30))?;
@@ -680,13 +683,17 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert!(wait_until(Duration::from_secs(10), || s
         .customer_records("endpoint.teardown")
         .iter()
-        .any(|r| r["endpoint_id"] == id.as_str() && r["detail"]["signature"] == v["signature"])));
+        .any(
+            |r| r["endpoint_id"] == id.as_str() && r["detail"]["signature"] == v["signature"]
+        )));
     // An edited record (SQL on the gateway's store) fails, with a structured error.
     let edited = teardown_check::edit_and_verify(&s.gw, &id)?;
     teardown_check::assert_edit_refused(&edited, &id)?;
     let none = s.gw.cli(&["audit", "teardown", "ep_neverexisted"])?;
     assert_eq!(none.error_code(), Some("NOT_FOUND"), "{}", none.json);
-    assert!(none.json["error"]["hint"].as_str().is_some_and(|h| h.contains("proved")));
+    assert!(none.json["error"]["hint"]
+        .as_str()
+        .is_some_and(|h| h.contains("proved")));
     Ok(())
 }
 

@@ -1254,8 +1254,14 @@ fn the_endpoints_end_tears_down_what_its_user_left_on_the_vm() -> Result<()> {
             .map(|c| c["detail"].as_str().unwrap_or_default().to_string())
             .unwrap_or_default()
     };
-    assert!(detail("sessions_cut").starts_with("1 session(s) served"), "{v}");
-    assert!(detail("ssh_vm_cleanup").contains("process(es) ended"), "{v}");
+    assert!(
+        detail("sessions_cut").starts_with("1 session(s) served"),
+        "{v}"
+    );
+    assert!(
+        detail("ssh_vm_cleanup").contains("process(es) ended"),
+        "{v}"
+    );
     let first = teardown_check::verified(&w.gw, &ep.id, &checks, Duration::from_secs(30))?;
     assert_eq!(first["proof"]["reason"], "retired");
     let edited = teardown_check::edit_and_verify(&w.gw, &other.id)?;

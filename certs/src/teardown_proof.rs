@@ -116,9 +116,10 @@ fn check_appliance_cert(
         .ok()
         .flatten()
         .is_some_and(|san| {
-            san.value.general_names.iter().any(|n| {
-                matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == uri)
-            })
+            san.value
+                .general_names
+                .iter()
+                .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == uri))
         });
     if !names_it {
         return Err(wrong(format!("{cn} (without the URI {uri})")));
@@ -196,7 +197,9 @@ mod tests {
         edited.proof.checks[0].passed = false;
         assert!(matches!(
             verify_teardown(f.ca.cert_pem(), &f.cert_pem, "ep_1", &edited),
-            Err(TeardownVerifyError::Signature(RecordSignatureError::Mismatch))
+            Err(TeardownVerifyError::Signature(
+                RecordSignatureError::Mismatch
+            ))
         ));
         let mut edited = signed.clone();
         edited.proof.reason = CloseReason::Retired;

@@ -193,7 +193,8 @@ mod tests {
     #[test]
     fn every_field_changes_the_bytes_and_none_can_pass_for_another() {
         let base = proof().canonical();
-        let edits: Vec<Box<dyn Fn(&mut TeardownProof)>> = vec![
+        type Edit = Box<dyn Fn(&mut TeardownProof)>;
+        let edits: Vec<Edit> = vec![
             Box::new(|p| p.endpoint_id = "ep_2".into()),
             Box::new(|p| p.appliance_id = "apl_2".into()),
             Box::new(|p| p.endpoint_type = EndpointType::Ssh),
@@ -217,7 +218,10 @@ mod tests {
             edit(&mut p);
             let c = p.canonical();
             assert_ne!(c, base, "edit {i} left the bytes unchanged");
-            assert_eq!(c.lines().count(), base.lines().count() - usize::from(i == 12));
+            assert_eq!(
+                c.lines().count(),
+                base.lines().count() - usize::from(i == 12)
+            );
         }
     }
 
@@ -235,6 +239,9 @@ mod tests {
         failed.checks[1].passed = false;
         assert!(!failed.all_passed());
         failed.checks.clear();
-        assert!(!failed.all_passed(), "a proof with no checks proves nothing");
+        assert!(
+            !failed.all_passed(),
+            "a proof with no checks proves nothing"
+        );
     }
 }

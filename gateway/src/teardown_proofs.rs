@@ -54,9 +54,15 @@ impl TeardownStore for Store {
         proof_json: &str,
         fp: &str,
     ) -> Result<bool, String> {
-        self.insert_teardown_proof(endpoint_id, appliance_id, proof_json, fp, crate::store::now())
-            .await
-            .map_err(|e| e.to_string())
+        self.insert_teardown_proof(
+            endpoint_id,
+            appliance_id,
+            proof_json,
+            fp,
+            crate::store::now(),
+        )
+        .await
+        .map_err(|e| e.to_string())
     }
 
     async fn proof(&self, endpoint_id: &str) -> Result<Option<TeardownRecord>, String> {
@@ -152,7 +158,9 @@ pub async fn on_proof(
         Err(e) => return refuse(ErrorCode::InvalidRequest, e.to_string()),
     };
     let stored = async {
-        store.keep_cert(appliance_id, &fp, &pem_of(cert_der)).await?;
+        store
+            .keep_cert(appliance_id, &fp, &pem_of(cert_der))
+            .await?;
         store
             .insert_proof(&endpoint_id, appliance_id, &json, &fp)
             .await
@@ -202,11 +210,11 @@ mod tests {
     use super::*;
     use crate::ports::fakes::MemoryAudit;
     use certs::{record_signature::RecordSigner, teardown_proof::sign_teardown, Ca};
-    use jiff::Timestamp;
     use endpoint_types::{
         resource::{CloseReason, EndpointType},
         teardown::TeardownProof,
     };
+    use jiff::Timestamp;
     use std::{collections::HashMap, sync::Mutex};
 
     #[derive(Default)]
@@ -250,9 +258,16 @@ mod tests {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
         let (key, csr) = certs::generate_key_and_csr(id).unwrap();
         let pem = ca
-            .sign_agent_csr(&csr, id, Timestamp::now(), std::time::Duration::from_secs(600))
+            .sign_agent_csr(
+                &csr,
+                id,
+                Timestamp::now(),
+                std::time::Duration::from_secs(600),
+            )
             .unwrap();
-        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec();
         (der, RecordSigner::from_pem(key.expose()).unwrap())
     }
 
@@ -332,6 +347,8 @@ mod tests {
             ..Default::default()
         };
         let good = sign_teardown(&signer, proof("apl_1")).unwrap();
-        assert!(on_proof(&failing, &audit, "apl_1", &der, good).await.is_none());
+        assert!(on_proof(&failing, &audit, "apl_1", &der, good)
+            .await
+            .is_none());
     }
 }

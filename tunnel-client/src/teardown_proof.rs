@@ -120,7 +120,8 @@ pub fn state_path(key_file: &Path) -> PathBuf {
 impl Proofs {
     /// Loads what an earlier run left (nothing, the first time) and the signing key.
     pub fn open(path: PathBuf, key_pem: &str, appliance_id: &str) -> Result<Proofs, ProofsError> {
-        let signer = RecordSigner::from_pem(key_pem).map_err(|e| ProofsError::Key(e.to_string()))?;
+        let signer =
+            RecordSigner::from_pem(key_pem).map_err(|e| ProofsError::Key(e.to_string()))?;
         let saved: Saved = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ProofsError::Parse {
                 path: path.clone(),
@@ -288,7 +289,10 @@ impl Proofs {
                 let now = Instant::now();
                 st.unacked
                     .values_mut()
-                    .filter(|u| u.sent_at.is_none_or(|t| now.duration_since(t) >= RESEND_AFTER))
+                    .filter(|u| {
+                        u.sent_at
+                            .is_none_or(|t| now.duration_since(t) >= RESEND_AFTER)
+                    })
                     .map(|u| {
                         u.sent_at = Some(now);
                         u.signed.clone()
@@ -362,7 +366,9 @@ fn elapsed_ms(since: Instant) -> u64 {
 async fn run_checks(ctx: &Sessions, removed: &Removed, undoing: Undoing) -> Vec<TeardownCheck> {
     let mut checks = vec![sessions_cut(&removed.sessions).await, refused(ctx, removed)];
     match removed.grant.endpoint_type {
-        EndpointType::Postgres => checks.extend(postgres_gone(ctx, removed, undoing.postgres).await),
+        EndpointType::Postgres => {
+            checks.extend(postgres_gone(ctx, removed, undoing.postgres).await)
+        }
         EndpointType::Ssh => checks.push(ssh_cleaned(undoing.ssh).await),
         EndpointType::Kubectl | EndpointType::Tcp => {}
     }
@@ -469,8 +475,16 @@ async fn postgres_gone(
             ),
         ],
         Err(e) => vec![
-            made(check::PG_ROLE_GONE, false, format!("cannot ask the database: {e}")),
-            made(check::PG_BACKENDS_GONE, false, format!("cannot ask the database: {e}")),
+            made(
+                check::PG_ROLE_GONE,
+                false,
+                format!("cannot ask the database: {e}"),
+            ),
+            made(
+                check::PG_BACKENDS_GONE,
+                false,
+                format!("cannot ask the database: {e}"),
+            ),
         ],
     }
 }
@@ -479,7 +493,10 @@ async fn postgres_gone(
 async fn ssh_cleaned(teardown: Option<JoinHandle<SshTeardown>>) -> TeardownCheck {
     let started = Instant::now();
     let report = match teardown {
-        Some(h) => tokio::time::timeout(UNDO_WAIT, h).await.ok().and_then(Result::ok),
+        Some(h) => tokio::time::timeout(UNDO_WAIT, h)
+            .await
+            .ok()
+            .and_then(Result::ok),
         None => None,
     };
     let (passed, detail) = match report {
@@ -569,7 +586,9 @@ mod tests {
         // Listed but past its expiry by our clock: it expired.
         let gone = p.ended_meanwhile(&[grant("ep_a", -1), grant("ep_b", 600)], Timestamp::now());
         assert_eq!(
-            gone.iter().map(|r| (r.endpoint_id.as_str(), r.reason)).collect::<Vec<_>>(),
+            gone.iter()
+                .map(|r| (r.endpoint_id.as_str(), r.reason))
+                .collect::<Vec<_>>(),
             vec![("ep_a", CloseReason::Expired)]
         );
         assert!(p.take_owed("ep_b"));
@@ -604,7 +623,9 @@ mod tests {
         drop((tx, rx));
         let (tx, mut rx) = mpsc::channel(8);
         p.connected(&tx);
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
         assert!(matches!(got, Some(ToGateway::TeardownProof(s)) if s.proof.endpoint_id == "ep_1"));
         p.acked("ep_1", None);
         assert!(p.unacked().is_empty());

@@ -131,12 +131,12 @@ pub async fn run(
     let audit = AuditLog::open(&config.audit_path, Some(enrollment.appliance_id.clone()))?;
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
-    let key_pem = Secret::new(std::fs::read_to_string(&enrollment.key_file).map_err(|source| {
-        TunnelError::ReadFile {
+    let key_pem = Secret::new(
+        std::fs::read_to_string(&enrollment.key_file).map_err(|source| TunnelError::ReadFile {
             path: enrollment.key_file.clone(),
             source,
-        }
-    })?);
+        })?,
+    );
     let proofs = crate::teardown_proof::Proofs::open(
         crate::teardown_proof::state_path(&enrollment.key_file),
         key_pem.expose(),

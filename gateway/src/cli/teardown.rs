@@ -17,8 +17,10 @@ pub async fn show(c: &ApiClient, endpoint: &str, out: OutputFormat) -> Result<()
             .chars()
             .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
     {
-        return Err(ApiError::invalid(format!("{endpoint:?} is not an endpoint id"))
-            .hint("give the id `postern ops endpoint list` shows (ep_…)"));
+        return Err(
+            ApiError::invalid(format!("{endpoint:?} is not an endpoint id"))
+                .hint("give the id `postern ops endpoint list` shows (ep_…)"),
+        );
     }
     let record: TeardownRecord = c.get(&format!("/v1/audit/teardown/{endpoint}")).await?;
     let verified = verify(c.ca_pem(), endpoint, record)?;
@@ -36,8 +38,8 @@ pub fn verify(
     endpoint: &str,
     record: TeardownRecord,
 ) -> Result<TeardownVerified, ApiError> {
-    let checked = verify_teardown(ca_pem, &record.cert_pem, endpoint, &record.signed).and_then(
-        |fp| {
+    let checked =
+        verify_teardown(ca_pem, &record.cert_pem, endpoint, &record.signed).and_then(|fp| {
             // The gateway's endpoint record and the proof must agree on whose endpoint it was.
             if record.appliance_id == record.signed.proof.appliance_id {
                 Ok(fp)
@@ -47,8 +49,7 @@ pub fn verify(
                     found: record.signed.proof.appliance_id.clone(),
                 })
             }
-        },
-    );
+        });
     let fp = checked.map_err(|e| {
         ApiError::new(
             ErrorCode::AuditChainBroken,

@@ -14,10 +14,10 @@ mod teardown;
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
-pub use teardown::TeardownProofRow;
 pub use spine::{
     ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
 };
+pub use teardown::TeardownProofRow;
 
 use jiff::Timestamp;
 use sqlx::{
