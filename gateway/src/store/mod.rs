@@ -18,8 +18,8 @@ pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
-pub use tokens::{TokenRevocation, TokenRow};
 pub use teardown::TeardownProofRow;
+pub use tokens::{TokenRevocation, TokenRow};
 
 use jiff::Timestamp;
 use sqlx::{
