@@ -5,4 +5,5 @@ pub mod kube_apiserver;
 pub mod pg_cluster;
 pub mod sshd;
 pub mod tcp_endpoint;
+pub mod teardown_check;
 pub mod testbed;

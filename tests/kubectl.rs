@@ -111,7 +111,10 @@ fn direct_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
 // ---- through Postern ----------------------------------------------------------------------
 
 use anyhow::{anyhow, bail};
-use postern::testbed::{wait_until, Agent, Gateway};
+use postern::{
+    teardown_check,
+    testbed::{wait_until, Agent, Gateway},
+};
 use serde_json::Value;
 use std::{
     io::{BufRead, BufReader, Write},
@@ -612,8 +615,19 @@ fn retire_cuts_live_streams_and_the_old_kubeconfig_is_refused() -> Result<()> {
         "{err}"
     );
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+
+    // The appliance proved it: the streams cut and ended, a request under the endpoint's
+    // certificate refused by its own proxy; signed, and checked against the gateway CA.
+    let v = teardown_check::verified(&s.gw, &id, KUBE_CHECKS, Duration::from_secs(30))?;
+    assert_eq!(v["proof"]["reason"], "retired", "{v}");
+    assert_eq!(v["proof"]["endpoint_type"], "kubectl", "{v}");
+    let edited = teardown_check::edit_and_verify(&s.gw, &id)?;
+    teardown_check::assert_edit_refused(&edited, &id)?;
     Ok(())
 }
+
+/// The checks every kubernetes teardown proof carries.
+const KUBE_CHECKS: &[&str] = &["sessions_cut", "kube_certificate_refused"];
 
 /// A raw HTTPS client holding the kubeconfig's certificate, for what kubectl will not send.
 struct Raw {
@@ -837,6 +851,8 @@ fn expiry_cuts_a_live_stream_and_the_certificate_dies_with_the_endpoint() -> Res
         "{err}"
     );
     assert!(s.api.requests().is_empty(), "{:?}", s.api.requests());
+    let v = teardown_check::verified(&s.gw, &id, KUBE_CHECKS, Duration::from_secs(30))?;
+    assert_eq!(v["proof"]["reason"], "expired", "{v}");
     Ok(())
 }
 

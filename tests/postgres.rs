@@ -5,6 +5,7 @@
 use anyhow::{anyhow, Result};
 use postern::{
     pg_cluster::{Options, PgCluster},
+    teardown_check,
     testbed::{wait_until, Agent, Gateway, TinyDisk},
 };
 use serde_json::Value;
@@ -660,6 +661,75 @@ fn retire_cuts_a_long_query_drops_the_role_and_dead_credentials_fail() -> Result
     assert!(wait_until(Duration::from_secs(15), || s.admin(&format!(
         "SELECT count(*) FROM pg_roles WHERE rolname = '{role2}'"
     )) == "0"));
+
+    // Both ends are proved by the appliance, signed with its key: the session cut, the role
+    // gone from pg_roles with no backend left. `audit teardown` checks the signature and the
+    // appliance certificate against the gateway CA.
+    let v = teardown_check::verified(&s.gw, &id, PG_CHECKS, Duration::from_secs(30))?;
+    assert_eq!(v["proof"]["reason"], "retired", "{v}");
+    assert_eq!(v["proof"]["offline"], false, "{v}");
+    assert_eq!(v["proof"]["appliance_id"], s.agent.appliance_id.as_str());
+    let cut = &v["proof"]["checks"][0];
+    assert!(
+        cut["name"] == "sessions_cut"
+            && cut["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("1 session(s) served")),
+        "{v}"
+    );
+    let v2 = teardown_check::verified(&s.gw, &id2, PG_CHECKS, Duration::from_secs(30))?;
+    assert_eq!(v2["proof"]["reason"], "expired", "{v2}");
+    // The customer's trail holds the same signed record.
+    assert!(wait_until(Duration::from_secs(10), || s
+        .customer_records("endpoint.teardown")
+        .iter()
+        .any(
+            |r| r["endpoint_id"] == id.as_str() && r["detail"]["signature"] == v["signature"]
+        )));
+    // An edited record (SQL on the gateway's store) fails, with a structured error.
+    let edited = teardown_check::edit_and_verify(&s.gw, &id)?;
+    teardown_check::assert_edit_refused(&edited, &id)?;
+    let none = s.gw.cli(&["audit", "teardown", "ep_neverexisted"])?;
+    assert_eq!(none.error_code(), Some("NOT_FOUND"), "{}", none.json);
+    assert!(none.json["error"]["hint"]
+        .as_str()
+        .is_some_and(|h| h.contains("proved")));
+    Ok(())
+}
+
+/// The checks every postgres teardown proof carries.
+const PG_CHECKS: &[&str] = &[
+    "sessions_cut",
+    "new_sessions_refused",
+    "pg_role_gone",
+    "pg_backends_gone",
+];
+
+/// An endpoint retired while the agent is stopped keeps its role until the agent is back;
+/// then the agent drops it and proves it (marked offline), and the proof reaches the gateway.
+#[test]
+fn retired_while_the_agent_is_stopped_it_is_torn_down_and_proved_when_the_agent_is_back(
+) -> Result<()> {
+    let mut s = setup("pg-offline")?;
+    let (id, cs) = s.create("pg-offline", "10m")?;
+    let role = format!("postern_{id}");
+    assert!(psql(&cs, "SELECT 1").ok);
+    s.agent.stop();
+    s.cli(&["ops", "endpoint", "retire", &id])?;
+    let count = format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'");
+    assert_eq!(s.admin(&count), "1", "nothing at the appliance acted yet");
+    let none = s.gw.cli(&["audit", "teardown", &id])?;
+    assert_eq!(none.error_code(), Some("NOT_FOUND"), "{}", none.json);
+
+    s.agent.run()?;
+    let v = teardown_check::verified(&s.gw, &id, PG_CHECKS, Duration::from_secs(60))?;
+    assert_eq!(v["proof"]["offline"], true, "{v}");
+    assert_eq!(v["proof"]["reason"], "retired", "{v}");
+    assert_eq!(s.admin(&count), "0");
+    assert!(s
+        .customer_records("endpoint.teardown")
+        .iter()
+        .any(|r| r["endpoint_id"] == id.as_str()));
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Result};
 use postern::{
     sshd::{keygen, Sshd},
+    teardown_check,
     testbed::{bin, pattern, terminate, wait_until, Agent, CliOutput, Gateway},
 };
 use serde_json::Value;
@@ -1241,6 +1242,30 @@ fn the_endpoints_end_tears_down_what_its_user_left_on_the_vm() -> Result<()> {
     let _ = wait_exit(&mut busy, Duration::from_secs(10));
     assert_eq!(w.gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     assert_eq!(w.agent.verify_trail()?.ok()?["ok"], true);
+
+    // Both ends are proved, signed by the appliance: the last one's live session (one
+    // upstream SSH connection) was cut and has ended, and the VM sweep ran to its end.
+    let checks = ["sessions_cut", "new_sessions_refused", "ssh_vm_cleanup"];
+    let v = teardown_check::verified(&w.gw, &other.id, &checks, Duration::from_secs(30))?;
+    let detail = |name: &str| {
+        v["proof"]["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .map(|c| c["detail"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        detail("sessions_cut").starts_with("1 session(s) served"),
+        "{v}"
+    );
+    assert!(
+        detail("ssh_vm_cleanup").contains("process(es) ended"),
+        "{v}"
+    );
+    let first = teardown_check::verified(&w.gw, &ep.id, &checks, Duration::from_secs(30))?;
+    assert_eq!(first["proof"]["reason"], "retired");
+    let edited = teardown_check::edit_and_verify(&w.gw, &other.id)?;
+    teardown_check::assert_edit_refused(&edited, &other.id)?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod fingerprint;
 mod private_file;
 pub mod record_signature;
 pub mod scram;
+pub mod teardown_proof;
 mod tls;
 
 use std::sync::Arc;

@@ -21,6 +21,7 @@ pub mod resource;
 pub mod secret;
 pub mod ssh_scope;
 pub mod ssh_stream;
+pub mod teardown;
 pub mod token;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};

@@ -130,6 +130,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/approvals/{id}/deny", post(approval_deny))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/audit/teardown/{id}", get(audit_teardown))
         .fallback(|| async {
             Failure(
                 ApiError::new(ErrorCode::NotFound, "no such API route")
@@ -696,6 +697,34 @@ async fn audit_verify(State(gw): State<Gw>, caller: Caller) -> ApiResult<AuditVe
             .details(serde_json::json!({"seq": seq}))
             .into()),
     }
+}
+
+/// The stored teardown proof of an endpoint, unverified: the caller checks it against the
+/// gateway CA (`postern audit teardown`). A customer sees its own appliances' only.
+async fn audit_teardown(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<endpoint_types::teardown::TeardownRecord> {
+    if caller.role == Role::Approver {
+        let visible = match gw.store.get_endpoint(&id).await.map_err(internal)? {
+            Some(ep) => gw
+                .store
+                .get_appliance(&ep.appliance_id)
+                .await
+                .map_err(internal)?
+                .is_some_and(|a| caller.sees_customer(&a.customer)),
+            None => false,
+        };
+        if !visible {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no teardown record for endpoint {id}"),
+            )
+            .into());
+        }
+    }
+    Ok(Json(crate::teardown_proofs::get(&gw.store, &id).await?))
 }
 
 /// Serves the API over TLS until shutdown; each connection drains gracefully.

@@ -20,3 +20,4 @@ pub mod ports;
 pub mod relay;
 pub mod server;
 pub mod store;
+pub mod teardown_proofs;

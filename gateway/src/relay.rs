@@ -148,11 +148,16 @@ fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
 }
 
 fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
+    peer_leaf(conn).map(|c| certs::fingerprint(&c))
+}
+
+/// The DER certificate the agent presented on this connection.
+fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
         .ok()?;
-    certs.first().map(|c| certs::fingerprint(c))
+    certs.first().map(|c| c.to_vec())
 }
 
 async fn handle_connection(gw: Arc<Relay>, conn: quinn::Connection) {
@@ -305,6 +310,14 @@ async fn enroll(
         .set_enrolled(&appliance.id, &fp, now)
         .await
         .map_err(internal)?;
+    // Kept so that what this appliance signs (teardown proofs) can be checked later.
+    if let Err(e) = gw
+        .store
+        .keep_appliance_cert(&appliance.id, &fp, &cert_pem, now)
+        .await
+    {
+        tracing::warn!(appliance = %appliance.id, error = %e, "could not keep the appliance certificate; it is kept with its first teardown proof");
+    }
     gw.audit
         .record(
             "appliance.enrolled",
@@ -630,6 +643,15 @@ async fn control_loop(
                     }
                     Ok(Some(ToGateway::SshTeardown(report))) => {
                         crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;
+                    }
+                    Ok(Some(ToGateway::TeardownProof(signed))) => {
+                        let cert = peer_leaf(conn).unwrap_or_default();
+                        let ack = crate::teardown_proofs::on_proof(&gw.store, &*gw.audit, appliance_id, &cert, signed).await;
+                        if let Some(ack) = ack {
+                            if let Err(e) = write_frame_within(&mut send, &ack, gw.limits.agent_lost_after).await {
+                                return format!("control stream failed: {e}");
+                            }
+                        }
                     }
                     Ok(None) => {
                         conn.close(close::NORMAL.into(), b"control stream ended");

@@ -60,6 +60,46 @@ pub fn operate_grant_in_force(g: &LiveGrant, now: Timestamp) -> bool {
         )
 }
 
+/// The sessions an endpoint has admitted that have not ended yet: each session's [`Cut`]
+/// (and its clones) holds a mark, so a session counts until its last handle is gone. What a
+/// teardown proof checks after the cut ([`crate::teardown_proof`]).
+#[derive(Debug, Clone, Default)]
+pub struct LiveSessions(Arc<std::sync::Mutex<SessionMarks>>);
+
+#[derive(Debug, Default)]
+struct SessionMarks {
+    live: Vec<std::sync::Weak<()>>,
+    admitted: usize,
+}
+
+impl LiveSessions {
+    fn admit(&self) -> Arc<()> {
+        let mark = Arc::new(());
+        let mut marks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        marks.live.retain(|m| m.strong_count() > 0);
+        marks.live.push(Arc::downgrade(&mark));
+        marks.admitted += 1;
+        mark
+    }
+
+    /// Sessions admitted and not yet ended.
+    pub fn count(&self) -> usize {
+        let marks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        marks.live.iter().filter(|m| m.strong_count() > 0).count()
+    }
+
+    /// Sessions admitted over the endpoint's life (in this agent process).
+    pub fn admitted(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).admitted
+    }
+}
+
+impl PartialEq for LiveSessions {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// Cuts an endpoint's sessions, carrying why; the first reason given wins.
 #[derive(Debug, Clone, Default)]
 pub struct Cut {
@@ -67,6 +107,10 @@ pub struct Cut {
     reason: Arc<OnceLock<CloseReason>>,
     /// A session's endpoint's reason: a session cut on its own says why itself.
     parent: Option<Arc<OnceLock<CloseReason>>>,
+    /// An endpoint's: its sessions still running.
+    sessions: LiveSessions,
+    /// A session's: it counts among its endpoint's sessions while this lives.
+    _mark: Option<Arc<()>>,
 }
 
 impl Cut {
@@ -81,7 +125,14 @@ impl Cut {
             token: self.token.child_token(),
             reason: Arc::default(),
             parent: Some(self.reason.clone()),
+            sessions: LiveSessions::default(),
+            _mark: Some(self.sessions.admit()),
         }
+    }
+
+    /// The sessions admitted under this (an endpoint's) cut that are still running.
+    pub fn sessions(&self) -> &LiveSessions {
+        &self.sessions
     }
 
     pub fn is_cut(&self) -> bool {
@@ -130,6 +181,8 @@ pub struct Removed {
     pub reason: CloseReason,
     /// What the endpoint was, so per-type teardown (a Postgres role) knows what to undo.
     pub grant: EndpointGrant,
+    /// Its sessions, cut: the teardown proof waits for them to end.
+    pub sessions: LiveSessions,
 }
 
 #[derive(Debug, Default)]
@@ -240,6 +293,7 @@ impl LiveEndpoints {
             endpoint_id: endpoint_id.to_string(),
             reason,
             grant: live.grant,
+            sessions: live.cut.sessions.clone(),
         })
     }
 
@@ -490,6 +544,25 @@ mod tests {
         assert_eq!(t.clear(CloseReason::Interrupted), 1);
         assert_eq!(s.reason(), Some(CloseReason::Interrupted));
         assert!(matches!(t.check("a", at(1)), Liveness::Unknown));
+    }
+
+    #[test]
+    fn an_endpoint_counts_its_sessions_until_each_ends() {
+        let mut t = table();
+        t.insert(grant("a", 60), at(0));
+        let s1 = session(&t, "a", at(1));
+        let s1_clone = s1.clone();
+        let s2 = session(&t, "a", at(1));
+        let removed = t.close("a", CloseReason::Retired).unwrap();
+        assert_eq!(removed.sessions.count(), 2);
+        assert_eq!(removed.sessions.admitted(), 2);
+        drop(s2);
+        assert_eq!(removed.sessions.count(), 1);
+        drop(s1);
+        // A clone of a session's cut is the same session.
+        assert_eq!(removed.sessions.count(), 1);
+        drop(s1_clone);
+        assert_eq!(removed.sessions.count(), 0);
     }
 
     #[test]

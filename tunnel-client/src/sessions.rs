@@ -40,6 +40,8 @@ pub struct Sessions {
     pub audit: AuditLog,
     /// SSH endpoints owed a teardown on the VM when they end.
     pub teardowns: Arc<crate::ssh_teardown::Teardowns>,
+    /// Endpoints owed a proof of teardown, and proofs the gateway has not acknowledged.
+    pub proofs: Arc<crate::teardown_proof::Proofs>,
 }
 
 /// A session the agent agreed to serve.

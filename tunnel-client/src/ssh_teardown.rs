@@ -186,48 +186,22 @@ impl Teardowns {
             .or_default()
             .clone()
     }
-
-    /// After an endpoint sync: endpoints owed a teardown that the gateway no longer lists (or
-    /// lists past their expiry by our clock) ended while this agent was away.
-    pub fn synced(&self, ctx: &Sessions, endpoints: &[EndpointGrant]) {
-        let now = Timestamp::now();
-        let gone: Vec<EndpointGrant> = {
-            let st = self.state();
-            let listed_live = |g: &EndpointGrant| {
-                endpoints
-                    .iter()
-                    .any(|e| e.endpoint_id == g.endpoint_id && e.expires_at > now)
-            };
-            st.owed
-                .values()
-                .filter(|g| !listed_live(g))
-                .cloned()
-                .collect()
-        };
-        for g in gone {
-            let reason = if g.expires_at <= now {
-                CloseReason::Expired
-            } else {
-                CloseReason::Retired
-            };
-            start(ctx, &g, reason);
-        }
-    }
 }
 
-/// An SSH endpoint ended: its teardown runs on a task of its own.
-pub fn start(ctx: &Sessions, grant: &EndpointGrant, reason: CloseReason) {
+/// An SSH endpoint ended: its teardown runs on a task of its own, whose report the
+/// endpoint's teardown proof takes. `None` if none is owed (already started, or not ssh).
+pub fn start(
+    ctx: &Sessions,
+    grant: &EndpointGrant,
+    reason: CloseReason,
+) -> Option<tokio::task::JoinHandle<SshTeardown>> {
     let teardowns = ctx.teardowns.clone();
-    if teardowns.state().owed.remove(&grant.endpoint_id).is_none() {
-        return;
-    }
-    let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else {
-        return;
-    };
+    teardowns.state().owed.remove(&grant.endpoint_id)?;
+    let resource = ctx.config.resource(&grant.resource_id).cloned()?;
     let others = other_live_endpoints(ctx, grant);
     let ctx = ctx.clone();
     let grant = grant.clone();
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         let report = if others.is_empty() {
             let lock = teardowns.lock_for(&resource.id);
             let _one_at_a_time = lock.lock().await;
@@ -253,8 +227,9 @@ pub fn start(ctx: &Sessions, grant: &EndpointGrant, reason: CloseReason) {
             Entry::new("ssh.teardown", ctx.audit.agent_actor(), detail)
                 .endpoint(grant.endpoint_id.clone()),
         );
-        teardowns.report(ToGateway::SshTeardown(report));
-    });
+        teardowns.report(ToGateway::SshTeardown(report.clone()));
+        report
+    }))
 }
 
 /// Other SSH endpoints on the same resource that are live by this agent's table.

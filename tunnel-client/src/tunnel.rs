@@ -65,6 +65,8 @@ pub enum TunnelError {
     Dial(#[from] DialError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error(transparent)]
+    Proofs(#[from] crate::teardown_proof::ProofsError),
 }
 
 impl TunnelError {
@@ -76,6 +78,9 @@ impl TunnelError {
             TunnelError::ReadFile { .. } | TunnelError::Credentials(_) => ApiError::invalid(self.to_string())
                 .hint("key_file, cert_file and ca_file are written by `postern-agent enroll`; enroll again if they are lost"),
             TunnelError::Dial(_) => ApiError::new(ErrorCode::Internal, self.to_string()),
+            TunnelError::Proofs(_) => ApiError::invalid(self.to_string()).hint(
+                "teardowns.json next to the agent key holds the endpoints owed a teardown proof; move a damaged one aside and start again (its endpoints' proofs are lost)",
+            ),
         }
     }
 }
@@ -138,12 +143,29 @@ pub async fn run(
     let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
+    let key_pem = Secret::new(
+        std::fs::read_to_string(&enrollment.key_file).map_err(|source| TunnelError::ReadFile {
+            path: enrollment.key_file.clone(),
+            source,
+        })?,
+    );
+    let proofs = crate::teardown_proof::Proofs::open(
+        crate::teardown_proof::state_path(&enrollment.key_file),
+        key_pem.expose(),
+        &enrollment.appliance_id,
+    )?;
     let sessions = Sessions {
         config: config.clone(),
         live: live.clone(),
         audit: audit.clone(),
         teardowns: Default::default(),
+        proofs: Arc::new(proofs),
     };
+    // SSH endpoints live when the agent last stopped are owed their VM teardown too, should
+    // the first sync show they ended meanwhile.
+    for g in sessions.proofs.owed() {
+        sessions.teardowns.owe(&g);
+    }
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
     let confinement = crate::op_sandbox::Confinement::detect(config.ops.user.as_deref())
@@ -199,6 +221,9 @@ pub async fn run(
         let delay = match ended {
             Ended::Shutdown => break,
             Ended::Lost { reason, revoked: r } => {
+                if r {
+                    crate::endpoint_setup::appliance_revoked(&agent.sessions);
+                }
                 revoked |= r;
                 let delay = if revoked { cap } else { backoff(attempt, cap) };
                 tracing::info!(gateway = %agent.enrollment.gateway, "disconnected: {reason}; reconnecting in {delay:?}");
@@ -372,6 +397,7 @@ impl Agent {
         let (op_tx, mut op_rx) = mpsc::channel::<ToGateway>(OP_OUTBOX);
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         self.sessions.teardowns.connected(&op_tx);
+        self.sessions.proofs.connected(&op_tx);
         loop {
             let next_expiry = self
                 .live
@@ -534,6 +560,10 @@ impl Agent {
                     )));
                 }
             }
+            ToAgent::TeardownAck {
+                endpoint_id,
+                refused,
+            } => self.sessions.proofs.acked(&endpoint_id, refused.as_ref()),
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()

@@ -84,6 +84,14 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lost_through: Option<u64>,
     },
+    /// The gateway stored the agent's teardown proof for `endpoint_id` (or, with `refused`,
+    /// will never store it: it names no ended endpoint of this appliance, or does not verify).
+    /// Until this arrives the agent keeps the proof and sends it again.
+    TeardownAck {
+        endpoint_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<ApiError>,
+    },
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -173,6 +181,9 @@ pub enum ToGateway {
     TrailRecorded {
         number: u64,
     },
+    /// The signed proof that an ended endpoint is gone at the appliance; answered with
+    /// [`ToAgent::TeardownAck`].
+    TeardownProof(crate::teardown::SignedTeardown),
 }
 
 impl Handshake {
@@ -209,6 +220,7 @@ impl ToAgent {
             ToAgent::Error(_) => "error",
             ToAgent::Command { .. } => "command",
             ToAgent::TrailRecords { .. } => "trail_records",
+            ToAgent::TeardownAck { .. } => "teardown_ack",
         }
     }
 
@@ -323,7 +335,8 @@ impl TryFrom<ToAgent> for AgentCommand {
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
             | ToAgent::Error(_)
-            | ToAgent::Command { .. }) => Err(other),
+            | ToAgent::Command { .. }
+            | ToAgent::TeardownAck { .. }) => Err(other),
         }
     }
 }
@@ -343,6 +356,7 @@ impl ToGateway {
             ToGateway::SshTeardown(_) => "ssh_teardown",
             ToGateway::Error(_) => "error",
             ToGateway::TrailRecorded { .. } => "trail_recorded",
+            ToGateway::TeardownProof(_) => "teardown_proof",
         }
     }
 }

@@ -133,6 +133,14 @@ fn to_agent() -> Vec<ToAgent> {
             seq: 3,
             command: AgentCommand::GrantSync { grants: vec![] },
         },
+        ToAgent::TeardownAck {
+            endpoint_id: "ep_1".into(),
+            refused: None,
+        },
+        ToAgent::TeardownAck {
+            endpoint_id: "ep_2".into(),
+            refused: Some(refusal()),
+        },
     ];
     frames.extend(commands().into_iter().map(ToAgent::from));
     frames
@@ -189,6 +197,25 @@ fn to_gateway() -> Vec<ToGateway> {
         }),
         ToGateway::Error(refusal()),
         ToGateway::TrailRecorded { number: 7 },
+        ToGateway::TeardownProof(crate::teardown::SignedTeardown {
+            proof: crate::teardown::TeardownProof {
+                endpoint_id: "ep_1".into(),
+                appliance_id: "ap_1".into(),
+                endpoint_type: crate::resource::EndpointType::Postgres,
+                resource_id: "aws_db_instance.main".into(),
+                reason: CloseReason::Retired,
+                ended_at: at("2026-01-01T00:00:00Z"),
+                proved_at: at("2026-01-01T00:00:01Z"),
+                offline: true,
+                checks: vec![crate::teardown::TeardownCheck {
+                    name: "pg_role_gone".into(),
+                    passed: true,
+                    took_ms: 4,
+                    detail: "0 row(s) in pg_roles".into(),
+                }],
+            },
+            signature: "MEUCIQ==".into(),
+        }),
     ]
 }
 

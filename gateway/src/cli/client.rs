@@ -16,6 +16,8 @@ pub struct ApiClient {
     addr: String,
     token: Option<String>,
     tls: Arc<rustls::ClientConfig>,
+    /// The gateway CA this client trusts, also the root of appliance certificates.
+    ca_pem: String,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -64,7 +66,13 @@ impl ApiClient {
             addr,
             token: token.map(|t| t.trim().to_string()),
             tls: Arc::new(tls),
+            ca_pem,
         })
+    }
+
+    /// The gateway CA certificate (PEM) this client verifies the gateway with.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     fn unreachable(&self, why: impl std::fmt::Display) -> ApiError {

@@ -7,6 +7,7 @@ mod control;
 mod dev;
 mod play;
 mod profile;
+mod teardown;
 mod tokens;
 
 use crate::{config, server};
@@ -226,6 +227,11 @@ enum AuditCmd {
         /// Playback speed factor.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+    },
+    /// The signed teardown record of an ended endpoint, verified here against the gateway CA.
+    Teardown {
+        /// The endpoint id.
+        endpoint: String,
     },
 }
 
@@ -702,6 +708,7 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
                 .map_err(|e| ApiError::invalid(format!("--idle-limit: {e}")))?;
             play::play(c, &session, idle, speed, matches!(out, OutputFormat::Json)).await?;
         }
+        AuditCmd::Teardown { endpoint } => teardown::show(c, &endpoint, out).await?,
         AuditCmd::Verify => {
             let v: AuditVerified = c.get("/v1/audit/verify").await?;
             match out {

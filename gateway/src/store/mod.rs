@@ -10,6 +10,7 @@ mod endpoint_list;
 mod grant_list;
 mod op_list;
 mod spine;
+mod teardown;
 mod tokens;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
@@ -17,6 +18,7 @@ pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
+pub use teardown::TeardownProofRow;
 pub use tokens::{TokenRevocation, TokenRow};
 
 use jiff::Timestamp;
@@ -93,6 +95,11 @@ fn migrator() -> Migrator {
             4,
             "audit paging",
             include_str!("../../migrations/0004_audit_paging.sql"),
+        ),
+        m(
+            7,
+            "teardown proofs",
+            include_str!("../../migrations/0007_teardown_proofs.sql"),
         ),
         m(
             8,

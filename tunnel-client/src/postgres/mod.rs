@@ -158,15 +158,17 @@ pub fn prepare(ctx: &Sessions, grant: &EndpointGrant) {
     });
 }
 
-/// An endpoint ended: its backends are terminated and its role dropped, on a task of its own.
-pub fn teardown(ctx: &Sessions, removed: &Removed) {
+/// An endpoint ended: its backends are terminated and its role dropped, on a task of its own
+/// (awaited by the endpoint's teardown proof).
+pub fn teardown(ctx: &Sessions, removed: &Removed) -> tokio::task::JoinHandle<()> {
     let (audit, endpoint_id, reason) = (
         ctx.audit.clone(),
         removed.endpoint_id.clone(),
         removed.reason,
     );
+    let resource = ctx.config.resource(&removed.grant.resource_id).cloned();
     tokio::spawn(async move {
-        let r = teardown_role(&endpoint_id).await;
+        let r = drop_endpoint_role(resource.as_ref(), &endpoint_id).await;
         let mut detail = json!({ "role": role_name(&endpoint_id), "reason": reason.as_str() });
         if let Err(e) = &r {
             detail["error"] = json!(e.to_string());
@@ -175,7 +177,23 @@ pub fn teardown(ctx: &Sessions, removed: &Removed) {
             crate::audit::Entry::new("pg.role_dropped", audit.agent_actor(), detail)
                 .endpoint(endpoint_id),
         );
-    });
+    })
+}
+
+/// Drops the endpoint's role: the one this process made, or (the agent restarted since the
+/// endpoint opened, and the endpoint ended meanwhile) the role of that name left in the
+/// database.
+async fn drop_endpoint_role(
+    resource: Option<&ResourceConfig>,
+    endpoint_id: &str,
+) -> Result<(), RoleError> {
+    if roles().contains_key(endpoint_id) {
+        return teardown_role(endpoint_id).await;
+    }
+    match resource {
+        Some(r) => Admin::new(r)?.drop_role(&role_name(endpoint_id)).await,
+        None => Ok(()),
+    }
 }
 
 /// Registers the endpoint as preparing, unless it already is (announced again on reconnect).

@@ -527,6 +527,22 @@ impl Admin {
             .map_err(sql_err("DROP ROLE"))
     }
 
+    /// Whether `role` is in `pg_roles`, and how many backends it has in `pg_stat_activity`:
+    /// what a teardown proof checks after the role was dropped.
+    pub async fn role_presence(&self, role: &str) -> Result<(bool, i64), RoleError> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_roles WHERE rolname = $1), \
+                 (SELECT count(*) FROM pg_stat_activity WHERE usename = $1)",
+                &[&role],
+            )
+            .await
+            .map_err(sql_err("checking pg_roles and pg_stat_activity"))?;
+        let roles: i64 = row.get(0);
+        Ok((roles > 0, row.get(1)))
+    }
+
     /// Roles this agent made that are still there (e.g. after a crash): `postern_ep_…`.
     pub async fn leftover_roles(&self) -> Result<Vec<String>, RoleError> {
         let client = self.connect().await?;

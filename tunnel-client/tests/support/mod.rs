@@ -218,6 +218,8 @@ impl Gateway {
     pub fn serve_tunnel(&self, conn: quinn::Connection, control: Control) -> Link {
         let (to_agent, mut cmds) = mpsc::channel::<ToAgent>(64);
         let (out, from_agent) = mpsc::channel::<(Instant, ToGateway)>(4096);
+        let proofs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = proofs.clone();
         let c = conn.clone();
         tokio::spawn(async move {
             let Ok((mut send, recv)) = c.accept_bi().await else {
@@ -245,6 +247,12 @@ impl Gateway {
                             if control.answer_heartbeats && write_frame(&mut send, &ToAgent::HeartbeatAck { seq }).await.is_err() { return; }
                         }
                         Ok(Some(ToGateway::HeartbeatAck { .. })) => {}
+                        // As a gateway does: kept and acknowledged, so the agent stops resending.
+                        Ok(Some(ToGateway::TeardownProof(p))) => {
+                            let endpoint_id = p.proof.endpoint_id.clone();
+                            kept.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+                            if write_frame(&mut send, &ToAgent::TeardownAck { endpoint_id, refused: None }).await.is_err() { return; }
+                        }
                         Ok(Some(f)) => { let _ = out.send((Instant::now(), f)).await; }
                         _ => return,
                     },
@@ -259,6 +267,7 @@ impl Gateway {
             conn,
             to_agent,
             from_agent,
+            proofs,
             bound: self.bound,
         }
     }
@@ -276,6 +285,8 @@ pub struct Link {
     pub conn: quinn::Connection,
     pub to_agent: mpsc::Sender<ToAgent>,
     pub from_agent: mpsc::Receiver<(Instant, ToGateway)>,
+    /// Teardown proofs the agent sent (acknowledged; not passed on `from_agent`).
+    pub proofs: Arc<std::sync::Mutex<Vec<endpoint_types::teardown::SignedTeardown>>>,
     bound: Duration,
 }
 
