@@ -21,6 +21,7 @@ pub mod secret;
 pub mod ssh_scope;
 pub mod ssh_stream;
 pub mod token;
+pub mod trail_head;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};
 

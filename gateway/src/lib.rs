@@ -4,6 +4,7 @@ pub mod agents;
 pub mod api;
 pub mod approvals;
 pub mod audit;
+pub mod audit_heads;
 pub mod cli;
 pub mod config;
 pub mod delivery;

@@ -24,6 +24,7 @@ pub mod postgres;
 pub mod sessions;
 pub mod ssh;
 pub mod ssh_teardown;
+pub mod trail_heads;
 pub mod trail_writer;
 pub mod tunnel;
 pub mod wire;

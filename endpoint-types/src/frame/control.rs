@@ -75,6 +75,10 @@ pub enum ToAgent {
         seq: u64,
         command: AgentCommand,
     },
+    /// The gateway's latest signed head of its own trail, for the agent to record as an anchor
+    /// in the customer trail (crate::trail_head). Latest wins: a lost one is superseded by the
+    /// next, and the latest is sent again after every hello.
+    TrailHead(crate::trail_head::SignedHead),
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -153,6 +157,9 @@ pub enum ToGateway {
     SshTeardown(crate::ssh_scope::SshTeardown),
     /// A protocol error, sent before the agent closes.
     Error(ApiError),
+    /// The agent's latest signed head of the customer trail, for the gateway to record as an
+    /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
+    TrailHead(crate::trail_head::SignedHead),
 }
 
 impl Handshake {
@@ -188,6 +195,7 @@ impl ToAgent {
             ToAgent::OutputDestroy { .. } => "output_destroy",
             ToAgent::Error(_) => "error",
             ToAgent::Command { .. } => "command",
+            ToAgent::TrailHead(_) => "trail_head",
         }
     }
 
@@ -286,7 +294,8 @@ impl TryFrom<ToAgent> for AgentCommand {
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
             | ToAgent::Error(_)
-            | ToAgent::Command { .. }) => Err(other),
+            | ToAgent::Command { .. }
+            | ToAgent::TrailHead(_)) => Err(other),
         }
     }
 }
@@ -305,6 +314,7 @@ impl ToGateway {
             ToGateway::OpRecord { .. } => "op_record",
             ToGateway::SshTeardown(_) => "ssh_teardown",
             ToGateway::Error(_) => "error",
+            ToGateway::TrailHead(_) => "trail_head",
         }
     }
 }

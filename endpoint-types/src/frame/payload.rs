@@ -22,6 +22,11 @@ pub struct HelloAck {
     pub customer: String,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    /// The gateway audit key's public half (base64). The agent compares it with the key it
+    /// pinned at enrollment; it pins it here only when it has none (an older enrollment), and
+    /// says so in its trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<String>,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.
