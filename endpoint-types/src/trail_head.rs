@@ -341,6 +341,11 @@ impl<I: Copy + Ord + std::ops::Add<Duration, Output = I>> HeadCadence<I> {
         self.last_head_at + HEAD_EVERY
     }
 
+    /// Records until a head is due by count (at least 1): a writer cuts its batch there.
+    pub fn remaining(&self) -> usize {
+        usize::try_from((HEAD_EVERY_RECORDS - self.since_head).max(1)).unwrap_or(1)
+    }
+
     /// Whether anything at all was written since the last head (for the head on shutdown).
     pub fn pending(&self) -> bool {
         self.since_head > 0

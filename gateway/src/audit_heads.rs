@@ -217,7 +217,12 @@ impl AuditHeads {
                 match self.write_head(&audit).await {
                     Ok(_) => last_head_at = tokio::time::Instant::now(),
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot write the vendor trail's signed head")
+                        // The trail is down; its writer brings it back. Try again shortly.
+                        tracing::error!(error = %e, "cannot write the vendor trail's signed head");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        }
                     }
                 }
                 continue;
@@ -394,6 +399,15 @@ pub async fn on_agent_head(
                 .map_err(|e| e.to_string())
         }
     };
+    // Sent again after every hello: anchored once.
+    if checked.is_ok() {
+        match latest_anchor(audit, appliance_id).await {
+            Ok(Some((_, a))) if a.head.seq == head.seq && a.head.signature == head.signature => {
+                return
+            }
+            _ => {}
+        }
+    }
     match checked {
         Ok(()) => {
             let anchor = Anchor {
@@ -570,6 +584,7 @@ mod tests {
             signature: signer.sign(&bytes).unwrap(),
             key: certs::fingerprint(&der),
         };
+        on_agent_head(&audit, "ap_1", Some(&der), head.clone()).await;
         on_agent_head(&audit, "ap_1", Some(&der), head.clone()).await;
         on_agent_head(&audit, "ap_2", Some(&der), head.clone()).await;
         let mut forged = head.clone();

@@ -576,7 +576,8 @@ async fn control_loop(
     let peer_cert = peer_leaf_der(conn);
     // The vendor trail's latest signed head goes to the agent now and whenever it changes.
     let mut heads = gw.gateway_heads.clone();
-    if let Some(head) = heads.borrow_and_update().clone() {
+    let latest = heads.borrow_and_update().clone();
+    if let Some(head) = latest {
         if let Err(e) = write_frame_within(&mut send, &ToAgent::TrailHead(head), gw.limits.agent_lost_after).await {
             return format!("control stream failed: {e}");
         }

@@ -529,3 +529,157 @@ impl GatewayAnchors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditLog, Entry};
+
+    /// An enrolled agent's files: key, certificate, and the trail path.
+    struct Files {
+        _dir: tempfile::TempDir,
+        key: PathBuf,
+        cert: PathBuf,
+        ca: PathBuf,
+        trail: PathBuf,
+    }
+
+    fn files() -> Files {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Timestamp::now();
+        let ca = certs::Ca::generate("ca", now).unwrap();
+        let (key, csr) = certs::generate_key_and_csr("agent").unwrap();
+        let cert = ca
+            .sign_agent_csr(&csr, "ap_1", now, std::time::Duration::from_secs(3600))
+            .unwrap();
+        let f = Files {
+            key: dir.path().join("agent.key"),
+            cert: dir.path().join("agent.crt"),
+            ca: dir.path().join("ca.crt"),
+            trail: dir.path().join("audit.jsonl"),
+            _dir: dir,
+        };
+        std::fs::write(&f.key, key.expose()).unwrap();
+        std::fs::write(&f.cert, cert).unwrap();
+        std::fs::write(&f.ca, ca.cert_pem()).unwrap();
+        f
+    }
+
+    async fn write(f: &Files, n: usize) {
+        let signer = HeadSigner::load(&f.key, &f.cert, "ap_1", &f.trail).unwrap();
+        let log = AuditLog::open_with_heads(&f.trail, Some("ap_1".into()), Some(signer)).unwrap();
+        for i in 0..n {
+            log.record_or_log(Entry::new("sql.statement", "op", serde_json::json!({ "i": i })));
+        }
+        log.flush().await;
+        log.seal().await;
+    }
+
+    fn verify_files(f: &Files) -> Result<AuditVerified, ApiError> {
+        verify(&VerifyInputs::load(&f.trail, Some(&f.cert), Some(&f.ca), None).unwrap())
+    }
+
+    fn lines(f: &Files) -> Vec<String> {
+        std::fs::read_to_string(&f.trail)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn heads_every_hundred_records_and_at_the_end_verify_with_the_certificate() {
+        let f = files();
+        write(&f, 250).await;
+        let v = verify_files(&f).unwrap();
+        let heads = v.heads.unwrap();
+        // A head after records 100 and 200 (each one record later in the trail), and at the end.
+        assert_eq!(heads.heads, 3, "{heads:?}");
+        assert_eq!(v.records, 253);
+        assert_eq!(heads.last_head.unwrap().seq, 253);
+        assert_eq!(heads.compared_with.len(), 1);
+        // Sealing again with nothing new adds no head.
+        write(&f, 0).await;
+        assert_eq!(verify_files(&f).unwrap().records, 253);
+    }
+
+    #[tokio::test]
+    async fn a_cut_tail_names_the_head_kept_beside_the_trail_and_start_up_keeps_it_aside() {
+        let f = files();
+        write(&f, 120).await;
+        let all = lines(&f);
+        let last = all.len() as i64;
+        std::fs::write(&f.trail, all[..all.len() - 2].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        let e = verify_files(&f).unwrap_err();
+        assert_eq!(e.code, ErrorCode::AuditChainBroken);
+        let details = e.details.unwrap();
+        assert_eq!(details["missing_head"]["seq"], last);
+        assert!(e.message.contains("is missing"), "{}", e.message);
+
+        // The agent starts again on the cut trail: the head is kept aside and stays named even
+        // after new heads replace the head file.
+        let signer = HeadSigner::load(&f.key, &f.cert, "ap_1", &f.trail).unwrap();
+        let (missing, kept) = signer.check_trail_reaches(&f.trail).unwrap();
+        assert_eq!(missing.seq, last);
+        assert!(kept.exists());
+        drop(signer);
+        write(&f, 150).await;
+        let e = verify_files(&f).unwrap_err();
+        assert_eq!(e.details.unwrap()["missing_head"]["seq"], last);
+        assert!(e.message.contains("kept aside"), "{}", e.message);
+    }
+
+    #[test]
+    fn gateway_heads_are_anchored_only_under_the_pinned_key() {
+        let f = files();
+        let log = AuditLog::open(&f.trail, Some("ap_1".into())).unwrap();
+        let anchors = GatewayAnchors::load(&f.ca);
+        let (gateway, _) = RecordSigner::generate().unwrap();
+        let (mallory, _) = RecordSigner::generate().unwrap();
+        let head = |signer: &RecordSigner, seq: i64| {
+            let now = Timestamp::now();
+            SignedHead {
+                trail: TrailSide::Gateway,
+                appliance_id: None,
+                seq,
+                prev_hash: "ab".into(),
+                time: now,
+                signature: signer
+                    .sign(&signed_bytes(TrailSide::Gateway, None, seq, "ab", &now))
+                    .unwrap(),
+                key: signer.public_key_b64(),
+            }
+        };
+        // Nothing pinned: refused, not trusted silently.
+        anchors.on_head(head(&gateway, 5), &log);
+        // Pinned on first sight from the hello (an older enrollment), said in the trail.
+        anchors.hello(Some(&gateway.public_key_b64()), &log);
+        anchors.on_head(head(&gateway, 6), &log);
+        anchors.on_head(head(&gateway, 6), &log);
+        anchors.on_head(head(&mallory, 7), &log);
+        anchors.hello(Some(&mallory.public_key_b64()), &log);
+        log.record(Entry::new("flush", "t", serde_json::json!({}))).unwrap();
+        let kinds: Vec<String> = lines(&f)
+            .iter()
+            .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "audit.anchor_refused",
+                "audit.gateway_key_pinned",
+                "audit.anchor",
+                "audit.anchor_refused",
+                "audit.anchor_refused",
+                "flush"
+            ]
+        );
+        assert_eq!(
+            std::fs::read_to_string(gateway_key_file(&f.ca)).unwrap().trim(),
+            gateway.public_key_b64()
+        );
+        // The anchor verifies under the pinned key; a trail without heads needs no head file.
+        let v = verify_files(&f).unwrap();
+        assert_eq!(v.heads.unwrap().anchors, 1);
+    }
+}

@@ -94,18 +94,23 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
         let mut flushes = Vec::new();
         let mut heads = Vec::new();
         let mut next = Some(first);
+        // A batch ends where a head is due, so a head follows every hundred records exactly.
+        let cap = chain
+            .heads
+            .as_ref()
+            .map_or(MAX_BATCH, |h| h.cadence.remaining().min(MAX_BATCH));
         while let Some(item) = next.take() {
             match item {
                 Item::Record(q) => batch.push(q),
                 Item::Flush(tx) => flushes.push(tx),
                 Item::Head(tx) => heads.push(tx),
             }
-            if batch.len() < MAX_BATCH {
+            if batch.len() < cap {
                 next = rx.try_recv().ok();
             }
         }
         if batch.is_empty() {
-            if !heads.is_empty() {
+            if !heads.is_empty() && chain.heads.as_ref().is_some_and(|h| h.cadence.pending()) {
                 write_head(&mut chain, &mut buf, &failures);
             }
             for tx in flushes.into_iter().chain(heads) {

@@ -387,7 +387,8 @@ impl Agent {
         self.sessions.teardowns.connected(&op_tx);
         // The trail's latest signed head goes to the gateway now and whenever it changes.
         let mut heads = self.audit.latest_head();
-        if let Some(head) = heads.as_mut().and_then(|h| h.borrow_and_update().clone()) {
+        let latest = heads.as_mut().and_then(|h| h.borrow_and_update().clone());
+        if let Some(head) = latest {
             if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {
                 return Ended::lost(format!("cannot send the trail's head: {e}"));
             }
@@ -650,10 +651,14 @@ async fn send_frame<F: SentByAgent>(
 async fn next_head(
     heads: &mut Option<tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>>,
 ) -> Option<endpoint_types::trail_head::SignedHead> {
-    match heads {
-        Some(rx) if rx.changed().await.is_ok() => rx.borrow_and_update().clone(),
-        _ => std::future::pending().await,
+    let Some(rx) = heads else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
     }
+    let head = rx.borrow_and_update().clone();
+    head
 }
 
 fn is_endpoint_sync(frame: &ToAgent) -> bool {
