@@ -529,9 +529,9 @@ mod tests {
         store.truncate_audit_after(4).await.unwrap();
         let reopened = AuditLog::open(store.clone()).await.unwrap();
         let e = heads.verify(&reopened, vec![]).await.unwrap().unwrap_err();
-        assert_eq!(e.details.as_ref().unwrap()["seq"], 6);
+        assert_eq!(e.details["seq"], 6);
         assert!(e.message.contains("head at seq 6"), "{}", e.message);
-        assert!(e.details.unwrap()["missing_head"].is_object());
+        assert!(e.details["missing_head"].is_object());
 
         // At start-up the finding is kept aside and recorded; later heads do not hide it.
         let reopened = Arc::new(reopened);
@@ -556,7 +556,7 @@ mod tests {
         let other = AuditHeads::load_or_create(other_dir.path()).unwrap();
         other.write_head(&audit).await.unwrap().unwrap();
         let e = heads.verify(&audit, vec![]).await.unwrap().unwrap_err();
-        assert_eq!(e.details.unwrap()["seq"], 4);
+        assert_eq!(e.details["seq"], 4);
         drop(dir);
     }
 

@@ -612,7 +612,7 @@ mod tests {
         std::fs::write(&f.trail, all[..all.len() - 2].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
         let e = verify_files(&f).unwrap_err();
         assert_eq!(e.code, ErrorCode::AuditChainBroken);
-        let details = e.details.unwrap();
+        let details = e.details;
         assert_eq!(details["missing_head"]["seq"], last);
         assert!(e.message.contains("is missing"), "{}", e.message);
 
@@ -625,7 +625,7 @@ mod tests {
         drop(signer);
         write(&f, 150).await;
         let e = verify_files(&f).unwrap_err();
-        assert_eq!(e.details.unwrap()["missing_head"]["seq"], last);
+        assert_eq!(e.details["missing_head"]["seq"], last);
         assert!(e.message.contains("kept aside"), "{}", e.message);
     }
 

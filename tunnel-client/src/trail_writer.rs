@@ -201,7 +201,8 @@ fn write_head(chain: &mut Chain, buf: &mut Vec<u8>, failures: &tokio::sync::watc
             return;
         }
     };
-    let detail = match serde_json::value::to_raw_value(&head) {
+    // Through a `Value`, as every detail is: its keys in the order a verifier re-serialises.
+    let detail = match serde_json::to_value(&head).and_then(|v| serde_json::value::to_raw_value(&v)) {
         Ok(d) => d,
         Err(e) => return tracing::error!(error = %e, "cannot encode the trail's head"),
     };
