@@ -7,11 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
 use serde_json::Value;
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 const APP: &str = "heads-app";
 
@@ -51,7 +47,10 @@ fn names_missing_head(out: &CliOutput, seq: i64) -> Result<()> {
     anyhow::ensure!(e["code"] == "AUDIT_CHAIN_BROKEN", "{e}");
     anyhow::ensure!(e["details"]["missing_head"]["seq"] == seq, "{e}");
     anyhow::ensure!(
-        e["message"].as_str().unwrap_or_default().contains("is missing"),
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is missing"),
         "{e}"
     );
     Ok(())
@@ -90,7 +89,13 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
     let gw_dir = dir.path().join("gw");
     let mut gw = Gateway::start(&gw_dir)?;
     let echo = echo_server()?;
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), APP, "acme-corp", &tcp_resource(echo))?;
+    let mut agent = Agent::enroll(
+        &gw,
+        &dir.path().join("agent"),
+        APP,
+        "acme-corp",
+        &tcp_resource(echo),
+    )?;
     // The gateway audit key was pinned at enrollment, beside the CA.
     let pinned = std::fs::read_to_string(dir.path().join("agent/gateway-audit.pub"))?;
     assert_eq!(
@@ -110,12 +115,28 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
         .cli_home(
             &home,
             &[
-                "ops", "endpoint", "create", "--type", "tcp", "--app", APP, "--customer",
-                "acme-corp", "--origin-resource-id", "null_resource.echo", "--ttl", "10m",
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                APP,
+                "--customer",
+                "acme-corp",
+                "--origin-resource-id",
+                "null_resource.echo",
+                "--ttl",
+                "10m",
             ],
         )?
         .ok()?;
-    let fwd = Forwarder::start(&gw, &gw.admin_token, &home, ep["id"].as_str().unwrap_or_default())?;
+    let fwd = Forwarder::start(
+        &gw,
+        &gw.admin_token,
+        &home,
+        ep["id"].as_str().unwrap_or_default(),
+    )?;
     // Sixty sessions: two records each in both trails, so each side signs a head by count.
     for i in 0..60u8 {
         assert_eq!(echo_round_trip(fwd.listen, &[i; 16])?, vec![i; 16]);
@@ -123,11 +144,12 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
 
     // Each side's head reaches the other and is recorded there as an anchor.
     let trail = agent.trail_when(|t| {
-        t.len() > 100
-            && !head_seqs(t).is_empty()
-            && t.iter().any(|r| r["kind"] == "audit.anchor")
+        t.len() > 100 && !head_seqs(t).is_empty() && t.iter().any(|r| r["kind"] == "audit.anchor")
     })?;
-    assert!(!head_seqs(&trail).is_empty(), "no head in the customer trail");
+    assert!(
+        !head_seqs(&trail).is_empty(),
+        "no head in the customer trail"
+    );
     let gateway_anchor = trail
         .iter()
         .find(|r| r["kind"] == "audit.anchor")
@@ -144,7 +166,10 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
         .ok_or_else(|| anyhow!("no anchor"))?;
     assert_eq!(anchor["appliance_id"], agent.appliance_id.as_str());
     assert_eq!(anchor["detail"]["trail"], "appliance");
-    assert!(!head_seqs(&vendor).is_empty(), "no head in the vendor trail");
+    assert!(
+        !head_seqs(&vendor).is_empty(),
+        "no head in the vendor trail"
+    );
 
     // Untouched, both verify, with their heads and the other side's anchors.
     let v = gw.cli(&["audit", "verify"])?.ok()?;
@@ -154,7 +179,11 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
     let v = agent.verify_trail()?.ok()?;
     assert_eq!(v["ok"], true);
     assert!(v["heads"]["anchors"].as_u64() >= Some(1), "{v}");
-    assert_eq!(v["heads"]["compared_with"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        v["heads"]["compared_with"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
 
     // What the gateway anchored of this appliance, for the customer to check against.
     let anchored = gw
@@ -179,9 +208,16 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
         .collect::<Result<_, _>>()?;
     let heads = head_seqs(&records);
     let last_head = *heads.last().context("heads")?;
-    assert_eq!(last_head, lines.len() as i64, "the agent's last record is its shutdown head");
+    assert_eq!(
+        last_head,
+        lines.len() as i64,
+        "the agent's last record is its shutdown head"
+    );
     let v = agent.verify_trail_with(&["--anchor", anchor_file.to_str().unwrap_or_default()])?;
-    assert_eq!(v.ok()?["heads"]["compared_with"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        v.ok()?["heads"]["compared_with"].as_array().map(Vec::len),
+        Some(2)
+    );
 
     // The last records cut off: the head kept beside the trail is missing.
     write_lines(&path, &lines[..lines.len() - 3])?;
@@ -219,7 +255,10 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
     }
     let head_file: Value = serde_json::from_slice(&std::fs::read(gw_dir.join("audit-head.json"))?)?;
     let vendor_last_head = head_file["seq"].as_i64().context("head file seq")?;
-    sql(&db, "DELETE FROM audit_log WHERE seq > (SELECT MAX(seq) - 3 FROM audit_log)")?;
+    sql(
+        &db,
+        "DELETE FROM audit_log WHERE seq > (SELECT MAX(seq) - 3 FROM audit_log)",
+    )?;
     let gw3 = Gateway::start(&gw_dir)?;
     names_missing_head(&gw3.cli(&["audit", "verify"])?, vendor_last_head)?;
     // The finding is in the trail and stays named after later heads.

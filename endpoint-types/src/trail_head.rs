@@ -144,7 +144,7 @@ pub enum HeadFailure {
     /// A head known from outside the trail is not in it: records were cut off the end, or the
     /// trail was replaced.
     Missing {
-        head: SignedHead,
+        head: Box<SignedHead>,
         source: String,
         /// The last seq the trail holds.
         trail_ends_at: i64,
@@ -254,15 +254,16 @@ impl HeadVerifier {
                         self.side.as_str()
                     )));
                 }
-                if self.side == TrailSide::Gateway
-                    && anchor.head.appliance_id != r.appliance_id
-                {
+                if self.side == TrailSide::Gateway && anchor.head.appliance_id != r.appliance_id {
                     return Err(bad(
                         "the anchor's head is of another appliance than the record".into(),
                     ));
                 }
-                keys.peer(&anchor)
-                    .map_err(|e| bad(format!("the anchored head's signature does not verify: {e}")))?;
+                keys.peer(&anchor).map_err(|e| {
+                    bad(format!(
+                        "the anchored head's signature does not verify: {e}"
+                    ))
+                })?;
                 self.summary.anchors += 1;
             }
             None
@@ -275,7 +276,7 @@ impl HeadVerifier {
             });
             if !same {
                 return Err(HeadFailure::Missing {
-                    head: o.head.clone(),
+                    head: Box::new(o.head.clone()),
                     source: o.source.clone(),
                     trail_ends_at: r.seq,
                     reason: format!("the record at seq {} is not that head", r.seq),
@@ -294,7 +295,7 @@ impl HeadVerifier {
             .min_by_key(|o| o.head.seq)
         {
             return Err(HeadFailure::Missing {
-                head: o.head.clone(),
+                head: Box::new(o.head.clone()),
                 source: o.source.clone(),
                 trail_ends_at: self.last_seq,
                 reason: format!("no record at seq {}", o.head.seq),

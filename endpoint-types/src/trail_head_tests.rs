@@ -163,7 +163,16 @@ fn a_shorter_valid_chain_in_place_of_the_trail_names_the_head() {
     assert!(f.message().contains("is not that head"), "{}", f.message());
     // And a shorter one.
     let f = check(&trail(12, 5), outside(head)).unwrap_err();
-    assert!(matches!(f, HeadFailure::Missing { trail_ends_at: 12, .. }), "{f:?}");
+    assert!(
+        matches!(
+            f,
+            HeadFailure::Missing {
+                trail_ends_at: 12,
+                ..
+            }
+        ),
+        "{f:?}"
+    );
 }
 
 #[test]

@@ -656,7 +656,12 @@ async fn audit_list(
 async fn audit_verify(State(gw): State<Gw>, caller: Caller) -> ApiResult<AuditVerified> {
     caller.require(&[Role::Admin], "verify the vendor audit trail")?;
     // Chain, signed heads, agents' anchors, and the head kept outside the store.
-    match gw.audit_heads.verify(&gw.audit, vec![]).await.map_err(internal)? {
+    match gw
+        .audit_heads
+        .verify(&gw.audit, vec![])
+        .await
+        .map_err(internal)?
+    {
         Ok(v) => Ok(Json(v)),
         Err(e) => Err(e.into()),
     }
@@ -675,13 +680,18 @@ async fn audit_anchor(
     caller: Caller,
     Query(q): Query<AnchorQuery>,
 ) -> ApiResult<serde_json::Value> {
-    caller.require(&[Role::Admin, Role::Approver], "read an appliance's anchored trail head")?;
+    caller.require(
+        &[Role::Admin, Role::Approver],
+        "read an appliance's anchored trail head",
+    )?;
     let appliance = gw
         .store
         .get_appliance(&q.appliance)
         .await
         .map_err(internal)?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no appliance {}", q.appliance)))?;
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("no appliance {}", q.appliance))
+        })?;
     caller.require_customer(&appliance.customer)?;
     match crate::audit_heads::latest_anchor(&gw.audit, &appliance.id)
         .await

@@ -174,22 +174,28 @@ impl AuditHeads {
         // Signed in the store's transaction, where the record's seq and prev_hash are fixed:
         // tens of microseconds once per hundred records.
         let record = audit
-            .append_made(HEAD_KIND, "gateway", Subject::default(), now, |seq, prev| {
-                let bytes = signed_bytes(TrailSide::Gateway, None, seq, prev, &now);
-                let head = SignedHead {
-                    trail: TrailSide::Gateway,
-                    appliance_id: None,
-                    seq,
-                    prev_hash: prev.to_string(),
-                    time: now,
-                    // A failed signature leaves an empty one, which verification names.
-                    signature: self.signer.sign(&bytes).unwrap_or_default(),
-                    key: self.public_key.clone(),
-                };
-                let detail = serde_json::to_value(&head).unwrap_or_default();
-                made = Some(head);
-                detail
-            })
+            .append_made(
+                HEAD_KIND,
+                "gateway",
+                Subject::default(),
+                now,
+                |seq, prev| {
+                    let bytes = signed_bytes(TrailSide::Gateway, None, seq, prev, &now);
+                    let head = SignedHead {
+                        trail: TrailSide::Gateway,
+                        appliance_id: None,
+                        seq,
+                        prev_hash: prev.to_string(),
+                        time: now,
+                        // A failed signature leaves an empty one, which verification names.
+                        signature: self.signer.sign(&bytes).unwrap_or_default(),
+                        key: self.public_key.clone(),
+                    };
+                    let detail = serde_json::to_value(&head).unwrap_or_default();
+                    made = Some(head);
+                    detail
+                },
+            )
             .await?;
         *last = record.seq;
         if let Some(head) = &made {
@@ -254,7 +260,10 @@ impl AuditHeads {
         let mut outside = Vec::new();
         for (file, source) in [
             (head_file(&self.data_dir), "gateway's head file"),
-            (missing_head_file(&self.data_dir), "head kept aside at start-up"),
+            (
+                missing_head_file(&self.data_dir),
+                "head kept aside at start-up",
+            ),
         ] {
             match read_head(&file) {
                 Ok(Some(head)) => outside.push(OutsideHead {
@@ -318,7 +327,9 @@ fn chain_broken(seq: i64) -> ApiError {
         ErrorCode::AuditChainBroken,
         format!("the audit chain is broken at record {seq}"),
     )
-    .hint("a record was edited, inserted or deleted; compare with an earlier `postern audit export`")
+    .hint(
+        "a record was edited, inserted or deleted; compare with an earlier `postern audit export`",
+    )
     .details(serde_json::json!({ "seq": seq }))
 }
 
@@ -370,8 +381,12 @@ impl HeadKeys for GatewayKeys {
         if certs::fingerprint(&der) != anchor.head.key {
             return Err("the anchor's certificate is not the one that signed".into());
         }
-        record_signature::verify_with_cert(&der, &anchor.head.signed_bytes(), &anchor.head.signature)
-            .map_err(|e| e.to_string())
+        record_signature::verify_with_cert(
+            &der,
+            &anchor.head.signed_bytes(),
+            &anchor.head.signature,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -394,10 +409,8 @@ pub async fn on_agent_head(
         Some(der) if certs::fingerprint(der) != head.key => {
             Err("the head names another certificate than the connection's".into())
         }
-        Some(der) => {
-            record_signature::verify_with_cert(der, &head.signed_bytes(), &head.signature)
-                .map_err(|e| e.to_string())
-        }
+        Some(der) => record_signature::verify_with_cert(der, &head.signed_bytes(), &head.signature)
+            .map_err(|e| e.to_string()),
     };
     // Sent again after every hello: anchored once.
     if checked.is_ok() {
@@ -510,14 +523,20 @@ mod tests {
         let (dir, store, audit, heads) = trail(5).await;
         let head = heads.write_head(&audit).await.unwrap().unwrap();
         assert_eq!(head.seq, 6);
-        assert!(heads.write_head(&audit).await.unwrap().is_none(), "nothing new, no head");
+        assert!(
+            heads.write_head(&audit).await.unwrap().is_none(),
+            "nothing new, no head"
+        );
         let v = heads.verify(&audit, vec![]).await.unwrap().unwrap();
         let summary = v.heads.unwrap();
         assert_eq!((v.records, summary.heads), (6, 1));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(key_file(dir.path())).unwrap().permissions().mode();
+            let mode = std::fs::metadata(key_file(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         // A second start keeps the key.
@@ -539,7 +558,13 @@ mod tests {
         assert!(missing_head_file(dir.path()).exists());
         for _ in 0..3 {
             reopened
-                .append("x", "y", Subject::default(), serde_json::Value::Null, Timestamp::now())
+                .append(
+                    "x",
+                    "y",
+                    Subject::default(),
+                    serde_json::Value::Null,
+                    Timestamp::now(),
+                )
                 .await
                 .unwrap();
         }
@@ -599,7 +624,12 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            ["endpoint.created", "audit.anchor", "audit.anchor_refused", "audit.anchor_refused"]
+            [
+                "endpoint.created",
+                "audit.anchor",
+                "audit.anchor_refused",
+                "audit.anchor_refused"
+            ]
         );
         let (seq, anchor) = latest_anchor(&audit, "ap_1").await.unwrap().unwrap();
         assert_eq!((seq, anchor.head), (2, head));

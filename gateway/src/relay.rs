@@ -578,7 +578,13 @@ async fn control_loop(
     let mut heads = gw.gateway_heads.clone();
     let latest = heads.borrow_and_update().clone();
     if let Some(head) = latest {
-        if let Err(e) = write_frame_within(&mut send, &ToAgent::TrailHead(head), gw.limits.agent_lost_after).await {
+        if let Err(e) = write_frame_within(
+            &mut send,
+            &ToAgent::TrailHead(head),
+            gw.limits.agent_lost_after,
+        )
+        .await
+        {
             return format!("control stream failed: {e}");
         }
     }

@@ -417,10 +417,11 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         audit_key: audit_heads.public_key().to_string(),
         gateway_heads: audit_heads.subscribe(),
     });
-    gateway.tasks.spawn(audit_heads.clone().run(
-        gateway.audit.clone(),
-        gateway.shutdown.clone(),
-    ));
+    gateway.tasks.spawn(
+        audit_heads
+            .clone()
+            .run(gateway.audit.clone(), gateway.shutdown.clone()),
+    );
     let relay_endpoint = {
         // quinn spawns its endpoint driver on the runtime current at creation.
         let _in_data_plane = gateway.data_plane.enter();

@@ -3,9 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use endpoint_types::{
-    error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode,
-};
+use endpoint_types::{error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode};
 use serde_json::json;
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 use tokio::sync::oneshot;
@@ -162,7 +160,10 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
                 if heads.compared_with.is_empty() {
                     String::new()
                 } else {
-                    format!("; it reaches the latest head of the {}", heads.compared_with.join(" and the "))
+                    format!(
+                        "; it reaches the latest head of the {}",
+                        heads.compared_with.join(" and the ")
+                    )
                 }
             );
             Ok(Report {

@@ -100,7 +100,8 @@ impl HeadSigner {
         let key_pem = certs::Secret::new(read(key_file)?);
         let signer =
             RecordSigner::from_pem(key_pem.expose()).map_err(|e| HeadError::Key(e.to_string()))?;
-        let key = certs::fingerprint_pem(&read(cert_file)?).map_err(|e| HeadError::Key(e.to_string()))?;
+        let key =
+            certs::fingerprint_pem(&read(cert_file)?).map_err(|e| HeadError::Key(e.to_string()))?;
         let head_file = head_file(audit_path);
         let last = read_head(&head_file).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the last signed head of the customer trail cannot be read; the next head replaces it");
@@ -239,8 +240,12 @@ impl HeadKeys for AgentKeys {
                 anchor.head.key
             ));
         }
-        record_signature::verify_with_public_key(pinned, &anchor.head.signed_bytes(), &anchor.head.signature)
-            .map_err(|e| e.to_string())
+        record_signature::verify_with_public_key(
+            pinned,
+            &anchor.head.signed_bytes(),
+            &anchor.head.signature,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -414,7 +419,11 @@ fn head_failure(path: &Path, f: &HeadFailure) -> ApiError {
     };
     ApiError::new(
         ErrorCode::AuditChainBroken,
-        format!("the audit trail {} is broken: {}", path.display(), f.message()),
+        format!(
+            "the audit trail {} is broken: {}",
+            path.display(),
+            f.message()
+        ),
     )
     .hint(hint)
     .details(details)
@@ -447,7 +456,10 @@ impl GatewayAnchors {
     }
 
     fn pinned(&self) -> Option<String> {
-        self.pinned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The key the gateway names in its hello answer. An agent enrolled before gateways had
@@ -467,7 +479,9 @@ impl GatewayAnchors {
                 ));
             }
             None => {
-                if let Err(e) = certs::write_private(&self.key_file, format!("{offered}\n").as_bytes()) {
+                if let Err(e) =
+                    certs::write_private(&self.key_file, format!("{offered}\n").as_bytes())
+                {
                     tracing::error!(file = %self.key_file.display(), error = %e, "cannot pin the gateway audit key");
                     return;
                 }
@@ -569,7 +583,11 @@ mod tests {
         let signer = HeadSigner::load(&f.key, &f.cert, "ap_1", &f.trail).unwrap();
         let log = AuditLog::open_with_heads(&f.trail, Some("ap_1".into()), Some(signer)).unwrap();
         for i in 0..n {
-            log.record_or_log(Entry::new("sql.statement", "op", serde_json::json!({ "i": i })));
+            log.record_or_log(Entry::new(
+                "sql.statement",
+                "op",
+                serde_json::json!({ "i": i }),
+            ));
         }
         log.flush().await;
         log.seal().await;
@@ -609,7 +627,14 @@ mod tests {
         write(&f, 120).await;
         let all = lines(&f);
         let last = all.len() as i64;
-        std::fs::write(&f.trail, all[..all.len() - 2].iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            &f.trail,
+            all[..all.len() - 2]
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
         let e = verify_files(&f).unwrap_err();
         assert_eq!(e.code, ErrorCode::AuditChainBroken);
         let details = e.details;
@@ -658,7 +683,8 @@ mod tests {
         anchors.on_head(head(&gateway, 6), &log);
         anchors.on_head(head(&mallory, 7), &log);
         anchors.hello(Some(&mallory.public_key_b64()), &log);
-        log.record(Entry::new("flush", "t", serde_json::json!({}))).unwrap();
+        log.record(Entry::new("flush", "t", serde_json::json!({})))
+            .unwrap();
         let kinds: Vec<String> = lines(&f)
             .iter()
             .map(|l| serde_json::from_str::<AuditRecord>(l).unwrap().kind)
@@ -675,7 +701,9 @@ mod tests {
             ]
         );
         assert_eq!(
-            std::fs::read_to_string(gateway_key_file(&f.ca)).unwrap().trim(),
+            std::fs::read_to_string(gateway_key_file(&f.ca))
+                .unwrap()
+                .trim(),
             gateway.public_key_b64()
         );
         // The anchor verifies under the pinned key; a trail without heads needs no head file.

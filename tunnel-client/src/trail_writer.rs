@@ -145,10 +145,9 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
                 }
             }
         }
-        let due = chain
-            .heads
-            .as_ref()
-            .is_some_and(|h| h.cadence.due(Instant::now()) || (!heads.is_empty() && h.cadence.pending()));
+        let due = chain.heads.as_ref().is_some_and(|h| {
+            h.cadence.due(Instant::now()) || (!heads.is_empty() && h.cadence.pending())
+        });
         if due {
             write_head(&mut chain, &mut buf, &failures);
         }
@@ -202,7 +201,8 @@ fn write_head(chain: &mut Chain, buf: &mut Vec<u8>, failures: &tokio::sync::watc
         }
     };
     // Through a `Value`, as every detail is: its keys in the order a verifier re-serialises.
-    let detail = match serde_json::to_value(&head).and_then(|v| serde_json::value::to_raw_value(&v)) {
+    let detail = match serde_json::to_value(&head).and_then(|v| serde_json::value::to_raw_value(&v))
+    {
         Ok(d) => d,
         Err(e) => return tracing::error!(error = %e, "cannot encode the trail's head"),
     };

@@ -649,7 +649,9 @@ async fn send_frame<F: SentByAgent>(
 /// Whether `frame` carries the appliance's full set of endpoints, bare or as a command.
 /// The next signed head of the trail; pends forever without heads or once the writer is gone.
 async fn next_head(
-    heads: &mut Option<tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>>,
+    heads: &mut Option<
+        tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>,
+    >,
 ) -> Option<endpoint_types::trail_head::SignedHead> {
     let Some(rx) = heads else {
         return std::future::pending().await;
