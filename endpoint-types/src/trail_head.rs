@@ -342,9 +342,9 @@ impl<I: Copy + Ord + std::ops::Add<Duration, Output = I>> HeadCadence<I> {
         self.last_head_at + HEAD_EVERY
     }
 
-    /// Records until a head is due by count (at least 1): a writer cuts its batch there.
-    pub fn remaining(&self) -> usize {
-        usize::try_from((HEAD_EVERY_RECORDS - self.since_head).max(1)).unwrap_or(1)
+    /// Whether a head is due by count alone (a writer puts it right after the record).
+    pub fn due_by_count(&self) -> bool {
+        self.since_head >= HEAD_EVERY_RECORDS
     }
 
     /// Whether anything at all was written since the last head (for the head on shutdown).

@@ -94,18 +94,13 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
         let mut flushes = Vec::new();
         let mut heads = Vec::new();
         let mut next = Some(first);
-        // A batch ends where a head is due, so a head follows every hundred records exactly.
-        let cap = chain
-            .heads
-            .as_ref()
-            .map_or(MAX_BATCH, |h| h.cadence.remaining().min(MAX_BATCH));
         while let Some(item) = next.take() {
             match item {
                 Item::Record(q) => batch.push(q),
                 Item::Flush(tx) => flushes.push(tx),
                 Item::Head(tx) => heads.push(tx),
             }
-            if batch.len() < cap {
+            if batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
@@ -126,11 +121,6 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
         }
         match outcome {
             Ok(records) => {
-                if let Some(h) = chain.heads.as_mut() {
-                    for q in &batch {
-                        h.cadence.wrote(q.kind);
-                    }
-                }
                 for (q, r) in batch.into_iter().zip(records) {
                     if let Some(r) = r {
                         acknowledge(q.ack, Ok(r));
@@ -187,36 +177,15 @@ fn next_item(rx: &mpsc::Receiver<Item>, chain: &Chain) -> Next {
 /// Signs the chain's head and appends it as the next record (once per hundred records or a
 /// minute: the signature costs the writer tens of microseconds, never a statement's writer).
 fn write_head(chain: &mut Chain, buf: &mut Vec<u8>, failures: &tokio::sync::watch::Sender<u64>) {
-    let Some(heads) = chain.heads.as_ref() else {
+    let Some((head, q)) = chain.heads.as_ref().and_then(|h| {
+        head_record(
+            h,
+            chain.appliance_id.as_deref(),
+            chain.next_seq,
+            &chain.prev_hash,
+        )
+    }) else {
         return;
-    };
-    let head = match heads
-        .signer
-        .sign(chain.next_seq, &chain.prev_hash, Timestamp::now())
-    {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot sign the customer trail's head");
-            return;
-        }
-    };
-    // Through a `Value`, as every detail is: its keys in the order a verifier re-serialises.
-    let detail = match serde_json::to_value(&head).and_then(|v| serde_json::value::to_raw_value(&v))
-    {
-        Ok(d) => d,
-        Err(e) => return tracing::error!(error = %e, "cannot encode the trail's head"),
-    };
-    let q = Queued {
-        kind: HEAD_KIND,
-        actor: format!(
-            "agent:{}",
-            chain.appliance_id.as_deref().unwrap_or("unenrolled")
-        ),
-        endpoint_id: None,
-        session_id: None,
-        op_id: None,
-        detail,
-        ack: Ack::Detached,
     };
     match write_batch(chain, std::slice::from_ref(&q), buf) {
         Ok(_) => {
@@ -230,6 +199,35 @@ fn write_head(chain: &mut Chain, buf: &mut Vec<u8>, failures: &tokio::sync::watc
             failures.send_modify(|n| *n += 1);
         }
     }
+}
+
+/// The signed head for a head record at `seq`, and that record, ready to chain.
+fn head_record(
+    heads: &Heads,
+    appliance_id: Option<&str>,
+    seq: i64,
+    prev_hash: &str,
+) -> Option<(endpoint_types::trail_head::SignedHead, Queued)> {
+    let head = heads
+        .signer
+        .sign(seq, prev_hash, Timestamp::now())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot sign the customer trail's head"))
+        .ok()?;
+    // Through a `Value`, as every detail is: its keys in the order a verifier re-serialises.
+    let detail = serde_json::to_value(&head)
+        .and_then(|v| serde_json::value::to_raw_value(&v))
+        .inspect_err(|e| tracing::error!(error = %e, "cannot encode the trail's head"))
+        .ok()?;
+    let q = Queued {
+        kind: HEAD_KIND,
+        actor: format!("agent:{}", appliance_id.unwrap_or("unenrolled")),
+        endpoint_id: None,
+        session_id: None,
+        op_id: None,
+        detail,
+        ack: Ack::Detached,
+    };
+    Some((head, q))
 }
 
 fn acknowledge(ack: Ack, r: Result<AuditRecord, WriteFailure>) {
@@ -254,6 +252,10 @@ fn write_batch(
     let mut records = Vec::with_capacity(batch.len());
     let mut seq = chain.next_seq;
     let mut prev_hash = chain.prev_hash.clone();
+    // Heads due by count go into the same write and sync, right after their hundredth record;
+    // the cadence is committed only if the batch is.
+    let mut cadence = chain.heads.as_ref().map(|h| h.cadence.clone());
+    let mut last_head = None;
     for q in batch {
         let time = Timestamp::now();
         let hash = crate::audit::chain_line(
@@ -284,6 +286,27 @@ fn write_batch(
             }),
         });
         seq += 1;
+        if let (Some(heads), Some(c)) = (chain.heads.as_ref(), cadence.as_mut()) {
+            c.wrote(q.kind);
+            if c.due_by_count() {
+                if let Some((head, hq)) =
+                    head_record(heads, chain.appliance_id.as_deref(), seq, &prev_hash)
+                {
+                    prev_hash = crate::audit::chain_line(
+                        seq,
+                        &Timestamp::now(),
+                        &hq,
+                        chain.appliance_id.as_deref(),
+                        &prev_hash,
+                        buf,
+                    )
+                    .map_err(|e| WriteFailure(e.to_string()))?;
+                    seq += 1;
+                    c.headed(Instant::now());
+                    last_head = Some(head);
+                }
+            }
+        }
     }
     let written = restore_end(chain)
         .and_then(|()| chain.file.write_all(buf))
@@ -297,6 +320,12 @@ fn write_batch(
     chain.durable_len += buf.len() as u64;
     chain.next_seq = seq;
     chain.prev_hash = prev_hash;
+    if let (Some(h), Some(c)) = (chain.heads.as_mut(), cadence) {
+        h.cadence = c;
+        if let Some(head) = last_head {
+            h.signer.written(head);
+        }
+    }
     Ok(records)
 }
 
