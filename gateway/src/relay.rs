@@ -513,6 +513,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
                             framed: framed.switch_to(),
                             outgoing: rx,
                             delivery,
+                            trail_heads: hello.trail_heads,
                         };
                         control_loop(&gw, &conn, &appliance.id, control).await
                     }
@@ -555,6 +556,8 @@ struct Control {
     framed: FramedRecv<ToGateway>,
     outgoing: mpsc::Receiver<ToAgent>,
     delivery: Delivery<tokio::time::Instant>,
+    /// The agent takes the gateway's signed heads (crate::audit_heads).
+    trail_heads: bool,
 }
 
 async fn control_loop(
@@ -568,6 +571,7 @@ async fn control_loop(
         mut framed,
         mut outgoing,
         mut delivery,
+        trail_heads,
     } = control;
     let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -576,7 +580,7 @@ async fn control_loop(
     let peer_cert = peer_leaf_der(conn);
     // The vendor trail's latest signed head goes to the agent now and whenever it changes.
     let mut heads = gw.gateway_heads.clone();
-    let latest = heads.borrow_and_update().clone();
+    let latest = heads.borrow_and_update().clone().filter(|_| trail_heads);
     if let Some(head) = latest {
         if let Err(e) = write_frame_within(
             &mut send,
@@ -642,7 +646,7 @@ async fn control_loop(
                     Err(e) => return format!("control stream failed: {e}"),
                 }
             }
-            Ok(()) = heads.changed() => {
+            Ok(()) = heads.changed(), if trail_heads => {
                 let head = heads.borrow_and_update().clone();
                 if let Some(head) = head {
                     if let Err(e) = write_frame_within(&mut send, &ToAgent::TrailHead(head), gw.limits.agent_lost_after).await {

@@ -320,6 +320,7 @@ impl Agent {
             agent_version: AGENT_VERSION.to_string(),
             resources: self.config.descriptors(),
             policy: self.config.policy_summary(),
+            trail_heads: true,
         });
         if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
             return Ended::lost(format!("cannot send the hello: {e}"));
@@ -386,7 +387,8 @@ impl Agent {
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         self.sessions.teardowns.connected(&op_tx);
         // The trail's latest signed head goes to the gateway now and whenever it changes.
-        let mut heads = self.audit.latest_head();
+        // Only a gateway that signs heads itself (it names its audit key) knows the frame.
+        let mut heads = self.audit.latest_head().filter(|_| ack.audit_key.is_some());
         let latest = heads.as_mut().and_then(|h| h.borrow_and_update().clone());
         if let Some(head) = latest {
             if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {

@@ -13,6 +13,10 @@ pub struct Hello {
     pub agent_version: String,
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
+    /// The agent takes `ToAgent::TrailHead` (crate::trail_head); the gateway sends the frame
+    /// to no other agent, so an older agent is never sent a frame it cannot read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trail_heads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

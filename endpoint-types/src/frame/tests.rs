@@ -28,6 +28,7 @@ fn hello() -> Hello {
             steady_state: true,
             ..Default::default()
         },
+        trail_heads: true,
     }
 }
 
