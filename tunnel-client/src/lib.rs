@@ -10,6 +10,7 @@ pub mod config;
 pub mod dial;
 pub mod endpoint_setup;
 pub mod enroll;
+pub mod gateway_trail;
 pub mod grants;
 pub mod kube;
 pub mod op_credentials;

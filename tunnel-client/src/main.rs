@@ -67,6 +67,12 @@ enum AuditCommand {
         #[arg(long)]
         anchor: Option<PathBuf>,
     },
+    /// The gateway's records in the trail: every request, decision and outcome concerning
+    /// this appliance, numbered by the gateway; says whether any number is missing.
+    Requests {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// A successful command's result: the JSON document, and what text mode prints instead.
@@ -169,6 +175,46 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
             Ok(Report {
                 json: Some(json!(verified)),
                 text: Some(text),
+            })
+        }
+        Command::Audit {
+            command: AuditCommand::Requests { config },
+        } => {
+            let config = AgentConfig::load(&config).map_err(|e| e.to_api_error())?;
+            let listing = tunnel_client::gateway_trail::list_file(&config.audit_path)
+                .map_err(|e| e.to_api_error())?;
+            let mut text: Vec<String> = listing
+                .records
+                .iter()
+                .map(|r| {
+                    let about = r
+                        .op_id
+                        .as_deref()
+                        .or(r.endpoint_id.as_deref())
+                        .unwrap_or("");
+                    format!(
+                        "#{:<5} {}  {:<18} {:<28} {about}  (trail seq {})",
+                        r.number, r.time, r.kind, r.actor, r.seq
+                    )
+                })
+                .collect();
+            text.push(
+                if listing.missing.is_empty() && listing.repeated.is_empty() {
+                    format!(
+                        "{} gateway records, numbered 1 to {} without a gap",
+                        listing.records.len(),
+                        listing.last_number
+                    )
+                } else {
+                    format!(
+                        "gateway records missing: {:?}; repeated: {:?}",
+                        listing.missing, listing.repeated
+                    )
+                },
+            );
+            Ok(Report {
+                json: Some(json!(listing)),
+                text: Some(text.join("\n")),
             })
         }
     }

@@ -581,7 +581,9 @@ mod tests {
 
     async fn write(f: &Files, n: usize) {
         let signer = HeadSigner::load(&f.key, &f.cert, "ap_1", &f.trail).unwrap();
-        let log = AuditLog::open_with_heads(&f.trail, Some("ap_1".into()), Some(signer)).unwrap();
+        let log =
+            AuditLog::open_with_heads(&f.trail, Some("ap_1".into()), &mut |_| {}, Some(signer))
+                .unwrap();
         for i in 0..n {
             log.record_or_log(Entry::new(
                 "sql.statement",

@@ -10,6 +10,7 @@ use crate::{
     audit::{AuditError, AuditLog, Entry},
     config::{AgentConfig, ConfigError, Enrollment},
     dial::{self, DialError},
+    gateway_trail::GatewayTrail,
     grants::{LiveEndpoints, Removed},
     op_runner::{OpRunner, Outbox},
     sessions::Sessions,
@@ -111,6 +112,7 @@ struct Agent {
     sessions: Sessions,
     live: Arc<Mutex<LiveEndpoints>>,
     audit: AuditLog,
+    gateway_trail: GatewayTrail,
     ops: OpRunner,
     tracker: TaskTracker,
     /// The gateway's signed heads, checked against its pinned audit key.
@@ -133,11 +135,18 @@ pub async fn run(
     )
     .map_err(|e| TunnelError::Credentials(e.to_string()))?;
     let missing_head = heads.check_trail_reaches(&config.audit_path);
+    let mut trail_number = 0;
     let audit = AuditLog::open_with_heads(
         &config.audit_path,
         Some(enrollment.appliance_id.clone()),
+        &mut |line| {
+            if let Some(n) = crate::gateway_trail::number_in(line) {
+                trail_number = trail_number.max(n);
+            }
+        },
         Some(heads),
     )?;
+    let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
     let anchors = crate::trail_heads::GatewayAnchors::load(&enrollment.ca_file);
     if let Some((head, kept)) = missing_head {
         audit.record_or_log(crate::audit::Entry::new(
@@ -192,6 +201,7 @@ pub async fn run(
         sessions,
         live,
         audit,
+        gateway_trail,
         ops,
         tracker,
         anchors,
@@ -320,6 +330,7 @@ impl Agent {
             agent_version: AGENT_VERSION.to_string(),
             resources: self.config.descriptors(),
             policy: self.config.policy_summary(),
+            trail_number: Some(self.gateway_trail.last()),
             trail_heads: true,
         });
         if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
@@ -542,6 +553,26 @@ impl Agent {
                 denied_by,
                 message,
             } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => {
+                // Durable first, then reported: the gateway sends what follows the number.
+                let number = match self.gateway_trail.take(records, lost_through).await {
+                    Ok(number) => number,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the gateway's records in the customer trail; they are asked for again");
+                        self.gateway_trail.last()
+                    }
+                };
+                if let Err(e) =
+                    send_frame(send, &ToGateway::TrailRecorded { number }, write_limit).await
+                {
+                    return Some(Ended::lost(format!(
+                        "cannot report the customer trail: {e}"
+                    )));
+                }
+            }
             ToAgent::TrailHead(head) => self.anchors.on_head(head, &self.audit),
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {

@@ -4,7 +4,7 @@
 use super::payload::{
     EndpointGrant, Hello, HelloAck, LiveGrant, OpDispatch, OpFinished, OutputStream,
 };
-use crate::{error::ApiError, resource::CloseReason};
+use crate::{customer_trail::GatewayRecord, error::ApiError, resource::CloseReason};
 use serde::{Deserialize, Serialize};
 
 /// Agent → gateway: the first frame on the control stream, and the only one before the answer.
@@ -75,6 +75,15 @@ pub enum ToAgent {
         seq: u64,
         command: AgentCommand,
     },
+    /// Records for the customer trail, numbered per appliance, in order (see
+    /// [`crate::customer_trail`]). The agent answers `TrailRecorded` once they are durable.
+    TrailRecords {
+        records: Vec<GatewayRecord>,
+        /// Numbers up to this one the gateway no longer holds: the agent reported them recorded
+        /// before (its trail was since replaced by an older copy). The agent records the loss.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
+    },
     /// The gateway's latest signed head of its own trail, for the agent to record as an anchor
     /// in the customer trail (crate::trail_head). Latest wins: a lost one is superseded by the
     /// next, and the latest is sent again after every hello.
@@ -107,6 +116,11 @@ pub enum AgentCommand {
         op_id: String,
         denied_by: String,
         message: Option<String>,
+    },
+    TrailRecords {
+        records: Vec<GatewayRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
     },
 }
 
@@ -157,6 +171,12 @@ pub enum ToGateway {
     SshTeardown(crate::ssh_scope::SshTeardown),
     /// A protocol error, sent before the agent closes.
     Error(ApiError),
+    /// The last gateway number the customer trail holds (durably). The gateway sends what
+    /// follows it: after a gap the agent reports the number before the gap, so the missing
+    /// records come again.
+    TrailRecorded {
+        number: u64,
+    },
     /// The agent's latest signed head of the customer trail, for the gateway to record as an
     /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
     TrailHead(crate::trail_head::SignedHead),
@@ -195,6 +215,7 @@ impl ToAgent {
             ToAgent::OutputDestroy { .. } => "output_destroy",
             ToAgent::Error(_) => "error",
             ToAgent::Command { .. } => "command",
+            ToAgent::TrailRecords { .. } => "trail_records",
             ToAgent::TrailHead(_) => "trail_head",
         }
     }
@@ -211,6 +232,7 @@ impl ToAgent {
                 | ToAgent::OpDispatch(_)
                 | ToAgent::OutputRelease { .. }
                 | ToAgent::OutputDestroy { .. }
+                | ToAgent::TrailRecords { .. }
         )
     }
 }
@@ -226,6 +248,7 @@ impl AgentCommand {
             AgentCommand::OpDispatch(_) => "op_dispatch",
             AgentCommand::OutputRelease { .. } => "output_release",
             AgentCommand::OutputDestroy { .. } => "output_destroy",
+            AgentCommand::TrailRecords { .. } => "trail_records",
         }
     }
 }
@@ -255,6 +278,13 @@ impl From<AgentCommand> for ToAgent {
                 op_id,
                 denied_by,
                 message,
+            },
+            AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            } => ToAgent::TrailRecords {
+                records,
+                lost_through,
             },
         }
     }
@@ -290,6 +320,13 @@ impl TryFrom<ToAgent> for AgentCommand {
                 denied_by,
                 message,
             }),
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => Ok(AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            }),
             other @ (ToAgent::Heartbeat { .. }
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
@@ -314,6 +351,7 @@ impl ToGateway {
             ToGateway::OpRecord { .. } => "op_record",
             ToGateway::SshTeardown(_) => "ssh_teardown",
             ToGateway::Error(_) => "error",
+            ToGateway::TrailRecorded { .. } => "trail_recorded",
             ToGateway::TrailHead(_) => "trail_head",
         }
     }

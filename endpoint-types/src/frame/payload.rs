@@ -13,6 +13,10 @@ pub struct Hello {
     pub agent_version: String,
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
+    /// The last gateway number in the agent's customer trail (0: none yet), so the gateway
+    /// sends what follows; absent from agents that do not keep those records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trail_number: Option<u64>,
     /// The agent takes `ToAgent::TrailHead` (crate::trail_head); the gateway sends the frame
     /// to no other agent, so an older agent is never sent a frame it cannot read.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
