@@ -409,10 +409,21 @@ impl Agent {
     }
 
     pub fn verify_trail(&self) -> Result<CliOutput> {
+        self.verify_trail_with(&[])
+    }
+
+    /// `postern-agent audit verify` with more arguments (`--anchor FILE`).
+    pub fn verify_trail_with(&self, args: &[&str]) -> Result<CliOutput> {
         let mut cmd = Command::new(bin("postern-agent")?);
         cmd.args(["--output", "json", "audit", "verify", "--config"])
-            .arg(&self.config);
+            .arg(&self.config)
+            .args(args);
         run_json(cmd)
+    }
+
+    /// The customer trail's file.
+    pub fn trail_path(&self) -> PathBuf {
+        self.config.with_file_name("audit.jsonl")
     }
 
     /// The customer trail once `ready` holds for it (polled for up to 10 s; the trail is

@@ -261,6 +261,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             resources: vec![],
             policy: PolicySummary::default(),
             trail_number: None,
+            trail_heads: false,
         }),
         &mut b,
     );
@@ -325,6 +326,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             resources: vec![],
             policy: PolicySummary::default(),
             trail_number: None,
+            trail_heads: false,
         }),
         &mut b,
     );

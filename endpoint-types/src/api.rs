@@ -319,6 +319,10 @@ pub struct EnrollResponse {
     pub customer: String,
     pub cert_pem: String,
     pub ca_pem: String,
+    /// The gateway audit key's public half (base64), which the agent pins to check the
+    /// gateway's signed trail heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -352,6 +356,10 @@ pub const AUDIT_PAGE_MAX: u32 = 10_000;
 pub struct AuditVerified {
     pub ok: bool,
     pub records: u64,
+    /// Own signed heads, the other side's anchors, the last head, and which heads kept outside
+    /// the trail it was compared with (crate::trail_head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heads: Option<crate::trail_head::HeadSummary>,
 }
 
 impl AuditRecord {

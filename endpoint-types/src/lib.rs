@@ -23,6 +23,7 @@ pub mod ssh_scope;
 pub mod ssh_stream;
 pub mod teardown;
 pub mod token;
+pub mod trail_head;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};
 

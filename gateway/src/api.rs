@@ -38,6 +38,7 @@ use tokio_rustls::TlsAcceptor;
 pub struct ApiState {
     pub store: Store,
     pub audit: Arc<AuditLog>,
+    pub audit_heads: Arc<crate::audit_heads::AuditHeads>,
     /// Pinned by agents at enrollment; shown with enrollment tokens.
     pub ca_fingerprint: String,
     pub agents: Arc<AgentRegistry>,
@@ -131,6 +132,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/audit/teardown/{id}", get(audit_teardown))
+        .route("/v1/audit/anchor", get(audit_anchor))
         .fallback(|| async {
             Failure(
                 ApiError::new(ErrorCode::NotFound, "no such API route")
@@ -690,12 +692,59 @@ async fn audit_list(
 
 async fn audit_verify(State(gw): State<Gw>, caller: Caller) -> ApiResult<AuditVerified> {
     caller.require(&[Role::Admin], "verify the vendor audit trail")?;
-    match gw.audit.verify().await.map_err(internal)? {
-        Ok(n) => Ok(Json(AuditVerified { ok: true, records: n })),
-        Err(seq) => Err(ApiError::new(ErrorCode::AuditChainBroken, format!("the audit chain is broken at record {seq}"))
-            .hint("a record was edited, inserted or deleted; compare with an earlier `postern audit export`")
-            .details(serde_json::json!({"seq": seq}))
-            .into()),
+    // Chain, signed heads, agents' anchors, and the head kept outside the store.
+    match gw
+        .audit_heads
+        .verify(&gw.audit, vec![])
+        .await
+        .map_err(internal)?
+    {
+        Ok(v) => Ok(Json(v)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct AnchorQuery {
+    appliance: String,
+}
+
+/// The latest head of an appliance's customer trail that this gateway anchored: the customer
+/// checks their trail against it (`postern-agent audit verify --anchor FILE`). The head is
+/// signed by the appliance itself, so the gateway can withhold it but not forge it.
+async fn audit_anchor(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Query(q): Query<AnchorQuery>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(
+        &[Role::Admin, Role::Approver],
+        "read an appliance's anchored trail head",
+    )?;
+    let appliance = gw
+        .store
+        .get_appliance(&q.appliance)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            ApiError::new(ErrorCode::NotFound, format!("no appliance {}", q.appliance))
+        })?;
+    caller.require_customer(&appliance.customer)?;
+    match crate::audit_heads::latest_anchor(&gw.audit, &appliance.id)
+        .await
+        .map_err(internal)?
+    {
+        Some((seq, anchor)) => Ok(Json(serde_json::json!({
+            "appliance_id": appliance.id,
+            "vendor_seq": seq,
+            "anchor": anchor.head,
+        }))),
+        None => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("the gateway holds no signed head of appliance {}'s trail yet", appliance.id),
+        )
+        .hint("the agent sends its head at least every 100 records or minute of activity, and on every connect")
+        .into()),
     }
 }
 

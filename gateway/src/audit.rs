@@ -73,6 +73,8 @@ struct Chain {
     /// The chain itself is kept linear by the store.
     head: Mutex<(i64, String)>,
     health: std::sync::Mutex<Health>,
+    /// The last seq written by this process, for the signed heads (crate::audit_heads).
+    commits: tokio::sync::watch::Sender<i64>,
 }
 
 /// Whether the trail can be written. Sessions hold a clone of `live`: it is cancelled the
@@ -130,6 +132,7 @@ impl AuditLog {
             .unwrap_or((0, AUDIT_GENESIS_HASH.to_string()));
         let chain = Arc::new(Chain {
             store,
+            commits: tokio::sync::watch::channel(head.0).0,
             head: Mutex::new(head),
             health: std::sync::Mutex::new(Health {
                 live: CancellationToken::new(),
@@ -150,6 +153,20 @@ impl AuditLog {
         detail: serde_json::Value,
         now: Timestamp,
     ) -> Result<AuditRecord, StoreError> {
+        self.append_made(kind, actor, subject, now, |_, _| detail)
+            .await
+    }
+
+    /// [`AuditLog::append`] of a record whose detail is made knowing its seq and the hash of
+    /// the record before it: a signed head (crate::audit_heads).
+    pub async fn append_made(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        now: Timestamp,
+        make_detail: impl FnOnce(i64, &str) -> serde_json::Value + Send,
+    ) -> Result<AuditRecord, StoreError> {
         // The lock keeps this process's appends from queueing on the database's write lock;
         // the store serialises appends across processes (replicas sharing PostgreSQL).
         let mut head = self.chain.head.lock().await;
@@ -166,7 +183,7 @@ impl AuditLog {
                     endpoint_id: subject.endpoint_id,
                     session_id: subject.session_id,
                     op_id: subject.op_id,
-                    detail,
+                    detail: make_detail(seq, prev_hash),
                     prev_hash: prev_hash.to_string(),
                     hash: String::new(),
                 };
@@ -177,11 +194,22 @@ impl AuditLog {
             .inspect_err(|e| self.chain.mark_down(e))?;
         if r.seq > head.0 {
             *head = (r.seq, r.hash.clone());
+            self.chain.commits.send_replace(r.seq);
         }
         Ok(r)
     }
 
-    /// The store the chain is in (for the customer trail's outbox, written with it).
+    /// The last seq this process wrote or saw, as it changes.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.chain.commits.subscribe()
+    }
+
+    /// The last seq this process wrote or saw.
+    pub async fn head_seq(&self) -> i64 {
+        self.chain.head.lock().await.0
+    }
+
+    /// The store the trail is in, for verification page by page (crate::audit_heads).
     pub fn store(&self) -> &Store {
         &self.chain.store
     }
@@ -551,6 +579,7 @@ impl Chain {
             .await?;
         if let Some(last) = made {
             if last.0 > head.0 {
+                self.commits.send_replace(last.0);
                 *head = last;
             }
         }

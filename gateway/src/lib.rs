@@ -6,6 +6,7 @@ pub mod api;
 pub mod api_tokens;
 pub mod approvals;
 pub mod audit;
+pub mod audit_heads;
 pub mod cli;
 pub mod config;
 pub mod customer_trail;

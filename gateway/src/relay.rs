@@ -57,6 +57,10 @@ pub struct Relay {
     pub limits: Limits,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// The gateway audit key's public half, for agents to pin.
+    pub audit_key: String,
+    /// The vendor trail's latest signed head, sent to every connected agent.
+    pub gateway_heads: tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>,
 }
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
@@ -153,6 +157,15 @@ fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
 
 /// The DER certificate the agent presented on this connection.
 fn peer_leaf(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.to_vec())
+}
+
+/// The DER of the client certificate the connection was authenticated with.
+fn peer_leaf_der(conn: &quinn::Connection) -> Option<Vec<u8>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
@@ -333,6 +346,7 @@ async fn enroll(
         customer: appliance.customer,
         cert_pem,
         ca_pem: gw.ca.cert_pem().to_string(),
+        audit_key: Some(gw.audit_key.clone()),
     })
 }
 
@@ -487,6 +501,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
         customer: appliance.customer.clone(),
         heartbeat_interval_ms: gw.limits.heartbeat_interval.as_millis() as u64,
         lost_after_ms: gw.limits.agent_lost_after.as_millis() as u64,
+        audit_key: Some(gw.audit_key.clone()),
     });
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {
@@ -513,6 +528,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
                             outgoing: rx,
                             delivery,
                             trail_reports: trail.as_ref().map(|(reports, _)| reports.clone()),
+                            trail_heads: hello.trail_heads,
                         };
                         let ended = control_loop(&gw, &conn, &appliance.id, control).await;
                         if let Some((_, stop)) = trail {
@@ -559,6 +575,8 @@ struct Control {
     framed: FramedRecv<ToGateway>,
     outgoing: mpsc::Receiver<ToAgent>,
     delivery: Delivery<tokio::time::Instant>,
+    /// The agent takes the gateway's signed heads (crate::audit_heads).
+    trail_heads: bool,
     /// The agent's `TrailRecorded` numbers, for this connection's customer-trail sender.
     trail_reports: Option<watch::Sender<u64>>,
 }
@@ -596,11 +614,27 @@ async fn control_loop(
         mut outgoing,
         mut delivery,
         trail_reports,
+        trail_heads,
     } = control;
     let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rx = tokio::time::Instant::now();
     let mut seq = 0u64;
+    let peer_cert = peer_leaf_der(conn);
+    // The vendor trail's latest signed head goes to the agent now and whenever it changes.
+    let mut heads = gw.gateway_heads.clone();
+    let latest = heads.borrow_and_update().clone().filter(|_| trail_heads);
+    if let Some(head) = latest {
+        if let Err(e) = write_frame_within(
+            &mut send,
+            &ToAgent::TrailHead(head),
+            gw.limits.agent_lost_after,
+        )
+        .await
+        {
+            return format!("control stream failed: {e}");
+        }
+    }
     loop {
         tokio::select! {
             _ = gw.shutdown.cancelled() => {
@@ -641,6 +675,9 @@ async fn control_loop(
                     Ok(Some(ToGateway::OpRecord { op_id, kind, detail })) => {
                         crate::endpoints::kube::on_op_record(&gw.front, appliance_id, &op_id, &kind, detail).await;
                     }
+                    Ok(Some(ToGateway::TrailHead(head))) => {
+                        crate::audit_heads::on_agent_head(&gw.audit, appliance_id, peer_cert.as_deref(), head).await;
+                    }
                     Ok(Some(ToGateway::SshTeardown(report))) => {
                         crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;
                     }
@@ -664,6 +701,14 @@ async fn control_loop(
                         return e.message;
                     }
                     Err(e) => return format!("control stream failed: {e}"),
+                }
+            }
+            Ok(()) = heads.changed(), if trail_heads => {
+                let head = heads.borrow_and_update().clone();
+                if let Some(head) = head {
+                    if let Err(e) = write_frame_within(&mut send, &ToAgent::TrailHead(head), gw.limits.agent_lost_after).await {
+                        return format!("control stream failed: {e}");
+                    }
                 }
             }
             Some(frame) = outgoing.recv() => {

@@ -28,6 +28,8 @@ pub struct Gateway {
     pub store: Store,
     /// Shared with the services that record through it.
     pub audit: Arc<AuditLog>,
+    /// The vendor trail's signed heads and the gateway audit key.
+    pub audit_heads: Arc<crate::audit_heads::AuditHeads>,
     pub ca: Arc<Ca>,
     /// Shared with the services that reach agents through it.
     pub agents: Arc<AgentRegistry>,
@@ -185,6 +187,11 @@ impl RunningGateway {
             tracing::warn!("some tasks did not finish within the shutdown grace period");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.relay_endpoint.wait_idle()).await;
+        // The trail's end is signed last, so cutting it off is caught (crate::audit_heads).
+        let _ = tokio::time::timeout(Duration::from_secs(2), gw.audit.flush()).await;
+        if let Err(e) = gw.audit_heads.write_head(&gw.audit).await {
+            tracing::error!(error = %e, "cannot sign the vendor trail's head at shutdown");
+        }
         gw.store.close().await;
         // Joining blocks; the data plane has nothing left to do by now.
         let mut data_plane = std::mem::replace(
@@ -289,6 +296,11 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     };
     ensure_admin_token(&store, &dir).await?;
     let audit = Arc::new(AuditLog::open(store.clone()).await?);
+    let audit_heads = Arc::new(
+        crate::audit_heads::AuditHeads::load_or_create(&dir.0)
+            .context("loading the gateway audit key")?,
+    );
+    audit_heads.check_store_reaches_head(&audit).await?;
 
     let server_tls = ca
         .issue_server(
@@ -373,6 +385,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             approvals,
             store,
             audit,
+            audit_heads: audit_heads.clone(),
             ca,
             agents,
             endpoints: live_endpoints,
@@ -402,7 +415,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         limits: gateway.limits.clone(),
         shutdown: gateway.shutdown.clone(),
         tasks: gateway.tasks.clone(),
+        audit_key: audit_heads.public_key().to_string(),
+        gateway_heads: audit_heads.subscribe(),
     });
+    gateway.tasks.spawn(
+        audit_heads
+            .clone()
+            .run(gateway.audit.clone(), gateway.shutdown.clone()),
+    );
     let relay_endpoint = {
         // quinn spawns its endpoint driver on the runtime current at creation.
         let _in_data_plane = gateway.data_plane.enter();
@@ -429,6 +449,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let api_state = Arc::new(crate::api::ApiState {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),
+        audit_heads: gateway.audit_heads.clone(),
         ca_fingerprint: gateway.ca.fingerprint(),
         agents: gateway.agents.clone(),
         grants: gateway.grants.clone(),

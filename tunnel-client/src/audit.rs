@@ -165,6 +165,8 @@ struct Shared {
     path: PathBuf,
     queue: std::sync::mpsc::Sender<Item>,
     failures: tokio::sync::watch::Receiver<u64>,
+    latest_head:
+        Option<tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>>,
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -211,6 +213,16 @@ impl AuditLog {
         appliance_id: Option<String>,
         scan: &mut dyn FnMut(&[u8]),
     ) -> Result<AuditLog, AuditError> {
+        AuditLog::open_with_heads(path, appliance_id, scan, None)
+    }
+
+    /// [`AuditLog::open_scanning`], with signed heads (crate::trail_heads) when `heads` is given.
+    pub fn open_with_heads(
+        path: &Path,
+        appliance_id: Option<String>,
+        scan: &mut dyn FnMut(&[u8]),
+        heads: Option<crate::trail_heads::HeadSigner>,
+    ) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
@@ -251,7 +263,12 @@ impl AuditLog {
             next_seq,
             prev_hash,
             appliance_id: appliance_id.clone(),
+            heads: heads.map(|signer| crate::trail_writer::Heads {
+                signer,
+                cadence: endpoint_types::trail_head::HeadCadence::new(std::time::Instant::now()),
+            }),
         };
+        let latest_head = chain.heads.as_ref().map(|h| h.signer.subscribe());
         let (queue, rx) = std::sync::mpsc::channel();
         let (failures_tx, failures) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
@@ -263,9 +280,26 @@ impl AuditLog {
                 path: path.to_path_buf(),
                 queue,
                 failures,
+                latest_head,
             }),
             appliance_id,
         })
+    }
+
+    /// The trail's latest signed head as it changes (none for an unenrolled agent).
+    pub fn latest_head(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>> {
+        self.inner.latest_head.clone()
+    }
+
+    /// Writes a signed head if anything was recorded since the last, and waits until it is
+    /// durable: the agent's last act before it exits, so the trail's end is signed.
+    pub async fn seal(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.queue.send(Item::Head(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     pub fn appliance_id(&self) -> Option<&str> {

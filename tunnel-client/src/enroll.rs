@@ -147,6 +147,13 @@ pub async fn enroll(
     certs::write_private(&key_file, key.expose().as_bytes()).map_err(write_err(&key_file))?;
     std::fs::write(&cert_file, &response.cert_pem).map_err(write_err(&cert_file))?;
     std::fs::write(&ca_file, &response.ca_pem).map_err(write_err(&ca_file))?;
+    // Pinned now, over the same exchange that pinned the CA: the gateway's signed trail heads
+    // are checked against it (crate::trail_heads).
+    if let Some(key) = &response.audit_key {
+        let key_file = crate::trail_heads::gateway_key_file(&ca_file);
+        certs::write_private(&key_file, format!("{key}\n").as_bytes())
+            .map_err(write_err(&key_file))?;
+    }
 
     for (k, v) in [
         ("gateway", gateway.to_string()),

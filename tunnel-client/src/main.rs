@@ -3,14 +3,12 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use endpoint_types::{
-    api::AuditVerified, error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode,
-};
+use endpoint_types::{error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode};
 use serde_json::json;
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tunnel_client::{audit, config::AgentConfig, enroll, tunnel};
+use tunnel_client::{config::AgentConfig, enroll, tunnel};
 
 #[derive(Parser)]
 #[command(
@@ -60,10 +58,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of the trail at `audit_path`.
+    /// Check the hash chain of the trail at `audit_path`, every signed head and gateway
+    /// anchor in it, and that it still reaches its latest signed head (kept beside it, and
+    /// `--anchor`: the head the gateway anchored, from `postern audit anchor --appliance ID`).
     Verify {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        anchor: Option<PathBuf>,
     },
     /// The gateway's records in the trail: every request, decision and outcome concerning
     /// this appliance, numbered by the gateway; says whether any number is missing.
@@ -146,16 +148,35 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
         }
         Command::Run { config } => run(config, output).await,
         Command::Audit {
-            command: AuditCommand::Verify { config },
+            command: AuditCommand::Verify { config, anchor },
         } => {
             let config = AgentConfig::load(&config).map_err(|e| e.to_api_error())?;
-            let records = audit::verify_file(&config.audit_path).map_err(|e| e.to_api_error())?;
+            let inputs = tunnel_client::trail_heads::VerifyInputs::load(
+                &config.audit_path,
+                config.cert_file.as_deref(),
+                config.ca_file.as_deref(),
+                anchor.as_deref(),
+            )
+            .map_err(|e| e.to_api_error())?;
+            let verified = tunnel_client::trail_heads::verify(&inputs)?;
+            let heads = verified.heads.clone().unwrap_or_default();
             let text = format!(
-                "the audit trail {} is intact: {records} records",
-                config.audit_path.display()
+                "the audit trail {} is intact: {} records, {} signed heads, {} gateway anchors{}",
+                config.audit_path.display(),
+                verified.records,
+                heads.heads,
+                heads.anchors,
+                if heads.compared_with.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; it reaches the latest head of the {}",
+                        heads.compared_with.join(" and the ")
+                    )
+                }
             );
             Ok(Report {
-                json: Some(json!(AuditVerified { ok: true, records })),
+                json: Some(json!(verified)),
                 text: Some(text),
             })
         }

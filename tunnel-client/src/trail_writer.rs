@@ -9,6 +9,7 @@
 //! refused, and the chain continues from the last durable record: the file always verifies.
 
 use endpoint_types::api::AuditRecord;
+use endpoint_types::trail_head::{HeadCadence, HEAD_KIND};
 use jiff::Timestamp;
 use serde_json::value::RawValue;
 use std::{
@@ -44,6 +45,15 @@ pub enum Item {
     /// Records that go into the same batch, so they are durable together or not at all.
     Group(Vec<Queued>),
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// A signed head now if anything was written since the last (the agent's shutdown),
+    /// answered once it is durable.
+    Head(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The trail's signed heads (crate::trail_heads): who signs, and when the next is due.
+pub struct Heads {
+    pub signer: crate::trail_heads::HeadSigner,
+    pub cadence: HeadCadence<Instant>,
 }
 
 /// One record to chain; `seq`, `time` and the hashes are the writer's.
@@ -66,27 +76,42 @@ pub struct Chain {
     pub next_seq: i64,
     pub prev_hash: String,
     pub appliance_id: Option<String>,
+    /// None for an unenrolled agent (no key to sign with).
+    pub heads: Option<Heads>,
 }
 
 /// The writer thread: runs until every sender is dropped, then returns after the last batch.
 pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::watch::Sender<u64>) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match next_item(&rx, &chain) {
+            Next::Item(item) => item,
+            Next::HeadDue => {
+                write_head(&mut chain, &mut buf, &failures);
+                continue;
+            }
+            Next::Closed => break,
+        };
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
+        let mut heads = Vec::new();
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
                 Item::Record(q) => batch.push(q),
                 Item::Group(group) => batch.extend(group),
                 Item::Flush(tx) => flushes.push(tx),
+                Item::Head(tx) => heads.push(tx),
             }
             if batch.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
         if batch.is_empty() {
-            for tx in flushes {
+            if !heads.is_empty() && chain.heads.as_ref().is_some_and(|h| h.cadence.pending()) {
+                write_head(&mut chain, &mut buf, &failures);
+            }
+            for tx in flushes.into_iter().chain(heads) {
                 let _ = tx.send(());
             }
             continue;
@@ -113,10 +138,99 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
                 }
             }
         }
-        for tx in flushes {
+        let due = chain.heads.as_ref().is_some_and(|h| {
+            h.cadence.due(Instant::now()) || (!heads.is_empty() && h.cadence.pending())
+        });
+        if due {
+            write_head(&mut chain, &mut buf, &failures);
+        }
+        for tx in flushes.into_iter().chain(heads) {
             let _ = tx.send(());
         }
     }
+    // Every writer is gone (the agent is stopping): the end of the trail gets its head.
+    if chain.heads.as_ref().is_some_and(|h| h.cadence.pending()) {
+        write_head(&mut chain, &mut buf, &failures);
+    }
+}
+
+enum Next {
+    Item(Item),
+    HeadDue,
+    Closed,
+}
+
+/// The next queued item; while a timed head is owed, no longer than until it is due.
+fn next_item(rx: &mpsc::Receiver<Item>, chain: &Chain) -> Next {
+    let deadline = chain
+        .heads
+        .as_ref()
+        .filter(|h| h.cadence.waiting())
+        .map(|h| h.cadence.deadline());
+    match deadline {
+        Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+            Ok(item) => Next::Item(item),
+            Err(mpsc::RecvTimeoutError::Timeout) => Next::HeadDue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Next::Closed,
+        },
+        None => rx.recv().map_or(Next::Closed, Next::Item),
+    }
+}
+
+/// Signs the chain's head and appends it as the next record (once per hundred records or a
+/// minute: the signature costs the writer tens of microseconds, never a statement's writer).
+fn write_head(chain: &mut Chain, buf: &mut Vec<u8>, failures: &tokio::sync::watch::Sender<u64>) {
+    let Some((head, q)) = chain.heads.as_ref().and_then(|h| {
+        head_record(
+            h,
+            chain.appliance_id.as_deref(),
+            chain.next_seq,
+            &chain.prev_hash,
+        )
+    }) else {
+        return;
+    };
+    match write_batch(chain, std::slice::from_ref(&q), buf) {
+        Ok(_) => {
+            if let Some(h) = chain.heads.as_mut() {
+                h.cadence.headed(Instant::now());
+                h.signer.written(head);
+            }
+        }
+        Err(failure) => {
+            tracing::error!(path = %chain.path.display(), error = %failure.0, "cannot write the customer trail's signed head");
+            failures.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// The signed head for a head record at `seq`, and that record, ready to chain.
+fn head_record(
+    heads: &Heads,
+    appliance_id: Option<&str>,
+    seq: i64,
+    prev_hash: &str,
+) -> Option<(endpoint_types::trail_head::SignedHead, Queued)> {
+    let head = heads
+        .signer
+        .sign(seq, prev_hash, Timestamp::now())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot sign the customer trail's head"))
+        .ok()?;
+    // Through a `Value`, as every detail is: its keys in the order a verifier re-serialises.
+    let detail = serde_json::to_value(&head)
+        .and_then(|v| serde_json::value::to_raw_value(&v))
+        .inspect_err(|e| tracing::error!(error = %e, "cannot encode the trail's head"))
+        .ok()?;
+    let q = Queued {
+        kind: HEAD_KIND,
+        actor: format!("agent:{}", appliance_id.unwrap_or("unenrolled")),
+        endpoint_id: None,
+        session_id: None,
+        op_id: None,
+        detail,
+        ack: Ack::Detached,
+    };
+    Some((head, q))
 }
 
 fn acknowledge(ack: Ack, r: Result<AuditRecord, WriteFailure>) {
@@ -141,6 +255,10 @@ fn write_batch(
     let mut records = Vec::with_capacity(batch.len());
     let mut seq = chain.next_seq;
     let mut prev_hash = chain.prev_hash.clone();
+    // Heads due by count go into the same write and sync, right after their hundredth record;
+    // the cadence is committed only if the batch is.
+    let mut cadence = chain.heads.as_ref().map(|h| h.cadence.clone());
+    let mut last_head = None;
     for q in batch {
         let time = Timestamp::now();
         let hash = crate::audit::chain_line(
@@ -171,6 +289,27 @@ fn write_batch(
             }),
         });
         seq += 1;
+        if let (Some(heads), Some(c)) = (chain.heads.as_ref(), cadence.as_mut()) {
+            c.wrote(q.kind);
+            if c.due_by_count() {
+                if let Some((head, hq)) =
+                    head_record(heads, chain.appliance_id.as_deref(), seq, &prev_hash)
+                {
+                    prev_hash = crate::audit::chain_line(
+                        seq,
+                        &Timestamp::now(),
+                        &hq,
+                        chain.appliance_id.as_deref(),
+                        &prev_hash,
+                        buf,
+                    )
+                    .map_err(|e| WriteFailure(e.to_string()))?;
+                    seq += 1;
+                    c.headed(Instant::now());
+                    last_head = Some(head);
+                }
+            }
+        }
     }
     let written = restore_end(chain)
         .and_then(|()| chain.file.write_all(buf))
@@ -184,6 +323,12 @@ fn write_batch(
     chain.durable_len += buf.len() as u64;
     chain.next_seq = seq;
     chain.prev_hash = prev_hash;
+    if let (Some(h), Some(c)) = (chain.heads.as_mut(), cadence) {
+        h.cadence = c;
+        if let Some(head) = last_head {
+            h.signer.written(head);
+        }
+    }
     Ok(records)
 }
 
@@ -226,6 +371,7 @@ mod tests {
             next_seq: 1,
             prev_hash: endpoint_types::api::AUDIT_GENESIS_HASH.into(),
             appliance_id: None,
+            heads: None,
         };
         let (tx, rx) = mpsc::channel();
         let (failures, watched) = tokio::sync::watch::channel(0u64);

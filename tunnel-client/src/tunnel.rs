@@ -120,6 +120,8 @@ struct Agent {
     gateway_trail: GatewayTrail,
     ops: OpRunner,
     tracker: TaskTracker,
+    /// The gateway's signed heads, checked against its pinned audit key.
+    anchors: crate::trail_heads::GatewayAnchors,
 }
 
 /// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
@@ -130,8 +132,16 @@ pub async fn run(
 ) -> Result<(), TunnelError> {
     let enrollment = config.enrollment()?;
     let quic = dial::quic_client_config(tls_config(&enrollment)?)?;
+    let heads = crate::trail_heads::HeadSigner::load(
+        &enrollment.key_file,
+        &enrollment.cert_file,
+        &enrollment.appliance_id,
+        &config.audit_path,
+    )
+    .map_err(|e| TunnelError::Credentials(e.to_string()))?;
+    let missing_head = heads.check_trail_reaches(&config.audit_path);
     let mut trail_number = 0;
-    let audit = AuditLog::open_scanning(
+    let audit = AuditLog::open_with_heads(
         &config.audit_path,
         Some(enrollment.appliance_id.clone()),
         &mut |line| {
@@ -139,8 +149,17 @@ pub async fn run(
                 trail_number = trail_number.max(n);
             }
         },
+        Some(heads),
     )?;
     let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
+    let anchors = crate::trail_heads::GatewayAnchors::load(&enrollment.ca_file);
+    if let Some((head, kept)) = missing_head {
+        audit.record_or_log(crate::audit::Entry::new(
+            "audit.head_missing",
+            audit.agent_actor(),
+            json!({ "head": head, "kept_in": kept }),
+        ));
+    }
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
     let key_pem = Secret::new(
@@ -206,6 +225,7 @@ pub async fn run(
         gateway_trail,
         ops,
         tracker,
+        anchors,
     };
 
     let cap = agent.config.reconnect_max();
@@ -240,6 +260,8 @@ pub async fn run(
     let _ = tokio::time::timeout(SESSION_DRAIN, agent.tracker.wait()).await;
     // Records queued without waiting (the sessions' ends, agent.disconnected) reach the disk.
     let _ = tokio::time::timeout(SESSION_DRAIN, agent.audit.flush()).await;
+    // The trail's end is signed, so cutting it off is caught (crate::trail_heads).
+    let _ = tokio::time::timeout(SESSION_DRAIN, agent.audit.seal()).await;
     Ok(())
 }
 
@@ -333,6 +355,7 @@ impl Agent {
             resources: self.config.descriptors(),
             policy: self.config.policy_summary(),
             trail_number: Some(self.gateway_trail.last()),
+            trail_heads: true,
         });
         if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
             return Ended::lost(format!("cannot send the hello: {e}"));
@@ -371,6 +394,7 @@ impl Agent {
             self.audit.agent_actor(),
             json!({ "gateway": gateway, "app": ack.app, "customer": ack.customer, "agent_version": AGENT_VERSION }),
         ));
+        self.anchors.hello(ack.audit_key.as_deref(), &self.audit);
         *hello = Some(ack.clone());
         if let Some(tx) = ready.take() {
             let _ = tx.send(ack.clone());
@@ -398,6 +422,15 @@ impl Agent {
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         self.sessions.teardowns.connected(&op_tx);
         self.sessions.proofs.connected(&op_tx);
+        // The trail's latest signed head goes to the gateway now and whenever it changes.
+        // Only a gateway that signs heads itself (it names its audit key) knows the frame.
+        let mut heads = self.audit.latest_head().filter(|_| ack.audit_key.is_some());
+        let latest = heads.as_mut().and_then(|h| h.borrow_and_update().clone());
+        if let Some(head) = latest {
+            if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {
+                return Ended::lost(format!("cannot send the trail's head: {e}"));
+            }
+        }
         loop {
             let next_expiry = self
                 .live
@@ -427,6 +460,11 @@ impl Agent {
                     }
                     Err(e) => return Ended::lost(format!("control stream: {e}")),
                 },
+                Some(head) = next_head(&mut heads) => {
+                    if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {
+                        return Ended::lost(format!("cannot send the trail's head: {e}"));
+                    }
+                }
                 Some(frame) = op_rx.recv() => {
                     if let Err(e) = send_frame(&mut send, &frame, lost_after).await {
                         return Ended::lost(format!("cannot send an op's frames: {e}"));
@@ -564,6 +602,7 @@ impl Agent {
                 endpoint_id,
                 refused,
             } => self.sessions.proofs.acked(&endpoint_id, refused.as_ref()),
+            ToAgent::TrailHead(head) => self.anchors.on_head(head, &self.audit),
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()
@@ -670,6 +709,22 @@ async fn send_frame<F: SentByAgent>(
 }
 
 /// Whether `frame` carries the appliance's full set of endpoints, bare or as a command.
+/// The next signed head of the trail; pends forever without heads or once the writer is gone.
+async fn next_head(
+    heads: &mut Option<
+        tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>,
+    >,
+) -> Option<endpoint_types::trail_head::SignedHead> {
+    let Some(rx) = heads else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    let head = rx.borrow_and_update().clone();
+    head
+}
+
 fn is_endpoint_sync(frame: &ToAgent) -> bool {
     matches!(
         frame,

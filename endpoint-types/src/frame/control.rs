@@ -92,6 +92,10 @@ pub enum ToAgent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         refused: Option<ApiError>,
     },
+    /// The gateway's latest signed head of its own trail, for the agent to record as an anchor
+    /// in the customer trail (crate::trail_head). Latest wins: a lost one is superseded by the
+    /// next, and the latest is sent again after every hello.
+    TrailHead(crate::trail_head::SignedHead),
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -184,6 +188,9 @@ pub enum ToGateway {
     /// The signed proof that an ended endpoint is gone at the appliance; answered with
     /// [`ToAgent::TeardownAck`].
     TeardownProof(crate::teardown::SignedTeardown),
+    /// The agent's latest signed head of the customer trail, for the gateway to record as an
+    /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
+    TrailHead(crate::trail_head::SignedHead),
 }
 
 impl Handshake {
@@ -221,6 +228,7 @@ impl ToAgent {
             ToAgent::Command { .. } => "command",
             ToAgent::TrailRecords { .. } => "trail_records",
             ToAgent::TeardownAck { .. } => "teardown_ack",
+            ToAgent::TrailHead(_) => "trail_head",
         }
     }
 
@@ -336,7 +344,8 @@ impl TryFrom<ToAgent> for AgentCommand {
             | ToAgent::OutputFetch { .. }
             | ToAgent::Error(_)
             | ToAgent::Command { .. }
-            | ToAgent::TeardownAck { .. }) => Err(other),
+            | ToAgent::TeardownAck { .. }
+            | ToAgent::TrailHead(_)) => Err(other),
         }
     }
 }
@@ -357,6 +366,7 @@ impl ToGateway {
             ToGateway::Error(_) => "error",
             ToGateway::TrailRecorded { .. } => "trail_recorded",
             ToGateway::TeardownProof(_) => "teardown_proof",
+            ToGateway::TrailHead(_) => "trail_head",
         }
     }
 }

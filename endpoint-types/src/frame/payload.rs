@@ -17,6 +17,10 @@ pub struct Hello {
     /// sends what follows; absent from agents that do not keep those records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trail_number: Option<u64>,
+    /// The agent takes `ToAgent::TrailHead` (crate::trail_head); the gateway sends the frame
+    /// to no other agent, so an older agent is never sent a frame it cannot read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trail_heads: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +30,11 @@ pub struct HelloAck {
     pub customer: String,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
+    /// The gateway audit key's public half (base64). The agent compares it with the key it
+    /// pinned at enrollment; it pins it here only when it has none (an older enrollment), and
+    /// says so in its trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<String>,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.

@@ -29,6 +29,7 @@ fn hello() -> Hello {
             ..Default::default()
         },
         trail_number: Some(3),
+        trail_heads: true,
     }
 }
 
@@ -143,12 +144,28 @@ fn to_agent() -> Vec<ToAgent> {
         },
     ];
     frames.extend(commands().into_iter().map(ToAgent::from));
+    frames.push(ToAgent::TrailHead(head(
+        crate::trail_head::TrailSide::Gateway,
+    )));
     frames
+}
+
+fn head(trail: crate::trail_head::TrailSide) -> crate::trail_head::SignedHead {
+    crate::trail_head::SignedHead {
+        trail,
+        appliance_id: Some("ap_1".into()),
+        seq: 101,
+        prev_hash: "ab".repeat(32),
+        time: jiff::Timestamp::from_second(1_700_000_000).unwrap(),
+        signature: "MEUC".into(),
+        key: "BAAA".into(),
+    }
 }
 
 /// One of every agent → gateway control frame.
 fn to_gateway() -> Vec<ToGateway> {
     vec![
+        ToGateway::TrailHead(head(crate::trail_head::TrailSide::Appliance)),
         ToGateway::Heartbeat { seq: 1 },
         ToGateway::HeartbeatAck { seq: 2 },
         ToGateway::CommandAck { seq: 3 },
@@ -243,6 +260,7 @@ fn handshake_answer() -> Vec<HandshakeAnswer> {
             customer: "acme".into(),
             heartbeat_interval_ms: 5_000,
             lost_after_ms: 15_000,
+            audit_key: Some("BAAA".into()),
         }),
         HandshakeAnswer::Error(ApiError::new(ErrorCode::ApplianceRevoked, "revoked")),
     ]
@@ -281,6 +299,7 @@ fn enrollment_answer() -> Vec<EnrollmentAnswer> {
             customer: "acme".into(),
             cert_pem: "cert".into(),
             ca_pem: "ca".into(),
+            audit_key: None,
         }),
         EnrollmentAnswer::Error(ApiError::new(ErrorCode::Unauthenticated, "bad token")),
     ]

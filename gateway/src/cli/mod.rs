@@ -215,8 +215,15 @@ enum AuditCmd {
     },
     /// All records as JSON lines, fetched a page at a time.
     Export,
-    /// Check the hash chain.
+    /// Check the hash chain, every signed head and agent anchor, and that the store still
+    /// reaches the gateway's latest signed head (kept in its data dir).
     Verify,
+    /// The latest signed head of an appliance's customer trail the gateway anchored, for
+    /// `postern-agent audit verify --anchor FILE`.
+    Anchor {
+        #[arg(long)]
+        appliance: String,
+    },
     /// Replay an SSH session's recording in this terminal.
     Play {
         /// The session id (`session_id` of its ssh.recording record).
@@ -713,8 +720,20 @@ async fn audit(cmd: AuditCmd, c: &ApiClient, out: OutputFormat) -> Result<(), Ap
             let v: AuditVerified = c.get("/v1/audit/verify").await?;
             match out {
                 OutputFormat::Json => print_json(&v),
-                OutputFormat::Text => println!("audit chain intact: {} records", v.records),
+                OutputFormat::Text => {
+                    let heads = v.heads.clone().unwrap_or_default();
+                    println!(
+                        "audit chain intact: {} records, {} signed heads, {} agent anchors",
+                        v.records, heads.heads, heads.anchors
+                    )
+                }
             }
+        }
+        AuditCmd::Anchor { appliance } => {
+            let v: serde_json::Value = c
+                .get(&format!("/v1/audit/anchor?appliance={appliance}"))
+                .await?;
+            print_json(&v);
         }
     }
     Ok(())

@@ -706,6 +706,24 @@ impl Store {
         Ok(rows.last().map(|r| (r.seq, r.hash.clone())))
     }
 
+    /// The last record of `kind` about `appliance_id` (the latest anchor of an appliance's
+    /// head): served from the (appliance_id, seq) index, newest first.
+    pub async fn last_audit_of(
+        &self,
+        appliance_id: &str,
+        kind: &str,
+    ) -> StoreResult<Option<AuditRecord>> {
+        let sql = format!(
+            "SELECT {AUDIT_COLS} FROM audit_log WHERE appliance_id = $1 AND kind = $2 ORDER BY seq DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(appliance_id)
+            .bind(kind)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(audit_from).transpose()
+    }
+
     /// Audit records in order, optionally only those after `after_seq`.
     pub async fn list_audit(&self, after_seq: i64) -> StoreResult<Vec<AuditRecord>> {
         let sql = format!("SELECT {AUDIT_COLS} FROM audit_log WHERE seq > $1 ORDER BY seq");
@@ -775,6 +793,16 @@ impl Store {
 
     pub async fn last_audit(&self) -> StoreResult<Option<(i64, String)>> {
         last_audit(&self.pool).await
+    }
+
+    /// Deletes the records after `seq`, as an attacker with database access could.
+    #[cfg(test)]
+    pub async fn truncate_audit_after(&self, seq: i64) -> StoreResult<()> {
+        sqlx::query("DELETE FROM audit_log WHERE seq > $1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Rewrites one record's detail in place, as an attacker with database access could.
