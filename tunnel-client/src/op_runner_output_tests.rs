@@ -133,7 +133,7 @@ async fn a_second_release_is_refused_by_the_machine_and_denied_in_the_trail() {
     rig.holding("op_1");
     let (tx, mut rx) = mpsc::channel(64);
     rig.runner
-        .release("op_1".into(), "ana@customer".into(), tx.clone());
+        .release("op_1".into(), "ana@customer".into(), None, tx.clone());
     let frames = until_end(&mut rx).await;
     assert!(
         matches!(&frames[0], ToGateway::OpOutput { data, .. } if data == "pod-1 Running\n"),
@@ -148,7 +148,7 @@ async fn a_second_release_is_refused_by_the_machine_and_denied_in_the_trail() {
     assert_eq!(rig.runner.held_count(), 0);
 
     rig.runner.inner.tracker.reopen();
-    rig.runner.release("op_1".into(), "ana@customer".into(), tx);
+    rig.runner.release("op_1".into(), "ana@customer".into(), None, tx);
     let frames = until_end(&mut rx).await;
     assert_eq!(frames.len(), 1, "nothing is sent again: {frames:?}");
     let e = refusal(&frames);
@@ -182,7 +182,7 @@ async fn destroying_after_release_or_destroy_is_refused() {
     let (tx, mut rx) = mpsc::channel(64);
     rig.holding("op_released");
     rig.runner
-        .release("op_released".into(), "ana@customer".into(), tx.clone());
+        .release("op_released".into(), "ana@customer".into(), None, tx.clone());
     until_end(&mut rx).await;
     rig.runner.inner.tracker.close();
     rig.runner.inner.tracker.wait().await;
@@ -244,7 +244,7 @@ async fn output_of_an_op_that_is_not_holding_any_is_refused() {
     rig.running("op_run");
     rig.runner.fetch("op_run", tx.clone());
     rig.runner
-        .release("op_run".into(), "ana@customer".into(), tx.clone());
+        .release("op_run".into(), "ana@customer".into(), None, tx.clone());
     rig.runner
         .destroy("op_run".into(), "ana@customer".into(), None, tx.clone());
     for event in ["output-previewed", "output-approved", "output-denied"] {
@@ -272,7 +272,7 @@ async fn output_of_an_op_that_is_not_holding_any_is_refused() {
 
     // An op this process never ran is not found, as before; no denial is recorded for it.
     rig.runner
-        .release("op_unknown".into(), "ana@customer".into(), tx);
+        .release("op_unknown".into(), "ana@customer".into(), None, tx);
     let e = refusal(&until_end(&mut rx).await).clone();
     assert_eq!(e.code, ErrorCode::NotFound);
     assert!(e.details.is_null(), "{e:?}");

@@ -8,6 +8,7 @@ mod control;
 mod endpoint_list;
 mod grant_list;
 mod op_list;
+mod signed;
 mod spine;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
@@ -91,6 +92,11 @@ fn migrator() -> Migrator {
             4,
             "audit paging",
             include_str!("../../migrations/0004_audit_paging.sql"),
+        ),
+        m(
+            5,
+            "signed decisions",
+            include_str!("../../migrations/0005_signed_decisions.sql"),
         ),
     ])
 }
