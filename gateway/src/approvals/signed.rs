@@ -206,7 +206,7 @@ pub mod memory {
     use super::*;
     use std::{collections::HashMap, sync::Mutex};
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     pub struct MemorySignedDecisions(Mutex<HashMap<(String, &'static str), SignedDecision>>);
 
     #[async_trait]
