@@ -36,7 +36,13 @@ fn runs(agent_dir: &Path) -> String {
 /// `postern approvals key create --path P` as the approver on their own machine.
 fn make_key(gw: &Gateway, path: &Path) -> Result<(String, ApproverKey)> {
     let out = gw
-        .cli(&["approvals", "key", "create", "--path", &path.display().to_string()])?
+        .cli(&[
+            "approvals",
+            "key",
+            "create",
+            "--path",
+            &path.display().to_string(),
+        ])?
         .ok()?;
     let line = out["public_key"]
         .as_str()
@@ -85,7 +91,14 @@ fn start(dir: &Path) -> Result<Setup> {
     }
     let bob = gw
         .cli(&[
-            "token", "create", "--role", "approver", "--name", "bob", "--customer", CUSTOMER,
+            "token",
+            "create",
+            "--role",
+            "approver",
+            "--name",
+            "bob",
+            "--customer",
+            CUSTOMER,
         ])?
         .ok()?["token"]
         .as_str()
@@ -161,10 +174,7 @@ impl Setup {
             .output()
             .context("running sqlite3")?;
         if !out.status.success() {
-            bail!(
-                "sqlite3 failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("sqlite3 failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(())
     }
@@ -179,7 +189,11 @@ impl Setup {
     }
 
     /// Puts a signed decision in the store for `op_id`, as the gateway keeps one.
-    fn store_signed(&self, op_id: &str, signed: &endpoint_types::approval::SignedDecision) -> Result<()> {
+    fn store_signed(
+        &self,
+        op_id: &str,
+        signed: &endpoint_types::approval::SignedDecision,
+    ) -> Result<()> {
         let text = serde_json::to_string(signed)?.replace('\'', "''");
         self.sql(&format!(
             "INSERT OR REPLACE INTO signed_decisions (record_id, stage, signed, stored_at) VALUES ('{op_id}', 'command', '{text}', 0);"
@@ -243,7 +257,10 @@ impl Setup {
             })
         };
         let trail = self.agent.trail_when(denied)?;
-        assert!(denied(&trail), "no denial of {op_id} ({reason}) in the customer trail");
+        assert!(
+            denied(&trail),
+            "no denial of {op_id} ({reason}) in the customer trail"
+        );
         let started = trail
             .iter()
             .filter(|r| r["op_id"] == op_id && r["kind"] == "op.started")
@@ -272,17 +289,58 @@ fn a_rogue_gateway_cannot_run_what_the_customer_reserved_for_a_person() -> Resul
         .starts_with("postern-approval-v1\n"));
     // Unsigned, the gateway refuses at once with the way to sign.
     let unsigned = s.bob(&["approvals", "approve", &good])?;
-    assert_eq!(unsigned.error_code(), Some("APPROVAL_INVALID"), "{}", unsigned.json);
+    assert_eq!(
+        unsigned.error_code(),
+        Some("APPROVAL_INVALID"),
+        "{}",
+        unsigned.json
+    );
     assert!(unsigned.json["error"]["hint"]
         .as_str()
         .unwrap_or_default()
         .contains("approvals key create"));
     // Signed with Bob's key, it runs, and the trail names Bob as the signer.
     let key = s.bob_key_path.display().to_string();
-    s.bob(&["approvals", "approve", &good, "--key", &key])?.ok()?;
-    s.wait_state(&good, "output-pending-approval")
-        .or_else(|_| s.wait_state(&good, "completed"))?;
+    s.bob(&["approvals", "approve", &good, "--key", &key])?
+        .ok()?;
+    // The manual policy holds the output: its release binds the digest of what Bob sees.
+    s.wait_state(&good, "output-pending-approval")?;
     assert!(runs(&s.agent_dir).contains("get pods -n my-app-prod"));
+    let held = s.bob(&["approvals", "show", &good])?.ok()?;
+    assert_eq!(held["stage"], "output", "{held}");
+    assert_eq!(held["statement"]["content"]["kind"], "op_output", "{held}");
+    let digest = held["statement"]["content"]["output_sha256"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        digest,
+        certs::approver::output_sha256(
+            held["output"]["stdout"].as_str().unwrap_or_default(),
+            held["output"]["stderr"].as_str().unwrap_or_default()
+        )
+    );
+    let unsigned = s.bob(&["approvals", "approve", &good])?;
+    assert_eq!(
+        unsigned.error_code(),
+        Some("APPROVAL_INVALID"),
+        "{}",
+        unsigned.json
+    );
+    s.bob(&["approvals", "approve", &good, "--key", &key])?
+        .ok()?;
+    let done = s.wait_state(&good, "completed")?;
+    assert!(done["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("NAME READY STATUS"));
+    let released = |t: &[Value]| {
+        t.iter().any(|r| {
+            r["kind"] == "approval.verified"
+                && r["op_id"] == good.as_str()
+                && r["detail"]["stage"] == "output"
+        })
+    };
+    assert!(released(&s.agent.trail_when(released)?));
     let verified = |t: &[Value]| {
         t.iter().any(|r| {
             r["kind"] == "approval.verified"
@@ -343,7 +401,12 @@ fn a_tampered_argv_another_appliance_an_expired_statement_and_an_unknown_key_are
         "--key",
         &eve_path.display().to_string(),
     ])?;
-    assert_eq!(refused.error_code(), Some("APPROVAL_INVALID"), "{}", refused.json);
+    assert_eq!(
+        refused.error_code(),
+        Some("APPROVAL_INVALID"),
+        "{}",
+        refused.json
+    );
     assert_eq!(refused.json["error"]["details"]["reason"], "unknown_key");
 
     s.agent.stop();

@@ -37,7 +37,8 @@ pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, Command
             at: at + 1,
         })
     };
-    let quoting = |what: &'static str, at: usize| Err(CommandError::BadQuoting { what, at: at + 1 });
+    let quoting =
+        |what: &'static str, at: usize| Err(CommandError::BadQuoting { what, at: at + 1 });
     let dollar = |i: usize, in_dq: bool| -> Option<String> {
         match chars.get(i + 1) {
             None | Some(' ' | '\t' | '\n') => None,

@@ -92,7 +92,10 @@ fn a_signed_command_runs_once_and_every_forgery_is_refused() {
     assert_eq!(reason(&a, &other, NOW), "wrong_record");
 
     // Marked approved by a person, without a signature (a rogue gateway's store edit).
-    assert_eq!(reason(&a, &dispatch("op_3", "kubectl get pods"), NOW), "missing");
+    assert_eq!(
+        reason(&a, &dispatch("op_3", "kubectl get pods"), NOW),
+        "missing"
+    );
     // The argv tampered with after signing: what the agent would run differs.
     let approved = signed(&bob, &dispatch("op_4", "kubectl get pods"));
     let tampered = OpDispatch {
@@ -174,7 +177,12 @@ fn used_lines_round_trip_and_bad_ones_are_skipped() {
     let digest = [0xab; 32];
     let line = used_line(&digest, at(NOW));
     assert_eq!(parse_used(&line), Some((digest, at(NOW))));
-    for bad in ["", "zz 2026-12-07T03:10:00Z", "abab", &line.replace(' ', "")] {
+    for bad in [
+        "",
+        "zz 2026-12-07T03:10:00Z",
+        "abab",
+        &line.replace(' ', ""),
+    ] {
         assert_eq!(parse_used(bad), None, "{bad:?}");
     }
 }

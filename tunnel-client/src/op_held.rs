@@ -73,7 +73,9 @@ impl OpRunner {
             {
                 Ok(Some(v)) => {
                     if let Some(s) = &signed {
-                        self.record(verified_entry(&approved_by, "output", &v, s).op(op_id.clone()));
+                        self.record(
+                            verified_entry(&approved_by, "output", &v, s).op(op_id.clone()),
+                        );
                     }
                 }
                 Ok(None) => {}
@@ -153,7 +155,9 @@ impl OpRunner {
                 "stderr_bytes": held.outcome.stderr.len(),
             });
             held.wipe();
-            self.record(Entry::new("output.destroyed", self.inner.audit.agent_actor(), detail).op(op_id));
+            self.record(
+                Entry::new("output.destroyed", self.inner.audit.agent_actor(), detail).op(op_id),
+            );
         }
         let refused = ToGateway::OpRefused {
             op_id: op_id.to_string(),

@@ -108,13 +108,21 @@ impl Approvals {
 
     /// What an approver signs to approve `id`: `{"statement", "canonical", "approver_key_ids",
     /// "signature_required"}` (`statement` null when no statement covers the request).
-    pub async fn statement(&self, caller: &Caller, id: &str) -> Result<serde_json::Value, ApiError> {
+    pub async fn statement(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
         let queue = self.queue_of(id)?;
         let item = Self::find(queue, caller, id).await?;
         self.statement_of(queue, caller, &item).await
     }
 
-    async fn find(queue: &Arc<dyn Queue>, caller: &Caller, id: &str) -> Result<ApprovalItem, ApiError> {
+    async fn find(
+        queue: &Arc<dyn Queue>,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<ApprovalItem, ApiError> {
         queue
             .waiting(caller)
             .await?
@@ -131,9 +139,8 @@ impl Approvals {
     ) -> Result<serde_json::Value, ApiError> {
         let keys = self.key_ids(&item.appliance_id).await;
         let content = queue.content(caller, item).await?;
-        let statement = content.map(|c| {
-            signed::statement_for(item, c, self.signing.clock.stored_now())
-        });
+        let statement =
+            content.map(|c| signed::statement_for(item, c, self.signing.clock.stored_now()));
         Ok(serde_json::json!({
             "canonical": statement.as_ref().map(|s| s.canonical()),
             "statement": statement,
@@ -178,7 +185,9 @@ impl Approvals {
                         .store
                         .put(id, item.stage, &sent, now)
                         .await
-                        .map_err(|e| ApiError::internal(format!("cannot keep the signed decision: {e}")))?;
+                        .map_err(|e| {
+                            ApiError::internal(format!("cannot keep the signed decision: {e}"))
+                        })?;
                 }
                 (Some(_), None) if approve && !keys.is_empty() => {
                     return Err(signed::signature_required(&item, &keys));

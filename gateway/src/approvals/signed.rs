@@ -16,8 +16,7 @@ use crate::{
 use async_trait::async_trait;
 use endpoint_types::{
     approval::{
-        ApprovalStatement, DecidedContent, Decision, SignedDecision, DEFAULT_VALIDITY,
-        MAX_VALIDITY,
+        ApprovalStatement, DecidedContent, Decision, SignedDecision, DEFAULT_VALIDITY, MAX_VALIDITY,
     },
     control::{ApprovalItem, ApprovalStage},
     ApiError, ErrorCode,
@@ -36,21 +35,41 @@ pub fn stage_name(stage: ApprovalStage) -> &'static str {
 /// Where signed decisions are kept, as the approver's key made them.
 #[async_trait]
 pub trait SignedDecisions: Send + Sync {
-    async fn put(&self, record_id: &str, stage: ApprovalStage, signed: &SignedDecision, at: Timestamp) -> StoreResult<()>;
+    async fn put(
+        &self,
+        record_id: &str,
+        stage: ApprovalStage,
+        signed: &SignedDecision,
+        at: Timestamp,
+    ) -> StoreResult<()>;
     /// The decision kept for `record_id` at `stage`; one that no longer parses is absent (the
     /// appliance then refuses the request as unsigned).
-    async fn get(&self, record_id: &str, stage: ApprovalStage) -> StoreResult<Option<SignedDecision>>;
+    async fn get(
+        &self,
+        record_id: &str,
+        stage: ApprovalStage,
+    ) -> StoreResult<Option<SignedDecision>>;
 }
 
 #[async_trait]
 impl SignedDecisions for Store {
-    async fn put(&self, record_id: &str, stage: ApprovalStage, signed: &SignedDecision, at: Timestamp) -> StoreResult<()> {
+    async fn put(
+        &self,
+        record_id: &str,
+        stage: ApprovalStage,
+        signed: &SignedDecision,
+        at: Timestamp,
+    ) -> StoreResult<()> {
         let text = serde_json::to_string(signed).unwrap_or_default();
         self.put_signed_decision(record_id, stage_name(stage), &text, at)
             .await
     }
 
-    async fn get(&self, record_id: &str, stage: ApprovalStage) -> StoreResult<Option<SignedDecision>> {
+    async fn get(
+        &self,
+        record_id: &str,
+        stage: ApprovalStage,
+    ) -> StoreResult<Option<SignedDecision>> {
         Ok(self
             .signed_decision(record_id, stage_name(stage))
             .await?
@@ -120,7 +139,10 @@ pub fn check_sent(
     let s = &signed.statement;
     if s.record_id != item.id {
         return Err(invalid(
-            format!("the signed decision is for {}, not {}", s.record_id, item.id),
+            format!(
+                "the signed decision is for {}, not {}",
+                s.record_id, item.id
+            ),
             "wrong_record",
         ));
     }
@@ -211,7 +233,13 @@ pub mod memory {
 
     #[async_trait]
     impl SignedDecisions for MemorySignedDecisions {
-        async fn put(&self, record_id: &str, stage: ApprovalStage, signed: &SignedDecision, _at: Timestamp) -> StoreResult<()> {
+        async fn put(
+            &self,
+            record_id: &str,
+            stage: ApprovalStage,
+            signed: &SignedDecision,
+            _at: Timestamp,
+        ) -> StoreResult<()> {
             self.0
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -219,7 +247,11 @@ pub mod memory {
             Ok(())
         }
 
-        async fn get(&self, record_id: &str, stage: ApprovalStage) -> StoreResult<Option<SignedDecision>> {
+        async fn get(
+            &self,
+            record_id: &str,
+            stage: ApprovalStage,
+        ) -> StoreResult<Option<SignedDecision>> {
             Ok(self
                 .0
                 .lock()

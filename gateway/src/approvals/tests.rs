@@ -49,7 +49,10 @@ impl Queue for FakeQueue {
         _caller: &Caller,
         item: &ApprovalItem,
     ) -> Result<Option<DecidedContent>, ApiError> {
-        Ok(item.id.starts_with("op_cmd").then(|| command("kubectl get pods")))
+        Ok(item
+            .id
+            .starts_with("op_cmd")
+            .then(|| command("kubectl get pods")))
     }
 
     async fn decide(
@@ -238,10 +241,19 @@ fn command(line: &str) -> DecidedContent {
 /// An op waiting for its command approval on an appliance that lists `keys`.
 fn signed_fixture(
     keys: &[String],
-) -> (Approvals, Arc<FakeQueue>, Arc<signed::memory::MemorySignedDecisions>) {
+) -> (
+    Approvals,
+    Arc<FakeQueue>,
+    Arc<signed::memory::MemorySignedDecisions>,
+) {
     let ops = FakeQueue::new(
         "op_",
-        vec![item("op_cmd1", ApprovalKind::Op, "acme", "2026-12-07T03:00:00Z")],
+        vec![item(
+            "op_cmd1",
+            ApprovalKind::Op,
+            "acme",
+            "2026-12-07T03:00:00Z",
+        )],
     );
     let (signing, store) = signing(keys);
     (Approvals::new(vec![ops.clone()], signing), ops, store)
@@ -292,7 +304,10 @@ async fn an_unsigned_or_mismatched_approval_is_refused_and_a_matching_one_is_kep
         e.details["reason"].as_str().unwrap_or_default().to_string()
     };
 
-    let e = a.decide(&acme, "op_cmd1", true, None, None).await.unwrap_err();
+    let e = a
+        .decide(&acme, "op_cmd1", true, None, None)
+        .await
+        .unwrap_err();
     assert!(e.hint.contains("approvals key create"), "{}", e.hint);
     assert_eq!(reason(e), "missing");
 
@@ -314,13 +329,25 @@ async fn an_unsigned_or_mismatched_approval_is_refused_and_a_matching_one_is_kep
 
     let (stranger, _) = certs::approver::ApproverKey::generate().unwrap();
     let e = a
-        .decide(&acme, "op_cmd1", true, None, Some(stranger.sign(statement.clone())))
+        .decide(
+            &acme,
+            "op_cmd1",
+            true,
+            None,
+            Some(stranger.sign(statement.clone())),
+        )
         .await
         .unwrap_err();
     assert_eq!(reason(e), "unknown_key");
 
     let e = a
-        .decide(&acme, "op_cmd1", false, None, Some(key.sign(statement.clone())))
+        .decide(
+            &acme,
+            "op_cmd1",
+            false,
+            None,
+            Some(key.sign(statement.clone())),
+        )
         .await
         .unwrap_err();
     assert_eq!(reason(e), "not_approved");

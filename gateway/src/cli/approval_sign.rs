@@ -30,7 +30,11 @@ fn signing_key(key: Option<PathBuf>) -> Result<Option<ApproverKey>, ApiError> {
 
 /// The statement as the gateway offers it, made this approver's: their decision, issued now
 /// by this machine's clock for the validity the gateway chose.
-fn own_statement(offered: ApprovalStatement, decision: Decision, now: Timestamp) -> ApprovalStatement {
+fn own_statement(
+    offered: ApprovalStatement,
+    decision: Decision,
+    now: Timestamp,
+) -> ApprovalStatement {
     let validity = offered.not_after.duration_since(offered.issued_at);
     ApprovalStatement {
         decision,
@@ -90,10 +94,18 @@ pub fn print_show(mut v: serde_json::Value, out: OutputFormat) {
         OutputFormat::Json => super::print_json(&v),
         OutputFormat::Text => {
             let mut request = v.clone();
-            for k in ["statement", "canonical", "approver_key_ids", "signature_required"] {
+            for k in [
+                "statement",
+                "canonical",
+                "approver_key_ids",
+                "signature_required",
+            ] {
                 request.as_object_mut().map(|o| o.remove(k));
             }
-            println!("{}", serde_json::to_string_pretty(&request).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&request).unwrap_or_default()
+            );
             if let Some(text) = v["canonical"].as_str() {
                 println!("\nwhat `approvals approve` signs (issued_at and not_after are set when you sign):\n");
                 print!("{text}");

@@ -30,14 +30,17 @@ impl Store {
     }
 
     /// The signed decision on `record_id` at `stage`, as stored.
-    pub async fn signed_decision(&self, record_id: &str, stage: &str) -> StoreResult<Option<String>> {
-        let row = sqlx::query(
-            "SELECT signed FROM signed_decisions WHERE record_id = $1 AND stage = $2",
-        )
-        .bind(record_id)
-        .bind(stage)
-        .fetch_optional(&self.pool)
-        .await?;
+    pub async fn signed_decision(
+        &self,
+        record_id: &str,
+        stage: &str,
+    ) -> StoreResult<Option<String>> {
+        let row =
+            sqlx::query("SELECT signed FROM signed_decisions WHERE record_id = $1 AND stage = $2")
+                .bind(record_id)
+                .bind(stage)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| r.try_get::<String, _>("signed")).transpose()?)
     }
 }
