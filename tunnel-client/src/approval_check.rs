@@ -70,8 +70,17 @@ impl SignedApprovals {
         });
         let mut verifier = ApprovalVerifier::new(approvers);
         if let Some(path) = &used_file {
-            for (digest, not_after) in read_used(path).into_iter().filter(|(_, t)| *t >= now) {
-                verifier.mark_used(digest, not_after);
+            let all = read_used(path);
+            let live: Vec<_> = all.iter().filter(|(_, t)| *t >= now).copied().collect();
+            for (digest, not_after) in &live {
+                verifier.mark_used(*digest, *not_after);
+            }
+            // Expired statements are refused as expired anyway: the file keeps only live ones.
+            if live.len() < all.len() {
+                let text: String = live.iter().map(|(d, t)| used_line(d, *t)).collect();
+                if let Err(e) = std::fs::write(path, text) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot compact the used approval statements");
+                }
             }
         }
         SignedApprovals {

@@ -161,6 +161,22 @@ fn used_statements_stay_used_across_a_restart_and_policy_decisions_need_none() {
     }
     let restarted = approvals(dir.path(), &[&bob]);
     assert_eq!(reason(&restarted, &d, NOW), "replayed");
+    // Once past its not-after a used statement is dropped from the file (it is refused as
+    // expired anyway).
+    let used = dir.path().join("audit.jsonl.approvals-used");
+    assert_eq!(std::fs::read_to_string(&used).unwrap().lines().count(), 1);
+    let config = AgentConfig::parse(
+        &format!(
+            "audit_path = \"{}\"\nappliance_id = \"ap_1\"\n[[approver]]\nname = \"b\"\npublic_key = \"{}\"\n",
+            dir.path().join("audit.jsonl").display(),
+            bob.public().to_line("")
+        ),
+        &dir.path().join("agent.toml"),
+    )
+    .unwrap();
+    let later = SignedApprovals::from_config(&config, at("2026-12-07T05:00:00Z"));
+    assert_eq!(std::fs::read_to_string(&used).unwrap(), "");
+    assert_eq!(reason(&later, &d, "2026-12-07T05:00:00Z"), "expired");
     // The policy approved by itself: the appliance's own evaluation, nothing to verify.
     let unsigned = dispatch("op_2", "kubectl get pods");
     assert_eq!(restarted.check_op(&unsigned, false, at(NOW)), Ok(None));

@@ -101,7 +101,9 @@ impl Approvals {
             v[key] = extra;
         }
         if let serde_json::Value::Object(signing) = self.statement_of(queue, caller, &item).await? {
-            v.as_object_mut().map(|o| o.extend(signing));
+            if let Some(o) = v.as_object_mut() {
+                o.extend(signing);
+            }
         }
         Ok(v)
     }

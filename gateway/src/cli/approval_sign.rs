@@ -100,7 +100,9 @@ pub fn print_show(mut v: serde_json::Value, out: OutputFormat) {
                 "approver_key_ids",
                 "signature_required",
             ] {
-                request.as_object_mut().map(|o| o.remove(k));
+                if let Some(o) = request.as_object_mut() {
+                    o.remove(k);
+                }
             }
             println!(
                 "{}",
