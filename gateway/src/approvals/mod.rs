@@ -177,9 +177,19 @@ impl Approvals {
         let queue = self.queue_of(id)?;
         // What is no longer waiting gets the queue's own refusal (CONFLICT, audited).
         if let Ok(item) = Self::find(queue, caller, id).await {
-            let content = queue.content(caller, &item).await?;
             let keys = self.key_ids(&item.appliance_id).await;
             let now = self.signing.clock.stored_now();
+            // A denial needs no signature: one whose content cannot be had now (held output
+            // while the appliance is offline) goes unsigned rather than not at all.
+            let content = if sent.is_some() || (approve && !keys.is_empty()) {
+                match queue.content(caller, &item).await {
+                    Ok(content) => content,
+                    Err(e) if approve => return Err(e),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
             match (content, sent) {
                 (Some(content), Some(sent)) => {
                     signed::check_sent(&sent, &item, &content, approve, &keys, now)?;

@@ -8,6 +8,8 @@ struct FakeQueue {
     prefix: &'static str,
     items: Vec<ApprovalItem>,
     decided: Mutex<Vec<(String, bool, Option<String>)>>,
+    /// The content cannot be had (as held output while the appliance is offline).
+    content_fails: Mutex<bool>,
 }
 
 impl FakeQueue {
@@ -16,6 +18,7 @@ impl FakeQueue {
             prefix,
             items,
             decided: Mutex::default(),
+            content_fails: Mutex::default(),
         })
     }
 }
@@ -49,6 +52,9 @@ impl Queue for FakeQueue {
         _caller: &Caller,
         item: &ApprovalItem,
     ) -> Result<Option<DecidedContent>, ApiError> {
+        if *self.content_fails.lock().unwrap() {
+            return Err(ApiError::new(ErrorCode::ApplianceOffline, "offline"));
+        }
         Ok(item
             .id
             .starts_with("op_cmd")
@@ -367,8 +373,29 @@ async fn an_unsigned_or_mismatched_approval_is_refused_and_a_matching_one_is_kep
         *ops.decided.lock().unwrap(),
         [("op_cmd1".to_string(), true, None)]
     );
-    // A denial needs no signature.
+    // A denial needs no signature, and one whose content cannot be had goes unsigned.
     let (a, ops, _) = signed_fixture(&[key.public().key_id()]);
     a.decide(&acme, "op_cmd1", false, None, None).await.unwrap();
     assert_eq!(ops.decided.lock().unwrap().len(), 1);
+    let (a, ops, store) = signed_fixture(&[key.public().key_id()]);
+    *ops.content_fails.lock().unwrap() = true;
+    let offered = item("op_cmd1", ApprovalKind::Op, "acme", "2026-12-07T03:00:00Z");
+    let mut deny =
+        signed::statement_for(&offered, command("kubectl get pods"), NOW.parse().unwrap());
+    deny.decision = endpoint_types::approval::Decision::Deny;
+    a.decide(&acme, "op_cmd1", false, None, Some(key.sign(deny)))
+        .await
+        .unwrap();
+    assert_eq!(ops.decided.lock().unwrap().len(), 1);
+    assert_eq!(
+        SignedDecisions::get(&*store, "op_cmd1", ApprovalStage::Command)
+            .await
+            .unwrap(),
+        None
+    );
+    let e = a
+        .decide(&acme, "op_cmd1", true, None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::ApplianceOffline);
 }
