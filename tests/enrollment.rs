@@ -260,6 +260,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             agent_version: "x".into(),
             resources: vec![],
             policy: PolicySummary::default(),
+            trail_number: None,
         }),
         &mut b,
     );
@@ -323,6 +324,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             agent_version: "x".into(),
             resources: vec![],
             policy: PolicySummary::default(),
+            trail_number: None,
         }),
         &mut b,
     );

@@ -5,6 +5,7 @@ pub mod approver;
 mod ca;
 mod fingerprint;
 mod private_file;
+pub mod record_signature;
 pub mod scram;
 mod tls;
 

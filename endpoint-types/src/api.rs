@@ -41,6 +41,9 @@ pub struct TokenCreateRequest {
     pub name: String,
     #[serde(default)]
     pub customer: Option<String>,
+    /// Lifetime (`90d`, `2h`, …) or `never`; absent: 90 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
 }
 
 /// `token create`: the clear token is shown only here.
@@ -51,6 +54,34 @@ pub struct TokenCreated {
     pub role: Role,
     pub name: String,
     pub customer: Option<String>,
+    /// None: never expires.
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
+}
+
+/// One API token as `token list` shows it: never its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub role: Role,
+    pub name: String,
+    pub customer: Option<String>,
+    pub created_at: Timestamp,
+    /// None: never expires.
+    pub expires_at: Option<Timestamp>,
+    /// Written at most once a minute per token.
+    pub last_used_at: Option<Timestamp>,
+    #[serde(default)]
+    pub revoked_at: Option<Timestamp>,
+    /// Display name of who minted it.
+    #[serde(default)]
+    pub created_by: String,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenRecord>,
 }
 
 /// `GET /v1/whoami`: the identity a token stands for.

@@ -64,6 +64,9 @@
 //! - `SCALE_BENCH_AGENT_DIRS=disk`: keep the agents' directories (and the trails each syncs by
 //!   group commit) on disk; by default they go to `/dev/shm` when it exists, since 1000 real
 //!   appliances would not share one disk (`agent_dirs` in the JSON says which).
+//! - `SCALE_BENCH_OP_SPAWN=fork`: the in-process agents start op tools by forking this
+//!   process (a `pre_exec` hook) instead of through `postern-agent`'s launcher mode, which is
+//!   what `postern-agent run` uses (`op_spawn` in the JSON says which).
 //! - `SCALE_BENCH_LOG`: a tracing filter (e.g. `tunnel_client=info`) for the in-process agents'
 //!   logs on stderr; off by default.
 
@@ -125,6 +128,9 @@ struct Cfg {
     tput_poll: Duration,
     revoke_clients: usize,
     audit_records: u64,
+    /// `postern-agent`, which starts op tools for the in-process agents as it does for itself;
+    /// `None` (`SCALE_BENCH_OP_SPAWN=fork`): the agents fork this process instead.
+    op_launcher: Option<PathBuf>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -360,12 +366,14 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(rt: &Runtime, configs: &[PathBuf]) -> Result<Fleet> {
+    fn start(rt: &Runtime, configs: &[PathBuf], launcher: Option<&Path>) -> Result<Fleet> {
         let shutdown = CancellationToken::new();
         let ready = Arc::new(AtomicUsize::new(0));
         let mut handles = Vec::with_capacity(configs.len());
         for path in configs {
-            let config = AgentConfig::load(path).map_err(|e| anyhow!("{e}"))?;
+            let mut config = AgentConfig::load(path).map_err(|e| anyhow!("{e}"))?;
+            // What `postern-agent run` sets: ops start through its launcher mode.
+            config.ops.launcher = launcher.map(Path::to_path_buf);
             let (tx, rx) = tokio::sync::oneshot::channel();
             handles.push(rt.spawn(tunnel::run(config, shutdown.child_token(), Some(tx))));
             let ready = ready.clone();
@@ -683,7 +691,7 @@ fn bench_store(
 
     eprintln!("scale_bench: [{label}] starting {n} agents");
     let self_before = rss_kib(std::process::id())?;
-    let fleet = Fleet::start(rt, &configs)?;
+    let fleet = Fleet::start(rt, &configs, cfg.op_launcher.as_deref())?;
     let limit = Duration::from_secs(60) + Duration::from_millis(60 * n as u64);
     let connect_all = wait_all_online(client, &target, n, limit, &fleet)
         .with_context(|| format!("first connection; gateway log (tail):\n{}", tail(&gw.log)))?;
@@ -864,6 +872,8 @@ fn bench_store(
 }
 
 fn main() -> Result<()> {
+    // What `postern-agent` does first: the agents' QUIC receive buffers stay lazily mapped.
+    tunnel_client::malloc_policy::fix_mmap_threshold();
     let cfg = Cfg {
         agents: env_u64("SCALE_BENCH_AGENTS", 1000)? as usize,
         ops: env_u64("SCALE_BENCH_OPS", 200)? as usize,
@@ -873,6 +883,11 @@ fn main() -> Result<()> {
         tput_poll: Duration::from_millis(env_u64("SCALE_BENCH_TPUT_POLL_MS", 10)?),
         revoke_clients: env_u64("SCALE_BENCH_REVOKE_CLIENTS", 8)? as usize,
         audit_records: env_u64("SCALE_BENCH_AUDIT_RECORDS", 1_000_000)?,
+        op_launcher: match std::env::var("SCALE_BENCH_OP_SPAWN").as_deref() {
+            Ok("fork") => None,
+            Ok("launcher") | Err(_) => Some(postern::testbed::bin("postern-agent")?),
+            Ok(other) => bail!("SCALE_BENCH_OP_SPAWN={other:?}: launcher (default) or fork"),
+        },
     };
     if cfg.agents == 0 || cfg.ops == 0 || cfg.concurrency == 0 {
         bail!("SCALE_BENCH_AGENTS, SCALE_BENCH_OPS and SCALE_BENCH_CONCURRENCY must be at least 1");
@@ -927,6 +942,14 @@ fn main() -> Result<()> {
     out.insert("agents".into(), json!(cfg.agents));
     out.insert("ops".into(), json!(cfg.ops));
     out.insert("op_client".into(), json!("https"));
+    out.insert(
+        "op_spawn".into(),
+        json!(if cfg.op_launcher.is_some() {
+            "launcher"
+        } else {
+            "fork"
+        }),
+    );
     out.insert("op_poll_ms".into(), json!(cfg.poll.as_millis() as u64));
     out.insert("ops_clients".into(), json!(cfg.concurrency));
     out.insert("revoke_clients".into(), json!(cfg.revoke_clients));

@@ -45,6 +45,8 @@ pub struct ApiState {
     pub endpoint_service: Arc<Endpoints>,
     pub ops: Arc<Ops>,
     pub approvals: Arc<Approvals>,
+    /// When each API token's last use was written (at most once a minute).
+    pub token_uses: Arc<crate::api_tokens::LastUse>,
     pub handshake_timeout: Duration,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
@@ -80,7 +82,11 @@ impl FromRequestParts<Gw> for Caller {
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        Ok(identity::authenticate(&gw.store, bearer).await?)
+        let caller = identity::authenticate(&gw.store, bearer).await?;
+        gw.token_uses
+            .note(&gw.store, &caller.token_id, crate::store::now())
+            .await;
+        Ok(caller)
     }
 }
 
@@ -104,7 +110,8 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 pub fn router(gw: Gw) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
-        .route("/v1/tokens", post(token_create))
+        .route("/v1/tokens", post(token_create).get(token_list))
+        .route("/v1/tokens/{id}/revoke", post(token_revoke))
         .route("/v1/appliances", post(appliance_add).get(appliance_list))
         .route("/v1/appliances/{id}/revoke", post(appliance_revoke))
         .route("/v1/endpoints", post(endpoint_create).get(endpoint_list))
@@ -168,26 +175,21 @@ async fn token_create(
     caller: Caller,
     Body(req): Body<TokenCreateRequest>,
 ) -> ApiResult<TokenCreated> {
-    caller.require(&[Role::Admin], "create tokens")?;
-    check_name("name", &req.name)?;
-    if let Some(c) = &req.customer {
-        check_name("customer", c)?;
-    }
-    if req.role == Role::Approver && req.customer.is_none() {
-        return Err(ApiError::invalid("an approver token needs a customer")
-            .hint("add --customer C")
-            .into());
-    }
-    let (row, token) = identity::mint_token(
+    crate::api_tokens::check_create(&caller, &req)?;
+    let ttl = crate::api_tokens::parse_ttl(req.ttl.as_deref())?;
+    let (row, token) = crate::api_tokens::mint(
         &gw.store,
-        req.role,
-        &req.name,
-        req.customer.as_deref(),
-        &caller.actor(),
-        Timestamp::now(),
+        &crate::api_tokens::NewToken {
+            role: req.role,
+            name: &req.name,
+            customer: req.customer.as_deref(),
+            created_by: &caller.actor(),
+            created_by_id: Some(caller.token_id.as_str()).filter(|id| !id.is_empty()),
+            ttl,
+        },
+        crate::store::now(),
     )
-    .await
-    .map_err(internal)?;
+    .await?;
     gw.audit
         .record(
             "token.created",
@@ -195,6 +197,7 @@ async fn token_create(
             Subject::default(),
             serde_json::json!({
                 "token_id": row.id, "role": req.role, "name": req.name, "customer": req.customer,
+                "expires_at": row.expires_at,
             }),
         )
         .await;
@@ -204,7 +207,40 @@ async fn token_create(
         role: req.role,
         name: req.name,
         customer: req.customer,
+        expires_at: row.expires_at,
     }))
+}
+
+async fn token_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<TokenList> {
+    Ok(Json(TokenList {
+        tokens: crate::api_tokens::list(&gw.store, &caller).await?,
+    }))
+}
+
+/// Revokes a token at once (the next request with it is `UNAUTHENTICATED`) and ends the
+/// endpoints it made, so its holder keeps no working credential.
+async fn token_revoke(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<TokenRecord> {
+    let row = crate::api_tokens::revoke(&gw.store, &caller, &id, crate::store::now()).await?;
+    gw.audit
+        .record(
+            "token.revoked",
+            &caller.actor(),
+            Subject::default(),
+            serde_json::json!({"token_id": row.id, "role": row.role, "name": row.name}),
+        )
+        .await;
+    let ended = gw
+        .endpoint_service
+        .end_all_created_by(&row.id, &caller)
+        .await;
+    if ended > 0 {
+        tracing::info!(token = %row.id, endpoints = ended, "ended the revoked token's endpoints");
+    }
+    Ok(Json(crate::api_tokens::record(&row)?))
 }
 
 async fn appliance_add(
@@ -642,8 +678,8 @@ async fn audit_list(
                 .into(),
         );
     }
-    let appliances_in = if caller.role == Role::Approver {
-        // A customer sees the records about its own appliances.
+    let appliances_in = if caller.customer_scope().is_some() {
+        // A token bound to a customer sees the records about that customer's appliances.
         Some(
             gw.store
                 .list_appliances()

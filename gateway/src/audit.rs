@@ -181,6 +181,11 @@ impl AuditLog {
         Ok(r)
     }
 
+    /// The store the chain is in (for the customer trail's outbox, written with it).
+    pub fn store(&self) -> &Store {
+        &self.chain.store
+    }
+
     /// A token cancelled the moment the trail cannot be written, for a session to be cut
     /// on; or the refusal, while it cannot.
     pub fn session_watch(&self) -> Result<CancellationToken, TrailDown> {

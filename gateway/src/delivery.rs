@@ -240,6 +240,10 @@ mod tests {
                 denied_by: "a".into(),
                 message: None,
             },
+            ToAgent::TrailRecords {
+                records: vec![],
+                lost_through: None,
+            },
         ] {
             let name = f.name();
             assert!(f.is_command(), "{name}");

@@ -1,7 +1,7 @@
 //! Who is calling: API tokens (minted, stored hashed, checked in constant time) and the rules
 //! of what each role may do.
 
-use crate::store::{Store, StoreError, TokenRow};
+use crate::store::Store;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
 use endpoint_types::{api::Role, secret::Secret, token::ApiToken, ApiError, ErrorCode};
 use jiff::Timestamp;
@@ -48,16 +48,21 @@ impl Caller {
         )))
     }
 
-    /// Approvers act only within their own customer.
+    /// A token minted for a customer (every approver, and an operator minted with
+    /// `--customer`) acts only within that customer.
     pub fn require_customer(&self, customer: &str) -> Result<(), ApiError> {
-        match (&self.role, &self.customer) {
-            (Role::Approver, Some(c)) if c != customer => Err(ApiError::new(
+        match &self.customer {
+            Some(c) if c != customer => Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "{} is an approver for customer {c}, not {customer}",
-                    self.name
+                    "{} ({}) acts for customer {c} only, not {customer}",
+                    self.name,
+                    self.role.as_str()
                 ),
-            )),
+            )
+            .hint(format!(
+                "this token was minted with --customer {c}; use a token of customer {customer} or a vendor-wide one"
+            ))),
             _ => Ok(()),
         }
     }
@@ -68,10 +73,13 @@ impl Caller {
 
     /// The one customer this caller sees, if bound to one (so lists can filter in the store).
     pub fn customer_scope(&self) -> Option<&str> {
-        match (&self.role, &self.customer) {
-            (Role::Approver, Some(c)) => Some(c),
-            _ => None,
-        }
+        self.customer.as_deref()
+    }
+
+    /// Whether this caller is the one who made a record that keeps its maker's token id: by
+    /// id, never by the display name (a name can be reused once its token is revoked).
+    pub fn made(&self, maker_id: Option<&str>) -> bool {
+        !self.token_id.is_empty() && maker_id == Some(self.token_id.as_str())
     }
 }
 
@@ -103,34 +111,9 @@ pub fn secret_matches(secret: &Secret, stored_hash: &str) -> bool {
         .into()
 }
 
-/// Mints a token, stores its hash and returns the clear form (shown once).
-pub async fn mint_token(
-    store: &Store,
-    role: Role,
-    name: &str,
-    customer: Option<&str>,
-    created_by: &str,
-    now: Timestamp,
-) -> Result<(TokenRow, Secret), StoreError> {
-    let id = random_hex(8);
-    let secret = random_secret();
-    let row = TokenRow {
-        id: id.clone(),
-        name: name.to_string(),
-        role: role.as_str().to_string(),
-        customer: customer.map(str::to_string),
-        secret_hash: hash_secret(&secret),
-        created_at: now,
-        created_by: created_by.to_string(),
-        revoked: false,
-    };
-    store.insert_token(&row).await?;
-    Ok((row, Secret::new(ApiToken::format(&id, secret.expose()))))
-}
-
 fn unauthenticated(message: &str) -> ApiError {
     ApiError::new(ErrorCode::Unauthenticated, message.to_string())
-        .hint("set POSTERN_TOKEN (or --token) to a token from `postern token create`, or the admin token file of `postern server`")
+        .hint("set POSTERN_TOKEN (or --token, or pick a --profile) to a token from `postern token create`, or the admin token file of `postern server`")
 }
 
 /// Resolves a bearer token to its caller.
@@ -147,9 +130,7 @@ pub async fn authenticate(store: &Store, bearer: Option<&str>) -> Result<Caller,
             "the API token is not known to this gateway",
         ));
     }
-    if row.revoked {
-        return Err(unauthenticated("the API token has been revoked"));
-    }
+    crate::api_tokens::check_usable(&row, Timestamp::now())?;
     let role = Role::parse(&row.role)
         .ok_or_else(|| ApiError::internal(format!("token {} has unknown role", row.id)))?;
     Ok(Caller {
@@ -165,16 +146,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_bound_approver_has_a_customer_scope_and_it_agrees_with_sees_customer() {
+    fn only_a_bound_token_has_a_customer_scope_and_it_agrees_with_sees_customer() {
         let caller = |role, customer: Option<&str>| Caller {
             token_id: "tok".into(),
             name: "x".into(),
             role,
             customer: customer.map(Into::into),
         };
-        let bound = caller(Role::Approver, Some("acme"));
-        assert_eq!(bound.customer_scope(), Some("acme"));
-        assert!(bound.sees_customer("acme") && !bound.sees_customer("globex"));
+        for bound in [
+            caller(Role::Approver, Some("acme")),
+            caller(Role::Operator, Some("acme")),
+        ] {
+            assert_eq!(bound.customer_scope(), Some("acme"));
+            assert!(bound.sees_customer("acme") && !bound.sees_customer("globex"));
+        }
         for unbound in [
             caller(Role::Admin, None),
             caller(Role::Operator, None),
@@ -188,12 +173,16 @@ mod tests {
     #[tokio::test]
     async fn minted_token_authenticates_and_others_do_not() {
         let store = Store::open_memory().await.unwrap();
-        let (row, token) = mint_token(
+        let (row, token) = crate::api_tokens::mint(
             &store,
-            Role::Operator,
-            "alice@vendor.example",
-            None,
-            "admin",
+            &crate::api_tokens::NewToken {
+                role: Role::Operator,
+                name: "alice@vendor.example",
+                customer: None,
+                created_by: "admin",
+                created_by_id: None,
+                ttl: Some(crate::api_tokens::DEFAULT_TTL),
+            },
             Timestamp::now(),
         )
         .await

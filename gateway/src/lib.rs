@@ -1,11 +1,14 @@
 //! The Postern gateway: control plane, QUIC relay, endpoint listeners and the `postern` CLI.
 
+pub mod admin_recovery;
 pub mod agents;
 pub mod api;
+pub mod api_tokens;
 pub mod approvals;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod customer_trail;
 pub mod delivery;
 pub mod endpoints;
 pub mod framed;

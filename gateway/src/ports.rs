@@ -54,6 +54,12 @@ pub trait AuditSink: Send + Sync {
         subject: Subject,
         detail: serde_json::Value,
     ) -> Result<(), TrailDown>;
+    /// Refuses a new request concerning `appliance_id` while its customer trail cannot take
+    /// more records (`crate::customer_trail`); the default takes every request.
+    async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {
+        let _ = appliance_id;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -70,6 +76,10 @@ impl AuditSink for AuditLog {
         detail: serde_json::Value,
     ) -> Result<(), TrailDown> {
         AuditLog::record_before(self, kind, actor, subject, detail).await
+    }
+
+    async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {
+        crate::customer_trail::room_for_request(self.store(), appliance_id).await
     }
 }
 
@@ -89,6 +99,10 @@ impl<T: AuditSink + ?Sized> AuditSink for Arc<T> {
         detail: serde_json::Value,
     ) -> Result<(), TrailDown> {
         T::record_before(self, kind, actor, subject, detail).await
+    }
+
+    async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {
+        T::room_for_request(self, appliance_id).await
     }
 }
 

@@ -25,7 +25,7 @@ use endpoint_types::{
 };
 use jiff::Timestamp;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// QUIC application close codes the gateway uses.
@@ -493,13 +493,19 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
                         let (gw2, id) = (gw.clone(), appliance.id.clone());
                         gw.tasks
                             .spawn(async move { gw2.ops.dispatch_pending(&id).await });
+                        let trail = start_customer_trail(&gw, &appliance.id, hello.trail_number);
                         let control = Control {
                             send,
                             framed: framed.switch_to(),
                             outgoing: rx,
                             delivery,
+                            trail_reports: trail.as_ref().map(|(reports, _)| reports.clone()),
                         };
-                        control_loop(&gw, &conn, &appliance.id, control).await
+                        let ended = control_loop(&gw, &conn, &appliance.id, control).await;
+                        if let Some((_, stop)) = trail {
+                            stop.cancel();
+                        }
+                        ended
                     }
                     Err(e) => format!("control stream failed: {e}"),
                 },
@@ -540,6 +546,29 @@ struct Control {
     framed: FramedRecv<ToGateway>,
     outgoing: mpsc::Receiver<ToAgent>,
     delivery: Delivery<tokio::time::Instant>,
+    /// The agent's `TrailRecorded` numbers, for this connection's customer-trail sender.
+    trail_reports: Option<watch::Sender<u64>>,
+}
+
+/// Starts the connection's customer-trail sender (`crate::customer_trail`) for an agent that
+/// keeps those records (its hello says how far its trail is); older agents get none.
+fn start_customer_trail(
+    gw: &Relay,
+    appliance_id: &str,
+    trail_number: Option<u64>,
+) -> Option<(watch::Sender<u64>, CancellationToken)> {
+    let number = trail_number?;
+    let (reports, watched) = watch::channel(number);
+    let stop = gw.shutdown.child_token();
+    let agents: Arc<dyn crate::ports::AgentPort> = gw.agents.clone();
+    gw.tasks.spawn(crate::customer_trail::deliver(
+        gw.store.clone(),
+        agents,
+        appliance_id.to_string(),
+        watched,
+        stop.clone(),
+    ));
+    Some((reports, stop))
 }
 
 async fn control_loop(
@@ -553,6 +582,7 @@ async fn control_loop(
         mut framed,
         mut outgoing,
         mut delivery,
+        trail_reports,
     } = control;
     let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -587,6 +617,11 @@ async fn control_loop(
                         }
                     }
                     Ok(Some(ToGateway::Error(e))) => tracing::warn!(appliance = %appliance_id, "agent reported: {e}"),
+                    Ok(Some(ToGateway::TrailRecorded { number })) => {
+                        if let Some(reports) = &trail_reports {
+                            reports.send_replace(number);
+                        }
+                    }
                     Ok(Some(f @ (ToGateway::OpStarted { .. } | ToGateway::OpOutput { .. } | ToGateway::OpFinished(_) | ToGateway::OpRefused { .. }))) => {
                         gw.ops.on_agent_frame(appliance_id, f).await;
                     }

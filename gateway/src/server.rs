@@ -6,14 +6,13 @@ use crate::{
     config::{GatewayConfig, Limits},
     endpoints::{front_ends::FrontEndContext, EndpointRegistry},
     grants::{EndpointsOfGrant, Grants},
-    identity::{self, Caller},
+    identity::Caller,
     ops::Ops,
     ports::SystemClock,
     store::Store,
 };
 use anyhow::{bail, Context, Result};
-use certs::{Ca, Secret};
-use endpoint_types::api::Role;
+use certs::Ca;
 use jiff::Timestamp;
 use std::{
     net::{IpAddr, SocketAddr},
@@ -236,23 +235,25 @@ fn load_or_create_reset_key(dir: &DataDir) -> Result<Vec<u8>> {
     Ok(key)
 }
 
-/// Creates the bootstrap admin token on first start; it is written to the data dir only.
+/// Creates the bootstrap admin token when the store holds no admin (a new store); it is
+/// written to the data dir only. A store that holds an admin while the file is missing is a
+/// start-up error: minting a new admin silently would let anyone who can delete a file in
+/// the data dir become admin unnoticed.
 async fn ensure_admin_token(store: &Store, dir: &DataDir) -> Result<()> {
     let path = dir.admin_token();
-    if store.count_admin_tokens().await? > 0 && path.exists() {
-        return Ok(());
+    let admins = store.count_admin_tokens().await?;
+    if admins > 0 {
+        if path.exists() {
+            return Ok(());
+        }
+        return Err(crate::admin_recovery::MissingAdminToken {
+            path: absolute(&path),
+            data_dir: absolute(&dir.0),
+        }
+        .into());
     }
-    let (_, token): (_, Secret) = identity::mint_token(
-        store,
-        Role::Admin,
-        "bootstrap-admin",
-        None,
-        "system:gateway",
-        Timestamp::now(),
-    )
-    .await?;
-    certs::write_private(&path, format!("{}\n", token.expose()).as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::admin_recovery::mint_admin_file(store, &path, "bootstrap-admin", None, "system:gateway")
+        .await?;
     tracing::info!(file = %path.display(), "wrote the bootstrap admin token");
     Ok(())
 }
@@ -441,6 +442,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         endpoint_service: gateway.endpoint_service.clone(),
         ops: gateway.ops.clone(),
         approvals: gateway.approvals.clone(),
+        token_uses: Arc::new(crate::api_tokens::LastUse::default()),
         handshake_timeout: gateway.limits.handshake_timeout,
         shutdown: gateway.shutdown.clone(),
         tasks: gateway.tasks.clone(),

@@ -92,7 +92,96 @@ on_both_backends!(
     audit_pages_filter_in_the_store,
     endpoints_are_listed_with_their_owner_in_one_query,
     op_output_is_capped_per_stream,
+    api_tokens_have_unique_live_names_and_are_revoked_once,
 );
+
+/// A name belongs to one live token (the unique index, whatever the caller checked before);
+/// revocation frees it, happens once, and never takes the last usable admin.
+async fn api_tokens_have_unique_live_names_and_are_revoked_once(db: Db) {
+    use gateway::store::TokenRevocation;
+    let s = db.open().await;
+    let admin = TokenRow {
+        id: "ad".into(),
+        name: "root".into(),
+        role: "admin".into(),
+        customer: None,
+        secret_hash: "h".into(),
+        created_at: ts(T0),
+        created_by: "system:gateway".into(),
+        created_by_id: None,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+    };
+    assert!(s.insert_token(&admin).await.unwrap());
+    let alice = TokenRow {
+        id: "a1".into(),
+        name: "alice".into(),
+        role: "operator".into(),
+        created_by_id: Some("ad".into()),
+        expires_at: Some(ts(T0 + 60_000)),
+        ..admin.clone()
+    };
+    assert!(s.insert_token(&alice).await.unwrap());
+    let twin = TokenRow {
+        id: "a2".into(),
+        ..alice.clone()
+    };
+    assert!(
+        !s.insert_token(&twin).await.unwrap(),
+        "a live name is taken"
+    );
+    assert!(s.get_token("a2").await.unwrap().is_none());
+    assert_eq!(
+        s.live_token_named("alice").await.unwrap().map(|t| t.id),
+        Some("a1".into())
+    );
+
+    assert!(matches!(
+        s.revoke_token("a1", ts(T0 + 1)).await.unwrap(),
+        TokenRevocation::Revoked(t) if t.revoked_at == Some(ts(T0 + 1))
+    ));
+    assert!(matches!(
+        s.revoke_token("a1", ts(T0 + 2)).await.unwrap(),
+        TokenRevocation::AlreadyRevoked(at) if at == ts(T0 + 1)
+    ));
+    assert!(matches!(
+        s.revoke_token("nope", ts(T0 + 2)).await.unwrap(),
+        TokenRevocation::NotFound
+    ));
+    assert!(
+        s.insert_token(&twin).await.unwrap(),
+        "the name is free again"
+    );
+    assert!(matches!(
+        s.revoke_token("ad", ts(T0 + 3)).await.unwrap(),
+        TokenRevocation::LastAdmin
+    ));
+    assert!(s
+        .get_token("ad")
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_none());
+
+    s.touch_token("a2", ts(T0 + 5)).await.unwrap();
+    let listed: Vec<(String, Option<Timestamp>, Option<Timestamp>)> = s
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.id, t.revoked_at, t.last_used_at))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("a1".into(), Some(ts(T0 + 1)), None),
+            ("a2".into(), None, Some(ts(T0 + 5))),
+            ("ad".into(), None, None),
+        ]
+    );
+}
 
 /// Each stream stops at 1 MiB (at a character boundary) and the op is marked truncated;
 /// the other stream keeps its own room.
@@ -172,6 +261,7 @@ fn endpoint(
         resource_id: "db-main".into(),
         state,
         created_by: "bob".into(),
+        created_by_id: Some("tok_bob".into()),
         created_at: ts(at),
         expires_at: ts(at + 3_600_000),
         ended_at: None,
@@ -191,6 +281,7 @@ fn grant(id: &str, appliance_id: &str, level: GrantLevel, at: i64) -> GrantRow {
         level,
         state: GrantState::PendingApproval,
         requested_by: "bob".into(),
+        requested_by_id: Some("tok_bob".into()),
         reason: "INC-1: pods crash-looping".into(),
         duration_ms: 1_800_000,
         requested_at: ts(at),
@@ -239,18 +330,23 @@ async fn identities_and_appliances(db: Db) {
         secret_hash: "h".into(),
         created_at: ts(T0),
         created_by: "system".into(),
-        revoked: false,
+        created_by_id: None,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
     };
-    s.insert_token(&token).await.unwrap();
-    s.insert_token(&TokenRow {
+    assert!(s.insert_token(&token).await.unwrap());
+    let approver = TokenRow {
         id: "tk_2".into(),
+        name: "carol@acme".into(),
         role: "approver".into(),
         customer: Some("acme".into()),
+        created_by_id: Some("tk_1".into()),
+        expires_at: Some(ts(T0 + 90_000)),
         ..token.clone()
-    })
-    .await
-    .unwrap();
-    assert!(s.insert_token(&token).await.is_err(), "duplicate id");
+    };
+    assert!(s.insert_token(&approver).await.unwrap());
+    assert!(!s.insert_token(&token).await.unwrap(), "duplicate id");
     assert_eq!(s.count_admin_tokens().await.unwrap(), 1);
     let t = s.get_token("tk_2").await.unwrap().unwrap();
     assert_eq!(
@@ -258,9 +354,18 @@ async fn identities_and_appliances(db: Db) {
             t.role.as_str(),
             t.customer.as_deref(),
             t.created_at,
-            t.revoked
+            t.revoked_at,
+            t.expires_at,
+            t.created_by_id.as_deref()
         ),
-        ("approver", Some("acme"), ts(T0), false)
+        (
+            "approver",
+            Some("acme"),
+            ts(T0),
+            None,
+            Some(ts(T0 + 90_000)),
+            Some("tk_1")
+        )
     );
     assert!(s.get_token("nope").await.unwrap().is_none());
 

@@ -172,8 +172,12 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// The last non-empty line of the trail, read line by line (never the whole file at once),
-/// and the file's length. Whether the file ends with a newline is the third value.
-fn last_line(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, u64, bool)> {
+/// and the file's length. Whether the file ends with a newline is the third value. `scan` sees
+/// every non-empty line on the way.
+fn last_line(
+    file: &mut File,
+    scan: &mut dyn FnMut(&[u8]),
+) -> std::io::Result<(Option<Vec<u8>>, u64, bool)> {
     let mut reader = BufReader::new(&mut *file);
     let (mut line, mut last) = (Vec::new(), None::<Vec<u8>>);
     let (mut len, mut ends_with_newline) = (0u64, true);
@@ -186,6 +190,7 @@ fn last_line(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, u64, bool)> {
         len += n as u64;
         ends_with_newline = line.last() == Some(&b'\n');
         if !line.iter().all(u8::is_ascii_whitespace) {
+            scan(&line);
             last = Some(std::mem::take(&mut line));
         }
     }
@@ -196,6 +201,16 @@ impl AuditLog {
     /// Opens (creating if needed) the trail append-only, continues the chain from its last
     /// record and starts the writer thread.
     pub fn open(path: &Path, appliance_id: Option<String>) -> Result<AuditLog, AuditError> {
+        AuditLog::open_scanning(path, appliance_id, &mut |_| {})
+    }
+
+    /// [`AuditLog::open`], showing `scan` every record line of the trail as it is read (the
+    /// one pass start-up makes anyway).
+    pub fn open_scanning(
+        path: &Path,
+        appliance_id: Option<String>,
+        scan: &mut dyn FnMut(&[u8]),
+    ) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
@@ -208,7 +223,7 @@ impl AuditLog {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(io)?;
-        let (last, mut len, ends_with_newline) = last_line(&mut file).map_err(io)?;
+        let (last, mut len, ends_with_newline) = last_line(&mut file, scan).map_err(io)?;
         let (next_seq, prev_hash) = match last {
             None => (1, AUDIT_GENESIS_HASH.to_string()),
             Some(last) => {
@@ -330,6 +345,40 @@ impl AuditLog {
             Ok(r) => r.map_err(|f| self.failed(f.0)),
             Err(_) => Err(self.failed("the trail's writer has stopped".into())),
         }
+    }
+
+    /// Writes several records, in order, all in one group commit: either all of them are
+    /// durable or none is (a failed batch is cut off the file whole).
+    pub async fn write_group(&self, entries: Vec<Entry>) -> Result<Vec<AuditRecord>, AuditError> {
+        let mut group = Vec::with_capacity(entries.len());
+        let mut waiting = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let detail = serde_json::value::to_raw_value(&entry.detail)
+                .map_err(|e| self.failed(e.to_string()))?;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            group.push(Queued {
+                kind: entry.kind,
+                actor: entry.actor,
+                endpoint_id: entry.endpoint_id,
+                session_id: entry.session_id,
+                op_id: entry.op_id,
+                detail,
+                ack: Ack::Async(tx),
+            });
+            waiting.push(rx);
+        }
+        self.inner
+            .queue
+            .send(Item::Group(group))
+            .map_err(|_| self.failed("the trail's writer has stopped".into()))?;
+        let mut records = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            match rx.await {
+                Ok(r) => records.push(r.map_err(|f| self.failed(f.0))?),
+                Err(_) => return Err(self.failed("the trail's writer has stopped".into())),
+            }
+        }
+        Ok(records)
     }
 
     /// [`AuditLog::write`] for code that is not on an async task: blocks until durable.

@@ -108,6 +108,10 @@ pub struct ApproverConfig {
 pub struct OpsConfig {
     /// The unprivileged user op tools run as; absent: the agent's own user.
     pub user: Option<String>,
+    /// The op launcher ([`crate::op_sandbox::Confinement::launcher`]): set by the program that
+    /// runs the agent (`postern-agent` names itself), never read from agent.toml.
+    #[serde(skip)]
+    pub launcher: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -65,6 +65,12 @@ enum AuditCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The gateway's records in the trail: every request, decision and outcome concerning
+    /// this appliance, numbered by the gateway; says whether any number is missing.
+    Requests {
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 /// A successful command's result: the JSON document, and what text mode prints instead.
@@ -74,6 +80,9 @@ struct Report {
 }
 
 fn main() -> ExitCode {
+    // Started by the agent to become an op's tool: never returns then.
+    tunnel_client::op_launcher::run_if_invoked();
+    tunnel_client::malloc_policy::fix_mmap_threshold();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
@@ -150,11 +159,54 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
                 text: Some(text),
             })
         }
+        Command::Audit {
+            command: AuditCommand::Requests { config },
+        } => {
+            let config = AgentConfig::load(&config).map_err(|e| e.to_api_error())?;
+            let listing = tunnel_client::gateway_trail::list_file(&config.audit_path)
+                .map_err(|e| e.to_api_error())?;
+            let mut text: Vec<String> = listing
+                .records
+                .iter()
+                .map(|r| {
+                    let about = r
+                        .op_id
+                        .as_deref()
+                        .or(r.endpoint_id.as_deref())
+                        .unwrap_or("");
+                    format!(
+                        "#{:<5} {}  {:<18} {:<28} {about}  (trail seq {})",
+                        r.number, r.time, r.kind, r.actor, r.seq
+                    )
+                })
+                .collect();
+            text.push(
+                if listing.missing.is_empty() && listing.repeated.is_empty() {
+                    format!(
+                        "{} gateway records, numbered 1 to {} without a gap",
+                        listing.records.len(),
+                        listing.last_number
+                    )
+                } else {
+                    format!(
+                        "gateway records missing: {:?}; repeated: {:?}",
+                        listing.missing, listing.repeated
+                    )
+                },
+            );
+            Ok(Report {
+                json: Some(json!(listing)),
+                text: Some(text.join("\n")),
+            })
+        }
     }
 }
 
 async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
-    let config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    let mut config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
+    // Ops start through this very executable (see op_launcher); /proc/self/exe stays this
+    // binary even if a package upgrade replaces the file.
+    config.ops.launcher = Some(PathBuf::from("/proc/self/exe")).filter(|p| p.exists());
     tunnel_client::postgres::check_owner_roles(&config).await?;
     if !config.approvers.is_empty() {
         // Said plainly: what the keys protect, and what is still taken on the gateway's word.

@@ -11,7 +11,8 @@
 //!
 //! **How it ends.** Every op gets a cgroup v2 of its own when the agent can make one (a
 //! writable cgroup2 hierarchy, as for root on a systemd or container host): the child joins it
-//! between fork and exec, so nothing it starts can leave it, whatever it does (`setsid`, double
+//! before it execs the tool (in the agent's launcher, [`crate::op_launcher`], or between fork and
+//! exec without one), so nothing it starts can leave it, whatever it does (`setsid`, double
 //! fork, `nohup`, ignoring SIGTERM). Ending the op writes `cgroup.kill` (SIGKILL to every
 //! member; on kernels before 5.14 the cgroup is frozen and each member killed) and waits
 //! until the cgroup is empty. Without cgroup v2 the agent is a child subreaper
@@ -100,6 +101,10 @@ pub struct Confinement {
     pub user: Option<OpsUser>,
     /// The cgroup v2 directory under which each op gets its own; `None`: subreaper fallback.
     pub cgroup_parent: Option<PathBuf>,
+    /// An executable that runs [`crate::op_launcher`] when given its hidden first argument
+    /// (`postern-agent`): ops start through it without forking the agent. `None`: the agent
+    /// forks and takes the steps in the child itself.
+    pub launcher: Option<PathBuf>,
 }
 
 impl Confinement {
@@ -114,7 +119,13 @@ impl Confinement {
         Ok(Confinement {
             user,
             cgroup_parent,
+            launcher: None,
         })
+    }
+
+    /// Starts ops through `launcher` (see [`Confinement::launcher`]).
+    pub fn with_launcher(self, launcher: Option<PathBuf>) -> Confinement {
+        Confinement { launcher, ..self }
     }
 
     /// The subreaper fallback only (what an appliance without a writable cgroup2 gets).
@@ -123,6 +134,7 @@ impl Confinement {
         Confinement {
             user,
             cgroup_parent: None,
+            launcher: None,
         }
     }
 
@@ -152,8 +164,15 @@ pub fn announce(c: &Confinement) {
     tracing::info!("{}", c.describe());
 }
 
-/// The agent's cgroup v2 directory plus `postern-ops`, if it can be made and written.
+/// The agent's cgroup v2 directory plus `postern-ops`, if it can be made and written. Probed
+/// once per process: every agent a process runs (`scale_bench` runs a thousand) shares its
+/// cgroup, and the probe forks.
 fn cgroup_parent() -> Option<PathBuf> {
+    static PARENT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PARENT.get_or_init(probe_cgroup_parent).clone()
+}
+
+fn probe_cgroup_parent() -> Option<PathBuf> {
     let mount = cgroup2_mount()?;
     let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let rel = own
@@ -223,6 +242,11 @@ impl OpCgroup {
 
     pub fn procs_fd(&self) -> i32 {
         self.procs.as_raw_fd()
+    }
+
+    /// What a launcher opens to join (it is still privileged then).
+    pub fn procs_path(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
     }
 
     fn members(&self) -> Vec<i32> {

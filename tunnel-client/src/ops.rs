@@ -14,6 +14,7 @@
 
 use crate::{
     config::ToolsConfig,
+    op_launcher::{self, LaunchSteps},
     op_sandbox::{self, Confinement, OpCgroup},
 };
 use bytes::Bytes;
@@ -336,7 +337,39 @@ pub async fn run_confined(
     if argv.is_empty() {
         return Err(OpError::EmptyCommand);
     }
-    let mut cmd = tokio::process::Command::new(exe);
+    let spawn_error = |source| OpError::Spawn {
+        exe: exe.to_path_buf(),
+        source,
+    };
+    let cgroup = match &confine.cgroup_parent {
+        Some(parent) => Some(OpCgroup::create(parent, &spec.op_id).map_err(OpError::Io)?),
+        None => None,
+    };
+    let user = confine.user.as_ref().map(|u| (u.uid, u.gid));
+    let (mut cmd, launch_status) = match &confine.launcher {
+        // The launcher takes the sandbox steps in a process of its own (see op_launcher),
+        // so the agent is never forked.
+        Some(launcher) => {
+            let procs = cgroup.as_ref().map(OpCgroup::procs_path);
+            let steps = LaunchSteps {
+                cgroup_procs: procs.as_deref(),
+                user,
+            };
+            let (cmd, status) = op_launcher::command(launcher, exe, &steps).map_err(spawn_error)?;
+            (cmd, Some(status))
+        }
+        None => {
+            let mut cmd = tokio::process::Command::new(exe);
+            let cgroup_fd = cgroup.as_ref().map(OpCgroup::procs_fd);
+            cmd.stdin(Stdio::null());
+            // SAFETY: child_setup makes only async-signal-safe syscalls (write, setgroups,
+            // setgid, setuid, prctl) and touches no memory the parent shares.
+            unsafe {
+                cmd.pre_exec(move || op_sandbox::child_setup(cgroup_fd, user));
+            }
+            (cmd, None)
+        }
+    };
     cmd.args(&argv[1..]).env_clear();
     for key in ENV_ALLOW_LIST {
         if let Some(v) = std::env::var_os(key) {
@@ -347,24 +380,10 @@ pub async fn run_confined(
         .env("TMPDIR", cwd)
         .envs(env.iter().copied())
         .current_dir(cwd)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let cgroup = match &confine.cgroup_parent {
-        Some(parent) => Some(OpCgroup::create(parent, &spec.op_id).map_err(OpError::Io)?),
-        None => None,
-    };
-    let (cgroup_fd, user) = (
-        cgroup.as_ref().map(OpCgroup::procs_fd),
-        confine.user.as_ref().map(|u| (u.uid, u.gid)),
-    );
-    // SAFETY: child_setup makes only async-signal-safe syscalls (write, setgroups, setgid,
-    // setuid, prctl) and touches no memory the parent shares.
-    unsafe {
-        cmd.pre_exec(move || op_sandbox::child_setup(cgroup_fd, user));
-    }
 
     let started_at = Timestamp::now();
     let spawned = op_sandbox::spawn_root(|| {
@@ -372,10 +391,9 @@ pub async fn run_confined(
         let pid = child.id();
         Ok((child, pid))
     });
-    let (mut child, pid) = spawned.map_err(|source| OpError::Spawn {
-        exe: exe.to_path_buf(),
-        source,
-    })?;
+    // Our end of the launcher's status pipe closes with the command.
+    drop(cmd);
+    let (mut child, pid) = spawned.map_err(spawn_error)?;
     let Some(pid) = pid else {
         return Err(OpError::Io(io::Error::other(
             "the tool exited before it could be supervised",
@@ -386,6 +404,10 @@ pub async fn run_confined(
         pgid: Some(pgid),
         cgroup,
     };
+    if let Some(status) = launch_status {
+        // A failed step ends the launcher; the guard sweeps up what it leaves.
+        op_launcher::started(status).await.map_err(spawn_error)?;
+    }
     tracing::debug!(op_id = %spec.op_id, pid = pgid, exe = %exe.display(), "op started");
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(OpError::Io(io::Error::other(

@@ -41,6 +41,8 @@ pub enum Ack {
 /// What writers queue: a record, or a flush answered once everything queued before it is durable.
 pub enum Item {
     Record(Queued),
+    /// Records that go into the same batch, so they are durable together or not at all.
+    Group(Vec<Queued>),
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -76,6 +78,7 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
         while let Some(item) = next.take() {
             match item {
                 Item::Record(q) => batch.push(q),
+                Item::Group(group) => batch.extend(group),
                 Item::Flush(tx) => flushes.push(tx),
             }
             if batch.len() < MAX_BATCH {

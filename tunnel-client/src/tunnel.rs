@@ -10,6 +10,7 @@ use crate::{
     audit::{AuditError, AuditLog, Entry},
     config::{AgentConfig, ConfigError, Enrollment},
     dial::{self, DialError},
+    gateway_trail::GatewayTrail,
     grants::{LiveEndpoints, Removed},
     op_runner::{OpRunner, Outbox},
     sessions::Sessions,
@@ -111,6 +112,7 @@ struct Agent {
     sessions: Sessions,
     live: Arc<Mutex<LiveEndpoints>>,
     audit: AuditLog,
+    gateway_trail: GatewayTrail,
     ops: OpRunner,
     tracker: TaskTracker,
 }
@@ -123,7 +125,17 @@ pub async fn run(
 ) -> Result<(), TunnelError> {
     let enrollment = config.enrollment()?;
     let quic = dial::quic_client_config(tls_config(&enrollment)?)?;
-    let audit = AuditLog::open(&config.audit_path, Some(enrollment.appliance_id.clone()))?;
+    let mut trail_number = 0;
+    let audit = AuditLog::open_scanning(
+        &config.audit_path,
+        Some(enrollment.appliance_id.clone()),
+        &mut |line| {
+            if let Some(n) = crate::gateway_trail::number_in(line) {
+                trail_number = trail_number.max(n);
+            }
+        },
+    )?;
+    let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
     let sessions = Sessions {
@@ -134,13 +146,12 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     // Config validation parsed the policy already; this cannot fail for a loaded config.
-    let confinement =
-        crate::op_sandbox::Confinement::detect(config.ops.user.as_deref()).map_err(|e| {
-            ConfigError::Invalid {
-                path: config.path.clone(),
-                problem: e.to_string(),
-            }
-        })?;
+    let confinement = crate::op_sandbox::Confinement::detect(config.ops.user.as_deref())
+        .map_err(|e| ConfigError::Invalid {
+            path: config.path.clone(),
+            problem: e.to_string(),
+        })?
+        .with_launcher(config.ops.launcher.clone());
     crate::op_sandbox::announce(&confinement);
     let ops = OpRunner::new_confined(
         config.clone(),
@@ -170,6 +181,7 @@ pub async fn run(
         sessions,
         live,
         audit,
+        gateway_trail,
         ops,
         tracker,
     };
@@ -295,6 +307,7 @@ impl Agent {
             agent_version: AGENT_VERSION.to_string(),
             resources: self.config.descriptors(),
             policy: self.config.policy_summary(),
+            trail_number: Some(self.gateway_trail.last()),
         });
         if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
             return Ended::lost(format!("cannot send the hello: {e}"));
@@ -505,6 +518,26 @@ impl Agent {
                 denied_by,
                 message,
             } => self.ops.destroy(op_id, denied_by, message, ops.clone()),
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => {
+                // Durable first, then reported: the gateway sends what follows the number.
+                let number = match self.gateway_trail.take(records, lost_through).await {
+                    Ok(number) => number,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the gateway's records in the customer trail; they are asked for again");
+                        self.gateway_trail.last()
+                    }
+                };
+                if let Err(e) =
+                    send_frame(send, &ToGateway::TrailRecorded { number }, write_limit).await
+                {
+                    return Some(Ended::lost(format!(
+                        "cannot report the customer trail: {e}"
+                    )));
+                }
+            }
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()

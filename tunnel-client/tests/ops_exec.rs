@@ -80,6 +80,16 @@ fn argv(command: &str) -> Vec<String> {
     ops::parse_command(OpTool::Kubectl, command).unwrap()
 }
 
+/// `c` starting its ops through `postern-agent`'s launcher mode, as `postern-agent run` does.
+fn launched(c: Confinement) -> Confinement {
+    c.with_launcher(Some(PathBuf::from(env!("CARGO_BIN_EXE_postern-agent"))))
+}
+
+/// Both ways an op starts: forked from the agent, and through the launcher.
+fn both_ways() -> [Confinement; 2] {
+    [Confinement::default(), launched(Confinement::default())]
+}
+
 async fn run(script: &str, command: &str, spec: &OpSpec) -> ops::OpOutcome {
     let cwd = tempfile::tempdir().unwrap();
     let argv = argv(command);
@@ -340,6 +350,12 @@ async fn chunks_stream_while_the_tool_still_runs() {
 async fn the_environment_is_cleared_and_the_cwd_is_the_callers() {
     scripts();
     std::env::set_var("POSTERN_OPS_TEST_SECRET", "hunter2");
+    for confine in both_ways() {
+        environment_is_cleared(&confine).await;
+    }
+}
+
+async fn environment_is_cleared(confine: &Confinement) {
     let cwd = tempfile::tempdir().unwrap();
     let kubeconfig = OsStr::new("/etc/postern/main.kubeconfig");
     let env = [("KUBECONFIG", kubeconfig)];
@@ -349,10 +365,8 @@ async fn the_environment_is_cleared_and_the_cwd_is_the_callers() {
         argv("kubectl"),
         CancellationToken::new(),
     );
-    let o = tokio::time::timeout(BOUND, ops::run(&s, &exe, &argv, &env, cwd.path(), &cancel))
-        .await
-        .unwrap()
-        .unwrap();
+    let fut = ops::run_confined(&s, &exe, &argv, &env, cwd.path(), confine, &cancel, None);
+    let o = tokio::time::timeout(BOUND, fut).await.unwrap().unwrap();
     let out = String::from_utf8(o.stdout).unwrap();
     let mut lines = out.lines();
     assert_eq!(
@@ -408,19 +422,29 @@ async fn spawn_failures_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let plain = dir.path().join("kubectl");
     std::fs::write(&plain, "not executable").unwrap();
-    for exe in [dir.path().join("missing"), plain] {
-        let e = ops::run(
+    let cases = [
+        (dir.path().join("missing"), libc::ENOENT),
+        (plain, libc::EACCES),
+    ];
+    for ((exe, errno), confine) in cases
+        .iter()
+        .flat_map(|c| both_ways().map(|w| (c.clone(), w)))
+    {
+        let e = ops::run_confined(
             &spec(Duration::from_secs(5)),
             &exe,
             &argv("kubectl"),
             &[],
             dir.path(),
+            &confine,
             &CancellationToken::new(),
+            None,
         )
         .await
         .expect_err("cannot spawn");
+        // Through the launcher too: the exec's own errno, not the launcher's exit status.
         assert!(
-            matches!(&e, OpError::Spawn { exe: x, .. } if *x == exe),
+            matches!(&e, OpError::Spawn { exe: x, source } if *x == exe && source.raw_os_error() == Some(errno)),
             "{e:?}"
         );
         let api = e.to_api_error();
@@ -635,8 +659,37 @@ async fn escaped_processes_of_the_ops_user_die_too() {
 }
 
 #[tokio::test]
+async fn escaped_processes_die_with_the_op_through_the_launcher() {
+    let c = launched(Confinement::detect(None).unwrap());
+    escapes_end_with_the_op(c.clone(), false).await;
+    escapes_end_with_the_op(c, true).await;
+    escapes_end_with_the_op(launched(Confinement::without_cgroups(None)), false).await;
+    let user = ensure_ops_user();
+    escapes_end_with_the_op(
+        launched(Confinement {
+            user: Some(user.clone()),
+            ..Confinement::detect(None).unwrap()
+        }),
+        true,
+    )
+    .await;
+    escapes_end_with_the_op(launched(Confinement::without_cgroups(Some(user))), false).await;
+}
+
+#[tokio::test]
 async fn an_op_run_as_the_ops_user_cannot_read_secrets_or_write_the_trail() {
     let user = ensure_ops_user();
+    for launcher in [false, true] {
+        let confine = Confinement {
+            user: Some(user.clone()),
+            ..Confinement::detect(None).unwrap()
+        };
+        let confine = if launcher { launched(confine) } else { confine };
+        ops_user_is_confined(&user, &confine).await;
+    }
+}
+
+async fn ops_user_is_confined(user: &tunnel_client::op_sandbox::OpsUser, confine: &Confinement) {
     let secrets = tempfile::tempdir().unwrap();
     std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // What an appliance holds, each root-owned 0600 as the README asks (the agent's key and the
@@ -667,13 +720,9 @@ async fn an_op_run_as_the_ops_user_cannot_read_secrets_or_write_the_trail() {
     });
     let cwd = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(cwd.path(), Some(user.uid), Some(user.gid)).unwrap();
-    let confine = Confinement {
-        user: Some(user.clone()),
-        ..Confinement::detect(None).unwrap()
-    };
     let argv = argv(&format!("kubectl '{}'", secrets.path().display()));
     let (s, cancel) = (spec(Duration::from_secs(30)), CancellationToken::new());
-    let fut = ops::run_confined(&s, &probe, &argv, &[], cwd.path(), &confine, &cancel, None);
+    let fut = ops::run_confined(&s, &probe, &argv, &[], cwd.path(), confine, &cancel, None);
     let o = tokio::time::timeout(BOUND, fut).await.unwrap().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let mut lines = out.lines();

@@ -4,7 +4,7 @@
 use super::payload::{
     EndpointGrant, Hello, HelloAck, LiveGrant, OpDispatch, OpFinished, OutputStream,
 };
-use crate::{error::ApiError, resource::CloseReason};
+use crate::{customer_trail::GatewayRecord, error::ApiError, resource::CloseReason};
 use serde::{Deserialize, Serialize};
 
 /// Agent → gateway: the first frame on the control stream, and the only one before the answer.
@@ -78,6 +78,15 @@ pub enum ToAgent {
         seq: u64,
         command: AgentCommand,
     },
+    /// Records for the customer trail, numbered per appliance, in order (see
+    /// [`crate::customer_trail`]). The agent answers `TrailRecorded` once they are durable.
+    TrailRecords {
+        records: Vec<GatewayRecord>,
+        /// Numbers up to this one the gateway no longer holds: the agent reported them recorded
+        /// before (its trail was since replaced by an older copy). The agent records the loss.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
+    },
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -109,6 +118,11 @@ pub enum AgentCommand {
         op_id: String,
         denied_by: String,
         message: Option<String>,
+    },
+    TrailRecords {
+        records: Vec<GatewayRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lost_through: Option<u64>,
     },
 }
 
@@ -159,6 +173,12 @@ pub enum ToGateway {
     SshTeardown(crate::ssh_scope::SshTeardown),
     /// A protocol error, sent before the agent closes.
     Error(ApiError),
+    /// The last gateway number the customer trail holds (durably). The gateway sends what
+    /// follows it: after a gap the agent reports the number before the gap, so the missing
+    /// records come again.
+    TrailRecorded {
+        number: u64,
+    },
 }
 
 impl Handshake {
@@ -194,6 +214,7 @@ impl ToAgent {
             ToAgent::OutputDestroy { .. } => "output_destroy",
             ToAgent::Error(_) => "error",
             ToAgent::Command { .. } => "command",
+            ToAgent::TrailRecords { .. } => "trail_records",
         }
     }
 
@@ -209,6 +230,7 @@ impl ToAgent {
                 | ToAgent::OpDispatch(_)
                 | ToAgent::OutputRelease { .. }
                 | ToAgent::OutputDestroy { .. }
+                | ToAgent::TrailRecords { .. }
         )
     }
 }
@@ -224,6 +246,7 @@ impl AgentCommand {
             AgentCommand::OpDispatch(_) => "op_dispatch",
             AgentCommand::OutputRelease { .. } => "output_release",
             AgentCommand::OutputDestroy { .. } => "output_destroy",
+            AgentCommand::TrailRecords { .. } => "trail_records",
         }
     }
 }
@@ -259,6 +282,13 @@ impl From<AgentCommand> for ToAgent {
                 op_id,
                 denied_by,
                 message,
+            },
+            AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            } => ToAgent::TrailRecords {
+                records,
+                lost_through,
             },
         }
     }
@@ -300,6 +330,13 @@ impl TryFrom<ToAgent> for AgentCommand {
                 denied_by,
                 message,
             }),
+            ToAgent::TrailRecords {
+                records,
+                lost_through,
+            } => Ok(AgentCommand::TrailRecords {
+                records,
+                lost_through,
+            }),
             other @ (ToAgent::Heartbeat { .. }
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
@@ -323,6 +360,7 @@ impl ToGateway {
             ToGateway::OpRecord { .. } => "op_record",
             ToGateway::SshTeardown(_) => "ssh_teardown",
             ToGateway::Error(_) => "error",
+            ToGateway::TrailRecorded { .. } => "trail_recorded",
         }
     }
 }

@@ -13,6 +13,10 @@ pub struct Hello {
     pub agent_version: String,
     pub resources: Vec<ResourceDescriptor>,
     pub policy: PolicySummary,
+    /// The last gateway number in the agent's customer trail (0: none yet), so the gateway
+    /// sends what follows; absent from agents that do not keep those records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trail_number: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

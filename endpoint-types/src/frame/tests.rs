@@ -28,6 +28,7 @@ fn hello() -> Hello {
             steady_state: true,
             ..Default::default()
         },
+        trail_number: Some(3),
     }
 }
 
@@ -100,7 +101,25 @@ fn commands() -> Vec<AgentCommand> {
             denied_by: "alice@customer".into(),
             message: Some("not today".into()),
         },
+        AgentCommand::TrailRecords {
+            records: vec![trail_record()],
+            lost_through: Some(6),
+        },
     ]
+}
+
+fn trail_record() -> crate::customer_trail::GatewayRecord {
+    crate::customer_trail::GatewayRecord {
+        number: 7,
+        event: crate::customer_trail::GatewayEvent::OpDenied,
+        time: at("2026-01-02T03:04:05Z"),
+        actor: "bob@customer".into(),
+        endpoint_id: None,
+        op_id: Some("op_1".into()),
+        detail: serde_json::json!({"stage": "command", "message": "not now"}),
+        gateway_seq: 41,
+        gateway_hash: "ab".repeat(32),
+    }
 }
 
 /// One of every gateway → agent control frame.
@@ -171,7 +190,20 @@ fn to_gateway() -> Vec<ToGateway> {
             truncated: false,
         }),
         ToGateway::Error(refusal()),
+        ToGateway::TrailRecorded { number: 7 },
     ]
+}
+
+/// An agent that keeps no gateway records says nothing about them in its hello, and an old
+/// gateway reads a new agent's hello.
+#[test]
+fn a_hello_without_a_trail_number_is_an_agent_that_keeps_none() {
+    let mut old = serde_json::to_value(Handshake::Hello(hello())).unwrap();
+    old.as_object_mut().unwrap().remove("trail_number");
+    let Handshake::Hello(h) = serde_json::from_value(old).unwrap();
+    assert_eq!(h.trail_number, None);
+    let new = serde_json::to_value(Handshake::Hello(hello())).unwrap();
+    assert_eq!(new["trail_number"], 3);
 }
 
 fn handshake() -> Vec<Handshake> {

@@ -120,24 +120,12 @@ mod tests {
             (S::Active, E::Revoke, S::Revoked),
             (S::Active, E::Expire, S::Expired),
         ];
-        for state in ALL_STATES {
-            for event in GrantEvent::ALL {
-                let want = legal
-                    .iter()
-                    .find(|(s, e, _)| *s == state && *e == event)
-                    .map(|(_, _, to)| *to);
-                match want {
-                    Some(to) => assert_eq!(
-                        next(state, event),
-                        Ok(to),
-                        "{} + {}",
-                        state.as_str(),
-                        event.name()
-                    ),
-                    None => assert_eq!(next(state, event), Err(TransitionError { state, event })),
-                }
-            }
-        }
+        super::super::transition::check_every_state_and_event::<GrantMachine>(
+            &ALL_STATES,
+            &GrantEvent::ALL,
+            &legal,
+            next,
+        );
     }
 
     #[test]

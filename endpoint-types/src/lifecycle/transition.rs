@@ -81,6 +81,33 @@ impl<M: Machine> fmt::Display for TransitionError<M> {
 
 impl<M: Machine> std::error::Error for TransitionError<M> {}
 
+/// Checks a machine against its whole table: every (state, event) pair in `legal` goes to its
+/// state, and every other pair is refused with that state and event.
+#[cfg(test)]
+pub(crate) fn check_every_state_and_event<M: Machine>(
+    states: &[M::State],
+    events: &[M::Event],
+    legal: &[(M::State, M::Event, M::State)],
+    next: impl Fn(M::State, M::Event) -> Result<M::State, TransitionError<M>>,
+) {
+    for &state in states {
+        for &event in events {
+            let want = legal
+                .iter()
+                .find(|(s, e, _)| *s == state && *e == event)
+                .map(|(_, _, to)| *to);
+            let got = next(state, event);
+            let label = format!("{} + {}", M::state_name(state), M::event_name(event));
+            // TransitionError's derived PartialEq would ask the machine type itself to be one.
+            match (want, &got) {
+                (Some(to), Ok(at)) => assert_eq!(*at, to, "{label}"),
+                (None, Err(e)) => assert!(e.state == state && e.event == event, "{label}: {e:?}"),
+                _ => panic!("{label}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::{

@@ -39,13 +39,13 @@ impl ApiClient {
         let addr = addr.ok_or_else(|| {
             setup_error(
                 "no gateway address".into(),
-                "set POSTERN_ADDR (or --addr) to the `api` address printed by `postern server` or `postern dev`",
+                "set POSTERN_ADDR (or --addr, or pick a --profile) to the `api` address printed by `postern server` or `postern dev`",
             )
         })?;
         let ca_file = ca_file.ok_or_else(|| {
             setup_error(
                 "no CA file to verify the gateway with".into(),
-                "set POSTERN_CA_FILE (or --ca-file) to the `ca_file` printed by `postern server` or `postern dev`",
+                "set POSTERN_CA_FILE (or --ca-file, or pick a --profile) to the `ca_file` printed by `postern server` or `postern dev`",
             )
         })?;
         let ca_pem = std::fs::read_to_string(&ca_file).map_err(|e| {

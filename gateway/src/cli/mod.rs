@@ -7,6 +7,8 @@ mod client;
 mod control;
 mod dev;
 mod play;
+mod profile;
+mod tokens;
 
 use crate::{config, server};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -41,6 +43,10 @@ struct Cli {
     /// CA certificate the gateway API is verified with.
     #[arg(long, global = true, env = "POSTERN_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// A profile of ~/.config/postern/config.toml (`postern profile add`); --addr, --token,
+    /// --ca-file and their environment variables win over it.
+    #[arg(long, global = true, env = "POSTERN_PROFILE")]
+    profile: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,9 +57,15 @@ enum Command {
     Server(ServerArgs),
     /// Gateway + embedded store + a local agent and demo appliance, for trying Postern out.
     Dev(DevArgs),
-    /// API tokens for people.
+    /// API tokens for people and scripts: create, list, revoke.
     #[command(subcommand)]
-    Token(TokenCmd),
+    Token(tokens::TokenCmd),
+    /// Gateway-host administration against the store (admin token recovery).
+    #[command(subcommand)]
+    Admin(tokens::AdminCmd),
+    /// Named gateways for this CLI (~/.config/postern/config.toml).
+    #[command(subcommand)]
+    Profile(profile::ProfileCmd),
     /// Appliances and their enrollment.
     #[command(subcommand)]
     Appliance(ApplianceCmd),
@@ -101,20 +113,6 @@ struct DevArgs {
     /// Where dev mode keeps its state (default: ~/.local/share/postern/dev).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-enum TokenCmd {
-    /// Mint an API token (shown once).
-    Create {
-        #[arg(long, value_parser = ["admin", "operator", "approver"])]
-        role: String,
-        #[arg(long)]
-        name: String,
-        /// The customer an approver acts for.
-        #[arg(long)]
-        customer: Option<String>,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,7 +293,13 @@ fn duration_secs(flag: &str, s: &str) -> Result<u64, ApiError> {
 
 async fn run(cli: Cli) -> Result<(), ApiError> {
     let out = cli.output;
-    let client = || ApiClient::new(cli.addr.clone(), cli.token.clone(), cli.ca_file.clone());
+    let connection = profile::Connection {
+        addr: cli.addr,
+        token: cli.token,
+        ca_file: cli.ca_file,
+        profile: cli.profile,
+    };
+    let client = || connection.client();
     match cli.command {
         Command::Server(args) => run_server(args, out).await,
         Command::Dev(args) => dev::run(args.data_dir, out)
@@ -316,29 +320,9 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
             }
             Ok(())
         }
-        Command::Token(TokenCmd::Create {
-            role,
-            name,
-            customer,
-        }) => {
-            let body = serde_json::json!({"role": role, "name": name, "customer": customer});
-            let t: TokenCreated = client()?.post("/v1/tokens", body).await?;
-            match out {
-                OutputFormat::Json => print_json(&serde_json::json!({
-                    "id": t.id, "token": t.token.expose(), "role": t.role, "name": t.name, "customer": t.customer,
-                })),
-                OutputFormat::Text => {
-                    eprintln!(
-                        "token {} for {} ({}); it is shown only now:",
-                        t.id,
-                        t.name,
-                        t.role.as_str()
-                    );
-                    println!("{}", t.token.expose());
-                }
-            }
-            Ok(())
-        }
+        Command::Token(cmd) => tokens::token(cmd, &client()?, out).await,
+        Command::Admin(cmd) => tokens::admin(cmd, out).await,
+        Command::Profile(cmd) => profile::run(cmd, out),
         Command::Appliance(cmd) => appliance(cmd, &client()?, out).await,
         Command::Access(cmd) => control::access(cmd, &client()?, out).await,
         Command::Approvals(control::ApprovalsCmd::Key(cmd)) => approver_key::run(cmd, out),
@@ -382,9 +366,12 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     if args.store.is_some() {
         cfg.store = args.store;
     }
-    let running = server::start(cfg)
-        .await
-        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let running = server::start(cfg).await.map_err(|e| {
+        match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
+            Some(missing) => ApiError::invalid(missing.to_string()).hint(missing.hint()),
+            None => ApiError::internal(format!("{e:#}")),
+        }
+    })?;
     match out {
         OutputFormat::Json => print_json(&running.ready_json()),
         OutputFormat::Text => {

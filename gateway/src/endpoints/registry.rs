@@ -201,6 +201,7 @@ mod tests {
             resource_id: "res".into(),
             state: EndpointState::Active,
             created_by: "bob".into(),
+            created_by_id: None,
             created_at: now,
             expires_at: now
                 .checked_add(jiff::SignedDuration::from_hours(1))

@@ -287,17 +287,19 @@ impl Endpoints {
         caller: &Caller,
         row: EndpointRow,
     ) -> Result<EndpointRecord, ApiError> {
+        let creator = caller.made(row.created_by_id.as_deref());
         let rec = self.record(row).await?;
-        self.with_access(caller, rec)
+        self.with_access(creator, rec)
     }
 
-    /// Adds what the creator of an active endpoint needs to connect.
+    /// Adds what the creator of an active endpoint needs to connect (`creator`: the caller's
+    /// token is the one that created it, compared by id).
     fn with_access(
         &self,
-        caller: &Caller,
+        creator: bool,
         mut rec: EndpointRecord,
     ) -> Result<EndpointRecord, ApiError> {
-        if rec.created_by == caller.actor() && rec.state == EndpointState::Active {
+        if creator && rec.state == EndpointState::Active {
             if let Some(ep) = self.live.get(&rec.id) {
                 rec.access = Some(self.front_ends.access(&ep, rec.address.as_deref())?);
             }
@@ -338,8 +340,9 @@ impl Endpoints {
             .filter(|a| caller.sees_customer(&a.customer))
             .ok_or_else(|| not_found(id))?;
         let sessions = self.live.live_sessions(&row.id);
+        let creator = caller.made(row.created_by_id.as_deref());
         let rec = record_of(row, appliance.app, appliance.customer, sessions, self.now());
-        self.with_access(caller, rec)
+        self.with_access(creator, rec)
     }
 
     /// Every endpoint the caller may see, oldest first: one query, however many there are.
@@ -389,6 +392,7 @@ impl Endpoints {
                 .hint("`postern appliance list` shows the registered appliances")
             })?;
         caller.require_customer(&appliance.customer)?;
+        self.audit.room_for_request(&appliance.id).await?;
         let link = self
             .agents
             .view(&appliance.id)
@@ -404,6 +408,16 @@ impl Endpoints {
         let requested_until = now
             .checked_add(ttl_signed)
             .map_err(|_| ApiError::invalid("TTL too large"))?;
+        // Never past the creator's token: it could not fetch the credentials after that.
+        let requested_until = match self
+            .store
+            .token_expiry(&caller.token_id)
+            .await
+            .map_err(internal)?
+        {
+            Some(token_end) => requested_until.min(token_end),
+            None => requested_until,
+        };
         let id = format!("ep_{}", crate::identity::random_hex(8));
         let mut row = EndpointRow {
             id: id.clone(),
@@ -412,6 +426,7 @@ impl Endpoints {
             resource_id: resource.id.clone(),
             state: EndpointState::PendingApproval,
             created_by: caller.actor(),
+            created_by_id: Some(caller.token_id.clone()).filter(|id| !id.is_empty()),
             created_at: now,
             expires_at: requested_until,
             ended_at: None,

@@ -132,11 +132,19 @@ impl Endpoints {
             return Err(refused(err).await);
         };
         let ttl = row.expires_at.duration_since(row.created_at);
-        let expires_at = [now.checked_add(ttl).ok(), grant.expires_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(now);
+        let creator_token_end = match row.created_by_id.as_deref() {
+            Some(token_id) => self.store.token_expiry(token_id).await.map_err(internal)?,
+            None => None,
+        };
+        let expires_at = [
+            now.checked_add(ttl).ok(),
+            grant.expires_at,
+            creator_token_end,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(now);
         let Listening { address, listener } = self.front_ends.listen(row.endpoint_type, None)?;
         // Compare-and-set on pending-approval: a retire or another decision that got there
         // first wins, and the listener just made is dropped unused.
@@ -330,6 +338,73 @@ impl Endpoints {
                 tracing::error!(appliance = %appliance_id, error = %e, "could not list the appliance's endpoints to end them")
             }
         }
+    }
+
+    /// Ends what a revoked API token made that could still be used: its active endpoints end
+    /// with reason `revoked` (sessions cut, the credential refused by the front ends from now
+    /// on), and its pending ones expire (an approval would otherwise open a listener for a
+    /// credential its holder keeps). Returns how many endpoints were ended.
+    pub async fn end_all_created_by(&self, token_id: &str, caller: &Caller) -> usize {
+        let rows = match self.store.list_endpoints_with_owner(None).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(token = %token_id, error = %e, "could not list the token's endpoints to end them");
+                return 0;
+            }
+        };
+        let mut ended = 0;
+        let now = self.now();
+        for r in rows
+            .into_iter()
+            .map(|o| o.endpoint)
+            .filter(|e| e.created_by_id.as_deref() == Some(token_id))
+        {
+            let done = match r.state {
+                EndpointState::Active => self
+                    .end(&r.id, CloseReason::Revoked, caller)
+                    .await
+                    .is_some(),
+                EndpointState::PendingApproval => {
+                    self.expire_pending_of_revoked(&r, token_id, caller, now)
+                        .await
+                }
+                _ => false,
+            };
+            if done {
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// A pending endpoint of a revoked token expires (recorded); false if it was no longer
+    /// pending.
+    async fn expire_pending_of_revoked(
+        &self,
+        r: &crate::store::EndpointRow,
+        token_id: &str,
+        caller: &Caller,
+        now: Timestamp,
+    ) -> bool {
+        if self
+            .end_pending(&r.id, EndpointEvent::Expire, now)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        self.audit
+            .record(
+                "endpoint.expired",
+                &caller.actor(),
+                Subject::endpoint(&r.appliance_id, &r.id),
+                serde_json::json!({
+                    "reason": "revoked", "sessions_cut": 0, "while": "pending approval",
+                    "token_id": token_id,
+                }),
+            )
+            .await;
+        true
     }
 
     /// At start-up: endpoints the store says are active come back on their old address when it

@@ -38,6 +38,11 @@ pub trait EndpointStore: Send + Sync {
         at: Timestamp,
     ) -> StoreResult<bool>;
     async fn set_endpoint_address(&self, id: &str, address: &str) -> StoreResult<()>;
+    /// When an API token stops working (None: never, or no such token): an endpoint never
+    /// outlives the token that created it.
+    async fn token_expiry(&self, _token_id: &str) -> StoreResult<Option<Timestamp>> {
+        Ok(None)
+    }
 }
 
 #[async_trait]
@@ -98,6 +103,12 @@ impl EndpointStore for Store {
 
     async fn set_endpoint_address(&self, id: &str, address: &str) -> StoreResult<()> {
         Store::set_endpoint_address(self, id, address).await
+    }
+
+    async fn token_expiry(&self, token_id: &str) -> StoreResult<Option<Timestamp>> {
+        Ok(Store::get_token(self, token_id)
+            .await?
+            .and_then(|t| t.expires_at))
     }
 }
 

@@ -197,6 +197,7 @@ fn grant(id: &str, appliance_id: &str, expires_at: Option<Timestamp>) -> GrantRo
         level: GrantLevel::Operate,
         state: GrantState::Active,
         requested_by: "bob".into(),
+        requested_by_id: None,
         reason: "incident".into(),
         duration_ms: 3_600_000,
         requested_at: t0(),
@@ -557,3 +558,60 @@ async fn approval_after_the_grant_ended_expires_the_request() {
 }
 
 mod ending;
+
+#[tokio::test]
+async fn a_revoked_tokens_endpoints_end_and_a_namesakes_do_not() {
+    let h = harness();
+    let namesake = Caller {
+        token_id: "tok_namesake".into(),
+        ..bob()
+    };
+    let active = h
+        .service
+        .create(&bob(), kubectl("acme", 600))
+        .await
+        .unwrap();
+    assert_eq!(active.state, EndpointState::Active);
+    assert!(active.access.is_some(), "the creator gets access");
+    let theirs = h
+        .service
+        .create(&namesake, kubectl("acme", 600))
+        .await
+        .unwrap();
+    // Same display name, another token: not the creator.
+    assert!(h
+        .service
+        .get(&namesake, &active.id)
+        .await
+        .unwrap()
+        .access
+        .is_none());
+    assert!(h
+        .service
+        .get(&bob(), &theirs.id)
+        .await
+        .unwrap()
+        .access
+        .is_none());
+    let waiting = pending(&h, 600).await;
+
+    let admin = caller("root", Role::Admin, None);
+    assert_eq!(h.service.end_all_created_by("tok_bob", &admin).await, 2);
+    assert_eq!(
+        h.store.endpoint(&active.id).unwrap().state,
+        EndpointState::Retired
+    );
+    assert_eq!(
+        h.store.endpoint(&waiting).unwrap().state,
+        EndpointState::Expired
+    );
+    assert_eq!(
+        h.store.endpoint(&theirs.id).unwrap().state,
+        EndpointState::Active
+    );
+    let expired = &h.audit.of_kind("endpoint.expired")[0];
+    assert_eq!(expired.detail["reason"], "revoked");
+    assert_eq!(expired.detail["token_id"], "tok_bob");
+    // Nothing is left to end.
+    assert_eq!(h.service.end_all_created_by("tok_bob", &admin).await, 0);
+}

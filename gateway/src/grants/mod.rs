@@ -157,6 +157,8 @@ impl Grants {
                 .hint("say why, e.g. --reason \"INC-1234: pods crash-looping\""));
         }
         let appliance = self.appliance_of(&req.app, &req.customer).await?;
+        caller.require_customer(&appliance.customer)?;
+        self.audit.room_for_request(&appliance.id).await?;
         let now = self.stored_now();
         let mut row = GrantRow {
             id: format!("gr_{}", random_hex(8)),
@@ -164,6 +166,7 @@ impl Grants {
             level: req.level,
             state: GrantState::PendingApproval,
             requested_by: caller.actor(),
+            requested_by_id: Some(caller.token_id.clone()).filter(|id| !id.is_empty()),
             reason: req.reason.clone(),
             duration_ms: i64::try_from(duration.as_millis()).unwrap_or(i64::MAX),
             requested_at: now,
@@ -381,7 +384,7 @@ impl Grants {
     pub async fn revoke(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {
         let (row, appliance) = self.load(caller, id).await?;
         let who = caller.actor();
-        if row.requested_by != who {
+        if !caller.made(row.requested_by_id.as_deref()) {
             caller.require(
                 &[Role::Admin, Role::Approver],
                 "revoke other people's grants",

@@ -730,3 +730,42 @@ async fn nothing_is_pushed_to_an_agent_that_is_not_connected() {
     // What it would be told on reconnect.
     assert_eq!(f.grants.live_grants("ap_acme").await.len(), 1);
 }
+
+#[tokio::test]
+async fn the_requester_is_known_by_token_id_not_by_name() {
+    let f = fixture();
+    let id = pending(&f).await;
+    // Another token under the same display name (a new token for "alice" after the old one
+    // was revoked, or a forged display) is not the requester.
+    let same_name = Caller {
+        token_id: "tok_other".into(),
+        ..operator()
+    };
+    let e = f.grants.revoke(&same_name, &id).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    let g = f.grants.revoke(&operator(), &id).await.unwrap();
+    assert_eq!(g.state, GrantState::Revoked);
+}
+
+#[tokio::test]
+async fn an_operator_bound_to_a_customer_acts_on_that_customers_appliances_only() {
+    let f = fixture();
+    let carol = caller("carol", Role::Operator, Some("acme"));
+    let e = f
+        .grants
+        .request(&carol, operate_30m("globex"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.hint.contains("--customer acme"), "{}", e.hint);
+    let g = f.grants.request(&carol, operate_30m("acme")).await.unwrap();
+    assert_eq!(g.state, GrantState::PendingApproval);
+    // Lists are filtered to the customer too.
+    f.grants
+        .request(&operator(), operate_30m("globex"))
+        .await
+        .unwrap();
+    let seen = f.grants.list(&carol).await.unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].customer, "acme");
+}

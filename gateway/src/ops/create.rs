@@ -67,6 +67,7 @@ impl Ops {
                 .hint("`postern appliance list` shows the registered appliances")
             })?;
         caller.require_customer(&appliance.customer)?;
+        self.audit.room_for_request(&appliance.id).await?;
         let now = self.now();
         let grant = self.grants.require_operate(&appliance, now).await?;
         self.check_resource(caller, &appliance, &req, &command)

@@ -41,6 +41,9 @@ pub struct GrantRow {
     pub level: GrantLevel,
     pub state: GrantState,
     pub requested_by: String,
+    /// The id of the API token that asked: who may withdraw or revoke it as its requester
+    /// (None for grants from before token ids were kept whose requester's name was not unique).
+    pub requested_by_id: Option<String>,
     pub reason: String,
     /// Requested duration; counts from the approval.
     pub duration_ms: i64,
@@ -93,7 +96,7 @@ pub struct GrantChange<'a> {
     pub expires_at: Option<Timestamp>,
 }
 
-pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at";
+pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at, requested_by_id";
 
 pub(super) const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
@@ -115,6 +118,7 @@ pub(super) fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
             GrantState::parse,
         )?,
         requested_by: r.try_get("requested_by")?,
+        requested_by_id: r.try_get("requested_by_id")?,
         reason: r.try_get("reason")?,
         duration_ms: r.try_get("duration_ms")?,
         requested_at: from_ms(r.try_get("requested_at")?)?,
@@ -182,8 +186,8 @@ impl Store {
 
     pub async fn insert_grant(&self, g: &GrantRow) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO grants (id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO grants (id, appliance_id, level, state, requested_by, reason, duration_ms, requested_at, decided_by, decided_at, message, expires_at, requested_by_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&g.id)
         .bind(&g.appliance_id)
@@ -197,6 +201,7 @@ impl Store {
         .bind(g.decided_at.map(to_ms))
         .bind(&g.message)
         .bind(g.expires_at.map(to_ms))
+        .bind(&g.requested_by_id)
         .execute(&self.pool)
         .await?;
         Ok(())

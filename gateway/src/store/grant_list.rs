@@ -82,6 +82,7 @@ mod tests {
             level: GrantLevel::Operate,
             state: GrantState::PendingApproval,
             requested_by: "alice".into(),
+            requested_by_id: None,
             reason: "INC-1".into(),
             duration_ms: 60_000,
             requested_at: Timestamp::from_millisecond(requested_ms).unwrap(),

@@ -5,18 +5,20 @@
 //! set-up, how a transaction takes the write lock) branch on [`Backend`].
 
 mod control;
+mod customer_trail;
 mod endpoint_list;
 mod grant_list;
 mod op_list;
 mod signed;
 mod spine;
+mod tokens;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
+pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
-pub use spine::{
-    ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow, TokenRow,
-};
+pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
+pub use tokens::{TokenRevocation, TokenRow};
 
 use jiff::Timestamp;
 use sqlx::{
@@ -98,6 +100,16 @@ fn migrator() -> Migrator {
             "signed decisions",
             include_str!("../../migrations/0005_signed_decisions.sql"),
         ),
+        m(
+            8,
+            "customer trail outbox",
+            include_str!("../../migrations/0008_customer_trail_outbox.sql"),
+        ),
+        m(
+            9,
+            "token lifetimes",
+            include_str!("../../migrations/0009_token_lifetimes.sql"),
+        ),
     ])
 }
 
@@ -160,6 +172,8 @@ fn sqlite_url(path: &Path) -> String {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Rung when an appliance's customer-trail outbox gains records.
+    trail_bells: TrailBells,
 }
 
 impl Store {
@@ -255,7 +269,11 @@ impl Store {
             .connect_with(conn)
             .await?;
         migrator().run(&pool).await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            trail_bells: TrailBells::default(),
+        })
     }
 
     pub fn backend(&self) -> Backend {

@@ -1,4 +1,4 @@
-//! The spine's tables: identities, appliances, enrollment, endpoints, audit.
+//! The spine's tables: appliances, enrollment, endpoints, audit (API tokens are `tokens.rs`).
 
 use super::{from_ms, opt_ts, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
@@ -8,18 +8,6 @@ use endpoint_types::{
 };
 use jiff::Timestamp;
 use sqlx::{any::AnyRow, Row};
-
-#[derive(Debug, Clone)]
-pub struct TokenRow {
-    pub id: String,
-    pub name: String,
-    pub role: String,
-    pub customer: Option<String>,
-    pub secret_hash: String,
-    pub created_at: Timestamp,
-    pub created_by: String,
-    pub revoked: bool,
-}
 
 #[derive(Debug, Clone)]
 pub struct ApplianceRow {
@@ -54,6 +42,9 @@ pub struct EndpointRow {
     pub resource_id: String,
     pub state: EndpointState,
     pub created_by: String,
+    /// The id of the API token that created it: who may fetch its credentials (None for
+    /// endpoints from before token ids were kept whose creator's name was not unique).
+    pub created_by_id: Option<String>,
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
     pub ended_at: Option<Timestamp>,
@@ -223,58 +214,9 @@ async fn last_audit<'e>(
 }
 
 pub(super) const ENDPOINT_COLS: &str =
-    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential";
+    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential, created_by_id";
 
 impl Store {
-    // ---- identities ----
-
-    pub async fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO api_tokens (id, name, role, customer, secret_hash, created_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&t.id)
-        .bind(&t.name)
-        .bind(&t.role)
-        .bind(&t.customer)
-        .bind(&t.secret_hash)
-        .bind(to_ms(t.created_at))
-        .bind(&t.created_by)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn get_token(&self, id: &str) -> StoreResult<Option<TokenRow>> {
-        let row = sqlx::query(
-            "SELECT id, name, role, customer, secret_hash, created_at, created_by, revoked_at FROM api_tokens WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(TokenRow {
-                id: r.try_get("id")?,
-                name: r.try_get("name")?,
-                role: r.try_get("role")?,
-                customer: r.try_get("customer")?,
-                secret_hash: r.try_get("secret_hash")?,
-                created_at: from_ms(r.try_get("created_at")?)?,
-                created_by: r.try_get("created_by")?,
-                revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
-            })
-        })
-        .transpose()
-    }
-
-    pub async fn count_admin_tokens(&self) -> StoreResult<i64> {
-        Ok(sqlx::query(
-            "SELECT COUNT(*) AS n FROM api_tokens WHERE role = 'admin' AND revoked_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?)
-    }
-
     // ---- appliances ----
 
     pub async fn insert_appliance(&self, a: &ApplianceRow) -> StoreResult<()> {
@@ -474,8 +416,8 @@ impl Store {
             None => None,
         };
         sqlx::query(
-            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id, credential) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id, credential, created_by_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&e.id)
         .bind(e.endpoint_type.as_str())
@@ -488,6 +430,7 @@ impl Store {
         .bind(&e.address)
         .bind(&e.grant_id)
         .bind(credential)
+        .bind(&e.created_by_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -505,6 +448,7 @@ impl Store {
             state: EndpointState::parse(&s)
                 .ok_or_else(|| StoreError::Corrupt(format!("endpoint state {s}")))?,
             created_by: r.try_get("created_by")?,
+            created_by_id: r.try_get("created_by_id")?,
             created_at: from_ms(r.try_get("created_at")?)?,
             expires_at: from_ms(r.try_get("expires_at")?)?,
             ended_at: opt_ts(r.try_get("ended_at")?)?,
@@ -691,7 +635,21 @@ impl Store {
             )));
         }
         insert_audit(&mut *tx, &r).await?;
+        let outbox: Vec<_> = super::customer_trail::entry_of(
+            &r.kind,
+            r.appliance_id.as_deref(),
+            r.time.to_string(),
+            &r.actor,
+            (r.endpoint_id.as_deref(), r.op_id.as_deref()),
+            || r.detail.to_string(),
+            r.seq,
+            &r.hash,
+        )
+        .into_iter()
+        .collect();
+        super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
         tx.commit().await?;
+        self.ring_trail_bells(&outbox);
         Ok(r)
     }
 
@@ -727,7 +685,24 @@ impl Store {
         for chunk in rows.chunks(ROWS_PER_INSERT) {
             insert_audit_rows(&mut *tx, self.backend, chunk).await?;
         }
+        let outbox: Vec<_> = rows
+            .iter()
+            .filter_map(|r| {
+                super::customer_trail::entry_of(
+                    r.kind,
+                    r.appliance_id,
+                    r.time.clone(),
+                    r.actor,
+                    (r.endpoint_id, r.op_id),
+                    || r.detail.get().to_string(),
+                    r.seq,
+                    &r.hash,
+                )
+            })
+            .collect();
+        super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
         tx.commit().await?;
+        self.ring_trail_bells(&outbox);
         Ok(rows.last().map(|r| (r.seq, r.hash.clone())))
     }
 

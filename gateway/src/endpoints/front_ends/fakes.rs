@@ -220,6 +220,7 @@ pub fn endpoint_row(
         resource_id: "res_1".into(),
         state,
         created_by: "bob".into(),
+        created_by_id: None,
         created_at: now,
         expires_at: now + jiff::SignedDuration::from_secs(3600),
         ended_at: None,

@@ -249,6 +249,7 @@ fn stored(
         resource_id: "web".into(),
         state: EndpointState::Active,
         created_by: "bob".into(),
+        created_by_id: None,
         created_at: t0() - SignedDuration::from_secs(60),
         expires_at,
         ended_at: None,

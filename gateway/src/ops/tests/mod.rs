@@ -141,6 +141,7 @@ fn operate_grant(id: &str, appliance_id: &str) -> GrantRow {
         level: GrantLevel::Operate,
         state: GrantState::Active,
         requested_by: "alice@vendor".into(),
+        requested_by_id: None,
         reason: "debug".into(),
         duration_ms: 30 * 60 * 1000,
         requested_at: t0() - minutes(5),

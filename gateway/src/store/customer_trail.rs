@@ -1,0 +1,293 @@
+//! The customer trail's outbox (migration 0008): the records of requests, decisions and
+//! outcomes concerning an appliance, numbered per appliance and kept until its agent has
+//! recorded them in its own trail (`crate::customer_trail` delivers them).
+//!
+//! A row is written in the same transaction as its vendor-trail record (the audit append
+//! calls [`append_in_tx`]), so the two trails cannot disagree about what happened, and its
+//! number is taken under the audit write lock, so numbers have no gaps even with several
+//! replicas on one PostgreSQL.
+
+use super::{Store, StoreError, StoreResult};
+use endpoint_types::customer_trail::{GatewayEvent, GatewayRecord};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+use tokio::sync::Notify;
+
+/// Undelivered records one appliance may have before new requests for it are refused.
+pub const OUTBOX_BOUND: u64 = 10_000;
+
+/// Wakes the sender of a connected appliance when its outbox gains records (in this process;
+/// a replica's sender also looks on a timer).
+#[derive(Debug, Default, Clone)]
+pub struct TrailBells(Arc<Mutex<HashMap<String, Arc<Notify>>>>);
+
+impl TrailBells {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bell(&self, appliance_id: &str) -> Arc<Notify> {
+        self.map()
+            .entry(appliance_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn ring(&self, appliance_id: &str) {
+        if let Some(bell) = self.map().get(appliance_id) {
+            // A permit is kept when nobody waits: a ring is never lost.
+            bell.notify_one();
+        }
+    }
+
+    fn forget(&self, appliance_id: &str, bell: &Arc<Notify>) {
+        let mut map = self.map();
+        if map.get(appliance_id).is_some_and(|b| Arc::ptr_eq(b, bell)) {
+            map.remove(appliance_id);
+        }
+    }
+}
+
+/// How far an appliance's outbox has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxState {
+    /// The last number given to one of its records (0: none yet).
+    pub last_number: u64,
+    /// The last number its agent reported its trail holds.
+    pub recorded_number: u64,
+}
+
+impl OutboxState {
+    /// Records the agent has not reported yet.
+    pub fn undelivered(&self) -> u64 {
+        self.last_number.saturating_sub(self.recorded_number)
+    }
+}
+
+/// What one vendor-trail record puts in the outbox.
+pub(super) struct OutboxEntry<'a> {
+    pub appliance_id: &'a str,
+    pub event: GatewayEvent,
+    pub time: String,
+    pub actor: &'a str,
+    pub endpoint_id: Option<&'a str>,
+    pub op_id: Option<&'a str>,
+    pub detail: String,
+    pub seq: i64,
+    pub hash: &'a str,
+}
+
+/// The outbox entry a vendor-trail record makes: one for the kinds of
+/// [`GatewayEvent`] about an appliance, none for anything else.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn entry_of<'a>(
+    kind: &str,
+    appliance_id: Option<&'a str>,
+    time: String,
+    actor: &'a str,
+    (endpoint_id, op_id): (Option<&'a str>, Option<&'a str>),
+    detail: impl FnOnce() -> String,
+    seq: i64,
+    hash: &'a str,
+) -> Option<OutboxEntry<'a>> {
+    let event = GatewayEvent::parse(kind)?;
+    Some(OutboxEntry {
+        appliance_id: appliance_id?,
+        event,
+        time,
+        actor,
+        endpoint_id,
+        op_id,
+        detail: detail(),
+        seq,
+        hash,
+    })
+}
+
+fn to_db(n: u64) -> StoreResult<i64> {
+    i64::try_from(n).map_err(|_| StoreError::Corrupt(format!("trail number {n} out of range")))
+}
+
+fn from_db(n: i64) -> StoreResult<u64> {
+    u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("trail number {n}")))
+}
+
+/// Numbers and inserts `entries`, in order, inside the caller's audit transaction.
+pub(super) async fn append_in_tx(
+    tx: &mut sqlx::AnyConnection,
+    entries: &[OutboxEntry<'_>],
+) -> StoreResult<()> {
+    for e in entries {
+        // An increment in place, not read-then-write: it holds the row against a concurrent
+        // move of the head (an agent whose trail is ahead, `outbox_recorded`).
+        let bumped = sqlx::query(
+            "UPDATE customer_trail_heads SET last_number = last_number + 1 WHERE appliance_id = $1",
+        )
+        .bind(e.appliance_id)
+        .execute(&mut *tx)
+        .await?;
+        let number: i64 = if bumped.rows_affected() == 0 {
+            sqlx::query(
+                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, 1, 0)",
+            )
+            .bind(e.appliance_id)
+            .execute(&mut *tx)
+            .await?;
+            1
+        } else {
+            sqlx::query_scalar(
+                "SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1",
+            )
+            .bind(e.appliance_id)
+            .fetch_one(&mut *tx)
+            .await?
+        };
+        sqlx::query(
+            "INSERT INTO customer_trail_outbox \
+             (appliance_id, number, kind, time, actor, endpoint_id, op_id, detail, gateway_seq, gateway_hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(e.appliance_id)
+        .bind(number)
+        .bind(e.event.as_str())
+        .bind(&e.time)
+        .bind(e.actor)
+        .bind(e.endpoint_id)
+        .bind(e.op_id)
+        .bind(&e.detail)
+        .bind(e.seq)
+        .bind(e.hash)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Tells the senders of the appliances `entries` concern that there is more to send.
+    pub(super) fn ring_trail_bells(&self, entries: &[OutboxEntry<'_>]) {
+        for e in entries {
+            self.trail_bells.ring(e.appliance_id);
+        }
+    }
+
+    /// The bell rung when `appliance_id`'s outbox gains records.
+    pub fn trail_bell(&self, appliance_id: &str) -> Arc<Notify> {
+        self.trail_bells.bell(appliance_id)
+    }
+
+    /// Drops the bell of a sender that has ended (unless a newer sender holds another).
+    pub fn forget_trail_bell(&self, appliance_id: &str, bell: &Arc<Notify>) {
+        self.trail_bells.forget(appliance_id, bell)
+    }
+
+    pub async fn outbox_state(&self, appliance_id: &str) -> StoreResult<OutboxState> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT last_number, recorded_number FROM customer_trail_heads WHERE appliance_id = $1",
+        )
+        .bind(appliance_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(OutboxState::default()),
+            Some((last, recorded)) => Ok(OutboxState {
+                last_number: from_db(last)?,
+                recorded_number: from_db(recorded)?,
+            }),
+        }
+    }
+
+    /// The appliance's records numbered after `after`, in order, at most `limit`.
+    pub async fn outbox_after(
+        &self,
+        appliance_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<GatewayRecord>> {
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            i64,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT number, kind, time, actor, endpoint_id, op_id, detail, gateway_seq, gateway_hash \
+             FROM customer_trail_outbox WHERE appliance_id = $1 AND number > $2 ORDER BY number LIMIT {limit}"
+        )))
+        .bind(appliance_id)
+        .bind(to_db(after)?)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(
+                |(number, kind, time, actor, endpoint_id, op_id, detail, seq, hash)| {
+                    Ok(GatewayRecord {
+                        number: from_db(number)?,
+                        event: GatewayEvent::parse(&kind)
+                            .ok_or_else(|| StoreError::Corrupt(format!("trail kind {kind:?}")))?,
+                        time: time.parse().map_err(|e| {
+                            StoreError::Corrupt(format!("trail time {time:?}: {e}"))
+                        })?,
+                        actor,
+                        endpoint_id,
+                        op_id,
+                        detail: serde_json::from_str(&detail)
+                            .map_err(|e| StoreError::Corrupt(format!("trail detail: {e}")))?,
+                        gateway_seq: seq,
+                        gateway_hash: hash,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// The agent's trail holds every record up to `number`: those rows are no longer needed.
+    /// A number lower than before (a trail restored from an older copy) is taken as it is, so
+    /// what is still kept is sent again. A number past the last one given (this store restored
+    /// from an older copy) moves the numbering past it: the agent would skip the numbers it
+    /// already holds as duplicates.
+    pub async fn outbox_recorded(&self, appliance_id: &str, number: u64) -> StoreResult<()> {
+        let number = to_db(number)?;
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
+        )
+        .bind(number)
+        .bind(appliance_id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 && number > 0 {
+            sqlx::query(
+                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, $2)",
+            )
+            .bind(appliance_id)
+            .bind(number)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let ahead = sqlx::query(
+            "UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2 AND last_number < $1",
+        )
+        .bind(number)
+        .bind(appliance_id)
+        .execute(&mut *tx)
+        .await?;
+        if ahead.rows_affected() > 0 {
+            tracing::warn!(appliance = %appliance_id, number, "the appliance's customer trail is ahead of this store's numbering (the store was restored?); numbering goes on after it");
+        }
+        sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
+            .bind(appliance_id)
+            .bind(number)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
