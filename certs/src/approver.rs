@@ -335,6 +335,12 @@ impl ApprovalVerifier {
         })
     }
 
+    /// Remembers a statement (by [`statement_digest`]) as used until `not_after`: what an
+    /// agent that restarted learns back from its own record of used statements.
+    pub fn mark_used(&mut self, digest: [u8; 32], not_after: Timestamp) {
+        self.used.insert(digest, not_after);
+    }
+
     /// Checks a decision and uses it up: the same statement is refused as `replayed` after.
     pub fn verify_once(
         &mut self,
@@ -353,6 +359,22 @@ impl ApprovalVerifier {
         self.used.insert(digest, signed.statement.not_after);
         Ok(verified)
     }
+}
+
+/// What an output release binds (`DecidedContent::OpOutput`): sha256 over the held output as
+/// it leaves the appliance and as the approver saw it — stdout, then stderr, each as UTF-8 text
+/// preceded by its length in bytes (8 bytes, big-endian) — as lowercase hex.
+pub fn output_sha256(stdout: &str, stderr: &str) -> String {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for text in [stdout, stderr] {
+        ctx.update(&(text.len() as u64).to_be_bytes());
+        ctx.update(text.as_bytes());
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// sha256 of the canonical statement: what a use is remembered by.

@@ -24,6 +24,11 @@ pub const MAX_VALIDITY: jiff::SignedDuration = jiff::SignedDuration::from_hours(
 /// How far an approver's clock may run ahead of the appliance's.
 pub const CLOCK_SKEW: jiff::SignedDuration = jiff::SignedDuration::from_mins(5);
 
+/// How long the statement `approvals approve` signs stays valid for an op's command or output
+/// or an endpoint: long enough for an appliance that is briefly offline to receive it, short
+/// enough that a stolen statement soon goes stale (it is single-use besides).
+pub const DEFAULT_VALIDITY: jiff::SignedDuration = jiff::SignedDuration::from_hours(1);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
@@ -67,6 +72,21 @@ pub enum DecidedContent {
 }
 
 impl DecidedContent {
+    /// An op's command as the agent will run it: the argv it splits `command` into.
+    pub fn op_command(
+        tool: crate::control::OpTool,
+        command: &str,
+        resource_id: &str,
+        timeout_s: u64,
+    ) -> Result<DecidedContent, crate::op_command::CommandError> {
+        Ok(DecidedContent::OpCommand {
+            tool: tool.as_str().to_string(),
+            argv: crate::op_command::parse_command(tool, command)?,
+            resource_id: resource_id.to_string(),
+            timeout_s,
+        })
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             DecidedContent::Grant { .. } => "grant",

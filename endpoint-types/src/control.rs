@@ -275,6 +275,9 @@ pub struct OpRequest {
 pub struct Decision {
     #[serde(default)]
     pub message: Option<String>,
+    /// The decision signed by the approver's key (`approvals approve|deny --key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<crate::approval::SignedDecision>,
 }
 
 /// What an approval needs to be bound to: used once, for exactly this.

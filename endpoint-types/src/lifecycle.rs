@@ -297,6 +297,8 @@ pub fn next(state: OpState, event: &OpEvent) -> Result<OpState, TransitionError>
         (S::OutputPendingApproval, E::OutputReleased { .. }) => S::Failed,
         (S::OutputPendingApproval, E::TimedOut) => S::TimedOut,
         (S::OutputPendingApproval, E::OutputDenied { .. }) => S::Denied,
+        // A release the appliance could not verify: the held output is destroyed.
+        (S::OutputPendingApproval, E::AgentDenied) => S::Denied,
         (S::OutputPendingApproval, E::Expired) => S::Expired,
 
         _ => {
@@ -623,6 +625,7 @@ mod tests {
                 S::Denied,
             ),
             (S::OutputPendingApproval, OpEvent::Expired, S::Expired),
+            (S::OutputPendingApproval, OpEvent::AgentDenied, S::Denied),
         ];
         table
             .iter()
@@ -657,7 +660,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(legal_count, 31, "every row of the table was reached");
+        assert_eq!(legal_count, 32, "every row of the table was reached");
     }
 
     #[test]

@@ -570,6 +570,7 @@ mod tests {
             windows: windows.iter().map(|s| s.to_string()).collect(),
             maintenance: maintenance.iter().map(|s| s.to_string()).collect(),
             steady_state: true,
+            approver_key_ids: Vec::new(),
         })
         .unwrap()
     }
@@ -757,6 +758,7 @@ mod tests {
                 windows: windows.iter().map(|s| s.to_string()).collect(),
                 maintenance: maintenance.iter().map(|s| s.to_string()).collect(),
                 steady_state: true,
+                approver_key_ids: Vec::new(),
             })
         };
         assert_eq!(

@@ -184,6 +184,11 @@ pub struct PolicySummary {
     pub maintenance: Vec<String>,
     #[serde(default = "default_true")]
     pub steady_state: bool,
+    /// The key ids (`SHA256:…`) of the appliance's `[[approver]]` keys. Informational for the
+    /// gateway: it refuses an unsigned approval the appliance would refuse anyway, with a hint;
+    /// the appliance itself trusts only its own `agent.toml`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approver_key_ids: Vec<String>,
 }
 
 fn default_true() -> bool {

@@ -127,6 +127,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/customers/{customer}/webhook", post(webhook_set))
         .route("/v1/approvals", get(approval_list))
         .route("/v1/approvals/{id}", get(approval_show))
+        .route("/v1/approvals/{id}/statement", get(approval_statement))
         .route("/v1/approvals/{id}/approve", post(approval_approve))
         .route("/v1/approvals/{id}/deny", post(approval_deny))
         .route("/v1/audit", get(audit_list))
@@ -616,12 +617,32 @@ async fn approval_show(
     Ok(Json(gw.approvals.show(&caller, &id).await?))
 }
 
-async fn approval_approve(
+async fn approval_statement(
     State(gw): State<Gw>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<serde_json::Value> {
-    Ok(Json(gw.approvals.decide(&caller, &id, true, None).await?))
+    Ok(Json(gw.approvals.statement(&caller, &id).await?))
+}
+
+/// The body is optional (an unsigned approval without a message may send none).
+async fn approval_approve(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<serde_json::Value> {
+    let d: Decision = if body.iter().all(u8::is_ascii_whitespace) {
+        Decision::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("bad request body: {e}")))?
+    };
+    Ok(Json(
+        gw.approvals
+            .decide(&caller, &id, true, d.message, d.signed)
+            .await?,
+    ))
 }
 
 async fn approval_deny(
@@ -631,7 +652,9 @@ async fn approval_deny(
     Body(d): Body<Decision>,
 ) -> ApiResult<serde_json::Value> {
     Ok(Json(
-        gw.approvals.decide(&caller, &id, false, d.message).await?,
+        gw.approvals
+            .decide(&caller, &id, false, d.message, d.signed)
+            .await?,
     ))
 }
 

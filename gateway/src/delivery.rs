@@ -233,6 +233,7 @@ mod tests {
             ToAgent::OutputRelease {
                 op_id: "o".into(),
                 approved_by: "a".into(),
+                signed_decision: None,
             },
             ToAgent::OutputDestroy {
                 op_id: "o".into(),

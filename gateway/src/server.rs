@@ -374,11 +374,18 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         );
         let ops = Arc::new(ops);
         let endpoint_service = Arc::new(endpoint_service);
-        let approvals = Arc::new(crate::approvals::Approvals::new(vec![
-            grants.clone(),
-            ops.clone(),
-            Arc::new(crate::approvals::EndpointQueue(endpoint_service.clone())),
-        ]));
+        let approvals = Arc::new(crate::approvals::Approvals::new(
+            vec![
+                grants.clone(),
+                ops.clone(),
+                Arc::new(crate::approvals::EndpointQueue(endpoint_service.clone())),
+            ],
+            crate::approvals::Signing {
+                store: Arc::new(store.clone()),
+                policies: grants.clone(),
+                clock: Arc::new(SystemClock),
+            },
+        ));
         Gateway {
             grants,
             ops,

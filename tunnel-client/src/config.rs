@@ -448,6 +448,10 @@ impl AgentConfig {
             windows: p.windows.clone(),
             maintenance: p.maintenance.clone(),
             steady_state: p.steady_state,
+            approver_key_ids: self
+                .approvers()
+                .map(|a| a.iter().map(|a| a.key.key_id()).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -680,6 +684,7 @@ fn validate_policy(p: &PolicyConfig) -> Result<(), String> {
         windows: p.windows.clone(),
         maintenance: p.maintenance.clone(),
         steady_state: p.steady_state,
+        approver_key_ids: Vec::new(),
     })
     .map(|_| ())
     .map_err(|e| e.to_string())

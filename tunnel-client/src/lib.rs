@@ -5,6 +5,7 @@
 //! one-off ops only under a live grant and its own policy. Every decision lands in the
 //! customer's own hash-chained trail.
 
+pub mod approval_check;
 pub mod audit;
 pub mod config;
 pub mod dial;

@@ -230,10 +230,13 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     config.ops.launcher = Some(PathBuf::from("/proc/self/exe")).filter(|p| p.exists());
     tunnel_client::postgres::check_owner_roles(&config).await?;
     if !config.approvers.is_empty() {
-        // Said plainly so that a customer does not believe their keys protect them yet.
-        tracing::warn!(
+        // Said plainly: what the keys protect, and what is still taken on the gateway's word.
+        tracing::info!(
             approvers = config.approvers.len(),
-            "[[approver]] keys are read and checked, but this version does not yet require signed decisions: a decision the policy reserves for a person is still taken on the gateway's word"
+            "[[approver]] keys listed: an op command the policy reserves for a person, and the release of held output, happen only with a decision one of these keys signed for exactly it"
+        );
+        tracing::warn!(
+            "grants and endpoints are not yet bound to signed decisions: a person's approval of those is still taken on the gateway's word"
         );
     } else {
         tracing::warn!(

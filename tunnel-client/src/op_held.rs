@@ -7,11 +7,17 @@ use super::{
     report::{no_held_output, not_found},
     OpRunner, Outbox,
 };
-use crate::{audit::Entry, op_ledger::NotMoved};
+use crate::{
+    approval_check::{denied_entry, verified_entry},
+    audit::Entry,
+    op_ledger::NotMoved,
+};
 use endpoint_types::{
+    approval::{ApprovalInvalid, DecidedContent, SignedDecision},
     frame::{OpFinished, ToGateway},
     lifecycle::OpEvent,
 };
+use jiff::Timestamp;
 use serde_json::json;
 
 impl OpRunner {
@@ -47,8 +53,38 @@ impl OpRunner {
     }
 
     /// `OutputRelease`: the customer let the output leave. Sent, then forgotten; kept if the
-    /// connection is lost before it is all queued, so a later release can send it again.
-    pub fn release(&self, op_id: String, approved_by: String, out: Outbox) {
+    /// connection is lost before it is all queued, so a later release can send it again. When
+    /// `agent.toml` lists approvers, the release must be signed by one of them for exactly
+    /// this output; one that is not destroys the output (see [`OpRunner::refuse_release`]).
+    pub fn release(
+        &self,
+        op_id: String,
+        approved_by: String,
+        signed: Option<SignedDecision>,
+        out: Outbox,
+    ) {
+        let digest = self.state().held.get(&op_id).map(|h| h.output_sha256());
+        if let Some(output_sha256) = digest {
+            let asked = DecidedContent::OpOutput { output_sha256 };
+            match self
+                .inner
+                .approvals
+                .verify(signed.as_ref(), &op_id, &asked, Timestamp::now())
+            {
+                Ok(Some(v)) => {
+                    if let Some(s) = &signed {
+                        self.record(
+                            verified_entry(&approved_by, "output", &v, s).op(op_id.clone()),
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    self.refuse_release(&op_id, &approved_by, signed.as_ref(), &why, out);
+                    return;
+                }
+            }
+        }
         // Approved (the op stays held) until every frame is queued; released after that.
         let approved = OpEvent::OutputApproved {
             by: approved_by.clone(),
@@ -88,6 +124,46 @@ impl OpRunner {
             }
             held.wipe();
         });
+    }
+
+    /// A release the appliance could not verify: the output is destroyed (nothing a forged
+    /// release named can leave later), the refusal is `denied` in the trail and
+    /// `APPROVAL_INVALID` for the gateway.
+    fn refuse_release(
+        &self,
+        op_id: &str,
+        approved_by: &str,
+        signed: Option<&SignedDecision>,
+        why: &ApprovalInvalid,
+        out: Outbox,
+    ) {
+        tracing::info!(op = %op_id, reason = why.reason(), "refused the release of held output: {why}");
+        self.record(denied_entry(approved_by, "output", signed, why).op(op_id));
+        let held = {
+            let mut state = self.state();
+            state
+                .ops
+                .apply(op_id, &OpEvent::AgentDenied)
+                .ok()
+                .and_then(|_| state.held.remove(op_id))
+        };
+        if let Some(held) = held {
+            let detail = json!({
+                "denied_by": self.inner.audit.agent_actor(),
+                "reason": "APPROVAL_INVALID",
+                "stdout_bytes": held.outcome.stdout.len(),
+                "stderr_bytes": held.outcome.stderr.len(),
+            });
+            held.wipe();
+            self.record(
+                Entry::new("output.destroyed", self.inner.audit.agent_actor(), detail).op(op_id),
+            );
+        }
+        let refused = ToGateway::OpRefused {
+            op_id: op_id.to_string(),
+            error: why.to_api_error(),
+        };
+        self.send_all(vec![refused], out);
     }
 
     /// `OutputDestroy`: the customer denied the output; it is overwritten and dropped.

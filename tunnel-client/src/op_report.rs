@@ -191,6 +191,14 @@ impl Held {
         })
     }
 
+    /// The digest an approver's signed release binds: of the output as [`Held::frames`] sends it.
+    pub(super) fn output_sha256(&self) -> String {
+        certs::approver::output_sha256(
+            &String::from_utf8_lossy(&self.outcome.stdout),
+            &String::from_utf8_lossy(&self.outcome.stderr),
+        )
+    }
+
     /// The whole output (stdout, then stderr) and the op's end, as frames.
     pub(super) fn frames(&self, preview: bool, held_after: bool) -> Vec<ToGateway> {
         let id = &self.spec.op_id;

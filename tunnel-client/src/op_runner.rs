@@ -298,6 +298,8 @@ struct Inner {
     state: Mutex<State>,
     /// Who op tools run as and how their processes are ended.
     confinement: Confinement,
+    /// The customer's approvers: a person's approval is taken only as one of them signed it.
+    approvals: crate::approval_check::SignedApprovals,
 }
 
 /// Runs dispatched ops and keeps held output; cheap to clone, shared by all connections.
@@ -337,6 +339,10 @@ impl OpRunner {
     ) -> Result<OpRunner, PolicyError> {
         let policy = Policy::parse(&config.policy_summary())?;
         let inner = Inner {
+            approvals: crate::approval_check::SignedApprovals::from_config(
+                &config,
+                Timestamp::now(),
+            ),
             confinement,
             config,
             policy,
@@ -506,6 +512,38 @@ impl OpRunner {
             .await;
     }
 
+    /// A command the appliance's policy reserved for a person runs only with a decision one of
+    /// the customer's approvers signed for exactly it (when `agent.toml` lists approvers); a
+    /// refusal is `denied` in the trail and `APPROVAL_INVALID` for the operator.
+    async fn approval_verified(
+        &self,
+        d: &OpDispatch,
+        auth: &Authorized,
+        now: Timestamp,
+        out: &Outbox,
+    ) -> bool {
+        use crate::approval_check::{denied_entry, verified_entry};
+        let signed = d.signed_decision.as_ref();
+        match self
+            .inner
+            .approvals
+            .check_op(d, !auth.decision.is_auto(), now)
+        {
+            Ok(verified) => {
+                if let (Some(v), Some(s)) = (verified, signed) {
+                    self.record(verified_entry(&d.operator, "command", &v, s).op(d.op_id.clone()));
+                }
+                true
+            }
+            Err(why) => {
+                self.record(denied_entry(&d.operator, "command", signed, &why).op(d.op_id.clone()));
+                self.refuse(d, Refusal::invalid(why.to_api_error()), out)
+                    .await;
+                false
+            }
+        }
+    }
+
     async fn run_op(self, d: OpDispatch, out: Outbox) {
         let now = Timestamp::now();
         let dispatched = Entry::new(
@@ -558,6 +596,9 @@ impl OpRunner {
                 return;
             }
         };
+        if !self.approval_verified(&d, &auth, now, &out).await {
+            return;
+        }
         // A refused dispatch may come again (say, once a person approved it); one that ran may not.
         if !self.state().ops.admit(&d.op_id) {
             let e = ApiError::new(

@@ -12,10 +12,17 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with("audit_path = \"a\"\n[policy]\napproval = \"automatic\"\n")
+}
+
+fn rig_with(config: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let trail = dir.path().join("audit.jsonl");
     let config = AgentConfig::parse(
-        "audit_path = \"a\"\n[policy]\napproval = \"automatic\"\n",
+        &config.replace(
+            "audit_path = \"a\"",
+            &format!("audit_path = {:?}", trail.display().to_string()),
+        ),
         Path::new("/etc/postern/agent.toml"),
     )
     .unwrap();
@@ -133,7 +140,7 @@ async fn a_second_release_is_refused_by_the_machine_and_denied_in_the_trail() {
     rig.holding("op_1");
     let (tx, mut rx) = mpsc::channel(64);
     rig.runner
-        .release("op_1".into(), "ana@customer".into(), tx.clone());
+        .release("op_1".into(), "ana@customer".into(), None, tx.clone());
     let frames = until_end(&mut rx).await;
     assert!(
         matches!(&frames[0], ToGateway::OpOutput { data, .. } if data == "pod-1 Running\n"),
@@ -148,7 +155,8 @@ async fn a_second_release_is_refused_by_the_machine_and_denied_in_the_trail() {
     assert_eq!(rig.runner.held_count(), 0);
 
     rig.runner.inner.tracker.reopen();
-    rig.runner.release("op_1".into(), "ana@customer".into(), tx);
+    rig.runner
+        .release("op_1".into(), "ana@customer".into(), None, tx);
     let frames = until_end(&mut rx).await;
     assert_eq!(frames.len(), 1, "nothing is sent again: {frames:?}");
     let e = refusal(&frames);
@@ -181,8 +189,12 @@ async fn destroying_after_release_or_destroy_is_refused() {
     let rig = rig();
     let (tx, mut rx) = mpsc::channel(64);
     rig.holding("op_released");
-    rig.runner
-        .release("op_released".into(), "ana@customer".into(), tx.clone());
+    rig.runner.release(
+        "op_released".into(),
+        "ana@customer".into(),
+        None,
+        tx.clone(),
+    );
     until_end(&mut rx).await;
     rig.runner.inner.tracker.close();
     rig.runner.inner.tracker.wait().await;
@@ -244,7 +256,7 @@ async fn output_of_an_op_that_is_not_holding_any_is_refused() {
     rig.running("op_run");
     rig.runner.fetch("op_run", tx.clone());
     rig.runner
-        .release("op_run".into(), "ana@customer".into(), tx.clone());
+        .release("op_run".into(), "ana@customer".into(), None, tx.clone());
     rig.runner
         .destroy("op_run".into(), "ana@customer".into(), None, tx.clone());
     for event in ["output-previewed", "output-approved", "output-denied"] {
@@ -272,7 +284,7 @@ async fn output_of_an_op_that_is_not_holding_any_is_refused() {
 
     // An op this process never ran is not found, as before; no denial is recorded for it.
     rig.runner
-        .release("op_unknown".into(), "ana@customer".into(), tx);
+        .release("op_unknown".into(), "ana@customer".into(), None, tx);
     let e = refusal(&until_end(&mut rx).await).clone();
     assert_eq!(e.code, ErrorCode::NotFound);
     assert!(e.details.is_null(), "{e:?}");
@@ -290,4 +302,72 @@ async fn a_preview_keeps_the_output_held() {
     assert_eq!(rig.op_state("op_1"), Some(OpState::OutputPendingApproval));
     assert_eq!(rig.runner.held_count(), 1);
     assert!(rig.records("denied").await.is_empty());
+}
+
+/// With `[[approver]]` keys, held output leaves only on a release one of them signed for
+/// exactly this output; anything else destroys it, is `denied` in the trail and
+/// `APPROVAL_INVALID` for the gateway.
+#[tokio::test]
+async fn a_release_needs_a_signature_over_the_held_outputs_digest() {
+    use endpoint_types::approval::{ApprovalStatement, DecidedContent, Decision};
+    let (bob, _) = certs::approver::ApproverKey::generate().unwrap();
+    let rig = rig_with(&format!(
+        "audit_path = \"a\"\nappliance_id = \"app_1\"\n[policy]\napproval = \"manual\"\n\
+         [[approver]]\nname = \"bob\"\npublic_key = \"{}\"\n",
+        bob.public().to_line("")
+    ));
+    let release = |op_id: &str, digest: &str| {
+        let now = Timestamp::now();
+        bob.sign(ApprovalStatement {
+            record_id: op_id.into(),
+            appliance_id: "app_1".into(),
+            decision: Decision::Approve,
+            content: DecidedContent::OpOutput {
+                output_sha256: digest.into(),
+            },
+            issued_at: now,
+            not_after: now + jiff::SignedDuration::from_hours(1),
+            key_id: String::new(),
+        })
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    // Unsigned (a rogue gateway's release), and signed for other output.
+    for (op_id, signed, reason) in [
+        ("op_1", None, "missing"),
+        ("op_2", Some(release("op_2", "00")), "content_mismatch"),
+    ] {
+        rig.holding(op_id);
+        rig.runner
+            .release(op_id.into(), "bob".into(), signed, tx.clone());
+        let frames = until_end(&mut rx).await;
+        assert_eq!(frames.len(), 1, "nothing leaves: {frames:?}");
+        let e = refusal(&frames);
+        assert_eq!(e.code, ErrorCode::ApprovalInvalid);
+        assert_eq!(e.details["reason"], reason);
+        assert_eq!(rig.op_state(op_id), Some(OpState::Denied));
+    }
+    assert_eq!(rig.runner.held_count(), 0, "refused output is destroyed");
+    let denied = rig.records("denied").await;
+    assert_eq!(denied.len(), 2);
+    assert_eq!(denied[0].detail["approval"], "missing");
+    assert_eq!(denied[1].detail["approval"], "content_mismatch");
+    assert_eq!(rig.records("output.destroyed").await.len(), 2);
+
+    // Signed over the digest of what the appliance holds: released.
+    rig.holding("op_3");
+    let digest = certs::approver::output_sha256("pod-1 Running\n", "");
+    rig.runner.release(
+        "op_3".into(),
+        "bob".into(),
+        Some(release("op_3", &digest)),
+        tx,
+    );
+    let frames = until_end(&mut rx).await;
+    assert!(
+        matches!(frames.last(), Some(ToGateway::OpFinished(f)) if !f.held && f.exit_code == Some(0)),
+        "{frames:?}"
+    );
+    let verified = rig.records("approval.verified").await;
+    assert_eq!(verified.len(), 1);
+    assert_eq!(verified[0].detail["approver"], "bob");
 }

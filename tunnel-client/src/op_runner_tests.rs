@@ -33,6 +33,7 @@ fn dispatch(approved_by: &str) -> OpDispatch {
         command_approved_by: approved_by.into(),
         command_approved_at: at("2026-01-05T08:00:00Z"),
         hold_output: false,
+        signed_decision: None,
     }
 }
 

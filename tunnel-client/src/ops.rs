@@ -18,7 +18,7 @@ use crate::{
     op_sandbox::{self, Confinement, OpCgroup},
 };
 use bytes::Bytes;
-use endpoint_types::{control::OpTool, ApiError, ErrorCode};
+use endpoint_types::{control::OpTool, op_command::CommandError, ApiError, ErrorCode};
 use jiff::Timestamp;
 use serde_json::json;
 use std::{
@@ -144,111 +144,20 @@ impl OpError {
     }
 }
 
-/// Splits `command` into argv POSIX-shell-style, without a shell.
-///
-/// Understood: blanks between words, `'…'` (everything literal), `"…"` (backslash escapes only
-/// `\ " $` and a backquote), backslash outside quotes, backslash-newline (joins lines), and
-/// trailing blanks or newlines. Refused, because a shell would act on them and we do not:
-/// unquoted `; | & > < ( )` and newline, a backquote anywhere outside single quotes, `$`
-/// followed by anything outside single quotes (`$(…)`, `${…}`, `$VAR`, `$1`), and `#` starting
-/// a word. Passed on literally, because a shell usually would too: `* ? [ ] { } ~ = !`.
+/// Splits `command` into argv POSIX-shell-style, without a shell (see
+/// [`endpoint_types::op_command::parse_command`], which the gateway uses too).
 pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError> {
-    let chars: Vec<char> = command
-        .trim_end_matches([' ', '\t', '\n', '\r'])
-        .chars()
-        .collect();
-    let shell = |what: &str, at: usize| {
-        Err(OpError::ShellSyntax {
-            what: what.to_string(),
-            at: at + 1,
-        })
-    };
-    let quoting = |what: &'static str, at: usize| Err(OpError::BadQuoting { what, at: at + 1 });
-    let dollar = |i: usize, in_dq: bool| -> Option<String> {
-        match chars.get(i + 1) {
-            None | Some(' ' | '\t' | '\n') => None,
-            Some('"') if in_dq => None,
-            Some(&c @ ('(' | '{')) => Some(format!("${c}")),
-            Some(&c) if c.is_ascii_alphanumeric() || c == '_' => Some(
-                chars[i..]
-                    .iter()
-                    .take_while(|c| **c == '$' || c.is_ascii_alphanumeric() || **c == '_')
-                    .collect(),
-            ),
-            Some(&c) => Some(format!("${c}")),
+    endpoint_types::op_command::parse_command(tool, command).map_err(OpError::from)
+}
+
+impl From<CommandError> for OpError {
+    fn from(e: CommandError) -> OpError {
+        match e {
+            CommandError::EmptyCommand => OpError::EmptyCommand,
+            CommandError::BadQuoting { what, at } => OpError::BadQuoting { what, at },
+            CommandError::ShellSyntax { what, at } => OpError::ShellSyntax { what, at },
+            CommandError::WrongTool { expected, got } => OpError::WrongTool { expected, got },
         }
-    };
-    let (mut words, mut cur, mut in_word, mut i) = (Vec::new(), String::new(), false, 0);
-    while i < chars.len() {
-        match chars[i] {
-            ' ' | '\t' => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            '\0' => return quoting("a NUL character", i),
-            '\\' => match chars.get(i + 1) {
-                None => return quoting("a backslash with nothing after it", i),
-                Some('\n') => i += 1,
-                Some(&c) => {
-                    cur.push(c);
-                    in_word = true;
-                    i += 1;
-                }
-            },
-            '\'' => {
-                let Some(len) = chars[i + 1..].iter().position(|c| *c == '\'') else {
-                    return quoting("an unterminated single quote", i);
-                };
-                cur.extend(&chars[i + 1..i + 1 + len]);
-                in_word = true;
-                i += len + 1;
-            }
-            '"' => {
-                let open = i;
-                in_word = true;
-                i += 1;
-                loop {
-                    match chars.get(i) {
-                        None => return quoting("an unterminated double quote", open),
-                        Some('"') => break,
-                        Some('\\') => match chars.get(i + 1) {
-                            Some(&c @ ('\\' | '"' | '$' | '`')) => {
-                                cur.push(c);
-                                i += 1;
-                            }
-                            Some('\n') => i += 1,
-                            _ => cur.push('\\'),
-                        },
-                        Some('`') => return shell("`", i),
-                        Some('$') if let Some(what) = dollar(i, true) => return shell(&what, i),
-                        Some(&c) => cur.push(c),
-                    }
-                    i += 1;
-                }
-            }
-            '\n' => return shell("a newline", i),
-            c @ (';' | '|' | '&' | '>' | '<' | '(' | ')' | '`') => return shell(&c.to_string(), i),
-            '$' if let Some(what) = dollar(i, false) => return shell(&what, i),
-            '#' if !in_word => return shell("#", i),
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-        i += 1;
-    }
-    if in_word {
-        words.push(cur);
-    }
-    match words.first() {
-        None => Err(OpError::EmptyCommand),
-        Some(first) if first != tool.as_str() => Err(OpError::WrongTool {
-            expected: tool,
-            got: first.clone(),
-        }),
-        Some(_) => Ok(words),
     }
 }
 

@@ -570,9 +570,13 @@ impl Agent {
             // Ops never block the loop: each runs on its own task and answers through `ops`.
             ToAgent::OpDispatch(d) => self.ops.dispatch(d, ops.clone()),
             ToAgent::OutputFetch { op_id } => self.ops.fetch(&op_id, ops.clone()),
-            ToAgent::OutputRelease { op_id, approved_by } => {
-                self.ops.release(op_id, approved_by, ops.clone())
-            }
+            ToAgent::OutputRelease {
+                op_id,
+                approved_by,
+                signed_decision,
+            } => self
+                .ops
+                .release(op_id, approved_by, signed_decision, ops.clone()),
             ToAgent::OutputDestroy {
                 op_id,
                 denied_by,

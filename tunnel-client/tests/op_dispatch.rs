@@ -153,6 +153,7 @@ fn dispatch(op_id: &str, command: &str, approved_by: &str) -> OpDispatch {
         command_approved_by: approved_by.into(),
         command_approved_at: Timestamp::now(),
         hold_output: false,
+        signed_decision: None,
     }
 }
 
@@ -681,6 +682,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     link.send(ToAgent::OutputRelease {
         op_id: "op_h1".into(),
         approved_by: "carol@acme.example".into(),
+        signed_decision: None,
     })
     .await;
     let frames = link.until_end("op_h1").await;
@@ -765,6 +767,7 @@ async fn manual_policy_holds_output_in_the_appliance_until_released_or_destroyed
     link.send(ToAgent::OutputRelease {
         op_id: "op_h2".into(),
         approved_by: "carol@acme.example".into(),
+        signed_decision: None,
     })
     .await;
     assert_eq!(link.refusal("op_h2").await.code, ErrorCode::NotFound);

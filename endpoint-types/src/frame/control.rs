@@ -60,6 +60,9 @@ pub enum ToAgent {
     OutputRelease {
         op_id: String,
         approved_by: String,
+        /// The approver's signed release, bound to the held output's digest (see `OpDispatch`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed_decision: Option<crate::approval::SignedDecision>,
     },
     /// The customer denied the held output; destroy it.
     OutputDestroy {
@@ -119,6 +122,9 @@ pub enum AgentCommand {
     OutputRelease {
         op_id: String,
         approved_by: String,
+        /// The approver's signed release, bound to the held output's digest (see `OpDispatch`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed_decision: Option<crate::approval::SignedDecision>,
     },
     OutputDestroy {
         op_id: String,
@@ -279,9 +285,15 @@ impl From<AgentCommand> for ToAgent {
             },
             AgentCommand::GrantSync { grants } => ToAgent::GrantSync { grants },
             AgentCommand::OpDispatch(d) => ToAgent::OpDispatch(d),
-            AgentCommand::OutputRelease { op_id, approved_by } => {
-                ToAgent::OutputRelease { op_id, approved_by }
-            }
+            AgentCommand::OutputRelease {
+                op_id,
+                approved_by,
+                signed_decision,
+            } => ToAgent::OutputRelease {
+                op_id,
+                approved_by,
+                signed_decision,
+            },
             AgentCommand::OutputDestroy {
                 op_id,
                 denied_by,
@@ -320,9 +332,15 @@ impl TryFrom<ToAgent> for AgentCommand {
             }),
             ToAgent::GrantSync { grants } => Ok(AgentCommand::GrantSync { grants }),
             ToAgent::OpDispatch(d) => Ok(AgentCommand::OpDispatch(d)),
-            ToAgent::OutputRelease { op_id, approved_by } => {
-                Ok(AgentCommand::OutputRelease { op_id, approved_by })
-            }
+            ToAgent::OutputRelease {
+                op_id,
+                approved_by,
+                signed_decision,
+            } => Ok(AgentCommand::OutputRelease {
+                op_id,
+                approved_by,
+                signed_decision,
+            }),
             ToAgent::OutputDestroy {
                 op_id,
                 denied_by,

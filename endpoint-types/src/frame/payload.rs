@@ -82,6 +82,11 @@ pub struct OpDispatch {
     pub command_approved_at: Timestamp,
     /// Whether output must be held for the customer's approval.
     pub hold_output: bool,
+    /// The approver's signed decision on this command, as the approver's key made it (the
+    /// gateway stores and forwards it untouched). An appliance that lists `[[approver]]` keys
+    /// runs a command its policy reserves for a person only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_decision: Option<crate::approval::SignedDecision>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -69,6 +69,7 @@ fn dispatch() -> OpDispatch {
         command_approved_by: "policy:automatic".into(),
         command_approved_at: at("2029-12-31T01:00:00Z"),
         hold_output: true,
+        signed_decision: None,
     }
 }
 
@@ -94,6 +95,7 @@ fn commands() -> Vec<AgentCommand> {
         AgentCommand::OutputRelease {
             op_id: "op_1".into(),
             approved_by: "alice@customer".into(),
+            signed_decision: None,
         },
         AgentCommand::OutputDestroy {
             op_id: "op_1".into(),

@@ -5,6 +5,7 @@ use crate::{endpoints::Endpoints, grants::Grants, identity::Caller, ops::Ops};
 use async_trait::async_trait;
 use endpoint_types::{
     api::EndpointState,
+    approval::DecidedContent,
     control::{ApprovalItem, ApprovalKind, ApprovalStage, GrantState},
     duration::format_duration,
     ApiError,
@@ -125,6 +126,32 @@ impl Queue for Ops {
             .iter()
             .filter_map(|(row, appliance)| crate::ops::approval_item(row, appliance))
             .collect())
+    }
+
+    /// The command stage binds the tool, the argv the appliance will split the command into,
+    /// the resource and the timeout.
+    async fn content(
+        &self,
+        caller: &Caller,
+        item: &ApprovalItem,
+    ) -> Result<Option<DecidedContent>, ApiError> {
+        if item.stage == ApprovalStage::Output {
+            // What the approver saw is what the release binds.
+            let output = self.preview(caller, &item.id).await?;
+            let text = |k: &str| output[k].as_str().unwrap_or_default().to_string();
+            return Ok(Some(DecidedContent::OpOutput {
+                output_sha256: certs::approver::output_sha256(&text("stdout"), &text("stderr")),
+            }));
+        }
+        let (row, _) = self.load(caller, &item.id).await?;
+        DecidedContent::op_command(
+            row.tool,
+            &row.command,
+            &row.origin_resource_id,
+            row.timeout.as_secs(),
+        )
+        .map(Some)
+        .map_err(|e| ApiError::invalid(format!("op {}: {e}", item.id)))
     }
 
     /// At the output stage the approver sees the held output, fetched from the appliance.

@@ -37,7 +37,6 @@ fn key_path(path: Option<PathBuf>) -> Result<PathBuf, ApiError> {
 }
 
 /// Reads the approver's key for signing.
-#[allow(dead_code)] // `approvals approve --key` signs with it once decisions are signed end to end
 pub fn load(path: Option<PathBuf>) -> Result<ApproverKey, ApiError> {
     let path = key_path(path)?;
     let text = std::fs::read_to_string(&path).map_err(|e| {

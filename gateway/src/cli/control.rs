@@ -41,13 +41,25 @@ pub enum AccessCmd {
 pub enum ApprovalsCmd {
     /// Requests waiting for a decision.
     List,
-    /// The full request (and, at the output stage, the held output).
+    /// The full request (and, at the output stage, the held output), with the statement an
+    /// approval signs.
     Show { id: String },
-    /// Approve a grant, an op's command or output, or an endpoint, by its id.
-    Approve { id: String },
+    /// Approve a grant, an op's command or output, or an endpoint, by its id; signed with your
+    /// approver key.
+    Approve {
+        id: String,
+        /// The approver's private key (default: approver.key in your config dir, if present).
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        message: Option<String>,
+    },
     /// Deny, optionally with a message for the operator.
     Deny {
         id: String,
+        /// The approver's private key (default: approver.key in your config dir, if present).
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
         #[arg(long)]
         message: Option<String>,
     },
@@ -188,20 +200,16 @@ pub async fn approvals(
             }
             v
         }
-        ApprovalsCmd::Show { id } => c.get(&format!("/v1/approvals/{id}")).await?,
-        ApprovalsCmd::Approve { id } => {
-            c.post(
-                &format!("/v1/approvals/{id}/approve"),
-                serde_json::json!({}),
-            )
-            .await?
+        ApprovalsCmd::Show { id } => {
+            let v = c.get(&format!("/v1/approvals/{id}")).await?;
+            super::approval_sign::print_show(v, out);
+            return Ok(());
         }
-        ApprovalsCmd::Deny { id, message } => {
-            c.post(
-                &format!("/v1/approvals/{id}/deny"),
-                serde_json::json!({"message": message}),
-            )
-            .await?
+        ApprovalsCmd::Approve { id, key, message } => {
+            super::approval_sign::decide(c, &id, true, key, message).await?
+        }
+        ApprovalsCmd::Deny { id, key, message } => {
+            super::approval_sign::decide(c, &id, false, key, message).await?
         }
         ApprovalsCmd::Key(cmd) => return super::approver_key::run(cmd, out),
         ApprovalsCmd::Webhook {

@@ -1,6 +1,7 @@
 //! The `postern` command line: gateway server, dev mode, and the operator/customer commands.
 
 mod access;
+mod approval_sign;
 mod approver_key;
 mod client;
 mod control;

@@ -125,6 +125,7 @@ fn policy(approval: ApprovalMode, maintenance: &[&str]) -> PolicySummary {
         windows: Vec::new(),
         maintenance: maintenance.iter().map(|m| m.to_string()).collect(),
         steady_state: true,
+        approver_key_ids: Vec::new(),
     }
 }
 

@@ -174,7 +174,11 @@ impl Ops {
             return;
         }
         let now = self.now();
-        let event = if error.code == ErrorCode::ApprovalDenied {
+        // An approval the appliance could not verify is a denial too.
+        let event = if matches!(
+            error.code,
+            ErrorCode::ApprovalDenied | ErrorCode::ApprovalInvalid
+        ) {
             OpEvent::AgentDenied
         } else {
             OpEvent::AgentRefused

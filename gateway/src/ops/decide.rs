@@ -3,7 +3,7 @@
 use super::{subject, NotMoved, Ops};
 use crate::{approvals::refused, identity::Caller, store::OpRow};
 use endpoint_types::{
-    control::{OpRecord, OpState},
+    control::{ApprovalStage, OpRecord, OpState},
     frame::ToAgent,
     lifecycle::OpEvent,
     ApiError, ErrorCode,
@@ -153,11 +153,19 @@ impl Ops {
                 self.audit
                     .record("output.approved", who, subject(row), serde_json::json!({}))
                     .await;
+                // With the release the approver's key signed, as kept; the appliance verifies it.
+                let signed_decision = self
+                    .store
+                    .signed_decision(id, ApprovalStage::Output)
+                    .await
+                    .ok()
+                    .flatten();
                 self.agents.send(
                     &row.appliance_id,
                     ToAgent::OutputRelease {
                         op_id: id.to_string(),
                         approved_by: who.to_string(),
+                        signed_decision,
                     },
                 );
             }

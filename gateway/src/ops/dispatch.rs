@@ -3,7 +3,7 @@
 use super::{subject, Ops, SYSTEM};
 use crate::store::{ApplianceRow, OpRow};
 use endpoint_types::{
-    control::OpState,
+    control::{ApprovalStage, OpState},
     frame::{OpDispatch, ToAgent},
     lifecycle::{access_request_hint, OpEvent},
     policy::Policy,
@@ -42,6 +42,17 @@ impl Ops {
         ) else {
             return;
         };
+        // A person's approval goes with the decision their key signed, as it was kept; the
+        // appliance verifies it (a policy's approval is the appliance's own evaluation).
+        let signed_decision = if approved_by.starts_with("policy:") {
+            None
+        } else {
+            self.store
+                .signed_decision(&row.id, ApprovalStage::Command)
+                .await
+                .ok()
+                .flatten()
+        };
         let frame = ToAgent::OpDispatch(OpDispatch {
             op_id: row.id.clone(),
             tool: row.tool,
@@ -53,6 +64,7 @@ impl Ops {
             command_approved_by: approved_by,
             command_approved_at: approved_at,
             hold_output,
+            signed_decision,
         });
         // Offline now: it goes out when the agent reconnects.
         if self.agents.send(&appliance.id, frame) {

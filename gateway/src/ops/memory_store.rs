@@ -14,6 +14,8 @@ use std::sync::{
 #[derive(Debug, Default)]
 pub struct MemoryOpStore {
     ops: Mutex<Vec<OpRow>>,
+    /// Signed decisions by (op id, stage).
+    pub signed: crate::approvals::signed::memory::MemorySignedDecisions,
     appliances: Mutex<Vec<ApplianceRow>>,
     /// This many compare-and-sets fail as if another writer had just moved the op.
     pub lost_races: AtomicUsize,
@@ -51,6 +53,14 @@ impl MemoryOpStore {
 
 #[async_trait]
 impl OpStore for MemoryOpStore {
+    async fn signed_decision(
+        &self,
+        id: &str,
+        stage: endpoint_types::control::ApprovalStage,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+        crate::approvals::SignedDecisions::get(&self.signed, id, stage).await
+    }
+
     async fn get_op(&self, id: &str) -> StoreResult<Option<OpRow>> {
         Ok(self.op(id))
     }

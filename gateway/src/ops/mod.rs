@@ -96,7 +96,11 @@ impl Ops {
 
     /// The op and its appliance, if the caller may see them; NOT_FOUND otherwise (an op of a
     /// customer the caller does not see does not exist for it).
-    async fn load(&self, caller: &Caller, id: &str) -> Result<(OpRow, ApplianceRow), ApiError> {
+    pub(crate) async fn load(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(OpRow, ApplianceRow), ApiError> {
         let nf = || {
             ApiError::new(ErrorCode::NotFound, format!("no op {id}"))
                 .hint("ops are named op_…; `postern approvals list` shows waiting ones")

@@ -2,7 +2,10 @@
 
 use crate::store::{ApplianceRow, OpRow, Store, StoreResult};
 use async_trait::async_trait;
-use endpoint_types::control::OpState;
+use endpoint_types::{
+    approval::SignedDecision,
+    control::{ApprovalStage, OpState},
+};
 
 /// The store as the ops service sees it. [`Store`] is the real one; the unit tests run on an
 /// in-memory one with the same contract.
@@ -26,6 +29,13 @@ pub trait OpStore: Send + Sync {
         &self,
         customer: Option<&str>,
     ) -> StoreResult<Vec<(OpRow, ApplianceRow)>>;
+    /// The approver's signed decision on op `id` at `stage`, as kept (see
+    /// `approvals::SignedDecisions`).
+    async fn signed_decision(
+        &self,
+        id: &str,
+        stage: ApprovalStage,
+    ) -> StoreResult<Option<SignedDecision>>;
 }
 
 #[async_trait]
@@ -63,5 +73,13 @@ impl OpStore for Store {
         customer: Option<&str>,
     ) -> StoreResult<Vec<(OpRow, ApplianceRow)>> {
         Store::list_ops_with_appliance(self, customer).await
+    }
+
+    async fn signed_decision(
+        &self,
+        id: &str,
+        stage: ApprovalStage,
+    ) -> StoreResult<Option<SignedDecision>> {
+        crate::approvals::SignedDecisions::get(self, id, stage).await
     }
 }

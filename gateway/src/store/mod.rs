@@ -9,6 +9,7 @@ mod customer_trail;
 mod endpoint_list;
 mod grant_list;
 mod op_list;
+mod signed;
 mod spine;
 mod teardown;
 mod tokens;
@@ -95,6 +96,11 @@ fn migrator() -> Migrator {
             4,
             "audit paging",
             include_str!("../../migrations/0004_audit_paging.sql"),
+        ),
+        m(
+            5,
+            "signed decisions",
+            include_str!("../../migrations/0005_signed_decisions.sql"),
         ),
         m(
             7,

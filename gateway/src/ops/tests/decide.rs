@@ -160,7 +160,8 @@ async fn released_output_goes_out_and_its_result_completes_the_op() {
         w.sent(),
         [ToAgent::OutputRelease {
             op_id: "op_held".into(),
-            approved_by: "ana@acme".into()
+            approved_by: "ana@acme".into(),
+            signed_decision: None,
         }]
     );
 
