@@ -223,7 +223,10 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
         ));
     }
     let argv = ops::parse_command(d.tool, &d.command).map_err(|e| {
-        let denial = matches!(e, ops::OpError::WrongTool { .. });
+        let denial = matches!(
+            e,
+            ops::OpError::Command(endpoint_types::op_command::CommandError::WrongTool { .. })
+        );
         Refusal {
             error: e.to_api_error(),
             denial,

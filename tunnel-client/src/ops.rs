@@ -72,14 +72,9 @@ impl OpSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
-    #[error("the command is empty")]
-    EmptyCommand,
-    #[error("the command has {what} at character {at}")]
-    BadQuoting { what: &'static str, at: usize },
-    #[error("the command uses `{what}` at character {at}, which needs a shell; ops run one program directly, never through a shell")]
-    ShellSyntax { what: String, at: usize },
-    #[error("this is a `{expected}` op, but the command starts with `{got}`", expected = expected.as_str())]
-    WrongTool { expected: OpTool, got: String },
+    /// The command line is not one argv for its tool (the parser the gateway shares).
+    #[error(transparent)]
+    Command(#[from] CommandError),
     /// `searched`: the configured file, or the PATH directories looked in.
     #[error("{}", not_found_message(*tool, configured.as_deref(), searched))]
     ToolNotFound {
@@ -115,20 +110,22 @@ impl OpError {
     pub fn to_api_error(&self) -> ApiError {
         let msg = self.to_string();
         match self {
-            OpError::EmptyCommand => ApiError::invalid(msg)
+            OpError::Command(CommandError::EmptyCommand) => ApiError::invalid(msg)
                 .hint("give the whole command line, starting with the tool's name (--command \"kubectl get pods\")"),
-            OpError::BadQuoting { at, .. } => ApiError::invalid(msg)
+            OpError::Command(CommandError::BadQuoting { at, .. }) => ApiError::invalid(msg)
                 .hint("close every quote; a backslash outside single quotes escapes the next character")
                 .details(json!({ "at": at })),
-            OpError::ShellSyntax { what, at } => ApiError::invalid(msg)
+            OpError::Command(CommandError::ShellSyntax { what, at }) => ApiError::invalid(msg)
                 .hint("quote the character ('…') to pass it to the tool literally, or run each part of a pipeline as its own op")
                 .details(json!({ "syntax": what, "at": at })),
-            OpError::WrongTool { expected, got } => ApiError::new(ErrorCode::ForbiddenByScope, msg)
+            OpError::Command(CommandError::WrongTool { expected, got }) => {
+                ApiError::new(ErrorCode::ForbiddenByScope, msg)
                 .hint(format!(
                     "the first word must be `{0}`; the appliance chooses which `{0}` executable runs, so give the bare name, not a path",
                     expected.as_str()
                 ))
-                .details(json!({ "expected": expected.as_str(), "got": got })),
+                .details(json!({ "expected": expected.as_str(), "got": got }))
+            }
             OpError::ToolNotFound { tool, searched, .. } => ApiError::new(ErrorCode::Internal, msg)
                 .hint(format!(
                     "the customer can install `{0}` on the agent's PATH or set `{0} = \"/path/to/{0}\"` under [tools] in agent.toml",
@@ -148,17 +145,6 @@ impl OpError {
 /// [`endpoint_types::op_command::parse_command`], which the gateway uses too).
 pub fn parse_command(tool: OpTool, command: &str) -> Result<Vec<String>, OpError> {
     endpoint_types::op_command::parse_command(tool, command).map_err(OpError::from)
-}
-
-impl From<CommandError> for OpError {
-    fn from(e: CommandError) -> OpError {
-        match e {
-            CommandError::EmptyCommand => OpError::EmptyCommand,
-            CommandError::BadQuoting { what, at } => OpError::BadQuoting { what, at },
-            CommandError::ShellSyntax { what, at } => OpError::ShellSyntax { what, at },
-            CommandError::WrongTool { expected, got } => OpError::WrongTool { expected, got },
-        }
-    }
 }
 
 /// The executable for a tool: the `[tools]` entry when there is one (a bare name there means
@@ -335,7 +321,7 @@ pub async fn run_confined(
     tx: Option<mpsc::Sender<(Stream, Bytes)>>,
 ) -> Result<OpOutcome, OpError> {
     if argv.is_empty() {
-        return Err(OpError::EmptyCommand);
+        return Err(OpError::Command(CommandError::EmptyCommand));
     }
     let spawn_error = |source| OpError::Spawn {
         exe: exe.to_path_buf(),
@@ -650,12 +636,20 @@ mod tests {
             ("kubectl get pods # comment", "#"),
         ] {
             match err(cmd) {
-                OpError::ShellSyntax { what: w, .. } => assert_eq!(w, what, "{cmd:?}"),
+                OpError::Command(CommandError::ShellSyntax { what: w, .. }) => {
+                    assert_eq!(w, what, "{cmd:?}")
+                }
                 e => panic!("{cmd:?}: {e:?}"),
             }
         }
         let e = err("kubectl get pods; rm -rf /");
-        assert!(matches!(e, OpError::ShellSyntax { at: 17, .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                OpError::Command(CommandError::ShellSyntax { at: 17, .. })
+            ),
+            "{e:?}"
+        );
         let api = e.to_api_error();
         assert_eq!(api.code, ErrorCode::InvalidRequest);
         assert!(
@@ -673,15 +667,21 @@ mod tests {
             "kubectl \0",
         ] {
             let e = err(cmd);
-            assert!(matches!(e, OpError::BadQuoting { .. }), "{cmd:?}: {e:?}");
+            assert!(
+                matches!(e, OpError::Command(CommandError::BadQuoting { .. })),
+                "{cmd:?}: {e:?}"
+            );
             assert_eq!(e.to_api_error().code, ErrorCode::InvalidRequest);
         }
         assert!(matches!(
             err("kubectl get 'pods"),
-            OpError::BadQuoting { at: 13, .. }
+            OpError::Command(CommandError::BadQuoting { at: 13, .. })
         ));
         for cmd in ["", "   ", "\n"] {
-            assert!(matches!(err(cmd), OpError::EmptyCommand), "{cmd:?}");
+            assert!(
+                matches!(err(cmd), OpError::Command(CommandError::EmptyCommand)),
+                "{cmd:?}"
+            );
         }
         for (cmd, got) in [
             ("rm -rf /", "rm"),
@@ -690,10 +690,10 @@ mod tests {
             ("'' get", ""),
         ] {
             match err(cmd) {
-                OpError::WrongTool {
+                OpError::Command(CommandError::WrongTool {
                     expected: OpTool::Kubectl,
                     got: g,
-                } => assert_eq!(g, got),
+                }) => assert_eq!(g, got),
                 e => panic!("{cmd:?}: {e:?}"),
             }
         }
