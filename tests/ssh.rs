@@ -1135,6 +1135,16 @@ fn the_endpoints_end_tears_down_what_its_user_left_on_the_vm() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    // The session is at the appliance before anything ends (the proof below counts it).
+    assert!(
+        wait_until(Duration::from_secs(20), || w.agent.trail().is_ok_and(|t| t
+            .iter()
+            .any(
+                |r| r["kind"] == "session.opened" && r["detail"]["command"] == "sleep 300"
+            ))),
+        "the other endpoint's session never reached the appliance\n{}",
+        w.log()
+    );
     w.gw.cli(&["ops", "endpoint", "retire", &ep.id])?.ok()?;
     let mut td = None;
     assert!(
