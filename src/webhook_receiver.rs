@@ -90,7 +90,9 @@ impl WebhookReceiver {
                         conns2.fetch_add(1, Ordering::SeqCst);
                         let (acceptor, tx, served) = (acceptor.clone(), tx.clone(), served.clone());
                         tokio::spawn(async move {
-                            let Ok(tls) = acceptor.accept(tcp).await else { return };
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
                             let svc = hyper::service::service_fn(move |req| {
                                 handle(req, served.clone(), tx.clone())
                             });

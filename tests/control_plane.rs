@@ -3,8 +3,8 @@
 
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::Forwarder;
-use postern::webhook_receiver::WebhookReceiver;
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
+use postern::webhook_receiver::WebhookReceiver;
 use serde_json::Value;
 use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
@@ -212,7 +212,10 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
         .recv(Duration::from_secs(20))
         .ok_or_else(|| anyhow!("no webhook delivery"))?;
     let body = String::from_utf8_lossy(&posted.body);
-    assert_eq!((posted.method.as_str(), posted.path.as_str()), ("POST", "/postern"));
+    assert_eq!(
+        (posted.method.as_str(), posted.path.as_str()),
+        ("POST", "/postern")
+    );
     assert!(
         body.contains("approval.waiting") && body.contains(&gid) && posted.signature.is_some(),
         "{posted:?}"

@@ -28,8 +28,18 @@ fn appliance(gw: &Gateway, app: &str) -> Result<()> {
 fn waiting_request(gw: &Gateway, app: &str) -> Result<String> {
     let g = gw
         .cli(&[
-            "access", "request", "--app", app, "--customer", CUSTOMER, "--level", "operate",
-            "--duration", "30m", "--reason", "INC-7 webhook test",
+            "access",
+            "request",
+            "--app",
+            app,
+            "--customer",
+            CUSTOMER,
+            "--level",
+            "operate",
+            "--duration",
+            "30m",
+            "--reason",
+            "INC-7 webhook test",
         ])?
         .ok()?;
     if g["state"] != "pending-approval" {
@@ -76,7 +86,10 @@ fn delivery_when(gw: &Gateway, limit: Duration, ready: impl Fn(&Value) -> bool) 
 /// A receiver's own check, written from the README's description (not with the gateway's
 /// code): HMAC-SHA256 with the secret's text as key over "<t>.<body>", hex, constant time.
 fn verify_signature(secret: &str, r: &Received) -> Result<i64> {
-    let header = r.signature.as_deref().ok_or_else(|| anyhow!("unsigned: {r:?}"))?;
+    let header = r
+        .signature
+        .as_deref()
+        .ok_or_else(|| anyhow!("unsigned: {r:?}"))?;
     let mut t = None;
     let mut v1 = None;
     for part in header.split(',') {
@@ -117,7 +130,10 @@ fn signed_deliveries_reach_an_https_receiver_and_verify_with_the_secret_shown_on
         .to_string();
     assert!(secret.starts_with("whsec_") && secret.len() > 40, "{set}");
     assert_eq!(set["webhook_url"], url.as_str());
-    assert_eq!((set["allow_private"].as_bool(), set["ca"].as_str()), (Some(true), Some("custom")));
+    assert_eq!(
+        (set["allow_private"].as_bool(), set["ca"].as_str()),
+        (Some(true), Some("custom"))
+    );
 
     let gid = waiting_request(&gw, "hook-app")?;
     let got = hook
@@ -129,11 +145,18 @@ fn signed_deliveries_reach_an_https_receiver_and_verify_with_the_secret_shown_on
     assert_eq!(body["id"], gid.as_str());
     assert_eq!(body["customer"], CUSTOMER);
     assert_eq!(body["delivery"].as_str(), got.delivery.as_deref());
-    assert_eq!((got.method.as_str(), got.path.as_str()), ("POST", "/hooks/postern"));
+    assert_eq!(
+        (got.method.as_str(), got.path.as_str()),
+        ("POST", "/hooks/postern")
+    );
     assert_eq!(got.host, hook.addr.to_string());
     // A body changed in transit, or another customer's secret, does not verify.
     let mut tampered = got.clone();
-    tampered.body = got.body.iter().map(|b| if *b == b'7' { b'8' } else { *b }).collect();
+    tampered.body = got
+        .body
+        .iter()
+        .map(|b| if *b == b'7' { b'8' } else { *b })
+        .collect();
     assert!(verify_signature(&secret, &tampered).is_err());
     assert!(verify_signature("whsec_other", &got).is_err());
 
@@ -141,8 +164,14 @@ fn signed_deliveries_reach_an_https_receiver_and_verify_with_the_secret_shown_on
     assert_eq!(d["id"].as_str(), got.delivery.as_deref());
     assert_eq!(d["event"], "approval.waiting");
     assert_eq!(d["target"], url.as_str());
-    assert_eq!((d["attempts"].as_u64(), d["last_status"].as_u64()), (Some(1), Some(204)));
-    assert!(d["delivered_at"].is_string() && d["next_attempt_at"].is_null(), "{d}");
+    assert_eq!(
+        (d["attempts"].as_u64(), d["last_status"].as_u64()),
+        (Some(1), Some(204))
+    );
+    assert!(
+        d["delivered_at"].is_string() && d["next_attempt_at"].is_null(),
+        "{d}"
+    );
     assert!(d["last_error"].is_null(), "{d}");
 
     // The secret was shown once: not in the status, the trail or the gateway's log.
@@ -182,28 +211,38 @@ fn a_failing_receiver_gets_retries_across_a_restart_until_delivered() -> Result<
     let hook = WebhookReceiver::start(usize::MAX)?;
     let ca = receiver_ca(dir.path(), &hook)?;
     let url = format!("https://localhost:{}/h", hook.addr.port());
-    let secret = set_webhook(&gw, &url, &["--receiver-ca-file", &ca, "--allow-private"])?
-        .ok()?["secret"]
+    let secret = set_webhook(&gw, &url, &["--receiver-ca-file", &ca, "--allow-private"])?.ok()?
+        ["secret"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     waiting_request(&gw, "retry-app")?;
 
     // Two refused attempts, each signed afresh; the delivery stays pending with what happened.
-    let first = hook.recv(Duration::from_secs(30)).ok_or_else(|| anyhow!("no attempt"))?;
-    let second = hook.recv(Duration::from_secs(30)).ok_or_else(|| anyhow!("no retry"))?;
+    let first = hook
+        .recv(Duration::from_secs(30))
+        .ok_or_else(|| anyhow!("no attempt"))?;
+    let second = hook
+        .recv(Duration::from_secs(30))
+        .ok_or_else(|| anyhow!("no retry"))?;
     assert_eq!((first.status, second.status), (503, 503));
     assert_eq!(first.delivery, second.delivery);
     assert_eq!(first.body, second.body);
     assert_eq!(second.host, format!("localhost:{}", hook.addr.port()));
-    let (t1, t2) = (verify_signature(&secret, &first)?, verify_signature(&secret, &second)?);
+    let (t1, t2) = (
+        verify_signature(&secret, &first)?,
+        verify_signature(&secret, &second)?,
+    );
     assert!(t2 >= t1);
     let pending = delivery_when(&gw, Duration::from_secs(20), |d| {
         d["attempts"].as_u64() >= Some(2)
     })?;
     assert_eq!(pending["state"], "pending", "{pending}");
     assert_eq!(pending["last_status"].as_u64(), Some(503));
-    assert!(pending["last_error"].as_str().unwrap_or_default().contains("503"));
+    assert!(pending["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("503"));
     assert!(pending["next_attempt_at"].is_string() && pending["delivered_at"].is_null());
 
     // The gateway dies; the receiver recovers; the restarted gateway resumes the delivery.
@@ -214,13 +253,19 @@ fn a_failing_receiver_gets_retries_across_a_restart_until_delivered() -> Result<
     let done = delivery_when(&gw, Duration::from_secs(90), |d| d["state"] == "delivered")?;
     assert_eq!(done["id"].as_str(), first.delivery.as_deref());
     assert_eq!(done["last_status"].as_u64(), Some(204));
-    assert!(done["attempts"].as_u64() > pending["attempts"].as_u64(), "{done}");
+    assert!(
+        done["attempts"].as_u64() > pending["attempts"].as_u64(),
+        "{done}"
+    );
     let mut last = None;
     while let Some(r) = hook.recv(Duration::from_secs(1)) {
         last = Some(r);
     }
     let last = last.ok_or_else(|| anyhow!("the delivered attempt never arrived"))?;
-    assert_eq!((last.status, last.delivery.as_deref()), (204, first.delivery.as_deref()));
+    assert_eq!(
+        (last.status, last.delivery.as_deref()),
+        (204, first.delivery.as_deref())
+    );
     verify_signature(&secret, &last)?;
     Ok(())
 }
@@ -233,14 +278,31 @@ fn private_and_metadata_targets_and_plain_http_are_refused() -> Result<()> {
     let hook = WebhookReceiver::start(0)?;
     let ca = receiver_ca(dir.path(), &hook)?;
 
-    let plain = set_webhook(&gw, &format!("http://{}/h", hook.addr), &["--allow-private"])?;
+    let plain = set_webhook(
+        &gw,
+        &format!("http://{}/h", hook.addr),
+        &["--allow-private"],
+    )?;
     assert_eq!(plain.error_code(), Some("INVALID_REQUEST"), "{plain:?}");
-    assert!(plain.json["error"]["hint"].as_str().unwrap_or_default().contains("https://"));
+    assert!(plain.json["error"]["hint"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("https://"));
 
-    let loopback = set_webhook(&gw, &format!("https://{}/h", hook.addr), &["--receiver-ca-file", &ca])?;
+    let loopback = set_webhook(
+        &gw,
+        &format!("https://{}/h", hook.addr),
+        &["--receiver-ca-file", &ca],
+    )?;
     assert_eq!(loopback.error_code(), Some("FORBIDDEN"), "{loopback:?}");
-    assert!(loopback.json["error"]["message"].as_str().unwrap_or_default().contains("loopback"));
-    assert!(loopback.json["error"]["hint"].as_str().unwrap_or_default().contains("--allow-private"));
+    assert!(loopback.json["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("loopback"));
+    assert!(loopback.json["error"]["hint"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("--allow-private"));
 
     // Metadata services stay refused even with --allow-private.
     for url in [
@@ -255,28 +317,58 @@ fn private_and_metadata_targets_and_plain_http_are_refused() -> Result<()> {
     }
     // Only an admin allows private targets.
     let bob = gw
-        .cli(&["token", "create", "--role", "approver", "--name", "bob@acme.example", "--customer", CUSTOMER])?
+        .cli(&[
+            "token",
+            "create",
+            "--role",
+            "approver",
+            "--name",
+            "bob@acme.example",
+            "--customer",
+            CUSTOMER,
+        ])?
         .ok()?["token"]
         .as_str()
         .unwrap_or_default()
         .to_string();
     let by_approver = gw.cli_as(
         &bob,
-        &["approvals", "webhook", "--customer", CUSTOMER, "--url",
-          &format!("https://{}/h", hook.addr), "--receiver-ca-file", &ca, "--allow-private"],
+        &[
+            "approvals",
+            "webhook",
+            "--customer",
+            CUSTOMER,
+            "--url",
+            &format!("https://{}/h", hook.addr),
+            "--receiver-ca-file",
+            &ca,
+            "--allow-private",
+        ],
     )?;
-    assert_eq!(by_approver.error_code(), Some("FORBIDDEN"), "{by_approver:?}");
+    assert_eq!(
+        by_approver.error_code(),
+        Some("FORBIDDEN"),
+        "{by_approver:?}"
+    );
 
     // A name is judged after resolution, at each delivery: `localhost` is loopback, so the
     // delivery is refused without a connection, and the refusal is in the status.
     let url = format!("https://localhost:{}/h", hook.addr.port());
     set_webhook(&gw, &url, &["--receiver-ca-file", &ca])?.ok()?;
     waiting_request(&gw, "ssrf-app")?;
-    let d = delivery_when(&gw, Duration::from_secs(30), |d| d["attempts"].as_u64() >= Some(2))?;
+    let d = delivery_when(&gw, Duration::from_secs(30), |d| {
+        d["attempts"].as_u64() >= Some(2)
+    })?;
     let error = d["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("refused target") && error.contains("loopback"), "{d}");
+    assert!(
+        error.contains("refused target") && error.contains("loopback"),
+        "{d}"
+    );
     assert_eq!(d["state"], "pending");
-    assert!(d["last_status"].is_null() && d["delivered_at"].is_null(), "{d}");
+    assert!(
+        d["last_status"].is_null() && d["delivered_at"].is_null(),
+        "{d}"
+    );
     assert_eq!(hook.connections(), 0, "the refused target was connected to");
     assert!(hook.recv(Duration::from_millis(100)).is_none());
     Ok(())

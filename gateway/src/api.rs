@@ -592,7 +592,11 @@ async fn webhook_set(
     if req.allow_private {
         caller.require(&[Role::Admin], "allow a webhook to reach private addresses")?;
     }
-    let ca = if req.ca_pem.is_some() { "custom" } else { "system" };
+    let ca = if req.ca_pem.is_some() {
+        "custom"
+    } else {
+        "system"
+    };
     let (secret, superseded) = match &req.url {
         Some(url) => {
             let set = crate::webhooks::SetRequest {
@@ -640,7 +644,9 @@ async fn webhook_status(
     Query(q): Query<WebhookStatusQuery>,
 ) -> ApiResult<serde_json::Value> {
     caller.require(&[Role::Admin, Role::Approver], "see webhook deliveries")?;
-    let customer = q.customer.or_else(|| caller.customer_scope().map(str::to_string));
+    let customer = q
+        .customer
+        .or_else(|| caller.customer_scope().map(str::to_string));
     if let Some(c) = &customer {
         caller.require_customer(c)?;
     }

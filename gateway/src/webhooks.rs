@@ -133,7 +133,9 @@ fn check_ca_pem(pem: &str) -> Result<(), ApiError> {
     }
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::invalid(format!("the webhook CA file is not PEM: {e}")).hint(hint))?;
+        .map_err(|e| {
+            ApiError::invalid(format!("the webhook CA file is not PEM: {e}")).hint(hint)
+        })?;
     if certs.is_empty() {
         return Err(ApiError::invalid("the webhook CA file holds no certificate").hint(hint));
     }

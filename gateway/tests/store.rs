@@ -13,8 +13,8 @@ use endpoint_types::{
 use gateway::{
     audit::{sha256_hex, AuditLog, Subject},
     store::{
-        ApplianceRow, AttemptRecord, AuditPageQuery, Backend, EndpointRow, EnrollmentRow,
-        GrantRow, NewDelivery, OpRow, Store, TokenRow, WebhookSettings, DELIVERY_QUEUE_BOUND,
+        ApplianceRow, AttemptRecord, AuditPageQuery, Backend, EndpointRow, EnrollmentRow, GrantRow,
+        NewDelivery, OpRow, Store, TokenRow, WebhookSettings, DELIVERY_QUEUE_BOUND,
     },
     webhooks::schedule::DeliveryState,
 };
@@ -127,7 +127,12 @@ async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: 
         .await
         .unwrap();
     assert_eq!(s.next_delivery_due().await.unwrap(), None);
-    assert_eq!(s.enqueue_delivery(&delivery("wh_1", "acme"), t0).await.unwrap(), 0);
+    assert_eq!(
+        s.enqueue_delivery(&delivery("wh_1", "acme"), t0)
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(s.next_delivery_due().await.unwrap(), Some(t0));
     let due = s.due_deliveries(at(1), 10).await.unwrap();
     assert_eq!(due.len(), 1);
@@ -136,8 +141,14 @@ async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: 
         (DeliveryState::Pending, 0, Some(t0))
     );
     assert!(s.claim_delivery("wh_1", t0, at(60)).await.unwrap());
-    assert!(!s.claim_delivery("wh_1", t0, at(60)).await.unwrap(), "taken once");
-    assert!(s.due_deliveries(at(1), 10).await.unwrap().is_empty(), "leased");
+    assert!(
+        !s.claim_delivery("wh_1", t0, at(60)).await.unwrap(),
+        "taken once"
+    );
+    assert!(
+        s.due_deliveries(at(1), 10).await.unwrap().is_empty(),
+        "leased"
+    );
     let failed = AttemptRecord {
         attempts: 1,
         last_status: Some(503),
@@ -162,7 +173,10 @@ async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: 
         delivered_at: Some(at(4)),
     };
     assert!(s.record_attempt("wh_1", &delivered).await.unwrap());
-    assert!(!s.record_attempt("wh_1", &failed).await.unwrap(), "finished stays finished");
+    assert!(
+        !s.record_attempt("wh_1", &failed).await.unwrap(),
+        "finished stays finished"
+    );
     let d = &s.deliveries(Some("acme"), 10).await.unwrap()[0];
     assert_eq!(
         (d.state, d.delivered_at, d.last_error.as_deref()),
@@ -170,7 +184,9 @@ async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: 
     );
 
     // The pending queue is bounded per customer: the oldest pending ones are given up.
-    s.enqueue_delivery(&delivery("wh_g", "globex"), t0).await.unwrap();
+    s.enqueue_delivery(&delivery("wh_g", "globex"), t0)
+        .await
+        .unwrap();
     let mut dropped = 0;
     for n in 0..DELIVERY_QUEUE_BOUND + 2 {
         dropped += s
@@ -180,12 +196,18 @@ async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: 
     }
     assert_eq!(dropped, 2);
     let acme = s.deliveries(Some("acme"), 10_000).await.unwrap();
-    let pending = acme.iter().filter(|d| d.state == DeliveryState::Pending).count();
+    let pending = acme
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .count();
     assert_eq!(pending as i64, DELIVERY_QUEUE_BOUND);
     for gone in ["wh_q0000", "wh_q0001"] {
         let d = acme.iter().find(|d| d.id == gone).unwrap();
         assert_eq!(d.state, DeliveryState::Failed);
-        assert!(d.last_error.as_deref().unwrap().contains("pending"), "{d:?}");
+        assert!(
+            d.last_error.as_deref().unwrap().contains("pending"),
+            "{d:?}"
+        );
     }
 
     // Set again: what was pending for the old setting is given up; other customers untouched.
@@ -1023,9 +1045,13 @@ async fn steady_state_and_webhooks(db: Db) {
     assert_eq!(s.steady_state("nope").await.unwrap(), None);
 
     assert_eq!(s.webhook("acme").await.unwrap(), None);
-    s.set_webhook("acme", Some(&hook("https://hooks.acme.test/postern")), ts(T0))
-        .await
-        .unwrap();
+    s.set_webhook(
+        "acme",
+        Some(&hook("https://hooks.acme.test/postern")),
+        ts(T0),
+    )
+    .await
+    .unwrap();
     s.set_webhook("globex", Some(&hook("https://globex.test/h")), ts(T0))
         .await
         .unwrap();
@@ -1239,7 +1265,10 @@ async fn state_survives_reopen(db: Db) {
             .as_deref(),
         Some("gr_1")
     );
-    assert_eq!(s.webhook("acme").await.unwrap(), Some(hook("https://h.test")));
+    assert_eq!(
+        s.webhook("acme").await.unwrap(),
+        Some(hook("https://h.test"))
+    );
     assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
     let log = AuditLog::open(s.clone()).await.unwrap();
     let r = log

@@ -77,7 +77,11 @@ pub async fn run(args: WebhookArgs, c: &ApiClient, out: OutputFormat) -> Result<
     Ok(())
 }
 
-async fn status(customer: Option<String>, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+async fn status(
+    customer: Option<String>,
+    c: &ApiClient,
+    out: OutputFormat,
+) -> Result<(), ApiError> {
     let path = match &customer {
         Some(cu) => format!("/v1/webhook-deliveries?customer={}", encode(cu)),
         None => "/v1/webhook-deliveries".to_string(),

@@ -22,7 +22,9 @@ pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
 pub use teardown::TeardownProofRow;
 pub use tokens::{TokenRevocation, TokenRow};
-pub use webhooks::{AttemptRecord, DeliveryRow, NewDelivery, WebhookSettings, DELIVERY_QUEUE_BOUND};
+pub use webhooks::{
+    AttemptRecord, DeliveryRow, NewDelivery, WebhookSettings, DELIVERY_QUEUE_BOUND,
+};
 
 use jiff::Timestamp;
 use sqlx::{

@@ -215,7 +215,11 @@ impl Store {
     }
 
     /// Pending deliveries due at `now`, the most overdue first.
-    pub async fn due_deliveries(&self, now: Timestamp, limit: i64) -> StoreResult<Vec<DeliveryRow>> {
+    pub async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: i64,
+    ) -> StoreResult<Vec<DeliveryRow>> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {DELIVERY_COLS} FROM webhook_deliveries \
              WHERE state = $1 AND next_attempt_at <= $2 ORDER BY next_attempt_at, id LIMIT $3"

@@ -219,7 +219,14 @@ mod tests {
     #[test]
     fn allow_private_lifts_only_the_private_classes() {
         let r = |s: &str, allow| refused(s.parse().unwrap(), allow);
-        for private in ["127.0.0.1", "::1", "10.0.0.1", "fd12::1", "169.254.1.1", "100.64.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "::1",
+            "10.0.0.1",
+            "fd12::1",
+            "169.254.1.1",
+            "100.64.0.1",
+        ] {
             assert!(r(private, false).is_some(), "{private}");
             assert_eq!(r(private, true), None, "{private}");
         }

@@ -38,10 +38,7 @@ pub async fn attempt(post: Post<'_>) -> Outcome {
     match tokio::time::timeout(ATTEMPT_TIMEOUT, send(post)).await {
         Ok(Ok(status)) => Outcome::Answered(status),
         Ok(Err(e)) => Outcome::NoAnswer(e),
-        Err(_) => Outcome::NoAnswer(format!(
-            "no answer within {} s",
-            ATTEMPT_TIMEOUT.as_secs()
-        )),
+        Err(_) => Outcome::NoAnswer(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())),
     }
 }
 
@@ -141,8 +138,10 @@ async fn send(post: Post<'_>) -> Result<u16, String> {
 /// TLS client settings for a webhook: its own CA bundle, or the system roots.
 pub fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut config = match ca_pem {
-        Some(pem) => certs::upstream_client_config(certs::ServerCheck::ChainAndName { ca_pem: pem })
-            .map_err(|e| format!("the webhook's CA file: {e}"))?,
+        Some(pem) => {
+            certs::upstream_client_config(certs::ServerCheck::ChainAndName { ca_pem: pem })
+                .map_err(|e| format!("the webhook's CA file: {e}"))?
+        }
         None => rustls::ClientConfig::builder_with_provider(certs::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?

@@ -49,8 +49,11 @@ impl hkdf::KeyType for KeyLen {
 impl SecretBox {
     /// The box whose key is derived from `root_key` (the CA private key's PEM).
     pub fn derive(root_key: &Secret) -> Result<SecretBox, SealError> {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(root_key.expose().as_bytes());
-        let okm = prk.expand(&[HKDF_INFO], KeyLen).map_err(|_| SealError::Seal)?;
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(root_key.expose().as_bytes());
+        let okm = prk
+            .expand(&[HKDF_INFO], KeyLen)
+            .map_err(|_| SealError::Seal)?;
         let mut key = [0u8; 32];
         okm.fill(&mut key).map_err(|_| SealError::Seal)?;
         let unbound = UnboundKey::new(&AES_256_GCM, &key).map_err(|_| SealError::Seal)?;

@@ -67,16 +67,16 @@ pub fn verify(
     }
     let age_s = now_s.saturating_sub(t);
     if age_s.saturating_abs() > tolerance_s {
-        return Err(SignatureError::Stale {
-            age_s,
-            tolerance_s,
-        });
+        return Err(SignatureError::Stale { age_s, tolerance_s });
     }
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes());
     let mut signed = t.to_string().into_bytes();
     signed.push(b'.');
     signed.extend_from_slice(body);
-    if v1.iter().any(|sig| hmac::verify(&key, &signed, sig).is_ok()) {
+    if v1
+        .iter()
+        .any(|sig| hmac::verify(&key, &signed, sig).is_ok())
+    {
         Ok(())
     } else {
         Err(SignatureError::Mismatch)
@@ -114,7 +114,10 @@ mod tests {
         );
         // The timestamp is signed too: moving it breaks the MAC.
         let moved = h.replace("t=1000", "t=1005");
-        assert_eq!(verify(&s, &moved, body, 1010, 300), Err(SignatureError::Mismatch));
+        assert_eq!(
+            verify(&s, &moved, body, 1010, 300),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]

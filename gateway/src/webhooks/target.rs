@@ -72,9 +72,9 @@ pub fn parse(url: &str, allow_private: bool) -> Result<Target, TargetError> {
     if url.len() > MAX_URL_LEN {
         return Err(invalid("longer than 2048 characters"));
     }
-    let uri: hyper::Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| {
-        invalid(&e.to_string())
-    })?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| invalid(&e.to_string()))?;
     match uri.scheme_str() {
         Some("https") => {}
         Some(_) => return Err(TargetError::NotHttps(url.to_string())),
@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn plain_http_and_bad_urls_are_refused_with_a_hint() {
         let e = parse("http://hooks.example.com/x", false).unwrap_err();
-        assert_eq!(e, TargetError::NotHttps("http://hooks.example.com/x".into()));
+        assert_eq!(
+            e,
+            TargetError::NotHttps("http://hooks.example.com/x".into())
+        );
         let api = e.to_api_error();
         assert_eq!(api.code, ErrorCode::InvalidRequest);
         assert!(api.hint.contains("https://"));

@@ -22,7 +22,11 @@ const IDLE_LOOK: Duration = Duration::from_secs(30);
 /// Runs until `shutdown`.
 pub async fn run(hooks: Arc<Webhooks>, shutdown: CancellationToken) {
     loop {
-        let worked = match hooks.store.due_deliveries(hooks.clock.stored_now(), BATCH).await {
+        let worked = match hooks
+            .store
+            .due_deliveries(hooks.clock.stored_now(), BATCH)
+            .await
+        {
             Ok(due) => {
                 let n = due.len();
                 let attempts = due.into_iter().map(|d| attempt_one(&hooks, d));
@@ -65,10 +69,16 @@ async fn attempt_one(hooks: &Webhooks, d: DeliveryRow) {
         return;
     };
     let lease_until = now.checked_add(lease).unwrap_or(now);
-    match hooks.store.claim_delivery(&d.id, seen_due, lease_until).await {
+    match hooks
+        .store
+        .claim_delivery(&d.id, seen_due, lease_until)
+        .await
+    {
         Ok(true) => {}
         Ok(false) => return, // another worker took it
-        Err(e) => return tracing::warn!(delivery = %d.id, error = %e, "cannot take a webhook delivery"),
+        Err(e) => {
+            return tracing::warn!(delivery = %d.id, error = %e, "cannot take a webhook delivery")
+        }
     }
     let outcome = post(hooks, &d).await;
     let after = schedule::after_attempt(
@@ -78,7 +88,9 @@ async fn attempt_one(hooks: &Webhooks, d: DeliveryRow) {
         hooks.clock.stored_now(),
     );
     match &after.last_error {
-        None => tracing::info!(delivery = %d.id, customer = %d.customer, "approval webhook delivered"),
+        None => {
+            tracing::info!(delivery = %d.id, customer = %d.customer, "approval webhook delivered")
+        }
         Some(e) => tracing::warn!(
             delivery = %d.id, customer = %d.customer, attempts = after.attempts, error = %e,
             state = after.state.as_str(), "approval webhook attempt failed"
