@@ -221,6 +221,122 @@ mod tests {
         assert_eq!(v["hint"], "postern approvals show gr_9");
     }
 
+    fn service(store: &Store) -> Webhooks {
+        let clock = crate::ports::fakes::FakeClock::at(
+            jiff::Timestamp::from_second(1_800_000_000).unwrap(),
+        );
+        Webhooks::new(
+            store.clone(),
+            Arc::new(clock),
+            SecretBox::derive(&Secret::new("test CA key")).unwrap(),
+        )
+    }
+
+    fn request(url: &str, allow_private: bool) -> SetRequest {
+        SetRequest {
+            url: url.into(),
+            ca_pem: None,
+            allow_private,
+        }
+    }
+
+    #[tokio::test]
+    async fn set_refuses_bad_targets_and_keeps_only_the_sealed_secret() {
+        let store = Store::open_memory().await.unwrap();
+        let hooks = service(&store);
+        for (url, allow, code) in [
+            (
+                "http://hooks.example.com/",
+                true,
+                endpoint_types::ErrorCode::InvalidRequest,
+            ),
+            (
+                "https://10.0.0.5/",
+                false,
+                endpoint_types::ErrorCode::Forbidden,
+            ),
+            (
+                "https://169.254.169.254/",
+                true,
+                endpoint_types::ErrorCode::Forbidden,
+            ),
+        ] {
+            let e = hooks.set("acme", request(url, allow)).await.unwrap_err();
+            assert_eq!(e.code, code, "{url}");
+            assert!(!e.hint.is_empty());
+        }
+        assert_eq!(
+            hooks.settings("acme").await.unwrap(),
+            None,
+            "nothing stored"
+        );
+        let bad_ca = SetRequest {
+            ca_pem: Some("not a certificate".into()),
+            ..request("https://hooks.example.com/", false)
+        };
+        assert!(hooks.set("acme", bad_ca).await.is_err());
+
+        let out = hooks
+            .set("acme", request("https://hooks.example.com/p", false))
+            .await
+            .unwrap();
+        let stored = hooks.settings("acme").await.unwrap().unwrap();
+        assert!(!stored.secret_sealed.contains(out.secret.expose()));
+        assert_eq!(hooks.open_secret("acme", &stored).unwrap(), out.secret);
+        assert!(hooks.open_secret("globex", &stored).is_err());
+        assert!(!format!("{stored:?}").contains(&stored.secret_sealed));
+    }
+
+    #[tokio::test]
+    async fn waiting_queues_a_delivery_only_where_a_webhook_is_set() {
+        let store = Store::open_memory().await.unwrap();
+        let hooks = service(&store);
+        hooks.waiting("globex", "grant", "gr_1").await;
+        assert!(hooks.deliveries(None).await.unwrap().is_empty());
+
+        hooks
+            .set("acme", request("https://hooks.example.com/p", false))
+            .await
+            .unwrap();
+        hooks.waiting("acme", "op", "op_7").await;
+        let d = hooks.deliveries(Some("acme")).await.unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].state, d[0].attempts, d[0].target.as_str()),
+            (
+                schedule::DeliveryState::Pending,
+                0,
+                "https://hooks.example.com/p"
+            )
+        );
+        let body: serde_json::Value = serde_json::from_str(&d[0].body).unwrap();
+        assert_eq!(
+            (body["id"].as_str(), body["kind"].as_str()),
+            (Some("op_7"), Some("op"))
+        );
+        assert_eq!(body["delivery"].as_str(), Some(d[0].id.as_str()));
+        let shown = delivery_json(&d[0]);
+        for k in [
+            "id",
+            "event",
+            "target",
+            "attempts",
+            "last_status",
+            "last_error",
+            "next_attempt_at",
+            "delivered_at",
+        ] {
+            assert!(shown.get(k).is_some(), "{k} missing from {shown}");
+        }
+
+        // Cleared: the pending delivery is given up, new events queue nothing.
+        assert_eq!(hooks.clear("acme").await.unwrap(), 1);
+        hooks.waiting("acme", "op", "op_8").await;
+        let d = hooks.deliveries(Some("acme")).await.unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].state, schedule::DeliveryState::Failed);
+    }
+
     #[test]
     fn ca_files_must_hold_certificates() {
         assert!(check_ca_pem("").is_err());
