@@ -127,7 +127,7 @@ impl Webhooks {
 
 fn check_ca_pem(pem: &str) -> Result<(), ApiError> {
     use rustls_pki_types::{pem::PemObject, CertificateDer};
-    let hint = "give --ca-file a PEM file with the CA certificate(s) the receiver's chain ends in";
+    let hint = "give --receiver-ca-file a PEM file with the CA certificate(s) the receiver's chain ends in";
     if pem.len() > MAX_CA_PEM {
         return Err(ApiError::invalid("the webhook CA file is larger than 64 KiB").hint(hint));
     }

@@ -41,7 +41,7 @@ impl TargetError {
         let hint = match self {
             TargetError::NotHttps(_) => {
                 "webhooks are delivered over https:// only; put a TLS-terminating proxy in \
-                 front of a plain-http receiver and pass its CA with --ca-file"
+                 front of a plain-http receiver and pass its CA with --receiver-ca-file"
                     .to_string()
             }
             TargetError::Invalid { .. } => {
