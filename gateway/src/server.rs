@@ -336,7 +336,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         tasks: tasks.clone(),
     });
     let webhooks = Arc::new(crate::webhooks::Webhooks::new(
-        store.clone(),
+        Arc::new(store.clone()),
         Arc::new(SystemClock),
         crate::webhooks::sealed::SecretBox::derive(&ca.key_pem())
             .context("deriving the webhook secrets' key")?,

@@ -14,9 +14,10 @@ mod worker;
 use crate::{
     identity::random_hex,
     ports::{Clock, Notifier},
-    store::{DeliveryRow, NewDelivery, Store, WebhookSettings},
+    store::{AttemptRecord, DeliveryRow, NewDelivery, Store, StoreResult, WebhookSettings},
 };
 use endpoint_types::{secret::Secret, ApiError};
+use jiff::Timestamp;
 use sealed::SecretBox;
 use std::sync::Arc;
 
@@ -43,9 +44,75 @@ pub struct SetOutcome {
     pub superseded: u64,
 }
 
+/// What the webhook service and its worker ask of the store (see `store/webhooks.rs`).
+#[async_trait::async_trait]
+pub trait WebhookStore: Send + Sync {
+    async fn set_webhook(
+        &self,
+        customer: &str,
+        settings: Option<&WebhookSettings>,
+        now: Timestamp,
+    ) -> StoreResult<u64>;
+    async fn webhook(&self, customer: &str) -> StoreResult<Option<WebhookSettings>>;
+    async fn enqueue_delivery(&self, d: &NewDelivery, now: Timestamp) -> StoreResult<u64>;
+    async fn due_deliveries(&self, now: Timestamp, limit: i64) -> StoreResult<Vec<DeliveryRow>>;
+    async fn next_delivery_due(&self) -> StoreResult<Option<Timestamp>>;
+    async fn claim_delivery(
+        &self,
+        id: &str,
+        seen_due: Timestamp,
+        lease_until: Timestamp,
+    ) -> StoreResult<bool>;
+    async fn record_attempt(&self, id: &str, a: &AttemptRecord<'_>) -> StoreResult<bool>;
+    async fn deliveries(&self, customer: Option<&str>, limit: i64)
+        -> StoreResult<Vec<DeliveryRow>>;
+}
+
+#[async_trait::async_trait]
+impl WebhookStore for Store {
+    async fn set_webhook(
+        &self,
+        customer: &str,
+        settings: Option<&WebhookSettings>,
+        now: Timestamp,
+    ) -> StoreResult<u64> {
+        Store::set_webhook(self, customer, settings, now).await
+    }
+    async fn webhook(&self, customer: &str) -> StoreResult<Option<WebhookSettings>> {
+        Store::webhook(self, customer).await
+    }
+    async fn enqueue_delivery(&self, d: &NewDelivery, now: Timestamp) -> StoreResult<u64> {
+        Store::enqueue_delivery(self, d, now).await
+    }
+    async fn due_deliveries(&self, now: Timestamp, limit: i64) -> StoreResult<Vec<DeliveryRow>> {
+        Store::due_deliveries(self, now, limit).await
+    }
+    async fn next_delivery_due(&self) -> StoreResult<Option<Timestamp>> {
+        Store::next_delivery_due(self).await
+    }
+    async fn claim_delivery(
+        &self,
+        id: &str,
+        seen_due: Timestamp,
+        lease_until: Timestamp,
+    ) -> StoreResult<bool> {
+        Store::claim_delivery(self, id, seen_due, lease_until).await
+    }
+    async fn record_attempt(&self, id: &str, a: &AttemptRecord<'_>) -> StoreResult<bool> {
+        Store::record_attempt(self, id, a).await
+    }
+    async fn deliveries(
+        &self,
+        customer: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<DeliveryRow>> {
+        Store::deliveries(self, customer, limit).await
+    }
+}
+
 /// Sets webhooks, queues deliveries and hands them to the worker.
 pub struct Webhooks {
-    store: Store,
+    store: Arc<dyn WebhookStore>,
     clock: Arc<dyn Clock>,
     secrets: SecretBox,
     /// Rung when a delivery is queued, so the worker need not poll.
@@ -59,7 +126,11 @@ impl std::fmt::Debug for Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(store: Store, clock: Arc<dyn Clock>, secrets: SecretBox) -> Webhooks {
+    pub fn new(
+        store: Arc<dyn WebhookStore>,
+        clock: Arc<dyn Clock>,
+        secrets: SecretBox,
+    ) -> Webhooks {
         Webhooks {
             store,
             clock,
@@ -226,7 +297,7 @@ mod tests {
             jiff::Timestamp::from_second(1_800_000_000).unwrap(),
         );
         Webhooks::new(
-            store.clone(),
+            Arc::new(store.clone()),
             Arc::new(clock),
             SecretBox::derive(&Secret::new("test CA key")).unwrap(),
         )
