@@ -51,6 +51,8 @@ pub struct ApiState {
     /// The approval webhook's settings and deliveries.
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub handshake_timeout: Duration,
+    /// Caps the unauthenticated TLS handshakes the API holds (`crate::admission`).
+    pub door: Arc<crate::admission::Door>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
 }
@@ -863,18 +865,9 @@ async fn audit_teardown(
 pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
     let app = router(gw.clone());
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = gw.shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, remote, permit)) =
+        crate::admission::accept_admitted(&gw.door, &gw.shutdown, &listener).await
+    {
         let (acceptor, app, gw2) = (acceptor.clone(), app.clone(), gw.clone());
         gw.tasks.spawn(async move {
             let tls = match tokio::time::timeout(gw2.handshake_timeout, acceptor.accept(tcp)).await {
@@ -882,6 +875,8 @@ pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "API TLS handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "API TLS handshake timed out"),
             };
+            // Requests carry their token; the handshake was the unauthenticated part.
+            drop(permit);
             let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

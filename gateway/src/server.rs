@@ -321,6 +321,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let live_endpoints = Arc::new(EndpointRegistry::default());
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     let data_dir = absolute(&cfg.data_dir);
+    let doors = crate::admission::FrontDoors::new(cfg.limits.unauthenticated);
     let front = Arc::new(FrontEndContext {
         endpoints: live_endpoints.clone(),
         agents: agents.clone(),
@@ -334,6 +335,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         data_dir: data_dir.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        doors: doors.clone(),
     });
     let webhooks = Arc::new(crate::webhooks::Webhooks::new(
         Arc::new(store.clone()),
@@ -417,6 +419,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
+    let denied = crate::denied_aggregate::DeniedTrail::new(
+        cfg.limits.denied_window,
+        cfg.limits.denied_max_sources,
+    );
     let relay_state = Arc::new(crate::relay::Relay {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),
@@ -431,7 +437,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         tasks: gateway.tasks.clone(),
         audit_key: audit_heads.public_key().to_string(),
         gateway_heads: audit_heads.subscribe(),
+        door: doors.relay.clone(),
+        denied: denied.clone(),
     });
+    gateway.tasks.spawn(crate::denied_aggregate::run(
+        denied,
+        gateway.audit.clone(),
+        gateway.shutdown.clone(),
+    ));
     gateway.tasks.spawn(
         audit_heads
             .clone()
@@ -473,6 +486,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         token_uses: Arc::new(crate::api_tokens::LastUse::default()),
         webhooks: gateway.webhooks.clone(),
         handshake_timeout: gateway.limits.handshake_timeout,
+        door: doors.api.clone(),
         shutdown: gateway.shutdown.clone(),
         tasks: gateway.tasks.clone(),
     });

@@ -50,6 +50,7 @@ pub(super) async fn connection(
     front: Arc<Front>,
     tcp: TcpStream,
     client: SocketAddr,
+    permit: crate::admission::Permit,
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::select! {
@@ -62,6 +63,8 @@ pub(super) async fn connection(
                 r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&ctx, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
                 _ = ep.cancel.cancelled() => None,
             };
+            // SCRAM is done (or failed): past the unauthenticated part.
+            drop(permit);
             match ready {
                 Some((tls, auth, Policy::Forward(forward))) => {
                     run(ctx, front, tls, ep, auth, forward, client).await

@@ -106,11 +106,11 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
         Err(e) => return tracing::error!("ssh front end disabled: {}", e.message),
     };
     let config = Arc::new(config(key));
-    while let Some((tcp, client)) =
-        super::session::accept_next(&ctx.shutdown, &listener, "ssh front end").await
+    while let Some((tcp, client, permit)) =
+        crate::admission::accept_admitted(&ctx.doors.ssh, &ctx.shutdown, &listener).await
     {
         ctx.tasks
-            .spawn(connection(ctx.clone(), config.clone(), tcp, client));
+            .spawn(connection(ctx.clone(), config.clone(), tcp, client, permit));
     }
 }
 
@@ -121,6 +121,7 @@ async fn connection(
     config: Arc<Config>,
     tcp: TcpStream,
     client: SocketAddr,
+    permit: crate::admission::Permit,
 ) {
     let _ = tcp.set_nodelay(true);
     let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
@@ -165,6 +166,8 @@ async fn connection(
             return;
         }
     };
+    // Authenticated: past the unauthenticated part.
+    drop(permit);
     tokio::select! {
         _ = &mut running => {}
         _ = ep.cancel.cancelled() => {
