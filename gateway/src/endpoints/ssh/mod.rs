@@ -22,9 +22,6 @@ use russh::{
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
-/// An unauthenticated client has this long to finish its handshake and authenticate.
-pub const AUTH_GRACE: Duration = Duration::from_secs(10);
-
 /// At create: the credential must be one OpenSSH public key line.
 pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     let Some(ClientCredential::Ssh { public_key }) = cred else {
@@ -114,7 +111,7 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
     }
 }
 
-/// One client connection: authentication within [`AUTH_GRACE`], then until the client leaves
+/// One client connection: authentication within `[limits] handshake_timeout`, then until the client leaves
 /// or the endpoint ends (retire, expiry, revocation), which disconnects it at once.
 async fn connection(
     ctx: Arc<FrontEndContext>,
@@ -126,7 +123,7 @@ async fn connection(
     let _ = tcp.set_nodelay(true);
     let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
     let handler = server::Conn::new(ctx.clone(), client, auth_tx);
-    let grace = tokio::time::sleep(AUTH_GRACE);
+    let grace = tokio::time::sleep(ctx.limits.handshake_timeout);
     tokio::pin!(grace);
     let running = tokio::select! {
         r = russh::server::run_stream(config, tcp, handler) => r,
