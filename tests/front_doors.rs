@@ -126,7 +126,7 @@ async fn an_enrollment_connection_gets_one_stream_and_a_small_window() -> Result
     let (mut first, _first_recv) = conn.open_bi().await?;
     first.write_all(&[0, 0]).await?;
     let second = tokio::time::timeout(Duration::from_secs(3), conn.open_bi()).await;
-    assert!(second.is_err(), "a second stream was granted: {second:?}");
+    assert!(second.is_err(), "a second stream was granted");
     conn.close(0u32.into(), b"");
 
     // The window: a length prefix for the largest enrollment frame (64 KiB), then as much as
