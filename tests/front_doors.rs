@@ -69,7 +69,11 @@ async fn an_address_that_never_acknowledges_draws_at_most_three_times_what_it_se
     let dir = tempfile::tempdir()?;
     let gw = tokio::task::block_in_place(|| Gateway::start(&dir.path().join("gw")))?;
     let initial = captured_initial(&gw).await?;
-    assert!(initial.len() >= 1200, "an Initial is padded: {}", initial.len());
+    assert!(
+        initial.len() >= 1200,
+        "an Initial is padded: {}",
+        initial.len()
+    );
 
     // Replayed from a socket that never answers: whatever the relay sends is counted.
     let raw = UdpSocket::bind("127.0.0.1:0")?;
@@ -150,7 +154,10 @@ async fn an_enrollment_connection_gets_one_stream_and_a_small_window() -> Result
         pushed <= read_by_relay + 64 * 1024,
         "pushed {pushed} B into an enrollment connection"
     );
-    assert!(pushed > 64 * 1024, "the test pushed too little to tell: {pushed} B");
+    assert!(
+        pushed > 64 * 1024,
+        "the test pushed too little to tell: {pushed} B"
+    );
     conn.close(0u32.into(), b"");
     Ok(())
 }
@@ -283,7 +290,12 @@ impl Clients {
     /// The API (the CLI), psql, kubectl and ssh each do one thing that needs the agent.
     fn all_work(&self, w: &World) -> Result<()> {
         let listed = w.gw.cli(&["appliance", "list"])?.ok()?;
-        assert!(listed["appliances"].as_array().is_some_and(|a| !a.is_empty()), "{listed}");
+        assert!(
+            listed["appliances"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            "{listed}"
+        );
         let out = Command::new(PgCluster::bin_dir().join("psql"))
             .arg(&self.psql)
             .args(["-X", "-At", "-c", "SELECT name FROM app.items"])
@@ -417,7 +429,9 @@ async fn quic_flood(
         let mut opening = tokio::task::JoinSet::new();
         for _ in 0..PER_SOURCE {
             let connecting = ep.connect(gw_relay, "127.0.0.1")?;
-            opening.spawn(async move { tokio::time::timeout(Duration::from_secs(40), connecting).await });
+            opening.spawn(async move {
+                tokio::time::timeout(Duration::from_secs(40), connecting).await
+            });
         }
         while let Some(conn) = opening.join_next().await {
             held.push(conn?.context("QUIC flood connect timed out")??);
@@ -460,7 +474,11 @@ fn still_held(sample: &[tokio::net::TcpStream]) -> usize {
 
 /// Enrollment streams with a garbage token from one source, certificate-less tunnel attempts
 /// from another; returns how many of each were answered.
-async fn enrollment_flood(relay: SocketAddr, fingerprint: &str, ca_pem: &str) -> Result<(u64, u64)> {
+async fn enrollment_flood(
+    relay: SocketAddr,
+    fingerprint: &str,
+    ca_pem: &str,
+) -> Result<(u64, u64)> {
     let pinned = certs::pinned_client_config(fingerprint, vec![ALPN_ENROLL.to_vec()])?;
     let ep = quic_client(loopback(FIRST_SOURCE + SOURCES), pinned)?;
     let mut request = BytesMut::new();
@@ -520,8 +538,14 @@ async fn enrollment_flood(relay: SocketAddr, fingerprint: &str, ca_pem: &str) ->
 
 fn denied_from(records: &[Value], source: IpAddr) -> (usize, u64) {
     let actor = format!("agent@{source}");
-    let mine: Vec<&Value> = records.iter().filter(|r| r["actor"] == actor.as_str()).collect();
-    let count = mine.iter().filter_map(|r| r["detail"]["count"].as_u64()).sum();
+    let mine: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["actor"] == actor.as_str())
+        .collect();
+    let count = mine
+        .iter()
+        .filter_map(|r| r["detail"]["count"].as_u64())
+        .sum();
     (mine.len(), count)
 }
 
@@ -583,7 +607,11 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
         }
         let pinned = certs::pinned_client_config(&w.gw.ca_fingerprint, vec![ALPN_ENROLL.to_vec()])?;
         let ep = quic_client(loopback(FIRST_SOURCE), pinned)?;
-        let r = tokio::time::timeout(Duration::from_secs(10), ep.connect(w.gw.relay, "127.0.0.1")?).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            ep.connect(w.gw.relay, "127.0.0.1")?,
+        )
+        .await;
         assert!(
             matches!(r, Ok(Err(quinn::ConnectionError::ConnectionClosed(_)))),
             "the QUIC client past the cap: {r:?}"
@@ -591,16 +619,29 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
         anyhow::Ok(())
     })?;
 
-    let (enrolls, no_certs) = rt.block_on(enrollment_flood(w.gw.relay, &w.gw.ca_fingerprint, &ca_pem))?;
+    let (enrolls, no_certs) =
+        rt.block_on(enrollment_flood(w.gw.relay, &w.gw.ca_fingerprint, &ca_pem))?;
     let rss_flooded = vm_rss_kib(w.gw.pid())?;
 
     // The real clients, while all of that is held.
     c.all_work(&w).map_err(|e| anyhow!("{e}\n{}", w.logs()))?;
-    for (what, held) in [("api", &api_held), ("kube", &kube_held), ("postgres", &pg_held), ("ssh", &ssh_held)] {
+    for (what, held) in [
+        ("api", &api_held),
+        ("kube", &kube_held),
+        ("postgres", &pg_held),
+        ("ssh", &ssh_held),
+    ] {
         let sample = held.get(..200).unwrap_or_default();
-        assert_eq!(still_held(sample), sample.len(), "{what}: flood sockets were dropped early");
+        assert_eq!(
+            still_held(sample),
+            sample.len(),
+            "{what}: flood sockets were dropped early"
+        );
     }
-    assert!(quic_held.iter().all(|c| c.close_reason().is_none()), "QUIC flood connections were dropped early");
+    assert!(
+        quic_held.iter().all(|c| c.close_reason().is_none()),
+        "QUIC flood connections were dropped early"
+    );
     let held_for = started.elapsed();
     let rss_end = vm_rss_kib(w.gw.pid())?;
     println!(
@@ -637,7 +678,10 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
         last = (e_records, e_count, c_records, c_count);
         e_count == 300 && c_count == 50
     });
-    assert!(complete, "denied records (records, count) per source: {last:?}");
+    assert!(
+        complete,
+        "denied records (records, count) per source: {last:?}"
+    );
     let (e_records, _, c_records, _) = last;
     // The floods took a few seconds: a handful of windows, never one record per refusal.
     assert!(e_records <= 15 && c_records <= 15, "{last:?}");
@@ -647,7 +691,10 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
         .find(|r| r["actor"] == format!("agent@{enroll_source}").as_str())
         .ok_or_else(|| anyhow!("no denied record of {enroll_source}"))?;
     assert_eq!(sample["detail"]["action"], "enroll", "{sample}");
-    assert_eq!(sample["detail"]["code"], "ENROLLMENT_TOKEN_INVALID", "{sample}");
+    assert_eq!(
+        sample["detail"]["code"], "ENROLLMENT_TOKEN_INVALID",
+        "{sample}"
+    );
     assert_eq!(sample["detail"]["aggregated"], true, "{sample}");
     Ok(())
 }

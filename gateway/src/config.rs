@@ -189,4 +189,26 @@ mod tests {
             .to_string();
         assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
     }
+
+    #[test]
+    fn front_door_limits_have_defaults_and_can_be_set() {
+        let cfg = parse("data_dir = \"d\"\n", Path::new("g.toml")).unwrap();
+        assert_eq!(cfg.limits.unauthenticated.total, 1024);
+        assert_eq!(cfg.limits.unauthenticated.per_source, 64);
+        assert_eq!(cfg.limits.denied_window, Duration::from_secs(60));
+        assert_eq!(cfg.limits.denied_max_sources, 1024);
+        let cfg = parse(
+            "data_dir = \"d\"\n[limits]\nunauthenticated_max = 10\nunauthenticated_max_per_source = 0\n\
+             denied_window = \"2s\"\ndenied_max_sources = 5\n",
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.unauthenticated.total, 10);
+        assert_eq!(
+            cfg.limits.unauthenticated.per_source, 1,
+            "0 would refuse everyone"
+        );
+        assert_eq!(cfg.limits.denied_window, Duration::from_secs(2));
+        assert_eq!(cfg.limits.denied_max_sources, 5);
+    }
 }

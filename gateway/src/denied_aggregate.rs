@@ -282,7 +282,10 @@ mod tests {
         }
         deny(&mut agg, 1, "192.0.2.1", "connect");
         deny(&mut agg, 2, "192.0.2.2", "enroll");
-        assert!(agg.take_closed(at(59)).is_empty(), "the window is still open");
+        assert!(
+            agg.take_closed(at(59)).is_empty(),
+            "the window is still open"
+        );
         let records = agg.take_closed(at(60));
         assert_eq!(records.len(), 2);
         assert_eq!(records[0].actor, "agent@192.0.2.1");
@@ -306,7 +309,10 @@ mod tests {
         assert_eq!(closed.len(), 1);
         let open = agg.take_all();
         assert_eq!(open.len(), 1);
-        assert_ne!(closed[0].detail["window_start"], open[0].detail["window_start"]);
+        assert_ne!(
+            closed[0].detail["window_start"],
+            open[0].detail["window_start"]
+        );
     }
 
     #[test]
