@@ -15,7 +15,8 @@ use postern::{
     kube_apiserver::{kubectl, KubeApiServer},
     pg_cluster::{Options, PgCluster},
     sshd::Sshd,
-    testbed::{wait_until, Agent, Gateway},
+    tcp_endpoint::TcpCredential,
+    testbed::{echo_server, wait_until, Agent, Gateway},
 };
 use serde_json::Value;
 use std::{
@@ -31,6 +32,7 @@ const CUSTOMER: &str = "acme-corp";
 const DATABASE: &str = "aws_db_instance.main";
 const CLUSTER: &str = "aws_eks_cluster.main";
 const VM: &str = "aws_instance.worker";
+const ECHO: &str = "null_resource.echo";
 
 fn quic_client(bind: IpAddr, tls: rustls::ClientConfig) -> Result<quinn::Endpoint> {
     let mut ep = quinn::Endpoint::client(SocketAddr::new(bind, 0))?;
@@ -188,6 +190,7 @@ fn world(limits: &str) -> Result<World> {
     let upstream = dir.path().join("upstream.kubeconfig");
     std::fs::write(&upstream, kube.kubeconfig("default"))?;
     let sshd = Sshd::start()?;
+    let echo = echo_server()?;
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
@@ -198,7 +201,8 @@ fn world(limits: &str) -> Result<World> {
         "[policy]\napproval = \"automatic\"\n\n\
          [[resource]]\nid = \"{DATABASE}\"\nkind = \"postgres\"\nadmin_url = \"{db_url}\"\nschemas = [\"app\"]\nprivileges = [\"SELECT\"]\n\n\
          [[resource]]\nid = \"{CLUSTER}\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"my-app-prod\"]\n\n\
-         [[resource]]\nid = \"{VM}\"\nkind = \"ssh\"\nhost = \"{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\n",
+         [[resource]]\nid = \"{VM}\"\nkind = \"ssh\"\nhost = \"{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\n\n\
+         [[resource]]\nid = \"{ECHO}\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n",
         upstream.display(),
         sshd.addr,
         sshd.user,
@@ -284,6 +288,7 @@ struct Clients {
     kubeconfig: PathBuf,
     ssh_config: PathBuf,
     ssh_alias: String,
+    tcp: TcpCredential,
 }
 
 impl Clients {
@@ -328,6 +333,10 @@ impl Clients {
             "ssh: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let back = self
+            .tcp
+            .round_trip(self.tcp.address, b"through the tcp endpoint")?;
+        assert_eq!(back, b"through the tcp endpoint");
         Ok(())
     }
 }
@@ -336,6 +345,7 @@ fn clients(w: &World) -> Result<Clients> {
     let pg = w.endpoint("postgres", DATABASE)?;
     let kube = w.endpoint("kubectl", CLUSTER)?;
     let ssh = w.endpoint("ssh", VM)?;
+    let tcp = w.endpoint("tcp", ECHO)?;
     let field = |v: &Value, k: &str| {
         v[k].as_str()
             .map(str::to_string)
@@ -347,6 +357,7 @@ fn clients(w: &World) -> Result<Clients> {
         kubeconfig: PathBuf::from(field(&kube, "kubeconfig")?),
         ssh_config: PathBuf::from(field(&ssh, "ssh_config")?),
         ssh_alias: command.rsplit(' ').next().unwrap_or_default().to_string(),
+        tcp: TcpCredential::of_record(&tcp)?,
     })
 }
 
@@ -386,12 +397,16 @@ const SOURCES: u8 = 16;
 /// Per protocol: SOURCES × PER_SOURCE = 2000 held handshakes.
 const PER_SOURCE: usize = 125;
 
-/// Opens PER_SOURCE connections from each flooding source, sending `hello` (maybe nothing,
-/// never a whole handshake), and holds them.
-async fn tcp_flood(to: SocketAddr, hello: &'static [u8]) -> Result<Vec<tokio::net::TcpStream>> {
+/// Opens PER_SOURCE connections from each of `sources` flooding sources, sending `hello`
+/// (maybe nothing, never a whole handshake), and holds them.
+async fn tcp_flood(
+    to: SocketAddr,
+    sources: u8,
+    hello: &'static [u8],
+) -> Result<Vec<tokio::net::TcpStream>> {
     use tokio::io::AsyncWriteExt;
     let mut held = Vec::new();
-    for s in 0..SOURCES {
+    for s in 0..sources {
         let mut opening = tokio::task::JoinSet::new();
         for _ in 0..PER_SOURCE {
             opening.spawn(async move {
@@ -585,12 +600,16 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
     let started = Instant::now();
     // A TLS record header of a ClientHello, then nothing; a Postgres length, then nothing.
     let tls_start: &'static [u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
-    let (api_held, kube_held, pg_held, ssh_held) = rt.block_on(async {
-        let api = tcp_flood(w.gw.api, &[]).await?;
-        let kube = tcp_flood(kube, tls_start).await?;
-        let pg = tcp_flood(postgres, &[0, 0, 0, 8]).await?;
-        let ssh = tcp_flood(ssh, &[]).await?;
-        anyhow::Ok((api, kube, pg, ssh))
+    let tcp_endpoint = c.tcp.address;
+    // The tcp endpoint's listener gets one source's share (its cap is what is shown there).
+    let (api_held, kube_held, pg_held, ssh_held, tcp_held) = rt.block_on(async {
+        tokio::try_join!(
+            tcp_flood(w.gw.api, SOURCES, &[]),
+            tcp_flood(kube, SOURCES, tls_start),
+            tcp_flood(postgres, SOURCES, &[0, 0, 0, 8]),
+            tcp_flood(ssh, SOURCES, &[]),
+            tcp_flood(tcp_endpoint, 1, tls_start),
+        )
     })?;
     let tcp_secs = started.elapsed().as_secs_f64();
     let (_quic_eps, quic_held) = rt.block_on(quic_flood(w.gw.relay, &w.gw.ca_fingerprint))?;
@@ -598,11 +617,12 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
     for held in [&api_held, &kube_held, &pg_held, &ssh_held] {
         assert_eq!(held.len(), held_per_protocol);
     }
+    assert_eq!(tcp_held.len(), PER_SOURCE);
     assert_eq!(quic_held.len(), usize::from(QUIC_SOURCES) * PER_SOURCE);
 
     // Past a source's share, new ones are refused at once on every listener.
     rt.block_on(async {
-        for to in [w.gw.api, kube, postgres, ssh] {
+        for to in [w.gw.api, kube, postgres, ssh, tcp_endpoint] {
             refused_at_once(to).await?;
         }
         let pinned = certs::pinned_client_config(&w.gw.ca_fingerprint, vec![ALPN_ENROLL.to_vec()])?;
@@ -630,6 +650,7 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
         ("kube", &kube_held),
         ("postgres", &pg_held),
         ("ssh", &ssh_held),
+        ("tcp", &tcp_held),
     ] {
         let sample = held.get(..200).unwrap_or_default();
         assert_eq!(
@@ -665,7 +686,7 @@ fn thousands_of_held_handshakes_leave_the_real_clients_working() -> Result<()> {
     );
     assert_eq!(enrolls, 300, "every refused enrollment was answered");
     assert_eq!(no_certs, 50);
-    drop((api_held, kube_held, pg_held, ssh_held, quic_held));
+    drop((api_held, kube_held, pg_held, ssh_held, tcp_held, quic_held));
 
     // The trail: one aggregated record per source and 2 s window, the counts adding up.
     let enroll_source = loopback(FIRST_SOURCE + SOURCES);
