@@ -144,13 +144,21 @@ pub fn router(gw: Gw) -> Router {
         .with_state(gw)
 }
 
-async fn whoami(caller: Caller) -> Json<Identity> {
-    Json(Identity {
+async fn whoami(State(gw): State<Gw>, caller: Caller) -> ApiResult<Identity> {
+    // The token's lifetime is read here rather than carried in every request's Caller.
+    let expires_at = gw
+        .store
+        .get_token(&caller.token_id)
+        .await
+        .map_err(internal)?
+        .and_then(|t| t.expires_at);
+    Ok(Json(Identity {
         id: caller.token_id,
         role: caller.role,
         name: caller.name,
         customer: caller.customer,
-    })
+        expires_at,
+    }))
 }
 
 fn internal(e: impl std::fmt::Display) -> Failure {

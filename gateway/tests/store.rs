@@ -316,6 +316,7 @@ fn op(id: &str, appliance_id: &str, at: i64) -> OpRow {
         truncated: false,
         error: None,
         message: None,
+        requested_by_id: None,
     }
 }
 

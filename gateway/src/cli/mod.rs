@@ -330,12 +330,15 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
             match out {
                 OutputFormat::Json => print_json(&me),
                 OutputFormat::Text => println!(
-                    "{} ({}{})",
+                    "{} ({}{}), {}",
                     me.name,
                     me.role.as_str(),
                     me.customer
                         .map(|c| format!(", customer {c}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    me.expires_at
+                        .map(|t| format!("expires {t}"))
+                        .unwrap_or_else(|| "never expires".into())
                 ),
             }
         }

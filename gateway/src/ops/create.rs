@@ -81,6 +81,7 @@ impl Ops {
             timeout,
             state: OpState::PendingApproval,
             requested_by: caller.actor(),
+            requested_by_id: Some(caller.token_id.clone()).filter(|id| !id.is_empty()),
             requested_at: now,
             grant_id: Some(grant.id),
             command_approved_by: None,

@@ -233,6 +233,7 @@ pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
         started_at: row.started_at,
         finished_at: row.finished_at,
         error: if row.state.is_final() { error } else { None },
+        requested_by_id: row.requested_by_id.clone(),
     }
 }
 

@@ -117,6 +117,11 @@ fn migrator() -> Migrator {
             "token lifetimes",
             include_str!("../../migrations/0009_token_lifetimes.sql"),
         ),
+        m(
+            14,
+            "op requester id",
+            include_str!("../../migrations/0014_op_requester_id.sql"),
+        ),
     ])
 }
 
