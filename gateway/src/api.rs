@@ -512,20 +512,8 @@ async fn steady_state(
         "change steady-state access (a customer decision)",
     )?;
     caller.require_customer(&req.customer)?;
-    let a = gw
-        .store
-        .find_appliance(&req.app, &req.customer)
-        .await
-        .map_err(internal)?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!(
-                    "no appliance for app {} and customer {}",
-                    req.app, req.customer
-                ),
-            )
-        })?;
+    let found = gw.store.find_appliance(&req.app, &req.customer).await;
+    let a = crate::lookup::registered(found, &req.app, &req.customer)?;
     gw.store
         .set_steady_state(&a.id, req.enabled)
         .await

@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod framed;
 pub mod grants;
 pub mod identity;
+pub mod lookup;
 pub mod notify;
 pub mod ops;
 pub mod ports;

@@ -8,10 +8,11 @@ mod control;
 mod dev;
 mod play;
 mod profile;
+mod store_location;
 mod teardown;
 mod tokens;
 
-use crate::{config, server};
+use crate::server;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::ApiClient;
 use endpoint_types::{
@@ -88,25 +89,14 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServerArgs {
-    /// Gateway config file (TOML).
-    #[arg(
-        long,
-        conflicts_with = "data_dir",
-        required_unless_present = "data_dir"
-    )]
-    config: Option<PathBuf>,
-    /// Data dir: CA, store, admin token.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    location: store_location::StoreLocation,
     /// API listen address (TCP).
     #[arg(long)]
     api: Option<std::net::SocketAddr>,
     /// Relay listen address (UDP).
     #[arg(long)]
     relay: Option<std::net::SocketAddr>,
-    /// Store URL (`sqlite:PATH`); default: the embedded store in the data dir.
-    #[arg(long)]
-    store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -379,19 +369,12 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
 }
 
 async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError> {
-    let mut cfg = match (&args.config, &args.data_dir) {
-        (Some(path), _) => config::load(path).map_err(|e| ApiError::invalid(e.to_string()))?,
-        (None, Some(dir)) => config::GatewayConfig::new(dir.clone()),
-        (None, None) => return Err(ApiError::invalid("give --config FILE or --data-dir DIR")),
-    };
+    let mut cfg = args.location.gateway_config()?;
     if let Some(a) = args.api {
         cfg.api = a;
     }
     if let Some(r) = args.relay {
         cfg.relay = r;
-    }
-    if args.store.is_some() {
-        cfg.store = args.store;
     }
     let running = server::start(cfg).await.map_err(|e| {
         match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
