@@ -5,7 +5,7 @@
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{
-    bin, echo_round_trip, echo_server, terminate, wait_until, Agent, CliOutput, Gateway,
+    bin, echo_round_trip, echo_server, id_of, terminate, wait_until, Agent, CliOutput, Gateway,
 };
 use serde_json::Value;
 use std::{
@@ -26,14 +26,7 @@ fn setup(dir: &Path) -> Result<(Gateway, Agent)> {
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n"
     );
-    let mut agent = Agent::enroll(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
+    let agent = Agent::online(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
     let grant = gw.request_operate(APP, CUSTOMER, "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     Ok((gw, agent))
@@ -641,22 +634,8 @@ fn manual_setup(dir: &Path) -> Result<(Gateway, Agent)> {
         kubectl.display(),
         kubeconfig.display()
     );
-    let mut agent = Agent::enroll(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
+    let agent = Agent::online(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
     Ok((gw, agent))
-}
-
-fn id_of(v: &Value) -> Result<String> {
-    v["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("no id in {v}"))
 }
 
 fn timestamp(v: &Value) -> Result<jiff::Timestamp> {
