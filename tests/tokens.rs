@@ -664,7 +664,14 @@ fn ops_keep_the_requesters_token_id_whoami_shows_expiry_and_a_creator_token_that
     let carol_token = secret(&carol)?;
     let alice = create(
         &gw,
-        &["--role", "operator", "--name", "alice@vendor.example", "--ttl", "1h"],
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "alice@vendor.example",
+            "--ttl",
+            "1h",
+        ],
     )?
     .ok()?;
     let (alice_token, alice_id) = (secret(&alice)?, id_of(&alice)?);
@@ -718,7 +725,14 @@ fn ops_keep_the_requesters_token_id_whoami_shows_expiry_and_a_creator_token_that
     // token expired: the endpoint does not become active, and the approver is told why.
     let dave = create(
         &gw,
-        &["--role", "operator", "--name", "dave@vendor.example", "--ttl", "6s"],
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "dave@vendor.example",
+            "--ttl",
+            "6s",
+        ],
     )?
     .ok()?;
     let (dave_token, dave_id) = (secret(&dave)?, id_of(&dave)?);
@@ -745,7 +759,11 @@ fn ops_keep_the_requesters_token_id_whoami_shows_expiry_and_a_creator_token_that
     );
     let err = &late.json["error"];
     assert!(!err["hint"].as_str().unwrap_or("").is_empty(), "{err}");
-    assert_eq!(err["details"]["creator_token_id"], dave_id.as_str(), "{err}");
+    assert_eq!(
+        err["details"]["creator_token_id"],
+        dave_id.as_str(),
+        "{err}"
+    );
     let ended = gw.cli(&["ops", "endpoint", "get", &ep_id])?.ok()?;
     assert_eq!(ended["state"], "expired", "{ended}");
     assert!(ended["address"].is_null(), "{ended}");

@@ -680,7 +680,15 @@ impl OpRunner {
                     &d.op_id,
                     &d.operator,
                 );
-                match crate::kube::op_proxy::start(&self.inner.kube, r, &auth.argv, dir.path(), sink).await {
+                match crate::kube::op_proxy::start(
+                    &self.inner.kube,
+                    r,
+                    &auth.argv,
+                    dir.path(),
+                    sink,
+                )
+                .await
+                {
                     Ok(k) => Some(k),
                     Err(e) => {
                         self.abandon(&d.op_id, e.is_denial());

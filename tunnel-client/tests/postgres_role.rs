@@ -54,11 +54,13 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
     let res = resource(&url);
     postgres::validate_config(&res).unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    roles.prepare_role(&res, "ep_roletest1", expires)
+    roles
+        .prepare_role(&res, "ep_roletest1", expires)
         .await
         .unwrap();
     // Announced again (agent reconnect): nothing changes.
-    roles.prepare_role(&res, "ep_roletest1", expires)
+    roles
+        .prepare_role(&res, "ep_roletest1", expires)
         .await
         .unwrap();
     let role = roles.ready_role("ep_roletest1").await.unwrap();
@@ -165,7 +167,8 @@ async fn a_role_left_by_a_crashed_agent_is_replaced() {
     );
     let res = resource(&url);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
-    roles.prepare_role(&res, "ep_leftover1", expires)
+    roles
+        .prepare_role(&res, "ep_leftover1", expires)
         .await
         .unwrap();
     let role = roles.ready_role("ep_leftover1").await.unwrap();
@@ -266,7 +269,8 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
         let (res, roles) = (resource(&url), roles.clone());
         async move {
             postgres::validate_config(&res).map_err(|e| format!("config: {e}"))?;
-            roles.prepare_role(&res, &format!("ep_tls{n}"), expires)
+            roles
+                .prepare_role(&res, &format!("ep_tls{n}"), expires)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -312,9 +316,7 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
     let role = roles.ready_role("ep_tls0").await.unwrap();
     assert_eq!(role.admin.tls.mode, postgres::tls::SslMode::VerifyFull);
     for n in 0..3 {
-        roles.teardown_role(&format!("ep_tls{n}"))
-            .await
-            .unwrap();
+        roles.teardown_role(&format!("ep_tls{n}")).await.unwrap();
     }
 }
 
@@ -341,7 +343,8 @@ async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
     .await
     .unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    roles.prepare_role(&res, "ep_owner1", expires)
+    roles
+        .prepare_role(&res, "ep_owner1", expires)
         .await
         .unwrap();
     let role = roles.ready_role("ep_owner1").await.unwrap();
@@ -385,7 +388,8 @@ async fn create_outside_scope_and_powerful_owners_are_refused() {
     let url = cluster.create_database("pubcreate");
     cluster.psql(&url, "CREATE SCHEMA app; GRANT CREATE ON SCHEMA public TO PUBLIC; CREATE ROLE creator_t NOLOGIN CREATEROLE;");
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    let e = roles.prepare_role(&resource(&url), "ep_pub1", expires)
+    let e = roles
+        .prepare_role(&resource(&url), "ep_pub1", expires)
         .await
         .unwrap_err()
         .to_string();
@@ -399,7 +403,8 @@ async fn create_outside_scope_and_powerful_owners_are_refused() {
     );
     assert_eq!(none.trim(), "0", "the refused role is not left behind");
     cluster.psql(&url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC");
-    roles.prepare_role(&resource(&url), "ep_pub2", expires)
+    roles
+        .prepare_role(&resource(&url), "ep_pub2", expires)
         .await
         .unwrap();
     roles.teardown_role("ep_pub2").await.unwrap();
@@ -409,7 +414,8 @@ async fn create_outside_scope_and_powerful_owners_are_refused() {
         .await
         .unwrap_err();
     assert!(e.message.contains("\"creator_t\" has CREATEROLE"), "{e:?}");
-    let e = roles.prepare_role(&resource_with(&url, bad), "ep_pub3", expires)
+    let e = roles
+        .prepare_role(&resource_with(&url, bad), "ep_pub3", expires)
         .await
         .unwrap_err()
         .to_string();

@@ -521,11 +521,7 @@ fn print_endpoint_text(e: &EndpointRecord) {
     }
 }
 
-async fn endpoint(
-    cmd: EndpointCmd,
-    c: &ApiClient,
-    out: OutputFormat,
-) -> Result<Outcome, ApiError> {
+async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<Outcome, ApiError> {
     let mut outcome = Outcome::Done;
     let rec: EndpointRecord = match cmd {
         EndpointCmd::Create {

@@ -98,7 +98,12 @@ impl Endpoints {
             d.extend(w.clone());
         }
         self.audit
-            .record("endpoint.expired", "system:gateway", subject.clone(), detail)
+            .record(
+                "endpoint.expired",
+                "system:gateway",
+                subject.clone(),
+                detail,
+            )
             .await;
         err
     }
@@ -182,7 +187,9 @@ impl Endpoints {
             Ok(end) => end,
             Err(err) => {
                 let why = serde_json::json!({"creator_token_id": row.created_by_id});
-                return Err(refused(self.expire_undecidable(id, &subject, now, why, err).await).await);
+                return Err(
+                    refused(self.expire_undecidable(id, &subject, now, why, err).await).await,
+                );
             }
         };
         let expires_at = [

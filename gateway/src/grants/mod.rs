@@ -126,7 +126,11 @@ impl Grants {
     }
 
     async fn appliance_of(&self, app: &str, customer: &str) -> Result<ApplianceRow, ApiError> {
-        lookup::registered(self.store.find_appliance(app, customer).await, app, customer)
+        lookup::registered(
+            self.store.find_appliance(app, customer).await,
+            app,
+            customer,
+        )
     }
 
     pub async fn request(

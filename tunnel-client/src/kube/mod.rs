@@ -10,7 +10,6 @@ pub mod op_proxy;
 mod proxy;
 mod upstream;
 
-
 use crate::{
     audit::Entry,
     config::ResourceConfig,

@@ -345,9 +345,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink: Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync> = Arc::new(|_, _| {});
         let argv = vec!["kubectl".to_string(), "get".into(), "pods".into()];
-        let op = start(&Default::default(), &config.resources[0], &argv, dir.path(), sink)
-            .await
-            .unwrap();
+        let op = start(
+            &Default::default(),
+            &config.resources[0],
+            &argv,
+            dir.path(),
+            sink,
+        )
+        .await
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&op.kubeconfig)
@@ -395,10 +401,16 @@ mod tests {
         let config = AgentConfig::parse(text, Path::new("/etc/postern/agent.toml")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let sink: Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync> = Arc::new(|_, _| {});
-        let e = start(&Default::default(), &config.resources[0], &["kubectl".into()], dir.path(), sink)
-            .await
-            .err()
-            .unwrap();
+        let e = start(
+            &Default::default(),
+            &config.resources[0],
+            &["kubectl".into()],
+            dir.path(),
+            sink,
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(
             e.is_denial() && e.to_api_error().code == ErrorCode::ForbiddenByScope,
             "{e}"

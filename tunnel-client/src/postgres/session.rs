@@ -365,20 +365,23 @@ impl Session<'_> {
             return self.fail(&mut send, trail_fatal()).await;
         }
         let cancels = self.ctx.postgres.cancels.clone();
-        let _entry = CancelEntry(cancels.clone(), match (gw_key, real_key) {
-            (Some(gk), Some(rk)) => {
-                let k = (self.open.endpoint_id.clone(), gk);
-                cancels.lock().insert(
-                    k.clone(),
-                    RealCancel {
-                        server: self.server.clone(),
-                        key: rk,
-                    },
-                );
-                Some(k)
-            }
-            _ => None,
-        });
+        let _entry = CancelEntry(
+            cancels.clone(),
+            match (gw_key, real_key) {
+                (Some(gk), Some(rk)) => {
+                    let k = (self.open.endpoint_id.clone(), gk);
+                    cancels.lock().insert(
+                        k.clone(),
+                        RealCancel {
+                            server: self.server.clone(),
+                            key: rk,
+                        },
+                    );
+                    Some(k)
+                }
+                _ => None,
+            },
+        );
         let (mut up, mut down, mut statements) = (0u64, greeting.len() as u64, 0u64);
         let mut boundary = ServerBoundary::default();
         let end = match send.write_chunk(greeting.freeze()).await {
