@@ -40,6 +40,8 @@ pub struct Gateway {
     pub ops: Arc<Ops>,
     /// What waits for a customer approver, across grants, ops and endpoints.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// The approval webhook: settings, the durable delivery queue and its worker.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -333,10 +335,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
-    let notifier = Arc::new(crate::notify::Webhook {
-        store: store.clone(),
-        tasks: tasks.clone(),
-    });
+    let webhooks = Arc::new(crate::webhooks::Webhooks::new(
+        Arc::new(store.clone()),
+        Arc::new(SystemClock),
+        crate::webhooks::sealed::SecretBox::derive(&ca.key_pem())
+            .context("deriving the webhook secrets' key")?,
+    ));
+    tasks.spawn(crate::webhooks::run(webhooks.clone(), shutdown.clone()));
+    let notifier = webhooks.clone();
     // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
     let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
         let grants = Arc::new(Grants::new(
@@ -390,6 +396,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             grants,
             ops,
             approvals,
+            webhooks,
             store,
             audit,
             audit_heads: audit_heads.clone(),
@@ -464,6 +471,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         ops: gateway.ops.clone(),
         approvals: gateway.approvals.clone(),
         token_uses: Arc::new(crate::api_tokens::LastUse::default()),
+        webhooks: gateway.webhooks.clone(),
         handshake_timeout: gateway.limits.handshake_timeout,
         shutdown: gateway.shutdown.clone(),
         tasks: gateway.tasks.clone(),

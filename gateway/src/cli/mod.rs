@@ -11,6 +11,7 @@ mod profile;
 mod store_location;
 mod teardown;
 mod tokens;
+mod webhook;
 
 use crate::server;
 use clap::{Args, Parser, Subcommand, ValueEnum};

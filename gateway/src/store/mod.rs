@@ -13,6 +13,7 @@ mod signed;
 mod spine;
 mod teardown;
 mod tokens;
+mod webhooks;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
@@ -21,6 +22,9 @@ pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
 pub use teardown::TeardownProofRow;
 pub use tokens::{TokenRevocation, TokenRow};
+pub use webhooks::{
+    AttemptRecord, DeliveryRow, NewDelivery, WebhookSettings, DELIVERY_QUEUE_BOUND,
+};
 
 use jiff::Timestamp;
 use sqlx::{
@@ -116,6 +120,11 @@ fn migrator() -> Migrator {
             9,
             "token lifetimes",
             include_str!("../../migrations/0009_token_lifetimes.sql"),
+        ),
+        m(
+            13,
+            "signed webhooks",
+            include_str!("../../migrations/0013_signed_webhooks.sql"),
         ),
         m(
             14,
