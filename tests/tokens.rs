@@ -1,6 +1,7 @@
 //! End to end, API tokens: expiry, revocation (API and the endpoints a token made), unique and
 //! non-system names, customer-bound operators, the admin token file and its recovery, CLI
-//! profiles. Real `postern server`, `postern-agent` and CLI processes.
+//! profiles, `whoami`'s expiry, ops' requester token id, and an endpoint approved after its
+//! creator's token expired. Real `postern server`, `postern-agent` and CLI processes.
 
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::Forwarder;
