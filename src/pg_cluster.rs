@@ -33,6 +33,9 @@ pub struct PgCluster {
     extra: Vec<String>,
 }
 
+// Process-wide on purpose (test harness only, never in a product binary): the tests running in
+// one process share one PostgreSQL, as starting one per test costs seconds; the number keeps
+// their databases apart.
 static CURRENT: Mutex<Weak<PgCluster>> = Mutex::new(Weak::new());
 static DB_SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -177,6 +180,7 @@ impl PgCluster {
         let bin = bin_dir();
         let ids = run_as();
         sweep_stale();
+        // Process-wide on purpose: names this process's clusters apart.
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "{DIR_PREFIX}{}-{}-{}",

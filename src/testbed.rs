@@ -49,6 +49,14 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// Sends SIGTERM, waits up to `grace`, then SIGKILL. Only ever our own children.
+/// The `id` of a record the CLI printed.
+pub fn id_of(record: &Value) -> Result<String> {
+    record["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("no id in {record}"))
+}
+
 pub fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
     if let Ok(Some(s)) = child.try_wait() {
         return Some(s);
@@ -289,6 +297,19 @@ impl Gateway {
         terminate(&mut self.child, Duration::from_secs(10))
     }
 
+    /// `postern token create --role ROLE --name NAME [--customer C]` as the admin; the secret.
+    pub fn mint_token(&self, role: &str, name: &str, customer: Option<&str>) -> Result<String> {
+        let mut args = vec!["token", "create", "--role", role, "--name", name];
+        if let Some(c) = customer {
+            args.extend(["--customer", c]);
+        }
+        let created = self.cli(&args)?.ok()?;
+        created["token"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no token in {created}"))
+    }
+
     /// `postern access request --level operate` as the admin; returns the grant.
     pub fn request_operate(&self, app: &str, customer: &str, duration: &str) -> Result<Value> {
         self.cli(&[
@@ -382,6 +403,26 @@ impl Agent {
             child: None,
             log: dir.join("agent.log"),
         })
+    }
+
+    /// [`Agent::enroll`], then runs it and waits (30 s at most) until the gateway sees it
+    /// online; the agent's log is in the error if it never is.
+    pub fn online(
+        gw: &Gateway,
+        dir: &Path,
+        app: &str,
+        customer: &str,
+        body: &str,
+    ) -> Result<Agent> {
+        let mut agent = Agent::enroll(gw, dir, app, customer, body)?;
+        agent.run()?;
+        if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
+            bail!(
+                "agent never came online; log: {}",
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+        }
+        Ok(agent)
     }
 
     pub fn enroll_with(gateway: &str, token: &str, config: &Path) -> Result<CliOutput> {

@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{client::conn::http1::SendRequest, Method, Request};
 use hyper_util::rt::TokioIo;
 use postern::tcp_endpoint::Forwarder;
-use postern::testbed::{echo_server, wait_until, Agent, Gateway};
+use postern::testbed::{echo_server, id_of, wait_until, Agent, Gateway};
 use serde_json::{json, Value};
 use std::{
     io::{Read, Write},
@@ -38,20 +38,13 @@ fn setup_with(dir: &Path, lost_after: &str) -> Result<(Gateway, Agent, String)> 
     )?;
     let gw = Gateway::start_with_config(&dir.join("gw"), &config)?;
     let echo = echo_server()?;
-    let mut agent = Agent::enroll(
+    let agent = Agent::online(
         &gw,
         &dir.join("agent"),
         APP,
         CUSTOMER,
         &format!("[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"{RESOURCE}\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n"),
     )?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
     let grant = gw.request_operate(APP, CUSTOMER, "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let grant_id = grant["id"]
@@ -81,13 +74,6 @@ fn create_tcp_endpoint(gw: &Gateway, home: &Path) -> Result<Value> {
         ],
     )?
     .ok()
-}
-
-fn id_of(v: &Value) -> Result<String> {
-    v["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("no id in {v}"))
 }
 
 /// A live session through the endpoint's forwarder, proven by one echoed ping.

@@ -65,26 +65,8 @@ fn start_on(
     let agent_dir = dir.join("agent");
     std::fs::create_dir_all(&agent_dir)?;
     let body = agent_body(&agent_dir, approval, extra_policy, echo)?;
-    let mut agent = Agent::enroll(&gw, &agent_dir, app, "acme-corp", &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
+    let agent = Agent::online(&gw, &agent_dir, app, "acme-corp", &body)?;
     Ok((gw, agent))
-}
-
-fn token(gw: &Gateway, role: &str, name: &str, customer: Option<&str>) -> Result<String> {
-    let mut args = vec!["token", "create", "--role", role, "--name", name];
-    if let Some(c) = customer {
-        args.extend(["--customer", c]);
-    }
-    Ok(gw.cli(&args)?.ok()?["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no token"))?
-        .to_string())
 }
 
 fn op(gw: &Gateway, who: &str, app: &str, command: &str, extra: &[&str]) -> Result<CliOutput> {
@@ -152,9 +134,9 @@ fn the_same_flow_on_the_postgresql_store() -> Result<()> {
 fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = start_on(store, dir.path(), "my-app", "manual", "")?;
-    let alice = token(&gw, "operator", "alice@vendor.example", None)?;
-    let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
-    let eve = token(&gw, "approver", "eve@globex.example", Some("globex"))?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some("acme-corp"))?;
+    let eve = gw.mint_token("approver", "eve@globex.example", Some("globex"))?;
 
     // The customer's approvers are told about waiting requests (https, signed; the receiver
     // is on loopback, which takes an admin's --allow-private; tests/webhooks.rs covers the rest).
@@ -613,7 +595,7 @@ fn grant_expiry_refuses_ops_and_deploy_grants_never_authorise_them() -> Result<(
         ])?
         .ok()?;
     assert_eq!(ss["state"], "active");
-    let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some("acme-corp"))?;
     gw.cli_as(
         &bob,
         &[
@@ -749,8 +731,8 @@ fn window_policy_approves_inside_the_window_and_asks_a_person_outside() -> Resul
 fn nothing_that_ended_comes_back() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gw, agent) = start(dir.path(), "ended-app", "manual", "")?;
-    let alice = token(&gw, "operator", "alice@vendor.example", None)?;
-    let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some("acme-corp"))?;
     let request = |duration: &str| -> Result<Value> {
         gw.cli_as(
             &alice,

@@ -5,7 +5,7 @@
 //! gap and none twice.
 
 use anyhow::{anyhow, bail, Result};
-use postern::testbed::{bin, wait_until, Agent, Gateway};
+use postern::testbed::{bin, id_of, wait_until, Agent, Gateway};
 use serde_json::Value;
 use std::{os::unix::fs::PermissionsExt, path::Path, process::Command, time::Duration};
 
@@ -48,24 +48,6 @@ fn agent_body(dir: &Path) -> Result<String> {
     ))
 }
 
-fn token(gw: &Gateway, role: &str, name: &str, customer: Option<&str>) -> Result<String> {
-    let mut args = vec!["token", "create", "--role", role, "--name", name];
-    if let Some(c) = customer {
-        args.extend(["--customer", c]);
-    }
-    gw.cli(&args)?.ok()?["token"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("no token"))
-}
-
-fn id(v: &Value) -> Result<String> {
-    v["id"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("no id in {v}"))
-}
-
 fn request_grant(gw: &Gateway, who: &str) -> Result<String> {
     let g = gw
         .cli_as(
@@ -87,7 +69,7 @@ fn request_grant(gw: &Gateway, who: &str) -> Result<String> {
         )?
         .ok()?;
     assert_eq!(g["state"], "pending-approval", "{g}");
-    id(&g)
+    id_of(&g)
 }
 
 fn request_op(gw: &Gateway, who: &str) -> Result<String> {
@@ -109,7 +91,7 @@ fn request_op(gw: &Gateway, who: &str) -> Result<String> {
         )?
         .ok()?;
     assert_eq!(o["state"], "pending-approval", "{o}");
-    id(&o)
+    id_of(&o)
 }
 
 fn op_state(gw: &Gateway, who: &str, op: &str) -> Result<String> {
@@ -201,16 +183,9 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir)?;
-    let mut agent = Agent::enroll(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
-    let alice = token(&gw, "operator", "alice@vendor.example", None)?;
-    let bob = token(&gw, "approver", "bob@acme.example", Some(CUSTOMER))?;
+    let mut agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
 
     // Online: a grant approved by a person, an op denied, an op that expires before dispatch
     // (its grant is revoked before anyone approves it).

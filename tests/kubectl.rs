@@ -159,20 +159,13 @@ fn setup() -> Result<Setup> {
     let upstream = dir.path().join("upstream.kubeconfig");
     std::fs::write(&upstream, api.kubeconfig("default"))?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
-    let mut agent = Agent::enroll(
+    let agent = Agent::online(
         &gw,
         &dir.path().join("agent"),
         APP,
         "acme-corp",
         &agent_toml(&upstream),
     )?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
     let grant = gw.request_operate(APP, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");

@@ -84,14 +84,7 @@ fn setup_on(
         admin_url(&db_url),
         admin_url(&db_url)
     );
-    let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), app, "acme-corp", &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
+    let agent = Agent::online(&gw, &dir.path().join("agent"), app, "acme-corp", &body)?;
     let grant = gw.request_operate(app, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");

@@ -81,14 +81,7 @@ fn start(dir: &Path) -> Result<Setup> {
         kubectl.display(),
         kubeconfig.display()
     );
-    let mut agent = Agent::enroll(&gw, &agent_dir, "my-app", CUSTOMER, &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
+    let agent = Agent::online(&gw, &agent_dir, "my-app", CUSTOMER, &body)?;
     let bob = gw
         .cli(&[
             "token",

@@ -20,20 +20,13 @@ fn tcp_resource(target: SocketAddr) -> String {
 fn setup(dir: &std::path::Path, app: &str) -> Result<(Gateway, Agent)> {
     let gw = Gateway::start(&dir.join("gw"))?;
     let echo = echo_server()?;
-    let mut agent = Agent::enroll(
+    let agent = Agent::online(
         &gw,
         &dir.join("agent"),
         app,
         "acme-corp",
         &tcp_resource(echo),
     )?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
     // The appliance's policy is automatic: the operate grant is live at once.
     let grant = gw.request_operate(app, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");

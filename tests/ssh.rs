@@ -50,20 +50,13 @@ fn world_with(host_key: Option<String>, extra: &str) -> Result<World> {
     let sshd = Sshd::start()?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let host_key = host_key.unwrap_or_else(|| sshd.host_key.clone());
-    let mut agent = Agent::enroll(
+    let agent = Agent::online(
         &gw,
         &dir.path().join("agent"),
         APP,
         CUSTOMER,
         &ssh_resource(&sshd, &host_key, extra),
     )?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
     let grant = gw.request_operate(APP, CUSTOMER, "2h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");

@@ -1,11 +1,12 @@
 //! End to end, API tokens: expiry, revocation (API and the endpoints a token made), unique and
 //! non-system names, customer-bound operators, the admin token file and its recovery, CLI
-//! profiles. Real `postern server`, `postern-agent` and CLI processes.
+//! profiles, `whoami`'s expiry, ops' requester token id, and an endpoint approved after its
+//! creator's token expired. Real `postern server`, `postern-agent` and CLI processes.
 
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{
-    bin, echo_round_trip, echo_server, terminate, wait_until, Agent, CliOutput, Gateway,
+    bin, echo_round_trip, echo_server, id_of, terminate, wait_until, Agent, CliOutput, Gateway,
 };
 use serde_json::Value;
 use std::{
@@ -26,14 +27,7 @@ fn setup(dir: &Path) -> Result<(Gateway, Agent)> {
     let body = format!(
         "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n"
     );
-    let mut agent = Agent::enroll(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        return Err(anyhow!(
-            "agent never came online; log: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        ));
-    }
+    let agent = Agent::online(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
     let grant = gw.request_operate(APP, CUSTOMER, "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     Ok((gw, agent))
@@ -618,5 +612,184 @@ fn token_rules_hold_on_the_postgresql_store() -> Result<()> {
     assert_eq!(last.error_code(), Some("CONFLICT"), "{:?}", last.json);
     let list = gw.cli(&["token", "list"])?.ok()?;
     assert_eq!(list["tokens"].as_array().map(Vec::len), Some(3), "{list}");
+    Ok(())
+}
+
+/// An agent with a manual policy (a person decides grants, ops and endpoints), an echo resource
+/// and a cluster whose `kubectl` only prints its arguments; online.
+fn manual_setup(dir: &Path) -> Result<(Gateway, Agent)> {
+    let gw = Gateway::start(&dir.join("gw"))?;
+    let echo = echo_server()?;
+    let kubectl = dir.join("kubectl");
+    std::fs::write(&kubectl, "#!/bin/sh\necho \"args: $*\"\n")?;
+    std::fs::set_permissions(
+        &kubectl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let kubeconfig = dir.join("cluster.kubeconfig");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nkind: Config\n")?;
+    let body = format!(
+        "[policy]\napproval = \"manual\"\n\n[tools]\nkubectl = \"{}\"\n\n\
+         [[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n\n\
+         [[resource]]\nid = \"kubernetes_cluster.main\"\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespaces = [\"prod\"]\n",
+        kubectl.display(),
+        kubeconfig.display()
+    );
+    let agent = Agent::online(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
+    Ok((gw, agent))
+}
+
+fn timestamp(v: &Value) -> Result<jiff::Timestamp> {
+    Ok(v.as_str()
+        .ok_or_else(|| anyhow!("not a time: {v}"))?
+        .parse()?)
+}
+
+#[test]
+fn ops_keep_the_requesters_token_id_whoami_shows_expiry_and_a_creator_token_that_expired_blocks_activation(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (gw, _agent) = manual_setup(dir.path())?;
+    let carol = create(
+        &gw,
+        &[
+            "--role",
+            "approver",
+            "--name",
+            "carol@acme.example",
+            "--customer",
+            CUSTOMER,
+        ],
+    )?
+    .ok()?;
+    let carol_token = secret(&carol)?;
+    let alice = create(
+        &gw,
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "alice@vendor.example",
+            "--ttl",
+            "1h",
+        ],
+    )?
+    .ok()?;
+    let (alice_token, alice_id) = (secret(&alice)?, id_of(&alice)?);
+
+    // whoami shows when the token stops working; the bootstrap admin's never does.
+    let me = gw.cli_as(&alice_token, &["whoami"])?.ok()?;
+    assert_eq!(me["id"], alice_id.as_str(), "{me}");
+    assert_eq!(
+        timestamp(&me["expires_at"])?,
+        timestamp(&alice["expires_at"])?,
+        "{me} / {alice}"
+    );
+    let admin = gw.cli(&["whoami"])?.ok()?;
+    assert!(
+        admin.get("expires_at").is_some_and(Value::is_null),
+        "{admin}"
+    );
+
+    // The operate grant, decided by the customer.
+    let grant = gw.request_operate(APP, CUSTOMER, "1h")?;
+    assert_eq!(grant["state"], "pending-approval", "{grant}");
+    let approved = gw
+        .cli_as(&carol_token, &["approvals", "approve", &id_of(&grant)?])?
+        .ok()?;
+    assert_eq!(approved["state"], "active", "{approved}");
+
+    // An op keeps the id of the token that asked, beside its display name.
+    let op = gw
+        .cli_as(
+            &alice_token,
+            &[
+                "ops",
+                "kubectl",
+                "--app",
+                APP,
+                "--customer",
+                CUSTOMER,
+                "--origin-resource-id",
+                "kubernetes_cluster.main",
+                "--command",
+                "kubectl get pods",
+            ],
+        )?
+        .ok()?;
+    assert_eq!(op["requested_by"], "alice@vendor.example", "{op}");
+    assert_eq!(op["requested_by_id"], alice_id.as_str(), "{op}");
+    let seen = gw.cli(&["ops", "get", &id_of(&op)?])?.ok()?;
+    assert_eq!(seen["requested_by_id"], alice_id.as_str(), "{seen}");
+
+    // Dave's short-lived token asks for an endpoint; the customer approves it only after the
+    // token expired: the endpoint does not become active, and the approver is told why.
+    let dave = create(
+        &gw,
+        &[
+            "--role",
+            "operator",
+            "--name",
+            "dave@vendor.example",
+            "--ttl",
+            "6s",
+        ],
+    )?
+    .ok()?;
+    let (dave_token, dave_id) = (secret(&dave)?, id_of(&dave)?);
+    let pending = gw
+        .cli_home_as(
+            &dave_token,
+            &dir.path().join("dave-home"),
+            &tcp_endpoint_args(CUSTOMER),
+        )?
+        .ok()?;
+    assert_eq!(pending["state"], "pending-approval", "{pending}");
+    let ep_id = id_of(&pending)?;
+    let dave_expired = wait_until(Duration::from_secs(60), || {
+        gw.cli_as(&dave_token, &["whoami"])
+            .is_ok_and(|o| o.error_code() == Some("UNAUTHENTICATED"))
+    });
+    assert!(dave_expired, "dave's 6s token kept working");
+    let late = gw.cli_as(&carol_token, &["approvals", "approve", &ep_id])?;
+    assert_eq!(
+        late.error_code(),
+        Some("UNAUTHENTICATED"),
+        "{:?}",
+        late.json
+    );
+    let err = &late.json["error"];
+    assert!(!err["hint"].as_str().unwrap_or("").is_empty(), "{err}");
+    assert_eq!(
+        err["details"]["creator_token_id"],
+        dave_id.as_str(),
+        "{err}"
+    );
+    let ended = gw.cli(&["ops", "endpoint", "get", &ep_id])?.ok()?;
+    assert_eq!(ended["state"], "expired", "{ended}");
+    assert!(ended["address"].is_null(), "{ended}");
+    // Nothing waits for a decision any more, and the trail says why it expired.
+    let again = gw.cli_as(&carol_token, &["approvals", "approve", &ep_id])?;
+    assert_ne!(again.error_code(), None, "{:?}", again.json);
+    let records = gw.cli(&["audit", "list"])?.ok()?["records"].clone();
+    let expired = records
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["kind"] == "endpoint.expired" && r["endpoint_id"] == ep_id.as_str())
+        .ok_or_else(|| anyhow!("no endpoint.expired for {ep_id}: {records}"))?;
+    assert_eq!(
+        expired["detail"]["creator_token_id"],
+        dave_id.as_str(),
+        "{expired}"
+    );
+    assert!(
+        !records
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["kind"] == "endpoint.created" && r["endpoint_id"] == ep_id.as_str()),
+        "{records}"
+    );
     Ok(())
 }

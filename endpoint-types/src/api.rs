@@ -91,6 +91,9 @@ pub struct Identity {
     pub role: Role,
     pub name: String,
     pub customer: Option<String>,
+    /// When the token stops working; None: never (`--ttl never`, the bootstrap admin).
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

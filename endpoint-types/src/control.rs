@@ -216,6 +216,10 @@ pub struct OpRecord {
     pub finished_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// Token id of who asked (names are display only); absent for ops the gateway asked for
+    /// and ops from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

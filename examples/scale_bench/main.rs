@@ -420,6 +420,49 @@ impl Fleet {
 
 // ---------------------------------------------------------------------------------------------
 
+/// POSTs `request(i)` for every `i` in `0..n` from a few kept-alive API connections at once
+/// (the registrations, the grants); `answer(i, response)` of each, in index order.
+fn post_each(
+    client: &Runtime,
+    target: &ApiTarget,
+    n: usize,
+    request: impl Fn(usize) -> (&'static str, Value) + Send + Sync + 'static,
+    answer: impl Fn(usize, Value) -> Result<String> + Send + Sync + 'static,
+) -> Result<Vec<String>> {
+    let (request, answer) = (Arc::new(request), Arc::new(answer));
+    let answers: Vec<(usize, String)> = client.block_on(async {
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..ADD_CONCURRENCY.min(n.max(1)) {
+            let (next, target) = (next.clone(), target.clone());
+            let (request, answer) = (request.clone(), answer.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut api = Api::new(&target);
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return anyhow::Ok(out);
+                    }
+                    let (path, body) = request(i);
+                    let got = api.post(path, body).await?;
+                    out.push((i, answer(i, got)?));
+                }
+            }));
+        }
+        let mut all = Vec::with_capacity(n);
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        anyhow::Ok(all)
+    })?;
+    let mut ordered = vec![String::new(); n];
+    for (i, a) in answers {
+        ordered[i] = a;
+    }
+    Ok(ordered)
+}
+
 /// Registers `n` appliances and enrolls an agent for each (in-process, concurrently); returns
 /// the config paths.
 fn enroll_fleet(
@@ -431,38 +474,21 @@ fn enroll_fleet(
     n: usize,
 ) -> Result<Vec<PathBuf>> {
     // Registration: a few kept-alive API connections at once.
-    let tokens: Vec<(usize, String)> = client.block_on(async {
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..ADD_CONCURRENCY.min(n.max(1)) {
-            let (next, target) = (next.clone(), target.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut api = Api::new(&target);
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return anyhow::Ok(out);
-                    }
-                    let added = api
-                        .post(
-                            "/v1/appliances",
-                            json!({ "app": format!("app-{i}"), "customer": CUSTOMER }),
-                        )
-                        .await?;
-                    let token = added["token"]
-                        .as_str()
-                        .ok_or_else(|| anyhow!("no token in {added}"))?;
-                    out.push((i, token.to_string()));
-                }
-            }));
-        }
-        let mut all = Vec::with_capacity(n);
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        anyhow::Ok(all)
-    })?;
+    let tokens = post_each(
+        client,
+        target,
+        n,
+        |i| {
+            let body = json!({ "app": format!("app-{i}"), "customer": CUSTOMER });
+            ("/v1/appliances", body)
+        },
+        |_, added| {
+            added["token"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("no token in {added}"))
+        },
+    )?;
 
     let relay = gw.relay.to_string();
     let configs: Vec<PathBuf> = (0..n)
@@ -484,8 +510,8 @@ fn enroll_fleet(
     rt.block_on(async {
         let sem = Arc::new(Semaphore::new(ENROLL_CONCURRENCY));
         let mut tasks = Vec::with_capacity(n);
-        for (i, token) in tokens {
-            let (sem, relay, path) = (sem.clone(), relay.clone(), configs[i].clone());
+        for (i, (token, path)) in tokens.into_iter().zip(configs.iter().cloned()).enumerate() {
+            let (sem, relay) = (sem.clone(), relay.clone());
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await?;
                 tunnel_client::enroll::enroll(&relay, &token, &path)

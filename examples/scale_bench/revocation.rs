@@ -8,7 +8,7 @@
 //! and before the command is acknowledged), and a watcher thread tails every agent's trail for
 //! the first set without its grant.
 
-use super::{percentile, round, Api, ApiTarget, ADD_CONCURRENCY, CUSTOMER};
+use super::{percentile, post_each, round, Api, ApiTarget, CUSTOMER};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::{
@@ -121,47 +121,27 @@ pub fn measure(
 
 /// One operate grant per appliance (active at once under the agents' automatic policy).
 fn request_grants(client: &Runtime, target: &ApiTarget, n: usize) -> Result<Vec<String>> {
-    let ids: Vec<(usize, String)> = client.block_on(async {
-        let next = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..ADD_CONCURRENCY.min(n.max(1)) {
-            let (next, target) = (next.clone(), target.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut api = Api::new(&target);
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return anyhow::Ok(out);
-                    }
-                    let g = api
-                        .post(
-                            "/v1/grants",
-                            json!({
-                                "app": format!("app-{i}"), "customer": CUSTOMER, "level": "operate",
-                                "duration_s": 7200, "reason": "scale bench: revocation fan-out",
-                            }),
-                        )
-                        .await?;
-                    if g["state"] != "active" {
-                        bail!("the grant for app-{i} is not active: {g}");
-                    }
-                    let id = g["id"].as_str().ok_or_else(|| anyhow!("no id in {g}"))?;
-                    out.push((i, id.to_string()));
-                }
-            }));
-        }
-        let mut all = Vec::with_capacity(n);
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        anyhow::Ok(all)
-    })?;
-    let mut grants = vec![String::new(); n];
-    for (i, id) in ids {
-        grants[i] = id;
-    }
-    Ok(grants)
+    post_each(
+        client,
+        target,
+        n,
+        |i| {
+            let body = json!({
+                "app": format!("app-{i}"), "customer": CUSTOMER, "level": "operate",
+                "duration_s": 7200, "reason": "scale bench: revocation fan-out",
+            });
+            ("/v1/grants", body)
+        },
+        |i, g| {
+            if g["state"] != "active" {
+                bail!("the grant for app-{i} is not active: {g}");
+            }
+            g["id"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("no id in {g}"))
+        },
+    )
 }
 
 /// Revokes every grant from `concurrency` kept-alive clients; returns (agent index, call

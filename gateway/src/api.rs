@@ -149,13 +149,21 @@ pub fn router(gw: Gw) -> Router {
         .with_state(gw)
 }
 
-async fn whoami(caller: Caller) -> Json<Identity> {
-    Json(Identity {
+async fn whoami(State(gw): State<Gw>, caller: Caller) -> ApiResult<Identity> {
+    // The token's lifetime is read here rather than carried in every request's Caller.
+    let expires_at = gw
+        .store
+        .get_token(&caller.token_id)
+        .await
+        .map_err(internal)?
+        .and_then(|t| t.expires_at);
+    Ok(Json(Identity {
         id: caller.token_id,
         role: caller.role,
         name: caller.name,
         customer: caller.customer,
-    })
+        expires_at,
+    }))
 }
 
 fn internal(e: impl std::fmt::Display) -> Failure {
@@ -509,20 +517,8 @@ async fn steady_state(
         "change steady-state access (a customer decision)",
     )?;
     caller.require_customer(&req.customer)?;
-    let a = gw
-        .store
-        .find_appliance(&req.app, &req.customer)
-        .await
-        .map_err(internal)?
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NotFound,
-                format!(
-                    "no appliance for app {} and customer {}",
-                    req.app, req.customer
-                ),
-            )
-        })?;
+    let found = gw.store.find_appliance(&req.app, &req.customer).await;
+    let a = crate::lookup::registered(found, &req.app, &req.customer)?;
     gw.store
         .set_steady_state(&a.id, req.enabled)
         .await

@@ -102,7 +102,8 @@ impl TrailDown {
 
 /// A record waiting in the queue, stamped when it was queued.
 struct Pending {
-    kind: &'static str,
+    /// Borrowed for the kinds known at compile time (the hot path), owned for the rest.
+    kind: std::borrow::Cow<'static, str>,
     actor: Arc<str>,
     subject: Arc<Subject>,
     /// JSON text, made on the caller's side so the writer only copies it.
@@ -258,7 +259,7 @@ impl AuditLog {
             return;
         };
         let pending = Pending {
-            kind: intern_kind(kind),
+            kind: kind.to_string().into(),
             actor: Arc::from(actor),
             subject: Arc::new(subject),
             detail: raw,
@@ -313,7 +314,7 @@ impl AuditLog {
         detail: Box<RawValue>,
     ) {
         let pending = Pending {
-            kind,
+            kind: kind.into(),
             actor,
             subject,
             detail,
@@ -325,10 +326,10 @@ impl AuditLog {
             // Only if the writer task is gone: write it here rather than lose it.
             let detail = serde_json::from_str(p.detail.get()).unwrap_or_default();
             if let Err(e) = self
-                .append(p.kind, &p.actor, (*p.subject).clone(), detail, p.time)
+                .append(&p.kind, &p.actor, (*p.subject).clone(), detail, p.time)
                 .await
             {
-                tracing::error!(kind = p.kind, error = %e, "audit record lost: no writer and the store refused it");
+                tracing::error!(kind = %p.kind, error = %e, "audit record lost: no writer and the store refused it");
             }
         }
     }
@@ -421,20 +422,6 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
             let _ = done.send(Ok(()));
         }
     }
-}
-
-/// Record kinds are static strings in the queue; the few made at run time are leaked once each.
-fn intern_kind(kind: &str) -> &'static str {
-    static KINDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    let Ok(mut kinds) = KINDS.lock() else {
-        return "audit.record";
-    };
-    if let Some(k) = kinds.iter().find(|k| **k == kind) {
-        return k;
-    }
-    let k: &'static str = Box::leak(kind.to_string().into_boxed_str());
-    kinds.push(k);
-    k
 }
 
 impl Chain {
@@ -541,7 +528,7 @@ impl Chain {
     async fn note_recovered(&self, since: Timestamp, error: String, held: usize) {
         tracing::warn!(held, "vendor audit trail back: held records written");
         let note = Pending {
-            kind: "audit.store_recovered",
+            kind: "audit.store_recovered".into(),
             actor: Arc::from("gateway"),
             subject: Arc::new(Subject::default()),
             detail: serde_json::value::to_raw_value(&serde_json::json!({
@@ -563,7 +550,7 @@ impl Chain {
                 let mut row = AuditRow {
                     seq,
                     time: p.time.to_string(),
-                    kind: p.kind,
+                    kind: &p.kind,
                     actor: &p.actor,
                     appliance_id: p.subject.appliance_id.as_deref(),
                     endpoint_id: p.subject.endpoint_id.as_deref(),

@@ -17,6 +17,7 @@ pub mod endpoints;
 pub mod framed;
 pub mod grants;
 pub mod identity;
+pub mod lookup;
 pub mod ops;
 pub mod ports;
 pub mod relay;

@@ -155,6 +155,7 @@ fn op_row(id: &str) -> OpRow {
         truncated: false,
         error: None,
         message: None,
+        requested_by_id: None,
     }
 }
 

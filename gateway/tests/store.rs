@@ -449,6 +449,7 @@ fn op(id: &str, appliance_id: &str, at: i64) -> OpRow {
         truncated: false,
         error: None,
         message: None,
+        requested_by_id: None,
     }
 }
 

@@ -429,13 +429,14 @@ impl AgentConfig {
     }
 
     /// The inventory reported in the hello: ids and kinds only, never targets or credentials.
-    pub fn descriptors(&self) -> Vec<ResourceDescriptor> {
+    /// Kubernetes names are the ones `clusters` resolved through discovery, once it has.
+    pub fn descriptors(&self, clusters: &crate::kube::Clusters) -> Vec<ResourceDescriptor> {
         self.resources
             .iter()
             .map(|r| ResourceDescriptor {
                 id: r.id.clone(),
                 kind: r.kind,
-                scope: r.scope(),
+                scope: r.scope(clusters),
             })
             .collect()
     }
@@ -652,13 +653,13 @@ impl ResourceConfig {
     }
 
     /// The scope the gateway enforces before anything reaches the appliance (and the agent again).
-    pub fn scope(&self) -> Option<ResourceScope> {
+    pub fn scope(&self, clusters: &crate::kube::Clusters) -> Option<ResourceScope> {
         match self.kind {
             ResourceKind::Tcp | ResourceKind::Docker | ResourceKind::Cloud => None,
             ResourceKind::Kubernetes => Some(ResourceScope::Kubernetes {
                 namespaces: self.namespaces.clone().unwrap_or_default(),
                 // Resolved through discovery (group-qualified) once the agent has read it.
-                resources: crate::kube::scope_resources(self),
+                resources: clusters.scope_resources(self),
                 verbs: self.kube_verbs(),
                 impersonate: self.impersonate.is_some(),
             }),
@@ -773,7 +774,7 @@ target = "127.0.0.1:7000"
         assert!(p.steady_state);
         assert_eq!(c.reconnect_max(), DEFAULT_RECONNECT_MAX);
         assert_eq!(
-            c.descriptors()[1],
+            c.descriptors(&Default::default())[1],
             ResourceDescriptor {
                 id: "null_resource.echo".into(),
                 kind: ResourceKind::Tcp,

@@ -216,7 +216,7 @@ mod tests {
             c.resources[0].aws_config_file.as_deref(),
             Some(Path::new("/etc/postern/aws/config"))
         );
-        assert_eq!(c.descriptors()[0].scope, None);
+        assert_eq!(c.descriptors(&Default::default())[0].scope, None);
     }
 
     #[test]

@@ -303,6 +303,8 @@ struct Inner {
     confinement: Confinement,
     /// The customer's approvers: a person's approval is taken only as one of them signed it.
     approvals: crate::approval_check::SignedApprovals,
+    /// The agent's clusters, which `kubectl` ops reach through a proxy of their own.
+    kube: crate::kube::Clusters,
 }
 
 /// Runs dispatched ops and keeps held output; cheap to clone, shared by all connections.
@@ -328,10 +330,12 @@ impl OpRunner {
             shutdown,
             tracker,
             Confinement::default(),
+            Default::default(),
         )
     }
 
-    /// [`OpRunner::new`] with op tools confined as `confinement` says (`Confinement::detect`).
+    /// [`OpRunner::new`] with op tools confined as `confinement` says (`Confinement::detect`),
+    /// reaching the agent's `kube` clusters (the ones its sessions use).
     pub fn new_confined(
         config: Arc<AgentConfig>,
         live: Arc<Mutex<LiveEndpoints>>,
@@ -339,6 +343,7 @@ impl OpRunner {
         shutdown: CancellationToken,
         tracker: TaskTracker,
         confinement: Confinement,
+        kube: crate::kube::Clusters,
     ) -> Result<OpRunner, PolicyError> {
         let policy = Policy::parse(&config.policy_summary())?;
         let inner = Inner {
@@ -347,6 +352,7 @@ impl OpRunner {
                 Timestamp::now(),
             ),
             confinement,
+            kube,
             config,
             policy,
             live,
@@ -674,7 +680,15 @@ impl OpRunner {
                     &d.op_id,
                     &d.operator,
                 );
-                match crate::kube::op_proxy::start(r, &auth.argv, dir.path(), sink).await {
+                match crate::kube::op_proxy::start(
+                    &self.inner.kube,
+                    r,
+                    &auth.argv,
+                    dir.path(),
+                    sink,
+                )
+                .await
+                {
                     Ok(k) => Some(k),
                     Err(e) => {
                         self.abandon(&d.op_id, e.is_denial());

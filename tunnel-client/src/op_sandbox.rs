@@ -164,9 +164,13 @@ pub fn announce(c: &Confinement) {
     tracing::info!("{}", c.describe());
 }
 
-/// The agent's cgroup v2 directory plus `postern-ops`, if it can be made and written. Probed
-/// once per process: every agent a process runs (`scale_bench` runs a thousand) shares its
-/// cgroup, and the probe forks.
+/// The agent's cgroup v2 directory plus `postern-ops`, if it can be made and written.
+///
+/// A process-wide static on purpose (the house rule's one kind of exception): which cgroup a
+/// process is in, and whether it may make children there, is a fact about the process, the
+/// same for every agent it runs; each agent's [`Confinement`] holds the answer as a field.
+/// Probing forks the whole process, so once per process, not once per agent run
+/// (`scale_bench` runs a thousand agents in one process; a probe each stalled its start-up).
 fn cgroup_parent() -> Option<PathBuf> {
     static PARENT: OnceLock<Option<PathBuf>> = OnceLock::new();
     PARENT.get_or_init(probe_cgroup_parent).clone()
@@ -361,6 +365,11 @@ fn safe_name(op_id: &str) -> String {
 
 /// The roots of running ops (the agent's own children, reaped by tokio): the subreaper sweep
 /// kills and reaps every *other* child of the agent, and must never reap these.
+///
+/// A process-wide static on purpose (the house rule's one kind of exception): the children
+/// of a process, and the orphans re-parented to it as a subreaper, belong to the process, not
+/// to one agent. With several agents in a process (`scale_bench`), a registry per agent would
+/// let one agent's sweep take another agent's running op for an orphan and kill it.
 fn roots() -> MutexGuard<'static, HashSet<i32>> {
     static ROOTS: OnceLock<Mutex<HashSet<i32>>> = OnceLock::new();
     ROOTS

@@ -42,6 +42,10 @@ pub struct Sessions {
     pub teardowns: Arc<crate::ssh_teardown::Teardowns>,
     /// Endpoints owed a proof of teardown, and proofs the gateway has not acknowledged.
     pub proofs: Arc<crate::teardown_proof::Proofs>,
+    /// This agent's endpoint roles and sessions' cancel keys.
+    pub postgres: crate::postgres::PgState,
+    /// This agent's cluster connections and resolved resource names (shared with its ops).
+    pub kube: crate::kube::Clusters,
 }
 
 /// A session the agent agreed to serve.

@@ -179,6 +179,8 @@ pub async fn run(
         audit: audit.clone(),
         teardowns: Default::default(),
         proofs: Arc::new(proofs),
+        postgres: Default::default(),
+        kube: Default::default(),
     };
     // SSH endpoints live when the agent last stopped are owed their VM teardown too, should
     // the first sync show they ended meanwhile.
@@ -201,6 +203,7 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
         confinement,
+        sessions.kube.clone(),
     )
     .map_err(|e| ConfigError::Invalid {
         path: config.path.clone(),
@@ -208,7 +211,9 @@ pub async fn run(
     })?;
     // Bare kubernetes resource names resolve through the cluster's discovery; one that is
     // ambiguous (or unserved, or cluster-scoped) is a config error now.
-    crate::kube::prepare(&config)
+    sessions
+        .kube
+        .prepare(&config)
         .await
         .map_err(|(id, problem)| ConfigError::Resource {
             path: config.path.clone(),
@@ -232,7 +237,7 @@ pub async fn run(
     let mut attempt: u32 = 0;
     let mut revoked = false;
     loop {
-        crate::kube::resolve_pending(&agent.config).await;
+        agent.sessions.kube.resolve_pending(&agent.config).await;
         let (ended, helloed) = agent.connection(&shutdown, &mut ready).await;
         if helloed {
             attempt = 0;
@@ -352,7 +357,7 @@ impl Agent {
         let frame = Handshake::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: AGENT_VERSION.to_string(),
-            resources: self.config.descriptors(),
+            resources: self.config.descriptors(&self.sessions.kube),
             policy: self.config.policy_summary(),
             trail_number: Some(self.gateway_trail.last()),
             trail_heads: true,

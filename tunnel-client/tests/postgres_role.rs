@@ -42,6 +42,7 @@ fn sqlstate(r: Result<impl Sized, tokio_postgres::Error>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
+    let roles = postgres::PgState::default();
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("role");
     cluster.psql(
@@ -53,14 +54,16 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
     let res = resource(&url);
     postgres::validate_config(&res).unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    postgres::prepare_role(&res, "ep_roletest1", expires)
+    roles
+        .prepare_role(&res, "ep_roletest1", expires)
         .await
         .unwrap();
     // Announced again (agent reconnect): nothing changes.
-    postgres::prepare_role(&res, "ep_roletest1", expires)
+    roles
+        .prepare_role(&res, "ep_roletest1", expires)
         .await
         .unwrap();
-    let role = postgres::ready_role("ep_roletest1").await.unwrap();
+    let role = roles.ready_role("ep_roletest1").await.unwrap();
     assert_eq!(role.name, "postern_ep_roletest1");
 
     let attrs = cluster.psql(
@@ -121,7 +124,7 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    postgres::teardown_role("ep_roletest1").await.unwrap();
+    roles.teardown_role("ep_roletest1").await.unwrap();
     let cut = tokio::time::timeout(Duration::from_secs(10), sleeping)
         .await
         .unwrap()
@@ -148,13 +151,14 @@ async fn role_is_scoped_by_the_server_and_dropped_with_its_backends() {
         .unwrap()
         .get(0);
     assert_eq!(exists, 0);
-    assert!(postgres::ready_role("ep_roletest1").await.is_err());
+    assert!(roles.ready_role("ep_roletest1").await.is_err());
     // Tearing down twice is harmless.
-    postgres::teardown_role("ep_roletest1").await.unwrap();
+    roles.teardown_role("ep_roletest1").await.unwrap();
 }
 
 #[tokio::test]
 async fn a_role_left_by_a_crashed_agent_is_replaced() {
+    let roles = postgres::PgState::default();
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("leftover");
     cluster.psql(
@@ -163,17 +167,18 @@ async fn a_role_left_by_a_crashed_agent_is_replaced() {
     );
     let res = resource(&url);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60);
-    postgres::prepare_role(&res, "ep_leftover1", expires)
+    roles
+        .prepare_role(&res, "ep_leftover1", expires)
         .await
         .unwrap();
-    let role = postgres::ready_role("ep_leftover1").await.unwrap();
+    let role = roles.ready_role("ep_leftover1").await.unwrap();
     let valid = cluster.psql(
         &url,
         "SELECT rolvaliduntil IS NOT NULL FROM pg_roles WHERE rolname = 'postern_ep_leftover1'",
     );
     assert_eq!(valid.trim(), "t");
     drop(role);
-    postgres::teardown_role("ep_leftover1").await.unwrap();
+    roles.teardown_role("ep_leftover1").await.unwrap();
 }
 
 #[test]
@@ -239,6 +244,7 @@ fn bad_postgres_resources_are_config_errors() {
 /// not check out is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_as_admin_url_asks_against_a_tls_only_database() {
+    let roles = postgres::PgState::default();
     let now = jiff::Timestamp::now();
     let ca = certs::Ca::generate("appliance db CA", now).unwrap();
     let other_ca = certs::Ca::generate("someone else's CA", now).unwrap();
@@ -260,10 +266,11 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
     let by_name = url.replace("127.0.0.1", "localhost");
     let expires = now + jiff::SignedDuration::from_secs(3600);
     let attempt = |n: usize, url: String| {
-        let res = resource(&url);
+        let (res, roles) = (resource(&url), roles.clone());
         async move {
             postgres::validate_config(&res).map_err(|e| format!("config: {e}"))?;
-            postgres::prepare_role(&res, &format!("ep_tls{n}"), expires)
+            roles
+                .prepare_role(&res, &format!("ep_tls{n}"), expires)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -306,12 +313,10 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
     }
     // The server takes encrypted logins only (sslmode=disable was refused), so the roles
     // made above were made over TLS.
-    let role = postgres::ready_role("ep_tls0").await.unwrap();
+    let role = roles.ready_role("ep_tls0").await.unwrap();
     assert_eq!(role.admin.tls.mode, postgres::tls::SslMode::VerifyFull);
     for n in 0..3 {
-        postgres::teardown_role(&format!("ep_tls{n}"))
-            .await
-            .unwrap();
+        roles.teardown_role(&format!("ep_tls{n}")).await.unwrap();
     }
 }
 
@@ -319,6 +324,7 @@ async fn tls_as_admin_url_asks_against_a_tls_only_database() {
 /// `SECURITY DEFINER` function made through endpoint 1 runs as `owner_role` afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
+    let roles = postgres::PgState::default();
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("owner");
     cluster.psql(
@@ -337,10 +343,11 @@ async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
     .await
     .unwrap();
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    postgres::prepare_role(&res, "ep_owner1", expires)
+    roles
+        .prepare_role(&res, "ep_owner1", expires)
         .await
         .unwrap();
-    let role = postgres::ready_role("ep_owner1").await.unwrap();
+    let role = roles.ready_role("ep_owner1").await.unwrap();
     let c = connect(&url, &role.name, role.password.expose()).await;
     c.batch_execute(
         "CREATE FUNCTION app.whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS 'SELECT current_user::text'; \
@@ -358,7 +365,7 @@ async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
         "42501"
     );
     drop(c);
-    postgres::teardown_role("ep_owner1").await.unwrap();
+    roles.teardown_role("ep_owner1").await.unwrap();
     let owners = cluster.psql(
         &url,
         "SELECT (SELECT proowner::regrole::text FROM pg_proc WHERE proname = 'whoami'), \
@@ -376,11 +383,13 @@ async fn objects_an_endpoint_made_go_to_owner_role_never_to_the_admin() {
 /// with powers is refused at start-up and when a role is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_outside_scope_and_powerful_owners_are_refused() {
+    let roles = postgres::PgState::default();
     let cluster = pg_cluster::shared();
     let url = cluster.create_database("pubcreate");
     cluster.psql(&url, "CREATE SCHEMA app; GRANT CREATE ON SCHEMA public TO PUBLIC; CREATE ROLE creator_t NOLOGIN CREATEROLE;");
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600);
-    let e = postgres::prepare_role(&resource(&url), "ep_pub1", expires)
+    let e = roles
+        .prepare_role(&resource(&url), "ep_pub1", expires)
         .await
         .unwrap_err()
         .to_string();
@@ -394,17 +403,19 @@ async fn create_outside_scope_and_powerful_owners_are_refused() {
     );
     assert_eq!(none.trim(), "0", "the refused role is not left behind");
     cluster.psql(&url, "REVOKE CREATE ON SCHEMA public FROM PUBLIC");
-    postgres::prepare_role(&resource(&url), "ep_pub2", expires)
+    roles
+        .prepare_role(&resource(&url), "ep_pub2", expires)
         .await
         .unwrap();
-    postgres::teardown_role("ep_pub2").await.unwrap();
+    roles.teardown_role("ep_pub2").await.unwrap();
 
     let bad = "privileges = [\"SELECT\", \"CREATE\"]\nowner_role = \"creator_t\"\n";
     let e = postgres::check_owner_roles(&config_with(&url, bad))
         .await
         .unwrap_err();
     assert!(e.message.contains("\"creator_t\" has CREATEROLE"), "{e:?}");
-    let e = postgres::prepare_role(&resource_with(&url, bad), "ep_pub3", expires)
+    let e = roles
+        .prepare_role(&resource_with(&url, bad), "ep_pub3", expires)
         .await
         .unwrap_err()
         .to_string();

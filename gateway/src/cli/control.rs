@@ -1,7 +1,7 @@
 //! `postern access …` and `postern approvals …`: permission phases and customer decisions.
 
 use super::client::ApiClient;
-use super::{duration_secs, print_json, OutputFormat};
+use super::{duration_secs, print_json, Outcome, OutputFormat};
 use clap::Subcommand;
 use endpoint_types::{control::*, ApiError};
 
@@ -233,11 +233,8 @@ pub struct OpArgs {
     wait: bool,
 }
 
-/// Set when an op ended badly: its record was printed, and the exit code must say so.
-pub static OP_ENDED_BADLY: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-fn print_op(op: &OpRecord, out: OutputFormat) {
+/// Prints the op; [`Outcome::EndedBadly`] when it ended badly (the exit code must say so).
+fn print_op(op: &OpRecord, out: OutputFormat) -> Outcome {
     match out {
         OutputFormat::Json => print_json(op),
         OutputFormat::Text => {
@@ -286,7 +283,9 @@ fn print_op(op: &OpRecord, out: OutputFormat) {
         op.state,
         OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired
     ) {
-        OP_ENDED_BADLY.store(true, std::sync::atomic::Ordering::Relaxed);
+        Outcome::EndedBadly
+    } else {
+        Outcome::Done
     }
 }
 
@@ -313,7 +312,7 @@ pub async fn run_op(
     args: OpArgs,
     c: &ApiClient,
     out: OutputFormat,
-) -> Result<(), ApiError> {
+) -> Result<Outcome, ApiError> {
     let timeout_s = duration_secs("timeout", &args.timeout)?;
     let op: OpRecord = c
         .post("/v1/ops", serde_json::json!({
@@ -326,8 +325,7 @@ pub async fn run_op(
     } else {
         op
     };
-    print_op(&op, out);
-    Ok(())
+    Ok(print_op(&op, out))
 }
 
 pub async fn get_op(
@@ -335,12 +333,11 @@ pub async fn get_op(
     wait: bool,
     c: &ApiClient,
     out: OutputFormat,
-) -> Result<(), ApiError> {
+) -> Result<Outcome, ApiError> {
     let op = if wait {
         wait_for(c, id, std::time::Duration::from_secs(86_400 * 2)).await?
     } else {
         c.get(&format!("/v1/ops/{id}")).await?
     };
-    print_op(&op, out);
-    Ok(())
+    Ok(print_op(&op, out))
 }

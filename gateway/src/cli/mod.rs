@@ -8,11 +8,12 @@ mod control;
 mod dev;
 mod play;
 mod profile;
+mod store_location;
 mod teardown;
 mod tokens;
 mod webhook;
 
-use crate::{config, server};
+use crate::server;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use client::ApiClient;
 use endpoint_types::{
@@ -89,25 +90,14 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ServerArgs {
-    /// Gateway config file (TOML).
-    #[arg(
-        long,
-        conflicts_with = "data_dir",
-        required_unless_present = "data_dir"
-    )]
-    config: Option<PathBuf>,
-    /// Data dir: CA, store, admin token.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    location: store_location::StoreLocation,
     /// API listen address (TCP).
     #[arg(long)]
     api: Option<std::net::SocketAddr>,
     /// Relay listen address (UDP).
     #[arg(long)]
     relay: Option<std::net::SocketAddr>,
-    /// Store URL (`sqlite:PATH`); default: the embedded store in the data dir.
-    #[arg(long)]
-    store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -261,12 +251,19 @@ pub fn main() -> ExitCode {
     };
     let output = cli.output;
     match runtime.block_on(run(cli)) {
-        Ok(()) if control::OP_ENDED_BADLY.load(std::sync::atomic::Ordering::Relaxed) => {
-            ExitCode::FAILURE
-        }
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::EndedBadly) => ExitCode::FAILURE,
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
         Err(e) => fail(output, &e),
     }
+}
+
+/// How a command that did its work ends: one that waited for an op or an endpoint prints its
+/// record, and when that record ended badly (failed, denied, timed out, expired) the exit code
+/// says so without an error of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    EndedBadly,
 }
 
 fn init_tracing(long_running: bool) {
@@ -305,7 +302,7 @@ fn duration_secs(flag: &str, s: &str) -> Result<u64, ApiError> {
     })
 }
 
-async fn run(cli: Cli) -> Result<(), ApiError> {
+async fn run(cli: Cli) -> Result<Outcome, ApiError> {
     let out = cli.output;
     let connection = profile::Connection {
         addr: cli.addr,
@@ -315,35 +312,41 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
     };
     let client = || connection.client();
     match cli.command {
-        Command::Server(args) => run_server(args, out).await,
+        Command::Server(args) => run_server(args, out).await?,
         Command::Dev(args) => dev::run(args.data_dir, out)
             .await
-            .map_err(|e| ApiError::internal(format!("{e:#}"))),
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?,
         Command::Whoami => {
             let me: Identity = client()?.get("/v1/whoami").await?;
             match out {
                 OutputFormat::Json => print_json(&me),
                 OutputFormat::Text => println!(
-                    "{} ({}{})",
+                    "{} ({}{}), {}",
                     me.name,
                     me.role.as_str(),
                     me.customer
                         .map(|c| format!(", customer {c}"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    me.expires_at
+                        .map(|t| format!("expires {t}"))
+                        .unwrap_or_else(|| "never expires".into())
                 ),
             }
-            Ok(())
         }
-        Command::Token(cmd) => tokens::token(cmd, &client()?, out).await,
-        Command::Admin(cmd) => tokens::admin(cmd, out).await,
-        Command::Profile(cmd) => profile::run(cmd, out),
-        Command::Appliance(cmd) => appliance(cmd, &client()?, out).await,
-        Command::Access(cmd) => control::access(cmd, &client()?, out).await,
-        Command::Approvals(control::ApprovalsCmd::Key(cmd)) => approver_key::run(cmd, out),
-        Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await,
-        Command::Ops(OpsCmd::Endpoint(cmd)) => endpoint(cmd, &client()?, out).await,
-        Command::Ops(OpsCmd::Get { id }) => control::get_op(&id, false, &client()?, out).await,
-        Command::Ops(OpsCmd::Wait { id }) => control::get_op(&id, true, &client()?, out).await,
+        Command::Token(cmd) => tokens::token(cmd, &client()?, out).await?,
+        Command::Admin(cmd) => tokens::admin(cmd, out).await?,
+        Command::Profile(cmd) => profile::run(cmd, out)?,
+        Command::Appliance(cmd) => appliance(cmd, &client()?, out).await?,
+        Command::Access(cmd) => control::access(cmd, &client()?, out).await?,
+        Command::Approvals(control::ApprovalsCmd::Key(cmd)) => approver_key::run(cmd, out)?,
+        Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await?,
+        Command::Ops(OpsCmd::Endpoint(cmd)) => return endpoint(cmd, &client()?, out).await,
+        Command::Ops(OpsCmd::Get { id }) => {
+            return control::get_op(&id, false, &client()?, out).await
+        }
+        Command::Ops(OpsCmd::Wait { id }) => {
+            return control::get_op(&id, true, &client()?, out).await
+        }
         Command::Ops(op) => {
             use endpoint_types::control::OpTool;
             let (tool, args) = match op {
@@ -359,26 +362,20 @@ async fn run(cli: Cli) -> Result<(), ApiError> {
                     return Err(ApiError::internal("unreachable ops command"))
                 }
             };
-            control::run_op(tool, args, &client()?, out).await
+            return control::run_op(tool, args, &client()?, out).await;
         }
-        Command::Audit(cmd) => audit(cmd, &client()?, out).await,
+        Command::Audit(cmd) => audit(cmd, &client()?, out).await?,
     }
+    Ok(Outcome::Done)
 }
 
 async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError> {
-    let mut cfg = match (&args.config, &args.data_dir) {
-        (Some(path), _) => config::load(path).map_err(|e| ApiError::invalid(e.to_string()))?,
-        (None, Some(dir)) => config::GatewayConfig::new(dir.clone()),
-        (None, None) => return Err(ApiError::invalid("give --config FILE or --data-dir DIR")),
-    };
+    let mut cfg = args.location.gateway_config()?;
     if let Some(a) = args.api {
         cfg.api = a;
     }
     if let Some(r) = args.relay {
         cfg.relay = r;
-    }
-    if args.store.is_some() {
-        cfg.store = args.store;
     }
     let running = server::start(cfg).await.map_err(|e| {
         match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
@@ -525,7 +522,8 @@ fn print_endpoint_text(e: &EndpointRecord) {
     }
 }
 
-async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<(), ApiError> {
+async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<Outcome, ApiError> {
+    let mut outcome = Outcome::Done;
     let rec: EndpointRecord = match cmd {
         EndpointCmd::Create {
             endpoint_type,
@@ -559,7 +557,7 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
                 rec = c.get(&format!("/v1/endpoints/{}", rec.id)).await?;
             }
             if wait && rec.state == EndpointState::Denied {
-                control::OP_ENDED_BADLY.store(true, std::sync::atomic::Ordering::Relaxed);
+                outcome = Outcome::EndedBadly;
             }
             rec
         }
@@ -569,7 +567,8 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
                 .await?
         }
         EndpointCmd::Connect { id, listen } => {
-            return access::tcp::connect(c, &id, listen, out).await
+            access::tcp::connect(c, &id, listen, out).await?;
+            return Ok(Outcome::Done);
         }
         EndpointCmd::List => {
             let l: EndpointList = c.get("/v1/endpoints").await?;
@@ -594,7 +593,7 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
                     }
                 }
             }
-            return Ok(());
+            return Ok(Outcome::Done);
         }
     };
     let mut rec = rec;
@@ -605,7 +604,7 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
         OutputFormat::Json => print_json(&rec),
         OutputFormat::Text => print_endpoint_text(&rec),
     }
-    Ok(())
+    Ok(outcome)
 }
 
 /// One page of `GET /v1/audit` after `after_seq`, with the other query terms.

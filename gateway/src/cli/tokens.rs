@@ -4,7 +4,6 @@
 use super::{client::ApiClient, print_json, OutputFormat};
 use clap::Subcommand;
 use endpoint_types::{api::*, ApiError};
-use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCmd {
@@ -34,19 +33,8 @@ pub enum AdminCmd {
     /// On the gateway host: mint a new admin token straight in the store and write it to the
     /// data dir's admin.token (which must be missing). Recorded in the audit trail.
     Recover {
-        /// The gateway's config file (its data dir and store are used).
-        #[arg(
-            long,
-            conflicts_with = "data_dir",
-            required_unless_present = "data_dir"
-        )]
-        config: Option<PathBuf>,
-        /// The gateway's data dir.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// The store URL the server uses, if not the embedded one in the data dir.
-        #[arg(long)]
-        store: Option<String>,
+        #[command(flatten)]
+        location: super::store_location::StoreLocation,
         /// Lifetime of the new token (or `never`, the default: it replaces the bootstrap one).
         #[arg(long, default_value = "never")]
         ttl: String,
@@ -128,20 +116,10 @@ pub async fn token(cmd: TokenCmd, c: &ApiClient, out: OutputFormat) -> Result<()
 }
 
 pub async fn admin(cmd: AdminCmd, out: OutputFormat) -> Result<(), ApiError> {
-    let AdminCmd::Recover {
-        config,
-        data_dir,
-        store,
-        ttl,
-    } = cmd;
-    let (data_dir, store) = match (config, data_dir) {
-        (Some(path), _) => {
-            let cfg = crate::config::load(&path).map_err(|e| ApiError::invalid(e.to_string()))?;
-            (cfg.data_dir, store.or(cfg.store))
-        }
-        (None, Some(dir)) => (dir, store),
-        (None, None) => return Err(ApiError::invalid("give --config FILE or --data-dir DIR")),
-    };
+    let AdminCmd::Recover { location, ttl } = cmd;
+    let crate::config::GatewayConfig {
+        data_dir, store, ..
+    } = location.gateway_config()?;
     let ttl = crate::api_tokens::parse_ttl(Some(&ttl))?;
     let file = crate::server::DataDir(data_dir.clone()).admin_token();
     if file.exists() {

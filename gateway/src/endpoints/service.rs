@@ -326,19 +326,10 @@ impl Endpoints {
 
     /// The endpoint, if the caller may see it.
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<EndpointRecord, ApiError> {
-        let row = self
-            .store
-            .get_endpoint(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| not_found(id))?;
-        let appliance = self
-            .store
-            .get_appliance(&row.appliance_id)
-            .await
-            .map_err(internal)?
-            .filter(|a| caller.sees_customer(&a.customer))
-            .ok_or_else(|| not_found(id))?;
+        let nf = || not_found(id);
+        let row = crate::lookup::found(self.store.get_endpoint(id).await, nf)?;
+        let appliance = self.store.get_appliance(&row.appliance_id).await;
+        let appliance = crate::lookup::seen_by(caller, appliance, nf)?;
         let sessions = self.live.live_sessions(&row.id);
         let creator = caller.made(row.created_by_id.as_deref());
         let rec = record_of(row, appliance.app, appliance.customer, sessions, self.now());
@@ -376,21 +367,8 @@ impl Endpoints {
             .map(Duration::from_secs)
             .unwrap_or(self.default_ttl);
         super::validate_ttl(ttl)?;
-        let appliance = self
-            .store
-            .find_appliance(&req.app, &req.customer)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!(
-                        "no appliance for app {} and customer {}",
-                        req.app, req.customer
-                    ),
-                )
-                .hint("`postern appliance list` shows the registered appliances")
-            })?;
+        let found = self.store.find_appliance(&req.app, &req.customer).await;
+        let appliance = crate::lookup::registered(found, &req.app, &req.customer)?;
         caller.require_customer(&appliance.customer)?;
         self.audit.room_for_request(&appliance.id).await?;
         let link = self

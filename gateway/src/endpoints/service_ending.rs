@@ -51,8 +51,66 @@ impl Endpoints {
         }
     }
 
+    /// When the token that asked for the endpoint stops working (None: never, or no token
+    /// asked). `Ok(Err(refusal))` once it has stopped (expired, or revoked): its endpoint must
+    /// not become active, already past its end.
+    async fn creator_token_end(
+        &self,
+        row: &crate::store::EndpointRow,
+        now: Timestamp,
+    ) -> Result<Result<Option<Timestamp>, ApiError>, ApiError> {
+        let Some(token_id) = row.created_by_id.as_deref() else {
+            return Ok(Ok(None));
+        };
+        let end = self.store.token_expiry(token_id).await.map_err(internal)?;
+        Ok(match end {
+            Some(end) if end <= now => Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the API token that asked for endpoint {} stopped working at {end}; the endpoint cannot become active",
+                    row.id
+                ),
+            )
+            .hint("the endpoint has expired; its creator asks again with a live token (an admin mints one with `postern token create`)")
+            .details(serde_json::json!({"id": row.id, "creator_token_id": token_id, "token_ended_at": end}))),
+            end => Ok(end),
+        })
+    }
+
+    /// A pending endpoint that can never become active (`why` says what ended before the
+    /// decision) expires now rather than waiting forever; `err` is the refusal to return, or
+    /// the lost race.
+    async fn expire_undecidable(
+        &self,
+        id: &str,
+        subject: &Subject,
+        now: Timestamp,
+        why: serde_json::Value,
+        err: ApiError,
+    ) -> ApiError {
+        if let Err(e) = self.end_pending(id, EndpointEvent::Expire, now).await {
+            return e;
+        }
+        let mut detail = serde_json::json!({
+            "reason": "expired", "sessions_cut": 0, "while": "pending approval",
+        });
+        if let (Some(d), Some(w)) = (detail.as_object_mut(), why.as_object()) {
+            d.extend(w.clone());
+        }
+        self.audit
+            .record(
+                "endpoint.expired",
+                "system:gateway",
+                subject.clone(),
+                detail,
+            )
+            .await;
+        err
+    }
+
     /// A customer approver's decision on a pending endpoint. On approval the endpoint lives
-    /// for its TTL from now, never past its operate grant. An endpoint that is no longer
+    /// for its TTL from now, never past its operate grant nor its creator's token (one whose
+    /// token stopped working before the decision expires instead, UNAUTHENTICATED). An endpoint that is no longer
     /// pending (denied, retired, expired, or already active) is not changed: CONFLICT, audited
     /// as `denied`.
     pub async fn decide(
@@ -121,20 +179,18 @@ impl Endpoints {
                 &appliance.customer,
             ))
             .details(serde_json::json!({"id": id, "grant_id": row.grant_id}));
-            if let Err(e) = self.end_pending(id, EndpointEvent::Expire, now).await {
-                return Err(refused(e).await);
-            }
-            self.audit
-                .record("endpoint.expired", "system:gateway", subject.clone(), serde_json::json!({
-                    "reason": "expired", "sessions_cut": 0, "while": "pending approval", "grant_id": row.grant_id,
-                }))
-                .await;
-            return Err(refused(err).await);
+            let why = serde_json::json!({"grant_id": row.grant_id});
+            return Err(refused(self.expire_undecidable(id, &subject, now, why, err).await).await);
         };
         let ttl = row.expires_at.duration_since(row.created_at);
-        let creator_token_end = match row.created_by_id.as_deref() {
-            Some(token_id) => self.store.token_expiry(token_id).await.map_err(internal)?,
-            None => None,
+        let creator_token_end = match self.creator_token_end(&row, now).await? {
+            Ok(end) => end,
+            Err(err) => {
+                let why = serde_json::json!({"creator_token_id": row.created_by_id});
+                return Err(
+                    refused(self.expire_undecidable(id, &subject, now, why, err).await).await,
+                );
+            }
         };
         let expires_at = [
             now.checked_add(ttl).ok(),

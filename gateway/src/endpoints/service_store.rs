@@ -106,9 +106,10 @@ impl EndpointStore for Store {
     }
 
     async fn token_expiry(&self, token_id: &str) -> StoreResult<Option<Timestamp>> {
+        // A revoked token stopped working when it was revoked, whatever its expiry said.
         Ok(Store::get_token(self, token_id)
             .await?
-            .and_then(|t| t.expires_at))
+            .and_then(|t| t.revoked_at.into_iter().chain(t.expires_at).min()))
     }
 }
 

@@ -20,6 +20,7 @@ pub use store::GrantStore;
 use crate::{
     audit::Subject,
     identity::{random_hex, Caller},
+    lookup,
     ports::{AgentPort, AuditSink, Clock, Notifier},
     store::{ApplianceRow, GrantChange, GrantRow, StoreError},
 };
@@ -125,17 +126,11 @@ impl Grants {
     }
 
     async fn appliance_of(&self, app: &str, customer: &str) -> Result<ApplianceRow, ApiError> {
-        self.store
-            .find_appliance(app, customer)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!("no appliance for app {app} and customer {customer}"),
-                )
-                .hint("`postern appliance list` shows the registered appliances")
-            })
+        lookup::registered(
+            self.store.find_appliance(app, customer).await,
+            app,
+            customer,
+        )
     }
 
     pub async fn request(
@@ -231,22 +226,9 @@ impl Grants {
             ApiError::new(ErrorCode::NotFound, format!("no grant {id}"))
                 .hint("`postern access list` shows your grants")
         };
-        let row = self
-            .store
-            .get_grant(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(nf)?;
-        let appliance = self
-            .store
-            .get_appliance(&row.appliance_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(nf)?;
-        if !caller.sees_customer(&appliance.customer) {
-            return Err(nf());
-        }
-        Ok((row, appliance))
+        let row = lookup::found(self.store.get_grant(id).await, nf)?;
+        let appliance = self.store.get_appliance(&row.appliance_id).await;
+        Ok((row, lookup::seen_by(caller, appliance, nf)?))
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {

@@ -51,21 +51,8 @@ impl Ops {
     pub async fn create(&self, caller: &Caller, req: OpRequest) -> Result<OpRecord, ApiError> {
         caller.require(&[Role::Admin, Role::Operator], "run ops")?;
         let (command, timeout) = checked_command(&req)?;
-        let appliance = self
-            .store
-            .find_appliance(&req.app, &req.customer)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!(
-                        "no appliance for app {} and customer {}",
-                        req.app, req.customer
-                    ),
-                )
-                .hint("`postern appliance list` shows the registered appliances")
-            })?;
+        let found = self.store.find_appliance(&req.app, &req.customer).await;
+        let appliance = crate::lookup::registered(found, &req.app, &req.customer)?;
         caller.require_customer(&appliance.customer)?;
         self.audit.room_for_request(&appliance.id).await?;
         let now = self.now();
@@ -81,6 +68,7 @@ impl Ops {
             timeout,
             state: OpState::PendingApproval,
             requested_by: caller.actor(),
+            requested_by_id: Some(caller.token_id.clone()).filter(|id| !id.is_empty()),
             requested_at: now,
             grant_id: Some(grant.id),
             command_approved_by: None,

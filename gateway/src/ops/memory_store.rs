@@ -104,6 +104,7 @@ impl OpStore for MemoryOpStore {
             origin_resource_id: stored.origin_resource_id.clone(),
             timeout: stored.timeout,
             requested_by: stored.requested_by.clone(),
+            requested_by_id: stored.requested_by_id.clone(),
             requested_at: stored.requested_at,
             ..op.clone()
         };

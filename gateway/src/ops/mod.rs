@@ -23,6 +23,7 @@ pub use store::OpStore;
 use crate::{
     audit::Subject,
     identity::Caller,
+    lookup,
     ports::{AgentPort, AuditSink, Clock, GrantGate, Notifier},
     store::{ApplianceRow, OpRow, StoreError},
 };
@@ -105,22 +106,9 @@ impl Ops {
             ApiError::new(ErrorCode::NotFound, format!("no op {id}"))
                 .hint("ops are named op_…; `postern approvals list` shows waiting ones")
         };
-        let row = self
-            .store
-            .get_op(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(nf)?;
-        let appliance = self
-            .store
-            .get_appliance(&row.appliance_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(nf)?;
-        if !caller.sees_customer(&appliance.customer) {
-            return Err(nf());
-        }
-        Ok((row, appliance))
+        let row = lookup::found(self.store.get_op(id).await, nf)?;
+        let appliance = self.store.get_appliance(&row.appliance_id).await;
+        Ok((row, lookup::seen_by(caller, appliance, nf)?))
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<OpRecord, ApiError> {
@@ -233,6 +221,7 @@ pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
         started_at: row.started_at,
         finished_at: row.finished_at,
         error: if row.state.is_final() { error } else { None },
+        requested_by_id: row.requested_by_id.clone(),
     }
 }
 

@@ -83,6 +83,9 @@ pub struct OpRow {
     pub error: Option<ApiError>,
     /// The customer's message with a decision (e.g. a denial).
     pub message: Option<String>,
+    /// Token id of who asked (ownership is by id, never by name); None when the gateway or a
+    /// name shared by several old tokens asked.
+    pub requested_by_id: Option<String>,
 }
 
 /// The who, when and what of a grant's move (see [`Store::move_grant`]): `by`/`at` are the
@@ -101,7 +104,7 @@ pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_b
 pub(super) const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
      command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
-     stdout, stderr, truncated, error, message";
+     stdout, stderr, truncated, error, message, requested_by_id";
 
 pub(super) fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
     Ok(GrantRow {
@@ -168,6 +171,7 @@ pub(super) fn op_from(r: AnyRow) -> StoreResult<OpRow> {
         truncated: r.try_get::<i64, _>("truncated")? != 0,
         error,
         message: r.try_get("message")?,
+        requested_by_id: r.try_get("requested_by_id")?,
         id,
     })
 }
@@ -340,7 +344,7 @@ impl Store {
     pub async fn insert_op(&self, o: &OpRow) -> StoreResult<()> {
         let sql = format!(
             "INSERT INTO ops ({OP_COLS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&o.id)
@@ -365,6 +369,7 @@ impl Store {
             .bind(i64::from(o.truncated))
             .bind(error_json(&o.error)?)
             .bind(&o.message)
+            .bind(&o.requested_by_id)
             .execute(&self.pool)
             .await?;
         Ok(())

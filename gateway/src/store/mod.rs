@@ -126,6 +126,11 @@ fn migrator() -> Migrator {
             "signed webhooks",
             include_str!("../../migrations/0013_signed_webhooks.sql"),
         ),
+        m(
+            14,
+            "op requester id",
+            include_str!("../../migrations/0014_op_requester_id.sql"),
+        ),
     ])
 }
 

@@ -106,6 +106,7 @@ mod tests {
             truncated: false,
             error: None,
             message: None,
+            requested_by_id: None,
         }
     }
 

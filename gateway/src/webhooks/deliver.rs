@@ -154,6 +154,9 @@ pub fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Str
 
 /// The host's CA bundle (`SSL_CERT_FILE`, else the usual Debian/RHEL/Alpine paths); where none
 /// is found, the Mozilla roots compiled in (webpki-roots), so a minimal container still works.
+/// A process-wide static on purpose (the house rule's one kind of exception): the host's trust
+/// store is a fact of the host, the same for every gateway a process runs, and parsing it costs;
+/// it is read once per process and holds no state of any gateway.
 fn system_roots() -> &'static Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
     ROOTS.get_or_init(|| {

@@ -7,7 +7,10 @@
 //! stream, and until then a bare name means the core group only (it grants nothing the
 //! cluster would read as another group's resource).
 
-use super::upstream::{Upstream, UpstreamError};
+use super::{
+    upstream::{Upstream, UpstreamError},
+    Clusters,
+};
 use crate::config::{AgentConfig, ResourceConfig};
 use bytes::Bytes;
 use endpoint_types::{
@@ -16,11 +19,7 @@ use endpoint_types::{
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{header::HOST, Request, StatusCode};
-use std::{
-    collections::HashMap,
-    sync::{Mutex, OnceLock},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DOCUMENT: usize = 8 * 1024 * 1024;
@@ -46,29 +45,102 @@ impl DiscoveryError {
     }
 }
 
-fn resolved() -> &'static Mutex<HashMap<String, Vec<String>>> {
-    static RESOLVED: OnceLock<Mutex<HashMap<String, Vec<String>>>> = OnceLock::new();
-    RESOLVED.get_or_init(Default::default)
-}
+impl Clusters {
+    fn resolved(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+        self.resolved.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-/// The resource names the scope grants: resolved through discovery when that has been done,
-/// else as configured (a bare name then means core).
-pub fn scope_resources(resource: &ResourceConfig) -> Vec<String> {
-    let done = resolved()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&resource.id)
-        .cloned();
-    done.unwrap_or_else(|| resource.kube_resources())
-}
+    /// The resource names the scope grants (and the hello reports): resolved through discovery
+    /// when that has been done, else as configured (a bare name then means core).
+    pub fn scope_resources(&self, resource: &ResourceConfig) -> Vec<String> {
+        let done = self.resolved().get(&resource.id).cloned();
+        done.unwrap_or_else(|| resource.kube_resources())
+    }
 
-fn needs_resolution(resource: &ResourceConfig) -> bool {
-    resource.kind == ResourceKind::Kubernetes
-        && resource.namespaces.is_some()
-        && !resolved()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&resource.id)
+    fn needs_resolution(&self, resource: &ResourceConfig) -> bool {
+        resource.kind == ResourceKind::Kubernetes
+            && resource.namespaces.is_some()
+            && !self.resolved().contains_key(&resource.id)
+    }
+
+    async fn resolve_one(&self, resource: &ResourceConfig) -> Result<Vec<String>, DiscoveryError> {
+        let upstream = self.upstream_for(resource).await?;
+        let index = tokio::time::timeout(DISCOVERY_TIMEOUT, discover(&upstream))
+            .await
+            .map_err(|_| DiscoveryError::Timeout(DISCOVERY_TIMEOUT))??;
+        let mut names = Vec::new();
+        for entry in resource.kube_resources() {
+            let name = index.resolve(&entry)?;
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// At start-up: resolves every kubernetes resource's names. A name the cluster reads as
+    /// ambiguous, unserved or cluster-scoped is an error (`Err((resource id, message))`); a
+    /// cluster that cannot be reached only leaves the names for a later attempt. Also says, for
+    /// each resource without `impersonate`, that only reads will pass.
+    pub async fn prepare(&self, config: &AgentConfig) -> Result<(), (String, String)> {
+        for r in config
+            .resources
+            .iter()
+            .filter(|r| r.kind == ResourceKind::Kubernetes)
+        {
+            if r.impersonate.is_none() {
+                let writes: Vec<String> = r
+                    .kube_verbs()
+                    .into_iter()
+                    .filter(|v| !endpoint_types::kube_request::READ_VERBS.contains(&v.as_str()))
+                    .collect();
+                tracing::warn!(
+                    resource = %r.id,
+                    refused_verbs = ?writes,
+                    "no `impersonate` identity: the agent forwards read verbs only (get, list, watch, logs) to this cluster; writes, exec, attach and port-forward are refused"
+                );
+            }
+        }
+        for r in config.resources.iter().filter(|r| self.needs_resolution(r)) {
+            match self.resolve_one(r).await {
+                Ok(names) => {
+                    tracing::info!(resource = %r.id, resources = ?names, "kubernetes scope resolved through discovery");
+                    self.resolved().insert(r.id.clone(), names);
+                }
+                Err(e) if e.is_config() => return Err((r.id.clone(), e.to_string())),
+                Err(e) => {
+                    tracing::warn!(resource = %r.id, error = %e, "cannot read the cluster's discovery yet; bare resource names mean the core group until it answers")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a hello or an endpoint stream: retries resources not resolved yet. A config error
+    /// found now is logged (the agent is already running) and the names stay as configured.
+    pub async fn resolve_pending(&self, config: &AgentConfig) {
+        for r in config.resources.iter().filter(|r| self.needs_resolution(r)) {
+            self.retry(r).await;
+        }
+    }
+
+    pub async fn retry(&self, resource: &ResourceConfig) {
+        if !self.needs_resolution(resource) {
+            return;
+        }
+        match self.resolve_one(resource).await {
+            Ok(names) => {
+                tracing::info!(resource = %resource.id, resources = ?names, "kubernetes scope resolved through discovery");
+                self.resolved().insert(resource.id.clone(), names);
+            }
+            Err(e) if e.is_config() => {
+                tracing::error!(resource = %resource.id, error = %e, "agent.toml: kubernetes resource names do not resolve")
+            }
+            Err(e) => {
+                tracing::warn!(resource = %resource.id, error = %e, "cannot read the cluster's discovery yet")
+            }
+        }
+    }
 }
 
 async fn get_json(upstream: &Upstream, path: &str) -> Result<serde_json::Value, DiscoveryError> {
@@ -122,89 +194,4 @@ pub async fn discover(upstream: &Upstream) -> Result<DiscoveryIndex, DiscoveryEr
         }
     }
     Ok(index)
-}
-
-async fn resolve_one(resource: &ResourceConfig) -> Result<Vec<String>, DiscoveryError> {
-    let upstream = super::upstream_for(resource).await?;
-    let index = tokio::time::timeout(DISCOVERY_TIMEOUT, discover(&upstream))
-        .await
-        .map_err(|_| DiscoveryError::Timeout(DISCOVERY_TIMEOUT))??;
-    let mut names = Vec::new();
-    for entry in resource.kube_resources() {
-        let name = index.resolve(&entry)?;
-        if !names.contains(&name) {
-            names.push(name);
-        }
-    }
-    Ok(names)
-}
-
-/// At start-up: resolves every kubernetes resource's names. A name the cluster reads as
-/// ambiguous, unserved or cluster-scoped is an error (`Err((resource id, message))`); a
-/// cluster that cannot be reached only leaves the names for a later attempt. Also says, for
-/// each resource without `impersonate`, that only reads will pass.
-pub async fn prepare(config: &AgentConfig) -> Result<(), (String, String)> {
-    for r in config
-        .resources
-        .iter()
-        .filter(|r| r.kind == ResourceKind::Kubernetes)
-    {
-        if r.impersonate.is_none() {
-            let writes: Vec<String> = r
-                .kube_verbs()
-                .into_iter()
-                .filter(|v| !endpoint_types::kube_request::READ_VERBS.contains(&v.as_str()))
-                .collect();
-            tracing::warn!(
-                resource = %r.id,
-                refused_verbs = ?writes,
-                "no `impersonate` identity: the agent forwards read verbs only (get, list, watch, logs) to this cluster; writes, exec, attach and port-forward are refused"
-            );
-        }
-    }
-    for r in config.resources.iter().filter(|r| needs_resolution(r)) {
-        match resolve_one(r).await {
-            Ok(names) => {
-                tracing::info!(resource = %r.id, resources = ?names, "kubernetes scope resolved through discovery");
-                resolved()
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(r.id.clone(), names);
-            }
-            Err(e) if e.is_config() => return Err((r.id.clone(), e.to_string())),
-            Err(e) => {
-                tracing::warn!(resource = %r.id, error = %e, "cannot read the cluster's discovery yet; bare resource names mean the core group until it answers")
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Before a hello or an endpoint stream: retries resources not resolved yet. A config error
-/// found now is logged (the agent is already running) and the names stay as configured.
-pub async fn resolve_pending(config: &AgentConfig) {
-    for r in config.resources.iter().filter(|r| needs_resolution(r)) {
-        retry(r).await;
-    }
-}
-
-pub async fn retry(resource: &ResourceConfig) {
-    if !needs_resolution(resource) {
-        return;
-    }
-    match resolve_one(resource).await {
-        Ok(names) => {
-            tracing::info!(resource = %resource.id, resources = ?names, "kubernetes scope resolved through discovery");
-            resolved()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(resource.id.clone(), names);
-        }
-        Err(e) if e.is_config() => {
-            tracing::error!(resource = %resource.id, error = %e, "agent.toml: kubernetes resource names do not resolve")
-        }
-        Err(e) => {
-            tracing::warn!(resource = %resource.id, error = %e, "cannot read the cluster's discovery yet")
-        }
-    }
 }

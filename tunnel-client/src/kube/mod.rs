@@ -10,8 +10,6 @@ pub mod op_proxy;
 mod proxy;
 mod upstream;
 
-pub use discovery::{prepare, resolve_pending};
-
 use crate::{
     audit::Entry,
     config::ResourceConfig,
@@ -27,7 +25,7 @@ use quinn::{RecvStream, SendStream};
 use std::{
     collections::HashMap,
     convert::Infallible,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -36,11 +34,14 @@ use upstream::Upstream;
 /// The scope the agent enforces: the resource names resolved through discovery, and reads
 /// only when the resource names no identity to impersonate (writes never go upstream with
 /// the appliance's own credential).
-pub(crate) fn scope_of(resource: &ResourceConfig) -> Result<KubeScope, String> {
+pub(crate) fn scope_of(
+    clusters: &Clusters,
+    resource: &ResourceConfig,
+) -> Result<KubeScope, String> {
     let namespaces = resource.namespaces.clone().unwrap_or_default();
     let scope = KubeScope::compile(
         &namespaces,
-        &discovery::scope_resources(resource),
+        &clusters.scope_resources(resource),
         &resource.kube_verbs(),
     )
     .map_err(|e| e.to_string())?;
@@ -51,9 +52,39 @@ pub(crate) fn scope_of(resource: &ResourceConfig) -> Result<KubeScope, String> {
     })
 }
 
-/// The resource names reported to the gateway in the hello: canonical once discovery ran.
-pub fn scope_resources(resource: &ResourceConfig) -> Vec<String> {
-    discovery::scope_resources(resource)
+/// What one agent knows of its kubernetes resources while it runs: an upstream (and its
+/// connection pool) per resource and the resource names discovery resolved. Owned by the agent
+/// run, not the process (one process may run many agents, whose resource ids coincide); the
+/// config does not change while the agent runs. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Clusters {
+    upstreams: Arc<Mutex<HashMap<String, Arc<Upstream>>>>,
+    /// Canonical resource names by resource id, once discovery answered.
+    resolved: Arc<Mutex<HashMap<String, Vec<String>>>>,
+}
+
+impl Clusters {
+    /// The resource's upstream, made on first use.
+    async fn upstream_for(
+        &self,
+        resource: &ResourceConfig,
+    ) -> Result<Arc<Upstream>, upstream::UpstreamError> {
+        let known = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&resource.id)
+            .cloned();
+        if let Some(u) = known {
+            return Ok(u);
+        }
+        let u = Arc::new(Upstream::load(resource.kubeconfig.as_deref()).await?);
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(resource.id.clone(), u.clone());
+        Ok(u)
+    }
 }
 
 /// `agent.toml` checks for a kubernetes resource: namespaces valid, resource names RBAC-like
@@ -82,25 +113,6 @@ pub fn validate_config(resource: &ResourceConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// One upstream (and its connection pool) per resource, for the agent's lifetime: the config
-/// does not change while the agent runs.
-async fn upstream_for(resource: &ResourceConfig) -> Result<Arc<Upstream>, upstream::UpstreamError> {
-    static UPSTREAMS: OnceLock<Mutex<HashMap<String, Arc<Upstream>>>> = OnceLock::new();
-    let map = UPSTREAMS.get_or_init(Default::default);
-    if let Some(u) = map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&resource.id)
-    {
-        return Ok(u.clone());
-    }
-    let u = Arc::new(Upstream::load(resource.kubeconfig.as_deref()).await?);
-    map.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(resource.id.clone(), u.clone());
-    Ok(u)
-}
-
 pub async fn serve_stream(
     ctx: &Sessions,
     open: StreamOpen,
@@ -109,8 +121,8 @@ pub async fn serve_stream(
     mut send: SendStream,
     recv: RecvStream,
 ) {
-    discovery::retry(&resource).await;
-    let scope = match scope_of(&resource) {
+    ctx.kube.retry(&resource).await;
+    let scope = match scope_of(&ctx.kube, &resource) {
         Ok(s) => s,
         Err(e) => {
             return refuse(
@@ -120,7 +132,7 @@ pub async fn serve_stream(
             .await
         }
     };
-    let upstream = match upstream_for(&resource).await {
+    let upstream = match ctx.kube.upstream_for(&resource).await {
         Ok(u) => u,
         Err(e) => {
             let e = ApiError::new(
@@ -226,7 +238,7 @@ mod tests {
     #[test]
     fn the_agent_decides_with_the_customer_defaults() {
         let c = parse("namespaces = [\"my-app-prod\"]\n").unwrap();
-        let scope = scope_of(&c.resources[0]).unwrap();
+        let scope = scope_of(&Clusters::default(), &c.resources[0]).unwrap();
         let d = |m: &str, p: &str| decide(&classify(m, p, None).unwrap(), &scope);
         assert_eq!(
             d("GET", "/api/v1/namespaces/my-app-prod/pods"),
@@ -259,7 +271,7 @@ mod tests {
     fn writes_need_an_identity_to_impersonate() {
         let verbs = "namespaces = [\"a\"]\nresources = [\"pods\", \"pods/exec\", \"statefulsets.apps\"]\nverbs = [\"get\", \"list\", \"create\", \"delete\"]\n";
         let plain = parse(verbs).unwrap();
-        let scope = scope_of(&plain.resources[0]).unwrap();
+        let scope = scope_of(&Clusters::default(), &plain.resources[0]).unwrap();
         assert!(scope.is_reads_only());
         let d = |s: &KubeScope, m: &str, p: &str| decide(&classify(m, p, None).unwrap(), s);
         assert_eq!(
@@ -274,7 +286,7 @@ mod tests {
             Decision::Deny { .. }
         ));
         let with = parse(&format!("{verbs}impersonate = {{ user = \"vendor\" }}\n")).unwrap();
-        let scope = scope_of(&with.resources[0]).unwrap();
+        let scope = scope_of(&Clusters::default(), &with.resources[0]).unwrap();
         assert_eq!(
             d(&scope, "DELETE", "/api/v1/namespaces/a/pods/p"),
             Decision::Allow

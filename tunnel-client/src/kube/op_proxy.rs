@@ -129,14 +129,15 @@ fn token() -> String {
 
 /// Starts the op's proxy for `resource` and writes its kubeconfig (0600) into `dir`.
 pub async fn start(
+    clusters: &super::Clusters,
     resource: &ResourceConfig,
     argv: &[String],
     dir: &Path,
     sink: Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync>,
 ) -> Result<OpKube, OpProxyError> {
     check_args(argv)?;
-    super::discovery::retry(resource).await;
-    let scope = super::scope_of(resource).map_err(|problem| OpProxyError::Scope {
+    clusters.retry(resource).await;
+    let scope = super::scope_of(clusters, resource).map_err(|problem| OpProxyError::Scope {
         id: resource.id.clone(),
         problem,
     })?;
@@ -173,6 +174,7 @@ pub async fn start(
     write_private(&path, &text)?;
     let stop = CancellationToken::new();
     let served = Served {
+        clusters: clusters.clone(),
         resource: resource.clone(),
         scope,
         token,
@@ -211,6 +213,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 struct Served {
+    clusters: super::Clusters,
     resource: ResourceConfig,
     scope: KubeScope,
     token: String,
@@ -241,7 +244,7 @@ async fn connection(
     let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await else {
         return;
     };
-    let upstream = super::upstream_for(&served.resource).await;
+    let upstream = served.clusters.upstream_for(&served.resource).await;
     let sink: AuditSink = {
         let s = served.sink.clone();
         Box::new(move |kind, detail| s(kind, detail))
@@ -342,9 +345,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink: Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync> = Arc::new(|_, _| {});
         let argv = vec!["kubectl".to_string(), "get".into(), "pods".into()];
-        let op = start(&config.resources[0], &argv, dir.path(), sink)
-            .await
-            .unwrap();
+        let op = start(
+            &Default::default(),
+            &config.resources[0],
+            &argv,
+            dir.path(),
+            sink,
+        )
+        .await
+        .unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&op.kubeconfig)
@@ -392,10 +401,16 @@ mod tests {
         let config = AgentConfig::parse(text, Path::new("/etc/postern/agent.toml")).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let sink: Arc<dyn Fn(&'static str, serde_json::Value) + Send + Sync> = Arc::new(|_, _| {});
-        let e = start(&config.resources[0], &["kubectl".into()], dir.path(), sink)
-            .await
-            .err()
-            .unwrap();
+        let e = start(
+            &Default::default(),
+            &config.resources[0],
+            &["kubectl".into()],
+            dir.path(),
+            sink,
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(
             e.is_denial() && e.to_api_error().code == ErrorCode::ForbiddenByScope,
             "{e}"

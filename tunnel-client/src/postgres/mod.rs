@@ -18,7 +18,7 @@ use role::{role_name, Admin, RoleError};
 use serde_json::json;
 use std::{
     collections::HashMap,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 use tokio::sync::watch;
@@ -80,12 +80,14 @@ enum RoleState {
     Failed(String),
 }
 
-/// Roles of the endpoints live at this agent, by endpoint id.
-static ROLES: LazyLock<Mutex<HashMap<String, watch::Sender<RoleState>>>> =
-    LazyLock::new(Default::default);
-
-fn roles() -> std::sync::MutexGuard<'static, HashMap<String, watch::Sender<RoleState>>> {
-    ROLES.lock().unwrap_or_else(|p| p.into_inner())
+/// What one agent's postgres resources keep while it runs: the roles of its live endpoints and
+/// its sessions' real cancel keys. Owned by the agent run (one process may run many agents,
+/// whose endpoint ids may coincide); cheap to clone.
+#[derive(Clone, Default)]
+pub struct PgState {
+    /// Roles of the endpoints live at this agent, by endpoint id.
+    roles: Arc<Mutex<HashMap<String, watch::Sender<RoleState>>>>,
+    cancels: session::Cancels,
 }
 
 fn random_password() -> Result<Secret, RoleError> {
@@ -129,7 +131,7 @@ pub fn prepare(ctx: &Sessions, grant: &EndpointGrant) {
     let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else {
         return;
     };
-    let Some(tx) = claim(&grant.endpoint_id) else {
+    let Some(tx) = ctx.postgres.claim(&grant.endpoint_id) else {
         return;
     };
     let (audit, endpoint_id, expires_at) = (
@@ -167,8 +169,9 @@ pub fn teardown(ctx: &Sessions, removed: &Removed) -> tokio::task::JoinHandle<()
         removed.reason,
     );
     let resource = ctx.config.resource(&removed.grant.resource_id).cloned();
+    let pg = ctx.postgres.clone();
     tokio::spawn(async move {
-        let r = drop_endpoint_role(resource.as_ref(), &endpoint_id).await;
+        let r = pg.drop_endpoint_role(resource.as_ref(), &endpoint_id).await;
         let mut detail = json!({ "role": role_name(&endpoint_id), "reason": reason.as_str() });
         if let Err(e) = &r {
             detail["error"] = json!(e.to_string());
@@ -180,43 +183,96 @@ pub fn teardown(ctx: &Sessions, removed: &Removed) -> tokio::task::JoinHandle<()
     })
 }
 
-/// Drops the endpoint's role: the one this process made, or (the agent restarted since the
-/// endpoint opened, and the endpoint ended meanwhile) the role of that name left in the
-/// database.
-async fn drop_endpoint_role(
-    resource: Option<&ResourceConfig>,
-    endpoint_id: &str,
-) -> Result<(), RoleError> {
-    if roles().contains_key(endpoint_id) {
-        return teardown_role(endpoint_id).await;
+impl PgState {
+    fn roles(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<RoleState>>> {
+        self.roles.lock().unwrap_or_else(|p| p.into_inner())
     }
-    match resource {
-        Some(r) => Admin::new(r)?.drop_role(&role_name(endpoint_id)).await,
-        None => Ok(()),
-    }
-}
 
-/// Registers the endpoint as preparing, unless it already is (announced again on reconnect).
-fn claim(endpoint_id: &str) -> Option<watch::Sender<RoleState>> {
-    let mut map = roles();
-    if map.contains_key(endpoint_id) {
-        return None;
+    /// Drops the endpoint's role: the one this agent made, or (the agent restarted since the
+    /// endpoint opened, and the endpoint ended meanwhile) the role of that name left in the
+    /// database.
+    async fn drop_endpoint_role(
+        &self,
+        resource: Option<&ResourceConfig>,
+        endpoint_id: &str,
+    ) -> Result<(), RoleError> {
+        if self.roles().contains_key(endpoint_id) {
+            return self.teardown_role(endpoint_id).await;
+        }
+        match resource {
+            Some(r) => Admin::new(r)?.drop_role(&role_name(endpoint_id)).await,
+            None => Ok(()),
+        }
     }
-    let (tx, _) = watch::channel(RoleState::Preparing);
-    map.insert(endpoint_id.to_string(), tx.clone());
-    Some(tx)
-}
 
-/// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
-pub async fn prepare_role(
-    resource: &ResourceConfig,
-    endpoint_id: &str,
-    expires_at: Timestamp,
-) -> Result<(), RoleError> {
-    let Some(tx) = claim(endpoint_id) else {
-        return Ok(());
-    };
-    create_into(tx, resource, endpoint_id, expires_at).await
+    /// Registers the endpoint as preparing, unless it already is (announced again on reconnect).
+    fn claim(&self, endpoint_id: &str) -> Option<watch::Sender<RoleState>> {
+        let mut map = self.roles();
+        if map.contains_key(endpoint_id) {
+            return None;
+        }
+        let (tx, _) = watch::channel(RoleState::Preparing);
+        map.insert(endpoint_id.to_string(), tx.clone());
+        Some(tx)
+    }
+
+    /// Creates the endpoint's role; idempotent for an endpoint announced again after a reconnect.
+    pub async fn prepare_role(
+        &self,
+        resource: &ResourceConfig,
+        endpoint_id: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), RoleError> {
+        let Some(tx) = self.claim(endpoint_id) else {
+            return Ok(());
+        };
+        create_into(tx, resource, endpoint_id, expires_at).await
+    }
+
+    /// Drops the endpoint's role (terminating its backends); waits for a prepare under way.
+    pub async fn teardown_role(&self, endpoint_id: &str) -> Result<(), RoleError> {
+        let Some(tx) = self.roles().remove(endpoint_id) else {
+            return Ok(());
+        };
+        let mut rx = tx.subscribe();
+        let state = {
+            let settled = tokio::time::timeout(
+                ROLE_READY_WAIT,
+                rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
+            )
+            .await;
+            match settled {
+                Ok(Ok(s)) => s.clone(),
+                _ => return Ok(()),
+            }
+        };
+        if let RoleState::Ready(r) = state {
+            r.admin.drop_role(&r.name).await?;
+            tracing::info!(endpoint = %endpoint_id, role = %r.name, "postgres role dropped");
+        }
+        Ok(())
+    }
+
+    /// The endpoint's role once it is ready, for a session.
+    pub async fn ready_role(&self, endpoint_id: &str) -> Result<Arc<ReadyRole>, String> {
+        let Some(mut rx) = self.roles().get(endpoint_id).map(|tx| tx.subscribe()) else {
+            return Err("the endpoint has no database role at this appliance".into());
+        };
+        let settled = tokio::time::timeout(
+            ROLE_READY_WAIT,
+            rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
+        )
+        .await;
+        match settled {
+            Ok(Ok(s)) => match &*s {
+                RoleState::Ready(r) => Ok(r.clone()),
+                RoleState::Failed(e) => Err(e.clone()),
+                RoleState::Preparing => Err("the database role is not ready".into()),
+            },
+            Ok(Err(_)) => Err("the endpoint ended".into()),
+            Err(_) => Err("the database role was not ready in time".into()),
+        }
+    }
 }
 
 async fn create_into(
@@ -238,51 +294,6 @@ async fn create_into(
     };
     tx.send_replace(state);
     out
-}
-
-/// Drops the endpoint's role (terminating its backends); waits for a prepare under way.
-pub async fn teardown_role(endpoint_id: &str) -> Result<(), RoleError> {
-    let Some(tx) = roles().remove(endpoint_id) else {
-        return Ok(());
-    };
-    let mut rx = tx.subscribe();
-    let state = {
-        let settled = tokio::time::timeout(
-            ROLE_READY_WAIT,
-            rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
-        )
-        .await;
-        match settled {
-            Ok(Ok(s)) => s.clone(),
-            _ => return Ok(()),
-        }
-    };
-    if let RoleState::Ready(r) = state {
-        r.admin.drop_role(&r.name).await?;
-        tracing::info!(endpoint = %endpoint_id, role = %r.name, "postgres role dropped");
-    }
-    Ok(())
-}
-
-/// The endpoint's role once it is ready, for a session.
-pub async fn ready_role(endpoint_id: &str) -> Result<Arc<ReadyRole>, String> {
-    let Some(mut rx) = roles().get(endpoint_id).map(|tx| tx.subscribe()) else {
-        return Err("the endpoint has no database role at this appliance".into());
-    };
-    let settled = tokio::time::timeout(
-        ROLE_READY_WAIT,
-        rx.wait_for(|s| !matches!(s, RoleState::Preparing)),
-    )
-    .await;
-    match settled {
-        Ok(Ok(s)) => match &*s {
-            RoleState::Ready(r) => Ok(r.clone()),
-            RoleState::Failed(e) => Err(e.clone()),
-            RoleState::Preparing => Err("the database role is not ready".into()),
-        },
-        Ok(Err(_)) => Err("the endpoint ended".into()),
-        Err(_) => Err("the database role was not ready in time".into()),
-    }
 }
 
 /// A role for one `postern ops psql` op, scoped like an endpoint's, living as long as the op.

@@ -6,7 +6,6 @@
 //! key of a session here; the agent sends the real key to the server.
 
 use super::{
-    ready_role,
     tls::{Db, DbTls},
     ReadyRole,
 };
@@ -30,7 +29,7 @@ use quinn::{RecvStream, SendStream};
 use serde_json::json;
 use std::{
     collections::HashMap,
-    sync::{LazyLock, Mutex},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -62,20 +61,23 @@ struct RealCancel {
     key: CancelKey,
 }
 
-static CANCELS: LazyLock<Mutex<HashMap<(String, CancelKey), RealCancel>>> =
-    LazyLock::new(Default::default);
+/// The real cancel keys of one agent's live sessions (part of [`super::PgState`]).
+#[derive(Clone, Default)]
+pub(super) struct Cancels(Arc<Mutex<HashMap<(String, CancelKey), RealCancel>>>);
 
-fn cancels() -> std::sync::MutexGuard<'static, HashMap<(String, CancelKey), RealCancel>> {
-    CANCELS.lock().unwrap_or_else(|p| p.into_inner())
+impl Cancels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, CancelKey), RealCancel>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Drops the session's cancel entry however the session ends.
-struct CancelEntry(Option<(String, CancelKey)>);
+struct CancelEntry(Cancels, Option<(String, CancelKey)>);
 
 impl Drop for CancelEntry {
     fn drop(&mut self) {
-        if let Some(k) = self.0.take() {
-            cancels().remove(&k);
+        if let Some(k) = self.1.take() {
+            self.0.lock().remove(&k);
         }
     }
 }
@@ -88,7 +90,7 @@ pub async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let role = match ready_role(&open.endpoint_id).await {
+    let role = match ctx.postgres.ready_role(&open.endpoint_id).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(endpoint = %open.endpoint_id, error = %e, "postgres session without a role");
@@ -146,7 +148,10 @@ async fn read_startup(recv: &mut RecvStream, buf: &mut BytesMut) -> Option<Start
 }
 
 async fn cancel(ctx: &Sessions, open: &StreamOpen, gw_key: CancelKey) {
-    let target = cancels()
+    let target = ctx
+        .postgres
+        .cancels
+        .lock()
         .get(&(open.endpoint_id.clone(), gw_key))
         .map(|c| (c.server.clone(), c.key));
     ctx.audit.record_or_log(entry(
@@ -359,20 +364,24 @@ impl Session<'_> {
             tracing::error!(error = %e, "cannot write the customer's audit trail; refusing the session");
             return self.fail(&mut send, trail_fatal()).await;
         }
-        let _entry = CancelEntry(match (gw_key, real_key) {
-            (Some(gk), Some(rk)) => {
-                let k = (self.open.endpoint_id.clone(), gk);
-                cancels().insert(
-                    k.clone(),
-                    RealCancel {
-                        server: self.server.clone(),
-                        key: rk,
-                    },
-                );
-                Some(k)
-            }
-            _ => None,
-        });
+        let cancels = self.ctx.postgres.cancels.clone();
+        let _entry = CancelEntry(
+            cancels.clone(),
+            match (gw_key, real_key) {
+                (Some(gk), Some(rk)) => {
+                    let k = (self.open.endpoint_id.clone(), gk);
+                    cancels.lock().insert(
+                        k.clone(),
+                        RealCancel {
+                            server: self.server.clone(),
+                            key: rk,
+                        },
+                    );
+                    Some(k)
+                }
+                _ => None,
+            },
+        );
         let (mut up, mut down, mut statements) = (0u64, greeting.len() as u64, 0u64);
         let mut boundary = ServerBoundary::default();
         let end = match send.write_chunk(greeting.freeze()).await {

@@ -257,5 +257,6 @@ pub fn op_row(id: &str, appliance_id: &str) -> OpRow {
         truncated: false,
         error: None,
         message: None,
+        requested_by_id: None,
     }
 }

@@ -326,6 +326,7 @@ impl World {
             truncated: false,
             error: None,
             message: None,
+            requested_by_id: None,
         };
         self.store.put_op(row.clone());
         row
