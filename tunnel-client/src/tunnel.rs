@@ -122,6 +122,8 @@ struct Agent {
     tracker: TaskTracker,
     /// The gateway's signed heads, checked against its pinned audit key.
     anchors: crate::trail_heads::GatewayAnchors,
+    /// The approvers' decisions on grants and endpoints this appliance accepted.
+    record_approvals: crate::record_approval::RecordApprovals,
 }
 
 /// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
@@ -215,7 +217,10 @@ pub async fn run(
             id,
             problem,
         })?;
+    let record_approvals =
+        crate::record_approval::RecordApprovals::from_config(&config, Timestamp::now());
     let agent = Agent {
+        record_approvals,
         config,
         enrollment,
         quic,
@@ -511,6 +516,10 @@ impl Agent {
             }
             ToAgent::HeartbeatAck { .. } => {}
             ToAgent::EndpointSync { endpoints } => {
+                let endpoints = match self.screened(endpoints, now, send, write_limit).await {
+                    Ok(kept) => kept,
+                    Err(ended) => return Some(ended),
+                };
                 let grants = endpoints.clone();
                 let (added, removed) = self
                     .live
@@ -526,6 +535,20 @@ impl Agent {
                 crate::endpoint_setup::synced(&self.sessions, &grants);
             }
             ToAgent::EndpointOpen(grant) => {
+                let id = grant.endpoint_id.clone();
+                let Some(grant) = (match self.screened(vec![grant], now, send, write_limit).await {
+                    Ok(kept) => kept.into_iter().next(),
+                    Err(ended) => return Some(ended),
+                }) else {
+                    // Refused: nothing of it is served, also if it was live before.
+                    let removed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .close(&id, CloseReason::Revoked);
+                    self.audit_removed(removed.as_slice());
+                    return None;
+                };
                 let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
                 let was_live = matches!(
                     live.check(&grant.endpoint_id, now),
@@ -541,6 +564,10 @@ impl Agent {
                 }
             }
             ToAgent::GrantSync { grants } => {
+                let grants = match self.screened(grants, now, send, write_limit).await {
+                    Ok(kept) => kept,
+                    Err(ended) => return Some(ended),
+                };
                 let summary: Vec<serde_json::Value> = grants
                     .iter()
                     .map(|g| serde_json::json!({
@@ -634,6 +661,33 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// What of the announced grants or endpoints the appliance honours: a person's decision is
+    /// checked (crate::record_approval), each refusal recorded and reported to the gateway.
+    async fn screened<T: crate::record_approval::Approvable>(
+        &self,
+        items: Vec<T>,
+        now: Timestamp,
+        send: &mut SendStream,
+        write_limit: Duration,
+    ) -> Result<Vec<T>, Ended> {
+        let screened = self.record_approvals.screen(
+            self.ops.signed_approvals(),
+            items,
+            &self.audit.agent_actor(),
+            now,
+        );
+        for entry in screened.records {
+            self.audit.record_or_log(entry);
+        }
+        for (record_id, error) in screened.refused {
+            let refused = ToGateway::ApprovalRefused { record_id, error };
+            if let Err(e) = send_frame(send, &refused, write_limit).await {
+                return Err(Ended::lost(format!("cannot report a refused approval: {e}")));
+            }
+        }
+        Ok(screened.kept)
     }
 
     fn audit_opened(&self, g: &EndpointGrant, via: &str) {

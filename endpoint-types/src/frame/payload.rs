@@ -47,6 +47,11 @@ pub struct EndpointGrant {
     /// The operate grant the endpoint was created under; it must be live for every session.
     #[serde(default)]
     pub grant_id: Option<String>,
+    /// The approver's signed decision on this endpoint (type, resource, TTL), as the approver's
+    /// key made it. An appliance that lists `[[approver]]` keys opens an endpoint its policy
+    /// reserves for a person only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_decision: Option<crate::approval::SignedDecision>,
 }
 
 /// A grant as the agent needs it to enforce: what, until when, approved by whom.
@@ -57,6 +62,11 @@ pub struct LiveGrant {
     pub approved_by: String,
     pub approved_at: Timestamp,
     pub expires_at: Timestamp,
+    /// The approver's signed decision on this grant (level, duration), as the approver's key
+    /// made it; sent with the grant every time the set is sent. An appliance that lists
+    /// `[[approver]]` keys honours a grant its policy reserves for a person only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_decision: Option<crate::approval::SignedDecision>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,7 @@ fn grant() -> EndpointGrant {
         resource_id: "null_resource.echo".into(),
         expires_at: at("2030-01-01T00:00:00Z"),
         grant_id: Some("gr_1".into()),
+        signed_decision: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn live_grant() -> LiveGrant {
         approved_by: "alice@customer".into(),
         approved_at: at("2029-12-31T00:00:00Z"),
         expires_at: at("2030-01-01T00:00:00Z"),
+        signed_decision: None,
     }
 }
 

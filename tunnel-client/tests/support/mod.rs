@@ -357,6 +357,7 @@ pub fn live_grant(id: &str, level: GrantLevel, from_s: i64, to_s: i64) -> LiveGr
         approved_by: "bob@acme.example".into(),
         approved_at: Timestamp::now() + SignedDuration::from_secs(from_s),
         expires_at: Timestamp::now() + SignedDuration::from_secs(to_s),
+        signed_decision: None,
     }
 }
 
