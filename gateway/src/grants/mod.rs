@@ -6,6 +6,7 @@
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
 mod gate;
+mod refused;
 mod store;
 mod sync;
 
@@ -97,6 +98,7 @@ pub fn record(row: &GrantRow, app: &str, customer: &str, now: Timestamp) -> Gran
         expires_at: row.expires_at,
         decided_by: row.decided_by.clone(),
         message: row.message.clone(),
+        refused: None,
     }
 }
 
@@ -251,12 +253,13 @@ impl Grants {
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {
         let (row, appliance) = self.load(caller, id).await?;
-        Ok(record(
+        let rec = record(
             &row,
             &appliance.app,
             &appliance.customer,
             self.clock.now(),
-        ))
+        );
+        Ok(self.with_refusal(rec).await)
     }
 
     /// The grants the caller may see, oldest request first: one store query, filtered there

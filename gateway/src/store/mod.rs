@@ -10,6 +10,7 @@ mod endpoint_list;
 mod grant_list;
 mod op_list;
 mod signed;
+mod refusals;
 mod spine;
 mod teardown;
 mod tokens;
@@ -116,6 +117,11 @@ fn migrator() -> Migrator {
             9,
             "token lifetimes",
             include_str!("../../migrations/0009_token_lifetimes.sql"),
+        ),
+        m(
+            10,
+            "appliance refusals",
+            include_str!("../../migrations/0010_appliance_refusals.sql"),
         ),
     ])
 }
