@@ -271,10 +271,17 @@ impl Grants {
             .list_grants_with_owner(caller.customer_scope())
             .await
             .map_err(internal)?;
-        Ok(rows
-            .iter()
-            .map(|g| record(&g.grant, &g.app, &g.customer, now))
-            .collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for g in &rows {
+            let rec = record(&g.grant, &g.app, &g.customer, now);
+            // Only a revoked grant can carry the appliance's refusal.
+            out.push(if rec.state == GrantState::Revoked {
+                self.with_refusal(rec).await
+            } else {
+                rec
+            });
+        }
+        Ok(out)
     }
 
     /// The refusal for `event` on grant `id` after a compare-and-set found it moved by another
