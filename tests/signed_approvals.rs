@@ -108,8 +108,12 @@ fn start(dir: &Path) -> Result<Setup> {
     let grant = gw.request_operate("my-app", CUSTOMER, "1h")?;
     let gid = grant["id"].as_str().unwrap_or_default().to_string();
     let key = bob_key_path.display().to_string();
-    gw.cli_home_as(&bob, &bob_home, &["approvals", "approve", &gid, "--key", &key])?
-        .ok()?;
+    gw.cli_home_as(
+        &bob,
+        &bob_home,
+        &["approvals", "approve", &gid, "--key", &key],
+    )?
+    .ok()?;
     Ok(Setup {
         gw,
         agent,

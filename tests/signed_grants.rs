@@ -34,7 +34,10 @@ fn make_key(gw: &Gateway, path: &Path) -> Result<(String, ApproverKey)> {
         .as_str()
         .ok_or_else(|| anyhow!("no public key in {out}"))?
         .to_string();
-    Ok((line, ApproverKey::from_pem(&std::fs::read_to_string(path)?)?))
+    Ok((
+        line,
+        ApproverKey::from_pem(&std::fs::read_to_string(path)?)?,
+    ))
 }
 
 struct Setup {
@@ -73,7 +76,14 @@ fn start(dir: &Path) -> Result<Setup> {
     }
     let bob = gw
         .cli(&[
-            "token", "create", "--role", "approver", "--name", "bob", "--customer", CUSTOMER,
+            "token",
+            "create",
+            "--role",
+            "approver",
+            "--name",
+            "bob",
+            "--customer",
+            CUSTOMER,
         ])?
         .ok()?["token"]
         .as_str()
@@ -121,8 +131,19 @@ impl Setup {
             .cli_home(
                 &self.home,
                 &[
-                    "ops", "endpoint", "create", "--type", "tcp", "--app", APP, "--customer",
-                    CUSTOMER, "--origin-resource-id", ECHO, "--ttl", "10m",
+                    "ops",
+                    "endpoint",
+                    "create",
+                    "--type",
+                    "tcp",
+                    "--app",
+                    APP,
+                    "--customer",
+                    CUSTOMER,
+                    "--origin-resource-id",
+                    ECHO,
+                    "--ttl",
+                    "10m",
                 ],
             )?
             .ok()?;
@@ -308,10 +329,19 @@ fn a_signed_grant_and_endpoint_are_honoured_also_after_the_agent_restarts() -> R
     assert_eq!(shown["signature_required"], true, "{shown}");
     assert_eq!(shown["statement"]["content"]["kind"], "grant", "{shown}");
     assert_eq!(shown["statement"]["content"]["level"], "operate", "{shown}");
-    assert_eq!(shown["statement"]["content"]["duration_s"], 30 * 3600, "{shown}");
+    assert_eq!(
+        shown["statement"]["content"]["duration_s"],
+        30 * 3600,
+        "{shown}"
+    );
     // Unsigned, the gateway refuses at once.
     let unsigned = s.bob(&["approvals", "approve", &g])?;
-    assert_eq!(unsigned.error_code(), Some("APPROVAL_INVALID"), "{}", unsigned.json);
+    assert_eq!(
+        unsigned.error_code(),
+        Some("APPROVAL_INVALID"),
+        "{}",
+        unsigned.json
+    );
     s.approve(&g)?;
     let verified = |t: &[Value]| {
         t.iter().any(|r| {
@@ -334,28 +364,44 @@ fn a_signed_grant_and_endpoint_are_honoured_also_after_the_agent_restarts() -> R
     let active = s.endpoint(&ep)?;
     assert_eq!(active["state"], "active", "{active}");
     let fwd = Forwarder::start(&s.gw, &s.gw.admin_token, &s.home, &ep)?;
-    assert!(round_trip(&fwd, b"signed and served"), "the endpoint serves nothing");
+    assert!(
+        round_trip(&fwd, b"signed and served"),
+        "the endpoint serves nothing"
+    );
     assert_eq!(s.verified_count("endpoint_id", &ep, "endpoint")?, 1);
 
     // The agent restarts: the grant set and the endpoint are sent again and honoured from the
     // acceptance it remembered, not refused as replays.
     s.stop_agent()?;
     s.start_agent()?;
-    assert!(round_trip(&fwd, b"after the restart"), "not served after the restart");
+    assert!(
+        round_trip(&fwd, b"after the restart"),
+        "not served after the restart"
+    );
     let trail = s.agent.trail()?;
     assert!(
         !trail.iter().any(|r| r["kind"] == "denied"),
         "something was refused: {:?}",
-        trail.iter().filter(|r| r["kind"] == "denied").collect::<Vec<_>>()
+        trail
+            .iter()
+            .filter(|r| r["kind"] == "denied")
+            .collect::<Vec<_>>()
     );
-    assert_eq!(s.verified_count("grant_id", &g, "grant")?, 1, "accepted once");
+    assert_eq!(
+        s.verified_count("grant_id", &g, "grant")?,
+        1,
+        "accepted once"
+    );
     assert_eq!(s.verified_count("endpoint_id", &ep, "endpoint")?, 1);
     let accepted = std::fs::read_to_string(
         s.agent
             .trail_path()
             .with_file_name("audit.jsonl.approvals-accepted"),
     )?;
-    assert!(accepted.contains(&g) && accepted.contains(&ep), "{accepted}");
+    assert!(
+        accepted.contains(&g) && accepted.contains(&ep),
+        "{accepted}"
+    );
     let grant = s.grant(&g)?;
     assert_eq!(grant["state"], "active", "{grant}");
     assert!(grant["refused"].is_null(), "{grant}");

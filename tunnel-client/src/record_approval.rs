@@ -298,8 +298,12 @@ impl RecordApprovals {
                 Ok(None) => out.kept.push(item),
                 Ok(Some((verified, first))) => {
                     if let (true, Some(signed)) = (first, item.signed()) {
-                        out.records
-                            .push(item.tag(verified_entry(actor, T::STAGE, &verified, signed)));
+                        out.records.push(item.tag(verified_entry(
+                            actor,
+                            T::STAGE,
+                            &verified,
+                            signed,
+                        )));
                     }
                     out.kept.push(item);
                 }

@@ -89,7 +89,11 @@ fn reason<T: Approvable>(
     }
 }
 
-fn accepted<T: Approvable>((a, r): &(SignedApprovals, RecordApprovals), item: &T, now: &str) -> bool {
+fn accepted<T: Approvable>(
+    (a, r): &(SignedApprovals, RecordApprovals),
+    item: &T,
+    now: &str,
+) -> bool {
     match r.check(a, item, at(now)) {
         Ok(Some((_, first))) => first,
         other => panic!("not accepted: {other:?}"),
@@ -132,7 +136,11 @@ fn a_signed_grant_is_accepted_once_and_honoured_when_sent_again_past_the_stateme
     // An acceptance forgotten (its file lost) on another appliance's disk: the same
     // statement is then used up.
     let other = tempfile::tempdir().unwrap();
-    assert!(accepted(&start(other.path(), &[&bob], MANUAL, NOW), &g, NOW));
+    assert!(accepted(
+        &start(other.path(), &[&bob], MANUAL, NOW),
+        &g,
+        NOW
+    ));
     std::fs::remove_file(accepted_path(&other.path().join("audit.jsonl"))).unwrap();
     let forgotten = start(other.path(), &[&bob], MANUAL, NOW);
     assert_eq!(reason(&forgotten, &g, NOW), "replayed");
@@ -242,7 +250,10 @@ fn the_policys_own_decisions_and_unlisted_keys_need_no_signature() {
     let dir = tempfile::tempdir().unwrap();
     let (bob, _) = ApproverKey::generate().unwrap();
     let automatic = start(dir.path(), &[&bob], "approval = \"automatic\"", NOW);
-    assert_eq!(automatic.1.check(&automatic.0, &grant("gr_1"), at(NOW)), Ok(None));
+    assert_eq!(
+        automatic.1.check(&automatic.0, &grant("gr_1"), at(NOW)),
+        Ok(None)
+    );
     // A window approves what ends while it is open, not what outlives it.
     let windows = start(
         dir.path(),
@@ -303,7 +314,10 @@ fn endpoints_bind_type_resource_and_ttl_and_are_honoured_when_announced_again() 
     assert!(accepted(&agent, &e, NOW));
     // Re-announced on reconnect after the statement's not-after.
     assert!(!accepted(&agent, &e, "2026-12-07T04:30:00Z"));
-    assert_eq!(reason(&agent, &endpoint("ep_2", "2026-12-07T05:00:00Z"), NOW), "missing");
+    assert_eq!(
+        reason(&agent, &endpoint("ep_2", "2026-12-07T05:00:00Z"), NOW),
+        "missing"
+    );
     // TTL stretched by the gateway: the endpoint lives longer than signed.
     let stretched = signed_endpoint(&bob, &endpoint("ep_3", "2026-12-08T03:00:00Z"), 7200);
     assert_eq!(reason(&agent, &stretched, NOW), "content_mismatch");

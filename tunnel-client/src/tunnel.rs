@@ -684,7 +684,9 @@ impl Agent {
         for (record_id, error) in screened.refused {
             let refused = ToGateway::ApprovalRefused { record_id, error };
             if let Err(e) = send_frame(send, &refused, write_limit).await {
-                return Err(Ended::lost(format!("cannot report a refused approval: {e}")));
+                return Err(Ended::lost(format!(
+                    "cannot report a refused approval: {e}"
+                )));
             }
         }
         Ok(screened.kept)

@@ -196,7 +196,8 @@ pub enum ToGateway {
     TeardownProof(crate::teardown::SignedTeardown),
     /// The agent's latest signed head of the customer trail, for the gateway to record as an
     /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
-    TrailHead(crate::trail_head::SignedHead),    /// The appliance refused a grant or endpoint (`record_id`) a person was said to approve:
+    TrailHead(crate::trail_head::SignedHead),
+    /// The appliance refused a grant or endpoint (`record_id`) a person was said to approve:
     /// its signed decision is missing or invalid (`APPROVAL_INVALID`, `details.reason`). The
     /// appliance honours nothing of it; sent again whenever the gateway announces it again.
     ApprovalRefused {

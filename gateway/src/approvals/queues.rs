@@ -129,7 +129,10 @@ impl Queue for EndpointQueue {
             .map_err(|e| ApiError::internal(format!("endpoint {}: {e}", item.id)))?;
         Ok(Some(DecidedContent::Endpoint {
             endpoint_type,
-            resource_id: r["origin_resource_id"].as_str().unwrap_or_default().to_string(),
+            resource_id: r["origin_resource_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             ttl_s: r["ttl_s"].as_u64().unwrap_or_default(),
         }))
     }

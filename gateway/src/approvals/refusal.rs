@@ -32,7 +32,10 @@ pub fn sanitized(record_id: &str, error: &ApiError) -> ApiError {
     };
     ApiError::new(
         ErrorCode::ApprovalInvalid,
-        format!("the appliance refused {record_id}: {}", bounded(&error.message)),
+        format!(
+            "the appliance refused {record_id}: {}",
+            bounded(&error.message)
+        ),
     )
     .hint(hint)
     .details(serde_json::json!({ "reason": reason, "record_id": record_id }))
@@ -72,7 +75,9 @@ pub async fn on_agent_refusal(
 ) {
     let error = sanitized(record_id, error);
     if record_id.starts_with("gr_") {
-        grants.appliance_refused(appliance_id, record_id, error).await;
+        grants
+            .appliance_refused(appliance_id, record_id, error)
+            .await;
     } else if record_id.starts_with("ep_") {
         endpoints
             .appliance_refused(appliance_id, record_id, error)

@@ -42,9 +42,13 @@ pub trait EndpointStore: Send + Sync {
     /// outlives the token that created it.
     async fn token_expiry(&self, _token_id: &str) -> StoreResult<Option<Timestamp>> {
         Ok(None)
-    }    /// The approver's signed decision on `id` (a grant or endpoint), as kept
+    }
+    /// The approver's signed decision on `id` (a grant or endpoint), as kept
     /// (`approvals::SignedDecisions`); None where none is kept (the in-memory test stores).
-    async fn signed_decision(&self, _id: &str) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+    async fn signed_decision(
+        &self,
+        _id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
         Ok(None)
     }
     /// Keeps the appliance's refusal of `id` (`approvals::refusal`).
@@ -65,7 +69,10 @@ pub trait EndpointStore: Send + Sync {
 
 #[async_trait]
 impl EndpointStore for Store {
-    async fn signed_decision(&self, id: &str) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+    async fn signed_decision(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
         crate::approvals::refusal::signed_of(self, id).await
     }
 

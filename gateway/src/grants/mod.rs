@@ -253,12 +253,7 @@ impl Grants {
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {
         let (row, appliance) = self.load(caller, id).await?;
-        let rec = record(
-            &row,
-            &appliance.app,
-            &appliance.customer,
-            self.clock.now(),
-        );
+        let rec = record(&row, &appliance.app, &appliance.customer, self.clock.now());
         Ok(self.with_refusal(rec).await)
     }
 

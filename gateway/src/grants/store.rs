@@ -32,9 +32,13 @@ pub trait GrantStore: Send + Sync {
         from: GrantState,
         event: GrantEvent,
         change: GrantChange<'_>,
-    ) -> StoreResult<bool>;    /// The approver's signed decision on `id` (a grant or endpoint), as kept
+    ) -> StoreResult<bool>;
+    /// The approver's signed decision on `id` (a grant or endpoint), as kept
     /// (`approvals::SignedDecisions`); None where none is kept (the in-memory test stores).
-    async fn signed_decision(&self, _id: &str) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+    async fn signed_decision(
+        &self,
+        _id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
         Ok(None)
     }
     /// Keeps the appliance's refusal of `id` (`approvals::refusal`).
@@ -55,7 +59,10 @@ pub trait GrantStore: Send + Sync {
 
 #[async_trait]
 impl GrantStore for Store {
-    async fn signed_decision(&self, id: &str) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+    async fn signed_decision(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
         crate::approvals::refusal::signed_of(self, id).await
     }
 

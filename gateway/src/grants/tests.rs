@@ -798,7 +798,11 @@ async fn a_grant_the_appliance_refused_is_revoked_and_only_its_own_appliance_can
     // Its endpoints end, and the agent gets the set without it.
     assert_eq!(
         f.endpoints.0.lock().unwrap().clone(),
-        vec![(id.clone(), CloseReason::Revoked, "system:gateway".to_string())]
+        vec![(
+            id.clone(),
+            CloseReason::Revoked,
+            "system:gateway".to_string()
+        )]
     );
     let after = grant_syncs(&f, "ap_acme");
     assert_eq!(after.len(), syncs + 1);
