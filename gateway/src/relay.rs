@@ -502,6 +502,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
         heartbeat_interval_ms: gw.limits.heartbeat_interval.as_millis() as u64,
         lost_after_ms: gw.limits.agent_lost_after.as_millis() as u64,
         audit_key: Some(gw.audit_key.clone()),
+        approval_refusals: true,
     });
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {

@@ -35,6 +35,8 @@ use std::{
 
 /// The longest record id remembered: ids are the gateway's `gr_…` / `ep_…`.
 const MAX_RECORD_ID_LEN: usize = 128;
+/// How many refusals are remembered so that one announced again is not recorded again.
+const REMEMBERED_REFUSALS: usize = 4096;
 
 /// A grant or endpoint the gateway announces, as a person's decision binds it.
 pub trait Approvable {
@@ -231,6 +233,9 @@ pub struct Screened<T> {
 pub struct RecordApprovals {
     policy: Option<Policy>,
     accepted: Mutex<Acceptances>,
+    /// (record id, reason) of the refusals recorded in this process: a gateway that keeps
+    /// announcing a refused grant gets the refusal reported each time, the trail one record.
+    recorded_refusals: Mutex<std::collections::HashSet<(String, &'static str)>>,
     /// Where acceptances are remembered across restarts (absent: no approvers, nothing to keep).
     file: Option<PathBuf>,
 }
@@ -275,6 +280,7 @@ impl RecordApprovals {
         RecordApprovals {
             policy,
             accepted: Mutex::new(accepted),
+            recorded_refusals: Mutex::default(),
             file,
         }
     }
@@ -308,9 +314,15 @@ impl RecordApprovals {
                     out.kept.push(item);
                 }
                 Err(why) => {
-                    tracing::warn!(record = %item.record_id(), reason = why.reason(), "refused a {} a person was said to approve: {why}", T::STAGE);
-                    out.records
-                        .push(item.tag(denied_entry(actor, T::STAGE, item.signed(), &why)));
+                    if self.first_refusal(item.record_id(), why.reason()) {
+                        tracing::warn!(record = %item.record_id(), reason = why.reason(), "refused a {} a person was said to approve: {why}", T::STAGE);
+                        out.records.push(item.tag(denied_entry(
+                            actor,
+                            T::STAGE,
+                            item.signed(),
+                            &why,
+                        )));
+                    }
                     let mut error = why.to_api_error();
                     error.details["record_id"] = item.record_id().into();
                     error.details["stage"] = T::STAGE.into();
@@ -364,6 +376,18 @@ impl RecordApprovals {
         drop(all);
         self.remember(id, &accepted);
         Ok(Some((verified, true)))
+    }
+
+    /// Whether this refusal of `record_id` is new to this process (and so goes to the trail).
+    fn first_refusal(&self, record_id: &str, reason: &'static str) -> bool {
+        let mut seen = self
+            .recorded_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= REMEMBERED_REFUSALS {
+            seen.clear();
+        }
+        seen.insert((record_id.to_string(), reason))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Acceptances> {

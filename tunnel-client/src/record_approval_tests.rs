@@ -240,9 +240,12 @@ fn screening_keeps_the_valid_records_the_refusals_and_reports_them() {
     assert_eq!(s.refused[0].0, "gr_2");
     assert_eq!(s.refused[0].1.code.as_str(), "APPROVAL_INVALID");
     assert_eq!(s.refused[0].1.details["reason"], "missing");
-    // Sent again: honoured, nothing recorded a second time.
-    let again = r.screen(&a, vec![good.clone()], "gateway", at(NOW));
-    assert_eq!((again.kept.len(), again.records.len()), (1, 0));
+    // Sent again: the good one honoured, the refused one reported again; nothing is recorded
+    // a second time.
+    let again = r.screen(&a, vec![good.clone(), grant("gr_2")], "gateway", at(NOW));
+    assert_eq!(again.kept, vec![good.clone()]);
+    assert!(again.records.is_empty());
+    assert_eq!(again.refused.len(), 1);
 }
 
 #[test]

@@ -124,6 +124,8 @@ struct Agent {
     anchors: crate::trail_heads::GatewayAnchors,
     /// The approvers' decisions on grants and endpoints this appliance accepted.
     record_approvals: crate::record_approval::RecordApprovals,
+    /// The connected gateway takes `ApprovalRefused` (from its hello answer).
+    reports_refusals: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
@@ -221,6 +223,7 @@ pub async fn run(
         crate::record_approval::RecordApprovals::from_config(&config, Timestamp::now());
     let agent = Agent {
         record_approvals,
+        reports_refusals: Default::default(),
         config,
         enrollment,
         quic,
@@ -400,6 +403,8 @@ impl Agent {
             json!({ "gateway": gateway, "app": ack.app, "customer": ack.customer, "agent_version": AGENT_VERSION }),
         ));
         self.anchors.hello(ack.audit_key.as_deref(), &self.audit);
+        self.reports_refusals
+            .store(ack.approval_refusals, std::sync::atomic::Ordering::Relaxed);
         *hello = Some(ack.clone());
         if let Some(tx) = ready.take() {
             let _ = tx.send(ack.clone());
@@ -681,7 +686,12 @@ impl Agent {
         for entry in screened.records {
             self.audit.record_or_log(entry);
         }
-        for (record_id, error) in screened.refused {
+        // An older gateway would drop the connection for the frame: it learns nothing, and the
+        // refusal stands in the customer trail all the same.
+        let reports = self
+            .reports_refusals
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for (record_id, error) in screened.refused.into_iter().filter(|_| reports) {
             let refused = ToGateway::ApprovalRefused { record_id, error };
             if let Err(e) = send_frame(send, &refused, write_limit).await {
                 return Err(Ended::lost(format!(

@@ -35,6 +35,10 @@ pub struct HelloAck {
     /// says so in its trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_key: Option<String>,
+    /// The gateway takes `ToGateway::ApprovalRefused`; the agent sends it to no other gateway
+    /// (an older one would take the frame for a protocol error and drop the connection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval_refusals: bool,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.

@@ -170,6 +170,10 @@ fn head(trail: crate::trail_head::TrailSide) -> crate::trail_head::SignedHead {
 fn to_gateway() -> Vec<ToGateway> {
     vec![
         ToGateway::TrailHead(head(crate::trail_head::TrailSide::Appliance)),
+        ToGateway::ApprovalRefused {
+            record_id: "gr_1".into(),
+            error: crate::approval::ApprovalInvalid::Missing.to_api_error(),
+        },
         ToGateway::Heartbeat { seq: 1 },
         ToGateway::HeartbeatAck { seq: 2 },
         ToGateway::CommandAck { seq: 3 },
@@ -265,6 +269,7 @@ fn handshake_answer() -> Vec<HandshakeAnswer> {
             heartbeat_interval_ms: 5_000,
             lost_after_ms: 15_000,
             audit_key: Some("BAAA".into()),
+            approval_refusals: true,
         }),
         HandshakeAnswer::Error(ApiError::new(ErrorCode::ApplianceRevoked, "revoked")),
     ]
