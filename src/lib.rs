@@ -7,3 +7,4 @@ pub mod sshd;
 pub mod tcp_endpoint;
 pub mod teardown_check;
 pub mod testbed;
+pub mod webhook_receiver;

@@ -165,6 +165,26 @@ impl Gateway {
         )
     }
 
+    /// With a `[limits]` table (TOML body) and further flags, which win over the file.
+    pub fn start_with_limits(data_dir: &Path, limits: &str, extra: &[&str]) -> Result<Gateway> {
+        std::fs::create_dir_all(data_dir)?;
+        let config = data_dir.join("limits.toml");
+        let dir = data_dir
+            .to_str()
+            .ok_or_else(|| anyhow!("data dir is not UTF-8"))?;
+        std::fs::write(
+            &config,
+            // A JSON string is a valid TOML basic string.
+            format!(
+                "data_dir = {}\n[limits]\n{limits}\n",
+                serde_json::to_string(dir)?
+            ),
+        )?;
+        let mut args = vec![std::ffi::OsStr::new("--config"), config.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        Self::launch(data_dir, &args)
+    }
+
     fn start_with(data_dir: &Path, extra: &[&str]) -> Result<Gateway> {
         let mut args = vec![std::ffi::OsStr::new("--data-dir"), data_dir.as_os_str()];
         args.extend(extra.iter().map(std::ffi::OsStr::new));

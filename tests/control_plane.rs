@@ -4,6 +4,7 @@
 use anyhow::{anyhow, Result};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
+use postern::webhook_receiver::WebhookReceiver;
 use serde_json::Value;
 use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
@@ -73,45 +74,6 @@ fn start_on(
         ));
     }
     Ok((gw, agent))
-}
-
-/// A one-shot-per-connection HTTP server that hands each request's text to the test.
-fn webhook_receiver() -> Result<(SocketAddr, std::sync::mpsc::Receiver<String>)> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().take(64) {
-            let Ok(mut s) = conn else { break };
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = vec![0u8; 16 * 1024];
-            let mut got = Vec::new();
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&got);
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        break;
-                    }
-                }
-            }
-            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
-            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
-        }
-    });
-    Ok((addr, rx))
 }
 
 fn token(gw: &Gateway, role: &str, name: &str, customer: Option<&str>) -> Result<String> {
@@ -194,19 +156,22 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
     let bob = token(&gw, "approver", "bob@acme.example", Some("acme-corp"))?;
     let eve = token(&gw, "approver", "eve@globex.example", Some("globex"))?;
 
-    // The customer's approvers are told about waiting requests.
-    let hook = webhook_receiver()?;
-    gw.cli_as(
-        &bob,
-        &[
-            "approvals",
-            "webhook",
-            "--customer",
-            "acme-corp",
-            "--url",
-            &format!("http://{}/postern", hook.0),
-        ],
-    )?
+    // The customer's approvers are told about waiting requests (https, signed; the receiver
+    // is on loopback, which takes an admin's --allow-private; tests/webhooks.rs covers the rest).
+    let hook = WebhookReceiver::start(0)?;
+    let hook_ca = dir.path().join("hook-ca.pem");
+    std::fs::write(&hook_ca, &hook.ca_pem)?;
+    gw.cli(&[
+        "approvals",
+        "webhook",
+        "--customer",
+        "acme-corp",
+        "--url",
+        &format!("https://{}/postern", hook.addr),
+        "--receiver-ca-file",
+        hook_ca.to_str().unwrap(),
+        "--allow-private",
+    ])?
     .ok()?;
 
     // No grant: refused before anything reaches the appliance, with the command to fix it.
@@ -243,11 +208,17 @@ fn manual_flow(store: Option<&str>) -> Result<(Gateway, Agent, tempfile::TempDir
         .ok()?;
     assert_eq!(grant["state"], "pending-approval");
     let gid = id(&grant);
-    let posted = hook.1.recv_timeout(Duration::from_secs(10))?;
-    assert!(posted.starts_with("POST /postern"), "{posted}");
+    let posted = hook
+        .recv(Duration::from_secs(20))
+        .ok_or_else(|| anyhow!("no webhook delivery"))?;
+    let body = String::from_utf8_lossy(&posted.body);
+    assert_eq!(
+        (posted.method.as_str(), posted.path.as_str()),
+        ("POST", "/postern")
+    );
     assert!(
-        posted.contains("approval.waiting") && posted.contains(&gid),
-        "{posted}"
+        body.contains("approval.waiting") && body.contains(&gid) && posted.signature.is_some(),
+        "{posted:?}"
     );
     assert_eq!(
         gw.cli_as(&alice, &["approvals", "approve", &gid])?

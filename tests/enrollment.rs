@@ -14,7 +14,8 @@ use endpoint_types::{
     ALPN_ENROLL, ALPN_TUNNEL,
 };
 use postern::tcp_endpoint::Forwarder;
-use postern::testbed::{echo_round_trip, echo_server, Agent, Gateway};
+use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, Gateway};
+use serde_json::Value;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 fn body(echo: SocketAddr) -> String {
@@ -39,7 +40,13 @@ fn fresh_config(dir: &std::path::Path, name: &str, echo: SocketAddr) -> Result<s
 #[test]
 fn enrollment_tokens_are_single_use_expire_and_belong_to_one_gateway() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = Gateway::start(&dir.path().join("gw"))?;
+    // Denied records are aggregated per window; a short one lets the test read them soon.
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "data_dir = \"gw\"\napi = \"127.0.0.1:0\"\nrelay = \"127.0.0.1:0\"\n\n[limits]\ndenied_window = \"2s\"\n",
+    )?;
+    let gw = Gateway::start_with_config(&dir.path().join("gw"), &config)?;
     let echo = echo_server()?;
     let relay = gw.relay.to_string();
 
@@ -143,15 +150,24 @@ fn enrollment_tokens_are_single_use_expire_and_belong_to_one_gateway() -> Result
     )?;
     assert_eq!(e.error_code(), Some("ENROLLMENT_TOKEN_EXPIRED"), "{e:?}");
 
-    // Refusals are audited on the vendor side.
-    let records = gw.cli(&["audit", "list"])?.ok()?;
-    let denied = records["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] == "denied")
-        .count();
-    assert!(denied >= 4, "{records}");
+    // Refusals are audited on the vendor side, aggregated per source and window
+    // (crate::denied_aggregate): the counts add up once the window has closed.
+    let mut records = Value::Null;
+    let counted = wait_until(Duration::from_secs(15), || {
+        records = gw
+            .cli(&["audit", "list"])
+            .and_then(|o| o.ok())
+            .unwrap_or_default();
+        let denied: u64 = records["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["kind"] == "denied" && r["detail"]["action"] == "enroll")
+            .filter_map(|r| r["detail"]["count"].as_u64())
+            .sum();
+        denied >= 4
+    });
+    assert!(counted, "{records}");
     Ok(())
 }
 

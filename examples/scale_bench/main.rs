@@ -599,6 +599,11 @@ fn op_throughput(
     })
 }
 
+/// The fleet's agents all dial from 127.0.0.1, where a real fleet comes from a thousand
+/// addresses: the per-source cap on handshakes in flight (64 by default) would make them take
+/// turns, so the bench lifts it to the global cap.
+const FLEET_LIMITS: &str = "unauthenticated_max_per_source = 1024";
+
 /// Sequential `postern ops kubectl --wait` calls; latencies in ms, sorted.
 fn cli_latencies(gw: &Gateway, count: usize) -> Result<Vec<f64>> {
     let mut samples = Vec::with_capacity(count);
@@ -647,10 +652,8 @@ fn bench_store(
     let dir = tempfile::tempdir()?;
     let gw_dir = dir.path().join("gw");
     eprintln!("scale_bench: [{label}] starting the gateway");
-    let mut gw = match store {
-        None => Gateway::start(&gw_dir)?,
-        Some(url) => Gateway::start_with_store(&gw_dir, url)?,
-    };
+    let store_args: Vec<&str> = store.map(|url| vec!["--store", url]).unwrap_or_default();
+    let mut gw = Gateway::start_with_limits(&gw_dir, FLEET_LIMITS, &store_args)?;
     let target = ApiTarget::of(&gw)?;
     thread::sleep(Duration::from_secs(1));
     let rss_idle = rss_settled(gw.pid())?;
@@ -713,10 +716,10 @@ fn bench_store(
     let t0 = Instant::now();
     // The API address, CA and admin token stay those of the first start, so `gw` keeps
     // serving the CLI calls.
-    let restarted = match store {
-        None => Gateway::start_on(&gw_dir, api_addr, relay)?,
-        Some(url) => Gateway::start_on_with_store(&gw_dir, api_addr, relay, url)?,
-    };
+    let (api_arg, relay_arg) = (api_addr.to_string(), relay.to_string());
+    let mut restart_args = vec!["--api", api_arg.as_str(), "--relay", relay_arg.as_str()];
+    restart_args.extend(&store_args);
+    let restarted = Gateway::start_with_limits(&gw_dir, FLEET_LIMITS, &restart_args)?;
     let ready_s = t0.elapsed().as_secs_f64();
     let back = wait_all_online(client, &target, n, Duration::from_secs(120), &fleet)
         .with_context(|| format!("after the restart; gateway log (tail):\n{}", tail(&gw.log)))?;

@@ -48,7 +48,11 @@ pub struct ApiState {
     pub approvals: Arc<Approvals>,
     /// When each API token's last use was written (at most once a minute).
     pub token_uses: Arc<crate::api_tokens::LastUse>,
+    /// The approval webhook's settings and deliveries.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub handshake_timeout: Duration,
+    /// Caps the unauthenticated TLS handshakes the API holds (`crate::admission`).
+    pub door: Arc<crate::admission::Door>,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
 }
@@ -125,6 +129,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/ops", post(op_create).get(op_list))
         .route("/v1/ops/{id}", get(op_get))
         .route("/v1/customers/{customer}/webhook", post(webhook_set))
+        .route("/v1/webhook-deliveries", get(webhook_status))
         .route("/v1/approvals", get(approval_list))
         .route("/v1/approvals/{id}", get(approval_show))
         .route("/v1/approvals/{id}/statement", get(approval_statement))
@@ -562,11 +567,19 @@ async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WebhookSet {
     url: Option<String>,
+    /// PEM bundle the receiver's chain must end in (default: the system roots).
+    #[serde(default)]
+    ca_pem: Option<String>,
+    /// Loopback, link-local, private and CGNAT targets (admin only).
+    #[serde(default)]
+    allow_private: bool,
 }
 
-/// Where the customer's approvers hear about requests waiting for them.
+/// Where the customer's approvers hear about requests waiting for them: https only, signed
+/// with a secret returned here once.
 async fn webhook_set(
     State(gw): State<Gw>,
     caller: Caller,
@@ -578,29 +591,78 @@ async fn webhook_set(
         "set a customer's approval webhook",
     )?;
     caller.require_customer(&customer)?;
-    if let Some(url) = &req.url {
-        if !url.starts_with("http://") || url.len() > 2048 || url.parse::<hyper::Uri>().is_err() {
-            return Err(ApiError::invalid(format!(
-                "webhook URL {url:?} is not a valid http:// URL"
-            ))
-            .into());
-        }
+    if req.allow_private {
+        caller.require(&[Role::Admin], "allow a webhook to reach private addresses")?;
     }
-    gw.store
-        .set_webhook(&customer, req.url.as_deref())
-        .await
-        .map_err(internal)?;
+    let ca = if req.ca_pem.is_some() {
+        "custom"
+    } else {
+        "system"
+    };
+    let (secret, superseded) = match &req.url {
+        Some(url) => {
+            let set = crate::webhooks::SetRequest {
+                url: url.clone(),
+                ca_pem: req.ca_pem.clone(),
+                allow_private: req.allow_private,
+            };
+            let out = gw.webhooks.set(&customer, set).await?;
+            (Some(out.secret), out.superseded)
+        }
+        None => (None, gw.webhooks.clear(&customer).await?),
+    };
     gw.audit
         .record(
             "webhook.set",
             &caller.actor(),
             Subject::default(),
-            serde_json::json!({"customer": customer, "url": req.url}),
+            serde_json::json!({"customer": customer, "url": req.url,
+                "allow_private": req.allow_private, "ca": ca}),
         )
         .await;
-    Ok(Json(
-        serde_json::json!({"customer": customer, "webhook_url": req.url}),
-    ))
+    let mut v = serde_json::json!({
+        "customer": customer, "webhook_url": req.url, "allow_private": req.allow_private,
+        "ca": ca, "superseded_deliveries": superseded,
+    });
+    if let Some(secret) = secret {
+        v["secret"] = secret.expose().into();
+        v["hint"] = "store the secret now, it is not shown again; receivers check the \
+                     Postern-Signature header with it (README: Signed webhooks)"
+            .into();
+    }
+    Ok(Json(v))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookStatusQuery {
+    customer: Option<String>,
+}
+
+/// The webhook's deliveries, newest first (an approver sees their own customer's).
+async fn webhook_status(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Query(q): Query<WebhookStatusQuery>,
+) -> ApiResult<serde_json::Value> {
+    caller.require(&[Role::Admin, Role::Approver], "see webhook deliveries")?;
+    let customer = q
+        .customer
+        .or_else(|| caller.customer_scope().map(str::to_string));
+    if let Some(c) = &customer {
+        caller.require_customer(c)?;
+    }
+    let mut v = serde_json::json!({
+        "deliveries": gw.webhooks.deliveries(customer.as_deref()).await?
+            .iter().map(crate::webhooks::delivery_json).collect::<Vec<_>>(),
+    });
+    if let Some(c) = &customer {
+        let settings = gw.webhooks.settings(c).await?;
+        v["customer"] = c.as_str().into();
+        v["webhook_url"] = settings.as_ref().map(|s| s.url.clone()).into();
+        v["allow_private"] = settings.as_ref().is_some_and(|s| s.allow_private).into();
+    }
+    Ok(Json(v))
 }
 
 async fn approval_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
@@ -803,18 +865,9 @@ async fn audit_teardown(
 pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
     let app = router(gw.clone());
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = gw.shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, remote, permit)) =
+        crate::admission::accept_admitted(&gw.door, &gw.shutdown, &listener).await
+    {
         let (acceptor, app, gw2) = (acceptor.clone(), app.clone(), gw.clone());
         gw.tasks.spawn(async move {
             let tls = match tokio::time::timeout(gw2.handshake_timeout, acceptor.accept(tcp)).await {
@@ -822,6 +875,8 @@ pub async fn serve(gw: Gw, listener: TcpListener, tls: Arc<rustls::ServerConfig>
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "API TLS handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "API TLS handshake timed out"),
             };
+            // Requests carry their token; the handshake was the unauthenticated part.
+            drop(permit);
             let service = hyper_util::service::TowerToHyperService::new(app);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -31,6 +31,13 @@ pub struct Limits {
     /// Threads of the data-plane runtime (relay and sessions); 1 = a current-thread runtime,
     /// which measured fastest for one busy agent on a small machine.
     pub data_plane_threads: usize,
+    /// Unauthenticated handshakes each listener holds at once, in total and per source
+    /// (`crate::admission`).
+    pub unauthenticated: crate::admission::AdmissionLimits,
+    /// Refused enrollments and certificate-less tunnel attempts: one `denied` record per
+    /// source and window, and at most this many sources per window (`crate::denied_aggregate`).
+    pub denied_window: Duration,
+    pub denied_max_sources: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +49,9 @@ impl Default for Limits {
             agent_lost_after: Duration::from_secs(15),
             default_endpoint_ttl: Duration::from_secs(3600),
             data_plane_threads: 1,
+            unauthenticated: crate::admission::AdmissionLimits::default(),
+            denied_window: Duration::from_secs(60),
+            denied_max_sources: 1024,
         }
     }
 }
@@ -86,6 +96,10 @@ struct FileLimits {
     agent_lost_after: Option<HumanDuration>,
     default_endpoint_ttl: Option<HumanDuration>,
     data_plane_threads: Option<usize>,
+    unauthenticated_max: Option<usize>,
+    unauthenticated_max_per_source: Option<usize>,
+    denied_window: Option<HumanDuration>,
+    denied_max_sources: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +146,17 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     if let Some(n) = f.limits.data_plane_threads {
         l.data_plane_threads = n.max(1);
     }
+    if let Some(n) = f.limits.unauthenticated_max {
+        l.unauthenticated.total = n.max(1);
+    }
+    if let Some(n) = f.limits.unauthenticated_max_per_source {
+        l.unauthenticated.per_source = n.max(1);
+    }
+    if let Some(n) = f.limits.denied_max_sources {
+        l.denied_max_sources = n.max(1);
+    }
     for (src, dst) in [
+        (f.limits.denied_window, &mut l.denied_window),
         (f.limits.handshake_timeout, &mut l.handshake_timeout),
         (f.limits.heartbeat_interval, &mut l.heartbeat_interval),
         (f.limits.agent_lost_after, &mut l.agent_lost_after),
@@ -164,5 +188,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn front_door_limits_have_defaults_and_can_be_set() {
+        let cfg = parse("data_dir = \"d\"\n", Path::new("g.toml")).unwrap();
+        assert_eq!(cfg.limits.unauthenticated.total, 1024);
+        assert_eq!(cfg.limits.unauthenticated.per_source, 64);
+        assert_eq!(cfg.limits.denied_window, Duration::from_secs(60));
+        assert_eq!(cfg.limits.denied_max_sources, 1024);
+        let cfg = parse(
+            "data_dir = \"d\"\n[limits]\nunauthenticated_max = 10\nunauthenticated_max_per_source = 0\n\
+             denied_window = \"2s\"\ndenied_max_sources = 5\n",
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.unauthenticated.total, 10);
+        assert_eq!(
+            cfg.limits.unauthenticated.per_source, 1,
+            "0 would refuse everyone"
+        );
+        assert_eq!(cfg.limits.denied_window, Duration::from_secs(2));
+        assert_eq!(cfg.limits.denied_max_sources, 5);
     }
 }

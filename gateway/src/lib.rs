@@ -1,6 +1,7 @@
 //! The Postern gateway: control plane, QUIC relay, endpoint listeners and the `postern` CLI.
 
 pub mod admin_recovery;
+pub mod admission;
 pub mod agents;
 pub mod api;
 pub mod api_tokens;
@@ -11,14 +12,16 @@ pub mod cli;
 pub mod config;
 pub mod customer_trail;
 pub mod delivery;
+pub mod denied_aggregate;
 pub mod endpoints;
 pub mod framed;
 pub mod grants;
 pub mod identity;
-pub mod notify;
 pub mod ops;
 pub mod ports;
 pub mod relay;
+pub mod relay_windows;
 pub mod server;
 pub mod store;
 pub mod teardown_proofs;
+pub mod webhooks;

@@ -61,6 +61,10 @@ pub struct Relay {
     pub audit_key: String,
     /// The vendor trail's latest signed head, sent to every connected agent.
     pub gateway_heads: tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>,
+    /// Caps the unauthenticated connections the relay holds (`crate::admission`).
+    pub door: Arc<crate::admission::Door>,
+    /// Failed enrollments and certificate-less attempts, aggregated (`crate::denied_aggregate`).
+    pub denied: Arc<crate::denied_aggregate::DeniedTrail>,
 }
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
@@ -96,10 +100,9 @@ pub fn bind(
     )?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(
-        gw.limits.agent_lost_after,
-        gw.limits.heartbeat_interval,
-    )));
+    let mut transport = transport_config(gw.limits.agent_lost_after, gw.limits.heartbeat_interval);
+    crate::relay_windows::start_unauthenticated(&mut transport);
+    cfg.transport_config(Arc::new(transport));
     let socket = std::net::UdpSocket::bind(addr)?;
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
@@ -132,11 +135,14 @@ pub async fn serve(gw: Arc<Relay>, endpoint: quinn::Endpoint) {
             _ = gw.shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
+        let Some((incoming, permit)) = crate::admission::admit_quic(&gw.door, incoming) else {
+            continue;
+        };
         let gw2 = gw.clone();
         gw.tasks.spawn(async move {
             let remote = incoming.remote_address();
             match tokio::time::timeout(gw2.limits.handshake_timeout, incoming).await {
-                Ok(Ok(conn)) => handle_connection(gw2, conn).await,
+                Ok(Ok(conn)) => handle_connection(gw2, conn, permit).await,
                 Ok(Err(e)) => tracing::info!(%remote, error = %e, "relay handshake failed"),
                 Err(_) => tracing::info!(%remote, "relay handshake timed out"),
             }
@@ -173,10 +179,16 @@ fn peer_leaf_der(conn: &quinn::Connection) -> Option<Vec<u8>> {
     certs.first().map(|c| c.to_vec())
 }
 
-async fn handle_connection(gw: Arc<Relay>, conn: quinn::Connection) {
+/// `permit` is the connection's unauthenticated slot: held through an enrollment, given up by
+/// a tunnel once its certificate maps to an appliance.
+async fn handle_connection(
+    gw: Arc<Relay>,
+    conn: quinn::Connection,
+    permit: crate::admission::Permit,
+) {
     match alpn_of(&conn).as_deref() {
         Some(p) if p == ALPN_ENROLL => handle_enroll(gw, conn).await,
-        Some(p) if p == ALPN_TUNNEL => handle_agent(gw, conn).await,
+        Some(p) if p == ALPN_TUNNEL => handle_agent(gw, conn, permit).await,
         _ => conn.close(close::PROTOCOL.into(), b"unsupported ALPN"),
     }
 }
@@ -209,16 +221,7 @@ async fn handle_enroll(gw: Arc<Relay>, conn: quinn::Connection) {
         Ok(Some(Enrollment::EnrollRequest(req))) => match enroll(&gw, &req, remote).await {
             Ok(resp) => EnrollmentAnswer::EnrollResponse(resp),
             Err(e) => {
-                gw.audit
-                    .record(
-                        "denied",
-                        &format!("agent@{remote}"),
-                        Subject::default(),
-                        serde_json::json!({
-                            "action": "enroll", "code": e.code, "reason": e.message,
-                        }),
-                    )
-                    .await;
+                gw.denied.note(remote.ip(), "enroll", &e);
                 EnrollmentAnswer::Error(e)
             }
         },
@@ -377,11 +380,12 @@ async fn refuse_agent(
     close_with(conn, code, &err);
 }
 
-async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
+async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection, permit: crate::admission::Permit) {
     let Some(fp) = peer_leaf_fingerprint(&conn) else {
         let e = ApiError::new(ErrorCode::Unauthenticated, "a client certificate is required on postern/1")
             .hint("enroll the agent first: postern-agent enroll --gateway HOST:PORT --token T --config FILE");
-        return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
+        gw.denied.note(conn.remote_address().ip(), "connect", &e);
+        return close_with(&conn, close::UNKNOWN_CERTIFICATE, &e);
     };
     let appliance = match gw.store.appliance_by_fingerprint(&fp).await {
         Ok(Some(a)) => a,
@@ -405,6 +409,8 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
         );
         return refuse_agent(&gw, &conn, close::REVOKED, e, Some(&appliance.id)).await;
     }
+    crate::relay_windows::open_for_appliance(&conn);
+    drop(permit);
 
     let limit = gw.limits.handshake_timeout;
     let Ok(Ok((mut send, recv))) = tokio::time::timeout(limit, conn.accept_bi()).await else {

@@ -40,6 +40,8 @@ pub struct Gateway {
     pub ops: Arc<Ops>,
     /// What waits for a customer approver, across grants, ops and endpoints.
     pub approvals: Arc<crate::approvals::Approvals>,
+    /// The approval webhook: settings, the durable delivery queue and its worker.
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     pub limits: Limits,
     /// Address endpoint listeners bind to.
     pub endpoint_host: IpAddr,
@@ -319,6 +321,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let live_endpoints = Arc::new(EndpointRegistry::default());
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     let data_dir = absolute(&cfg.data_dir);
+    let doors = crate::admission::FrontDoors::new(cfg.limits.unauthenticated);
     let front = Arc::new(FrontEndContext {
         endpoints: live_endpoints.clone(),
         agents: agents.clone(),
@@ -332,11 +335,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         data_dir: data_dir.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        doors: doors.clone(),
     });
-    let notifier = Arc::new(crate::notify::Webhook {
-        store: store.clone(),
-        tasks: tasks.clone(),
-    });
+    let webhooks = Arc::new(crate::webhooks::Webhooks::new(
+        Arc::new(store.clone()),
+        Arc::new(SystemClock),
+        crate::webhooks::sealed::SecretBox::derive(&ca.key_pem())
+            .context("deriving the webhook secrets' key")?,
+    ));
+    tasks.spawn(crate::webhooks::run(webhooks.clone(), shutdown.clone()));
+    let notifier = webhooks.clone();
     // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
     let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
         let grants = Arc::new(Grants::new(
@@ -390,6 +398,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             grants,
             ops,
             approvals,
+            webhooks,
             store,
             audit,
             audit_heads: audit_heads.clone(),
@@ -410,6 +419,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     });
 
     let reset_key = load_or_create_reset_key(&dir)?;
+    let denied = crate::denied_aggregate::DeniedTrail::new(
+        cfg.limits.denied_window,
+        cfg.limits.denied_max_sources,
+    );
     let relay_state = Arc::new(crate::relay::Relay {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),
@@ -424,7 +437,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         tasks: gateway.tasks.clone(),
         audit_key: audit_heads.public_key().to_string(),
         gateway_heads: audit_heads.subscribe(),
+        door: doors.relay.clone(),
+        denied: denied.clone(),
     });
+    gateway.tasks.spawn(crate::denied_aggregate::run(
+        denied,
+        gateway.audit.clone(),
+        gateway.shutdown.clone(),
+    ));
     gateway.tasks.spawn(
         audit_heads
             .clone()
@@ -464,7 +484,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         ops: gateway.ops.clone(),
         approvals: gateway.approvals.clone(),
         token_uses: Arc::new(crate::api_tokens::LastUse::default()),
+        webhooks: gateway.webhooks.clone(),
         handshake_timeout: gateway.limits.handshake_timeout,
+        door: doors.api.clone(),
         shutdown: gateway.shutdown.clone(),
         tasks: gateway.tasks.clone(),
     });

@@ -13,9 +13,10 @@ use endpoint_types::{
 use gateway::{
     audit::{sha256_hex, AuditLog, Subject},
     store::{
-        ApplianceRow, AuditPageQuery, Backend, EndpointRow, EnrollmentRow, GrantRow, OpRow, Store,
-        TokenRow,
+        ApplianceRow, AttemptRecord, AuditPageQuery, Backend, EndpointRow, EnrollmentRow, GrantRow,
+        NewDelivery, OpRow, Store, TokenRow, WebhookSettings, DELIVERY_QUEUE_BOUND,
     },
+    webhooks::schedule::DeliveryState,
 };
 use jiff::{SignedDuration, Timestamp};
 use std::{sync::Arc, time::Duration};
@@ -93,7 +94,139 @@ on_both_backends!(
     endpoints_are_listed_with_their_owner_in_one_query,
     op_output_is_capped_per_stream,
     api_tokens_have_unique_live_names_and_are_revoked_once,
+    webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change,
 );
+
+fn hook(url: &str) -> WebhookSettings {
+    WebhookSettings {
+        url: url.into(),
+        secret_sealed: "v1:sealed".into(),
+        ca_pem: None,
+        allow_private: false,
+    }
+}
+
+fn delivery(id: &str, customer: &str) -> NewDelivery {
+    NewDelivery {
+        id: id.into(),
+        customer: customer.into(),
+        event: "approval.waiting".into(),
+        target: "https://h.test".into(),
+        body: format!("{{\"delivery\":\"{id}\"}}"),
+    }
+}
+
+/// Due deliveries are handed to one worker (a second claim of the same due time fails), an
+/// attempt's outcome is written only while pending, a customer's pending queue is bounded, and
+/// setting the webhook again gives up what was pending.
+async fn webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change(db: Db) {
+    let s = db.open().await;
+    let t0 = ts(T0);
+    let at = |secs: i64| t0.checked_add(SignedDuration::from_secs(secs)).unwrap();
+    s.set_webhook("acme", Some(&hook("https://h.test")), ts(T0))
+        .await
+        .unwrap();
+    assert_eq!(s.next_delivery_due().await.unwrap(), None);
+    assert_eq!(
+        s.enqueue_delivery(&delivery("wh_1", "acme"), t0)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.next_delivery_due().await.unwrap(), Some(t0));
+    let due = s.due_deliveries(at(1), 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (due[0].state, due[0].attempts, due[0].next_attempt_at),
+        (DeliveryState::Pending, 0, Some(t0))
+    );
+    assert!(s.claim_delivery("wh_1", t0, at(60)).await.unwrap());
+    assert!(
+        !s.claim_delivery("wh_1", t0, at(60)).await.unwrap(),
+        "taken once"
+    );
+    assert!(
+        s.due_deliveries(at(1), 10).await.unwrap().is_empty(),
+        "leased"
+    );
+    let failed = AttemptRecord {
+        attempts: 1,
+        last_status: Some(503),
+        last_error: Some("the receiver answered 503"),
+        state: DeliveryState::Pending,
+        next_attempt_at: Some(at(3)),
+        delivered_at: None,
+    };
+    assert!(s.record_attempt("wh_1", &failed).await.unwrap());
+    let d = &s.deliveries(Some("acme"), 10).await.unwrap()[0];
+    assert_eq!(
+        (d.attempts, d.last_status, d.next_attempt_at),
+        (1, Some(503), Some(at(3)))
+    );
+    assert!(s.claim_delivery("wh_1", at(3), at(63)).await.unwrap());
+    let delivered = AttemptRecord {
+        attempts: 2,
+        last_status: Some(204),
+        last_error: None,
+        state: DeliveryState::Delivered,
+        next_attempt_at: None,
+        delivered_at: Some(at(4)),
+    };
+    assert!(s.record_attempt("wh_1", &delivered).await.unwrap());
+    assert!(
+        !s.record_attempt("wh_1", &failed).await.unwrap(),
+        "finished stays finished"
+    );
+    let d = &s.deliveries(Some("acme"), 10).await.unwrap()[0];
+    assert_eq!(
+        (d.state, d.delivered_at, d.last_error.as_deref()),
+        (DeliveryState::Delivered, Some(at(4)), None)
+    );
+
+    // The pending queue is bounded per customer: the oldest pending ones are given up.
+    s.enqueue_delivery(&delivery("wh_g", "globex"), t0)
+        .await
+        .unwrap();
+    let mut dropped = 0;
+    for n in 0..DELIVERY_QUEUE_BOUND + 2 {
+        dropped += s
+            .enqueue_delivery(&delivery(&format!("wh_q{n:04}"), "acme"), at(10 + n))
+            .await
+            .unwrap();
+    }
+    assert_eq!(dropped, 2);
+    let acme = s.deliveries(Some("acme"), 10_000).await.unwrap();
+    let pending = acme
+        .iter()
+        .filter(|d| d.state == DeliveryState::Pending)
+        .count();
+    assert_eq!(pending as i64, DELIVERY_QUEUE_BOUND);
+    for gone in ["wh_q0000", "wh_q0001"] {
+        let d = acme.iter().find(|d| d.id == gone).unwrap();
+        assert_eq!(d.state, DeliveryState::Failed);
+        assert!(
+            d.last_error.as_deref().unwrap().contains("pending"),
+            "{d:?}"
+        );
+    }
+
+    // Set again: what was pending for the old setting is given up; other customers untouched.
+    let given_up = s
+        .set_webhook("acme", Some(&hook("https://new.test")), at(9999))
+        .await
+        .unwrap();
+    assert_eq!(given_up as i64, DELIVERY_QUEUE_BOUND);
+    assert!(s
+        .deliveries(Some("acme"), 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .all(|d| d.state != DeliveryState::Pending));
+    let all = s.deliveries(None, 10_000).await.unwrap();
+    let g = all.iter().find(|d| d.id == "wh_g").unwrap();
+    assert_eq!(g.state, DeliveryState::Pending);
+    s.close().await;
+}
 
 /// A name belongs to one live token (the unique index, whatever the caller checked before);
 /// revocation frees it, happens once, and never takes the last usable admin.
@@ -912,28 +1045,32 @@ async fn steady_state_and_webhooks(db: Db) {
     assert_eq!(s.steady_state("nope").await.unwrap(), None);
 
     assert_eq!(s.webhook("acme").await.unwrap(), None);
-    s.set_webhook("acme", Some("https://hooks.acme.test/postern"))
-        .await
-        .unwrap();
-    s.set_webhook("globex", Some("https://globex.test/h"))
-        .await
-        .unwrap();
-    assert_eq!(
-        s.webhook("acme").await.unwrap().as_deref(),
-        Some("https://hooks.acme.test/postern")
-    );
-    s.set_webhook("acme", Some("https://hooks.acme.test/v2"))
+    s.set_webhook(
+        "acme",
+        Some(&hook("https://hooks.acme.test/postern")),
+        ts(T0),
+    )
+    .await
+    .unwrap();
+    s.set_webhook("globex", Some(&hook("https://globex.test/h")), ts(T0))
         .await
         .unwrap();
     assert_eq!(
-        s.webhook("acme").await.unwrap().as_deref(),
-        Some("https://hooks.acme.test/v2")
+        s.webhook("acme").await.unwrap(),
+        Some(hook("https://hooks.acme.test/postern"))
     );
-    s.set_webhook("acme", None).await.unwrap();
+    let custom = WebhookSettings {
+        ca_pem: Some("PEM".into()),
+        allow_private: true,
+        ..hook("https://hooks.acme.test/v2")
+    };
+    s.set_webhook("acme", Some(&custom), ts(T0)).await.unwrap();
+    assert_eq!(s.webhook("acme").await.unwrap(), Some(custom));
+    s.set_webhook("acme", None, ts(T0)).await.unwrap();
     assert_eq!(s.webhook("acme").await.unwrap(), None);
     assert_eq!(
-        s.webhook("globex").await.unwrap().as_deref(),
-        Some("https://globex.test/h")
+        s.webhook("globex").await.unwrap(),
+        Some(hook("https://globex.test/h"))
     );
     s.close().await;
 }
@@ -1087,7 +1224,9 @@ async fn state_survives_reopen(db: Db) {
     ))
     .await
     .unwrap();
-    s.set_webhook("acme", Some("https://h.test")).await.unwrap();
+    s.set_webhook("acme", Some(&hook("https://h.test")), ts(T0))
+        .await
+        .unwrap();
     s.set_steady_state("ap_1", false).await.unwrap();
     let log = AuditLog::open(s.clone()).await.unwrap();
     for n in 0..3 {
@@ -1127,8 +1266,8 @@ async fn state_survives_reopen(db: Db) {
         Some("gr_1")
     );
     assert_eq!(
-        s.webhook("acme").await.unwrap().as_deref(),
-        Some("https://h.test")
+        s.webhook("acme").await.unwrap(),
+        Some(hook("https://h.test"))
     );
     assert_eq!(s.steady_state("ap_1").await.unwrap(), Some(false));
     let log = AuditLog::open(s.clone()).await.unwrap();

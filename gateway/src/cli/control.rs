@@ -66,15 +66,9 @@ pub enum ApprovalsCmd {
     /// The approver's own signing key.
     #[command(subcommand)]
     Key(super::approver_key::KeyCmd),
-    /// Set (or clear) the URL that gets a JSON POST for every request waiting for this customer.
-    Webhook {
-        #[arg(long)]
-        customer: String,
-        #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
-        url: Option<String>,
-        #[arg(long)]
-        clear: bool,
-    },
+    /// Set (or clear) the https URL that gets a signed JSON POST for every request waiting
+    /// for this customer; `status` shows the deliveries.
+    Webhook(super::webhook::WebhookArgs),
 }
 
 fn print_grant(g: &GrantRecord) {
@@ -218,17 +212,7 @@ pub async fn approvals(
             super::approval_sign::decide(c, &id, false, key, message).await?
         }
         ApprovalsCmd::Key(cmd) => return super::approver_key::run(cmd, out),
-        ApprovalsCmd::Webhook {
-            customer,
-            url,
-            clear: _,
-        } => {
-            c.post(
-                &format!("/v1/customers/{customer}/webhook"),
-                serde_json::json!({"url": url}),
-            )
-            .await?
-        }
+        ApprovalsCmd::Webhook(args) => return super::webhook::run(args, c, out).await,
     };
     match out {
         OutputFormat::Json => print_json(&v),

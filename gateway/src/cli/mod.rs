@@ -10,6 +10,7 @@ mod play;
 mod profile;
 mod teardown;
 mod tokens;
+mod webhook;
 
 use crate::{config, server};
 use clap::{Args, Parser, Subcommand, ValueEnum};

@@ -27,7 +27,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -132,20 +132,16 @@ pub async fn serve(
             return tracing::error!(endpoint = %ep.id, error = %e, "tcp endpoint disabled: no TLS configuration")
         }
     };
-    loop {
-        let (tcp, client) = tokio::select! {
-            _ = ep.cancel.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(endpoint = %ep.id, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        ctx.tasks
-            .spawn(session(ctx.clone(), ep.clone(), tls.clone(), tcp, client));
+    while let Some((tcp, client, permit)) =
+        crate::admission::accept_admitted(&ctx.doors.tcp, &ep.cancel, &listener).await
+    {
+        ctx.tasks.spawn(session(
+            ctx.clone(),
+            ep.clone(),
+            tls.clone(),
+            (tcp, permit),
+            client,
+        ));
     }
 }
 
@@ -257,7 +253,7 @@ async fn session(
     ctx: Arc<FrontEndContext>,
     ep: Arc<LiveEndpoint>,
     tls: tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
+    (tcp, permit): (TcpStream, crate::admission::Permit),
     client: SocketAddr,
 ) {
     let session_id = new_session_id();
@@ -292,7 +288,10 @@ async fn session(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref().to_vec());
-    if let Err(e) = admit(&ctx, &ep, peer.as_deref()).await {
+    let admitted = admit(&ctx, &ep, peer.as_deref()).await;
+    // The certificate is checked: past the unauthenticated part.
+    drop(permit);
+    if let Err(e) = admitted {
         deny(&*ctx.audit, &ep, &session_id, client, &e).await;
         let _ = stream.shutdown().await;
         return;

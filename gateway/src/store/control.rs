@@ -522,32 +522,6 @@ impl Store {
             .transpose()?
             .map(|d| d == 0))
     }
-
-    // ---- customer settings ----
-
-    /// Sets (or clears, with None) the customer's approval-notification webhook.
-    pub async fn set_webhook(&self, customer: &str, url: Option<&str>) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO customer_settings (customer, webhook_url) VALUES ($1, $2) \
-             ON CONFLICT (customer) DO UPDATE SET webhook_url = excluded.webhook_url",
-        )
-        .bind(customer)
-        .bind(url)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn webhook(&self, customer: &str) -> StoreResult<Option<String>> {
-        let row = sqlx::query("SELECT webhook_url FROM customer_settings WHERE customer = $1")
-            .bind(customer)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row
-            .map(|r| r.try_get::<Option<String>, _>("webhook_url"))
-            .transpose()?
-            .flatten())
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod signed;
 mod spine;
 mod teardown;
 mod tokens;
+mod webhooks;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
@@ -22,6 +23,9 @@ pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
 pub use teardown::TeardownProofRow;
 pub use tokens::{TokenRevocation, TokenRow};
+pub use webhooks::{
+    AttemptRecord, DeliveryRow, NewDelivery, WebhookSettings, DELIVERY_QUEUE_BOUND,
+};
 
 use jiff::Timestamp;
 use sqlx::{
@@ -122,6 +126,11 @@ fn migrator() -> Migrator {
             10,
             "appliance refusals",
             include_str!("../../migrations/0010_appliance_refusals.sql"),
+        ),
+        m(
+            13,
+            "signed webhooks",
+            include_str!("../../migrations/0013_signed_webhooks.sql"),
         ),
     ])
 }

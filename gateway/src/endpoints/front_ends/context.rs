@@ -121,6 +121,8 @@ pub struct FrontEndContext {
     pub data_dir: PathBuf,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// Caps the unauthenticated handshakes each front end holds (`crate::admission`).
+    pub doors: Arc<crate::admission::FrontDoors>,
 }
 
 impl std::fmt::Debug for FrontEndContext {

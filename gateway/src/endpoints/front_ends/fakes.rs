@@ -168,6 +168,7 @@ impl Parts {
             data_dir: std::env::temp_dir(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            doors: crate::admission::FrontDoors::new(Default::default()),
         }
     }
 

@@ -89,11 +89,11 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
             return ctx.shutdown.cancelled().await;
         }
     };
-    while let Some((tcp, client)) =
-        super::session::accept_next(&ctx.shutdown, &listener, "kube front end").await
+    while let Some((tcp, client, permit)) =
+        crate::admission::accept_admitted(&ctx.doors.kube, &ctx.shutdown, &listener).await
     {
         ctx.tasks
-            .spawn(connection(ctx.clone(), tls.clone(), tcp, client));
+            .spawn(connection(ctx.clone(), tls.clone(), tcp, client, permit));
     }
 }
 
@@ -118,9 +118,13 @@ async fn connection(
     tls: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     client: SocketAddr,
+    permit: crate::admission::Permit,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(ctx.limits.handshake_timeout, tls.accept(tcp)).await {
+    let handshake = tokio::time::timeout(ctx.limits.handshake_timeout, tls.accept(tcp)).await;
+    // The client certificate was verified in the handshake: past the unauthenticated part.
+    drop(permit);
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             return tracing::debug!(%client, error = %e, "kube front end: TLS handshake failed")

@@ -122,11 +122,16 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: tokio::net::TcpListener)
             return ctx.shutdown.cancelled().await;
         }
     };
-    while let Some((tcp, client)) =
-        super::session::accept_next(&ctx.shutdown, &listener, "postgres front end").await
+    while let Some((tcp, client, permit)) =
+        crate::admission::accept_admitted(&ctx.doors.postgres, &ctx.shutdown, &listener).await
     {
-        ctx.tasks
-            .spawn(session::connection(ctx.clone(), front.clone(), tcp, client));
+        ctx.tasks.spawn(session::connection(
+            ctx.clone(),
+            front.clone(),
+            tcp,
+            client,
+            permit,
+        ));
     }
 }
 

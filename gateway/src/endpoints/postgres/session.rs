@@ -30,7 +30,8 @@ use tokio::{
     net::TcpStream,
 };
 
-/// DESIGN: an unauthenticated client has 10 s to finish its handshake.
+/// DESIGN: an unauthenticated client has 10 s to finish its handshake (`[limits]
+/// handshake_timeout` for the startup and SCRAM; this for cancel requests and refusals).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent logs in to the database while the client waits.
 const AGENT_LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -50,18 +51,21 @@ pub(super) async fn connection(
     front: Arc<Front>,
     tcp: TcpStream,
     client: SocketAddr,
+    permit: crate::admission::Permit,
 ) {
     let _ = tcp.set_nodelay(true);
     let handshake = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&ctx, &front, tcp, client)) => r,
+        r = tokio::time::timeout(ctx.limits.handshake_timeout, handshake(&ctx, &front, tcp, client)) => r,
         _ = ctx.shutdown.cancelled() => return,
     };
     match handshake {
         Ok(Some(Hello::Session(tls, ep, params, buf))) => {
             let ready = tokio::select! {
-                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate(&ctx, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
+                r = tokio::time::timeout(ctx.limits.handshake_timeout, authenticate(&ctx, front.end_point.clone(), tls, &ep, params, buf)) => r.ok().flatten(),
                 _ = ep.cancel.cancelled() => None,
             };
+            // SCRAM is done (or failed): past the unauthenticated part.
+            drop(permit);
             match ready {
                 Some((tls, auth, Policy::Forward(forward))) => {
                     run(ctx, front, tls, ep, auth, forward, client).await

@@ -22,9 +22,6 @@ use russh::{
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpStream};
 
-/// An unauthenticated client has this long to finish its handshake and authenticate.
-pub const AUTH_GRACE: Duration = Duration::from_secs(10);
-
 /// At create: the credential must be one OpenSSH public key line.
 pub fn validate(cred: Option<&ClientCredential>) -> Result<(), ApiError> {
     let Some(ClientCredential::Ssh { public_key }) = cred else {
@@ -106,26 +103,27 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
         Err(e) => return tracing::error!("ssh front end disabled: {}", e.message),
     };
     let config = Arc::new(config(key));
-    while let Some((tcp, client)) =
-        super::session::accept_next(&ctx.shutdown, &listener, "ssh front end").await
+    while let Some((tcp, client, permit)) =
+        crate::admission::accept_admitted(&ctx.doors.ssh, &ctx.shutdown, &listener).await
     {
         ctx.tasks
-            .spawn(connection(ctx.clone(), config.clone(), tcp, client));
+            .spawn(connection(ctx.clone(), config.clone(), tcp, client, permit));
     }
 }
 
-/// One client connection: authentication within [`AUTH_GRACE`], then until the client leaves
+/// One client connection: authentication within `[limits] handshake_timeout`, then until the client leaves
 /// or the endpoint ends (retire, expiry, revocation), which disconnects it at once.
 async fn connection(
     ctx: Arc<FrontEndContext>,
     config: Arc<Config>,
     tcp: TcpStream,
     client: SocketAddr,
+    permit: crate::admission::Permit,
 ) {
     let _ = tcp.set_nodelay(true);
     let (auth_tx, auth_rx) = tokio::sync::oneshot::channel();
     let handler = server::Conn::new(ctx.clone(), client, auth_tx);
-    let grace = tokio::time::sleep(AUTH_GRACE);
+    let grace = tokio::time::sleep(ctx.limits.handshake_timeout);
     tokio::pin!(grace);
     let running = tokio::select! {
         r = russh::server::run_stream(config, tcp, handler) => r,
@@ -165,6 +163,8 @@ async fn connection(
             return;
         }
     };
+    // Authenticated: past the unauthenticated part.
+    drop(permit);
     tokio::select! {
         _ = &mut running => {}
         _ = ep.cancel.cancelled() => {
