@@ -97,11 +97,16 @@ fn start(dir: &Path) -> Result<Setup> {
         .as_str()
         .ok_or_else(|| anyhow!("no token"))?
         .to_string();
-    // Operate access, approved by Bob (a grant is not yet bound to a signed decision).
+    // Operate access, approved by Bob with his key (the appliance honours the grant only so).
     let grant = gw.request_operate("my-app", CUSTOMER, "1h")?;
     let gid = grant["id"].as_str().unwrap_or_default().to_string();
-    gw.cli_home_as(&bob, &bob_home, &["approvals", "approve", &gid])?
-        .ok()?;
+    let key = bob_key_path.display().to_string();
+    gw.cli_home_as(
+        &bob,
+        &bob_home,
+        &["approvals", "approve", &gid, "--key", &key],
+    )?
+    .ok()?;
     Ok(Setup {
         gw,
         agent,

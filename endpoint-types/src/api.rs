@@ -298,6 +298,10 @@ pub struct EndpointRecord {
     /// Written by the CLI (tcp): path of the client-certificate file the forwarder presents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_credential: Option<String>,
+    /// Why the appliance refused the endpoint a person was said to approve
+    /// (`APPROVAL_INVALID`, `details.reason`); the gateway then ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<crate::ApiError>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -91,6 +91,10 @@ pub struct GrantRecord {
     /// The customer's message with a denial.
     #[serde(default)]
     pub message: Option<String>,
+    /// Why the appliance refused the grant a person was said to approve (`APPROVAL_INVALID`,
+    /// `details.reason`); the gateway then revoked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<ApiError>,
 }
 
 /// One-off op tools (`postern ops <tool>`).

@@ -861,6 +861,7 @@ mod tests {
             expires_at: expires_at.map(ts),
             decided_by: Some("ana@customer".into()),
             message: None,
+            refused: None,
         }
     }
 

@@ -508,6 +508,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection, permit: crate::ad
         heartbeat_interval_ms: gw.limits.heartbeat_interval.as_millis() as u64,
         lost_after_ms: gw.limits.agent_lost_after.as_millis() as u64,
         audit_key: Some(gw.audit_key.clone()),
+        approval_refusals: true,
     });
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {
@@ -683,6 +684,13 @@ async fn control_loop(
                     }
                     Ok(Some(ToGateway::TrailHead(head))) => {
                         crate::audit_heads::on_agent_head(&gw.audit, appliance_id, peer_cert.as_deref(), head).await;
+                    }
+                    Ok(Some(ToGateway::ApprovalRefused { record_id, error })) => {
+                        // Off the frame path: revoking a grant sends its new set to this agent.
+                        let (grants, endpoints, id) = (gw.grants.clone(), gw.endpoint_service.clone(), appliance_id.to_string());
+                        gw.tasks.spawn(async move {
+                            crate::approvals::refusal::on_agent_refusal(&grants, &endpoints, &id, &record_id, &error).await;
+                        });
                     }
                     Ok(Some(ToGateway::SshTeardown(report))) => {
                         crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;

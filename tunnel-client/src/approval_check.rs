@@ -119,6 +119,21 @@ impl SignedApprovals {
         Ok(Some(verified))
     }
 
+    /// Checks a decision as of `at` without using it up: a grant or endpoint whose decision
+    /// this appliance already accepted (at `at`), announced again (`crate::record_approval`).
+    pub fn recheck(
+        &self,
+        signed: &SignedDecision,
+        record_id: &str,
+        asked: &DecidedContent,
+        at: Timestamp,
+    ) -> Result<Verified, ApprovalInvalid> {
+        self.verifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(signed, &self.appliance_id, record_id, asked, at)
+    }
+
     /// The check of an op's command when the appliance's policy reserved it for a person
     /// (`needs_person`); a policy's own approval passes.
     pub fn check_op(

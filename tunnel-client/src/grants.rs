@@ -429,6 +429,7 @@ mod tests {
             resource_id: "null_resource.echo".into(),
             expires_at: at(expires),
             grant_id: Some("gr_1".into()),
+            signed_decision: None,
         }
     }
 
@@ -442,6 +443,7 @@ mod tests {
                 approved_by: "bob@acme".into(),
                 approved_at: at(0),
                 expires_at: at(86_400),
+                signed_decision: None,
             }],
             at(0),
         );
@@ -624,6 +626,7 @@ mod tests {
             approved_by: "bob@acme".into(),
             approved_at: at(10),
             expires_at: at(70),
+            signed_decision: None,
         };
         assert!(
             !operate_grant_in_force(&g, at(9)),

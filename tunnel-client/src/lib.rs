@@ -25,6 +25,7 @@ pub mod op_sandbox;
 pub mod op_ssh;
 pub mod ops;
 pub mod postgres;
+pub mod record_approval;
 pub mod sessions;
 pub mod ssh;
 pub mod ssh_teardown;

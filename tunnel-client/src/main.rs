@@ -230,13 +230,10 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     config.ops.launcher = Some(PathBuf::from("/proc/self/exe")).filter(|p| p.exists());
     tunnel_client::postgres::check_owner_roles(&config).await?;
     if !config.approvers.is_empty() {
-        // Said plainly: what the keys protect, and what is still taken on the gateway's word.
+        // Said plainly: what the keys protect.
         tracing::info!(
             approvers = config.approvers.len(),
-            "[[approver]] keys listed: an op command the policy reserves for a person, and the release of held output, happen only with a decision one of these keys signed for exactly it"
-        );
-        tracing::warn!(
-            "grants and endpoints are not yet bound to signed decisions: a person's approval of those is still taken on the gateway's word"
+            "[[approver]] keys listed: a grant, an endpoint and an op command the policy reserves for a person, and the release of held output, are honoured only with a decision one of these keys signed for exactly it"
         );
     } else {
         tracing::warn!(

@@ -385,6 +385,12 @@ impl OpRunner {
         }
     }
 
+    /// The customer's approvers and the statements used, shared with the check of grants and
+    /// endpoints (crate::record_approval).
+    pub fn signed_approvals(&self) -> &crate::approval_check::SignedApprovals {
+        &self.inner.approvals
+    }
+
     /// The gateway announced the appliance's grant set. Ops running under a grant that is no
     /// longer live are stopped.
     pub fn grants_synced(&self, grants: &[LiveGrant], now: Timestamp) {

@@ -44,6 +44,7 @@ fn grant(level: GrantLevel, from: &str, to: &str) -> LiveGrant {
         approved_by: "bob".into(),
         approved_at: at(from),
         expires_at: at(to),
+        signed_decision: None,
     }
 }
 

@@ -500,6 +500,7 @@ mod tests {
             approved_by: "bob@acme".into(),
             approved_at: now(),
             expires_at: now() + jiff::SignedDuration::from_secs(3600),
+            signed_decision: None,
         }
     }
 
@@ -536,6 +537,7 @@ mod tests {
                     resource_id: res.to_string(),
                     expires_at: now() + jiff::SignedDuration::from_secs(60),
                     grant_id: Some("gr_test".into()),
+                    signed_decision: None,
                 },
                 now(),
             );

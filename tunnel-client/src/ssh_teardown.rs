@@ -444,6 +444,7 @@ mod tests {
             resource_id: "aws_instance.worker".into(),
             expires_at: Timestamp::now(),
             grant_id: None,
+            signed_decision: None,
         }
     }
 

@@ -544,6 +544,7 @@ mod tests {
             resource_id: "aws_eks_cluster.main".into(),
             expires_at: Timestamp::now() + jiff::SignedDuration::from_secs(expires_in),
             grant_id: None,
+            signed_decision: None,
         }
     }
 

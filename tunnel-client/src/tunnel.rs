@@ -122,6 +122,10 @@ struct Agent {
     tracker: TaskTracker,
     /// The gateway's signed heads, checked against its pinned audit key.
     anchors: crate::trail_heads::GatewayAnchors,
+    /// The approvers' decisions on grants and endpoints this appliance accepted.
+    record_approvals: crate::record_approval::RecordApprovals,
+    /// The connected gateway takes `ApprovalRefused` (from its hello answer).
+    reports_refusals: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
@@ -220,7 +224,11 @@ pub async fn run(
             id,
             problem,
         })?;
+    let record_approvals =
+        crate::record_approval::RecordApprovals::from_config(&config, Timestamp::now());
     let agent = Agent {
+        record_approvals,
+        reports_refusals: Default::default(),
         config,
         enrollment,
         quic,
@@ -400,6 +408,8 @@ impl Agent {
             json!({ "gateway": gateway, "app": ack.app, "customer": ack.customer, "agent_version": AGENT_VERSION }),
         ));
         self.anchors.hello(ack.audit_key.as_deref(), &self.audit);
+        self.reports_refusals
+            .store(ack.approval_refusals, std::sync::atomic::Ordering::Relaxed);
         *hello = Some(ack.clone());
         if let Some(tx) = ready.take() {
             let _ = tx.send(ack.clone());
@@ -516,6 +526,10 @@ impl Agent {
             }
             ToAgent::HeartbeatAck { .. } => {}
             ToAgent::EndpointSync { endpoints } => {
+                let endpoints = match self.screened(endpoints, now, send, write_limit).await {
+                    Ok(kept) => kept,
+                    Err(ended) => return Some(ended),
+                };
                 let grants = endpoints.clone();
                 let (added, removed) = self
                     .live
@@ -531,6 +545,20 @@ impl Agent {
                 crate::endpoint_setup::synced(&self.sessions, &grants);
             }
             ToAgent::EndpointOpen(grant) => {
+                let id = grant.endpoint_id.clone();
+                let Some(grant) = (match self.screened(vec![grant], now, send, write_limit).await {
+                    Ok(kept) => kept.into_iter().next(),
+                    Err(ended) => return Some(ended),
+                }) else {
+                    // Refused: nothing of it is served, also if it was live before.
+                    let removed = self
+                        .live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .close(&id, CloseReason::Revoked);
+                    self.audit_removed(removed.as_slice());
+                    return None;
+                };
                 let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
                 let was_live = matches!(
                     live.check(&grant.endpoint_id, now),
@@ -546,6 +574,10 @@ impl Agent {
                 }
             }
             ToAgent::GrantSync { grants } => {
+                let grants = match self.screened(grants, now, send, write_limit).await {
+                    Ok(kept) => kept,
+                    Err(ended) => return Some(ended),
+                };
                 let summary: Vec<serde_json::Value> = grants
                     .iter()
                     .map(|g| serde_json::json!({
@@ -639,6 +671,40 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// What of the announced grants or endpoints the appliance honours: a person's decision is
+    /// checked (crate::record_approval), each refusal recorded and reported to the gateway.
+    async fn screened<T: crate::record_approval::Approvable>(
+        &self,
+        items: Vec<T>,
+        now: Timestamp,
+        send: &mut SendStream,
+        write_limit: Duration,
+    ) -> Result<Vec<T>, Ended> {
+        let screened = self.record_approvals.screen(
+            self.ops.signed_approvals(),
+            items,
+            &self.audit.agent_actor(),
+            now,
+        );
+        for entry in screened.records {
+            self.audit.record_or_log(entry);
+        }
+        // An older gateway would drop the connection for the frame: it learns nothing, and the
+        // refusal stands in the customer trail all the same.
+        let reports = self
+            .reports_refusals
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for (record_id, error) in screened.refused.into_iter().filter(|_| reports) {
+            let refused = ToGateway::ApprovalRefused { record_id, error };
+            if let Err(e) = send_frame(send, &refused, write_limit).await {
+                return Err(Ended::lost(format!(
+                    "cannot report a refused approval: {e}"
+                )));
+            }
+        }
+        Ok(screened.kept)
     }
 
     fn audit_opened(&self, g: &EndpointGrant, via: &str) {

@@ -66,6 +66,7 @@ fn grant(id: &str, secs: i64) -> EndpointGrant {
         resource_id: "null_resource.echo".into(),
         expires_at: Timestamp::now() + SignedDuration::from_secs(secs),
         grant_id: Some("gr_1".into()),
+        signed_decision: None,
     }
 }
 

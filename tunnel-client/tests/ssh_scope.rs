@@ -44,6 +44,7 @@ fn ssh_grant(id: &str) -> EndpointGrant {
         resource_id: RESOURCE.into(),
         expires_at: Timestamp::now() + SignedDuration::from_secs(3600),
         grant_id: Some("gr_1".into()),
+        signed_decision: None,
     }
 }
 

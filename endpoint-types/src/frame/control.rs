@@ -197,6 +197,13 @@ pub enum ToGateway {
     /// The agent's latest signed head of the customer trail, for the gateway to record as an
     /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
     TrailHead(crate::trail_head::SignedHead),
+    /// The appliance refused a grant or endpoint (`record_id`) a person was said to approve:
+    /// its signed decision is missing or invalid (`APPROVAL_INVALID`, `details.reason`). The
+    /// appliance honours nothing of it; sent again whenever the gateway announces it again.
+    ApprovalRefused {
+        record_id: String,
+        error: ApiError,
+    },
 }
 
 impl Handshake {
@@ -385,6 +392,7 @@ impl ToGateway {
             ToGateway::TrailRecorded { .. } => "trail_recorded",
             ToGateway::TeardownProof(_) => "teardown_proof",
             ToGateway::TrailHead(_) => "trail_head",
+            ToGateway::ApprovalRefused { .. } => "approval_refused",
         }
     }
 }

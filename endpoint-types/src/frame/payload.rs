@@ -35,6 +35,10 @@ pub struct HelloAck {
     /// says so in its trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_key: Option<String>,
+    /// The gateway takes `ToGateway::ApprovalRefused`; the agent sends it to no other gateway
+    /// (an older one would take the frame for a protocol error and drop the connection).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval_refusals: bool,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.
@@ -47,6 +51,11 @@ pub struct EndpointGrant {
     /// The operate grant the endpoint was created under; it must be live for every session.
     #[serde(default)]
     pub grant_id: Option<String>,
+    /// The approver's signed decision on this endpoint (type, resource, TTL), as the approver's
+    /// key made it. An appliance that lists `[[approver]]` keys opens an endpoint its policy
+    /// reserves for a person only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_decision: Option<crate::approval::SignedDecision>,
 }
 
 /// A grant as the agent needs it to enforce: what, until when, approved by whom.
@@ -57,6 +66,11 @@ pub struct LiveGrant {
     pub approved_by: String,
     pub approved_at: Timestamp,
     pub expires_at: Timestamp,
+    /// The approver's signed decision on this grant (level, duration), as the approver's key
+    /// made it; sent with the grant every time the set is sent. An appliance that lists
+    /// `[[approver]]` keys honours a grant its policy reserves for a person only with a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_decision: Option<crate::approval::SignedDecision>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -44,6 +44,7 @@ fn grant() -> EndpointGrant {
         resource_id: "null_resource.echo".into(),
         expires_at: at("2030-01-01T00:00:00Z"),
         grant_id: Some("gr_1".into()),
+        signed_decision: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn live_grant() -> LiveGrant {
         approved_by: "alice@customer".into(),
         approved_at: at("2029-12-31T00:00:00Z"),
         expires_at: at("2030-01-01T00:00:00Z"),
+        signed_decision: None,
     }
 }
 
@@ -168,6 +170,10 @@ fn head(trail: crate::trail_head::TrailSide) -> crate::trail_head::SignedHead {
 fn to_gateway() -> Vec<ToGateway> {
     vec![
         ToGateway::TrailHead(head(crate::trail_head::TrailSide::Appliance)),
+        ToGateway::ApprovalRefused {
+            record_id: "gr_1".into(),
+            error: crate::approval::ApprovalInvalid::Missing.to_api_error(),
+        },
         ToGateway::Heartbeat { seq: 1 },
         ToGateway::HeartbeatAck { seq: 2 },
         ToGateway::CommandAck { seq: 3 },
@@ -263,6 +269,7 @@ fn handshake_answer() -> Vec<HandshakeAnswer> {
             heartbeat_interval_ms: 5_000,
             lost_after_ms: 15_000,
             audit_key: Some("BAAA".into()),
+            approval_refusals: true,
         }),
         HandshakeAnswer::Error(ApiError::new(ErrorCode::ApplianceRevoked, "revoked")),
     ]

@@ -6,6 +6,7 @@
 //! the queue that owns the id.
 
 mod queues;
+pub mod refusal;
 pub mod signed;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use endpoint_types::{
     api::EndpointState,
     approval::DecidedContent,
-    control::{ApprovalItem, ApprovalKind, ApprovalStage, GrantState},
+    control::{ApprovalItem, ApprovalKind, ApprovalStage, GrantRecord, GrantState},
     duration::format_duration,
     ApiError,
 };
@@ -46,6 +46,21 @@ impl Queue for Grants {
                 requested_at: g.requested_at,
             })
             .collect())
+    }
+
+    /// A grant binds its level and duration (the appliance checks the grant's lifetime
+    /// against it, from the statement's issue).
+    async fn content(
+        &self,
+        _caller: &Caller,
+        item: &ApprovalItem,
+    ) -> Result<Option<DecidedContent>, ApiError> {
+        let grant: GrantRecord = serde_json::from_value(item.request.clone())
+            .map_err(|e| ApiError::internal(format!("grant {}: {e}", item.id)))?;
+        Ok(Some(DecidedContent::Grant {
+            level: grant.level,
+            duration_s: grant.duration_s,
+        }))
     }
 
     async fn decide(
@@ -100,6 +115,26 @@ impl Queue for EndpointQueue {
                 }
             })
             .collect())
+    }
+
+    /// An endpoint binds its type, resource and TTL (from the approval, as the request
+    /// stands: never past the creator's token).
+    async fn content(
+        &self,
+        _caller: &Caller,
+        item: &ApprovalItem,
+    ) -> Result<Option<DecidedContent>, ApiError> {
+        let r = &item.request;
+        let endpoint_type = serde_json::from_value(r["type"].clone())
+            .map_err(|e| ApiError::internal(format!("endpoint {}: {e}", item.id)))?;
+        Ok(Some(DecidedContent::Endpoint {
+            endpoint_type,
+            resource_id: r["origin_resource_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            ttl_s: r["ttl_s"].as_u64().unwrap_or_default(),
+        }))
     }
 
     async fn decide(

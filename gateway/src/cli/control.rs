@@ -92,6 +92,12 @@ fn print_grant(g: &GrantRecord) {
         ),
         _ => {}
     }
+    if let Some(e) = &g.refused {
+        println!(
+            "  refused by the appliance ({}): {} (hint: {})",
+            e.code, e.message, e.hint
+        );
+    }
     if let Some(m) = &g.message {
         println!("  message from the customer: {m}");
     }

@@ -8,6 +8,7 @@ pub mod credential;
 pub mod front_ends;
 pub mod kube;
 pub mod postgres;
+mod refused;
 mod registry;
 mod service;
 mod service_ending;
@@ -34,6 +35,7 @@ impl LiveEndpoint {
             resource_id: self.resource_id.clone(),
             expires_at: self.expires_at,
             grant_id: self.grant_id.clone(),
+            signed_decision: None,
         }
     }
 }

@@ -143,6 +143,7 @@ pub(super) fn record_of(
         ssh_config: None,
         connect_command: None,
         tcp_credential: None,
+        refused: None,
     }
 }
 
@@ -268,11 +269,13 @@ impl Endpoints {
     /// What an agent that (re)connects is told to open: its appliance's live endpoints.
     pub async fn grants_for(&self, appliance_id: &str) -> Vec<EndpointGrant> {
         match self.store.active_endpoints_of(appliance_id).await {
-            Ok(rows) => rows
-                .into_iter()
-                .filter_map(|r| self.live.get(&r.id))
-                .map(|ep| ep.grant())
-                .collect(),
+            Ok(rows) => {
+                let mut grants = Vec::new();
+                for ep in rows.into_iter().filter_map(|r| self.live.get(&r.id)) {
+                    grants.push(self.announced(ep.grant()).await);
+                }
+                grants
+            }
             Err(e) => {
                 tracing::error!(error = %e, "could not list endpoints for the agent");
                 Vec::new()
@@ -333,6 +336,7 @@ impl Endpoints {
         let sessions = self.live.live_sessions(&row.id);
         let creator = caller.made(row.created_by_id.as_deref());
         let rec = record_of(row, appliance.app, appliance.customer, sessions, self.now());
+        let rec = self.with_refusal(rec).await;
         self.with_access(creator, rec)
     }
 

@@ -220,8 +220,9 @@ impl Endpoints {
             .map_err(internal)?
             .ok_or_else(|| not_found(id))?;
         let ep = self.activate(&row, listener);
+        let announced = self.announced(ep.grant()).await;
         self.agents
-            .send(&row.appliance_id, ToAgent::EndpointOpen(ep.grant()));
+            .send(&row.appliance_id, ToAgent::EndpointOpen(announced));
         self.audit
             .record("endpoint.created", &caller.actor(), subject, serde_json::json!({
                 "type": row.endpoint_type, "origin_resource_id": row.resource_id, "expires_at": expires_at, "address": address,

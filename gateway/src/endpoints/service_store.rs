@@ -43,10 +43,53 @@ pub trait EndpointStore: Send + Sync {
     async fn token_expiry(&self, _token_id: &str) -> StoreResult<Option<Timestamp>> {
         Ok(None)
     }
+    /// The approver's signed decision on `id` (a grant or endpoint), as kept
+    /// (`approvals::SignedDecisions`); None where none is kept (the in-memory test stores).
+    async fn signed_decision(
+        &self,
+        _id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+        Ok(None)
+    }
+    /// Keeps the appliance's refusal of `id` (`approvals::refusal`).
+    async fn put_refusal(
+        &self,
+        _id: &str,
+        _appliance_id: &str,
+        _error: &endpoint_types::ApiError,
+        _at: jiff::Timestamp,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The appliance's refusal of `id`, if it refused it.
+    async fn refusal(&self, _id: &str) -> StoreResult<Option<endpoint_types::ApiError>> {
+        Ok(None)
+    }
 }
 
 #[async_trait]
 impl EndpointStore for Store {
+    async fn signed_decision(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<endpoint_types::approval::SignedDecision>> {
+        crate::approvals::refusal::signed_of(self, id).await
+    }
+
+    async fn put_refusal(
+        &self,
+        id: &str,
+        appliance_id: &str,
+        error: &endpoint_types::ApiError,
+        at: jiff::Timestamp,
+    ) -> StoreResult<()> {
+        crate::approvals::refusal::put(self, id, appliance_id, error, at).await
+    }
+
+    async fn refusal(&self, id: &str) -> StoreResult<Option<endpoint_types::ApiError>> {
+        crate::approvals::refusal::get(self, id).await
+    }
+
     async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>> {
         Store::get_appliance(self, id).await
     }

@@ -6,6 +6,7 @@
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
 mod gate;
+mod refused;
 mod store;
 mod sync;
 
@@ -98,6 +99,7 @@ pub fn record(row: &GrantRow, app: &str, customer: &str, now: Timestamp) -> Gran
         expires_at: row.expires_at,
         decided_by: row.decided_by.clone(),
         message: row.message.clone(),
+        refused: None,
     }
 }
 
@@ -233,12 +235,8 @@ impl Grants {
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {
         let (row, appliance) = self.load(caller, id).await?;
-        Ok(record(
-            &row,
-            &appliance.app,
-            &appliance.customer,
-            self.clock.now(),
-        ))
+        let rec = record(&row, &appliance.app, &appliance.customer, self.clock.now());
+        Ok(self.with_refusal(rec).await)
     }
 
     /// The grants the caller may see, oldest request first: one store query, filtered there
@@ -250,10 +248,17 @@ impl Grants {
             .list_grants_with_owner(caller.customer_scope())
             .await
             .map_err(internal)?;
-        Ok(rows
-            .iter()
-            .map(|g| record(&g.grant, &g.app, &g.customer, now))
-            .collect())
+        let mut out = Vec::with_capacity(rows.len());
+        for g in &rows {
+            let rec = record(&g.grant, &g.app, &g.customer, now);
+            // Only a revoked grant can carry the appliance's refusal.
+            out.push(if rec.state == GrantState::Revoked {
+                self.with_refusal(rec).await
+            } else {
+                rec
+            });
+        }
+        Ok(out)
     }
 
     /// The refusal for `event` on grant `id` after a compare-and-set found it moved by another

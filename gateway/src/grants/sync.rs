@@ -12,19 +12,35 @@ impl Grants {
     pub async fn live_grants(&self, appliance_id: &str) -> Vec<LiveGrant> {
         let now = self.clock.now();
         match self.store.grants_of(appliance_id).await {
-            Ok(rows) => rows
-                .into_iter()
-                .filter(|g| grant_state(g.state, g.expires_at, now) == GrantState::Active)
-                .filter_map(|g| {
-                    Some(LiveGrant {
-                        approved_by: g.decided_by.clone()?,
-                        approved_at: g.decided_at?,
-                        expires_at: g.expires_at?,
+            Ok(rows) => {
+                let mut live = Vec::new();
+                for g in rows
+                    .into_iter()
+                    .filter(|g| grant_state(g.state, g.expires_at, now) == GrantState::Active)
+                {
+                    let (Some(approved_by), Some(approved_at), Some(expires_at)) =
+                        (g.decided_by.clone(), g.decided_at, g.expires_at)
+                    else {
+                        continue;
+                    };
+                    // A person's decision goes with the grant, every time the set is sent: the
+                    // appliance checks it (and accepts it once) before honouring the grant.
+                    let signed_decision = if approved_by.starts_with("policy:") {
+                        None
+                    } else {
+                        self.signed_decision_of(&g.id).await
+                    };
+                    live.push(LiveGrant {
+                        approved_by,
+                        approved_at,
+                        expires_at,
                         level: g.level,
                         grant_id: g.id,
-                    })
-                })
-                .collect(),
+                        signed_decision,
+                    });
+                }
+                live
+            }
             Err(e) => {
                 tracing::error!(appliance = %appliance_id, error = %e, "cannot list grants for the agent");
                 Vec::new()

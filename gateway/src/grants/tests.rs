@@ -769,3 +769,52 @@ async fn an_operator_bound_to_a_customer_acts_on_that_customers_appliances_only(
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].customer, "acme");
 }
+
+#[tokio::test]
+async fn a_grant_the_appliance_refused_is_revoked_and_only_its_own_appliance_can_refuse_it() {
+    let f = fixture();
+    connect(&f, "ap_acme", policy(ApprovalMode::Manual, &[]));
+    let id = approved(&f).await;
+    let refusal = crate::approvals::refusal::sanitized(
+        &id,
+        &endpoint_types::approval::ApprovalInvalid::Missing.to_api_error(),
+    );
+    // Another appliance's agent cannot end acme's grant.
+    f.grants
+        .appliance_refused("ap_globex", &id, refusal.clone())
+        .await;
+    assert_eq!(f.store.grant(&id).unwrap().state, GrantState::Active);
+    assert!(f.audit.of_kind("denied").is_empty());
+    let syncs = grant_syncs(&f, "ap_acme").len();
+
+    f.grants.appliance_refused("ap_acme", &id, refusal).await;
+    assert_eq!(f.store.grant(&id).unwrap().state, GrantState::Revoked);
+    let denied = f.audit.of_kind("denied");
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0].actor, "agent:ap_acme");
+    assert_eq!(denied[0].detail["code"], "APPROVAL_INVALID");
+    assert_eq!(denied[0].detail["approval"], "missing");
+    assert_eq!(f.audit.of_kind("grant.revoked").len(), 1);
+    // Its endpoints end, and the agent gets the set without it.
+    assert_eq!(
+        f.endpoints.0.lock().unwrap().clone(),
+        vec![(
+            id.clone(),
+            CloseReason::Revoked,
+            "system:gateway".to_string()
+        )]
+    );
+    let after = grant_syncs(&f, "ap_acme");
+    assert_eq!(after.len(), syncs + 1);
+    assert!(after.last().unwrap().is_empty());
+    // Refused again (the set was in flight): recorded, nothing moves twice.
+    f.grants
+        .appliance_refused(
+            "ap_acme",
+            &id,
+            crate::approvals::refusal::sanitized(&id, &endpoint_types::ApiError::internal("x")),
+        )
+        .await;
+    assert_eq!(f.audit.of_kind("grant.revoked").len(), 1);
+    assert_eq!(f.endpoints.0.lock().unwrap().len(), 1);
+}

@@ -9,6 +9,7 @@ mod customer_trail;
 mod endpoint_list;
 mod grant_list;
 mod op_list;
+mod refusals;
 mod signed;
 mod spine;
 mod teardown;
@@ -120,6 +121,11 @@ fn migrator() -> Migrator {
             9,
             "token lifetimes",
             include_str!("../../migrations/0009_token_lifetimes.sql"),
+        ),
+        m(
+            10,
+            "appliance refusals",
+            include_str!("../../migrations/0010_appliance_refusals.sql"),
         ),
         m(
             13,

@@ -238,6 +238,7 @@ impl Gateway {
                 heartbeat_interval_ms: 100,
                 lost_after_ms: control.lost_after_ms,
                 audit_key: None,
+                approval_refusals: true,
             };
             write_frame(&mut send, &HandshakeAnswer::HelloAck(ack))
                 .await
@@ -357,6 +358,7 @@ pub fn live_grant(id: &str, level: GrantLevel, from_s: i64, to_s: i64) -> LiveGr
         approved_by: "bob@acme.example".into(),
         approved_at: Timestamp::now() + SignedDuration::from_secs(from_s),
         expires_at: Timestamp::now() + SignedDuration::from_secs(to_s),
+        signed_decision: None,
     }
 }
 
