@@ -31,6 +31,9 @@ pub struct Limits {
     /// Threads of the data-plane runtime (relay and sessions); 1 = a current-thread runtime,
     /// which measured fastest for one busy agent on a small machine.
     pub data_plane_threads: usize,
+    /// Lifetime of the agent certificates the gateway signs (enrollment and renewal); agents
+    /// renew two thirds into it (crate::cert_renewal).
+    pub agent_cert_lifetime: Duration,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             agent_lost_after: Duration::from_secs(15),
             default_endpoint_ttl: Duration::from_secs(3600),
             data_plane_threads: 1,
+            agent_cert_lifetime: crate::cert_renewal::DEFAULT_LIFETIME,
         }
     }
 }
@@ -75,6 +79,8 @@ struct FileConfig {
     endpoint_host: Option<IpAddr>,
     #[serde(default)]
     limits: FileLimits,
+    /// `agent_cert_lifetime = "90d"`: see [`Limits::agent_cert_lifetime`].
+    agent_cert_lifetime: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +131,13 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     if let Some(h) = f.endpoint_host {
         cfg.endpoint_host = h;
     }
+    if let Some(d) = f.agent_cert_lifetime {
+        cfg.limits.agent_cert_lifetime =
+            crate::cert_renewal::check_lifetime(d.0).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("agent_cert_lifetime: {message}"),
+            })?;
+    }
     let l = &mut cfg.limits;
     if let Some(n) = f.limits.sessions_per_endpoint {
         l.sessions_per_endpoint = n;
@@ -159,6 +172,24 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/etc/postern/d"));
         assert_eq!(cfg.api.port(), 8443);
         assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
+
+        assert_eq!(
+            cfg.limits.agent_cert_lifetime,
+            crate::cert_renewal::DEFAULT_LIFETIME
+        );
+        let short = parse(
+            "data_dir = \"d\"\nagent_cert_lifetime = \"9s\"\n",
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(short.limits.agent_cert_lifetime, Duration::from_secs(9));
+        let err = parse(
+            "data_dir = \"d\"\nagent_cert_lifetime = \"1s\"\n",
+            Path::new("g.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agent_cert_lifetime"), "{err}");
 
         let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml"))
             .unwrap_err()

@@ -7,6 +7,7 @@ pub mod api_tokens;
 pub mod approvals;
 pub mod audit;
 pub mod audit_heads;
+pub mod cert_renewal;
 pub mod cli;
 pub mod config;
 pub mod customer_trail;

@@ -35,6 +35,10 @@ pub struct HelloAck {
     /// says so in its trail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_key: Option<String>,
+    /// The gateway renews agent certificates over the control stream
+    /// ([`crate::cert_renewal`]); an older gateway leaves it out and is never asked.
+    #[serde(default)]
+    pub cert_renewal: bool,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.

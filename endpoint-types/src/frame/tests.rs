@@ -149,6 +149,20 @@ fn to_agent() -> Vec<ToAgent> {
     frames.push(ToAgent::TrailHead(head(
         crate::trail_head::TrailSide::Gateway,
     )));
+    frames.push(ToAgent::CertRenewal(
+        crate::cert_renewal::CertRenewAnswer {
+            request_id: 1,
+            cert_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            refused: None,
+        },
+    ));
+    frames.push(ToAgent::CertRenewal(
+        crate::cert_renewal::CertRenewAnswer {
+            request_id: 2,
+            cert_pem: None,
+            refused: Some(refusal()),
+        },
+    ));
     frames
 }
 
@@ -168,6 +182,10 @@ fn head(trail: crate::trail_head::TrailSide) -> crate::trail_head::SignedHead {
 fn to_gateway() -> Vec<ToGateway> {
     vec![
         ToGateway::TrailHead(head(crate::trail_head::TrailSide::Appliance)),
+        ToGateway::CertRenew(crate::cert_renewal::CertRenewRequest {
+            request_id: 1,
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        }),
         ToGateway::Heartbeat { seq: 1 },
         ToGateway::HeartbeatAck { seq: 2 },
         ToGateway::CommandAck { seq: 3 },
@@ -263,6 +281,7 @@ fn handshake_answer() -> Vec<HandshakeAnswer> {
             heartbeat_interval_ms: 5_000,
             lost_after_ms: 15_000,
             audit_key: Some("BAAA".into()),
+            cert_renewal: true,
         }),
         HandshakeAnswer::Error(ApiError::new(ErrorCode::ApplianceRevoked, "revoked")),
     ]

@@ -107,6 +107,10 @@ struct ServerArgs {
     /// Store URL (`sqlite:PATH`); default: the embedded store in the data dir.
     #[arg(long)]
     store: Option<String>,
+    /// Lifetime of the agent certificates this gateway signs (default 90d; agents renew them
+    /// over the tunnel two thirds into it).
+    #[arg(long)]
+    agent_cert_lifetime: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -379,6 +383,10 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     if args.store.is_some() {
         cfg.store = args.store;
     }
+    if let Some(text) = &args.agent_cert_lifetime {
+        cfg.limits.agent_cert_lifetime = crate::cert_renewal::parse_lifetime(text)
+            .map_err(|m| ApiError::invalid(format!("--agent-cert-lifetime: {m}")))?;
+    }
     let running = server::start(cfg).await.map_err(|e| {
         match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
             Some(missing) => ApiError::invalid(missing.to_string()).hint(missing.hint()),
@@ -442,8 +450,8 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
                 OutputFormat::Json => print_json(&l),
                 OutputFormat::Text => {
                     println!(
-                        "{:<20} {:<16} {:<16} {:<8} {:<10} LAST SEEN",
-                        "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION"
+                        "{:<20} {:<16} {:<16} {:<8} {:<10} {:<28} LAST SEEN",
+                        "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION", "CERT EXPIRES"
                     );
                     for a in l.appliances {
                         let state = if a.revoked {
@@ -456,12 +464,15 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
                             "pending"
                         };
                         println!(
-                            "{:<20} {:<16} {:<16} {:<8} {:<10} {}",
+                            "{:<20} {:<16} {:<16} {:<8} {:<10} {:<28} {}",
                             a.appliance_id,
                             a.app,
                             a.customer,
                             state,
                             a.agent_version.unwrap_or_else(|| "-".into()),
+                            a.cert_expires_at
+                                .map(|t| t.to_string())
+                                .unwrap_or_else(|| "-".into()),
                             a.last_seen
                                 .map(|t| t.to_string())
                                 .unwrap_or_else(|| "-".into())

@@ -4,6 +4,7 @@
 //! BIGINT columns) and the same migrations; the few places where the backends differ (pool
 //! set-up, how a transaction takes the write lock) branch on [`Backend`].
 
+mod cert_renewal;
 mod control;
 mod customer_trail;
 mod endpoint_list;
@@ -116,6 +117,11 @@ fn migrator() -> Migrator {
             9,
             "token lifetimes",
             include_str!("../../migrations/0009_token_lifetimes.sql"),
+        ),
+        m(
+            11,
+            "cert renewal",
+            include_str!("../../migrations/0011_cert_renewal.sql"),
         ),
     ])
 }

@@ -238,6 +238,7 @@ impl Gateway {
                 heartbeat_interval_ms: 100,
                 lost_after_ms: control.lost_after_ms,
                 audit_key: None,
+                cert_renewal: false,
             };
             write_frame(&mut send, &HandshakeAnswer::HelloAck(ack))
                 .await
