@@ -72,3 +72,14 @@ pub fn cert_spki_pem(cert_pem: &str) -> Result<Vec<u8>, CertError> {
         .map_err(|e| CertError::Pem(e.to_string()))?;
     crate::ca::cert_spki(&der)
 }
+
+/// The detail of an `agent.cert_renewed` record, the same in both trails: old and new serial,
+/// fingerprint and not_after.
+pub fn renewed_detail(old: Option<&CertInfo>, new: &CertInfo) -> serde_json::Value {
+    let side = |i: &CertInfo| {
+        serde_json::json!({
+            "serial": i.serial, "fingerprint": i.fingerprint, "not_after": i.not_after,
+        })
+    };
+    serde_json::json!({ "old": old.map(side), "new": side(new) })
+}

@@ -16,7 +16,7 @@ use std::sync::Arc;
 pub use ca::{
     cert_common_name, cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, Issued,
 };
-pub use cert_info::{cert_spki_pem, csr_common_name, key_matches_cert, CertInfo};
+pub use cert_info::{cert_spki_pem, csr_common_name, key_matches_cert, renewed_detail, CertInfo};
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;

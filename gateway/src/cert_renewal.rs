@@ -200,7 +200,7 @@ impl Renewals<'_> {
                 RENEWED_KIND,
                 &format!("agent:{appliance_id}"),
                 Subject::appliance(appliance_id),
-                renewed_detail(old_info.as_ref(), &new),
+                certs::renewed_detail(old_info.as_ref(), &new),
             )
             .await;
         tracing::info!(appliance = %appliance_id, serial = %new.serial, not_after = %new.not_after, "renewed the agent certificate");
@@ -226,19 +226,6 @@ impl Renewals<'_> {
         };
         Ok(CertInfo::from_pem(&pem).ok().map(|info| (info, pem)))
     }
-}
-
-/// The detail of `agent.cert_renewed`: old and new serial, fingerprint and not_after.
-pub fn renewed_detail(old: Option<&CertInfo>, new: &CertInfo) -> serde_json::Value {
-    let side = |i: &CertInfo| {
-        serde_json::json!({
-            "serial": i.serial, "fingerprint": i.fingerprint, "not_after": i.not_after,
-        })
-    };
-    serde_json::json!({
-        "old": old.map(side),
-        "new": side(new),
-    })
 }
 
 #[cfg(test)]
