@@ -559,6 +559,7 @@ impl GatewayAnchors {
 mod tests {
     use super::*;
     use crate::audit::{AuditLog, Entry};
+    use certs::record_signature::RecordSigner;
 
     /// An enrolled agent's files: key, certificate, and the trail path.
     struct Files {
