@@ -8,6 +8,7 @@ mod fingerprint;
 mod private_file;
 pub mod record_signature;
 pub mod scram;
+pub mod served_cert;
 pub mod teardown_proof;
 mod tls;
 
@@ -21,8 +22,8 @@ pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;
 pub use tls::{
-    client_config, pinned_client_config, server_config, upstream_client_config, ClientAuth,
-    ServerCheck,
+    client_config, pinned_client_config, server_config, server_config_with_resolver,
+    upstream_client_config, ClientAuth, ServerCheck,
 };
 
 #[derive(Debug, thiserror::Error)]

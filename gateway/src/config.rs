@@ -19,6 +19,10 @@ pub struct GatewayConfig {
     pub server_names: Vec<String>,
     pub endpoint_host: IpAddr,
     pub limits: Limits,
+    /// A server certificate chain and key the vendor supplies (e.g. from a public CA), served
+    /// by the API instead of one the gateway CA issues, reloaded on change (crate::tls_reload).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +66,8 @@ impl GatewayConfig {
             server_names: Vec::new(),
             endpoint_host: LOCALHOST,
             limits: Limits::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -81,6 +87,8 @@ struct FileConfig {
     limits: FileLimits,
     /// `agent_cert_lifetime = "90d"`: see [`Limits::agent_cert_lifetime`].
     agent_cert_lifetime: Option<HumanDuration>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +139,14 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     if let Some(h) = f.endpoint_host {
         cfg.endpoint_host = h;
     }
+    if f.tls_cert.is_some() != f.tls_key.is_some() {
+        return Err(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: "tls_cert and tls_key go together: give both or neither".into(),
+        });
+    }
+    cfg.tls_cert = f.tls_cert.map(|p| base.join(p));
+    cfg.tls_key = f.tls_key.map(|p| base.join(p));
     if let Some(d) = f.agent_cert_lifetime {
         cfg.limits.agent_cert_lifetime =
             crate::cert_renewal::check_lifetime(d.0).map_err(|message| ConfigError::Parse {

@@ -23,3 +23,4 @@ pub mod relay;
 pub mod server;
 pub mod store;
 pub mod teardown_proofs;
+pub mod tls_reload;

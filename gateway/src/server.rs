@@ -446,13 +446,26 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .await
         .with_context(|| format!("binding the API on tcp {}", cfg.api))?;
     let api = api_listener.local_addr()?;
-    let api_tls = certs::server_config(
-        &server_tls.cert_pem,
-        &server_tls.key_pem,
-        None,
-        certs::ClientAuth::None,
-        vec![b"http/1.1".to_vec()],
-    )?;
+    let api_tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        // The vendor's own certificate, reloaded on change (crate::tls_reload).
+        (Some(cert), Some(key)) => certs::server_config_with_resolver(
+            Arc::new(crate::tls_reload::ReloadingCert::load(
+                cert,
+                key,
+                crate::tls_reload::CHECK_EVERY,
+            )?),
+            None,
+            certs::ClientAuth::None,
+            vec![b"http/1.1".to_vec()],
+        )?,
+        _ => certs::server_config(
+            &server_tls.cert_pem,
+            &server_tls.key_pem,
+            None,
+            certs::ClientAuth::None,
+            vec![b"http/1.1".to_vec()],
+        )?,
+    };
     let api_state = Arc::new(crate::api::ApiState {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),

@@ -111,6 +111,13 @@ struct ServerArgs {
     /// over the tunnel two thirds into it).
     #[arg(long)]
     agent_cert_lifetime: Option<String>,
+    /// Serve this certificate chain (PEM, leaf first) on the API instead of one the gateway CA
+    /// issues, e.g. from a public CA; replaced files are picked up without a restart.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -382,6 +389,10 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     }
     if args.store.is_some() {
         cfg.store = args.store;
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls_cert = Some(cert.clone());
+        cfg.tls_key = Some(key.clone());
     }
     if let Some(text) = &args.agent_cert_lifetime {
         cfg.limits.agent_cert_lifetime = crate::cert_renewal::parse_lifetime(text)
