@@ -47,7 +47,11 @@ pub fn csr_common_name(csr_pem: &str) -> Result<Option<String>, CertError> {
         .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
     let (_, csr) = X509CertificationRequest::from_der(&der)
         .map_err(|e| CertError::InvalidCsr(e.to_string()))?;
-    let name = csr.certification_request_info.subject.iter_common_name().next();
+    let name = csr
+        .certification_request_info
+        .subject
+        .iter_common_name()
+        .next();
     name.map(|cn| {
         cn.as_str()
             .map(str::to_string)

@@ -148,17 +148,25 @@ impl Renewals<'_> {
             .get_appliance(appliance_id)
             .await
             .map_err(internal)?
-            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("appliance {appliance_id} is unknown")))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("appliance {appliance_id} is unknown"),
+                )
+            })?;
         if appliance.revoked_at.is_some() {
             return Err(ApiError::new(
                 ErrorCode::ApplianceRevoked,
-                format!("appliance {appliance_id} has been revoked; its certificate is not renewed"),
+                format!(
+                    "appliance {appliance_id} has been revoked; its certificate is not renewed"
+                ),
             )
             .hint("a revoked appliance must be added and enrolled again"));
         }
         let bad_csr = |why: String| {
-            ApiError::invalid(format!("the renewal CSR was refused: {why}"))
-                .hint("the agent makes a fresh key and CSR for its own appliance id at each renewal")
+            ApiError::invalid(format!("the renewal CSR was refused: {why}")).hint(
+                "the agent makes a fresh key and CSR for its own appliance id at each renewal",
+            )
         };
         // The CSR names the appliance it is for; the connection decides which that is.
         match certs::csr_common_name(&req.csr_pem).map_err(|e| bad_csr(e.to_string()))? {
@@ -175,7 +183,9 @@ impl Renewals<'_> {
         // A renewal is a new key: a key that is already certified gains nothing from it.
         if let Some(old) = &old {
             if certs::cert_spki_pem(&old.1).ok().as_deref() == Some(spki.as_slice()) {
-                return Err(bad_csr("it certifies the key already in use, not a fresh one".into()));
+                return Err(bad_csr(
+                    "it certifies the key already in use, not a fresh one".into(),
+                ));
             }
         }
         let cert_pem = self
@@ -191,7 +201,9 @@ impl Renewals<'_> {
         {
             return Err(ApiError::new(
                 ErrorCode::ApplianceRevoked,
-                format!("appliance {appliance_id} has been revoked; its certificate is not renewed"),
+                format!(
+                    "appliance {appliance_id} has been revoked; its certificate is not renewed"
+                ),
             ));
         }
         let old_info = old.map(|(info, _)| info);
@@ -255,7 +267,10 @@ mod tests {
             .sign_agent_csr(&csr, "ap_1", Timestamp::now(), Duration::from_secs(60))
             .unwrap();
         let fp = certs::fingerprint_pem(&cert).unwrap();
-        store.set_enrolled("ap_1", &fp, Timestamp::now()).await.unwrap();
+        store
+            .set_enrolled("ap_1", &fp, Timestamp::now())
+            .await
+            .unwrap();
         enrolled(&store, "ap_1", &cert).await;
         (store, ca, a, cert)
     }
@@ -311,7 +326,10 @@ mod tests {
         let a = appliance_for_cert(&store, &der(&new)).await.unwrap();
         assert_eq!(a.unwrap().id, "ap_1");
         // Now the old one is replaced.
-        assert!(appliance_for_cert(&store, &der(&old)).await.unwrap().is_none());
+        assert!(appliance_for_cert(&store, &der(&old))
+            .await
+            .unwrap()
+            .is_none());
         let expiries = store.cert_expiries().await.unwrap();
         let new_info = CertInfo::from_pem(&new).unwrap();
         assert_eq!(expiries, vec![("ap_1".to_string(), new_info.not_after)]);
@@ -336,8 +354,11 @@ mod tests {
             lifetime: Duration::from_secs(30),
         };
         let now = Timestamp::now();
-        let e = granted(r.on_request("ap_1", Some(&der(&old)), request("ap_2"), now).await)
-            .unwrap_err();
+        let e = granted(
+            r.on_request("ap_1", Some(&der(&old)), request("ap_2"), now)
+                .await,
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("ap_2"), "{}", e.message);
 
@@ -360,8 +381,11 @@ mod tests {
         assert!(e.message.contains("fresh"), "{}", e.message);
 
         store.revoke_appliance("ap_1", now).await.unwrap();
-        let e = granted(r.on_request("ap_1", Some(&der(&old)), request("ap_1"), now).await)
-            .unwrap_err();
+        let e = granted(
+            r.on_request("ap_1", Some(&der(&old)), request("ap_1"), now)
+                .await,
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::ApplianceRevoked);
         assert_eq!(audit.of_kind("denied").len(), 4);
         assert!(audit.of_kind(RENEWED_KIND).is_empty());
@@ -382,8 +406,14 @@ mod tests {
                 .await,
         )
         .unwrap();
-        store.revoke_appliance("ap_1", Timestamp::now()).await.unwrap();
-        let a = appliance_for_cert(&store, &der(&new)).await.unwrap().unwrap();
+        store
+            .revoke_appliance("ap_1", Timestamp::now())
+            .await
+            .unwrap();
+        let a = appliance_for_cert(&store, &der(&new))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(a.revoked_at.is_some());
     }
 

@@ -298,7 +298,12 @@ async fn enroll(
     // Sign before consuming, so a bad CSR does not burn the token.
     let cert_pem = gw
         .ca
-        .sign_agent_csr(&req.csr_pem, &appliance.id, now, gw.limits.agent_cert_lifetime)
+        .sign_agent_csr(
+            &req.csr_pem,
+            &appliance.id,
+            now,
+            gw.limits.agent_cert_lifetime,
+        )
         .map_err(|e| {
             ApiError::invalid(format!("the certificate signing request was refused: {e}"))
         })?;

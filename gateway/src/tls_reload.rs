@@ -73,15 +73,19 @@ fn load(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, String), ServedCe
         key: key.to_path_buf(),
         reason,
     };
-    let served = certs::served_cert::certified_key(&chain, &key_pem)
-        .map_err(|e| invalid(e.to_string()))?;
+    let served =
+        certs::served_cert::certified_key(&chain, &key_pem).map_err(|e| invalid(e.to_string()))?;
     let fingerprint = certs::fingerprint_pem(&chain).map_err(|e| invalid(e.to_string()))?;
     Ok((served, fingerprint))
 }
 
 impl ReloadingCert {
     /// Loads the pair now: at start-up a bad pair is an error, not a silent fallback.
-    pub fn load(cert: &Path, key: &Path, check_every: Duration) -> Result<ReloadingCert, ServedCertError> {
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        check_every: Duration,
+    ) -> Result<ReloadingCert, ServedCertError> {
         let mtimes = (mtime(cert), mtime(key));
         let (served, fingerprint) = load(cert, key)?;
         tracing::info!(cert = %cert.display(), %fingerprint, "serving the supplied TLS certificate");

@@ -222,12 +222,21 @@ impl CertRenewal {
                 } else {
                     format!(" (hint: {})", e.hint)
                 };
-                return Err(RenewalError::Refused(format!("{}: {}{hint}", e.code, e.message)));
+                return Err(RenewalError::Refused(format!(
+                    "{}: {}{hint}",
+                    e.code, e.message
+                )));
             }
             (None, None) => return Err(RenewalError::Refused("an empty answer".into())),
         };
         let new = check_issued(&key_pem, &cert_pem, &self.appliance_id, Timestamp::now())?;
-        install(&self.key_file, &self.cert_file, &key_pem, &cert_pem, old_pem)?;
+        install(
+            &self.key_file,
+            &self.cert_file,
+            &key_pem,
+            &cert_pem,
+            old_pem,
+        )?;
         let mut detail = certs::renewed_detail(Some(old), &new);
         detail["in_use_from"] = "the next connection".into();
         self.audit
@@ -257,7 +266,8 @@ pub fn check_issued(
     appliance_id: &str,
     now: Timestamp,
 ) -> Result<CertInfo, RenewalError> {
-    let bad = |why: String| RenewalError::Cert(format!("the renewed certificate is unusable: {why}"));
+    let bad =
+        |why: String| RenewalError::Cert(format!("the renewed certificate is unusable: {why}"));
     if !certs::key_matches_cert(key_pem.expose(), cert_pem).map_err(|e| bad(e.to_string()))? {
         return Err(bad("it does not certify the key made for it".into()));
     }
@@ -265,7 +275,9 @@ pub fn check_issued(
         .map_err(|e| bad(e.to_string()))?;
     let cn = certs::cert_common_name(&der).map_err(|e| bad(e.to_string()))?;
     if cn != appliance_id {
-        return Err(bad(format!("it names {cn:?}, not appliance {appliance_id}")));
+        return Err(bad(format!(
+            "it names {cn:?}, not appliance {appliance_id}"
+        )));
     }
     let info = CertInfo::from_der(&der).map_err(|e| bad(e.to_string()))?;
     if info.not_after <= now {
@@ -328,7 +340,10 @@ pub fn install(
     f.write_all(old_cert_pem.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(write_err(&previous))?;
-    let (key_new, cert_new) = (with_suffix(key_file, ".new"), with_suffix(cert_file, ".new"));
+    let (key_new, cert_new) = (
+        with_suffix(key_file, ".new"),
+        with_suffix(cert_file, ".new"),
+    );
     certs::write_private(&key_new, key_pem.expose().as_bytes()).map_err(write_err(&key_new))?;
     let mut f = std::fs::File::create(&cert_new).map_err(write_err(&cert_new))?;
     f.write_all(cert_pem.as_bytes())
@@ -336,7 +351,10 @@ pub fn install(
         .map_err(write_err(&cert_new))?;
     std::fs::rename(&key_new, key_file).map_err(write_err(key_file))?;
     std::fs::rename(&cert_new, cert_file).map_err(write_err(cert_file))?;
-    for dir in [key_file.parent(), cert_file.parent()].into_iter().flatten() {
+    for dir in [key_file.parent(), cert_file.parent()]
+        .into_iter()
+        .flatten()
+    {
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -347,7 +365,10 @@ pub fn install(
 /// At start-up: finishes an [`install`] a crash interrupted, so the key and certificate match.
 /// Returns what it did, for the log.
 pub fn recover(key_file: &Path, cert_file: &Path) -> Result<Option<&'static str>, RenewalError> {
-    let (key_new, cert_new) = (with_suffix(key_file, ".new"), with_suffix(cert_file, ".new"));
+    let (key_new, cert_new) = (
+        with_suffix(key_file, ".new"),
+        with_suffix(cert_file, ".new"),
+    );
     if !cert_new.exists() {
         // A key.new alone was never paired with a certificate: nothing was replaced.
         let _ = std::fs::remove_file(&key_new);
@@ -367,7 +388,9 @@ pub fn recover(key_file: &Path, cert_file: &Path) -> Result<Option<&'static str>
     };
     if matches(key_file, &cert_new) {
         rename(&cert_new, cert_file)?;
-        return Ok(Some("finished installing the renewed certificate (its key was in place)"));
+        return Ok(Some(
+            "finished installing the renewed certificate (its key was in place)",
+        ));
     }
     if matches(&key_new, &cert_new) {
         rename(&key_new, key_file)?;

@@ -300,8 +300,12 @@ impl Agent {
         ready: &mut Option<oneshot::Sender<HelloAck>>,
     ) -> (Ended, bool) {
         let gateway = &self.enrollment.gateway;
-        if let Some(why) = crate::cert_renewal::expired(&self.enrollment.cert_file, Timestamp::now()) {
-            tracing::error!("{why}; enroll the agent again (postern appliance add, then postern-agent enroll)");
+        if let Some(why) =
+            crate::cert_renewal::expired(&self.enrollment.cert_file, Timestamp::now())
+        {
+            tracing::error!(
+                "{why}; enroll the agent again (postern appliance add, then postern-agent enroll)"
+            );
             return (Ended::lost("the agent certificate expired"), false);
         }
         if self.renewal.swap_if_renewed() {

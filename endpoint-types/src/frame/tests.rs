@@ -149,20 +149,16 @@ fn to_agent() -> Vec<ToAgent> {
     frames.push(ToAgent::TrailHead(head(
         crate::trail_head::TrailSide::Gateway,
     )));
-    frames.push(ToAgent::CertRenewal(
-        crate::cert_renewal::CertRenewAnswer {
-            request_id: 1,
-            cert_pem: Some("-----BEGIN CERTIFICATE-----".into()),
-            refused: None,
-        },
-    ));
-    frames.push(ToAgent::CertRenewal(
-        crate::cert_renewal::CertRenewAnswer {
-            request_id: 2,
-            cert_pem: None,
-            refused: Some(refusal()),
-        },
-    ));
+    frames.push(ToAgent::CertRenewal(crate::cert_renewal::CertRenewAnswer {
+        request_id: 1,
+        cert_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+        refused: None,
+    }));
+    frames.push(ToAgent::CertRenewal(crate::cert_renewal::CertRenewAnswer {
+        request_id: 2,
+        cert_pem: None,
+        refused: Some(refusal()),
+    }));
     frames
 }
 
