@@ -12,14 +12,14 @@ fn body(echo: SocketAddr) -> String {
     format!("[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"null_resource.echo\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n")
 }
 
-/// A gateway whose agent certificates live `lifetime`.
-fn gateway(dir: &Path, lifetime: &str) -> Result<Gateway> {
+/// A gateway whose agent certificates live `lifetime`; `extra` is more of its config.
+fn gateway(dir: &Path, lifetime: &str, extra: &str) -> Result<Gateway> {
     let data = dir.join("gw");
     std::fs::create_dir_all(&data)?;
     let config = data.join("gateway.toml");
     std::fs::write(
         &config,
-        format!("data_dir = \".\"\nagent_cert_lifetime = \"{lifetime}\"\n"),
+        format!("data_dir = \".\"\nagent_cert_lifetime = \"{lifetime}\"\n{extra}"),
     )?;
     Gateway::start_with_config(&data, &config)
 }
@@ -60,7 +60,7 @@ fn assert_chained(renewals: &[&Value], first_serial: &str) {
 #[test]
 fn agent_certificates_renew_over_the_tunnel_while_the_agent_stays_online() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = gateway(dir.path(), "15s")?;
+    let mut gw = gateway(dir.path(), "15s", "")?;
     let echo = echo_server()?;
     let agent_dir = dir.path().join("agent");
     let mut agent = Agent::enroll(&gw, &agent_dir, "renewing", "acme-corp", &body(echo))?;
@@ -142,13 +142,40 @@ fn agent_certificates_renew_over_the_tunnel_while_the_agent_stays_online() -> Re
     assert_eq!(echo_round_trip(forwarder.listen, b"renewed")?, b"renewed");
     drop(forwarder);
 
-    // A restart dials with the certificate on disk, which the gateway then takes as current.
+    // A reconnect of the running agent (the gateway restarts on the same addresses) dials with
+    // the renewed certificate, which the gateway then takes as current.
+    let (api, relay) = (gw.api, gw.relay);
+    gw.stop();
+    drop(gw);
+    gw = gateway(
+        dir.path(),
+        "15s",
+        &format!("api = \"{api}\"\nrelay = \"{relay}\"\n"),
+    )?;
+    let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.connected").len() >= 2, 30)?;
+    assert_eq!(of_kind(&trail, "agent.connected").len(), 2, "{trail:?}");
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
+    let forwarder = Forwarder::start(&gw, &gw.admin_token, &home, &ep_id)?;
+    assert_eq!(
+        echo_round_trip(forwarder.listen, b"reconnected")?,
+        b"reconnected"
+    );
+    drop(forwarder);
+    let vendor = vendor_trail(&gw, &agent.appliance_id)?;
+    assert!(
+        !vendor
+            .iter()
+            .any(|r| r["kind"] == "denied" && r["detail"]["action"] == "connect"),
+        "the renewed certificate was refused: {vendor:?}"
+    );
+
+    // A restart dials with the certificate on disk too.
     agent.stop();
     let on_disk = cert_info(&cert_file)?;
     assert_ne!(on_disk.serial, first.serial);
     agent.run()?;
-    let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.connected").len() >= 2, 30)?;
-    assert_eq!(of_kind(&trail, "agent.connected").len(), 2, "{trail:?}");
+    let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.connected").len() >= 3, 30)?;
+    assert_eq!(of_kind(&trail, "agent.connected").len(), 3, "{trail:?}");
     assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
     let listed = gw.appliance(&agent.appliance_id)?;
     let expires: jiff::Timestamp = listed["cert_expires_at"]
@@ -207,7 +234,7 @@ fn agent_trail_when(
 #[test]
 fn an_expired_agent_certificate_is_refused_with_a_clear_error() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = gateway(dir.path(), "5s")?;
+    let gw = gateway(dir.path(), "5s", "")?;
     let echo = echo_server()?;
     let agent_dir = dir.path().join("agent");
     let agent = Agent::enroll(&gw, &agent_dir, "sleepy", "acme-corp", &body(echo))?;

@@ -45,12 +45,14 @@ impl ApplianceKey {
         self.with(|_, fp| fp.to_string())
     }
 
-    /// From now on, sign with `other`'s key.
-    pub fn replace_with(&self, other: ApplianceKey) {
-        let Ok(lock) = Arc::try_unwrap(other.0) else {
-            return;
+    /// From now on, sign with the key in `key_pem`, certified by `cert_pem`.
+    pub fn replace(&self, key_pem: &str, cert_pem: &str) -> Result<(), String> {
+        let signer = RecordSigner::from_pem(key_pem).map_err(|e| e.to_string())?;
+        let fingerprint = certs::fingerprint_pem(cert_pem).map_err(|e| e.to_string())?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Current {
+            signer,
+            fingerprint,
         };
-        let new = lock.into_inner().unwrap_or_else(|p| p.into_inner());
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
     }
 }

@@ -139,9 +139,8 @@ impl CertRenewal {
                 return false;
             }
         };
-        match ApplianceKey::from_pem(key_pem.expose(), &cert_pem) {
-            Ok(new) => {
-                self.key.replace_with(new);
+        match self.key.replace(key_pem.expose(), &cert_pem) {
+            Ok(()) => {
                 self.proofs.resign_unacked();
                 tracing::info!(fingerprint = %fp, "connecting with the renewed certificate");
                 true
