@@ -159,10 +159,33 @@ fn the_api_serves_the_supplied_certificate_and_picks_up_a_replacement_without_re
     }));
     assert_eq!(served_leaf(gw.api, &public_pem)?, fp2);
     assert_eq!(served_leaf(kube, &public_pem)?, fp2);
+    // Both the reload and the refusals are in the vendor trail.
+    gw.ca_file = data.join("public-ca.crt");
+    let mut records = serde_json::Value::Null;
+    assert!(wait_until(Duration::from_secs(10), || {
+        records = gw
+            .cli(&["audit", "list", "--limit", "1000"])
+            .and_then(|o| o.ok())
+            .unwrap_or_default();
+        let kinds: Vec<&str> = records["records"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|r| r["kind"].as_str()).collect())
+            .unwrap_or_default();
+        kinds.contains(&"tls.cert_reloaded") && kinds.contains(&"tls.cert_refused")
+    }));
+    let refused = records["records"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["kind"] == "tls.cert_refused"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        refused["detail"]["serving_fingerprint"],
+        fp2.as_str(),
+        "{refused}"
+    );
 
     // (d) Connection strings then verify against the system roots, not the gateway CA: the
     // CLI (trusting the public CA, as the system roots would) writes no gateway CA file.
-    gw.ca_file = data.join("public-ca.crt");
     let body = "[policy]\napproval = \"automatic\"\n\n[[resource]]\nid = \"aws_db_instance.main\"\n\
                 kind = \"postgres\"\nadmin_url = \"postgres://admin@127.0.0.1:1/app\"\nschemas = [\"app\"]\n";
     let mut agent = Agent::enroll(&gw, &dir.path().join("agent"), "pgapp", "acme-corp", body)?;

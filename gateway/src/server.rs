@@ -455,6 +455,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .await
         .with_context(|| format!("binding the API on tcp {}", cfg.api))?;
     let api = api_listener.local_addr()?;
+    if let Some(served) = &served_cert {
+        gateway.tasks.spawn(crate::tls_reload::record_reloads(
+            served.reloads(),
+            gateway.audit.clone(),
+            gateway.shutdown.clone(),
+        ));
+    }
     let api_tls = match served_cert {
         Some(served) => certs::server_config_with_resolver(
             served,

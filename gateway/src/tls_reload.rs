@@ -44,6 +44,16 @@ pub struct ReloadingCert {
     key: PathBuf,
     check_every: Duration,
     state: Mutex<State>,
+    /// Each reload's outcome, for the vendor trail ([`record_reloads`]): the handshake that
+    /// noticed the change cannot wait for the store.
+    reloads: tokio::sync::watch::Sender<Option<Reload>>,
+}
+
+/// What one reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    Served { old: String, new: String },
+    Refused { serving: String, reason: String },
 }
 
 #[derive(Debug)]
@@ -99,7 +109,13 @@ impl ReloadingCert {
                 mtimes,
                 checked_at: Instant::now(),
             }),
+            reloads: tokio::sync::watch::channel(None).0,
         })
+    }
+
+    /// Each reload's outcome as it happens.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<Option<Reload>> {
+        self.reloads.subscribe()
     }
 
     /// The fingerprint of the certificate served now.
@@ -125,16 +141,59 @@ impl ReloadingCert {
                 match load(&self.cert, &self.key) {
                     Ok((served, fingerprint)) => {
                         tracing::info!(cert = %self.cert.display(), old = %st.fingerprint, new = %fingerprint, "reloaded the supplied TLS certificate");
+                        self.reloads.send_replace(Some(Reload::Served {
+                            old: st.fingerprint.clone(),
+                            new: fingerprint.clone(),
+                        }));
                         st.served = served;
                         st.fingerprint = fingerprint;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, serving = %st.fingerprint, "the replaced TLS certificate is unusable; still serving the previous one");
+                        self.reloads.send_replace(Some(Reload::Refused {
+                            serving: st.fingerprint.clone(),
+                            reason: e.to_string(),
+                        }));
                     }
                 }
             }
         }
         st.served.clone()
+    }
+}
+
+/// Records each reload in the vendor trail: `tls.cert_reloaded` (old and new fingerprint) or
+/// `tls.cert_refused` (why, and the fingerprint still served). Runs until `stop`.
+pub async fn record_reloads(
+    mut reloads: tokio::sync::watch::Receiver<Option<Reload>>,
+    audit: std::sync::Arc<dyn crate::ports::AuditSink>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = reloads.changed() => if changed.is_err() { return },
+        }
+        let reload = reloads.borrow_and_update().clone();
+        let (kind, detail) = match reload {
+            Some(Reload::Served { old, new }) => (
+                "tls.cert_reloaded",
+                serde_json::json!({ "old_fingerprint": old, "new_fingerprint": new }),
+            ),
+            Some(Reload::Refused { serving, reason }) => (
+                "tls.cert_refused",
+                serde_json::json!({ "serving_fingerprint": serving, "reason": reason }),
+            ),
+            None => continue,
+        };
+        audit
+            .record(
+                kind,
+                "system:gateway",
+                crate::audit::Subject::default(),
+                detail,
+            )
+            .await;
     }
 }
 
