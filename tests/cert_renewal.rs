@@ -60,7 +60,7 @@ fn assert_chained(renewals: &[&Value], first_serial: &str) {
 #[test]
 fn agent_certificates_renew_over_the_tunnel_while_the_agent_stays_online() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut gw = gateway(dir.path(), "15s", "")?;
+    let mut gw = gateway(dir.path(), "30s", "")?;
     let echo = echo_server()?;
     let agent_dir = dir.path().join("agent");
     let mut agent = Agent::enroll(&gw, &agent_dir, "renewing", "acme-corp", &body(echo))?;
@@ -77,8 +77,8 @@ fn agent_certificates_renew_over_the_tunnel_while_the_agent_stays_online() -> Re
     agent.run()?;
     assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
 
-    // Two renewals (each two thirds into a 15 s lifetime), in the customer's trail.
-    let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.cert_renewed").len() >= 2, 60)?;
+    // Two renewals (each two thirds into a 30 s lifetime, long enough that a slow stop or restart never outlives the certificate), in the customer's trail.
+    let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.cert_renewed").len() >= 2, 90)?;
     let renewed = of_kind(&trail, "agent.cert_renewed");
     assert!(renewed.len() >= 2, "{trail:?}");
     for r in &renewed {
@@ -149,7 +149,7 @@ fn agent_certificates_renew_over_the_tunnel_while_the_agent_stays_online() -> Re
     drop(gw);
     gw = gateway(
         dir.path(),
-        "15s",
+        "30s",
         &format!("api = \"{api}\"\nrelay = \"{relay}\"\n"),
     )?;
     let trail = agent_trail_when(&agent, |t| of_kind(t, "agent.connected").len() >= 2, 30)?;
