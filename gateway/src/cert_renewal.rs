@@ -79,6 +79,29 @@ pub async fn appliance_for_cert(
     Ok(a.filter(|a| a.cert_fingerprint.as_deref() == Some(fp.as_str())))
 }
 
+/// Why a certificate that opens no appliance is refused: one this gateway issued but that a
+/// renewal (or a new enrollment) replaced says so, and names its appliance for the trail.
+pub async fn unknown_cert(store: &Store, peer_der: &[u8]) -> (ApiError, Option<String>) {
+    let fp = certs::fingerprint(peer_der);
+    match store.appliance_of_kept_cert(&fp).await {
+        Ok(Some(id)) => (
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                format!("this certificate of appliance {id} was replaced by a newer one"),
+            )
+            .hint("the agent uses its renewed certificate from the next connection; an agent that lost it must be enrolled again"),
+            Some(id),
+        ),
+        _ => (
+            ApiError::new(
+                ErrorCode::Unauthenticated,
+                "this agent certificate is not enrolled with the gateway",
+            ),
+            None,
+        ),
+    }
+}
+
 /// At enrollment: the certificate's expiry, for `appliance list` (and no pending renewal).
 pub async fn enrolled(store: &Store, appliance_id: &str, cert_pem: &str) {
     let info = match CertInfo::from_pem(cert_pem) {
@@ -271,6 +294,11 @@ mod tests {
             .set_enrolled("ap_1", &fp, Timestamp::now())
             .await
             .unwrap();
+        // As the relay's enrollment does.
+        store
+            .keep_appliance_cert("ap_1", &fp, &cert, Timestamp::now())
+            .await
+            .unwrap();
         enrolled(&store, "ap_1", &cert).await;
         (store, ca, a, cert)
     }
@@ -415,6 +443,43 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(a.revoked_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_cert_is_refused_naming_its_appliance() {
+        let (store, ca, _, old) = setup().await;
+        let audit = MemoryAudit::default();
+        let r = Renewals {
+            store: &store,
+            audit: &audit,
+            ca: &ca,
+            lifetime: Duration::from_secs(30),
+        };
+        let new = granted(
+            r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
+                .await,
+        )
+        .unwrap();
+        assert!(appliance_for_cert(&store, &der(&new))
+            .await
+            .unwrap()
+            .is_some());
+        assert!(appliance_for_cert(&store, &der(&old))
+            .await
+            .unwrap()
+            .is_none());
+        let (e, id) = unknown_cert(&store, &der(&old)).await;
+        assert_eq!(e.code, ErrorCode::Unauthenticated);
+        assert!(e.message.contains("replaced"), "{}", e.message);
+        assert_eq!(id.as_deref(), Some("ap_1"));
+        let stranger = Ca::generate("x", Timestamp::now()).unwrap();
+        let (_, csr) = certs::generate_key_and_csr("ap_1").unwrap();
+        let foreign = stranger
+            .sign_agent_csr(&csr, "ap_1", Timestamp::now(), Duration::from_secs(60))
+            .unwrap();
+        let (e, id) = unknown_cert(&store, &der(&foreign)).await;
+        assert!(e.message.contains("not enrolled"), "{}", e.message);
+        assert_eq!(id, None);
     }
 
     #[test]

@@ -388,11 +388,15 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection) {
     let appliance = match crate::cert_renewal::appliance_for_cert(&gw.store, &peer_der).await {
         Ok(Some(a)) => a,
         Ok(None) => {
-            let e = ApiError::new(
-                ErrorCode::Unauthenticated,
-                "this agent certificate is not enrolled with the gateway",
-            );
-            return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
+            let (e, appliance) = crate::cert_renewal::unknown_cert(&gw.store, &peer_der).await;
+            return refuse_agent(
+                &gw,
+                &conn,
+                close::UNKNOWN_CERTIFICATE,
+                e,
+                appliance.as_deref(),
+            )
+            .await;
         }
         Err(e) => {
             tracing::error!(error = %e, "store lookup failed");

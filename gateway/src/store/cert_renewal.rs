@@ -102,6 +102,15 @@ impl Store {
             .collect()
     }
 
+    /// The appliance a certificate was issued to, current or not (`appliance_certs`).
+    pub async fn appliance_of_kept_cert(&self, fp: &str) -> StoreResult<Option<String>> {
+        let row = sqlx::query("SELECT appliance_id FROM appliance_certs WHERE fingerprint = $1")
+            .bind(fp)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("appliance_id")).transpose()?)
+    }
+
     /// The PEM of the appliance's pending certificate, if one waits for its first use.
     pub async fn pending_cert_pem(&self, appliance_id: &str) -> StoreResult<Option<String>> {
         let row = sqlx::query(
