@@ -125,7 +125,7 @@ impl Ca {
     /// Signs an agent's CSR. Only the public key is taken from the CSR: the agent chooses
     /// its key, the gateway alone decides who the certificate names and what it may do.
     /// CN = `appliance_id`, URI SAN `postern:appliance:<appliance_id>`, EKU clientAuth,
-    /// valid now-5min .. now+`validity`. Returns the leaf certificate PEM.
+    /// valid now-min(5min, validity/10) .. now+`validity`. Returns the leaf certificate PEM.
     pub fn sign_agent_csr(
         &self,
         csr_pem: &str,
@@ -143,7 +143,12 @@ impl Ca {
         let public_key =
             SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)?;
 
-        let mut params = leaf_params(appliance_id, now, time::Duration::minutes(5), validity)?;
+        // Backdated for clock skew, but never by more than a tenth of the lifetime: a lifetime
+        // of seconds (tests) must not be mostly in the past, or renewal would come too late.
+        let backdate = time::Duration::try_from(validity / 10)
+            .unwrap_or(time::Duration::minutes(5))
+            .min(time::Duration::minutes(5));
+        let mut params = leaf_params(appliance_id, now, backdate, validity)?;
         params.subject_alt_names = vec![SanType::URI(
             format!("postern:appliance:{appliance_id}").try_into()?,
         )];

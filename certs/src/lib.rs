@@ -3,10 +3,12 @@
 
 pub mod approver;
 mod ca;
+mod cert_info;
 mod fingerprint;
 mod private_file;
 pub mod record_signature;
 pub mod scram;
+pub mod served_cert;
 pub mod teardown_proof;
 mod tls;
 
@@ -15,12 +17,13 @@ use std::sync::Arc;
 pub use ca::{
     cert_common_name, cert_spki, csr_spki, generate_key_and_csr, verified_csr_spki, Ca, Issued,
 };
+pub use cert_info::{cert_spki_pem, csr_common_name, key_matches_cert, renewed_detail, CertInfo};
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;
 pub use tls::{
-    client_config, pinned_client_config, server_config, upstream_client_config, ClientAuth,
-    ServerCheck,
+    client_config, pinned_client_config, server_config, server_config_with_resolver,
+    upstream_client_config, ClientAuth, ServerCheck,
 };
 
 #[derive(Debug, thiserror::Error)]

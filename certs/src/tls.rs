@@ -33,6 +33,29 @@ pub fn server_config(
     client_auth: ClientAuth,
     alpn: Vec<Vec<u8>>,
 ) -> Result<ServerConfig, CertError> {
+    let mut config = server_builder(client_ca_pem, client_auth)?
+        .with_single_cert(certs(chain_pem)?, private_key(key_pem)?)?;
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+/// [`server_config`] whose certificate `resolver` picks at each handshake (one the vendor
+/// supplies and replaces on disk, `crate::served_cert`).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    client_ca_pem: Option<&str>,
+    client_auth: ClientAuth,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ServerConfig, CertError> {
+    let mut config = server_builder(client_ca_pem, client_auth)?.with_cert_resolver(resolver);
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
+fn server_builder(
+    client_ca_pem: Option<&str>,
+    client_auth: ClientAuth,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::server::WantsServerCert>, CertError> {
     let builder =
         ServerConfig::builder_with_provider(provider()).with_protocol_versions(VERSIONS)?;
     let builder = match (client_auth, client_ca_pem) {
@@ -57,9 +80,7 @@ pub fn server_config(
             )
         }
     };
-    let mut config = builder.with_single_cert(certs(chain_pem)?, private_key(key_pem)?)?;
-    config.alpn_protocols = alpn;
-    Ok(config)
+    Ok(builder)
 }
 
 /// rustls client config trusting exactly `ca_pem` (TLS 1.3, ring), optionally presenting a
@@ -314,7 +335,7 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem(e.to_string()))?;
@@ -332,7 +353,7 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, CertError> {
     Ok(roots)
 }
 
-fn private_key(key_pem: &Secret) -> Result<PrivateKeyDer<'static>, CertError> {
+pub(crate) fn private_key(key_pem: &Secret) -> Result<PrivateKeyDer<'static>, CertError> {
     PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes())
         .map_err(|e| CertError::Pem(format!("private key: {e}")))
 }

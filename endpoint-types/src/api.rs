@@ -127,6 +127,10 @@ pub struct ApplianceRecord {
     pub revoked: bool,
     #[serde(default)]
     pub resources: Vec<ResourceDescriptor>,
+    /// When the appliance's current agent certificate expires (it renews itself two thirds
+    /// into its lifetime); absent before enrollment.
+    #[serde(default)]
+    pub cert_expires_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

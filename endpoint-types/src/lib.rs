@@ -6,6 +6,7 @@
 pub mod api;
 pub mod approval;
 pub mod asciicast;
+pub mod cert_renewal;
 pub mod control;
 pub mod customer_trail;
 pub mod duration;

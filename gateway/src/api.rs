@@ -367,15 +367,29 @@ fn appliance_record(gw: &ApiState, a: ApplianceRow) -> ApplianceRecord {
         appliance_id: a.id,
         app: a.app,
         customer: a.customer,
+        cert_expires_at: None,
     }
 }
 
 async fn appliance_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<ApplianceList> {
     let rows = gw.store.list_appliances().await.map_err(internal)?;
+    let expiries: std::collections::HashMap<String, jiff::Timestamp> = gw
+        .store
+        .cert_expiries()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .collect();
     let appliances = rows
         .into_iter()
         .filter(|a| caller.sees_customer(&a.customer))
-        .map(|a| appliance_record(&gw, a))
+        .map(|a| {
+            let expires = expiries.get(&a.id).copied();
+            ApplianceRecord {
+                cert_expires_at: expires,
+                ..appliance_record(&gw, a)
+            }
+        })
         .collect();
     Ok(Json(ApplianceList { appliances }))
 }

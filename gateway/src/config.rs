@@ -19,6 +19,10 @@ pub struct GatewayConfig {
     pub server_names: Vec<String>,
     pub endpoint_host: IpAddr,
     pub limits: Limits,
+    /// A server certificate chain and key the vendor supplies (e.g. from a public CA), served
+    /// by the API instead of one the gateway CA issues, reloaded on change (crate::tls_reload).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -38,6 +42,9 @@ pub struct Limits {
     /// source and window, and at most this many sources per window (`crate::denied_aggregate`).
     pub denied_window: Duration,
     pub denied_max_sources: usize,
+    /// Lifetime of the agent certificates the gateway signs (enrollment and renewal); agents
+    /// renew two thirds into it (crate::cert_renewal).
+    pub agent_cert_lifetime: Duration,
 }
 
 impl Default for Limits {
@@ -52,6 +59,7 @@ impl Default for Limits {
             unauthenticated: crate::admission::AdmissionLimits::default(),
             denied_window: Duration::from_secs(60),
             denied_max_sources: 1024,
+            agent_cert_lifetime: crate::cert_renewal::DEFAULT_LIFETIME,
         }
     }
 }
@@ -68,6 +76,8 @@ impl GatewayConfig {
             server_names: Vec::new(),
             endpoint_host: LOCALHOST,
             limits: Limits::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -85,6 +95,10 @@ struct FileConfig {
     endpoint_host: Option<IpAddr>,
     #[serde(default)]
     limits: FileLimits,
+    /// `agent_cert_lifetime = "90d"`: see [`Limits::agent_cert_lifetime`].
+    agent_cert_lifetime: Option<HumanDuration>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +153,21 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     if let Some(h) = f.endpoint_host {
         cfg.endpoint_host = h;
     }
+    if f.tls_cert.is_some() != f.tls_key.is_some() {
+        return Err(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: "tls_cert and tls_key go together: give both or neither".into(),
+        });
+    }
+    cfg.tls_cert = f.tls_cert.map(|p| base.join(p));
+    cfg.tls_key = f.tls_key.map(|p| base.join(p));
+    if let Some(d) = f.agent_cert_lifetime {
+        cfg.limits.agent_cert_lifetime =
+            crate::cert_renewal::check_lifetime(d.0).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("agent_cert_lifetime: {message}"),
+            })?;
+    }
     let l = &mut cfg.limits;
     if let Some(n) = f.limits.sessions_per_endpoint {
         l.sessions_per_endpoint = n;
@@ -183,6 +212,24 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/etc/postern/d"));
         assert_eq!(cfg.api.port(), 8443);
         assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
+
+        assert_eq!(
+            cfg.limits.agent_cert_lifetime,
+            crate::cert_renewal::DEFAULT_LIFETIME
+        );
+        let short = parse(
+            "data_dir = \"d\"\nagent_cert_lifetime = \"9s\"\n",
+            Path::new("g.toml"),
+        )
+        .unwrap();
+        assert_eq!(short.limits.agent_cert_lifetime, Duration::from_secs(9));
+        let err = parse(
+            "data_dir = \"d\"\nagent_cert_lifetime = \"1s\"\n",
+            Path::new("g.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agent_cert_lifetime"), "{err}");
 
         let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml"))
             .unwrap_err()

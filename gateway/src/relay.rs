@@ -39,7 +39,6 @@ pub mod close {
     pub const RESYNC: u32 = crate::agents::RESYNC_CLOSE;
 }
 
-const AGENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 const ENROLL_FRAME_MAX: usize = 64 * 1024;
 
 /// What the relay reaches: the services agents report to, the store for identities and
@@ -155,10 +154,6 @@ fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?
         .protocol
-}
-
-fn peer_leaf_fingerprint(conn: &quinn::Connection) -> Option<String> {
-    peer_leaf(conn).map(|c| certs::fingerprint(&c))
 }
 
 /// The DER certificate the agent presented on this connection.
@@ -306,7 +301,12 @@ async fn enroll(
     // Sign before consuming, so a bad CSR does not burn the token.
     let cert_pem = gw
         .ca
-        .sign_agent_csr(&req.csr_pem, &appliance.id, now, AGENT_CERT_VALIDITY)
+        .sign_agent_csr(
+            &req.csr_pem,
+            &appliance.id,
+            now,
+            gw.limits.agent_cert_lifetime,
+        )
         .map_err(|e| {
             ApiError::invalid(format!("the certificate signing request was refused: {e}"))
         })?;
@@ -334,6 +334,7 @@ async fn enroll(
     {
         tracing::warn!(appliance = %appliance.id, error = %e, "could not keep the appliance certificate; it is kept with its first teardown proof");
     }
+    crate::cert_renewal::enrolled(&gw.store, &appliance.id, &cert_pem).await;
     gw.audit
         .record(
             "appliance.enrolled",
@@ -381,20 +382,25 @@ async fn refuse_agent(
 }
 
 async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection, permit: crate::admission::Permit) {
-    let Some(fp) = peer_leaf_fingerprint(&conn) else {
+    let Some(peer_der) = peer_leaf(&conn) else {
         let e = ApiError::new(ErrorCode::Unauthenticated, "a client certificate is required on postern/1")
             .hint("enroll the agent first: postern-agent enroll --gateway HOST:PORT --token T --config FILE");
         gw.denied.note(conn.remote_address().ip(), "connect", &e);
         return close_with(&conn, close::UNKNOWN_CERTIFICATE, &e);
     };
-    let appliance = match gw.store.appliance_by_fingerprint(&fp).await {
+    // The current certificate, or a renewed one at its first use (crate::cert_renewal).
+    let appliance = match crate::cert_renewal::appliance_for_cert(&gw.store, &peer_der).await {
         Ok(Some(a)) => a,
         Ok(None) => {
-            let e = ApiError::new(
-                ErrorCode::Unauthenticated,
-                "this agent certificate is not enrolled with the gateway",
-            );
-            return refuse_agent(&gw, &conn, close::UNKNOWN_CERTIFICATE, e, None).await;
+            let (e, appliance) = crate::cert_renewal::unknown_cert(&gw.store, &peer_der).await;
+            return refuse_agent(
+                &gw,
+                &conn,
+                close::UNKNOWN_CERTIFICATE,
+                e,
+                appliance.as_deref(),
+            )
+            .await;
         }
         Err(e) => {
             tracing::error!(error = %e, "store lookup failed");
@@ -509,6 +515,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection, permit: crate::ad
         lost_after_ms: gw.limits.agent_lost_after.as_millis() as u64,
         audit_key: Some(gw.audit_key.clone()),
         approval_refusals: true,
+        cert_renewal: true,
     });
     let reason = match write_frame(&mut send, &ack).await {
         Ok(()) => {
@@ -694,6 +701,18 @@ async fn control_loop(
                     }
                     Ok(Some(ToGateway::SshTeardown(report))) => {
                         crate::endpoints::ssh::teardown::on_report(&gw.front, appliance_id, report).await;
+                    }
+                    Ok(Some(ToGateway::CertRenew(req))) => {
+                        let renewals = crate::cert_renewal::Renewals {
+                            store: &gw.store,
+                            audit: &*gw.audit,
+                            ca: &gw.ca,
+                            lifetime: gw.limits.agent_cert_lifetime,
+                        };
+                        let answer = renewals.on_request(appliance_id, peer_cert.as_deref(), req, Timestamp::now()).await;
+                        if let Err(e) = write_frame_within(&mut send, &answer, gw.limits.agent_lost_after).await {
+                            return format!("control stream failed: {e}");
+                        }
                     }
                     Ok(Some(ToGateway::TeardownProof(signed))) => {
                         let cert = peer_leaf(conn).unwrap_or_default();

@@ -311,6 +311,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             Duration::from_secs(365 * 86_400),
         )
         .context("issuing the gateway server certificate")?;
+    // The vendor's own certificate, reloaded on change (crate::tls_reload).
+    let served_cert = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            crate::tls_reload::ReloadingCert::load(cert, key, crate::tls_reload::CHECK_EVERY)
+                .context("loading tls_cert / tls_key")?,
+        )),
+        _ => None,
+    };
 
     let front_ends = crate::endpoints::front_ends::bind(cfg.endpoint_host, &cfg.data_dir)
         .context("binding the endpoint front ends")?;
@@ -330,6 +338,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         limits: cfg.limits.clone(),
         ca: ca.clone(),
         server_identity: server_tls.clone(),
+        served_cert: served_cert.clone(),
         addrs: front_ends.addrs,
         endpoint_host: cfg.endpoint_host,
         data_dir: data_dir.clone(),
@@ -466,13 +475,28 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .await
         .with_context(|| format!("binding the API on tcp {}", cfg.api))?;
     let api = api_listener.local_addr()?;
-    let api_tls = certs::server_config(
-        &server_tls.cert_pem,
-        &server_tls.key_pem,
-        None,
-        certs::ClientAuth::None,
-        vec![b"http/1.1".to_vec()],
-    )?;
+    if let Some(served) = &served_cert {
+        gateway.tasks.spawn(crate::tls_reload::record_reloads(
+            served.reloads(),
+            gateway.audit.clone(),
+            gateway.shutdown.clone(),
+        ));
+    }
+    let api_tls = match served_cert {
+        Some(served) => certs::server_config_with_resolver(
+            served,
+            None,
+            certs::ClientAuth::None,
+            vec![b"http/1.1".to_vec()],
+        )?,
+        None => certs::server_config(
+            &server_tls.cert_pem,
+            &server_tls.key_pem,
+            None,
+            certs::ClientAuth::None,
+            vec![b"http/1.1".to_vec()],
+        )?,
+    };
     let api_state = Arc::new(crate::api::ApiState {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),

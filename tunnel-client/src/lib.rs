@@ -5,8 +5,10 @@
 //! one-off ops only under a live grant and its own policy. Every decision lands in the
 //! customer's own hash-chained trail.
 
+pub mod appliance_key;
 pub mod approval_check;
 pub mod audit;
+pub mod cert_renewal;
 pub mod config;
 pub mod dial;
 pub mod endpoint_setup;

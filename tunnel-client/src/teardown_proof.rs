@@ -100,7 +100,7 @@ struct State {
 pub struct Proofs {
     state: Mutex<State>,
     path: PathBuf,
-    signer: RecordSigner,
+    signer: crate::appliance_key::ApplianceKey,
     appliance_id: String,
     wake: tokio::sync::Notify,
 }
@@ -122,6 +122,16 @@ impl Proofs {
     pub fn open(path: PathBuf, key_pem: &str, appliance_id: &str) -> Result<Proofs, ProofsError> {
         let signer =
             RecordSigner::from_pem(key_pem).map_err(|e| ProofsError::Key(e.to_string()))?;
+        let key = crate::appliance_key::ApplianceKey::new(signer, String::new());
+        Proofs::open_with_key(path, key, appliance_id)
+    }
+
+    /// [`Proofs::open`] signing with the shared appliance key (swapped by a renewal).
+    pub fn open_with_key(
+        path: PathBuf,
+        signer: crate::appliance_key::ApplianceKey,
+        appliance_id: &str,
+    ) -> Result<Proofs, ProofsError> {
         let saved: Saved = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ProofsError::Parse {
                 path: path.clone(),
@@ -313,8 +323,28 @@ impl Proofs {
         }
     }
 
+    /// The appliance key was swapped (a renewed certificate is in use from this connection
+    /// on): proofs still waiting are signed again, since the gateway checks each with the
+    /// certificate of the connection that delivers it.
+    pub fn resign_unacked(&self) {
+        let mut st = self.state();
+        let mut changed = false;
+        for u in st.unacked.values_mut() {
+            if let Some(s) = self.sign(u.signed.proof.clone()) {
+                u.signed = s;
+                changed = true;
+            }
+        }
+        if changed {
+            self.save(&st);
+        }
+    }
+
     fn sign(&self, proof: TeardownProof) -> Option<SignedTeardown> {
-        match certs::teardown_proof::sign_teardown(&self.signer, proof) {
+        let signed = self
+            .signer
+            .with(|signer, _| certs::teardown_proof::sign_teardown(signer, proof));
+        match signed {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot sign a teardown proof");

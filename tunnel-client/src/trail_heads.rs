@@ -5,7 +5,7 @@
 //! `postern-agent audit verify`.
 
 use crate::audit::{sha256_hex, AuditError};
-use certs::record_signature::{self, RecordSigner};
+use certs::record_signature;
 use endpoint_types::{
     api::{AuditRecord, AuditVerified, ChainVerifier},
     trail_head::{
@@ -67,10 +67,9 @@ pub fn gateway_key_file(ca_file: &Path) -> PathBuf {
 
 /// Signs the customer trail's heads with the appliance's tunnel key.
 pub struct HeadSigner {
-    signer: RecordSigner,
+    /// Shared with the other signers; the certificate's fingerprint is the `key` of every head.
+    signer: crate::appliance_key::ApplianceKey,
     appliance_id: String,
-    /// The appliance certificate's fingerprint: the `key` of every head.
-    key: String,
     head_file: PathBuf,
     latest: tokio::sync::watch::Sender<Option<SignedHead>>,
 }
@@ -79,7 +78,7 @@ impl std::fmt::Debug for HeadSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HeadSigner")
             .field("appliance_id", &self.appliance_id)
-            .field("key", &self.key)
+            .field("key", &self.signer.fingerprint())
             .finish_non_exhaustive()
     }
 }
@@ -99,9 +98,8 @@ impl HeadSigner {
         };
         let key_pem = certs::Secret::new(read(key_file)?);
         let signer =
-            RecordSigner::from_pem(key_pem.expose()).map_err(|e| HeadError::Key(e.to_string()))?;
-        let key =
-            certs::fingerprint_pem(&read(cert_file)?).map_err(|e| HeadError::Key(e.to_string()))?;
+            crate::appliance_key::ApplianceKey::from_pem(key_pem.expose(), &read(cert_file)?)
+                .map_err(HeadError::Key)?;
         let head_file = head_file(audit_path);
         let last = read_head(&head_file).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the last signed head of the customer trail cannot be read; the next head replaces it");
@@ -110,7 +108,6 @@ impl HeadSigner {
         Ok(HeadSigner {
             signer,
             appliance_id: appliance_id.to_string(),
-            key,
             head_file,
             latest: tokio::sync::watch::channel(last).0,
         })
@@ -157,7 +154,7 @@ impl HeadSigner {
             prev_hash,
             &now,
         );
-        let signature = self
+        let (signature, key) = self
             .signer
             .sign(&bytes)
             .map_err(|e| HeadError::Key(e.to_string()))?;
@@ -168,7 +165,7 @@ impl HeadSigner {
             prev_hash: prev_hash.to_string(),
             time: now,
             signature,
-            key: self.key.clone(),
+            key,
         })
     }
 
@@ -178,6 +175,11 @@ impl HeadSigner {
             tracing::error!(error = %e, "cannot keep the customer trail's signed head beside it; `audit verify` compares with the previous one");
         }
         self.latest.send_replace(Some(head));
+    }
+
+    /// The key heads are signed with, shared (crate::cert_renewal swaps it).
+    pub fn key(&self) -> crate::appliance_key::ApplianceKey {
+        self.signer.clone()
     }
 
     /// The latest head, as it changes: the tunnel sends it to the gateway.
@@ -222,11 +224,19 @@ pub fn read_head(path: &Path) -> Result<Option<SignedHead>, HeadError> {
 pub struct AgentKeys {
     pub cert_der: Vec<u8>,
     pub gateway_key: Option<String>,
+    /// Certificates the appliance held before renewals (crate::cert_renewal), for the heads
+    /// signed with their keys: a head is checked with the certificate it names.
+    pub previous: Vec<Vec<u8>>,
 }
 
 impl HeadKeys for AgentKeys {
     fn own(&self, head: &SignedHead) -> Result<(), String> {
-        record_signature::verify_with_cert(&self.cert_der, &head.signed_bytes(), &head.signature)
+        let cert = self
+            .previous
+            .iter()
+            .find(|der| certs::fingerprint(der) == head.key)
+            .unwrap_or(&self.cert_der);
+        record_signature::verify_with_cert(cert, &head.signed_bytes(), &head.signature)
             .map_err(|e| format!("{e} (with the appliance certificate)"))
     }
 
@@ -289,6 +299,7 @@ impl VerifyInputs {
                 Some(AgentKeys {
                     cert_der,
                     gateway_key,
+                    previous: crate::cert_renewal::previous_certs(cert_file),
                 })
             }
             None => None,
@@ -548,6 +559,7 @@ impl GatewayAnchors {
 mod tests {
     use super::*;
     use crate::audit::{AuditLog, Entry};
+    use certs::record_signature::RecordSigner;
 
     /// An enrolled agent's files: key, certificate, and the trail path.
     struct Files {

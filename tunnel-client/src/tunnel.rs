@@ -113,7 +113,9 @@ pub fn backoff(attempt: u32, cap: Duration) -> Duration {
 struct Agent {
     config: Arc<AgentConfig>,
     enrollment: Enrollment,
-    quic: quinn::ClientConfig,
+    /// Built again when a renewed certificate is installed (crate::cert_renewal).
+    quic: Mutex<quinn::ClientConfig>,
+    renewal: Arc<crate::cert_renewal::CertRenewal>,
     sessions: Sessions,
     live: Arc<Mutex<LiveEndpoints>>,
     audit: AuditLog,
@@ -135,6 +137,14 @@ pub async fn run(
     mut ready: Option<oneshot::Sender<HelloAck>>,
 ) -> Result<(), TunnelError> {
     let enrollment = config.enrollment()?;
+    match crate::cert_renewal::recover(&enrollment.key_file, &enrollment.cert_file) {
+        Ok(Some(done)) => tracing::warn!("certificate renewal interrupted by a stop: {done}"),
+        Ok(None) => {}
+        Err(e) => return Err(TunnelError::Credentials(e.to_string())),
+    }
+    if let Some(why) = crate::cert_renewal::expired(&enrollment.cert_file, Timestamp::now()) {
+        return Err(TunnelError::Credentials(why));
+    }
     let quic = dial::quic_client_config(tls_config(&enrollment)?)?;
     let heads = crate::trail_heads::HeadSigner::load(
         &enrollment.key_file,
@@ -143,6 +153,8 @@ pub async fn run(
         &config.audit_path,
     )
     .map_err(|e| TunnelError::Credentials(e.to_string()))?;
+    // Heads and teardown proofs sign with one key, swapped together by a renewal.
+    let appliance_key = heads.key();
     let missing_head = heads.check_trail_reaches(&config.audit_path);
     let mut trail_number = 0;
     let audit = AuditLog::open_with_heads(
@@ -166,25 +178,25 @@ pub async fn run(
     }
     let config = Arc::new(config);
     let live = Arc::new(Mutex::new(LiveEndpoints::new()));
-    let key_pem = Secret::new(
-        std::fs::read_to_string(&enrollment.key_file).map_err(|source| TunnelError::ReadFile {
-            path: enrollment.key_file.clone(),
-            source,
-        })?,
-    );
-    let proofs = crate::teardown_proof::Proofs::open(
+    let proofs = Arc::new(crate::teardown_proof::Proofs::open_with_key(
         crate::teardown_proof::state_path(&enrollment.key_file),
-        key_pem.expose(),
+        appliance_key.clone(),
         &enrollment.appliance_id,
-    )?;
+    )?);
+    let renewal = Arc::new(crate::cert_renewal::CertRenewal::new(
+        &enrollment,
+        audit.clone(),
+        appliance_key,
+        proofs.clone(),
+    ));
     let sessions = Sessions {
         config: config.clone(),
         live: live.clone(),
         audit: audit.clone(),
         teardowns: Default::default(),
-        proofs: Arc::new(proofs),
         postgres: Default::default(),
         kube: Default::default(),
+        proofs,
     };
     // SSH endpoints live when the agent last stopped are owed their VM teardown too, should
     // the first sync show they ended meanwhile.
@@ -231,7 +243,8 @@ pub async fn run(
         reports_refusals: Default::default(),
         config,
         enrollment,
-        quic,
+        quic: Mutex::new(quic),
+        renewal,
         sessions,
         live,
         audit,
@@ -300,8 +313,23 @@ impl Agent {
         ready: &mut Option<oneshot::Sender<HelloAck>>,
     ) -> (Ended, bool) {
         let gateway = &self.enrollment.gateway;
+        if let Some(why) =
+            crate::cert_renewal::expired(&self.enrollment.cert_file, Timestamp::now())
+        {
+            tracing::error!(
+                "{why}; enroll the agent again (postern appliance add, then postern-agent enroll)"
+            );
+            return (Ended::lost("the agent certificate expired"), false);
+        }
+        if self.renewal.swap_if_renewed() {
+            match tls_config(&self.enrollment).and_then(|tls| Ok(dial::quic_client_config(tls)?)) {
+                Ok(quic) => *self.quic.lock().unwrap_or_else(|p| p.into_inner()) = quic,
+                Err(e) => tracing::error!("cannot use the renewed certificate: {e}"),
+            }
+        }
+        let quic = self.quic.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let dialed = tokio::select! {
-            r = dial::connect(gateway, &self.quic, DIAL_TIMEOUT) => r,
+            r = dial::connect(gateway, &quic, DIAL_TIMEOUT) => r,
             () = shutdown.cancelled() => return (Ended::Shutdown, false),
         };
         let (endpoint, conn) = match dialed {
@@ -437,6 +465,9 @@ impl Agent {
         self.ops.connected(&ack.app, &ack.customer, &op_tx);
         self.sessions.teardowns.connected(&op_tx);
         self.sessions.proofs.connected(&op_tx);
+        if ack.cert_renewal {
+            self.renewal.connected(&op_tx);
+        }
         // The trail's latest signed head goes to the gateway now and whenever it changes.
         // Only a gateway that signs heads itself (it names its audit key) knows the frame.
         let mut heads = self.audit.latest_head().filter(|_| ack.audit_key.is_some());
@@ -644,6 +675,7 @@ impl Agent {
                 refused,
             } => self.sessions.proofs.acked(&endpoint_id, refused.as_ref()),
             ToAgent::TrailHead(head) => self.anchors.on_head(head, &self.audit),
+            ToAgent::CertRenewal(answer) => self.renewal.answer(answer),
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()

@@ -99,6 +99,9 @@ pub enum ToAgent {
     /// in the customer trail (crate::trail_head). Latest wins: a lost one is superseded by the
     /// next, and the latest is sent again after every hello.
     TrailHead(crate::trail_head::SignedHead),
+    /// The answer to the agent's [`ToGateway::CertRenew`] (crate::cert_renewal). A request and
+    /// its answer, not a command: a lost answer is asked for again with a new key.
+    CertRenewal(crate::cert_renewal::CertRenewAnswer),
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -204,6 +207,9 @@ pub enum ToGateway {
         record_id: String,
         error: ApiError,
     },
+    /// A fresh key's CSR, to renew the appliance certificate (crate::cert_renewal); sent only
+    /// to a gateway whose hello answer has `cert_renewal`. Answered with [`ToAgent::CertRenewal`].
+    CertRenew(crate::cert_renewal::CertRenewRequest),
 }
 
 impl Handshake {
@@ -242,6 +248,7 @@ impl ToAgent {
             ToAgent::TrailRecords { .. } => "trail_records",
             ToAgent::TeardownAck { .. } => "teardown_ack",
             ToAgent::TrailHead(_) => "trail_head",
+            ToAgent::CertRenewal(_) => "cert_renewal",
         }
     }
 
@@ -370,7 +377,8 @@ impl TryFrom<ToAgent> for AgentCommand {
             | ToAgent::Error(_)
             | ToAgent::Command { .. }
             | ToAgent::TeardownAck { .. }
-            | ToAgent::TrailHead(_)) => Err(other),
+            | ToAgent::TrailHead(_)
+            | ToAgent::CertRenewal(_)) => Err(other),
         }
     }
 }
@@ -393,6 +401,7 @@ impl ToGateway {
             ToGateway::TeardownProof(_) => "teardown_proof",
             ToGateway::TrailHead(_) => "trail_head",
             ToGateway::ApprovalRefused { .. } => "approval_refused",
+            ToGateway::CertRenew(_) => "cert_renew",
         }
     }
 }

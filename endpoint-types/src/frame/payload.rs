@@ -39,6 +39,10 @@ pub struct HelloAck {
     /// (an older one would take the frame for a protocol error and drop the connection).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub approval_refusals: bool,
+    /// The gateway renews agent certificates over the control stream
+    /// ([`crate::cert_renewal`]); an older gateway leaves it out and is never asked.
+    #[serde(default)]
+    pub cert_renewal: bool,
 }
 
 /// An endpoint the agent may serve sessions for, until `expires_at`.

@@ -151,6 +151,16 @@ fn to_agent() -> Vec<ToAgent> {
     frames.push(ToAgent::TrailHead(head(
         crate::trail_head::TrailSide::Gateway,
     )));
+    frames.push(ToAgent::CertRenewal(crate::cert_renewal::CertRenewAnswer {
+        request_id: 1,
+        cert_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+        refused: None,
+    }));
+    frames.push(ToAgent::CertRenewal(crate::cert_renewal::CertRenewAnswer {
+        request_id: 2,
+        cert_pem: None,
+        refused: Some(refusal()),
+    }));
     frames
 }
 
@@ -174,6 +184,10 @@ fn to_gateway() -> Vec<ToGateway> {
             record_id: "gr_1".into(),
             error: crate::approval::ApprovalInvalid::Missing.to_api_error(),
         },
+        ToGateway::CertRenew(crate::cert_renewal::CertRenewRequest {
+            request_id: 1,
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        }),
         ToGateway::Heartbeat { seq: 1 },
         ToGateway::HeartbeatAck { seq: 2 },
         ToGateway::CommandAck { seq: 3 },
@@ -270,6 +284,7 @@ fn handshake_answer() -> Vec<HandshakeAnswer> {
             lost_after_ms: 15_000,
             audit_key: Some("BAAA".into()),
             approval_refusals: true,
+            cert_renewal: true,
         }),
         HandshakeAnswer::Error(ApiError::new(ErrorCode::ApplianceRevoked, "revoked")),
     ]

@@ -98,6 +98,17 @@ struct ServerArgs {
     /// Relay listen address (UDP).
     #[arg(long)]
     relay: Option<std::net::SocketAddr>,
+    /// Lifetime of the agent certificates this gateway signs (default 90d; agents renew them
+    /// over the tunnel two thirds into it).
+    #[arg(long)]
+    agent_cert_lifetime: Option<String>,
+    /// Serve this certificate chain (PEM, leaf first) on the API instead of one the gateway CA
+    /// issues, e.g. from a public CA; replaced files are picked up without a restart.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -377,6 +388,14 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
     if let Some(r) = args.relay {
         cfg.relay = r;
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls_cert = Some(cert.clone());
+        cfg.tls_key = Some(key.clone());
+    }
+    if let Some(text) = &args.agent_cert_lifetime {
+        cfg.limits.agent_cert_lifetime = crate::cert_renewal::parse_lifetime(text)
+            .map_err(|m| ApiError::invalid(format!("--agent-cert-lifetime: {m}")))?;
+    }
     let running = server::start(cfg).await.map_err(|e| {
         match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
             Some(missing) => ApiError::invalid(missing.to_string()).hint(missing.hint()),
@@ -440,8 +459,8 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
                 OutputFormat::Json => print_json(&l),
                 OutputFormat::Text => {
                     println!(
-                        "{:<20} {:<16} {:<16} {:<8} {:<10} LAST SEEN",
-                        "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION"
+                        "{:<20} {:<16} {:<16} {:<8} {:<10} {:<28} LAST SEEN",
+                        "APPLIANCE", "APP", "CUSTOMER", "ONLINE", "VERSION", "CERT EXPIRES"
                     );
                     for a in l.appliances {
                         let state = if a.revoked {
@@ -454,12 +473,15 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
                             "pending"
                         };
                         println!(
-                            "{:<20} {:<16} {:<16} {:<8} {:<10} {}",
+                            "{:<20} {:<16} {:<16} {:<8} {:<10} {:<28} {}",
                             a.appliance_id,
                             a.app,
                             a.customer,
                             state,
                             a.agent_version.unwrap_or_else(|| "-".into()),
+                            a.cert_expires_at
+                                .map(|t| t.to_string())
+                                .unwrap_or_else(|| "-".into()),
                             a.last_seen
                                 .map(|t| t.to_string())
                                 .unwrap_or_else(|| "-".into())

@@ -4,6 +4,7 @@
 //! BIGINT columns) and the same migrations; the few places where the backends differ (pool
 //! set-up, how a transaction takes the write lock) branch on [`Backend`].
 
+mod cert_renewal;
 mod control;
 mod customer_trail;
 mod endpoint_list;
@@ -126,6 +127,11 @@ fn migrator() -> Migrator {
             10,
             "appliance refusals",
             include_str!("../../migrations/0010_appliance_refusals.sql"),
+        ),
+        m(
+            11,
+            "cert renewal",
+            include_str!("../../migrations/0011_cert_renewal.sql"),
         ),
         m(
             13,

@@ -239,6 +239,7 @@ impl Gateway {
                 lost_after_ms: control.lost_after_ms,
                 audit_key: None,
                 approval_refusals: true,
+                cert_renewal: false,
             };
             write_frame(&mut send, &HandshakeAnswer::HelloAck(ack))
                 .await

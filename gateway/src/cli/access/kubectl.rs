@@ -80,10 +80,16 @@ pub fn render(access: &EndpointAccess, key: &Secret) -> Result<String, ApiError>
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
     let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
     let mut out = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\n    tls-server-name: {sni}\nusers:\n- name: {c}\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {server}\n{ca}    tls-server-name: {sni}\nusers:\n- name: {c}\n  user:\n    client-certificate-data: {cert}\n    client-key-data: {key}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\n",
         c = q(cluster),
         server = q(server),
-        ca = b64(ca_pem),
+        // No CA: the gateway serves a certificate from a public CA, which kubectl verifies
+        // against the system roots.
+        ca = if ca_pem.is_empty() {
+            String::new()
+        } else {
+            format!("    certificate-authority-data: {}\n", b64(ca_pem))
+        },
         sni = q(tls_server_name),
         cert = b64(cert_pem),
         key = b64(key.expose()),
@@ -148,6 +154,22 @@ mod tests {
         assert!(text.contains("server: \"https://127.0.0.1:1234\""));
         assert!(text.contains("namespace: \"my-app-prod\""));
         assert!(text.contains("client-key-data: S0VZ"));
+        assert!(text.contains("certificate-authority-data: Q0E="));
         assert!(!text.contains("exec"));
+    }
+
+    #[test]
+    fn a_gateway_with_a_supplied_certificate_gets_no_ca_in_the_kubeconfig() {
+        let access = EndpointAccess::Kubectl {
+            server: "https://gw.example.com:6443".into(),
+            tls_server_name: "gw.example.com".into(),
+            ca_pem: String::new(),
+            cert_pem: "CERT".into(),
+            namespace: None,
+            cluster: "postern-ep_1".into(),
+        };
+        let text = render(&access, &Secret::new("KEY")).unwrap();
+        assert!(!text.contains("certificate-authority"), "{text}");
+        assert!(text.contains("    server: \"https://gw.example.com:6443\"\n    tls-server-name: \"gw.example.com\"\n"), "{text}");
     }
 }

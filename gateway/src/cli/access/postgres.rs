@@ -7,7 +7,7 @@ use endpoint_types::{
     secret::Secret,
     ApiError,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub fn prepare() -> Result<(ClientCredential, Secret), ApiError> {
     use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
@@ -79,14 +79,37 @@ pub fn write(
             "the gateway sent access details of another endpoint type",
         ));
     };
-    let dir = home.join(".postern").join("postgres");
-    super::create_private_dir(&dir)?;
-    let ca_file = dir.join(format!("{}-ca.crt", rec.id));
-    // A CA certificate is public; libpq only needs to read it.
-    std::fs::write(&ca_file, ca_pem)
-        .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", ca_file.display())))?;
+    let ca_file = if ca_pem.is_empty() {
+        system_roots()
+    } else {
+        let dir = home.join(".postern").join("postgres");
+        super::create_private_dir(&dir)?;
+        let ca_file = dir.join(format!("{}-ca.crt", rec.id));
+        // A CA certificate is public; libpq only needs to read it.
+        std::fs::write(&ca_file, ca_pem)
+            .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", ca_file.display())))?;
+        ca_file
+    };
     rec.connection_string = connection_string(access, secret.expose(), &ca_file);
     Ok(())
+}
+
+/// The gateway serves a certificate from a public CA (no gateway CA in the access details):
+/// the client verifies it against the system roots. libpq 16+ reads `sslrootcert=system`;
+/// older libpq (Debian 12's psql is 15) only takes a file, so the system bundle is named
+/// when one of the usual ones exists, and `system` otherwise.
+pub fn system_roots() -> PathBuf {
+    const BUNDLES: [&str; 4] = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    BUNDLES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("system"))
 }
 
 #[cfg(test)]
@@ -128,6 +151,38 @@ mod tests {
         assert!(connection_string(&v6, "p", Path::new("/c"))
             .unwrap()
             .contains("@[::1]:6432/"));
+    }
+
+    #[test]
+    fn a_gateway_with_a_supplied_certificate_gets_the_system_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = EndpointAccess::Postgres {
+            host: "gw.example.com".into(),
+            port: 5432,
+            database: "app".into(),
+            user: "ep_1".into(),
+            tls_server_name: "gw.example.com".into(),
+            ca_pem: String::new(),
+        };
+        let mut rec: EndpointRecord = serde_json::from_value(serde_json::json!({
+            "id": "ep_1", "type": "postgres", "state": "active", "appliance_id": "ap_1",
+            "app": "shop", "customer": "acme", "origin_resource_id": "aws_db_instance.main",
+            "created_by": "alice", "created_at": "2029-01-01T00:00:00Z",
+            "expires_at": "2030-01-01T00:00:00Z", "sessions": 0,
+        }))
+        .unwrap();
+        write(&mut rec, &access, &Secret::new("pw"), dir.path()).unwrap();
+        let s = rec.connection_string.unwrap();
+        let roots = system_roots();
+        assert!(
+            s.ends_with(&format!(
+                "sslmode=verify-full&sslrootcert={}",
+                roots.display()
+            )),
+            "{s}"
+        );
+        // No gateway CA file was written.
+        assert!(!dir.path().join(".postern").exists());
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub struct FrontEndContext {
     pub ca: Arc<certs::Ca>,
     /// The gateway's server certificate (chain = leaf + CA) and key, for the TLS front ends.
     pub server_identity: certs::Issued,
+    /// A certificate the vendor supplies (`tls_cert`/`tls_key`), served by the kube and
+    /// postgres front ends instead of `server_identity` (crate::tls_reload).
+    pub served_cert: Option<Arc<crate::tls_reload::ReloadingCert>>,
     /// Where the shared front ends listen.
     pub addrs: FrontEnds,
     /// Address endpoint listeners bind to.
@@ -136,6 +139,15 @@ impl std::fmt::Debug for FrontEndContext {
 }
 
 impl FrontEndContext {
+    /// The CA clients verify the front ends with, for their kubeconfig or connection string;
+    /// empty when the vendor supplies the certificate: clients then use their system roots.
+    pub fn server_trust_pem(&self) -> String {
+        match self.served_cert {
+            Some(_) => String::new(),
+            None => self.ca.cert_pem().to_string(),
+        }
+    }
+
     /// The customer's scope for the endpoint's resource as its connected agent last reported it.
     pub fn scope_of(&self, ep: &LiveEndpoint) -> Option<ResourceScope> {
         self.agents.scope(&ep.appliance_id, &ep.resource_id)

@@ -159,6 +159,7 @@ impl Parts {
             },
             ca: self.ca.clone(),
             server_identity,
+            served_cert: None,
             addrs: FrontEnds {
                 kube: SocketAddr::new(host, 6443),
                 postgres: SocketAddr::new(host, 5432),

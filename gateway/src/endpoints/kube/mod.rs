@@ -73,7 +73,7 @@ pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess
     Ok(EndpointAccess::Kubectl {
         server: format!("https://{addr}"),
         tls_server_name,
-        ca_pem: ctx.ca.cert_pem().to_string(),
+        ca_pem: ctx.server_trust_pem(),
         cert_pem,
         namespace,
         cluster: format!("postern-{}", ep.id),
@@ -99,13 +99,21 @@ pub async fn serve(ctx: Arc<FrontEndContext>, listener: TcpListener) {
 
 fn tls_config(ctx: &FrontEndContext) -> Result<rustls::ServerConfig, certs::CertError> {
     let id = &ctx.server_identity;
-    let mut c = certs::server_config(
-        &id.cert_pem,
-        &id.key_pem,
-        Some(ctx.ca.cert_pem()),
-        certs::ClientAuth::Required,
-        vec![b"http/1.1".to_vec()],
-    )?;
+    let mut c = match &ctx.served_cert {
+        Some(served) => certs::server_config_with_resolver(
+            served.clone(),
+            Some(ctx.ca.cert_pem()),
+            certs::ClientAuth::Required,
+            vec![b"http/1.1".to_vec()],
+        )?,
+        None => certs::server_config(
+            &id.cert_pem,
+            &id.key_pem,
+            Some(ctx.ca.cert_pem()),
+            certs::ClientAuth::Required,
+            vec![b"http/1.1".to_vec()],
+        )?,
+    };
     // No resumption: every connection presents its certificate, which is then mapped to a live
     // endpoint. (Requests are re-checked anyway; this keeps the mapping simple.)
     c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

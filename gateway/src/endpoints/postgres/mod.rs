@@ -67,7 +67,7 @@ pub fn access(ctx: &FrontEndContext, ep: &LiveEndpoint) -> Result<EndpointAccess
         port: addr.port(),
         database,
         user: ep.id.clone(),
-        ca_pem: ctx.ca.cert_pem().to_string(),
+        ca_pem: ctx.server_trust_pem(),
     })
 }
 
@@ -89,18 +89,30 @@ struct Front {
 impl Front {
     fn new(ctx: &FrontEndContext) -> Result<Front, String> {
         let id = &ctx.server_identity;
-        let config = certs::server_config(
-            &id.cert_pem,
-            &id.key_pem,
-            None,
-            certs::ClientAuth::None,
-            vec![b"postgresql".to_vec()],
-        )
+        let alpn = vec![b"postgresql".to_vec()];
+        let config = match &ctx.served_cert {
+            Some(served) => certs::server_config_with_resolver(
+                served.clone(),
+                None,
+                certs::ClientAuth::None,
+                alpn,
+            ),
+            None => certs::server_config(
+                &id.cert_pem,
+                &id.key_pem,
+                None,
+                certs::ClientAuth::None,
+                alpn,
+            ),
+        }
         .map_err(|e| e.to_string())?;
         use rustls_pki_types::pem::PemObject;
+        // A supplied certificate can change between handshakes, so channel binding (which
+        // hashes the served certificate) is not offered with one: clients use SCRAM-SHA-256.
         let leaf = rustls_pki_types::CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
             .next()
-            .and_then(Result::ok);
+            .and_then(Result::ok)
+            .filter(|_| ctx.served_cert.is_none());
         Ok(Front {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             end_point: leaf.and_then(|der| certs::scram::tls_server_end_point(&der)),
