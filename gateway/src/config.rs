@@ -31,6 +31,9 @@ pub struct Limits {
     /// Threads of the data-plane runtime (relay and sessions); 1 = a current-thread runtime,
     /// which measured fastest for one busy agent on a small machine.
     pub data_plane_threads: usize,
+    /// How often, at most, one agent connection is sent the vendor trail's latest signed head
+    /// (`crate::head_pacing`).
+    pub trail_head_interval: Duration,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             agent_lost_after: Duration::from_secs(15),
             default_endpoint_ttl: Duration::from_secs(3600),
             data_plane_threads: 1,
+            trail_head_interval: endpoint_types::trail_head::HEAD_EVERY,
         }
     }
 }
@@ -86,6 +90,7 @@ struct FileLimits {
     agent_lost_after: Option<HumanDuration>,
     default_endpoint_ttl: Option<HumanDuration>,
     data_plane_threads: Option<usize>,
+    trail_head_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,7 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
         (f.limits.heartbeat_interval, &mut l.heartbeat_interval),
         (f.limits.agent_lost_after, &mut l.agent_lost_after),
         (f.limits.default_endpoint_ttl, &mut l.default_endpoint_ttl),
+        (f.limits.trail_head_interval, &mut l.trail_head_interval),
     ] {
         if let Some(d) = src {
             *dst = d.0;
@@ -152,13 +158,18 @@ mod tests {
     #[test]
     fn parses_and_rejects_unknown_keys() {
         let cfg = parse(
-            "data_dir = \"d\"\napi = \"127.0.0.1:8443\"\n[limits]\nagent_lost_after = \"20s\"\n",
+            "data_dir = \"d\"\napi = \"127.0.0.1:8443\"\n[limits]\nagent_lost_after = \"20s\"\ntrail_head_interval = \"5m\"\n",
             Path::new("/etc/postern/gateway.toml"),
         )
         .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/etc/postern/d"));
         assert_eq!(cfg.api.port(), 8443);
         assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
+        assert_eq!(cfg.limits.trail_head_interval, Duration::from_secs(300));
+        assert_eq!(
+            Limits::default().trail_head_interval,
+            endpoint_types::trail_head::HEAD_EVERY
+        );
 
         let err = parse("data_dir = \"d\"\nbogus = 1\n", Path::new("g.toml"))
             .unwrap_err()

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod endpoints;
 pub mod framed;
 pub mod grants;
+pub mod head_pacing;
 pub mod identity;
 pub mod notify;
 pub mod ops;
