@@ -45,6 +45,9 @@ pub struct Limits {
     /// Lifetime of the agent certificates the gateway signs (enrollment and renewal); agents
     /// renew two thirds into it (crate::cert_renewal).
     pub agent_cert_lifetime: Duration,
+    /// How often, at most, one agent connection is sent the vendor trail's latest signed head
+    /// (`crate::head_pacing`).
+    pub trail_head_interval: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +63,7 @@ impl Default for Limits {
             denied_window: Duration::from_secs(60),
             denied_max_sources: 1024,
             agent_cert_lifetime: crate::cert_renewal::DEFAULT_LIFETIME,
+            trail_head_interval: endpoint_types::trail_head::HEAD_EVERY,
         }
     }
 }
@@ -114,6 +118,7 @@ struct FileLimits {
     unauthenticated_max_per_source: Option<usize>,
     denied_window: Option<HumanDuration>,
     denied_max_sources: Option<usize>,
+    trail_head_interval: Option<HumanDuration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +195,7 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
         (f.limits.heartbeat_interval, &mut l.heartbeat_interval),
         (f.limits.agent_lost_after, &mut l.agent_lost_after),
         (f.limits.default_endpoint_ttl, &mut l.default_endpoint_ttl),
+        (f.limits.trail_head_interval, &mut l.trail_head_interval),
     ] {
         if let Some(d) = src {
             *dst = d.0;
@@ -205,13 +211,18 @@ mod tests {
     #[test]
     fn parses_and_rejects_unknown_keys() {
         let cfg = parse(
-            "data_dir = \"d\"\napi = \"127.0.0.1:8443\"\n[limits]\nagent_lost_after = \"20s\"\n",
+            "data_dir = \"d\"\napi = \"127.0.0.1:8443\"\n[limits]\nagent_lost_after = \"20s\"\ntrail_head_interval = \"5m\"\n",
             Path::new("/etc/postern/gateway.toml"),
         )
         .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from("/etc/postern/d"));
         assert_eq!(cfg.api.port(), 8443);
         assert_eq!(cfg.limits.agent_lost_after, Duration::from_secs(20));
+        assert_eq!(cfg.limits.trail_head_interval, Duration::from_secs(300));
+        assert_eq!(
+            Limits::default().trail_head_interval,
+            endpoint_types::trail_head::HEAD_EVERY
+        );
 
         assert_eq!(
             cfg.limits.agent_cert_lifetime,

@@ -17,6 +17,7 @@ pub mod denied_aggregate;
 pub mod endpoints;
 pub mod framed;
 pub mod grants;
+pub mod head_pacing;
 pub mod identity;
 pub mod lookup;
 pub mod ops;

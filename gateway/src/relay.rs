@@ -9,6 +9,7 @@ use crate::{
     endpoints::{front_ends::FrontEndContext, Endpoints},
     framed::{write_frame, write_frame_within, FramedError, FramedRecv},
     grants::Grants,
+    head_pacing::HeadPacer,
     identity,
     ops::Ops,
     store::Store,
@@ -21,6 +22,7 @@ use endpoint_types::{
         ToGateway, MAX_FRAME_LEN,
     },
     token::EnrollmentToken,
+    trail_head::SignedHead,
     ApiError, ErrorCode, ALPN_ENROLL, ALPN_TUNNEL, PROTOCOL_VERSION,
 };
 use jiff::Timestamp;
@@ -58,12 +60,13 @@ pub struct Relay {
     pub tasks: TaskTracker,
     /// The gateway audit key's public half, for agents to pin.
     pub audit_key: String,
-    /// The vendor trail's latest signed head, sent to every connected agent.
-    pub gateway_heads: tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>,
     /// Caps the unauthenticated connections the relay holds (`crate::admission`).
     pub door: Arc<crate::admission::Door>,
     /// Failed enrollments and certificate-less attempts, aggregated (`crate::denied_aggregate`).
     pub denied: Arc<crate::denied_aggregate::DeniedTrail>,
+    /// The vendor trail's latest signed head, sent to every connected agent (paced,
+    /// `crate::head_pacing`).
+    pub gateway_heads: tokio::sync::watch::Receiver<Option<SignedHead>>,
 }
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
@@ -635,8 +638,10 @@ async fn control_loop(
     let mut last_rx = tokio::time::Instant::now();
     let mut seq = 0u64;
     let peer_cert = peer_leaf_der(conn);
-    // The vendor trail's latest signed head goes to the agent now and whenever it changes.
+    // The vendor trail's latest signed head goes to the agent now, and then as it changes, at
+    // most once per interval (crate::head_pacing).
     let mut heads = gw.gateway_heads.clone();
+    let mut pacer = HeadPacer::new(gw.limits.trail_head_interval);
     let latest = heads.borrow_and_update().clone().filter(|_| trail_heads);
     if let Some(head) = latest {
         if let Err(e) = write_frame_within(
@@ -648,8 +653,10 @@ async fn control_loop(
         {
             return format!("control stream failed: {e}");
         }
+        pacer.sent(tokio::time::Instant::now());
     }
     loop {
+        let head_at = pacer.next_at(tokio::time::Instant::now());
         tokio::select! {
             _ = gw.shutdown.cancelled() => {
                 conn.close(close::NORMAL.into(), b"gateway shutting down");
@@ -737,11 +744,15 @@ async fn control_loop(
                 }
             }
             Ok(()) = heads.changed(), if trail_heads => {
-                let head = heads.borrow_and_update().clone();
-                if let Some(head) = head {
-                    if let Err(e) = write_frame_within(&mut send, &ToAgent::TrailHead(head), gw.limits.agent_lost_after).await {
+                if pacer.changed(tokio::time::Instant::now()) {
+                    if let Err(e) = send_latest_head(&mut send, &heads, &mut pacer, gw.limits.agent_lost_after).await {
                         return format!("control stream failed: {e}");
                     }
+                }
+            }
+            () = sleep_until_opt(head_at) => {
+                if let Err(e) = send_latest_head(&mut send, &heads, &mut pacer, gw.limits.agent_lost_after).await {
+                    return format!("control stream failed: {e}");
                 }
             }
             Some(frame) = outgoing.recv() => {
@@ -765,6 +776,29 @@ async fn control_loop(
                 }
             }
         }
+    }
+}
+
+/// Writes the vendor trail's latest signed head (what the pacer let through) to the agent.
+async fn send_latest_head(
+    send: &mut quinn::SendStream,
+    heads: &watch::Receiver<Option<SignedHead>>,
+    pacer: &mut HeadPacer<tokio::time::Instant>,
+    limit: Duration,
+) -> Result<(), FramedError> {
+    let head = heads.borrow().clone();
+    pacer.sent(tokio::time::Instant::now());
+    match head {
+        Some(head) => write_frame_within(send, &ToAgent::TrailHead(head), limit).await,
+        None => Ok(()),
+    }
+}
+
+/// Sleeps until `at`; pends forever without one.
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
