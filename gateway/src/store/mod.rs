@@ -239,6 +239,10 @@ impl Store {
             // than SQLite's sleep-and-retry busy handler when many agents write at once.
             AnyPoolOptions::new()
                 .max_connections(1)
+                // A local file has no link to lose: the ping before each checkout was a
+                // round trip to SQLite's worker thread on every query (seen in scale_bench's
+                // profile), and a broken connection is still replaced (below).
+                .test_before_acquire(false)
                 // A COMMIT that fails on a full or read-only disk may be rolled back by SQLite
                 // itself; sqlx's ROLLBACK then fails and the connection keeps counting a
                 // transaction that no longer exists, refusing every later BEGIN. Such a
