@@ -14,6 +14,7 @@ pub mod frame;
 pub mod kube_names;
 pub mod kube_request;
 pub mod lifecycle;
+pub mod phase;
 pub mod op_command;
 pub mod pg_startup;
 pub mod pgwire;

@@ -11,7 +11,7 @@
 
 use endpoint_types::{
     api::EndpointState,
-    control::GrantState,
+    control::{GrantLevel, GrantState},
     frame::{EndpointGrant, LiveGrant},
     lifecycle::{
         endpoint::{self as endpoint_lifecycle, EndpointEvent},
@@ -56,6 +56,17 @@ pub fn operate_grant_in_force(g: &LiveGrant, now: Timestamp) -> bool {
     g.approved_at <= now
         && grant_authorises_ops(
             g.level,
+            grant_state(GrantState::Active, Some(g.expires_at), now),
+        )
+}
+
+/// Whether `g` is a live grant of `phase` at `now` by this appliance's clock (an endpoint or
+/// op of a phase needs a grant of that very phase).
+pub fn grant_in_force_for(g: &LiveGrant, phase: GrantLevel, now: Timestamp) -> bool {
+    g.approved_at <= now
+        && endpoint_types::phase::grant_authorises(
+            g.level,
+            phase,
             grant_state(GrantState::Active, Some(g.expires_at), now),
         )
 }
@@ -336,7 +347,7 @@ impl LiveEndpoints {
             .live
             .iter()
             .filter(|(_, l)| {
-                !self.operate_grant_live(l.grant.grant_id.as_deref(), now)
+                !self.grant_live_for(l.grant.grant_id.as_deref(), l.grant.phase, now)
                     && self.grant_known_gone(&l.grant)
             })
             .map(|(id, _)| id.clone())
@@ -360,6 +371,13 @@ impl LiveEndpoints {
             .is_some_and(|g| operate_grant_in_force(g, now))
     }
 
+    /// Whether `grant_id` names a live grant of `phase` by our clock.
+    pub fn grant_live_for(&self, grant_id: Option<&str>, phase: GrantLevel, now: Timestamp) -> bool {
+        grant_id
+            .and_then(|g| self.grants.get(g))
+            .is_some_and(|g| grant_in_force_for(g, phase, now))
+    }
+
     /// The live operate grant with the latest expiry, if any (ops run under it).
     pub fn live_operate_grant(&self, now: Timestamp) -> Option<&LiveGrant> {
         self.grants
@@ -372,7 +390,7 @@ impl LiveEndpoints {
         match self.live.get(endpoint_id) {
             Some(l)
                 if l.grant.expires_at > now
-                    && !self.operate_grant_live(l.grant.grant_id.as_deref(), now) =>
+                    && !self.grant_live_for(l.grant.grant_id.as_deref(), l.grant.phase, now) =>
             {
                 Liveness::NoGrant
             }

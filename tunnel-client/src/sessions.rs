@@ -113,6 +113,7 @@ pub fn authorize(
         )
         .hint("the customer declares resources as [[resource]] entries in agent.toml"));
     };
+    let resource = &crate::phases::for_phase(resource, grant.phase)?;
     if grant.endpoint_type.resource_kind() != resource.kind {
         return Err(ApiError::new(
             ErrorCode::ForbiddenByScope,
