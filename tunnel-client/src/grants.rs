@@ -442,6 +442,7 @@ mod tests {
 
     fn grant(id: &str, expires: i64) -> EndpointGrant {
         EndpointGrant {
+            phase: endpoint_types::phase::operate(),
             endpoint_id: id.into(),
             endpoint_type: EndpointType::Tcp,
             resource_id: "null_resource.echo".into(),

@@ -23,6 +23,7 @@ fn config(policy: &str) -> AgentConfig {
 
 fn dispatch(approved_by: &str) -> OpDispatch {
     OpDispatch {
+        phase: endpoint_types::phase::operate(),
         op_id: "op_1".into(),
         tool: OpTool::Kubectl,
         command: "kubectl get pods".into(),

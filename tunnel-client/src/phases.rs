@@ -245,7 +245,7 @@ user = "installer"
             let e = for_phase(res(&c, id), phase).unwrap_err();
             assert_eq!(e.code, ErrorCode::ForbiddenByScope, "{id} {}", phase.as_str());
             assert!(e.message.contains(phase.as_str()), "{}", e.message);
-            let hint = e.hint.unwrap_or_default();
+            let hint = e.hint;
             assert!(
                 hint.contains(&format!("[resource.phases.{}]", phase.as_str())),
                 "{hint}"

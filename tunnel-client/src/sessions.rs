@@ -533,6 +533,7 @@ mod tests {
         for (id, ty, res) in grants {
             t.insert(
                 EndpointGrant {
+                    phase: endpoint_types::phase::operate(),
                     endpoint_id: id.to_string(),
                     endpoint_type: *ty,
                     resource_id: res.to_string(),

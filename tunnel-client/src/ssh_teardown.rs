@@ -447,6 +447,7 @@ mod tests {
 
     fn grant() -> EndpointGrant {
         EndpointGrant {
+            phase: endpoint_types::phase::operate(),
             endpoint_id: "ep_1".into(),
             endpoint_type: EndpointType::Ssh,
             resource_id: "aws_instance.worker".into(),
