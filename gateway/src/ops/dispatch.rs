@@ -65,6 +65,7 @@ impl Ops {
             command_approved_at: approved_at,
             hold_output,
             signed_decision,
+            phase: row.phase,
         });
         // Offline now: it goes out when the agent reconnects.
         if self.agents.send(&appliance.id, frame) {
