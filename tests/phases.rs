@@ -154,7 +154,12 @@ fn each_phase_reaches_the_cluster_as_its_own_identity_and_needs_its_own_grant() 
         assert!(!ok, "{v}");
         refused_for_want_of(&v, phase);
     }
-    assert!(api.requests().is_empty(), "{:?}", api.requests());
+    // Nothing reached the namespace (the agent's own discovery requests aside).
+    let reqs = api.requests();
+    assert!(
+        !reqs.iter().any(|r| r.path().contains("/namespaces/")),
+        "{reqs:?}"
+    );
 
     // Operate: the resource's own impersonation.
     let op = request(&gw, "operate")?;
@@ -180,6 +185,13 @@ fn each_phase_reaches_the_cluster_as_its_own_identity_and_needs_its_own_grant() 
     // steady-state is not a phase an endpoint can ask for.
     let (ok, v) = create_endpoint(&gw, &home, "steady-state")?;
     assert!(!ok, "{v}");
+    assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("opens no endpoint")),
+        "{v}"
+    );
 
     // Deploy: the same resource, reached as the deploy identity.
     let dg = request(&gw, "deploy")?;

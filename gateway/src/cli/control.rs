@@ -238,7 +238,7 @@ pub struct OpArgs {
     #[arg(long)]
     wait: bool,
     /// The phase it runs under: the grant it needs and the identity used at the target.
-    #[arg(long, default_value = "operate", value_parser = ["operate", "deploy", "install"])]
+    #[arg(long, default_value = "operate")]
     phase: String,
 }
 

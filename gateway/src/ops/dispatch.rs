@@ -88,7 +88,7 @@ impl Ops {
         appliance: &ApplianceRow,
         now: Timestamp,
     ) -> bool {
-        let live = self.grants.require_operate(appliance, now).await;
+        let live = self.grants.require_phase(appliance, row.phase, now).await;
         if live
             .as_ref()
             .is_ok_and(|g| Some(&g.id) == row.grant_id.as_ref())
