@@ -665,6 +665,55 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_is_live_only_under_a_grant_of_its_own_phase() {
+        // `gr_1` is an operate grant: a deploy endpoint naming it serves nothing.
+        let mut t = table();
+        t.insert(
+            EndpointGrant {
+                phase: GrantLevel::Deploy,
+                ..grant("dep", 600)
+            },
+            at(0),
+        );
+        t.insert(grant("op", 600), at(0));
+        assert!(matches!(t.check("dep", at(1)), Liveness::NoGrant));
+        assert!(matches!(t.check("op", at(1)), Liveness::Live { .. }));
+        // Under a live deploy grant it is live; the operate endpoint naming that grant is not.
+        let deploy = LiveGrant {
+            grant_id: "gr_2".into(),
+            level: GrantLevel::Deploy,
+            approved_by: "policy:automatic".into(),
+            approved_at: at(0),
+            expires_at: at(86_400),
+            signed_decision: None,
+        };
+        let mut t = LiveEndpoints::new();
+        t.sync_grants(vec![deploy.clone()], at(0));
+        for (id, phase) in [("dep", GrantLevel::Deploy), ("op", GrantLevel::Operate)] {
+            t.insert(
+                EndpointGrant {
+                    phase,
+                    grant_id: Some("gr_2".into()),
+                    ..grant(id, 600)
+                },
+                at(0),
+            );
+        }
+        assert!(matches!(t.check("dep", at(1)), Liveness::Live { .. }));
+        assert!(matches!(t.check("op", at(1)), Liveness::NoGrant));
+        assert!(grant_in_force_for(&deploy, GrantLevel::Deploy, at(1)));
+        assert!(!grant_in_force_for(&deploy, GrantLevel::Operate, at(1)));
+        assert!(!grant_in_force_for(
+            &LiveGrant {
+                level: GrantLevel::SteadyState,
+                ..deploy
+            },
+            GrantLevel::SteadyState,
+            at(1)
+        ));
+    }
+
+    #[test]
     fn reopen_after_close_is_live_again() {
         let mut t = table();
         t.insert(grant("a", 60), at(0));

@@ -198,6 +198,7 @@ mod tests {
     fn row(id: &str, t: EndpointType, credential: Option<ClientCredential>) -> EndpointRow {
         let now = Timestamp::now();
         EndpointRow {
+            phase: endpoint_types::phase::operate(),
             id: id.into(),
             endpoint_type: t,
             appliance_id: "ap_1".into(),

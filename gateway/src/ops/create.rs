@@ -208,6 +208,7 @@ mod tests {
 
     fn request(command: &str, timeout_s: Option<u64>) -> OpRequest {
         OpRequest {
+            phase: endpoint_types::phase::operate(),
             tool: OpTool::Kubectl,
             app: "shop".into(),
             customer: "acme".into(),
