@@ -108,11 +108,19 @@ fn seen_identity(api: &KubeApiServer) -> Result<(String, String)> {
         .ok_or_else(|| anyhow!("no pod list reached the API server: {reqs:?}"))?;
     for r in &reqs {
         // Every request of the same session carries the same identity.
-        assert_eq!(r.header("impersonate-user"), list.header("impersonate-user"), "{r:?}");
+        assert_eq!(
+            r.header("impersonate-user"),
+            list.header("impersonate-user"),
+            "{r:?}"
+        );
     }
     Ok((
-        list.header("impersonate-user").unwrap_or_default().to_string(),
-        list.header("impersonate-group").unwrap_or_default().to_string(),
+        list.header("impersonate-user")
+            .unwrap_or_default()
+            .to_string(),
+        list.header("impersonate-group")
+            .unwrap_or_default()
+            .to_string(),
     ))
 }
 
@@ -278,7 +286,10 @@ fn pg_endpoint(gw: &Gateway, home: &Path, phase: &str) -> Result<(String, String
     let cs = ep["connection_string"]
         .as_str()
         .ok_or_else(|| anyhow!("no connection_string in {ep}"))?;
-    Ok((ep["id"].as_str().unwrap_or_default().to_string(), cs.to_string()))
+    Ok((
+        ep["id"].as_str().unwrap_or_default().to_string(),
+        cs.to_string(),
+    ))
 }
 
 #[test]
@@ -339,7 +350,8 @@ fn postgres_under_deploy_may_create_tables_and_under_operate_may_not() -> Result
         let (ok, v) = cli(&gw, &home, &["ops", "endpoint", "retire", id])?;
         assert!(ok, "{v}");
     }
-    assert!(wait_until(Duration::from_secs(20), || cluster
+    assert!(wait_until(Duration::from_secs(20), || {
+        cluster
         .psql(
             &db_url,
             &format!(
@@ -347,6 +359,7 @@ fn postgres_under_deploy_may_create_tables_and_under_operate_may_not() -> Result
             )
         )
         .trim()
-        == "0"));
+        == "0"
+    }));
     Ok(())
 }

@@ -110,7 +110,10 @@ mod tests {
         let e = parse_active("steady-state").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("opens no endpoint"), "{}", e.message);
-        assert_eq!(parse_active("root").unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            parse_active("root").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
     }
 
     #[test]

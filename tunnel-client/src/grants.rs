@@ -372,7 +372,12 @@ impl LiveEndpoints {
     }
 
     /// Whether `grant_id` names a live grant of `phase` by our clock.
-    pub fn grant_live_for(&self, grant_id: Option<&str>, phase: GrantLevel, now: Timestamp) -> bool {
+    pub fn grant_live_for(
+        &self,
+        grant_id: Option<&str>,
+        phase: GrantLevel,
+        now: Timestamp,
+    ) -> bool {
         grant_id
             .and_then(|g| self.grants.get(g))
             .is_some_and(|g| grant_in_force_for(g, phase, now))

@@ -179,8 +179,7 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
             .hint("the customer declares resources as [[resource]] entries in agent.toml; `postern appliance list` shows the appliance"),
         ));
     };
-    let resource =
-        &crate::phases::for_phase(resource, d.phase).map_err(Refusal::denied)?;
+    let resource = &crate::phases::for_phase(resource, d.phase).map_err(Refusal::denied)?;
     if let Some((message, hint)) = resource
         .kind
         .op_tool_mismatch(d.tool.as_str(), &resource.id)

@@ -459,9 +459,22 @@ fn phases_need_their_own_grant_identity_and_install_a_person() {
         phase: GrantLevel::Install,
         ..dispatch(by)
     };
-    let r = check(&c, &install("policy:automatic"), true, None, "2026-01-05T12:00:00Z")
-        .expect_err("an install op approved by policy");
+    let r = check(
+        &c,
+        &install("policy:automatic"),
+        true,
+        None,
+        "2026-01-05T12:00:00Z",
+    )
+    .expect_err("an install op approved by policy");
     assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
     assert!(r.error.message.contains("install"), "{}", r.error);
-    assert!(check(&c, &install("carol@acme"), true, None, "2026-01-05T12:00:00Z").is_ok());
+    assert!(check(
+        &c,
+        &install("carol@acme"),
+        true,
+        None,
+        "2026-01-05T12:00:00Z"
+    )
+    .is_ok());
 }

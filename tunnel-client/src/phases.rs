@@ -113,7 +113,11 @@ pub fn validate(resource: &ResourceConfig) -> Result<(), String> {
                 return Err(format!("{at} needs `{w}`: the identity of this phase"));
             }
         }
-        if identity.user.as_deref().is_some_and(|u| u.trim().is_empty()) {
+        if identity
+            .user
+            .as_deref()
+            .is_some_and(|u| u.trim().is_empty())
+        {
             return Err(format!("{at}: `user` is empty"));
         }
         overlay(resource, identity)
@@ -209,7 +213,10 @@ user = "installer"
         };
         assert_eq!(
             who(GrantLevel::Operate),
-            ("vendor-operate".into(), vec!["vendor-troubleshooters".into()])
+            (
+                "vendor-operate".into(),
+                vec!["vendor-troubleshooters".into()]
+            )
         );
         assert_eq!(
             who(GrantLevel::Deploy),
@@ -221,16 +228,28 @@ user = "installer"
         );
         let db = res(&c, "db.main");
         assert_eq!(
-            for_phase(db, GrantLevel::Deploy).unwrap().privileges.unwrap(),
+            for_phase(db, GrantLevel::Deploy)
+                .unwrap()
+                .privileges
+                .unwrap(),
             ["SELECT", "CREATE"]
         );
         assert_eq!(
-            for_phase(db, GrantLevel::Operate).unwrap().privileges.unwrap(),
+            for_phase(db, GrantLevel::Operate)
+                .unwrap()
+                .privileges
+                .unwrap(),
             ["SELECT", "INSERT", "UPDATE", "DELETE"]
         );
         let vm = res(&c, "vm.web");
-        assert_eq!(for_phase(vm, GrantLevel::Install).unwrap().user.unwrap(), "installer");
-        assert_eq!(for_phase(vm, GrantLevel::Operate).unwrap().user.unwrap(), "support");
+        assert_eq!(
+            for_phase(vm, GrantLevel::Install).unwrap().user.unwrap(),
+            "installer"
+        );
+        assert_eq!(
+            for_phase(vm, GrantLevel::Operate).unwrap().user.unwrap(),
+            "support"
+        );
     }
 
     #[test]
@@ -243,7 +262,12 @@ user = "installer"
             ("vm.web", GrantLevel::Deploy),
         ] {
             let e = for_phase(res(&c, id), phase).unwrap_err();
-            assert_eq!(e.code, ErrorCode::ForbiddenByScope, "{id} {}", phase.as_str());
+            assert_eq!(
+                e.code,
+                ErrorCode::ForbiddenByScope,
+                "{id} {}",
+                phase.as_str()
+            );
             assert!(e.message.contains(phase.as_str()), "{}", e.message);
             let hint = e.hint;
             assert!(
@@ -268,14 +292,21 @@ kubeconfig = "/k"
     #[test]
     fn phase_tables_are_checked_against_the_kind() {
         // An unknown key in a phase table, with deny_unknown_fields.
-        let e = err(&format!("{K8S}[resource.phases.deploy]\nimpersonat = {{ user = \"x\" }}\n"));
+        let e = err(&format!(
+            "{K8S}[resource.phases.deploy]\nimpersonat = {{ user = \"x\" }}\n"
+        ));
         assert!(e.contains("impersonat"), "{e}");
         // An unknown phase.
-        let e = err(&format!("{K8S}[resource.phases.admin]\nimpersonate = {{ user = \"x\" }}\n"));
+        let e = err(&format!(
+            "{K8S}[resource.phases.admin]\nimpersonate = {{ user = \"x\" }}\n"
+        ));
         assert!(e.contains("admin"), "{e}");
         // Another kind's identity key.
         let e = err(&format!("{K8S}[resource.phases.deploy]\nuser = \"root\"\n"));
-        assert!(e.contains("not an identity of a kubernetes resource"), "{e}");
+        assert!(
+            e.contains("not an identity of a kubernetes resource"),
+            "{e}"
+        );
         // A phase table without the identity.
         let e = err(&format!("{K8S}[resource.phases.deploy]\n"));
         assert!(e.contains("needs `impersonate`"), "{e}");
@@ -298,7 +329,10 @@ privileges = ["SELECT", "CREATE"]
         let tcp = "audit_path = \"/a.jsonl\"\n[[resource]]\nid = \"t\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\n[resource.phases.deploy]\n";
         let c = parse(tcp).expect("valid");
         assert_eq!(
-            for_phase(res(&c, "t"), GrantLevel::Deploy).unwrap().target.as_deref(),
+            for_phase(res(&c, "t"), GrantLevel::Deploy)
+                .unwrap()
+                .target
+                .as_deref(),
             Some("127.0.0.1:1")
         );
         let e = err(&format!("{tcp}user = \"x\"\n"));

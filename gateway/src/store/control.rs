@@ -174,7 +174,11 @@ pub(super) fn op_from(r: AnyRow) -> StoreResult<OpRow> {
         error,
         message: r.try_get("message")?,
         requested_by_id: r.try_get("requested_by_id")?,
-        phase: parse_kw(&r.try_get::<String, _>("phase")?, "phase", GrantLevel::parse)?,
+        phase: parse_kw(
+            &r.try_get::<String, _>("phase")?,
+            "phase",
+            GrantLevel::parse,
+        )?,
         id,
     })
 }
