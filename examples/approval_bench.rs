@@ -34,6 +34,7 @@ fn config(dir: &std::path::Path, approver: Option<&ApproverKey>) -> Result<Agent
 
 fn dispatch(i: usize) -> OpDispatch {
     OpDispatch {
+        phase: endpoint_types::phase::operate(),
         op_id: format!("op_{i:06}"),
         tool: OpTool::Kubectl,
         command: format!("kubectl get pods -n my-app-prod -l run={i} -o wide"),

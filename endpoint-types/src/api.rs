@@ -151,6 +151,9 @@ pub struct EndpointCreateRequest {
     /// The public half of the endpoint's client credential (kubectl, postgres, ssh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<ClientCredential>,
+    /// `--phase`: operate (default), deploy or install.
+    #[serde(default = "crate::phase::operate")]
+    pub phase: crate::control::GrantLevel,
 }
 
 /// The public half of an endpoint's client credential. The CLI makes the key pair or password
@@ -306,6 +309,9 @@ pub struct EndpointRecord {
     /// (`APPROVAL_INVALID`, `details.reason`); the gateway then ended it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<crate::ApiError>,
+    /// `--phase`: operate (default), deploy or install.
+    #[serde(default = "crate::phase::operate")]
+    pub phase: crate::control::GrantLevel,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

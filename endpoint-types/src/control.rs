@@ -224,6 +224,9 @@ pub struct OpRecord {
     /// and ops from before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by_id: Option<String>,
+    /// `--phase`: operate (default), deploy or install.
+    #[serde(default = "crate::phase::operate")]
+    pub phase: crate::control::GrantLevel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +280,9 @@ pub struct OpRequest {
     pub command: String,
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// `--phase`: operate (default), deploy or install.
+    #[serde(default = "crate::phase::operate")]
+    pub phase: crate::control::GrantLevel,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod op_command;
 pub mod pg_startup;
 pub mod pgwire;
+pub mod phase;
 pub mod policy;
 pub mod resource;
 pub mod secret;

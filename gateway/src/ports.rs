@@ -165,6 +165,25 @@ pub trait GrantGate: Send + Sync {
         appliance: &ApplianceRow,
         now: Timestamp,
     ) -> Result<GrantRow, ApiError>;
+    /// The live grant of `phase` that authorises an op or endpoint of that phase now, or the
+    /// structured refusal. Services that know only operate refuse the other phases.
+    async fn require_phase(
+        &self,
+        appliance: &ApplianceRow,
+        phase: endpoint_types::control::GrantLevel,
+        now: Timestamp,
+    ) -> Result<GrantRow, ApiError> {
+        match phase {
+            endpoint_types::control::GrantLevel::Operate => {
+                self.require_operate(appliance, now).await
+            }
+            other => Err(endpoint_types::phase::grant_required(
+                other,
+                &appliance.app,
+                &appliance.customer,
+            )),
+        }
+    }
     /// (decided_by, latest expiry) when the policy approves by itself at `now`.
     async fn automatic_decision(
         &self,

@@ -112,6 +112,7 @@ fn grant_row(id: &str) -> GrantRow {
 
 fn endpoint_row(id: &str) -> EndpointRow {
     EndpointRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         endpoint_type: EndpointType::Postgres,
         appliance_id: "ap_1".into(),
@@ -133,6 +134,7 @@ fn endpoint_row(id: &str) -> EndpointRow {
 
 fn op_row(id: &str) -> OpRow {
     OpRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         appliance_id: "ap_1".into(),
         tool: OpTool::Kubectl,

@@ -388,6 +388,7 @@ fn endpoint(
     at: i64,
 ) -> EndpointRow {
     EndpointRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         endpoint_type: EndpointType::Postgres,
         appliance_id: appliance_id.into(),
@@ -427,6 +428,7 @@ fn grant(id: &str, appliance_id: &str, level: GrantLevel, at: i64) -> GrantRow {
 
 fn op(id: &str, appliance_id: &str, at: i64) -> OpRow {
     OpRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         appliance_id: appliance_id.into(),
         tool: OpTool::Kubectl,

@@ -30,6 +30,7 @@ fn approvals(dir: &Path, keys: &[&ApproverKey]) -> SignedApprovals {
 
 fn dispatch(op_id: &str, command: &str) -> OpDispatch {
     OpDispatch {
+        phase: endpoint_types::phase::operate(),
         op_id: op_id.into(),
         tool: OpTool::Kubectl,
         command: command.into(),

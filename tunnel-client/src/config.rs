@@ -195,6 +195,8 @@ pub struct ResourceConfig {
     /// `crate::ssh_teardown`, which ends every process of the user and removes its crontab,
     /// `at` jobs and running user units).
     pub teardown_command: Option<String>,
+    /// `[resource.phases.<phase>]`: the identity of each phase (see `crate::phases`).
+    pub phases: Option<crate::phases::PhasesConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -414,6 +416,7 @@ impl AgentConfig {
                 return Err(problem("the id is declared more than once".into()));
             }
             r.validate().map_err(problem)?;
+            crate::phases::validate(r).map_err(problem)?;
         }
         Ok(())
     }
@@ -533,7 +536,7 @@ impl ResourceConfig {
             .collect()
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for (key, kind) in self.set_keys() {
             if kind != self.kind {
                 return Err(format!(

@@ -11,7 +11,7 @@
 
 use endpoint_types::{
     api::EndpointState,
-    control::GrantState,
+    control::{GrantLevel, GrantState},
     frame::{EndpointGrant, LiveGrant},
     lifecycle::{
         endpoint::{self as endpoint_lifecycle, EndpointEvent},
@@ -56,6 +56,17 @@ pub fn operate_grant_in_force(g: &LiveGrant, now: Timestamp) -> bool {
     g.approved_at <= now
         && grant_authorises_ops(
             g.level,
+            grant_state(GrantState::Active, Some(g.expires_at), now),
+        )
+}
+
+/// Whether `g` is a live grant of `phase` at `now` by this appliance's clock (an endpoint or
+/// op of a phase needs a grant of that very phase).
+pub fn grant_in_force_for(g: &LiveGrant, phase: GrantLevel, now: Timestamp) -> bool {
+    g.approved_at <= now
+        && endpoint_types::phase::grant_authorises(
+            g.level,
+            phase,
             grant_state(GrantState::Active, Some(g.expires_at), now),
         )
 }
@@ -336,7 +347,7 @@ impl LiveEndpoints {
             .live
             .iter()
             .filter(|(_, l)| {
-                !self.operate_grant_live(l.grant.grant_id.as_deref(), now)
+                !self.grant_live_for(l.grant.grant_id.as_deref(), l.grant.phase, now)
                     && self.grant_known_gone(&l.grant)
             })
             .map(|(id, _)| id.clone())
@@ -360,6 +371,18 @@ impl LiveEndpoints {
             .is_some_and(|g| operate_grant_in_force(g, now))
     }
 
+    /// Whether `grant_id` names a live grant of `phase` by our clock.
+    pub fn grant_live_for(
+        &self,
+        grant_id: Option<&str>,
+        phase: GrantLevel,
+        now: Timestamp,
+    ) -> bool {
+        grant_id
+            .and_then(|g| self.grants.get(g))
+            .is_some_and(|g| grant_in_force_for(g, phase, now))
+    }
+
     /// The live operate grant with the latest expiry, if any (ops run under it).
     pub fn live_operate_grant(&self, now: Timestamp) -> Option<&LiveGrant> {
         self.grants
@@ -372,7 +395,7 @@ impl LiveEndpoints {
         match self.live.get(endpoint_id) {
             Some(l)
                 if l.grant.expires_at > now
-                    && !self.operate_grant_live(l.grant.grant_id.as_deref(), now) =>
+                    && !self.grant_live_for(l.grant.grant_id.as_deref(), l.grant.phase, now) =>
             {
                 Liveness::NoGrant
             }
@@ -424,6 +447,7 @@ mod tests {
 
     fn grant(id: &str, expires: i64) -> EndpointGrant {
         EndpointGrant {
+            phase: endpoint_types::phase::operate(),
             endpoint_id: id.into(),
             endpoint_type: EndpointType::Tcp,
             resource_id: "null_resource.echo".into(),
@@ -643,6 +667,55 @@ mod tests {
             ..g
         };
         assert!(!operate_grant_in_force(&deploy, at(20)));
+    }
+
+    #[test]
+    fn an_endpoint_is_live_only_under_a_grant_of_its_own_phase() {
+        // `gr_1` is an operate grant: a deploy endpoint naming it serves nothing.
+        let mut t = table();
+        t.insert(
+            EndpointGrant {
+                phase: GrantLevel::Deploy,
+                ..grant("dep", 600)
+            },
+            at(0),
+        );
+        t.insert(grant("op", 600), at(0));
+        assert!(matches!(t.check("dep", at(1)), Liveness::NoGrant));
+        assert!(matches!(t.check("op", at(1)), Liveness::Live { .. }));
+        // Under a live deploy grant it is live; the operate endpoint naming that grant is not.
+        let deploy = LiveGrant {
+            grant_id: "gr_2".into(),
+            level: GrantLevel::Deploy,
+            approved_by: "policy:automatic".into(),
+            approved_at: at(0),
+            expires_at: at(86_400),
+            signed_decision: None,
+        };
+        let mut t = LiveEndpoints::new();
+        t.sync_grants(vec![deploy.clone()], at(0));
+        for (id, phase) in [("dep", GrantLevel::Deploy), ("op", GrantLevel::Operate)] {
+            t.insert(
+                EndpointGrant {
+                    phase,
+                    grant_id: Some("gr_2".into()),
+                    ..grant(id, 600)
+                },
+                at(0),
+            );
+        }
+        assert!(matches!(t.check("dep", at(1)), Liveness::Live { .. }));
+        assert!(matches!(t.check("op", at(1)), Liveness::NoGrant));
+        assert!(grant_in_force_for(&deploy, GrantLevel::Deploy, at(1)));
+        assert!(!grant_in_force_for(&deploy, GrantLevel::Operate, at(1)));
+        assert!(!grant_in_force_for(
+            &LiveGrant {
+                level: GrantLevel::SteadyState,
+                ..deploy
+            },
+            GrantLevel::SteadyState,
+            at(1)
+        ));
     }
 
     #[test]

@@ -142,9 +142,13 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
     if !c.grant_live {
         let id = &d.grant_id;
         let (code, message) = match c.grant_seen {
-            Some(g) if g.level != GrantLevel::Operate => (
+            Some(g) if g.level != GrantLevel::Operate && d.phase == GrantLevel::Operate => (
                 ErrorCode::OperateAccessRequired,
                 format!("grant {id} is a {} grant; only an operate grant authorises an op", g.level.as_str()),
+            ),
+            Some(g) if g.level != d.phase => (
+                ErrorCode::OperateAccessRequired,
+                format!("grant {id} is a {} grant; only a {} grant authorises a {} op", g.level.as_str(), d.phase.as_str(), d.phase.as_str()),
             ),
             Some(g) if now >= g.expires_at => (
                 ErrorCode::OperateAccessExpired,
@@ -175,6 +179,7 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
             .hint("the customer declares resources as [[resource]] entries in agent.toml; `postern appliance list` shows the appliance"),
         ));
     };
+    let resource = &crate::phases::for_phase(resource, d.phase).map_err(Refusal::denied)?;
     if let Some((message, hint)) = resource
         .kind
         .op_tool_mismatch(d.tool.as_str(), &resource.id)
@@ -188,6 +193,22 @@ pub fn authorize(d: &OpDispatch, c: &Checks<'_>, now: Timestamp) -> Result<Autho
                     "tool": d.tool.as_str(),
                     "tools": resource.kind.op_tools(),
                 })),
+        ));
+    }
+    if endpoint_types::phase::always_needs_person(d.phase)
+        && !approved_by_person(&d.command_approved_by)
+    {
+        return Err(Refusal::denied(
+            ApiError::new(
+                ErrorCode::ApprovalDenied,
+                format!(
+                    "an {} op is approved by a person for each use, whatever the policy; this command was approved by {:?}",
+                    d.phase.as_str(),
+                    d.command_approved_by
+                ),
+            )
+            .hint(format!("an approver runs `postern approvals approve {}`", d.op_id))
+            .details(json!({ "phase": d.phase.as_str(), "command_approved_by": d.command_approved_by })),
         ));
     }
     let decision = c.policy.evaluate(now);
@@ -400,7 +421,7 @@ impl OpRunner {
         }
         let live: HashSet<&str> = grants
             .iter()
-            .filter(|g| crate::grants::operate_grant_in_force(g, now))
+            .filter(|g| crate::grants::grant_in_force_for(g, g.level, now))
             .map(|g| g.grant_id.as_str())
             .collect();
         for (op_id, r) in &state.running {
@@ -479,6 +500,7 @@ impl OpRunner {
                     "the op's resource vanished from the agent's config",
                 ));
             };
+            let resource = &crate::phases::for_phase(resource, d.phase)?;
             return crate::op_ssh::run(spec, resource, remote, cancel, tx)
                 .await
                 .map_err(|e| e.to_api_error());
@@ -595,7 +617,7 @@ impl OpRunner {
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .operate_grant_live(Some(&d.grant_id), now);
+            .grant_live_for(Some(&d.grant_id), d.phase, now);
         let checks = Checks {
             config: &self.inner.config,
             policy: &self.inner.policy,
@@ -643,7 +665,11 @@ impl OpRunner {
 
         // `psql` against a postgres resource runs as a role made for this op alone, scoped
         // like an endpoint's role and dropped when the op ends.
-        let resource = self.inner.config.resource(&d.resource_id).cloned();
+        let resource = self
+            .inner
+            .config
+            .resource(&d.resource_id)
+            .and_then(|r| crate::phases::for_phase(r, d.phase).ok());
         let op_role = match resource
             .filter(|r| d.tool == OpTool::Psql && r.kind == ResourceKind::Postgres)
         {
@@ -676,6 +702,7 @@ impl OpRunner {
             .inner
             .config
             .resource(&d.resource_id)
+            .and_then(|r| crate::phases::for_phase(r, d.phase).ok())
             .filter(|r| d.tool == OpTool::Kubectl && r.kind == ResourceKind::Kubernetes);
         let op_kube = match kube {
             None => None,
@@ -688,7 +715,7 @@ impl OpRunner {
                 );
                 match crate::kube::op_proxy::start(
                     &self.inner.kube,
-                    r,
+                    &r,
                     &auth.argv,
                     dir.path(),
                     sink,

@@ -23,6 +23,7 @@ fn config(policy: &str) -> AgentConfig {
 
 fn dispatch(approved_by: &str) -> OpDispatch {
     OpDispatch {
+        phase: endpoint_types::phase::operate(),
         op_id: "op_1".into(),
         tool: OpTool::Kubectl,
         command: "kubectl get pods".into(),
@@ -416,4 +417,64 @@ fn psql_and_ssh_commands_that_would_leave_the_resource_are_denied() {
         (a.remote_command.as_deref(), a.exe.as_os_str().is_empty()),
         (Some("'uptime'"), true)
     );
+}
+
+#[test]
+fn phases_need_their_own_grant_identity_and_install_a_person() {
+    let c = config("approval = \"automatic\"");
+    let deploy = OpDispatch {
+        phase: GrantLevel::Deploy,
+        ..dispatch("policy:automatic")
+    };
+    // The grant named is an operate grant: not live for a deploy op, and said so.
+    let seen = grant(
+        GrantLevel::Operate,
+        "2026-01-05T00:00:00Z",
+        "2026-01-06T00:00:00Z",
+    );
+    let r = check(&c, &deploy, false, Some(&seen), "2026-01-05T12:00:00Z").expect_err("refused");
+    assert_eq!(r.error.code, ErrorCode::OperateAccessRequired);
+    assert!(
+        r.error
+            .message
+            .contains("only a deploy grant authorises a deploy op"),
+        "{}",
+        r.error
+    );
+    // A live deploy grant, but the resource names no deploy identity.
+    let r = check(&c, &deploy, true, None, "2026-01-05T12:00:00Z").expect_err("refused");
+    assert_eq!(r.error.code, ErrorCode::ForbiddenByScope);
+    assert!(r.denial);
+    assert!(
+        r.error.hint.contains("[resource.phases.deploy]"),
+        "{}",
+        r.error
+    );
+    // Install: a person approves each use, even under an automatic policy.
+    let text = "audit_path = \"a\"\n[policy]\napproval = \"automatic\"\n[tools]\nkubectl = \"/bin/sh\"\n\
+         [[resource]]\nid = \"aws_eks_cluster.main\"\nkind = \"kubernetes\"\nkubeconfig = \"/etc/kc\"\n\
+         [resource.phases.install]\nimpersonate = { user = \"vendor-install\" }\n";
+    let c = AgentConfig::parse(text, Path::new("/etc/postern/agent.toml")).unwrap();
+    let install = |by: &str| OpDispatch {
+        phase: GrantLevel::Install,
+        ..dispatch(by)
+    };
+    let r = check(
+        &c,
+        &install("policy:automatic"),
+        true,
+        None,
+        "2026-01-05T12:00:00Z",
+    )
+    .expect_err("an install op approved by policy");
+    assert_eq!(r.error.code, ErrorCode::ApprovalDenied);
+    assert!(r.error.message.contains("install"), "{}", r.error);
+    assert!(check(
+        &c,
+        &install("carol@acme"),
+        true,
+        None,
+        "2026-01-05T12:00:00Z"
+    )
+    .is_ok());
 }

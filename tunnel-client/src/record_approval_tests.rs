@@ -279,6 +279,7 @@ fn the_policys_own_decisions_and_unlisted_keys_need_no_signature() {
 
 fn endpoint(id: &str, expires_at: &str) -> EndpointGrant {
     EndpointGrant {
+        phase: endpoint_types::phase::operate(),
         endpoint_id: id.into(),
         endpoint_type: EndpointType::Tcp,
         resource_id: "null_resource.echo".into(),

@@ -113,6 +113,7 @@ pub fn authorize(
         )
         .hint("the customer declares resources as [[resource]] entries in agent.toml"));
     };
+    let resource = &crate::phases::for_phase(resource, grant.phase)?;
     if grant.endpoint_type.resource_kind() != resource.kind {
         return Err(ApiError::new(
             ErrorCode::ForbiddenByScope,
@@ -532,6 +533,7 @@ mod tests {
         for (id, ty, res) in grants {
             t.insert(
                 EndpointGrant {
+                    phase: endpoint_types::phase::operate(),
                     endpoint_id: id.to_string(),
                     endpoint_type: *ty,
                     resource_id: res.to_string(),

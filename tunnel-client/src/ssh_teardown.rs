@@ -197,7 +197,11 @@ pub fn start(
 ) -> Option<tokio::task::JoinHandle<SshTeardown>> {
     let teardowns = ctx.teardowns.clone();
     teardowns.state().owed.remove(&grant.endpoint_id)?;
-    let resource = ctx.config.resource(&grant.resource_id).cloned()?;
+    // The teardown runs as the VM user the endpoint's phase used.
+    let resource = ctx
+        .config
+        .resource(&grant.resource_id)
+        .and_then(|r| crate::phases::for_phase(r, grant.phase).ok())?;
     let others = other_live_endpoints(ctx, grant);
     let ctx = ctx.clone();
     let grant = grant.clone();
@@ -239,7 +243,11 @@ fn other_live_endpoints(ctx: &Sessions, grant: &EndpointGrant) -> Vec<String> {
         .state()
         .owed
         .values()
-        .filter(|g| g.resource_id == grant.resource_id && g.endpoint_id != grant.endpoint_id)
+        .filter(|g| {
+            g.resource_id == grant.resource_id
+                && g.endpoint_id != grant.endpoint_id
+                && g.phase == grant.phase
+        })
         .map(|g| g.endpoint_id.clone())
         .collect();
     let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -439,6 +447,7 @@ mod tests {
 
     fn grant() -> EndpointGrant {
         EndpointGrant {
+            phase: endpoint_types::phase::operate(),
             endpoint_id: "ep_1".into(),
             endpoint_type: EndpointType::Ssh,
             resource_id: "aws_instance.worker".into(),

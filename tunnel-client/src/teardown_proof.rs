@@ -569,6 +569,7 @@ mod tests {
 
     fn grant(id: &str, expires_in: i64) -> EndpointGrant {
         EndpointGrant {
+            phase: endpoint_types::phase::operate(),
             endpoint_id: id.into(),
             endpoint_type: EndpointType::Kubectl,
             resource_id: "aws_eks_cluster.main".into(),

@@ -61,6 +61,7 @@ async fn echo_server() -> String {
 
 fn grant(id: &str, secs: i64) -> EndpointGrant {
     EndpointGrant {
+        phase: endpoint_types::phase::operate(),
         endpoint_id: id.into(),
         endpoint_type: EndpointType::Tcp,
         resource_id: "null_resource.echo".into(),

@@ -143,6 +143,7 @@ fn finished(frames: &[(Instant, ToGateway)]) -> &OpFinished {
 
 fn dispatch(op_id: &str, command: &str, approved_by: &str) -> OpDispatch {
     OpDispatch {
+        phase: endpoint_types::phase::operate(),
         op_id: op_id.into(),
         tool: OpTool::Kubectl,
         command: command.into(),

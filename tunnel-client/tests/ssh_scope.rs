@@ -39,6 +39,7 @@ fn any_hello(_: &Hello) {}
 
 fn ssh_grant(id: &str) -> EndpointGrant {
     EndpointGrant {
+        phase: endpoint_types::phase::operate(),
         endpoint_id: id.into(),
         endpoint_type: EndpointType::Ssh,
         resource_id: RESOURCE.into(),

@@ -60,6 +60,12 @@ pub struct EndpointGrant {
     /// reserves for a person only with a valid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_decision: Option<crate::approval::SignedDecision>,
+    /// The phase it runs under: the grant it needs and the identity it uses at the target.
+    #[serde(
+        default = "crate::phase::operate",
+        skip_serializing_if = "crate::phase::is_operate"
+    )]
+    pub phase: crate::control::GrantLevel,
 }
 
 /// A grant as the agent needs it to enforce: what, until when, approved by whom.
@@ -105,6 +111,12 @@ pub struct OpDispatch {
     /// runs a command its policy reserves for a person only with a valid one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_decision: Option<crate::approval::SignedDecision>,
+    /// The phase it runs under: the grant it needs and the identity it uses at the target.
+    #[serde(
+        default = "crate::phase::operate",
+        skip_serializing_if = "crate::phase::is_operate"
+    )]
+    pub phase: crate::control::GrantLevel,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

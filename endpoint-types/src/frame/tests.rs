@@ -39,6 +39,7 @@ fn at(s: &str) -> jiff::Timestamp {
 
 fn grant() -> EndpointGrant {
     EndpointGrant {
+        phase: crate::phase::operate(),
         endpoint_id: "ep_1".into(),
         endpoint_type: EndpointType::Tcp,
         resource_id: "null_resource.echo".into(),
@@ -61,6 +62,7 @@ fn live_grant() -> LiveGrant {
 
 fn dispatch() -> OpDispatch {
     OpDispatch {
+        phase: crate::phase::operate(),
         op_id: "op_1".into(),
         tool: OpTool::Kubectl,
         command: "kubectl get pods".into(),

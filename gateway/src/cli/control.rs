@@ -237,6 +237,9 @@ pub struct OpArgs {
     /// Wait until the op has ended (approvals included) and exit non-zero if it ended badly.
     #[arg(long)]
     wait: bool,
+    /// The phase it runs under: the grant it needs and the identity used at the target.
+    #[arg(long, default_value = "operate")]
+    phase: String,
 }
 
 /// Prints the op; [`Outcome::EndedBadly`] when it ended badly (the exit code must say so).
@@ -323,7 +326,7 @@ pub async fn run_op(
     let op: OpRecord = c
         .post("/v1/ops", serde_json::json!({
             "tool": tool, "app": args.app, "customer": args.customer, "origin_resource_id": args.origin_resource_id,
-            "command": args.command, "timeout_s": timeout_s,
+            "command": args.command, "timeout_s": timeout_s, "phase": args.phase,
         }))
         .await?;
     let op = if args.wait {

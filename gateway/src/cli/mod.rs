@@ -180,6 +180,9 @@ enum EndpointCmd {
         /// Wait until the endpoint is active (it is at once when no approval is needed).
         #[arg(long)]
         wait: bool,
+        /// The phase it runs under: the grant it needs and the identity used at the target.
+        #[arg(long, default_value = "operate")]
+        phase: String,
     },
     Get {
         id: String,
@@ -554,6 +557,7 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             origin_resource_id,
             ttl,
             wait,
+            phase,
         } => {
             let t = EndpointType::parse(&endpoint_type).ok_or_else(|| {
                 ApiError::invalid(format!("unknown endpoint type {endpoint_type}"))
@@ -563,6 +567,7 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             let mut rec: EndpointRecord = c
                 .post("/v1/endpoints", serde_json::json!({
                     "type": t, "app": app, "customer": customer, "origin_resource_id": origin_resource_id, "ttl_s": ttl_s,
+                    "phase": phase,
                     "credential": credential.as_ref().map(|(public, _)| public),
                 }))
                 .await?;

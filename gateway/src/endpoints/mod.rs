@@ -36,6 +36,7 @@ impl LiveEndpoint {
             expires_at: self.expires_at,
             grant_id: self.grant_id.clone(),
             signed_decision: None,
+            phase: self.phase,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct LiveEndpoint {
     /// The public half of the client credential, as the operator's CLI sent it (the kubectl
     /// and tcp CSRs are signed from it when the creator fetches the endpoint).
     pub credential: Option<ClientCredential>,
+    /// The phase it runs under: the appliance uses that phase's identity at the target.
+    pub phase: endpoint_types::control::GrantLevel,
     /// The same credential parsed for the front ends; None without a usable credential, and
     /// then no client can authenticate to the endpoint.
     parsed: Option<ParsedCredential>,
@@ -58,6 +60,7 @@ impl LiveEndpoint {
             expires_at: row.expires_at,
             grant_id: row.grant_id.clone(),
             credential: row.credential.clone(),
+            phase: row.phase,
             parsed,
             cancel,
             live_sessions: AtomicU64::new(0),
@@ -195,6 +198,7 @@ mod tests {
     fn row(id: &str, t: EndpointType, credential: Option<ClientCredential>) -> EndpointRow {
         let now = Timestamp::now();
         EndpointRow {
+            phase: endpoint_types::phase::operate(),
             id: id.into(),
             endpoint_type: t,
             appliance_id: "ap_1".into(),

@@ -144,6 +144,7 @@ pub(super) fn record_of(
         connect_command: None,
         tcp_credential: None,
         refused: None,
+        phase: row.phase,
     }
 }
 
@@ -384,7 +385,8 @@ impl Endpoints {
         credential_is_free(&self.live, req.endpoint_type, req.credential.as_ref())?;
 
         let now = self.now();
-        let grant = self.grants.require_operate(&appliance, now).await?;
+        let phase = endpoint_types::phase::check_active(req.phase)?;
+        let grant = self.grants.require_phase(&appliance, phase, now).await?;
         let ttl_signed =
             jiff::SignedDuration::try_from(ttl).map_err(|_| ApiError::invalid("TTL too large"))?;
         let requested_until = now
@@ -416,13 +418,19 @@ impl Endpoints {
             sessions_total: 0,
             grant_id: Some(grant.id.clone()),
             credential: req.credential.clone(),
+            phase,
         };
         let subject = Subject::endpoint(&appliance.id, &id);
         let requested = serde_json::json!({
             "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(), "grant_id": grant.id,
+            "phase": phase.as_str(),
         });
-        let Some((by, window_end)) = self.grants.automatic_decision(&appliance.id, now).await
-        else {
+        // Install is decided by a person for each use, whatever the policy.
+        let automatic = match endpoint_types::phase::always_needs_person(phase) {
+            true => None,
+            false => self.grants.automatic_decision(&appliance.id, now).await,
+        };
+        let Some((by, window_end)) = automatic else {
             // Created waiting: the policy wants a person, and the listener opens on approval.
             self.store.insert_endpoint(&row).await.map_err(internal)?;
             self.audit

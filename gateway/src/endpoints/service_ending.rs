@@ -163,7 +163,7 @@ impl Endpoints {
             .ok_or_else(|| not_found(id))?;
         let live_grant = self
             .grants
-            .require_operate(&appliance, now)
+            .require_phase(&appliance, row.phase, now)
             .await
             .ok()
             .filter(|g| row.grant_id.as_deref() == Some(g.id.as_str()));

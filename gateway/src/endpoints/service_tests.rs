@@ -228,6 +228,7 @@ fn acme_approver() -> Caller {
 /// A kubectl endpoint into `customer`'s cluster, with a credential of its own.
 fn kubectl(customer: &str, ttl_s: u64) -> EndpointCreateRequest {
     EndpointCreateRequest {
+        phase: endpoint_types::phase::operate(),
         endpoint_type: EndpointType::Kubectl,
         app: "shop".into(),
         customer: customer.into(),

@@ -123,6 +123,35 @@ impl Grants {
 
 #[async_trait]
 impl GrantGate for Grants {
+    async fn require_phase(
+        &self,
+        appliance: &ApplianceRow,
+        phase: GrantLevel,
+        now: Timestamp,
+    ) -> Result<GrantRow, ApiError> {
+        if phase == GrantLevel::Operate {
+            return Grants::require_operate(self, appliance, now).await;
+        }
+        let grants = self
+            .store
+            .grants_of(&appliance.id)
+            .await
+            .map_err(internal)?;
+        grants
+            .into_iter()
+            .filter(|g| {
+                endpoint_types::phase::grant_authorises(
+                    g.level,
+                    phase,
+                    grant_state(g.state, g.expires_at, now),
+                )
+            })
+            .max_by_key(|g| g.expires_at)
+            .ok_or_else(|| {
+                endpoint_types::phase::grant_required(phase, &appliance.app, &appliance.customer)
+            })
+    }
+
     async fn require_operate(
         &self,
         appliance: &ApplianceRow,

@@ -56,7 +56,8 @@ impl Ops {
         caller.require_customer(&appliance.customer)?;
         self.audit.room_for_request(&appliance.id).await?;
         let now = self.now();
-        let grant = self.grants.require_operate(&appliance, now).await?;
+        let phase = endpoint_types::phase::check_active(req.phase)?;
+        let grant = self.grants.require_phase(&appliance, phase, now).await?;
         self.check_resource(caller, &appliance, &req, &command)
             .await?;
         let row = OpRow {
@@ -83,6 +84,7 @@ impl Ops {
             truncated: false,
             error: None,
             message: None,
+            phase,
         };
         self.submit(caller, row, &appliance).await
     }
@@ -96,7 +98,11 @@ impl Ops {
         appliance: &ApplianceRow,
     ) -> Result<OpRecord, ApiError> {
         let now = row.requested_at;
-        let auto = self.grants.automatic_decision(&appliance.id, now).await;
+        // Install is decided by a person for each use, whatever the policy.
+        let auto = match endpoint_types::phase::always_needs_person(row.phase) {
+            true => None,
+            false => self.grants.automatic_decision(&appliance.id, now).await,
+        };
         if let Some((by, _)) = auto {
             row.state =
                 lifecycle::next(row.state, &OpEvent::CommandApproved { by: by.to_string() })
@@ -107,7 +113,7 @@ impl Ops {
         self.store.insert_op(&row).await.map_err(internal)?;
         self.audit
             .record("op.requested", &caller.actor(), subject(&row), serde_json::json!({
-                "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id,
+                "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id, "phase": row.phase.as_str(),
                 "timeout_s": row.timeout.as_secs(), "grant_id": row.grant_id,
             }))
             .await;
@@ -202,6 +208,7 @@ mod tests {
 
     fn request(command: &str, timeout_s: Option<u64>) -> OpRequest {
         OpRequest {
+            phase: endpoint_types::phase::operate(),
             tool: OpTool::Kubectl,
             app: "shop".into(),
             customer: "acme".into(),

@@ -65,6 +65,7 @@ impl Ops {
             command_approved_at: approved_at,
             hold_output,
             signed_decision,
+            phase: row.phase,
         });
         // Offline now: it goes out when the agent reconnects.
         if self.agents.send(&appliance.id, frame) {
@@ -87,7 +88,7 @@ impl Ops {
         appliance: &ApplianceRow,
         now: Timestamp,
     ) -> bool {
-        let live = self.grants.require_operate(appliance, now).await;
+        let live = self.grants.require_phase(appliance, row.phase, now).await;
         if live
             .as_ref()
             .is_ok_and(|g| Some(&g.id) == row.grant_id.as_ref())

@@ -222,6 +222,7 @@ pub fn record(row: &OpRow, appliance: &ApplianceRow) -> OpRecord {
         finished_at: row.finished_at,
         error: if row.state.is_final() { error } else { None },
         requested_by_id: row.requested_by_id.clone(),
+        phase: row.phase,
     }
 }
 

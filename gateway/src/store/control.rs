@@ -86,6 +86,8 @@ pub struct OpRow {
     /// Token id of who asked (ownership is by id, never by name); None when the gateway or a
     /// name shared by several old tokens asked.
     pub requested_by_id: Option<String>,
+    /// The phase it runs under (`--phase`).
+    pub phase: GrantLevel,
 }
 
 /// The who, when and what of a grant's move (see [`Store::move_grant`]): `by`/`at` are the
@@ -104,7 +106,7 @@ pub(super) const GRANT_COLS: &str = "id, appliance_id, level, state, requested_b
 pub(super) const OP_COLS: &str =
     "id, appliance_id, tool, command, origin_resource_id, timeout_ms, state, requested_by, requested_at, grant_id, \
      command_approved_by, command_approved_at, output_approved_by, output_approved_at, started_at, finished_at, exit_code, \
-     stdout, stderr, truncated, error, message, requested_by_id";
+     stdout, stderr, truncated, error, message, requested_by_id, phase";
 
 pub(super) fn grant_from(r: AnyRow) -> StoreResult<GrantRow> {
     Ok(GrantRow {
@@ -172,6 +174,11 @@ pub(super) fn op_from(r: AnyRow) -> StoreResult<OpRow> {
         error,
         message: r.try_get("message")?,
         requested_by_id: r.try_get("requested_by_id")?,
+        phase: parse_kw(
+            &r.try_get::<String, _>("phase")?,
+            "phase",
+            GrantLevel::parse,
+        )?,
         id,
     })
 }
@@ -344,7 +351,7 @@ impl Store {
     pub async fn insert_op(&self, o: &OpRow) -> StoreResult<()> {
         let sql = format!(
             "INSERT INTO ops ({OP_COLS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
         );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&o.id)
@@ -370,6 +377,7 @@ impl Store {
             .bind(error_json(&o.error)?)
             .bind(&o.message)
             .bind(&o.requested_by_id)
+            .bind(o.phase.as_str())
             .execute(&self.pool)
             .await?;
         Ok(())

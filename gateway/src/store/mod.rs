@@ -143,6 +143,11 @@ fn migrator() -> Migrator {
             "op requester id",
             include_str!("../../migrations/0014_op_requester_id.sql"),
         ),
+        m(
+            17,
+            "phases",
+            include_str!("../../migrations/0017_phases.sql"),
+        ),
     ])
 }
 

@@ -84,6 +84,7 @@ mod tests {
 
     fn op(id: &str, appliance_id: &str, at_s: i64) -> OpRow {
         OpRow {
+            phase: endpoint_types::phase::operate(),
             id: id.into(),
             appliance_id: appliance_id.into(),
             tool: OpTool::Kubectl,

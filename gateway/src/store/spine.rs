@@ -54,6 +54,8 @@ pub struct EndpointRow {
     pub grant_id: Option<String>,
     /// The public half of the client credential (kubectl, postgres, ssh endpoints).
     pub credential: Option<ClientCredential>,
+    /// The phase it runs under (`--phase`).
+    pub phase: endpoint_types::control::GrantLevel,
 }
 
 /// What `audit_page` selects: records after `after_seq`, at most `limit` of them.
@@ -214,7 +216,7 @@ async fn last_audit<'e>(
 }
 
 pub(super) const ENDPOINT_COLS: &str =
-    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential, created_by_id";
+    "id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, ended_at, address, sessions_total, grant_id, credential, created_by_id, phase";
 
 impl Store {
     // ---- appliances ----
@@ -416,8 +418,8 @@ impl Store {
             None => None,
         };
         sqlx::query(
-            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id, credential, created_by_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO endpoints (id, endpoint_type, appliance_id, resource_id, state, created_by, created_at, expires_at, address, grant_id, credential, created_by_id, phase) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(&e.id)
         .bind(e.endpoint_type.as_str())
@@ -431,6 +433,7 @@ impl Store {
         .bind(&e.grant_id)
         .bind(credential)
         .bind(&e.created_by_id)
+        .bind(e.phase.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -461,6 +464,11 @@ impl Store {
                         .map_err(|e| StoreError::Corrupt(format!("endpoint credential: {e}")))?,
                 ),
                 None => None,
+            },
+            phase: {
+                let p: String = r.try_get("phase")?;
+                endpoint_types::control::GrantLevel::parse(&p)
+                    .ok_or_else(|| StoreError::Corrupt(format!("endpoint phase {p}")))?
             },
         })
     }

@@ -128,7 +128,13 @@ async fn create(
 
 /// An endpoint became live: its role is made on a task of its own (the control loop goes on).
 pub fn prepare(ctx: &Sessions, grant: &EndpointGrant) {
-    let Some(resource) = ctx.config.resource(&grant.resource_id).cloned() else {
+    // The endpoint's role gets the privileges of the endpoint's phase; a phase the resource
+    // does not list makes no role (its sessions are refused at admission).
+    let Some(resource) = ctx
+        .config
+        .resource(&grant.resource_id)
+        .and_then(|r| crate::phases::for_phase(r, grant.phase).ok())
+    else {
         return;
     };
     let Some(tx) = ctx.postgres.claim(&grant.endpoint_id) else {

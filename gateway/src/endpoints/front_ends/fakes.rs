@@ -216,6 +216,7 @@ pub fn endpoint_row(
 ) -> EndpointRow {
     let now = Timestamp::now();
     EndpointRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         endpoint_type,
         appliance_id: "ap_1".into(),
@@ -236,6 +237,7 @@ pub fn endpoint_row(
 /// A running kubectl op of `appliance_id` requested by `alice`.
 pub fn op_row(id: &str, appliance_id: &str) -> OpRow {
     OpRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         appliance_id: appliance_id.into(),
         tool: OpTool::Kubectl,

@@ -243,6 +243,7 @@ fn stored(
     expires_at: Timestamp,
 ) -> EndpointRow {
     EndpointRow {
+        phase: endpoint_types::phase::operate(),
         id: id.into(),
         endpoint_type: t,
         appliance_id: "ap_1".into(),

@@ -186,6 +186,7 @@ fn approver(customer: &str) -> Caller {
 
 fn kubectl(command: &str) -> OpRequest {
     OpRequest {
+        phase: endpoint_types::phase::operate(),
         tool: OpTool::Kubectl,
         app: "shop".into(),
         customer: "acme".into(),
@@ -304,6 +305,7 @@ impl World {
     fn seed(&self, id: &str, state: OpState) -> OpRow {
         let approved = state != OpState::PendingApproval;
         let row = OpRow {
+            phase: endpoint_types::phase::operate(),
             id: id.into(),
             appliance_id: ACME.into(),
             tool: OpTool::Kubectl,
