@@ -28,6 +28,7 @@ pub mod postgres;
 pub mod sessions;
 pub mod ssh;
 pub mod ssh_teardown;
+pub mod steady_state;
 pub mod teardown_proof;
 pub mod trail_heads;
 pub mod trail_writer;

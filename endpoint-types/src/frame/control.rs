@@ -99,6 +99,12 @@ pub enum ToAgent {
     /// in the customer trail (crate::trail_head). Latest wins: a lost one is superseded by the
     /// next, and the latest is sent again after every hello.
     TrailHead(crate::trail_head::SignedHead),
+    /// Whether the agent collects steady-state snapshots (the customer approver's switch,
+    /// sent after every hello and on every change). Until it arrives the agent collects
+    /// nothing.
+    SteadyState {
+        enabled: bool,
+    },
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -135,6 +141,9 @@ pub enum AgentCommand {
         records: Vec<GatewayRecord>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lost_through: Option<u64>,
+    },
+    SteadyState {
+        enabled: bool,
     },
 }
 
@@ -197,6 +206,9 @@ pub enum ToGateway {
     /// The agent's latest signed head of the customer trail, for the gateway to record as an
     /// anchor in the vendor trail. Latest wins; the latest is sent again after every hello.
     TrailHead(crate::trail_head::SignedHead),
+    /// A steady-state health snapshot of the appliance's resources. Latest wins: not
+    /// acknowledged; one lost is replaced by the next an interval later.
+    SteadyStateSnapshot(crate::steady_state::ApplianceSnapshot),
 }
 
 impl Handshake {
@@ -235,6 +247,7 @@ impl ToAgent {
             ToAgent::TrailRecords { .. } => "trail_records",
             ToAgent::TeardownAck { .. } => "teardown_ack",
             ToAgent::TrailHead(_) => "trail_head",
+            ToAgent::SteadyState { .. } => "steady_state",
         }
     }
 
@@ -251,6 +264,7 @@ impl ToAgent {
                 | ToAgent::OutputRelease { .. }
                 | ToAgent::OutputDestroy { .. }
                 | ToAgent::TrailRecords { .. }
+                | ToAgent::SteadyState { .. }
         )
     }
 }
@@ -267,6 +281,7 @@ impl AgentCommand {
             AgentCommand::OutputRelease { .. } => "output_release",
             AgentCommand::OutputDestroy { .. } => "output_destroy",
             AgentCommand::TrailRecords { .. } => "trail_records",
+            AgentCommand::SteadyState { .. } => "steady_state",
         }
     }
 }
@@ -310,6 +325,7 @@ impl From<AgentCommand> for ToAgent {
                 records,
                 lost_through,
             },
+            AgentCommand::SteadyState { enabled } => ToAgent::SteadyState { enabled },
         }
     }
 }
@@ -357,6 +373,7 @@ impl TryFrom<ToAgent> for AgentCommand {
                 records,
                 lost_through,
             }),
+            ToAgent::SteadyState { enabled } => Ok(AgentCommand::SteadyState { enabled }),
             other @ (ToAgent::Heartbeat { .. }
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
@@ -385,6 +402,7 @@ impl ToGateway {
             ToGateway::TrailRecorded { .. } => "trail_recorded",
             ToGateway::TeardownProof(_) => "teardown_proof",
             ToGateway::TrailHead(_) => "trail_head",
+            ToGateway::SteadyStateSnapshot(_) => "steady_state_snapshot",
         }
     }
 }
