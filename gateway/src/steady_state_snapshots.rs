@@ -28,7 +28,7 @@ pub const HISTORY: SignedDuration = SignedDuration::from_hours(24);
 pub const HISTORY_ROWS: i64 = 20_000;
 
 /// Rounds waiting for the store, one per appliance.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct SnapshotQueue {
     pending: Mutex<HashMap<String, (Timestamp, ApplianceSnapshot)>>,
     bell: Notify,

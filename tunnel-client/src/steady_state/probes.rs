@@ -25,7 +25,8 @@ SELECT version(), \
  current_setting('max_connections'), \
  pg_database_size(current_database())::text, \
  (SELECT extract(epoch FROM now() - min(xact_start)) FROM pg_stat_activity \
-   WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend')::text, \
+   WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend' \
+   AND datname = current_database())::text, \
  COALESCE((SELECT extract(epoch FROM max(replay_lag)) FROM pg_stat_replication), \
    CASE WHEN pg_is_in_recovery() THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END)::text; \
 COMMIT";
