@@ -158,19 +158,41 @@ fn snapshots_show_the_cluster_and_the_database_and_stop_when_the_customer_disabl
     );
     let kube = resource(&report, "cluster").ok_or_else(|| anyhow!("no cluster"))?;
     assert_eq!(kube["detail"]["pods_by_phase"]["Running"], 2, "{kube}");
-    assert_eq!(kube["detail"]["not_ready_pods"], serde_json::json!([]), "{kube}");
+    assert_eq!(
+        kube["detail"]["not_ready_pods"],
+        serde_json::json!([]),
+        "{kube}"
+    );
     let db = resource(&report, "db").ok_or_else(|| anyhow!("no db"))?;
-    assert!(db["detail"]["version"].as_str().unwrap_or("").starts_with("PostgreSQL"), "{db}");
-    assert!(db["detail"]["max_connections"].as_i64().unwrap_or(0) > 0, "{db}");
+    assert!(
+        db["detail"]["version"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("PostgreSQL"),
+        "{db}"
+    );
+    assert!(
+        db["detail"]["max_connections"].as_i64().unwrap_or(0) > 0,
+        "{db}"
+    );
     // Only GETs reached the cluster, and no ConfigMap or Secret was read.
     for r in api.requests() {
         assert_eq!(r.method, "GET", "{}", r.uri);
-        assert!(!r.uri.contains("configmaps") && !r.uri.contains("secrets"), "{}", r.uri);
+        assert!(
+            !r.uri.contains("configmaps") && !r.uri.contains("secrets"),
+            "{}",
+            r.uri
+        );
     }
 
     // A pod turns not-ready, a warning is recorded and a transaction stays open.
     assert!(api.set_pod_ready("my-app-prod", "web-2", false));
-    api.add_warning("my-app-prod", "web-2", "Unhealthy", "Readiness probe failed");
+    api.add_warning(
+        "my-app-prod",
+        "web-2",
+        "Unhealthy",
+        "Readiness probe failed",
+    );
     let open = OpenTransaction::begin(&db_url)?;
     let seen = wait_until(SHOWS_UP, || {
         report = status(&gw, &agent)
@@ -190,13 +212,26 @@ fn snapshots_show_the_cluster_and_the_database_and_stop_when_the_customer_disabl
     assert!(seen, "{report}");
     // The text table shows them too.
     let text = Command::new(postern::testbed::bin("postern")?)
-        .args(["--output", "text", "appliance", "status", "--app", APP, "--customer", CUSTOMER])
+        .args([
+            "--output",
+            "text",
+            "appliance",
+            "status",
+            "--app",
+            APP,
+            "--customer",
+            CUSTOMER,
+        ])
         .env("POSTERN_ADDR", gw.api.to_string())
         .env("POSTERN_TOKEN", &gw.admin_token)
         .env("POSTERN_CA_FILE", &gw.ca_file)
         .output()?;
     let table = String::from_utf8_lossy(&text.stdout);
-    assert!(table.contains("not ready: my-app-prod/web-2"), "{table} {}", String::from_utf8_lossy(&text.stderr));
+    assert!(
+        table.contains("not ready: my-app-prod/web-2"),
+        "{table} {}",
+        String::from_utf8_lossy(&text.stderr)
+    );
     assert!(table.contains("oldest transaction"), "{table}");
     drop(open);
 
@@ -204,32 +239,76 @@ fn snapshots_show_the_cluster_and_the_database_and_stop_when_the_customer_disabl
     let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
     gw.cli_as(
         &bob,
-        &["access", "steady-state", "--app", APP, "--customer", CUSTOMER, "--disable"],
+        &[
+            "access",
+            "steady-state",
+            "--app",
+            APP,
+            "--customer",
+            CUSTOMER,
+            "--disable",
+        ],
     )?
     .ok()?;
     agent.trail_when(|t| t.iter().any(|e| e["kind"] == "steady_state.disabled"))?;
     // A round already under way when the command arrived is cut; let its packets land.
     std::thread::sleep(Duration::from_secs(1));
-    let (kube_before, pg_before, tcp_before) =
-        (api.requests().len(), sessions_of(&cluster, &database)?, tcp.count());
+    let (kube_before, pg_before, tcp_before) = (
+        api.requests().len(),
+        sessions_of(&cluster, &database)?,
+        tcp.count(),
+    );
     // Three intervals without a single probe.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(api.requests().len(), kube_before, "the cluster was probed while disabled");
-    assert_eq!(sessions_of(&cluster, &database)?, pg_before, "the database was probed while disabled");
-    assert_eq!(tcp.count(), tcp_before, "the tcp target was probed while disabled");
+    assert_eq!(
+        api.requests().len(),
+        kube_before,
+        "the cluster was probed while disabled"
+    );
+    assert_eq!(
+        sessions_of(&cluster, &database)?,
+        pg_before,
+        "the database was probed while disabled"
+    );
+    assert_eq!(
+        tcp.count(),
+        tcp_before,
+        "the tcp target was probed while disabled"
+    );
     let off = status(&gw, &agent)?;
     assert!(!off.success);
-    assert_eq!(off.error_code(), Some("STEADY_STATE_DISABLED"), "{}", off.json);
+    assert_eq!(
+        off.error_code(),
+        Some("STEADY_STATE_DISABLED"),
+        "{}",
+        off.json
+    );
     let hint = off.json["error"]["hint"].as_str().unwrap_or_default();
-    assert!(hint.contains("postern access steady-state --enable"), "{hint}");
+    assert!(
+        hint.contains("postern access steady-state --enable"),
+        "{hint}"
+    );
     // The switch is in the vendor trail.
-    let audit = gw.cli(&["audit", "list", "--appliance", &agent.appliance_id])?.ok()?;
-    assert!(audit.to_string().contains("steady_state.disabled"), "{audit}");
+    let audit = gw
+        .cli(&["audit", "list", "--appliance", &agent.appliance_id])?
+        .ok()?;
+    assert!(
+        audit.to_string().contains("steady_state.disabled"),
+        "{audit}"
+    );
 
     // On again: collection resumes.
     gw.cli_as(
         &bob,
-        &["access", "steady-state", "--app", APP, "--customer", CUSTOMER, "--enable"],
+        &[
+            "access",
+            "steady-state",
+            "--app",
+            APP,
+            "--customer",
+            CUSTOMER,
+            "--enable",
+        ],
     )?
     .ok()?;
     let resumed = wait_until(SHOWS_UP, || {

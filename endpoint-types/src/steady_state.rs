@@ -177,7 +177,10 @@ pub fn add_pods(health: &mut KubeHealth, list: &Value) {
             .and_then(|cs| cs.iter().find(|c| str_at(c, &["type"]) == "Ready"))
             .is_some_and(|c| str_at(c, &["status"]) == "True");
         // A finished pod is not expected to be ready.
-        if !ready && !matches!(phase, "Succeeded" | "Failed") && health.not_ready_pods.len() < MAX_LISTED {
+        if !ready
+            && !matches!(phase, "Succeeded" | "Failed")
+            && health.not_ready_pods.len() < MAX_LISTED
+        {
             health.not_ready_pods.push(bounded_text(&qualified(pod)));
         }
     }
@@ -227,7 +230,7 @@ pub fn add_warnings(health: &mut KubeHealth, list: &Value, since: Timestamp) {
             })
         })
         .collect();
-    found.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    found.sort_by_key(|w| std::cmp::Reverse(w.last_seen));
     for w in found {
         if health.warnings.len() >= MAX_LISTED {
             break;

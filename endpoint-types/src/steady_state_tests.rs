@@ -21,7 +21,10 @@ fn pods_are_counted_by_phase_with_restarts_and_not_ready_ones_named() {
     assert_eq!(h.pods_by_phase.get("Succeeded"), Some(&1));
     assert_eq!(h.pods_by_phase.get("Unknown"), Some(&1));
     assert_eq!(h.restarts, 4);
-    assert_eq!(h.not_ready_pods, vec!["shop/web-2".to_string(), "/odd".to_string()]);
+    assert_eq!(
+        h.not_ready_pods,
+        vec!["shop/web-2".to_string(), "/odd".to_string()]
+    );
 }
 
 #[test]
@@ -41,7 +44,10 @@ fn not_ready_pods_are_listed_up_to_the_cap_but_counted_exactly() {
     let mut h = KubeHealth::default();
     add_pods(&mut h, &json!({ "items": items }));
     assert_eq!(h.not_ready_pods.len(), MAX_LISTED);
-    assert_eq!(h.pods_by_phase.get("Pending"), Some(&(MAX_LISTED as u32 + 5)));
+    assert_eq!(
+        h.pods_by_phase.get("Pending"),
+        Some(&(MAX_LISTED as u32 + 5))
+    );
 }
 
 #[test]
@@ -56,8 +62,18 @@ fn workloads_short_of_their_replicas_are_not_ready() {
     assert_eq!(
         h.not_ready_workloads,
         vec![
-            NotReadyWorkload { kind: "StatefulSet".into(), name: "shop/web".into(), ready: 2, desired: 3 },
-            NotReadyWorkload { kind: "StatefulSet".into(), name: "shop/db".into(), ready: 0, desired: 1 },
+            NotReadyWorkload {
+                kind: "StatefulSet".into(),
+                name: "shop/web".into(),
+                ready: 2,
+                desired: 3
+            },
+            NotReadyWorkload {
+                kind: "StatefulSet".into(),
+                name: "shop/db".into(),
+                ready: 0,
+                desired: 1
+            },
         ]
     );
 }
@@ -96,15 +112,30 @@ fn postgres_statistics_parse_and_bad_numbers_are_errors() {
     assert_eq!((h.connections, h.max_connections), (7, 100));
     assert_eq!(h.longest_transaction_s, Some(12.5));
     assert_eq!(h.replication_lag_s, None);
-    let bad = PgStatsRow { max_connections: Some("many".into()), ..row.clone() };
-    assert_eq!(postgres_health(&bad).unwrap_err(), "max_connections is not a number");
-    let missing = PgStatsRow { connections: None, ..row };
-    assert_eq!(postgres_health(&missing).unwrap_err(), "connections missing");
+    let bad = PgStatsRow {
+        max_connections: Some("many".into()),
+        ..row.clone()
+    };
+    assert_eq!(
+        postgres_health(&bad).unwrap_err(),
+        "max_connections is not a number"
+    );
+    let missing = PgStatsRow {
+        connections: None,
+        ..row
+    };
+    assert_eq!(
+        postgres_health(&missing).unwrap_err(),
+        "connections missing"
+    );
 }
 
 #[test]
 fn an_ssh_banner_is_its_identification_line() {
-    assert_eq!(ssh_banner(b"SSH-2.0-OpenSSH_9.6\r\n").as_deref(), Some("SSH-2.0-OpenSSH_9.6"));
+    assert_eq!(
+        ssh_banner(b"SSH-2.0-OpenSSH_9.6\r\n").as_deref(),
+        Some("SSH-2.0-OpenSSH_9.6")
+    );
     assert_eq!(ssh_banner(b"HTTP/1.1 400 Bad Request\r\n"), None);
 }
 
@@ -122,6 +153,9 @@ fn a_snapshot_round_trips_as_json() {
         }],
     };
     let text = serde_json::to_string(&s).unwrap();
-    assert!(text.contains(r#""detail":{"type":"tcp","connect_ms":3}"#), "{text}");
+    assert!(
+        text.contains(r#""detail":{"type":"tcp","connect_ms":3}"#),
+        "{text}"
+    );
     assert_eq!(serde_json::from_str::<ApplianceSnapshot>(&text).unwrap(), s);
 }

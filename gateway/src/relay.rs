@@ -649,7 +649,13 @@ async fn control_loop(
     }
     // Whether to collect, as a command: the customer approver's switch (on by default).
     if steady_state {
-        let enabled = gw.store.steady_state(appliance_id).await.ok().flatten().unwrap_or(true);
+        let enabled = gw
+            .store
+            .steady_state(appliance_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(true);
         let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
         let frame = delivery.outgoing(ToAgent::SteadyState { enabled }, deadline);
         if let Err(e) = write_frame_within(&mut send, &frame, gw.limits.agent_lost_after).await {

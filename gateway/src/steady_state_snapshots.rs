@@ -176,10 +176,20 @@ mod tests {
         let worker = tokio::spawn(queue.clone().run(store.clone(), stop.clone()));
         let at = Timestamp::from_second(1_000).unwrap();
         // Two rounds before the worker runs: the older is replaced, a duplicate id dropped.
-        queue.offer("ap_1", ApplianceSnapshot { collected_at: at, resources: vec![health("old", at)] }, at);
         queue.offer(
             "ap_1",
-            ApplianceSnapshot { collected_at: at, resources: vec![health("db", at), health("db", at)] },
+            ApplianceSnapshot {
+                collected_at: at,
+                resources: vec![health("old", at)],
+            },
+            at,
+        );
+        queue.offer(
+            "ap_1",
+            ApplianceSnapshot {
+                collected_at: at,
+                resources: vec![health("db", at), health("db", at)],
+            },
             at,
         );
         let mut rows = Vec::new();
@@ -192,7 +202,13 @@ mod tests {
         }
         stop.cancel();
         worker.await.unwrap();
-        let r = report("ap_1", "shop", "acme", rows, at + SignedDuration::from_secs(42));
+        let r = report(
+            "ap_1",
+            "shop",
+            "acme",
+            rows,
+            at + SignedDuration::from_secs(42),
+        );
         assert_eq!(r.resources.len(), 1);
         assert_eq!(r.resources[0].health.resource_id, "db");
         assert_eq!(r.resources[0].age_s, 42);
@@ -205,7 +221,11 @@ mod tests {
     fn disabled_names_the_code_and_who_can_enable_it() {
         let e = disabled("shop", "acme");
         assert_eq!(e.code, ErrorCode::SteadyStateDisabled);
-        assert!(e.hint.contains("postern access steady-state --enable"), "{}", e.hint);
+        assert!(
+            e.hint.contains("postern access steady-state --enable"),
+            "{}",
+            e.hint
+        );
         assert!(e.hint.contains("approver"));
     }
 }

@@ -279,7 +279,12 @@ impl KubeApiServer {
     /// Turns an existing pod's `Ready` condition (and its container's `ready`) on or off, as
     /// a failing readiness probe would; false if there is no such pod.
     pub fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) -> bool {
-        let key = (String::new(), "pods".to_string(), ns.to_string(), name.to_string());
+        let key = (
+            String::new(),
+            "pods".to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
         let Some(mut pod) = self.shared.store().objects.get(&key).cloned() else {
             return false;
         };

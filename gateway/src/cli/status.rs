@@ -92,10 +92,17 @@ pub fn render(report: &Value) -> String {
     );
     let resources = report["resources"].as_array().cloned().unwrap_or_default();
     if resources.is_empty() {
-        let _ = writeln!(s, "no snapshot yet (the agent sends one every steady_state.interval)");
+        let _ = writeln!(
+            s,
+            "no snapshot yet (the agent sends one every steady_state.interval)"
+        );
         return s;
     }
-    let _ = writeln!(s, "{:<24} {:<11} {:<9} {:>6}  SUMMARY", "RESOURCE", "KIND", "REACHABLE", "AGE");
+    let _ = writeln!(
+        s,
+        "{:<24} {:<11} {:<9} {:>6}  SUMMARY",
+        "RESOURCE", "KIND", "REACHABLE", "AGE"
+    );
     for r in resources {
         let age = r["age_s"].as_i64().unwrap_or(0);
         let Ok(h) = serde_json::from_value::<ResourceHealth>(r) else {
@@ -122,11 +129,19 @@ fn summary(h: &ResourceHealth) -> String {
     let mut parts: Vec<String> = Vec::new();
     match &h.detail {
         Some(HealthDetail::Tcp(t)) => parts.push(format!("connect {} ms", t.connect_ms)),
-        Some(HealthDetail::Ssh(t)) => parts.push(format!("{} (connect {} ms)", t.banner, t.connect_ms)),
+        Some(HealthDetail::Ssh(t)) => {
+            parts.push(format!("{} (connect {} ms)", t.banner, t.connect_ms))
+        }
         Some(HealthDetail::Postgres(p)) => {
             parts.push(p.version.split(" on ").next().unwrap_or("").to_string());
-            parts.push(format!("connections {}/{}", p.connections, p.max_connections));
-            parts.push(format!("size {} MiB", p.database_size_bytes / (1024 * 1024)));
+            parts.push(format!(
+                "connections {}/{}",
+                p.connections, p.max_connections
+            ));
+            parts.push(format!(
+                "size {} MiB",
+                p.database_size_bytes / (1024 * 1024)
+            ));
             if let Some(t) = p.longest_transaction_s {
                 parts.push(format!("oldest transaction {t:.0}s"));
             }
@@ -135,17 +150,29 @@ fn summary(h: &ResourceHealth) -> String {
             }
         }
         Some(HealthDetail::Kubernetes(k)) => {
-            let phases: Vec<String> = k.pods_by_phase.iter().map(|(p, n)| format!("{p}={n}")).collect();
+            let phases: Vec<String> = k
+                .pods_by_phase
+                .iter()
+                .map(|(p, n)| format!("{p}={n}"))
+                .collect();
             parts.push(format!("pods {}", phases.join(" ")));
             parts.push(format!("restarts {}", k.restarts));
             if !k.not_ready_pods.is_empty() {
                 parts.push(format!("not ready: {}", k.not_ready_pods.join(" ")));
             }
             for w in &k.not_ready_workloads {
-                parts.push(format!("{} {} {}/{} ready", w.kind, w.name, w.ready, w.desired));
+                parts.push(format!(
+                    "{} {} {}/{} ready",
+                    w.kind, w.name, w.ready, w.desired
+                ));
             }
             if let Some(w) = k.warnings.first() {
-                parts.push(format!("{} warning(s), latest {} on {}", k.warnings.len(), w.reason, w.object));
+                parts.push(format!(
+                    "{} warning(s), latest {} on {}",
+                    k.warnings.len(),
+                    w.reason,
+                    w.object
+                ));
             }
         }
         None => {}
@@ -179,13 +206,17 @@ mod tests {
         assert!(text.contains("oldest transaction 12s"), "{text}");
         assert!(text.contains("connections 3/100"), "{text}");
         assert!(text.contains("not ready: shop/web-2"), "{text}");
-        assert!(text.contains("error: connect 127.0.0.1:1: refused"), "{text}");
+        assert!(
+            text.contains("error: connect 127.0.0.1:1: refused"),
+            "{text}"
+        );
         assert_eq!(text.lines().count(), 5, "{text}");
     }
 
     #[test]
     fn no_snapshot_yet_says_so() {
-        let text = render(&json!({"appliance_id": "ap_1", "app": "a", "customer": "c", "resources": []}));
+        let text =
+            render(&json!({"appliance_id": "ap_1", "app": "a", "customer": "c", "resources": []}));
         assert!(text.contains("no snapshot yet"), "{text}");
     }
 }

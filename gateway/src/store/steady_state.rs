@@ -89,12 +89,11 @@ impl Store {
 
     /// How many history rows the appliance has (for tests and pruning checks).
     pub async fn snapshot_count(&self, appliance_id: &str) -> StoreResult<i64> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM steady_state_snapshots WHERE appliance_id = $1",
-        )
-        .bind(appliance_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM steady_state_snapshots WHERE appliance_id = $1")
+                .bind(appliance_id)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(row.try_get("n")?)
     }
 }
@@ -123,14 +122,20 @@ mod tests {
                 .await
                 .unwrap();
         }
-        store.put_snapshots("ap_2", &[row("db", 9)], epoch, 6).await.unwrap();
+        store
+            .put_snapshots("ap_2", &[row("db", 9)], epoch, 6)
+            .await
+            .unwrap();
         let latest = store.latest_snapshots("ap_1").await.unwrap();
         assert_eq!(latest, vec![row("db", 5), row("web", 5)]);
         // Capped at 6 rows: the three newest rounds.
         assert_eq!(store.snapshot_count("ap_1").await.unwrap(), 6);
         // Older than the age limit: gone.
         let cut = Timestamp::from_second(5).unwrap();
-        store.put_snapshots("ap_1", &[row("db", 6)], cut, 100).await.unwrap();
+        store
+            .put_snapshots("ap_1", &[row("db", 6)], cut, 100)
+            .await
+            .unwrap();
         assert_eq!(store.snapshot_count("ap_1").await.unwrap(), 3);
         assert_eq!(store.snapshot_count("ap_2").await.unwrap(), 1);
     }

@@ -162,25 +162,59 @@ impl Collector {
 }
 
 /// One round: every resource probed at once, each bounded by the interval.
-pub async fn collect(config: &AgentConfig, clusters: &Clusters, limit: Duration) -> ApplianceSnapshot {
-    let probes = config.resources.iter().take(MAX_RESOURCES).map(|r| async move {
-        let identity = steady_state_identity(r);
-        let started = Timestamp::now();
-        match tokio::time::timeout(limit, probes::probe(identity, clusters)).await {
-            Ok(health) => health,
-            Err(_) => ResourceHealth {
-                resource_id: r.id.clone(),
-                kind: r.kind,
-                collected_at: started,
-                reachable: false,
-                error: Some(format!("no answer within {}", HumanDuration(limit))),
-                detail: None,
-            },
-        }
-    });
+pub async fn collect(
+    config: &AgentConfig,
+    clusters: &Clusters,
+    limit: Duration,
+) -> ApplianceSnapshot {
+    let probes = config
+        .resources
+        .iter()
+        .take(MAX_RESOURCES)
+        .map(|r| async move {
+            let identity = steady_state_identity(r);
+            let started = Timestamp::now();
+            match tokio::time::timeout(limit, probes::probe(identity, clusters)).await {
+                Ok(health) => health,
+                Err(_) => ResourceHealth {
+                    resource_id: r.id.clone(),
+                    kind: r.kind,
+                    collected_at: started,
+                    reachable: false,
+                    error: Some(format!("no answer within {}", HumanDuration(limit))),
+                    detail: None,
+                },
+            }
+        });
     let resources = futures_util::future::join_all(probes).await;
     ApplianceSnapshot {
         collected_at: Timestamp::now(),
         resources,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<AgentConfig, crate::config::ConfigError> {
+        AgentConfig::parse(text, Path::new("/etc/postern/agent.toml"))
+    }
+
+    #[test]
+    fn the_interval_defaults_to_30s_has_a_floor_and_the_table_refuses_unknown_keys() {
+        let c = parse("audit_path = \"a\"\n").unwrap();
+        assert_eq!(c.steady_state.interval(), DEFAULT_INTERVAL);
+        let c = parse("audit_path = \"a\"\n[steady_state]\ninterval = \"1s\"\n").unwrap();
+        assert_eq!(c.steady_state.interval(), Duration::from_secs(1));
+        let c = parse("audit_path = \"a\"\n[steady_state]\ninterval = \"10ms\"\n").unwrap();
+        assert_eq!(c.steady_state.interval(), MIN_INTERVAL);
+        // `[policy] steady_state` (the on/off switch) keeps working beside the table.
+        let c = parse("audit_path = \"a\"\n[policy]\nsteady_state = false\n[steady_state]\ninterval = \"5s\"\n").unwrap();
+        assert!(!c.policy.steady_state);
+        let e = parse("audit_path = \"a\"\n[steady_state]\nintervall = \"5s\"\n").unwrap_err();
+        assert!(e.to_string().contains("intervall"), "{e}");
+        assert!(parse("audit_path = \"a\"\n[steady_state]\ninterval = \"soon\"\n").is_err());
     }
 }

@@ -179,8 +179,14 @@ async fn kubernetes(
             Err(e) => failures.push(e),
         }
         for (kind, path) in [
-            ("Deployment", format!("/apis/apps/v1/namespaces/{ns}/deployments")),
-            ("StatefulSet", format!("/apis/apps/v1/namespaces/{ns}/statefulsets")),
+            (
+                "Deployment",
+                format!("/apis/apps/v1/namespaces/{ns}/deployments"),
+            ),
+            (
+                "StatefulSet",
+                format!("/apis/apps/v1/namespaces/{ns}/statefulsets"),
+            ),
         ] {
             match clusters.get_json(r, &path).await {
                 Ok(list) => add_workloads(&mut health, kind, &list),
@@ -196,6 +202,8 @@ async fn kubernetes(
         }
     }
     // Partial data is still reported; the first failure says what is missing.
-    Ok((HealthDetail::Kubernetes(health), failures.into_iter().next()))
+    Ok((
+        HealthDetail::Kubernetes(health),
+        failures.into_iter().next(),
+    ))
 }
-
