@@ -278,6 +278,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             policy: PolicySummary::default(),
             trail_number: None,
             trail_heads: false,
+            steady_state: false,
         }),
         &mut b,
     );
@@ -343,6 +344,7 @@ async fn relay_refuses_foreign_certificates_and_bad_frames_and_keeps_serving() -
             policy: PolicySummary::default(),
             trail_number: None,
             trail_heads: false,
+            steady_state: false,
         }),
         &mut b,
     );

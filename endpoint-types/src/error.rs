@@ -40,6 +40,8 @@ pub enum ErrorCode {
     AuditUnavailable,
     /// The appliance could not verify an approver's signed decision.
     ApprovalInvalid,
+    /// The customer turned steady-state observability off for the appliance.
+    SteadyStateDisabled,
 }
 
 impl ErrorCode {
@@ -76,6 +78,7 @@ impl ErrorCode {
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::AuditUnavailable => "AUDIT_UNAVAILABLE",
             ErrorCode::ApprovalInvalid => "APPROVAL_INVALID",
+            ErrorCode::SteadyStateDisabled => "STEADY_STATE_DISABLED",
         }
     }
 
@@ -98,7 +101,8 @@ impl ErrorCode {
             | ErrorCode::ApprovalInvalid
             | ErrorCode::OperateAccessExpired
             | ErrorCode::OperateAccessRequired
-            | ErrorCode::ApplianceRevoked => 403,
+            | ErrorCode::ApplianceRevoked
+            | ErrorCode::SteadyStateDisabled => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict | ErrorCode::DuplicateConnection => 409,
             ErrorCode::EndpointExpired | ErrorCode::EndpointRetired => 410,

@@ -24,6 +24,7 @@ pub mod resource;
 pub mod secret;
 pub mod ssh_scope;
 pub mod ssh_stream;
+pub mod steady_state;
 pub mod teardown;
 pub mod token;
 pub mod trail_head;

@@ -119,6 +119,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/tokens/{id}/revoke", post(token_revoke))
         .route("/v1/appliances", post(appliance_add).get(appliance_list))
         .route("/v1/appliances/{id}/revoke", post(appliance_revoke))
+        .route("/v1/appliances/{id}/status", get(appliance_status))
         .route("/v1/endpoints", post(endpoint_create).get(endpoint_list))
         .route("/v1/endpoints/{id}", get(endpoint_get))
         .route("/v1/endpoints/{id}/retire", post(endpoint_retire))
@@ -550,9 +551,49 @@ async fn steady_state(
             serde_json::json!({}),
         )
         .await;
+    // The agent starts or stops collecting (an acknowledged command; one not connected is told
+    // after its next hello).
+    gw.agents.send(
+        &a.id,
+        endpoint_types::frame::ToAgent::SteadyState {
+            enabled: req.enabled,
+        },
+    );
     Ok(Json(
         serde_json::json!({"appliance_id": a.id, "app": a.app, "customer": a.customer, "steady_state": req.enabled}),
     ))
+}
+
+/// The latest steady-state snapshot per resource (`postern appliance status`).
+async fn appliance_status(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<crate::steady_state_snapshots::StatusReport> {
+    let not_found = || {
+        ApiError::new(ErrorCode::NotFound, format!("no appliance {id}"))
+            .hint("`postern appliance list` shows them")
+    };
+    let a = gw
+        .store
+        .get_appliance(&id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(not_found)?;
+    if !caller.sees_customer(&a.customer) {
+        return Err(not_found().into());
+    }
+    if !gw.grants.steady_state_enabled(&a.id).await {
+        return Err(crate::steady_state_snapshots::disabled(&a.app, &a.customer).into());
+    }
+    let rows = gw.store.latest_snapshots(&a.id).await.map_err(internal)?;
+    Ok(Json(crate::steady_state_snapshots::report(
+        &a.id,
+        &a.app,
+        &a.customer,
+        rows,
+        Timestamp::now(),
+    )))
 }
 
 async fn op_create(

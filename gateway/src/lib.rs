@@ -25,6 +25,7 @@ pub mod ports;
 pub mod relay;
 pub mod relay_windows;
 pub mod server;
+pub mod steady_state_snapshots;
 pub mod store;
 pub mod teardown_proofs;
 pub mod tls_reload;

@@ -67,6 +67,8 @@ pub struct Relay {
     /// The vendor trail's latest signed head, sent to every connected agent (paced,
     /// `crate::head_pacing`).
     pub gateway_heads: tokio::sync::watch::Receiver<Option<SignedHead>>,
+    /// Steady-state snapshots on their way to the store (crate::steady_state_snapshots).
+    pub snapshots: Arc<crate::steady_state_snapshots::SnapshotQueue>,
 }
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
@@ -546,6 +548,7 @@ async fn handle_agent(gw: Arc<Relay>, conn: quinn::Connection, permit: crate::ad
                             delivery,
                             trail_reports: trail.as_ref().map(|(reports, _)| reports.clone()),
                             trail_heads: hello.trail_heads,
+                            steady_state: hello.steady_state,
                         };
                         let ended = control_loop(&gw, &conn, &appliance.id, control).await;
                         if let Some((_, stop)) = trail {
@@ -596,6 +599,8 @@ struct Control {
     trail_heads: bool,
     /// The agent's `TrailRecorded` numbers, for this connection's customer-trail sender.
     trail_reports: Option<watch::Sender<u64>>,
+    /// The agent takes `SteadyState` and sends snapshots (crate::steady_state_snapshots).
+    steady_state: bool,
 }
 
 /// Starts the connection's customer-trail sender (`crate::customer_trail`) for an agent that
@@ -632,6 +637,7 @@ async fn control_loop(
         mut delivery,
         trail_reports,
         trail_heads,
+        steady_state,
     } = control;
     let mut heartbeat = tokio::time::interval(gw.limits.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -654,6 +660,21 @@ async fn control_loop(
             return format!("control stream failed: {e}");
         }
         pacer.sent(tokio::time::Instant::now());
+    }
+    // Whether to collect, as a command: the customer approver's switch (on by default).
+    if steady_state {
+        let enabled = gw
+            .store
+            .steady_state(appliance_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(true);
+        let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
+        let frame = delivery.outgoing(ToAgent::SteadyState { enabled }, deadline);
+        if let Err(e) = write_frame_within(&mut send, &frame, gw.limits.agent_lost_after).await {
+            return format!("control stream failed: {e}");
+        }
     }
     loop {
         let head_at = pacer.next_at(tokio::time::Instant::now());
@@ -721,6 +742,9 @@ async fn control_loop(
                             return format!("control stream failed: {e}");
                         }
                     }
+                    Ok(Some(ToGateway::SteadyStateSnapshot(snapshot))) => {
+                        gw.snapshots.offer(appliance_id, snapshot, Timestamp::now());
+                    }
                     Ok(Some(ToGateway::TeardownProof(signed))) => {
                         let cert = peer_leaf(conn).unwrap_or_default();
                         let ack = crate::teardown_proofs::on_proof(&gw.store, &*gw.audit, appliance_id, &cert, signed).await;
@@ -756,6 +780,10 @@ async fn control_loop(
                 }
             }
             Some(frame) = outgoing.recv() => {
+                // An older agent cannot read it (and collects nothing anyway).
+                if matches!(frame, ToAgent::SteadyState { .. }) && !steady_state {
+                    continue;
+                }
                 let deadline = tokio::time::Instant::now() + gw.limits.agent_lost_after;
                 let frame = delivery.outgoing(frame, deadline);
                 if let Err(e) = write_frame_within(&mut send, &frame, gw.limits.agent_lost_after).await {

@@ -58,6 +58,8 @@ pub struct Gateway {
     /// The runtime the relay, endpoint listeners and sessions run on, apart from the control
     /// plane's: per-packet work stays on its own thread(s) without cross-thread wake-ups.
     pub data_plane: tokio::runtime::Handle,
+    /// Steady-state snapshots on their way to the store (crate::steady_state_snapshots).
+    pub snapshots: Arc<crate::steady_state_snapshots::SnapshotQueue>,
 }
 
 /// What was opened under a grant, ended through the endpoints module.
@@ -354,6 +356,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     ));
     tasks.spawn(crate::webhooks::run(webhooks.clone(), shutdown.clone()));
     let notifier = webhooks.clone();
+    let snapshots = Arc::new(crate::steady_state_snapshots::SnapshotQueue::default());
+    tasks.spawn(snapshots.clone().run(store.clone(), shutdown.clone()));
     // Cyclic: grants end endpoints and endpoints ask grants, through the gateway's handle.
     let gateway = Arc::new_cyclic(|me: &Weak<Gateway>| {
         let grants = Arc::new(Grants::new(
@@ -424,6 +428,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
             shutdown,
             tasks,
             data_plane: data_handle,
+            snapshots: snapshots.clone(),
         }
     });
 
@@ -448,6 +453,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         gateway_heads: audit_heads.subscribe(),
         door: doors.relay.clone(),
         denied: denied.clone(),
+        snapshots: gateway.snapshots.clone(),
     });
     gateway.tasks.spawn(crate::denied_aggregate::run(
         denied,

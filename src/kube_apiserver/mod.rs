@@ -276,6 +276,44 @@ impl KubeApiServer {
             .put("", "pods", ns, name, objects::pod(ns, name, uid), "ADDED");
     }
 
+    /// Turns an existing pod's `Ready` condition (and its container's `ready`) on or off, as
+    /// a failing readiness probe would; false if there is no such pod.
+    pub fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) -> bool {
+        let key = (
+            String::new(),
+            "pods".to_string(),
+            ns.to_string(),
+            name.to_string(),
+        );
+        let Some(mut pod) = self.shared.store().objects.get(&key).cloned() else {
+            return false;
+        };
+        let status = if ready { "True" } else { "False" };
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": status}]);
+        if let Some(c) = pod.pointer_mut("/status/containerStatuses/0") {
+            c["ready"] = json!(ready);
+        }
+        self.shared.put("", "pods", ns, name, pod, "MODIFIED");
+        true
+    }
+
+    /// Records a `Warning` event about a pod, seen now.
+    pub fn add_warning(&self, ns: &str, pod: &str, reason: &str, message: &str) {
+        let uid = self.shared.next_uid();
+        let name = format!("{pod}.{uid}");
+        let event = objects::object(
+            "",
+            "Event",
+            Some(ns),
+            &name,
+            uid,
+            json!({"type": "Warning", "reason": reason, "message": message, "count": 1,
+                   "lastTimestamp": jiff::Timestamp::now().to_string(),
+                   "involvedObject": {"kind": "Pod", "namespace": ns, "name": pod}}),
+        );
+        self.shared.put("", "events", ns, &name, event, "ADDED");
+    }
+
     /// What `tar -x` in exec sessions received (one entry per session): `kubectl cp` uploads.
     pub fn uploads(&self) -> Vec<Vec<u8>> {
         self.shared

@@ -91,6 +91,10 @@ pub struct AgentConfig {
     /// reserves for a person. None listed: the gateway's word is taken (the old behaviour).
     #[serde(default, rename = "approver")]
     pub approvers: Vec<ApproverConfig>,
+    /// `[steady_state]`: how often health snapshots are collected (whether they are is
+    /// `[policy] steady_state` and the customer approver's switch).
+    #[serde(default)]
+    pub steady_state: crate::steady_state::SteadyStateConfig,
 }
 
 /// One `[[approver]]` of `agent.toml`.

@@ -32,6 +32,7 @@ pub mod record_approval;
 pub mod sessions;
 pub mod ssh;
 pub mod ssh_teardown;
+pub mod steady_state;
 pub mod teardown_proof;
 pub mod trail_heads;
 pub mod trail_writer;

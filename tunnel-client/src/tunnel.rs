@@ -128,6 +128,8 @@ struct Agent {
     record_approvals: crate::record_approval::RecordApprovals,
     /// The connected gateway takes `ApprovalRefused` (from its hello answer).
     reports_refusals: std::sync::atomic::AtomicBool,
+    /// Steady-state snapshots, collected while the gateway says so (crate::steady_state).
+    steady: crate::steady_state::Collector,
 }
 
 /// Runs the agent until `shutdown` is cancelled. `ready` receives the first accepted hello.
@@ -238,9 +240,16 @@ pub async fn run(
         })?;
     let record_approvals =
         crate::record_approval::RecordApprovals::from_config(&config, Timestamp::now());
+    let steady = crate::steady_state::Collector::new(
+        config.clone(),
+        sessions.kube.clone(),
+        audit.clone(),
+        tracker.clone(),
+    );
     let agent = Agent {
         record_approvals,
         reports_refusals: Default::default(),
+        steady,
         config,
         enrollment,
         quic: Mutex::new(quic),
@@ -344,6 +353,8 @@ impl Agent {
             ended = self.serve(&conn, &mut hello, ready) => ended,
             () = shutdown.cancelled() => Ended::Shutdown,
         };
+        // The next connection's gateway says again whether to collect.
+        self.steady.stop();
         let endpoints_cut = self
             .live
             .lock()
@@ -397,6 +408,7 @@ impl Agent {
             policy: self.config.policy_summary(),
             trail_number: Some(self.gateway_trail.last()),
             trail_heads: true,
+            steady_state: true,
         });
         if let Err(e) = send_frame(&mut send, &frame, HELLO_TIMEOUT).await {
             return Ended::lost(format!("cannot send the hello: {e}"));
@@ -472,6 +484,7 @@ impl Agent {
         // Only a gateway that signs heads itself (it names its audit key) knows the frame.
         let mut heads = self.audit.latest_head().filter(|_| ack.audit_key.is_some());
         let latest = heads.as_mut().and_then(|h| h.borrow_and_update().clone());
+        let mut snapshots = self.steady.subscribe();
         if let Some(head) = latest {
             if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {
                 return Ended::lost(format!("cannot send the trail's head: {e}"));
@@ -509,6 +522,15 @@ impl Agent {
                 Some(head) = next_head(&mut heads) => {
                     if let Err(e) = send_frame(&mut send, &ToGateway::TrailHead(head), lost_after).await {
                         return Ended::lost(format!("cannot send the trail's head: {e}"));
+                    }
+                }
+                // Latest wins: only the newest snapshot is sent (crate::steady_state).
+                Ok(()) = snapshots.changed() => {
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    if let Some(snapshot) = snapshot {
+                        if let Err(e) = send_frame(&mut send, &ToGateway::SteadyStateSnapshot(snapshot), lost_after).await {
+                            return Ended::lost(format!("cannot send a steady-state snapshot: {e}"));
+                        }
                     }
                 }
                 Some(frame) = op_rx.recv() => {
@@ -676,6 +698,7 @@ impl Agent {
             } => self.sessions.proofs.acked(&endpoint_id, refused.as_ref()),
             ToAgent::TrailHead(head) => self.anchors.on_head(head, &self.audit),
             ToAgent::CertRenewal(answer) => self.renewal.answer(answer),
+            ToAgent::SteadyState { enabled } => self.steady.set_enabled(enabled),
             ToAgent::Error(e) => {
                 let hint = if e.hint.is_empty() {
                     String::new()

@@ -102,6 +102,12 @@ pub enum ToAgent {
     /// The answer to the agent's [`ToGateway::CertRenew`] (crate::cert_renewal). A request and
     /// its answer, not a command: a lost answer is asked for again with a new key.
     CertRenewal(crate::cert_renewal::CertRenewAnswer),
+    /// Whether the agent collects steady-state snapshots (the customer approver's switch,
+    /// sent after every hello and on every change). Until it arrives the agent collects
+    /// nothing.
+    SteadyState {
+        enabled: bool,
+    },
 }
 
 /// The gateway → agent frames that change what the agent allows, and so are sent as a numbered,
@@ -138,6 +144,9 @@ pub enum AgentCommand {
         records: Vec<GatewayRecord>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lost_through: Option<u64>,
+    },
+    SteadyState {
+        enabled: bool,
     },
 }
 
@@ -210,6 +219,9 @@ pub enum ToGateway {
     /// A fresh key's CSR, to renew the appliance certificate (crate::cert_renewal); sent only
     /// to a gateway whose hello answer has `cert_renewal`. Answered with [`ToAgent::CertRenewal`].
     CertRenew(crate::cert_renewal::CertRenewRequest),
+    /// A steady-state health snapshot of the appliance's resources. Latest wins: not
+    /// acknowledged; one lost is replaced by the next an interval later.
+    SteadyStateSnapshot(crate::steady_state::ApplianceSnapshot),
 }
 
 impl Handshake {
@@ -249,6 +261,7 @@ impl ToAgent {
             ToAgent::TeardownAck { .. } => "teardown_ack",
             ToAgent::TrailHead(_) => "trail_head",
             ToAgent::CertRenewal(_) => "cert_renewal",
+            ToAgent::SteadyState { .. } => "steady_state",
         }
     }
 
@@ -265,6 +278,7 @@ impl ToAgent {
                 | ToAgent::OutputRelease { .. }
                 | ToAgent::OutputDestroy { .. }
                 | ToAgent::TrailRecords { .. }
+                | ToAgent::SteadyState { .. }
         )
     }
 }
@@ -281,6 +295,7 @@ impl AgentCommand {
             AgentCommand::OutputRelease { .. } => "output_release",
             AgentCommand::OutputDestroy { .. } => "output_destroy",
             AgentCommand::TrailRecords { .. } => "trail_records",
+            AgentCommand::SteadyState { .. } => "steady_state",
         }
     }
 }
@@ -324,6 +339,7 @@ impl From<AgentCommand> for ToAgent {
                 records,
                 lost_through,
             },
+            AgentCommand::SteadyState { enabled } => ToAgent::SteadyState { enabled },
         }
     }
 }
@@ -371,6 +387,7 @@ impl TryFrom<ToAgent> for AgentCommand {
                 records,
                 lost_through,
             }),
+            ToAgent::SteadyState { enabled } => Ok(AgentCommand::SteadyState { enabled }),
             other @ (ToAgent::Heartbeat { .. }
             | ToAgent::HeartbeatAck { .. }
             | ToAgent::OutputFetch { .. }
@@ -402,6 +419,7 @@ impl ToGateway {
             ToGateway::TrailHead(_) => "trail_head",
             ToGateway::ApprovalRefused { .. } => "approval_refused",
             ToGateway::CertRenew(_) => "cert_renew",
+            ToGateway::SteadyStateSnapshot(_) => "steady_state_snapshot",
         }
     }
 }

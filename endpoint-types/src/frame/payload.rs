@@ -21,6 +21,10 @@ pub struct Hello {
     /// to no other agent, so an older agent is never sent a frame it cannot read.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trail_heads: bool,
+    /// The agent takes `ToAgent::SteadyState` and collects snapshots (crate::steady_state);
+    /// an older agent is never sent the frame.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub steady_state: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

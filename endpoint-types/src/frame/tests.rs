@@ -30,6 +30,7 @@ fn hello() -> Hello {
         },
         trail_number: Some(3),
         trail_heads: true,
+        steady_state: false,
     }
 }
 

@@ -8,6 +8,7 @@ mod control;
 mod dev;
 mod play;
 mod profile;
+mod status;
 mod store_location;
 mod teardown;
 mod tokens;
@@ -134,6 +135,8 @@ enum ApplianceCmd {
     List,
     /// Cut the appliance's agent and refuse its certificate from now on.
     Revoke { id: String },
+    /// The latest steady-state health snapshot per resource, with its age.
+    Status(status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -493,6 +496,7 @@ async fn appliance(cmd: ApplianceCmd, c: &ApiClient, out: OutputFormat) -> Resul
                 }
             }
         }
+        ApplianceCmd::Status(args) => status::run(args, c, out).await?,
         ApplianceCmd::Revoke { id } => {
             let a: ApplianceRecord = c
                 .post(

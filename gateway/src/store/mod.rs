@@ -13,6 +13,7 @@ mod op_list;
 mod refusals;
 mod signed;
 mod spine;
+mod steady_state;
 mod teardown;
 mod tokens;
 mod webhooks;
@@ -22,6 +23,7 @@ pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
+pub use steady_state::SnapshotRow;
 pub use teardown::TeardownProofRow;
 pub use tokens::{TokenRevocation, TokenRow};
 pub use webhooks::{
@@ -142,6 +144,11 @@ fn migrator() -> Migrator {
             14,
             "op requester id",
             include_str!("../../migrations/0014_op_requester_id.sql"),
+        ),
+        m(
+            15,
+            "steady-state snapshots",
+            include_str!("../../migrations/0015_steady_state_snapshots.sql"),
         ),
         m(
             17,

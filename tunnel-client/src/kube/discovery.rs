@@ -143,7 +143,10 @@ impl Clusters {
     }
 }
 
-async fn get_json(upstream: &Upstream, path: &str) -> Result<serde_json::Value, DiscoveryError> {
+pub(super) async fn get_json(
+    upstream: &Upstream,
+    path: &str,
+) -> Result<serde_json::Value, DiscoveryError> {
     let mut req = Request::builder()
         .method("GET")
         .uri(path)

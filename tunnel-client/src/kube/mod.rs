@@ -87,6 +87,24 @@ impl Clusters {
     }
 }
 
+impl Clusters {
+    /// A read-only `GET` of a JSON document as the resource's credential (steady-state
+    /// collection, [`crate::steady_state`]); the upstream is shared with endpoints.
+    pub async fn get_json(
+        &self,
+        resource: &ResourceConfig,
+        path: &str,
+    ) -> Result<serde_json::Value, String> {
+        let upstream = self
+            .upstream_for(resource)
+            .await
+            .map_err(|e| e.to_string())?;
+        discovery::get_json(&upstream, path)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// `agent.toml` checks for a kubernetes resource: namespaces valid, resource names RBAC-like
 /// (bare ones are resolved through discovery at start-up), verbs known.
 /// A resource without `namespaces` still serves one-off `kubectl` ops (which run under the
