@@ -726,6 +726,112 @@ fn retired_while_the_agent_is_stopped_it_is_torn_down_and_proved_when_the_agent_
     Ok(())
 }
 
+/// The appliance revoked with a Postgres endpoint live: the gateway cuts the agent and will
+/// not take its proofs any more, so the proof lives in the customer's trail alone. It holds
+/// a signed `endpoint.teardown` with reason `revoked` that verifies with the appliance's own
+/// certificate (and fails once edited), the role is gone, and the endpoint is refused.
+#[test]
+fn appliance_revoked_its_endpoint_is_torn_down_and_proved_in_the_customer_trail() -> Result<()> {
+    revoked_appliance_proves_its_teardown("pg-revoked", false)
+}
+
+/// The same, revoked while the agent is stopped: the gateway refuses the agent's hello as
+/// revoked, and the agent tears the endpoint down and proves it then (marked offline).
+#[test]
+fn appliance_revoked_while_the_agent_is_stopped_it_proves_the_teardown_when_refused() -> Result<()>
+{
+    revoked_appliance_proves_its_teardown("pg-revoked-off", true)
+}
+
+fn revoked_appliance_proves_its_teardown(app: &str, agent_stopped: bool) -> Result<()> {
+    let mut s = setup(app)?;
+    let (id, cs) = s.create(app, "10m")?;
+    let role = format!("postern_{id}");
+    assert!(psql(&cs, "SELECT 1").ok);
+    let count = format!("SELECT count(*) FROM pg_roles WHERE rolname = '{role}'");
+    assert_eq!(s.admin(&count), "1");
+
+    if agent_stopped {
+        s.agent.stop();
+    }
+    s.gw.cli(&["appliance", "revoke", &s.agent.appliance_id])?
+        .ok()?;
+    if agent_stopped {
+        assert_eq!(s.admin(&count), "1", "nothing at the appliance acted yet");
+        s.agent.run()?;
+    }
+    let mut proof = None;
+    wait_until(Duration::from_secs(60), || {
+        proof = s
+            .customer_records("endpoint.teardown")
+            .into_iter()
+            .find(|r| r["endpoint_id"] == id.as_str());
+        proof.is_some()
+    });
+    let record =
+        proof.ok_or_else(|| anyhow!("no endpoint.teardown for {id} in the customer trail"))?;
+    let signed: endpoint_types::teardown::SignedTeardown =
+        serde_json::from_value(record["detail"].clone())?;
+    assert_eq!(
+        signed.proof.reason,
+        endpoint_types::resource::CloseReason::Revoked,
+        "{record}"
+    );
+    assert_eq!(signed.proof.endpoint_id, id);
+    assert_eq!(signed.proof.appliance_id, s.agent.appliance_id);
+    if agent_stopped {
+        assert!(signed.proof.offline, "{record}");
+    }
+    for name in PG_CHECKS {
+        let c = signed
+            .proof
+            .check(name)
+            .ok_or_else(|| anyhow!("no {name} check in {record}"))?;
+        assert!(c.passed, "check {name} did not pass: {record}");
+    }
+    let cert_pem = std::fs::read_to_string(s.agent.config.with_file_name("agent.crt"))?;
+    let cert_der = pem_der(&cert_pem)?;
+    certs::record_signature::verify_with_cert(
+        &cert_der,
+        signed.proof.canonical().as_bytes(),
+        &signed.signature,
+    )?;
+    let mut edited = signed.clone();
+    edited.proof.reason = endpoint_types::resource::CloseReason::Retired;
+    assert!(
+        certs::record_signature::verify_with_cert(
+            &cert_der,
+            edited.proof.canonical().as_bytes(),
+            &edited.signature,
+        )
+        .is_err(),
+        "an edited proof must not verify"
+    );
+    // The record sits in a chain that still verifies.
+    let verified = s.agent.verify_trail()?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+
+    assert_eq!(s.admin(&count), "0");
+    let r = psql(&cs, "SELECT 1");
+    assert!(
+        !r.ok,
+        "the endpoint of a revoked appliance still let psql in"
+    );
+    Ok(())
+}
+
+/// The DER of the first certificate in `pem`.
+fn pem_der(pem: &str) -> Result<Vec<u8>> {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    Ok(base64::engine::general_purpose::STANDARD.decode(body)?)
+}
+
 #[test]
 fn past_the_session_limit_psql_gets_53300() -> Result<()> {
     let s = setup_with("pg-limit", Some(1))?;

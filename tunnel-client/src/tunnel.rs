@@ -101,6 +101,17 @@ impl Ended {
     }
 }
 
+/// Whether the gateway closed `conn` because the appliance is revoked. A revoked appliance is
+/// refused before its hello (and cut when revoked while connected) by a connection close whose
+/// reason starts with the error code, not by an `Error` frame.
+fn closed_as_revoked(conn: &Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c))
+            if c.reason.starts_with(ErrorCode::ApplianceRevoked.as_str().as_bytes())
+    )
+}
+
 /// Delay before reconnect attempt `attempt` (0-based): full jitter over an exponentially
 /// growing ceiling, so a fleet of agents does not redial a restarted gateway in lockstep.
 pub fn backoff(attempt: u32, cap: Duration) -> Duration {
@@ -355,6 +366,16 @@ impl Agent {
         };
         // The next connection's gateway says again whether to collect.
         self.steady.stop();
+        let ended = match ended {
+            Ended::Lost {
+                reason,
+                revoked: false,
+            } if closed_as_revoked(&conn) => Ended::Lost {
+                reason,
+                revoked: true,
+            },
+            other => other,
+        };
         let endpoints_cut = self
             .live
             .lock()
