@@ -19,6 +19,8 @@ pub struct GatewayConfig {
     pub server_names: Vec<String>,
     pub endpoint_host: IpAddr,
     pub limits: Limits,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (crate::metrics); None = nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +70,7 @@ impl GatewayConfig {
             server_names: Vec::new(),
             endpoint_host: LOCALHOST,
             limits: Limits::default(),
+            metrics: None,
         }
     }
 }
@@ -85,6 +88,7 @@ struct FileConfig {
     endpoint_host: Option<IpAddr>,
     #[serde(default)]
     limits: FileLimits,
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +140,7 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     }
     cfg.store = f.store;
     cfg.server_names = f.server_names;
+    cfg.metrics = f.metrics;
     if let Some(h) = f.endpoint_host {
         cfg.endpoint_host = h;
     }

@@ -18,6 +18,7 @@ pub mod framed;
 pub mod grants;
 pub mod identity;
 pub mod lookup;
+pub mod metrics;
 pub mod ops;
 pub mod ports;
 pub mod relay;

@@ -7,6 +7,7 @@
 mod control;
 mod customer_trail;
 mod endpoint_list;
+mod gauges;
 mod grant_list;
 mod op_list;
 mod signed;
@@ -18,6 +19,7 @@ mod webhooks;
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
 pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
+pub use gauges::StateCount;
 pub use grant_list::GrantWithOwner;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
 pub use teardown::TeardownProofRow;
