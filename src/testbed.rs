@@ -125,6 +125,8 @@ pub struct Gateway {
     pub ca_fingerprint: String,
     pub admin_token: String,
     pub log: PathBuf,
+    /// The metrics listener, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -251,6 +253,7 @@ impl Gateway {
                 .trim()
                 .to_string(),
             log,
+            metrics: v["metrics"].as_str().map(str::parse).transpose()?,
         })
     }
 

@@ -158,6 +158,11 @@ impl Door {
         self.counts().total()
     }
 
+    /// The listener this door admits to (`relay`, `api`, …).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// Handshakes refused since start.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)

@@ -75,6 +75,8 @@ struct Chain {
     health: std::sync::Mutex<Health>,
     /// The last seq written by this process, for the signed heads (crate::audit_heads).
     commits: tokio::sync::watch::Sender<i64>,
+    /// Counts sessions and times commits when the gateway serves metrics (crate::metrics).
+    metrics: std::sync::OnceLock<crate::metrics::GatewayMetrics>,
 }
 
 /// Whether the trail can be written. Sessions hold a clone of `live`: it is cancelled the
@@ -134,6 +136,7 @@ impl AuditLog {
         let chain = Arc::new(Chain {
             store,
             commits: tokio::sync::watch::channel(head.0).0,
+            metrics: std::sync::OnceLock::new(),
             head: Mutex::new(head),
             health: std::sync::Mutex::new(Health {
                 live: CancellationToken::new(),
@@ -144,6 +147,22 @@ impl AuditLog {
         // Ends when the log (the last sender) is dropped, after writing what was queued.
         tokio::spawn(write_queued(chain.clone(), rx));
         Ok(AuditLog { chain, queue })
+    }
+
+    /// Has records counted and commits timed in `metrics` from now on.
+    pub fn count_in(&self, metrics: crate::metrics::GatewayMetrics) {
+        let _ = self.chain.metrics.set(metrics);
+    }
+
+    /// Records queued for the writer and not yet taken by it.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+
+    fn observe(&self, kind: &str, detail: &serde_json::Value) {
+        if let Some(m) = self.chain.metrics.get() {
+            m.observe_record(kind, detail);
+        }
     }
 
     pub async fn append(
@@ -231,6 +250,7 @@ impl AuditLog {
         detail: serde_json::Value,
     ) -> Result<(), TrailDown> {
         self.chain.watch()?;
+        self.observe(kind, &detail);
         match self
             .append(kind, actor, subject.clone(), detail, Timestamp::now())
             .await
@@ -287,6 +307,7 @@ impl AuditLog {
         detail: serde_json::Value,
     ) {
         let now = Timestamp::now();
+        self.observe(kind, &detail);
         // While the trail is down the writer holds earlier records: queue behind them.
         if self.chain.watch().is_ok() {
             match self
@@ -414,7 +435,11 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
             }
         }
         if !records.is_empty() {
+            let started = std::time::Instant::now();
             chain.append_batch(records, &mut flushes).await;
+            if let Some(m) = chain.metrics.get() {
+                m.observe_audit_commit(started.elapsed());
+            }
         }
         // A flush is answered after the records received with it, which include everything
         // its sender queued before it.

@@ -23,6 +23,8 @@ pub struct GatewayConfig {
     /// by the API instead of one the gateway CA issues, reloaded on change (crate::tls_reload).
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (crate::metrics); None = nowhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +84,7 @@ impl GatewayConfig {
             limits: Limits::default(),
             tls_cert: None,
             tls_key: None,
+            metrics: None,
         }
     }
 }
@@ -103,6 +106,7 @@ struct FileConfig {
     agent_cert_lifetime: Option<HumanDuration>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +159,7 @@ pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
     }
     cfg.store = f.store;
     cfg.server_names = f.server_names;
+    cfg.metrics = f.metrics;
     if let Some(h) = f.endpoint_host {
         cfg.endpoint_host = h;
     }

@@ -20,6 +20,7 @@ pub mod grants;
 pub mod head_pacing;
 pub mod identity;
 pub mod lookup;
+pub mod metrics;
 pub mod ops;
 pub mod ports;
 pub mod relay;

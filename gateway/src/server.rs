@@ -111,6 +111,8 @@ pub struct RunningGateway {
     pub ca_fingerprint: String,
     pub ca_file: PathBuf,
     pub admin_token_file: PathBuf,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when asked for.
+    pub metrics: Option<SocketAddr>,
     relay_endpoint: quinn::Endpoint,
     data_plane: DataPlane,
 }
@@ -166,13 +168,17 @@ impl Drop for DataPlane {
 impl RunningGateway {
     /// The `--output json` line of `postern server` / `postern dev`.
     pub fn ready_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut ready = serde_json::json!({
             "api": self.api.to_string(),
             "relay": self.relay.to_string(),
             "ca_fingerprint": self.ca_fingerprint,
             "ca_file": self.ca_file,
             "admin_token_file": self.admin_token_file,
-        })
+        });
+        if let Some(m) = self.metrics {
+            ready["metrics"] = serde_json::json!(m.to_string());
+        }
+        ready
     }
 
     /// Layered shutdown: stop accepting, cut sessions, tell agents, drain tasks with a grace
@@ -332,6 +338,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     let data_dir = absolute(&cfg.data_dir);
     let doors = crate::admission::FrontDoors::new(cfg.limits.unauthenticated);
+    let (metrics, registry) = crate::metrics::GatewayMetrics::new();
+    audit.count_in(metrics.clone());
     let front = Arc::new(FrontEndContext {
         endpoints: live_endpoints.clone(),
         agents: agents.clone(),
@@ -553,6 +561,33 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         .restore()
         .await
         .context("restoring endpoints from the store")?;
+    let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics_addr = match cfg.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener on tcp {addr}"))?;
+            let bound = listener.local_addr()?;
+            let sources = crate::metrics::Sources {
+                store: gateway.store.clone(),
+                audit: (*gateway.audit).clone(),
+                agents: gateway.agents.clone(),
+                doors,
+                listening: listening.clone(),
+            };
+            gateway.tasks.spawn(crate::metrics::serve(
+                listener,
+                metrics,
+                registry,
+                sources,
+                gateway.shutdown.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
+    // Every listener is bound by now.
+    listening.store(true, std::sync::atomic::Ordering::Release);
 
     Ok(RunningGateway {
         ca_fingerprint: gateway.ca.fingerprint(),
@@ -561,6 +596,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         relay,
         ca_file: absolute(&dir.ca_cert()),
         admin_token_file: absolute(&dir.admin_token()),
+        metrics: metrics_addr,
         relay_endpoint,
         data_plane,
     })

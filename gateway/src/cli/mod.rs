@@ -110,6 +110,20 @@ struct ServerArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this TCP address (off by default;
+    /// port 0 picks a free port, printed in the ready line).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Log lines on stderr as text or as one JSON object per line (filter: RUST_LOG).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -253,7 +267,14 @@ enum AuditCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Server(_) | Command::Dev(_)));
+    let log_format = match &cli.command {
+        Command::Server(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(
+        matches!(cli.command, Command::Server(_) | Command::Dev(_)),
+        log_format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -283,14 +304,18 @@ pub enum Outcome {
     EndedBadly,
 }
 
-fn init_tracing(long_running: bool) {
+fn init_tracing(long_running: bool, format: LogFormat) {
     let default = if long_running { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => fmt.try_init(),
+        // One object per line: {"timestamp","level","fields":{"message",…},"target"}.
+        LogFormat::Json => fmt.json().try_init(),
+    };
 }
 
 fn fail(output: OutputFormat, e: &ApiError) -> ExitCode {
@@ -402,6 +427,9 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
         cfg.limits.agent_cert_lifetime = crate::cert_renewal::parse_lifetime(text)
             .map_err(|m| ApiError::invalid(format!("--agent-cert-lifetime: {m}")))?;
     }
+    if let Some(m) = args.metrics {
+        cfg.metrics = Some(m);
+    }
     let running = server::start(cfg).await.map_err(|e| {
         match e.downcast_ref::<crate::admin_recovery::MissingAdminToken>() {
             Some(missing) => ApiError::invalid(missing.to_string()).hint(missing.hint()),
@@ -414,6 +442,9 @@ async fn run_server(args: ServerArgs, out: OutputFormat) -> Result<(), ApiError>
             println!("postern gateway is up");
             println!("  api    https://{}", running.api);
             println!("  relay  udp {}", running.relay);
+            if let Some(m) = running.metrics {
+                println!("  metrics http://{m}/metrics");
+            }
             println!(
                 "  CA     {} ({})",
                 running.ca_fingerprint,

@@ -196,6 +196,7 @@ pub async fn closed(
     extra: serde_json::Value,
 ) {
     let mut detail = serde_json::json!({
+        "type": ep.endpoint_type.as_str(),
         "reason": reason.as_str(),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
