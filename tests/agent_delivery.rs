@@ -123,6 +123,17 @@ fn count_kind(trail: &[Value], kind: &str) -> usize {
     trail.iter().filter(|e| e["kind"] == kind).count()
 }
 
+/// What the gateway logged about agent connections (connects, drops and why), for a failure's
+/// message.
+fn connection_lines(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("agent connected") || l.contains("agent disconnected") || l.contains("dropping"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn grant_ids(entry: &Value) -> Vec<String> {
     entry["detail"]["grants"]
         .as_array()
@@ -415,8 +426,10 @@ fn a_burst_of_500_endpoint_changes_is_applied_at_the_agent_every_one_in_order() 
             trail = agent.trail().unwrap_or_default();
             ended(&trail) >= expected
         }),
-        "{} of {expected} retirements reached the agent",
-        ended(&trail)
+        "{} of {expected} retirements reached the agent; agent connections {} (before the burst {connects_before}); gateway on the agent's connections:\n{}",
+        ended(&trail),
+        count_kind(&trail, "agent.connected"),
+        connection_lines(&gw.log)
     );
     let position = |kind: &str, id: &str| {
         trail

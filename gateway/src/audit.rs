@@ -118,6 +118,9 @@ enum Queued {
     /// Answered once everything queued before it is in the store, or at once with the
     /// store's error if the batch holding them failed.
     Flush(oneshot::Sender<Result<(), TrailDown>>),
+    /// A record and a flush right behind it, in one message so the writer never waits for
+    /// more (group commit) while its caller waits ([`AuditLog::record`]).
+    RecordFlush(Pending, oneshot::Sender<Result<(), TrailDown>>),
 }
 
 /// Clones share the one chain and writer queue.
@@ -310,13 +313,39 @@ impl AuditLog {
         self.observe(kind, &detail);
         // While the trail is down the writer holds earlier records: queue behind them.
         if self.chain.watch().is_ok() {
-            match self
-                .append(kind, actor, subject.clone(), detail.clone(), now)
-                .await
-            {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::error!(kind, error = %e, "could not write audit record; holding it")
+            if let Ok(raw) = serde_json::value::to_raw_value(&detail) {
+                let pending = Pending {
+                    kind: kind.to_string().into(),
+                    actor: Arc::from(actor),
+                    subject: Arc::new(subject.clone()),
+                    detail: raw,
+                    time: now,
+                };
+                // Through the writer, which takes every caller's records queued meanwhile into
+                // one transaction: a burst of API calls (1000 revocations) costs a commit per
+                // round, not one each. Once queued the record is the writer's: a batch the store
+                // refuses is held and retried there (the trail is marked down meanwhile), so an
+                // error here is not a lost record.
+                let (done, written) = oneshot::channel();
+                match self.queue.send(Queued::RecordFlush(pending, done)).await {
+                    Ok(()) => {
+                        if let Ok(Err(e)) = written.await {
+                            tracing::error!(kind, error = %e, "could not write audit record; the writer holds it");
+                        }
+                        return;
+                    }
+                    Err(mpsc::error::SendError(_)) => {
+                        // Only if the writer task is gone: write it here.
+                        match self
+                            .append(kind, actor, subject.clone(), detail.clone(), now)
+                            .await
+                        {
+                            Ok(_) => return,
+                            Err(e) => {
+                                tracing::error!(kind, error = %e, "could not write audit record; holding it")
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -417,7 +446,11 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
         // same transaction. The channel is not polled while waiting, so those sends wake
         // nobody: the writer (and the store's worker) wake once per batch, not per statement.
         // A flush (a session ending) waits at most this long more.
-        if items.len() < QUEUE_BATCH && !items.iter().any(|i| matches!(i, Queued::Flush(_))) {
+        if items.len() < QUEUE_BATCH
+            && !items
+                .iter()
+                .any(|i| matches!(i, Queued::Flush(_) | Queued::RecordFlush(..)))
+        {
             tokio::time::sleep(GROUP_COMMIT_WAIT).await;
             while items.len() < QUEUE_BATCH {
                 match rx.try_recv() {
@@ -432,6 +465,10 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
             match item {
                 Queued::Record(p) => records.push(p),
                 Queued::Flush(done) => flushes.push(done),
+                Queued::RecordFlush(p, done) => {
+                    records.push(p);
+                    flushes.push(done);
+                }
             }
         }
         if !records.is_empty() {

@@ -14,8 +14,9 @@
 //! refused ([`room`]); decisions on requests already made still go in.
 
 use crate::{
+    agent_rounds::AgentRounds,
     ports::AgentPort,
-    store::{Store, OUTBOX_BOUND},
+    store::{Store, TrailPosition, OUTBOX_BOUND},
 };
 use endpoint_types::{customer_trail::GatewayRecord, frame::ToAgent, ApiError, ErrorCode};
 use std::{sync::Arc, time::Duration};
@@ -59,13 +60,21 @@ pub async fn room_for_request(store: &Store, appliance_id: &str) -> Result<(), A
     room(store, appliance_id, OUTBOX_BOUND).await
 }
 
-/// The sender's position, sans IO: one batch in flight at a time.
+/// The sender's position, sans IO: one batch in flight at a time, and the outbox read only
+/// when it may hold something not sent yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxCursor {
     /// The last number the agent reported its trail holds.
     recorded: u64,
     /// The last number of the batch sent and not yet reported on.
     in_flight: Option<u64>,
+    /// The highest number sent on this connection (0: none yet).
+    highest_sent: u64,
+    /// Whether the outbox may hold records after `recorded` that were not sent: records were
+    /// added since it was last read (the bell), the last batch was cut short, or the agent
+    /// reported less than was sent. Without it, every report cost two reads that found
+    /// nothing (scale_bench: one per revocation, on the store's one SQLite connection).
+    look: bool,
 }
 
 /// What a report from the agent means for the sender.
@@ -84,24 +93,53 @@ impl OutboxCursor {
         OutboxCursor {
             recorded,
             in_flight: None,
+            highest_sent: 0,
+            look: true,
         }
     }
 
-    /// The number to send records after, when nothing is in flight.
+    /// The number to read records after: when nothing is in flight and the outbox may hold
+    /// something not sent.
     pub fn next_after(&self) -> Option<u64> {
-        self.in_flight.is_none().then_some(self.recorded)
+        (self.in_flight.is_none() && self.look).then_some(self.recorded)
     }
 
-    pub fn sent(&mut self, last: u64) {
+    /// A batch ending at `last` went out; `more` if the read was cut short (more records may
+    /// follow it).
+    pub fn sent(&mut self, last: u64, more: bool) {
         self.in_flight = Some(last);
+        self.highest_sent = self.highest_sent.max(last);
+        self.look = more;
+    }
+
+    /// The outbox held nothing after [`OutboxCursor::next_after`].
+    pub fn read_all(&mut self) {
+        self.look = false;
+    }
+
+    /// Records were added (or may have been, by another replica): read again when free.
+    pub fn rung(&mut self) {
+        self.look = true;
     }
 
     pub fn reported(&mut self, number: u64) -> Reported {
         let sent = self.in_flight.take();
         self.recorded = number;
         match sent {
-            Some(last) if number < last => Reported::Behind,
+            Some(last) if number < last => {
+                self.look = true;
+                Reported::Behind
+            }
             _ => Reported::Caught,
+        }
+    }
+
+    /// The report of `number` as the store takes it: within what this connection sent, the
+    /// head row exists and the numbering is past it.
+    pub fn position(&self, number: u64) -> TrailPosition {
+        TrailPosition {
+            number,
+            within_sent: self.highest_sent > 0 && number <= self.highest_sent,
         }
     }
 
@@ -127,28 +165,47 @@ fn fit_batch(mut records: Vec<GatewayRecord>) -> Vec<GatewayRecord> {
     records
 }
 
-/// What to send after `after`: the next records, and the number up to which records after
-/// `after` are gone (pruned once reported, so the agent's trail lost them since); `None` when
-/// there is nothing.
+/// The next batch to send after `after`.
+struct Batch {
+    records: Vec<GatewayRecord>,
+    /// The number up to which records after `after` are gone (pruned once reported, so the
+    /// agent's trail lost them since).
+    lost_through: Option<u64>,
+    /// The read was cut short: more records may follow.
+    more: bool,
+}
+
+/// What to send after `after`; `None` when there is nothing.
 async fn next_batch(
     store: &Store,
     appliance_id: &str,
     after: u64,
-) -> Result<Option<(Vec<GatewayRecord>, Option<u64>)>, crate::store::StoreError> {
-    let records = fit_batch(store.outbox_after(appliance_id, after, BATCH).await?);
+) -> Result<Option<Batch>, crate::store::StoreError> {
+    let read = store.outbox_after(appliance_id, after, BATCH).await?;
+    let full = read.len() >= BATCH as usize;
+    let (read_len, records) = (read.len(), fit_batch(read));
+    let more = full || records.len() < read_len;
     let gone_to = match records.first() {
         Some(first) => first.number.saturating_sub(1),
         None => store.outbox_state(appliance_id).await?.last_number,
     };
     let lost_through = (gone_to > after).then_some(gone_to);
-    Ok((!records.is_empty() || lost_through.is_some()).then_some((records, lost_through)))
+    Ok(
+        (!records.is_empty() || lost_through.is_some()).then_some(Batch {
+            records,
+            lost_through,
+            more,
+        }),
+    )
 }
 
 /// One connection's sender: runs until `stop` is cancelled or the connection cannot take a
-/// command. `reports` carries the agent's `TrailRecorded` numbers, starting with its hello's.
+/// command. `reports` carries the agent's `TrailRecorded` numbers, starting with its hello's;
+/// they go to the store with the next round of `rounds`.
 pub async fn deliver(
     store: Store,
     agents: Arc<dyn AgentPort>,
+    rounds: Arc<AgentRounds>,
     appliance_id: String,
     mut reports: watch::Receiver<u64>,
     stop: CancellationToken,
@@ -156,9 +213,7 @@ pub async fn deliver(
     let bell = store.trail_bell(&appliance_id);
     let start = *reports.borrow_and_update();
     let mut cursor = OutboxCursor::new(start);
-    if let Err(e) = store.outbox_recorded(&appliance_id, start).await {
-        tracing::warn!(appliance = %appliance_id, error = %e, "could not note the customer trail's position");
-    }
+    rounds.recorded(&appliance_id, cursor.position(start));
     let pause = |d: Duration| {
         let stop = stop.clone();
         async move {
@@ -171,23 +226,24 @@ pub async fn deliver(
     loop {
         if let Some(after) = cursor.next_after() {
             match next_batch(&store, &appliance_id, after).await {
-                Ok(Some((records, lost_through))) => {
-                    let last = records
+                Ok(Some(batch)) => {
+                    let last = batch
+                        .records
                         .last()
                         .map(|r| r.number)
-                        .or(lost_through)
+                        .or(batch.lost_through)
                         .unwrap_or(after);
                     let frame = ToAgent::TrailRecords {
-                        records,
-                        lost_through,
+                        records: batch.records,
+                        lost_through: batch.lost_through,
                     };
                     if !agents.send(&appliance_id, frame) {
                         break;
                     }
-                    cursor.sent(last);
+                    cursor.sent(last, batch.more);
                     continue;
                 }
-                Ok(None) => {}
+                Ok(None) => cursor.read_all(),
                 Err(e) => {
                     tracing::warn!(appliance = %appliance_id, error = %e, "cannot read the customer trail's outbox");
                     if !pause(RETRY).await {
@@ -199,15 +255,13 @@ pub async fn deliver(
         }
         tokio::select! {
             () = stop.cancelled() => break,
-            () = bell.notified() => {}
+            () = bell.notified() => cursor.rung(),
             changed = reports.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let number = *reports.borrow_and_update();
-                if let Err(e) = store.outbox_recorded(&appliance_id, number).await {
-                    tracing::warn!(appliance = %appliance_id, error = %e, "could not note the customer trail's position");
-                }
+                rounds.recorded(&appliance_id, cursor.position(number));
                 if cursor.reported(number) == Reported::Behind {
                     tracing::info!(appliance = %appliance_id, number, "the agent's customer trail is behind what was sent; sending again after it");
                     if !pause(RETRY).await {
@@ -215,7 +269,7 @@ pub async fn deliver(
                     }
                 }
             }
-            () = tokio::time::sleep(LOOK_EVERY) => {}
+            () = tokio::time::sleep(LOOK_EVERY) => cursor.rung(),
         }
     }
     store.forget_trail_bell(&appliance_id, &bell);

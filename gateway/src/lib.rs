@@ -2,6 +2,7 @@
 
 pub mod admin_recovery;
 pub mod admission;
+pub mod agent_rounds;
 pub mod agents;
 pub mod api;
 pub mod api_tokens;

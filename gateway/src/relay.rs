@@ -69,6 +69,8 @@ pub struct Relay {
     pub gateway_heads: tokio::sync::watch::Receiver<Option<SignedHead>>,
     /// Steady-state snapshots on their way to the store (crate::steady_state_snapshots).
     pub snapshots: Arc<crate::steady_state_snapshots::SnapshotQueue>,
+    /// Presence and customer-trail positions on their way to the store (crate::agent_rounds).
+    pub rounds: Arc<crate::agent_rounds::AgentRounds>,
 }
 
 pub fn transport_config(lost_after: Duration, keep_alive: Duration) -> quinn::TransportConfig {
@@ -617,6 +619,7 @@ fn start_customer_trail(
     gw.tasks.spawn(crate::customer_trail::deliver(
         gw.store.clone(),
         agents,
+        gw.rounds.clone(),
         appliance_id.to_string(),
         watched,
         stop.clone(),
@@ -691,13 +694,9 @@ async fn control_loop(
                         if let Err(e) = write_frame_within(&mut send, &ToAgent::HeartbeatAck { seq }, gw.limits.agent_lost_after).await {
                             return format!("control stream failed: {e}");
                         }
-                        // Off the frame path: a slow store must not delay the lost-heartbeat check.
-                        let (store, id) = (gw.store.clone(), appliance_id.to_string());
-                        gw.tasks.spawn(async move {
-                            if let Err(e) = store.set_presence(&id, Timestamp::now(), None, None, None).await {
-                                tracing::warn!(appliance = %id, error = %e, "could not record presence");
-                            }
-                        });
+                        // Off the frame path: a slow store must not delay the lost-heartbeat
+                        // check; written with every other agent's in the next round.
+                        gw.rounds.seen(appliance_id, Timestamp::now());
                     }
                     Ok(Some(ToGateway::HeartbeatAck { .. })) => {}
                     Ok(Some(ToGateway::CommandAck { seq })) => {

@@ -445,6 +445,12 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         cfg.limits.denied_window,
         cfg.limits.denied_max_sources,
     );
+    let agent_rounds = Arc::new(crate::agent_rounds::AgentRounds::default());
+    gateway.tasks.spawn(
+        agent_rounds
+            .clone()
+            .run(gateway.store.clone(), gateway.shutdown.clone()),
+    );
     let relay_state = Arc::new(crate::relay::Relay {
         store: gateway.store.clone(),
         audit: gateway.audit.clone(),
@@ -462,6 +468,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         door: doors.relay.clone(),
         denied: denied.clone(),
         snapshots: gateway.snapshots.clone(),
+        rounds: agent_rounds.clone(),
     });
     gateway.tasks.spawn(crate::denied_aggregate::run(
         denied,

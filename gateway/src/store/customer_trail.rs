@@ -8,6 +8,7 @@
 //! replicas on one PostgreSQL.
 
 use super::{Store, StoreError, StoreResult};
+use jiff::Timestamp;
 use endpoint_types::customer_trail::{GatewayEvent, GatewayRecord};
 use std::{
     collections::HashMap,
@@ -66,6 +67,20 @@ impl OutboxState {
     }
 }
 
+/// How far an agent's customer trail got, as it reported (`TrailRecorded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrailPosition {
+    /// The agent's trail holds every record up to this number.
+    pub number: u64,
+    /// The number is at most the last one this gateway sent the agent: its head row exists
+    /// and the numbering is past it, so the checks for a store restored from an older copy
+    /// ([`Store::outbox_recorded`]) are skipped.
+    pub within_sent: bool,
+}
+
+/// Appliance ids per `UPDATE … WHERE id IN (…)`: well under every backend's bind limit.
+const IDS_PER_UPDATE: usize = 500;
+
 /// What one vendor-trail record puts in the outbox.
 pub(super) struct OutboxEntry<'a> {
     pub appliance_id: &'a str,
@@ -122,27 +137,24 @@ pub(super) async fn append_in_tx(
     for e in entries {
         // An increment in place, not read-then-write: it holds the row against a concurrent
         // move of the head (an agent whose trail is ahead, `outbox_recorded`).
-        let bumped = sqlx::query(
-            "UPDATE customer_trail_heads SET last_number = last_number + 1 WHERE appliance_id = $1",
+        // RETURNING: one round trip for the number, not an UPDATE and a SELECT.
+        let bumped: Option<i64> = sqlx::query_scalar(
+            "UPDATE customer_trail_heads SET last_number = last_number + 1 WHERE appliance_id = $1 RETURNING last_number",
         )
         .bind(e.appliance_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        let number: i64 = if bumped.rows_affected() == 0 {
-            sqlx::query(
-                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, 1, 0)",
-            )
-            .bind(e.appliance_id)
-            .execute(&mut *tx)
-            .await?;
-            1
-        } else {
-            sqlx::query_scalar(
-                "SELECT last_number FROM customer_trail_heads WHERE appliance_id = $1",
-            )
-            .bind(e.appliance_id)
-            .fetch_one(&mut *tx)
-            .await?
+        let number: i64 = match bumped {
+            Some(number) => number,
+            None => {
+                sqlx::query(
+                    "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, 1, 0)",
+                )
+                .bind(e.appliance_id)
+                .execute(&mut *tx)
+                .await?;
+                1
+            }
         };
         sqlx::query(
             "INSERT INTO customer_trail_outbox \
@@ -254,40 +266,113 @@ impl Store {
     /// from an older copy) moves the numbering past it: the agent would skip the numbers it
     /// already holds as duplicates.
     pub async fn outbox_recorded(&self, appliance_id: &str, number: u64) -> StoreResult<()> {
-        let number = to_db(number)?;
         let mut tx = self.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
-        )
-        .bind(number)
-        .bind(appliance_id)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 && number > 0 {
-            sqlx::query(
-                "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, $2)",
-            )
-            .bind(appliance_id)
-            .bind(number)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let ahead = sqlx::query(
-            "UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2 AND last_number < $1",
-        )
-        .bind(number)
-        .bind(appliance_id)
-        .execute(&mut *tx)
-        .await?;
-        if ahead.rows_affected() > 0 {
+        let ahead = recorded_in_tx(&mut tx, appliance_id, number).await?;
+        tx.commit().await?;
+        if ahead {
             tracing::warn!(appliance = %appliance_id, number, "the appliance's customer trail is ahead of this store's numbering (the store was restored?); numbering goes on after it");
         }
-        sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
-            .bind(appliance_id)
-            .bind(number)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         Ok(())
     }
+
+    /// One round of what agents reported (`crate::agent_rounds`), in one transaction: every
+    /// appliance in `seen` was heard from at `seen_at`, and each agent in `trail` holds its
+    /// customer trail up to the position's number (pruned as in [`Store::outbox_recorded`]).
+    /// Returns the appliances whose trail was ahead of this store's numbering, with the number.
+    pub async fn write_agent_round(
+        &self,
+        seen: &[&str],
+        seen_at: Option<Timestamp>,
+        trail: &[(&str, TrailPosition)],
+    ) -> StoreResult<Vec<(String, u64)>> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(at) = seen_at {
+            for ids in seen.chunks(IDS_PER_UPDATE) {
+                let list: Vec<String> = (2..ids.len() + 2).map(|n| format!("${n}")).collect();
+                let sql = format!(
+                    "UPDATE appliances SET last_seen = $1 WHERE id IN ({})",
+                    list.join(", ")
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(super::to_ms(at));
+                for id in ids {
+                    q = q.bind(*id);
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        let mut ahead = Vec::new();
+        for (appliance_id, position) in trail {
+            let moved = position.within_sent
+                && pruned_in_tx(&mut tx, appliance_id, to_db(position.number)?).await?;
+            if !moved && recorded_in_tx(&mut tx, appliance_id, position.number).await? {
+                ahead.push((appliance_id.to_string(), position.number));
+            }
+        }
+        tx.commit().await?;
+        Ok(ahead)
+    }
+}
+
+/// The common case of a report, inside the caller's transaction: the head row exists and the
+/// numbering is past `number`. False (nothing written) if there is no head row.
+async fn pruned_in_tx(
+    tx: &mut sqlx::AnyConnection,
+    appliance_id: &str,
+    number: i64,
+) -> StoreResult<bool> {
+    let updated = sqlx::query(
+        "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
+    )
+    .bind(number)
+    .bind(appliance_id)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
+        .bind(appliance_id)
+        .bind(number)
+        .execute(&mut *tx)
+        .await?;
+    Ok(true)
+}
+
+/// [`Store::outbox_recorded`] inside the caller's transaction; true if the trail was ahead of
+/// the numbering (which then goes on after it).
+async fn recorded_in_tx(
+    tx: &mut sqlx::AnyConnection,
+    appliance_id: &str,
+    number: u64,
+) -> StoreResult<bool> {
+    let number = to_db(number)?;
+    let updated = sqlx::query(
+        "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
+    )
+    .bind(number)
+    .bind(appliance_id)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() == 0 && number > 0 {
+        sqlx::query(
+            "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, $2)",
+        )
+        .bind(appliance_id)
+        .bind(number)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let ahead = sqlx::query(
+        "UPDATE customer_trail_heads SET last_number = $1 WHERE appliance_id = $2 AND last_number < $1",
+    )
+    .bind(number)
+    .bind(appliance_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
+        .bind(appliance_id)
+        .bind(number)
+        .execute(&mut *tx)
+        .await?;
+    Ok(ahead.rows_affected() > 0)
 }

@@ -20,7 +20,7 @@ mod tokens;
 mod webhooks;
 
 pub use control::{within_cap, GrantChange, GrantRow, OpRow, OP_OUTPUT_CAP};
-pub use customer_trail::{OutboxState, TrailBells, OUTBOX_BOUND};
+pub use customer_trail::{OutboxState, TrailBells, TrailPosition, OUTBOX_BOUND};
 pub use endpoint_list::EndpointWithOwner;
 pub use gauges::StateCount;
 pub use grant_list::GrantWithOwner;

@@ -824,6 +824,20 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the database refuse (or take again) changes to appliances (presence), as a full
+    /// or read-only disk would.
+    #[cfg(test)]
+    pub async fn refuse_appliance_updates(&self, refuse: bool) -> StoreResult<()> {
+        let sql = if refuse {
+            "CREATE TRIGGER IF NOT EXISTS refuse_appliances BEFORE UPDATE ON appliances \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        } else {
+            "DROP TRIGGER IF EXISTS refuse_appliances"
+        };
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Makes the database refuse (or take again) vendor-trail inserts, as a full or
     /// read-only disk would: the writes fail inside the store, not in a stand-in.
     #[cfg(test)]
