@@ -298,10 +298,13 @@ impl AuditLog {
         }
     }
 
-    /// Records an action that already happened. A record the store refuses marks the trail
-    /// down (live sessions are cut, new ones refused) and is held in the writer's queue, to
-    /// be written after the records held before it once the store takes records again; only
-    /// if that queue is full is it lost, and then it is logged whole.
+    /// Records an action that already happened, and returns once it is in the store: it goes
+    /// through the writer task, in one transaction with whatever other callers queued
+    /// meanwhile. A record the store refuses marks the trail down (live sessions are cut, new
+    /// ones refused) and is held by the writer, to be written after the records held before
+    /// it once the store takes records again. While the trail is down a record is queued
+    /// behind the held ones without waiting; only if that queue is full is it lost, and then
+    /// it is logged whole.
     pub async fn record(
         &self,
         kind: &str,
