@@ -228,9 +228,8 @@ impl Grants {
             ApiError::new(ErrorCode::NotFound, format!("no grant {id}"))
                 .hint("`postern access list` shows your grants")
         };
-        let row = lookup::found(self.store.get_grant(id).await, nf)?;
-        let appliance = self.store.get_appliance(&row.appliance_id).await;
-        Ok((row, lookup::seen_by(caller, appliance, nf)?))
+        let (row, appliance) = lookup::found(self.store.grant_with_appliance(id).await, nf)?;
+        Ok((row, lookup::seen_by(caller, Ok(Some(appliance)), nf)?))
     }
 
     pub async fn get(&self, caller: &Caller, id: &str) -> Result<GrantRecord, ApiError> {

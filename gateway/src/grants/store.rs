@@ -16,6 +16,17 @@ pub trait GrantStore: Send + Sync {
     async fn steady_state(&self, appliance_id: &str) -> StoreResult<Option<bool>>;
     async fn insert_grant(&self, grant: &GrantRow) -> StoreResult<()>;
     async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>>;
+    /// The grant and its appliance; None if either is missing. The SQL store reads both in
+    /// one join (a revocation burst pays one round trip to SQLite's worker, not two).
+    async fn grant_with_appliance(&self, id: &str) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
+        let Some(grant) = self.get_grant(id).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_appliance(&grant.appliance_id)
+            .await?
+            .map(|a| (grant, a)))
+    }
     /// The grants of one appliance, oldest request first.
     async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>>;
     /// Every grant with its appliance's app and customer, oldest request first; only
@@ -106,6 +117,10 @@ impl GrantStore for Store {
 
     async fn grants_of(&self, appliance_id: &str) -> StoreResult<Vec<GrantRow>> {
         Store::grants_of(self, appliance_id).await
+    }
+
+    async fn grant_with_appliance(&self, id: &str) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
+        Store::grant_with_appliance(self, id).await
     }
 
     async fn list_grants_with_owner(

@@ -3,7 +3,8 @@
 
 use super::{
     control::{grant_from, GrantRow, GRANT_COLS},
-    Store, StoreResult,
+    op_list::{appliance_from, APPLIANCE},
+    ApplianceRow, Store, StoreResult,
 };
 use sqlx::Row;
 
@@ -52,10 +53,34 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The grant and its appliance, in one join; None if either is missing.
+    pub async fn grant_with_appliance(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
+        let grant_cols = GRANT_COLS.split(", ").map(|c| format!("g.{c} AS {c}"));
+        let appliance_cols = Store::APPLIANCE_COLS
+            .split(", ")
+            .map(|c| format!("a.{c} AS {APPLIANCE}{c}"));
+        let cols: Vec<String> = grant_cols.chain(appliance_cols).collect();
+        let sql = format!(
+            "SELECT {} FROM grants g JOIN appliances a ON a.id = g.appliance_id WHERE g.id = $1",
+            cols.join(", ")
+        );
+        let rows = self
+            .select_rows(sql, &[id], |r| {
+                let appliance = appliance_from(&r)?;
+                Ok((grant_from(r)?, appliance))
+            })
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ApplianceRow;
     use endpoint_types::control::{GrantLevel, GrantState};
     use jiff::Timestamp;
 
@@ -130,5 +155,23 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_grant_comes_with_its_appliance_in_one_read() {
+        let s = Store::open("sqlite::memory:").await.unwrap();
+        s.insert_appliance(&appliance("ap_a", "shop", "acme"))
+            .await
+            .unwrap();
+        let g = grant("gr_1", "ap_a", 1_750_000_000_000);
+        s.insert_grant(&g).await.unwrap();
+        let (got, a) = s.grant_with_appliance("gr_1").await.unwrap().unwrap();
+        assert_eq!(got, g);
+        assert_eq!(
+            (a.id.as_str(), a.app.as_str(), a.customer.as_str()),
+            ("ap_a", "shop", "acme")
+        );
+        assert_eq!(a.created_at, appliance("ap_a", "shop", "acme").created_at);
+        assert!(s.grant_with_appliance("gr_2").await.unwrap().is_none());
     }
 }

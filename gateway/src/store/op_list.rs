@@ -4,10 +4,10 @@ use super::{control, from_ms, opt_ts, ApplianceRow, OpRow, Store, StoreResult};
 use sqlx::{any::AnyRow, Row};
 
 /// Prefix of the appliance's columns in the join (both tables have an `id`).
-const APPLIANCE: &str = "a_";
+pub(super) const APPLIANCE: &str = "a_";
 
 /// The appliance half of a joined row, its columns read under [`APPLIANCE`].
-fn appliance_from(r: &AnyRow) -> StoreResult<ApplianceRow> {
+pub(super) fn appliance_from(r: &AnyRow) -> StoreResult<ApplianceRow> {
     let col = |c: &str| format!("{APPLIANCE}{c}");
     Ok(ApplianceRow {
         id: r.try_get(col("id").as_str())?,
