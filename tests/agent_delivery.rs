@@ -145,7 +145,11 @@ fn connection_lines(log: &Path) -> String {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("agent connected") || l.contains("agent disconnected") || l.contains("dropping"))
+        .filter(|l| {
+            l.contains("agent connected")
+                || l.contains("agent disconnected")
+                || l.contains("dropping")
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -156,8 +156,11 @@ impl AgentRounds {
 
 async fn write(store: &Store, round: &Round) -> Result<(), crate::store::StoreError> {
     let seen: Vec<&str> = round.seen.keys().map(String::as_str).collect();
-    let trail: Vec<(&str, TrailPosition)> =
-        round.trail.iter().map(|(id, p)| (id.as_str(), *p)).collect();
+    let trail: Vec<(&str, TrailPosition)> = round
+        .trail
+        .iter()
+        .map(|(id, p)| (id.as_str(), *p))
+        .collect();
     let ahead = store
         .write_agent_round(&seen, round.seen_at(), &trail)
         .await?;

@@ -130,8 +130,13 @@ async fn a_position_outside_what_was_sent_is_checked_against_the_numbering() {
         assert_eq!((s.last_number, s.recorded_number), (n, n), "{id}");
     }
     // The numbering goes on after the agent's trail.
-    log.record("grant.revoked", "alice", Subject::appliance("ap_1"), json!({}))
-        .await;
+    log.record(
+        "grant.revoked",
+        "alice",
+        Subject::appliance("ap_1"),
+        json!({}),
+    )
+    .await;
     let next = store.outbox_after("ap_1", 10, 9).await.unwrap();
     assert_eq!(next.iter().map(|r| r.number).collect::<Vec<_>>(), [11]);
 }
@@ -162,7 +167,10 @@ async fn the_writer_keeps_a_refused_round_and_writes_it_when_the_store_returns()
             break;
         }
     }
-    assert!(written, "the kept round was written after the store came back");
+    assert!(
+        written,
+        "the kept round was written after the store came back"
+    );
     assert_eq!(last_seen(&store, "ap_1").await, Some(at(20)));
     assert_eq!(
         store.outbox_state("ap_1").await.unwrap().recorded_number,

@@ -210,7 +210,11 @@ fn the_cursor_sends_one_batch_at_a_time_and_again_after_a_short_report() {
     c.sent(10, true);
     assert_eq!(c.next_after(), None, "one batch in flight");
     assert_eq!(c.reported(10), Reported::Caught);
-    assert_eq!(c.next_after(), Some(10), "the batch was cut short: more may follow");
+    assert_eq!(
+        c.next_after(),
+        Some(10),
+        "the batch was cut short: more may follow"
+    );
     c.sent(20, false);
     assert_eq!(c.reported(15), Reported::Behind);
     assert_eq!(c.next_after(), Some(15), "sent again after what it holds");
@@ -242,7 +246,10 @@ fn the_cursor_reads_the_outbox_again_only_when_it_may_hold_something_new() {
 #[test]
 fn a_report_within_what_was_sent_skips_the_restored_store_checks() {
     let mut c = OutboxCursor::new(7);
-    assert!(!c.position(7).within_sent, "the hello's number was never sent here");
+    assert!(
+        !c.position(7).within_sent,
+        "the hello's number was never sent here"
+    );
     c.sent(9, false);
     c.reported(9);
     assert!(c.position(9).within_sent);

@@ -18,7 +18,10 @@ pub trait GrantStore: Send + Sync {
     async fn get_grant(&self, id: &str) -> StoreResult<Option<GrantRow>>;
     /// The grant and its appliance; None if either is missing. The SQL store reads both in
     /// one join (a revocation burst pays one round trip to SQLite's worker, not two).
-    async fn grant_with_appliance(&self, id: &str) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
+    async fn grant_with_appliance(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
         let Some(grant) = self.get_grant(id).await? else {
             return Ok(None);
         };
@@ -119,7 +122,10 @@ impl GrantStore for Store {
         Store::grants_of(self, appliance_id).await
     }
 
-    async fn grant_with_appliance(&self, id: &str) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
+    async fn grant_with_appliance(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<(GrantRow, ApplianceRow)>> {
         Store::grant_with_appliance(self, id).await
     }
 

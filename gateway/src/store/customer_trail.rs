@@ -8,8 +8,8 @@
 //! replicas on one PostgreSQL.
 
 use super::{Store, StoreError, StoreResult};
-use jiff::Timestamp;
 use endpoint_types::customer_trail::{GatewayEvent, GatewayRecord};
+use jiff::Timestamp;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -320,13 +320,12 @@ async fn pruned_in_tx(
     appliance_id: &str,
     number: i64,
 ) -> StoreResult<bool> {
-    let updated = sqlx::query(
-        "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
-    )
-    .bind(number)
-    .bind(appliance_id)
-    .execute(&mut *tx)
-    .await?;
+    let updated =
+        sqlx::query("UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2")
+            .bind(number)
+            .bind(appliance_id)
+            .execute(&mut *tx)
+            .await?;
     if updated.rows_affected() == 0 {
         return Ok(false);
     }
@@ -346,13 +345,12 @@ async fn recorded_in_tx(
     number: u64,
 ) -> StoreResult<bool> {
     let number = to_db(number)?;
-    let updated = sqlx::query(
-        "UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2",
-    )
-    .bind(number)
-    .bind(appliance_id)
-    .execute(&mut *tx)
-    .await?;
+    let updated =
+        sqlx::query("UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2")
+            .bind(number)
+            .bind(appliance_id)
+            .execute(&mut *tx)
+            .await?;
     if updated.rows_affected() == 0 && number > 0 {
         sqlx::query(
             "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, $2, $2)",
