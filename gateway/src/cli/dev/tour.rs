@@ -86,7 +86,7 @@ pub fn text(t: &TourInput) -> String {
         let _ = write!(
             s,
             "\n\n  # a one-off op, run in the appliance\
-             \n  {me} ops kubectl {} --command \"get pods\" --wait",
+             \n  {me} ops kubectl {} --command \"kubectl get pods\" --wait",
             on(auto, KUBE_RESOURCE)
         );
     }
@@ -103,9 +103,13 @@ pub fn text(t: &TourInput) -> String {
     if t.kube {
         let _ = write!(
             s,
-            "\n  # its ops wait for the command, then the output, to be approved the same way:\
-             \n  {me} ops kubectl {} --command \"get pods\"",
-            on(manual, KUBE_RESOURCE)
+            "\n  # its ops wait for two approvals the same way: the command, then the output\
+             \n  {me} ops kubectl {} --command \"kubectl get pods\"\
+             \n  POSTERN_TOKEN=$(cat {tok}) {me} approvals approve <op id> --key {key}   # twice\
+             \n  {me} ops get <op id>",
+            on(manual, KUBE_RESOURCE),
+            tok = t.approver_token_file,
+            key = t.approver_key,
         );
     }
     let _ = write!(
