@@ -100,8 +100,14 @@ impl Dev {
             .args(["--output", "json"])
             .args(args)
             .env("HOME", &self.home)
-            .env("POSTERN_ADDR", self.ready["api"].as_str().unwrap_or_default())
-            .env("POSTERN_CA_FILE", self.ready["ca_file"].as_str().unwrap_or_default())
+            .env(
+                "POSTERN_ADDR",
+                self.ready["api"].as_str().unwrap_or_default(),
+            )
+            .env(
+                "POSTERN_CA_FILE",
+                self.ready["ca_file"].as_str().unwrap_or_default(),
+            )
             .env("POSTERN_TOKEN", token.trim())
             .stdin(Stdio::null())
             .output()?;
@@ -125,8 +131,19 @@ impl Dev {
 
     fn endpoint(&self, kind: &str, resource: &str) -> Result<Value> {
         let ep = self.cli(&[
-            "ops", "endpoint", "create", "--type", kind, "--app", "demo-app", "--customer",
-            CUSTOMER, "--origin-resource-id", resource, "--ttl", "10m",
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            kind,
+            "--app",
+            "demo-app",
+            "--customer",
+            CUSTOMER,
+            "--origin-resource-id",
+            resource,
+            "--ttl",
+            "10m",
         ])?;
         if ep["state"] != "active" {
             bail!("{kind} endpoint not active: {ep}");
@@ -157,12 +174,28 @@ fn field(v: &Value, key: &str) -> Result<String> {
 
 /// The tcp endpoint through `postern ops endpoint connect`: the echo service answers.
 fn echo_through_forwarder(dev: &Dev, ep: &str) -> Result<()> {
-    let admin = std::fs::read_to_string(dev.ready["admin_token_file"].as_str().unwrap_or_default())?;
+    let admin =
+        std::fs::read_to_string(dev.ready["admin_token_file"].as_str().unwrap_or_default())?;
     let mut fwd = Command::new(bin("postern")?)
-        .args(["--output", "json", "ops", "endpoint", "connect", ep, "--listen", "127.0.0.1:0"])
+        .args([
+            "--output",
+            "json",
+            "ops",
+            "endpoint",
+            "connect",
+            ep,
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .env("HOME", &dev.home)
-        .env("POSTERN_ADDR", dev.ready["api"].as_str().unwrap_or_default())
-        .env("POSTERN_CA_FILE", dev.ready["ca_file"].as_str().unwrap_or_default())
+        .env(
+            "POSTERN_ADDR",
+            dev.ready["api"].as_str().unwrap_or_default(),
+        )
+        .env(
+            "POSTERN_CA_FILE",
+            dev.ready["ca_file"].as_str().unwrap_or_default(),
+        )
         .env("POSTERN_TOKEN", admin.trim())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -181,7 +214,10 @@ fn echo_through_forwarder(dev: &Dev, ep: &str) -> Result<()> {
         let mut back = Vec::new();
         s.read_to_end(&mut back)?;
         if back != b"hello through postern" {
-            bail!("the echo service answered {:?}", String::from_utf8_lossy(&back));
+            bail!(
+                "the echo service answered {:?}",
+                String::from_utf8_lossy(&back)
+            );
         }
         Ok(())
     })();
@@ -196,8 +232,18 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
     let tcp = dev.resource("tcp")?;
 
     let grant = dev.cli(&[
-        "access", "request", "--app", "demo-app", "--customer", CUSTOMER, "--level", "operate",
-        "--duration", "1h", "--reason", "trying Postern",
+        "access",
+        "request",
+        "--app",
+        "demo-app",
+        "--customer",
+        CUSTOMER,
+        "--level",
+        "operate",
+        "--duration",
+        "1h",
+        "--reason",
+        "trying Postern",
     ])?;
     assert_eq!(grant["state"], "active", "automatic policy: {grant}");
 
@@ -211,11 +257,22 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
     // psql through the connection string, inside the endpoint's scope and not beyond it.
     let ep = dev.endpoint("postgres", &pg)?;
     let cs = field(&ep, "connection_string")?;
-    let items = run(Command::new("psql")
-        .args([&cs, "-X", "-A", "-t", "-c", "select name from app.items order by id"]))?;
+    let items = run(Command::new("psql").args([
+        &cs,
+        "-X",
+        "-A",
+        "-t",
+        "-c",
+        "select name from app.items order by id",
+    ]))?;
     assert_eq!(items.trim(), "first\nsecond");
     let secret = run(Command::new("psql").args([&cs, "-X", "-c", "select * from secret.keys"]));
-    let err = format!("{:#}", secret.err().ok_or_else(|| anyhow!("secret.keys was readable"))?);
+    let err = format!(
+        "{:#}",
+        secret
+            .err()
+            .ok_or_else(|| anyhow!("secret.keys was readable"))?
+    );
     assert!(err.contains("permission denied"), "{err}");
 
     // ssh through the generated config, as the demo VM's user.
@@ -223,9 +280,10 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
     let line = field(&ep, "ssh_command")?;
     let mut words = line.split_whitespace();
     let program = words.next().ok_or_else(|| anyhow!("empty ssh_command"))?;
-    let who = run(Command::new(program)
-        .args(words)
-        .args(["-o", "BatchMode=yes", "--", "id", "-un"]))?;
+    let who =
+        run(Command::new(program)
+            .args(words)
+            .args(["-o", "BatchMode=yes", "--", "id", "-un"]))?;
     assert_eq!(who.trim(), "postern-demo");
 
     // The echo service through the local forwarder.
@@ -234,31 +292,68 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
 
     // A one-off op, run in the appliance.
     let op = dev.cli(&[
-        "ops", "kubectl", "--app", "demo-app", "--customer", CUSTOMER, "--origin-resource-id",
-        &kube, "--command", "kubectl get pods", "--wait",
+        "ops",
+        "kubectl",
+        "--app",
+        "demo-app",
+        "--customer",
+        CUSTOMER,
+        "--origin-resource-id",
+        &kube,
+        "--command",
+        "kubectl get pods",
+        "--wait",
     ])?;
     assert_eq!(op["state"], "completed", "{op}");
-    assert!(op["stdout"].as_str().unwrap_or_default().contains("web-1"), "{op}");
+    assert!(
+        op["stdout"].as_str().unwrap_or_default().contains("web-1"),
+        "{op}"
+    );
 
     // An approval on demo-manual: the approver's token alone is not enough (its agent.toml
     // lists an approver key); a decision signed with that key is.
     let approver = dev.demo("approver_token_file")?;
     let key = dev.demo("approver_key")?;
     let grant = dev.cli(&[
-        "access", "request", "--app", "demo-manual", "--customer", CUSTOMER, "--level",
-        "operate", "--duration", "1h", "--reason", "trying approvals",
+        "access",
+        "request",
+        "--app",
+        "demo-manual",
+        "--customer",
+        CUSTOMER,
+        "--level",
+        "operate",
+        "--duration",
+        "1h",
+        "--reason",
+        "trying approvals",
     ])?;
     assert_eq!(grant["state"], "pending-approval", "manual policy: {grant}");
     let gid = id_of(&grant)?;
     let (_, list) = dev.cli_with(&approver, &["approvals", "list"])?;
     assert!(
-        list["approvals"].as_array().is_some_and(|a| a.iter().any(|x| x["id"] == gid.as_str())),
+        list["approvals"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["id"] == gid.as_str())),
         "{list}"
     );
     let (ok, unsigned) = dev.cli_with(&approver, &["approvals", "approve", &gid])?;
-    assert!(!ok && unsigned["error"]["code"] == "APPROVAL_INVALID", "{unsigned}");
-    let (ok, signed) =
-        dev.cli_with(&approver, &["approvals", "approve", &gid, "--key", &key, "--message", "go ahead"])?;
+    assert!(
+        !ok && unsigned["error"]["code"] == "APPROVAL_INVALID",
+        "{unsigned}"
+    );
+    let (ok, signed) = dev.cli_with(
+        &approver,
+        &[
+            "approvals",
+            "approve",
+            &gid,
+            "--key",
+            &key,
+            "--message",
+            "go ahead",
+        ],
+    )?;
     assert!(ok && signed["state"] == "active", "{signed}");
 
     // Both trails, and their verification.
@@ -267,19 +362,35 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
         .as_array()
         .map(|r| r.iter().filter_map(|x| x["kind"].as_str()).collect())
         .unwrap_or_default();
-    for kind in ["kube.request", "sql.statement", "ssh.exec", "session.opened", "grant.approved"] {
-        assert!(kinds.contains(&kind), "no {kind} in the vendor trail: {kinds:?}");
+    for kind in [
+        "kube.request",
+        "sql.statement",
+        "ssh.exec",
+        "session.opened",
+        "grant.approved",
+    ] {
+        assert!(
+            kinds.contains(&kind),
+            "no {kind} in the vendor trail: {kinds:?}"
+        );
     }
     let verified = dev.cli(&["audit", "verify"])?;
     assert_eq!(verified["ok"], true, "{verified}");
     let auto = dev.appliance("demo-app")?;
     let trail = std::fs::read_to_string(field(auto, "trail")?)?;
-    for kind in ["\"kind\":\"kube.request\"", "\"kind\":\"sql.statement\"", "\"kind\":\"op.finished\""] {
+    for kind in [
+        "\"kind\":\"kube.request\"",
+        "\"kind\":\"sql.statement\"",
+        "\"kind\":\"op.finished\"",
+    ] {
         assert!(trail.contains(kind), "no {kind} in the customer trail");
     }
     let manual = dev.appliance("demo-manual")?;
     let manual_trail = std::fs::read_to_string(field(manual, "trail")?)?;
-    assert!(manual_trail.contains("\"kind\":\"approval.verified\""), "{manual_trail}");
+    assert!(
+        manual_trail.contains("\"kind\":\"approval.verified\""),
+        "{manual_trail}"
+    );
     for app in [auto, manual] {
         let out = run(Command::new(bin("postern-agent")?)
             .args(["--output", "json", "audit", "verify", "--config"])
@@ -293,7 +404,13 @@ fn walk_the_tour(dev: &Dev) -> Result<()> {
 fn alive(pid: u64) -> bool {
     // A zombie is not running; only a live process has a stat line with another state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or_default().trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 

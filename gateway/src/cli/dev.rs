@@ -178,7 +178,7 @@ async fn run_with(
         Ok(r) => r,
         Err(e) => {
             stop_all(Vec::new(), processes).await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     let mut agents = Vec::new();
@@ -215,7 +215,9 @@ async fn run_with(
     });
     match out {
         OutputFormat::Json => {
-            let ready = ready_json(&running, &agents, &processes, &resources, &skipped, run_dir, &approver);
+            let ready = ready_json(
+                &running, &agents, &processes, &resources, &skipped, run_dir, &approver,
+            );
             println!("{ready}");
             eprintln!("{guide}");
         }
@@ -297,7 +299,13 @@ fn ready_json(
         ready["agent_config"] = auto.config.display().to_string().into();
         ready["agent_log"] = auto.log.display().to_string().into();
     }
-    let present = |yes: bool, id: &str| if yes { serde_json::json!(id) } else { serde_json::Value::Null };
+    let present = |yes: bool, id: &str| {
+        if yes {
+            serde_json::json!(id)
+        } else {
+            serde_json::Value::Null
+        }
+    };
     let pids: Vec<u32> = agents
         .iter()
         .filter_map(|a| a.process.pid())

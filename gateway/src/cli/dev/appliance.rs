@@ -170,7 +170,15 @@ pub async fn bring_online(
             certs::write_private(&config, body.as_bytes())?;
             let relay = running.relay.to_string();
             let cfg = config.to_string_lossy().to_string();
-            let args = ["enroll", "--gateway", &relay, "--token", added.token.expose(), "--config", &cfg];
+            let args = [
+                "enroll",
+                "--gateway",
+                &relay,
+                "--token",
+                added.token.expose(),
+                "--config",
+                &cfg,
+            ];
             run_agent_cmd(agent_bin, &args, &spec.dir.join("enroll.log")).await?;
             added.appliance_id
         }
@@ -197,7 +205,11 @@ pub async fn bring_online(
             });
         }
         if let Some(status) = process.exited() {
-            bail!("the {} agent exited ({status}); see {}", spec.app, log.display());
+            bail!(
+                "the {} agent exited ({status}); see {}",
+                spec.app,
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -24,8 +24,9 @@ pub struct DemoApprover {
 pub async fn prepare(api: &ApiClient, dir: &Path) -> Result<DemoApprover> {
     let key_file = dir.join("approver.key");
     let key = match std::fs::read_to_string(&key_file) {
-        Ok(pem) => ApproverKey::from_pem(&pem)
-            .map_err(|e| anyhow!("{}: {e}", key_file.display()))?,
+        Ok(pem) => {
+            ApproverKey::from_pem(&pem).map_err(|e| anyhow!("{}: {e}", key_file.display()))?
+        }
         Err(_) => {
             let (key, pem) = ApproverKey::generate().map_err(|e| anyhow!("{e}"))?;
             certs::write_private(&key_file, pem.expose().as_bytes())
@@ -40,7 +41,10 @@ pub async fn prepare(api: &ApiClient, dir: &Path) -> Result<DemoApprover> {
         .filter(|t| t.name.starts_with(TOKEN_NAME) && t.revoked_at.is_none())
     {
         let _: TokenRecord = api
-            .post(&format!("/v1/tokens/{}/revoke", old.id), serde_json::json!({}))
+            .post(
+                &format!("/v1/tokens/{}/revoke", old.id),
+                serde_json::json!({}),
+            )
             .await
             .map_err(|e| anyhow!("{e}"))?;
     }

@@ -4,7 +4,11 @@
 
 use super::process::DemoProcess;
 use anyhow::{bail, Context, Result};
-use std::{path::{Path, PathBuf}, process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::Command,
@@ -58,7 +62,10 @@ pub async fn start(bin: &Path, dir: &Path) -> Result<DemoKube> {
         }),
         _ => {
             process.stop(Duration::from_secs(2)).await;
-            bail!("{BIN} did not report ready; see {}", dir.join("apiserver.log").display())
+            bail!(
+                "{BIN} did not report ready; see {}",
+                dir.join("apiserver.log").display()
+            )
         }
     }
 }

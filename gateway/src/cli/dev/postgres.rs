@@ -104,14 +104,26 @@ pub async fn start(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) -> Result<De
     let data = dir.join("data");
     let out = as_user(&mut Command::new(bin.join("initdb")), ids)
         .current_dir(dir)
-        .args(["--auth=trust", "-U", ADMIN, "--no-sync", "-E", "UTF8", "--locale=C", "-D"])
+        .args([
+            "--auth=trust",
+            "-U",
+            ADMIN,
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-D",
+        ])
         .arg(&data)
         .stdin(Stdio::null())
         .output()
         .await
         .with_context(|| format!("running {}", bin.join("initdb").display()))?;
     if !out.status.success() {
-        bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let log = dir.join("postgres.log");
     let mut last = String::new();
@@ -132,8 +144,8 @@ pub async fn start(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) -> Result<De
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
-        let mut process = DemoProcess::spawn("postgres", &mut cmd, libc::SIGINT)
-            .context("starting postgres")?;
+        let mut process =
+            DemoProcess::spawn("postgres", &mut cmd, libc::SIGINT).context("starting postgres")?;
         let ready = wait_ready(&data, &mut process).await;
         last = std::fs::read_to_string(&log).unwrap_or_default();
         if !ready {
@@ -141,7 +153,11 @@ pub async fn start(bin: &Path, ids: Option<(u32, u32)>, dir: &Path) -> Result<De
             if last.contains("could not bind") {
                 continue;
             }
-            bail!("postgres did not start (log {}): {}", log.display(), last.trim());
+            bail!(
+                "postgres did not start (log {}): {}",
+                log.display(),
+                last.trim()
+            );
         }
         let admin_url = format!("postgres://{ADMIN}@127.0.0.1:{port}/{DATABASE}");
         if let Err(e) = seed(port).await {

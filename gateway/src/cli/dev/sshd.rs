@@ -123,7 +123,10 @@ pub async fn start(sshd: &Path, keygen_bin: &Path, dir: &Path) -> Result<DemoSsh
             .port();
         let config = dir.join("sshd_config");
         std::fs::write(&config, sshd_config(port, &host_key_path, &authorized))?;
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = Command::new(sshd);
         cmd.args(["-D", "-e", "-f"])
             .arg(&config)

@@ -27,7 +27,8 @@ pub struct TourInput<'a> {
 
 pub fn text(t: &TourInput) -> String {
     let (me, auto, manual) = (t.postern, t.auto.app, t.manual.app);
-    let on = |app: &str, r: &str| format!("--app {app} --customer {CUSTOMER} --origin-resource-id {r}");
+    let on =
+        |app: &str, r: &str| format!("--app {app} --customer {CUSTOMER} --origin-resource-id {r}");
     let mut s = format!(
         "\nPostern dev is up: gateway, embedded store, and two demo appliances of {CUSTOMER} online:\n\
          \n  {auto:<11} policy automatic  {}  (agent {}, log {})\
