@@ -28,7 +28,7 @@ struct Dev {
 }
 
 impl Dev {
-    fn start(dir: &Path) -> Result<Dev> {
+    fn start(dir: &Path, env: &[(&str, &str)]) -> Result<Dev> {
         let home = dir.join("home");
         std::fs::create_dir_all(&home)?;
         let stderr = dir.join("dev.stderr");
@@ -36,6 +36,7 @@ impl Dev {
             .args(["--output", "json", "dev", "--data-dir"])
             .arg(dir.join("data"))
             .env("HOME", &home)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr)?)
@@ -417,7 +418,7 @@ fn alive(pid: u64) -> bool {
 #[test]
 fn postern_dev_brings_up_every_resource_and_its_tour_works_with_the_real_clients() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut dev = Dev::start(dir.path())?;
+    let mut dev = Dev::start(dir.path(), &[])?;
     let toured = walk_the_tour(&dev);
     let pids: Vec<u64> = dev.ready["demo"]["pids"]
         .as_array()
@@ -445,5 +446,48 @@ fn postern_dev_brings_up_every_resource_and_its_tour_works_with_the_real_clients
     );
     let run_dir = run_dir?;
     assert!(!Path::new(&run_dir).exists(), "{run_dir} left behind");
+    Ok(())
+}
+
+/// Without PostgreSQL's server binaries the rest still comes up: the database is skipped with
+/// a note saying what to install, and neither the agent nor the tour mentions it.
+#[test]
+fn postern_dev_skips_a_missing_piece_with_a_note() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let empty = dir.path().join("no-postgres-here");
+    std::fs::create_dir_all(&empty)?;
+    let mut dev = Dev::start(dir.path(), &[("POSTERN_PG_BIN", &empty.to_string_lossy())])?;
+    let ready = dev.ready.clone();
+    let status = terminate(&mut dev.child, Duration::from_secs(30));
+    let stderr = std::fs::read_to_string(&dev.stderr)?;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {stderr}");
+    assert!(ready["demo"]["resources"]["postgres"].is_null(), "{ready}");
+    assert_eq!(
+        ready["demo"]["resources"]["tcp"], "null_resource.echo",
+        "{ready}"
+    );
+    let skipped = ready["demo"]["skipped"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no skipped list in {ready}"))?;
+    let note = skipped
+        .iter()
+        .find(|s| s["resource"] == "PostgreSQL")
+        .ok_or_else(|| anyhow!("PostgreSQL not among the skipped: {ready}"))?;
+    assert!(
+        note["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("apt-get install postgresql"),
+        "{note}"
+    );
+    assert_eq!(
+        ready["demo"]["appliances"].as_array().map(Vec::len),
+        Some(2),
+        "{ready}"
+    );
+    let config = std::fs::read_to_string(field(&ready, "agent_config")?)?;
+    assert!(!config.contains("kind = \"postgres\""), "{config}");
+    assert!(stderr.contains("skipped PostgreSQL"), "{stderr}");
+    assert!(!stderr.contains("--type postgres"), "{stderr}");
     Ok(())
 }

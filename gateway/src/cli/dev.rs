@@ -191,7 +191,11 @@ async fn run_with(
             return Err(e);
         }
     };
-    let (auto, manual) = (&agents[0], &agents[1]);
+    let [auto, manual] = agents.as_slice() else {
+        stop_all(agents, processes).await;
+        running.shutdown().await;
+        bail!("expected the two demo agents");
+    };
     let me = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "postern".into());
@@ -278,8 +282,13 @@ async fn start_agents(
             all_resources: false,
         },
     ];
+    let parts = appliance::GatewayParts {
+        relay: running.relay,
+        store: &running.gateway.store,
+        agents: &running.gateway.agents,
+    };
     for spec in &specs {
-        agents.push(appliance::bring_online(running, &api, agent_bin, spec, resources).await?);
+        agents.push(appliance::bring_online(&parts, &api, agent_bin, spec, resources).await?);
     }
     Ok(approver)
 }

@@ -2,7 +2,7 @@
 //! data dir, with an `agent.toml` rewritten at every start from the resources that came up.
 
 use super::process::DemoProcess;
-use crate::{cli::client::ApiClient, server::RunningGateway};
+use crate::{agents::AgentRegistry, cli::client::ApiClient, store::Store};
 use anyhow::{anyhow, bail, Context, Result};
 use endpoint_types::api::ApplianceAdded;
 use std::{
@@ -130,10 +130,17 @@ async fn run_agent_cmd(bin: &Path, args: &[&str], log: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What enrolling and watching a demo agent needs of the gateway.
+pub struct GatewayParts<'a> {
+    pub relay: SocketAddr,
+    pub store: &'a Store,
+    pub agents: &'a AgentRegistry,
+}
+
 /// Writes the appliance's `agent.toml` (enrolling it first if this data dir has no enrolled
 /// agent for it), starts its agent and waits until it is online.
 pub async fn bring_online(
-    running: &RunningGateway,
+    gateway: &GatewayParts<'_>,
     api: &ApiClient,
     agent_bin: &Path,
     spec: &Spec,
@@ -143,14 +150,14 @@ pub async fn bring_online(
         .with_context(|| format!("creating {}", spec.dir.display()))?;
     let config = spec.dir.join("agent.toml");
     let body = spec.agent_toml(resources);
-    let store = &running.gateway.store;
+    let store = gateway.store;
     let existing = store.find_appliance(spec.app, CUSTOMER).await?;
     let reusable = existing
         .as_ref()
         .filter(|a| a.enrolled_at.is_some() && spec.dir.join("agent.crt").exists());
     let appliance_id = match reusable {
         Some(a) => {
-            let keys = enrollment_keys(running.relay, &a.id, &spec.dir);
+            let keys = enrollment_keys(gateway.relay, &a.id, &spec.dir);
             certs::write_private(&config, format!("{keys}{body}").as_bytes())?;
             a.id.clone()
         }
@@ -168,7 +175,7 @@ pub async fn bring_online(
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             certs::write_private(&config, body.as_bytes())?;
-            let relay = running.relay.to_string();
+            let relay = gateway.relay.to_string();
             let cfg = config.to_string_lossy().to_string();
             let args = [
                 "enroll",
@@ -193,7 +200,7 @@ pub async fn bring_online(
     let mut process = DemoProcess::spawn("postern-agent", &mut cmd, libc::SIGTERM)
         .with_context(|| format!("starting {}", agent_bin.display()))?;
     for _ in 0..300 {
-        if running.gateway.agents.is_online(&appliance_id) {
+        if gateway.agents.is_online(&appliance_id) {
             return Ok(DemoAgent {
                 app: spec.app,
                 approval: spec.approval,

@@ -28,7 +28,14 @@ pub struct DemoPostgres {
 /// keeps them off PATH), else PATH. `Err` is the note saying what to install.
 fn bin_dir() -> Result<PathBuf, String> {
     if let Some(d) = std::env::var_os("POSTERN_PG_BIN") {
-        return Ok(PathBuf::from(d));
+        let d = PathBuf::from(d);
+        if !d.join("initdb").exists() || !d.join("postgres").exists() {
+            return Err(format!(
+                "POSTERN_PG_BIN={} has no initdb/postgres: {INSTALL}",
+                d.display()
+            ));
+        }
+        return Ok(d);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
