@@ -181,16 +181,40 @@ fn find<'a>(trail: &'a [Value], kind: &str, op: &str) -> Result<&'a Value> {
         .ok_or_else(|| anyhow!("no {kind} for {op} in the customer trail"))
 }
 
+/// A gateway, the appliance's agent online (manual policy), an operator and the customer's
+/// approver.
+struct Setup {
+    gw: Gateway,
+    agent: Agent,
+    alice: String,
+    bob: String,
+}
+
+fn set_up(dir: &Path) -> Result<Setup> {
+    let gw = Gateway::start(&dir.join("gw"))?;
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
+    Ok(Setup {
+        gw,
+        agent,
+        alice,
+        bob,
+    })
+}
+
 #[test]
 fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an_agent_restart(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = Gateway::start(&dir.path().join("gw"))?;
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(&agent_dir)?;
-    let mut agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
-    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
-    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
+    let Setup {
+        gw,
+        mut agent,
+        alice,
+        bob,
+    } = set_up(dir.path())?;
 
     // Online: a grant approved by a person, an op denied, an op that expires before dispatch
     // (its grant is revoked before anyone approves it).
@@ -301,12 +325,12 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
 #[test]
 fn a_grant_that_runs_out_while_the_agent_is_away_reaches_the_customer_trail_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = Gateway::start(&dir.path().join("gw"))?;
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(&agent_dir)?;
-    let mut agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
-    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
-    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
+    let Setup {
+        gw,
+        mut agent,
+        alice,
+        bob,
+    } = set_up(dir.path())?;
 
     let grant = request_grant_for(&gw, &alice, "10s")?;
     gw.cli_as(&bob, &["approvals", "approve", &grant])?.ok()?;
