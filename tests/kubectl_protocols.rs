@@ -186,7 +186,11 @@ fn every_kubectl_speaks_with_the_test_apiserver() -> Result<()> {
         assert!(upgrades.len() >= 4, "{what}: {reqs:?}");
         for r in upgrades {
             let upgrade = r.header("upgrade").unwrap_or_default().to_ascii_lowercase();
-            let want = if what == "spdy" { "spdy/3.1" } else { "websocket" };
+            let want = if what == "spdy" {
+                "spdy/3.1"
+            } else {
+                "websocket"
+            };
             assert_eq!(upgrade, want, "{what}: {r:?}");
         }
     }
@@ -285,7 +289,11 @@ fn every_kubectl_through_an_endpoint() -> Result<()> {
         // The upgrade reached the cluster as the client asked for it, under the appliance's
         // identity and the configured impersonation.
         let reqs = api.requests();
-        let want = if what == "spdy" { "spdy/3.1" } else { "websocket" };
+        let want = if what == "spdy" {
+            "spdy/3.1"
+        } else {
+            "websocket"
+        };
         let upgrades: Vec<_> = reqs
             .iter()
             .filter(|r| r.path().ends_with("/exec") || r.path().ends_with("/portforward"))
@@ -318,7 +326,11 @@ fn every_kubectl_through_an_endpoint() -> Result<()> {
             .map(|r| r["detail"]["command"].to_string())
             .collect();
         let spdy_seen = spdy_kubectl().is_none() || commands.iter().any(|c| c.contains("spdy"));
-        if spdy_seen && records.iter().any(|r| r["detail"]["subresource"] == "portforward") {
+        if spdy_seen
+            && records
+                .iter()
+                .any(|r| r["detail"]["subresource"] == "portforward")
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -345,11 +357,147 @@ fn every_kubectl_through_an_endpoint() -> Result<()> {
     Ok(())
 }
 
+// ---- exec credential plugins --------------------------------------------------------------
+
+/// A client-go exec credential plugin: logs each run (time, then the expiry it issued) to
+/// `$1/runs`, keeps the last `KUBERNETES_EXEC_INFO` in `$1/exec-info`, and prints the token
+/// it was configured with, valid for `PLUGIN_TTL` seconds.
+const PLUGIN: &str = r#"#!/bin/sh
+set -eu
+now=$(date +%s)
+exp=$((now + PLUGIN_TTL))
+printf '%s' "$KUBERNETES_EXEC_INFO" > "$1/exec-info"
+echo "$now $exp" >> "$1/runs"
+printf '{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","status":{"token":"%s","expirationTimestamp":"%s"}}\n' \
+  "$PLUGIN_TOKEN" "$(date -u -d "@$exp" +%Y-%m-%dT%H:%M:%SZ)"
+"#;
+const PLUGIN_TTL: u64 = 6;
+
+/// (run time, expiry issued) per plugin run, in Unix seconds.
+fn plugin_runs(dir: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(dir.join("runs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect()
+}
+
+/// No run came before the previous credential was due for refresh (a tenth of its life
+/// early at most, rounded to the plugin's whole seconds).
+fn assert_cached(runs: &[(u64, u64)]) {
+    for w in runs.windows(2) {
+        let ((_, exp), (next, _)) = (w[0], w[1]);
+        assert!(
+            next + 1 + PLUGIN_TTL / 10 >= exp,
+            "the plugin ran again before its token was due: {runs:?}"
+        );
+    }
+}
+
 #[test]
-#[ignore]
-fn debug_server() -> Result<()> {
+fn an_exec_plugin_user_through_an_endpoint() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
     let api = KubeApiServer::start()?;
-    std::fs::write("/tmp/kube17/direct.yaml", api.kubeconfig("my-app-prod"))?;
-    std::thread::sleep(Duration::from_secs(120));
+    let plugin_dir = dir.path().join("plugin");
+    std::fs::create_dir_all(&plugin_dir)?;
+    let script = dir.path().join("token-plugin.sh");
+    std::fs::write(&script, PLUGIN)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    // The appliance's kubeconfig names no token: only the plugin's gets in. The command is
+    // relative to the kubeconfig, as client-go resolves it.
+    let token_line = format!("    token: {}\n", api.token);
+    let kubeconfig = api.kubeconfig("default");
+    assert!(kubeconfig.contains(&token_line));
+    let exec = format!(
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: ./token-plugin.sh\n      args: [\"{}\"]\n      env:\n      - name: PLUGIN_TOKEN\n        value: {}\n      - name: PLUGIN_TTL\n        value: \"{PLUGIN_TTL}\"\n      interactiveMode: Never\n      provideClusterInfo: true\n",
+        plugin_dir.display(),
+        api.token
+    );
+    let upstream = dir.path().join("upstream.kubeconfig");
+    std::fs::write(&upstream, kubeconfig.replace(&token_line, &exec))?;
+
+    // The plugin speaks the protocol as client-go expects it: stock kubectl accepts it.
+    let (ok, out, err) = kubectl_bin(
+        Path::new("kubectl"),
+        &upstream,
+        &["get", "pods", "-n", "my-app-prod"],
+        None,
+        LIMIT,
+    )?;
+    assert!(
+        ok && out.contains("web-1"),
+        "direct with the plugin: {out} {err}"
+    );
+    std::fs::remove_file(plugin_dir.join("runs"))?;
+
+    let t = through(dir.path(), &upstream)?;
+    api.clear_requests();
+    let mut requests = 0;
+    for _ in 0..3 {
+        let (ok, out, err) =
+            kubectl_bin(Path::new("kubectl"), &t.cfg, &["get", "pods"], None, LIMIT)?;
+        assert!(ok && out.contains("web-1"), "{out} {err}");
+    }
+    let (ok, out, err) = kubectl_bin(
+        Path::new("kubectl"),
+        &t.cfg,
+        &["exec", "web-1", "--", "echo", "with", "a", "plugin"],
+        None,
+        LIMIT,
+    )?;
+    assert!(ok && out == "with a plugin\n", "{out} {err}");
+    let reqs = api.requests();
+    requests += reqs.len();
+    for r in &reqs {
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {}", api.token).as_str()),
+            "{r:?}"
+        );
+    }
+    let runs = plugin_runs(&plugin_dir);
+    assert!(!runs.is_empty(), "the plugin never ran");
+    assert!(
+        runs.len() < requests,
+        "{} runs for {requests} requests: not cached",
+        runs.len()
+    );
+    assert_cached(&runs);
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(plugin_dir.join("exec-info"))?)?;
+    assert_eq!(info["kind"], "ExecCredential", "{info}");
+    assert_eq!(
+        info["apiVersion"], "client.authentication.k8s.io/v1",
+        "{info}"
+    );
+    assert_eq!(info["spec"]["interactive"], false, "{info}");
+    assert_eq!(info["spec"]["cluster"]["server"], api.url(), "{info}");
+
+    // Past the token's expiry the next request runs the plugin again.
+    let last_exp = runs.last().map(|r| r.1).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(PLUGIN_TTL + 10);
+    while std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        <= last_exp
+    {
+        if Instant::now() > deadline {
+            bail!("the clock did not pass {last_exp}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = plugin_runs(&plugin_dir).len();
+    let (ok, out, err) = kubectl_bin(Path::new("kubectl"), &t.cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(ok && out.contains("web-1"), "{out} {err}");
+    let runs = plugin_runs(&plugin_dir);
+    assert!(
+        runs.len() > before,
+        "the plugin did not run after expiry: {runs:?}"
+    );
+    assert_cached(&runs);
     Ok(())
 }

@@ -127,7 +127,11 @@ pub(super) fn exit_status(code: i32, command: &[String]) -> String {
 }
 
 /// Runs the command; `None` when the client went away.
-pub(super) async fn run(s: &mut impl Channels, command: &[String], uploads: &Uploads) -> Option<i32> {
+pub(super) async fn run(
+    s: &mut impl Channels,
+    command: &[String],
+    uploads: &Uploads,
+) -> Option<i32> {
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     match args.as_slice() {
         // `kubectl cp` probes the destination first; "not a directory" is a fine answer.

@@ -1129,7 +1129,10 @@ fn upgrade_exec(
     resp
 }
 
-fn upgrade_portforward(mut req: Request<Incoming>, forwards: spdy_exec::Forwards) -> Response<Body> {
+fn upgrade_portforward(
+    mut req: Request<Incoming>,
+    forwards: spdy_exec::Forwards,
+) -> Response<Body> {
     const PF: &str = "portforward.k8s.io";
     const TUNNELLED: &str = "SPDY/3.1+portforward.k8s.io";
     if spdy_exec::wants_spdy(req.headers(), PF) {
@@ -1167,9 +1170,18 @@ fn upgrade_portforward(mut req: Request<Incoming>, forwards: spdy_exec::Forwards
     let mut resp = Response::new(Full::new(Bytes::new()).boxed());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hs = resp.headers_mut();
-    hs.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
-    hs.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    hs.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(TUNNELLED));
+    hs.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    hs.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    hs.insert(
+        hyper::header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(TUNNELLED),
+    );
     if let Ok(v) = HeaderValue::from_str(&accept) {
         hs.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
     }
@@ -1183,7 +1195,13 @@ pub fn kubectl(
     stdin: Option<&[u8]>,
     limit: Duration,
 ) -> Result<(bool, String, String)> {
-    kubectl_bin(std::path::Path::new("kubectl"), kubeconfig, args, stdin, limit)
+    kubectl_bin(
+        std::path::Path::new("kubectl"),
+        kubeconfig,
+        args,
+        stdin,
+        limit,
+    )
 }
 
 /// Debian's kubectl 1.20 (SPDY for exec, attach and port-forward), when `scripts/test` found

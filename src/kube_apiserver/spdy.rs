@@ -59,7 +59,8 @@ pub struct Writer<S> {
 impl<S: AsyncRead + AsyncWrite> Writer<S> {
     async fn control(&self, kind: u16, flags: u8, body: &[u8]) -> Result<()> {
         let mut w = self.inner.lock().await;
-        w.0.write_all(&control_head(kind, flags, body.len())?).await?;
+        w.0.write_all(&control_head(kind, flags, body.len())?)
+            .await?;
         w.0.write_all(body).await?;
         w.0.flush().await?;
         Ok(())
@@ -234,7 +235,12 @@ async fn read_loop<S: AsyncRead + AsyncWrite>(
         if h0 & 0x80 == 0 {
             let id = u32::from_be_bytes([h0, h1, h2, h3]);
             let fin = flags & FLAG_FIN != 0;
-            tx.send(Event::Data { id, data: body, fin }).await?;
+            tx.send(Event::Data {
+                id,
+                data: body,
+                fin,
+            })
+            .await?;
             continue;
         }
         let kind = u16::from_be_bytes([h2, h3]);

@@ -157,8 +157,8 @@ where
                             errors.insert(request, id);
                         }
                         Some("data") => {
-                            if let Some(port) = Event::header(&headers, "port")
-                                .and_then(|p| p.parse().ok())
+                            if let Some(port) =
+                                Event::header(&headers, "port").and_then(|p| p.parse().ok())
                             {
                                 if let Ok(mut f) = forwards.lock() {
                                     f.push(port);
@@ -217,9 +217,9 @@ pub fn wants_spdy(h: &hyper::HeaderMap, protocol: &str) -> bool {
 /// `101 Switching Protocols` to SPDY/3.1 with the chosen stream protocol.
 pub fn spdy_response(protocol: &'static str) -> hyper::Response<super::Body> {
     use hyper::header::{HeaderValue, CONNECTION, UPGRADE};
-    let mut resp = hyper::Response::new(http_body_util::BodyExt::boxed(
-        http_body_util::Full::new(bytes::Bytes::new()),
-    ));
+    let mut resp = hyper::Response::new(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+        bytes::Bytes::new(),
+    )));
     *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
     let hs = resp.headers_mut();
     hs.insert(UPGRADE, HeaderValue::from_static("SPDY/3.1"));

@@ -152,7 +152,7 @@ pub(super) async fn get_json(
         .uri(path)
         .header(HOST, upstream.authority())
         .header("accept", "application/json");
-    if let Some(auth) = upstream.authorization()? {
+    if let Some(auth) = upstream.authorization().await? {
         req = req.header(hyper::header::AUTHORIZATION, auth);
     }
     let req = req
