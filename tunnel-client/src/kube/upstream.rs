@@ -556,6 +556,56 @@ mod tests {
         );
     }
 
+    /// A plugin returning a client certificate: no bearer token, and new connections present
+    /// the certificate (one connector pair per credential, rebuilt only when it changes).
+    #[tokio::test]
+    async fn exec_plugin_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = certs::Ca::generate("client", jiff::Timestamp::now()).unwrap();
+        let cred = serde_json::json!({
+            "apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+            "status": {"clientCertificateData": id.cert_pem(), "clientKeyData": id.key_pem().expose()},
+        });
+        std::fs::write(dir.path().join("cred.json"), cred.to_string()).unwrap();
+        let user = format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: cat\n      args: [\"{}\"]\n",
+            dir.path().join("cred.json").display()
+        );
+        let up = Upstream::load(Some(&write(dir.path(), &user, "")))
+            .await
+            .unwrap();
+        assert!(up.authorization().await.unwrap().is_none());
+        up.connector(false).await.unwrap();
+        up.connector(true).await.unwrap();
+        let first = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        up.connector(false).await.unwrap();
+        let again = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // Refused by the API server: the plugin runs again and the connectors follow.
+        up.credential_refused().await;
+        up.connector(false).await.unwrap();
+        let next = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &next));
+    }
+
     #[tokio::test]
     async fn refuses_what_it_cannot_honour() {
         let dir = tempfile::tempdir().unwrap();
@@ -619,8 +669,8 @@ mod tests {
         assert!(Upstream::load(Some(&missing)).await.is_err());
     }
 
-    #[test]
-    fn server_without_port_is_443_and_tls_server_name_wins() {
+    #[tokio::test]
+    async fn server_without_port_is_443_and_tls_server_name_wins() {
         let up = Upstream::build(
             "https://kube.example",
             Some("api.internal"),
