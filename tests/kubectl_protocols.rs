@@ -361,9 +361,10 @@ fn every_kubectl_through_an_endpoint() -> Result<()> {
 
 /// A client-go exec credential plugin: logs each run (time, then the expiry it issued) to
 /// `$1/runs`, keeps the last `KUBERNETES_EXEC_INFO` in `$1/exec-info`, and prints the token
-/// it was configured with, valid for `PLUGIN_TTL` seconds.
+/// it was configured with, valid for `PLUGIN_TTL` seconds; fails while `$1/fail` exists.
 const PLUGIN: &str = r#"#!/bin/sh
 set -eu
+if [ -e "$1/fail" ]; then echo "login required: run the cloud's login" >&2; exit 1; fi
 now=$(date +%s)
 exp=$((now + PLUGIN_TTL))
 printf '%s' "$KUBERNETES_EXEC_INFO" > "$1/exec-info"
@@ -499,5 +500,32 @@ fn an_exec_plugin_user_through_an_endpoint() -> Result<()> {
         "the plugin did not run after expiry: {runs:?}"
     );
     assert_cached(&runs);
+
+    // A plugin that fails (a login it cannot do without a terminal) is a clear error on the
+    // request, quoting the plugin, once the cached token has lapsed.
+    std::fs::write(plugin_dir.join("fail"), "")?;
+    let last_exp = runs.last().map(|r| r.1).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(PLUGIN_TTL + 10);
+    loop {
+        let (ok, out, err) =
+            kubectl_bin(Path::new("kubectl"), &t.cfg, &["get", "pods"], None, LIMIT)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        if !ok {
+            assert!(
+                err.contains("login required") && err.contains("token-plugin.sh"),
+                "{err}"
+            );
+            // Never before the cached token was due.
+            assert!(now + 1 + PLUGIN_TTL / 10 >= last_exp, "{now} {last_exp}");
+            break;
+        }
+        assert!(out.contains("web-1"), "{out}");
+        if Instant::now() > deadline {
+            bail!("a failing plugin went unnoticed past the token's expiry");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     Ok(())
 }
