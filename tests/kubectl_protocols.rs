@@ -577,3 +577,44 @@ fn an_exec_plugin_user_through_an_endpoint() -> Result<()> {
     }
     Ok(())
 }
+
+/// A credential the API server refuses (401) is dropped at once: the next request runs the
+/// plugin again rather than keep a token that would have been cached for an hour.
+#[test]
+fn a_refused_exec_credential_is_fetched_again() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start()?;
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "not-the-token")?;
+    let script = dir.path().join("file-token-plugin.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nset -eu\nexp=$(date -u -d @$(( $(date +%s) + 3600 )) +%Y-%m-%dT%H:%M:%SZ)\n\
+         printf '{\"apiVersion\":\"client.authentication.k8s.io/v1beta1\",\"kind\":\"ExecCredential\",\"status\":{\"token\":\"%s\",\"expirationTimestamp\":\"%s\"}}' \"$(cat \"$1\")\" \"$exp\"\n",
+    )?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let token_line = format!("    token: {}\n", api.token);
+    let exec = format!(
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: {}\n      args: [\"{}\"]\n      interactiveMode: IfAvailable\n",
+        script.display(),
+        token_file.display()
+    );
+    let upstream = dir.path().join("upstream.kubeconfig");
+    std::fs::write(
+        &upstream,
+        api.kubeconfig("default").replace(&token_line, &exec),
+    )?;
+    let t = through(dir.path(), &upstream)?;
+    let kubectl = Path::new("kubectl");
+    let (ok, out, err) = kubectl_bin(kubectl, &t.cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(!ok, "a wrong token got through: {out}");
+    assert!(
+        err.contains("Unauthorized") || err.contains("logged in"),
+        "{err}"
+    );
+    std::fs::write(&token_file, &api.token)?;
+    let (ok, out, err) = kubectl_bin(kubectl, &t.cfg, &["get", "pods"], None, LIMIT)?;
+    assert!(ok && out.contains("web-1"), "{out} {err}");
+    Ok(())
+}

@@ -161,6 +161,9 @@ pub(super) async fn get_json(
             path: path.to_string(),
         })?;
     let resp = upstream.send(req, false).await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        upstream.credential_refused().await;
+    }
     if resp.status() != StatusCode::OK {
         return Err(DiscoveryError::Status {
             path: path.to_string(),
