@@ -152,7 +152,7 @@ pub(super) async fn get_json(
         .uri(path)
         .header(HOST, upstream.authority())
         .header("accept", "application/json");
-    if let Some(auth) = upstream.authorization()? {
+    if let Some(auth) = upstream.authorization().await? {
         req = req.header(hyper::header::AUTHORIZATION, auth);
     }
     let req = req
@@ -161,6 +161,9 @@ pub(super) async fn get_json(
             path: path.to_string(),
         })?;
     let resp = upstream.send(req, false).await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        upstream.credential_refused().await;
+    }
     if resp.status() != StatusCode::OK {
         return Err(DiscoveryError::Status {
             path: path.to_string(),

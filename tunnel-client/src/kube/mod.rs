@@ -6,6 +6,7 @@
 //! cluster's RBAC applies as well.
 
 mod discovery;
+pub mod exec_credential;
 pub mod op_proxy;
 mod proxy;
 mod upstream;
