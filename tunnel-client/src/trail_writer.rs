@@ -393,7 +393,7 @@ mod tests {
         let (flush_tx, mut flush_rx) = tokio::sync::oneshot::channel();
         tx.send(Item::Flush(flush_tx)).unwrap();
         drop(tx);
-        run(chain, rx, failures);
+        run(chain, rx, failures, Default::default());
         for ack in acks {
             let failure = ack.recv().unwrap().unwrap_err();
             assert!(failure.0.contains("space"), "{failure:?}");

@@ -9,29 +9,41 @@ use endpoint_types::{control::*, ApiError};
 pub enum AccessCmd {
     /// Ask for a permission phase on an appliance for a while.
     Request {
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// The permission phase asked for.
         #[arg(long, value_parser = ["install", "steady-state", "deploy", "operate"])]
         level: String,
+        /// How long, counted from the approval (30m, 4h, 1d).
         #[arg(long)]
         duration: String,
+        /// Why: shown to the customer's approvers and kept in both trails.
         #[arg(long)]
         reason: String,
     },
     /// Grants you can see.
     List,
     /// End a grant now.
-    Revoke { id: String },
+    Revoke {
+        /// The grant's id (gr_…).
+        id: String,
+    },
     /// Turn the default read-only steady-state phase on or off (customer approver).
     SteadyState {
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// Turn it on.
         #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
         enable: bool,
+        /// Turn it off: no health snapshots are collected or sent.
         #[arg(long)]
         disable: bool,
     },
@@ -43,23 +55,30 @@ pub enum ApprovalsCmd {
     List,
     /// The full request (and, at the output stage, the held output), with the statement an
     /// approval signs.
-    Show { id: String },
+    Show {
+        /// The id of the grant, op or endpoint.
+        id: String,
+    },
     /// Approve a grant, an op's command or output, or an endpoint, by its id; signed with your
     /// approver key.
     Approve {
+        /// The id of the grant, op (command or output stage) or endpoint.
         id: String,
         /// The approver's private key (default: approver.key in your config dir, if present).
         #[arg(long)]
         key: Option<std::path::PathBuf>,
+        /// A message for the operator, kept with the decision.
         #[arg(long)]
         message: Option<String>,
     },
     /// Deny, optionally with a message for the operator.
     Deny {
+        /// The id of the grant, op or endpoint.
         id: String,
         /// The approver's private key (default: approver.key in your config dir, if present).
         #[arg(long)]
         key: Option<std::path::PathBuf>,
+        /// A message for the operator, kept with the decision.
         #[arg(long)]
         message: Option<String>,
     },
@@ -223,15 +242,20 @@ pub async fn approvals(
 
 #[derive(Debug, clap::Args)]
 pub struct OpArgs {
+    /// The appliance's app.
     #[arg(long)]
     app: String,
+    /// The appliance's customer.
     #[arg(long)]
     customer: String,
+    /// The resource it runs against, by its id in the appliance's config (e.g. the Terraform
+    /// address `aws_eks_cluster.main`).
     #[arg(long)]
     origin_resource_id: String,
     /// The exact command, starting with the tool's name; split in the appliance, never run by a shell.
     #[arg(long)]
     command: String,
+    /// How long the tool may run in the appliance before it is stopped (op state timed-out).
     #[arg(long, default_value = "5m")]
     timeout: String,
     /// Wait until the op has ended (approvals included), with progress on stderr; the exit

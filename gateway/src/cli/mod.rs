@@ -149,8 +149,10 @@ struct DevArgs {
 enum ApplianceCmd {
     /// Register an appliance and print its one-time enrollment token.
     Add {
+        /// The app the appliance runs.
         #[arg(long)]
         app: String,
+        /// The customer whose cloud it runs in.
         #[arg(long)]
         customer: String,
         /// Lifetime of the enrollment token.
@@ -160,7 +162,10 @@ enum ApplianceCmd {
     /// Appliances with presence.
     List,
     /// Cut the appliance's agent and refuse its certificate from now on.
-    Revoke { id: String },
+    Revoke {
+        /// The appliance's id.
+        id: String,
+    },
     /// The latest steady-state health snapshot per resource, with its age.
     Status(status::StatusArgs),
 }
@@ -207,14 +212,19 @@ enum OpsCmd {
 enum EndpointCmd {
     /// Open an endpoint to one of an appliance's resources.
     Create {
+        /// What the stock client is: kubectl, postgres (psql and drivers), ssh, or plain tcp.
         #[arg(long = "type", value_parser = ["kubectl", "postgres", "ssh", "tcp"])]
         endpoint_type: String,
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// The resource it reaches, by its id in the appliance's config.
         #[arg(long)]
         origin_resource_id: String,
+        /// How long it lives; then every session is cut and its credentials stop working.
         #[arg(long, default_value = "1h")]
         ttl: String,
         /// Wait until the endpoint is active (it is at once when no approval is needed), with
@@ -228,17 +238,22 @@ enum EndpointCmd {
         #[arg(long, default_value = "operate")]
         phase: String,
     },
+    /// An endpoint's record (with how to connect while it is active).
     Get {
+        /// The endpoint's id (ep_…).
         id: String,
     },
+    /// The endpoints you may see.
     List,
     /// Tear an endpoint down: every live session is cut, the credentials stop working.
     Retire {
+        /// The endpoint's id (ep_…).
         id: String,
     },
     /// Local forwarder for a tcp endpoint: plain TCP on the listen address, TLS with the
     /// endpoint's client certificate to the gateway. Runs until SIGINT/SIGTERM.
     Connect {
+        /// The tcp endpoint's id (ep_…).
         id: String,
         /// Where local clients connect (port 0: any free port, printed once bound).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -250,6 +265,7 @@ enum EndpointCmd {
 enum AuditCmd {
     /// Records, oldest first.
     List {
+        /// Only the records about this appliance.
         #[arg(long)]
         appliance: Option<String>,
         /// An RFC 3339 time, or a duration meaning "that long ago" (`1h`).
@@ -271,6 +287,7 @@ enum AuditCmd {
     /// The latest signed head of an appliance's customer trail the gateway anchored, for
     /// `postern-agent audit verify --anchor FILE`.
     Anchor {
+        /// The appliance's id.
         #[arg(long)]
         appliance: String,
     },
