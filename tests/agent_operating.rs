@@ -71,7 +71,16 @@ fn until_sample(addr: SocketAddr, series: &str, ok: impl Fn(f64) -> bool) -> Res
 /// process and the `connected` line it printed once the gateway accepted it.
 fn run_agent(agent: &Agent) -> Result<(Child, Value)> {
     let mut child = Command::new(bin("postern-agent")?)
-        .args(["--output", "json", "run", "--metrics", "127.0.0.1:0", "--log-format", "json", "--config"])
+        .args([
+            "--output",
+            "json",
+            "run",
+            "--metrics",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--config",
+        ])
         .arg(&agent.config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,7 +124,10 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
         .as_str()
         .ok_or_else(|| anyhow!("the connected line names no metrics address: {connected}"))?
         .parse()?;
-    assert!(metrics.ip().is_loopback() && metrics.port() != 0, "{metrics}");
+    assert!(
+        metrics.ip().is_loopback() && metrics.port() != 0,
+        "{metrics}"
+    );
 
     assert_eq!(http_get(metrics, "/healthz")?.0, 200);
     let (ready, why) = http_get(metrics, "/readyz")?;
@@ -123,7 +135,11 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
     assert_eq!(http_get(metrics, "/nothing-here")?.0, 404);
     let first = until_sample(metrics, "postern_agent_gateway_connected", |v| v == 1.0)?;
     assert!(first.trim_end().ends_with("# EOF"), "{first}");
-    assert_eq!(sample(&first, "postern_agent_reconnects_total"), Some(0.0), "{first}");
+    assert_eq!(
+        sample(&first, "postern_agent_reconnects_total"),
+        Some(0.0),
+        "{first}"
+    );
 
     // A tcp endpoint (a command to the agent), and a session held open through it.
     assert_eq!(gw.request_operate("shop", "acme", "1h")?["state"], "active");
@@ -131,7 +147,21 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
     let ep = gw
         .cli_home(
             &home,
-            &["ops", "endpoint", "create", "--type", "tcp", "--app", "shop", "--customer", "acme", "--origin-resource-id", "null_resource.echo", "--ttl", "10m"],
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                "tcp",
+                "--app",
+                "shop",
+                "--customer",
+                "acme",
+                "--origin-resource-id",
+                "null_resource.echo",
+                "--ttl",
+                "10m",
+            ],
         )?
         .ok()?;
     let ep_id = ep["id"].as_str().unwrap_or_default().to_string();
@@ -142,13 +172,18 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
     let mut back = [0u8; 4];
     session.read_exact(&mut back)?;
     assert_eq!(&back, b"ping");
-    let open = until_sample(metrics, "postern_agent_sessions_open{type=\"tcp\"}", |v| v == 1.0)?;
+    let open = until_sample(metrics, "postern_agent_sessions_open{type=\"tcp\"}", |v| {
+        v == 1.0
+    })?;
     assert!(
         sample(&open, "postern_agent_commands_applied_total").is_some_and(|n| n >= 1.0),
         "{open}"
     );
     assert!(
-        sample(&open, "postern_agent_trail_records_total{kind=\"session.opened\"}") == Some(1.0),
+        sample(
+            &open,
+            "postern_agent_trail_records_total{kind=\"session.opened\"}"
+        ) == Some(1.0),
         "{open}"
     );
     assert!(
@@ -156,8 +191,14 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
         "{open}"
     );
     drop(session);
-    until_sample(metrics, "postern_agent_sessions_open{type=\"tcp\"}", |v| v == 0.0)?;
-    until_sample(metrics, "postern_agent_trail_records_total{kind=\"session.closed\"}", |v| v == 1.0)?;
+    until_sample(metrics, "postern_agent_sessions_open{type=\"tcp\"}", |v| {
+        v == 0.0
+    })?;
+    until_sample(
+        metrics,
+        "postern_agent_trail_records_total{kind=\"session.closed\"}",
+        |v| v == 1.0,
+    )?;
     drop(fwd);
 
     // The gateway goes away: not ready, disconnected; it comes back: a reconnect, ready again.
@@ -195,7 +236,9 @@ fn example_config(data_dir: &std::path::Path) -> Result<String> {
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/gateway.toml"),
     )?;
-    let dir = data_dir.to_str().ok_or_else(|| anyhow!("temp dir is not UTF-8"))?;
+    let dir = data_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("temp dir is not UTF-8"))?;
     let mut replaced = Vec::new();
     let lines: Vec<String> = example
         .lines()
@@ -237,7 +280,11 @@ fn the_example_gateway_config_starts_a_gateway() -> Result<()> {
     assert_eq!(http_get(metrics, "/healthz")?.0, 200);
     let (status, why) = http_get(metrics, "/readyz")?;
     assert_eq!(status, 200, "{why}");
-    assert!(gw.ca_file.starts_with(&data_dir), "{}", gw.ca_file.display());
+    assert!(
+        gw.ca_file.starts_with(&data_dir),
+        "{}",
+        gw.ca_file.display()
+    );
     let me = gw.cli(&["whoami"])?.ok()?;
     assert_eq!(me["role"], "admin", "{me}");
     Ok(())
@@ -249,7 +296,8 @@ fn gateway_readyz_is_503_while_its_store_is_down() -> Result<()> {
     let url = cluster.create_database("readyz_outage");
     let dir = tempfile::tempdir()?;
     let gw_dir = dir.path().join("gw");
-    let gw = Gateway::start_with_limits(&gw_dir, "", &["--store", &url, "--metrics", "127.0.0.1:0"])?;
+    let gw =
+        Gateway::start_with_limits(&gw_dir, "", &["--store", &url, "--metrics", "127.0.0.1:0"])?;
     let metrics = gw.metrics.ok_or_else(|| anyhow!("no metrics address"))?;
     assert_eq!(http_get(metrics, "/readyz")?.0, 200);
 

@@ -131,42 +131,82 @@ fn exit_code_of(child: &mut Child, limit: Duration) -> Result<i32> {
 }
 
 #[test]
-fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_codes() -> Result<()>
-{
+fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_codes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let gw = Gateway::start(&dir.path().join("gw"))?;
     let acme_dir = dir.path().join("acme");
     let globex_dir = dir.path().join("globex");
     std::fs::create_dir_all(&acme_dir)?;
     std::fs::create_dir_all(&globex_dir)?;
-    let _acme = Agent::online(&gw, &acme_dir, "shop", "acme", &agent_body(&acme_dir, "automatic")?)?;
-    let _globex = Agent::online(&gw, &globex_dir, "shop", "globex", &agent_body(&globex_dir, "manual")?)?;
+    let _acme = Agent::online(
+        &gw,
+        &acme_dir,
+        "shop",
+        "acme",
+        &agent_body(&acme_dir, "automatic")?,
+    )?;
+    let _globex = Agent::online(
+        &gw,
+        &globex_dir,
+        "shop",
+        "globex",
+        &agent_body(&globex_dir, "manual")?,
+    )?;
     let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
     // An operator token minted for one customer sees that customer's ops only.
     let carol = gw.mint_token("operator", "carol@vendor.example", Some("globex"))?;
     let bob = gw.mint_token("approver", "bob@globex.example", Some("globex"))?;
 
     assert_eq!(gw.request_operate("shop", "acme", "1h")?["state"], "active");
-    let grant = gw.cli_as(
-        &alice,
-        &["access", "request", "--app", "shop", "--customer", "globex", "--level", "operate", "--duration", "1h", "--reason", "cli test"],
-    )?
-    .ok()?;
+    let grant = gw
+        .cli_as(
+            &alice,
+            &[
+                "access",
+                "request",
+                "--app",
+                "shop",
+                "--customer",
+                "globex",
+                "--level",
+                "operate",
+                "--duration",
+                "1h",
+                "--reason",
+                "cli test",
+            ],
+        )?
+        .ok()?;
     let gid = grant["id"].as_str().unwrap_or_default().to_string();
-    assert_eq!(gw.cli_as(&bob, &["approvals", "approve", &gid])?.ok()?["state"], "active");
+    assert_eq!(
+        gw.cli_as(&bob, &["approvals", "approve", &gid])?.ok()?["state"],
+        "active"
+    );
 
     // Ops: alice's completed one on acme, alice's and carol's waiting ones on globex.
-    let (code, out, err) = run(&gw, &alice, &strs(&kubectl_op("acme", "kubectl get pods", &["--wait"])))?;
+    let (code, out, err) = run(
+        &gw,
+        &alice,
+        &strs(&kubectl_op("acme", "kubectl get pods", &["--wait"])),
+    )?;
     assert_eq!(code, 0, "{out} {err}");
     let done = json(&out)?;
     assert_eq!(done["state"], "completed", "{done}");
     let done_id = done["id"].as_str().unwrap_or_default().to_string();
     // Quick ops print no progress.
     assert!(!err.contains("waiting for"), "{err}");
-    let (code, out, err) = run(&gw, &alice, &strs(&kubectl_op("globex", "kubectl get pods", &[])))?;
+    let (code, out, err) = run(
+        &gw,
+        &alice,
+        &strs(&kubectl_op("globex", "kubectl get pods", &[])),
+    )?;
     assert_eq!(code, 0, "{out} {err}");
     let alice_waiting = json(&out)?["id"].as_str().unwrap_or_default().to_string();
-    let (code, out, err) = run(&gw, &carol, &strs(&kubectl_op("globex", "kubectl get svc", &[])))?;
+    let (code, out, err) = run(
+        &gw,
+        &carol,
+        &strs(&kubectl_op("globex", "kubectl get svc", &[])),
+    )?;
     assert_eq!(code, 0, "{out} {err}");
     let carol_waiting = json(&out)?["id"].as_str().unwrap_or_default().to_string();
 
@@ -174,7 +214,10 @@ fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_cod
         listed(&gw, &alice, &[])?,
         sorted(&[&done_id, &alice_waiting, &carol_waiting])
     );
-    assert_eq!(listed(&gw, &alice, &["--state", "completed"])?, vec![done_id.clone()]);
+    assert_eq!(
+        listed(&gw, &alice, &["--state", "completed"])?,
+        vec![done_id.clone()]
+    );
     assert_eq!(
         listed(&gw, &alice, &["--state", "pending-approval"])?,
         sorted(&[&alice_waiting, &carol_waiting])
@@ -183,22 +226,52 @@ fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_cod
         listed(&gw, &alice, &["--app", "shop", "--customer", "globex"])?,
         sorted(&[&alice_waiting, &carol_waiting])
     );
-    assert_eq!(listed(&gw, &alice, &["--customer", "acme"])?, vec![done_id.clone()]);
-    assert_eq!(listed(&gw, &alice, &["--mine"])?, sorted(&[&done_id, &alice_waiting]));
-    assert_eq!(listed(&gw, &carol, &["--mine"])?, vec![carol_waiting.clone()]);
+    assert_eq!(
+        listed(&gw, &alice, &["--customer", "acme"])?,
+        vec![done_id.clone()]
+    );
+    assert_eq!(
+        listed(&gw, &alice, &["--mine"])?,
+        sorted(&[&done_id, &alice_waiting])
+    );
+    assert_eq!(
+        listed(&gw, &carol, &["--mine"])?,
+        vec![carol_waiting.clone()]
+    );
     // Scope: carol sees globex's ops only, and may not ask for acme's.
-    assert_eq!(listed(&gw, &carol, &[])?, sorted(&[&alice_waiting, &carol_waiting]));
-    let (code, out, _) = run(&gw, &carol, &["--output", "json", "ops", "list", "--customer", "acme"])?;
+    assert_eq!(
+        listed(&gw, &carol, &[])?,
+        sorted(&[&alice_waiting, &carol_waiting])
+    );
+    let (code, out, _) = run(
+        &gw,
+        &carol,
+        &["--output", "json", "ops", "list", "--customer", "acme"],
+    )?;
     assert_eq!(code, 1);
     assert_eq!(json(&out)?["error"]["code"], "FORBIDDEN", "{out}");
     // A state the gateway does not know: a structured error with the states to pick from.
-    let (code, out, _) = run(&gw, &alice, &["--output", "json", "ops", "list", "--state", "runnin"])?;
+    let (code, out, _) = run(
+        &gw,
+        &alice,
+        &["--output", "json", "ops", "list", "--state", "runnin"],
+    )?;
     assert_eq!(code, 1);
     let e = json(&out)?;
     assert_eq!(e["error"]["code"], "INVALID_REQUEST", "{e}");
-    assert!(e["error"]["hint"].as_str().unwrap_or_default().contains("timed-out"), "{e}");
+    assert!(
+        e["error"]["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed-out"),
+        "{e}"
+    );
     // --app without --customer is a usage error (exit 2), JSON when asked for.
-    let (code, out, _) = run(&gw, &alice, &["ops", "list", "--app", "shop", "--output", "json"])?;
+    let (code, out, _) = run(
+        &gw,
+        &alice,
+        &["ops", "list", "--app", "shop", "--output", "json"],
+    )?;
     assert_eq!(code, 2, "{out}");
     assert_eq!(json(&out)?["error"]["code"], "INVALID_REQUEST", "{out}");
     // Text: a table with a header and one row per op.
@@ -206,21 +279,39 @@ fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_cod
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines[0].starts_with("OP") && lines[0].contains("STATE"), "{out}");
-    assert!(out.contains(&alice_waiting) && out.contains("pending-approval") && out.contains("shop/globex"), "{out}");
+    assert!(
+        lines[0].starts_with("OP") && lines[0].contains("STATE"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&alice_waiting)
+            && out.contains("pending-approval")
+            && out.contains("shop/globex"),
+        "{out}"
+    );
 
     // --wait whose own deadline passes first: WAIT_TIMEOUT, exit 5, progress on stderr
     // saying the state and who it waits for.
     let (code, out, err) = run(
         &gw,
         &alice,
-        &strs(&kubectl_op("globex", "kubectl get nodes", &["--wait", "--wait-timeout", "4s"])),
+        &strs(&kubectl_op(
+            "globex",
+            "kubectl get nodes",
+            &["--wait", "--wait-timeout", "4s"],
+        )),
     )?;
     assert_eq!(code, 5, "{out} {err}");
     let e = json(&out)?;
     assert_eq!(e["error"]["code"], "WAIT_TIMEOUT", "{e}");
     assert_eq!(e["error"]["details"]["state"], "pending-approval", "{e}");
-    assert!(e["error"]["message"].as_str().unwrap_or_default().contains("still pending-approval"), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("still pending-approval"),
+        "{e}"
+    );
     let progress: Vec<Value> = err
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -230,32 +321,66 @@ fn ops_list_filters_within_the_tokens_scope_and_waits_end_with_distinct_exit_cod
     assert!(progress.len() <= 3, "too chatty: {err}");
     let p = &progress[0]["waiting"];
     assert_eq!(p["state"], "pending-approval", "{p}");
-    assert!(p["waiting_for"].as_str().unwrap_or_default().contains("approver of customer globex"), "{p}");
+    assert!(
+        p["waiting_for"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("approver of customer globex"),
+        "{p}"
+    );
     assert!(p["elapsed_s"].as_u64().is_some_and(|s| s >= 2), "{p}");
 
     // `ops wait` in text: the same, as lines.
-    let (code, out, err) = run(&gw, &alice, &["ops", "wait", &alice_waiting, "--wait-timeout", "3s"])?;
+    let (code, out, err) = run(
+        &gw,
+        &alice,
+        &["ops", "wait", &alice_waiting, "--wait-timeout", "3s"],
+    )?;
     assert_eq!(code, 5, "{out} {err}");
-    assert!(err.contains(&format!("waiting for op {alice_waiting}: pending-approval, for an approver of customer globex")), "{err}");
-    assert!(err.contains("error: gave up waiting") && err.contains("hint:"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "waiting for op {alice_waiting}: pending-approval, for an approver of customer globex"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("error: gave up waiting") && err.contains("hint:"),
+        "{err}"
+    );
 
     // Denied while waited for: exit 3.
-    let mut waiting = postern(&gw, &alice, &["--output", "json", "ops", "wait", &alice_waiting])?
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let denied = gw.cli_as(&bob, &["approvals", "deny", &alice_waiting, "--message", "not now"])?.ok()?;
+    let mut waiting = postern(
+        &gw,
+        &alice,
+        &["--output", "json", "ops", "wait", &alice_waiting],
+    )?
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()?;
+    let denied = gw
+        .cli_as(
+            &bob,
+            &["approvals", "deny", &alice_waiting, "--message", "not now"],
+        )?
+        .ok()?;
     assert_eq!(denied["state"], "denied", "{denied}");
     assert_eq!(exit_code_of(&mut waiting, Duration::from_secs(30))?, 3);
     // Timed out in the appliance: exit 4.
     let (code, out, err) = run(
         &gw,
         &alice,
-        &strs(&kubectl_op("acme", "kubectl hang", &["--timeout", "2s", "--wait"])),
+        &strs(&kubectl_op(
+            "acme",
+            "kubectl hang",
+            &["--timeout", "2s", "--wait"],
+        )),
     )?;
     assert_eq!(code, 4, "{out} {err}");
     assert_eq!(json(&out)?["state"], "timed-out", "{out}");
-    assert_eq!(listed(&gw, &alice, &["--state", "denied"])?, vec![alice_waiting.clone()]);
+    assert_eq!(
+        listed(&gw, &alice, &["--state", "denied"])?,
+        vec![alice_waiting.clone()]
+    );
     Ok(())
 }
 
@@ -268,7 +393,9 @@ fn offline(args: &[&str]) -> Result<(i32, String, String)> {
         .stdin(Stdio::null())
         .output()?;
     Ok((
-        out.status.code().ok_or_else(|| anyhow!("killed by a signal"))?,
+        out.status
+            .code()
+            .ok_or_else(|| anyhow!("killed by a signal"))?,
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
@@ -287,9 +414,33 @@ fn usage_errors_are_json_when_asked_for_and_exit_2() -> Result<()> {
         assert_eq!(code, 2, "{args:?}: {out} {err}");
         let v = json(&out)?;
         assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{args:?}: {v}");
-        assert!(!v["error"]["message"].as_str().unwrap_or_default().is_empty(), "{v}");
-        assert!(v["error"]["hint"].as_str().unwrap_or_default().contains("--help"), "{v}");
-        assert!(v["error"]["details"]["usage"].as_str().unwrap_or_default().contains("Usage"), "{v}");
+        assert!(
+            !v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{v}"
+        );
+        assert!(
+            v["error"]["hint"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--help"),
+            "{v}"
+        );
+        assert!(
+            v["error"]["details"]["usage"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("--help"),
+            "{v}"
+        );
+        assert!(
+            v["error"]["details"]["kind"]
+                .as_str()
+                .is_some_and(|k| !k.contains(' ')),
+            "{v}"
+        );
     }
     // Text: clap's own message on stderr, exit 2.
     let (code, out, err) = offline(&["ops", "list", "--bogus"])?;
@@ -298,17 +449,27 @@ fn usage_errors_are_json_when_asked_for_and_exit_2() -> Result<()> {
     // Help is not an error, and documents the exit codes.
     let (code, out, _) = offline(&["--output", "json", "--help"])?;
     assert_eq!(code, 0);
-    assert!(out.contains("Exit codes:") && out.contains("WAIT_TIMEOUT"), "{out}");
+    assert!(
+        out.contains("Exit codes:") && out.contains("WAIT_TIMEOUT"),
+        "{out}"
+    );
     Ok(())
 }
 
 #[test]
 fn completions_and_man_pages_come_from_the_commands() -> Result<()> {
-    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef postern"), ("fish", "complete -c postern")] {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef postern"),
+        ("fish", "complete -c postern"),
+    ] {
         let (code, out, err) = offline(&["completions", shell])?;
         assert_eq!(code, 0, "{err}");
         assert!(out.contains(marker), "{shell}: {out}");
-        assert!(out.contains("wait-timeout") && out.contains("completions"), "{shell}");
+        assert!(
+            out.contains("wait-timeout") && out.contains("completions"),
+            "{shell}"
+        );
     }
     let dir = tempfile::tempdir()?;
     let man = dir.path().join("man1");
@@ -323,7 +484,10 @@ fn completions_and_man_pages_come_from_the_commands() -> Result<()> {
         .collect();
     assert!(pages.len() > 20, "{pages:?}");
     let ops_list = std::fs::read_to_string(man.join("postern-ops-list.1"))?;
-    assert!(ops_list.starts_with(".ie") || ops_list.contains(".TH"), "{ops_list}");
+    assert!(
+        ops_list.starts_with(".ie") || ops_list.contains(".TH"),
+        "{ops_list}"
+    );
     assert!(ops_list.contains("mine"), "{ops_list}");
     Ok(())
 }

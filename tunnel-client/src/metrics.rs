@@ -162,13 +162,28 @@ mod tests {
         let b = m.session_open(ResourceKind::Kubernetes);
         let c = m.session_open(ResourceKind::Tcp);
         drop(a);
-        m.trail_batch(["session.opened", "session.opened"].into_iter(), Duration::from_millis(2));
+        m.trail_batch(
+            ["session.opened", "session.opened"].into_iter(),
+            Duration::from_millis(2),
+        );
         let mut text = String::new();
         encode(&mut text, &r).unwrap();
-        assert!(text.contains("postern_agent_sessions_open{type=\"kubectl\"} 1"), "{text}");
-        assert!(text.contains("postern_agent_sessions_open{type=\"tcp\"} 1"), "{text}");
-        assert!(text.contains("postern_agent_trail_records_total{kind=\"session.opened\"} 2"), "{text}");
-        assert!(text.contains("postern_agent_trail_write_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("postern_agent_sessions_open{type=\"kubectl\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("postern_agent_sessions_open{type=\"tcp\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("postern_agent_trail_records_total{kind=\"session.opened\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("postern_agent_trail_write_seconds_count 1"),
+            "{text}"
+        );
         drop((b, c));
     }
 }

@@ -76,7 +76,11 @@ mod tests {
         cmd.build();
         let mut missing = Vec::new();
         args_without_help(&cmd, "postern", &mut missing);
-        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "without help text:\n{}",
+            missing.join("\n")
+        );
     }
 
     #[test]
@@ -85,7 +89,14 @@ mod tests {
             let mut out = Vec::new();
             completions(shell, crate::cli::Cli::command(), &mut out);
             let script = String::from_utf8(out).unwrap_or_default();
-            for word in ["server", "completions", "ops", "list", "log-format", "wait-timeout"] {
+            for word in [
+                "server",
+                "completions",
+                "ops",
+                "list",
+                "log-format",
+                "wait-timeout",
+            ] {
                 assert!(script.contains(word), "{shell:?} script lacks {word}");
             }
         }
@@ -100,8 +111,16 @@ mod tests {
             .iter()
             .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
             .collect();
-        for page in ["postern.1", "postern-server.1", "postern-ops-list.1", "postern-completions.1"] {
-            assert!(names.iter().any(|n| n == page), "{page} missing from {names:?}");
+        for page in [
+            "postern.1",
+            "postern-server.1",
+            "postern-ops-list.1",
+            "postern-completions.1",
+        ] {
+            assert!(
+                names.iter().any(|n| n == page),
+                "{page} missing from {names:?}"
+            );
         }
         let server = std::fs::read_to_string(dir.join("postern-server.1")).unwrap();
         assert!(server.contains("metrics"), "{server}");

@@ -326,7 +326,8 @@ pub async fn run_op(
     out: OutputFormat,
 ) -> Result<Outcome, ApiError> {
     let timeout_s = duration_secs("timeout", &args.timeout)?;
-    let wait_limit = std::time::Duration::from_secs(duration_secs("wait-timeout", &args.wait_timeout)?);
+    let wait_limit =
+        std::time::Duration::from_secs(duration_secs("wait-timeout", &args.wait_timeout)?);
     let op: OpRecord = c
         .post("/v1/ops", serde_json::json!({
             "tool": tool, "app": args.app, "customer": args.customer, "origin_resource_id": args.origin_resource_id,

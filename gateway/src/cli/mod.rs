@@ -411,18 +411,25 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
             return control::get_op(&id, None, &client()?, out).await
         }
         Command::Ops(OpsCmd::Wait { id, wait_timeout }) => {
-            let limit = std::time::Duration::from_secs(duration_secs("wait-timeout", &wait_timeout)?);
+            let limit =
+                std::time::Duration::from_secs(duration_secs("wait-timeout", &wait_timeout)?);
             return control::get_op(&id, Some(limit), &client()?, out).await;
         }
         Command::Ops(OpsCmd::List(args)) => ops_list::run(args, &client()?, out).await?,
-        Command::Completions { shell } => {
-            completions::completions(shell, <Cli as clap::CommandFactory>::command(), &mut std::io::stdout())
-        }
+        Command::Completions { shell } => completions::completions(
+            shell,
+            <Cli as clap::CommandFactory>::command(),
+            &mut std::io::stdout(),
+        ),
         Command::Man { dir } => {
             let pages = completions::man_pages(<Cli as clap::CommandFactory>::command(), &dir)?;
             match out {
-                OutputFormat::Json => print_json(&serde_json::json!({ "dir": dir, "pages": pages })),
-                OutputFormat::Text => println!("{} man pages written to {}", pages.len(), dir.display()),
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({ "dir": dir, "pages": pages }))
+                }
+                OutputFormat::Text => {
+                    println!("{} man pages written to {}", pages.len(), dir.display())
+                }
             }
         }
         Command::Ops(op) => {
@@ -439,9 +446,7 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
                 OpsCmd::Endpoint(_)
                 | OpsCmd::Get { .. }
                 | OpsCmd::Wait { .. }
-                | OpsCmd::List(_) => {
-                    return Err(ApiError::internal("unreachable ops command"))
-                }
+                | OpsCmd::List(_) => return Err(ApiError::internal("unreachable ops command")),
             };
             return control::run_op(tool, args, &client()?, out).await;
         }

@@ -28,7 +28,7 @@ pub fn to_api_error(e: &clap::Error) -> ApiError {
         .to_string();
     ApiError::invalid(message)
         .hint("run `postern --help` (or `postern COMMAND --help`) for usage")
-        .details(serde_json::json!({ "usage": rendered, "kind": e.kind().to_string() }))
+        .details(serde_json::json!({ "usage": rendered, "kind": format!("{:?}", e.kind()) }))
 }
 
 /// Prints `e` as asked and gives the exit status.
@@ -36,7 +36,11 @@ pub fn report(e: clap::Error, args: &[String]) -> ExitCode {
     let code = e.exit_code();
     if code == 0 || !wants_json(args) {
         let _ = e.print();
-        return ExitCode::from(if code == 0 { exit_codes::OK } else { exit_codes::USAGE });
+        return ExitCode::from(if code == 0 {
+            exit_codes::OK
+        } else {
+            exit_codes::USAGE
+        });
     }
     println!(
         "{}",
@@ -73,6 +77,9 @@ mod tests {
         let api = to_api_error(&e);
         assert_eq!(api.code, endpoint_types::ErrorCode::InvalidRequest);
         assert!(api.message.contains("--bogus"), "{}", api.message);
-        assert!(api.details["usage"].as_str().unwrap_or_default().contains("Usage"));
+        assert!(api.details["usage"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Usage"));
     }
 }

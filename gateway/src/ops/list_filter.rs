@@ -46,8 +46,10 @@ impl OpFilter {
             None | Some("false") => false,
             Some("true") => true,
             Some(other) => {
-                return Err(ApiError::invalid(format!("mine={other:?} is not a boolean"))
-                    .hint("mine=true or mine=false"))
+                return Err(
+                    ApiError::invalid(format!("mine={other:?} is not a boolean"))
+                        .hint("mine=true or mine=false"),
+                )
             }
         };
         let nonempty = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
@@ -125,7 +127,12 @@ mod tests {
     fn all_terms_parse() {
         let f = OpFilter::from_query(
             &caller(None),
-            &query(&[("state", "timed-out"), ("app", "shop"), ("customer", "acme"), ("mine", "true")]),
+            &query(&[
+                ("state", "timed-out"),
+                ("app", "shop"),
+                ("customer", "acme"),
+                ("mine", "true"),
+            ]),
         )
         .unwrap();
         assert_eq!(
