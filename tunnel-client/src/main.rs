@@ -70,14 +70,17 @@ enum AuditCommand {
     /// anchor in it, and that it still reaches its latest signed head (kept beside it, and
     /// `--anchor`: the head the gateway anchored, from `postern audit anchor --appliance ID`).
     Verify {
+        /// The agent's config file (agent.toml); the trail is its `audit_path`.
         #[arg(long)]
         config: PathBuf,
+        /// The head the gateway anchored (`postern audit anchor --appliance ID` saved to a file).
         #[arg(long)]
         anchor: Option<PathBuf>,
     },
     /// The gateway's records in the trail: every request, decision and outcome concerning
     /// this appliance, numbered by the gateway; says whether any number is missing.
     Requests {
+        /// The agent's config file (agent.toml); the trail is its `audit_path`.
         #[arg(long)]
         config: PathBuf,
     },
