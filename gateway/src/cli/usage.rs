@@ -20,10 +20,13 @@ pub fn wants_json(args: &[String]) -> bool {
 /// The structured form of a clap error.
 pub fn to_api_error(e: &clap::Error) -> ApiError {
     let rendered = e.render().to_string();
+    // Clap's first paragraph, on one line ("… were not provided: --customer <CUSTOMER>").
     let message = rendered
         .lines()
-        .next()
-        .unwrap_or_default()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
         .trim_start_matches("error: ")
         .to_string();
     ApiError::invalid(message)
@@ -77,6 +80,15 @@ mod tests {
         let api = to_api_error(&e);
         assert_eq!(api.code, endpoint_types::ErrorCode::InvalidRequest);
         assert!(api.message.contains("--bogus"), "{}", api.message);
+        let missing =
+            crate::cli::Cli::try_parse_from(args("postern ops list --app shop")).unwrap_err();
+        let api = to_api_error(&missing);
+        assert!(
+            api.message
+                .ends_with("were not provided: --customer <CUSTOMER>"),
+            "{}",
+            api.message
+        );
         assert!(api.details["usage"]
             .as_str()
             .unwrap_or_default()
