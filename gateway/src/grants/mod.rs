@@ -5,6 +5,7 @@
 //! [`GrantStore`], the audit sink, the clock, the connected agents, the approval notifier and
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
+mod expiry;
 mod gate;
 mod refused;
 mod store;
@@ -15,6 +16,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
+pub use expiry::run as record_expiries;
 pub use gate::access_hint;
 pub use store::GrantStore;
 
@@ -63,6 +65,8 @@ pub struct Grants {
     agents: Arc<dyn AgentPort>,
     notifier: Arc<dyn Notifier>,
     endpoints: Arc<dyn EndpointsOfGrant>,
+    /// Wakes the expiry recorder (`expiry`) when a grant is approved.
+    expiry_bell: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Grants {
@@ -119,6 +123,7 @@ impl Grants {
             agents,
             notifier,
             endpoints,
+            expiry_bell: Arc::default(),
         }
     }
 
@@ -210,6 +215,7 @@ impl Grants {
                         "grant_id": row.id, "level": req.level.as_str(), "expires_at": row.expires_at,
                     }))
                     .await;
+                self.ring_expiry_bell();
                 self.push_grants(&appliance.id).await;
             }
             None => {
@@ -360,6 +366,7 @@ impl Grants {
             }))
             .await;
         if approve {
+            self.ring_expiry_bell();
             self.push_grants(&appliance.id).await;
         }
         self.reread(id, &appliance, now).await
