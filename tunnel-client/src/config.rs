@@ -95,6 +95,10 @@ pub struct AgentConfig {
     /// `[policy] steady_state` and the customer approver's switch).
     #[serde(default)]
     pub steady_state: crate::steady_state::SteadyStateConfig,
+    /// Where the agent counts what it does (`postern-agent run --metrics`): set by the
+    /// program that runs it, never read from agent.toml.
+    #[serde(skip)]
+    pub metrics: Option<crate::metrics::AgentMetrics>,
 }
 
 /// One `[[approver]]` of `agent.toml`.

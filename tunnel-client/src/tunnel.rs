@@ -180,6 +180,9 @@ pub async fn run(
         },
         Some(heads),
     )?;
+    if let Some(m) = &config.metrics {
+        audit.count_in(m.clone());
+    }
     let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
     let anchors = crate::trail_heads::GatewayAnchors::load(&enrollment.ca_file);
     if let Some((head, kept)) = missing_head {
@@ -301,6 +304,9 @@ pub async fn run(
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => break,
         }
+        if let Some(m) = &agent.config.metrics {
+            m.reconnecting();
+        }
     }
     agent.tracker.close();
     let _ = tokio::time::timeout(SESSION_DRAIN, agent.tracker.wait()).await;
@@ -364,6 +370,9 @@ impl Agent {
             ended = self.serve(&conn, &mut hello, ready) => ended,
             () = shutdown.cancelled() => Ended::Shutdown,
         };
+        if let Some(m) = &self.config.metrics {
+            m.set_connected(false);
+        }
         // The next connection's gateway says again whether to collect.
         self.steady.stop();
         let ended = match ended {
@@ -472,6 +481,9 @@ impl Agent {
         self.reports_refusals
             .store(ack.approval_refusals, std::sync::atomic::Ordering::Relaxed);
         *hello = Some(ack.clone());
+        if let Some(m) = &self.config.metrics {
+            m.set_connected(true);
+        }
         if let Some(tx) = ready.take() {
             let _ = tx.send(ack.clone());
         }
@@ -743,6 +755,9 @@ impl Agent {
                 if let Err(e) = send_frame(send, &ToGateway::CommandAck { seq }, write_limit).await
                 {
                     return Some(Ended::lost(format!("cannot acknowledge a command: {e}")));
+                }
+                if let Some(m) = &self.config.metrics {
+                    m.command_applied();
                 }
             }
         }

@@ -17,8 +17,10 @@ pub struct StatusArgs {
     /// The appliance id (or name it with --app and --customer).
     #[arg(conflicts_with_all = ["app", "customer"], required_unless_present_all = ["app", "customer"])]
     id: Option<String>,
+    /// The appliance's app (with --customer).
     #[arg(long, requires = "customer")]
     app: Option<String>,
+    /// The appliance's customer (with --app).
     #[arg(long, requires = "app")]
     customer: Option<String>,
     /// Poll again every --every until Ctrl-C.

@@ -10,6 +10,7 @@ mod agent_frames;
 mod create;
 mod decide;
 mod dispatch;
+pub mod list_filter;
 #[cfg(test)]
 mod memory_store;
 mod previews;
