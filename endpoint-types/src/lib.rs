@@ -19,6 +19,7 @@ pub mod op_command;
 pub mod pg_startup;
 pub mod pgwire;
 pub mod phase;
+pub mod phase_policy;
 pub mod policy;
 pub mod resource;
 pub mod secret;

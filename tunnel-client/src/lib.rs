@@ -17,6 +17,7 @@ pub mod gateway_trail;
 pub mod grants;
 pub mod kube;
 pub mod malloc_policy;
+pub mod policy_phases;
 pub mod op_credentials;
 pub mod op_launcher;
 pub mod op_ledger;

@@ -126,6 +126,7 @@ fn policy(approval: ApprovalMode, maintenance: &[&str]) -> PolicySummary {
         maintenance: maintenance.iter().map(|m| m.to_string()).collect(),
         steady_state: true,
         approver_key_ids: Vec::new(),
+        phases: Vec::new(),
     }
 }
 
