@@ -370,6 +370,7 @@ impl Grants {
         self.audit
             .record(kind, &who, Subject::appliance(&appliance.id), serde_json::json!({
                 "grant_id": id, "level": row.level.as_str(), "expires_at": expires_at, "message": message,
+                "phase": row.level.as_str(), "rule": format!("a person ({who})"),
             }))
             .await;
         if approve {
