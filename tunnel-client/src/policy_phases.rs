@@ -127,3 +127,84 @@ impl PhasePolicies {
         endpoint_types::phase_policy::ruling(&self.summary, phase, now)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::AgentConfig;
+    use endpoint_types::{
+        control::GrantLevel,
+        phase_policy::ruling,
+        resource::ApprovalMode,
+    };
+    use std::path::Path;
+
+    fn parse(policy: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(
+            &format!("audit_path = \"a\"\n{policy}"),
+            Path::new("/etc/postern/agent.toml"),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_phase_table_takes_what_it_leaves_out_from_policy() {
+        let c = parse(
+            "[policy]\napproval = \"manual\"\ntime_zone = \"Europe/Berlin\"\nwindows = [\"Mon-Fri 09:00-17:00\"]\n\n\
+             [policy.deploy]\napproval = \"windows\"\nwindows = [\"Sat 02:00-06:00\"]\n\n\
+             [policy.operate]\napproval = \"windows\"\n",
+        )
+        .unwrap();
+        let s = c.policy_summary();
+        assert_eq!(s.approval, ApprovalMode::Manual);
+        let deploy = s.phases.iter().find(|p| p.phase == GrantLevel::Deploy).unwrap();
+        assert_eq!(deploy.windows, vec!["Sat 02:00-06:00".to_string()]);
+        assert_eq!(deploy.time_zone.as_deref(), Some("Europe/Berlin"));
+        let operate = s.phases.iter().find(|p| p.phase == GrantLevel::Operate).unwrap();
+        assert_eq!(operate.windows, vec!["Mon-Fri 09:00-17:00".to_string()]);
+        assert!(!s.phases.iter().any(|p| p.phase == GrantLevel::Install));
+        // Saturday 2026-12-05 03:00 Berlin: the deploy window is open, operate's is not.
+        let at = "2026-12-05T02:00:00Z".parse().unwrap();
+        assert_eq!(
+            ruling(&s, GrantLevel::Deploy, at).rule(),
+            "policy:window under [policy.deploy]"
+        );
+        assert_eq!(
+            ruling(&s, GrantLevel::Operate, at).rule(),
+            "a person: outside the windows of [policy.operate]"
+        );
+        assert_eq!(
+            ruling(&s, GrantLevel::Install, at).rule(),
+            "a person: install is approved by a person for each use, whatever the policy"
+        );
+    }
+
+    #[test]
+    fn what_a_phase_table_cannot_mean_is_refused_in_words_naming_it() {
+        let cases = [
+            ("[policy.deplyo]\napproval = \"manual\"\n", "deplyo"),
+            ("[policy.deploy]\napprovl = \"manual\"\n", "approvl"),
+            (
+                "[policy.steady-state]\napproval = \"automatic\"\n",
+                "[policy.steady-state] is not a policy table",
+            ),
+            (
+                "[policy.install]\napproval = \"windows\"\nwindows = [\"Sat 02:00-06:00\"]\n",
+                "[policy.install] approval = \"windows\": install is approved by a person",
+            ),
+            (
+                "[policy.deploy]\napproval = \"windows\"\n",
+                "[policy.deploy] approval = \"windows\" needs at least one entry",
+            ),
+            (
+                "[policy.operate]\nwindows = [\"Mon 9:00-17:00\"]\n",
+                "[policy.operate] windows",
+            ),
+        ];
+        for (text, says) in cases {
+            let e = parse(&format!("[policy]\napproval = \"manual\"\n{text}")).unwrap_err();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
+        // A manual install table says what install is anyway, and is fine.
+        parse("[policy.install]\napproval = \"manual\"\n").unwrap();
+    }
+}
