@@ -20,7 +20,7 @@ const CLUSTER: &str = "aws_eks_cluster.main_cluster";
 /// A release window that covers now: today and tomorrow (UTC) whole, so the test cannot
 /// straddle its edge; the weekday is computed, not assumed.
 fn window_covering_now() -> String {
-    let now = Timestamp::now().to_zoned(TimeZone::UTC);
+    let now = Timestamp::now().to_zoned_datetime(TimeZone::UTC);
     let day = |d: jiff::civil::Weekday| match d {
         jiff::civil::Weekday::Monday => "Mon",
         jiff::civil::Weekday::Tuesday => "Tue",
@@ -101,16 +101,6 @@ fn request(gw: &Gateway, level: &str) -> Result<Value> {
     .ok()
 }
 
-/// A grant of `level`, approved by bob when the policy leaves it to a person.
-fn grant(w: &World, level: &str) -> Result<Value> {
-    let g = request(&w.gw, level)?;
-    if g["state"] == "active" {
-        return Ok(g);
-    }
-    let id = g["id"].as_str().ok_or_else(|| anyhow!("{g}"))?;
-    w.gw.cli_as(&w.bob, &["approvals", "approve", id])?.ok()
-}
-
 fn kubectl_op(gw: &Gateway, phase: &str, wait: bool) -> Result<Value> {
     let mut args = vec![
         "ops",
@@ -173,7 +163,6 @@ fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_pers
     // held: the deploy table's window is open) ...
     let deploy = kubectl_op(&w.gw, "deploy", true)?;
     assert_eq!(deploy["state"], "completed", "{deploy}");
-    assert_eq!(deploy["command_approved_by"], "policy:window", "{deploy}");
     assert!(
         deploy["stdout"].as_str().is_some_and(|o| o.contains("web-1")),
         "{deploy}"
@@ -200,6 +189,7 @@ fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_pers
     let records = audit(&w.gw, &w.agent.appliance_id)?;
     let approved =
         record_of(&records, "op.approved", deploy_id).ok_or_else(|| anyhow!("{records:?}"))?;
+    assert_eq!(approved["actor"], "policy:window", "{approved}");
     assert_eq!(approved["detail"]["phase"], "deploy", "{approved}");
     assert_eq!(
         approved["detail"]["rule"], "policy:window under [policy.deploy]",
@@ -297,7 +287,15 @@ fn install_waits_for_a_person_even_under_an_automatic_policy() -> Result<()> {
     // An operate op at the same moment runs on the automatic policy.
     let operate = kubectl_op(&w.gw, "operate", true)?;
     assert_eq!(operate["state"], "completed", "{operate}");
-    assert_eq!(operate["command_approved_by"], "policy:automatic", "{operate}");
+    let operate_id = operate["id"].as_str().ok_or_else(|| anyhow!("{operate}"))?;
+    let records = audit(&w.gw, &w.agent.appliance_id)?;
+    let approved =
+        record_of(&records, "op.approved", operate_id).ok_or_else(|| anyhow!("{records:?}"))?;
+    assert_eq!(approved["actor"], "policy:automatic", "{approved}");
+    assert_eq!(
+        approved["detail"]["rule"], "policy:automatic under [policy]",
+        "{approved}"
+    );
 
     // Once bob approves, the install op runs, and the agent's trail names phase and rule.
     let decided = w.gw.cli_as(&w.bob, &["approvals", "approve", op_id])?;
@@ -353,7 +351,8 @@ fn a_policy_table_for_no_phase_or_an_automatic_install_is_refused_clearly() -> R
     {
         // Enrolling reads the config the way `run` does, and refuses it before anything else.
         let agent_dir = dir.path().join(format!("agent-{policy_no}"));
-        let err = match Agent::enroll(&gw, &agent_dir, APP, CUSTOMER, policy) {
+        let customer = format!("customer-{policy_no}");
+        let err = match Agent::enroll(&gw, &agent_dir, APP, &customer, policy) {
             Ok(_) => return Err(anyhow!("the agent took {policy:?}")),
             Err(e) => format!("{e:#}"),
         };
