@@ -139,8 +139,7 @@ fn record_of<'a>(records: &'a [Value], kind: &str, op: &str) -> Option<&'a Value
 }
 
 #[test]
-fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_person() -> Result<()>
-{
+fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_person() -> Result<()> {
     let policy = format!(
         "[policy]\napproval = \"manual\"\n\n[policy.deploy]\napproval = \"windows\"\nwindows = [\"{}\"]\n",
         window_covering_now()
@@ -155,7 +154,11 @@ fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_pers
     assert_eq!(og["state"], "pending-approval", "{og}");
     let og = w.gw.cli_as(
         &w.bob,
-        &["approvals", "approve", og["id"].as_str().unwrap_or_default()],
+        &[
+            "approvals",
+            "approve",
+            og["id"].as_str().unwrap_or_default(),
+        ],
     )?;
     assert!(og.success, "{:?}", og.json);
 
@@ -164,7 +167,9 @@ fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_pers
     let deploy = kubectl_op(&w.gw, "deploy", true)?;
     assert_eq!(deploy["state"], "completed", "{deploy}");
     assert!(
-        deploy["stdout"].as_str().is_some_and(|o| o.contains("web-1")),
+        deploy["stdout"]
+            .as_str()
+            .is_some_and(|o| o.contains("web-1")),
         "{deploy}"
     );
     // ... and the operate op waits for a person.
@@ -212,7 +217,10 @@ fn a_deploy_op_inside_its_release_window_runs_and_an_operate_op_waits_for_a_pers
         .find(|e| e["kind"] == "op.started" && e.to_string().contains(deploy_id))
         .ok_or_else(|| anyhow!("no op.started for {deploy_id}"))?;
     assert_eq!(started["detail"]["phase"], "deploy", "{started}");
-    assert_eq!(started["detail"]["policy_table"], "[policy.deploy]", "{started}");
+    assert_eq!(
+        started["detail"]["policy_table"], "[policy.deploy]",
+        "{started}"
+    );
     assert_eq!(
         started["detail"]["rule"], "policy:window under [policy.deploy]",
         "{started}"
@@ -267,10 +275,14 @@ fn install_waits_for_a_person_even_under_an_automatic_policy() -> Result<()> {
     let shown = w.gw.cli_as(&w.bob, &["approvals", "show", ig_id])?.ok()?;
     assert_eq!(shown["phase"], "install", "{shown}");
     assert!(
-        shown["rule"].as_str().is_some_and(|r| r.contains("install")),
+        shown["rule"]
+            .as_str()
+            .is_some_and(|r| r.contains("install")),
         "{shown}"
     );
-    let ig = w.gw.cli_as(&w.bob, &["approvals", "approve", ig_id])?.ok()?;
+    let ig =
+        w.gw.cli_as(&w.bob, &["approvals", "approve", ig_id])?
+            .ok()?;
     assert_eq!(ig["state"], "active", "{ig}");
 
     // An install op waits too, under a live install grant and an automatic policy.

@@ -73,9 +73,18 @@ fn probes_use_the_steady_state_identity_when_one_is_configured() -> Result<()> {
         assert_eq!(groups, &["vendor-readonly".to_string()], "{seen:?}");
     }
     // Every request of a probe round carries it, and nothing but GETs went out.
-    for r in api.requests().iter().filter(|r| r.path().contains("/namespaces/")) {
+    for r in api
+        .requests()
+        .iter()
+        .filter(|r| r.path().contains("/namespaces/"))
+    {
         assert_eq!(r.method, "GET", "{}", r.uri);
-        assert_eq!(r.header("impersonate-user"), Some("vendor-observe"), "{}", r.uri);
+        assert_eq!(
+            r.header("impersonate-user"),
+            Some("vendor-observe"),
+            "{}",
+            r.uri
+        );
     }
     drop(agent);
 

@@ -139,7 +139,11 @@ impl Ruling {
                     .to_string()
             }
             Some(PersonBecause::Mode(mode)) => {
-                format!("a person: {} approval = \"{}\"", self.table, mode_name(mode))
+                format!(
+                    "a person: {} approval = \"{}\"",
+                    self.table,
+                    mode_name(mode)
+                )
             }
             Some(PersonBecause::OutsideWindows) => {
                 format!("a person: outside the windows of {}", self.table)

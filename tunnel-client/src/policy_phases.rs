@@ -99,7 +99,9 @@ pub struct PhasePolicies {
 }
 
 impl PhasePolicies {
-    pub fn parse(summary: &PolicySummary) -> Result<PhasePolicies, endpoint_types::policy::PolicyError> {
+    pub fn parse(
+        summary: &PolicySummary,
+    ) -> Result<PhasePolicies, endpoint_types::policy::PolicyError> {
         let global = Policy::parse(summary)?;
         let mut own = Vec::with_capacity(summary.phases.len());
         for p in &summary.phases {
@@ -123,7 +125,11 @@ impl PhasePolicies {
     }
 
     /// What the policy of `phase` says at `now`, and which rule said it.
-    pub fn ruling(&self, phase: GrantLevel, now: jiff::Timestamp) -> endpoint_types::phase_policy::Ruling {
+    pub fn ruling(
+        &self,
+        phase: GrantLevel,
+        now: jiff::Timestamp,
+    ) -> endpoint_types::phase_policy::Ruling {
         endpoint_types::phase_policy::ruling(&self.summary, phase, now)
     }
 }
@@ -131,11 +137,7 @@ impl PhasePolicies {
 #[cfg(test)]
 mod tests {
     use crate::config::AgentConfig;
-    use endpoint_types::{
-        control::GrantLevel,
-        phase_policy::ruling,
-        resource::ApprovalMode,
-    };
+    use endpoint_types::{control::GrantLevel, phase_policy::ruling, resource::ApprovalMode};
     use std::path::Path;
 
     fn parse(policy: &str) -> Result<AgentConfig, String> {
@@ -156,10 +158,18 @@ mod tests {
         .unwrap();
         let s = c.policy_summary();
         assert_eq!(s.approval, ApprovalMode::Manual);
-        let deploy = s.phases.iter().find(|p| p.phase == GrantLevel::Deploy).unwrap();
+        let deploy = s
+            .phases
+            .iter()
+            .find(|p| p.phase == GrantLevel::Deploy)
+            .unwrap();
         assert_eq!(deploy.windows, vec!["Sat 02:00-06:00".to_string()]);
         assert_eq!(deploy.time_zone.as_deref(), Some("Europe/Berlin"));
-        let operate = s.phases.iter().find(|p| p.phase == GrantLevel::Operate).unwrap();
+        let operate = s
+            .phases
+            .iter()
+            .find(|p| p.phase == GrantLevel::Operate)
+            .unwrap();
         assert_eq!(operate.windows, vec!["Mon-Fri 09:00-17:00".to_string()]);
         assert!(!s.phases.iter().any(|p| p.phase == GrantLevel::Install));
         // Saturday 2026-12-05 03:00 Berlin: the deploy window is open, operate's is not.

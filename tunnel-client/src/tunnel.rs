@@ -797,29 +797,25 @@ impl Agent {
     fn audit_opened(&self, g: &EndpointGrant, via: &str) {
         tracing::info!(endpoint = %g.endpoint_id, resource = %g.resource_id, expires_at = %g.expires_at, "endpoint live");
         self.audit.record_or_log(
-            Entry::new(
-                "endpoint.opened",
-                self.audit.agent_actor(),
-                {
-                    let mut v = json!({
-                        "type": g.endpoint_type.as_str(),
-                        "resource_id": g.resource_id,
-                        "expires_at": g.expires_at.to_string(),
-                        "via": via,
-                    });
-                    // The phase and the rule that let it open, as this appliance's policy reads.
-                    let ruling = endpoint_types::phase_policy::ruling(
-                        &self.config.policy_summary(),
-                        g.phase,
-                        jiff::Timestamp::now(),
-                    );
-                    ruling.add_to(&mut v);
-                    if g.signed_decision.is_some() && ruling.decided_by().is_none() {
-                        v["rule"] = "a person (signed decision)".into();
-                    }
-                    v
-                },
-            )
+            Entry::new("endpoint.opened", self.audit.agent_actor(), {
+                let mut v = json!({
+                    "type": g.endpoint_type.as_str(),
+                    "resource_id": g.resource_id,
+                    "expires_at": g.expires_at.to_string(),
+                    "via": via,
+                });
+                // The phase and the rule that let it open, as this appliance's policy reads.
+                let ruling = endpoint_types::phase_policy::ruling(
+                    &self.config.policy_summary(),
+                    g.phase,
+                    jiff::Timestamp::now(),
+                );
+                ruling.add_to(&mut v);
+                if g.signed_decision.is_some() && ruling.decided_by().is_none() {
+                    v["rule"] = "a person (signed decision)".into();
+                }
+                v
+            })
             .endpoint(g.endpoint_id.clone()),
         );
     }

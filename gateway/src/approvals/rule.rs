@@ -33,7 +33,10 @@ impl WaitingRule {
         } else if ruling.decided_by().is_some() {
             // The policy approved it when asked; it waits again because the window closed
             // before it was dispatched.
-            format!("a person: the window of {} closed before dispatch", ruling.table)
+            format!(
+                "a person: the window of {} closed before dispatch",
+                ruling.table
+            )
         } else {
             ruling.rule()
         };

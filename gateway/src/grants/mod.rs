@@ -186,7 +186,11 @@ impl Grants {
         };
         let ruling = match req.level {
             GrantLevel::SteadyState => None,
-            level => Some(endpoint_types::phase_policy::ruling(&self.policy_of(&appliance.id).await, level, now)),
+            level => Some(endpoint_types::phase_policy::ruling(
+                &self.policy_of(&appliance.id).await,
+                level,
+                now,
+            )),
         };
         if let Some((by, window_end)) = auto {
             row.state = grant_lifecycle::next(row.state, GrantEvent::Approve)

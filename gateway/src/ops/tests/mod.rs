@@ -20,7 +20,7 @@ use endpoint_types::{
     api::Role,
     control::{GrantLevel, GrantState, OpRecord, OpRequest, OpState, OpTool},
     frame::{OpFinished, OutputStream, ToAgent, ToGateway},
-    policy::{Decision, Policy},
+    policy::Decision,
     resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind},
     ApiError, ErrorCode,
 };
