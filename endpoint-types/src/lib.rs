@@ -29,6 +29,7 @@ pub mod steady_state;
 pub mod teardown;
 pub mod token;
 pub mod trail_head;
+pub mod vm_facts;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};
 

@@ -416,6 +416,7 @@ impl AgentConfig {
             }
         }
         validate_policy(&self.policy).map_err(invalid)?;
+        self.steady_state.validate().map_err(invalid)?;
         self.approvers().map_err(invalid)?;
         let mut seen = HashSet::new();
         for r in &self.resources {

@@ -41,9 +41,33 @@ const MIN_INTERVAL: Duration = Duration::from_millis(500);
 pub struct SteadyStateConfig {
     /// How often a snapshot is collected (default 30 s).
     pub interval: Option<HumanDuration>,
+    /// The paths whose disk use an SSH VM with a steady-state user reports (default `["/"]`).
+    pub disk_paths: Option<Vec<String>>,
 }
 
 impl SteadyStateConfig {
+    pub fn disk_paths(&self) -> Vec<String> {
+        self.disk_paths
+            .clone()
+            .unwrap_or_else(|| vec!["/".to_string()])
+    }
+
+    /// `disk_paths`: absolute, quotable, at most [`endpoint_types::vm_facts::MAX_DISK_PATHS`].
+    pub fn validate(&self) -> Result<(), String> {
+        let paths = self.disk_paths();
+        if paths.len() > endpoint_types::vm_facts::MAX_DISK_PATHS {
+            return Err(format!(
+                "[steady_state] disk_paths lists {} paths; at most {}",
+                paths.len(),
+                endpoint_types::vm_facts::MAX_DISK_PATHS
+            ));
+        }
+        paths
+            .iter()
+            .try_for_each(|p| endpoint_types::vm_facts::check_path(p))
+            .map_err(|e| format!("[steady_state] {e}"))
+    }
+
     pub fn interval(&self) -> Duration {
         self.interval
             .map(|d| d.0)
@@ -189,7 +213,9 @@ pub async fn collect(
         .map(|r| async move {
             let identity = steady_state_identity(r);
             let started = Timestamp::now();
-            match tokio::time::timeout(limit, probes::probe(&identity, clusters)).await {
+            let disk_paths = config.steady_state.disk_paths();
+            match tokio::time::timeout(limit, probes::probe(&identity, clusters, &disk_paths)).await
+            {
                 Ok(health) => health,
                 Err(_) => ResourceHealth {
                     resource_id: r.id.clone(),
