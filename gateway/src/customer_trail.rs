@@ -135,13 +135,27 @@ async fn next_batch(
     appliance_id: &str,
     after: u64,
 ) -> Result<Option<(Vec<GatewayRecord>, Option<u64>)>, crate::store::StoreError> {
-    let records = fit_batch(store.outbox_after(appliance_id, after, BATCH).await?);
-    let gone_to = match records.first() {
-        Some(first) => first.number.saturating_sub(1),
-        None => store.outbox_state(appliance_id).await?.last_number,
-    };
+    let mut records = fit_batch(store.outbox_after(appliance_id, after, BATCH).await?);
+    if records.is_empty() {
+        let last = store.outbox_state(appliance_id).await?.last_number;
+        if last <= after {
+            return Ok(None);
+        }
+        // A record numbered after `after` may have been committed between the two reads
+        // above: it is not lost. Numbers are committed in order (taken under the audit write
+        // lock), so every record up to `last` is committed now: read once more, and what is
+        // still missing was pruned.
+        records = fit_batch(store.outbox_after(appliance_id, after, BATCH).await?);
+        if records.is_empty() {
+            return Ok(Some((records, Some(last))));
+        }
+    }
+    // Numbers are committed in order, so a record missing before the first one was pruned.
+    let gone_to = records
+        .first()
+        .map_or(after, |first| first.number.saturating_sub(1));
     let lost_through = (gone_to > after).then_some(gone_to);
-    Ok((!records.is_empty() || lost_through.is_some()).then_some((records, lost_through)))
+    Ok(Some((records, lost_through)))
 }
 
 /// One connection's sender: runs until `stop` is cancelled or the connection cannot take a

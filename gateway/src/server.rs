@@ -463,6 +463,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         denied: denied.clone(),
         snapshots: gateway.snapshots.clone(),
     });
+    gateway.tasks.spawn(crate::grants::record_expiries(
+        gateway.grants.clone(),
+        gateway.shutdown.clone(),
+    ));
     gateway.tasks.spawn(crate::denied_aggregate::run(
         denied,
         gateway.audit.clone(),

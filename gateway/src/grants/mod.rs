@@ -5,6 +5,7 @@
 //! [`GrantStore`], the audit sink, the clock, the connected agents, the approval notifier and
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
+mod expiry;
 mod gate;
 mod refused;
 mod store;
@@ -15,6 +16,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
+pub use expiry::run as record_expiries;
 pub use gate::access_hint;
 pub use store::GrantStore;
 
@@ -63,6 +65,8 @@ pub struct Grants {
     agents: Arc<dyn AgentPort>,
     notifier: Arc<dyn Notifier>,
     endpoints: Arc<dyn EndpointsOfGrant>,
+    /// Wakes the expiry recorder (`expiry`) when a grant is approved.
+    expiry_bell: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Grants {
@@ -119,6 +123,7 @@ impl Grants {
             agents,
             notifier,
             endpoints,
+            expiry_bell: Arc::default(),
         }
     }
 
@@ -227,6 +232,7 @@ impl Grants {
                         d
                     })
                     .await;
+                self.ring_expiry_bell();
                 self.push_grants(&appliance.id).await;
             }
             None => {
@@ -378,6 +384,7 @@ impl Grants {
             }))
             .await;
         if approve {
+            self.ring_expiry_bell();
             self.push_grants(&appliance.id).await;
         }
         self.reread(id, &appliance, now).await

@@ -900,4 +900,30 @@ async fn each_grant_is_decided_by_its_phases_table_and_install_by_a_person() {
             "a person: install is approved by a person for each use, whatever the policy",
         ]
     );
+
+#[tokio::test]
+async fn an_expired_grant_is_recorded_once_and_a_revoked_one_never() {
+    let f = fixture();
+    let id = approved(&f).await;
+    let revoked = approved(&f).await;
+    f.grants.revoke(&operator(), &revoked).await.unwrap();
+    let at = f.store.grant(&id).unwrap().expires_at.unwrap();
+
+    // Not yet: nothing recorded, and the recorder knows when to look.
+    assert_eq!(f.grants.record_expiries().await.unwrap(), Some(at));
+    assert!(f.audit.of_kind("grant.expired").is_empty());
+
+    f.clock.advance(Duration::from_secs(30 * 60 + 5));
+    assert_eq!(f.grants.record_expiries().await.unwrap(), None);
+    let expired = f.audit.of_kind("grant.expired");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].actor, "system:gateway");
+    assert_eq!(expired[0].detail["grant_id"], id.as_str());
+    assert_eq!(expired[0].detail["late_s"], 5);
+    assert_eq!(expired[0].subject.appliance_id.as_deref(), Some("ap_acme"));
+
+    // Once: a second look (or a restart, or another replica) writes nothing more.
+    f.grants.record_expiries().await.unwrap();
+    assert_eq!(f.audit.of_kind("grant.expired").len(), 1);
+    assert!(!f.store.claim_expiry_record(&id, t0()).await.unwrap());
 }
