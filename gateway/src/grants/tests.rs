@@ -900,6 +900,7 @@ async fn each_grant_is_decided_by_its_phases_table_and_install_by_a_person() {
             "a person: install is approved by a person for each use, whatever the policy",
         ]
     );
+}
 
 #[tokio::test]
 async fn an_expired_grant_is_recorded_once_and_a_revoked_one_never() {
