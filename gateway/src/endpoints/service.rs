@@ -427,10 +427,16 @@ impl Endpoints {
             "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(), "grant_id": grant.id,
             "phase": phase.as_str(), "policy_table": ruling.table, "rule": ruling.rule(),
         });
-        let automatic = self
-            .grants
-            .automatic_decision(&appliance.id, phase, now)
-            .await;
+        // Install is decided by a person for each use, whatever the policy (the gate says so
+        // too; this holds whatever gate is plugged in).
+        let automatic = match endpoint_types::phase::always_needs_person(phase) {
+            true => None,
+            false => {
+                self.grants
+                    .automatic_decision(&appliance.id, phase, now)
+                    .await
+            }
+        };
         let Some((by, window_end)) = automatic else {
             // Created waiting: the policy wants a person, and the listener opens on approval.
             self.store.insert_endpoint(&row).await.map_err(internal)?;

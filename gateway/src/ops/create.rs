@@ -100,10 +100,16 @@ impl Ops {
         let now = row.requested_at;
         // The op's phase's policy decides (install: always a person).
         let ruling = self.grants.ruling(&appliance.id, row.phase, now).await;
-        let auto = self
-            .grants
-            .automatic_decision(&appliance.id, row.phase, now)
-            .await;
+        // Install is decided by a person for each use, whatever the policy (the gate says so
+        // too; this holds whatever gate is plugged in).
+        let auto = match endpoint_types::phase::always_needs_person(row.phase) {
+            true => None,
+            false => {
+                self.grants
+                    .automatic_decision(&appliance.id, row.phase, now)
+                    .await
+            }
+        };
         if let Some((by, _)) = auto {
             row.state =
                 lifecycle::next(row.state, &OpEvent::CommandApproved { by: by.to_string() })
