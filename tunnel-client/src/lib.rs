@@ -28,6 +28,7 @@ pub mod op_sandbox;
 pub mod op_ssh;
 pub mod ops;
 pub mod phases;
+pub mod policy_phases;
 pub mod postgres;
 pub mod record_approval;
 pub mod sessions;

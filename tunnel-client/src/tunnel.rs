@@ -664,11 +664,22 @@ impl Agent {
                     Ok(kept) => kept,
                     Err(ended) => return Some(ended),
                 };
+                let policy = self.config.policy_summary();
                 let summary: Vec<serde_json::Value> = grants
                     .iter()
-                    .map(|g| serde_json::json!({
-                        "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
-                    }))
+                    .map(|g| {
+                        let mut v = serde_json::json!({
+                            "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
+                        });
+                        // The phase and the rule that decided: a policy table or a person.
+                        if let (Some(o), serde_json::Value::Object(rule)) = (
+                            v.as_object_mut(),
+                            endpoint_types::phase_policy::decided_rule(&policy, g.level, &g.approved_by),
+                        ) {
+                            o.extend(rule);
+                        }
+                        v
+                    })
                     .collect();
                 self.ops.grants_synced(&grants, now);
                 let removed = self
@@ -801,16 +812,25 @@ impl Agent {
     fn audit_opened(&self, g: &EndpointGrant, via: &str) {
         tracing::info!(endpoint = %g.endpoint_id, resource = %g.resource_id, expires_at = %g.expires_at, "endpoint live");
         self.audit.record_or_log(
-            Entry::new(
-                "endpoint.opened",
-                self.audit.agent_actor(),
-                json!({
+            Entry::new("endpoint.opened", self.audit.agent_actor(), {
+                let mut v = json!({
                     "type": g.endpoint_type.as_str(),
                     "resource_id": g.resource_id,
                     "expires_at": g.expires_at.to_string(),
                     "via": via,
-                }),
-            )
+                });
+                // The phase and the rule that let it open, as this appliance's policy reads.
+                let ruling = endpoint_types::phase_policy::ruling(
+                    &self.config.policy_summary(),
+                    g.phase,
+                    jiff::Timestamp::now(),
+                );
+                ruling.add_to(&mut v);
+                if g.signed_decision.is_some() && ruling.decided_by().is_none() {
+                    v["rule"] = "a person (signed decision)".into();
+                }
+                v
+            })
             .endpoint(g.endpoint_id.clone()),
         );
     }
