@@ -85,8 +85,10 @@ impl SteadyStateConfig {
 /// - postgres: `admin_url` in a `BEGIN READ ONLY` transaction reading statistics views only;
 ///   steady-state `privileges` do not apply, as the probe touches no table (creating a role
 ///   per round to hold them would write to the customer's catalog every interval).
-/// - ssh and tcp: a TCP connect (and the SSH banner); nothing logs in, so a steady-state `user`
-///   has nothing to apply to.
+/// - ssh: with a steady-state `user`, a login as that user (the resource's key, its pinned host
+///   key) running one fixed read-only command for uptime, load and disk use; without it, a TCP
+///   connect and the banner only.
+/// - tcp: a TCP connect.
 pub fn steady_state_identity(resource: &ResourceConfig) -> ResourceConfig {
     let phase = endpoint_types::control::GrantLevel::SteadyState;
     match crate::phases::for_phase(resource, phase) {
