@@ -14,11 +14,12 @@ const CUSTOMER: &str = "acme-corp";
 const CLUSTER: &str = "aws_eks_cluster.main";
 
 /// The kinds the gateway puts in the customer trail (endpoint_types::customer_trail).
-const GATEWAY_KINDS: [&str; 17] = [
+const GATEWAY_KINDS: [&str; 18] = [
     "grant.requested",
     "grant.approved",
     "grant.denied",
     "grant.revoked",
+    "grant.expired",
     "op.requested",
     "op.approved",
     "op.denied",
@@ -49,6 +50,10 @@ fn agent_body(dir: &Path) -> Result<String> {
 }
 
 fn request_grant(gw: &Gateway, who: &str) -> Result<String> {
+    request_grant_for(gw, who, "30m")
+}
+
+fn request_grant_for(gw: &Gateway, who: &str, duration: &str) -> Result<String> {
     let g = gw
         .cli_as(
             who,
@@ -62,7 +67,7 @@ fn request_grant(gw: &Gateway, who: &str) -> Result<String> {
                 "--level",
                 "operate",
                 "--duration",
-                "30m",
+                duration,
                 "--reason",
                 "INC-7",
             ],
@@ -176,16 +181,40 @@ fn find<'a>(trail: &'a [Value], kind: &str, op: &str) -> Result<&'a Value> {
         .ok_or_else(|| anyhow!("no {kind} for {op} in the customer trail"))
 }
 
+/// A gateway, the appliance's agent online (manual policy), an operator and the customer's
+/// approver.
+struct Setup {
+    gw: Gateway,
+    agent: Agent,
+    alice: String,
+    bob: String,
+}
+
+fn set_up(dir: &Path) -> Result<Setup> {
+    let gw = Gateway::start(&dir.join("gw"))?;
+    let agent_dir = dir.join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
+    Ok(Setup {
+        gw,
+        agent,
+        alice,
+        bob,
+    })
+}
+
 #[test]
 fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an_agent_restart(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let gw = Gateway::start(&dir.path().join("gw"))?;
-    let agent_dir = dir.path().join("agent");
-    std::fs::create_dir_all(&agent_dir)?;
-    let mut agent = Agent::online(&gw, &agent_dir, APP, CUSTOMER, &agent_body(&agent_dir)?)?;
-    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
-    let bob = gw.mint_token("approver", "bob@acme.example", Some(CUSTOMER))?;
+    let Setup {
+        gw,
+        mut agent,
+        alice,
+        bob,
+    } = set_up(dir.path())?;
 
     // Online: a grant approved by a person, an op denied, an op that expires before dispatch
     // (its grant is revoked before anyone approves it).
@@ -288,6 +317,57 @@ fn the_customer_trail_holds_requests_and_denials_of_ops_that_never_ran_across_an
         kinds.contains(&"op.denied") && kinds.contains(&"op.expired"),
         "{kinds:?}"
     );
+    let verified = agent.verify_trail()?.ok()?;
+    assert_eq!(verified["ok"], true, "{verified}");
+    Ok(())
+}
+
+#[test]
+fn a_grant_that_runs_out_while_the_agent_is_away_reaches_the_customer_trail_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let Setup {
+        gw,
+        mut agent,
+        alice,
+        bob,
+    } = set_up(dir.path())?;
+
+    let grant = request_grant_for(&gw, &alice, "10s")?;
+    gw.cli_as(&bob, &["approvals", "approve", &grant])?.ok()?;
+    let before_stop = vendor_events(&gw, &agent.appliance_id)?.len();
+    agent.trail_when(|t| trail_events(t).len() >= before_stop)?;
+    agent.stop();
+
+    // The gateway records the expiry once, by its own clock, while the agent is stopped.
+    let appliance = agent.appliance_id.clone();
+    let expired = |gw: &Gateway| -> Result<Vec<(i64, String)>> {
+        Ok(vendor_events(gw, &appliance)?
+            .into_iter()
+            .filter(|(_, kind)| kind == "grant.expired")
+            .collect())
+    };
+    assert!(wait_until(Duration::from_secs(40), || {
+        expired(&gw).is_ok_and(|e| !e.is_empty())
+    }));
+    let listed = gw.cli_as(&alice, &["access", "list"])?.ok()?;
+    let state = listed["grants"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["id"] == grant.as_str()))
+        .map(|g| g["state"].clone());
+    assert_eq!(state, Some(Value::from("expired")), "{listed}");
+
+    // Started again, the customer trail gets it, numbered after what it held.
+    agent.run()?;
+    assert!(gw.wait_online(&agent.appliance_id, Duration::from_secs(30)));
+    let trail = assert_complete(&gw, &agent)?;
+    let records: Vec<&Value> = trail
+        .iter()
+        .filter(|r| r["kind"] == "grant.expired")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["actor"], "system:gateway");
+    assert_eq!(records[0]["detail"]["detail"]["grant_id"], grant.as_str());
+    assert_eq!(expired(&gw)?.len(), 1, "recorded once");
     let verified = agent.verify_trail()?.ok()?;
     assert_eq!(verified["ok"], true, "{verified}");
     Ok(())

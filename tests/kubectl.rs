@@ -753,10 +753,11 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
     assert!(body.contains("RequestEntityTooLarge"), "{body}");
     assert!(s.api.requests().is_empty());
 
-    // An upgrade the cluster answers with something other than 101 ends the connection.
+    // An upgrade the cluster answers with something other than 101 ends the connection (the
+    // test server speaks SPDY's v4 stream protocol, not the original `channel.k8s.io`).
     let mut raw = Raw::connect(&cfg)?;
     let (code, head, _) = raw.send(&format!(
-        "POST /api/v1/namespaces/my-app-prod/pods/web-1/exec?command=echo&stdout=true HTTP/1.1\r\n{host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0"
+        "POST /api/v1/namespaces/my-app-prod/pods/web-1/exec?command=echo&stdout=true HTTP/1.1\r\n{host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: channel.k8s.io\r\nContent-Length: 0"
     ))?;
     assert_eq!(code, 400);
     assert!(head.contains("connection: close"), "{head}");

@@ -118,6 +118,39 @@ fn the_api_serves_the_supplied_certificate_and_picks_up_a_replacement_without_re
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // Without a CA file the CLI verifies against the host's roots: with the public CA in the
+    // host's bundle (SSL_CERT_FILE, as a public CA would be) it gets through; with the gateway
+    // CA as the host's bundle it is refused at the handshake, with a hint naming the CA file.
+    let host_cli = |bundle: &Path| -> Result<std::process::Output> {
+        Ok(
+            std::process::Command::new(postern::testbed::bin("postern")?)
+                .args(["--output", "json", "appliance", "list"])
+                .env("POSTERN_ADDR", gw.api.to_string())
+                .env("POSTERN_TOKEN", &gw.admin_token)
+                .env_remove("POSTERN_CA_FILE")
+                .env("SSL_CERT_FILE", bundle)
+                .env("HOME", dir.path())
+                .output()?,
+        )
+    };
+    let out = host_cli(&data.join("public-ca.crt"))?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = host_cli(&gw.ca_file)?;
+    assert!(!out.status.success());
+    let refused: serde_json::Value =
+        serde_json::from_slice(&out.stderr).or_else(|_| serde_json::from_slice(&out.stdout))?;
+    assert_eq!(refused["error"]["code"], "GATEWAY_UNREACHABLE", "{refused}");
+    assert!(
+        refused["error"]["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("POSTERN_CA_FILE"),
+        "{refused}"
+    );
 
     // (b) Replaced on disk: new connections see the new one, no restart.
     let pid = gw.pid();

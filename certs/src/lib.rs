@@ -9,6 +9,7 @@ mod private_file;
 pub mod record_signature;
 pub mod scram;
 pub mod served_cert;
+mod system_roots;
 pub mod teardown_proof;
 mod tls;
 
@@ -21,9 +22,10 @@ pub use cert_info::{cert_spki_pem, csr_common_name, key_matches_cert, renewed_de
 pub use endpoint_types::secret::Secret;
 pub use fingerprint::{fingerprint, fingerprint_pem};
 pub use private_file::write_private;
+pub use system_roots::system_roots;
 pub use tls::{
-    client_config, pinned_client_config, server_config, server_config_with_resolver,
-    upstream_client_config, ClientAuth, ServerCheck,
+    client_config, client_config_with_roots, pinned_client_config, server_config,
+    server_config_with_resolver, upstream_client_config, ClientAuth, ServerCheck,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -103,6 +103,20 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Client config (TLS 1.3, no client certificate) trusting `roots`, e.g. the host's
+/// ([`crate::system_roots`]).
+pub fn client_config_with_roots(
+    roots: RootCertStore,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, CertError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
 /// Client config for enrollment, before the agent has the CA certificate: the server's chain
 /// must contain a certificate with fingerprint `ca_fingerprint` ("sha256:<hex>"), and the leaf
 /// must verify against that certificate as the only trust anchor.

@@ -25,6 +25,9 @@ pub enum GatewayEvent {
     GrantDenied,
     #[serde(rename = "grant.revoked")]
     GrantRevoked,
+    /// Ran out (by the gateway's clock; the agent ends it by its own).
+    #[serde(rename = "grant.expired")]
+    GrantExpired,
     #[serde(rename = "op.requested")]
     OpRequested,
     #[serde(rename = "op.approved")]
@@ -57,11 +60,12 @@ pub enum GatewayEvent {
 }
 
 impl GatewayEvent {
-    pub const ALL: [GatewayEvent; 17] = [
+    pub const ALL: [GatewayEvent; 18] = [
         GatewayEvent::GrantRequested,
         GatewayEvent::GrantApproved,
         GatewayEvent::GrantDenied,
         GatewayEvent::GrantRevoked,
+        GatewayEvent::GrantExpired,
         GatewayEvent::OpRequested,
         GatewayEvent::OpApproved,
         GatewayEvent::OpDenied,
@@ -83,6 +87,7 @@ impl GatewayEvent {
             GatewayEvent::GrantApproved => "grant.approved",
             GatewayEvent::GrantDenied => "grant.denied",
             GatewayEvent::GrantRevoked => "grant.revoked",
+            GatewayEvent::GrantExpired => "grant.expired",
             GatewayEvent::OpRequested => "op.requested",
             GatewayEvent::OpApproved => "op.approved",
             GatewayEvent::OpDenied => "op.denied",

@@ -42,6 +42,9 @@ pub enum ErrorCode {
     ApprovalInvalid,
     /// The customer turned steady-state observability off for the appliance.
     SteadyStateDisabled,
+    /// The CLI's own `--wait` deadline passed before the op or endpoint it waited for was
+    /// decided or ended (the op goes on; never sent by the gateway).
+    WaitTimeout,
 }
 
 impl ErrorCode {
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::AuditUnavailable => "AUDIT_UNAVAILABLE",
             ErrorCode::ApprovalInvalid => "APPROVAL_INVALID",
             ErrorCode::SteadyStateDisabled => "STEADY_STATE_DISABLED",
+            ErrorCode::WaitTimeout => "WAIT_TIMEOUT",
         }
     }
 
@@ -110,7 +114,7 @@ impl ErrorCode {
             ErrorCode::ApplianceOffline | ErrorCode::GatewayUnreachable => 503,
             ErrorCode::AuditUnavailable => 503,
             ErrorCode::TargetUnreachable => 502,
-            ErrorCode::CommandTimeout => 504,
+            ErrorCode::CommandTimeout | ErrorCode::WaitTimeout => 504,
             ErrorCode::CommandFailed | ErrorCode::AuditChainBroken | ErrorCode::Internal => 500,
         }
     }

@@ -19,6 +19,7 @@ pub mod op_command;
 pub mod pg_startup;
 pub mod pgwire;
 pub mod phase;
+pub mod phase_policy;
 pub mod policy;
 pub mod resource;
 pub mod secret;
@@ -28,6 +29,7 @@ pub mod steady_state;
 pub mod teardown;
 pub mod token;
 pub mod trail_head;
+pub mod vm_facts;
 
 pub use error::{ApiError, ErrorCode, ErrorEnvelope};
 

@@ -571,6 +571,7 @@ mod tests {
             maintenance: maintenance.iter().map(|s| s.to_string()).collect(),
             steady_state: true,
             approver_key_ids: Vec::new(),
+            phases: Vec::new(),
         })
         .unwrap()
     }
@@ -759,6 +760,7 @@ mod tests {
                 maintenance: maintenance.iter().map(|s| s.to_string()).collect(),
                 steady_state: true,
                 approver_key_ids: Vec::new(),
+                phases: Vec::new(),
             })
         };
         assert_eq!(

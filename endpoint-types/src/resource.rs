@@ -189,6 +189,10 @@ pub struct PolicySummary {
     /// the appliance itself trusts only its own `agent.toml`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approver_key_ids: Vec<String>,
+    /// The `[policy.<phase>]` tables, each resolved against `[policy]`
+    /// (see [`crate::phase_policy`]); a phase not listed follows `[policy]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::phase_policy::PhasePolicySummary>,
 }
 
 fn default_true() -> bool {

@@ -56,12 +56,15 @@ pub struct TcpHealth {
     pub connect_ms: u64,
 }
 
-/// An SSH VM: reachable and its banner. Uptime, load and disk use need a command on the VM,
-/// which the agent runs only inside a granted session, so they are not collected.
+/// An SSH VM: reachable and its banner; with a steady-state user
+/// (`[resource.phases.steady-state] user`), also uptime, load and disk use read as that user
+/// (see [`crate::vm_facts`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SshHealth {
     pub connect_ms: u64,
     pub banner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vm_facts::VmFacts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -612,8 +612,15 @@ async fn op_get(
     Ok(Json(gw.ops.get(&caller, &id).await?))
 }
 
-async fn op_list(State(gw): State<Gw>, caller: Caller) -> ApiResult<serde_json::Value> {
-    let ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
+/// `?state=&app=&customer=&mine=true` narrow the list (crate::ops::list_filter).
+async fn op_list(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<serde_json::Value> {
+    let filter = crate::ops::list_filter::OpFilter::from_query(&caller, &q)?;
+    let mut ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
+    ops.retain(|op| filter.keeps(&caller, op));
     Ok(Json(serde_json::json!({ "ops": ops })))
 }
 

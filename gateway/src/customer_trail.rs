@@ -182,21 +182,39 @@ async fn next_batch(
     after: u64,
 ) -> Result<Option<Batch>, crate::store::StoreError> {
     let read = store.outbox_after(appliance_id, after, BATCH).await?;
-    let full = read.len() >= BATCH as usize;
-    let (read_len, records) = (read.len(), fit_batch(read));
+    let (mut full, mut read_len) = (read.len() >= BATCH as usize, read.len());
+    let mut records = fit_batch(read);
+    if records.is_empty() {
+        let last = store.outbox_state(appliance_id).await?.last_number;
+        if last <= after {
+            return Ok(None);
+        }
+        // A record numbered after `after` may have been committed between the two reads
+        // above: it is not lost. Numbers are committed in order (taken under the audit write
+        // lock), so every record up to `last` is committed now: read once more, and what is
+        // still missing was pruned.
+        let again = store.outbox_after(appliance_id, after, BATCH).await?;
+        (full, read_len) = (again.len() >= BATCH as usize, again.len());
+        records = fit_batch(again);
+        if records.is_empty() {
+            return Ok(Some(Batch {
+                records,
+                lost_through: Some(last),
+                more: false,
+            }));
+        }
+    }
     let more = full || records.len() < read_len;
-    let gone_to = match records.first() {
-        Some(first) => first.number.saturating_sub(1),
-        None => store.outbox_state(appliance_id).await?.last_number,
-    };
+    // Numbers are committed in order, so a record missing before the first one was pruned.
+    let gone_to = records
+        .first()
+        .map_or(after, |first| first.number.saturating_sub(1));
     let lost_through = (gone_to > after).then_some(gone_to);
-    Ok(
-        (!records.is_empty() || lost_through.is_some()).then_some(Batch {
-            records,
-            lost_through,
-            more,
-        }),
-    )
+    Ok(Some(Batch {
+        records,
+        lost_through,
+        more,
+    }))
 }
 
 /// One connection's sender: runs until `stop` is cancelled or the connection cannot take a

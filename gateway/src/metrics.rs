@@ -8,9 +8,7 @@
 //! mirrored on every change.
 
 use crate::{admission::FrontDoors, agents::AgentRegistry, audit::AuditLog, store::Store};
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use prometheus_client::{
-    encoding::text::encode,
     metrics::{
         counter::Counter,
         family::Family,
@@ -178,16 +176,14 @@ pub struct Sources {
     pub listening: Arc<AtomicBool>,
 }
 
-struct Served {
+/// What a scrape or a probe reads: the gauges to refresh and where from.
+struct GatewayProbe {
     metrics: GatewayMetrics,
-    registry: Registry,
     sources: Sources,
-    /// One scrape at a time: each refreshes the gauges it then encodes.
-    scrape: tokio::sync::Mutex<()>,
 }
 
 /// Binds nothing: serves `/metrics`, `/healthz` and `/readyz` on a bound listener until
-/// `shutdown`.
+/// `shutdown` (the HTTP side is shared with the agent: [`telemetry::health_http`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: GatewayMetrics,
@@ -195,26 +191,16 @@ pub async fn serve(
     sources: Sources,
     shutdown: CancellationToken,
 ) {
-    let served = Arc::new(Served {
-        metrics,
+    telemetry::serve(
+        listener,
         registry,
-        sources,
-        scrape: tokio::sync::Mutex::new(()),
-    });
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(served);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "the metrics listener failed");
-    }
+        GatewayProbe { metrics, sources },
+        shutdown,
+    )
+    .await;
 }
 
-impl Served {
+impl GatewayProbe {
     /// Reads the scrape-time gauges; false if the store did not answer.
     async fn refresh(&self) -> bool {
         let m = &self.metrics;
@@ -269,45 +255,21 @@ impl Served {
     }
 }
 
-async fn scrape(State(served): State<Arc<Served>>) -> impl IntoResponse {
-    let _one = served.scrape.lock().await;
-    served.refresh().await;
-    let mut body = String::new();
-    match encode(&mut body, &served.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "text/plain; charset=utf-8",
-            )],
-            "cannot encode the metrics\n".to_string(),
-        ),
+impl telemetry::Probe for GatewayProbe {
+    async fn refresh(&self) {
+        // A store that does not answer shows as postern_store_up 0.
+        let _ = GatewayProbe::refresh(self).await;
     }
-}
 
-/// 200 once every listener is bound and the store answers; 503 with the reason otherwise.
-async fn ready(State(served): State<Arc<Served>>) -> (StatusCode, String) {
-    if !served.sources.listening.load(Ordering::Acquire) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: listeners are not bound yet\n".into(),
-        );
-    }
-    let _one = served.scrape.lock().await;
-    if served.refresh().await {
-        (StatusCode::OK, "ready\n".into())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the store does not answer\n".into(),
-        )
+    /// Ready once every listener is bound and the store answers.
+    async fn ready(&self) -> Result<(), String> {
+        if !self.sources.listening.load(Ordering::Acquire) {
+            return Err("listeners are not bound yet".into());
+        }
+        if GatewayProbe::refresh(self).await {
+            Ok(())
+        } else {
+            Err("the store does not answer".into())
+        }
     }
 }

@@ -184,14 +184,26 @@ pub trait GrantGate: Send + Sync {
             )),
         }
     }
-    /// (decided_by, latest expiry) when the policy approves by itself at `now`.
+    /// (decided_by, latest expiry) when the policy of `phase` (`[policy.<phase>]`, else
+    /// `[policy]`) approves by itself at `now`.
     async fn automatic_decision(
         &self,
         appliance_id: &str,
+        phase: endpoint_types::control::GrantLevel,
         now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)>;
     /// The customer's policy as the appliance last reported it (unknown: manual).
     async fn policy_of(&self, appliance_id: &str) -> PolicySummary;
+    /// What the policy of `phase` says at `at`, and the rule that says it (for the trail and
+    /// `approvals show`).
+    async fn ruling(
+        &self,
+        appliance_id: &str,
+        phase: endpoint_types::control::GrantLevel,
+        at: Timestamp,
+    ) -> endpoint_types::phase_policy::Ruling {
+        endpoint_types::phase_policy::ruling(&self.policy_of(appliance_id).await, phase, at)
+    }
 }
 
 /// Tells the customer's people that something waits for them (the approval webhook).

@@ -470,6 +470,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<RunningGateway> {
         snapshots: gateway.snapshots.clone(),
         rounds: agent_rounds.clone(),
     });
+    gateway.tasks.spawn(crate::grants::record_expiries(
+        gateway.grants.clone(),
+        gateway.shutdown.clone(),
+    ));
     gateway.tasks.spawn(crate::denied_aggregate::run(
         denied,
         gateway.audit.clone(),

@@ -21,8 +21,8 @@ use tokio_tungstenite::{
 
 pub const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const STDERR: u8 = 2;
+pub(super) const STDOUT: u8 = 1;
+pub(super) const STDERR: u8 = 2;
 const ERROR: u8 = 3;
 const CLOSE: u8 = 255;
 /// A session never outlives this, so a forgotten test client cannot pin a task forever.
@@ -50,7 +50,16 @@ struct Session {
     ws: Ws,
 }
 
-impl Session {
+/// The channels a command runs on, whichever protocol carries them (WebSocket here, SPDY
+/// streams in `spdy_exec`).
+pub(super) trait Channels {
+    /// Output on `STDOUT` or `STDERR`; false once the client is gone.
+    async fn send(&mut self, channel: u8, data: &[u8]) -> bool;
+    /// Next stdin chunk; `None` once stdin is closed or the client is gone.
+    async fn stdin(&mut self) -> Option<Vec<u8>>;
+}
+
+impl Channels for Session {
     async fn send(&mut self, channel: u8, data: &[u8]) -> bool {
         let mut msg = Vec::with_capacity(data.len() + 1);
         msg.push(channel);
@@ -61,7 +70,6 @@ impl Session {
             .is_ok()
     }
 
-    /// Next stdin chunk; `None` once stdin is closed (v5 close signal) or the socket ends.
     async fn stdin(&mut self) -> Option<Vec<u8>> {
         loop {
             match self.ws.next().await? {
@@ -92,17 +100,7 @@ pub async fn serve(upgraded: Upgraded, command: Vec<String>, uploads: Uploads) {
         Ok(Some(code)) => code,
         _ => return,
     };
-    let status = if code == 0 {
-        json!({"metadata": {}, "status": "Success"})
-    } else {
-        json!({
-            "metadata": {}, "status": "Failure",
-            "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"),
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
-        })
-    };
-    if s.send(ERROR, status.to_string().as_bytes()).await {
+    if s.send(ERROR, exit_status(code, &command).as_bytes()).await {
         // Gorilla (kubectl) reads a close without a status code as an error, not as EOF.
         let _ =
             s.ws.close(Some(CloseFrame {
@@ -113,8 +111,27 @@ pub async fn serve(upgraded: Upgraded, command: Vec<String>, uploads: Uploads) {
     }
 }
 
+/// The v4 status document the error channel carries when the command ends.
+pub(super) fn exit_status(code: i32, command: &[String]) -> String {
+    let status = if code == 0 {
+        json!({"metadata": {}, "status": "Success"})
+    } else {
+        json!({
+            "metadata": {}, "status": "Failure",
+            "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {code}"),
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+        })
+    };
+    status.to_string()
+}
+
 /// Runs the command; `None` when the client went away.
-async fn run(s: &mut Session, command: &[String], uploads: &Uploads) -> Option<i32> {
+pub(super) async fn run(
+    s: &mut impl Channels,
+    command: &[String],
+    uploads: &Uploads,
+) -> Option<i32> {
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     match args.as_slice() {
         // `kubectl cp` probes the destination first; "not a directory" is a fine answer.
@@ -180,7 +197,7 @@ enum Step {
     Exit(i32),
 }
 
-async fn interpret(s: &mut Session, line: &str) -> Option<Step> {
+async fn interpret(s: &mut impl Channels, line: &str) -> Option<Step> {
     let mut words = line.split_whitespace();
     match words.next() {
         None => Some(Step::Continue(0)),

@@ -1,7 +1,9 @@
 //! A test Kubernetes API server: HTTPS with its own throwaway CA, bearer-token auth, and the
 //! parts of the protocol kubectl uses — discovery (legacy documents; aggregated discovery is
 //! simply not offered, so kubectl takes the fallback), namespaced CRUD in memory, `Table`
-//! responses, watch streams, `pods/log` with follow, and `pods/exec` over WebSocket. It
+//! responses, watch streams, `pods/log` with follow, `pods/exec` and `pods/attach` over
+//! WebSocket (kubectl 1.30+) and SPDY/3.1 (kubectl up to 1.29), and `pods/portforward` over
+//! SPDY/3.1, plain or tunnelled in WebSocket (the pod echoes what reaches its ports). It
 //! records every request it receives so tests can assert what reached it (and what did not).
 //!
 //! Like a real API server it offers `h2` and `http/1.1` by ALPN: clients multiplex ordinary
@@ -11,6 +13,9 @@
 
 mod exec;
 pub mod objects;
+mod spdy;
+mod spdy_dictionary;
+mod spdy_exec;
 
 use anyhow::{anyhow, Context, Result};
 use base64::Engine;
@@ -97,6 +102,7 @@ struct Shared {
     /// lists, then watches from the list's version).
     history: Mutex<Vec<Event>>,
     uploads: exec::Uploads,
+    forwards: spdy_exec::Forwards,
 }
 
 impl Shared {
@@ -212,6 +218,7 @@ impl KubeApiServer {
             events,
             history: Mutex::new(Vec::new()),
             uploads: Default::default(),
+            forwards: Default::default(),
         });
         seed(&shared);
         let stop = CancellationToken::new();
@@ -320,6 +327,15 @@ impl KubeApiServer {
             .uploads
             .lock()
             .map(|u| u.clone())
+            .unwrap_or_default()
+    }
+
+    /// The pod ports port-forward sessions opened, in order.
+    pub fn port_forwards(&self) -> Vec<u16> {
+        self.shared
+            .forwards
+            .lock()
+            .map(|f| f.clone())
             .unwrap_or_default()
     }
 
@@ -903,8 +919,15 @@ async fn subresource(
     match (r.resource.as_str(), sub) {
         ("pods", "log") => log(name, params.flag("follow")),
         ("pods", "exec" | "attach") => {
-            upgrade_exec(req, params.all("command"), r.shared.uploads.clone())
+            let wanted = spdy_exec::Wanted {
+                stdin: params.flag("stdin"),
+                stdout: params.flag("stdout"),
+                stderr: params.flag("stderr"),
+                tty: params.flag("tty"),
+            };
+            upgrade_exec(req, params.all("command"), r.shared.uploads.clone(), wanted)
         }
+        ("pods", "portforward") => upgrade_portforward(req, r.shared.forwards.clone()),
         ("deployments", "scale") => {
             let mut obj = obj;
             if req.method() != hyper::Method::GET {
@@ -1051,7 +1074,18 @@ fn upgrade_exec(
     mut req: Request<Incoming>,
     command: Vec<String>,
     uploads: exec::Uploads,
+    wanted: spdy_exec::Wanted,
 ) -> Response<Body> {
+    const V4: &str = "v4.channel.k8s.io";
+    if spdy_exec::wants_spdy(req.headers(), V4) {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                spdy_exec::serve_exec(TokioIo::new(upgraded), command, uploads, wanted).await;
+            }
+        });
+        return spdy_exec::spdy_response(V4);
+    }
     let h = req.headers();
     let is_ws = h
         .get(hyper::header::UPGRADE)
@@ -1066,7 +1100,7 @@ fn upgrade_exec(
         .and_then(|v| v.to_str().ok())
         .map(exec::accept_key);
     let (true, Some(protocol), Some(accept)) = (is_ws, protocol, key) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks exec over WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) only");
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks exec over WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) or SPDY/3.1 (v4.channel.k8s.io) only");
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -1095,6 +1129,65 @@ fn upgrade_exec(
     resp
 }
 
+fn upgrade_portforward(
+    mut req: Request<Incoming>,
+    forwards: spdy_exec::Forwards,
+) -> Response<Body> {
+    const PF: &str = "portforward.k8s.io";
+    const TUNNELLED: &str = "SPDY/3.1+portforward.k8s.io";
+    if spdy_exec::wants_spdy(req.headers(), PF) {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                spdy_exec::serve_portforward(TokioIo::new(upgraded), forwards).await;
+            }
+        });
+        return spdy_exec::spdy_response(PF);
+    }
+    let h = req.headers();
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let tunnelled = h
+        .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|p| p.trim() == TUNNELLED));
+    let key = h
+        .get(hyper::header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(exec::accept_key);
+    let (true, true, Some(accept)) = (is_ws, tunnelled, key) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks port-forward over SPDY/3.1 (portforward.k8s.io), plain or tunnelled in WebSocket, only");
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            spdy_exec::serve_tunnelled_portforward(upgraded, forwards).await;
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = resp.headers_mut();
+    hs.insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static("websocket"),
+    );
+    hs.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("Upgrade"),
+    );
+    hs.insert(
+        hyper::header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(TUNNELLED),
+    );
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        hs.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
 /// Runs `kubectl` with `kubeconfig` and returns (success, stdout, stderr); bounded by `limit`.
 pub fn kubectl(
     kubeconfig: &std::path::Path,
@@ -1102,9 +1195,38 @@ pub fn kubectl(
     stdin: Option<&[u8]>,
     limit: Duration,
 ) -> Result<(bool, String, String)> {
+    kubectl_bin(
+        std::path::Path::new("kubectl"),
+        kubeconfig,
+        args,
+        stdin,
+        limit,
+    )
+}
+
+/// Debian's kubectl 1.20 (SPDY for exec, attach and port-forward), when `scripts/test` found
+/// or unpacked one: `POSTERN_KUBECTL_SPDY`, else `target/tools/kubectl-1.20`.
+pub fn spdy_kubectl() -> Option<std::path::PathBuf> {
+    let named = std::env::var_os("POSTERN_KUBECTL_SPDY").map(std::path::PathBuf::from);
+    let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/tools/kubectl-1.20/usr/bin/kubectl");
+    named
+        .into_iter()
+        .chain(std::iter::once(unpacked))
+        .find(|p| p.is_file())
+}
+
+/// [`kubectl`] with a given kubectl binary.
+pub fn kubectl_bin(
+    bin: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<(bool, String, String)> {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut child = Command::new("kubectl")
+    let mut child = Command::new(bin)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env(

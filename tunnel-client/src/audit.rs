@@ -167,6 +167,8 @@ struct Shared {
     failures: tokio::sync::watch::Receiver<u64>,
     latest_head:
         Option<tokio::sync::watch::Receiver<Option<endpoint_types::trail_head::SignedHead>>>,
+    /// Where the writer counts durable records and times batches, once set (crate::metrics).
+    metrics: Arc<std::sync::OnceLock<crate::metrics::AgentMetrics>>,
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -271,9 +273,11 @@ impl AuditLog {
         let latest_head = chain.heads.as_ref().map(|h| h.signer.subscribe());
         let (queue, rx) = std::sync::mpsc::channel();
         let (failures_tx, failures) = tokio::sync::watch::channel(0u64);
+        let metrics = Arc::new(std::sync::OnceLock::new());
+        let counted = metrics.clone();
         std::thread::Builder::new()
             .name("audit-trail".into())
-            .spawn(move || crate::trail_writer::run(chain, rx, failures_tx))
+            .spawn(move || crate::trail_writer::run(chain, rx, failures_tx, counted))
             .map_err(io)?;
         Ok(AuditLog {
             inner: Arc::new(Shared {
@@ -281,6 +285,7 @@ impl AuditLog {
                 queue,
                 failures,
                 latest_head,
+                metrics,
             }),
             appliance_id,
         })
@@ -318,6 +323,11 @@ impl AuditLog {
     /// it wrote (or will write) may not be kept.
     pub fn failures(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.failures.clone()
+    }
+
+    /// Has the writer count durable records and time its batches in `metrics` from now on.
+    pub fn count_in(&self, metrics: crate::metrics::AgentMetrics) {
+        let _ = self.inner.metrics.set(metrics);
     }
 
     fn queue(&self, entry: Entry, ack: Ack) -> Result<(), AuditError> {

@@ -95,6 +95,10 @@ pub struct AgentConfig {
     /// `[policy] steady_state` and the customer approver's switch).
     #[serde(default)]
     pub steady_state: crate::steady_state::SteadyStateConfig,
+    /// Where the agent counts what it does (`postern-agent run --metrics`): set by the
+    /// program that runs it, never read from agent.toml.
+    #[serde(skip)]
+    pub metrics: Option<crate::metrics::AgentMetrics>,
 }
 
 /// One `[[approver]]` of `agent.toml`.
@@ -131,6 +135,13 @@ pub struct PolicyConfig {
     pub maintenance: Vec<String>,
     #[serde(default = "default_true")]
     pub steady_state: bool,
+    /// `[policy.deploy]`, `[policy.operate]`, `[policy.install]` (see `policy_phases`).
+    pub deploy: Option<crate::policy_phases::PhasePolicyConfig>,
+    pub operate: Option<crate::policy_phases::PhasePolicyConfig>,
+    pub install: Option<crate::policy_phases::PhasePolicyConfig>,
+    /// `[policy.steady-state]`, read only to be refused in words of its own.
+    #[serde(rename = "steady-state")]
+    pub steady_state_table: Option<toml::Value>,
 }
 
 impl Default for PolicyConfig {
@@ -141,6 +152,10 @@ impl Default for PolicyConfig {
             windows: Vec::new(),
             maintenance: Vec::new(),
             steady_state: true,
+            deploy: None,
+            operate: None,
+            install: None,
+            steady_state_table: None,
         }
     }
 }
@@ -404,7 +419,8 @@ impl AgentConfig {
                 )));
             }
         }
-        validate_policy(&self.policy).map_err(|p| invalid(format!("[policy] {p}")))?;
+        validate_policy(&self.policy).map_err(invalid)?;
+        self.steady_state.validate().map_err(invalid)?;
         self.approvers().map_err(invalid)?;
         let mut seen = HashSet::new();
         for r in &self.resources {
@@ -460,6 +476,7 @@ impl AgentConfig {
                 .approvers()
                 .map(|a| a.iter().map(|a| a.key.key_id()).collect())
                 .unwrap_or_default(),
+            phases: crate::policy_phases::summaries(p),
         }
     }
 
@@ -693,9 +710,10 @@ fn validate_policy(p: &PolicyConfig) -> Result<(), String> {
         maintenance: p.maintenance.clone(),
         steady_state: p.steady_state,
         approver_key_ids: Vec::new(),
+        phases: Vec::new(),
     })
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(|e| format!("[policy] {e}"))?;
+    crate::policy_phases::validate(p)
 }
 
 #[cfg(test)]

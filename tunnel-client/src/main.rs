@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use endpoint_types::{error::ErrorEnvelope, frame::HelloAck, ApiError, ErrorCode};
 use serde_json::json;
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tunnel_client::{config::AgentConfig, enroll, tunnel};
@@ -46,8 +46,16 @@ enum Command {
     },
     /// Keep the tunnel to the gateway up until SIGINT/SIGTERM.
     Run {
+        /// The agent's config file (agent.toml).
         #[arg(long)]
         config: PathBuf,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this TCP address (off by
+        /// default; port 0 picks a free port, named in the `connected` JSON line and the log).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// Log lines on stderr as text or as one JSON object per line (filter: RUST_LOG).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: telemetry::LogFormat,
     },
     /// The customer's own audit trail.
     Audit {
@@ -62,14 +70,17 @@ enum AuditCommand {
     /// anchor in it, and that it still reaches its latest signed head (kept beside it, and
     /// `--anchor`: the head the gateway anchored, from `postern audit anchor --appliance ID`).
     Verify {
+        /// The agent's config file (agent.toml); the trail is its `audit_path`.
         #[arg(long)]
         config: PathBuf,
+        /// The head the gateway anchored (`postern audit anchor --appliance ID` saved to a file).
         #[arg(long)]
         anchor: Option<PathBuf>,
     },
     /// The gateway's records in the trail: every request, decision and outcome concerning
     /// this appliance, numbered by the gateway; says whether any number is missing.
     Requests {
+        /// The agent's config file (agent.toml); the trail is its `audit_path`.
         #[arg(long)]
         config: PathBuf,
     },
@@ -90,8 +101,11 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     let output = cli.output;
-    let verbose = matches!(cli.command, Command::Run { .. });
-    init_tracing(if verbose { "info" } else { "warn" });
+    let (verbose, log_format) = match &cli.command {
+        Command::Run { log_format, .. } => (true, *log_format),
+        _ => (false, telemetry::LogFormat::Text),
+    };
+    telemetry::init_logs(if verbose { "info" } else { "warn" }, log_format);
     // One thread: an agent's work is I/O-bound, and keeping QUIC and the sessions on one
     // thread avoids cross-thread wake-ups on every packet (measured: more throughput and lower
     // latency than a multi-threaded runtime; see examples/tunnel_bench.rs).
@@ -146,7 +160,9 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
                 text: Some(text),
             })
         }
-        Command::Run { config } => run(config, output).await,
+        Command::Run {
+            config, metrics, ..
+        } => run(config, metrics, output).await,
         Command::Audit {
             command: AuditCommand::Verify { config, anchor },
         } => {
@@ -223,7 +239,11 @@ async fn dispatch(command: Command, output: Output) -> Result<Report, ApiError> 
     }
 }
 
-async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
+async fn run(
+    config_path: PathBuf,
+    metrics_addr: Option<std::net::SocketAddr>,
+    output: Output,
+) -> Result<Report, ApiError> {
     let mut config = AgentConfig::load(&config_path).map_err(|e| e.to_api_error())?;
     // Ops start through this very executable (see op_launcher); /proc/self/exe stays this
     // binary even if a package upgrade replaces the file.
@@ -245,6 +265,28 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
     let appliance_id = config.appliance_id.clone();
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    let metrics_bound = match metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                ApiError::invalid(format!("cannot bind the metrics listener on {addr}: {e}"))
+                    .hint("pick a free address for --metrics (port 0: any free port)")
+            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| ApiError::internal(format!("the metrics listener: {e}")))?;
+            let (metrics, registry) = tunnel_client::metrics::AgentMetrics::new();
+            config.metrics = Some(metrics.clone());
+            tokio::spawn(telemetry::serve(
+                listener,
+                registry,
+                tunnel_client::metrics::AgentProbe(metrics),
+                shutdown.clone(),
+            ));
+            tracing::info!(metrics = %bound, "serving /metrics, /healthz and /readyz");
+            Some(bound)
+        }
+        None => None,
+    };
     let (ready_tx, ready_rx) = oneshot::channel::<HelloAck>();
     // The JSON document goes out once the first hello is accepted, so a script can wait for it.
     let announce = tokio::spawn({
@@ -260,6 +302,7 @@ async fn run(config_path: PathBuf, output: Output) -> Result<Report, ApiError> {
                     "app": ack.app,
                     "customer": ack.customer,
                     "gateway": gateway,
+                    "metrics": metrics_bound.map(|m| m.to_string()),
                 });
                 println!("{doc}");
             }
@@ -295,16 +338,6 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     let _ = tokio::signal::ctrl_c().await;
     tracing::info!("stopping: cutting sessions and closing the tunnel");
     shutdown.cancel();
-}
-
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
 }
 
 fn print_error(e: &ApiError, output: Output) {

@@ -28,8 +28,13 @@ impl OpRunner {
         d: &OpDispatch,
         dir: &OpDir,
     ) -> Result<Vec<(&'static str, OsString)>, ApiError> {
+        // The op's phase picks the credential (`[resource.phases.<phase>]`); the dispatch
+        // check already refused a phase the resource does not allow.
         let credentials = match self.inner.config.resource(&d.resource_id) {
-            Some(r) => crate::op_credentials::prepare(r, d.tool.as_str(), dir.path()),
+            Some(r) => {
+                let r = crate::phases::for_phase(r, d.phase)?;
+                crate::op_credentials::prepare(&r, d.tool.as_str(), dir.path())
+            }
             None => Ok(Vec::new()),
         };
         credentials.and_then(|c| dir.give_to(self.inner.confinement.user.as_ref()).map(|()| c)).map_err(|e| {

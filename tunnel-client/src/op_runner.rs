@@ -313,7 +313,8 @@ impl Default for State {
 
 struct Inner {
     config: Arc<AgentConfig>,
-    policy: Policy,
+    /// `[policy]` and its `[policy.<phase>]` tables: a dispatch is checked by its phase's.
+    policies: crate::policy_phases::PhasePolicies,
     live: Arc<Mutex<LiveEndpoints>>,
     audit: AuditLog,
     path_env: Option<OsString>,
@@ -366,7 +367,7 @@ impl OpRunner {
         confinement: Confinement,
         kube: crate::kube::Clusters,
     ) -> Result<OpRunner, PolicyError> {
-        let policy = Policy::parse(&config.policy_summary())?;
+        let policies = crate::policy_phases::PhasePolicies::parse(&config.policy_summary())?;
         let inner = Inner {
             approvals: crate::approval_check::SignedApprovals::from_config(
                 &config,
@@ -375,7 +376,7 @@ impl OpRunner {
             confinement,
             kube,
             config,
-            policy,
+            policies,
             live,
             audit,
             path_env: std::env::var_os("PATH"),
@@ -620,12 +621,13 @@ impl OpRunner {
             .grant_live_for(Some(&d.grant_id), d.phase, now);
         let checks = Checks {
             config: &self.inner.config,
-            policy: &self.inner.policy,
+            policy: self.inner.policies.of(d.phase),
             grant_live,
             grant_seen: grant_seen.as_ref(),
             path_env: self.inner.path_env.as_deref(),
             access_hint: &access_hint,
         };
+        let ruling = self.inner.policies.ruling(d.phase, now);
         let auth = match authorize(&d, &checks, now) {
             Ok(a) => a,
             Err(r) => {
@@ -807,6 +809,10 @@ impl OpRunner {
                     "command_approved_by": d.command_approved_by,
                     // What the appliance's policy said at dispatch; null: a person's approval was needed (and given).
                     "policy_decision": auth.decision.decided_by(),
+                    // The phase, its policy table and the rule that decided (or left it to a person).
+                    "phase": d.phase.as_str(),
+                    "policy_table": ruling.table,
+                    "rule": ruling.rule(),
                 }),
             )
             .op(d.op_id.clone()),

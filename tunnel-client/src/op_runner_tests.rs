@@ -478,3 +478,48 @@ fn phases_need_their_own_grant_identity_and_install_a_person() {
     )
     .is_ok());
 }
+
+/// The runner checks a dispatch against its phase's `[policy.<phase>]` (else `[policy]`): a
+/// gateway that says `policy:automatic` for an operate op, when only deploy is automatic, is
+/// refused; the deploy op runs and its output is not held.
+#[test]
+fn a_dispatch_is_checked_against_its_own_phases_policy() {
+    let text = "audit_path = \"a\"\n[policy]\napproval = \"manual\"\n[policy.deploy]\napproval = \"automatic\"\n\
+                [tools]\nkubectl = \"/bin/sh\"\n\
+                [[resource]]\nid = \"aws_eks_cluster.main\"\nkind = \"kubernetes\"\nkubeconfig = \"/etc/kc\"\n\
+                impersonate = { user = \"vendor-operate\" }\n\
+                [resource.phases.deploy]\nimpersonate = { user = \"vendor-deploy\" }\n";
+    let c = AgentConfig::parse(text, Path::new("/etc/postern/agent.toml")).unwrap();
+    let policies = crate::policy_phases::PhasePolicies::parse(&c.policy_summary()).unwrap();
+    let run = |phase: GrantLevel| {
+        let d = OpDispatch {
+            phase,
+            ..dispatch("policy:automatic")
+        };
+        let checks = Checks {
+            config: &c,
+            policy: policies.of(phase),
+            grant_live: true,
+            grant_seen: None,
+            path_env: None,
+            access_hint: "postern access request --level operate",
+        };
+        authorize(&d, &checks, at("2026-01-05T12:00:00Z"))
+    };
+    let deploy = run(GrantLevel::Deploy).unwrap();
+    assert_eq!(deploy.decision, Decision::Automatic);
+    assert!(!deploy.hold);
+    let refused = run(GrantLevel::Operate).expect_err("operate is manual");
+    assert_eq!(refused.error.code, ErrorCode::ApprovalDenied);
+    assert!(
+        refused.error.message.contains("manual"),
+        "{}",
+        refused.error
+    );
+    assert_eq!(
+        policies
+            .ruling(GrantLevel::Operate, at("2026-01-05T12:00:00Z"))
+            .rule(),
+        "a person: [policy] approval = \"manual\""
+    );
+}

@@ -34,6 +34,32 @@ pub struct PhaseIdentity {
     pub privileges: Option<Vec<String>>,
     /// ssh: the VM user.
     pub user: Option<String>,
+    /// cloud: the credential the op tools use in this phase (the resource's other cloud keys,
+    /// e.g. `aws_config_file` or `gcp_project`, stay shared by every phase).
+    pub aws_profile: Option<String>,
+    pub aws_role_arn: Option<String>,
+    pub gcp_service_account: Option<String>,
+    pub azure_config_dir: Option<std::path::PathBuf>,
+    pub digitalocean_token_file: Option<std::path::PathBuf>,
+}
+
+impl PhaseIdentity {
+    /// Each identity key and whether this table sets it.
+    fn keys(&self) -> [(&'static str, bool); 8] {
+        [
+            ("impersonate", self.impersonate.is_some()),
+            ("privileges", self.privileges.is_some()),
+            ("user", self.user.is_some()),
+            ("aws_profile", self.aws_profile.is_some()),
+            ("aws_role_arn", self.aws_role_arn.is_some()),
+            ("gcp_service_account", self.gcp_service_account.is_some()),
+            ("azure_config_dir", self.azure_config_dir.is_some()),
+            (
+                "digitalocean_token_file",
+                self.digitalocean_token_file.is_some(),
+            ),
+        ]
+    }
 }
 
 impl PhasesConfig {
@@ -58,13 +84,21 @@ impl PhasesConfig {
     }
 }
 
-/// The identity key a kind needs in each of its phase tables, if any.
-fn identity_key(kind: ResourceKind) -> Option<&'static str> {
+/// The identity keys a kind takes in its phase tables (at least one is needed), none for kinds
+/// without an identity at the target.
+fn identity_keys(kind: ResourceKind) -> &'static [&'static str] {
     match kind {
-        ResourceKind::Kubernetes => Some("impersonate"),
-        ResourceKind::Postgres => Some("privileges"),
-        ResourceKind::Ssh => Some("user"),
-        _ => None,
+        ResourceKind::Kubernetes => &["impersonate"],
+        ResourceKind::Postgres => &["privileges"],
+        ResourceKind::Ssh => &["user"],
+        ResourceKind::Cloud => &[
+            "aws_profile",
+            "aws_role_arn",
+            "gcp_service_account",
+            "azure_config_dir",
+            "digitalocean_token_file",
+        ],
+        _ => &[],
     }
 }
 
@@ -79,6 +113,15 @@ fn overlay(resource: &ResourceConfig, identity: &PhaseIdentity) -> ResourceConfi
     if let Some(u) = &identity.user {
         r.user = Some(u.clone());
     }
+    // A cloud phase names its whole credential: what it does not set is not inherited from
+    // the resource (an operate role must not leak into deploy by omission).
+    if resource.kind == ResourceKind::Cloud {
+        r.aws_profile = identity.aws_profile.clone();
+        r.aws_role_arn = identity.aws_role_arn.clone();
+        r.gcp_service_account = identity.gcp_service_account.clone();
+        r.azure_config_dir = identity.azure_config_dir.clone();
+        r.digitalocean_token_file = identity.digitalocean_token_file.clone();
+    }
     r
 }
 
@@ -90,28 +133,30 @@ pub fn validate(resource: &ResourceConfig) -> Result<(), String> {
     };
     for (phase, identity) in phases.listed() {
         let at = format!("[resource.phases.{}]", phase.as_str());
-        let set = [
-            ("impersonate", identity.impersonate.is_some()),
-            ("privileges", identity.privileges.is_some()),
-            ("user", identity.user.is_some()),
-        ];
-        let wanted = identity_key(resource.kind);
-        if let Some((key, _)) = set.iter().find(|(k, s)| *s && Some(*k) != wanted) {
+        let set = identity.keys();
+        let wanted = identity_keys(resource.kind);
+        if let Some((key, _)) = set.iter().find(|(k, s)| *s && !wanted.contains(k)) {
             return Err(match wanted {
-                Some(w) => format!(
-                    "{at}: `{key}` is not an identity of a {} resource (it takes `{w}`)",
-                    resource.kind
-                ),
-                None => format!(
+                [] => format!(
                     "{at}: a {} resource has no identity at the target; leave the table empty",
                     resource.kind
                 ),
+                [w] => format!(
+                    "{at}: `{key}` is not an identity of a {} resource (it takes `{w}`)",
+                    resource.kind
+                ),
+                many => format!(
+                    "{at}: `{key}` is not an identity of a {} resource (it takes {})",
+                    resource.kind,
+                    many.join(" / ")
+                ),
             });
         }
-        if let Some(w) = wanted {
-            if !set.iter().any(|(k, s)| *s && *k == w) {
-                return Err(format!("{at} needs `{w}`: the identity of this phase"));
-            }
+        if !wanted.is_empty() && !set.iter().any(|(k, s)| *s && wanted.contains(k)) {
+            return Err(format!(
+                "{at} needs `{}`: the identity of this phase",
+                wanted.join("` or `")
+            ));
         }
         if identity
             .user
@@ -337,5 +382,66 @@ privileges = ["SELECT", "CREATE"]
         );
         let e = err(&format!("{tcp}user = \"x\"\n"));
         assert!(e.contains("no identity at the target"), "{e}");
+    }
+
+    #[test]
+    fn a_cloud_phase_names_its_whole_credential() {
+        let cloud = r#"
+audit_path = "/a.jsonl"
+[[resource]]
+id = "aws.prod"
+kind = "cloud"
+aws_profile = "vendor-ops"
+aws_role_arn = "arn:aws:iam::123456789012:role/vendor-operate"
+aws_region = "eu-west-1"
+gcp_service_account = "operate@shop.iam.gserviceaccount.com"
+
+[resource.phases.deploy]
+aws_role_arn = "arn:aws:iam::123456789012:role/vendor-deploy"
+"#;
+        let c = parse(cloud).expect("valid");
+        let r = res(&c, "aws.prod");
+        let deploy = for_phase(r, GrantLevel::Deploy).unwrap();
+        assert_eq!(
+            deploy.aws_role_arn.as_deref(),
+            Some("arn:aws:iam::123456789012:role/vendor-deploy")
+        );
+        // Not inherited from operate: neither the profile nor another provider's identity.
+        assert_eq!(deploy.aws_profile, None);
+        assert_eq!(deploy.gcp_service_account, None);
+        // Shared settings stay.
+        assert_eq!(deploy.aws_region.as_deref(), Some("eu-west-1"));
+        let operate = for_phase(r, GrantLevel::Operate).unwrap();
+        assert_eq!(
+            operate.aws_role_arn.as_deref(),
+            Some("arn:aws:iam::123456789012:role/vendor-operate")
+        );
+        // What the aws tool of a deploy op is handed: the deploy role, from the default profile.
+        let dir = tempfile::tempdir().unwrap();
+        let env = crate::op_credentials::prepare(&deploy, "aws", dir.path()).unwrap();
+        assert!(
+            env.iter()
+                .any(|(k, v)| *k == "AWS_PROFILE" && v == "postern-op"),
+            "{env:?}"
+        );
+        let config = std::fs::read_to_string(dir.path().join("aws-config")).unwrap();
+        assert!(config.contains("role/vendor-deploy"), "{config}");
+        assert!(
+            !config.contains("vendor-operate") && config.contains("source_profile = default"),
+            "{config}"
+        );
+
+        // A cloud phase table needs a credential, and only cloud keys.
+        let e = err(&cloud.replace(
+            "aws_role_arn = \"arn:aws:iam::123456789012:role/vendor-deploy\"",
+            "",
+        ));
+        assert!(e.contains("needs `aws_profile` or"), "{e}");
+        let e = err(&format!("{cloud}user = \"root\"\n"));
+        assert!(e.contains("not an identity of a cloud resource"), "{e}");
+        let e = err(&format!(
+            "{K8S}[resource.phases.deploy]\naws_profile = \"x\"\n"
+        ));
+        assert!(e.contains("it takes `impersonate`"), "{e}");
     }
 }

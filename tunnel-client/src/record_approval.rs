@@ -21,8 +21,10 @@ use crate::{
 use certs::approver::{statement_digest, Verified};
 use endpoint_types::{
     approval::{ApprovalInvalid, DecidedContent, SignedDecision, CLOCK_SKEW},
+    control::GrantLevel,
     frame::{EndpointGrant, LiveGrant},
     policy::{Decision, Policy},
+    resource::PolicySummary,
     ApiError,
 };
 use jiff::{SignedDuration, Timestamp};
@@ -49,6 +51,8 @@ pub trait Approvable {
     fn asked(&self) -> DecidedContent;
     /// Names the record in a trail entry.
     fn tag(&self, entry: Entry) -> Entry;
+    /// The phase whose policy decides it: a grant's level, an endpoint's phase.
+    fn phase(&self) -> GrantLevel;
 }
 
 impl Approvable for LiveGrant {
@@ -72,6 +76,9 @@ impl Approvable for LiveGrant {
         entry.detail["grant_id"] = self.grant_id.clone().into();
         entry
     }
+    fn phase(&self) -> GrantLevel {
+        self.level
+    }
 }
 
 impl Approvable for EndpointGrant {
@@ -94,6 +101,9 @@ impl Approvable for EndpointGrant {
     }
     fn tag(&self, entry: Entry) -> Entry {
         entry.endpoint(self.endpoint_id.clone())
+    }
+    fn phase(&self) -> GrantLevel {
+        self.phase
     }
 }
 
@@ -231,7 +241,8 @@ pub struct Screened<T> {
 
 /// The appliance's policy and the decisions it accepted for grants and endpoints.
 pub struct RecordApprovals {
-    policy: Option<Policy>,
+    /// `[policy]` with its `[policy.<phase>]` tables: each record is judged by its phase's.
+    policy: PolicySummary,
     accepted: Mutex<Acceptances>,
     /// (record id, reason) of the refusals recorded in this process: a gateway that keeps
     /// announcing a refused grant gets the refusal reported each time, the trail one record.
@@ -257,7 +268,7 @@ impl RecordApprovals {
     /// From the loaded (validated) config; acceptances of what has not ended by `now` are read
     /// back, and the file keeps only those.
     pub fn from_config(config: &AgentConfig, now: Timestamp) -> RecordApprovals {
-        let policy = Policy::parse(&config.policy_summary()).ok();
+        let policy = config.policy_summary();
         let listed = !config.approvers.is_empty();
         let file = listed.then(|| accepted_path(&config.audit_path));
         let mut accepted = Acceptances::default();
@@ -341,9 +352,7 @@ impl RecordApprovals {
         item: &T,
         now: Timestamp,
     ) -> Result<Option<(Verified, bool)>, ApprovalInvalid> {
-        if !approvals.enforced()
-            || !reserved_for_person(self.policy.as_ref(), item.expires_at(), now)
-        {
+        if !approvals.enforced() || !self.reserved(item.phase(), item.expires_at(), now) {
             return Ok(None);
         }
         let signed = item.signed().ok_or(ApprovalInvalid::Missing)?;
@@ -376,6 +385,17 @@ impl RecordApprovals {
         drop(all);
         self.remember(id, &accepted);
         Ok(Some((verified, true)))
+    }
+
+    /// Whether the policy of `phase` leaves what ends at `expires_at` to a person (install:
+    /// always).
+    fn reserved(&self, phase: GrantLevel, expires_at: Timestamp, now: Timestamp) -> bool {
+        endpoint_types::phase::always_needs_person(phase)
+            || reserved_for_person(
+                endpoint_types::phase_policy::policy_for(&self.policy, phase).as_ref(),
+                expires_at,
+                now,
+            )
     }
 
     /// Whether this refusal of `record_id` is new to this process (and so goes to the trail).

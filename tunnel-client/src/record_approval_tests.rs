@@ -368,3 +368,41 @@ fn lifetimes_round_up_and_accepted_lines_round_trip() {
         assert_eq!(parse_accepted(bad), None, "{bad:?}");
     }
 }
+
+/// A rogue or confused gateway cannot borrow one phase's policy for another: each grant and
+/// endpoint is judged by its own phase's `[policy.<phase>]` table (else `[policy]`), and
+/// install by a person whatever the tables say.
+#[test]
+fn each_record_is_judged_by_its_own_phases_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bob, _) = ApproverKey::generate().unwrap();
+    let x = start(
+        dir.path(),
+        &[&bob],
+        "approval = \"manual\"\n[policy.deploy]\napproval = \"automatic\"",
+        NOW,
+    );
+    let deploy = LiveGrant {
+        level: GrantLevel::Deploy,
+        ..grant("gr_d")
+    };
+    assert_eq!(x.1.check(&x.0, &deploy, at(NOW)), Ok(None));
+    assert_eq!(reason(&x, &grant("gr_o"), NOW), "missing");
+    let deploy_ep = EndpointGrant {
+        phase: GrantLevel::Deploy,
+        ..endpoint("ep_d", "2026-12-07T04:00:00Z")
+    };
+    assert_eq!(x.1.check(&x.0, &deploy_ep, at(NOW)), Ok(None));
+    let operate_ep = endpoint("ep_o", "2026-12-07T04:00:00Z");
+    assert!(x.1.check(&x.0, &operate_ep, at(NOW)).is_err());
+
+    // Automatic everywhere, yet install still needs a person's signed decision.
+    let dir = tempfile::tempdir().unwrap();
+    let auto = start(dir.path(), &[&bob], "approval = \"automatic\"", NOW);
+    assert_eq!(auto.1.check(&auto.0, &grant("gr_o"), at(NOW)), Ok(None));
+    let install = LiveGrant {
+        level: GrantLevel::Install,
+        ..grant("gr_i")
+    };
+    assert_eq!(reason(&auto, &install, NOW), "missing");
+}

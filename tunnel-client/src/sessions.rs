@@ -175,6 +175,11 @@ impl Sessions {
             }
         };
         let Admitted { resource, cut } = admitted;
+        let _open = self
+            .config
+            .metrics
+            .as_ref()
+            .map(|m| m.session_open(resource.kind));
         // A batch of the trail failing while the session is live cuts it (reason `error`): its
         // records (statements, recording, its end) could not all be kept.
         let mut failures = self.audit.failures();

@@ -81,7 +81,12 @@ pub struct Chain {
 }
 
 /// The writer thread: runs until every sender is dropped, then returns after the last batch.
-pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::watch::Sender<u64>) {
+pub fn run(
+    mut chain: Chain,
+    rx: mpsc::Receiver<Item>,
+    failures: tokio::sync::watch::Sender<u64>,
+    metrics: std::sync::Arc<std::sync::OnceLock<crate::metrics::AgentMetrics>>,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let first = match next_item(&rx, &chain) {
@@ -124,6 +129,9 @@ pub fn run(mut chain: Chain, rx: mpsc::Receiver<Item>, failures: tokio::sync::wa
         }
         match outcome {
             Ok(records) => {
+                if let Some(m) = metrics.get() {
+                    m.trail_batch(batch.iter().map(|q| q.kind), took);
+                }
                 for (q, r) in batch.into_iter().zip(records) {
                     if let Some(r) = r {
                         acknowledge(q.ack, Ok(r));
@@ -385,7 +393,7 @@ mod tests {
         let (flush_tx, mut flush_rx) = tokio::sync::oneshot::channel();
         tx.send(Item::Flush(flush_tx)).unwrap();
         drop(tx);
-        run(chain, rx, failures);
+        run(chain, rx, failures, Default::default());
         for ack in acks {
             let failure = ack.recv().unwrap().unwrap_err();
             assert!(failure.0.contains("space"), "{failure:?}");

@@ -180,6 +180,9 @@ pub async fn run(
         },
         Some(heads),
     )?;
+    if let Some(m) = &config.metrics {
+        audit.count_in(m.clone());
+    }
     let gateway_trail = GatewayTrail::new(audit.clone(), trail_number);
     let anchors = crate::trail_heads::GatewayAnchors::load(&enrollment.ca_file);
     if let Some((head, kept)) = missing_head {
@@ -301,6 +304,9 @@ pub async fn run(
             () = tokio::time::sleep(delay) => {}
             () = shutdown.cancelled() => break,
         }
+        if let Some(m) = &agent.config.metrics {
+            m.reconnecting();
+        }
     }
     agent.tracker.close();
     let _ = tokio::time::timeout(SESSION_DRAIN, agent.tracker.wait()).await;
@@ -364,6 +370,9 @@ impl Agent {
             ended = self.serve(&conn, &mut hello, ready) => ended,
             () = shutdown.cancelled() => Ended::Shutdown,
         };
+        if let Some(m) = &self.config.metrics {
+            m.set_connected(false);
+        }
         // The next connection's gateway says again whether to collect.
         self.steady.stop();
         let ended = match ended {
@@ -472,6 +481,9 @@ impl Agent {
         self.reports_refusals
             .store(ack.approval_refusals, std::sync::atomic::Ordering::Relaxed);
         *hello = Some(ack.clone());
+        if let Some(m) = &self.config.metrics {
+            m.set_connected(true);
+        }
         if let Some(tx) = ready.take() {
             let _ = tx.send(ack.clone());
         }
@@ -652,11 +664,22 @@ impl Agent {
                     Ok(kept) => kept,
                     Err(ended) => return Some(ended),
                 };
+                let policy = self.config.policy_summary();
                 let summary: Vec<serde_json::Value> = grants
                     .iter()
-                    .map(|g| serde_json::json!({
-                        "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
-                    }))
+                    .map(|g| {
+                        let mut v = serde_json::json!({
+                            "grant_id": g.grant_id, "level": g.level.as_str(), "approved_by": g.approved_by, "expires_at": g.expires_at,
+                        });
+                        // The phase and the rule that decided: a policy table or a person.
+                        if let (Some(o), serde_json::Value::Object(rule)) = (
+                            v.as_object_mut(),
+                            endpoint_types::phase_policy::decided_rule(&policy, g.level, &g.approved_by),
+                        ) {
+                            o.extend(rule);
+                        }
+                        v
+                    })
                     .collect();
                 self.ops.grants_synced(&grants, now);
                 let removed = self
@@ -744,6 +767,9 @@ impl Agent {
                 {
                     return Some(Ended::lost(format!("cannot acknowledge a command: {e}")));
                 }
+                if let Some(m) = &self.config.metrics {
+                    m.command_applied();
+                }
             }
         }
         None
@@ -786,16 +812,25 @@ impl Agent {
     fn audit_opened(&self, g: &EndpointGrant, via: &str) {
         tracing::info!(endpoint = %g.endpoint_id, resource = %g.resource_id, expires_at = %g.expires_at, "endpoint live");
         self.audit.record_or_log(
-            Entry::new(
-                "endpoint.opened",
-                self.audit.agent_actor(),
-                json!({
+            Entry::new("endpoint.opened", self.audit.agent_actor(), {
+                let mut v = json!({
                     "type": g.endpoint_type.as_str(),
                     "resource_id": g.resource_id,
                     "expires_at": g.expires_at.to_string(),
                     "via": via,
-                }),
-            )
+                });
+                // The phase and the rule that let it open, as this appliance's policy reads.
+                let ruling = endpoint_types::phase_policy::ruling(
+                    &self.config.policy_summary(),
+                    g.phase,
+                    jiff::Timestamp::now(),
+                );
+                ruling.add_to(&mut v);
+                if g.signed_decision.is_some() && ruling.decided_by().is_none() {
+                    v["rule"] = "a person (signed decision)".into();
+                }
+                v
+            })
             .endpoint(g.endpoint_id.clone()),
         );
     }

@@ -7,6 +7,7 @@
 
 mod queues;
 pub mod refusal;
+mod rule;
 pub mod signed;
 #[cfg(test)]
 mod tests;
@@ -101,6 +102,7 @@ impl Approvals {
         if let Some((key, extra)) = queue.detail(caller, &item).await? {
             v[key] = extra;
         }
+        self.phase_and_rule(&item).await.add_to(&mut v);
         if let serde_json::Value::Object(signing) = self.statement_of(queue, caller, &item).await? {
             if let Some(o) = v.as_object_mut() {
                 o.extend(signing);
@@ -150,6 +152,18 @@ impl Approvals {
             "approver_key_ids": keys,
             "signature_required": statement.is_some() && !keys.is_empty(),
         }))
+    }
+
+    /// The phase of a waiting item and why it waits for a person, as its phase's policy said
+    /// when it was requested (the policy is a pure function of the instant).
+    async fn phase_and_rule(&self, item: &ApprovalItem) -> rule::WaitingRule {
+        let phase = rule::phase_of(item);
+        let ruling = self
+            .signing
+            .policies
+            .ruling(&item.appliance_id, phase, item.requested_at)
+            .await;
+        rule::WaitingRule::new(item, ruling)
     }
 
     async fn key_ids(&self, appliance_id: &str) -> Vec<String> {

@@ -102,7 +102,7 @@ impl Queue for EndpointQueue {
                     ),
                     request: serde_json::json!({
                         "type": e.endpoint_type, "origin_resource_id": e.origin_resource_id, "ttl_s": ttl_s,
-                        "appliance_id": e.appliance_id, "requested_by": e.created_by,
+                        "appliance_id": e.appliance_id, "requested_by": e.created_by, "phase": e.phase.as_str(),
                     }),
                     id: e.id,
                     kind: ApprovalKind::Endpoint,

@@ -153,6 +153,7 @@ impl crate::ports::GrantGate for FakePolicies {
     async fn automatic_decision(
         &self,
         _appliance_id: &str,
+        _phase: endpoint_types::control::GrantLevel,
         _now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)> {
         None

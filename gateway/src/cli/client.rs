@@ -28,6 +28,8 @@ impl std::fmt::Debug for ApiClient {
     }
 }
 
+const NO_CA_HINT: &str = "set POSTERN_CA_FILE (or --ca-file, or pick a --profile) to the `ca_file` printed by `postern server` or `postern dev`; without one the gateway must serve a certificate from a public CA (`tls_cert`)";
+
 fn setup_error(message: String, hint: &str) -> ApiError {
     ApiError::invalid(message).hint(hint.to_string())
 }
@@ -44,24 +46,39 @@ impl ApiClient {
                 "set POSTERN_ADDR (or --addr, or pick a --profile) to the `api` address printed by `postern server` or `postern dev`",
             )
         })?;
-        let ca_file = ca_file.ok_or_else(|| {
-            setup_error(
-                "no CA file to verify the gateway with".into(),
-                "set POSTERN_CA_FILE (or --ca-file, or pick a --profile) to the `ca_file` printed by `postern server` or `postern dev`",
-            )
-        })?;
-        let ca_pem = std::fs::read_to_string(&ca_file).map_err(|e| {
-            setup_error(
-                format!("cannot read CA file {}: {e}", ca_file.display()),
-                "check POSTERN_CA_FILE",
-            )
-        })?;
-        let tls = certs::client_config(&ca_pem, None, vec![b"http/1.1".to_vec()]).map_err(|e| {
-            setup_error(
-                format!("CA file {} is not usable: {e}", ca_file.display()),
-                "check POSTERN_CA_FILE",
-            )
-        })?;
+        let (tls, ca_pem) = match ca_file {
+            Some(ca_file) => {
+                let ca_pem = std::fs::read_to_string(&ca_file).map_err(|e| {
+                    setup_error(
+                        format!("cannot read CA file {}: {e}", ca_file.display()),
+                        "check POSTERN_CA_FILE",
+                    )
+                })?;
+                let tls = certs::client_config(&ca_pem, None, vec![b"http/1.1".to_vec()]).map_err(
+                    |e| {
+                        setup_error(
+                            format!("CA file {} is not usable: {e}", ca_file.display()),
+                            "check POSTERN_CA_FILE",
+                        )
+                    },
+                )?;
+                (tls, ca_pem)
+            }
+            // No CA file: the gateway serves a certificate from a public CA (`tls_cert`),
+            // verified against the host's roots.
+            None => {
+                let (roots, _) = certs::system_roots().ok_or_else(|| {
+                    setup_error(
+                        "no CA file to verify the gateway with, and this host has no CA bundle"
+                            .into(),
+                        NO_CA_HINT,
+                    )
+                })?;
+                let tls = certs::client_config_with_roots(roots, vec![b"http/1.1".to_vec()])
+                    .map_err(|e| setup_error(format!("the host's CA bundle: {e}"), NO_CA_HINT))?;
+                (tls, String::new())
+            }
+        };
         Ok(ApiClient {
             addr,
             token: token.map(|t| t.trim().to_string()),
@@ -118,7 +135,15 @@ impl ApiClient {
         let tls = TlsConnector::from(self.tls.clone())
             .connect(server_name, tcp)
             .await
-            .map_err(|e| self.unreachable(format!("TLS: {e}")))?;
+            .map_err(|e| {
+                let err = self.unreachable(format!("TLS: {e}"));
+                if self.ca_pem.is_empty() {
+                    // Verified against the host's roots: the likely fix is the gateway's CA.
+                    err.hint(NO_CA_HINT)
+                } else {
+                    err
+                }
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| self.unreachable(e))?;

@@ -9,29 +9,41 @@ use endpoint_types::{control::*, ApiError};
 pub enum AccessCmd {
     /// Ask for a permission phase on an appliance for a while.
     Request {
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// The permission phase asked for.
         #[arg(long, value_parser = ["install", "steady-state", "deploy", "operate"])]
         level: String,
+        /// How long, counted from the approval (30m, 4h, 1d).
         #[arg(long)]
         duration: String,
+        /// Why: shown to the customer's approvers and kept in both trails.
         #[arg(long)]
         reason: String,
     },
     /// Grants you can see.
     List,
     /// End a grant now.
-    Revoke { id: String },
+    Revoke {
+        /// The grant's id (gr_…).
+        id: String,
+    },
     /// Turn the default read-only steady-state phase on or off (customer approver).
     SteadyState {
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// Turn it on.
         #[arg(long, conflicts_with = "disable", required_unless_present = "disable")]
         enable: bool,
+        /// Turn it off: no health snapshots are collected or sent.
         #[arg(long)]
         disable: bool,
     },
@@ -43,23 +55,30 @@ pub enum ApprovalsCmd {
     List,
     /// The full request (and, at the output stage, the held output), with the statement an
     /// approval signs.
-    Show { id: String },
+    Show {
+        /// The id of the grant, op or endpoint.
+        id: String,
+    },
     /// Approve a grant, an op's command or output, or an endpoint, by its id; signed with your
     /// approver key.
     Approve {
+        /// The id of the grant, op (command or output stage) or endpoint.
         id: String,
         /// The approver's private key (default: approver.key in your config dir, if present).
         #[arg(long)]
         key: Option<std::path::PathBuf>,
+        /// A message for the operator, kept with the decision.
         #[arg(long)]
         message: Option<String>,
     },
     /// Deny, optionally with a message for the operator.
     Deny {
+        /// The id of the grant, op or endpoint.
         id: String,
         /// The approver's private key (default: approver.key in your config dir, if present).
         #[arg(long)]
         key: Option<std::path::PathBuf>,
+        /// A message for the operator, kept with the decision.
         #[arg(long)]
         message: Option<String>,
     },
@@ -223,26 +242,35 @@ pub async fn approvals(
 
 #[derive(Debug, clap::Args)]
 pub struct OpArgs {
+    /// The appliance's app.
     #[arg(long)]
     app: String,
+    /// The appliance's customer.
     #[arg(long)]
     customer: String,
+    /// The resource it runs against, by its id in the appliance's config (e.g. the Terraform
+    /// address `aws_eks_cluster.main`).
     #[arg(long)]
     origin_resource_id: String,
     /// The exact command, starting with the tool's name; split in the appliance, never run by a shell.
     #[arg(long)]
     command: String,
+    /// How long the tool may run in the appliance before it is stopped (op state timed-out).
     #[arg(long, default_value = "5m")]
     timeout: String,
-    /// Wait until the op has ended (approvals included) and exit non-zero if it ended badly.
+    /// Wait until the op has ended (approvals included), with progress on stderr; the exit
+    /// code says how it ended (see `postern --help`).
     #[arg(long)]
     wait: bool,
+    /// With --wait: give up after this long (exit 5, error WAIT_TIMEOUT; the op goes on).
+    #[arg(long, default_value = super::wait_progress::DEFAULT_WAIT)]
+    wait_timeout: String,
     /// The phase it runs under: the grant it needs and the identity used at the target.
     #[arg(long, default_value = "operate")]
     phase: String,
 }
 
-/// Prints the op; [`Outcome::EndedBadly`] when it ended badly (the exit code must say so).
+/// Prints the op; how it ended decides the exit code ([`Outcome::of_op`]).
 fn print_op(op: &OpRecord, out: OutputFormat) -> Outcome {
     match out {
         OutputFormat::Json => print_json(op),
@@ -288,32 +316,7 @@ fn print_op(op: &OpRecord, out: OutputFormat) -> Outcome {
             }
         }
     }
-    if matches!(
-        op.state,
-        OpState::Failed | OpState::Denied | OpState::TimedOut | OpState::Expired
-    ) {
-        Outcome::EndedBadly
-    } else {
-        Outcome::Done
-    }
-}
-
-async fn wait_for(
-    c: &ApiClient,
-    id: &str,
-    limit: std::time::Duration,
-) -> Result<OpRecord, ApiError> {
-    let deadline = tokio::time::Instant::now() + limit;
-    // Quick ops finish in milliseconds; long ones are polled more gently.
-    let mut pause = std::time::Duration::from_millis(10);
-    loop {
-        let op: OpRecord = c.get(&format!("/v1/ops/{id}")).await?;
-        if op.state.is_final() || tokio::time::Instant::now() >= deadline {
-            return Ok(op);
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 3 / 2).min(std::time::Duration::from_millis(500));
-    }
+    Outcome::of_op(op.state)
 }
 
 pub async fn run_op(
@@ -323,6 +326,8 @@ pub async fn run_op(
     out: OutputFormat,
 ) -> Result<Outcome, ApiError> {
     let timeout_s = duration_secs("timeout", &args.timeout)?;
+    let wait_limit =
+        std::time::Duration::from_secs(duration_secs("wait-timeout", &args.wait_timeout)?);
     let op: OpRecord = c
         .post("/v1/ops", serde_json::json!({
             "tool": tool, "app": args.app, "customer": args.customer, "origin_resource_id": args.origin_resource_id,
@@ -330,21 +335,22 @@ pub async fn run_op(
         }))
         .await?;
     let op = if args.wait {
-        wait_for(c, &op.id, std::time::Duration::from_secs(86_400 * 2)).await?
+        super::wait_progress::op(c, &op.id, wait_limit, out).await?
     } else {
         op
     };
     Ok(print_op(&op, out))
 }
 
+/// `ops get`, or `ops wait` when `wait` gives its deadline.
 pub async fn get_op(
     id: &str,
-    wait: bool,
+    wait: Option<std::time::Duration>,
     c: &ApiClient,
     out: OutputFormat,
 ) -> Result<Outcome, ApiError> {
-    let op = if wait {
-        wait_for(c, id, std::time::Duration::from_secs(86_400 * 2)).await?
+    let op = if let Some(limit) = wait {
+        super::wait_progress::op(c, id, limit, out).await?
     } else {
         c.get(&format!("/v1/ops/{id}")).await?
     };

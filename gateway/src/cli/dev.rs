@@ -1,21 +1,32 @@
-//! `postern dev`: a gateway with the embedded store, a local agent for a demo appliance
-//! (`demo-app` / `demo-customer`) with a demo echo service, and a guide to what to try next.
+//! `postern dev`: a gateway with the embedded store and two demo appliances of
+//! `demo-customer` — `demo-app` (automatic policy) and `demo-manual` (manual, with a demo
+//! approver) — whose agents reach one resource of every kind, each real: a throwaway
+//! PostgreSQL cluster, a private sshd, the test Kubernetes API server and an echo service.
+//! A piece whose software is missing is skipped with a note of what to install. It prints a
+//! tour, and on SIGINT/SIGTERM ends every process it started, by PID.
+
+mod appliance;
+mod approver;
+mod kube;
+mod postgres;
+mod process;
+mod sshd;
+mod tour;
 
 use super::{client::ApiClient, OutputFormat};
 use crate::{config::GatewayConfig, server};
 use anyhow::{bail, Context, Result};
-use endpoint_types::api::ApplianceAdded;
+use appliance::{DemoAgent, Resources, Spec};
+use process::DemoProcess;
 use std::{
     net::SocketAddr,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
-use tokio::{io::AsyncWriteExt, net::TcpListener, process::Command};
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 
-const APP: &str = "demo-app";
-const CUSTOMER: &str = "demo-customer";
-const ECHO_RESOURCE: &str = "null_resource.echo";
+const RUN_DIR_PREFIX: &str = "postern-dev-";
 
 fn default_data_dir() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
@@ -46,7 +57,7 @@ fn agent_binary() -> Result<PathBuf> {
     bail!("postern-agent was not found next to {} or on PATH; build it with `cargo build --workspace`", me.display())
 }
 
-/// The demo appliance's service: echoes every byte back.
+/// The demo appliance's tcp service: echoes every byte back.
 async fn start_echo() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -62,52 +73,191 @@ async fn start_echo() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn agent_toml(dir: &Path, echo: SocketAddr) -> String {
-    format!(
-        "# Written by `postern dev` for the demo appliance; rewritten at every start.\n\
-         audit_path = \"{audit}\"\n\n\
-         [policy]\napproval = \"automatic\"\nsteady_state = true\n\n\
-         [[resource]]\nid = \"{ECHO_RESOURCE}\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n",
-        audit = dir.join("audit.jsonl").display(),
-    )
-}
-
-fn enrollment_keys(relay: SocketAddr, appliance_id: &str, dir: &Path) -> String {
-    format!(
-        "gateway = \"{relay}\"\nappliance_id = \"{appliance_id}\"\nkey_file = \"{}\"\ncert_file = \"{}\"\nca_file = \"{}\"\n",
-        dir.join("agent.key").display(),
-        dir.join("agent.crt").display(),
-        dir.join("ca.crt").display(),
-    )
-}
-
-async fn run_agent_cmd(bin: &Path, args: &[&str], log: &Path) -> Result<()> {
-    let logf = std::fs::File::create(log)?;
-    let status = Command::new(bin)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .status()
-        .await?;
-    if !status.success() {
-        bail!(
-            "`postern-agent {}` failed; see {}",
-            args.first().unwrap_or(&""),
-            log.display()
-        );
+/// A fresh directory for everything the demo resources keep (cluster, sshd files, the API
+/// server's kubeconfig), removed at exit. Outside the data dir because the postgres and demo
+/// users must reach it (a home directory such as /root is closed to them). Run dirs left by a
+/// killed `postern dev` are removed here.
+fn make_run_dir() -> Result<PathBuf> {
+    let tmp = std::env::temp_dir();
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let stale_pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUN_DIR_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok());
+        if stale_pid.is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
-    Ok(())
+    let dir = tmp.join(format!("{RUN_DIR_PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+/// What came up, and the processes behind it.
+#[derive(Default)]
+struct DemoWorld {
+    resources: Resources,
+    processes: Vec<DemoProcess>,
+    skipped: Vec<(&'static str, String)>,
+}
+
+async fn start_resources(run_dir: &Path) -> Result<DemoWorld> {
+    let mut w = DemoWorld::default();
+    w.resources.echo = Some(start_echo().await?);
+    match kube::available() {
+        Err(note) => w.skipped.push(("Kubernetes", note)),
+        Ok(bin) => match kube::start(&bin, &run_dir.join("kube")).await {
+            Ok(k) => {
+                w.resources.kubeconfig = Some(k.kubeconfig);
+                w.processes.push(k.process);
+            }
+            Err(e) => w.skipped.push(("Kubernetes", format!("{e:#}"))),
+        },
+    }
+    match postgres::available() {
+        Err(note) => w.skipped.push(("PostgreSQL", note)),
+        Ok((bin, ids)) => match postgres::start(&bin, ids, &run_dir.join("postgres")).await {
+            Ok(pg) => {
+                w.resources.postgres_admin_url = Some(pg.admin_url);
+                w.processes.push(pg.process);
+            }
+            Err(e) => w.skipped.push(("PostgreSQL", format!("{e:#}"))),
+        },
+    }
+    match sshd::available() {
+        Err(note) => w.skipped.push(("SSH", note)),
+        Ok((bin, keygen)) => match sshd::start(&bin, &keygen, &run_dir.join("sshd")).await {
+            Ok(s) => {
+                w.resources.ssh = Some((s.addr, s.host_key, s.client_key));
+                w.processes.push(s.process);
+            }
+            Err(e) => w.skipped.push(("SSH", format!("{e:#}"))),
+        },
+    }
+    Ok(w)
+}
+
+/// Ends agents first (they close their tunnels and trails), then the resources.
+async fn stop_all(agents: Vec<DemoAgent>, processes: Vec<DemoProcess>) {
+    for a in agents {
+        a.process.stop(Duration::from_secs(5)).await;
+    }
+    for p in processes.into_iter().rev() {
+        p.stop(Duration::from_secs(5)).await;
+    }
 }
 
 pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
     let data_dir = server::absolute(&data_dir.unwrap_or_else(default_data_dir));
-    let agent_dir = data_dir.join("agent");
-    std::fs::create_dir_all(&agent_dir)
-        .with_context(|| format!("creating {}", agent_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let agent_bin = agent_binary()?;
-    let echo = start_echo().await?;
+    let run_dir = make_run_dir()?;
+    let world = start_resources(&run_dir).await?;
+    let result = run_with(&data_dir, &run_dir, &agent_bin, world, out).await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
 
-    let running = server::start(GatewayConfig::new(data_dir.join("gateway"))).await?;
+async fn run_with(
+    data_dir: &Path,
+    run_dir: &Path,
+    agent_bin: &Path,
+    world: DemoWorld,
+    out: OutputFormat,
+) -> Result<()> {
+    let DemoWorld {
+        resources,
+        processes,
+        skipped,
+    } = world;
+    let running = match server::start(GatewayConfig::new(data_dir.join("gateway"))).await {
+        Ok(r) => r,
+        Err(e) => {
+            stop_all(Vec::new(), processes).await;
+            return Err(e);
+        }
+    };
+    let mut agents = Vec::new();
+    let started = start_agents(&running, data_dir, agent_bin, &resources, &mut agents).await;
+    let approver = match started {
+        Ok(a) => a,
+        Err(e) => {
+            stop_all(agents, processes).await;
+            running.shutdown().await;
+            return Err(e);
+        }
+    };
+    let [auto, manual] = agents.as_slice() else {
+        stop_all(agents, processes).await;
+        running.shutdown().await;
+        bail!("expected the two demo agents");
+    };
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "postern".into());
+    let guide = tour::text(&tour::TourInput {
+        postern: &me,
+        agent_bin: &agent_bin.display().to_string(),
+        api: running.api.to_string(),
+        relay: running.relay.to_string(),
+        ca_fingerprint: &running.ca_fingerprint,
+        ca_file: running.ca_file.display().to_string(),
+        admin_token_file: running.admin_token_file.display().to_string(),
+        approver_token_file: approver.token_file.display().to_string(),
+        approver_key: approver.key_file.display().to_string(),
+        run_dir: run_dir.display().to_string(),
+        auto,
+        manual,
+        kube: resources.kubeconfig.is_some(),
+        postgres: resources.postgres_admin_url.is_some(),
+        ssh: resources.ssh.is_some(),
+        skipped: &skipped,
+    });
+    match out {
+        OutputFormat::Json => {
+            let ready = ready_json(
+                &running, &agents, &processes, &resources, &skipped, run_dir, &approver,
+            );
+            println!("{ready}");
+            eprintln!("{guide}");
+        }
+        OutputFormat::Text => println!("{guide}"),
+    }
+
+    let mut agents = agents;
+    tokio::select! {
+        _ = server::shutdown_signal() => {}
+        (status, app) = first_exit(&mut agents) => {
+            tracing::error!(?status, app, "a demo agent exited; stop with Ctrl-C");
+            server::shutdown_signal().await;
+        }
+    }
+    eprintln!("stopping the demo agents, resources and the gateway");
+    stop_all(agents, processes).await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// The first demo agent to exit, with its app.
+async fn first_exit(agents: &mut [DemoAgent]) -> (Option<std::process::ExitStatus>, &'static str) {
+    let waits = agents.iter_mut().map(|a| {
+        let app = a.app;
+        Box::pin(async move { (a.process.wait().await.ok(), app) })
+    });
+    futures_util::future::select_all(waits).await.0
+}
+
+async fn start_agents(
+    running: &server::RunningGateway,
+    data_dir: &Path,
+    agent_bin: &Path,
+    resources: &Resources,
+    agents: &mut Vec<DemoAgent>,
+) -> Result<approver::DemoApprover> {
     let token = std::fs::read_to_string(&running.admin_token_file)?;
     let api = ApiClient::new(
         Some(running.api.to_string()),
@@ -115,146 +265,82 @@ pub async fn run(data_dir: Option<PathBuf>, out: OutputFormat) -> Result<()> {
         Some(running.ca_file.clone()),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let approver = approver::prepare(&api, data_dir).await?;
+    let specs = [
+        Spec {
+            app: "demo-app",
+            dir: data_dir.join("agent"),
+            approval: "automatic",
+            approvers: Vec::new(),
+            all_resources: true,
+        },
+        Spec {
+            app: "demo-manual",
+            dir: data_dir.join("agent-manual"),
+            approval: "manual",
+            approvers: vec![(approver::APPROVER_NAME.into(), approver.public_key.clone())],
+            all_resources: false,
+        },
+    ];
+    let parts = appliance::GatewayParts {
+        relay: running.relay,
+        store: &running.gateway.store,
+        agents: &running.gateway.agents,
+    };
+    for spec in &specs {
+        agents.push(appliance::bring_online(&parts, &api, agent_bin, spec, resources).await?);
+    }
+    Ok(approver)
+}
 
-    let config = agent_dir.join("agent.toml");
-    let store = &running.gateway.store;
-    let existing = store.find_appliance(APP, CUSTOMER).await?;
-    let reusable = existing
-        .as_ref()
-        .filter(|a| a.enrolled_at.is_some() && agent_dir.join("agent.crt").exists());
-    let appliance_id = match reusable {
-        Some(a) => {
-            std::fs::write(
-                &config,
-                format!(
-                    "{}{}",
-                    enrollment_keys(running.relay, &a.id, &agent_dir),
-                    agent_toml(&agent_dir, echo)
-                ),
-            )?;
-            a.id.clone()
-        }
-        None => {
-            if let Some(stale) = existing {
-                store
-                    .revoke_appliance(&stale.id, jiff::Timestamp::now())
-                    .await?;
-            }
-            let added: ApplianceAdded = api
-                .post(
-                    "/v1/appliances",
-                    serde_json::json!({"app": APP, "customer": CUSTOMER}),
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            std::fs::write(&config, agent_toml(&agent_dir, echo))?;
-            let relay = running.relay.to_string();
-            let cfg = config.to_string_lossy().to_string();
-            run_agent_cmd(
-                &agent_bin,
-                &[
-                    "enroll",
-                    "--gateway",
-                    &relay,
-                    "--token",
-                    added.token.expose(),
-                    "--config",
-                    &cfg,
-                ],
-                &agent_dir.join("enroll.log"),
-            )
-            .await?;
-            added.appliance_id
+fn ready_json(
+    running: &server::RunningGateway,
+    agents: &[DemoAgent],
+    processes: &[DemoProcess],
+    resources: &Resources,
+    skipped: &[(&'static str, String)],
+    run_dir: &Path,
+    approver: &approver::DemoApprover,
+) -> serde_json::Value {
+    let mut ready = running.ready_json();
+    if let Some(auto) = agents.first() {
+        ready["appliance_id"] = auto.appliance_id.clone().into();
+        ready["agent_config"] = auto.config.display().to_string().into();
+        ready["agent_log"] = auto.log.display().to_string().into();
+    }
+    let present = |yes: bool, id: &str| {
+        if yes {
+            serde_json::json!(id)
+        } else {
+            serde_json::Value::Null
         }
     };
-
-    let agent_log = agent_dir.join("agent.log");
-    let mut agent = Command::new(&agent_bin)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&agent_log)?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", agent_bin.display()))?;
-    let mut online = false;
-    for _ in 0..300 {
-        if running.gateway.agents.is_online(&appliance_id) {
-            online = true;
-            break;
-        }
-        if let Ok(Some(status)) = agent.try_wait() {
-            bail!(
-                "the demo agent exited ({status}); see {}",
-                agent_log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if !online {
-        bail!(
-            "the demo agent did not connect within 30 s; see {}",
-            agent_log.display()
-        );
-    }
-
-    let mut ready = running.ready_json();
-    ready["appliance_id"] = appliance_id.clone().into();
-    ready["agent_config"] = config.display().to_string().into();
-    ready["agent_log"] = agent_log.display().to_string().into();
-    let me = std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "postern".into());
-    let guide = format!(
-        "\nPostern dev is up: gateway, embedded store, and the demo appliance {APP} / {CUSTOMER} ({appliance_id}) online.\n\
-         \n  API    https://{api}\n  relay  udp {relay}\n  CA     {fp}\n  agent  {config} (log: {log})\n\
-         \nTry, in another shell:\n\
-         \n  export POSTERN_ADDR={api} POSTERN_CA_FILE={ca} POSTERN_TOKEN=$(cat {tok})\
-         \n  {me} appliance list\
-         \n  {me} access request --app {APP} --customer {CUSTOMER} --level operate --duration 1h --reason \"trying Postern\"\
-         \n  {me} ops endpoint create --type tcp --app {APP} --customer {CUSTOMER} --origin-resource-id {ECHO_RESOURCE} --ttl 10m\
-         \n  # the endpoint admits only TLS with its client certificate; forward a local port to it:\
-         \n  {me} ops endpoint connect <endpoint id> --listen 127.0.0.1:7001 &\
-         \n  # the demo echo service answers through the tunnel on that port:\
-         \n  echo hello | nc -q1 127.0.0.1 7001\
-         \n  {me} ops endpoint list\
-         \n  {me} ops endpoint retire <endpoint id>\
-         \n  {me} audit list\
-         \n\nCtrl-C stops everything.\n",
-        api = running.api,
-        relay = running.relay,
-        fp = running.ca_fingerprint,
-        config = config.display(),
-        log = agent_log.display(),
-        ca = running.ca_file.display(),
-        tok = running.admin_token_file.display(),
-    );
-    match out {
-        OutputFormat::Json => {
-            println!("{ready}");
-            eprintln!("{guide}");
-        }
-        OutputFormat::Text => println!("{guide}"),
-    }
-
-    tokio::select! {
-        _ = server::shutdown_signal() => {}
-        status = agent.wait() => {
-            tracing::error!(?status, log = %agent_log.display(), "the demo agent exited");
-            server::shutdown_signal().await;
-        }
-    }
-    eprintln!("stopping the demo agent and the gateway");
-    if let Some(pid) = agent.id() {
-        // SIGTERM lets the agent close its tunnel and audit trail cleanly.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(5), agent.wait())
-            .await
-            .is_err()
-        {
-            let _ = agent.kill().await;
-        }
-    }
-    running.shutdown().await;
-    Ok(())
+    let pids: Vec<u32> = agents
+        .iter()
+        .filter_map(|a| a.process.pid())
+        .chain(processes.iter().filter_map(DemoProcess::pid))
+        .collect();
+    ready["demo"] = serde_json::json!({
+        "customer": appliance::CUSTOMER,
+        "appliances": agents.iter().map(|a| serde_json::json!({
+            "app": a.app,
+            "approval": a.approval,
+            "appliance_id": a.appliance_id,
+            "agent_config": a.config.display().to_string(),
+            "agent_log": a.log.display().to_string(),
+            "trail": a.trail.display().to_string(),
+        })).collect::<Vec<_>>(),
+        "resources": {
+            "kubernetes": present(resources.kubeconfig.is_some(), appliance::KUBE_RESOURCE),
+            "postgres": present(resources.postgres_admin_url.is_some(), appliance::PG_RESOURCE),
+            "ssh": present(resources.ssh.is_some(), appliance::SSH_RESOURCE),
+            "tcp": present(resources.echo.is_some(), appliance::ECHO_RESOURCE),
+        },
+        "skipped": skipped.iter().map(|(what, note)| serde_json::json!({"resource": what, "note": note})).collect::<Vec<_>>(),
+        "approver_token_file": approver.token_file.display().to_string(),
+        "approver_key": approver.key_file.display().to_string(),
+        "run_dir": run_dir.display().to_string(),
+        "pids": pids,
+    });
+    ready
 }

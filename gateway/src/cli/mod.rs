@@ -4,14 +4,19 @@ mod access;
 mod approval_sign;
 mod approver_key;
 mod client;
+mod completions;
 mod control;
 mod dev;
+mod exit_codes;
+mod ops_list;
 mod play;
 mod profile;
 mod status;
 mod store_location;
 mod teardown;
 mod tokens;
+mod usage;
+mod wait_progress;
 mod webhook;
 
 use crate::server;
@@ -32,7 +37,8 @@ pub enum OutputFormat {
 #[command(
     name = "postern",
     version,
-    about = "Postern: reach appliances in customers' clouds through an outbound tunnel, scoped, expiring and audited"
+    about = "Postern: reach appliances in customers' clouds through an outbound tunnel, scoped, expiring and audited",
+    after_help = exit_codes::EXIT_CODES_HELP
 )]
 struct Cli {
     /// `json` prints exactly one JSON document on stdout.
@@ -87,6 +93,17 @@ enum Command {
     Audit(AuditCmd),
     /// Show the identity of the current token.
     Whoami,
+    /// Print a shell completion script on stdout (`postern completions bash > …`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: completions::Shell,
+    },
+    /// Write the man pages (postern.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them (created if missing), e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -119,12 +136,7 @@ struct ServerArgs {
     log_format: LogFormat,
 }
 
-/// How log lines are written on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use telemetry::LogFormat;
 
 #[derive(Debug, Args)]
 struct DevArgs {
@@ -137,8 +149,10 @@ struct DevArgs {
 enum ApplianceCmd {
     /// Register an appliance and print its one-time enrollment token.
     Add {
+        /// The app the appliance runs.
         #[arg(long)]
         app: String,
+        /// The customer whose cloud it runs in.
         #[arg(long)]
         customer: String,
         /// Lifetime of the enrollment token.
@@ -148,7 +162,10 @@ enum ApplianceCmd {
     /// Appliances with presence.
     List,
     /// Cut the appliance's agent and refuse its certificate from now on.
-    Revoke { id: String },
+    Revoke {
+        /// The appliance's id.
+        id: String,
+    },
     /// The latest steady-state health snapshot per resource, with its age.
     Status(status::StatusArgs),
 }
@@ -174,44 +191,69 @@ enum OpsCmd {
     Az(control::OpArgs),
     /// Run doctl in the appliance.
     Doctl(control::OpArgs),
+    /// The ops you may see, oldest first, optionally filtered.
+    List(ops_list::OpsListArgs),
     /// An op's record.
-    Get { id: String },
-    /// Wait until an op has ended; non-zero exit if it ended badly.
-    Wait { id: String },
+    Get {
+        /// The op's id (op_…).
+        id: String,
+    },
+    /// Wait until an op has ended, with progress on stderr; the exit code says how it ended.
+    Wait {
+        /// The op's id (op_…).
+        id: String,
+        /// Give up waiting after this long (exit 5, error WAIT_TIMEOUT; the op goes on).
+        #[arg(long, default_value = wait_progress::DEFAULT_WAIT)]
+        wait_timeout: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum EndpointCmd {
     /// Open an endpoint to one of an appliance's resources.
     Create {
+        /// What the stock client is: kubectl, postgres (psql and drivers), ssh, or plain tcp.
         #[arg(long = "type", value_parser = ["kubectl", "postgres", "ssh", "tcp"])]
         endpoint_type: String,
+        /// The appliance's app.
         #[arg(long)]
         app: String,
+        /// The appliance's customer.
         #[arg(long)]
         customer: String,
+        /// The resource it reaches, by its id in the appliance's config.
         #[arg(long)]
         origin_resource_id: String,
+        /// How long it lives; then every session is cut and its credentials stop working.
         #[arg(long, default_value = "1h")]
         ttl: String,
-        /// Wait until the endpoint is active (it is at once when no approval is needed).
+        /// Wait until the endpoint is active (it is at once when no approval is needed), with
+        /// progress on stderr.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (exit 5, error WAIT_TIMEOUT).
+        #[arg(long, default_value = wait_progress::DEFAULT_WAIT)]
+        wait_timeout: String,
         /// The phase it runs under: the grant it needs and the identity used at the target.
         #[arg(long, default_value = "operate")]
         phase: String,
     },
+    /// An endpoint's record (with how to connect while it is active).
     Get {
+        /// The endpoint's id (ep_…).
         id: String,
     },
+    /// The endpoints you may see.
     List,
     /// Tear an endpoint down: every live session is cut, the credentials stop working.
     Retire {
+        /// The endpoint's id (ep_…).
         id: String,
     },
     /// Local forwarder for a tcp endpoint: plain TCP on the listen address, TLS with the
     /// endpoint's client certificate to the gateway. Runs until SIGINT/SIGTERM.
     Connect {
+        /// The tcp endpoint's id (ep_…).
         id: String,
         /// Where local clients connect (port 0: any free port, printed once bound).
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -223,6 +265,7 @@ enum EndpointCmd {
 enum AuditCmd {
     /// Records, oldest first.
     List {
+        /// Only the records about this appliance.
         #[arg(long)]
         appliance: Option<String>,
         /// An RFC 3339 time, or a duration meaning "that long ago" (`1h`).
@@ -244,6 +287,7 @@ enum AuditCmd {
     /// The latest signed head of an appliance's customer trail the gateway anchored, for
     /// `postern-agent audit verify --anchor FILE`.
     Anchor {
+        /// The appliance's id.
         #[arg(long)]
         appliance: String,
     },
@@ -266,15 +310,17 @@ enum AuditCmd {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return usage::report(e, &args),
+    };
     let log_format = match &cli.command {
         Command::Server(args) => args.log_format,
         _ => LogFormat::Text,
     };
-    init_tracing(
-        matches!(cli.command, Command::Server(_) | Command::Dev(_)),
-        log_format,
-    );
+    let long_running = matches!(cli.command, Command::Server(_) | Command::Dev(_));
+    telemetry::init_logs(if long_running { "info" } else { "warn" }, log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -289,34 +335,12 @@ pub fn main() -> ExitCode {
     };
     let output = cli.output;
     match runtime.block_on(run(cli)) {
-        Ok(Outcome::EndedBadly) => ExitCode::FAILURE,
-        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(outcome) => ExitCode::from(outcome.code()),
         Err(e) => fail(output, &e),
     }
 }
 
-/// How a command that did its work ends: one that waited for an op or an endpoint prints its
-/// record, and when that record ended badly (failed, denied, timed out, expired) the exit code
-/// says so without an error of its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Done,
-    EndedBadly,
-}
-
-fn init_tracing(long_running: bool, format: LogFormat) {
-    let default = if long_running { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => fmt.try_init(),
-        // One object per line: {"timestamp","level","fields":{"message",…},"target"}.
-        LogFormat::Json => fmt.json().try_init(),
-    };
-}
+pub use exit_codes::Outcome;
 
 fn fail(output: OutputFormat, e: &ApiError) -> ExitCode {
     match output {
@@ -331,7 +355,7 @@ fn fail(output: OutputFormat, e: &ApiError) -> ExitCode {
             }
         }
     }
-    ExitCode::FAILURE
+    exit_codes::of_error(e)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -384,10 +408,29 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
         Command::Approvals(cmd) => control::approvals(cmd, &client()?, out).await?,
         Command::Ops(OpsCmd::Endpoint(cmd)) => return endpoint(cmd, &client()?, out).await,
         Command::Ops(OpsCmd::Get { id }) => {
-            return control::get_op(&id, false, &client()?, out).await
+            return control::get_op(&id, None, &client()?, out).await
         }
-        Command::Ops(OpsCmd::Wait { id }) => {
-            return control::get_op(&id, true, &client()?, out).await
+        Command::Ops(OpsCmd::Wait { id, wait_timeout }) => {
+            let limit =
+                std::time::Duration::from_secs(duration_secs("wait-timeout", &wait_timeout)?);
+            return control::get_op(&id, Some(limit), &client()?, out).await;
+        }
+        Command::Ops(OpsCmd::List(args)) => ops_list::run(args, &client()?, out).await?,
+        Command::Completions { shell } => completions::completions(
+            shell,
+            <Cli as clap::CommandFactory>::command(),
+            &mut std::io::stdout(),
+        ),
+        Command::Man { dir } => {
+            let pages = completions::man_pages(<Cli as clap::CommandFactory>::command(), &dir)?;
+            match out {
+                OutputFormat::Json => {
+                    print_json(&serde_json::json!({ "dir": dir, "pages": pages }))
+                }
+                OutputFormat::Text => {
+                    println!("{} man pages written to {}", pages.len(), dir.display())
+                }
+            }
         }
         Command::Ops(op) => {
             use endpoint_types::control::OpTool;
@@ -400,9 +443,10 @@ async fn run(cli: Cli) -> Result<Outcome, ApiError> {
                 OpsCmd::Gcloud(a) => (OpTool::Gcloud, a),
                 OpsCmd::Az(a) => (OpTool::Az, a),
                 OpsCmd::Doctl(a) => (OpTool::Doctl, a),
-                OpsCmd::Endpoint(_) | OpsCmd::Get { .. } | OpsCmd::Wait { .. } => {
-                    return Err(ApiError::internal("unreachable ops command"))
-                }
+                OpsCmd::Endpoint(_)
+                | OpsCmd::Get { .. }
+                | OpsCmd::Wait { .. }
+                | OpsCmd::List(_) => return Err(ApiError::internal("unreachable ops command")),
             };
             return control::run_op(tool, args, &client()?, out).await;
         }
@@ -592,12 +636,15 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
             origin_resource_id,
             ttl,
             wait,
+            wait_timeout,
             phase,
         } => {
             let t = EndpointType::parse(&endpoint_type).ok_or_else(|| {
                 ApiError::invalid(format!("unknown endpoint type {endpoint_type}"))
             })?;
             let ttl_s = duration_secs("ttl", &ttl)?;
+            let wait_limit =
+                std::time::Duration::from_secs(duration_secs("wait-timeout", &wait_timeout)?);
             let credential = access::prepare(t)?;
             let mut rec: EndpointRecord = c
                 .post("/v1/endpoints", serde_json::json!({
@@ -610,16 +657,18 @@ async fn endpoint(cmd: EndpointCmd, c: &ApiClient, out: OutputFormat) -> Result<
                 access::save_pending(&access::home()?, &rec.id, secret)?;
             }
             // Under a policy that needs a person, wait (bounded) for the customer's decision.
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2 * 86_400);
-            while wait
-                && rec.state == EndpointState::PendingApproval
-                && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                rec = c.get(&format!("/v1/endpoints/{}", rec.id)).await?;
+            if wait && rec.state == EndpointState::PendingApproval {
+                let path = format!("/v1/endpoints/{}", rec.id);
+                rec = wait_progress::wait(
+                    wait_limit,
+                    out,
+                    async || c.get(&path).await,
+                    wait_progress::endpoint_status,
+                )
+                .await?;
             }
             if wait && rec.state == EndpointState::Denied {
-                outcome = Outcome::EndedBadly;
+                outcome = Outcome::Denied;
             }
             rec
         }

@@ -16,6 +16,7 @@ use std::{
 pub enum ProfileCmd {
     /// Add (or replace) a profile.
     Add {
+        /// The profile's name (for --profile / POSTERN_PROFILE).
         name: String,
         /// Gateway API address (the `api` of `postern server`).
         #[arg(long)]

@@ -17,8 +17,10 @@ pub struct StatusArgs {
     /// The appliance id (or name it with --app and --customer).
     #[arg(conflicts_with_all = ["app", "customer"], required_unless_present_all = ["app", "customer"])]
     id: Option<String>,
+    /// The appliance's app (with --customer).
     #[arg(long, requires = "customer")]
     app: Option<String>,
+    /// The appliance's customer (with --app).
     #[arg(long, requires = "app")]
     customer: Option<String>,
     /// Poll again every --every until Ctrl-C.
@@ -130,7 +132,20 @@ fn summary(h: &ResourceHealth) -> String {
     match &h.detail {
         Some(HealthDetail::Tcp(t)) => parts.push(format!("connect {} ms", t.connect_ms)),
         Some(HealthDetail::Ssh(t)) => {
-            parts.push(format!("{} (connect {} ms)", t.banner, t.connect_ms))
+            parts.push(format!("{} (connect {} ms)", t.banner, t.connect_ms));
+            if let Some(vm) = &t.vm {
+                parts.push(format!(
+                    "up {}h, load {:.2} {:.2} {:.2}",
+                    vm.uptime_s / 3600,
+                    vm.load_1m,
+                    vm.load_5m,
+                    vm.load_15m
+                ));
+                for d in &vm.disks {
+                    let pct = d.used_bytes.saturating_mul(100) / d.size_bytes.max(1);
+                    parts.push(format!("{} {pct}% used", d.path));
+                }
+            }
         }
         Some(HealthDetail::Postgres(p)) => {
             parts.push(p.version.split(" on ").next().unwrap_or("").to_string());

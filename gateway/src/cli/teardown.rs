@@ -22,6 +22,12 @@ pub async fn show(c: &ApiClient, endpoint: &str, out: OutputFormat) -> Result<()
                 .hint("give the id `postern ops endpoint list` shows (ep_…)"),
         );
     }
+    if c.ca_pem().is_empty() {
+        return Err(ApiError::invalid(
+            "a teardown proof is checked against the gateway CA, and this CLI was given none (it trusts the host's roots)",
+        )
+        .hint("give --ca-file (or POSTERN_CA_FILE) the gateway's ca.crt; where the gateway serves a public CA's certificate, a file holding both CAs"));
+    }
     let record: TeardownRecord = c.get(&format!("/v1/audit/teardown/{endpoint}")).await?;
     let verified = verify(c.ca_pem(), endpoint, record)?;
     match out {

@@ -9,6 +9,8 @@ use endpoint_types::{api::*, ApiError};
 pub enum TokenCmd {
     /// Mint an API token (shown once). Admins only.
     Create {
+        /// What the token may do: admin (everything), operator (grants, ops, endpoints),
+        /// approver (a customer's decisions).
         #[arg(long, value_parser = ["admin", "operator", "approver"])]
         role: String,
         /// Unique among live tokens; recorded as the actor in the audit trail.
@@ -25,7 +27,10 @@ pub enum TokenCmd {
     /// Tokens: every token for an admin, your own otherwise. Never the secrets.
     List,
     /// Revoke a token now: its next request is refused, the endpoints it made are ended.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (`postern token list`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

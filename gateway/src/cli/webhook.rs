@@ -12,11 +12,13 @@ use std::path::PathBuf;
 pub struct WebhookArgs {
     #[command(subcommand)]
     pub cmd: Option<WebhookCmd>,
+    /// The customer whose approvers the webhook tells.
     #[arg(long, required = true)]
     pub customer: Option<String>,
     /// The receiver, https:// only.
     #[arg(long, conflicts_with = "clear", required_unless_present = "clear")]
     pub url: Option<String>,
+    /// Remove the webhook (pending deliveries are dropped).
     #[arg(long)]
     pub clear: bool,
     /// PEM file with the CA certificate(s) the receiver's chain must end in (default: the

@@ -421,14 +421,21 @@ impl Endpoints {
             phase,
         };
         let subject = Subject::endpoint(&appliance.id, &id);
+        // The endpoint's phase's policy decides (install: always a person).
+        let ruling = self.grants.ruling(&appliance.id, phase, now).await;
         let requested = serde_json::json!({
             "type": req.endpoint_type, "origin_resource_id": resource.id, "ttl_s": ttl.as_secs(), "grant_id": grant.id,
-            "phase": phase.as_str(),
+            "phase": phase.as_str(), "policy_table": ruling.table, "rule": ruling.rule(),
         });
-        // Install is decided by a person for each use, whatever the policy.
+        // Install is decided by a person for each use, whatever the policy (the gate says so
+        // too; this holds whatever gate is plugged in).
         let automatic = match endpoint_types::phase::always_needs_person(phase) {
             true => None,
-            false => self.grants.automatic_decision(&appliance.id, now).await,
+            false => {
+                self.grants
+                    .automatic_decision(&appliance.id, phase, now)
+                    .await
+            }
         };
         let Some((by, window_end)) = automatic else {
             // Created waiting: the policy wants a person, and the listener opens on approval.
@@ -466,7 +473,7 @@ impl Endpoints {
         self.audit
             .record("endpoint.created", by, subject, serde_json::json!({
                 "type": req.endpoint_type, "origin_resource_id": resource.id, "expires_at": row.expires_at, "address": address,
-                "approved_by": by,
+                "approved_by": by, "phase": phase.as_str(), "policy_table": ruling.table, "rule": ruling.rule(),
             }))
             .await;
         self.record_for(caller, row).await

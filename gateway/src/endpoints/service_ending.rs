@@ -226,7 +226,7 @@ impl Endpoints {
         self.audit
             .record("endpoint.created", &caller.actor(), subject, serde_json::json!({
                 "type": row.endpoint_type, "origin_resource_id": row.resource_id, "expires_at": expires_at, "address": address,
-                "approved_by": caller.actor(),
+                "approved_by": caller.actor(), "phase": row.phase.as_str(), "rule": format!("a person ({})", caller.actor()),
             }))
             .await;
         self.get(caller, id).await

@@ -63,6 +63,7 @@ impl GrantGate for FakeGrants {
     async fn automatic_decision(
         &self,
         _appliance_id: &str,
+        _phase: endpoint_types::control::GrantLevel,
         _now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)> {
         *self.automatic.lock().unwrap()

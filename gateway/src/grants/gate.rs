@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use endpoint_types::{
     control::{GrantLevel, GrantState},
     lifecycle::grant_state,
-    policy::{Decision, Policy},
+    policy::Decision,
     resource::PolicySummary,
     ApiError, ErrorCode,
 };
@@ -49,21 +49,20 @@ impl Grants {
             .unwrap_or_default()
     }
 
-    /// What the policy says at `now`, as (decided_by, latest expiry) when it approves by itself.
+    /// What the policy of `phase` says at `now`, as (decided_by, latest expiry) when it
+    /// approves by itself (install never: a person decides each use).
     pub async fn automatic_decision(
         &self,
         appliance_id: &str,
+        phase: GrantLevel,
         now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)> {
         let summary = self.policy_of(appliance_id).await;
-        let policy = match Policy::parse(&summary) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(appliance = %appliance_id, error = %e, "appliance reported an unusable policy; a person must decide");
-                return None;
-            }
-        };
-        match policy.evaluate(now) {
+        let ruling = endpoint_types::phase_policy::ruling(&summary, phase, now);
+        if ruling.person_because == Some(endpoint_types::phase_policy::PersonBecause::Unusable) {
+            tracing::warn!(appliance = %appliance_id, table = %ruling.table, "appliance reported an unusable policy; a person must decide");
+        }
+        match ruling.decision {
             Decision::Automatic => Some((BY_POLICY_AUTOMATIC, None)),
             Decision::InWindow { closes_at } => Some((BY_POLICY_WINDOW, Some(closes_at))),
             Decision::NeedsPerson => None,
@@ -163,9 +162,10 @@ impl GrantGate for Grants {
     async fn automatic_decision(
         &self,
         appliance_id: &str,
+        phase: GrantLevel,
         now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)> {
-        Grants::automatic_decision(self, appliance_id, now).await
+        Grants::automatic_decision(self, appliance_id, phase, now).await
     }
 
     async fn policy_of(&self, appliance_id: &str) -> PolicySummary {

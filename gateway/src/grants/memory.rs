@@ -21,6 +21,7 @@ struct Tables {
     policies: HashMap<String, PolicySummary>,
     steady_state_disabled: HashMap<String, bool>,
     grants: Vec<GrantRow>,
+    expiry_recorded: std::collections::HashSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +75,41 @@ impl MemoryGrantStore {
 
 #[async_trait]
 impl GrantStore for MemoryGrantStore {
+    async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>> {
+        let t = self.tables();
+        let mut due: Vec<GrantRow> = t
+            .grants
+            .iter()
+            .filter(|g| {
+                g.state == GrantState::Active
+                    && g.expires_at.is_some_and(|e| e <= now)
+                    && !t.expiry_recorded.contains(&g.id)
+            })
+            .cloned()
+            .collect();
+        due.sort_by(|a, b| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)));
+        due.truncate(limit as usize);
+        Ok(due)
+    }
+
+    async fn next_unrecorded_expiry(&self) -> StoreResult<Option<Timestamp>> {
+        let t = self.tables();
+        Ok(t.grants
+            .iter()
+            .filter(|g| g.state == GrantState::Active && !t.expiry_recorded.contains(&g.id))
+            .filter_map(|g| g.expires_at)
+            .min())
+    }
+
+    async fn claim_expiry_record(&self, id: &str, _at: Timestamp) -> StoreResult<bool> {
+        let mut t = self.tables();
+        let active = t
+            .grants
+            .iter()
+            .any(|g| g.id == id && g.state == GrantState::Active);
+        Ok(active && t.expiry_recorded.insert(id.to_string()))
+    }
+
     async fn find_appliance(&self, app: &str, customer: &str) -> StoreResult<Option<ApplianceRow>> {
         Ok(self
             .tables()

@@ -5,6 +5,7 @@
 //! [`GrantStore`], the audit sink, the clock, the connected agents, the approval notifier and
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
+mod expiry;
 mod gate;
 mod refused;
 mod store;
@@ -15,6 +16,7 @@ mod memory;
 #[cfg(test)]
 mod tests;
 
+pub use expiry::run as record_expiries;
 pub use gate::access_hint;
 pub use store::GrantStore;
 
@@ -63,6 +65,8 @@ pub struct Grants {
     agents: Arc<dyn AgentPort>,
     notifier: Arc<dyn Notifier>,
     endpoints: Arc<dyn EndpointsOfGrant>,
+    /// Wakes the expiry recorder (`expiry`) when a grant is approved.
+    expiry_bell: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Grants {
@@ -119,6 +123,7 @@ impl Grants {
             agents,
             notifier,
             endpoints,
+            expiry_bell: Arc::default(),
         }
     }
 
@@ -182,7 +187,15 @@ impl Grants {
                 return Err(ApiError::new(ErrorCode::Forbidden, format!("the customer has disabled steady-state access to {}/{}", req.app, req.customer))
                     .hint("ask the customer to re-enable it: postern access steady-state --enable (customer approver)"));
             }
-            _ => self.automatic_decision(&appliance.id, now).await,
+            level => self.automatic_decision(&appliance.id, level, now).await,
+        };
+        let ruling = match req.level {
+            GrantLevel::SteadyState => None,
+            level => Some(endpoint_types::phase_policy::ruling(
+                &self.policy_of(&appliance.id).await,
+                level,
+                now,
+            )),
         };
         if let Some((by, window_end)) = auto {
             row.state = grant_lifecycle::next(row.state, GrantEvent::Approve)
@@ -197,19 +210,29 @@ impl Grants {
         }
         self.store.insert_grant(&row).await.map_err(internal)?;
         let subject = Subject::appliance(&appliance.id);
-        let detail = serde_json::json!({
+        let mut detail = serde_json::json!({
             "grant_id": row.id, "level": req.level.as_str(), "duration_s": req.duration_s, "reason": req.reason,
         });
+        if let Some(r) = &ruling {
+            r.add_to(&mut detail);
+        }
         self.audit
             .record("grant.requested", &caller.actor(), subject.clone(), detail)
             .await;
         match auto {
             Some((by, _)) => {
                 self.audit
-                    .record("grant.approved", by, subject, serde_json::json!({
-                        "grant_id": row.id, "level": req.level.as_str(), "expires_at": row.expires_at,
-                    }))
+                    .record("grant.approved", by, subject, {
+                        let mut d = serde_json::json!({
+                            "grant_id": row.id, "level": req.level.as_str(), "expires_at": row.expires_at,
+                        });
+                        if let Some(r) = &ruling {
+                            r.add_to(&mut d);
+                        }
+                        d
+                    })
                     .await;
+                self.ring_expiry_bell();
                 self.push_grants(&appliance.id).await;
             }
             None => {
@@ -356,9 +379,11 @@ impl Grants {
         self.audit
             .record(kind, &who, Subject::appliance(&appliance.id), serde_json::json!({
                 "grant_id": id, "level": row.level.as_str(), "expires_at": expires_at, "message": message,
+                "phase": row.level.as_str(), "rule": format!("a person ({who})"),
             }))
             .await;
         if approve {
+            self.ring_expiry_bell();
             self.push_grants(&appliance.id).await;
         }
         self.reread(id, &appliance, now).await

@@ -4,6 +4,7 @@
 use crate::store::{ApplianceRow, GrantChange, GrantRow, GrantWithOwner, Store, StoreResult};
 use async_trait::async_trait;
 use endpoint_types::{control::GrantState, lifecycle::grant::GrantEvent, resource::PolicySummary};
+use jiff::Timestamp;
 
 #[async_trait]
 pub trait GrantStore: Send + Sync {
@@ -47,6 +48,13 @@ pub trait GrantStore: Send + Sync {
         event: GrantEvent,
         change: GrantChange<'_>,
     ) -> StoreResult<bool>;
+    /// Active grants run out by `now` whose `grant.expired` is not recorded yet, earliest
+    /// first, at most `limit` (migration 0021).
+    async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>>;
+    /// The earliest expiry of an active grant not recorded yet.
+    async fn next_unrecorded_expiry(&self) -> StoreResult<Option<Timestamp>>;
+    /// True for exactly one caller per grant, while it is active: that caller records it.
+    async fn claim_expiry_record(&self, id: &str, at: Timestamp) -> StoreResult<bool>;
     /// The approver's signed decision on `id` (a grant or endpoint), as kept
     /// (`approvals::SignedDecisions`); None where none is kept (the in-memory test stores).
     async fn signed_decision(
@@ -73,6 +81,18 @@ pub trait GrantStore: Send + Sync {
 
 #[async_trait]
 impl GrantStore for Store {
+    async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>> {
+        Store::unrecorded_expiries(self, now, limit).await
+    }
+
+    async fn next_unrecorded_expiry(&self) -> StoreResult<Option<Timestamp>> {
+        Store::next_unrecorded_expiry(self).await
+    }
+
+    async fn claim_expiry_record(&self, id: &str, at: Timestamp) -> StoreResult<bool> {
+        Store::claim_expiry_record(self, id, at).await
+    }
+
     async fn signed_decision(
         &self,
         id: &str,

@@ -126,6 +126,7 @@ fn policy(approval: ApprovalMode, maintenance: &[&str]) -> PolicySummary {
         maintenance: maintenance.iter().map(|m| m.to_string()).collect(),
         steady_state: true,
         approver_key_ids: Vec::new(),
+        phases: Vec::new(),
     }
 }
 
@@ -260,7 +261,12 @@ async fn an_unusable_policy_leaves_the_decision_to_a_person() {
     let f = fixture();
     // `windows` without a single window does not parse.
     connect(&f, "ap_acme", policy(ApprovalMode::Windows, &[]));
-    assert_eq!(f.grants.automatic_decision("ap_acme", t0()).await, None);
+    assert_eq!(
+        f.grants
+            .automatic_decision("ap_acme", GrantLevel::Operate, t0())
+            .await,
+        None
+    );
     let g = f
         .grants
         .request(&operator(), operate_30m("acme"))
@@ -631,7 +637,9 @@ async fn the_policy_is_the_connected_agents_then_the_stored_one_then_manual() {
         ApprovalMode::Automatic
     );
     assert_eq!(
-        f.grants.automatic_decision("ap_acme", t0()).await,
+        f.grants
+            .automatic_decision("ap_acme", GrantLevel::Operate, t0())
+            .await,
         Some((BY_POLICY_AUTOMATIC, None))
     );
 }
@@ -817,4 +825,106 @@ async fn a_grant_the_appliance_refused_is_revoked_and_only_its_own_appliance_can
         .await;
     assert_eq!(f.audit.of_kind("grant.revoked").len(), 1);
     assert_eq!(f.endpoints.0.lock().unwrap().len(), 1);
+}
+
+/// `[policy] manual` with `[policy.deploy]` open on t0 (a Monday) and an automatic
+/// `[policy.install]` as a hostile or old report might carry.
+fn per_phase_policy() -> PolicySummary {
+    let table =
+        |phase, approval, windows: &[&str]| endpoint_types::phase_policy::PhasePolicySummary {
+            phase,
+            approval,
+            time_zone: None,
+            windows: windows.iter().map(|w| w.to_string()).collect(),
+            maintenance: Vec::new(),
+        };
+    PolicySummary {
+        phases: vec![
+            table(
+                GrantLevel::Deploy,
+                ApprovalMode::Windows,
+                &["Mon 09:00-12:00"],
+            ),
+            table(GrantLevel::Install, ApprovalMode::Automatic, &[]),
+        ],
+        ..policy(ApprovalMode::Manual, &[])
+    }
+}
+
+#[tokio::test]
+async fn each_grant_is_decided_by_its_phases_table_and_install_by_a_person() {
+    let f = fixture();
+    connect(&f, "ap_acme", per_phase_policy());
+    let level = |level| GrantRequest {
+        level,
+        ..operate_30m("acme")
+    };
+    let deploy = f
+        .grants
+        .request(&operator(), level(GrantLevel::Deploy))
+        .await
+        .unwrap();
+    assert_eq!(deploy.state, GrantState::Active);
+    assert_eq!(deploy.decided_by.as_deref(), Some(BY_POLICY_WINDOW));
+    let operate = f
+        .grants
+        .request(&operator(), level(GrantLevel::Operate))
+        .await
+        .unwrap();
+    assert_eq!(operate.state, GrantState::PendingApproval);
+    let install = f
+        .grants
+        .request(&operator(), level(GrantLevel::Install))
+        .await
+        .unwrap();
+    assert_eq!(install.state, GrantState::PendingApproval);
+
+    let approved = f.audit.of_kind("grant.approved");
+    assert_eq!(approved.len(), 1);
+    assert_eq!(approved[0].detail["phase"], "deploy");
+    assert_eq!(
+        approved[0].detail["rule"],
+        "policy:window under [policy.deploy]"
+    );
+    let rules: Vec<String> = f
+        .audit
+        .of_kind("grant.requested")
+        .iter()
+        .map(|r| r.detail["rule"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "policy:window under [policy.deploy]",
+            "a person: [policy] approval = \"manual\"",
+            "a person: install is approved by a person for each use, whatever the policy",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_expired_grant_is_recorded_once_and_a_revoked_one_never() {
+    let f = fixture();
+    let id = approved(&f).await;
+    let revoked = approved(&f).await;
+    f.grants.revoke(&operator(), &revoked).await.unwrap();
+    let at = f.store.grant(&id).unwrap().expires_at.unwrap();
+
+    // Not yet: nothing recorded, and the recorder knows when to look.
+    assert_eq!(f.grants.record_expiries().await.unwrap(), Some(at));
+    assert!(f.audit.of_kind("grant.expired").is_empty());
+
+    f.clock.advance(Duration::from_secs(30 * 60 + 5));
+    assert_eq!(f.grants.record_expiries().await.unwrap(), None);
+    let expired = f.audit.of_kind("grant.expired");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].actor, "system:gateway");
+    assert_eq!(expired[0].detail["grant_id"], id.as_str());
+    assert_eq!(expired[0].detail["late_s"], 5);
+    assert_eq!(expired[0].subject.appliance_id.as_deref(), Some("ap_acme"));
+
+    // Once: a second look (or a restart, or another replica) writes nothing more.
+    f.grants.record_expiries().await.unwrap();
+    assert_eq!(f.audit.of_kind("grant.expired").len(), 1);
+    assert!(!f.store.claim_expiry_record(&id, t0()).await.unwrap());
 }

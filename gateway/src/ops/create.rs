@@ -98,10 +98,17 @@ impl Ops {
         appliance: &ApplianceRow,
     ) -> Result<OpRecord, ApiError> {
         let now = row.requested_at;
-        // Install is decided by a person for each use, whatever the policy.
+        // The op's phase's policy decides (install: always a person).
+        let ruling = self.grants.ruling(&appliance.id, row.phase, now).await;
+        // Install is decided by a person for each use, whatever the policy (the gate says so
+        // too; this holds whatever gate is plugged in).
         let auto = match endpoint_types::phase::always_needs_person(row.phase) {
             true => None,
-            false => self.grants.automatic_decision(&appliance.id, now).await,
+            false => {
+                self.grants
+                    .automatic_decision(&appliance.id, row.phase, now)
+                    .await
+            }
         };
         if let Some((by, _)) = auto {
             row.state =
@@ -115,6 +122,7 @@ impl Ops {
             .record("op.requested", &caller.actor(), subject(&row), serde_json::json!({
                 "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id, "phase": row.phase.as_str(),
                 "timeout_s": row.timeout.as_secs(), "grant_id": row.grant_id,
+                "policy_table": ruling.table, "rule": ruling.rule(),
             }))
             .await;
         match auto {
@@ -124,7 +132,8 @@ impl Ops {
                         "op.approved",
                         by,
                         subject(&row),
-                        serde_json::json!({"stage": "command"}),
+                        serde_json::json!({"stage": "command", "phase": row.phase.as_str(),
+                            "policy_table": ruling.table, "rule": ruling.rule()}),
                     )
                     .await;
                 self.dispatch(&row.id).await;

@@ -144,7 +144,8 @@ impl Ops {
                         "op.approved",
                         who,
                         subject(row),
-                        serde_json::json!({"stage": "command", "command": row.command}),
+                        serde_json::json!({"stage": "command", "command": row.command,
+                            "phase": row.phase.as_str(), "rule": format!("a person ({who})")}),
                     )
                     .await;
                 self.dispatch(id).await;

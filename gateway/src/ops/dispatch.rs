@@ -6,7 +6,6 @@ use endpoint_types::{
     control::{ApprovalStage, OpState},
     frame::{OpDispatch, ToAgent},
     lifecycle::{access_request_hint, OpEvent},
-    policy::Policy,
     ApiError, ErrorCode,
 };
 use jiff::Timestamp;
@@ -32,7 +31,8 @@ impl Ops {
             return;
         }
         let policy = self.grants.policy_of(&appliance.id).await;
-        let hold_output = Policy::parse(&policy)
+        // The output hold follows the op's phase's policy too.
+        let hold_output = endpoint_types::phase_policy::policy_for(&policy, row.phase)
             .map(|p| p.needs_output_approval(now))
             .unwrap_or(true);
         let (Some(grant_id), Some(approved_by), Some(approved_at)) = (
@@ -142,7 +142,7 @@ impl Ops {
         if !by_policy
             || self
                 .grants
-                .automatic_decision(&appliance.id, now)
+                .automatic_decision(&appliance.id, row.phase, now)
                 .await
                 .is_some()
         {

@@ -10,6 +10,7 @@ mod agent_frames;
 mod create;
 mod decide;
 mod dispatch;
+pub mod list_filter;
 #[cfg(test)]
 mod memory_store;
 mod previews;
@@ -251,7 +252,7 @@ pub fn approval_item(row: &OpRow, appliance: &ApplianceRow) -> Option<ApprovalIt
         request: serde_json::json!({
             "tool": row.tool, "command": row.command, "origin_resource_id": row.origin_resource_id,
             "timeout_s": row.timeout.as_secs(), "appliance_id": row.appliance_id, "requested_by": row.requested_by,
-            "requested_at": row.requested_at, "grant_id": row.grant_id,
+            "requested_at": row.requested_at, "grant_id": row.grant_id, "phase": row.phase.as_str(),
         }),
     })
 }

@@ -9,6 +9,7 @@ mod control;
 mod customer_trail;
 mod endpoint_list;
 mod gauges;
+mod grant_expiry;
 mod grant_list;
 mod op_list;
 mod refusals;
@@ -156,6 +157,11 @@ fn migrator() -> Migrator {
             17,
             "phases",
             include_str!("../../migrations/0017_phases.sql"),
+        ),
+        m(
+            21,
+            "grant expiry records",
+            include_str!("../../migrations/0021_grant_expiry_records.sql"),
         ),
     ])
 }

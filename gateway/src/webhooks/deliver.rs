@@ -152,38 +152,19 @@ pub fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Str
     Ok(Arc::new(config))
 }
 
-/// The host's CA bundle (`SSL_CERT_FILE`, else the usual Debian/RHEL/Alpine paths); where none
-/// is found, the Mozilla roots compiled in (webpki-roots), so a minimal container still works.
-/// A process-wide static on purpose (the house rule's one kind of exception): the host's trust
-/// store is a fact of the host, the same for every gateway a process runs, and parsing it costs;
-/// it is read once per process and holds no state of any gateway.
+/// The host's CA bundle (`certs::system_roots`); where none is found, the Mozilla roots
+/// compiled in (webpki-roots), so a minimal container still works. A process-wide static on
+/// purpose (the house rule's one kind of exception): the host's trust store is a fact of the
+/// host, the same for every gateway a process runs, and parsing it costs; it is read once per
+/// process and holds no state of any gateway.
 fn system_roots() -> &'static Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
     ROOTS.get_or_init(|| {
-        use rustls_pki_types::{pem::PemObject, CertificateDer};
-        let files = std::env::var_os("SSL_CERT_FILE")
-            .map(std::path::PathBuf::from)
-            .into_iter()
-            .chain(
-                [
-                    "/etc/ssl/certs/ca-certificates.crt",
-                    "/etc/pki/tls/certs/ca-bundle.crt",
-                    "/etc/ssl/cert.pem",
-                ]
-                .map(std::path::PathBuf::from),
-            );
-        let mut store = rustls::RootCertStore::empty();
-        for file in files {
-            let Ok(pem) = std::fs::read(&file) else {
-                continue;
-            };
-            let certs = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok);
-            let (added, _) = store.add_parsable_certificates(certs);
-            if added > 0 {
-                tracing::info!(file = %file.display(), roots = added, "webhook TLS roots");
-                return Arc::new(store);
-            }
+        if let Some((store, file)) = certs::system_roots() {
+            tracing::info!(file = %file.display(), roots = store.len(), "webhook TLS roots");
+            return Arc::new(store);
         }
+        let mut store = rustls::RootCertStore::empty();
         store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         tracing::info!("webhook TLS roots: the compiled-in Mozilla roots (no system bundle found)");
         Arc::new(store)

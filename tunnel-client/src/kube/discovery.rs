@@ -147,12 +147,24 @@ pub(super) async fn get_json(
     upstream: &Upstream,
     path: &str,
 ) -> Result<serde_json::Value, DiscoveryError> {
+    get_json_as(upstream, path, &[]).await
+}
+
+/// [`get_json`] with extra headers (the steady-state identity's `Impersonate-*`).
+pub(super) async fn get_json_as(
+    upstream: &Upstream,
+    path: &str,
+    headers: &[(hyper::header::HeaderName, hyper::header::HeaderValue)],
+) -> Result<serde_json::Value, DiscoveryError> {
     let mut req = Request::builder()
         .method("GET")
         .uri(path)
         .header(HOST, upstream.authority())
         .header("accept", "application/json");
-    if let Some(auth) = upstream.authorization()? {
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    if let Some(auth) = upstream.authorization().await? {
         req = req.header(hyper::header::AUTHORIZATION, auth);
     }
     let req = req
@@ -161,6 +173,9 @@ pub(super) async fn get_json(
             path: path.to_string(),
         })?;
     let resp = upstream.send(req, false).await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        upstream.credential_refused().await;
+    }
     if resp.status() != StatusCode::OK {
         return Err(DiscoveryError::Status {
             path: path.to_string(),

@@ -6,6 +6,7 @@
 //! cluster's RBAC applies as well.
 
 mod discovery;
+pub mod exec_credential;
 pub mod op_proxy;
 mod proxy;
 mod upstream;
@@ -99,7 +100,9 @@ impl Clusters {
             .upstream_for(resource)
             .await
             .map_err(|e| e.to_string())?;
-        discovery::get_json(&upstream, path)
+        // As the resource's `impersonate` says, when it says anything: the steady-state
+        // collector passes its phase's view of the resource (see `steady_state_identity`).
+        discovery::get_json_as(&upstream, path, &proxy::impersonation_headers(resource))
             .await
             .map_err(|e| e.to_string())
     }

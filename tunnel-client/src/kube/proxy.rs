@@ -205,7 +205,7 @@ impl Proxy {
         {
             out = out.header(k, v);
         }
-        match self.upstream.authorization() {
+        match self.upstream.authorization().await {
             Ok(Some(auth)) => out = out.header(hyper::header::AUTHORIZATION, auth),
             Ok(None) => {}
             Err(e) => {
@@ -231,6 +231,9 @@ impl Proxy {
                 return self.unavailable(&info, &method, &path, query.as_deref(), &e.to_string())
             }
         };
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            self.upstream.credential_refused().await;
+        }
         self.record(
             Some(&info),
             &method,

@@ -11,6 +11,7 @@
 //! `config` feature is used: the connection must be our own to pass upgrades through, and the
 //! TLS config is built by `certs` so the workspace keeps a single rustls provider (ring).
 
+use super::exec_credential::{Credential, ExecError, ExecPlugin};
 use bytes::Bytes;
 use endpoint_types::secret::Secret;
 use http_body_util::Full;
@@ -52,6 +53,8 @@ pub enum UpstreamError {
     Connect { addr: String, message: String },
     #[error("the API server did not answer: {0}")]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
 }
 
 enum Auth {
@@ -61,6 +64,8 @@ enum Auth {
         path: PathBuf,
         cached: Mutex<Option<(Instant, Secret)>>,
     },
+    /// A token and/or client certificate from an exec credential plugin.
+    Exec(ExecPlugin),
 }
 
 /// One API server and a pool of kept-alive connections to it.
@@ -75,10 +80,20 @@ pub struct Upstream {
     /// ALPN `http/1.1` only: for upgrades.
     tls_h1: tokio_rustls::TlsConnector,
     auth: Auth,
+    /// For a client certificate an exec plugin returns: the CA to build connectors with, and
+    /// the connectors (ALPN h2+http/1.1, http/1.1) for the credential they were built from.
+    ca_pem: String,
+    exec_tls: Mutex<Option<ExecTls>>,
     pool: Mutex<Pool>,
     /// Held while dialling for an ordinary request, so a burst of them (kubectl's parallel
     /// discovery) shares one new HTTP/2 connection instead of each opening its own.
     dialling: tokio::sync::Mutex<()>,
+}
+
+struct ExecTls {
+    credential: Arc<Credential>,
+    tls: tokio_rustls::TlsConnector,
+    tls_h1: tokio_rustls::TlsConnector,
 }
 
 #[derive(Default)]
@@ -163,16 +178,22 @@ impl Upstream {
             ));
         }
         let u = &cfg.auth_info;
-        // kube would run these at request time; the agent refuses them up front so a vendor
-        // session can never make the appliance execute a helper binary.
-        if u.exec.is_some() || u.auth_provider.is_some() {
-            return Err(err("exec and auth-provider users are not supported: use a token or a client certificate".into()));
+        // Deprecated in-tree auth providers would need their own code per cloud; their
+        // replacements are exec plugins.
+        if u.auth_provider.is_some() {
+            return Err(err("auth-provider users are not supported: use the cloud's exec plugin (e.g. gke-gcloud-auth-plugin, kubelogin), a token or a client certificate".into()));
         }
         let ca_pem = match &cfg.root_cert {
             Some(ders) if !ders.is_empty() => pem_certs(ders),
             _ => return Err(err("the cluster names no certificate-authority".into())),
         };
         let auth = match (&u.token, &u.token_file) {
+            // The plugin and its arguments come from this file only; it runs when a request
+            // first needs the credential (exec_credential.rs).
+            (None, None) if u.exec.is_some() => match &u.exec {
+                Some(exec) => Auth::Exec(ExecPlugin::new(exec).map_err(|e| err(e.to_string()))?),
+                None => Auth::None,
+            },
             (Some(t), _) => Auth::Token(Secret::new(t.expose_secret().to_string())),
             (None, Some(f)) => Auth::TokenFile {
                 path: PathBuf::from(f),
@@ -283,6 +304,8 @@ impl Upstream {
                 .map_err(|e| UpstreamError::Tls(e.to_string()))
         };
         Ok(Upstream {
+            ca_pem: ca_pem.to_string(),
+            exec_tls: Mutex::new(None),
             addr,
             authority: HeaderValue::from_str(authority)
                 .map_err(|e| UpstreamError::Tls(e.to_string()))?,
@@ -299,11 +322,16 @@ impl Upstream {
         self.authority.clone()
     }
 
-    /// `Authorization` for the API server, if the credential is a token.
-    pub fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
+    /// `Authorization` for the API server, if the credential is a token (running the exec
+    /// plugin when its cached credential is missing or about to expire).
+    pub async fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
         let token = match &self.auth {
             Auth::None => return Ok(None),
             Auth::Token(t) => t.clone(),
+            Auth::Exec(plugin) => match &plugin.credential().await?.token {
+                Some(t) => t.clone(),
+                None => return Ok(None),
+            },
             Auth::TokenFile { path, cached } => {
                 let mut c = cached.lock().unwrap_or_else(|p| p.into_inner());
                 match c.as_ref() {
@@ -320,6 +348,54 @@ impl Upstream {
             .map_err(|_| UpstreamError::Tls("the token is not a valid header value".into()))?;
         v.set_sensitive(true);
         Ok(Some(v))
+    }
+
+    /// The API server answered 401: an exec plugin's cached credential is dropped so the next
+    /// request runs the plugin again (client-go does the same).
+    pub async fn credential_refused(&self) {
+        if let Auth::Exec(plugin) = &self.auth {
+            plugin.forget().await;
+        }
+    }
+
+    /// The TLS connector for a new connection: with the exec plugin's current client
+    /// certificate when it returns one, else the fixed one.
+    async fn connector(&self, upgrade: bool) -> Result<tokio_rustls::TlsConnector, UpstreamError> {
+        let fixed = if upgrade { &self.tls_h1 } else { &self.tls };
+        let Auth::Exec(plugin) = &self.auth else {
+            return Ok(fixed.clone());
+        };
+        let credential = plugin.credential().await?;
+        let Some((cert, key)) = &credential.client else {
+            return Ok(fixed.clone());
+        };
+        let mut cache = self.exec_tls.lock().unwrap_or_else(|p| p.into_inner());
+        let current = cache
+            .as_ref()
+            .filter(|c| Arc::ptr_eq(&c.credential, &credential));
+        let built = match current {
+            Some(c) => (c.tls.clone(), c.tls_h1.clone()),
+            None => {
+                let tls = |alpn: Vec<Vec<u8>>| {
+                    certs::client_config(&self.ca_pem, Some((cert.as_str(), key)), alpn)
+                        .map(|c| tokio_rustls::TlsConnector::from(Arc::new(c)))
+                        .map_err(|e| {
+                            UpstreamError::Tls(format!("the exec plugin's client certificate: {e}"))
+                        })
+                };
+                let pair = (
+                    tls(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?,
+                    tls(vec![b"http/1.1".to_vec()])?,
+                );
+                *cache = Some(ExecTls {
+                    credential: credential.clone(),
+                    tls: pair.0.clone(),
+                    tls_h1: pair.1.clone(),
+                });
+                pair
+            }
+        };
+        Ok(if upgrade { built.1 } else { built.0 })
     }
 
     /// Sends an ordinary request on the shared HTTP/2 connection or an idle HTTP/1.1 one (a
@@ -409,7 +485,7 @@ impl Upstream {
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let connector = if upgrade { &self.tls_h1 } else { &self.tls };
+        let connector = self.connector(upgrade).await?;
         let tls = tokio::time::timeout(
             CONNECT_TIMEOUT,
             connector.connect(self.server_name.clone(), tcp),
@@ -468,13 +544,66 @@ mod tests {
             .unwrap();
         assert_eq!(up.addr, "127.0.0.1:6443");
         assert_eq!(up.authority(), "127.0.0.1:6443");
-        assert_eq!(up.authorization().unwrap().unwrap(), "Bearer abc");
+        assert_eq!(up.authorization().await.unwrap().unwrap(), "Bearer abc");
 
         std::fs::write(dir.path().join("tok"), "from-file\n").unwrap();
         let up = Upstream::load(Some(&write(dir.path(), "    tokenFile: tok\n", "")))
             .await
             .unwrap();
-        assert_eq!(up.authorization().unwrap().unwrap(), "Bearer from-file");
+        assert_eq!(
+            up.authorization().await.unwrap().unwrap(),
+            "Bearer from-file"
+        );
+    }
+
+    /// A plugin returning a client certificate: no bearer token, and new connections present
+    /// the certificate (one connector pair per credential, rebuilt only when it changes).
+    #[tokio::test]
+    async fn exec_plugin_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = certs::Ca::generate("client", jiff::Timestamp::now()).unwrap();
+        let cred = serde_json::json!({
+            "apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+            "status": {"clientCertificateData": id.cert_pem(), "clientKeyData": id.key_pem().expose()},
+        });
+        std::fs::write(dir.path().join("cred.json"), cred.to_string()).unwrap();
+        let user = format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1beta1\n      command: cat\n      args: [\"{}\"]\n",
+            dir.path().join("cred.json").display()
+        );
+        let up = Upstream::load(Some(&write(dir.path(), &user, "")))
+            .await
+            .unwrap();
+        assert!(up.authorization().await.unwrap().is_none());
+        up.connector(false).await.unwrap();
+        up.connector(true).await.unwrap();
+        let first = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        up.connector(false).await.unwrap();
+        let again = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // Refused by the API server: the plugin runs again and the connectors follow.
+        up.credential_refused().await;
+        up.connector(false).await.unwrap();
+        let next = up
+            .exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap();
+        assert!(!Arc::ptr_eq(&first, &next));
     }
 
     #[tokio::test]
@@ -485,7 +614,13 @@ mod tests {
             .await
             .unwrap_err()
             .to_string()
-            .contains("exec"));
+            .contains("apiVersion"));
+        let provider = write(dir.path(), "    auth-provider:\n      name: gcp\n", "");
+        assert!(Upstream::load(Some(&provider))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("auth-provider"));
         let insecure = write(
             dir.path(),
             "    token: a\n",
@@ -519,7 +654,7 @@ mod tests {
             up.server_name,
             ServerName::try_from("api.internal").unwrap()
         );
-        assert!(up.authorization().unwrap().is_none());
+        assert!(up.authorization().await.unwrap().is_none());
         let half = write(dir.path(), "    client-certificate: c.crt\n", "");
         assert!(Upstream::load(Some(&half))
             .await
@@ -534,8 +669,8 @@ mod tests {
         assert!(Upstream::load(Some(&missing)).await.is_err());
     }
 
-    #[test]
-    fn server_without_port_is_443_and_tls_server_name_wins() {
+    #[tokio::test]
+    async fn server_without_port_is_443_and_tls_server_name_wins() {
         let up = Upstream::build(
             "https://kube.example",
             Some("api.internal"),
@@ -549,7 +684,7 @@ mod tests {
             up.server_name,
             ServerName::try_from("api.internal").unwrap()
         );
-        assert!(up.authorization().unwrap().is_none());
+        assert!(up.authorization().await.unwrap().is_none());
         assert!(Upstream::build("http://kube.example", None, &ca_pem(), None, Auth::None).is_err());
     }
 }

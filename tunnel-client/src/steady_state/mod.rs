@@ -41,9 +41,33 @@ const MIN_INTERVAL: Duration = Duration::from_millis(500);
 pub struct SteadyStateConfig {
     /// How often a snapshot is collected (default 30 s).
     pub interval: Option<HumanDuration>,
+    /// The paths whose disk use an SSH VM with a steady-state user reports (default `["/"]`).
+    pub disk_paths: Option<Vec<String>>,
 }
 
 impl SteadyStateConfig {
+    pub fn disk_paths(&self) -> Vec<String> {
+        self.disk_paths
+            .clone()
+            .unwrap_or_else(|| vec!["/".to_string()])
+    }
+
+    /// `disk_paths`: absolute, quotable, at most [`endpoint_types::vm_facts::MAX_DISK_PATHS`].
+    pub fn validate(&self) -> Result<(), String> {
+        let paths = self.disk_paths();
+        if paths.len() > endpoint_types::vm_facts::MAX_DISK_PATHS {
+            return Err(format!(
+                "[steady_state] disk_paths lists {} paths; at most {}",
+                paths.len(),
+                endpoint_types::vm_facts::MAX_DISK_PATHS
+            ));
+        }
+        paths
+            .iter()
+            .try_for_each(|p| endpoint_types::vm_facts::check_path(p))
+            .map_err(|e| format!("[steady_state] {e}"))
+    }
+
     pub fn interval(&self) -> Duration {
         self.interval
             .map(|d| d.0)
@@ -52,12 +76,29 @@ impl SteadyStateConfig {
     }
 }
 
-/// Which identity a collection uses at the resource. Phase identities
-/// (`[resource.phases.steady-state]`) are not built yet; until they are, this is the
-/// resource's configured identity (kubeconfig credential, `admin_url`, the TCP/SSH address).
-/// Every probe asks this one function, so the steady-state phase's identity plugs in here.
-pub fn steady_state_identity(resource: &ResourceConfig) -> &ResourceConfig {
-    resource
+/// Which identity a collection uses at the resource: every probe asks this one function.
+///
+/// - kubernetes: with `[resource.phases.steady-state] impersonate`, the probes' GETs carry
+///   that user and groups (`Impersonate-User`/`-Group`) on the kubeconfig's credential;
+///   without it, the kubeconfig's credential alone, impersonating nobody (never the operate
+///   identity: steady-state is not operate).
+/// - postgres: `admin_url` in a `BEGIN READ ONLY` transaction reading statistics views only;
+///   steady-state `privileges` do not apply, as the probe touches no table (creating a role
+///   per round to hold them would write to the customer's catalog every interval).
+/// - ssh: with a steady-state `user`, a login as that user (the resource's key, its pinned host
+///   key) running one fixed read-only command for uptime, load and disk use; without it, a TCP
+///   connect and the banner only.
+/// - tcp: a TCP connect.
+pub fn steady_state_identity(resource: &ResourceConfig) -> ResourceConfig {
+    let phase = endpoint_types::control::GrantLevel::SteadyState;
+    match crate::phases::for_phase(resource, phase) {
+        Ok(view) => view,
+        Err(_) => {
+            let mut own = resource.clone();
+            own.impersonate = None;
+            own
+        }
+    }
 }
 
 /// Starts and stops the collecting task; the control loop reads the latest snapshot.
@@ -174,7 +215,9 @@ pub async fn collect(
         .map(|r| async move {
             let identity = steady_state_identity(r);
             let started = Timestamp::now();
-            match tokio::time::timeout(limit, probes::probe(identity, clusters)).await {
+            let disk_paths = config.steady_state.disk_paths();
+            match tokio::time::timeout(limit, probes::probe(&identity, clusters, &disk_paths)).await
+            {
                 Ok(health) => health,
                 Err(_) => ResourceHealth {
                     resource_id: r.id.clone(),

@@ -17,6 +17,10 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 const WARNINGS_SINCE: SignedDuration = SignedDuration::from_hours(1);
 /// The most bytes read while waiting for an SSH server's identification line.
 const BANNER_MAX: usize = 512;
+/// How long the VM facts command may take (the round is bounded by the interval too).
+const VM_FACTS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Output kept from it: two `/proc` lines and a `df` row per path fit many times over.
+const VM_FACTS_OUTPUT_MAX: usize = 16 * 1024;
 
 /// Statistics only (no table is read): one read-only transaction.
 const PG_STATS: &str = "BEGIN READ ONLY; \
@@ -34,11 +38,17 @@ COMMIT";
 /// The application name the steady-state connection shows in `pg_stat_activity`.
 pub const PG_APPLICATION_NAME: &str = "postern-steady-state";
 
-pub async fn probe(r: &ResourceConfig, clusters: &Clusters) -> ResourceHealth {
+/// Probes `r` as the steady-state phase sees it (`steady_state_identity`); `disk_paths` for
+/// an SSH VM with a steady-state user.
+pub async fn probe(
+    r: &ResourceConfig,
+    clusters: &Clusters,
+    disk_paths: &[String],
+) -> ResourceHealth {
     let collected_at = Timestamp::now();
     let outcome = match r.kind {
         ResourceKind::Tcp => tcp(r).await.map(|d| (d, None)),
-        ResourceKind::Ssh => ssh(r).await.map(|d| (d, None)),
+        ResourceKind::Ssh => ssh(r, disk_paths).await,
         ResourceKind::Postgres => postgres(r).await.map(|d| (d, None)),
         ResourceKind::Kubernetes => kubernetes(r, clusters, collected_at).await,
         ResourceKind::Docker | ResourceKind::Cloud => Err(Probe::Unreachable(
@@ -84,9 +94,65 @@ async fn tcp(r: &ResourceConfig) -> Result<HealthDetail, Probe> {
     Ok(HealthDetail::Tcp(TcpHealth { connect_ms }))
 }
 
-/// Reachable and the banner: uptime, load and disk use would need a command on the VM, which
-/// the agent runs only in a granted session.
-async fn ssh(r: &ResourceConfig) -> Result<HealthDetail, Probe> {
+/// Reachable and the banner; with a steady-state user, uptime, load and disk use too.
+async fn ssh(
+    r: &ResourceConfig,
+    disk_paths: &[String],
+) -> Result<(HealthDetail, Option<String>), Probe> {
+    let HealthDetail::Ssh(mut health) = ssh_banner_probe(r).await? else {
+        return Err(Probe::Partial("not an SSH probe".into()));
+    };
+    let steady_state_user = r
+        .phases
+        .as_ref()
+        .and_then(|p| p.steady_state.as_ref())
+        .and_then(|i| i.user.as_ref());
+    if steady_state_user.is_none() {
+        return Ok((HealthDetail::Ssh(health), None));
+    }
+    // `r` is the steady-state view already: its `user` is the steady-state user, logging in
+    // with the resource's key and pinned host key (no other secret).
+    let partial = match vm_facts(r, disk_paths).await {
+        Ok(facts) => {
+            health.vm = Some(facts);
+            None
+        }
+        Err(e) => Some(e),
+    };
+    Ok((HealthDetail::Ssh(health), partial))
+}
+
+/// Runs the fixed read-only command of [`endpoint_types::vm_facts`] and keeps its numbers.
+async fn vm_facts(
+    r: &ResourceConfig,
+    disk_paths: &[String],
+) -> Result<endpoint_types::vm_facts::VmFacts, String> {
+    let command = endpoint_types::vm_facts::remote_command(disk_paths);
+    let mut spec = crate::ops::OpSpec::new(
+        "steady-state",
+        endpoint_types::control::OpTool::Ssh,
+        command.clone(),
+    );
+    spec.timeout = VM_FACTS_TIMEOUT;
+    spec.output_cap = VM_FACTS_OUTPUT_MAX;
+    let never = tokio_util::sync::CancellationToken::new();
+    let out = crate::op_ssh::run(&spec, r, &command, &never, None)
+        .await
+        .map_err(|e| format!("vm facts: {e}"))?;
+    if out.timed_out {
+        return Err("vm facts: no answer in time".into());
+    }
+    if out.exit_code != Some(0) {
+        return Err(format!(
+            "vm facts: the command exited with {:?}",
+            out.exit_code
+        ));
+    }
+    endpoint_types::vm_facts::parse(&String::from_utf8_lossy(&out.stdout), disk_paths)
+        .map_err(|e| format!("vm facts: {e}"))
+}
+
+async fn ssh_banner_probe(r: &ResourceConfig) -> Result<HealthDetail, Probe> {
     let (mut stream, connect_ms) = connect(r.host.as_deref()).await?;
     let mut buf = Vec::with_capacity(BANNER_MAX);
     let mut chunk = [0u8; 256];
@@ -101,7 +167,11 @@ async fn ssh(r: &ResourceConfig) -> Result<HealthDetail, Probe> {
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }
     let banner = ssh_banner(&buf).ok_or_else(|| Probe::Partial("no SSH banner".into()))?;
-    Ok(HealthDetail::Ssh(SshHealth { connect_ms, banner }))
+    Ok(HealthDetail::Ssh(SshHealth {
+        connect_ms,
+        banner,
+        vm: None,
+    }))
 }
 
 async fn postgres(r: &ResourceConfig) -> Result<HealthDetail, Probe> {

@@ -20,7 +20,7 @@ use endpoint_types::{
     api::Role,
     control::{GrantLevel, GrantState, OpRecord, OpRequest, OpState, OpTool},
     frame::{OpFinished, OutputStream, ToAgent, ToGateway},
-    policy::{Decision, Policy},
+    policy::Decision,
     resource::{ApprovalMode, PolicySummary, ResourceDescriptor, ResourceKind},
     ApiError, ErrorCode,
 };
@@ -83,11 +83,12 @@ impl GrantGate for FakeGrants {
     async fn automatic_decision(
         &self,
         _appliance_id: &str,
+        phase: endpoint_types::control::GrantLevel,
         now: Timestamp,
     ) -> Option<(&'static str, Option<Timestamp>)> {
         self.asked_at.lock().unwrap().push(now);
-        let policy = Policy::parse(&self.policy.lock().unwrap()).ok()?;
-        match policy.evaluate(now) {
+        let policy = self.policy.lock().unwrap().clone();
+        match endpoint_types::phase_policy::ruling(&policy, phase, now).decision {
             Decision::Automatic => Some(("policy:automatic", None)),
             Decision::InWindow { closes_at } => Some(("policy:window", Some(closes_at))),
             Decision::NeedsPerson => None,

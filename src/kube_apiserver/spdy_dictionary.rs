@@ -1,0 +1,64 @@
+//! The SPDY/3 header-compression dictionary (the zlib preset dictionary every SPDY/3 peer
+//! primes its header compressor and decompressor with), byte for byte as Go's spdystream —
+//! and so kubectl — uses it: 1423 bytes, Adler-32 0xe3c6a7c2.
+
+pub const DICTIONARY: &[u8; 1423] = b"\x00\x00\x00\x07options\x00\x00\x00\x04head\x00\x00\x00\x04p\
+      ost\x00\x00\x00\x03put\x00\x00\x00\x06delete\x00\x00\x00\x05\
+      trace\x00\x00\x00\x06accept\x00\x00\x00\x0eaccep\
+      t-charset\x00\x00\x00\x0faccept-enco\
+      ding\x00\x00\x00\x0faccept-language\x00\
+      \x00\x00\x0daccept-ranges\x00\x00\x00\x03age\x00\
+      \x00\x00\x05allow\x00\x00\x00\x0dauthorizatio\
+      n\x00\x00\x00\x0dcache-control\x00\x00\x00\x0aco\
+      nnection\x00\x00\x00\x0ccontent-base\
+      \x00\x00\x00\x10content-encoding\x00\x00\x00\x10\
+      content-language\x00\x00\x00\x0econt\
+      ent-length\x00\x00\x00\x10content-lo\
+      cation\x00\x00\x00\x0bcontent-md5\x00\x00\x00\
+      \x0dcontent-range\x00\x00\x00\x0cconten\
+      t-type\x00\x00\x00\x04date\x00\x00\x00\x04etag\x00\x00\
+      \x00\x06expect\x00\x00\x00\x07expires\x00\x00\x00\x04f\
+      rom\x00\x00\x00\x04host\x00\x00\x00\x08if-match\x00\
+      \x00\x00\x11if-modified-since\x00\x00\x00\x0d\
+      if-none-match\x00\x00\x00\x08if-rang\
+      e\x00\x00\x00\x13if-unmodified-since\
+      \x00\x00\x00\x0dlast-modified\x00\x00\x00\x08loc\
+      ation\x00\x00\x00\x0cmax-forwards\x00\x00\x00\
+      \x06pragma\x00\x00\x00\x12proxy-authent\
+      icate\x00\x00\x00\x13proxy-authoriza\
+      tion\x00\x00\x00\x05range\x00\x00\x00\x07referer\
+      \x00\x00\x00\x0bretry-after\x00\x00\x00\x06serve\
+      r\x00\x00\x00\x02te\x00\x00\x00\x07trailer\x00\x00\x00\x11tr\
+      ansfer-encoding\x00\x00\x00\x07upgra\
+      de\x00\x00\x00\x0auser-agent\x00\x00\x00\x04vary\
+      \x00\x00\x00\x03via\x00\x00\x00\x07warning\x00\x00\x00\x10ww\
+      w-authenticate\x00\x00\x00\x06method\
+      \x00\x00\x00\x03get\x00\x00\x00\x06status\x00\x00\x00\x06200\
+      \x20OK\x00\x00\x00\x07version\x00\x00\x00\x08HTTP/1\
+      .1\x00\x00\x00\x03url\x00\x00\x00\x06public\x00\x00\x00\x0as\
+      et-cookie\x00\x00\x00\x0akeep-alive\x00\
+      \x00\x00\x06origin100101201202205\
+      206300302303304305306307\
+      402405406407408409410411\
+      412413414415416417502504\
+      505203\x20Non-Authoritative\
+      \x20Information204\x20No\x20Conte\
+      nt301\x20Moved\x20Permanently4\
+      00\x20Bad\x20Request401\x20Unauth\
+      orized403\x20Forbidden404\x20N\
+      ot\x20Found500\x20Internal\x20Ser\
+      ver\x20Error501\x20Not\x20Impleme\
+      nted503\x20Service\x20Unavaila\
+      bleJan\x20Feb\x20Mar\x20Apr\x20May\x20J\
+      un\x20Jul\x20Aug\x20Sept\x20Oct\x20Nov\x20\
+      Dec\x2000:00:00\x20Mon,\x20Tue,\x20W\
+      ed,\x20Thu,\x20Fri,\x20Sat,\x20Sun,\x20\
+      GMTchunked,text/html,ima\
+      ge/png,image/jpg,image/g\
+      if,application/xml,appli\
+      cation/xhtml+xml,text/pl\
+      ain,text/javascript,publ\
+      icprivatemax-age=gzip,de\
+      flate,sdchcharset=utf-8c\
+      harset=iso-8859-1,utf-,*\
+      ,enq=0.";
