@@ -11,7 +11,7 @@ use crate::{
     store::{ApplianceRow, AuditPageQuery, EnrollmentRow, Store},
 };
 use axum::{
-    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
+    extract::{FromRequestParts, Path, State},
     http::{request::Parts, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -95,22 +95,7 @@ impl FromRequestParts<Gw> for Caller {
     }
 }
 
-/// A JSON body whose rejection is a structured `INVALID_REQUEST`.
-pub struct Body<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = Failure;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => Err(Failure(ApiError::invalid(format!(
-                "bad request body: {}",
-                e.body_text()
-            )))),
-        }
-    }
-}
+pub use crate::api_extract::{Body, Params};
 
 pub fn router(gw: Gw) -> Router {
     Router::new()
@@ -616,7 +601,7 @@ async fn op_get(
 async fn op_list(
     State(gw): State<Gw>,
     caller: Caller,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Params(q): Params<std::collections::HashMap<String, String>>,
 ) -> ApiResult<serde_json::Value> {
     let filter = crate::ops::list_filter::OpFilter::from_query(&caller, &q)?;
     let mut ops: Vec<OpRecord> = gw.ops.list(&caller).await?;
@@ -701,7 +686,7 @@ struct WebhookStatusQuery {
 async fn webhook_status(
     State(gw): State<Gw>,
     caller: Caller,
-    Query(q): Query<WebhookStatusQuery>,
+    Params(q): Params<WebhookStatusQuery>,
 ) -> ApiResult<serde_json::Value> {
     caller.require(&[Role::Admin, Role::Approver], "see webhook deliveries")?;
     let customer = q
@@ -789,7 +774,7 @@ struct AuditQuery {
 async fn audit_list(
     State(gw): State<Gw>,
     caller: Caller,
-    Query(q): Query<AuditQuery>,
+    Params(q): Params<AuditQuery>,
 ) -> ApiResult<AuditList> {
     let limit = q.limit.unwrap_or(AUDIT_PAGE_DEFAULT);
     if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
@@ -858,7 +843,7 @@ struct AnchorQuery {
 async fn audit_anchor(
     State(gw): State<Gw>,
     caller: Caller,
-    Query(q): Query<AnchorQuery>,
+    Params(q): Params<AnchorQuery>,
 ) -> ApiResult<serde_json::Value> {
     caller.require(
         &[Role::Admin, Role::Approver],

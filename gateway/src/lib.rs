@@ -5,6 +5,7 @@ pub mod admission;
 pub mod agent_rounds;
 pub mod agents;
 pub mod api;
+mod api_extract;
 pub mod api_tokens;
 pub mod approvals;
 pub mod audit;
