@@ -388,3 +388,37 @@ fn usage_error(e: clap::Error) -> ExitCode {
     );
     ExitCode::FAILURE
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Each command and argument without help text, by its path (`--help`/`--version` aside).
+    fn without_help(cmd: &clap::Command, path: &str) -> Vec<String> {
+        let args = cmd
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|a| a.get_help().is_none() && a.get_long_help().is_none())
+            .map(|a| format!("{path} {}", a.get_id()));
+        let subs = cmd.get_subcommands().flat_map(|sub| {
+            let here = format!("{path} {}", sub.get_name());
+            let own = (sub.get_about().is_none() && sub.get_long_about().is_none())
+                .then(|| format!("{here} (the command)"));
+            own.into_iter().chain(without_help(sub, &here))
+        });
+        args.chain(subs).collect()
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help_text() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let missing = without_help(&cmd, "postern-agent");
+        assert!(
+            missing.is_empty(),
+            "without help text:\n{}",
+            missing.join("\n")
+        );
+    }
+}
