@@ -151,13 +151,15 @@ fn signed_deliveries_reach_an_https_receiver_and_verify_with_the_secret_shown_on
     );
     assert_eq!(got.host, hook.addr.to_string());
     // A body changed in transit, or another customer's secret, does not verify.
+    // (Always a change: an edit of some character could find none to edit in a given body.)
     let mut tampered = got.clone();
-    tampered.body = got
-        .body
-        .iter()
-        .map(|b| if *b == b'7' { b'8' } else { *b })
-        .collect();
+    tampered.body =
+        serde_json::to_vec(&serde_json::json!({"event": "approval.waiting", "id": "gr_forged"}))?;
+    assert_ne!(tampered.body, got.body);
     assert!(verify_signature(&secret, &tampered).is_err());
+    let mut appended = got.clone();
+    appended.body.push(b' ');
+    assert!(verify_signature(&secret, &appended).is_err());
     assert!(verify_signature("whsec_other", &got).is_err());
 
     let d = delivery_when(&gw, Duration::from_secs(20), |d| d["state"] == "delivered")?;
