@@ -268,6 +268,16 @@ mod tests {
     use super::*;
     use crate::ports::fakes::MemoryAudit;
 
+    /// The service as the tests use it: certificates of 30 s.
+    fn renewals<'a>(store: &'a Store, audit: &'a MemoryAudit, ca: &'a Ca) -> Renewals<'a> {
+        Renewals {
+            store,
+            audit,
+            ca,
+            lifetime: Duration::from_secs(30),
+        }
+    }
+
     async fn setup() -> (Store, Ca, ApplianceRow, String) {
         let store = Store::open_memory().await.unwrap();
         let ca = Ca::generate("test", Timestamp::now()).unwrap();
@@ -336,12 +346,7 @@ mod tests {
     async fn renewed_cert_is_pending_until_first_use_then_replaces_the_old() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = Renewals {
-            store: &store,
-            audit: &audit,
-            ca: &ca,
-            lifetime: Duration::from_secs(30),
-        };
+        let r = renewals(&store, &audit, &ca);
         let new = granted(
             r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
                 .await,
@@ -375,12 +380,7 @@ mod tests {
     async fn a_csr_for_another_appliance_or_the_same_key_or_a_revoked_one_is_refused() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = Renewals {
-            store: &store,
-            audit: &audit,
-            ca: &ca,
-            lifetime: Duration::from_secs(30),
-        };
+        let r = renewals(&store, &audit, &ca);
         let now = Timestamp::now();
         let e = granted(
             r.on_request("ap_1", Some(&der(&old)), request("ap_2"), now)
@@ -423,12 +423,7 @@ mod tests {
     async fn a_pending_cert_of_a_revoked_appliance_still_maps_to_it_so_the_relay_refuses_it() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = Renewals {
-            store: &store,
-            audit: &audit,
-            ca: &ca,
-            lifetime: Duration::from_secs(30),
-        };
+        let r = renewals(&store, &audit, &ca);
         let new = granted(
             r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
                 .await,
@@ -449,12 +444,7 @@ mod tests {
     async fn a_replaced_cert_is_refused_naming_its_appliance() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = Renewals {
-            store: &store,
-            audit: &audit,
-            ca: &ca,
-            lifetime: Duration::from_secs(30),
-        };
+        let r = renewals(&store, &audit, &ca);
         let new = granted(
             r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
                 .await,
