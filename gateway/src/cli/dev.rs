@@ -217,6 +217,9 @@ async fn run_with(
         ssh: resources.ssh.is_some(),
         skipped: &skipped,
     });
+    // Listening for the stop signals before the ready line goes out: a SIGTERM sent as soon as
+    // it is read must end the demo cleanly, not kill it before a handler exists.
+    let stop = stop_signals()?;
     match out {
         OutputFormat::Json => {
             let ready = ready_json(
@@ -229,17 +232,31 @@ async fn run_with(
     }
 
     let mut agents = agents;
+    tokio::pin!(stop);
     tokio::select! {
-        _ = server::shutdown_signal() => {}
+        () = &mut stop => {}
         (status, app) = first_exit(&mut agents) => {
             tracing::error!(?status, app, "a demo agent exited; stop with Ctrl-C");
-            server::shutdown_signal().await;
+            stop.await;
         }
     }
     eprintln!("stopping the demo agents, resources and the gateway");
     stop_all(agents, processes).await;
     running.shutdown().await;
     Ok(())
+}
+
+/// SIGINT or SIGTERM, registered now (not when first awaited).
+fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// The first demo agent to exit, with its app.
