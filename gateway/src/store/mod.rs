@@ -221,9 +221,20 @@ fn sqlite_url(path: &Path) -> String {
     s
 }
 
+/// Read-only connections beside SQLite's one writer: enough for the API's concurrent reads on
+/// a small machine; each is a thread of its own.
+const SQLITE_READERS: u32 = 3;
+
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// Every write, and reads that must be ordered with writes (a read in a write transaction).
     pool: AnyPool,
+    /// Plain reads ([`Store::select_rows`]). For a SQLite file a few read-only connections of
+    /// their own: in WAL mode they read beside the one writer instead of queueing behind it
+    /// on its worker thread (a revocation burst spent most of its time in that queue). A read
+    /// sees every commit that finished before it started, so a request still reads its own
+    /// writes. The same pool as `pool` for PostgreSQL and in-memory SQLite.
+    reader: AnyPool,
     backend: Backend,
     /// Rung when an appliance's customer-trail outbox gains records.
     trail_bells: TrailBells,
@@ -252,9 +263,10 @@ impl Store {
     /// Opens (creating if needed) the SQLite database file and applies migrations.
     pub async fn open_sqlite(path: &Path) -> StoreResult<Store> {
         let path = std::path::absolute(path).map_err(|e| sqlx::Error::Configuration(e.into()))?;
-        Store::connect(
+        let url = sqlite_url(&path);
+        let mut store = Store::connect(
             Backend::Sqlite,
-            &sqlite_url(&path),
+            &url,
             // One connection: SQLite has one writer anyway, and queueing in the pool is far cheaper
             // than SQLite's sleep-and-retry busy handler when many agents write at once.
             AnyPoolOptions::new()
@@ -284,7 +296,20 @@ impl Store {
                 })
             }),
         )
-        .await
+        .await?;
+        store.reader = AnyPoolOptions::new()
+            .max_connections(SQLITE_READERS)
+            .test_before_acquire(false)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(AnyConnectOptions::from_str(&url)?);
+        Ok(store)
     }
 
     /// A private in-memory SQLite database (tests).
@@ -327,6 +352,7 @@ impl Store {
             .await?;
         migrator().run(&pool).await?;
         Ok(Store {
+            reader: pool.clone(),
             pool,
             backend,
             trail_bells: TrailBells::default(),
@@ -338,6 +364,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.reader.close().await;
         self.pool.close().await;
     }
 
@@ -356,7 +383,7 @@ impl Store {
         for b in binds {
             q = q.bind(*b);
         }
-        q.fetch_all(&self.pool)
+        q.fetch_all(&self.reader)
             .await?
             .into_iter()
             .map(from)
