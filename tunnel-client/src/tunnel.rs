@@ -45,6 +45,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// than after the handshake's own 15 s idle timeout.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// How long after losing a working connection the agent keeps redialling quickly: a gateway
+/// restart or a failover is over within it; an outage that lasts longer gets the full backoff.
+const QUICK_REDIAL_WINDOW: Duration = Duration::from_secs(60);
+/// The backoff's ceiling inside that window: 1000 agents spread over it still arrive at a rate
+/// a restarted gateway takes (scale_bench connects 1000 at once in a few seconds).
+const QUICK_REDIAL_CEILING: Duration = Duration::from_millis(3200);
 const SESSION_DRAIN: Duration = Duration::from_secs(2);
 const CLOSE_DRAIN: Duration = Duration::from_secs(3);
 /// Frames from running ops waiting for the control stream (each at most ~256 KiB of output).
@@ -114,10 +120,17 @@ fn closed_as_revoked(conn: &Connection) -> bool {
 
 /// Delay before reconnect attempt `attempt` (0-based): full jitter over an exponentially
 /// growing ceiling, so a fleet of agents does not redial a restarted gateway in lockstep.
-pub fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let ceiling = BACKOFF_BASE
+/// `just_lost`: a working connection ended less than [`QUICK_REDIAL_WINDOW`] ago; the ceiling
+/// then stops at [`QUICK_REDIAL_CEILING`]. A restarted gateway turns many of a fleet's first
+/// dials away at its door (admission limits), and with the ceiling free to grow one unlucky agent
+/// drew a 12.8 s step and came back long after the other 999 (scale_bench's reconnect).
+pub fn backoff(attempt: u32, cap: Duration, just_lost: bool) -> Duration {
+    let mut ceiling = BACKOFF_BASE
         .saturating_mul(1u32 << attempt.min(20))
         .min(cap);
+    if just_lost {
+        ceiling = ceiling.min(QUICK_REDIAL_CEILING);
+    }
     Duration::from_millis(rand::random_range(0..=ceiling.as_millis() as u64))
 }
 
@@ -280,12 +293,15 @@ pub async fn run(
     let cap = agent.config.reconnect_max();
     let mut attempt: u32 = 0;
     let mut revoked = false;
+    // When the last connection that got as far as the hello ended.
+    let mut lost_at: Option<std::time::Instant> = None;
     loop {
         agent.sessions.kube.resolve_pending(&agent.config).await;
         let (ended, helloed) = agent.connection(&shutdown, &mut ready).await;
         if helloed {
             attempt = 0;
             revoked = false;
+            lost_at = Some(std::time::Instant::now());
         }
         let delay = match ended {
             Ended::Shutdown => break,
@@ -294,7 +310,12 @@ pub async fn run(
                     crate::endpoint_setup::appliance_revoked(&agent.sessions);
                 }
                 revoked |= r;
-                let delay = if revoked { cap } else { backoff(attempt, cap) };
+                let just_lost = lost_at.is_some_and(|t| t.elapsed() < QUICK_REDIAL_WINDOW);
+                let delay = if revoked {
+                    cap
+                } else {
+                    backoff(attempt, cap, just_lost)
+                };
                 tracing::info!(gateway = %agent.enrollment.gateway, "disconnected: {reason}; reconnecting in {delay:?}");
                 delay
             }
@@ -947,13 +968,28 @@ mod tests {
                 .saturating_mul(1u32 << attempt.min(20))
                 .min(cap);
             for _ in 0..50 {
-                assert!(backoff(attempt, cap) <= ceiling);
+                assert!(backoff(attempt, cap, false) <= ceiling);
             }
         }
-        assert!(backoff(0, cap) <= BACKOFF_BASE);
+        assert!(backoff(0, cap, false) <= BACKOFF_BASE);
         // Full jitter: late attempts spread over the whole range, not bunched at the cap.
-        let late: Vec<Duration> = (0..200).map(|_| backoff(30, cap)).collect();
+        let late: Vec<Duration> = (0..200).map(|_| backoff(30, cap, false)).collect();
         assert!(late.iter().any(|d| *d < cap / 2) && late.iter().any(|d| *d > cap / 2));
+    }
+
+    #[test]
+    fn right_after_losing_a_connection_the_backoff_stays_short_however_many_dials_failed() {
+        let cap = Duration::from_secs(300);
+        let quick: Vec<Duration> = (0..400).map(|_| backoff(30, cap, true)).collect();
+        assert!(quick.iter().all(|d| *d <= QUICK_REDIAL_CEILING));
+        // Still jittered over the whole (short) range.
+        assert!(quick.iter().any(|d| *d < QUICK_REDIAL_CEILING / 2));
+        assert!(quick.iter().any(|d| *d > QUICK_REDIAL_CEILING / 2));
+        // Early attempts are no longer than without the window.
+        assert!((0..50).all(|_| backoff(0, cap, true) <= BACKOFF_BASE));
+        // Outside the window the ceiling grows past it.
+        let late: Vec<Duration> = (0..400).map(|_| backoff(30, cap, false)).collect();
+        assert!(late.iter().any(|d| *d > QUICK_REDIAL_CEILING));
     }
 
     #[test]
