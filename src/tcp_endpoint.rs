@@ -3,16 +3,15 @@
 //! (for attacks the forwarder would never make, such as one endpoint's certificate against
 //! another endpoint's listener).
 
-use crate::testbed::{bin, terminate, Gateway};
+use crate::testbed::{bin, first_line, terminate, Gateway};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{mpsc, Arc},
-    thread,
+    sync::Arc,
     time::Duration,
 };
 
@@ -54,14 +53,7 @@ impl Forwarder {
             )
             .spawn()
             .context("starting postern ops endpoint connect")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = first_line(&mut child, Duration::from_secs(30))?;
         let v: Value = match serde_json::from_str(line.trim()) {
             Ok(v) => v,
             Err(_) => {

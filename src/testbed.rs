@@ -57,6 +57,19 @@ pub fn id_of(record: &Value) -> Result<String> {
         .ok_or_else(|| anyhow!("no id in {record}"))
 }
 
+/// The first line `child` prints on its piped stdout (its ready report), or "" when it prints
+/// none within `limit`. The line is read on a thread, so a silent child cannot hang the test.
+pub fn first_line(child: &mut Child, limit: Duration) -> Result<String> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    Ok(rx.recv_timeout(limit).unwrap_or_default())
+}
+
 pub fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
     if let Ok(Some(s)) = child.try_wait() {
         return Some(s);
@@ -217,23 +230,14 @@ impl Gateway {
             )
             .spawn()
             .context("starting postern server")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if !l.trim().is_empty() => l,
-            _ => {
-                terminate(&mut child, Duration::from_secs(2));
-                bail!(
-                    "postern server did not report ready; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
+        let line = first_line(&mut child, Duration::from_secs(60))?;
+        if line.trim().is_empty() {
+            terminate(&mut child, Duration::from_secs(2));
+            bail!(
+                "postern server did not report ready; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         let v: Value =
             serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?;
         let field = |k: &str| {
