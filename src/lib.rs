@@ -1,6 +1,7 @@
 //! Umbrella package: the harness the end-to-end tests and examples share. It runs the real
 //! `postern` and `postern-agent` binaries as processes, the way an operator would.
 
+pub mod approver;
 pub mod kube_apiserver;
 pub mod pg_cluster;
 pub mod sshd;
