@@ -4,6 +4,7 @@
 pub mod approver;
 pub mod kube_apiserver;
 pub mod pg_cluster;
+pub mod scrape;
 pub mod sshd;
 pub mod tcp_endpoint;
 pub mod teardown_check;

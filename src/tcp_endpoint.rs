@@ -15,6 +15,37 @@ use std::{
     time::Duration,
 };
 
+/// `postern ops endpoint create --type tcp` for `resource` of `app` at `customer`, TTL 10 m, as
+/// the admin on the operator's machine whose home is `home` (the endpoint's key stays there);
+/// the endpoint record.
+pub fn create(
+    gw: &Gateway,
+    home: &Path,
+    app: &str,
+    customer: &str,
+    resource: &str,
+) -> Result<Value> {
+    gw.cli_home(
+        home,
+        &[
+            "ops",
+            "endpoint",
+            "create",
+            "--type",
+            "tcp",
+            "--app",
+            app,
+            "--customer",
+            customer,
+            "--origin-resource-id",
+            resource,
+            "--ttl",
+            "10m",
+        ],
+    )?
+    .ok()
+}
+
 /// A running `postern ops endpoint connect` forwarder.
 pub struct Forwarder {
     child: Child,
