@@ -25,25 +25,8 @@ pub fn create(
     customer: &str,
     resource: &str,
 ) -> Result<Value> {
-    gw.cli_home(
-        home,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            app,
-            "--customer",
-            customer,
-            "--origin-resource-id",
-            resource,
-            "--ttl",
-            "10m",
-        ],
-    )?
-    .ok()
+    gw.create_endpoint(home, "tcp", app, customer, resource, "10m")?
+        .ok()
 }
 
 /// A running `postern ops endpoint connect` forwarder.

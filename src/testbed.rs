@@ -317,8 +317,51 @@ impl Gateway {
             .ok_or_else(|| anyhow!("no token in {created}"))
     }
 
+    /// `postern ops endpoint create --type KIND` for `resource` of `app` at `customer`, lasting
+    /// `ttl`, as the admin on the operator's machine whose home is `home` (the endpoint's key
+    /// stays there).
+    pub fn create_endpoint(
+        &self,
+        home: &Path,
+        kind: &str,
+        app: &str,
+        customer: &str,
+        resource: &str,
+        ttl: &str,
+    ) -> Result<CliOutput> {
+        self.cli_home(
+            home,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                kind,
+                "--app",
+                app,
+                "--customer",
+                customer,
+                "--origin-resource-id",
+                resource,
+                "--ttl",
+                ttl,
+            ],
+        )
+    }
+
     /// `postern access request --level operate` as the admin; returns the grant.
     pub fn request_operate(&self, app: &str, customer: &str, duration: &str) -> Result<Value> {
+        self.request_access(app, customer, "operate", duration)
+    }
+
+    /// `postern access request --level LEVEL` as the admin; returns the grant.
+    pub fn request_access(
+        &self,
+        app: &str,
+        customer: &str,
+        level: &str,
+        duration: &str,
+    ) -> Result<Value> {
         self.cli(&[
             "access",
             "request",
@@ -327,7 +370,7 @@ impl Gateway {
             "--customer",
             customer,
             "--level",
-            "operate",
+            level,
             "--duration",
             duration,
             "--reason",
