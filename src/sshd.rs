@@ -10,6 +10,7 @@
 //! authorized_keys file live in the temp dir, which the user can read but does not own.
 //! The server is killed by PID when the handle drops, and dies with the test process.
 
+use crate::testbed::append_log;
 use anyhow::{anyhow, bail, Context, Result};
 use std::{
     io::Read,
@@ -157,12 +158,7 @@ impl Sshd {
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)?,
-                );
+                .stderr(append_log(&log)?);
             // SAFETY: prctl in the child before exec; async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| {

@@ -3,7 +3,7 @@
 //! (for attacks the forwarder would never make, such as one endpoint's certificate against
 //! another endpoint's listener).
 
-use crate::testbed::{bin, first_line, terminate, Gateway};
+use crate::testbed::{append_log, bin, first_line, terminate, Gateway};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::{
@@ -59,12 +59,7 @@ impl Forwarder {
             .env("HOME", home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)?,
-            )
+            .stderr(append_log(&log)?)
             .spawn()
             .context("starting postern ops endpoint connect")?;
         let line = first_line(&mut child, Duration::from_secs(30))?;

@@ -57,6 +57,15 @@ pub fn id_of(record: &Value) -> Result<String> {
         .ok_or_else(|| anyhow!("no id in {record}"))
 }
 
+/// `path` opened for appending (created if missing): a started process's stderr, which keeps
+/// what earlier runs of it wrote.
+pub fn append_log(path: &Path) -> Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?)
+}
+
 /// The first line `child` prints on its piped stdout (its ready report), or "" when it prints
 /// none within `limit`. The line is read on a thread, so a silent child cannot hang the test.
 pub fn first_line(child: &mut Child, limit: Duration) -> Result<String> {
@@ -222,12 +231,7 @@ impl Gateway {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)?,
-            )
+            .stderr(append_log(&log)?)
             .spawn()
             .context("starting postern server")?;
         let line = first_line(&mut child, Duration::from_secs(60))?;
@@ -315,6 +319,25 @@ impl Gateway {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| anyhow!("no token in {created}"))
+    }
+
+    /// Runs `sql` on the gateway's SQLite store file with the `sqlite3` shell (stopping at the
+    /// first failing statement), as anyone with write access to the file could; its output.
+    pub fn store_sql(&self, sql: &str) -> Result<String> {
+        let db = self.data_dir.join("postern.db");
+        let out = Command::new("sqlite3")
+            .args(["-bail", "-cmd", ".timeout 10000"])
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .context("running sqlite3 (Debian: apt-get install sqlite3)")?;
+        if !out.status.success() {
+            bail!(
+                "sqlite3 {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// `postern ops endpoint create --type KIND` for `resource` of `app` at `customer`, lasting
@@ -497,12 +520,7 @@ impl Agent {
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.log)?,
-            )
+            .stderr(append_log(&self.log)?)
             .spawn()
             .context("starting postern-agent run")?;
         self.child = Some(child);

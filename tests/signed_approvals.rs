@@ -9,7 +9,7 @@ use endpoint_types::approval::ApprovalStatement;
 use postern::approver::{self, Approver};
 use postern::testbed::*;
 use serde_json::Value;
-use std::{os::unix::fs::PermissionsExt, path::Path, process::Command, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 const CLUSTER: &str = "aws_eks_cluster.main";
 const CUSTOMER: &str = "acme-corp";
@@ -116,17 +116,7 @@ impl Setup {
 
     /// SQL on the gateway's own store, as someone with write access to it would run it.
     fn sql(&self, statement: &str) -> Result<()> {
-        let db = self.gw.data_dir.join("postern.db");
-        let out = Command::new("sqlite3")
-            .args(["-bail", "-cmd", ".timeout 10000"])
-            .arg(&db)
-            .arg(statement)
-            .output()
-            .context("running sqlite3")?;
-        if !out.status.success() {
-            bail!("sqlite3 failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        self.gw.store_sql(statement).map(drop)
     }
 
     /// Marks an op approved by Bob in the store, as the approvals service would.

@@ -13,7 +13,7 @@ use postern::approver::{self, Approver};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::*;
 use serde_json::Value;
-use std::{path::Path, path::PathBuf, process::Command, time::Duration};
+use std::{path::Path, path::PathBuf, time::Duration};
 
 const CUSTOMER: &str = "acme-corp";
 const APP: &str = "my-app";
@@ -124,17 +124,7 @@ impl Setup {
 
     /// SQL on the gateway's own store, as someone with write access to it would run it.
     fn sql(&self, statement: &str) -> Result<()> {
-        let db = self.gw.data_dir.join("postern.db");
-        let out = Command::new("sqlite3")
-            .args(["-bail", "-cmd", ".timeout 10000"])
-            .arg(&db)
-            .arg(statement)
-            .output()
-            .context("running sqlite3")?;
-        if !out.status.success() {
-            bail!("sqlite3 failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        self.gw.store_sql(statement).map(drop)
     }
 
     /// Marks grant `id` approved by Bob `ago_ms` ago, as the grants service would.
