@@ -10,6 +10,7 @@
 //! authorized_keys file live in the temp dir, which the user can read but does not own.
 //! The server is killed by PID when the handle drops, and dies with the test process.
 
+use crate::testbed::append_log;
 use anyhow::{anyhow, bail, Context, Result};
 use std::{
     io::Read,
@@ -157,12 +158,7 @@ impl Sshd {
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)?,
-                );
+                .stderr(append_log(&log)?);
             // SAFETY: prctl in the child before exec; async-signal-safe.
             unsafe {
                 cmd.pre_exec(|| {
@@ -226,6 +222,11 @@ impl Sshd {
     /// Stock `ssh` straight to this server as its user with the appliance's key, host key
     /// pinned, no config file, no agent, no prompts. Append options and the command.
     pub fn ssh_direct(&self) -> Result<Command> {
+        self.ssh_direct_with_key(&self.client_key)
+    }
+
+    /// [`Sshd::ssh_direct`] presenting `key` instead of the appliance's.
+    pub fn ssh_direct_with_key(&self, key: &Path) -> Result<Command> {
         let mut cmd = Command::new("ssh");
         cmd.args([
             "-F",
@@ -243,7 +244,7 @@ impl Sshd {
             self.known_hosts()?.display()
         ))
         .arg("-i")
-        .arg(&self.client_key)
+        .arg(key)
         .args([
             "-p",
             &self.port().to_string(),
@@ -321,32 +322,8 @@ mod tests {
         // A key that is not authorized is refused.
         let other = sshd.dir().join("other_ed25519");
         keygen(&other, "stranger").unwrap();
-        let mut cmd = Command::new("ssh");
-        cmd.args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-        ])
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            sshd.known_hosts().unwrap().display()
-        ))
-        .arg("-i")
-        .arg(&other)
-        .args([
-            "-p",
-            &sshd.port().to_string(),
-            "-l",
-            &sshd.user,
-            "127.0.0.1",
-            "true",
-        ]);
+        let mut cmd = sshd.ssh_direct_with_key(&other).unwrap();
+        cmd.arg("true");
         let out = cmd.output().unwrap();
         assert_eq!(out.status.code(), Some(255));
         assert!(

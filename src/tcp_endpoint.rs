@@ -3,18 +3,31 @@
 //! (for attacks the forwarder would never make, such as one endpoint's certificate against
 //! another endpoint's listener).
 
-use crate::testbed::{bin, terminate, Gateway};
+use crate::testbed::{append_log, bin, first_line, terminate, Gateway};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{mpsc, Arc},
-    thread,
+    sync::Arc,
     time::Duration,
 };
+
+/// `postern ops endpoint create --type tcp` for `resource` of `app` at `customer`, TTL 10 m, as
+/// the admin on the operator's machine whose home is `home` (the endpoint's key stays there);
+/// the endpoint record.
+pub fn create(
+    gw: &Gateway,
+    home: &Path,
+    app: &str,
+    customer: &str,
+    resource: &str,
+) -> Result<Value> {
+    gw.create_endpoint(home, "tcp", app, customer, resource, "10m")?
+        .ok()
+}
 
 /// A running `postern ops endpoint connect` forwarder.
 pub struct Forwarder {
@@ -46,22 +59,10 @@ impl Forwarder {
             .env("HOME", home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)?,
-            )
+            .stderr(append_log(&log)?)
             .spawn()
             .context("starting postern ops endpoint connect")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let line = first_line(&mut child, Duration::from_secs(30))?;
         let v: Value = match serde_json::from_str(line.trim()) {
             Ok(v) => v,
             Err(_) => {

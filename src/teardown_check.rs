@@ -3,9 +3,9 @@
 //! access to the store could) to see verification fail.
 
 use crate::testbed::{CliOutput, Gateway};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 /// `postern audit teardown ENDPOINT` once the appliance's proof has reached the gateway
 /// (polled up to `limit`). Returns the verified record, whose checks must include `checks`
@@ -48,30 +48,10 @@ pub fn verified(gw: &Gateway, endpoint: &str, checks: &[&str], limit: Duration) 
     Ok(v)
 }
 
-/// Runs `sql` on the gateway's store file with the `sqlite3` shell.
-pub fn store_sql(gw: &Gateway, sql: &str) -> Result<String> {
-    let db = gw.data_dir.join("postern.db");
-    let out = Command::new("sqlite3")
-        .arg("-cmd")
-        .arg(".timeout 10000")
-        .arg(&db)
-        .arg(sql)
-        .output()
-        .context("running sqlite3 (Debian: apt-get install sqlite3)")?;
-    if !out.status.success() {
-        bail!(
-            "sqlite3 {sql:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// Edits one field of the stored proof of `endpoint` (the detail of its first check), then
 /// asks `postern audit teardown` again.
 pub fn edit_and_verify(gw: &Gateway, endpoint: &str) -> Result<CliOutput> {
-    let changed = store_sql(
-        gw,
+    let changed = gw.store_sql(
         &format!(
             "UPDATE teardown_proofs SET proof = json_set(proof, '$.proof.checks[0].detail', 'nothing was left') \
              WHERE endpoint_id = '{endpoint}'; SELECT changes();"

@@ -57,6 +57,28 @@ pub fn id_of(record: &Value) -> Result<String> {
         .ok_or_else(|| anyhow!("no id in {record}"))
 }
 
+/// `path` opened for appending (created if missing): a started process's stderr, which keeps
+/// what earlier runs of it wrote.
+pub fn append_log(path: &Path) -> Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?)
+}
+
+/// The first line `child` prints on its piped stdout (its ready report), or "" when it prints
+/// none within `limit`. The line is read on a thread, so a silent child cannot hang the test.
+pub fn first_line(child: &mut Child, limit: Duration) -> Result<String> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    Ok(rx.recv_timeout(limit).unwrap_or_default())
+}
+
 pub fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
     if let Ok(Some(s)) = child.try_wait() {
         return Some(s);
@@ -209,31 +231,17 @@ impl Gateway {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)?,
-            )
+            .stderr(append_log(&log)?)
             .spawn()
             .context("starting postern server")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) if !l.trim().is_empty() => l,
-            _ => {
-                terminate(&mut child, Duration::from_secs(2));
-                bail!(
-                    "postern server did not report ready; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
+        let line = first_line(&mut child, Duration::from_secs(60))?;
+        if line.trim().is_empty() {
+            terminate(&mut child, Duration::from_secs(2));
+            bail!(
+                "postern server did not report ready; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
         let v: Value =
             serde_json::from_str(line.trim()).with_context(|| format!("ready line {line:?}"))?;
         let field = |k: &str| {
@@ -313,8 +321,70 @@ impl Gateway {
             .ok_or_else(|| anyhow!("no token in {created}"))
     }
 
+    /// Runs `sql` on the gateway's SQLite store file with the `sqlite3` shell (stopping at the
+    /// first failing statement), as anyone with write access to the file could; its output.
+    pub fn store_sql(&self, sql: &str) -> Result<String> {
+        let db = self.data_dir.join("postern.db");
+        let out = Command::new("sqlite3")
+            .args(["-bail", "-cmd", ".timeout 10000"])
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .context("running sqlite3 (Debian: apt-get install sqlite3)")?;
+        if !out.status.success() {
+            bail!(
+                "sqlite3 {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `postern ops endpoint create --type KIND` for `resource` of `app` at `customer`, lasting
+    /// `ttl`, as the admin on the operator's machine whose home is `home` (the endpoint's key
+    /// stays there).
+    pub fn create_endpoint(
+        &self,
+        home: &Path,
+        kind: &str,
+        app: &str,
+        customer: &str,
+        resource: &str,
+        ttl: &str,
+    ) -> Result<CliOutput> {
+        self.cli_home(
+            home,
+            &[
+                "ops",
+                "endpoint",
+                "create",
+                "--type",
+                kind,
+                "--app",
+                app,
+                "--customer",
+                customer,
+                "--origin-resource-id",
+                resource,
+                "--ttl",
+                ttl,
+            ],
+        )
+    }
+
     /// `postern access request --level operate` as the admin; returns the grant.
     pub fn request_operate(&self, app: &str, customer: &str, duration: &str) -> Result<Value> {
+        self.request_access(app, customer, "operate", duration)
+    }
+
+    /// `postern access request --level LEVEL` as the admin; returns the grant.
+    pub fn request_access(
+        &self,
+        app: &str,
+        customer: &str,
+        level: &str,
+        duration: &str,
+    ) -> Result<Value> {
         self.cli(&[
             "access",
             "request",
@@ -323,7 +393,7 @@ impl Gateway {
             "--customer",
             customer,
             "--level",
-            "operate",
+            level,
             "--duration",
             duration,
             "--reason",
@@ -450,12 +520,7 @@ impl Agent {
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.log)?,
-            )
+            .stderr(append_log(&self.log)?)
             .spawn()
             .context("starting postern-agent run")?;
         self.child = Some(child);

@@ -55,25 +55,7 @@ fn setup_with(dir: &Path, lost_after: &str) -> Result<(Gateway, Agent, String)> 
 }
 
 fn create_tcp_endpoint(gw: &Gateway, home: &Path) -> Result<Value> {
-    gw.cli_home(
-        home,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            APP,
-            "--customer",
-            CUSTOMER,
-            "--origin-resource-id",
-            RESOURCE,
-            "--ttl",
-            "10m",
-        ],
-    )?
-    .ok()
+    postern::tcp_endpoint::create(gw, home, APP, CUSTOMER, RESOURCE)
 }
 
 /// A live session through the endpoint's forwarder, proven by one echoed ping.

@@ -4,48 +4,16 @@
 //! and the gateway's `/readyz` answering 503 while its PostgreSQL store is down.
 
 use anyhow::{anyhow, bail, Context, Result};
-use postern::tcp_endpoint::Forwarder;
-use postern::testbed::{bin, echo_server, terminate, wait_until, Agent, Gateway};
+use postern::scrape::{healthy_and_ready, http_get, sample};
+use postern::tcp_endpoint::{self, Forwarder};
+use postern::testbed::{bin, echo_server, first_line, terminate, wait_until, Agent, Gateway};
 use serde_json::Value;
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
-
-/// One HTTP/1.1 GET; (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header end in {raw:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?
-        .parse()?;
-    Ok((status, body.to_string()))
-}
-
-/// The value of the sample `series` (labels exactly as encoded), if present.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 fn scrape(addr: SocketAddr) -> String {
     match http_get(addr, "/metrics") {
@@ -87,15 +55,8 @@ fn run_agent(agent: &Agent) -> Result<(Child, Value)> {
         .stderr(std::fs::File::create(&agent.log)?)
         .spawn()
         .context("starting postern-agent run")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(line) if !line.trim().is_empty() => Ok((child, serde_json::from_str(line.trim())?)),
+    match first_line(&mut child, Duration::from_secs(30))? {
+        line if !line.trim().is_empty() => Ok((child, serde_json::from_str(line.trim())?)),
         _ => {
             terminate(&mut child, Duration::from_secs(5));
             bail!(
@@ -129,10 +90,7 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
         "{metrics}"
     );
 
-    assert_eq!(http_get(metrics, "/healthz")?.0, 200);
-    let (ready, why) = http_get(metrics, "/readyz")?;
-    assert_eq!(ready, 200, "{why}");
-    assert_eq!(http_get(metrics, "/nothing-here")?.0, 404);
+    healthy_and_ready(metrics)?;
     let first = until_sample(metrics, "postern_agent_gateway_connected", |v| v == 1.0)?;
     assert!(first.trim_end().ends_with("# EOF"), "{first}");
     let reconnects_before = sample(&first, "postern_agent_reconnects_total")
@@ -141,26 +99,7 @@ fn agent_metrics_health_and_json_logs_through_sessions_and_a_reconnect() -> Resu
     // A tcp endpoint (a command to the agent), and a session held open through it.
     assert_eq!(gw.request_operate("shop", "acme", "1h")?["state"], "active");
     let home = dir.path().join("home");
-    let ep = gw
-        .cli_home(
-            &home,
-            &[
-                "ops",
-                "endpoint",
-                "create",
-                "--type",
-                "tcp",
-                "--app",
-                "shop",
-                "--customer",
-                "acme",
-                "--origin-resource-id",
-                "null_resource.echo",
-                "--ttl",
-                "10m",
-            ],
-        )?
-        .ok()?;
+    let ep = tcp_endpoint::create(&gw, &home, "shop", "acme", "null_resource.echo")?;
     let ep_id = ep["id"].as_str().unwrap_or_default().to_string();
     let fwd = Forwarder::start(&gw, &gw.admin_token, &home, &ep_id)?;
     let mut session = TcpStream::connect(fwd.listen)?;

@@ -187,24 +187,9 @@ fn cli(s: &Setup, args: &[&str]) -> Result<(bool, Value)> {
 }
 
 fn create_endpoint(s: &Setup, resource: &str) -> Result<(String, PathBuf)> {
-    let (ok, ep) = cli(
-        s,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "kubectl",
-            "--app",
-            APP,
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            resource,
-            "--ttl",
-            "10m",
-        ],
-    )?;
+    let out =
+        s.gw.create_endpoint(&s.home, "kubectl", APP, "acme-corp", resource, "10m")?;
+    let (ok, ep) = (out.success, out.json);
     assert!(ok, "{ep}");
     assert_eq!(ep["state"], "active", "{ep}");
     let id = ep["id"]
@@ -794,24 +779,9 @@ fn limits_strict_paths_and_refused_upgrades() -> Result<()> {
 #[test]
 fn expiry_cuts_a_live_stream_and_the_certificate_dies_with_the_endpoint() -> Result<()> {
     let s = setup()?;
-    let (ok, ep) = cli(
-        &s,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "kubectl",
-            "--app",
-            APP,
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            CLUSTER,
-            "--ttl",
-            "10s",
-        ],
-    )?;
+    let out =
+        s.gw.create_endpoint(&s.home, "kubectl", APP, "acme-corp", CLUSTER, "10s")?;
+    let (ok, ep) = (out.success, out.json);
     assert!(ok && ep["state"] == "active", "{ep}");
     let id = ep["id"].as_str().unwrap_or_default().to_string();
     let cfg = PathBuf::from(

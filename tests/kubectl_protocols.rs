@@ -284,24 +284,7 @@ fn through(dir: &Path, upstream: &Path) -> Result<Through> {
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.join("home");
     std::fs::create_dir_all(&home)?;
-    let out = gw.cli_home(
-        &home,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "kubectl",
-            "--app",
-            APP,
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            CLUSTER,
-            "--ttl",
-            "10m",
-        ],
-    )?;
+    let out = gw.create_endpoint(&home, "kubectl", APP, "acme-corp", CLUSTER, "10m")?;
     let ep = out.json;
     assert!(out.success, "{ep}");
     let cfg = PathBuf::from(

@@ -3,50 +3,13 @@
 //! `--log-format json` log lines parsed.
 
 use anyhow::{anyhow, bail, Context, Result};
-use postern::tcp_endpoint::Forwarder;
+use postern::scrape::{healthy_and_ready, http_get, sample};
+use postern::tcp_endpoint::{self, Forwarder};
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, Gateway};
 use serde_json::Value;
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 const CLUSTER: &str = "aws_eks_cluster.main_cluster";
-
-/// One HTTP/1.1 GET; (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header end in {raw:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?
-        .parse()?;
-    Ok((status, body.to_string()))
-}
-
-/// The value of the sample `name{labels}` (labels exactly as encoded), if present.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 fn scrape(addr: SocketAddr) -> Result<String> {
     let (status, body) = http_get(addr, "/metrics")?;
@@ -96,10 +59,7 @@ fn gateway_metrics_health_and_json_logs_from_a_running_gateway() -> Result<()> {
         "{metrics}"
     );
 
-    assert_eq!(http_get(metrics, "/healthz")?.0, 200);
-    let (ready, why) = http_get(metrics, "/readyz")?;
-    assert_eq!(ready, 200, "{why}");
-    assert_eq!(http_get(metrics, "/nothing-here")?.0, 404);
+    healthy_and_ready(metrics)?;
 
     let before = scrape(metrics)?;
     assert_eq!(
@@ -136,26 +96,7 @@ fn gateway_metrics_health_and_json_logs_from_a_running_gateway() -> Result<()> {
     assert_eq!(op["state"], "completed", "{op}");
 
     let home = dir.path().join("home");
-    let ep = gw
-        .cli_home(
-            &home,
-            &[
-                "ops",
-                "endpoint",
-                "create",
-                "--type",
-                "tcp",
-                "--app",
-                "my-app",
-                "--customer",
-                "acme-corp",
-                "--origin-resource-id",
-                "null_resource.echo",
-                "--ttl",
-                "10m",
-            ],
-        )?
-        .ok()?;
+    let ep = tcp_endpoint::create(&gw, &home, "my-app", "acme-corp", "null_resource.echo")?;
     let ep_id = ep["id"].as_str().unwrap_or_default().to_string();
     let fwd = Forwarder::start(&gw, &gw.admin_token, &home, &ep_id)?;
     let payload = vec![0x5au8; 100_000];

@@ -84,21 +84,7 @@ fn start(policy: &str) -> Result<World> {
 }
 
 fn request(gw: &Gateway, level: &str) -> Result<Value> {
-    gw.cli(&[
-        "access",
-        "request",
-        "--app",
-        APP,
-        "--customer",
-        CUSTOMER,
-        "--level",
-        level,
-        "--duration",
-        "1h",
-        "--reason",
-        "phase policy test",
-    ])?
-    .ok()
+    gw.request_access(APP, CUSTOMER, level, "1h")
 }
 
 fn kubectl_op(gw: &Gateway, phase: &str, wait: bool) -> Result<Value> {

@@ -36,21 +36,7 @@ fn cli(gw: &Gateway, home: &Path, args: &[&str]) -> Result<(bool, Value)> {
 }
 
 fn request(gw: &Gateway, level: &str) -> Result<Value> {
-    gw.cli(&[
-        "access",
-        "request",
-        "--app",
-        APP,
-        "--customer",
-        CUSTOMER,
-        "--level",
-        level,
-        "--duration",
-        "1h",
-        "--reason",
-        "phases test",
-    ])?
-    .ok()
+    gw.request_access(APP, CUSTOMER, level, "1h")
 }
 
 fn create_endpoint(gw: &Gateway, home: &Path, phase: &str) -> Result<(bool, Value)> {

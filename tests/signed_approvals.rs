@@ -5,11 +5,11 @@
 //! in the customer trail, and `APPROVAL_INVALID` for the operator.
 
 use anyhow::{anyhow, bail, Context, Result};
-use certs::approver::ApproverKey;
 use endpoint_types::approval::ApprovalStatement;
+use postern::approver::{self, Approver};
 use postern::testbed::*;
 use serde_json::Value;
-use std::{os::unix::fs::PermissionsExt, path::Path, process::Command, time::Duration};
+use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 const CLUSTER: &str = "aws_eks_cluster.main";
 const CUSTOMER: &str = "acme-corp";
@@ -33,42 +33,18 @@ fn runs(agent_dir: &Path) -> String {
     std::fs::read_to_string(agent_dir.join("runs.log")).unwrap_or_default()
 }
 
-/// `postern approvals key create --path P` as the approver on their own machine.
-fn make_key(gw: &Gateway, path: &Path) -> Result<(String, ApproverKey)> {
-    let out = gw
-        .cli(&[
-            "approvals",
-            "key",
-            "create",
-            "--path",
-            &path.display().to_string(),
-        ])?
-        .ok()?;
-    let line = out["public_key"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no public key in {out}"))?
-        .to_string();
-    let key = ApproverKey::from_pem(&std::fs::read_to_string(path)?)?;
-    Ok((line, key))
-}
-
 struct Setup {
     gw: Gateway,
     agent: Agent,
     agent_dir: std::path::PathBuf,
-    bob: String,
-    /// Bob's machine: no default approver key there.
-    bob_home: std::path::PathBuf,
-    bob_key_path: std::path::PathBuf,
-    bob_key: ApproverKey,
+    /// Bob, the customer's one approver.
+    bob: Approver,
 }
 
 fn start(dir: &Path) -> Result<Setup> {
     let gw = Gateway::start(&dir.join("gw"))?;
-    let bob_home = dir.join("bob-home");
-    std::fs::create_dir_all(&bob_home)?;
-    let bob_key_path = dir.join("bob").join("approver.key");
-    let (bob_line, bob_key) = make_key(&gw, &bob_key_path)?;
+    let bob = Approver::create(&gw, dir, "bob", CUSTOMER)?;
+    let bob_line = &bob.public_key;
     let agent_dir = dir.join("agent");
     std::fs::create_dir_all(&agent_dir)?;
     let kubectl = recording_kubectl(&agent_dir)?;
@@ -82,39 +58,15 @@ fn start(dir: &Path) -> Result<Setup> {
         kubeconfig.display()
     );
     let agent = Agent::online(&gw, &agent_dir, "my-app", CUSTOMER, &body)?;
-    let bob = gw
-        .cli(&[
-            "token",
-            "create",
-            "--role",
-            "approver",
-            "--name",
-            "bob",
-            "--customer",
-            CUSTOMER,
-        ])?
-        .ok()?["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no token"))?
-        .to_string();
     // Operate access, approved by Bob with his key (the appliance honours the grant only so).
     let grant = gw.request_operate("my-app", CUSTOMER, "1h")?;
     let gid = grant["id"].as_str().unwrap_or_default().to_string();
-    let key = bob_key_path.display().to_string();
-    gw.cli_home_as(
-        &bob,
-        &bob_home,
-        &["approvals", "approve", &gid, "--key", &key],
-    )?
-    .ok()?;
+    bob.approve(&gw, &gid)?;
     Ok(Setup {
         gw,
         agent,
         agent_dir,
         bob,
-        bob_home,
-        bob_key_path,
-        bob_key,
     })
 }
 
@@ -142,7 +94,7 @@ impl Setup {
     }
 
     fn bob(&self, args: &[&str]) -> Result<CliOutput> {
-        self.gw.cli_home_as(&self.bob, &self.bob_home, args)
+        self.bob.cli(&self.gw, args)
     }
 
     fn wait_state(&self, op_id: &str, state: &str) -> Result<Value> {
@@ -164,17 +116,7 @@ impl Setup {
 
     /// SQL on the gateway's own store, as someone with write access to it would run it.
     fn sql(&self, statement: &str) -> Result<()> {
-        let db = self.gw.data_dir.join("postern.db");
-        let out = Command::new("sqlite3")
-            .args(["-bail", "-cmd", ".timeout 10000"])
-            .arg(&db)
-            .arg(statement)
-            .output()
-            .context("running sqlite3")?;
-        if !out.status.success() {
-            bail!("sqlite3 failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        self.gw.store_sql(statement).map(drop)
     }
 
     /// Marks an op approved by Bob in the store, as the approvals service would.
@@ -298,7 +240,7 @@ fn a_rogue_gateway_cannot_run_what_the_customer_reserved_for_a_person() -> Resul
         .unwrap_or_default()
         .contains("approvals key create"));
     // Signed with Bob's key, it runs, and the trail names Bob as the signer.
-    let key = s.bob_key_path.display().to_string();
+    let key = s.bob.key_path.display().to_string();
     s.bob(&["approvals", "approve", &good, "--key", &key])?
         .ok()?;
     // The manual policy holds the output: its release binds the digest of what Bob sees.
@@ -378,8 +320,8 @@ fn a_tampered_argv_another_appliance_an_expired_statement_and_an_unknown_key_are
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = start(dir.path())?;
-    let (_, eve) = make_key(&s.gw, &dir.path().join("eve").join("approver.key"))?;
-    let key = s.bob_key_path.display().to_string();
+    let (_, eve) = approver::make_key(&s.gw, &dir.path().join("eve").join("approver.key"))?;
+    let key = s.bob.key_path.display().to_string();
 
     let tampered = s.op("kubectl get pods")?;
     let foreign = s.op("kubectl get pods")?;
@@ -419,13 +361,13 @@ fn a_tampered_argv_another_appliance_an_expired_statement_and_an_unknown_key_are
     // A statement Bob signed for another appliance.
     let mut other = statements[0].clone();
     other.appliance_id = "ap_elsewhere".into();
-    s.store_signed(&foreign, &s.bob_key.sign(other))?;
+    s.store_signed(&foreign, &s.bob.key.sign(other))?;
     s.mark_approved(&foreign)?;
     // One that expired an hour ago.
     let mut old = statements[1].clone();
     old.issued_at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2);
     old.not_after = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
-    s.store_signed(&expired, &s.bob_key.sign(old))?;
+    s.store_signed(&expired, &s.bob.key.sign(old))?;
     s.mark_approved(&expired)?;
     // One signed by a key the appliance does not list.
     s.store_signed(&unknown, &eve.sign(statements[2].clone()))?;

@@ -8,46 +8,22 @@
 //! the endpoints are sent again then: not a replay).
 
 use anyhow::{anyhow, bail, Context, Result};
-use certs::approver::ApproverKey;
 use endpoint_types::approval::{ApprovalStatement, DecidedContent, SignedDecision};
+use postern::approver::{self, Approver};
 use postern::tcp_endpoint::Forwarder;
 use postern::testbed::*;
 use serde_json::Value;
-use std::{path::Path, path::PathBuf, process::Command, time::Duration};
+use std::{path::Path, path::PathBuf, time::Duration};
 
 const CUSTOMER: &str = "acme-corp";
 const APP: &str = "my-app";
 const ECHO: &str = "null_resource.echo";
 
-/// `postern approvals key create --path P` as an approver on their own machine.
-fn make_key(gw: &Gateway, path: &Path) -> Result<(String, ApproverKey)> {
-    let out = gw
-        .cli(&[
-            "approvals",
-            "key",
-            "create",
-            "--path",
-            &path.display().to_string(),
-        ])?
-        .ok()?;
-    let line = out["public_key"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no public key in {out}"))?
-        .to_string();
-    Ok((
-        line,
-        ApproverKey::from_pem(&std::fs::read_to_string(path)?)?,
-    ))
-}
-
 struct Setup {
     gw: Gateway,
     agent: Agent,
-    bob: String,
-    /// Bob's machine (no default approver key there) and his key file.
-    bob_home: PathBuf,
-    bob_key_path: PathBuf,
-    bob_key: ApproverKey,
+    /// Bob, the customer's one approver.
+    bob: Approver,
     /// The operator's machine (endpoint keys stay there).
     home: PathBuf,
 }
@@ -56,46 +32,19 @@ struct Setup {
 /// agent with a TCP echo resource, online.
 fn start(dir: &Path) -> Result<Setup> {
     let gw = Gateway::start(&dir.join("gw"))?;
-    let bob_home = dir.join("bob-home");
-    std::fs::create_dir_all(&bob_home)?;
-    let bob_key_path = dir.join("bob").join("approver.key");
-    let (bob_line, bob_key) = make_key(&gw, &bob_key_path)?;
+    let bob = Approver::create(&gw, dir, "bob", CUSTOMER)?;
+    let bob_line = &bob.public_key;
     let echo = echo_server()?;
     let body = format!(
         "[policy]\napproval = \"manual\"\n\n\
          [[approver]]\nname = \"bob@acme-corp.example\"\npublic_key = \"{bob_line}\"\n\n\
          [[resource]]\nid = \"{ECHO}\"\nkind = \"tcp\"\ntarget = \"{echo}\"\n"
     );
-    let mut agent = Agent::enroll(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
-    agent.run()?;
-    if !gw.wait_online(&agent.appliance_id, Duration::from_secs(30)) {
-        bail!(
-            "agent never came online: {}",
-            std::fs::read_to_string(&agent.log).unwrap_or_default()
-        );
-    }
-    let bob = gw
-        .cli(&[
-            "token",
-            "create",
-            "--role",
-            "approver",
-            "--name",
-            "bob",
-            "--customer",
-            CUSTOMER,
-        ])?
-        .ok()?["token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no token"))?
-        .to_string();
+    let agent = Agent::online(&gw, &dir.join("agent"), APP, CUSTOMER, &body)?;
     Ok(Setup {
         gw,
         agent,
         bob,
-        bob_home,
-        bob_key_path,
-        bob_key,
         home: dir.join("operator-home"),
     })
 }
@@ -106,13 +55,12 @@ fn id_of(v: &Value) -> String {
 
 impl Setup {
     fn bob(&self, args: &[&str]) -> Result<CliOutput> {
-        self.gw.cli_home_as(&self.bob, &self.bob_home, args)
+        self.bob.cli(&self.gw, args)
     }
 
     /// `approvals approve ID --key` with Bob's key.
     fn approve(&self, id: &str) -> Result<Value> {
-        let key = self.bob_key_path.display().to_string();
-        self.bob(&["approvals", "approve", id, "--key", &key])?.ok()
+        self.bob.approve(&self.gw, id)
     }
 
     /// An operate grant request waiting for a person; its id.
@@ -176,17 +124,7 @@ impl Setup {
 
     /// SQL on the gateway's own store, as someone with write access to it would run it.
     fn sql(&self, statement: &str) -> Result<()> {
-        let db = self.gw.data_dir.join("postern.db");
-        let out = Command::new("sqlite3")
-            .args(["-bail", "-cmd", ".timeout 10000"])
-            .arg(&db)
-            .arg(statement)
-            .output()
-            .context("running sqlite3")?;
-        if !out.status.success() {
-            bail!("sqlite3 failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        self.gw.store_sql(statement).map(drop)
     }
 
     /// Marks grant `id` approved by Bob `ago_ms` ago, as the grants service would.
@@ -413,7 +351,7 @@ fn a_signed_grant_and_endpoint_are_honoured_also_after_the_agent_restarts() -> R
 fn a_rogue_gateway_cannot_grant_access_the_customer_reserved_for_a_person() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = start(dir.path())?;
-    let (_, eve) = make_key(&s.gw, &dir.path().join("eve").join("approver.key"))?;
+    let (_, eve) = approver::make_key(&s.gw, &dir.path().join("eve").join("approver.key"))?;
 
     let good = s.request_grant("1h")?;
     s.approve(&good)?;
@@ -430,7 +368,7 @@ fn a_rogue_gateway_cannot_grant_access_the_customer_reserved_for_a_person() -> R
     s.mark_active(&unsigned, 0)?;
     // Signed by Eve, under Bob's key id.
     let mut by_eve = eve.sign(forged_statement);
-    by_eve.statement.key_id = s.bob_key.public().key_id();
+    by_eve.statement.key_id = s.bob.key.public().key_id();
     s.store_signed(&forged, &by_eve)?;
     s.mark_active(&forged, 0)?;
     // Bob's decision on another grant.
@@ -449,7 +387,7 @@ fn a_rogue_gateway_cannot_grant_access_the_customer_reserved_for_a_person() -> R
     let mut old = expired_statement;
     old.issued_at = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(2);
     old.not_after = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
-    s.store_signed(&expired, &s.bob_key.sign(old))?;
+    s.store_signed(&expired, &s.bob.key.sign(old))?;
     s.mark_active(&expired, 2 * 3600 * 1000)?;
     s.start_agent()?;
 
@@ -495,12 +433,12 @@ fn a_rogue_gateway_cannot_open_an_endpoint_the_customer_reserved_for_a_person() 
     if let DecidedContent::Endpoint { ttl_s, .. } = &mut short.content {
         *ttl_s = 60;
     }
-    s.store_signed(&longer, &s.bob_key.sign(short))?;
+    s.store_signed(&longer, &s.bob.key.sign(short))?;
     let mut other = statements[1].clone();
     if let DecidedContent::Endpoint { resource_id, .. } = &mut other.content {
         *resource_id = "null_resource.other".into();
     }
-    s.store_signed(&elsewhere, &s.bob_key.sign(other))?;
+    s.store_signed(&elsewhere, &s.bob.key.sign(other))?;
     s.start_agent()?;
 
     s.assert_endpoint_refused(&unsigned, "missing")?;

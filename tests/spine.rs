@@ -35,25 +35,7 @@ fn setup(dir: &std::path::Path, app: &str) -> Result<(Gateway, Agent)> {
 
 /// `create` on the operator's machine whose home is `home` (the key stays there).
 fn create_tcp_endpoint(gw: &Gateway, home: &std::path::Path, app: &str) -> Result<Value> {
-    gw.cli_home(
-        home,
-        &[
-            "ops",
-            "endpoint",
-            "create",
-            "--type",
-            "tcp",
-            "--app",
-            app,
-            "--customer",
-            "acme-corp",
-            "--origin-resource-id",
-            "null_resource.echo",
-            "--ttl",
-            "10m",
-        ],
-    )?
-    .ok()
+    postern::tcp_endpoint::create(gw, home, app, "acme-corp", "null_resource.echo")
 }
 
 fn id_of(ep: &Value) -> String {

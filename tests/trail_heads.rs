@@ -4,7 +4,7 @@
 //! `postern-agent` processes; the store is edited with SQL on its SQLite file.
 
 use anyhow::{anyhow, Context, Result};
-use postern::tcp_endpoint::Forwarder;
+use postern::tcp_endpoint::{self, Forwarder};
 use postern::testbed::{echo_round_trip, echo_server, wait_until, Agent, CliOutput, Gateway};
 use serde_json::Value;
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -111,26 +111,7 @@ fn cut_or_replaced_trails_fail_verification_naming_the_missing_head() -> Result<
     let grant = gw.request_operate(APP, "acme-corp", "1h")?;
     assert_eq!(grant["state"], "active", "{grant}");
     let home = dir.path().join("home");
-    let ep = gw
-        .cli_home(
-            &home,
-            &[
-                "ops",
-                "endpoint",
-                "create",
-                "--type",
-                "tcp",
-                "--app",
-                APP,
-                "--customer",
-                "acme-corp",
-                "--origin-resource-id",
-                "null_resource.echo",
-                "--ttl",
-                "10m",
-            ],
-        )?
-        .ok()?;
+    let ep = tcp_endpoint::create(&gw, &home, APP, "acme-corp", "null_resource.echo")?;
     let fwd = Forwarder::start(
         &gw,
         &gw.admin_token,

@@ -124,29 +124,108 @@ pub fn pinned_client_config(
     ca_fingerprint: &str,
     alpn: Vec<Vec<u8>>,
 ) -> Result<ClientConfig, CertError> {
-    let verifier = PinnedCaVerifier {
-        pin: normalize(ca_fingerprint)?,
-        provider: provider(),
-    };
+    let verifier = SignedWith::verifier(
+        PinnedCa {
+            pin: normalize(ca_fingerprint)?,
+            provider: provider(),
+        },
+        provider(),
+    );
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = alpn;
     Ok(config)
 }
 
+/// The certificate half of a custom server verifier; [`SignedWith`] adds the other half, the
+/// handshake signatures, which every Postern verifier checks the same way (the provider's
+/// algorithms against the presented certificate).
+trait ServerCertCheck: std::fmt::Debug + Send + Sync {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// A [`ServerCertCheck`] made a rustls verifier, its handshake signatures checked with
+/// `provider`'s algorithms.
+#[derive(Debug)]
+struct SignedWith<C> {
+    check: C,
+    provider: Arc<CryptoProvider>,
+}
+
+impl<C: ServerCertCheck> SignedWith<C> {
+    fn verifier(check: C, provider: Arc<CryptoProvider>) -> Arc<Self> {
+        Arc::new(SignedWith { check, provider })
+    }
+}
+
+impl<C: ServerCertCheck> ServerCertVerifier for SignedWith<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check
+            .check(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 /// Trusts whichever presented certificate matches the pin, then defers all real checking
 /// (signatures, validity, name, EKU) to webpki with that certificate as the sole root.
 #[derive(Debug)]
-struct PinnedCaVerifier {
+struct PinnedCa {
     pin: String,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
+impl ServerCertCheck for PinnedCa {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -171,40 +250,6 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .map_err(|e| rustls::Error::General(e.to_string()))?
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// How a client checks a server outside Postern (an appliance's database), in libpq's terms.
@@ -228,17 +273,20 @@ pub fn upstream_client_config(check: ServerCheck<'_>) -> Result<ClientConfig, Ce
     let config = match check {
         ServerCheck::ChainAndName { ca_pem } => builder.with_root_certificates(roots(ca_pem)?),
         ServerCheck::Chain { ca_pem } => {
-            let inner =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider)
-                    .build()
-                    .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
+            let inner = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(ca_pem)?),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| CertError::Tls(rustls::Error::General(e.to_string())))?;
+            let verifier = SignedWith::verifier(AnyName { inner }, provider);
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyName { inner }))
+                .with_custom_certificate_verifier(verifier)
         }
         ServerCheck::EncryptOnly => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+            .with_custom_certificate_verifier(SignedWith::verifier(AnyServer, provider)),
     };
     Ok(config.with_no_client_auth())
 }
@@ -249,8 +297,8 @@ struct AnyName {
     inner: Arc<WebPkiServerVerifier>,
 }
 
-impl ServerCertVerifier for AnyName {
-    fn verify_server_cert(
+impl ServerCertCheck for AnyName {
+    fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -272,38 +320,15 @@ impl ServerCertVerifier for AnyName {
             other => other,
         }
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
-/// `require` without a CA: any certificate, but the handshake must be signed by its key.
+/// `require` without a CA: any certificate, but the handshake must be signed by its key
+/// ([`SignedWith`] checks that).
 #[derive(Debug)]
-struct AnyServer {
-    provider: Arc<CryptoProvider>,
-}
+struct AnyServer;
 
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
+impl ServerCertCheck for AnyServer {
+    fn check(
         &self,
         _end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
@@ -312,40 +337,6 @@ impl ServerCertVerifier for AnyServer {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -224,6 +224,49 @@ async fn pinned_ca_fingerprint() {
     ));
 }
 
+/// libpq's modes against a server that is not Postern's: `require` takes any certificate,
+/// `verify-ca` any name under the CA, `verify-full` only the name dialled; none takes another
+/// CA's chain when it checks the chain.
+#[tokio::test]
+async fn upstream_server_checks() {
+    let ca = Ca::generate("db", now()).unwrap();
+    let srv = server(&ca);
+    let scfg =
+        || server_config(&srv.cert_pem, &srv.key_pem, None, ClientAuth::None, vec![]).unwrap();
+    let other = Ca::generate("other", now()).unwrap();
+    let cfg = |check| upstream_client_config(check).unwrap();
+    let chain = ServerCheck::Chain {
+        ca_pem: ca.cert_pem(),
+    };
+    let full = ServerCheck::ChainAndName {
+        ca_pem: ca.cert_pem(),
+    };
+    let wrong_ca = ServerCheck::Chain {
+        ca_pem: other.cert_pem(),
+    };
+
+    for name in ["localhost", "db.example.com"] {
+        assert_eq!(
+            handshake(scfg(), cfg(ServerCheck::EncryptOnly), name).await,
+            Ok(None),
+            "{name}"
+        );
+        assert_eq!(
+            handshake(scfg(), cfg(chain), name).await,
+            Ok(None),
+            "{name}"
+        );
+        assert!(
+            handshake(scfg(), cfg(wrong_ca), name).await.is_err(),
+            "{name}"
+        );
+    }
+    assert_eq!(handshake(scfg(), cfg(full), "localhost").await, Ok(None));
+    assert!(handshake(scfg(), cfg(full), "db.example.com")
+        .await
+        .is_err());
+}
+
 #[test]
 fn agent_csr_subject_and_extensions_are_ignored() {
     let ca = Ca::generate("test", now()).unwrap();

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Stable, machine-matchable error codes. Scripts match on these strings.
+/// Stable, machine-matchable error codes. Scripts match on these strings. A new code goes into
+/// [`ErrorCode::ALL`] too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
@@ -48,6 +49,43 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (for tests and listings).
+    pub const ALL: [ErrorCode; 33] = [
+        ErrorCode::ApprovalDenied,
+        ErrorCode::OperateAccessExpired,
+        ErrorCode::OperateAccessRequired,
+        ErrorCode::CommandTimeout,
+        ErrorCode::CommandFailed,
+        ErrorCode::EndpointExpired,
+        ErrorCode::EndpointRetired,
+        ErrorCode::InvalidOriginResourceId,
+        ErrorCode::ApplianceOffline,
+        ErrorCode::ApplianceRevoked,
+        ErrorCode::TargetUnreachable,
+        ErrorCode::ForbiddenByScope,
+        ErrorCode::InvalidRequest,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Conflict,
+        ErrorCode::EnrollmentTokenInvalid,
+        ErrorCode::EnrollmentTokenExpired,
+        ErrorCode::EnrollmentTokenUsed,
+        ErrorCode::CaMismatch,
+        ErrorCode::AuditChainBroken,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::MalformedFrame,
+        ErrorCode::ProtocolVersion,
+        ErrorCode::SessionLimit,
+        ErrorCode::GatewayUnreachable,
+        ErrorCode::DuplicateConnection,
+        ErrorCode::Internal,
+        ErrorCode::AuditUnavailable,
+        ErrorCode::ApprovalInvalid,
+        ErrorCode::SteadyStateDisabled,
+        ErrorCode::WaitTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::ApprovalDenied => "APPROVAL_DENIED",
@@ -204,40 +242,11 @@ mod tests {
 
     #[test]
     fn as_str_agrees_with_serde_for_every_code() {
-        use ErrorCode::*;
-        for c in [
-            ApprovalDenied,
-            OperateAccessExpired,
-            OperateAccessRequired,
-            CommandTimeout,
-            CommandFailed,
-            EndpointExpired,
-            EndpointRetired,
-            InvalidOriginResourceId,
-            ApplianceOffline,
-            ApplianceRevoked,
-            TargetUnreachable,
-            ForbiddenByScope,
-            InvalidRequest,
-            Unauthenticated,
-            Forbidden,
-            NotFound,
-            Conflict,
-            EnrollmentTokenInvalid,
-            EnrollmentTokenExpired,
-            EnrollmentTokenUsed,
-            CaMismatch,
-            AuditChainBroken,
-            FrameTooLarge,
-            MalformedFrame,
-            ProtocolVersion,
-            SessionLimit,
-            GatewayUnreachable,
-            DuplicateConnection,
-            Internal,
-            AuditUnavailable,
-        ] {
+        for c in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }
+        let names: std::collections::BTreeSet<_> =
+            ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len(), "a code listed twice");
     }
 }

@@ -538,6 +538,36 @@ pub fn is_identity_header(name: &str) -> bool {
         || name.starts_with("x-remote-")
 }
 
+/// Whether a request header crosses a Postern kube proxy (gateway to agent, agent to the API
+/// server): never an identity claim ([`is_identity_header`]) nor a hop-by-hop header;
+/// `Connection` and `Upgrade` only on an upgrade (exec, attach, port-forward).
+/// `Content-Length` is dropped because the proxy re-frames the body it read. Names in lower
+/// case, as hyper gives them.
+pub fn forwardable_header(name: &str, upgrade: bool) -> bool {
+    if is_identity_header(name) {
+        return false;
+    }
+    match name {
+        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
+        | "content-length" => false,
+        "connection" | "upgrade" => upgrade,
+        _ => true,
+    }
+}
+
+/// Whether a request asks for an HTTP upgrade: it has an `Upgrade` header and one of its
+/// `Connection` values (those that are text) lists the `upgrade` token.
+pub fn asks_upgrade<'a>(
+    has_upgrade_header: bool,
+    connection_values: impl IntoIterator<Item = &'a str>,
+) -> bool {
+    has_upgrade_header
+        && connection_values.into_iter().any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+}
+
 /// What an exec or attach runs, for the audit records: the `command=` arguments in order
 /// and the `container=` named (None when the request names none).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -833,3 +833,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_end_to_end_headers_cross_and_upgrades_are_recognised() {
+    for h in [
+        "authorization",
+        "impersonate-user",
+        "x-remote-group",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-connection",
+        "content-length",
+    ] {
+        assert!(!forwardable_header(h, false), "{h}");
+        assert!(!forwardable_header(h, true), "{h}");
+    }
+    for h in ["connection", "upgrade"] {
+        assert!(!forwardable_header(h, false), "{h}");
+        assert!(forwardable_header(h, true), "{h}");
+    }
+    for h in [
+        "accept",
+        "content-type",
+        "host",
+        "x-stream-protocol-version",
+    ] {
+        assert!(forwardable_header(h, false), "{h}");
+    }
+    assert!(asks_upgrade(true, ["keep-alive, Upgrade"]));
+    assert!(asks_upgrade(true, ["close", " upgrade "]));
+    assert!(!asks_upgrade(false, ["Upgrade"]));
+    assert!(!asks_upgrade(true, ["keep-alive", "upgrade-insecure"]));
+    assert!(!asks_upgrade(true, []));
+}

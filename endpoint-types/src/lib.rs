@@ -7,6 +7,7 @@ pub mod api;
 pub mod approval;
 pub mod asciicast;
 pub mod cert_renewal;
+pub mod chunk_write;
 pub mod control;
 pub mod customer_trail;
 pub mod duration;

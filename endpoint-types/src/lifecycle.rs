@@ -15,7 +15,7 @@ pub mod endpoint;
 pub mod grant;
 pub mod transition;
 
-pub use transition::Machine;
+pub use transition::{Machine, TableMachine};
 
 /// The command that gets operate access back, for hints. The reason is left for the operator
 /// to write: a hint must not invent one.

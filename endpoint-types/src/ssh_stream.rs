@@ -60,6 +60,31 @@ pub struct SshStart {
     pub env: Vec<(String, String)>,
 }
 
+impl SshStart {
+    /// The asciicast header of this session's recording, which the gateway and the agent each
+    /// write: the terminal's size and `TERM` from the pty request (80x24 without one),
+    /// `started_at` and `title`.
+    pub fn recording_header(
+        &self,
+        started_at: jiff::Timestamp,
+        title: String,
+    ) -> crate::asciicast::Header {
+        let (width, height, term) = self
+            .pty
+            .as_ref()
+            .map(|p| (p.cols, p.rows, Some(p.term.clone())))
+            .unwrap_or((80, 24, None));
+        crate::asciicast::Header {
+            version: 2,
+            width,
+            height,
+            timestamp: started_at.as_second(),
+            env: term.into_iter().map(|t| ("TERM".to_string(), t)).collect(),
+            title: Some(title),
+        }
+    }
+}
+
 /// Agent → gateway: the upstream session runs, as `user`; whether the customer wants typed
 /// input recorded too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +282,36 @@ mod tests {
     use super::*;
     use crate::ErrorCode;
     use proptest::prelude::*;
+
+    #[test]
+    fn recording_header_takes_the_pty_or_a_plain_terminal() {
+        let at = jiff::Timestamp::from_second(1_700_000_000).unwrap();
+        let mut start = SshStart {
+            pty: None,
+            command: None,
+            subsystem: None,
+            env: vec![],
+        };
+        let h = start.recording_header(at, "ep_1 ss_1".into());
+        assert_eq!((h.version, h.width, h.height), (2, 80, 24));
+        assert_eq!(h.timestamp, 1_700_000_000);
+        assert!(h.env.is_empty());
+        assert_eq!(h.title.as_deref(), Some("ep_1 ss_1"));
+        start.pty = Some(PtyRequest {
+            term: "xterm-256color".into(),
+            cols: 132,
+            rows: 43,
+            pix_width: 0,
+            pix_height: 0,
+            modes: vec![],
+        });
+        let h = start.recording_header(at, "t".into());
+        assert_eq!((h.width, h.height), (132, 43));
+        assert_eq!(
+            h.env.get("TERM").map(String::as_str),
+            Some("xterm-256color")
+        );
+    }
 
     fn all() -> Vec<SshFrame> {
         vec![

@@ -643,6 +643,30 @@ impl Chain {
 mod tests {
     use super::*;
 
+    /// A record of `kind` by `x` about nothing, now.
+    async fn append_bare(log: &AuditLog, kind: &str) -> AuditRecord {
+        log.append(
+            kind,
+            "x",
+            Subject::default(),
+            serde_json::Value::Null,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Queues statement `i` of `subject`'s session.
+    async fn enqueue_statement(log: &AuditLog, subject: &Arc<Subject>, i: i32) {
+        log.enqueue(
+            "sql.statement",
+            Arc::from("op"),
+            subject.clone(),
+            serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
+        )
+        .await;
+    }
+
     #[tokio::test]
     async fn chain_verifies_and_tampering_is_found() {
         let store = Store::open_memory().await.unwrap();
@@ -667,27 +691,13 @@ mod tests {
     async fn queued_records_continue_the_chain_in_each_callers_order() {
         let store = Store::open_memory().await.unwrap();
         let log = Arc::new(AuditLog::open(store.clone()).await.unwrap());
-        log.append(
-            "a",
-            "x",
-            Subject::default(),
-            serde_json::Value::Null,
-            Timestamp::now(),
-        )
-        .await
-        .unwrap();
+        append_bare(&log, "a").await;
         let session = |id: &str| Arc::new(Subject::session("ap_1", "ep_1", id));
         let callers = ["s1", "s2", "s3"].map(|id| {
             let (log, subject) = (log.clone(), session(id));
             tokio::spawn(async move {
                 for i in 0..300 {
-                    log.enqueue(
-                        "sql.statement",
-                        Arc::from("op"),
-                        subject.clone(),
-                        serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
-                    )
-                    .await;
+                    enqueue_statement(&log, &subject, i).await;
                     if i % 7 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -739,13 +749,7 @@ mod tests {
         let log = AuditLog::open(store.clone()).await.unwrap();
         let subject = Arc::new(Subject::appliance("ap_1"));
         for i in 0..5 {
-            log.enqueue(
-                "sql.statement",
-                Arc::from("op"),
-                subject.clone(),
-                serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
-            )
-            .await;
+            enqueue_statement(&log, &subject, i).await;
         }
         log.flush().await.unwrap();
         let records = store.list_audit(0).await.unwrap();
@@ -914,26 +918,9 @@ mod tests {
     async fn chain_continues_across_reopen() {
         let store = Store::open_memory().await.unwrap();
         let log = AuditLog::open(store.clone()).await.unwrap();
-        log.append(
-            "a",
-            "x",
-            Subject::default(),
-            serde_json::Value::Null,
-            Timestamp::now(),
-        )
-        .await
-        .unwrap();
+        append_bare(&log, "a").await;
         let log2 = AuditLog::open(store).await.unwrap();
-        let r = log2
-            .append(
-                "b",
-                "x",
-                Subject::default(),
-                serde_json::Value::Null,
-                Timestamp::now(),
-            )
-            .await
-            .unwrap();
+        let r = append_bare(&log2, "b").await;
         assert_eq!(r.seq, 2);
         assert_eq!(log2.verify().await.unwrap(), Ok(2));
     }

@@ -328,6 +328,15 @@ mod tests {
         }
     }
 
+    /// The certificate ap_1 gets for a fresh key, renewing with its enrolled `old` one.
+    async fn renew_once(r: &Renewals<'_>, old: &str) -> String {
+        granted(
+            r.on_request("ap_1", Some(&der(old)), request("ap_1"), Timestamp::now())
+                .await,
+        )
+        .unwrap()
+    }
+
     fn granted(frame: ToAgent) -> Result<String, ApiError> {
         match frame {
             ToAgent::CertRenewal(a) => {
@@ -346,12 +355,7 @@ mod tests {
     async fn renewed_cert_is_pending_until_first_use_then_replaces_the_old() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = renewals(&store, &audit, &ca);
-        let new = granted(
-            r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
-                .await,
-        )
-        .unwrap();
+        let new = renew_once(&renewals(&store, &audit, &ca), &old).await;
         assert_eq!(certs::cert_common_name(&der(&new)).unwrap(), "ap_1");
         // Both open the appliance until the new one is used.
         let a = appliance_for_cert(&store, &der(&old)).await.unwrap();
@@ -423,12 +427,7 @@ mod tests {
     async fn a_pending_cert_of_a_revoked_appliance_still_maps_to_it_so_the_relay_refuses_it() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = renewals(&store, &audit, &ca);
-        let new = granted(
-            r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
-                .await,
-        )
-        .unwrap();
+        let new = renew_once(&renewals(&store, &audit, &ca), &old).await;
         store
             .revoke_appliance("ap_1", Timestamp::now())
             .await
@@ -444,12 +443,7 @@ mod tests {
     async fn a_replaced_cert_is_refused_naming_its_appliance() {
         let (store, ca, _, old) = setup().await;
         let audit = MemoryAudit::default();
-        let r = renewals(&store, &audit, &ca);
-        let new = granted(
-            r.on_request("ap_1", Some(&der(&old)), request("ap_1"), Timestamp::now())
-                .await,
-        )
-        .unwrap();
+        let new = renew_once(&renewals(&store, &audit, &ca), &old).await;
         assert!(appliance_for_cert(&store, &der(&new))
             .await
             .unwrap()

@@ -1087,19 +1087,12 @@ fn upgrade_exec(
         return spdy_exec::spdy_response(V4);
     }
     let h = req.headers();
-    let is_ws = h
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let protocol = h
         .get(hyper::header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
         .and_then(exec::choose_protocol);
-    let key = h
-        .get(hyper::header::SEC_WEBSOCKET_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(exec::accept_key);
-    let (true, Some(protocol), Some(accept)) = (is_ws, protocol, key) else {
+    let accept = websocket_accept(h);
+    let (Some(protocol), Some(accept)) = (protocol, accept) else {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks exec over WebSocket (v5.channel.k8s.io, v4.channel.k8s.io) or SPDY/3.1 (v4.channel.k8s.io) only");
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1108,6 +1101,24 @@ fn upgrade_exec(
             exec::serve(upgraded, command, uploads).await;
         }
     });
+    websocket_accepted(protocol, &accept)
+}
+
+/// The `Sec-WebSocket-Accept` for a request upgrading to WebSocket with a key; `None` for any
+/// other request.
+fn websocket_accept(h: &hyper::HeaderMap) -> Option<String> {
+    let is_ws = h
+        .get(hyper::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    h.get(hyper::header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| is_ws)
+        .map(exec::accept_key)
+}
+
+/// `101 Switching Protocols` to WebSocket, with the subprotocol chosen and the key's accept.
+fn websocket_accepted(protocol: &'static str, accept: &str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::new()).boxed());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let hs = resp.headers_mut();
@@ -1123,7 +1134,7 @@ fn upgrade_exec(
         hyper::header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(protocol),
     );
-    if let Ok(v) = HeaderValue::from_str(&accept) {
+    if let Ok(v) = HeaderValue::from_str(accept) {
         hs.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
@@ -1145,20 +1156,13 @@ fn upgrade_portforward(
         return spdy_exec::spdy_response(PF);
     }
     let h = req.headers();
-    let is_ws = h
-        .get(hyper::header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let tunnelled = h
         .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split(',').any(|p| p.trim() == TUNNELLED));
-    let key = h
-        .get(hyper::header::SEC_WEBSOCKET_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(exec::accept_key);
-    let (true, true, Some(accept)) = (is_ws, tunnelled, key) else {
+    let accept = websocket_accept(h);
+    let (true, Some(accept)) = (tunnelled, accept) else {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "the test API server speaks port-forward over SPDY/3.1 (portforward.k8s.io), plain or tunnelled in WebSocket, only");
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -1167,25 +1171,7 @@ fn upgrade_portforward(
             spdy_exec::serve_tunnelled_portforward(upgraded, forwards).await;
         }
     });
-    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let hs = resp.headers_mut();
-    hs.insert(
-        hyper::header::UPGRADE,
-        HeaderValue::from_static("websocket"),
-    );
-    hs.insert(
-        hyper::header::CONNECTION,
-        HeaderValue::from_static("Upgrade"),
-    );
-    hs.insert(
-        hyper::header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(TUNNELLED),
-    );
-    if let Ok(v) = HeaderValue::from_str(&accept) {
-        hs.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    resp
+    websocket_accepted(TUNNELLED, &accept)
 }
 
 /// Runs `kubectl` with `kubeconfig` and returns (success, stdout, stderr); bounded by `limit`.

@@ -15,7 +15,7 @@ use crate::{
 };
 use bytes::BytesMut;
 use endpoint_types::{
-    asciicast::{Header, Recorder},
+    asciicast::Recorder,
     frame::StreamOpen,
     resource::CloseReason,
     ssh_scope,
@@ -30,7 +30,6 @@ use russh::{
 };
 use serde_json::json;
 use std::{
-    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -416,22 +415,10 @@ pub async fn serve_stream(
     let started = Instant::now();
     let started_at = jiff::Timestamp::now();
 
-    let (width, height, term) = start
-        .pty
-        .as_ref()
-        .map(|p| (p.cols, p.rows, Some(p.term.clone())))
-        .unwrap_or((80, 24, None));
-    let header = Header {
-        version: 2,
-        width,
-        height,
-        timestamp: started_at.as_second(),
-        env: term
-            .into_iter()
-            .map(|t| ("TERM".to_string(), t))
-            .collect::<BTreeMap<_, _>>(),
-        title: Some(format!("{} {}", open.endpoint_id, open.session_id)),
-    };
+    let header = start.recording_header(
+        started_at,
+        format!("{} {}", open.endpoint_id, open.session_id),
+    );
     let rec = Mutex::new(Recorder::new(&header, RECORDING_CAP));
     let mut exit: Option<u32> = None;
     let mut exit_signal: Option<ExitSignal> = None;

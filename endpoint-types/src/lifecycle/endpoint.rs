@@ -11,7 +11,7 @@
 //! `denied`, `retired` and `expired` are end states: they take no event, so a retired request
 //! can never be approved into an active endpoint.
 
-use super::Machine;
+use super::{transition, Machine, TableMachine};
 use crate::api::EndpointState;
 
 /// What happens to an endpoint.
@@ -56,10 +56,7 @@ pub const ALL_STATES: [EndpointState; 5] = [
 
 /// Whether an endpoint in `state` has ended for good.
 pub fn is_final(state: EndpointState) -> bool {
-    matches!(
-        state,
-        EndpointState::Denied | EndpointState::Retired | EndpointState::Expired
-    )
+    EndpointMachine::FINAL_STATES.contains(&state)
 }
 
 /// The endpoint machine, as its refusals describe it.
@@ -88,20 +85,52 @@ impl Machine for EndpointMachine {
     }
 }
 
+impl TableMachine for EndpointMachine {
+    const TRANSITIONS: &'static [(EndpointState, EndpointEvent, EndpointState)] = &[
+        (
+            EndpointState::PendingApproval,
+            EndpointEvent::Approve,
+            EndpointState::Active,
+        ),
+        (
+            EndpointState::PendingApproval,
+            EndpointEvent::Deny,
+            EndpointState::Denied,
+        ),
+        (
+            EndpointState::PendingApproval,
+            EndpointEvent::Retire,
+            EndpointState::Retired,
+        ),
+        (
+            EndpointState::Active,
+            EndpointEvent::Retire,
+            EndpointState::Retired,
+        ),
+        (
+            EndpointState::PendingApproval,
+            EndpointEvent::Expire,
+            EndpointState::Expired,
+        ),
+        (
+            EndpointState::Active,
+            EndpointEvent::Expire,
+            EndpointState::Expired,
+        ),
+    ];
+    const FINAL_STATES: &'static [EndpointState] = &[
+        EndpointState::Denied,
+        EndpointState::Retired,
+        EndpointState::Expired,
+    ];
+}
+
 /// An event the endpoint's state does not accept (an end state accepts none).
-pub type TransitionError = super::transition::TransitionError<EndpointMachine>;
+pub type TransitionError = transition::TransitionError<EndpointMachine>;
 
 /// The endpoint state machine (see the module docs).
 pub fn next(state: EndpointState, event: EndpointEvent) -> Result<EndpointState, TransitionError> {
-    use EndpointEvent as E;
-    use EndpointState as S;
-    Ok(match (state, event) {
-        (S::PendingApproval, E::Approve) => S::Active,
-        (S::PendingApproval, E::Deny) => S::Denied,
-        (S::PendingApproval | S::Active, E::Retire) => S::Retired,
-        (S::PendingApproval | S::Active, E::Expire) => S::Expired,
-        _ => return Err(TransitionError { state, event }),
-    })
+    transition::step(state, event)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! `denied`, `expired` and `revoked` are end states: they take no event. Expiry is derived from
 //! `expires_at` and the clock ([`super::grant_state`]), so callers pass the state *at now*.
 
-use super::Machine;
+use super::{transition, Machine, TableMachine};
 use crate::control::GrantState;
 
 /// What happens to a grant.
@@ -55,10 +55,7 @@ pub const ALL_STATES: [GrantState; 5] = [
 
 /// Whether a grant in `state` has ended for good.
 pub fn is_final(state: GrantState) -> bool {
-    matches!(
-        state,
-        GrantState::Denied | GrantState::Expired | GrantState::Revoked
-    )
+    GrantMachine::FINAL_STATES.contains(&state)
 }
 
 /// The grant machine, as its refusals describe it.
@@ -87,21 +84,36 @@ impl Machine for GrantMachine {
     }
 }
 
+impl TableMachine for GrantMachine {
+    const TRANSITIONS: &'static [(GrantState, GrantEvent, GrantState)] = &[
+        (
+            GrantState::PendingApproval,
+            GrantEvent::Approve,
+            GrantState::Active,
+        ),
+        (
+            GrantState::PendingApproval,
+            GrantEvent::Deny,
+            GrantState::Denied,
+        ),
+        (
+            GrantState::PendingApproval,
+            GrantEvent::Revoke,
+            GrantState::Revoked,
+        ),
+        (GrantState::Active, GrantEvent::Revoke, GrantState::Revoked),
+        (GrantState::Active, GrantEvent::Expire, GrantState::Expired),
+    ];
+    const FINAL_STATES: &'static [GrantState] =
+        &[GrantState::Denied, GrantState::Expired, GrantState::Revoked];
+}
+
 /// An event the grant's state does not accept (an end state accepts none).
-pub type TransitionError = super::transition::TransitionError<GrantMachine>;
+pub type TransitionError = transition::TransitionError<GrantMachine>;
 
 /// The grant state machine (see the module docs).
 pub fn next(state: GrantState, event: GrantEvent) -> Result<GrantState, TransitionError> {
-    use GrantEvent as E;
-    use GrantState as S;
-    Ok(match (state, event) {
-        (S::PendingApproval, E::Approve) => S::Active,
-        (S::PendingApproval, E::Deny) => S::Denied,
-        (S::PendingApproval, E::Revoke) => S::Revoked,
-        (S::Active, E::Revoke) => S::Revoked,
-        (S::Active, E::Expire) => S::Expired,
-        _ => return Err(TransitionError { state, event }),
-    })
+    transition::step(state, event)
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use std::fmt;
 /// What a state machine tells its refusals: what its records are called, how its states and
 /// events are named, which states are final and what to do instead.
 pub trait Machine {
-    type State: Copy + fmt::Debug + PartialEq + Eq;
+    type State: Copy + fmt::Debug + PartialEq + Eq + 'static;
     /// What a refusal keeps of the event (its name for ops, whose events carry data).
-    type Event: Copy + fmt::Debug + PartialEq + Eq;
+    type Event: Copy + fmt::Debug + PartialEq + Eq + 'static;
     /// The record's name in API errors: `op`, `grant`, `endpoint`.
     const RECORD: &'static str;
     /// "a" or "an", for the error's text.
@@ -26,6 +26,29 @@ pub trait Machine {
     fn is_final(state: Self::State) -> bool;
     /// The hint for an event a live record's state does not take.
     fn otherwise_hint(id: &str) -> String;
+}
+
+/// A machine whose events carry no data (grant, endpoint): all it does is in its table, and
+/// [`step`] runs every such machine the same way. The op machine's events carry exit codes and
+/// holds, so it keeps its own `match`.
+pub trait TableMachine: Machine {
+    /// Every (state, event) the machine takes, with the state it goes to; any other pair is
+    /// refused.
+    const TRANSITIONS: &'static [(Self::State, Self::Event, Self::State)];
+    /// The end states: they take no event.
+    const FINAL_STATES: &'static [Self::State];
+}
+
+/// The state `event` moves a record of machine `M` from `state` to, or the refusal.
+pub fn step<M: TableMachine>(
+    state: M::State,
+    event: M::Event,
+) -> Result<M::State, TransitionError<M>> {
+    M::TRANSITIONS
+        .iter()
+        .find(|(from, on, _)| *from == state && *on == event)
+        .map(|(_, _, to)| *to)
+        .ok_or(TransitionError { state, event })
 }
 
 /// An event the record's state does not accept (a final state accepts none).

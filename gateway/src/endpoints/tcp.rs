@@ -413,7 +413,7 @@ async fn pump(
         {
             let got = chunks.get_mut(..n).unwrap_or_default();
             down.fetch_add(got.iter().map(|c| c.len() as u64).sum(), Ordering::Relaxed);
-            write_all_chunks(&mut tcp_w, got)
+            endpoint_types::chunk_write::write_all_chunks(&mut tcp_w, got)
                 .await
                 .map_err(PumpError::Tcp)?;
         }
@@ -421,35 +421,6 @@ async fn pump(
         Ok::<(), PumpError>(())
     };
     tokio::try_join!(client_to_agent, agent_to_client).map(|_| ())
-}
-
-/// Writes every chunk with as few syscalls as the socket allows: QUIC hands data over in
-/// packet-sized chunks, and one write per chunk would cost a syscall per ~1.2 KB.
-async fn write_all_chunks(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    chunks: &mut [bytes::Bytes],
-) -> std::io::Result<()> {
-    use bytes::Buf;
-    let mut first = 0;
-    while first < chunks.len() {
-        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
-            .iter()
-            .map(|c| std::io::IoSlice::new(c))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && first < chunks.len() {
-            let take = n.min(chunks[first].len());
-            chunks[first].advance(take);
-            n -= take;
-            if chunks[first].is_empty() {
-                first += 1;
-            }
-        }
-    }
-    Ok(())
 }
 
 impl PumpError {

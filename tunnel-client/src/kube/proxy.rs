@@ -6,8 +6,8 @@
 use super::upstream::Upstream;
 use bytes::Bytes;
 use endpoint_types::kube_request::{
-    classify, decide, display_resource, forbidden_status, is_identity_header, status_json,
-    stream_target, Decision, KubeScope, RequestInfo,
+    asks_upgrade, classify, decide, display_resource, forbidden_status, forwardable_header,
+    status_json, stream_target, Decision, KubeScope, RequestInfo,
 };
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::{
@@ -71,27 +71,20 @@ pub fn local(code: StatusCode, body: String) -> Response<Body> {
     r
 }
 
+/// The headers that cross to the API server ([`forwardable_header`]), except `Host`: the
+/// request names the upstream's own authority instead.
 pub(super) fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
-    let n = name.as_str();
-    if is_identity_header(n) {
-        return false;
-    }
-    match n {
-        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
-        | "content-length" | "host" => false,
-        "connection" | "upgrade" => upgrade,
-        _ => true,
-    }
+    *name != HOST && forwardable_header(name.as_str(), upgrade)
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(hyper::header::UPGRADE)
-        && req.headers().get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+    asks_upgrade(
+        req.headers().contains_key(hyper::header::UPGRADE),
+        req.headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 impl Proxy {

@@ -556,6 +556,16 @@ mod tests {
         );
     }
 
+    /// The credential the cached TLS connectors were built for.
+    fn connectors_credential(up: &Upstream) -> Arc<Credential> {
+        up.exec_tls
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.credential.clone())
+            .unwrap()
+    }
+
     /// A plugin returning a client certificate: no bearer token, and new connections present
     /// the certificate (one connector pair per credential, rebuilt only when it changes).
     #[tokio::test]
@@ -577,32 +587,14 @@ mod tests {
         assert!(up.authorization().await.unwrap().is_none());
         up.connector(false).await.unwrap();
         up.connector(true).await.unwrap();
-        let first = up
-            .exec_tls
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|t| t.credential.clone())
-            .unwrap();
+        let first = connectors_credential(&up);
         up.connector(false).await.unwrap();
-        let again = up
-            .exec_tls
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|t| t.credential.clone())
-            .unwrap();
+        let again = connectors_credential(&up);
         assert!(Arc::ptr_eq(&first, &again));
         // Refused by the API server: the plugin runs again and the connectors follow.
         up.credential_refused().await;
         up.connector(false).await.unwrap();
-        let next = up
-            .exec_tls
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|t| t.credential.clone())
-            .unwrap();
+        let next = connectors_credential(&up);
         assert!(!Arc::ptr_eq(&first, &next));
     }
 

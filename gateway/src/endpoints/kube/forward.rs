@@ -16,8 +16,8 @@ use crate::{
 use bytes::Bytes;
 use endpoint_types::{
     kube_request::{
-        classify, decide, display_resource, forbidden_status, is_identity_header, status_json,
-        stream_target, Decision, KubeScope, RequestInfo,
+        asks_upgrade, classify, decide, display_resource, forbidden_status, forwardable_header,
+        status_json, stream_target, Decision, KubeScope, RequestInfo,
     },
     resource::CloseReason,
     ErrorCode,
@@ -191,30 +191,20 @@ fn appliance_refusal(body: &[u8]) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Headers that never cross: the client's identity claims (credentials, `Impersonate-*`,
-/// the authenticating-proxy `X-Remote-*`; the appliance authenticates upstream with its own
-/// credentials) and hop-by-hop headers.
+/// Headers that never cross: the client's identity claims (the appliance authenticates
+/// upstream with its own credentials) and hop-by-hop headers ([`forwardable_header`]).
 fn forwardable(name: &HeaderName, upgrade: bool) -> bool {
-    let n = name.as_str();
-    if is_identity_header(n) {
-        return false;
-    }
-    match n {
-        "keep-alive" | "te" | "trailer" | "transfer-encoding" | "proxy-connection"
-        | "content-length" => false,
-        "connection" | "upgrade" => upgrade,
-        _ => true,
-    }
+    forwardable_header(name.as_str(), upgrade)
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(hyper::header::UPGRADE)
-        && req.headers().get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+    asks_upgrade(
+        req.headers().contains_key(hyper::header::UPGRADE),
+        req.headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 impl Conn {

@@ -14,7 +14,7 @@ use crate::{
 };
 use bytes::{Bytes, BytesMut};
 use endpoint_types::{
-    asciicast::{Header, Recorder},
+    asciicast::Recorder,
     resource::CloseReason,
     ssh_scope,
     ssh_stream::{self, ExitSignal, SshFrame, SshReady, SshStart},
@@ -22,7 +22,6 @@ use endpoint_types::{
 };
 use russh::{server::Msg, Channel, ChannelMsg, ChannelWriteHalf, Sig};
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -202,22 +201,7 @@ pub async fn run(channel_ctx: ChannelCtx, channel: Channel<Msg>, mut ctl: mpsc::
     };
 
     // 3. Relay.
-    let (width, height, term) = start
-        .pty
-        .as_ref()
-        .map(|p| (p.cols, p.rows, Some(p.term.clone())))
-        .unwrap_or((80, 24, None));
-    let header = Header {
-        version: 2,
-        width,
-        height,
-        timestamp: started_at.as_second(),
-        env: term
-            .into_iter()
-            .map(|t| ("TERM".to_string(), t))
-            .collect::<BTreeMap<_, _>>(),
-        title: Some(format!("{} {}", ep.id, session_id)),
-    };
+    let header = start.recording_header(started_at, format!("{} {}", ep.id, session_id));
     let rec = Mutex::new(Recorder::new(&header, RECORDING_CAP));
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);

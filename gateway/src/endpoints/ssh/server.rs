@@ -77,6 +77,23 @@ impl Conn {
             .await;
     }
 
+    /// A forwarding request refused: the target asked for (a socket path, or a host with
+    /// `port`) goes into the record, cut to 255 characters of the peer's text.
+    async fn refused_forwarding(
+        &self,
+        action: &str,
+        reason: &str,
+        target: &str,
+        port: Option<u32>,
+    ) {
+        let mut target: String = target.chars().take(255).collect();
+        if let Some(port) = port {
+            target = format!("{target}:{port}");
+        }
+        self.refused(action, reason, serde_json::json!({ "target": target }))
+            .await;
+    }
+
     async fn decide(
         &mut self,
         channel: ChannelId,
@@ -289,11 +306,11 @@ impl russh::server::Handler for Conn {
         reply
             .reject(ChannelOpenFailure::AdministrativelyProhibited)
             .await;
-        let target = format!("{}:{port}", host.chars().take(255).collect::<String>());
-        self.refused(
+        self.refused_forwarding(
             "port-forwarding",
             "port forwarding is not available through Postern",
-            serde_json::json!({"target": target}),
+            host,
+            Some(port),
         )
         .await;
         Ok(())
@@ -325,11 +342,11 @@ impl russh::server::Handler for Conn {
         reply
             .reject(ChannelOpenFailure::AdministrativelyProhibited)
             .await;
-        let path: String = path.chars().take(255).collect();
-        self.refused(
+        self.refused_forwarding(
             "port-forwarding",
             "socket forwarding is not available through Postern",
-            serde_json::json!({"target": path}),
+            path,
+            None,
         )
         .await;
         Ok(())
@@ -341,11 +358,11 @@ impl russh::server::Handler for Conn {
         port: &mut u32,
         _s: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let target = format!("{}:{port}", address.chars().take(255).collect::<String>());
-        self.refused(
+        self.refused_forwarding(
             "remote-forwarding",
             "remote port forwarding is not available through Postern",
-            serde_json::json!({"target": target}),
+            address,
+            Some(*port),
         )
         .await;
         Ok(false)
@@ -356,11 +373,11 @@ impl russh::server::Handler for Conn {
         path: &str,
         _s: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let path: String = path.chars().take(255).collect();
-        self.refused(
+        self.refused_forwarding(
             "remote-forwarding",
             "remote socket forwarding is not available through Postern",
-            serde_json::json!({"target": path}),
+            path,
+            None,
         )
         .await;
         Ok(false)
