@@ -133,6 +133,12 @@ impl GrantStore for MemoryGrantStore {
         let mut t = self.tables();
         for (id, state) in std::mem::take(&mut t.moved_meanwhile) {
             if let Some(g) = t.grants.iter_mut().find(|g| g.id == id) {
+                if g.state == GrantState::PendingApproval && state == GrantState::Active {
+                    // Approved by the policy, for a day from its request.
+                    g.decided_by = Some("policy:automatic".into());
+                    g.decided_at = Some(g.requested_at);
+                    g.expires_at = Some(g.requested_at + jiff::SignedDuration::from_hours(24));
+                }
                 g.state = state;
             }
         }
