@@ -38,10 +38,10 @@ pub enum AccessCmd {
         #[arg(long)]
         customer: Option<String>,
         /// With --customer: only the grants of this app's appliance.
-        #[arg(long, requires = "customer")]
+        #[arg(long, requires = "customer", conflicts_with = "id")]
         app: Option<String>,
         /// With --customer: why, kept in each grant's `grant.revoked` record.
-        #[arg(long, requires = "customer")]
+        #[arg(long, requires = "customer", conflicts_with = "id")]
         reason: Option<String>,
     },
     /// Turn the default read-only steady-state phase on or off (customer approver).

@@ -34,3 +34,37 @@ fn print_text(req: &BulkRevokeRequest, done: &BulkRevoked) {
         print_grant(g);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(line.split_whitespace())
+    }
+
+    #[test]
+    fn one_grant_or_one_customer_never_both_nor_neither() {
+        for ok in [
+            "postern access revoke gr_0123",
+            "postern access revoke --customer acme",
+            "postern access revoke --customer acme --app shop --reason INC-9",
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}: {:?}", parse(ok).err());
+        }
+        for bad in [
+            "postern access revoke",
+            "postern access revoke gr_0123 --customer acme",
+            "postern access revoke gr_0123 --app shop",
+            "postern access revoke gr_0123 --reason why",
+            "postern --output json access revoke --app shop",
+        ] {
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was taken"));
+            assert_eq!(e.exit_code(), 2, "{bad}");
+            let api = crate::cli::usage::to_api_error(&e);
+            assert_eq!(api.code, endpoint_types::ErrorCode::InvalidRequest, "{bad}");
+            assert!(!api.message.is_empty() && !api.hint.is_empty(), "{bad}");
+        }
+    }
+}
