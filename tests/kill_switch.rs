@@ -215,12 +215,20 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
         vec!["access", "revoke", "--app", "shop"],
     ] {
         let out = gw.cli_as(&bob, &bad)?;
-        assert_eq!(out.error_code(), Some("INVALID_REQUEST"), "{bad:?}: {}", out.json);
+        assert_eq!(
+            out.error_code(),
+            Some("INVALID_REQUEST"),
+            "{bad:?}: {}",
+            out.json
+        );
         assert!(!out.success);
     }
     let unknown = gw.cli(&["access", "revoke", "--customer", "initech"])?;
     assert_eq!(unknown.error_code(), Some("NOT_FOUND"), "{}", unknown.json);
-    let unknown = gw.cli_as(&bob, &["access", "revoke", "--customer", "acme", "--app", "billing"])?;
+    let unknown = gw.cli_as(
+        &bob,
+        &["access", "revoke", "--customer", "acme", "--app", "billing"],
+    )?;
     assert_eq!(unknown.error_code(), Some("NOT_FOUND"), "{}", unknown.json);
     for g in [&g_shop, &g_crm, &g_globex] {
         assert_eq!(state_of(&gw, g)?, "active");
@@ -253,7 +261,10 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
     assert_eq!(state_of(&gw, &g_globex)?, "active");
 
     // The session is cut, and its endpoint ended with the grant.
-    assert!(was_cut(&mut session), "the session outlived the kill switch");
+    assert!(
+        was_cut(&mut session),
+        "the session outlived the kill switch"
+    );
     let ended = gw.cli_as(&alice, &["ops", "endpoint", "get", &ep])?.ok()?;
     assert_eq!(ended["state"], "retired", "{ended}");
 
@@ -313,7 +324,10 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
             && r["endpoint_id"] == ep.as_str()
             && r["detail"]["reason"] == "revoked"
     });
-    assert!(session_closed, "no session.closed (revoked) for {ep}: {records:#?}");
+    assert!(
+        session_closed,
+        "no session.closed (revoked) for {ep}: {records:#?}"
+    );
 
     // Nothing live is left: a second pull revokes nothing, and says so.
     let again = gw
@@ -335,7 +349,7 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
         )?
         .ok()?;
     assert_eq!(narrowed["revoked"], 1, "{narrowed}");
-    assert_eq!(ids_of(&narrowed), [g_crm2.clone()]);
+    assert_eq!(ids_of(&narrowed), vec![g_crm2.clone()]);
     assert_eq!(state_of(&gw, &g_crm2)?, "revoked");
     assert_eq!(state_of(&gw, &g_shop2)?, "active");
     assert!(agent_applies(&crm, |set| !set.contains(&g_crm2))?);
@@ -345,7 +359,7 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
     let all = gw
         .cli(&["access", "revoke", "--customer", "globex"])?
         .ok()?;
-    assert_eq!(ids_of(&all), [g_globex.clone()]);
+    assert_eq!(ids_of(&all), vec![g_globex.clone()]);
     assert!(agent_applies(&globex, |set| !set.contains(&g_globex))?);
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     Ok(())

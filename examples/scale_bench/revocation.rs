@@ -180,7 +180,10 @@ pub fn measure_bulk(client: &Runtime, target: &ApiTarget, trails: &[PathBuf]) ->
         .as_array()
         .map(|a| a.iter().filter_map(|g| g["id"].as_str()).collect())
         .unwrap_or_default();
-    let left = grants.iter().filter(|g| !revoked.contains(g.as_str())).count();
+    let left = grants
+        .iter()
+        .filter(|g| !revoked.contains(g.as_str()))
+        .count();
     if left > 0 {
         bail!(
             "the kill switch left {left} of the {n} new grants live (it revoked {})",

@@ -119,8 +119,14 @@ async fn the_kill_switch_reads_once_and_revokes_by_compare_and_set(s: Store) {
     assert_eq!(appliances, ["ap_crm", "ap_idle", "ap_shop"]);
     let live: Vec<&str> = acme.live.iter().map(|g| g.grant.id.as_str()).collect();
     assert_eq!(live, ["gr_shop1", "gr_shop2", "gr_wait", "gr_crm"]);
-    assert_eq!(acme.live[0].grant, grant("gr_shop1", "ap_shop", GrantState::Active, 1));
-    assert_eq!((acme.live[3].app.as_str(), acme.live[3].customer.as_str()), ("crm", "acme"));
+    assert_eq!(
+        acme.live[0].grant,
+        grant("gr_shop1", "ap_shop", GrantState::Active, 1)
+    );
+    assert_eq!(
+        (acme.live[3].app.as_str(), acme.live[3].customer.as_str()),
+        ("crm", "acme")
+    );
 
     let crm = s
         .live_grants_of_customer("acme", Some("crm"), now)
@@ -148,7 +154,14 @@ async fn the_kill_switch_reads_once_and_revokes_by_compare_and_set(s: Store) {
         .await
         .expect("single revoke"));
     assert!(s
-        .decide_grant("gr_wait", GrantState::Active, "bob", now, None, Some(ts(T0 + 90 * MINUTE)))
+        .decide_grant(
+            "gr_wait",
+            GrantState::Active,
+            "bob",
+            now,
+            None,
+            Some(ts(T0 + 90 * MINUTE))
+        )
         .await
         .expect("approve"));
     let moves: Vec<(String, GrantState)> = acme
@@ -186,7 +199,10 @@ async fn the_kill_switch_reads_once_and_revokes_by_compare_and_set(s: Store) {
         .await
         .expect("grant");
     let moved = s
-        .revoke_grants(&[("gr_wait2".to_string(), GrantState::PendingApproval)], change)
+        .revoke_grants(
+            &[("gr_wait2".to_string(), GrantState::PendingApproval)],
+            change,
+        )
         .await
         .expect("revoke");
     assert_eq!(moved, ["gr_wait2"]);
@@ -203,11 +219,18 @@ async fn the_kill_switch_reads_once_and_revokes_by_compare_and_set(s: Store) {
         )
         .await;
     assert!(
-        matches!(refused, Err(gateway::store::StoreError::IllegalTransition(_))),
+        matches!(
+            refused,
+            Err(gateway::store::StoreError::IllegalTransition(_))
+        ),
         "{refused:?}"
     );
     assert_eq!(state(&s, "gr_wait").await, GrantState::Active);
-    assert!(s.revoke_grants(&[], change).await.expect("nothing").is_empty());
+    assert!(s
+        .revoke_grants(&[], change)
+        .await
+        .expect("nothing")
+        .is_empty());
 
     // The agents' sets: every active grant (expired included; the caller derives expiry) of
     // the named appliances only, oldest first.

@@ -60,7 +60,9 @@ mod tests {
             "postern access revoke gr_0123 --reason why",
             "postern --output json access revoke --app shop",
         ] {
-            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad} was taken"));
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was taken"));
             assert_eq!(e.exit_code(), 2, "{bad}");
             let api = crate::cli::usage::to_api_error(&e);
             assert_eq!(api.code, endpoint_types::ErrorCode::InvalidRequest, "{bad}");

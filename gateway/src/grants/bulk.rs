@@ -158,7 +158,12 @@ impl Grants {
 
     /// One `grant.revoked` per grant, as the single revoke writes it plus `bulk` and the
     /// reason; queued together, so the writer commits them in a round or a few.
-    async fn record_revocations(&self, who: &str, revoked: &[&GrantWithOwner], reason: Option<&str>) {
+    async fn record_revocations(
+        &self,
+        who: &str,
+        revoked: &[&GrantWithOwner],
+        reason: Option<&str>,
+    ) {
         futures_util::future::join_all(revoked.iter().map(|g| {
             self.audit.record(
                 "grant.revoked",
@@ -231,7 +236,10 @@ impl Grants {
         match self.store.active_grants_of_appliances(&connected).await {
             Ok(rows) => {
                 for g in rows {
-                    by_appliance.entry(g.appliance_id.clone()).or_default().push(g);
+                    by_appliance
+                        .entry(g.appliance_id.clone())
+                        .or_default()
+                        .push(g);
                 }
             }
             // As `push_grants` does: an empty set (the agent honours nothing) rather than

@@ -90,7 +90,11 @@ fn admin() -> Caller {
 }
 
 fn approver(customer: &str) -> Caller {
-    caller(&format!("approver-{customer}"), Role::Approver, Some(customer))
+    caller(
+        &format!("approver-{customer}"),
+        Role::Approver,
+        Some(customer),
+    )
 }
 
 fn kill(customer: &str, app: Option<&str>) -> BulkRevokeRequest {
@@ -142,9 +146,7 @@ fn grant_syncs(f: &Fixture, appliance_id: &str) -> Vec<Vec<String>> {
         .sent_to(appliance_id)
         .into_iter()
         .filter_map(|frame| match frame {
-            ToAgent::GrantSync { grants } => {
-                Some(grants.into_iter().map(|g| g.grant_id).collect())
-            }
+            ToAgent::GrantSync { grants } => Some(grants.into_iter().map(|g| g.grant_id).collect()),
             _ => None,
         })
         .collect()
@@ -159,7 +161,14 @@ fn state(f: &Fixture, id: &str) -> GrantState {
 fn a_busy_customer(f: &Fixture) {
     put(f, "gr_shop1", "ap_shop", GrantState::Active, 1, None);
     put(f, "gr_shop2", "ap_shop", GrantState::Active, 2, None);
-    put(f, "gr_shop_pending", "ap_shop", GrantState::PendingApproval, 3, None);
+    put(
+        f,
+        "gr_shop_pending",
+        "ap_shop",
+        GrantState::PendingApproval,
+        3,
+        None,
+    );
     put(f, "gr_crm", "ap_crm", GrantState::Active, 4, None);
     put(f, "gr_denied", "ap_shop", GrantState::Denied, 5, None);
     put(f, "gr_revoked", "ap_crm", GrantState::Revoked, 6, None);
@@ -288,7 +297,11 @@ async fn who_may_pull_it() {
         (admin(), kill("acme", Some("billing")), ErrorCode::NotFound),
         (admin(), kill(" ", None), ErrorCode::InvalidRequest),
         // Another customer's approver learns nothing about whether it exists.
-        (approver("acme"), kill("initech", None), ErrorCode::Forbidden),
+        (
+            approver("acme"),
+            kill("initech", None),
+            ErrorCode::Forbidden,
+        ),
     ];
     for (who, req, code) in refused {
         let e = f
@@ -320,7 +333,14 @@ async fn a_grant_another_request_moved_meanwhile_is_left_out() {
     let f = fixture();
     put(&f, "gr_a", "ap_shop", GrantState::Active, 1, None);
     put(&f, "gr_b", "ap_shop", GrantState::Active, 2, None);
-    put(&f, "gr_wait", "ap_shop", GrantState::PendingApproval, 3, None);
+    put(
+        &f,
+        "gr_wait",
+        "ap_shop",
+        GrantState::PendingApproval,
+        3,
+        None,
+    );
     // Between the kill switch's read and its write, gr_a is revoked by its requester and
     // gr_wait approved by the customer.
     f.store

@@ -108,7 +108,9 @@ impl GrantStore for MemoryGrantStore {
                 _ => false,
             })
             .filter_map(|grant| {
-                let (_, app) = appliances.iter().find(|(id, _)| *id == grant.appliance_id)?;
+                let (_, app) = appliances
+                    .iter()
+                    .find(|(id, _)| *id == grant.appliance_id)?;
                 Some(GrantWithOwner {
                     app: app.clone(),
                     customer: customer.to_string(),
