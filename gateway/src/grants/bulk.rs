@@ -27,6 +27,7 @@ use endpoint_types::{
     ApiError, ErrorCode,
 };
 use futures_util::StreamExt;
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
@@ -66,19 +67,7 @@ impl Grants {
         caller: &Caller,
         req: BulkRevokeRequest,
     ) -> Result<BulkRevoked, ApiError> {
-        caller
-            .require(
-                &[Role::Admin, Role::Approver],
-                "revoke every grant of a customer",
-            )
-            .map_err(|e| {
-                e.hint("this needs a token with role admin or approver; an operator revokes their own grants one by one: postern access revoke ID")
-            })?;
-        if req.customer.trim().is_empty() {
-            return Err(ApiError::invalid("the kill switch needs a customer")
-                .hint("name it: postern access revoke --customer CUSTOMER"));
-        }
-        caller.require_customer(&req.customer)?;
+        may_pull(caller, &req.customer)?;
         let reason = req
             .reason
             .as_deref()
@@ -94,46 +83,15 @@ impl Grants {
         if scope.appliances.is_empty() {
             return Err(not_found(&req.customer, req.app.as_deref()));
         }
-        let moving: Vec<&GrantWithOwner> = scope
-            .live
-            .iter()
-            .filter(|g| {
-                let at_now = grant_state(g.grant.state, g.grant.expires_at, now);
-                grant_lifecycle::next(at_now, GrantEvent::Revoke).is_ok()
-            })
-            .collect();
         let who = caller.actor();
-        let moved: HashSet<String> = if moving.is_empty() {
-            HashSet::new()
-        } else {
-            let moves: Vec<(String, GrantState)> = moving
-                .iter()
-                .map(|g| (g.grant.id.clone(), g.grant.state))
-                .collect();
-            let change = GrantChange {
-                by: &who,
-                at: now,
-                message: None,
-                expires_at: None,
-            };
-            self.store
-                .revoke_grants(&moves, change)
-                .await
-                .map_err(internal)?
-                .into_iter()
-                .collect()
-        };
-        let revoked: Vec<&GrantWithOwner> = moving
-            .into_iter()
-            .filter(|g| moved.contains(&g.grant.id))
-            .collect();
+        let revoked = self.revoke_live(&scope.live, &who, now).await?;
         let grant_ids: Vec<String> = revoked.iter().map(|g| g.grant.id.clone()).collect();
         let appliance_ids: Vec<String> = revoked
             .iter()
             .map(|g| g.grant.appliance_id.clone())
             .collect();
-        // The agents first in spirit, but all three at once: the sets reach the agents while
-        // the trail records commit and the sessions are cut.
+        // All three at once: the agents get their sets while the trail records commit and
+        // the sessions are cut.
         tokio::join!(
             self.record_revocations(&who, &revoked, reason.as_deref()),
             self.end_endpoints_of(grant_ids, caller),
@@ -154,6 +112,47 @@ impl Grants {
             revoked: grants.len(),
             grants,
         })
+    }
+
+    /// Moves every grant of `live` that the grant state machine lets be revoked at `now`, in
+    /// one store transaction; the ones it moved (not those another request moved first).
+    async fn revoke_live<'a>(
+        &self,
+        live: &'a [GrantWithOwner],
+        who: &str,
+        now: Timestamp,
+    ) -> Result<Vec<&'a GrantWithOwner>, ApiError> {
+        let moving: Vec<&GrantWithOwner> = live
+            .iter()
+            .filter(|g| {
+                let at_now = grant_state(g.grant.state, g.grant.expires_at, now);
+                grant_lifecycle::next(at_now, GrantEvent::Revoke).is_ok()
+            })
+            .collect();
+        if moving.is_empty() {
+            return Ok(Vec::new());
+        }
+        let moves: Vec<(String, GrantState)> = moving
+            .iter()
+            .map(|g| (g.grant.id.clone(), g.grant.state))
+            .collect();
+        let change = GrantChange {
+            by: who,
+            at: now,
+            message: None,
+            expires_at: None,
+        };
+        let moved: HashSet<String> = self
+            .store
+            .revoke_grants(&moves, change)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .collect();
+        Ok(moving
+            .into_iter()
+            .filter(|g| moved.contains(&g.grant.id))
+            .collect())
     }
 
     /// One `grant.revoked` per grant, as the single revoke writes it plus `bulk` and the
@@ -256,6 +255,23 @@ impl Grants {
             self.agents.send(id, ToAgent::GrantSync { grants });
         }
     }
+}
+
+/// Admins, and approvers of `customer`; operators revoke their own grants one by one.
+fn may_pull(caller: &Caller, customer: &str) -> Result<(), ApiError> {
+    caller
+        .require(
+            &[Role::Admin, Role::Approver],
+            "revoke every grant of a customer",
+        )
+        .map_err(|e| {
+            e.hint("this needs a token with role admin or approver; an operator revokes their own grants one by one: postern access revoke ID")
+        })?;
+    if customer.trim().is_empty() {
+        return Err(ApiError::invalid("the kill switch needs a customer")
+            .hint("name it: postern access revoke --customer CUSTOMER"));
+    }
+    caller.require_customer(customer)
 }
 
 fn not_found(customer: &str, app: Option<&str>) -> ApiError {
