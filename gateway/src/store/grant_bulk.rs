@@ -1,6 +1,10 @@
 //! A customer's kill switch in the store (`crate::grants::bulk`): the live grants of the
 //! customer's appliances in one read, their revocation in one transaction, and the grant sets
 //! of many appliances in one read — a statement per chunk of ids, never one per grant.
+//!
+//! The reads are plain reads (the `reader` pool, beside SQLite's one writer): the read before
+//! the write is checked again by the write's compare-and-set, and the reads after it start
+//! after its commit, so they see it.
 
 use super::{
     control::{grant_from, GrantChange, GrantRow, GRANT_COLS},
@@ -69,7 +73,7 @@ impl Store {
             q = q.bind(app);
         }
         let mut out = CustomerGrants::default();
-        for r in q.fetch_all(&self.pool).await? {
+        for r in q.fetch_all(&self.reader).await? {
             let appliance_id: String = r.try_get("owner_id")?;
             let owner_app: String = r.try_get("owner_app")?;
             // No grant joined: the appliance matched but holds nothing live.
@@ -160,7 +164,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id.as_str());
             }
-            for r in q.fetch_all(&self.pool).await? {
+            for r in q.fetch_all(&self.reader).await? {
                 out.push(grant_from(r)?);
             }
         }
@@ -183,7 +187,7 @@ impl Store {
             for id in chunk {
                 q = q.bind(id.as_str());
             }
-            for r in q.fetch_all(&self.pool).await? {
+            for r in q.fetch_all(&self.reader).await? {
                 out.push(r.try_get::<String, _>("grant_id")?);
             }
         }
