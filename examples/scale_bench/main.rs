@@ -42,7 +42,10 @@
 //!   has applied its revocation, observed at the agents (the `grant.sync` each one records in its
 //!   customer trail once the new grant set took effect); `revocation_api_ms`: until the last
 //!   call answered; `revocation_p50_ms` / `revocation_p99_ms`: per grant, from its call to its
-//!   agent applying it.
+//!   agent applying it. Then the kill switch, on the same gateway and agents: every appliance
+//!   is granted again and ONE `POST /v1/grants/revoke {"customer": …}` (what `postern access
+//!   revoke --customer` calls) revokes them all: `revocation_bulk_ms` from the call until every
+//!   agent has applied it (same trail watcher), `revocation_bulk_api_ms` until it answered.
 //! - The first page of a long vendor trail (`audit_page.rs`), on a gateway of its own whose
 //!   store is seeded with `SCALE_BENCH_AUDIT_RECORDS` records by one bulk insert:
 //!   `audit_first_page_ms` (the first `GET /v1/audit` after the restart, a page of 1000, what
@@ -826,6 +829,13 @@ fn bench_store(
         percentile(&fanout.per_grant_ms, 50.0),
         percentile(&fanout.per_grant_ms, 99.0)
     );
+    eprintln!("scale_bench: [{label}] kill switch: {n} grants revoked by one call");
+    let bulk = revocation::measure_bulk(client, &target, &trails)
+        .with_context(|| format!("gateway log (tail):\n{}", tail(&gw.log)))?;
+    eprintln!(
+        "scale_bench: [{label}]   all {n} applied {:.1} ms after the call (answered in {:.1} ms)",
+        bulk.total_ms, bulk.api_ms
+    );
     let exited_end = fleet.exited();
 
     eprintln!("scale_bench: [{label}] stopping");
@@ -894,6 +904,7 @@ fn bench_store(
         put("op_cli_p99_ms", json!(round(percentile(&c, 99.0), 1)));
     }
     fanout.put(&mut put);
+    bulk.put(&mut put);
     if let Some(a) = audit {
         a.put(&mut put);
     }
@@ -1035,6 +1046,10 @@ fn main() -> Result<()> {
         goals.insert(
             format!("revocation_fanout_{store}"),
             json!(f("revocation_fanout_ms").is_some_and(|v| v <= 1000.0)),
+        );
+        goals.insert(
+            format!("revocation_bulk_{store}"),
+            json!(f("revocation_bulk_ms").is_some_and(|v| v <= 1000.0)),
         );
         if cfg.audit_records > 0 {
             goals.insert(

@@ -3,6 +3,10 @@
 //! few kept-alive connections at once) and the clock stops when every agent has applied its
 //! revocation.
 //!
+//! Then the kill switch ([`measure_bulk`]): every appliance is granted again, and ONE `POST
+//! /v1/grants/revoke {"customer": …}` (what `postern access revoke --customer` calls) revokes
+//! them all; the clock stops when every agent has applied it.
+//!
 //! "Applied" is observed at the agents, not assumed from the API's answer: an agent records each
 //! grant set it applies in its customer trail (`grant.sync`, written after the set took effect
 //! and before the command is acknowledged), and a watcher thread tails every agent's trail for
@@ -116,6 +120,87 @@ pub fn measure(
         total_ms: last.duration_since(t0).as_secs_f64() * 1000.0,
         api_ms,
         per_grant_ms,
+    })
+}
+
+/// The kill switch over the whole fleet.
+pub struct Bulk {
+    /// From the call's start to the last agent applying its revocation.
+    pub total_ms: f64,
+    /// From the call's start to its answer.
+    pub api_ms: f64,
+}
+
+impl Bulk {
+    pub fn put(&self, put: &mut impl FnMut(&str, Value)) {
+        put("revocation_bulk_ms", json!(round(self.total_ms, 1)));
+        put("revocation_bulk_api_ms", json!(round(self.api_ms, 1)));
+    }
+}
+
+/// Grants every appliance again, waits until every agent holds its grant, then revokes them
+/// all with one kill-switch call for the customer and times until every agent has applied it.
+pub fn measure_bulk(client: &Runtime, target: &ApiTarget, trails: &[PathBuf]) -> Result<Bulk> {
+    let n = trails.len();
+    let grants = request_grants(client, target, n)?;
+    // Read from each trail's start: the sets recorded before hold none of these new grants, so
+    // only sets recorded after them can end the first wait.
+    let mut watch = TrailWatch::open(trails)?;
+    let held = watch.until(APPLY_LIMIT, |i, sync| {
+        grant_ids(sync).contains(&grants[i].as_str())
+    })?;
+    if held.iter().any(Option::is_none) {
+        bail!(
+            "{} of {n} agents never applied their new grant within {APPLY_LIMIT:?}",
+            held.iter().filter(|h| h.is_none()).count()
+        );
+    }
+    let grants = Arc::new(grants);
+    let watcher = {
+        let grants = grants.clone();
+        thread::spawn(move || {
+            watch.until(APPLY_LIMIT, |i, sync| {
+                !grant_ids(sync).contains(&grants[i].as_str())
+            })
+        })
+    };
+    let (t0, answered, answer) = client.block_on(async {
+        let mut api = Api::new(target);
+        // Connected before the clock starts, as a security team's session would be.
+        api.get("/v1/whoami").await?;
+        let t0 = Instant::now();
+        let answer = api
+            .post("/v1/grants/revoke", json!({ "customer": CUSTOMER }))
+            .await
+            .context("the kill switch call")?;
+        anyhow::Ok((t0, Instant::now(), answer))
+    })?;
+    // Every live grant of the customer ends, the ops runs' grants (if any are left) too.
+    let revoked: std::collections::HashSet<&str> = answer["grants"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|g| g["id"].as_str()).collect())
+        .unwrap_or_default();
+    let left = grants
+        .iter()
+        .filter(|g| !revoked.contains(g.as_str()))
+        .count();
+    if left > 0 {
+        bail!(
+            "the kill switch left {left} of the {n} new grants live (it revoked {})",
+            answer["revoked"]
+        );
+    }
+    let applied = watcher
+        .join()
+        .map_err(|_| anyhow!("the trail watcher panicked"))??;
+    let missing = applied.iter().filter(|a| a.is_none()).count();
+    if missing > 0 {
+        bail!("{missing} of {n} agents never applied the kill switch within {APPLY_LIMIT:?}");
+    }
+    let last = applied.iter().flatten().max().copied().unwrap_or(t0);
+    Ok(Bulk {
+        total_ms: last.saturating_duration_since(t0).as_secs_f64() * 1000.0,
+        api_ms: answered.duration_since(t0).as_secs_f64() * 1000.0,
     })
 }
 

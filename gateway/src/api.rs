@@ -109,6 +109,7 @@ pub fn router(gw: Gw) -> Router {
         .route("/v1/endpoints/{id}", get(endpoint_get))
         .route("/v1/endpoints/{id}/retire", post(endpoint_retire))
         .route("/v1/grants", post(grant_request).get(grant_list))
+        .route("/v1/grants/revoke", post(grant_revoke_customer))
         .route("/v1/grants/{id}", get(grant_get))
         .route("/v1/grants/{id}/revoke", post(grant_revoke))
         .route("/v1/steady-state", post(steady_state))
@@ -497,6 +498,15 @@ async fn grant_revoke(
     Path(id): Path<String>,
 ) -> ApiResult<GrantRecord> {
     Ok(Json(gw.grants.revoke(&caller, &id).await?))
+}
+
+/// The customer's kill switch (`crate::grants::bulk`).
+async fn grant_revoke_customer(
+    State(gw): State<Gw>,
+    caller: Caller,
+    Body(req): Body<crate::grants::BulkRevokeRequest>,
+) -> ApiResult<crate::grants::BulkRevoked> {
+    Ok(Json(gw.grants.revoke_customer(&caller, req).await?))
 }
 
 #[derive(Debug, Deserialize)]

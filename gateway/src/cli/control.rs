@@ -27,10 +27,22 @@ pub enum AccessCmd {
     },
     /// Grants you can see.
     List,
-    /// End a grant now.
+    /// End a grant now; or, with --customer instead of an id, every live grant (active or
+    /// waiting for approval) on a customer's appliances at once: the customer's kill switch
+    /// (admin, or the customer's approver).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "customer"])))]
     Revoke {
         /// The grant's id (gr_…).
-        id: String,
+        id: Option<String>,
+        /// Every live grant of this customer's appliances, instead of one grant.
+        #[arg(long)]
+        customer: Option<String>,
+        /// With --customer: only the grants of this app's appliance.
+        #[arg(long, requires = "customer", conflicts_with = "id")]
+        app: Option<String>,
+        /// With --customer: why, kept in each grant's `grant.revoked` record.
+        #[arg(long, requires = "customer", conflicts_with = "id")]
+        reason: Option<String>,
     },
     /// Turn the default read-only steady-state phase on or off (customer approver).
     SteadyState {
@@ -90,7 +102,7 @@ pub enum ApprovalsCmd {
     Webhook(super::webhook::WebhookArgs),
 }
 
-fn print_grant(g: &GrantRecord) {
+pub(super) fn print_grant(g: &GrantRecord) {
     println!(
         "grant {} ({}) {} for {}/{} — {}",
         g.id,
@@ -139,9 +151,27 @@ pub async fn access(cmd: AccessCmd, c: &ApiClient, out: OutputFormat) -> Result<
             }))
             .await?
         }
-        AccessCmd::Revoke { id } => {
+        AccessCmd::Revoke { id: Some(id), .. } => {
             c.post(&format!("/v1/grants/{id}/revoke"), serde_json::json!({}))
                 .await?
+        }
+        AccessCmd::Revoke {
+            id: None,
+            customer,
+            app,
+            reason,
+        } => {
+            // Clap asks for exactly one of the id and --customer.
+            let customer = customer.ok_or_else(|| {
+                ApiError::invalid("name a grant or a customer")
+                    .hint("postern access revoke ID, or postern access revoke --customer CUSTOMER")
+            })?;
+            let req = crate::grants::BulkRevokeRequest {
+                customer,
+                app,
+                reason,
+            };
+            return super::kill_switch::run(req, c, out).await;
         }
         AccessCmd::List => {
             let v: serde_json::Value = c.get("/v1/grants").await?;

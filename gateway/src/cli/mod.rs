@@ -8,6 +8,7 @@ mod completions;
 mod control;
 mod dev;
 mod exit_codes;
+mod kill_switch;
 mod ops_list;
 mod play;
 mod profile;

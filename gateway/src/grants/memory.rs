@@ -2,7 +2,9 @@
 //! store's `move_grant`, without a database.
 
 use super::GrantStore;
-use crate::store::{ApplianceRow, GrantChange, GrantRow, GrantWithOwner, StoreError, StoreResult};
+use crate::store::{
+    ApplianceRow, CustomerGrants, GrantChange, GrantRow, GrantWithOwner, StoreError, StoreResult,
+};
 use async_trait::async_trait;
 use endpoint_types::{
     control::GrantState,
@@ -22,6 +24,9 @@ struct Tables {
     steady_state_disabled: HashMap<String, bool>,
     grants: Vec<GrantRow>,
     expiry_recorded: std::collections::HashSet<String>,
+    /// States other requests give these grants just before the next bulk revocation writes
+    /// (a race the kill switch loses for them).
+    moved_meanwhile: Vec<(String, GrantState)>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,12 @@ impl MemoryGrantStore {
             .insert(appliance_id.into(), !enabled);
     }
 
+    /// Has grant `id` moved to `state` by another request between the next bulk revocation's
+    /// read and its write.
+    pub fn move_before_next_revocation(&self, id: &str, state: GrantState) {
+        self.tables().moved_meanwhile.push((id.into(), state));
+    }
+
     pub fn grant(&self, id: &str) -> Option<GrantRow> {
         self.tables().grants.iter().find(|g| g.id == id).cloned()
     }
@@ -75,6 +86,92 @@ impl MemoryGrantStore {
 
 #[async_trait]
 impl GrantStore for MemoryGrantStore {
+    async fn live_grants_of_customer(
+        &self,
+        customer: &str,
+        app: Option<&str>,
+        now: Timestamp,
+    ) -> StoreResult<CustomerGrants> {
+        let t = self.tables();
+        let mut appliances: Vec<(String, String)> = t
+            .appliances
+            .iter()
+            .filter(|a| a.customer == customer && app.is_none_or(|app| a.app == app))
+            .map(|a| (a.id.clone(), a.app.clone()))
+            .collect();
+        appliances.sort();
+        let live = Self::sorted(t.grants.clone())
+            .into_iter()
+            .filter(|g| match g.state {
+                GrantState::PendingApproval => true,
+                GrantState::Active => g.expires_at.is_none_or(|e| e > now),
+                _ => false,
+            })
+            .filter_map(|grant| {
+                let (_, app) = appliances
+                    .iter()
+                    .find(|(id, _)| *id == grant.appliance_id)?;
+                Some(GrantWithOwner {
+                    app: app.clone(),
+                    customer: customer.to_string(),
+                    grant,
+                })
+            })
+            .collect();
+        Ok(CustomerGrants { appliances, live })
+    }
+
+    async fn revoke_grants(
+        &self,
+        grants: &[(String, GrantState)],
+        change: GrantChange<'_>,
+    ) -> StoreResult<Vec<String>> {
+        let mut moves = Vec::with_capacity(grants.len());
+        for (id, from) in grants {
+            let to = grant::next(*from, GrantEvent::Revoke)
+                .map_err(|e| StoreError::IllegalTransition(format!("grant {id}: {e}")))?;
+            moves.push((id, *from, to));
+        }
+        let mut t = self.tables();
+        for (id, state) in std::mem::take(&mut t.moved_meanwhile) {
+            if let Some(g) = t.grants.iter_mut().find(|g| g.id == id) {
+                if g.state == GrantState::PendingApproval && state == GrantState::Active {
+                    // Approved by the policy, for a day from its request.
+                    g.decided_by = Some("policy:automatic".into());
+                    g.decided_at = Some(g.requested_at);
+                    g.expires_at = Some(g.requested_at + jiff::SignedDuration::from_hours(24));
+                }
+                g.state = state;
+            }
+        }
+        let mut moved = Vec::new();
+        for (id, from, to) in moves {
+            let Some(row) = t.grants.iter_mut().find(|g| g.id == *id && g.state == from) else {
+                continue;
+            };
+            if row.state == GrantState::Active && row.expires_at.is_some_and(|e| e <= change.at) {
+                continue;
+            }
+            row.state = to;
+            moved.push(id.clone());
+        }
+        Ok(moved)
+    }
+
+    async fn active_grants_of_appliances(
+        &self,
+        appliance_ids: &[String],
+    ) -> StoreResult<Vec<GrantRow>> {
+        let grants = self
+            .tables()
+            .grants
+            .iter()
+            .filter(|g| g.state == GrantState::Active && appliance_ids.contains(&g.appliance_id))
+            .cloned()
+            .collect();
+        Ok(Self::sorted(grants))
+    }
+
     async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>> {
         let t = self.tables();
         let mut due: Vec<GrantRow> = t

@@ -5,6 +5,7 @@
 //! [`GrantStore`], the audit sink, the clock, the connected agents, the approval notifier and
 //! [`EndpointsOfGrant`] (what was opened under a grant ends with it).
 
+mod bulk;
 mod expiry;
 mod gate;
 mod refused;
@@ -12,10 +13,13 @@ mod store;
 mod sync;
 
 #[cfg(test)]
+mod bulk_tests;
+#[cfg(test)]
 mod memory;
 #[cfg(test)]
 mod tests;
 
+pub use bulk::{BulkRevokeRequest, BulkRevoked};
 pub use expiry::run as record_expiries;
 pub use gate::access_hint;
 pub use store::GrantStore;

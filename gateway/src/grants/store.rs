@@ -1,7 +1,9 @@
 //! The part of the store the grants service uses, as a trait: the SQL [`Store`] in the
 //! gateway, an in-memory one in the unit tests.
 
-use crate::store::{ApplianceRow, GrantChange, GrantRow, GrantWithOwner, Store, StoreResult};
+use crate::store::{
+    ApplianceRow, CustomerGrants, GrantChange, GrantRow, GrantWithOwner, Store, StoreResult,
+};
 use async_trait::async_trait;
 use endpoint_types::{control::GrantState, lifecycle::grant::GrantEvent, resource::PolicySummary};
 use jiff::Timestamp;
@@ -77,10 +79,63 @@ pub trait GrantStore: Send + Sync {
     async fn refusal(&self, _id: &str) -> StoreResult<Option<endpoint_types::ApiError>> {
         Ok(None)
     }
+    /// The kill switch's one read: the appliances of `customer` (of `app` only, when given)
+    /// and their grants live at `now` (see [`Store::live_grants_of_customer`]).
+    async fn live_grants_of_customer(
+        &self,
+        customer: &str,
+        app: Option<&str>,
+        now: Timestamp,
+    ) -> StoreResult<CustomerGrants>;
+    /// Revokes each `(id, from)` by compare-and-set on `from`, in one transaction; the ids
+    /// moved (see [`Store::revoke_grants`]).
+    async fn revoke_grants(
+        &self,
+        grants: &[(String, GrantState)],
+        change: GrantChange<'_>,
+    ) -> StoreResult<Vec<String>>;
+    /// The active grants of all of `appliance_ids` in one read, oldest request first.
+    async fn active_grants_of_appliances(
+        &self,
+        appliance_ids: &[String],
+    ) -> StoreResult<Vec<GrantRow>>;
+    /// Which of `grant_ids` still have an active endpoint. A store that does not keep
+    /// endpoints answers all of them: the caller then asks the endpoints of each.
+    async fn grants_with_active_endpoints(&self, grant_ids: &[String]) -> StoreResult<Vec<String>> {
+        Ok(grant_ids.to_vec())
+    }
 }
 
 #[async_trait]
 impl GrantStore for Store {
+    async fn live_grants_of_customer(
+        &self,
+        customer: &str,
+        app: Option<&str>,
+        now: Timestamp,
+    ) -> StoreResult<CustomerGrants> {
+        Store::live_grants_of_customer(self, customer, app, now).await
+    }
+
+    async fn revoke_grants(
+        &self,
+        grants: &[(String, GrantState)],
+        change: GrantChange<'_>,
+    ) -> StoreResult<Vec<String>> {
+        Store::revoke_grants(self, grants, change).await
+    }
+
+    async fn active_grants_of_appliances(
+        &self,
+        appliance_ids: &[String],
+    ) -> StoreResult<Vec<GrantRow>> {
+        Store::active_grants_of_appliances(self, appliance_ids).await
+    }
+
+    async fn grants_with_active_endpoints(&self, grant_ids: &[String]) -> StoreResult<Vec<String>> {
+        Store::grants_with_active_endpoints(self, grant_ids).await
+    }
+
     async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>> {
         Store::unrecorded_expiries(self, now, limit).await
     }
