@@ -110,6 +110,7 @@ pub fn bind(
     crate::relay_windows::start_unauthenticated(&mut transport);
     cfg.transport_config(Arc::new(transport));
     let socket = std::net::UdpSocket::bind(addr)?;
+    widen_receive_buffer(&socket);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset_key,
@@ -133,6 +134,29 @@ pub fn bind(
         Arc::new(quinn::TokioRuntime),
     )?;
     Ok(endpoint)
+}
+
+/// What the tunnel socket asks the kernel to buffer: a restarted gateway gets every agent's
+/// Initial at once, and with the kernel's default (~208 KiB) thousands were dropped per
+/// restart in scale_bench; a dropped Initial costs its agent QUIC's retransmit timer and, when
+/// several go, its whole 5 s dial. The kernel caps the size at `net.core.rmem_max`.
+const TUNNEL_RECEIVE_BUFFER: usize = 8 << 20;
+
+fn widen_receive_buffer(socket: &std::net::UdpSocket) {
+    let sock = socket2::SockRef::from(socket);
+    if let Err(e) = sock.set_recv_buffer_size(TUNNEL_RECEIVE_BUFFER) {
+        tracing::warn!(error = %e, "cannot widen the tunnel socket's receive buffer");
+    }
+    match sock.recv_buffer_size() {
+        // Linux reports twice what it grants (its bookkeeping share), so this speaks up when
+        // less than half was granted: the default cap of ~208 KiB, not a tuned host.
+        Ok(n) if n < TUNNEL_RECEIVE_BUFFER => tracing::info!(
+            bytes = n,
+            wanted = TUNNEL_RECEIVE_BUFFER,
+            "the tunnel socket's receive buffer is capped by net.core.rmem_max; raise it for large fleets"
+        ),
+        _ => {}
+    }
 }
 
 pub async fn serve(gw: Arc<Relay>, endpoint: quinn::Endpoint) {

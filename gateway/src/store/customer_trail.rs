@@ -300,10 +300,18 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
         }
+        let mut pruned = std::collections::HashSet::new();
+        let within_sent: Vec<(&str, i64)> = trail
+            .iter()
+            .filter(|(_, p)| p.within_sent)
+            .map(|(id, p)| Ok((*id, to_db(p.number)?)))
+            .collect::<StoreResult<_>>()?;
+        for chunk in within_sent.chunks(POSITIONS_PER_STATEMENT) {
+            pruned.extend(pruned_many_in_tx(&mut tx, chunk).await?);
+        }
         let mut ahead = Vec::new();
         for (appliance_id, position) in trail {
-            let moved = position.within_sent
-                && pruned_in_tx(&mut tx, appliance_id, to_db(position.number)?).await?;
+            let moved = position.within_sent && pruned.contains(*appliance_id);
             if !moved && recorded_in_tx(&mut tx, appliance_id, position.number).await? {
                 ahead.push((appliance_id.to_string(), position.number));
             }
@@ -313,28 +321,66 @@ impl Store {
     }
 }
 
+/// Agents' positions one statement pair takes (two binds each, far below either database's
+/// limit on binds).
+const POSITIONS_PER_STATEMENT: usize = 250;
+
 /// The common case of a report, inside the caller's transaction: the head row exists and the
-/// numbering is past `number`. False (nothing written) if there is no head row.
-async fn pruned_in_tx(
+/// numbering is past the agent's number, which becomes the recorded one; rows up to it go. Two
+/// statements for many appliances, not two each: a round after a burst
+/// (a revocation of every grant) carries a position from most of the fleet. Returns the
+/// appliances whose head row was there (and so was moved); the others take the slow path.
+async fn pruned_many_in_tx(
     tx: &mut sqlx::AnyConnection,
-    appliance_id: &str,
-    number: i64,
-) -> StoreResult<bool> {
-    let updated =
-        sqlx::query("UPDATE customer_trail_heads SET recorded_number = $1 WHERE appliance_id = $2")
-            .bind(number)
-            .bind(appliance_id)
-            .execute(&mut *tx)
-            .await?;
-    if updated.rows_affected() == 0 {
-        return Ok(false);
+    positions: &[(&str, i64)],
+) -> StoreResult<Vec<String>> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
     }
-    sqlx::query("DELETE FROM customer_trail_outbox WHERE appliance_id = $1 AND number <= $2")
-        .bind(appliance_id)
-        .bind(number)
-        .execute(&mut *tx)
-        .await?;
-    Ok(true)
+    // $1, $2 are the first appliance and its number, $3, $4 the second, …
+    let cases: Vec<String> = (0..positions.len())
+        .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let ids: Vec<String> = (0..positions.len())
+        .map(|i| format!("${}", 2 * i + 1))
+        .collect();
+    let update = format!(
+        "UPDATE customer_trail_heads SET recorded_number = CASE appliance_id {} END \
+         WHERE appliance_id IN ({}) RETURNING appliance_id",
+        cases.join(" "),
+        ids.join(", ")
+    );
+    let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(update));
+    for (id, number) in positions {
+        q = q.bind(*id).bind(*number);
+    }
+    let moved = q.fetch_all(&mut *tx).await?;
+    let moved_set: std::collections::HashSet<&str> = moved.iter().map(String::as_str).collect();
+    let kept: Vec<&(&str, i64)> = positions
+        .iter()
+        .filter(|(id, _)| moved_set.contains(id))
+        .collect();
+    if !kept.is_empty() {
+        let terms: Vec<String> = (0..kept.len())
+            .map(|i| {
+                format!(
+                    "(appliance_id = ${} AND number <= ${})",
+                    2 * i + 1,
+                    2 * i + 2
+                )
+            })
+            .collect();
+        let delete = format!(
+            "DELETE FROM customer_trail_outbox WHERE {}",
+            terms.join(" OR ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(delete));
+        for (id, number) in kept {
+            q = q.bind(*id).bind(*number);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(moved)
 }
 
 /// [`Store::outbox_recorded`] inside the caller's transaction; true if the trail was ahead of

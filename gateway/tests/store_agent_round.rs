@@ -1,0 +1,114 @@
+//! One round of agents' trail positions (`Store::write_agent_round`) on both backends: a
+//! fleet-sized round is written in a few statements and prunes each appliance's outbox exactly
+//! up to its own number; an appliance without a head row takes the careful path.
+
+use gateway::{
+    audit::{AuditLog, Subject},
+    store::{ApplianceRow, Store, TrailPosition},
+};
+use jiff::Timestamp;
+use postern::pg_cluster;
+use serde_json::json;
+
+/// More than one statement's worth of positions.
+const FLEET: usize = 260;
+
+fn appliance(id: &str) -> ApplianceRow {
+    ApplianceRow {
+        id: id.into(),
+        app: format!("app-{id}"),
+        customer: "acme".into(),
+        created_at: Timestamp::from_second(1_700_000_000).expect("ts"),
+        created_by: "admin".into(),
+        cert_fingerprint: None,
+        enrolled_at: None,
+        revoked_at: None,
+        last_seen: None,
+        agent_version: None,
+        resources: "[]".into(),
+    }
+}
+
+async fn a_fleet_round_prunes_each_outbox_up_to_its_own_number(store: Store) {
+    let ids: Vec<String> = (0..FLEET).map(|i| format!("ap_{i:03}")).collect();
+    for id in &ids {
+        store
+            .insert_appliance(&appliance(id))
+            .await
+            .expect("appliance");
+    }
+    store
+        .insert_appliance(&appliance("ap_new"))
+        .await
+        .expect("appliance");
+    let log = AuditLog::open(store.clone()).await.expect("audit");
+    // Three records each, so every appliance has a head row and numbers 1..=3.
+    for _ in 0..3 {
+        for id in &ids {
+            log.record("grant.revoked", "alice", Subject::appliance(id), json!({}))
+                .await;
+        }
+    }
+    // Agent i holds its trail up to 1 + i % 3 (so 1, 2 or 3 records).
+    let mut trail: Vec<(&str, TrailPosition)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let position = TrailPosition {
+                number: 1 + (i % 3) as u64,
+                within_sent: true,
+            };
+            (id.as_str(), position)
+        })
+        .collect();
+    // Claimed as sent, but the store has no head row for it: made at its number.
+    trail.push((
+        "ap_new",
+        TrailPosition {
+            number: 2,
+            within_sent: true,
+        },
+    ));
+    let ahead = store
+        .write_agent_round(&[], None, &trail)
+        .await
+        .expect("round");
+    assert!(ahead.is_empty(), "nobody was ahead: {ahead:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let held = 1 + (i % 3) as u64;
+        let state = store.outbox_state(id).await.expect("state");
+        assert_eq!(
+            (state.last_number, state.recorded_number),
+            (3, held),
+            "{id}"
+        );
+        let left: Vec<u64> = store
+            .outbox_after(id, 0, 9)
+            .await
+            .expect("outbox")
+            .iter()
+            .map(|r| r.number)
+            .collect();
+        assert_eq!(left, ((held + 1)..=3).collect::<Vec<_>>(), "{id}");
+    }
+    let new = store.outbox_state("ap_new").await.expect("state");
+    assert_eq!((new.last_number, new.recorded_number), (2, 2));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_fleet_round_prunes_each_outbox_up_to_its_own_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite:{}", dir.path().join("postern.db").display());
+    let store = Store::open(&url).await.expect("open");
+    a_fleet_round_prunes_each_outbox_up_to_its_own_number(store).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_fleet_round_prunes_each_outbox_up_to_its_own_number() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("agent_round_fleet");
+    let store = Store::open(&url).await.expect("open");
+    a_fleet_round_prunes_each_outbox_up_to_its_own_number(store).await;
+    drop(cluster);
+}
