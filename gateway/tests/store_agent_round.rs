@@ -112,3 +112,67 @@ async fn postgres_a_fleet_round_prunes_each_outbox_up_to_its_own_number() {
     a_fleet_round_prunes_each_outbox_up_to_its_own_number(store).await;
     drop(cluster);
 }
+
+/// Appliances one burst of records concerns: more than one head statement's worth.
+const BURST_APPLIANCES: usize = 300;
+
+/// Records written at once are appended in group-commit batches that hold records of many
+/// appliances, several of the same one and some whose head row does not exist yet: each
+/// appliance's outbox still numbers them 1, 2, 3, … in the order of the vendor trail.
+async fn a_burst_of_records_numbers_each_outbox_in_trail_order(store: Store) {
+    let ids: Vec<String> = (0..BURST_APPLIANCES)
+        .map(|i| format!("ap_{i:03}"))
+        .collect();
+    for id in &ids {
+        store
+            .insert_appliance(&appliance(id))
+            .await
+            .expect("appliance");
+    }
+    let log = AuditLog::open(store.clone()).await.expect("audit");
+    // Every third appliance already has a head row (one record).
+    for id in ids.iter().step_by(3) {
+        log.record("grant.revoked", "alice", Subject::appliance(id), json!({}))
+            .await;
+    }
+    let burst = (0..4).flat_map(|_| ids.iter()).map(|id| {
+        let log = log.clone();
+        async move {
+            log.record("grant.revoked", "alice", Subject::appliance(id), json!({}))
+                .await
+        }
+    });
+    futures_util::future::join_all(burst).await;
+    for (i, id) in ids.iter().enumerate() {
+        let expected = if i % 3 == 0 { 5 } else { 4 };
+        let records = store.outbox_after(id, 0, 100).await.expect("outbox");
+        let numbers: Vec<u64> = records.iter().map(|r| r.number).collect();
+        assert_eq!(numbers, (1..=expected).collect::<Vec<u64>>(), "{id}");
+        assert!(
+            records
+                .windows(2)
+                .all(|w| w.first().map(|r| r.gateway_seq) < w.get(1).map(|r| r.gateway_seq)),
+            "{id}: outbox order differs from the vendor trail's"
+        );
+        let state = store.outbox_state(id).await.expect("state");
+        assert_eq!((state.last_number, state.recorded_number), (expected, 0));
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_burst_of_records_numbers_each_outbox_in_trail_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite:{}", dir.path().join("postern.db").display());
+    let store = Store::open(&url).await.expect("open");
+    a_burst_of_records_numbers_each_outbox_in_trail_order(store).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_burst_of_records_numbers_each_outbox_in_trail_order() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("trail_burst");
+    let store = Store::open(&url).await.expect("open");
+    a_burst_of_records_numbers_each_outbox_in_trail_order(store).await;
+    drop(cluster);
+}

@@ -528,7 +528,7 @@ impl Store {
     pub async fn steady_state(&self, appliance_id: &str) -> StoreResult<Option<bool>> {
         let row = sqlx::query("SELECT steady_state_disabled FROM appliances WHERE id = $1")
             .bind(appliance_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         Ok(row
             .map(|r| r.try_get::<i64, _>("steady_state_disabled"))

@@ -129,52 +129,123 @@ fn from_db(n: i64) -> StoreResult<u64> {
     u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("trail number {n}")))
 }
 
-/// Numbers and inserts `entries`, in order, inside the caller's audit transaction.
+/// Numbers and inserts `entries`, in order, inside the caller's audit transaction: one
+/// statement moves the heads of every appliance the batch concerns and one inserts the rows
+/// (per chunk), not two per record, because each statement is a round trip to the store's
+/// one writer and a revocation burst's audit batches hold a record for many appliances.
 pub(super) async fn append_in_tx(
     tx: &mut sqlx::AnyConnection,
     entries: &[OutboxEntry<'_>],
 ) -> StoreResult<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut counts: Vec<(&str, i64)> = Vec::new();
+    let mut slot: HashMap<&str, usize> = HashMap::new();
     for e in entries {
-        // An increment in place, not read-then-write: it holds the row against a concurrent
-        // move of the head (an agent whose trail is ahead, `outbox_recorded`).
-        // RETURNING: one round trip for the number, not an UPDATE and a SELECT.
-        let bumped: Option<i64> = sqlx::query_scalar(
-            "UPDATE customer_trail_heads SET last_number = last_number + 1 WHERE appliance_id = $1 RETURNING last_number",
-        )
-        .bind(e.appliance_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let number: i64 = match bumped {
-            Some(number) => number,
-            None => {
-                sqlx::query(
-                    "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES ($1, 1, 0)",
-                )
-                .bind(e.appliance_id)
-                .execute(&mut *tx)
-                .await?;
-                1
-            }
-        };
-        sqlx::query(
+        let i = *slot.entry(e.appliance_id).or_insert_with(|| {
+            counts.push((e.appliance_id, 0));
+            counts.len() - 1
+        });
+        if let Some((_, n)) = counts.get_mut(i) {
+            *n += 1;
+        }
+    }
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
+        last.extend(bumped_heads_in_tx(tx, chunk).await?);
+    }
+    let fresh: Vec<(&str, i64)> = counts
+        .iter()
+        .filter(|(id, _)| !last.contains_key(*id))
+        .copied()
+        .collect();
+    for chunk in fresh.chunks(POSITIONS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| format!("(${}, ${}, 0)", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let sql = format!(
+            "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, count) in chunk {
+            q = q.bind(*id).bind(*count);
+        }
+        q.execute(&mut *tx).await?;
+        last.extend(chunk.iter().map(|(id, count)| (id.to_string(), *count)));
+    }
+    // The batch's records of one appliance take the numbers after its previous head, in order.
+    let mut next: HashMap<&str, i64> = counts
+        .iter()
+        .map(|(id, count)| (*id, last.get(*id).copied().unwrap_or(*count) - count + 1))
+        .collect();
+    let mut numbered = Vec::with_capacity(entries.len());
+    for e in entries {
+        let n = next.entry(e.appliance_id).or_insert(1);
+        numbered.push((*n, e));
+        *n += 1;
+    }
+    for chunk in numbered.chunks(OUTBOX_ROWS_PER_INSERT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p: Vec<String> = (1..=10).map(|c| format!("${}", 10 * i + c)).collect();
+                format!("({})", p.join(", "))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO customer_trail_outbox \
              (appliance_id, number, kind, time, actor, endpoint_id, op_id, detail, gateway_seq, gateway_hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(e.appliance_id)
-        .bind(number)
-        .bind(e.event.as_str())
-        .bind(&e.time)
-        .bind(e.actor)
-        .bind(e.endpoint_id)
-        .bind(e.op_id)
-        .bind(&e.detail)
-        .bind(e.seq)
-        .bind(e.hash)
-        .execute(&mut *tx)
-        .await?;
+             VALUES {}",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (number, e) in chunk {
+            q = q
+                .bind(e.appliance_id)
+                .bind(*number)
+                .bind(e.event.as_str())
+                .bind(&e.time)
+                .bind(e.actor)
+                .bind(e.endpoint_id)
+                .bind(e.op_id)
+                .bind(&e.detail)
+                .bind(e.seq)
+                .bind(e.hash);
+        }
+        q.execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// Outbox rows one INSERT carries (ten binds each, far below either database's limit).
+const OUTBOX_ROWS_PER_INSERT: usize = 100;
+
+/// Moves the heads of the appliances in `counts` on by their counts, in place (an increment,
+/// not read-then-write: it holds each row against a concurrent move of the head by an agent
+/// whose trail is ahead, `outbox_recorded`). Returns each moved appliance's new last number;
+/// an appliance without a head row yet is not in the answer.
+async fn bumped_heads_in_tx(
+    tx: &mut sqlx::AnyConnection,
+    counts: &[(&str, i64)],
+) -> StoreResult<HashMap<String, i64>> {
+    let cases: Vec<String> = (0..counts.len())
+        .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let ids: Vec<String> = (0..counts.len())
+        .map(|i| format!("${}", 2 * i + 1))
+        .collect();
+    let sql = format!(
+        "UPDATE customer_trail_heads SET last_number = last_number + CASE appliance_id {} END \
+         WHERE appliance_id IN ({}) RETURNING appliance_id, last_number",
+        cases.join(" "),
+        ids.join(", ")
+    );
+    let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
+    for (id, count) in counts {
+        q = q.bind(*id).bind(*count);
+    }
+    Ok(q.fetch_all(&mut *tx).await?.into_iter().collect())
 }
 
 impl Store {
@@ -200,7 +271,7 @@ impl Store {
             "SELECT last_number, recorded_number FROM customer_trail_heads WHERE appliance_id = $1",
         )
         .bind(appliance_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.reader)
         .await?;
         match row {
             None => Ok(OutboxState::default()),
@@ -235,7 +306,7 @@ impl Store {
         )))
         .bind(appliance_id)
         .bind(to_db(after)?)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reader)
         .await?;
         rows.into_iter()
             .map(

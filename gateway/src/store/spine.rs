@@ -342,7 +342,7 @@ impl Store {
     pub async fn appliance_policy(&self, id: &str) -> StoreResult<Option<PolicySummary>> {
         let row = sqlx::query("SELECT policy FROM appliances WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         let Some(json) = row
             .map(|r| r.try_get::<Option<String>, _>("policy"))
@@ -727,7 +727,7 @@ impl Store {
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(appliance_id)
             .bind(kind)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reader)
             .await?;
         row.map(audit_from).transpose()
     }
@@ -737,7 +737,7 @@ impl Store {
         let sql = format!("SELECT {AUDIT_COLS} FROM audit_log WHERE seq > $1 ORDER BY seq");
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(after_seq)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.reader)
             .await?;
         rows.into_iter().map(audit_from).collect()
     }
@@ -783,7 +783,7 @@ impl Store {
         for id in q.appliances_in.iter().flatten() {
             query = query.bind(id.clone());
         }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = query.fetch_all(&self.reader).await?;
         let full = rows.len() as u64 >= u64::from(q.limit);
         let mut records = rows
             .into_iter()
