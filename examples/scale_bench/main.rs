@@ -40,7 +40,8 @@
 //!   /v1/grants/ID/revoke`, what `postern access revoke` calls, from `SCALE_BENCH_REVOKE_CLIENTS`
 //!   kept-alive clients). `revocation_fanout_ms`: from the first revoke call until every agent
 //!   has applied its revocation, observed at the agents (the `grant.sync` each one records in its
-//!   customer trail once the new grant set took effect); `revocation_api_ms`: until the last
+//!   customer trail once the new grant set took effect; a watcher woken by inotify reads the
+//!   trails written to, so it takes no core from what it measures); `revocation_api_ms`: until the last
 //!   call answered; `revocation_p50_ms` / `revocation_p99_ms`: per grant, from its call to its
 //!   agent applying it. Then the kill switch, on the same gateway and agents: every appliance
 //!   is granted again and ONE `POST /v1/grants/revoke {"customer": …}` (what `postern access
