@@ -67,27 +67,7 @@ pub fn measure(
     concurrency: usize,
 ) -> Result<Fanout> {
     let n = trails.len();
-    let grants = request_grants(client, target, n)?;
-    let mut watch = TrailWatch::open(trails)?;
-    let held = watch.until(APPLY_LIMIT, |i, sync| {
-        grant_ids(sync).contains(&grants[i].as_str())
-    })?;
-    if held.iter().any(Option::is_none) {
-        bail!(
-            "{} of {n} agents never applied their grant within {APPLY_LIMIT:?}",
-            held.iter().filter(|h| h.is_none()).count()
-        );
-    }
-
-    let grants = Arc::new(grants);
-    let watcher = {
-        let grants = grants.clone();
-        thread::spawn(move || {
-            watch.until(APPLY_LIMIT, |i, sync| {
-                !grant_ids(sync).contains(&grants[i].as_str())
-            })
-        })
-    };
+    let (grants, watcher) = granted_then_watched(client, target, trails)?;
     let t0 = Instant::now();
     let calls = revoke_all(client, target, &grants, concurrency)?;
     let api_ms = calls
@@ -142,28 +122,7 @@ impl Bulk {
 /// all with one kill-switch call for the customer and times until every agent has applied it.
 pub fn measure_bulk(client: &Runtime, target: &ApiTarget, trails: &[PathBuf]) -> Result<Bulk> {
     let n = trails.len();
-    let grants = request_grants(client, target, n)?;
-    // Read from each trail's start: the sets recorded before hold none of these new grants, so
-    // only sets recorded after them can end the first wait.
-    let mut watch = TrailWatch::open(trails)?;
-    let held = watch.until(APPLY_LIMIT, |i, sync| {
-        grant_ids(sync).contains(&grants[i].as_str())
-    })?;
-    if held.iter().any(Option::is_none) {
-        bail!(
-            "{} of {n} agents never applied their new grant within {APPLY_LIMIT:?}",
-            held.iter().filter(|h| h.is_none()).count()
-        );
-    }
-    let grants = Arc::new(grants);
-    let watcher = {
-        let grants = grants.clone();
-        thread::spawn(move || {
-            watch.until(APPLY_LIMIT, |i, sync| {
-                !grant_ids(sync).contains(&grants[i].as_str())
-            })
-        })
-    };
+    let (grants, watcher) = granted_then_watched(client, target, trails)?;
     let (t0, answered, answer) = client.block_on(async {
         let mut api = Api::new(target);
         // Connected before the clock starts, as a security team's session would be.
@@ -277,6 +236,46 @@ fn grant_ids(sync: &Value) -> Vec<&str> {
         .as_array()
         .map(|g| g.iter().filter_map(|x| x["grant_id"].as_str()).collect())
         .unwrap_or_default()
+}
+
+/// When each agent applied a grant set without its grant (`TrailWatch::until`).
+type Applied = thread::JoinHandle<Result<Vec<Option<Instant>>>>;
+
+/// Grants every appliance `app-{i}` an operate grant, waits until every agent holds it, then
+/// starts the watcher that sees each agent apply a set without it.
+fn granted_then_watched(
+    client: &Runtime,
+    target: &ApiTarget,
+    trails: &[PathBuf],
+) -> Result<(Arc<Vec<String>>, Applied)> {
+    let n = trails.len();
+    let grants = request_grants(client, target, n)?;
+    // Read from each trail's start: the sets recorded before hold none of these new grants, so
+    // only sets recorded after them can end the first wait.
+    let mut watch = TrailWatch::open(trails)?;
+    let held = watch.until(APPLY_LIMIT, |i, sync| {
+        grants
+            .get(i)
+            .is_some_and(|g| grant_ids(sync).contains(&g.as_str()))
+    })?;
+    if held.iter().any(Option::is_none) {
+        bail!(
+            "{} of {n} agents never applied their grant within {APPLY_LIMIT:?}",
+            held.iter().filter(|h| h.is_none()).count()
+        );
+    }
+    let grants = Arc::new(grants);
+    let watcher = {
+        let grants = grants.clone();
+        thread::spawn(move || {
+            watch.until(APPLY_LIMIT, |i, sync| {
+                grants
+                    .get(i)
+                    .is_some_and(|g| !grant_ids(sync).contains(&g.as_str()))
+            })
+        })
+    };
+    Ok((grants, watcher))
 }
 
 /// Tails every agent's customer trail (JSON lines, appended by the agent) from where it was
