@@ -368,6 +368,8 @@ struct Inotify {
     fd: std::os::fd::OwnedFd,
     /// Watch descriptor to trail index.
     trails: std::collections::HashMap<i32, usize>,
+    /// Where the kernel's notices are read into (reused).
+    buf: Vec<u8>,
 }
 
 impl Inotify {
@@ -383,6 +385,7 @@ impl Inotify {
         Ok(Inotify {
             fd,
             trails: std::collections::HashMap::new(),
+            buf: vec![0u8; 64 * 1024],
         })
     }
 
@@ -402,7 +405,7 @@ impl Inotify {
 
     /// The trails written to, waiting up to `pause` for the first notice; `None` if none came
     /// or the kernel's queue overflowed (read them all then).
-    fn wait(&self, pause: Duration) -> Result<Option<Vec<usize>>> {
+    fn wait(&mut self, pause: Duration) -> Result<Option<Vec<usize>>> {
         use std::os::fd::AsRawFd;
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -415,7 +418,7 @@ impl Inotify {
         if ready <= 0 {
             return Ok(None);
         }
-        let mut buf = vec![0u8; 64 * 1024];
+        let buf = &mut self.buf;
         // SAFETY: `buf` is writable for its length.
         let got = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         let got = usize::try_from(got).map_err(|_| std::io::Error::last_os_error())?;

@@ -221,6 +221,20 @@ pub(super) async fn append_in_tx(
 /// Outbox rows one INSERT carries (ten binds each, far below either database's limit).
 const OUTBOX_ROWS_PER_INSERT: usize = 100;
 
+/// For `n` appliances bound as pairs (`$1`, `$2` the first appliance and its value, `$3`, `$4`
+/// the second, …): the expression `CASE appliance_id WHEN $1 THEN $2 … END` and the id list
+/// `$1, $3, …` of the `WHERE appliance_id IN (…)` that goes with it.
+fn per_appliance(n: usize) -> (String, String) {
+    let cases: Vec<String> = (0..n)
+        .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let ids: Vec<String> = (0..n).map(|i| format!("${}", 2 * i + 1)).collect();
+    (
+        format!("CASE appliance_id {} END", cases.join(" ")),
+        ids.join(", "),
+    )
+}
+
 /// Moves the heads of the appliances in `counts` on by their counts, in place (an increment,
 /// not read-then-write: it holds each row against a concurrent move of the head by an agent
 /// whose trail is ahead, `outbox_recorded`). Returns each moved appliance's new last number;
@@ -229,17 +243,10 @@ async fn bumped_heads_in_tx(
     tx: &mut sqlx::AnyConnection,
     counts: &[(&str, i64)],
 ) -> StoreResult<HashMap<String, i64>> {
-    let cases: Vec<String> = (0..counts.len())
-        .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
-        .collect();
-    let ids: Vec<String> = (0..counts.len())
-        .map(|i| format!("${}", 2 * i + 1))
-        .collect();
+    let (case, ids) = per_appliance(counts.len());
     let sql = format!(
-        "UPDATE customer_trail_heads SET last_number = last_number + CASE appliance_id {} END \
-         WHERE appliance_id IN ({}) RETURNING appliance_id, last_number",
-        cases.join(" "),
-        ids.join(", ")
+        "UPDATE customer_trail_heads SET last_number = last_number + {case} \
+         WHERE appliance_id IN ({ids}) RETURNING appliance_id, last_number"
     );
     let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
     for (id, count) in counts {
@@ -359,10 +366,9 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if let Some(at) = seen_at {
             for ids in seen.chunks(IDS_PER_UPDATE) {
-                let list: Vec<String> = (2..ids.len() + 2).map(|n| format!("${n}")).collect();
                 let sql = format!(
                     "UPDATE appliances SET last_seen = $1 WHERE id IN ({})",
-                    list.join(", ")
+                    super::placeholders(2, ids.len())
                 );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(super::to_ms(at));
                 for id in ids {
@@ -408,18 +414,10 @@ async fn pruned_many_in_tx(
     if positions.is_empty() {
         return Ok(Vec::new());
     }
-    // $1, $2 are the first appliance and its number, $3, $4 the second, …
-    let cases: Vec<String> = (0..positions.len())
-        .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
-        .collect();
-    let ids: Vec<String> = (0..positions.len())
-        .map(|i| format!("${}", 2 * i + 1))
-        .collect();
+    let (case, ids) = per_appliance(positions.len());
     let update = format!(
-        "UPDATE customer_trail_heads SET recorded_number = CASE appliance_id {} END \
-         WHERE appliance_id IN ({}) RETURNING appliance_id",
-        cases.join(" "),
-        ids.join(", ")
+        "UPDATE customer_trail_heads SET recorded_number = {case} \
+         WHERE appliance_id IN ({ids}) RETURNING appliance_id"
     );
     let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(update));
     for (id, number) in positions {

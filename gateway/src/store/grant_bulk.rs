@@ -9,7 +9,7 @@
 use super::{
     control::{grant_from, GrantChange, GrantRow, GRANT_COLS},
     grant_list::GrantWithOwner,
-    to_ms, Store, StoreError, StoreResult,
+    placeholders, to_ms, Store, StoreError, StoreResult,
 };
 use endpoint_types::{
     control::GrantState,
@@ -31,14 +31,6 @@ pub struct CustomerGrants {
     /// The grants still live at `now`: pending approval, or active and not expired; oldest
     /// request first.
     pub live: Vec<GrantWithOwner>,
-}
-
-/// `$first, $first+1, …` for `n` ids.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 impl Store {

@@ -223,6 +223,14 @@ fn sqlite_url(path: &Path) -> String {
     s
 }
 
+/// `$first, $first+1, …` for `n` bound ids (an `IN (…)` list).
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Read-only connections beside SQLite's one writer: enough for the API's concurrent reads on
 /// a small machine; each is a thread of its own.
 const SQLITE_READERS: u32 = 3;
