@@ -611,7 +611,7 @@ impl Chain {
         let mut head = self.head.lock().await;
         let made = self
             .store
-            .append_audit_rows_with(records, |p, seq, prev_hash| {
+            .append_audit_rows_with(records, Some((head.0, &head.1)), |p, seq, prev_hash| {
                 let mut row = AuditRow {
                     seq,
                     time: p.time.to_string(),
@@ -912,6 +912,44 @@ mod tests {
             .await
             .expect("the writer's probe found the store gone");
         assert!(log.session_watch().is_err());
+    }
+
+    /// Two writers on one store (as two replicas on PostgreSQL): each batch chains onto the
+    /// head its writer last wrote, so the other's records in between make its guess stale.
+    /// The batch is chained again onto the store's head: nothing refused, one linear chain.
+    #[tokio::test]
+    async fn a_batch_after_another_writers_records_chains_onto_the_stores_head() {
+        let store = Store::open_memory().await.unwrap();
+        let (one, two) = (
+            AuditLog::open(store.clone()).await.unwrap(),
+            AuditLog::open(store.clone()).await.unwrap(),
+        );
+        for (log, kind) in [
+            (&one, "a"),
+            (&two, "b"),
+            (&two, "c"),
+            (&one, "d"),
+            (&two, "e"),
+        ] {
+            log.record(kind, "x", Subject::default(), serde_json::Value::Null)
+                .await;
+            assert!(log.session_watch().is_ok(), "the trail went down at {kind}");
+        }
+        let kinds: Vec<_> = store
+            .list_audit(0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.seq, r.kind))
+            .collect();
+        let want: Vec<_> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as i64 + 1, k.to_string()))
+            .collect();
+        assert_eq!(kinds, want);
+        assert_eq!(one.verify().await.unwrap(), Ok(5));
+        assert_eq!(two.verify().await.unwrap(), Ok(5));
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use gateway::{
 use jiff::Timestamp;
 use postern::pg_cluster;
 use serde_json::json;
+use std::time::Duration;
 
 /// More than one statement's worth of positions.
 const FLEET: usize = 260;
@@ -174,5 +175,77 @@ async fn postgres_a_burst_of_records_numbers_each_outbox_in_trail_order() {
     let url = cluster.create_database("trail_burst");
     let store = Store::open(&url).await.expect("open");
     a_burst_of_records_numbers_each_outbox_in_trail_order(store).await;
+    drop(cluster);
+}
+
+/// Records from each of two replicas (two stores on one database, each with its own audit
+/// writer and its own idea of the chain's head) written at once.
+const RACED_RECORDS: usize = 200;
+
+/// Two replicas append at once: each batch chains onto the head its replica last wrote, which
+/// the other replica's commits keep making stale. Every record still lands once, in one
+/// linear chain that both verify, and the shared appliance's outbox numbers 1..n without a gap.
+async fn two_replicas_appending_at_once_keep_one_chain(url: &str) {
+    let (a, b) = (
+        Store::open(url).await.expect("open a"),
+        Store::open(url).await.expect("open b"),
+    );
+    a.insert_appliance(&appliance("ap_shared"))
+        .await
+        .expect("appliance");
+    let (log_a, log_b) = (
+        AuditLog::open(a.clone()).await.expect("audit a"),
+        AuditLog::open(b.clone()).await.expect("audit b"),
+    );
+    let writes = [&log_a, &log_b].into_iter().flat_map(|log| {
+        (0..RACED_RECORDS).map(move |i| {
+            let log = log.clone();
+            async move {
+                log.record(
+                    "grant.revoked",
+                    "alice",
+                    Subject::appliance("ap_shared"),
+                    json!({ "i": i }),
+                )
+                .await
+            }
+        })
+    });
+    // A refused batch is held and retried by its writer, whose callers would wait for ever.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(writes),
+    )
+    .await
+    .expect("the replicas' records were not all written within 60 s");
+    let n = 2 * RACED_RECORDS as u64;
+    for log in [&log_a, &log_b] {
+        assert!(log.session_watch().is_ok(), "a replica's trail went down");
+        assert_eq!(log.verify().await.expect("verify"), Ok(n));
+    }
+    let numbers: Vec<u64> = a
+        .outbox_after("ap_shared", 0, 1000)
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|r| r.number)
+        .collect();
+    assert_eq!(numbers, (1..=n).collect::<Vec<u64>>());
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_replicas_appending_at_once_keep_one_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite:{}", dir.path().join("postern.db").display());
+    two_replicas_appending_at_once_keep_one_chain(&url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_replicas_appending_at_once_keep_one_chain() {
+    let cluster = pg_cluster::shared();
+    let url = cluster.create_database("trail_two_replicas");
+    two_replicas_appending_at_once_keep_one_chain(&url).await;
     drop(cluster);
 }

@@ -415,20 +415,24 @@ impl Grants {
         let to = self
             .move_grant(caller, &row, GrantEvent::Revoke, "revoke", change)
             .await?;
-        self.audit
-            .record(
-                "grant.revoked",
-                &who,
-                Subject::appliance(&appliance.id),
-                serde_json::json!({
-                    "grant_id": id, "was": row.state.as_str(),
-                }),
-            )
-            .await;
-        self.endpoints
-            .end_all_of_grant(id, CloseReason::Revoked, caller)
-            .await;
-        self.push_grants(&appliance.id).await;
+        // The revocation took effect at the compare-and-set: the agent is told and the grant's
+        // endpoints are cut while its record commits, not after (the answer waits for both).
+        // `join!` polls the record first, which queues it ahead of the endpoints' own records.
+        let recorded = self.audit.record(
+            "grant.revoked",
+            &who,
+            Subject::appliance(&appliance.id),
+            serde_json::json!({
+                "grant_id": id, "was": row.state.as_str(),
+            }),
+        );
+        let enforced = async {
+            self.endpoints
+                .end_all_of_grant(id, CloseReason::Revoked, caller)
+                .await;
+            self.push_grants(&appliance.id).await;
+        };
+        tokio::join!(recorded, enforced);
         // The compare-and-set changed only the state (and who revoked it, which the record
         // does not show): the answer needs no second read.
         let row = GrantRow { state: to, ..row };

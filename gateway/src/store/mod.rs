@@ -223,6 +223,11 @@ fn sqlite_url(path: &Path) -> String {
     s
 }
 
+/// Whether a database error is a unique-constraint violation (the name or number is taken).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
 /// `$first, $first+1, …` for `n` bound ids (an `IN (…)` list).
 fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)

@@ -664,54 +664,79 @@ impl Store {
     /// Like [`Store::append_audit_with`] for several records in one transaction (busy
     /// sessions' statements): `make(item, seq, prev_hash)` makes each row, chained onto the one
     /// before, in order. Returns the new head `(seq, hash)`.
+    ///
+    /// `known_head` is the head this process last wrote, if it has one: chaining onto it saves
+    /// reading the head in every batch. Should another process (a replica on PostgreSQL) have
+    /// appended since, the first row's seq is taken (it is the primary key), and the batch is
+    /// made again onto the head read from the store, in a new transaction.
     pub async fn append_audit_rows_with<'a, T, F>(
         &self,
         items: &'a [T],
+        known_head: Option<(i64, &str)>,
         mut make: F,
     ) -> StoreResult<Option<(i64, String)>>
     where
         T: Sync,
         F: FnMut(&'a T, i64, &str) -> AuditRow<'a> + Send,
     {
-        let mut tx = self.write_tx("audit_log").await?;
-        let (mut seq, mut prev) = last_audit(&mut *tx)
-            .await?
-            .unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
-        let mut rows = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let r = make(item, seq + 1, &prev);
-            if r.seq != seq + 1 || r.prev_hash != prev {
-                return Err(StoreError::BrokenChain(format!(
-                    "batch record {i} does not continue the chain at seq {}",
-                    seq + 1
-                )));
+        let mut guess = known_head.map(|(seq, hash)| (seq, hash.to_string()));
+        loop {
+            let guessed = guess.is_some();
+            let mut tx = self.write_tx("audit_log").await?;
+            let head = match guess.take() {
+                Some(head) => Some(head),
+                None => last_audit(&mut *tx).await?,
+            };
+            let (mut seq, mut prev) =
+                head.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
+            let mut rows = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let r = make(item, seq + 1, &prev);
+                if r.seq != seq + 1 || r.prev_hash != prev {
+                    return Err(StoreError::BrokenChain(format!(
+                        "batch record {i} does not continue the chain at seq {}",
+                        seq + 1
+                    )));
+                }
+                (seq, prev) = (r.seq, r.hash.clone());
+                rows.push(r);
             }
-            (seq, prev) = (r.seq, r.hash.clone());
-            rows.push(r);
+            // Many rows per statement: each statement is a round trip to the store's worker.
+            let mut inserted = Ok(());
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                inserted = insert_audit_rows(&mut *tx, self.backend, chunk).await;
+                if inserted.is_err() {
+                    break;
+                }
+            }
+            match inserted {
+                Err(StoreError::Db(e)) if guessed && super::is_unique_violation(&e) => {
+                    // Someone else appended after the head this process knew: read it.
+                    let _ = tx.rollback().await;
+                    continue;
+                }
+                other => other?,
+            }
+            let outbox: Vec<_> = rows
+                .iter()
+                .filter_map(|r| {
+                    super::customer_trail::entry_of(
+                        r.kind,
+                        r.appliance_id,
+                        r.time.clone(),
+                        r.actor,
+                        (r.endpoint_id, r.op_id),
+                        || r.detail.get().to_string(),
+                        r.seq,
+                        &r.hash,
+                    )
+                })
+                .collect();
+            super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
+            tx.commit().await?;
+            self.ring_trail_bells(&outbox);
+            return Ok(rows.last().map(|r| (r.seq, r.hash.clone())));
         }
-        // Many rows per statement: each statement is a round trip to the store's worker.
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            insert_audit_rows(&mut *tx, self.backend, chunk).await?;
-        }
-        let outbox: Vec<_> = rows
-            .iter()
-            .filter_map(|r| {
-                super::customer_trail::entry_of(
-                    r.kind,
-                    r.appliance_id,
-                    r.time.clone(),
-                    r.actor,
-                    (r.endpoint_id, r.op_id),
-                    || r.detail.get().to_string(),
-                    r.seq,
-                    &r.hash,
-                )
-            })
-            .collect();
-        super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
-        tx.commit().await?;
-        self.ring_trail_bells(&outbox);
-        Ok(rows.last().map(|r| (r.seq, r.hash.clone())))
     }
 
     /// The last record of `kind` about `appliance_id` (the latest anchor of an appliance's

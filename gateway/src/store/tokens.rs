@@ -1,6 +1,6 @@
 //! API tokens: minted (hash only), listed, revoked, their last use noted.
 
-use super::{from_ms, opt_ts, to_ms, Store, StoreResult};
+use super::{from_ms, is_unique_violation, opt_ts, to_ms, Store, StoreResult};
 use jiff::Timestamp;
 use sqlx::{any::AnyRow, Row};
 
@@ -47,11 +47,6 @@ pub enum TokenRevocation {
 }
 
 const TOKEN_COLS: &str = "id, name, role, customer, secret_hash, created_at, created_by, created_by_id, expires_at, revoked_at, last_used_at";
-
-/// Whether a database error is a unique-constraint violation (the name is taken).
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::UniqueViolation)
-}
 
 fn token_from(r: AnyRow) -> StoreResult<TokenRow> {
     Ok(TokenRow {
