@@ -218,6 +218,88 @@ pub(super) async fn append_in_tx(
     Ok(())
 }
 
+/// SQLite: the statements that number and insert `entries` inside the caller's audit
+/// transaction, as text for the one call that also inserts the batch's audit rows
+/// ([`super::Arg`]). Heads that do not exist yet are made first; each entry's number is its
+/// appliance's head, read in the same statement, plus its rank among the batch's entries of
+/// that appliance; the heads move on last (an increment, as in [`append_in_tx`]).
+pub(super) fn sqlite_statements<'a>(
+    entries: &'a [OutboxEntry<'a>],
+    sql: &mut String,
+    args: &mut Vec<super::Arg<'a>>,
+) {
+    use super::Arg;
+    if entries.is_empty() {
+        return;
+    }
+    let mut counts: Vec<(&str, i64)> = Vec::new();
+    let mut slot: HashMap<&str, usize> = HashMap::new();
+    let mut ranks = Vec::with_capacity(entries.len());
+    for e in entries {
+        let i = *slot.entry(e.appliance_id).or_insert_with(|| {
+            counts.push((e.appliance_id, 0));
+            counts.len() - 1
+        });
+        if let Some((_, n)) = counts.get_mut(i) {
+            *n += 1;
+            ranks.push(*n);
+        }
+    }
+    let list = |n: usize, item: &str, sep: &str| vec![item; n].join(sep);
+    for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
+        sql.push_str(&format!(
+            "INSERT INTO customer_trail_heads (appliance_id, last_number, recorded_number) VALUES {} \
+             ON CONFLICT (appliance_id) DO NOTHING;\n",
+            list(chunk.len(), "(?, 0, 0)", ", ")
+        ));
+        args.extend(chunk.iter().map(|(id, _)| Arg::Text(id)));
+    }
+    for chunk in entries
+        .iter()
+        .zip(ranks)
+        .collect::<Vec<_>>()
+        .chunks(OUTBOX_ROWS_PER_INSERT)
+    {
+        sql.push_str(&format!(
+            "INSERT INTO customer_trail_outbox \
+             (appliance_id, number, kind, time, actor, endpoint_id, op_id, detail, gateway_seq, gateway_hash) \
+             VALUES {};\n",
+            list(
+                chunk.len(),
+                "(?, (SELECT last_number FROM customer_trail_heads WHERE appliance_id = ?) + ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ", "
+            )
+        ));
+        for (e, rank) in chunk {
+            args.extend([
+                Arg::Text(e.appliance_id),
+                Arg::Text(e.appliance_id),
+                Arg::Int(*rank),
+                Arg::Text(e.event.as_str()),
+                Arg::Text(&e.time),
+                Arg::Text(e.actor),
+                Arg::MaybeText(e.endpoint_id),
+                Arg::MaybeText(e.op_id),
+                Arg::Text(&e.detail),
+                Arg::Int(e.seq),
+                Arg::Text(e.hash),
+            ]);
+        }
+    }
+    for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
+        sql.push_str(&format!(
+            "UPDATE customer_trail_heads SET last_number = last_number + CASE appliance_id {} END \
+             WHERE appliance_id IN ({});\n",
+            list(chunk.len(), "WHEN ? THEN ?", " "),
+            list(chunk.len(), "?", ", ")
+        ));
+        for (id, count) in chunk {
+            args.extend([Arg::Text(id), Arg::Int(*count)]);
+        }
+        args.extend(chunk.iter().map(|(id, _)| Arg::Text(id)));
+    }
+}
+
 /// Outbox rows one INSERT carries (ten binds each, far below either database's limit).
 const OUTBOX_ROWS_PER_INSERT: usize = 100;
 

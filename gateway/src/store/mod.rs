@@ -228,6 +228,28 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 
+/// A value for one of several statements sent to SQLite as one text: its worker runs them in
+/// order in one call, where each statement sent alone is a round trip to the store's one
+/// writer. The statements use anonymous `?` parameters, bound in order.
+pub(super) enum Arg<'a> {
+    Text(&'a str),
+    MaybeText(Option<&'a str>),
+    Int(i64),
+}
+
+/// `args`, in order, bound to `sql`.
+fn with_args<'q>(
+    sql: String,
+    args: Vec<Arg<'q>>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    args.into_iter()
+        .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, a| match a {
+            Arg::Text(v) => q.bind(v),
+            Arg::MaybeText(v) => q.bind(v),
+            Arg::Int(v) => q.bind(v),
+        })
+}
+
 /// `$first, $first+1, …` for `n` bound ids (an `IN (…)` list).
 fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)

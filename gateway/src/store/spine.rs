@@ -164,16 +164,13 @@ impl AuditRow<'_> {
 /// limits on bound parameters.
 const ROWS_PER_INSERT: usize = 64;
 
-async fn insert_audit_rows<'e>(
-    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
-    backend: super::Backend,
-    rows: &[AuditRow<'_>],
-) -> StoreResult<()> {
+/// `INSERT INTO audit_log … VALUES` for `n` rows, onto `sql`.
+fn audit_rows_sql(backend: super::Backend, n: usize, sql: &mut String) {
     use std::fmt::Write;
-    let mut sql = String::from(
+    sql.push_str(
         "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) VALUES ",
     );
-    for i in 0..rows.len() {
+    for i in 0..n {
         sql.push_str(if i == 0 { "(" } else { ", (" });
         for c in 0..11 {
             let sep = if c == 0 { "" } else { ", " };
@@ -186,22 +183,35 @@ async fn insert_audit_rows<'e>(
         }
         sql.push(')');
     }
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for r in rows {
-        q = q
-            .bind(r.seq)
-            .bind(r.time.as_str())
-            .bind(r.kind)
-            .bind(r.actor)
-            .bind(r.appliance_id)
-            .bind(r.endpoint_id)
-            .bind(r.session_id)
-            .bind(r.op_id)
-            .bind(r.detail.get())
-            .bind(r.prev_hash.as_str())
-            .bind(r.hash.as_str());
-    }
-    q.execute(ex).await?;
+}
+
+/// One row's values, in the order of [`audit_rows_sql`].
+fn audit_row_args<'a>(r: &'a AuditRow<'a>) -> [super::Arg<'a>; 11] {
+    use super::Arg;
+    [
+        Arg::Int(r.seq),
+        Arg::Text(&r.time),
+        Arg::Text(r.kind),
+        Arg::Text(r.actor),
+        Arg::MaybeText(r.appliance_id),
+        Arg::MaybeText(r.endpoint_id),
+        Arg::MaybeText(r.session_id),
+        Arg::MaybeText(r.op_id),
+        Arg::Text(r.detail.get()),
+        Arg::Text(&r.prev_hash),
+        Arg::Text(&r.hash),
+    ]
+}
+
+async fn insert_audit_rows<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    backend: super::Backend,
+    rows: &[AuditRow<'_>],
+) -> StoreResult<()> {
+    let mut sql = String::new();
+    audit_rows_sql(backend, rows.len(), &mut sql);
+    let args = rows.iter().flat_map(audit_row_args).collect();
+    super::with_args(sql, args).execute(ex).await?;
     Ok(())
 }
 
@@ -701,22 +711,6 @@ impl Store {
                 (seq, prev) = (r.seq, r.hash.clone());
                 rows.push(r);
             }
-            // Many rows per statement: each statement is a round trip to the store's worker.
-            let mut inserted = Ok(());
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
-                inserted = insert_audit_rows(&mut *tx, self.backend, chunk).await;
-                if inserted.is_err() {
-                    break;
-                }
-            }
-            match inserted {
-                Err(StoreError::Db(e)) if guessed && super::is_unique_violation(&e) => {
-                    // Someone else appended after the head this process knew: read it.
-                    let _ = tx.rollback().await;
-                    continue;
-                }
-                other => other?,
-            }
             let outbox: Vec<_> = rows
                 .iter()
                 .filter_map(|r| {
@@ -732,11 +726,49 @@ impl Store {
                     )
                 })
                 .collect();
-            super::customer_trail::append_in_tx(&mut tx, &outbox).await?;
+            match self.write_batch(&mut tx, &rows, &outbox).await {
+                Err(StoreError::Db(e)) if guessed && super::is_unique_violation(&e) => {
+                    // Someone else appended after the head this process knew: read it.
+                    let _ = tx.rollback().await;
+                    continue;
+                }
+                other => other?,
+            }
             tx.commit().await?;
             self.ring_trail_bells(&outbox);
             return Ok(rows.last().map(|r| (r.seq, r.hash.clone())));
         }
+    }
+
+    /// Inserts a batch's audit rows and numbers its outbox entries in the caller's
+    /// transaction. SQLite takes every statement in one call (each call is a round trip to its
+    /// one writer, held by this transaction meanwhile); PostgreSQL takes them one by one.
+    async fn write_batch(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        rows: &[AuditRow<'_>],
+        outbox: &[super::customer_trail::OutboxEntry<'_>],
+    ) -> StoreResult<()> {
+        match self.backend {
+            super::Backend::Sqlite => {
+                let (mut sql, mut args) = (String::new(), Vec::new());
+                for chunk in rows.chunks(ROWS_PER_INSERT) {
+                    audit_rows_sql(super::Backend::Sqlite, chunk.len(), &mut sql);
+                    sql.push_str(";\n");
+                    args.extend(chunk.iter().flat_map(audit_row_args));
+                }
+                super::customer_trail::sqlite_statements(outbox, &mut sql, &mut args);
+                super::with_args(sql, args).execute(&mut *tx).await?;
+            }
+            super::Backend::Postgres => {
+                // Many rows per statement: each statement is a round trip to the store.
+                for chunk in rows.chunks(ROWS_PER_INSERT) {
+                    insert_audit_rows(&mut *tx, self.backend, chunk).await?;
+                }
+                super::customer_trail::append_in_tx(tx, outbox).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The last record of `kind` about `appliance_id` (the latest anchor of an appliance's
