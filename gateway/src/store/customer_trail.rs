@@ -140,17 +140,7 @@ pub(super) async fn append_in_tx(
     if entries.is_empty() {
         return Ok(());
     }
-    let mut counts: Vec<(&str, i64)> = Vec::new();
-    let mut slot: HashMap<&str, usize> = HashMap::new();
-    for e in entries {
-        let i = *slot.entry(e.appliance_id).or_insert_with(|| {
-            counts.push((e.appliance_id, 0));
-            counts.len() - 1
-        });
-        if let Some((_, n)) = counts.get_mut(i) {
-            *n += 1;
-        }
-    }
+    let (counts, _) = per_appliance_counts(entries);
     let mut last: HashMap<String, i64> = HashMap::new();
     for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
         last.extend(bumped_heads_in_tx(tx, chunk).await?);
@@ -218,6 +208,29 @@ pub(super) async fn append_in_tx(
     Ok(())
 }
 
+/// The appliances `entries` concern, in order of first appearance, each with its number of
+/// entries; and each entry's rank (1, 2, …) among the entries of its appliance.
+fn per_appliance_counts<'a>(entries: &[OutboxEntry<'a>]) -> (Vec<(&'a str, i64)>, Vec<i64>) {
+    let mut seen: HashMap<&str, i64> = HashMap::new();
+    let mut order = Vec::new();
+    let ranks = entries
+        .iter()
+        .map(|e| {
+            let n = seen.entry(e.appliance_id).or_insert_with(|| {
+                order.push(e.appliance_id);
+                0
+            });
+            *n += 1;
+            *n
+        })
+        .collect();
+    let counts = order
+        .into_iter()
+        .map(|id| (id, seen.get(id).copied().unwrap_or(0)))
+        .collect();
+    (counts, ranks)
+}
+
 /// SQLite: the statements that number and insert `entries` inside the caller's audit
 /// transaction, as text for the one call that also inserts the batch's audit rows
 /// ([`super::Arg`]). Heads that do not exist yet are made first; each entry's number is its
@@ -232,19 +245,7 @@ pub(super) fn sqlite_statements<'a>(
     if entries.is_empty() {
         return;
     }
-    let mut counts: Vec<(&str, i64)> = Vec::new();
-    let mut slot: HashMap<&str, usize> = HashMap::new();
-    let mut ranks = Vec::with_capacity(entries.len());
-    for e in entries {
-        let i = *slot.entry(e.appliance_id).or_insert_with(|| {
-            counts.push((e.appliance_id, 0));
-            counts.len() - 1
-        });
-        if let Some((_, n)) = counts.get_mut(i) {
-            *n += 1;
-            ranks.push(*n);
-        }
-    }
+    let (counts, ranks) = per_appliance_counts(entries);
     let list = |n: usize, item: &str, sep: &str| vec![item; n].join(sep);
     for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
         sql.push_str(&format!(
