@@ -140,7 +140,7 @@ pub(super) async fn append_in_tx(
     if entries.is_empty() {
         return Ok(());
     }
-    let (counts, _) = per_appliance_counts(entries);
+    let (counts, ranks) = per_appliance_counts(entries);
     let mut last: HashMap<String, i64> = HashMap::new();
     for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
         last.extend(bumped_heads_in_tx(tx, chunk).await?);
@@ -166,16 +166,15 @@ pub(super) async fn append_in_tx(
         last.extend(chunk.iter().map(|(id, count)| (id.to_string(), *count)));
     }
     // The batch's records of one appliance take the numbers after its previous head, in order.
-    let mut next: HashMap<&str, i64> = counts
+    let before: HashMap<&str, i64> = counts
         .iter()
-        .map(|(id, count)| (*id, last.get(*id).copied().unwrap_or(*count) - count + 1))
+        .map(|(id, count)| (*id, last.get(*id).copied().unwrap_or(*count) - count))
         .collect();
-    let mut numbered = Vec::with_capacity(entries.len());
-    for e in entries {
-        let n = next.entry(e.appliance_id).or_insert(1);
-        numbered.push((*n, e));
-        *n += 1;
-    }
+    let numbered: Vec<(i64, &OutboxEntry)> = entries
+        .iter()
+        .zip(ranks)
+        .map(|(e, rank)| (before.get(e.appliance_id).copied().unwrap_or(0) + rank, e))
+        .collect();
     for chunk in numbered.chunks(OUTBOX_ROWS_PER_INSERT) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
@@ -189,23 +188,33 @@ pub(super) async fn append_in_tx(
              VALUES {}",
             values.join(", ")
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (number, e) in chunk {
-            q = q
-                .bind(e.appliance_id)
-                .bind(*number)
-                .bind(e.event.as_str())
-                .bind(&e.time)
-                .bind(e.actor)
-                .bind(e.endpoint_id)
-                .bind(e.op_id)
-                .bind(&e.detail)
-                .bind(e.seq)
-                .bind(e.hash);
-        }
-        q.execute(&mut *tx).await?;
+        let args = chunk
+            .iter()
+            .flat_map(|(number, e)| {
+                [super::Arg::Text(e.appliance_id), super::Arg::Int(*number)]
+                    .into_iter()
+                    .chain(outbox_row_rest(e))
+            })
+            .collect();
+        super::with_args(sql, args).execute(&mut *tx).await?;
     }
     Ok(())
+}
+
+/// An outbox row's values after its appliance and number, in column order (`kind` …
+/// `gateway_hash`).
+fn outbox_row_rest<'a>(e: &'a OutboxEntry<'a>) -> [super::Arg<'a>; 8] {
+    use super::Arg;
+    [
+        Arg::Text(e.event.as_str()),
+        Arg::Text(&e.time),
+        Arg::Text(e.actor),
+        Arg::MaybeText(e.endpoint_id),
+        Arg::MaybeText(e.op_id),
+        Arg::Text(&e.detail),
+        Arg::Int(e.seq),
+        Arg::Text(e.hash),
+    ]
 }
 
 /// The appliances `entries` concern, in order of first appearance, each with its number of
@@ -276,15 +285,8 @@ pub(super) fn sqlite_statements<'a>(
                 Arg::Text(e.appliance_id),
                 Arg::Text(e.appliance_id),
                 Arg::Int(*rank),
-                Arg::Text(e.event.as_str()),
-                Arg::Text(&e.time),
-                Arg::Text(e.actor),
-                Arg::MaybeText(e.endpoint_id),
-                Arg::MaybeText(e.op_id),
-                Arg::Text(&e.detail),
-                Arg::Int(e.seq),
-                Arg::Text(e.hash),
             ]);
+            args.extend(outbox_row_rest(e));
         }
     }
     for chunk in counts.chunks(POSITIONS_PER_STATEMENT) {
