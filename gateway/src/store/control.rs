@@ -480,7 +480,8 @@ impl Store {
             }
         };
         // The write lock from the start: two appends cannot both fit into the same room.
-        let mut tx = self.write_tx("ops").await?;
+        let mut conn = self.writer().await?;
+        let mut tx = self.write_tx(&mut conn, "ops").await?;
         let Some(row) = sqlx::query(lengths)
             .bind(id)
             .fetch_optional(&mut *tx)

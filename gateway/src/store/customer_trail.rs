@@ -429,7 +429,8 @@ impl Store {
     /// from an older copy) moves the numbering past it: the agent would skip the numbers it
     /// already holds as duplicates.
     pub async fn outbox_recorded(&self, appliance_id: &str, number: u64) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let ahead = recorded_in_tx(&mut tx, appliance_id, number).await?;
         tx.commit().await?;
         if ahead {
@@ -448,7 +449,8 @@ impl Store {
         seen_at: Option<Timestamp>,
         trail: &[(&str, TrailPosition)],
     ) -> StoreResult<Vec<(String, u64)>> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         if let Some(at) = seen_at {
             for ids in seen.chunks(IDS_PER_UPDATE) {
                 let sql = format!(

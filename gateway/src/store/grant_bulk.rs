@@ -111,7 +111,8 @@ impl Store {
         }
         let at = to_ms(change.at);
         let mut moved = Vec::with_capacity(grants.len());
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         for (from, to, ids) in &groups {
             for chunk in ids.chunks(IDS_PER_STATEMENT) {
                 let sql = format!(

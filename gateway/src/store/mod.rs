@@ -12,6 +12,7 @@ mod gauges;
 mod grant_bulk;
 mod grant_expiry;
 mod grant_list;
+mod held;
 mod op_list;
 mod refusals;
 mod signed;
@@ -39,7 +40,7 @@ use jiff::Timestamp;
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions},
     migrate::{Migration, MigrationType, Migrator},
-    AnyPool, Executor, SqlSafeStr,
+    Executor, SqlSafeStr,
 };
 use std::{path::Path, str::FromStr, time::Duration};
 
@@ -265,13 +266,13 @@ const SQLITE_READERS: u32 = 3;
 #[derive(Clone, Debug)]
 pub struct Store {
     /// Every write, and reads that must be ordered with writes (a read in a write transaction).
-    pool: AnyPool,
+    pool: held::Conns,
     /// Plain reads ([`Store::select_rows`]). For a SQLite file a few read-only connections of
     /// their own: in WAL mode they read beside the one writer instead of queueing behind it
     /// on its worker thread (a revocation burst spent most of its time in that queue). A read
     /// sees every commit that finished before it started, so a request still reads its own
     /// writes. The same pool as `pool` for PostgreSQL and in-memory SQLite.
-    reader: AnyPool,
+    reader: held::Conns,
     backend: Backend,
     /// Rung when an appliance's customer-trail outbox gains records.
     trail_bells: TrailBells,
@@ -334,7 +335,7 @@ impl Store {
             }),
         )
         .await?;
-        store.reader = AnyPoolOptions::new()
+        let readers = AnyPoolOptions::new()
             .max_connections(SQLITE_READERS)
             .test_before_acquire(false)
             .after_connect(|conn, _| {
@@ -346,6 +347,7 @@ impl Store {
             })
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(AnyConnectOptions::from_str(&url)?);
+        store.reader = held::Conns::held(readers, SQLITE_READERS);
         Ok(store)
     }
 
@@ -388,6 +390,12 @@ impl Store {
             .connect_with(conn)
             .await?;
         migrator().run(&pool).await?;
+        let pool = match backend {
+            // The in-memory database's one connection, held (`held`); a file's is held once
+            // its readers are set up (`open_sqlite`).
+            Backend::Sqlite => held::Conns::held(pool, 1),
+            Backend::Postgres => held::Conns::Pool(pool),
+        };
         Ok(Store {
             reader: pool.clone(),
             pool,
@@ -427,14 +435,22 @@ impl Store {
             .collect()
     }
 
-    async fn write_tx(
+    /// A connection of the writer's, the caller's alone: for a transaction, which borrows it.
+    async fn writer(&self) -> StoreResult<held::Conn> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    async fn write_tx<'c>(
         &self,
+        conn: &'c mut held::Conn,
         table: &'static str,
-    ) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    ) -> StoreResult<sqlx::Transaction<'c, sqlx::Any>> {
         match self.backend {
-            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Sqlite => {
+                Ok(sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?)
+            }
             Backend::Postgres => {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = sqlx::Connection::begin(&mut **conn).await?;
                 let lock = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
                 sqlx::query(sqlx::AssertSqlSafe(lock))
                     .execute(&mut *tx)

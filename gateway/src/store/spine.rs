@@ -215,6 +215,64 @@ async fn insert_audit_rows<'e>(
     Ok(())
 }
 
+/// A batch's rows, made by `make` in order, each chained onto the one before from `head`.
+fn chained<'a, T, F>(
+    items: &'a [T],
+    (mut seq, mut prev): (i64, String),
+    make: &mut F,
+) -> StoreResult<Vec<AuditRow<'a>>>
+where
+    F: FnMut(&'a T, i64, &str) -> AuditRow<'a>,
+{
+    let mut rows = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let r = make(item, seq + 1, &prev);
+        if r.seq != seq + 1 || r.prev_hash != prev {
+            return Err(StoreError::BrokenChain(format!(
+                "batch record {i} does not continue the chain at seq {}",
+                seq + 1
+            )));
+        }
+        (seq, prev) = (r.seq, r.hash.clone());
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
+/// The customer-trail outbox entries a batch's rows carry.
+fn outbox_of<'a>(rows: &'a [AuditRow<'_>]) -> Vec<super::customer_trail::OutboxEntry<'a>> {
+    rows.iter()
+        .filter_map(|r| {
+            super::customer_trail::entry_of(
+                r.kind,
+                r.appliance_id,
+                r.time.clone(),
+                r.actor,
+                (r.endpoint_id, r.op_id),
+                || r.detail.get().to_string(),
+                r.seq,
+                &r.hash,
+            )
+        })
+        .collect()
+}
+
+/// SQLite: a batch's audit INSERTs and its customer-trail statements, appended to `sql` with
+/// their arguments in order (anonymous parameters, bound in sequence across statements).
+fn sqlite_batch_statements<'q>(
+    rows: &'q [AuditRow<'_>],
+    outbox: &'q [super::customer_trail::OutboxEntry<'_>],
+    sql: &mut String,
+    args: &mut Vec<super::Arg<'q>>,
+) {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        audit_rows_sql(super::Backend::Sqlite, chunk.len(), sql);
+        sql.push_str(";\n");
+        args.extend(chunk.iter().flat_map(audit_row_args));
+    }
+    super::customer_trail::sqlite_statements(outbox, sql, args);
+}
+
 async fn last_audit<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
 ) -> StoreResult<Option<(i64, String)>> {
@@ -640,7 +698,8 @@ impl Store {
     where
         F: FnOnce(i64, &str) -> AuditRecord + Send,
     {
-        let mut tx = self.write_tx("audit_log").await?;
+        let mut conn = self.writer().await?;
+        let mut tx = self.write_tx(&mut conn, "audit_log").await?;
         let (seq, prev) = last_audit(&mut *tx)
             .await?
             .unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
@@ -689,43 +748,36 @@ impl Store {
         T: Sync,
         F: FnMut(&'a T, i64, &str) -> AuditRow<'a> + Send,
     {
-        let mut guess = known_head.map(|(seq, hash)| (seq, hash.to_string()));
+        if let (super::Backend::Sqlite, Some((seq, hash))) = (self.backend, known_head) {
+            let rows = chained(items, (seq, hash.to_string()), &mut make)?;
+            let outbox = outbox_of(&rows);
+            match self.write_batch_in_one_call(&rows, &outbox).await {
+                // Another process appended since: chain onto its head under the write lock.
+                Err(StoreError::Db(e)) if super::is_unique_violation(&e) => {}
+                other => {
+                    other?;
+                    self.ring_trail_bells(&outbox);
+                    return Ok(rows.last().map(|r| (r.seq, r.hash.clone())));
+                }
+            }
+        }
+        let mut guess = match self.backend {
+            // SQLite tried the known head above; what failed there is read again here.
+            super::Backend::Sqlite => None,
+            super::Backend::Postgres => known_head.map(|(seq, hash)| (seq, hash.to_string())),
+        };
         loop {
             let guessed = guess.is_some();
-            let mut tx = self.write_tx("audit_log").await?;
+            let mut conn = self.writer().await?;
+            let mut tx = self.write_tx(&mut conn, "audit_log").await?;
             let head = match guess.take() {
                 Some(head) => Some(head),
                 None => last_audit(&mut *tx).await?,
             };
-            let (mut seq, mut prev) =
+            let head =
                 head.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
-            let mut rows = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                let r = make(item, seq + 1, &prev);
-                if r.seq != seq + 1 || r.prev_hash != prev {
-                    return Err(StoreError::BrokenChain(format!(
-                        "batch record {i} does not continue the chain at seq {}",
-                        seq + 1
-                    )));
-                }
-                (seq, prev) = (r.seq, r.hash.clone());
-                rows.push(r);
-            }
-            let outbox: Vec<_> = rows
-                .iter()
-                .filter_map(|r| {
-                    super::customer_trail::entry_of(
-                        r.kind,
-                        r.appliance_id,
-                        r.time.clone(),
-                        r.actor,
-                        (r.endpoint_id, r.op_id),
-                        || r.detail.get().to_string(),
-                        r.seq,
-                        &r.hash,
-                    )
-                })
-                .collect();
+            let rows = chained(items, head, &mut make)?;
+            let outbox = outbox_of(&rows);
             match self.write_batch(&mut tx, &rows, &outbox).await {
                 Err(StoreError::Db(e)) if guessed && super::is_unique_violation(&e) => {
                     // Someone else appended after the head this process knew: read it.
@@ -740,6 +792,36 @@ impl Store {
         }
     }
 
+    /// SQLite only: the whole batch, from `BEGIN IMMEDIATE` to `COMMIT`, in one call to the
+    /// one writer, which the batch then holds for one round trip instead of three (a burst of
+    /// API calls waits on it for their records and their own writes alike).
+    async fn write_batch_in_one_call(
+        &self,
+        rows: &[AuditRow<'_>],
+        outbox: &[super::customer_trail::OutboxEntry<'_>],
+    ) -> StoreResult<()> {
+        let (mut sql, mut args) = (String::from("BEGIN IMMEDIATE;\n"), Vec::new());
+        sqlite_batch_statements(rows, outbox, &mut sql, &mut args);
+        sql.push_str("COMMIT;");
+        let mut conn = self.writer().await?;
+        // Until the call is over, and any transaction it left open ended, a drop (the caller
+        // cancelled) closes the connection instead of handing it on inside that transaction.
+        conn.unsettled();
+        let written = super::with_args(sql, args).execute(&mut *conn).await;
+        match &written {
+            Ok(_) => conn.settled(),
+            // The call stops at the failing statement, which can leave the transaction open
+            // (a constraint does; an I/O error has SQLite roll it back itself). End it.
+            Err(_) => match sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                Ok(_) => conn.settled(),
+                Err(e) if e.to_string().contains("no transaction is active") => conn.settled(),
+                Err(_) => {}
+            },
+        }
+        written?;
+        Ok(())
+    }
+
     /// Inserts a batch's audit rows and numbers its outbox entries in the caller's
     /// transaction. SQLite takes every statement in one call (each call is a round trip to its
     /// one writer, held by this transaction meanwhile); PostgreSQL takes them one by one.
@@ -752,12 +834,7 @@ impl Store {
         match self.backend {
             super::Backend::Sqlite => {
                 let (mut sql, mut args) = (String::new(), Vec::new());
-                for chunk in rows.chunks(ROWS_PER_INSERT) {
-                    audit_rows_sql(super::Backend::Sqlite, chunk.len(), &mut sql);
-                    sql.push_str(";\n");
-                    args.extend(chunk.iter().flat_map(audit_row_args));
-                }
-                super::customer_trail::sqlite_statements(outbox, &mut sql, &mut args);
+                sqlite_batch_statements(rows, outbox, &mut sql, &mut args);
                 super::with_args(sql, args).execute(&mut *tx).await?;
             }
             super::Backend::Postgres => {

@@ -24,7 +24,8 @@ impl Store {
         keep_after: Timestamp,
         keep_rows: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         for r in rows {
             sqlx::query(
                 "INSERT INTO steady_state_snapshots \

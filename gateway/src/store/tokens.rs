@@ -130,7 +130,8 @@ impl Store {
     /// Revokes a token, in one transaction holding the table's write lock so that two admins
     /// revoking each other at once cannot leave the gateway with no usable admin.
     pub async fn revoke_token(&self, id: &str, now: Timestamp) -> StoreResult<TokenRevocation> {
-        let mut tx = self.write_tx("api_tokens").await?;
+        let mut conn = self.writer().await?;
+        let mut tx = self.write_tx(&mut conn, "api_tokens").await?;
         let sql = format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = $1");
         let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)

@@ -105,7 +105,8 @@ impl Store {
         settings: Option<&WebhookSettings>,
         now: Timestamp,
     ) -> StoreResult<u64> {
-        let mut tx = self.write_tx("webhook_deliveries").await?;
+        let mut conn = self.writer().await?;
+        let mut tx = self.write_tx(&mut conn, "webhook_deliveries").await?;
         sqlx::query(
             "INSERT INTO customer_settings \
                (customer, webhook_url, webhook_secret_sealed, webhook_ca_pem, webhook_allow_private) \
@@ -167,7 +168,8 @@ impl Store {
     /// customer's oldest pending ones are given up; finished ones past a few hundred are
     /// deleted. Returns how many pending deliveries were given up to make room.
     pub async fn enqueue_delivery(&self, d: &NewDelivery, now: Timestamp) -> StoreResult<u64> {
-        let mut tx = self.write_tx("webhook_deliveries").await?;
+        let mut conn = self.writer().await?;
+        let mut tx = self.write_tx(&mut conn, "webhook_deliveries").await?;
         sqlx::query(
             "INSERT INTO webhook_deliveries \
                (id, customer, event, target, body, state, created_at, attempts, next_attempt_at) \
