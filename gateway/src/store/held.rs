@@ -193,6 +193,9 @@ impl<'p> Executor<'p> for &'p Conns {
         'p: 'e,
         E: 'q + Execute<'q, Any>,
     {
+        if let Conns::Pool(pool) = self {
+            return pool.fetch_optional(query);
+        }
         async move {
             let mut conn = self.acquire().await?;
             let row = conn.fetch_optional(query).await;
@@ -210,6 +213,9 @@ impl<'p> Executor<'p> for &'p Conns {
     where
         'p: 'e,
     {
+        if let Conns::Pool(pool) = self {
+            return pool.prepare_with(sql, parameters);
+        }
         async move {
             let mut conn = self.acquire().await?;
             conn.prepare_with(sql, parameters).await
