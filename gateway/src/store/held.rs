@@ -228,6 +228,15 @@ impl<'p> Executor<'p> for &'p Conns {
 mod tests {
     use super::*;
 
+    /// A store on a SQLite file (held writer and readers), with the directory that holds it.
+    async fn file_store() -> (tempfile::TempDir, super::super::Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::open_sqlite(&dir.path().join("s.db"))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
     async fn in_transaction(conns: &Conns) -> bool {
         let mut conn = conns.acquire().await.unwrap();
         // SQLite refuses a BEGIN inside a transaction.
@@ -242,10 +251,7 @@ mod tests {
     /// cancelled is closed, not handed to the next caller, who would write inside it.
     #[tokio::test]
     async fn a_connection_dropped_unsettled_is_not_handed_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = super::super::Store::open_sqlite(&dir.path().join("s.db"))
-            .await
-            .unwrap();
+        let (_dir, store) = file_store().await;
         for settle in [true, false] {
             let mut conn = store.pool.acquire().await.unwrap();
             conn.unsettled();
@@ -271,10 +277,7 @@ mod tests {
     /// finish, and each connection is kept (a per-connection setting survives).
     #[tokio::test]
     async fn callers_take_turns_on_the_held_connections() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = super::super::Store::open_sqlite(&dir.path().join("s.db"))
-            .await
-            .unwrap();
+        let (_dir, store) = file_store().await;
         {
             let mut conn = store.pool.acquire().await.unwrap();
             sqlx::query("PRAGMA cache_size = -1234")

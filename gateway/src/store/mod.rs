@@ -391,8 +391,8 @@ impl Store {
             .await?;
         migrator().run(&pool).await?;
         let pool = match backend {
-            // The in-memory database's one connection, held (`held`); a file's is held once
-            // its readers are set up (`open_sqlite`).
+            // SQLite's one writer connection, held (`held`): for an in-memory database also
+            // its reader; a file's readers are held by `open_sqlite`.
             Backend::Sqlite => held::Conns::held(pool, 1),
             Backend::Postgres => held::Conns::Pool(pool),
         };
