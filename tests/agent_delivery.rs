@@ -92,6 +92,23 @@ fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     Ok(())
 }
 
+/// Stops `pid` (SIGSTOP) and waits until it is stopped: kill(2) returns before the signal
+/// takes effect, and the agent may still write its trail meanwhile.
+fn stop(pid: u32) -> Result<()> {
+    signal(pid, libc::SIGSTOP)?;
+    let stat = format!("/proc/{pid}/stat");
+    let is_stopped = || {
+        std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    };
+    if !wait_until(Duration::from_secs(5), is_stopped) {
+        bail!("process {pid} did not stop");
+    }
+    Ok(())
+}
+
 /// Resumes the agent even if the test fails while it is stopped, so it can be terminated.
 struct Resume(u32);
 
@@ -160,12 +177,12 @@ fn a_stopped_agent_is_cut_at_the_gateway_and_applies_every_revocation_first_when
     let f2 = Forwarder::start(&gw, &gw.admin_token, &home, &revoked_id)?;
     let mut s1 = live_session(&f1)?;
     let mut s2 = live_session(&f2)?;
+    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
+    stop(pid)?;
+    let resume = Resume(pid);
+    // Read once the agent is stopped: everything it wrote is in, and nothing more can come.
     let before = agent.trail()?;
     let connects_before = count_kind(&before, "agent.connected");
-
-    let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
-    signal(pid, libc::SIGSTOP)?;
-    let resume = Resume(pid);
 
     // With the agent stopped, the gateway alone cuts the sessions, at once.
     let out = gw.cli(&["ops", "endpoint", "retire", &retired_id])?.ok()?;
@@ -574,12 +591,13 @@ fn a_full_control_queue_drops_the_stopped_agent_which_resyncs_every_revocation_f
         }),
         "the agent never applied the {HELD_GRANTS} grants and {ENDPOINTS} endpoints"
     );
-    let connects_before = count_kind(&before, "agent.connected");
-
     let pid = agent.pid().ok_or_else(|| anyhow!("agent not running"))?;
-    signal(pid, libc::SIGSTOP)?;
+    stop(pid)?;
     let stopped = Instant::now();
     let resume = Resume(pid);
+    // Settled above, but the agent may still have written a record or two before it stopped.
+    let before = agent.trail()?;
+    let connects_before = count_kind(&before, "agent.connected");
     // Revocations, each one the whole remaining set, until the agent's stream window is used
     // up and the gateway's writer waits; then the first grant, whose 300 endpoints are retired
     // with it: more commands than the queue holds.
