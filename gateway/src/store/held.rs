@@ -1,13 +1,18 @@
-//! SQLite connections kept out of sqlx's pool between statements.
+//! Store connections kept out of sqlx's pool between statements.
 //!
 //! sqlx's pool pings every connection it is given back (`PoolConnection`'s drop), and nothing
-//! turns that off. For SQLite a ping is a round trip to the connection's worker thread: every
-//! statement cost two trips instead of one, and the one writer stayed busy for the second
-//! while API calls queued for it (scale_bench's revocation burst, profiled). A local file has
-//! no link to lose, so [`Conns::Held`] takes each connection from the pool once and keeps it,
-//! handing it from statement to statement itself. A connection left inside a transaction (a
-//! failed COMMIT SQLite rolled back on its own) goes back to the pool instead, whose
-//! `before_acquire` check replaces it.
+//! turns that off; for PostgreSQL it pings again before each checkout. For SQLite a ping is a
+//! round trip to the connection's worker thread, for PostgreSQL one to the server: every
+//! statement cost two or three trips instead of one, and the one writer stayed busy meanwhile
+//! while API calls queued for it (scale_bench's revocation burst, profiled). So [`Conns`]
+//! takes each connection from the pool once and keeps it, handing it from statement to
+//! statement itself. What the pings were for is kept:
+//! - a connection a failed or cancelled call may have left unusable (its link or worker gone,
+//!   a reply half read, a transaction it no longer tracks) is closed, not handed on;
+//! - a PostgreSQL connection idle for a while is pinged before it is handed out, since a
+//!   restarted server leaves the idle ones dead (`ping_after`);
+//! - a connection left inside a transaction (a failed COMMIT SQLite rolled back on its own)
+//!   goes back to the pool instead, whose checks replace it.
 
 use futures_util::{stream::BoxStream, FutureExt, StreamExt, TryStreamExt};
 use sqlx::{
@@ -18,22 +23,24 @@ use sqlx::{
 use std::{
     ops::{Deref, DerefMut},
     sync::Arc,
+    time::{Duration, Instant},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Where a store's statements run: sqlx's pool (PostgreSQL), or SQLite connections held.
+/// Where a store's statements run: up to a number of `pool`'s connections, taken from it once
+/// and handed out in turn.
 #[derive(Clone, Debug)]
-pub(crate) enum Conns {
-    Pool(AnyPool),
-    Held(Arc<Held>),
-}
+pub(crate) struct Conns(Arc<Held>);
 
-/// Up to `size` connections of `pool`, taken from it once and handed out in turn.
 #[derive(Debug)]
-pub(crate) struct Held {
+struct Held {
     pool: AnyPool,
-    idle: std::sync::Mutex<Vec<PoolConnection<Any>>>,
+    /// Connections between statements, with when each was last given back.
+    idle: std::sync::Mutex<Vec<(PoolConnection<Any>, Instant)>>,
     turns: Arc<Semaphore>,
+    /// A connection idle this long is pinged before it is handed out; `None` never (a
+    /// SQLite file has no link to lose).
+    ping_after: Option<Duration>,
 }
 
 /// One connection, the caller's alone until dropped.
@@ -41,63 +48,86 @@ pub(crate) struct Conn {
     conn: Option<PoolConnection<Any>>,
     /// The holder it goes back to on drop, and the turn it takes meanwhile.
     home: Option<(Arc<Held>, OwnedSemaphorePermit)>,
-    /// False while a call that may leave it mid-transaction is under way (`Conn::unsettled`).
+    /// False while a call that may leave it unusable is under way (`Conn::unsettled`).
     settled: bool,
 }
 
 impl Conns {
-    /// Holds up to `size` of `pool`'s connections (its `max_connections`).
-    pub(crate) fn held(pool: AnyPool, size: u32) -> Conns {
-        Conns::Held(Arc::new(Held {
+    /// Holds up to `size` of `pool`'s connections (its `max_connections`), pinging one idle
+    /// for `ping_after` before handing it out.
+    pub(crate) fn held(pool: AnyPool, size: u32, ping_after: Option<Duration>) -> Conns {
+        Conns(Arc::new(Held {
             pool,
             idle: std::sync::Mutex::new(Vec::new()),
             turns: Arc::new(Semaphore::new(size as usize)),
+            ping_after,
         }))
     }
 
     /// A connection for the caller alone (a transaction, several statements in order).
     pub(crate) async fn acquire(&self) -> Result<Conn, sqlx::Error> {
-        match self {
-            Conns::Pool(pool) => Ok(Conn {
-                conn: Some(pool.acquire().await?),
-                home: None,
-                settled: true,
-            }),
-            Conns::Held(held) => {
-                let turn = held
-                    .turns
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| sqlx::Error::PoolClosed)?;
-                let kept = held.idle.lock().ok().and_then(|mut idle| idle.pop());
-                let conn = match kept {
-                    Some(conn) => conn,
-                    None => held.pool.acquire().await?,
-                };
-                Ok(Conn {
-                    conn: Some(conn),
-                    home: Some((held.clone(), turn)),
-                    settled: true,
-                })
-            }
-        }
+        let held = &self.0;
+        let turn = held
+            .turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let kept = held.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let conn = match kept {
+            Some((conn, since)) => match held.ping_after {
+                Some(after) if since.elapsed() >= after => held.checked(conn).await?,
+                _ => conn,
+            },
+            None => held.pool.acquire().await?,
+        };
+        Ok(Conn {
+            conn: Some(conn),
+            home: Some((held.clone(), turn)),
+            settled: true,
+        })
     }
 
     pub(crate) async fn close(&self) {
-        match self {
-            Conns::Pool(pool) => pool.close().await,
-            Conns::Held(held) => {
-                held.turns.close();
-                let kept: Vec<_> = held
-                    .idle
-                    .lock()
-                    .map(|mut idle| idle.drain(..).collect())
-                    .unwrap_or_default();
-                drop(kept);
-                held.pool.close().await;
-            }
+        let held = &self.0;
+        held.turns.close();
+        let kept: Vec<_> = held
+            .idle
+            .lock()
+            .map(|mut idle| idle.drain(..).collect())
+            .unwrap_or_default();
+        drop(kept);
+        held.pool.close().await;
+    }
+}
+
+impl Held {
+    /// `conn` if it answers a ping, else a connection from the pool (which tests its own).
+    async fn checked(
+        &self,
+        mut conn: PoolConnection<Any>,
+    ) -> Result<PoolConnection<Any>, sqlx::Error> {
+        if conn.ping().await.is_ok() {
+            return Ok(conn);
         }
+        conn.close_on_drop();
+        drop(conn);
+        self.pool.acquire().await
+    }
+}
+
+/// Whether `error` may leave its connection unusable: its worker or link gone, the protocol
+/// out of step, or the server ending the session (SQLSTATE class 08, 57P01–57P05).
+pub(crate) fn breaks_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::WorkerCrashed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }
 
@@ -113,11 +143,13 @@ impl Conn {
         self.settled = true;
     }
 
-    /// A connection whose worker is gone, or whose file failed under it, is closed rather
-    /// than handed on (the pool opens a new one), as sqlx's ping on release would have found.
-    fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
-        if let Err(sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) = result {
-            self.settled = false;
+    /// A connection `result` may have broken is closed rather than handed on (the pool opens
+    /// a new one), as sqlx's ping on release would have found.
+    pub(crate) fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
+        if let Err(e) = result {
+            if breaks_connection(e) {
+                self.settled = false;
+            }
         }
     }
 }
@@ -151,7 +183,7 @@ impl Drop for Conn {
         // A connection still counting a transaction goes back to the pool, which replaces it.
         if !conn.is_in_transaction() && !held.turns.is_closed() {
             if let Ok(mut idle) = held.idle.lock() {
-                idle.push(conn);
+                idle.push((conn, Instant::now()));
             }
         }
         // The turn ends after the connection is back: the next caller finds it.
@@ -170,13 +202,13 @@ impl<'p> Executor<'p> for &'p Conns {
         'p: 'e,
         E: 'q + Execute<'q, Any>,
     {
-        if let Conns::Pool(pool) = self {
-            return pool.fetch_many(query);
-        }
         // Collected while the connection is held: the store reads whole results anyway.
         futures_util::stream::once(async move {
             let mut conn = self.acquire().await?;
+            // Dropped before the reply is read whole, the connection is closed, not handed on.
+            conn.unsettled();
             let results = conn.fetch_many(query).try_collect::<Vec<_>>().await;
+            conn.settled();
             conn.not_handed_on_if_broken(&results);
             results
         })
@@ -193,12 +225,11 @@ impl<'p> Executor<'p> for &'p Conns {
         'p: 'e,
         E: 'q + Execute<'q, Any>,
     {
-        if let Conns::Pool(pool) = self {
-            return pool.fetch_optional(query);
-        }
         async move {
             let mut conn = self.acquire().await?;
+            conn.unsettled();
             let row = conn.fetch_optional(query).await;
+            conn.settled();
             conn.not_handed_on_if_broken(&row);
             row
         }
@@ -213,12 +244,13 @@ impl<'p> Executor<'p> for &'p Conns {
     where
         'p: 'e,
     {
-        if let Conns::Pool(pool) = self {
-            return pool.prepare_with(sql, parameters);
-        }
         async move {
             let mut conn = self.acquire().await?;
-            conn.prepare_with(sql, parameters).await
+            conn.unsettled();
+            let prepared = conn.prepare_with(sql, parameters).await;
+            conn.settled();
+            conn.not_handed_on_if_broken(&prepared);
+            prepared
         }
         .boxed()
     }
@@ -303,6 +335,78 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(cache, -1234, "the writer's connection was not kept");
+        store.close().await;
+    }
+
+    async fn backend_pid(conns: &Conns) -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(conns)
+            .await
+    }
+
+    /// A PostgreSQL statement dropped before its reply is read (a timeout around it) closes
+    /// its connection: the next caller gets another, not one with a reply half read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_postgres_statement_dropped_midway_closes_its_connection() {
+        let cluster = postern::pg_cluster::shared();
+        let url = cluster.create_database("held_dropped_midway");
+        let store = super::super::Store::open_postgres(&url).await.unwrap();
+        let first = backend_pid(&store.pool).await.unwrap();
+        // Idle connections are handed out last given back first: the same one, kept.
+        assert_eq!(backend_pid(&store.pool).await.unwrap(), first);
+        let slow = sqlx::query("SELECT pg_sleep(2)").execute(&store.pool);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), slow)
+                .await
+                .is_err(),
+            "the sleep was not cut short"
+        );
+        let next = backend_pid(&store.pool).await.unwrap();
+        assert_ne!(
+            next, first,
+            "the connection with a reply half read was handed on"
+        );
+        store.close().await;
+    }
+
+    /// PostgreSQL restarted under a store: connections idle since are pinged and replaced,
+    /// so no statement after the restart fails on a dead one (each would cut sessions).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_restarted_under_held_connections_fails_no_statement_after() {
+        let cluster = Arc::new(postern::pg_cluster::PgCluster::start_with(
+            &Default::default(),
+        ));
+        let url = cluster.create_database("held_restarted");
+        let store = super::super::Store::open_postgres(&url).await.unwrap();
+        let busy = || {
+            futures_util::future::join_all((0..8).map(|_| {
+                let store = store.clone();
+                async move {
+                    sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_sleep(0.05)")
+                        .fetch_one(&store.reader)
+                        .await
+                }
+            }))
+        };
+        // Eight connections held, each used at once.
+        assert!(busy().await.iter().all(|r| r.is_ok()));
+        let before = backend_pid(&store.pool).await.unwrap();
+
+        let stop = cluster.clone();
+        tokio::task::spawn_blocking(move || stop.stop())
+            .await
+            .unwrap();
+        // The connection used last fails at once (no waiting for a new one), and is closed.
+        assert!(backend_pid(&store.pool).await.is_err());
+        let start = cluster.clone();
+        tokio::task::spawn_blocking(move || start.restart())
+            .await
+            .unwrap();
+        // Past the ping: as a restart that takes a while would leave them.
+        tokio::time::sleep(super::super::POSTGRES_PING_AFTER).await;
+        let after = busy().await;
+        assert!(after.iter().all(|r| r.is_ok()), "{after:?}");
+        assert_ne!(backend_pid(&store.pool).await.unwrap(), before);
         store.close().await;
     }
 }

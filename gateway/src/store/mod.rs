@@ -263,6 +263,14 @@ fn placeholders(first: usize, n: usize) -> String {
 /// a small machine; each is a thread of its own.
 const SQLITE_READERS: u32 = 3;
 
+/// PostgreSQL connections per gateway, shared by reads and writes.
+const POSTGRES_CONNECTIONS: u32 = 10;
+
+/// A PostgreSQL connection idle this long is pinged before use: a restart of the server leaves
+/// idle connections dead, and a statement on one would fail (cutting sessions) for nothing.
+/// Busy connections skip the ping, which was a round trip per statement (`held`).
+const POSTGRES_PING_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct Store {
     /// Every write, and reads that must be ordered with writes (a read in a write transaction).
@@ -347,7 +355,7 @@ impl Store {
             })
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(AnyConnectOptions::from_str(&url)?);
-        store.reader = held::Conns::held(readers, SQLITE_READERS);
+        store.reader = held::Conns::held(readers, SQLITE_READERS, None);
         Ok(store)
     }
 
@@ -377,7 +385,7 @@ impl Store {
         Store::connect(
             Backend::Postgres,
             url,
-            AnyPoolOptions::new().max_connections(10),
+            AnyPoolOptions::new().max_connections(POSTGRES_CONNECTIONS),
         )
         .await
     }
@@ -392,9 +400,12 @@ impl Store {
         migrator().run(&pool).await?;
         let pool = match backend {
             // SQLite's one writer connection, held (`held`): for an in-memory database also
-            // its reader; a file's readers are held by `open_sqlite`.
-            Backend::Sqlite => held::Conns::held(pool, 1),
-            Backend::Postgres => held::Conns::Pool(pool),
+            // its reader; a file's readers are held by `open_sqlite`. PostgreSQL's connections
+            // serve both.
+            Backend::Sqlite => held::Conns::held(pool, 1, None),
+            Backend::Postgres => {
+                held::Conns::held(pool, POSTGRES_CONNECTIONS, Some(POSTGRES_PING_AFTER))
+            }
         };
         Ok(Store {
             reader: pool.clone(),
