@@ -102,12 +102,13 @@ impl Conns {
 }
 
 impl Held {
-    /// `conn` if it answers a ping, else a connection from the pool (which tests its own).
+    /// `conn` if it answers a ping in time, else a connection from the pool (which tests its
+    /// own).
     async fn checked(
         &self,
         mut conn: PoolConnection<Any>,
     ) -> Result<PoolConnection<Any>, sqlx::Error> {
-        if conn.ping().await.is_ok() {
+        if let Ok(Ok(())) = tokio::time::timeout(PING_LIMIT, conn.ping()).await {
             return Ok(conn);
         }
         conn.close_on_drop();
@@ -116,9 +117,13 @@ impl Held {
     }
 }
 
+/// Longest a ping may take before its connection counts as dead (a server gone without closing
+/// the link never answers).
+const PING_LIMIT: Duration = Duration::from_secs(5);
+
 /// Whether `error` may leave its connection unusable: its worker or link gone, the protocol
 /// out of step, or the server ending the session (SQLSTATE class 08, 57P01–57P05).
-pub(crate) fn breaks_connection(error: &sqlx::Error) -> bool {
+fn breaks_connection(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::WorkerCrashed
         | sqlx::Error::Io(_)
@@ -133,8 +138,8 @@ pub(crate) fn breaks_connection(error: &sqlx::Error) -> bool {
 
 impl Conn {
     /// From now until [`Conn::settled`], dropping the connection closes it: a call under way
-    /// (raw `BEGIN … COMMIT` that sqlx does not track) may leave it inside a transaction the
-    /// next caller must not inherit.
+    /// may leave it unusable for the next caller (inside a raw `BEGIN … COMMIT` sqlx does not
+    /// track, or with a reply half read).
     pub(crate) fn unsettled(&mut self) {
         self.settled = false;
     }
@@ -145,7 +150,7 @@ impl Conn {
 
     /// A connection `result` may have broken is closed rather than handed on (the pool opens
     /// a new one), as sqlx's ping on release would have found.
-    pub(crate) fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
+    fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
         if let Err(e) = result {
             if breaks_connection(e) {
                 self.settled = false;
