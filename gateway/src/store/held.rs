@@ -38,8 +38,8 @@ struct Held {
     /// Connections between statements, with when each was last given back.
     idle: std::sync::Mutex<Vec<(PoolConnection<Any>, Instant)>>,
     turns: Arc<Semaphore>,
-    /// A connection idle this long is pinged before it is handed out; `None` never (a
-    /// SQLite file has no link to lose).
+    /// A connection idle this long is pinged before it is handed out; `None` for connections
+    /// with no network link to lose (SQLite).
     ping_after: Option<Duration>,
 }
 
@@ -148,6 +148,20 @@ impl Conn {
         self.settled = true;
     }
 
+    /// A statement goes out: over a network link, a connection dropped before its reply is
+    /// read whole is closed, not handed on with the reply half read. (SQLite's worker finishes
+    /// a statement whose caller left, and closing an in-memory database's one connection
+    /// would lose the database.)
+    fn in_flight(&mut self) {
+        if self
+            .home
+            .as_ref()
+            .is_some_and(|(held, _)| held.ping_after.is_some())
+        {
+            self.settled = false;
+        }
+    }
+
     /// A connection `result` may have broken is closed rather than handed on (the pool opens
     /// a new one), as sqlx's ping on release would have found.
     fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
@@ -210,8 +224,7 @@ impl<'p> Executor<'p> for &'p Conns {
         // Collected while the connection is held: the store reads whole results anyway.
         futures_util::stream::once(async move {
             let mut conn = self.acquire().await?;
-            // Dropped before the reply is read whole, the connection is closed, not handed on.
-            conn.unsettled();
+            conn.in_flight();
             let results = conn.fetch_many(query).try_collect::<Vec<_>>().await;
             conn.settled();
             conn.not_handed_on_if_broken(&results);
@@ -232,7 +245,7 @@ impl<'p> Executor<'p> for &'p Conns {
     {
         async move {
             let mut conn = self.acquire().await?;
-            conn.unsettled();
+            conn.in_flight();
             let row = conn.fetch_optional(query).await;
             conn.settled();
             conn.not_handed_on_if_broken(&row);
@@ -251,7 +264,7 @@ impl<'p> Executor<'p> for &'p Conns {
     {
         async move {
             let mut conn = self.acquire().await?;
-            conn.unsettled();
+            conn.in_flight();
             let prepared = conn.prepare_with(sql, parameters).await;
             conn.settled();
             conn.not_handed_on_if_broken(&prepared);
