@@ -50,6 +50,8 @@ pub(crate) struct Conn {
     home: Option<(Arc<Held>, OwnedSemaphorePermit)>,
     /// False while a call that may leave it unusable is under way (`Conn::unsettled`).
     settled: bool,
+    /// True while a statement over a network link is under way (`Conn::in_flight`).
+    midway: bool,
 }
 
 impl Conns {
@@ -85,6 +87,7 @@ impl Conns {
             conn: Some(conn),
             home: Some((held.clone(), turn)),
             settled: true,
+            midway: false,
         })
     }
 
@@ -146,20 +149,19 @@ impl Conn {
 
     pub(crate) fn settled(&mut self) {
         self.settled = true;
+        self.midway = false;
     }
 
     /// A statement goes out: over a network link, a connection dropped before its reply is
-    /// read whole is closed, not handed on with the reply half read. (SQLite's worker finishes
-    /// a statement whose caller left, and closing an in-memory database's one connection
-    /// would lose the database.)
+    /// read whole is not handed on with the reply half read. It goes back to sqlx's pool, whose
+    /// ping on release reads the rest and keeps it (or closes it if that fails), as sqlx means
+    /// for cancelled calls: closing it would cost a new connection per timeout, under load when
+    /// timeouts come most. (SQLite's worker finishes a statement whose caller left.)
     fn in_flight(&mut self) {
-        if self
+        self.midway = self
             .home
             .as_ref()
-            .is_some_and(|(held, _)| held.ping_after.is_some())
-        {
-            self.settled = false;
-        }
+            .is_some_and(|(held, _)| held.ping_after.is_some());
     }
 
     /// A connection `result` may have broken is closed rather than handed on (the pool opens
@@ -194,6 +196,10 @@ impl Drop for Conn {
         };
         if !self.settled {
             conn.close_on_drop();
+            return;
+        }
+        if self.midway {
+            // Dropped, `conn` goes back to the pool by way of its ping (see `in_flight`).
             return;
         }
         let Some((held, turn)) = self.home.take() else {
@@ -362,10 +368,11 @@ mod tests {
             .await
     }
 
-    /// A PostgreSQL statement dropped before its reply is read (a timeout around it) closes
-    /// its connection: the next caller gets another, not one with a reply half read.
+    /// A PostgreSQL connection whose statement was dropped before its reply was read (a
+    /// timeout around it) is not handed on: the next caller gets another, not one with a reply
+    /// half read. (It went back to sqlx's pool, which reads the rest before handing it out.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_postgres_statement_dropped_midway_closes_its_connection() {
+    async fn a_postgres_statement_dropped_midway_is_not_handed_on() {
         let cluster = postern::pg_cluster::shared();
         let url = cluster.create_database("held_dropped_midway");
         let store = super::super::Store::open_postgres(&url).await.unwrap();
