@@ -8,7 +8,9 @@
 //! takes each connection from the pool once and keeps it, handing it from statement to
 //! statement itself. What the pings were for is kept:
 //! - a connection a failed or cancelled call may have left unusable (its link or worker gone,
-//!   a reply half read, a transaction it no longer tracks) is closed, not handed on;
+//!   a transaction sqlx does not track) is closed, not handed on;
+//! - a PostgreSQL connection whose statement was dropped midway (a reply half read) goes back
+//!   to the pool, whose ping on release reads the rest (`Conn::in_flight`);
 //! - a PostgreSQL connection idle for a while is pinged before it is handed out, since a
 //!   restarted server leaves the idle ones dead (`ping_after`);
 //! - a connection left inside a transaction (a failed COMMIT SQLite rolled back on its own)
@@ -141,8 +143,8 @@ fn breaks_connection(error: &sqlx::Error) -> bool {
 
 impl Conn {
     /// From now until [`Conn::settled`], dropping the connection closes it: a call under way
-    /// may leave it unusable for the next caller (inside a raw `BEGIN … COMMIT` sqlx does not
-    /// track, or with a reply half read).
+    /// may leave it inside a raw `BEGIN … COMMIT` sqlx does not track, which the next caller
+    /// must not inherit.
     pub(crate) fn unsettled(&mut self) {
         self.settled = false;
     }
@@ -164,9 +166,11 @@ impl Conn {
             .is_some_and(|(held, _)| held.ping_after.is_some());
     }
 
-    /// A connection `result` may have broken is closed rather than handed on (the pool opens
-    /// a new one), as sqlx's ping on release would have found.
-    fn not_handed_on_if_broken<T>(&mut self, result: &Result<T, sqlx::Error>) {
+    /// The statement of [`Conn::in_flight`] ended with `result`. A connection it may have broken
+    /// is closed rather than handed on (the pool opens a new one), as sqlx's ping on release
+    /// would have found.
+    fn landed<T>(&mut self, result: &Result<T, sqlx::Error>) {
+        self.settled();
         if let Err(e) = result {
             if breaks_connection(e) {
                 self.settled = false;
@@ -232,8 +236,7 @@ impl<'p> Executor<'p> for &'p Conns {
             let mut conn = self.acquire().await?;
             conn.in_flight();
             let results = conn.fetch_many(query).try_collect::<Vec<_>>().await;
-            conn.settled();
-            conn.not_handed_on_if_broken(&results);
+            conn.landed(&results);
             results
         })
         .map_ok(|results| futures_util::stream::iter(results.into_iter().map(Ok)))
@@ -253,8 +256,7 @@ impl<'p> Executor<'p> for &'p Conns {
             let mut conn = self.acquire().await?;
             conn.in_flight();
             let row = conn.fetch_optional(query).await;
-            conn.settled();
-            conn.not_handed_on_if_broken(&row);
+            conn.landed(&row);
             row
         }
         .boxed()
@@ -272,8 +274,7 @@ impl<'p> Executor<'p> for &'p Conns {
             let mut conn = self.acquire().await?;
             conn.in_flight();
             let prepared = conn.prepare_with(sql, parameters).await;
-            conn.settled();
-            conn.not_handed_on_if_broken(&prepared);
+            conn.landed(&prepared);
             prepared
         }
         .boxed()
