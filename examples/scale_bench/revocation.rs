@@ -68,6 +68,7 @@ pub fn measure(
 ) -> Result<Fanout> {
     let n = trails.len();
     let (grants, watcher) = granted_then_watched(client, target, trails)?;
+    eprintln!("scale_bench:   every agent holds its grant; revoking them");
     let t0 = Instant::now();
     let calls = revoke_all(client, target, &grants, concurrency)?;
     let api_ms = calls

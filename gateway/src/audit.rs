@@ -1,7 +1,7 @@
 //! The vendor's audit trail: append-only, hash-chained records in the store.
 
 use crate::store::AuditRow;
-use crate::store::{AuditPageQuery, Store, StoreError};
+use crate::store::{AuditPageQuery, GrantMove, Store, StoreError};
 use endpoint_types::api::{AuditRecord, ChainVerifier, AUDIT_GENESIS_HASH};
 use jiff::Timestamp;
 use serde_json::value::RawValue;
@@ -111,6 +111,9 @@ struct Pending {
     /// JSON text, made on the caller's side so the writer only copies it.
     detail: Box<RawValue>,
     time: Timestamp,
+    /// The grant move this record stands on: both are written in one transaction, or neither
+    /// ([`AuditLog::record_grant_move`]).
+    grant_move: Option<GrantMove>,
 }
 
 enum Queued {
@@ -121,6 +124,9 @@ enum Queued {
     /// A record and a flush right behind it, in one message so the writer never waits for
     /// more (group commit) while its caller waits ([`AuditLog::record`]).
     RecordFlush(Pending, oneshot::Sender<Result<(), TrailDown>>),
+    /// A record standing on a grant move, answered with whether the move won (and so was
+    /// written with its record), or with the store's error (neither was written).
+    Moved(Pending, oneshot::Sender<Result<bool, TrailDown>>),
 }
 
 /// Clones share the one chain and writer queue.
@@ -287,6 +293,7 @@ impl AuditLog {
             subject: Arc::new(subject),
             detail: raw,
             time,
+            grant_move: None,
         };
         if self.queue.try_send(Queued::Record(pending)).is_err() {
             tracing::error!(
@@ -323,6 +330,7 @@ impl AuditLog {
                     subject: Arc::new(subject.clone()),
                     detail: raw,
                     time: now,
+                    grant_move: None,
                 };
                 // Through the writer, which takes every caller's records queued meanwhile into
                 // one transaction: a burst of API calls (1000 revocations) costs a commit per
@@ -355,6 +363,43 @@ impl AuditLog {
         self.hold(kind, actor, subject, detail, now);
     }
 
+    /// Records `kind` together with the grant move it stands on, in one store transaction
+    /// with whatever other callers queued meanwhile: `Ok(true)` once both are written,
+    /// `Ok(false)` if the move lost its compare-and-set (nothing written), an error if the
+    /// store refused the batch or the trail is down (nothing written: the move does not go
+    /// ahead unrecorded, nor is it held to be written later).
+    pub async fn record_grant_move(
+        &self,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+        grant_move: GrantMove,
+    ) -> Result<bool, TrailDown> {
+        self.chain.watch()?;
+        let raw = serde_json::value::to_raw_value(&detail)
+            .map_err(|e| TrailDown(format!("the record cannot be written: {e}")))?;
+        let pending = Pending {
+            kind: kind.to_string().into(),
+            actor: Arc::from(actor),
+            subject: Arc::new(subject),
+            detail: raw,
+            time: Timestamp::now(),
+            grant_move: Some(grant_move),
+        };
+        let stopped = || TrailDown("the audit writer has stopped".into());
+        let (done, answer) = oneshot::channel();
+        self.queue
+            .send(Queued::Moved(pending, done))
+            .await
+            .map_err(|_| stopped())?;
+        let moved = answer.await.unwrap_or_else(|_| Err(stopped()))?;
+        if moved {
+            self.observe(kind, &detail);
+        }
+        Ok(moved)
+    }
+
     /// Queues a record for the writer task, which writes whatever is queued, from every
     /// caller, in one store transaction: busy sessions' statements cost one commit per round
     /// between them, not one each. Records from one caller keep their order; waits only when
@@ -372,6 +417,7 @@ impl AuditLog {
             subject,
             detail,
             time: Timestamp::now(),
+            grant_move: None,
         };
         if let Err(mpsc::error::SendError(Queued::Record(p))) =
             self.queue.send(Queued::Record(pending)).await
@@ -450,9 +496,12 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
         // nobody: the writer (and the store's worker) wake once per batch, not per statement.
         // A flush (a session ending) waits at most this long more.
         if items.len() < QUEUE_BATCH
-            && !items
-                .iter()
-                .any(|i| matches!(i, Queued::Flush(_) | Queued::RecordFlush(..)))
+            && !items.iter().any(|i| {
+                matches!(
+                    i,
+                    Queued::Flush(_) | Queued::RecordFlush(..) | Queued::Moved(..)
+                )
+            })
         {
             tokio::time::sleep(GROUP_COMMIT_WAIT).await;
             while items.len() < QUEUE_BATCH {
@@ -464,6 +513,7 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
         }
         let mut records = Vec::with_capacity(items.len());
         let mut flushes = Vec::new();
+        let mut moves = Vec::new();
         for item in items.drain(..) {
             match item {
                 Queued::Record(p) => records.push(p),
@@ -472,11 +522,15 @@ async fn write_queued(chain: Arc<Chain>, mut rx: mpsc::Receiver<Queued>) {
                     records.push(p);
                     flushes.push(done);
                 }
+                Queued::Moved(p, done) => {
+                    moves.push((records.len(), done));
+                    records.push(p);
+                }
             }
         }
         if !records.is_empty() {
             let started = std::time::Instant::now();
-            chain.append_batch(records, &mut flushes).await;
+            chain.append_batch(records, &mut flushes, moves).await;
             if let Some(m) = chain.metrics.get() {
                 m.observe_audit_commit(started.elapsed());
             }
@@ -543,17 +597,24 @@ impl Chain {
     /// takes it: the records are held, not dropped, and their seqs are given only when they
     /// are written, so the chain stays gapless and `audit verify` holds. Then the outage is
     /// itself recorded (`audit.store_recovered`) so the trail shows it.
+    ///
+    /// `moves` are the records (by index) that stand on a grant move, with their callers:
+    /// each is answered whether its move won once the batch is written. A failed batch
+    /// answers them with the error and drops them from what is retried (the move did not
+    /// happen, and must not happen later unasked).
     async fn append_batch(
         &self,
-        records: Vec<Pending>,
+        mut records: Vec<Pending>,
         flushes: &mut Vec<oneshot::Sender<Result<(), TrailDown>>>,
+        mut moves: Vec<(usize, oneshot::Sender<Result<bool, TrailDown>>)>,
     ) {
         let mut pause = RETRY_FIRST;
         let mut failed_since: Option<(Timestamp, String)> = None;
         loop {
-            let attempt = self.try_append_batch(&records);
-            tokio::pin!(attempt);
-            let result = tokio::select! {
+            let result = {
+                let attempt = self.try_append_batch(&records);
+                tokio::pin!(attempt);
+                tokio::select! {
                 r = &mut attempt => r,
                 // A store that hangs (a PostgreSQL server gone: the pool keeps trying to
                 // connect) is down as much as one that errs. The write is not abandoned, so a
@@ -568,14 +629,30 @@ impl Chain {
                     failed_since.get_or_insert_with(|| (Timestamp::now(), e));
                     attempt.await
                 }
+                }
             };
             match result {
-                Ok(()) => break,
+                Ok(lost) => {
+                    for (i, done) in moves.drain(..) {
+                        let _ = done.send(Ok(!lost.contains(&i)));
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.mark_down(&e);
                     let down = TrailDown(e.to_string());
                     for done in flushes.drain(..) {
                         let _ = done.send(Err(down.clone()));
+                    }
+                    if !moves.is_empty() {
+                        for (_, done) in moves.drain(..) {
+                            let _ = done.send(Err(down.clone()));
+                        }
+                        records.retain(|p| p.grant_move.is_none());
+                        if records.is_empty() {
+                            // Nothing left to hold: the probe finds when the store is back.
+                            return;
+                        }
                     }
                     failed_since.get_or_insert_with(|| (Timestamp::now(), e.to_string()));
                     tokio::time::sleep(pause).await;
@@ -601,365 +678,50 @@ impl Chain {
             }))
             .unwrap_or_else(|_| RawValue::NULL.to_owned()),
             time: Timestamp::now(),
+            grant_move: None,
         };
         if let Err(e) = self.try_append_batch(std::slice::from_ref(&note)).await {
             self.mark_down(&e);
         }
     }
 
-    async fn try_append_batch(&self, records: &[Pending]) -> Result<(), StoreError> {
+    /// Returns the records (by index) whose grant move lost, and so were not written.
+    async fn try_append_batch(&self, records: &[Pending]) -> Result<Vec<usize>, StoreError> {
         let mut head = self.head.lock().await;
-        let made = self
+        let written = self
             .store
-            .append_audit_rows_with(records, Some((head.0, &head.1)), |p, seq, prev_hash| {
-                let mut row = AuditRow {
-                    seq,
-                    time: p.time.to_string(),
-                    kind: &p.kind,
-                    actor: &p.actor,
-                    appliance_id: p.subject.appliance_id.as_deref(),
-                    endpoint_id: p.subject.endpoint_id.as_deref(),
-                    session_id: p.subject.session_id.as_deref(),
-                    op_id: p.subject.op_id.as_deref(),
-                    detail: &p.detail,
-                    prev_hash: prev_hash.to_string(),
-                    hash: String::new(),
-                };
-                row.hash = sha256_hex(&row.chain_input());
-                row
-            })
+            .append_audit_rows_with(
+                records,
+                Some((head.0, &head.1)),
+                |p| p.grant_move.as_ref(),
+                |p, seq, prev_hash| {
+                    let mut row = AuditRow {
+                        seq,
+                        time: p.time.to_string(),
+                        kind: &p.kind,
+                        actor: &p.actor,
+                        appliance_id: p.subject.appliance_id.as_deref(),
+                        endpoint_id: p.subject.endpoint_id.as_deref(),
+                        session_id: p.subject.session_id.as_deref(),
+                        op_id: p.subject.op_id.as_deref(),
+                        detail: &p.detail,
+                        prev_hash: prev_hash.to_string(),
+                        hash: String::new(),
+                    };
+                    row.hash = sha256_hex(&row.chain_input());
+                    row
+                },
+            )
             .await?;
-        if let Some(last) = made {
+        if let Some(last) = written.head {
             if last.0 > head.0 {
                 self.commits.send_replace(last.0);
                 *head = last;
             }
         }
-        Ok(())
+        Ok(written.lost)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A record of `kind` by `x` about nothing, now.
-    async fn append_bare(log: &AuditLog, kind: &str) -> AuditRecord {
-        log.append(
-            kind,
-            "x",
-            Subject::default(),
-            serde_json::Value::Null,
-            Timestamp::now(),
-        )
-        .await
-        .unwrap()
-    }
-
-    /// Queues statement `i` of `subject`'s session.
-    async fn enqueue_statement(log: &AuditLog, subject: &Arc<Subject>, i: i32) {
-        log.enqueue(
-            "sql.statement",
-            Arc::from("op"),
-            subject.clone(),
-            serde_json::value::to_raw_value(&serde_json::json!({ "i": i })).unwrap(),
-        )
-        .await;
-    }
-
-    #[tokio::test]
-    async fn chain_verifies_and_tampering_is_found() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        for i in 0..4 {
-            log.append(
-                "endpoint.created",
-                "alice",
-                Subject::appliance("ap_1"),
-                serde_json::json!({"i": i}),
-                Timestamp::now(),
-            )
-            .await
-            .unwrap();
-        }
-        assert_eq!(log.verify().await.unwrap(), Ok(4));
-        store.tamper_audit_detail(2, r#"{"i":42}"#).await.unwrap();
-        assert_eq!(log.verify().await.unwrap(), Err(2));
-    }
-
-    #[tokio::test]
-    async fn queued_records_continue_the_chain_in_each_callers_order() {
-        let store = Store::open_memory().await.unwrap();
-        let log = Arc::new(AuditLog::open(store.clone()).await.unwrap());
-        append_bare(&log, "a").await;
-        let session = |id: &str| Arc::new(Subject::session("ap_1", "ep_1", id));
-        let callers = ["s1", "s2", "s3"].map(|id| {
-            let (log, subject) = (log.clone(), session(id));
-            tokio::spawn(async move {
-                for i in 0..300 {
-                    enqueue_statement(&log, &subject, i).await;
-                    if i % 7 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-                log.flush().await.unwrap();
-                // Written after this caller's statements, as `session.closed` is.
-                log.append(
-                    "session.closed",
-                    "op",
-                    (*subject).clone(),
-                    serde_json::Value::Null,
-                    Timestamp::now(),
-                )
-                .await
-                .unwrap();
-            })
-        });
-        for c in callers {
-            c.await.unwrap();
-        }
-        let records = store.list_audit(0).await.unwrap();
-        assert_eq!(records.len(), 1 + 3 * 301);
-        for id in ["s1", "s2", "s3"] {
-            let mine: Vec<_> = records
-                .iter()
-                .filter(|r| r.session_id.as_deref() == Some(id))
-                .collect();
-            let order: Vec<_> = mine
-                .iter()
-                .filter_map(|r| r.detail.get("i").and_then(|v| v.as_i64()))
-                .collect();
-            assert_eq!(
-                order,
-                (0..300).collect::<Vec<_>>(),
-                "{id}'s statements in order"
-            );
-            assert_eq!(
-                mine.last().map(|r| r.kind.as_str()),
-                Some("session.closed"),
-                "{id} closes last"
-            );
-        }
-        assert_eq!(log.verify().await.unwrap(), Ok(records.len() as u64));
-    }
-
-    #[tokio::test]
-    async fn flush_waits_for_the_store() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        let subject = Arc::new(Subject::appliance("ap_1"));
-        for i in 0..5 {
-            enqueue_statement(&log, &subject, i).await;
-        }
-        log.flush().await.unwrap();
-        let records = store.list_audit(0).await.unwrap();
-        assert_eq!(
-            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5]
-        );
-        assert_eq!(records[2].detail, serde_json::json!({ "i": 2 }));
-    }
-
-    /// Waits (bounded) until the writer has found the store back.
-    async fn until_up(log: &AuditLog) -> CancellationToken {
-        for _ in 0..100 {
-            if let Ok(t) = log.session_watch() {
-                return t;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("the trail did not come back");
-    }
-
-    fn raw(v: serde_json::Value) -> Box<RawValue> {
-        serde_json::value::to_raw_value(&v).unwrap()
-    }
-
-    #[tokio::test]
-    async fn a_failed_batch_cuts_sessions_refuses_new_ones_and_is_written_when_the_store_returns() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        let subject = Arc::new(Subject::session("ap_1", "ep_1", "ses_1"));
-        log.record_before(
-            "session.opened",
-            "op",
-            (*subject).clone(),
-            serde_json::Value::Null,
-        )
-        .await
-        .unwrap();
-        let live = log.session_watch().unwrap();
-
-        store.refuse_audit_writes(true).await.unwrap();
-        for i in 0..3 {
-            log.enqueue(
-                "sql.statement",
-                Arc::from("op"),
-                subject.clone(),
-                raw(serde_json::json!({ "i": i })),
-            )
-            .await;
-        }
-        // The failure reaches the waiting caller, and every live session's token.
-        let err = log.flush().await.unwrap_err();
-        assert!(err.0.contains("disk is full"), "{err}");
-        assert!(live.is_cancelled(), "live sessions are cut");
-        assert!(log.session_watch().is_err(), "new sessions are refused");
-        assert!(log
-            .record_before(
-                "session.opened",
-                "op",
-                Subject::session("ap_1", "ep_1", "ses_2"),
-                serde_json::Value::Null
-            )
-            .await
-            .is_err());
-        // The cut session's end is held behind its statements.
-        log.record(
-            "session.closed",
-            "op",
-            (*subject).clone(),
-            serde_json::json!({ "reason": "error" }),
-        )
-        .await;
-        assert_eq!(
-            store.list_audit(0).await.unwrap().len(),
-            1,
-            "nothing written while down"
-        );
-
-        store.refuse_audit_writes(false).await.unwrap();
-        let again = until_up(&log).await;
-        assert!(!again.is_cancelled(), "a fresh token for new sessions");
-        log.flush().await.unwrap();
-        let records = store.list_audit(0).await.unwrap();
-        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
-        assert_eq!(
-            kinds,
-            [
-                "session.opened",
-                "sql.statement",
-                "sql.statement",
-                "sql.statement",
-                "audit.store_recovered",
-                "session.closed"
-            ]
-        );
-        assert_eq!(records[4].detail["held_records"], 3);
-        assert_eq!(records[5].detail["reason"], "error");
-        // Seqs given at write time: gapless, and the chain verifies.
-        assert_eq!(
-            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
-            (1..=6).collect::<Vec<_>>()
-        );
-        assert_eq!(log.verify().await.unwrap(), Ok(6));
-    }
-
-    #[tokio::test]
-    async fn a_start_the_store_refuses_does_not_go_ahead_and_the_refusal_is_recorded() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        store.refuse_audit_writes(true).await.unwrap();
-        let subject = Subject::session("ap_1", "ep_1", "ses_1");
-        let err = log
-            .record_before("session.opened", "op", subject, serde_json::Value::Null)
-            .await
-            .unwrap_err();
-        assert!(err.to_api_error().message.contains("vendor audit trail"));
-        assert!(log.session_watch().is_err());
-        store.refuse_audit_writes(false).await.unwrap();
-        until_up(&log).await;
-        log.flush().await.unwrap();
-        let records = store.list_audit(0).await.unwrap();
-        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
-        assert_eq!(kinds, ["audit.write_failed", "audit.store_recovered"]);
-        assert_eq!(records[0].detail["kind"], "session.opened");
-        assert_eq!(records[0].session_id.as_deref(), Some("ses_1"));
-        assert_eq!(log.verify().await.unwrap(), Ok(2));
-    }
-
-    #[tokio::test]
-    async fn a_direct_record_the_store_refuses_is_held_and_written_later() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        let live = log.session_watch().unwrap();
-        store.refuse_audit_writes(true).await.unwrap();
-        log.record(
-            "grant.revoked",
-            "alice",
-            Subject::appliance("ap_1"),
-            serde_json::json!({ "n": 1 }),
-        )
-        .await;
-        assert!(live.is_cancelled());
-        assert!(log.flush().await.is_err());
-        store.refuse_audit_writes(false).await.unwrap();
-        until_up(&log).await;
-        log.flush().await.unwrap();
-        let records = store.list_audit(0).await.unwrap();
-        let kinds: Vec<_> = records.iter().map(|r| r.kind.as_str()).collect();
-        assert_eq!(kinds, ["grant.revoked", "audit.store_recovered"]);
-        assert_eq!(log.verify().await.unwrap(), Ok(2));
-    }
-
-    #[tokio::test]
-    async fn a_store_that_stops_answering_cuts_sessions_that_write_nothing() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        let live = log.session_watch().unwrap();
-        store.close().await;
-        tokio::time::timeout(PROBE_EVERY * 5, live.cancelled())
-            .await
-            .expect("the writer's probe found the store gone");
-        assert!(log.session_watch().is_err());
-    }
-
-    /// Two writers on one store (as two replicas on PostgreSQL): each batch chains onto the
-    /// head its writer last wrote, so the other's records in between make its guess stale.
-    /// The batch is chained again onto the store's head: nothing refused, one linear chain.
-    #[tokio::test]
-    async fn a_batch_after_another_writers_records_chains_onto_the_stores_head() {
-        let store = Store::open_memory().await.unwrap();
-        let (one, two) = (
-            AuditLog::open(store.clone()).await.unwrap(),
-            AuditLog::open(store.clone()).await.unwrap(),
-        );
-        for (log, kind) in [
-            (&one, "a"),
-            (&two, "b"),
-            (&two, "c"),
-            (&one, "d"),
-            (&two, "e"),
-        ] {
-            log.record(kind, "x", Subject::default(), serde_json::Value::Null)
-                .await;
-            assert!(log.session_watch().is_ok(), "the trail went down at {kind}");
-        }
-        let kinds: Vec<_> = store
-            .list_audit(0)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.seq, r.kind))
-            .collect();
-        let want: Vec<_> = ["a", "b", "c", "d", "e"]
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (i as i64 + 1, k.to_string()))
-            .collect();
-        assert_eq!(kinds, want);
-        assert_eq!(one.verify().await.unwrap(), Ok(5));
-        assert_eq!(two.verify().await.unwrap(), Ok(5));
-    }
-
-    #[tokio::test]
-    async fn chain_continues_across_reopen() {
-        let store = Store::open_memory().await.unwrap();
-        let log = AuditLog::open(store.clone()).await.unwrap();
-        append_bare(&log, "a").await;
-        let log2 = AuditLog::open(store).await.unwrap();
-        let r = append_bare(&log2, "b").await;
-        assert_eq!(r.seq, 2);
-        assert_eq!(log2.verify().await.unwrap(), Ok(2));
-    }
-}
+mod tests;

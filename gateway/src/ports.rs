@@ -9,11 +9,13 @@
 use crate::{
     agents::AgentRegistry,
     audit::{AuditLog, Subject, TrailDown},
-    store::{ApplianceRow, GrantRow},
+    store::{ApplianceRow, GrantChange, GrantMove, GrantRow, StoreResult},
 };
 use async_trait::async_trait;
 use endpoint_types::{
+    control::GrantState,
     frame::ToAgent,
+    lifecycle::grant::GrantEvent,
     resource::{PolicySummary, ResourceDescriptor},
     ApiError,
 };
@@ -41,6 +43,22 @@ impl Clock for SystemClock {
     }
 }
 
+/// Moves a grant by compare-and-set: what a record standing on a grant move needs of the
+/// store ([`AuditSink::record_grant_move`]).
+#[async_trait]
+pub trait GrantMover: Send + Sync {
+    /// Compare-and-set move of grant `id` from `from` by `event` (see
+    /// [`crate::store::Store::move_grant`]): false when it is no longer in `from`, or (from
+    /// active) has expired by `change.at`.
+    async fn move_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        event: GrantEvent,
+        change: GrantChange<'_>,
+    ) -> StoreResult<bool>;
+}
+
 /// Where the vendor trail's records go.
 #[async_trait]
 pub trait AuditSink: Send + Sync {
@@ -54,6 +72,32 @@ pub trait AuditSink: Send + Sync {
         subject: Subject,
         detail: serde_json::Value,
     ) -> Result<(), TrailDown>;
+    /// Records `kind` with the grant move it stands on: `Ok(true)` once both are done,
+    /// `Ok(false)` when the move lost its compare-and-set (nothing recorded), an error when
+    /// the store failed (the move is not to go ahead unrecorded).
+    ///
+    /// The default moves in `grants`, then records. The audit log ignores `grants`: it writes
+    /// the move in the same transaction as the record, in its own store, which is the one
+    /// the gateway's grants live in.
+    async fn record_grant_move(
+        &self,
+        grants: &dyn GrantMover,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+        grant_move: GrantMove,
+    ) -> Result<bool, TrailDown> {
+        let m = &grant_move;
+        let moved = grants
+            .move_grant(&m.id, m.from, m.event, m.change())
+            .await
+            .map_err(|e| TrailDown(e.to_string()))?;
+        if moved {
+            self.record(kind, actor, subject, detail).await;
+        }
+        Ok(moved)
+    }
     /// Refuses a new request concerning `appliance_id` while its customer trail cannot take
     /// more records (`crate::customer_trail`); the default takes every request.
     async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {
@@ -78,6 +122,18 @@ impl AuditSink for AuditLog {
         AuditLog::record_before(self, kind, actor, subject, detail).await
     }
 
+    async fn record_grant_move(
+        &self,
+        _grants: &dyn GrantMover,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+        grant_move: GrantMove,
+    ) -> Result<bool, TrailDown> {
+        AuditLog::record_grant_move(self, kind, actor, subject, detail, grant_move).await
+    }
+
     async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {
         crate::customer_trail::room_for_request(self.store(), appliance_id).await
     }
@@ -99,6 +155,18 @@ impl<T: AuditSink + ?Sized> AuditSink for Arc<T> {
         detail: serde_json::Value,
     ) -> Result<(), TrailDown> {
         T::record_before(self, kind, actor, subject, detail).await
+    }
+
+    async fn record_grant_move(
+        &self,
+        grants: &dyn GrantMover,
+        kind: &str,
+        actor: &str,
+        subject: Subject,
+        detail: serde_json::Value,
+        grant_move: GrantMove,
+    ) -> Result<bool, TrailDown> {
+        T::record_grant_move(self, grants, kind, actor, subject, detail, grant_move).await
     }
 
     async fn room_for_request(&self, appliance_id: &str) -> Result<(), ApiError> {

@@ -13,8 +13,9 @@ use endpoint_types::{
 use gateway::{
     audit::{sha256_hex, AuditLog, Subject},
     store::{
-        ApplianceRow, AttemptRecord, AuditPageQuery, Backend, EndpointRow, EnrollmentRow, GrantRow,
-        NewDelivery, OpRow, Store, TokenRow, WebhookSettings, DELIVERY_QUEUE_BOUND,
+        ApplianceRow, AttemptRecord, AuditPageQuery, Backend, EndpointRow, EnrollmentRow,
+        GrantChange, GrantMove, GrantRow, NewDelivery, OpRow, Store, TokenRow, WebhookSettings,
+        DELIVERY_QUEUE_BOUND,
     },
     webhooks::schedule::DeliveryState,
 };
@@ -95,6 +96,7 @@ on_both_backends!(
     op_output_is_capped_per_stream,
     api_tokens_have_unique_live_names_and_are_revoked_once,
     webhook_deliveries_are_claimed_once_bounded_and_given_up_on_change,
+    a_grant_move_and_its_record_commit_together_or_not_at_all,
 );
 
 fn hook(url: &str) -> WebhookSettings {
@@ -1486,4 +1488,142 @@ async fn endpoints_are_listed_with_their_owner_in_one_query(db: Db) {
         .unwrap()
         .is_empty());
     s.close().await;
+}
+
+/// A revocation through the vendor trail (`AuditLog::record_grant_move`): 8 callers revoke 4
+/// grants twice over at once, beside plain records, so batches mix moves that win, moves that
+/// lose and records that stand on nothing. Each grant is revoked once and recorded once; a
+/// move that lost is not recorded, and the records around it are; the chain stays gapless.
+async fn a_grant_move_and_its_record_commit_together_or_not_at_all(db: Db) {
+    use endpoint_types::lifecycle::grant::GrantEvent;
+    let s = db.open().await;
+    s.insert_appliance(&appliance("ap_1", "shop", "acme", T0))
+        .await
+        .unwrap();
+    let approve = GrantChange {
+        by: "approver",
+        at: ts(T0 + 10),
+        message: None,
+        expires_at: Some(ts(T0 + 3_600_000)),
+    };
+    for i in 0..5 {
+        let id = format!("gr_{i}");
+        s.insert_grant(&grant(&id, "ap_1", GrantLevel::Operate, T0 + i))
+            .await
+            .unwrap();
+        assert!(s
+            .move_grant(
+                &id,
+                GrantState::PendingApproval,
+                GrantEvent::Approve,
+                approve
+            )
+            .await
+            .unwrap());
+    }
+    let log = Arc::new(AuditLog::open(s.clone()).await.unwrap());
+    let revoke = |i: usize| {
+        let change = GrantChange {
+            by: "security",
+            at: ts(T0 + 20),
+            message: None,
+            expires_at: None,
+        };
+        GrantMove::new(
+            &format!("gr_{i}"),
+            GrantState::Active,
+            GrantEvent::Revoke,
+            change,
+        )
+    };
+    // A move that loses on its own: the grant was revoked already.
+    assert!(s
+        .move_grant(
+            "gr_4",
+            GrantState::Active,
+            GrantEvent::Revoke,
+            revoke(4).change()
+        )
+        .await
+        .unwrap());
+    let lone = log
+        .record_grant_move(
+            "grant.revoked",
+            "security",
+            Subject::appliance("ap_1"),
+            serde_json::json!({ "grant_id": "gr_4" }),
+            revoke(4),
+        )
+        .await
+        .unwrap();
+    assert!(!lone, "the grant was revoked already: the move loses");
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(12));
+    let moves: Vec<_> = (0..8)
+        .map(|k| {
+            let (log, barrier, m) = (log.clone(), barrier.clone(), revoke(k % 4));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let detail = serde_json::json!({ "grant_id": m.id, "caller": k });
+                let won = log
+                    .record_grant_move(
+                        "grant.revoked",
+                        "security",
+                        Subject::appliance("ap_1"),
+                        detail,
+                        m,
+                    )
+                    .await
+                    .unwrap();
+                (k % 4, won)
+            })
+        })
+        .collect();
+    let plain: Vec<_> = (0..4)
+        .map(|k| {
+            let (log, barrier) = (log.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                log.record(
+                    "note",
+                    "x",
+                    Subject::appliance("ap_1"),
+                    serde_json::json!({ "k": k }),
+                )
+                .await;
+            })
+        })
+        .collect();
+    let mut winners = [0; 4];
+    for t in moves {
+        let (i, won) = t.await.unwrap();
+        winners[i] += usize::from(won);
+    }
+    for t in plain {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        winners, [1; 4],
+        "each grant is revoked by exactly one caller"
+    );
+
+    let records = s.list_audit(0).await.unwrap();
+    for i in 0..5 {
+        let id = format!("gr_{i}");
+        let g = s.get_grant(&id).await.unwrap().unwrap();
+        assert_eq!(g.state, GrantState::Revoked, "{id}");
+        let recorded = records
+            .iter()
+            .filter(|r| r.kind == "grant.revoked" && r.detail["grant_id"] == id.as_str())
+            .count();
+        // gr_4 was revoked beside the trail, before the log's move lost.
+        assert_eq!(recorded, usize::from(i < 4), "{id}: {records:?}");
+    }
+    assert_eq!(records.iter().filter(|r| r.kind == "note").count(), 4);
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>(),
+        "gapless: a lost move takes no seq"
+    );
+    assert_eq!(log.verify().await.unwrap(), Ok(8));
 }

@@ -2,6 +2,7 @@
 //! store's `move_grant`, without a database.
 
 use super::GrantStore;
+use crate::ports::GrantMover;
 use crate::store::{
     ApplianceRow, CustomerGrants, GrantChange, GrantRow, GrantWithOwner, StoreError, StoreResult,
 };
@@ -287,7 +288,10 @@ impl GrantStore for MemoryGrantStore {
             })
             .collect())
     }
+}
 
+#[async_trait]
+impl GrantMover for MemoryGrantStore {
     async fn move_grant(
         &self,
         id: &str,

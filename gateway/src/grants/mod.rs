@@ -29,7 +29,7 @@ use crate::{
     identity::{random_hex, Caller},
     lookup,
     ports::{AgentPort, AuditSink, Clock, Notifier},
-    store::{ApplianceRow, GrantChange, GrantRow, StoreError},
+    store::{ApplianceRow, GrantChange, GrantMove, GrantRow, StoreError},
 };
 use async_trait::async_trait;
 use endpoint_types::{
@@ -306,28 +306,41 @@ impl Grants {
     }
 
     /// Moves grant `row` by `event` through the grant state machine and a compare-and-set in
-    /// the store; a refusal (the machine's, or a lost race) is audited as `denied` and returned.
+    /// the store, in one transaction with its record `(kind, detail)`: the move is never
+    /// stored without its record, nor recorded without the move. A refusal (the machine's, or
+    /// a lost race) is audited as `denied` and returned.
     async fn move_grant(
         &self,
         caller: &Caller,
         row: &GrantRow,
-        event: GrantEvent,
-        action: &str,
+        (event, action): (GrantEvent, &str),
         change: GrantChange<'_>,
+        (kind, detail): (&str, serde_json::Value),
     ) -> Result<GrantState, ApiError> {
         let subject = Subject::appliance(&row.appliance_id);
         let refusal =
             match grant_lifecycle::next(grant_state(row.state, row.expires_at, change.at), event) {
                 Err(e) => e.to_api_error(&row.id),
-                Ok(to) => match self
-                    .store
-                    .move_grant(&row.id, row.state, event, change)
-                    .await
-                {
-                    Ok(true) => return Ok(to),
-                    Ok(false) => self.lost_race(&row.id, event, change.at).await,
-                    Err(e) => return Err(internal(e)),
-                },
+                Ok(to) => {
+                    let grant_move = GrantMove::new(&row.id, row.state, event, change);
+                    let grants: &dyn crate::ports::GrantMover = self.store.as_ref();
+                    let moved = self
+                        .audit
+                        .record_grant_move(
+                            grants,
+                            kind,
+                            change.by,
+                            subject.clone(),
+                            detail,
+                            grant_move,
+                        )
+                        .await
+                        .map_err(|e| e.to_api_error())?;
+                    if moved {
+                        return Ok(to);
+                    }
+                    self.lost_race(&row.id, event, change.at).await
+                }
             };
         Err(crate::approvals::refused(self.audit.as_ref(), caller, subject, action, refusal).await)
     }
@@ -361,10 +374,10 @@ impl Grants {
         let (row, appliance) = self.load(caller, id).await?;
         caller.require_customer(&appliance.customer)?;
         let now = self.stored_now();
-        let (event, action) = if approve {
-            (GrantEvent::Approve, "approve")
+        let (event, action, kind) = if approve {
+            (GrantEvent::Approve, "approve", "grant.approved")
         } else {
-            (GrantEvent::Deny, "deny")
+            (GrantEvent::Deny, "deny", "grant.denied")
         };
         let expires_at = approve.then(|| now + SignedDuration::from_millis(row.duration_ms));
         let who = caller.actor();
@@ -374,18 +387,12 @@ impl Grants {
             message: message.as_deref(),
             expires_at,
         };
-        self.move_grant(caller, &row, event, action, change).await?;
-        let kind = if approve {
-            "grant.approved"
-        } else {
-            "grant.denied"
-        };
-        self.audit
-            .record(kind, &who, Subject::appliance(&appliance.id), serde_json::json!({
-                "grant_id": id, "level": row.level.as_str(), "expires_at": expires_at, "message": message,
-                "phase": row.level.as_str(), "rule": format!("a person ({who})"),
-            }))
-            .await;
+        let detail = serde_json::json!({
+            "grant_id": id, "level": row.level.as_str(), "expires_at": expires_at, "message": message,
+            "phase": row.level.as_str(), "rule": format!("a person ({who})"),
+        });
+        self.move_grant(caller, &row, (event, action), change, (kind, detail))
+            .await?;
         if approve {
             self.ring_expiry_bell();
             self.push_grants(&appliance.id).await;
@@ -412,27 +419,23 @@ impl Grants {
             message: None,
             expires_at: None,
         };
+        let detail = serde_json::json!({ "grant_id": id, "was": row.state.as_str() });
         let to = self
-            .move_grant(caller, &row, GrantEvent::Revoke, "revoke", change)
+            .move_grant(
+                caller,
+                &row,
+                (GrantEvent::Revoke, "revoke"),
+                change,
+                ("grant.revoked", detail),
+            )
             .await?;
-        // The revocation took effect at the compare-and-set: the agent is told and the grant's
-        // endpoints are cut while its record commits, not after (the answer waits for both).
-        // `join!` polls the record first, which queues it ahead of the endpoints' own records.
-        let recorded = self.audit.record(
-            "grant.revoked",
-            &who,
-            Subject::appliance(&appliance.id),
-            serde_json::json!({
-                "grant_id": id, "was": row.state.as_str(),
-            }),
-        );
-        let enforced = async {
+        // The revocation and its record committed together: now the grant's endpoints are cut
+        // and the agent is told its new set, both at once (the answer waits for both).
+        tokio::join!(
             self.endpoints
-                .end_all_of_grant(id, CloseReason::Revoked, caller)
-                .await;
-            self.push_grants(&appliance.id).await;
-        };
-        tokio::join!(recorded, enforced);
+                .end_all_of_grant(id, CloseReason::Revoked, caller),
+            self.push_grants(&appliance.id),
+        );
         // The compare-and-set changed only the state (and who revoked it, which the record
         // does not show): the answer needs no second read.
         let row = GrantRow { state: to, ..row };

@@ -1,6 +1,7 @@
 //! The part of the store the grants service uses, as a trait: the SQL [`Store`] in the
 //! gateway, an in-memory one in the unit tests.
 
+use crate::ports::GrantMover;
 use crate::store::{
     ApplianceRow, CustomerGrants, GrantChange, GrantRow, GrantWithOwner, Store, StoreResult,
 };
@@ -9,7 +10,7 @@ use endpoint_types::{control::GrantState, lifecycle::grant::GrantEvent, resource
 use jiff::Timestamp;
 
 #[async_trait]
-pub trait GrantStore: Send + Sync {
+pub trait GrantStore: GrantMover {
     /// The live (not revoked) appliance for an app and customer.
     async fn find_appliance(&self, app: &str, customer: &str) -> StoreResult<Option<ApplianceRow>>;
     async fn get_appliance(&self, id: &str) -> StoreResult<Option<ApplianceRow>>;
@@ -41,15 +42,6 @@ pub trait GrantStore: Send + Sync {
         &self,
         customer: Option<&str>,
     ) -> StoreResult<Vec<GrantWithOwner>>;
-    /// Compare-and-set move of grant `id` from `from` by `event` (see [`Store::move_grant`]):
-    /// false when it is no longer in `from`, or (from active) has expired by `change.at`.
-    async fn move_grant(
-        &self,
-        id: &str,
-        from: GrantState,
-        event: GrantEvent,
-        change: GrantChange<'_>,
-    ) -> StoreResult<bool>;
     /// Active grants run out by `now` whose `grant.expired` is not recorded yet, earliest
     /// first, at most `limit` (migration 0021).
     async fn unrecorded_expiries(&self, now: Timestamp, limit: u32) -> StoreResult<Vec<GrantRow>>;
@@ -210,7 +202,10 @@ impl GrantStore for Store {
     ) -> StoreResult<Vec<GrantWithOwner>> {
         Store::list_grants_with_owner(self, customer).await
     }
+}
 
+#[async_trait]
+impl GrantMover for Store {
     async fn move_grant(
         &self,
         id: &str,

@@ -5,6 +5,7 @@ use super::{
     EndpointsOfGrant, GrantStore, Grants, BY_POLICY_AUTOMATIC, BY_POLICY_WINDOW,
     BY_STEADY_STATE_DEFAULT,
 };
+use crate::ports::GrantMover;
 use crate::{
     identity::Caller,
     ports::{
@@ -451,14 +452,14 @@ async fn a_decision_lost_to_another_replica_is_refused_from_the_state_it_is_in_n
         .move_grant(
             &approver("acme"),
             &stale,
-            GrantEvent::Approve,
-            "approve",
+            (GrantEvent::Approve, "approve"),
             GrantChange {
                 by: "other-approver",
                 at: t0(),
                 message: None,
                 expires_at: None,
             },
+            ("grant.approved", serde_json::json!({ "grant_id": id })),
         )
         .await
         .unwrap_err();
@@ -466,6 +467,10 @@ async fn a_decision_lost_to_another_replica_is_refused_from_the_state_it_is_in_n
     assert_eq!(e.details["state"], "denied");
     assert_eq!(f.store.grant(&id).unwrap().state, GrantState::Denied);
     assert_eq!(f.audit.of_kind("denied").len(), 1);
+    assert!(
+        f.audit.of_kind("grant.approved").is_empty(),
+        "a move that lost is not recorded"
+    );
 }
 
 #[tokio::test]

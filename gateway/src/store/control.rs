@@ -4,10 +4,7 @@
 use super::{from_ms, opt_ts, parse_kw, to_ms, Store, StoreError, StoreResult};
 use endpoint_types::{
     control::{GrantLevel, GrantState, OpState, OpTool},
-    lifecycle::{
-        self,
-        grant::{self, GrantEvent},
-    },
+    lifecycle::{self, grant::GrantEvent},
     ApiError,
 };
 use jiff::Timestamp;
@@ -290,60 +287,6 @@ impl Store {
         };
         self.move_grant(id, GrantState::Active, GrantEvent::Revoke, change)
             .await
-    }
-
-    /// Moves grant `id` by `event` from the state `from` the caller read, as the grant state
-    /// machine says, with a compare-and-set in SQL: false (nothing written) when the stored
-    /// state is no longer `from` (another request or replica moved it first) or, for `from =
-    /// active`, when the grant has expired by `change.at`. A move the machine refuses is
-    /// [`StoreError::IllegalTransition`]. Expiry is derived from `expires_at` and never stored,
-    /// so `expire` is refused here too.
-    pub async fn move_grant(
-        &self,
-        id: &str,
-        from: GrantState,
-        event: GrantEvent,
-        change: GrantChange<'_>,
-    ) -> StoreResult<bool> {
-        let to = grant::next(from, event)
-            .map_err(|e| StoreError::IllegalTransition(format!("grant {id}: {e}")))?;
-        // An active grant is only live before its expiry: it moves only while `expires_at` is in
-        // the future at `at` (a grant without expiry is always live).
-        let r = match event {
-            GrantEvent::Approve | GrantEvent::Deny => {
-                sqlx::query(
-                    "UPDATE grants SET state = $1, decided_by = $2, decided_at = $3, message = $4, expires_at = $5 \
-                     WHERE id = $6 AND state = $7",
-                )
-                .bind(to.as_str())
-                .bind(change.by)
-                .bind(to_ms(change.at))
-                .bind(change.message)
-                .bind(change.expires_at.map(to_ms))
-                .bind(id)
-                .bind(from.as_str())
-                .execute(&self.pool)
-                .await?
-            }
-            GrantEvent::Revoke => {
-                sqlx::query(
-                    "UPDATE grants SET state = $1, revoked_by = $2, revoked_at = $3 \
-                     WHERE id = $4 AND state = $5 AND (state <> 'active' OR expires_at IS NULL OR expires_at > $6)",
-                )
-                .bind(to.as_str())
-                .bind(change.by)
-                .bind(to_ms(change.at))
-                .bind(id)
-                .bind(from.as_str())
-                .bind(to_ms(change.at))
-                .execute(&self.pool)
-                .await?
-            }
-            GrantEvent::Expire => {
-                return Err(StoreError::IllegalTransition(format!("grant {id}: expiry is derived from expires_at, never stored")))
-            }
-        };
-        Ok(r.rows_affected() == 1)
     }
 
     // ---- ops ----

@@ -4,6 +4,7 @@
 //! BIGINT columns) and the same migrations; the few places where the backends differ (pool
 //! set-up, how a transaction takes the write lock) branch on [`Backend`].
 
+mod audit_batch;
 mod cert_renewal;
 mod control;
 mod customer_trail;
@@ -12,6 +13,7 @@ mod gauges;
 mod grant_bulk;
 mod grant_expiry;
 mod grant_list;
+mod grant_move;
 mod held;
 mod op_list;
 mod refusals;
@@ -28,6 +30,7 @@ pub use endpoint_list::EndpointWithOwner;
 pub use gauges::StateCount;
 pub use grant_bulk::{CustomerGrants, IDS_PER_STATEMENT};
 pub use grant_list::GrantWithOwner;
+pub use grant_move::GrantMove;
 pub use spine::{ApplianceRow, AuditPage, AuditPageQuery, AuditRow, EndpointRow, EnrollmentRow};
 pub use steady_state::SnapshotRow;
 pub use teardown::TeardownProofRow;
@@ -236,6 +239,7 @@ pub(super) enum Arg<'a> {
     Text(&'a str),
     MaybeText(Option<&'a str>),
     Int(i64),
+    MaybeInt(Option<i64>),
 }
 
 /// `args`, in order, bound to `sql`.
@@ -248,6 +252,7 @@ fn with_args<'q>(
             Arg::Text(v) => q.bind(v),
             Arg::MaybeText(v) => q.bind(v),
             Arg::Int(v) => q.bind(v),
+            Arg::MaybeInt(v) => q.bind(v),
         })
 }
 

@@ -162,10 +162,10 @@ impl AuditRow<'_> {
 
 /// Rows per multi-row INSERT: 11 parameters each stays far below SQLite's and PostgreSQL's
 /// limits on bound parameters.
-const ROWS_PER_INSERT: usize = 64;
+pub(super) const ROWS_PER_INSERT: usize = 64;
 
 /// `INSERT INTO audit_log … VALUES` for `n` rows, onto `sql`.
-fn audit_rows_sql(backend: super::Backend, n: usize, sql: &mut String) {
+pub(super) fn audit_rows_sql(backend: super::Backend, n: usize, sql: &mut String) {
     use std::fmt::Write;
     sql.push_str(
         "INSERT INTO audit_log (seq, time, kind, actor, appliance_id, endpoint_id, session_id, op_id, detail, prev_hash, hash) VALUES ",
@@ -186,7 +186,7 @@ fn audit_rows_sql(backend: super::Backend, n: usize, sql: &mut String) {
 }
 
 /// One row's values, in the order of [`audit_rows_sql`].
-fn audit_row_args<'a>(r: &'a AuditRow<'a>) -> [super::Arg<'a>; 11] {
+pub(super) fn audit_row_args<'a>(r: &'a AuditRow<'a>) -> [super::Arg<'a>; 11] {
     use super::Arg;
     [
         Arg::Int(r.seq),
@@ -203,7 +203,7 @@ fn audit_row_args<'a>(r: &'a AuditRow<'a>) -> [super::Arg<'a>; 11] {
     ]
 }
 
-async fn insert_audit_rows<'e>(
+pub(super) async fn insert_audit_rows<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
     backend: super::Backend,
     rows: &[AuditRow<'_>],
@@ -215,65 +215,7 @@ async fn insert_audit_rows<'e>(
     Ok(())
 }
 
-/// A batch's rows, made by `make` in order, each chained onto the one before from `head`.
-fn chained<'a, T, F>(
-    items: &'a [T],
-    (mut seq, mut prev): (i64, String),
-    make: &mut F,
-) -> StoreResult<Vec<AuditRow<'a>>>
-where
-    F: FnMut(&'a T, i64, &str) -> AuditRow<'a>,
-{
-    let mut rows = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let r = make(item, seq + 1, &prev);
-        if r.seq != seq + 1 || r.prev_hash != prev {
-            return Err(StoreError::BrokenChain(format!(
-                "batch record {i} does not continue the chain at seq {}",
-                seq + 1
-            )));
-        }
-        (seq, prev) = (r.seq, r.hash.clone());
-        rows.push(r);
-    }
-    Ok(rows)
-}
-
-/// The customer-trail outbox entries a batch's rows carry.
-fn outbox_of<'a>(rows: &'a [AuditRow<'_>]) -> Vec<super::customer_trail::OutboxEntry<'a>> {
-    rows.iter()
-        .filter_map(|r| {
-            super::customer_trail::entry_of(
-                r.kind,
-                r.appliance_id,
-                r.time.clone(),
-                r.actor,
-                (r.endpoint_id, r.op_id),
-                || r.detail.get().to_string(),
-                r.seq,
-                &r.hash,
-            )
-        })
-        .collect()
-}
-
-/// SQLite: a batch's audit INSERTs and its customer-trail statements, appended to `sql` with
-/// their arguments in order (anonymous parameters, bound in sequence across statements).
-fn sqlite_batch_statements<'q>(
-    rows: &'q [AuditRow<'_>],
-    outbox: &'q [super::customer_trail::OutboxEntry<'_>],
-    sql: &mut String,
-    args: &mut Vec<super::Arg<'q>>,
-) {
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        audit_rows_sql(super::Backend::Sqlite, chunk.len(), sql);
-        sql.push_str(";\n");
-        args.extend(chunk.iter().flat_map(audit_row_args));
-    }
-    super::customer_trail::sqlite_statements(outbox, sql, args);
-}
-
-async fn last_audit<'e>(
+pub(super) async fn last_audit<'e>(
     ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
 ) -> StoreResult<Option<(i64, String)>> {
     let row = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
@@ -728,124 +670,6 @@ impl Store {
         tx.commit().await?;
         self.ring_trail_bells(&outbox);
         Ok(r)
-    }
-
-    /// Like [`Store::append_audit_with`] for several records in one transaction (busy
-    /// sessions' statements): `make(item, seq, prev_hash)` makes each row, chained onto the one
-    /// before, in order. Returns the new head `(seq, hash)`.
-    ///
-    /// `known_head` is the head this process last wrote, if it has one: chaining onto it saves
-    /// reading the head in every batch. Should another process (a replica on PostgreSQL) have
-    /// appended since, the first row's seq is taken (it is the primary key), and the batch is
-    /// made again onto the head read from the store, in a new transaction.
-    pub async fn append_audit_rows_with<'a, T, F>(
-        &self,
-        items: &'a [T],
-        known_head: Option<(i64, &str)>,
-        mut make: F,
-    ) -> StoreResult<Option<(i64, String)>>
-    where
-        T: Sync,
-        F: FnMut(&'a T, i64, &str) -> AuditRow<'a> + Send,
-    {
-        if let (super::Backend::Sqlite, Some((seq, hash))) = (self.backend, known_head) {
-            let rows = chained(items, (seq, hash.to_string()), &mut make)?;
-            let outbox = outbox_of(&rows);
-            match self.write_batch_in_one_call(&rows, &outbox).await {
-                // Another process appended since: chain onto its head under the write lock.
-                Err(StoreError::Db(e)) if super::is_unique_violation(&e) => {}
-                other => {
-                    other?;
-                    self.ring_trail_bells(&outbox);
-                    return Ok(rows.last().map(|r| (r.seq, r.hash.clone())));
-                }
-            }
-        }
-        let mut guess = match self.backend {
-            // SQLite tried the known head above; what failed there is read again here.
-            super::Backend::Sqlite => None,
-            super::Backend::Postgres => known_head.map(|(seq, hash)| (seq, hash.to_string())),
-        };
-        loop {
-            let guessed = guess.is_some();
-            let mut conn = self.writer().await?;
-            let mut tx = self.write_tx(&mut conn, "audit_log").await?;
-            let head = match guess.take() {
-                Some(head) => Some(head),
-                None => last_audit(&mut *tx).await?,
-            };
-            let head =
-                head.unwrap_or_else(|| (0, endpoint_types::api::AUDIT_GENESIS_HASH.to_string()));
-            let rows = chained(items, head, &mut make)?;
-            let outbox = outbox_of(&rows);
-            match self.write_batch(&mut tx, &rows, &outbox).await {
-                Err(StoreError::Db(e)) if guessed && super::is_unique_violation(&e) => {
-                    // Someone else appended after the head this process knew: read it.
-                    let _ = tx.rollback().await;
-                    continue;
-                }
-                other => other?,
-            }
-            tx.commit().await?;
-            self.ring_trail_bells(&outbox);
-            return Ok(rows.last().map(|r| (r.seq, r.hash.clone())));
-        }
-    }
-
-    /// SQLite only: the whole batch, from `BEGIN IMMEDIATE` to `COMMIT`, in one call to the
-    /// one writer, which the batch then holds for one round trip instead of three (a burst of
-    /// API calls waits on it for their records and their own writes alike).
-    async fn write_batch_in_one_call(
-        &self,
-        rows: &[AuditRow<'_>],
-        outbox: &[super::customer_trail::OutboxEntry<'_>],
-    ) -> StoreResult<()> {
-        let (mut sql, mut args) = (String::from("BEGIN IMMEDIATE;\n"), Vec::new());
-        sqlite_batch_statements(rows, outbox, &mut sql, &mut args);
-        sql.push_str("COMMIT;");
-        let mut conn = self.writer().await?;
-        // Until the call is over, and any transaction it left open ended, a drop (the caller
-        // cancelled) closes the connection instead of handing it on inside that transaction.
-        conn.unsettled();
-        let written = super::with_args(sql, args).execute(&mut *conn).await;
-        match &written {
-            Ok(_) => conn.settled(),
-            // The call stops at the failing statement, which can leave the transaction open
-            // (a constraint does; an I/O error has SQLite roll it back itself). End it.
-            Err(_) => match sqlx::query("ROLLBACK").execute(&mut *conn).await {
-                Ok(_) => conn.settled(),
-                Err(e) if e.to_string().contains("no transaction is active") => conn.settled(),
-                Err(_) => {}
-            },
-        }
-        written?;
-        Ok(())
-    }
-
-    /// Inserts a batch's audit rows and numbers its outbox entries in the caller's
-    /// transaction. SQLite takes every statement in one call (each call is a round trip to its
-    /// one writer, held by this transaction meanwhile); PostgreSQL takes them one by one.
-    async fn write_batch(
-        &self,
-        tx: &mut sqlx::AnyConnection,
-        rows: &[AuditRow<'_>],
-        outbox: &[super::customer_trail::OutboxEntry<'_>],
-    ) -> StoreResult<()> {
-        match self.backend {
-            super::Backend::Sqlite => {
-                let (mut sql, mut args) = (String::new(), Vec::new());
-                sqlite_batch_statements(rows, outbox, &mut sql, &mut args);
-                super::with_args(sql, args).execute(&mut *tx).await?;
-            }
-            super::Backend::Postgres => {
-                // Many rows per statement: each statement is a round trip to the store.
-                for chunk in rows.chunks(ROWS_PER_INSERT) {
-                    insert_audit_rows(&mut *tx, self.backend, chunk).await?;
-                }
-                super::customer_trail::append_in_tx(tx, outbox).await?;
-            }
-        }
-        Ok(())
     }
 
     /// The last record of `kind` about `appliance_id` (the latest anchor of an appliance's

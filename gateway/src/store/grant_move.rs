@@ -1,0 +1,179 @@
+//! A grant's compare-and-set, as one statement: on its own ([`Store::move_grant`]) or inside
+//! the vendor-trail batch that records it (`audit_batch`), so the move and its record commit
+//! together.
+
+use super::{to_ms, Arg, Backend, GrantChange, Store, StoreError, StoreResult};
+use endpoint_types::{
+    control::GrantState,
+    lifecycle::grant::{self, GrantEvent},
+};
+use jiff::Timestamp;
+
+/// A grant's move by compare-and-set on `from`, owned so it can travel with the record that
+/// stands on it to the audit writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantMove {
+    pub id: String,
+    pub from: GrantState,
+    pub event: GrantEvent,
+    pub by: String,
+    pub at: Timestamp,
+    pub message: Option<String>,
+    pub expires_at: Option<Timestamp>,
+}
+
+impl GrantMove {
+    pub fn new(id: &str, from: GrantState, event: GrantEvent, change: GrantChange<'_>) -> Self {
+        GrantMove {
+            id: id.to_string(),
+            from,
+            event,
+            by: change.by.to_string(),
+            at: change.at,
+            message: change.message.map(str::to_string),
+            expires_at: change.expires_at,
+        }
+    }
+
+    /// The move as [`Store::move_grant`] takes it.
+    pub fn change(&self) -> GrantChange<'_> {
+        GrantChange {
+            by: &self.by,
+            at: self.at,
+            message: self.message.as_deref(),
+            expires_at: self.expires_at,
+        }
+    }
+
+    /// The `UPDATE`, its parameters numbered from `$1` (PostgreSQL, or SQLite alone) or
+    /// anonymous (`?`, SQLite statements sent together), and its arguments in order.
+    pub(super) fn statement(&self, backend: Backend) -> StoreResult<(String, Vec<Arg<'_>>)> {
+        let to = grant::next(self.from, self.event)
+            .map_err(|e| StoreError::IllegalTransition(format!("grant {}: {e}", self.id)))?;
+        let (set, args) = match self.event {
+            GrantEvent::Approve | GrantEvent::Deny => (
+                "decided_by = #, decided_at = #, message = #, expires_at = #",
+                vec![
+                    Arg::Text(&self.by),
+                    Arg::Int(to_ms(self.at)),
+                    Arg::MaybeText(self.message.as_deref()),
+                    Arg::MaybeInt(self.expires_at.map(to_ms)),
+                ],
+            ),
+            GrantEvent::Revoke => (
+                "revoked_by = #, revoked_at = #",
+                vec![Arg::Text(&self.by), Arg::Int(to_ms(self.at))],
+            ),
+            GrantEvent::Expire => {
+                return Err(StoreError::IllegalTransition(format!(
+                    "grant {}: expiry is derived from expires_at, never stored",
+                    self.id
+                )))
+            }
+        };
+        // An active grant is only live before its expiry: it moves only while `expires_at` is
+        // in the future at `at` (a grant without expiry is always live).
+        let template = format!(
+            "UPDATE grants SET state = #, {set} WHERE id = # AND state = # \
+             AND (state <> 'active' OR expires_at IS NULL OR expires_at > #)"
+        );
+        let mut all = vec![Arg::Text(to.as_str())];
+        all.extend(args);
+        all.extend([
+            Arg::Text(&self.id),
+            Arg::Text(self.from.as_str()),
+            Arg::Int(to_ms(self.at)),
+        ]);
+        Ok((numbered(&template, backend), all))
+    }
+}
+
+/// `template` with each `#` made a parameter of `backend`'s kind.
+fn numbered(template: &str, backend: Backend) -> String {
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut n = 0;
+    for c in template.chars() {
+        if c != '#' {
+            out.push(c);
+            continue;
+        }
+        n += 1;
+        match backend {
+            Backend::Sqlite => out.push('?'),
+            Backend::Postgres => out.push_str(&format!("${n}")),
+        }
+    }
+    out
+}
+
+/// Whether the move happened: it did if it changed the one row.
+pub(super) async fn run<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    backend: Backend,
+    m: &GrantMove,
+) -> StoreResult<bool> {
+    let (sql, args) = m.statement(backend)?;
+    let done = super::with_args(sql, args).execute(ex).await?;
+    Ok(done.rows_affected() == 1)
+}
+
+impl Store {
+    /// Moves grant `id` by `event` from the state `from` the caller read, as the grant state
+    /// machine says, with a compare-and-set in SQL: false (nothing written) when the stored
+    /// state is no longer `from` (another request or replica moved it first) or, for `from =
+    /// active`, when the grant has expired by `change.at`. A move the machine refuses is
+    /// [`StoreError::IllegalTransition`]. Expiry is derived from `expires_at` and never stored,
+    /// so `expire` is refused here too.
+    pub async fn move_grant(
+        &self,
+        id: &str,
+        from: GrantState,
+        event: GrantEvent,
+        change: GrantChange<'_>,
+    ) -> StoreResult<bool> {
+        run(
+            &self.pool,
+            self.backend,
+            &GrantMove::new(id, from, event, change),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_statement_numbers_its_parameters_for_postgres_and_leaves_them_anonymous_for_sqlite() {
+        let m = GrantMove {
+            id: "g_1".into(),
+            from: GrantState::Active,
+            event: GrantEvent::Revoke,
+            by: "alice".into(),
+            at: Timestamp::UNIX_EPOCH,
+            message: None,
+            expires_at: None,
+        };
+        let (pg, args) = m.statement(Backend::Postgres).unwrap();
+        assert!(
+            pg.contains(
+                "state = $1, revoked_by = $2, revoked_at = $3 WHERE id = $4 AND state = $5"
+            ),
+            "{pg}"
+        );
+        assert!(pg.contains("expires_at > $6"), "{pg}");
+        assert_eq!(args.len(), 6);
+        let (lite, _) = m.statement(Backend::Sqlite).unwrap();
+        assert_eq!(lite.matches('?').count(), 6, "{lite}");
+        assert!(!lite.contains('$'));
+        let expire = GrantMove {
+            event: GrantEvent::Expire,
+            ..m
+        };
+        assert!(matches!(
+            expire.statement(Backend::Sqlite),
+            Err(StoreError::IllegalTransition(_))
+        ));
+    }
+}
