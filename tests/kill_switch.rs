@@ -364,3 +364,67 @@ fn a_customer_pulls_the_kill_switch_on_every_vendor_grant() -> Result<()> {
     assert_eq!(gw.cli(&["audit", "verify"])?.ok()?["ok"], true);
     Ok(())
 }
+
+/// A revocation and its record commit together: while the vendor trail refuses records (its
+/// store full), `access revoke` answers an error and the grant stays active; the revocation
+/// is not held to happen later either. Once the store takes records again the same revoke
+/// goes through, reaches the agent, and is recorded once.
+#[test]
+fn a_revocation_the_trail_cannot_record_does_not_happen() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gw = Gateway::start(&dir.path().join("gw"))?;
+    let echo = echo_server()?;
+    let shop = Agent::online(
+        &gw,
+        &dir.path().join("shop"),
+        "shop",
+        "acme",
+        &agent_body(echo),
+    )?;
+    let alice = gw.mint_token("operator", "alice@vendor.example", None)?;
+    let g = operate(&gw, &alice, "shop", "acme")?;
+    assert!(agent_applies(&shop, |set| set.contains(&g))?);
+
+    gw.store_sql(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    )?;
+    let refused = gw.cli_as(&alice, &["access", "revoke", &g])?;
+    assert_eq!(refused.error_code(), Some("INTERNAL"), "{:?}", refused.json);
+    assert!(
+        refused.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("vendor audit trail cannot be written")),
+        "{:?}",
+        refused.json
+    );
+    assert_eq!(state_of(&gw, &g)?, "active", "not revoked unrecorded");
+
+    gw.store_sql("DROP TRIGGER refuse_audit")?;
+    // The trail is back within its probe (every second); nothing was held meanwhile.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state_of(&gw, &g)?, "active", "not revoked later unasked");
+    let mut answer = Value::Null;
+    assert!(wait_until(Duration::from_secs(20), || {
+        match gw
+            .cli_as(&alice, &["access", "revoke", &g])
+            .and_then(|o| o.ok())
+        {
+            Ok(v) => {
+                answer = v;
+                true
+            }
+            Err(_) => false,
+        }
+    }));
+    assert_eq!(answer["state"], "revoked", "{answer}");
+    assert!(agent_applies(&shop, |set| !set.contains(&g))?);
+    let records = vendor_records(&gw)?;
+    let revoked = records
+        .iter()
+        .filter(|r| r["kind"] == "grant.revoked" && r["detail"]["grant_id"] == g.as_str())
+        .count();
+    assert_eq!(revoked, 1, "{records:?}");
+    assert!(gw.cli(&["audit", "verify"])?.success, "the chain verifies");
+    Ok(())
+}

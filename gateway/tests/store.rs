@@ -1626,4 +1626,55 @@ async fn a_grant_move_and_its_record_commit_together_or_not_at_all(db: Db) {
         "gapless: a lost move takes no seq"
     );
     assert_eq!(log.verify().await.unwrap(), Ok(8));
+
+    // A decision goes the same way, with its message and expiry.
+    s.insert_grant(&grant("gr_5", "ap_1", GrantLevel::Operate, T0 + 5))
+        .await
+        .unwrap();
+    let decide = |event| {
+        let change = GrantChange {
+            by: "approver-acme",
+            at: ts(T0 + 30),
+            message: Some("go ahead"),
+            expires_at: Some(ts(T0 + 1_800_030)),
+        };
+        GrantMove::new("gr_5", GrantState::PendingApproval, event, change)
+    };
+    let subject = || Subject::appliance("ap_1");
+    let detail = serde_json::json!({ "grant_id": "gr_5" });
+    assert!(log
+        .record_grant_move(
+            "grant.approved",
+            "approver-acme",
+            subject(),
+            detail.clone(),
+            decide(GrantEvent::Approve)
+        )
+        .await
+        .unwrap());
+    assert!(!log
+        .record_grant_move(
+            "grant.denied",
+            "approver-acme",
+            subject(),
+            detail,
+            decide(GrantEvent::Deny)
+        )
+        .await
+        .unwrap());
+    let g = s.get_grant("gr_5").await.unwrap().unwrap();
+    assert_eq!(g.state, GrantState::Active);
+    assert_eq!(g.decided_by.as_deref(), Some("approver-acme"));
+    assert_eq!(g.decided_at, Some(ts(T0 + 30)));
+    assert_eq!(g.message.as_deref(), Some("go ahead"));
+    assert_eq!(g.expires_at, Some(ts(T0 + 1_800_030)));
+    let kinds: Vec<_> = s
+        .list_audit(8)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.kind)
+        .collect();
+    assert_eq!(kinds, ["grant.approved"]);
+    assert_eq!(log.verify().await.unwrap(), Ok(9));
 }

@@ -2,7 +2,11 @@
 //! grant is revoked, the appliance's error kept for the operator, the refusal in the trail.
 
 use super::Grants;
-use crate::{audit::Subject, identity::Caller, store::GrantChange};
+use crate::{
+    audit::Subject,
+    identity::Caller,
+    store::{GrantChange, GrantMove},
+};
 use endpoint_types::{
     approval::SignedDecision,
     control::{GrantRecord, GrantState},
@@ -50,11 +54,22 @@ impl Grants {
             message: None,
             expires_at: None,
         };
-        match self
-            .store
-            .move_grant(id, GrantState::Active, GrantEvent::Revoke, change)
-            .await
-        {
+        // The revocation and its record commit together.
+        let grants: &dyn crate::ports::GrantMover = self.store.as_ref();
+        let revoked = self
+            .audit
+            .record_grant_move(
+                grants,
+                "grant.revoked",
+                &actor,
+                Subject::appliance(appliance_id),
+                serde_json::json!({
+                    "grant_id": id, "was": "active", "reason": "APPROVAL_INVALID",
+                }),
+                GrantMove::new(id, GrantState::Active, GrantEvent::Revoke, change),
+            )
+            .await;
+        match revoked {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -62,16 +77,6 @@ impl Grants {
                 return;
             }
         }
-        self.audit
-            .record(
-                "grant.revoked",
-                &actor,
-                Subject::appliance(appliance_id),
-                serde_json::json!({
-                    "grant_id": id, "was": "active", "reason": "APPROVAL_INVALID",
-                }),
-            )
-            .await;
         self.endpoints
             .end_all_of_grant(id, CloseReason::Revoked, &Caller::system())
             .await;

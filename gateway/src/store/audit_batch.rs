@@ -142,12 +142,7 @@ impl Store {
             let guessed = guess.is_some();
             let mut conn = self.writer().await?;
             let mut tx = self.write_tx(&mut conn, "audit_log").await?;
-            let mut lost = Vec::new();
-            for (i, m) in &moves {
-                if !grant_move::run(&mut *tx, self.backend, m).await? {
-                    lost.push(*i);
-                }
-            }
+            let lost = grant_move::run_all(&mut tx, self.backend, &moves).await?;
             let head = match guess.take() {
                 Some(head) => Some(head),
                 None => last_audit(&mut *tx).await?,

@@ -117,6 +117,114 @@ pub(super) async fn run<'e>(
     Ok(done.rows_affected() == 1)
 }
 
+/// Runs `moves` (by item index) in the caller's transaction; returns the indices of those
+/// that lost their compare-and-set.
+///
+/// PostgreSQL takes the moves of one event in one statement (each statement is a round trip
+/// to the server, made while the trail's writer holds the batch), unless two of them are of
+/// one grant: then one by one, in order, so the first wins as it would alone.
+pub(super) async fn run_all(
+    tx: &mut sqlx::AnyConnection,
+    backend: Backend,
+    moves: &[(usize, &GrantMove)],
+) -> StoreResult<Vec<usize>> {
+    if let Some((_, m)) = moves.iter().find(|(_, m)| m.event == GrantEvent::Expire) {
+        return Err(StoreError::IllegalTransition(format!(
+            "grant {}: expiry is derived from expires_at, never stored",
+            m.id
+        )));
+    }
+    let ids: std::collections::HashSet<&str> = moves.iter().map(|(_, m)| m.id.as_str()).collect();
+    let mut lost = Vec::new();
+    if backend == Backend::Sqlite || ids.len() < moves.len() {
+        for (i, m) in moves {
+            if !run(&mut *tx, backend, m).await? {
+                lost.push(*i);
+            }
+        }
+        return Ok(lost);
+    }
+    for event in [GrantEvent::Approve, GrantEvent::Deny, GrantEvent::Revoke] {
+        let of_event: Vec<&(usize, &GrantMove)> =
+            moves.iter().filter(|(_, m)| m.event == event).collect();
+        if of_event.is_empty() {
+            continue;
+        }
+        let moved = run_together(&mut *tx, event, of_event.iter().map(|(_, m)| *m)).await?;
+        lost.extend(
+            of_event
+                .iter()
+                .filter(|(_, m)| !moved.contains(&m.id))
+                .map(|(i, _)| *i),
+        );
+    }
+    lost.sort_unstable();
+    Ok(lost)
+}
+
+/// PostgreSQL: moves of one `event`, of distinct grants, in one `UPDATE … FROM (VALUES …)`;
+/// returns the ids moved. The conditions are [`GrantMove::statement`]'s, row by row.
+async fn run_together<'m>(
+    tx: &mut sqlx::AnyConnection,
+    event: GrantEvent,
+    moves: impl Iterator<Item = &'m GrantMove>,
+) -> StoreResult<std::collections::HashSet<String>> {
+    let (set, per_row) = match event {
+        GrantEvent::Revoke => ("revoked_by = v.by_whom, revoked_at = v.at_ms", 5),
+        _ => (
+            "decided_by = v.by_whom, decided_at = v.at_ms, message = v.message, expires_at = v.expires_ms",
+            7,
+        ),
+    };
+    let mut rows = Vec::new();
+    let mut args = Vec::new();
+    for (r, m) in moves.enumerate() {
+        let to = grant::next(m.from, m.event)
+            .map_err(|e| StoreError::IllegalTransition(format!("grant {}: {e}", m.id)))?;
+        let p = |c: usize| r * per_row + c;
+        let mut row = format!(
+            "(${}::TEXT, ${}::TEXT, ${}::TEXT, ${}::TEXT, ${}::BIGINT",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5)
+        );
+        args.extend([
+            Arg::Text(&m.id),
+            Arg::Text(m.from.as_str()),
+            Arg::Text(to.as_str()),
+            Arg::Text(&m.by),
+            Arg::Int(to_ms(m.at)),
+        ]);
+        if per_row == 7 {
+            row.push_str(&format!(", ${}::TEXT, ${}::BIGINT", p(6), p(7)));
+            args.extend([
+                Arg::MaybeText(m.message.as_deref()),
+                Arg::MaybeInt(m.expires_at.map(to_ms)),
+            ]);
+        }
+        row.push(')');
+        rows.push(row);
+    }
+    let columns = if per_row == 7 {
+        "id, from_state, to_state, by_whom, at_ms, message, expires_ms"
+    } else {
+        "id, from_state, to_state, by_whom, at_ms"
+    };
+    let sql = format!(
+        "UPDATE grants AS g SET state = v.to_state, {set} FROM (VALUES {}) AS v({columns}) \
+         WHERE g.id = v.id AND g.state = v.from_state \
+         AND (g.state <> 'active' OR g.expires_at IS NULL OR g.expires_at > v.at_ms) RETURNING g.id",
+        rows.join(", ")
+    );
+    let moved = super::with_args(sql, args).fetch_all(&mut *tx).await?;
+    moved
+        .iter()
+        .map(|r| Ok(sqlx::Row::try_get::<String, _>(r, "id")?))
+        .collect()
+}
+
 impl Store {
     /// Moves grant `id` by `event` from the state `from` the caller read, as the grant state
     /// machine says, with a compare-and-set in SQL: false (nothing written) when the stored

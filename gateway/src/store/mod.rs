@@ -465,14 +465,12 @@ impl Store {
             Backend::Sqlite => {
                 Ok(sqlx::Connection::begin_with(&mut **conn, "BEGIN IMMEDIATE").await?)
             }
-            Backend::Postgres => {
-                let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-                let lock = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-                Ok(tx)
-            }
+            // One round trip: the simple query protocol takes both statements at once.
+            Backend::Postgres => Ok(sqlx::Connection::begin_with(
+                &mut **conn,
+                sqlx::AssertSqlSafe(format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE")),
+            )
+            .await?),
         }
     }
 }
