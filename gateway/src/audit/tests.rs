@@ -325,29 +325,15 @@ async fn chain_continues_across_reopen() {
 /// again the same move goes through with its record.
 #[tokio::test]
 async fn a_grant_move_whose_record_the_store_refuses_does_not_happen() {
-    use crate::store::{ApplianceRow, GrantChange, GrantMove, GrantRow};
+    use crate::store::{GrantChange, GrantMove, GrantRow};
     use endpoint_types::{
         control::{GrantLevel, GrantState},
         lifecycle::grant::GrantEvent,
     };
     let store = Store::open_memory().await.unwrap();
     let at = Timestamp::now();
-    store
-        .insert_appliance(&ApplianceRow {
-            id: "ap_1".into(),
-            app: "shop".into(),
-            customer: "acme".into(),
-            created_at: at,
-            created_by: "admin".into(),
-            cert_fingerprint: None,
-            enrolled_at: None,
-            revoked_at: None,
-            last_seen: None,
-            agent_version: None,
-            resources: "[]".into(),
-        })
-        .await
-        .unwrap();
+    let appliance = crate::grants::memory::appliance("ap_1", "shop", "acme");
+    store.insert_appliance(&appliance).await.unwrap();
     store
         .insert_grant(&GrantRow {
             id: "gr_1".into(),

@@ -15,7 +15,7 @@ mod sync;
 #[cfg(test)]
 mod bulk_tests;
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;
 
