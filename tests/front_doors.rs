@@ -35,7 +35,18 @@ const VM: &str = "aws_instance.worker";
 const ECHO: &str = "null_resource.echo";
 
 fn quic_client(bind: IpAddr, tls: rustls::ClientConfig) -> Result<quinn::Endpoint> {
-    let mut ep = quinn::Endpoint::client(SocketAddr::new(bind, 0))?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(bind, 0))?;
+    // A flood's handshakes all answer into this one socket: with the kernel's default buffer
+    // (~208 KiB) hundreds of the gateway's datagrams were dropped here per run, and beside the
+    // whole suite a handshake's retransmits could run past its 40 s. The gateway is under
+    // test, not this socket (the kernel caps the size at `net.core.rmem_max`).
+    socket2::SockRef::from(&socket).set_recv_buffer_size(8 << 20)?;
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     Ok(ep)
