@@ -15,7 +15,7 @@ use super::{
 const MOVE_LOST: &str = "integer overflow";
 
 /// A written batch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Written {
     /// The new head `(seq, hash)`, if the batch wrote a row.
     pub head: Option<(i64, String)>,

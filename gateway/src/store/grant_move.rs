@@ -45,11 +45,23 @@ impl GrantMove {
         }
     }
 
+    /// The state the move leads to, as the grant state machine says. Expiry is derived from
+    /// `expires_at` and never stored, so `expire` is refused here.
+    fn to_state(&self) -> StoreResult<GrantState> {
+        if self.event == GrantEvent::Expire {
+            return Err(StoreError::IllegalTransition(format!(
+                "grant {}: expiry is derived from expires_at, never stored",
+                self.id
+            )));
+        }
+        grant::next(self.from, self.event)
+            .map_err(|e| StoreError::IllegalTransition(format!("grant {}: {e}", self.id)))
+    }
+
     /// The `UPDATE`, its parameters numbered from `$1` (PostgreSQL, or SQLite alone) or
     /// anonymous (`?`, SQLite statements sent together), and its arguments in order.
     pub(super) fn statement(&self, backend: Backend) -> StoreResult<(String, Vec<Arg<'_>>)> {
-        let to = grant::next(self.from, self.event)
-            .map_err(|e| StoreError::IllegalTransition(format!("grant {}: {e}", self.id)))?;
+        let to = self.to_state()?;
         let (set, args) = match self.event {
             GrantEvent::Approve | GrantEvent::Deny => (
                 "decided_by = #, decided_at = #, message = #, expires_at = #",
@@ -60,16 +72,11 @@ impl GrantMove {
                     Arg::MaybeInt(self.expires_at.map(to_ms)),
                 ],
             ),
-            GrantEvent::Revoke => (
+            // `to_state` refused an expiry above.
+            GrantEvent::Revoke | GrantEvent::Expire => (
                 "revoked_by = #, revoked_at = #",
                 vec![Arg::Text(&self.by), Arg::Int(to_ms(self.at))],
             ),
-            GrantEvent::Expire => {
-                return Err(StoreError::IllegalTransition(format!(
-                    "grant {}: expiry is derived from expires_at, never stored",
-                    self.id
-                )))
-            }
         };
         // An active grant is only live before its expiry: it moves only while `expires_at` is
         // in the future at `at` (a grant without expiry is always live).
@@ -128,11 +135,8 @@ pub(super) async fn run_all(
     backend: Backend,
     moves: &[(usize, &GrantMove)],
 ) -> StoreResult<Vec<usize>> {
-    if let Some((_, m)) = moves.iter().find(|(_, m)| m.event == GrantEvent::Expire) {
-        return Err(StoreError::IllegalTransition(format!(
-            "grant {}: expiry is derived from expires_at, never stored",
-            m.id
-        )));
+    for (_, m) in moves {
+        m.to_state()?;
     }
     let ids: std::collections::HashSet<&str> = moves.iter().map(|(_, m)| m.id.as_str()).collect();
     let mut lost = Vec::new();
@@ -169,18 +173,20 @@ async fn run_together<'m>(
     event: GrantEvent,
     moves: impl Iterator<Item = &'m GrantMove>,
 ) -> StoreResult<std::collections::HashSet<String>> {
-    let (set, per_row) = match event {
-        GrantEvent::Revoke => ("revoked_by = v.by_whom, revoked_at = v.at_ms", 5),
-        _ => (
+    // A decision also sets its message and expiry: two more values per row.
+    let decision = matches!(event, GrantEvent::Approve | GrantEvent::Deny);
+    let (set, per_row) = if decision {
+        (
             "decided_by = v.by_whom, decided_at = v.at_ms, message = v.message, expires_at = v.expires_ms",
             7,
-        ),
+        )
+    } else {
+        ("revoked_by = v.by_whom, revoked_at = v.at_ms", 5)
     };
     let mut rows = Vec::new();
     let mut args = Vec::new();
     for (r, m) in moves.enumerate() {
-        let to = grant::next(m.from, m.event)
-            .map_err(|e| StoreError::IllegalTransition(format!("grant {}: {e}", m.id)))?;
+        let to = m.to_state()?;
         let p = |c: usize| r * per_row + c;
         let mut row = format!(
             "(${}::TEXT, ${}::TEXT, ${}::TEXT, ${}::TEXT, ${}::BIGINT",
@@ -197,7 +203,7 @@ async fn run_together<'m>(
             Arg::Text(&m.by),
             Arg::Int(to_ms(m.at)),
         ]);
-        if per_row == 7 {
+        if decision {
             row.push_str(&format!(", ${}::TEXT, ${}::BIGINT", p(6), p(7)));
             args.extend([
                 Arg::MaybeText(m.message.as_deref()),
@@ -207,7 +213,7 @@ async fn run_together<'m>(
         row.push(')');
         rows.push(row);
     }
-    let columns = if per_row == 7 {
+    let columns = if decision {
         "id, from_state, to_state, by_whom, at_ms, message, expires_ms"
     } else {
         "id, from_state, to_state, by_whom, at_ms"
